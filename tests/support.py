@@ -1,0 +1,129 @@
+"""Helpers to run real processes in tests: `trustvbd up`, `trustvbd driver`, peers, clients."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TRUSTVBD = [sys.executable, "-m", "trustvbd.cli"]
+
+
+def run(cmd: list[str], timeout: float = 120, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run a command, capture its output, fail the test with the output if it fails."""
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+        )
+    return result
+
+
+def read_lines_until(proc: subprocess.Popen[str], last: str, timeout: float) -> list[str]:
+    """Read stdout lines until the line `last`; fail with stderr if the process exits first."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            proc.kill()
+            raise AssertionError(f"no {last!r} line within {timeout}s; got {lines}")
+        ready, _, _ = select.select([proc.stdout], [], [], remaining)
+        if not ready:
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait(10)
+            err = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"process exited {proc.returncode} before {last!r}: {lines}\n{err}")
+        line = line.rstrip("\n")
+        lines.append(line)
+        if line == last:
+            return lines
+
+
+def wait_for_path(path: Path, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.02)
+
+
+@dataclass
+class System:
+    """A running `trustvbd up` started from a config written into `root`."""
+
+    root: Path
+    config_text: str
+    proc: subprocess.Popen[str] | None = None
+    uris: dict[tuple[str, str], str] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "trustvbd.toml"
+
+    def start(self, timeout: float = 60) -> System:
+        self.config.write_text(self.config_text)
+        env = {**os.environ, **self.env}
+        self.proc = subprocess.Popen(
+            [*TRUSTVBD, "up", "-c", str(self.config)], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env=env,
+        )
+        self.lines = read_lines_until(self.proc, "ready", timeout)
+        self.uris = {}
+        for line in self.lines:
+            m = re.match(r"guest (\S+) disk (\S+) (nbd\+unix://\S+)$", line)
+            if m:
+                self.uris[(m.group(1), m.group(2))] = m.group(3)
+        return self
+
+    def uri(self, guest: str, disk: str) -> str:
+        return self.uris[(guest, disk)]
+
+    def stop(self, timeout: float = 60) -> str:
+        """SIGTERM, expect a clean exit 0; return what it logged."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=timeout)
+        code = self.proc.returncode
+        self.proc = None
+        assert code == 0, f"trustvbd up exited {code} on SIGTERM:\n{err}"
+        return err
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate(timeout=30)
+        self.proc = None
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run([*TRUSTVBD, *args], check=check, env={**os.environ, **self.env})
+
+
+def pids_of_children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False

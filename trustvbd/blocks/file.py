@@ -1,0 +1,157 @@
+"""A Backend over a regular (sparse) file: what the untrusted driver domain serves.
+
+I/O is synchronous pread/pwrite on the event loop thread. The driver is meant to
+be dumb and fast on a page-cached file; a slow disk stalls only this driver, and
+the trusted side times its requests out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+from trustvbd.blocks.backend import BlockError, Buffer, Capabilities, check_range
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a byte range (it then reads as zeros); raise OSError if unsupported."""
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class FileBackend:
+    """One file, one export. The file is created sparse at `size` if missing."""
+
+    def __init__(self, path: str, size: int | None = None, read_only: bool = False) -> None:
+        flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
+        self.path = path
+        self._fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        current = os.fstat(self._fd).st_size
+        if size is None:
+            size = current
+        elif current < size:
+            if read_only:
+                os.close(self._fd)
+                raise OSError(errno.EINVAL, f"{path} is {current} bytes, smaller than {size}")
+            os.ftruncate(self._fd, size)
+        self._size = size
+        self._caps = Capabilities(read_only=read_only, fast_zero=True)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    def _io_error(self, what: str, exc: OSError) -> BlockError:
+        return BlockError(exc.errno or errno.EIO, f"{what} on {self.path}: {exc.strerror}")
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        check_range(self._size, offset, length)
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise self._io_error("read", exc) from exc
+        if len(data) < length:  # past the end of a file someone shrank: zeros
+            data += bytes(length - len(data))
+        return data
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        check_range(self._size, offset, len(data))
+        try:
+            view = memoryview(data)
+            while view:
+                done = os.pwrite(self._fd, view, offset)
+                view = view[done:]
+                offset += done
+            if fua:
+                os.fdatasync(self._fd)
+        except OSError as exc:
+            raise self._io_error("write", exc) from exc
+
+    async def flush(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise self._io_error("flush", exc) from exc
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self.zero(offset, length, fua, may_trim=True)
+
+    async def zero(
+        self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
+        fast: bool = False,
+    ) -> None:
+        check_range(self._size, offset, length)
+        try:
+            punch_hole(self._fd, offset, length)
+        except OSError as exc:
+            if fast:
+                raise BlockError(errno.ENOTSUP, "this file system cannot punch holes") from exc
+            await self.pwrite(offset, bytes(length))
+        if fua:
+            await self.flush()
+
+    async def cache(self, offset: int, length: int) -> None:
+        check_range(self._size, offset, length)
+        os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    async def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class MemoryBackend:
+    """A Backend in memory: for tests of layers and protocol code."""
+
+    def __init__(self, size: int) -> None:
+        self._data = bytearray(size)
+        self._caps = Capabilities(fast_zero=True)
+        self.flushes = 0
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        check_range(self.size, offset, length)
+        return bytes(self._data[offset:offset + length])
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        check_range(self.size, offset, len(data))
+        self._data[offset:offset + len(data)] = data
+
+    async def flush(self) -> None:
+        self.flushes += 1
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self.zero(offset, length)
+
+    async def zero(
+        self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
+        fast: bool = False,
+    ) -> None:
+        check_range(self.size, offset, length)
+        self._data[offset:offset + length] = bytes(length)
+
+    async def cache(self, offset: int, length: int) -> None:
+        check_range(self.size, offset, length)
+
+    async def close(self) -> None:
+        pass

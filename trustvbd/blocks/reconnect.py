@@ -1,0 +1,133 @@
+"""ReplicaLink: one replica's connection, re-opened through the launcher when it breaks.
+
+A driver is untrusted and may crash or be restarted. When its connection breaks,
+the next request asks for a new channel (the launcher re-checks policy) and is
+retried once: block reads and writes are idempotent.
+
+A FLUSH is different: writes the old connection acknowledged but never flushed
+may be gone with the driver, so the first flush after such a reconnect fails
+with EIO instead of claiming durability it cannot prove.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from trustvbd.blocks.backend import Backend, BlockError, Buffer, Capabilities
+
+log = logging.getLogger(__name__)
+
+Connect = Callable[[], Awaitable[Backend]]
+RETRY_WINDOW = 10.0  # seconds spent trying to get a channel back before failing a request
+
+
+class ReplicaLink:
+    def __init__(self, first: Backend, name: str, connect: Connect) -> None:
+        self.next = first
+        self.name = name
+        self._connect = connect
+        self._size = first.size
+        self._caps = first.capabilities
+        self._lock = asyncio.Lock()
+        self._dirty = False          # writes acknowledged since the last good flush
+        self._maybe_lost = False     # a reconnect happened while dirty
+        self.reconnects = 0
+        self.state = "connected"
+        self.last_error: str | None = None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state, "reconnects": self.reconnects,
+                "last_error": self.last_error}
+
+    async def _reconnect(self, broken: Backend) -> None:
+        async with self._lock:
+            if self.next is not broken:
+                return  # someone else already reconnected
+            self.state = "reconnecting"
+            deadline = time.monotonic() + RETRY_WINDOW
+            delay = 0.05
+            while True:
+                try:
+                    fresh = await self._connect()
+                    break
+                except Exception as exc:
+                    self.last_error = str(exc)
+                    if time.monotonic() + delay > deadline:
+                        self.state = "disconnected"
+                        raise BlockError(
+                            errno.EIO, f"replica {self.name!r} is unreachable: {exc}") from exc
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+            if fresh.size != self._size:
+                await fresh.close()
+                self.state = "disconnected"
+                raise BlockError(
+                    errno.EIO, f"replica {self.name!r} came back with {fresh.size} bytes instead"
+                    f" of {self._size}; refusing it")
+            try:
+                await broken.close()
+            except Exception:
+                pass
+            self.next = fresh
+            self.reconnects += 1
+            if self._dirty:
+                self._maybe_lost = True
+            self.state = "connected"
+            log.warning("replica %s reconnected (%d)", self.name, self.reconnects)
+
+    async def _call(self, op: str, *args: Any) -> Any:
+        for attempt in (0, 1):
+            backend = self.next
+            try:
+                return await getattr(backend, op)(*args)
+            except BlockError as exc:
+                if attempt or not getattr(backend, "broken", None):
+                    raise
+                self.last_error = str(exc)
+                await self._reconnect(backend)
+        raise AssertionError("unreachable")
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        result: Buffer = await self._call("pread", offset, length)
+        return result
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        self._dirty = True
+        await self._call("pwrite", offset, data, fua)
+
+    async def flush(self) -> None:
+        await self._call("flush")
+        if self._maybe_lost:
+            self._maybe_lost = False
+            self._dirty = False
+            raise BlockError(errno.EIO, f"replica {self.name!r} restarted; writes acknowledged"
+                             " before the restart but not flushed may be lost")
+        self._dirty = False
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._dirty = True
+        await self._call("trim", offset, length, fua)
+
+    async def zero(self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
+                   fast: bool = False) -> None:
+        self._dirty = True
+        await self._call("zero", offset, length, fua, may_trim, fast)
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self._call("cache", offset, length)
+
+    async def close(self) -> None:
+        await self.next.close()

@@ -1,0 +1,181 @@
+"""The `trustvbd` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from trustvbd import __version__
+from trustvbd.config import ConfigError, Config, format_size, load_config, parse_size
+
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+
+
+def _config(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"trustvbd: config error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def control_request(config: Config, request: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+    """Ask the running `trustvbd up` (its launcher) something; exit 3 if none runs."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(config.control_socket))
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"trustvbd: not running for state directory {config.state_dir}"
+              f" (start it with: trustvbd up -c {config.path})", file=sys.stderr)
+        raise SystemExit(EXIT_NOT_RUNNING) from None
+    finally:
+        sock.close()
+    reply: dict[str, Any] = json.loads(data)
+    return reply
+
+
+# -- up / driver / status ------------------------------------------------------------
+def cmd_up(args: argparse.Namespace) -> int:
+    from trustvbd.domains.common import run, setup_logging
+    from trustvbd.domains.hv import run_up
+
+    config = _config(args.config)
+    setup_logging("hv")
+    try:
+        return run(run_up(config))
+    except ConfigError as exc:
+        print(f"trustvbd: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_driver(args: argparse.Namespace) -> int:
+    from trustvbd.domains.driver import run_standalone
+
+    try:
+        size = parse_size(args.size)
+    except ValueError as exc:
+        print(f"trustvbd driver: --size: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if size <= 0:
+        print("trustvbd driver: --size must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    return run_standalone(args.file, size, args.socket, args.listen)
+
+
+def print_status(status: dict[str, Any]) -> None:
+    policy = status.get("policy") or "none (NULL policy: everything allowed)"
+    print(f"trustvbd running: pid {status['pid']}, state {status['state_dir']}, policy {policy}")
+    print("domains:")
+    for d in status["domains"]:
+        trust = "trusted" if d["trusted"] else "untrusted"
+        label = f" label {d['label']}" if d["label"] else ""
+        restarts = f" restarts {d['restarts']}" if d.get("restarts") else ""
+        print(f"  {d['name']:<12} {d['kind']:<7} pid {d['pid']!s:<8} {trust:<9}{label} {d['state']}{restarts}")
+    print("disks:")
+    for disk in status["disks"]:
+        epoch = f" epoch {disk['epoch']}" if "epoch" in disk else ""
+        mode = "encrypted" if disk["encrypt"] else "PLAIN (not encrypted)"
+        print(f"  {disk['name']:<12} {format_size(disk['size']):<8} label {disk['label']} {mode}"
+              f" {disk['state']}{epoch} integrity-events {disk['integrity_events']}")
+        for r in disk["replicas"]:
+            extra = f" ({r['last_error']})" if r.get("last_error") else ""
+            print(f"    replica {r['name']}: {r['state']}, reconnects {r['reconnects']}{extra}")
+    print("guests:")
+    for g in status["guests"]:
+        conns = ", ".join(c["export"] or "-" for c in g["connections"]) or "none"
+        print(f"  {g['name']:<12} label {g['label']} socket {g['socket']} connections: {conns}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    reply = control_request(config, {"op": "status"})
+    if not reply.pop("ok", False):
+        print(f"trustvbd status: {reply.get('error')}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    else:
+        print_status(reply)
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trustvbd",
+        description="Virtual disks over untrusted storage drivers, served over NBD.",
+    )
+    parser.add_argument("--version", action="version", version=f"trustvbd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start the system described by a config file (foreground)",
+                        description="Start every domain of the config; print one line per guest"
+                        " and disk it may use, then 'ready'. SIGINT/SIGTERM stops it cleanly.")
+    up.add_argument("-c", "--config", required=True, help="config file (TOML)")
+    up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="show domains, disks, replicas and connected guests",
+                            description="Ask the running `trustvbd up` for its state.")
+    status.add_argument("-c", "--config", required=True)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    driver = sub.add_parser(
+        "driver", help="run an untrusted driver domain alone: a plain NBD server over a sparse file",
+        description="Serve one sparse file as one NBD export (named after the file, also the"
+        " default export). Prints the export's URI, then 'ready'.")
+    driver.add_argument("--file", required=True, help="backing file (created sparse if missing)")
+    driver.add_argument("--size", required=True, help="export size, e.g. 1GiB")
+    where = driver.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", help="Unix socket path to listen on")
+    where.add_argument("--listen", metavar="HOST:PORT", help="TCP address to listen on (port 0: any)")
+    driver.set_defaults(func=cmd_driver)
+
+    for register in _registrars():
+        register(sub)
+    return parser
+
+
+def _registrars() -> list[Any]:
+    """Subcommand groups that live beside the code they drive."""
+    found = []
+    for module in ("trustvbd.acm.commands", "trustvbd.crypt_commands"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ImportError:
+            continue
+        found.append(mod.register)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["Path", "main"]

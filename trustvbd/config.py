@@ -1,0 +1,310 @@
+"""The config file (TOML): model and validation.
+
+Every mistake stops `trustvbd up` before anything starts, with the file, the key
+and what to do. Relative paths are relative to the config file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trustvbd.nbd.uri import parse_uri
+
+BLOCK_SIZE = 4096
+# Unix socket paths are limited to 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1}
+for _i, _p in enumerate("KMGTP", start=1):
+    _UNITS[_p] = 1024**_i
+    _UNITS[_p + "IB"] = 1024**_i
+    _UNITS[_p + "B"] = 1000**_i
+
+
+class ConfigError(Exception):
+    """A config mistake: where it is and what to do about it."""
+
+    def __init__(self, file: Path | str, key: str, message: str) -> None:
+        self.file = str(file)
+        self.key = key
+        self.message = message
+        where = f"{self.file}: {key}: " if key else f"{self.file}: "
+        super().__init__(where + message)
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    """An untrusted driver domain: our own block server over `dir`, or any NBD server at `uri`."""
+
+    name: str
+    label: str
+    dir: Path | None = None
+    uri: str | None = None
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    name: str
+    size: int
+    label: str
+    replicas: tuple[str, ...]
+    encrypt: bool = True
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    name: str
+    label: str
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    state_dir: Path
+    policy: Path | None
+    drivers: dict[str, DriverConfig] = field(default_factory=dict)
+    disks: dict[str, DiskConfig] = field(default_factory=dict)
+    guests: dict[str, GuestConfig] = field(default_factory=dict)
+
+    def guest_socket(self, guest: str) -> Path:
+        return self.state_dir / "guests" / f"{guest}.sock"
+
+    def driver_socket(self, driver: str) -> Path:
+        return self.state_dir / "drivers" / f"{driver}.sock"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.state_dir / "control.sock"
+
+    @property
+    def acm_socket(self) -> Path:
+        return self.state_dir / "acm.sock"
+
+    def sockets(self) -> list[Path]:
+        """Every Unix socket `up` creates, to check their lengths before starting."""
+        paths = [self.control_socket, self.acm_socket]
+        paths += [self.guest_socket(g) for g in self.guests]
+        paths += [self.driver_socket(d) for d, cfg in self.drivers.items() if cfg.dir]
+        return paths
+
+
+def parse_size(text: str | int) -> int:
+    """'256MiB' -> 268435456. IEC (KiB, MiB, ...) and SI (KB, MB, ...) suffixes; K/M/G mean KiB/MiB/GiB."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError(f"size {text} is negative")
+        return text
+    if not isinstance(text, str):
+        raise ValueError(f"size must be a string like \"256MiB\" or a number of bytes, not {text!r}")
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"cannot read size {text!r}; write e.g. \"256MiB\", \"1GiB\" or \"4096\"")
+    number, unit = match.groups()
+    return int(number) * _UNITS[(unit or "").upper()]
+
+
+def format_size(size: int) -> str:
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"
+
+
+class _Table:
+    """A TOML table being validated: typed getters that name the file and key on error."""
+
+    def __init__(self, file: Path, where: str, data: Any, allowed: set[str]) -> None:
+        self.file, self.where = file, where
+        if not isinstance(data, dict):
+            raise ConfigError(file, where, f"must be a table, not {type(data).__name__}")
+        self.data = data
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(
+                file, self._key(unknown[0]),
+                f"unknown key; allowed keys here are: {', '.join(sorted(allowed))}",
+            )
+
+    def _key(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.file, self._key(key), message)
+
+    def get(self, key: str, kind: type, required: bool = False, default: Any = None) -> Any:
+        if key not in self.data:
+            if required:
+                raise self.error(key, "is missing; add it")
+            return default
+        value = self.data[key]
+        if kind is str and not isinstance(value, str):
+            raise self.error(key, f"must be a string, not {value!r}")
+        if kind is bool and not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, not {value!r}")
+        if kind is list and not isinstance(value, list):
+            raise self.error(key, f"must be a list, not {value!r}")
+        return value
+
+    def name(self, key: str = "name") -> str:
+        value = self.get(key, str, required=True)
+        if not _NAME.match(value):
+            raise self.error(
+                key, f"{value!r} is not a valid name: use 1-64 letters, digits, '.', '_' or '-',"
+                " starting with a letter or digit",
+            )
+        return value
+
+    def path(self, key: str, base: Path) -> Path | None:
+        value = self.get(key, str)
+        if value is None:
+            return None
+        if not value:
+            raise self.error(key, "is empty; give a path")
+        return (base / os.path.expanduser(value)).resolve()
+
+
+def _parse_listen(table: _Table) -> tuple[str, int] | None:
+    text = table.get("listen", str)
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise table.error("listen", f"{text!r} is not HOST:PORT, e.g. \"127.0.0.1:10809\"")
+    return host.strip("[]"), int(port)
+
+
+def _unique(file: Path, kind: str, items: list[Any]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for index, item in enumerate(items):
+        if item.name in seen:
+            raise ConfigError(
+                file, f"{kind}[{index}].name", f"duplicate {kind} name {item.name!r}; names must be unique"
+            )
+        seen[item.name] = item
+    return seen
+
+
+def _array(file: Path, raw: dict[str, Any], kind: str) -> list[Any]:
+    items = raw.get(kind, [])
+    if not isinstance(items, list):
+        raise ConfigError(file, kind, f"must be an array of tables: write [[{kind}]] sections")
+    return items
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raise ConfigError naming the file and key."""
+    file = Path(path).resolve()
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(file, "", "no such file; pass the config with -c PATH") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(file, "", f"cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "", f"not valid TOML: {exc}") from None
+    base = file.parent
+    top = _Table(file, "", raw, {"state_dir", "policy", "driver", "disk", "guest"})
+    state_dir = top.path("state_dir", base)
+    if state_dir is None:
+        raise top.error("state_dir", "is missing; add e.g. state_dir = \"state\"")
+    policy = top.path("policy", base)
+    if policy is not None and not os.access(policy, os.R_OK):
+        raise top.error("policy", f"cannot read {policy}; check the path and its permissions")
+
+    drivers = []
+    for i, item in enumerate(_array(file, raw, "driver")):
+        t = _Table(file, f"driver[{i}]", item, {"name", "label", "dir", "uri"})
+        name, label = t.name(), t.get("label", str, required=True)
+        ddir, uri = t.path("dir", base), t.get("uri", str)
+        if (ddir is None) == (uri is None):
+            raise t.error("dir", "give exactly one of dir (trustvbd's own driver) or uri (any NBD server)")
+        if uri is not None:
+            try:
+                parse_uri(uri)
+            except ValueError as exc:
+                raise t.error("uri", str(exc)) from None
+        drivers.append(DriverConfig(name, label, ddir, uri))
+    driver_map = _unique(file, "driver", drivers)
+
+    disks = []
+    for i, item in enumerate(_array(file, raw, "disk")):
+        t = _Table(file, f"disk[{i}]", item, {"name", "size", "label", "replicas", "encrypt"})
+        name, label = t.name(), t.get("label", str, required=True)
+        try:
+            size = parse_size(t.get("size", object, required=True))
+        except ValueError as exc:
+            raise t.error("size", str(exc)) from None
+        if size <= 0 or size % BLOCK_SIZE:
+            raise t.error("size", f"{size} bytes is not a positive multiple of 4 KiB ({BLOCK_SIZE} bytes)")
+        replicas = t.get("replicas", list, required=True)
+        if not replicas:
+            raise t.error("replicas", "is empty; name at least one [[driver]]")
+        for r in replicas:
+            if r not in driver_map:
+                known = ", ".join(sorted(driver_map)) or "none defined"
+                raise t.error("replicas", f"unknown driver {r!r}; defined drivers: {known}")
+        if len(set(replicas)) != len(replicas):
+            raise t.error("replicas", "names a driver twice; each replica must be a different driver")
+        if len(replicas) > 1:
+            raise t.error(
+                "replicas", "mirroring over several drivers is not available in this version;"
+                " list exactly one driver",
+            )
+        encrypt = t.get("encrypt", bool, default=True)
+        disks.append(DiskConfig(name, size, label, tuple(replicas), encrypt))
+    disk_map = _unique(file, "disk", disks)
+
+    # A driver given by URI is one export someone else serves: it can hold one disk only.
+    users: dict[str, str] = {}
+    for disk in disks:
+        for r in disk.replicas:
+            if driver_map[r].uri and r in users:
+                raise ConfigError(
+                    file, f"disk {disk.name!r}.replicas",
+                    f"driver {r!r} is a single NBD export (uri) already used by disk {users[r]!r};"
+                    " give each disk its own uri driver",
+                )
+            users[r] = disk.name
+
+    guests = []
+    for i, item in enumerate(_array(file, raw, "guest")):
+        t = _Table(file, f"guest[{i}]", item, {"name", "label", "listen"})
+        guests.append(GuestConfig(t.name(), t.get("label", str, required=True), _parse_listen(t)))
+    guest_map = _unique(file, "guest", guests)
+
+    names: dict[str, str] = {}
+    for kind, group in (("driver", driver_map), ("disk", disk_map), ("guest", guest_map)):
+        for n in group:
+            if n in names:
+                raise ConfigError(file, f"{kind} {n!r}", f"name is also used by a {names[n]}; pick another")
+            names[n] = kind
+
+    config = Config(file, state_dir, policy, driver_map, disk_map, guest_map)
+    for sock in config.sockets():
+        if len(str(sock).encode()) > MAX_SOCKET_PATH:
+            raise ConfigError(
+                file, "state_dir",
+                f"socket path {sock} is {len(str(sock).encode())} bytes, over the Unix limit of"
+                f" {MAX_SOCKET_PATH}; choose a shorter state_dir or shorter names",
+            )
+    return config
+
+
+def check_paths(config: Config) -> None:
+    """Check that the directories `up` writes to can be created and written (before starting)."""
+    targets = [("state_dir", config.state_dir)]
+    targets += [(f"driver {d.name!r}.dir", d.dir) for d in config.drivers.values() if d.dir]
+    for key, directory in targets:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(config.path, key, f"cannot create {directory}: {exc.strerror}") from None
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(config.path, key, f"{directory} is not writable; fix its permissions")

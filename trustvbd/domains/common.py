@@ -1,0 +1,48 @@
+"""What every domain process shares: logging, dying with the launcher, the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+
+
+def setup_logging(domain: str, level: int = logging.INFO) -> None:
+    """Log lines go to stderr, prefixed by the domain, so `up`'s terminal shows who said what."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[{domain}] %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(os.environ.get("TRUSTVBD_LOG_LEVEL", logging.getLevelName(level)))
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this domain when the launcher dies, so none is left behind."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the launcher is already gone
+        os._exit(1)
+
+
+def run(main: Coroutine[Any, Any, int]) -> int:
+    """Run a domain's main coroutine on uvloop when available (it is much faster)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a pinned dependency
+        return asyncio.run(main)
+    return asyncio.run(main, loop_factory=uvloop.new_event_loop)
+
+
+def ready(fd: int | None) -> None:
+    """Tell the launcher this domain is serving: one line on the readiness pipe."""
+    if fd is not None:
+        os.write(fd, b"ready\n")
+        os.close(fd)

@@ -1,0 +1,153 @@
+"""The control channel between the launcher (hv) and a trusted domain.
+
+One SOCK_SEQPACKET socket pair per domain: every message is one packet of JSON,
+optionally carrying file descriptors (SCM_RIGHTS) — this is how the launcher
+hands a domain the channels it brokers, like Xen's grant/event-channel setup.
+Packets keep message boundaries, so there is no framing code to get wrong.
+
+Either side may send requests ({"id": N, "op": ...}) and must answer each with
+{"reply_to": N, ...}. Messages without an id are one-way events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+MAX_MESSAGE = 256 * 1024
+MAX_FDS = 16
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any], list[int]], Awaitable[tuple[dict[str, Any], list[int]] | None]]
+
+
+class ControlClosed(Exception):
+    """The other side of the control channel went away."""
+
+
+def socket_pair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+class ControlChannel:
+    def __init__(self, sock: socket.socket, handler: Handler | None = None, name: str = "peer") -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.name = name
+        self._handler = handler
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], list[int]]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closed = asyncio.Event()
+
+    def start(self) -> None:
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data, fds, flags, _ = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, fds, flags = b"", [], 0
+        if not data:
+            self._shutdown()
+            return
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            for fd in fds:
+                os.close(fd)
+            log.error("control message from %s too large; dropped", self.name)
+            return
+        try:
+            message = json.loads(data)
+            if not isinstance(message, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            for fd in fds:
+                os.close(fd)
+            log.error("bad control message from %s: %s", self.name, exc)
+            return
+        if "reply_to" in message:
+            future = self._pending.pop(message["reply_to"], None)
+            if future and not future.done():
+                future.set_result((message, fds))
+            else:
+                for fd in fds:
+                    os.close(fd)
+            return
+        task = asyncio.get_running_loop().create_task(self._dispatch(message, fds))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _dispatch(self, message: dict[str, Any], fds: list[int]) -> None:
+        reply: tuple[dict[str, Any], list[int]] | None
+        try:
+            if self._handler is None:
+                raise ValueError("this side takes no requests")
+            reply = await self._handler(message, fds)
+        except Exception as exc:  # a bad request must not kill a trusted domain
+            log.exception("control request %r from %s failed", message.get("op"), self.name)
+            reply = ({"ok": False, "error": str(exc)}, [])
+        if "id" in message:
+            body, out_fds = reply or ({"ok": True}, [])
+            try:
+                self.send({**body, "reply_to": message["id"]}, out_fds)
+            except ControlClosed:
+                pass
+            finally:
+                for fd in out_fds:
+                    os.close(fd)
+
+    def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        data = json.dumps(message, separators=(",", ":")).encode()
+        if len(data) > MAX_MESSAGE:
+            raise ValueError(f"control message of {len(data)} bytes is too large")
+        try:
+            # Packets are small and the peer reads promptly; a blocking send is simplest.
+            self.sock.setblocking(True)
+            self.sock.settimeout(10)
+            socket.send_fds(self.sock, [data], fds or [])
+        except OSError as exc:
+            raise ControlClosed(f"control channel to {self.name} closed: {exc}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.setblocking(False)
+
+    async def request(
+        self, message: dict[str, Any], fds: list[int] | None = None, timeout: float = 60.0
+    ) -> tuple[dict[str, Any], list[int]]:
+        if self.closed.is_set():
+            raise ControlClosed(f"control channel to {self.name} is closed")
+        ident = next(self._ids)
+        future: asyncio.Future[tuple[dict[str, Any], list[int]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending[ident] = future
+        try:
+            self.send({**message, "id": ident}, fds)
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(ident, None)
+
+    def _shutdown(self) -> None:
+        if self.closed.is_set():
+            return
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ControlClosed(f"control channel to {self.name} closed"))
+        self._pending.clear()
+        self.closed.set()
+
+    def close(self) -> None:
+        self._shutdown()
+        self.sock.close()

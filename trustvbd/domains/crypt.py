@@ -1,0 +1,259 @@
+"""The encryption domain (trusted): the NBD server guests talk to.
+
+It owns each disk's layer stack (replica link -> CryptDisk) and serves one
+listening socket per guest; the socket a connection arrives on is the guest's
+identity. It never opens a channel to a driver itself: it asks the launcher,
+which checks policy and hands over a connected socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trustvbd.blocks.backend import Backend
+from trustvbd.blocks.limits import SizeLimit
+from trustvbd.blocks.reconnect import ReplicaLink
+from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
+from trustvbd.domains.control import ControlChannel
+from trustvbd.domains.gate import PolicyGate, gate_from_spec
+from trustvbd.nbd.client import NbdClient
+from trustvbd.nbd.server import Export, ExportRefused, NbdServer, PeerInfo
+
+log = logging.getLogger("trustvbd.crypt")
+
+
+@dataclass
+class Disk:
+    name: str
+    label: str
+    size: int
+    encrypt: bool
+    replica_names: list[str]
+    backend: Backend | None = None
+    links: list[ReplicaLink] = field(default_factory=list)
+    integrity_events: int = 0
+    error: str | None = None
+
+
+class GuestExports:
+    """What one guest may see and open; every decision goes through the policy gate."""
+
+    def __init__(self, domain: CryptDomain, guest: str, label: str) -> None:
+        self.domain, self.guest, self.label = domain, guest, label
+
+    def list_exports(self, peer: PeerInfo) -> list[tuple[str, str]]:
+        gate = self.domain.gate
+        return [
+            (d.name, f"{d.size} bytes")
+            for d in self.domain.disks.values()
+            if gate.may_list(self.guest, self.label, d.name, d.label)
+        ]
+
+    async def open_export(self, peer: PeerInfo, name: str) -> Export:
+        disks = self.domain.disks
+        if name == "":
+            visible = [n for n, _ in self.list_exports(peer)]
+            if len(visible) != 1:
+                raise ExportRefused(
+                    "unknown", "give the disk name as the export name; this guest may use: "
+                    + (", ".join(visible) or "no disk"),
+                )
+            name = visible[0]
+        disk = disks.get(name)
+        if disk is None:
+            raise ExportRefused("unknown", f"no disk named {name!r}")
+        decision = await self.domain.gate.attach(peer, self.guest, self.label, disk.name, disk.label)
+        if not decision.allowed:
+            raise ExportRefused("policy", decision.reason)
+        if disk.backend is None:
+            await self.domain.gate.detach(peer, self.guest, disk.name)
+            raise ExportRefused("unavailable", f"disk {name!r} is not available: {disk.error}")
+        return Export(disk.name, disk.backend, f"trustvbd disk {disk.name}")
+
+    def release_export(self, peer: PeerInfo, export: Export) -> None:
+        asyncio.get_running_loop().create_task(self.domain.gate.detach(peer, self.guest, export.name))
+
+
+class CryptDomain:
+    def __init__(self, control: socket.socket) -> None:
+        self.control = ControlChannel(control, self.handle, "hv")
+        self.disks: dict[str, Disk] = {}
+        self.servers: dict[str, list[NbdServer]] = {}
+        self.gate: PolicyGate
+        self.state_dir = Path()
+        self.stopped = asyncio.Event()
+        self.spec: dict[str, Any] = {}
+
+    # -- requests from the launcher -------------------------------------------------
+    async def handle(self, message: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        op = message.get("op")
+        if op == "status":
+            return {"ok": True, **self.status()}, []
+        if op == "stop":
+            await self.stop()
+            return {"ok": True}, []
+        if op == "policy_changed":
+            kicked = await self.recheck_connections()
+            return {"ok": True, "closed": kicked}, []
+        return {"ok": False, "error": f"unknown op {op!r}"}, []
+
+    def status(self) -> dict[str, Any]:
+        disks = []
+        for d in self.disks.values():
+            entry: dict[str, Any] = {
+                "name": d.name, "size": d.size, "label": d.label, "encrypt": d.encrypt,
+                "state": "serving" if d.backend else f"failed: {d.error}",
+                "integrity_events": self.integrity_count(d),
+                "replicas": [link.status() for link in d.links],
+            }
+            epoch = getattr(d.backend, "epoch", None)
+            if epoch is not None:
+                entry["epoch"] = epoch
+            disks.append(entry)
+        guests = []
+        for name, servers in self.servers.items():
+            conns = [
+                {"export": c.export_name, "address": c.peer.address}
+                for s in servers for c in s.connections
+            ]
+            guests.append({"name": name, "connections": conns})
+        return {"disks": disks, "guests": guests}
+
+    def integrity_count(self, disk: Disk) -> int:
+        return disk.integrity_events
+
+    async def recheck_connections(self) -> int:
+        """After a policy change: close every connection the new policy forbids."""
+        kicked = 0
+        for guest, servers in self.servers.items():
+            label = self.spec["guests"][guest]["label"]
+            for server in servers:
+                for conn in list(server.connections):
+                    disk = self.disks.get(conn.export_name or "")
+                    if disk is None:
+                        continue
+                    decision = await self.gate.check(guest, label, disk.name, disk.label)
+                    if not decision.allowed:
+                        log.warning("closing %s's connection to %s: %s", guest, disk.name, decision.reason)
+                        await conn.close()
+                        kicked += 1
+        return kicked
+
+    # -- start-up -------------------------------------------------------------------
+    async def open_channel(self, disk: Disk, replica: str) -> Backend:
+        """Ask the launcher for a connected socket to `replica`'s export of this disk."""
+        reply, fds = await self.control.request({"op": "channel", "disk": disk.name, "replica": replica})
+        if not reply.get("ok") or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ConnectionError(reply.get("error", "no channel"))
+        sock = socket.socket(fileno=fds[0])
+        return await NbdClient.connect(sock, reply["export"], request_timeout=self.spec["request_timeout"])
+
+    async def open_disk(self, disk: Disk) -> None:
+        replica = disk.replica_names[0]
+        first = await self.open_channel(disk, replica)
+        link = ReplicaLink(first, replica, lambda: self.open_channel(disk, replica))
+        disk.links = [link]
+        if disk.encrypt:
+            disk.backend = await self.open_encrypted(disk, link)
+        else:
+            if link.size < disk.size:
+                raise ValueError(
+                    f"replica {replica!r} offers {link.size} bytes, smaller than disk {disk.name!r}"
+                    f" ({disk.size} bytes); give the driver a larger export"
+                )
+            disk.backend = SizeLimit(link, disk.size)
+
+    async def open_encrypted(self, disk: Disk, link: ReplicaLink) -> Backend:
+        from trustvbd.domains.crypt_disks import open_crypt_disk
+
+        def on_event(event: dict[str, Any]) -> None:
+            disk.integrity_events += 1
+            log.error("integrity: disk %s: %s", disk.name, event.get("message", event))
+            self.control.send({"event": "integrity", "disk": disk.name, **event})
+
+        return await open_crypt_disk(self.state_dir, disk.name, disk.size, link, self.spec, on_event)
+
+    async def start(self, ready_fd: int | None) -> None:
+        self.control.start()
+        spec, fds = await self.control.request({"op": "spec"})
+        self.spec = spec
+        self.state_dir = Path(spec["state_dir"])
+        self.gate = await gate_from_spec(spec, self.control)
+        for d in spec["disks"]:
+            self.disks[d["name"]] = Disk(d["name"], d["label"], d["size"], d["encrypt"], d["replicas"])
+        for disk in self.disks.values():
+            try:
+                await self.open_disk(disk)
+            except Exception as exc:  # one bad disk must not take the others down
+                disk.error = str(exc)
+                log.error("disk %s cannot be served: %s", disk.name, exc)
+                self.control.send({"event": "disk_failed", "disk": disk.name, "error": str(exc)})
+        loop = asyncio.get_running_loop()
+        for listener, fd in zip(spec["listeners"], fds, strict=True):
+            guest = listener["guest"]
+            sock = socket.socket(fileno=fd)
+            server = NbdServer(GuestExports(self, guest, spec["guests"][guest]["label"]), identity=guest)
+            self.servers.setdefault(guest, []).append(server)
+            loop.create_task(server.serve_socket(sock))
+        self.control.send({"event": "ready"})
+        ready(ready_fd)
+
+    async def stop(self) -> None:
+        for servers in self.servers.values():
+            for server in servers:
+                await server.close()
+        for disk in self.disks.values():
+            if disk.backend is None:
+                continue
+            try:
+                await disk.backend.flush()
+                await disk.backend.close()
+            except Exception as exc:
+                log.error("disk %s: final flush failed: %s", disk.name, exc)
+        self.stopped.set()
+
+
+async def amain(control_fd: int, ready_fd: int | None) -> int:
+    loop = asyncio.get_running_loop()
+    # The launcher stops us over the control channel; a terminal's SIGINT is for it.
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
+    domain = CryptDomain(socket.socket(fileno=control_fd))
+    loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(domain.stop()))
+    try:
+        await domain.start(ready_fd)
+    except Exception as exc:
+        log.exception("encryption domain failed to start: %s", exc)
+        return 1
+    closed = loop.create_task(domain.control.closed.wait())
+    stopped = loop.create_task(domain.stopped.wait())
+    await asyncio.wait([closed, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not domain.stopped.is_set():
+        log.error("launcher went away; stopping")
+        await domain.stop()
+    await asyncio.sleep(0.05)  # let the stop reply leave
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trustvbd.domains.crypt")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--ready-fd", type=int)
+    args = parser.parse_args(argv)
+    setup_logging("crypt")
+    die_with_parent()
+    return run(amain(args.control_fd, args.ready_fd))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The driver domain: a dumb, UNTRUSTED NBD block server over sparse files.
+
+It is trusted with nothing: under `trustvbd up` it only ever sees ciphertext and
+signed metadata, and any NBD server (qemu-nbd, nbdkit, a remote host) can take
+its place. It has no policy and no keys; it serves one export per file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from trustvbd.blocks.file import FileBackend
+from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
+from trustvbd.nbd.server import Export, ExportRefused, NbdServer, PeerInfo
+
+log = logging.getLogger("trustvbd.driver")
+
+
+@dataclass
+class ExportSpec:
+    name: str
+    path: Path
+    size: int
+
+
+class FileExports:
+    """One shared FileBackend per export, so every connection sees the same file (multi-conn)."""
+
+    def __init__(self, specs: list[ExportSpec], default: str | None) -> None:
+        self.backends = {s.name: FileBackend(str(s.path), s.size) for s in specs}
+        self.default = default
+
+    def list_exports(self, peer: PeerInfo) -> list[tuple[str, str]]:
+        return [(name, f"{b.size} bytes in {b.path}") for name, b in self.backends.items()]
+
+    async def open_export(self, peer: PeerInfo, name: str) -> Export:
+        if name == "" and self.default is not None:
+            name = self.default
+        backend = self.backends.get(name)
+        if backend is None:
+            known = ", ".join(sorted(self.backends))
+            raise ExportRefused("unknown", f"no export named {name!r}; this driver serves: {known}")
+        return Export(name, backend, f"{backend.size} bytes")
+
+    def release_export(self, peer: PeerInfo, export: Export) -> None:
+        pass
+
+    async def close(self) -> None:
+        for backend in self.backends.values():
+            await backend.close()
+
+
+def listening_socket(unix_path: str | None, tcp: str | None) -> socket.socket:
+    if unix_path:
+        path = Path(unix_path)
+        if path.is_socket():
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+    else:
+        assert tcp is not None
+        host, _, port = tcp.rpartition(":")
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), int(port)))
+    sock.listen(128)
+    return sock
+
+
+def uri_for(sock: socket.socket, export: str) -> str:
+    address = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"nbd+unix:///{export}?socket={address}"
+    host = f"[{address[0]}]" if sock.family == socket.AF_INET6 else address[0]
+    return f"nbd://{host}:{address[1]}/{export}"
+
+
+async def serve(specs: list[ExportSpec], sock: socket.socket, default: str | None,
+                ready_fd: int | None, announce: bool) -> int:
+    exports = FileExports(specs, default)
+    server = NbdServer(exports, identity="driver")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    serving = asyncio.create_task(server.serve_socket(sock))
+    if announce:
+        for spec in specs:
+            print(uri_for(sock, spec.name if default is None else ""), flush=True)
+        print("ready", flush=True)
+    ready(ready_fd)
+    log.info("serving %d export(s) on %s", len(specs), sock.getsockname())
+    await stop.wait()
+    serving.cancel()
+    await server.close()
+    await exports.close()
+    if sock.family == socket.AF_UNIX:
+        Path(sock.getsockname()).unlink(missing_ok=True)
+    sock.close()
+    return 0
+
+
+def parse_export(text: str) -> ExportSpec:
+    name, sep, rest = text.partition("=")
+    path, sep2, size = rest.rpartition(":")
+    if not sep or not sep2 or not size.isdigit():
+        raise argparse.ArgumentTypeError(f"--export {text!r}: expected NAME=PATH:SIZE_IN_BYTES")
+    return ExportSpec(name, Path(path), int(size))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trustvbd.domains.driver")
+    parser.add_argument("--export", type=parse_export, action="append", required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket")
+    where.add_argument("--listen")
+    parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--supervised", action="store_true", help="die with the launcher")
+    args = parser.parse_args(argv)
+    setup_logging("driver")
+    if args.supervised:
+        die_with_parent()
+    return run(serve(args.export, listening_socket(args.socket, args.listen), None,
+                     args.ready_fd, announce=False))
+
+
+def run_standalone(file: str, size: int, socket_path: str | None, listen: str | None) -> int:
+    """`trustvbd driver`: one file, one export, served under its own name and as the default."""
+    setup_logging("driver")
+    name = Path(file).stem or "disk"
+    try:
+        sock = listening_socket(socket_path, listen)
+    except OSError as exc:
+        print(f"trustvbd driver: cannot listen on {socket_path or listen}: {exc.strerror}",
+              file=sys.stderr)
+        return 1
+    try:
+        spec = ExportSpec(name, Path(file), size)
+        FileBackend(str(spec.path), size)  # fail early on an unusable file
+    except OSError as exc:
+        print(f"trustvbd driver: cannot open {file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return run(serve([spec], sock, name, None, announce=True))
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRUSTVBD_PROFILE"):
+        import cProfile
+        cProfile.run("main()", os.environ["TRUSTVBD_PROFILE"])
+    else:
+        sys.exit(main())

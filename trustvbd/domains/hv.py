@@ -1,0 +1,426 @@
+"""The launcher (`trustvbd up`): the hypervisor analogue.
+
+It starts every domain as its own process, creates every channel between them
+(it connects, then hands the file descriptor over) only when policy allows it,
+and stops them all cleanly. It keeps no keys and touches no data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trustvbd.config import Config, check_paths
+from trustvbd.domains.control import ControlChannel, ControlClosed, socket_pair
+from trustvbd.nbd.uri import parse_uri
+
+log = logging.getLogger("trustvbd.hv")
+
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 60.0
+MAX_DRIVER_RESTARTS = 5  # within RESTART_WINDOW seconds; then the driver stays down
+RESTART_WINDOW = 60.0
+
+
+class StartError(Exception):
+    """`up` cannot start; the message says why and what to do."""
+
+
+@dataclass
+class Domain:
+    name: str
+    kind: str  # "crypt" | "driver" | "acm"
+    trusted: bool
+    label: str
+    argv: list[str]
+    process: asyncio.subprocess.Process | None = None
+    restarts: list[float] = field(default_factory=list)
+    state: str = "starting"
+
+
+class StateLock:
+    """One `up` per state directory: an flock held for the launcher's lifetime."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "up.lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise StartError(
+                f"trustvbd up is already running on state directory {state_dir} (pid {pid});"
+                " stop it first, or use another state_dir"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)
+
+
+def physical_size(disk_size: int, encrypt: bool) -> int:
+    if not encrypt:
+        return disk_size
+    from trustvbd.blocks.crypt_layer import physical_size as crypt_physical
+
+    return crypt_physical(disk_size)
+
+
+def listen_unix(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    return sock
+
+
+def listen_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
+
+
+class Launcher:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.domains: dict[str, Domain] = {}
+        self.crypt_channel: ControlChannel | None = None
+        self.listeners: list[tuple[str, socket.socket]] = []
+        self.stopping = False
+        self.fatal: str | None = None
+        self.done = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.failed_disks: dict[str, str] = {}
+        self.integrity_events: list[dict[str, Any]] = []
+        self.policy = None  # set by the access-control wiring
+        self.started = time.time()
+
+    # -- domains ------------------------------------------------------------------
+    async def spawn(self, domain: Domain, pass_fds: tuple[int, ...] = ()) -> None:
+        read_end, write_end = os.pipe()
+        argv = [*domain.argv, "--ready-fd", str(write_end)]
+        domain.process = await asyncio.create_subprocess_exec(
+            *argv, pass_fds=(write_end, *pass_fds), stdin=asyncio.subprocess.DEVNULL,
+        )
+        os.close(write_end)
+        loop = asyncio.get_running_loop()
+        first_line: asyncio.Future[bytes] = loop.create_future()
+
+        def readable() -> None:
+            try:
+                data = os.read(read_end, 64)
+            except BlockingIOError:
+                return
+            if not first_line.done():
+                first_line.set_result(data)
+
+        os.set_blocking(read_end, False)
+        loop.add_reader(read_end, readable)
+        try:
+            line = await asyncio.wait_for(first_line, START_TIMEOUT)
+        finally:
+            loop.remove_reader(read_end)
+            os.close(read_end)
+        if line != b"ready\n":
+            code = await domain.process.wait()
+            raise StartError(f"{domain.kind} domain {domain.name!r} failed to start (exit status {code});"
+                             " see its messages above")
+        domain.state = "running"
+        loop.create_task(self.watch(domain))
+
+    async def watch(self, domain: Domain) -> None:
+        assert domain.process is not None
+        code = await domain.process.wait()
+        if self.stopping:
+            domain.state = "stopped"
+            return
+        domain.state = f"exited ({code})"
+        if domain.kind == "driver":
+            await self.restart_driver(domain, code)
+            return
+        self.fatal = f"{domain.kind} domain {domain.name!r} died (exit status {code}); stopping everything"
+        log.error("%s", self.fatal)
+        self.done.set()
+
+    async def restart_driver(self, domain: Domain, code: int) -> None:
+        now = time.monotonic()
+        domain.restarts = [t for t in domain.restarts if now - t < RESTART_WINDOW] + [now]
+        if len(domain.restarts) > MAX_DRIVER_RESTARTS:
+            log.error("driver %s died %d times in a minute; leaving it down", domain.name, len(domain.restarts))
+            domain.state = "failed"
+            return
+        log.warning("driver %s exited (status %s); restarting it", domain.name, code)
+        try:
+            await self.spawn(domain)
+        except StartError as exc:
+            log.error("%s", exc)
+            domain.state = "failed"
+
+    def driver_domain(self, name: str) -> Domain:
+        drv = self.config.drivers[name]
+        assert drv.dir is not None
+        exports = []
+        for disk in self.config.disks.values():
+            if name in disk.replicas:
+                size = physical_size(disk.size, disk.encrypt)
+                exports += ["--export", f"{disk.name}={drv.dir / (disk.name + '.img')}:{size}"]
+        argv = [sys.executable, "-m", "trustvbd.domains.driver", "--supervised",
+                "--socket", str(self.config.driver_socket(name)), *exports]
+        return Domain(name, "driver", False, drv.label, argv)
+
+    # -- channels -----------------------------------------------------------------
+    async def open_channel(self, disk_name: str, replica: str) -> tuple[socket.socket, str]:
+        """Check (a), then connect to the replica's driver; the caller hands the fd over."""
+        disk = self.config.disks.get(disk_name)
+        drv = self.config.drivers.get(replica)
+        if disk is None or drv is None or replica not in disk.replicas:
+            raise PermissionError(f"disk {disk_name!r} has no replica {replica!r}")
+        await self.check_channel(disk_name, replica)
+        if drv.dir is not None:
+            path, export = str(self.config.driver_socket(replica)), disk.name
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: Any = path
+        else:
+            assert drv.uri is not None
+            uri = parse_uri(drv.uri)
+            export = uri.export
+            if uri.transport == "unix":
+                sock, target = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), uri.socket_path
+            else:
+                sock = socket.socket(socket.AF_INET6 if ":" in (uri.host or "") else socket.AF_INET)
+                target = (uri.host, uri.port)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, target), 10)
+        except (OSError, asyncio.TimeoutError) as exc:
+            sock.close()
+            raise ConnectionError(f"cannot reach driver {replica!r} at {target}: {exc}") from None
+        return sock, export
+
+    async def check_channel(self, disk_name: str, replica: str) -> None:
+        """Policy check (a); the access-control wiring replaces this."""
+        return None
+
+    async def handle_crypt(self, message: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]] | None:
+        op, event = message.get("op"), message.get("event")
+        if op == "spec":
+            return self.crypt_spec(), [s.fileno() for _, s in self.listeners]
+        if op == "channel":
+            try:
+                sock, export = await self.open_channel(str(message.get("disk")), str(message.get("replica")))
+            except (PermissionError, ConnectionError) as exc:
+                return {"ok": False, "error": str(exc)}, []
+            fd = sock.detach()
+            return {"ok": True, "export": export}, [fd]
+        if event == "ready":
+            self.ready.set()
+            return None
+        if event == "disk_failed":
+            self.failed_disks[message["disk"]] = message["error"]
+            return None
+        if event == "integrity":
+            self.integrity_events.append(message)
+            return None
+        return {"ok": False, "error": f"unknown request {op or event!r}"}, []
+
+    def crypt_spec(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "ok": True,
+            "state_dir": str(c.state_dir),
+            "request_timeout": float(os.environ.get("TRUSTVBD_REQUEST_TIMEOUT", "30")),
+            "disks": [
+                {"name": d.name, "label": d.label, "size": d.size, "encrypt": d.encrypt,
+                 "replicas": list(d.replicas)}
+                for d in c.disks.values()
+            ],
+            "guests": {g.name: {"label": g.label} for g in c.guests.values()},
+            "listeners": [{"guest": guest} for guest, _ in self.listeners],
+            "passphrase": os.environ.get("TRUSTVBD_PASSPHRASE"),
+        }
+
+    # -- start and stop -----------------------------------------------------------
+    async def start(self) -> list[str]:
+        c = self.config
+        for sub in ("guests", "drivers", "disks"):
+            (c.state_dir / sub).mkdir(exist_ok=True)
+        for name, drv in c.drivers.items():
+            if drv.dir is not None:
+                domain = self.driver_domain(name)
+                self.domains[name] = domain
+                await self.spawn(domain)
+        lines = []
+        for guest in c.guests.values():
+            self.listeners.append((guest.name, listen_unix(c.guest_socket(guest.name))))
+            if guest.listen:
+                tcp = listen_tcp(*guest.listen)
+                self.listeners.append((guest.name, tcp))
+        ours, theirs = socket_pair()
+        crypt = Domain("crypt", "crypt", True, "", [
+            sys.executable, "-m", "trustvbd.domains.crypt", "--control-fd", str(theirs.fileno())])
+        self.domains["crypt"] = crypt
+        self.crypt_channel = ControlChannel(ours, self.handle_crypt, "crypt")
+        self.crypt_channel.start()
+        await self.spawn(crypt, (theirs.fileno(),))
+        theirs.close()
+        await asyncio.wait_for(self.ready.wait(), START_TIMEOUT)
+        if self.failed_disks:
+            problems = "; ".join(f"disk {d!r}: {e}" for d, e in self.failed_disks.items())
+            raise StartError(f"cannot serve every disk: {problems}")
+        for guest in c.guests.values():
+            for disk in c.disks.values():
+                if await self.guest_may_see(guest.name, disk.name):
+                    lines.append(f"guest {guest.name} disk {disk.name} "
+                                 f"nbd+unix:///{disk.name}?socket={c.guest_socket(guest.name)}")
+                    for name, sock in self.listeners:
+                        if name == guest.name and sock.family != socket.AF_UNIX:
+                            host, port = sock.getsockname()[:2]
+                            host = f"[{host}]" if ":" in host else host
+                            lines.append(f"guest {guest.name} disk {disk.name} nbd://{host}:{port}/{disk.name}")
+        return lines
+
+    async def guest_may_see(self, guest: str, disk: str) -> bool:
+        """Check (b) for the start-up listing; the access-control wiring replaces this."""
+        return True
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self.crypt_channel is not None and not self.crypt_channel.closed.is_set():
+            with contextlib.suppress(ControlClosed, asyncio.TimeoutError, OSError):
+                await self.crypt_channel.request({"op": "stop"}, timeout=STOP_TIMEOUT)
+        order = sorted(self.domains.values(), key=lambda d: d.kind != "crypt")
+        for domain in order:
+            await self.terminate(domain)
+        for _, sock in self.listeners:
+            if sock.family == socket.AF_UNIX:
+                with contextlib.suppress(OSError):
+                    Path(sock.getsockname()).unlink()
+            sock.close()
+
+    async def terminate(self, domain: Domain) -> None:
+        proc = domain.process
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except asyncio.TimeoutError:
+            log.error("%s did not stop in 10 s; killing it", domain.name)
+            proc.kill()
+            await proc.wait()
+        domain.state = "stopped"
+
+    # -- status ---------------------------------------------------------------------
+    async def status(self) -> dict[str, Any]:
+        c = self.config
+        result: dict[str, Any] = {
+            "pid": os.getpid(),
+            "state_dir": str(c.state_dir),
+            "config": str(c.path),
+            "policy": str(c.policy) if c.policy else None,
+            "uptime": round(time.time() - self.started, 1),
+            "domains": [{"name": "hv", "kind": "hv", "trusted": True, "pid": os.getpid(),
+                         "label": "", "state": "running", "restarts": 0}],
+        }
+        for d in self.domains.values():
+            result["domains"].append({
+                "name": d.name, "kind": d.kind, "trusted": d.trusted, "label": d.label,
+                "pid": d.process.pid if d.process else None, "state": d.state,
+                "restarts": len(d.restarts),
+            })
+        crypt: dict[str, Any] = {"disks": [], "guests": []}
+        if self.crypt_channel is not None and not self.crypt_channel.closed.is_set():
+            with contextlib.suppress(ControlClosed, asyncio.TimeoutError):
+                crypt, _ = await self.crypt_channel.request({"op": "status"}, timeout=10)
+        result["disks"] = crypt.get("disks", [])
+        guests = {g["name"]: g for g in crypt.get("guests", [])}
+        result["guests"] = [
+            {"name": g.name, "label": g.label, "socket": str(c.guest_socket(g.name)),
+             "connections": guests.get(g.name, {}).get("connections", [])}
+            for g in c.guests.values()
+        ]
+        result["integrity_events"] = self.integrity_events[-20:]
+        return result
+
+    async def serve_control(self) -> asyncio.AbstractServer:
+        """`trustvbd status` and friends talk to the running launcher over this socket."""
+
+        async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                line = await asyncio.wait_for(reader.readline(), 10)
+                request = json.loads(line or b"{}")
+                reply = await self.control_request(request)
+            except Exception as exc:
+                reply = {"ok": False, "error": str(exc)}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            with contextlib.suppress(OSError):
+                await writer.drain()
+                writer.close()
+
+        path = self.config.control_socket
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        server = await asyncio.start_unix_server(client, str(path), limit=1 << 20)
+        os.chmod(path, 0o600)
+        return server
+
+    async def control_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("op") == "status":
+            return {"ok": True, **(await self.status())}
+        return {"ok": False, "error": f"unknown op {request.get('op')!r}"}
+
+
+async def run_up(config: Config) -> int:
+    check_paths(config)
+    lock = StateLock(config.state_dir)
+    launcher = Launcher(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, launcher.done.set)
+    control = None
+    code = 0
+    try:
+        if config.policy is None:
+            log.warning("NO POLICY CONFIGURED: running Xen's NULL policy — every guest may use every"
+                        " disk and every driver may serve every disk. Set `policy = \"FILE\"`.")
+        lines = await launcher.start()
+        control = await launcher.serve_control()
+        for line in lines:
+            print(line, flush=True)
+        print("ready", flush=True)
+        await launcher.done.wait()
+        if launcher.fatal:
+            print(f"trustvbd up: {launcher.fatal}", file=sys.stderr)
+            code = 1
+    except (StartError, asyncio.TimeoutError, OSError) as exc:
+        message = str(exc) or "timed out waiting for the domains to start"
+        print(f"trustvbd up: {message}", file=sys.stderr)
+        code = 1
+    finally:
+        if control is not None:
+            control.close()
+            with contextlib.suppress(FileNotFoundError):
+                config.control_socket.unlink()
+        await launcher.stop()
+        lock.release()
+    return code
