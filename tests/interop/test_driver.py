@@ -1,0 +1,121 @@
+"""`trustvbd driver` alone: a plain NBD server over a sparse file, with real clients."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.interop import clients
+from tests.support import TRUSTVBD, read_lines_until, run
+
+SIZE = 32 << 20
+pytestmark = pytest.mark.interop
+
+
+class Driver:
+    def __init__(self, root: Path, *where: str) -> None:
+        self.file = root / "disk.img"
+        self.proc = subprocess.Popen(
+            [*TRUSTVBD, "driver", "--file", str(self.file), "--size", str(SIZE), *where],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines = read_lines_until(self.proc, "ready", 30)
+        self.uri = lines[0]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[Driver]:
+    root = Path(tempfile.mkdtemp(prefix="tvd", dir="/tmp"))
+    d = Driver(root, "--socket", str(root / "d.sock"))
+    yield d
+    d.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_announces_uri_and_creates_sparse_file(driver: Driver) -> None:
+    assert re.fullmatch(r"nbd\+unix:///\?socket=/\S+/d\.sock", driver.uri)
+    st = driver.file.stat()
+    assert st.st_size == SIZE
+    assert st.st_blocks * 512 < SIZE  # sparse
+
+
+def test_qemu_io(driver: Driver) -> None:
+    clients.qemu_io_patterns(driver.uri)
+
+
+def test_qemu_img(driver: Driver, short_tmp: Path) -> None:
+    clients.qemu_img_roundtrip(driver.uri, short_tmp, SIZE)
+
+
+def test_nbdcopy(driver: Driver, short_tmp: Path) -> None:
+    clients.nbdcopy_both_ways(driver.uri, short_tmp, 8 << 20)
+
+
+def test_nbdinfo(driver: Driver) -> None:
+    export = clients.nbdinfo_facts(driver.uri, SIZE)
+    assert export["can_multi_conn"]
+    assert export["can_fast_zero"]
+
+
+def test_fio(driver: Driver) -> None:
+    clients.fio_short(driver.uri)
+
+
+def test_libnbd(driver: Driver) -> None:
+    clients.libnbd_requests(driver.uri)
+
+
+def test_named_export_and_unknown_export(driver: Driver) -> None:
+    named = driver.uri.replace("///?", "///disk?")
+    run(["qemu-io", "-f", "raw", named, "-c", "read 0 4k"])
+    out = run(["nbdinfo", driver.uri.replace("///?", "///other?")], check=False)
+    assert out.returncode != 0 and "other" in out.stderr
+
+
+def test_data_is_in_the_file(driver: Driver) -> None:
+    run(["qemu-io", "-f", "raw", driver.uri, "-c", "write -P 0x99 20M 4k", "-c", "flush"])
+    with open(driver.file, "rb") as f:
+        f.seek(20 << 20)
+        assert f.read(4096) == b"\x99" * 4096
+
+
+def test_tcp_listen_on_any_port(short_tmp: Path) -> None:
+    d = Driver(short_tmp, "--listen", "127.0.0.1:0")
+    try:
+        assert re.fullmatch(r"nbd://127\.0\.0\.1:\d+/", d.uri)
+        run(["qemu-io", "-f", "raw", d.uri, "-c", "write -P 7 0 4k", "-c", "read -P 7 0 4k"])
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--size", "lots"], "--size"),
+    (["--size", "1MiB", "--socket", "/nonexistent-dir/x.sock"], "cannot listen"),
+])
+def test_bad_arguments(short_tmp: Path, args: list[str], words: str) -> None:
+    base = ["driver", "--file", str(short_tmp / "f.img")]
+    if "--socket" not in args:
+        args = [*args, "--socket", str(short_tmp / "s.sock")]
+    out = run([*TRUSTVBD, *base, *args], check=False, timeout=30)
+    assert out.returncode != 0
+    assert words in out.stderr
+
+
+def test_help_and_version() -> None:
+    assert "trustvbd 0.1.0" in run([*TRUSTVBD, "--version"]).stdout
+    top = run([*TRUSTVBD, "--help"]).stdout
+    for cmd in ("up", "status", "driver"):
+        assert cmd in top
+        assert "usage" in run([*TRUSTVBD, cmd, "--help"]).stdout
+    assert os.environ.get("PATH")

@@ -1,0 +1,274 @@
+"""`trustvbd up` end to end, with real NBD clients, processes and sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.interop import clients
+from tests.support import TRUSTVBD, System, pids_of_children, process_alive, run
+
+MIB = 1 << 20
+SIZE = 64 * MIB
+
+pytestmark = pytest.mark.interop
+
+
+def config_text(encrypt: bool = True, size: int = SIZE, extra: str = "") -> str:
+    return f"""
+state_dir = "state"
+[[driver]]
+name = "drv-a"
+label = "StorageA"
+dir = "backing/a"
+[[disk]]
+name = "payroll"
+size = {size}
+label = "PayrollData"
+replicas = ["drv-a"]
+encrypt = {"true" if encrypt else "false"}
+[[disk]]
+name = "scratch"
+size = "4MiB"
+label = "Scratch"
+replicas = ["drv-a"]
+encrypt = {"true" if encrypt else "false"}
+[[guest]]
+name = "vm1"
+label = "Payroll"
+[[guest]]
+name = "vm2"
+label = "Other"
+{extra}"""
+
+
+MODES = ["plain", "encrypted"]
+
+
+@pytest.fixture(scope="module", params=MODES)
+def system(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="tvu", dir="/tmp"))
+    s = System(root, config_text(encrypt=request.param == "encrypted"))
+    s.start()
+    yield s
+    s.kill()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_up_prints_one_line_per_guest_and_disk(system: System) -> None:
+    sock1 = system.root / "state" / "guests" / "vm1.sock"
+    assert f"guest vm1 disk payroll nbd+unix:///payroll?socket={sock1}" in system.lines
+    assert any(line.startswith("guest vm2 disk scratch ") for line in system.lines)
+    assert system.lines[-1] == "ready"
+    assert all(Path(line.split("socket=")[1]).is_absolute() for line in system.lines[:-1])
+
+
+def test_qemu_io(system: System) -> None:
+    clients.qemu_io_patterns(system.uri("vm1", "payroll"))
+
+
+def test_qemu_img_convert_and_compare(system: System, short_tmp: Path) -> None:
+    clients.qemu_img_roundtrip(system.uri("vm1", "payroll"), short_tmp, SIZE)
+
+
+def test_nbdcopy_both_ways(system: System, short_tmp: Path) -> None:
+    clients.nbdcopy_both_ways(system.uri("vm2", "payroll"), short_tmp, 16 * MIB)
+
+
+def test_nbdinfo(system: System) -> None:
+    export = clients.nbdinfo_facts(system.uri("vm1", "payroll"), SIZE)
+    assert export["can_multi_conn"]  # one backend object shared by every connection
+    listed = run(["nbdinfo", "--list", "--json", system.uri("vm1", "payroll")]).stdout
+    names = sorted(e["export-name"] for e in json.loads(listed)["exports"])
+    assert names == ["payroll", "scratch"]
+
+
+def test_fio(system: System) -> None:
+    clients.fio_short(system.uri("vm1", "scratch"))
+
+
+def test_libnbd_requests(system: System) -> None:
+    clients.libnbd_requests(system.uri("vm1", "payroll"))
+
+
+def test_unknown_export_is_refused_with_message(system: System) -> None:
+    uri = system.uri("vm1", "payroll").replace("/payroll?", "/nosuchdisk?")
+    out = run(["nbdinfo", uri], check=False)
+    assert out.returncode != 0
+    assert "nosuchdisk" in out.stderr
+
+
+def test_status_text_and_json(system: System) -> None:
+    nbd = clients.libnbd()
+    h = nbd.NBD()
+    h.connect_uri(system.uri("vm1", "payroll"))
+    try:
+        text = system.cli("status", "-c", str(system.config)).stdout
+        assert "drv-a" in text and "untrusted" in text and "payroll" in text
+        data = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
+        kinds = {d["name"]: d["kind"] for d in data["domains"]}
+        assert kinds == {"hv": "hv", "drv-a": "driver", "crypt": "crypt"}
+        disks = {d["name"]: d for d in data["disks"]}
+        assert disks["payroll"]["size"] == SIZE
+        assert disks["payroll"]["replicas"][0]["name"] == "drv-a"
+        assert disks["payroll"]["replicas"][0]["state"] == "connected"
+        vm1 = next(g for g in data["guests"] if g["name"] == "vm1")
+        assert [c["export"] for c in vm1["connections"]] == ["payroll"]
+    finally:
+        h.shutdown()
+
+
+def test_second_up_on_same_state_dir_is_refused(system: System) -> None:
+    out = run([*TRUSTVBD, "up", "-c", str(system.config)], check=False, timeout=30)
+    assert out.returncode == 1
+    assert "already running" in out.stderr and str(system.root / "state") in out.stderr
+
+
+# -- lifecycle: each test starts its own system -------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_data_survives_restart_and_stop_is_clean(short_tmp: Path, mode: str) -> None:
+    s = System(short_tmp, config_text(encrypt=mode == "encrypted", size=8 * MIB)).start()
+    assert s.proc is not None
+    children = pids_of_children(s.proc.pid)
+    assert len(children) >= 2
+    uri = s.uri("vm1", "payroll")
+    run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x42 4k 128k"])  # no explicit flush
+    s.stop()
+    for pid in children:
+        assert not process_alive(pid), f"domain {pid} left behind"
+    assert not (short_tmp / "state" / "guests" / "vm1.sock").exists()
+    s.start()
+    run(["qemu-io", "-f", "raw", s.uri("vm1", "payroll"), "-c", "read -P 0x42 4k 128k",
+         "-c", "read -P 0 0 4k"])
+    s.stop()
+
+
+def test_sigint_stops_cleanly(short_tmp: Path) -> None:
+    s = System(short_tmp, config_text(encrypt=False, size=4 * MIB)).start()
+    assert s.proc is not None
+    s.proc.send_signal(signal.SIGINT)
+    _, err = s.proc.communicate(timeout=60)
+    assert s.proc.returncode == 0, err
+
+
+def test_killed_launcher_leaves_no_domain_behind(short_tmp: Path) -> None:
+    s = System(short_tmp, config_text(encrypt=False, size=4 * MIB)).start()
+    assert s.proc is not None
+    children = pids_of_children(s.proc.pid)
+    s.proc.kill()
+    s.proc.wait()
+    deadline = time.monotonic() + 10
+    while any(process_alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(process_alive(p) for p in children)
+    s.proc = None
+    # And the state directory is usable again at once (the lock died with the launcher).
+    s.start()
+    s.stop()
+
+
+def test_driver_crash_is_survived(short_tmp: Path) -> None:
+    """The untrusted driver is restarted; the guest's next requests go through."""
+    s = System(short_tmp, config_text(encrypt=False, size=4 * MIB)).start()
+    uri = s.uri("vm1", "payroll")
+    run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x33 0 64k", "-c", "flush"])
+    status = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+    driver_pid = next(d["pid"] for d in status["domains"] if d["name"] == "drv-a")
+    os.kill(driver_pid, signal.SIGKILL)
+    time.sleep(0.5)
+    run(["qemu-io", "-f", "raw", uri, "-c", "read -P 0x33 0 64k", "-c", "write -P 0x34 64k 4k"])
+    status = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+    drv = next(d for d in status["domains"] if d["name"] == "drv-a")
+    assert drv["restarts"] == 1 and drv["pid"] != driver_pid and drv["state"] == "running"
+    s.stop()
+
+
+def test_config_error_stops_up_before_anything_starts(short_tmp: Path) -> None:
+    (short_tmp / "c.toml").write_text(config_text().replace('replicas = ["drv-a"]', 'replicas = ["nope"]', 1))
+    out = run([*TRUSTVBD, "up", "-c", str(short_tmp / "c.toml")], check=False, timeout=30)
+    assert out.returncode == 2
+    assert "c.toml: disk[0].replicas: unknown driver 'nope'" in out.stderr
+    assert not (short_tmp / "state").exists()
+    assert not (short_tmp / "backing").exists()
+
+
+def test_too_small_uri_driver_is_refused_at_start(short_tmp: Path) -> None:
+    sock = short_tmp / "peer.sock"
+    pid = short_tmp / "peer.pid"
+    img = short_tmp / "small.img"
+    img.write_bytes(bytes(1 * MIB))
+    run(["nbdkit", "-U", str(sock), "-P", str(pid), "file", str(img)])
+    try:
+        text = config_text(encrypt=False, size=8 * MIB).replace(
+            'dir = "backing/a"', f'uri = "nbd+unix:///?socket={sock}"')
+        text = text.replace('replicas = ["drv-a"]', 'replicas = ["drv-b"]', 2).replace(
+            'replicas = ["drv-b"]', 'replicas = ["drv-a"]', 1)
+        text += '[[driver]]\nname = "drv-b"\nlabel = "S"\ndir = "b"\n'
+        (short_tmp / "c.toml").write_text(text)
+        out = run([*TRUSTVBD, "up", "-c", str(short_tmp / "c.toml")], check=False, timeout=60)
+        assert out.returncode == 1
+        assert "drv-a" in out.stderr and "smaller than disk 'payroll'" in out.stderr
+    finally:
+        os.kill(int(pid.read_text()), signal.SIGTERM)
+
+
+def test_peer_nbd_server_as_driver(short_tmp: Path) -> None:
+    """Any NBD server can be a driver: qemu-nbd here."""
+    sock, pid, img = short_tmp / "q.sock", short_tmp / "q.pid", short_tmp / "q.img"
+    img.write_bytes(b"")
+    os.truncate(img, 16 * MIB)
+    run(["qemu-nbd", "-f", "raw", "-k", str(sock), "-e", "8", "-t", "--fork", "--pid-file", str(pid), str(img)])
+    try:
+        text = f"""
+state_dir = "state"
+[[driver]]
+name = "q"
+label = "S"
+uri = "nbd+unix:///?socket={sock}"
+[[disk]]
+name = "d"
+size = "8MiB"
+label = "L"
+replicas = ["q"]
+encrypt = false
+[[guest]]
+name = "g"
+label = "G"
+"""
+        s = System(short_tmp, text).start()
+        run(["qemu-io", "-f", "raw", s.uri("g", "d"), "-c", "write -P 0x77 0 1M", "-c", "flush"])
+        s.stop()
+        with open(img, "rb") as f:
+            assert f.read(1 << 20) == b"\x77" * (1 << 20)
+    finally:
+        os.kill(int(pid.read_text()), signal.SIGTERM)
+
+
+def test_tcp_listener(short_tmp: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    text = config_text(encrypt=False, size=4 * MIB).replace(
+        'label = "Payroll"', f'label = "Payroll"\nlisten = "127.0.0.1:{port}"')
+    s = System(short_tmp, text).start()
+    assert f"guest vm1 disk payroll nbd://127.0.0.1:{port}/payroll" in s.lines
+    run(["qemu-io", "-f", "raw", f"nbd://127.0.0.1:{port}/payroll", "-c", "write -P 1 0 4k",
+         "-c", "read -P 1 0 4k"])
+    s.stop()
+
+
+def test_status_when_not_running(short_tmp: Path) -> None:
+    (short_tmp / "c.toml").write_text(config_text())
+    out = run([*TRUSTVBD, "status", "-c", str(short_tmp / "c.toml")], check=False)
+    assert out.returncode == 3
+    assert "not running" in out.stderr

@@ -1,0 +1,145 @@
+"""Config validation: every mistake names the file, the key and what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trustvbd.config import ConfigError, format_size, load_config, parse_size
+
+GOOD = """
+state_dir = "state"
+[[driver]]
+name = "drv-a"
+label = "StorageA"
+dir = "backing/a"
+[[disk]]
+name = "payroll"
+size = "256MiB"
+label = "PayrollData"
+replicas = ["drv-a"]
+[[guest]]
+name = "vm1"
+label = "Payroll"
+listen = "127.0.0.1:0"
+"""
+
+
+def write(tmp: Path, text: str) -> Path:
+    path = tmp / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp: Path, text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp, text))
+    return info.value
+
+
+def test_good_config_resolves_paths_relative_to_file(short_tmp: Path) -> None:
+    config = load_config(write(short_tmp, GOOD))
+    assert config.state_dir == short_tmp / "state"
+    assert config.drivers["drv-a"].dir == short_tmp / "backing" / "a"
+    assert config.disks["payroll"].size == 256 * 1024 * 1024
+    assert config.disks["payroll"].encrypt is True
+    assert config.guests["vm1"].listen == ("127.0.0.1", 0)
+    assert config.guest_socket("vm1") == short_tmp / "state" / "guests" / "vm1.sock"
+    assert config.policy is None
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("4096", 4096), ("4KiB", 4096), ("1MiB", 1 << 20), ("1M", 1 << 20), ("2GiB", 2 << 30),
+     ("1MB", 1_000_000), ("8 kib", 8192), (12288, 12288)],
+)
+def test_parse_size(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1.5GiB", "-4096", "12 parsecs", True])
+def test_parse_size_rejects(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)  # type: ignore[arg-type]
+
+
+def test_format_size() -> None:
+    assert format_size(256 << 20) == "256MiB"
+    assert format_size(4096 * 3) == "12KiB"
+    assert format_size(1000) == "1000B"
+
+
+@pytest.mark.parametrize(
+    ("mutation", "key", "words"),
+    [
+        (("state_dir = \"state\"", "state_dir = \"state\"\ncolour = \"blue\""), "colour", "unknown key"),
+        (("state_dir = \"state\"\n", ""), "state_dir", "missing"),
+        (("size = \"256MiB\"", "size = \"256 furlongs\""), "disk[0].size", "cannot read size"),
+        (("size = \"256MiB\"", "size = \"5000\""), "disk[0].size", "multiple of 4 KiB"),
+        (("replicas = [\"drv-a\"]", "replicas = [\"drv-z\"]"), "disk[0].replicas", "unknown driver 'drv-z'"),
+        (("replicas = [\"drv-a\"]", "replicas = []"), "disk[0].replicas", "empty"),
+        (("label = \"Payroll\"\n", ""), "guest[0].label", "missing"),
+        (("name = \"vm1\"", "name = \"vm 1\""), "guest[0].name", "not a valid name"),
+        (("dir = \"backing/a\"", "dir = \"backing/a\"\nuri = \"nbd://127.0.0.1/x\""), "driver[0].dir",
+         "exactly one of dir"),
+        (("dir = \"backing/a\"", "uri = \"http://example/x\""), "driver[0].uri", "nbd"),
+        (("listen = \"127.0.0.1:0\"", "listen = \"localhost\""), "guest[0].listen", "HOST:PORT"),
+        (("name = \"vm1\"", "name = \"payroll\""), "guest 'payroll'", "also used by a disk"),
+        (("[[guest]]", "[guest]"), "guest", "array of tables"),
+        (("size = \"256MiB\"", "size = \"256MiB\"\nencrypt = \"yes\""), "disk[0].encrypt", "true or false"),
+    ],
+)
+def test_mistakes_name_file_key_and_fix(short_tmp: Path, mutation: tuple[str, str], key: str,
+                                        words: str) -> None:
+    old, new = mutation
+    assert old in GOOD
+    err = error_of(short_tmp, GOOD.replace(old, new, 1))
+    assert err.file == str(short_tmp / "c.toml")
+    assert err.key == key
+    assert words in err.message
+    assert str(short_tmp / "c.toml") in str(err)
+
+
+def test_duplicate_names(short_tmp: Path) -> None:
+    text = GOOD + '[[guest]]\nname = "vm1"\nlabel = "X"\n'
+    err = error_of(short_tmp, text)
+    assert err.key == "guest[1].name"
+    assert "duplicate guest name 'vm1'" in err.message
+
+
+def test_uri_driver_serves_one_disk(short_tmp: Path) -> None:
+    text = GOOD.replace('dir = "backing/a"', 'uri = "nbd+unix:///x?socket=/tmp/x.sock"')
+    text += '[[disk]]\nname = "other"\nsize = "1MiB"\nlabel = "L"\nreplicas = ["drv-a"]\n'
+    err = error_of(short_tmp, text)
+    assert "single NBD export" in err.message
+
+
+def test_not_toml(short_tmp: Path) -> None:
+    err = error_of(short_tmp, "state_dir = \n")
+    assert "not valid TOML" in err.message
+
+
+def test_missing_file(short_tmp: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(short_tmp / "nope.toml")
+
+
+def test_unreadable_policy(short_tmp: Path) -> None:
+    err = error_of(short_tmp, 'policy = "missing.xml"\n' + GOOD)
+    assert err.key == "policy"
+    assert "cannot read" in err.message
+
+
+def test_socket_path_too_long(short_tmp: Path) -> None:
+    long_dir = "s" * 90
+    err = error_of(short_tmp, GOOD.replace('state_dir = "state"', f'state_dir = "{long_dir}"'))
+    assert err.key == "state_dir"
+    assert "over the Unix limit of 107" in err.message
+
+
+def test_mirroring_not_yet(short_tmp: Path) -> None:
+    text = GOOD + '[[driver]]\nname = "drv-b"\nlabel = "S"\ndir = "b"\n'
+    text = text.replace('replicas = ["drv-a"]', 'replicas = ["drv-a", "drv-b"]')
+    err = error_of(short_tmp, text)
+    assert "exactly one driver" in err.message
