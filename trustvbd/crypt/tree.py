@@ -1,0 +1,118 @@
+"""The hash tree over leaf pages, whose root is what a commit signs.
+
+Tree leaves are whole 4 KiB *leaf pages* (128 block leaves each), not single
+blocks: a 1 GiB disk has 2048 tree leaves, so building the tree at open and
+updating it at commit are cheap.
+
+    page hash  = SHA-256(0x00 || page_index u64 BE || page)
+    inner node = SHA-256(0x01 || left || right)
+
+Each level with an odd count pairs its last node with the empty-subtree hash of
+that level (empty[0] = 32 zero bytes, empty[k+1] = node(empty[k], empty[k])),
+which is the same as padding the leaves to a power of two with empty leaves.
+A one-page tree's root is that page's hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+HASH_SIZE = 32
+PAGE_SIZE = 4096
+# How many nodes of one tree level a superblock carries so that a verifier
+# holding only the public key can tell which group of leaf pages is bad.
+TOP_MAX = 64
+
+_sha256 = hashlib.sha256
+_EMPTY = [bytes(HASH_SIZE)]
+for _ in range(64):
+    _EMPTY.append(_sha256(b"\x01" + _EMPTY[-1] + _EMPTY[-1]).digest())
+
+
+def page_hash(index: int, page: bytes | bytearray | memoryview) -> bytes:
+    h = _sha256(b"\x00" + index.to_bytes(8, "big"))
+    h.update(page)
+    return h.digest()
+
+
+def _parent_level(level: bytes | bytearray, depth: int) -> bytearray:
+    count = len(level) // HASH_SIZE
+    out = bytearray(((count + 1) // 2) * HASH_SIZE)
+    for j in range(0, count, 2):
+        left = level[j * HASH_SIZE:(j + 1) * HASH_SIZE]
+        if j + 1 < count:
+            right = level[(j + 1) * HASH_SIZE:(j + 2) * HASH_SIZE]
+        else:
+            right = _EMPTY[depth]
+        out[(j // 2) * HASH_SIZE:(j // 2 + 1) * HASH_SIZE] = _sha256(
+            b"\x01" + left + right).digest()
+    return out
+
+
+def root_from_level(level: bytes | bytearray, depth: int) -> bytes:
+    """The root of the tree whose level `depth` (0 = page hashes) is `level`."""
+    cur = bytearray(level)
+    if not cur:
+        raise ValueError("a tree needs at least one leaf")
+    while len(cur) > HASH_SIZE:
+        cur = _parent_level(cur, depth)
+        depth += 1
+    return bytes(cur)
+
+
+class HashTree:
+    """All levels of the tree in memory; dirty leaves are re-hashed up to the root."""
+
+    def __init__(self, page_hashes: bytes | bytearray) -> None:
+        if not page_hashes or len(page_hashes) % HASH_SIZE:
+            raise ValueError("page hashes must be a non-empty multiple of 32 bytes")
+        self.levels: list[bytearray] = [bytearray(page_hashes)]
+        while len(self.levels[-1]) > HASH_SIZE:
+            self.levels.append(_parent_level(self.levels[-1], len(self.levels) - 1))
+
+    @property
+    def leaf_count(self) -> int:
+        return len(self.levels[0]) // HASH_SIZE
+
+    @property
+    def root(self) -> bytes:
+        return bytes(self.levels[-1][:HASH_SIZE])
+
+    def leaf(self, index: int) -> bytes:
+        return bytes(self.levels[0][index * HASH_SIZE:(index + 1) * HASH_SIZE])
+
+    def update(self, changes: dict[int, bytes]) -> None:
+        """Set leaf hashes {index: hash} and re-hash their paths to the root."""
+        dirty = set()
+        for i, h in changes.items():
+            self.levels[0][i * HASH_SIZE:(i + 1) * HASH_SIZE] = h
+            dirty.add(i)
+        for depth in range(len(self.levels) - 1):
+            level, above = self.levels[depth], self.levels[depth + 1]
+            count = len(level) // HASH_SIZE
+            parents = set()
+            for i in dirty:
+                p = i // 2
+                if p in parents:
+                    continue
+                parents.add(p)
+                left = level[2 * p * HASH_SIZE:(2 * p + 1) * HASH_SIZE]
+                if 2 * p + 1 < count:
+                    right = level[(2 * p + 1) * HASH_SIZE:(2 * p + 2) * HASH_SIZE]
+                else:
+                    right = _EMPTY[depth]
+                above[p * HASH_SIZE:(p + 1) * HASH_SIZE] = _sha256(
+                    b"\x01" + left + right).digest()
+            dirty = parents
+
+    def top(self) -> tuple[int, bytes]:
+        """(depth, hashes) of the lowest level with at most TOP_MAX nodes."""
+        for depth, level in enumerate(self.levels):
+            if len(level) // HASH_SIZE <= TOP_MAX:
+                return depth, bytes(level)
+        raise AssertionError("the root level always has one node")
+
+
+def group_size(depth: int) -> int:
+    """How many leaf pages one node at `depth` covers."""
+    return 1 << depth
