@@ -1,0 +1,519 @@
+"""The asyncio NBD client, usable as a Backend (`NbdBackend`) in the layer stack.
+
+The trusted encryption domain uses it to talk to untrusted driver domains, so
+the server is treated as hostile: every reply is checked by the protocol core
+(right cookie, right size, structured chunks inside their request and covering
+it exactly once) before any of it is believed; read data is received straight
+into a buffer of exactly the size asked for; every request has a deadline. Any
+violation or timeout declares the connection broken: every pending request
+fails with a BlockError that says what happened, and later calls fail fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from typing import Any
+
+from trustvbd.blocks.backend import BlockError, Buffer, Capabilities, check_range
+from trustvbd.nbd import messages as m
+from trustvbd.nbd import protocol as p
+from trustvbd.nbd.client_handshake import Handshake, handshake
+from trustvbd.nbd.core import ProtocolCore, Role, State
+from trustvbd.nbd.uri import parse_uri
+
+F = p.TransmissionFlag
+_READ, _WRITE, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES, _DISC = (
+    int(c) for c in (p.Cmd.READ, p.Cmd.WRITE, p.Cmd.FLUSH, p.Cmd.TRIM, p.Cmd.CACHE,
+                     p.Cmd.WRITE_ZEROES, p.Cmd.DISC)
+)
+_ESHUTDOWN = int(p.NbdErr.ESHUTDOWN)
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """Server-supplied text made safe to log or show: no control characters, bounded."""
+    clean = "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
+    return clean + ("..." if len(text) > limit else "")
+
+
+class _Waiter:
+    __slots__ = ("deadline", "future", "length", "offset", "type")
+
+    def __init__(self, future: asyncio.Future[m.Reply], deadline: float, typ: int,
+                 offset: int, length: int) -> None:
+        self.future, self.deadline, self.type, self.offset, self.length = (
+            future, deadline, typ, offset, length
+        )
+
+
+class _Wire(asyncio.BufferedProtocol):
+    """asyncio callbacks, forwarded to the client."""
+
+    def __init__(self, client: NbdClient) -> None:
+        self.client = client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.client._transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.client._get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.client._buffer_updated(nbytes)
+
+    def eof_received(self) -> bool:
+        self.client._eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client._lost(exc)
+
+    def pause_writing(self) -> None:
+        self.client._write_paused = True
+
+    def resume_writing(self) -> None:
+        self.client._write_paused = False
+        self.client._wake_drain()
+
+
+class NbdClient:
+    """One NBD connection to one export; implements the Backend protocol."""
+
+    def __init__(self, where: str, *, request_timeout: float, max_in_flight: int) -> None:
+        self.where = where
+        self.export_name = ""
+        self.broken: str | None = None
+        self.block_sizes: tuple[int, int, int] = (1, 4096, p.MAX_PAYLOAD)
+        self._size = 0
+        self._caps = Capabilities()
+        self._flags = 0
+        self._timeout = request_timeout
+        self._loop = asyncio.get_running_loop()
+        self._core = ProtocolCore(Role.CLIENT)
+        self._transport: asyncio.Transport | None = None
+        self._wire = _Wire(self)
+        self._waiters: dict[int, _Waiter] = {}
+        self._next_cookie = 1
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._handshake_wakeup: asyncio.Future[None] | None = None
+        self._closing = False
+        self._attached = False  # handshake done: events are replies now
+
+    # --- construction ------------------------------------------------------------
+    @classmethod
+    async def connect(
+        cls,
+        sock: socket.socket,
+        export: str,
+        *,
+        request_timeout: float = 30.0,
+        handshake_timeout: float = 10.0,
+        structured_replies: bool = True,
+        max_in_flight: int = 128,
+        where: str | None = None,
+    ) -> NbdClient:
+        """Negotiate `export` over an already connected socket (the client owns it now)."""
+        self = cls(where or _describe(sock), request_timeout=request_timeout,
+                   max_in_flight=max_in_flight)
+        sock.setblocking(False)
+        try:
+            await self._loop.connect_accepted_socket(lambda: self._wire, sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            async with asyncio.timeout(handshake_timeout):
+                result = await handshake(self._core, self._next_event, self._send,
+                                         export, structured_replies)
+        except TimeoutError:
+            self._break(errno.ETIMEDOUT, f"handshake did not finish within {handshake_timeout} s")
+            raise BlockError(errno.ETIMEDOUT, f"NBD server {self.where}: {self.broken}") from None
+        except BlockError:
+            self._break(errno.EIO, "handshake failed")
+            raise
+        except p.ProtocolError as exc:
+            self._break(errno.EIO, f"broke the protocol during the handshake: {exc}")
+            raise BlockError(errno.EIO, f"NBD server {self.where} {self.broken}") from None
+        except BaseException:
+            self._break(errno.EIO, "handshake interrupted")
+            raise
+        self._adopt(export, result)
+        return self
+
+    @classmethod
+    async def open_uri(cls, uri: str, **kw: Any) -> NbdClient:
+        """Connect to nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT."""
+        target = parse_uri(uri)
+        loop = asyncio.get_running_loop()
+        timeout = kw.get("handshake_timeout", 10.0)
+        try:
+            async with asyncio.timeout(timeout):
+                if target.transport == "unix":
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    sock.setblocking(False)
+                    try:
+                        await loop.sock_connect(sock, target.socket_path)
+                    except BaseException:
+                        sock.close()
+                        raise
+                else:
+                    sock = await _connect_tcp(target.host, target.port)
+        except TimeoutError:
+            raise BlockError(errno.ETIMEDOUT, f"connecting to {uri} timed out") from None
+        except OSError as exc:
+            raise BlockError(exc.errno or errno.EIO, f"cannot connect to {uri}: {exc}") from exc
+        kw.setdefault("where", uri)
+        return await cls.connect(sock, target.export, **kw)
+
+    def _adopt(self, export: str, result: Handshake) -> None:
+        self._attached = True
+        self.export_name = export
+        self._size, self._flags = result.size, result.flags
+        if result.block_sizes is not None:
+            minimum, preferred, maximum = result.block_sizes
+            self.block_sizes = (minimum, preferred, min(maximum, p.MAX_PAYLOAD))
+        f = result.flags
+        self._caps = Capabilities(
+            read_only=bool(f & F.READ_ONLY),
+            flush=bool(f & F.SEND_FLUSH),
+            fua=bool(f & F.SEND_FUA),
+            trim=bool(f & F.SEND_TRIM),
+            zero=bool(f & F.SEND_WRITE_ZEROES),
+            fast_zero=bool(f & F.SEND_FAST_ZERO),
+            cache=bool(f & F.SEND_CACHE),
+            multi_conn=bool(f & F.CAN_MULTI_CONN),
+        )
+
+    # --- Backend --------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        self._check(offset, length)
+        limit = self.block_sizes[2]
+        if length <= limit:
+            reply = await self._request(_READ, offset, length)
+            return reply if reply is not None else b""
+        pieces = await asyncio.gather(*(
+            self._request(_READ, at, min(limit, offset + length - at))
+            for at in range(offset, offset + length, limit)
+        ))
+        return b"".join(pieces)  # type: ignore[arg-type]
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        length = len(data)
+        self._check(offset, length, write=True)
+        flags, flush_after = self._fua(fua)
+        limit = self.block_sizes[2]
+        if length <= limit:
+            await self._request(_WRITE, offset, length, flags, data)
+        else:
+            view = memoryview(data).cast("B")
+            await asyncio.gather(*(
+                self._request(_WRITE, offset + at, min(limit, length - at), flags,
+                              view[at : at + limit])
+                for at in range(0, length, limit)
+            ))
+        if flush_after:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._caps.flush:
+            await self._request(_FLUSH, 0, 0)
+        else:
+            self._check_usable()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._check(offset, length, write=True)
+        if not self._caps.trim:
+            return  # a hint the server cannot take; the spec lets us drop it
+        flags, flush_after = self._fua(fua)
+        await self._ranges(_TRIM, offset, length, flags)
+        if flush_after:
+            await self.flush()
+
+    async def zero(
+        self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
+        fast: bool = False,
+    ) -> None:
+        self._check(offset, length, write=True)
+        if fast and not self._caps.fast_zero:
+            raise BlockError(errno.ENOTSUP, f"NBD server {self.where} cannot zero fast")
+        if not self._caps.zero:
+            limit = min(self.block_sizes[2], 4 * 1024 * 1024)
+            zeros = bytes(min(limit, length))
+            for at in range(offset, offset + length, limit):
+                n = min(limit, offset + length - at)
+                await self.pwrite(at, zeros[:n] if n < len(zeros) else zeros, fua)
+            return
+        flags, flush_after = self._fua(fua)
+        if not may_trim:
+            flags |= p.CmdFlag.NO_HOLE
+        if fast:
+            flags |= p.CmdFlag.FAST_ZERO
+        await self._ranges(_WRITE_ZEROES, offset, length, flags)
+        if flush_after:
+            await self.flush()
+
+    async def cache(self, offset: int, length: int) -> None:
+        self._check(offset, length)
+        if self._caps.cache:
+            await self._ranges(_CACHE, offset, length, 0)
+
+    async def close(self) -> None:
+        """Let pending requests finish, say goodbye (NBD_CMD_DISC) and close."""
+        if self._closing:
+            return
+        self._closing = True
+        if self.broken is None:
+            pending = [w.future for w in self._waiters.values()]
+            if pending:
+                await asyncio.wait(pending)
+        if self.broken is None and self._transport is not None:
+            try:
+                self._transport.writelines(self._core.send_parts(m.Request(_DISC, 0)))
+            except p.LocalProtocolError:
+                pass
+            self.broken = "connection closed by the client"
+            self._transport.close()
+        elif self._transport is not None:
+            self._transport.abort()
+
+    # --- requests -------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self.broken is not None:
+            raise BlockError(
+                errno.ESHUTDOWN if "shutting down" in self.broken else errno.EIO,
+                f"NBD connection to {self.where} is unusable: {self.broken}",
+            )
+
+    def _check(self, offset: int, length: int, write: bool = False) -> None:
+        self._check_usable()
+        check_range(self._size, offset, length)
+        if write and self._caps.read_only:
+            raise BlockError(
+                errno.EPERM, f"NBD export {self.export_name!r} at {self.where} is read-only"
+            )
+        align = self.block_sizes[0]
+        if align > 1 and (offset % align or (length % align and offset + length != self._size)):
+            raise BlockError(errno.EINVAL, (
+                f"request [{offset}, {offset + length}) is not aligned to the {align}-byte "
+                f"minimum block of NBD server {self.where}"
+            ))
+
+    def _fua(self, fua: bool) -> tuple[int, bool]:
+        """(command flags, flush afterwards) for a write that must be durable if `fua`."""
+        if not fua:
+            return 0, False
+        if self._caps.fua:
+            return int(p.CmdFlag.FUA), False
+        return 0, self._caps.flush
+
+    async def _ranges(self, typ: int, offset: int, length: int, flags: int) -> None:
+        # Keep every effect length within the advertised maximum: the spec lets a
+        # server refuse larger ones, and lengths must fit in 32 bits anyway.
+        limit = self.block_sizes[2]
+        if length <= limit:
+            await self._request(typ, offset, length, flags)
+            return
+        await asyncio.gather(*(
+            self._request(typ, at, min(limit, offset + length - at), flags)
+            for at in range(offset, offset + length, limit)
+        ))
+
+    async def _request(
+        self, typ: int, offset: int, length: int, flags: int = 0, data: Buffer | None = None
+    ) -> Buffer | None:
+        async with self._slots:
+            if self._write_paused and self.broken is None:
+                await self._wait_drain()
+            self._check_usable()
+            cookie = self._next_cookie
+            self._next_cookie = cookie + 1
+            parts = self._core.send_parts(m.Request(typ, cookie, offset, length, flags, data))
+            future: asyncio.Future[m.Reply] = self._loop.create_future()
+            self._waiters[cookie] = _Waiter(future, self._loop.time() + self._timeout, typ,
+                                            offset, length)
+            self._transport.writelines(parts)  # type: ignore[union-attr]
+            if self._timer is None:
+                self._arm_timer()
+            reply = await future
+        if reply.error:
+            self._reply_error(reply, typ, offset, length)
+        return reply.data
+
+    def _reply_error(self, reply: m.Reply, typ: int, offset: int, length: int) -> None:
+        err = p.nbd_to_errno(reply.error)
+        text = f": {printable(reply.message)}" if reply.message else ""
+        if reply.error == _ESHUTDOWN:
+            self._start_shutdown()
+        raise BlockError(err, (
+            f"NBD server {self.where} failed {p.name_of(p.Cmd, typ)} [{offset}, {offset + length}) "
+            f"with {p.name_of(p.NbdErr, reply.error)}{text}"
+        ))
+
+    def _start_shutdown(self) -> None:
+        # The server asked us to go (ESHUTDOWN): the spec wants a soft disconnect.
+        if self.broken is None:
+            self.broken = "the server is shutting down"
+            self._loop.create_task(self._disconnect_when_idle())
+
+    async def _disconnect_when_idle(self) -> None:
+        pending = [w.future for w in self._waiters.values()]
+        if pending:
+            await asyncio.wait(pending)
+        if self._transport is not None and not self._transport.is_closing():
+            try:
+                self._transport.writelines(self._core.send_parts(m.Request(_DISC, 0)))
+            except p.LocalProtocolError:
+                pass
+            self._transport.close()
+
+    # --- timeouts and failure ---------------------------------------------------------
+    def _arm_timer(self) -> None:
+        if self._waiters:
+            oldest = next(iter(self._waiters.values()))
+            self._timer = self._loop.call_at(oldest.deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._waiters or (self.broken is not None and not self._waiters):
+            return
+        oldest = next(iter(self._waiters.values()))
+        if oldest.deadline <= self._loop.time():
+            self._break(errno.ETIMEDOUT, (
+                f"no reply to {p.name_of(p.Cmd, oldest.type)} "
+                f"[{oldest.offset}, {oldest.offset + oldest.length}) within {self._timeout} s"
+            ))
+        else:
+            self._arm_timer()
+
+    def _break(self, err: int, reason: str) -> None:
+        """Declare the connection dead: fail everything pending, drop the socket."""
+        if self.broken is None or self._waiters:
+            self.broken = self.broken or reason
+            failure = BlockError(err, f"NBD server {self.where}: {reason}; connection closed")
+            for waiter in self._waiters.values():
+                if not waiter.future.done():
+                    waiter.future.set_exception(failure)
+            self._waiters.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._wake_drain()
+        self._wake_handshake()
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def _wait_drain(self) -> None:
+        if self._drain is None or self._drain.done():
+            self._drain = self._loop.create_future()
+        await self._drain
+
+    def _wake_drain(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # --- receiving ------------------------------------------------------------------
+    def _get_buffer(self, sizehint: int) -> memoryview:
+        if self._core.state is not State.ERROR:
+            try:
+                return self._core.get_buffer(sizehint)
+            except p.ProtocolError as exc:
+                # Aborting inside get_buffer crashes uvloop: defer it.
+                self._loop.call_soon(self._break, errno.EIO, f"broke the protocol: {exc}")
+        return memoryview(bytearray(65536))  # discarded
+
+    def _buffer_updated(self, nbytes: int) -> None:
+        core = self._core
+        if core.state is State.ERROR:
+            return
+        try:
+            core.buffer_updated(nbytes)
+        except p.ProtocolError as exc:
+            self._break(errno.EIO, f"broke the protocol: {exc}")
+            return
+        if self._attached:
+            waiters = self._waiters
+            while (ev := core.next_event()) is not None:
+                if type(ev) is m.Reply:  # the core only emits replies for known cookies
+                    waiter = waiters.pop(ev.cookie)
+                    if not waiter.future.done():
+                        waiter.future.set_result(ev)
+        else:
+            self._wake_handshake()
+
+    def _eof(self) -> None:
+        self._core.receive_eof()
+        if not self._attached:
+            self._wake_handshake()  # the handshake reads the ConnectionClosed event
+        elif not (self._closing and not self._waiters):
+            self._break(errno.EIO, "the server closed the connection")
+
+    def _lost(self, exc: Exception | None) -> None:
+        if self.broken is None or self._waiters:
+            self._break(errno.EIO, f"connection lost ({exc})" if exc else "connection lost")
+        self._wake_handshake()
+
+    # --- handshake plumbing ------------------------------------------------------------
+    def _wake_handshake(self) -> None:
+        if self._handshake_wakeup is not None and not self._handshake_wakeup.done():
+            self._handshake_wakeup.set_result(None)
+
+    async def _next_event(self) -> m.Event:
+        while True:
+            if self._core.state is State.ERROR:
+                raise p.ProtocolError(self._core.error or "protocol error")
+            ev = self._core.next_event()
+            if ev is not None:
+                return ev
+            if self._transport is None or self._transport.is_closing():
+                return m.ConnectionClosed()
+            self._handshake_wakeup = self._loop.create_future()
+            await self._handshake_wakeup
+
+    def _send(self, msg: m.Event) -> None:
+        self._transport.writelines(self._core.send_parts(msg))  # type: ignore[union-attr]
+
+
+NbdBackend = NbdClient
+
+
+def _describe(sock: socket.socket) -> str:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "(unknown address)"
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{peer or '?'}"
+    return f"{peer[0]}:{peer[1]}"
+
+
+async def _connect_tcp(host: str, port: int) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError = OSError(errno.EHOSTUNREACH, f"no address for {host}")
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, addr)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise last

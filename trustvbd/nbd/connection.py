@@ -1,0 +1,412 @@
+"""One server-side NBD connection: the asyncio shell around the protocol core.
+
+Speed: bytes are received straight into the core's buffers (BufferedProtocol),
+and each request runs inline: its handler coroutine is stepped once by hand,
+and only if the backend really suspends does it become a task. So a page-cached
+FileBackend never pays for a task, while a slow backend (the encryption layer
+waiting on drivers) gets full pipelining with replies out of order. Replies
+are batched and written with one writelines() per batch of requests.
+
+Ordering: a FLUSH waits for every write-type request received before it that is
+still running, which covers the spec's "all writes completed before the flush".
+
+Safety: at most MAX_TASKS requests and MAX_INFLIGHT_BYTES of payload run at
+once, and reading stops while the client is not reading its replies, so a
+hostile client cannot make the server allocate without bound. Anything the
+core cannot answer with an error reply closes this one connection only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import sys
+import types
+from collections.abc import Coroutine, Generator
+from typing import TYPE_CHECKING, Any
+
+from trustvbd.blocks.backend import Backend, BlockError, Buffer
+from trustvbd.nbd import messages as m
+from trustvbd.nbd import protocol as p
+from trustvbd.nbd.checks import RequestChecker
+from trustvbd.nbd.core import ProtocolCore, Role
+from trustvbd.nbd.exports import Export, PeerInfo
+from trustvbd.nbd.server_handshake import GREETING_FLAGS, HandshakeEnded, negotiate
+
+if TYPE_CHECKING:
+    from trustvbd.nbd.server import NbdServer
+
+log = logging.getLogger("trustvbd.nbd.server")
+
+MAX_TASKS = 256
+MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
+FLUSH_OUTPUT_AT = 512 * 1024  # write batched replies once this many bytes are queued
+# Plain ints on the per-request path: enum attribute access costs microseconds.
+_READ, _WRITE, _DISC, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES = (
+    int(c) for c in (p.Cmd.READ, p.Cmd.WRITE, p.Cmd.DISC, p.Cmd.FLUSH, p.Cmd.TRIM, p.Cmd.CACHE,
+                     p.Cmd.WRITE_ZEROES)
+)
+_FUA, _NO_HOLE, _FAST_ZERO = int(p.CmdFlag.FUA), int(p.CmdFlag.NO_HOLE), int(p.CmdFlag.FAST_ZERO)
+_WRITE_TYPES = (_WRITE, _TRIM, _WRITE_ZEROES)
+_POOL_MIN = 64 * 1024  # smaller payloads are sliced from the receive buffer, not pooled
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> Generator[Any, Any, None]:
+    """Continue, inside a task, a coroutine that was stepped by hand until it suspended."""
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration:
+                return
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One client connection, from greeting to disconnect."""
+
+    def __init__(self, server: NbdServer, peer: PeerInfo) -> None:
+        self.server = server
+        self.peer = peer
+        self.export_name: str | None = None
+        self.export: Export | None = None
+        self.core = ProtocolCore(Role.SERVER)
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._backend: Backend | None = None
+        self._check: RequestChecker | None = None
+        self._transmitting = False
+        self._wakeup: asyncio.Future[None] | None = None
+        self._handshake_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._write_tasks: set[asyncio.Task[None]] = set()
+        self._inflight_bytes = 0
+        self._out: list[Buffer] = []
+        self._out_bytes = 0
+        self._flush_scheduled = False
+        self._write_paused = False
+        self._reading_paused = False
+        self._stopping = False  # no more requests will be processed
+        self._output_closed = False
+        self._finishing = False
+        self._done: asyncio.Future[None] = self._loop.create_future()
+
+    # --- asyncio protocol callbacks -------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment] # uvloop's is not a subclass
+        transport.write(self.core.send(m.Greeting(GREETING_FLAGS)))
+        self._handshake_task = self._loop.create_task(self._handshake())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if not self._stopping:
+            try:
+                return self.core.get_buffer(sizehint)
+            except p.ProtocolError as exc:
+                # Closing the transport from inside get_buffer crashes uvloop: defer it.
+                self._stopping = True
+                self._loop.call_soon(self._protocol_error, str(exc))
+        return memoryview(bytearray(65536))  # bytes after the end are discarded
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._stopping:
+            return
+        try:
+            self.core.buffer_updated(nbytes)
+        except p.ProtocolError as exc:
+            self._protocol_error(str(exc))
+            return
+        self._events_arrived()
+
+    def eof_received(self) -> bool:
+        self.core.receive_eof()
+        self._events_arrived()
+        return True  # keep our side open until in-flight replies are written
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._output_closed = True
+        self._stopping = True
+        if self._handshake_task is not None and not self._handshake_task.done():
+            self._handshake_task.cancel()
+        self._wake()
+        self._start_finish()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    # --- public ------------------------------------------------------------------
+    async def close(self, timeout: float = 10.0) -> None:
+        """Drop this connection now (e.g. a new policy forbids it) and wait until done.
+
+        Requests already running are allowed `timeout` seconds to finish (their
+        replies are discarded) so a backend is never cut off mid-write.
+        """
+        self._abort()
+        self._start_finish(timeout)
+        await asyncio.shield(self._done)
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._done)
+
+    # --- handshake ---------------------------------------------------------------
+    def _events_arrived(self) -> None:
+        if self._transmitting:
+            self._process()
+        else:
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _next_event(self) -> m.Event:
+        while True:
+            ev = self.core.next_event()
+            if ev is not None:
+                return ev
+            if self._output_closed:
+                return m.ConnectionClosed()
+            self._wakeup = self._loop.create_future()
+            await self._wakeup
+
+    def _write(self, data: bytes) -> None:
+        if not self._output_closed and self._transport is not None:
+            self._transport.write(data)
+
+    async def _handshake(self) -> None:
+        try:
+            async with asyncio.timeout(self.server.handshake_timeout):
+                result = await negotiate(
+                    self.core, self._next_event, self._write, self.server.provider, self.peer
+                )
+        except HandshakeEnded as exc:
+            log.info("nbd: %s (%s): %s", self.peer.identity, self.peer.address, exc)
+            self._close_gracefully()
+            return
+        except TimeoutError:
+            log.warning("nbd: %s (%s) did not finish the handshake within %.0f s; closing",
+                        self.peer.identity, self.peer.address, self.server.handshake_timeout)
+            self._abort()
+            return
+        except p.ProtocolError as exc:
+            self._protocol_error(str(exc))
+            return
+        self.export = result.export
+        self.export_name = result.export.name
+        self._backend = result.export.backend
+        self._check = RequestChecker(
+            result.export.backend.size, result.flags, self.core.structured, result.min_block
+        )
+        self._transmitting = True
+        log.info("nbd: %s (%s) attached export %r", self.peer.identity, self.peer.address,
+                 self.export_name)
+        self._process()  # requests may already be waiting
+
+    # --- transmission --------------------------------------------------------------
+    def _process(self) -> None:
+        core = self.core
+        while not self._stopping and not self._reading_paused:
+            ev = core.next_event()
+            if ev is None:
+                break
+            if type(ev) is m.Request:
+                self._dispatch(ev)
+            elif isinstance(ev, m.ConnectionClosed):
+                if ev.truncated:
+                    log.warning("nbd: %s sent a truncated message (%d bytes) before closing",
+                                self.peer.identity, ev.truncated)
+                self._close_gracefully()
+
+    def _dispatch(self, req: m.Request) -> None:
+        if req.type == _DISC:
+            self._close_gracefully()
+            return
+        bad = self._check(req)  # type: ignore[misc]
+        if bad is not None:
+            self._reply_error(req, bad[0], bad[1])
+            return
+        coro = self._serve(req)
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return  # finished inline, reply queued
+        task = self._loop.create_task(_resume(coro, yielded))
+        self._tasks.add(task)
+        if req.type in _WRITE_TYPES:
+            self._write_tasks.add(task)
+        cost = req.length if req.type in (_READ, _WRITE) else 0
+        self._inflight_bytes += cost
+        task.add_done_callback(lambda t: self._task_done(t, cost))
+        self._update_reading()
+
+    def _task_done(self, task: asyncio.Task[None], cost: int) -> None:
+        self._tasks.discard(task)
+        self._write_tasks.discard(task)
+        self._inflight_bytes -= cost
+        self._update_reading()
+
+    async def _serve(self, req: m.Request) -> None:
+        backend = self._backend
+        assert backend is not None
+        typ, flags = req.type, req.flags
+        fua = bool(flags & _FUA)
+        try:
+            if typ == _READ:
+                data = await backend.pread(req.offset, req.length)
+                if len(data) != req.length:
+                    raise BlockError(
+                        errno.EIO, f"backend returned {len(data)} of {req.length} bytes"
+                    )
+                self._reply_read(req, data)
+                return
+            if typ == _WRITE:
+                data, req.data = req.data, None
+                await backend.pwrite(req.offset, data, fua)  # type: ignore[arg-type]
+                # Recycle a large payload buffer unless the backend kept a reference
+                # (2 = our `data` + getrefcount's own argument).
+                if len(data) > _POOL_MIN and sys.getrefcount(data) == 2:  # type: ignore[arg-type]
+                    self.core.pool.put(data)  # type: ignore[arg-type]
+            elif typ == _FLUSH:
+                if self._write_tasks:
+                    await asyncio.wait(list(self._write_tasks))
+                await backend.flush()
+            elif typ == _TRIM:
+                await backend.trim(req.offset, req.length, fua)
+            elif typ == _WRITE_ZEROES:
+                await backend.zero(
+                    req.offset, req.length, fua,
+                    may_trim=not flags & _NO_HOLE, fast=bool(flags & _FAST_ZERO),
+                )
+            elif typ == _CACHE:
+                await backend.cache(req.offset, req.length)
+        except BlockError as exc:
+            fast = typ == _WRITE_ZEROES and bool(flags & _FAST_ZERO)
+            self._reply_error(req, p.errno_to_nbd(exc.errno, fast_zero=fast), exc.message)
+            return
+        except Exception as exc:
+            log.exception("nbd: %s on export %r failed unexpectedly", p.name_of(p.Cmd, typ),
+                          self.export_name)
+            self._reply_error(req, p.NbdErr.EIO, f"internal server error: {exc}")
+            return
+        self._queue(self.core.send_parts(m.SimpleReply(req.cookie)))
+
+    def _reply_read(self, req: m.Request, data: Buffer) -> None:
+        if self.core.structured:
+            if req.length == 0:
+                msg: m.Event = m.NoneChunk(req.cookie)
+            else:
+                msg = m.OffsetData(req.cookie, req.offset, data)
+        else:
+            msg = m.SimpleReply(req.cookie, 0, data)
+        self._queue(self.core.send_parts(msg))
+
+    def _reply_error(self, req: m.Request, error: int, message: str) -> None:
+        if self.core.structured:
+            msg: m.Event = m.ErrorChunk(req.cookie, error, message)
+        else:
+            msg = m.SimpleReply(req.cookie, error)
+        log.debug("nbd: %s %s: %s", self.peer.identity, p.name_of(p.Cmd, req.type), message)
+        self._queue(self.core.send_parts(msg))
+
+    def _queue(self, parts: list[Buffer]) -> None:
+        if self._output_closed:
+            return
+        self._out.extend(parts)
+        for part in parts:
+            self._out_bytes += len(part)
+        if self._out_bytes >= FLUSH_OUTPUT_AT:
+            self._flush()
+        elif not self._flush_scheduled:
+            # Write at the end of this loop iteration: replies of all requests
+            # that arrive together leave in one system call.
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._out:
+            return
+        out, self._out, self._out_bytes = self._out, [], 0
+        if not self._output_closed and self._transport is not None:
+            self._transport.writelines(out)
+
+    # --- flow control and shutdown ----------------------------------------------------
+    def _update_reading(self) -> None:
+        if self._transport is None or self._output_closed:
+            return
+        busy = (
+            self._write_paused
+            or len(self._tasks) >= MAX_TASKS
+            or self._inflight_bytes >= MAX_INFLIGHT_BYTES
+        )
+        if busy and not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()
+        elif not busy and self._reading_paused:
+            self._reading_paused = False
+            self._transport.resume_reading()
+            if self._transmitting:
+                self._process()  # requests parsed before the pause
+
+    def _protocol_error(self, reason: str) -> None:
+        log.warning("nbd: closing connection from %s (%s): %s", self.peer.identity,
+                    self.peer.address, reason)
+        self._abort()
+
+    def _abort(self) -> None:
+        self._stopping = True
+        self._out.clear()
+        self._output_closed = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _close_gracefully(self) -> None:
+        """Stop taking requests, let running ones reply, then close (DISC, EOF, ABORT)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._loop.create_task(self._drain_and_close())
+
+    async def _drain_and_close(self) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _start_finish(self, timeout: float | None = None) -> None:
+        if not self._finishing:
+            self._finishing = True
+            self._loop.create_task(self._finish(timeout))
+
+    async def _finish(self, timeout: float | None) -> None:
+        try:
+            if self._handshake_task is not None:
+                await asyncio.wait([self._handshake_task])
+            if self._tasks:
+                _, late = await asyncio.wait(list(self._tasks), timeout=timeout)
+                for task in late:
+                    task.cancel()
+                if late:
+                    await asyncio.wait(late)
+        finally:
+            if self.export is not None:
+                try:
+                    self.server.provider.release_export(self.peer, self.export)
+                except Exception:
+                    log.exception("nbd: releasing export %r failed", self.export_name)
+            self.server.connections.discard(self)
+            if not self._done.done():
+                self._done.set_result(None)

@@ -1,0 +1,599 @@
+"""The sans-I/O NBD protocol core shared by server and client (h11 style).
+
+One `ProtocolCore` per connection end. Bytes from the peer go in through
+`receive_data()` (or, without copying, `get_buffer()`/`buffer_updated()`, the
+asyncio.BufferedProtocol pair); complete messages come out of `next_event()`.
+Messages we send go through `send()`/`send_parts()`, which return the bytes to
+write. No sockets, no clocks, no tasks: the asyncio server and client are thin
+shells around this, and tests wire two cores together in memory.
+
+The connection state is one machine shared by both ends: each message moves
+it along `TRANSITIONS` whoever sends it. A message the table does not allow is
+a `ProtocolError` when the peer sent it (drop the connection) and a
+`LocalProtocolError` when we tried to send it (our bug).
+
+The client core also tracks every request in flight, so that it can tell how
+long a simple READ reply is, route read data straight into the request's own
+buffer (no copy of large payloads, never more memory than was asked for), and
+check that a hostile server's structured chunks lie inside the request and
+cover it exactly once before it hands out one validated `Reply` per request.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+
+from trustvbd.blocks.backend import Buffer
+from trustvbd.nbd import messages as m
+from trustvbd.nbd import protocol as p
+from trustvbd.nbd.tracking import InFlight, InFlightTable
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    GREETING = "greeting"  # the server owes the greeting
+    CLIENT_FLAGS = "client-flags"  # the client owes its flags
+    OPTIONS = "options"  # the client may send an option
+    OPTION_REPLY = "option-reply"  # the server owes replies to `pending_option`
+    EXPORT_NAME_REPLY = "export-name-reply"  # the server owes size+flags (or hangs up)
+    TRANSMISSION = "transmission"
+    DISCONNECTING = "disconnecting"  # client sent NBD_CMD_DISC; server finishes replies
+    CLOSED = "closed"  # NBD_OPT_ABORT acknowledged
+    ERROR = "error"
+
+
+SERVER_MESSAGES = (
+    m.Greeting, m.OptionReply, m.ExportNameReply, m.SimpleReply,
+    m.OffsetData, m.OffsetHole, m.ErrorChunk, m.NoneChunk,
+)
+CLIENT_MESSAGES = (m.ClientFlags, m.Option, m.Request)
+
+# Scratch receive buffer. Every message that is not routed straight into its
+# own payload buffer fits in half of it, so compaction always makes room.
+SCRATCH_SIZE = 256 * 1024
+# Payload remainders above this are received directly into their final buffer.
+DIRECT_THRESHOLD = 64 * 1024
+RECEIVE_WINDOW = 64 * 1024  # most bytes read into the scratch buffer at once
+SMALL_WINDOW = 32  # one request header, or a chunk header with its offset
+OUT_OF_TURN_LIMIT = p.MAX_OPTION_LENGTH + 64  # bytes a peer may send before its turn
+
+
+def _after_option(core: ProtocolCore, msg: m.Option) -> State:
+    core.pending_option = msg.option
+    core.go_export = None
+    return State.EXPORT_NAME_REPLY if msg.option == p.Opt.EXPORT_NAME else State.OPTION_REPLY
+
+
+def _after_option_reply(core: ProtocolCore, msg: m.OptionReply) -> State:
+    opt = core.pending_option
+    if msg.option != opt:
+        raise p.ProtocolError(
+            f"option reply is for {p.name_of(p.Opt, msg.option)}, "
+            f"but the pending option is {p.name_of(p.Opt, opt or 0)}"
+        )
+    if msg.reply == p.Rep.INFO and opt in (p.Opt.GO, p.Opt.INFO):
+        try:
+            kind, value = m.parse_info(msg.data)
+        except ValueError as exc:
+            raise p.ProtocolError(f"bad NBD_REP_INFO: {exc}") from exc
+        if kind == p.Info.EXPORT:
+            core.go_export = value  # type: ignore[assignment]
+        elif kind == p.Info.BLOCK_SIZE:
+            core.block_sizes = value  # type: ignore[assignment]
+    if not msg.final:
+        return State.OPTION_REPLY
+    core.pending_option = None
+    if msg.reply != p.Rep.ACK:
+        return State.OPTIONS
+    if opt == p.Opt.STRUCTURED_REPLY:
+        core.structured = True
+    elif opt == p.Opt.ABORT:
+        return State.CLOSED
+    elif opt == p.Opt.GO:
+        if core.go_export is None:
+            raise p.ProtocolError("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT")
+        core.export_size, core.export_flags = core.go_export
+        return State.TRANSMISSION
+    return State.OPTIONS
+
+
+def _after_export_name_reply(core: ProtocolCore, msg: m.ExportNameReply) -> State:
+    core.export_size, core.export_flags = msg.size, msg.flags
+    return State.TRANSMISSION
+
+
+def _after_greeting(core: ProtocolCore, msg: m.Greeting) -> State:
+    core.handshake_flags = msg.flags
+    return State.CLIENT_FLAGS
+
+
+def _after_client_flags(core: ProtocolCore, msg: m.ClientFlags) -> State:
+    known = p.ClientFlag.C_FIXED_NEWSTYLE | p.ClientFlag.C_NO_ZEROES
+    if msg.flags & ~known:
+        raise p.ProtocolError(f"unknown client flags {msg.flags:#x}")
+    offered = core.handshake_flags & p.HandshakeFlag.NO_ZEROES
+    if msg.flags & p.ClientFlag.C_NO_ZEROES and not offered:
+        raise p.ProtocolError("client asked for NO_ZEROES, which the server did not offer")
+    core.no_zeroes = bool(msg.flags & p.ClientFlag.C_NO_ZEROES)
+    return State.OPTIONS
+
+
+def _after_request(core: ProtocolCore, msg: m.Request) -> State:
+    return State.DISCONNECTING if msg.type == p.Cmd.DISC else State.TRANSMISSION
+
+
+_Next = State | Callable[["ProtocolCore", object], State]
+
+# (state, message type) -> next state, or a function computing it (and noting
+# what was negotiated). Anything not in the table is a protocol violation.
+TRANSITIONS: dict[tuple[State, type], _Next] = {
+    (State.GREETING, m.Greeting): _after_greeting,
+    (State.CLIENT_FLAGS, m.ClientFlags): _after_client_flags,
+    (State.OPTIONS, m.Option): _after_option,
+    (State.OPTION_REPLY, m.OptionReply): _after_option_reply,
+    (State.EXPORT_NAME_REPLY, m.ExportNameReply): _after_export_name_reply,
+    (State.TRANSMISSION, m.Request): _after_request,
+    **{(State.TRANSMISSION, t): State.TRANSMISSION for t in SERVER_MESSAGES[3:]},
+    **{(State.DISCONNECTING, t): State.DISCONNECTING for t in SERVER_MESSAGES[3:]},
+}
+
+
+class BufferPool:
+    """Reusable bytearrays for large payloads, so each one is not allocated and zeroed anew.
+
+    The user gives a buffer back with put() only when nothing else refers to it.
+    """
+
+    MAX_PER_SIZE = 16
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+
+    def get(self, size: int) -> bytearray:
+        free = self._free.get(size)
+        return free.pop() if free else bytearray(size)
+
+    def put(self, buf: bytearray) -> None:
+        free = self._free.setdefault(len(buf), [])
+        if len(free) < self.MAX_PER_SIZE and len(self._free) <= 8:
+            free.append(buf)
+
+
+class ProtocolCore:
+    """One end of an NBD connection, without I/O."""
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+        self.state = State.GREETING
+        self.handshake_flags = 0
+        self.no_zeroes = False
+        self.structured = False
+        self.pending_option: int | None = None
+        self.go_export: tuple[int, int] | None = None
+        self.block_sizes: tuple[int, int, int] | None = None
+        self.export_size = 0
+        self.export_flags = 0
+        self.error: str | None = None
+        self.in_flight = InFlightTable()  # client only: requests awaiting replies
+        self._events: deque[m.Event] = deque()
+        self._buf = bytearray(SCRATCH_SIZE)
+        self._start = 0  # first unparsed byte in _buf
+        self._end = 0  # end of received bytes in _buf
+        self._direct: memoryview | None = None  # payload being received in place
+        self._direct_filled = 0
+        self._direct_done: Callable[[], None] | None = None
+        self._eof = False
+        # Right after a large payload, read just one header: if the next message
+        # is a large payload too, its bytes then go straight to their own buffer.
+        self._window = RECEIVE_WINDOW
+        self.pool = BufferPool()  # server: reusable WRITE payload buffers
+
+    # --- sending -----------------------------------------------------------
+    def send(self, msg: m.Event) -> bytes:
+        """Account for sending `msg` and return its bytes."""
+        return b"".join(self.send_parts(msg))
+
+    def send_parts(self, msg: m.Event) -> list[Buffer]:
+        """Like send(), but as a list of buffers so payloads are not copied."""
+        ours = SERVER_MESSAGES if self.role is Role.SERVER else CLIENT_MESSAGES
+        if not isinstance(msg, ours):
+            raise p.LocalProtocolError(f"a {self.role.value} cannot send {type(msg).__name__}")
+        if self.state is State.ERROR:
+            raise p.LocalProtocolError(f"connection failed earlier: {self.error}")
+        if type(msg) in (m.OffsetData, m.OffsetHole, m.ErrorChunk, m.NoneChunk) and not (
+            self.structured
+        ):
+            raise p.LocalProtocolError("structured replies were not negotiated")
+        if type(msg) is m.Request:
+            self._check_request_to_send(msg)
+        try:
+            self._transition(msg)
+        except p.ProtocolError as exc:
+            raise p.LocalProtocolError(str(exc)) from exc
+        parts = m.encode_parts(msg, no_zeroes=self.no_zeroes)
+        if self.state is not State.ERROR and self._end > self._start:
+            self._parse()  # bytes that arrived early may be parseable now
+        return parts
+
+    def _check_request_to_send(self, msg: m.Request) -> None:
+        if msg.type == p.Cmd.WRITE:
+            if msg.data is None or len(msg.data) != msg.length:
+                raise p.LocalProtocolError("a WRITE needs exactly `length` bytes of data")
+            if msg.length > p.MAX_PAYLOAD:
+                raise p.LocalProtocolError(f"WRITE of {msg.length} bytes exceeds 32 MiB")
+        elif msg.data is not None:
+            raise p.LocalProtocolError("only WRITE requests carry data")
+        if msg.type == p.Cmd.READ and msg.length > p.MAX_PAYLOAD:
+            raise p.LocalProtocolError(f"READ of {msg.length} bytes exceeds 32 MiB")
+        if msg.type != p.Cmd.DISC and self.state is State.TRANSMISSION:
+            if msg.cookie in self.in_flight:
+                raise p.LocalProtocolError(f"cookie {msg.cookie:#x} is already in flight")
+            self.in_flight.add(msg.cookie, msg.type, msg.offset, msg.length)
+
+    def _transition(self, msg: m.Event) -> None:
+        nxt = TRANSITIONS.get((self.state, type(msg)))
+        if nxt is None:
+            raise p.ProtocolError(
+                f"{type(msg).__name__} is not allowed in state {self.state.value}"
+            )
+        self.state = nxt if isinstance(nxt, State) else nxt(self, msg)
+
+    # --- receiving ---------------------------------------------------------
+    def receive_data(self, data: Buffer) -> None:
+        """Feed bytes from the peer (copying them; see get_buffer for zero-copy)."""
+        view = memoryview(data).cast("B")
+        while view:
+            target = self.get_buffer(len(view))
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n)
+
+    def receive_eof(self) -> None:
+        """The peer closed its sending side."""
+        if self.state is State.ERROR or self._eof:
+            return
+        self._eof = True
+        partial = (self._end - self._start) + (self._direct_filled if self._direct else 0)
+        self._events.append(m.ConnectionClosed(truncated=partial))
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """A writable buffer for the next received bytes (asyncio.BufferedProtocol)."""
+        self._check_alive()
+        if self._direct is not None:
+            return self._direct[self._direct_filled :]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._buf) - self._end < 16 * 1024:
+            pending = self._end - self._start
+            self._buf[0:pending] = self._buf[self._start : self._end]
+            self._start, self._end = 0, pending
+        if self._end == len(self._buf):
+            self._fail("peer sent more unparsed data than the receive buffer holds")
+        # A bounded window: the start of a large payload that lands here must be
+        # copied to its own buffer, so keep that part small.
+        return memoryview(self._buf)[self._end : self._end + self._window]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """`nbytes` were written into the last buffer from get_buffer()."""
+        self._check_alive()
+        if self._direct is not None:
+            self._direct_filled += nbytes
+            if self._direct_filled < len(self._direct):
+                return
+            done = self._direct_done
+            self._direct = self._direct_done = None
+            self._direct_filled = 0
+            self._window = SMALL_WINDOW
+            try:
+                done()  # type: ignore[misc]
+            except p.ProtocolError as exc:
+                self._fail(str(exc))
+        else:
+            self._end += nbytes
+            self._window = RECEIVE_WINDOW
+        self._parse()
+
+    def next_event(self) -> m.Event | None:
+        """The next complete message from the peer, or None if more bytes are needed."""
+        if self._events:
+            return self._events.popleft()
+        return None
+
+    def pending_events(self) -> int:
+        return len(self._events)
+
+    def _check_alive(self) -> None:
+        if self.state is State.ERROR:
+            raise p.ProtocolError(self.error or "connection failed")
+
+    def _fail(self, reason: str) -> None:
+        self.state = State.ERROR
+        self.error = reason
+        raise p.ProtocolError(reason)
+
+    def _receive(self, msg: m.Event) -> None:
+        try:
+            self._transition(msg)
+        except p.ProtocolError as exc:
+            self._fail(str(exc))
+        self._events.append(msg)
+
+    def _parse(self) -> None:
+        try:
+            if self.role is Role.SERVER:
+                self._parse_from_client()
+            else:
+                self._parse_from_server()
+        except p.ProtocolError as exc:
+            if self.state is not State.ERROR:
+                self._fail(str(exc))
+            raise
+        if (
+            self._direct is None
+            and self._end - self._start > OUT_OF_TURN_LIMIT
+            and self.state not in (State.TRANSMISSION, State.DISCONNECTING)
+        ):
+            self._fail(f"peer sent {self._end - self._start} bytes out of turn")
+
+    def _start_direct(self, target: memoryview, filled: int, done: Callable[[], None]) -> None:
+        self._direct, self._direct_filled, self._direct_done = target, filled, done
+
+    # --- server side: messages from the client -------------------------------
+    def _parse_from_client(self) -> None:
+        buf = self._buf
+        while True:
+            state = self.state
+            start, end = self._start, self._end
+            avail = end - start
+            if state is State.TRANSMISSION:
+                if avail < p.REQUEST.size:
+                    return
+                magic, flags, typ, cookie, offset, length = p.REQUEST.unpack_from(buf, start)
+                if magic != p.REQUEST_MAGIC:
+                    raise p.ProtocolError(f"bad request magic {magic:#010x}")
+                body = start + p.REQUEST.size
+                if typ != p.Cmd.WRITE:
+                    self._start = body
+                    self._receive(m.Request(typ, cookie, offset, length, flags))
+                    continue
+                if length > p.MAX_PAYLOAD:
+                    raise p.ProtocolError(
+                        f"WRITE payload of {length} bytes exceeds the 32 MiB maximum; "
+                        "it cannot be skipped safely"
+                    )
+                have = end - body
+                if have >= length:
+                    self._start = body + length
+                    data = buf[body : body + length]  # a copy: the scratch buffer is reused
+                    self._receive(m.Request(typ, cookie, offset, length, flags, data))
+                    continue
+                if length - have <= DIRECT_THRESHOLD and length <= SCRATCH_SIZE // 2:
+                    return  # small: wait for the rest in the scratch buffer
+                payload = self.pool.get(length)
+                payload[:have] = memoryview(buf)[body:end]
+                self._start = self._end = 0
+                req = m.Request(typ, cookie, offset, length, flags, payload)
+                self._start_direct(memoryview(payload), have, lambda r=req: self._receive(r))
+                return
+            if state is State.OPTIONS:
+                if avail < p.OPTION_HEADER.size:
+                    return
+                magic, option, length = p.OPTION_HEADER.unpack_from(buf, start)
+                if magic != p.IHAVEOPT:
+                    raise p.ProtocolError(f"bad option magic {magic:#018x}")
+                if length > p.MAX_OPTION_LENGTH:
+                    raise p.ProtocolError(
+                        f"option {p.name_of(p.Opt, option)} has {length} bytes of data, "
+                        f"more than the {p.MAX_OPTION_LENGTH} allowed"
+                    )
+                if avail < p.OPTION_HEADER.size + length:
+                    return
+                body = start + p.OPTION_HEADER.size
+                self._start = body + length
+                self._receive(m.Option(option, bytes(buf[body : body + length])))
+                continue
+            if state is State.CLIENT_FLAGS:
+                if avail < 4:
+                    return
+                (flags,) = p.CLIENT_FLAGS.unpack_from(buf, start)
+                self._start = start + 4
+                self._receive(m.ClientFlags(flags))
+                continue
+            if state in (State.DISCONNECTING, State.CLOSED):
+                self._start = self._end  # nothing may follow DISC/ABORT: ignore it
+            return  # not the client's turn: keep the bytes until it is
+
+    # --- client side: messages from the server -------------------------------
+    def _parse_from_server(self) -> None:
+        buf = self._buf
+        while True:
+            state = self.state
+            start, end = self._start, self._end
+            avail = end - start
+            if state is State.TRANSMISSION or state is State.DISCONNECTING:
+                if avail < 4 or self._direct is not None:
+                    return
+                (magic,) = p.U32.unpack_from(buf, start)
+                if magic == p.SIMPLE_REPLY_MAGIC:
+                    if avail < p.SIMPLE_REPLY.size:
+                        return
+                    if not self._simple_reply(start, end):
+                        return
+                elif magic == p.STRUCTURED_REPLY_MAGIC:
+                    if not self.structured:
+                        raise p.ProtocolError("structured reply chunk, but none were negotiated")
+                    if avail < p.CHUNK_HEADER.size:
+                        return
+                    if not self._chunk(start, end):
+                        return
+                else:
+                    raise p.ProtocolError(f"bad reply magic {magic:#010x}")
+                continue
+            if state is State.OPTION_REPLY:
+                if avail < p.OPTION_REPLY_HEADER.size:
+                    return
+                magic, option, reply, length = p.OPTION_REPLY_HEADER.unpack_from(buf, start)
+                if magic != p.OPTION_REPLY_MAGIC:
+                    raise p.ProtocolError(f"bad option reply magic {magic:#x}")
+                if length > p.MAX_OPTION_LENGTH:
+                    raise p.ProtocolError(
+                        f"option reply of {length} bytes exceeds the {p.MAX_OPTION_LENGTH} allowed"
+                    )
+                body = start + p.OPTION_REPLY_HEADER.size
+                if end - body < length:
+                    return
+                self._start = body + length
+                self._receive(m.OptionReply(option, reply, bytes(buf[body : body + length])))
+                continue
+            if state is State.GREETING:
+                if avail < p.GREETING.size:
+                    return
+                magic, opt_magic, flags = p.GREETING.unpack_from(buf, start)
+                if magic != p.NBDMAGIC:
+                    raise p.ProtocolError(f"not an NBD server (magic {magic:#x})")
+                if opt_magic != p.IHAVEOPT:
+                    raise p.ProtocolError("server speaks the old-style handshake, not newstyle")
+                if not flags & p.HandshakeFlag.FIXED_NEWSTYLE:
+                    raise p.ProtocolError("server does not support fixed newstyle negotiation")
+                self._start = start + p.GREETING.size
+                self._receive(m.Greeting(flags))
+                continue
+            if state is State.EXPORT_NAME_REPLY:
+                size = p.EXPORT_NAME_REPLY.size + (0 if self.no_zeroes else p.EXPORT_NAME_ZEROES)
+                if avail < size:
+                    return
+                export_size, flags = p.EXPORT_NAME_REPLY.unpack_from(buf, start)
+                self._start = start + size
+                self._receive(m.ExportNameReply(export_size, flags))
+                continue
+            return  # our turn to speak; the server's early bytes wait
+
+    def _lookup(self, cookie: int) -> InFlight:
+        req = self.in_flight.get(cookie)
+        if req is None:
+            raise p.ProtocolError(f"reply for unknown cookie {cookie:#x}")
+        return req
+
+    def _simple_reply(self, start: int, end: int) -> bool:
+        _, error, cookie = p.SIMPLE_REPLY.unpack_from(self._buf, start)
+        req = self._lookup(cookie)
+        body = start + p.SIMPLE_REPLY.size
+        if req.type != p.Cmd.READ:
+            self._start = body
+            self._complete(req, error, "")
+            return True
+        if self.structured:
+            raise p.ProtocolError("simple reply to a READ after structured replies were negotiated")
+        if error:
+            self._start = body
+            self._complete(req, error, "")
+            return True
+        return self._receive_into(req, 0, body, end, lambda: self._complete(req, 0, ""))
+
+    def _receive_into(
+        self, req: InFlight, at: int, body: int, end: int, done: Callable[[], None],
+        length: int | None = None,
+    ) -> bool:
+        """Route `length` payload bytes (default: the whole read) into req's buffer at `at`."""
+        if length is None:
+            length = req.length
+        have = end - body
+        target = req.view[at : at + length]
+        if have >= length:
+            target[:] = self._buf[body : body + length]
+            self._start = body + length
+            done()
+            return True
+        target[:have] = memoryview(self._buf)[body:end]
+        self._start = self._end = 0
+        self._start_direct(target, have, done)
+        return False
+
+    def _complete(self, req: InFlight, error: int, message: str) -> None:
+        self.in_flight.remove(req.cookie)
+        data = req.buffer if req.type == p.Cmd.READ and not error else None
+        self._receive_reply(m.Reply(req.cookie, error, message, data))
+
+    def _receive_reply(self, reply: m.Reply) -> None:
+        self._events.append(reply)
+
+    def _chunk(self, start: int, end: int) -> bool:
+        _, flags, typ, cookie, length = p.CHUNK_HEADER.unpack_from(self._buf, start)
+        req = self._lookup(cookie)
+        done = bool(flags & p.ReplyFlag.DONE)
+        body = start + p.CHUNK_HEADER.size
+        have = end - body
+        if typ == p.ChunkType.OFFSET_DATA:
+            if req.type != p.Cmd.READ:
+                raise p.ProtocolError(f"OFFSET_DATA chunk in reply to {p.name_of(p.Cmd, req.type)}")
+            if length <= 8 or length - 8 > req.length:
+                raise p.ProtocolError(
+                    f"OFFSET_DATA chunk of {length} bytes for a read of {req.length} bytes"
+                )
+            if have < 8:
+                return False
+            (offset,) = p.U64.unpack_from(self._buf, body)
+            at = req.claim(offset, length - 8)
+            return self._receive_into(
+                req, at, body + 8, end, lambda: self._chunk_done(req, done), length - 8
+            )
+        if typ == p.ChunkType.OFFSET_HOLE:
+            if req.type != p.Cmd.READ:
+                raise p.ProtocolError(f"OFFSET_HOLE chunk in reply to {p.name_of(p.Cmd, req.type)}")
+            if length != p.OFFSET_HOLE.size:
+                raise p.ProtocolError(f"OFFSET_HOLE chunk of {length} bytes, expected 12")
+            if have < length:
+                return False
+            offset, hole = p.OFFSET_HOLE.unpack_from(self._buf, body)
+            if hole == 0:
+                raise p.ProtocolError("OFFSET_HOLE chunk of zero bytes")
+            req.claim(offset, hole)  # the buffer starts zeroed and nothing wrote here yet
+            self._start = body + length
+            self._chunk_done(req, done)
+            return True
+        if typ == p.ChunkType.NONE:
+            if length != 0 or not done:
+                raise p.ProtocolError("NONE chunk must be empty and final")
+            self._start = body
+            self._chunk_done(req, done)
+            return True
+        if typ & p.CHUNK_ERROR_BIT:
+            if length < p.ERROR_CHUNK.size or length > p.ERROR_CHUNK.size + p.MAX_STRING + 8:
+                raise p.ProtocolError(f"error chunk of {length} bytes")
+            if have < length:
+                return False
+            error, msg_len = p.ERROR_CHUNK.unpack_from(self._buf, body)
+            if msg_len > length - p.ERROR_CHUNK.size:
+                raise p.ProtocolError("error chunk message overruns the chunk")
+            if typ == p.ChunkType.ERROR_OFFSET:
+                if length - p.ERROR_CHUNK.size - msg_len != 8:
+                    raise p.ProtocolError("ERROR_OFFSET chunk has a bad length")
+                (offset,) = p.U64.unpack_from(self._buf, body + length - 8)
+                if not req.offset <= offset < req.offset + max(req.length, 1):
+                    raise p.ProtocolError(f"ERROR_OFFSET {offset} lies outside the request")
+            text_at = body + p.ERROR_CHUNK.size
+            message = bytes(self._buf[text_at : text_at + msg_len]).decode("utf-8", "replace")
+            req.fail(error or p.NbdErr.EIO, message)
+            self._start = body + length
+            self._chunk_done(req, done)
+            return True
+        raise p.ProtocolError(f"unexpected structured chunk type {typ}")
+
+    def _chunk_done(self, req: InFlight, done: bool) -> None:
+        if not done:
+            return
+        if req.error:
+            self._complete(req, req.error, req.message)
+            return
+        if req.type == p.Cmd.READ and req.covered_bytes != req.length:
+            raise p.ProtocolError(
+                f"structured read reply covers {req.covered_bytes} of {req.length} bytes"
+            )
+        self._complete(req, 0, "")

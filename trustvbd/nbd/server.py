@@ -1,0 +1,118 @@
+"""The asyncio NBD server: accept connections and hand each to a `Connection`.
+
+Usage:
+    server = NbdServer(provider, identity="guest1")
+    await server.serve_socket(listening_socket)   # until cancelled
+    await server.close()
+
+Works the same under uvloop and the standard event loop. Each connection is
+independent: a client that misbehaves loses its own connection only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+
+from trustvbd.nbd.connection import Connection
+from trustvbd.nbd.exports import Export, ExportProvider, ExportRefused, PeerInfo, StaticExports
+
+__all__ = [
+    "Connection", "Export", "ExportProvider", "ExportRefused", "NbdServer", "PeerInfo",
+    "StaticExports",
+]
+
+log = logging.getLogger("trustvbd.nbd.server")
+
+
+def describe_peer(sock: socket.socket) -> str:
+    """A printable transport address: host:port, or the Unix socket and the peer's pid/uid."""
+    try:
+        if sock.family == socket.AF_UNIX:
+            where = sock.getsockname() or "unix"
+            try:
+                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                pid, uid, _ = struct.unpack("3i", creds)
+                return f"unix:{where} pid={pid} uid={uid}"
+            except OSError:
+                return f"unix:{where}"
+        host, port = sock.getpeername()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    except OSError:
+        return "unknown"
+
+
+class NbdServer:
+    def __init__(
+        self,
+        provider: ExportProvider,
+        *,
+        identity: str,
+        max_connections: int = 64,
+        handshake_timeout: float = 30.0,
+    ) -> None:
+        self.provider = provider
+        self.identity = identity
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.connections: set[Connection] = set()
+        self._accepting: set[asyncio.Task[tuple[socket.socket, object]]] = set()
+        self._handlers: set[asyncio.Task[None]] = set()  # keeps handler tasks referenced
+        self._closed = False
+
+    async def serve_socket(self, listening: socket.socket) -> None:
+        """Accept connections on a bound, listening socket (Unix or TCP).
+
+        Runs until cancelled, or returns once close() is called.
+        """
+        loop = asyncio.get_running_loop()
+        listening.setblocking(False)
+        me = asyncio.current_task()
+        while not self._closed:
+            accept = loop.create_task(loop.sock_accept(listening))
+            self._accepting.add(accept)
+            try:
+                sock, _ = await accept
+            except asyncio.CancelledError:
+                if self._closed and me is not None and not me.cancelling():
+                    return  # close() stopped the accept, not our caller
+                raise
+            finally:
+                self._accepting.discard(accept)
+            if len(self.connections) >= self.max_connections:
+                log.warning("nbd: %s: refusing a connection from %s, already %d connections",
+                            self.identity, describe_peer(sock), len(self.connections))
+                sock.close()
+                continue
+            task = loop.create_task(self.handle_connection(sock))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    async def handle_connection(self, sock: socket.socket) -> None:
+        """Serve one accepted connection until it ends. Takes ownership of `sock`."""
+        if self._closed:
+            sock.close()
+            return
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        peer = PeerInfo(identity=self.identity, address=describe_peer(sock))
+        conn = Connection(self, peer)
+        self.connections.add(conn)
+        try:
+            await loop.connect_accepted_socket(lambda: conn, sock)
+        except BaseException:
+            self.connections.discard(conn)
+            sock.close()
+            raise
+        await conn.wait_closed()
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop accepting and close every connection (in-flight requests get `timeout` s)."""
+        self._closed = True
+        for task in list(self._accepting):
+            task.cancel()
+        conns = list(self.connections)
+        if conns:
+            await asyncio.gather(*(c.close(timeout) for c in conns), return_exceptions=True)

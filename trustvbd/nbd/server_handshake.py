@@ -1,0 +1,141 @@
+"""The server's side of option haggling: answer options until the client picks an export.
+
+Runs as one coroutine per connection (options are strictly one at a time, so
+there is nothing to pipeline). It talks to the connection only through three
+callables, so it can be driven in memory by tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from trustvbd.nbd import messages as m
+from trustvbd.nbd import protocol as p
+from trustvbd.nbd.checks import export_flags
+from trustvbd.nbd.core import ProtocolCore
+from trustvbd.nbd.exports import Export, ExportProvider, ExportRefused, PeerInfo
+
+log = logging.getLogger("trustvbd.nbd.server")
+
+GREETING_FLAGS = p.HandshakeFlag.FIXED_NEWSTYLE | p.HandshakeFlag.NO_ZEROES
+Rep = p.Rep
+
+
+@dataclass
+class Negotiated:
+    """The outcome of a successful handshake."""
+
+    export: Export
+    flags: int  # transmission flags sent to the client
+    min_block: int  # alignment we enforce (512 only if the client asked for block sizes)
+
+
+class HandshakeEnded(Exception):
+    """The handshake ended without an export (client left, aborted, or was refused)."""
+
+
+async def negotiate(
+    core: ProtocolCore,
+    next_event: Callable[[], Awaitable[m.Event]],
+    write: Callable[[bytes], None],
+    provider: ExportProvider,
+    peer: PeerInfo,
+) -> Negotiated:
+    """Answer options until GO or EXPORT_NAME succeeds; raise HandshakeEnded otherwise."""
+
+    def reply(option: int, rep: int, data: bytes = b"") -> None:
+        write(core.send(m.OptionReply(option, rep, data)))
+
+    def error(option: int, rep: int, text: str) -> None:
+        reply(option, rep, m.encode_message_text(text))
+
+    while True:
+        ev = await next_event()
+        if isinstance(ev, m.ConnectionClosed):
+            raise HandshakeEnded("client closed the connection during the handshake")
+        if isinstance(ev, m.ClientFlags):
+            continue
+        assert isinstance(ev, m.Option)
+        opt, data = ev.option, ev.data
+        if opt == p.Opt.EXPORT_NAME:
+            try:
+                name = m.decode_name(data)
+                export = await provider.open_export(peer, name)
+            except (ValueError, ExportRefused) as exc:
+                # This option cannot carry an error: the spec says hang up.
+                raise HandshakeEnded(f"export refused: {exc}") from exc
+            flags = export_flags(export.backend.capabilities, core.structured)
+            write(core.send(m.ExportNameReply(export.backend.size, flags)))
+            return Negotiated(export, flags, 1)
+        if opt in (p.Opt.GO, p.Opt.INFO):
+            result = await _go_or_info(core, opt, data, reply, error, provider, peer)
+            if result is not None:
+                return result
+        elif opt == p.Opt.ABORT:
+            reply(opt, Rep.ACK)
+            raise HandshakeEnded("client aborted the handshake")
+        elif opt == p.Opt.LIST:
+            if data:
+                error(opt, Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
+                continue
+            for name, description in provider.list_exports(peer):
+                reply(opt, Rep.SERVER, m.encode_server(name, description))
+            reply(opt, Rep.ACK)
+        elif opt == p.Opt.STRUCTURED_REPLY:
+            if data:
+                error(opt, Rep.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+            else:
+                reply(opt, Rep.ACK)
+        elif opt == p.Opt.STARTTLS:
+            error(opt, Rep.ERR_UNSUP, "this server does not offer TLS")
+        else:
+            error(opt, Rep.ERR_UNSUP, f"option {p.name_of(p.Opt, opt)} is not supported")
+
+
+async def _go_or_info(
+    core: ProtocolCore,
+    opt: int,
+    data: bytes,
+    reply: Callable[..., None],
+    error: Callable[[int, int, str], None],
+    provider: ExportProvider,
+    peer: PeerInfo,
+) -> Negotiated | None:
+    try:
+        name, infos = m.parse_go(data)
+    except ValueError as exc:
+        error(opt, Rep.ERR_INVALID, f"malformed {p.name_of(p.Opt, opt)}: {exc}")
+        return None
+    try:
+        export = await provider.open_export(peer, name)
+    except ExportRefused as exc:
+        log.info("nbd: refused export %r to %s (%s): %s", name, peer.identity, exc.kind, exc)
+        error(opt, exc.reply, exc.message)
+        return None
+    except Exception:
+        log.exception("nbd: opening export %r for %s failed", name, peer.identity)
+        error(opt, Rep.ERR_SHUTDOWN, f"export {name!r} could not be opened (server error)")
+        return None
+    try:
+        backend = export.backend
+        asked_sizes = p.Info.BLOCK_SIZE in infos
+        # A client that did not ask for block sizes may not honour them, so we
+        # advertise (and enforce) the spec's default minimum of 1 for it.
+        min_block = p.MIN_BLOCK if asked_sizes else 1
+        flags = export_flags(backend.capabilities, core.structured)
+        if p.Info.NAME in infos:
+            reply(opt, Rep.INFO, m.info_name(export.name))
+        if p.Info.DESCRIPTION in infos and export.description:
+            reply(opt, Rep.INFO, m.info_description(export.description))
+        reply(opt, Rep.INFO, m.info_block_size(min_block, p.PREFERRED_BLOCK, p.MAX_PAYLOAD))
+        reply(opt, Rep.INFO, m.info_export(backend.size, flags))
+        reply(opt, Rep.ACK)
+    except BaseException:
+        provider.release_export(peer, export)
+        raise
+    if opt == p.Opt.INFO:
+        provider.release_export(peer, export)
+        return None
+    return Negotiated(export, flags, min_block)
