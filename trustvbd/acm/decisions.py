@@ -198,3 +198,26 @@ class ChineseWall:
         if decision.allowed:
             self.started(label)
         return decision
+
+
+def explain(policy: Policy, guest_label: str, disk_label: str, guest: str | None = None,
+            disk: str | None = None) -> list[str]:
+    """Human lines: what each label holds, and the decision with its reason."""
+    if policy.is_null:
+        return ["NULL policy (no policy configured): everything is allowed",
+                guest_may_use_disk(policy, guest_label, disk_label, guest, disk).reason]
+    lines = [f'policy "{policy.name}" (version {policy.header.version or "none"},'
+             f" from {policy.source or 'memory'})"]
+    vm = resolve_vm(policy, guest_label)
+    if vm is None:
+        lines.append(f'guest label "{guest_label}": not defined by the policy')
+    else:
+        sets = sorted({c.name for t in vm.chwall for c in policy.conflict_sets_of(t)})
+        lines.append(f'guest label "{guest_label}": STE types {list(vm.ste)}, Chinese Wall'
+                     f" types {list(vm.chwall)}, conflict sets {sets}")
+    res = resolve_resource(policy, disk_label)
+    lines.append(f'disk label "{disk_label}": ' + (f'STE type "{res.ste}"' if res else
+                                                  "not defined by the policy"))
+    d = guest_may_use_disk(policy, guest_label, disk_label, guest, disk)
+    lines.append(f"{'ALLOWED' if d.allowed else 'REFUSED'} by rule {d.rule}: {d.reason}")
+    return lines

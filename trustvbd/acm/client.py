@@ -1,0 +1,159 @@
+"""Asking the access-control domain: AcmClient, which fails closed.
+
+If the domain is unreachable, times out or answers garbage, every decision is
+a refusal whose reason starts with "access-control domain unreachable: ".
+Chinese Wall attachments belong to the connection that made them (the domain
+releases them when it closes), so after a reconnect the client re-attaches
+what it holds; ids it could not restore are listed in `lost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+from typing import Any
+
+from trustvbd.acm.decisions import Decision
+
+log = logging.getLogger("trustvbd.acm.client")
+MAX_REPLY = 1 << 20
+
+
+class AcmUnavailable(Exception):
+    pass
+
+
+class AcmClient:
+    def __init__(self, path: str | None = None, sock: socket.socket | None = None,
+                 timeout: float = 5.0) -> None:
+        if (path is None) == (sock is None):
+            raise ValueError("give exactly one of path or sock")
+        self.path, self.sock, self.timeout = path, sock, timeout
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.lock = asyncio.Lock()
+        self.held: dict[str, tuple[str, str | None]] = {}  # chw attachments: id -> label, name
+        self.lost: list[str] = []
+
+    async def _connect(self) -> None:
+        if self.sock is not None:  # a handed-over fd is used once; it cannot be reopened
+            sock, self.sock = self.sock, None
+            self.reader, self.writer = await asyncio.open_unix_connection(sock=sock,
+                                                                          limit=MAX_REPLY)
+        elif self.path is not None:
+            self.reader, self.writer = await asyncio.open_unix_connection(self.path,
+                                                                          limit=MAX_REPLY)
+        else:
+            raise AcmUnavailable("its connection was lost and cannot be reopened")
+        for cid, (label, name) in list(self.held.items()):  # restore our Chinese Wall counts
+            reply = await self._exchange({"op": "chw_attach", "id": cid, "label": label,
+                                          "name": name})
+            if not reply.get("allowed"):
+                log.warning("could not restore attachment %s: %s", cid, reply)
+                self.held.pop(cid)
+                self.lost.append(cid)
+
+    async def _exchange(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.reader is not None and self.writer is not None
+        self.writer.write(json.dumps(request).encode() + b"\n")
+        await self.writer.drain()
+        line = await self.reader.readline()
+        if not line.endswith(b"\n"):
+            raise AcmUnavailable("connection closed")
+        reply = json.loads(line)
+        if not isinstance(reply, dict):
+            raise AcmUnavailable("reply is not a JSON object")
+        return reply
+
+    async def request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request and its reply; AcmUnavailable on any transport or format failure."""
+        async with self.lock:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    if self.writer is None:
+                        await self._connect()
+                    return await self._exchange(request)
+            except (OSError, ValueError, AcmUnavailable, TimeoutError,
+                    asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+                await self._drop()
+                what = str(exc) or type(exc).__name__
+                raise AcmUnavailable("timed out" if isinstance(exc, TimeoutError) else what
+                                     ) from None
+
+    async def _drop(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+    async def decide(self, request: dict[str, Any]) -> Decision:
+        try:
+            reply = await self.request(request)
+        except AcmUnavailable as exc:
+            return Decision(False, "acm-unreachable", f"access-control domain unreachable: {exc}")
+        if reply.get("ok") is not True:
+            return Decision(False, "acm-error", f"access-control domain refused the request:"
+                            f" {reply.get('error', 'no reason given')}")
+        allowed, rule, reason = reply.get("allowed"), reply.get("rule"), reply.get("reason")
+        if not isinstance(allowed, bool) or not isinstance(rule, str) or not isinstance(reason,
+                                                                                        str):
+            return Decision(False, "acm-unreachable", "access-control domain unreachable:"
+                            f" garbled reply {str(reply)[:200]}")
+        return Decision(allowed, rule, reason)
+
+    async def guest_may_use_disk(self, guest: str | None, guest_label: str, disk: str | None,
+                                 disk_label: str) -> Decision:
+        return await self.decide({"op": "guest_may_use_disk", "guest": guest,
+                                  "guest_label": guest_label, "disk": disk,
+                                  "disk_label": disk_label})
+
+    async def driver_may_serve_disk(self, driver: str | None, driver_label: str,
+                                    disk: str | None, disk_label: str) -> Decision:
+        return await self.decide({"op": "driver_may_serve_disk", "driver": driver,
+                                  "driver_label": driver_label, "disk": disk,
+                                  "disk_label": disk_label})
+
+    async def channel(self, a: str | None, a_label: str, b: str | None, b_label: str) -> Decision:
+        return await self.decide({"op": "channel", "a": a, "a_label": a_label, "b": b,
+                                  "b_label": b_label})
+
+    async def chw_attach(self, cid: str, label: str, name: str | None = None) -> Decision:
+        d = await self.decide({"op": "chw_attach", "id": cid, "label": label, "name": name})
+        if d.allowed:
+            self.held[cid] = (label, name)
+        return d
+
+    async def chw_detach(self, cid: str) -> bool:
+        self.held.pop(cid, None)
+        try:
+            return (await self.request({"op": "chw_detach", "id": cid})).get("ok") is True
+        except AcmUnavailable:
+            return False
+
+    async def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self.request(request)
+        except AcmUnavailable as exc:
+            return {"ok": False, "error": f"access-control domain unreachable: {exc}"}
+
+    async def load_policy(self, path: str) -> dict[str, Any]:
+        return await self._call({"op": "load_policy", "path": path})
+
+    async def explain(self, guest_label: str, disk_label: str, guest: str | None = None,
+                      disk: str | None = None) -> dict[str, Any]:
+        return await self._call({"op": "explain", "guest_label": guest_label,
+                                 "disk_label": disk_label, "guest": guest, "disk": disk})
+
+    async def status(self) -> dict[str, Any]:
+        return await self._call({"op": "status"})
+
+    async def record(self, kind: str, **fields: Any) -> dict[str, Any]:
+        return await self._call({"op": "record", "kind": kind, "fields": fields})
+
+    async def close(self) -> None:
+        async with self.lock:
+            await self._drop()

@@ -1,0 +1,213 @@
+"""`trustvbd policy ...` and `trustvbd audit ...`: plain functions plus their argparse wiring.
+
+Each function prints for people and returns an exit code: 0 fine, 1 refused or
+invalid, 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, TextIO
+
+from trustvbd.acm import Policy, PolicyError, load_policy
+from trustvbd.acm.audit import follow, verify
+from trustvbd.acm.decisions import domains_may_communicate, explain, guest_may_use_disk
+from trustvbd.acm.toml_loader import to_toml
+from trustvbd.acm.xml_loader import to_xml
+
+AUDIT_FILE = "audit.jsonl"  # the audit log's name inside a config's state_dir
+NULL_WARNING = ("WARNING: no policy configured (Xen's NULL policy): every guest may use every"
+                " disk and every domain may talk to every other")
+
+
+def validate_policy_file(path: str | Path) -> Policy:
+    """For `policy load` on a running system: the fully validated policy, or PolicyError."""
+    return load_policy(path)
+
+
+def check(path: str, out: TextIO = sys.stdout) -> int:
+    try:
+        p = load_policy(path)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f'{path}: policy "{p.name}" is valid: {len(p.ste_types)} STE types,'
+          f" {len(p.chwall_types)} Chinese Wall types, {len(p.conflict_sets)} conflict sets,"
+          f" {len(p.vm_labels)} VM labels, {len(p.resource_labels)} resource labels,"
+          f' bootstrap "{p.bootstrap}"', file=out)
+    return 0
+
+
+def show(path: str, out: TextIO = sys.stdout) -> int:
+    try:
+        p = load_policy(path)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    w = lambda *a: print(*a, file=out)  # noqa: E731
+    w(f'policy "{p.name}" version {p.header.version or "(none)"} from {path}')
+    w(f"STE types: {', '.join(p.ste_types) or '(none: STE not enforced)'}")
+    w(f"Chinese Wall types: {', '.join(p.chwall_types) or '(none: Chinese Wall not enforced)'}")
+    for c in p.conflict_sets:
+        w(f"conflict set {c.name}: {', '.join(c.types)}")
+    w(f"bootstrap label: {p.bootstrap}")
+    w("VM labels:")
+    for v in p.vm_labels:
+        w(f"  {v.name}: ste [{', '.join(v.ste)}] chwall [{', '.join(v.chwall)}]")
+    w("resource labels:")
+    for r in p.resource_labels:
+        w(f"  {r.name}: ste {r.ste}")
+    vms, res = [v.name for v in p.vm_labels], [r.name for r in p.resource_labels]
+    width = max((len(n) for n in vms), default=0) + 6
+
+    def matrix(title: str, cols: list[str], allowed: Any) -> None:
+        w(f"\n{title}")
+        w(" " * width + " ".join(f"{j + 1:>2}" for j in range(len(cols))))
+        for i, a in enumerate(vms):
+            marks = " ".join(" x" if allowed(a, b) else " ." for b in cols)
+            w(f"{i + 1:>3} {a:<{width - 4}}{marks}")
+        w("columns: " + ", ".join(f"{j + 1}={c}" for j, c in enumerate(cols)))
+
+    matrix("VM labels that may share (STE: x = share a type):", vms,
+           lambda a, b: domains_may_communicate(p, a, b).allowed)
+    if res:
+        matrix("VM labels that may use resource labels (x = allowed):", res,
+               lambda a, b: guest_may_use_disk(p, a, b).allowed)
+    return 0
+
+
+def convert(path: str, output: str | None = None, to: str | None = None,
+            out: TextIO = sys.stdout) -> int:
+    try:
+        p = load_policy(path)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    to = to or ("xml" if Path(path).suffix.lower() == ".toml" else "toml")
+    text = to_toml(p) if to == "toml" else to_xml(p)
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+        print(f"{path} -> {output} ({to})", file=sys.stderr)
+    else:
+        out.write(text)
+    return 0
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The few config keys policy commands need: policy, state_dir, guest and disk labels."""
+    file = Path(path).resolve()
+    raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    base = file.parent
+
+    def labels(kind: str) -> dict[str, str]:
+        items = raw.get(kind, [])
+        return {i["name"]: i["label"] for i in items if isinstance(i, dict)
+                and isinstance(i.get("name"), str) and isinstance(i.get("label"), str)}
+
+    return {"policy": base / raw["policy"] if isinstance(raw.get("policy"), str) else None,
+            "state_dir": base / raw.get("state_dir", "state"),
+            "guests": labels("guest"), "disks": labels("disk")}
+
+
+def explain_config(config: str, guest: str, disk: str, out: TextIO = sys.stdout) -> int:
+    try:
+        cfg = read_config(config)
+        policy = load_policy(cfg["policy"]) if cfg["policy"] else Policy.null()
+    except (OSError, tomllib.TOMLDecodeError, PolicyError) as exc:
+        print(f"trustvbd policy explain: {config}: {exc}", file=sys.stderr)
+        return 2
+    for kind, name, known in (("guest", guest, cfg["guests"]), ("disk", disk, cfg["disks"])):
+        if name not in known:
+            print(f"trustvbd policy explain: {config} has no [[{kind}]] named {name!r};"
+                  f" known: {', '.join(sorted(known)) or 'none'}", file=sys.stderr)
+            return 2
+    if policy.is_null:
+        print(NULL_WARNING, file=sys.stderr)
+    for line in explain(policy, cfg["guests"][guest], cfg["disks"][disk], guest, disk):
+        print(line, file=out)
+    return 0 if guest_may_use_disk(policy, cfg["guests"][guest], cfg["disks"][disk]).allowed else 1
+
+
+def _line(rec: dict[str, Any]) -> str:
+    fields = " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in rec["fields"].items())
+    return f"{rec['seq']:>6} {rec['time']} {rec['kind']:<12} {fields}"
+
+
+def show_audit(path: str | Path, follow_log: bool = False, as_json: bool = False,
+               out: TextIO = sys.stdout) -> int:
+    try:
+        records = follow(path) if follow_log else iter(_read(path))
+        for rec in records:
+            print(json.dumps(rec, ensure_ascii=False) if as_json else _line(rec), file=out,
+                  flush=follow_log)
+    except OSError as exc:
+        print(f"trustvbd audit: {path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _read(path: str | Path) -> list[dict[str, Any]]:
+    from trustvbd.acm.audit import AuditLog
+
+    return AuditLog.read(path)
+
+
+def verify_audit(path: str | Path, out: TextIO = sys.stdout) -> int:
+    problems = verify(path)
+    for p in problems:
+        print(p, file=out)
+    if problems:
+        print(f"{path}: {len(problems)} problem(s): the audit log was tampered with or damaged",
+              file=out)
+        return 1
+    n = sum(1 for _ in open(path, "rb"))
+    print(f"{path}: {n} records, chain and head intact", file=out)
+    return 0
+
+
+def _audit_path(args: argparse.Namespace) -> Path:
+    if args.log:
+        return Path(args.log)
+    return Path(read_config(args.config)["state_dir"]) / AUDIT_FILE
+
+
+def register(sub: Any) -> None:
+    """Add `policy` and `audit` command groups to the `trustvbd` parser."""
+    pol = sub.add_parser("policy", help="check, show, convert and explain sHype/ACM policies")
+    ps = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
+    p = ps.add_parser("check", help="validate a policy file (Xen XML or .toml)")
+    p.add_argument("file")
+    p.set_defaults(func=lambda a: check(a.file))
+    p = ps.add_parser("show", help="types, labels, conflict sets and who may share with whom")
+    p.add_argument("file")
+    p.set_defaults(func=lambda a: show(a.file))
+    p = ps.add_parser("convert", help="Xen XML <-> TOML")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", help="write here instead of standard output")
+    p.add_argument("--to", choices=("toml", "xml"), help="default: the other form")
+    p.set_defaults(func=lambda a: convert(a.file, a.output, a.to))
+    p = ps.add_parser("explain", help="why a guest may or may not use a disk")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--guest", required=True)
+    p.add_argument("--disk", required=True)
+    p.set_defaults(func=lambda a: explain_config(a.config, a.guest, a.disk))
+
+    aud = sub.add_parser("audit", help="show or verify the tamper-evident audit log")
+    aus = aud.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
+    for name, helptext in (("show", "print the records"), ("verify", "check the hash chain")):
+        a = aus.add_parser(name, help=helptext)
+        where = a.add_mutually_exclusive_group(required=True)
+        where.add_argument("-c", "--config", help="config file: its state_dir's audit log")
+        where.add_argument("--log", help="audit log file")
+        if name == "show":
+            a.add_argument("-f", "--follow", action="store_true", help="wait for new records")
+            a.add_argument("--json", action="store_true", help="one JSON record per line")
+            a.set_defaults(func=lambda x: show_audit(_audit_path(x), x.follow, x.json))
+        else:
+            a.set_defaults(func=lambda x: verify_audit(_audit_path(x)))

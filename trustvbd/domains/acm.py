@@ -1,0 +1,235 @@
+"""The access-control domain: holds the policy, answers decisions, writes the audit log.
+
+    python -m trustvbd.domains.acm (--policy FILE | --null) --audit PATH
+                                   (--socket PATH | --listen-fd N) [--ready-fd N]
+
+Protocol: one JSON object per line in, one per line out (docs/policy.md lists
+the ops). Every decision, allow or deny, is in the audit log before it is
+answered; if the log cannot be written the answer is an error, which clients
+treat as a refusal. A bad request gets an error reply and the domain keeps
+serving. Requests are handled synchronously (no await between checking and
+counting), so Chinese Wall decisions cannot race.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from trustvbd.acm import (
+    ChineseWall,
+    Decision,
+    Policy,
+    PolicyError,
+    domain_may_run,
+    domains_may_communicate,
+    driver_may_serve_disk,
+    guest_may_use_disk,
+    load_policy,
+)
+from trustvbd.acm.audit import AuditError, AuditLog
+from trustvbd.acm.decisions import explain
+from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
+
+log = logging.getLogger("trustvbd.acm")
+MAX_LINE = 64 * 1024
+RECORD_KINDS = ("integrity", "event")  # what other trusted domains may add to the log
+
+
+class BadRequest(Exception):
+    pass
+
+
+def _field(req: dict[str, Any], key: str, required: bool = True) -> Any:
+    value = req.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise BadRequest(f'"{key}" must be a non-empty string of at most 256 characters')
+    return value
+
+
+class AcmDomain:
+    def __init__(self, policy: Policy, audit: AuditLog) -> None:
+        self.policy, self.audit = policy, audit
+        self.wall = ChineseWall(policy)
+        self.attached: dict[str, tuple[str, str | None, int]] = {}  # id -> label, name, owner
+        self.connections = 0  # numbers the client connections that own attachments
+
+    def _decided(self, op: str, d: Decision, **fields: Any) -> dict[str, Any]:
+        self.audit.append("decision", op=op, policy=self.policy.name, allowed=d.allowed,
+                          rule=d.rule, reason=d.reason, **fields)
+        return {"ok": True, **d.to_json()}
+
+    def handle(self, req: dict[str, Any], owner: int) -> dict[str, Any]:
+        op, f = req.get("op"), lambda k, r=True: _field(req, k, r)
+        if op == "guest_may_use_disk":
+            g, gl, d, dl = f("guest", False), f("guest_label"), f("disk", False), f("disk_label")
+            return self._decided(op, guest_may_use_disk(self.policy, gl, dl, g, d),
+                                 guest=g, guest_label=gl, disk=d, disk_label=dl)
+        if op == "driver_may_serve_disk":
+            v, vl, d, dl = f("driver", False), f("driver_label"), f("disk", False), f("disk_label")
+            return self._decided(op, driver_may_serve_disk(self.policy, vl, dl, v, d),
+                                 driver=v, driver_label=vl, disk=d, disk_label=dl)
+        if op == "channel":
+            a, al, b, bl = f("a", False), f("a_label"), f("b", False), f("b_label")
+            return self._decided(op, domains_may_communicate(self.policy, al, bl, a, b),
+                                 a=a, a_label=al, b=b, b_label=bl)
+        if op == "chw_attach":
+            cid, label, name = f("id"), f("label"), f("name", False)
+            if cid in self.attached:
+                raise BadRequest(f'attachment id "{cid}" is already in use')
+            d = domain_may_run(self.policy, label, name)
+            d = self.wall.may_start(label, name) if d.allowed else d
+            reply = self._decided(op, d, id=cid, label=label, name=name)
+            if d.allowed:  # counted only once the decision is in the log
+                self.wall.started(label)
+                self.attached[cid] = (label, name, owner)
+            return reply
+        if op == "chw_detach":
+            cid = f("id")
+            if self.attached.get(cid, ("", None, -1))[2] != owner:
+                raise BadRequest(f'no attachment "{cid}" made on this connection')
+            self._detach(cid, "detached")
+            return {"ok": True}
+        if op == "load_policy":
+            return self.load(f("path"))
+        if op == "explain":
+            return {"ok": True, "lines": explain(self.policy, f("guest_label"), f("disk_label"),
+                                                 f("guest", False), f("disk", False))}
+        if op == "status":
+            return {"ok": True, "policy": self.policy.summary(), "null": self.policy.is_null,
+                    "attachments": len(self.attached), "running_types": dict(self.wall.running),
+                    "audit": {"path": str(self.audit.path), "seq": self.audit.seq}}
+        if op == "record":
+            kind, fields = req.get("kind"), req.get("fields")
+            if kind not in RECORD_KINDS or not isinstance(fields, dict):
+                raise BadRequest(f'"record" needs kind in {list(RECORD_KINDS)} and a fields object')
+            return {"ok": True, "seq": self.audit.append(kind, **fields)["seq"]}
+        raise BadRequest(f"unknown op {op!r}")
+
+    def _detach(self, cid: str, event: str) -> None:
+        label, name, _ = self.attached.pop(cid)
+        self.wall.stopped(label)
+        self.audit.append("chinese-wall", event=event, id=cid, label=label, name=name)
+
+    def release(self, owner: int) -> None:
+        """A client went away: its attachments end with it (Xen: its domains were destroyed)."""
+        for cid in [c for c, (_, _, o) in self.attached.items() if o == owner]:
+            self._detach(cid, "released: the connection that attached it closed")
+
+    def load(self, path: str) -> dict[str, Any]:
+        """Validate fully, replay running attachments (Xen's chwall_init_state), then swap."""
+        try:
+            new = load_policy(path)
+            wall = ChineseWall(new)
+            for label, name, _ in self.attached.values():
+                d = wall.start(label, name)
+                if not d.allowed:
+                    raise PolicyError(path, None, f"conflicts with running domains: {d.reason}")
+        except PolicyError as exc:
+            self.audit.append("policy", event="load-refused", path=path, error=str(exc),
+                              kept=self.policy.name)
+            return {"ok": False, "error": str(exc)}
+        self.audit.append("policy", event="loaded", path=path, old=self.policy.name,
+                          **new.summary())
+        self.policy, self.wall = new, wall
+        log.info("policy %s loaded from %s", new.name, path)
+        return {"ok": True, "policy": new.summary()}
+
+    def respond(self, line: bytes, owner: int) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise BadRequest("a request is a JSON object")
+            return self.handle(req, owner)
+        except (ValueError, BadRequest) as exc:  # JSONDecodeError is a ValueError
+            return {"ok": False, "error": f"bad request: {exc}"}
+        except Exception as exc:  # never die on a request; the client fails closed
+            log.exception("request failed")
+            return {"ok": False, "error": f"access-control domain error: {exc}"}
+
+    async def serve_connection(self, reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        owner, buf, skipping = self.connections, b"", False
+        try:
+            while chunk := await reader.read(65536):
+                buf += chunk
+                while (nl := buf.find(b"\n")) >= 0 or len(buf) > MAX_LINE:
+                    line, buf = (buf[:nl], buf[nl + 1:]) if nl >= 0 else (buf, b"")
+                    if len(line) > MAX_LINE or skipping:
+                        if not skipping:  # answer an over-long line once, then skip the rest
+                            writer.write(json.dumps({"ok": False, "error": "bad request: line"
+                                                     f" over {MAX_LINE} bytes"}).encode() + b"\n")
+                        skipping = nl < 0
+                        continue
+                    if line.strip():
+                        writer.write(json.dumps(self.respond(line, owner)).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.release(owner)
+            writer.close()
+
+
+async def serve(domain: AcmDomain, sock: socket.socket, ready_fd: int | None) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server = await asyncio.start_unix_server(domain.serve_connection, sock=sock, limit=MAX_LINE)
+    ready(ready_fd)
+    await stop.wait()
+    server.close()
+    domain.audit.append("domain", event="stop", policy=domain.policy.name)
+    domain.audit.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trustvbd.domains.acm")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--policy", help="policy file (Xen XML or .toml)")
+    which.add_argument("--null", action="store_true", help="no policy: allow everything")
+    parser.add_argument("--audit", required=True, help="audit log file (JSON lines)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", help="Unix socket path to listen on")
+    where.add_argument("--listen-fd", type=int, help="an already listening Unix socket")
+    parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--supervised", action="store_true", help="die with the launcher")
+    args = parser.parse_args(argv)
+    setup_logging("acm")
+    if args.supervised:
+        die_with_parent()
+    try:
+        policy = Policy.null() if args.null else load_policy(args.policy)
+        audit = AuditLog(args.audit)
+    except (PolicyError, AuditError) as exc:
+        print(f"trustvbd acm: {exc}", file=sys.stderr)
+        return 2
+    if policy.is_null:
+        log.warning("NO POLICY (Xen's NULL policy): every decision is ALLOW")
+    audit.append("domain", event="start", pid=os.getpid(), **policy.summary())
+    if args.listen_fd is not None:
+        sock = socket.socket(fileno=args.listen_fd)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(args.socket):
+            os.unlink(args.socket)
+        sock.bind(args.socket)
+        os.chmod(args.socket, 0o600)  # only the trusted domains' user may ask
+        sock.listen(64)
+    return run(serve(AcmDomain(policy, audit), sock, args.ready_fd))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
