@@ -1,0 +1,330 @@
+"""The encryption domain's trusted state directory: the freshness anchor and friends.
+
+    STATE_DIR/kek.key              32 random bytes, mode 0600 (default KEK)
+    STATE_DIR/disks/NAME/keys      wrapped data key and signing key (crypt.keys)
+    STATE_DIR/disks/NAME/disk.pub  raw 32-byte Ed25519 public key (for offline verify)
+    STATE_DIR/disks/NAME/anchor    last committed epoch, root, counter reservation
+    STATE_DIR/disks/NAME/intent.log  leaf changes since the last commit
+    STATE_DIR/disks/NAME/pages     committed leaf-page hashes (localises damage)
+
+Nothing here is sent to a driver. Byte layouts are in docs/format.md. The anchor
+and keys are replaced atomically (temp file, fsync, rename, fsync dir); the
+intent log is appended with one os.write per request, before the request's
+ciphertext leaves this process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from trustvbd.crypt.keys import (
+    KEK_FILE,
+    DiskSecrets,
+    Kek,
+    KeyFileError,
+    WrongKeyError,
+    open_keys,
+    read_public,
+    seal_keys,
+)
+from trustvbd.crypt.superblock import Layout
+from trustvbd.crypt.tree import HASH_SIZE, HashTree, page_hash
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class TrustedStateError(Exception):
+    """The trusted state directory is missing, corrupt, or behind a replica."""
+
+
+def _check_name(disk_name: str) -> None:
+    if not _NAME.fullmatch(disk_name):
+        raise ValueError(
+            f"disk name {disk_name!r} must be 1-128 characters of A-Z a-z 0-9 . _ - "
+            "and start with a letter or digit")
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so a crash leaves either the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# ---------------------------------------------------------------- anchor
+
+_ANCHOR = struct.Struct(">8sII16sQQQ32s")
+_ANCHOR_MAGIC = b"TVBDANCR"
+_ANCHOR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The trusted record of the last commit; a replica is judged against it."""
+
+    disk_id: bytes
+    logical_size: int
+    epoch: int
+    counter_high: int  # every version below this may have been used: never reuse
+    root: bytes
+
+    def encode(self) -> bytes:
+        body = _ANCHOR.pack(_ANCHOR_MAGIC, _ANCHOR_VERSION, 0, self.disk_id, self.logical_size,
+                            self.epoch, self.counter_high, self.root)
+        return body + struct.pack(">I", zlib.crc32(body))
+
+    @classmethod
+    def decode(cls, raw: bytes, where: Path) -> Anchor:
+        if len(raw) != _ANCHOR.size + 4 or zlib.crc32(raw[:-4]) != int.from_bytes(raw[-4:]):
+            raise TrustedStateError(f"{where} is corrupt (length or checksum); restore it")
+        magic, version, _, disk_id, size, epoch, counter, root = _ANCHOR.unpack_from(raw)
+        if magic != _ANCHOR_MAGIC or version != _ANCHOR_VERSION:
+            raise TrustedStateError(f"{where} is not a version-{_ANCHOR_VERSION} anchor")
+        return cls(disk_id, size, epoch, counter, root)
+
+
+# ---------------------------------------------------------------- intent log
+
+_LOG_HEADER = struct.Struct(">8sIIQI")
+_LOG_MAGIC = b"TVBDINTL"
+_LOG_VERSION = 1
+_REC_HEAD = struct.Struct(">4sIQ")
+_REC_MAGIC = b"IREC"
+
+
+@dataclass(frozen=True)
+class IntentRecord:
+    """Leaves of blocks first_block.. before (old) and after (new) one request."""
+
+    first_block: int
+    old: bytes
+    new: bytes
+
+
+class IntentLog:
+    """Append-only record of leaf changes since the commit of `base_epoch`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def reset(self, base_epoch: int) -> None:
+        """Empty the log; what follows changes the state committed as `base_epoch`."""
+        os.ftruncate(self._fd, 0)
+        head = _LOG_HEADER.pack(_LOG_MAGIC, _LOG_VERSION, 0, base_epoch, 0)
+        os.write(self._fd, head + struct.pack(">I", zlib.crc32(head)))
+
+    def append(self, first_block: int, old: bytes | bytearray | memoryview,
+               new: bytes | bytearray | memoryview) -> None:
+        """One record, one os.write: a crash leaves it whole or detectably torn."""
+        n = len(new)
+        rec = bytearray(_REC_HEAD.size + 2 * n + 4)
+        _REC_HEAD.pack_into(rec, 0, _REC_MAGIC, n // 32, first_block)
+        rec[_REC_HEAD.size:_REC_HEAD.size + n] = old
+        rec[_REC_HEAD.size + n:_REC_HEAD.size + 2 * n] = new
+        struct.pack_into(">I", rec, _REC_HEAD.size + 2 * n, zlib.crc32(memoryview(rec)[:-4]))
+        if os.write(self._fd, rec) != len(rec):
+            raise OSError(f"short write to {self.path}")
+
+    def read(self) -> tuple[int | None, list[IntentRecord]]:
+        """(base epoch or None if the log is empty/unreadable, whole records in order).
+
+        A torn tail (a crash inside the last append) is dropped: that request's
+        ciphertext was never sent, since the record is written first.
+        """
+        raw = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
+        hsize = _LOG_HEADER.size + 4
+        if len(raw) < hsize or zlib.crc32(raw[:_LOG_HEADER.size]) != int.from_bytes(
+                raw[_LOG_HEADER.size:hsize]):
+            return None, []
+        magic, version, _, base_epoch, _ = _LOG_HEADER.unpack_from(raw)
+        if magic != _LOG_MAGIC or version != _LOG_VERSION:
+            raise TrustedStateError(f"{self.path} is not a version-{_LOG_VERSION} intent log")
+        records = []
+        off = hsize
+        while off + _REC_HEAD.size <= len(raw):
+            magic, count, first = _REC_HEAD.unpack_from(raw, off)
+            end = off + _REC_HEAD.size + 64 * count + 4
+            if magic != _REC_MAGIC or end > len(raw):
+                break
+            if zlib.crc32(raw[off:end - 4]) != int.from_bytes(raw[end - 4:end]):
+                break
+            body = off + _REC_HEAD.size
+            records.append(IntentRecord(first, raw[body:body + 32 * count],
+                                        raw[body + 32 * count:end - 4]))
+            off = end
+        return base_epoch, records
+
+
+# ---------------------------------------------------------------- one disk's state
+
+_PAGES_HEADER = struct.Struct(">8sII")
+_PAGES_MAGIC = b"TVBDPAGE"
+
+
+class DiskState:
+    """Files of one disk in the trusted state directory."""
+
+    def __init__(self, state_dir: Path, disk_name: str) -> None:
+        _check_name(disk_name)
+        self.name = disk_name
+        self.dir = Path(state_dir) / "disks" / disk_name
+        self.keys_path = self.dir / "keys"
+        self.pub_path = self.dir / "disk.pub"
+        self.anchor_path = self.dir / "anchor"
+        self.intent_path = self.dir / "intent.log"
+        self.pages_path = self.dir / "pages"
+        self._pages_fd = -1
+        self.intent: IntentLog | None = None
+
+    def _require(self) -> None:
+        if not self.keys_path.exists():
+            raise TrustedStateError(
+                f"no disk {self.name!r} in trusted state {self.dir.parent.parent}; "
+                "create it first")
+
+    def unlock(self, kek: Kek) -> DiskSecrets:
+        self._require()
+        return open_keys(self.keys_path.read_bytes(), kek, f"disk {self.name!r}")
+
+    def public_key(self) -> bytes:
+        self._require()
+        return read_public(self.keys_path.read_bytes(), f"disk {self.name!r}")[1]
+
+    def read_anchor(self) -> Anchor:
+        try:
+            raw = self.anchor_path.read_bytes()
+        except FileNotFoundError:
+            raise TrustedStateError(f"{self.anchor_path} is missing; restore it") from None
+        return Anchor.decode(raw, self.anchor_path)
+
+    def write_anchor(self, anchor: Anchor) -> None:
+        write_file_atomic(self.anchor_path, anchor.encode())
+
+    def open_intent(self) -> IntentLog:
+        if self.intent is None:
+            self.intent = IntentLog(self.intent_path)
+        return self.intent
+
+    def read_pages(self, count: int) -> bytes | None:
+        """The stored committed page hashes, or None if absent or the wrong shape."""
+        try:
+            raw = self.pages_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(raw) != _PAGES_HEADER.size + count * HASH_SIZE:
+            return None
+        if _PAGES_HEADER.unpack_from(raw) != (_PAGES_MAGIC, 1, count):
+            return None
+        return raw[_PAGES_HEADER.size:]
+
+    def write_pages(self, hashes: bytes | bytearray) -> None:
+        count = len(hashes) // HASH_SIZE
+        self._close_pages()
+        write_file_atomic(self.pages_path, _PAGES_HEADER.pack(_PAGES_MAGIC, 1, count) + hashes)
+
+    def update_pages(self, changes: dict[int, bytes]) -> None:
+        """Overwrite some entries in place. No fsync: the file is checked against
+        the anchor's root at open and rebuilt if it lags, so it is only a hint."""
+        if self._pages_fd < 0:
+            self._pages_fd = os.open(self.pages_path, os.O_WRONLY | os.O_CLOEXEC)
+        for index, h in changes.items():
+            os.pwrite(self._pages_fd, h, _PAGES_HEADER.size + index * HASH_SIZE)
+
+    def _close_pages(self) -> None:
+        if self._pages_fd >= 0:
+            os.close(self._pages_fd)
+            self._pages_fd = -1
+
+    def close(self) -> None:
+        self._close_pages()
+        if self.intent is not None:
+            self.intent.close()
+            self.intent = None
+
+
+def empty_page_hashes(layout: Layout) -> bytes:
+    """Page hashes of a never-written disk (all leaves zero)."""
+    zero = bytes(4096)
+    return b"".join(page_hash(i, zero) for i in range(layout.leaf_pages))
+
+
+def create_disk_state(state_dir: Path, disk_name: str, logical_size: int, kek: Kek) -> None:
+    """First run for a disk: new random keys wrapped by `kek`, anchor at epoch 0.
+
+    The first CryptDisk.open on an all-zero replica formats it.
+    """
+    layout = Layout(logical_size)
+    state = DiskState(state_dir, disk_name)
+    if state.keys_path.exists():
+        raise TrustedStateError(
+            f"disk {disk_name!r} already exists in {state.dir}; refusing to replace its keys")
+    state.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    secrets = DiskSecrets.generate()
+    hashes = empty_page_hashes(layout)
+    write_file_atomic(state.pub_path, secrets.public_key)
+    state.write_pages(hashes)
+    state.write_anchor(Anchor(secrets.disk_id, logical_size, 0, 1, HashTree(hashes).root))
+    state.open_intent().reset(0)
+    state.close()
+    # The keys file last: a crash before this leaves a directory `create` can retry.
+    write_file_atomic(state.keys_path, seal_keys(secrets, kek))
+
+
+def load_kek(state_dir: Path, *, passphrase: str | None = None,
+             key_file: Path | None = None) -> Kek:
+    """The KEK: a passphrase if given, else a key file (default STATE_DIR/kek.key).
+
+    The default key file is generated (32 random bytes, mode 0600) on first use,
+    but never while a disk wrapped by a key file exists: a lost key file must be
+    restored, not silently replaced.
+    """
+    if passphrase is not None:
+        return Kek.from_passphrase(passphrase)
+    state_dir = Path(state_dir)
+    if key_file is not None:
+        return Kek.from_key_file(Path(key_file), create=True)
+    path = state_dir / "kek.key"
+    if not path.exists():
+        users = []
+        for keys in sorted((state_dir / "disks").glob("*/keys")):
+            try:
+                if read_public(keys.read_bytes(), str(keys))[2] == KEK_FILE:
+                    users.append(keys.parent.name)
+            except KeyFileError:
+                users.append(keys.parent.name)
+        if users:
+            raise WrongKeyError(
+                f"key file {path} is missing but disks {', '.join(users)} are wrapped by it; "
+                "restore it from your backup (a new key would not unlock them)")
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return Kek.from_key_file(path, create=True)
+
+
+def rekey(state_dir: Path, disk_name: str, old_kek: Kek, new_kek: Kek) -> None:
+    """Rewrap a disk's keys under `new_kek`; data on replicas is untouched."""
+    state = DiskState(Path(state_dir), disk_name)
+    secrets = state.unlock(old_kek)
+    write_file_atomic(state.keys_path, seal_keys(secrets, new_kek))
