@@ -114,7 +114,7 @@ def _after_greeting(core: ProtocolCore, msg: m.Greeting) -> State:
 
 
 def _after_client_flags(core: ProtocolCore, msg: m.ClientFlags) -> State:
-    known = p.ClientFlag.C_FIXED_NEWSTYLE | p.ClientFlag.C_NO_ZEROES
+    known = int(p.ClientFlag.C_FIXED_NEWSTYLE | p.ClientFlag.C_NO_ZEROES)  # int: ~ of a flag enum drops unknown bits
     if msg.flags & ~known:
         raise p.ProtocolError(f"unknown client flags {msg.flags:#x}")
     offered = core.handshake_flags & p.HandshakeFlag.NO_ZEROES

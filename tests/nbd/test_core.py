@@ -1,0 +1,277 @@
+"""The sans-I/O core: a client core and a server core wired together in memory."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trustvbd.nbd import messages as m
+from trustvbd.nbd import protocol as p
+from trustvbd.nbd.core import ProtocolCore, Role, State
+
+
+def drain(core: ProtocolCore) -> list[m.Event]:
+    out = []
+    while (ev := core.next_event()) is not None:
+        out.append(ev)
+    return out
+
+
+def deliver(sender: ProtocolCore, receiver: ProtocolCore, msg: m.Event) -> list[m.Event]:
+    receiver.receive_data(sender.send(msg))
+    return drain(receiver)
+
+
+def negotiated(structured: bool = True, size: int = 1 << 20) -> tuple[ProtocolCore, ProtocolCore]:
+    c, s = ProtocolCore(Role.CLIENT), ProtocolCore(Role.SERVER)
+    deliver(s, c, m.Greeting(3))
+    deliver(c, s, m.ClientFlags(3))
+    if structured:
+        deliver(c, s, m.Option(p.Opt.STRUCTURED_REPLY))
+        deliver(s, c, m.OptionReply(p.Opt.STRUCTURED_REPLY, p.Rep.ACK))
+    deliver(c, s, m.Option(p.Opt.GO, m.encode_go("disk", [p.Info.BLOCK_SIZE])))
+    deliver(s, c, m.OptionReply(p.Opt.GO, p.Rep.INFO, m.info_block_size(512, 4096, 1 << 25)))
+    deliver(s, c, m.OptionReply(p.Opt.GO, p.Rep.INFO, m.info_export(size, 0x1ff)))
+    deliver(s, c, m.OptionReply(p.Opt.GO, p.Rep.ACK))
+    assert c.state is s.state is State.TRANSMISSION
+    return c, s
+
+
+def test_handshake_records_what_was_negotiated() -> None:
+    c, s = negotiated()
+    assert c.structured and s.structured and c.no_zeroes and s.no_zeroes
+    assert (c.export_size, c.export_flags) == (1 << 20, 0x1FF)
+    assert c.block_sizes == (512, 4096, 1 << 25)
+
+
+def test_export_name_path_without_no_zeroes() -> None:
+    c, s = ProtocolCore(Role.CLIENT), ProtocolCore(Role.SERVER)
+    deliver(s, c, m.Greeting(1))  # server does not offer NO_ZEROES
+    deliver(c, s, m.ClientFlags(1))
+    deliver(c, s, m.Option(p.Opt.EXPORT_NAME, b"x"))
+    raw = s.send(m.ExportNameReply(4096, 3))
+    assert len(raw) == 8 + 2 + 124  # the reserved zeroes are sent
+    c.receive_data(raw)
+    assert drain(c) == [m.ExportNameReply(4096, 3)]
+    assert c.state is State.TRANSMISSION
+
+
+def test_read_write_round_trip_simple_and_structured() -> None:
+    for structured in (False, True):
+        c, s = negotiated(structured)
+        payload = bytes(range(256)) * 16
+        [req] = deliver(c, s, m.Request(p.Cmd.WRITE, 1, 4096, 4096, 0, payload))
+        assert req == m.Request(p.Cmd.WRITE, 1, 4096, 4096, 0, payload)
+        assert deliver(s, c, m.SimpleReply(1)) == [m.Reply(1)]
+        deliver(c, s, m.Request(p.Cmd.READ, 2, 4096, 4096))
+        msg = m.OffsetData(2, 4096, payload) if structured else m.SimpleReply(2, 0, payload)
+        [reply] = deliver(s, c, msg)
+        assert reply.cookie == 2 and bytes(reply.data) == payload
+
+
+def test_replies_out_of_order_and_errors_with_messages() -> None:
+    c, s = negotiated()
+    for cookie in (1, 2, 3):
+        deliver(c, s, m.Request(p.Cmd.READ, cookie, 0, 512))
+    assert deliver(s, c, m.ErrorChunk(3, p.NbdErr.EIO, "disk on fire")) == [
+        m.Reply(3, p.NbdErr.EIO, "disk on fire")
+    ]
+    [r1] = deliver(s, c, m.OffsetHole(1, 0, 512))
+    assert bytes(r1.data) == bytes(512)
+    [r2] = deliver(s, c, m.OffsetData(2, 0, b"\x01" * 512))
+    assert bytes(r2.data) == b"\x01" * 512
+    assert len(c.in_flight) == 0
+
+
+def test_state_table_rejects_messages_out_of_turn() -> None:
+    c, s = ProtocolCore(Role.CLIENT), ProtocolCore(Role.SERVER)
+    with pytest.raises(p.LocalProtocolError):
+        c.send(m.Option(p.Opt.LIST))  # before the greeting
+    with pytest.raises(p.LocalProtocolError):
+        s.send(m.Request(p.Cmd.READ, 1))  # a server never sends requests
+    c2, s2 = negotiated(structured=False)
+    with pytest.raises(p.LocalProtocolError):
+        s2.send(m.OffsetData(1, 0, b"x"))  # structured replies were not negotiated
+
+
+def test_unknown_client_flags_are_a_protocol_error() -> None:
+    s = ProtocolCore(Role.SERVER)
+    s.send(m.Greeting(3))
+    with pytest.raises(p.ProtocolError, match="unknown client flags"):
+        s.receive_data(b"\0\0\0\x09")
+    assert s.state is State.ERROR
+
+
+def test_oversized_option_is_refused_before_reading_it() -> None:
+    s = ProtocolCore(Role.SERVER)
+    s.send(m.Greeting(3))
+    s.receive_data(b"\0\0\0\3")
+    with pytest.raises(p.ProtocolError, match="more than"):
+        s.receive_data(p.OPTION_HEADER.pack(p.IHAVEOPT, p.Opt.GO, 1 << 30))
+
+
+def test_oversized_write_is_a_protocol_error_but_oversized_read_parses() -> None:
+    c, s = negotiated()
+    s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.READ, 1, 0, 1 << 30))
+    assert drain(s)[0].length == 1 << 30  # answered with EINVAL by the server
+    with pytest.raises(p.ProtocolError, match="exceeds the 32 MiB"):
+        s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 2, 0, (1 << 25) + 1))
+
+
+def test_disc_moves_to_disconnecting_and_later_bytes_are_ignored() -> None:
+    c, s = negotiated()
+    deliver(c, s, m.Request(p.Cmd.DISC, 0))
+    assert s.state is State.DISCONNECTING
+    s.receive_data(b"garbage that a broken client sends after DISC")
+    assert drain(s) == []
+    with pytest.raises(p.LocalProtocolError):
+        c.send(m.Request(p.Cmd.READ, 5, 0, 512))
+
+
+def test_eof_reports_truncated_bytes() -> None:
+    c, s = negotiated()
+    s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.READ, 1, 0, 512)[:10])
+    s.receive_eof()
+    assert drain(s) == [m.ConnectionClosed(truncated=10)]
+
+
+# --- hostile server replies, judged by the client core ------------------------------
+HOSTILE_REPLIES = {
+    "unknown cookie": m.SimpleReply(99),
+    "data chunk outside the request": m.OffsetData(1, 4096, b"x" * 512),
+    "data chunk longer than the request": m.OffsetData(1, 0, b"x" * 1024),
+    "hole of zero bytes": m.OffsetHole(1, 0, 0),
+    "simple reply to a read after structured": m.SimpleReply(1, 0, b"x" * 512),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_REPLIES))
+def test_client_core_rejects_hostile_replies(name: str) -> None:
+    c, s = negotiated()
+    c.send(m.Request(p.Cmd.READ, 1, 0, 512))
+    with pytest.raises(p.ProtocolError):
+        c.receive_data(b"".join(m.encode_parts(HOSTILE_REPLIES[name])))
+    assert c.state is State.ERROR
+
+
+def test_client_core_rejects_overlap_and_short_coverage() -> None:
+    c, _ = negotiated()
+    c.send(m.Request(p.Cmd.READ, 1, 0, 1024))
+    c.receive_data(b"".join(m.encode_parts(m.OffsetData(1, 0, b"a" * 512, done=False))))
+    with pytest.raises(p.ProtocolError, match="overlaps"):
+        c.receive_data(b"".join(m.encode_parts(m.OffsetHole(1, 256, 512, done=False))))
+    c, _ = negotiated()
+    c.send(m.Request(p.Cmd.READ, 1, 0, 1024))
+    c.receive_data(b"".join(m.encode_parts(m.OffsetData(1, 0, b"a" * 512, done=False))))
+    with pytest.raises(p.ProtocolError, match="covers 512 of 1024"):
+        c.receive_data(b"".join(m.encode_parts(m.NoneChunk(1))))
+
+
+def test_client_core_bad_magic_and_giant_option_reply() -> None:
+    c, _ = negotiated()
+    c.send(m.Request(p.Cmd.FLUSH, 1))
+    with pytest.raises(p.ProtocolError, match="bad reply magic"):
+        c.receive_data(b"\xde\xad\xbe\xef" + bytes(12))
+    c = ProtocolCore(Role.CLIENT)
+    c.receive_data(p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, 3))
+    drain(c)
+    c.send(m.ClientFlags(3))
+    c.send(m.Option(p.Opt.LIST))
+    with pytest.raises(p.ProtocolError, match="exceeds"):
+        c.receive_data(p.OPTION_REPLY_HEADER.pack(p.OPTION_REPLY_MAGIC, p.Opt.LIST, 2, 1 << 31))
+
+
+# --- framing properties --------------------------------------------------------------
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, last = [], 0
+    for point in [*points, len(data)]:
+        pieces.append(data[last:point])
+        last = point
+    return pieces
+
+
+requests = st.builds(
+    lambda typ, cookie, offset, length, flags: m.Request(
+        typ, cookie, offset, length, flags, bytes([cookie % 256]) * length if typ == 1 else None
+    ),
+    st.sampled_from([0, 1, 3, 4, 5, 6, 7, 42]),
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**63),
+    st.integers(0, 200_000),
+    st.integers(0, 0xFFFF),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(requests, max_size=6), st.lists(st.integers(0, 10**7), max_size=12))
+def test_requests_survive_any_chunking(reqs: list[m.Request], cuts: list[int]) -> None:
+    wire = b"".join(b"".join(m.encode_parts(r)) for r in reqs)
+    _, s = negotiated()
+    for piece in split_at(wire, cuts):
+        s.receive_data(piece)
+    got = drain(s)
+    assert got == reqs
+
+
+options = st.builds(m.Option, st.integers(0, 2**32 - 1).filter(lambda o: o != 1),
+                    st.binary(max_size=3000))
+
+
+@settings(max_examples=60, deadline=None)
+@given(options, st.lists(st.integers(0, 5000), max_size=8))
+def test_options_round_trip_under_any_chunking(opt: m.Option, cuts: list[int]) -> None:
+    s = ProtocolCore(Role.SERVER)
+    s.send(m.Greeting(3))
+    s.receive_data(b"\0\0\0\3")
+    drain(s)
+    for piece in split_at(b"".join(m.encode_parts(opt)), cuts):
+        s.receive_data(piece)
+    assert drain(s) == [opt]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 64).flatmap(
+        lambda n: st.tuples(st.just(n), st.permutations(range(n)), st.lists(st.booleans(),
+                            min_size=n, max_size=n))
+    ),
+    st.lists(st.integers(0, 10**6), max_size=10),
+)
+def test_structured_read_reassembles_any_chunk_order(
+    layout: tuple[int, list[int], list[bool]], cuts: list[int]
+) -> None:
+    """A read split into data and hole chunks, sent in any order, reassembles exactly."""
+    n, order, holes = layout
+    size = n * 512
+    expected = bytearray(size)
+    c, s = negotiated(size=size)
+    c.send(m.Request(p.Cmd.READ, 9, 0, size))
+    wire = b""
+    for k, idx in enumerate(order):
+        last = k == len(order) - 1
+        if holes[idx]:
+            chunk: m.Event = m.OffsetHole(9, idx * 512, 512, done=last)
+        else:
+            block = bytes([idx + 1]) * 512
+            expected[idx * 512 : idx * 512 + 512] = block
+            chunk = m.OffsetData(9, idx * 512, block, done=last)
+        wire += s.send(chunk)
+    for piece in split_at(wire, cuts):
+        c.receive_data(piece)
+    [reply] = drain(c)
+    assert reply.error == 0 and bytes(reply.data) == bytes(expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 2**16), st.text(max_size=50),
+       st.booleans(), st.lists(st.integers(0, 500), max_size=5))
+def test_error_chunks_round_trip(cookie: int, error: int, text: str, with_offset: bool,
+                                 cuts: list[int]) -> None:
+    c, s = negotiated()
+    c.send(m.Request(p.Cmd.WRITE, cookie, 0, 512, 0, bytes(512)))
+    chunk = m.ErrorChunk(cookie, error, text, 256 if with_offset else None)
+    for piece in split_at(s.send(chunk), cuts):
+        c.receive_data(piece)
+    assert drain(c) == [m.Reply(cookie, error, text)]
