@@ -145,10 +145,10 @@ def policy_from_toml(text: str, file: str = "policy.toml") -> Policy:
     for name, spec in res_raw.items():
         if isinstance(spec, str):
             spec = {"ste": spec}
-        if isinstance(spec, dict) and isinstance(spec.get("ste"), list):
-            raise r.error("labels.resource", name, f'resource label "{name}" holds'
-                          f" {len(spec['ste'])} STE types; a resource label holds exactly one:"
-                          ' write NAME = "TYPE"')
+        many = spec.get("ste") if isinstance(spec, dict) else spec
+        if isinstance(many, list):
+            raise r.error("labels.resource", name, f'resource label "{name}" holds {len(many)}'
+                          ' STE types; a resource label holds exactly one: write NAME = "TYPE"')
         spec = r.table(spec, "labels.resource", name, {"ste", "from"})
         if "ste" not in spec:
             raise r.error("labels.resource", name, "needs its STE type: NAME = \"TYPE\"")

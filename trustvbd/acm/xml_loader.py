@@ -10,6 +10,7 @@ the line number of every element for the error messages.
 
 from __future__ import annotations
 
+import io
 import re
 import xml.sax
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.handler import ContentHandler, feature_namespaces
 from xml.sax.saxutils import escape, quoteattr
+from xml.sax.xmlreader import InputSource
 
 from defusedxml.common import DefusedXmlException, DTDForbidden
 from defusedxml.expatreader import DefusedExpatParser
@@ -138,9 +140,10 @@ def parse_xml_tree(data: bytes, file: str) -> _Node:
     parser = DefusedExpatParser(forbid_dtd=True, forbid_entities=True, forbid_external=True)
     parser.setFeature(feature_namespaces, True)
     parser.setContentHandler(builder)
+    source = InputSource(file)
+    source.setByteStream(io.BytesIO(data))
     try:
-        parser.feed(data)
-        parser.close()
+        parser.parse(source)  # parse(), not feed(): it is what hands the builder its locator
     except DTDForbidden as exc:
         what = f'external DTD "{exc.sysid}"' if exc.sysid else f"<!DOCTYPE {exc.name}>"
         raise PolicyError(file, Where(builder.line()), f"{what} refused: a policy needs no DTD,"
@@ -175,15 +178,18 @@ def _seq(node: _Node, file: str) -> dict[str, list[_Node]]:
             raise PolicyError(file, Where(node.line), f'<{node.tag}> lacks its "{attr}" attribute')
     found: dict[str, list[_Node]] = {name: [] for name, _, _ in spec}
     k = 0
+    order = ", ".join(f"<{n}>" for n, _, _ in spec)
     for child in node.children:
+        if child.tag not in found:
+            raise PolicyError(file, Where(child.line), f"<{child.tag}> is not allowed inside"
+                              f" <{node.tag}> (allowed, in this order: {order})")
         while k < len(spec) and spec[k][0] != child.tag:
             if len(found[spec[k][0]]) < spec[k][1]:
                 raise PolicyError(file, Where(child.line), f"<{node.tag}> lacks <{spec[k][0]}>"
                                   f" before <{child.tag}>")
             k += 1
         if k == len(spec):
-            order = ", ".join(f"<{n}>" for n, _, _ in spec)
-            raise PolicyError(file, Where(child.line), f"<{child.tag}> is not allowed here inside"
+            raise PolicyError(file, Where(child.line), f"<{child.tag}> is out of order inside"
                               f" <{node.tag}> (allowed, in this order: {order})")
         found[child.tag].append(child)
         if len(found[child.tag]) > spec[k][2]:

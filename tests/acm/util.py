@@ -1,0 +1,49 @@
+"""Shared helpers for the access-control tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trustvbd.acm import Policy
+from trustvbd.acm.toml_loader import policy_from_toml
+from trustvbd.acm.xml_loader import load_xml
+
+# Xen's own policies, read in place (they are Xen's files: never copied into the project).
+POLICIES = Path(__file__).resolve().parents[3] / "shared" / "xen-acm-policies"
+CLIENT_V1 = POLICIES / "client_v1-security_policy.xml"
+CLIENT_V1_2006 = POLICIES / "2006_era" / "chwall_ste_client_v1-security_policy.xml"
+TEST_POLICY = POLICIES / "test-security_policy.xml"
+XM_TEST = POLICIES / "xm-test-security_policy.xml"
+
+
+def xen(path: Path) -> Policy:
+    return load_xml(path)
+
+
+# The worked example of docs/policy.md.
+EXAMPLE_TOML = """\
+name = "payroll-example"
+version = "1.0"
+bootstrap = "SystemManagement"
+
+[ste]
+types = ["SystemManagement", "Payroll", "Bank", "StorageA"]
+
+[chinese_wall]
+types = ["SystemManagement", "Payroll", "Bank"]
+conflict_sets = { RER = ["Payroll", "Bank"] }
+
+[labels.vm]
+SystemManagement = { ste = ["SystemManagement", "Payroll", "Bank", "StorageA"], chwall = ["SystemManagement"] }
+Payroll = { ste = ["Payroll"], chwall = ["Payroll"] }
+Bank = { ste = ["Bank"], chwall = ["Bank"] }
+StorageA = { ste = ["StorageA", "Payroll", "Bank"] }
+
+[labels.resource]
+PayrollData = "Payroll"
+BankData = "Bank"
+"""  # noqa: E501
+
+
+def example() -> Policy:
+    return policy_from_toml(EXAMPLE_TOML, "example.toml")
