@@ -137,8 +137,11 @@ class FailingWrites(Layer):
     def __init__(self, next: Backend) -> None:
         super().__init__(next)
         self.failing: Callable[[int, int], bool] = lambda offset, length: False
+        self.store_anyway = False  # fail after storing the data (a lost reply)
 
     async def pwrite(self, offset: int, data: Any, fua: bool = False) -> None:
         if self.failing(offset, len(data)):
+            if self.store_anyway:
+                await self.next.pwrite(offset, data, fua)
             raise BlockError(5, "driver write failed")
         await self.next.pwrite(offset, data, fua)

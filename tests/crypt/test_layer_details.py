@@ -1,0 +1,165 @@
+"""Failed replica writes, auto-commit, explicit mid-commit deaths, primitives."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.crypt.helpers import (
+    BS,
+    SIZE,
+    FailingWrites,
+    RawMemory,
+    Unclosing,
+    new_state,
+    open_disk,
+    pattern,
+    run,
+)
+from trustvbd.blocks import crypt_layer
+from trustvbd.blocks.backend import BlockError
+from trustvbd.blocks.crypt_layer import CryptDisk, Layout, physical_size
+from trustvbd.blocks.disk_state import DiskState
+from trustvbd.crypt.aead import BlockCipher
+from trustvbd.crypt.tree import HashTree, page_hash, root_from_level
+
+LAY = Layout(SIZE)
+
+
+@pytest.mark.parametrize("lands", [False, True])
+def test_failed_replica_write_reads_old_or_new_never_tampered(tmp_path: Path, lands: bool) -> None:
+    """An honest driver that fails a write (having stored it or not) is no attacker."""
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        failing = FailingWrites(Unclosing(mem))
+        disk = await CryptDisk.open(tmp_path, "vm1", failing, "r0", kek)
+        await disk.pwrite(0, pattern(0) + pattern(1))
+        await disk.flush()
+
+        def fail(offset: int, length: int) -> bool:
+            return offset >= LAY.data_start
+
+        failing.failing = fail
+        failing.store_anyway = lands
+        with pytest.raises(BlockError):
+            await disk.pwrite(0, pattern(0, 2) + pattern(1, 2))
+        failing.failing = lambda offset, length: False
+        got = bytes(await disk.pread(0, 2 * BS))
+        assert got == (pattern(0, 2) + pattern(1, 2) if lands else pattern(0) + pattern(1))
+        assert disk.integrity_events == 0
+        await disk.flush()
+        await disk.close()
+        disk = await CryptDisk.open(tmp_path, "vm1", Unclosing(mem), "r0", kek)
+        assert bytes(await disk.pread(0, 2 * BS)) == got
+        await disk.close()
+
+    run(go())
+
+
+def test_auto_commit_bounds_the_intent_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(crypt_layer, "AUTO_COMMIT_BLOCKS", 64)
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        disk = await open_disk(tmp_path, mem, kek)
+        start = disk.epoch
+        for b in range(0, 256, 16):
+            await disk.pwrite(b * BS, pattern(b) * 16)
+        assert disk.epoch >= start + 3  # committed on its own, without a FLUSH
+        assert os.path.getsize(DiskState(tmp_path, "vm1").intent_path) < 64 * 64 + 4096
+        await disk.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize("die_at", ["after leaf pages", "after superblock", "before anchor",
+                                    "after anchor"])
+def test_death_mid_commit(tmp_path: Path, die_at: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Died(Exception):
+        pass
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        disk = await open_disk(tmp_path, mem, kek)
+        await disk.pwrite(0, pattern(0) * 200)
+        await disk.flush()
+        await disk.pwrite(100 * BS, pattern(7) * 100)  # dirties leaf pages 0 and 1
+        flushes = 0
+        real_flush = mem.flush
+
+        async def flush() -> None:
+            nonlocal flushes
+            flushes += 1
+            await real_flush()
+            if (die_at, flushes) in (("after leaf pages", 1), ("after superblock", 2)):
+                raise Died
+
+        real_anchor = DiskState.write_anchor
+
+        def anchor(self: DiskState, a: Any) -> None:
+            if die_at == "before anchor":
+                raise Died
+            real_anchor(self, a)
+            if die_at == "after anchor":
+                raise Died
+
+        monkeypatch.setattr(mem, "flush", flush)
+        monkeypatch.setattr(DiskState, "write_anchor", anchor)
+        epoch = disk.epoch
+        with pytest.raises(Died):
+            await disk.flush()
+        disk._state.close()  # the domain is gone
+        monkeypatch.undo()
+        disk = await open_disk(tmp_path, mem, kek)
+        assert disk.integrity_events == 0
+        assert disk.epoch == (epoch + 2 if die_at == "after anchor" else epoch + 1)
+        got = bytes(await disk.pread(0, 200 * BS))
+        assert got == pattern(0) * 100 + pattern(7) * 100  # flushed data was durable anyway
+        await disk.close()
+
+    run(go())
+
+
+@settings(max_examples=40, deadline=None)
+@given(pages=st.integers(1, 70), changes=st.lists(st.tuples(st.integers(0, 69), st.binary(
+    min_size=32, max_size=32)), max_size=12))
+def test_tree_update_equals_rebuild(pages: int, changes: list[tuple[int, bytes]]) -> None:
+    hashes = bytearray(b"".join(page_hash(i, bytes([i]) * 4096) for i in range(pages)))
+    tree = HashTree(hashes)
+    assert tree.root == root_from_level(hashes, 0)
+    upd = {i % pages: h for i, h in changes}
+    tree.update(upd)
+    for i, h in upd.items():
+        hashes[i * 32:(i + 1) * 32] = h
+    assert tree.root == HashTree(hashes).root == root_from_level(hashes, 0)
+    depth, top = tree.top()
+    assert len(top) // 32 <= 64 and root_from_level(top, depth) == tree.root
+
+
+def test_block_cipher_binds_block_version_and_disk() -> None:
+    key, disk_id = os.urandom(32), os.urandom(16)
+    c = BlockCipher(key, disk_id)
+    plain = os.urandom(3 * BS)
+    out, leaves = bytearray(3 * BS + 16), bytearray(96)
+    c.encrypt(10, 500, memoryview(plain), memoryview(out), memoryview(leaves))
+    ct = memoryview(out)[:3 * BS]
+    dec = memoryview(bytearray(3 * BS))
+    assert c.decrypt(10, ct, memoryview(leaves), dec) == [] and bytes(dec) == plain
+    assert c.decrypt(11, ct, memoryview(leaves), dec) == [0, 1, 2]  # moved
+    assert BlockCipher(key, os.urandom(16)).decrypt(10, ct, memoryview(leaves), dec) == [0, 1, 2]
+    bumped = bytearray(leaves)
+    bumped[7] ^= 1  # another version
+    assert c.decrypt(10, ct, memoryview(bumped), dec) == [0]
+    assert bytes(dec[:BS]) == bytes(BS)  # failed output is zeroed, not partial plaintext
+    zero = bytearray(leaves)
+    zero[32:64] = bytes(32)
+    assert c.decrypt(10, ct, memoryview(zero), dec) == [] and bytes(dec[BS:2 * BS]) == bytes(BS)
