@@ -80,7 +80,9 @@ def test_wrong_root_and_namespace():
     assert str(err) == ('p.xml:2: root element is <html>; a Xen ACM policy starts with'
                         ' <SecurityPolicyDefinition xmlns="http://www.ibm.com">')
     err = refused(XM.replace('xmlns="http://www.ibm.com"', ""))
-    assert "not in the Xen ACM namespace" in err.message
+    assert "root element is <SecurityPolicyDefinition>; a Xen ACM policy starts" in err.message
+    err = refused(XM.replace("<PolicyHeader>", '<PolicyHeader xmlns="urn:other">'))
+    assert 'element <{urn:other}PolicyHeader> is not in the Xen ACM namespace' in err.message
 
 
 def _line_of(text: str, needle: str, nth: int = 1) -> int:

@@ -91,6 +91,9 @@ class _TreeBuilder(ContentHandler):
 
     def startElementNS(self, name: tuple[str | None, str], qname: Any, attrs: Any) -> None:
         uri, tag = name
+        if not self.stack and (uri, tag) != (NS, "SecurityPolicyDefinition"):
+            raise PolicyError(self.file, Where(self.line()), f"root element is <{tag}>; a Xen ACM"
+                              f' policy starts with <SecurityPolicyDefinition xmlns="{NS}">')
         if uri != NS:
             where = f"{{{uri}}}{tag}" if uri else tag
             raise PolicyError(self.file, Where(self.line()),
@@ -220,9 +223,6 @@ def _one(found: dict[str, list[_Node]], tag: str) -> _Node | None:
 
 def policy_from_xml(data: bytes, file: str = "policy.xml") -> Policy:
     root = parse_xml_tree(data, file)
-    if root.tag != "SecurityPolicyDefinition":
-        raise PolicyError(file, Where(root.line), f"root element is <{root.tag}>; a Xen ACM policy"
-                          f' starts with <SecurityPolicyDefinition xmlns="{NS}">')
     lines: dict[tuple[Any, ...], int] = {}
     top = _seq(root, file)
     hdr_node = top["PolicyHeader"][0]

@@ -36,7 +36,7 @@ from trustvbd.acm import (
 )
 from trustvbd.acm.audit import AuditError, AuditLog
 from trustvbd.acm.decisions import explain
-from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
+from trustvbd.domains.common import die_with_parent, ready, setup_logging
 
 log = logging.getLogger("trustvbd.acm")
 MAX_LINE = 64 * 1024
@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         sock.bind(args.socket)
         os.chmod(args.socket, 0o600)  # only the trusted domains' user may ask
         sock.listen(64)
-    return run(serve(AcmDomain(policy, audit), sock, args.ready_fd))
+    # Plain asyncio: the decisions are not a hot path, and fewer moving parts here is better.
+    return asyncio.run(serve(AcmDomain(policy, audit), sock, args.ready_fd))
 
 
 if __name__ == "__main__":

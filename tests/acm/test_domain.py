@@ -1,0 +1,250 @@
+"""The access-control domain as a real process on a Unix socket, and its fail-closed client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.acm.util import EXAMPLE_TOML, XM_TEST
+from trustvbd.acm.audit import AuditLog, verify
+from trustvbd.acm.client import AcmClient
+
+
+class Acm:
+    """One `python -m trustvbd.domains.acm` process in a short temporary directory."""
+
+    def __init__(self, *policy_args: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="acm", dir="/tmp"))  # short socket paths
+        self.sock, self.audit = self.dir / "acm.sock", self.dir / "audit.jsonl"
+        read_end, write_end = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trustvbd.domains.acm", *policy_args, "--audit",
+             str(self.audit), "--socket", str(self.sock), "--ready-fd", str(write_end)],
+            pass_fds=(write_end,), stderr=subprocess.PIPE, text=True)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as r:
+            if r.read() != b"ready\n":
+                self.proc.wait(10)
+                raise AssertionError(f"acm domain did not start: {self.proc.stderr.read()}")
+        self.conn = socket.socket(socket.AF_UNIX)
+        self.conn.connect(str(self.sock))
+        self.conn.settimeout(10)
+        self.file = self.conn.makefile("rwb")
+
+    def raw(self, data: bytes) -> dict:
+        self.file.write(data)
+        self.file.flush()
+        return json.loads(self.file.readline())
+
+    def ask(self, **request: object) -> dict:
+        return self.raw(json.dumps(request).encode() + b"\n")
+
+    def stop(self) -> None:
+        self.file.close()
+        self.conn.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def xm() -> Iterator[Acm]:
+    acm = Acm("--policy", str(XM_TEST))
+    yield acm
+    acm.stop()
+
+
+def decisions(acm: Acm) -> list[dict]:
+    return [r["fields"] for r in AuditLog.read(acm.audit) if r["kind"] == "decision"]
+
+
+def test_decisions_are_answered_and_every_one_audited(xm):
+    r = xm.ask(op="guest_may_use_disk", guest="vm1", guest_label="red", disk="d1",
+               disk_label="red")
+    assert r == {"ok": True, "allowed": True, "rule": "ste-shared-type",
+                 "reason": 'guest vm1 (label "red") and disk d1 (label "red") share STE type "red"'}
+    r = xm.ask(op="guest_may_use_disk", guest="vm1", guest_label="red", disk="d2",
+               disk_label="blue")
+    assert r["allowed"] is False and r["rule"] == "ste-no-shared-type"
+    assert xm.ask(op="driver_may_serve_disk", driver="drv", driver_label="SystemManagement",
+                  disk="d2", disk_label="blue")["allowed"] is True
+    assert xm.ask(op="channel", a="x", a_label="green", b="y", b_label="red")["allowed"] is False
+    logged = decisions(xm)
+    assert [(d["op"], d["allowed"]) for d in logged] == [
+        ("guest_may_use_disk", True), ("guest_may_use_disk", False),
+        ("driver_may_serve_disk", True), ("channel", False)]
+    assert logged[1]["guest"] == "vm1" and logged[1]["disk_label"] == "blue"
+    assert logged[1]["reason"] == r["reason"] and logged[1]["rule"] == "ste-no-shared-type"
+    assert verify(xm.audit) == []
+
+
+def test_chinese_wall_attachments(xm):
+    assert xm.ask(op="chw_attach", id="c1", label="red", name="vm1")["allowed"] is True
+    r = xm.ask(op="chw_attach", id="c2", label="blue", name="vm2")
+    assert r["allowed"] is False and 'conflict set "RER"' in r["reason"]
+    assert xm.ask(op="chw_attach", id="c1", label="green")["ok"] is False  # id in use
+    assert xm.ask(op="status")["running_types"] == {"SystemManagement": 1, "red": 1}
+    assert xm.ask(op="chw_detach", id="c1") == {"ok": True}
+    assert xm.ask(op="chw_detach", id="c1")["ok"] is False  # cannot be detached twice
+    assert xm.ask(op="chw_attach", id="c2", label="blue")["allowed"] is True
+    # another connection cannot detach it, and its own attachments end when it closes
+    other = socket.socket(socket.AF_UNIX)
+    other.connect(str(xm.sock))
+    f = other.makefile("rwb")
+    f.write(b'{"op":"chw_detach","id":"c2"}\n{"op":"chw_attach","id":"c9","label":"green"}\n')
+    f.flush()
+    assert json.loads(f.readline())["ok"] is False
+    assert json.loads(f.readline())["allowed"] is True
+    f.close()
+    other.close()
+    for _ in range(200):  # the domain notices the close asynchronously
+        if xm.ask(op="status")["running_types"].get("green") is None:
+            break
+        time.sleep(0.01)
+    assert xm.ask(op="status")["running_types"] == {"SystemManagement": 1, "blue": 1}
+    kinds = [r["fields"]["event"] for r in AuditLog.read(xm.audit) if r["kind"] == "chinese-wall"]
+    assert kinds == ["detached", "released: the connection that attached it closed"]
+
+
+def test_bad_requests_get_errors_and_serving_goes_on(xm):
+    assert xm.raw(b"this is not json\n")["error"].startswith("bad request")
+    assert xm.raw(b"[1, 2]\n")["error"] == "bad request: a request is a JSON object"
+    assert "unknown op 'fly'" in xm.ask(op="fly")["error"]
+    assert '"guest_label" must be' in xm.ask(op="guest_may_use_disk", guest_label=7,
+                                             disk_label="red")["error"]
+    huge = xm.raw(b'{"op":"status","pad":"' + b"x" * 300_000 + b'"}\n')
+    assert huge == {"ok": False, "error": "bad request: line over 65536 bytes"}
+    assert xm.raw(b"\xff\xfe\n")["ok"] is False
+    assert xm.ask(op="status")["ok"] is True  # still serving, same connection
+    assert xm.ask(op="record", kind="decision", fields={})["ok"] is False  # cannot forge
+    assert xm.ask(op="record", kind="integrity", fields={"disk": "d1"})["ok"] is True
+    assert xm.proc.poll() is None
+    assert verify(xm.audit) == []
+
+
+def test_policy_reload_is_atomic(xm, tmp_path):
+    good = tmp_path / "example.toml"
+    good.write_text(EXAMPLE_TOML)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(EXAMPLE_TOML.replace('BankData = "Bank"', 'BankData = "Cash"'))
+    r = xm.ask(op="load_policy", path=str(bad))
+    assert r["ok"] is False and "BankData" in r["error"]
+    assert xm.ask(op="status")["policy"]["name"] == "xm-test"  # old policy still in force
+    assert xm.ask(op="guest_may_use_disk", guest_label="red", disk_label="red")["allowed"]
+    # a policy that would not admit the running attachments is refused (Xen's rule)
+    assert xm.ask(op="chw_attach", id="a", label="red")["allowed"]
+    r = xm.ask(op="load_policy", path=str(good))
+    assert r["ok"] is False and "running domains" in r["error"] and '"red"' in r["error"]
+    assert xm.ask(op="chw_detach", id="a")["ok"]
+    r = xm.ask(op="load_policy", path=str(good))
+    assert r["ok"] is True and r["policy"]["name"] == "payroll-example"
+    assert xm.ask(op="guest_may_use_disk", guest_label="Payroll",
+                  disk_label="PayrollData")["allowed"] is True
+    assert xm.ask(op="guest_may_use_disk", guest_label="red", disk_label="red")["rule"] == \
+        "unknown-label"
+    events = [r["fields"]["event"] for r in AuditLog.read(xm.audit) if r["kind"] == "policy"]
+    assert events == ["load-refused", "load-refused", "loaded"]
+
+
+def test_null_policy_domain_on_a_handed_over_socket():
+    """--listen-fd: the launcher binds the socket and hands the listening fd over."""
+    d = Path(tempfile.mkdtemp(prefix="acm", dir="/tmp"))
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(d / "acm.sock"))
+    listener.listen(8)
+    proc = subprocess.Popen([sys.executable, "-m", "trustvbd.domains.acm", "--null", "--audit",
+                             str(d / "audit.jsonl"), "--listen-fd", str(listener.fileno())],
+                            pass_fds=(listener.fileno(),), stderr=subprocess.PIPE, text=True)
+    listener.close()
+    try:
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(str(d / "acm.sock"))  # queued in the backlog until the domain accepts
+        c.sendall(b'{"op":"guest_may_use_disk","guest_label":"x","disk_label":"y"}\n')
+        reply = json.loads(c.makefile("rb").readline())
+        assert reply["allowed"] is True and reply["rule"] == "null-policy"
+        c.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert "NO POLICY" in proc.stderr.read()
+        records = AuditLog.read(d / "audit.jsonl")
+        assert [r["kind"] for r in records] == ["domain", "decision", "domain"]
+        assert records[0]["fields"]["null"] is True and verify(d / "audit.jsonl") == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_bad_policy_refuses_to_start(tmp_path):
+    bad = tmp_path / "bad.xml"
+    bad.write_text("<nope/>")
+    out = subprocess.run([sys.executable, "-m", "trustvbd.domains.acm", "--policy", str(bad),
+                          "--audit", str(tmp_path / "a.jsonl"), "--socket",
+                          str(tmp_path / "s")], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "root element is <nope>" in out.stderr
+
+
+def test_client_and_fail_closed(xm):
+    async def scenario() -> None:
+        client = AcmClient(str(xm.sock), timeout=2)
+        d = await client.guest_may_use_disk("vm1", "green", "d1", "green")
+        assert d.allowed and d.rule == "ste-shared-type"
+        assert not (await client.channel("a", "red", "b", "blue")).allowed
+        assert (await client.chw_attach("k1", "red", "vm1")).allowed
+        assert not (await client.chw_attach("k2", "blue")).allowed
+        assert (await client.status())["attachments"] == 1
+        assert (await client.explain("red", "red"))["lines"][-1].startswith("ALLOWED")
+        xm.proc.kill()
+        xm.proc.wait(10)
+        for d in (await client.guest_may_use_disk("vm1", "green", "d1", "green"),
+                  await client.chw_attach("k3", "green"),
+                  await client.driver_may_serve_disk("x", "SystemManagement", "d", "red")):
+            assert not d.allowed and d.rule == "acm-unreachable"
+            assert d.reason.startswith("access-control domain unreachable: ")
+        assert (await client.load_policy("/x"))["ok"] is False
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_client_fails_closed_on_garbage_and_silence():
+    async def scenario() -> None:
+        connections = 0
+
+        async def liar(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal connections
+            connections += 1
+            if connections == 1:
+                await reader.readline()
+                writer.write(b'{"ok": true, "allowed": "yes"}\n')  # not a boolean: garbage
+                await reader.readline()
+                writer.write(b"\x00\x01 nonsense\n")
+            await reader.readline()
+            await asyncio.sleep(5)  # then silence
+
+        path = Path(tempfile.mkdtemp(prefix="acm", dir="/tmp")) / "g.sock"
+        server = await asyncio.start_unix_server(liar, path=str(path))
+        client = AcmClient(str(path), timeout=0.5)
+        for expected in ("garbled reply", "Expecting value", "timed out"):
+            d = await client.guest_may_use_disk("g", "a", "d", "b")
+            assert not d.allowed and d.rule == "acm-unreachable", d
+            assert d.reason.startswith("access-control domain unreachable: ")
+            assert expected in d.reason, (expected, d)
+        server.close()
+        await client.close()
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+    asyncio.run(scenario())
