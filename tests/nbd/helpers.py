@@ -181,9 +181,10 @@ class RawClient:
         assert magic == p.OPTION_REPLY_MAGIC
         return opt, rep, self.recv_exact(length)
 
-    def go(self, export: str = "", structured: bool = False) -> tuple[int, int]:
-        """Negotiate up to transmission; returns (size, flags)."""
-        self.start()
+    def go(self, export: str = "", structured: bool = False, fresh: bool = True) -> tuple[int, int]:
+        """Negotiate up to transmission (from the greeting if `fresh`); returns (size, flags)."""
+        if fresh:
+            self.start()
         if structured:
             self.option(p.Opt.STRUCTURED_REPLY)
             assert self.option_reply()[1] == p.Rep.ACK

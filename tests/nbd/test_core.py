@@ -90,7 +90,7 @@ def test_state_table_rejects_messages_out_of_turn() -> None:
         c.send(m.Option(p.Opt.LIST))  # before the greeting
     with pytest.raises(p.LocalProtocolError):
         s.send(m.Request(p.Cmd.READ, 1))  # a server never sends requests
-    c2, s2 = negotiated(structured=False)
+    _c2, s2 = negotiated(structured=False)
     with pytest.raises(p.LocalProtocolError):
         s2.send(m.OffsetData(1, 0, b"x"))  # structured replies were not negotiated
 
@@ -112,7 +112,7 @@ def test_oversized_option_is_refused_before_reading_it() -> None:
 
 
 def test_oversized_write_is_a_protocol_error_but_oversized_read_parses() -> None:
-    c, s = negotiated()
+    _c, s = negotiated()
     s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.READ, 1, 0, 1 << 30))
     assert drain(s)[0].length == 1 << 30  # answered with EINVAL by the server
     with pytest.raises(p.ProtocolError, match="exceeds the 32 MiB"):
@@ -130,7 +130,7 @@ def test_disc_moves_to_disconnecting_and_later_bytes_are_ignored() -> None:
 
 
 def test_eof_reports_truncated_bytes() -> None:
-    c, s = negotiated()
+    _c, s = negotiated()
     s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.READ, 1, 0, 512)[:10])
     s.receive_eof()
     assert drain(s) == [m.ConnectionClosed(truncated=10)]
@@ -148,7 +148,7 @@ HOSTILE_REPLIES = {
 
 @pytest.mark.parametrize("name", sorted(HOSTILE_REPLIES))
 def test_client_core_rejects_hostile_replies(name: str) -> None:
-    c, s = negotiated()
+    c, _s = negotiated()
     c.send(m.Request(p.Cmd.READ, 1, 0, 512))
     with pytest.raises(p.ProtocolError):
         c.receive_data(b"".join(m.encode_parts(HOSTILE_REPLIES[name])))

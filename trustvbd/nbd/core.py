@@ -114,7 +114,8 @@ def _after_greeting(core: ProtocolCore, msg: m.Greeting) -> State:
 
 
 def _after_client_flags(core: ProtocolCore, msg: m.ClientFlags) -> State:
-    known = int(p.ClientFlag.C_FIXED_NEWSTYLE | p.ClientFlag.C_NO_ZEROES)  # int: ~ of a flag enum drops unknown bits
+    # An int, because ~ of a flag enum silently drops the unknown bits we look for.
+    known = int(p.ClientFlag.C_FIXED_NEWSTYLE | p.ClientFlag.C_NO_ZEROES)
     if msg.flags & ~known:
         raise p.ProtocolError(f"unknown client flags {msg.flags:#x}")
     offered = core.handshake_flags & p.HandshakeFlag.NO_ZEROES

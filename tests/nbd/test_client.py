@@ -1,0 +1,136 @@
+"""NbdClient as a Backend against our own server, qemu-nbd and nbdkit."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.nbd.helpers import Peer, ServerThread, new_loop
+from tests.nbd.test_server_clients import ScriptedBackend
+from trustvbd.blocks.backend import Backend, BlockError, Capabilities
+from trustvbd.blocks.file import MemoryBackend
+from trustvbd.nbd.client import NbdBackend, NbdClient
+from trustvbd.nbd.exports import Export, StaticExports
+
+MiB = 1 << 20
+
+
+def run_async(coro: object, loop: str = "asyncio") -> object:
+    ev = new_loop(loop)
+    try:
+        return ev.run_until_complete(coro)  # type: ignore[arg-type]
+    finally:
+        ev.close()
+
+
+async def exercise(client: NbdClient) -> None:
+    """Round trips every Backend call, including requests larger than one payload."""
+    assert isinstance(client, Backend)
+    data = os.urandom(MiB)
+    await client.pwrite(0, data, fua=True)
+    assert bytes(await client.pread(0, MiB)) == data
+    big = os.urandom(33 * MiB)  # split into two requests (32 MiB maximum payload)
+    await client.pwrite(MiB, big)
+    assert bytes(await client.pread(MiB, 33 * MiB)) == big
+    reads = await asyncio.gather(*(client.pread(k * 4096, 4096) for k in range(64)))
+    assert b"".join(bytes(r) for r in reads) == data[: 64 * 4096]
+    await client.zero(0, 8192)
+    assert bytes(await client.pread(0, 8192)) == bytes(8192)
+    await client.trim(MiB, 4096)
+    await client.cache(0, MiB)
+    await client.flush()
+    with pytest.raises(BlockError) as err:
+        await client.pread(client.size - 512, 1024)
+    assert err.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("structured", [True, False])
+def test_against_our_server(short_tmp: Path, loop: str, structured: bool) -> None:
+    backend = ScriptedBackend(64 * MiB)
+    with ServerThread(StaticExports([Export("d", backend)]), short_tmp / "s.sock", loop) as srv:
+        async def main() -> None:
+            client = await NbdClient.open_uri(srv.uri("d"), structured_replies=structured)
+            assert client.size == 64 * MiB and client.export_name == "d"
+            assert client.capabilities == Capabilities(fast_zero=True)
+            assert client.block_sizes == (512, 4096, 32 * MiB)
+            await exercise(client)
+            backend.fail_read_at[0] = errno.ENOSPC
+            with pytest.raises(BlockError) as err:
+                await client.pread(0, 512)
+            assert err.value.errno == errno.ENOSPC
+            if structured:  # the server's message travels in the error chunk
+                assert "injected failure at 0" in str(err.value)
+            with pytest.raises(BlockError) as err:
+                await client.zero(0, 4096, fast=True)
+            assert err.value.errno == errno.ENOTSUP
+            await client.close()
+            assert client.broken is not None
+            with pytest.raises(BlockError):
+                await client.pread(0, 512)
+
+        run_async(main(), loop)
+
+
+def test_read_only_and_unknown_export(short_tmp: Path) -> None:
+    ro = ScriptedBackend(MiB, Capabilities(read_only=True))
+    with ServerThread(StaticExports([Export("ro", ro)]), short_tmp / "s.sock") as srv:
+        async def main() -> None:
+            client = await NbdBackend.open_uri(srv.uri("ro"))
+            assert client.capabilities.read_only
+            with pytest.raises(BlockError) as err:
+                await client.pwrite(0, bytes(512))
+            assert err.value.errno == errno.EPERM
+            await client.close()
+            with pytest.raises(BlockError) as err:
+                await NbdClient.open_uri(srv.uri("nope"))
+            assert err.value.errno == errno.ENOENT and "no export named 'nope'" in str(err.value)
+
+        run_async(main())
+
+
+@pytest.mark.parametrize("peer", ["qemu-nbd", "nbdkit"])
+def test_against_peer_servers(short_tmp: Path, peer: str) -> None:
+    image = short_tmp / "peer.img"
+    with open(image, "wb") as f:
+        f.truncate(64 * MiB)
+    server = (Peer.qemu_nbd if peer == "qemu-nbd" else Peer.nbdkit)(image, short_tmp)
+    try:
+        async def main() -> None:
+            client = await NbdClient.open_uri(server.uri())
+            assert client.size == 64 * MiB
+            await exercise(client)
+            await client.close()
+
+        run_async(main(), "uvloop")
+    finally:
+        server.stop()
+
+
+def test_connect_errors_are_clear() -> None:
+    async def main() -> None:
+        with pytest.raises(BlockError) as err:
+            await NbdClient.open_uri("nbd+unix:///x?socket=/nonexistent/none.sock")
+        assert "cannot connect" in str(err.value)
+        with pytest.raises(ValueError, match="not an NBD URI"):
+            await NbdClient.open_uri("http://example/x")
+
+    run_async(main())
+
+
+def test_two_clients_on_one_server_share_data(short_tmp: Path) -> None:
+    shared = MemoryBackend(MiB)
+    with ServerThread(StaticExports([Export("", shared)]), short_tmp / "s.sock") as srv:
+        async def main() -> None:
+            a = await NbdClient.open_uri(srv.uri())
+            b = await NbdClient.open_uri(srv.uri())
+            await a.pwrite(0, b"\x42" * 4096)
+            await a.flush()
+            assert bytes(await b.pread(0, 4096)) == b"\x42" * 4096
+            await asyncio.gather(a.close(), b.close())
+
+        run_async(main())

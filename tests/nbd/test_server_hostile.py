@@ -1,0 +1,163 @@
+"""A hostile client gets an exact error or loses its own connection; everyone else is served."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.nbd.helpers import RawClient, ServerThread, wait_for
+from trustvbd.blocks.file import MemoryBackend
+from trustvbd.nbd import protocol as p
+from trustvbd.nbd.exports import Export, StaticExports
+
+MiB = 1 << 20
+SIZE = 4 * MiB
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def server(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[ServerThread]:
+    provider = StaticExports([Export("", MemoryBackend(SIZE))])
+    with ServerThread(provider, short_tmp / "h.sock", request.param,
+                      handshake_timeout=1.0) as srv:
+        yield srv
+
+
+def others_still_served(server: ServerThread) -> None:
+    """A fresh, well-behaved client can still write and read."""
+    c = RawClient(server.sock_path)
+    size, _ = c.go()
+    assert size == SIZE
+    c.request(p.Cmd.WRITE, 4096, 512, cookie=1, data=b"\x5a" * 512)
+    assert c.simple_reply() == (0, 1)
+    c.request(p.Cmd.READ, 4096, 512, cookie=2)
+    assert c.simple_reply() == (0, 2)
+    assert c.recv_exact(512) == b"\x5a" * 512
+    c.request(p.Cmd.DISC)
+    assert c.closed_by_peer()
+
+
+def test_bad_request_magic_disconnects(server: ServerThread) -> None:
+    c = RawClient(server.sock_path)
+    c.go()
+    c.sock.sendall(b"\xba\xad\xf0\x0d" + bytes(24))
+    assert c.closed_by_peer()
+    others_still_served(server)
+
+
+def test_bad_option_magic_and_bad_client_flags_disconnect(server: ServerThread) -> None:
+    c = RawClient(server.sock_path)
+    c.start()
+    c.sock.sendall(b"NOTMAGIC" + struct.pack(">II", p.Opt.GO, 0))
+    assert c.closed_by_peer()
+    c = RawClient(server.sock_path)
+    c.start(client_flags=0x80)  # a flag nobody defined
+    assert c.closed_by_peer()
+    others_still_served(server)
+
+
+def test_unknown_and_malformed_options_get_error_replies(server: ServerThread) -> None:
+    c = RawClient(server.sock_path)
+    c.start()
+    c.option(12345, b"whatever")
+    opt, rep, text = c.option_reply()
+    assert (opt, rep) == (12345, p.Rep.ERR_UNSUP) and b"not supported" in text
+    c.option(p.Opt.STARTTLS)
+    assert c.option_reply()[1] == p.Rep.ERR_UNSUP
+    c.option(p.Opt.LIST, b"junk")
+    assert c.option_reply()[1] == p.Rep.ERR_INVALID
+    c.option(p.Opt.GO, b"\xff\xff\xff\xff\0\0")  # name length overruns the option
+    assert c.option_reply()[1] == p.Rep.ERR_INVALID
+    c.option(p.Opt.SET_META_CONTEXT, b"\0" * 8)
+    assert c.option_reply()[1] == p.Rep.ERR_UNSUP
+    size, _ = c.go(fresh=False)  # the same connection is still usable
+    assert size == SIZE
+
+
+def test_giant_option_length_disconnects(server: ServerThread) -> None:
+    c = RawClient(server.sock_path)
+    c.start()
+    c.sock.sendall(struct.pack(">QII", p.IHAVEOPT, p.Opt.GO, 0xFFFFFFFF))
+    assert c.closed_by_peer()
+    others_still_served(server)
+
+
+def test_unknown_command_and_flags_get_einval(server: ServerThread) -> None:
+    c = RawClient(server.sock_path)
+    c.go()
+    c.request(99, 0, 512, cookie=11)
+    assert c.simple_reply() == (p.NbdErr.EINVAL, 11)
+    c.request(p.Cmd.BLOCK_STATUS, 0, 512, cookie=12)
+    assert c.simple_reply() == (p.NbdErr.EINVAL, 12)
+    c.request(p.Cmd.READ, 0, 512, flags=0x4000, cookie=13)
+    assert c.simple_reply() == (p.NbdErr.EINVAL, 13)
+    others_still_served(server)
+
+
+def test_out_of_range_requests(server: ServerThread) -> None:
+    c = RawClient(server.sock_path)
+    c.go()
+    c.request(p.Cmd.READ, SIZE - 512, 1024, cookie=1)
+    assert c.simple_reply() == (p.NbdErr.EINVAL, 1)  # and no payload follows
+    c.request(p.Cmd.WRITE, SIZE, 512, cookie=2, data=bytes(512))
+    assert c.simple_reply() == (p.NbdErr.ENOSPC, 2)  # payload was consumed, stream in sync
+    c.request(p.Cmd.TRIM, 2**63, 512, cookie=3)
+    assert c.simple_reply() == (p.NbdErr.EINVAL, 3)
+    c.request(p.Cmd.WRITE_ZEROES, SIZE - 512, 4096, cookie=4)
+    assert c.simple_reply() == (p.NbdErr.ENOSPC, 4)
+    c.request(p.Cmd.READ, 0, 512, cookie=5)
+    assert c.simple_reply() == (0, 5) and len(c.recv_exact(512)) == 512
+    others_still_served(server)
+
+
+def test_oversized_read_gets_einval_oversized_write_disconnects(server: ServerThread) -> None:
+    c = RawClient(server.sock_path)
+    c.go(structured=True)
+    c.request(p.Cmd.READ, 0, 64 * MiB, cookie=21)
+    magic, _flags, typ, cookie, length = struct.unpack(">IHHQI", c.recv_exact(20))
+    assert (magic, typ, cookie) == (p.STRUCTURED_REPLY_MAGIC, p.ChunkType.ERROR, 21)
+    error, _msg_len = struct.unpack(">IH", c.recv_exact(6))
+    assert error == p.NbdErr.EINVAL and b"32 MiB" in c.recv_exact(length - 6)
+    # A write's payload cannot be skipped safely: the connection goes.
+    c.request(p.Cmd.WRITE, 0, 64 * MiB, cookie=22)
+    assert c.closed_by_peer()
+    others_still_served(server)
+
+
+def test_truncated_messages_close_cleanly(server: ServerThread) -> None:
+    c = RawClient(server.sock_path)
+    c.go()
+    c.sock.sendall(struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 1, 0, 4096) + b"x" * 100)
+    c.sock.shutdown(2)
+    c.close()
+    c = RawClient(server.sock_path)
+    c.start()
+    c.sock.sendall(struct.pack(">QII", p.IHAVEOPT, p.Opt.GO, 100) + b"\0\0")  # half an option
+    c.close()
+    wait_for(lambda: server.connection_count() == 0, what="truncated connections to go")
+    others_still_served(server)
+
+
+def test_silent_client_is_dropped_after_the_handshake_timeout(server: ServerThread) -> None:
+    c = RawClient(server.sock_path)
+    c.greeting()  # and then nothing
+    assert c.closed_by_peer(timeout=5)
+    others_still_served(server)
+
+
+def test_client_that_never_reads_replies_cannot_grow_the_server(server: ServerThread) -> None:
+    c = RawClient(server.sock_path)
+    c.go()
+    c.sock.setblocking(False)
+    request = struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.READ, 1, 0, 4 * MiB) * 64
+    sent = 0
+    try:
+        for _ in range(200):  # 12800 reads of 4 MiB = 50 GiB if all were answered
+            sent += c.sock.send(request)
+    except BlockingIOError:
+        pass  # the server stopped reading: back-pressure works
+    assert sent < len(request) * 200
+    others_still_served(server)
+    c.close()
