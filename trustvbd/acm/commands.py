@@ -29,7 +29,8 @@ def validate_policy_file(path: str | Path) -> Policy:
     return load_policy(path)
 
 
-def check(path: str, out: TextIO = sys.stdout) -> int:
+def check(path: str, out: TextIO | None = None) -> int:
+    out = out or sys.stdout  # looked up per call, so redirection works
     try:
         p = load_policy(path)
     except PolicyError as exc:
@@ -42,7 +43,8 @@ def check(path: str, out: TextIO = sys.stdout) -> int:
     return 0
 
 
-def show(path: str, out: TextIO = sys.stdout) -> int:
+def show(path: str, out: TextIO | None = None) -> int:
+    out = out or sys.stdout  # looked up per call, so redirection works
     try:
         p = load_policy(path)
     except PolicyError as exc:
@@ -81,7 +83,8 @@ def show(path: str, out: TextIO = sys.stdout) -> int:
 
 
 def convert(path: str, output: str | None = None, to: str | None = None,
-            out: TextIO = sys.stdout) -> int:
+            out: TextIO | None = None) -> int:
+    out = out or sys.stdout  # looked up per call, so redirection works
     try:
         p = load_policy(path)
     except PolicyError as exc:
@@ -113,7 +116,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
             "guests": labels("guest"), "disks": labels("disk")}
 
 
-def explain_config(config: str, guest: str, disk: str, out: TextIO = sys.stdout) -> int:
+def explain_config(config: str, guest: str, disk: str, out: TextIO | None = None) -> int:
+    out = out or sys.stdout  # looked up per call, so redirection works
     try:
         cfg = read_config(config)
         policy = load_policy(cfg["policy"]) if cfg["policy"] else Policy.null()
@@ -138,7 +142,9 @@ def _line(rec: dict[str, Any]) -> str:
 
 
 def show_audit(path: str | Path, follow_log: bool = False, as_json: bool = False,
-               out: TextIO = sys.stdout) -> int:
+               out: TextIO | None = None) -> int:
+    out = out or sys.stdout  # looked up per call, so redirection works
+    out = out or sys.stdout  # looked up per call, so redirection works
     try:
         records = follow(path) if follow_log else iter(_read(path))
         for rec in records:
@@ -158,7 +164,8 @@ def _read(path: str | Path) -> list[dict[str, Any]]:
     return AuditLog.read(path)
 
 
-def verify_audit(path: str | Path, out: TextIO = sys.stdout) -> int:
+def verify_audit(path: str | Path, out: TextIO | None = None) -> int:
+    out = out or sys.stdout  # looked up per call, so redirection works
     problems = verify(path)
     for p in problems:
         print(p, file=out)
