@@ -192,3 +192,16 @@ def test_toml_errors_name_key_and_line():
     assert str(err).startswith("p.toml:2: not valid TOML")
     err = toml_refused('version = "1.0"\n')
     assert "name: is missing" in str(err)
+
+
+def test_toml_files_are_bounded_too(tmp_path):
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"# " + b"x" * MAX_BYTES)
+    with pytest.raises(PolicyError, match="over the 1048576-byte limit"):
+        load_policy(big)
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b'name = "x"\n# \xc3\x28\n')
+    with pytest.raises(PolicyError, match=r"bad\.toml:2: invalid UTF-8"):
+        load_policy(bad)
+    with pytest.raises(PolicyError, match="cannot read"):
+        load_policy(tmp_path / "missing.toml")

@@ -231,3 +231,25 @@ B = { chwall = ["b"] }
     d = domains_may_communicate(p, "A", "B")
     assert d.allowed and d.rule == "ste-not-enforced"
     assert not ChineseWall(p).may_start("B").allowed  # the bootstrap A runs
+
+
+def test_docs_worked_example():
+    """The claims docs/policy.md makes about its worked example."""
+    from tests.acm.util import example
+
+    p = example()
+    assert guest_may_use_disk(p, "Payroll", "PayrollData").allowed
+    d = guest_may_use_disk(p, "Payroll", "BankData")
+    assert not d.allowed and d.rule == "ste-no-shared-type"
+    assert driver_may_serve_disk(p, "StorageA", "PayrollData").allowed
+    assert driver_may_serve_disk(p, "StorageA", "BankData").allowed
+    assert not domains_may_communicate(p, "Payroll", "Bank").allowed
+    assert domains_may_communicate(p, "Payroll", "SystemManagement").allowed
+    wall = ChineseWall(p)
+    assert wall.start("Payroll", "vm1").allowed
+    d = wall.may_start("Bank", "vm2")
+    assert not d.allowed and 'conflict set "RER"' in d.reason and '"Payroll"' in d.reason
+    assert wall.start("Payroll").allowed and wall.start("StorageA").allowed
+    wall.stopped("Payroll")
+    wall.stopped("Payroll")
+    assert wall.start("Bank", "vm2").allowed
