@@ -68,6 +68,12 @@ def write_file_atomic(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
+def _crc_at(raw: bytes, offset: int) -> int:
+    """The CRC-32 stored big-endian at `offset` (checksums guard against torn or
+    rotten files in trusted state, not against an adversary)."""
+    return int(struct.unpack_from(">I", raw, offset)[0])
+
+
 # ---------------------------------------------------------------- anchor
 
 _ANCHOR = struct.Struct(">8sII16sQQQ32s")
@@ -92,7 +98,7 @@ class Anchor:
 
     @classmethod
     def decode(cls, raw: bytes, where: Path) -> Anchor:
-        if len(raw) != _ANCHOR.size + 4 or zlib.crc32(raw[:-4]) != int.from_bytes(raw[-4:]):
+        if len(raw) != _ANCHOR.size + 4 or zlib.crc32(raw[:-4]) != _crc_at(raw, len(raw) - 4):
             raise TrustedStateError(f"{where} is corrupt (length or checksum); restore it")
         magic, version, _, disk_id, size, epoch, counter, root = _ANCHOR.unpack_from(raw)
         if magic != _ANCHOR_MAGIC or version != _ANCHOR_VERSION:
@@ -156,8 +162,7 @@ class IntentLog:
         """
         raw = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
         hsize = _LOG_HEADER.size + 4
-        if len(raw) < hsize or zlib.crc32(raw[:_LOG_HEADER.size]) != int.from_bytes(
-                raw[_LOG_HEADER.size:hsize]):
+        if len(raw) < hsize or zlib.crc32(raw[:_LOG_HEADER.size]) != _crc_at(raw, hsize - 4):
             return None, []
         magic, version, _, base_epoch, _ = _LOG_HEADER.unpack_from(raw)
         if magic != _LOG_MAGIC or version != _LOG_VERSION:
@@ -169,7 +174,7 @@ class IntentLog:
             end = off + _REC_HEAD.size + 64 * count + 4
             if magic != _REC_MAGIC or end > len(raw):
                 break
-            if zlib.crc32(raw[off:end - 4]) != int.from_bytes(raw[end - 4:end]):
+            if zlib.crc32(raw[off:end - 4]) != _crc_at(raw, end - 4):
                 break
             body = off + _REC_HEAD.size
             records.append(IntentRecord(first, raw[body:body + 32 * count],

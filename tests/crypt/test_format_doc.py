@@ -1,0 +1,157 @@
+"""docs/format.md is enough to read a disk: an independent reader written from it alone.
+
+Uses the `cryptography` primitives directly and none of trustvbd's parsers, so a
+drift between the document and the code fails here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from tests.crypt.helpers import BS, RawMemory, open_disk, pattern, run
+from trustvbd.blocks.crypt_layer import create_disk_state, load_kek, physical_size
+
+SIZE = 300 * BS  # N = 300, P = 3
+
+
+def _crc_ok(raw: bytes, end: int) -> bool:
+    return zlib.crc32(raw[:end]) == struct.unpack_from(">I", raw, end)[0]
+
+
+def _unwrap(keys: bytes, kek_bytes: bytes | None, passphrase: str | None) -> tuple[bytes, bytes]:
+    assert len(keys) == 220 and keys[:8] == b"TVBDKEYS" and _crc_ok(keys, 216)
+    kind, disk_id, salt = struct.unpack_from(">I", keys, 12)[0], keys[16:32], keys[32:48]
+    log_n, r, p = struct.unpack_from(">III", keys, 48)
+    if kind == 2:
+        assert passphrase is not None
+        kek = Scrypt(salt=salt, length=32, n=1 << log_n, r=r, p=p).derive(passphrase.encode())
+    else:
+        assert kek_bytes is not None
+        kek = kek_bytes
+    aad = b"trustvbd-keywrap-v1\x00" + b"data key" + b"\x00" + keys[:96]
+    data_key = AESGCM(kek).decrypt(keys[96:108], keys[108:156], aad)
+    return disk_id, data_key
+
+
+def _tree_root(page_hashes: list[bytes]) -> bytes:
+    level, depth = page_hashes, 0
+    empty = [bytes(32)]
+    for _ in range(64):
+        empty.append(hashlib.sha256(b"\x01" + empty[-1] + empty[-1]).digest())
+    while len(level) > 1:
+        if len(level) % 2:
+            level = [*level, empty[depth]]
+        level = [hashlib.sha256(b"\x01" + level[i] + level[i + 1]).digest()
+                 for i in range(0, len(level), 2)]
+        depth += 1
+    return level[0]
+
+
+def test_an_independent_reader_follows_the_document(tmp_path: Path) -> None:
+    async def write() -> RawMemory:
+        kek = load_kek(tmp_path, passphrase="doc reader")
+        create_disk_state(tmp_path, "doc", SIZE, kek)
+        replica = RawMemory(physical_size(SIZE))
+        disk = await open_disk(tmp_path, replica, kek, "doc")
+        await disk.pwrite(0, pattern(0) + pattern(1))
+        await disk.pwrite(299 * BS, pattern(299))
+        await disk.trim(BS, BS)
+        await disk.flush()
+        await disk.close()
+        return replica
+
+    replica = run(write())
+    raw = bytes(replica.raw)
+    state = tmp_path / "disks" / "doc"
+    disk_id, data_key = _unwrap((state / "keys").read_bytes(), None, "doc reader")
+    public = (state / "disk.pub").read_bytes()
+    assert (state / "keys").read_bytes()[64:96] == public
+
+    # Section 1: layout.
+    n, p = 300, 3
+    d = 8192 + p * 4096
+    assert len(raw) == d + n * 4096
+
+    # Section 1.4: the newest valid superblock.
+    best = None
+    for slot in (0, 1):
+        sb = raw[slot * 4096:(slot + 1) * 4096]
+        if sb.count(0) == 4096:
+            continue
+        assert sb[:8] == b"TVBDSUPR" and struct.unpack_from(">II", sb, 8) == (1, 4096)
+        assert sb[16:32] == disk_id
+        size, loff, lpages, doff, epoch, counter = struct.unpack_from(">QQQQQQ", sb, 32)
+        assert (size, loff, lpages, doff) == (SIZE, 8192, p, d) and epoch % 2 == slot
+        assert sb[112:144] == hashlib.sha256(public).digest()
+        Ed25519PublicKey.from_public_bytes(public).verify(
+            sb[2200:2264], b"trustvbd-superblock-v1\x00" + sb[:2200])
+        assert sb[2264:].count(0) == 4096 - 2264
+        if best is None or epoch > best[0]:
+            best = (epoch, counter, sb[80:112], struct.unpack_from(">II", sb, 144), sb)
+    assert best is not None
+    epoch, counter, root, (top_depth, top_count), sb = best
+
+    # Section 1.3: the tree over leaf pages.
+    pages = [raw[8192 + i * 4096:8192 + (i + 1) * 4096] for i in range(p)]
+    hashes = [hashlib.sha256(b"\x00" + i.to_bytes(8, "big") + pg).digest()
+              for i, pg in enumerate(pages)]
+    assert _tree_root(hashes) == root
+    assert (top_depth, top_count) == (0, 3) and sb[152:152 + 96] == b"".join(hashes)
+
+    # Sections 1.1 and 1.2: leaves and blocks.
+    def read_block(b: int) -> bytes:
+        version, tag = struct.unpack_from(">Q16s", raw, 8192 + 32 * b)
+        if version == 0:
+            return bytes(4096)
+        assert version < counter
+        nonce = version.to_bytes(8, "big") + bytes(4)
+        aad = disk_id + b.to_bytes(8, "big") + version.to_bytes(8, "big")
+        ct = raw[d + 4096 * b:d + 4096 * (b + 1)]
+        return AESGCM(data_key).decrypt(nonce, ct + tag, aad)
+
+    assert read_block(0) == pattern(0)
+    assert read_block(1) == bytes(4096)  # trimmed
+    assert raw[8192 + 32:8192 + 64] == bytes(32)
+    assert read_block(299) == pattern(299)
+    assert read_block(5) == bytes(4096)
+
+    # Section 2.3: the anchor agrees with the replica.
+    anchor = (state / "anchor").read_bytes()
+    assert len(anchor) == 92 and anchor[:8] == b"TVBDANCR" and _crc_ok(anchor, 88)
+    a_epoch, a_counter = struct.unpack_from(">QQ", anchor, 40)
+    assert anchor[16:32] == disk_id and (a_epoch, anchor[56:88]) == (epoch, root)
+    assert a_counter == counter
+
+    # Section 2.4: after a commit, the intent log is a bare header for that epoch.
+    log = (state / "intent.log").read_bytes()
+    assert len(log) == 32 and log[:8] == b"TVBDINTL" and _crc_ok(log, 28)
+    assert struct.unpack_from(">Q", log, 16)[0] == epoch
+
+    # Section 2.5: committed page hashes.
+    pg = (state / "pages").read_bytes()
+    assert pg[:16] == b"TVBDPAGE" + struct.pack(">II", 1, p) and pg[16:] == b"".join(hashes)
+
+
+def test_intent_records_follow_the_document(tmp_path: Path) -> None:
+    async def go() -> None:
+        kek = load_kek(tmp_path)
+        create_disk_state(tmp_path, "doc", SIZE, kek)
+        disk = await open_disk(tmp_path, RawMemory(physical_size(SIZE)), kek, "doc")
+        await disk.pwrite(10 * BS, pattern(10) + pattern(11))
+        log = (tmp_path / "disks" / "doc" / "intent.log").read_bytes()
+        rec = log[32:]
+        assert rec[:4] == b"IREC" and struct.unpack_from(">IQ", rec, 4) == (2, 10)
+        assert rec[16:80] == bytes(64)  # old leaves: never written
+        new = rec[80:144]
+        assert bytes(disk._leaves[320:384]) == new
+        assert len(rec) == 148 and _crc_ok(rec, 144)
+        disk._state.close()
+
+    run(go())
