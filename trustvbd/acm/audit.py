@@ -118,15 +118,21 @@ class AuditLog:
 
     def append(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Write one record durably (log fsync, then head) and return it."""
-        record = {"seq": self.seq + 1,
-                  "time": datetime.now(UTC).isoformat(timespec="microseconds"),
-                  "kind": kind, "fields": fields, "prev": self.last}
+        record: dict[str, Any] = {"seq": self.seq + 1,
+                                  "time": datetime.now(UTC).isoformat(timespec="microseconds"),
+                                  "kind": kind, "fields": fields, "prev": self.last}
         record["hash"] = record_hash(record)
         line = json.dumps(record, sort_keys=True, ensure_ascii=False).encode() + b"\n"
         if len(line) > MAX_RECORD:
             raise ValueError(f"audit record of {len(line)} bytes is over {MAX_RECORD}")
-        os.write(self.fd, line)
-        os.fsync(self.fd)
+        size = os.fstat(self.fd).st_size
+        try:
+            if os.write(self.fd, line) != len(line):
+                raise OSError("short write (disk full?)")
+            os.fsync(self.fd)
+        except OSError:
+            os.ftruncate(self.fd, size)  # never leave a torn record for the next one to follow
+            raise
         head = head_path(self.path)
         tmp = head.with_name(head.name + ".tmp")
         with open(tmp, "w") as f:

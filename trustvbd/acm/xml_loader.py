@@ -84,10 +84,16 @@ class _TreeBuilder(ContentHandler):
 
     def __init__(self, file: str) -> None:
         super().__init__()
-        self.file, self.stack, self.root = file, [], None  # type: ignore[var-annotated]
+        self.file = file
+        self.stack: list[_Node] = []
+        self.root: _Node | None = None
+        self.locator: Any = None
+
+    def setDocumentLocator(self, locator: Any) -> None:
+        self.locator = locator
 
     def line(self) -> int:
-        return self._locator.getLineNumber() if self._locator else 0
+        return int(self.locator.getLineNumber()) if self.locator else 0
 
     def startElementNS(self, name: tuple[str | None, str], qname: Any, attrs: Any) -> None:
         uri, tag = name
