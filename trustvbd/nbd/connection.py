@@ -41,7 +41,8 @@ log = logging.getLogger("trustvbd.nbd.server")
 
 MAX_TASKS = 256
 MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
-FLUSH_OUTPUT_AT = 512 * 1024  # write batched replies once this many bytes are queued
+FLUSH_OUTPUT_AT = 512 * 1024
+WRITE_BUFFER_HIGH = 4 * 1024 * 1024  # write batched replies once this many bytes are queued
 # Plain ints on the per-request path: enum attribute access costs microseconds.
 _READ, _WRITE, _DISC, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES = (
     int(c) for c in (p.Cmd.READ, p.Cmd.WRITE, p.Cmd.DISC, p.Cmd.FLUSH, p.Cmd.TRIM, p.Cmd.CACHE,
@@ -102,6 +103,9 @@ class Connection(asyncio.BufferedProtocol):
     # --- asyncio protocol callbacks -------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment] # uvloop's is not a subclass
+        # Room for a few large read replies before back-pressure: with the default
+        # 64 KiB every 256 KiB reply paused and resumed reading (epoll calls).
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
         transport.write(self.core.send(m.Greeting(GREETING_FLAGS)))
         self._handshake_task = self._loop.create_task(self._handshake())
 
