@@ -5,7 +5,14 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trustvbd.acm import ChineseWall, Policy, domains_may_communicate, guest_may_use_disk
+from tests.acm.util import EXAMPLE_TOML, XM_TEST
+from trustvbd.acm import (
+    ChineseWall,
+    Policy,
+    PolicyError,
+    domains_may_communicate,
+    guest_may_use_disk,
+)
 from trustvbd.acm.model import ConflictSet, Header, ResourceLabel, VmLabel, Where, validate
 from trustvbd.acm.toml_loader import policy_from_toml, to_toml
 from trustvbd.acm.xml_loader import policy_from_xml, to_xml
@@ -83,3 +90,33 @@ def test_chinese_wall_counting(p, ops):
     for label in running:
         wall.stopped(label)
     assert not wall.running and not wall.aggregate  # everything back to zero
+
+
+XM_BYTES = XM_TEST.read_bytes()
+TOML_TEXT = EXAMPLE_TOML
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(XM_BYTES) - 1), st.binary(max_size=8)),
+                min_size=1, max_size=4))
+def test_mangled_xml_is_loaded_or_refused_cleanly(edits):
+    data = XM_BYTES
+    for pos, junk in edits:
+        data = data[:pos] + junk + data[pos + len(junk) // 2:]
+    try:
+        policy_from_xml(data, "fuzz.xml")
+    except PolicyError as exc:
+        assert str(exc).startswith("fuzz.xml")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(TOML_TEXT) - 1), st.text(max_size=6)),
+                min_size=1, max_size=4))
+def test_mangled_toml_is_loaded_or_refused_cleanly(edits):
+    text = TOML_TEXT
+    for pos, junk in edits:
+        text = text[:pos] + junk + text[pos + len(junk) // 2:]
+    try:
+        policy_from_toml(text, "fuzz.toml")
+    except PolicyError as exc:
+        assert str(exc).startswith("fuzz.toml")
