@@ -248,3 +248,34 @@ def test_client_fails_closed_on_garbage_and_silence():
         shutil.rmtree(path.parent, ignore_errors=True)
 
     asyncio.run(scenario())
+
+
+def test_any_request_gets_a_reply_in_process(tmp_path):
+    """respond() never raises, whatever arrives (fuzzed JSON values and raw bytes)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from trustvbd.acm import load_policy
+    from trustvbd.domains.acm import AcmDomain
+
+    domain = AcmDomain(load_policy(XM_TEST), AuditLog(tmp_path / "audit.jsonl"))
+    ops = st.sampled_from(["guest_may_use_disk", "driver_may_serve_disk", "channel",
+                           "chw_attach", "chw_detach", "explain", "status", "record", "x"])
+    values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                          lambda c: st.lists(c, max_size=3) | st.dictionaries(
+                              st.text(max_size=5), c, max_size=3), max_leaves=6)
+    keys = st.sampled_from(["guest", "guest_label", "disk", "disk_label", "id", "label", "a",
+                            "a_label", "b", "b_label", "kind", "fields", "path"])
+
+    @settings(max_examples=300, deadline=None)
+    @given(ops, st.dictionaries(keys, values | st.sampled_from(["red", "blue", "integrity"])),
+           st.binary(max_size=20))
+    def check(op, body, raw):
+        for line in (json.dumps({"op": op, **body}).encode(), raw):
+            reply = domain.respond(line, owner=1)
+            assert isinstance(reply, dict) and isinstance(reply.get("ok"), bool), reply
+            assert "allowed" not in reply or isinstance(reply["allowed"], bool)
+
+    check()
+    domain.release(1)
+    assert verify(tmp_path / "audit.jsonl") == []
