@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,7 @@ def _expected(blocks: range) -> dict[int, bytes]:
 
 
 @pytest.fixture(scope="module")
-def golden() -> tuple[Path, bytes]:
+def golden() -> Iterator[tuple[Path, bytes]]:
     """One written disk (state dir + replica bytes) that each example copies and tampers with."""
     root = Path(tempfile.mkdtemp(prefix="tvgold"))
     replica = RawMemory(physical_size(SIZE))

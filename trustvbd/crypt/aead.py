@@ -79,7 +79,10 @@ class BlockCipher:
             enc(nonce, plain[o:e], aad, out[o:e + TAG_SIZE])
             leaves[lo:lo + 8] = nonce[:8]
             leaves[lo + 8:lo + 24] = out[e:e + TAG_SIZE]
-            o, lo, b, v = e, lo + LEAF_SIZE, b + 1, v + 1
+            o = e
+            lo += LEAF_SIZE
+            b += 1
+            v += 1
 
     def decrypt(
         self, first_block: int, cipher: memoryview, leaves: memoryview, out: memoryview,
@@ -119,5 +122,7 @@ class BlockCipher:
                 except InvalidTag:
                     out[o:e] = _ZERO_BLOCK
                     bad.append(i)
-            o, lo, b = e, lo + LEAF_SIZE, b + 1
+            o = e
+            lo += LEAF_SIZE
+            b += 1
         return bad

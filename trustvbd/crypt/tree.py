@@ -39,9 +39,9 @@ def _parent_level(level: bytes | bytearray, depth: int) -> bytearray:
     count = len(level) // HASH_SIZE
     out = bytearray(((count + 1) // 2) * HASH_SIZE)
     for j in range(0, count, 2):
-        left = level[j * HASH_SIZE:(j + 1) * HASH_SIZE]
+        left = bytes(level[j * HASH_SIZE:(j + 1) * HASH_SIZE])
         if j + 1 < count:
-            right = level[(j + 1) * HASH_SIZE:(j + 2) * HASH_SIZE]
+            right = bytes(level[(j + 1) * HASH_SIZE:(j + 2) * HASH_SIZE])
         else:
             right = _EMPTY[depth]
         out[(j // 2) * HASH_SIZE:(j // 2 + 1) * HASH_SIZE] = _sha256(
@@ -96,9 +96,9 @@ class HashTree:
                 if p in parents:
                     continue
                 parents.add(p)
-                left = level[2 * p * HASH_SIZE:(2 * p + 1) * HASH_SIZE]
+                left = bytes(level[2 * p * HASH_SIZE:(2 * p + 1) * HASH_SIZE])
                 if 2 * p + 1 < count:
-                    right = level[(2 * p + 1) * HASH_SIZE:(2 * p + 2) * HASH_SIZE]
+                    right = bytes(level[(2 * p + 1) * HASH_SIZE:(2 * p + 2) * HASH_SIZE])
                 else:
                     right = _EMPTY[depth]
                 above[p * HASH_SIZE:(p + 1) * HASH_SIZE] = _sha256(
