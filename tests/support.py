@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
-import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,25 +27,42 @@ def run(cmd: list[str], timeout: float = 120, check: bool = True, **kw: Any) -> 
     return result
 
 
+def _line_queue(proc: subprocess.Popen[str]) -> queue.Queue[str | None]:
+    """A thread per process turns stdout into a queue of lines (None at EOF).
+
+    select() on a buffered text stream misses lines already in the buffer; a thread doesn't.
+    """
+    q: queue.Queue[str | None] | None = getattr(proc, "_line_queue", None)
+    if q is None:
+        q = queue.Queue()
+        assert proc.stdout is not None
+        stdout = proc.stdout
+
+        def pump() -> None:
+            for line in stdout:
+                q.put(line.rstrip("\n"))
+            q.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        proc._line_queue = q  # type: ignore[attr-defined]
+    return q
+
+
 def read_lines_until(proc: subprocess.Popen[str], last: str, timeout: float) -> list[str]:
     """Read stdout lines until the line `last`; fail with stderr if the process exits first."""
-    assert proc.stdout is not None
+    q = _line_queue(proc)
     lines: list[str] = []
     deadline = time.monotonic() + timeout
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        try:
+            line = q.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
             proc.kill()
-            raise AssertionError(f"no {last!r} line within {timeout}s; got {lines}")
-        ready, _, _ = select.select([proc.stdout], [], [], remaining)
-        if not ready:
-            continue
-        line = proc.stdout.readline()
-        if not line:
+            raise AssertionError(f"no {last!r} line within {timeout}s; got {lines}") from None
+        if line is None:
             proc.wait(10)
             err = proc.stderr.read() if proc.stderr else ""
             raise AssertionError(f"process exited {proc.returncode} before {last!r}: {lines}\n{err}")
-        line = line.rstrip("\n")
         lines.append(line)
         if line == last:
             return lines

@@ -38,7 +38,8 @@ def run(main: Coroutine[Any, Any, int]) -> int:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a pinned dependency
         return asyncio.run(main)
-    return asyncio.run(main, loop_factory=uvloop.new_event_loop)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def ready(fd: int | None) -> None:

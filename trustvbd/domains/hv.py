@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -113,6 +114,7 @@ class Launcher:
         self.integrity_events: list[dict[str, Any]] = []
         self.policy = None  # set by the access-control wiring
         self.started = time.time()
+        self.export_tokens: dict[str, str] = {}
 
     # -- domains ------------------------------------------------------------------
     async def spawn(self, domain: Domain, pass_fds: tuple[int, ...] = ()) -> None:
@@ -182,10 +184,16 @@ class Launcher:
         for disk in self.config.disks.values():
             if name in disk.replicas:
                 size = physical_size(disk.size, disk.encrypt)
-                exports += ["--export", f"{disk.name}={drv.dir / (disk.name + '.img')}:{size}"]
+                token = self.export_token(disk.name)
+                exports += ["--export", f"{token}={drv.dir / (disk.name + '.img')}:{size}"]
         argv = [sys.executable, "-m", "trustvbd.domains.driver", "--supervised",
                 "--socket", str(self.config.driver_socket(name)), *exports]
         return Domain(name, "driver", False, drv.label, argv)
+
+    def export_token(self, disk: str) -> str:
+        """An opaque export name for our own drivers: the NBD handshake must not tell a
+        driver which disk it holds (names can be confidential too)."""
+        return self.export_tokens.setdefault(disk, "x" + secrets.token_hex(8))
 
     # -- channels -----------------------------------------------------------------
     async def open_channel(self, disk_name: str, replica: str) -> tuple[socket.socket, str]:
@@ -196,7 +204,7 @@ class Launcher:
             raise PermissionError(f"disk {disk_name!r} has no replica {replica!r}")
         await self.check_channel(disk_name, replica)
         if drv.dir is not None:
-            path, export = str(self.config.driver_socket(replica)), disk.name
+            path, export = str(self.config.driver_socket(replica)), self.export_token(disk.name)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             target: Any = path
         else:
@@ -223,7 +231,8 @@ class Launcher:
     async def handle_crypt(self, message: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]] | None:
         op, event = message.get("op"), message.get("event")
         if op == "spec":
-            return self.crypt_spec(), [s.fileno() for _, s in self.listeners]
+            # The channel closes what it sends; the launcher keeps its own copies.
+            return self.crypt_spec(), [os.dup(s.fileno()) for _, s in self.listeners]
         if op == "channel":
             try:
                 sock, export = await self.open_channel(str(message.get("disk")), str(message.get("replica")))

@@ -1,0 +1,390 @@
+"""The encryption domain end to end: what a hostile driver can and cannot do, with real clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.interop import clients
+from tests.interop.proxy import RecordingProxy
+from tests.support import System, run
+from trustvbd.blocks.crypt_layer import Layout
+
+pytestmark = pytest.mark.interop
+MIB = 1 << 20
+SIZE = 8 * MIB
+SENTENCE = b"The payroll of Ms. Example is 123,456 a year; keep it secret. "
+
+
+def config(size: int = SIZE, driver: str = 'dir = "backing/a"', extra: str = "") -> str:
+    return f"""
+state_dir = "state"
+[[driver]]
+name = "drv-a"
+label = "StorageA"
+{driver}
+[[disk]]
+name = "payroll"
+size = {size}
+label = "PayrollData"
+replicas = ["drv-a"]
+[[guest]]
+name = "vm1"
+label = "Payroll"
+{extra}"""
+
+
+def backing(root: Path) -> Path:
+    return root / "backing" / "a" / "payroll.img"
+
+
+def layout(size: int = SIZE) -> Layout:
+    return Layout.for_size(size)
+
+
+def flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def read_ok(uri: str, offset: int, length: int, pattern: int) -> bool:
+    out = run(["qemu-io", "-f", "raw", uri, "-c", f"read -P {pattern} {offset} {length}"], check=False)
+    return out.returncode == 0 and "Pattern verification failed" not in out.stdout and "error" not in out.stderr.lower()
+
+
+def write_pattern(uri: str, offset: int, length: int, pattern: int) -> None:
+    run(["qemu-io", "-f", "raw", uri, "-c", f"write -P {pattern} {offset} {length}", "-c", "flush"])
+
+
+def status(s: System) -> dict:  # type: ignore[type-arg]
+    return json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)  # type: ignore[no-any-return]
+
+
+# -- 1. confidentiality ------------------------------------------------------------------
+def test_driver_sees_no_plaintext_no_name_no_key(short_tmp: Path) -> None:
+    img = short_tmp / "peer.img"
+    os.truncate(img, layout().physical_size)
+    run(["nbdkit", "-U", str(short_tmp / "nk.sock"), "-P", str(short_tmp / "nk.pid"), "file", str(img)])
+    proxy = RecordingProxy(short_tmp / "px.sock", short_tmp / "nk.sock")
+    try:
+        s = System(short_tmp, config(driver=f'uri = "nbd+unix:///?socket={short_tmp / "px.sock"}"')).start()
+        src = short_tmp / "secret.txt"
+        src.write_bytes((SENTENCE * (SIZE // len(SENTENCE) + 1))[:SIZE])
+        run(["nbdcopy", str(src), s.uri("vm1", "payroll")])
+        out = short_tmp / "back.txt"
+        run(["nbdcopy", s.uri("vm1", "payroll"), str(out)])
+        assert out.read_bytes() == src.read_bytes()
+        s.stop()
+        stored = img.read_bytes()
+        sent = bytes(proxy.to_driver)
+        assert len(sent) > SIZE  # the data really went through the proxy
+        secrets = [SENTENCE[:16], SENTENCE[20:36], b"payroll", b"PayrollData"]
+        for f in (short_tmp / "state").rglob("*"):
+            if f.is_file() and f.suffix == ".key":
+                secrets.append(f.read_bytes()[:16])
+        for needle in secrets:
+            assert needle not in stored, f"{needle!r} found in the driver's file"
+            assert needle not in sent, f"{needle!r} sent to the driver"
+    finally:
+        proxy.close()
+        os.kill(int((short_tmp / "nk.pid").read_text()), signal.SIGTERM)
+
+
+# -- 2. integrity ------------------------------------------------------------------------
+@pytest.fixture
+def written(short_tmp: Path) -> System:
+    s = System(short_tmp, config()).start()
+    uri = s.uri("vm1", "payroll")
+    for i in range(8):
+        write_pattern(uri, i * MIB, MIB, 0x10 + i)
+    s.stop()
+    return s
+
+
+def test_flipped_data_byte_fails_only_that_block(written: System) -> None:
+    lay = layout()
+    block = (3 * MIB) // 4096 + 5
+    flip(backing(written.root), lay.data_offset(block) + 100)
+    written.start()
+    uri = written.uri("vm1", "payroll")
+    out = run(["qemu-io", "-f", "raw", uri, "-c", f"read {block * 4096} 4096"], check=False)
+    assert "Input/output error" in out.stdout + out.stderr
+    assert read_ok(uri, 3 * MIB, 5 * 4096, 0x13)  # the neighbours
+    assert read_ok(uri, (block + 1) * 4096, 4096, 0x13)
+    assert read_ok(uri, 0, MIB, 0x10)
+    st = status(written)
+    assert st["disks"][0]["integrity_events"] >= 1
+    written.stop()
+
+
+def test_flipped_leaf_table_byte_fails_only_covered_blocks(written: System) -> None:
+    lay = layout()
+    block = 6 * MIB // 4096
+    flip(backing(written.root), lay.leaf_offset(block) + 3)
+    written.start()
+    uri = written.uri("vm1", "payroll")
+    out = run(["qemu-io", "-f", "raw", uri, "-c", f"read {block * 4096} 4096"], check=False)
+    assert "Input/output error" in out.stdout + out.stderr
+    covered = lay.leaf_page_blocks(block)
+    first, last = covered.start * 4096, covered.stop * 4096
+    for i in range(8):
+        if (i + 1) * MIB <= first or i * MIB >= last:
+            assert read_ok(uri, i * MIB, MIB, 0x10 + i), f"MiB {i} should still read"
+    written.stop()
+
+
+@pytest.mark.parametrize("slot", [0, 1])
+def test_flipped_superblock_byte_is_detected_and_data_still_served(written: System, slot: int) -> None:
+    flip(backing(written.root), slot * 4096 + 40)
+    written.start()
+    uri = written.uri("vm1", "payroll")
+    for i in range(8):
+        assert read_ok(uri, i * MIB, MIB, 0x10 + i)
+    written.stop()
+
+
+def test_swapped_blocks_fail(written: System) -> None:
+    lay = layout()
+    path = backing(written.root)
+    a, b = 10, 300
+    with open(path, "r+b") as f:
+        f.seek(lay.data_offset(a))
+        da = f.read(4096)
+        f.seek(lay.data_offset(b))
+        db = f.read(4096)
+        f.seek(lay.data_offset(a))
+        f.write(db)
+        f.seek(lay.data_offset(b))
+        f.write(da)
+    written.start()
+    uri = written.uri("vm1", "payroll")
+    for blk in (a, b):
+        out = run(["qemu-io", "-f", "raw", uri, "-c", f"read {blk * 4096} 4096"], check=False)
+        assert "Input/output error" in out.stdout + out.stderr
+    assert read_ok(uri, 11 * 4096, 4096, 0x10)
+    written.stop()
+
+
+def test_block_spliced_from_another_disk_fails(short_tmp: Path) -> None:
+    text = config() + '\n[[disk]]\nname = "other"\nsize = 8388608\nlabel = "O"\nreplicas = ["drv-a"]\n'
+    s = System(short_tmp, text).start()
+    write_pattern(s.uri("vm1", "payroll"), 0, MIB, 0x21)
+    write_pattern(s.uri("vm1", "other"), 0, MIB, 0x22)
+    s.stop()
+    lay = layout()
+    other = short_tmp / "backing" / "a" / "other.img"
+    with open(other, "rb") as f:
+        f.seek(lay.data_offset(7))
+        block = f.read(4096)
+        f.seek(lay.leaf_offset(7))
+        leaf = f.read(32)
+    with open(backing(short_tmp), "r+b") as f:
+        f.seek(lay.data_offset(7))
+        f.write(block)
+    s.start()
+    out = run(["qemu-io", "-f", "raw", s.uri("vm1", "payroll"), "-c", f"read {7 * 4096} 4096"], check=False)
+    assert "Input/output error" in out.stdout + out.stderr
+    assert len(leaf) == 32
+    s.stop()
+
+
+# -- 3. freshness ------------------------------------------------------------------------
+def test_rolled_back_replica_is_refused_with_epochs(short_tmp: Path) -> None:
+    s = System(short_tmp, config()).start()
+    write_pattern(s.uri("vm1", "payroll"), 0, MIB, 0x31)
+    s.stop()
+    saved = short_tmp / "saved.img"
+    shutil.copyfile(backing(short_tmp), saved)
+    s.start()
+    write_pattern(s.uri("vm1", "payroll"), 0, MIB, 0x32)
+    s.stop()
+    shutil.copyfile(saved, backing(short_tmp))
+    (short_tmp / "trustvbd.toml").write_text(s.config_text)
+    out = run([sys_exe(), "-m", "trustvbd.cli", "up", "-c", str(short_tmp / "trustvbd.toml")],
+              check=False, timeout=60)
+    assert out.returncode == 1
+    err = out.stderr
+    assert "stale" in err.lower() and "drv-a" in err
+    assert "epoch" in err
+
+
+def test_replayed_old_block_is_detected(short_tmp: Path) -> None:
+    s = System(short_tmp, config()).start()
+    write_pattern(s.uri("vm1", "payroll"), 0, 64 * 1024, 0x41)
+    s.stop()
+    lay = layout()
+    with open(backing(short_tmp), "rb") as f:
+        f.seek(lay.data_offset(3))
+        old_data = f.read(4096)
+        f.seek(lay.leaf_offset(3))
+        old_leaf = f.read(32)
+    s.start()
+    write_pattern(s.uri("vm1", "payroll"), 0, 64 * 1024, 0x42)
+    s.stop()
+    with open(backing(short_tmp), "r+b") as f:
+        f.seek(lay.data_offset(3))
+        f.write(old_data)
+        f.seek(lay.leaf_offset(3))
+        f.write(old_leaf)
+    s.start()
+    uri = s.uri("vm1", "payroll")
+    out = run(["qemu-io", "-f", "raw", uri, "-c", f"read -P 0x41 {3 * 4096} 4096"], check=False)
+    assert "Input/output error" in out.stdout + out.stderr  # never the old bytes
+    s.stop()
+
+
+# -- 4. never-written blocks -------------------------------------------------------------
+def test_never_written_reads_zero_and_cannot_be_forged(short_tmp: Path) -> None:
+    s = System(short_tmp, config()).start()
+    uri = s.uri("vm1", "payroll")
+    assert read_ok(uri, 0, SIZE, 0)
+    write_pattern(uri, 2 * MIB, 8192, 0x51)
+    s.stop()
+    lay = layout()
+    with open(backing(short_tmp), "r+b") as f:  # the driver "un-writes" the block
+        f.seek(lay.data_offset(2 * MIB // 4096))
+        f.write(bytes(4096))
+        f.seek(lay.leaf_offset(2 * MIB // 4096))
+        f.write(bytes(32))
+    s.start()
+    out = run(["qemu-io", "-f", "raw", s.uri("vm1", "payroll"), "-c", f"read -P 0 {2 * MIB} 4096"], check=False)
+    assert "Input/output error" in out.stdout + out.stderr
+    s.stop()
+
+
+# -- 5. crash consistency ----------------------------------------------------------------
+class Model:
+    """What each block may read as after a crash."""
+
+    def __init__(self) -> None:
+        self.durable: dict[int, bytes] = {}
+        self.since: dict[int, list[bytes]] = {}
+
+    def allowed(self, block: int) -> list[bytes]:
+        return [self.durable.get(block, bytes(4096)), *self.since.get(block, [])]
+
+
+def stream(uri: str, model: Model, rng: random.Random, nblocks: int, stop: threading.Event) -> None:
+    nbd = clients.libnbd()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        while not stop.is_set():
+            op = rng.random()
+            if op < 0.1:
+                h.flush()
+                for b, contents in model.since.items():
+                    if contents:
+                        model.durable[b] = contents[-1]
+                model.since.clear()
+                continue
+            block = rng.randrange(nblocks)
+            count = rng.choice([1, 1, 2, 8])
+            count = min(count, nblocks - block)
+            data = rng.randbytes(4096 * count)
+            fua = op > 0.9
+            for i in range(count):
+                model.since.setdefault(block + i, []).append(data[i * 4096:(i + 1) * 4096])
+            h.pwrite(data, block * 4096, nbd.CMD_FLAG_FUA if fua else 0)
+            if fua:
+                for i in range(count):
+                    model.durable[block + i] = data[i * 4096:(i + 1) * 4096]
+                    model.since[block + i] = []
+    except Exception:
+        pass  # the crash we caused
+    finally:
+        try:
+            h.shutdown()
+        except Exception:
+            pass
+
+
+def check_model(uri: str, model: Model, nblocks: int) -> None:
+    nbd = clients.libnbd()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        for b in range(nblocks):
+            got = h.pread(4096, b * 4096)  # raises nbd.Error on an integrity error
+            assert got in model.allowed(b), f"block {b} reads as neither its durable nor a later write"
+    finally:
+        h.shutdown()
+
+
+def sys_exe() -> str:
+    import sys
+
+    return sys.executable
+
+
+ROUNDS = int(os.environ.get("TRUSTVBD_CRASH_ROUNDS", "6"))
+
+
+@pytest.mark.parametrize("victim", ["crypt", "driver"])
+def test_kill_9_during_writes_many_rounds(short_tmp: Path, victim: str) -> None:
+    nblocks = 256
+    s = System(short_tmp, config(size=nblocks * 4096))
+    model = Model()
+    rng = random.Random(f"crash-{victim}")
+    for _ in range(ROUNDS):
+        s.start()
+        st = status(s)
+        pid = next(d["pid"] for d in st["domains"] if d["kind"] == victim)
+        stop = threading.Event()
+        writer = threading.Thread(target=stream, args=(s.uri("vm1", "payroll"), model, rng, nblocks, stop))
+        writer.start()
+        time.sleep(rng.uniform(0.05, 0.6))
+        os.kill(pid, signal.SIGKILL)
+        if victim == "driver":
+            time.sleep(rng.uniform(0.0, 0.3))  # the driver restarts; writes go on; then all crash
+        assert s.proc is not None
+        s.proc.kill()  # the launcher dies too: its domains die with it
+        s.proc.wait()
+        stop.set()
+        writer.join(30)
+        s.proc = None
+        time.sleep(0.1)
+        s.start()
+        check_model(s.uri("vm1", "payroll"), model, nblocks)
+        # What was read is now the durable state (recovery committed it).
+        nbd = clients.libnbd()
+        h = nbd.NBD()
+        h.connect_uri(s.uri("vm1", "payroll"))
+        for b in range(nblocks):
+            model.durable[b] = h.pread(4096, b * 4096)
+        h.shutdown()
+        model.since.clear()
+        s.stop()
+
+
+def test_no_data_journal_metadata_writes_are_small(short_tmp: Path) -> None:
+    """Bytes sent to the driver for a 4 MiB write + flush: data once, plus small metadata."""
+    img = short_tmp / "peer.img"
+    os.truncate(img, layout().physical_size)
+    run(["nbdkit", "-U", str(short_tmp / "nk.sock"), "-P", str(short_tmp / "nk.pid"), "file", str(img)])
+    proxy = RecordingProxy(short_tmp / "px.sock", short_tmp / "nk.sock")
+    try:
+        s = System(short_tmp, config(driver=f'uri = "nbd+unix:///?socket={short_tmp / "px.sock"}"')).start()
+        before = len(proxy.to_driver)
+        run(["qemu-io", "-f", "raw", s.uri("vm1", "payroll"), "-c", "write -P 0x61 0 4M", "-c", "flush"])
+        sent = len(proxy.to_driver) - before
+        assert 4 * MIB <= sent < 4 * MIB * 1.05, f"{sent} bytes sent for 4 MiB of data"
+        s.stop()
+    finally:
+        proxy.close()
+        os.kill(int((short_tmp / "nk.pid").read_text()), signal.SIGTERM)
+
+
+__all__ = ["subprocess"]
