@@ -266,60 +266,13 @@ class CryptDisk:
 
     async def _recover(self) -> None:
         g, a = self._lay, self._anchor
-        disk_id = a.disk_id
         raw = await self._read_exact(0, 2 * SLOT_SIZE)
-        slots = [sbfmt.parse(raw[i * SLOT_SIZE:(i + 1) * SLOT_SIZE], i, self.public_key, disk_id)
-                 for i in range(2)]
-        kinds = [s.kind for s in slots]
+        slots = [sbfmt.parse(raw[i * SLOT_SIZE:(i + 1) * SLOT_SIZE], i, self.public_key,
+                             a.disk_id) for i in range(2)]
         table = bytearray(await self._read_exact(g.leaf_start, g.leaf_pages * BS))
-        who = f"replica {self.replica_name!r} of disk {self.name!r}"
-
-        fresh = all(k is SlotKind.BLANK for k in kinds)
-        if fresh:
-            if a.epoch > 0:
-                raise StaleReplicaError(
-                    f"{who} is blank (presents epoch 0) but the trusted epoch is {a.epoch}: "
-                    "it was wiped or replaced; resync it from a current replica")
-            if table.count(0) != len(table) or not await self._data_sample_blank():
-                raise ForeignReplicaError(
-                    f"{who} holds data but no trustvbd superblock; refusing to format over "
-                    "data that is not ours (give the disk an empty backing file)")
-        elif not any(k in (SlotKind.VALID, SlotKind.DAMAGED) for k in kinds):
-            other = next((s for s in slots if s.kind is SlotKind.OTHER_DISK), None)
-            if other is not None:
-                raise ForeignReplicaError(
-                    f"{who} holds another trustvbd disk (disk id {other.disk_id.hex()}, "
-                    f"this disk is {disk_id.hex()}); refusing to use or overwrite it")
-            raise ForeignReplicaError(
-                f"{who} holds data that is not a trustvbd disk; refusing to use or overwrite it")
-
-        valid = [s.superblock for s in slots if s.superblock is not None]
-        presented = max((sb.epoch for sb in valid), default=None)
-        if presented is not None and presented > a.epoch + 1:
-            raise TrustedStateError(
-                f"{who} presents epoch {presented}, signed by this disk's key, but the trusted "
-                f"anchor is at epoch {a.epoch}: the trusted state is older than the replica "
-                "(restored from a backup?); restore the current state directory")
-
-        # Undo uncommitted leaf changes: the first old leaf an intent records
-        # for a block is its committed leaf.
-        base, records = self._intent.read()
-        if base is not None and base > a.epoch:
-            raise TrustedStateError(
-                f"{self._intent.path} continues epoch {base}, beyond the anchor's {a.epoch}")
-        if base != a.epoch:
-            records = []  # already committed (crash after the anchor) or empty
-        committed: dict[int, bytes] = {}
-        candidates: dict[int, list[bytes]] = {}
-        for r in records:
-            for i in range(len(r.new) // LEAF_SIZE):
-                b = r.first_block + i
-                if b >= g.blocks:
-                    raise TrustedStateError(f"{self._intent.path} names block {b}, past the end")
-                if b not in committed:
-                    committed[b] = r.old[i * LEAF_SIZE:(i + 1) * LEAF_SIZE]
-                candidates.setdefault(b, []).append(r.new[i * LEAF_SIZE:(i + 1) * LEAF_SIZE])
-        for b, leaf in committed.items():
+        fresh, presented = await self._judge_slots(slots, table)
+        committed, candidates = self._read_intents()
+        for b, leaf in committed.items():  # undo what was not committed
             table[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = leaf
 
         hashes = b"".join(page_hash(p, table[p * BS:(p + 1) * BS]) for p in range(g.leaf_pages))
@@ -328,41 +281,27 @@ class CryptDisk:
         self._pages_stale = not stored_ok
         dirty = {b // LEAVES_PER_PAGE for b in committed}
         if root_from_level(hashes, 0) == a.root:
-            damaged = [s for s in slots if s.kind not in (SlotKind.VALID, SlotKind.BLANK)]
+            damaged = [(i, s) for i, s in enumerate(slots)
+                       if s.kind not in (SlotKind.VALID, SlotKind.BLANK)]
             if not fresh and (damaged or presented is None or presented < a.epoch):
-                why = "; ".join(f"slot {slots.index(s)}: {s.reason}" for s in damaged)
-                self._event("superblock", [], f"superblock damaged or outdated on {who} "
+                why = "; ".join(f"slot {i}: {s.reason}" for i, s in damaged)
+                self._event("superblock", [], f"superblock damaged or outdated on {self._who} "
                             f"(presents epoch {presented}, trusted {a.epoch}; {why}); "
                             "the leaf table is intact and the superblock is rewritten")
+        elif presented is None or presented < a.epoch:
+            shown = "no valid superblock" if presented is None else f"epoch {presented}"
+            raise StaleReplicaError(
+                f"{self._who} is stale: it presents {shown} but the trusted epoch is "
+                f"{a.epoch}; it will not be served (resync it from a current replica)")
+        elif not stored_ok:
+            raise IntegrityError(
+                f"the leaf table of {self._who} does not match the trusted root, and the "
+                "trusted page hashes needed to confine the damage are missing; refusing to "
+                "serve this replica", disk=self.name, replica=self.replica_name)
         else:
-            if presented is None or presented < a.epoch:
-                raise StaleReplicaError(
-                    f"{who} is stale: it presents epoch {presented or 0} but the trusted epoch "
-                    f"is {a.epoch}; it will not be served (resync it from a current replica)")
-            if not stored_ok:
-                raise IntegrityError(
-                    f"the leaf table of {who} does not match the trusted root, and the trusted "
-                    "page hashes needed to confine the damage are missing; refusing to serve "
-                    "this replica", disk=self.name, replica=self.replica_name)
             assert stored is not None
-            bad_pages = [p for p in range(g.leaf_pages)
-                         if hashes[p * HASH_SIZE:(p + 1) * HASH_SIZE]
-                         != stored[p * HASH_SIZE:(p + 1) * HASH_SIZE]]
-            lost = []
-            for p in bad_pages:
-                table[p * BS:(p + 1) * BS] = bytes(BS)
-                for b in range(p * LEAVES_PER_PAGE, min((p + 1) * LEAVES_PER_PAGE, g.blocks)):
-                    if b in committed:  # the trusted intent log still knows this leaf
-                        table[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = committed[b]
-                    else:
-                        table[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = POISON_LEAF
-                        lost.append(b)
-            dirty.update(bad_pages)
-            self._event("leaf table", lost,
-                        f"leaf pages {_ranges(bad_pages)} of {who} were altered; blocks "
-                        f"{_ranges(lost)} can no longer be verified and will fail reads until "
-                        "rewritten (resync from another replica to restore them)")
-            hashes = stored  # the tree must hash the committed pages until the commit below
+            dirty.update(self._confine_damage(table, hashes, stored, committed))
+            hashes = stored  # the tree holds the committed pages until the commit below
 
         self._leaves = table
         self._tree = HashTree(hashes)
@@ -372,6 +311,91 @@ class CryptDisk:
         self._next_version = a.counter_high
         self._counter_high = a.counter_high + RESERVE
         await self._commit(force=True)
+
+    @property
+    def _who(self) -> str:
+        return f"replica {self.replica_name!r} of disk {self.name!r}"
+
+    async def _judge_slots(self, slots: list[sbfmt.Slot],
+                           table: bytearray) -> tuple[bool, int | None]:
+        """Refuse replicas that are blank-but-stale, foreign, or ahead of the anchor.
+
+        Returns (fresh: format it, newest valid epoch presented or None).
+        """
+        a = self._anchor
+        kinds = [s.kind for s in slots]
+        fresh = all(k is SlotKind.BLANK for k in kinds)
+        if fresh:
+            if a.epoch > 0:
+                raise StaleReplicaError(
+                    f"{self._who} is blank (presents epoch 0) but the trusted epoch is "
+                    f"{a.epoch}: it was wiped or replaced; resync it from a current replica")
+            if table.count(0) != len(table) or not await self._data_sample_blank():
+                raise ForeignReplicaError(
+                    f"{self._who} holds data but no trustvbd superblock; refusing to format "
+                    "over data that is not ours (give the disk an empty backing file)")
+        elif not any(k in (SlotKind.VALID, SlotKind.DAMAGED) for k in kinds):
+            other = next((s for s in slots if s.kind is SlotKind.OTHER_DISK), None)
+            if other is not None:
+                raise ForeignReplicaError(
+                    f"{self._who} holds another trustvbd disk (disk id {other.disk_id.hex()}, "
+                    f"this disk is {a.disk_id.hex()}); refusing to use or overwrite it")
+            raise ForeignReplicaError(
+                f"{self._who} holds data that is not a trustvbd disk; refusing to use or "
+                "overwrite it")
+        presented = max((s.superblock.epoch for s in slots if s.superblock is not None),
+                        default=None)
+        if presented is not None and presented > a.epoch + 1:
+            raise TrustedStateError(
+                f"{self._who} presents epoch {presented}, signed by this disk's key, but the "
+                f"trusted anchor is at epoch {a.epoch}: the trusted state is older than the "
+                "replica (restored from a backup?); restore the current state directory")
+        return fresh, presented
+
+    def _read_intents(self) -> tuple[dict[int, bytes], dict[int, list[bytes]]]:
+        """From intent.log: each named block's committed leaf (the old leaf of its first
+        record) and its uncommitted candidate leaves, oldest first."""
+        a = self._anchor
+        base, records = self._intent.read()
+        if base is not None and base > a.epoch:
+            raise TrustedStateError(
+                f"{self._intent.path} continues epoch {base}, beyond the anchor's {a.epoch}")
+        if base != a.epoch:
+            records = []  # already committed (a crash after the anchor) or empty
+        committed: dict[int, bytes] = {}
+        candidates: dict[int, list[bytes]] = {}
+        for r in records:
+            for i in range(len(r.new) // LEAF_SIZE):
+                b = r.first_block + i
+                if b >= self._lay.blocks:
+                    raise TrustedStateError(f"{self._intent.path} names block {b}, past the end")
+                if b not in committed:
+                    committed[b] = r.old[i * LEAF_SIZE:(i + 1) * LEAF_SIZE]
+                candidates.setdefault(b, []).append(r.new[i * LEAF_SIZE:(i + 1) * LEAF_SIZE])
+        return committed, candidates
+
+    def _confine_damage(self, table: bytearray, hashes: bytes, stored: bytes,
+                        committed: dict[int, bytes]) -> list[int]:
+        """Leaf pages the replica altered (per the trusted page hashes): their blocks are
+        marked lost, except those whose committed leaf the intent log still holds."""
+        g = self._lay
+        bad_pages = [p for p in range(g.leaf_pages)
+                     if hashes[p * HASH_SIZE:(p + 1) * HASH_SIZE]
+                     != stored[p * HASH_SIZE:(p + 1) * HASH_SIZE]]
+        lost = []
+        for p in bad_pages:
+            table[p * BS:(p + 1) * BS] = bytes(BS)
+            for b in range(p * LEAVES_PER_PAGE, min((p + 1) * LEAVES_PER_PAGE, g.blocks)):
+                if b in committed:
+                    table[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = committed[b]
+                else:
+                    table[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = POISON_LEAF
+                    lost.append(b)
+        self._event("leaf table", lost,
+                    f"leaf pages {_ranges(bad_pages)} of {self._who} were altered; blocks "
+                    f"{_ranges(lost)} can no longer be verified and will fail reads until "
+                    "rewritten (resync from another replica to restore them)")
+        return bad_pages
 
     async def _data_sample_blank(self) -> bool:
         """Spot-check that a blank-looking replica has no data where blocks go."""
@@ -526,7 +550,7 @@ class CryptDisk:
             high = v + n + RESERVE
             anchor = Anchor(self._anchor.disk_id, self._anchor.logical_size,
                             self._anchor.epoch, high, self._anchor.root)
-            self._state.write_anchor(anchor)
+            self._write_anchor(anchor, "reserve nonces")
             self._anchor, self._counter_high = anchor, high
         self._next_version = v + n
         return v
@@ -696,7 +720,13 @@ class CryptDisk:
         await self._replica.flush()
         anchor = Anchor(self._anchor.disk_id, g.logical_size, epoch, self._counter_high,
                         tree.root)
-        self._state.write_anchor(anchor)  # the commit point
+        try:
+            self._write_anchor(anchor, f"commit epoch {epoch}")  # the commit point
+        except BlockError as exc:
+            # The new anchor may or may not have landed, so the intent log's epoch is
+            # in doubt: take no more writes until a reopen sorts it out.
+            self._failed = f"{exc.message}; reopen the disk"
+            raise
         self._anchor, self._epoch = anchor, epoch
         self._dirty.clear()
         self._intent_blocks = 0
@@ -712,6 +742,13 @@ class CryptDisk:
             self._failed = (f"disk {self.name!r}: trusted state write failed after commit "
                             f"{epoch} ({exc}); reopen the disk")
             raise BlockError(errno.EIO, self._failed) from exc
+
+    def _write_anchor(self, anchor: Anchor, why: str) -> None:
+        try:
+            self._state.write_anchor(anchor)
+        except OSError as exc:  # nothing changed: the old anchor still stands
+            raise BlockError(errno.EIO, f"disk {self.name!r}: cannot {why}: writing "
+                             f"{self._state.anchor_path} failed: {exc}") from exc
 
     # ------------------------------------------------------------ events
 
