@@ -37,6 +37,7 @@ from trustvbd.blocks.disk_state import (
     load_kek,
     rekey,
 )
+from trustvbd.blocks.ranges import RangeLock, describe_blocks, runs
 from trustvbd.crypt import superblock as sbfmt
 from trustvbd.crypt.aead import (
     BLOCK_SIZE,
@@ -113,67 +114,6 @@ def physical_size(logical_size: int) -> int:
     return Layout(logical_size).physical_size
 
 
-def _ranges(blocks: Iterable[int]) -> str:
-    """'3, 7-9' for [3, 7, 8, 9]; long lists are cut short."""
-    out: list[str] = []
-    items = sorted(set(blocks))
-    i = 0
-    while i < len(items):
-        j = i
-        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
-            j += 1
-        out.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
-        i = j + 1
-    if len(out) > 8:
-        out = [*out[:8], f"... ({len(items)} blocks)"]
-    return ", ".join(out)
-
-
-def _runs(items: Iterable[int], limit: int) -> list[tuple[int, int]]:
-    """Sorted ints as half-open runs [a, b) of consecutive values, each at most `limit` long."""
-    runs: list[tuple[int, int]] = []
-    for x in sorted(items):
-        if runs and runs[-1][1] == x and x - runs[-1][0] < limit:
-            runs[-1] = (runs[-1][0], x + 1)
-        else:
-            runs.append((x, x + 1))
-    return runs
-
-
-class _Hold:
-    __slots__ = ("done", "end", "exclusive", "start")
-
-    def __init__(self, start: int, end: int, exclusive: bool) -> None:
-        self.start, self.end, self.exclusive = start, end, exclusive
-        self.done = asyncio.Event()
-
-
-class _RangeLock:
-    """Orders overlapping requests on block ranges: reads share, writes exclude.
-
-    Without it a read could pair a block's new leaf with its old ciphertext (or
-    the reverse) while a write is in flight, and report a false integrity error.
-    """
-
-    def __init__(self) -> None:
-        self._held: list[_Hold] = []
-
-    async def acquire(self, start: int, end: int, exclusive: bool) -> _Hold:
-        while True:
-            for h in self._held:
-                if h.start < end and start < h.end and (exclusive or h.exclusive):
-                    await h.done.wait()
-                    break
-            else:
-                hold = _Hold(start, end, exclusive)
-                self._held.append(hold)
-                return hold
-
-    def release(self, hold: _Hold) -> None:
-        self._held.remove(hold)
-        hold.done.set()
-
-
 class CryptDisk:
     """The logical disk (a Backend) over one replica Backend. Use `await CryptDisk.open(...)`."""
 
@@ -206,7 +146,7 @@ class CryptDisk:
         self._pages_stale = False
         self._failed: str | None = None
         self._closed = False
-        self._locks = _RangeLock()
+        self._locks = RangeLock()
         self._writers = 0
         self._writers_idle = asyncio.Event()
         self._writers_idle.set()
@@ -392,8 +332,8 @@ class CryptDisk:
                     table[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = POISON_LEAF
                     lost.append(b)
         self._event("leaf table", lost,
-                    f"leaf pages {_ranges(bad_pages)} of {self._who} were altered; blocks "
-                    f"{_ranges(lost)} can no longer be verified and will fail reads until "
+                    f"leaf pages {describe_blocks(bad_pages)} of {self._who} were altered; blocks "
+                    f"{describe_blocks(lost)} can no longer be verified and will fail reads until "
                     "rewritten (resync from another replica to restore them)")
         return bad_pages
 
@@ -420,7 +360,7 @@ class CryptDisk:
             else:
                 need_read.append(b)
         g = self._lay
-        for b0, b1 in _runs(need_read, _RECOVERY_READ_BLOCKS):
+        for b0, b1 in runs(need_read, _RECOVERY_READ_BLOCKS):
             data = memoryview(await self._read_exact(g.data_start + b0 * BS, (b1 - b0) * BS))
             for b in range(b0, b1):
                 ct = data[(b - b0) * BS:(b - b0 + 1) * BS]
@@ -493,7 +433,7 @@ class CryptDisk:
                                              memoryview(out)[i * BS:(i + 1) * BS])]
         if bad:
             blocks = [b0 + i for i in bad]
-            msg = (f"disk {self.name!r}: block(s) {_ranges(blocks)} read from replica "
+            msg = (f"disk {self.name!r}: block(s) {describe_blocks(blocks)} read from replica "
                    f"{self.replica_name!r} failed verification (altered, moved, replayed "
                    "or lost by the driver); the read is refused")
             self._event("data", blocks, msg)
@@ -706,7 +646,7 @@ class CryptDisk:
         assert tree is not None
         pages = sorted(self._dirty)
         leaves = memoryview(self._leaves)
-        for p0, p1 in _runs(pages, 1 << 30):
+        for p0, p1 in runs(pages, 1 << 30):
             await self._replica.pwrite(g.leaf_start + p0 * BS, leaves[p0 * BS:p1 * BS])
         await self._replica.flush()  # data and leaf pages durable before the superblock
         changes = {p: page_hash(p, leaves[p * BS:(p + 1) * BS]) for p in pages}
