@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from trustvbd import __version__
-from trustvbd.config import ConfigError, Config, format_size, load_config, parse_size
+from trustvbd.config import Config, ConfigError, format_size, load_config, parse_size
 
 EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
@@ -112,6 +112,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_load(config_path: str, policy_file: str) -> int:
+    from trustvbd.acm import PolicyError, load_policy
+
+    config = _config(config_path)
+    path = Path(policy_file).resolve()
+    try:
+        load_policy(path)  # a clear file:line message here, before bothering the running system
+    except (PolicyError, OSError) as exc:
+        print(f"trustvbd policy load: {exc}", file=sys.stderr)
+        return 1
+    reply = control_request(config, {"op": "policy_load", "path": str(path)})
+    if not reply.get("ok"):
+        print(f"trustvbd policy load: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(f"policy {reply.get('name', path.name)} loaded; {reply.get('closed', 0)} connection(s)"
+          " the new policy forbids were closed")
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -144,21 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--listen", metavar="HOST:PORT", help="TCP address to listen on (port 0: any)")
     driver.set_defaults(func=cmd_driver)
 
-    for register in _registrars():
-        register(sub)
+    from trustvbd.acm.commands import register as register_policy
+
+    register_policy(sub, load_policy_into_running=cmd_policy_load)
     return parser
-
-
-def _registrars() -> list[Any]:
-    """Subcommand groups that live beside the code they drive."""
-    found = []
-    for module in ("trustvbd.acm.commands", "trustvbd.crypt_commands"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ImportError:
-            continue
-        found.append(mod.register)
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,5 +185,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-__all__ = ["Path", "main"]

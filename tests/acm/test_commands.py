@@ -76,15 +76,15 @@ def test_audit_show_and_verify(capsys, tmp_path):
     log.append("decision", op="channel", allowed=False, reason='labels "a" and "b" share none')
     log.append("policy", event="loaded", name="xm-test")
     log.close()
-    assert main(["audit", "show", "-c", str(cfg)]) == 0
+    assert main(["audit", "-c", str(cfg)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and out[0].split()[2] == "decision" and 'allowed=false' in out[0]
-    assert main(["audit", "show", "--log", str(path), "--json"]) == 0
+    assert main(["audit", "--log", str(path), "--json"]) == 0
     assert [json.loads(x)["seq"] for x in capsys.readouterr().out.splitlines()] == [1, 2]
-    assert main(["audit", "verify", "--log", str(path)]) == 0
+    assert main(["audit", "--verify", "--log", str(path)]) == 0
     assert "2 records, chain and head intact" in capsys.readouterr().out
     path.write_text(path.read_text().replace("xm-test", "evil"))
-    assert main(["audit", "verify", "-c", str(cfg)]) == 1
+    assert main(["audit", "--verify", "-c", str(cfg)]) == 1
     assert "seq 2 hash does not match its content (record edited)" in capsys.readouterr().out
 
 

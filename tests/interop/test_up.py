@@ -117,7 +117,7 @@ def test_status_text_and_json(system: System) -> None:
         assert "drv-a" in text and "untrusted" in text and "payroll" in text
         data = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
         kinds = {d["name"]: d["kind"] for d in data["domains"]}
-        assert kinds == {"hv": "hv", "drv-a": "driver", "crypt": "crypt"}
+        assert kinds == {"hv": "hv", "acm": "acm", "drv-a": "driver", "crypt": "crypt"}
         disks = {d["name"]: d for d in data["disks"]}
         assert disks["payroll"]["size"] == SIZE
         assert disks["payroll"]["replicas"][0]["name"] == "drv-a"

@@ -184,7 +184,7 @@ def _audit_path(args: argparse.Namespace) -> Path:
     return Path(read_config(args.config)["state_dir"]) / AUDIT_FILE
 
 
-def register(sub: Any) -> None:
+def register(sub: Any, load_policy_into_running: Any = None) -> None:
     """Add `policy` and `audit` command groups to the `trustvbd` parser."""
     pol = sub.add_parser("policy", help="check, show, convert and explain sHype/ACM policies")
     ps = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
@@ -204,17 +204,23 @@ def register(sub: Any) -> None:
     p.add_argument("--guest", required=True)
     p.add_argument("--disk", required=True)
     p.set_defaults(func=lambda a: explain_config(a.config, a.guest, a.disk))
+    if load_policy_into_running is not None:
+        p = ps.add_parser("load", help="replace the policy of a running system",
+                          description="Validate FILE and make it the running system's policy:"
+                          " new connections follow it at once, existing ones it forbids are closed.")
+        p.add_argument("-c", "--config", required=True)
+        p.add_argument("file")
+        p.set_defaults(func=lambda a: load_policy_into_running(a.config, a.file))
 
-    aud = sub.add_parser("audit", help="show or verify the tamper-evident audit log")
-    aus = aud.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
-    for name, helptext in (("show", "print the records"), ("verify", "check the hash chain")):
-        a = aus.add_parser(name, help=helptext)
-        where = a.add_mutually_exclusive_group(required=True)
-        where.add_argument("-c", "--config", help="config file: its state_dir's audit log")
-        where.add_argument("--log", help="audit log file")
-        if name == "show":
-            a.add_argument("-f", "--follow", action="store_true", help="wait for new records")
-            a.add_argument("--json", action="store_true", help="one JSON record per line")
-            a.set_defaults(func=lambda x: show_audit(_audit_path(x), x.follow, x.json))
-        else:
-            a.set_defaults(func=lambda x: verify_audit(_audit_path(x)))
+    aud = sub.add_parser("audit", help="show or verify the tamper-evident audit log",
+                         description="Print the audit log (every policy decision and integrity"
+                         " event), or with --verify check its hash chain.")
+    where = aud.add_mutually_exclusive_group(required=True)
+    where.add_argument("-c", "--config", help="config file: its state_dir's audit log")
+    where.add_argument("--log", help="audit log file")
+    aud.add_argument("-f", "--follow", action="store_true", help="wait for new records")
+    aud.add_argument("--json", action="store_true", help="one JSON record per line")
+    aud.add_argument("--verify", action="store_true",
+                     help="detect edited, removed, reordered or cut records (exit 1 if any)")
+    aud.set_defaults(func=lambda x: verify_audit(_audit_path(x)) if x.verify
+                     else show_audit(_audit_path(x), x.follow, x.json))

@@ -92,6 +92,7 @@ class CryptDomain:
         self.state_dir = Path()
         self.stopped = asyncio.Event()
         self.spec: dict[str, Any] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
 
     # -- requests from the launcher -------------------------------------------------
     async def handle(self, message: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
@@ -102,6 +103,9 @@ class CryptDomain:
             await self.stop()
             return {"ok": True}, []
         if op == "policy_changed":
+            refresh = getattr(self.gate, "refresh", None)
+            if refresh is not None:
+                await refresh()
             kicked = await self.recheck_connections()
             return {"ok": True, "closed": kicked}, []
         return {"ok": False, "error": f"unknown op {op!r}"}, []
@@ -205,7 +209,7 @@ class CryptDomain:
             sock = socket.socket(fileno=fd)
             server = NbdServer(GuestExports(self, guest, spec["guests"][guest]["label"]), identity=guest)
             self.servers.setdefault(guest, []).append(server)
-            loop.create_task(server.serve_socket(sock))
+            self.tasks.add(loop.create_task(server.serve_socket(sock)))
         self.control.send({"event": "ready"})
         ready(ready_fd)
 

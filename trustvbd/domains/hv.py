@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trustvbd.acm import PolicyError, load_policy
+from trustvbd.acm.client import AcmClient
+from trustvbd.acm.commands import AUDIT_FILE
 from trustvbd.config import Config, check_paths
 from trustvbd.domains.control import ControlChannel, ControlClosed, socket_pair
 from trustvbd.nbd.uri import parse_uri
@@ -112,9 +115,11 @@ class Launcher:
         self.ready = asyncio.Event()
         self.failed_disks: dict[str, str] = {}
         self.integrity_events: list[dict[str, Any]] = []
-        self.policy = None  # set by the access-control wiring
+        self.acm = AcmClient(str(config.acm_socket), timeout=float(os.environ.get("TRUSTVBD_ACM_TIMEOUT", "5")))
         self.started = time.time()
+        self.policy_path = str(config.policy) if config.policy else None
         self.export_tokens: dict[str, str] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
 
     # -- domains ------------------------------------------------------------------
     async def spawn(self, domain: Domain, pass_fds: tuple[int, ...] = ()) -> None:
@@ -147,7 +152,7 @@ class Launcher:
             raise StartError(f"{domain.kind} domain {domain.name!r} failed to start (exit status {code});"
                              " see its messages above")
         domain.state = "running"
-        loop.create_task(self.watch(domain))
+        self.tasks.add(loop.create_task(self.watch(domain)))
 
     async def watch(self, domain: Domain) -> None:
         assert domain.process is not None
@@ -156,21 +161,24 @@ class Launcher:
             domain.state = "stopped"
             return
         domain.state = f"exited ({code})"
-        if domain.kind == "driver":
-            await self.restart_driver(domain, code)
+        if domain.kind in ("driver", "acm"):
+            # Drivers are untrusted and stateless; the access-control domain reloads its
+            # policy, and its clients deny everything until it is back (fail-closed).
+            await self.restart(domain, code)
             return
         self.fatal = f"{domain.kind} domain {domain.name!r} died (exit status {code}); stopping everything"
         log.error("%s", self.fatal)
         self.done.set()
 
-    async def restart_driver(self, domain: Domain, code: int) -> None:
+    async def restart(self, domain: Domain, code: int) -> None:
         now = time.monotonic()
         domain.restarts = [t for t in domain.restarts if now - t < RESTART_WINDOW] + [now]
         if len(domain.restarts) > MAX_DRIVER_RESTARTS:
-            log.error("driver %s died %d times in a minute; leaving it down", domain.name, len(domain.restarts))
+            log.error("%s %s died %d times in a minute; leaving it down", domain.kind, domain.name,
+                      len(domain.restarts))
             domain.state = "failed"
             return
-        log.warning("driver %s exited (status %s); restarting it", domain.name, code)
+        log.warning("%s %s exited (status %s); restarting it", domain.kind, domain.name, code)
         try:
             await self.spawn(domain)
         except StartError as exc:
@@ -219,14 +227,19 @@ class Launcher:
         sock.setblocking(False)
         try:
             await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, target), 10)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             sock.close()
             raise ConnectionError(f"cannot reach driver {replica!r} at {target}: {exc}") from None
         return sock, export
 
     async def check_channel(self, disk_name: str, replica: str) -> None:
-        """Policy check (a); the access-control wiring replaces this."""
-        return None
+        """Policy check (a): may this driver serve this disk? Asked before any channel opens."""
+        disk, drv = self.config.disks[disk_name], self.config.drivers[replica]
+        decision = await self.acm.driver_may_serve_disk(drv.name, drv.label, disk.name, disk.label)
+        if not decision.allowed:
+            raise PermissionError(
+                f"policy forbids driver {drv.name!r} (label {drv.label}) to serve disk {disk.name!r}"
+                f" (label {disk.label}): {decision.reason}")
 
     async def handle_crypt(self, message: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]] | None:
         op, event = message.get("op"), message.get("event")
@@ -248,6 +261,8 @@ class Launcher:
             return None
         if event == "integrity":
             self.integrity_events.append(message)
+            fields = {k: v for k, v in message.items() if k != "event"}
+            await self.acm.record("integrity", **fields)
             return None
         return {"ok": False, "error": f"unknown request {op or event!r}"}, []
 
@@ -265,6 +280,7 @@ class Launcher:
             "guests": {g.name: {"label": g.label} for g in c.guests.values()},
             "listeners": [{"guest": guest} for guest, _ in self.listeners],
             "passphrase": os.environ.get("TRUSTVBD_PASSPHRASE"),
+            "acm_socket": str(c.acm_socket),
         }
 
     # -- start and stop -----------------------------------------------------------
@@ -272,6 +288,15 @@ class Launcher:
         c = self.config
         for sub in ("guests", "drivers", "disks"):
             (c.state_dir / sub).mkdir(exist_ok=True)
+        acm = self.acm_domain()
+        self.domains["acm"] = acm
+        await self.spawn(acm)
+        for disk in c.disks.values():  # check (a) for every replica before any driver starts
+            for replica in disk.replicas:
+                try:
+                    await self.check_channel(disk.name, replica)
+                except PermissionError as exc:
+                    raise StartError(str(exc)) from None
         for name, drv in c.drivers.items():
             if drv.dir is not None:
                 domain = self.driver_domain(name)
@@ -308,15 +333,23 @@ class Launcher:
         return lines
 
     async def guest_may_see(self, guest: str, disk: str) -> bool:
-        """Check (b) for the start-up listing; the access-control wiring replaces this."""
-        return True
+        """Check (b) for the start-up listing (the encryption domain enforces it per connection)."""
+        g, d = self.config.guests[guest], self.config.disks[disk]
+        return (await self.acm.guest_may_use_disk(g.name, g.label, d.name, d.label)).allowed
+
+    def acm_domain(self) -> Domain:
+        c = self.config
+        policy = ["--policy", str(c.policy)] if c.policy else ["--null"]
+        argv = [sys.executable, "-m", "trustvbd.domains.acm", "--supervised", *policy,
+                "--audit", str(c.state_dir / AUDIT_FILE), "--socket", str(c.acm_socket)]
+        return Domain("acm", "acm", True, "", argv)
 
     async def stop(self) -> None:
         self.stopping = True
         if self.crypt_channel is not None and not self.crypt_channel.closed.is_set():
             with contextlib.suppress(ControlClosed, asyncio.TimeoutError, OSError):
                 await self.crypt_channel.request({"op": "stop"}, timeout=STOP_TIMEOUT)
-        order = sorted(self.domains.values(), key=lambda d: d.kind != "crypt")
+        order = sorted(self.domains.values(), key=lambda d: {"crypt": 0, "driver": 1}.get(d.kind, 2))
         for domain in order:
             await self.terminate(domain)
         for _, sock in self.listeners:
@@ -333,7 +366,7 @@ class Launcher:
             proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("%s did not stop in 10 s; killing it", domain.name)
             proc.kill()
             await proc.wait()
@@ -346,7 +379,7 @@ class Launcher:
             "pid": os.getpid(),
             "state_dir": str(c.state_dir),
             "config": str(c.path),
-            "policy": str(c.policy) if c.policy else None,
+            "policy": self.policy_path,
             "uptime": round(time.time() - self.started, 1),
             "domains": [{"name": "hv", "kind": "hv", "trusted": True, "pid": os.getpid(),
                          "label": "", "state": "running", "restarts": 0}],
@@ -370,6 +403,20 @@ class Launcher:
         ]
         result["integrity_events"] = self.integrity_events[-20:]
         return result
+
+    async def policy_load(self, path: str) -> dict[str, Any]:
+        """Swap the policy in the access-control domain, then close what it now forbids."""
+        reply = await self.acm.load_policy(path)
+        if not reply.get("ok"):
+            return {"ok": False, "error": reply.get("error", "the access-control domain refused it")}
+        self.policy_path = path
+        closed = 0
+        if self.crypt_channel is not None:
+            answer, _ = await self.crypt_channel.request({"op": "policy_changed"})
+            closed = int(answer.get("closed", 0))
+        log.warning("policy %s loaded; %d connection(s) closed", path, closed)
+        name = reply.get("policy", {}).get("name") if isinstance(reply.get("policy"), dict) else None
+        return {"ok": True, "name": name or Path(path).name, "closed": closed}
 
     async def serve_control(self) -> asyncio.AbstractServer:
         """`trustvbd status` and friends talk to the running launcher over this socket."""
@@ -396,10 +443,18 @@ class Launcher:
     async def control_request(self, request: dict[str, Any]) -> dict[str, Any]:
         if request.get("op") == "status":
             return {"ok": True, **(await self.status())}
+        if request.get("op") == "policy_load":
+            return await self.policy_load(str(request.get("path")))
         return {"ok": False, "error": f"unknown op {request.get('op')!r}"}
 
 
 async def run_up(config: Config) -> int:
+    if config.policy is not None:
+        try:
+            load_policy(config.policy)  # file:line: reason now, not a dead domain later
+        except PolicyError as exc:
+            print(f"trustvbd up: policy error: {exc}", file=sys.stderr)
+            return 2
     check_paths(config)
     lock = StateLock(config.state_dir)
     launcher = Launcher(config)
@@ -421,7 +476,7 @@ async def run_up(config: Config) -> int:
         if launcher.fatal:
             print(f"trustvbd up: {launcher.fatal}", file=sys.stderr)
             code = 1
-    except (StartError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, StartError, OSError) as exc:
         message = str(exc) or "timed out waiting for the domains to start"
         print(f"trustvbd up: {message}", file=sys.stderr)
         code = 1
@@ -431,5 +486,6 @@ async def run_up(config: Config) -> int:
             with contextlib.suppress(FileNotFoundError):
                 config.control_socket.unlink()
         await launcher.stop()
+        await launcher.acm.close()
         lock.release()
     return code

@@ -1,0 +1,69 @@
+"""Policy enforcement in the encryption domain, decided by the access-control domain.
+
+Fail-closed: the AcmClient turns an unreachable, slow or garbled access-control
+domain into a deny. LIST needs an answer without waiting, so the guest/disk
+matrix is fetched at start and after every policy change; opening a disk always
+asks afresh.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from trustvbd.acm.client import AcmClient
+from trustvbd.domains.control import ControlChannel
+from trustvbd.domains.gate import Decision
+from trustvbd.nbd.server import PeerInfo
+
+
+class AcmGate:
+    def __init__(self, client: AcmClient, guests: dict[str, Any], disks: list[dict[str, Any]]) -> None:
+        self.client = client
+        self.guests, self.disks = guests, disks
+        self.visible: set[tuple[str, str]] = set()
+        self.attachments: dict[tuple[int, str], str] = {}
+        self._ids = itertools.count(1)
+
+    @classmethod
+    async def connect(cls, spec: dict[str, Any], control: ControlChannel) -> AcmGate:
+        gate = cls(AcmClient(spec["acm_socket"], timeout=spec.get("acm_timeout", 5.0)),
+                   spec["guests"], spec["disks"])
+        await gate.refresh()
+        return gate
+
+    async def refresh(self) -> None:
+        """Recompute which disks each guest may see (after start and every policy change)."""
+        visible = set()
+        for guest, g in self.guests.items():
+            for d in self.disks:
+                if (await self.check(guest, g["label"], d["name"], d["label"])).allowed:
+                    visible.add((guest, d["name"]))
+        self.visible = visible
+
+    def may_list(self, guest: str, guest_label: str, disk: str, disk_label: str) -> bool:
+        return (guest, disk) in self.visible
+
+    async def check(self, guest: str, guest_label: str, disk: str, disk_label: str) -> Decision:
+        d = await self.client.guest_may_use_disk(guest, guest_label, disk, disk_label)
+        return Decision(d.allowed, d.rule, d.reason)
+
+    async def attach(self, peer: PeerInfo, guest: str, guest_label: str, disk: str,
+                     disk_label: str) -> Decision:
+        decision = await self.check(guest, guest_label, disk, disk_label)
+        if not decision.allowed:
+            return decision
+        cid = f"{guest}/{disk}/{next(self._ids)}"
+        wall = await self.client.chw_attach(cid, guest_label, guest)
+        if not wall.allowed:
+            return Decision(False, wall.rule, wall.reason)
+        self.attachments[(id(peer), disk)] = cid
+        return decision
+
+    async def detach(self, peer: PeerInfo, guest: str, disk: str) -> None:
+        cid = self.attachments.pop((id(peer), disk), None)
+        if cid is not None:
+            await self.client.chw_detach(cid)
+
+    async def record(self, kind: str, **fields: Any) -> None:
+        await self.client.record(kind, **fields)
