@@ -73,7 +73,7 @@ class GuestExports:
             raise ExportRefused("unknown", f"no disk named {name!r}")
         decision = await self.domain.gate.attach(peer, self.guest, self.label, disk.name, disk.label)
         if not decision.allowed:
-            raise ExportRefused("policy", decision.reason)
+            raise ExportRefused("policy", f"refused by policy ({decision.rule}): {decision.reason}")
         if disk.backend is None:
             await self.domain.gate.detach(peer, self.guest, disk.name)
             raise ExportRefused("unavailable", f"disk {name!r} is not available: {disk.error}")
