@@ -42,7 +42,7 @@ StorageA = { ste = ["StorageA", "Payroll", "Bank"] }
 [labels.resource]
 PayrollData = "Payroll"
 BankData = "Bank"
-"""  # noqa: E501
+"""
 
 
 def example() -> Policy:

@@ -75,6 +75,7 @@ def status(s: System) -> dict:  # type: ignore[type-arg]
 # -- 1. confidentiality ------------------------------------------------------------------
 def test_driver_sees_no_plaintext_no_name_no_key(short_tmp: Path) -> None:
     img = short_tmp / "peer.img"
+    img.touch()
     os.truncate(img, layout().physical_size)
     run(["nbdkit", "-U", str(short_tmp / "nk.sock"), "-P", str(short_tmp / "nk.pid"), "file", str(img)])
     proxy = RecordingProxy(short_tmp / "px.sock", short_tmp / "nk.sock")
@@ -372,6 +373,7 @@ def test_kill_9_during_writes_many_rounds(short_tmp: Path, victim: str) -> None:
 def test_no_data_journal_metadata_writes_are_small(short_tmp: Path) -> None:
     """Bytes sent to the driver for a 4 MiB write + flush: data once, plus small metadata."""
     img = short_tmp / "peer.img"
+    img.touch()
     os.truncate(img, layout().physical_size)
     run(["nbdkit", "-U", str(short_tmp / "nk.sock"), "-P", str(short_tmp / "nk.pid"), "file", str(img)])
     proxy = RecordingProxy(short_tmp / "px.sock", short_tmp / "nk.sock")

@@ -80,7 +80,7 @@ class Backend(Protocol):
 class Layer:
     """Pass every call to `next`; subclasses override what they intercept."""
 
-    def __init__(self, next: Backend) -> None:  # noqa: A002 - nbdkit's name for it
+    def __init__(self, next: Backend) -> None:
         self.next = next
 
     @property

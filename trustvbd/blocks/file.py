@@ -1,21 +1,27 @@
 """A Backend over a regular (sparse) file: what the untrusted driver domain serves.
 
-I/O is synchronous pread/pwrite on the event loop thread. The driver is meant to
-be dumb and fast on a page-cached file; a slow disk stalls only this driver, and
-the trusted side times its requests out.
+Small requests run pread/pwrite inline on the event loop: for 4 KiB random I/O a
+thread hop costs more than the system call. Large ones go to a few threads, so the
+kernel's copy runs on the other core while the loop parses the next request
+(os.pread/pwrite release the GIL).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import errno
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from trustvbd.blocks.backend import BlockError, Buffer, Capabilities, check_range
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+
+THREADED_MIN = 64 * 1024  # requests at least this large go to the I/O threads
+_io_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="file-io")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -60,7 +66,11 @@ class FileBackend:
     async def pread(self, offset: int, length: int) -> Buffer:
         check_range(self._size, offset, length)
         try:
-            data = os.pread(self._fd, length, offset)
+            if length >= THREADED_MIN:
+                loop = asyncio.get_running_loop()
+                data = await loop.run_in_executor(_io_threads, os.pread, self._fd, length, offset)
+            else:
+                data = os.pread(self._fd, length, offset)
         except OSError as exc:
             raise self._io_error("read", exc) from exc
         if len(data) < length:  # past the end of a file someone shrank: zeros
@@ -70,15 +80,22 @@ class FileBackend:
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         check_range(self._size, offset, len(data))
         try:
-            view = memoryview(data)
-            while view:
-                done = os.pwrite(self._fd, view, offset)
-                view = view[done:]
-                offset += done
-            if fua:
-                os.fdatasync(self._fd)
+            if len(data) >= THREADED_MIN:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(_io_threads, self._pwrite_all, data, offset, fua)
+            else:
+                self._pwrite_all(data, offset, fua)
         except OSError as exc:
             raise self._io_error("write", exc) from exc
+
+    def _pwrite_all(self, data: Buffer, offset: int, fua: bool) -> None:
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(self._fd, view, offset)
+            view = view[done:]
+            offset += done
+        if fua:
+            os.fdatasync(self._fd)
 
     async def flush(self) -> None:
         try:

@@ -6,7 +6,7 @@ from trustvbd.blocks.backend import Backend, Buffer, Layer, check_range
 
 
 class SizeLimit(Layer):
-    def __init__(self, next: Backend, size: int) -> None:  # noqa: A002
+    def __init__(self, next: Backend, size: int) -> None:
         super().__init__(next)
         if size > next.size:
             raise ValueError(f"cannot present {size} bytes over a backend of {next.size}")

@@ -184,9 +184,10 @@ class CryptDomain:
         def on_event(event: dict[str, Any]) -> None:
             disk.integrity_events += 1
             log.error("integrity: disk %s: %s", disk.name, event.get("message", event))
-            self.control.send({"event": "integrity", "disk": disk.name, **event})
+            self.control.send({**event, "event": "integrity", "disk": disk.name})
 
-        return await open_crypt_disk(self.state_dir, disk.name, disk.size, link, self.spec, on_event)
+        return await open_crypt_disk(self.state_dir, disk.name, disk.size, link, link.name,
+                                     self.spec.get("passphrase"), on_event)
 
     async def start(self, ready_fd: int | None) -> None:
         self.control.start()

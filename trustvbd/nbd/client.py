@@ -71,11 +71,10 @@ class _Wire(asyncio.BufferedProtocol):
         self.client._lost(exc)
 
     def pause_writing(self) -> None:
-        self.client._write_paused = True
+        self.client._writable.clear()
 
     def resume_writing(self) -> None:
-        self.client._write_paused = False
-        self.client._wake_drain()
+        self.client._writable.set()
 
 
 class NbdClient:
@@ -98,8 +97,9 @@ class NbdClient:
         self._next_cookie = 1
         self._slots = asyncio.Semaphore(max_in_flight)
         self._timer: asyncio.TimerHandle | None = None
-        self._write_paused = False
-        self._drain: asyncio.Future[None] | None = None
+        # Cleared while the transport's buffer is over its high-water mark.
+        self._writable = asyncio.Event()
+        self._writable.set()
         self._handshake_wakeup: asyncio.Future[None] | None = None
         self._closing = False
         self._attached = False  # handshake done: events are replies now
@@ -335,8 +335,8 @@ class NbdClient:
         self, typ: int, offset: int, length: int, flags: int = 0, data: Buffer | None = None
     ) -> Buffer | None:
         async with self._slots:
-            if self._write_paused and self.broken is None:
-                await self._wait_drain()
+            if not self._writable.is_set():
+                await self._writable.wait()
             self._check_usable()
             cookie = self._next_cookie
             self._next_cookie = cookie + 1
@@ -410,19 +410,10 @@ class NbdClient:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._wake_drain()
+        self._writable.set()  # writers wake up and find the connection broken
         self._wake_handshake()
         if self._transport is not None:
             self._transport.abort()
-
-    async def _wait_drain(self) -> None:
-        if self._drain is None or self._drain.done():
-            self._drain = self._loop.create_future()
-        await self._drain
-
-    def _wake_drain(self) -> None:
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
 
     # --- receiving ------------------------------------------------------------------
     def _get_buffer(self, sizehint: int) -> memoryview:

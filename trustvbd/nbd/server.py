@@ -12,6 +12,7 @@ independent: a client that misbehaves loses its own connection only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -23,6 +24,8 @@ __all__ = [
     "Connection", "Export", "ExportProvider", "ExportRefused", "NbdServer", "PeerInfo",
     "StaticExports",
 ]
+
+SOCKET_BUFFER = 4 << 20
 
 log = logging.getLogger("trustvbd.nbd.server")
 
@@ -97,6 +100,11 @@ class NbdServer:
             return
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
+        # Room for a whole 256 KiB read reply (nbdcopy's default) in one send: the
+        # default ~200 KiB buffer splits it and the event loop copies the remainder.
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
         peer = PeerInfo(identity=self.identity, address=describe_peer(sock))
         conn = Connection(self, peer)
         self.connections.add(conn)
