@@ -22,3 +22,12 @@ def short_tmp() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_systems() -> Iterator[None]:
+    from tests.support import STARTED, kill_started_since
+
+    before = len(STARTED)
+    yield
+    kill_started_since(before)

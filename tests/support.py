@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 TRUSTVBD = [sys.executable, "-m", "trustvbd.cli"]
+STARTED: list[System] = []  # every System started, so tests can clean up after failures
 
 
 def run(cmd: list[str], timeout: float = 120, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -92,6 +93,7 @@ class System:
         return self.root / "trustvbd.toml"
 
     def start(self, timeout: float = 60) -> System:
+        STARTED.append(self)
         self.config.write_text(self.config_text)
         env = {**os.environ, **self.env}
         self.proc = subprocess.Popen(
@@ -145,3 +147,10 @@ def process_alive(pid: int) -> bool:
             return f.read().split(") ")[1][0] != "Z"
     except OSError:
         return False
+
+
+
+def kill_started_since(count: int) -> None:
+    """After each test: a System a failed test never stopped must not outlive it."""
+    while len(STARTED) > count:
+        STARTED.pop().kill()

@@ -174,8 +174,8 @@ class AcmDomain:
                     if line.strip():
                         writer.write(json.dumps(self.respond(line, owner)).encode() + b"\n")
                 await writer.drain()
-        except (ConnectionError, OSError):
-            pass
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            pass  # a client went away, or the domain is stopping: end this connection quietly
         finally:
             self.release(owner)
             writer.close()
