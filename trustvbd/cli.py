@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     from trustvbd.acm.commands import register as register_policy
 
     register_policy(sub, load_policy_into_running=cmd_policy_load)
+    from trustvbd.crypt_commands import register as register_crypt
+
+    register_crypt(sub)
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import getpass
 import json
 import logging
 import os
@@ -120,6 +121,7 @@ class Launcher:
         self.policy_path = str(config.policy) if config.policy else None
         self.export_tokens: dict[str, str] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.passphrase: str | None = os.environ.get("TRUSTVBD_PASSPHRASE")
 
     # -- domains ------------------------------------------------------------------
     async def spawn(self, domain: Domain, pass_fds: tuple[int, ...] = ()) -> None:
@@ -279,7 +281,7 @@ class Launcher:
             ],
             "guests": {g.name: {"label": g.label} for g in c.guests.values()},
             "listeners": [{"guest": guest} for guest, _ in self.listeners],
-            "passphrase": os.environ.get("TRUSTVBD_PASSPHRASE"),
+            "passphrase": self.passphrase,
             "acm_socket": str(c.acm_socket),
         }
 
@@ -318,6 +320,10 @@ class Launcher:
         theirs.close()
         await asyncio.wait_for(self.ready.wait(), START_TIMEOUT)
         if self.failed_disks:
+            wrong = wrong_passphrase_disks(self.failed_disks)
+            if wrong:
+                raise StartError(f"wrong passphrase for disk {', '.join(map(repr, wrong))}:"
+                                 " nothing was changed; start again with the right one")
             problems = "; ".join(f"disk {d!r}: {e}" for d, e in self.failed_disks.items())
             raise StartError(f"cannot serve every disk: {problems}")
         for guest in c.guests.values():
@@ -448,6 +454,47 @@ class Launcher:
         return {"ok": False, "error": f"unknown op {request.get('op')!r}"}
 
 
+def wrong_passphrase_disks(failed: dict[str, str]) -> list[str]:
+    """Disks the encryption domain could not unlock with the passphrase (crypt.keys' WrongKeyError)."""
+    return [d for d, e in failed.items() if "does not unlock" in e and "wrong passphrase" in e]
+
+
+def passphrase_for_up(config: Config) -> str | None:
+    """TRUSTVBD_PASSPHRASE, else asked once on the terminal if an existing disk needs one.
+
+    Without a terminal, a disk that needs a passphrase stops `up` before anything starts.
+    """
+    env = os.environ.get("TRUSTVBD_PASSPHRASE")
+    if env is not None:
+        return env
+    from trustvbd.crypt.keys import KeyFileError
+    from trustvbd.domains.crypt_disks import needs_passphrase
+
+    try:
+        locked = [d.name for d in config.disks.values()
+                  if d.encrypt and needs_passphrase(config.state_dir, d.name)]
+    except (KeyFileError, OSError) as exc:
+        raise StartError(str(exc)) from None
+    if not locked:
+        return None
+    names = ("disk " if len(locked) == 1 else "disks ") + ", ".join(map(repr, locked))
+    if not (sys.stdin is not None and sys.stdin.isatty()):
+        raise StartError(f"{names} {'is' if len(locked) == 1 else 'are'} protected by a passphrase:"
+                         " set TRUSTVBD_PASSPHRASE, or start `trustvbd up` from a terminal to be"
+                         " asked for it")
+    # Ctrl-C at the prompt interrupts it (asyncio's handler would only note it for later).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        passphrase = getpass.getpass(f"Passphrase for disk {', '.join(locked)}: ")
+    except EOFError:
+        passphrase = ""
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if not passphrase:
+        raise StartError(f"no passphrase given for {names}")
+    return passphrase
+
+
 async def run_up(config: Config) -> int:
     if config.policy is not None:
         try:
@@ -457,7 +504,17 @@ async def run_up(config: Config) -> int:
             return 2
     check_paths(config)
     lock = StateLock(config.state_dir)
+    try:
+        passphrase = passphrase_for_up(config)
+    except StartError as exc:
+        print(f"trustvbd up: {exc}", file=sys.stderr)
+        lock.release()
+        return 1
+    except BaseException:
+        lock.release()
+        raise
     launcher = Launcher(config)
+    launcher.passphrase = passphrase
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, launcher.done.set)
