@@ -119,3 +119,28 @@ def test_help_and_version() -> None:
         assert cmd in top
         assert "usage" in run([*TRUSTVBD, cmd, "--help"]).stdout
     assert os.environ.get("PATH")
+
+
+def test_workers_share_one_file_across_connections(driver: Driver) -> None:
+    """Connections land in different worker processes; all see one file (multi-conn holds)."""
+    from tests.support import pids_of_children
+
+    assert len(pids_of_children(driver.proc.pid)) == clients_workers() - 1
+    nbd = clients.libnbd()
+    handles = []
+    for i in range(4):
+        h = nbd.NBD()
+        h.connect_uri(driver.uri)
+        h.pwrite(bytes([0x60 + i]) * 65536, (24 << 20) + i * 65536)
+        handles.append(h)
+    handles[0].flush()
+    for i, h in enumerate(handles):
+        for j in range(4):  # every connection reads what every other one wrote
+            assert h.pread(65536, (24 << 20) + j * 65536) == bytes([0x60 + j]) * 65536, (i, j)
+        h.shutdown()
+
+
+def clients_workers() -> int:
+    from trustvbd.domains.driver import default_workers
+
+    return default_workers()

@@ -13,10 +13,13 @@ from collections.abc import Coroutine
 from typing import Any
 
 _PR_SET_PDEATHSIG = 1
+_domain = "domain"  # this process's domain name, for log lines and profiles
 
 
 def setup_logging(domain: str, level: int = logging.INFO) -> None:
     """Log lines go to stderr, prefixed by the domain, so `up`'s terminal shows who said what."""
+    global _domain
+    _domain = domain
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"[{domain}] %(levelname)s %(message)s"))
     root = logging.getLogger()
@@ -33,13 +36,24 @@ def die_with_parent() -> None:
 
 
 def run(main: Coroutine[Any, Any, int]) -> int:
-    """Run a domain's main coroutine on uvloop when available (it is much faster)."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a pinned dependency
-        return asyncio.run(main)
+    """Run a domain's main coroutine on uvloop (much faster than asyncio's own loop).
+
+    TRUSTVBD_PROFILE_DIR=DIR writes a cProfile of each domain to DIR/NAME-PID.prof
+    (for benchmarks; see bench/README.md).
+    """
+    import uvloop
+
+    profile_dir = os.environ.get("TRUSTVBD_PROFILE_DIR")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
+        if not profile_dir:
+            return runner.run(main)
+        import cProfile
+
+        profiler = cProfile.Profile()
+        try:
+            return profiler.runcall(runner.run, main)
+        finally:
+            profiler.dump_stats(os.path.join(profile_dir, f"{_domain}-{os.getpid()}.prof"))
 
 
 def ready(fd: int | None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -85,7 +86,7 @@ def uri_for(sock: socket.socket, export: str) -> str:
 
 
 async def serve(specs: list[ExportSpec], sock: socket.socket, default: str | None,
-                ready_fd: int | None, announce: bool) -> int:
+                ready_fd: int | None, announce: bool, primary: bool = True) -> int:
     exports = FileExports(specs, default)
     server = NbdServer(exports, identity="driver")
     stop = asyncio.Event()
@@ -98,15 +99,47 @@ async def serve(specs: list[ExportSpec], sock: socket.socket, default: str | Non
             print(uri_for(sock, spec.name if default is None else ""), flush=True)
         print("ready", flush=True)
     ready(ready_fd)
-    log.info("serving %d export(s) on %s", len(specs), sock.getsockname())
+    if primary:
+        log.info("serving %d export(s) on %s", len(specs), sock.getsockname())
     await stop.wait()
     serving.cancel()
     await server.close()
     await exports.close()
-    if sock.family == socket.AF_UNIX:
+    if primary and sock.family == socket.AF_UNIX:
         Path(sock.getsockname()).unlink(missing_ok=True)
     sock.close()
     return 0
+
+
+def serve_in_workers(workers: int, specs: list[ExportSpec], sock: socket.socket, default: str | None,
+                     ready_fd: int | None, announce: bool) -> int:
+    """Serve from `workers` processes sharing one listening socket (one event loop each).
+
+    Python's event loop is one core; multi-connection clients (nbdcopy opens four)
+    then spread over several. Every process opens the same files, so a FLUSH on any
+    connection (fdatasync) still persists what every connection wrote: multi-conn holds.
+    Forked before any event loop or thread exists.
+    """
+    children = []
+    for _ in range(workers - 1):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                die_with_parent()
+                code = run(serve(specs, sock, default, None, announce=False, primary=False))
+            finally:
+                os._exit(code)
+        children.append(pid)
+    try:
+        return run(serve(specs, sock, default, ready_fd, announce))
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
 
 
 def parse_export(text: str) -> ExportSpec:
@@ -125,17 +158,24 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--listen")
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--supervised", action="store_true", help="die with the launcher")
+    parser.add_argument("--workers", type=int, default=default_workers())
     args = parser.parse_args(argv)
     setup_logging("driver")
     if args.supervised:
         die_with_parent()
-    return run(serve(args.export, listening_socket(args.socket, args.listen), None,
-                     args.ready_fd, announce=False))
+    return serve_in_workers(args.workers, args.export, listening_socket(args.socket, args.listen), None,
+                            args.ready_fd, announce=False)
 
 
-def run_standalone(file: str, size: int, socket_path: str | None, listen: str | None) -> int:
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def run_standalone(file: str, size: int, socket_path: str | None, listen: str | None,
+                   workers: int | None = None) -> int:
     """`trustvbd driver`: one file, one export, served under its own name and as the default."""
     setup_logging("driver")
+    workers = workers or default_workers()
     name = Path(file).stem or "disk"
     try:
         sock = listening_socket(socket_path, listen)
@@ -145,16 +185,12 @@ def run_standalone(file: str, size: int, socket_path: str | None, listen: str | 
         return 1
     try:
         spec = ExportSpec(name, Path(file), size)
-        FileBackend(str(spec.path), size)  # fail early on an unusable file
+        FileBackend(str(spec.path), size).close_now()  # fail early on an unusable file
     except OSError as exc:
         print(f"trustvbd driver: cannot open {file}: {exc.strerror}", file=sys.stderr)
         return 1
-    return run(serve([spec], sock, name, None, announce=True))
+    return serve_in_workers(workers, [spec], sock, name, None, announce=True)
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRUSTVBD_PROFILE"):
-        import cProfile
-        cProfile.run("main()", os.environ["TRUSTVBD_PROFILE"])
-    else:
-        sys.exit(main())
+    sys.exit(main())
