@@ -100,8 +100,15 @@ def qemu_nbd(size: int, luks: bool = False) -> Server:
 
 
 def make_luks(work: Path, size: int) -> None:
-    subprocess.run(["qemu-img", "create", "-q", "-f", "luks", "--object", f"secret,id=s0,data={PASS}",
-                    "-o", "key-secret=s0,iter-time=100", str(work / "luks.img"), str(size)], check=True)
+    # qemu-img's PBKDF timing sometimes fails on a busy machine ("Unable to get accurate
+    # CPU usage"); it works on a second try.
+    for _attempt in range(3):
+        result = subprocess.run(["qemu-img", "create", "-q", "-f", "luks", "--object",
+                                 f"secret,id=s0,data={PASS}", "-o", "key-secret=s0,iter-time=100",
+                                 str(work / "luks.img"), str(size)])
+        if result.returncode == 0:
+            return
+    raise RuntimeError("qemu-img could not create the LUKS image")
 
 
 def trustvbd_driver(size: int) -> Server:

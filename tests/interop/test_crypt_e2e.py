@@ -390,3 +390,31 @@ def test_no_data_journal_metadata_writes_are_small(short_tmp: Path) -> None:
 
 
 __all__ = ["subprocess"]
+
+
+def test_integrity_events_reach_the_audit_log(written: System) -> None:
+    flip(backing(written.root), layout().data_offset(9) + 7)
+    written.start()
+    run(["qemu-io", "-f", "raw", written.uri("vm1", "payroll"), "-c", f"read {9 * 4096} 4096"], check=False)
+    written.stop()
+    out = written.cli("audit", "-c", str(written.config), "--json").stdout
+    records = [json.loads(line) for line in out.splitlines()]
+    integrity = [r for r in records if r["kind"] == "integrity"]
+    assert integrity and "payroll" in json.dumps(integrity[0])
+    assert written.cli("audit", "-c", str(written.config), "--verify").returncode == 0
+
+
+def test_replica_holding_foreign_data_is_refused_not_overwritten(short_tmp: Path) -> None:
+    img = short_tmp / "foreign.img"
+    foreign = os.urandom(1 << 20) * (layout().physical_size // (1 << 20) + 1)
+    img.write_bytes(foreign[:layout().physical_size])
+    before = img.read_bytes()
+    run(["nbdkit", "-U", str(short_tmp / "nk.sock"), "-P", str(short_tmp / "nk.pid"), "file", str(img)])
+    try:
+        (short_tmp / "c.toml").write_text(config(driver=f'uri = "nbd+unix:///?socket={short_tmp / "nk.sock"}"'))
+        out = run([sys_exe(), "-m", "trustvbd.cli", "up", "-c", str(short_tmp / "c.toml")], check=False, timeout=60)
+        assert out.returncode == 1
+        assert "drv-a" in out.stderr and "not" in out.stderr.lower()
+        assert img.read_bytes() == before
+    finally:
+        os.kill(int((short_tmp / "nk.pid").read_text()), signal.SIGTERM)

@@ -202,3 +202,18 @@ def test_real_xen_policy_drives_decisions(short_tmp: Path) -> None:
     text = run([*TRUSTVBD, "policy", "show", str(policy)]).stdout
     assert "RER" in text
     assert "green" in text
+
+
+def test_channel_to_driver_needs_a_type_shared_with_the_trusted_side(short_tmp: Path) -> None:
+    """(a) may allow the driver, but the channel itself is STE between the encryption domain
+    (bootstrap label) and the driver, as Xen checks event channels."""
+    policy = POLICY.replace('ste = ["SystemManagement", "Payroll", "Bank", "Storage"]',
+                            'ste = ["SystemManagement", "Bank"]')
+    policy = policy.replace('StorageA = { ste = ["Storage", "Payroll", "Bank"] }', 'StorageA = { ste = ["Payroll"] }')
+    config = CONFIG.replace(
+        '[[disk]]\nname = "bank"\nsize = "4MiB"\nlabel = "BankData"\nreplicas = ["drv-a"]\nencrypt = false\n', '')
+    (short_tmp / "policy.toml").write_text(policy)
+    (short_tmp / "c.toml").write_text(config)
+    out = run([*TRUSTVBD, "up", "-c", str(short_tmp / "c.toml")], check=False, timeout=60)
+    assert out.returncode == 1
+    assert "channel between the encryption domain" in out.stderr and "SystemManagement" in out.stderr

@@ -91,6 +91,7 @@ class CryptDomain:
         self.gate: PolicyGate
         self.state_dir = Path()
         self.stopped = asyncio.Event()
+        self.stopping = False
         self.spec: dict[str, Any] = {}
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -203,7 +204,8 @@ class CryptDomain:
             except Exception as exc:  # one bad disk must not take the others down
                 disk.error = str(exc)
                 log.error("disk %s cannot be served: %s", disk.name, exc)
-                self.control.send({"event": "disk_failed", "disk": disk.name, "error": str(exc)})
+                self.control.send({"event": "disk_failed", "disk": disk.name, "error": str(exc),
+                                   "kind": type(exc).__name__})
         loop = asyncio.get_running_loop()
         for listener, fd in zip(spec["listeners"], fds, strict=True):
             guest = listener["guest"]
@@ -215,6 +217,11 @@ class CryptDomain:
         ready(ready_fd)
 
     async def stop(self) -> None:
+        """Close guests, commit and close every disk; once (a stop request and SIGTERM may both come)."""
+        if self.stopping:
+            await self.stopped.wait()
+            return
+        self.stopping = True
         for servers in self.servers.values():
             for server in servers:
                 await server.close()

@@ -115,10 +115,12 @@ class Launcher:
         self.done = asyncio.Event()
         self.ready = asyncio.Event()
         self.failed_disks: dict[str, str] = {}
+        self.failure_kinds: dict[str, str] = {}  # disk -> exception class name in the crypt domain
         self.integrity_events: list[dict[str, Any]] = []
         self.acm = AcmClient(str(config.acm_socket), timeout=float(os.environ.get("TRUSTVBD_ACM_TIMEOUT", "5")))
         self.started = time.time()
         self.policy_path = str(config.policy) if config.policy else None
+        self.bootstrap_label = bootstrap_label(config.policy)
         self.export_tokens: dict[str, str] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.passphrase: str | None = os.environ.get("TRUSTVBD_PASSPHRASE")
@@ -242,6 +244,13 @@ class Launcher:
             raise PermissionError(
                 f"policy forbids driver {drv.name!r} (label {drv.label}) to serve disk {disk.name!r}"
                 f" (label {disk.label}): {decision.reason}")
+        # The channel itself runs between the encryption domain, a trusted domain under the
+        # policy's bootstrap label (Xen's dom0), and the driver: STE, as Xen's event channels.
+        channel = await self.acm.channel("crypt", self.bootstrap_label, drv.name, drv.label)
+        if not channel.allowed:
+            raise PermissionError(
+                f"policy forbids a channel between the encryption domain (label {self.bootstrap_label})"
+                f" and driver {drv.name!r} (label {drv.label}): {channel.reason}")
 
     async def handle_crypt(self, message: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]] | None:
         op, event = message.get("op"), message.get("event")
@@ -260,6 +269,7 @@ class Launcher:
             return None
         if event == "disk_failed":
             self.failed_disks[message["disk"]] = message["error"]
+            self.failure_kinds[message["disk"]] = str(message.get("kind", ""))
             return None
         if event == "integrity":
             self.integrity_events.append(message)
@@ -320,8 +330,8 @@ class Launcher:
         theirs.close()
         await asyncio.wait_for(self.ready.wait(), START_TIMEOUT)
         if self.failed_disks:
-            wrong = wrong_passphrase_disks(self.failed_disks)
-            if wrong:
+            wrong = [d for d, kind in self.failure_kinds.items() if kind == "WrongKeyError"]
+            if wrong and self.passphrase is not None:
                 raise StartError(f"wrong passphrase for disk {', '.join(map(repr, wrong))}:"
                                  " nothing was changed; start again with the right one")
             problems = "; ".join(f"disk {d!r}: {e}" for d, e in self.failed_disks.items())
@@ -416,6 +426,7 @@ class Launcher:
         if not reply.get("ok"):
             return {"ok": False, "error": reply.get("error", "the access-control domain refused it")}
         self.policy_path = path
+        self.bootstrap_label = bootstrap_label(path)
         closed = 0
         if self.crypt_channel is not None:
             answer, _ = await self.crypt_channel.request({"op": "policy_changed"})
@@ -454,9 +465,11 @@ class Launcher:
         return {"ok": False, "error": f"unknown op {request.get('op')!r}"}
 
 
-def wrong_passphrase_disks(failed: dict[str, str]) -> list[str]:
-    """Disks the encryption domain could not unlock with the passphrase (crypt.keys' WrongKeyError)."""
-    return [d for d, e in failed.items() if "does not unlock" in e and "wrong passphrase" in e]
+def bootstrap_label(policy_path: str | Path | None) -> str:
+    """The label trusted domains run under: the policy's bootstrap label (none: NULL policy)."""
+    if policy_path is None:
+        return "__BOOTSTRAP__"
+    return load_policy(policy_path).bootstrap or "__UNLABELED__"
 
 
 def passphrase_for_up(config: Config) -> str | None:
@@ -503,7 +516,11 @@ async def run_up(config: Config) -> int:
             print(f"trustvbd up: policy error: {exc}", file=sys.stderr)
             return 2
     check_paths(config)
-    lock = StateLock(config.state_dir)
+    try:
+        lock = StateLock(config.state_dir)
+    except StartError as exc:
+        print(f"trustvbd up: {exc}", file=sys.stderr)
+        return 1
     try:
         passphrase = passphrase_for_up(config)
     except StartError as exc:
@@ -524,6 +541,10 @@ async def run_up(config: Config) -> int:
         if config.policy is None:
             log.warning("NO POLICY CONFIGURED: running Xen's NULL policy — every guest may use every"
                         " disk and every driver may serve every disk. Set `policy = \"FILE\"`.")
+        for disk in config.disks.values():
+            if not disk.encrypt:
+                log.warning("disk %s is NOT ENCRYPTED (encrypt = false): its driver sees and may alter"
+                            " its data unnoticed; use this only to measure", disk.name)
         lines = await launcher.start()
         control = await launcher.serve_control()
         for line in lines:
