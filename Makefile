@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check trustvbd tests bench
 
 test: $(STAMP) test-deps lint
-	$(BIN)/python -m pytest -n 2 -q -p no:cacheprovider
+	$(BIN)/python -m pytest -n 2 -q -rfEs -p no:cacheprovider
 
 bench: $(STAMP) test-deps
 	$(BIN)/python bench/run.py

@@ -12,17 +12,17 @@ import base64
 import binascii
 import contextlib
 import dataclasses
-import fcntl
 import getpass
 import json
 import os
 import stat
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from trustvbd.blocks.ranges import describe_blocks
 from trustvbd.config import Config, ConfigError, load_config
+from trustvbd.state_lock import StateLock, StateLocked
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
@@ -100,20 +100,6 @@ def read_public_key_file(path: str) -> bytes:
 
 
 # -- verify --------------------------------------------------------------------------
-def block_ranges(blocks: Iterable[int]) -> str:
-    """'3, 7-9' for [3, 7, 8, 9], never cut short."""
-    items = sorted(set(blocks))
-    out: list[str] = []
-    i = 0
-    while i < len(items):
-        j = i
-        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
-            j += 1
-        out.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
-        i = j + 1
-    return ", ".join(out)
-
-
 async def _open_replica(replica: str) -> Any:
     from trustvbd.blocks.backend import BlockError
     from trustvbd.blocks.file import FileBackend
@@ -162,12 +148,12 @@ def print_report(report: Any, replica: str) -> None:
     print(f"replica {replica}")
     print(report)
     if report.bad_pages:
-        print(f"  bad leaf pages: {block_ranges(report.bad_pages)}")
+        print(f"  bad leaf pages: {describe_blocks(report.bad_pages, limit=None)}")
     if report.bad_blocks:
-        print(f"  bad blocks ({len(report.bad_blocks)}): {block_ranges(report.bad_blocks)}")
+        print(f"  bad blocks ({len(report.bad_blocks)}): {describe_blocks(report.bad_blocks, limit=None)}")
     if report.poisoned_blocks:
         print(f"  blocks marked lost ({len(report.poisoned_blocks)}):"
-              f" {block_ranges(report.poisoned_blocks)}")
+              f" {describe_blocks(report.poisoned_blocks, limit=None)}")
 
 
 def verify(public_key_file: str, replica: str, as_json: bool = False) -> int:
@@ -243,29 +229,6 @@ def pubkey(config_path: str, disk: str, output: str | None = None) -> int:
     return 0
 
 
-class _StateLock:
-    """The lock `trustvbd up` holds on STATE_DIR/up.lock: held here while the keys change,
-    so `up` cannot start halfway, and refused while `up` runs."""
-
-    def __init__(self, state_dir: Path) -> None:
-        path = state_dir / "up.lock"
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            raise CommandError(
-                f"trustvbd up is running on state directory {state_dir} (pid {pid}) and holds"
-                " the disk's keys; stop it first, then rekey") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-
-    def release(self) -> None:
-        os.ftruncate(self.fd, 0)
-        os.close(self.fd)
-
-
 def _tty() -> bool:
     return sys.stdin is not None and sys.stdin.isatty()
 
@@ -315,7 +278,12 @@ def rekey_disk(config_path: str, disk: str, to_passphrase: bool) -> int:
     try:
         config = _config(config_path)
         keys = _disk_keys(config, disk)
-        lock = _StateLock(config.state_dir)
+        try:
+            lock = StateLock(config.state_dir)
+        except StateLocked as exc:
+            raise CommandError(
+                f"trustvbd up is running on state directory {exc.state_dir} (pid {exc.pid}) and holds"
+                " the disk's keys; stop it first, then rekey") from None
         try:
             _, kind = _read_keys(keys, disk)
             default_key = config.state_dir / "kek.key"

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import signal
-import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,14 +74,24 @@ def status(s: System) -> dict:  # type: ignore[type-arg]
 
 
 # -- 1. confidentiality ------------------------------------------------------------------
-def test_driver_sees_no_plaintext_no_name_no_key(short_tmp: Path) -> None:
-    img = short_tmp / "peer.img"
+@contextlib.contextmanager
+def recorded_peer_driver(root: Path) -> Iterator[tuple[Path, RecordingProxy, str]]:
+    """nbdkit as the driver, behind a proxy that records every byte sent to it."""
+    img = root / "peer.img"
     img.touch()
     os.truncate(img, layout().physical_size)
-    run(["nbdkit", "-U", str(short_tmp / "nk.sock"), "-P", str(short_tmp / "nk.pid"), "file", str(img)])
-    proxy = RecordingProxy(short_tmp / "px.sock", short_tmp / "nk.sock")
+    run(["nbdkit", "-U", str(root / "nk.sock"), "-P", str(root / "nk.pid"), "file", str(img)])
+    proxy = RecordingProxy(root / "px.sock", root / "nk.sock")
     try:
-        s = System(short_tmp, config(driver=f'uri = "nbd+unix:///?socket={short_tmp / "px.sock"}"')).start()
+        yield img, proxy, f'uri = "nbd+unix:///?socket={root / "px.sock"}"'
+    finally:
+        proxy.close()
+        os.kill(int((root / "nk.pid").read_text()), signal.SIGTERM)
+
+
+def test_driver_sees_no_plaintext_no_name_no_key(short_tmp: Path) -> None:
+    with recorded_peer_driver(short_tmp) as (img, proxy, driver):
+        s = System(short_tmp, config(driver=driver)).start()
         src = short_tmp / "secret.txt"
         src.write_bytes((SENTENCE * (SIZE // len(SENTENCE) + 1))[:SIZE])
         run(["nbdcopy", str(src), s.uri("vm1", "payroll")])
@@ -98,9 +109,6 @@ def test_driver_sees_no_plaintext_no_name_no_key(short_tmp: Path) -> None:
         for needle in secrets:
             assert needle not in stored, f"{needle!r} found in the driver's file"
             assert needle not in sent, f"{needle!r} sent to the driver"
-    finally:
-        proxy.close()
-        os.kill(int((short_tmp / "nk.pid").read_text()), signal.SIGTERM)
 
 
 # -- 2. integrity ------------------------------------------------------------------------
@@ -372,24 +380,14 @@ def test_kill_9_during_writes_many_rounds(short_tmp: Path, victim: str) -> None:
 
 def test_no_data_journal_metadata_writes_are_small(short_tmp: Path) -> None:
     """Bytes sent to the driver for a 4 MiB write + flush: data once, plus small metadata."""
-    img = short_tmp / "peer.img"
-    img.touch()
-    os.truncate(img, layout().physical_size)
-    run(["nbdkit", "-U", str(short_tmp / "nk.sock"), "-P", str(short_tmp / "nk.pid"), "file", str(img)])
-    proxy = RecordingProxy(short_tmp / "px.sock", short_tmp / "nk.sock")
-    try:
-        s = System(short_tmp, config(driver=f'uri = "nbd+unix:///?socket={short_tmp / "px.sock"}"')).start()
+    with recorded_peer_driver(short_tmp) as (_, proxy, driver):
+        s = System(short_tmp, config(driver=driver)).start()
         before = len(proxy.to_driver)
         run(["qemu-io", "-f", "raw", s.uri("vm1", "payroll"), "-c", "write -P 0x61 0 4M", "-c", "flush"])
         sent = len(proxy.to_driver) - before
         assert 4 * MIB <= sent < 4 * MIB * 1.05, f"{sent} bytes sent for 4 MiB of data"
         s.stop()
-    finally:
-        proxy.close()
-        os.kill(int((short_tmp / "nk.pid").read_text()), signal.SIGTERM)
 
-
-__all__ = ["subprocess"]
 
 
 def test_integrity_events_reach_the_audit_log(written: System) -> None:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import nbd  # Debian's python3-libnbd, put on sys.path by tests/conftest.py; missing = failure, not skip
 import pytest
 
 from tests.nbd.helpers import ServerThread, wait_for
@@ -17,7 +18,6 @@ from trustvbd.blocks.backend import BlockError, Capabilities, Layer
 from trustvbd.blocks.file import FileBackend, MemoryBackend
 from trustvbd.nbd.exports import Export, ExportRefused, PeerInfo, StaticExports
 
-nbd = pytest.importorskip("nbd")  # Debian's python3-libnbd
 MiB = 1 << 20
 
 

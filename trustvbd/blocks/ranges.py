@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import Iterable
 
 
-def describe_blocks(blocks: Iterable[int]) -> str:
-    """'3, 7-9' for [3, 7, 8, 9]; long lists are cut short."""
+def describe_blocks(blocks: Iterable[int], limit: int | None = 8) -> str:
+    """'3, 7-9' for [3, 7, 8, 9]; more than `limit` runs are cut short (None: never)."""
     out: list[str] = []
     items = sorted(set(blocks))
     i = 0
@@ -17,8 +17,8 @@ def describe_blocks(blocks: Iterable[int]) -> str:
             j += 1
         out.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
         i = j + 1
-    if len(out) > 8:
-        out = [*out[:8], f"... ({len(items)} blocks)"]
+    if limit is not None and len(out) > limit:
+        out = [*out[:limit], f"... ({len(items)} blocks)"]
     return ", ".join(out)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import getpass
 import json
 import logging
@@ -29,6 +28,7 @@ from trustvbd.acm.commands import AUDIT_FILE
 from trustvbd.config import Config, check_paths
 from trustvbd.domains.control import ControlChannel, ControlClosed, socket_pair
 from trustvbd.nbd.uri import parse_uri
+from trustvbd.state_lock import StateLock, StateLocked
 
 log = logging.getLogger("trustvbd.hv")
 
@@ -52,29 +52,6 @@ class Domain:
     process: asyncio.subprocess.Process | None = None
     restarts: list[float] = field(default_factory=list)
     state: str = "starting"
-
-
-class StateLock:
-    """One `up` per state directory: an flock held for the launcher's lifetime."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / "up.lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            raise StartError(
-                f"trustvbd up is already running on state directory {state_dir} (pid {pid});"
-                " stop it first, or use another state_dir"
-            ) from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-
-    def release(self) -> None:
-        os.ftruncate(self.fd, 0)
-        os.close(self.fd)
 
 
 def physical_size(disk_size: int, encrypt: bool) -> int:
@@ -518,8 +495,9 @@ async def run_up(config: Config) -> int:
     check_paths(config)
     try:
         lock = StateLock(config.state_dir)
-    except StartError as exc:
-        print(f"trustvbd up: {exc}", file=sys.stderr)
+    except StateLocked as exc:
+        print(f"trustvbd up: trustvbd up is already running on state directory {exc.state_dir}"
+              f" (pid {exc.pid}); stop it first, or use another state_dir", file=sys.stderr)
         return 1
     try:
         passphrase = passphrase_for_up(config)

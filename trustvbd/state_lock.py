@@ -1,0 +1,38 @@
+"""The state directory's lock: one `trustvbd up` per state directory, and no rekey while it runs."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+
+class StateLocked(Exception):
+    """Someone else holds the lock; `pid` says who (as written into the lock file)."""
+
+    def __init__(self, state_dir: Path, pid: str) -> None:
+        super().__init__(f"state directory {state_dir} is locked by pid {pid}")
+        self.state_dir, self.pid = state_dir, pid
+
+
+class StateLock:
+    """An flock on STATE_DIR/up.lock, holding the owner's pid, for the holder's lifetime.
+
+    flock dies with its process, so a killed `up` never leaves a stale lock behind.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "up.lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise StateLocked(state_dir, pid) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)
