@@ -9,7 +9,7 @@ import pytest
 from tests.acm.util import CLIENT_V1, EXAMPLE_TOML, XM_TEST
 from trustvbd.acm import load_policy
 from trustvbd.acm.audit import AuditLog
-from trustvbd.acm.commands import AUDIT_FILE, validate_policy_file
+from trustvbd.acm.commands import AUDIT_FILE
 from trustvbd.cli import main
 
 
@@ -50,9 +50,10 @@ def test_explain(capsys, tmp_path):
     (tmp_path / "policy.toml").write_text(EXAMPLE_TOML)
     cfg = tmp_path / "trustvbd.toml"
     cfg.write_text('state_dir = "state"\npolicy = "policy.toml"\n'
+                   '[[driver]]\nname = "drv"\nlabel = "StorageA"\ndir = "b"\n'
                    '[[guest]]\nname = "vm1"\nlabel = "Payroll"\n'
-                   '[[disk]]\nname = "payroll"\nlabel = "PayrollData"\nsize = "1MiB"\n'
-                   '[[disk]]\nname = "bank"\nlabel = "BankData"\nsize = "1MiB"\n')
+                   '[[disk]]\nname = "payroll"\nlabel = "PayrollData"\nsize = "1MiB"\nreplicas = ["drv"]\n'
+                   '[[disk]]\nname = "bank"\nlabel = "BankData"\nsize = "1MiB"\nreplicas = ["drv"]\n')
     assert main(["policy", "explain", "-c", str(cfg), "--guest", "vm1", "--disk", "payroll"]) == 0
     out = capsys.readouterr().out
     assert 'guest label "Payroll": STE types [\'Payroll\']' in out
@@ -88,7 +89,7 @@ def test_audit_show_and_verify(capsys, tmp_path):
     assert "seq 2 hash does not match its content (record edited)" in capsys.readouterr().out
 
 
-def test_validate_policy_file():
-    assert validate_policy_file(XM_TEST).name == "xm-test"
+def test_load_policy_file():
+    assert load_policy(XM_TEST).name == "xm-test"
     with pytest.raises(ValueError):
-        validate_policy_file("/nonexistent/policy.xml")
+        load_policy("/nonexistent/policy.xml")

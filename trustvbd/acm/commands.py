@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -22,11 +21,6 @@ from trustvbd.acm.xml_loader import to_xml
 AUDIT_FILE = "audit.jsonl"  # the audit log's name inside a config's state_dir
 NULL_WARNING = ("WARNING: no policy configured (Xen's NULL policy): every guest may use every"
                 " disk and every domain may talk to every other")
-
-
-def validate_policy_file(path: str | Path) -> Policy:
-    """For `policy load` on a running system: the fully validated policy, or PolicyError."""
-    return load_policy(path)
 
 
 def check(path: str, out: TextIO | None = None) -> int:
@@ -100,40 +94,28 @@ def convert(path: str, output: str | None = None, to: str | None = None,
     return 0
 
 
-def read_config(path: str | Path) -> dict[str, Any]:
-    """The few config keys policy commands need: policy, state_dir, guest and disk labels."""
-    file = Path(path).resolve()
-    raw = tomllib.loads(file.read_text(encoding="utf-8"))
-    base = file.parent
-
-    def labels(kind: str) -> dict[str, str]:
-        items = raw.get(kind, [])
-        return {i["name"]: i["label"] for i in items if isinstance(i, dict)
-                and isinstance(i.get("name"), str) and isinstance(i.get("label"), str)}
-
-    return {"policy": base / raw["policy"] if isinstance(raw.get("policy"), str) else None,
-            "state_dir": base / raw.get("state_dir", "state"),
-            "guests": labels("guest"), "disks": labels("disk")}
-
-
 def explain_config(config: str, guest: str, disk: str, out: TextIO | None = None) -> int:
     out = out or sys.stdout  # looked up per call, so redirection works
+    from trustvbd.config import ConfigError, load_config
+
     try:
-        cfg = read_config(config)
-        policy = load_policy(cfg["policy"]) if cfg["policy"] else Policy.null()
-    except (OSError, tomllib.TOMLDecodeError, PolicyError) as exc:
-        print(f"trustvbd policy explain: {config}: {exc}", file=sys.stderr)
+        cfg = load_config(config)
+        policy = load_policy(cfg.policy) if cfg.policy else Policy.null()
+    except (ConfigError, PolicyError) as exc:
+        print(f"trustvbd policy explain: {exc}", file=sys.stderr)
         return 2
-    for kind, name, known in (("guest", guest, cfg["guests"]), ("disk", disk, cfg["disks"])):
+    guests = {n: g.label for n, g in cfg.guests.items()}
+    disks = {n: d.label for n, d in cfg.disks.items()}
+    for kind, name, known in (("guest", guest, guests), ("disk", disk, disks)):
         if name not in known:
             print(f"trustvbd policy explain: {config} has no [[{kind}]] named {name!r};"
                   f" known: {', '.join(sorted(known)) or 'none'}", file=sys.stderr)
             return 2
     if policy.is_null:
         print(NULL_WARNING, file=sys.stderr)
-    for line in explain(policy, cfg["guests"][guest], cfg["disks"][disk], guest, disk):
+    for line in explain(policy, guests[guest], disks[disk], guest, disk):
         print(line, file=out)
-    return 0 if guest_may_use_disk(policy, cfg["guests"][guest], cfg["disks"][disk]).allowed else 1
+    return 0 if guest_may_use_disk(policy, guests[guest], disks[disk]).allowed else 1
 
 
 def _line(rec: dict[str, Any]) -> str:
@@ -181,7 +163,9 @@ def verify_audit(path: str | Path, out: TextIO | None = None) -> int:
 def _audit_path(args: argparse.Namespace) -> Path:
     if args.log:
         return Path(args.log)
-    return Path(read_config(args.config)["state_dir"]) / AUDIT_FILE
+    from trustvbd.config import load_config
+
+    return load_config(args.config).state_dir / AUDIT_FILE
 
 
 def register(sub: Any, load_policy_into_running: Any = None) -> None:
