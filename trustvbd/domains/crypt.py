@@ -24,7 +24,7 @@ from trustvbd.blocks.limits import SizeLimit
 from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
 from trustvbd.domains.control import ControlChannel
-from trustvbd.domains.gate import PolicyGate, gate_from_spec
+from trustvbd.domains.policy_gate import PolicyGate
 from trustvbd.nbd.client import NbdClient
 from trustvbd.nbd.server import Export, ExportRefused, NbdServer, PeerInfo
 
@@ -104,9 +104,7 @@ class CryptDomain:
             await self.stop()
             return {"ok": True}, []
         if op == "policy_changed":
-            refresh = getattr(self.gate, "refresh", None)
-            if refresh is not None:
-                await refresh()
+            await self.gate.refresh()
             kicked = await self.recheck_connections()
             return {"ok": True, "closed": kicked}, []
         return {"ok": False, "error": f"unknown op {op!r}"}, []
@@ -117,7 +115,7 @@ class CryptDomain:
             entry: dict[str, Any] = {
                 "name": d.name, "size": d.size, "label": d.label, "encrypt": d.encrypt,
                 "state": "serving" if d.backend else f"failed: {d.error}",
-                "integrity_events": self.integrity_count(d),
+                "integrity_events": d.integrity_events,
                 "replicas": [link.status() for link in d.links],
             }
             epoch = getattr(d.backend, "epoch", None)
@@ -132,9 +130,6 @@ class CryptDomain:
             ]
             guests.append({"name": name, "connections": conns})
         return {"disks": disks, "guests": guests}
-
-    def integrity_count(self, disk: Disk) -> int:
-        return disk.integrity_events
 
     async def recheck_connections(self) -> int:
         """After a policy change: close every connection the new policy forbids."""
@@ -195,7 +190,7 @@ class CryptDomain:
         spec, fds = await self.control.request({"op": "spec"})
         self.spec = spec
         self.state_dir = Path(spec["state_dir"])
-        self.gate = await gate_from_spec(spec, self.control)
+        self.gate = await PolicyGate.connect(spec)
         for d in spec["disks"]:
             self.disks[d["name"]] = Disk(d["name"], d["label"], d["size"], d["encrypt"], d["replicas"])
         for disk in self.disks.values():

@@ -1,4 +1,7 @@
-"""Policy enforcement in the encryption domain, decided by the access-control domain.
+"""Check (b) in the encryption domain: may this guest use this disk?
+
+The access-control domain decides (with no policy configured it runs Xen's NULL
+policy and allows everything); this module only asks and enforces.
 
 Fail-closed: the AcmClient turns an unreachable, slow or garbled access-control
 domain into a deny. LIST needs an answer without waiting, so the guest/disk
@@ -12,12 +15,11 @@ import itertools
 from typing import Any
 
 from trustvbd.acm.client import AcmClient
-from trustvbd.domains.control import ControlChannel
-from trustvbd.domains.gate import Decision
+from trustvbd.acm.decisions import Decision
 from trustvbd.nbd.server import PeerInfo
 
 
-class AcmGate:
+class PolicyGate:
     def __init__(self, client: AcmClient, guests: dict[str, Any], disks: list[dict[str, Any]]) -> None:
         self.client = client
         self.guests, self.disks = guests, disks
@@ -26,7 +28,7 @@ class AcmGate:
         self._ids = itertools.count(1)
 
     @classmethod
-    async def connect(cls, spec: dict[str, Any], control: ControlChannel) -> AcmGate:
+    async def connect(cls, spec: dict[str, Any]) -> PolicyGate:
         gate = cls(AcmClient(spec["acm_socket"], timeout=spec.get("acm_timeout", 5.0)),
                    spec["guests"], spec["disks"])
         await gate.refresh()
@@ -45,8 +47,7 @@ class AcmGate:
         return (guest, disk) in self.visible
 
     async def check(self, guest: str, guest_label: str, disk: str, disk_label: str) -> Decision:
-        d = await self.client.guest_may_use_disk(guest, guest_label, disk, disk_label)
-        return Decision(d.allowed, d.rule, d.reason)
+        return await self.client.guest_may_use_disk(guest, guest_label, disk, disk_label)
 
     async def attach(self, peer: PeerInfo, guest: str, guest_label: str, disk: str,
                      disk_label: str) -> Decision:
@@ -56,7 +57,7 @@ class AcmGate:
         cid = f"{guest}/{disk}/{next(self._ids)}"
         wall = await self.client.chw_attach(cid, guest_label, guest)
         if not wall.allowed:
-            return Decision(False, wall.rule, wall.reason)
+            return wall
         self.attachments[(id(peer), disk)] = cid
         return decision
 
@@ -64,6 +65,3 @@ class AcmGate:
         cid = self.attachments.pop((id(peer), disk), None)
         if cid is not None:
             await self.client.chw_detach(cid)
-
-    async def record(self, kind: str, **fields: Any) -> None:
-        await self.client.record(kind, **fields)
