@@ -272,3 +272,36 @@ def test_status_when_not_running(short_tmp: Path) -> None:
     out = run([*TRUSTVBD, "status", "-c", str(short_tmp / "c.toml")], check=False)
     assert out.returncode == 3
     assert "not running" in out.stderr
+
+
+def test_a_stalled_driver_times_out_without_stalling_other_disks(short_tmp: Path) -> None:
+    """A driver is an adversary for liveness too: it may simply stop answering."""
+    text = config_text(encrypt=True, size=4 * MIB).replace(
+        'name = "scratch"\nsize = "4MiB"\nlabel = "Scratch"\nreplicas = ["drv-a"]',
+        'name = "scratch"\nsize = "4MiB"\nlabel = "Scratch"\nreplicas = ["drv-b"]')
+    text += '[[driver]]\nname = "drv-b"\nlabel = "StorageB"\ndir = "backing/b"\n'
+    s = System(short_tmp, text)
+    s.env = {"TRUSTVBD_REQUEST_TIMEOUT": "2"}
+    s.start()
+    run(["qemu-io", "-f", "raw", s.uri("vm1", "payroll"), "-c", "write -P 0x71 0 64k", "-c", "flush"])
+    status = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+    drv_a = next(d["pid"] for d in status["domains"] if d["name"] == "drv-a")
+    stalled = [drv_a, *pids_of_children(drv_a)]
+    for pid in stalled:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        slow = run(["qemu-io", "-f", "raw", s.uri("vm1", "payroll"), "-c", "read -P 0x71 0 64k"],
+                   check=False, timeout=60)
+        waited = time.monotonic() - t0
+        assert "Input/output error" in slow.stdout + slow.stderr
+        assert waited < 15, f"a stalled driver held the guest for {waited:.1f} s"
+        # The other driver's disk is served all along.
+        run(["qemu-io", "-f", "raw", s.uri("vm1", "scratch"), "-c", "write -P 0x72 0 64k",
+             "-c", "read -P 0x72 0 64k"], timeout=30)
+    finally:
+        for pid in stalled:
+            os.kill(pid, signal.SIGCONT)
+    # Once it answers again the trusted side reconnects, and the data is intact.
+    run(["qemu-io", "-f", "raw", s.uri("vm1", "payroll"), "-c", "read -P 0x71 0 64k"], timeout=60)
+    s.stop()
