@@ -416,3 +416,50 @@ def test_replica_holding_foreign_data_is_refused_not_overwritten(short_tmp: Path
         assert img.read_bytes() == before
     finally:
         os.kill(int((short_tmp / "nk.pid").read_text()), signal.SIGTERM)
+
+
+def test_driver_injecting_eio_never_yields_wrong_bytes(short_tmp: Path) -> None:
+    """nbdkit's error filter as a faulty driver: requests fail, but nothing reads wrong, and
+    once the faults stop every block reads as one of the values written to it."""
+    img, inject = short_tmp / "peer.img", short_tmp / "inject"
+    img.touch()
+    os.truncate(img, layout().physical_size)
+    run(["nbdkit", "-U", str(short_tmp / "nk.sock"), "-P", str(short_tmp / "nk.pid"), "file", str(img),
+         "--filter=error", "error-rate=30%", "error=EIO", f"error-file={inject}"])
+    try:
+        s = System(short_tmp, config(driver=f'uri = "nbd+unix:///?socket={short_tmp / "nk.sock"}"')).start()
+        nbd = clients.libnbd()
+        h = nbd.NBD()
+        h.connect_uri(s.uri("vm1", "payroll"))
+        blocks = 32
+        allowed = {b: {bytes([0xA0]) * 4096} for b in range(blocks)}
+        h.pwrite(bytes([0xA0]) * 4096 * blocks, 0)
+        h.flush()
+        rng = random.Random(7)
+        inject.touch()
+        failures = 0
+        for i in range(150):
+            b = rng.randrange(blocks)
+            if rng.random() < 0.5:
+                data = bytes([i % 250 + 1]) * 4096
+                allowed[b].add(data)
+                try:
+                    h.pwrite(data, b * 4096)
+                except nbd.Error:
+                    failures += 1
+            else:
+                try:
+                    got = h.pread(4096, b * 4096)
+                except nbd.Error:
+                    failures += 1
+                    continue
+                assert bytes(got) in allowed[b], f"block {b} read as bytes never written to it"
+        inject.unlink()
+        assert failures > 0  # the filter really injected errors
+        for b in range(blocks):
+            assert bytes(h.pread(4096, b * 4096)) in allowed[b]
+        h.flush()
+        h.shutdown()
+        s.stop()
+    finally:
+        os.kill(int((short_tmp / "nk.pid").read_text()), signal.SIGTERM)
