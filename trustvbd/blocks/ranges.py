@@ -38,7 +38,9 @@ class _Hold:
 
     def __init__(self, start: int, end: int, exclusive: bool) -> None:
         self.start, self.end, self.exclusive = start, end, exclusive
-        self.done = asyncio.Event()
+        # Made by the first request that has to wait: most holds never see one,
+        # and an Event per request is a measurable share of a 4 KiB read.
+        self.done: asyncio.Event | None = None
 
 
 class RangeLock:
@@ -57,6 +59,8 @@ class RangeLock:
         while True:
             for h in self._held:
                 if h.start < end and start < h.end and (exclusive or h.exclusive):
+                    if h.done is None:
+                        h.done = asyncio.Event()
                     await h.done.wait()
                     break
             else:
@@ -66,4 +70,5 @@ class RangeLock:
 
     def release(self, hold: _Hold) -> None:
         self._held.remove(hold)
-        hold.done.set()
+        if hold.done is not None:
+            hold.done.set()

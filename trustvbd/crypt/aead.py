@@ -47,13 +47,18 @@ class BlockCipher:
             raise ValueError("data key must be 32 bytes and disk id 16 bytes")
         self._aead = AESGCM(data_key)
         self._disk_id = bytes(disk_id)
-
-    def _scratch(self) -> tuple[bytearray, memoryview, memoryview]:
+        # Scratch buffers made once per cipher, not per call: encrypt and decrypt
+        # never suspend, so no two calls use them at the same time (all callers
+        # run on one event loop thread), and a 4 KiB request paid for them anew.
         # disk_id(16) | block(8) | version(8) | 0000: the first 32 bytes are the
         # AAD and the last 12 the nonce, so one pack_into per block sets both.
-        scratch = bytearray(self._disk_id + bytes(20))
-        view = memoryview(scratch)
-        return scratch, view[0:32], view[24:36]
+        self._scratch = bytearray(self._disk_id + bytes(20))
+        view = memoryview(self._scratch)
+        self._aad, self._nonce = view[0:32], view[24:36]
+        # decrypt_into wants ciphertext || tag contiguous; the tag lives in the leaf.
+        self._joined = bytearray(BLOCK_SIZE + TAG_SIZE)
+        jv = memoryview(self._joined)
+        self._j_ct, self._j_tag = jv[:BLOCK_SIZE], jv[BLOCK_SIZE:]
 
     def encrypt(
         self, first_block: int, first_version: int, plain: memoryview, out: memoryview,
@@ -69,7 +74,7 @@ class BlockCipher:
         if len(out) < n * BLOCK_SIZE + TAG_SIZE or len(leaves) < n * LEAF_SIZE:
             raise ValueError("output buffers too small")
         leaves[:n * LEAF_SIZE] = bytes(n * LEAF_SIZE)
-        scratch, aad, nonce = self._scratch()
+        scratch, aad, nonce = self._scratch, self._aad, self._nonce
         enc = self._aead.encrypt_into
         o = lo = 0
         b, v = first_block, first_version
@@ -98,11 +103,8 @@ class BlockCipher:
         if len(cipher) < n * BLOCK_SIZE or len(leaves) < n * LEAF_SIZE:
             raise ValueError("input buffers too small")
         bad: list[int] = []
-        scratch, aad, nonce = self._scratch()
-        # decrypt_into wants ciphertext || tag contiguous; the tag lives in the leaf.
-        joined = bytearray(BLOCK_SIZE + TAG_SIZE)
-        jv = memoryview(joined)
-        j_ct, j_tag = jv[:BLOCK_SIZE], jv[BLOCK_SIZE:]
+        scratch, aad, nonce = self._scratch, self._aad, self._nonce
+        joined, j_ct, j_tag = self._joined, self._j_ct, self._j_tag
         dec = self._aead.decrypt_into
         o = lo = 0
         b = first_block
