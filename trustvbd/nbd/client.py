@@ -334,7 +334,9 @@ class NbdClient:
     async def _request(
         self, typ: int, offset: int, length: int, flags: int = 0, data: Buffer | None = None
     ) -> Buffer | None:
-        async with self._slots:
+        # acquire/release rather than `async with`: two coroutines fewer per request.
+        await self._slots.acquire()
+        try:
             if not self._writable.is_set():
                 await self._writable.wait()
             self._check_usable()
@@ -348,6 +350,8 @@ class NbdClient:
             if self._timer is None:
                 self._arm_timer()
             reply = await future
+        finally:
+            self._slots.release()
         if reply.error:
             self._reply_error(reply, typ, offset, length)
         return reply.data

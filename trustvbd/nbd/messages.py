@@ -151,8 +151,12 @@ Chunk = OffsetData | OffsetHole | ErrorChunk | NoneChunk
 
 
 # --- encoding ----------------------------------------------------------------
+_DONE = int(p.ReplyFlag.DONE)  # plain int: enum lookups cost ~60 ns per request
+_OFFSET_DATA = int(p.ChunkType.OFFSET_DATA)
+
+
 def _done(flag: bool) -> int:
-    return p.ReplyFlag.DONE if flag else 0
+    return _DONE if flag else 0
 
 
 def encode_message_text(message: str) -> bytes:
@@ -176,7 +180,7 @@ def encode_parts(msg: Event, *, no_zeroes: bool = False) -> list[Buffer]:
         return [head, msg.data] if msg.data is not None and len(msg.data) else [head]
     if kind is OffsetData:
         head = p.CHUNK_HEADER.pack(
-            p.STRUCTURED_REPLY_MAGIC, _done(msg.done), p.ChunkType.OFFSET_DATA, msg.cookie,
+            p.STRUCTURED_REPLY_MAGIC, _done(msg.done), _OFFSET_DATA, msg.cookie,
             8 + len(msg.data),
         ) + p.U64.pack(msg.offset)
         return [head, msg.data]
