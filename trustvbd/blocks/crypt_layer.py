@@ -417,15 +417,19 @@ class CryptDisk:
         the next replica and repair here.
         """
         n = b1 - b0
-        out = bytearray(n * BS)
         lo, hi = b0 * LEAF_SIZE, b1 * LEAF_SIZE
         if self._leaves.count(0, lo, hi) == hi - lo:
-            return out  # never written or zeroed: no driver involved
+            return bytearray(n * BS)  # never written or zeroed: no driver involved
         ct = await self._replica.pread(self._lay.data_start + b0 * BS, n * BS)
         if len(ct) != n * BS:
             raise BlockError(errno.EIO, f"replica {self.replica_name!r} returned {len(ct)} "
                              f"bytes for a {n * BS}-byte read")
         cv = memoryview(ct)
+        # Decrypt in place when the replica handed us a buffer of our own (the NBD
+        # client's receive buffer): zero-filling a fresh output buffer cost ~5 % of
+        # a sequential read. decrypt() reads each block before writing it. Not
+        # while blocks are unsure: _adopt_unsure needs the ciphertext of failures.
+        out = ct if type(ct) is bytearray and not self._unsure else bytearray(n * BS)
         bad = self._cipher.decrypt(b0, cv, memoryview(self._leaves)[lo:hi], memoryview(out))
         if bad and self._unsure:
             bad = [i for i in bad

@@ -97,7 +97,8 @@ class BlockCipher:
         Version-0 leaves yield zeros without looking at the ciphertext (the leaf
         is authenticated, so a driver can neither forge nor hide zeros). Returns
         the indices (0-based within the run) of blocks that failed; their output
-        is zeroed, never partially decrypted data.
+        is zeroed, never partially decrypted data. `out` may be `cipher` itself
+        (decrypt in place): each block is read before its output is written.
         """
         n = len(out) // BLOCK_SIZE
         if len(cipher) < n * BLOCK_SIZE or len(leaves) < n * LEAF_SIZE:
