@@ -63,6 +63,32 @@ def test_failed_replica_write_reads_old_or_new_never_tampered(tmp_path: Path, la
     run(go())
 
 
+@pytest.mark.parametrize("lands", [[False, False], [True, False], [False, True]])
+def test_repeated_failed_writes_keep_every_candidate(tmp_path: Path, lands: list[bool]) -> None:
+    """Two failed writes in a row to one block: the replica may hold the committed data or
+    either attempt, and each must still read (found by nbdkit's error filter end to end)."""
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        failing = FailingWrites(Unclosing(mem))
+        disk = await CryptDisk.open(tmp_path, "vm1", failing, "r0", kek)
+        await disk.pwrite(0, pattern(0))
+        await disk.flush()
+        failing.failing = lambda offset, length: offset >= LAY.data_start
+        for attempt, store in enumerate(lands, start=1):
+            failing.store_anyway = store
+            with pytest.raises(BlockError):
+                await disk.pwrite(0, pattern(0, attempt))
+        failing.failing = lambda offset, length: False
+        stored = max((i for i, store in enumerate(lands, start=1) if store), default=0)
+        assert bytes(await disk.pread(0, BS)) == pattern(0, stored)
+        assert disk.integrity_events == 0
+        await disk.close()
+
+    run(go())
+
+
 def test_auto_commit_bounds_the_intent_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(crypt_layer, "AUTO_COMMIT_BLOCKS", 64)
 

@@ -499,8 +499,14 @@ class CryptDisk:
         self._next_version = v + n
         return v
 
-    def _note_leaves(self, b0: int, old: bytes | bytearray, new: bytes | bytearray) -> None:
-        """Record a leaf change durably-first (intent log), then in memory."""
+    def _note_leaves(self, b0: int, old: bytes | bytearray, new: bytes | bytearray,
+                     settled: bool) -> None:
+        """Record a leaf change durably-first (intent log), then in memory.
+
+        `settled`: the new leaves alone define the blocks (zeroed), so earlier doubt
+        about what the replica holds no longer matters. A write is settled only once
+        the replica acknowledged it: until then every older candidate leaf stays.
+        """
         lo, hi = b0 * LEAF_SIZE, b0 * LEAF_SIZE + len(new)
         try:
             self._intent.append(b0, old, new)
@@ -511,7 +517,7 @@ class CryptDisk:
         n = len(new) // LEAF_SIZE
         self._intent_blocks += n
         self._dirty.update(range(b0 // LEAVES_PER_PAGE, (b0 + n - 1) // LEAVES_PER_PAGE + 1))
-        if self._unsure:
+        if settled and self._unsure:
             for b in range(b0, b0 + n):
                 self._unsure.pop(b, None)
 
@@ -522,16 +528,20 @@ class CryptDisk:
         new = bytearray(n * LEAF_SIZE)
         self._cipher.encrypt(b0, version, plain, memoryview(out), memoryview(new))
         old = self._leaves[b0 * LEAF_SIZE:(b0 + n) * LEAF_SIZE]
-        self._note_leaves(b0, old, new)
+        self._note_leaves(b0, old, new, settled=False)
         try:
             await self._replica.pwrite(self._lay.data_start + b0 * BS,
                                        memoryview(out)[:n * BS])
         except BaseException:
-            # The replica may now hold old or new ciphertext for each block.
+            # The replica may now hold old or new ciphertext for each block. Earlier
+            # failed writes' candidates stay too: the replica may still hold any of them.
             for i in range(n):
                 self._unsure.setdefault(b0 + i, []).append(
                     bytes(old[i * LEAF_SIZE:(i + 1) * LEAF_SIZE]))
             raise
+        if self._unsure:
+            for b in range(b0, b0 + n):
+                self._unsure.pop(b, None)
 
     async def flush(self) -> None:
         self._check_usable()
@@ -569,7 +579,7 @@ class CryptDisk:
                     try:
                         old = self._leaves[c0 * LEAF_SIZE:c1 * LEAF_SIZE]
                         if old.count(0) != len(old):
-                            self._note_leaves(c0, old, bytes(len(old)))
+                            self._note_leaves(c0, old, bytes(len(old)), settled=True)
                         if forward:  # space reclaim only; leaves already say "zeros"
                             try:
                                 await self._replica.trim(self._lay.data_start + c0 * BS,
