@@ -22,6 +22,7 @@ test-deps:
 
 lint: $(STAMP)
 	$(BIN)/ruff check trustvbd tests bench
+	$(BIN)/mypy trustvbd
 
 test: $(STAMP) test-deps lint
 	$(BIN)/python -m pytest -n 2 -q -rfEs -p no:cacheprovider

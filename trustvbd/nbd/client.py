@@ -160,6 +160,7 @@ class NbdClient:
         try:
             async with asyncio.timeout(timeout):
                 if target.transport == "unix":
+                    assert target.socket_path is not None  # parse_uri guarantees it
                     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                     sock.setblocking(False)
                     try:
@@ -168,6 +169,7 @@ class NbdClient:
                         sock.close()
                         raise
                 else:
+                    assert target.host is not None and target.port is not None
                     sock = await _connect_tcp(target.host, target.port)
         except TimeoutError:
             raise BlockError(errno.ETIMEDOUT, f"connecting to {uri} timed out") from None

@@ -20,7 +20,7 @@ from trustvbd.nbd.core import ProtocolCore
 MAX_NONFINAL_REPLIES = 64  # INFO replies to one GO: a server sending more is stalling us
 
 # Option refusal -> errno of the BlockError raised by connect().
-_REFUSAL_ERRNO = {
+_REFUSAL_ERRNO: dict[int, int] = {
     p.Rep.ERR_UNKNOWN: errno.ENOENT,
     p.Rep.ERR_POLICY: errno.EACCES,
     p.Rep.ERR_SHUTDOWN: errno.ESHUTDOWN,

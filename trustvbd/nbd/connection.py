@@ -106,7 +106,7 @@ class Connection(asyncio.BufferedProtocol):
         # Room for a few large read replies before back-pressure: with the default
         # 64 KiB every 256 KiB reply paused and resumed reading (epoll calls).
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
-        transport.write(self.core.send(m.Greeting(GREETING_FLAGS)))
+        transport.write(self.core.send(m.Greeting(GREETING_FLAGS)))  # type: ignore[attr-defined]
         self._handshake_task = self._loop.create_task(self._handshake())
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -276,12 +276,13 @@ class Connection(asyncio.BufferedProtocol):
                 self._reply_read(req, data)
                 return
             if typ == _WRITE:
-                data, req.data = req.data, None
-                await backend.pwrite(req.offset, data, fua)  # type: ignore[arg-type]
+                payload, req.data = req.data, None
+                assert payload is not None  # a WRITE always carries its payload
+                await backend.pwrite(req.offset, payload, fua)
                 # Recycle a large payload buffer unless the backend kept a reference
-                # (2 = our `data` + getrefcount's own argument).
-                if len(data) > _POOL_MIN and sys.getrefcount(data) == 2:  # type: ignore[arg-type]
-                    self.core.pool.put(data)  # type: ignore[arg-type]
+                # (2 = our `payload` + getrefcount's own argument).
+                if len(payload) > _POOL_MIN and sys.getrefcount(payload) == 2:
+                    self.core.pool.put(payload)  # type: ignore[arg-type]
             elif typ == _FLUSH:
                 if self._write_tasks:
                     await asyncio.wait(list(self._write_tasks))

@@ -24,6 +24,8 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 from trustvbd.blocks.backend import Buffer
 from trustvbd.nbd import messages as m
@@ -139,7 +141,7 @@ def _after_request(core: ProtocolCore, msg: m.Request) -> State:
     return State.DISCONNECTING if msg.type == p.Cmd.DISC else State.TRANSMISSION
 
 
-_Next = State | Callable[["ProtocolCore", object], State]
+_Next = State | Callable[["ProtocolCore", Any], State]
 
 # (state, message type) -> next state, or a function computing it (and noting
 # what was negotiated). Anything not in the table is a protocol violation.
@@ -391,7 +393,7 @@ class ProtocolCore:
                 payload[:have] = memoryview(buf)[body:end]
                 self._start = self._end = 0
                 req = m.Request(typ, cookie, offset, length, flags, payload)
-                self._start_direct(memoryview(payload), have, lambda r=req: self._receive(r))
+                self._start_direct(memoryview(payload), have, partial(self._receive, req))
                 return
             if state is State.OPTIONS:
                 if avail < p.OPTION_HEADER.size:
@@ -516,6 +518,7 @@ class ProtocolCore:
         if length is None:
             length = req.length
         have = end - body
+        assert req.view is not None  # reads get their buffer when sent
         target = req.view[at : at + length]
         if have >= length:
             target[:] = self._buf[body : body + length]

@@ -169,29 +169,28 @@ def encode_message_text(message: str) -> bytes:
 
 def encode_parts(msg: Event, *, no_zeroes: bool = False) -> list[Buffer]:
     """The wire form of `msg` as a list of buffers (header first, payload uncopied)."""
-    kind = type(msg)
-    if kind is SimpleReply:
+    if isinstance(msg, SimpleReply):
         head = p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, msg.error, msg.cookie)
         return [head, msg.data] if msg.data is not None and len(msg.data) else [head]
-    if kind is Request:
+    if isinstance(msg, Request):
         head = p.REQUEST.pack(
             p.REQUEST_MAGIC, msg.flags, msg.type, msg.cookie, msg.offset, msg.length
         )
         return [head, msg.data] if msg.data is not None and len(msg.data) else [head]
-    if kind is OffsetData:
+    if isinstance(msg, OffsetData):
         head = p.CHUNK_HEADER.pack(
             p.STRUCTURED_REPLY_MAGIC, _done(msg.done), _OFFSET_DATA, msg.cookie,
             8 + len(msg.data),
         ) + p.U64.pack(msg.offset)
         return [head, msg.data]
-    if kind is OffsetHole:
+    if isinstance(msg, OffsetHole):
         return [
             p.CHUNK_HEADER.pack(
                 p.STRUCTURED_REPLY_MAGIC, _done(msg.done), p.ChunkType.OFFSET_HOLE, msg.cookie,
                 p.OFFSET_HOLE.size,
             ) + p.OFFSET_HOLE.pack(msg.offset, msg.length)
         ]
-    if kind is ErrorChunk:
+    if isinstance(msg, ErrorChunk):
         text = encode_message_text(msg.message)
         body = p.ERROR_CHUNK.pack(msg.error, len(text)) + text
         chunk_type = p.ChunkType.ERROR
@@ -202,27 +201,27 @@ def encode_parts(msg: Event, *, no_zeroes: bool = False) -> list[Buffer]:
             p.STRUCTURED_REPLY_MAGIC, _done(msg.done), chunk_type, msg.cookie, len(body)
         )
         return [head + body]
-    if kind is NoneChunk:
+    if isinstance(msg, NoneChunk):
         return [
             p.CHUNK_HEADER.pack(
                 p.STRUCTURED_REPLY_MAGIC, p.ReplyFlag.DONE, p.ChunkType.NONE, msg.cookie, 0
             )
         ]
-    if kind is Option:
+    if isinstance(msg, Option):
         return [p.OPTION_HEADER.pack(p.IHAVEOPT, msg.option, len(msg.data)) + msg.data]
-    if kind is OptionReply:
+    if isinstance(msg, OptionReply):
         head = p.OPTION_REPLY_HEADER.pack(
             p.OPTION_REPLY_MAGIC, msg.option, msg.reply, len(msg.data)
         )
         return [head + msg.data]
-    if kind is Greeting:
+    if isinstance(msg, Greeting):
         return [p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, msg.flags)]
-    if kind is ClientFlags:
+    if isinstance(msg, ClientFlags):
         return [p.CLIENT_FLAGS.pack(msg.flags)]
-    if kind is ExportNameReply:
+    if isinstance(msg, ExportNameReply):
         tail = b"" if no_zeroes else bytes(p.EXPORT_NAME_ZEROES)
         return [p.EXPORT_NAME_REPLY.pack(msg.size, msg.flags) + tail]
-    raise TypeError(f"{kind.__name__} is not an NBD wire message")
+    raise TypeError(f"{type(msg).__name__} is not an NBD wire message")
 
 
 # --- option payloads -----------------------------------------------------------
