@@ -77,9 +77,13 @@ BS = BLOCK_SIZE
 # Versions reserved per anchor write: one fsync per 4 GiB written; a restart
 # burns what is left of the range.
 RESERVE = 1 << 20
-# Commit on our own once this many blocks have intents (1 GiB): bounds the
-# intent log and the work recovery does after a crash.
-AUTO_COMMIT_BLOCKS = 1 << 18
+# Commit on our own once this many blocks have intents (4 GiB of writes no guest
+# flushed; the intent log is then up to 64 MiB): a backstop that bounds the intent
+# log and the work recovery does after a crash. Guests flush far more often. It is
+# not free: its replica FLUSH forces the writeback of everything written since, and
+# new writes wait meanwhile (measured at 1 GiB: a 1 GiB copy without FLUSH ran at
+# ~550 MB/s instead of ~700).
+AUTO_COMMIT_BLOCKS = 1 << 20
 # Largest run of blocks one discard intent record covers.
 _DISCARD_CHUNK = 1 << 16
 # Largest replica read during recovery.
