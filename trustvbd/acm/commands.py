@@ -23,12 +23,19 @@ NULL_WARNING = ("WARNING: no policy configured (Xen's NULL policy): every guest 
                 " disk and every domain may talk to every other")
 
 
-def check(path: str, out: TextIO | None = None) -> int:
-    out = out or sys.stdout  # looked up per call, so redirection works
+def _load_or_report(path: str) -> Policy | None:
+    """The policy at `path`, or None after printing why it is refused (file:line: reason)."""
     try:
-        p = load_policy(path)
+        return load_policy(path)
     except PolicyError as exc:
         print(exc, file=sys.stderr)
+        return None
+
+
+def check(path: str, out: TextIO | None = None) -> int:
+    out = out or sys.stdout  # looked up per call, so redirection works
+    p = _load_or_report(path)
+    if p is None:
         return 1
     print(f'{path}: policy "{p.name}" is valid: {len(p.ste_types)} STE types,'
           f" {len(p.chwall_types)} Chinese Wall types, {len(p.conflict_sets)} conflict sets,"
@@ -39,10 +46,8 @@ def check(path: str, out: TextIO | None = None) -> int:
 
 def show(path: str, out: TextIO | None = None) -> int:
     out = out or sys.stdout  # looked up per call, so redirection works
-    try:
-        p = load_policy(path)
-    except PolicyError as exc:
-        print(exc, file=sys.stderr)
+    p = _load_or_report(path)
+    if p is None:
         return 1
     w = lambda *a: print(*a, file=out)  # noqa: E731
     w(f'policy "{p.name}" version {p.header.version or "(none)"} from {path}')
@@ -79,10 +84,8 @@ def show(path: str, out: TextIO | None = None) -> int:
 def convert(path: str, output: str | None = None, to: str | None = None,
             out: TextIO | None = None) -> int:
     out = out or sys.stdout  # looked up per call, so redirection works
-    try:
-        p = load_policy(path)
-    except PolicyError as exc:
-        print(exc, file=sys.stderr)
+    p = _load_or_report(path)
+    if p is None:
         return 1
     to = to or ("xml" if Path(path).suffix.lower() == ".toml" else "toml")
     text = to_toml(p) if to == "toml" else to_xml(p)

@@ -82,7 +82,7 @@ def listen_tcp(host: str, port: int) -> socket.socket:
 
 
 class Launcher:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, bootstrap: str) -> None:
         self.config = config
         self.domains: dict[str, Domain] = {}
         self.crypt_channel: ControlChannel | None = None
@@ -97,7 +97,7 @@ class Launcher:
         self.acm = AcmClient(str(config.acm_socket), timeout=float(os.environ.get("TRUSTVBD_ACM_TIMEOUT", "5")))
         self.started = time.time()
         self.policy_path = str(config.policy) if config.policy else None
-        self.bootstrap_label = bootstrap_label(config.policy)
+        self.bootstrap_label = bootstrap  # the label trusted domains run under
         self.export_tokens: dict[str, str] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.passphrase: str | None = os.environ.get("TRUSTVBD_PASSPHRASE")
@@ -403,14 +403,17 @@ class Launcher:
         if not reply.get("ok"):
             return {"ok": False, "error": reply.get("error", "the access-control domain refused it")}
         self.policy_path = path
-        self.bootstrap_label = bootstrap_label(path)
+        # What the access-control domain loaded, not a second read of a file that may change.
+        summary = reply.get("policy")
+        if not isinstance(summary, dict):
+            summary = {}
+        self.bootstrap_label = bootstrap_label(summary.get("bootstrap"), null=False)
         closed = 0
         if self.crypt_channel is not None:
             answer, _ = await self.crypt_channel.request({"op": "policy_changed"})
             closed = int(answer.get("closed", 0))
         log.warning("policy %s loaded; %d connection(s) closed", path, closed)
-        name = reply.get("policy", {}).get("name") if isinstance(reply.get("policy"), dict) else None
-        return {"ok": True, "name": name or Path(path).name, "closed": closed}
+        return {"ok": True, "name": summary.get("name") or Path(path).name, "closed": closed}
 
     async def serve_control(self) -> asyncio.AbstractServer:
         """`trustvbd status` and friends talk to the running launcher over this socket."""
@@ -442,11 +445,11 @@ class Launcher:
         return {"ok": False, "error": f"unknown op {request.get('op')!r}"}
 
 
-def bootstrap_label(policy_path: str | Path | None) -> str:
+def bootstrap_label(bootstrap: str | None, null: bool) -> str:
     """The label trusted domains run under: the policy's bootstrap label (none: NULL policy)."""
-    if policy_path is None:
+    if null:
         return "__BOOTSTRAP__"
-    return load_policy(policy_path).bootstrap or "__UNLABELED__"
+    return bootstrap or "__UNLABELED__"
 
 
 def passphrase_for_up(config: Config) -> str | None:
@@ -486,12 +489,14 @@ def passphrase_for_up(config: Config) -> str | None:
 
 
 async def run_up(config: Config) -> int:
+    bootstrap = bootstrap_label(None, null=True)
     if config.policy is not None:
         try:
-            load_policy(config.policy)  # file:line: reason now, not a dead domain later
+            policy = load_policy(config.policy)  # file:line: reason now, not a dead domain later
         except PolicyError as exc:
             print(f"trustvbd up: policy error: {exc}", file=sys.stderr)
             return 2
+        bootstrap = bootstrap_label(policy.bootstrap, null=False)
     check_paths(config)
     try:
         lock = StateLock(config.state_dir)
@@ -508,7 +513,7 @@ async def run_up(config: Config) -> int:
     except BaseException:
         lock.release()
         raise
-    launcher = Launcher(config)
+    launcher = Launcher(config, bootstrap)
     launcher.passphrase = passphrase
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
