@@ -196,7 +196,7 @@ def test_every_decision_is_audited_and_tampering_is_detected(short_tmp: Path) ->
     assert bad.returncode == 1
 
 
-def test_real_xen_policy_drives_decisions(short_tmp: Path) -> None:
+def test_policy_show_reads_a_real_xen_policy(short_tmp: Path) -> None:
     """xm-test's policy: types green/red/blue, conflict set RER = {blue, red}."""
     policy = SHARED / "xm-test-security_policy.xml"
     text = run([*TRUSTVBD, "policy", "show", str(policy)]).stdout
