@@ -84,6 +84,8 @@ def print_status(status: dict[str, Any]) -> None:
         label = f" label {d['label']}" if d["label"] else ""
         restarts = f" restarts {d['restarts']}" if d.get("restarts") else ""
         print(f"  {d['name']:<12} {d['kind']:<7} pid {d['pid']!s:<8} {trust:<9}{label} {d['state']}{restarts}")
+    for pid in status.get("aead_workers", []):
+        print(f"  {'aead-worker':<12} {'crypt':<7} pid {pid!s:<8} {'trusted':<9} (part of the encryption domain)")
     print("disks:")
     for disk in status["disks"]:
         epoch = f" epoch {disk['epoch']}" if "epoch" in disk else ""

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from trustvbd.blocks.aead_pool import AeadPool
 from trustvbd.blocks.backend import Backend, BlockError, Layer
 from trustvbd.blocks.crypt_layer import (
     CryptDisk,
@@ -86,9 +87,9 @@ class Unclosing(Layer):
 
 
 async def open_disk(state_dir: Path, replica: Backend, kek: Kek, name: str = "vm1",
-                    events: list[dict[str, Any]] | None = None) -> CryptDisk:
+                    events: list[dict[str, Any]] | None = None, aead: AeadPool | None = None) -> CryptDisk:
     return await CryptDisk.open(state_dir, name, Unclosing(replica), "r0", kek,
-                                on_integrity_event=events.append if events is not None else None)
+                                on_integrity_event=events.append if events is not None else None, aead=aead)
 
 
 def pattern(block: int, tag: int = 0) -> bytes:

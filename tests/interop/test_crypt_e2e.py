@@ -461,3 +461,38 @@ def test_driver_injecting_eio_never_yields_wrong_bytes(short_tmp: Path) -> None:
         s.stop()
     finally:
         os.kill(int((short_tmp / "nk.pid").read_text()), signal.SIGTERM)
+
+
+# -- AEAD worker processes -------------------------------------------------------------------
+def test_aead_worker_killed_during_copies_loses_nothing(short_tmp: Path) -> None:
+    """Big requests are encrypted by a worker process; kill -9 it mid-stream: only speed is lost."""
+    s = System(short_tmp, config(), env={"TRUSTVBD_AEAD_WORKERS": "1"}).start()
+    uri = s.uri("vm1", "payroll")
+    (worker,) = status(s)["aead_workers"]
+    assert "aead-worker" in s.cli("status", "-c", str(s.config)).stdout
+    src, back = short_tmp / "src.img", short_tmp / "back.img"
+    rounds: list[bytes] = []
+    errors: list[str] = []
+
+    def copies() -> None:
+        for i in range(12):
+            data = random.Random(i).randbytes(SIZE)
+            src.write_bytes(data)
+            for cmd in (["nbdcopy", "--flush", str(src), uri], ["nbdcopy", uri, str(back)]):
+                out = run(cmd, check=False)
+                if out.returncode:
+                    errors.append(f"round {i}: {' '.join(cmd)}: {out.stderr}")
+                    return
+            rounds.append(b"ok" if back.read_bytes() == data else b"mismatch")
+
+    t = threading.Thread(target=copies)
+    t.start()
+    while len(rounds) < 3 and t.is_alive():
+        time.sleep(0.01)
+    os.kill(worker, signal.SIGKILL)
+    t.join(120)
+    assert not errors, errors
+    assert rounds == [b"ok"] * 12
+    assert status(s)["aead_workers"] == []
+    assert {d["name"]: d["state"] for d in status(s)["domains"]}["crypt"] == "running"
+    assert "out of service" in s.stop()

@@ -116,6 +116,18 @@ class Layer:
         await self.next.close()
 
 
+async def pread_into(backend: Backend, offset: int, into: memoryview) -> None:
+    """Read into a caller's buffer: straight off the wire where the backend can (NBD), else a copy."""
+    direct = getattr(backend, "pread_into", None)
+    if direct is not None:
+        await direct(offset, into)
+        return
+    data = await backend.pread(offset, into.nbytes)
+    if len(data) != into.nbytes:
+        raise BlockError(errno.EIO, f"backend returned {len(data)} bytes for a {into.nbytes}-byte read")
+    into[:] = data
+
+
 def check_range(size: int, offset: int, length: int) -> None:
     """Raise EINVAL unless [offset, offset+length) lies inside a device of `size`."""
     if offset < 0 or length < 0 or offset + length > size:

@@ -26,7 +26,8 @@ import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from trustvbd.blocks.backend import Backend, BlockError, Buffer, Capabilities, check_range
+from trustvbd.blocks.aead_pool import AeadPool, BulkCipher
+from trustvbd.blocks.backend import Backend, BlockError, Buffer, Capabilities, check_range, pread_into
 from trustvbd.blocks.crypt_verify import VerifyReport, verify_replica
 from trustvbd.blocks.disk_state import (
     Anchor,
@@ -123,13 +124,15 @@ class CryptDisk:
 
     def __init__(self, state: DiskState, name: str, replica: Backend, replica_name: str,
                  anchor: Anchor, secrets: DiskSecrets,
-                 on_integrity_event: Callable[[dict], None] | None) -> None:
+                 on_integrity_event: Callable[[dict], None] | None, aead: AeadPool | None) -> None:
         self._state = state
         self.name = name
         self._replica = replica
         self.replica_name = replica_name
         self._anchor = anchor
         self._cipher = BlockCipher(secrets.data_key, secrets.disk_id)
+        # Whole requests go through _bulk: with a pool, big ones run in its workers.
+        self._bulk: BulkCipher | None = aead.cipher(secrets.data_key, secrets.disk_id) if aead else None
         self._signer = secrets.signer()
         self.public_key = secrets.public_key
         self._fingerprint = fingerprint(secrets.public_key)
@@ -168,7 +171,8 @@ class CryptDisk:
     @classmethod
     async def open(cls, state_dir: Path, disk_name: str, replica: Backend, replica_name: str,
                    kek: Kek,
-                   on_integrity_event: Callable[[dict], None] | None = None) -> CryptDisk:
+                   on_integrity_event: Callable[[dict], None] | None = None,
+                   aead: AeadPool | None = None) -> CryptDisk:
         """Unlock the disk and bring `replica` to a verified, committed state.
 
         Formats an all-zero replica on first use (trusted epoch 0 only). Raises
@@ -192,11 +196,13 @@ class CryptDisk:
             raise ReplicaRefusedError(
                 f"replica {replica_name!r} is {replica.size} bytes, but disk {disk_name!r} "
                 f"({lay.logical_size} bytes) needs {lay.physical_size}; grow the backing file")
-        self = cls(state, disk_name, replica, replica_name, anchor, secrets, on_integrity_event)
+        self = cls(state, disk_name, replica, replica_name, anchor, secrets, on_integrity_event, aead)
         try:
             await self._recover()
         except BaseException:
             state.close()
+            if self._bulk is not None:
+                self._bulk.forget()
             raise
         return self
 
@@ -414,7 +420,7 @@ class CryptDisk:
             return out
         return memoryview(out)[start:start + length]
 
-    async def _read_verified(self, b0: int, b1: int) -> bytearray:
+    async def _read_verified(self, b0: int, b1: int) -> Buffer:
         """Plaintext of blocks [b0, b1), every block checked against its leaf.
 
         The one place data is read from a replica, so mirroring can retry on
@@ -424,6 +430,16 @@ class CryptDisk:
         lo, hi = b0 * LEAF_SIZE, b1 * LEAF_SIZE
         if self._leaves.count(0, lo, hi) == hi - lo:
             return bytearray(n * BS)  # never written or zeroed: no driver involved
+        leaves = memoryview(self._leaves)[lo:hi]
+        if self._bulk is not None and not self._unsure:
+            # The range lock keeps these blocks' leaves as they are while we wait.
+            start = self._lay.data_start + b0 * BS
+            got = await self._bulk.read(b0, leaves, lambda into: pread_into(self._replica, start, into))
+            if got is not None:
+                plain, bad = got
+                if bad:
+                    self._refuse_read(b0, bad)
+                return plain
         ct = await self._replica.pread(self._lay.data_start + b0 * BS, n * BS)
         if len(ct) != n * BS:
             raise BlockError(errno.EIO, f"replica {self.replica_name!r} returned {len(ct)} "
@@ -434,19 +450,25 @@ class CryptDisk:
         # a sequential read. decrypt() reads each block before writing it. Not
         # while blocks are unsure: _adopt_unsure needs the ciphertext of failures.
         out = ct if type(ct) is bytearray and not self._unsure else bytearray(n * BS)
-        bad = self._cipher.decrypt(b0, cv, memoryview(self._leaves)[lo:hi], memoryview(out))
+        if self._bulk is None:
+            bad = self._cipher.decrypt(b0, cv, leaves, memoryview(out))
+        else:
+            bad = await self._bulk.decrypt(b0, cv, leaves, memoryview(out))
         if bad and self._unsure:
             bad = [i for i in bad
                    if not self._adopt_unsure(b0 + i, cv[i * BS:(i + 1) * BS],
                                              memoryview(out)[i * BS:(i + 1) * BS])]
         if bad:
-            blocks = [b0 + i for i in bad]
-            msg = (f"disk {self.name!r}: block(s) {describe_blocks(blocks)} read from replica "
-                   f"{self.replica_name!r} failed verification (altered, moved, replayed "
-                   "or lost by the driver); the read is refused")
-            self._event("data", blocks, msg)
-            raise IntegrityError(msg, disk=self.name, replica=self.replica_name, blocks=blocks)
+            self._refuse_read(b0, bad)
         return out
+
+    def _refuse_read(self, b0: int, bad: list[int]) -> None:
+        blocks = [b0 + i for i in bad]
+        msg = (f"disk {self.name!r}: block(s) {describe_blocks(blocks)} read from replica "
+               f"{self.replica_name!r} failed verification (altered, moved, replayed "
+               "or lost by the driver); the read is refused")
+        self._event("data", blocks, msg)
+        raise IntegrityError(msg, disk=self.name, replica=self.replica_name, blocks=blocks)
 
     def _adopt_unsure(self, b: int, ct: memoryview, out: memoryview) -> bool:
         """After a failed replica write the block may still hold an older version."""
@@ -530,7 +552,10 @@ class CryptDisk:
         version = self._take_versions(n)
         out = bytearray(n * BS + 16)
         new = bytearray(n * LEAF_SIZE)
-        self._cipher.encrypt(b0, version, plain, memoryview(out), memoryview(new))
+        if self._bulk is None:
+            self._cipher.encrypt(b0, version, plain, memoryview(out), memoryview(new))
+        else:
+            await self._bulk.encrypt(b0, version, plain, memoryview(out), memoryview(new))
         old = self._leaves[b0 * LEAF_SIZE:(b0 + n) * LEAF_SIZE]
         self._note_leaves(b0, old, new, settled=False)
         try:
@@ -615,6 +640,8 @@ class CryptDisk:
         finally:
             self._closed = True
             self._state.close()
+            if self._bulk is not None:
+                self._bulk.forget()
             await self._replica.close()
 
     # ------------------------------------------------------------ commit

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from trustvbd.blocks.backend import Backend, BlockError, Buffer, Capabilities
+from trustvbd.blocks.backend import Backend, BlockError, Buffer, Capabilities, pread_into
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,14 @@ class ReplicaLink:
         except BlockError as exc:
             await self._recover_from(backend, exc)
         return await self.next.pread(offset, length)
+
+    async def pread_into(self, offset: int, into: memoryview) -> None:
+        backend = self.next
+        try:
+            return await pread_into(backend, offset, into)
+        except BlockError as exc:
+            await self._recover_from(backend, exc)  # the broken connection writes `into` no more
+        await pread_into(self.next, offset, into)
 
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         self._dirty = True

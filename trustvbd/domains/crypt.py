@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trustvbd.blocks.aead_pool import AeadPool, default_workers
 from trustvbd.blocks.backend import Backend
 from trustvbd.blocks.limits import SizeLimit
 from trustvbd.blocks.reconnect import ReplicaLink
@@ -94,6 +95,7 @@ class CryptDomain:
         self.stopping = False
         self.spec: dict[str, Any] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.aead: AeadPool | None = None
 
     # -- requests from the launcher -------------------------------------------------
     async def handle(self, message: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
@@ -129,7 +131,8 @@ class CryptDomain:
                 for s in servers for c in s.connections
             ]
             guests.append({"name": name, "connections": conns})
-        return {"disks": disks, "guests": guests}
+        workers = self.aead.worker_pids() if self.aead else []
+        return {"disks": disks, "guests": guests, "aead_workers": workers}
 
     async def recheck_connections(self) -> int:
         """After a policy change: close every connection the new policy forbids."""
@@ -182,8 +185,11 @@ class CryptDomain:
             log.error("integrity: disk %s: %s", disk.name, event.get("message", event))
             self.control.send({**event, "event": "integrity", "disk": disk.name})
 
+        if self.aead is None and (workers := default_workers()):
+            self.aead = await AeadPool.start(workers)
+            log.info("AEAD workers: %d (pids %s)", workers, self.aead.worker_pids())
         return await open_crypt_disk(self.state_dir, disk.name, disk.size, link, link.name,
-                                     self.spec.get("passphrase"), on_event)
+                                     self.spec.get("passphrase"), on_event, self.aead)
 
     async def start(self, ready_fd: int | None) -> None:
         self.control.start()
@@ -228,6 +234,8 @@ class CryptDomain:
                 await disk.backend.close()
             except Exception as exc:
                 log.error("disk %s: final flush failed: %s", disk.name, exc)
+        if self.aead is not None:
+            await self.aead.close()
         self.stopped.set()
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trustvbd.blocks.aead_pool import AeadPool
 from trustvbd.blocks.backend import Backend
 from trustvbd.blocks.crypt_layer import CryptDisk, Kek, create_disk_state, load_kek
 from trustvbd.blocks.disk_state import DiskState
@@ -41,11 +42,13 @@ def kek_for(state_dir: Path, disk: str, passphrase: str | None) -> Kek:
 
 
 async def open_crypt_disk(state_dir: Path, name: str, size: int, replica: Backend, replica_name: str,
-                          passphrase: str | None, on_event: Callable[[dict[str, Any]], None]) -> CryptDisk:
+                          passphrase: str | None, on_event: Callable[[dict[str, Any]], None],
+                          aead: AeadPool | None = None) -> CryptDisk:
     kek = kek_for(state_dir, name, passphrase)
     if not DiskState(state_dir, name).keys_path.exists():
         create_disk_state(state_dir, name, size, kek)
-    disk = await CryptDisk.open(state_dir, name, replica, replica_name, kek, on_integrity_event=on_event)
+    disk = await CryptDisk.open(state_dir, name, replica, replica_name, kek, on_integrity_event=on_event,
+                                aead=aead)
     if disk.size != size:
         await disk.close()
         raise ValueError(

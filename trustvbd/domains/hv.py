@@ -388,6 +388,7 @@ class Launcher:
             with contextlib.suppress(ControlClosed, asyncio.TimeoutError):
                 crypt, _ = await self.crypt_channel.request({"op": "status"}, timeout=10)
         result["disks"] = crypt.get("disks", [])
+        result["aead_workers"] = crypt.get("aead_workers", [])
         guests = {g["name"]: g for g in crypt.get("guests", [])}
         result["guests"] = [
             {"name": g.name, "label": g.label, "socket": str(c.guest_socket(g.name)),

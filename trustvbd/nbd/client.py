@@ -218,6 +218,20 @@ class NbdClient:
         ))
         return b"".join(pieces)  # type: ignore[arg-type]
 
+    async def pread_into(self, offset: int, into: memoryview) -> None:
+        """Read len(into) bytes at offset straight into `into` (written until this returns)."""
+        length = into.nbytes
+        self._check(offset, length)
+        limit = self.block_sizes[2]
+        if length <= limit:
+            await self._request(_READ, offset, length, into=into)
+            return
+        await asyncio.gather(*(
+            self._request(_READ, at, min(limit, offset + length - at),
+                          into=into[at - offset:at - offset + min(limit, offset + length - at)])
+            for at in range(offset, offset + length, limit)
+        ))
+
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         length = len(data)
         self._check(offset, length, write=True)
@@ -340,7 +354,8 @@ class NbdClient:
         ))
 
     async def _request(
-        self, typ: int, offset: int, length: int, flags: int = 0, data: Buffer | None = None
+        self, typ: int, offset: int, length: int, flags: int = 0, data: Buffer | None = None,
+        into: memoryview | None = None,
     ) -> Buffer | None:
         # acquire/release rather than `async with`: two coroutines fewer per request.
         await self._slots.acquire()
@@ -350,7 +365,7 @@ class NbdClient:
             self._check_usable()
             cookie = self._next_cookie
             self._next_cookie = cookie + 1
-            parts = self._core.send_parts(m.Request(typ, cookie, offset, length, flags, data))
+            parts = self._core.send_parts(m.Request(typ, cookie, offset, length, flags, data, into))
             future: asyncio.Future[m.Reply] = self._loop.create_future()
             self._waiters[cookie] = _Waiter(future, self._loop.time() + self._timeout, typ,
                                             offset, length)

@@ -244,10 +244,13 @@ class ProtocolCore:
             raise p.LocalProtocolError("only WRITE requests carry data")
         if msg.type == _READ and msg.length > p.MAX_PAYLOAD:
             raise p.LocalProtocolError(f"READ of {msg.length} bytes exceeds 32 MiB")
+        if msg.into is not None and (msg.type != _READ or msg.into.readonly
+                                     or msg.into.nbytes != msg.length):
+            raise p.LocalProtocolError("`into` must be a writable buffer of exactly `length` bytes, for a READ")
         if msg.type != _DISC and self.state is _TRANSMISSION:
             if msg.cookie in self.in_flight:
                 raise p.LocalProtocolError(f"cookie {msg.cookie:#x} is already in flight")
-            self.in_flight.add(msg.cookie, msg.type, msg.offset, msg.length)
+            self.in_flight.add(msg.cookie, msg.type, msg.offset, msg.length, msg.into)
 
     def _transition(self, msg: m.Event) -> None:
         nxt = TRANSITIONS.get((self.state, type(msg)))
@@ -568,7 +571,9 @@ class ProtocolCore:
             offset, hole = p.OFFSET_HOLE.unpack_from(self._buf, body)
             if hole == 0:
                 raise p.ProtocolError("OFFSET_HOLE chunk of zero bytes")
-            req.claim(offset, hole)  # the buffer starts zeroed and nothing wrote here yet
+            at = req.claim(offset, hole)
+            if not req.zeroed:  # a caller's buffer holds anything; ours start zeroed
+                req.view[at:at + hole] = bytes(hole)  # type: ignore[index]
             self._start = body + length
             self._chunk_done(req, done)
             return True

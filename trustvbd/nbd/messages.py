@@ -62,7 +62,12 @@ class ExportNameReply:
 # --- transmission ------------------------------------------------------------
 @dataclass(slots=True)
 class Request:
-    """C: one command; `data` is the payload of a WRITE."""
+    """C: one command; `data` is the payload of a WRITE.
+
+    `into`, for a READ only: receive the reply's data straight into this writable
+    buffer of exactly `length` bytes (a caller's own memory, e.g. shared with a
+    worker) instead of a new one. It is written until the request ends.
+    """
 
     type: int
     cookie: int
@@ -70,6 +75,7 @@ class Request:
     length: int = 0
     flags: int = 0
     data: Buffer | None = None
+    into: memoryview | None = None
 
 
 @dataclass(slots=True)

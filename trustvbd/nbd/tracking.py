@@ -23,17 +23,24 @@ class InFlight:
 
     __slots__ = (
         "buffer", "cookie", "covered_bytes", "ends", "error", "length", "message", "offset",
-        "starts", "type", "view",
+        "starts", "type", "view", "zeroed",
     )
 
-    def __init__(self, cookie: int, type: int, offset: int, length: int) -> None:
+    def __init__(self, cookie: int, type: int, offset: int, length: int,
+                 into: memoryview | None = None) -> None:
         self.cookie = cookie
         self.type = type
         self.offset = offset
         self.length = length
         # Reads get their buffer up front: replies are received straight into it.
-        self.buffer = bytearray(length) if type == _READ else None
-        self.view = memoryview(self.buffer) if self.buffer is not None else None
+        self.buffer: bytearray | memoryview | None = None
+        self.view: memoryview | None = None
+        self.zeroed = into is None
+        if into is not None:
+            self.buffer = self.view = into.cast("B")
+        elif type == _READ:
+            self.buffer = bytearray(length)
+            self.view = memoryview(self.buffer)
         self.starts: list[int] = []  # merged, sorted claimed ranges [start, end)
         self.ends: list[int] = []
         self.covered_bytes = 0
@@ -85,8 +92,9 @@ class InFlightTable:
     def __init__(self) -> None:
         self._by_cookie: dict[int, InFlight] = {}
 
-    def add(self, cookie: int, type: int, offset: int, length: int) -> InFlight:
-        req = InFlight(cookie, type, offset, length)
+    def add(self, cookie: int, type: int, offset: int, length: int,
+            into: memoryview | None = None) -> InFlight:
+        req = InFlight(cookie, type, offset, length, into)
         self._by_cookie[cookie] = req
         return req
 

@@ -1,0 +1,209 @@
+"""AEAD worker processes: same bytes as inline, failures found, a dead or stuck worker costs only speed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.crypt.helpers import BS, flip, make_replica, new_state, open_disk, run
+from trustvbd.blocks import aead_jobs, aead_pool
+from trustvbd.blocks.aead_pool import AeadPool
+from trustvbd.blocks.crypt_layer import IntegrityError
+from trustvbd.blocks.disk_state import DiskState
+from trustvbd.crypt.aead import LEAF_SIZE, BlockCipher
+from trustvbd.crypt.superblock import Layout
+
+KEY, DISK_ID = bytes(range(32)), bytes(range(100, 116))
+N = 600  # several jobs of aead_jobs.MAX_BLOCKS blocks, the last one shorter
+
+
+def plaintext(n: int = N) -> bytes:
+    return b"".join(i.to_bytes(4, "big") * (BS // 4) for i in range(n))
+
+
+def encrypt_inline(plain: bytes, first_block: int = 7, first_version: int = 1000) -> tuple[bytearray, bytearray]:
+    n = len(plain) // BS
+    out, leaves = bytearray(n * BS + 16), bytearray(n * LEAF_SIZE)
+    BlockCipher(KEY, DISK_ID).encrypt(first_block, first_version, memoryview(plain), memoryview(out),
+                                      memoryview(leaves))
+    return out[:n * BS], leaves
+
+
+def test_workers_encrypt_byte_for_byte_as_inline() -> None:
+    async def go() -> None:
+        pool = await AeadPool.start(1)
+        try:
+            bulk = pool.cipher(KEY, DISK_ID)
+            plain = plaintext()
+            out, leaves = bytearray(N * BS + 16), bytearray(N * LEAF_SIZE)
+            await bulk.encrypt(7, 1000, memoryview(plain), memoryview(out), memoryview(leaves))
+            assert pool.jobs_offloaded >= 1
+            want_out, want_leaves = encrypt_inline(plain)
+            assert out[:N * BS] == want_out
+            assert leaves == want_leaves
+        finally:
+            await pool.close()
+    run(go())
+
+
+def test_workers_find_damaged_blocks_in_every_job() -> None:
+    async def go() -> None:
+        pool = await AeadPool.start(1)
+        try:
+            bulk = pool.cipher(KEY, DISK_ID)
+            plain = plaintext()
+            ct, leaves = encrypt_inline(plain)
+            for b in (3, 256, 599):
+                ct[b * BS + 100] ^= 0x40
+            before = pool.jobs_offloaded
+            bad = await bulk.decrypt(7, memoryview(ct), memoryview(leaves), memoryview(ct))  # in place
+            assert pool.jobs_offloaded > before
+            assert bad == [3, 256, 599]
+            for b in range(N):
+                got = ct[b * BS:(b + 1) * BS]
+                assert got == (bytes(BS) if b in bad else plain[b * BS:(b + 1) * BS]), b
+        finally:
+            await pool.close()
+    run(go())
+
+
+def test_a_key_of_another_disk_fails_every_block() -> None:
+    async def go() -> None:
+        pool = await AeadPool.start(1)
+        try:
+            other = pool.cipher(KEY, bytes(16))  # same key, other disk id: AAD differs
+            ct, leaves = encrypt_inline(plaintext(64))
+            bad = await other.decrypt(7, memoryview(ct), memoryview(leaves), memoryview(ct))
+            assert bad == list(range(64))
+        finally:
+            await pool.close()
+    run(go())
+
+
+def test_killed_worker_mid_job_costs_only_speed(caplog: pytest.LogCaptureFixture) -> None:
+    async def go() -> None:
+        pool = await AeadPool.start(1)
+        try:
+            bulk = pool.cipher(KEY, DISK_ID)
+            plain = plaintext()
+            ct, leaves = encrypt_inline(plain)
+            (pid,) = pool.worker_pids()
+            os.kill(pid, signal.SIGSTOP)  # the jobs queue up and wait
+            task = asyncio.ensure_future(bulk.decrypt(7, memoryview(ct), memoryview(leaves), memoryview(ct)))
+            await asyncio.sleep(0.1)
+            assert not task.done()
+            os.kill(pid, signal.SIGKILL)
+            assert await asyncio.wait_for(task, 10) == []
+            assert ct == plain
+            assert pool.live_workers == 0
+            # From now on everything is done inline, still correct.
+            ct2, leaves2 = encrypt_inline(plain)
+            assert await bulk.decrypt(7, memoryview(ct2), memoryview(leaves2), memoryview(ct2)) == []
+            assert ct2 == plain
+        finally:
+            await pool.close()
+    with caplog.at_level(logging.ERROR, "trustvbd.crypt.aead"):
+        run(go())
+    assert "out of service" in caplog.text and "it exited" in caplog.text
+
+
+def test_stuck_worker_is_killed_and_its_work_done_inline(monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(aead_pool, "WORKER_STALL", 0.3)
+
+    async def go() -> None:
+        pool = await AeadPool.start(1)
+        try:
+            bulk = pool.cipher(KEY, DISK_ID)
+            plain = plaintext(64)
+            (pid,) = pool.worker_pids()
+            os.kill(pid, signal.SIGSTOP)
+            out, leaves = bytearray(64 * BS + 16), bytearray(64 * LEAF_SIZE)
+            await asyncio.wait_for(bulk.encrypt(7, 1000, memoryview(plain), memoryview(out), memoryview(leaves)), 10)
+            assert (out[:64 * BS], leaves) == encrypt_inline(plain)
+            assert pool.live_workers == 0
+            for _ in range(50):  # SIGKILL ends even a stopped process
+                if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("stuck worker still alive")
+        finally:
+            await pool.close()
+    with caplog.at_level(logging.ERROR, "trustvbd.crypt.aead"):
+        run(go())
+    assert "took more than" in caplog.text
+
+
+def test_cancelled_request_keeps_its_slot_until_the_worker_answers() -> None:
+    async def go() -> None:
+        pool = await AeadPool.start(1)
+        try:
+            bulk = pool.cipher(KEY, DISK_ID)
+            ct, leaves = encrypt_inline(plaintext())
+            (pid,) = pool.worker_pids()
+            os.kill(pid, signal.SIGSTOP)
+            task = asyncio.ensure_future(bulk.decrypt(7, memoryview(ct), memoryview(leaves), memoryview(ct)))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert pool.free_slots < aead_jobs.SLOTS  # the worker may still write them
+            os.kill(pid, signal.SIGCONT)
+            for _ in range(100):
+                if pool.free_slots == aead_jobs.SLOTS:
+                    break
+                await asyncio.sleep(0.02)
+            assert pool.free_slots == aead_jobs.SLOTS
+            assert pool.live_workers == 1
+        finally:
+            await pool.close()
+    run(go())
+
+
+def test_small_requests_stay_inline() -> None:
+    async def go() -> None:
+        pool = await AeadPool.start(1)
+        try:
+            bulk = pool.cipher(KEY, DISK_ID)
+            n = aead_pool.BULK_MIN - 1
+            ct, leaves = encrypt_inline(plaintext(n))
+            assert await bulk.decrypt(7, memoryview(ct), memoryview(leaves), memoryview(ct)) == []
+            assert pool.jobs_offloaded == 0
+        finally:
+            await pool.close()
+    run(go())
+
+
+def test_crypt_disk_with_workers_reads_writes_and_catches_tampering(tmp_path: Path) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        replica = make_replica("memory", tmp_path)
+        pool = await AeadPool.start(1)
+        try:
+            events: list[dict] = []
+            disk = await open_disk(tmp_path, replica, kek, events=events, aead=pool)
+            data = os.urandom(512 * BS)
+            await disk.pwrite(0, data)
+            await disk.flush()
+            assert bytes(await disk.pread(0, len(data))) == data
+            assert pool.jobs_offloaded >= 2
+            await disk.close()
+            data_start = Layout(DiskState(tmp_path, "vm1").read_anchor().logical_size).data_start
+            flip(replica, data_start + 300 * BS + 5)
+            disk = await open_disk(tmp_path, replica, kek, events=events, aead=pool)
+            with pytest.raises(IntegrityError) as err:
+                await disk.pread(0, len(data))
+            assert err.value.blocks == [300]
+            assert bytes(await disk.pread(0, 300 * BS)) == data[:300 * BS]
+            assert bytes(await disk.pread(301 * BS, 211 * BS)) == data[301 * BS:]
+            assert len(events) >= 1
+            await disk.close()
+        finally:
+            await pool.close()
+    run(go())

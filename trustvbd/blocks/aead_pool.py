@@ -1,0 +1,391 @@
+"""Bulk AES-GCM in worker processes of the encryption domain, over shared memory.
+
+The encryption domain is one Python process; per 4 KiB block the AEAD call and
+the Python around it cost ~1.5 us, which made sequential reads CPU-bound on one
+core while the other idled. A request of at least BULK_MIN blocks is copied into
+a free slot of shared memory and done by a worker (blocks/aead_jobs.py gives the
+format; domains/aead_worker.py is the worker) while this process goes on serving
+other requests. Small requests, and any chunk for which no slot or worker is
+free, are done here at once: that also balances the load between this process
+and the workers. The recipe is the same BlockCipher on both sides.
+
+A worker that dies, refuses a job or stalls for WORKER_STALL seconds (then it is
+killed) costs nothing but speed: its jobs are done again here, from the inputs
+that were never touched, and the pool stops using it. A worker only ever sees
+plaintext and keys this process already holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from trustvbd.blocks import aead_jobs as j
+from trustvbd.crypt.aead import BLOCK_SIZE as BS
+from trustvbd.crypt.aead import LEAF_SIZE, BlockCipher
+
+log = logging.getLogger("trustvbd.crypt.aead")
+
+BULK_MIN = 16  # blocks; below this the copies and the round trip cost more than they save
+WORKER_STALL = 10.0  # seconds a job may take before its worker is declared stuck
+MAX_PENDING = 128  # jobs queued per worker before this process does the work itself
+
+
+def default_workers() -> int:
+    """TRUSTVBD_AEAD_WORKERS, else one per core beyond the first (at most 4)."""
+    value = os.environ.get("TRUSTVBD_AEAD_WORKERS")
+    if value is not None:
+        try:
+            count = int(value)
+        except ValueError:
+            raise ValueError(f"TRUSTVBD_AEAD_WORKERS={value!r} is not a number; "
+                             "give 0 (no workers) or more") from None
+        if not 0 <= count <= 64:
+            raise ValueError(f"TRUSTVBD_AEAD_WORKERS={count} is out of range 0..64")
+        return count
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+@dataclass(eq=False)
+class _Worker:
+    number: int
+    sock: socket.socket
+    proc: subprocess.Popen[bytes]
+    pending: dict[int, _Job] = field(default_factory=dict)
+    alive: bool = True
+
+
+@dataclass(eq=False)
+class _Job:
+    id: int
+    slot: int
+    future: asyncio.Future[tuple[int, list[int]]]
+    blocks: int = 0
+    started: float = 0.0
+    released: bool = False
+    # The worker was killed while it had this job: it might still have been writing
+    # the slot as it died, so the slot is never reused (a few MiB, on a bug path).
+    lost: bool = False
+
+
+class AeadPool:
+    """Worker processes plus the shared slots they work in. Use `AeadPool.start(n)`."""
+
+    def __init__(self, memfd: int, shm: mmap.mmap) -> None:
+        self._memfd = memfd
+        self._shm = shm
+        self._view = memoryview(shm)
+        self._free_slots = list(range(j.SLOTS))
+        self._workers: list[_Worker] = []
+        self._next_job = 0
+        self._next_disk = 0
+        self._loop = asyncio.get_running_loop()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.jobs_offloaded = 0
+
+    @classmethod
+    async def start(cls, count: int) -> AeadPool:
+        memfd = os.memfd_create("trustvbd-aead", os.MFD_CLOEXEC)
+        os.ftruncate(memfd, j.SLOTS * j.SLOT_SIZE)
+        pool = cls(memfd, mmap.mmap(memfd, j.SLOTS * j.SLOT_SIZE))
+        for number in range(count):
+            pool._spawn(number)
+        pool._arm_watchdog()
+        return pool
+
+    def _spawn(self, number: int) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "trustvbd.domains.aead_worker",
+                 "--socket-fd", str(theirs.fileno()), "--memory-fd", str(self._memfd)],
+                pass_fds=(theirs.fileno(), self._memfd), stdin=subprocess.DEVNULL)
+        mine.setblocking(False)
+        worker = _Worker(number, mine, proc)
+        self._workers.append(worker)
+        self._loop.add_reader(mine.fileno(), self._on_replies, worker)
+
+    @property
+    def live_workers(self) -> int:
+        return sum(w.alive for w in self._workers)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def worker_pids(self) -> list[int]:
+        return [w.proc.pid for w in self._workers if w.alive]
+
+    def cipher(self, data_key: bytes, disk_id: bytes) -> BulkCipher:
+        """A cipher for one disk: its key goes to every worker."""
+        disk = self._next_disk
+        self._next_disk += 1
+        for worker in self._workers:
+            self._send(worker, j.KEY.pack(j.OP_KEY, disk, data_key, disk_id))
+        return BulkCipher(self, disk, BlockCipher(data_key, disk_id))
+
+    def forget(self, disk: int) -> None:
+        for worker in self._workers:
+            self._send(worker, j.FORGET.pack(j.OP_FORGET, disk))
+
+    async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for worker in self._workers:
+            self._retire(worker, None)
+        for worker in self._workers:
+            try:
+                await asyncio.to_thread(worker.proc.wait, 5)
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+                await asyncio.to_thread(worker.proc.wait)
+        self._workers.clear()
+
+    # ---------------------------------------------------------------- jobs
+
+    def slot(self, number: int, offset: int, length: int) -> memoryview:
+        base = number * j.SLOT_SIZE + offset
+        return self._view[base:base + length]
+
+    def take(self) -> _Job | None:
+        """A slot on the least busy worker, or None: do the work yourself.
+
+        Fill the slot, then `run` the job; `release` it once its result is copied out.
+        """
+        if not self._free_slots or self._least_busy() is None:
+            return None
+        self._next_job = job_id = (self._next_job + 1) & 0xFFFF_FFFF
+        return _Job(job_id, self._free_slots.pop(), self._loop.create_future())
+
+    def _least_busy(self) -> _Worker | None:
+        worker = min((w for w in self._workers if w.alive), key=lambda w: len(w.pending), default=None)
+        return worker if worker is not None and len(worker.pending) < MAX_PENDING else None
+
+    def run(self, job: _Job, op: bytes, disk: int, n: int, block: int, version: int) -> None:
+        """Start a taken job whose slot is filled; its future says (status, bad indices)."""
+        job.started, job.blocks = self._loop.time(), n
+        worker = self._least_busy() or next((w for w in self._workers if w.alive), None)
+        if worker is None:  # every worker died meanwhile: the caller does it itself
+            job.future.set_result((j.STATUS_REFUSED, []))
+            return
+        worker.pending[job.id] = job
+        self.jobs_offloaded += 1
+        self._send(worker, j.JOB.pack(op, job.id, disk, job.slot, n, block, version))
+
+    def release(self, job: _Job) -> None:
+        """Give the slot back once nobody will touch it again (a cancelled caller's job: when answered)."""
+        if job.released:
+            return
+        if job.started and not job.future.done():
+            job.future.add_done_callback(lambda _f: self.release(job))
+            return
+        job.released = True
+        if not job.lost:
+            self._free_slots.append(job.slot)
+
+    def _send(self, worker: _Worker, message: bytes) -> None:
+        if not worker.alive:
+            return
+        try:
+            worker.sock.send(message)
+        except OSError as exc:  # includes a full socket buffer: it never holds more than a few jobs
+            self._retire(worker, f"cannot send to it: {exc}")
+
+    def _on_replies(self, worker: _Worker) -> None:
+        while worker.alive:
+            try:
+                msg = worker.sock.recv(j.MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except ConnectionResetError:  # it died with our messages unread
+                msg = b""
+            except OSError as exc:
+                self._retire(worker, f"socket error: {exc}")
+                return
+            if not msg:
+                self._retire(worker, "it exited")
+                return
+            try:
+                job_id, status, bad = j.decode_reply(msg)
+            except ValueError as exc:
+                self._retire(worker, str(exc))
+                return
+            job = worker.pending.get(job_id)
+            if job is None or not job.started:
+                self._retire(worker, f"it answered job {job_id}, which it was not given")
+                return
+            if any(i >= job.blocks for i in bad):
+                self._retire(worker, f"it reported blocks outside job {job_id}")
+                return
+            del worker.pending[job_id]
+            if not job.future.done():
+                job.future.set_result((status, bad))
+
+    def _retire(self, worker: _Worker, why: str | None) -> None:
+        """Stop using a worker; its pending jobs are answered 'refused' (done here again)."""
+        if not worker.alive:
+            return
+        worker.alive = False
+        if why is not None:
+            log.error("AEAD worker %d (pid %d) is out of service: %s; its work is done in the "
+                      "encryption domain itself from now on", worker.number, worker.proc.pid, why)
+            worker.proc.kill()
+        self._loop.remove_reader(worker.sock.fileno())
+        worker.sock.close()
+        for job in worker.pending.values():
+            job.lost = why is not None
+            if not job.future.done():
+                job.future.set_result((j.STATUS_REFUSED, []))
+        worker.pending.clear()
+
+    def _arm_watchdog(self) -> None:
+        self._watchdog = self._loop.call_later(1.0, self._check_stalls)
+
+    def _check_stalls(self) -> None:
+        now = self._loop.time()
+        for worker in self._workers:
+            if worker.alive and any(job.started and now - job.started > WORKER_STALL
+                                    for job in worker.pending.values()):
+                self._retire(worker, f"a job took more than {WORKER_STALL:.0f} s")
+        self._arm_watchdog()
+
+
+class BulkCipher:
+    """BlockCipher's encrypt/decrypt for one disk, with big runs done by the pool's workers."""
+
+    def __init__(self, pool: AeadPool, disk: int, inline: BlockCipher) -> None:
+        self._pool = pool
+        self._disk = disk
+        self.inline = inline
+
+    def forget(self) -> None:
+        self._pool.forget(self._disk)
+
+    async def encrypt(self, first_block: int, first_version: int, plain: memoryview,
+                      out: memoryview, leaves: memoryview) -> None:
+        """As BlockCipher.encrypt (same buffers and result)."""
+        n = len(plain) // BS
+        if n < BULK_MIN:
+            self.inline.encrypt(first_block, first_version, plain, out, leaves)
+            return
+        pool = self._pool
+        jobs: list[tuple[int, int, _Job]] = []
+        try:
+            for start in range(0, n, j.MAX_BLOCKS):
+                k = min(j.MAX_BLOCKS, n - start)
+                data = plain[start * BS:(start + k) * BS]
+                job = pool.take()
+                if job is None:
+                    self._encrypt_here(first_block, first_version, plain, out, leaves, start, k)
+                    continue
+                jobs.append((start, k, job))
+                pool.slot(job.slot, 0, k * BS)[:] = data
+                pool.run(job, j.OP_ENCRYPT, self._disk, k, first_block + start, first_version + start)
+            for start, k, job in jobs:
+                status, _ = await job.future
+                if status != j.STATUS_OK:
+                    self._encrypt_here(first_block, first_version, plain, out, leaves, start, k)
+                    continue
+                out[start * BS:(start + k) * BS] = pool.slot(job.slot, j.OUT_OFFSET, k * BS)
+                leaves[start * LEAF_SIZE:(start + k) * LEAF_SIZE] = pool.slot(
+                    job.slot, j.LEAVES_OFFSET, k * LEAF_SIZE)
+                pool.release(job)
+        finally:
+            for _, _, job in jobs:
+                pool.release(job)
+
+    def _encrypt_here(self, first_block: int, first_version: int, plain: memoryview, out: memoryview,
+                      leaves: memoryview, start: int, k: int) -> None:
+        # The tag spilled past this run lands in the next run's output, which is
+        # written later (runs go in order; copies from workers come after them all).
+        self.inline.encrypt(first_block + start, first_version + start, plain[start * BS:(start + k) * BS],
+                            out[start * BS:], leaves[start * LEAF_SIZE:(start + k) * LEAF_SIZE])
+
+    async def read(self, first_block: int, leaves: memoryview,
+                   fetch: Callable[[memoryview], Awaitable[None]]) -> tuple[bytes | bytearray, list[int]] | None:
+        """Fetch ciphertext straight into a slot and decrypt it there: (plaintext, bad indices).
+
+        For n = len(leaves)/32 blocks with BULK_MIN <= n <= MAX_BLOCKS; None when that does
+        not hold or no slot is free (then read and `decrypt` as usual). This spares the
+        encryption domain a copy and an allocation per request; the copies it still does
+        cross cores, which cost about as much as the AEAD itself.
+        """
+        n = len(leaves) // LEAF_SIZE
+        pool = self._pool
+        if not BULK_MIN <= n <= j.MAX_BLOCKS or (job := pool.take()) is None:
+            return None
+        ct = pool.slot(job.slot, 0, n * BS)
+        handed_over = False
+        try:
+            pool.slot(job.slot, j.LEAVES_OFFSET, n * LEAF_SIZE)[:] = leaves
+            # The fetch writes the slot until it ends, even if our caller is cancelled:
+            # shield it and give the slot back only when it is over.
+            fetching = asyncio.ensure_future(fetch(ct))
+            try:
+                await asyncio.shield(fetching)
+            except asyncio.CancelledError:
+                taken = job
+                fetching.add_done_callback(lambda _f: pool.release(taken))
+                handed_over = True
+                raise
+            pool.run(job, j.OP_DECRYPT, self._disk, n, first_block, 0)
+            status, bad = await job.future
+            if status == j.STATUS_OK:
+                return bytes(ct), bad
+        finally:
+            if not handed_over:
+                pool.release(job)
+        # The worker died or refused, perhaps halfway through the slot: read again, here.
+        buf = bytearray(n * BS)
+        await fetch(memoryview(buf))
+        return buf, self.inline.decrypt(first_block, memoryview(buf), leaves, memoryview(buf))
+
+    async def decrypt(self, first_block: int, cipher: memoryview, leaves: memoryview,
+                      out: memoryview) -> list[int]:
+        """As BlockCipher.decrypt (same buffers and result; `out` may be `cipher`)."""
+        n = len(out) // BS
+        if n < BULK_MIN:
+            return self.inline.decrypt(first_block, cipher, leaves, out)
+        pool = self._pool
+        bad: list[int] = []
+        jobs: list[tuple[int, int, _Job]] = []
+        try:
+            for start in range(0, n, j.MAX_BLOCKS):
+                k = min(j.MAX_BLOCKS, n - start)
+                job = pool.take()
+                if job is None:
+                    bad += self._decrypt_here(first_block, cipher, leaves, out, start, k)
+                    continue
+                jobs.append((start, k, job))
+                pool.slot(job.slot, 0, k * BS)[:] = cipher[start * BS:(start + k) * BS]
+                pool.slot(job.slot, j.LEAVES_OFFSET, k * LEAF_SIZE)[:] = \
+                    leaves[start * LEAF_SIZE:(start + k) * LEAF_SIZE]
+                pool.run(job, j.OP_DECRYPT, self._disk, k, first_block + start, 0)
+            for start, k, job in jobs:
+                status, job_bad = await job.future
+                if status != j.STATUS_OK:
+                    bad += self._decrypt_here(first_block, cipher, leaves, out, start, k)
+                    continue
+                out[start * BS:(start + k) * BS] = pool.slot(job.slot, 0, k * BS)
+                pool.release(job)
+                bad += [start + i for i in job_bad]
+        finally:
+            for _, _, job in jobs:
+                pool.release(job)
+        bad.sort()
+        return bad
+
+    def _decrypt_here(self, first_block: int, cipher: memoryview, leaves: memoryview, out: memoryview,
+                      start: int, k: int) -> list[int]:
+        sub = slice(start * BS, (start + k) * BS)
+        failed = self.inline.decrypt(first_block + start, cipher[sub],
+                                     leaves[start * LEAF_SIZE:(start + k) * LEAF_SIZE], out[sub])
+        return [start + i for i in failed]
+
