@@ -13,6 +13,7 @@ import pytest
 from tests.crypt.helpers import BS, flip, make_replica, new_state, open_disk, run
 from trustvbd.blocks import aead_jobs, aead_pool
 from trustvbd.blocks.aead_pool import AeadPool
+from trustvbd.blocks.backend import Backend, Buffer, Layer
 from trustvbd.blocks.crypt_layer import IntegrityError
 from trustvbd.blocks.disk_state import DiskState
 from trustvbd.crypt.aead import LEAF_SIZE, BlockCipher
@@ -189,7 +190,10 @@ def test_crypt_disk_with_workers_reads_writes_and_catches_tampering(tmp_path: Pa
             events: list[dict] = []
             disk = await open_disk(tmp_path, replica, kek, events=events, aead=pool)
             data = os.urandom(512 * BS)
-            await disk.pwrite(0, data)
+            await disk.pwrite(0, data)  # more than one job: encrypted in slots, copied out
+            piece = aead_jobs.MAX_BLOCKS * BS
+            await asyncio.gather(*(disk.pwrite(at, data[at:at + piece])  # one job each: sent from its slot
+                                   for at in range(0, len(data), piece)))
             await disk.flush()
             assert bytes(await disk.pread(0, len(data))) == data
             assert pool.jobs_offloaded >= 2
@@ -203,6 +207,51 @@ def test_crypt_disk_with_workers_reads_writes_and_catches_tampering(tmp_path: Pa
             assert bytes(await disk.pread(0, 300 * BS)) == data[:300 * BS]
             assert bytes(await disk.pread(301 * BS, 211 * BS)) == data[301 * BS:]
             assert len(events) >= 1
+            await disk.close()
+        finally:
+            await pool.close()
+    run(go())
+
+
+class HeldWrites(Layer):
+    """Replica writes wait until the test lets them go."""
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(next)
+        self.go = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        self.started.set()
+        await self.go.wait()
+        await self.next.pwrite(offset, data, fua)
+
+
+def test_cancelled_write_keeps_its_slot_until_the_replica_write_ends(tmp_path: Path) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        replica = make_replica("memory", tmp_path)
+        pool = await AeadPool.start(1)
+        try:
+            disk = await open_disk(tmp_path, replica, kek, aead=pool)
+            held = HeldWrites(disk._replica)
+            disk._replica = held
+            data = os.urandom(aead_jobs.MAX_BLOCKS * BS)
+            task = asyncio.ensure_future(disk.pwrite(0, data))
+            await asyncio.wait_for(held.started.wait(), 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # The ciphertext may still be on its way: its slot stays taken.
+            assert pool.free_slots == aead_jobs.SLOTS - 1
+            held.go.set()
+            for _ in range(100):
+                if pool.free_slots == aead_jobs.SLOTS:
+                    break
+                await asyncio.sleep(0.01)
+            assert pool.free_slots == aead_jobs.SLOTS
+            # The write went through after all: the block reads as the new data.
+            assert bytes(await disk.pread(0, len(data))) == data
             await disk.close()
         finally:
             await pool.close()

@@ -268,6 +268,29 @@ class BulkCipher:
     def forget(self) -> None:
         self._pool.forget(self._disk)
 
+    async def seal(self, first_block: int, first_version: int, plain: memoryview) -> Sealed | None:
+        """Encrypt into a slot and leave the ciphertext there, to be sent from it.
+
+        For BULK_MIN..MAX_BLOCKS blocks; None when that does not hold, no slot is free,
+        or the worker failed (then `encrypt` as usual: the same plaintext under the same
+        versions gives the same ciphertext, so nothing is lost by trying twice).
+        """
+        n = len(plain) // BS
+        pool = self._pool
+        if not BULK_MIN <= n <= j.MAX_BLOCKS or (job := pool.take()) is None:
+            return None
+        try:
+            pool.slot(job.slot, 0, n * BS)[:] = plain
+            pool.run(job, j.OP_ENCRYPT, self._disk, n, first_block, first_version)
+            status, _ = await job.future
+        except BaseException:
+            pool.release(job)
+            raise
+        if status != j.STATUS_OK:
+            pool.release(job)
+            return None
+        return Sealed(pool, job, n)
+
     async def encrypt(self, first_block: int, first_version: int, plain: memoryview,
                       out: memoryview, leaves: memoryview) -> None:
         """As BlockCipher.encrypt (same buffers and result)."""
@@ -389,3 +412,33 @@ class BulkCipher:
                                      leaves[start * LEAF_SIZE:(start + k) * LEAF_SIZE], out[sub])
         return [start + i for i in failed]
 
+
+
+class Sealed:
+    """Ciphertext and leaves of one write, in a slot until `send` is over; `close` when done."""
+
+    def __init__(self, pool: AeadPool, job: _Job, n: int) -> None:
+        self._pool, self._job = pool, job
+        self.ciphertext = pool.slot(job.slot, j.OUT_OFFSET, n * BS)
+        self.leaves = bytes(pool.slot(job.slot, j.LEAVES_OFFSET, n * LEAF_SIZE))
+        self._handed_over = False
+
+    async def send(self, write: Callable[[memoryview], Awaitable[None]]) -> None:
+        """write(ciphertext), run to its end even if our caller is cancelled.
+
+        A cancelled write may still be leaving through the transport: its slot
+        must not be reused (the driver would get other bytes than the leaves say).
+        """
+        writing = asyncio.ensure_future(write(self.ciphertext))
+        try:
+            await asyncio.shield(writing)
+        except asyncio.CancelledError:
+            if not writing.done():
+                self._handed_over = True
+                job = self._job
+                writing.add_done_callback(lambda _f: self._pool.release(job))
+            raise
+
+    def close(self) -> None:
+        if not self._handed_over:
+            self._pool.release(self._job)

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from trustvbd.blocks.aead_pool import AeadPool, BulkCipher
+from trustvbd.blocks.aead_pool import AeadPool, BulkCipher, Sealed
 from trustvbd.blocks.backend import Backend, BlockError, Buffer, Capabilities, check_range, pread_into
 from trustvbd.blocks.crypt_verify import VerifyReport, verify_replica
 from trustvbd.blocks.disk_state import (
@@ -550,17 +550,32 @@ class CryptDisk:
     async def _write_blocks(self, b0: int, plain: memoryview) -> None:
         n = len(plain) // BS
         version = self._take_versions(n)
+        sealed = await self._bulk.seal(b0, version, plain) if self._bulk is not None else None
+        if sealed is not None:  # sent from the worker's slot, no copy
+            try:
+                await self._write_out(b0, sealed.leaves, sealed.ciphertext, sealed)
+            finally:
+                sealed.close()
+            return
         out = bytearray(n * BS + 16)
         new = bytearray(n * LEAF_SIZE)
         if self._bulk is None:
             self._cipher.encrypt(b0, version, plain, memoryview(out), memoryview(new))
         else:
             await self._bulk.encrypt(b0, version, plain, memoryview(out), memoryview(new))
+        await self._write_out(b0, new, memoryview(out)[:n * BS], None)
+
+    async def _write_out(self, b0: int, new: bytes | bytearray, ct: memoryview, sealed: Sealed | None) -> None:
+        """Intent first, then the ciphertext to the replica."""
+        n = len(new) // LEAF_SIZE
         old = self._leaves[b0 * LEAF_SIZE:(b0 + n) * LEAF_SIZE]
         self._note_leaves(b0, old, new, settled=False)
+        start = self._lay.data_start + b0 * BS
         try:
-            await self._replica.pwrite(self._lay.data_start + b0 * BS,
-                                       memoryview(out)[:n * BS])
+            if sealed is None:
+                await self._replica.pwrite(start, ct)
+            else:
+                await sealed.send(lambda c: self._replica.pwrite(start, c))
         except BaseException:
             # The replica may now hold old or new ciphertext for each block. Earlier
             # failed writes' candidates stay too: the replica may still hold any of them.
