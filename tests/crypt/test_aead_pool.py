@@ -256,3 +256,16 @@ def test_cancelled_write_keeps_its_slot_until_the_replica_write_ends(tmp_path: P
         finally:
             await pool.close()
     run(go())
+
+
+def test_worker_count_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRUSTVBD_AEAD_WORKERS", "3")
+    assert aead_pool.default_workers() == 3
+    monkeypatch.setenv("TRUSTVBD_AEAD_WORKERS", "0")
+    assert aead_pool.default_workers() == 0
+    for bad, says in (("two", "is not a number"), ("-1", "out of range"), ("65", "out of range")):
+        monkeypatch.setenv("TRUSTVBD_AEAD_WORKERS", bad)
+        with pytest.raises(ValueError, match=says):
+            aead_pool.default_workers()
+    monkeypatch.delenv("TRUSTVBD_AEAD_WORKERS")
+    assert aead_pool.default_workers() == max(0, min(4, (os.cpu_count() or 1) - 1))
