@@ -269,3 +269,27 @@ def test_worker_count_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
             aead_pool.default_workers()
     monkeypatch.delenv("TRUSTVBD_AEAD_WORKERS")
     assert aead_pool.default_workers() == max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def test_job_redone_inline_does_not_spill_into_a_run_done_inline_before_it() -> None:
+    """Run 0 goes to a worker that dies, runs 1-2 find no slot: run 0 is redone last, here."""
+    async def go() -> None:
+        pool = await AeadPool.start(1)
+        try:
+            bulk = pool.cipher(KEY, DISK_ID)
+            pool._free_slots[:] = [0]  # one slot: only the first run goes to the worker
+            n = 3 * aead_jobs.MAX_BLOCKS
+            plain = plaintext(n)
+            (pid,) = pool.worker_pids()
+            os.kill(pid, signal.SIGSTOP)
+            out, leaves = bytearray(n * BS + 16), bytearray(n * LEAF_SIZE)
+            task = asyncio.ensure_future(bulk.encrypt(7, 1000, memoryview(plain), memoryview(out),
+                                                      memoryview(leaves)))
+            await asyncio.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)
+            await asyncio.wait_for(task, 10)
+            assert pool.jobs_offloaded == 1 and pool.live_workers == 0
+            assert (out[:n * BS], leaves) == encrypt_inline(plain)
+        finally:
+            await pool.close()
+    run(go())

@@ -326,10 +326,13 @@ class BulkCipher:
 
     def _encrypt_here(self, first_block: int, first_version: int, plain: memoryview, out: memoryview,
                       leaves: memoryview, start: int, k: int) -> None:
-        # The tag spilled past this run lands in the next run's output, which is
-        # written later (runs go in order; copies from workers come after them all).
-        self.inline.encrypt(first_block + start, first_version + start, plain[start * BS:(start + k) * BS],
+        # encrypt() writes the last tag past the run, over the next run's output,
+        # which may be done already (a worker's job redone here after it): keep it.
+        end = (start + k) * BS
+        following = bytes(out[end:end + j.TAG_SIZE])
+        self.inline.encrypt(first_block + start, first_version + start, plain[start * BS:end],
                             out[start * BS:], leaves[start * LEAF_SIZE:(start + k) * LEAF_SIZE])
+        out[end:end + j.TAG_SIZE] = following
 
     async def read(self, first_block: int, leaves: memoryview,
                    fetch: Callable[[memoryview], Awaitable[None]]) -> tuple[bytes | bytearray, list[int]] | None:
