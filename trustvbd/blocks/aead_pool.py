@@ -35,7 +35,6 @@ log = logging.getLogger("trustvbd.crypt.aead")
 
 BULK_MIN = 16  # blocks; below this the copies and the round trip cost more than they save
 WORKER_STALL = 10.0  # seconds a job may take before its worker is declared stuck
-MAX_PENDING = 128  # jobs queued per worker before this process does the work itself
 
 
 def default_workers() -> int:
@@ -70,6 +69,8 @@ class _Job:
     blocks: int = 0
     started: float = 0.0
     released: bool = False
+    # I/O that writes or reads the slot and must end before it is reused (see `hold`).
+    holder: asyncio.Future[None] | None = None
     # The worker was killed while it had this job: it might still have been writing
     # the slot as it died, so the slot is never reused (a few MiB, on a bug path).
     lost: bool = False
@@ -155,9 +156,10 @@ class AeadPool:
         return self._view[base:base + length]
 
     def take(self) -> _Job | None:
-        """A slot on the least busy worker, or None: do the work yourself.
+        """A free slot while some worker lives, or None: do the work yourself.
 
         Fill the slot, then `run` the job; `release` it once its result is copied out.
+        Every pending job holds a slot, so the slots also bound each worker's queue.
         """
         if not self._free_slots or self._least_busy() is None:
             return None
@@ -165,13 +167,12 @@ class AeadPool:
         return _Job(job_id, self._free_slots.pop(), self._loop.create_future())
 
     def _least_busy(self) -> _Worker | None:
-        worker = min((w for w in self._workers if w.alive), key=lambda w: len(w.pending), default=None)
-        return worker if worker is not None and len(worker.pending) < MAX_PENDING else None
+        return min((w for w in self._workers if w.alive), key=lambda w: len(w.pending), default=None)
 
     def run(self, job: _Job, op: bytes, disk: int, n: int, block: int, version: int) -> None:
         """Start a taken job whose slot is filled; its future says (status, bad indices)."""
         job.started, job.blocks = self._loop.time(), n
-        worker = self._least_busy() or next((w for w in self._workers if w.alive), None)
+        worker = self._least_busy()
         if worker is None:  # every worker died meanwhile: the caller does it itself
             job.future.set_result((j.STATUS_REFUSED, []))
             return
@@ -179,13 +180,23 @@ class AeadPool:
         self.jobs_offloaded += 1
         self._send(worker, j.JOB.pack(op, job.id, disk, job.slot, n, block, version))
 
+    async def hold(self, job: _Job, io: Awaitable[None]) -> None:
+        """Await I/O on a job's slot to its end, even if our caller is cancelled.
+
+        A cancelled NBD request may still write the slot (a read) or be leaving
+        from it (a write): `release` then waits for the I/O before reusing it.
+        """
+        job.holder = asyncio.ensure_future(io)
+        await asyncio.shield(job.holder)
+
     def release(self, job: _Job) -> None:
-        """Give the slot back once nobody will touch it again (a cancelled caller's job: when answered)."""
+        """Give the slot back once nobody will touch it again: not while the worker or I/O still may."""
         if job.released:
             return
-        if job.started and not job.future.done():
-            job.future.add_done_callback(lambda _f: self.release(job))
-            return
+        for busy in (job.holder, job.future if job.started else None):
+            if busy is not None and not busy.done():
+                busy.add_done_callback(lambda _f: self.release(job))
+                return
         job.released = True
         if not job.lost:
             self._free_slots.append(job.slot)
@@ -348,26 +359,15 @@ class BulkCipher:
         if not BULK_MIN <= n <= j.MAX_BLOCKS or (job := pool.take()) is None:
             return None
         ct = pool.slot(job.slot, 0, n * BS)
-        handed_over = False
         try:
             pool.slot(job.slot, j.LEAVES_OFFSET, n * LEAF_SIZE)[:] = leaves
-            # The fetch writes the slot until it ends, even if our caller is cancelled:
-            # shield it and give the slot back only when it is over.
-            fetching = asyncio.ensure_future(fetch(ct))
-            try:
-                await asyncio.shield(fetching)
-            except asyncio.CancelledError:
-                taken = job
-                fetching.add_done_callback(lambda _f: pool.release(taken))
-                handed_over = True
-                raise
+            await pool.hold(job, fetch(ct))
             pool.run(job, j.OP_DECRYPT, self._disk, n, first_block, 0)
             status, bad = await job.future
             if status == j.STATUS_OK:
                 return bytes(ct), bad
         finally:
-            if not handed_over:
-                pool.release(job)
+            pool.release(job)
         # The worker died or refused, perhaps halfway through the slot: read again, here.
         buf = bytearray(n * BS)
         await fetch(memoryview(buf))
@@ -416,7 +416,6 @@ class BulkCipher:
         return [start + i for i in failed]
 
 
-
 class Sealed:
     """Ciphertext and leaves of one write, in a slot until `send` is over; `close` when done."""
 
@@ -424,24 +423,10 @@ class Sealed:
         self._pool, self._job = pool, job
         self.ciphertext = pool.slot(job.slot, j.OUT_OFFSET, n * BS)
         self.leaves = bytes(pool.slot(job.slot, j.LEAVES_OFFSET, n * LEAF_SIZE))
-        self._handed_over = False
 
     async def send(self, write: Callable[[memoryview], Awaitable[None]]) -> None:
-        """write(ciphertext), run to its end even if our caller is cancelled.
-
-        A cancelled write may still be leaving through the transport: its slot
-        must not be reused (the driver would get other bytes than the leaves say).
-        """
-        writing = asyncio.ensure_future(write(self.ciphertext))
-        try:
-            await asyncio.shield(writing)
-        except asyncio.CancelledError:
-            if not writing.done():
-                self._handed_over = True
-                job = self._job
-                writing.add_done_callback(lambda _f: self._pool.release(job))
-            raise
+        """write(ciphertext), to its end: the driver must get the bytes the leaves describe."""
+        await self._pool.hold(self._job, write(self.ciphertext))
 
     def close(self) -> None:
-        if not self._handed_over:
-            self._pool.release(self._job)
+        self._pool.release(self._job)
