@@ -212,11 +212,9 @@ class NbdClient:
         if length <= limit:
             reply = await self._request(_READ, offset, length)
             return reply if reply is not None else b""
-        pieces = await asyncio.gather(*(
-            self._request(_READ, at, min(limit, offset + length - at))
-            for at in range(offset, offset + length, limit)
-        ))
-        return b"".join(pieces)  # type: ignore[arg-type]
+        buf = bytearray(length)
+        await self.pread_into(offset, memoryview(buf))
+        return buf
 
     async def pread_into(self, offset: int, into: memoryview) -> None:
         """Read len(into) bytes at offset straight into `into` (written until this returns)."""
