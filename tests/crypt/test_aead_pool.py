@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,15 @@ def plaintext(n: int = N) -> bytes:
     return b"".join(i.to_bytes(4, "big") * (BS // 4) for i in range(n))
 
 
+@contextlib.asynccontextmanager
+async def started_pool() -> AsyncIterator[AeadPool]:
+    pool = await AeadPool.start(1)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
 def encrypt_inline(plain: bytes, first_block: int = 7, first_version: int = 1000) -> tuple[bytearray, bytearray]:
     n = len(plain) // BS
     out, leaves = bytearray(n * BS + 16), bytearray(n * LEAF_SIZE)
@@ -37,8 +48,7 @@ def encrypt_inline(plain: bytes, first_block: int = 7, first_version: int = 1000
 
 def test_workers_encrypt_byte_for_byte_as_inline() -> None:
     async def go() -> None:
-        pool = await AeadPool.start(1)
-        try:
+        async with started_pool() as pool:
             bulk = pool.cipher(KEY, DISK_ID)
             plain = plaintext()
             out, leaves = bytearray(N * BS + 16), bytearray(N * LEAF_SIZE)
@@ -47,15 +57,12 @@ def test_workers_encrypt_byte_for_byte_as_inline() -> None:
             want_out, want_leaves = encrypt_inline(plain)
             assert out[:N * BS] == want_out
             assert leaves == want_leaves
-        finally:
-            await pool.close()
     run(go())
 
 
 def test_workers_find_damaged_blocks_in_every_job() -> None:
     async def go() -> None:
-        pool = await AeadPool.start(1)
-        try:
+        async with started_pool() as pool:
             bulk = pool.cipher(KEY, DISK_ID)
             plain = plaintext()
             ct, leaves = encrypt_inline(plain)
@@ -68,28 +75,22 @@ def test_workers_find_damaged_blocks_in_every_job() -> None:
             for b in range(N):
                 got = ct[b * BS:(b + 1) * BS]
                 assert got == (bytes(BS) if b in bad else plain[b * BS:(b + 1) * BS]), b
-        finally:
-            await pool.close()
     run(go())
 
 
 def test_a_key_of_another_disk_fails_every_block() -> None:
     async def go() -> None:
-        pool = await AeadPool.start(1)
-        try:
+        async with started_pool() as pool:
             other = pool.cipher(KEY, bytes(16))  # same key, other disk id: AAD differs
             ct, leaves = encrypt_inline(plaintext(64))
             bad = await other.decrypt(7, memoryview(ct), memoryview(leaves), memoryview(ct))
             assert bad == list(range(64))
-        finally:
-            await pool.close()
     run(go())
 
 
 def test_killed_worker_mid_job_costs_only_speed(caplog: pytest.LogCaptureFixture) -> None:
     async def go() -> None:
-        pool = await AeadPool.start(1)
-        try:
+        async with started_pool() as pool:
             bulk = pool.cipher(KEY, DISK_ID)
             plain = plaintext()
             ct, leaves = encrypt_inline(plain)
@@ -106,8 +107,6 @@ def test_killed_worker_mid_job_costs_only_speed(caplog: pytest.LogCaptureFixture
             ct2, leaves2 = encrypt_inline(plain)
             assert await bulk.decrypt(7, memoryview(ct2), memoryview(leaves2), memoryview(ct2)) == []
             assert ct2 == plain
-        finally:
-            await pool.close()
     with caplog.at_level(logging.ERROR, "trustvbd.crypt.aead"):
         run(go())
     assert "out of service" in caplog.text and "it exited" in caplog.text
@@ -118,8 +117,7 @@ def test_stuck_worker_is_killed_and_its_work_done_inline(monkeypatch: pytest.Mon
     monkeypatch.setattr(aead_pool, "WORKER_STALL", 0.3)
 
     async def go() -> None:
-        pool = await AeadPool.start(1)
-        try:
+        async with started_pool() as pool:
             bulk = pool.cipher(KEY, DISK_ID)
             plain = plaintext(64)
             (pid,) = pool.worker_pids()
@@ -134,8 +132,6 @@ def test_stuck_worker_is_killed_and_its_work_done_inline(monkeypatch: pytest.Mon
                 await asyncio.sleep(0.05)
             else:
                 raise AssertionError("stuck worker still alive")
-        finally:
-            await pool.close()
     with caplog.at_level(logging.ERROR, "trustvbd.crypt.aead"):
         run(go())
     assert "took more than" in caplog.text
@@ -143,8 +139,7 @@ def test_stuck_worker_is_killed_and_its_work_done_inline(monkeypatch: pytest.Mon
 
 def test_cancelled_request_keeps_its_slot_until_the_worker_answers() -> None:
     async def go() -> None:
-        pool = await AeadPool.start(1)
-        try:
+        async with started_pool() as pool:
             bulk = pool.cipher(KEY, DISK_ID)
             ct, leaves = encrypt_inline(plaintext())
             (pid,) = pool.worker_pids()
@@ -162,22 +157,17 @@ def test_cancelled_request_keeps_its_slot_until_the_worker_answers() -> None:
                 await asyncio.sleep(0.02)
             assert pool.free_slots == aead_jobs.SLOTS
             assert pool.live_workers == 1
-        finally:
-            await pool.close()
     run(go())
 
 
 def test_small_requests_stay_inline() -> None:
     async def go() -> None:
-        pool = await AeadPool.start(1)
-        try:
+        async with started_pool() as pool:
             bulk = pool.cipher(KEY, DISK_ID)
             n = aead_pool.BULK_MIN - 1
             ct, leaves = encrypt_inline(plaintext(n))
             assert await bulk.decrypt(7, memoryview(ct), memoryview(leaves), memoryview(ct)) == []
             assert pool.jobs_offloaded == 0
-        finally:
-            await pool.close()
     run(go())
 
 
@@ -185,8 +175,7 @@ def test_crypt_disk_with_workers_reads_writes_and_catches_tampering(tmp_path: Pa
     async def go() -> None:
         kek = new_state(tmp_path)
         replica = make_replica("memory", tmp_path)
-        pool = await AeadPool.start(1)
-        try:
+        async with started_pool() as pool:
             events: list[dict] = []
             disk = await open_disk(tmp_path, replica, kek, events=events, aead=pool)
             data = os.urandom(512 * BS)
@@ -208,8 +197,6 @@ def test_crypt_disk_with_workers_reads_writes_and_catches_tampering(tmp_path: Pa
             assert bytes(await disk.pread(301 * BS, 211 * BS)) == data[301 * BS:]
             assert len(events) >= 1
             await disk.close()
-        finally:
-            await pool.close()
     run(go())
 
 
@@ -231,8 +218,7 @@ def test_cancelled_write_keeps_its_slot_until_the_replica_write_ends(tmp_path: P
     async def go() -> None:
         kek = new_state(tmp_path)
         replica = make_replica("memory", tmp_path)
-        pool = await AeadPool.start(1)
-        try:
+        async with started_pool() as pool:
             disk = await open_disk(tmp_path, replica, kek, aead=pool)
             held = HeldWrites(disk._replica)
             disk._replica = held
@@ -253,8 +239,6 @@ def test_cancelled_write_keeps_its_slot_until_the_replica_write_ends(tmp_path: P
             # The write went through after all: the block reads as the new data.
             assert bytes(await disk.pread(0, len(data))) == data
             await disk.close()
-        finally:
-            await pool.close()
     run(go())
 
 
@@ -274,8 +258,7 @@ def test_worker_count_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
 def test_job_redone_inline_does_not_spill_into_a_run_done_inline_before_it() -> None:
     """Run 0 goes to a worker that dies, runs 1-2 find no slot: run 0 is redone last, here."""
     async def go() -> None:
-        pool = await AeadPool.start(1)
-        try:
+        async with started_pool() as pool:
             bulk = pool.cipher(KEY, DISK_ID)
             pool._free_slots[:] = [0]  # one slot: only the first run goes to the worker
             n = 3 * aead_jobs.MAX_BLOCKS
@@ -290,6 +273,4 @@ def test_job_redone_inline_does_not_spill_into_a_run_done_inline_before_it() -> 
             await asyncio.wait_for(task, 10)
             assert pool.jobs_offloaded == 1 and pool.live_workers == 0
             assert (out[:n * BS], leaves) == encrypt_inline(plain)
-        finally:
-            await pool.close()
     run(go())
