@@ -14,6 +14,16 @@ import pytest
 sys.path.append("/usr/lib/python3/dist-packages")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse at once, in one line, when the reference policies are missing (not 24 odd failures)."""
+    from tests.acm.util import POLICIES
+
+    if not POLICIES.is_dir():
+        raise pytest.UsageError(
+            f"the tests read Xen's ACM policies from {POLICIES}, which does not exist: check out "
+            "trustvbd next to the shared/ directory, or set TRUSTVBD_SHARED_DIR to that directory")
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A temporary directory with a short path: Unix socket paths are limited to 107 bytes."""

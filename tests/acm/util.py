@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from trustvbd.acm import Policy
 from trustvbd.acm.toml_loader import policy_from_toml
 from trustvbd.acm.xml_loader import load_xml
 
-# Xen's own policies, read in place (they are Xen's files: never copied into the project).
-POLICIES = Path(__file__).resolve().parents[3] / "shared" / "xen-acm-policies"
+# Xen's own policies, read in place from the shared reference data beside the checkout
+# (they are Xen's files: never copied into the project); TRUSTVBD_SHARED_DIR overrides.
+SHARED_DIR = Path(os.environ.get("TRUSTVBD_SHARED_DIR") or Path(__file__).resolve().parents[3] / "shared")
+POLICIES = SHARED_DIR / "xen-acm-policies"
 CLIENT_V1 = POLICIES / "client_v1-security_policy.xml"
 CLIENT_V1_2006 = POLICIES / "2006_era" / "chwall_ste_client_v1-security_policy.xml"
 TEST_POLICY = POLICIES / "test-security_policy.xml"

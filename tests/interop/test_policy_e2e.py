@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.acm.util import XM_TEST
 from tests.interop import clients
 from tests.support import TRUSTVBD, System, run
 
 pytestmark = pytest.mark.interop
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "xen-acm-policies"
 
 POLICY = """
 name = "payroll-example"
@@ -198,7 +198,7 @@ def test_every_decision_is_audited_and_tampering_is_detected(short_tmp: Path) ->
 
 def test_policy_show_reads_a_real_xen_policy(short_tmp: Path) -> None:
     """xm-test's policy: types green/red/blue, conflict set RER = {blue, red}."""
-    policy = SHARED / "xm-test-security_policy.xml"
+    policy = XM_TEST
     text = run([*TRUSTVBD, "policy", "show", str(policy)]).stdout
     assert "RER" in text
     assert "green" in text
