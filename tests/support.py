@@ -87,6 +87,7 @@ class System:
     uris: dict[tuple[str, str], str] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    own_group: bool = False  # a process group of its own, as a terminal's foreground job
 
     @property
     def config(self) -> Path:
@@ -98,7 +99,7 @@ class System:
         env = {**os.environ, **self.env}
         self.proc = subprocess.Popen(
             [*TRUSTVBD, "up", "-c", str(self.config)], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env=env,
+            stderr=subprocess.PIPE, text=True, env=env, start_new_session=self.own_group,
         )
         self.lines = read_lines_until(self.proc, "ready", timeout)
         self.uris = {}

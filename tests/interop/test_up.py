@@ -161,6 +161,17 @@ def test_sigint_stops_cleanly(short_tmp: Path) -> None:
     assert s.proc.returncode == 0, err
 
 
+def test_ctrl_c_to_the_whole_group_stops_quietly(short_tmp: Path) -> None:
+    """A terminal's Ctrl-C reaches every process of the job, AEAD workers included."""
+    s = System(short_tmp, config_text(size=4 * MIB), env={"TRUSTVBD_AEAD_WORKERS": "1"},
+               own_group=True).start()
+    assert s.proc is not None
+    os.killpg(s.proc.pid, signal.SIGINT)
+    _, err = s.proc.communicate(timeout=60)
+    assert s.proc.returncode == 0, err
+    assert "ERROR" not in err and "Traceback" not in err, err
+
+
 def test_killed_launcher_leaves_no_domain_behind(short_tmp: Path) -> None:
     s = System(short_tmp, config_text(encrypt=False, size=4 * MIB)).start()
     assert s.proc is not None

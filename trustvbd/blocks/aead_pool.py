@@ -107,7 +107,10 @@ class AeadPool:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "trustvbd.domains.aead_worker",
                  "--socket-fd", str(theirs.fileno()), "--memory-fd", str(self._memfd)],
-                pass_fds=(theirs.fileno(), self._memfd), stdin=subprocess.DEVNULL)
+                pass_fds=(theirs.fileno(), self._memfd), stdin=subprocess.DEVNULL,
+                # Out of the terminal's job: Ctrl-C is for the launcher, which stops the
+                # domain, which closes the worker's socket (or dies, and PDEATHSIG ends it).
+                process_group=0)
         mine.setblocking(False)
         worker = _Worker(number, mine, proc)
         self._workers.append(worker)

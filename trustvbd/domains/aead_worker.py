@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     shm = mmap.mmap(args.memory_fd, j.SLOTS * j.SLOT_SIZE)
     try:
         serve(sock, shm)
-    except (ConnectionError, KeyboardInterrupt):
+    except ConnectionError:
         pass
     return 0
 
