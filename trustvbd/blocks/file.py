@@ -14,6 +14,7 @@ import errno
 import os
 
 from trustvbd.blocks.backend import BlockError, Buffer, Capabilities, check_range
+from trustvbd.nbd.file_send import FileRange
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -67,6 +68,11 @@ class FileBackend:
         if len(data) < length:  # past the end of a file someone shrank: zeros
             data += bytes(length - len(data))
         return data
+
+    def file_range(self, offset: int, length: int) -> FileRange:
+        """Where `length` bytes at `offset` sit: the NBD server sends them with sendfile."""
+        check_range(self._size, offset, length)
+        return FileRange(self._fd, offset, length)
 
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         check_range(self._size, offset, len(data))

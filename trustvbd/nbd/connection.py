@@ -5,7 +5,9 @@ and each request runs inline: its handler coroutine is stepped once by hand,
 and only if the backend really suspends does it become a task. So a page-cached
 FileBackend never pays for a task, while a slow backend (the encryption layer
 waiting on drivers) gets full pipelining with replies out of order. Replies
-are batched and written with one writelines() per batch of requests.
+are batched and written with one writelines() per batch of requests. A backend
+with a `file_range` method (FileBackend) answers reads with a FileRange, which goes
+out by sendfile when the transport is idle (file_send.py): the driver's read path.
 
 Ordering: a FLUSH waits for every write-type request received before it that is
 still running, which covers the spec's "all writes completed before the flush".
@@ -23,7 +25,7 @@ import errno
 import logging
 import sys
 import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from trustvbd.blocks.backend import Backend, BlockError, Buffer
@@ -32,6 +34,7 @@ from trustvbd.nbd import protocol as p
 from trustvbd.nbd.checks import RequestChecker
 from trustvbd.nbd.core import ProtocolCore, Role
 from trustvbd.nbd.exports import Export, PeerInfo
+from trustvbd.nbd.file_send import FileRange, OutPart, materialize, send_now
 from trustvbd.nbd.server_handshake import GREETING_FLAGS, HandshakeEnded, negotiate
 
 if TYPE_CHECKING:
@@ -90,8 +93,11 @@ class Connection(asyncio.BufferedProtocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._write_tasks: set[asyncio.Task[None]] = set()
         self._inflight_bytes = 0
-        self._out: list[Buffer] = []
+        self._out: list[OutPart] = []
         self._out_bytes = 0
+        self._out_files = False  # _out holds a FileRange
+        self._file_range: Callable[[int, int], FileRange] | None = None
+        self._sock_fd = -1  # for sendfile; -1 when the transport is not a plain socket
         self._flush_scheduled = False
         self._write_paused = False
         self._reading_paused = False
@@ -103,6 +109,9 @@ class Connection(asyncio.BufferedProtocol):
     # --- asyncio protocol callbacks -------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment] # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and transport.get_extra_info("sslcontext") is None:
+            self._sock_fd = sock.fileno()
         # Room for a few large read replies before back-pressure: with the default
         # 64 KiB every 256 KiB reply paused and resumed reading (epoll calls).
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
@@ -210,6 +219,8 @@ class Connection(asyncio.BufferedProtocol):
         self.export = result.export
         self.export_name = result.export.name
         self._backend = result.export.backend
+        if self._sock_fd >= 0:
+            self._file_range = getattr(self._backend, "file_range", None)
         self._check = RequestChecker(
             result.export.backend.size, result.flags, self.core.structured, result.min_block
         )
@@ -268,6 +279,9 @@ class Connection(asyncio.BufferedProtocol):
         fua = bool(flags & _FUA)
         try:
             if typ == _READ:
+                if self._file_range is not None:
+                    self._reply_read(req, self._file_range(req.offset, req.length))
+                    return
                 data = await backend.pread(req.offset, req.length)
                 if len(data) != req.length:
                     raise BlockError(
@@ -307,14 +321,14 @@ class Connection(asyncio.BufferedProtocol):
             return
         self._queue(self.core.send_parts(m.SimpleReply(req.cookie)))
 
-    def _reply_read(self, req: m.Request, data: Buffer) -> None:
+    def _reply_read(self, req: m.Request, data: Buffer | FileRange) -> None:
         if self.core.structured:
             if req.length == 0:
                 msg: m.Event = m.NoneChunk(req.cookie)
             else:
-                msg = m.OffsetData(req.cookie, req.offset, data)
+                msg = m.OffsetData(req.cookie, req.offset, data)  # type: ignore[arg-type]
         else:
-            msg = m.SimpleReply(req.cookie, 0, data)
+            msg = m.SimpleReply(req.cookie, 0, data)  # type: ignore[arg-type]
         self._queue(self.core.send_parts(msg))
 
     def _reply_error(self, req: m.Request, error: int, message: str) -> None:
@@ -325,12 +339,14 @@ class Connection(asyncio.BufferedProtocol):
         log.debug("nbd: %s %s: %s", self.peer.identity, p.name_of(p.Cmd, req.type), message)
         self._queue(self.core.send_parts(msg))
 
-    def _queue(self, parts: list[Buffer]) -> None:
+    def _queue(self, parts: Sequence[OutPart]) -> None:
         if self._output_closed:
             return
         self._out.extend(parts)
         for part in parts:
             self._out_bytes += len(part)
+            if type(part) is FileRange:
+                self._out_files = True
         if self._out_bytes >= FLUSH_OUTPUT_AT:
             self._flush()
         elif not self._flush_scheduled:
@@ -343,8 +359,26 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         if not self._out:
             return
-        out, self._out, self._out_bytes = self._out, [], 0
-        if not self._output_closed and self._transport is not None:
+        queued, self._out, self._out_bytes = self._out, [], 0
+        if self._output_closed or self._transport is None:
+            return
+        if not self._out_files:
+            self._transport.writelines(queued)  # type: ignore[arg-type] # no FileRange in it
+            return
+        self._out_files = False
+        try:
+            if self._transport.get_write_buffer_size() == 0:
+                out = send_now(self._sock_fd, queued)
+            else:
+                out = materialize(queued)
+        except OSError as exc:
+            # A reply header may already be on the wire: the only honest way out
+            # is to drop the connection (the client sees its requests fail).
+            log.error("nbd: export %r: read error after a reply began: %s; closing the "
+                      "connection from %s", self.export_name, exc.strerror, self.peer.identity)
+            self._abort()
+            return
+        if out:
             self._transport.writelines(out)
 
     # --- flow control and shutdown ----------------------------------------------------

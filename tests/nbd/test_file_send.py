@@ -1,0 +1,207 @@
+"""Read replies sent with sendfile: right bytes, right order, zeros past the end, no silent loss."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.nbd.helpers import RawClient, ServerThread
+from trustvbd.blocks.file import FileBackend
+from trustvbd.nbd import connection
+from trustvbd.nbd import protocol as p
+from trustvbd.nbd.exports import Export, StaticExports
+from trustvbd.nbd.file_send import FileRange, send_now
+
+MiB = 1 << 20
+
+
+def drain(sock: socket.socket, into: bytearray) -> threading.Thread:
+    """Read `sock` to EOF into `into`, in a thread."""
+    def run() -> None:
+        while chunk := sock.recv(1 << 20):
+            into.extend(chunk)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.fixture
+def data_file(short_tmp: Path) -> Iterator[tuple[int, bytes]]:
+    content = os.urandom(4 * MiB)
+    path = short_tmp / "data.img"
+    path.write_bytes(content)
+    fd = os.open(path, os.O_RDONLY)
+    yield fd, content
+    os.close(fd)
+
+
+def test_a_full_socket_leaves_the_rest_queued_in_order(data_file: tuple[int, bytes]) -> None:
+    fd, content = data_file
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    a.setblocking(False)
+    parts = [b"head1", FileRange(fd, 0, 2 * MiB), bytearray(b"head2"),
+             memoryview(b"head3"), FileRange(fd, 3 * MiB, MiB), b"tail"]
+    expected = b"head1" + content[:2 * MiB] + b"head2head3" + content[3 * MiB:] + b"tail"
+    rest = send_now(a.fileno(), parts)  # nobody reads yet: the socket fills up
+    assert rest and all(type(x) is not FileRange for x in rest)
+    left = sum(len(x) for x in rest)
+    assert 0 < left < len(expected)
+    got = bytearray()
+    reader = drain(b, got)
+    a.setblocking(True)
+    for buf in rest:
+        a.sendall(buf)
+    a.close()
+    reader.join(10)
+    assert bytes(got) == expected
+
+
+def test_small_replies_go_out_at_once(data_file: tuple[int, bytes]) -> None:
+    fd, content = data_file
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    a.setblocking(False)
+    parts = [b"h" * 28, FileRange(fd, 4096, 8192)] * 4
+    assert send_now(a.fileno(), parts) == []  # 33 KiB fit in the socket's buffer
+    got = bytearray()
+    reader = drain(b, got)
+    a.close()
+    reader.join(10)
+    assert bytes(got) == (b"h" * 28 + content[4096:4096 + 8192]) * 4
+
+
+def test_a_range_past_the_end_of_a_shrunk_file_reads_zeros(short_tmp: Path) -> None:
+    path = short_tmp / "short.img"
+    path.write_bytes(b"x" * 1000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        part = FileRange(fd, 0, 4096)
+        assert part.read() == b"x" * 1000 + bytes(3096)
+        assert part.read(500) == b"x" * 500 + bytes(3096)
+        a, b = socket.socketpair()
+        got = bytearray()
+        reader = drain(b, got)
+        rest = send_now(a.fileno(), [part])  # sendfile stops at the end of the file
+        for buf in rest:
+            a.sendall(buf)
+        a.close()
+        reader.join(10)
+        assert bytes(got) == b"x" * 1000 + bytes(3096)
+    finally:
+        os.close(fd)
+
+
+def test_an_unreadable_range_raises_instead_of_sending_anything_else(short_tmp: Path) -> None:
+    fd = os.open(short_tmp, os.O_RDONLY)  # a directory: sendfile and pread both refuse
+    try:
+        a, _b = socket.socketpair()
+        with pytest.raises(IsADirectoryError):
+            send_now(a.fileno(), [b"header", FileRange(fd, 0, 4096)])
+    finally:
+        os.close(fd)
+
+
+# --- through the server, with both event loops -----------------------------------------------
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def read_request(offset: int, length: int, cookie: int) -> bytes:
+    return struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.READ, cookie, offset, length)
+
+
+def test_pipelined_reads_from_a_file_with_a_slow_reader(
+    short_tmp: Path, loop_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """64 reads of 1 MiB sent at once, replies read late: some go by sendfile, the rest
+    through the transport's queue; every reply has its own bytes."""
+    calls = {"send_now": 0, "materialize": 0}
+
+    def counted(name: str) -> Any:
+        real = getattr(connection, name)
+
+        def wrapper(*args: Any) -> Any:
+            calls[name] += 1
+            return real(*args)
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(connection, name, counted(name))
+    content = os.urandom(16 * MiB)
+    (short_tmp / "d.img").write_bytes(content)
+    backend = FileBackend(str(short_tmp / "d.img"))
+    with ServerThread(StaticExports([Export("", backend)]), short_tmp / "s.sock", loop_kind) as srv:
+        for structured in (False, True):
+            c = RawClient(srv.sock_path, timeout=20)
+            c.go(structured=structured)
+            offsets = [(i * 5 % 16) * MiB for i in range(64)]
+            c.sock.sendall(b"".join(read_request(off, MiB, i) for i, off in enumerate(offsets)))
+            time.sleep(0.3)  # let the server fill the socket and queue the rest
+            for _ in offsets:
+                if structured:
+                    magic, flags, typ, cookie, length = struct.unpack(">IHHQI", c.recv_exact(20))
+                    assert (magic, typ, flags) == (p.STRUCTURED_REPLY_MAGIC, p.ChunkType.OFFSET_DATA,
+                                                   p.ReplyFlag.DONE)
+                    (offset,) = struct.unpack(">Q", c.recv_exact(8))
+                    assert offset == offsets[cookie] and length == MiB + 8
+                else:
+                    error, cookie = c.simple_reply()
+                    assert error == 0
+                data = c.recv_exact(MiB)
+                assert data == content[offsets[cookie]:offsets[cookie] + MiB], f"reply {cookie}"
+            c.close()
+    asyncio.run(backend.close())
+    assert calls["send_now"] > 0 and calls["materialize"] > 0, calls
+
+
+class UnreadableBackend(FileBackend):
+    """A file whose reads fail only after the reply has begun (as a disk error would)."""
+
+    def __init__(self, path: str, bad_fd: int) -> None:
+        super().__init__(path)
+        self.bad_fd = bad_fd
+
+    def file_range(self, offset: int, length: int) -> FileRange:
+        return FileRange(self.bad_fd, offset, length)
+
+
+def test_a_read_error_after_the_reply_began_drops_the_connection(
+    short_tmp: Path, loop_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    (short_tmp / "d.img").write_bytes(bytes(MiB))
+    bad = os.open(short_tmp, os.O_RDONLY)
+    backend = UnreadableBackend(str(short_tmp / "d.img"), bad)
+    good = FileBackend(str(short_tmp / "d.img"))
+    exports = StaticExports([Export("bad", backend), Export("good", good)])
+    try:
+        with caplog.at_level(logging.ERROR, "trustvbd.nbd.server"), \
+                ServerThread(exports, short_tmp / "s.sock", loop_kind) as srv:
+            c = RawClient(srv.sock_path)
+            c.go("bad")
+            c.request(p.Cmd.READ, 0, 65536, cookie=1)
+            with pytest.raises(EOFError):  # never a full reply with made-up bytes
+                c.recv_exact(16 + 65536)
+            assert any("read error after a reply began" in r.getMessage() for r in caplog.records)
+            other = RawClient(srv.sock_path)
+            other.go("good")
+            other.request(p.Cmd.READ, 4096, 4096, cookie=2)
+            assert other.simple_reply() == (0, 2)
+            assert other.recv_exact(4096) == bytes(4096)
+            other.close()
+    finally:
+        os.close(bad)
+        asyncio.run(backend.close())
+        asyncio.run(good.close())
