@@ -20,6 +20,7 @@ from trustvbd.blocks.crypt_layer import IntegrityError
 from trustvbd.blocks.disk_state import DiskState
 from trustvbd.crypt.aead import LEAF_SIZE, BlockCipher
 from trustvbd.crypt.superblock import Layout
+from trustvbd.nbd.zero_copy import Lent
 
 KEY, DISK_ID = bytes(range(32)), bytes(range(100, 116))
 N = 600  # several jobs of aead_jobs.MAX_BLOCKS blocks, the last one shorter
@@ -273,4 +274,35 @@ def test_job_redone_inline_does_not_spill_into_a_run_done_inline_before_it() -> 
             await asyncio.wait_for(task, 10)
             assert pool.jobs_offloaded == 1 and pool.live_workers == 0
             assert (out[:n * BS], leaves) == encrypt_inline(plain)
+    run(go())
+
+
+def test_reads_lend_their_slot_until_released_and_never_leak_it(tmp_path: Path) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        replica = make_replica("memory", tmp_path)
+        async with started_pool() as pool:
+            disk = await open_disk(tmp_path, replica, kek, aead=pool)
+            run_bytes = aead_jobs.MAX_BLOCKS * BS
+            data = os.urandom(2 * run_bytes)
+            await disk.pwrite(0, data)
+            lent = await disk.pread_lent(run_bytes, run_bytes)  # one job: decrypted in its slot
+            assert isinstance(lent, Lent)
+            assert bytes(lent.view) == data[run_bytes:]
+            assert pool.free_slots == aead_jobs.SLOTS - 1  # the NBD server still sends from it
+            part = await disk.pread_lent(BS + 1, run_bytes - BS)  # unaligned: a window on a slot
+            assert isinstance(part, Lent) and bytes(part.view) == data[BS + 1:run_bytes + 1]
+            lent.release()
+            part.release()
+            assert pool.free_slots == aead_jobs.SLOTS
+            assert bytes(await disk.pread(0, run_bytes)) == data[:run_bytes]  # pread copies
+            assert pool.free_slots == aead_jobs.SLOTS
+            await disk.close()
+            data_start = Layout(DiskState(tmp_path, "vm1").read_anchor().logical_size).data_start
+            flip(replica, data_start + 5 * BS + 9)
+            disk = await open_disk(tmp_path, replica, kek, aead=pool)
+            with pytest.raises(IntegrityError):
+                await disk.pread_lent(0, run_bytes)
+            assert pool.free_slots == aead_jobs.SLOTS  # a refused read gives its slot back at once
+            await disk.close()
     run(go())

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from trustvbd.blocks import aead_jobs as j
 from trustvbd.crypt.aead import BLOCK_SIZE as BS
 from trustvbd.crypt.aead import LEAF_SIZE, BlockCipher
+from trustvbd.nbd.zero_copy import Lent
 
 log = logging.getLogger("trustvbd.crypt.aead")
 
@@ -349,28 +350,36 @@ class BulkCipher:
         out[end:end + j.TAG_SIZE] = following
 
     async def read(self, first_block: int, leaves: memoryview,
-                   fetch: Callable[[memoryview], Awaitable[None]]) -> tuple[bytes | bytearray, list[int]] | None:
+                   fetch: Callable[[memoryview], Awaitable[None]],
+                   lend: bool = False) -> tuple[bytes | bytearray | Lent, list[int]] | None:
         """Fetch ciphertext straight into a slot and decrypt it there: (plaintext, bad indices).
 
         For n = len(leaves)/32 blocks with BULK_MIN <= n <= MAX_BLOCKS; None when that does
         not hold or no slot is free (then read and `decrypt` as usual). This spares the
         encryption domain a copy and an allocation per request; the copies it still does
-        cross cores, which cost about as much as the AEAD itself.
+        cross cores, which cost about as much as the AEAD itself. With `lend`, and when
+        every block verified, the plaintext stays in the slot and is returned as a Lent
+        buffer that gives the slot back once released.
         """
         n = len(leaves) // LEAF_SIZE
         pool = self._pool
         if not BULK_MIN <= n <= j.MAX_BLOCKS or (job := pool.take()) is None:
             return None
         ct = pool.slot(job.slot, 0, n * BS)
+        lent = False
         try:
             pool.slot(job.slot, j.LEAVES_OFFSET, n * LEAF_SIZE)[:] = leaves
             await pool.hold(job, fetch(ct))
             pool.run(job, j.OP_DECRYPT, self._disk, n, first_block, 0)
             status, bad = await job.future
             if status == j.STATUS_OK:
+                if lend and not bad:
+                    lent = True
+                    return Lent(ct, lambda: pool.release(job)), bad
                 return bytes(ct), bad
         finally:
-            pool.release(job)
+            if not lent:
+                pool.release(job)
         # The worker died or refused, perhaps halfway through the slot: read again, here.
         buf = bytearray(n * BS)
         await fetch(memoryview(buf))

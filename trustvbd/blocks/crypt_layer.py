@@ -25,6 +25,7 @@ import errno
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import overload
 
 from trustvbd.blocks.aead_pool import AeadPool, BulkCipher, Sealed
 from trustvbd.blocks.backend import Backend, BlockError, Buffer, Capabilities, check_range, pread_into
@@ -52,6 +53,7 @@ from trustvbd.crypt.keys import DiskSecrets, Kek, KeyFileError, WrongKeyError
 from trustvbd.crypt.sign import fingerprint
 from trustvbd.crypt.superblock import LEAVES_PER_PAGE, SLOT_SIZE, Layout, SlotKind
 from trustvbd.crypt.tree import HASH_SIZE, HashTree, page_hash, root_from_level
+from trustvbd.nbd.zero_copy import Lent
 
 __all__ = [
     "CryptDisk",
@@ -405,6 +407,12 @@ class CryptDisk:
             raise BlockError(errno.EIO, f"disk {self.name!r} is closed")
 
     async def pread(self, offset: int, length: int) -> Buffer:
+        data = await self.pread_lent(offset, length)
+        return data.copy() if isinstance(data, Lent) else data
+
+    async def pread_lent(self, offset: int, length: int) -> Buffer | Lent:
+        """As pread, but the plaintext may be left in an AEAD slot and lent: the NBD
+        server sends it from there and then releases it (nbd/zero_copy.py)."""
         check_range(self.size, offset, length)
         self._check_usable()
         if length == 0:
@@ -412,19 +420,26 @@ class CryptDisk:
         b0, b1 = offset // BS, -(-(offset + length) // BS)
         hold = await self._locks.acquire(b0, b1, False)
         try:
-            out = await self._read_verified(b0, b1)
+            out = await self._read_verified(b0, b1, lend=True)
         finally:
             self._locks.release(hold)
         start = offset - b0 * BS
         if start == 0 and length == len(out):
             return out
+        if isinstance(out, Lent):
+            return Lent(out.view[start:start + length], out.release)
         return memoryview(out)[start:start + length]
 
-    async def _read_verified(self, b0: int, b1: int) -> Buffer:
+    @overload
+    async def _read_verified(self, b0: int, b1: int) -> Buffer: ...
+    @overload
+    async def _read_verified(self, b0: int, b1: int, lend: bool) -> Buffer | Lent: ...
+
+    async def _read_verified(self, b0: int, b1: int, lend: bool = False) -> Buffer | Lent:
         """Plaintext of blocks [b0, b1), every block checked against its leaf.
 
         The one place data is read from a replica, so mirroring can retry on
-        the next replica and repair here.
+        the next replica and repair here. Only with `lend` may it return a Lent.
         """
         n = b1 - b0
         lo, hi = b0 * LEAF_SIZE, b1 * LEAF_SIZE
@@ -434,10 +449,11 @@ class CryptDisk:
         if self._bulk is not None and not self._unsure:
             # The range lock keeps these blocks' leaves as they are while we wait.
             start = self._lay.data_start + b0 * BS
-            got = await self._bulk.read(b0, leaves, lambda into: pread_into(self._replica, start, into))
+            got = await self._bulk.read(b0, leaves, lambda into: pread_into(self._replica, start, into),
+                                        lend)
             if got is not None:
                 plain, bad = got
-                if bad:
+                if bad:  # never lent then: nothing to give back
                     self._refuse_read(b0, bad)
                 return plain
         ct = await self._replica.pread(self._lay.data_start + b0 * BS, n * BS)

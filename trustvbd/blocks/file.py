@@ -14,7 +14,7 @@ import errno
 import os
 
 from trustvbd.blocks.backend import BlockError, Buffer, Capabilities, check_range
-from trustvbd.nbd.file_send import FileRange
+from trustvbd.nbd.zero_copy import FileRange
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02

