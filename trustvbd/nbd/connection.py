@@ -36,7 +36,7 @@ from trustvbd.nbd.checks import RequestChecker
 from trustvbd.nbd.core import ProtocolCore, Role
 from trustvbd.nbd.exports import Export, PeerInfo
 from trustvbd.nbd.server_handshake import GREETING_FLAGS, HandshakeEnded, negotiate
-from trustvbd.nbd.zero_copy import FileRange, Lent, OutPart, materialize, release_all, send_now
+from trustvbd.nbd.zero_copy import FileRange, Lent, OutPart, materialize, release_all, send_now, settle_lent
 
 if TYPE_CHECKING:
     from trustvbd.nbd.server import NbdServer
@@ -46,7 +46,7 @@ log = logging.getLogger("trustvbd.nbd.server")
 MAX_TASKS = 256
 MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
 FLUSH_OUTPUT_AT = 512 * 1024
-WRITE_BUFFER_HIGH = 4 * 1024 * 1024  # write batched replies once this many bytes are queued
+WRITE_BUFFER_HIGH = 4 * 1024 * 1024  # stop reading requests while this many reply bytes wait
 # Plain ints on the per-request path: enum attribute access costs microseconds.
 _READ, _WRITE, _DISC, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES = (
     int(c) for c in (p.Cmd.READ, p.Cmd.WRITE, p.Cmd.DISC, p.Cmd.FLUSH, p.Cmd.TRIM, p.Cmd.CACHE,
@@ -101,7 +101,7 @@ class Connection(asyncio.BufferedProtocol):
         self._pread_lent: Callable[[int, int], Awaitable[Buffer | Lent]] | None = None
         self._sock_fd = -1  # for sendfile; -1 when the transport is not a plain socket
         self._flush_scheduled = False
-        self._write_paused = False
+        self._transport_busy = False  # the transport holds unsent bytes (between pause/resume_writing)
         self._reading_paused = False
         self._stopping = False  # no more requests will be processed
         self._output_closed = False
@@ -114,9 +114,10 @@ class Connection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and transport.get_extra_info("sslcontext") is None:
             self._sock_fd = sock.fileno()
-        # Room for a few large read replies before back-pressure: with the default
-        # 64 KiB every 256 KiB reply paused and resumed reading (epoll calls).
-        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
+        # Told whenever the transport starts and stops holding unsent bytes: replies sent
+        # without a copy (zero_copy.py) may only go straight to the socket when it holds
+        # none. Reading stops only at WRITE_BUFFER_HIGH bytes of output (_update_reading).
+        transport.set_write_buffer_limits(high=0, low=0)  # type: ignore[attr-defined]
         transport.write(self.core.send(m.Greeting(GREETING_FLAGS)))  # type: ignore[attr-defined]
         self._handshake_task = self._loop.create_task(self._handshake())
 
@@ -154,11 +155,14 @@ class Connection(asyncio.BufferedProtocol):
         self._start_finish()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._transport_busy = True
         self._update_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self._transport_busy = False
+        if self._out and not self._flush_scheduled:
+            self._flush_scheduled = True  # replies waiting for the transport to drain
+            self._loop.call_soon(self._flush)
         self._update_reading()
 
     # --- public ------------------------------------------------------------------
@@ -351,53 +355,79 @@ class Connection(asyncio.BufferedProtocol):
         if self._output_closed:
             release_all(list(parts))
             return
-        self._out.extend(parts)
+        busy = self._transport_busy
         for part in parts:
-            self._out_bytes += len(part)
-            if type(part) is FileRange or type(part) is Lent:
+            if type(part) is Lent and busy:
+                part = part.copy()  # it would wait for the transport: give it back now
+            elif type(part) is FileRange or type(part) is Lent:
                 self._out_special = True
-        if self._out_bytes >= FLUSH_OUTPUT_AT:
+            self._out.append(part)
+            self._out_bytes += len(part)
+        if self._out_bytes >= FLUSH_OUTPUT_AT and not busy:
             self._flush()
-        elif not self._flush_scheduled:
+        if self._out_bytes >= WRITE_BUFFER_HIGH and not self._reading_paused:
+            self._update_reading()
+        if self._out and not self._flush_scheduled:
             # Write at the end of this loop iteration: replies of all requests
             # that arrive together leave in one system call.
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool = False) -> None:
+        """Write queued replies; with `final`, everything now (the connection is closing)."""
         self._flush_scheduled = False
         if not self._out:
             return
-        queued, self._out, self._out_bytes = self._out, [], 0
-        special, self._out_special = self._out_special, False
-        if self._output_closed or self._transport is None:
-            release_all(queued)
+        transport = self._transport
+        if self._output_closed or transport is None:
+            release_all(self._out)
+            self._out, self._out_bytes, self._out_special = [], 0, False
             return
-        if not special:
-            self._transport.writelines(queued)  # type: ignore[arg-type] # plain buffers only
+        queued = self._out
+        if not self._out_special:
+            self._out, self._out_bytes = [], 0
+            transport.writelines(queued)  # type: ignore[arg-type] # plain buffers only
+            self._resume_if_drained()
+            return
+        direct = self._sock_fd >= 0 and not self._transport_busy
+        if not direct and not final and self._sock_fd >= 0:
+            # Behind bytes the transport still holds: wait for resume_writing, but never
+            # with a lent buffer (a slow client must not keep a backend's slots).
+            self._out = settle_lent(queued)
             return
         try:
-            if self._sock_fd >= 0 and self._transport.get_write_buffer_size() == 0:
-                out = send_now(self._sock_fd, queued)
+            if direct:
+                unsent, later = send_now(self._sock_fd, queued)
+                if final:
+                    unsent, later = unsent + materialize(later), []
             else:
-                out = materialize(queued)
+                unsent, later = materialize(queued), []
         except OSError as exc:
             # A reply header may already be on the wire: the only honest way out
             # is to drop the connection (the client sees its requests fail).
             log.error("nbd: export %r: read error after a reply began: %s; closing the "
                       "connection from %s", self.export_name, exc.strerror, self.peer.identity)
             release_all(queued)
+            self._out, self._out_bytes, self._out_special = [], 0, False
             self._abort()
             return
-        if out:
-            self._transport.writelines(out)
+        self._out = later
+        self._out_bytes = sum(len(part) for part in later)
+        self._out_special = any(type(part) is FileRange for part in later)
+        if unsent:
+            transport.writelines(unsent)
+        self._resume_if_drained()
+
+    def _resume_if_drained(self) -> None:
+        if self._reading_paused:
+            self._update_reading()
 
     # --- flow control and shutdown ----------------------------------------------------
     def _update_reading(self) -> None:
         if self._transport is None or self._output_closed:
             return
         busy = (
-            self._write_paused
+            self._out_bytes + self._transport.get_write_buffer_size() >= WRITE_BUFFER_HIGH
             or len(self._tasks) >= MAX_TASKS
             or self._inflight_bytes >= MAX_INFLIGHT_BYTES
         )
@@ -433,7 +463,7 @@ class Connection(asyncio.BufferedProtocol):
     async def _drain_and_close(self) -> None:
         if self._tasks:
             await asyncio.wait(list(self._tasks))
-        self._flush()
+        self._flush(final=True)
         if self._transport is not None:
             self._transport.close()
 

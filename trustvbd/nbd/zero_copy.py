@@ -11,9 +11,10 @@ A backend may answer a READ with one of these instead of bytes:
   out of the slot saves ~10 % of the domain's CPU on sequential reads.
 
 Both are written straight to the socket, and only while the transport holds nothing
-unsent, so replies stay in order. What the socket does not take at once is copied
-(`materialize`) and queued on the transport like any other reply. Either way a Lent
-buffer is given back before the server returns to the event loop: nothing keeps a
+unsent, so replies stay in order. The unsent end of the part the socket stopped in is
+copied and queued on the transport; later replies wait in the connection until the
+transport has drained (file ranges as they are, lent buffers copied). So a lent buffer
+is given back within one turn of the event loop, sent or copied: nothing keeps a
 reference to it that could send bytes the backend has since reused.
 """
 
@@ -97,6 +98,11 @@ def materialize(parts: list[OutPart]) -> list[Buffer]:
     return out
 
 
+def settle_lent(parts: list[OutPart]) -> list[OutPart]:
+    """`parts` with every lent buffer copied and given back; file ranges stay as they are."""
+    return [part.copy() if type(part) is Lent else part for part in parts]  # type: ignore[union-attr]
+
+
 def release_all(parts: list[OutPart]) -> None:
     """Give back every lent buffer in `parts` (those already released are skipped)."""
     for part in parts:
@@ -120,14 +126,15 @@ def _sendfile(sock_fd: int, part: FileRange) -> int:
     return sent
 
 
-def send_now(sock_fd: int, parts: list[OutPart]) -> list[Buffer]:
+def send_now(sock_fd: int, parts: list[OutPart]) -> tuple[list[Buffer], list[OutPart]]:
     """Write `parts` in order straight to the non-blocking socket until it would block.
 
-    Returns what is left, as plain buffers for the transport to queue (a partly sent
-    part is sliced or copied; later parts are materialized). Every lent buffer is
-    given back before this returns. Raises OSError if a file range that must be
-    queued cannot be read: the reply's header may already be on the wire, so the
-    caller has to drop the connection (and `release_all` the parts).
+    Returns (unsent, later): the unsent end of the part the socket stopped in, as
+    plain bytes for the transport, and the parts after it, untouched but for lent
+    buffers, which are copied and given back (a slow reader must not hold them).
+    Both are empty when everything went. Raises OSError if the unsent end of a file
+    range cannot be read: its header is on the wire, so the caller has to drop the
+    connection (and `release_all` the parts).
     """
     i = 0
     while i < len(parts):
@@ -135,7 +142,7 @@ def send_now(sock_fd: int, parts: list[OutPart]) -> list[Buffer]:
         if type(part) is FileRange:
             sent = _sendfile(sock_fd, part)
             if sent < part.length:
-                return [part.read(sent), *materialize(parts[i + 1:])]
+                return [part.read(sent)], settle_lent(parts[i + 1:])
             i += 1
             continue
         j = i
@@ -155,9 +162,9 @@ def send_now(sock_fd: int, parts: list[OutPart]) -> list[Buffer]:
                     first: Buffer = buf.copy(written)
                 else:
                     first = memoryview(buf)[written:] if written else buf  # type: ignore[arg-type,assignment]
-                return [first, *materialize(run[k + 1:]), *materialize(parts[j:])]
+                return [first], settle_lent(parts[i + k + 1:])
             written -= size
             if type(buf) is Lent:
                 buf.release()
         i = j
-    return []
+    return [], []
