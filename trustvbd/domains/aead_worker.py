@@ -15,7 +15,7 @@ import sys
 
 from trustvbd.blocks import aead_jobs as j
 from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE, BlockCipher
-from trustvbd.domains.common import die_with_parent
+from trustvbd.domains.common import die_with_parent, quiet_garbage_collector
 
 
 def serve(sock: socket.socket, shm: mmap.mmap) -> None:
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-fd", type=int, required=True)
     args = parser.parse_args(argv)
     die_with_parent()
+    quiet_garbage_collector()
     sock = socket.socket(fileno=args.socket_fd)
     sock.setblocking(True)
     shm = mmap.mmap(args.memory_fd, j.SLOTS * j.SLOT_SIZE)

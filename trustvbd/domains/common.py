@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import signal
@@ -35,6 +36,19 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def quiet_garbage_collector() -> None:
+    """Keep Python's cycle collector from walking the same objects over and over.
+
+    Per request the data path makes a few dozen short-lived objects (tasks, futures,
+    views); with the default threshold of 700 the collector ran every ~20 requests
+    and its full passes walked every module and class loaded at startup: 6 % of the
+    encryption domain's time on sequential reads (native profile). Startup objects
+    are frozen out of its view and young objects collected 14x less often.
+    """
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 def run(main: Coroutine[Any, Any, int]) -> int:
     """Run a domain's main coroutine on uvloop (much faster than asyncio's own loop).
 
@@ -43,6 +57,7 @@ def run(main: Coroutine[Any, Any, int]) -> int:
     """
     import uvloop
 
+    quiet_garbage_collector()
     profile_dir = os.environ.get("TRUSTVBD_PROFILE_DIR")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if not profile_dir:
