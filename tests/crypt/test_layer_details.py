@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +26,7 @@ from trustvbd.blocks import crypt_layer
 from trustvbd.blocks.backend import BlockError
 from trustvbd.blocks.crypt_layer import CryptDisk, Layout, physical_size
 from trustvbd.blocks.disk_state import DiskState
-from trustvbd.crypt.aead import BlockCipher
+from trustvbd.crypt.aead import BlockCipher, BlockViews
 from trustvbd.crypt.tree import HashTree, page_hash, root_from_level
 
 LAY = Layout(SIZE)
@@ -189,3 +190,33 @@ def test_block_cipher_binds_block_version_and_disk() -> None:
     zero = bytearray(leaves)
     zero[32:64] = bytes(32)
     assert c.decrypt(10, ct, memoryview(zero), dec) == [] and bytes(dec[BS:2 * BS]) == bytes(BS)
+
+
+def test_reused_block_views_match_the_documented_construction() -> None:
+    """Views cut once for 8 blocks (as a worker's slot) serve runs of fewer blocks; each
+    block is AES-256-GCM under nonce = version || 0, AAD = disk id || block || version."""
+    key, disk_id = os.urandom(32), os.urandom(16)
+    c = BlockCipher(key, disk_id)
+    data, out, leaves = bytearray(8 * BS + 16), bytearray(8 * BS + 16), bytearray(8 * 32)
+    enc_views = BlockViews(memoryview(data), memoryview(leaves), memoryview(out), 8, encrypt=True)
+    for n, block, version in ((3, 40, 9000), (8, 7, 12), (1, 0, 1)):
+        plain = os.urandom(n * BS)
+        data[:n * BS] = plain
+        leaves[:] = b"\xaa" * len(leaves)
+        c.encrypt_views(block, version, enc_views, n)
+        assert leaves[n * 32:] == b"\xaa" * (len(leaves) - n * 32)  # blocks past n untouched
+        for i in range(n):
+            v = version + i
+            leaf = leaves[i * 32:(i + 1) * 32]
+            assert leaf[:8] == v.to_bytes(8, "big") and leaf[24:] == bytes(8)
+            aad = disk_id + (block + i).to_bytes(8, "big") + v.to_bytes(8, "big")
+            got = AESGCM(key).decrypt(v.to_bytes(8, "big") + bytes(4),
+                                      bytes(out[i * BS:(i + 1) * BS]) + leaf[8:24], aad)
+            assert got == plain[i * BS:(i + 1) * BS]
+        dec_views = BlockViews(memoryview(out), memoryview(leaves), memoryview(out), 8, encrypt=False)
+        assert c.decrypt_views(block, dec_views, n) == []  # in place, as a worker does
+        assert out[:n * BS] == plain
+    with pytest.raises(ValueError):
+        c.decrypt_views(0, dec_views, 9)  # never quietly fewer blocks than asked
+    with pytest.raises(ValueError):
+        c.encrypt_views(0, 1, enc_views, 9)

@@ -14,13 +14,25 @@ import socket
 import sys
 
 from trustvbd.blocks import aead_jobs as j
-from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE, BlockCipher
+from trustvbd.crypt.aead import LEAF_SIZE, BlockCipher, BlockViews
 from trustvbd.domains.common import die_with_parent, quiet_garbage_collector
+
+
+def slot_views(view: memoryview, slot: int, op: bytes) -> BlockViews:
+    """Views of one slot for one operation, for all MAX_BLOCKS blocks (jobs use the first n)."""
+    base = slot * j.SLOT_SIZE
+    data = view[base:base + j.DATA_BYTES]
+    leaves = view[base + j.LEAVES_OFFSET:base + j.LEAVES_OFFSET + j.MAX_BLOCKS * LEAF_SIZE]
+    if op == j.OP_ENCRYPT:
+        out = view[base + j.OUT_OFFSET:base + j.OUT_OFFSET + j.DATA_BYTES]
+        return BlockViews(data, leaves, out, j.MAX_BLOCKS, encrypt=True)
+    return BlockViews(data, leaves, data, j.MAX_BLOCKS, encrypt=False)  # decrypt in place
 
 
 def serve(sock: socket.socket, shm: mmap.mmap) -> None:
     ciphers: dict[int, BlockCipher] = {}
     view = memoryview(shm)
+    views: dict[tuple[int, bytes], BlockViews] = {}  # cut once per slot and operation
     while True:
         msg = sock.recv(j.KEY.size + 16)
         if not msg:
@@ -40,15 +52,14 @@ def serve(sock: socket.socket, shm: mmap.mmap) -> None:
         if cipher is None or not 0 < n <= j.MAX_BLOCKS or not 0 <= slot < j.SLOTS:
             sock.send(j.encode_reply(job, j.STATUS_REFUSED, []))
             continue
-        base = slot * j.SLOT_SIZE
-        data = view[base:base + n * BLOCK_SIZE]
-        leaves = view[base + j.LEAVES_OFFSET:base + j.LEAVES_OFFSET + n * LEAF_SIZE]
+        run = views.get((slot, op))
+        if run is None:
+            run = views[slot, op] = slot_views(view, slot, op)
         if op == j.OP_ENCRYPT:
-            out = view[base + j.OUT_OFFSET:base + j.OUT_OFFSET + j.DATA_BYTES]
-            cipher.encrypt(block, version, data, out, leaves)
+            cipher.encrypt_views(block, version, run, n)
             bad: list[int] = []
         else:
-            bad = cipher.decrypt(block, data, leaves, data)
+            bad = cipher.decrypt_views(block, run, n)
         sock.send(j.encode_reply(job, j.STATUS_OK, bad))
 
 
