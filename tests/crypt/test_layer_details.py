@@ -205,6 +205,9 @@ def test_reused_block_views_match_the_documented_construction() -> None:
         leaves[:] = b"\xaa" * len(leaves)
         c.encrypt_views(block, version, enc_views, n)
         assert leaves[n * 32:] == b"\xaa" * (len(leaves) - n * 32)  # blocks past n untouched
+        one_off, one_off_leaves = bytearray(n * BS + 16), bytearray(n * 32)
+        c.encrypt(block, version, memoryview(plain), memoryview(one_off), memoryview(one_off_leaves))
+        assert one_off[:n * BS] == out[:n * BS] and one_off_leaves == leaves[:n * 32]  # one construction
         for i in range(n):
             v = version + i
             leaf = leaves[i * 32:(i + 1) * 32]

@@ -51,8 +51,11 @@ class BlockViews:
 
     In Python, cutting the memoryviews costs about as much per block as the rest
     of the loop around the AES call. An AEAD worker keeps the views of each slot
-    and reuses them for every job (1.48 -> 1.13 us per 4 KiB block decrypted);
-    a one-off call cuts them as it goes, as before.
+    and reuses them for every job (1.61 -> 1.29 us per 4 KiB block decrypted,
+    1.62 -> 1.21 encrypted). For one-off buffers, cutting views up front costs more
+    than it saves (2.8 -> 5.0 us for one block), so BlockCipher has two loops per
+    operation: encrypt/decrypt slice as they go, encrypt_views/decrypt_views take
+    views. Same construction; tests check both against plain AES-GCM.
 
     Decrypting uses `data` (ciphertext), `leaf_tag`, `out`; encrypting uses `data`
     (plaintext), `out_tagged` (each block with room for the tag GCM appends; so
@@ -113,7 +116,21 @@ class BlockCipher:
         n = len(plain) // BLOCK_SIZE
         if len(out) < n * BLOCK_SIZE + TAG_SIZE or len(leaves) < n * LEAF_SIZE:
             raise ValueError("output buffers too small")
-        self.encrypt_views(first_block, first_version, BlockViews(plain, leaves, out, n, encrypt=True), n)
+        leaves[:n * LEAF_SIZE] = bytes(n * LEAF_SIZE)
+        scratch, aad, nonce = self._scratch, self._aad, self._nonce
+        enc = self._aead.encrypt_into
+        o = lo = 0
+        b, v = first_block, first_version
+        for _ in range(n):
+            e = o + BLOCK_SIZE
+            _pack_into(">QQ", scratch, 16, b, v)
+            enc(nonce, plain[o:e], aad, out[o:e + TAG_SIZE])
+            leaves[lo:lo + 8] = nonce[:8]
+            leaves[lo + 8:lo + 24] = out[e:e + TAG_SIZE]
+            o = e
+            lo += LEAF_SIZE
+            b += 1
+            v += 1
 
     def encrypt_views(self, first_block: int, first_version: int, views: BlockViews, n: int) -> None:
         """As encrypt, over the first n blocks of views cut beforehand."""
@@ -146,7 +163,32 @@ class BlockCipher:
         n = len(out) // BLOCK_SIZE
         if len(cipher) < n * BLOCK_SIZE or len(leaves) < n * LEAF_SIZE:
             raise ValueError("input buffers too small")
-        return self.decrypt_views(first_block, BlockViews(cipher, leaves, out, n, encrypt=False), n)
+        bad: list[int] = []
+        scratch, aad, nonce = self._scratch, self._aad, self._nonce
+        joined, j_ct, j_tag = self._joined, self._j_ct, self._j_tag
+        dec = self._aead.decrypt_into
+        o = lo = 0
+        b = first_block
+        for i in range(n):
+            e = o + BLOCK_SIZE
+            v = _unpack_from(">Q", leaves, lo)[0]
+            if v == 0 or v == POISON_VERSION:
+                out[o:e] = _ZERO_BLOCK
+                if v:
+                    bad.append(i)
+            else:
+                j_ct[:] = cipher[o:e]
+                j_tag[:] = leaves[lo + 8:lo + 24]
+                _pack_into(">QQ", scratch, 16, b, v)
+                try:
+                    dec(nonce, joined, aad, out[o:e])
+                except InvalidTag:
+                    out[o:e] = _ZERO_BLOCK
+                    bad.append(i)
+            o = e
+            lo += LEAF_SIZE
+            b += 1
+        return bad
 
     def decrypt_views(self, first_block: int, views: BlockViews, n: int) -> list[int]:
         """As decrypt, over the first n blocks of views cut beforehand."""
