@@ -36,7 +36,16 @@ from trustvbd.nbd.checks import RequestChecker
 from trustvbd.nbd.core import ProtocolCore, Role
 from trustvbd.nbd.exports import Export, PeerInfo
 from trustvbd.nbd.server_handshake import GREETING_FLAGS, HandshakeEnded, negotiate
-from trustvbd.nbd.zero_copy import FileRange, Lent, OutPart, materialize, release_all, send_now, settle_lent
+from trustvbd.nbd.zero_copy import (
+    SENDFILE_MIN,
+    FileRange,
+    Lent,
+    OutPart,
+    materialize,
+    release_all,
+    send_now,
+    settle_lent,
+)
 
 if TYPE_CHECKING:
     from trustvbd.nbd.server import NbdServer
@@ -286,7 +295,7 @@ class Connection(asyncio.BufferedProtocol):
         fua = bool(flags & _FUA)
         try:
             if typ == _READ:
-                if self._file_range is not None:
+                if self._file_range is not None and req.length >= SENDFILE_MIN:
                     self._reply_read(req, self._file_range(req.offset, req.length))
                     return
                 if self._pread_lent is not None:

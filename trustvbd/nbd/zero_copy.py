@@ -27,6 +27,10 @@ from dataclasses import dataclass
 from trustvbd.blocks.backend import Buffer
 
 IOV_MAX = 1024  # Linux's limit on buffers per writev
+# Smaller reads are copied and batched with other replies into one writev: for
+# them sendfile's own system calls cost more than the copy (4 KiB random reads
+# straight from the driver: ~120k IOPS copied, ~93k by sendfile).
+SENDFILE_MIN = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
