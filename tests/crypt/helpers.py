@@ -25,6 +25,7 @@ from trustvbd.blocks.file import FileBackend, MemoryBackend
 T = TypeVar("T")
 BS = 4096
 SIZE = 512 * BS  # 2 MiB: 512 blocks, 4 leaf pages
+LAY = Layout(SIZE)  # where a disk made by new_state keeps its leaves and blocks on the replica
 
 
 def run(coro: Awaitable[T]) -> T:

@@ -12,14 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.crypt.helpers import BS, flip, make_replica, new_state, open_disk, run
+from tests.crypt.helpers import BS, LAY, flip, make_replica, new_state, open_disk, run
 from trustvbd.blocks import aead_jobs, aead_pool
 from trustvbd.blocks.aead_pool import AeadPool
 from trustvbd.blocks.backend import Backend, Buffer, Layer
 from trustvbd.blocks.crypt_layer import IntegrityError
-from trustvbd.blocks.disk_state import DiskState
 from trustvbd.crypt.aead import LEAF_SIZE, BlockCipher
-from trustvbd.crypt.superblock import Layout
 from trustvbd.nbd.zero_copy import Lent
 
 KEY, DISK_ID = bytes(range(32)), bytes(range(100, 116))
@@ -188,8 +186,7 @@ def test_crypt_disk_with_workers_reads_writes_and_catches_tampering(tmp_path: Pa
             assert bytes(await disk.pread(0, len(data))) == data
             assert pool.jobs_offloaded >= 2
             await disk.close()
-            data_start = Layout(DiskState(tmp_path, "vm1").read_anchor().logical_size).data_start
-            flip(replica, data_start + 300 * BS + 5)
+            flip(replica, LAY.data_start + 300 * BS + 5)
             disk = await open_disk(tmp_path, replica, kek, events=events, aead=pool)
             with pytest.raises(IntegrityError) as err:
                 await disk.pread(0, len(data))
@@ -298,8 +295,7 @@ def test_reads_lend_their_slot_until_released_and_never_leak_it(tmp_path: Path) 
             assert bytes(await disk.pread(0, run_bytes)) == data[:run_bytes]  # pread copies
             assert pool.free_slots == aead_jobs.SLOTS
             await disk.close()
-            data_start = Layout(DiskState(tmp_path, "vm1").read_anchor().logical_size).data_start
-            flip(replica, data_start + 5 * BS + 9)
+            flip(replica, LAY.data_start + 5 * BS + 9)
             disk = await open_disk(tmp_path, replica, kek, aead=pool)
             with pytest.raises(IntegrityError):
                 await disk.pread_lent(0, run_bytes)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from tests.crypt.helpers import (
     BS,
+    LAY,
     SIZE,
     FailingWrites,
     RawMemory,
@@ -24,12 +25,10 @@ from tests.crypt.helpers import (
 )
 from trustvbd.blocks import crypt_layer
 from trustvbd.blocks.backend import BlockError
-from trustvbd.blocks.crypt_layer import CryptDisk, Layout, physical_size
+from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.disk_state import DiskState
 from trustvbd.crypt.aead import BlockCipher, BlockViews
 from trustvbd.crypt.tree import HashTree, page_hash, root_from_level
-
-LAY = Layout(SIZE)
 
 
 @pytest.mark.parametrize("lands", [False, True])

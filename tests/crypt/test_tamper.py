@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from tests.crypt.helpers import (
     BS,
+    LAY,
     SIZE,
     RawMemory,
     make_replica,
@@ -28,14 +29,12 @@ from tests.crypt.helpers import (
 from trustvbd.blocks.crypt_layer import (
     ForeignReplicaError,
     IntegrityError,
-    Layout,
     StaleReplicaError,
     physical_size,
     verify_replica,
 )
 from trustvbd.blocks.disk_state import DiskState
 
-LAY = Layout(SIZE)
 SLOT = 4096
 WRITTEN = range(0, 300)  # blocks 0-299 written; 300-511 never written
 KINDS = ["memory", "file"]
