@@ -362,7 +362,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _queue(self, parts: Sequence[OutPart]) -> None:
         if self._output_closed:
-            release_all(list(parts))
+            release_all(parts)
             return
         busy = self._transport_busy
         for part in parts:

@@ -21,7 +21,7 @@ reference to it that could send bytes the backend has since reused.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from trustvbd.blocks.backend import Buffer
@@ -107,7 +107,7 @@ def settle_lent(parts: list[OutPart]) -> list[OutPart]:
     return [part.copy() if type(part) is Lent else part for part in parts]  # type: ignore[union-attr]
 
 
-def release_all(parts: list[OutPart]) -> None:
+def release_all(parts: Iterable[OutPart]) -> None:
     """Give back every lent buffer in `parts` (those already released are skipped)."""
     for part in parts:
         if type(part) is Lent:
