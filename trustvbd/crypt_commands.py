@@ -101,7 +101,7 @@ def read_public_key_file(path: str) -> bytes:
 
 # -- verify --------------------------------------------------------------------------
 async def _open_replica(replica: str) -> Any:
-    from trustvbd.blocks.backend import BlockError
+    from trustvbd.blockdev import BlockError
     from trustvbd.blocks.file import FileBackend
     from trustvbd.nbd.client import NbdClient
     from trustvbd.nbd.uri import parse_uri
@@ -131,7 +131,7 @@ async def _open_replica(replica: str) -> Any:
 
 
 async def _verify(replica: str, public_key: bytes) -> Any:
-    from trustvbd.blocks.backend import BlockError
+    from trustvbd.blockdev import BlockError
     from trustvbd.blocks.crypt_verify import verify_replica
 
     backend = await _open_replica(replica)

@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from trustvbd.blockdev import Backend, BlockError
 from trustvbd.blocks.aead_pool import AeadPool
-from trustvbd.blocks.backend import Backend, BlockError, Layer
 from trustvbd.blocks.crypt_layer import (
     CryptDisk,
     IntegrityError,
@@ -21,6 +21,7 @@ from trustvbd.blocks.crypt_layer import (
     physical_size,
 )
 from trustvbd.blocks.file import FileBackend, MemoryBackend
+from trustvbd.blocks.layer import Layer
 
 T = TypeVar("T")
 BS = 4096

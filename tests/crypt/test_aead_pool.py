@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests.crypt.helpers import BS, LAY, flip, make_replica, new_state, open_disk, run
+from trustvbd.blockdev import Backend, Buffer, Lent
 from trustvbd.blocks import aead_jobs, aead_pool
 from trustvbd.blocks.aead_pool import AeadPool
-from trustvbd.blocks.backend import Backend, Buffer, Layer
 from trustvbd.blocks.crypt_layer import IntegrityError
+from trustvbd.blocks.layer import Layer
 from trustvbd.crypt.aead import LEAF_SIZE, BlockCipher
-from trustvbd.nbd.zero_copy import Lent
 
 KEY, DISK_ID = bytes(range(32)), bytes(range(100, 116))
 N = 600  # several jobs of aead_jobs.MAX_BLOCKS blocks, the last one shorter

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 
 from tests.crypt.helpers import BS, new_state, run
-from trustvbd.blocks import crypt_layer
-from trustvbd.blocks.backend import Capabilities
+from trustvbd.blockdev import Capabilities
+from trustvbd.blocks import crypt_commit
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.disk_state import DiskState, IntentLog
 from trustvbd.crypt.aead import BlockCipher
@@ -155,7 +155,7 @@ def crashing_state(monkeypatch: pytest.MonkeyPatch) -> Clock:
         os.ftruncate(log._fd, size - clock.rng.randrange(1, 60))  # a torn last record
 
     # Tiny counter reservations, so reserving (an anchor write) happens mid-stream.
-    monkeypatch.setattr(crypt_layer, "RESERVE", 24)
+    monkeypatch.setattr(crypt_commit, "RESERVE", 24)
     monkeypatch.setattr(DiskState, "write_anchor", crashing(DiskState.write_anchor))
     monkeypatch.setattr(DiskState, "update_pages", crashing(DiskState.update_pages))
     monkeypatch.setattr(IntentLog, "reset", crashing(IntentLog.reset))

@@ -23,8 +23,8 @@ from tests.crypt.helpers import (
     pattern,
     run,
 )
-from trustvbd.blocks import crypt_layer
-from trustvbd.blocks.backend import BlockError
+from trustvbd.blockdev import BlockError
+from trustvbd.blocks import crypt_commit
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.disk_state import DiskState
 from trustvbd.crypt.aead import BlockCipher, BlockViews
@@ -90,7 +90,7 @@ def test_repeated_failed_writes_keep_every_candidate(tmp_path: Path, lands: list
 
 
 def test_auto_commit_bounds_the_intent_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(crypt_layer, "AUTO_COMMIT_BLOCKS", 64)
+    monkeypatch.setattr(crypt_commit, "AUTO_COMMIT_BLOCKS", 64)
 
     async def go() -> None:
         kek = new_state(tmp_path)

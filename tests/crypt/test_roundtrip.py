@@ -20,8 +20,8 @@ from tests.crypt.helpers import (
     replica_bytes,
     run,
 )
-from trustvbd.blocks.backend import Layer
 from trustvbd.blocks.crypt_layer import CryptDisk, Layout
+from trustvbd.blocks.layer import Layer
 
 KINDS = ["memory", "file"]
 SENTENCE = b"The payroll of Ms. Example is 123,456 a year; keep it secret. "

@@ -11,7 +11,7 @@ import pytest
 
 from tests.nbd.helpers import Peer, ServerThread, new_loop
 from tests.nbd.test_server_clients import ScriptedBackend
-from trustvbd.blocks.backend import Backend, BlockError, Capabilities
+from trustvbd.blockdev import Backend, BlockError, Capabilities
 from trustvbd.blocks.file import MemoryBackend
 from trustvbd.nbd.client import NbdBackend, NbdClient
 from trustvbd.nbd.exports import Export, StaticExports

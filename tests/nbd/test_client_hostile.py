@@ -18,7 +18,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.nbd.helpers import new_loop
-from trustvbd.blocks.backend import BlockError
+from trustvbd.blockdev import BlockError
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.client import NbdClient
 

@@ -14,8 +14,9 @@ import nbd  # Debian's python3-libnbd, put on sys.path by tests/conftest.py; mis
 import pytest
 
 from tests.nbd.helpers import ServerThread, wait_for
-from trustvbd.blocks.backend import BlockError, Capabilities, Layer
+from trustvbd.blockdev import BlockError, Capabilities
 from trustvbd.blocks.file import FileBackend, MemoryBackend
+from trustvbd.blocks.layer import Layer
 from trustvbd.nbd.exports import Export, ExportRefused, PeerInfo, StaticExports
 
 MiB = 1 << 20

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trustvbd.blocks.backend import Capabilities
+from trustvbd.blockdev import Capabilities
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.checks import check_request, export_flags

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from tests.nbd.helpers import RawClient, ServerThread, wait_for
+from trustvbd.blockdev import FileRange, Lent
 from trustvbd.blocks.file import FileBackend, MemoryBackend
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.exports import Export, StaticExports
-from trustvbd.nbd.zero_copy import FileRange, Lent, OutPart, materialize, release_all, send_now
+from trustvbd.nbd.zero_copy import OutPart, materialize, release_all, send_now
 
 MiB = 1 << 20
 

@@ -28,10 +28,10 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from trustvbd.blockdev import Lent
 from trustvbd.blocks import aead_jobs as j
 from trustvbd.crypt.aead import BLOCK_SIZE as BS
 from trustvbd.crypt.aead import LEAF_SIZE, BlockCipher
-from trustvbd.nbd.zero_copy import Lent
 
 log = logging.getLogger("trustvbd.crypt.aead")
 

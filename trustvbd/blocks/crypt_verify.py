@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from trustvbd.blocks.backend import Backend
+from trustvbd.blockdev import Backend
 from trustvbd.crypt import superblock as sbfmt
 from trustvbd.crypt.aead import BLOCK_SIZE, POISON_VERSION
 from trustvbd.crypt.sign import fingerprint

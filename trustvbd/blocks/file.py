@@ -13,8 +13,7 @@ import ctypes.util
 import errno
 import os
 
-from trustvbd.blocks.backend import BlockError, Buffer, Capabilities, check_range
-from trustvbd.nbd.zero_copy import FileRange
+from trustvbd.blockdev import BlockError, Buffer, Capabilities, FileRange, check_range
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from trustvbd.blocks.backend import Backend, Buffer, Layer, check_range
+from trustvbd.blockdev import Backend, Buffer, check_range
+from trustvbd.blocks.layer import Layer
 
 
 class SizeLimit(Layer):

@@ -67,6 +67,14 @@ class Layout:
         """Replica offset of block `block`'s ciphertext."""
         return self.data_start + block * BLOCK_SIZE
 
+    def leaf_page_offset(self, page: int) -> int:
+        """Replica offset of leaf page `page`."""
+        return self.leaf_start + page * BLOCK_SIZE
+
+    @property
+    def leaf_table_size(self) -> int:
+        return self.leaf_pages * BLOCK_SIZE
+
     def leaf_offset(self, block: int) -> int:
         """Replica offset of block `block`'s 32-byte leaf."""
         return self.leaf_start + block * LEAF_SIZE

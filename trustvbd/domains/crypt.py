@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trustvbd.blockdev import Backend, HasEpoch
 from trustvbd.blocks.aead_pool import AeadPool, default_workers
-from trustvbd.blocks.backend import Backend
 from trustvbd.blocks.limits import SizeLimit
 from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
@@ -120,9 +120,8 @@ class CryptDomain:
                 "integrity_events": d.integrity_events,
                 "replicas": [link.status() for link in d.links],
             }
-            epoch = getattr(d.backend, "epoch", None)
-            if epoch is not None:
-                entry["epoch"] = epoch
+            if isinstance(d.backend, HasEpoch):
+                entry["epoch"] = d.backend.epoch
             disks.append(entry)
         guests = []
         for name, servers in self.servers.items():

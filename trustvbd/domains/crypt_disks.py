@@ -6,8 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trustvbd.blockdev import Backend
 from trustvbd.blocks.aead_pool import AeadPool
-from trustvbd.blocks.backend import Backend
 from trustvbd.blocks.crypt_layer import CryptDisk, Kek, create_disk_state, load_kek
 from trustvbd.blocks.disk_state import DiskState
 from trustvbd.crypt.keys import KEK_PASSPHRASE, read_public

@@ -18,7 +18,7 @@ backend. Choices, from the NBD protocol document:
 
 from __future__ import annotations
 
-from trustvbd.blocks.backend import Capabilities
+from trustvbd.blockdev import Capabilities
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.messages import Request
 

@@ -17,7 +17,7 @@ import errno
 import socket
 from typing import Any
 
-from trustvbd.blocks.backend import BlockError, Buffer, Capabilities, check_range
+from trustvbd.blockdev import BlockError, Buffer, Capabilities, check_range
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.client_handshake import Handshake, handshake

@@ -12,7 +12,7 @@ import errno
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from trustvbd.blocks.backend import BlockError
+from trustvbd.blockdev import BlockError
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.core import ProtocolCore

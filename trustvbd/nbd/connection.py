@@ -29,7 +29,7 @@ import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from trustvbd.blocks.backend import Backend, BlockError, Buffer
+from trustvbd.blockdev import Backend, BlockError, Buffer, FileRange, LendsReads, Lent, ServesFileRanges
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.checks import RequestChecker
@@ -38,8 +38,6 @@ from trustvbd.nbd.exports import Export, PeerInfo
 from trustvbd.nbd.server_handshake import GREETING_FLAGS, HandshakeEnded, negotiate
 from trustvbd.nbd.zero_copy import (
     SENDFILE_MIN,
-    FileRange,
-    Lent,
     OutPart,
     materialize,
     release_all,
@@ -234,9 +232,10 @@ class Connection(asyncio.BufferedProtocol):
         self.export = result.export
         self.export_name = result.export.name
         self._backend = result.export.backend
-        if self._sock_fd >= 0:
-            self._file_range = getattr(self._backend, "file_range", None)
-        self._pread_lent = getattr(self._backend, "pread_lent", None)
+        backend = self._backend
+        self._file_range = (backend.file_range
+                            if self._sock_fd >= 0 and isinstance(backend, ServesFileRanges) else None)
+        self._pread_lent = backend.pread_lent if isinstance(backend, LendsReads) else None
         self._check = RequestChecker(
             result.export.backend.size, result.flags, self.core.structured, result.min_block
         )

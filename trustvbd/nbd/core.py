@@ -27,7 +27,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from trustvbd.blocks.backend import Buffer
+from trustvbd.blockdev import Buffer
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.tracking import InFlight, InFlightTable

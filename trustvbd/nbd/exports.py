@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from trustvbd.blocks.backend import Backend
+from trustvbd.blockdev import Backend
 from trustvbd.nbd.protocol import Rep
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trustvbd.blocks.backend import Buffer
+from trustvbd.blockdev import Buffer
 from trustvbd.nbd import protocol as p
 
 

@@ -1,4 +1,5 @@
-"""Read replies the server sends without copying them first: FileRange and Lent.
+"""Read replies the server sends without copying them first: FileRange and Lent
+(both defined in trustvbd/blockdev.py).
 
 A backend may answer a READ with one of these instead of bytes:
 
@@ -21,66 +22,15 @@ reference to it that could send bytes the backend has since reused.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 
-from trustvbd.blocks.backend import Buffer
+from trustvbd.blockdev import Buffer, FileRange, Lent
 
 IOV_MAX = 1024  # Linux's limit on buffers per writev
 # Smaller reads are copied and batched with other replies into one writev: for
 # them sendfile's own system calls cost more than the copy (4 KiB random reads
 # straight from the driver: ~120k IOPS copied, ~93k by sendfile).
 SENDFILE_MIN = 64 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class FileRange:
-    """`length` bytes at `offset` of the open file `fd` (zeros past its end).
-
-    Valid only while the backend that made it keeps `fd` open; the server sends or
-    reads it before the end of the event-loop iteration that queued it.
-    """
-
-    fd: int
-    offset: int
-    length: int
-
-    def __len__(self) -> int:
-        return self.length
-
-    def read(self, start: int = 0) -> bytes:
-        """The range from `start` on, as bytes. Raises OSError if the file cannot be read."""
-        want = self.length - start
-        data = os.pread(self.fd, want, self.offset + start)
-        if len(data) < want:  # the file was shrunk under us: the rest reads as zeros
-            data += bytes(want - len(data))
-        return data
-
-
-class Lent:
-    """A buffer lent by a backend: read it, then `release` it exactly once (later calls do nothing)."""
-
-    __slots__ = ("_give_back", "view")
-
-    def __init__(self, view: memoryview, give_back: Callable[[], None]) -> None:
-        self.view = view
-        self._give_back: Callable[[], None] | None = give_back
-
-    def __len__(self) -> int:
-        return self.view.nbytes
-
-    def release(self) -> None:
-        give_back, self._give_back = self._give_back, None
-        self.view = memoryview(b"")  # a stale reference now reads nothing, not reused memory
-        if give_back is not None:
-            give_back()
-
-    def copy(self, start: int = 0) -> bytes:
-        """The bytes from `start` on, then give the buffer back."""
-        try:
-            return bytes(self.view[start:])
-        finally:
-            self.release()
 
 
 OutPart = Buffer | FileRange | Lent

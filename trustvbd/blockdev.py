@@ -1,0 +1,188 @@
+"""The block-device vocabulary every layer speaks: below both `nbd/` and `blocks/`.
+
+Modelled on nbdkit's plugin/filter split: a `Backend` is anything that stores
+bytes at offsets (a file, an NBD server, another layer). Layers (`blocks/`) wrap
+backends; the NBD server (`nbd/`) serves one and the NBD client is one.
+
+All offsets and lengths are in bytes. Callers (the NBD server) have already
+checked that a request lies inside `size`; a backend may still check again.
+Errors are raised as `BlockError` carrying an errno value, which the NBD server
+maps to an NBD error code for that one request.
+
+Optional abilities are declared as Protocols below (`ReadsInto`, `LendsReads`,
+`ServesFileRanges`, `HasEpoch`, `Breakable`): a caller asks `isinstance(b, P)`
+once, when it composes the stack, and keeps the bound method.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+Buffer = bytes | bytearray | memoryview
+
+
+class BlockError(Exception):
+    """A request failed; `errno` says how (EIO, EINVAL, ENOSPC, EPERM, ENOTSUP, ...)."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{errno.errorcode.get(self.errno, self.errno)}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do; the NBD server advertises exactly these flags."""
+
+    read_only: bool = False
+    flush: bool = True
+    fua: bool = True
+    trim: bool = True
+    zero: bool = True
+    fast_zero: bool = False
+    cache: bool = True
+    # True only if a FLUSH on any connection persists writes completed on all
+    # connections to the same backend object (true when they share one object).
+    multi_conn: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class FileRange:
+    """`length` bytes at `offset` of the open file `fd` (zeros past its end).
+
+    A read reply the NBD server sends with os.sendfile (nbd/zero_copy.py). Valid
+    only while the backend that made it keeps `fd` open; the server sends or reads
+    it before the end of the event-loop iteration that queued it.
+    """
+
+    fd: int
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, start: int = 0) -> bytes:
+        """The range from `start` on, as bytes. Raises OSError if the file cannot be read."""
+        want = self.length - start
+        data = os.pread(self.fd, want, self.offset + start)
+        if len(data) < want:  # the file was shrunk under us: the rest reads as zeros
+            data += bytes(want - len(data))
+        return data
+
+
+class Lent:
+    """A buffer lent by a backend: read it, then `release` it exactly once (later calls do nothing).
+
+    The encryption domain lends plaintext still in an AEAD slot; the NBD server
+    sends it from there and releases it (nbd/zero_copy.py).
+    """
+
+    __slots__ = ("_give_back", "view")
+
+    def __init__(self, view: memoryview, give_back: Callable[[], None]) -> None:
+        self.view = view
+        self._give_back: Callable[[], None] | None = give_back
+
+    def __len__(self) -> int:
+        return self.view.nbytes
+
+    def release(self) -> None:
+        give_back, self._give_back = self._give_back, None
+        self.view = memoryview(b"")  # a stale reference now reads nothing, not reused memory
+        if give_back is not None:
+            give_back()
+
+    def copy(self, start: int = 0) -> bytes:
+        """The bytes from `start` on, then give the buffer back."""
+        try:
+            return bytes(self.view[start:])
+        finally:
+            self.release()
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """An asynchronous block device."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    async def pread(self, offset: int, length: int) -> Buffer: ...
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None: ...
+
+    async def zero(
+        self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
+        fast: bool = False,
+    ) -> None:
+        """Write zeros. With `fast`, raise BlockError(ENOTSUP) unless it is cheap."""
+        ...
+
+    async def cache(self, offset: int, length: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------- optional abilities
+
+
+@runtime_checkable
+class ReadsInto(Protocol):
+    """Reads straight into a caller's buffer (the NBD client: off the wire, no copy)."""
+
+    async def pread_into(self, offset: int, into: memoryview) -> None:
+        """Fill all of `into` with the bytes at `offset` (written until this returns)."""
+        ...
+
+
+@runtime_checkable
+class LendsReads(Protocol):
+    """May answer a read with a `Lent` buffer the caller must release."""
+
+    async def pread_lent(self, offset: int, length: int) -> Buffer | Lent: ...
+
+
+@runtime_checkable
+class ServesFileRanges(Protocol):
+    """Its bytes sit in a file: a read may be answered by a `FileRange` (sendfile)."""
+
+    def file_range(self, offset: int, length: int) -> FileRange: ...
+
+
+@runtime_checkable
+class HasEpoch(Protocol):
+    """Commits in numbered epochs (the encryption layer)."""
+
+    @property
+    def epoch(self) -> int: ...
+
+
+@runtime_checkable
+class Breakable(Protocol):
+    """A connection that can break: `broken` is the reason once it has, else None."""
+
+    @property
+    def broken(self) -> str | None: ...
+
+
+def check_range(size: int, offset: int, length: int) -> None:
+    """Raise EINVAL unless [offset, offset+length) lies inside a device of `size`."""
+    if offset < 0 or length < 0 or offset + length > size:
+        raise BlockError(
+            errno.EINVAL, f"request [{offset}, {offset + length}) is outside the device of {size} bytes"
+        )

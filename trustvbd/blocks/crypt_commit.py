@@ -1,0 +1,180 @@
+"""The commit protocol of an encrypted disk, and the trusted records it keeps.
+
+A commit (FLUSH, FUA, and on our own every AUTO_COMMIT_BLOCKS) makes every write
+completed so far durable and authenticated, in this order:
+
+    dirty leaf pages -> replica flush -> signed superblock -> replica flush
+    -> trusted anchor (the commit point) -> intent log reset -> page hashes
+
+Between commits, every leaf change is appended to the intent log before the
+ciphertext it describes leaves this process (`note_leaves`), and versions are
+taken only below the anchor's reserved bound (`take_versions`). New writes wait
+while a commit runs; writes in flight finish first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Awaitable, Callable
+
+from trustvbd.blockdev import Backend, BlockError, Buffer
+from trustvbd.blocks.disk_state import Anchor, DiskState
+from trustvbd.blocks.ranges import runs
+from trustvbd.crypt import superblock as sbfmt
+from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE
+from trustvbd.crypt.keys import DiskSecrets
+from trustvbd.crypt.sign import fingerprint
+from trustvbd.crypt.superblock import LEAVES_PER_PAGE, SLOT_SIZE, Layout
+from trustvbd.crypt.tree import HashTree, page_hash
+
+BS = BLOCK_SIZE
+# Versions reserved per anchor write: one fsync per 4 GiB written; a restart
+# burns what is left of the range.
+RESERVE = 1 << 20
+# Commit on our own once this many blocks have intents (4 GiB of writes no guest
+# flushed; the intent log is then up to 64 MiB): a backstop that bounds the intent
+# log and the work recovery does after a crash. Guests flush far more often. It is
+# not free: its replica FLUSH forces the writeback of everything written since, and
+# new writes wait meanwhile.
+AUTO_COMMIT_BLOCKS = 1 << 20
+
+
+class Commits:
+    """Anchor, counter reservation, intent log, leaf table and tree of one open disk."""
+
+    def __init__(self, state: DiskState, disk: str, anchor: Anchor, secrets: DiskSecrets,
+                 leaves: bytearray, tree: HashTree, dirty_pages: set[int], pages_stale: bool) -> None:
+        self._state = state
+        self.disk = disk
+        self.anchor = anchor
+        self.lay = Layout(anchor.logical_size)
+        self._signer = secrets.signer()
+        self._fingerprint = fingerprint(secrets.public_key)
+        self.leaves = leaves          # the current leaf table (shared with the data path)
+        self.tree = tree              # the committed tree
+        self.dirty = dirty_pages      # leaf pages changed since the last commit
+        self._pages_stale = pages_stale
+        self.intent = state.open_intent()
+        self.intent_blocks = 0
+        # Versions below the anchor's bound may have been used before a crash.
+        self._next_version = anchor.counter_high
+        self._counter_high = anchor.counter_high + RESERVE
+        self.failed: str | None = None
+        self._writers = 0
+        self._writers_idle = asyncio.Event()
+        self._writers_idle.set()
+        self._no_commit = asyncio.Event()
+        self._no_commit.set()
+        self._lock = asyncio.Lock()
+
+    @property
+    def epoch(self) -> int:
+        return self.anchor.epoch
+
+    # ------------------------------------------------------------ between commits
+
+    def take_versions(self, n: int) -> int:
+        """n fresh versions; reserve a new range in the anchor (fsync) before use."""
+        v = self._next_version
+        if v + n > self._counter_high:
+            high = v + n + RESERVE
+            a = self.anchor
+            anchor = Anchor(a.disk_id, a.logical_size, a.epoch, high, a.root)
+            self._write_anchor(anchor, "reserve nonces")
+            self.anchor, self._counter_high = anchor, high
+        self._next_version = v + n
+        return v
+
+    def note_leaves(self, b0: int, old: Buffer, new: Buffer) -> None:
+        """Record a leaf change durably first (intent log), then in memory."""
+        try:
+            self.intent.append(b0, old, new)
+        except OSError as exc:
+            raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot append to "
+                             f"{self.intent.path}: {exc}") from exc
+        n = len(new) // LEAF_SIZE
+        self.leaves[b0 * LEAF_SIZE:(b0 + n) * LEAF_SIZE] = new
+        self.intent_blocks += n
+        self.dirty.update(range(b0 // LEAVES_PER_PAGE, (b0 + n - 1) // LEAVES_PER_PAGE + 1))
+
+    def set_leaf(self, b: int, leaf: bytes) -> None:
+        """Go back to a leaf the intent log already holds (a failed write's older version)."""
+        self.leaves[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = leaf
+        self.dirty.add(b // LEAVES_PER_PAGE)
+
+    async def enter_write(self) -> None:
+        while not self._no_commit.is_set():
+            await self._no_commit.wait()
+        self._writers += 1
+        self._writers_idle.clear()
+
+    def leave_write(self) -> None:
+        self._writers -= 1
+        if self._writers == 0:
+            self._writers_idle.set()
+
+    def due(self, fua: bool) -> bool:
+        return fua or self.intent_blocks >= AUTO_COMMIT_BLOCKS
+
+    # ------------------------------------------------------------ the commit
+
+    async def commit(self, replica: Backend, before: Callable[[], Awaitable[None]],
+                     force: bool = False) -> None:
+        """Wait for writes in flight, run `before` (checks, settling doubts), then commit."""
+        async with self._lock:
+            self._no_commit.clear()  # new writes wait; writes in flight finish first
+            try:
+                await self._writers_idle.wait()
+                await before()
+                if self.dirty or force:
+                    await self._commit_now(replica)
+            finally:
+                self._no_commit.set()
+
+    async def _commit_now(self, replica: Backend) -> None:
+        g, tree = self.lay, self.tree
+        pages = sorted(self.dirty)
+        leaves = memoryview(self.leaves)
+        for p0, p1 in runs(pages, 1 << 30):
+            await replica.pwrite(g.leaf_page_offset(p0), leaves[p0 * BS:p1 * BS])
+        await replica.flush()  # data and leaf pages durable before the superblock
+        changes = {p: page_hash(p, leaves[p * BS:(p + 1) * BS]) for p in pages}
+        tree.update(changes)
+        epoch = self.anchor.epoch + 1
+        depth, top = tree.top()
+        a = self.anchor
+        sb = sbfmt.Superblock(a.disk_id, g.logical_size, epoch, self._counter_high, tree.root,
+                              self._fingerprint, depth, top)
+        await replica.pwrite((epoch % sbfmt.SLOTS) * SLOT_SIZE, sbfmt.encode(sb, self._signer))
+        await replica.flush()
+        anchor = Anchor(a.disk_id, g.logical_size, epoch, self._counter_high, tree.root)
+        try:
+            self._write_anchor(anchor, f"commit epoch {epoch}")  # the commit point
+        except BlockError as exc:
+            # The new anchor may or may not have landed, so the intent log's epoch is
+            # in doubt: take no more writes until a reopen sorts it out.
+            self.failed = f"{exc.message}; reopen the disk"
+            raise
+        self.anchor = anchor
+        self.dirty.clear()
+        self.intent_blocks = 0
+        try:
+            self.intent.reset(epoch)
+            if self._pages_stale:
+                self._state.write_pages(tree.levels[0])
+                self._pages_stale = False
+            else:
+                self._state.update_pages(changes)
+        except OSError as exc:
+            # Later intents would land in a log recovery ignores: stop taking writes.
+            self.failed = (f"disk {self.disk!r}: trusted state write failed after commit "
+                           f"{epoch} ({exc}); reopen the disk")
+            raise BlockError(errno.EIO, self.failed) from exc
+
+    def _write_anchor(self, anchor: Anchor, why: str) -> None:
+        try:
+            self._state.write_anchor(anchor)
+        except OSError as exc:  # nothing changed: the old anchor still stands
+            raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot {why}: writing "
+                             f"{self._state.anchor_path} failed: {exc}") from exc

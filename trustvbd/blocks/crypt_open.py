@@ -1,0 +1,246 @@
+"""Opening a disk: judging one replica against the trusted anchor and intent log.
+
+Nothing here writes to a replica or to trusted state; it reads one replica and
+says what the trusted leaf table is, which leaf pages must be rewritten, and
+what it found wrong (as events for the caller to report). So it can run on each
+replica of a mirrored disk in turn. Raises StaleReplicaError,
+ForeignReplicaError, TrustedStateError or IntegrityError when a replica cannot
+serve.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+
+from trustvbd.blockdev import Backend, BlockError
+from trustvbd.blocks.disk_state import Anchor, IntentLog, TrustedStateError
+from trustvbd.blocks.integrity import ForeignReplicaError, IntegrityError, StaleReplicaError
+from trustvbd.blocks.ranges import describe_blocks, runs
+from trustvbd.crypt import superblock as sbfmt
+from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE, POISON_LEAF, POISON_VERSION, BlockCipher, leaf_version
+from trustvbd.crypt.superblock import LEAVES_PER_PAGE, SLOT_SIZE, Layout, SlotKind
+from trustvbd.crypt.tree import HASH_SIZE, page_hash, root_from_level
+
+BS = BLOCK_SIZE
+# Largest replica read during recovery.
+RECOVERY_READ_BLOCKS = 256
+
+
+@dataclass
+class Intents:
+    """The intent log read back: each named block's committed leaf (the old leaf of its
+    first record) and its uncommitted candidate leaves, oldest first."""
+
+    committed: dict[int, bytes] = field(default_factory=dict)
+    candidates: dict[int, list[bytes]] = field(default_factory=dict)
+
+
+def read_intents(log: IntentLog, anchor: Anchor, lay: Layout) -> Intents:
+    base, records = log.read()
+    if base is not None and base > anchor.epoch:
+        raise TrustedStateError(f"{log.path} continues epoch {base}, beyond the anchor's {anchor.epoch}")
+    if base != anchor.epoch:
+        records = []  # already committed (a crash after the anchor) or empty
+    out = Intents()
+    for r in records:
+        for i in range(len(r.new) // LEAF_SIZE):
+            b = r.first_block + i
+            if b >= lay.blocks:
+                raise TrustedStateError(f"{log.path} names block {b}, past the end")
+            if b not in out.committed:
+                out.committed[b] = r.old[i * LEAF_SIZE:(i + 1) * LEAF_SIZE]
+            out.candidates.setdefault(b, []).append(r.new[i * LEAF_SIZE:(i + 1) * LEAF_SIZE])
+    return out
+
+
+@dataclass
+class Event:
+    what: str
+    blocks: list[int]
+    message: str
+
+
+@dataclass
+class Verdict:
+    """What one replica says, once checked: its leaf table as the trusted state allows it."""
+
+    fresh: bool            # all blank: format it (trusted epoch 0 only)
+    table: bytearray       # the committed leaf table (uncommitted changes undone)
+    hashes: bytes          # tree level 0 to start from (committed page hashes)
+    dirty_pages: set[int]  # leaf pages to rewrite at the next commit
+    events: list[Event] = field(default_factory=list)
+
+
+def describe(disk: str, replica: str) -> str:
+    return f"replica {replica!r} of disk {disk!r}"
+
+
+async def read_exact(replica: Backend, who: str, offset: int, length: int) -> bytes:
+    data = await replica.pread(offset, length)
+    if len(data) != length:
+        raise BlockError(errno.EIO, f"{who} returned {len(data)} bytes for a {length}-byte read "
+                         f"at {offset}")
+    return bytes(data)
+
+
+@dataclass
+class Survey:
+    """A replica's superblock slots and leaf table as read, before the intent log is applied."""
+
+    who: str
+    disk: str
+    replica: str
+    slots: list[sbfmt.Slot]
+    table: bytearray
+    fresh: bool
+    presented: int | None  # newest valid epoch shown, or None
+
+
+async def survey_replica(replica: Backend, disk: str, replica_name: str, anchor: Anchor,
+                         public_key: bytes) -> Survey:
+    """Read `replica`'s slots and leaf table; refuse it if it is blank-but-stale,
+    foreign, or ahead of the anchor."""
+    g = Layout(anchor.logical_size)
+    who = describe(disk, replica_name)
+    raw = await read_exact(replica, who, 0, 2 * SLOT_SIZE)
+    slots = [sbfmt.parse(raw[i * SLOT_SIZE:(i + 1) * SLOT_SIZE], i, public_key, anchor.disk_id)
+             for i in range(2)]
+    table = bytearray(await read_exact(replica, who, g.leaf_start, g.leaf_table_size))
+    fresh, presented = await _judge_slots(replica, who, anchor, slots, table)
+    return Survey(who, disk, replica_name, slots, table, fresh, presented)
+
+
+def judge_table(survey: Survey, anchor: Anchor, intents: Intents,
+                stored_pages: bytes | None) -> Verdict:
+    """The trusted leaf table from a surveyed replica, or StaleReplicaError/IntegrityError.
+
+    `stored_pages`: the trusted committed page hashes if they match the anchor's
+    root, else None (then damage cannot be confined to some pages).
+    """
+    g = Layout(anchor.logical_size)
+    who, slots, presented = survey.who, survey.slots, survey.presented
+    table = bytearray(survey.table)
+    for b, leaf in intents.committed.items():  # undo what was not committed
+        table[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = leaf
+
+    hashes = b"".join(page_hash(p, table[p * BS:(p + 1) * BS]) for p in range(g.leaf_pages))
+    dirty = {b // LEAVES_PER_PAGE for b in intents.committed}
+    verdict = Verdict(survey.fresh, table, hashes, dirty)
+    if root_from_level(hashes, 0) == anchor.root:
+        damaged = [(i, s) for i, s in enumerate(slots) if s.kind not in (SlotKind.VALID, SlotKind.BLANK)]
+        if not survey.fresh and (damaged or presented is None or presented < anchor.epoch):
+            why = "; ".join(f"slot {i}: {s.reason}" for i, s in damaged)
+            verdict.events.append(Event(
+                "superblock", [], f"superblock damaged or outdated on {who} (presents epoch "
+                f"{presented}, trusted {anchor.epoch}; {why}); the leaf table is intact and the "
+                "superblock is rewritten"))
+    elif presented is None or presented < anchor.epoch:
+        shown = "no valid superblock" if presented is None else f"epoch {presented}"
+        raise StaleReplicaError(
+            f"{who} is stale: it presents {shown} but the trusted epoch is {anchor.epoch}; it "
+            "will not be served (resync it from a current replica)")
+    elif stored_pages is None:
+        raise IntegrityError(
+            f"the leaf table of {who} does not match the trusted root, and the trusted page "
+            "hashes needed to confine the damage are missing; refusing to serve this replica",
+            disk=survey.disk, replica=survey.replica)
+    else:
+        bad_pages, lost = _confine_damage(g, table, hashes, stored_pages, intents.committed)
+        verdict.dirty_pages.update(bad_pages)
+        verdict.hashes = stored_pages  # the tree holds the committed pages until the next commit
+        verdict.events.append(Event(
+            "leaf table", lost,
+            f"leaf pages {describe_blocks(bad_pages)} of {who} were altered; blocks "
+            f"{describe_blocks(lost)} can no longer be verified and will fail reads until "
+            "rewritten (resync from another replica to restore them)"))
+    return verdict
+
+
+async def _judge_slots(replica: Backend, who: str, a: Anchor, slots: list[sbfmt.Slot],
+                       table: bytearray) -> tuple[bool, int | None]:
+    """Refuse replicas that are blank-but-stale, foreign, or ahead of the anchor.
+
+    Returns (fresh: format it, newest valid epoch presented or None).
+    """
+    kinds = [s.kind for s in slots]
+    fresh = all(k is SlotKind.BLANK for k in kinds)
+    if fresh:
+        if a.epoch > 0:
+            raise StaleReplicaError(
+                f"{who} is blank (presents epoch 0) but the trusted epoch is {a.epoch}: it was "
+                "wiped or replaced; resync it from a current replica")
+        if table.count(0) != len(table) or not await data_sample_blank(replica, who, Layout(a.logical_size)):
+            raise ForeignReplicaError(
+                f"{who} holds data but no trustvbd superblock; refusing to format over data that "
+                "is not ours (give the disk an empty backing file)")
+    elif not any(k in (SlotKind.VALID, SlotKind.DAMAGED) for k in kinds):
+        other = next((s for s in slots if s.kind is SlotKind.OTHER_DISK), None)
+        if other is not None:
+            raise ForeignReplicaError(
+                f"{who} holds another trustvbd disk (disk id {other.disk_id.hex()}, this disk is "
+                f"{a.disk_id.hex()}); refusing to use or overwrite it")
+        raise ForeignReplicaError(
+            f"{who} holds data that is not a trustvbd disk; refusing to use or overwrite it")
+    presented = max((s.superblock.epoch for s in slots if s.superblock is not None), default=None)
+    if presented is not None and presented > a.epoch + 1:
+        raise TrustedStateError(
+            f"{who} presents epoch {presented}, signed by this disk's key, but the trusted anchor "
+            f"is at epoch {a.epoch}: the trusted state is older than the replica (restored from "
+            "a backup?); restore the current state directory")
+    return fresh, presented
+
+
+def _confine_damage(g: Layout, table: bytearray, hashes: bytes, stored: bytes,
+                    committed: dict[int, bytes]) -> tuple[list[int], list[int]]:
+    """Leaf pages the replica altered (per the trusted page hashes): their blocks are
+    marked lost, except those whose committed leaf the intent log still holds.
+    Returns (bad pages, lost blocks)."""
+    bad_pages = [p for p in range(g.leaf_pages)
+                 if hashes[p * HASH_SIZE:(p + 1) * HASH_SIZE] != stored[p * HASH_SIZE:(p + 1) * HASH_SIZE]]
+    lost = []
+    for p in bad_pages:
+        table[p * BS:(p + 1) * BS] = bytes(BS)
+        for b in g.leaf_page_blocks(p * LEAVES_PER_PAGE):
+            if b in committed:
+                table[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = committed[b]
+            else:
+                table[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = POISON_LEAF
+                lost.append(b)
+    return bad_pages, lost
+
+
+async def data_sample_blank(replica: Backend, who: str, g: Layout) -> bool:
+    """Spot-check that a blank-looking replica has no data where blocks go."""
+    picks = sorted({0, g.blocks - 1, *(i * g.blocks // 16 for i in range(16))})
+    for b in picks:
+        data = await read_exact(replica, who, g.data_offset(b), BS)
+        if data.count(0) != BS:
+            return False
+    return True
+
+
+async def choose_versions(replica: Backend, who: str, g: Layout, cipher: BlockCipher,
+                          leaves: bytearray, intents: Intents) -> None:
+    """For blocks written since the last commit, take the newest version the intent
+    log recorded whose ciphertext on `replica` verifies, else the committed one.
+    Only versions the trusted log recorded are ever accepted."""
+    scratch = memoryview(bytearray(BS))
+    need_read = []
+    for b, news in intents.candidates.items():
+        if leaf_version(news[-1], 0) == 0:
+            leaves[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = news[-1]
+        else:
+            need_read.append(b)
+    for b0, b1 in runs(need_read, RECOVERY_READ_BLOCKS):
+        data = memoryview(await read_exact(replica, who, g.data_offset(b0), (b1 - b0) * BS))
+        for b in range(b0, b1):
+            ct = data[(b - b0) * BS:(b - b0 + 1) * BS]
+            for leaf in [*reversed(intents.candidates[b]), intents.committed[b]]:
+                v = leaf_version(leaf, 0)
+                if v == POISON_VERSION:
+                    continue
+                if v == 0 or not cipher.decrypt(b, ct, memoryview(leaf), scratch):
+                    leaves[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = leaf
+                    break
+            # none verified: the committed leaf stays; reads will report it
