@@ -18,16 +18,22 @@ from pathlib import Path
 import pytest
 
 from tests.acm.util import EXAMPLE_TOML, XM_TEST
+from trustvbd.acm import load_policy
 from trustvbd.acm.audit import AuditLog, verify
 from trustvbd.acm.client import AcmClient
+from trustvbd.acm.commands import write_compiled
+from trustvbd.acm.compiled import encode
 
 
 class Acm:
     """One `python -m trustvbd.domains.acm` process in a short temporary directory."""
 
-    def __init__(self, *policy_args: str) -> None:
+    def __init__(self, source: Path) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="acm", dir="/tmp"))  # short socket paths
         self.sock, self.audit = self.dir / "acm.sock", self.dir / "audit.jsonl"
+        compiled = self.dir / "policy.tvbdpol"  # the domain loads only the compiled form
+        write_compiled(load_policy(source), compiled)
+        policy_args = ("--policy", str(compiled))
         read_end, write_end = os.pipe()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "trustvbd.domains.acm", *policy_args, "--audit",
@@ -62,7 +68,7 @@ class Acm:
 
 @pytest.fixture
 def xm() -> Iterator[Acm]:
-    acm = Acm("--policy", str(XM_TEST))
+    acm = Acm(XM_TEST)
     yield acm
     acm.stop()
 
@@ -136,12 +142,20 @@ def test_bad_requests_get_errors_and_serving_goes_on(xm):
 
 
 def test_policy_reload_is_atomic(xm, tmp_path):
-    good = tmp_path / "example.toml"
-    good.write_text(EXAMPLE_TOML)
-    bad = tmp_path / "bad.toml"
-    bad.write_text(EXAMPLE_TOML.replace('BankData = "Bank"', 'BankData = "Cash"'))
+    source = tmp_path / "example.toml"
+    source.write_text(EXAMPLE_TOML)
+    good = tmp_path / "example.tvbdpol"
+    write_compiled(load_policy(source), good)
+    # Checksummed and well-formed, but names an undeclared type: the domain's own check refuses it.
+    example = load_policy(source)
+    broken = example.__class__(**{**example.__dict__, "resource_labels": (
+        *example.resource_labels[:1], example.resource_labels[1].__class__("BankData", "Cash"))})
+    bad = tmp_path / "bad.tvbdpol"
+    bad.write_bytes(encode(broken))
     r = xm.ask(op="load_policy", path=str(bad))
-    assert r["ok"] is False and "BankData" in r["error"]
+    assert r["ok"] is False and "BankData" in r["error"] and '"Cash"' in r["error"]
+    r = xm.ask(op="load_policy", path=str(source))  # a source policy is never parsed here
+    assert r["ok"] is False and "compile it first" in r["error"]
     assert xm.ask(op="status")["policy"]["name"] == "xm-test"  # old policy still in force
     assert xm.ask(op="guest_may_use_disk", guest_label="red", disk_label="red")["allowed"]
     # a policy that would not admit the running attachments is refused (Xen's rule)
@@ -156,7 +170,7 @@ def test_policy_reload_is_atomic(xm, tmp_path):
     assert xm.ask(op="guest_may_use_disk", guest_label="red", disk_label="red")["rule"] == \
         "unknown-label"
     events = [r["fields"]["event"] for r in AuditLog.read(xm.audit) if r["kind"] == "policy"]
-    assert events == ["load-refused", "load-refused", "loaded"]
+    assert events == ["load-refused", "load-refused", "load-refused", "loaded"]
 
 
 def test_null_policy_domain_on_a_handed_over_socket():
@@ -189,12 +203,36 @@ def test_null_policy_domain_on_a_handed_over_socket():
 
 
 def test_bad_policy_refuses_to_start(tmp_path):
-    bad = tmp_path / "bad.xml"
-    bad.write_text("<nope/>")
-    out = subprocess.run([sys.executable, "-m", "trustvbd.domains.acm", "--policy", str(bad),
-                          "--audit", str(tmp_path / "a.jsonl"), "--socket",
-                          str(tmp_path / "s")], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 2 and "root element is <nope>" in out.stderr
+    good = tmp_path / "xm.tvbdpol"
+    write_compiled(load_policy(XM_TEST), good)
+    damaged = bytearray(good.read_bytes())
+    damaged[60] ^= 1
+    bad = tmp_path / "bad.tvbdpol"
+    bad.write_bytes(bytes(damaged))
+    for path, message in ((XM_TEST, "(an XML or TOML policy? compile it first)"),
+                          (bad, "checksum mismatch: the file is damaged or was edited")):
+        out = subprocess.run([sys.executable, "-m", "trustvbd.domains.acm", "--policy", str(path),
+                              "--audit", str(tmp_path / "a.jsonl"), "--socket",
+                              str(tmp_path / "s")], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and message in out.stderr
+        assert f"{path}: not a valid compiled policy" in out.stderr
+
+
+def test_the_domain_never_loads_a_policy_parser(tmp_path):
+    """Xen's hypervisor never parsed XML: the domain, loading a policy, imports no loader."""
+    compiled = tmp_path / "xm.tvbdpol"
+    write_compiled(load_policy(XM_TEST), compiled)
+    code = ("import sys\n"
+            "from trustvbd.acm.audit import AuditLog\n"
+            "from trustvbd.acm.compiled import read_compiled\n"
+            "from trustvbd.domains.acm import AcmDomain\n"
+            f"d = AcmDomain(read_compiled({str(compiled)!r}), AuditLog({str(tmp_path / 'a')!r}))\n"
+            f"assert d.load({str(compiled)!r})['ok']\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('trustvbd.acm.xml_loader',"
+            " 'trustvbd.acm.toml_loader', 'defusedxml', 'tomllib', 'xml.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_client_and_fail_closed(xm):
@@ -255,7 +293,6 @@ def test_any_request_gets_a_reply_in_process(tmp_path):
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from trustvbd.acm import load_policy
     from trustvbd.domains.acm import AcmDomain
 
     domain = AcmDomain(load_policy(XM_TEST), AuditLog(tmp_path / "audit.jsonl"))

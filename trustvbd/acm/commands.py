@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 from trustvbd.acm import Policy, PolicyError, load_policy
 from trustvbd.acm.audit import follow, verify
+from trustvbd.acm.compiled import digest, encode
 from trustvbd.acm.decisions import domains_may_communicate, explain, guest_may_use_disk
 from trustvbd.acm.toml_loader import to_toml
 from trustvbd.acm.xml_loader import to_xml
@@ -94,6 +96,38 @@ def convert(path: str, output: str | None = None, to: str | None = None,
         print(f"{path} -> {output} ({to})", file=sys.stderr)
     else:
         out.write(text)
+    return 0
+
+
+def write_compiled(policy: Policy, output: str | Path) -> bytes:
+    """Write `policy`'s compiled form to `output` atomically (a reader sees old or new, whole)."""
+    data = encode(policy)
+    output = Path(output)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return data
+
+
+def compile_file(path: str, output: str) -> int:
+    """`trustvbd policy compile IN OUT`: validate a policy and write what the domain loads."""
+    p = _load_or_report(path)
+    if p is None:
+        return 1
+    try:
+        data = write_compiled(p, output)
+    except OSError as exc:
+        print(f"trustvbd policy compile: cannot write {output}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
+    print(f'{path} -> {output}: policy "{p.name}", {len(data)} bytes, sha256'
+          f" {digest(data)}", file=sys.stderr)
     return 0
 
 
@@ -186,6 +220,13 @@ def register(sub: Any, load_policy_into_running: Any = None) -> None:
     p.add_argument("-o", "--output", help="write here instead of standard output")
     p.add_argument("--to", choices=("toml", "xml"), help="default: the other form")
     p.set_defaults(func=lambda a: convert(a.file, a.output, a.to))
+    p = ps.add_parser("compile", help="write the compiled form the access-control domain loads",
+                      description="Validate FILE (Xen XML or .toml) and write its compiled form"
+                      " (docs/policy.md, \"Compiled form\") to OUTPUT. `up` and `policy load`"
+                      " compile by themselves; this is for checking and inspecting.")
+    p.add_argument("file")
+    p.add_argument("output")
+    p.set_defaults(func=lambda a: compile_file(a.file, a.output))
     p = ps.add_parser("explain", help="why a guest may or may not use a disk")
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--guest", required=True)

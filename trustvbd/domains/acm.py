@@ -1,8 +1,11 @@
 """The access-control domain: holds the policy, answers decisions, writes the audit log.
 
-    python -m trustvbd.domains.acm (--policy FILE | --null) --audit PATH
+    python -m trustvbd.domains.acm (--policy COMPILED | --null) --audit PATH
                                    (--socket PATH | --listen-fd N) [--ready-fd N]
 
+It loads only compiled policies (trustvbd/acm/compiled.py): the XML and TOML
+loaders run in the CLI and the launcher, never here, as Xen's hypervisor loaded
+what xensec_xml2bin compiled and never parsed XML itself.
 Protocol: one JSON object per line in, one per line out (docs/policy.md lists
 the ops). Every decision, allow or deny, is in the audit log before it is
 answered; if the log cannot be written the answer is an error, which clients
@@ -32,9 +35,9 @@ from trustvbd.acm import (
     domains_may_communicate,
     driver_may_serve_disk,
     guest_may_use_disk,
-    load_policy,
 )
 from trustvbd.acm.audit import AuditError, AuditLog
+from trustvbd.acm.compiled import read_compiled
 from trustvbd.acm.decisions import explain
 from trustvbd.domains.common import die_with_parent, ready, setup_logging
 
@@ -128,7 +131,7 @@ class AcmDomain:
     def load(self, path: str) -> dict[str, Any]:
         """Validate fully, replay running attachments (Xen's chwall_init_state), then swap."""
         try:
-            new = load_policy(path)
+            new = read_compiled(path)
             wall = ChineseWall(new)
             for label, name, _ in self.attached.values():
                 d = wall.start(label, name)
@@ -198,7 +201,7 @@ async def serve(domain: AcmDomain, sock: socket.socket, ready_fd: int | None) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trustvbd.domains.acm")
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--policy", help="policy file (Xen XML or .toml)")
+    which.add_argument("--policy", help="compiled policy (`trustvbd policy compile`)")
     which.add_argument("--null", action="store_true", help="no policy: allow everything")
     parser.add_argument("--audit", required=True, help="audit log file (JSON lines)")
     where = parser.add_mutually_exclusive_group(required=True)
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.supervised:
         die_with_parent()
     try:
-        policy = Policy.null() if args.null else load_policy(args.policy)
+        policy = Policy.null() if args.null else read_compiled(args.policy)
         audit = AuditLog(args.audit)
     except (PolicyError, AuditError) as exc:
         print(f"trustvbd acm: {exc}", file=sys.stderr)

@@ -24,7 +24,8 @@ from typing import Any
 
 from trustvbd.acm import PolicyError, load_policy
 from trustvbd.acm.client import AcmClient
-from trustvbd.acm.commands import AUDIT_FILE
+from trustvbd.acm.commands import AUDIT_FILE, write_compiled
+from trustvbd.acm.compiled import SUFFIX as COMPILED_SUFFIX
 from trustvbd.config import Config, check_paths
 from trustvbd.domains.control import ControlChannel, ControlClosed, socket_pair
 from trustvbd.nbd.uri import parse_uri
@@ -330,9 +331,13 @@ class Launcher:
         g, d = self.config.guests[guest], self.config.disks[disk]
         return (await self.acm.guest_may_use_disk(g.name, g.label, d.name, d.label)).allowed
 
+    def compiled_policy(self, suffix: str = "") -> Path:
+        """Where the launcher writes the policy it compiled; the domain reads only this."""
+        return self.config.state_dir / f"policy{suffix}{COMPILED_SUFFIX}"
+
     def acm_domain(self) -> Domain:
         c = self.config
-        policy = ["--policy", str(c.policy)] if c.policy else ["--null"]
+        policy = ["--policy", str(self.compiled_policy())] if c.policy else ["--null"]
         argv = [sys.executable, "-m", "trustvbd.domains.acm", "--supervised", *policy,
                 "--audit", str(c.state_dir / AUDIT_FILE), "--socket", str(c.acm_socket)]
         return Domain("acm", "acm", True, "", argv)
@@ -399,10 +404,17 @@ class Launcher:
         return result
 
     async def policy_load(self, path: str) -> dict[str, Any]:
-        """Swap the policy in the access-control domain, then close what it now forbids."""
-        reply = await self.acm.load_policy(path)
+        """Compile, swap the policy in the access-control domain, then close what it now forbids."""
+        try:
+            write_compiled(load_policy(path), self.compiled_policy(".next"))
+        except (PolicyError, OSError) as exc:
+            return {"ok": False, "error": str(exc)}
+        reply = await self.acm.load_policy(str(self.compiled_policy(".next")))
         if not reply.get("ok"):
+            self.compiled_policy(".next").unlink(missing_ok=True)
             return {"ok": False, "error": reply.get("error", "the access-control domain refused it")}
+        # A restarted access-control domain loads what the running one holds.
+        os.replace(self.compiled_policy(".next"), self.compiled_policy())
         self.policy_path = path
         # What the access-control domain loaded, not a second read of a file that may change.
         summary = reply.get("policy")
@@ -491,6 +503,7 @@ def passphrase_for_up(config: Config) -> str | None:
 
 async def run_up(config: Config) -> int:
     bootstrap = bootstrap_label(None, null=True)
+    policy = None
     if config.policy is not None:
         try:
             policy = load_policy(config.policy)  # file:line: reason now, not a dead domain later
@@ -522,6 +535,8 @@ async def run_up(config: Config) -> int:
     control = None
     code = 0
     try:
+        if policy is not None:  # the access-control domain loads only the compiled form
+            write_compiled(policy, launcher.compiled_policy())
         if config.policy is None:
             log.warning("NO POLICY CONFIGURED: running Xen's NULL policy — every guest may use every"
                         " disk and every driver may serve every disk. Set `policy = \"FILE\"`.")
