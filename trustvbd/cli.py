@@ -75,6 +75,15 @@ def cmd_driver(args: argparse.Namespace) -> int:
     return run_standalone(args.file, size, args.socket, args.listen)
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    if args.store_command == "path":
+        print(_config(args.config).store_socket)
+        return 0
+    from trustvbd.domains.store import run
+
+    return run(args)
+
+
 def print_status(status: dict[str, Any]) -> None:
     policy = status.get("policy") or "none (NULL policy: everything allowed)"
     print(f"trustvbd running: pid {status['pid']}, state {status['state_dir']}, policy {policy}")
@@ -164,6 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--socket", help="Unix socket path to listen on")
     where.add_argument("--listen", metavar="HOST:PORT", help="TCP address to listen on (port 0: any)")
     driver.set_defaults(func=cmd_driver)
+
+    store = sub.add_parser("store", help="the XenStore-protocol store: its socket, or run one alone",
+                           description="The store speaks the XenStore wire protocol: point"
+                           " xenstore-utils at it with XENSTORED_PATH=$(trustvbd store path -c CONFIG).")
+    store_sub = store.add_subparsers(dest="store_command", metavar="SUBCOMMAND", required=True)
+    store_path = store_sub.add_parser("path", help="print the running store's socket path")
+    store_path.add_argument("-c", "--config", required=True)
+    serve = store_sub.add_parser("serve", help="run a store alone (foreground), e.g. for tests",
+                                 description="Serve an empty store on SOCKET; root and this user"
+                                 " are domain 0. Prints 'ready'.")
+    serve.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    serve.add_argument("--acm-socket", help="ask this access-control domain before pairing"
+                       " frontend and backend directories (default: allow, with a warning)")
+    serve.set_defaults(control_fd=None, ready_fd=None, supervised=False)
+    store.set_defaults(func=cmd_store)
 
     from trustvbd.acm.commands import register as register_policy
 

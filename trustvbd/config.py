@@ -87,9 +87,14 @@ class Config:
     def acm_socket(self) -> Path:
         return self.state_dir / "acm.sock"
 
+    @property
+    def store_socket(self) -> Path:
+        """The store's public XenStore socket (XENSTORED_PATH for xenstore-utils)."""
+        return self.state_dir / "store.sock"
+
     def sockets(self) -> list[Path]:
         """Every Unix socket `up` creates, to check their lengths before starting."""
-        paths = [self.control_socket, self.acm_socket]
+        paths = [self.control_socket, self.acm_socket, self.store_socket]
         paths += [self.guest_socket(g) for g in self.guests]
         paths += [self.driver_socket(d) for d, cfg in self.drivers.items() if cfg.dir]
         return paths
