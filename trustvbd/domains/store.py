@@ -10,7 +10,9 @@ Two ways in, as with Xen's xenstored:
   `{"op": "connect", "domid": N, "name": ..., "label": ...}`. The store gives domain N
   its home /local/domain/N, fires @introduceDomain, makes a socket pair, serves one
   end as domain N and returns the other end (SCM_RIGHTS) for the launcher to give to
-  that domain. `{"op": "release", "domid": N}` fires @releaseDomain.
+  that domain. `"op": "introduce"` does the same without a connection, for domains
+  that speak no XenStore (guests, NBD servers run by others); `{"op": "release",
+  "domid": N}` fires @releaseDomain.
 
 Check (a): a write pairing a frontend with a backend directory waits for the
 access-control domain (`--acm-socket`): the two domains' labels must share an STE
@@ -114,10 +116,14 @@ class StoreDomain:
         op, domid = message.get("op"), message.get("domid")
         if not isinstance(domid, int) or not 0 < domid <= 0xFFFF:
             return {"ok": False, "error": f"domid must be an integer 1..65535, not {domid!r}"}, []
-        if op == "connect":
+        if op in ("introduce", "connect"):
             self.domains[domid] = (str(message.get("name") or f"domain {domid}"),
                                    str(message.get("label") or UNLABELED))
-            self.store.add_domain(domid)
+            if domid not in self.store.introduced:
+                self.store.add_domain(domid)
+            if op == "introduce":  # a domain that speaks no XenStore itself (a guest, a peer server)
+                self.pump()
+                return {"ok": True}, []
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             reader, writer = await asyncio.open_unix_connection(sock=ours)
             session = self.store.connect(domid, False, self.domains[domid][0])
