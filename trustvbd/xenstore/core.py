@@ -58,7 +58,7 @@ class PairQuestion:
     pairing: Pairing
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the shell keys its sockets by session
 class Session:
     store: Store
     domid: int
