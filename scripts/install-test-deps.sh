@@ -1,7 +1,7 @@
 #!/bin/sh
 # Install the Debian tools the tests drive, only those missing (keeps `make test` fast).
 set -eu
-want="qemu-utils nbdkit libnbd-bin python3-libnbd fio xenstore-utils"
+want="qemu-utils nbdkit libnbd-bin python3-libnbd fio xenstore-utils fuse3 fuse2fs nbd-server"
 missing=""
 for pkg in $want; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"

@@ -1,0 +1,193 @@
+"""Real-workload benchmarks against peers, in one run (not part of the test suite).
+
+    .venv/bin/python bench/workloads.py [--suite fuse|flush|all] [--reps 1] [--files 300]
+                                        [--data 200MiB] [--flushes 200]
+
+fuse:  a filesystem copy through FUSE. For each server: nbdfuse exposes the export as a
+       file, mkfs.ext4 formats it, fuse2fs mounts it, and `cp -r` copies a tree of --files
+       files (--data bytes in all, page-cached) into it. Timed: from the copy's start until
+       fuse2fs has exited after the unmount (it writes everything back and flushes). Then
+       e2fsck -fn must find the filesystem clean. `trustvbd up` (encrypted) vs nbdkit file.
+flush: FLUSH latency. One libnbd connection writes 4 KiB at a random offset, then FLUSHes,
+       --flushes times; the FLUSH alone is timed (median and 90th percentile).
+       `trustvbd up` (encrypted) vs nbd-server (Debian `nbd-server`; nbdkit file if it is
+       not installed, and the table says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as common  # bench/run.py: servers and helpers shared with it
+
+sys.path.append("/usr/lib/python3/dist-packages")  # Debian's libnbd module
+
+DISK = 1 << 30
+
+
+def nbd_server(size: int) -> common.Server:
+    def start(work: Path) -> tuple[str, Callable[[], None]]:
+        sock, pid, conf, image = (work / "nbds.sock", work / "nbds.pid", work / "nbds.conf",
+                                  work / "disk.img")
+        with open(image, "wb") as f:
+            f.truncate(size)
+        conf.write_text(f"[generic]\nunixsock = {sock}\n[disk]\nexportname = {image}\nflush = true\nfua = true\n")
+        subprocess.run(["nbd-server", "-C", str(conf), "-p", str(pid)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        common.wait_socket(sock)
+        common.wait_socket(pid)
+        return f"nbd+unix:///disk?socket={sock}", common.stop_pidfile(pid)
+    return common.Server("nbd-server", start)
+
+
+def make_tree(root: Path, files: int, total: int) -> None:
+    """`files` files of random sizes adding up to about `total` bytes, in 10 directories."""
+    rng = random.Random(7)
+    weights = [rng.random() for _ in range(files)]
+    scale = total / sum(weights)
+    chunk = os.urandom(1 << 20)
+    for i, w in enumerate(weights):
+        d = root / f"d{i % 10}"
+        d.mkdir(parents=True, exist_ok=True)
+        size = max(1, int(w * scale))
+        with open(d / f"f{i}.bin", "wb") as f:
+            while size > 0:
+                f.write(chunk[:min(size, len(chunk))])
+                size -= len(chunk)
+
+
+def wait_gone(proc: subprocess.Popen[bytes], what: str, timeout: float = 300) -> None:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise RuntimeError(f"{what} did not exit in {timeout} s") from None
+
+
+def fuse_copy(uri: str, work: Path, source: Path) -> float:
+    exposed, mnt = work / "fuse", work / "mnt"
+    exposed.mkdir()
+    mnt.mkdir()
+    nbdfuse = subprocess.Popen(["nbdfuse", str(exposed), uri])
+    fuse2fs = None
+    try:
+        common.wait_socket(exposed / "nbd")
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(exposed / "nbd")], check=True)
+        fuse2fs = subprocess.Popen(["fuse2fs", "-f", "-o", "fakeroot", str(exposed / "nbd"),
+                                    str(mnt)], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mnt):
+            if time.monotonic() > deadline or fuse2fs.poll() is not None:
+                raise RuntimeError("fuse2fs did not mount")
+            time.sleep(0.05)
+        t0 = time.perf_counter()
+        subprocess.run(["cp", "-r", str(source), str(mnt / "copy")], check=True)
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        wait_gone(fuse2fs, "fuse2fs")
+        elapsed = time.perf_counter() - t0
+        fsck = subprocess.run(["e2fsck", "-fn", str(exposed / "nbd")], capture_output=True,
+                              text=True)
+        if fsck.returncode != 0:
+            raise RuntimeError(f"e2fsck -fn after the copy failed:\n{fsck.stdout}{fsck.stderr}")
+        return elapsed
+    finally:
+        if fuse2fs is not None and fuse2fs.poll() is None:
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+            wait_gone(fuse2fs, "fuse2fs")
+        subprocess.run(["fusermount3", "-u", str(exposed)], check=False)
+        wait_gone(nbdfuse, "nbdfuse")
+
+
+def flush_latency(uri: str, count: int) -> tuple[float, float]:
+    import nbd  # type: ignore[import-not-found]
+
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    rng = random.Random(1)
+    block = os.urandom(4096)
+    times = []
+    for _ in range(count):
+        h.pwrite(block, rng.randrange(0, (64 << 20) // 4096) * 4096)
+        t0 = time.perf_counter()
+        h.flush()
+        times.append(time.perf_counter() - t0)
+    h.shutdown()
+    times.sort()
+    return statistics.median(times), times[int(len(times) * 0.9)]
+
+
+def table(title: str, unit: str, results: dict[str, list[float]], reference: str) -> None:
+    ref = statistics.median(results[reference])
+    print(f"\n## {title}\n\n| server | {unit} | ratio to {reference} |\n|---|---|---|")
+    for name, values in results.items():
+        med = statistics.median(values)
+        print(f"| {name} | {med:.2f} | {med / ref:.2f}x |")
+    sys.stdout.flush()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=["fuse", "flush", "all"], default="all")
+    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--files", type=int, default=300)
+    parser.add_argument("--data", default="200MiB")
+    parser.add_argument("--flushes", type=int, default=200)
+    args = parser.parse_args()
+    data = common.parse_size(args.data)
+    up = common.trustvbd_up(DISK, True)
+    if args.suite in ("fuse", "all"):
+        with common.workdir() as src:
+            make_tree(src / "tree", args.files, data)
+            subprocess.run(["sh", "-c", f"cat {src}/tree/*/* > /dev/null"], check=True)
+            servers = [up, common.nbdkit_file(DISK)]
+            results: dict[str, list[float]] = {s.name: [] for s in servers}
+            for rep in range(args.reps):
+                for server in servers:
+                    print(f"[fuse rep {rep + 1}/{args.reps}] {server.name}", file=sys.stderr)
+                    with common.workdir() as work:
+                        uri, stop = server.start(work)
+                        try:
+                            results[server.name].append(fuse_copy(uri, work, src / "tree"))
+                        finally:
+                            stop()
+            table(f"FUSE copy: {args.files} files, {common.format_size(data)}, nbdfuse + fuse2fs"
+                  f" (ext4); medians of {args.reps}", "seconds", results, "nbdkit file")
+    if args.suite in ("flush", "all"):
+        peer = nbd_server(DISK) if shutil.which("nbd-server") else common.nbdkit_file(DISK)
+        if peer.name != "nbd-server":
+            print("nbd-server is not installed: measuring nbdkit file instead", file=sys.stderr)
+        servers = [up, peer]
+        p50: dict[str, list[float]] = {s.name: [] for s in servers}
+        p90: dict[str, list[float]] = {s.name: [] for s in servers}
+        for rep in range(args.reps):
+            for server in servers:
+                print(f"[flush rep {rep + 1}/{args.reps}] {server.name}", file=sys.stderr)
+                with common.workdir() as work:
+                    uri, stop = server.start(work)
+                    try:
+                        median, high = flush_latency(uri, args.flushes)
+                    finally:
+                        stop()
+                p50[server.name].append(median * 1e3)
+                p90[server.name].append(high * 1e3)
+        table(f"FLUSH after each 4 KiB write, {args.flushes} flushes: median", "ms", p50,
+              peer.name)
+        table("FLUSH: 90th percentile", "ms", p90, peer.name)
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.exit(main())
