@@ -54,7 +54,8 @@ def nbdinfo_facts(uri: str, size: int) -> dict[str, object]:
     info = json.loads(out)
     export = info["exports"][0]
     assert export["export-size"] == size
-    assert export["block_size_minimum"] == 512
+    assert export["block_size_minimum"] == 1
+    assert export["block_size_maximum"] == 64 << 20
     assert export["block_size_preferred"] == 4096
     assert export["can_flush"] and export["can_fua"] and export["can_trim"] and export["can_zero"]
     assert not export["is_read_only"]
@@ -99,5 +100,27 @@ def libnbd_requests(uri: str) -> None:
             assert exc.errno in ("EINVAL", "EIO") or exc.errnum is not None
         else:
             raise AssertionError("read past the end succeeded")
+    finally:
+        h.shutdown()
+
+
+def byte_sized_and_long_requests(uri: str) -> None:
+    """1-, 3- and 513-byte reads and writes at odd offsets and a 40 MiB round trip, against a
+    reference (the export must be at least 48 MiB)."""
+    nbd = libnbd()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        reference = bytearray(h.pread(48 << 20, 0))
+        big = os.urandom(40 << 20)
+        h.pwrite(big, 4097)
+        reference[4097:4097 + len(big)] = big
+        for offset, length in [(1, 1), (3, 3), (4095, 513), (8191, 2), ((40 << 20) + 5, 513)]:
+            chunk = os.urandom(length)
+            h.pwrite(chunk, offset)
+            reference[offset:offset + length] = chunk
+            assert h.pread(length, offset) == reference[offset:offset + length]
+        h.flush()
+        assert h.pread(48 << 20, 0) == reference
     finally:
         h.shutdown()

@@ -15,7 +15,7 @@ import pytest
 from tests.interop import clients
 from tests.support import TRUSTVBD, read_lines_until, run
 
-SIZE = 32 << 20
+SIZE = 48 << 20  # room for a 40 MiB request
 pytestmark = pytest.mark.interop
 
 
@@ -74,6 +74,10 @@ def test_fio(driver: Driver) -> None:
 
 def test_libnbd(driver: Driver) -> None:
     clients.libnbd_requests(driver.uri)
+
+
+def test_byte_sized_and_long_requests(driver: Driver) -> None:
+    clients.byte_sized_and_long_requests(driver.uri)
 
 
 def test_named_export_and_unknown_export(driver: Driver) -> None:

@@ -73,6 +73,10 @@ def test_up_prints_one_line_per_guest_and_disk(system: System) -> None:
     assert all(Path(line.split("socket=")[1]).is_absolute() for line in system.lines[:-1])
 
 
+def test_byte_sized_and_long_requests(system: System) -> None:
+    clients.byte_sized_and_long_requests(system.uri("vm1", "payroll"))
+
+
 def test_qemu_io(system: System) -> None:
     clients.qemu_io_patterns(system.uri("vm1", "payroll"))
 

@@ -111,12 +111,27 @@ def test_oversized_option_is_refused_before_reading_it() -> None:
         s.receive_data(p.OPTION_HEADER.pack(p.IHAVEOPT, p.Opt.GO, 1 << 30))
 
 
-def test_oversized_write_is_a_protocol_error_but_oversized_read_parses() -> None:
+def test_long_write_arrives_in_parts_and_long_read_parses() -> None:
     _c, s = negotiated()
     s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.READ, 1, 0, 1 << 30))
-    assert drain(s)[0].length == 1 << 30  # answered with EINVAL by the server
-    with pytest.raises(p.ProtocolError, match="exceeds the 32 MiB"):
-        s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 2, 0, (1 << 25) + 1))
+    assert drain(s)[0].length == 1 << 30  # served in parts by the server
+    part = p.REQUEST_PART
+    length = 2 * part + 3
+    payload = bytes(range(256)) * (length // 256) + bytes(length % 256)
+    s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, p.CmdFlag.FUA, p.Cmd.WRITE, 2, 5, length))
+    got: list[m.Event] = []
+    for at in range(0, length, 1 << 20):  # in 1 MiB slices, as a socket would hand them over
+        s.receive_data(payload[at:at + (1 << 20)])
+        got += drain(s)
+    assert [type(e) for e in got] == [m.WritePart] * 3
+    assert [(e.offset, len(e.data), e.last) for e in got] == [  # type: ignore[union-attr]
+        (5, part, False), (5 + part, part, False), (5 + 2 * part, 3, True)]
+    assert b"".join(e.data for e in got) == payload  # type: ignore[union-attr,misc]
+    assert all(e.request.cookie == 2 and e.request.flags == p.CmdFlag.FUA  # type: ignore[union-attr]
+               for e in got)
+    # The stream stays in sync: the next request parses.
+    s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.FLUSH, 3, 0, 0))
+    assert [e.cookie for e in drain(s)] == [3]  # type: ignore[union-attr]
 
 
 def test_disc_moves_to_disconnecting_and_later_bytes_are_ignored() -> None:

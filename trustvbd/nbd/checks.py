@@ -6,14 +6,9 @@ backend. Choices, from the NBD protocol document:
 - write/trim/zero on a read-only export -> EPERM;
 - past the end of the export: ENOSPC for WRITE and WRITE_ZEROES ("a write
   request including sectors beyond the size of the device"), EINVAL otherwise;
-- not aligned to the minimum block -> EINVAL. The minimum is 512 only for
-  clients that asked for NBD_INFO_BLOCK_SIZE (and so know it); others get the
-  spec's default of 1. The tail of an export whose size is not a multiple of
-  the minimum stays reachable;
-- READ longer than the 32 MiB maximum payload -> EINVAL: its reply is a payload
-  the client must not ask for. Commands without payload (TRIM, WRITE_ZEROES,
-  CACHE) may exceed it and are served. An oversized WRITE never gets here: its
-  payload cannot be skipped safely, so the core drops the connection.
+There is no alignment rule (the minimum block size is 1) and no length limit
+but the export's end: requests longer than the advertised maximum payload are
+served in parts (connection.py), as nbd-server serves them.
 """
 
 from __future__ import annotations
@@ -37,9 +32,7 @@ _KNOWN = (
     p.Cmd.READ, p.Cmd.WRITE, p.Cmd.FLUSH, p.Cmd.TRIM, p.Cmd.CACHE, p.Cmd.WRITE_ZEROES,
 )
 # Plain ints for the per-request path (enum attribute access is slow).
-_READ, _WRITE, _FLUSH, _WRITE_ZEROES = (
-    int(p.Cmd.READ), int(p.Cmd.WRITE), int(p.Cmd.FLUSH), int(p.Cmd.WRITE_ZEROES),
-)
+_WRITE, _FLUSH, _WRITE_ZEROES = int(p.Cmd.WRITE), int(p.Cmd.FLUSH), int(p.Cmd.WRITE_ZEROES)
 
 
 def allowed_flags(cmd: int, tflags: int, structured: bool) -> int:
@@ -57,9 +50,8 @@ def allowed_flags(cmd: int, tflags: int, structured: bool) -> int:
 class RequestChecker:
     """check_request() for one negotiated export, with the per-command rules precomputed."""
 
-    def __init__(self, size: int, tflags: int, structured: bool, min_block: int = 1) -> None:
+    def __init__(self, size: int, tflags: int, structured: bool) -> None:
         self.size = size
-        self.min_block = min_block
         # cmd -> (name, allowed flags, refusal for the command as a whole or None)
         self._rules: dict[int, tuple[str, int, tuple[int, str] | None]] = {}
         for cmd in _KNOWN:
@@ -90,25 +82,16 @@ class RequestChecker:
             if offset or length:
                 return p.NbdErr.EINVAL, "FLUSH must have offset and length 0"
             return None
-        if cmd == _READ and length > p.MAX_PAYLOAD:
-            return p.NbdErr.EINVAL, f"READ of {length} bytes exceeds the 32 MiB maximum payload"
         size = self.size
         if offset + length > size:
             err = p.NbdErr.ENOSPC if cmd in (_WRITE, _WRITE_ZEROES) else p.NbdErr.EINVAL
             return err, f"{name} [{offset}, {offset + length}) is beyond the export size {size}"
-        mb = self.min_block
-        if mb > 1 and (offset % mb or (length % mb and offset + length != size)):
-            return p.NbdErr.EINVAL, (
-                f"{name} [{offset}, {offset + length}) is not aligned to {mb} bytes"
-            )
         return None
 
 
-def check_request(
-    req: Request, size: int, tflags: int, structured: bool, min_block: int = 1
-) -> tuple[int, str] | None:
+def check_request(req: Request, size: int, tflags: int, structured: bool) -> tuple[int, str] | None:
     """The NBD error to answer `req` with, or None if it may go to the backend."""
-    return RequestChecker(size, tflags, structured, min_block)(req)
+    return RequestChecker(size, tflags, structured)(req)
 
 
 def export_flags(caps: Capabilities, structured: bool) -> int:

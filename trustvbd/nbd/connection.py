@@ -13,6 +13,15 @@ sent without a copy and then given back (zero_copy.py).
 Ordering: a FLUSH waits for every write-type request received before it that is
 still running, which covers the spec's "all writes completed before the flush".
 
+Large requests: a READ or WRITE longer than REQUEST_PART (32 MiB) is served in
+parts of at most that size, so memory stays bounded whatever the client asks
+(up to the 32-bit length field, as nbd-server serves). A long WRITE arrives as
+WritePart pieces (core.py) and gets one reply after its last piece is written.
+A long READ's reply is sent part by part, each after the previous one left; with
+simple replies nothing else may interleave, so other replies wait meanwhile, and
+an error after the first part can only drop the connection (the spec's way).
+Every refusal is logged with its reason.
+
 Safety: at most MAX_TASKS requests and MAX_INFLIGHT_BYTES of payload run at
 once, and reading stops while the client is not reading its replies, so a
 hostile client cannot make the server allocate without bound. Anything the
@@ -27,6 +36,7 @@ import logging
 import sys
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from trustvbd.blockdev import Backend, BlockError, Buffer, FileRange, LendsReads, Lent, ServesFileRanges
@@ -62,6 +72,16 @@ _READ, _WRITE, _DISC, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES = (
 _FUA, _NO_HOLE, _FAST_ZERO = int(p.CmdFlag.FUA), int(p.CmdFlag.NO_HOLE), int(p.CmdFlag.FAST_ZERO)
 _WRITE_TYPES = (_WRITE, _TRIM, _WRITE_ZEROES)
 _POOL_MIN = 64 * 1024  # smaller payloads are sliced from the receive buffer, not pooled
+
+
+@dataclass(slots=True)
+class _PartedWrite:
+    """A WRITE served in pieces: its one reply waits for every piece."""
+
+    refusal: tuple[int, str] | None  # the whole request's check; pieces are then skipped
+    error: tuple[int, str] | None = None  # the first piece that failed
+    running: int = 0
+    received_all: bool = False
 
 
 @types.coroutine
@@ -101,6 +121,11 @@ class Connection(asyncio.BufferedProtocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._write_tasks: set[asyncio.Task[None]] = set()
         self._inflight_bytes = 0
+        self._parted: dict[int, _PartedWrite] = {}  # cookie -> WRITE arriving in pieces
+        self._held: list[OutPart] | None = None  # replies waiting for a simple-reply stream
+        self._stream_lock = asyncio.Lock()
+        self._drained = asyncio.Event()  # the transport holds no unsent bytes
+        self._drained.set()
         self._out: list[OutPart] = []
         self._out_bytes = 0
         self._out_special = False  # _out holds a FileRange or a Lent buffer
@@ -156,6 +181,7 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._output_closed = True
         self._stopping = True
+        self._drained.set()  # a stream waiting for room stops at once
         if self._handshake_task is not None and not self._handshake_task.done():
             self._handshake_task.cancel()
         self._wake()
@@ -163,10 +189,12 @@ class Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._transport_busy = True
+        self._drained.clear()
         self._update_reading()
 
     def resume_writing(self) -> None:
         self._transport_busy = False
+        self._drained.set()
         if self._out and not self._flush_scheduled:
             self._flush_scheduled = True  # replies waiting for the transport to drain
             self._loop.call_soon(self._flush)
@@ -236,9 +264,7 @@ class Connection(asyncio.BufferedProtocol):
         self._file_range = (backend.file_range
                             if self._sock_fd >= 0 and isinstance(backend, ServesFileRanges) else None)
         self._pread_lent = backend.pread_lent if isinstance(backend, LendsReads) else None
-        self._check = RequestChecker(
-            result.export.backend.size, result.flags, self.core.structured, result.min_block
-        )
+        self._check = RequestChecker(result.export.backend.size, result.flags, self.core.structured)
         self._transmitting = True
         log.info("nbd: %s (%s) attached export %r", self.peer.identity, self.peer.address,
                  self.export_name)
@@ -253,6 +279,8 @@ class Connection(asyncio.BufferedProtocol):
                 break
             if type(ev) is m.Request:
                 self._dispatch(ev)
+            elif type(ev) is m.WritePart:
+                self._dispatch_part(ev)
             elif isinstance(ev, m.ConnectionClosed):
                 if ev.truncated:
                     log.warning("nbd: %s sent a truncated message (%d bytes) before closing",
@@ -265,18 +293,25 @@ class Connection(asyncio.BufferedProtocol):
             return
         bad = self._check(req)  # type: ignore[misc]
         if bad is not None:
-            self._reply_error(req, bad[0], bad[1])
+            self._refuse(req, *bad)
             return
-        coro = self._serve(req)
+        self._run(self._serve(req), req.type, req.length if req.type in (_READ, _WRITE) else 0)
+
+    def _refuse(self, req: m.Request, error: int, message: str) -> None:
+        log.warning("nbd: %s (%s) export %r: refused %s: %s", self.peer.identity,
+                    self.peer.address, self.export_name, p.name_of(p.Cmd, req.type), message)
+        self._reply_error(req, error, message)
+
+    def _run(self, coro: Coroutine[Any, Any, None], typ: int, cost: int) -> None:
+        """Step a request's handler inline; only if it suspends does it become a task."""
         try:
             yielded = coro.send(None)
         except StopIteration:
             return  # finished inline, reply queued
         task = self._loop.create_task(_resume(coro, yielded))
         self._tasks.add(task)
-        if req.type in _WRITE_TYPES:
+        if typ in _WRITE_TYPES:
             self._write_tasks.add(task)
-        cost = req.length if req.type in (_READ, _WRITE) else 0
         self._inflight_bytes += cost
         task.add_done_callback(lambda t: self._task_done(t, cost))
         self._update_reading()
@@ -287,6 +322,101 @@ class Connection(asyncio.BufferedProtocol):
         self._inflight_bytes -= cost
         self._update_reading()
 
+    def _dispatch_part(self, part: m.WritePart) -> None:
+        req = part.request
+        state = self._parted.get(req.cookie)
+        if state is None:  # the first piece: check the whole request once
+            state = self._parted[req.cookie] = _PartedWrite(self._check(req))  # type: ignore[misc]
+        state.received_all = part.last
+        if state.refusal is None and state.error is None:
+            state.running += 1
+            self._run(self._write_part(req, part, state), _WRITE, len(part.data))
+        else:
+            self.core.pool.put(part.data)  # type: ignore[arg-type]
+        self._finish_parted(req, state)
+
+    async def _write_part(self, req: m.Request, part: m.WritePart, state: _PartedWrite) -> None:
+        backend = self._backend
+        assert backend is not None
+        payload, part.data = part.data, b""
+        try:
+            await backend.pwrite(part.offset, payload, bool(req.flags & _FUA))
+        except BlockError as exc:
+            state.error = state.error or (p.errno_to_nbd(exc.errno), exc.message)
+        except Exception as exc:
+            log.exception("nbd: WRITE part on export %r failed unexpectedly", self.export_name)
+            state.error = state.error or (p.NbdErr.EIO, f"internal server error: {exc}")
+        finally:
+            state.running -= 1
+        if sys.getrefcount(payload) == 2:  # as in _serve: recycle unless the backend kept it
+            self.core.pool.put(payload)  # type: ignore[arg-type]
+        self._finish_parted(req, state)
+
+    def _finish_parted(self, req: m.Request, state: _PartedWrite) -> None:
+        if not state.received_all or state.running or self._parted.get(req.cookie) is not state:
+            return
+        del self._parted[req.cookie]
+        if state.refusal is not None:
+            self._refuse(req, *state.refusal)
+        elif state.error is not None:
+            self._reply_error(req, *state.error)
+        else:
+            self._queue(self.core.send_parts(m.SimpleReply(req.cookie)))
+
+    async def _serve_parted_read(self, req: m.Request) -> None:
+        """A READ longer than REQUEST_PART: read and send it part by part (bounded memory)."""
+        if self.core.structured:
+            await self._stream_read(req)
+            return
+        async with self._stream_lock:  # one simple-reply stream at a time
+            self._held = []
+            try:
+                await self._stream_read(req)
+            finally:
+                held, self._held = self._held, None
+                if held:
+                    self._queue(held)
+
+    async def _stream_read(self, req: m.Request) -> None:
+        backend = self._backend
+        assert backend is not None
+        structured, end = self.core.structured, req.offset + req.length
+        for offset in range(req.offset, end, p.REQUEST_PART):
+            if self._output_closed:
+                return
+            n = min(p.REQUEST_PART, end - offset)
+            try:
+                data = await backend.pread(offset, n)
+                if len(data) != n:
+                    raise BlockError(errno.EIO, f"backend returned {len(data)} of {n} bytes")
+            except Exception as failure:
+                exc = failure if isinstance(failure, BlockError) else BlockError(
+                    errno.EIO, f"internal server error: {failure}")
+                if exc is not failure:
+                    log.exception("nbd: READ part on export %r failed unexpectedly", self.export_name)
+                error = p.errno_to_nbd(exc.errno)
+                if structured:
+                    self._queue(self.core.send_parts(
+                        m.ErrorChunk(req.cookie, error, exc.message, offset)), stream=True)
+                elif offset == req.offset:
+                    self._queue(self.core.send_parts(m.SimpleReply(req.cookie, error)), stream=True)
+                else:  # the reply's header and some data are out: only a hard disconnect is honest
+                    log.error("nbd: export %r: READ failed after its reply began (%s); closing "
+                              "the connection from %s", self.export_name, exc, self.peer.identity)
+                    self._abort()
+                return
+            if structured:
+                parts = self.core.send_parts(m.OffsetData(req.cookie, offset, data, offset + n == end))
+            elif offset == req.offset:
+                parts = self.core.send_parts(m.SimpleReply(req.cookie, 0, data))
+            else:
+                parts = [data]  # the simple reply's payload continues
+            self._queue(parts, stream=True)
+            if not self._transport_busy:
+                self._flush()
+            while self._transport_busy and not self._output_closed:
+                await self._drained.wait()  # one part at a time in memory
+
     async def _serve(self, req: m.Request) -> None:
         backend = self._backend
         assert backend is not None
@@ -294,6 +424,9 @@ class Connection(asyncio.BufferedProtocol):
         fua = bool(flags & _FUA)
         try:
             if typ == _READ:
+                if req.length > p.REQUEST_PART:
+                    await self._serve_parted_read(req)
+                    return
                 if self._file_range is not None and req.length >= SENDFILE_MIN:
                     self._reply_read(req, self._file_range(req.offset, req.length))
                     return
@@ -359,9 +492,12 @@ class Connection(asyncio.BufferedProtocol):
         log.debug("nbd: %s %s: %s", self.peer.identity, p.name_of(p.Cmd, req.type), message)
         self._queue(self.core.send_parts(msg))
 
-    def _queue(self, parts: Sequence[OutPart]) -> None:
+    def _queue(self, parts: Sequence[OutPart], stream: bool = False) -> None:
         if self._output_closed:
             release_all(parts)
+            return
+        if self._held is not None and not stream:  # a simple-reply stream is being sent
+            self._held.extend(settle_lent(list(parts)))
             return
         busy = self._transport_busy
         for part in parts:

@@ -379,12 +379,12 @@ class ProtocolCore:
                     self._start = body
                     self._receive(m.Request(typ, cookie, offset, length, flags))
                     continue
-                if length > p.MAX_PAYLOAD:
-                    raise p.ProtocolError(
-                        f"WRITE payload of {length} bytes exceeds the 32 MiB maximum; "
-                        "it cannot be skipped safely"
-                    )
                 have = end - body
+                if length > p.REQUEST_PART:
+                    req = m.Request(typ, cookie, offset, length, flags)
+                    self._transition(req)  # state checks as for any request
+                    self._receive_part(req, 0, memoryview(buf)[body:end])
+                    return
                 if have >= length:
                     self._start = body + length
                     data = buf[body : body + length]  # a copy: the scratch buffer is reused
@@ -425,6 +425,28 @@ class ProtocolCore:
             if state in (_DISCONNECTING, State.CLOSED):
                 self._start = self._end  # nothing may follow DISC/ABORT: ignore it
             return  # not the client's turn: keep the bytes until it is
+
+    def _receive_part(self, req: m.Request, done: int, early: memoryview) -> None:
+        """Receive the next piece of a WRITE longer than REQUEST_PART into its own buffer.
+
+        `early`: payload bytes already in the scratch buffer (fewer than a piece).
+        Each piece becomes a WritePart event once complete; the next one is received
+        only when the peer sends it, which the server throttles by its in-flight bytes.
+        """
+        n = min(p.REQUEST_PART, req.length - done)
+        payload = self.pool.get(n)
+        have = len(early)
+        assert have < n  # the scratch buffer is far smaller than a piece
+        payload[:have] = early
+        self._start = self._end = 0
+
+        def complete() -> None:
+            last = done + n == req.length
+            self._events.append(m.WritePart(req, req.offset + done, payload, last))
+            if not last:
+                self._receive_part(req, done + n, memoryview(b""))
+
+        self._start_direct(memoryview(payload), have, complete)
 
     # --- client side: messages from the server -------------------------------
     def _parse_from_server(self) -> None:

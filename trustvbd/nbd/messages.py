@@ -140,6 +140,21 @@ class Reply:
 
 
 @dataclass(slots=True)
+class WritePart:
+    """One piece of a WRITE longer than `protocol.REQUEST_PART`, as the server core hands it out.
+
+    Not a wire message: the payload of such a write is received and handed out piece by
+    piece, so it is never held whole. `request` is the whole request (its `data` is None);
+    pieces come in order and `last` marks the final one.
+    """
+
+    request: Request
+    offset: int
+    data: Buffer
+    last: bool
+
+
+@dataclass(slots=True)
 class ConnectionClosed:
     """The peer closed its side of the connection (end of file).
 
@@ -151,7 +166,7 @@ class ConnectionClosed:
 
 Event = (
     Greeting | ClientFlags | Option | OptionReply | ExportNameReply | Request | SimpleReply
-    | OffsetData | OffsetHole | ErrorChunk | NoneChunk | Reply | ConnectionClosed
+    | OffsetData | OffsetHole | ErrorChunk | NoneChunk | Reply | WritePart | ConnectionClosed
 )
 Chunk = OffsetData | OffsetHole | ErrorChunk | NoneChunk
 

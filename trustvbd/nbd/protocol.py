@@ -38,10 +38,16 @@ ERROR_CHUNK = struct.Struct(">IH")  # error, message length
 OFFSET_HOLE = struct.Struct(">QI")  # offset, hole size
 
 # --- limits --------------------------------------------------------------
-# Block sizes we advertise (NBD_INFO_BLOCK_SIZE) and enforce.
-MIN_BLOCK = 512
+# Block sizes we advertise (NBD_INFO_BLOCK_SIZE). Any byte range is served (the
+# encryption domain reads, modifies and writes partial blocks), so the minimum is 1;
+# 4 KiB costs least. The maximum payload advertised is 64 MiB, what nbdkit accepts
+# and what libnbd sends when a server names none; longer requests, up to the 32-bit
+# length field (nbd-server serves those), are still served, in parts of REQUEST_PART.
+MIN_BLOCK = 1
 PREFERRED_BLOCK = 4096
-MAX_PAYLOAD = 32 * 1024 * 1024  # the spec's portable maximum payload (2^25)
+ADVERTISED_MAX_PAYLOAD = 64 * 1024 * 1024
+MAX_PAYLOAD = 32 * 1024 * 1024  # the spec's portable maximum payload (2^25): what our client sends
+REQUEST_PART = MAX_PAYLOAD  # the most one server-side backend call handles (bounds memory)
 # Longest option payload (server side) or option reply payload (client side)
 # we accept; longer means a hostile or broken peer and the connection is dropped.
 MAX_OPTION_LENGTH = 64 * 1024

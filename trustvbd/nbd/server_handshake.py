@@ -29,7 +29,6 @@ class Negotiated:
 
     export: Export
     flags: int  # transmission flags sent to the client
-    min_block: int  # alignment we enforce (512 only if the client asked for block sizes)
 
 
 class HandshakeEnded(Exception):
@@ -68,7 +67,7 @@ async def negotiate(
                 raise HandshakeEnded(f"export refused: {exc}") from exc
             flags = export_flags(export.backend.capabilities, core.structured)
             write(core.send(m.ExportNameReply(export.backend.size, flags)))
-            return Negotiated(export, flags, 1)
+            return Negotiated(export, flags)
         if opt in (p.Opt.GO, p.Opt.INFO):
             result = await _go_or_info(core, opt, data, reply, error, provider, peer)
             if result is not None:
@@ -120,16 +119,13 @@ async def _go_or_info(
         return None
     try:
         backend = export.backend
-        asked_sizes = p.Info.BLOCK_SIZE in infos
-        # A client that did not ask for block sizes may not honour them, so we
-        # advertise (and enforce) the spec's default minimum of 1 for it.
-        min_block = p.MIN_BLOCK if asked_sizes else 1
         flags = export_flags(backend.capabilities, core.structured)
         if p.Info.NAME in infos:
             reply(opt, Rep.INFO, m.info_name(export.name))
         if p.Info.DESCRIPTION in infos and export.description:
             reply(opt, Rep.INFO, m.info_description(export.description))
-        reply(opt, Rep.INFO, m.info_block_size(min_block, p.PREFERRED_BLOCK, p.MAX_PAYLOAD))
+        reply(opt, Rep.INFO, m.info_block_size(p.MIN_BLOCK, p.PREFERRED_BLOCK,
+                                                 p.ADVERTISED_MAX_PAYLOAD))
         reply(opt, Rep.INFO, m.info_export(backend.size, flags))
         reply(opt, Rep.ACK)
     except BaseException:
@@ -138,4 +134,4 @@ async def _go_or_info(
     if opt == p.Opt.INFO:
         provider.release_export(peer, export)
         return None
-    return Negotiated(export, flags, min_block)
+    return Negotiated(export, flags)
