@@ -48,6 +48,7 @@ class Acm:
         self.conn.connect(str(self.sock))
         self.conn.settimeout(10)
         self.file = self.conn.makefile("rwb")
+        self.rid = 0
 
     def raw(self, data: bytes) -> dict:
         self.file.write(data)
@@ -55,7 +56,11 @@ class Acm:
         return json.loads(self.file.readline())
 
     def ask(self, **request: object) -> dict:
-        return self.raw(json.dumps(request).encode() + b"\n")
+        """One request with a fresh request id; the reply must carry it back (then dropped)."""
+        self.rid += 1
+        reply = self.raw(json.dumps({**request, "rid": self.rid}).encode() + b"\n")
+        assert reply.pop("rid") == self.rid, reply
+        return reply
 
     def stop(self) -> None:
         self.file.close()
@@ -110,7 +115,8 @@ def test_chinese_wall_attachments(xm):
     other = socket.socket(socket.AF_UNIX)
     other.connect(str(xm.sock))
     f = other.makefile("rwb")
-    f.write(b'{"op":"chw_detach","id":"c2"}\n{"op":"chw_attach","id":"c9","label":"green"}\n')
+    f.write(b'{"op":"chw_detach","id":"c2","rid":1}\n'
+            b'{"op":"chw_attach","id":"c9","label":"green","rid":2}\n')
     f.flush()
     assert json.loads(f.readline())["ok"] is False
     assert json.loads(f.readline())["allowed"] is True
@@ -132,7 +138,10 @@ def test_bad_requests_get_errors_and_serving_goes_on(xm):
     assert '"guest_label" must be' in xm.ask(op="guest_may_use_disk", guest_label=7,
                                              disk_label="red")["error"]
     huge = xm.raw(b'{"op":"status","pad":"' + b"x" * 300_000 + b'"}\n')
-    assert huge == {"ok": False, "error": "bad request: line over 65536 bytes"}
+    assert huge == {"ok": False, "error": "bad request: line over 65536 bytes", "rid": None}
+    no_id = xm.raw(b'{"op":"status"}\n')  # a request without its id is refused, id null
+    assert no_id["rid"] is None and '"rid" (the request id' in no_id["error"]
+    assert xm.raw(b'{"op":"status","rid":true}\n')["ok"] is False
     assert xm.raw(b"\xff\xfe\n")["ok"] is False
     assert xm.ask(op="status")["ok"] is True  # still serving, same connection
     assert xm.ask(op="record", kind="decision", fields={})["ok"] is False  # cannot forge
@@ -186,9 +195,9 @@ def test_null_policy_domain_on_a_handed_over_socket():
     try:
         c = socket.socket(socket.AF_UNIX)
         c.connect(str(d / "acm.sock"))  # queued in the backlog until the domain accepts
-        c.sendall(b'{"op":"guest_may_use_disk","guest_label":"x","disk_label":"y"}\n')
+        c.sendall(b'{"op":"guest_may_use_disk","guest_label":"x","disk_label":"y","rid":7}\n')
         reply = json.loads(c.makefile("rb").readline())
-        assert reply["allowed"] is True and reply["rule"] == "null-policy"
+        assert reply["allowed"] is True and reply["rule"] == "null-policy" and reply["rid"] == 7
         c.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
@@ -259,24 +268,30 @@ def test_client_and_fail_closed(xm):
 
 
 def test_client_fails_closed_on_garbage_and_silence():
-    async def scenario() -> None:
-        connections = 0
+    """Each lie ends the connection (or times out) and is a refusal; the next connection is fresh."""
+    answers = [
+        lambda rid: b'{"rid": %d, "ok": true, "allowed": "yes"}\n' % rid,  # not a boolean
+        lambda rid: b"\x00\x01 nonsense\n",  # not JSON: the connection is dropped
+        lambda rid: b'{"rid": %d, "ok": true, "allowed": true, "rule": "r", "reason": "r"}\n'
+                    % (rid + 1000),  # an answer to a request never made
+        lambda rid: b'{"ok": true, "allowed": true, "rule": "r", "reason": "r"}\n',  # no id
+        None,  # silence
+    ]
 
+    async def scenario() -> None:
         async def liar(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            nonlocal connections
-            connections += 1
-            if connections == 1:
-                await reader.readline()
-                writer.write(b'{"ok": true, "allowed": "yes"}\n')  # not a boolean: garbage
-                await reader.readline()
-                writer.write(b"\x00\x01 nonsense\n")
-            await reader.readline()
-            await asyncio.sleep(5)  # then silence
+            while line := await reader.readline():
+                answer = answers.pop(0)
+                if answer is None:
+                    await asyncio.sleep(5)
+                    return
+                writer.write(answer(json.loads(line)["rid"]))
 
         path = Path(tempfile.mkdtemp(prefix="acm", dir="/tmp")) / "g.sock"
         server = await asyncio.start_unix_server(liar, path=str(path))
         client = AcmClient(str(path), timeout=0.5)
-        for expected in ("garbled reply", "Expecting value", "timed out"):
+        for expected in ("garbled reply", "Expecting value", "which was never made",
+                         "without a request id", "timed out"):
             d = await client.guest_may_use_disk("g", "a", "d", "b")
             assert not d.allowed and d.rule == "acm-unreachable", d
             assert d.reason.startswith("access-control domain unreachable: ")
@@ -301,14 +316,14 @@ def test_any_request_gets_a_reply_in_process(tmp_path):
     values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
                           lambda c: st.lists(c, max_size=3) | st.dictionaries(
                               st.text(max_size=5), c, max_size=3), max_leaves=6)
-    keys = st.sampled_from(["guest", "guest_label", "disk", "disk_label", "id", "label", "a",
+    keys = st.sampled_from(["rid", "guest", "guest_label", "disk", "disk_label", "id", "label", "a",
                             "a_label", "b", "b_label", "kind", "fields", "path"])
 
     @settings(max_examples=300, deadline=None)
     @given(ops, st.dictionaries(keys, values | st.sampled_from(["red", "blue", "integrity"])),
            st.binary(max_size=20))
     def check(op, body, raw):
-        for line in (json.dumps({"op": op, **body}).encode(), raw):
+        for line in (json.dumps({"op": op, "rid": 1, **body}).encode(), raw):
             reply = domain.respond(line, owner=1)
             assert isinstance(reply, dict) and isinstance(reply.get("ok"), bool), reply
             assert "allowed" not in reply or isinstance(reply["allowed"], bool)

@@ -5,6 +5,10 @@ a refusal whose reason starts with "access-control domain unreachable: ".
 Chinese Wall attachments belong to the connection that made them (the domain
 releases them when it closes), so after a reconnect the client re-attaches
 what it holds; ids it could not restore are listed in `lost`.
+
+Every request carries a request id ("rid") and the domain echoes it: replies are
+paired by id, never by order (trustvbd/replies.py), so a decision whose asker
+was cancelled or timed out can never become the answer to another.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import contextlib
 import json
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from trustvbd.acm.decisions import Decision
+from trustvbd.replies import PendingReplies, ProtocolError
 
 log = logging.getLogger("trustvbd.acm.client")
 MAX_REPLY = 1 << 20
@@ -32,22 +38,23 @@ class AcmClient:
         if (path is None) == (sock is None):
             raise ValueError("give exactly one of path or sock")
         self.path, self.sock, self.timeout = path, sock, timeout
-        self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
-        self.lock = asyncio.Lock()
+        self.replies: PendingReplies[dict[str, Any]] = PendingReplies("access-control domain")
+        self.reading: asyncio.Task[None] | None = None
+        self.connecting = asyncio.Lock()
         self.held: dict[str, tuple[str, str | None]] = {}  # chw attachments: id -> label, name
         self.lost: list[str] = []
 
     async def _connect(self) -> None:
         if self.sock is not None:  # a handed-over fd is used once; it cannot be reopened
             sock, self.sock = self.sock, None
-            self.reader, self.writer = await asyncio.open_unix_connection(sock=sock,
-                                                                          limit=MAX_REPLY)
+            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_REPLY)
         elif self.path is not None:
-            self.reader, self.writer = await asyncio.open_unix_connection(self.path,
-                                                                          limit=MAX_REPLY)
+            reader, writer = await asyncio.open_unix_connection(self.path, limit=MAX_REPLY)
         else:
             raise AcmUnavailable("its connection was lost and cannot be reopened")
+        self.writer, self.replies = writer, PendingReplies("access-control domain")
+        self.reading = asyncio.get_running_loop().create_task(self._read(reader, writer))
         for cid, (label, name) in list(self.held.items()):  # restore our Chinese Wall counts
             reply = await self._exchange({"op": "chw_attach", "id": cid, "label": label,
                                           "name": name})
@@ -56,43 +63,62 @@ class AcmClient:
                 self.held.pop(cid)
                 self.lost.append(cid)
 
-    async def _exchange(self, request: dict[str, Any]) -> dict[str, Any]:
-        assert self.reader is not None and self.writer is not None
-        self.writer.write(json.dumps(request).encode() + b"\n")
-        await self.writer.drain()
-        line = await self.reader.readline()
-        if not line.endswith(b"\n"):
-            raise AcmUnavailable("connection closed")
-        reply = json.loads(line)
-        if not isinstance(reply, dict):
-            raise AcmUnavailable("reply is not a JSON object")
-        return reply
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Hand each reply to the request it names; anything else ends the connection."""
+        replies, why = self.replies, "connection closed"
+        try:
+            while (line := await reader.readline()).endswith(b"\n"):
+                reply = json.loads(line)
+                if not isinstance(reply, dict):
+                    raise ValueError("reply is not a JSON object")
+                replies.resolve(reply.get("rid"), reply)
+        except (ValueError, ProtocolError, OSError, asyncio.LimitOverrunError) as exc:
+            why = str(exc) or type(exc).__name__
+            log.error("access-control domain: %s; dropping the connection", why)
+        finally:
+            replies.fail_all(AcmUnavailable(why))
+            if self.writer is writer:
+                self.writer = None
+            writer.close()
 
-    async def request(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One request and its reply; AcmUnavailable on any transport or format failure."""
-        async with self.lock:
-            try:
-                async with asyncio.timeout(self.timeout):
+    async def _exchange(self, request: dict[str, Any],
+                        on_late: Callable[[dict[str, Any]], None] | None = None
+                        ) -> dict[str, Any]:
+        assert self.writer is not None
+        rid, answer = self.replies.issue(on_late)
+        self.writer.write(json.dumps({**request, "rid": rid}).encode() + b"\n")
+        return await self.replies.wait(rid, answer)
+
+    async def request(self, request: dict[str, Any],
+                      on_late: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """One request and its reply; AcmUnavailable on any transport or format failure.
+
+        Cancelled or timed out, the request is abandoned: its reply, whenever it
+        comes, goes to `on_late` (if given) and to no other request.
+        """
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self.connecting:
                     if self.writer is None:
                         await self._connect()
-                    return await self._exchange(request)
-            except (OSError, ValueError, AcmUnavailable, TimeoutError,
-                    asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
-                await self._drop()
-                what = str(exc) or type(exc).__name__
-                raise AcmUnavailable("timed out" if isinstance(exc, TimeoutError) else what
-                                     ) from None
+                return await self._exchange(request, on_late)
+        except TimeoutError:
+            raise AcmUnavailable("timed out") from None
+        except (OSError, ValueError, AcmUnavailable) as exc:
+            await self._drop()
+            raise AcmUnavailable(str(exc) or type(exc).__name__) from None
 
     async def _drop(self) -> None:
         if self.writer is not None:
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
-        self.reader = self.writer = None
+        self.writer = None
 
-    async def decide(self, request: dict[str, Any]) -> Decision:
+    async def decide(self, request: dict[str, Any],
+                     on_late: Callable[[dict[str, Any]], None] | None = None) -> Decision:
         try:
-            reply = await self.request(request)
+            reply = await self.request(request, on_late)
         except AcmUnavailable as exc:
             return Decision(False, "acm-unreachable", f"access-control domain unreachable: {exc}")
         if reply.get("ok") is not True:
@@ -122,7 +148,17 @@ class AcmClient:
                                   "b_label": b_label})
 
     async def chw_attach(self, cid: str, label: str, name: str | None = None) -> Decision:
-        d = await self.decide({"op": "chw_attach", "id": cid, "label": label, "name": name})
+        def undo(reply: dict[str, Any]) -> None:
+            # Our caller gave up, yet the domain may have counted the attachment:
+            # take it back (requests on one connection are handled in order).
+            if reply.get("allowed") is True and self.writer is not None:
+                rid, _ = self.replies.issue()
+                self.replies.abandon(rid, quiet=True)
+                self.writer.write(json.dumps({"op": "chw_detach", "id": cid, "rid": rid}
+                                             ).encode() + b"\n")
+
+        d = await self.decide({"op": "chw_attach", "id": cid, "label": label, "name": name},
+                              undo)
         if d.allowed:
             self.held[cid] = (label, name)
         return d
@@ -155,5 +191,6 @@ class AcmClient:
         return await self._call({"op": "record", "kind": kind, "fields": fields})
 
     async def close(self) -> None:
-        async with self.lock:
-            await self._drop()
+        await self._drop()
+        if self.reading is not None:
+            await asyncio.wait([self.reading])

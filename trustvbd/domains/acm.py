@@ -7,9 +7,11 @@ It loads only compiled policies (trustvbd/acm/compiled.py): the XML and TOML
 loaders run in the CLI and the launcher, never here, as Xen's hypervisor loaded
 what xensec_xml2bin compiled and never parsed XML itself.
 Protocol: one JSON object per line in, one per line out (docs/policy.md lists
-the ops). Every decision, allow or deny, is in the audit log before it is
-answered; if the log cannot be written the answer is an error, which clients
-treat as a refusal. A bad request gets an error reply and the domain keeps
+the ops); each request carries a request id "rid" that its reply echoes, so the
+client pairs replies by id and a cancelled request's answer goes to no other.
+Every decision, allow or deny, is in the audit log before it is answered; if
+the log cannot be written the answer is an error, which clients treat as a
+refusal. A bad request gets an error reply and the domain keeps
 serving. Requests are handled synchronously (no await between checking and
 counting), so Chinese Wall decisions cannot race.
 """
@@ -148,16 +150,23 @@ class AcmDomain:
         return {"ok": True, "policy": new.summary()}
 
     def respond(self, line: bytes, owner: int) -> dict[str, Any]:
+        """The reply to one request line, carrying the request's id ("rid") back."""
+        rid = None
         try:
             req = json.loads(line)
             if not isinstance(req, dict):
                 raise BadRequest("a request is a JSON object")
-            return self.handle(req, owner)
+            rid = req.get("rid")
+            if type(rid) is not int or not 0 < rid < 1 << 63:
+                rid = None
+                raise BadRequest('"rid" (the request id, echoed in the reply) must be a'
+                                 " positive integer")
+            return {**self.handle(req, owner), "rid": rid}
         except (ValueError, BadRequest) as exc:  # JSONDecodeError is a ValueError
-            return {"ok": False, "error": f"bad request: {exc}"}
+            return {"ok": False, "error": f"bad request: {exc}", "rid": rid}
         except Exception as exc:  # never die on a request; the client fails closed
             log.exception("request failed")
-            return {"ok": False, "error": f"access-control domain error: {exc}"}
+            return {"ok": False, "error": f"access-control domain error: {exc}", "rid": rid}
 
     async def serve_connection(self, reader: asyncio.StreamReader,
                                writer: asyncio.StreamWriter) -> None:
@@ -170,8 +179,9 @@ class AcmDomain:
                     line, buf = (buf[:nl], buf[nl + 1:]) if nl >= 0 else (buf, b"")
                     if len(line) > MAX_LINE or skipping:
                         if not skipping:  # answer an over-long line once, then skip the rest
-                            writer.write(json.dumps({"ok": False, "error": "bad request: line"
-                                                     f" over {MAX_LINE} bytes"}).encode() + b"\n")
+                            writer.write(json.dumps({"ok": False, "rid": None, "error": "bad"
+                                                     f" request: line over {MAX_LINE} bytes"}
+                                                    ).encode() + b"\n")
                         skipping = nl < 0
                         continue
                     if line.strip():
