@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import socket
 import sys
 from pathlib import Path
@@ -25,12 +26,17 @@ def _config(path: str) -> Config:
 
 
 def control_request(config: Config, request: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
-    """Ask the running `trustvbd up` (its launcher) something; exit 3 if none runs."""
+    """Ask the running `trustvbd up` (its launcher) something; exit 3 if none runs.
+
+    One request per connection; its id comes back with the reply all the same, as on
+    every request/reply channel (trustvbd/replies.py).
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
+    rid = secrets.randbelow(1 << 62) + 1
     try:
         sock.connect(str(config.control_socket))
-        sock.sendall(json.dumps(request).encode() + b"\n")
+        sock.sendall(json.dumps({**request, "id": rid}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(1 << 20)
@@ -44,6 +50,8 @@ def control_request(config: Config, request: dict[str, Any], timeout: float = 30
     finally:
         sock.close()
     reply: dict[str, Any] = json.loads(data)
+    if reply.pop("reply_to", None) != rid:
+        raise SystemExit(f"trustvbd: the launcher's reply does not answer this request: {reply}")
     return reply
 
 

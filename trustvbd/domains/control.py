@@ -6,20 +6,24 @@ hands a domain the channels it brokers, like Xen's grant/event-channel setup.
 Packets keep message boundaries, so there is no framing code to get wrong.
 
 Either side may send requests ({"id": N, "op": ...}) and must answer each with
-{"reply_to": N, ...}. Messages without an id are one-way events.
+{"reply_to": N, ...}. Messages without an id are one-way events. Replies are
+paired by id (trustvbd/replies.py): a request cancelled or timed out is
+abandoned, its late reply dropped and its descriptors closed; a reply to an id
+never issued is a protocol error, and the channel is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from trustvbd.replies import PendingReplies, ProtocolError
 
 MAX_MESSAGE = 256 * 1024
 MAX_FDS = 16
@@ -33,6 +37,11 @@ class ControlClosed(Exception):
     """The other side of the control channel went away."""
 
 
+def _close_fds(reply: tuple[dict[str, Any], list[int]]) -> None:
+    for fd in reply[1]:
+        os.close(fd)
+
+
 def socket_pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
@@ -43,8 +52,7 @@ class ControlChannel:
         self.sock = sock
         self.name = name
         self._handler = handler
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], list[int]]]] = {}
+        self._replies: PendingReplies[tuple[dict[str, Any], list[int]]] = PendingReplies(name)
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
 
@@ -76,12 +84,13 @@ class ControlChannel:
             log.error("bad control message from %s: %s", self.name, exc)
             return
         if "reply_to" in message:
-            future = self._pending.pop(message["reply_to"], None)
-            if future and not future.done():
-                future.set_result((message, fds))
-            else:
+            try:
+                self._replies.resolve(message["reply_to"], (message, fds))
+            except ProtocolError as exc:
                 for fd in fds:
                     os.close(fd)
+                log.error("control channel: %s; closing it", exc)
+                self._shutdown()
             return
         task = asyncio.get_running_loop().create_task(self._dispatch(message, fds))
         self._tasks.add(task)
@@ -126,26 +135,21 @@ class ControlChannel:
     ) -> tuple[dict[str, Any], list[int]]:
         if self.closed.is_set():
             raise ControlClosed(f"control channel to {self.name} is closed")
-        ident = next(self._ids)
-        future: asyncio.Future[tuple[dict[str, Any], list[int]]] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self._pending[ident] = future
+        ident, future = self._replies.issue(on_late=_close_fds)
         try:
             self.send({**message, "id": ident}, fds)
-            return await asyncio.wait_for(future, timeout)
-        finally:
-            self._pending.pop(ident, None)
+        except BaseException:
+            self._replies.abandon(ident, quiet=True)
+            raise
+        async with asyncio.timeout(timeout):
+            return await self._replies.wait(ident, future)
 
     def _shutdown(self) -> None:
         if self.closed.is_set():
             return
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(ControlClosed(f"control channel to {self.name} closed"))
-        self._pending.clear()
+        self._replies.fail_all(ControlClosed(f"control channel to {self.name} closed"))
         self.closed.set()
 
     def close(self) -> None:

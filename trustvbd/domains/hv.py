@@ -432,13 +432,18 @@ class Launcher:
         """`trustvbd status` and friends talk to the running launcher over this socket."""
 
         async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            rid = None
             try:
                 line = await asyncio.wait_for(reader.readline(), 10)
                 request = json.loads(line or b"{}")
+                rid = request.get("id")
+                if type(rid) is not int:
+                    rid = None
+                    raise ValueError('a control request carries its request id, "id"')
                 reply = await self.control_request(request)
             except Exception as exc:
                 reply = {"ok": False, "error": str(exc)}
-            writer.write(json.dumps(reply).encode() + b"\n")
+            writer.write(json.dumps({**reply, "reply_to": rid}).encode() + b"\n")
             with contextlib.suppress(OSError):
                 await writer.drain()
                 writer.close()

@@ -1,0 +1,97 @@
+"""#9.1 on the hypervisor's control channel: replies paired by id, late ones dropped with their fds."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+from trustvbd.domains.control import ControlChannel, ControlClosed, socket_pair
+from trustvbd.replies import PendingReplies, ProtocolError
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def test_a_timed_out_request_never_gets_another_ones_reply() -> None:
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def slow(message: dict, fds: list[int]) -> tuple[dict, list[int]]:
+            if message["op"] == "slow":
+                await release.wait()
+                a, b = socket.socketpair()  # a late reply carrying a descriptor
+                b.close()
+                return {"answer": "slow"}, [a.detach()]
+            return {"answer": message["op"]}, []
+
+        ours, theirs = socket_pair()
+        a, b = ControlChannel(ours, None, "b"), ControlChannel(theirs, slow, "a")
+        a.start()
+        b.start()
+        with pytest.raises(TimeoutError):
+            await a.request({"op": "slow"}, timeout=0.05)
+        cancelled = asyncio.create_task(a.request({"op": "slow"}))
+        await asyncio.sleep(0.02)
+        cancelled.cancel()
+        before = open_fds()
+        release.set()
+        for n in range(5):
+            reply, fds = await a.request({"op": f"fast{n}"})
+            assert reply["answer"] == f"fast{n}" and fds == []
+        await asyncio.sleep(0.05)
+        assert open_fds() <= before  # the late replies' descriptors were closed, not leaked
+        assert not a.closed.is_set()
+        a.close()
+        b.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_reply_to_a_request_never_made_closes_the_channel() -> None:
+    async def scenario() -> None:
+        ours, theirs = socket_pair()
+        a = ControlChannel(ours, None, "liar")
+        a.start()
+        waiting = asyncio.create_task(a.request({"op": "status"}))
+        await asyncio.sleep(0.01)
+        theirs.send(b'{"reply_to": 999, "ok": true}')
+        with pytest.raises(ControlClosed):
+            await waiting
+        assert a.closed.is_set()
+        a.close()
+        theirs.close()
+
+    asyncio.run(scenario())
+
+
+def test_pending_replies_table() -> None:
+    async def scenario() -> None:
+        table: PendingReplies[str] = PendingReplies("peer")
+        undone: list[str] = []
+        one, f1 = table.issue(on_late=undone.append)
+        two, f2 = table.issue()
+        assert one != two and len(table) == 2
+        waiter = asyncio.create_task(table.wait(one, f1))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        table.resolve(one, "late")  # dropped, handed to on_late only
+        assert undone == ["late"] and not f2.done()
+        table.resolve(two, "mine")
+        assert await table.wait(two, f2) == "mine"
+        for bad in (two, 77, None, "1", True):  # answered already, never made, not an id
+            with pytest.raises(ProtocolError):
+                table.resolve(bad, "x")
+        three, f3 = table.issue()
+        table.fail_all(ControlClosed("gone"))
+        with pytest.raises(ControlClosed):
+            await f3
+        with pytest.raises(ProtocolError):  # no late reply after the channel is gone
+            table.resolve(three, "x")
+
+    asyncio.run(scenario())
