@@ -159,6 +159,38 @@ def test_cancelled_request_keeps_its_slot_until_the_worker_answers() -> None:
     run(go())
 
 
+def test_cancelled_one_job_request_keeps_its_one_slot_until_the_worker_answers() -> None:
+    """#9.1: the job whose future the cancel hit is still the worker's: its slot waits too.
+
+    (With several jobs the others' slots were kept, but the awaited one went back at
+    once, for the next job to be overwritten by the old job's late output.)
+    """
+    async def go() -> None:
+        async with started_pool() as pool:
+            bulk = pool.cipher(KEY, DISK_ID)
+            n = aead_jobs.MAX_BLOCKS
+            ct, leaves = encrypt_inline(plaintext(n))
+            (pid,) = pool.worker_pids()
+            os.kill(pid, signal.SIGSTOP)
+            task = asyncio.ensure_future(bulk.decrypt(7, memoryview(ct), memoryview(leaves),
+                                                      memoryview(ct)))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert pool.free_slots == aead_jobs.SLOTS - 1
+            os.kill(pid, signal.SIGCONT)
+            for _ in range(100):
+                if pool.free_slots == aead_jobs.SLOTS:
+                    break
+                await asyncio.sleep(0.02)
+            assert pool.free_slots == aead_jobs.SLOTS and pool.live_workers == 1
+            out, want = bytearray(n * BS), plaintext(n)  # and the worker still serves
+            assert await bulk.decrypt(7, memoryview(ct), memoryview(leaves), memoryview(out)) == []
+            assert out == want
+    run(go())
+
+
 def test_small_requests_stay_inline() -> None:
     async def go() -> None:
         async with started_pool() as pool:

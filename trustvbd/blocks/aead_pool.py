@@ -76,6 +76,10 @@ class _Job:
     # The worker was killed while it had this job: it might still have been writing
     # the slot as it died, so the slot is never reused (a few MiB, on a bug path).
     lost: bool = False
+    # The worker is done with the job (answered, or retired). Not `future.done()`:
+    # cancelling the caller cancels the future while the worker still writes the slot.
+    answered: bool = False
+    release_on_answer: bool = False
 
 
 class AeadPool:
@@ -183,6 +187,7 @@ class AeadPool:
         job.started, job.blocks = self._loop.time(), n
         worker = self._least_busy()
         if worker is None:  # every worker died meanwhile: the caller does it itself
+            job.answered = True
             job.future.set_result((j.STATUS_REFUSED, []))
             return
         worker.pending[job.id] = job
@@ -202,10 +207,12 @@ class AeadPool:
         """Give the slot back once nobody will touch it again: not while the worker or I/O still may."""
         if job.released:
             return
-        for busy in (job.holder, job.future if job.started else None):
-            if busy is not None and not busy.done():
-                busy.add_done_callback(lambda _f: self.release(job))
-                return
+        if job.holder is not None and not job.holder.done():
+            job.holder.add_done_callback(lambda _f: self.release(job))
+            return
+        if job.started and not job.answered:  # the worker may still write the slot
+            job.release_on_answer = True
+            return
         job.released = True
         if not job.lost:
             self._free_slots.append(job.slot)
@@ -245,8 +252,11 @@ class AeadPool:
                 self._retire(worker, f"it reported blocks outside job {job_id}")
                 return
             del worker.pending[job_id]
+            job.answered = True
             if not job.future.done():
                 job.future.set_result((status, bad))
+            if job.release_on_answer:
+                self.release(job)
 
     def _retire(self, worker: _Worker, why: str | None) -> None:
         """Stop using a worker; its pending jobs are answered 'refused' (done here again)."""
@@ -260,9 +270,11 @@ class AeadPool:
         self._loop.remove_reader(worker.sock.fileno())
         worker.sock.close()
         for job in worker.pending.values():
-            job.lost = why is not None
+            job.lost, job.answered = why is not None, True
             if not job.future.done():
                 job.future.set_result((j.STATUS_REFUSED, []))
+            if job.release_on_answer:
+                self.release(job)
         worker.pending.clear()
 
     def _arm_watchdog(self) -> None:
