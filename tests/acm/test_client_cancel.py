@@ -71,7 +71,7 @@ class Relay:
 
 @pytest.fixture
 def xm() -> Iterator[Acm]:
-    acm = Acm("--policy", str(XM_TEST))
+    acm = Acm(XM_TEST)
     yield acm
     acm.stop()
 
