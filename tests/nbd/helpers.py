@@ -29,8 +29,11 @@ def new_loop(kind: str) -> asyncio.AbstractEventLoop:
 class ServerThread:
     """An NbdServer on a Unix socket, running its own event loop in a thread."""
 
-    def __init__(self, provider: Any, sock_path: Path, loop: str = "asyncio", **kw: Any) -> None:
-        self.sock_path = str(sock_path)
+    def __init__(self, provider: Any, sock_path: Path | None, loop: str = "asyncio",
+                 **kw: Any) -> None:
+        """`sock_path` None: listen on 127.0.0.1, port chosen by the kernel (self.port)."""
+        self.sock_path = str(sock_path) if sock_path is not None else None
+        self.port = 0
         self.loop = new_loop(loop)
         self.server: NbdServer | None = None
         self._provider, self._kw = provider, kw
@@ -39,8 +42,13 @@ class ServerThread:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listening.bind(self.sock_path)
+        if self.sock_path is None:
+            listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listening.bind(("127.0.0.1", 0))
+            self.port = listening.getsockname()[1]
+        else:
+            listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listening.bind(self.sock_path)
         listening.listen(64)
 
         async def main() -> None:
@@ -138,8 +146,9 @@ class Peer:
 class RawClient:
     """Speaks NBD byte by byte so tests can send anything at all."""
 
-    def __init__(self, path: str, timeout: float = 5) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def __init__(self, path: str | tuple[str, int], timeout: float = 5) -> None:
+        family = socket.AF_UNIX if isinstance(path, str) else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
 

@@ -109,9 +109,15 @@ def test_uris() -> None:
     assert parse_uri("nbd://127.0.0.1/a%20b") == NbdUri("tcp", None, "127.0.0.1", 10809, "a b")
     assert parse_uri("nbd://[::1]:1234/x") == NbdUri("tcp", None, "::1", 1234, "x")
     assert str(parse_uri("nbd://[::1]:1234/x")) == "nbd://[::1]:1234/x"
+    tls = parse_uri("nbds://h:5/x?tls-certificates=/d")
+    assert (tls.tls, tls.tls_certificates, tls.server_name, str(tls)) == (
+        True, "/d", "h", "nbds://h:5/x")
+    assert parse_uri("nbds+unix:///x?socket=/s").server_name == "localhost"
+    assert parse_uri("nbds+unix:///x?socket=/s&tls-hostname=n").server_name == "n"
     for bad, why in [
         ("nbd+unix:///x", "socket"),
-        ("nbds://h/x", "TLS"),
+        ("nbds://h/x?tls-certificates=", "exactly once"),
+        ("nbd://h/x?tls-certificates=/d", "unsupported"),
         ("http://h/x", "not an NBD URI"),
         ("nbd:///x", "needs a host"),
         ("nbd://h:99999/x", "port"),

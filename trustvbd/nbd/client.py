@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import errno
 import socket
+import ssl
+from pathlib import Path
 from typing import Any
 
 from trustvbd.blockdev import BlockError, Buffer, Capabilities, check_range
@@ -118,8 +120,13 @@ class NbdClient:
         structured_replies: bool = True,
         max_in_flight: int = 128,
         where: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> NbdClient:
-        """Negotiate `export` over an already connected socket (the client owns it now)."""
+        """Negotiate `export` over an already connected socket (the client owns it now).
+
+        With `tls`, the connection is upgraded by STARTTLS before anything else is
+        said, and the server's certificate must carry `server_hostname`."""
         self = cls(where or _describe(sock), request_timeout=request_timeout,
                    max_in_flight=max_in_flight)
         sock.setblocking(False)
@@ -134,8 +141,12 @@ class NbdClient:
             raise
         try:
             async with asyncio.timeout(handshake_timeout):
+                starttls = None
+                if tls is not None:
+                    async def starttls() -> None:
+                        await self._start_tls(tls, server_hostname or "localhost")
                 result = await handshake(self._core, self._next_event, self._send,
-                                         export, structured_replies)
+                                         export, structured_replies, starttls)
         except TimeoutError:
             self._break(errno.ETIMEDOUT, f"handshake did not finish within {handshake_timeout} s")
             raise BlockError(errno.ETIMEDOUT, f"NBD server {self.where}: {self.broken}") from None
@@ -145,16 +156,44 @@ class NbdClient:
         except p.ProtocolError as exc:
             self._break(errno.EIO, f"broke the protocol during the handshake: {exc}")
             raise BlockError(errno.EIO, f"NBD server {self.where} {self.broken}") from None
+        except (ssl.SSLError, ConnectionError) as exc:
+            self._break(errno.EPROTO, f"TLS handshake failed: {exc}")
+            raise BlockError(errno.EPROTO, f"NBD server {self.where}: {self.broken}") from None
         except BaseException:
             self._break(errno.EIO, "handshake interrupted")
             raise
         self._adopt(export, result)
         return self
 
+    async def _start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        if self._core.unparsed():
+            raise p.ProtocolError("server sent data after accepting STARTTLS, before TLS")
+        assert self._transport is not None
+        upgraded = await self._loop.start_tls(self._transport, self._wire, context,
+                                              server_hostname=server_hostname)
+        if upgraded is None:
+            raise ConnectionError("the server closed the connection during the TLS handshake")
+        upgraded.set_write_buffer_limits(high=4 * 1024 * 1024)
+        self._transport = upgraded  # type: ignore[assignment]
+
     @classmethod
-    async def open_uri(cls, uri: str, **kw: Any) -> NbdClient:
-        """Connect to nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT."""
+    async def open_uri(cls, uri: str, tls_dir: Path | None = None, **kw: Any) -> NbdClient:
+        """Connect to nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT, or their
+        TLS forms nbds+unix:// and nbds:// (client certificate from the URI's
+        tls-certificates=DIR, else from `tls_dir`)."""
         target = parse_uri(uri)
+        if target.tls:
+            from trustvbd.crypt.tls import TlsSetupError, client_context
+
+            where = target.tls_certificates or tls_dir
+            if where is None:
+                raise BlockError(errno.EINVAL, f"{uri}: a TLS URI needs a certificate directory:"
+                                 " add ?tls-certificates=DIR")
+            try:
+                kw["tls"] = client_context(Path(where))
+            except TlsSetupError as exc:
+                raise BlockError(errno.EINVAL, str(exc)) from None
+            kw["server_hostname"] = target.server_name
         loop = asyncio.get_running_loop()
         timeout = kw.get("handshake_timeout", 10.0)
         try:

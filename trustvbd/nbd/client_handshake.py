@@ -47,8 +47,14 @@ async def handshake(
     send: Callable[[m.Event], None],
     export: str,
     structured_replies: bool = True,
+    starttls: Callable[[], Awaitable[None]] | None = None,
 ) -> Handshake:
-    """Negotiate `export`; raise BlockError (refused, hung up) or ProtocolError."""
+    """Negotiate `export`; raise BlockError (refused, hung up) or ProtocolError.
+
+    With `starttls`, TLS comes first (as the spec advises a client that insists on
+    it): NBD_OPT_STARTTLS, and on its ACK `starttls()` upgrades the connection;
+    any other answer ends the handshake, so nothing is ever said in plaintext.
+    """
 
     async def expect(kind: type) -> m.Event:
         ev = await next_event()
@@ -72,6 +78,16 @@ async def handshake(
     if greeting.flags & p.HandshakeFlag.NO_ZEROES:
         flags |= p.ClientFlag.C_NO_ZEROES
     send(m.ClientFlags(int(flags)))
+
+    if starttls is not None:
+        send(m.Option(p.Opt.STARTTLS))
+        reply = await final_reply(p.Opt.STARTTLS)
+        if reply.reply != p.Rep.ACK:
+            text = _printable(reply.data.decode("utf-8", "replace"))
+            raise BlockError(errno.EPROTO, "server will not start TLS (answered "
+                             f"{p.name_of(p.Rep, reply.reply)}{': ' + text if text else ''});"
+                             " refusing to go on without it")
+        await starttls()
 
     if structured_replies:
         send(m.Option(p.Opt.STRUCTURED_REPLY))

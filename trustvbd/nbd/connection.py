@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import ssl
 import sys
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
@@ -40,12 +41,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from trustvbd.blockdev import Backend, BlockError, Buffer, FileRange, LendsReads, Lent, ServesFileRanges
+from trustvbd.crypt.tls import peer_common_name
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.checks import RequestChecker
 from trustvbd.nbd.core import ProtocolCore, Role
 from trustvbd.nbd.exports import Export, PeerInfo
-from trustvbd.nbd.server_handshake import GREETING_FLAGS, HandshakeEnded, negotiate
+from trustvbd.nbd.server_handshake import (
+    GREETING_FLAGS,
+    HandshakeEnded,
+    Identity,
+    TlsRequired,
+    negotiate,
+)
 from trustvbd.nbd.zero_copy import (
     SENDFILE_MIN,
     OutPart,
@@ -105,9 +113,11 @@ def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> Generator[Any, Any
 class Connection(asyncio.BufferedProtocol):
     """One client connection, from greeting to disconnect."""
 
-    def __init__(self, server: NbdServer, peer: PeerInfo) -> None:
+    def __init__(self, server: NbdServer, peer: PeerInfo, refusal: str | None = None) -> None:
         self.server = server
         self.peer = peer
+        self.refusal = refusal  # the peer is not who this socket serves (e.g. another uid)
+        self._tls_starting = False
         self.export_name: str | None = None
         self.export: Export | None = None
         self.core = ProtocolCore(Role.SERVER)
@@ -182,7 +192,9 @@ class Connection(asyncio.BufferedProtocol):
         self._output_closed = True
         self._stopping = True
         self._drained.set()  # a stream waiting for room stops at once
-        if self._handshake_task is not None and not self._handshake_task.done():
+        # During STARTTLS the TLS layer fails start_tls itself (so the refusal is logged).
+        if (self._handshake_task is not None and not self._handshake_task.done()
+                and not self._tls_starting):
             self._handshake_task.cancel()
         self._wake()
         self._start_finish()
@@ -239,11 +251,47 @@ class Connection(asyncio.BufferedProtocol):
         if not self._output_closed and self._transport is not None:
             self._transport.write(data)
 
+    def _refused(self, reason: str) -> None:
+        log.warning("nbd: %s (%s): refused: %s", self.peer.identity, self.peer.address, reason)
+        self.server.identity_refused(self.peer, reason)
+
+    async def _start_tls(self) -> str:
+        """STARTTLS was acknowledged: upgrade to TLS; return the client certificate's CN."""
+        if self.core.unparsed():
+            # Bytes sent before the TLS handshake would later pass as if they came under TLS.
+            raise HandshakeEnded("client sent data after NBD_OPT_STARTTLS before the TLS handshake")
+        context, transport = self.server.tls, self._transport
+        assert context is not None and transport is not None
+        self._tls_starting = True
+        try:
+            upgraded = await self._loop.start_tls(
+                transport, self, context, server_side=True,
+                ssl_handshake_timeout=self.server.handshake_timeout)
+        except (ssl.SSLError, OSError, EOFError) as exc:
+            why = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+            reason = f"TLS handshake failed: {why}"
+            self._refused(reason)
+            raise HandshakeEnded(reason) from None
+        finally:
+            self._tls_starting = False
+        if upgraded is None or self._output_closed:
+            raise HandshakeEnded("client closed the connection during the TLS handshake")
+        self._transport = upgraded  # type: ignore[assignment]
+        self._sock_fd = -1  # replies now go through TLS: no sendfile, no direct writes
+        upgraded.set_write_buffer_limits(high=0, low=0)
+        return peer_common_name(upgraded.get_extra_info("ssl_object"))
+
     async def _handshake(self) -> None:
+        identity = Identity(refusal=self.refusal, refused=self._refused)
+        if self.server.tls is not None:
+            identity.tls = TlsRequired(self._start_tls, self.server.tls_name or self.peer.identity)
+        if self.refusal is not None:
+            self._refused(self.refusal)
         try:
             async with asyncio.timeout(self.server.handshake_timeout):
                 result = await negotiate(
-                    self.core, self._next_event, self._write, self.server.provider, self.peer
+                    self.core, self._next_event, self._write, self.server.provider, self.peer,
+                    identity,
                 )
         except HandshakeEnded as exc:
             log.info("nbd: %s (%s): %s", self.peer.identity, self.peer.address, exc)

@@ -325,6 +325,16 @@ class ProtocolCore:
     def pending_events(self) -> int:
         return len(self._events)
 
+    def unparsed(self) -> int:
+        """Bytes and events received but not yet taken (STARTTLS: none may be waiting)."""
+        direct = self._direct_filled if self._direct is not None else 0
+        return self._end - self._start + direct + len(self._events)
+
+    @property
+    def receiving(self) -> int:
+        """Size of the payload buffer being filled now (0 if none): memory a peer holds."""
+        return len(self._direct) if self._direct is not None else 0
+
     def _check_alive(self) -> None:
         if self.state is _ERROR:
             raise p.ProtocolError(self.error or "connection failed")

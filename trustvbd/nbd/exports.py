@@ -22,6 +22,7 @@ class PeerInfo:
 
     identity: str  # the guest name the listening socket belongs to
     address: str  # printable transport address
+    certificate: str = ""  # the verified TLS client certificate's Common Name, if any
 
 
 @dataclass

@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import struct
+from collections.abc import Callable
 
 from trustvbd.nbd.connection import Connection
 from trustvbd.nbd.exports import Export, ExportProvider, ExportRefused, PeerInfo, StaticExports
@@ -28,6 +30,14 @@ __all__ = [
 SOCKET_BUFFER = 4 << 20
 
 log = logging.getLogger("trustvbd.nbd.server")
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket (None for TCP)."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return int(struct.unpack("3i", creds)[1])
 
 
 def describe_peer(sock: socket.socket) -> str:
@@ -55,11 +65,22 @@ class NbdServer:
         identity: str,
         max_connections: int = 64,
         handshake_timeout: float = 30.0,
+        tls: ssl.SSLContext | None = None,
+        tls_name: str | None = None,
+        owner_uid: int | None = None,
+        on_refused: Callable[[PeerInfo, str], None] | None = None,
     ) -> None:
+        """`tls`: clients must STARTTLS and present a certificate whose Common Name is
+        `tls_name` (default: `identity`). `owner_uid`: on a Unix socket, only this uid
+        (and root) may connect. `on_refused` hears every refused identity (to audit it)."""
         self.provider = provider
         self.identity = identity
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
+        self.tls = tls
+        self.tls_name = tls_name
+        self.owner_uid = owner_uid
+        self.on_refused = on_refused
         self.connections: set[Connection] = set()
         self._accepting: set[asyncio.Task[tuple[socket.socket, object]]] = set()
         self._handlers: set[asyncio.Task[None]] = set()  # keeps handler tasks referenced
@@ -106,7 +127,7 @@ class NbdServer:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
         peer = PeerInfo(identity=self.identity, address=describe_peer(sock))
-        conn = Connection(self, peer)
+        conn = Connection(self, peer, self._check_owner(sock))
         self.connections.add(conn)
         try:
             await loop.connect_accepted_socket(lambda: conn, sock)
@@ -115,6 +136,26 @@ class NbdServer:
             sock.close()
             raise
         await conn.wait_closed()
+
+    def _check_owner(self, sock: socket.socket) -> str | None:
+        """Why this Unix-socket peer may not use this guest's socket (None: it may)."""
+        if self.owner_uid is None:
+            return None
+        try:
+            uid = peer_uid(sock)
+        except OSError as exc:
+            return f"cannot tell who connected ({exc.strerror}); refusing"
+        if uid is None or uid in (0, self.owner_uid):
+            return None
+        return (f"uid {uid} may not use guest {self.identity!r}'s socket: it belongs to uid"
+                f" {self.owner_uid}")
+
+    def identity_refused(self, peer: PeerInfo, reason: str) -> None:
+        if self.on_refused is not None:
+            try:
+                self.on_refused(peer, reason)
+            except Exception:
+                log.exception("nbd: recording a refusal failed")
 
     async def close(self, timeout: float = 10.0) -> None:
         """Stop accepting and close every connection (in-flight requests get `timeout` s)."""

@@ -1,15 +1,23 @@
 """The server's side of option haggling: answer options until the client picks an export.
 
 Runs as one coroutine per connection (options are strictly one at a time, so
-there is nothing to pipeline). It talks to the connection only through three
+there is nothing to pipeline). It talks to the connection only through a few
 callables, so it can be driven in memory by tests.
+
+TLS is the spec's FORCEDTLS mode: until NBD_OPT_STARTTLS every option but ABORT
+is answered NBD_REP_ERR_TLS_REQD (EXPORT_NAME, which cannot carry an error, is
+hung up on). After the TLS handshake the client certificate's Common Name must
+be the guest this port serves. A connection whose identity is refused (another
+guest's certificate, another uid on a Unix socket) gets NBD_REP_ERR_POLICY with
+the reason for every option, and the first one that would open or list an
+export ends it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
@@ -35,14 +43,40 @@ class HandshakeEnded(Exception):
     """The handshake ended without an export (client left, aborted, or was refused)."""
 
 
+@dataclass
+class TlsRequired:
+    """This port requires TLS: `start` upgrades the connection (after our ACK to
+    STARTTLS) and returns the verified client certificate's Common Name, which
+    must be `name`. `start` raises HandshakeEnded when the TLS handshake fails."""
+
+    start: Callable[[], Awaitable[str]]
+    name: str
+
+
+@dataclass
+class Identity:
+    """What negotiate() needs to know about who is connecting."""
+
+    tls: TlsRequired | None = None
+    refusal: str | None = None  # set: this peer is not who the port serves; say why
+    refused: Callable[[str], None] = field(default=lambda reason: None)  # audit hook, once
+
+
+_DECISIVE = (p.Opt.GO, p.Opt.INFO, p.Opt.LIST)
+
+
 async def negotiate(
     core: ProtocolCore,
     next_event: Callable[[], Awaitable[m.Event]],
     write: Callable[[bytes], None],
     provider: ExportProvider,
     peer: PeerInfo,
+    identity: Identity | None = None,
 ) -> Negotiated:
     """Answer options until GO or EXPORT_NAME succeeds; raise HandshakeEnded otherwise."""
+    who = identity or Identity()
+    tls_pending = who.tls is not None
+    refusal = who.refusal
 
     def reply(option: int, rep: int, data: bytes = b"") -> None:
         write(core.send(m.OptionReply(option, rep, data)))
@@ -58,6 +92,37 @@ async def negotiate(
             continue
         assert isinstance(ev, m.Option)
         opt, data = ev.option, ev.data
+        if opt == p.Opt.ABORT:
+            reply(opt, Rep.ACK)
+            raise HandshakeEnded("client aborted the handshake")
+        if tls_pending:
+            assert who.tls is not None
+            if opt == p.Opt.EXPORT_NAME:
+                raise HandshakeEnded("NBD_OPT_EXPORT_NAME before STARTTLS on a TLS port (hung up:"
+                                     " that option cannot carry an error)")
+            if opt != p.Opt.STARTTLS:
+                error(opt, Rep.ERR_TLS_REQD, "this port requires TLS: connect with nbds:// and"
+                      " the guest's client certificate")
+                continue
+            if data:
+                error(opt, Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+                continue
+            reply(opt, Rep.ACK)
+            common_name = await who.tls.start()
+            tls_pending = False
+            peer.certificate = common_name
+            if common_name != who.tls.name:
+                refusal = (f"the client certificate is for {common_name!r}, but this port serves"
+                           f" guest {who.tls.name!r}; use that guest's certificate")
+                who.refused(refusal)
+            continue
+        if refusal is not None:
+            if opt == p.Opt.EXPORT_NAME:
+                raise HandshakeEnded(f"refused: {refusal}")
+            error(opt, Rep.ERR_POLICY, refusal)
+            if opt in _DECISIVE:
+                raise HandshakeEnded(f"refused: {refusal}")
+            continue
         if opt == p.Opt.EXPORT_NAME:
             try:
                 name = m.decode_name(data)
@@ -72,9 +137,6 @@ async def negotiate(
             result = await _go_or_info(core, opt, data, reply, error, provider, peer)
             if result is not None:
                 return result
-        elif opt == p.Opt.ABORT:
-            reply(opt, Rep.ACK)
-            raise HandshakeEnded("client aborted the handshake")
         elif opt == p.Opt.LIST:
             if data:
                 error(opt, Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
@@ -88,7 +150,11 @@ async def negotiate(
             else:
                 reply(opt, Rep.ACK)
         elif opt == p.Opt.STARTTLS:
-            error(opt, Rep.ERR_UNSUP, "this server does not offer TLS")
+            if who.tls is not None:
+                error(opt, Rep.ERR_INVALID, "TLS is already running on this connection")
+            else:
+                error(opt, Rep.ERR_UNSUP, "this port does not offer TLS (TLS is on the guest's"
+                      " TCP port, when configured)")
         else:
             error(opt, Rep.ERR_UNSUP, f"option {p.name_of(p.Opt, opt)} is not supported")
 

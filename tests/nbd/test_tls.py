@@ -1,0 +1,259 @@
+"""NBD over TLS: STARTTLS as the spec says, real clients and peers, and every refusal.
+
+Server side: nbdinfo, nbdcopy, qemu-io and libnbd against our server with a guest's
+certificate; plaintext, another guest's certificate, another CA's and an expired one
+refused. Client side: our NbdClient against nbdkit --tls=require --tls-verify-peer and
+qemu-nbd --tls-creds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import shutil
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.nbd.helpers import Peer, RawClient, ServerThread, wait_for
+from trustvbd.blocks.backend import BlockError
+from trustvbd.blocks.file import FileBackend
+from trustvbd.crypt import x509
+from trustvbd.crypt.tls import server_context
+from trustvbd.nbd import protocol as p
+from trustvbd.nbd.client import NbdClient
+from trustvbd.nbd.server import Export, PeerInfo, StaticExports
+
+MiB = 1024 * 1024
+GUEST = "test-guest"  # the identity ServerThread gives its server
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Our CA (with certificates for GUEST and 'vm2'), a foreign CA, an expired certificate."""
+    root = tmp_path_factory.mktemp("pki")
+    ours = root / "pki"
+    x509.init_ca(ours)
+    x509.issue_guest(ours, GUEST)
+    x509.issue_guest(ours, "vm2")
+    long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
+    x509.issue_guest(ours, GUEST, out=root / "expired", days=1, not_before=long_ago)
+    foreign = root / "foreign"
+    x509.init_ca(foreign)
+    # A client that trusts our server but shows a certificate another CA signed.
+    (root / "foreign-client").mkdir()
+    shutil.copy(ours / "ca-cert.pem", root / "foreign-client" / "ca-cert.pem")
+    x509.issue_guest(foreign, GUEST, out=root / "foreign-client")
+    return root
+
+
+class Refusals(list[tuple[str, str]]):
+    def __call__(self, peer: PeerInfo, reason: str) -> None:
+        self.append((peer.identity, reason))
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def tls_server(short_tmp: Path, pki: Path, request: pytest.FixtureRequest
+               ) -> Iterator[tuple[ServerThread, Refusals, Path]]:
+    disk = short_tmp / "disk.img"
+    backend = FileBackend(str(disk), 8 * MiB)
+    refusals = Refusals()
+    exports = StaticExports([Export("disk", backend)])
+    with ServerThread(exports, None, request.param, tls=server_context(pki / "pki"),
+                      on_refused=refusals) as srv:
+        yield srv, refusals, disk
+    asyncio.run(backend.close())
+
+
+def nbds(srv: ServerThread, certs: Path, export: str = "disk") -> str:
+    return f"nbds://127.0.0.1:{srv.port}/{export}?tls-certificates={certs}"
+
+
+def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, **kw)  # type: ignore[call-overload, no-any-return]
+
+
+def test_tls_init_layout_and_modes(pki: Path) -> None:
+    ours = pki / "pki"
+    for name in ("ca-key.pem", "server-key.pem", "client-key.pem", f"guests/{GUEST}/client-key.pem"):
+        assert (ours / name).stat().st_mode & 0o777 == 0o600, name
+    assert ours.stat().st_mode & 0o777 == 0o700
+    text = run(["openssl", "x509", "-in", str(ours / "server-cert.pem"), "-noout", "-ext",
+                "subjectAltName"]).stdout
+    assert "IP Address:127.0.0.1" in text and "DNS:localhost" in text, text
+    subject = run(["openssl", "x509", "-in", str(ours / "guests" / GUEST / "client-cert.pem"),
+                   "-noout", "-subject"]).stdout
+    assert f"CN = {GUEST}" in subject
+    verify = run(["openssl", "verify", "-CAfile", str(ours / "ca-cert.pem"),
+                  str(ours / "guests" / GUEST / "client-cert.pem")])
+    assert verify.returncode == 0, verify.stderr
+    with pytest.raises(x509.CertificateError, match="already"):
+        x509.init_ca(ours)
+
+
+def test_nbdinfo_nbdcopy_and_libnbd_over_tls(tls_server: tuple[ServerThread, Refusals, Path],
+                                             pki: Path, short_tmp: Path) -> None:
+    srv, refusals, disk = tls_server
+    certs = pki / "pki" / "guests" / GUEST
+    size = run(["nbdinfo", "--size", nbds(srv, certs)])
+    assert size.returncode == 0 and size.stdout.strip() == str(8 * MiB), size.stderr
+    src, back = short_tmp / "src.img", short_tmp / "back.img"
+    src.write_bytes(os.urandom(8 * MiB))
+    assert run(["nbdcopy", str(src), nbds(srv, certs)]).returncode == 0
+    assert run(["nbdcopy", nbds(srv, certs), str(back)]).returncode == 0
+    assert disk.read_bytes() == src.read_bytes() == back.read_bytes()
+    conns = srv.server.connections if srv.server else set()
+    assert not refusals and not conns
+
+
+def test_qemu_io_with_tls_creds_object(tls_server: tuple[ServerThread, Refusals, Path],
+                                       pki: Path) -> None:
+    srv, _, disk = tls_server
+    certs = pki / "pki" / "guests" / GUEST
+    out = run(["qemu-io", "--object",
+               f"tls-creds-x509,id=t0,dir={certs},endpoint=client",
+               "--image-opts",
+               f"driver=nbd,host=127.0.0.1,port={srv.port},export=disk,tls-creds=t0",
+               "-c", "write -P 0x5a 4096 64k", "-c", "read -P 0x5a 4096 64k"])
+    assert out.returncode == 0 and "read 65536/65536" in out.stdout, out.stdout + out.stderr
+    assert disk.read_bytes()[4096:4096 + 65536] == b"\x5a" * 65536
+
+
+def test_plaintext_on_a_tls_port_is_refused(tls_server: tuple[ServerThread, Refusals, Path]
+                                            ) -> None:
+    srv, _, _ = tls_server
+    out = run(["nbdinfo", f"nbd://127.0.0.1:{srv.port}/disk"],
+              env={**os.environ, "LIBNBD_DEBUG": "1"})
+    assert out.returncode != 0 and "server error message: this port requires TLS" in out.stderr
+    raw = RawClient(("127.0.0.1", srv.port))
+    raw.start()
+    for opt in (p.Opt.STRUCTURED_REPLY, p.Opt.LIST, p.Opt.INFO, p.Opt.GO):
+        raw.option(opt, b"" if opt in (p.Opt.STRUCTURED_REPLY, p.Opt.LIST) else
+                   struct.pack(">I", 4) + b"disk" + struct.pack(">H", 0))
+        assert raw.option_reply()[1] == p.Rep.ERR_TLS_REQD, p.name_of(p.Opt, opt)
+    raw.option(p.Opt.STARTTLS, b"x")
+    assert raw.option_reply()[1] == p.Rep.ERR_INVALID
+    raw.option(p.Opt.EXPORT_NAME, b"disk")  # cannot carry an error: the spec says hang up
+    assert raw.closed_by_peer()
+
+
+def test_bytes_sent_after_starttls_before_tls_are_refused(
+        tls_server: tuple[ServerThread, Refusals, Path]) -> None:
+    """Plaintext injected behind STARTTLS must never count as said under TLS."""
+    srv, _, _ = tls_server
+    raw = RawClient(("127.0.0.1", srv.port))
+    raw.start()
+    raw.sock.sendall(struct.pack(">QII", p.IHAVEOPT, p.Opt.STARTTLS, 0)
+                     + struct.pack(">QII", p.IHAVEOPT, p.Opt.LIST, 0))
+    assert raw.option_reply()[1] == p.Rep.ACK
+    assert raw.closed_by_peer()
+
+
+@pytest.mark.parametrize("which, libnbd_says, reason", [
+    ("vm2", "certificate is for 'vm2'", "certificate is for 'vm2'"),
+    ("foreign", "", "TLS handshake failed"),
+    ("expired", "", "TLS handshake failed"),
+])
+def test_wrong_certificates_are_refused(tls_server: tuple[ServerThread, Refusals, Path], pki: Path,
+                                        which: str, libnbd_says: str, reason: str) -> None:
+    srv, refusals, _ = tls_server
+    certs = {"vm2": pki / "pki" / "guests" / "vm2", "foreign": pki / "foreign-client",
+             "expired": pki / "expired"}[which]
+    out = run(["nbdinfo", "--size", nbds(srv, certs)], env={**os.environ, "LIBNBD_DEBUG": "1"})
+    assert out.returncode != 0, out.stdout
+    assert libnbd_says in out.stderr, out.stderr[-2000:]
+    wait_for(lambda: bool(refusals), what="the refusal to be reported")
+    assert refusals[0][0] == GUEST and reason in refusals[0][1], refusals
+    if which == "expired":
+        assert "expired" in refusals[0][1]
+    if which == "foreign":
+        assert "unable to get local issuer certificate" in refusals[0][1]
+
+
+def test_a_plain_port_does_not_offer_tls(short_tmp: Path) -> None:
+    backend = FileBackend(str(short_tmp / "d.img"), MiB)
+    with ServerThread(StaticExports([Export("d", backend)]), short_tmp / "s.sock") as srv:
+        raw = RawClient(srv.sock_path or "")
+        raw.start()
+        raw.option(p.Opt.STARTTLS)
+        _, rep, text = raw.option_reply()
+        assert rep == p.Rep.ERR_UNSUP and b"does not offer TLS" in text
+    asyncio.run(backend.close())
+
+
+# --- our client against TLS peers (drivers reached by nbds:// and nbds+unix://) -----------
+async def _roundtrip(uri: str, tls_dir: Path | None = None) -> bytes:
+    client = await NbdClient.open_uri(uri, tls_dir=tls_dir)
+    try:
+        await client.pwrite(0, b"\xc3" * 8192)
+        await client.flush()
+        return bytes(await client.pread(0, 8192))
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_client_against_nbdkit_tls_require_verify_peer(short_tmp: Path, pki: Path,
+                                                       loop_kind: str) -> None:
+    image = short_tmp / "k.img"
+    image.write_bytes(bytes(MiB))
+    peer = Peer.nbdkit(image, short_tmp, "--tls=require", f"--tls-certificates={pki / 'pki'}",
+                       "--tls-verify-peer")
+    try:
+        from tests.nbd.helpers import new_loop
+
+        loop = new_loop(loop_kind)
+        try:
+            uri = f"nbds+unix:///?socket={peer.sock}"
+            assert loop.run_until_complete(_roundtrip(uri, pki / "pki")) == b"\xc3" * 8192
+            # Plaintext to it is refused by nbdkit; a foreign CA's client is refused too.
+            with pytest.raises(BlockError):
+                loop.run_until_complete(_roundtrip(f"nbd+unix:///?socket={peer.sock}"))
+            with pytest.raises(BlockError, match="TLS"):
+                loop.run_until_complete(_roundtrip(uri, pki / "foreign"))
+        finally:
+            loop.close()
+    finally:
+        peer.stop()
+    assert image.read_bytes()[:8192] == b"\xc3" * 8192
+
+
+def test_client_against_qemu_nbd_tls_creds_over_tcp(short_tmp: Path, pki: Path) -> None:
+    image = short_tmp / "q.img"
+    image.write_bytes(bytes(MiB))
+    pidfile = short_tmp / "q.pid"
+    import socket
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # qemu-nbd binds it next (it cannot take an inherited socket here)
+    subprocess.run(["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(port), "-x", "d",
+                    "--object", f"tls-creds-x509,id=t0,dir={pki / 'pki'},endpoint=server,"
+                    "verify-peer=on", "--tls-creds", "t0", "-e", "4", "-t", "--fork",
+                    "--pid-file", str(pidfile), str(image)], check=True, timeout=30)
+    try:
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() != "", 10, "qemu-nbd")
+        uri = f"nbds://127.0.0.1:{port}/d"
+        assert asyncio.run(_roundtrip(uri, pki / "pki")) == b"\xc3" * 8192
+    finally:
+        pid = int(pidfile.read_text())
+        os.kill(pid, 15)
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, "qemu-nbd to exit")
+
+
+def test_client_refuses_a_server_without_tls(short_tmp: Path, pki: Path) -> None:
+    backend = FileBackend(str(short_tmp / "d.img"), MiB)
+    with ServerThread(StaticExports([Export("d", backend)]), None) as srv:
+        with pytest.raises(BlockError, match="will not start TLS"):
+            asyncio.run(_roundtrip(f"nbds://127.0.0.1:{srv.port}/d", pki / "pki"))
+    asyncio.run(backend.close())
+
+
+def test_tools_are_there() -> None:
+    for tool in ("nbdinfo", "nbdcopy", "qemu-io", "qemu-nbd", "nbdkit", "openssl"):
+        assert shutil.which(tool), f"{tool} is missing: run scripts/install-test-deps.sh"

@@ -1,0 +1,57 @@
+"""TLS contexts for NBD, from a certificate directory (see x509.py for the layout).
+
+Choices, made once here: TLS 1.2 or later, the client certificate required and
+verified against ca-cert.pem (signature, validity dates, purpose), the server
+verified by name. Who a verified client is, is its certificate's Common Name.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+from trustvbd.crypt.x509 import CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY
+
+
+class TlsSetupError(Exception):
+    """A certificate directory cannot be used; the message names the file and the fix."""
+
+
+def _context(purpose: ssl._SSLMethod, directory: Path, cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(purpose)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cafile=str(directory / CA_CERT))
+        ctx.load_cert_chain(str(directory / cert), str(directory / key))
+    except FileNotFoundError as exc:
+        raise TlsSetupError(f"{exc.filename or directory}: missing; make the directory with"
+                            f" `trustvbd tls init {directory}`") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsSetupError(f"{directory}: cannot use its certificates ({cert}, {key},"
+                            f" {CA_CERT}): {exc}") from None
+    return ctx
+
+
+def server_context(directory: Path) -> ssl.SSLContext:
+    """For the encryption domain's TLS ports: every client must show a certificate of our CA."""
+    return _context(ssl.PROTOCOL_TLS_SERVER, directory, SERVER_CERT, SERVER_KEY)
+
+
+def client_context(directory: Path) -> ssl.SSLContext:
+    """For connections to remote drivers: our client certificate; the server checked by name."""
+    ctx = _context(ssl.PROTOCOL_TLS_CLIENT, directory, CLIENT_CERT, CLIENT_KEY)
+    ctx.check_hostname = True
+    return ctx
+
+
+def peer_common_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
+    """The verified peer certificate's Common Name ('' if there is none)."""
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    subject: Any = (cert or {}).get("subject", ())
+    for rdn in subject:
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return ""
