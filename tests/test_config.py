@@ -10,6 +10,8 @@ from trustvbd.config import ConfigError, format_size, load_config, parse_size
 
 GOOD = """
 state_dir = "state"
+[tls]
+dir = "pki"
 [[driver]]
 name = "drv-a"
 label = "StorageA"
@@ -45,6 +47,9 @@ def test_good_config_resolves_paths_relative_to_file(short_tmp: Path) -> None:
     assert config.disks["payroll"].size == 256 * 1024 * 1024
     assert config.disks["payroll"].encrypt is True
     assert config.guests["vm1"].listen == ("127.0.0.1", 0)
+    assert config.guests["vm1"].tls and config.guests["vm1"].certificate_name == "vm1"
+    assert config.tls_dir == short_tmp / "pki"
+    assert config.limits.handshake_timeout == 30 and config.limits.idle_timeout == 900
     assert config.guest_socket("vm1") == short_tmp / "state" / "guests" / "vm1.sock"
     assert config.policy is None
 
@@ -87,6 +92,15 @@ def test_format_size() -> None:
         (("listen = \"127.0.0.1:0\"", "listen = \"localhost\""), "guest[0].listen", "HOST:PORT"),
         (("name = \"vm1\"", "name = \"payroll\""), "guest 'payroll'", "also used by a disk"),
         (("[[guest]]", "[guest]"), "guest", "array of tables"),
+        (("[tls]\ndir = \"pki\"\n", ""), "guest[0].listen", "needs TLS"),
+        (("listen = \"127.0.0.1:0\"", "tls = false"), "guest[0].tls", "TCP port only"),
+        (("label = \"Payroll\"\n", "label = \"Payroll\"\nuser = \"no-such-user-x\"\n"),
+         "guest[0].user", "no user named"),
+        (("label = \"Payroll\"\n", "label = \"Payroll\"\ntls_name = \"\"\n"),
+         "guest[0].tls_name", "empty"),
+        (("dir = \"pki\"", "dir = \"pki\"\nfiles = 1"), "tls.files", "unknown key"),
+        (("state_dir = \"state\"\n", "state_dir = \"state\"\n[limits]\nidle_timeout = -1\n"),
+         "limits.idle_timeout", "seconds"),
         (("size = \"256MiB\"", "size = \"256MiB\"\nencrypt = \"yes\""), "disk[0].encrypt", "true or false"),
     ],
 )
@@ -143,3 +157,21 @@ def test_mirroring_not_yet(short_tmp: Path) -> None:
     text = text.replace('replicas = ["drv-a"]', 'replicas = ["drv-a", "drv-b"]')
     err = error_of(short_tmp, text)
     assert "exactly one driver" in err.message
+
+
+def test_tls_opt_out_name_and_user(short_tmp: Path) -> None:
+    text = GOOD.replace("[tls]\ndir = \"pki\"\n", "").replace(
+        "listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:0\"\ntls = false\nuser = 0")
+    guest = load_config(write(short_tmp, text)).guests["vm1"]
+    assert guest.tls is False and guest.uid == 0 and load_config(write(short_tmp, text)).tls_dir is None
+    named = load_config(write(short_tmp, GOOD.replace(
+        "listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:0\"\ntls_name = \"vm1.example\"\nuser = \"root\"")))
+    assert named.guests["vm1"].certificate_name == "vm1.example" and named.guests["vm1"].uid == 0
+
+
+def test_tls_driver_uri_needs_the_tls_dir(short_tmp: Path) -> None:
+    text = GOOD.replace("dir = \"backing/a\"", "uri = \"nbds://127.0.0.1:9/x\"")
+    assert load_config(write(short_tmp, text)).drivers["drv-a"].uri == "nbds://127.0.0.1:9/x"
+    err = error_of(short_tmp, text.replace("[tls]\ndir = \"pki\"\n", "").replace(
+        "listen = \"127.0.0.1:0\"", ""))
+    assert err.key == "driver[0].uri" and "[tls]" in err.message

@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     from trustvbd.crypt_commands import register as register_crypt
 
     register_crypt(sub)
+    from trustvbd.tls_commands import register as register_tls
+
+    register_tls(sub)
     return parser
 
 

@@ -7,6 +7,7 @@ and what to do. Relative paths are relative to the config file.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -62,6 +63,23 @@ class GuestConfig:
     name: str
     label: str
     listen: tuple[str, int] | None = None
+    tls: bool = True  # on the `listen` port; false only by the guest's own `tls = false`
+    tls_name: str | None = None  # the client certificate's Common Name (default: name)
+    uid: int | None = None  # `user`: only this uid (and root) may use the guest's socket
+
+    @property
+    def certificate_name(self) -> str:
+        return self.tls_name or self.name
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long and how much one guest may hold of the encryption domain (docs/limits.md)."""
+
+    handshake_timeout: float = 30.0  # seconds from connect to the end of the handshake
+    idle_timeout: float = 900.0  # seconds without a request or a drained reply: closed
+    memory: int = 256 * 1024 * 1024  # request and reply bytes held for all guests together
+    decisions_per_second: float = 20.0  # per guest: GO/INFO asked of the access-control domain
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,8 @@ class Config:
     drivers: dict[str, DriverConfig] = field(default_factory=dict)
     disks: dict[str, DiskConfig] = field(default_factory=dict)
     guests: dict[str, GuestConfig] = field(default_factory=dict)
+    tls_dir: Path | None = None
+    limits: Limits = field(default_factory=Limits)
 
     def guest_socket(self, guest: str) -> Path:
         return self.state_dir / "guests" / f"{guest}.sock"
@@ -185,6 +205,68 @@ def _parse_listen(table: _Table) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+def _parse_user(table: _Table) -> int | None:
+    value = table.data.get("user")
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise table.error("user", f"uid {value} is negative")
+        return value
+    if not isinstance(value, str) or not value:
+        raise table.error("user", f"must be a user name or a uid, not {value!r}")
+    try:
+        return pwd.getpwnam(value).pw_uid
+    except KeyError:
+        if value.isdigit():
+            return int(value)
+        raise table.error("user", f"no user named {value!r} on this system; create it, or give"
+                          " a uid") from None
+
+
+def _parse_guest(table: _Table, tls_dir: Path | None) -> GuestConfig:
+    name, label = table.name(), table.get("label", str, required=True)
+    listen = _parse_listen(table)
+    tls = table.get("tls", bool, default=True)
+    tls_name = table.get("tls_name", str)
+    if tls_name is not None and not tls_name:
+        raise table.error("tls_name", "is empty; give the Common Name of the guest's certificate")
+    if listen is not None and tls and tls_dir is None:
+        raise table.error(
+            "listen", "a TCP port needs TLS, or anyone who reaches it can claim to be this guest:"
+            " add a [tls] section with dir = \"pki\" (make one with `trustvbd tls init pki`),"
+            " or set tls = false on this guest to serve it in plaintext on purpose")
+    if (tls_name is not None or "tls" in table.data) and listen is None:
+        key = "tls_name" if tls_name is not None else "tls"
+        raise table.error(key, "applies to the guest's TCP port only; add listen = \"HOST:PORT\""
+                          " or remove it")
+    return GuestConfig(name, label, listen, tls, tls_name, _parse_user(table))
+
+
+def _seconds(table: _Table, key: str, default: float) -> float:
+    value = table.data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86400:
+        raise table.error(key, f"must be a number of seconds between 0 and 86400, not {value!r}")
+    return float(value)
+
+
+def _parse_limits(file: Path, raw: Any) -> Limits:
+    t = _Table(file, "limits", raw, {"handshake_timeout", "idle_timeout", "memory",
+                                     "decisions_per_second"})
+    base = Limits()
+    try:
+        memory = parse_size(t.data.get("memory", base.memory))
+    except ValueError as exc:
+        raise t.error("memory", str(exc)) from None
+    if memory < 64 * 1024 * 1024:
+        raise t.error("memory", f"{format_size(memory)} is too small; give at least 64MiB")
+    rate = t.data.get("decisions_per_second", base.decisions_per_second)
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 10000:
+        raise t.error("decisions_per_second", f"must be a number between 0 and 10000, not {rate!r}")
+    return Limits(_seconds(t, "handshake_timeout", base.handshake_timeout),
+                  _seconds(t, "idle_timeout", base.idle_timeout), memory, float(rate))
+
+
 def _unique(file: Path, kind: str, items: list[Any]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for index, item in enumerate(items):
@@ -215,13 +297,23 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(file, "", f"not valid TOML: {exc}") from None
     base = file.parent
-    top = _Table(file, "", raw, {"state_dir", "policy", "driver", "disk", "guest"})
+    top = _Table(file, "", raw, {"state_dir", "policy", "driver", "disk", "guest", "tls",
+                                 "limits"})
     state_dir = top.path("state_dir", base)
     if state_dir is None:
         raise top.error("state_dir", "is missing; add e.g. state_dir = \"state\"")
     policy = top.path("policy", base)
     if policy is not None and not os.access(policy, os.R_OK):
         raise top.error("policy", f"cannot read {policy}; check the path and its permissions")
+
+    tls_dir = None
+    if "tls" in raw:
+        tls = _Table(file, "tls", raw["tls"], {"dir"})
+        tls_dir = tls.path("dir", base)
+        if tls_dir is None:
+            raise tls.error("dir", "is missing; add dir = \"pki\" (make it with `trustvbd tls"
+                            " init pki`)")
+    limits = _parse_limits(file, raw.get("limits", {}))
 
     drivers = []
     for i, item in enumerate(_array(file, raw, "driver")):
@@ -232,9 +324,15 @@ def load_config(path: str | Path) -> Config:
             raise t.error("dir", "give exactly one of dir (trustvbd's own driver) or uri (any NBD server)")
         if uri is not None:
             try:
-                parse_uri(uri)
+                parsed = parse_uri(uri)
             except ValueError as exc:
                 raise t.error("uri", str(exc)) from None
+            if parsed.tls and tls_dir is None:
+                raise t.error("uri", "a TLS URI needs our client certificate: add a [tls] section"
+                              " with dir = \"pki\" (client-cert.pem, client-key.pem, ca-cert.pem)")
+            if parsed.tls_certificates is not None:
+                raise t.error("uri", "tls-certificates= is not used here: the encryption domain"
+                              " uses the [tls] dir's client certificate; remove it")
         drivers.append(DriverConfig(name, label, ddir, uri))
     driver_map = _unique(file, "driver", drivers)
 
@@ -280,8 +378,9 @@ def load_config(path: str | Path) -> Config:
 
     guests = []
     for i, item in enumerate(_array(file, raw, "guest")):
-        t = _Table(file, f"guest[{i}]", item, {"name", "label", "listen"})
-        guests.append(GuestConfig(t.name(), t.get("label", str, required=True), _parse_listen(t)))
+        t = _Table(file, f"guest[{i}]", item, {"name", "label", "listen", "tls", "tls_name",
+                                               "user"})
+        guests.append(_parse_guest(t, tls_dir))
     guest_map = _unique(file, "guest", guests)
 
     names: dict[str, str] = {}
@@ -291,7 +390,7 @@ def load_config(path: str | Path) -> Config:
                 raise ConfigError(file, f"{kind} {n!r}", f"name is also used by a {names[n]}; pick another")
             names[n] = kind
 
-    config = Config(file, state_dir, policy, driver_map, disk_map, guest_map)
+    config = Config(file, state_dir, policy, driver_map, disk_map, guest_map, tls_dir, limits)
     for sock in config.sockets():
         if len(str(sock).encode()) > MAX_SOCKET_PATH:
             raise ConfigError(

@@ -274,7 +274,7 @@ def test_tcp_listener(short_tmp: Path) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     text = config_text(encrypt=False, size=4 * MIB).replace(
-        'label = "Payroll"', f'label = "Payroll"\nlisten = "127.0.0.1:{port}"')
+        'label = "Payroll"', f'label = "Payroll"\nlisten = "127.0.0.1:{port}"\ntls = false')
     s = System(short_tmp, text).start()
     assert f"guest vm1 disk payroll nbd://127.0.0.1:{port}/payroll" in s.lines
     run(["qemu-io", "-f", "raw", f"nbd://127.0.0.1:{port}/payroll", "-c", "write -P 1 0 4k",

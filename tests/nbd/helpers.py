@@ -8,6 +8,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -223,3 +224,34 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class Activated:
+    """A peer server (nbdkit, qemu-nbd) on a TCP port the kernel chose, handed over by systemd
+    socket activation (LISTEN_FDS): no fixed port, no race for it. Stopped by pid."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(16)
+        self.port = listening.getsockname()[1]
+        fd = listening.fileno()
+        # The socket must be fd 3 and LISTEN_PID the server's own pid: exec keeps it.
+        shim = ("import os, sys\n"
+                f"if {fd} != 3: os.dup2({fd}, 3); os.close({fd})\n"
+                "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1')\n"
+                "os.execvp(sys.argv[1], sys.argv[1:])")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", shim, *cmd],
+            pass_fds=(fd,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        listening.close()
+
+    def stop(self) -> str:
+        """Stop it; return what it said on stderr."""
+        self.proc.terminate()
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err.decode(errors="replace")

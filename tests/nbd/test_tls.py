@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nbd.helpers import Peer, RawClient, ServerThread, wait_for
+from tests.nbd.helpers import Activated, Peer, RawClient, ServerThread, wait_for
 from trustvbd.blocks.backend import BlockError
 from trustvbd.blocks.file import FileBackend
 from trustvbd.crypt import x509
@@ -225,25 +225,20 @@ def test_client_against_nbdkit_tls_require_verify_peer(short_tmp: Path, pki: Pat
 def test_client_against_qemu_nbd_tls_creds_over_tcp(short_tmp: Path, pki: Path) -> None:
     image = short_tmp / "q.img"
     image.write_bytes(bytes(MiB))
-    pidfile = short_tmp / "q.pid"
-    import socket
-
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()  # qemu-nbd binds it next (it cannot take an inherited socket here)
-    subprocess.run(["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(port), "-x", "d",
-                    "--object", f"tls-creds-x509,id=t0,dir={pki / 'pki'},endpoint=server,"
-                    "verify-peer=on", "--tls-creds", "t0", "-e", "4", "-t", "--fork",
-                    "--pid-file", str(pidfile), str(image)], check=True, timeout=30)
+    peer = Activated(["qemu-nbd", "-f", "raw", "-x", "d", "--object",
+                      f"tls-creds-x509,id=t0,dir={pki / 'pki'},endpoint=server,verify-peer=on",
+                      "--tls-creds", "t0", "-e", "4", "-t", str(image)])
     try:
-        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() != "", 10, "qemu-nbd")
-        uri = f"nbds://127.0.0.1:{port}/d"
-        assert asyncio.run(_roundtrip(uri, pki / "pki")) == b"\xc3" * 8192
+        uri = f"nbds://127.0.0.1:{peer.port}/d"
+        try:
+            assert asyncio.run(_roundtrip(uri, pki / "pki")) == b"\xc3" * 8192
+        except BlockError as exc:
+            raise AssertionError(peer.stop()) from exc
+        with pytest.raises(BlockError, match="refuse our client certificate"):  # it verifies us
+            asyncio.run(_roundtrip(uri, pki / "foreign-client"))
     finally:
-        pid = int(pidfile.read_text())
-        os.kill(pid, 15)
-        wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, "qemu-nbd to exit")
+        peer.stop()
+    assert image.read_bytes()[:8192] == b"\xc3" * 8192
 
 
 def test_client_refuses_a_server_without_tls(short_tmp: Path, pki: Path) -> None:

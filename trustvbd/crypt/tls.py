@@ -55,3 +55,16 @@ def peer_common_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
             if key == "commonName":
                 return str(value)
     return ""
+
+
+def check_tls_dir(directory: Path, server: bool, client: bool) -> None:
+    """Before start: the certificates load, and no private key is readable by others."""
+    for needed, make, key in ((server, server_context, SERVER_KEY),
+                              (client, client_context, CLIENT_KEY)):
+        if not needed:
+            continue
+        make(directory)
+        mode = (directory / key).stat().st_mode & 0o777
+        if mode & 0o077:
+            raise TlsSetupError(f"{directory / key} is readable by others (mode {mode:o}); fix:"
+                                f" chmod 600 {directory / key}")

@@ -159,7 +159,13 @@ class CryptDomain:
                 os.close(fd)
             raise ConnectionError(reply.get("error", "no channel"))
         sock = socket.socket(fileno=fds[0])
-        return await NbdClient.connect(sock, reply["export"], request_timeout=self.spec["request_timeout"])
+        tls, server_name = None, None
+        if reply.get("tls"):
+            from trustvbd.crypt.tls import client_context
+
+            tls, server_name = client_context(Path(self.spec["tls_dir"])), reply["tls"]["server_name"]
+        return await NbdClient.connect(sock, reply["export"], request_timeout=self.spec["request_timeout"],
+                                       tls=tls, server_hostname=server_name)
 
     async def open_disk(self, disk: Disk) -> None:
         replica = disk.replica_names[0]
@@ -208,13 +214,37 @@ class CryptDomain:
                                    "kind": type(exc).__name__})
         loop = asyncio.get_running_loop()
         for listener, fd in zip(spec["listeners"], fds, strict=True):
-            guest = listener["guest"]
             sock = socket.socket(fileno=fd)
-            server = NbdServer(GuestExports(self, guest, spec["guests"][guest]["label"]), identity=guest)
-            self.servers.setdefault(guest, []).append(server)
+            server = self.guest_server(listener["guest"], listener["tls"])
+            self.servers.setdefault(listener["guest"], []).append(server)
             self.tasks.add(loop.create_task(server.serve_socket(sock)))
         self.control.send({"event": "ready"})
         ready(ready_fd)
+
+    def guest_server(self, guest: str, tls: bool) -> NbdServer:
+        """The NBD server of one of a guest's sockets: who may connect, and for how long."""
+        g, limits = self.spec["guests"][guest], self.spec["limits"]
+        context = None
+        if tls:
+            from trustvbd.crypt.tls import server_context
+
+            context = server_context(Path(self.spec["tls_dir"]))
+        return NbdServer(GuestExports(self, guest, g["label"]), identity=guest,
+                         handshake_timeout=limits["handshake_timeout"], tls=context,
+                         tls_name=g["tls_name"], owner_uid=g["uid"], on_refused=self.refused)
+
+    def refused(self, peer: PeerInfo, reason: str) -> None:
+        """Someone not the guest came to a guest's socket: into the audit log (counted)."""
+        async def record() -> None:
+            try:
+                await self.gate.client.record("event", event="guest-refused",
+                                              guest=peer.identity, reason=reason)
+            except Exception as exc:  # the refusal stands; only its record is missing
+                log.error("could not audit a refused connection to %s: %s", peer.identity, exc)
+
+        task = asyncio.get_running_loop().create_task(record())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def stop(self) -> None:
         """Close guests, commit and close every disk; once (a stop request and SIGTERM may both come)."""

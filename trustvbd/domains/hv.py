@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import getpass
 import json
 import logging
@@ -27,8 +28,10 @@ from trustvbd.acm.client import AcmClient
 from trustvbd.acm.commands import AUDIT_FILE, write_compiled
 from trustvbd.acm.compiled import SUFFIX as COMPILED_SUFFIX
 from trustvbd.config import Config, check_paths
+from trustvbd.crypt.tls import TlsSetupError, check_tls_dir
 from trustvbd.domains.control import ControlChannel, ControlClosed, socket_pair
 from trustvbd.nbd.uri import parse_uri
+from trustvbd.state_dir import UnsafePath, secure_state_dir
 from trustvbd.state_lock import StateLock, StateLocked
 
 log = logging.getLogger("trustvbd.hv")
@@ -63,12 +66,15 @@ def physical_size(disk_size: int, encrypt: bool) -> int:
     return crypt_physical(disk_size)
 
 
-def listen_unix(path: Path) -> socket.socket:
+def listen_unix(path: Path, owner: int | None = None) -> socket.socket:
+    """A listening socket only its owner (`owner`, else us) and root may connect to."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(path))
     os.chmod(path, 0o600)
+    if owner is not None:
+        os.chown(path, owner, -1)
     sock.listen(128)
     return sock
 
@@ -241,7 +247,10 @@ class Launcher:
             except (PermissionError, ConnectionError) as exc:
                 return {"ok": False, "error": str(exc)}, []
             fd = sock.detach()
-            return {"ok": True, "export": export}, [fd]
+            uri = self.config.drivers[str(message.get("replica"))].uri
+            target = parse_uri(uri) if uri else None
+            tls = {"server_name": target.server_name} if target and target.tls else None
+            return {"ok": True, "export": export, "tls": tls}, [fd]
         if event == "ready":
             self.ready.set()
             return None
@@ -267,8 +276,13 @@ class Launcher:
                  "replicas": list(d.replicas)}
                 for d in c.disks.values()
             ],
-            "guests": {g.name: {"label": g.label} for g in c.guests.values()},
-            "listeners": [{"guest": guest} for guest, _ in self.listeners],
+            "guests": {g.name: {"label": g.label, "tls_name": g.certificate_name, "uid": g.uid}
+                       for g in c.guests.values()},
+            "listeners": [
+                {"guest": guest, "tls": sock.family != socket.AF_UNIX and c.guests[guest].tls}
+                for guest, sock in self.listeners],
+            "tls_dir": str(c.tls_dir) if c.tls_dir else None,
+            "limits": dataclasses.asdict(c.limits),
             "passphrase": self.passphrase,
             "acm_socket": str(c.acm_socket),
         }
@@ -294,7 +308,7 @@ class Launcher:
                 await self.spawn(domain)
         lines = []
         for guest in c.guests.values():
-            self.listeners.append((guest.name, listen_unix(c.guest_socket(guest.name))))
+            self.listeners.append((guest.name, listen_unix(c.guest_socket(guest.name), guest.uid)))
             if guest.listen:
                 tcp = listen_tcp(*guest.listen)
                 self.listeners.append((guest.name, tcp))
@@ -323,7 +337,9 @@ class Launcher:
                         if name == guest.name and sock.family != socket.AF_UNIX:
                             host, port = sock.getsockname()[:2]
                             host = f"[{host}]" if ":" in host else host
-                            lines.append(f"guest {guest.name} disk {disk.name} nbd://{host}:{port}/{disk.name}")
+                            scheme = "nbds" if guest.tls else "nbd"
+                            lines.append(f"guest {guest.name} disk {disk.name}"
+                                         f" {scheme}://{host}:{port}/{disk.name}")
         return lines
 
     async def guest_may_see(self, guest: str, disk: str) -> bool:
@@ -518,6 +534,15 @@ async def run_up(config: Config) -> int:
         bootstrap = bootstrap_label(policy.bootstrap, null=False)
     check_paths(config)
     try:
+        secure_state_dir(config)
+        if config.tls_dir is not None:
+            check_tls_dir(config.tls_dir,
+                          server=any(g.listen and g.tls for g in config.guests.values()),
+                          client=any(parse_uri(d.uri).tls for d in config.drivers.values() if d.uri))
+    except (UnsafePath, TlsSetupError) as exc:
+        print(f"trustvbd up: {exc}", file=sys.stderr)
+        return 1
+    try:
         lock = StateLock(config.state_dir)
     except StateLocked as exc:
         print(f"trustvbd up: trustvbd up is already running on state directory {exc.state_dir}"
@@ -545,6 +570,11 @@ async def run_up(config: Config) -> int:
         if config.policy is None:
             log.warning("NO POLICY CONFIGURED: running Xen's NULL policy — every guest may use every"
                         " disk and every driver may serve every disk. Set `policy = \"FILE\"`.")
+        for guest in config.guests.values():
+            if guest.listen is not None and not guest.tls:
+                log.warning("guest %s's TCP port %s:%d has NO TLS (tls = false): anyone who can"
+                            " reach it can claim to be %s and read and write its disks; add"
+                            " [tls] and remove tls = false", guest.name, *guest.listen, guest.name)
         for disk in config.disks.values():
             if not disk.encrypt:
                 log.warning("disk %s is NOT ENCRYPTED (encrypt = false): its driver sees and may alter"

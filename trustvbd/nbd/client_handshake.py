@@ -56,10 +56,14 @@ async def handshake(
     any other answer ends the handshake, so nothing is ever said in plaintext.
     """
 
+    tls_on = False
+
     async def expect(kind: type) -> m.Event:
         ev = await next_event()
         if isinstance(ev, m.ConnectionClosed):
-            raise BlockError(errno.EIO, "server closed the connection during the handshake")
+            # TLS 1.3: a server checks our certificate after our side of the handshake is done.
+            hint = " after TLS started (did it refuse our client certificate?)" if tls_on else ""
+            raise BlockError(errno.EIO, f"server closed the connection during the handshake{hint}")
         if not isinstance(ev, kind):
             raise p.ProtocolError(f"expected {kind.__name__}, got {type(ev).__name__}")
         return ev
@@ -88,6 +92,7 @@ async def handshake(
                              f"{p.name_of(p.Rep, reply.reply)}{': ' + text if text else ''});"
                              " refusing to go on without it")
         await starttls()
+        tls_on = True
 
     if structured_replies:
         send(m.Option(p.Opt.STRUCTURED_REPLY))

@@ -1,0 +1,246 @@
+"""Guest identity end to end: TLS ports, a TLS remote driver, Unix sockets that belong to a
+user, and a state directory that belongs to no one else. Real clients, real `trustvbd up`."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.nbd.helpers import Activated
+from tests.support import TRUSTVBD, System, run
+from trustvbd.acm.audit import AuditLog
+
+pytestmark = pytest.mark.interop
+
+NOBODY = 65534
+STRANGER = 4242  # a uid with no account: a user who is not the guest's owner
+MIB = 1 << 20
+
+
+def nbd_env() -> dict[str, str]:
+    return {**os.environ, "LIBNBD_DEBUG": "1"}
+
+
+def as_uid(uid: int, cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run a real client as another user (the tests run as root)."""
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *cmd],
+                          capture_output=True, text=True, timeout=60, env=nbd_env())
+
+
+def refusals(state: Path) -> list[dict[str, object]]:
+    records = AuditLog.read(state / "audit.jsonl")
+    return [r["fields"] for r in records
+            if r["kind"] == "event" and r["fields"].get("event") == "guest-refused"]
+
+
+@pytest.fixture(scope="module")
+def tls_system() -> Iterator[System]:
+    root = Path(tempfile.mkdtemp(prefix="tvi", dir="/tmp"))
+    os.chmod(root, 0o711)  # the guest user `nobody` must reach its socket below
+    run([*TRUSTVBD, "tls", "init", str(root / "pki")])
+    for guest in ("vm1", "vm2"):
+        run([*TRUSTVBD, "tls", "guest", str(root / "pki"), guest])
+    image = root / "remote.img"
+    image.write_bytes(bytes(8 * MIB))
+    remote = Activated(["nbdkit", "-f", "--tls=require", f"--tls-certificates={root / 'pki'}",
+                        "--tls-verify-peer", "file", str(image)])
+    text = f"""
+state_dir = "state"
+[tls]
+dir = "pki"
+[[driver]]
+name = "drv-a"
+label = "A"
+dir = "backing/a"
+[[driver]]
+name = "remote"
+label = "A"
+uri = "nbds://127.0.0.1:{remote.port}/"
+[[disk]]
+name = "d1"
+size = "4MiB"
+label = "A"
+replicas = ["drv-a"]
+[[disk]]
+name = "far"
+size = "4MiB"
+label = "A"
+replicas = ["remote"]
+[[guest]]
+name = "vm1"
+label = "A"
+listen = "127.0.0.1:0"
+[[guest]]
+name = "vm2"
+label = "A"
+listen = "127.0.0.1:0"
+tls_name = "vm2"
+[[guest]]
+name = "vm3"
+label = "A"
+user = "nobody"
+[[guest]]
+name = "vm4"
+label = "A"
+listen = "127.0.0.1:0"
+tls = false
+"""
+    system = System(root, text)
+    try:
+        system.start()
+        yield system
+    finally:
+        system.kill()
+        remote.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def tcp_uri(system: System, guest: str, disk: str) -> str:
+    for line in system.lines:
+        m = re.match(rf"guest {guest} disk {disk} (nbds?://\S+)$", line)
+        if m:
+            return m.group(1)
+    raise AssertionError(f"no TCP line for {guest}/{disk} in {system.lines}")
+
+
+def test_up_prints_nbds_for_tls_ports_and_nbd_for_the_opt_out(tls_system: System) -> None:
+    assert tcp_uri(tls_system, "vm1", "d1").startswith("nbds://127.0.0.1:")
+    assert tcp_uri(tls_system, "vm4", "d1").startswith("nbd://127.0.0.1:")
+
+
+def test_a_guest_with_its_certificate_reads_and_writes(tls_system: System) -> None:
+    certs = tls_system.root / "pki" / "guests" / "vm1"
+    uri = tcp_uri(tls_system, "vm1", "d1") + f"?tls-certificates={certs}"
+    out = run(["nbdinfo", "--size", uri])
+    assert out.stdout.strip() == str(4 * MIB)
+    src, back = tls_system.root / "src.img", tls_system.root / "back.img"
+    src.write_bytes(os.urandom(4 * MIB))
+    run(["nbdcopy", str(src), uri])
+    run(["nbdcopy", uri, str(back)])
+    assert back.read_bytes() == src.read_bytes()
+
+
+def test_another_guests_certificate_is_refused_and_audited(tls_system: System) -> None:
+    certs = tls_system.root / "pki" / "guests" / "vm2"
+    uri = tcp_uri(tls_system, "vm1", "d1") + f"?tls-certificates={certs}"
+    out = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True, timeout=60,
+                         env=nbd_env())
+    assert out.returncode != 0
+    assert "the client certificate is for 'vm2', but this port serves guest 'vm1'" in out.stderr
+    deadline = time.monotonic() + 10
+    while not any("'vm2'" in str(r.get("reason")) for r in refusals(tls_system.root / "state")):
+        assert time.monotonic() < deadline, "the refusal never reached the audit log"
+        time.sleep(0.1)
+
+
+def test_plaintext_on_the_tls_port_is_refused(tls_system: System) -> None:
+    uri = tcp_uri(tls_system, "vm1", "d1").replace("nbds://", "nbd://")
+    out = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True, timeout=60,
+                         env=nbd_env())
+    assert out.returncode != 0 and "this port requires TLS" in out.stderr
+
+
+def test_a_disk_on_a_tls_remote_driver_nbdkit_verify_peer(tls_system: System) -> None:
+    uri = tls_system.uri("vm1", "far")
+    out = run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x3c 0 64k", "-c", "flush",
+               "-c", "read -P 0x3c 0 64k"])
+    assert "read 65536/65536" in out.stdout
+    # The driver holds ciphertext only.
+    assert b"\x3c" * 4096 not in (tls_system.root / "remote.img").read_bytes()
+
+
+def test_the_tls_opt_out_serves_plaintext(tls_system: System) -> None:
+    uri = tcp_uri(tls_system, "vm4", "d1")
+    assert run(["nbdinfo", "--size", uri]).stdout.strip() == str(4 * MIB)
+
+
+SMALL = """
+state_dir = "state"
+[[driver]]
+name = "drv-a"
+label = "A"
+dir = "backing/a"
+[[disk]]
+name = "d1"
+size = "4MiB"
+label = "A"
+replicas = ["drv-a"]
+encrypt = false
+[[guest]]
+name = "vm1"
+label = "A"
+{guest}
+"""
+
+
+def test_the_tls_opt_out_warns_at_every_start(short_tmp: Path) -> None:
+    system = System(short_tmp, SMALL.format(guest='listen = "127.0.0.1:0"\ntls = false'))
+    for _ in range(2):
+        system.start()
+        err = system.stop()
+        assert "guest vm1's TCP port 127.0.0.1:0 has NO TLS (tls = false)" in err, err
+
+
+@pytest.mark.parametrize("where", ["state", "parent"])
+def test_up_refuses_a_state_directory_others_can_write(short_tmp: Path, where: str) -> None:
+    base = short_tmp / "shared"
+    (base / "state").mkdir(parents=True)
+    unsafe = base / "state" if where == "state" else base
+    os.chmod(unsafe, 0o777)
+    config = base / "trustvbd.toml"
+    config.write_text(SMALL.format(guest=""))
+    out = run([*TRUSTVBD, "up", "-c", str(config)], check=False, timeout=60)
+    assert out.returncode == 1
+    assert f"{unsafe} is writable by others (mode 777)" in out.stderr, out.stderr
+    assert ("chmod 700" if where == "state" else "chmod go-w") in out.stderr
+    assert not (base / "state" / "acm.sock").exists()  # nothing started
+
+
+def test_unix_socket_of_a_user_guest(tls_system: System) -> None:
+    sock = tls_system.root / "state" / "guests" / "vm3.sock"
+    st = sock.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (NOBODY, 0o600)
+    uri = tls_system.uri("vm3", "d1")
+    mine = as_uid(NOBODY, ["nbdinfo", "--size", uri])
+    assert mine.returncode == 0 and mine.stdout.strip() == str(4 * MIB), mine.stderr[-1500:]
+    assert run(["nbdinfo", "--size", uri]).returncode == 0  # root may, as the operator
+    # Another user cannot even open the socket ...
+    other = as_uid(STRANGER, ["nbdinfo", "--size", uri])
+    assert other.returncode != 0 and "Permission denied" in other.stderr
+    # ... and if an operator's mistake opened it up, its credentials still keep it out.
+    os.chmod(sock, 0o666)
+    try:
+        other = as_uid(STRANGER, ["nbdinfo", "--size", uri])
+    finally:
+        os.chmod(sock, 0o600)
+    assert other.returncode != 0
+    assert f"uid {STRANGER} may not use guest 'vm3'" in other.stderr, other.stderr[-1500:]
+    deadline = time.monotonic() + 10
+    while not any(f"uid {STRANGER}" in str(r.get("reason"))
+                  for r in refusals(tls_system.root / "state")):
+        assert time.monotonic() < deadline, "the refusal never reached the audit log"
+        time.sleep(0.1)
+
+
+def test_state_directory_is_private(tls_system: System) -> None:
+    state = tls_system.root / "state"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o711  # vm3's user traverses, lists nothing
+    assert stat.S_IMODE((state / "guests").stat().st_mode) == 0o711
+    for root, dirs, files in os.walk(state):
+        for name in dirs:
+            path = Path(root) / name
+            if path != state / "guests":
+                assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+        for name in files:
+            path = Path(root) / name
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                assert stat.S_IMODE(path.lstat().st_mode) & 0o077 == 0, path
