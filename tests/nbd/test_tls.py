@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.nbd.helpers import Activated, Peer, RawClient, ServerThread, wait_for
-from trustvbd.blocks.backend import BlockError
+from trustvbd.blockdev import BlockError
 from trustvbd.blocks.file import FileBackend
 from trustvbd.crypt import x509
 from trustvbd.crypt.tls import server_context
