@@ -69,6 +69,11 @@ def test_parse_size_rejects(text: object) -> None:
         parse_size(text)  # type: ignore[arg-type]
 
 
+def test_parse_size_suffixes_are_case_insensitive_as_documented() -> None:
+    assert parse_size("64mib") == parse_size("64MiB") == 64 << 20
+    assert parse_size("64mb") == 64_000_000 and parse_size("1g") == 1 << 30
+
+
 def test_format_size() -> None:
     assert format_size(256 << 20) == "256MiB"
     assert format_size(4096 * 3) == "12KiB"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import socket
 import sys
@@ -25,8 +26,21 @@ def _config(path: str) -> Config:
         raise SystemExit(EXIT_USAGE) from None
 
 
+class NotRunning(Exception):
+    """No `trustvbd up` runs for this config's state directory."""
+
+
 def control_request(config: Config, request: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
-    """Ask the running `trustvbd up` (its launcher) something; exit 3 if none runs.
+    """Ask the running `trustvbd up` (its launcher) something; exit 3 if none runs."""
+    try:
+        return ask_running(config, request, timeout)
+    except NotRunning as exc:
+        print(f"trustvbd: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_NOT_RUNNING) from None
+
+
+def ask_running(config: Config, request: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+    """Ask the running `trustvbd up` something; raise NotRunning if none runs.
 
     One request per connection; its id comes back with the reply all the same, as on
     every request/reply channel (trustvbd/replies.py).
@@ -44,9 +58,8 @@ def control_request(config: Config, request: dict[str, Any], timeout: float = 30
                 break
             data += chunk
     except (FileNotFoundError, ConnectionRefusedError):
-        print(f"trustvbd: not running for state directory {config.state_dir}"
-              f" (start it with: trustvbd up -c {config.path})", file=sys.stderr)
-        raise SystemExit(EXIT_NOT_RUNNING) from None
+        raise NotRunning(f"not running for state directory {config.state_dir}"
+                         f" (start it with: trustvbd up -c {config.path})") from None
     finally:
         sock.close()
     reply: dict[str, Any] = json.loads(data)
@@ -77,8 +90,9 @@ def cmd_driver(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"trustvbd driver: --size: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if size <= 0:
-        print("trustvbd driver: --size must be positive", file=sys.stderr)
+    if size <= 0 or size % 512:
+        print(f"trustvbd driver: --size {args.size} is {size} bytes: give a positive multiple of"
+              " 512 bytes (a block device's sector), e.g. 1GiB", file=sys.stderr)
         return EXIT_USAGE
     return run_standalone(args.file, size, args.socket, args.listen)
 
@@ -120,7 +134,16 @@ def print_status(status: dict[str, Any]) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args.config)
-    reply = control_request(config, {"op": "status"})
+    try:
+        reply = ask_running(config, {"op": "status"})
+    except NotRunning as exc:
+        if args.json:  # scripts get JSON whatever the answer
+            print(json.dumps({"running": False, "state_dir": str(config.state_dir),
+                              "error": str(exc)}, indent=2))
+        else:
+            print(f"trustvbd: {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    reply["running"] = True
     if not reply.pop("ok", False):
         print(f"trustvbd status: {reply.get('error')}", file=sys.stderr)
         return 1
@@ -167,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show domains, disks, replicas and connected guests",
                             description="Ask the running `trustvbd up` for its state.")
-    status.add_argument("-c", "--config", required=True)
+    status.add_argument("-c", "--config", required=True, help="config file (TOML)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
 
@@ -176,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve one sparse file as one NBD export (named after the file, also the"
         " default export). Prints the export's URI, then 'ready'.")
     driver.add_argument("--file", required=True, help="backing file (created sparse if missing)")
-    driver.add_argument("--size", required=True, help="export size, e.g. 1GiB")
+    driver.add_argument("--size", required=True,
+                        help="export size, a multiple of 512 bytes, e.g. 1GiB (suffixes as in the config)")
     where = driver.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", help="Unix socket path to listen on")
     where.add_argument("--listen", metavar="HOST:PORT", help="TCP address to listen on (port 0: any)")
@@ -187,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                            " xenstore-utils at it with XENSTORED_PATH=$(trustvbd store path -c CONFIG).")
     store_sub = store.add_subparsers(dest="store_command", metavar="SUBCOMMAND", required=True)
     store_path = store_sub.add_parser("path", help="print the running store's socket path")
-    store_path.add_argument("-c", "--config", required=True)
+    store_path.add_argument("-c", "--config", required=True, help="config file (TOML)")
     serve = store_sub.add_parser("serve", help="run a store alone (foreground), e.g. for tests",
                                  description="Serve an empty store on SOCKET; root and this user"
                                  " are domain 0. Prints 'ready'.")
@@ -217,8 +241,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         code: int = args.func(args)
+        sys.stdout.flush()
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`trustvbd audit | head`): stop quietly, as `cat` does.
+        # Point stdout at /dev/null so the flush at exit does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # the status of a process ended by SIGPIPE
     return code
 
 

@@ -121,7 +121,10 @@ class Config:
 
 
 def parse_size(text: str | int) -> int:
-    """'256MiB' -> 268435456. IEC (KiB, MiB, ...) and SI (KB, MB, ...) suffixes; K/M/G mean KiB/MiB/GiB."""
+    """'256MiB' -> 268435456. IEC (KiB, MiB, ...) and SI (KB, MB, ...) suffixes; K/M/G mean KiB/MiB/GiB.
+
+    Suffixes are case-insensitive ("64mib" is 64 MiB, "64mb" 64,000,000 bytes), as README.md says.
+    """
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
             raise ValueError(f"size {text} is negative")
@@ -406,6 +409,9 @@ def check_paths(config: Config) -> None:
     targets = [("state_dir", config.state_dir)]
     targets += [(f"driver {d.name!r}.dir", d.dir) for d in config.drivers.values() if d.dir]
     for key, directory in targets:
+        if directory.exists() and not directory.is_dir():
+            raise ConfigError(config.path, key, f"{directory} is a file, not a directory; name a"
+                              " directory (it holds one sparse file per disk)")
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -357,8 +357,8 @@ def register(sub: Any) -> None:
     p = ds.add_parser("pubkey", help="print the disk's public key (for `trustvbd verify`)",
                       description="Print the disk's Ed25519 public key as one line"
                       f" `{PUBKEY_PREFIX} BASE64 DISK`. Needs no secret; works while `up` runs.")
-    p.add_argument("-c", "--config", required=True)
-    p.add_argument("disk")
+    p.add_argument("-c", "--config", required=True, help="config file (TOML)")
+    p.add_argument("disk", help="disk name from the config")
     p.add_argument("-o", "--output", metavar="FILE", help="write the line to FILE instead")
     p.set_defaults(func=lambda a: pubkey(a.config, a.disk, a.output))
 
@@ -368,8 +368,8 @@ def register(sub: Any) -> None:
         " No data is re-encrypted and replicas are not touched. The current passphrase comes"
         " from TRUSTVBD_PASSPHRASE (or a prompt), the new one from TRUSTVBD_NEW_PASSPHRASE (or"
         " a prompt, asked twice). Refused while `trustvbd up` runs on the state directory.")
-    p.add_argument("-c", "--config", required=True)
-    p.add_argument("disk")
+    p.add_argument("-c", "--config", required=True, help="config file (TOML)")
+    p.add_argument("disk", help="disk name from the config")
     to = p.add_mutually_exclusive_group(required=True)
     to.add_argument("--to-passphrase", action="store_true",
                     help="a (new) passphrase; also changes an existing passphrase")

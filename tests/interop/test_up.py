@@ -157,6 +157,19 @@ def test_data_survives_restart_and_stop_is_clean(short_tmp: Path, mode: str) -> 
     s.stop()
 
 
+def test_a_driver_no_disk_uses_is_idle_not_fatal(short_tmp: Path) -> None:
+    text = config_text(encrypt=False, size=4 * MIB) + (
+        '[[driver]]\nname = "spare"\nlabel = "StorageA"\ndir = "backing/spare"\n')
+    s = System(short_tmp, text).start()
+    status = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+    spare = next(d for d in status["domains"] if d["name"] == "spare")
+    assert spare["state"] == "idle (no disk uses it)" and spare["pid"] is None
+    assert "spare" in s.cli("status", "-c", str(s.config)).stdout
+    err = s.stop()
+    assert "driver spare is idle: no [[disk]] lists it in replicas" in err
+    assert "usage:" not in err
+
+
 def test_sigint_stops_cleanly(short_tmp: Path) -> None:
     s = System(short_tmp, config_text(encrypt=False, size=4 * MIB)).start()
     assert s.proc is not None

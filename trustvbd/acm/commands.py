@@ -169,6 +169,8 @@ def show_audit(path: str | Path, follow_log: bool = False, as_json: bool = False
         for rec in records:
             print(json.dumps(rec, ensure_ascii=False) if as_json else _line(rec), file=out,
                   flush=follow_log)
+    except BrokenPipeError:
+        raise  # the reader left (`| head`): the command line ends quietly
     except OSError as exc:
         print(f"trustvbd audit: {path}: {exc.strerror}", file=sys.stderr)
         return 2
@@ -210,13 +212,13 @@ def register(sub: Any, load_policy_into_running: Any = None) -> None:
     pol = sub.add_parser("policy", help="check, show, convert and explain sHype/ACM policies")
     ps = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
     p = ps.add_parser("check", help="validate a policy file (Xen XML or .toml)")
-    p.add_argument("file")
+    p.add_argument("file", help="policy file: Xen XML or .toml")
     p.set_defaults(func=lambda a: check(a.file))
     p = ps.add_parser("show", help="types, labels, conflict sets and who may share with whom")
-    p.add_argument("file")
+    p.add_argument("file", help="policy file: Xen XML or .toml")
     p.set_defaults(func=lambda a: show(a.file))
     p = ps.add_parser("convert", help="Xen XML <-> TOML")
-    p.add_argument("file")
+    p.add_argument("file", help="policy file: Xen XML or .toml")
     p.add_argument("-o", "--output", help="write here instead of standard output")
     p.add_argument("--to", choices=("toml", "xml"), help="default: the other form")
     p.set_defaults(func=lambda a: convert(a.file, a.output, a.to))
@@ -224,20 +226,20 @@ def register(sub: Any, load_policy_into_running: Any = None) -> None:
                       description="Validate FILE (Xen XML or .toml) and write its compiled form"
                       " (docs/policy.md, \"Compiled form\") to OUTPUT. `up` and `policy load`"
                       " compile by themselves; this is for checking and inspecting.")
-    p.add_argument("file")
-    p.add_argument("output")
+    p.add_argument("file", help="policy file: Xen XML or .toml")
+    p.add_argument("output", help="where to write the compiled policy")
     p.set_defaults(func=lambda a: compile_file(a.file, a.output))
     p = ps.add_parser("explain", help="why a guest may or may not use a disk")
-    p.add_argument("-c", "--config", required=True)
-    p.add_argument("--guest", required=True)
-    p.add_argument("--disk", required=True)
+    p.add_argument("-c", "--config", required=True, help="config file (TOML)")
+    p.add_argument("--guest", required=True, help="guest name from the config")
+    p.add_argument("--disk", required=True, help="disk name from the config")
     p.set_defaults(func=lambda a: explain_config(a.config, a.guest, a.disk))
     if load_policy_into_running is not None:
         p = ps.add_parser("load", help="replace the policy of a running system",
                           description="Validate FILE and make it the running system's policy:"
                           " new connections follow it at once, existing ones it forbids are closed.")
-        p.add_argument("-c", "--config", required=True)
-        p.add_argument("file")
+        p.add_argument("-c", "--config", required=True, help="config file (TOML) of the running system")
+        p.add_argument("file", help="the new policy: Xen XML or .toml")
         p.set_defaults(func=lambda a: load_policy_into_running(a.config, a.file))
 
     aud = sub.add_parser("audit", help="show or verify the tamper-evident audit log",

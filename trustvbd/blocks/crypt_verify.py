@@ -43,10 +43,14 @@ class VerifyReport:
     poisoned_blocks: list[int] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"replica verification: {'OK' if self.ok else 'FAILED'}",
-                 f"  key {self.key_fingerprint[:16]}..., disk id {self.disk_id}, "
-                 f"epoch {self.epoch}, {self.logical_size} bytes, "
-                 f"{self.written_blocks} written blocks"]
+        lines = [f"replica verification: {'OK' if self.ok else 'FAILED'}"]
+        if self.disk_id is None:  # nothing signed by this key: no facts about a disk to show
+            lines.append(f"  key {self.key_fingerprint[:16]}...: no superblock signed by this key;"
+                         " this is not a trustvbd replica of that disk")
+        else:
+            lines.append(f"  key {self.key_fingerprint[:16]}..., disk id {self.disk_id}, "
+                         f"epoch {self.epoch}, {self.logical_size} bytes, "
+                         f"{self.written_blocks} written blocks")
         lines += [f"  checked: {c}" for c in self.checked]
         lines += [f"  NOT checked: {c}" for c in self.not_checked]
         lines += [f"  problem: {p}" for p in self.problems]

@@ -305,6 +305,10 @@ class Launcher:
             if drv.dir is not None:
                 domain = self.driver_domain(name)
                 self.domains[name] = domain
+                if not any(name in d.replicas for d in c.disks.values()):
+                    domain.state = "idle (no disk uses it)"  # nothing to serve: not started
+                    log.warning("driver %s is idle: no [[disk]] lists it in replicas", name)
+                    continue
                 await self.spawn(domain)
         lines = []
         for guest in c.guests.values():

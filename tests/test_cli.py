@@ -1,0 +1,103 @@
+"""Papercuts of the `trustvbd` command (issue #12, section 4), each as a user meets it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from tests.support import TRUSTVBD
+from trustvbd.acm.audit import AuditLog
+from trustvbd.cli import build_parser
+
+CONFIG = """
+state_dir = "state"
+[[driver]]
+name = "d"
+label = "S"
+dir = "{dir}"
+[[disk]]
+name = "disk"
+size = "16MiB"
+label = "L"
+replicas = ["d"]
+[[guest]]
+name = "g"
+label = "G"
+"""
+
+
+def tvbd(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TRUSTVBD, *args], capture_output=True, text=True, timeout=60, **kw)  # type: ignore[call-overload,no-any-return]
+
+
+def test_every_option_of_every_subcommand_has_help_text() -> None:
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif not isinstance(action, argparse._HelpAction | argparse._VersionAction) and not action.help:
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "trustvbd")
+    assert not missing
+
+
+def test_driver_size_not_a_multiple_of_512_is_refused_at_once(short_tmp: Path) -> None:
+    result = tvbd("driver", "--file", str(short_tmp / "x.img"), "--size", "1000",
+                  "--socket", str(short_tmp / "x.sock"))
+    assert result.returncode == 2
+    assert "multiple of 512" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (short_tmp / "x.img").exists()
+
+
+def test_status_json_when_up_is_stopped_prints_json_saying_so(short_tmp: Path) -> None:
+    config = short_tmp / "c.toml"
+    config.write_text(CONFIG.format(dir="backing"))
+    result = tvbd("status", "-c", str(config), "--json")
+    assert result.returncode == 3
+    reply = json.loads(result.stdout)
+    assert reply["running"] is False and "not running" in reply["error"]
+
+
+def test_output_into_a_closed_pipe_ends_quietly(short_tmp: Path) -> None:
+    log = AuditLog(short_tmp / "audit.jsonl")
+    for i in range(50):
+        log.append("decision", n=i)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line, as `| head` after its lines
+    try:
+        result = subprocess.run([*TRUSTVBD, "audit", "--log", str(short_tmp / "audit.jsonl")],
+                                stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert result.stderr == "" and result.returncode == 141
+
+
+def test_verify_a_file_that_is_not_a_replica_says_so(short_tmp: Path) -> None:
+    key = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    (short_tmp / "disk.pub").write_bytes(key)
+    (short_tmp / "junk.img").write_bytes(os.urandom(64 * 1024))
+    result = tvbd("verify", "--public-key", str(short_tmp / "disk.pub"),
+                  "--replica", str(short_tmp / "junk.img"))
+    assert result.returncode == 1
+    assert "not a trustvbd replica" in result.stdout and "None" not in result.stdout
+
+
+def test_backing_dir_that_is_a_file_gets_one_clear_line(short_tmp: Path) -> None:
+    (short_tmp / "backing").write_text("")
+    config = short_tmp / "c.toml"
+    config.write_text(CONFIG.format(dir="backing"))
+    result = tvbd("up", "-c", str(config))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"trustvbd: config error: {config}: driver 'd'.dir: {short_tmp / 'backing'} is a file, not a"
+        " directory; name a directory (it holds one sparse file per disk)"]
