@@ -117,6 +117,8 @@ def print_status(status: dict[str, Any]) -> None:
         print(f"  {d['name']:<12} {d['kind']:<7} pid {d['pid']!s:<8} {trust:<9}{label} {d['state']}{restarts}")
     for pid in status.get("aead_workers", []):
         print(f"  {'aead-worker':<12} {'crypt':<7} pid {pid!s:<8} {'trusted':<9} (part of the encryption domain)")
+    if status.get("aead_restarts"):
+        print(f"  AEAD workers that died were restarted {status['aead_restarts']} time(s)")
     print("disks:")
     for disk in status["disks"]:
         epoch = f" epoch {disk['epoch']}" if "epoch" in disk else ""
@@ -125,7 +127,8 @@ def print_status(status: dict[str, Any]) -> None:
               f" {disk['state']}{epoch} integrity-events {disk['integrity_events']}")
         for r in disk["replicas"]:
             extra = f" ({r['last_error']})" if r.get("last_error") else ""
-            print(f"    replica {r['name']}: {r['state']}, reconnects {r['reconnects']}{extra}")
+            full = ", OUT OF SPACE: writes fail with ENOSPC" if r.get("space") == "full" else ""
+            print(f"    replica {r['name']}: {r['state']}, reconnects {r['reconnects']}{full}{extra}")
     print("guests:")
     for g in status["guests"]:
         conns = ", ".join(c["export"] or "-" for c in g["connections"]) or "none"

@@ -101,14 +101,50 @@ def test_killed_worker_mid_job_costs_only_speed(caplog: pytest.LogCaptureFixture
             os.kill(pid, signal.SIGKILL)
             assert await asyncio.wait_for(task, 10) == []
             assert ct == plain
-            assert pool.live_workers == 0
-            # From now on everything is done inline, still correct.
+            # A new worker takes its place, with the disk's key: work goes to it again.
+            await restarted(pool, 1)
+            assert pool.worker_pids() != [pid]
+            offloaded = pool.jobs_offloaded
             ct2, leaves2 = encrypt_inline(plain)
             assert await bulk.decrypt(7, memoryview(ct2), memoryview(leaves2), memoryview(ct2)) == []
-            assert ct2 == plain
-    with caplog.at_level(logging.ERROR, "trustvbd.crypt.aead"):
+            assert ct2 == plain and pool.jobs_offloaded > offloaded
+    with caplog.at_level(logging.WARNING, "trustvbd.crypt.aead"):
         run(go())
     assert "out of service" in caplog.text and "it exited" in caplog.text
+    assert "AEAD worker 0 restarted" in caplog.text
+
+
+async def restarted(pool: AeadPool, times: int) -> None:
+    for _ in range(200):
+        if pool.restarts == times and pool.live_workers == 1:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"restarts {pool.restarts}, live workers {pool.live_workers}")
+
+
+def test_a_worker_that_keeps_dying_is_left_down(monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(aead_pool, "MAX_RESTARTS", 1)
+
+    async def go() -> None:
+        async with started_pool() as pool:
+            bulk = pool.cipher(KEY, DISK_ID)
+            os.kill(pool.worker_pids()[0], signal.SIGKILL)
+            await restarted(pool, 1)
+            os.kill(pool.worker_pids()[0], signal.SIGKILL)
+            for _ in range(200):
+                if pool.live_workers == 0:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.1)
+            assert pool.live_workers == 0 and pool.restarts == 1
+            plain = plaintext()
+            ct, leaves = encrypt_inline(plain)  # done here now, still correct
+            assert await bulk.decrypt(7, memoryview(ct), memoryview(leaves), memoryview(ct)) == []
+            assert ct == plain
+    with caplog.at_level(logging.ERROR, "trustvbd.crypt.aead"):
+        run(go())
+    assert "not restarting it again" in caplog.text
 
 
 def test_stuck_worker_is_killed_and_its_work_done_inline(monkeypatch: pytest.MonkeyPatch,
@@ -124,13 +160,13 @@ def test_stuck_worker_is_killed_and_its_work_done_inline(monkeypatch: pytest.Mon
             out, leaves = bytearray(64 * BS + 16), bytearray(64 * LEAF_SIZE)
             await asyncio.wait_for(bulk.encrypt(7, 1000, memoryview(plain), memoryview(out), memoryview(leaves)), 10)
             assert (out[:64 * BS], leaves) == encrypt_inline(plain)
-            assert pool.live_workers == 0
             for _ in range(50):  # SIGKILL ends even a stopped process
                 if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
                     break
                 await asyncio.sleep(0.05)
             else:
                 raise AssertionError("stuck worker still alive")
+            await restarted(pool, 1)
     with caplog.at_level(logging.ERROR, "trustvbd.crypt.aead"):
         run(go())
     assert "took more than" in caplog.text
@@ -301,7 +337,7 @@ def test_job_redone_inline_does_not_spill_into_a_run_done_inline_before_it() -> 
             await asyncio.sleep(0.1)
             os.kill(pid, signal.SIGKILL)
             await asyncio.wait_for(task, 10)
-            assert pool.jobs_offloaded == 1 and pool.live_workers == 0
+            assert pool.jobs_offloaded == 1
             assert (out[:n * BS], leaves) == encrypt_inline(plain)
     run(go())
 

@@ -11,8 +11,9 @@ and the workers. The recipe is the same BlockCipher on both sides.
 
 A worker that dies, refuses a job or stalls for WORKER_STALL seconds (then it is
 killed) costs nothing but speed: its jobs are done again here, from the inputs
-that were never touched, and the pool stops using it. A worker only ever sees
-plaintext and keys this process already holds.
+that were never touched, and a new worker takes its place (with every disk's
+key), at most MAX_RESTARTS times per RESTART_WINDOW; then its share is done here.
+A worker only ever sees plaintext and keys this process already holds.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ log = logging.getLogger("trustvbd.crypt.aead")
 
 BULK_MIN = 16  # blocks; below this the copies and the round trip cost more than they save
 WORKER_STALL = 10.0  # seconds a job may take before its worker is declared stuck
+MAX_RESTARTS = 3  # replacements of one worker within RESTART_WINDOW seconds; then none
+RESTART_WINDOW = 60.0
 
 
 def default_workers() -> int:
@@ -96,6 +99,10 @@ class AeadPool:
         self._loop = asyncio.get_running_loop()
         self._watchdog: asyncio.TimerHandle | None = None
         self.jobs_offloaded = 0
+        self._keys: dict[int, bytes] = {}  # disk -> its KEY message, for replacement workers
+        self._restart_times: dict[int, list[float]] = {}
+        self._closing = False
+        self.restarts = 0
 
     @classmethod
     async def start(cls, count: int) -> AeadPool:
@@ -121,6 +128,30 @@ class AeadPool:
         worker = _Worker(number, mine, proc)
         self._workers.append(worker)
         self._loop.add_reader(mine.fileno(), self._on_replies, worker)
+        for key in self._keys.values():
+            self._send(worker, key)
+
+    def _replace(self, dead: _Worker) -> None:
+        """A new worker in place of one that was retired for a fault."""
+        if self._closing:
+            return
+        now = self._loop.time()
+        times = [t for t in self._restart_times.get(dead.number, []) if now - t < RESTART_WINDOW]
+        if len(times) >= MAX_RESTARTS:
+            log.error("AEAD worker %d failed %d times within %.0f s; not restarting it again",
+                      dead.number, len(times) + 1, RESTART_WINDOW)
+            return
+        self._restart_times[dead.number] = [*times, now]
+        self._workers.remove(dead)
+        self._loop.run_in_executor(None, dead.proc.wait)  # reap it (it was killed)
+        try:
+            self._spawn(dead.number)
+        except OSError as exc:
+            log.error("AEAD worker %d cannot be restarted: %s", dead.number, exc)
+            return
+        self.restarts += 1
+        log.warning("AEAD worker %d restarted (pid %d), restart %d", dead.number,
+                    self._workers[-1].proc.pid, self.restarts)
 
     @property
     def live_workers(self) -> int:
@@ -137,15 +168,18 @@ class AeadPool:
         """A cipher for one disk: its key goes to every worker."""
         disk = self._next_disk
         self._next_disk += 1
+        self._keys[disk] = j.KEY.pack(j.OP_KEY, disk, data_key, disk_id)
         for worker in self._workers:
-            self._send(worker, j.KEY.pack(j.OP_KEY, disk, data_key, disk_id))
+            self._send(worker, self._keys[disk])
         return BulkCipher(self, disk, BlockCipher(data_key, disk_id))
 
     def forget(self, disk: int) -> None:
+        self._keys.pop(disk, None)
         for worker in self._workers:
             self._send(worker, j.FORGET.pack(j.OP_FORGET, disk))
 
     async def close(self) -> None:
+        self._closing = True
         if self._watchdog is not None:
             self._watchdog.cancel()
         for worker in self._workers:
@@ -265,8 +299,10 @@ class AeadPool:
         worker.alive = False
         if why is not None:
             log.error("AEAD worker %d (pid %d) is out of service: %s; its work is done in the "
-                      "encryption domain itself from now on", worker.number, worker.proc.pid, why)
+                      "encryption domain itself until a new one runs", worker.number,
+                      worker.proc.pid, why)
             worker.proc.kill()
+            self._loop.call_soon(self._replace, worker)
         self._loop.remove_reader(worker.sock.fileno())
         worker.sock.close()
         for job in worker.pending.values():

@@ -19,6 +19,7 @@ leaf table -> ciphertext to the replica. No data journal.
 from __future__ import annotations
 
 import errno
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import overload
@@ -68,6 +69,8 @@ __all__ = [
     "verify_replica",
 ]
 
+log = logging.getLogger(__name__)
+
 BS = BLOCK_SIZE
 # Largest run of blocks one discard intent record covers.
 _DISCARD_CHUNK = 1 << 16
@@ -101,6 +104,8 @@ class CryptDisk:
         # of any of these older leaves instead of the current one.
         self._unsure: dict[int, list[bytes]] = {}
         self._closed = False
+        # Set when the commit at open failed with ENOSPC: writes wait for a commit then.
+        self._out_of_space: str | None = None
         self._locks = RangeLock()
         rc = replica.capabilities
         self._caps = Capabilities(read_only=False, flush=True, fua=True, trim=True, zero=True,
@@ -155,7 +160,16 @@ class CryptDisk:
                               verdict.dirty_pages, pages_stale=not stored_ok)
             self = cls(state, disk_name, replica, replica_name, secrets, commits, events, aead)
             bulk = self._bulk
-            await self._commit(force=True)
+            try:
+                await self._commit(force=True)
+            except BlockError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                # The driver is out of space: serve reads (they need nothing written) and
+                # answer writes ENOSPC until this commit goes through (_wait_for_space).
+                self._out_of_space = (f"disk {disk_name!r}: {who} is out of space, so nothing "
+                                      "can be written until space is freed under it")
+                log.error("%s; reads are served", self._out_of_space)
         except BaseException:
             state.close()
             if bulk is not None:
@@ -278,9 +292,23 @@ class CryptDisk:
                 return True
         return False
 
+    async def _wait_for_space(self) -> None:
+        """After an open on a full driver: commit first, or refuse the write with ENOSPC."""
+        if self._out_of_space is None:
+            return
+        try:
+            await self._commit(force=True)
+        except BlockError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise BlockError(errno.ENOSPC, self._out_of_space) from None
+            raise
+        self._out_of_space = None
+        log.warning("disk %r: replica %r takes writes again", self.name, self.replica_name)
+
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         check_range(self.size, offset, len(data))
         self._check_usable()
+        await self._wait_for_space()
         length = len(data)
         if length:
             b0, b1 = offset // BS, -(-(offset + length) // BS)
@@ -364,6 +392,7 @@ class CryptDisk:
 
     async def flush(self) -> None:
         self._check_usable()
+        await self._wait_for_space()
         await self._commit()
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
@@ -380,6 +409,7 @@ class CryptDisk:
         """Whole blocks become version 0 (read as zeros); partial ones are rewritten."""
         check_range(self.size, offset, length)
         self._check_usable()
+        await self._wait_for_space()
         end = offset + length
         w0, w1 = -(-offset // BS), end // BS
         if w0 >= w1:

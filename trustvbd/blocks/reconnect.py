@@ -87,7 +87,11 @@ class ReplicaLink:
             if self._dirty:
                 self._maybe_lost = True
             self.state = "connected"
-            log.warning("replica %s reconnected (%d)", self.name, self.reconnects)
+            # The error that broke the old connection is history now: `status` would
+            # otherwise show it beside "connected" (the log keeps it).
+            log.warning("replica %s reconnected (%d) after: %s", self.name, self.reconnects,
+                        self.last_error)
+            self.last_error = None
 
     async def _call(self, op: Callable[[Backend], Awaitable[None]]) -> None:
         backend = self.next

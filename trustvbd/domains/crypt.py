@@ -23,6 +23,7 @@ from trustvbd.blockdev import Backend, HasEpoch
 from trustvbd.blocks.aead_pool import AeadPool, default_workers
 from trustvbd.blocks.limits import SizeLimit
 from trustvbd.blocks.reconnect import ReplicaLink
+from trustvbd.blocks.space import SpaceWatch
 from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
 from trustvbd.domains.control import ControlChannel
 from trustvbd.domains.policy_gate import PolicyGate
@@ -41,6 +42,7 @@ class Disk:
     replica_names: list[str]
     backend: Backend | None = None
     links: list[ReplicaLink] = field(default_factory=list)
+    space: list[SpaceWatch] = field(default_factory=list)  # one per link, same order
     integrity_events: int = 0
     error: str | None = None
 
@@ -118,7 +120,8 @@ class CryptDomain:
                 "name": d.name, "size": d.size, "label": d.label, "encrypt": d.encrypt,
                 "state": "serving" if d.backend else f"failed: {d.error}",
                 "integrity_events": d.integrity_events,
-                "replicas": [link.status() for link in d.links],
+                "replicas": [{**link.status(), **watch.status()}
+                             for link, watch in zip(d.links, d.space, strict=False)],
             }
             if isinstance(d.backend, HasEpoch):
                 entry["epoch"] = d.backend.epoch
@@ -131,7 +134,8 @@ class CryptDomain:
             ]
             guests.append({"name": name, "connections": conns})
         workers = self.aead.worker_pids() if self.aead else []
-        return {"disks": disks, "guests": guests, "aead_workers": workers}
+        restarts = self.aead.restarts if self.aead else 0
+        return {"disks": disks, "guests": guests, "aead_workers": workers, "aead_restarts": restarts}
 
     async def recheck_connections(self) -> int:
         """After a policy change: close every connection the new policy forbids."""
@@ -171,18 +175,19 @@ class CryptDomain:
         replica = disk.replica_names[0]
         first = await self.open_channel(disk, replica)
         link = ReplicaLink(first, replica, lambda: self.open_channel(disk, replica))
-        disk.links = [link]
+        watch = SpaceWatch(link, disk.name, replica)  # logs and shows a driver out of space
+        disk.links, disk.space = [link], [watch]
         if disk.encrypt:
-            disk.backend = await self.open_encrypted(disk, link)
+            disk.backend = await self.open_encrypted(disk, watch, replica)
         else:
             if link.size < disk.size:
                 raise ValueError(
                     f"replica {replica!r} offers {link.size} bytes, smaller than disk {disk.name!r}"
                     f" ({disk.size} bytes); give the driver a larger export"
                 )
-            disk.backend = SizeLimit(link, disk.size)
+            disk.backend = SizeLimit(watch, disk.size)
 
-    async def open_encrypted(self, disk: Disk, link: ReplicaLink) -> Backend:
+    async def open_encrypted(self, disk: Disk, link: Backend, replica: str) -> Backend:
         from trustvbd.domains.crypt_disks import open_crypt_disk
 
         def on_event(event: dict[str, Any]) -> None:
@@ -193,7 +198,7 @@ class CryptDomain:
         if self.aead is None and (workers := default_workers()):
             self.aead = await AeadPool.start(workers)
             log.info("AEAD workers: %d (pids %s)", workers, self.aead.worker_pids())
-        return await open_crypt_disk(self.state_dir, disk.name, disk.size, link, link.name,
+        return await open_crypt_disk(self.state_dir, disk.name, disk.size, link, replica,
                                      self.spec.get("passphrase"), on_event, self.aead)
 
     async def start(self, ready_fd: int | None) -> None:
@@ -273,12 +278,36 @@ async def amain(control_fd: int, ready_fd: int | None) -> int:
     # The launcher stops us over the control channel; a terminal's SIGINT is for it.
     loop.add_signal_handler(signal.SIGINT, lambda: None)
     domain = CryptDomain(socket.socket(fileno=control_fd))
-    loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(domain.stop()))
+    starting = loop.create_task(domain.start(ready_fd))
+    stop_asked = False
+
+    def stop_starting() -> None:
+        if not starting.done():
+            starting.cancel()
+            # Python 3.11's wait_for swallows a cancel that meets its result in the same loop
+            # step (a reply from the launcher): cancel again until it takes.
+            loop.call_later(0.2, stop_starting)
+
+    def on_sigterm() -> None:
+        nonlocal stop_asked
+        stop_asked = True
+        if not starting.done():
+            stop_starting()  # stopped during start-up: whatever it waits for, stop now
+        else:
+            domain.tasks.add(loop.create_task(domain.stop()))
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     try:
-        await domain.start(ready_fd)
+        await starting
+    except asyncio.CancelledError:
+        log.info("stopped during start-up")
+        await domain.stop()
+        return 0
     except Exception as exc:
         log.exception("encryption domain failed to start: %s", exc)
         return 1
+    if stop_asked and not domain.stopping:
+        await domain.stop()
     closed = loop.create_task(domain.control.closed.wait())
     stopped = loop.create_task(domain.stopped.wait())
     await asyncio.wait([closed, stopped], return_when=asyncio.FIRST_COMPLETED)

@@ -36,7 +36,8 @@ from trustvbd.state_lock import StateLock, StateLocked
 
 log = logging.getLogger("trustvbd.hv")
 
-START_TIMEOUT = 60.0
+START_TIMEOUT = 60.0  # per domain, plus START_PER_TIB for each TiB of encrypted disk
+START_PER_TIB = 60.0  # opening reads and hashes each disk's leaf table (0.8 % of its size)
 STOP_TIMEOUT = 60.0
 MAX_DRIVER_RESTARTS = 5  # within RESTART_WINDOW seconds; then the driver stays down
 RESTART_WINDOW = 60.0
@@ -44,6 +45,14 @@ RESTART_WINDOW = 60.0
 
 class StartError(Exception):
     """`up` cannot start; the message says why and what to do."""
+
+
+class _StoppedEarly(Exception):
+    """A signal (or a dying domain) ended `up` before it was ready; the message is out."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 @dataclass
@@ -110,6 +119,51 @@ class Launcher:
         self.passphrase: str | None = os.environ.get("TRUSTVBD_PASSPHRASE")
 
     # -- domains ------------------------------------------------------------------
+    @property
+    def start_timeout(self) -> float:
+        """Seconds a domain may take to start: TRUSTVBD_START_TIMEOUT, else scaled by disk size."""
+        env = os.environ.get("TRUSTVBD_START_TIMEOUT")
+        if env:
+            return float(env)
+        tib = sum(d.size for d in self.config.disks.values() if d.encrypt) / (1 << 40)
+        return START_TIMEOUT + START_PER_TIB * tib
+
+    async def wait_ready(self) -> None:
+        """Wait for the encryption domain to open every disk, saying so every 10 s."""
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StartError(
+                    f"the encryption domain did not finish opening the disks within "
+                    f"{self.start_timeout:.0f} s; a large disk may need longer: set "
+                    "TRUSTVBD_START_TIMEOUT=SECONDS")
+            try:
+                await asyncio.wait_for(self.ready.wait(), min(10.0, left))
+                return
+            except TimeoutError:
+                log.info("still starting: the encryption domain is opening the disks (%.0f s of "
+                         "%.0f s allowed)", time.monotonic() - (deadline - self.start_timeout),
+                         self.start_timeout)
+
+    def warn_thin(self) -> None:
+        """Thin provisioning is allowed, surprise is not: say when a new sparse backing file
+        is larger than the free space under it."""
+        for drv in self.config.drivers.values():
+            if drv.dir is None:
+                continue
+            for disk in self.config.disks.values():
+                path = drv.dir / f"{disk.name}.img"
+                if drv.name not in disk.replicas or path.exists():
+                    continue
+                need = physical_size(disk.size, disk.encrypt)
+                st = os.statvfs(drv.dir)
+                free = st.f_bavail * st.f_frsize
+                if need > free:
+                    log.warning("disk %s: its new backing file %s is %d bytes (sparse), more than "
+                                "the %d bytes free under %s: writes fail with ENOSPC once the "
+                                "space runs out", disk.name, path, need, free, drv.dir)
+
     async def spawn(self, domain: Domain, pass_fds: tuple[int, ...] = ()) -> None:
         read_end, write_end = os.pipe()
         argv = [*domain.argv, "--ready-fd", str(write_end)]
@@ -131,7 +185,7 @@ class Launcher:
         os.set_blocking(read_end, False)
         loop.add_reader(read_end, readable)
         try:
-            line = await asyncio.wait_for(first_line, START_TIMEOUT)
+            line = await asyncio.wait_for(first_line, self.start_timeout)
         finally:
             loop.remove_reader(read_end)
             os.close(read_end)
@@ -301,6 +355,7 @@ class Launcher:
                     await self.check_channel(disk.name, replica)
                 except PermissionError as exc:
                     raise StartError(str(exc)) from None
+        self.warn_thin()
         for name, drv in c.drivers.items():
             if drv.dir is not None:
                 domain = self.driver_domain(name)
@@ -324,7 +379,7 @@ class Launcher:
         self.crypt_channel.start()
         await self.spawn(crypt, (theirs.fileno(),))
         theirs.close()
-        await asyncio.wait_for(self.ready.wait(), START_TIMEOUT)
+        await self.wait_ready()
         if self.failed_disks:
             wrong = [d for d, kind in self.failure_kinds.items() if kind == "WrongKeyError"]
             if wrong and self.passphrase is not None:
@@ -414,6 +469,7 @@ class Launcher:
                 crypt, _ = await self.crypt_channel.request({"op": "status"}, timeout=10)
         result["disks"] = crypt.get("disks", [])
         result["aead_workers"] = crypt.get("aead_workers", [])
+        result["aead_restarts"] = crypt.get("aead_restarts", 0)
         guests = {g["name"]: g for g in crypt.get("guests", [])}
         result["guests"] = [
             {"name": g.name, "label": g.label, "socket": str(c.guest_socket(g.name)),
@@ -583,7 +639,17 @@ async def run_up(config: Config) -> int:
             if not disk.encrypt:
                 log.warning("disk %s is NOT ENCRYPTED (encrypt = false): its driver sees and may alter"
                             " its data unnoticed; use this only to measure", disk.name)
-        lines = await launcher.start()
+        starting = loop.create_task(launcher.start())
+        stop_asked = loop.create_task(launcher.done.wait())
+        await asyncio.wait([starting, stop_asked], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # SIGINT/SIGTERM (or a domain died) before everything ran
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+            print(f"trustvbd up: {launcher.fatal or 'stopped during start-up'}", file=sys.stderr)
+            raise _StoppedEarly(1)
+        stop_asked.cancel()
+        lines = starting.result()
         control = await launcher.serve_control()
         for line in lines:
             print(line, flush=True)
@@ -592,8 +658,11 @@ async def run_up(config: Config) -> int:
         if launcher.fatal:
             print(f"trustvbd up: {launcher.fatal}", file=sys.stderr)
             code = 1
+    except _StoppedEarly as early:
+        code = early.code
     except (TimeoutError, StartError, OSError) as exc:
-        message = str(exc) or "timed out waiting for the domains to start"
+        message = str(exc) or ("timed out waiting for a domain to start; a large disk may need "
+                               "longer: set TRUSTVBD_START_TIMEOUT=SECONDS")
         print(f"trustvbd up: {message}", file=sys.stderr)
         code = 1
     finally:

@@ -1,0 +1,183 @@
+"""Full disks and dying helpers, said clearly (issue #12, section 3): real processes throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.interop import clients
+from tests.nbd.helpers import Peer
+from tests.support import TRUSTVBD, System, pids_of_children, process_alive, run
+
+pytestmark = pytest.mark.interop
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="tvx", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def config(driver: str, size: str = "8MiB", encrypt: bool = True) -> str:
+    return f"""
+state_dir = "state"
+[[driver]]
+name = "store1"
+label = "S"
+{driver}
+[[disk]]
+name = "disk"
+size = "{size}"
+label = "L"
+replicas = ["store1"]
+encrypt = {"true" if encrypt else "false"}
+[[guest]]
+name = "vm"
+label = "G"
+"""
+
+
+def status(s: System) -> dict:  # type: ignore[type-arg]
+    return json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)  # type: ignore[no-any-return]
+
+
+def write_fails_with_enospc(uri: str) -> None:
+    nbd = clients.libnbd()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        with pytest.raises(nbd.Error) as err:
+            h.pwrite(b"\x77" * 4096, 8192)
+        assert err.value.errno == "ENOSPC"
+    finally:
+        h.shutdown()
+
+
+def test_a_full_driver_is_said_once_and_up_starts_on_it(root: Path) -> None:
+    """A driver out of space: the guest gets ENOSPC, the encryption domain says so once
+    naming driver and disk, status shows it, and `up` starts again on it serving reads."""
+    image, full = root / "disk.img", root / "full"
+    image.write_bytes(bytes(16 * MIB))
+    peer = Peer.nbdkit(image, root, "--filter=error", "error=ENOSPC", "error-pwrite-rate=100%",
+                       f"error-pwrite-file={full}")
+    s = System(root, config(f'uri = "{peer.uri()}"'))
+    try:
+        s.start()
+        uri = s.uri("vm", "disk")
+        run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x5a 0 64k", "-c", "flush"])
+        full.touch()  # from now on every write to the driver fails with ENOSPC
+        for _ in range(3):
+            write_fails_with_enospc(uri)
+        replica = status(s)["disks"][0]["replicas"][0]
+        assert replica["space"] == "full" and "driver 'store1' is out of space" in replica["message"]
+        assert "OUT OF SPACE" in s.cli("status", "-c", str(s.config)).stdout
+        err = s.stop()
+        assert err.count("disk 'disk': driver 'store1' is out of space") == 1, err
+
+        s.start()  # on the still-full driver: reads served, writes refused, the driver named
+        run(["qemu-io", "-f", "raw", uri, "-c", "read -P 0x5a 0 64k"])
+        write_fails_with_enospc(uri)
+        full.unlink()  # space freed: writes go through again
+        run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x6b 64k 64k", "-c", "flush",
+             "-c", "read -P 0x5a 0 64k", "-c", "read -P 0x6b 64k 64k"])
+        assert status(s)["disks"][0]["replicas"][0]["space"] == "ok"
+        err = s.stop()
+        assert "replica 'store1' of disk 'disk' is out of space" in err
+        assert "takes writes again" in err
+    finally:
+        s.kill()
+        peer.stop()
+
+
+def test_new_sparse_backing_file_larger_than_free_space_is_warned_about(root: Path) -> None:
+    st = os.statvfs(root)
+    free = st.f_bavail * st.f_frsize
+    size = (free // (1 << 30) + 2) << 30  # whole GiB, beyond the free space
+    s = System(root, config('dir = "backing"', size=str(size), encrypt=False)).start()
+    err = s.stop()
+    assert f"disk disk: its new backing file {root / 'backing' / 'disk.img'} is {size} bytes" in err
+    assert "writes fail with ENOSPC once the space runs out" in err
+    s.start()  # the file exists now: no surprise the second time
+    assert "its new backing file" not in s.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_start_up_stops_everything_promptly(root: Path, sig: int) -> None:
+    """A driver that accepts connections but never speaks keeps the encryption domain in
+    its handshake; a signal must still stop everything at once."""
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(str(root / "mute.sock"))
+    mute.listen(8)
+    try:
+        (root / "c.toml").write_text(config(f'uri = "nbd+unix:///?socket={root / "mute.sock"}"'))
+        proc = subprocess.Popen([*TRUSTVBD, "up", "-c", str(root / "c.toml")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 20
+            while not any(("trustvbd.domains.crypt" in open(f"/proc/{p}/cmdline").read().replace("\0", " "))
+                          for p in pids_of_children(proc.pid) if process_alive(p)):
+                assert time.monotonic() < deadline, "the encryption domain never started"
+                time.sleep(0.05)
+            time.sleep(0.3)  # it is in the driver's handshake now
+            children = pids_of_children(proc.pid)
+            t0 = time.monotonic()
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=15)
+            assert time.monotonic() - t0 < 5, err
+            assert proc.returncode == 1
+            assert "trustvbd up: stopped during start-up" in err and "Traceback" not in err, err
+            deadline = time.monotonic() + 5
+            while any(process_alive(p) for p in children) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not any(process_alive(p) for p in children)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    finally:
+        mute.close()
+
+
+def test_restarted_helpers_show_as_healthy_again(root: Path) -> None:
+    """A restarted driver's old error is gone from status; a dead AEAD worker is replaced
+    and status says so."""
+    s = System(root, config('dir = "backing"', size="4MiB"), env={"TRUSTVBD_AEAD_WORKERS": "1"})
+    try:
+        s.start()
+        uri = s.uri("vm", "disk")
+        run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x33 0 64k", "-c", "flush"])
+        before = status(s)
+        driver = next(d for d in before["domains"] if d["name"] == "store1")
+        os.kill(driver["pid"], signal.SIGKILL)
+        (worker,) = before["aead_workers"]
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while True:  # the driver comes back; the next request reconnects to it
+            result = run(["qemu-io", "-f", "raw", uri, "-c", "read -P 0x33 0 64k"], check=False)
+            now = status(s)
+            if result.returncode == 0 and now["aead_restarts"] == 1 and now["aead_workers"]:
+                break
+            assert time.monotonic() < deadline, (result.stderr, now)
+            time.sleep(0.2)
+        replica = now["disks"][0]["replicas"][0]
+        assert replica["state"] == "connected" and replica["reconnects"] >= 1
+        assert replica["last_error"] is None
+        assert now["aead_workers"] != [worker]
+        text = s.cli("status", "-c", str(s.config)).stdout
+        assert "restarted 1 time(s)" in text and "reconnects" in text
+        s.stop()
+    finally:
+        s.kill()

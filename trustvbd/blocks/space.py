@@ -1,0 +1,74 @@
+"""SpaceWatch: say clearly, once, when a replica's driver runs out of space.
+
+A driver out of space answers writes with ENOSPC, which goes on to the guest
+unchanged. Without this layer the only trace was each failed request; with it
+the encryption domain logs one line naming the disk and the driver when it
+starts, one when writes go through again, and `status` shows which it is.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from typing import Any
+
+from trustvbd.blockdev import Backend, BlockError, Buffer
+from trustvbd.blocks.layer import Layer, reader_into
+
+log = logging.getLogger("trustvbd.crypt.space")
+
+
+class SpaceWatch(Layer):
+    def __init__(self, next: Backend, disk: str, driver: str) -> None:
+        super().__init__(next)
+        self.disk, self.driver = disk, driver
+        self.full_since: float | None = None  # wall clock of the first ENOSPC of this episode
+        self._read_into = reader_into(next)
+
+    @property
+    def message(self) -> str:
+        return (f"disk {self.disk!r}: driver {self.driver!r} is out of space: guests' writes to "
+                "this disk fail with ENOSPC (reads are served) until space is freed under the "
+                "driver's backing store")
+
+    def status(self) -> dict[str, Any]:
+        if self.full_since is None:
+            return {"space": "ok"}
+        return {"space": "full", "full_since": self.full_since, "message": self.message}
+
+    def _failed(self, exc: BlockError) -> None:
+        if exc.errno == errno.ENOSPC and self.full_since is None:
+            self.full_since = time.time()
+            log.error("%s", self.message)
+
+    def _went_through(self) -> None:
+        if self.full_since is not None:
+            self.full_since = None
+            log.warning("disk %r: driver %r takes writes again", self.disk, self.driver)
+
+    async def pread_into(self, offset: int, into: memoryview) -> None:
+        await self._read_into(offset, into)
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        try:
+            await self.next.pwrite(offset, data, fua)
+        except BlockError as exc:
+            self._failed(exc)
+            raise
+        self._went_through()
+
+    async def zero(self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
+                   fast: bool = False) -> None:
+        try:
+            await self.next.zero(offset, length, fua, may_trim, fast)
+        except BlockError as exc:
+            self._failed(exc)
+            raise
+
+    async def flush(self) -> None:
+        try:  # a file system with delayed allocation reports ENOSPC at fsync
+            await self.next.flush()
+        except BlockError as exc:
+            self._failed(exc)
+            raise
