@@ -493,6 +493,9 @@ def test_aead_worker_killed_during_copies_loses_nothing(short_tmp: Path) -> None
     t.join(120)
     assert not errors, errors
     assert rounds == [b"ok"] * 12
-    assert status(s)["aead_workers"] == []
-    assert {d["name"]: d["state"] for d in status(s)["domains"]}["crypt"] == "running"
-    assert "out of service" in s.stop()
+    after = status(s)  # a new worker took the dead one's place (issue #12)
+    assert after["aead_restarts"] == 1 and len(after["aead_workers"]) == 1
+    assert after["aead_workers"] != [worker]
+    assert {d["name"]: d["state"] for d in after["domains"]}["crypt"] == "running"
+    err = s.stop()
+    assert "out of service" in err and "AEAD worker 0 restarted" in err
