@@ -67,7 +67,7 @@ def register(sub: Any) -> None:
                       description="Make DIR (0700) with a new CA, the server certificate (for"
                       " localhost, 127.0.0.1, ::1 and every --name) and the encryption domain's"
                       " client certificate for remote drivers.")
-    p.add_argument("dir")
+    p.add_argument("dir", help="the directory to create (must not hold certificates yet)")
     p.add_argument("--name", action="append", default=[], metavar="HOST_OR_IP",
                    help="another name guests reach the server by (repeatable)")
     p.set_defaults(func=lambda a: init(a.dir, a.name))
@@ -75,7 +75,7 @@ def register(sub: Any) -> None:
                       description="Issue a client certificate whose Common Name is NAME, signed"
                       " by DIR's CA, into DIR/guests/NAME (or --out): a directory to pass to"
                       " libnbd as tls-certificates=, or to qemu as tls-creds-x509 dir=.")
-    p.add_argument("dir")
+    p.add_argument("dir", help="the directory `tls init` made (its CA signs the certificate)")
     p.add_argument("name", help="the guest's name (or its tls_name)")
     p.add_argument("--out", metavar="DIR", help="where to write it (default DIR/guests/NAME)")
     p.add_argument("--days", type=int, default=LEAF_DAYS, help=f"validity (default {LEAF_DAYS})")
