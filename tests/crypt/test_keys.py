@@ -111,11 +111,19 @@ def test_trusted_state_problems_are_named(tmp_path: Path) -> None:
         state = DiskState(tmp_path, "vm1")
         good = state.anchor_path.read_bytes()
         # The state directory restored from an old backup: behind the replica.
-        a = Anchor.decode(good, state.anchor_path)
+        a = state.read_anchor()
         state.write_anchor(Anchor(a.disk_id, a.logical_size, a.epoch - 2, a.counter_high, a.root))
+        state.close()
         with pytest.raises(TrustedStateError, match="older than the replica"):
             await open_disk(tmp_path, replica, kek)
-        state.anchor_path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+        # One slot torn (a crash mid-write): the other, older one is used.
+        flip = bytearray(good)
+        newest = max((0, 1), key=lambda i: int.from_bytes(good[i * 512 + 12:i * 512 + 16], "big"))
+        flip[newest * 512 + 50] ^= 1
+        state.anchor_path.write_bytes(bytes(flip))
+        assert state.read_anchor().epoch == a.epoch - 1
+        flip[(1 - newest) * 512 + 50] ^= 1  # both slots bad: refused
+        state.anchor_path.write_bytes(bytes(flip))
         with pytest.raises(TrustedStateError, match="corrupt"):
             await open_disk(tmp_path, replica, kek)
         state.anchor_path.write_bytes(good)

@@ -106,7 +106,7 @@ def test_auto_commit_bounds_the_intent_log(tmp_path: Path, monkeypatch: pytest.M
     run(go())
 
 
-@pytest.mark.parametrize("die_at", ["after leaf pages", "after superblock", "before anchor",
+@pytest.mark.parametrize("die_at", ["before replica flush", "after replica flush", "before anchor",
                                     "after anchor"])
 def test_death_mid_commit(tmp_path: Path, die_at: str, monkeypatch: pytest.MonkeyPatch) -> None:
     class Died(Exception):
@@ -122,11 +122,13 @@ def test_death_mid_commit(tmp_path: Path, die_at: str, monkeypatch: pytest.Monke
         flushes = 0
         real_flush = mem.flush
 
-        async def flush() -> None:
+        async def flush() -> None:  # one replica flush per commit, after leaf pages and superblock
             nonlocal flushes
             flushes += 1
+            if die_at == "before replica flush":
+                raise Died
             await real_flush()
-            if (die_at, flushes) in (("after leaf pages", 1), ("after superblock", 2)):
+            if die_at == "after replica flush":
                 raise Died
 
         real_anchor = DiskState.write_anchor

@@ -3,8 +3,14 @@
 A commit (FLUSH, FUA, and on our own every AUTO_COMMIT_BLOCKS) makes every write
 completed so far durable and authenticated, in this order:
 
-    dirty leaf pages -> replica flush -> signed superblock -> replica flush
-    -> trusted anchor (the commit point) -> intent log reset -> page hashes
+    dirty leaf pages, signed superblock -> replica flush -> trusted anchor
+    (the commit point) -> intent log reset -> page hashes
+
+One replica flush covers data, leaf pages and superblock: until the anchor
+moves, recovery judges the replica against the old anchor and undoes every leaf
+the intent log names, so a superblock that landed before its leaf pages only
+presents an epoch one ahead, which open accepts and overwrites. (Two flushes, one
+before the superblock, cost a driver round trip and an fdatasync per FLUSH.)
 
 Between commits, every leaf change is appended to the intent log before the
 ciphertext it describes leaves this process (`note_leaves`), and versions are
@@ -138,7 +144,6 @@ class Commits:
         leaves = memoryview(self.leaves)
         for p0, p1 in runs(pages, 1 << 30):
             await replica.pwrite(g.leaf_page_offset(p0), leaves[p0 * BS:p1 * BS])
-        await replica.flush()  # data and leaf pages durable before the superblock
         changes = {p: page_hash(p, leaves[p * BS:(p + 1) * BS]) for p in pages}
         tree.update(changes)
         epoch = self.anchor.epoch + 1
@@ -147,7 +152,7 @@ class Commits:
         sb = sbfmt.Superblock(a.disk_id, g.logical_size, epoch, self._counter_high, tree.root,
                               self._fingerprint, depth, top)
         await replica.pwrite((epoch % sbfmt.SLOTS) * SLOT_SIZE, sbfmt.encode(sb, self._signer))
-        await replica.flush()
+        await replica.flush()  # data, leaf pages and superblock durable before the anchor
         anchor = Anchor(a.disk_id, g.logical_size, epoch, self._counter_high, tree.root)
         try:
             self._write_anchor(anchor, f"commit epoch {epoch}")  # the commit point

@@ -7,8 +7,9 @@
     STATE_DIR/disks/NAME/intent.log  leaf changes since the last commit
     STATE_DIR/disks/NAME/pages     committed leaf-page hashes (localises damage)
 
-Nothing here is sent to a driver. Byte layouts are in docs/format.md. The anchor
-and keys are replaced atomically (temp file, fsync, rename, fsync dir); the
+Nothing here is sent to a driver. Byte layouts are in docs/format.md. The keys
+are replaced atomically (temp file, fsync, rename, fsync dir), the anchor is
+written in place into the older of its two slots (anchor_file.py); the
 intent log is appended with one os.write per request, before the request's
 ciphertext leaves this process.
 """
@@ -22,6 +23,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from trustvbd.blocks import anchor_file
 from trustvbd.crypt.keys import (
     KEK_FILE,
     DiskSecrets,
@@ -202,6 +204,7 @@ class DiskState:
         self.intent_path = self.dir / "intent.log"
         self.pages_path = self.dir / "pages"
         self._pages_fd = -1
+        self._anchor_slots: anchor_file.AnchorSlots | None = None
         self.intent: IntentLog | None = None
 
     def _require(self) -> None:
@@ -218,15 +221,34 @@ class DiskState:
         self._require()
         return read_public(self.keys_path.read_bytes(), f"disk {self.name!r}")[1]
 
-    def read_anchor(self) -> Anchor:
+    def _read_anchor_file(self) -> tuple[Anchor, int | None]:
+        """The anchor and, for the two-slot form, the newest slot's sequence number."""
         try:
             raw = self.anchor_path.read_bytes()
         except FileNotFoundError:
             raise TrustedStateError(f"{self.anchor_path} is missing; restore it") from None
-        return Anchor.decode(raw, self.anchor_path)
+        if len(raw) == anchor_file.SLOTS * anchor_file.SLOT:
+            got = anchor_file.newest(raw)
+            if got is None:
+                raise TrustedStateError(f"{self.anchor_path} is corrupt (no complete slot); "
+                                        "restore it")
+            return Anchor(*got[1]), got[0]
+        return Anchor.decode(raw, self.anchor_path), None  # version 1: one record
+
+    def read_anchor(self) -> Anchor:
+        return self._read_anchor_file()[0]
 
     def write_anchor(self, anchor: Anchor) -> None:
-        write_file_atomic(self.anchor_path, anchor.encode())
+        fields = (anchor.disk_id, anchor.logical_size, anchor.epoch, anchor.counter_high,
+                  anchor.root)
+        if self._anchor_slots is None:
+            seq = self._read_anchor_file()[1] if self.anchor_path.exists() else None
+            if seq is None:  # new, or version 1: replace it whole with the two-slot form
+                write_file_atomic(self.anchor_path, anchor_file.new_file(fields))
+                self._anchor_slots = anchor_file.AnchorSlots(self.anchor_path, 1)
+                return
+            self._anchor_slots = anchor_file.AnchorSlots(self.anchor_path, seq)
+        self._anchor_slots.write(fields)
 
     def open_intent(self) -> IntentLog:
         if self.intent is None:
@@ -265,6 +287,9 @@ class DiskState:
 
     def close(self) -> None:
         self._close_pages()
+        if self._anchor_slots is not None:
+            self._anchor_slots.close()
+            self._anchor_slots = None
         if self.intent is not None:
             self.intent.close()
             self.intent = None
