@@ -41,6 +41,7 @@ from trustvbd.acm import (
 from trustvbd.acm.audit import AuditError, AuditLog
 from trustvbd.acm.compiled import read_compiled
 from trustvbd.acm.decisions import explain
+from trustvbd.acm.repeats import RepeatCounter
 from trustvbd.domains.common import die_with_parent, ready, setup_logging
 
 log = logging.getLogger("trustvbd.acm")
@@ -67,10 +68,20 @@ class AcmDomain:
         self.wall = ChineseWall(policy)
         self.attached: dict[str, tuple[str, str | None, int]] = {}  # id -> label, name, owner
         self.connections = 0  # numbers the client connections that own attachments
+        self.repeats = RepeatCounter()  # identical refusals: written once per window, counted
+
+    def _append(self, kind: str, refusal: bool, **fields: Any) -> None:
+        if not (refusal and self.repeats.repeat(kind, fields)):
+            self.audit.append(kind, **fields)
+
+    def write_repeats(self, everything: bool = False) -> None:
+        """One "repeated" record per refusal whose counting window ended."""
+        for summary in self.repeats.due(everything):
+            self.audit.append("repeated", **summary)
 
     def _decided(self, op: str, d: Decision, **fields: Any) -> dict[str, Any]:
-        self.audit.append("decision", op=op, policy=self.policy.name, allowed=d.allowed,
-                          rule=d.rule, reason=d.reason, **fields)
+        self._append("decision", not d.allowed, op=op, policy=self.policy.name,
+                     allowed=d.allowed, rule=d.rule, reason=d.reason, **fields)
         return {"ok": True, **d.to_json()}
 
     def handle(self, req: dict[str, Any], owner: int) -> dict[str, Any]:
@@ -117,6 +128,9 @@ class AcmDomain:
             kind, fields = req.get("kind"), req.get("fields")
             if kind not in RECORD_KINDS or not isinstance(fields, dict):
                 raise BadRequest(f'"record" needs kind in {list(RECORD_KINDS)} and a fields object')
+            if kind == "event" and fields.get("event") == "guest-refused":
+                self._append(kind, True, **fields)  # someone knocking in a loop: counted
+                return {"ok": True}
             return {"ok": True, "seq": self.audit.append(kind, **fields)["seq"]}
         raise BadRequest(f"unknown op {op!r}")
 
@@ -201,8 +215,20 @@ async def serve(domain: AcmDomain, sock: socket.socket, ready_fd: int | None) ->
         loop.add_signal_handler(sig, stop.set)
     server = await asyncio.start_unix_server(domain.serve_connection, sock=sock, limit=MAX_LINE)
     ready(ready_fd)
+
+    async def summarise() -> None:
+        while True:
+            await asyncio.sleep(domain.repeats.window / 4)
+            try:
+                domain.write_repeats()
+            except (OSError, AuditError) as exc:
+                log.error("cannot write repeated-refusal counts to the audit log: %s", exc)
+
+    counting = asyncio.create_task(summarise())
     await stop.wait()
+    counting.cancel()
     server.close()
+    domain.write_repeats(everything=True)
     domain.audit.append("domain", event="stop", policy=domain.policy.name)
     domain.audit.close()
     return 0
