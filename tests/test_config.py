@@ -49,7 +49,7 @@ def test_good_config_resolves_paths_relative_to_file(short_tmp: Path) -> None:
     assert config.guests["vm1"].listen == ("127.0.0.1", 0)
     assert config.guests["vm1"].tls and config.guests["vm1"].certificate_name == "vm1"
     assert config.tls_dir == short_tmp / "pki"
-    assert config.limits.handshake_timeout == 30 and config.limits.idle_timeout == 900
+    assert config.limits.handshake_timeout == 30 and config.limits.idle_timeout == 3600
     assert config.guest_socket("vm1") == short_tmp / "state" / "guests" / "vm1.sock"
     assert config.policy is None
 

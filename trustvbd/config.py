@@ -77,7 +77,7 @@ class Limits:
     """How long and how much one guest may hold of the encryption domain (docs/limits.md)."""
 
     handshake_timeout: float = 30.0  # seconds from connect to the end of the handshake
-    idle_timeout: float = 900.0  # seconds without a request or a drained reply: closed
+    idle_timeout: float = 3600.0  # seconds without a request or a drained reply: closed
     memory: int = 256 * 1024 * 1024  # request and reply bytes held for all guests together
     decisions_per_second: float = 20.0  # per guest: GO/INFO asked of the access-control domain
 

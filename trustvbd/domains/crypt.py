@@ -27,6 +27,7 @@ from trustvbd.blocks.space import SpaceWatch
 from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
 from trustvbd.domains.control import ControlChannel
 from trustvbd.domains.policy_gate import PolicyGate
+from trustvbd.nbd.budget import DecisionRate, MemoryBudget
 from trustvbd.nbd.client import NbdClient
 from trustvbd.nbd.server import Export, ExportRefused, NbdServer, PeerInfo
 
@@ -50,8 +51,9 @@ class Disk:
 class GuestExports:
     """What one guest may see and open; every decision goes through the policy gate."""
 
-    def __init__(self, domain: CryptDomain, guest: str, label: str) -> None:
+    def __init__(self, domain: CryptDomain, guest: str, label: str, rate: DecisionRate) -> None:
         self.domain, self.guest, self.label = domain, guest, label
+        self.rate = rate  # this guest's GO/INFO decisions per second (its flood waits, not others)
 
     def list_exports(self, peer: PeerInfo) -> list[tuple[str, str]]:
         gate = self.domain.gate
@@ -62,6 +64,7 @@ class GuestExports:
         ]
 
     async def open_export(self, peer: PeerInfo, name: str) -> Export:
+        await self.rate.take()
         disks = self.domain.disks
         if name == "":
             visible = [n for n, _ in self.list_exports(peer)]
@@ -91,6 +94,8 @@ class CryptDomain:
         self.control = ControlChannel(control, self.handle, "hv")
         self.disks: dict[str, Disk] = {}
         self.servers: dict[str, list[NbdServer]] = {}
+        self.budgets: dict[str, MemoryBudget] = {}
+        self.rates: dict[str, DecisionRate] = {}
         self.gate: PolicyGate
         self.state_dir = Path()
         self.stopped = asyncio.Event()
@@ -132,7 +137,11 @@ class CryptDomain:
                 {"export": c.export_name, "address": c.peer.address}
                 for s in servers for c in s.connections
             ]
-            guests.append({"name": name, "connections": conns})
+            budget, rate = self.budgets.get(name), self.rates.get(name)
+            guests.append({"name": name, "connections": conns,
+                           "memory": budget.used if budget else 0,
+                           "memory_peak": budget.peak if budget else 0,
+                           "decisions_waited": rate.waited if rate else 0})
         workers = self.aead.worker_pids() if self.aead else []
         restarts = self.aead.restarts if self.aead else 0
         return {"disks": disks, "guests": guests, "aead_workers": workers, "aead_restarts": restarts}
@@ -234,9 +243,13 @@ class CryptDomain:
             from trustvbd.crypt.tls import server_context
 
             context = server_context(Path(self.spec["tls_dir"]))
-        return NbdServer(GuestExports(self, guest, g["label"]), identity=guest,
+        if guest not in self.budgets:  # shared by the guest's Unix socket and TCP port
+            self.budgets[guest] = MemoryBudget(limits["memory"])
+            self.rates[guest] = DecisionRate(limits["decisions_per_second"])
+        return NbdServer(GuestExports(self, guest, g["label"], self.rates[guest]), identity=guest,
                          handshake_timeout=limits["handshake_timeout"], tls=context,
-                         tls_name=g["tls_name"], owner_uid=g["uid"], on_refused=self.refused)
+                         tls_name=g["tls_name"], owner_uid=g["uid"], on_refused=self.refused,
+                         budget=self.budgets[guest], idle_timeout=limits["idle_timeout"])
 
     def refused(self, peer: PeerInfo, reason: str) -> None:
         """Someone not the guest came to a guest's socket: into the audit log (counted)."""

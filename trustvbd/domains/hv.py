@@ -473,6 +473,7 @@ class Launcher:
         guests = {g["name"]: g for g in crypt.get("guests", [])}
         result["guests"] = [
             {"name": g.name, "label": g.label, "socket": str(c.guest_socket(g.name)),
+             **{k: v for k, v in guests.get(g.name, {}).items() if k != "name"},
              "connections": guests.get(g.name, {}).get("connections", [])}
             for g in c.guests.values()
         ]

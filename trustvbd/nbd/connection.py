@@ -24,8 +24,11 @@ Every refusal is logged with its reason.
 
 Safety: at most MAX_TASKS requests and MAX_INFLIGHT_BYTES of payload run at
 once, and reading stops while the client is not reading its replies, so a
-hostile client cannot make the server allocate without bound. Anything the
-core cannot answer with an error reply closes this one connection only.
+hostile client cannot make the server allocate without bound. With a server's
+MemoryBudget, all of one guest's connections together hold at most its limit
+(budget.py). A connection with no request received and no reply drained for
+the server's idle_timeout is closed. Anything the core cannot answer with an
+error reply closes this one connection only.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from trustvbd.nbd.zero_copy import (
 )
 
 if TYPE_CHECKING:
+    from trustvbd.nbd.budget import MemoryBudget
     from trustvbd.nbd.server import NbdServer
 
 log = logging.getLogger("trustvbd.nbd.server")
@@ -72,6 +76,7 @@ MAX_TASKS = 256
 MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
 FLUSH_OUTPUT_AT = 512 * 1024
 WRITE_BUFFER_HIGH = 4 * 1024 * 1024  # stop reading requests while this many reply bytes wait
+UNCHARGED_MAX = 256 * 1024  # reply bytes a connection may queue before telling its budget
 # Plain ints on the per-request path: enum attribute access costs microseconds.
 _READ, _WRITE, _DISC, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES = (
     int(c) for c in (p.Cmd.READ, p.Cmd.WRITE, p.Cmd.DISC, p.Cmd.FLUSH, p.Cmd.TRIM, p.Cmd.CACHE,
@@ -118,6 +123,13 @@ class Connection(asyncio.BufferedProtocol):
         self.peer = peer
         self.refusal = refusal  # the peer is not who this socket serves (e.g. another uid)
         self._tls_starting = False
+        self._budget = server.budget
+        self._charged = 0  # bytes this connection has charged to the budget
+        self._receiving = 0  # the payload buffer size last charged
+        self._stash: m.Request | None = None  # a request held back while over budget
+        self._activity = 0  # bumped by every receive and every drained reply
+        self._quiet_checks = 0
+        self._idle_timer: asyncio.TimerHandle | None = None
         self.export_name: str | None = None
         self.export: Export | None = None
         self.core = ProtocolCore(Role.SERVER)
@@ -161,6 +173,8 @@ class Connection(asyncio.BufferedProtocol):
         # none. Reading stops only at WRITE_BUFFER_HIGH bytes of output (_update_reading).
         transport.set_write_buffer_limits(high=0, low=0)  # type: ignore[attr-defined]
         transport.write(self.core.send(m.Greeting(GREETING_FLAGS)))  # type: ignore[attr-defined]
+        if self._budget is not None:
+            self._budget.join(self)
         self._handshake_task = self._loop.create_task(self._handshake())
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -181,7 +195,10 @@ class Connection(asyncio.BufferedProtocol):
         except p.ProtocolError as exc:
             self._protocol_error(str(exc))
             return
+        self._activity += 1
         self._events_arrived()
+        if self._budget is not None and self.core.receiving != self._receiving:
+            self._update_reading()  # a payload buffer was allocated or handed on: charge it
 
     def eof_received(self) -> bool:
         self.core.receive_eof()
@@ -205,6 +222,7 @@ class Connection(asyncio.BufferedProtocol):
         self._update_reading()
 
     def resume_writing(self) -> None:
+        self._activity += 1
         self._transport_busy = False
         self._drained.set()
         if self._out and not self._flush_scheduled:
@@ -225,6 +243,31 @@ class Connection(asyncio.BufferedProtocol):
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._done)
+
+    def budget_changed(self) -> None:
+        self._update_reading()
+
+    # --- idle connections ----------------------------------------------------------
+    def _start_idle_timer(self) -> None:
+        timeout = self.server.idle_timeout
+        if timeout is not None and not self._stopping:
+            self._idle_timer = self._loop.call_later(timeout / 4, self._check_idle)
+
+    def _check_idle(self) -> None:
+        """Every quarter of idle_timeout: four quiet checks in a row close the connection."""
+        if self._stopping:
+            return
+        if self._activity or self._tasks:
+            self._activity, self._quiet_checks = 0, 0
+        else:
+            self._quiet_checks += 1
+            if self._quiet_checks >= 4:
+                log.warning("nbd: %s (%s): no request and no reply taken for %.0f s; closing"
+                            " the idle connection", self.peer.identity, self.peer.address,
+                            self.server.idle_timeout)
+                self._abort()
+                return
+        self._start_idle_timer()
 
     # --- handshake ---------------------------------------------------------------
     def _events_arrived(self) -> None:
@@ -314,18 +357,29 @@ class Connection(asyncio.BufferedProtocol):
         self._pread_lent = backend.pread_lent if isinstance(backend, LendsReads) else None
         self._check = RequestChecker(result.export.backend.size, result.flags, self.core.structured)
         self._transmitting = True
+        self._start_idle_timer()
         log.info("nbd: %s (%s) attached export %r", self.peer.identity, self.peer.address,
                  self.export_name)
         self._process()  # requests may already be waiting
 
     # --- transmission --------------------------------------------------------------
     def _process(self) -> None:
-        core = self.core
+        core, budget = self.core, self._budget
         while not self._stopping and not self._reading_paused:
-            ev = core.next_event()
+            if self._stash is not None:
+                ev: m.Event | None = self._stash
+                self._stash = None
+            else:
+                ev = core.next_event()
             if ev is None:
                 break
             if type(ev) is m.Request:
+                if budget is not None and budget.over and ev.type != _WRITE:
+                    # Over budget: a write's payload is here already (counted); anything
+                    # else waits until the guest's connections hold less.
+                    self._stash = ev
+                    self._update_reading()
+                    break
                 self._dispatch(ev)
             elif type(ev) is m.WritePart:
                 self._dispatch_part(ev)
@@ -559,6 +613,9 @@ class Connection(asyncio.BufferedProtocol):
             self._flush()
         if self._out_bytes >= WRITE_BUFFER_HIGH and not self._reading_paused:
             self._update_reading()
+        elif (self._budget is not None
+              and self._out_bytes + self._inflight_bytes > self._charged + UNCHARGED_MAX):
+            self._update_reading()  # replies of requests that finished inline: count them
         if self._out and not self._flush_scheduled:
             # Write at the end of this loop iteration: replies of all requests
             # that arrive together leave in one system call.
@@ -615,13 +672,27 @@ class Connection(asyncio.BufferedProtocol):
             self._update_reading()
 
     # --- flow control and shutdown ----------------------------------------------------
+    def _recharge(self, budget: MemoryBudget) -> None:
+        """Tell the budget what this connection holds now."""
+        held = self._inflight_bytes + self._out_bytes + self.core.receiving
+        if self._transport is not None and not self._output_closed:
+            held += self._transport.get_write_buffer_size()
+        self._receiving = self.core.receiving
+        if held != self._charged:
+            budget.adjust(held - self._charged)
+            self._charged = held
+
     def _update_reading(self) -> None:
+        budget = self._budget
+        if budget is not None:
+            self._recharge(budget)
         if self._transport is None or self._output_closed:
             return
         busy = (
             self._out_bytes + self._transport.get_write_buffer_size() >= WRITE_BUFFER_HIGH
             or len(self._tasks) >= MAX_TASKS
             or self._inflight_bytes >= MAX_INFLIGHT_BYTES
+            or (budget is not None and budget.over and not self.core.receiving)
         )
         if busy and not self._reading_paused:
             self._reading_paused = True
@@ -639,6 +710,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def _abort(self) -> None:
         self._stopping = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         release_all(self._out)
         self._out.clear()
         self._output_closed = True
@@ -681,5 +754,11 @@ class Connection(asyncio.BufferedProtocol):
                 except Exception:
                     log.exception("nbd: releasing export %r failed", self.export_name)
             self.server.connections.discard(self)
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            if self._budget is not None:
+                self._budget.leave(self)
+                self._budget.adjust(-self._charged)
+                self._charged = 0
             if not self._done.done():
                 self._done.set_result(None)

@@ -19,6 +19,7 @@ import ssl
 import struct
 from collections.abc import Callable
 
+from trustvbd.nbd.budget import MemoryBudget
 from trustvbd.nbd.connection import Connection
 from trustvbd.nbd.exports import Export, ExportProvider, ExportRefused, PeerInfo, StaticExports
 
@@ -69,10 +70,15 @@ class NbdServer:
         tls_name: str | None = None,
         owner_uid: int | None = None,
         on_refused: Callable[[PeerInfo, str], None] | None = None,
+        budget: MemoryBudget | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         """`tls`: clients must STARTTLS and present a certificate whose Common Name is
         `tls_name` (default: `identity`). `owner_uid`: on a Unix socket, only this uid
-        (and root) may connect. `on_refused` hears every refused identity (to audit it)."""
+        (and root) may connect. `on_refused` hears every refused identity (to audit it).
+        `budget`: the memory all connections sharing it may hold (budget.py).
+        `idle_timeout`: seconds without a request or a drained reply before a connection
+        is closed (None: never)."""
         self.provider = provider
         self.identity = identity
         self.max_connections = max_connections
@@ -81,6 +87,8 @@ class NbdServer:
         self.tls_name = tls_name
         self.owner_uid = owner_uid
         self.on_refused = on_refused
+        self.budget = budget
+        self.idle_timeout = idle_timeout
         self.connections: set[Connection] = set()
         self._accepting: set[asyncio.Task[tuple[socket.socket, object]]] = set()
         self._handlers: set[asyncio.Task[None]] = set()  # keeps handler tasks referenced

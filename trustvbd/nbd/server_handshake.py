@@ -63,6 +63,7 @@ class Identity:
 
 
 _DECISIVE = (p.Opt.GO, p.Opt.INFO, p.Opt.LIST)
+MAX_OPTIONS = 256  # per handshake: no honest client needs more; a loop of them ends here
 
 
 async def negotiate(
@@ -77,6 +78,7 @@ async def negotiate(
     who = identity or Identity()
     tls_pending = who.tls is not None
     refusal = who.refusal
+    options = 0
 
     def reply(option: int, rep: int, data: bytes = b"") -> None:
         write(core.send(m.OptionReply(option, rep, data)))
@@ -92,6 +94,9 @@ async def negotiate(
             continue
         assert isinstance(ev, m.Option)
         opt, data = ev.option, ev.data
+        options += 1
+        if options > MAX_OPTIONS:
+            raise HandshakeEnded(f"more than {MAX_OPTIONS} options in one handshake; closing")
         if opt == p.Opt.ABORT:
             reply(opt, Rep.ACK)
             raise HandshakeEnded("client aborted the handshake")

@@ -1,0 +1,75 @@
+"""A guest flooding the access-control domain with forbidden GOs (#9.6): its own handshakes
+wait (a per-guest rate), another guest's decisions do not; the refusals are counted in the
+audit log, not written one by one."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.interop.test_policy_e2e import CONFIG, start, uri
+from tests.nbd.helpers import RawClient
+from tests.support import run
+from trustvbd.acm.audit import AuditLog, verify
+from trustvbd.nbd import protocol as p
+
+pytestmark = pytest.mark.interop
+
+RATE = 10  # decisions per second for each guest
+FLOOD_SECONDS = 3.0
+
+
+def forbidden_go(path: str, stop: threading.Event, counts: list[int]) -> None:
+    """vm2 (Bank) asks for the payroll disk again and again, as fast as it is answered."""
+    while not stop.is_set():
+        c = RawClient(path, timeout=30)
+        try:
+            c.start()
+            name = b"payroll"
+            c.option(p.Opt.GO, len(name).to_bytes(4, "big") + name + b"\0\0")
+            _, rep, _ = c.option_reply()
+            assert rep == p.Rep.ERR_POLICY
+            counts.append(1)
+        finally:
+            c.close()
+
+
+def test_a_flood_of_forbidden_gos_is_rate_limited_counted_and_harmless(short_tmp: Path) -> None:
+    config = CONFIG.replace('policy = "policy.toml"\n', 'policy = "policy.toml"\n[limits]\n'
+                            f"decisions_per_second = {RATE}\nhandshake_timeout = 20\n", 1)
+    s = start(short_tmp, config=config)
+    stop, counts = threading.Event(), []  # type: ignore[var-annotated]
+    vm2 = str(s.root / "state" / "guests" / "vm2.sock")
+    threads = [threading.Thread(target=forbidden_go, args=(vm2, stop, counts)) for _ in range(6)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        # Meanwhile the other guest's decision is made at once, not behind vm2's queue.
+        asked = time.monotonic()
+        out = run(["nbdinfo", "--size", uri(s, "vm1", "payroll")], timeout=30)
+        assert out.stdout.strip() == str(4 << 20)
+        assert time.monotonic() - asked < 5
+        time.sleep(max(0.0, FLOOD_SECONDS - (time.monotonic() - started)))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    elapsed = time.monotonic() - started
+    status = s.cli("status", "-c", str(s.config), "--json").stdout
+    s.stop()  # the access-control domain writes the counts of still open windows
+    assert len(counts) <= RATE * elapsed + 2 * RATE + 6, (len(counts), elapsed)
+    assert '"decisions_waited": 0' not in status.split('"name": "vm2"')[1].split('"name"')[0]
+    records = AuditLog.read(s.root / "state" / "audit.jsonl")
+    written = [r for r in records if r["kind"] == "decision"
+               and r["fields"].get("guest") == "vm2" and not r["fields"]["allowed"]]
+    repeated = [r["fields"] for r in records if r["kind"] == "repeated"
+                and r["fields"].get("guest") == "vm2"]
+    assert len(written) == 1, written  # one window: one record ...
+    # ... and every one counted (plus the few checks `up` itself makes at start for listings).
+    assert len(counts) <= len(written) + sum(r["count"] for r in repeated) <= len(counts) + 3
+    assert verify(s.root / "state" / "audit.jsonl") == []
