@@ -132,7 +132,10 @@ def print_status(status: dict[str, Any]) -> None:
     print("guests:")
     for g in status["guests"]:
         conns = ", ".join(c["export"] or "-" for c in g["connections"]) or "none"
-        print(f"  {g['name']:<12} label {g['label']} socket {g['socket']} connections: {conns}")
+        held = (f" memory {g['memory'] / 2**20:.1f} MiB (peak {g['memory_peak'] / 2**20:.1f})"
+                if "memory" in g else "")
+        print(f"  {g['name']:<12} label {g['label']} socket {g['socket']} connections: {conns}"
+              f"{held}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

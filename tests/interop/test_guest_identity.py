@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nbd.helpers import Activated
+from tests.nbd.helpers import Activated, Peer
 from tests.support import TRUSTVBD, System, run
 from trustvbd.acm.audit import AuditLog
 
@@ -53,6 +53,10 @@ def tls_system() -> Iterator[System]:
     image.write_bytes(bytes(8 * MIB))
     remote = Activated(["nbdkit", "-f", "--tls=require", f"--tls-certificates={root / 'pki'}",
                         "--tls-verify-peer", "file", str(image)])
+    (root / "q.img").write_bytes(bytes(8 * MIB))
+    qemu = Peer.qemu_nbd(root / "q.img", root, "--object",
+                         f"tls-creds-x509,id=t0,dir={root / 'pki'},endpoint=server,verify-peer=on",
+                         "--tls-creds", "t0")
     text = f"""
 state_dir = "state"
 [tls]
@@ -65,6 +69,10 @@ dir = "backing/a"
 name = "remote"
 label = "A"
 uri = "nbds://127.0.0.1:{remote.port}/"
+[[driver]]
+name = "qemu"
+label = "A"
+uri = "nbds+unix:///?socket={qemu.sock}"
 [[disk]]
 name = "d1"
 size = "4MiB"
@@ -75,6 +83,11 @@ name = "far"
 size = "4MiB"
 label = "A"
 replicas = ["remote"]
+[[disk]]
+name = "near"
+size = "4MiB"
+label = "A"
+replicas = ["qemu"]
 [[guest]]
 name = "vm1"
 label = "A"
@@ -101,6 +114,7 @@ tls = false
     finally:
         system.kill()
         remote.stop()
+        qemu.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -156,6 +170,22 @@ def test_a_disk_on_a_tls_remote_driver_nbdkit_verify_peer(tls_system: System) ->
     assert "read 65536/65536" in out.stdout
     # The driver holds ciphertext only.
     assert b"\x3c" * 4096 not in (tls_system.root / "remote.img").read_bytes()
+
+
+def test_a_disk_on_a_qemu_nbd_tls_creds_driver_over_nbds_unix(tls_system: System) -> None:
+    out = run(["qemu-io", "-f", "raw", tls_system.uri("vm1", "near"), "-c",
+               "write -P 0x4d 8192 64k", "-c", "flush", "-c", "read -P 0x4d 8192 64k"])
+    assert "read 65536/65536" in out.stdout
+    assert b"\x4d" * 4096 not in (tls_system.root / "q.img").read_bytes()
+
+
+def test_qemu_io_with_a_tls_creds_object_on_a_guest_port(tls_system: System) -> None:
+    certs = tls_system.root / "pki" / "guests" / "vm1"
+    port = tcp_uri(tls_system, "vm1", "d1").rsplit(":", 1)[1].split("/")[0]
+    out = run(["qemu-io", "--object", f"tls-creds-x509,id=t0,dir={certs},endpoint=client",
+               "--image-opts", f"driver=nbd,host=127.0.0.1,port={port},export=d1,tls-creds=t0",
+               "-c", "write -P 0x61 0 64k", "-c", "read -P 0x61 0 64k"])
+    assert "read 65536/65536" in out.stdout
 
 
 def test_the_tls_opt_out_serves_plaintext(tls_system: System) -> None:
@@ -244,3 +274,9 @@ def test_state_directory_is_private(tls_system: System) -> None:
             path = Path(root) / name
             if not stat.S_ISSOCK(path.lstat().st_mode):
                 assert stat.S_IMODE(path.lstat().st_mode) & 0o077 == 0, path
+
+
+def test_status_shows_what_each_guest_holds(tls_system: System) -> None:
+    out = tls_system.cli("status", "-c", str(tls_system.config)).stdout
+    line = next(x for x in out.splitlines() if x.strip().startswith("vm1 "))
+    assert re.search(r"memory \d+\.\d MiB \(peak \d+\.\d\)$", line), out
