@@ -252,3 +252,23 @@ def test_client_refuses_a_server_without_tls(short_tmp: Path, pki: Path) -> None
 def test_tools_are_there() -> None:
     for tool in ("nbdinfo", "nbdcopy", "qemu-io", "qemu-nbd", "nbdkit", "openssl"):
         assert shutil.which(tool), f"{tool} is missing: run scripts/install-test-deps.sh"
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_read_longer_than_one_part_streams_over_tls(short_tmp: Path, pki: Path,
+                                                      loop_kind: str) -> None:
+    """A 40 MiB READ is sent in parts, each after the last left: over TLS too."""
+    import nbd  # Debian's libnbd module (conftest adds its path)
+
+    disk = short_tmp / "big.img"
+    disk.write_bytes(os.urandom(48 * MiB))
+    backend = FileBackend(str(disk), 48 * MiB)
+    with ServerThread(StaticExports([Export("big", backend)]), None, loop_kind,
+                      tls=server_context(pki / "pki")) as srv:
+        h = nbd.NBD()
+        h.set_uri_allow_local_file(True)
+        h.connect_uri(nbds(srv, pki / "pki" / "guests" / GUEST, "big"))
+        data = h.pread(40 * MiB, 4096)
+        h.shutdown()
+    assert data == disk.read_bytes()[4096:4096 + 40 * MiB]
+    asyncio.run(backend.close())
