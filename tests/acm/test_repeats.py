@@ -33,6 +33,12 @@ def test_counted_within_the_window_and_summarised_after() -> None:
     assert rc.repeat("decision", f) is False  # a new window: written again
 
 
+def test_a_refused_attachments_id_does_not_make_it_new() -> None:
+    rc = RepeatCounter(window=60, clock=Clock())
+    assert rc.repeat("decision", {"op": "chw_attach", "id": "vm2/d1/1"}) is False
+    assert rc.repeat("decision", {"op": "chw_attach", "id": "vm2/d1/2"}) is True
+
+
 def test_the_table_is_bounded_and_a_new_refusal_is_never_lost() -> None:
     rc = RepeatCounter(window=60, clock=Clock())
     for i in range(MAX_KEYS + 10):

@@ -5,7 +5,8 @@ every other guest's decision wait behind an fsync per attempt. The first refusal
 of a kind is written as usual; the same refusal again within WINDOW seconds is
 only counted; when its window ends, one "repeated" record says how many there
 were, the first and the last time. What counts as the same: every field but the
-time (a connection's port or id is not a field of a decision).
+time and the fields named in IGNORED (a refused attachment's id names nothing that
+exists; the written record keeps the first one's).
 
 Bounded: at most MAX_KEYS different refusals are tracked at once; past that, a
 new one is written as usual (never lost, only not summarised).
@@ -22,6 +23,7 @@ from typing import Any
 
 WINDOW = 60.0
 MAX_KEYS = 4096
+IGNORED = frozenset({"id"})
 
 
 def _now_text() -> str:
@@ -47,7 +49,8 @@ class RepeatCounter:
     def repeat(self, kind: str, fields: dict[str, Any]) -> bool:
         """True: an identical refusal was written less than WINDOW ago; it is counted here
         and must not be written. False: write it (a new window opens)."""
-        key = json.dumps([kind, fields], sort_keys=True, default=str)
+        same = {k: v for k, v in fields.items() if k not in IGNORED}
+        key = json.dumps([kind, same], sort_keys=True, default=str)
         now = self.clock()
         run = self._runs.get(key)
         if run is not None and now - run.opened < self.window:
@@ -57,7 +60,7 @@ class RepeatCounter:
             run.last = _now_text()
             return True
         if len(self._runs) < MAX_KEYS or run is not None:
-            self._runs[key] = _Run(kind, fields, now)
+            self._runs[key] = _Run(kind, same, now)
         return False
 
     def due(self, everything: bool = False) -> list[dict[str, Any]]:
