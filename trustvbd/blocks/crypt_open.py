@@ -11,20 +11,54 @@ serve.
 from __future__ import annotations
 
 import errno
+import logging
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from trustvbd.blockdev import Backend, BlockError
 from trustvbd.blocks.disk_state import Anchor, IntentLog, TrustedStateError
 from trustvbd.blocks.integrity import ForeignReplicaError, IntegrityError, StaleReplicaError
+from trustvbd.blocks.layer import reader_into
 from trustvbd.blocks.ranges import describe_blocks, runs
 from trustvbd.crypt import superblock as sbfmt
 from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE, POISON_LEAF, POISON_VERSION, BlockCipher, leaf_version
 from trustvbd.crypt.superblock import LEAVES_PER_PAGE, SLOT_SIZE, Layout, SlotKind
 from trustvbd.crypt.tree import HASH_SIZE, page_hash, root_from_level
 
+log = logging.getLogger(__name__)
+
 BS = BLOCK_SIZE
 # Largest replica read during recovery.
 RECOVERY_READ_BLOCKS = 256
+# The leaf table is read in pieces of this size, into one buffer (no copies), and
+# opening a big disk says how far it got every PROGRESS_EVERY seconds.
+TABLE_READ = 32 * 1024 * 1024
+PROGRESS_EVERY = 5.0
+
+
+class Progress:
+    """Log lines for long start-up work: at most one per PROGRESS_EVERY seconds."""
+
+    def __init__(self, what: str, total: int) -> None:
+        self.what, self.total = what, total
+        self._start = self._last = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self._last >= PROGRESS_EVERY and self.total:
+            self._last = now
+            log.info("%s: %d %% (%.0f s)", self.what, 100 * done // self.total, now - self._start)
+
+
+def page_hashes(table: bytes | bytearray | memoryview, pages: int, progress: Progress) -> bytes:
+    """Tree level 0 of a leaf table, saying how far it got on a big disk."""
+    def hashes() -> Iterator[bytes]:
+        for p in range(pages):
+            if p % 4096 == 0:
+                progress(p)
+            yield page_hash(p, table[p * BS:(p + 1) * BS])
+    return b"".join(hashes())
 
 
 @dataclass
@@ -106,7 +140,12 @@ async def survey_replica(replica: Backend, disk: str, replica_name: str, anchor:
     raw = await read_exact(replica, who, 0, 2 * SLOT_SIZE)
     slots = [sbfmt.parse(raw[i * SLOT_SIZE:(i + 1) * SLOT_SIZE], i, public_key, anchor.disk_id)
              for i in range(2)]
-    table = bytearray(await read_exact(replica, who, g.leaf_start, g.leaf_table_size))
+    table = bytearray(g.leaf_table_size)
+    view, read_into = memoryview(table), reader_into(replica)
+    progress = Progress(f"disk {disk!r}: reading the leaf table from {replica_name!r}", len(table))
+    for at in range(0, len(table), TABLE_READ):
+        progress(at)
+        await read_into(g.leaf_start + at, view[at:at + TABLE_READ])
     fresh, presented = await _judge_slots(replica, who, anchor, slots, table)
     return Survey(who, disk, replica_name, slots, table, fresh, presented)
 
@@ -116,18 +155,21 @@ def judge_table(survey: Survey, anchor: Anchor, intents: Intents,
     """The trusted leaf table from a surveyed replica, or StaleReplicaError/IntegrityError.
 
     `stored_pages`: the trusted committed page hashes if they match the anchor's
-    root, else None (then damage cannot be confined to some pages).
+    root, else None (then damage cannot be confined to some pages). The verdict
+    takes the survey's table over (no copy: a big disk's table is big).
     """
     g = Layout(anchor.logical_size)
     who, slots, presented = survey.who, survey.slots, survey.presented
-    table = bytearray(survey.table)
+    table = survey.table
     for b, leaf in intents.committed.items():  # undo what was not committed
         table[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = leaf
 
-    hashes = b"".join(page_hash(p, table[p * BS:(p + 1) * BS]) for p in range(g.leaf_pages))
+    hashes = page_hashes(table, g.leaf_pages, Progress(f"disk {survey.disk!r}: checking the leaf "
+                                                       f"table of {survey.replica!r}", g.leaf_pages))
     dirty = {b // LEAVES_PER_PAGE for b in intents.committed}
     verdict = Verdict(survey.fresh, table, hashes, dirty)
-    if root_from_level(hashes, 0) == anchor.root:
+    # The stored hashes already match the anchor's root: equal hashes need no second tree.
+    if hashes == stored_pages or root_from_level(hashes, 0) == anchor.root:
         damaged = [(i, s) for i, s in enumerate(slots) if s.kind not in (SlotKind.VALID, SlotKind.BLANK)]
         if not survey.fresh and (damaged or presented is None or presented < anchor.epoch):
             why = "; ".join(f"slot {i}: {s.reason}" for i, s in damaged)
