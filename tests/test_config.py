@@ -52,6 +52,9 @@ def test_good_config_resolves_paths_relative_to_file(short_tmp: Path) -> None:
     assert config.limits.handshake_timeout == 30 and config.limits.idle_timeout == 3600
     assert config.guest_socket("vm1") == short_tmp / "state" / "guests" / "vm1.sock"
     assert config.policy is None
+    assert config.drivers["drv-a"].user is None  # as root: a dynamic uid of its own
+    config = load_config(write(short_tmp, GOOD.replace('dir = "backing/a"', 'dir = "b"\nuser = "nobody"')))
+    assert config.drivers["drv-a"].user == "nobody"
 
 
 @pytest.mark.parametrize(
@@ -107,6 +110,9 @@ def test_format_size() -> None:
         (("state_dir = \"state\"\n", "state_dir = \"state\"\n[limits]\nidle_timeout = -1\n"),
          "limits.idle_timeout", "seconds"),
         (("size = \"256MiB\"", "size = \"256MiB\"\nencrypt = \"yes\""), "disk[0].encrypt", "true or false"),
+        (("dir = \"backing/a\"", "uri = \"nbd://127.0.0.1/x\"\nuser = \"nobody\""), "driver[0].user",
+         "runs as whoever started it"),
+        (("dir = \"backing/a\"", "dir = \"backing/a\"\nuser = \"\""), "driver[0].user", "is empty"),
     ],
 )
 def test_mistakes_name_file_key_and_fix(short_tmp: Path, mutation: tuple[str, str], key: str,

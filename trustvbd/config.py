@@ -47,6 +47,7 @@ class DriverConfig:
     label: str
     dir: Path | None = None
     uri: str | None = None
+    user: str | None = None  # run as this account (as root); default: a dynamic uid of its own
 
 
 @dataclass(frozen=True)
@@ -320,11 +321,14 @@ def load_config(path: str | Path) -> Config:
 
     drivers = []
     for i, item in enumerate(_array(file, raw, "driver")):
-        t = _Table(file, f"driver[{i}]", item, {"name", "label", "dir", "uri"})
+        t = _Table(file, f"driver[{i}]", item, {"name", "label", "dir", "uri", "user"})
         name, label = t.name(), t.get("label", str, required=True)
-        ddir, uri = t.path("dir", base), t.get("uri", str)
+        ddir, uri, user = t.path("dir", base), t.get("uri", str), t.get("user", str)
         if (ddir is None) == (uri is None):
             raise t.error("dir", "give exactly one of dir (trustvbd's own driver) or uri (any NBD server)")
+        if user is not None and (uri is not None or not user):
+            raise t.error("user", "names the account trustvbd's own driver (dir) runs as; an NBD"
+                          " server at uri runs as whoever started it" if user else "is empty")
         if uri is not None:
             try:
                 parsed = parse_uri(uri)
@@ -336,7 +340,7 @@ def load_config(path: str | Path) -> Config:
             if parsed.tls_certificates is not None:
                 raise t.error("uri", "tls-certificates= is not used here: the encryption domain"
                               " uses the [tls] dir's client certificate; remove it")
-        drivers.append(DriverConfig(name, label, ddir, uri))
+        drivers.append(DriverConfig(name, label, ddir, uri, user))
     driver_map = _unique(file, "driver", drivers)
 
     disks = []

@@ -273,7 +273,7 @@ def rekey_disk(config_path: str, disk: str, to_passphrase: bool) -> int:
     """Rewrap the disk's data and signing keys under a new KEK; replicas are not touched."""
     from trustvbd.blocks.disk_state import load_kek, rekey
     from trustvbd.crypt.keys import KEK_FILE, KEK_PASSPHRASE, KeyFileError, WrongKeyError
-    from trustvbd.domains.crypt_disks import PassphraseNeeded, kek_for
+    from trustvbd.domains.crypt_disks import PassphraseNeeded
 
     try:
         config = _config(config_path)
@@ -294,7 +294,8 @@ def rekey_disk(config_path: str, disk: str, to_passphrase: bool) -> int:
             old_passphrase = _old_passphrase(disk) if kind == KEK_PASSPHRASE else None
             new_passphrase = _new_passphrase(disk) if to_passphrase else None
             try:
-                old = kek_for(config.state_dir, disk, old_passphrase)
+                old = (load_kek(config.state_dir, passphrase=old_passphrase)
+                       if kind == KEK_PASSPHRASE else load_kek(config.state_dir))
                 new = (load_kek(config.state_dir, passphrase=new_passphrase) if to_passphrase
                        else load_kek(config.state_dir))
                 rekey(config.state_dir, disk, old, new)

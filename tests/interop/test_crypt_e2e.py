@@ -496,6 +496,6 @@ def test_aead_worker_killed_during_copies_loses_nothing(short_tmp: Path) -> None
     after = status(s)  # a new worker took the dead one's place (issue #12)
     assert after["aead_restarts"] == 1 and len(after["aead_workers"]) == 1
     assert after["aead_workers"] != [worker]
-    assert {d["name"]: d["state"] for d in after["domains"]}["crypt"] == "running"
+    assert {d["name"]: d["state"] for d in after["domains"]}["crypt-PayrollData"] == "running"
     err = s.stop()
     assert "out of service" in err and "AEAD worker 0 restarted" in err

@@ -92,9 +92,11 @@ def test_nbdcopy_both_ways(system: System, short_tmp: Path) -> None:
 def test_nbdinfo(system: System) -> None:
     export = clients.nbdinfo_facts(system.uri("vm1", "payroll"), SIZE)
     assert export["can_multi_conn"]  # one backend object shared by every connection
-    listed = run(["nbdinfo", "--list", "--json", system.uri("vm1", "payroll")]).stdout
-    names = sorted(e["export-name"] for e in json.loads(listed)["exports"])
-    assert names == ["payroll", "scratch"]
+    # One encryption domain per workload type: each of the guest's sockets lists its own type's disks.
+    for disk in ("payroll", "scratch"):
+        listed = run(["nbdinfo", "--list", "--json", system.uri("vm1", disk)]).stdout
+        assert [e["export-name"] for e in json.loads(listed)["exports"]] == [disk]
+    assert system.uri("vm1", "scratch").endswith("/vm1@Scratch.sock")
 
 
 def test_fio(system: System) -> None:
@@ -121,7 +123,11 @@ def test_status_text_and_json(system: System) -> None:
         assert "drv-a" in text and "untrusted" in text and "payroll" in text
         data = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
         kinds = {d["name"]: d["kind"] for d in data["domains"]}
-        assert kinds == {"hv": "hv", "acm": "acm", "drv-a": "driver", "crypt": "crypt"}
+        # one encryption domain per workload type (the NULL policy: per disk label)
+        assert kinds == {"hv": "hv", "acm": "acm", "drv-a": "driver",
+                         "crypt-PayrollData": "crypt", "crypt-Scratch": "crypt"}
+        assert {d["name"]: d["domain"] for d in data["disks"]} == {
+            "payroll": "crypt-PayrollData", "scratch": "crypt-Scratch"}
         disks = {d["name"]: d for d in data["disks"]}
         assert disks["payroll"]["size"] == SIZE
         assert disks["payroll"]["replicas"][0]["name"] == "drv-a"

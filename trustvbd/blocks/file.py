@@ -32,10 +32,12 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 class FileBackend:
     """One file, one export. The file is created sparse at `size` if missing."""
 
-    def __init__(self, path: str, size: int | None = None, read_only: bool = False) -> None:
+    def __init__(self, path: str, size: int | None = None, read_only: bool = False,
+                 fd: int | None = None) -> None:
+        """`fd`: an already open file (handed over by the launcher); `path` then only names it."""
         flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
         self.path = path
-        self._fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        self._fd = os.open(path, flags | os.O_CLOEXEC, 0o600) if fd is None else fd
         current = os.fstat(self._fd).st_size
         if size is None:
             size = current

@@ -27,6 +27,7 @@ from trustvbd.blocks.space import SpaceWatch
 from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
 from trustvbd.domains.control import ControlChannel
 from trustvbd.domains.policy_gate import PolicyGate
+from trustvbd.domains.unlock import Unlock, receive_unlock
 from trustvbd.nbd.budget import DecisionRate, MemoryBudget
 from trustvbd.nbd.client import NbdClient
 from trustvbd.nbd.server import Export, ExportRefused, NbdServer, PeerInfo
@@ -76,6 +77,7 @@ class GuestExports:
             name = visible[0]
         disk = disks.get(name)
         if disk is None:
+            await self.elsewhere(name)
             raise ExportRefused("unknown", f"no disk named {name!r}")
         decision = await self.domain.gate.attach(peer, self.guest, self.label, disk.name, disk.label)
         if not decision.allowed:
@@ -85,13 +87,28 @@ class GuestExports:
             raise ExportRefused("unavailable", f"disk {name!r} is not available: {disk.error}")
         return Export(disk.name, disk.backend, f"trustvbd disk {disk.name}")
 
+    async def elsewhere(self, name: str) -> None:
+        """A disk of another workload type: refused by policy, or served on another socket."""
+        other = self.domain.spec.get("elsewhere", {}).get(name)
+        if other is None:
+            return
+        decision = await self.domain.gate.check(self.guest, self.label, name, other["label"])
+        if not decision.allowed:
+            raise ExportRefused("policy", f"refused by policy ({decision.rule}): {decision.reason}")
+        where = other["sockets"].get(self.guest)
+        raise ExportRefused("unknown", f"disk {name!r} is of another workload type, held by another"
+                            " encryption domain" + (f": connect to {where}" if where else ""))
+
     def release_export(self, peer: PeerInfo, export: Export) -> None:
         asyncio.get_running_loop().create_task(self.domain.gate.detach(peer, self.guest, export.name))
 
 
 class CryptDomain:
-    def __init__(self, control: socket.socket) -> None:
+    def __init__(self, control: socket.socket, unlock: Unlock | None = None,
+                 state_dir: Path | None = None) -> None:
         self.control = ControlChannel(control, self.handle, "hv")
+        self.unlock = unlock or Unlock()  # zeroed once every disk is open
+        self.state_dir_override = state_dir  # a directory fd's /proc path, when given one
         self.disks: dict[str, Disk] = {}
         self.servers: dict[str, list[NbdServer]] = {}
         self.budgets: dict[str, MemoryBudget] = {}
@@ -208,13 +225,18 @@ class CryptDomain:
             self.aead = await AeadPool.start(workers)
             log.info("AEAD workers: %d (pids %s)", workers, self.aead.worker_pids())
         return await open_crypt_disk(self.state_dir, disk.name, disk.size, link, replica,
-                                     self.spec.get("passphrase"), on_event, self.aead)
+                                     self.unlock, on_event, self.aead)
 
     async def start(self, ready_fd: int | None) -> None:
         self.control.start()
         spec, fds = await self.control.request({"op": "spec"})
         self.spec = spec
         self.state_dir = Path(spec["state_dir"])
+        if self.state_dir_override is not None:  # reach the state directory only through the fd
+            for key in ("acm_socket", "tls_dir"):
+                if spec.get(key) and Path(spec[key]).is_relative_to(self.state_dir):
+                    spec[key] = str(self.state_dir_override / Path(spec[key]).relative_to(self.state_dir))
+            self.state_dir = self.state_dir_override
         self.gate = await PolicyGate.connect(spec)
         for d in spec["disks"]:
             self.disks[d["name"]] = Disk(d["name"], d["label"], d["size"], d["encrypt"], d["replicas"])
@@ -226,6 +248,7 @@ class CryptDomain:
                 log.error("disk %s cannot be served: %s", disk.name, exc)
                 self.control.send({"event": "disk_failed", "disk": disk.name, "error": str(exc),
                                    "kind": type(exc).__name__})
+        self.unlock.forget()  # the disks hold their keys; the key-encryption key goes
         loop = asyncio.get_running_loop()
         for listener, fd in zip(spec["listeners"], fds, strict=True):
             sock = socket.socket(fileno=fd)
@@ -286,11 +309,12 @@ class CryptDomain:
         self.stopped.set()
 
 
-async def amain(control_fd: int, ready_fd: int | None) -> int:
+async def amain(control_fd: int, ready_fd: int | None, unlock: Unlock | None = None,
+                state_dir: Path | None = None) -> int:
     loop = asyncio.get_running_loop()
     # The launcher stops us over the control channel; a terminal's SIGINT is for it.
     loop.add_signal_handler(signal.SIGINT, lambda: None)
-    domain = CryptDomain(socket.socket(fileno=control_fd))
+    domain = CryptDomain(socket.socket(fileno=control_fd), unlock, state_dir)
     starting = loop.create_task(domain.start(ready_fd))
     stop_asked = False
 
@@ -335,10 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trustvbd.domains.crypt")
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--unlock-fd", type=int, help="a pipe with what unlocks the disks")
+    parser.add_argument("--state-dir-fd", type=int,
+                        help="the state directory, open: its parents need not be reachable")
     args = parser.parse_args(argv)
     setup_logging("crypt")
     die_with_parent()
-    return run(amain(args.control_fd, args.ready_fd))
+    unlock = receive_unlock(args.unlock_fd) if args.unlock_fd is not None else None
+    state_dir = Path(f"/proc/self/fd/{args.state_dir_fd}") if args.state_dir_fd is not None else None
+    return run(amain(args.control_fd, args.ready_fd, unlock, state_dir))
 
 
 if __name__ == "__main__":

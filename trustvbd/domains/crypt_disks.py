@@ -8,9 +8,10 @@ from typing import Any
 
 from trustvbd.blockdev import Backend
 from trustvbd.blocks.aead_pool import AeadPool
-from trustvbd.blocks.crypt_layer import CryptDisk, Kek, create_disk_state, load_kek
+from trustvbd.blocks.crypt_layer import CryptDisk, Kek, create_disk_state
 from trustvbd.blocks.disk_state import DiskState
-from trustvbd.crypt.keys import KEK_PASSPHRASE, read_public
+from trustvbd.crypt.keys import KEK_FILE, KEK_PASSPHRASE, KeyFileError, read_public
+from trustvbd.domains.unlock import Unlock
 
 
 class PassphraseNeeded(Exception):
@@ -24,27 +25,35 @@ def needs_passphrase(state_dir: Path, disk: str) -> bool:
     return read_public(keys.read_bytes(), f"disk {disk!r}")[2] == KEK_PASSPHRASE
 
 
-def kek_for(state_dir: Path, disk: str, passphrase: str | None) -> Kek:
-    """The disk's own kind of key: its passphrase, or the state directory's key file.
+def kek_for(state_dir: Path, disk: str, unlock: Unlock) -> Kek:
+    """The disk's own kind of key, from what the launcher handed over (domains/unlock.py).
 
-    A new disk is protected by a passphrase when one is given, else by the key file.
+    A new disk is protected by the passphrase when one was given, else by the key file.
     """
     keys = DiskState(state_dir, disk).keys_path
     if keys.exists():
-        if read_public(keys.read_bytes(), f"disk {disk!r}")[2] == KEK_PASSPHRASE:
-            if passphrase is None:
-                raise PassphraseNeeded(
-                    f"disk {disk!r} is protected by a passphrase: set TRUSTVBD_PASSPHRASE,"
-                    " or start `trustvbd up` from a terminal to be asked for it")
-            return load_kek(state_dir, passphrase=passphrase)
-        return load_kek(state_dir)
-    return load_kek(state_dir, passphrase=passphrase)
+        by_passphrase = read_public(keys.read_bytes(), f"disk {disk!r}")[2] == KEK_PASSPHRASE
+    else:
+        by_passphrase = unlock.passphrase is not None
+    if by_passphrase:
+        if unlock.passphrase is None:
+            raise PassphraseNeeded(
+                f"disk {disk!r} is protected by a passphrase and this encryption domain was given"
+                " none: set TRUSTVBD_PASSPHRASE, or start `trustvbd up` from a terminal to be asked"
+                " for it (the launcher forgets the passphrase once started, so an encryption"
+                " domain restarted later cannot unlock it: restart `trustvbd up`)")
+        return Kek.from_passphrase(unlock.passphrase.decode("utf-8"))
+    if unlock.key_file is None or len(unlock.key_file) != 32:
+        raise KeyFileError(f"disk {disk!r} is protected by the state directory's key file"
+                           " (kek.key), which the launcher did not hand over; check that it"
+                           " exists and is readable by the user running `trustvbd up`")
+    return Kek(KEK_FILE, bytes(unlock.key_file), "the state directory's key file (kek.key)")
 
 
 async def open_crypt_disk(state_dir: Path, name: str, size: int, replica: Backend, replica_name: str,
-                          passphrase: str | None, on_event: Callable[[dict[str, Any]], None],
+                          unlock: Unlock, on_event: Callable[[dict[str, Any]], None],
                           aead: AeadPool | None = None) -> CryptDisk:
-    kek = kek_for(state_dir, name, passphrase)
+    kek = kek_for(state_dir, name, unlock)
     if not DiskState(state_dir, name).keys_path.exists():
         create_disk_state(state_dir, name, size, kek)
     disk = await CryptDisk.open(state_dir, name, replica, replica_name, kek, on_integrity_event=on_event,

@@ -2,7 +2,10 @@
 
 It is trusted with nothing: under `trustvbd up` it only ever sees ciphertext and
 signed metadata, and any NBD server (qemu-nbd, nbdkit, a remote host) can take
-its place. It has no policy and no keys; it serves one export per file.
+its place. It has no policy and no keys; it serves one export per file. Under
+`up` it needs no path at all: the launcher hands it each open backing file
+(`--export-fd`) and its listening socket (`--listen-fd`), as a hypervisor grants
+a device, and runs it under its own user (domains/sandbox.py).
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ class ExportSpec:
     name: str
     path: Path
     size: int
+    fd: int | None = None  # an open file handed over by the launcher
 
 
 class FileExports:
     """One shared FileBackend per export, so every connection sees the same file (multi-conn)."""
 
     def __init__(self, specs: list[ExportSpec], default: str | None) -> None:
-        self.backends = {s.name: FileBackend(str(s.path), s.size) for s in specs}
+        self.backends = {s.name: FileBackend(str(s.path), s.size, fd=s.fd) for s in specs}
         self.default = default
 
     def list_exports(self, peer: PeerInfo) -> list[tuple[str, str]]:
@@ -86,7 +90,8 @@ def uri_for(sock: socket.socket, export: str) -> str:
 
 
 async def serve(specs: list[ExportSpec], sock: socket.socket, default: str | None,
-                ready_fd: int | None, announce: bool, primary: bool = True) -> int:
+                ready_fd: int | None, announce: bool, primary: bool = True,
+                unlink: bool = True) -> int:
     exports = FileExports(specs, default)
     server = NbdServer(exports, identity="driver")
     stop = asyncio.Event()
@@ -105,14 +110,14 @@ async def serve(specs: list[ExportSpec], sock: socket.socket, default: str | Non
     serving.cancel()
     await server.close()
     await exports.close()
-    if primary and sock.family == socket.AF_UNIX:
+    if primary and unlink and sock.family == socket.AF_UNIX:  # not a handed-over socket
         Path(sock.getsockname()).unlink(missing_ok=True)
     sock.close()
     return 0
 
 
 def serve_in_workers(workers: int, specs: list[ExportSpec], sock: socket.socket, default: str | None,
-                     ready_fd: int | None, announce: bool) -> int:
+                     ready_fd: int | None, announce: bool, unlink: bool = True) -> int:
     """Serve from `workers` processes sharing one listening socket (one event loop each).
 
     Python's event loop is one core; multi-connection clients (nbdcopy opens four)
@@ -132,7 +137,7 @@ def serve_in_workers(workers: int, specs: list[ExportSpec], sock: socket.socket,
                 os._exit(code)
         children.append(pid)
     try:
-        return run(serve(specs, sock, default, ready_fd, announce))
+        return run(serve(specs, sock, default, ready_fd, announce, unlink=unlink))
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
@@ -150,12 +155,23 @@ def parse_export(text: str) -> ExportSpec:
     return ExportSpec(name, Path(path), int(size))
 
 
+def parse_export_fd(text: str) -> ExportSpec:
+    name, sep, rest = text.partition("=")
+    fd, sep2, size = rest.partition(":")
+    if not sep or not sep2 or not fd.isdigit() or not size.isdigit():
+        raise argparse.ArgumentTypeError(f"--export-fd {text!r}: expected NAME=FD:SIZE_IN_BYTES")
+    return ExportSpec(name, Path(f"(file descriptor {fd})"), int(size), int(fd))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trustvbd.domains.driver")
-    parser.add_argument("--export", type=parse_export, action="append", required=True)
+    parser.add_argument("--export", type=parse_export, action="append", default=[])
+    parser.add_argument("--export-fd", type=parse_export_fd, action="append", default=[],
+                        help="serve an open file the launcher handed over")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket")
     where.add_argument("--listen")
+    where.add_argument("--listen-fd", type=int, help="an already listening socket")
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--supervised", action="store_true", help="die with the launcher")
     parser.add_argument("--workers", type=int, default=default_workers())
@@ -163,8 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("driver")
     if args.supervised:
         die_with_parent()
-    return serve_in_workers(args.workers, args.export, listening_socket(args.socket, args.listen), None,
-                            args.ready_fd, announce=False)
+    specs = args.export + args.export_fd
+    if not specs:
+        parser.error("give at least one --export or --export-fd")
+    if args.listen_fd is not None:
+        sock = socket.socket(fileno=args.listen_fd)
+    else:
+        sock = listening_socket(args.socket, args.listen)
+    return serve_in_workers(args.workers, specs, sock, None, args.ready_fd, announce=False,
+                            unlink=args.listen_fd is None)
 
 
 def default_workers() -> int:

@@ -2,7 +2,11 @@
 
 It starts every domain as its own process, creates every channel between them
 (it connects, then hands the file descriptor over) only when policy allows it,
-and stops them all cleanly. It keeps no keys and touches no data.
+and stops them all cleanly. It keeps no keys and touches no data: each
+encryption domain (one per workload type, domains/placement.py) gets what
+unlocks its own disks through a pipe (domains/unlock.py) and the launcher
+forgets it. Run as root, every domain but the access-control domain runs under
+a user of its own (domains/sandbox.py).
 """
 
 from __future__ import annotations
@@ -17,19 +21,24 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trustvbd.acm import PolicyError, load_policy
+from trustvbd.acm import Policy, PolicyError, load_policy
 from trustvbd.acm.client import AcmClient
 from trustvbd.acm.commands import AUDIT_FILE, write_compiled
 from trustvbd.acm.compiled import SUFFIX as COMPILED_SUFFIX
 from trustvbd.config import Config, check_paths
 from trustvbd.crypt.tls import TlsSetupError, check_tls_dir
+from trustvbd.domains import sandbox
 from trustvbd.domains.control import ControlChannel, ControlClosed, socket_pair
+from trustvbd.domains.placement import GuestSocket, file_safe, guest_sockets, types_of
+from trustvbd.domains.unlock import Unlock, send_unlock
 from trustvbd.nbd.uri import parse_uri
 from trustvbd.state_dir import UnsafePath, secure_state_dir
 from trustvbd.state_lock import StateLock, StateLocked
@@ -39,7 +48,7 @@ log = logging.getLogger("trustvbd.hv")
 START_TIMEOUT = 60.0  # per domain, plus START_PER_TIB for each TiB of encrypted disk
 START_PER_TIB = 60.0  # opening reads and hashes each disk's leaf table (0.8 % of its size)
 STOP_TIMEOUT = 60.0
-MAX_DRIVER_RESTARTS = 5  # within RESTART_WINDOW seconds; then the driver stays down
+MAX_DRIVER_RESTARTS = 5  # within RESTART_WINDOW seconds; then the domain stays down
 RESTART_WINDOW = 60.0
 
 
@@ -55,6 +64,9 @@ class _StoppedEarly(Exception):
         self.code = code
 
 
+Grant = Callable[[], tuple[list[str], list[int]]]  # made at every start: extra argv, fds
+
+
 @dataclass
 class Domain:
     name: str
@@ -65,6 +77,10 @@ class Domain:
     process: asyncio.subprocess.Process | None = None
     restarts: list[float] = field(default_factory=list)
     state: str = "starting"
+    identity: sandbox.Identity = sandbox.AS_LAUNCHER
+    env: dict[str, str] | None = None  # None: the launcher's environment minus secrets
+    grant: Grant | None = None  # what the hypervisor hands this start: channels, files
+    wtype: str | None = None  # an encryption domain's workload type
 
 
 def physical_size(disk_size: int, encrypt: bool) -> int:
@@ -98,11 +114,20 @@ def listen_tcp(host: str, port: int) -> socket.socket:
 
 
 class Launcher:
-    def __init__(self, config: Config, bootstrap: str) -> None:
+    def __init__(self, config: Config, bootstrap: str, policy: Policy | None = None) -> None:
         self.config = config
         self.domains: dict[str, Domain] = {}
-        self.crypt_channel: ControlChannel | None = None
-        self.listeners: list[tuple[str, socket.socket]] = []
+        self.crypt_channels: dict[str, ControlChannel] = {}  # encryption domain -> its channel
+        self.crypt_ready: dict[str, asyncio.Event] = {}
+        self.types = types_of(config, policy)  # workload type -> its disks
+        self.listeners: list[tuple[GuestSocket, socket.socket]] = []
+        self.driver_listeners: dict[str, socket.socket] = {}
+        self.acm_listener: socket.socket | None = None
+        self.privileged = sandbox.privileged()
+        self.uids: set[int] = set()
+        self.trusted_gid: int | None = None
+        # Directories closed to other users on the way to the interpreter (a Python under /root).
+        self.expose = sandbox.closed_on_the_way(sandbox.python_paths()) if self.privileged else ()
         self.stopping = False
         self.fatal: str | None = None
         self.done = asyncio.Event()
@@ -116,7 +141,8 @@ class Launcher:
         self.bootstrap_label = bootstrap  # the label trusted domains run under
         self.export_tokens: dict[str, str] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self.passphrase: str | None = os.environ.get("TRUSTVBD_PASSPHRASE")
+        self.passphrase: bytearray | None = None  # until every encryption domain has it
+        self.had_passphrase = False
 
     # -- domains ------------------------------------------------------------------
     @property
@@ -128,8 +154,8 @@ class Launcher:
         tib = sum(d.size for d in self.config.disks.values() if d.encrypt) / (1 << 40)
         return START_TIMEOUT + START_PER_TIB * tib
 
-    async def wait_ready(self) -> None:
-        """Wait for the encryption domain to open every disk, saying so every 10 s."""
+    async def wait_ready(self, name: str) -> None:
+        """Wait for an encryption domain to open every disk, saying so every 10 s."""
         deadline = time.monotonic() + self.start_timeout
         while True:
             left = deadline - time.monotonic()
@@ -139,7 +165,7 @@ class Launcher:
                     f"{self.start_timeout:.0f} s; a large disk may need longer: set "
                     "TRUSTVBD_START_TIMEOUT=SECONDS")
             try:
-                await asyncio.wait_for(self.ready.wait(), min(10.0, left))
+                await asyncio.wait_for(self.crypt_ready[name].wait(), min(10.0, left))
                 return
             except TimeoutError:
                 log.info("still starting: the encryption domain is opening the disks (%.0f s of "
@@ -164,13 +190,24 @@ class Launcher:
                                 "the %d bytes free under %s: writes fail with ENOSPC once the "
                                 "space runs out", disk.name, path, need, free, drv.dir)
 
-    async def spawn(self, domain: Domain, pass_fds: tuple[int, ...] = ()) -> None:
+    async def spawn(self, domain: Domain) -> None:
+        try:
+            extra, granted = domain.grant() if domain.grant else ([], [])
+        except (OSError, ValueError, sandbox.SandboxError) as exc:
+            raise StartError(f"cannot prepare {domain.kind} domain {domain.name!r}: {exc}") from None
         read_end, write_end = os.pipe()
-        argv = [*domain.argv, "--ready-fd", str(write_end)]
-        domain.process = await asyncio.create_subprocess_exec(
-            *argv, pass_fds=(write_end, *pass_fds), stdin=asyncio.subprocess.DEVNULL,
-        )
-        os.close(write_end)
+        argv = [*domain.argv, *extra, "--ready-fd", str(write_end)]
+        env = domain.env if domain.env is not None else sandbox.without_secrets()
+        try:
+            domain.process = await asyncio.create_subprocess_exec(
+                *argv, pass_fds=(write_end, *granted), stdin=asyncio.subprocess.DEVNULL, env=env,
+                preexec_fn=sandbox.preexec(domain.identity),
+                cwd="/" if domain.identity.uid is not None else None,  # ours may be closed to it
+            )
+        finally:
+            os.close(write_end)
+            for fd in granted:  # the domain holds its own copies now
+                os.close(fd)
         loop = asyncio.get_running_loop()
         first_line: asyncio.Future[bytes] = loop.create_future()
 
@@ -203,14 +240,11 @@ class Launcher:
             domain.state = "stopped"
             return
         domain.state = f"exited ({code})"
-        if domain.kind in ("driver", "acm"):
-            # Drivers are untrusted and stateless; the access-control domain reloads its
-            # policy, and its clients deny everything until it is back (fail-closed).
-            await self.restart(domain, code)
-            return
-        self.fatal = f"{domain.kind} domain {domain.name!r} died (exit status {code}); stopping everything"
-        log.error("%s", self.fatal)
-        self.done.set()
+        # Drivers are untrusted and stateless; the access-control domain reloads its policy,
+        # and its clients deny everything until it is back (fail-closed); an encryption
+        # domain recovers its disks from the trusted state (what a FLUSH promised is there)
+        # and its guests reconnect to the same sockets, which the launcher holds.
+        await self.restart(domain, code)
 
     async def restart(self, domain: Domain, code: int) -> None:
         now = time.monotonic()
@@ -229,16 +263,44 @@ class Launcher:
 
     def driver_domain(self, name: str) -> Domain:
         drv = self.config.drivers[name]
+        argv = [sys.executable, "-m", "trustvbd.domains.driver", "--supervised"]
+        # No TRUSTVBD_* settings and no passphrase: a clean environment.
+        return Domain(name, "driver", False, drv.label, argv, identity=self.driver_identity(name),
+                      env=sandbox.clean_environment(), grant=lambda: self.driver_grant(name))
+
+    def driver_identity(self, name: str) -> sandbox.Identity:
+        if not self.privileged:
+            return sandbox.AS_LAUNCHER
+        user = self.config.drivers[name].user
+        if user:
+            uid, gid = sandbox.named_user(user, f"{self.config.path}: driver {name!r}")
+        else:
+            uid = gid = sandbox.dynamic_uid(str(self.config.state_dir), "driver", name, self.uids)
+        self.uids.add(uid)
+        # It serves local files handed to it: it needs no network at all.
+        return sandbox.Identity(uid, gid, new_netns=True, expose=self.expose)
+
+    def driver_grant(self, name: str) -> tuple[list[str], list[int]]:
+        """Like a hypervisor granting a device: open each backing file and the driver's
+        listening socket here, and hand the descriptors over, so the driver needs no path."""
+        drv = self.config.drivers[name]
         assert drv.dir is not None
-        exports = []
-        for disk in self.config.disks.values():
-            if name in disk.replicas:
-                size = physical_size(disk.size, disk.encrypt)
-                token = self.export_token(disk.name)
-                exports += ["--export", f"{token}={drv.dir / (disk.name + '.img')}:{size}"]
-        argv = [sys.executable, "-m", "trustvbd.domains.driver", "--supervised",
-                "--socket", str(self.config.driver_socket(name)), *exports]
-        return Domain(name, "driver", False, drv.label, argv)
+        if name not in self.driver_listeners:  # bound once: only the launcher connects to it
+            self.driver_listeners[name] = listen_unix(self.config.driver_socket(name))
+        fds = [os.dup(self.driver_listeners[name].fileno())]
+        argv = ["--listen-fd", str(fds[0])]
+        try:
+            for disk in self.config.disks.values():
+                if name in disk.replicas:
+                    path = drv.dir / (disk.name + ".img")
+                    fds.append(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+                    size = physical_size(disk.size, disk.encrypt)
+                    argv += ["--export-fd", f"{self.export_token(disk.name)}={fds[-1]}:{size}"]
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return argv, fds
 
     def export_token(self, disk: str) -> str:
         """An opaque export name for our own drivers: the NBD handshake must not tell a
@@ -246,12 +308,18 @@ class Launcher:
         return self.export_tokens.setdefault(disk, "x" + secrets.token_hex(8))
 
     # -- channels -----------------------------------------------------------------
-    async def open_channel(self, disk_name: str, replica: str) -> tuple[socket.socket, str]:
-        """Check (a), then connect to the replica's driver; the caller hands the fd over."""
+    async def open_channel(self, disk_name: str, replica: str,
+                           wtype: str | None = None) -> tuple[socket.socket, str]:
+        """Check (a), then connect to the replica's driver; the caller hands the fd over.
+
+        An encryption domain gets channels only for its own workload type's disks."""
         disk = self.config.disks.get(disk_name)
         drv = self.config.drivers.get(replica)
         if disk is None or drv is None or replica not in disk.replicas:
             raise PermissionError(f"disk {disk_name!r} has no replica {replica!r}")
+        if wtype is not None and disk_name not in self.types.get(wtype, []):
+            raise PermissionError(f"disk {disk_name!r} is not of workload type {wtype!r}: this"
+                                  " encryption domain holds no keys for it")
         await self.check_channel(disk_name, replica)
         if drv.dir is not None:
             path, export = str(self.config.driver_socket(replica)), self.export_token(disk.name)
@@ -290,14 +358,18 @@ class Launcher:
                 f"policy forbids a channel between the encryption domain (label {self.bootstrap_label})"
                 f" and driver {drv.name!r} (label {drv.label}): {channel.reason}")
 
-    async def handle_crypt(self, message: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]] | None:
+    async def handle_crypt(self, domain: Domain, message: dict[str, Any],
+                           fds: list[int]) -> tuple[dict[str, Any], list[int]] | None:
         op, event = message.get("op"), message.get("event")
+        assert domain.wtype is not None
         if op == "spec":
             # The channel closes what it sends; the launcher keeps its own copies.
-            return self.crypt_spec(), [os.dup(s.fileno()) for _, s in self.listeners]
+            mine = [(g, s) for g, s in self.listeners if g.wtype == domain.wtype]
+            return self.crypt_spec(domain, mine), [os.dup(s.fileno()) for _, s in mine]
         if op == "channel":
             try:
-                sock, export = await self.open_channel(str(message.get("disk")), str(message.get("replica")))
+                sock, export = await self.open_channel(str(message.get("disk")),
+                                                       str(message.get("replica")), domain.wtype)
             except (PermissionError, ConnectionError) as exc:
                 return {"ok": False, "error": str(exc)}, []
             fd = sock.detach()
@@ -306,7 +378,7 @@ class Launcher:
             tls = {"server_name": target.server_name} if target and target.tls else None
             return {"ok": True, "export": export, "tls": tls}, [fd]
         if event == "ready":
-            self.ready.set()
+            self.crypt_ready[domain.name].set()
             return None
         if event == "disk_failed":
             self.failed_disks[message["disk"]] = message["error"]
@@ -319,8 +391,12 @@ class Launcher:
             return None
         return {"ok": False, "error": f"unknown request {op or event!r}"}, []
 
-    def crypt_spec(self) -> dict[str, Any]:
+    def crypt_spec(self, domain: Domain,
+                   listeners: list[tuple[GuestSocket, socket.socket]]) -> dict[str, Any]:
+        """One encryption domain's share: its own type's disks and the sockets routed to it."""
         c = self.config
+        assert domain.wtype is not None
+        wtype = domain.wtype
         return {
             "ok": True,
             "state_dir": str(c.state_dir),
@@ -328,24 +404,148 @@ class Launcher:
             "disks": [
                 {"name": d.name, "label": d.label, "size": d.size, "encrypt": d.encrypt,
                  "replicas": list(d.replicas)}
-                for d in c.disks.values()
+                for d in (c.disks[name] for name in self.types[wtype])
             ],
             "guests": {g.name: {"label": g.label, "tls_name": g.certificate_name, "uid": g.uid}
                        for g in c.guests.values()},
             "listeners": [
-                {"guest": guest, "tls": sock.family != socket.AF_UNIX and c.guests[guest].tls}
-                for guest, sock in self.listeners],
-            "tls_dir": str(c.tls_dir) if c.tls_dir else None,
+                {"guest": g.guest, "tls": sock.family != socket.AF_UNIX and c.guests[g.guest].tls}
+                for g, sock in listeners],
+            "tls_dir": str(self.tls_copy(domain)) if c.tls_dir else None,
             "limits": dataclasses.asdict(c.limits),
-            "passphrase": self.passphrase,
             "acm_socket": str(c.acm_socket),
+            # Other types' disks: names and labels only, so a guest asking for one on the wrong
+            # socket gets the policy's answer or the right socket, not "no such disk".
+            "elsewhere": {
+                d.name: {"label": d.label, "sockets": {
+                    g.guest: str(g.path) for g, s in self.listeners
+                    if d.name in self.types[g.wtype] and s.family == socket.AF_UNIX}}
+                for d in c.disks.values() if d.name not in self.types[wtype]},
         }
+
+    def tls_copy(self, domain: Domain) -> Path:
+        """The TLS files an encryption domain reads: the configured directory itself, or, when
+        it runs under a user of its own, a copy in STATE/tls/TYPE that only it may read."""
+        assert self.config.tls_dir is not None
+        if domain.identity.uid is None:
+            return self.config.tls_dir
+        assert domain.wtype is not None
+        copy = self.config.state_dir / "tls" / file_safe(domain.wtype)
+        copy.mkdir(parents=True, mode=0o700, exist_ok=True)
+        for entry in os.scandir(self.config.tls_dir):
+            if entry.is_file() and entry.name.endswith(".pem"):
+                fd = os.open(copy / entry.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                             0o600)
+                with open(fd, "wb") as out, open(entry.path, "rb") as src:
+                    out.write(src.read())
+        sandbox.own_tree(str(copy), domain.identity.uid, domain.identity.uid)
+        os.chmod(copy.parent, 0o710)
+        os.chown(copy.parent, -1, self.crypt_group())
+        return copy
+
+    # -- encryption domains ---------------------------------------------------------
+    def crypt_domain(self, wtype: str) -> Domain:
+        name = f"crypt-{file_safe(wtype)}"
+        identity = sandbox.AS_LAUNCHER
+        if self.privileged:
+            uid = sandbox.dynamic_uid(str(self.config.state_dir), "crypt", wtype, self.uids)
+            self.uids.add(uid)
+            identity = sandbox.Identity(uid, uid, groups=(self.crypt_group(),), expose=self.expose)
+        argv = [sys.executable, "-m", "trustvbd.domains.crypt"]
+        domain = Domain(name, "crypt", True, "", argv, identity=identity, wtype=wtype)
+        domain.grant = lambda: self.crypt_grant(domain)
+        self.crypt_ready[name] = asyncio.Event()
+        return domain
+
+    def crypt_group(self) -> int:
+        """The group every trusted domain shares: it may pass through the state directory and
+        reach the access-control domain. No driver's uid or gid is ever this number."""
+        if self.trusted_gid is None:
+            self.trusted_gid = sandbox.dynamic_uid(str(self.config.state_dir), "trusted", "",
+                                                   self.uids)
+            self.uids.add(self.trusted_gid)
+        return self.trusted_gid
+
+    def crypt_grant(self, domain: Domain) -> tuple[list[str], list[int]]:
+        """A new control channel, what unlocks its disks (through a pipe), its key directories."""
+        assert domain.wtype is not None
+        old = self.crypt_channels.pop(domain.name, None)
+        if old is not None:
+            old.close()
+        self.crypt_ready[domain.name].clear()
+        fds: list[int] = []
+        try:
+            if domain.identity.uid is not None:
+                self.own_key_dirs(domain)
+                state = os.open(self.config.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                fds.append(state)
+            unlock = self.unlock_for(domain.wtype)
+            try:
+                fds.append(send_unlock(unlock))
+            finally:
+                unlock.forget()
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        ours, theirs = socket_pair()
+        channel = ControlChannel(ours, lambda m, f: self.handle_crypt(domain, m, f), domain.name)
+        channel.start()
+        self.crypt_channels[domain.name] = channel
+        argv = ["--control-fd", str(theirs.fileno()), "--unlock-fd", str(fds[-1])]
+        if domain.identity.uid is not None:
+            # The state directory's parents may be closed to this user: it starts from the fd.
+            argv += ["--state-dir-fd", str(fds[0])]
+        return argv, [*fds, theirs.detach()]
+
+    def own_key_dirs(self, domain: Domain) -> None:
+        """Its disks' directories (keys, anchor, intent log) belong to its user, 0700."""
+        assert domain.wtype is not None and domain.identity.uid is not None
+        for name in self.types[domain.wtype]:
+            if self.config.disks[name].encrypt:
+                path = self.config.state_dir / "disks" / name
+                path.mkdir(mode=0o700, exist_ok=True)
+                sandbox.own_tree(str(path), domain.identity.uid, domain.identity.uid)
+
+    def unlock_for(self, wtype: str) -> Unlock:
+        """What unlocks this type's disks: the passphrase (only while starting), the key file."""
+        from trustvbd.blocks.disk_state import DiskState
+        from trustvbd.domains.crypt_disks import needs_passphrase
+
+        unlock = Unlock()
+        disks = [n for n in self.types[wtype] if self.config.disks[n].encrypt]
+        if not disks:
+            return unlock
+        if self.passphrase is not None:
+            unlock.passphrase = bytearray(self.passphrase)
+        state = self.config.state_dir
+        if any((DiskState(state, n).keys_path.exists() and not needs_passphrase(state, n))
+               or (not DiskState(state, n).keys_path.exists() and self.passphrase is None)
+               for n in disks):
+            unlock.key_file = read_key_file(state)
+        return unlock
+
+    def forget_passphrase(self) -> None:
+        if self.passphrase is not None:
+            self.passphrase[:] = bytes(len(self.passphrase))
+            self.passphrase = None
+
+    def open_state_dir_to_trusted_domains(self) -> None:
+        """Encryption domains pass through STATE and STATE/disks to their own directories
+        (group x only: they list nothing); everyone else keeps what secure_state_dir allows."""
+        for path in (self.config.state_dir, self.config.state_dir / "disks"):
+            os.chown(path, -1, self.crypt_group())
+            os.chmod(path, stat.S_IMODE(os.stat(path).st_mode) | 0o010)
 
     # -- start and stop -----------------------------------------------------------
     async def start(self) -> list[str]:
         c = self.config
         for sub in ("guests", "drivers", "disks"):
             (c.state_dir / sub).mkdir(exist_ok=True)
+        if self.privileged:
+            self.open_state_dir_to_trusted_domains()
+        else:
+            log.warning("%s", sandbox.WEAK_ISOLATION_WARNING.format(uid=os.geteuid()))
         acm = self.acm_domain()
         self.domains["acm"] = acm
         await self.spawn(acm)
@@ -366,23 +566,32 @@ class Launcher:
                     continue
                 await self.spawn(domain)
         lines = []
+        all_types = list(self.types)
         for guest in c.guests.values():
-            self.listeners.append((guest.name, listen_unix(c.guest_socket(guest.name), guest.uid)))
+            reachable = [t for t in all_types
+                         if any([await self.guest_may_see(guest.name, d) for d in self.types[t]])]
+            try:
+                sockets = guest_sockets(c, guest.name, reachable, all_types)
+            except ValueError as exc:
+                raise StartError(str(exc)) from None
+            for gs in sockets:
+                self.listeners.append((gs, listen_unix(gs.path, guest.uid)))
             if guest.listen:
-                tcp = listen_tcp(*guest.listen)
-                self.listeners.append((guest.name, tcp))
-        ours, theirs = socket_pair()
-        crypt = Domain("crypt", "crypt", True, "", [
-            sys.executable, "-m", "trustvbd.domains.crypt", "--control-fd", str(theirs.fileno())])
-        self.domains["crypt"] = crypt
-        self.crypt_channel = ControlChannel(ours, self.handle_crypt, "crypt")
-        self.crypt_channel.start()
-        await self.spawn(crypt, (theirs.fileno(),))
-        theirs.close()
-        await self.wait_ready()
+                if len(sockets) > 1:
+                    log.warning("guest %s: listen %s:%s reaches only disks of workload type %s;"
+                                " its other disks are on %s", guest.name, *guest.listen,
+                                sockets[0].wtype, ", ".join(str(g.path) for g in sockets[1:]))
+                self.listeners.append((sockets[0], listen_tcp(*guest.listen)))
+        for wtype in all_types:
+            crypt = self.crypt_domain(wtype)
+            self.domains[crypt.name] = crypt
+            await self.spawn(crypt)
+            await self.wait_ready(crypt.name)
+        self.forget_passphrase()  # every encryption domain has what unlocks its disks
+        self.ready.set()
         if self.failed_disks:
             wrong = [d for d, kind in self.failure_kinds.items() if kind == "WrongKeyError"]
-            if wrong and self.passphrase is not None:
+            if wrong and self.had_passphrase:
                 raise StartError(f"wrong passphrase for disk {', '.join(map(repr, wrong))}:"
                                  " nothing was changed; start again with the right one")
             problems = "; ".join(f"disk {d!r}: {e}" for d, e in self.failed_disks.items())
@@ -390,10 +599,13 @@ class Launcher:
         for guest in c.guests.values():
             for disk in c.disks.values():
                 if await self.guest_may_see(guest.name, disk.name):
+                    routed = [(g, s) for g, s in self.listeners if g.guest == guest.name
+                              and disk.name in self.types[g.wtype]]
+                    unix = next(g.path for g, s in routed if s.family == socket.AF_UNIX)
                     lines.append(f"guest {guest.name} disk {disk.name} "
-                                 f"nbd+unix:///{disk.name}?socket={c.guest_socket(guest.name)}")
-                    for name, sock in self.listeners:
-                        if name == guest.name and sock.family != socket.AF_UNIX:
+                                 f"nbd+unix:///{disk.name}?socket={unix}")
+                    for _, sock in routed:
+                        if sock.family != socket.AF_UNIX:
                             host, port = sock.getsockname()[:2]
                             host = f"[{host}]" if ":" in host else host
                             scheme = "nbds" if guest.tls else "nbd"
@@ -414,18 +626,35 @@ class Launcher:
         c = self.config
         policy = ["--policy", str(self.compiled_policy())] if c.policy else ["--null"]
         argv = [sys.executable, "-m", "trustvbd.domains.acm", "--supervised", *policy,
-                "--audit", str(c.state_dir / AUDIT_FILE), "--socket", str(c.acm_socket)]
-        return Domain("acm", "acm", True, "", argv)
+                "--audit", str(c.state_dir / AUDIT_FILE)]
+        return Domain("acm", "acm", True, "", argv, grant=self.acm_grant)
+
+    def acm_grant(self) -> tuple[list[str], list[int]]:
+        """The access-control domain's listening socket, bound here once (a restarted domain
+        serves the same one): the trusted domains' group may connect, a driver may not."""
+        if self.acm_listener is None:
+            self.acm_listener = listen_unix(self.config.acm_socket)
+            if self.privileged:
+                os.chown(self.config.acm_socket, -1, self.crypt_group())
+                os.chmod(self.config.acm_socket, 0o660)
+        fd = os.dup(self.acm_listener.fileno())
+        return ["--listen-fd", str(fd)], [fd]
 
     async def stop(self) -> None:
         self.stopping = True
-        if self.crypt_channel is not None and not self.crypt_channel.closed.is_set():
-            with contextlib.suppress(ControlClosed, asyncio.TimeoutError, OSError):
-                await self.crypt_channel.request({"op": "stop"}, timeout=STOP_TIMEOUT)
+        self.forget_passphrase()
+
+        async def stop_crypt(channel: ControlChannel) -> None:
+            if not channel.closed.is_set():
+                with contextlib.suppress(ControlClosed, asyncio.TimeoutError, OSError):
+                    await channel.request({"op": "stop"}, timeout=STOP_TIMEOUT)
+
+        await asyncio.gather(*(stop_crypt(ch) for ch in self.crypt_channels.values()))
         order = sorted(self.domains.values(), key=lambda d: {"crypt": 0, "driver": 1}.get(d.kind, 2))
         for domain in order:
             await self.terminate(domain)
-        for _, sock in self.listeners:
+        held = [s for _, s in self.listeners] + list(self.driver_listeners.values())
+        for sock in held + ([self.acm_listener] if self.acm_listener else []):
             if sock.family == socket.AF_UNIX:
                 with contextlib.suppress(OSError):
                     Path(sock.getsockname()).unlink()
@@ -463,18 +692,35 @@ class Launcher:
                 "pid": d.process.pid if d.process else None, "state": d.state,
                 "restarts": len(d.restarts),
             })
-        crypt: dict[str, Any] = {"disks": [], "guests": []}
-        if self.crypt_channel is not None and not self.crypt_channel.closed.is_set():
+        disks: list[dict[str, Any]] = []
+        workers: list[Any] = []
+        aead_restarts = 0
+        per_guest: dict[str, dict[str, Any]] = {}
+        for name, channel in self.crypt_channels.items():
+            if channel.closed.is_set():
+                continue
+            crypt: dict[str, Any] = {}
             with contextlib.suppress(ControlClosed, asyncio.TimeoutError):
-                crypt, _ = await self.crypt_channel.request({"op": "status"}, timeout=10)
-        result["disks"] = crypt.get("disks", [])
-        result["aead_workers"] = crypt.get("aead_workers", [])
-        result["aead_restarts"] = crypt.get("aead_restarts", 0)
-        guests = {g["name"]: g for g in crypt.get("guests", [])}
+                crypt, _ = await channel.request({"op": "status"}, timeout=10)
+            disks += [{**d, "domain": name} for d in crypt.get("disks", [])]
+            workers += crypt.get("aead_workers", [])
+            aead_restarts += int(crypt.get("aead_restarts", 0))
+            for g in crypt.get("guests", []):  # a guest may reach several encryption domains
+                into = per_guest.setdefault(g["name"], {"connections": []})
+                for key, value in g.items():
+                    if key == "connections":
+                        into["connections"] += value
+                    elif isinstance(value, int) and key != "name":
+                        into[key] = into.get(key, 0) + value
+        order = list(c.disks)
+        result["disks"] = sorted(disks, key=lambda d: order.index(d["name"]) if d["name"] in order else 0)
+        result["aead_workers"] = workers
+        result["aead_restarts"] = aead_restarts
         result["guests"] = [
             {"name": g.name, "label": g.label, "socket": str(c.guest_socket(g.name)),
-             **{k: v for k, v in guests.get(g.name, {}).items() if k != "name"},
-             "connections": guests.get(g.name, {}).get("connections", [])}
+             "connections": [], **{k: v for k, v in per_guest.get(g.name, {}).items() if k != "name"},
+             "sockets": {gs.wtype: str(gs.path) for gs, s in self.listeners
+                         if gs.guest == g.name and s.family == socket.AF_UNIX}}
             for g in c.guests.values()
         ]
         result["integrity_events"] = self.integrity_events[-20:]
@@ -499,9 +745,10 @@ class Launcher:
             summary = {}
         self.bootstrap_label = bootstrap_label(summary.get("bootstrap"), null=False)
         closed = 0
-        if self.crypt_channel is not None:
-            answer, _ = await self.crypt_channel.request({"op": "policy_changed"})
-            closed = int(answer.get("closed", 0))
+        for channel in list(self.crypt_channels.values()):
+            if not channel.closed.is_set():
+                answer, _ = await channel.request({"op": "policy_changed"})
+                closed += int(answer.get("closed", 0))
         log.warning("policy %s loaded; %d connection(s) closed", path, closed)
         return {"ok": True, "name": summary.get("name") or Path(path).name, "closed": closed}
 
@@ -545,6 +792,18 @@ def bootstrap_label(bootstrap: str | None, null: bool) -> str:
     if null:
         return "__BOOTSTRAP__"
     return bootstrap or "__UNLABELED__"
+
+
+def read_key_file(state_dir: Path) -> bytearray:
+    """The state directory's key file (made on first use), read into a buffer that can be zeroed."""
+    from trustvbd.blocks.disk_state import load_kek
+
+    load_kek(state_dir)  # creates it when that is safe; checks its mode and length
+    buf = bytearray(32)
+    with open(state_dir / "kek.key", "rb", buffering=0) as f:
+        if f.readinto(buf) != 32:
+            raise ValueError(f"key file {state_dir / 'kek.key'} changed while being read")
+    return buf
 
 
 def passphrase_for_up(config: Config) -> str | None:
@@ -618,8 +877,16 @@ async def run_up(config: Config) -> int:
     except BaseException:
         lock.release()
         raise
-    launcher = Launcher(config, bootstrap)
-    launcher.passphrase = passphrase
+    try:
+        launcher = Launcher(config, bootstrap, policy)
+    except ValueError as exc:
+        print(f"trustvbd up: {exc}", file=sys.stderr)
+        lock.release()
+        return 1
+    if passphrase is not None:  # held as bytes that can be zeroed, and only until start-up ends
+        launcher.passphrase, launcher.had_passphrase = bytearray(passphrase.encode()), True
+    del passphrase
+    os.environ.pop("TRUSTVBD_PASSPHRASE", None)  # no child inherits it
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, launcher.done.set)
