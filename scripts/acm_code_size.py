@@ -59,11 +59,15 @@ def imported_modules(domain_args: list[str]) -> list[str]:
         with os.fdopen(read_end, "rb") as r:
             started = r.read() == b"ready\n"
         if started:
-            with socket.socket(socket.AF_UNIX) as c:
-                c.connect(sock_path)
-                c.sendall(b'{"op":"status"}\n')
-                print("status:", json.loads(c.makefile("rb").readline())["policy"], file=sys.stderr)
-            proc.send_signal(signal.SIGTERM)
+            try:
+                with socket.socket(socket.AF_UNIX) as c:
+                    c.settimeout(10)
+                    c.connect(sock_path)
+                    c.sendall(b'{"op":"status","rid":1}\n')
+                    reply = json.loads(c.makefile("rb").readline())
+                    print("status:", reply.get("policy", reply), file=sys.stderr)
+            finally:
+                proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         if not started:
             sys.exit(f"the domain did not start:\n{err}")
