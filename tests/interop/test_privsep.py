@@ -199,6 +199,11 @@ def wait_for(condition, what: str, timeout: float = 60):  # type: ignore[no-unty
     raise AssertionError(f"{what} did not happen within {timeout}s")
 
 
+def crypt_payroll(s: System) -> dict:
+    data = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+    return next(d for d in data["domains"] if d["name"] == "crypt-Payroll")
+
+
 def test_killed_encryption_domain_restarts_and_other_types_keep_serving(short_tmp: Path) -> None:
     s = start(short_tmp)
     nbd = clients.libnbd()
@@ -233,12 +238,10 @@ def test_killed_encryption_domain_restarts_and_other_types_keep_serving(short_tm
         old = domains(s)["crypt-Payroll"]
         os.kill(old, signal.SIGKILL)
         at_kill = ops[0]
-        new = wait_for(lambda: (p := domains(s)["crypt-Payroll"]) not in (None, old) and p,
-                       "the encryption domain's restart")
+        crypt = wait_for(lambda: (d := crypt_payroll(s))["state"] == "running" and d["pid"] != old
+                         and d, "the encryption domain's restart")
+        assert crypt["restarts"] == 1
         wait_for(lambda: ops[0] > at_kill + 20, "more I/O on bank after the restart")
-        data = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
-        crypt = next(d for d in data["domains"] if d["name"] == "crypt-Payroll")
-        assert crypt["restarts"] == 1 and crypt["state"] == "running" and crypt["pid"] == new
         again = nbd.NBD()  # the guest reconnects to the same socket
         again.connect_uri(s.uri("vm1", "payroll"))
         assert again.pread(MIB, 0) == flushed
