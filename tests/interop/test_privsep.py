@@ -281,3 +281,17 @@ def test_non_root_run_works_with_one_warning(short_tmp: Path) -> None:
             proc.kill()
             proc.communicate(timeout=30)
     assert err.count("isolation is weaker") == 1, err
+
+
+def test_a_driver_runs_as_the_account_its_config_names(short_tmp: Path) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    config = CONFIG.replace('dir = "backing/a"', 'dir = "backing/a"\nuser = "nobody"')
+    short_tmp.chmod(0o755)
+    (short_tmp / "policy.toml").write_text(POLICY)
+    s = System(short_tmp, config).start()
+    uid, gid, groups, no_new_privs = credentials(domains(s)["drv-a"])
+    assert (uid, gid, groups, no_new_privs) == (nobody.pw_uid, nobody.pw_gid, [], True)
+    clients.qemu_io_patterns(s.uri("vm1", "payroll"))
+    s.stop()
