@@ -148,3 +148,20 @@ def test_one_encryption_domain_per_workload_type(tmp_path):
     assert two.path.name == "vm1@Bank.sock" and two.wtype == "Bank" and not two.primary
     (lonely,) = guest_sockets(config, "vm1", [], ["Payroll", "Bank"])  # may use nothing
     assert lonely.path == config.guest_socket("vm1")
+
+
+def test_an_encryption_domain_gets_channels_only_for_its_own_type(tmp_path):
+    import asyncio
+
+    from trustvbd.domains.hv import Launcher
+
+    (tmp_path / "c.toml").write_text(CONFIG)
+    launcher = Launcher(load_config(tmp_path / "c.toml"), "SystemManagement", example())
+
+    async def ask() -> str:
+        with pytest.raises(PermissionError) as info:
+            await launcher.open_channel("bank", "d", "Payroll")  # refused before any check or connect
+        return str(info.value)
+
+    assert asyncio.run(ask()) == ("disk 'bank' is not of workload type 'Payroll': this encryption"
+                                  " domain holds no keys for it")
