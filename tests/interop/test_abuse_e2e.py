@@ -12,7 +12,7 @@ import pytest
 
 from tests.interop.test_policy_e2e import CONFIG, start, uri
 from tests.nbd.helpers import RawClient
-from tests.support import run
+from tests.support import System, run
 from trustvbd.acm.audit import AuditLog, verify
 from trustvbd.nbd import protocol as p
 
@@ -73,3 +73,66 @@ def test_a_flood_of_forbidden_gos_is_rate_limited_counted_and_harmless(short_tmp
     # ... and every one counted (plus the few checks `up` itself makes at start for listings).
     assert len(counts) <= len(written) + sum(r["count"] for r in repeated) <= len(counts) + 3
     assert verify(s.root / "state" / "audit.jsonl") == []
+
+
+STUCK_CONFIG = """
+state_dir = "state"
+[limits]
+memory = "64MiB"
+[[driver]]
+name = "drv-a"
+label = "A"
+dir = "backing/a"
+[[disk]]
+name = "d1"
+size = "64MiB"
+label = "A"
+replicas = ["drv-a"]
+[[guest]]
+name = "vm1"
+label = "A"
+[[guest]]
+name = "vm2"
+label = "A"
+"""
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def test_the_encryption_domain_holds_a_stuck_guest_to_its_budget(short_tmp: Path) -> None:
+    """32 connections of vm1 ask for 24 MiB of encrypted reads each and read nothing: the
+    encryption domain holds vm1's 64 MiB budget (and a request over), and vm2 reads."""
+    import json
+
+    from tests.nbd.test_abuse import flood
+
+    s = System(short_tmp, STUCK_CONFIG).start()
+    status = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+    crypt = next(d["pid"] for d in status["domains"] if d["kind"] == "crypt")
+    before = peak_rss(crypt)
+    clients = flood(str(s.root / "state" / "guests" / "vm1.sock"), 32, 24, "d1")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            status = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+            vm1 = next(g for g in status["guests"] if g["name"] == "vm1")
+            if vm1["memory"] >= 48 << 20:
+                break
+            assert time.monotonic() < deadline, f"vm1 never filled its budget: {vm1}"
+            time.sleep(0.2)
+        out = run(["qemu-io", "-f", "raw", s.uri("vm2", "d1"), "-c", "read 0 1M"], timeout=30)
+        assert "read 1048576/1048576" in out.stdout  # the other guest is served meanwhile
+        assert vm1["memory_peak"] <= (64 + 32) << 20, vm1
+        grown = peak_rss(crypt) - before
+        # Measured: ~86 MiB with the budget, ~170 MiB without it (then bounded only by the
+        # AEAD pool's slots and each connection's own limits).
+        assert grown < 130 << 20, f"the encryption domain grew by {grown >> 20} MiB"
+    finally:
+        for c in clients:
+            c.close()
+    s.stop()

@@ -68,12 +68,12 @@ def patient_server(short_tmp: Path) -> Iterator[AbuseServer]:
     s.stop()
 
 
-def flood(path: str, connections: int, reads: int) -> list[RawClient]:
+def flood(path: str, connections: int, reads: int, export: str = "d") -> list[RawClient]:
     """Connections that ask for `reads` MiB-sized reads each and never read a reply."""
     clients = []
     for _ in range(connections):
         c = RawClient(path)
-        c.go("d")
+        c.go(export)
         c.sock.sendall(b"".join(struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.READ, i,
                                             (i % 64) * MiB, MiB) for i in range(reads)))
         clients.append(c)
