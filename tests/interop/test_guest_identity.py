@@ -283,3 +283,16 @@ def test_status_shows_what_each_guest_holds(tls_system: System) -> None:
     out = tls_system.cli("status", "-c", str(tls_system.config)).stdout
     line = next(x for x in out.splitlines() if x.strip().startswith("vm1 "))
     assert re.search(r"memory \d+\.\d MiB \(peak \d+\.\d\)$", line), out
+
+
+def test_an_encryption_domain_gets_the_tls_files_it_needs_and_not_the_ca_key(
+        tls_system: System) -> None:
+    copies = [p.parent for p in (tls_system.root / "state").rglob("server-key.pem")]
+    if os.geteuid() != 0:
+        assert not copies  # unprivileged: the domains read the configured directory itself
+        return
+    assert copies, "no per-domain copy of the TLS files"
+    for copy in copies:
+        assert sorted(p.name for p in copy.iterdir()) == [
+            "ca-cert.pem", "client-cert.pem", "client-key.pem", "server-cert.pem",
+            "server-key.pem"]

@@ -13,6 +13,9 @@ from typing import Any
 
 from trustvbd.crypt.x509 import CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY
 
+# All an encryption domain reads from a TLS directory (never the CA's private key).
+TLS_DOMAIN_FILES = frozenset({CA_CERT, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY})
+
 
 class TlsSetupError(Exception):
     """A certificate directory cannot be used; the message names the file and the fix."""

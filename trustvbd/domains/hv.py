@@ -34,7 +34,7 @@ from trustvbd.acm.client import AcmClient
 from trustvbd.acm.commands import AUDIT_FILE, write_compiled
 from trustvbd.acm.compiled import SUFFIX as COMPILED_SUFFIX
 from trustvbd.config import Config, check_paths
-from trustvbd.crypt.tls import TlsSetupError, check_tls_dir
+from trustvbd.crypt.tls import TLS_DOMAIN_FILES, TlsSetupError, check_tls_dir
 from trustvbd.domains import sandbox
 from trustvbd.domains.control import ControlChannel, ControlClosed, socket_pair
 from trustvbd.domains.placement import GuestSocket, file_safe, guest_sockets, types_of
@@ -433,7 +433,8 @@ class Launcher:
         copy = self.config.state_dir / "tls" / file_safe(domain.wtype)
         copy.mkdir(parents=True, mode=0o700, exist_ok=True)
         for entry in os.scandir(self.config.tls_dir):
-            if entry.is_file() and entry.name.endswith(".pem"):
+            # Never ca-key.pem: whoever holds it can make any guest's certificate.
+            if entry.is_file() and entry.name in TLS_DOMAIN_FILES:
                 fd = os.open(copy / entry.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                              0o600)
                 with open(fd, "wb") as out, open(entry.path, "rb") as src:
