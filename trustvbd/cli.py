@@ -110,21 +110,25 @@ def print_status(status: dict[str, Any]) -> None:
     policy = status.get("policy") or "none (NULL policy: everything allowed)"
     print(f"trustvbd running: pid {status['pid']}, state {status['state_dir']}, policy {policy}")
     print("domains:")
+    width = max([12, *(len(d["name"]) for d in status["domains"])])  # crypt-TYPE names run long
     for d in status["domains"]:
         trust = "trusted" if d["trusted"] else "untrusted"
         label = f" label {d['label']}" if d["label"] else ""
         restarts = f" restarts {d['restarts']}" if d.get("restarts") else ""
-        print(f"  {d['name']:<12} {d['kind']:<7} pid {d['pid']!s:<8} {trust:<9}{label} {d['state']}{restarts}")
+        print(f"  {d['name']:<{width}} {d['kind']:<7} pid {d['pid']!s:<8} {trust:<9}{label}"
+              f" {d['state']}{restarts}")
     for pid in status.get("aead_workers", []):
-        print(f"  {'aead-worker':<12} {'crypt':<7} pid {pid!s:<8} {'trusted':<9} (part of the encryption domain)")
+        print(f"  {'aead-worker':<{width}} {'crypt':<7} pid {pid!s:<8} {'trusted':<9} (part of an"
+              " encryption domain)")
     if status.get("aead_restarts"):
         print(f"  AEAD workers that died were restarted {status['aead_restarts']} time(s)")
     print("disks:")
     for disk in status["disks"]:
         epoch = f" epoch {disk['epoch']}" if "epoch" in disk else ""
         mode = "encrypted" if disk["encrypt"] else "PLAIN (not encrypted)"
+        held_by = f" in {disk['domain']}" if disk.get("domain") else ""
         print(f"  {disk['name']:<12} {format_size(disk['size']):<8} label {disk['label']} {mode}"
-              f" {disk['state']}{epoch} integrity-events {disk['integrity_events']}")
+              f" {disk['state']}{epoch} integrity-events {disk['integrity_events']}{held_by}")
         for r in disk["replicas"]:
             extra = f" ({r['last_error']})" if r.get("last_error") else ""
             full = ", OUT OF SPACE: writes fail with ENOSPC" if r.get("space") == "full" else ""
@@ -136,6 +140,9 @@ def print_status(status: dict[str, Any]) -> None:
                 if "memory" in g else "")
         print(f"  {g['name']:<12} label {g['label']} socket {g['socket']} connections: {conns}"
               f"{held}")
+        for wtype, path in g.get("sockets", {}).items():  # one per workload type it may use
+            if path != g["socket"]:
+                print(f"    socket for workload type {wtype}: {path}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
