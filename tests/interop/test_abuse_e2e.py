@@ -53,7 +53,7 @@ def test_a_flood_of_forbidden_gos_is_rate_limited_counted_and_harmless(short_tmp
         asked = time.monotonic()
         out = run(["nbdinfo", "--size", uri(s, "vm1", "payroll")], timeout=30)
         assert out.stdout.strip() == str(4 << 20)
-        assert time.monotonic() - asked < 5
+        assert time.monotonic() - asked < 15  # without the rate: over 30 s here
         time.sleep(max(0.0, FLOOD_SECONDS - (time.monotonic() - started)))
     finally:
         stop.set()
