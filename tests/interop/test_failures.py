@@ -181,3 +181,23 @@ def test_restarted_helpers_show_as_healthy_again(root: Path) -> None:
         s.stop()
     finally:
         s.kill()
+
+
+def test_a_disk_too_big_for_memory_is_refused_in_one_line(root: Path) -> None:
+    """512 TiB needs 4 TiB for its leaf table: refused at open, naming the need, before any
+    allocation (no out-of-memory kill). The driver is nbdkit's null plugin (any size)."""
+    pid = root / "null.pid"
+    subprocess.run(["nbdkit", "-U", str(root / "null.sock"), "-P", str(pid), "null", "600T"],
+                   check=True)
+    try:
+        (root / "c.toml").write_text(config(f'uri = "nbd+unix:///?socket={root / "null.sock"}"',
+                                            size="512TiB"))
+        t0 = time.monotonic()
+        out = run([*TRUSTVBD, "up", "-c", str(root / "c.toml")], check=False, timeout=120)
+        assert out.returncode == 1 and time.monotonic() - t0 < 60
+        assert "disk 'disk' (562949953421312 bytes) needs 4" in out.stderr
+        assert "on-demand leaf pages are not implemented yet" in out.stderr
+        disk_dir = root / "state" / "disks" / "disk"  # no keys, no 1 GiB pages file made
+        assert not (disk_dir / "keys").exists() and not (disk_dir / "pages").exists()
+    finally:
+        os.kill(int(pid.read_text()), signal.SIGTERM)
