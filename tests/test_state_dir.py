@@ -49,14 +49,17 @@ def test_readable_state_is_made_private(short_tmp: Path) -> None:
     assert mode(short_tmp / "state" / "disks" / "anchor") == 0o600
 
 
-def test_a_user_guest_gets_a_traversable_state_dir(short_tmp: Path) -> None:
+def test_a_user_guest_gets_a_traversable_state_dir(short_tmp: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     config = load_config(setup(short_tmp, "user = 65534"))
+    os.chmod(short_tmp, 0o700)  # the user could not get through to its socket
     old = os.umask(0o022)
     try:
         secure_state_dir(config)
     finally:
         os.umask(old)
     assert mode(short_tmp / "state") == 0o711 and mode(short_tmp / "state" / "guests") == 0o711
+    assert f"fix: chmod o+x {short_tmp}" in caplog.text
 
 
 @pytest.mark.parametrize("case", ["state-writable", "parent-writable", "parent-owner",

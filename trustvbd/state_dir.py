@@ -62,6 +62,12 @@ def secure_state_dir(config: Config) -> None:
                          f" {stat.S_IMODE(st.st_mode):o}): they could have changed the trusted"
                          f" state; check its contents, then fix: chmod 700 {state_dir}")
     others = any(g.uid is not None and g.uid != me for g in config.guests.values())
+    if others:
+        for ancestor in state_dir.parents:
+            if not os.stat(ancestor).st_mode & 0o001:
+                log.warning("%s does not let other users through (no o+x): guests with a `user`"
+                            " cannot reach their sockets in %s; fix: chmod o+x %s",
+                            ancestor, state_dir / "guests", ancestor)
     reach = 0o711 if others else 0o700
     if stat.S_IMODE(st.st_mode) != reach:
         os.chmod(state_dir, reach)  # 0711: guest users traverse to their sockets, list nothing

@@ -151,7 +151,8 @@ class CryptDomain:
         guests = []
         for name, servers in self.servers.items():
             conns = [
-                {"export": c.export_name, "address": c.peer.address}
+                {"export": c.export_name, "address": c.peer.address,
+                 "certificate": c.peer.certificate or None}
                 for s in servers for c in s.connections
             ]
             budget, rate = self.budgets.get(name), self.rates.get(name)
