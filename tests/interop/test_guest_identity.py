@@ -296,3 +296,20 @@ def test_an_encryption_domain_gets_the_tls_files_it_needs_and_not_the_ca_key(
         assert sorted(p.name for p in copy.iterdir()) == [
             "ca-cert.pem", "client-cert.pem", "client-key.pem", "server-cert.pem",
             "server-key.pem"]
+
+
+def test_status_names_the_certificate_of_a_tls_connection(tls_system: System) -> None:
+    import json
+
+    import nbd  # Debian's libnbd module (conftest adds its path)
+
+    certs = tls_system.root / "pki" / "guests" / "vm1"
+    h = nbd.NBD()
+    h.set_uri_allow_local_file(True)
+    h.connect_uri(tcp_uri(tls_system, "vm1", "d1") + f"?tls-certificates={certs}")
+    try:
+        status = json.loads(tls_system.cli("status", "-c", str(tls_system.config), "--json").stdout)
+    finally:
+        h.shutdown()
+    vm1 = next(g for g in status["guests"] if g["name"] == "vm1")
+    assert [c["certificate"] for c in vm1["connections"]] == ["vm1"], vm1
