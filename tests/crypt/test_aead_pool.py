@@ -285,9 +285,11 @@ def test_cancelled_write_keeps_its_slot_until_the_replica_write_ends(tmp_path: P
         kek = new_state(tmp_path)
         replica = make_replica("memory", tmp_path)
         async with started_pool() as pool:
-            disk = await open_disk(tmp_path, replica, kek, aead=pool)
-            held = HeldWrites(disk._replica)
-            disk._replica = held
+            held = HeldWrites(replica)
+            held.go.set()  # opening writes freely
+            disk = await open_disk(tmp_path, held, kek, aead=pool)
+            held.go.clear()
+            held.started.clear()
             data = os.urandom(aead_jobs.MAX_BLOCKS * BS)
             task = asyncio.ensure_future(disk.pwrite(0, data))
             await asyncio.wait_for(held.started.wait(), 10)

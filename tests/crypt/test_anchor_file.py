@@ -67,6 +67,23 @@ def test_sequence_numbers_wrap(tmp_path: Path) -> None:
     fields = (DISK_ID, 4096, 3, 9, bytes(32))
     raw = anchor_file.encode_slot(*fields, seq=0) + anchor_file.encode_slot(*fields[:2], 2, 9,
                                                                           bytes(32), seq=2**32 - 1)
-    assert anchor_file.newest(raw) == (0, fields)  # 0 follows 2^32 - 1
+    assert anchor_file.newest(raw) == (0, (*fields, None))  # 0 follows 2^32 - 1
     same = anchor_file.encode_slot(*fields, seq=5) * 2
     assert anchor_file.newest(same) is None  # two slots of one write: not ours
+
+
+def test_replica_entries_round_trip_and_a_bad_entry_is_incomplete(tmp_path: Path) -> None:
+    from trustvbd.blocks.disk_state import Member, replica_id
+
+    s = state(tmp_path)
+    members = ((replica_id("a"), Member.CURRENT), (replica_id("b"), Member.BEHIND))
+    full = Anchor(DISK_ID, 1 << 30, 4, 100, bytes(32), members)
+    s.write_anchor(anchor(3))
+    s.write_anchor(full)
+    got = DiskState(tmp_path, "d").read_anchor()
+    assert got == full and got.member("b") is Member.BEHIND and got.member("c") is None
+    raw = bytearray(s.anchor_path.read_bytes())
+    slot = 0 if raw[8:12] == b"\0\0\0\3" else 512
+    raw[slot + 92] = 9  # a state that does not exist: that slot is not complete
+    s.anchor_path.write_bytes(bytes(raw))
+    assert DiskState(tmp_path, "d").read_anchor() == anchor(3)

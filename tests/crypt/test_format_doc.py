@@ -124,11 +124,19 @@ def test_an_independent_reader_follows_the_document(tmp_path: Path) -> None:
 
     # Section 2.3: the anchor agrees with the replica.
     # Two 512-byte slots; the newest complete one (sequence number one higher) counts.
+    # Version 3 records carry the replicas: a count and 17-byte (state, replica id) entries.
     whole = (state / "anchor").read_bytes()
     assert len(whole) == 1024
-    slots = [whole[i * 512:i * 512 + 92] for i in range(2)]
-    complete = [a for a in slots if a[:8] == b"TVBDANCR" and _crc_ok(a, 88)
-                and struct.unpack_from(">I", a, 8)[0] == 2]
+
+    def record(i: int) -> bytes | None:
+        raw = whole[i * 512:(i + 1) * 512]
+        if raw[:8] != b"TVBDANCR" or struct.unpack_from(">I", raw, 8)[0] != 3:
+            return None
+        (count,) = struct.unpack_from(">I", raw, 88)
+        end = 92 + 17 * count
+        return raw[:end + 4] if count <= 8 and _crc_ok(raw[:end + 4], end) else None
+
+    complete = [r for i in range(2) if (r := record(i)) is not None]
     anchor = max(complete, key=lambda a: struct.unpack_from(">I", a, 12)[0])
     if len(complete) == 2:
         s0, s1 = (struct.unpack_from(">I", a, 12)[0] for a in complete)
@@ -136,6 +144,9 @@ def test_an_independent_reader_follows_the_document(tmp_path: Path) -> None:
     a_epoch, a_counter = struct.unpack_from(">QQ", anchor, 40)
     assert anchor[16:32] == disk_id and (a_epoch, anchor[56:88]) == (epoch, root)
     assert a_counter == counter
+    # Section 2.3.1: the one replica, "r0", is listed as current.
+    assert struct.unpack_from(">I", anchor, 88)[0] == 1 and anchor[92] == 1
+    assert anchor[93:109] == hashlib.sha256(b"trustvbd-replica\x00r0").digest()[:16]
 
     # Section 2.4: after a commit, the intent log is a bare header for that epoch.
     log = (state / "intent.log").read_bytes()

@@ -20,26 +20,48 @@ SLOT = 512
 SLOTS = 2
 _RECORD = struct.Struct(">8sII16sQQQ32s")  # magic, version, seq, disk id, size, epoch, counter, root
 _MAGIC = b"TVBDANCR"
-_VERSION = 2
-RECORD_SIZE = _RECORD.size + 4  # and a CRC-32
-Fields = tuple[bytes, int, int, int, bytes]  # disk id, logical size, epoch, counter high, root
+_VERSION = 2          # no replica membership
+_VERSION_MEMBERS = 3  # then a replica count and (state, replica id) entries
+_ENTRY = struct.Struct(">B16s")
+MAX_MEMBERS = 8
+RECORD_SIZE = _RECORD.size + 4  # and a CRC-32 (version 2)
+Members = tuple[tuple[bytes, int], ...] | None  # (replica id, state 1..3); None: not recorded
+Fields = tuple[bytes, int, int, int, bytes, Members]  # disk id, size, epoch, counter high, root
 
 
 def encode_slot(disk_id: bytes, logical_size: int, epoch: int, counter_high: int, root: bytes,
-                seq: int) -> bytes:
-    body = _RECORD.pack(_MAGIC, _VERSION, seq, disk_id, logical_size, epoch, counter_high, root)
+                members: Members = None, *, seq: int) -> bytes:
+    version = _VERSION if members is None else _VERSION_MEMBERS
+    body = _RECORD.pack(_MAGIC, version, seq, disk_id, logical_size, epoch, counter_high, root)
+    if members is not None:
+        if len(members) > MAX_MEMBERS:
+            raise ValueError(f"{len(members)} replicas; at most {MAX_MEMBERS}")
+        body += struct.pack(">I", len(members))
+        body += b"".join(_ENTRY.pack(state, rid) for rid, state in members)
     return (body + struct.pack(">I", zlib.crc32(body))).ljust(SLOT, b"\0")
 
 
 def decode_slot(raw: bytes) -> tuple[int, Fields] | None:
-    """(seq, (disk id, size, epoch, counter high, root)) of a complete slot, else None."""
-    record = raw[:RECORD_SIZE]
-    if len(record) != RECORD_SIZE or zlib.crc32(record[:-4]) != struct.unpack(">I", record[-4:])[0]:
+    """(seq, (disk id, size, epoch, counter high, root, members)) of a complete slot, else None."""
+    if len(raw) < RECORD_SIZE:
         return None
-    magic, version, seq, disk_id, size, epoch, counter, root = _RECORD.unpack_from(record)
-    if magic != _MAGIC or version != _VERSION:
+    magic, version, seq, disk_id, size, epoch, counter, root = _RECORD.unpack_from(raw)
+    if magic != _MAGIC or version not in (_VERSION, _VERSION_MEMBERS):
         return None
-    return seq, (disk_id, size, epoch, counter, root)
+    end = _RECORD.size
+    members: Members = None
+    if version == _VERSION_MEMBERS:
+        (count,) = struct.unpack_from(">I", raw, end)
+        if count > MAX_MEMBERS:
+            return None
+        entries = [_ENTRY.unpack_from(raw, end + 4 + i * _ENTRY.size) for i in range(count)]
+        end += 4 + count * _ENTRY.size
+        if any(state not in (1, 2, 3) for state, _ in entries):
+            return None
+        members = tuple((rid, state) for state, rid in entries)
+    if zlib.crc32(raw[:end]) != struct.unpack_from(">I", raw, end)[0]:
+        return None
+    return seq, (disk_id, size, epoch, counter, root, members)
 
 
 def newest(raw: bytes) -> tuple[int, Fields] | None:

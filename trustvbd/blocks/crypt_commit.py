@@ -3,8 +3,13 @@
 A commit (FLUSH, FUA, and on our own every AUTO_COMMIT_BLOCKS) makes every write
 completed so far durable and authenticated, in this order:
 
-    dirty leaf pages, signed superblock -> replica flush -> trusted anchor
-    (the commit point) -> intent log reset -> page hashes
+    dirty leaf pages (the whole table and the other superblock slot to a replica
+    that joins), signed superblock -> replica flush -> dirty maps of replicas
+    not current -> trusted anchor with the membership (the commit point) ->
+    intent log reset -> page hashes
+
+Every step goes to every replica in the write set (replica_set.py); a replica
+that fails a step is degraded and the anchor does not list it as current.
 
 One replica flush covers data, leaf pages and superblock: until the anchor
 moves, recovery judges the replica against the old anchor and undoes every leaf
@@ -24,9 +29,10 @@ import asyncio
 import errno
 from collections.abc import Awaitable, Callable
 
-from trustvbd.blockdev import Backend, BlockError, Buffer
-from trustvbd.blocks.disk_state import Anchor, DiskState
+from trustvbd.blockdev import BlockError, Buffer
+from trustvbd.blocks.disk_state import Anchor, DiskState, Member, replica_id
 from trustvbd.blocks.ranges import runs
+from trustvbd.blocks.replica_set import ReplicaSet, State
 from trustvbd.crypt import superblock as sbfmt
 from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE
 from trustvbd.crypt.keys import DiskSecrets
@@ -85,8 +91,7 @@ class Commits:
         v = self._next_version
         if v + n > self._counter_high:
             high = v + n + RESERVE
-            a = self.anchor
-            anchor = Anchor(a.disk_id, a.logical_size, a.epoch, high, a.root)
+            anchor = self.anchor.with_counter(high)
             self._write_anchor(anchor, "reserve nonces")
             self.anchor, self._counter_high = anchor, high
         self._next_version = v + n
@@ -125,7 +130,7 @@ class Commits:
 
     # ------------------------------------------------------------ the commit
 
-    async def commit(self, replica: Backend, before: Callable[[], Awaitable[None]],
+    async def commit(self, replica: ReplicaSet, before: Callable[[], Awaitable[None]],
                      force: bool = False) -> None:
         """Wait for writes in flight, run `before` (checks, settling doubts), then commit."""
         async with self._lock:
@@ -133,17 +138,23 @@ class Commits:
             try:
                 await self._writers_idle.wait()
                 await before()
-                if self.dirty or force:
+                if self.dirty or force or replica.joining():
                     await self._commit_now(replica)
             finally:
                 self._no_commit.set()
 
-    async def _commit_now(self, replica: Backend) -> None:
+    async def _commit_now(self, replica: ReplicaSet) -> None:
         g, tree = self.lay, self.tree
         pages = sorted(self.dirty)
         leaves = memoryview(self.leaves)
+        joining = replica.joining()
         for p0, p1 in runs(pages, 1 << 30):
             await replica.pwrite(g.leaf_page_offset(p0), leaves[p0 * BS:p1 * BS])
+        if joining:
+            await replica.write_to(joining, g.leaf_start, leaves[:g.leaf_table_size])
+            # The other slot as on the current replicas (signed; keeps replicas identical).
+            prev = (self.anchor.epoch % sbfmt.SLOTS) * SLOT_SIZE
+            await replica.write_to(joining, prev, await replica.pread(prev, SLOT_SIZE))
         changes = {p: page_hash(p, leaves[p * BS:(p + 1) * BS]) for p in pages}
         tree.update(changes)
         epoch = self.anchor.epoch + 1
@@ -153,8 +164,11 @@ class Commits:
                               self._fingerprint, depth, top)
         await replica.pwrite((epoch % sbfmt.SLOTS) * SLOT_SIZE, sbfmt.encode(sb, self._signer))
         await replica.flush()  # data, leaf pages and superblock durable before the anchor
-        anchor = Anchor(a.disk_id, g.logical_size, epoch, self._counter_high, tree.root)
+        joined = [r for r in joining if r.state is State.RESYNCING and r.joining]
+        members = self._members(replica, joined)
+        anchor = Anchor(a.disk_id, g.logical_size, epoch, self._counter_high, tree.root, members)
         try:
+            self._save_dirty_maps(replica)
             self._write_anchor(anchor, f"commit epoch {epoch}")  # the commit point
         except BlockError as exc:
             # The new anchor may or may not have landed, so the intent log's epoch is
@@ -164,7 +178,10 @@ class Commits:
         self.anchor = anchor
         self.dirty.clear()
         self.intent_blocks = 0
+        replica.commit_done(joined, epoch)
         try:
+            for r in joined:
+                self._state.drop_dirty_map(r.name)
             self.intent.reset(epoch)
             if self._pages_stale:
                 self._state.write_pages(tree.levels[0])
@@ -176,6 +193,29 @@ class Commits:
             self.failed = (f"disk {self.disk!r}: trusted state write failed after commit "
                            f"{epoch} ({exc}); reopen the disk")
             raise BlockError(errno.EIO, self.failed) from exc
+
+    @staticmethod
+    def _members(replica: ReplicaSet, joined: list) -> tuple[tuple[bytes, Member], ...]:
+        out = []
+        for r in replica.replicas:
+            if r.state is State.CURRENT or r in joined:
+                out.append((replica_id(r.name), Member.CURRENT))
+            elif r.state is State.FAILED:
+                out.append((replica_id(r.name), Member.REBUILD))
+            else:
+                out.append((replica_id(r.name), Member.BEHIND))
+        return tuple(out)
+
+    def _save_dirty_maps(self, replica: ReplicaSet) -> None:
+        """The blocks each replica that is not current lacks, before the anchor says so."""
+        for r in replica.replicas:
+            if r.state in (State.DEGRADED, State.RESYNCING) and not r.map_saved:
+                try:
+                    self._state.write_dirty_map(r.name, r.behind_since, self.lay.blocks, r.dirty)
+                except OSError as exc:
+                    raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot record what replica "
+                                     f"{r.name!r} lacks: {exc}") from exc
+                r.map_saved = True
 
     def _write_anchor(self, anchor: Anchor, why: str) -> None:
         try:

@@ -27,7 +27,7 @@ from typing import overload
 from trustvbd.blockdev import Backend, BlockError, Buffer, Capabilities, Lent, check_range
 from trustvbd.blocks.aead_pool import AeadPool, BulkCipher, Sealed
 from trustvbd.blocks.crypt_commit import Commits
-from trustvbd.blocks.crypt_open import choose_versions, describe, judge_table, read_intents, survey_replica
+from trustvbd.blocks.crypt_open import describe, recover, survey_replica
 from trustvbd.blocks.crypt_verify import VerifyReport, verify_replica
 from trustvbd.blocks.disk_state import (
     DiskState,
@@ -43,8 +43,9 @@ from trustvbd.blocks.integrity import (
     ReplicaRefusedError,
     StaleReplicaError,
 )
-from trustvbd.blocks.layer import reader_into
+from trustvbd.blocks.layer import ReadInto, reader_into
 from trustvbd.blocks.ranges import RangeLock, describe_blocks
+from trustvbd.blocks.replica_set import BadBlocks, Replica, ReplicaSet
 from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE, POISON_VERSION, BlockCipher, leaf_version
 from trustvbd.crypt.keys import DiskSecrets, Kek, KeyFileError, WrongKeyError
 from trustvbd.crypt.superblock import Layout
@@ -82,16 +83,16 @@ def physical_size(logical_size: int) -> int:
 
 
 class CryptDisk:
-    """The logical disk (a Backend) over one replica Backend. Use `await CryptDisk.open(...)`."""
+    """The logical disk (a Backend) over a ReplicaSet. Use `await CryptDisk.open(...)`."""
 
-    def __init__(self, state: DiskState, name: str, replica: Backend, replica_name: str,
+    def __init__(self, state: DiskState, name: str, replicas: ReplicaSet,
                  secrets: DiskSecrets, commits: Commits, events: IntegrityEvents,
                  aead: AeadPool | None) -> None:
         self._state = state
         self.name = name
-        self._replica = replica
-        self._read_into = reader_into(replica)
-        self.replica_name = replica_name
+        self._replica = replicas
+        self.replicas = replicas
+        self._read_into: dict[int, ReadInto] = {}
         self._commits = commits
         self._leaves = commits.leaves
         self._lay = commits.lay
@@ -107,7 +108,12 @@ class CryptDisk:
         # Set when the commit at open failed with ENOSPC: writes wait for a commit then.
         self._out_of_space: str | None = None
         self._locks = RangeLock()
-        rc = replica.capabilities
+        self._scratch = memoryview(bytearray(BS))
+        replicas.verifier = self
+        replicas.locks = self._locks
+        replicas.admit = self._admit
+        replicas.report = self._events.report
+        rc = replicas.capabilities
         self._caps = Capabilities(read_only=False, flush=True, fua=True, trim=True, zero=True,
                                   fast_zero=True, cache=True, multi_conn=True)
         self._forward_trim = rc.trim
@@ -120,15 +126,27 @@ class CryptDisk:
                    kek: Kek,
                    on_integrity_event: Callable[[dict], None] | None = None,
                    aead: AeadPool | None = None) -> CryptDisk:
-        """Unlock the disk and bring `replica` to a verified, committed state.
+        """Open a disk over one replica (see open_mirrored)."""
+        return await cls.open_mirrored(state_dir, disk_name, [(replica_name, replica)], kek,
+                                       on_integrity_event, aead)
 
-        Formats an all-zero replica on first use (trusted epoch 0 only). Raises
-        WrongKeyError, TrustedStateError, StaleReplicaError, ForeignReplicaError,
-        ReplicaRefusedError, or IntegrityError (metadata damage that cannot be
-        confined to some blocks).
+    @classmethod
+    async def open_mirrored(cls, state_dir: Path, disk_name: str,
+                            replicas: list[tuple[str, Backend]], kek: Kek,
+                            on_integrity_event: Callable[[dict], None] | None = None,
+                            aead: AeadPool | None = None) -> CryptDisk:
+        """Unlock the disk and bring its replicas to a verified, committed state.
+
+        Formats all-zero replicas on first use (trusted epoch 0 only). With one
+        replica, raises WrongKeyError, TrustedStateError, StaleReplicaError,
+        ForeignReplicaError, ReplicaRefusedError, or IntegrityError (metadata damage
+        that cannot be confined to some blocks). With several, a replica that cannot
+        serve is degraded (resynced in the background) or failed (refused), and the
+        disk opens while one replica the anchor lists as current can serve.
         """
         state = DiskState(Path(state_dir), disk_name)
         bulk: BulkCipher | None = None
+        rs: ReplicaSet | None = None
         try:
             secrets = state.unlock(kek)
             anchor = state.read_anchor()
@@ -137,33 +155,33 @@ class CryptDisk:
                     f"{state.anchor_path} belongs to disk id {anchor.disk_id.hex()}, but the keys "
                     f"are for disk id {secrets.disk_id.hex()}; the state directory is mixed up")
             lay = Layout(anchor.logical_size)
-            who = describe(disk_name, replica_name)
-            if replica.capabilities.read_only:
-                raise ReplicaRefusedError(
-                    f"{who} is read-only; an encrypted disk needs a writable replica")
-            if replica.size < lay.physical_size:
-                raise ReplicaRefusedError(
-                    f"{who} is {replica.size} bytes, but disk {disk_name!r} ({lay.logical_size} "
-                    f"bytes) needs {lay.physical_size}; grow the backing file")
+            for replica_name, replica in replicas:
+                who = describe(disk_name, replica_name)
+                if replica.capabilities.read_only:
+                    raise ReplicaRefusedError(
+                        f"{who} is read-only; an encrypted disk needs a writable replica")
+                if replica.size < lay.physical_size:
+                    raise ReplicaRefusedError(
+                        f"{who} is {replica.size} bytes, but disk {disk_name!r} ({lay.logical_size} "
+                        f"bytes) needs {lay.physical_size}; grow the backing file")
             events = IntegrityEvents(disk_name, on_integrity_event)
-            survey = await survey_replica(replica, disk_name, replica_name, anchor, secrets.public_key)
-            intents = read_intents(state.open_intent(), anchor, lay)
             stored = state.read_pages(lay.leaf_pages)
             stored_tree = HashTree(stored) if stored is not None else None
             stored_ok = stored_tree is not None and stored_tree.root == anchor.root
-            verdict = judge_table(survey, anchor, intents, stored if stored_ok else None)
-            for e in verdict.events:
+            cipher = BlockCipher(secrets.data_key, secrets.disk_id)
+            opened = await recover(replicas, disk_name, state, anchor, secrets.public_key, cipher,
+                                   stored if stored_ok else None)
+            for replica_name, e in opened.events:
                 events.report(e.what, replica_name, e.blocks, e.message)
-            leaves = verdict.table
-            await choose_versions(replica, who, lay, BlockCipher(secrets.data_key, secrets.disk_id),
-                                  leaves, intents)
+            rs = ReplicaSet(disk_name, lay, opened.replicas)
+            rs.epoch = anchor.epoch
             # The usual case, a clean replica: its page hashes are the stored ones, whose tree
             # is built already (a tree costs ~1 s per 64 GiB of disk).
-            tree = (stored_tree if stored_ok and stored_tree is not None and verdict.hashes == stored
-                    else HashTree(verdict.hashes))
-            commits = Commits(state, disk_name, anchor, secrets, leaves, tree,
-                              verdict.dirty_pages, pages_stale=not stored_ok)
-            self = cls(state, disk_name, replica, replica_name, secrets, commits, events, aead)
+            tree = (stored_tree if stored_ok and stored_tree is not None and opened.hashes == stored
+                    else HashTree(opened.hashes))
+            commits = Commits(state, disk_name, anchor, secrets, opened.leaves, tree,
+                              opened.dirty_pages, pages_stale=not stored_ok)
+            self = cls(state, disk_name, rs, secrets, commits, events, aead)
             bulk = self._bulk
             try:
                 await self._commit(force=True)
@@ -180,6 +198,7 @@ class CryptDisk:
             if bulk is not None:
                 bulk.forget()
             raise
+        rs.start_recovery()
         return self
 
     @property
@@ -247,20 +266,34 @@ class CryptDisk:
         if self._leaves.count(0, lo, hi) == hi - lo:
             return bytearray(n * BS)  # never written or zeroed: no driver involved
         leaves = memoryview(self._leaves)[lo:hi]
+
+        async def attempt(link: Backend) -> Buffer | Lent:
+            return await self._read_from(link, b0, n, leaves, lend)
+
+        try:
+            return await self.replicas.read(b0, n, attempt, _release)
+        except BadBlocks as exc:
+            self._refuse_read(b0, exc.indices)
+            raise  # not reached
+
+    async def _read_from(self, link: Backend, b0: int, n: int, leaves: memoryview,
+                         lend: bool) -> Buffer | Lent:
+        """Blocks [b0, b0+n) from one replica, decrypted; raises BadBlocks if some fail."""
         if self._bulk is not None and not self._unsure:
             # The range lock keeps these blocks' leaves as they are while we wait.
             start = self._lay.data_offset(b0)
-            got = await self._bulk.read(b0, leaves, lambda into: self._read_into(start, into),
-                                        lend)
+            read_into = self._read_into.get(id(link))
+            if read_into is None:
+                read_into = self._read_into[id(link)] = reader_into(link)
+            got = await self._bulk.read(b0, leaves, lambda into: read_into(start, into), lend)
             if got is not None:
                 plain, bad = got
                 if bad:  # never lent then: nothing to give back
-                    self._refuse_read(b0, bad)
+                    raise BadBlocks(bad)
                 return plain
-        ct = await self._replica.pread(self._lay.data_offset(b0), n * BS)
+        ct = await link.pread(self._lay.data_offset(b0), n * BS)
         if len(ct) != n * BS:
-            raise BlockError(errno.EIO, f"replica {self.replica_name!r} returned {len(ct)} "
-                             f"bytes for a {n * BS}-byte read")
+            raise BlockError(errno.EIO, f"replica returned {len(ct)} bytes for a {n * BS}-byte read")
         cv = memoryview(ct)
         # Decrypt in place when the replica handed us a buffer of our own (the NBD
         # client's receive buffer): zero-filling a fresh output buffer cost ~5 % of
@@ -276,16 +309,46 @@ class CryptDisk:
                    if not self._adopt_unsure(b0 + i, cv[i * BS:(i + 1) * BS],
                                              memoryview(out)[i * BS:(i + 1) * BS])]
         if bad:
-            self._refuse_read(b0, bad)
+            raise BadBlocks(bad)
         return out
 
     def _refuse_read(self, b0: int, bad: list[int]) -> None:
+        """Every current replica failed verification (each was reported): EIO."""
         blocks = [b0 + i for i in bad]
-        msg = (f"disk {self.name!r}: block(s) {describe_blocks(blocks)} read from replica "
-               f"{self.replica_name!r} failed verification (altered, moved, replayed "
-               "or lost by the driver); the read is refused")
-        self._event("data", blocks, msg)
-        raise IntegrityError(msg, disk=self.name, replica=self.replica_name, blocks=blocks)
+        names = ", ".join(repr(r.name) for r in self.replicas.current) or "none"
+        msg = (f"disk {self.name!r}: block(s) {describe_blocks(blocks)} failed verification on "
+               f"every current replica ({names}); the read is refused")
+        raise IntegrityError(msg, disk=self.name, replica=names, blocks=blocks)
+
+    # ------------------------------------------------------------ for the replica set
+
+    def bad_blocks(self, first_block: int, ciphertext: memoryview) -> list[int]:
+        """Verifier: blocks of `ciphertext` that do not verify against their leaves now."""
+        bad = []
+        for i in range(len(ciphertext) // BS):
+            b = first_block + i
+            leaf = memoryview(self._leaves)[b * LEAF_SIZE:(b + 1) * LEAF_SIZE]
+            if self._cipher.decrypt(b, ciphertext[i * BS:(i + 1) * BS], leaf, self._scratch):
+                bad.append(i)
+        return bad
+
+    def written(self, block: int) -> bool:
+        """Verifier: whether the block has ciphertext that a replica must hold."""
+        v = leaf_version(self._leaves, block)
+        return v != 0 and v != POISON_VERSION
+
+    async def _admit(self, r: Replica) -> bool:
+        """A replica came back: is it this disk's? True if it must be rebuilt whole."""
+        a = self._commits.anchor
+        sv = await survey_replica(r.link, self.name, r.name, a, self.public_key, allow_blank=True)
+        if sv.fresh:
+            return True
+        return sv.presented is None or sv.presented < r.behind_since
+
+    async def scrub(self, progress: Callable[[int, int], None] | None = None) -> dict:
+        """Read every written block of every current replica, verify and repair."""
+        self._check_usable()
+        return await self.replicas.scrub(progress)
 
     def _adopt_unsure(self, b: int, ct: memoryview, out: memoryview) -> bool:
         """After a failed replica write the block may still hold an older version."""
@@ -495,10 +558,11 @@ class CryptDisk:
     async def _read_exact(self, offset: int, length: int) -> bytes:
         data = await self._replica.pread(offset, length)
         if len(data) != length:
-            raise BlockError(
-                errno.EIO, f"replica {self.replica_name!r} returned {len(data)} bytes "
-                f"for a {length}-byte read at {offset}")
+            raise BlockError(errno.EIO, f"disk {self.name!r}: a replica returned {len(data)} "
+                             f"bytes for a {length}-byte read at {offset}")
         return bytes(data)
 
-    def _event(self, what: str, blocks: list[int], message: str) -> None:
-        self._events.report(what, self.replica_name, blocks, message)
+
+def _release(result: Buffer | Lent) -> None:
+    if isinstance(result, Lent):
+        result.release()

@@ -16,11 +16,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from trustvbd.blockdev import Backend, BlockError
-from trustvbd.blocks.disk_state import Anchor, IntentLog, TrustedStateError
-from trustvbd.blocks.integrity import ForeignReplicaError, IntegrityError, StaleReplicaError
+from trustvbd.blockdev import Backend, BlockError, Breakable
+from trustvbd.blocks.disk_state import Anchor, DiskState, IntentLog, Member, TrustedStateError
+from trustvbd.blocks.integrity import (
+    ForeignReplicaError,
+    IntegrityError,
+    ReplicaRefusedError,
+    StaleReplicaError,
+)
 from trustvbd.blocks.layer import reader_into
 from trustvbd.blocks.ranges import describe_blocks, runs
+from trustvbd.blocks.replica_set import Replica, State
 from trustvbd.crypt import superblock as sbfmt
 from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE, POISON_LEAF, POISON_VERSION, BlockCipher, leaf_version
 from trustvbd.crypt.superblock import LEAVES_PER_PAGE, SLOT_SIZE, Layout, SlotKind
@@ -132,9 +138,9 @@ class Survey:
 
 
 async def survey_replica(replica: Backend, disk: str, replica_name: str, anchor: Anchor,
-                         public_key: bytes) -> Survey:
-    """Read `replica`'s slots and leaf table; refuse it if it is blank-but-stale,
-    foreign, or ahead of the anchor."""
+                         public_key: bytes, allow_blank: bool = False) -> Survey:
+    """Read `replica`'s slots and leaf table; refuse it if it is foreign, ahead of the
+    anchor, or (unless `allow_blank`: a mirror can rebuild it) blank-but-stale."""
     g = Layout(anchor.logical_size)
     who = describe(disk, replica_name)
     raw = await read_exact(replica, who, 0, 2 * SLOT_SIZE)
@@ -146,7 +152,7 @@ async def survey_replica(replica: Backend, disk: str, replica_name: str, anchor:
     for at in range(0, len(table), TABLE_READ):
         progress(at)
         await read_into(g.leaf_start + at, view[at:at + TABLE_READ])
-    fresh, presented = await _judge_slots(replica, who, anchor, slots, table)
+    fresh, presented = await _judge_slots(replica, who, anchor, slots, table, allow_blank)
     return Survey(who, disk, replica_name, slots, table, fresh, presented)
 
 
@@ -200,7 +206,7 @@ def judge_table(survey: Survey, anchor: Anchor, intents: Intents,
 
 
 async def _judge_slots(replica: Backend, who: str, a: Anchor, slots: list[sbfmt.Slot],
-                       table: bytearray) -> tuple[bool, int | None]:
+                       table: bytearray, allow_blank: bool) -> tuple[bool, int | None]:
     """Refuse replicas that are blank-but-stale, foreign, or ahead of the anchor.
 
     Returns (fresh: format it, newest valid epoch presented or None).
@@ -208,7 +214,7 @@ async def _judge_slots(replica: Backend, who: str, a: Anchor, slots: list[sbfmt.
     kinds = [s.kind for s in slots]
     fresh = all(k is SlotKind.BLANK for k in kinds)
     if fresh:
-        if a.epoch > 0:
+        if a.epoch > 0 and not allow_blank:
             raise StaleReplicaError(
                 f"{who} is blank (presents epoch 0) but the trusted epoch is {a.epoch}: it was "
                 "wiped or replaced; resync it from a current replica")
@@ -263,26 +269,180 @@ async def data_sample_blank(replica: Backend, who: str, g: Layout) -> bool:
 
 
 async def choose_versions(replica: Backend, who: str, g: Layout, cipher: BlockCipher,
-                          leaves: bytearray, intents: Intents) -> None:
-    """For blocks written since the last commit, take the newest version the intent
-    log recorded whose ciphertext on `replica` verifies, else the committed one.
-    Only versions the trusted log recorded are ever accepted."""
+                          intents: Intents) -> dict[int, int]:
+    """For each block written since the last commit, the newest version the intent log
+    recorded whose ciphertext on `replica` verifies: its rank, 0 for the committed
+    leaf, i+1 for candidate i, -1 if none verifies. Only versions the trusted log
+    recorded are ever accepted."""
     scratch = memoryview(bytearray(BS))
+    chosen: dict[int, int] = {}
     need_read = []
     for b, news in intents.candidates.items():
         if leaf_version(news[-1], 0) == 0:
-            leaves[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = news[-1]
+            chosen[b] = len(news)  # zeroed: needs no ciphertext
         else:
             need_read.append(b)
     for b0, b1 in runs(need_read, RECOVERY_READ_BLOCKS):
         data = memoryview(await read_exact(replica, who, g.data_offset(b0), (b1 - b0) * BS))
         for b in range(b0, b1):
             ct = data[(b - b0) * BS:(b - b0 + 1) * BS]
-            for leaf in [*reversed(intents.candidates[b]), intents.committed[b]]:
-                v = leaf_version(leaf, 0)
+            leaves = [intents.committed[b], *intents.candidates[b]]
+            chosen[b] = -1
+            for rank in range(len(leaves) - 1, -1, -1):
+                v = leaf_version(leaves[rank], 0)
                 if v == POISON_VERSION:
                     continue
-                if v == 0 or not cipher.decrypt(b, ct, memoryview(leaf), scratch):
-                    leaves[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = leaf
+                if v == 0 or not cipher.decrypt(b, ct, memoryview(leaves[rank]), scratch):
+                    chosen[b] = rank
                     break
-            # none verified: the committed leaf stays; reads will report it
+    return chosen
+
+
+def apply_versions(leaves: bytearray, intents: Intents, chosen: dict[int, int]) -> None:
+    """Put each block's chosen leaf in the table (none verified: the committed one stays;
+    reads will report it)."""
+    for b, rank in chosen.items():
+        if rank > 0:
+            leaves[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = intents.candidates[b][rank - 1]
+
+
+# ---------------------------------------------------------------- a mirrored disk
+
+
+@dataclass
+class Opened:
+    """The trusted leaf table recovered from the replicas, and what each replica is."""
+
+    leaves: bytearray
+    hashes: bytes
+    dirty_pages: set[int]
+    replicas: list[Replica]
+    events: list[tuple[str, Event]]  # (replica name, event)
+
+
+async def recover(links: list[tuple[str, Backend]], disk: str, state: DiskState, anchor: Anchor,
+                  public_key: bytes, cipher: BlockCipher, stored_pages: bytes | None) -> Opened:
+    """Judge every replica; the table comes from one the anchor lists as current.
+
+    Replicas the anchor does not list as current, blank ones, and ones that lack a
+    recovered block version come back degraded (to be resynced, never served);
+    foreign ones failed. Raises the reason the first replica was refused when no
+    replica may serve (a single-replica disk fails exactly as before mirroring).
+    """
+    g = Layout(anchor.logical_size)
+    recorded = anchor.members is not None
+    mirrored = len(links) > 1
+    refusals: list[Exception] = []
+    events: list[tuple[str, Event]] = []
+    replicas = [Replica(name, link) for name, link in links]
+    rebuild: set[str] = set()
+    surveys: dict[str, Survey] = {}
+    for r in replicas:
+        if isinstance(r.link, Breakable) and r.link.broken:  # not reachable at start
+            r.state, r.last_error = State.DEGRADED, str(r.link.broken)
+            continue
+        try:
+            surveys[r.name] = await survey_replica(r.link, disk, r.name, anchor, public_key,
+                                                   allow_blank=mirrored)
+        except ReplicaRefusedError as exc:
+            r.state, r.last_error = State.FAILED, str(exc)
+            refusals.append(exc)
+        except BlockError as exc:
+            r.state, r.last_error = State.DEGRADED, str(exc)
+            refusals.append(exc)
+
+    intents = read_intents(state.open_intent(), anchor, g)
+    verdicts: dict[str, Verdict] = {}
+    for r in replicas:
+        sv = surveys.get(r.name)
+        if sv is None:
+            continue
+        if sv.fresh and anchor.epoch > 0:
+            r.state, r.last_error = State.DEGRADED, "blank: rebuilt by a full resync"
+            rebuild.add(r.name)
+            continue
+        if recorded and not anchor.lists_current(r.name) and not sv.fresh:
+            r.state, r.last_error = State.DEGRADED, f"behind at epoch {sv.presented}"
+            continue
+        try:
+            verdicts[r.name] = judge_table(sv, anchor, intents, stored_pages)
+        except (StaleReplicaError, IntegrityError) as exc:
+            refusals.append(exc)
+            r.state, r.last_error = State.DEGRADED, str(exc)
+            rebuild.add(r.name)
+            if recorded:  # the anchor says it took epoch E; it shows less
+                events.append((r.name, Event("rollback", [], str(exc))))
+    exact = [n for n, v in verdicts.items() if not any(e.what == "leaf table" for e in v.events)]
+    if not verdicts:
+        if refusals:
+            raise refusals[0]
+        listed = [n for n, _ in links if anchor.lists_current(n)]
+        raise StaleReplicaError(f"disk {disk!r}: no replica the trusted anchor lists as current "
+                                f"({', '.join(listed) or 'none'}) is reachable")
+    source = verdicts[exact[0] if exact else next(iter(verdicts))]
+    for r in replicas:
+        v = verdicts.get(r.name)
+        if v is None:
+            continue
+        events += [(r.name, e) for e in v.events]
+        if exact and r.name not in exact:  # its leaf pages were altered: rewrite them all
+            r.state, r.last_error = State.DEGRADED, "leaf table altered"
+    leaves = bytearray(source.table)
+
+    # Blocks written since the last commit: the newest version any current replica holds.
+    current = [r for r in replicas if r.state is State.CURRENT]
+    chosen: dict[str, dict[int, int]] = {}
+    for r in current:
+        try:
+            chosen[r.name] = await choose_versions(r.link, describe(disk, r.name), g, cipher, intents)
+        except BlockError as exc:
+            r.state, r.last_error = State.DEGRADED, str(exc)
+            r.dirty.update(intents.candidates)
+    best: dict[int, int] = {}
+    for picks in chosen.values():
+        for b, rank in picks.items():
+            best[b] = max(best.get(b, -1), rank)
+    apply_versions(leaves, intents, best)
+    await _even_out(disk, g, cipher, leaves, [r for r in current if r.name in chosen], chosen, best)
+
+    written = [b for b in range(g.blocks) if leaves[b * LEAF_SIZE:(b + 1) * LEAF_SIZE].count(0) != LEAF_SIZE]
+    for r in replicas:
+        if r.state is State.CURRENT:
+            r.behind_since = anchor.epoch
+            continue
+        stored_map = state.read_dirty_map(r.name, g.blocks)
+        sv = surveys.get(r.name)
+        if anchor.member(r.name) is Member.CURRENT and r.name not in rebuild:
+            r.behind_since = anchor.epoch
+        elif (anchor.member(r.name) is Member.BEHIND and stored_map is not None
+              and r.name not in rebuild and (sv is None or (sv.presented or 0) >= stored_map[0])):
+            r.behind_since = stored_map[0]
+            r.dirty.update(stored_map[1])
+        else:
+            rebuild.add(r.name)
+        if r.name in rebuild:
+            r.dirty.update(written)
+        r.dirty.update(intents.candidates)  # uncommitted writes it may not have
+    return Opened(leaves, source.hashes, source.dirty_pages, replicas, events)
+
+
+async def _even_out(disk: str, g: Layout, cipher: BlockCipher, leaves: bytearray,
+                    current: list[Replica], chosen: dict[str, dict[int, int]],
+                    best: dict[int, int]) -> None:
+    """A crash in a write that reached only some replicas: copy each block's chosen
+    version to the current replicas that lack it (verified), or degrade them."""
+    scratch = memoryview(bytearray(BS))
+    for r in current:
+        lacking = sorted(b for b, rank in chosen[r.name].items() if rank < best[b])
+        try:
+            for b in lacking:
+                source = next(s for s in current if chosen[s.name].get(b) == best[b])
+                ct = await read_exact(source.link, describe(disk, source.name), g.data_offset(b), BS)
+                leaf = memoryview(leaves)[b * LEAF_SIZE:(b + 1) * LEAF_SIZE]
+                if cipher.decrypt(b, memoryview(ct), leaf, scratch):
+                    raise BlockError(errno.EIO, f"block {b} changed on replica {source.name!r}")
+                await r.link.pwrite(g.data_offset(b), ct)
+        except BlockError as exc:
+            r.state, r.last_error = State.DEGRADED, f"lacks recent blocks: {exc}"
+            r.dirty.update(lacking)
+

@@ -6,6 +6,7 @@
     STATE_DIR/disks/NAME/anchor    last committed epoch, root, counter reservation
     STATE_DIR/disks/NAME/intent.log  leaf changes since the last commit
     STATE_DIR/disks/NAME/pages     committed leaf-page hashes (localises damage)
+    STATE_DIR/disks/NAME/behind/R  blocks replica R missed while it was behind
 
 Nothing here is sent to a driver. Byte layouts are in docs/format.md. The keys
 are replaced atomically (temp file, fsync, rename, fsync dir), the anchor is
@@ -16,10 +17,14 @@ ciphertext leaves this process.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import hashlib
 import os
 import re
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,32 +85,95 @@ def _crc_at(raw: bytes, offset: int) -> int:
 
 _ANCHOR = struct.Struct(">8sII16sQQQ32s")
 _ANCHOR_MAGIC = b"TVBDANCR"
-_ANCHOR_VERSION = 1
+MAX_REPLICAS = 8
+
+
+class Member(enum.IntEnum):
+    """What the anchor says of one replica at its epoch."""
+
+    CURRENT = 1   # took every commit up to this epoch: may serve reads
+    BEHIND = 2    # missed writes: the blocks are in its dirty map (behind/NAME)
+    REBUILD = 3   # refused or untracked: every written block must be copied to it
+
+
+def replica_id(name: str) -> bytes:
+    """How the anchor names a replica: 16 bytes of SHA-256 of its config name."""
+    return hashlib.sha256(b"trustvbd-replica\x00" + name.encode()).digest()[:16]
 
 
 @dataclass(frozen=True)
 class Anchor:
-    """The trusted record of the last commit; a replica is judged against it."""
+    """The trusted record of the last commit; a replica is judged against it.
+
+    `members` (anchor record version 3) says what each replica (by replica_id) is
+    at `epoch`; None for older records (one replica, membership not recorded).
+    """
 
     disk_id: bytes
     logical_size: int
     epoch: int
     counter_high: int  # every version below this may have been used: never reuse
     root: bytes
+    members: tuple[tuple[bytes, Member], ...] | None = None
 
     def encode(self) -> bytes:
-        body = _ANCHOR.pack(_ANCHOR_MAGIC, _ANCHOR_VERSION, 0, self.disk_id, self.logical_size,
-                            self.epoch, self.counter_high, self.root)
+        """As a version-1 anchor file (one 92-byte record; no replica entries)."""
+        if self.members is not None:
+            raise ValueError("a version-1 anchor cannot record replicas")
+        body = _ANCHOR.pack(_ANCHOR_MAGIC, 1, 0, self.disk_id, self.logical_size, self.epoch,
+                            self.counter_high, self.root)
         return body + struct.pack(">I", zlib.crc32(body))
 
     @classmethod
     def decode(cls, raw: bytes, where: Path) -> Anchor:
+        """A version-1 anchor file (one 92-byte record, before the two-slot form)."""
         if len(raw) != _ANCHOR.size + 4 or zlib.crc32(raw[:-4]) != _crc_at(raw, len(raw) - 4):
             raise TrustedStateError(f"{where} is corrupt (length or checksum); restore it")
         magic, version, _, disk_id, size, epoch, counter, root = _ANCHOR.unpack_from(raw)
-        if magic != _ANCHOR_MAGIC or version != _ANCHOR_VERSION:
-            raise TrustedStateError(f"{where} is not a version-{_ANCHOR_VERSION} anchor")
+        if magic != _ANCHOR_MAGIC or version != 1:
+            raise TrustedStateError(f"{where} is not an anchor of a known version")
         return cls(disk_id, size, epoch, counter, root)
+
+    def member(self, name: str) -> Member | None:
+        """What the anchor says of replica `name` (None: not listed, or not recorded)."""
+        rid = replica_id(name)
+        return next((state for r, state in self.members or () if r == rid), None)
+
+    def lists_current(self, name: str) -> bool | None:
+        """Whether `name` may serve at this epoch (None: membership not recorded)."""
+        if self.members is None:
+            return None
+        return self.member(name) is Member.CURRENT
+
+    def with_counter(self, counter_high: int) -> Anchor:
+        return dataclasses.replace(self, counter_high=counter_high)
+
+
+# ---------------------------------------------------------------- dirty maps
+
+_MAP_HEADER = struct.Struct(">8sIIQQ")
+_MAP_MAGIC = b"TVBDBHND"
+
+
+def encode_dirty_map(epoch: int, blocks: int, dirty: Iterable[int]) -> bytes:
+    bits = bytearray(-(-blocks // 8))
+    for b in dirty:
+        bits[b >> 3] |= 1 << (b & 7)
+    body = _MAP_HEADER.pack(_MAP_MAGIC, 1, 0, epoch, blocks) + bits
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
+def decode_dirty_map(raw: bytes, blocks: int) -> tuple[int, set[int]] | None:
+    """(epoch written for, dirty blocks), or None if it is not a whole map for `blocks` blocks."""
+    size = _MAP_HEADER.size + -(-blocks // 8) + 4
+    if len(raw) != size or zlib.crc32(raw[:-4]) != _crc_at(raw, size - 4):
+        return None
+    magic, version, _, epoch, count = _MAP_HEADER.unpack_from(raw)
+    if magic != _MAP_MAGIC or version != 1 or count != blocks:
+        return None
+    bits = raw[_MAP_HEADER.size:-4]
+    dirty = {i * 8 + j for i, byte in enumerate(bits) if byte for j in range(8) if byte >> j & 1}
+    return epoch, dirty
 
 
 # ---------------------------------------------------------------- intent log
@@ -232,15 +300,19 @@ class DiskState:
             if got is None:
                 raise TrustedStateError(f"{self.anchor_path} is corrupt (no complete slot); "
                                         "restore it")
-            return Anchor(*got[1]), got[0]
+            disk_id, size, epoch, counter, root, members = got[1]
+            listed = None if members is None else tuple((r, Member(m)) for r, m in members)
+            return Anchor(disk_id, size, epoch, counter, root, listed), got[0]
         return Anchor.decode(raw, self.anchor_path), None  # version 1: one record
 
     def read_anchor(self) -> Anchor:
         return self._read_anchor_file()[0]
 
     def write_anchor(self, anchor: Anchor) -> None:
+        members = (None if anchor.members is None else
+                   tuple((rid, int(state)) for rid, state in anchor.members))
         fields = (anchor.disk_id, anchor.logical_size, anchor.epoch, anchor.counter_high,
-                  anchor.root)
+                  anchor.root, members)
         if self._anchor_slots is None:
             seq = self._read_anchor_file()[1] if self.anchor_path.exists() else None
             if seq is None:  # new, or version 1: replace it whole with the two-slot form
@@ -249,6 +321,28 @@ class DiskState:
                 return
             self._anchor_slots = anchor_file.AnchorSlots(self.anchor_path, seq)
         self._anchor_slots.write(fields)
+
+    def dirty_map_path(self, replica: str) -> Path:
+        return self.dir / "behind" / replica
+
+    def read_dirty_map(self, replica: str, blocks: int) -> tuple[int, set[int]] | None:
+        """The stored dirty map of `replica` (epoch, blocks), or None if absent or unreadable."""
+        try:
+            raw = self.dirty_map_path(replica).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return decode_dirty_map(raw, blocks)
+
+    def write_dirty_map(self, replica: str, epoch: int, blocks: int, dirty: Iterable[int]) -> None:
+        path = self.dirty_map_path(replica)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        write_file_atomic(path, encode_dirty_map(epoch, blocks, dirty))
+
+    def drop_dirty_map(self, replica: str) -> None:
+        try:
+            self.dirty_map_path(replica).unlink()
+        except FileNotFoundError:
+            pass
 
     def open_intent(self) -> IntentLog:
         if self.intent is None:

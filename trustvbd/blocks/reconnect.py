@@ -1,8 +1,11 @@
 """ReplicaLink: one replica's connection, re-opened through the launcher when it breaks.
 
-A driver is untrusted and may crash or be restarted. When its connection breaks,
-the next request asks for a new channel (the launcher re-checks policy) and is
-retried once: block reads and writes are idempotent.
+A driver is untrusted and may crash or be restarted. With a single replica, when
+its connection breaks, the next request asks for a new channel (the launcher
+re-checks policy) for up to `retry_window` seconds and is retried once: block
+reads and writes are idempotent. In a mirrored disk (`retry_window` 0) a broken
+link fails at once, so the replica set drops it from the write set and calls
+`reconnect_once` in the background, with back-off, without holding up the guest.
 
 A FLUSH is different: writes the old connection acknowledged but never flushed
 may be gone with the driver, so the first flush after such a reconnect fails
@@ -28,8 +31,10 @@ RETRY_WINDOW = 10.0  # seconds spent trying to get a channel back before failing
 
 
 class ReplicaLink:
-    def __init__(self, first: Backend, name: str, connect: Connect) -> None:
+    def __init__(self, first: Backend, name: str, connect: Connect,
+                 retry_window: float = RETRY_WINDOW) -> None:
         self.next = first
+        self._retry_window = retry_window
         self.name = name
         self._connect = connect
         self._size = first.size
@@ -46,6 +51,31 @@ class ReplicaLink:
         return self._size
 
     @property
+    def broken(self) -> str | None:
+        """Why the current connection broke, or None while it is usable."""
+        nxt = self.next
+        return nxt.broken if isinstance(nxt, Breakable) else None
+
+    async def reconnect_once(self) -> None:
+        """One attempt at a new connection (raises if it fails). What the old one
+        acknowledged without a flush is the replica set's to doubt, not ours."""
+        broken = self.next
+        async with self._lock:
+            fresh = await self._connect()
+            if fresh.size != self._size:
+                await fresh.close()
+                raise BlockError(errno.EIO, f"replica {self.name!r} came back with {fresh.size} "
+                                 f"bytes instead of {self._size}; refusing it")
+            try:
+                await broken.close()
+            except Exception:
+                pass
+            self.next = fresh
+            self.reconnects += 1
+            self._dirty = self._maybe_lost = False
+            self.state = "connected"
+
+    @property
     def capabilities(self) -> Capabilities:
         return self._caps
 
@@ -58,7 +88,7 @@ class ReplicaLink:
             if self.next is not broken:
                 return  # someone else already reconnected
             self.state = "reconnecting"
-            deadline = time.monotonic() + RETRY_WINDOW
+            deadline = time.monotonic() + self._retry_window
             delay = 0.05
             while True:
                 try:
@@ -106,6 +136,9 @@ class ReplicaLink:
         if not (isinstance(backend, Breakable) and backend.broken):
             raise exc
         self.last_error = str(exc)
+        if self._retry_window <= 0:
+            self.state = "disconnected"
+            raise exc
         await self._reconnect(backend)
 
     # pread and pwrite spell out _call: they run once per guest request, and the

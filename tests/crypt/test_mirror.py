@@ -1,0 +1,323 @@
+"""Mirroring at the layer level: CryptDisk over a ReplicaSet of in-memory replicas.
+
+Real NBD drivers (hostile ones, qemu-nbd, nbdkit) are in tests/interop/test_mirror_nbd.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import random
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.crypt.helpers import BS, LAY, SIZE, RawMemory, new_state, pattern, run
+from trustvbd.blockdev import Backend, BlockError, Buffer
+from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, physical_size
+from trustvbd.blocks.disk_state import Anchor, DiskState, Member
+from trustvbd.blocks.layer import Layer
+from trustvbd.blocks.replica_set import State
+
+NBLOCKS = SIZE // BS
+
+
+class Faulty(Layer):
+    """A replica that fails on command, and survives CryptDisk.close() for reopening."""
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(next)
+        self.fail_writes = False
+        self.fail_reads = False
+        self.writes = 0
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        if self.fail_writes:
+            raise BlockError(errno.EIO, "injected write error")
+        self.writes += 1
+        await self.next.pwrite(offset, data, fua)
+
+    async def flush(self) -> None:
+        if self.fail_writes:
+            raise BlockError(errno.EIO, "injected flush error")
+        await self.next.flush()
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        if self.fail_reads:
+            raise BlockError(errno.EIO, "injected read error")
+        return await self.next.pread(offset, length)
+
+    async def close(self) -> None:
+        pass
+
+
+def memories(n: int) -> list[RawMemory]:
+    return [RawMemory(physical_size(SIZE)) for _ in range(n)]
+
+
+async def open_set(tmp: Path, kek: Any, replicas: list[Backend],
+                   events: list[dict[str, Any]] | None = None) -> CryptDisk:
+    return await CryptDisk.open_mirrored(
+        tmp, "vm1", [(f"r{i}", r) for i, r in enumerate(replicas)], kek,
+        on_integrity_event=events.append if events is not None else None)
+
+
+async def settle(disk: CryptDisk, tries: int = 2000) -> None:
+    for _ in range(tries):
+        if len(disk.replicas.current) == len(disk.replicas.replicas):
+            return
+        if disk.replicas.joining():
+            await disk.flush()
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"replicas did not settle: {disk.replicas.status()}")
+
+
+def data_areas(mems: list[RawMemory]) -> list[bytes]:
+    return [bytes(m.raw[LAY.data_start:LAY.physical_size]) for m in mems]
+
+
+async def fill(disk: CryptDisk, tag: int = 0) -> bytes:
+    data = b"".join(pattern(b, tag) for b in range(NBLOCKS))
+    await disk.pwrite(0, data)
+    await disk.flush()
+    return data
+
+
+@pytest.mark.parametrize("copies", [2, 3])
+def test_writes_reach_every_replica_and_reads_are_spread(tmp_path: Path, copies: int) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(copies)
+        counted = [Faulty(m) for m in mems]
+        disk = await open_set(tmp_path, kek, counted)
+        data = await fill(disk)
+        assert len(set(bytes(m.raw) for m in mems)) == 1, "replicas are byte-identical"
+        reads = [0] * copies
+        for i, c in enumerate(counted):
+            orig = c.pread
+
+            async def counting(offset: int, length: int, i: int = i, orig: Any = orig) -> Buffer:
+                reads[i] += 1
+                return await orig(offset, length)
+            c.pread = counting  # type: ignore[method-assign]
+        for b in range(0, NBLOCKS, 8):
+            assert bytes(await disk.pread(b * BS, 8 * BS)) == data[b * BS:(b + 8) * BS]
+        assert all(n > 0 for n in reads), f"reads not spread: {reads}"
+        await disk.close()
+        anchor = DiskState(tmp_path, "vm1").read_anchor()
+        assert anchor.members is not None and len(anchor.members) == copies
+        assert all(anchor.member(f"r{i}") is Member.CURRENT for i in range(copies))
+    run(go())
+
+
+@pytest.mark.parametrize("copies", [2, 3])
+def test_one_percent_corrupt_reads_exact_and_is_repaired(tmp_path: Path, copies: int) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(copies)
+        events: list[dict[str, Any]] = []
+        disk = await open_set(tmp_path, kek, list(mems), events)
+        data = await fill(disk)
+        rng = random.Random(11)
+        bad = rng.sample(range(NBLOCKS), max(1, NBLOCKS // 100))
+        for b in bad:
+            mems[1].raw[LAY.data_offset(b) + rng.randrange(BS)] ^= 1 << rng.randrange(8)
+        assert bytes(await disk.pread(0, SIZE)) == data
+        # Reads go to the replicas in turn: each bad block is read from each once.
+        for b in bad:
+            for _ in range(copies):
+                assert bytes(await disk.pread(b * BS, BS)) == data[b * BS:(b + 1) * BS]
+        r1 = disk.replicas.replicas[1]
+        assert r1.repaired == len(bad) and r1.state is State.CURRENT
+        assert len(set(data_areas(mems))) == 1, "the corrupted replica was repaired"
+        assert {b for e in events for b in e["blocks"]} == set(bad)
+        assert all(e["replica"] == "r1" for e in events)
+        await disk.close()
+    run(go())
+
+
+def test_bad_on_every_replica_is_eio_never_old_data(tmp_path: Path) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        events: list[dict[str, Any]] = []
+        disk = await open_set(tmp_path, kek, list(mems), events)
+        old = await fill(disk, 0)
+        stale = [bytes(m.raw) for m in mems]
+        await fill(disk, 1)
+        for m, s in zip(mems, stale, strict=True):  # both drivers replay the old data area
+            m.raw[LAY.data_start:] = s[LAY.data_start:]
+        with pytest.raises(IntegrityError) as exc:
+            await disk.pread(5 * BS, BS)
+        assert exc.value.errno == errno.EIO and exc.value.blocks == [5]
+        assert old[5 * BS:6 * BS] not in str(exc.value).encode()
+        assert {e["replica"] for e in events} == {"r0", "r1"}
+        await disk.close()
+    run(go())
+
+
+@pytest.mark.parametrize("copies", [2, 3])
+def test_failed_writes_degrade_remember_and_resync(tmp_path: Path, copies: int) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(copies)
+        faulty = [Faulty(m) for m in mems]
+        disk = await open_set(tmp_path, kek, list(faulty))
+        data = bytearray(await fill(disk))
+        faulty[1].fail_writes = True
+        for b in (3, 4, 100):  # the guest sees success
+            data[b * BS:(b + 1) * BS] = pattern(b, 7)
+            await disk.pwrite(b * BS, pattern(b, 7))
+        await disk.flush()
+        r1 = disk.replicas.replicas[1]
+        assert r1.state is State.DEGRADED and {3, 4, 100} <= r1.dirty
+        await disk.close()
+        # Trusted state remembers, across a restart of the domain.
+        state = DiskState(tmp_path, "vm1")
+        anchor = state.read_anchor()
+        assert anchor.member("r1") is Member.BEHIND
+        stored = state.read_dirty_map("r1", NBLOCKS)
+        assert stored is not None and {3, 4, 100} <= stored[1] and len(stored[1]) < 10
+        # Reopen while r1 still fails: it stays behind, the disk serves from the rest.
+        disk = await open_set(tmp_path, kek, list(faulty))
+        assert disk.replicas.replicas[1].state is State.DEGRADED
+        assert bytes(await disk.pread(0, SIZE)) == data
+        # Heal it: only the dirty blocks are copied, then it rejoins.
+        writes_before = faulty[1].writes
+        faulty[1].fail_writes = False
+        await settle(disk)
+        copied = faulty[1].writes - writes_before
+        assert copied < 12, f"{copied} writes: more than the dirty blocks and the joining commit"
+        await disk.close()
+        diff = [i for i in range(0, len(mems[0].raw), BS) if mems[0].raw[i:i + BS] != mems[1].raw[i:i + BS]]
+        assert not diff, diff
+        assert len(set(bytes(m.raw) for m in mems)) == 1
+        assert DiskState(tmp_path, "vm1").read_dirty_map("r1", NBLOCKS) is None
+    run(go())
+
+
+def test_read_errors_fail_over_and_repair(tmp_path: Path) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        faulty = [Faulty(m) for m in mems]
+        disk = await open_set(tmp_path, kek, list(faulty))
+        data = await fill(disk)
+        faulty[0].fail_reads = True
+        for b in range(0, NBLOCKS, 64):
+            assert bytes(await disk.pread(b * BS, 64 * BS)) == data[b * BS:(b + 64) * BS]
+        assert disk.replicas.replicas[0].repaired > 0
+        await disk.close()
+    run(go())
+
+
+def test_rollback_of_one_replica_is_never_served(tmp_path: Path) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        disk = await open_set(tmp_path, kek, list(mems))
+        await fill(disk, 0)
+        old = bytes(mems[1].raw)
+        new = await fill(disk, 1)
+        await disk.close()
+        mems[1].raw[:] = old  # the driver of r1 rolls back to an earlier epoch
+        events: list[dict[str, Any]] = []
+        disk = await open_set(tmp_path, kek, list(mems), events)
+        assert disk.replicas.replicas[1].state is not State.CURRENT
+        assert any(e["what"] == "rollback" and e["replica"] == "r1" for e in events)
+        for _ in range(4):
+            assert bytes(await disk.pread(0, SIZE)) == new
+        await settle(disk)
+        await disk.close()
+        assert bytes(mems[0].raw) == bytes(mems[1].raw)
+    run(go())
+
+
+def test_all_current_replicas_rolled_back_is_refused(tmp_path: Path) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        disk = await open_set(tmp_path, kek, list(mems))
+        await fill(disk, 0)
+        old = [bytes(m.raw) for m in mems]
+        await fill(disk, 1)
+        await disk.close()
+        for m, o in zip(mems, old, strict=True):
+            m.raw[:] = o
+        with pytest.raises(Exception, match="stale"):
+            await open_set(tmp_path, kek, list(mems))
+    run(go())
+
+
+@pytest.mark.parametrize("copies", [2, 3])
+def test_wiped_replica_is_rebuilt_whole(tmp_path: Path, copies: int) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(copies)
+        disk = await open_set(tmp_path, kek, list(mems))
+        data = await fill(disk)
+        await disk.close()
+        mems[-1].raw[:] = bytes(len(mems[-1].raw))  # a new, empty backing file
+        disk = await open_set(tmp_path, kek, list(mems))
+        assert disk.replicas.replicas[-1].state is not State.CURRENT
+        assert bytes(await disk.pread(0, SIZE)) == data
+        await settle(disk)
+        await disk.close()
+        assert len(set(bytes(m.raw) for m in mems)) == 1
+    run(go())
+
+
+def test_foreign_replica_is_refused_and_untouched(tmp_path: Path) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        new_state(tmp_path, "other")
+        mems = memories(2)
+        disk = await open_set(tmp_path, kek, list(mems))
+        data = await fill(disk)
+        await disk.close()
+        other = RawMemory(physical_size(SIZE))
+        od = await CryptDisk.open(tmp_path, "other", Faulty(other), "o0", kek)
+        await od.pwrite(0, b"x" * BS)
+        await od.close()
+        mems[1].raw[:] = other.raw
+        before = bytes(mems[1].raw)
+        disk = await open_set(tmp_path, kek, list(mems))
+        r1 = disk.replicas.replicas[1]
+        assert r1.state is State.FAILED and "another trustvbd disk" in (r1.last_error or "")
+        await disk.pwrite(0, pattern(0, 9))
+        await disk.flush()
+        assert bytes(await disk.pread(BS, SIZE - BS)) == data[BS:]
+        await disk.close()
+        assert bytes(mems[1].raw) == before, "a foreign replica is never written"
+        anchor = DiskState(tmp_path, "vm1").read_anchor()
+        assert anchor.member("r1") is Member.REBUILD
+    run(go())
+
+
+@pytest.mark.parametrize("form", ["version 1 file", "version 2 slots"])
+def test_anchors_written_before_mirroring_open(tmp_path: Path, form: str) -> None:
+    """The one-record file of version 1 and the two-slot file without replica entries."""
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        disk = await open_set(tmp_path, kek, [Faulty(mem)])
+        data = await fill(disk)
+        await disk.close()
+        state = DiskState(tmp_path, "vm1")
+        a = state.read_anchor()
+        if form == "version 1 file":  # written by hand, as docs/format.md 2.3 says
+            body = struct.pack(">8sII16sQQQ32s", b"TVBDANCR", 1, 0, a.disk_id, a.logical_size,
+                               a.epoch, a.counter_high, a.root)
+            state.anchor_path.write_bytes(body + struct.pack(">I", zlib.crc32(body)))
+        else:
+            state.write_anchor(Anchor(a.disk_id, a.logical_size, a.epoch, a.counter_high, a.root))
+            state.close()
+        assert state.read_anchor().members is None
+        disk = await open_set(tmp_path, kek, [Faulty(mem)])
+        assert bytes(await disk.pread(0, SIZE)) == data
+        await disk.close()
+        assert DiskState(tmp_path, "vm1").read_anchor().member("r0") is Member.CURRENT
+    run(go())

@@ -1,0 +1,554 @@
+"""ReplicaSet: one encrypted disk mirrored over 1..8 untrusted replicas.
+
+A layer in the nbdkit-filter sense: the encryption layer above it writes one
+ciphertext and reads one verified range; below it are N replica links, each with
+a state (see docs/dev/crypt-design.md, "Mirroring"):
+
+- current:   took every write and commit; may serve reads.
+- degraded:  missed writes (the blocks are in its dirty set) or is unreachable;
+             receives nothing, serves nothing; reconnected in the background.
+- resyncing: receives every new write while its dirty blocks are copied to it
+             from a current replica (verified first); at the next commit it
+             gets the whole leaf table and the superblock and becomes current.
+- failed:    refused (it holds another disk or foreign data): never written.
+
+Writes go to every current and resyncing replica before they are acknowledged;
+a write that fails on some but not all marks those degraded and succeeds. Reads
+go to one current replica, in turn, and are verified by the caller's `attempt`;
+a replica that errs or fails verification is skipped, and the good ciphertext
+is written back to it (read-repair). Only when every current replica fails does
+the read fail.
+
+Only the data area is tracked block by block: a replica that missed leaf pages
+or superblocks is rewritten whole by its joining commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from trustvbd.blockdev import Backend, BlockError, Breakable, Buffer, Capabilities
+from trustvbd.blocks.integrity import ReplicaRefusedError
+from trustvbd.blocks.ranges import RangeLock, describe_blocks, runs
+from trustvbd.crypt.aead import BLOCK_SIZE
+from trustvbd.crypt.superblock import Layout
+
+log = logging.getLogger(__name__)
+
+BS = BLOCK_SIZE
+T = TypeVar("T")
+# Blocks copied per step of a resync or scrub (one range lock, one read, one write).
+COPY_BLOCKS = 256
+# Reconnect back-off, as nbdkit's retry filter: doubling from the first delay.
+RECONNECT_FIRST = 0.05
+RECONNECT_MAX = 5.0
+
+
+class State(enum.Enum):
+    CURRENT = "current"
+    DEGRADED = "degraded"
+    RESYNCING = "resyncing"
+    FAILED = "failed"
+
+
+class Verifier(Protocol):
+    """What the encryption layer knows about blocks (it holds the leaves and the key)."""
+
+    def bad_blocks(self, first_block: int, ciphertext: memoryview) -> list[int]:
+        """Indices of blocks in `ciphertext` that do not verify against their current leaf."""
+        ...
+
+    def written(self, block: int) -> bool:
+        """Whether the block has ciphertext to copy (a zero leaf needs none)."""
+        ...
+
+
+# Judges a replica that comes back before it may take writes (CryptDisk.admit): returns
+# True if it must be rebuilt whole (blank, or older than when it left), False if its
+# dirty blocks suffice; raises ReplicaRefusedError if it holds something else.
+Admit = Callable[["Replica"], Awaitable[bool]]
+
+
+@runtime_checkable
+class Reconnectable(Protocol):
+    """A link that can open a new connection to its driver (ReplicaLink)."""
+
+    async def reconnect_once(self) -> None: ...
+
+
+class BadBlocks(Exception):
+    """An attempt read the range but some blocks failed verification."""
+
+    def __init__(self, indices: list[int]) -> None:
+        super().__init__(f"{len(indices)} block(s) failed verification")
+        self.indices = indices
+
+
+@dataclass(eq=False)
+class Replica:
+    """One replica of the set: its link and what the set knows about it."""
+
+    name: str
+    link: Backend
+    state: State = State.CURRENT
+    dirty: set[int] = field(default_factory=set)  # data blocks it lacks
+    joining: bool = False       # copied up: needs the whole leaf table at the next commit
+    last_error: str | None = None
+    repaired: int = 0           # blocks rewritten by read-repair and scrub
+    errors: int = 0
+    resync_total: int = 0
+    resync_done: int = 0
+    resync_started: float = 0.0
+    resync_rate: float = 0.0    # blocks per second over the last resync
+    reconnects: int = 0
+    behind_since: int = 0       # the last epoch it took whole (while not current)
+    map_saved: bool = False     # its dirty set is in trusted state as it is now
+    bringing_back: bool = False
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name, "state": self.state.value, "last_error": self.last_error,
+            "repaired_blocks": self.repaired, "errors": self.errors,
+            "dirty_blocks": len(self.dirty), "reconnects": self.reconnects,
+        }
+        if self.state is State.RESYNCING or self.resync_total:
+            out["resync"] = {"done": self.resync_done, "total": self.resync_total,
+                             "blocks_per_s": round(self.resync_rate, 1)}
+        return out
+
+
+class ReplicaSet:
+    """The replicas of one disk, presented as one Backend (writes) plus verified reads."""
+
+    def __init__(self, disk: str, layout: Layout, replicas: list[Replica]) -> None:
+        if not 1 <= len(replicas) <= 8:
+            raise ValueError(f"a disk has 1 to 8 replicas, not {len(replicas)}")
+        self.disk = disk
+        self.replicas = replicas
+        self._lay = layout
+        self._size = min(r.link.size for r in replicas)
+        caps = [r.link.capabilities for r in replicas]
+        self._caps = Capabilities(read_only=any(c.read_only for c in caps),
+                                  trim=all(c.trim for c in caps), cache=all(c.cache for c in caps))
+        self._next_reader = 0
+        self._readers: list[Replica] = []
+        self._writers: list[Replica] = []
+        self._behind: list[Replica] = []
+        self._unflushed: set[int] = set()  # data blocks written since the last flush
+        self.verifier: Verifier | None = None
+        self.admit: Admit | None = None
+        self.locks: RangeLock | None = None  # the encryption layer's block locks
+        self.on_change: Callable[[], None] | None = None
+        # (what, replica, blocks, message): integrity events, for the audit log
+        self.report: Callable[[str, str, list[int], str], None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.epoch = 0  # the last committed epoch
+        self._regroup()
+
+    # ------------------------------------------------------------ membership
+
+    def _regroup(self) -> None:
+        self._readers = [r for r in self.replicas if r.state is State.CURRENT]
+        self._writers = [r for r in self.replicas if r.state in (State.CURRENT, State.RESYNCING)]
+        self._behind = [r for r in self.replicas if r.state is State.DEGRADED]
+        if self.on_change is not None:
+            self.on_change()
+
+    @property
+    def current(self) -> list[Replica]:
+        return list(self._readers)
+
+    def degrade(self, r: Replica, blocks: Iterable[int], why: str) -> None:
+        """`r` missed writes to `blocks` (and perhaps metadata): out of the read and write sets."""
+        r.dirty.update(blocks)
+        r.dirty.update(self._unflushed)  # acknowledged but not flushed: may be lost with it
+        r.map_saved = False
+        r.last_error = why
+        r.errors += 1
+        if r.state is State.FAILED:
+            return
+        if r.state is not State.DEGRADED:
+            log.warning("disk %s: replica %s degraded: %s", self.disk, r.name, why)
+            if r.state is State.CURRENT:
+                r.behind_since = self.epoch
+            r.state = State.DEGRADED
+            r.joining = False
+            self._regroup()
+        self._start(self._bring_back(r))
+
+    def fail(self, r: Replica, why: str) -> None:
+        log.error("disk %s: replica %s refused: %s", self.disk, r.name, why)
+        r.state, r.last_error, r.joining = State.FAILED, why, False
+        self._regroup()
+
+    def _blocks(self, offset: int, length: int) -> range:
+        """The data blocks [offset, offset+length) touches (empty for metadata)."""
+        start = self._lay.data_start
+        if offset + length <= start:
+            return range(0)
+        first = max(offset - start, 0) // BS
+        return range(first, -(-(offset + length - start) // BS))
+
+    # ------------------------------------------------------------ Backend (writes)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        writers = self._writers
+        if self._behind:
+            for r in self._behind:
+                r.dirty.update(self._blocks(offset, len(data)))
+                r.map_saved = False
+        if len(writers) == 1 and len(self.replicas) == 1:
+            await writers[0].link.pwrite(offset, data, fua)
+            return
+        self._unflushed.update(self._blocks(offset, len(data)))
+        await self._all(writers, lambda r: r.link.pwrite(offset, data, fua),
+                        lambda: self._blocks(offset, len(data)), "write")
+
+    async def flush(self) -> None:
+        unflushed, self._unflushed = self._unflushed, set()
+        await self._all(self._writers, lambda r: r.link.flush(), lambda: unflushed, "flush")
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        # Space reclaim only (the leaves already say "zeros"): failures do not matter.
+        await asyncio.gather(*(r.link.trim(offset, length, fua) for r in self._writers),
+                             return_exceptions=True)
+
+    async def zero(self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
+                   fast: bool = False) -> None:
+        await self._all(self._writers, lambda r: r.link.zero(offset, length, fua, may_trim, fast),
+                        lambda: self._blocks(offset, length), "zero")
+
+    async def cache(self, offset: int, length: int) -> None:
+        if self._readers:
+            await self._readers[0].link.cache(offset, length)
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        """Unverified bytes from a current replica (metadata at open; the caller verifies)."""
+        errors = []
+        for r in self._readers:
+            try:
+                return await r.link.pread(offset, length)
+            except BlockError as exc:
+                errors.append(f"{r.name}: {exc}")
+        raise BlockError(errno.EIO, f"disk {self.disk!r}: no current replica could read "
+                         f"[{offset}, {offset + length}): {'; '.join(errors) or 'none left'}")
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            try:
+                await task
+            except BaseException:
+                pass
+        for r in self.replicas:
+            try:
+                await r.link.close()
+            except Exception:
+                pass
+
+    async def _all(self, targets: list[Replica], op: Callable[[Replica], Awaitable[None]],
+                   blocks: Callable[[], Iterable[int]], what: str) -> None:
+        """Run `op` on every target; degrade those that fail unless all do (then raise)."""
+        if not targets:
+            raise BlockError(errno.EIO, f"disk {self.disk!r}: no replica is current; the {what} "
+                             "cannot be stored (see `trustvbd status`)")
+        if len(targets) == 1:
+            await op(targets[0])
+            return
+        results = await asyncio.gather(*(op(r) for r in targets), return_exceptions=True)
+        failed = [(r, exc) for r, exc in zip(targets, results, strict=True) if exc is not None]
+        if not failed:
+            return
+        for _, exc in failed:
+            if not isinstance(exc, Exception):  # cancelled: pass it on
+                raise exc
+        if len(failed) == len(targets):
+            raise failed[0][1]
+        for r, exc in failed:
+            self.degrade(r, blocks(), f"{what} failed: {exc}")
+
+    # ------------------------------------------------------------ verified reads
+
+    def data_offset(self, block: int) -> int:
+        return self._lay.data_offset(block)
+
+    async def read(self, b0: int, n: int, attempt: Callable[[Backend], Awaitable[T]],
+                   release: Callable[[T], None]) -> T:
+        """`attempt(link)` on current replicas in turn until one passes; repair the others.
+
+        `attempt` returns the verified result or raises BadBlocks (indices within the
+        range) or BlockError. Raises the last failure when no current replica passes.
+        """
+        readers = self._readers
+        if not readers:
+            raise BlockError(errno.EIO, f"disk {self.disk!r}: no current replica to read blocks "
+                             f"{b0}-{b0 + n - 1} from")
+        k = len(readers)
+        start = self._next_reader % k
+        self._next_reader += 1
+        failures: list[tuple[Replica, list[int]]] = []
+        last: BaseException | None = None
+        for i in range(k):
+            r = readers[(start + i) % k]
+            try:
+                result = await attempt(r.link)
+            except BadBlocks as bad:
+                last = bad
+                blocks = [b0 + i for i in bad.indices]
+                r.last_error = f"block(s) {describe_blocks(blocks)} failed verification"
+                r.errors += 1
+                failures.append((r, bad.indices))
+                self._report("data", r, blocks, (
+                    f"disk {self.disk!r}: block(s) {describe_blocks(blocks)} read from replica "
+                    f"{r.name!r} failed verification (altered, moved, replayed or lost by the "
+                    "driver)" + ("; served from another replica" if i + 1 < k else "")))
+                continue
+            except BlockError as exc:
+                last = exc
+                r.last_error = f"read failed: {exc}"
+                r.errors += 1
+                failures.append((r, list(range(n))))
+                continue
+            if failures:
+                try:
+                    await self._repair(r, b0, n, failures)
+                except BaseException:
+                    release(result)
+                    raise
+            return result
+        assert last is not None
+        if len(self.replicas) > 1 and not isinstance(last, BadBlocks):
+            self._report("unavailable", readers[0], [], (
+                f"disk {self.disk!r}: no current replica could serve blocks {b0}-{b0 + n - 1} "
+                f"({last}); the read fails"))
+        raise last
+
+    def _report(self, what: str, r: Replica, blocks: list[int], message: str) -> None:
+        if self.report is not None:
+            self.report(what, r.name, blocks, message)
+
+    async def _repair(self, good: Replica, b0: int, n: int,
+                      failures: list[tuple[Replica, list[int]]]) -> None:
+        """Write `good`'s ciphertext of the failed blocks back to the replicas that failed."""
+        assert self.verifier is not None
+        try:
+            ct = memoryview(await good.link.pread(self._lay.data_offset(b0), n * BS))
+        except BlockError as exc:
+            for r, idx in failures:
+                self.degrade(r, (b0 + i for i in idx), f"read-repair source failed: {exc}")
+            return
+        ok = len(ct) == n * BS and not self.verifier.bad_blocks(b0, ct)
+        for r, idx in failures:
+            want = [i for i in idx if self.verifier.written(b0 + i)]
+            if not ok:  # the source changed its answer: resync later instead
+                self.degrade(r, (b0 + i for i in want), "read-repair source did not verify twice")
+                continue
+            try:
+                for i0, i1 in runs(want, COPY_BLOCKS):
+                    await r.link.pwrite(self._lay.data_offset(b0 + i0), ct[i0 * BS:i1 * BS])
+            except BlockError as exc:
+                self.degrade(r, (b0 + i for i in want), f"read-repair write failed: {exc}")
+                continue
+            r.repaired += len(want)
+            log.warning("disk %s: repaired %d block(s) of replica %s from %s", self.disk,
+                        len(want), r.name, good.name)
+
+    # ------------------------------------------------------------ commits
+
+    def joining(self) -> list[Replica]:
+        """Replicas that need the whole leaf table in this commit."""
+        return [r for r in self._writers if r.joining]
+
+    async def write_to(self, targets: list[Replica], offset: int, data: Buffer) -> None:
+        await self._all(targets, lambda r: r.link.pwrite(offset, data), lambda: (), "write")
+
+    def commit_done(self, joined: list[Replica], epoch: int) -> None:
+        """The commit of `epoch` reached the write set: those that joined are current now."""
+        self.epoch = epoch
+        changed = False
+        for r in joined:
+            if r.state is State.RESYNCING and r.joining and not r.dirty:
+                r.state, r.joining = State.CURRENT, False
+                changed = True
+                log.warning("disk %s: replica %s is current again", self.disk, r.name)
+        if changed:
+            self._regroup()
+
+    # ------------------------------------------------------------ bringing replicas back
+
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
+        if self._closed:
+            coro.close()
+            return
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def start_recovery(self) -> None:
+        """After open: bring every degraded replica back in the background."""
+        for r in self.replicas:
+            if r.state is State.DEGRADED:
+                self._start(self._bring_back(r))
+
+    async def _bring_back(self, r: Replica) -> None:
+        """Reconnect (back-off, forever), admit, resync. One at a time per replica."""
+        if r.bringing_back:
+            return
+        r.bringing_back = True
+        try:
+            delay = RECONNECT_FIRST
+            while not self._closed and r.state is State.DEGRADED:
+                try:
+                    await self._reconnect_and_resync(r)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    r.last_error = str(exc)
+                    if r.state is State.RESYNCING:
+                        r.state = State.DEGRADED
+                        self._regroup()
+                if r.state is State.DEGRADED:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RECONNECT_MAX)
+        finally:
+            r.bringing_back = False
+
+    async def _reconnect_and_resync(self, r: Replica) -> None:
+        link = r.link
+        if isinstance(link, Breakable) and link.broken:
+            if not isinstance(link, Reconnectable):
+                raise BlockError(errno.EIO, f"replica {r.name!r} is disconnected")
+            await link.reconnect_once()
+            r.reconnects += 1
+        if self.admit is not None:
+            try:
+                rebuild = await self.admit(r)
+            except ReplicaRefusedError as exc:
+                self.fail(r, str(exc))
+                return
+            if rebuild:
+                assert self.verifier is not None
+                r.dirty.update(b for b in range(self._lay.blocks) if self.verifier.written(b))
+                r.map_saved = False
+        await self._resync(r)
+
+    async def _resync(self, r: Replica) -> None:
+        """Copy r's dirty blocks from current replicas, verified, while r takes new writes."""
+        assert self.verifier is not None and self.locks is not None
+        r.state, r.joining = State.RESYNCING, False
+        self._regroup()
+        r.resync_total = len(r.dirty)
+        r.resync_done = 0
+        r.resync_started = time.monotonic()
+        log.warning("disk %s: resyncing %d block(s) of replica %s", self.disk, r.resync_total, r.name)
+        while r.dirty:
+            if r.state is not State.RESYNCING:
+                return
+            batch = runs(sorted(r.dirty)[:COPY_BLOCKS * 8], COPY_BLOCKS)
+            for b0, b1 in batch:
+                hold = await self.locks.acquire(b0, b1, True)
+                try:
+                    await self._copy(r, b0, b1)
+                finally:
+                    self.locks.release(hold)
+                r.dirty.difference_update(range(b0, b1))
+                r.resync_done += b1 - b0
+                elapsed = time.monotonic() - r.resync_started
+                r.resync_rate = r.resync_done / elapsed if elapsed > 0 else 0.0
+                await asyncio.sleep(0)  # guest requests first
+        await r.link.flush()
+        r.joining = True  # the next commit writes its leaf table and superblock
+        log.warning("disk %s: replica %s copied up; joins at the next commit", self.disk, r.name)
+        if self.on_change is not None:
+            self.on_change()
+
+    async def _copy(self, r: Replica, b0: int, b1: int) -> None:
+        assert self.verifier is not None
+        verifier = self.verifier
+        want = [b for b in range(b0, b1) if verifier.written(b)]
+        if not want:
+            return
+        lo, hi = want[0], want[-1] + 1
+
+        async def fetch(link: Backend) -> memoryview:
+            ct = memoryview(await link.pread(self._lay.data_offset(lo), (hi - lo) * BS))
+            if len(ct) != (hi - lo) * BS:
+                raise BlockError(errno.EIO, "short read")
+            bad = verifier.bad_blocks(lo, ct)
+            if bad:
+                raise BadBlocks(bad)
+            return ct
+
+        ct = await self.read(lo, hi - lo, fetch, lambda _: None)
+        for i0, i1 in runs([b - lo for b in want], COPY_BLOCKS):
+            await r.link.pwrite(self._lay.data_offset(lo + i0), ct[i0 * BS:i1 * BS])
+
+    # ------------------------------------------------------------ scrub
+
+    async def scrub(self, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Read every written block of every current replica, verify, repair. Returns counts."""
+        assert self.verifier is not None and self.locks is not None
+        verifier = self.verifier
+        blocks = self._lay.blocks
+        counts = {r.name: {"checked": 0, "bad": 0, "repaired": 0} for r in self.replicas}
+        for b0 in range(0, blocks, COPY_BLOCKS):
+            b1 = min(b0 + COPY_BLOCKS, blocks)
+            hold = await self.locks.acquire(b0, b1, False)
+            try:
+                readers = list(self._readers)
+                good: tuple[Replica, memoryview] | None = None
+                bad_by: list[tuple[Replica, list[int]]] = []
+                for r in readers:
+                    try:
+                        ct = memoryview(await r.link.pread(self._lay.data_offset(b0), (b1 - b0) * BS))
+                        bad = (verifier.bad_blocks(b0, ct) if len(ct) == (b1 - b0) * BS
+                               else list(range(b1 - b0)))
+                    except BlockError as exc:
+                        r.last_error = f"scrub read failed: {exc}"
+                        bad, ct = list(range(b1 - b0)), memoryview(b"")
+                    bad = [i for i in bad if verifier.written(b0 + i)]
+                    counts[r.name]["checked"] += b1 - b0
+                    counts[r.name]["bad"] += len(bad)
+                    if bad:
+                        bad_by.append((r, bad))
+                    elif good is None:
+                        good = (r, ct)
+                for r, bad in bad_by:
+                    if good is None:
+                        continue  # no replica has these blocks right: the reads will say so
+                    try:
+                        for i0, i1 in runs(bad, COPY_BLOCKS):
+                            await r.link.pwrite(self._lay.data_offset(b0 + i0),
+                                                good[1][i0 * BS:i1 * BS])
+                    except BlockError as exc:
+                        self.degrade(r, (b0 + i for i in bad), f"scrub repair failed: {exc}")
+                        continue
+                    r.repaired += len(bad)
+                    counts[r.name]["repaired"] += len(bad)
+            finally:
+                self.locks.release(hold)
+            if progress is not None:
+                progress(b1, blocks)
+            await asyncio.sleep(0)
+        return counts
+
+    def status(self) -> list[dict[str, Any]]:
+        return [r.status() for r in self.replicas]
