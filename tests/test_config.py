@@ -163,11 +163,23 @@ def test_socket_path_too_long(short_tmp: Path) -> None:
     assert "over the Unix limit of 107" in err.message
 
 
-def test_mirroring_not_yet(short_tmp: Path) -> None:
-    text = GOOD + '[[driver]]\nname = "drv-b"\nlabel = "S"\ndir = "b"\n'
-    text = text.replace('replicas = ["drv-a"]', 'replicas = ["drv-a", "drv-b"]')
+def _drivers(n: int) -> str:
+    return "".join(f'[[driver]]\nname = "m{i}"\nlabel = "S"\ndir = "m{i}"\n' for i in range(n))
+
+
+def test_mirroring_lists_one_to_eight_replicas(short_tmp: Path) -> None:
+    names = ", ".join(f'"m{i}"' for i in range(8))
+    text = GOOD.replace('replicas = ["drv-a"]', f"replicas = [{names}]") + _drivers(9)
+    assert load_config(write(short_tmp, text)).disks["payroll"].replicas == tuple(f"m{i}" for i in range(8))
+    nine = ", ".join(f'"m{i}"' for i in range(9))
+    err = error_of(short_tmp, GOOD.replace('replicas = ["drv-a"]', f"replicas = [{nine}]") + _drivers(9))
+    assert err.key == "disk[0].replicas" and "at most 8" in err.message
+
+
+def test_mirroring_needs_encryption(short_tmp: Path) -> None:
+    text = GOOD.replace('replicas = ["drv-a"]', 'replicas = ["m0", "m1"]\nencrypt = false') + _drivers(2)
     err = error_of(short_tmp, text)
-    assert "exactly one driver" in err.message
+    assert err.key == "disk[0].replicas" and "encrypt = true" in err.message
 
 
 def test_tls_opt_out_name_and_user(short_tmp: Path) -> None:

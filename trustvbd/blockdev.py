@@ -10,7 +10,7 @@ Errors are raised as `BlockError` carrying an errno value, which the NBD server
 maps to an NBD error code for that one request.
 
 Optional abilities are declared as Protocols below (`ReadsInto`, `LendsReads`,
-`ServesFileRanges`, `HasEpoch`, `Breakable`): a caller asks `isinstance(b, P)`
+`ServesFileRanges`, `HasEpoch`, `Breakable`, `Reconnectable`): a caller asks `isinstance(b, P)`
 once, when it composes the stack, and keeps the bound method.
 """
 
@@ -178,6 +178,15 @@ class Breakable(Protocol):
 
     @property
     def broken(self) -> str | None: ...
+
+
+@runtime_checkable
+class Reconnectable(Protocol):
+    """Can open a new connection to the same server (ReplicaLink)."""
+
+    async def reconnect_once(self) -> None:
+        """One attempt; raises if it fails."""
+        ...
 
 
 def check_range(size: int, offset: int, length: int) -> None:

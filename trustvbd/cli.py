@@ -130,9 +130,9 @@ def print_status(status: dict[str, Any]) -> None:
         print(f"  {disk['name']:<12} {format_size(disk['size']):<8} label {disk['label']} {mode}"
               f" {disk['state']}{epoch} integrity-events {disk['integrity_events']}{held_by}")
         for r in disk["replicas"]:
-            extra = f" ({r['last_error']})" if r.get("last_error") else ""
-            full = ", OUT OF SPACE: writes fail with ENOSPC" if r.get("space") == "full" else ""
-            print(f"    replica {r['name']}: {r['state']}, reconnects {r['reconnects']}{full}{extra}")
+            print(f"    replica {r['name']}: {describe_replica(r)}")
+        if disk.get("scrub"):
+            print(f"    last scrub: {describe_scrub(disk['scrub'])}")
     print("guests:")
     for g in status["guests"]:
         conns = ", ".join(c["export"] or "-" for c in g["connections"]) or "none"
@@ -143,6 +143,32 @@ def print_status(status: dict[str, Any]) -> None:
         for wtype, path in g.get("sockets", {}).items():  # one per workload type it may use
             if path != g["socket"]:
                 print(f"    socket for workload type {wtype}: {path}")
+
+
+def describe_replica(r: dict[str, Any]) -> str:
+    parts = [r["state"], f"reconnects {r['reconnects']}"]
+    if r.get("space") == "full":
+        parts.append("OUT OF SPACE: writes fail with ENOSPC")
+    if r.get("repaired_blocks"):
+        parts.append(f"repaired {r['repaired_blocks']} blocks")
+    if r.get("dirty_blocks"):
+        parts.append(f"{r['dirty_blocks']} blocks behind")
+    resync = r.get("resync")
+    if resync and r["state"] == "resyncing":
+        parts.append(f"resync {resync['done']}/{resync['total']} at {resync['blocks_per_s']} blocks/s")
+    text = ", ".join(parts)
+    return text + (f" ({r['last_error']})" if r.get("last_error") else "")
+
+
+def describe_scrub(scrub: dict[str, Any]) -> str:
+    if scrub.get("running"):
+        return f"running, {scrub.get('done', 0)}/{scrub.get('total')} blocks"
+    if scrub.get("error"):
+        return f"failed: {scrub['error']}"
+    result = scrub.get("result", {})
+    bad = sum(r["bad"] for r in result.values())
+    repaired = sum(r["repaired"] for r in result.values())
+    return f"{bad} bad, {repaired} repaired, {scrub.get('seconds')} s"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -243,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     from trustvbd.tls_commands import register as register_tls
 
     register_tls(sub)
+    from trustvbd.scrub_command import register as register_scrub
+
+    register_scrub(sub)
     return parser
 
 

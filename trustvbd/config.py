@@ -17,6 +17,7 @@ from typing import Any
 from trustvbd.nbd.uri import parse_uri
 
 BLOCK_SIZE = 4096
+MAX_REPLICAS = 8
 # Unix socket paths are limited to 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -362,12 +363,16 @@ def load_config(path: str | Path) -> Config:
                 raise t.error("replicas", f"unknown driver {r!r}; defined drivers: {known}")
         if len(set(replicas)) != len(replicas):
             raise t.error("replicas", "names a driver twice; each replica must be a different driver")
-        if len(replicas) > 1:
-            raise t.error(
-                "replicas", "mirroring over several drivers is not available in this version;"
-                " list exactly one driver",
-            )
         encrypt = t.get("encrypt", bool, default=True)
+        if len(replicas) > MAX_REPLICAS:
+            raise t.error("replicas", f"lists {len(replicas)} drivers; a disk has at most"
+                          f" {MAX_REPLICAS} replicas")
+        if len(replicas) > 1 and not encrypt:
+            raise t.error(
+                "replicas", "mirroring needs encrypt = true: reads from an unencrypted replica"
+                " cannot be verified, so a lying driver could not be told from an honest one;"
+                " list one driver or encrypt the disk",
+            )
         disks.append(DiskConfig(name, size, label, tuple(replicas), encrypt))
     disk_map = _unique(file, "disk", disks)
 

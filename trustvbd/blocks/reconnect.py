@@ -191,3 +191,45 @@ class ReplicaLink:
 
     async def close(self) -> None:
         await self.next.close()
+
+
+class Unreachable:
+    """Stands in for a driver that could not be reached at start: every request fails,
+    `broken` says why, and the replica set reconnects it in the background."""
+
+    def __init__(self, size: int, why: str) -> None:
+        self._size = size
+        self.broken: str | None = why
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    def _fail(self) -> BlockError:
+        return BlockError(errno.EIO, str(self.broken))
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        raise self._fail()
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        raise self._fail()
+
+    async def flush(self) -> None:
+        raise self._fail()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        raise self._fail()
+
+    async def zero(self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
+                   fast: bool = False) -> None:
+        raise self._fail()
+
+    async def cache(self, offset: int, length: int) -> None:
+        raise self._fail()
+
+    async def close(self) -> None:
+        pass

@@ -32,9 +32,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar
 
-from trustvbd.blockdev import Backend, BlockError, Breakable, Buffer, Capabilities
+from trustvbd.blockdev import Backend, BlockError, Breakable, Buffer, Capabilities, Reconnectable
 from trustvbd.blocks.integrity import ReplicaRefusedError
 from trustvbd.blocks.ranges import RangeLock, describe_blocks, runs
 from trustvbd.crypt.aead import BLOCK_SIZE
@@ -74,13 +74,6 @@ class Verifier(Protocol):
 # True if it must be rebuilt whole (blank, or older than when it left), False if its
 # dirty blocks suffice; raises ReplicaRefusedError if it holds something else.
 Admit = Callable[["Replica"], Awaitable[bool]]
-
-
-@runtime_checkable
-class Reconnectable(Protocol):
-    """A link that can open a new connection to its driver (ReplicaLink)."""
-
-    async def reconnect_once(self) -> None: ...
 
 
 class BadBlocks(Exception):

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from trustvbd.blockdev import Backend, BlockError, Buffer
+from trustvbd.blockdev import Backend, BlockError, Breakable, Buffer, Reconnectable
 from trustvbd.blocks.layer import Layer, reader_into
 
 log = logging.getLogger("trustvbd.crypt.space")
@@ -46,6 +46,16 @@ class SpaceWatch(Layer):
         if self.full_since is not None:
             self.full_since = None
             log.warning("disk %r: driver %r takes writes again", self.disk, self.driver)
+
+    # A mirror's replica set sees through this layer to the link's connection.
+    @property
+    def broken(self) -> str | None:
+        return self.next.broken if isinstance(self.next, Breakable) else None
+
+    async def reconnect_once(self) -> None:
+        if not isinstance(self.next, Reconnectable):
+            raise BlockError(errno.EIO, f"driver {self.driver!r} cannot be reconnected")
+        await self.next.reconnect_once()
 
     async def pread_into(self, offset: int, into: memoryview) -> None:
         await self._read_into(offset, into)

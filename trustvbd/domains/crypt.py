@@ -15,14 +15,17 @@ import os
 import signal
 import socket
 import sys
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trustvbd.blockdev import Backend, HasEpoch
+from trustvbd.blockdev import Backend, BlockError, HasEpoch
 from trustvbd.blocks.aead_pool import AeadPool, default_workers
+from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.limits import SizeLimit
-from trustvbd.blocks.reconnect import ReplicaLink
+from trustvbd.blocks.reconnect import ReplicaLink, Unreachable
 from trustvbd.blocks.space import SpaceWatch
 from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
 from trustvbd.domains.control import ControlChannel
@@ -47,6 +50,7 @@ class Disk:
     space: list[SpaceWatch] = field(default_factory=list)  # one per link, same order
     integrity_events: int = 0
     error: str | None = None
+    scrub: dict[str, Any] | None = None  # the running or last scrub
 
 
 class GuestExports:
@@ -129,6 +133,8 @@ class CryptDomain:
         if op == "stop":
             await self.stop()
             return {"ok": True}, []
+        if op == "scrub":
+            return self.start_scrub(str(message.get("disk"))), []
         if op == "policy_changed":
             await self.gate.refresh()
             kicked = await self.recheck_connections()
@@ -145,6 +151,11 @@ class CryptDomain:
                 "replicas": [{**link.status(), **watch.status()}
                              for link, watch in zip(d.links, d.space, strict=False)],
             }
+            if isinstance(d.backend, CryptDisk):
+                entry["replicas"] = [{**r, **watch.status()} for r, watch in
+                                     zip(d.backend.replicas.status(), d.space, strict=False)]
+                if d.scrub is not None:
+                    entry["scrub"] = d.scrub
             if isinstance(d.backend, HasEpoch):
                 entry["epoch"] = d.backend.epoch
             disks.append(entry)
@@ -163,6 +174,39 @@ class CryptDomain:
         workers = self.aead.worker_pids() if self.aead else []
         restarts = self.aead.restarts if self.aead else 0
         return {"disks": disks, "guests": guests, "aead_workers": workers, "aead_restarts": restarts}
+
+    def start_scrub(self, name: str) -> dict[str, Any]:
+        """Start scrubbing a disk in the background (progress and result in `status`)."""
+        disk = self.disks.get(name)
+        if disk is None:
+            return {"ok": False, "error": f"no disk named {name!r}"}
+        backend = disk.backend
+        if not isinstance(backend, CryptDisk):
+            why = disk.error or "it is not encrypted: there is nothing to verify against"
+            return {"ok": False, "error": f"disk {name!r} cannot be scrubbed: {why}"}
+        if disk.scrub is not None and disk.scrub.get("running"):
+            return {"ok": True, "already_running": True}
+        scrub: dict[str, Any] = {"running": True, "done": 0, "total": backend.size // 4096,
+                                 "started": time.time()}
+        disk.scrub = scrub
+
+        def progress(done: int, total: int) -> None:
+            scrub["done"], scrub["total"] = done, total
+
+        async def run_scrub() -> None:
+            try:
+                scrub["result"] = await backend.scrub(progress)
+            except Exception as exc:
+                scrub["error"] = str(exc)
+                log.error("disk %s: scrub failed: %s", name, exc)
+            finally:
+                scrub["running"] = False
+                scrub["seconds"] = round(time.time() - scrub["started"], 2)
+
+        task = asyncio.get_running_loop().create_task(run_scrub())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return {"ok": True}
 
     async def recheck_connections(self) -> int:
         """After a policy change: close every connection the new policy forbids."""
@@ -199,22 +243,40 @@ class CryptDomain:
                                        tls=tls, server_hostname=server_name)
 
     async def open_disk(self, disk: Disk) -> None:
-        replica = disk.replica_names[0]
-        first = await self.open_channel(disk, replica)
-        link = ReplicaLink(first, replica, lambda: self.open_channel(disk, replica))
-        watch = SpaceWatch(link, disk.name, replica)  # logs and shows a driver out of space
-        disk.links, disk.space = [link], [watch]
-        if disk.encrypt:
-            disk.backend = await self.open_encrypted(disk, watch, replica)
-        else:
+        if not disk.encrypt:
+            replica = disk.replica_names[0]
+            first = await self.open_channel(disk, replica)
+            link = ReplicaLink(first, replica, lambda: self.open_channel(disk, replica))
+            watch = SpaceWatch(link, disk.name, replica)  # logs and shows a driver out of space
+            disk.links, disk.space = [link], [watch]
             if link.size < disk.size:
                 raise ValueError(
                     f"replica {replica!r} offers {link.size} bytes, smaller than disk {disk.name!r}"
                     f" ({disk.size} bytes); give the driver a larger export"
                 )
             disk.backend = SizeLimit(watch, disk.size)
+            return
+        disk.links = [await self.open_link(disk, name) for name in disk.replica_names]
+        disk.space = [SpaceWatch(link, disk.name, link.name) for link in disk.links]
+        disk.backend = await self.open_encrypted(disk)
 
-    async def open_encrypted(self, disk: Disk, link: Backend, replica: str) -> Backend:
+    async def open_link(self, disk: Disk, replica: str) -> ReplicaLink:
+        """A link to one replica. With one replica a broken link is retried inline (there
+        is nowhere else to go); in a mirror it fails at once and the replica set brings
+        it back in the background, and a driver unreachable at start starts degraded."""
+        def connect() -> Awaitable[Backend]:
+            return self.open_channel(disk, replica)
+
+        if len(disk.replica_names) == 1:
+            return ReplicaLink(await connect(), replica, connect)
+        try:
+            first: Backend = await connect()
+        except (ConnectionError, OSError, BlockError) as exc:
+            log.error("disk %s: replica %s unreachable at start: %s", disk.name, replica, exc)
+            first = Unreachable(physical_size(disk.size), f"unreachable at start: {exc}")
+        return ReplicaLink(first, replica, connect, retry_window=0)
+
+    async def open_encrypted(self, disk: Disk) -> Backend:
         from trustvbd.domains.crypt_disks import open_crypt_disk
 
         def on_event(event: dict[str, Any]) -> None:
@@ -225,7 +287,8 @@ class CryptDomain:
         if self.aead is None and (workers := default_workers()):
             self.aead = await AeadPool.start(workers)
             log.info("AEAD workers: %d (pids %s)", workers, self.aead.worker_pids())
-        return await open_crypt_disk(self.state_dir, disk.name, disk.size, link, replica,
+        return await open_crypt_disk(self.state_dir, disk.name, disk.size,
+                                     [(watch.driver, watch) for watch in disk.space],
                                      self.unlock, on_event, self.aead)
 
     async def start(self, ready_fd: int | None) -> None:

@@ -82,15 +82,15 @@ def kek_for(state_dir: Path, disk: str, unlock: Unlock) -> Kek:
     return Kek(KEK_FILE, bytes(unlock.key_file), "the state directory's key file (kek.key)")
 
 
-async def open_crypt_disk(state_dir: Path, name: str, size: int, replica: Backend, replica_name: str,
+async def open_crypt_disk(state_dir: Path, name: str, size: int, replicas: list[tuple[str, Backend]],
                           unlock: Unlock, on_event: Callable[[dict[str, Any]], None],
                           aead: AeadPool | None = None) -> CryptDisk:
     check_memory(name, size)
     kek = kek_for(state_dir, name, unlock)
     if not DiskState(state_dir, name).keys_path.exists():
         create_disk_state(state_dir, name, size, kek)
-    disk = await CryptDisk.open(state_dir, name, replica, replica_name, kek, on_integrity_event=on_event,
-                                aead=aead)
+    disk = await CryptDisk.open_mirrored(state_dir, name, replicas, kek, on_integrity_event=on_event,
+                                         aead=aead)
     if disk.size != size:
         await disk.close()
         raise ValueError(

@@ -785,6 +785,12 @@ class Launcher:
             return {"ok": True, **(await self.status())}
         if request.get("op") == "policy_load":
             return await self.policy_load(str(request.get("path")))
+        if request.get("op") == "scrub":  # mirroring (h1): the encryption domain runs it
+            if self.crypt_channel is None or self.crypt_channel.closed.is_set():
+                return {"ok": False, "error": "the encryption domain is not running"}
+            reply, _ = await self.crypt_channel.request({"op": "scrub", "disk": request.get("disk")},
+                                                        timeout=10)
+            return reply
         return {"ok": False, "error": f"unknown op {request.get('op')!r}"}
 
 

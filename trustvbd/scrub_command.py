@@ -1,0 +1,95 @@
+"""`trustvbd scrub -c CONFIG DISK`: verify every block of every replica of a running disk.
+
+The encryption domain does the work (ReplicaSet.scrub: read, verify, repair from a
+good replica); this command starts it through the launcher and follows its progress
+in `status`: a progress bar on a terminal, one JSON object with `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+POLL = 0.2  # seconds between status polls
+EXIT_FOUND = 2  # blocks that no replica holds correctly
+
+
+def _scrub_of(config: Any, disk: str) -> dict[str, Any] | None:
+    from trustvbd.cli import control_request
+
+    status = control_request(config, {"op": "status"})
+    for d in status.get("disks", []):
+        if d["name"] == disk:
+            scrub: dict[str, Any] | None = d.get("scrub")
+            return scrub
+    return None
+
+
+def _summary(result: dict[str, dict[str, int]]) -> tuple[int, int, int]:
+    checked = sum(r["checked"] for r in result.values())
+    bad = sum(r["bad"] for r in result.values())
+    repaired = sum(r["repaired"] for r in result.values())
+    return checked, bad, repaired
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    from trustvbd.cli import _config, control_request
+
+    config = _config(args.config)
+    reply = control_request(config, {"op": "scrub", "disk": args.disk})
+    if not reply.get("ok"):
+        print(f"trustvbd scrub: {reply.get('error')}", file=sys.stderr)
+        return 1
+    show = sys.stdout.isatty() and not args.json
+    scrub = _follow(config, args.disk, show)
+    if scrub is None:
+        print(f"trustvbd scrub: disk {args.disk!r} vanished from status", file=sys.stderr)
+        return 1
+    if scrub.get("error"):
+        print(f"trustvbd scrub: {scrub['error']}", file=sys.stderr)
+        return 1
+    result = scrub.get("result", {})
+    checked, bad, repaired = _summary(result)
+    if args.json:
+        print(json.dumps({"disk": args.disk, "seconds": scrub.get("seconds"), "replicas": result,
+                          "checked": checked, "bad": bad, "repaired": repaired}, indent=2))
+    else:
+        print(f"disk {args.disk}: scrubbed in {scrub.get('seconds')} s")
+        for name, r in result.items():
+            print(f"  replica {name}: {r['checked']} blocks checked, {r['bad']} bad,"
+                  f" {r['repaired']} repaired")
+    return EXIT_FOUND if bad > repaired else 0
+
+
+def _follow(config: Any, disk: str, show: bool) -> dict[str, Any] | None:
+    """Poll `status` until the scrub is over; draw a progress bar on a terminal."""
+    if not show:
+        while (scrub := _scrub_of(config, disk)) is not None and scrub.get("running"):
+            time.sleep(POLL)
+        return scrub
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(f"scrub {disk}"), BarColumn(), TaskProgressColumn(),
+                  TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("scrub", total=None)
+        while (scrub := _scrub_of(config, disk)) is not None:
+            bar.update(task, completed=scrub.get("done", 0), total=scrub.get("total"))
+            if not scrub.get("running"):
+                return scrub
+            time.sleep(POLL)
+    return None
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "scrub", help="read every block of every replica of a disk, verify it, repair it",
+        description="While `trustvbd up` runs: read each written block from every current"
+        " replica, verify it against the trusted leaves, and rewrite bad copies from a good"
+        " one. Exit status 2 if some block is good on no replica.")
+    p.add_argument("-c", "--config", required=True, help="config file (TOML)")
+    p.add_argument("disk", help="disk name")
+    p.add_argument("--json", action="store_true", help="machine-readable result")
+    p.set_defaults(func=cmd_scrub)
