@@ -18,6 +18,7 @@ leaf table -> ciphertext to the replica. No data journal.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 from collections.abc import Callable
@@ -113,6 +114,8 @@ class CryptDisk:
         replicas.locks = self._locks
         replicas.admit = self._admit
         replicas.report = self._events.report
+        replicas.request_commit = self._commit_soon
+        self._background: set[asyncio.Task[None]] = set()
         rc = replicas.capabilities
         self._caps = Capabilities(read_only=False, flush=True, fua=True, trim=True, zero=True,
                                   fast_zero=True, cache=True, multi_conn=True)
@@ -522,6 +525,8 @@ class CryptDisk:
     async def close(self) -> None:
         if self._closed:
             return
+        for task in list(self._background):
+            task.cancel()
         try:
             if self._commits.failed is None and (self._commits.dirty or self._unsure):
                 await self._commit()
@@ -537,6 +542,19 @@ class CryptDisk:
     async def _commit(self, force: bool = False) -> None:
         """Make every write completed so far durable and authenticated."""
         await self._commits.commit(self._replica, self._before_commit, force)
+
+    def _commit_soon(self) -> None:
+        """A replica finished its resync: commit now so it joins without waiting for a flush."""
+        async def commit() -> None:
+            try:
+                if not self._closed:
+                    await self._commit()
+            except Exception as exc:  # the guest's next flush will meet it again
+                log.warning("disk %s: commit for a joining replica failed: %s", self.name, exc)
+
+        task = asyncio.get_running_loop().create_task(commit())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _maybe_commit(self, fua: bool) -> None:
         if self._commits.due(fua):

@@ -48,7 +48,7 @@ T = TypeVar("T")
 COPY_BLOCKS = 256
 # Reconnect back-off, as nbdkit's retry filter: doubling from the first delay.
 RECONNECT_FIRST = 0.05
-RECONNECT_MAX = 5.0
+RECONNECT_MAX = 2.0
 
 
 class State(enum.Enum):
@@ -139,6 +139,7 @@ class ReplicaSet:
         self.admit: Admit | None = None
         self.locks: RangeLock | None = None  # the encryption layer's block locks
         self.on_change: Callable[[], None] | None = None
+        self.request_commit: Callable[[], None] | None = None  # a replica is ready to join
         # (what, replica, blocks, message): integrity events, for the audit log
         self.report: Callable[[str, str, list[int], str], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -470,8 +471,8 @@ class ReplicaSet:
         await r.link.flush()
         r.joining = True  # the next commit writes its leaf table and superblock
         log.warning("disk %s: replica %s copied up; joins at the next commit", self.disk, r.name)
-        if self.on_change is not None:
-            self.on_change()
+        if self.request_commit is not None:
+            self.request_commit()
 
     async def _copy(self, r: Replica, b0: int, b1: int) -> None:
         assert self.verifier is not None

@@ -1,0 +1,264 @@
+"""A hostile NBD driver for the mirroring tests: an honest server that misbehaves on command.
+
+    python -m tests.hostile_driver --file F --size BYTES --socket S --control C
+
+Serves one file as one export (any name) on the Unix socket S, fixed-newstyle
+handshake with structured replies when asked. Commands, one JSON object per line
+on the control socket C, e.g. {"mode": "flip", "rate": 0.05}:
+
+    honest          behave (the default)
+    flip            flip one bit of a read reply's data, for a `rate` share of 4 KiB blocks
+    stale           reads return the block's contents from before its last write
+    swap            reads of a block return its neighbour's contents (b xor 1)
+    drop_writes     acknowledge writes without storing them
+    fake_flush      keep writes in memory and acknowledge flushes without storing;
+                    {"mode": "crash"} then loses what was never stored
+    stall           read requests, answer nothing
+    disconnect      close every connection on its next request
+    garbage         answer requests with random bytes
+    huge_length     answer reads with a structured chunk claiming 2 GiB
+    wrong_cookie    answer with a cookie that was never sent
+
+Only the data its modes concern are touched: the handshake stays honest, so the
+trusted side's refusal is about the lie, not about talking to the driver at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import struct
+import threading
+import time
+
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+OPT_REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+OPT_EXPORT_NAME, OPT_ABORT, OPT_GO, OPT_STRUCTURED_REPLY = 1, 2, 7, 8
+REP_ACK, REP_INFO, REP_ERR_UNSUP = 1, 3, (1 << 31) + 1
+READ, WRITE, DISC, FLUSH, TRIM, CACHE, WRITE_ZEROES = 0, 1, 2, 3, 4, 5, 6
+FLAGS = 1 | 4 | 8 | 32 | 64 | 256 | 1024  # flags, flush, fua, trim, write zeroes, multi-conn, cache
+BS = 4096
+
+
+class Hostile:
+    def __init__(self, path: str, size: int) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        if os.fstat(self.fd).st_size < size:
+            os.ftruncate(self.fd, size)
+        self.size = size
+        self.mode = "honest"
+        self.rate = 1.0
+        self.rng = random.Random(7)
+        self.lock = threading.Lock()
+        self.previous: dict[int, bytes] = {}  # block -> contents before its last write
+        self.volatile: dict[int, bytes] = {}  # fake_flush: writes never stored
+        self.conns: set[socket.socket] = set()
+
+    # -- storage ------------------------------------------------------------------
+    def _pread(self, offset: int, length: int) -> bytearray:
+        data = bytearray(os.pread(self.fd, length, offset).ljust(length, b"\0"))
+        for b in range(offset // BS, -(-(offset + length) // BS)):
+            if b in self.volatile:
+                lo = max(b * BS, offset)
+                hi = min((b + 1) * BS, offset + length)
+                data[lo - offset:hi - offset] = self.volatile[b][lo - b * BS:hi - b * BS]
+        return data
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self.lock:
+            data = self._pread(offset, length)
+            mode = self.mode
+            if mode == "stale":
+                for b in range(offset // BS, -(-(offset + length) // BS)):
+                    old = self.previous.get(b)
+                    if old is not None and offset <= b * BS and (b + 1) * BS <= offset + length:
+                        data[b * BS - offset:(b + 1) * BS - offset] = old
+            elif mode == "swap":
+                for b in range(offset // BS, (offset + length) // BS):
+                    if b * BS >= offset:
+                        other = self._pread((b ^ 1) * BS, BS) if (b ^ 1) * BS < self.size else bytes(BS)
+                        data[b * BS - offset:(b + 1) * BS - offset] = other
+            elif mode == "flip":
+                for i in range(0, length, BS):
+                    if self.rng.random() < self.rate:
+                        j = i + self.rng.randrange(min(BS, length - i))
+                        data[j] ^= 1 << self.rng.randrange(8)
+        return bytes(data)
+
+    def write(self, offset: int, data: bytes) -> None:
+        with self.lock:
+            if self.mode == "drop_writes":
+                return
+            for b in range(offset // BS, -(-(offset + len(data)) // BS)):
+                self.previous[b] = bytes(self._pread(b * BS, BS))
+            if self.mode == "fake_flush":
+                for b in range(offset // BS, -(-(offset + len(data)) // BS)):
+                    block = self._pread(b * BS, BS)
+                    lo, hi = max(b * BS, offset), min((b + 1) * BS, offset + len(data))
+                    block[lo - b * BS:hi - b * BS] = data[lo - offset:hi - offset]
+                    self.volatile[b] = bytes(block)
+                return
+            os.pwrite(self.fd, data, offset)
+
+    def flush(self) -> None:
+        with self.lock:
+            if self.mode != "fake_flush":
+                for b, block in self.volatile.items():
+                    os.pwrite(self.fd, block, b * BS)
+                self.volatile.clear()
+                os.fsync(self.fd)
+
+    def command(self, cmd: dict) -> None:
+        with self.lock:
+            if cmd.get("mode") == "crash":
+                self.volatile.clear()
+                self.mode = "honest"
+            else:
+                self.mode = cmd.get("mode", "honest")
+                self.rate = float(cmd.get("rate", 1.0))
+        if self.mode == "disconnect":
+            for c in list(self.conns):
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    # -- the protocol -----------------------------------------------------------------
+    def serve(self, conn: socket.socket) -> None:
+        self.conns.add(conn)
+        try:
+            structured = self._handshake(conn)
+            if structured is None:
+                return
+            send_lock = threading.Lock()
+            while True:
+                head = _recv(conn, 28)
+                magic, _flags, typ, cookie, offset, length = struct.unpack(">IHHQQI", head)
+                if magic != REQUEST_MAGIC:
+                    return
+                payload = _recv(conn, length) if typ == WRITE else b""
+                mode = self.mode
+                if typ == DISC or mode == "disconnect":
+                    return
+                if mode == "stall":
+                    continue
+                if mode == "garbage":
+                    conn.sendall(os.urandom(64))
+                    continue
+                if mode == "wrong_cookie":
+                    cookie ^= 0x5A5A5A5A
+                reply = self._do(typ, offset, length, payload)
+                with send_lock:
+                    if typ == READ and mode == "huge_length" and structured:
+                        conn.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
+                                                 1 << 31) + struct.pack(">Q", offset))
+                    elif typ == READ and structured:
+                        conn.sendall(struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
+                                                 8 + len(reply), offset) + reply)
+                    elif structured:
+                        conn.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 0, cookie, 0))
+                    else:
+                        conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie) + reply)
+        except (OSError, EOFError, struct.error):
+            pass
+        finally:
+            self.conns.discard(conn)
+            conn.close()
+
+    def _do(self, typ: int, offset: int, length: int, payload: bytes) -> bytes:
+        if typ == READ:
+            return self.read(offset, length)
+        if typ == WRITE:
+            self.write(offset, payload)
+        elif typ == WRITE_ZEROES:
+            self.write(offset, bytes(length))
+        elif typ == FLUSH:
+            self.flush()
+        return b""
+
+    def _handshake(self, conn: socket.socket) -> bool | None:
+        conn.sendall(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3))
+        _recv(conn, 4)
+        structured = False
+        while True:
+            magic, opt, length = struct.unpack(">QII", _recv(conn, 16))
+            data = _recv(conn, length)
+            if magic != IHAVEOPT or opt == OPT_ABORT:
+                return None
+            if opt == OPT_EXPORT_NAME:
+                conn.sendall(struct.pack(">QH", self.size, FLAGS) + bytes(124))
+                return False
+            if opt == OPT_STRUCTURED_REPLY:
+                structured = True
+                self._reply(conn, opt, REP_ACK)
+            elif opt == OPT_GO:
+                del data
+                self._reply(conn, opt, REP_INFO, struct.pack(">HIII", 3, 1, BS, 32 << 20))
+                self._reply(conn, opt, REP_INFO, struct.pack(">HQH", 0, self.size, FLAGS))
+                self._reply(conn, opt, REP_ACK)
+                return structured
+            else:
+                self._reply(conn, opt, REP_ERR_UNSUP)
+
+    @staticmethod
+    def _reply(conn: socket.socket, opt: int, rep: int, data: bytes = b"") -> None:
+        conn.sendall(struct.pack(">QIII", OPT_REPLY_MAGIC, opt, rep, len(data)) + data)
+
+
+def _recv(conn: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = conn.recv(n - len(out))
+        if not chunk:
+            raise EOFError
+        out += chunk
+    return bytes(out)
+
+
+def _listen(path: str) -> socket.socket:
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(16)
+    return sock
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--file", required=True)
+    ap.add_argument("--size", type=int, required=True)
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--control", required=True)
+    args = ap.parse_args()
+    server = Hostile(args.file, args.size)
+    data, control = _listen(args.socket), _listen(args.control)
+
+    def commands() -> None:
+        while True:
+            c, _ = control.accept()
+            with c, c.makefile("rwb") as f:
+                for line in f:
+                    server.command(json.loads(line))
+                    f.write(b"ok\n")
+                    f.flush()
+
+    threading.Thread(target=commands, daemon=True).start()
+    print("ready", flush=True)
+    while True:
+        conn, _ = data.accept()
+        threading.Thread(target=server.serve, args=(conn,), daemon=True).start()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        time.sleep(0)
