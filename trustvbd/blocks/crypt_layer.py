@@ -193,8 +193,10 @@ class CryptDisk:
                     raise
                 # The driver is out of space: serve reads (they need nothing written) and
                 # answer writes ENOSPC until this commit goes through (_wait_for_space).
-                self._out_of_space = (f"disk {disk_name!r}: {who} is out of space, so nothing "
-                                      "can be written until space is freed under it")
+                who = (describe(disk_name, replicas[0][0]) + " is" if len(replicas) == 1 else
+                       f"every replica of disk {disk_name!r} is")
+                self._out_of_space = (f"disk {disk_name!r}: {who} out of space, so nothing can "
+                                      "be written until space is freed under it")
                 log.error("%s; reads are served", self._out_of_space)
         except BaseException:
             state.close()
@@ -374,7 +376,7 @@ class CryptDisk:
                 raise BlockError(errno.ENOSPC, self._out_of_space) from None
             raise
         self._out_of_space = None
-        log.warning("disk %r: replica %r takes writes again", self.name, self.replica_name)
+        log.warning("disk %r: its replicas take writes again", self.name)
 
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         check_range(self.size, offset, len(data))

@@ -100,7 +100,6 @@ class Replica:
     resync_done: int = 0
     resync_started: float = 0.0
     resync_rate: float = 0.0    # blocks per second over the last resync
-    reconnects: int = 0
     behind_since: int = 0       # the last epoch it took whole (while not current)
     map_saved: bool = False     # its dirty set is in trusted state as it is now
     bringing_back: bool = False
@@ -109,7 +108,7 @@ class Replica:
         out: dict[str, Any] = {
             "name": self.name, "state": self.state.value, "last_error": self.last_error,
             "repaired_blocks": self.repaired, "errors": self.errors,
-            "dirty_blocks": len(self.dirty), "reconnects": self.reconnects,
+            "dirty_blocks": len(self.dirty),
         }
         if self.state is State.RESYNCING or self.resync_total:
             out["resync"] = {"done": self.resync_done, "total": self.resync_total,
@@ -431,7 +430,6 @@ class ReplicaSet:
             if not isinstance(link, Reconnectable):
                 raise BlockError(errno.EIO, f"replica {r.name!r} is disconnected")
             await link.reconnect_once()
-            r.reconnects += 1
         if self.admit is not None:
             try:
                 rebuild = await self.admit(r)

@@ -152,8 +152,8 @@ class CryptDomain:
                              for link, watch in zip(d.links, d.space, strict=False)],
             }
             if isinstance(d.backend, CryptDisk):
-                entry["replicas"] = [{**r, **watch.status()} for r, watch in
-                                     zip(d.backend.replicas.status(), d.space, strict=False)]
+                entry["replicas"] = [{**link.status(), **r, **watch.status()} for link, r, watch in
+                                     zip(d.links, d.backend.replicas.status(), d.space, strict=False)]
                 if d.scrub is not None:
                     entry["scrub"] = d.scrub
             if isinstance(d.backend, HasEpoch):
