@@ -3,7 +3,8 @@
     .venv/bin/python bench/run.py [--suite plain|crypt|all] [--size 1GiB] [--reps 3]
 
 plain: `trustvbd driver`, `trustvbd up` (pass-through), nbdkit file, qemu-nbd raw.
-crypt: `trustvbd up` (encrypted, one replica), nbdkit + luks filter, qemu-nbd LUKS.
+crypt: `trustvbd up` (encrypted: one replica, mirrored over 2 and over 3 drivers),
+       nbdkit + luks filter, qemu-nbd LUKS.
 
 Each server gets: nbdcopy sequential write of SIZE from a page-cached file, nbdcopy
 sequential read to null:, and fio's nbd engine 4 KiB random read and write at QD 16.
@@ -124,12 +125,16 @@ def trustvbd_driver(size: int) -> Server:
     return Server("trustvbd driver", start)
 
 
-def trustvbd_up(size: int, encrypt: bool) -> Server:
+def trustvbd_up(size: int, encrypt: bool, replicas: int = 1) -> Server:
+    """`up` with one disk over `replicas` trustvbd drivers (each its own process and file)."""
     def start(work: Path) -> tuple[str, Callable[[], None]]:
         config = work / "tv.toml"
+        drivers = "".join(f'[[driver]]\nname = "d{i}"\nlabel = "S"\ndir = "b{i}"\n'
+                          for i in range(replicas))
+        names = ", ".join(f'"d{i}"' for i in range(replicas))
         config.write_text(
-            f'state_dir = "st"\n[[driver]]\nname = "d"\nlabel = "S"\ndir = "b"\n'
-            f'[[disk]]\nname = "disk"\nsize = {size}\nlabel = "L"\nreplicas = ["d"]\n'
+            f'state_dir = "st"\n{drivers}'
+            f'[[disk]]\nname = "disk"\nsize = {size}\nlabel = "L"\nreplicas = [{names}]\n'
             f'encrypt = {"true" if encrypt else "false"}\n[[guest]]\nname = "g"\nlabel = "G"\n')
         proc = subprocess.Popen([*TRUSTVBD, "up", "-c", str(config)], stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL)
@@ -144,7 +149,10 @@ def trustvbd_up(size: int, encrypt: bool) -> Server:
             if not line and proc.poll() is not None:
                 raise RuntimeError("trustvbd up failed to start")
         return uri, stop_proc(proc)
-    return Server("trustvbd up (encrypted)" if encrypt else "trustvbd up (pass-through)", start)
+    if not encrypt:
+        return Server("trustvbd up (pass-through)", start)
+    return Server("trustvbd up (encrypted)" if replicas == 1 else
+                  f"trustvbd up (encrypted, {replicas} replicas)", start)
 
 
 def timed(cmd: list[str]) -> float:
@@ -201,7 +209,8 @@ def main() -> int:
         suites.append(("plain", [trustvbd_driver(size), trustvbd_up(size, False), nbdkit_file(size),
                                  qemu_nbd(size)], "qemu-nbd raw", False))
     if args.suite in ("crypt", "all"):
-        suites.append(("crypt", [trustvbd_up(size, True), nbdkit_file(size, ["--filter=luks",
+        suites.append(("crypt", [trustvbd_up(size, True), trustvbd_up(size, True, 2),
+                                 trustvbd_up(size, True, 3), nbdkit_file(size, ["--filter=luks",
                        f"passphrase={PASS}"], image="luks.img"), qemu_nbd(size, luks=True)],
                        "nbdkit + luks filter", True))
     with workdir() as src_dir:

@@ -321,3 +321,42 @@ def test_anchors_written_before_mirroring_open(tmp_path: Path, form: str) -> Non
         await disk.close()
         assert DiskState(tmp_path, "vm1").read_anchor().member("r0") is Member.CURRENT
     run(go())
+
+
+def test_a_replica_coming_back_is_judged_before_it_takes_writes(tmp_path: Path) -> None:
+    """Back from a failure: blank -> rebuilt whole; another disk's -> refused, never written."""
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        new_state(tmp_path, "other")
+        other = RawMemory(physical_size(SIZE))
+        od = await CryptDisk.open(tmp_path, "other", Faulty(other), "o0", kek)
+        await od.pwrite(0, b"y" * BS)
+        await od.close()
+        mems = memories(3)
+        faulty = [Faulty(m) for m in mems]
+        disk = await open_set(tmp_path, kek, list(faulty))
+        data = bytearray(await fill(disk))
+        for f in faulty[1:]:
+            f.fail_writes = True
+        await disk.pwrite(0, pattern(0, 5))
+        data[:BS] = pattern(0, 5)
+        await disk.flush()
+        mems[1].raw[:] = bytes(len(mems[1].raw))  # wiped while away
+        mems[2].raw[:] = other.raw                # now holds another disk
+        before = bytes(mems[2].raw)
+        for f in faulty[1:]:
+            f.fail_writes = False
+        for _ in range(2000):
+            states = [r.state for r in disk.replicas.replicas]
+            if states[1] is State.CURRENT and states[2] is State.FAILED:
+                break
+            if disk.replicas.joining():
+                await disk.flush()
+            await asyncio.sleep(0.001)
+        assert [r.state for r in disk.replicas.replicas] == [State.CURRENT, State.CURRENT, State.FAILED]
+        assert "another trustvbd disk" in (disk.replicas.replicas[2].last_error or "")
+        assert bytes(await disk.pread(0, SIZE)) == data
+        await disk.close()
+        assert bytes(mems[0].raw) == bytes(mems[1].raw), "the wiped replica was rebuilt whole"
+        assert bytes(mems[2].raw) == before, "a replica holding another disk is never written"
+    run(go())
