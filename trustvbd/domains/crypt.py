@@ -179,7 +179,7 @@ class CryptDomain:
         """Start scrubbing a disk in the background (progress and result in `status`)."""
         disk = self.disks.get(name)
         if disk is None:
-            return {"ok": False, "error": f"no disk named {name!r}"}
+            return {"ok": False, "kind": "unknown disk", "error": f"no disk named {name!r}"}
         backend = disk.backend
         if not isinstance(backend, CryptDisk):
             why = disk.error or "it is not encrypted: there is nothing to verify against"

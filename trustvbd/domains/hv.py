@@ -785,12 +785,14 @@ class Launcher:
             return {"ok": True, **(await self.status())}
         if request.get("op") == "policy_load":
             return await self.policy_load(str(request.get("path")))
-        if request.get("op") == "scrub":  # mirroring (h1): the encryption domain runs it
-            if self.crypt_channel is None or self.crypt_channel.closed.is_set():
-                return {"ok": False, "error": "the encryption domain is not running"}
-            reply, _ = await self.crypt_channel.request({"op": "scrub", "disk": request.get("disk")},
-                                                        timeout=10)
-            return reply
+        if request.get("op") == "scrub":  # mirroring (h1): the disk's encryption domain runs it
+            disk = request.get("disk")
+            for channel in self.crypt_channels.values():
+                if not channel.closed.is_set():
+                    reply, _ = await channel.request({"op": "scrub", "disk": disk}, timeout=10)
+                    if reply.get("ok") or reply.get("kind") != "unknown disk":
+                        return reply
+            return {"ok": False, "error": f"no running encryption domain serves disk {disk!r}"}
         return {"ok": False, "error": f"unknown op {request.get('op')!r}"}
 
 
