@@ -156,8 +156,11 @@ async def serve(args: argparse.Namespace) -> int:
     domain = StoreDomain(Store(), acm)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    if args.supervised:  # a terminal's Ctrl-C is for the launcher, which stops us in order
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
+    else:
+        loop.add_signal_handler(signal.SIGINT, stop.set)
     server = await asyncio.start_unix_server(domain.public_client, sock=listen(args.socket))
     channel = None
     if args.control_fd is not None:

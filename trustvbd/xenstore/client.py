@@ -14,7 +14,7 @@ import socket
 from trustvbd.xenstore.wire import Decoder, Message, Op, ProtocolViolation, XsError, encode
 
 
-class XsClosed(Exception):
+class XsClosed(ConnectionError):
     """The connection to the store is gone."""
 
 
