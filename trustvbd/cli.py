@@ -143,6 +143,15 @@ def print_status(status: dict[str, Any]) -> None:
         for wtype, path in g.get("sockets", {}).items():  # one per workload type it may use
             if path != g["socket"]:
                 print(f"    socket for workload type {wtype}: {path}")
+    attachments = status.get("attachments") or []
+    if attachments:
+        from trustvbd.xenstore.xenbus import parse_state
+
+        print("attachments (XenBus states in the store, frontend/backend):")
+        for a in attachments:
+            fe, be = (parse_state(str(a[k]).encode()) for k in ("frontend_state", "backend_state"))
+            print(f"  {a['kind']:<8} {a['frontend']} -> {a['backend']} disk {a['disk']}:"
+                  f" {int(fe)} {fe.title} / {int(be)} {be.title}  ({a['frontend_dir']})")
 
 
 def describe_replica(r: dict[str, Any]) -> str:
@@ -257,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket", required=True, help="Unix socket path to listen on")
     serve.add_argument("--acm-socket", help="ask this access-control domain before pairing"
                        " frontend and backend directories (default: allow, with a warning)")
-    serve.set_defaults(control_fd=None, ready_fd=None, supervised=False)
+    serve.set_defaults(control_fd=None, listen_fd=None, acm_fd=None, ready_fd=None, supervised=False)
     store.set_defaults(func=cmd_store)
 
     from trustvbd.acm.commands import register as register_policy

@@ -124,7 +124,7 @@ def test_status_text_and_json(system: System) -> None:
         data = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
         kinds = {d["name"]: d["kind"] for d in data["domains"]}
         # one encryption domain per workload type (the NULL policy: per disk label)
-        assert kinds == {"hv": "hv", "acm": "acm", "drv-a": "driver",
+        assert kinds == {"hv": "hv", "acm": "acm", "store": "store", "drv-a": "driver",
                          "crypt-PayrollData": "crypt", "crypt-Scratch": "crypt"}
         assert {d["name"]: d["domain"] for d in data["disks"]} == {
             "payroll": "crypt-PayrollData", "scratch": "crypt-Scratch"}

@@ -27,13 +27,16 @@ from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.limits import SizeLimit
 from trustvbd.blocks.reconnect import ReplicaLink, Unreachable
 from trustvbd.blocks.space import SpaceWatch
+from trustvbd.domains.bus import StateWriter
 from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
 from trustvbd.domains.control import ControlChannel
+from trustvbd.domains.crypt_bus import CryptBus
 from trustvbd.domains.policy_gate import PolicyGate
 from trustvbd.domains.unlock import Unlock, receive_unlock
 from trustvbd.nbd.budget import DecisionRate, MemoryBudget
 from trustvbd.nbd.client import NbdClient
 from trustvbd.nbd.server import Export, ExportRefused, NbdServer, PeerInfo
+from trustvbd.xenstore.xenbus import State
 
 log = logging.getLogger("trustvbd.crypt")
 
@@ -89,6 +92,7 @@ class GuestExports:
         if disk.backend is None:
             await self.domain.gate.detach(peer, self.guest, disk.name)
             raise ExportRefused("unavailable", f"disk {name!r} is not available: {disk.error}")
+        self.domain.bus.attached(self.guest, disk.name)
         return Export(disk.name, disk.backend, f"trustvbd disk {disk.name}")
 
     async def elsewhere(self, name: str) -> None:
@@ -104,6 +108,7 @@ class GuestExports:
                             " encryption domain" + (f": connect to {where}" if where else ""))
 
     def release_export(self, peer: PeerInfo, export: Export) -> None:
+        self.domain.bus.detached(self.guest, export.name)
         asyncio.get_running_loop().create_task(self.domain.gate.detach(peer, self.guest, export.name))
 
 
@@ -111,6 +116,7 @@ class CryptDomain:
     def __init__(self, control: socket.socket, unlock: Unlock | None = None,
                  state_dir: Path | None = None) -> None:
         self.control = ControlChannel(control, self.handle, "hv")
+        self.bus = CryptBus(StateWriter(None), None)  # XenBus states; the store's comes with the spec
         self.unlock = unlock or Unlock()  # zeroed once every disk is open
         self.state_dir_override = state_dir  # a directory fd's /proc path, when given one
         self.disks: dict[str, Disk] = {}
@@ -228,19 +234,26 @@ class CryptDomain:
     # -- start-up -------------------------------------------------------------------
     async def open_channel(self, disk: Disk, replica: str) -> Backend:
         """Ask the launcher for a connected socket to `replica`'s export of this disk."""
-        reply, fds = await self.control.request({"op": "channel", "disk": disk.name, "replica": replica})
-        if not reply.get("ok") or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise ConnectionError(reply.get("error", "no channel"))
-        sock = socket.socket(fileno=fds[0])
-        tls, server_name = None, None
-        if reply.get("tls"):
-            from trustvbd.crypt.tls import client_context
+        self.bus.replica(disk.name, replica, State.INITIALISED)
+        try:
+            reply, fds = await self.control.request({"op": "channel", "disk": disk.name, "replica": replica})
+            if not reply.get("ok") or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                raise ConnectionError(reply.get("error", "no channel"))
+            sock = socket.socket(fileno=fds[0])
+            tls, server_name = None, None
+            if reply.get("tls"):
+                from trustvbd.crypt.tls import client_context
 
-            tls, server_name = client_context(Path(self.spec["tls_dir"])), reply["tls"]["server_name"]
-        return await NbdClient.connect(sock, reply["export"], request_timeout=self.spec["request_timeout"],
-                                       tls=tls, server_hostname=server_name)
+                tls, server_name = client_context(Path(self.spec["tls_dir"])), reply["tls"]["server_name"]
+            client = await NbdClient.connect(sock, reply["export"], request_timeout=self.spec["request_timeout"],
+                                             tls=tls, server_hostname=server_name)
+        except BaseException:
+            self.bus.replica(disk.name, replica, State.CLOSED)
+            raise
+        self.bus.replica(disk.name, replica, State.CONNECTED)
+        return client
 
     async def open_disk(self, disk: Disk) -> None:
         if not disk.encrypt:
@@ -295,6 +308,9 @@ class CryptDomain:
         self.control.start()
         spec, fds = await self.control.request({"op": "spec"})
         self.spec = spec
+        # The launcher appends this domain's own store connection after the listeners.
+        store_fd = fds.pop() if "store" in spec and len(fds) > len(spec["listeners"]) else None
+        self.bus = CryptBus(await StateWriter.from_fd(store_fd), spec.get("store"))
         self.state_dir = Path(spec["state_dir"])
         if self.state_dir_override is not None:  # reach the state directory only through the fd
             for key in ("acm_socket", "tls_dir"):
@@ -319,6 +335,7 @@ class CryptDomain:
             server = self.guest_server(listener["guest"], listener["tls"])
             self.servers.setdefault(listener["guest"], []).append(server)
             self.tasks.add(loop.create_task(server.serve_socket(sock)))
+        self.bus.serving()
         self.control.send({"event": "ready"})
         ready(ready_fd)
 
@@ -370,6 +387,7 @@ class CryptDomain:
                 log.error("disk %s: final flush failed: %s", disk.name, exc)
         if self.aead is not None:
             await self.aead.close()
+        await self.bus.close()
         self.stopped.set()
 
 

@@ -37,11 +37,13 @@ from trustvbd.config import Config, check_paths
 from trustvbd.crypt.tls import TLS_DOMAIN_FILES, TlsSetupError, check_tls_dir
 from trustvbd.domains import sandbox
 from trustvbd.domains.control import ControlChannel, ControlClosed, socket_pair
+from trustvbd.domains.hv_store import PairingRefused, StoreLink
 from trustvbd.domains.placement import GuestSocket, file_safe, guest_sockets, types_of
 from trustvbd.domains.unlock import Unlock, send_unlock
 from trustvbd.nbd.uri import parse_uri
 from trustvbd.state_dir import UnsafePath, secure_state_dir
 from trustvbd.state_lock import StateLock, StateLocked
+from trustvbd.xenstore.xenbus import State
 
 log = logging.getLogger("trustvbd.hv")
 
@@ -142,6 +144,8 @@ class Launcher:
         self.export_tokens: dict[str, str] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.passphrase: bytearray | None = None  # until every encryption domain has it
+        self.store = StoreLink(config, self.types, bootstrap)
+        self.store_listener: socket.socket | None = None
         self.had_passphrase = False
 
     # -- domains ------------------------------------------------------------------
@@ -240,6 +244,13 @@ class Launcher:
             domain.state = "stopped"
             return
         domain.state = f"exited ({code})"
+        if domain.kind == "store":  # its tree is in memory: everything else would lose its state
+            self.fatal = f"the store domain died (exit status {code}); stopping everything"
+            log.error("%s", self.fatal)
+            self.done.set()
+            return
+        if domain.kind == "driver":
+            await self.store.set_driver_state(domain.name, State.CLOSED)
         # Drivers are untrusted and stateless; the access-control domain reloads its policy,
         # and its clients deny everything until it is back (fail-closed); an encryption
         # domain recovers its disks from the trusted state (what a FLUSH promised is there)
@@ -260,6 +271,9 @@ class Launcher:
         except StartError as exc:
             log.error("%s", exc)
             domain.state = "failed"
+            return
+        if domain.kind == "driver":
+            await self.store.set_driver_state(domain.name, State.INIT_WAIT)
 
     def driver_domain(self, name: str) -> Domain:
         drv = self.config.drivers[name]
@@ -364,14 +378,18 @@ class Launcher:
         assert domain.wtype is not None
         if op == "spec":
             # The channel closes what it sends; the launcher keeps its own copies.
+            # The last descriptor is this encryption domain's own connection to the store.
             mine = [(g, s) for g, s in self.listeners if g.wtype == domain.wtype]
-            return self.crypt_spec(domain, mine), [os.dup(s.fileno()) for _, s in mine]
+            store_fd = await self.store.connection_for("crypt", domain.name)
+            return self.crypt_spec(domain, mine), [*(os.dup(s.fileno()) for _, s in mine), store_fd]
         if op == "channel":
+            disk, replica = str(message.get("disk")), str(message.get("replica"))
             try:
-                sock, export = await self.open_channel(str(message.get("disk")),
-                                                       str(message.get("replica")), domain.wtype)
+                sock, export = await self.open_channel(disk, replica, domain.wtype)
             except (PermissionError, ConnectionError) as exc:
+                await self.store.set_driver_state(replica, State.CLOSED, disk)
                 return {"ok": False, "error": str(exc)}, []
+            await self.store.set_driver_state(replica, State.CONNECTED, disk)
             fd = sock.detach()
             uri = self.config.drivers[str(message.get("replica"))].uri
             target = parse_uri(uri) if uri else None
@@ -414,6 +432,7 @@ class Launcher:
             "tls_dir": str(self.tls_copy(domain)) if c.tls_dir else None,
             "limits": dataclasses.asdict(c.limits),
             "acm_socket": str(c.acm_socket),
+            "store": self.store.crypt_spec(domain.name),
             # Other types' disks: names and labels only, so a guest asking for one on the wrong
             # socket gets the policy's answer or the right socket, not "no such disk".
             "elsewhere": {
@@ -557,6 +576,7 @@ class Launcher:
                 except PermissionError as exc:
                     raise StartError(str(exc)) from None
         self.warn_thin()
+        await self.start_store()
         for name, drv in c.drivers.items():
             if drv.dir is not None:
                 domain = self.driver_domain(name)
@@ -566,6 +586,11 @@ class Launcher:
                     log.warning("driver %s is idle: no [[disk]] lists it in replicas", name)
                     continue
                 await self.spawn(domain)
+            await self.store.set_driver_state(name, State.INIT_WAIT)
+        for guest in c.guests.values():  # a directory pair per attachment check (b) allows
+            for disk in c.disks.values():
+                if await self.guest_may_see(guest.name, disk.name):
+                    await self.store.attach_guest(guest.name, disk.name)
         lines = []
         all_types = list(self.types)
         for guest in c.guests.values():
@@ -614,6 +639,32 @@ class Launcher:
                                          f" {scheme}://{host}:{port}/{disk.name}")
         return lines
 
+    async def start_store(self) -> None:
+        """The store domain, domain 0's connection to it, and the replica directories."""
+        self.domains["store"] = Domain("store", "store", True, "", self.store.argv(),
+                                       identity=self.store_identity(), grant=self.store_grant)
+        await self.spawn(self.domains["store"])
+        await self.store.connect()
+        try:
+            await self.store.attach_replicas()
+        except PairingRefused as exc:
+            raise StartError(str(exc)) from None
+
+    def store_identity(self) -> sandbox.Identity:
+        """A user of its own, in the trusted group (it asks the access-control domain); it
+        needs no file: its socket and channels are handed over."""
+        if not self.privileged:
+            return sandbox.AS_LAUNCHER
+        uid = sandbox.dynamic_uid(str(self.config.state_dir), "store", "", self.uids)
+        self.uids.add(uid)
+        return sandbox.Identity(uid, uid, groups=(self.crypt_group(),), expose=self.expose)
+
+    def store_grant(self) -> tuple[list[str], list[int]]:
+        """The public socket, bound here once (root's only, 0600), and a new control channel."""
+        if self.store_listener is None:
+            self.store_listener = listen_unix(self.config.store_socket)
+        return self.store.grant(self.store_listener.fileno())
+
     async def guest_may_see(self, guest: str, disk: str) -> bool:
         """Check (b) for the start-up listing (the encryption domain enforces it per connection)."""
         g, d = self.config.guests[guest], self.config.disks[disk]
@@ -654,8 +705,10 @@ class Launcher:
         order = sorted(self.domains.values(), key=lambda d: {"crypt": 0, "driver": 1}.get(d.kind, 2))
         for domain in order:
             await self.terminate(domain)
+        await self.store.close()
         held = [s for _, s in self.listeners] + list(self.driver_listeners.values())
-        for sock in held + ([self.acm_listener] if self.acm_listener else []):
+        held += [s for s in (self.acm_listener, self.store_listener) if s is not None]
+        for sock in held:
             if sock.family == socket.AF_UNIX:
                 with contextlib.suppress(OSError):
                     Path(sock.getsockname()).unlink()
@@ -725,6 +778,7 @@ class Launcher:
             for g in c.guests.values()
         ]
         result["integrity_events"] = self.integrity_events[-20:]
+        result["attachments"] = await self.store.status()  # XenBus states, read from the store
         return result
 
     async def policy_load(self, path: str) -> dict[str, Any]:

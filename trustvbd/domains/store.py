@@ -150,7 +150,11 @@ def listen(path: str) -> socket.socket:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    acm = AcmClient(args.acm_socket) if args.acm_socket else None
+    acm = None
+    if args.acm_fd is not None:  # a connection the launcher made (it survives no acm restart)
+        acm = AcmClient(sock=socket.socket(fileno=args.acm_fd))
+    elif args.acm_socket:
+        acm = AcmClient(args.acm_socket)
     if acm is None:
         log.warning("no access-control domain: every frontend/backend pairing is allowed")
     domain = StoreDomain(Store(), acm)
@@ -161,7 +165,8 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGINT, lambda: None)
     else:
         loop.add_signal_handler(signal.SIGINT, stop.set)
-    server = await asyncio.start_unix_server(domain.public_client, sock=listen(args.socket))
+    sock = socket.socket(fileno=args.listen_fd) if args.listen_fd is not None else listen(args.socket)
+    server = await asyncio.start_unix_server(domain.public_client, sock=sock)
     channel = None
     if args.control_fd is not None:
         channel = ControlChannel(socket.socket(fileno=args.control_fd), domain.control, "hv")
@@ -178,8 +183,9 @@ async def serve(args: argparse.Namespace) -> int:
     server.close()
     for writer in domain.writers.values():
         writer.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(args.socket)
+    if args.listen_fd is None:  # a socket handed over is its binder's to remove
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(args.socket)
     if acm is not None:
         await acm.close()
     return 0
@@ -189,6 +195,9 @@ def build_parser(prog: str = "python -m trustvbd.domains.store") -> argparse.Arg
     parser = argparse.ArgumentParser(prog=prog, description="Serve the XenStore protocol.")
     parser.add_argument("--socket", required=True, help="public Unix socket (domain 0 clients)")
     parser.add_argument("--acm-socket", help="access-control domain socket, for pairing checks")
+    parser.add_argument("--acm-fd", type=int, help="an open connection to the access-control domain")
+    parser.add_argument("--listen-fd", type=int, help="serve this listening socket (bound by the"
+                        " launcher at --socket) instead of binding --socket")
     parser.add_argument("--control-fd", type=int, help="control channel from the launcher")
     parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--supervised", action="store_true", help="die with the launcher")

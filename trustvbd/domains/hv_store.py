@@ -1,0 +1,232 @@
+"""The launcher's side of the store: domain ids, the device directories, and reading them back.
+
+As Xen's toolstack does, the launcher (domain 0 on the store's public socket) gives
+every domain an id and a home /local/domain/<id> (`name`, `label`), then creates a
+frontend and a backend directory per disk attachment and pairs them; the store asks
+the access-control domain before each pairing (check (a)):
+
+- a guest's use of a disk: /local/domain/<guest>/device/vbd/<n> with
+  /local/domain/<crypt>/backend/vbd/<guest>/<n>. The guest speaks NBD, not XenBus, so
+  the encryption domain, which sees its handshake, writes the guest's `state` too
+  (it is granted write on that directory, nothing else of the guest's).
+- the encryption domain's channel to a replica: /local/domain/<crypt>/device/vbd/<m>
+  with /local/domain/<driver>/backend/vbd/<crypt>/<m>. The encryption domain writes
+  its frontend state; the launcher, which opens that channel, writes the driver's.
+  Disk names stay out of the driver's directory (drivers see opaque export names).
+
+Every `state` starts at 1 (Initialising); `status` reads them all back from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from trustvbd.config import Config
+from trustvbd.domains.control import ControlChannel, socket_pair
+from trustvbd.domains.placement import file_safe
+from trustvbd.xenstore.client import XsClient
+from trustvbd.xenstore.pairing import backend_dir, frontend_dir
+from trustvbd.xenstore.wire import XsError
+from trustvbd.xenstore.xenbus import State, parse_state
+
+log = logging.getLogger("trustvbd.hv")
+
+
+class PairingRefused(Exception):
+    """The store (the access-control domain behind it) refused to pair two directories."""
+
+
+@dataclass(frozen=True)
+class Attachment:
+    kind: str  # "guest" (guest -> encryption domain) | "replica" (encryption domain -> driver)
+    frontend: str
+    backend: str
+    disk: str
+    frontend_domid: int
+    backend_domid: int
+    devid: int
+
+    @property
+    def frontend_dir(self) -> str:
+        return frontend_dir(self.frontend_domid, "vbd", self.devid)
+
+    @property
+    def backend_dir(self) -> str:
+        return backend_dir(self.backend_domid, "vbd", self.frontend_domid, self.devid)
+
+
+def crypt_name(wtype: str) -> str:
+    """The encryption domain of one workload type (as the launcher names it)."""
+    return f"crypt-{file_safe(wtype)}"
+
+
+class StoreLink:
+    def __init__(self, config: Config, types: dict[str, list[str]], crypt_label: str) -> None:
+        self.config = config
+        self.crypt_of = {disk: crypt_name(t) for t, disks in types.items() for disk in disks}
+        self.domains: dict[tuple[str, str], tuple[int, str]] = {}
+        for wtype in types:  # ids in config order: encryption domains, drivers, guests
+            self.domains[("crypt", crypt_name(wtype))] = (len(self.domains) + 1, crypt_label)
+        for drv in config.drivers.values():
+            self.domains[("driver", drv.name)] = (len(self.domains) + 1, drv.label)
+        for guest in config.guests.values():
+            self.domains[("guest", guest.name)] = (len(self.domains) + 1, guest.label)
+        self.attachments: list[Attachment] = []
+        self.channel: ControlChannel | None = None
+        self.client: XsClient | None = None
+
+    def domid(self, kind: str, name: str) -> int:
+        return self.domains[(kind, name)][0]
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "trustvbd.domains.store", "--supervised",
+                "--socket", str(self.config.store_socket)]
+
+    def grant(self, listener_fd: int) -> tuple[list[str], list[int]]:
+        """At each start: the public socket the launcher bound, a new control channel, and a
+        connection to the access-control domain: the store reaches nothing by a path."""
+        if self.channel is not None:
+            self.channel.close()
+        acm = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            acm.connect(str(self.config.acm_socket))
+        except OSError:
+            acm.close()
+            raise
+        ours, theirs = socket_pair()
+        self.channel = ControlChannel(ours, None, "store")
+        self.channel.start()
+        fds = [os.dup(listener_fd), theirs.detach(), acm.detach()]
+        return ["--listen-fd", str(fds[0]), "--control-fd", str(fds[1]), "--acm-fd", str(fds[2])], fds
+
+    async def connect(self) -> None:
+        """Connect as domain 0 and introduce every domain (none of them gets a connection yet)."""
+        self.client = await XsClient.connect(str(self.config.store_socket))
+        for (kind, name), (domid, label) in self.domains.items():
+            await self._control({"op": "introduce", "domid": domid, "name": name, "label": label})
+            home = f"/local/domain/{domid}"
+            await self.client.write(f"{home}/name", name)
+            await self.client.write(f"{home}/kind", kind)
+
+    async def _control(self, request: dict[str, Any]) -> list[int]:
+        assert self.channel is not None
+        reply, fds = await self.channel.request(request, timeout=10)
+        if not reply.get("ok"):
+            for fd in fds:
+                os.close(fd)
+            raise ConnectionError(f"store: {reply.get('error')}")
+        return fds
+
+    async def connection_for(self, kind: str, name: str) -> int:
+        """A new connection to the store as this domain: a file descriptor to hand over."""
+        domid, label = self.domains[(kind, name)]
+        fds = await self._control({"op": "connect", "domid": domid, "name": name, "label": label})
+        if len(fds) != 1:
+            raise ConnectionError("store: no connection came back")
+        return fds[0]
+
+    # -- the device directories ------------------------------------------------------
+    async def attach_replicas(self) -> None:
+        """A directory pair per (disk, replica) channel; PairingRefused if policy says no."""
+        for disk in self.config.disks.values():
+            crypt = self.crypt_of[disk.name]
+            for replica in disk.replicas:
+                devid = len([a for a in self._of("replica") if a.frontend == crypt])
+                att = Attachment("replica", crypt, replica, disk.name, self.domid("crypt", crypt),
+                                 self.domid("driver", replica), devid)
+                await self._create(att, disk_visible_to_backend=False)
+
+    async def attach_guest(self, guest: str, disk: str) -> bool:
+        devid, crypt = list(self.config.disks).index(disk), self.crypt_of[disk]
+        att = Attachment("guest", guest, crypt, disk, self.domid("guest", guest),
+                         self.domid("crypt", crypt), devid)
+        try:
+            await self._create(att, disk_visible_to_backend=True)
+        except PairingRefused as exc:
+            log.warning("%s", exc)
+            return False
+        return True
+
+    def _of(self, kind: str) -> list[Attachment]:
+        return [a for a in self.attachments if a.kind == kind]
+
+    async def _create(self, att: Attachment, disk_visible_to_backend: bool) -> None:
+        assert self.client is not None
+        fe, be, xs = att.frontend_dir, att.backend_dir, self.client
+        fe_id, be_id = att.frontend_domid, att.backend_domid
+        await xs.mkdir(fe)
+        await xs.mkdir(be)
+        # A guest's frontend is written by the encryption domain on its behalf (the guest
+        # speaks NBD only); a driver may not read the encryption domain's frontend (it
+        # names the disk), while backends are readable by their frontend, as in Xen.
+        guest = att.kind == "guest"
+        await xs.set_perms(fe, [f"n{fe_id}", f"b{be_id}"] if guest else [f"n{fe_id}"])
+        await xs.set_perms(be, [f"n{be_id}", f"r{fe_id}"])
+        await xs.write(f"{fe}/backend-id", str(be_id))
+        await xs.write(f"{be}/frontend-id", str(fe_id))
+        await xs.write(f"{fe}/disk", att.disk)
+        if disk_visible_to_backend:
+            await xs.write(f"{be}/disk", att.disk)
+        await xs.write(f"{fe}/state", str(int(State.INITIALISING)))
+        await xs.write(f"{be}/state", str(int(State.INITIALISING)))
+        try:  # the pairing writes: the store asks the access-control domain first
+            await xs.write(f"{fe}/backend", be)
+            await xs.write(f"{be}/frontend", fe)
+        except XsError as exc:
+            await xs.rm(fe)
+            await xs.rm(be)
+            if exc.code != "EACCES":
+                raise
+            raise PairingRefused(
+                f"policy forbids pairing {att.frontend}'s frontend {fe} with {att.backend}'s backend"
+                f" {be} (see the audit log)") from None
+        self.attachments.append(att)
+
+    async def set_driver_state(self, driver: str, state: State, disk: str | None = None) -> None:
+        """The driver side of the encryption domain's channels (this launcher opens them)."""
+        if self.client is None:
+            return
+        for att in self._of("replica"):
+            if att.backend == driver and (disk is None or att.disk == disk):
+                try:
+                    await self.client.write(f"{att.backend_dir}/state", str(int(state)))
+                except (XsError, ConnectionError, TimeoutError) as exc:
+                    log.warning("store: cannot set %s state: %s", att.backend_dir, exc)
+
+    def crypt_spec(self, crypt: str) -> dict[str, Any]:
+        """What one encryption domain needs to walk its states: directories by guest/disk."""
+        guests: dict[str, dict[str, dict[str, str]]] = {}
+        replicas: dict[str, dict[str, str]] = {}
+        for a in self.attachments:
+            if a.kind == "guest" and a.backend == crypt:
+                guests.setdefault(a.frontend, {})[a.disk] = {"frontend": a.frontend_dir, "backend": a.backend_dir}
+            elif a.kind == "replica" and a.frontend == crypt:
+                replicas.setdefault(a.disk, {})[a.backend] = a.frontend_dir
+        return {"domid": self.domid("crypt", crypt), "guests": guests, "replicas": replicas}
+
+    # -- status ----------------------------------------------------------------------
+    async def status(self) -> list[dict[str, Any]]:
+        out = []
+        for a in self.attachments:
+            entry: dict[str, Any] = {"kind": a.kind, "frontend": a.frontend, "backend": a.backend,
+                                     "disk": a.disk, "frontend_dir": a.frontend_dir,
+                                     "backend_dir": a.backend_dir}
+            for side, directory in (("frontend_state", a.frontend_dir), ("backend_state", a.backend_dir)):
+                try:
+                    assert self.client is not None
+                    entry[side] = int(parse_state(await self.client.read(f"{directory}/state")))
+                except (XsError, ConnectionError, TimeoutError, AssertionError):
+                    entry[side] = int(State.UNKNOWN)
+            out.append(entry)
+        return out
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+        if self.channel is not None:
+            self.channel.close()
