@@ -264,3 +264,12 @@ def test_pairing_waits_for_the_decision(store: Store) -> None:
     d4 = Peer(store, 4)  # a write that would be refused anyway asks nobody
     assert d4.err(Op.WRITE, raw=f"{fe}/backend\0{be}".encode()) == "EACCES"
     assert store.take_questions() == []
+
+
+def test_a_burst_of_pipelined_requests_is_served_not_dropped(store: Store) -> None:
+    client = Peer(store)
+    client.write("/p", b"v")
+    burst = b"".join(encode(Message(Op.READ, i, 0, b"/p\0")) for i in range(5000))  # ~95 KB at once
+    replies = client.send_raw(burst)
+    assert client.session.closed is None
+    assert [m.req_id for m in replies] == list(range(5000)) and {m.payload for m in replies} == {b"v"}

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.support import System, run
+from tests.support import System, read_lines_until, run
 from trustvbd.acm.commands import AUDIT_FILE
 
 sys.path.append("/usr/lib/python3/dist-packages")
@@ -57,10 +59,13 @@ RogueData = "Rogue"
 """
 
 
-def xs(system: System, *cmd: str, check: bool = True) -> str:
+def xs_env(system: System) -> dict[str, str]:
     socket_path = system.cli("store", "path", "-c", str(system.config)).stdout.strip()
-    env = {**os.environ, "XENSTORED_PATH": socket_path}
-    return run(list(cmd), env=env, check=check, timeout=20).stdout
+    return {**os.environ, "XENSTORED_PATH": socket_path}
+
+
+def xs(system: System, *cmd: str, check: bool = True) -> str:
+    return run(list(cmd), env=xs_env(system), check=check, timeout=20).stdout
 
 
 def wait_for_value(system: System, path: str, want: str, timeout: float = 10) -> None:
@@ -96,9 +101,16 @@ def test_attached_guest_shows_state_4_and_pairing_refusal_is_audited(short_tmp: 
             # The driver's directory does not name the disk (drivers see opaque exports).
             assert "disk" not in xs(system, "xenstore-list", be).split()
 
+        watcher = subprocess.Popen(["xenstore-watch", "-n", "3", frontend], env=xs_env(system),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        read_lines_until(watcher, frontend, 10)  # registered: the first event is the path itself
         handle = nbd.NBD()
         handle.connect_uri(system.uri("vm1", "payroll"))
         try:
+            # Initialised, then Connected: two writes to the state key fire the watch.
+            assert read_lines_until(watcher, f"{frontend}/state", 10) == [f"{frontend}/state"]
+            assert read_lines_until(watcher, f"{frontend}/state", 10) == [f"{frontend}/state"]
+            assert watcher.wait(10) == 0
             wait_for_value(system, f"{frontend}/state", "4")
             assert xs(system, "xenstore-read", f"{backend}/state") == "4\n"
             status = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
@@ -110,11 +122,25 @@ def test_attached_guest_shows_state_4_and_pairing_refusal_is_audited(short_tmp: 
         wait_for_value(system, f"{frontend}/state", "6")
         wait_for_value(system, f"{backend}/state", "2")
 
+        # A driver that dies: its end goes Closed, InitWait once restarted, Connected again
+        # when the encryption domain reconnects (on the next request).
+        status = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
+        (driver_pid,) = [d["pid"] for d in status["domains"] if d["name"] == "drv-a"]
+        channel = xs(system, "xenstore-read", f"/local/domain/{crypt}/device/vbd/0/backend").strip()
+        os.kill(driver_pid, signal.SIGKILL)
+        wait_for_value(system, f"{channel}/state", "2", timeout=20)
+        handle = nbd.NBD()
+        handle.connect_uri(system.uri("vm1", "payroll"))
+        try:
+            handle.pwrite(b"x" * 4096, 0)  # reaches the driver (a read of unwritten blocks need not)
+            wait_for_value(system, f"{channel}/state", "4")
+        finally:
+            handle.shutdown()
+
         # Check (a): the rogue guest's directories were refused their pairing, and removed.
         rogue = homes["rogue"]
         for gone in (f"/local/domain/{rogue}/device/vbd/1", f"/local/domain/{crypt}/backend/vbd/{rogue}/1"):
-            assert run(["xenstore-exists", gone], check=False, env={
-                **os.environ, "XENSTORED_PATH": str(short_tmp / "state" / "store.sock")}).returncode == 1
+            assert run(["xenstore-exists", gone], check=False, env=xs_env(system)).returncode == 1
     finally:
         err = system.stop()
     assert "policy forbids pairing rogue's frontend" in err

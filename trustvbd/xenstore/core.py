@@ -81,10 +81,10 @@ class Session:
         if self.closed:
             return
         self.decoder.feed(data)
+        self.run()
+        # Only a session parked on a decision keeps whole requests unprocessed.
         if self.decoder.pending > INPUT_BACKLOG:
             self.close(f"more than {INPUT_BACKLOG} bytes of requests queued")
-            return
-        self.run()
 
     def run(self) -> None:
         while not self.closed and self.waiting is None:
