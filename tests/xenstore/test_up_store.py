@@ -84,7 +84,7 @@ def test_attached_guest_shows_state_4_and_pairing_refusal_is_audited(short_tmp: 
     try:
         homes = {xs(system, "xenstore-read", f"/local/domain/{d}/name").strip(): d
                  for d in xs(system, "xenstore-list", "/local/domain").split()}
-        vm1, crypt, drv = homes["vm1"], homes["crypt"], homes["drv-a"]
+        vm1, crypt, drv = homes["vm1"], homes["crypt-Payroll"], homes["drv-a"]  # one per workload type
         frontend = f"/local/domain/{vm1}/device/vbd/0"
         backend = f"/local/domain/{crypt}/backend/vbd/{vm1}/0"
         assert xs(system, "xenstore-read", f"{frontend}/backend").strip() == backend
@@ -139,7 +139,8 @@ def test_attached_guest_shows_state_4_and_pairing_refusal_is_audited(short_tmp: 
 
         # Check (a): the rogue guest's directories were refused their pairing, and removed.
         rogue = homes["rogue"]
-        for gone in (f"/local/domain/{rogue}/device/vbd/1", f"/local/domain/{crypt}/backend/vbd/{rogue}/1"):
+        rogue_crypt = homes["crypt-Rogue"]
+        for gone in (f"/local/domain/{rogue}/device/vbd/1", f"/local/domain/{rogue_crypt}/backend/vbd/{rogue}/1"):
             assert run(["xenstore-exists", gone], check=False, env=xs_env(system)).returncode == 1
     finally:
         err = system.stop()
@@ -148,4 +149,4 @@ def test_attached_guest_shows_state_4_and_pairing_refusal_is_audited(short_tmp: 
     decisions = [r["fields"] for r in records if r["kind"] == "decision"]
     refusals = [d for d in decisions if d["op"] == "channel" and d["allowed"] is False]
     assert [(d["a"], d["a_label"], d["b"], d["b_label"]) for d in refusals] == [
-        ("rogue", "Rogue", "crypt", "SystemManagement")]
+        ("rogue", "Rogue", "crypt-Rogue", "SystemManagement")]

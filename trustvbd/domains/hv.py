@@ -799,7 +799,7 @@ class Launcher:
         if not isinstance(summary, dict):
             summary = {}
         self.bootstrap_label = bootstrap_label(summary.get("bootstrap"), null=False)
-        await self.store.relabel("crypt", "crypt", self.bootstrap_label)  # for later pairings
+        await self.store.relabel_crypt(self.bootstrap_label)  # for later pairings
         closed = 0
         for channel in list(self.crypt_channels.values()):
             if not channel.closed.is_set():

@@ -113,12 +113,13 @@ class StoreLink:
             await self.client.write(f"{home}/name", name)
             await self.client.write(f"{home}/kind", kind)
 
-    async def relabel(self, kind: str, name: str, label: str) -> None:
-        """A domain's label changed (a new policy's bootstrap label): later pairings use it."""
-        domid, _ = self.domains[(kind, name)]
-        self.domains[(kind, name)] = (domid, label)
-        if self.channel is not None and not self.channel.closed.is_set():
-            await self._control({"op": "introduce", "domid": domid, "name": name, "label": label})
+    async def relabel_crypt(self, label: str) -> None:
+        """A new policy's bootstrap label: later pairings check the encryption domains under it."""
+        for (kind, name), (domid, _) in list(self.domains.items()):
+            if kind == "crypt":
+                self.domains[(kind, name)] = (domid, label)
+                if self.channel is not None and not self.channel.closed.is_set():
+                    await self._control({"op": "introduce", "domid": domid, "name": name, "label": label})
 
     async def _control(self, request: dict[str, Any]) -> list[int]:
         assert self.channel is not None
