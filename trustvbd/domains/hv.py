@@ -587,15 +587,13 @@ class Launcher:
                     continue
                 await self.spawn(domain)
             await self.store.set_driver_state(name, State.INIT_WAIT)
-        for guest in c.guests.values():  # a directory pair per attachment check (b) allows
-            for disk in c.disks.values():
-                if await self.guest_may_see(guest.name, disk.name):
-                    await self.store.attach_guest(guest.name, disk.name)
         lines = []
         all_types = list(self.types)
         for guest in c.guests.values():
-            reachable = [t for t in all_types
-                         if any([await self.guest_may_see(guest.name, d) for d in self.types[t]])]
+            allowed = {d: await self.guest_may_see(guest.name, d) for d in c.disks}
+            for name in (d for d, ok in allowed.items() if ok):  # a directory pair per attachment
+                await self.store.attach_guest(guest.name, name)
+            reachable = [t for t in all_types if any(allowed[d] for d in self.types[t])]
             try:
                 sockets = guest_sockets(c, guest.name, reachable, all_types)
             except ValueError as exc:
