@@ -1,0 +1,359 @@
+"""Fuzz targets: each feeds one parser or protocol core arbitrary bytes.
+
+A target returns normally or raises one of the exceptions its parser documents
+(`Target.expected`); anything else is a crash. The same targets run under
+atheris (`make fuzz`, tests/fuzz/run.py) and under hypothesis with the saved
+corpus as explicit examples (tests/fuzz/test_fuzz.py, in `make test`).
+
+Checksums and signatures would stop a byte-level fuzzer at the first check, so
+where a format has one, the first input byte's low bit asks the target to fix
+it up (re-sign with a fixed test key, recompute CRC-32s) before parsing: both
+the "checksum wrong" and the "checksum right, content hostile" paths get fuzzed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import struct
+import tempfile
+import zlib
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trustvbd.acm import audit
+from trustvbd.acm.model import PolicyError
+from trustvbd.acm.toml_loader import load_toml
+from trustvbd.acm.xml_loader import policy_from_xml
+from trustvbd.blockdev import BlockError
+from trustvbd.blocks.disk_state import Anchor, DiskState, IntentLog, TrustedStateError
+from trustvbd.blocks.file import MemoryBackend
+from trustvbd.crypt import keys as keys_mod
+from trustvbd.crypt import superblock as sb
+from trustvbd.crypt.sign import Signer
+from trustvbd.nbd import messages as m
+from trustvbd.nbd import protocol as p
+from trustvbd.nbd.checks import RequestChecker
+from trustvbd.nbd.client_handshake import Handshake, handshake
+from trustvbd.nbd.core import ProtocolCore, Role
+from trustvbd.nbd.exports import Export, PeerInfo, StaticExports
+from trustvbd.nbd.server_handshake import GREETING_FLAGS, HandshakeEnded, Negotiated, negotiate
+
+# A fixed test identity so fuzzed superblocks can be re-signed and verified.
+SIGNER = Signer(bytes(range(32)))
+DISK_ID = bytes(range(100, 116))
+KEY_FILE_KEK = keys_mod.Kek(keys_mod.KEK_FILE, bytes(32), "fuzz key file")
+PASSPHRASE_KEK = keys_mod.Kek.from_passphrase("fuzz")
+EXPORT_SIZE = 64 * 1024
+
+_scratch: Path | None = None
+
+
+def scratch() -> Path:
+    """A private directory for targets that parse files (one per process)."""
+    global _scratch
+    if _scratch is None:
+        _scratch = Path(tempfile.mkdtemp(prefix="tvbd-fuzz-"))
+        atexit.register(shutil.rmtree, _scratch, True)
+    return _scratch
+
+
+def _fix(data: bytes) -> tuple[bool, bytes]:
+    """(whether to fix up checksums, the rest of the input)."""
+    return bool(data[:1] and data[0] & 1), data[1:]
+
+
+def _with_crc(raw: bytes | bytearray, at: int) -> bytes:
+    """`raw` with the CRC-32 of bytes [0, at) stored big-endian at `at`."""
+    out = bytearray(raw)
+    if len(out) >= at + 4:
+        struct.pack_into(">I", out, at, zlib.crc32(out[:at]))
+    return bytes(out)
+
+
+# ---------------------------------------------------------------- trusted-state parsers
+
+def fuzz_superblock(data: bytes) -> None:
+    flag, raw = data[:1], data[1:]
+    bits = flag[0] if flag else 0
+    slot = bytearray(raw[:sb.SLOT_SIZE].ljust(sb.SLOT_SIZE, b"\0"))
+    if bits & 1:  # re-sign so the checks after the signature are reached
+        slot[sb._SIG_OFFSET:sb._END] = SIGNER.sign(sb._CONTEXT, slot[:sb._SIG_OFFSET])
+    result = sb.parse(bytes(slot), (bits >> 1) & 1, SIGNER.public_key,
+                      None if bits & 4 else DISK_ID)
+    assert isinstance(result.kind, sb.SlotKind)
+
+
+def fuzz_anchor(data: bytes) -> None:
+    fix, raw = _fix(data)
+    if fix:
+        raw = _with_crc(raw, len(raw) - 4) if len(raw) >= 4 else raw
+    Anchor.decode(raw, Path("anchor"))
+
+
+def _fix_intent_log(raw: bytes) -> bytes:
+    out = bytearray(_with_crc(raw, 28))
+    off = 32
+    while off + 16 <= len(out):
+        (count,) = struct.unpack_from(">I", out, off + 4)
+        end = off + 16 + 64 * count + 4
+        if end > len(out):
+            break
+        struct.pack_into(">I", out, end - 4, zlib.crc32(out[off:end - 4]))
+        off = end
+    return bytes(out)
+
+
+def fuzz_intent_log(data: bytes) -> None:
+    fix, raw = _fix(data)
+    if fix:
+        raw = _fix_intent_log(raw)
+    path = scratch() / "intent.log"
+    path.write_bytes(raw)
+    log = IntentLog(path)
+    try:
+        _base, records = log.read()
+    finally:
+        log.close()
+    for rec in records:
+        assert len(rec.old) == len(rec.new) and len(rec.old) % 32 == 0
+
+
+def fuzz_pages(data: bytes) -> None:
+    count = data[0] if data else 0
+    state = DiskState(scratch(), "fuzz")
+    state.dir.mkdir(parents=True, exist_ok=True)
+    state.pages_path.write_bytes(data[1:])
+    hashes = state.read_pages(count)
+    assert hashes is None or len(hashes) == 32 * count
+
+
+def fuzz_keys(data: bytes) -> None:
+    fix, raw = _fix(data)
+    if fix:
+        raw = _with_crc(raw, keys_mod.KEYS_FILE_SIZE - 4)
+    kind, log_n, r = (struct.unpack_from(">I", raw, off)[0] if len(raw) >= off + 4 else 0
+                      for off in (12, 48, 52))
+    cost = 128 * r << min(log_n, 64)
+    # Run scrypt for real unless the file asks for a legal but slow one (over 16 MiB):
+    # nonsense parameters must be refused before scrypt sees them.
+    slow = log_n <= 20 and cost > 16 << 20  # 20: the largest log2 N docs/format.md allows
+    if kind == keys_mod.KEK_PASSPHRASE and not slow:
+        keys_mod.open_keys(raw, PASSPHRASE_KEK, "fuzzed keys")
+    disk_id, public_key, kind = keys_mod.read_public(raw, "fuzzed keys")
+    assert len(disk_id) == 16 and len(public_key) == 32
+    if kind == keys_mod.KEK_FILE:
+        keys_mod.open_keys(raw, KEY_FILE_KEK, "fuzzed keys")
+
+
+def fuzz_audit_log(data: bytes) -> None:
+    """The log and its head file, both attacker-written: verify, then open to append."""
+    head_len = int.from_bytes(data[:2], "big") if len(data) >= 2 else 0
+    head, log = data[2:2 + head_len], data[2 + head_len:]
+    d = scratch() / "audit"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    path = d / "audit.log"
+    path.write_bytes(log)
+    if head:
+        audit.head_path(path).write_bytes(head)
+    problems = audit.verify(path)
+    assert all(isinstance(x, str) for x in problems)
+    writer = audit.AuditLog(path)
+    writer.close()
+
+
+def fuzz_xml_policy(data: bytes) -> None:
+    policy_from_xml(data, "fuzz.xml")
+
+
+def fuzz_toml_policy(data: bytes) -> None:
+    path = scratch() / "policy.toml"
+    path.write_bytes(data)
+    load_toml(path)
+
+
+# ---------------------------------------------------------------- NBD cores
+
+class _Suspend:
+    def __await__(self) -> Iterator[None]:
+        yield None
+
+
+class _Inbox:
+    """Events for a coroutine stepped by hand: an empty inbox suspends it."""
+
+    def __init__(self) -> None:
+        self.events: deque[m.Event] = deque()
+
+    async def next_event(self) -> m.Event:
+        while not self.events:
+            await _Suspend()
+        return self.events.popleft()
+
+
+def _step(coro: Coroutine[Any, Any, Any]) -> tuple[bool, Any]:
+    """Run `coro` until it waits for an event: (finished, result)."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return True, stop.value
+    return False, None
+
+
+def _chunks(data: bytes) -> Iterator[bytes]:
+    """Cut the peer's bytes as a network would, at places the first byte decides."""
+    if not data:
+        return
+    seed, rest = data[0], data[1:]
+    sizes = (1, 3, 7, 16, 64, 512, 4096, 1 << 20)
+    i = 0
+    while i < len(rest):
+        n = sizes[seed % len(sizes)]
+        seed = (seed * 73 + 41) & 0xFF
+        yield rest[i:i + n]
+        i += n
+
+
+def fuzz_nbd_server(data: bytes) -> None:
+    """A hostile client against the server core and its option haggling."""
+    core = ProtocolCore(Role.SERVER)
+    core.send(m.Greeting(GREETING_FLAGS))
+    backend = MemoryBackend(EXPORT_SIZE)
+    provider = StaticExports([Export("disk", backend, "fuzz disk")])
+    inbox = _Inbox()
+    coro = negotiate(core, inbox.next_event, lambda _b: None, provider, PeerInfo("fuzz", "memory"))
+    negotiated: Negotiated | None = None
+    checker: RequestChecker | None = None
+    try:
+        for chunk in _chunks(data):
+            core.receive_data(chunk)
+            while (ev := core.next_event()) is not None:
+                if negotiated is None:
+                    inbox.events.append(ev)
+                    done, negotiated = _step(coro)
+                    if done:
+                        checker = RequestChecker(backend.size, negotiated.flags, core.structured,
+                                                 negotiated.min_block)
+                    continue
+                assert checker is not None
+                if isinstance(ev, m.ConnectionClosed) or (
+                        isinstance(ev, m.Request) and ev.type == p.Cmd.DISC):
+                    return
+                assert isinstance(ev, m.Request)
+                _serve(core, checker, backend, ev)
+        core.receive_eof()
+        while core.next_event() is not None:
+            pass
+    finally:
+        coro.close()
+
+
+def _serve(core: ProtocolCore, checker: RequestChecker, backend: MemoryBackend,
+           req: m.Request) -> None:
+    refusal = checker(req)
+    if refusal is not None:
+        err, text = refusal
+        core.send(m.ErrorChunk(req.cookie, err, text) if core.structured
+                  else m.SimpleReply(req.cookie, err))
+    elif req.type == p.Cmd.READ:
+        data = bytes(backend._data[req.offset:req.offset + req.length])
+        core.send(m.OffsetData(req.cookie, req.offset, data) if core.structured
+                  else m.SimpleReply(req.cookie, 0, data))
+    else:
+        if req.type == p.Cmd.WRITE:
+            assert req.data is not None
+            backend._data[req.offset:req.offset + req.length] = req.data
+        core.send(m.NoneChunk(req.cookie) if core.structured else m.SimpleReply(req.cookie))
+
+
+def fuzz_nbd_client(data: bytes) -> None:
+    """A hostile server against the client core and its handshake checks.
+
+    Input: flags (1 byte; bit 7 = no structured replies), the length of the
+    handshake part (2 bytes), the handshake part, then the replies: a server
+    cannot answer requests the client has not sent yet.
+    """
+    structured = not (data[:1] and data[0] & 0x80)
+    split = 3 + int.from_bytes(data[1:3], "big")
+    core = ProtocolCore(Role.CLIENT)
+    inbox = _Inbox()
+
+    def send(msg: m.Event) -> None:
+        core.send(msg)
+
+    coro = handshake(core, inbox.next_event, send, "disk", structured_replies=structured)
+    result: Handshake | None = None
+    reads: list[bytearray] = []
+    try:
+        for chunk in _chunks(data[:1] + data[3:split]):
+            core.receive_data(chunk)
+            while result is None and (ev := core.next_event()) is not None:
+                inbox.events.append(ev)
+                _, result = _step(coro)
+        if result is None:
+            return
+        reads = _send_requests(core)
+        for chunk in _chunks(data[:1] + data[split:]):
+            core.receive_data(chunk)
+        core.receive_eof()
+        while (ev := core.next_event()) is not None:
+            assert isinstance(ev, m.Reply | m.ConnectionClosed)
+    finally:
+        coro.close()
+    assert all(len(b) == 4096 for b in reads)
+
+
+def _send_requests(core: ProtocolCore) -> list[bytearray]:
+    """What a client does once connected: reads into its own buffers, a write, a flush."""
+    bufs = [bytearray(4096), bytearray(4096)]
+    core.send(m.Request(p.Cmd.READ, 1, 0, 4096, 0, None, memoryview(bufs[0])))
+    core.send(m.Request(p.Cmd.WRITE, 2, 4096, 4096, 0, bytes(4096)))
+    core.send(m.Request(p.Cmd.READ, 3, 8192, 4096, 0, None, memoryview(bufs[1])))
+    core.send(m.Request(p.Cmd.FLUSH, 4, 0, 0))
+    core.send(m.Request(p.Cmd.READ, 5, 512, 512))
+    return bufs
+
+
+# ---------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    run: Callable[[bytes], None]
+    expected: tuple[type[BaseException], ...]  # the parser's documented refusals
+    max_len: int  # longest input worth trying (libFuzzer -max_len)
+
+
+TARGETS = {t.name: t for t in [
+    Target("superblock", fuzz_superblock, (), 1 + sb.SLOT_SIZE),
+    Target("anchor", fuzz_anchor, (TrustedStateError,), 256),
+    Target("intent_log", fuzz_intent_log, (TrustedStateError,), 8192),
+    Target("pages", fuzz_pages, (), 1024),
+    Target("keys", fuzz_keys, (keys_mod.KeyFileError, keys_mod.WrongKeyError), 512),
+    Target("audit_log", fuzz_audit_log, (audit.AuditError,), 8192),
+    Target("xml_policy", fuzz_xml_policy, (PolicyError,), 16384),
+    Target("toml_policy", fuzz_toml_policy, (PolicyError,), 8192),
+    Target("nbd_server", fuzz_nbd_server, (p.ProtocolError, HandshakeEnded), 16384),
+    Target("nbd_client", fuzz_nbd_client, (p.ProtocolError, BlockError), 16384),
+]}
+
+
+def run_one(target: Target, data: bytes) -> None:
+    """Run `target` on `data`; its documented refusals are fine, anything else raises."""
+    try:
+        target.run(data)
+    except target.expected:
+        pass
+
+
+CORPUS = Path(__file__).parent / "corpus"
+
+
+def corpus(name: str) -> list[tuple[str, bytes]]:
+    """The saved inputs of one target: seeds and every regression found."""
+    d = CORPUS / name
+    return sorted((f.name, f.read_bytes()) for f in d.iterdir()) if d.is_dir() else []
