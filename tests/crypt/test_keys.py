@@ -143,3 +143,45 @@ def test_replica_too_small_is_refused(tmp_path: Path) -> None:
             await open_disk(tmp_path, RawMemory(SIZE), kek)
 
     run(go())
+
+
+@pytest.mark.parametrize(("log_n", "r", "p"), [(0, 8, 1), (63, 8, 1), (64, 8, 1), (17, 1 << 20, 1),
+                                               (21, 8, 1), (17, 8, 0), (20, 32, 1)])
+def test_hostile_scrypt_parameters_are_refused_before_scrypt_runs(
+        log_n: int, r: int, p: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found while writing the keys fuzz target: scrypt cost fields went straight to the
+    KDF, which then panicked (a BaseException), overflowed, or asked for terabytes."""
+    import struct
+    import time
+    import zlib
+
+    from trustvbd.crypt import keys
+
+    monkeypatch.setattr(keys, "_SCRYPT_LOG_N", 4)  # a cheap, valid file to damage
+    secrets = keys.DiskSecrets.generate()
+    blob = bytearray(keys.seal_keys(secrets, keys.Kek.from_passphrase("pw")))
+    assert keys.open_keys(bytes(blob), keys.Kek.from_passphrase("pw"), "disk x") == secrets
+    struct.pack_into(">III", blob, 48, log_n, r, p)
+    struct.pack_into(">I", blob, 216, zlib.crc32(blob[:216]))
+    start = time.monotonic()
+    with pytest.raises(keys.KeyFileError, match=r"disk x: keys file asks scrypt for N=2\^"):
+        keys.open_keys(bytes(blob), keys.Kek.from_passphrase("pw"), "disk x")
+    with pytest.raises(keys.KeyFileError):
+        keys.read_public(bytes(blob), "disk x")
+    assert time.monotonic() - start < 1
+
+
+def test_key_file_kind_with_scrypt_fields_or_reserved_bytes_is_corrupt() -> None:
+    import struct
+    import zlib
+
+    from trustvbd.crypt import keys
+
+    kek = keys.Kek(keys.KEK_FILE, bytes(32), "key file k")
+    good = keys.seal_keys(keys.DiskSecrets.generate(), kek)
+    for offset, value in ((48, 17), (60, 1)):
+        blob = bytearray(good)
+        struct.pack_into(">I", blob, offset, value)
+        struct.pack_into(">I", blob, 216, zlib.crc32(blob[:216]))
+        with pytest.raises(keys.KeyFileError, match="disk y: keys file"):
+            keys.open_keys(bytes(blob), kek, "disk y")

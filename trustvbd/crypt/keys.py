@@ -33,6 +33,9 @@ _KIND_NAMES = {KEK_FILE: "key file", KEK_PASSPHRASE: "passphrase"}
 
 # scrypt cost: ~0.3 s and 128 MiB per unlock here (OWASP's 2^17, 8, 1).
 _SCRYPT_LOG_N, _SCRYPT_R, _SCRYPT_P = 17, 8, 1
+# What a keys file may ask of scrypt: a damaged or hostile file must not make an
+# unlock allocate gigabytes, run for hours, or overflow the library's arithmetic.
+_SCRYPT_MAX_LOG_N, _SCRYPT_MAX_R, _SCRYPT_MAX_P, _SCRYPT_MAX_MEMORY = 20, 32, 16, 1 << 30
 
 _MAGIC = b"TVBDKEYS"
 _VERSION = 1
@@ -148,6 +151,20 @@ def _parse_header(blob: bytes, where: str) -> tuple:
     fields = _HEADER.unpack_from(blob, 0)
     if fields[0] != _MAGIC or fields[1] != _VERSION or fields[2] not in _KIND_NAMES:
         raise KeyFileError(f"{where}: not a version-{_VERSION} trustvbd keys file")
+    kind, salt, log_n, r, p, reserved = fields[2], fields[4], fields[5], fields[6], fields[7], fields[8]
+    if reserved:
+        raise KeyFileError(f"{where}: keys file reserved bytes 60-63 are not zero (file corrupted)")
+    if kind == KEK_FILE and (any(salt) or log_n or r or p):
+        raise KeyFileError(f"{where}: keys file for a key file carries scrypt parameters"
+                           " (file corrupted)")
+    if kind == KEK_PASSPHRASE and not (
+            1 <= log_n <= _SCRYPT_MAX_LOG_N and 1 <= r <= _SCRYPT_MAX_R
+            and 1 <= p <= _SCRYPT_MAX_P and 128 * r << log_n <= _SCRYPT_MAX_MEMORY):
+        raise KeyFileError(
+            f"{where}: keys file asks scrypt for N=2^{log_n}, r={r}, p={p}, outside what this"
+            f" reader accepts (log2 N 1-{_SCRYPT_MAX_LOG_N}, r 1-{_SCRYPT_MAX_R},"
+            f" p 1-{_SCRYPT_MAX_P}, at most {_SCRYPT_MAX_MEMORY >> 20} MiB): the file is"
+            " damaged or was not written by trustvbd; restore it from a backup")
     return fields
 
 
