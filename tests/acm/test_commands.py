@@ -79,11 +79,18 @@ def test_audit_show_and_verify(capsys, tmp_path):
     log.close()
     assert main(["audit", "-c", str(cfg)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 2 and out[0].split()[2] == "decision" and 'allowed=false' in out[0]
+    assert len(out) == 3 and out[0].split()[2] == "decision" and 'allowed=false' in out[0]
+    assert out[2].split()[2] == "checkpoint"  # written at close, signed
     assert main(["audit", "--log", str(path), "--json"]) == 0
-    assert [json.loads(x)["seq"] for x in capsys.readouterr().out.splitlines()] == [1, 2]
+    assert [json.loads(x)["seq"] for x in capsys.readouterr().out.splitlines()] == [1, 2, 3]
     assert main(["audit", "--verify", "--log", str(path)]) == 0
-    assert "2 records, chain and head intact" in capsys.readouterr().out
+    assert "3 records in 1 file(s), chain, signatures and head intact" in capsys.readouterr().out
+    pub = path.with_name(path.name + ".pub")
+    assert main(["audit", "--verify", "--log", str(path), "--key", str(pub)]) == 0
+    assert "pinned" in capsys.readouterr().out
+    assert main(["audit", "--verify", "--log", str(path), "--key", "00" * 32]) == 1
+    assert "not signed by the log's key" in capsys.readouterr().out
+    assert main(["audit", "--verify", "--log", str(path), "--key", "zz"]) == 2
     path.write_text(path.read_text().replace("xm-test", "evil"))
     assert main(["audit", "--verify", "-c", str(cfg)]) == 1
     assert "seq 2 hash does not match its content (record edited)" in capsys.readouterr().out

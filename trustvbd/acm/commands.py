@@ -185,17 +185,35 @@ def _read(path: str | Path) -> list[dict[str, Any]]:
     return AuditLog.read(path)
 
 
-def verify_audit(path: str | Path, out: TextIO | None = None) -> int:
+def verify_audit(path: str | Path, out: TextIO | None = None, key: str | None = None) -> int:
+    """Check the chain, signatures and head; `key` pins the public key (hex or a .pub file)."""
+    from trustvbd.acm.audit import AuditLog, public_key_path, rotated_files, stored_public_key
+    from trustvbd.crypt.sign import fingerprint
+
     out = out or sys.stdout  # looked up per call, so redirection works
-    problems = verify(path)
+    path = Path(path)
+    pinned = None
+    if key is not None:
+        try:
+            pinned = Path(key).read_bytes() if Path(key).is_file() else bytes.fromhex(key)
+        except (OSError, ValueError):
+            pinned = b""
+        if len(pinned) != 32:
+            print(f"trustvbd audit: --key {key!r} is neither a 32-byte public key file nor 64 hex"
+                  " digits", file=sys.stderr)
+            return 2
+    problems = verify(path, pinned)
     for p in problems:
         print(p, file=out)
     if problems:
         print(f"{path}: {len(problems)} problem(s): the audit log was tampered with or damaged",
               file=out)
         return 1
-    n = sum(1 for _ in open(path, "rb"))
-    print(f"{path}: {n} records, chain and head intact", file=out)
+    used = pinned or stored_public_key(path) or b""
+    files = len(rotated_files(path)) + 1
+    print(f"{path}: {len(AuditLog.read(path))} records in {files} file(s), chain, signatures and"
+          f" head intact; key {fingerprint(used).hex()[:16]}"
+          f" ({'pinned' if pinned else public_key_path(path)})", file=out)
     return 0
 
 
@@ -244,7 +262,7 @@ def register(sub: Any, load_policy_into_running: Any = None) -> None:
 
     aud = sub.add_parser("audit", help="show or verify the tamper-evident audit log",
                          description="Print the audit log (every policy decision and integrity"
-                         " event), or with --verify check its hash chain.")
+                         " event), or with --verify check its hash chain and signatures.")
     where = aud.add_mutually_exclusive_group(required=True)
     where.add_argument("-c", "--config", help="config file: its state_dir's audit log")
     where.add_argument("--log", help="audit log file")
@@ -252,5 +270,7 @@ def register(sub: Any, load_policy_into_running: Any = None) -> None:
     aud.add_argument("--json", action="store_true", help="one JSON record per line")
     aud.add_argument("--verify", action="store_true",
                      help="detect edited, removed, reordered or cut records (exit 1 if any)")
-    aud.set_defaults(func=lambda x: verify_audit(_audit_path(x)) if x.verify
+    aud.add_argument("--key", help="with --verify: the log's public key (a .pub file kept"
+                     " elsewhere, or 64 hex digits), so a replaced key is caught too")
+    aud.set_defaults(func=lambda x: verify_audit(_audit_path(x), key=x.key) if x.verify
                      else show_audit(_audit_path(x), x.follow, x.json))
