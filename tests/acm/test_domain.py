@@ -19,10 +19,11 @@ import pytest
 
 from tests.acm.util import EXAMPLE_TOML, XM_TEST
 from trustvbd.acm import load_policy
-from trustvbd.acm.audit import AuditLog, verify
+from trustvbd.acm.audit import HYPERVISOR, AuditLog, verify
 from trustvbd.acm.client import AcmClient
 from trustvbd.acm.commands import write_compiled
 from trustvbd.acm.compiled import encode
+from trustvbd.crypt.tokens import new_secret, role_token
 
 
 class Acm:
@@ -35,11 +36,17 @@ class Acm:
         write_compiled(load_policy(source), compiled)
         policy_args = ("--policy", str(compiled))
         read_end, write_end = os.pipe()
+        roles_read, roles_write = os.pipe()
+        self.roles_secret = new_secret()
+        os.write(roles_write, self.roles_secret)
+        os.close(roles_write)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "trustvbd.domains.acm", *policy_args, "--audit",
-             str(self.audit), "--socket", str(self.sock), "--ready-fd", str(write_end)],
-            pass_fds=(write_end,), stderr=subprocess.PIPE, text=True)
+             str(self.audit), "--socket", str(self.sock), "--ready-fd", str(write_end),
+             "--roles-fd", str(roles_read)],
+            pass_fds=(write_end, roles_read), stderr=subprocess.PIPE, text=True)
         os.close(write_end)
+        os.close(roles_read)
         with os.fdopen(read_end, "rb") as r:
             if r.read() != b"ready\n":
                 self.proc.wait(10)
@@ -145,8 +152,38 @@ def test_bad_requests_get_errors_and_serving_goes_on(xm):
     assert xm.raw(b"\xff\xfe\n")["ok"] is False
     assert xm.ask(op="status")["ok"] is True  # still serving, same connection
     assert xm.ask(op="record", kind="decision", fields={})["ok"] is False  # cannot forge
-    assert xm.ask(op="record", kind="integrity", fields={"disk": "d1"})["ok"] is True
+    assert xm.ask(op="record", kind="integrity", fields={"disk": "d1", "kind": "x"})["ok"] is False
     assert xm.proc.poll() is None
+    assert verify(xm.audit) == []
+
+
+def test_each_domain_records_only_its_own_events(xm):
+    """Only a connection that proved a role may record, and only what that role owns."""
+    ask = xm.ask
+
+    def hello(role: str, token: str | None = None) -> dict:
+        return ask(op="hello", role=role, token=token or role_token(xm.roles_secret, role))
+
+    integrity = {"what": "data", "disk": "d1", "blocks": list(range(5000)), "message": "bad"}
+    assert "has not proven a role" in ask(op="record", kind="integrity", fields=integrity)["error"]
+    assert "not proven" in hello("crypt:d1", token="00" * 32)["error"]
+    assert "not proven" in hello("crypt:d1,d2", token=role_token(xm.roles_secret, "crypt:d1"))[
+        "error"]  # a token proves exactly the role it was made for
+    assert hello("crypt:d1")["ok"] is True
+    assert ask(op="record", kind="integrity", fields=integrity)["ok"] is True
+    assert "may not record integrity events about disk 'd2'" in ask(
+        op="record", kind="integrity", fields={**integrity, "disk": "d2"})["error"]
+    assert "may not record event" in ask(op="record", kind="event", fields={"disk": "d1"})["error"]
+    assert hello(HYPERVISOR)["ok"] is True  # a connection can prove another role only with its token
+    assert ask(op="record", kind="event", fields={"event": "started"})["ok"] is True
+    assert ask(op="record", kind="integrity", fields=integrity)["ok"] is False
+    records = AuditLog.read(xm.audit)
+    [rec] = [r for r in records if r["kind"] == "integrity"]
+    assert rec["fields"]["source"] == "crypt:d1" and len(rec["fields"]["blocks"]) == 5000
+    refused = [r["fields"] for r in records if r["fields"].get("event") == "record-refused"]
+    assert [r["disk"] for r in refused] == ["d1", "d2", "d1", "d1"]
+    assert [r["fields"]["role"] for r in records if r["fields"].get("event") == "role-refused"] == [
+        "crypt:d1", "crypt:d1,d2"]
     assert verify(xm.audit) == []
 
 
@@ -203,7 +240,7 @@ def test_null_policy_domain_on_a_handed_over_socket():
         assert proc.wait(10) == 0
         assert "NO POLICY" in proc.stderr.read()
         records = AuditLog.read(d / "audit.jsonl")
-        assert [r["kind"] for r in records] == ["domain", "decision", "domain"]
+        assert [r["kind"] for r in records] == ["domain", "decision", "domain", "checkpoint"]
         assert records[0]["fields"]["null"] is True and verify(d / "audit.jsonl") == []
     finally:
         if proc.poll() is None:

@@ -397,6 +397,9 @@ def test_integrity_events_reach_the_audit_log(written: System) -> None:
     records = [json.loads(line) for line in out.splitlines()]
     integrity = [r for r in records if r["kind"] == "integrity"]
     assert integrity and "payroll" in json.dumps(integrity[0])
+    # Recorded by the encryption domain itself, under the role the launcher gave it.
+    assert integrity[0]["fields"]["source"].startswith("crypt:")
+    assert not [r for r in records if r["fields"].get("event") in ("record-refused", "role-refused")]
     assert written.cli("audit", "-c", str(written.config), "--verify").returncode == 0
 
 

@@ -34,10 +34,11 @@ class AcmUnavailable(Exception):
 
 class AcmClient:
     def __init__(self, path: str | None = None, sock: socket.socket | None = None,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, hello: dict[str, Any] | None = None) -> None:
         if (path is None) == (sock is None):
             raise ValueError("give exactly one of path or sock")
         self.path, self.sock, self.timeout = path, sock, timeout
+        self.hello = hello  # {"role", "token"}: who we are, proven on every connection
         self.writer: asyncio.StreamWriter | None = None
         self.replies: PendingReplies[dict[str, Any]] = PendingReplies("access-control domain")
         self.reading: asyncio.Task[None] | None = None
@@ -55,6 +56,10 @@ class AcmClient:
             raise AcmUnavailable("its connection was lost and cannot be reopened")
         self.writer, self.replies = writer, PendingReplies("access-control domain")
         self.reading = asyncio.get_running_loop().create_task(self._read(reader, writer))
+        if self.hello is not None:
+            reply = await self._exchange({"op": "hello", **self.hello})
+            if reply.get("ok") is not True:
+                log.warning("access-control domain did not accept our role: %s", reply)
         for cid, (label, name) in list(self.held.items()):  # restore our Chinese Wall counts
             reply = await self._exchange({"op": "chw_attach", "id": cid, "label": label,
                                           "name": name})

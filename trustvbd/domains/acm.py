@@ -38,17 +38,17 @@ from trustvbd.acm import (
     driver_may_serve_disk,
     guest_may_use_disk,
 )
-from trustvbd.acm.audit import AuditError, AuditLog
+from trustvbd.acm.audit import AuditError, AuditLog, may_record
 from trustvbd.acm.compiled import read_compiled
 from trustvbd.acm.decisions import explain
 from trustvbd.acm.repeats import RepeatCounter
+from trustvbd.crypt.sign import fingerprint
+from trustvbd.crypt.tokens import SECRET_SIZE, token_ok
 from trustvbd.domains.common import die_with_parent, ready, setup_logging
 
 log = logging.getLogger("trustvbd.acm")
 MAX_LINE = 64 * 1024
 RECORD_KINDS = ("integrity", "event")  # what other trusted domains may add to the log
-
-
 class BadRequest(Exception):
     pass
 
@@ -63,8 +63,10 @@ def _field(req: dict[str, Any], key: str, required: bool = True) -> Any:
 
 
 class AcmDomain:
-    def __init__(self, policy: Policy, audit: AuditLog) -> None:
+    def __init__(self, policy: Policy, audit: AuditLog, roles_secret: bytes | None = None) -> None:
         self.policy, self.audit = policy, audit
+        self.roles_secret = roles_secret  # proves callers' roles (None: nobody may record)
+        self.roles: dict[int, str] = {}  # connection -> the role it proved
         self.wall = ChineseWall(policy)
         self.attached: dict[str, tuple[str, str | None, int]] = {}  # id -> label, name, owner
         self.connections = 0  # numbers the client connections that own attachments
@@ -124,10 +126,24 @@ class AcmDomain:
             return {"ok": True, "policy": self.policy.summary(), "null": self.policy.is_null,
                     "attachments": len(self.attached), "running_types": dict(self.wall.running),
                     "audit": {"path": str(self.audit.path), "seq": self.audit.seq}}
+        if op == "hello":
+            role, token = f("role"), req.get("token")
+            if self.roles_secret is None or not token_ok(self.roles_secret, role, token):
+                self._append("audit", True, event="role-refused", role=role, connection=owner)
+                raise BadRequest(f"role {role!r} not proven: wrong token")
+            self.roles[owner] = role
+            return {"ok": True}
         if op == "record":
             kind, fields = req.get("kind"), req.get("fields")
             if kind not in RECORD_KINDS or not isinstance(fields, dict):
                 raise BadRequest(f'"record" needs kind in {list(RECORD_KINDS)} and a fields object')
+            role = self.roles.get(owner)
+            refusal = may_record(role, kind, fields)
+            if refusal is not None:  # a flood of these is counted like any refusal
+                self._append("audit", True, event="record-refused", kind=kind, role=role,
+                             disk=str(fields.get("disk"))[:256], connection=owner)
+                raise BadRequest(refusal)
+            fields = {**fields, "source": role}
             if kind == "event" and fields.get("event") == "guest-refused":
                 self._append(kind, True, **fields)  # someone knocking in a loop: counted
                 return {"ok": True}
@@ -141,6 +157,7 @@ class AcmDomain:
 
     def release(self, owner: int) -> None:
         """A client went away: its attachments end with it (Xen: its domains were destroyed)."""
+        self.roles.pop(owner, None)
         for cid in [c for c, (_, _, o) in self.attached.items() if o == owner]:
             self._detach(cid, "released: the connection that attached it closed")
 
@@ -244,11 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--socket", help="Unix socket path to listen on")
     where.add_argument("--listen-fd", type=int, help="an already listening Unix socket")
     parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--roles-fd", type=int, help="a pipe holding the secret that proves"
+                        " callers' roles (the launcher's); without it nobody may record")
     parser.add_argument("--supervised", action="store_true", help="die with the launcher")
     args = parser.parse_args(argv)
     setup_logging("acm")
     if args.supervised:
         die_with_parent()
+    roles_secret = None
+    if args.roles_fd is not None:
+        with os.fdopen(args.roles_fd, "rb") as pipe:
+            roles_secret = pipe.read(SECRET_SIZE)
     try:
         policy = Policy.null() if args.null else read_compiled(args.policy)
         audit = AuditLog(args.audit)
@@ -268,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         os.chmod(args.socket, 0o600)  # only the trusted domains' user may ask
         sock.listen(64)
     # Plain asyncio: the decisions are not a hot path, and fewer moving parts here is better.
-    return asyncio.run(serve(AcmDomain(policy, audit), sock, args.ready_fd))
+    log.info("audit log %s signed by key %s", args.audit, fingerprint(audit.public_key).hex()[:16])
+    return asyncio.run(serve(AcmDomain(policy, audit, roles_secret), sock, args.ready_fd))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trustvbd.acm.audit import compact_fields
 from trustvbd.blockdev import Backend, BlockError, HasEpoch
 from trustvbd.blocks.aead_pool import AeadPool, default_workers
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
@@ -129,6 +130,7 @@ class CryptDomain:
         self.stopping = False
         self.spec: dict[str, Any] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.records: set[asyncio.Task[Any]] = set()  # integrity records on their way to the log
         self.aead: AeadPool | None = None
 
     # -- requests from the launcher -------------------------------------------------
@@ -295,7 +297,13 @@ class CryptDomain:
         def on_event(event: dict[str, Any]) -> None:
             disk.integrity_events += 1
             log.error("integrity: disk %s: %s", disk.name, event.get("message", event))
-            self.control.send({**event, "event": "integrity", "disk": disk.name})
+            # Any size fits: block lists become counts and ranges.
+            fields = compact_fields({**event, "disk": disk.name})
+            fields.pop("event", None)
+            self.control.send({**fields, "event": "integrity"})
+            task = asyncio.get_running_loop().create_task(self.gate.client.record("integrity", **fields))
+            self.records.add(task)
+            task.add_done_callback(self.records.discard)
 
         if self.aead is None and (workers := default_workers()):
             self.aead = await AeadPool.start(workers)

@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from trustvbd.acm import Policy, PolicyError, load_policy
+from trustvbd.acm.audit import CRYPT, HYPERVISOR
 from trustvbd.acm.client import AcmClient
 from trustvbd.acm.commands import AUDIT_FILE, write_compiled
 from trustvbd.acm.compiled import SUFFIX as COMPILED_SUFFIX
 from trustvbd.config import Config, check_paths
 from trustvbd.crypt.tls import TLS_DOMAIN_FILES, TlsSetupError, check_tls_dir
+from trustvbd.crypt.tokens import new_secret, role_token
 from trustvbd.domains import sandbox
 from trustvbd.domains.control import ControlChannel, ControlClosed, socket_pair
 from trustvbd.domains.hv_store import PairingRefused, StoreLink
@@ -137,7 +139,10 @@ class Launcher:
         self.failed_disks: dict[str, str] = {}
         self.failure_kinds: dict[str, str] = {}  # disk -> exception class name in the crypt domain
         self.integrity_events: list[dict[str, Any]] = []
-        self.acm = AcmClient(str(config.acm_socket), timeout=float(os.environ.get("TRUSTVBD_ACM_TIMEOUT", "5")))
+        # Proves each domain's role to the access-control domain (who may record what).
+        self.roles_secret = new_secret()
+        self.acm = AcmClient(str(config.acm_socket), timeout=float(os.environ.get("TRUSTVBD_ACM_TIMEOUT", "5")),
+                             hello=self.role_hello(HYPERVISOR))
         self.started = time.time()
         self.policy_path = str(config.policy) if config.policy else None
         self.bootstrap_label = bootstrap  # the label trusted domains run under
@@ -403,9 +408,7 @@ class Launcher:
             self.failure_kinds[message["disk"]] = str(message.get("kind", ""))
             return None
         if event == "integrity":
-            self.integrity_events.append(message)
-            fields = {k: v for k, v in message.items() if k != "event"}
-            await self.acm.record("integrity", **fields)
+            self.integrity_events.append(message)  # the encryption domain records it itself
             return None
         return {"ok": False, "error": f"unknown request {op or event!r}"}, []
 
@@ -440,7 +443,11 @@ class Launcher:
                     g.guest: str(g.path) for g, s in self.listeners
                     if d.name in self.types[g.wtype] and s.family == socket.AF_UNIX}}
                 for d in c.disks.values() if d.name not in self.types[wtype]},
+            "acm_hello": self.role_hello(CRYPT + ",".join(sorted(self.types[wtype]))),
         }
+
+    def role_hello(self, role: str) -> dict[str, str]:
+        return {"role": role, "token": role_token(self.roles_secret, role)}
 
     def tls_copy(self, domain: Domain) -> Path:
         """The TLS files an encryption domain reads: the configured directory itself, or, when
@@ -688,7 +695,11 @@ class Launcher:
                 os.chown(self.config.acm_socket, -1, self.crypt_group())
                 os.chmod(self.config.acm_socket, 0o660)
         fd = os.dup(self.acm_listener.fileno())
-        return ["--listen-fd", str(fd)], [fd]
+        # A fresh pipe per start (and restart): the roles secret reaches it and nobody else.
+        roles, secret_in = os.pipe()
+        os.write(secret_in, self.roles_secret)
+        os.close(secret_in)
+        return ["--listen-fd", str(fd), "--roles-fd", str(roles)], [fd, roles]
 
     async def stop(self) -> None:
         self.stopping = True

@@ -29,7 +29,8 @@ class PolicyGate:
 
     @classmethod
     async def connect(cls, spec: dict[str, Any]) -> PolicyGate:
-        gate = cls(AcmClient(spec["acm_socket"], timeout=spec.get("acm_timeout", 5.0)),
+        gate = cls(AcmClient(spec["acm_socket"], timeout=spec.get("acm_timeout", 5.0),
+                             hello=spec.get("acm_hello")),
                    spec["guests"], spec["disks"])
         await gate.refresh()
         return gate
