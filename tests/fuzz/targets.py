@@ -253,8 +253,7 @@ def fuzz_nbd_server(data: bytes) -> None:
                     inbox.events.append(ev)
                     done, negotiated = _step(coro)
                     if done:
-                        checker = RequestChecker(backend.size, negotiated.flags, core.structured,
-                                                 negotiated.min_block)
+                        checker = RequestChecker(backend.size, negotiated.flags, core.structured)
                     continue
                 assert checker is not None
                 if isinstance(ev, m.ConnectionClosed) or (
