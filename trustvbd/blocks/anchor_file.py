@@ -16,6 +16,8 @@ import struct
 import zlib
 from pathlib import Path
 
+from trustvbd.fileops import OS_FILES, FileOps
+
 SLOT = 512
 SLOTS = 2
 _RECORD = struct.Struct(">8sII16sQQQ32s")  # magic, version, seq, disk id, size, epoch, counter, root
@@ -80,10 +82,11 @@ def newest(raw: bytes) -> tuple[int, Fields] | None:
 class AnchorSlots:
     """In-place writes of the two-slot anchor file, once it exists in that form."""
 
-    def __init__(self, path: Path, seq: int) -> None:
+    def __init__(self, path: Path, seq: int, ops: FileOps = OS_FILES) -> None:
         self.path = path
         self.seq = seq  # of the newest slot; slot index = seq % 2
-        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._ops = ops  # tests cut the power here (trustvbd/fileops.py)
+        self._fd = ops.open(path, os.O_RDWR)
 
     def write(self, fields: Fields) -> None:
         """Overwrite the older slot with `fields` and sync it: the commit point of a commit."""
@@ -91,14 +94,14 @@ class AnchorSlots:
         view = memoryview(encode_slot(*fields, seq=seq))
         offset = (seq % SLOTS) * SLOT
         while view:
-            done = os.pwrite(self._fd, view, offset)
+            done = self._ops.pwrite(self._fd, view, offset)
             view, offset = view[done:], offset + done
-        os.fdatasync(self._fd)
+        self._ops.fdatasync(self._fd)
         self.seq = seq
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            self._ops.close(self._fd)
             self._fd = -1
 
 

@@ -3,14 +3,16 @@
 A commit (FLUSH, FUA, and on our own every AUTO_COMMIT_BLOCKS) makes every write
 completed so far durable and authenticated, in this order:
 
-    dirty leaf pages (the whole table and the other superblock slot to a replica
-    that joins), signed superblock -> replica flush -> dirty maps of replicas
-    not current -> trusted anchor with the membership (the commit point) ->
-    intent log reset -> page hashes
+    intent log fdatasync -> dirty leaf pages (the whole table and the other
+    superblock slot to a replica that joins), signed superblock -> replica
+    flush -> dirty maps of replicas not current -> trusted anchor with the
+    membership (the commit point) -> intent log reset -> page hashes
 
 Every step goes to every replica in the write set (replica_set.py); a replica
 that fails a step is degraded and the anchor does not list it as current.
 
+The intent log is synced first: once leaf pages may be on a replica, a power
+cut before the anchor moves must still find the records that undo them.
 One replica flush covers data, leaf pages and superblock: until the anchor
 moves, recovery judges the replica against the old anchor and undoes every leaf
 the intent log names, so a superblock that landed before its leaf pages only
@@ -147,6 +149,14 @@ class Commits:
         g, tree = self.lay, self.tree
         pages = sorted(self.dirty)
         leaves = memoryview(self.leaves)
+        # The intent records must outlive a power cut before the leaf pages they
+        # undo reach the replica: otherwise a cut before the anchor moves leaves
+        # pages no trusted record explains, and every block on them is lost.
+        try:
+            self.intent.sync()
+        except OSError as exc:
+            raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot sync "
+                             f"{self.intent.path}: {exc}") from exc
         joining = replica.joining()
         for p0, p1 in runs(pages, 1 << 30):
             await replica.pwrite(g.leaf_page_offset(p0), leaves[p0 * BS:p1 * BS])

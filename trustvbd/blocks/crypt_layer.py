@@ -51,6 +51,7 @@ from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE, POISON_VERSION, BlockCiph
 from trustvbd.crypt.keys import DiskSecrets, Kek, KeyFileError, WrongKeyError
 from trustvbd.crypt.superblock import Layout
 from trustvbd.crypt.tree import HashTree
+from trustvbd.fileops import OS_FILES, FileOps
 
 __all__ = [
     "CryptDisk",
@@ -128,16 +129,16 @@ class CryptDisk:
     async def open(cls, state_dir: Path, disk_name: str, replica: Backend, replica_name: str,
                    kek: Kek,
                    on_integrity_event: Callable[[dict], None] | None = None,
-                   aead: AeadPool | None = None) -> CryptDisk:
+                   aead: AeadPool | None = None, files: FileOps = OS_FILES) -> CryptDisk:
         """Open a disk over one replica (see open_mirrored)."""
         return await cls.open_mirrored(state_dir, disk_name, [(replica_name, replica)], kek,
-                                       on_integrity_event, aead)
+                                       on_integrity_event, aead, files)
 
     @classmethod
     async def open_mirrored(cls, state_dir: Path, disk_name: str,
                             replicas: list[tuple[str, Backend]], kek: Kek,
                             on_integrity_event: Callable[[dict], None] | None = None,
-                            aead: AeadPool | None = None) -> CryptDisk:
+                            aead: AeadPool | None = None, files: FileOps = OS_FILES) -> CryptDisk:
         """Unlock the disk and bring its replicas to a verified, committed state.
 
         Formats all-zero replicas on first use (trusted epoch 0 only). With one
@@ -147,7 +148,7 @@ class CryptDisk:
         serve is degraded (resynced in the background) or failed (refused), and the
         disk opens while one replica the anchor lists as current can serve.
         """
-        state = DiskState(Path(state_dir), disk_name)
+        state = DiskState(Path(state_dir), disk_name, files)  # files: tests cut the power there
         bulk: BulkCipher | None = None
         rs: ReplicaSet | None = None
         try:

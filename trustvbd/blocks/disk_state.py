@@ -12,7 +12,9 @@ Nothing here is sent to a driver. Byte layouts are in docs/format.md. The keys
 are replaced atomically (temp file, fsync, rename, fsync dir), the anchor is
 written in place into the older of its two slots (anchor_file.py); the
 intent log is appended with one os.write per request, before the request's
-ciphertext leaves this process.
+ciphertext leaves this process, and fdatasync'ed before a commit writes leaf
+pages (docs/dev/crypt-design.md, "Power loss"). Every write, sync and rename
+goes through a FileOps (trustvbd/fileops.py), so tests can cut the power.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from trustvbd.crypt.keys import (
 )
 from trustvbd.crypt.superblock import Layout
 from trustvbd.crypt.tree import HASH_SIZE, HashTree, page_hash
+from trustvbd.fileops import OS_FILES, FileOps, write_file_atomic
+
+__all__ = ["write_file_atomic"]  # where callers have always found it
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -54,25 +59,6 @@ def _check_name(disk_name: str) -> None:
         raise ValueError(
             f"disk name {disk_name!r} must be 1-128 characters of A-Z a-z 0-9 . _ - "
             "and start with a letter or digit")
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so a crash leaves either the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _crc_at(raw: bytes, offset: int) -> int:
@@ -197,20 +183,28 @@ class IntentRecord:
 class IntentLog:
     """Append-only record of leaf changes since the commit of `base_epoch`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, ops: FileOps = OS_FILES) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._ops = ops
+        self._fd = ops.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            self._ops.close(self._fd)
             self._fd = -1
 
     def reset(self, base_epoch: int) -> None:
-        """Empty the log; what follows changes the state committed as `base_epoch`."""
-        os.ftruncate(self._fd, 0)
+        """Empty the log; what follows changes the state committed as `base_epoch`.
+
+        Not synced: until the next sync() the old records stay durable, and those
+        are obsolete once the anchor of `base_epoch` is (it was synced first)."""
+        self._ops.ftruncate(self._fd, 0)
         head = _LOG_HEADER.pack(_LOG_MAGIC, _LOG_VERSION, 0, base_epoch, 0)
-        os.write(self._fd, head + struct.pack(">I", zlib.crc32(head)))
+        self._ops.write(self._fd, head + struct.pack(">I", zlib.crc32(head)))
+
+    def sync(self) -> None:
+        """Make every record appended so far survive a power cut (once per commit)."""
+        self._ops.fdatasync(self._fd)
 
     def append(self, first_block: int, old: bytes | bytearray | memoryview,
                new: bytes | bytearray | memoryview) -> None:
@@ -221,7 +215,7 @@ class IntentLog:
         rec[_REC_HEAD.size:_REC_HEAD.size + n] = old
         rec[_REC_HEAD.size + n:_REC_HEAD.size + 2 * n] = new
         struct.pack_into(">I", rec, _REC_HEAD.size + 2 * n, zlib.crc32(memoryview(rec)[:-4]))
-        if os.write(self._fd, rec) != len(rec):
+        if self._ops.write(self._fd, rec) != len(rec):
             raise OSError(f"short write to {self.path}")
 
     def read(self) -> tuple[int | None, list[IntentRecord]]:
@@ -262,9 +256,10 @@ _PAGES_MAGIC = b"TVBDPAGE"
 class DiskState:
     """Files of one disk in the trusted state directory."""
 
-    def __init__(self, state_dir: Path, disk_name: str) -> None:
+    def __init__(self, state_dir: Path, disk_name: str, ops: FileOps = OS_FILES) -> None:
         _check_name(disk_name)
         self.name = disk_name
+        self.ops = ops
         self.dir = Path(state_dir) / "disks" / disk_name
         self.keys_path = self.dir / "keys"
         self.pub_path = self.dir / "disk.pub"
@@ -316,10 +311,10 @@ class DiskState:
         if self._anchor_slots is None:
             seq = self._read_anchor_file()[1] if self.anchor_path.exists() else None
             if seq is None:  # new, or version 1: replace it whole with the two-slot form
-                write_file_atomic(self.anchor_path, anchor_file.new_file(fields))
-                self._anchor_slots = anchor_file.AnchorSlots(self.anchor_path, 1)
+                write_file_atomic(self.anchor_path, anchor_file.new_file(fields), self.ops)
+                self._anchor_slots = anchor_file.AnchorSlots(self.anchor_path, 1, self.ops)
                 return
-            self._anchor_slots = anchor_file.AnchorSlots(self.anchor_path, seq)
+            self._anchor_slots = anchor_file.AnchorSlots(self.anchor_path, seq, self.ops)
         self._anchor_slots.write(fields)
 
     def dirty_map_path(self, replica: str) -> Path:
@@ -336,7 +331,7 @@ class DiskState:
     def write_dirty_map(self, replica: str, epoch: int, blocks: int, dirty: Iterable[int]) -> None:
         path = self.dirty_map_path(replica)
         path.parent.mkdir(mode=0o700, exist_ok=True)
-        write_file_atomic(path, encode_dirty_map(epoch, blocks, dirty))
+        write_file_atomic(path, encode_dirty_map(epoch, blocks, dirty), self.ops)
 
     def drop_dirty_map(self, replica: str) -> None:
         try:
@@ -346,7 +341,7 @@ class DiskState:
 
     def open_intent(self) -> IntentLog:
         if self.intent is None:
-            self.intent = IntentLog(self.intent_path)
+            self.intent = IntentLog(self.intent_path, self.ops)
         return self.intent
 
     def read_pages(self, count: int) -> bytes | None:
@@ -364,19 +359,20 @@ class DiskState:
     def write_pages(self, hashes: bytes | bytearray) -> None:
         count = len(hashes) // HASH_SIZE
         self._close_pages()
-        write_file_atomic(self.pages_path, _PAGES_HEADER.pack(_PAGES_MAGIC, 1, count) + hashes)
+        write_file_atomic(self.pages_path, _PAGES_HEADER.pack(_PAGES_MAGIC, 1, count) + hashes,
+                          self.ops)
 
     def update_pages(self, changes: dict[int, bytes]) -> None:
         """Overwrite some entries in place. No fsync: the file is checked against
         the anchor's root at open and rebuilt if it lags, so it is only a hint."""
         if self._pages_fd < 0:
-            self._pages_fd = os.open(self.pages_path, os.O_WRONLY | os.O_CLOEXEC)
+            self._pages_fd = self.ops.open(self.pages_path, os.O_WRONLY)
         for index, h in changes.items():
-            os.pwrite(self._pages_fd, h, _PAGES_HEADER.size + index * HASH_SIZE)
+            self.ops.pwrite(self._pages_fd, h, _PAGES_HEADER.size + index * HASH_SIZE)
 
     def _close_pages(self) -> None:
         if self._pages_fd >= 0:
-            os.close(self._pages_fd)
+            self.ops.close(self._pages_fd)
             self._pages_fd = -1
 
     def close(self) -> None:
