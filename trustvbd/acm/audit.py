@@ -292,8 +292,9 @@ class AuditLog:
             last_seq, last_hash, last_prev, kind = rec["seq"], rec["hash"], rec["prev"], rec["kind"]
         head = _read_head(self.path)
         # The second pair: a power cut between the log's fsync and the head's update.
-        ok = (head is None and last_seq == 0) or (
-            head is not None and head[:2] in ((last_seq, last_hash), (last_seq - 1, last_prev)))
+        # No head at all is seq 0: a power cut before the first head was written.
+        at = (0, GENESIS) if head is None else head[:2]
+        ok = at in ((last_seq, last_hash), (last_seq - 1, last_prev))
         if not ok:
             said = f"seq {head[0]}" if head else "no head file"
             raise AuditError(f"{where}: the log ends at seq {last_seq} but its head says"
@@ -420,9 +421,6 @@ def verify(path: str | Path, public_key: bytes | None = None) -> list[str]:
     path = Path(path)
     problems: list[str] = []
     key = public_key if public_key is not None else stored_public_key(path)
-    if key is None:
-        problems.append(f"{public_key_path(path)}: missing or not a 32-byte key, so no"
-                        " signature can be checked")
     prev, expect, last_hash, last_prev = GENESIS, 1, GENESIS, GENESIS
     signed_upto = 0
     files = [*rotated_files(path), path]
@@ -472,9 +470,12 @@ def verify(path: str | Path, public_key: bytes | None = None) -> list[str]:
             problems.append(f"{f}: a rotated file must end with a checkpoint; it was cut or"
                             " edited")
     last_seq = expect - 1
+    if key is None and last_seq:
+        problems.append(f"{public_key_path(path)}: missing or not a 32-byte key, so no"
+                        " signature can be checked")
     head = _read_head(path)
     if head is None:
-        if last_seq:
+        if last_seq > 1:  # with one record: a power cut before the first head was written
             problems.append(f"{head_path(path)}: missing, so records cut off the end cannot be"
                             " detected")
     elif head[0] == -1:
