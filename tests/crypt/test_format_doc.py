@@ -7,6 +7,7 @@ drift between the document and the code fails here.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import struct
 import zlib
 from pathlib import Path
@@ -52,6 +53,41 @@ def _tree_root(page_hashes: list[bytes]) -> bytes:
                  for i in range(0, len(level), 2)]
         depth += 1
     return level[0]
+
+
+def hkdf_sha256(ikm: bytes, info: bytes, length: int = 32) -> bytes:
+    """RFC 5869 with no salt, written out (not the library's): section 1.2's block_key."""
+    prk = hmac.new(bytes(32), ikm, hashlib.sha256).digest()
+    out, t, i = b"", b"", 1
+    while len(out) < length:
+        t = hmac.new(prk, t + info + bytes([i]), hashlib.sha256).digest()
+        out, i = out + t, i + 1
+    return out[:length]
+
+
+def doc_block_key(data_key: bytes, disk_id: bytes, key_id: int) -> bytes:
+    if key_id == 0:
+        return data_key
+    return hkdf_sha256(data_key, b"trustvbd-block-key-v1\x00" + disk_id + key_id.to_bytes(8, "big"))
+
+
+def doc_leaf(raw: bytes, b: int) -> tuple[int, bytes, int]:
+    """(version, tag, key_id) of block b's leaf, section 1.1."""
+    version, tag, key_id = struct.unpack_from(">Q16sQ", raw, 8192 + 32 * b)
+    return version, tag, key_id
+
+
+def doc_read_block(raw: bytes, d: int, b: int, data_key: bytes, disk_id: bytes,
+                   counter: int) -> bytes:
+    version, tag, key_id = doc_leaf(raw, b)
+    if version == 0:
+        assert tag == bytes(16) and key_id == 0
+        return bytes(4096)
+    assert version < counter
+    nonce = version.to_bytes(8, "big") + bytes(4)
+    aad = disk_id + b.to_bytes(8, "big") + version.to_bytes(8, "big")
+    ct = raw[d + 4096 * b:d + 4096 * (b + 1)]
+    return AESGCM(doc_block_key(data_key, disk_id, key_id)).decrypt(nonce, ct + tag, aad)
 
 
 def test_an_independent_reader_follows_the_document(tmp_path: Path) -> None:
@@ -107,15 +143,10 @@ def test_an_independent_reader_follows_the_document(tmp_path: Path) -> None:
 
     # Sections 1.1 and 1.2: leaves and blocks.
     def read_block(b: int) -> bytes:
-        version, tag = struct.unpack_from(">Q16s", raw, 8192 + 32 * b)
-        if version == 0:
-            return bytes(4096)
-        assert version < counter
-        nonce = version.to_bytes(8, "big") + bytes(4)
-        aad = disk_id + b.to_bytes(8, "big") + version.to_bytes(8, "big")
-        ct = raw[d + 4096 * b:d + 4096 * (b + 1)]
-        return AESGCM(data_key).decrypt(nonce, ct + tag, aad)
+        return doc_read_block(raw, d, b, data_key, disk_id, counter)
 
+    key_ids = {struct.unpack_from(">Q", raw, 8192 + 32 * b + 24)[0] for b in (0, 299)}
+    assert len(key_ids) == 1 and 0 not in key_ids  # one open, one random non-zero key id
     assert read_block(0) == pattern(0)
     assert read_block(1) == bytes(4096)  # trimmed
     assert raw[8192 + 32:8192 + 64] == bytes(32)

@@ -9,7 +9,7 @@ encryption domain (same trust, same keys) and share memory with it:
   IN (MAX_BLOCKS*4096 + 16) | OUT (same) | LEAVES (MAX_BLOCKS*32);
 - messages on a SOCK_SEQPACKET socketpair, one datagram each, little-endian:
 
-  key      b"K" disk u32, data_key 32 bytes, disk_id 16 bytes
+  key      b"K" disk u32, data_key 32 bytes, disk_id 16 bytes, key id u64 (this open's)
   forget   b"F" disk u32
   encrypt  b"E" job u32, disk u32, slot u32, n u32, first_block u64, first_version u64
            IN holds n plaintext blocks; the worker writes ciphertext to OUT and
@@ -34,7 +34,7 @@ OUT_OFFSET = DATA_BYTES
 LEAVES_OFFSET = 2 * DATA_BYTES
 SLOT_SIZE = LEAVES_OFFSET + MAX_BLOCKS * LEAF_SIZE
 
-KEY = struct.Struct("<cI32s16s")
+KEY = struct.Struct("<cI32s16sQ")
 FORGET = struct.Struct("<cI")
 JOB = struct.Struct("<cIIIIQQ")
 REPLY = struct.Struct("<IBI")

@@ -164,14 +164,14 @@ class AeadPool:
     def worker_pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers if w.alive]
 
-    def cipher(self, data_key: bytes, disk_id: bytes) -> BulkCipher:
-        """A cipher for one disk: its key goes to every worker."""
+    def cipher(self, data_key: bytes, disk_id: bytes, key_id: int = 0) -> BulkCipher:
+        """A cipher for one disk (encrypting under `key_id`): its key goes to every worker."""
         disk = self._next_disk
         self._next_disk += 1
-        self._keys[disk] = j.KEY.pack(j.OP_KEY, disk, data_key, disk_id)
+        self._keys[disk] = j.KEY.pack(j.OP_KEY, disk, data_key, disk_id, key_id)
         for worker in self._workers:
             self._send(worker, self._keys[disk])
-        return BulkCipher(self, disk, BlockCipher(data_key, disk_id))
+        return BulkCipher(self, disk, BlockCipher(data_key, disk_id, key_id))
 
     def forget(self, disk: int) -> None:
         self._keys.pop(disk, None)

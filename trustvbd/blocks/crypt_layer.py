@@ -47,7 +47,14 @@ from trustvbd.blocks.integrity import (
 from trustvbd.blocks.layer import ReadInto, reader_into
 from trustvbd.blocks.ranges import RangeLock, describe_blocks
 from trustvbd.blocks.replica_set import BadBlocks, Replica, ReplicaSet
-from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE, POISON_VERSION, BlockCipher, leaf_version
+from trustvbd.crypt.aead import (
+    BLOCK_SIZE,
+    LEAF_SIZE,
+    POISON_VERSION,
+    BlockCipher,
+    leaf_version,
+    new_key_id,
+)
 from trustvbd.crypt.keys import DiskSecrets, Kek, KeyFileError, WrongKeyError
 from trustvbd.crypt.superblock import Layout
 from trustvbd.crypt.tree import HashTree
@@ -98,9 +105,13 @@ class CryptDisk:
         self._commits = commits
         self._leaves = commits.leaves
         self._lay = commits.lay
-        self._cipher = BlockCipher(secrets.data_key, secrets.disk_id)
+        # A fresh key id per open: even if the trusted state and the replicas were restored
+        # from a backup (the version counter replayed), no (key, nonce) pair ever repeats.
+        key_id = new_key_id()
+        self._cipher = BlockCipher(secrets.data_key, secrets.disk_id, key_id)
         # Whole requests go through _bulk: with a pool, big ones run in its workers.
-        self._bulk: BulkCipher | None = aead.cipher(secrets.data_key, secrets.disk_id) if aead else None
+        self._bulk: BulkCipher | None = (aead.cipher(secrets.data_key, secrets.disk_id, key_id)
+                                         if aead else None)
         self.public_key = secrets.public_key
         self._events = events
         # Blocks whose replica write failed: the replica may hold the ciphertext

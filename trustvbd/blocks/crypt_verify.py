@@ -5,7 +5,7 @@ What can be checked without the data key or the trusted anchor, and is:
 - the leaf table against the newest valid superblock: its tree root, and per
   group of leaf pages (the tree level the superblock carries) which groups are bad;
 - every leaf's shape: version 0 means an all-zero leaf, versions are below the
-  signed counter bound and no version is used by two blocks, reserved bytes zero.
+  signed counter bound and no (key id, version) pair is used by two blocks.
 
 What cannot be checked here, and the report says so: the AEAD tag of each data
 block (needs the data key: open the disk in the encryption domain and read it,
@@ -115,27 +115,28 @@ async def verify_replica(replica: Backend, public_key: bytes) -> VerifyReport:
     bad_blocks = {b for p in rep.bad_pages
                   for b in range(p * LEAVES_PER_PAGE, min((p + 1) * LEAVES_PER_PAGE, lay.blocks))}
 
-    seen: dict[int, int] = {}
+    seen: dict[tuple[int, int], int] = {}
     shape_bad: list[int] = []
-    for b, (version, tag, reserved) in enumerate(struct.iter_unpack(">Q16s8s", table)):
+    for b, (version, tag, key_id) in enumerate(struct.iter_unpack(">Q16sQ", table)):
         if b >= lay.blocks:
-            if version or tag.count(0) != 16 or reserved.count(0) != 8:
+            if version or tag.count(0) != 16 or key_id:
                 shape_bad.append(b)  # a padding leaf past the end
             continue
         if version == 0:
-            if tag.count(0) != 16 or reserved.count(0) != 8:
+            if tag.count(0) != 16 or key_id:
                 shape_bad.append(b)
         elif version == POISON_VERSION:
             rep.poisoned_blocks.append(b)
         else:
             rep.written_blocks += 1
-            if version >= best.counter_high or reserved.count(0) != 8 or version in seen:
+            nonce = (key_id, version)  # (block key, GCM nonce): never twice
+            if version >= best.counter_high or nonce in seen:
                 shape_bad.append(b)
-                if version in seen:
-                    shape_bad.append(seen[version])
-            seen[version] = b
+                if nonce in seen:
+                    shape_bad.append(seen[nonce])
+            seen[nonce] = b
     rep.checked.append(f"leaf shapes of {lay.blocks} blocks (zero leaves, version bound "
-                       f"{best.counter_high}, no version used twice)")
+                       f"{best.counter_high}, no (key id, version) used twice)")
     if shape_bad:
         rep.problems.append(f"{len(set(shape_bad))} malformed leaves, e.g. blocks "
                             f"{sorted(set(shape_bad))[:8]}")

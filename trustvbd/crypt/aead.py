@@ -3,11 +3,16 @@
 One `BlockCipher` per disk reuses one AESGCM object and encrypts or decrypts a
 whole request per call into caller-provided buffers, so the hot path makes no
 per-block allocations. The *leaf* of a block (32 bytes: version u64 BE, GCM tag,
-8 reserved zero bytes) is everything needed to check the block later; leaves
+key id u64 BE) is everything needed to check the block later; leaves
 live in the leaf table, the ciphertext alone in the data area.
 
 Nonce = version u64 BE || 0x00000000. Versions come from one per-disk counter
-that is reserved in trusted state before use, so (key, nonce) never repeats.
+that is reserved in trusted state before use, so within one open no nonce
+repeats. Restoring the trusted state (and a replica) from a backup would replay
+the counter, so every open also picks a random 64-bit *key id* and encrypts
+under a block key derived from the data key and that id (HKDF-SHA-256); the id
+is stored in the leaf, so (key, nonce) never repeats whatever is restored. Key
+id 0 is the data key itself: leaves written before key ids existed.
 AAD = disk_id (16) || block u64 BE || version u64 BE: a block cannot be moved,
 spliced from another disk or replayed under another version unnoticed.
 """
@@ -15,10 +20,13 @@ spliced from another disk or replayed under another version unnoticed.
 from __future__ import annotations
 
 import functools
+import os
 import struct
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 BLOCK_SIZE = 4096
 TAG_SIZE = 16
@@ -35,15 +43,38 @@ _pack_into = struct.pack_into
 _unpack_from = struct.unpack_from
 
 
+_KEY_CONTEXT = b"trustvbd-block-key-v1\x00"
+
+
 def leaf_version(leaves: bytes | bytearray | memoryview, index: int) -> int:
     """The version field of leaf `index` in a run of leaves."""
     return int(_unpack_from(">Q", leaves, index * LEAF_SIZE)[0])
 
 
+def leaf_key_id(leaves: bytes | bytearray | memoryview, index: int) -> int:
+    """The key id field of leaf `index` (bytes 24-31)."""
+    return int(_unpack_from(">Q", leaves, index * LEAF_SIZE + 24)[0])
+
+
+def new_key_id() -> int:
+    """A random non-zero key id for one open of a disk."""
+    while not (kid := int.from_bytes(os.urandom(8), "big")):
+        pass
+    return kid
+
+
+def block_key(data_key: bytes, disk_id: bytes, key_id: int) -> bytes:
+    """The AES-256 key of blocks written under `key_id` (0: the data key itself)."""
+    if key_id == 0:
+        return bytes(data_key)
+    info = _KEY_CONTEXT + bytes(disk_id) + key_id.to_bytes(8, "big")
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(data_key)
+
+
 @functools.cache
 def _versions(n: int) -> struct.Struct:
-    """Unpacks the version fields of n leaves in one call."""
-    return struct.Struct(">" + "Q24x" * n)
+    """Unpacks the version and key id fields of n leaves in one call."""
+    return struct.Struct(">" + "Q16xQ" * n)
 
 
 class BlockViews:
@@ -59,10 +90,11 @@ class BlockViews:
 
     Decrypting uses `data` (ciphertext), `leaf_tag`, `out`; encrypting uses `data`
     (plaintext), `out_tagged` (each block with room for the tag GCM appends; so
-    `out` needs n*4096 + 16 bytes), `out_tag`, `leaf_version`, `leaf_tag`.
+    `out` needs n*4096 + 16 bytes), `out_tag`, `leaf_version`, `leaf_tag`, `leaf_key_id`.
     """
 
-    __slots__ = ("data", "leaf_tag", "leaf_version", "leaves", "out", "out_tag", "out_tagged")
+    __slots__ = ("data", "leaf_key_id", "leaf_tag", "leaf_version", "leaves", "out", "out_tag",
+                 "out_tagged")
 
     def __init__(self, data: memoryview, leaves: memoryview, out: memoryview, n: int, *,
                  encrypt: bool) -> None:
@@ -74,10 +106,12 @@ class BlockViews:
         self.out_tagged: list[memoryview] = []
         self.out_tag: list[memoryview] = []
         self.leaf_version: list[memoryview] = []
+        self.leaf_key_id: list[memoryview] = []
         if encrypt:
             self.out_tagged = [out[i * bs:(i + 1) * bs + TAG_SIZE] for i in range(n)]
             self.out_tag = [out[(i + 1) * bs:(i + 1) * bs + TAG_SIZE] for i in range(n)]
             self.leaf_version = [leaves[i * ls:i * ls + 8] for i in range(n)]
+            self.leaf_key_id = [leaves[i * ls + 24:i * ls + 32] for i in range(n)]
         else:
             self.out = [out[i * bs:(i + 1) * bs] for i in range(n)]
 
@@ -85,11 +119,16 @@ class BlockViews:
 class BlockCipher:
     """AES-256-GCM for the blocks of one disk."""
 
-    def __init__(self, data_key: bytes, disk_id: bytes) -> None:
+    def __init__(self, data_key: bytes, disk_id: bytes, key_id: int = 0) -> None:
+        """Encrypts under `key_id` (one per open, see new_key_id); decrypts any leaf's."""
         if len(data_key) != 32 or len(disk_id) != 16:
             raise ValueError("data key must be 32 bytes and disk id 16 bytes")
-        self._aead = AESGCM(data_key)
+        self._data_key = bytes(data_key)
         self._disk_id = bytes(disk_id)
+        self._keys: dict[int, AESGCM] = {}
+        self.key_id = key_id
+        self._key_id_bytes = key_id.to_bytes(8, "big")
+        self._aead = self._aead_for(key_id)
         # Scratch buffers made once per cipher, not per call: encrypt and decrypt
         # never suspend, so no two calls use them at the same time (all callers
         # run on one event loop thread), and a 4 KiB request paid for them anew.
@@ -102,6 +141,14 @@ class BlockCipher:
         self._joined = bytearray(BLOCK_SIZE + TAG_SIZE)
         jv = memoryview(self._joined)
         self._j_ct, self._j_tag = jv[:BLOCK_SIZE], jv[BLOCK_SIZE:]
+
+    def _aead_for(self, key_id: int) -> AESGCM:
+        aead = self._keys.get(key_id)
+        if aead is None:
+            if len(self._keys) >= 256:  # ids of many past opens: keep the map bounded
+                self._keys.clear()
+            aead = self._keys[key_id] = AESGCM(block_key(self._data_key, self._disk_id, key_id))
+        return aead
 
     def encrypt(
         self, first_block: int, first_version: int, plain: memoryview, out: memoryview,
@@ -119,6 +166,7 @@ class BlockCipher:
         leaves[:n * LEAF_SIZE] = bytes(n * LEAF_SIZE)
         scratch, aad, nonce = self._scratch, self._aad, self._nonce
         enc = self._aead.encrypt_into
+        kid = self._key_id_bytes
         o = lo = 0
         b, v = first_block, first_version
         for _ in range(n):
@@ -127,6 +175,7 @@ class BlockCipher:
             enc(nonce, plain[o:e], aad, out[o:e + TAG_SIZE])
             leaves[lo:lo + 8] = nonce[:8]
             leaves[lo + 8:lo + 24] = out[e:e + TAG_SIZE]
+            leaves[lo + 24:lo + 32] = kid
             o = e
             lo += LEAF_SIZE
             b += 1
@@ -140,14 +189,16 @@ class BlockCipher:
         scratch, aad, nonce, version = self._scratch, self._aad, self._nonce, self._version
         enc = self._aead.encrypt_into
         delta = first_version - first_block
-        for b, plain, out, tag, leaf_version, leaf_tag in zip(
+        for b, plain, out, tag, leaf_version, leaf_tag, leaf_kid in zip(
             range(first_block, first_block + n), views.data, views.out_tagged, views.out_tag,
-            views.leaf_version, views.leaf_tag, strict=False,  # the views may cover more than n
+            views.leaf_version, views.leaf_tag, views.leaf_key_id,
+            strict=False,  # the views may cover more than n
         ):
             _pack_into(">QQ", scratch, 16, b, b + delta)
             enc(nonce, plain, aad, out)
             leaf_version[:] = version
             leaf_tag[:] = tag
+            leaf_kid[:] = self._key_id_bytes
 
     def decrypt(
         self, first_block: int, cipher: memoryview, leaves: memoryview, out: memoryview,
@@ -166,12 +217,15 @@ class BlockCipher:
         bad: list[int] = []
         scratch, aad, nonce = self._scratch, self._aad, self._nonce
         joined, j_ct, j_tag = self._joined, self._j_ct, self._j_tag
+        dec_kid = self.key_id
         dec = self._aead.decrypt_into
         o = lo = 0
         b = first_block
         for i in range(n):
             e = o + BLOCK_SIZE
-            v = _unpack_from(">Q", leaves, lo)[0]
+            v, kid = _unpack_from(">Q16xQ", leaves, lo)
+            if kid != dec_kid:  # written in another open of the disk
+                dec_kid, dec = kid, self._aead_for(kid).decrypt_into
             if v == 0 or v == POISON_VERSION:
                 out[o:e] = _ZERO_BLOCK
                 if v:
@@ -197,12 +251,15 @@ class BlockCipher:
         bad: list[int] = []
         scratch, aad, nonce = self._scratch, self._aad, self._nonce
         joined, j_ct, j_tag = self._joined, self._j_ct, self._j_tag
+        dec_kid = self.key_id
         dec = self._aead.decrypt_into
-        versions = _versions(n).unpack_from(views.leaves)
-        for b, cipher, leaf_tag, out, v in zip(
-            range(first_block, first_block + n), views.data, views.leaf_tag, views.out, versions,
-            strict=False,  # the views may cover more than n
+        fields = _versions(n).unpack_from(views.leaves)
+        for b, cipher, leaf_tag, out, v, kid in zip(
+            range(first_block, first_block + n), views.data, views.leaf_tag, views.out,
+            fields[0::2], fields[1::2], strict=False,  # the views may cover more than n
         ):
+            if kid != dec_kid:  # written in another open of the disk
+                dec_kid, dec = kid, self._aead_for(kid).decrypt_into
             if v == 0 or v == POISON_VERSION:
                 out[:] = _ZERO_BLOCK
                 if v:

@@ -39,8 +39,8 @@ def serve(sock: socket.socket, shm: mmap.mmap) -> None:
             return  # the encryption domain closed the socket: done
         op = msg[:1]
         if op == j.OP_KEY and len(msg) == j.KEY.size:
-            _, disk, key, disk_id = j.KEY.unpack(msg)
-            ciphers[disk] = BlockCipher(key, disk_id)
+            _, disk, key, disk_id, key_id = j.KEY.unpack(msg)
+            ciphers[disk] = BlockCipher(key, disk_id, key_id)
             continue
         if op == j.OP_FORGET and len(msg) == j.FORGET.size:
             ciphers.pop(j.FORGET.unpack(msg)[1], None)
