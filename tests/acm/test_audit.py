@@ -328,3 +328,25 @@ def test_follow_yields_new_records(tmp_path):
     log.append("decision", allowed=False)
     log.close()
     assert done.wait(5) and seen == [1, 2, 3, 4]
+
+
+def test_follow_goes_on_across_rotation(tmp_path):
+    path = make_log(tmp_path, 2)
+    seen: list[int] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        for rec in follow(path, poll=0.01):
+            seen.append(rec["seq"])
+            if len(seen) == 30:
+                done.set()
+                return
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    log = AuditLog(path, rotate_bytes=1000)
+    for i in range(40):
+        log.append("decision", n=i)
+    log.close()
+    assert rotated_files(path)
+    assert done.wait(5) and seen == list(range(1, 31))

@@ -499,16 +499,41 @@ def verify(path: str | Path, public_key: bytes | None = None) -> list[str]:
 
 
 def follow(path: str | Path, poll: float = 0.2) -> Iterator[dict[str, Any]]:
-    """Yield every record, then each new one as it is appended (for `audit show --follow`)."""
-    with open(path, "rb") as f:
-        buf = b""
+    """Yield every record of PATH, then each new one as it is appended (`audit --follow`),
+    going on across rotations (records are yielded once each, in seq order)."""
+    path = Path(path)
+    last = 0
+
+    def fresh(line: bytes) -> dict[str, Any] | None:
+        rec = parse_record(line) if line.strip() else None
+        return rec if rec is not None and rec["seq"] > last else None
+
+    f = open(path, "rb")
+    try:
+        buf, rotated = b"", False
         while True:
             chunk = f.read(65536)
             if not chunk:
-                time.sleep(poll)
+                if rotated:  # read to its end: catch up through the files rotated since
+                    f.close()
+                    for older in rotated_files(path):
+                        with open(older, "rb") as g:
+                            for line in g:
+                                if (rec := fresh(line)) is not None:
+                                    last = rec["seq"]
+                                    yield rec
+                    f, buf, rotated = open(path, "rb"), b"", False
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    rotated = os.stat(path).st_ino != os.fstat(f.fileno()).st_ino
+                if not rotated:
+                    time.sleep(poll)
                 continue
             buf += chunk
             *complete, buf = buf.split(b"\n")
             for line in complete:
-                if line.strip() and (rec := parse_record(line)) is not None:
+                if (rec := fresh(line)) is not None:
+                    last = rec["seq"]
                     yield rec
+    finally:
+        f.close()
