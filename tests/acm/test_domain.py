@@ -19,7 +19,7 @@ import pytest
 
 from tests.acm.util import EXAMPLE_TOML, XM_TEST
 from trustvbd.acm import load_policy
-from trustvbd.acm.audit import HYPERVISOR, AuditLog, verify
+from trustvbd.acm.audit import HYPERVISOR, AuditLog, crypt_role, verify
 from trustvbd.acm.client import AcmClient
 from trustvbd.acm.commands import write_compiled
 from trustvbd.acm.compiled import encode
@@ -165,25 +165,30 @@ def test_each_domain_records_only_its_own_events(xm):
         return ask(op="hello", role=role, token=token or role_token(xm.roles_secret, role))
 
     integrity = {"what": "data", "disk": "d1", "blocks": list(range(5000)), "message": "bad"}
+    crypt = crypt_role(["d1"], ["vm1"])
+    assert crypt == "crypt:d1/vm1"
     assert "has not proven a role" in ask(op="record", kind="integrity", fields=integrity)["error"]
-    assert "not proven" in hello("crypt:d1", token="00" * 32)["error"]
-    assert "not proven" in hello("crypt:d1,d2", token=role_token(xm.roles_secret, "crypt:d1"))[
+    assert "not proven" in hello(crypt, token="00" * 32)["error"]
+    assert "not proven" in hello("crypt:d1,d2/vm1", token=role_token(xm.roles_secret, crypt))[
         "error"]  # a token proves exactly the role it was made for
-    assert hello("crypt:d1")["ok"] is True
+    assert hello(crypt)["ok"] is True
     assert ask(op="record", kind="integrity", fields=integrity)["ok"] is True
     assert "may not record integrity events about disk 'd2'" in ask(
         op="record", kind="integrity", fields={**integrity, "disk": "d2"})["error"]
-    assert "may not record event" in ask(op="record", kind="event", fields={"disk": "d1"})["error"]
+    refused = {"event": "guest-refused", "guest": "vm1", "reason": "uid 7"}
+    assert ask(op="record", kind="event", fields=refused)["ok"] is True  # its own guest's socket
+    assert "may not record event events about guest 'vm2'" in ask(
+        op="record", kind="event", fields={**refused, "guest": "vm2"})["error"]
     assert hello(HYPERVISOR)["ok"] is True  # a connection can prove another role only with its token
     assert ask(op="record", kind="event", fields={"event": "started"})["ok"] is True
     assert ask(op="record", kind="integrity", fields=integrity)["ok"] is False
     records = AuditLog.read(xm.audit)
     [rec] = [r for r in records if r["kind"] == "integrity"]
-    assert rec["fields"]["source"] == "crypt:d1" and len(rec["fields"]["blocks"]) == 5000
-    refused = [r["fields"] for r in records if r["fields"].get("event") == "record-refused"]
-    assert [r["disk"] for r in refused] == ["d1", "d2", "d1", "d1"]
+    assert rec["fields"]["source"] == crypt and len(rec["fields"]["blocks"]) == 5000
+    rejected = [r["fields"] for r in records if r["fields"].get("event") == "record-refused"]
+    assert [r["disk"] for r in rejected] == ["d1", "d2", "None", "d1"]
     assert [r["fields"]["role"] for r in records if r["fields"].get("event") == "role-refused"] == [
-        "crypt:d1", "crypt:d1,d2"]
+        crypt, "crypt:d1,d2/vm1"]
     assert verify(xm.audit) == []
 
 

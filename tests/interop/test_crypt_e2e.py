@@ -391,6 +391,21 @@ def test_no_data_journal_metadata_writes_are_small(short_tmp: Path) -> None:
 def test_integrity_events_reach_the_audit_log(written: System) -> None:
     flip(backing(written.root), layout().data_offset(9) + 7)
     written.start()
+
+    def acm_pid() -> int | None:
+        status = json.loads(written.cli("status", "-c", str(written.config), "--json").stdout)
+        return next((d["pid"] for d in status["domains"] if d["kind"] == "acm"
+                     and d["state"] == "running"), None)
+
+    # The access-control domain dies and is restarted: each domain proves its role again,
+    # with a roles secret the restarted domain got through a fresh pipe.
+    first = acm_pid()
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while (pid := acm_pid()) in (None, first):
+        assert time.monotonic() < deadline, "the access-control domain was not restarted"
+        time.sleep(0.2)
     run(["qemu-io", "-f", "raw", written.uri("vm1", "payroll"), "-c", f"read {9 * 4096} 4096"], check=False)
     written.stop()
     out = written.cli("audit", "-c", str(written.config), "--json").stdout

@@ -140,24 +140,36 @@ def _signature_ok(public_key: bytes | None, seq: int, digest: str, sig: object) 
 # ---------------------------------------------------------------- who records what
 
 HYPERVISOR = "hypervisor"
-CRYPT = "crypt:"  # + the encryption domain's disks, comma-separated
+CRYPT = "crypt:"  # crypt:DISK,DISK.../GUEST,GUEST...: an encryption domain's disks and guests
 
 
-def role_disks(role: str) -> set[str]:
-    return set(role[len(CRYPT):].split(",")) if role.startswith(CRYPT) else set()
+def crypt_role(disks: list[str], guests: list[str]) -> str:
+    return f"{CRYPT}{','.join(sorted(disks))}/{','.join(sorted(guests))}"
+
+
+def _role_names(role: str, part: int) -> set[str]:
+    if not role.startswith(CRYPT):
+        return set()
+    parts = role[len(CRYPT):].split("/")
+    return set(filter(None, parts[part].split(","))) if part < len(parts) else set()
 
 
 def may_record(role: str | None, kind: str, fields: dict[str, Any]) -> str | None:
     """Why `role` may not add this record (None: it may). Each domain records only its own:
-    the hypervisor its events, an encryption domain the integrity events of its disks."""
+    the hypervisor its events; an encryption domain the integrity events of its disks and
+    the events about its guests' sockets (guest-refused)."""
     if role is None:
         return ('this connection has not proven a role (send "hello" with the token the'
                 " launcher gave)")
     if kind == "event" and role == HYPERVISOR:
         return None
-    if kind == "integrity" and fields.get("disk") in role_disks(role):
+    if kind == "integrity" and fields.get("disk") in _role_names(role, 0):
         return None
-    return f"{role!r} may not record {kind} events about disk {fields.get('disk')!r}"
+    if kind == "event" and fields.get("guest") in _role_names(role, 1):
+        return None
+    about = (f"disk {fields.get('disk')!r}" if kind == "integrity"
+             else f"guest {fields.get('guest')!r}")
+    return f"{role!r} may not record {kind} events about {about}"
 
 
 # ---------------------------------------------------------------- summaries

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from trustvbd.acm import Policy, PolicyError, load_policy
-from trustvbd.acm.audit import CRYPT, HYPERVISOR
+from trustvbd.acm.audit import HYPERVISOR, crypt_role
 from trustvbd.acm.client import AcmClient
 from trustvbd.acm.commands import AUDIT_FILE, write_compiled
 from trustvbd.acm.compiled import SUFFIX as COMPILED_SUFFIX
@@ -443,7 +443,9 @@ class Launcher:
                     g.guest: str(g.path) for g, s in self.listeners
                     if d.name in self.types[g.wtype] and s.family == socket.AF_UNIX}}
                 for d in c.disks.values() if d.name not in self.types[wtype]},
-            "acm_hello": self.role_hello(CRYPT + ",".join(sorted(self.types[wtype]))),
+            # What it may record: integrity events of its disks, refusals at its guests' sockets.
+            "acm_hello": self.role_hello(crypt_role(self.types[wtype],
+                                                    [g.guest for g, _ in listeners])),
         }
 
     def role_hello(self, role: str) -> dict[str, str]:
