@@ -6,8 +6,9 @@ import signal
 
 from tests.acm.test_domain import Acm
 from tests.acm.util import XM_TEST
-from trustvbd.acm.audit import AuditLog, verify
+from trustvbd.acm.audit import AuditLog, crypt_role, verify
 from trustvbd.acm.repeats import MAX_KEYS, RepeatCounter
+from trustvbd.crypt.tokens import role_token
 
 
 class Clock:
@@ -56,6 +57,8 @@ def test_a_flood_of_refusals_costs_one_record_each() -> None:
         allowed = {**ask, "disk_label": "red"}
         for _ in range(3):
             assert acm.ask(**allowed)["allowed"] is True  # allowed ones: every one written
+        role = crypt_role([], ["vm1"])  # only vm1's encryption domain may record its refusals
+        assert acm.ask(op="hello", role=role, token=role_token(acm.roles_secret, role))["ok"]
         assert acm.ask(op="record", kind="event",
                        fields={"event": "guest-refused", "guest": "vm1", "reason": "uid 7"})["ok"]
         assert acm.ask(op="record", kind="event",

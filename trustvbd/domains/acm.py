@@ -72,7 +72,7 @@ class AcmDomain:
         self.connections = 0  # numbers the client connections that own attachments
         self.repeats = RepeatCounter()  # identical refusals: written once per window, counted
 
-    def _append(self, kind: str, refusal: bool, **fields: Any) -> None:
+    def _append(self, kind: str, refusal: bool, /, **fields: Any) -> None:
         if not (refusal and self.repeats.repeat(kind, fields)):
             self.audit.append(kind, **fields)
 
