@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tests.fuzz.targets import CORPUS, DISK_ID, KEY_FILE_KEK, SIGNER
 from trustvbd.acm.audit import AuditLog, head_path
+from trustvbd.blocks import anchor_file
 from trustvbd.blocks.disk_state import Anchor
 from trustvbd.crypt import keys as keys_mod
 from trustvbd.crypt import superblock as sb
@@ -40,7 +41,11 @@ def _superblocks() -> dict[str, bytes]:
 
 
 def _anchor() -> dict[str, bytes]:
-    return {"valid": b"\x00" + Anchor(DISK_ID, 1 << 20, 3, 1 << 20, bytes(range(32))).encode()}
+    v1 = Anchor(DISK_ID, 1 << 20, 3, 1 << 20, bytes(range(32))).encode()
+    members = ((bytes(range(16)), 1), (bytes(16), 2))
+    two = bytearray(anchor_file.new_file((DISK_ID, 1 << 20, 3, 1 << 20, bytes(range(32)), None)))
+    two[:512] = anchor_file.encode_slot(DISK_ID, 1 << 20, 4, 1 << 20, bytes(32), members, seq=2)
+    return {"valid": b"\x00" + v1, "two-slots-members": b"\x00" + bytes(two)}
 
 
 def _intent_log() -> dict[str, bytes]:

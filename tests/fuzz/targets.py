@@ -29,6 +29,7 @@ from trustvbd.acm.model import PolicyError
 from trustvbd.acm.toml_loader import load_toml
 from trustvbd.acm.xml_loader import policy_from_xml
 from trustvbd.blockdev import BlockError
+from trustvbd.blocks import anchor_file
 from trustvbd.blocks.disk_state import Anchor, DiskState, IntentLog, TrustedStateError
 from trustvbd.blocks.file import MemoryBackend
 from trustvbd.crypt import keys as keys_mod
@@ -104,11 +105,25 @@ def fuzz_superblock(data: bytes) -> None:
     assert isinstance(result.kind, sb.SlotKind)
 
 
+def _fix_anchor_slot(slot: bytes) -> bytes:
+    end = 76  # the fixed record (versions 2 and 3) ...
+    if slot[12:16] == b"\0\0\0\x03" and len(slot) >= 80:  # ... then the replica list
+        end += 4 + 17 * min(int.from_bytes(slot[76:80], "big"), 8)
+    return _with_crc(slot, end)
+
+
 def fuzz_anchor(data: bytes) -> None:
+    """The anchor file in any form: one 92-byte record (version 1), or two 512-byte slots."""
     fix, raw = _fix(data)
-    if fix:
+    if fix and len(raw) == 2 * anchor_file.SLOT:
+        raw = _fix_anchor_slot(raw[:512]) + _fix_anchor_slot(raw[512:])
+    elif fix:
         raw = _with_crc(raw, len(raw) - 4) if len(raw) >= 4 else raw
-    Anchor.decode(raw, Path("anchor"))
+    state = DiskState(scratch(), "fuzz")
+    state.dir.mkdir(parents=True, exist_ok=True)
+    state.anchor_path.write_bytes(raw)
+    anchor = state.read_anchor()
+    assert isinstance(anchor, Anchor) and len(anchor.root) == 32
 
 
 def _fix_intent_log(raw: bytes) -> bytes:
@@ -346,7 +361,7 @@ class Target:
 
 TARGETS = {t.name: t for t in [
     Target("superblock", fuzz_superblock, (), 1 + sb.SLOT_SIZE),
-    Target("anchor", fuzz_anchor, (TrustedStateError,), 256),
+    Target("anchor", fuzz_anchor, (TrustedStateError,), 1 + 2 * 512),
     Target("intent_log", fuzz_intent_log, (TrustedStateError,), 8192),
     Target("pages", fuzz_pages, (), 1024),
     Target("keys", fuzz_keys, (keys_mod.KeyFileError, keys_mod.WrongKeyError), 512),
