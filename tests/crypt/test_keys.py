@@ -146,7 +146,8 @@ def test_replica_too_small_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("log_n", "r", "p"), [(0, 8, 1), (63, 8, 1), (64, 8, 1), (17, 1 << 20, 1),
-                                               (21, 8, 1), (17, 8, 0), (20, 32, 1)])
+                                               (21, 8, 1), (17, 8, 0), (20, 32, 1),
+                                               (17, 1, 1)])  # N >= 2^(16 r): found by make fuzz
 def test_hostile_scrypt_parameters_are_refused_before_scrypt_runs(
         log_n: int, r: int, p: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Found while writing the keys fuzz target: scrypt cost fields went straight to the

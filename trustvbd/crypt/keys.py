@@ -159,10 +159,11 @@ def _parse_header(blob: bytes, where: str) -> tuple:
                            " (file corrupted)")
     if kind == KEK_PASSPHRASE and not (
             1 <= log_n <= _SCRYPT_MAX_LOG_N and 1 <= r <= _SCRYPT_MAX_R
-            and 1 <= p <= _SCRYPT_MAX_P and 128 * r << log_n <= _SCRYPT_MAX_MEMORY):
+            and 1 <= p <= _SCRYPT_MAX_P and 128 * r << log_n <= _SCRYPT_MAX_MEMORY
+            and log_n < 16 * r):  # RFC 7914: N < 2^(128 r / 8)
         raise KeyFileError(
             f"{where}: keys file asks scrypt for N=2^{log_n}, r={r}, p={p}, outside what this"
-            f" reader accepts (log2 N 1-{_SCRYPT_MAX_LOG_N}, r 1-{_SCRYPT_MAX_R},"
+            f" reader accepts (log2 N 1-{_SCRYPT_MAX_LOG_N} and below 16 r, r 1-{_SCRYPT_MAX_R},"
             f" p 1-{_SCRYPT_MAX_P}, at most {_SCRYPT_MAX_MEMORY >> 20} MiB): the file is"
             " damaged or was not written by trustvbd; restore it from a backup")
     return fields
