@@ -360,3 +360,67 @@ def test_a_replica_coming_back_is_judged_before_it_takes_writes(tmp_path: Path) 
         assert bytes(mems[0].raw) == bytes(mems[1].raw), "the wiped replica was rebuilt whole"
         assert bytes(mems[2].raw) == before, "a replica holding another disk is never written"
     run(go())
+
+
+class Cable(Faulty):
+    """A link whose connection can be cut; reconnect_once works once the driver is back."""
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(next)
+        self.broken: str | None = None
+        self.driver_up = True
+        self.reconnects = 0
+
+    def cut(self) -> None:
+        self.broken, self.driver_up = "connection reset", False
+
+    async def reconnect_once(self) -> None:
+        if not self.driver_up:
+            raise BlockError(errno.ECONNREFUSED, "driver down")
+        self.broken = None
+        self.reconnects += 1
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        if self.broken:
+            raise BlockError(errno.EIO, self.broken)
+        await super().pwrite(offset, data, fua)
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        if self.broken:
+            raise BlockError(errno.EIO, self.broken)
+        return await super().pread(offset, length)
+
+    async def flush(self) -> None:
+        if self.broken:
+            raise BlockError(errno.EIO, self.broken)
+        await super().flush()
+
+
+def test_every_replica_gone_is_eio_audited_and_it_comes_back(tmp_path: Path) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        cables = [Cable(m) for m in mems]
+        events: list[dict[str, Any]] = []
+        disk = await open_set(tmp_path, kek, list(cables), events)
+        data = await fill(disk)
+        await disk.pwrite(0, pattern(0, 3))  # acknowledged, not flushed
+        for c in cables:
+            c.cut()
+        with pytest.raises(BlockError) as exc:
+            await disk.pread(BS, BS)
+        assert exc.value.errno == errno.EIO
+        assert any(e["what"] == "unavailable" for e in events), events
+        for c in cables:
+            c.driver_up = True
+        for _ in range(500):  # reconnected in the background, still current: reads work again
+            if all(c.broken is None for c in cables):
+                break
+            await asyncio.sleep(0.01)
+        assert bytes(await disk.pread(BS, BS)) == data[BS:2 * BS]
+        # The flush that follows cannot vouch for the write acknowledged before the cut.
+        with pytest.raises(BlockError, match="not flushed may be lost"):
+            await disk.flush()
+        await disk.flush()
+        await disk.close()
+    run(go())

@@ -143,6 +143,7 @@ class ReplicaSet:
         self.report: Callable[[str, str, list[int], str], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._lost_unflushed = False  # every current replica reconnected with unflushed writes
         self.epoch = 0  # the last committed epoch
         self._regroup()
 
@@ -216,6 +217,11 @@ class ReplicaSet:
     async def flush(self) -> None:
         unflushed, self._unflushed = self._unflushed, set()
         await self._all(self._writers, lambda r: r.link.flush(), lambda: unflushed, "flush")
+        if self._lost_unflushed:
+            self._lost_unflushed = False
+            raise BlockError(errno.EIO, f"disk {self.disk!r}: every current replica lost its "
+                             "connection; writes acknowledged before that but not flushed may be "
+                             "lost with the drivers")
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         # Space reclaim only (the leaves already say "zeros"): failures do not matter.
@@ -274,6 +280,7 @@ class ReplicaSet:
             if not isinstance(exc, Exception):  # cancelled: pass it on
                 raise exc
         if len(failed) == len(targets):
+            self._revive_broken(targets)
             raise failed[0][1]
         for r, exc in failed:
             self.degrade(r, blocks(), f"{what} failed: {exc}")
@@ -328,6 +335,7 @@ class ReplicaSet:
                     raise
             return result
         assert last is not None
+        self._revive_broken(readers)
         if len(self.replicas) > 1 and not isinstance(last, BadBlocks):
             self._report("unavailable", readers[0], [], (
                 f"disk {self.disk!r}: no current replica could serve blocks {b0}-{b0 + n - 1} "
@@ -394,6 +402,34 @@ class ReplicaSet:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _revive_broken(self, targets: list[Replica]) -> None:
+        """An operation failed on every replica it went to: with no one left to degrade
+        them in favour of, reconnect the broken ones in the background as they are."""
+        for r in targets:
+            if len(self.replicas) > 1 and isinstance(r.link, Breakable) and r.link.broken:
+                self._start(self._revive(r))
+
+    async def _revive(self, r: Replica) -> None:
+        if r.bringing_back or not isinstance(r.link, Reconnectable):
+            return
+        r.bringing_back = True
+        try:
+            delay = RECONNECT_FIRST
+            while not self._closed and r.state is not State.DEGRADED and _broken(r.link):
+                try:
+                    await r.link.reconnect_once()
+                except Exception as exc:
+                    r.last_error = str(exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RECONNECT_MAX)
+                    continue
+                if self._unflushed:  # acknowledged, not flushed: the driver may have lost them
+                    self._lost_unflushed = True
+        finally:
+            r.bringing_back = False
+        if r.state is State.DEGRADED:  # degraded meanwhile: the usual way back
+            self._start(self._bring_back(r))
 
     def start_recovery(self) -> None:
         """After open: bring every degraded replica back in the background."""
@@ -544,3 +580,8 @@ class ReplicaSet:
 
     def status(self) -> list[dict[str, Any]]:
         return [r.status() for r in self.replicas]
+
+
+def _broken(link: Backend) -> bool:
+    return isinstance(link, Breakable) and bool(link.broken)
+
