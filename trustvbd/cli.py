@@ -13,6 +13,15 @@ from typing import Any
 
 from trustvbd import __version__
 from trustvbd.config import Config, ConfigError, format_size, load_config, parse_size
+from trustvbd.domains.messages import (
+    HvStatus,
+    Message,
+    MessageError,
+    PolicyLoad,
+    PolicyLoaded,
+    StatusQuery,
+    decode,
+)
 
 EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
@@ -30,7 +39,7 @@ class NotRunning(Exception):
     """No `trustvbd up` runs for this config's state directory."""
 
 
-def control_request(config: Config, request: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+def control_request(config: Config, request: Message, timeout: float = 30) -> Message:
     """Ask the running `trustvbd up` (its launcher) something; exit 3 if none runs."""
     try:
         return ask_running(config, request, timeout)
@@ -39,7 +48,7 @@ def control_request(config: Config, request: dict[str, Any], timeout: float = 30
         raise SystemExit(EXIT_NOT_RUNNING) from None
 
 
-def ask_running(config: Config, request: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+def ask_running(config: Config, request: Message, timeout: float = 30) -> Message:
     """Ask the running `trustvbd up` something; raise NotRunning if none runs.
 
     One request per connection; its id comes back with the reply all the same, as on
@@ -50,7 +59,7 @@ def ask_running(config: Config, request: dict[str, Any], timeout: float = 30) ->
     rid = secrets.randbelow(1 << 62) + 1
     try:
         sock.connect(str(config.control_socket))
-        sock.sendall(json.dumps({**request, "id": rid}).encode() + b"\n")
+        sock.sendall(json.dumps({**request.encode(), "id": rid}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(1 << 20)
@@ -62,16 +71,20 @@ def ask_running(config: Config, request: dict[str, Any], timeout: float = 30) ->
                          f" (start it with: trustvbd up -c {config.path})") from None
     finally:
         sock.close()
-    reply: dict[str, Any] = json.loads(data)
-    if reply.pop("reply_to", None) != rid:
-        raise SystemExit(f"trustvbd: the launcher's reply does not answer this request: {reply}")
-    return reply
+    try:
+        reply = json.loads(data)
+        if not isinstance(reply, dict) or reply.get("reply_to") != rid:
+            raise MessageError(f"it does not answer this request: {str(reply)[:200]}")
+        return decode(reply)
+    except ValueError as exc:
+        raise SystemExit(f"trustvbd: bad reply from the launcher ({config.control_socket}):"
+                         f" {exc}") from None
 
 
 # -- up / driver / status ------------------------------------------------------------
 def cmd_up(args: argparse.Namespace) -> int:
     from trustvbd.domains.common import run, setup_logging
-    from trustvbd.domains.hv import run_up
+    from trustvbd.domains.up import run_up
 
     config = _config(args.config)
     setup_logging("hv")
@@ -115,6 +128,10 @@ def print_status(status: dict[str, Any]) -> None:
         trust = "trusted" if d["trusted"] else "untrusted"
         label = f" label {d['label']}" if d["label"] else ""
         restarts = f" restarts {d['restarts']}" if d.get("restarts") else ""
+        if d.get("last_exit"):
+            restarts += f" (last: {d['last_exit']})"
+        if d.get("next_retry") is not None:
+            restarts += f", next try in {d['next_retry']} s"
         print(f"  {d['name']:<{width}} {d['kind']:<7} pid {d['pid']!s:<8} {trust:<9}{label}"
               f" {d['state']}{restarts}")
     for pid in status.get("aead_workers", []):
@@ -183,7 +200,7 @@ def describe_scrub(scrub: dict[str, Any]) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args.config)
     try:
-        reply = ask_running(config, {"op": "status"})
+        reply = ask_running(config, StatusQuery())
     except NotRunning as exc:
         if args.json:  # scripts get JSON whatever the answer
             print(json.dumps({"running": False, "state_dir": str(config.state_dir),
@@ -191,14 +208,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             print(f"trustvbd: {exc}", file=sys.stderr)
         return EXIT_NOT_RUNNING
-    reply["running"] = True
-    if not reply.pop("ok", False):
-        print(f"trustvbd status: {reply.get('error')}", file=sys.stderr)
+    if not isinstance(reply, HvStatus):
+        print(f"trustvbd status: {getattr(reply, 'message', reply)}", file=sys.stderr)
         return 1
+    status = {**reply.status, "running": True}
     if args.json:
-        print(json.dumps(reply, indent=2))
+        print(json.dumps(status, indent=2))
     else:
-        print_status(reply)
+        print_status(status)
     return 0
 
 
@@ -212,12 +229,12 @@ def cmd_policy_load(config_path: str, policy_file: str) -> int:
     except (PolicyError, OSError) as exc:
         print(f"trustvbd policy load: {exc}", file=sys.stderr)
         return 1
-    reply = control_request(config, {"op": "policy_load", "path": str(path)})
-    if not reply.get("ok"):
-        print(f"trustvbd policy load: {reply.get('error')}", file=sys.stderr)
+    reply = control_request(config, PolicyLoad(str(path)))
+    if not isinstance(reply, PolicyLoaded):
+        print(f"trustvbd policy load: {getattr(reply, 'message', reply)}", file=sys.stderr)
         return 1
-    print(f"policy {reply.get('name', path.name)} loaded; {reply.get('closed', 0)} connection(s)"
-          " the new policy forbids were closed")
+    print(f"policy {reply.name} loaded; {reply.closed} connection(s) the new policy forbids"
+          " were closed")
     return 0
 
 

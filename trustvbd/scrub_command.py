@@ -19,8 +19,10 @@ EXIT_FOUND = 2  # blocks that no replica holds correctly
 
 def _scrub_of(config: Any, disk: str) -> dict[str, Any] | None:
     from trustvbd.cli import control_request
+    from trustvbd.domains.messages import HvStatus, StatusQuery
 
-    status = control_request(config, {"op": "status"})
+    reply = control_request(config, StatusQuery())
+    status = reply.status if isinstance(reply, HvStatus) else {}
     for d in status.get("disks", []):
         if d["name"] == disk:
             scrub: dict[str, Any] | None = d.get("scrub")
@@ -37,11 +39,12 @@ def _summary(result: dict[str, dict[str, int]]) -> tuple[int, int, int]:
 
 def cmd_scrub(args: argparse.Namespace) -> int:
     from trustvbd.cli import _config, control_request
+    from trustvbd.domains.messages import ScrubQuery, ScrubStarted
 
     config = _config(args.config)
-    reply = control_request(config, {"op": "scrub", "disk": args.disk})
-    if not reply.get("ok"):
-        print(f"trustvbd scrub: {reply.get('error')}", file=sys.stderr)
+    reply = control_request(config, ScrubQuery(args.disk))
+    if not isinstance(reply, ScrubStarted):
+        print(f"trustvbd scrub: {getattr(reply, 'message', reply)}", file=sys.stderr)
         return 1
     show = sys.stdout.isatty() and not args.json
     scrub = _follow(config, args.disk, show)

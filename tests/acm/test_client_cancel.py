@@ -20,6 +20,7 @@ import pytest
 from tests.acm.test_domain import Acm
 from tests.acm.util import XM_TEST
 from trustvbd.acm.client import AcmClient
+from trustvbd.domains.messages import DiskSpec
 from trustvbd.domains.policy_gate import PolicyGate
 from trustvbd.nbd.server import PeerInfo
 
@@ -158,7 +159,7 @@ def test_a_cancelled_attach_leaves_no_attachment(xm: Acm, short_tmp: Path) -> No
         relay = Relay(xm.sock, short_tmp / "r.sock")
         await relay.start()
         client = AcmClient(str(relay.path), timeout=5)
-        gate = PolicyGate(client, {"vm1": {"label": "red"}}, [{"name": "d", "label": "red"}])
+        gate = PolicyGate(client, {"vm1": "red"}, [DiskSpec("d", "red", 4096, True, ["r"])])
         peer = PeerInfo("vm1", "test")
         assert await attachments(client) == 0
         for turns in range(40):

@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from trustvbd.acm.decisions import Decision
@@ -34,10 +34,14 @@ class AcmUnavailable(Exception):
 
 class AcmClient:
     def __init__(self, path: str | None = None, sock: socket.socket | None = None,
-                 timeout: float = 5.0, hello: dict[str, Any] | None = None) -> None:
+                 timeout: float = 5.0,
+                 reconnect: Callable[[], Awaitable[socket.socket]] | None = None,
+                 hello: dict[str, Any] | None = None) -> None:
+        """Connect by `path`, or use a handed-over `sock`; `reconnect` gets a new one after
+        a loss (the encryption domain asks the hypervisor, which reaches the domain)."""
         if (path is None) == (sock is None):
             raise ValueError("give exactly one of path or sock")
-        self.path, self.sock, self.timeout = path, sock, timeout
+        self.path, self.sock, self.timeout, self.reconnect = path, sock, timeout, reconnect
         self.hello = hello  # {"role", "token"}: who we are, proven on every connection
         self.writer: asyncio.StreamWriter | None = None
         self.replies: PendingReplies[dict[str, Any]] = PendingReplies("access-control domain")
@@ -52,6 +56,9 @@ class AcmClient:
             reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_REPLY)
         elif self.path is not None:
             reader, writer = await asyncio.open_unix_connection(self.path, limit=MAX_REPLY)
+        elif self.reconnect is not None:
+            sock = await self.reconnect()
+            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_REPLY)
         else:
             raise AcmUnavailable("its connection was lost and cannot be reopened")
         self.writer, self.replies = writer, PendingReplies("access-control domain")

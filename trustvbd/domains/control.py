@@ -20,9 +20,11 @@ import json
 import logging
 import os
 import socket
+import typing
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from trustvbd.domains.messages import ErrorCode, Failed, M, Message, MessageError, decode, error_code
 from trustvbd.replies import PendingReplies, ProtocolError
 
 MAX_MESSAGE = 256 * 1024
@@ -155,3 +157,45 @@ class ControlChannel:
     def close(self) -> None:
         self._shutdown()
         self.sock.close()
+
+    # -- typed messages (domains/messages.py) ------------------------------------------
+    async def ask(self, request: Message, *expected: type[M], fds: list[int] | None = None,
+                  timeout: float = 60.0) -> tuple[M | Failed, list[int]]:
+        """Send a typed request; its reply is one of `expected` or Failed (else MessageError)."""
+        reply, got = await self.request(request.encode(), fds, timeout)
+        try:
+            return typing.cast(M | Failed, decode(reply, *expected, Failed)), got
+        except MessageError:
+            _close_fds((reply, got))
+            raise
+
+    def tell(self, event: Message) -> None:
+        """A one-way typed message."""
+        self.send(event.encode())
+
+
+TypedHandler = Callable[[Message, list[int]], Awaitable[tuple[Message, list[int]] | None]]
+
+
+def typed(handler: TypedHandler, *accepted: type[Message]) -> Handler:
+    """A channel handler for typed messages: a bad or unknown message, or a failure, is
+    answered with Failed (a code and what went wrong); the channel goes on."""
+
+    async def handle(raw: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]] | None:
+        try:
+            request = decode(raw, *accepted)
+        except MessageError as exc:
+            _close_fds((raw, fds))
+            return Failed(ErrorCode.BAD_MESSAGE, str(exc)).encode(), []
+        try:
+            reply = await handler(request, fds)  # the handler owns the fds from here
+        except Exception as exc:
+            code = error_code(exc)
+            if code is ErrorCode.INTERNAL:
+                log.exception("control message %r failed", raw.get("type"))
+            reply = (Failed(code, str(exc) or type(exc).__name__), [])
+        if reply is None:
+            return None
+        return reply[0].encode(), reply[1]
+
+    return handle

@@ -22,15 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from trustvbd.acm.audit import compact_fields
+from trustvbd.acm.client import AcmClient
 from trustvbd.blockdev import Backend, BlockError, HasEpoch
 from trustvbd.blocks.aead_pool import AeadPool, default_workers
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.limits import SizeLimit
 from trustvbd.blocks.reconnect import ReplicaLink, Unreachable
 from trustvbd.blocks.space import SpaceWatch
+from trustvbd.domains import messages as m
 from trustvbd.domains.bus import StateWriter
 from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
-from trustvbd.domains.control import ControlChannel
+from trustvbd.domains.control import ControlChannel, typed
 from trustvbd.domains.crypt_bus import CryptBus
 from trustvbd.domains.policy_gate import PolicyGate
 from trustvbd.domains.unlock import Unlock, receive_unlock
@@ -98,13 +100,13 @@ class GuestExports:
 
     async def elsewhere(self, name: str) -> None:
         """A disk of another workload type: refused by policy, or served on another socket."""
-        other = self.domain.spec.get("elsewhere", {}).get(name)
+        other = self.domain.spec.elsewhere.get(name)
         if other is None:
             return
-        decision = await self.domain.gate.check(self.guest, self.label, name, other["label"])
+        decision = await self.domain.gate.check(self.guest, self.label, name, other.label)
         if not decision.allowed:
             raise ExportRefused("policy", f"refused by policy ({decision.rule}): {decision.reason}")
-        where = other["sockets"].get(self.guest)
+        where = other.sockets.get(self.guest)
         raise ExportRefused("unknown", f"disk {name!r} is of another workload type, held by another"
                             " encryption domain" + (f": connect to {where}" if where else ""))
 
@@ -116,7 +118,9 @@ class GuestExports:
 class CryptDomain:
     def __init__(self, control: socket.socket, unlock: Unlock | None = None,
                  state_dir: Path | None = None) -> None:
-        self.control = ControlChannel(control, self.handle, "hv")
+        self.control = ControlChannel(
+            control, typed(self.handle, m.StatusQuery, m.Stop, m.PolicyChanged,
+                           m.ScrubQuery), "hv")
         self.bus = CryptBus(StateWriter(None), None)  # XenBus states; the store's comes with the spec
         self.unlock = unlock or Unlock()  # zeroed once every disk is open
         self.state_dir_override = state_dir  # a directory fd's /proc path, when given one
@@ -128,26 +132,26 @@ class CryptDomain:
         self.state_dir = Path()
         self.stopped = asyncio.Event()
         self.stopping = False
-        self.spec: dict[str, Any] = {}
+        self.spec: m.Spec
+        self.tls_dir: Path | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.records: set[asyncio.Task[Any]] = set()  # integrity records on their way to the log
         self.aead: AeadPool | None = None
 
     # -- requests from the launcher -------------------------------------------------
-    async def handle(self, message: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-        op = message.get("op")
-        if op == "status":
-            return {"ok": True, **self.status()}, []
-        if op == "stop":
+    async def handle(self, msg: m.Message, fds: list[int]) -> tuple[m.Message, list[int]]:
+        if isinstance(msg, m.StatusQuery):
+            st = self.status()
+            return m.CryptStatus(st["disks"], st["guests"], st["aead_workers"],
+                                 st["aead_restarts"]), []
+        if isinstance(msg, m.Stop):
             await self.stop()
-            return {"ok": True}, []
-        if op == "scrub":
-            return self.start_scrub(str(message.get("disk"))), []
-        if op == "policy_changed":
-            await self.gate.refresh()
-            kicked = await self.recheck_connections()
-            return {"ok": True, "closed": kicked}, []
-        return {"ok": False, "error": f"unknown op {op!r}"}, []
+            return m.Done(), []
+        if isinstance(msg, m.ScrubQuery):
+            return self.start_scrub(msg.disk), []
+        assert isinstance(msg, m.PolicyChanged)
+        await self.gate.refresh()
+        return m.Rechecked(await self.recheck_connections()), []
 
     def status(self) -> dict[str, Any]:
         disks = []
@@ -183,17 +187,17 @@ class CryptDomain:
         restarts = self.aead.restarts if self.aead else 0
         return {"disks": disks, "guests": guests, "aead_workers": workers, "aead_restarts": restarts}
 
-    def start_scrub(self, name: str) -> dict[str, Any]:
+    def start_scrub(self, name: str) -> m.Message:
         """Start scrubbing a disk in the background (progress and result in `status`)."""
         disk = self.disks.get(name)
         if disk is None:
-            return {"ok": False, "kind": "unknown disk", "error": f"no disk named {name!r}"}
+            return m.Failed(m.ErrorCode.UNKNOWN, f"no disk named {name!r}")
         backend = disk.backend
         if not isinstance(backend, CryptDisk):
             why = disk.error or "it is not encrypted: there is nothing to verify against"
-            return {"ok": False, "error": f"disk {name!r} cannot be scrubbed: {why}"}
+            return m.Failed(m.ErrorCode.INVALID, f"disk {name!r} cannot be scrubbed: {why}")
         if disk.scrub is not None and disk.scrub.get("running"):
-            return {"ok": True, "already_running": True}
+            return m.ScrubStarted(already_running=True)
         scrub: dict[str, Any] = {"running": True, "done": 0, "total": backend.size // 4096,
                                  "started": time.time()}
         disk.scrub = scrub
@@ -214,13 +218,13 @@ class CryptDomain:
         task = asyncio.get_running_loop().create_task(run_scrub())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return {"ok": True}
+        return m.ScrubStarted(already_running=False)
 
     async def recheck_connections(self) -> int:
         """After a policy change: close every connection the new policy forbids."""
         kicked = 0
         for guest, servers in self.servers.items():
-            label = self.spec["guests"][guest]["label"]
+            label = self.spec.guests[guest].label
             for server in servers:
                 for conn in list(server.connections):
                     disk = self.disks.get(conn.export_name or "")
@@ -238,24 +242,36 @@ class CryptDomain:
         """Ask the launcher for a connected socket to `replica`'s export of this disk."""
         self.bus.replica(disk.name, replica, State.INITIALISED)
         try:
-            reply, fds = await self.control.request({"op": "channel", "disk": disk.name, "replica": replica})
-            if not reply.get("ok") or len(fds) != 1:
-                for fd in fds:
-                    os.close(fd)
-                raise ConnectionError(reply.get("error", "no channel"))
-            sock = socket.socket(fileno=fds[0])
-            tls, server_name = None, None
-            if reply.get("tls"):
+            reply, fds = await self.control.ask(m.ChannelQuery(disk.name, replica), m.ChannelGranted)
+            sock = self.granted(reply, fds)
+            assert isinstance(reply, m.ChannelGranted)
+            tls = None
+            if reply.tls_server_name is not None and self.tls_dir is not None:
                 from trustvbd.crypt.tls import client_context
 
-                tls, server_name = client_context(Path(self.spec["tls_dir"])), reply["tls"]["server_name"]
-            client = await NbdClient.connect(sock, reply["export"], request_timeout=self.spec["request_timeout"],
-                                             tls=tls, server_hostname=server_name)
+                tls = client_context(self.tls_dir)
+            client = await NbdClient.connect(sock, reply.export,
+                                             request_timeout=self.spec.request_timeout, tls=tls,
+                                             server_hostname=reply.tls_server_name)
         except BaseException:
             self.bus.replica(disk.name, replica, State.CLOSED)
             raise
         self.bus.replica(disk.name, replica, State.CONNECTED)
         return client
+
+    @staticmethod
+    def granted(reply: m.Message, fds: list[int]) -> socket.socket:
+        """The one socket a granted channel comes with; ConnectionError for a refusal."""
+        if not isinstance(reply, m.ChannelGranted) or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ConnectionError(getattr(reply, "message", "no channel was handed over"))
+        return socket.socket(fileno=fds[0])
+
+    async def acm_channel(self) -> socket.socket:
+        """A new channel to the access-control domain, from the hypervisor (after a loss)."""
+        reply, fds = await self.control.ask(m.AcmChannelQuery(), m.ChannelGranted)
+        return self.granted(reply, fds)
 
     async def open_disk(self, disk: Disk) -> None:
         if not disk.encrypt:
@@ -300,7 +316,7 @@ class CryptDomain:
             # Any size fits: block lists become counts and ranges.
             fields = compact_fields({**event, "disk": disk.name})
             fields.pop("event", None)
-            self.control.send({**fields, "event": "integrity"})
+            self.control.tell(m.Integrity(disk.name, fields))
             task = asyncio.get_running_loop().create_task(self.gate.client.record("integrity", **fields))
             self.records.add(task)
             task.add_done_callback(self.records.discard)
@@ -314,53 +330,61 @@ class CryptDomain:
 
     async def start(self, ready_fd: int | None) -> None:
         self.control.start()
-        spec, fds = await self.control.request({"op": "spec"})
-        self.spec = spec
-        # The launcher appends this domain's own store connection after the listeners.
-        store_fd = fds.pop() if "store" in spec and len(fds) > len(spec["listeners"]) else None
-        self.bus = CryptBus(await StateWriter.from_fd(store_fd), spec.get("store"))
-        self.state_dir = Path(spec["state_dir"])
+        reply, fds = await self.control.ask(m.SpecQuery(), m.Spec)
+        store = isinstance(reply, m.Spec) and reply.store is not None
+        if not isinstance(reply, m.Spec) or len(fds) != len(reply.listeners) + 1 + store:
+            raise ConnectionError(f"the hypervisor sent no usable spec: {reply}")
+        self.spec = spec = reply
+        # After the listeners: this domain's own connection to the store, then its channel to
+        # the access-control domain.
+        acm_fd = fds.pop()
+        self.bus = CryptBus(await StateWriter.from_fd(fds.pop() if store else None), spec.store)
+        self.state_dir = Path(spec.state_dir)
+        self.tls_dir = Path(spec.tls_dir) if spec.tls_dir else None
         if self.state_dir_override is not None:  # reach the state directory only through the fd
-            for key in ("acm_socket", "tls_dir"):
-                if spec.get(key) and Path(spec[key]).is_relative_to(self.state_dir):
-                    spec[key] = str(self.state_dir_override / Path(spec[key]).relative_to(self.state_dir))
+            if self.tls_dir is not None and self.tls_dir.is_relative_to(self.state_dir):
+                self.tls_dir = self.state_dir_override / self.tls_dir.relative_to(self.state_dir)
             self.state_dir = self.state_dir_override
-        self.gate = await PolicyGate.connect(spec)
-        for d in spec["disks"]:
-            self.disks[d["name"]] = Disk(d["name"], d["label"], d["size"], d["encrypt"], d["replicas"])
+        acm = AcmClient(sock=socket.socket(fileno=acm_fd), reconnect=self.acm_channel,
+                        timeout=float(os.environ.get("TRUSTVBD_ACM_TIMEOUT", "5")),
+                        hello=spec.acm_hello)
+        labels = {name: g.label for name, g in spec.guests.items()}
+        self.gate = await PolicyGate.connect(acm, labels, spec.disks)
+        for d in spec.disks:
+            self.disks[d.name] = Disk(d.name, d.label, d.size, d.encrypt, d.replicas)
         for disk in self.disks.values():
             try:
                 await self.open_disk(disk)
             except Exception as exc:  # one bad disk must not take the others down
                 disk.error = str(exc)
                 log.error("disk %s cannot be served: %s", disk.name, exc)
-                self.control.send({"event": "disk_failed", "disk": disk.name, "error": str(exc),
-                                   "kind": type(exc).__name__})
+                self.control.tell(m.DiskFailed(disk.name, m.error_code(exc), str(exc)))
         self.unlock.forget()  # the disks hold their keys; the key-encryption key goes
         loop = asyncio.get_running_loop()
-        for listener, fd in zip(spec["listeners"], fds, strict=True):
+        for listener, fd in zip(spec.listeners, fds, strict=True):
             sock = socket.socket(fileno=fd)
-            server = self.guest_server(listener["guest"], listener["tls"])
-            self.servers.setdefault(listener["guest"], []).append(server)
+            server = self.guest_server(listener.guest, listener.tls)
+            self.servers.setdefault(listener.guest, []).append(server)
             self.tasks.add(loop.create_task(server.serve_socket(sock)))
         self.bus.serving()
-        self.control.send({"event": "ready"})
+        self.control.tell(m.Ready())
         ready(ready_fd)
 
     def guest_server(self, guest: str, tls: bool) -> NbdServer:
         """The NBD server of one of a guest's sockets: who may connect, and for how long."""
-        g, limits = self.spec["guests"][guest], self.spec["limits"]
+        g, limits = self.spec.guests[guest], self.spec.limits
         context = None
         if tls:
             from trustvbd.crypt.tls import server_context
 
-            context = server_context(Path(self.spec["tls_dir"]))
+            assert self.tls_dir is not None  # config check: no TLS listener without [tls]
+            context = server_context(self.tls_dir)
         if guest not in self.budgets:  # shared by the guest's Unix socket and TCP port
             self.budgets[guest] = MemoryBudget(limits["memory"])
             self.rates[guest] = DecisionRate(limits["decisions_per_second"])
-        return NbdServer(GuestExports(self, guest, g["label"], self.rates[guest]), identity=guest,
+        return NbdServer(GuestExports(self, guest, g.label, self.rates[guest]), identity=guest,
                          handshake_timeout=limits["handshake_timeout"], tls=context,
-                         tls_name=g["tls_name"], owner_uid=g["uid"], on_refused=self.refused,
+                         tls_name=g.tls_name, owner_uid=g.uid, on_refused=self.refused,
                          budget=self.budgets[guest], idle_timeout=limits["idle_timeout"])
 
     def refused(self, peer: PeerInfo, reason: str) -> None:

@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--supervised", action="store_true", help="die with the launcher")
     parser.add_argument("--workers", type=int, default=default_workers())
+    # Its control channel to the hypervisor (domains/messages.py), the only way it may ask
+    # for a channel to another domain; kept open, unused by this driver.
+    parser.add_argument("--control-fd", type=int)
     args = parser.parse_args(argv)
     setup_logging("driver")
     if args.supervised:

@@ -12,36 +12,36 @@ asks afresh.
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 from trustvbd.acm.client import AcmClient
 from trustvbd.acm.decisions import Decision
+from trustvbd.domains.messages import DiskSpec
 from trustvbd.nbd.server import PeerInfo
 
 
 class PolicyGate:
-    def __init__(self, client: AcmClient, guests: dict[str, Any], disks: list[dict[str, Any]]) -> None:
+    def __init__(self, client: AcmClient, guest_labels: dict[str, str],
+                 disks: list[DiskSpec]) -> None:
         self.client = client
-        self.guests, self.disks = guests, disks
+        self.guest_labels, self.disks = guest_labels, disks
         self.visible: set[tuple[str, str]] = set()
         self.attachments: dict[tuple[int, str], str] = {}
         self._ids = itertools.count(1)
 
     @classmethod
-    async def connect(cls, spec: dict[str, Any]) -> PolicyGate:
-        gate = cls(AcmClient(spec["acm_socket"], timeout=spec.get("acm_timeout", 5.0),
-                             hello=spec.get("acm_hello")),
-                   spec["guests"], spec["disks"])
+    async def connect(cls, client: AcmClient, guest_labels: dict[str, str],
+                      disks: list[DiskSpec]) -> PolicyGate:
+        gate = cls(client, guest_labels, disks)
         await gate.refresh()
         return gate
 
     async def refresh(self) -> None:
         """Recompute which disks each guest may see (after start and every policy change)."""
         visible = set()
-        for guest, g in self.guests.items():
+        for guest, label in self.guest_labels.items():
             for d in self.disks:
-                if (await self.check(guest, g["label"], d["name"], d["label"])).allowed:
-                    visible.add((guest, d["name"]))
+                if (await self.check(guest, label, d.name, d.label)).allowed:
+                    visible.add((guest, d.name))
         self.visible = visible
 
     def may_list(self, guest: str, guest_label: str, disk: str, disk_label: str) -> bool:

@@ -1,0 +1,84 @@
+"""The channel broker: a driver asking for a channel to a domain it shares no STE type with
+is refused, and the refusal is in the audit log. Real access-control domain, real control
+channel as the hypervisor hands it to a driver."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+
+from tests.interop.test_policy_e2e import POLICY
+from trustvbd.acm import load_policy
+from trustvbd.acm.audit import AuditLog
+from trustvbd.acm.commands import AUDIT_FILE, write_compiled
+from trustvbd.config import load_config
+from trustvbd.domains import messages as m
+from trustvbd.domains.control import ControlChannel
+from trustvbd.domains.hv import Launcher, bootstrap_label
+from trustvbd.domains.supervisor import Domain, Launch
+
+CONFIG = """
+state_dir = "state"
+policy = "policy.toml"
+[[driver]]
+name = "drv-p"
+label = "Payroll"
+dir = "backing/p"
+[[driver]]
+name = "drv-b"
+label = "Bank"
+dir = "backing/b"
+"""
+
+
+def channel_decisions(state: Path) -> list[dict]:
+    return [r["fields"] for r in AuditLog.read(state / AUDIT_FILE)
+            if r["kind"] == "decision" and r["fields"]["op"] == "channel"]
+
+
+def test_a_driver_gets_no_channel_to_a_domain_it_shares_no_type_with(short_tmp: Path) -> None:
+    (short_tmp / "policy.toml").write_text(POLICY)
+    (short_tmp / "c.toml").write_text(CONFIG)
+    for d in ("state/drivers", "backing/p", "backing/b"):
+        (short_tmp / d).mkdir(parents=True)
+    config = load_config(short_tmp / "c.toml")
+    policy = load_policy(short_tmp / "policy.toml")
+
+    async def scenario() -> None:
+        hv = Launcher(config, bootstrap_label(policy.bootstrap, null=False))
+        write_compiled(policy, hv.compiled_policy())
+        await hv.supervisor.start(hv.grants.acm_domain())
+        # drv-b as the supervisor knows it (not started: only its label matters here)
+        hv.supervisor.domains["drv-b"] = Domain("drv-b", "driver", False, "Bank",
+                                                lambda: Launch([]))
+        launch = hv.driver_domain("drv-p").launch()  # what drv-p would inherit
+        fd = int(launch.argv[launch.argv.index("--control-fd") + 1])  # its control channel
+        driver = ControlChannel(socket.socket(fileno=os.dup(fd)), None, "hv")
+        launch.started()
+        driver.start()
+        try:
+            reply, fds = await driver.ask(m.DomainChannelQuery("drv-b"), m.ChannelGranted)
+            assert fds == [] and isinstance(reply, m.Failed), reply
+            assert reply.code is m.ErrorCode.POLICY_DENIED
+            assert "driver 'drv-p' (label Payroll)" in reply.message
+            assert "domain 'drv-b' (label Bank)" in reply.message
+            assert "share no STE type" in reply.message
+            (refusal,) = channel_decisions(config.state_dir)
+            assert refusal["a"] == "drv-p" and refusal["b"] == "drv-b"
+            assert refusal["allowed"] is False and refusal["rule"] == "ste-no-shared-type"
+            # A domain that is not there, and a malformed request, are refused too.
+            reply, _ = await driver.ask(m.DomainChannelQuery("nobody"), m.ChannelGranted)
+            assert isinstance(reply, m.Failed) and reply.code is m.ErrorCode.UNKNOWN
+            raw, _ = await driver.request({"type": "channel?", "disk": 1})
+            assert m.decode(raw) == m.Failed(m.ErrorCode.BAD_MESSAGE,
+                                             "unexpected message type 'channel?'; expected"
+                                             " domain-channel?")
+            assert len(channel_decisions(config.state_dir)) == 1
+        finally:
+            driver.close()
+            await hv.stop()
+            await hv.acm.close()
+
+    asyncio.run(scenario())

@@ -1,0 +1,72 @@
+"""The supervisor restarts a domain that dies, with a growing back-off shown in its status."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+
+from trustvbd.domains import supervisor as sv
+
+# A domain that says it is ready, then exits with status 3 after `delay` seconds.
+FLAKY = ("import os, sys, time; os.write(int(sys.argv[-1]), b'ready\\n'); "
+         "time.sleep(float(sys.argv[1])); sys.exit(3)")
+
+
+def flaky(name: str, delay: float, fatal: bool = False) -> sv.Domain:
+    return sv.Domain(name, "driver", False, "L",
+                     lambda: sv.Launch([sys.executable, "-c", FLAKY, str(delay)]), fatal=fatal)
+
+
+def test_restarts_with_back_off_visible_in_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sv, "BACKOFF_FIRST", 0.2)
+
+    async def scenario() -> None:
+        supervisor = sv.Supervisor(on_fatal=lambda why: pytest.fail(why))
+        domain = flaky("d1", 0.05)
+        await supervisor.start(domain)
+        seen: list[dict] = []
+        for _ in range(400):
+            (entry,) = supervisor.status()
+            if entry["state"] == "restarting" and (not seen or seen[-1]["restarts"] != entry["restarts"]):
+                seen.append(entry)
+            if len(seen) == 3:
+                break
+            await asyncio.sleep(0.01)
+        await supervisor.stop([])
+        assert [e["restarts"] for e in seen] == [0, 1, 2]
+        assert all(e["last_exit"] == "exit status 3" for e in seen)
+        # the wait before each try doubles: 0.2, 0.4, 0.8 s
+        assert [e["next_retry"] for e in seen] == pytest.approx([0.2, 0.4, 0.8], abs=0.06)
+        assert supervisor.status()[0]["state"] == "stopped"
+
+    asyncio.run(scenario())
+
+
+def test_a_fatal_domain_stops_everything_instead() -> None:
+    async def scenario() -> None:
+        why: list[str] = []
+        supervisor = sv.Supervisor(on_fatal=why.append)
+        await supervisor.start(flaky("crypt", 0.0, fatal=True))
+        for _ in range(300):
+            if why:
+                break
+            await asyncio.sleep(0.01)
+        assert why == ["driver domain 'crypt' died (exit status 3); stopping everything"]
+        assert supervisor.status()[0]["restarts"] == 0
+        await supervisor.stop([])
+
+    asyncio.run(scenario())
+
+
+def test_a_domain_that_never_gets_ready_fails_to_start() -> None:
+    async def scenario() -> None:
+        supervisor = sv.Supervisor(on_fatal=lambda why: None)
+        broken = sv.Domain("x", "driver", False, "L",
+                           lambda: sv.Launch([sys.executable, "-c", "raise SystemExit(7)"]))
+        with pytest.raises(sv.StartError, match=r"driver domain 'x' failed to start \(exit status 7\)"):
+            await supervisor.start(broken)
+        assert supervisor.status()[0]["state"] == "failed"
+
+    asyncio.run(scenario())
