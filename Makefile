@@ -34,6 +34,7 @@ fuzz: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,fuzz]'
 	@for t in $(FUZZ_TARGETS); do \
 		echo "== fuzz $$t ($(FUZZ_SECONDS) s)"; \
+		rm -f .fuzz/crashes/$$t-*; \
 		$(BIN)/python -m tests.fuzz.run $$t -max_total_time=$(FUZZ_SECONDS) 2>&1 \
 			| grep -E 'stat::number_of_executed_units|ERROR|Traceback|Uncaught|crash-' || true; \
 		test -z "$$(ls .fuzz/crashes/$$t-* 2>/dev/null)" || { echo "fuzz: $$t crashed, see .fuzz/crashes"; exit 1; }; \
