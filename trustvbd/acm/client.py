@@ -120,6 +120,20 @@ class AcmClient:
             await self._drop()
             raise AcmUnavailable(str(exc) or type(exc).__name__) from None
 
+    async def restore(self) -> None:
+        """Reconnect now and re-attach what we hold (the domain was restarted): AcmUnavailable
+        if that fails."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self.connecting:
+                    await self._drop()
+                    await self._connect()
+        except TimeoutError:
+            raise AcmUnavailable("timed out") from None
+        except (OSError, ValueError) as exc:
+            await self._drop()
+            raise AcmUnavailable(str(exc) or type(exc).__name__) from None
+
     async def _drop(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -120,7 +120,7 @@ class CryptDomain:
                  state_dir: Path | None = None) -> None:
         self.control = ControlChannel(
             control, typed(self.handle, m.StatusQuery, m.Stop, m.PolicyChanged,
-                           m.ScrubQuery), "hv")
+                           m.ScrubQuery, m.AcmRestarted), "hv")
         self.bus = CryptBus(StateWriter(None), None)  # XenBus states; the store's comes with the spec
         self.unlock = unlock or Unlock()  # zeroed once every disk is open
         self.state_dir_override = state_dir  # a directory fd's /proc path, when given one
@@ -149,7 +149,9 @@ class CryptDomain:
             return m.Done(), []
         if isinstance(msg, m.ScrubQuery):
             return self.start_scrub(msg.disk), []
-        assert isinstance(msg, m.PolicyChanged)
+        if isinstance(msg, m.AcmRestarted):  # its Chinese Wall counts come from us
+            await self.gate.client.restore()
+        self.gate.policy_changed()
         await self.gate.refresh()
         return m.Rechecked(await self.recheck_connections()), []
 

@@ -140,6 +140,26 @@ class Launcher:
             self.integrity_events = [*self.integrity_events[-99:], {**msg.event, "disk": msg.disk}]
         return None
 
+    def acm_started(self, domain: Domain) -> None:
+        """After a restart of the access-control domain (it loaded the policy last loaded), the
+        encryption domains reconnect at once, restoring the Chinese Wall counts of their live
+        connections, and check their connections again."""
+        if domain.restarts == 0:
+            return
+        for name, channel in list(self.crypt_channels.items()):
+            if not channel.closed.is_set():
+                self.supervisor.spawn_task(self.tell_acm_restarted(name, channel))
+
+    async def tell_acm_restarted(self, name: str, channel: ControlChannel) -> None:
+        try:
+            reply, _ = await channel.ask(m.AcmRestarted(), m.Rechecked)
+        except (ControlClosed, TimeoutError, ValueError) as exc:
+            reply = m.Failed(m.ErrorCode.UNREACHABLE, str(exc))
+        if isinstance(reply, m.Failed):
+            log.error("%s could not rebuild its access-control state: %s", name, reply.message)
+        else:
+            log.info("%s reconnected to the restarted access-control domain", name)
+
     async def open_channel(self, disk: str, replica: str,
                            wtype: str) -> tuple[socket.socket, str, str | None]:
         """An encryption domain gets channels only for its own workload type's disks."""
@@ -205,7 +225,9 @@ class Launcher:
             self.grants.open_state_dir_to_trusted_domains()
         else:
             log.warning("%s", sandbox.WEAK_ISOLATION_WARNING.format(uid=os.geteuid()))
-        await self.supervisor.start(self.grants.acm_domain())
+        acm = self.grants.acm_domain()
+        acm.on_start = self.acm_started
+        await self.supervisor.start(acm)
         for disk in c.disks.values():  # check (a) for every replica before any driver starts
             for replica in disk.replicas:
                 try:

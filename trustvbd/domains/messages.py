@@ -195,6 +195,12 @@ class PolicyChanged(Message):
     pass
 
 
+@message("acm-restarted")
+class AcmRestarted(Message):
+    """The access-control domain was restarted: reconnect (restoring the Chinese Wall
+    attachments), then check everything again."""
+
+
 @message("rechecked")
 class Rechecked(Message):
     closed: int  # connections the new policy forbids, now closed

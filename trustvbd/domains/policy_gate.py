@@ -27,6 +27,7 @@ class PolicyGate:
         self.visible: set[tuple[str, str]] = set()
         self.attachments: dict[tuple[int, str], str] = {}
         self._ids = itertools.count(1)
+        self.generation = 0  # policy loads seen: a decision made across one is made again
 
     @classmethod
     async def connect(cls, client: AcmClient, guest_labels: dict[str, str],
@@ -50,17 +51,28 @@ class PolicyGate:
     async def check(self, guest: str, guest_label: str, disk: str, disk_label: str) -> Decision:
         return await self.client.guest_may_use_disk(guest, guest_label, disk, disk_label)
 
+    def policy_changed(self) -> None:
+        """A new policy is loaded: decisions still in flight are taken again under it."""
+        self.generation += 1
+
     async def attach(self, peer: PeerInfo, guest: str, guest_label: str, disk: str,
                      disk_label: str) -> Decision:
-        decision = await self.check(guest, guest_label, disk, disk_label)
-        if not decision.allowed:
-            return decision
-        cid = f"{guest}/{disk}/{next(self._ids)}"
-        wall = await self.client.chw_attach(cid, guest_label, guest)
-        if not wall.allowed:
-            return wall
-        self.attachments[(id(peer), disk)] = cid
-        return decision
+        """Check (b), then the Chinese Wall; both under the policy in force when it returns
+        (a handshake still deciding when a policy is loaded is decided again)."""
+        while True:
+            generation = self.generation
+            decision = await self.check(guest, guest_label, disk, disk_label)
+            if decision.allowed:
+                cid = f"{guest}/{disk}/{next(self._ids)}"
+                wall = await self.client.chw_attach(cid, guest_label, guest)
+                if generation == self.generation:
+                    if wall.allowed:
+                        self.attachments[(id(peer), disk)] = cid
+                    return decision if wall.allowed else wall
+                if wall.allowed:
+                    await self.client.chw_detach(cid)
+            elif generation == self.generation:
+                return decision
 
     async def detach(self, peer: PeerInfo, guest: str, disk: str) -> None:
         cid = self.attachments.pop((id(peer), disk), None)
