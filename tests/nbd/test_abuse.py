@@ -111,6 +111,23 @@ def test_stuck_readers_hold_at_most_their_guests_budget(patient_server: AbuseSer
     read_ok(str(server.dir / "a.sock"))  # and guest a is served again
 
 
+def test_a_guest_over_its_budget_still_opens_connections(patient_server: AbuseServer) -> None:
+    """Only transmission is paused by the budget: a new connection's handshake is answered
+    (it used to wait, unanswered, until the handshake timeout)."""
+    server = patient_server
+    late = RawClient(str(server.dir / "a.sock"), timeout=10)
+    late.start()  # in its handshake when the budget goes over
+    a = flood(str(server.dir / "a.sock"), 8, 16)
+    a.append(late)
+    try:
+        wait_for(lambda: server.status()["a"]["peak"] >= BUDGET_MIB * MiB, 20,
+                 "guest a's connections to go over its budget")
+        late.go("d", fresh=False)  # raises TimeoutError if the handshake was paused
+    finally:
+        for c in a:
+            c.close()
+
+
 def test_silent_and_idle_connections_are_closed(server: AbuseServer) -> None:
     silent = RawClient(str(server.dir / "a.sock"), timeout=10)
     silent.greeting()  # then nothing: the handshake never finishes

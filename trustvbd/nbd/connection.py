@@ -357,6 +357,7 @@ class Connection(asyncio.BufferedProtocol):
         self._pread_lent = backend.pread_lent if isinstance(backend, LendsReads) else None
         self._check = RequestChecker(result.export.backend.size, result.flags, self.core.structured)
         self._transmitting = True
+        self._update_reading()  # the guest may be over its budget already
         self._start_idle_timer()
         log.info("nbd: %s (%s) attached export %r", self.peer.identity, self.peer.address,
                  self.export_name)
@@ -692,7 +693,9 @@ class Connection(asyncio.BufferedProtocol):
             self._out_bytes + self._transport.get_write_buffer_size() >= WRITE_BUFFER_HIGH
             or len(self._tasks) >= MAX_TASKS
             or self._inflight_bytes >= MAX_INFLIGHT_BYTES
-            or (budget is not None and budget.over and not self.core.receiving)
+            # A handshake is bounded on its own (option sizes and count, its timeout); pausing
+            # it here would hang a guest's new connection until that timeout.
+            or (budget is not None and budget.over and self._transmitting and not self.core.receiving)
         )
         if busy and not self._reading_paused:
             self._reading_paused = True
