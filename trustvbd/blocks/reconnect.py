@@ -61,19 +61,22 @@ class ReplicaLink:
         acknowledged without a flush is the replica set's to doubt, not ours."""
         broken = self.next
         async with self._lock:
-            fresh = await self._connect()
-            if fresh.size != self._size:
-                await fresh.close()
-                raise BlockError(errno.EIO, f"replica {self.name!r} came back with {fresh.size} "
-                                 f"bytes instead of {self._size}; refusing it")
-            try:
-                await broken.close()
-            except Exception:
-                pass
-            self.next = fresh
-            self.reconnects += 1
+            await self._adopt(await self._connect(), broken)
             self._dirty = self._maybe_lost = False
             self.state = "connected"
+
+    async def _adopt(self, fresh: Backend, broken: Backend) -> None:
+        """Serve from `fresh` instead of `broken`, unless it presents another size."""
+        if fresh.size != self._size:
+            await fresh.close()
+            raise BlockError(errno.EIO, f"replica {self.name!r} came back with {fresh.size} "
+                             f"bytes instead of {self._size}; refusing it")
+        try:
+            await broken.close()
+        except Exception:
+            pass
+        self.next = fresh
+        self.reconnects += 1
 
     @property
     def capabilities(self) -> Capabilities:
@@ -102,18 +105,11 @@ class ReplicaLink:
                             errno.EIO, f"replica {self.name!r} is unreachable: {exc}") from exc
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 1.0)
-            if fresh.size != self._size:
-                await fresh.close()
-                self.state = "disconnected"
-                raise BlockError(
-                    errno.EIO, f"replica {self.name!r} came back with {fresh.size} bytes instead"
-                    f" of {self._size}; refusing it")
             try:
-                await broken.close()
-            except Exception:
-                pass
-            self.next = fresh
-            self.reconnects += 1
+                await self._adopt(fresh, broken)
+            except BlockError:
+                self.state = "disconnected"
+                raise
             if self._dirty:
                 self._maybe_lost = True
             self.state = "connected"
