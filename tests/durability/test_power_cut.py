@@ -33,6 +33,8 @@ from trustvbd.acm.audit import AuditLog, verify
 from trustvbd.blockdev import BlockError
 from trustvbd.blocks import crypt_commit
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
+from trustvbd.blocks.disk_state import DiskState
+from trustvbd.fileops import OsFileOps
 
 NBLOCKS = 260  # three leaf pages
 SIZE = NBLOCKS * BS
@@ -182,3 +184,26 @@ def test_power_cut_at_every_step_keeps_every_acknowledged_audit_record(tmp_path:
         reopened.append("decision", after="cut")
         reopened.close()
         assert verify(path) == [], where
+
+
+
+class DirSyncs(OsFileOps):
+    def __init__(self) -> None:
+        self.synced: list[Path] = []
+
+    def fsync_dir(self, path: Path) -> None:
+        self.synced.append(Path(path))
+        super().fsync_dir(path)
+
+
+def test_a_first_dirty_map_syncs_the_directory_it_creates(tmp_path: Path) -> None:
+    """The map of what a degraded replica missed lives in a directory made on first use; that
+    directory's own entry must be synced too, or a power cut loses the whole map. (The
+    power-cut model above does not track new directories, so this checks the sync itself.)"""
+    (tmp_path / "disks" / "d").mkdir(parents=True, mode=0o700)
+    ops = DirSyncs()
+    disk = DiskState(tmp_path, "d", ops)
+    disk.write_dirty_map("drv-b", 7, 1024, {3, 900})
+    assert disk.dir in ops.synced, ops.synced  # the entry of behind/ in the disk directory
+    assert disk.dirty_map_path("drv-b").parent in ops.synced  # the map's entry in behind/
+    assert DiskState(tmp_path, "d").read_dirty_map("drv-b", 1024) == (7, {3, 900})

@@ -330,7 +330,9 @@ class DiskState:
 
     def write_dirty_map(self, replica: str, epoch: int, blocks: int, dirty: Iterable[int]) -> None:
         path = self.dirty_map_path(replica)
-        path.parent.mkdir(mode=0o700, exist_ok=True)
+        if not path.parent.is_dir():
+            path.parent.mkdir(mode=0o700)
+            self.ops.fsync_dir(self.dir)  # the new directory's own entry must survive a power cut
         write_file_atomic(path, encode_dirty_map(epoch, blocks, dirty), self.ops)
 
     def drop_dirty_map(self, replica: str) -> None:
