@@ -25,6 +25,7 @@ from trustvbd.domains.messages import (
 
 EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
+MAX_PASSPHRASE = 4096
 
 
 def _config(path: str) -> Config:
@@ -39,27 +40,30 @@ class NotRunning(Exception):
     """No `trustvbd up` runs for this config's state directory."""
 
 
-def control_request(config: Config, request: Message, timeout: float = 30) -> Message:
+def control_request(config: Config, request: Message, timeout: float = 30,
+                    fds: list[int] | None = None) -> Message:
     """Ask the running `trustvbd up` (its launcher) something; exit 3 if none runs."""
     try:
-        return ask_running(config, request, timeout)
+        return ask_running(config, request, timeout, fds)
     except NotRunning as exc:
         print(f"trustvbd: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_NOT_RUNNING) from None
 
 
-def ask_running(config: Config, request: Message, timeout: float = 30) -> Message:
+def ask_running(config: Config, request: Message, timeout: float = 30,
+                fds: list[int] | None = None) -> Message:
     """Ask the running `trustvbd up` something; raise NotRunning if none runs.
 
     One request per connection; its id comes back with the reply all the same, as on
-    every request/reply channel (trustvbd/replies.py).
+    every request/reply channel (trustvbd/replies.py). `fds` go with the request.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     rid = secrets.randbelow(1 << 62) + 1
     try:
         sock.connect(str(config.control_socket))
-        sock.sendall(json.dumps({**request.encode(), "id": rid}).encode() + b"\n")
+        socket.send_fds(sock, [json.dumps({**request.encode(), "id": rid}).encode() + b"\n"],
+                        fds or [])
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(1 << 20)
@@ -238,6 +242,64 @@ def cmd_policy_load(config_path: str, policy_file: str) -> int:
     return 0
 
 
+def read_passphrase(source: str | None) -> bytearray:
+    """The passphrase, as bytes that can be zeroed: from a file (`-`: standard input; its
+    first line), else asked without echo on a terminal, else standard input's first line."""
+    import getpass
+
+    if source is None and sys.stdin is not None and sys.stdin.isatty():
+        return bytearray(getpass.getpass("Passphrase: ").encode())
+    if source is None or source == "-":
+        raw = bytearray(sys.stdin.buffer.readline(MAX_PASSPHRASE + 2))
+    else:
+        with open(source, "rb", buffering=0) as f:
+            raw = bytearray(f.read(MAX_PASSPHRASE + 2))
+    line = bytearray(raw.split(b"\n", 1)[0].rstrip(b"\r"))
+    raw[:] = bytes(len(raw))
+    if len(line) > MAX_PASSPHRASE:
+        line[:] = bytes(len(line))
+        raise ValueError(f"the passphrase is longer than {MAX_PASSPHRASE} bytes")
+    return line
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    """Hand the running system the passphrase of its locked disks (a restarted encryption
+    domain's): as a pipe, so it is in no message, argument or environment."""
+    from trustvbd.domains.messages import Unlocked, UnlockQuery
+    from trustvbd.domains.unlock import Unlock, send_unlock
+
+    config = _config(args.config)
+    if not config.control_socket.exists():  # before asking for a passphrase nobody can use
+        control_request(config, StatusQuery())
+    try:
+        passphrase = read_passphrase(args.passphrase_file)
+    except (OSError, ValueError, EOFError) as exc:
+        print(f"trustvbd unlock: cannot read the passphrase: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    if not passphrase:
+        print("trustvbd unlock: no passphrase given; nothing was changed", file=sys.stderr)
+        return EXIT_USAGE
+    fd = send_unlock(Unlock(passphrase=passphrase))  # zeroes `passphrase`
+    try:
+        reply = control_request(config, UnlockQuery(list(args.disks)), timeout=600, fds=[fd])
+    finally:
+        os.close(fd)
+    if not isinstance(reply, Unlocked):
+        print(f"trustvbd unlock: {getattr(reply, 'message', reply)}", file=sys.stderr)
+        return 1
+    for disk in reply.unlocked:
+        print(f"disk {disk!r} unlocked: serving; its guests may connect again")
+    for disk, why in reply.failed.items():
+        print(f"trustvbd unlock: disk {disk!r} was unlocked but cannot be served: {why}",
+              file=sys.stderr)
+    for disk in reply.wrong:
+        print(f"trustvbd unlock: wrong passphrase for disk {disk!r}: it stays locked, nothing"
+              " was changed (the attempt is in the audit log)", file=sys.stderr)
+    return 0 if not (reply.wrong or reply.failed) else 1
+
+
 # -- parser --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -258,6 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("-c", "--config", required=True, help="config file (TOML)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
+
+    unlock = sub.add_parser(
+        "unlock", help="unlock passphrase-protected disks of a restarted encryption domain",
+        description="A restarted encryption domain starts with its passphrase-protected disks"
+        " locked (the launcher keeps no secret): give the passphrase here. It is asked without"
+        " echo on a terminal, else read from standard input's first line or --passphrase-file,"
+        " and reaches only the encryption domains holding those disks. A wrong passphrase"
+        " changes nothing; every attempt is audited.")
+    unlock.add_argument("-c", "--config", required=True, help="config file (TOML)")
+    unlock.add_argument("disks", nargs="*", metavar="DISK",
+                        help="disks to unlock (default: every locked disk)")
+    unlock.add_argument("--passphrase-file", metavar="FILE",
+                        help="read the passphrase from FILE's first line (-: standard input)")
+    unlock.set_defaults(func=cmd_unlock)
 
     driver = sub.add_parser(
         "driver", help="run an untrusted driver domain alone: a plain NBD server over a sparse file",

@@ -25,7 +25,7 @@ from trustvbd.acm.audit import compact_fields
 from trustvbd.acm.client import AcmClient
 from trustvbd.blockdev import Backend, BlockError, HasEpoch
 from trustvbd.blocks.aead_pool import AeadPool, default_workers
-from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
+from trustvbd.blocks.crypt_layer import CryptDisk, Kek, physical_size
 from trustvbd.blocks.limits import SizeLimit
 from trustvbd.blocks.reconnect import ReplicaLink, Unreachable
 from trustvbd.blocks.space import SpaceWatch
@@ -34,6 +34,7 @@ from trustvbd.domains.bus import StateWriter
 from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
 from trustvbd.domains.control import ControlChannel, typed
 from trustvbd.domains.crypt_bus import CryptBus
+from trustvbd.domains.crypt_disks import PassphraseNeeded
 from trustvbd.domains.policy_gate import PolicyGate
 from trustvbd.domains.unlock import Unlock, receive_unlock
 from trustvbd.nbd.budget import DecisionRate, MemoryBudget
@@ -56,6 +57,7 @@ class Disk:
     space: list[SpaceWatch] = field(default_factory=list)  # one per link, same order
     integrity_events: int = 0
     error: str | None = None
+    locked: bool = False  # needs a passphrase this domain was not given: `trustvbd unlock`
     scrub: dict[str, Any] | None = None  # the running or last scrub
 
 
@@ -120,7 +122,7 @@ class CryptDomain:
                  state_dir: Path | None = None) -> None:
         self.control = ControlChannel(
             control, typed(self.handle, m.StatusQuery, m.Stop, m.PolicyChanged,
-                           m.ScrubQuery, m.AcmRestarted), "hv")
+                           m.ScrubQuery, m.AcmRestarted, m.UnlockQuery), "hv")
         self.bus = CryptBus(StateWriter(None), None)  # XenBus states; the store's comes with the spec
         self.unlock = unlock or Unlock()  # zeroed once every disk is open
         self.state_dir_override = state_dir  # a directory fd's /proc path, when given one
@@ -149,6 +151,8 @@ class CryptDomain:
             return m.Done(), []
         if isinstance(msg, m.ScrubQuery):
             return self.start_scrub(msg.disk), []
+        if isinstance(msg, m.UnlockQuery):
+            return await self.unlock_disks(msg.disks, fds), []
         if isinstance(msg, m.AcmRestarted):  # its Chinese Wall counts come from us
             await self.gate.client.restore()
         self.gate.policy_changed()
@@ -160,7 +164,8 @@ class CryptDomain:
         for d in self.disks.values():
             entry: dict[str, Any] = {
                 "name": d.name, "size": d.size, "label": d.label, "encrypt": d.encrypt,
-                "state": "serving" if d.backend else f"failed: {d.error}",
+                "state": "serving" if d.backend else
+                         "locked: run trustvbd unlock" if d.locked else f"failed: {d.error}",
                 "integrity_events": d.integrity_events,
                 "replicas": [{**link.status(), **watch.status()}
                              for link, watch in zip(d.links, d.space, strict=False)],
@@ -221,6 +226,48 @@ class CryptDomain:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return m.ScrubStarted(already_running=False)
+
+    async def unlock_disks(self, names: list[str], fds: list[int]) -> m.Message:
+        """Open locked disks with the passphrase in the pipe the hypervisor handed over.
+
+        Each disk's keys file is unwrapped first (scrypt, off the event loop): a passphrase
+        that does not unlock a disk changes nothing for it; it stays locked.
+        """
+        from trustvbd.blocks.disk_state import DiskState
+        from trustvbd.crypt.keys import WrongKeyError
+        from trustvbd.domains.crypt_disks import kek_for
+
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError("an unlock request carries one pipe with the passphrase")
+        unlock = receive_unlock(fds[0], "the hypervisor")
+        try:
+            if not unlock.passphrase:
+                raise ValueError("the unlock pipe holds no passphrase")
+            unlocked, wrong, failed = [], [], {}
+            for name in names:
+                disk = self.disks.get(name)
+                if disk is None or not disk.locked:
+                    continue
+                try:
+                    kek = kek_for(self.state_dir, name, unlock)
+                    await asyncio.to_thread(DiskState(self.state_dir, name).unlock, kek)
+                except WrongKeyError:
+                    wrong.append(name)
+                    continue
+                disk.locked, disk.error = False, None
+                try:
+                    disk.backend = await self.open_encrypted(disk, kek)
+                except Exception as exc:
+                    disk.error = failed[name] = str(exc)
+                    log.error("disk %s unlocked but cannot be served: %s", name, exc)
+                    continue
+                unlocked.append(name)
+                log.info("disk %s unlocked: serving", name)
+            return m.Unlocked(unlocked, wrong, failed)
+        finally:
+            unlock.forget()
 
     async def recheck_connections(self) -> int:
         """After a policy change: close every connection the new policy forbids."""
@@ -309,7 +356,7 @@ class CryptDomain:
             first = Unreachable(physical_size(disk.size), f"unreachable at start: {exc}")
         return ReplicaLink(first, replica, connect, retry_window=0)
 
-    async def open_encrypted(self, disk: Disk) -> Backend:
+    async def open_encrypted(self, disk: Disk, kek: Kek | None = None) -> Backend:
         from trustvbd.domains.crypt_disks import open_crypt_disk
 
         def on_event(event: dict[str, Any]) -> None:
@@ -328,7 +375,7 @@ class CryptDomain:
             log.info("AEAD workers: %d (pids %s)", workers, self.aead.worker_pids())
         return await open_crypt_disk(self.state_dir, disk.name, disk.size,
                                      [(watch.driver, watch) for watch in disk.space],
-                                     self.unlock, on_event, self.aead)
+                                     self.unlock, on_event, self.aead, kek)
 
     async def start(self, ready_fd: int | None) -> None:
         self.control.start()
@@ -359,6 +406,7 @@ class CryptDomain:
                 await self.open_disk(disk)
             except Exception as exc:  # one bad disk must not take the others down
                 disk.error = str(exc)
+                disk.locked = isinstance(exc, PassphraseNeeded)
                 log.error("disk %s cannot be served: %s", disk.name, exc)
                 self.control.tell(m.DiskFailed(disk.name, m.error_code(exc), str(exc)))
         self.unlock.forget()  # the disks hold their keys; the key-encryption key goes

@@ -71,9 +71,8 @@ def kek_for(state_dir: Path, disk: str, unlock: Unlock) -> Kek:
         if unlock.passphrase is None:
             raise PassphraseNeeded(
                 f"disk {disk!r} is protected by a passphrase and this encryption domain was given"
-                " none: set TRUSTVBD_PASSPHRASE, or start `trustvbd up` from a terminal to be asked"
-                " for it (the launcher forgets the passphrase once started, so an encryption"
-                " domain restarted later cannot unlock it: restart `trustvbd up`)")
+                " none (the launcher forgets the passphrase once started, so a restarted"
+                " encryption domain starts with it locked): run `trustvbd unlock -c CONFIG`")
         return Kek.from_passphrase(unlock.passphrase.decode("utf-8"))
     if unlock.key_file is None or len(unlock.key_file) != 32:
         raise KeyFileError(f"disk {disk!r} is protected by the state directory's key file"
@@ -84,9 +83,10 @@ def kek_for(state_dir: Path, disk: str, unlock: Unlock) -> Kek:
 
 async def open_crypt_disk(state_dir: Path, name: str, size: int, replicas: list[tuple[str, Backend]],
                           unlock: Unlock, on_event: Callable[[dict[str, Any]], None],
-                          aead: AeadPool | None = None) -> CryptDisk:
+                          aead: AeadPool | None = None, kek: Kek | None = None) -> CryptDisk:
+    """Open (or create) an encrypted disk; `kek`: one already checked (trustvbd unlock)."""
     check_memory(name, size)
-    kek = kek_for(state_dir, name, unlock)
+    kek = kek or kek_for(state_dir, name, unlock)
     if not DiskState(state_dir, name).keys_path.exists():
         create_disk_state(state_dir, name, size, kek)
     disk = await CryptDisk.open_mirrored(state_dir, name, replicas, kek, on_integrity_event=on_event,

@@ -33,15 +33,17 @@ from trustvbd.domains.broker import ChannelBroker, Endpoint
 from trustvbd.domains.control import ControlChannel, ControlClosed, Handler, typed
 from trustvbd.domains.hv_domains import DomainGrants, physical_size
 from trustvbd.domains.hv_status import gather_status
-from trustvbd.domains.hv_store import PairingRefused, StoreLink
+from trustvbd.domains.hv_store import PairingRefused, StoreLink, crypt_name
 from trustvbd.domains.listeners import close_listeners, listen_tcp, listen_unix
 from trustvbd.domains.placement import GuestSocket, guest_sockets, types_of
 from trustvbd.domains.supervisor import START_TIMEOUT, Domain, StartError, Supervisor
+from trustvbd.domains.unlock import Unlock, receive_unlock, send_unlock
 from trustvbd.xenstore.xenbus import State
 
 log = logging.getLogger("trustvbd.hv")
 
 STOP_TIMEOUT = 60.0
+UNLOCK_TIMEOUT = 300.0  # scrypt per disk, then opening it (reading its leaf table)
 START_PER_TIB = 60.0  # opening reads and hashes each disk's leaf table (0.8 % of its size)
 STOP_ORDER = ["crypt", "driver", "store", "acm"]  # guests' servers first, policy last
 CRYPT_ASKS = (m.SpecQuery, m.ChannelQuery, m.AcmChannelQuery, m.Ready, m.DiskFailed, m.Integrity)
@@ -394,6 +396,55 @@ class Launcher:
                 if not (isinstance(reply, m.Failed) and reply.code is m.ErrorCode.UNKNOWN):
                     return reply
         return m.Failed(m.ErrorCode.UNKNOWN, f"no running encryption domain serves disk {disk!r}")
+
+    async def unlock(self, disks: list[str], fds: list[int]) -> m.Message:
+        """`trustvbd unlock`: the passphrase (a pipe from the CLI) goes, in a new pipe each, to
+        the encryption domains holding the locked disks asked for, and nowhere else; this
+        process zeroes its copy. Every attempt is in the audit log, the outcome too."""
+        try:
+            if len(fds) != 1:
+                raise ValueError("an unlock request carries the passphrase as one pipe descriptor")
+            unlock = receive_unlock(fds.pop(), "the unlock command")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            if not unlock.passphrase:
+                return m.Failed(m.ErrorCode.INVALID, "no passphrase was given")
+            unknown = [d for d in disks if d not in self.config.disks]
+            if unknown:
+                return m.Failed(m.ErrorCode.UNKNOWN, f"no disk named {', '.join(map(repr, unknown))}"
+                                f" in {self.config.path}")
+            asked = disks or list(self.config.disks)
+            done = m.Unlocked([], [], {})
+            for wtype, mine in self.types.items():
+                channel = self.crypt_channels.get(crypt_name(wtype))
+                targets = [d for d in asked if d in mine]
+                if not targets or channel is None or channel.closed.is_set():
+                    continue
+                fd = send_unlock(Unlock(passphrase=bytearray(unlock.passphrase)))
+                try:
+                    reply, _ = await channel.ask(m.UnlockQuery(targets), m.Unlocked, fds=[fd],
+                                                 timeout=UNLOCK_TIMEOUT)
+                finally:
+                    os.close(fd)
+                if isinstance(reply, m.Failed):
+                    return reply
+                assert isinstance(reply, m.Unlocked)
+                done = m.Unlocked([*done.unlocked, *reply.unlocked], [*done.wrong, *reply.wrong],
+                                  {**done.failed, **reply.failed})
+        finally:
+            unlock.forget()
+        for disk in done.unlocked:
+            self.failed_disks.pop(disk, None)
+        if not (done.unlocked or done.wrong or done.failed):
+            what = (f"disk {', '.join(map(repr, disks))} is not locked" if disks
+                    else "no disk is locked")
+            return m.Failed(m.ErrorCode.INVALID, f"{what}: nothing to unlock (`trustvbd status -c"
+                            f" {self.config.path}` shows each disk's state)")
+        await self.acm.record("event", event="unlock", unlocked=done.unlocked,
+                              wrong_passphrase=done.wrong, failed=sorted(done.failed))
+        return done
 
     async def policy_load(self, path: str) -> m.Message:
         """Compile, swap the policy in the access-control domain, then close what it now forbids."""

@@ -1,8 +1,10 @@
-"""The hypervisor's control socket: `trustvbd status` and `trustvbd policy load` ask here.
+"""The hypervisor's control socket: `trustvbd status`, `policy load`, `scrub` and `unlock` ask here.
 
 One typed request per connection, one JSON line each way (domains/messages.py);
 the reply carries the request's id back ("reply_to"). Mode 0600: only the user
-that runs `up` may ask.
+that runs `up` (and root) may ask. A request may come with file descriptors
+(SCM_RIGHTS): `unlock` sends its passphrase as the read end of a pipe, so the
+secret is never in a message; any other request's descriptors are closed unread.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from trustvbd.domains.listeners import listen_unix
 from trustvbd.domains.messages import (
     ErrorCode,
     Failed,
@@ -25,22 +28,34 @@ from trustvbd.domains.messages import (
     PolicyLoad,
     ScrubQuery,
     StatusQuery,
+    UnlockQuery,
     decode,
     error_code,
 )
 
 log = logging.getLogger("trustvbd.hv")
 MAX_REQUEST = 64 * 1024
+MAX_FDS = 4
 READ_TIMEOUT = 10.0
 
-StatusSource = Callable[[], Awaitable[dict[str, Any]]]
-PolicyLoader = Callable[[str], Awaitable[Message]]
-Scrubber = Callable[[str], Awaitable[Message]]
+
+class Answers(Protocol):
+    """What the control socket asks of the hypervisor."""
+
+    async def status(self) -> dict[str, Any]: ...
+    async def policy_load(self, path: str) -> Message: ...
+    async def scrub(self, disk: str) -> Message: ...
+    async def unlock(self, disks: list[str], fds: list[int]) -> Message: ...
 
 
-async def answer(line: bytes, status: StatusSource, policy_load: PolicyLoader,
-                 scrub: Scrubber) -> dict[str, Any]:
-    """The reply to one request line (never raises)."""
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+async def answer(line: bytes, fds: list[int], hv: Answers) -> dict[str, Any]:
+    """The reply to one request line (never raises); every descriptor in `fds` is consumed."""
     rid = None
     try:
         raw = json.loads(line)
@@ -48,38 +63,105 @@ async def answer(line: bytes, status: StatusSource, policy_load: PolicyLoader,
         if type(rid) is not int:
             rid = None
             raise MessageError('a control request carries its request id, "id" (an integer)')
-        request = decode(raw, StatusQuery, PolicyLoad, ScrubQuery)
+        request = decode(raw, StatusQuery, PolicyLoad, ScrubQuery, UnlockQuery)
         reply: Message
-        if isinstance(request, StatusQuery):
-            reply = HvStatus(await status())
+        if isinstance(request, UnlockQuery):
+            given, fds = fds, []
+            reply = await hv.unlock(request.disks, given)  # it owns (and closes) them
+        elif isinstance(request, StatusQuery):
+            reply = HvStatus(await hv.status())
         elif isinstance(request, ScrubQuery):
-            reply = await scrub(request.disk)
+            reply = await hv.scrub(request.disk)
         else:
             assert isinstance(request, PolicyLoad)
-            reply = await policy_load(request.path)
+            reply = await hv.policy_load(request.path)
     except ValueError as exc:  # MessageError and JSONDecodeError are ValueErrors
         reply = Failed(ErrorCode.BAD_MESSAGE, str(exc))
     except Exception as exc:
         log.exception("control request failed")
         reply = Failed(error_code(exc), str(exc))
+    finally:
+        _close(fds)
     return {**reply.encode(), "reply_to": rid}
 
 
-async def serve_control(path: Path, status: StatusSource, policy_load: PolicyLoader,
-                        scrub: Scrubber) -> asyncio.AbstractServer:
-    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def read_request(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One request line and the descriptors that came with it (ValueError: too much)."""
+    data, fds = bytearray(), []
+    try:
+        while not data.endswith(b"\n"):
+            await _readable(sock)
+            try:
+                chunk, got, flags, _ = socket.recv_fds(sock, MAX_REQUEST, MAX_FDS)
+            except BlockingIOError:
+                continue
+            fds += got
+            if flags & socket.MSG_CTRUNC:
+                raise ValueError(f"more than {MAX_FDS} descriptors with a control request")
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > MAX_REQUEST:
+                raise ValueError(f"a control request is longer than {MAX_REQUEST} bytes")
+    except BaseException:
+        _close(fds)
+        raise
+    return bytes(data), fds
+
+
+class ControlServer:
+    """Accepts the CLI's connections on the control socket; `close()` stops and unlinks it."""
+
+    def __init__(self, path: Path, hv: Answers) -> None:
+        self.path, self.hv = path, hv
+        self.sock = listen_unix(path)  # 0600: the user running `up` (and root) only
+        self.sock.setblocking(False)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.accepting = asyncio.get_running_loop().create_task(self._accept())
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self.sock)
+            task = loop.create_task(self._client(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _client(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
         try:
-            line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
-            reply = await answer(line, status, policy_load, scrub)
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
+            async with asyncio.timeout(READ_TIMEOUT):
+                line, fds = await read_request(conn)
+            reply = await answer(line, fds, self.hv)
+            await asyncio.get_running_loop().sock_sendall(conn, json.dumps(reply).encode() + b"\n")
         except (TimeoutError, OSError, ValueError):
             pass  # a client that says nothing in time, or too much, is hung up on
         finally:
-            writer.close()
+            conn.close()
 
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    server = await asyncio.start_unix_server(client, str(path), limit=MAX_REQUEST)
-    os.chmod(path, 0o600)
-    return server
+    def close(self) -> None:
+        self.accepting.cancel()
+        for task in list(self.tasks):
+            task.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self.sock.close()
+
+
+async def serve_control(path: Path, hv: Answers) -> ControlServer:
+    return ControlServer(path, hv)

@@ -302,6 +302,24 @@ class Integrity(Message):
     event: dict[str, Any]
 
 
+@message("unlock?")
+class UnlockQuery(Message):
+    """Unlock passphrase-protected disks that are locked (none named: every locked one).
+
+    The passphrase never travels in a message: it comes with the request as the read end of
+    a pipe (domains/unlock.py format), from the CLI to the hypervisor, and from there, in a
+    new pipe, to each encryption domain holding one of the disks."""
+
+    disks: list[str]
+
+
+@message("unlocked")
+class Unlocked(Message):
+    unlocked: list[str]  # now serving
+    wrong: list[str]  # the passphrase does not unlock them: still locked, nothing changed
+    failed: dict[str, str]  # unlocked, but opening failed for another reason (the message)
+
+
 # -- the CLI -> hypervisor --------------------------------------------------------------
 @message("hv-status")
 class HvStatus(Message):

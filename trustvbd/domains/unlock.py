@@ -87,14 +87,24 @@ def send_unlock(unlock: Unlock) -> int:
     return read_end
 
 
-def receive_unlock(fd: int) -> Unlock:
-    """Read everything from the pipe, close it, decode; the buffer is zeroed after."""
+def receive_unlock(fd: int, sent_by: str = "the launcher") -> Unlock:
+    """Read everything from the pipe, close it, decode; the buffer is zeroed after.
+
+    The sender writes everything and closes its end before handing the read end over, so
+    the read never waits: a descriptor with nothing more to read and no end of file (its
+    write end still open somewhere) is refused instead of waited on.
+    """
     buf = bytearray()
     try:
+        os.set_blocking(fd, False)
         while chunk := os.read(fd, 4096):
             buf += chunk
             if len(buf) > MAX_TOTAL:
-                raise UnlockError(f"the launcher's unlock pipe holds over {MAX_TOTAL} bytes")
+                raise UnlockError(f"{sent_by}'s unlock pipe holds over {MAX_TOTAL} bytes")
+    except BlockingIOError:
+        buf[:] = bytes(len(buf))
+        raise UnlockError(f"{sent_by}'s unlock pipe is still open for writing: write the"
+                          " passphrase, close the write end, then send the read end") from None
     finally:
         os.close(fd)
     try:

@@ -149,8 +149,7 @@ async def run_up(config: Config) -> int:
             raise StoppedEarly(1)
         stop_asked.cancel()
         lines = starting.result()
-        control = await serve_control(config.control_socket, launcher.status,
-                                      launcher.policy_load, launcher.scrub)
+        control = await serve_control(config.control_socket, launcher)
         for line in lines:
             print(line, flush=True)
         print("ready", flush=True)
@@ -168,8 +167,6 @@ async def run_up(config: Config) -> int:
     finally:
         if control is not None:
             control.close()
-            with contextlib.suppress(FileNotFoundError):
-                config.control_socket.unlink()
         await launcher.stop()
         await launcher.acm.close()
         lock.release()

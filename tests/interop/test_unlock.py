@@ -1,0 +1,118 @@
+"""`trustvbd unlock`: a restarted encryption domain's passphrase disks, unlocked while `up` runs.
+
+Real processes throughout: `trustvbd up`, kill -9 of an encryption domain, the CLI with the
+passphrase on standard input, a libnbd guest. The launcher keeps no passphrase, so the
+restarted domain starts with the disk locked; only `unlock` opens it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.interop import clients
+from tests.interop.test_privsep import CONFIG, POLICY, crypt_payroll, domains, wait_for
+from tests.support import TRUSTVBD, System, run
+from trustvbd.acm.audit import AuditLog
+from trustvbd.acm.commands import AUDIT_FILE
+from trustvbd.cli import ask_running
+from trustvbd.config import load_config
+from trustvbd.domains import messages as m
+from trustvbd.domains.unlock import Unlock, send_unlock
+
+pytestmark = pytest.mark.interop
+
+MIB = 1 << 20
+RIGHT = "correct horse battery staple"
+
+
+def disk_state(s: System, name: str) -> str:
+    data = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+    return str(next(d["state"] for d in data["disks"] if d["name"] == name))
+
+
+def unlock(s: System, typed: str, *disks: str) -> tuple[int, str, str]:
+    """`trustvbd unlock`, the passphrase typed into a pipe (not a terminal: no prompt)."""
+    out = run([*TRUSTVBD, "unlock", "-c", str(s.config), *disks], check=False, input=typed)
+    return out.returncode, out.stdout, out.stderr
+
+
+def unlock_records(state: Path) -> list[dict]:
+    return [r["fields"] for r in AuditLog.read(state / AUDIT_FILE)
+            if r["kind"] == "event" and r["fields"].get("event") == "unlock"]
+
+
+def test_a_restarted_encryption_domain_waits_locked_until_unlock(short_tmp: Path) -> None:
+    short_tmp.chmod(0o755)
+    (short_tmp / "policy.toml").write_text(POLICY)
+    (short_tmp / "backing" / "a").mkdir(parents=True, mode=0o700)
+    s = System(short_tmp, CONFIG, env={"TRUSTVBD_PASSPHRASE": RIGHT}).start()
+    state = short_tmp / "state"
+    nbd = clients.libnbd()
+    flushed = random.Random(7).randbytes(MIB)
+    h = nbd.NBD()
+    h.connect_uri(s.uri("vm1", "payroll"))
+    h.pwrite(flushed, 0)
+    h.flush()
+    h.shutdown()
+
+    old = domains(s)["crypt-Payroll"]
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: (d := crypt_payroll(s))["state"] == "running" and d["pid"] != old,
+             "the encryption domain's restart")
+    assert disk_state(s, "payroll") == "locked: run trustvbd unlock"
+    assert disk_state(s, "bank") == "serving"  # another type's domain kept its disk
+    assert "locked: run trustvbd unlock" in s.cli("status", "-c", str(s.config)).stdout
+
+    # Locked: the guest gets a clear refusal, not data.
+    h = nbd.NBD()
+    with pytest.raises(nbd.Error, match="handshake"):  # NBD_REP_ERR_SHUTDOWN: unavailable
+        h.connect_uri(s.uri("vm1", "payroll"))
+
+    # A wrong passphrase: a clear error, the disk stays locked, the attempt is audited.
+    code, out, err = unlock(s, "not the passphrase\n", "payroll")
+    assert code == 1 and "wrong passphrase for disk 'payroll'" in err, (out, err)
+    assert disk_state(s, "payroll") == "locked: run trustvbd unlock"
+    assert unlock_records(state)[-1]["wrong_passphrase"] == ["payroll"]
+
+    # A disk that is not there, or not locked, is refused by name.
+    code, _, err = unlock(s, RIGHT + "\n", "nosuch")
+    assert code == 1 and "no disk named 'nosuch'" in err, err
+    code, _, err = unlock(s, RIGHT + "\n", "bank")
+    assert code == 1 and "disk 'bank' is not locked" in err, err
+
+    # The right one (every locked disk: none named): serving again, the flushed data intact.
+    code, out, err = unlock(s, RIGHT + "\n")
+    assert code == 0 and "disk 'payroll' unlocked" in out, (out, err)
+    assert disk_state(s, "payroll") == "serving"
+    assert unlock_records(state)[-1]["unlocked"] == ["payroll"]
+    h = nbd.NBD()
+    h.connect_uri(s.uri("vm1", "payroll"))
+    assert h.pread(MIB, 0) == flushed
+    h.shutdown()
+    code, _, err = unlock(s, RIGHT + "\n")
+    assert code == 1 and "no disk is locked" in err, err
+
+    # The control socket takes the passphrase only as a closed pipe: none, or one still open
+    # for writing, is refused at once (the hypervisor never waits on it).
+    config = load_config(s.config)
+    reply = ask_running(config, m.UnlockQuery([]))
+    assert isinstance(reply, m.Failed) and "one pipe descriptor" in reply.message
+    r, w = os.pipe()
+    try:
+        reply = ask_running(config, m.UnlockQuery([]), timeout=10, fds=[r])
+    finally:
+        os.close(r)
+        os.close(w)
+    assert isinstance(reply, m.Failed) and "still open for writing" in reply.message
+    fd = send_unlock(Unlock(passphrase=bytearray(RIGHT.encode())))
+    try:  # and a request that takes no descriptor gets its descriptors closed, not kept
+        assert isinstance(ask_running(config, m.StatusQuery(), fds=[fd]), m.HvStatus)
+    finally:
+        os.close(fd)
+    s.stop()
