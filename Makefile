@@ -3,34 +3,48 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NATIVE := $(VENV)/.native
+# The native data plane (native/) is built with cargo, also where PATH lacks ~/.cargo/bin.
+export PATH := $(PATH):$(HOME)/.cargo/bin:/root/.cargo/bin
+CARGO := cargo
+CARGO_FLAGS := --manifest-path native/Cargo.toml --locked
+NATIVE_SRC := native/Cargo.toml native/Cargo.lock $(shell find native/src -name '*.rs')
 
 .PHONY: run test lint deps test-deps bench clean fuzz
 
+# pip builds the extension (maturin, pinned in pyproject.toml) into trustvbd/_native*.so.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	touch $(STAMP) $(NATIVE)
 
-deps: $(STAMP)
+# Rebuilt when the crate changes (cargo makes that incremental).
+$(NATIVE): $(STAMP) $(NATIVE_SRC)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(NATIVE)
 
-run: $(STAMP)
+deps: $(STAMP) $(NATIVE)
+
+run: deps
 	$(BIN)/trustvbd up -c examples/demo.toml
 
 test-deps:
 	sh scripts/install-test-deps.sh
 
-lint: $(STAMP)
+lint: deps
 	$(BIN)/ruff check trustvbd tests bench
 	$(BIN)/mypy trustvbd
+	$(CARGO) clippy $(CARGO_FLAGS) --all-features --all-targets -- -D warnings
 
-test: $(STAMP) test-deps lint
+test: deps test-deps lint
+	$(CARGO) test $(CARGO_FLAGS) --release
 	$(BIN)/python -m pytest -n 2 -q -rfEs -p no:cacheprovider
 
 # Coverage-guided fuzzing (atheris), FUZZ_SECONDS per target; finds go to .fuzz/.
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := superblock anchor intent_log pages keys audit_log xml_policy toml_policy nbd_server nbd_client
-fuzz: $(STAMP)
+fuzz: deps
 	$(BIN)/python -m pip install --quiet -e '.[test,fuzz]'
 	@for t in $(FUZZ_TARGETS); do \
 		echo "== fuzz $$t ($(FUZZ_SECONDS) s)"; \
@@ -40,8 +54,8 @@ fuzz: $(STAMP)
 		test -z "$$(ls .fuzz/crashes/$$t-* 2>/dev/null)" || { echo "fuzz: $$t crashed, see .fuzz/crashes"; exit 1; }; \
 	done
 
-bench: $(STAMP) test-deps
+bench: deps test-deps
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) examples/state examples/backing
+	rm -rf $(VENV) examples/state examples/backing native/target trustvbd/_native*.so

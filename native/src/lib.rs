@@ -1,0 +1,10 @@
+//! trustvbd's native data plane (issue #13), first stage: the block codec.
+//!
+//! `block_codec` is plain Rust with no Python in it (tested by `cargo test`);
+//! `python` binds it as the extension module `trustvbd._native`, whose only
+//! caller is the Python package `trustvbd.crypt`. No `unsafe` anywhere.
+#![forbid(unsafe_code)]
+
+pub mod block_codec;
+#[cfg(feature = "python")]
+mod python;

@@ -1,0 +1,112 @@
+"""The native block codec against the independent reader of docs/format.md, both ways.
+
+Random runs of blocks (random keys, disk ids, key ids, block numbers, versions)
+sealed natively are opened by the document's recipe with `cryptography`'s AESGCM
+and the hand-written HKDF of test_format_doc; blocks sealed by that recipe are
+opened natively. Then the refusals: tampering, wrong key, disk, block or version.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from trustvbd._native import BlockCodec
+
+from tests.crypt.test_format_doc import doc_block_key
+
+BS, LEAF = 4096, 32
+POISON = 2**64 - 1
+
+
+def doc_seal(key: bytes, disk_id: bytes, key_id: int, block: int, version: int, plain: bytes) -> tuple[bytes, bytes]:
+    """(ciphertext, leaf) of one block, from docs/format.md section 1.1-1.2 alone."""
+    nonce = version.to_bytes(8, "big") + bytes(4)
+    aad = disk_id + block.to_bytes(8, "big") + version.to_bytes(8, "big")
+    sealed = AESGCM(doc_block_key(key, disk_id, key_id)).encrypt(nonce, plain, aad)
+    return sealed[:-16], struct.pack(">Q16sQ", version, sealed[-16:], key_id)
+
+
+def doc_open(key: bytes, disk_id: bytes, block: int, ct: bytes, leaf: bytes) -> bytes:
+    version, tag, key_id = struct.unpack(">Q16sQ", leaf)
+    if version == 0:
+        return bytes(BS)
+    nonce = version.to_bytes(8, "big") + bytes(4)
+    aad = disk_id + block.to_bytes(8, "big") + version.to_bytes(8, "big")
+    return AESGCM(doc_block_key(key, disk_id, key_id)).decrypt(nonce, ct + tag, aad)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_native_and_document_agree_both_ways(seed: int) -> None:
+    rng = random.Random(seed)
+    key, disk_id = rng.randbytes(32), rng.randbytes(16)
+    key_id = rng.choice([0, 1, rng.getrandbits(64) or 1, 2**64 - 1])
+    n = rng.choice([1, 2, 7, 64, 65])
+    b0 = rng.choice([0, rng.getrandbits(40), 2**64 - 1 - n])
+    v0 = rng.choice([1, rng.getrandbits(48), POISON - n])
+    plain = rng.randbytes(n * BS)
+    codec = BlockCodec(key, disk_id, key_id)
+
+    ct, leaves = codec.seal(b0, v0, plain)
+    assert len(ct) == n * BS and len(leaves) == n * LEAF
+    for i in range(n):
+        leaf = leaves[i * LEAF:(i + 1) * LEAF]
+        want_ct, want_leaf = doc_seal(key, disk_id, key_id, b0 + i, v0 + i, plain[i * BS:(i + 1) * BS])
+        assert (ct[i * BS:(i + 1) * BS], leaf) == (want_ct, want_leaf)
+        assert doc_open(key, disk_id, b0 + i, ct[i * BS:(i + 1) * BS], leaf) == plain[i * BS:(i + 1) * BS]
+
+    # The other way, with blocks of mixed key ids (older opens) and unwritten ones.
+    doc_ct, doc_leaves = bytearray(), bytearray()
+    for i in range(n):
+        kid = rng.choice([0, key_id, rng.getrandbits(64)])
+        if rng.random() < 0.2:
+            doc_ct += rng.randbytes(BS)
+            doc_leaves += bytes(LEAF)  # never written: reads as zeros whatever the replica holds
+            continue
+        c, leaf = doc_seal(key, disk_id, kid, b0 + i, rng.randrange(1, POISON), plain[i * BS:(i + 1) * BS])
+        doc_ct += c
+        doc_leaves += leaf
+    got, bad = codec.open(b0, doc_ct, doc_leaves)
+    assert bad == []
+    for i in range(n):
+        want = bytes(BS) if doc_leaves[i * LEAF:i * LEAF + 8] == bytes(8) else plain[i * BS:(i + 1) * BS]
+        assert got[i * BS:(i + 1) * BS] == want
+
+
+def test_every_kind_of_tampering_is_refused_block_by_block() -> None:
+    key, disk_id, n = bytes(range(32)), bytes(range(16)), 8
+    codec = BlockCodec(key, disk_id, 77)
+    plain = random.Random(1).randbytes(n * BS)
+    ct, leaves = codec.seal(100, 5, plain)
+    ct, leaves = bytearray(ct), bytearray(leaves)
+    ct[1 * BS + 99] ^= 1  # ciphertext bit
+    leaves[2 * LEAF + 8] ^= 1  # tag
+    leaves[3 * LEAF + 7] ^= 1  # version: another nonce and AAD
+    leaves[4 * LEAF + 31] ^= 1  # key id: another key
+    leaves[5 * LEAF:5 * LEAF + 8] = POISON.to_bytes(8, "big")  # a leaf lost
+    ct[6 * BS:7 * BS], ct[7 * BS:8 * BS] = ct[7 * BS:8 * BS], ct[6 * BS:7 * BS]  # swapped blocks
+    got, bad = codec.open(100, memoryview(ct), memoryview(leaves))
+    assert bad == [1, 2, 3, 4, 5, 6, 7]
+    assert got[:BS] == plain[:BS]
+    assert got[BS:] == bytes((n - 1) * BS)  # failures read as zeros, never partial plaintext
+    for wrong in (BlockCodec(bytes(32), disk_id, 77), BlockCodec(key, bytes(16), 77)):
+        assert wrong.open(100, ct[:BS], leaves[:LEAF])[1] == [0]  # another key or disk
+    assert codec.open(101, ct[:BS], leaves[:LEAF])[1] == [0]  # moved to another block
+
+
+def test_bad_requests_get_a_clear_error() -> None:
+    codec = BlockCodec(bytes(32), bytes(16), 1)
+    with pytest.raises(ValueError, match="whole number of 4096-byte blocks"):
+        codec.seal(0, 1, bytes(100))
+    with pytest.raises(ValueError, match="outside"):
+        codec.seal(0, 0, bytes(BS))
+    with pytest.raises(ValueError, match="outside"):
+        codec.seal(0, POISON, bytes(BS))
+    with pytest.raises(ValueError, match="need 64 bytes of leaves"):
+        codec.open(0, bytes(2 * BS), bytes(32))
+    with pytest.raises(ValueError, match="32 bytes"):
+        BlockCodec(bytes(31), bytes(16), 0)
+    with pytest.raises(OverflowError):
+        codec.seal(0, -1, bytes(BS))
