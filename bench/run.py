@@ -1,158 +1,86 @@
 """Benchmarks against peers, in one run (not part of the test suite).
 
     .venv/bin/python bench/run.py [--suite plain|crypt|all] [--size 1GiB] [--reps 3]
+                                  [--only NAME ...] [--json] [--from-json FILE]
 
 plain: `trustvbd driver`, `trustvbd up` (pass-through), nbdkit file, qemu-nbd raw.
 crypt: `trustvbd up` (encrypted: one replica, mirrored over 2 and over 3 drivers),
-       nbdkit + luks filter, qemu-nbd LUKS.
+       nbdkit + luks filter, qemu-nbd LUKS (if installed), plain nbdkit file; and
+       sequential rows of `up` over nbdkit file drivers (1 and 2 replicas) with and
+       without 10 ms added to every driver reply (nbdkit's delay filter), beside
+       nbdkit + luks over the same delay.
 
 Each server gets: nbdcopy sequential write of SIZE from a page-cached file, nbdcopy
-sequential read to null:, and fio's nbd engine 4 KiB random read and write at QD 16.
-Medians of --reps runs; ratios against the named reference server.
+sequential read to null:, fio's nbd engine 4 KiB random read and write at QD 16, and
+4 KiB random read and write at QD 1 (latency p50, p99). For each, the CPU time of every
+process of the server (/proc/PID/stat), per GiB or per 100k requests. Medians of --reps
+runs, servers interleaved within each repetition; ratios against the suite's reference
+and between named rows. --json prints everything measured (every repetition) as JSON on
+stdout instead of the tables; --from-json prints the tables of such a file.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from trustvbd.config import format_size, parse_size  # noqa: E402
+import procstat
+from servers import (
+    Server,
+    format_size,
+    have,
+    make_luks,
+    nbdkit_file,
+    nbdkit_luks,
+    parse_size,
+    qemu_nbd,
+    trustvbd_driver,
+    trustvbd_up,
+    workdir,
+)
 
-TRUSTVBD = [sys.executable, "-m", "trustvbd.cli"]
-PASS = "bench-passphrase"
+GiB = 1 << 30
+DELAY_MS = 10
+Rep = dict[str, Any]  # one repetition of one server: workload -> measurements
 
-
-@dataclass
-class Server:
-    name: str
-    start: Callable[[Path], tuple[str, Callable[[], None]]]  # workdir -> (uri, stop)
-
-
-def wait_socket(path: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{path} did not appear")
-        time.sleep(0.05)
-
-
-def stop_pidfile(pidfile: Path) -> Callable[[], None]:
-    def stop() -> None:
-        pid = int(pidfile.read_text().strip())
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(200):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-    return stop
-
-
-def stop_proc(proc: subprocess.Popen[bytes]) -> Callable[[], None]:
-    def stop() -> None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
-    return stop
-
-
-def nbdkit_file(size: int, filters: list[str] | None = None, image: str = "disk.img") -> Server:
-    def start(work: Path) -> tuple[str, Callable[[], None]]:
-        sock, pid = work / "nbdkit.sock", work / "nbdkit.pid"
-        if image == "disk.img":
-            with open(work / image, "wb") as f:
-                f.truncate(size)
-        subprocess.run(["nbdkit", "-U", str(sock), "-P", str(pid), "file", str(work / image),
-                        *(filters or [])], check=True)
-        wait_socket(sock)
-        return f"nbd+unix:///?socket={sock}", stop_pidfile(pid)
-    return Server("nbdkit file" if not filters else "nbdkit + luks filter", start)
-
-
-def qemu_nbd(size: int, luks: bool = False) -> Server:
-    def start(work: Path) -> tuple[str, Callable[[], None]]:
-        sock, pid = work / "qemu.sock", work / "qemu.pid"
-        if luks:
-            args = ["--object", f"secret,id=s0,data={PASS}", "--image-opts",
-                    f"driver=luks,key-secret=s0,file.filename={work / 'luks.img'}"]
-        else:
-            with open(work / "disk.img", "wb") as f:
-                f.truncate(size)
-            args = ["-f", "raw", str(work / "disk.img")]
-        subprocess.run(["qemu-nbd", "-k", str(sock), "-e", "8", "-t", "--fork", "--pid-file",
-                        str(pid), *args], check=True)
-        wait_socket(sock)
-        return f"nbd+unix:///?socket={sock}", stop_pidfile(pid)
-    return Server("qemu-nbd LUKS" if luks else "qemu-nbd raw", start)
-
-
-def make_luks(work: Path, size: int) -> None:
-    # qemu-img's PBKDF timing sometimes fails on a busy machine ("Unable to get accurate
-    # CPU usage": its CPU clock ticks too coarsely); it works on another try.
-    for _attempt in range(20):
-        result = subprocess.run(["qemu-img", "create", "-q", "-f", "luks", "--object",
-                                 f"secret,id=s0,data={PASS}", "-o", "key-secret=s0,iter-time=100",
-                                 str(work / "luks.img"), str(size)])
-        if result.returncode == 0:
-            return
-    raise RuntimeError("qemu-img could not create the LUKS image")
-
-
-def trustvbd_driver(size: int) -> Server:
-    def start(work: Path) -> tuple[str, Callable[[], None]]:
-        sock = work / "drv.sock"
-        proc = subprocess.Popen([*TRUSTVBD, "driver", "--file", str(work / "disk.img"), "--size",
-                                 str(size), "--socket", str(sock)], stdout=subprocess.PIPE)
-        assert proc.stdout is not None
-        while proc.stdout.readline().strip() != b"ready":
-            if proc.poll() is not None:
-                raise RuntimeError("trustvbd driver failed to start")
-        return f"nbd+unix:///?socket={sock}", stop_proc(proc)
-    return Server("trustvbd driver", start)
-
-
-def trustvbd_up(size: int, encrypt: bool, replicas: int = 1) -> Server:
-    """`up` with one disk over `replicas` trustvbd drivers (each its own process and file)."""
-    def start(work: Path) -> tuple[str, Callable[[], None]]:
-        config = work / "tv.toml"
-        drivers = "".join(f'[[driver]]\nname = "d{i}"\nlabel = "S"\ndir = "b{i}"\n'
-                          for i in range(replicas))
-        names = ", ".join(f'"d{i}"' for i in range(replicas))
-        config.write_text(
-            f'state_dir = "st"\n{drivers}'
-            f'[[disk]]\nname = "disk"\nsize = {size}\nlabel = "L"\nreplicas = [{names}]\n'
-            f'encrypt = {"true" if encrypt else "false"}\n[[guest]]\nname = "g"\nlabel = "G"\n')
-        proc = subprocess.Popen([*TRUSTVBD, "up", "-c", str(config)], stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL)
-        assert proc.stdout is not None
-        uri = ""
-        while True:
-            line = proc.stdout.readline().decode().strip()
-            if line.startswith("guest g disk disk "):
-                uri = line.split()[-1]
-            if line == "ready":
-                break
-            if not line and proc.poll() is not None:
-                raise RuntimeError("trustvbd up failed to start")
-        return uri, stop_proc(proc)
-    if not encrypt:
-        return Server("trustvbd up (pass-through)", start)
-    return Server("trustvbd up (encrypted)" if replicas == 1 else
-                  f"trustvbd up (encrypted, {replicas} replicas)", start)
+# (label, numerator row, denominator row): the ratios the issues set targets on.
+RATIOS = [
+    ("2 replicas / 1", "trustvbd up (encrypted, 2 replicas)", "trustvbd up (encrypted)"),
+    ("2 replicas / 1 [baseline]", "trustvbd up (encrypted, 2 replicas) [baseline]",
+     "trustvbd up (encrypted) [baseline]"),
+    ("1 replica / [baseline]", "trustvbd up (encrypted)", "trustvbd up (encrypted) [baseline]"),
+    ("2 replicas / [baseline]", "trustvbd up (encrypted, 2 replicas)",
+     "trustvbd up (encrypted, 2 replicas) [baseline]"),
+    ("3 replicas / 1", "trustvbd up (encrypted, 3 replicas)", "trustvbd up (encrypted)"),
+    ("1 replica / nbdkit file", "trustvbd up (encrypted)", "nbdkit file"),
+    (f"+{DELAY_MS} ms / none, 1 replica", f"trustvbd up (encrypted, nbdkit drivers +{DELAY_MS} ms)",
+     "trustvbd up (encrypted, nbdkit drivers)"),
+    (f"+{DELAY_MS} ms / none, 2 replicas",
+     f"trustvbd up (encrypted, 2 replicas, nbdkit drivers +{DELAY_MS} ms)",
+     "trustvbd up (encrypted, 2 replicas, nbdkit drivers)"),
+    (f"+{DELAY_MS} ms / none, nbdkit + luks", f"nbdkit + luks filter +{DELAY_MS} ms",
+     "nbdkit + luks filter"),
+]
+# Table columns: (header, workload, key)
+COLUMNS = [
+    ("write MB/s", "write", "MB/s"),
+    ("read MB/s", "read", "MB/s"),
+    ("randread IOPS", "randread", "IOPS"),
+    ("randwrite IOPS", "randwrite", "IOPS"),
+    ("QD1 read p50 µs", "qd1 randread", "p50 us"),
+    ("QD1 read p99 µs", "qd1 randread", "p99 us"),
+    ("QD1 write p50 µs", "qd1 randwrite", "p50 us"),
+    ("QD1 write p99 µs", "qd1 randwrite", "p99 us"),
+]
 
 
 def timed(cmd: list[str]) -> float:
@@ -161,58 +89,103 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def fio_iops(uri: str, rw: str, runtime: int) -> float:
+def fio(uri: str, rw: str, depth: int, runtime: int, size: int) -> dict[str, float]:
     out = subprocess.run(
         ["fio", "--name=t", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
-         "--iodepth=16", "--size=256m", f"--runtime={runtime}", "--time_based",
-         "--output-format=json"], check=True, capture_output=True, text=True).stdout
-    data = json.loads(out[out.index("{"):])
-    job = data["jobs"][0]
-    return float(job["read" if "read" in rw else "write"]["iops"])
+         f"--iodepth={depth}", f"--size={min(size, 256 << 20)}", f"--runtime={runtime}",
+         "--time_based", "--lat_percentiles=1", "--output-format=json"],
+        check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]["read" if "read" in rw else "write"]
+    pct = job["lat_ns"].get("percentile", {})
+    return {"IOPS": float(job["iops"]), "requests": int(job["total_ios"]),
+            "p50 us": pct.get("50.000000", 0) / 1e3, "p99 us": pct.get("99.000000", 0) / 1e3}
 
 
-@contextlib.contextmanager
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="tvb", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def measure(server: Server, size: int, source: Path, runtime: int, luks: bool) -> dict[str, float]:
+def measure(server: Server, size: int, source: Path, runtime: int) -> Rep:
+    rep: Rep = {}
     with workdir() as work:
-        if luks:
+        if server.luks_image:
             make_luks(work, size)
         uri, stop = server.start(work)
         try:
-            w = timed(["nbdcopy", str(source), uri])
-            r = timed(["nbdcopy", uri, "null:"])
-            result = {"write MB/s": size / w / 1e6, "read MB/s": size / r / 1e6,
-                      "randread IOPS": fio_iops(uri, "randread", runtime),
-                      "randwrite IOPS": fio_iops(uri, "randwrite", runtime)}
+            def run(name: str, what: Callable[[], tuple[dict[str, float], float]]) -> None:
+                """`what` returns (results, how much work it did in reporting units)."""
+                before = procstat.snapshot(work)
+                result, units = what()
+                cpu = procstat.used(before, procstat.snapshot(work))
+                rep[name] = {**result, "cpu": {role: s / units for role, s in cpu.items()}}
+
+            def copy(cmd: list[str]) -> Callable[[], tuple[dict[str, float], float]]:
+                return lambda: ({"MB/s": size / timed(cmd) / 1e6}, size / GiB)
+
+            def random(rw: str, depth: int) -> Callable[[], tuple[dict[str, float], float]]:
+                def go() -> tuple[dict[str, float], float]:
+                    result = fio(uri, rw, depth, runtime, size)
+                    return result, result["requests"] / 100_000
+                return go
+
+            if "seq" in server.workloads:
+                run("write", copy(["nbdcopy", str(source), uri]))
+                run("read", copy(["nbdcopy", uri, "null:"]))
+            if "random" in server.workloads:
+                run("randread", random("randread", 16))
+                run("randwrite", random("randwrite", 16))
+            if "qd1" in server.workloads:
+                run("qd1 randread", random("randread", 1))
+                run("qd1 randwrite", random("randwrite", 1))
         finally:
             stop()
-    return result
+    return rep
+
+
+def suites(args: argparse.Namespace, size: int) -> list[tuple[str, list[Server], str]]:
+    out: list[tuple[str, list[Server], str]] = []
+    if args.suite in ("plain", "all"):
+        out.append(("plain", [trustvbd_driver(size), trustvbd_up(size, False), nbdkit_file(size),
+                              qemu_nbd(size)], "qemu-nbd raw"))
+    if args.suite in ("crypt", "all"):
+        crypt = [trustvbd_up(size, True), trustvbd_up(size, True, 2), trustvbd_up(size, True, 3),
+                 nbdkit_luks(), *([qemu_nbd(size, luks=True)] if have("qemu-nbd") else []),
+                 nbdkit_file(size)]
+        for replicas in (1, 2):
+            crypt += [trustvbd_up(size, True, replicas, nbdkit_drivers=True),
+                      trustvbd_up(size, True, replicas, nbdkit_drivers=True, delay_ms=DELAY_MS)]
+        crypt.append(nbdkit_luks(DELAY_MS))
+        if args.baseline is not None:
+            crypt += [trustvbd_up(size, True, tree=args.baseline),
+                      trustvbd_up(size, True, 2, tree=args.baseline)]
+        out.append(("crypt", crypt, "nbdkit + luks filter"))
+    if args.only:
+        out = [(name, [s for s in servers if any(o in s.name for o in args.only)], ref)
+               for name, servers, ref in out]
+    return out
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=["plain", "crypt", "all"], default="all")
     parser.add_argument("--size", default="1GiB")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--fio-runtime", type=int, default=5)
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="only the servers whose name contains one of these")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="crypt suite: also the 1- and 2-replica rows with the trustvbd "
+                             "package in DIR (e.g. `git archive main | tar -x -C DIR`), for A/B")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--from-json", type=Path, metavar="FILE",
+                        help="print the tables of an earlier --json run and exit")
     args = parser.parse_args()
+    if args.from_json:
+        report(json.loads(args.from_json.read_text()))
+        return 0
     size = parse_size(args.size)
-    suites: list[tuple[str, list[Server], str, bool]] = []
-    if args.suite in ("plain", "all"):
-        suites.append(("plain", [trustvbd_driver(size), trustvbd_up(size, False), nbdkit_file(size),
-                                 qemu_nbd(size)], "qemu-nbd raw", False))
-    if args.suite in ("crypt", "all"):
-        suites.append(("crypt", [trustvbd_up(size, True), trustvbd_up(size, True, 2),
-                                 trustvbd_up(size, True, 3), nbdkit_file(size, ["--filter=luks",
-                       f"passphrase={PASS}"], image="luks.img"), qemu_nbd(size, luks=True)],
-                       "nbdkit + luks filter", True))
+    doc: dict[str, Any] = {"options": {"size": size, "reps": args.reps,
+                                       "fio_runtime": args.fio_runtime,
+                                       "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                       "cpus": os.cpu_count()},
+                           "suites": {}}
     with workdir() as src_dir:
         source = src_dir / "source.img"
         with open(source, "wb") as f:
@@ -220,33 +193,83 @@ def main() -> int:
             for _ in range(size >> 20):
                 f.write(chunk)
         subprocess.run(["cat", str(source)], stdout=subprocess.DEVNULL, check=True)  # page-cache it
-        for suite, servers, reference, luks in suites:
-            results: dict[str, dict[str, list[float]]] = {s.name: {} for s in servers}
+        for suite, servers, reference in suites(args, size):
+            runs: dict[str, list[Rep]] = {s.name: [] for s in servers}
+            doc["suites"][suite] = {"reference": reference, "servers": runs}
             for rep in range(args.reps):
                 for server in servers:  # interleaved, so drift hits every server alike
                     print(f"[{suite} rep {rep + 1}/{args.reps}] {server.name}", file=sys.stderr)
-                    for key, value in measure(server, size, source, args.fio_runtime, luks).items():
-                        results[server.name].setdefault(key, []).append(value)
-            print_table(suite, results, reference, size, args.reps)
+                    runs[server.name].append(measure(server, size, source, args.fio_runtime))
+            if not args.json:
+                report({"options": doc["options"], "suites": {suite: doc["suites"][suite]}})
+    if args.json:
+        json.dump(doc, sys.stdout, indent=1)
+        print()
     return 0
 
 
-def print_table(suite: str, results: dict[str, dict[str, list[float]]], reference: str, size: int,
-                reps: int) -> None:
-    metrics = ["write MB/s", "read MB/s", "randread IOPS", "randwrite IOPS"]
-    ref = {m: statistics.median(results[reference][m]) for m in metrics}
-    print(f"\n## {suite}: nbdcopy {format_size(size)} sequential, fio nbd 4 KiB random QD16;"
-          f" medians of {reps}; (x) = ratio to {reference}\n")
-    print("| server | " + " | ".join(metrics) + " |")
-    print("|---|" + "---|" * len(metrics))
-    for name, values in results.items():
-        cells = []
-        for m in metrics:
-            med = statistics.median(values[m])
-            cells.append(f"{med:,.0f} ({med / ref[m]:.2f}x)")
-        print(f"| {name} | " + " | ".join(cells) + " |")
+def median(reps: list[Rep], workload: str, key: str) -> float | None:
+    values = [r[workload][key] for r in reps if workload in r]
+    return statistics.median(values) if values else None
+
+
+def median_cpu(reps: list[Rep], workload: str) -> dict[str, float]:
+    roles = {role for r in reps if workload in r for role in r[workload]["cpu"]}
+    return {role: statistics.median(r[workload]["cpu"].get(role, 0.0) for r in reps if workload in r)
+            for role in sorted(roles)}
+
+
+def report(doc: dict[str, Any]) -> None:
+    opts = doc["options"]
+    for suite, data in doc["suites"].items():
+        runs: dict[str, list[Rep]] = data["servers"]
+        reference = data["reference"]
+        ref = runs.get(reference, [])
+        print(f"\n## {suite}: nbdcopy {format_size(opts['size'])} sequential, fio nbd 4 KiB random "
+              f"QD16 and QD1 ({opts['fio_runtime']} s); medians of {opts['reps']}; "
+              f"(x) = ratio to {reference}\n")
+        print("| server | " + " | ".join(c[0] for c in COLUMNS) + " |")
+        print("|---|" + "---|" * len(COLUMNS))
+        for name, reps in runs.items():
+            cells = []
+            for _, workload, key in COLUMNS:
+                value = median(reps, workload, key)
+                base = median(ref, workload, key) if ref else None
+                if value is None:
+                    cells.append("")
+                else:
+                    ratio = f" ({value / base:.2f}x)" if base else ""
+                    cells.append(f"{value:,.0f}{ratio}")
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        lines = []
+        for label, num, den in RATIOS:
+            if num in runs and den in runs:
+                cells = []
+                for header, workload, key in COLUMNS:
+                    a, b = median(runs[num], workload, key), median(runs[den], workload, key)
+                    if a is not None and b:
+                        cells.append(f"{header} {a / b:.2f}x")
+                for workload in ("write", "read"):
+                    a, b = (sum(median_cpu(runs[x], workload).values()) for x in (num, den))
+                    if a and b:
+                        cells.append(f"CPU/GiB {workload} {a / b:.2f}x")
+                lines.append(f"| {label} | " + ", ".join(cells) + " |")
+        if lines:
+            print("\n| ratio | medians |\n|---|---|")
+            print("\n".join(lines))
+        print(f"\n### {suite}: CPU seconds per process role: sequential per GiB, random per 100k "
+              "requests (medians)\n")
+        print("| server | workload | CPU by role | total |\n|---|---|---|---|")
+        for name, reps in runs.items():
+            for workload in ("write", "read", "randread", "randwrite", "qd1 randread",
+                             "qd1 randwrite"):
+                cpu = median_cpu(reps, workload)
+                if cpu:
+                    parts = ", ".join(f"{role} {s:.2f}" for role, s in cpu.items())
+                    print(f"| {name} | {workload} | {parts} | {sum(cpu.values()):.2f} |")
     sys.stdout.flush()
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

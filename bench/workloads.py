@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as common  # bench/run.py: servers and helpers shared with it
+import servers as common  # bench/servers.py: the servers and helpers run.py uses
 
 sys.path.append("/usr/lib/python3/dist-packages")  # Debian's libnbd module
 

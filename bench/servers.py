@@ -1,0 +1,235 @@
+"""The servers the benchmarks start: ours and the peers, each in its own work directory.
+
+A server's `start(work)` returns (uri, stop). Every process whose CPU time the
+benchmark should account is noted in `work/bench.pids` (pid and role); the
+processes it starts (the domains of `up`) are found as its descendants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from trustvbd.blocks.crypt_layer import physical_size  # noqa: E402
+from trustvbd.config import format_size, parse_size  # noqa: E402,F401  (used by workloads.py)
+
+TRUSTVBD = [sys.executable, "-m", "trustvbd.cli"]
+PASS = "bench-passphrase"
+PIDS = "bench.pids"
+# What each kind of row is measured with (see run.py).
+ALL = ("seq", "random", "qd1")
+SEQ = ("seq",)
+
+
+@dataclass
+class Server:
+    name: str
+    start: Callable[[Path], tuple[str, Callable[[], None]]]  # workdir -> (uri, stop)
+    workloads: tuple[str, ...] = ALL
+    luks_image: bool = False  # needs work/luks.img made first
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def note_pid(work: Path, pid: int, role: str) -> None:
+    with open(work / PIDS, "a") as f:
+        f.write(f"{pid} {role}\n")
+
+
+def wait_socket(path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+def stop_pidfile(pidfile: Path) -> Callable[[], None]:
+    def stop() -> None:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(200):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+    return stop
+
+
+def stop_proc(proc: subprocess.Popen[bytes]) -> Callable[[], None]:
+    def stop() -> None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    return stop
+
+
+def sparse(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def delay_args(delay_ms: int) -> tuple[list[str], list[str]]:
+    """nbdkit (options, parameters) that add `delay_ms` to every read and write reply, with
+    enough threads that requests overlap their delays as a remote driver's would."""
+    if not delay_ms:
+        return [], []
+    return ["--threads=64", "--filter=delay"], [f"rdelay={delay_ms}ms", f"wdelay={delay_ms}ms"]
+
+
+def nbdkit_file(size: int, delay_ms: int = 0) -> Server:
+    def start(work: Path) -> tuple[str, Callable[[], None]]:
+        options, params = delay_args(delay_ms)
+        return _nbdkit(work, "nbdkit", sparse(work / "disk.img", size), options, params)
+    return Server("nbdkit file" + (f" +{delay_ms} ms" if delay_ms else ""), start,
+                  SEQ if delay_ms else ALL)
+
+
+def nbdkit_luks(delay_ms: int = 0) -> Server:
+    def start(work: Path) -> tuple[str, Callable[[], None]]:
+        # The delay filter outermost: 10 ms per guest request (below luks it would be
+        # paid per sector, as luks calls the plugin sector by sector).
+        options, params = delay_args(delay_ms)
+        return _nbdkit(work, "nbdkit", work / "luks.img", [*options, "--filter=luks"],
+                       [f"passphrase={PASS}", *params])
+    return Server("nbdkit + luks filter" + (f" +{delay_ms} ms" if delay_ms else ""), start,
+                  SEQ if delay_ms else ALL, luks_image=True)
+
+
+def _nbdkit(work: Path, name: str, image: Path, options: list[str], params: list[str],
+            role: str = "nbdkit") -> tuple[str, Callable[[], None]]:
+    sock, pid = work / f"{name}.sock", work / f"{name}.pid"
+    subprocess.run(["nbdkit", "-U", str(sock), "-P", str(pid), *options, "file", str(image),
+                    *params], check=True)
+    wait_socket(sock)
+    wait_socket(pid)
+    note_pid(work, int(pid.read_text()), role)
+    return f"nbd+unix:///?socket={sock}", stop_pidfile(pid)
+
+
+def qemu_nbd(size: int, luks: bool = False) -> Server:
+    def start(work: Path) -> tuple[str, Callable[[], None]]:
+        sock, pid = work / "qemu.sock", work / "qemu.pid"
+        if luks:
+            args = ["--object", f"secret,id=s0,data={PASS}", "--image-opts",
+                    f"driver=luks,key-secret=s0,file.filename={work / 'luks.img'}"]
+        else:
+            args = ["-f", "raw", str(sparse(work / "disk.img", size))]
+        subprocess.run(["qemu-nbd", "-k", str(sock), "-e", "8", "-t", "--fork", "--pid-file",
+                        str(pid), *args], check=True)
+        wait_socket(sock)
+        wait_socket(pid)
+        note_pid(work, int(pid.read_text()), "qemu-nbd")
+        return f"nbd+unix:///?socket={sock}", stop_pidfile(pid)
+    return Server("qemu-nbd LUKS" if luks else "qemu-nbd raw", start, luks_image=luks)
+
+
+def have(program: str) -> bool:
+    return shutil.which(program) is not None
+
+
+def make_luks(work: Path, size: int) -> None:
+    # qemu-img's PBKDF timing sometimes fails on a busy machine ("Unable to get accurate
+    # CPU usage": its CPU clock ticks too coarsely); it works on another try.
+    for _attempt in range(20):
+        result = subprocess.run(["qemu-img", "create", "-q", "-f", "luks", "--object",
+                                 f"secret,id=s0,data={PASS}", "-o", "key-secret=s0,iter-time=100",
+                                 str(work / "luks.img"), str(size)])
+        if result.returncode == 0:
+            return
+    raise RuntimeError("qemu-img could not create the LUKS image")
+
+
+def trustvbd_driver(size: int) -> Server:
+    def start(work: Path) -> tuple[str, Callable[[], None]]:
+        sock = work / "drv.sock"
+        proc = subprocess.Popen([*TRUSTVBD, "driver", "--file", str(work / "disk.img"), "--size",
+                                 str(size), "--socket", str(sock)], stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        while proc.stdout.readline().strip() != b"ready":
+            if proc.poll() is not None:
+                raise RuntimeError("trustvbd driver failed to start")
+        note_pid(work, proc.pid, "driver")
+        return f"nbd+unix:///?socket={sock}", stop_proc(proc)
+    return Server("trustvbd driver", start)
+
+
+def trustvbd_up(size: int, encrypt: bool, replicas: int = 1, nbdkit_drivers: bool = False,
+                delay_ms: int = 0, tree: Path | None = None) -> Server:
+    """`up` with one disk over `replicas` drivers, each its own process and file: trustvbd's
+    own driver domains, or nbdkit file servers given by uri (with `delay_ms` per reply).
+
+    With `tree`, the launcher and the trusted domains run the trustvbd package found there
+    (PYTHONPATH; an A/B baseline such as `git archive main`); driver domains start with a
+    clean environment and run the installed one."""
+    env = {**os.environ, "PYTHONPATH": str(tree)} if tree is not None else None
+    def start(work: Path) -> tuple[str, Callable[[], None]]:
+        stops: list[Callable[[], None]] = []
+        drivers = ""
+        for i in range(replicas):
+            if nbdkit_drivers:
+                image = sparse(work / f"n{i}.img", physical_size(size))
+                options, params = delay_args(delay_ms)
+                uri, stop = _nbdkit(work, f"n{i}", image, options, params, "driver")
+                stops.append(stop)
+                drivers += f'[[driver]]\nname = "d{i}"\nlabel = "S"\nuri = "{uri}"\n'
+            else:
+                drivers += f'[[driver]]\nname = "d{i}"\nlabel = "S"\ndir = "b{i}"\n'
+        names = ", ".join(f'"d{i}"' for i in range(replicas))
+        config = work / "tv.toml"
+        config.write_text(
+            f'state_dir = "st"\n{drivers}'
+            f'[[disk]]\nname = "disk"\nsize = {size}\nlabel = "L"\nreplicas = [{names}]\n'
+            f'encrypt = {"true" if encrypt else "false"}\n[[guest]]\nname = "g"\nlabel = "G"\n')
+        proc = subprocess.Popen([*TRUSTVBD, "up", "-c", str(config)], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, env=env)
+        stops.insert(0, stop_proc(proc))
+        assert proc.stdout is not None
+        uri = ""
+        while True:
+            line = proc.stdout.readline().decode().strip()
+            if line.startswith("guest g disk disk "):
+                uri = line.split()[-1]
+            if line == "ready":
+                break
+            if not line and proc.poll() is not None:
+                for stop in stops[1:]:
+                    stop()
+                raise RuntimeError("trustvbd up failed to start")
+        note_pid(work, proc.pid, "up")
+
+        def stop_all() -> None:
+            for stop in stops:
+                stop()
+        return uri, stop_all
+
+    if not encrypt:
+        name = "trustvbd up (pass-through)"
+    else:
+        name = "trustvbd up (encrypted" + (f", {replicas} replicas" if replicas > 1 else "")
+        if nbdkit_drivers:
+            name += ", nbdkit drivers" + (f" +{delay_ms} ms" if delay_ms else "")
+        name += ")"
+    if tree is not None:
+        name += " [baseline]"
+    return Server(name, start, SEQ if nbdkit_drivers else ALL)
+
+
+@contextlib.contextmanager
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="tvb", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
