@@ -181,6 +181,25 @@ class Breakable(Protocol):
 
 
 @runtime_checkable
+class Watched(Protocol):
+    """A connection whose unanswered requests can be timed and given up on (NbdClient):
+    a mirror drops a replica that lags while the others answer (ReplicaSet)."""
+
+    def pending_since(self) -> float | None:
+        """Event-loop time the oldest unanswered request was sent; None if none waits."""
+        ...
+
+    @property
+    def answered_at(self) -> float:
+        """Event-loop time of the last reply received (0.0 before any)."""
+        ...
+
+    def abandon(self, reason: str) -> None:
+        """Break the connection: every unanswered request fails with ETIMEDOUT, saying `reason`."""
+        ...
+
+
+@runtime_checkable
 class Reconnectable(Protocol):
     """Can open a new connection to the same server (ReplicaLink)."""
 

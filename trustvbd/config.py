@@ -82,6 +82,9 @@ class Limits:
     idle_timeout: float = 3600.0  # seconds without a request or a drained reply: closed
     memory: int = 256 * 1024 * 1024  # request and reply bytes held for all guests together
     decisions_per_second: float = 20.0  # per guest: GO/INFO asked of the access-control domain
+    # A mirror's replica that leaves a request unanswered this long while another replica
+    # answers is degraded instead of holding guests' writes until its request timeout.
+    replica_lag: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -257,7 +260,7 @@ def _seconds(table: _Table, key: str, default: float) -> float:
 
 def _parse_limits(file: Path, raw: Any) -> Limits:
     t = _Table(file, "limits", raw, {"handshake_timeout", "idle_timeout", "memory",
-                                     "decisions_per_second"})
+                                     "decisions_per_second", "replica_lag"})
     base = Limits()
     try:
         memory = parse_size(t.data.get("memory", base.memory))
@@ -269,7 +272,8 @@ def _parse_limits(file: Path, raw: Any) -> Limits:
     if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 10000:
         raise t.error("decisions_per_second", f"must be a number between 0 and 10000, not {rate!r}")
     return Limits(_seconds(t, "handshake_timeout", base.handshake_timeout),
-                  _seconds(t, "idle_timeout", base.idle_timeout), memory, float(rate))
+                  _seconds(t, "idle_timeout", base.idle_timeout), memory, float(rate),
+                  _seconds(t, "replica_lag", base.replica_lag))
 
 
 def _unique(file: Path, kind: str, items: list[Any]) -> dict[str, Any]:

@@ -67,7 +67,8 @@ class Driver:
 
 
 class Mirror:
-    def __init__(self, root: Path, copies: int) -> None:
+    def __init__(self, root: Path, copies: int, limits: str = "",
+                 request_timeout: float = 2) -> None:
         self.root = root
         self.drivers = [Driver(root, f"h{i}") for i in range(copies)]
         for d in self.drivers:
@@ -76,9 +77,10 @@ class Mirror:
             f'[[driver]]\nname = "{d.name}"\nlabel = "S"\nuri = "nbd+unix:///?socket={d.sock}"\n'
             for d in self.drivers)
         names = ", ".join(f'"{d.name}"' for d in self.drivers)
-        text = (f'state_dir = "state"\n{drivers}[[disk]]\nname = "payroll"\nsize = {SIZE}\n'
-                f'label = "P"\nreplicas = [{names}]\n[[guest]]\nname = "vm1"\nlabel = "P"\n')
-        self.system = System(root, text, env={"TRUSTVBD_REQUEST_TIMEOUT": "2"})
+        text = (f'state_dir = "state"\n{limits}{drivers}[[disk]]\nname = "payroll"\n'
+                f'size = {SIZE}\nlabel = "P"\nreplicas = [{names}]\n[[guest]]\nname = "vm1"\n'
+                'label = "P"\n')
+        self.system = System(root, text, env={"TRUSTVBD_REQUEST_TIMEOUT": str(request_timeout)})
 
     @property
     def uri(self) -> str:
@@ -200,6 +202,64 @@ def test_a_failing_driver_is_dropped_and_resynced(mirror: Mirror, mode: str) -> 
     m.wait_all_current()
     assert m.status()[bad.name]["reconnects"] >= (1 if mode != "stall" else 0)
     _check_identical_after_scrub(m)
+
+
+def test_a_stalling_driver_is_dropped_after_replica_lag_not_its_timeout(short_tmp: Path) -> None:
+    """The request timeout is 15 s; `replica_lag` 1 s drops the stalled driver much sooner."""
+    m = Mirror(short_tmp, 2, limits="[limits]\nreplica_lag = 1\n", request_timeout=15)
+    bad = m.drivers[1]
+    try:
+        m.system.start()
+        qemu_io(m.uri, f"write -P 0x11 0 {SIZE}", "flush")
+        bad.set("stall")
+        started = time.monotonic()
+        qemu_io(m.uri, f"write -P 0x22 0 {HALF}", "flush")  # no error for the guest
+        took = time.monotonic() - started
+        assert took < 10, f"the stalled driver held the write for {took:.1f} s"
+        st = m.status()
+        assert st[bad.name]["state"] in ("degraded", "resyncing"), st
+        assert "replica_lag" in st[bad.name]["last_error"], st
+        assert st["h0"]["state"] == "current", st
+        qemu_io(m.uri, f"read -P 0x22 0 {HALF}", f"read -P 0x11 {HALF} {HALF}")
+        bad.set("honest")
+        m.wait_all_current(timeout=90)  # its stalled admission read times out first (15 s)
+        _check_identical_after_scrub(m)
+    finally:
+        m.close()
+
+
+def test_uniformly_slow_drivers_are_not_dropped(short_tmp: Path) -> None:
+    """Both drivers take 1.2 s per write (nbdkit's delay filter), more than replica_lag:
+    neither is ahead of the other, so neither is dropped; the writes just take longer."""
+    pids, drivers = [], ""
+    for name in ("a", "b"):
+        img, sock, pid = short_tmp / f"{name}.img", short_tmp / f"{name}.sock", short_tmp / f"{name}.pid"
+        with open(img, "wb") as f:
+            f.truncate(PHYS)
+        run(["nbdkit", "-U", str(sock), "-P", str(pid), "--filter=delay", "file", str(img),
+             "wdelay=1200ms"])
+        wait_for_path(pid)
+        pids.append(pid)
+        drivers += f'[[driver]]\nname = "{name}"\nlabel = "S"\nuri = "nbd+unix:///?socket={sock}"\n'
+    text = (f'state_dir = "state"\n[limits]\nreplica_lag = 1\n{drivers}[[disk]]\n'
+            f'name = "payroll"\nsize = {SIZE}\nlabel = "P"\nreplicas = ["a", "b"]\n'
+            '[[guest]]\nname = "vm1"\nlabel = "P"\n')
+    system = System(short_tmp, text)
+    try:
+        system.start()
+        uri = system.uri("vm1", "payroll")
+        qemu_io(uri, "write -P 0x33 0 64k", "write -P 0x44 1M 64k", "flush",
+                "read -P 0x33 0 64k", "read -P 0x44 1M 64k")
+        out = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
+        replicas = out["disks"][0]["replicas"]
+        assert all(r["state"] == "current" and r["errors"] == 0 for r in replicas), replicas
+    finally:
+        system.kill()
+        for pidfile in pids:
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                pass
 
 
 def test_kill_a_driver_during_writes_then_restart_everything(mirror: Mirror) -> None:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from trustvbd.blockdev import Backend, BlockError, Breakable, Buffer, Capabilities
+from trustvbd.blockdev import Backend, BlockError, Breakable, Buffer, Capabilities, Watched
 from trustvbd.blocks.layer import reader_into
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,20 @@ class ReplicaLink:
         """Why the current connection broke, or None while it is usable."""
         nxt = self.next
         return nxt.broken if isinstance(nxt, Breakable) else None
+
+    def pending_since(self) -> float | None:
+        nxt = self.next
+        return nxt.pending_since() if isinstance(nxt, Watched) else None
+
+    @property
+    def answered_at(self) -> float:
+        nxt = self.next
+        return nxt.answered_at if isinstance(nxt, Watched) else 0.0
+
+    def abandon(self, reason: str) -> None:
+        nxt = self.next
+        if isinstance(nxt, Watched):
+            nxt.abandon(reason)
 
     async def reconnect_once(self) -> None:
         """One attempt at a new connection (raises if it fails). What the old one

@@ -13,8 +13,11 @@ a state (see docs/dev/crypt-design.md, "Mirroring"):
 - failed:    refused (it holds another disk or foreign data): never written.
 
 Writes go to every current and resyncing replica before they are acknowledged;
-a write that fails on some but not all marks those degraded and succeeds. Reads
-go to one current replica, in turn, and are verified by the caller's `attempt`;
+a write that fails on some but not all marks those degraded and succeeds. A
+writer that lags (a request unanswered for `lag` seconds while another writer
+answers) is cut off, which fails its requests, so it is degraded the same way.
+Reads go to one current replica, the one with the fewest reads in flight (in
+turn among equals), and are verified by the caller's `attempt`;
 a replica that errs or fails verification is skipped, and the good ciphertext
 is written back to it (read-repair). Only when every current replica fails does
 the read fail.
@@ -34,7 +37,15 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from trustvbd.blockdev import Backend, BlockError, Breakable, Buffer, Capabilities, Reconnectable
+from trustvbd.blockdev import (
+    Backend,
+    BlockError,
+    Breakable,
+    Buffer,
+    Capabilities,
+    Reconnectable,
+    Watched,
+)
 from trustvbd.blocks.integrity import ReplicaRefusedError
 from trustvbd.blocks.ranges import RangeLock, describe_blocks, runs
 from trustvbd.crypt.aead import BLOCK_SIZE
@@ -49,6 +60,10 @@ COPY_BLOCKS = 256
 # Reconnect back-off, as nbdkit's retry filter: doubling from the first delay.
 RECONNECT_FIRST = 0.05
 RECONNECT_MAX = 2.0
+# A writer that leaves a request unanswered this long while another writer answers is
+# dropped from the write set (degraded, resynced later) rather than holding the guest's
+# writes until its request timeout ([limits] replica_lag).
+REPLICA_LAG = 5.0
 
 
 class State(enum.Enum):
@@ -103,6 +118,8 @@ class Replica:
     behind_since: int = 0       # the last epoch it took whole (while not current)
     map_saved: bool = False     # its dirty set is in trusted state as it is now
     bringing_back: bool = False
+    reading: int = 0            # reads in flight (reads go to the least busy)
+    lag_seen: float | None = None  # send time of a request seen lagging by the last watch
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -145,6 +162,8 @@ class ReplicaSet:
         self._closed = False
         self._lost_unflushed = False  # every current replica reconnected with unflushed writes
         self.epoch = 0  # the last committed epoch
+        self.lag = REPLICA_LAG
+        self._watch_timer: asyncio.TimerHandle | None = None
         self._regroup()
 
     # ------------------------------------------------------------ membership
@@ -250,6 +269,9 @@ class ReplicaSet:
 
     async def close(self) -> None:
         self._closed = True
+        if self._watch_timer is not None:
+            self._watch_timer.cancel()
+            self._watch_timer = None
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -272,6 +294,8 @@ class ReplicaSet:
         if len(targets) == 1:
             await op(targets[0])
             return
+        if self._watch_timer is None:
+            self._watch_soon()
         results = await asyncio.gather(*(op(r) for r in targets), return_exceptions=True)
         failed = [(r, exc) for r, exc in zip(targets, results, strict=True) if exc is not None]
         if not failed:
@@ -284,6 +308,54 @@ class ReplicaSet:
             raise failed[0][1]
         for r, exc in failed:
             self.degrade(r, blocks(), f"{what} failed: {exc}")
+
+    # ------------------------------------------------------------ lagging writers
+
+    def _watch_soon(self) -> None:
+        if not self._closed:
+            loop = asyncio.get_running_loop()
+            self._watch_timer = loop.call_later(self.lag / 4, self._watch)
+
+    def _watch(self) -> None:
+        """Cut off writers that lag: a request unanswered for `lag` s while another writer
+        answered since it was sent, at two looks in a row (`lag`/4 apart).
+
+        Their requests then fail, so the fan-out degrades them (with the blocks, as for
+        any failed write) and acknowledges the guest; they come back by resync. While every
+        writer is slow nobody is cut off: the request timeout decides then. Runs every
+        quarter of `lag` while requests wait; the next fan-out starts it again.
+        """
+        self._watch_timer = None
+        writers = self._writers
+        if self._closed or len(writers) < 2:
+            return
+        now = asyncio.get_running_loop().time()
+        since = {r: r.link.pending_since() if isinstance(r.link, Watched) else None
+                 for r in writers}
+        lagging = {r for r, t in since.items() if t is not None and now - t >= self.lag}
+        for r in writers:
+            t = since[r]
+            ahead = None
+            if r in lagging:
+                assert t is not None
+                ahead = next((o for o in writers if o not in lagging and isinstance(o.link, Watched)
+                              and o.link.answered_at > t), None)
+            if ahead is None:
+                r.lag_seen = None
+            elif r.lag_seen != t:
+                # Seen once: cut off only if it is still behind at the next look, so a
+                # replica merely a moment slower than its peers is never dropped.
+                r.lag_seen = t
+            else:
+                assert t is not None and isinstance(r.link, Watched)
+                r.lag_seen = None
+                log.warning("disk %s: replica %s lags (%.1f s without a reply while %s answers):"
+                            " dropping it from the write set", self.disk, r.name, now - t,
+                            ahead.name)
+                r.link.abandon(f"no reply for {now - t:.1f} s while replica {ahead.name!r} "
+                               f"answered (replica_lag {self.lag:g} s)")
+        if any(t is not None for t in since.values()):
+            self._watch_soon()
 
     # ------------------------------------------------------------ verified reads
 
@@ -304,10 +376,17 @@ class ReplicaSet:
         k = len(readers)
         start = self._next_reader % k
         self._next_reader += 1
+        if k > 1:
+            # The least busy first (in turn among equals): a slow replica gets fewer reads.
+            order = sorted(readers[start:] + readers[:start], key=_reading)
+            if self._watch_timer is None:
+                self._watch_soon()
+        else:
+            order = readers
         failures: list[tuple[Replica, list[int]]] = []
         last: BaseException | None = None
-        for i in range(k):
-            r = readers[(start + i) % k]
+        for i, r in enumerate(order):
+            r.reading += 1
             try:
                 result = await attempt(r.link)
             except BadBlocks as bad:
@@ -327,6 +406,8 @@ class ReplicaSet:
                 r.errors += 1
                 failures.append((r, list(range(n))))
                 continue
+            finally:
+                r.reading -= 1
             if failures:
                 try:
                     await self._repair(r, b0, n, failures)
@@ -580,6 +661,10 @@ class ReplicaSet:
 
     def status(self) -> list[dict[str, Any]]:
         return [r.status() for r in self.replicas]
+
+
+def _reading(r: Replica) -> int:
+    return r.reading
 
 
 def _broken(link: Backend) -> bool:

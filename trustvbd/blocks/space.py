@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from trustvbd.blockdev import Backend, BlockError, Breakable, Buffer, Reconnectable
+from trustvbd.blockdev import Backend, BlockError, Breakable, Buffer, Reconnectable, Watched
 from trustvbd.blocks.layer import Layer, reader_into
 
 log = logging.getLogger("trustvbd.crypt.space")
@@ -51,6 +51,17 @@ class SpaceWatch(Layer):
     @property
     def broken(self) -> str | None:
         return self.next.broken if isinstance(self.next, Breakable) else None
+
+    def pending_since(self) -> float | None:
+        return self.next.pending_since() if isinstance(self.next, Watched) else None
+
+    @property
+    def answered_at(self) -> float:
+        return self.next.answered_at if isinstance(self.next, Watched) else 0.0
+
+    def abandon(self, reason: str) -> None:
+        if isinstance(self.next, Watched):
+            self.next.abandon(reason)
 
     async def reconnect_once(self) -> None:
         if not isinstance(self.next, Reconnectable):

@@ -373,9 +373,11 @@ class CryptDomain:
         if self.aead is None and (workers := default_workers()):
             self.aead = await AeadPool.start(workers)
             log.info("AEAD workers: %d (pids %s)", workers, self.aead.worker_pids())
-        return await open_crypt_disk(self.state_dir, disk.name, disk.size,
-                                     [(watch.driver, watch) for watch in disk.space],
-                                     self.unlock, on_event, self.aead, kek)
+        opened = await open_crypt_disk(self.state_dir, disk.name, disk.size,
+                                       [(watch.driver, watch) for watch in disk.space],
+                                       self.unlock, on_event, self.aead, kek)
+        opened.replicas.lag = self.spec.limits["replica_lag"]
+        return opened
 
     async def start(self, ready_fd: int | None) -> None:
         self.control.start()

@@ -107,6 +107,7 @@ class NbdClient:
         self._handshake_wakeup: asyncio.Future[None] | None = None
         self._closing = False
         self._attached = False  # handshake done: events are replies now
+        self.answered_at = 0.0  # loop time of the last reply (Watched)
 
     # --- construction ------------------------------------------------------------
     @classmethod
@@ -444,6 +445,16 @@ class NbdClient:
             self._transport.close()
 
     # --- timeouts and failure ---------------------------------------------------------
+    def pending_since(self) -> float | None:
+        """Loop time the oldest unanswered request was sent (Watched); None if none waits."""
+        for oldest in self._waiters.values():  # in the order sent
+            return oldest.deadline - self._timeout
+        return None
+
+    def abandon(self, reason: str) -> None:
+        """Give up on this connection (Watched): unanswered requests fail with `reason`."""
+        self._break(errno.ETIMEDOUT, reason)
+
     def _arm_timer(self) -> None:
         if self._waiters:
             oldest = next(iter(self._waiters.values()))
@@ -499,6 +510,7 @@ class NbdClient:
             self._break(errno.EIO, f"broke the protocol: {exc}")
             return
         if self._attached:
+            self.answered_at = self._loop.time()
             waiters = self._waiters
             while (ev := core.next_event()) is not None:
                 if type(ev) is m.Reply:  # the core only emits replies for known cookies
