@@ -134,3 +134,33 @@ def test_two_clients_on_one_server_share_data(short_tmp: Path) -> None:
             await asyncio.gather(a.close(), b.close())
 
         run_async(main())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_requests_of_one_turn_leave_together_and_a_cancelled_one_keeps_its_bytes(
+        short_tmp: Path, loop: str) -> None:
+    """Writes made in one event-loop turn go out in one batch after it; a write cancelled
+    while its batch waits still sends the bytes it was given, not what its caller puts
+    into the buffer once the cancellation reached it (an AEAD slot, a receive buffer)."""
+    shared = MemoryBackend(MiB)
+    with ServerThread(StaticExports([Export("", shared)]), short_tmp / "s.sock", loop) as srv:
+        async def main() -> None:
+            client = await NbdClient.open_uri(srv.uri())
+            writes = [asyncio.ensure_future(client.pwrite(k * 4096, bytes([k]) * 4096))
+                      for k in range(1, 9)]
+            buf = bytearray(b"\x61" * 4096)
+            doomed = asyncio.ensure_future(client.pwrite(0, memoryview(buf)))
+            await asyncio.sleep(0)  # every request is queued; the batch has not left
+            assert len(client._outgoing) == 18  # header + payload per request
+            doomed.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await doomed
+            buf[:] = b"\x7a" * 4096  # the caller reuses its buffer
+            await asyncio.gather(*writes)
+            await client.flush()
+            assert bytes(await client.pread(0, 4096)) == b"\x61" * 4096
+            for k in range(1, 9):
+                assert bytes(await client.pread(k * 4096, 4096)) == bytes([k]) * 4096
+            await client.close()
+
+        run_async(main(), loop)

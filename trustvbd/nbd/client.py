@@ -108,6 +108,10 @@ class NbdClient:
         self._closing = False
         self._attached = False  # handshake done: events are replies now
         self.answered_at = 0.0  # loop time of the last reply (Watched)
+        # Requests made in one turn of the event loop leave in one writev: a mirror's
+        # fan-out and a guest's queue of small writes cost one system call per turn and
+        # replica, not one per request.
+        self._outgoing: list[Buffer] = []
 
     # --- construction ------------------------------------------------------------
     @classmethod
@@ -340,6 +344,7 @@ class NbdClient:
             if pending:
                 await asyncio.wait(pending)
         if self.broken is None and self._transport is not None:
+            self._send_outgoing()
             try:
                 self._transport.writelines(self._core.send_parts(m.Request(_DISC, 0)))
             except p.LocalProtocolError:
@@ -407,7 +412,11 @@ class NbdClient:
             future: asyncio.Future[m.Reply] = self._loop.create_future()
             self._waiters[cookie] = _Waiter(future, self._loop.time() + self._timeout, typ,
                                             offset, length)
-            self._transport.writelines(parts)  # type: ignore[union-attr]
+            # The batch is sent by a callback queued before any of its requests awaits, so
+            # it leaves before any of their callers can be woken (cancelled) and reuse a buffer.
+            if not self._outgoing:
+                self._loop.call_soon(self._send_outgoing)
+            self._outgoing += parts
             if self._timer is None:
                 self._arm_timer()
             reply = await future
@@ -416,6 +425,11 @@ class NbdClient:
         if reply.error:
             self._reply_error(reply, typ, offset, length)
         return reply.data
+
+    def _send_outgoing(self) -> None:
+        parts, self._outgoing = self._outgoing, []
+        if self.broken is None and self._transport is not None and parts:
+            self._transport.writelines(parts)
 
     def _reply_error(self, reply: m.Reply, typ: int, offset: int, length: int) -> None:
         err = p.nbd_to_errno(reply.error)
@@ -438,6 +452,7 @@ class NbdClient:
         if pending:
             await asyncio.wait(pending)
         if self._transport is not None and not self._transport.is_closing():
+            self._send_outgoing()
             try:
                 self._transport.writelines(self._core.send_parts(m.Request(_DISC, 0)))
             except p.LocalProtocolError:
