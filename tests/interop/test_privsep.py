@@ -184,10 +184,17 @@ def test_driver_and_encryption_domains_are_walled_off(short_tmp: Path) -> None:
         assert "correct horse" not in Path(f"/proc/{pid}/cmdline").read_text()
     assert not [k for k in environment(driver) if k.startswith("TRUSTVBD_")]
 
+    # The driver and its workers confined themselves too (tests/test_confine.py shows what
+    # that walls off): their seccomp filter is in place.
+    for pid in [driver, *children(driver)]:
+        assert "Seccomp:\t2" in Path(f"/proc/{pid}/status").read_text(), pid
+
     # And the data path works through all of it (the backing directory is closed to the driver).
     clients.qemu_io_patterns(s.uri("vm1", "payroll"))
     clients.qemu_io_patterns(s.uri("vm2", "bank"))
-    s.stop()
+    clients.libnbd_requests(s.uri("vm1", "payroll"))  # flush, trim, zero reach the driver too
+    err = s.stop()
+    assert "confined: Landlock ABI" in err and "not confined" not in err, err
 
 
 def wait_for(condition, what: str, timeout: float = 60):  # type: ignore[no-untyped-def]

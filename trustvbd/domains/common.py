@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import gc
 import logging
 import os
@@ -30,7 +29,9 @@ def setup_logging(domain: str, level: int = logging.INFO) -> None:
 
 def die_with_parent() -> None:
     """Ask the kernel to SIGKILL this domain when the launcher dies, so none is left behind."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # libc is already loaded: no library search (a confined driver's forked workers call this
+    # too, and may neither run ldconfig nor open a file).
+    libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:  # the launcher is already gone
         os._exit(1)

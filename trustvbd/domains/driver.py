@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     # Its control channel to the hypervisor (domains/messages.py), the only way it may ask
     # for a channel to another domain; kept open, unused by this driver.
     parser.add_argument("--control-fd", type=int)
+    parser.add_argument("--confine", action="store_true",
+                        help="once holding its descriptors, open no path again (Landlock, seccomp)")
     args = parser.parse_args(argv)
     setup_logging("driver")
     if args.supervised:
@@ -189,8 +191,29 @@ def main(argv: list[str] | None = None) -> int:
         sock = socket.socket(fileno=args.listen_fd)
     else:
         sock = listening_socket(args.socket, args.listen)
+    if args.confine:
+        confine_self()
     return serve_in_workers(args.workers, specs, sock, None, args.ready_fd, announce=False,
                             unlink=args.listen_fd is None)
+
+
+def confine_self() -> None:
+    """Wall this driver off from the host's files before it serves (domains/confine.py).
+
+    What it loads lazily is loaded first: after this, no module file can be read.
+    """
+    import concurrent.futures.thread  # noqa: F401  (asyncio's default executor)
+
+    import uvloop  # noqa: F401  (the event loop, domains/common.py)
+
+    from trustvbd.domains.confine import confine
+
+    done, missing = confine()
+    if done:
+        log.info("confined: %s", "; ".join(done))
+    for what in missing:
+        log.warning("not confined by %s: this driver can still open the host's world-readable"
+                    " files", what)
 
 
 def default_workers() -> int:

@@ -135,7 +135,8 @@ class DomainGrants:
     def driver_domain(self, name: str, handler: Handler,
                       channels: dict[str, ControlChannel]) -> Domain:
         drv = self.config.drivers[name]
-        argv = [sys.executable, "-m", "trustvbd.domains.driver", "--supervised"]
+        # Confined once it holds its descriptors: no path of the host at all (confine.py).
+        argv = [sys.executable, "-m", "trustvbd.domains.driver", "--supervised", "--confine"]
 
         def launch() -> Launch:
             extra, fds = self.driver_grant(name)
