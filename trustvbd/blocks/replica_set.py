@@ -596,19 +596,46 @@ class ReplicaSet:
         if not want:
             return
         lo, hi = want[0], want[-1] + 1
+        try:
+            ct = await self.read(lo, hi - lo, self._fetch(lo, hi - lo), lambda _: None)
+        except BadBlocks:
+            await self._copy_each(r, want)
+            return
+        for i0, i1 in runs([b - lo for b in want], COPY_BLOCKS):
+            await r.link.pwrite(self._lay.data_offset(lo + i0), ct[i0 * BS:i1 * BS])
+
+    async def _copy_each(self, r: Replica, blocks: list[int]) -> None:
+        """Block by block, after a range some block of which no current replica could serve.
+
+        A block that verifies on no current replica (its last write lost with an unsynced
+        intent record in a power cut, or damaged on every one) has nothing to copy: it reads
+        as an integrity error from every replica until the guest writes it again, so it is
+        left out rather than keeping `r` from ever joining.
+        """
+        for b in blocks:
+            try:
+                ct = await self.read(b, 1, self._fetch(b, 1), lambda _: None)
+            except BadBlocks:
+                log.warning("disk %s: block %d verifies on no current replica; replica %s joins "
+                            "without it", self.disk, b, r.name)
+                continue
+            await r.link.pwrite(self._lay.data_offset(b), ct)
+
+    def _fetch(self, b0: int, n: int) -> Callable[[Backend], Awaitable[memoryview]]:
+        """A read attempt for `read`: blocks [b0, b0+n) from one link, verified."""
+        assert self.verifier is not None
+        verifier = self.verifier
 
         async def fetch(link: Backend) -> memoryview:
-            ct = memoryview(await link.pread(self._lay.data_offset(lo), (hi - lo) * BS))
-            if len(ct) != (hi - lo) * BS:
+            ct = memoryview(await link.pread(self._lay.data_offset(b0), n * BS))
+            if len(ct) != n * BS:
                 raise BlockError(errno.EIO, "short read")
-            bad = verifier.bad_blocks(lo, ct)
+            bad = verifier.bad_blocks(b0, ct)
             if bad:
                 raise BadBlocks(bad)
             return ct
 
-        ct = await self.read(lo, hi - lo, fetch, lambda _: None)
-        for i0, i1 in runs([b - lo for b in want], COPY_BLOCKS):
-            await r.link.pwrite(self._lay.data_offset(lo + i0), ct[i0 * BS:i1 * BS])
+        return fetch
 
     # ------------------------------------------------------------ scrub
 
@@ -623,8 +650,7 @@ class ReplicaSet:
             hold = await self.locks.acquire(b0, b1, False)
             try:
                 readers = list(self._readers)
-                good: tuple[Replica, memoryview] | None = None
-                bad_by: list[tuple[Replica, list[int]]] = []
+                read: list[tuple[Replica, memoryview, set[int]]] = []
                 for r in readers:
                     try:
                         ct = memoryview(await r.link.pread(self._lay.data_offset(b0), (b1 - b0) * BS))
@@ -636,22 +662,20 @@ class ReplicaSet:
                     bad = [i for i in bad if verifier.written(b0 + i)]
                     counts[r.name]["checked"] += b1 - b0
                     counts[r.name]["bad"] += len(bad)
-                    if bad:
-                        bad_by.append((r, bad))
-                    elif good is None:
-                        good = (r, ct)
-                for r, bad in bad_by:
-                    if good is None:
-                        continue  # no replica has these blocks right: the reads will say so
+                    read.append((r, ct, set(bad)))
+                for r, _, bad_set in read:
+                    # Each bad block from any replica that has it right (none: the reads say so).
+                    fixes = [(i, src) for i in sorted(bad_set)
+                             for src in [next((c for s, c, b in read if s is not r and i not in b),
+                                              None)] if src is not None]
                     try:
-                        for i0, i1 in runs(bad, COPY_BLOCKS):
-                            await r.link.pwrite(self._lay.data_offset(b0 + i0),
-                                                good[1][i0 * BS:i1 * BS])
+                        for i, src in fixes:
+                            await r.link.pwrite(self._lay.data_offset(b0 + i), src[i * BS:(i + 1) * BS])
                     except BlockError as exc:
-                        self.degrade(r, (b0 + i for i in bad), f"scrub repair failed: {exc}")
+                        self.degrade(r, (b0 + i for i in bad_set), f"scrub repair failed: {exc}")
                         continue
-                    r.repaired += len(bad)
-                    counts[r.name]["repaired"] += len(bad)
+                    r.repaired += len(fixes)
+                    counts[r.name]["repaired"] += len(fixes)
             finally:
                 self.locks.release(hold)
             if progress is not None:
