@@ -3,9 +3,10 @@
 Everything the trusted state directory and the audit log write, sync or rename
 goes through a `FileOps`, so a test can put a recording one underneath and
 replay what a power cut at any instant would leave: only data followed by an
-fsync/fdatasync of its file, and only renames and creations followed by an
-fsync of their directory (tests/durability/). Reads do not change what is
-durable, so they go straight to the OS.
+fsync/fdatasync of its file, and only renames, creations, removals and new
+directories followed by an fsync of their parent directory
+(tests/durability/). Reads do not change what is durable, so they go straight
+to the OS.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class FileOps(Protocol):
     def close(self, fd: int) -> None: ...
 
     def replace(self, src: Path, dst: Path) -> None: ...
+
+    def unlink(self, path: Path) -> None: ...
+
+    def mkdir(self, path: Path, mode: int = 0o700) -> None: ...
 
     def fsync_dir(self, path: Path) -> None: ...
 
@@ -64,6 +69,12 @@ class OsFileOps:
     def replace(self, src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
+    def unlink(self, path: Path) -> None:
+        os.unlink(path)
+
+    def mkdir(self, path: Path, mode: int = 0o700) -> None:
+        os.mkdir(path, mode)
+
     def fsync_dir(self, path: Path) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -92,3 +103,19 @@ def write_file_atomic(path: Path, data: Buffer, ops: FileOps = OS_FILES) -> None
         ops.close(fd)
     ops.replace(tmp, path)
     ops.fsync_dir(path.parent)
+
+
+def make_dirs(path: Path, ops: FileOps = OS_FILES, mode: int = 0o700) -> None:
+    """Create `path` and its missing parents so that they survive a power cut: a new
+    directory's entry is durable only once its parent directory is fsynced."""
+    missing = []
+    p = Path(path)
+    while not p.is_dir():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            ops.mkdir(d, mode)
+        except FileExistsError:  # made meanwhile: its entry still needs the sync
+            pass
+        ops.fsync_dir(d.parent)

@@ -2,23 +2,28 @@
 
 `PowerCutFiles` is a FileOps over real files that also keeps what a power cut
 would leave: a file's data only as of its last fsync/fdatasync, and a directory's
-entries (creations, renames) only as of its last fsync. `Events` numbers every
-write, sync and rename, trusted or replica; `state_at(i)` rebuilds the trusted
-directory as a power cut right after event i would leave it, and
-`TracedReplica.image_at(i, kept)` the replica: with `kept` the driver's machine
-did not lose power (every write it acknowledged is there), without it only what
-it had flushed.
+entries (creations, renames, removals, new subdirectories) only as of its last
+fsync, reachable only through durable entries from the root. `Events` numbers
+every write, sync, rename, removal and mkdir, trusted or replica; `state_at(i)`
+rebuilds the trusted directory as a power cut right after event i would leave
+it, and `TracedReplica.image_at(i, kept)` a replica: with `kept` the driver's
+machine did not lose power (every write it acknowledged is there), without it
+only what it had flushed. A TracedReplica can be taken `down` (every request
+fails, as a dead driver's), which makes a mirror degrade it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trustvbd.blockdev import Buffer, Capabilities
+from trustvbd.blockdev import Backend, BlockError, Buffer, Capabilities
+from trustvbd.blocks.crypt_layer import CryptDisk
 from trustvbd.fileops import OsFileOps
 
 
@@ -33,8 +38,17 @@ class Events:
         return self.count
 
 
+DIR = -1  # a directory's entry, where a file's holds its inode
+
+
 class PowerCutFiles(OsFileOps):
-    """Real files, plus a record of what is durable after each event."""
+    """Real files, plus a record of what is durable after each event.
+
+    A file's data counts as of its last fsync/fdatasync. A directory's entries (files it
+    holds, renames into it, removals, subdirectories made in it) count as of its last
+    fsync, and a directory is reachable only through durable entries from the root: a
+    file in a new directory is lost unless the new directory's parent was synced too.
+    """
 
     def __init__(self, root: Path, events: Events) -> None:
         self.root = root
@@ -42,7 +56,7 @@ class PowerCutFiles(OsFileOps):
         self._keep: dict[int, int] = {}  # inode -> an fd that keeps its number from reuse
         self._data: dict[int, bytes] = {}  # inode -> contents as of its last sync
         self._dirs: dict[Path, dict[str, int]] = {}  # directory -> entries as of its last sync
-        self.snapshots: list[tuple[int, dict[str, bytes]]] = []  # (event, durable tree)
+        self.snapshots: list[tuple[int, dict[str, bytes | None]]] = []  # (event, durable tree)
         for d, _, files in os.walk(root):  # what exists now counts as durable
             for name in files:
                 self._remember(Path(d) / name)
@@ -59,15 +73,26 @@ class PowerCutFiles(OsFileOps):
     def _snap_dir(self, d: Path) -> None:
         entries = {}
         for name in os.listdir(d):
-            if (d / name).is_file():
+            if (d / name).is_dir():
+                entries[name] = DIR
+            elif (d / name).is_file():
                 entries[name] = self._remember(d / name)
         self._dirs[d] = entries
 
     def _snapshot(self, event: int) -> None:
-        tree = {}
-        for d, entries in self._dirs.items():
-            for name, ino in entries.items():
-                tree[str((d / name).relative_to(self.root))] = self._data.get(ino, b"")
+        """The durable tree: relative path -> file contents, or None for a directory."""
+        tree: dict[str, bytes | None] = {}
+
+        def walk(d: Path) -> None:
+            for name, ino in self._dirs.get(d, {}).items():
+                rel = str((d / name).relative_to(self.root))
+                if ino == DIR:
+                    tree[rel] = None
+                    walk(d / name)
+                else:
+                    tree[rel] = self._data.get(ino, b"")
+
+        walk(self.root)
         self.snapshots.append((event, tree))
 
     def close_all(self) -> None:
@@ -112,6 +137,14 @@ class PowerCutFiles(OsFileOps):
         self.events.tick(f"rename {Path(src).name} {Path(dst).name}")
         super().replace(src, dst)
 
+    def unlink(self, path: Path) -> None:
+        self.events.tick(f"unlink {Path(path).name}")
+        super().unlink(path)
+
+    def mkdir(self, path: Path, mode: int = 0o700) -> None:
+        self.events.tick(f"mkdir {Path(path).name}")
+        super().mkdir(path, mode)
+
     def fsync_dir(self, path: Path) -> None:
         event = self.events.tick(f"fsync dir {Path(path).name}")
         self._snap_dir(Path(path))
@@ -124,18 +157,42 @@ class PowerCutFiles(OsFileOps):
     # --- after the fact ------------------------------------------------------
     def state_at(self, event: int, into: Path) -> Path:
         """The trusted directory a power cut right after `event` leaves, written to `into`."""
-        tree: dict[str, bytes] = {}
+        shutil.rmtree(into, ignore_errors=True)
+        into.mkdir(mode=0o700)
+        for rel, data in sorted(self.durable_at(event).items()):  # a directory before its files
+            path = into / rel
+            if data is None:
+                path.mkdir(mode=0o700)
+            else:
+                path.write_bytes(data)
+                path.chmod(0o600)
+        return into
+
+    def durable_at(self, event: int) -> dict[str, bytes | None]:
+        """The durable tree a power cut right after `event` leaves (see _snapshot)."""
+        tree: dict[str, bytes | None] = {}
         for at, snap in self.snapshots:
             if at > event:
                 break
             tree = snap
-        shutil.rmtree(into, ignore_errors=True)
-        for rel, data in tree.items():
-            path = into / rel
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path.write_bytes(data)
-            path.chmod(0o600)
-        return into
+        return tree
+
+
+class NoSync(OsFileOps):
+    """Real files without syncs, for reopening what a cut left: that reopen's own
+    durability is not the question (and thousands of fsyncs would slow the suite)."""
+
+    def fsync(self, fd: int) -> None:
+        pass
+
+    def fdatasync(self, fd: int) -> None:
+        pass
+
+    def fsync_dir(self, path: Path) -> None:
+        pass
+
+
+NO_SYNC = NoSync()
 
 
 class TracedReplica:
@@ -147,6 +204,7 @@ class TracedReplica:
         self.events = events
         self.writes: list[tuple[int, int, bytes]] = []  # (event, offset, data)
         self.flushes: list[int] = []  # events of completed flushes
+        self.down = False
 
     @property
     def size(self) -> int:
@@ -156,10 +214,16 @@ class TracedReplica:
     def capabilities(self) -> Capabilities:
         return Capabilities()
 
+    def _check_up(self) -> None:
+        if self.down:
+            raise BlockError(errno.EIO, "replica down (injected)")
+
     async def pread(self, offset: int, length: int) -> bytes:
+        self._check_up()
         return bytes(self.data[offset:offset + length])
 
     async def pwrite(self, offset: int, data: Any, fua: bool = False) -> None:
+        self._check_up()
         event = self.events.tick(f"replica write {offset}+{len(data)}")
         self.data[offset:offset + len(data)] = data
         self.writes.append((event, offset, bytes(data)))
@@ -167,6 +231,7 @@ class TracedReplica:
             self.flushes.append(event)
 
     async def flush(self) -> None:
+        self._check_up()
         self.flushes.append(self.events.tick("replica flush"))
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
@@ -192,3 +257,86 @@ class TracedReplica:
                 break
             image[offset:offset + len(data)] = data
         return image
+
+
+# ---------------------------------------------------------------- what a guest was promised
+
+BS = 4096
+
+
+@dataclass
+class Write:
+    value: bytes
+    issued: int  # the event count when the request started
+    acked: int  # ... and when it was acknowledged
+    fua: bool
+
+
+@dataclass
+class Model:
+    history: dict[int, list[Write]] = field(default_factory=dict)
+    flushes: list[int] = field(default_factory=list)  # event counts at flush acknowledgements
+
+    def wrote(self, b: int, w: Write) -> None:
+        self.history.setdefault(b, []).append(w)
+
+    def allowed(self, b: int, cut: int) -> tuple[bytes, list[bytes]]:
+        """(the content that must survive, later contents that may show instead)."""
+        flushed = max((f for f in self.flushes if f <= cut), default=0)
+        must, maybe = bytes(BS), []
+        for w in self.history.get(b, []):
+            if w.issued > cut:
+                break
+            if w.acked <= flushed or (w.fua and w.acked <= cut):
+                must, maybe = w.value, []
+            else:
+                maybe.append(w.value)
+        return must, maybe
+
+
+class Guest:
+    """A seeded guest: writes (some unaligned), trims, zeroes, FUA and flushes, with a Model
+    of what each acknowledgement promised."""
+
+    def __init__(self, rng: random.Random, events: Events, nblocks: int) -> None:
+        self.rng = rng
+        self.events = events
+        self.nblocks = nblocks
+        self.model = Model()
+        self.cur = bytearray(nblocks * BS)
+
+    async def flush(self, disk: Backend) -> None:
+        await disk.flush()
+        self.model.flushes.append(self.events.count)
+
+    async def step(self, disk: Backend) -> None:
+        rng, cur, size = self.rng, self.cur, self.nblocks * BS
+        r = rng.random()
+        if r < 0.2:
+            await self.flush(disk)
+            return
+        fua = rng.random() < 0.15
+        b = rng.choice([rng.randrange(self.nblocks), rng.randrange(8), 128 + rng.randrange(8)])
+        n = min(rng.choice([1, 1, 2, 5]), self.nblocks - b)
+        issued = self.events.count
+        if r < 0.3:
+            cur[b * BS:(b + n) * BS] = bytes(n * BS)
+            await (disk.trim if r < 0.25 else disk.zero)(b * BS, n * BS, fua)
+        else:
+            offset = b * BS + (rng.randrange(BS) if rng.random() < 0.2 else 0)
+            data = rng.randbytes(min(n * BS, size - offset) - (offset % BS))
+            cur[offset:offset + len(data)] = data
+            await disk.pwrite(offset, data, fua)
+        for blk in range(b, b + n):
+            self.model.wrote(blk, Write(bytes(cur[blk * BS:(blk + 1) * BS]), issued,
+                                        self.events.count, fua))
+
+
+async def abandon(disk: CryptDisk) -> None:
+    """Leave the disk as a power cut does: no closing commit (close() would commit), no
+    background work going on behind the harness's back."""
+    for task in list(disk._background):
+        task.cancel()
+    await disk.replicas.close()  # cancels its reconnects and resyncs; the links stay as they are
+    disk._commits.intent.close()
+    disk._state.close()

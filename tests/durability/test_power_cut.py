@@ -22,13 +22,21 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.crypt.helpers import BS, RawMemory, new_state, run
-from tests.durability.powercut import Events, PowerCutFiles, TracedReplica
+from tests.crypt.helpers import RawMemory, new_state, run
+from tests.durability.powercut import (
+    BS,
+    NO_SYNC,
+    Events,
+    Guest,
+    Model,
+    PowerCutFiles,
+    TracedReplica,
+    abandon,
+)
 from trustvbd.acm.audit import AuditLog, verify
 from trustvbd.blockdev import BlockError
 from trustvbd.blocks import crypt_commit
@@ -41,65 +49,14 @@ SIZE = NBLOCKS * BS
 STEPS = int(os.environ.get("TRUSTVBD_POWERCUT_STEPS", "24"))
 
 
-@dataclass
-class Write:
-    value: bytes
-    issued: int  # the event count when the request started
-    acked: int  # ... and when it was acknowledged
-    fua: bool
-
-
-@dataclass
-class Model:
-    history: dict[int, list[Write]] = field(default_factory=dict)
-    flushes: list[int] = field(default_factory=list)  # event counts at flush acknowledgements
-
-    def wrote(self, b: int, w: Write) -> None:
-        self.history.setdefault(b, []).append(w)
-
-    def allowed(self, b: int, cut: int) -> tuple[bytes, list[bytes]]:
-        """(the content that must survive, later contents that may show instead)."""
-        flushed = max((f for f in self.flushes if f <= cut), default=0)
-        must, maybe = bytes(BS), []
-        for w in self.history.get(b, []):
-            if w.issued > cut:
-                break
-            if w.acked <= flushed or (w.fua and w.acked <= cut):
-                must, maybe = w.value, []
-            else:
-                maybe.append(w.value)
-        return must, maybe
-
-
 async def workload(state: Path, kek: object, files: PowerCutFiles, replica: TracedReplica,
                    events: Events, seed: int) -> Model:
-    rng = random.Random(seed)
-    model = Model()
+    guest = Guest(random.Random(seed), events, NBLOCKS)
     disk = await CryptDisk.open(state, "vm1", replica, "r0", kek, files=files)  # type: ignore[arg-type]
-    cur = bytearray(SIZE)
     for _ in range(STEPS):
-        r = rng.random()
-        if r < 0.2:
-            await disk.flush()
-            model.flushes.append(events.count)
-            continue
-        fua = rng.random() < 0.15
-        b = rng.choice([rng.randrange(NBLOCKS), rng.randrange(8), 128 + rng.randrange(8)])
-        n = min(rng.choice([1, 1, 2, 5]), NBLOCKS - b)
-        issued = events.count
-        if r < 0.3:
-            cur[b * BS:(b + n) * BS] = bytes(n * BS)
-            await (disk.trim if r < 0.25 else disk.zero)(b * BS, n * BS, fua)
-        else:
-            offset = b * BS + (rng.randrange(BS) if rng.random() < 0.2 else 0)
-            data = rng.randbytes(min(n * BS, SIZE - offset) - (offset % BS))
-            cur[offset:offset + len(data)] = data
-            await disk.pwrite(offset, data, fua)
-        for blk in range(b, b + n):
-            model.wrote(blk, Write(bytes(cur[blk * BS:(blk + 1) * BS]), issued, events.count, fua))
-    disk._commits.intent.close()  # abandoned, not closed: close() would commit
-    disk._state.close()
-    return model
+        await guest.step(disk)
+    await abandon(disk)
+    return guest.model
 
 
 async def reopen_and_check(state: Path, kek: object, image: bytearray, model: Model,
@@ -108,7 +65,8 @@ async def reopen_and_check(state: Path, kek: object, image: bytearray, model: Mo
     replica = RawMemory(len(image))
     replica.raw[:] = image
     try:
-        disk = await CryptDisk.open(state, "vm1", replica, "r0", kek)  # type: ignore[arg-type]
+        disk = await CryptDisk.open(state, "vm1", replica, "r0", kek,  # type: ignore[arg-type]
+                                    files=NO_SYNC)
     except Exception as exc:
         raise AssertionError(f"{where}: the disk does not open: {exc}") from exc
     failed = 0
@@ -128,7 +86,7 @@ async def reopen_and_check(state: Path, kek: object, image: bytearray, model: Mo
     return failed
 
 
-def test_power_cut_at_every_step_loses_nothing_flushed(tmp_path: Path,
+def test_power_cut_at_every_step_loses_nothing_flushed(tmp_path: Path, cut_dir: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(crypt_commit, "RESERVE", 16)  # counter reservations mid-stream too
     state = tmp_path / "state"
@@ -145,7 +103,7 @@ def test_power_cut_at_every_step_loses_nothing_flushed(tmp_path: Path,
     unflushed_failures = 0
     for cut in range(events.count + 1):
         for kept in (True, False):
-            cut_state = files.state_at(cut, tmp_path / "cut")  # anew: reopening writes to it
+            cut_state = files.state_at(cut, cut_dir)  # anew: reopening writes to it
             where = (f"power cut after event {cut} ({events.names[cut - 1] if cut else 'start'}),"
                      f" replica {'kept its writes' if kept else 'lost unflushed writes'}")
             unflushed_failures += run(reopen_and_check(
@@ -154,7 +112,8 @@ def test_power_cut_at_every_step_loses_nothing_flushed(tmp_path: Path,
           f" {unflushed_failures} unflushed block reads failed (allowed)")
 
 
-def test_power_cut_at_every_step_keeps_every_acknowledged_audit_record(tmp_path: Path) -> None:
+def test_power_cut_at_every_step_keeps_every_acknowledged_audit_record(tmp_path: Path,
+                                                                      cut_dir: Path) -> None:
     logdir = tmp_path / "audit"
     logdir.mkdir()
     events = Events()
@@ -170,9 +129,9 @@ def test_power_cut_at_every_step_keeps_every_acknowledged_audit_record(tmp_path:
         files.close_all()
     assert "rename audit.jsonl audit.jsonl.1" in events.names  # it rotated, too
     for cut in range(events.count + 1):
-        cut_dir = files.state_at(cut, tmp_path / "cut")
-        path = cut_dir / "audit.jsonl"
-        if not path.exists() and not list(cut_dir.glob("audit.jsonl.*")):
+        left = files.state_at(cut, cut_dir)
+        path = left / "audit.jsonl"
+        if not path.exists() and not list(left.glob("audit.jsonl.*")):
             assert not [s for at, s in acked if at <= cut], f"cut {cut}: the whole log was lost"
             continue
         where = f"power cut after event {cut} ({events.names[cut - 1] if cut else 'start'})"

@@ -43,7 +43,7 @@ from trustvbd.crypt.keys import (
 )
 from trustvbd.crypt.superblock import Layout
 from trustvbd.crypt.tree import HASH_SIZE, HashTree, page_hash
-from trustvbd.fileops import OS_FILES, FileOps, write_file_atomic
+from trustvbd.fileops import OS_FILES, FileOps, make_dirs, write_file_atomic
 
 __all__ = ["write_file_atomic"]  # where callers have always found it
 
@@ -267,6 +267,7 @@ class DiskState:
         self.intent_path = self.dir / "intent.log"
         self.pages_path = self.dir / "pages"
         self._pages_fd = -1
+        self._behind_durable = False
         self._anchor_slots: anchor_file.AnchorSlots | None = None
         self.intent: IntentLog | None = None
 
@@ -330,14 +331,19 @@ class DiskState:
 
     def write_dirty_map(self, replica: str, epoch: int, blocks: int, dirty: Iterable[int]) -> None:
         path = self.dirty_map_path(replica)
-        if not path.parent.is_dir():
-            path.parent.mkdir(mode=0o700)
-            self.ops.fsync_dir(self.dir)  # the new directory's own entry must survive a power cut
+        if not self._behind_durable:
+            # behind/'s own entry must survive a power cut before a map in it counts. Synced
+            # once per open, not only when made here: a process that died between its mkdir
+            # and this sync left a directory that looks made but may not survive.
+            if not path.parent.is_dir():
+                self.ops.mkdir(path.parent, 0o700)
+            self.ops.fsync_dir(self.dir)
+            self._behind_durable = True
         write_file_atomic(path, encode_dirty_map(epoch, blocks, dirty), self.ops)
 
     def drop_dirty_map(self, replica: str) -> None:
         try:
-            self.dirty_map_path(replica).unlink()
+            self.ops.unlink(self.dirty_map_path(replica))
         except FileNotFoundError:
             pass
 
@@ -393,26 +399,27 @@ def empty_page_hashes(layout: Layout) -> bytes:
     return b"".join(page_hash(i, zero) for i in range(layout.leaf_pages))
 
 
-def create_disk_state(state_dir: Path, disk_name: str, logical_size: int, kek: Kek) -> None:
+def create_disk_state(state_dir: Path, disk_name: str, logical_size: int, kek: Kek,
+                      ops: FileOps = OS_FILES) -> None:
     """First run for a disk: new random keys wrapped by `kek`, anchor at epoch 0.
 
     The first CryptDisk.open on an all-zero replica formats it.
     """
     layout = Layout(logical_size)
-    state = DiskState(state_dir, disk_name)
+    state = DiskState(state_dir, disk_name, ops)
     if state.keys_path.exists():
         raise TrustedStateError(
             f"disk {disk_name!r} already exists in {state.dir}; refusing to replace its keys")
-    state.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_dirs(state.dir, ops)  # its entry (and disks/'s) must outlive a power cut, as its files
     secrets = DiskSecrets.generate()
     hashes = empty_page_hashes(layout)
-    write_file_atomic(state.pub_path, secrets.public_key)
+    write_file_atomic(state.pub_path, secrets.public_key, ops)
     state.write_pages(hashes)
     state.write_anchor(Anchor(secrets.disk_id, logical_size, 0, 1, HashTree(hashes).root))
     state.open_intent().reset(0)
     state.close()
     # The keys file last: a crash before this leaves a directory `create` can retry.
-    write_file_atomic(state.keys_path, seal_keys(secrets, kek))
+    write_file_atomic(state.keys_path, seal_keys(secrets, kek), ops)
 
 
 def load_kek(state_dir: Path, *, passphrase: str | None = None,

@@ -38,6 +38,7 @@ from trustvbd.domains.listeners import close_listeners, listen_tcp, listen_unix
 from trustvbd.domains.placement import GuestSocket, guest_sockets, types_of
 from trustvbd.domains.supervisor import START_TIMEOUT, Domain, StartError, Supervisor
 from trustvbd.domains.unlock import Unlock, receive_unlock, send_unlock
+from trustvbd.fileops import make_dirs
 from trustvbd.xenstore.xenbus import State
 
 log = logging.getLogger("trustvbd.hv")
@@ -222,7 +223,7 @@ class Launcher:
     async def start(self) -> list[str]:
         c = self.config
         for sub in ("guests", "drivers", "disks"):
-            (c.state_dir / sub).mkdir(exist_ok=True)
+            make_dirs(c.state_dir / sub)  # synced: a disk's state in it must outlive a power cut
         if self.grants.privileged:
             self.grants.open_state_dir_to_trusted_domains()
         else:

@@ -32,6 +32,7 @@ from trustvbd.domains.listeners import close_listeners, listen_unix
 from trustvbd.domains.placement import file_safe
 from trustvbd.domains.supervisor import Domain, Launch
 from trustvbd.domains.unlock import Unlock, send_unlock
+from trustvbd.fileops import make_dirs
 
 
 def physical_size(disk_size: int, encrypt: bool) -> int:
@@ -244,7 +245,7 @@ class DomainGrants:
         for name in self.types[wtype]:
             if self.config.disks[name].encrypt:
                 path = self.config.state_dir / "disks" / name
-                path.mkdir(mode=0o700, exist_ok=True)
+                make_dirs(path)  # synced: the keys and anchor in it must outlive a power cut
                 sandbox.own_tree(str(path), uid, uid)
 
     def unlock_for(self, wtype: str) -> Unlock:
