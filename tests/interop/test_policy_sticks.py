@@ -139,3 +139,45 @@ def test_the_encryption_domain_rebuilds_the_wall_at_once_after_an_acm_restart(sh
     payroll.shutdown()
     del payroll
     s.stop()
+
+
+def crypt_pid(s: System, wtype: str) -> int:
+    status = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+    return int(next(d for d in status["domains"] if d["name"] == f"crypt-{wtype}")["pid"])
+
+
+@pytest.mark.interop
+def test_a_restarted_acm_decides_no_attachment_before_every_crypt_domain_restored(
+        short_tmp: Path) -> None:
+    """Two encryption domains, one per workload type of a conflict set (Payroll, Bank). The
+    access-control domain restarts while the Payroll one is too slow to restore its live
+    Payroll connection: a Bank guest must not get in meanwhile (the Wall would be broken),
+    and once Payroll's count is back the Wall refuses Bank as before the restart."""
+    s = start(short_tmp, env={"TRUSTVBD_ACM_RESTORE_WAIT": "60"})  # slow machines: no timeout
+    nbd = clients.libnbd()
+    payroll = nbd.NBD()
+    payroll.connect_uri(uri(s, "vm1", "payroll"))  # Payroll runs
+    slow = crypt_pid(s, "Payroll")
+    os.kill(slow, signal.SIGSTOP)  # it cannot restore its count until it goes on
+    try:
+        kill_acm_and_wait(s)
+        code, text = qemu_io(uri(s, "vm2", "bank"))
+        assert code != 0, "a Bank guest got in while Payroll's count was not restored"
+        assert "acm-restoring" in text and "try again" in text, text
+    finally:
+        os.kill(slow, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while True:  # Payroll's count comes back: the Wall itself refuses Bank now
+        code, text = qemu_io(uri(s, "vm2", "bank"))
+        assert code != 0, "a Bank guest got in while Payroll runs"
+        if "acm-restoring" not in text:
+            break
+        assert time.monotonic() < deadline, text
+    assert "RER" in text, text
+    payroll.shutdown()
+    del payroll
+    deadline = time.monotonic() + 10
+    while qemu_io(uri(s, "vm2", "bank"))[0] != 0:
+        assert time.monotonic() < deadline, "the Payroll attachment was not released"
+        time.sleep(0.2)
+    s.stop()

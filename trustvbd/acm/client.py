@@ -21,11 +21,12 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from trustvbd.acm.decisions import Decision
+from trustvbd.acm.decisions import RESTORING, Decision
 from trustvbd.replies import PendingReplies, ProtocolError
 
 log = logging.getLogger("trustvbd.acm.client")
 MAX_REPLY = 1 << 20
+RESTORING_RETRY = 0.1  # seconds between asks while a restarted domain restores its counts
 
 
 class AcmUnavailable(Exception):
@@ -74,6 +75,12 @@ class AcmClient:
                 log.warning("could not restore attachment %s: %s", cid, reply)
                 self.held.pop(cid)
                 self.lost.append(cid)
+        if self.hello is not None:
+            # Everything we hold is counted again: a restarted domain waits for this from
+            # every encryption domain (by its role) before it decides new attachments.
+            reply = await self._exchange({"op": "restored"})
+            if reply.get("ok") is not True:
+                log.warning("access-control domain did not take our restored counts: %s", reply)
 
     async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Hand each reply to the request it names; anything else ends the connection."""
@@ -183,8 +190,13 @@ class AcmClient:
                 self.writer.write(json.dumps({"op": "chw_detach", "id": cid, "rid": rid}
                                              ).encode() + b"\n")
 
-        d = await self.decide({"op": "chw_attach", "id": cid, "label": label, "name": name},
-                              undo)
+        request = {"op": "chw_attach", "id": cid, "label": label, "name": name}
+        give_up = asyncio.get_running_loop().time() + self.timeout
+        d = await self.decide(request, undo)
+        # A restarted domain still waiting for other encryption domains' counts: ask again.
+        while d.rule == RESTORING and asyncio.get_running_loop().time() < give_up:
+            await asyncio.sleep(RESTORING_RETRY)
+            d = await self.decide(request, undo)
         if d.allowed:
             self.held[cid] = (label, name)
         return d

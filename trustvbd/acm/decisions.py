@@ -32,6 +32,11 @@ class Decision:
         return {"allowed": self.allowed, "rule": self.rule, "reason": self.reason}
 
 
+# The rule of a Chinese Wall refusal by a restarted access-control domain that is still
+# waiting for the encryption domains to restore their counts: retry in a moment.
+RESTORING = "acm-restoring"
+
+
 def _q(kind: str, label: str, who: str | None) -> str:
     return f'{kind} {who} (label "{label}")' if who else f'{kind} label "{label}"'
 

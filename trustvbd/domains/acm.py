@@ -14,6 +14,15 @@ the log cannot be written the answer is an error, which clients treat as a
 refusal. A bad request gets an error reply and the domain keeps
 serving. Requests are handled synchronously (no await between checking and
 counting), so Chinese Wall decisions cannot race.
+
+A restarted domain starts with no Chinese Wall counts: the encryption domains
+hold them (their live connections) and re-attach them when they reconnect, each
+ending with "restored". The launcher names the encryption domains running at the
+restart (after the roles secret, in the same pipe); until each has said
+"restored", or RESTORE_WAIT has passed (a hung one must not block decisions
+forever), a new attachment is refused with the retryable rule "acm-restoring"
+and a policy load is refused too: decided on half the counts, either could break
+the wall.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import os
 import signal
 import socket
 import sys
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from trustvbd.acm import (
@@ -40,7 +51,7 @@ from trustvbd.acm import (
 )
 from trustvbd.acm.audit import AuditError, AuditLog, may_record
 from trustvbd.acm.compiled import read_compiled
-from trustvbd.acm.decisions import explain
+from trustvbd.acm.decisions import RESTORING, explain
 from trustvbd.acm.repeats import RepeatCounter
 from trustvbd.crypt.sign import fingerprint
 from trustvbd.crypt.tokens import SECRET_SIZE, token_ok
@@ -49,6 +60,10 @@ from trustvbd.domains.common import die_with_parent, ready, setup_logging
 log = logging.getLogger("trustvbd.acm")
 MAX_LINE = 64 * 1024
 RECORD_KINDS = ("integrity", "event")  # what other trusted domains may add to the log
+# How long a restarted domain waits for the encryption domains to restore their counts.
+RESTORE_WAIT = 10.0
+
+
 class BadRequest(Exception):
     pass
 
@@ -63,8 +78,19 @@ def _field(req: dict[str, Any], key: str, required: bool = True) -> Any:
 
 
 class AcmDomain:
-    def __init__(self, policy: Policy, audit: AuditLog, roles_secret: bytes | None = None) -> None:
+    def __init__(self, policy: Policy, audit: AuditLog, roles_secret: bytes | None = None,
+                 restoring: Iterable[str] = (), restore_wait: float = RESTORE_WAIT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.policy, self.audit = policy, audit
+        # Roles of the encryption domains whose counts are not restored yet, and until when
+        # new attachments wait for them.
+        self.restoring = set(restoring)
+        self.clock = clock
+        self.restore_until = clock() + restore_wait
+        self.restored: set[int] = set()  # connections that re-attached everything they hold
+        if self.restoring:
+            audit.append("chinese-wall", event="restoring", waiting_for=sorted(self.restoring),
+                         seconds=restore_wait)
         self.roles_secret = roles_secret  # proves callers' roles (None: nobody may record)
         self.roles: dict[int, str] = {}  # connection -> the role it proved
         self.wall = ChineseWall(policy)
@@ -104,6 +130,12 @@ class AcmDomain:
             cid, label, name = f("id"), f("label"), f("name", False)
             if cid in self.attached:
                 raise BadRequest(f'attachment id "{cid}" is already in use')
+            waiting = self._still_restoring(owner)
+            if waiting:
+                return self._decided(op, Decision(False, RESTORING, (
+                    "the access-control domain was restarted and is waiting for encryption "
+                    f"domain(s) {waiting} to restore the Chinese Wall counts of their live "
+                    "connections; try again in a moment")), id=cid, label=label, name=name)
             d = domain_may_run(self.policy, label, name)
             d = self.wall.may_start(label, name) if d.allowed else d
             reply = self._decided(op, d, id=cid, label=label, name=name)
@@ -118,13 +150,27 @@ class AcmDomain:
             self._detach(cid, "detached")
             return {"ok": True}
         if op == "load_policy":
+            waiting = self._still_restoring(owner)
+            if waiting:
+                return {"ok": False, "error": "the access-control domain was restarted and is "
+                        f"waiting for encryption domain(s) {waiting} to restore their Chinese "
+                        "Wall counts; load the policy again in a moment"}
             return self.load(f("path"))
+        if op == "restored":  # this connection re-attached everything it holds
+            self.restored.add(owner)
+            role = self.roles.get(owner)
+            if role in self.restoring:
+                self.restoring.discard(role)
+                if not self.restoring:
+                    self.audit.append("chinese-wall", event="restored")
+            return {"ok": True}
         if op == "explain":
             return {"ok": True, "lines": explain(self.policy, f("guest_label"), f("disk_label"),
                                                  f("guest", False), f("disk", False))}
         if op == "status":
             return {"ok": True, "policy": self.policy.summary(), "null": self.policy.is_null,
                     "attachments": len(self.attached), "running_types": dict(self.wall.running),
+                    "restoring": sorted(self.restoring),
                     "audit": {"path": str(self.audit.path), "seq": self.audit.seq}}
         if op == "hello":
             role, token = f("role"), req.get("token")
@@ -149,6 +195,22 @@ class AcmDomain:
                 return {"ok": True}
             return {"ok": True, "seq": self.audit.append(kind, **fields)["seq"]}
         raise BadRequest(f"unknown op {op!r}")
+
+    def _still_restoring(self, owner: int) -> str:
+        """Who a new attachment must wait for ("" if nobody). An encryption domain's own
+        re-attachments, before its "restored", are what the wait is for: they go through."""
+        if not self.restoring:
+            return ""
+        if self.clock() >= self.restore_until:
+            missing = sorted(self.restoring)
+            self.restoring.clear()
+            log.error("encryption domain(s) %s did not restore their Chinese Wall counts in "
+                      "time; deciding without them", missing)
+            self.audit.append("chinese-wall", event="restore-timeout", missing=missing)
+            return ""
+        if owner not in self.restored and self.roles.get(owner) in self.restoring:
+            return ""
+        return ", ".join(repr(r.split("/")[0].removeprefix("crypt:")) for r in sorted(self.restoring))
 
     def _detach(self, cid: str, event: str) -> None:
         label, name, _ = self.attached.pop(cid)
@@ -264,14 +326,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--roles-fd", type=int, help="a pipe holding the secret that proves"
                         " callers' roles (the launcher's); without it nobody may record")
     parser.add_argument("--supervised", action="store_true", help="die with the launcher")
+    parser.add_argument("--restore-wait", type=float, default=RESTORE_WAIT, help="after a restart,"
+                        " how long new attachments wait for the encryption domains' counts")
     args = parser.parse_args(argv)
     setup_logging("acm")
     if args.supervised:
         die_with_parent()
-    roles_secret = None
+    roles_secret: bytes | None = None
+    restoring: list[str] = []
     if args.roles_fd is not None:
         with os.fdopen(args.roles_fd, "rb") as pipe:
             roles_secret = pipe.read(SECRET_SIZE)
+            rest = pipe.read()  # after a restart: the encryption domains that hold counts
+        try:
+            restoring = json.loads(rest) if rest else []
+            if not (isinstance(restoring, list) and all(isinstance(r, str) for r in restoring)):
+                raise ValueError("not a list of roles")
+        except ValueError as exc:
+            print(f"trustvbd acm: the roles pipe's list of encryption domains: {exc}",
+                  file=sys.stderr)
+            return 2
     try:
         policy = Policy.null() if args.null else read_compiled(args.policy)
         audit = AuditLog(args.audit)
@@ -292,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         sock.listen(64)
     # Plain asyncio: the decisions are not a hot path, and fewer moving parts here is better.
     log.info("audit log %s signed by key %s", args.audit, fingerprint(audit.public_key).hex()[:16])
-    return asyncio.run(serve(AcmDomain(policy, audit, roles_secret), sock, args.ready_fd))
+    return asyncio.run(serve(AcmDomain(policy, audit, roles_secret, restoring, args.restore_wait),
+                             sock, args.ready_fd))
 
 
 if __name__ == "__main__":

@@ -153,6 +153,20 @@ class Launcher:
             if not channel.closed.is_set():
                 self.supervisor.spawn_task(self.tell_acm_restarted(name, channel))
 
+    def live_crypt_roles(self) -> list[str]:
+        """The roles of the encryption domains running now: they hold Chinese Wall counts."""
+        roles = []
+        for name, channel in self.crypt_channels.items():
+            domain = self.supervisor.domains.get(name)
+            if domain is not None and domain.wtype is not None and not channel.closed.is_set():
+                roles.append(self.crypt_role(domain.wtype))
+        return roles
+
+    def crypt_role(self, wtype: str) -> str:
+        """Who an encryption domain is to the access-control domain: its disks and guests."""
+        return crypt_role(self.types[wtype], [g.guest for g, _ in self.listeners
+                                              if g.wtype == wtype])
+
     async def tell_acm_restarted(self, name: str, channel: ControlChannel) -> None:
         try:
             reply, _ = await channel.ask(m.AcmRestarted(), m.Rechecked)
@@ -210,8 +224,7 @@ class Launcher:
             limits=dataclasses.asdict(c.limits),
             store=self.store.crypt_spec(domain.name),
             # What it may record: integrity events of its disks, refusals at its guests' sockets.
-            acm_hello=self.grants.role_hello(crypt_role(self.types[wtype],
-                                                        [g.guest for g, _ in listeners])),
+            acm_hello=self.grants.role_hello(self.crypt_role(wtype)),
             # Other types' disks: names and labels only, so a guest asking for one on the wrong
             # socket gets the policy's answer or the right socket, not "no such disk".
             elsewhere={d.name: m.ElsewhereSpec(d.label, {
@@ -228,7 +241,7 @@ class Launcher:
             self.grants.open_state_dir_to_trusted_domains()
         else:
             log.warning("%s", sandbox.WEAK_ISOLATION_WARNING.format(uid=os.geteuid()))
-        acm = self.grants.acm_domain()
+        acm = self.grants.acm_domain(self.live_crypt_roles)
         acm.on_start = self.acm_started
         await self.supervisor.start(acm)
         for disk in c.disks.values():  # check (a) for every replica before any driver starts

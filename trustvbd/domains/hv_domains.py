@@ -12,6 +12,7 @@ workload type (domains/placement.py), gets the passphrase or key file through a 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import socket
@@ -91,11 +92,15 @@ class DomainGrants:
         return self.config.state_dir / f"policy{suffix}{COMPILED_SUFFIX}"
 
     # -- the access-control domain ------------------------------------------------------
-    def acm_domain(self) -> Domain:
+    def acm_domain(self, restoring: Callable[[], list[str]] = list) -> Domain:
+        """`restoring`: the roles of the encryption domains running when it (re)starts; a
+        restarted domain waits for each to restore its Chinese Wall counts (domains/acm.py)."""
         c = self.config
         policy = ["--policy", str(self.compiled_policy())] if c.policy else ["--null"]
         argv = [sys.executable, "-m", "trustvbd.domains.acm", "--supervised", *policy,
                 "--audit", str(c.state_dir / AUDIT_FILE)]
+        if wait := os.environ.get("TRUSTVBD_ACM_RESTORE_WAIT"):
+            argv += ["--restore-wait", wait]
 
         def launch() -> Launch:
             # Its listening socket is bound here once (a restarted domain serves the same one);
@@ -105,8 +110,8 @@ class DomainGrants:
             fds = [os.dup(self.acm_listener.fileno())]
             # A fresh pipe per start (and restart): the roles secret reaches it and nobody else.
             roles, secret_in = os.pipe()
-            os.write(secret_in, self.roles_secret)
-            os.close(secret_in)
+            with os.fdopen(secret_in, "wb") as pipe:  # read at once; far below a pipe's buffer
+                pipe.write(self.roles_secret + json.dumps(restoring()).encode())
             fds.append(roles)
             return Launch([*argv, "--listen-fd", str(fds[0]), "--roles-fd", str(roles)],
                           tuple(fds), lambda: _close(fds))
