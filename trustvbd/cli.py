@@ -158,7 +158,7 @@ def print_status(status: dict[str, Any]) -> None:
     for g in status["guests"]:
         conns = ", ".join(c["export"] or "-" for c in g["connections"]) or "none"
         held = (f" memory {g['memory'] / 2**20:.1f} MiB (peak {g['memory_peak'] / 2**20:.1f})"
-                if "memory" in g else "")
+                if g.get("memory") is not None else "")
         print(f"  {g['name']:<12} label {g['label']} socket {g['socket']} connections: {conns}"
               f"{held}")
         for wtype, path in g.get("sockets", {}).items():  # one per workload type it may use
@@ -215,7 +215,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not isinstance(reply, HvStatus):
         print(f"trustvbd status: {getattr(reply, 'message', reply)}", file=sys.stderr)
         return 1
-    status = {**reply.status, "running": True}
+    status = {**reply.plain(), "running": True}
     if args.json:
         print(json.dumps(status, indent=2))
     else:
@@ -238,7 +238,7 @@ def cmd_policy_load(config_path: str, policy_file: str) -> int:
         print(f"trustvbd policy load: {getattr(reply, 'message', reply)}", file=sys.stderr)
         return 1
     print(f"policy {reply.name} loaded; {reply.closed} connection(s) the new policy forbids"
-          " were closed")
+          f" were closed; {reply.torn_down} pairing(s) in the store torn down")
     return 0
 
 
@@ -359,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket", required=True, help="Unix socket path to listen on")
     serve.add_argument("--acm-socket", help="ask this access-control domain before pairing"
                        " frontend and backend directories (default: allow, with a warning)")
-    serve.set_defaults(control_fd=None, listen_fd=None, acm_fd=None, ready_fd=None, supervised=False)
+    serve.set_defaults(control_fd=None, listen_fd=None, tree_dir_fd=None, ready_fd=None,
+                       supervised=False)
     store.set_defaults(func=cmd_store)
 
     from trustvbd.acm.commands import register as register_policy

@@ -22,8 +22,7 @@ def _scrub_of(config: Any, disk: str) -> dict[str, Any] | None:
     from trustvbd.domains.messages import HvStatus, StatusQuery
 
     reply = control_request(config, StatusQuery())
-    status = reply.status if isinstance(reply, HvStatus) else {}
-    for d in status.get("disks", []):
+    for d in reply.disks if isinstance(reply, HvStatus) else []:
         if d["name"] == disk:
             scrub: dict[str, Any] | None = d.get("scrub")
             return scrub

@@ -19,8 +19,16 @@ SAMPLES: list[m.Message] = [
     m.ChannelQuery("d", "a"), m.AcmChannelQuery(), m.DomainChannelQuery("crypt"),
     m.ChannelGranted("x1"), m.ChannelGranted("x", "storage.example"), m.Ready(),
     m.DiskFailed("d", m.ErrorCode.STALE_REPLICA, "old"),
-    m.Integrity("d", {"block": 7, "message": "tag mismatch"}), m.HvStatus({"pid": 1}),
-    m.PolicyLoad("/p.toml"), m.PolicyLoaded("p", 0),
+    m.Integrity("d", {"block": 7, "message": "tag mismatch"}), m.HvStatus(
+        1, "/s", "/c.toml", None, 2.5,
+        [m.DomainStatus("store", "store", True, "", 12, "running", 1, "killed by SIGKILL", None)],
+        [{"name": "d"}], [13], 0,
+        [m.GuestStatus("g", "L", "/g.sock", {"T": "/g.sock"}, [], 0, 0, 0)], [],
+        [m.AttachmentStatus("guest", "g", "crypt-T", "d", "/fe", "/be", 4, 4)]),
+    m.StoreIntroduce(3, "vm1", "Payroll"), m.StoreConnect(1, "crypt-T", "Sys"),
+    m.StoreConnected(1), m.StoreRelease(3), m.StoreChannelQuery(), m.RecheckPairings(),
+    m.PairingsRechecked(2, [m.TornDown("/fe", "/be", "share no STE type")]),
+    m.PolicyLoad("/p.toml"), m.PolicyLoaded("p", 0), m.PolicyLoaded("p", 1, 2),
 ]
 
 
@@ -46,6 +54,21 @@ def test_every_message_round_trips_through_json(msg: m.Message) -> None:
     ({"type": "spec", "state_dir": "/s", "request_timeout": "soon", "disks": [],
       "guests": {}, "listeners": [], "tls_dir": None, "limits": {}, "elsewhere": {}},
      "spec.request_timeout: 'soon'"),
+    ({"type": "store-connect", "domid": "3", "name": "vm1", "label": "L"},
+     "store-connect.domid: '3' is not int"),
+    ({"type": "store-introduce", "domid": 3, "name": "vm1"}, "store-introduce: field 'label'"),
+    ({"type": "pairings-rechecked", "kept": 1, "torn_down": [{"frontend_dir": "/f"}]},
+     "pairings-rechecked.torn_down[0]: field 'backend_dir' is missing"),
+    ({"type": "hv-status", "pid": 1, "state_dir": "/s", "config": "/c", "policy": None,
+      "uptime": 1, "domains": [{"name": "hv"}], "disks": [], "aead_workers": [],
+      "aead_restarts": 0, "guests": [], "integrity_events": [], "attachments": []},
+     "hv-status.domains[0]: field 'kind' is missing"),
+    ({"type": "hv-status", "pid": 1, "state_dir": "/s", "config": "/c", "policy": None,
+      "uptime": 1, "domains": [], "disks": [], "aead_workers": [], "aead_restarts": 0,
+      "guests": [], "integrity_events": [], "attachments": [
+          {"kind": "guest", "frontend": "g", "backend": "c", "disk": "d", "frontend_dir": "/f",
+           "backend_dir": "/b", "frontend_state": "4", "backend_state": 4}]},
+     "hv-status.attachments[0].frontend_state: '4' is not int"),
 ])
 def test_malformed_or_unknown_messages_are_refused_saying_where(data: object, error: str) -> None:
     with pytest.raises(m.MessageError) as exc:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import TRUSTVBD, read_lines_until, run
+from trustvbd.domains import messages as m
 from trustvbd.xenstore.client import XsClient, XsClosed
 from trustvbd.xenstore.wire import HEADER, PAYLOAD_MAX, Decoder, Message, Op, XsError, encode
 
@@ -32,13 +33,19 @@ class StoreProcess:
     def xs(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run([f"xenstore-{tool}", *args], check=check, env=self.env, timeout=20)
 
-    def connect_domain(self, domid: int, name: str = "", label: str = "L") -> socket.socket:
-        """What the launcher does: ask the store for domain `domid`'s own connection."""
-        request = {"id": domid, "op": "connect", "domid": domid, "name": name or f"d{domid}", "label": label}
-        socket.send_fds(self.control, [json.dumps(request).encode()], [])
+    def ask(self, request: m.Message | dict) -> tuple[m.Message, list[int]]:
+        """One request on the store's control channel, as the launcher sends it."""
+        raw = request.encode() if isinstance(request, m.Message) else request
+        socket.send_fds(self.control, [json.dumps({**raw, "id": 7}).encode()], [])
         data, fds, _, _ = socket.recv_fds(self.control, 65536, 4)
         reply = json.loads(data)
-        assert reply.get("ok"), reply
+        assert reply.pop("reply_to") == 7
+        return m.decode(reply), fds
+
+    def connect_domain(self, domid: int, name: str = "", label: str = "L") -> socket.socket:
+        """What the launcher does: ask the store for domain `domid`'s own connection."""
+        reply, fds = self.ask(m.StoreConnect(domid, name or f"d{domid}", label))
+        assert reply == m.StoreConnected(domid), reply
         (fd,) = fds
         return socket.socket(fileno=fd)
 
@@ -214,6 +221,31 @@ def test_bad_messages_get_errors_or_a_disconnect_and_others_are_served(store: St
     asyncio.run(hostile_domain())
     store.xs("write", "/still", "served")
     assert store.xs("read", "/still").stdout == "served\n"
+    assert store.proc.poll() is None
+
+
+def test_malformed_control_requests_are_refused_naming_message_and_field(
+        store: StoreProcess) -> None:
+    """The launcher's channel speaks typed messages only: anything else is refused with a
+    code and where it is wrong, hands over nothing, and the store goes on."""
+    for request, code, says in [
+        ({"type": "store-connect", "domid": "3", "name": "d3", "label": "L"},
+         m.ErrorCode.BAD_MESSAGE, "store-connect.domid: '3' is not int"),
+        ({"type": "store-introduce", "domid": 3, "name": "d3"},
+         m.ErrorCode.BAD_MESSAGE, "store-introduce: field 'label' is missing"),
+        ({"op": "connect", "domid": 3, "name": "d3", "label": "L"},  # the old untyped form
+         m.ErrorCode.BAD_MESSAGE, "unexpected message type None"),
+        ({"type": "stop"}, m.ErrorCode.BAD_MESSAGE, "unexpected message type 'stop'"),
+        (m.StoreConnect(0, "dom0", "L"), m.ErrorCode.INVALID,
+         "store-connect: domid must be 1..65535, not 0"),
+        (m.StoreRelease(70000), m.ErrorCode.INVALID, "domid must be 1..65535, not 70000"),
+    ]:
+        reply, fds = store.ask(request)
+        assert fds == [] and isinstance(reply, m.Failed), (request, reply)
+        assert reply.code is code and says in reply.message, (request, reply)
+    assert store.xs("exists", "/local/domain/3", check=False).returncode == 1  # nothing made
+    assert store.ask(m.StoreIntroduce(3, "d3", "L"))[0] == m.Done()
+    assert store.xs("exists", "/local/domain/3").returncode == 0
     assert store.proc.poll() is None
 
 

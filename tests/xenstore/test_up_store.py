@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from tests.support import System, read_lines_until, run
+from trustvbd.acm.audit import AuditLog
 from trustvbd.acm.commands import AUDIT_FILE
 
 sys.path.append("/usr/lib/python3/dist-packages")
@@ -150,3 +151,62 @@ def test_attached_guest_shows_state_4_and_pairing_refusal_is_audited(short_tmp: 
     refusals = [d for d in decisions if d["op"] == "channel" and d["allowed"] is False]
     assert [(d["a"], d["a_label"], d["b"], d["b_label"]) for d in refusals] == [
         ("rogue", "Rogue", "crypt-Rogue", "SystemManagement")]
+
+
+def store_pid(system: System) -> tuple[int, dict]:
+    status = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
+    (store,) = [d for d in status["domains"] if d["kind"] == "store"]
+    return store["pid"], store
+
+
+def pair(system: System, fe: int, be: int, devid: int) -> subprocess.CompletedProcess[str]:
+    """Domain 0 (the administrator) pairs a new frontend with a new backend directory."""
+    return run(["xenstore-write", f"/local/domain/{fe}/device/vbd/{devid}/backend",
+                f"/local/domain/{be}/backend/vbd/{fe}/{devid}"], env=xs_env(system), check=False)
+
+
+def test_the_store_reaches_the_acm_domain_only_by_a_brokered_channel(short_tmp: Path) -> None:
+    from tests.interop.test_privsep import probe
+
+    (short_tmp / "backing").mkdir()
+    (short_tmp / "policy.toml").write_text(POLICY)
+    system = System(short_tmp, CONFIG).start()
+    state = short_tmp / "state"
+    try:
+        pid, _ = store_pid(system)
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert not [a for a in argv if b"acm" in a], argv  # no path, no descriptor named
+        if os.getuid() == 0:  # under its own uid: the path is closed to it
+            seen = probe(pid, [], [state / "acm.sock"])
+            assert seen["connect"] == {str(state / "acm.sock"): "PermissionError"}, seen
+        homes = {xs(system, "xenstore-read", f"/local/domain/{d}/name").strip(): d
+                 for d in xs(system, "xenstore-list", "/local/domain").split()}
+        vm1, rogue = homes["vm1"], homes["rogue"]
+        crypt_p, crypt_r = homes["crypt-Payroll"], homes["crypt-Rogue"]
+
+        # The access-control domain dies: the store's channel is gone; it asks for another.
+        status = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
+        (acm,) = [d for d in status["domains"] if d["kind"] == "acm"]
+        os.kill(acm["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            status = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
+            (acm,) = [d for d in status["domains"] if d["kind"] == "acm"]
+            if acm["restarts"] == 1 and acm["state"] == "running":
+                break
+            assert time.monotonic() < deadline, acm
+            time.sleep(0.1)
+        # Pairing checks work through the new channel: allowed, and refused.
+        assert pair(system, vm1, crypt_p, 7).returncode == 0
+        refused = pair(system, rogue, crypt_r, 7)
+        assert refused.returncode != 0 and "could not write" in refused.stderr, refused
+    finally:
+        system.stop()
+    decisions = [r["fields"] for r in AuditLog.read(state / AUDIT_FILE) if r["kind"] == "decision"
+                 and r["fields"]["op"] == "channel"]
+    # The hypervisor asked before each channel it made for the store: one per start of acm.
+    grants = [d for d in decisions if d["a"] == "store" and d["b"] == "acm"]
+    assert len(grants) == 2 and all(d["allowed"] for d in grants), grants
+    late = [(d["a"], d["b"], d["allowed"]) for d in decisions
+            if d["a"] in ("vm1", "rogue") and d["b"].startswith("crypt-")]
+    assert late[-2:] == [("vm1", "crypt-Payroll", True), ("rogue", "crypt-Rogue", False)]

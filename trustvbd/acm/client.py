@@ -39,9 +39,11 @@ class AcmClient:
                  reconnect: Callable[[], Awaitable[socket.socket]] | None = None,
                  hello: dict[str, Any] | None = None) -> None:
         """Connect by `path`, or use a handed-over `sock`; `reconnect` gets a new one after
-        a loss (the encryption domain asks the hypervisor, which reaches the domain)."""
-        if (path is None) == (sock is None):
-            raise ValueError("give exactly one of path or sock")
+        a loss (the encryption domain asks the hypervisor, which reaches the domain), or the
+        first one when neither is given (the store)."""
+        if (path is not None and sock is not None) or (path is None and sock is None
+                                                       and reconnect is None):
+            raise ValueError("give one of path, sock or reconnect")
         self.path, self.sock, self.timeout, self.reconnect = path, sock, timeout, reconnect
         self.hello = hello  # {"role", "token"}: who we are, proven on every connection
         self.writer: asyncio.StreamWriter | None = None

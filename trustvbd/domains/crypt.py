@@ -30,9 +30,9 @@ from trustvbd.blocks.limits import SizeLimit
 from trustvbd.blocks.reconnect import ReplicaLink, Unreachable
 from trustvbd.blocks.space import SpaceWatch
 from trustvbd.domains import messages as m
-from trustvbd.domains.bus import StateWriter
+from trustvbd.domains.bus import NoStore, StateWriter
 from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
-from trustvbd.domains.control import ControlChannel, typed
+from trustvbd.domains.control import ControlChannel, ControlClosed, typed
 from trustvbd.domains.crypt_bus import CryptBus
 from trustvbd.domains.crypt_disks import PassphraseNeeded
 from trustvbd.domains.policy_gate import PolicyGate
@@ -322,6 +322,20 @@ class CryptDomain:
         reply, fds = await self.control.ask(m.AcmChannelQuery(), m.ChannelGranted)
         return self.granted(reply, fds)
 
+    async def store_channel(self) -> socket.socket:
+        """A new connection to the store, from the hypervisor (after the store restarted)."""
+        try:
+            reply, fds = await self.control.ask(m.StoreChannelQuery(), m.StoreConnected)
+        except ControlClosed as exc:
+            raise NoStore(str(exc)) from None
+        except m.MessageError as exc:
+            raise ConnectionError(str(exc)) from None
+        if not isinstance(reply, m.StoreConnected) or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ConnectionError(getattr(reply, "message", "no connection was handed over"))
+        return socket.socket(fileno=fds[0])
+
     async def open_disk(self, disk: Disk) -> None:
         if not disk.encrypt:
             replica = disk.replica_names[0]
@@ -389,7 +403,8 @@ class CryptDomain:
         # After the listeners: this domain's own connection to the store, then its channel to
         # the access-control domain.
         acm_fd = fds.pop()
-        self.bus = CryptBus(await StateWriter.from_fd(fds.pop() if store else None), spec.store)
+        self.bus = CryptBus(await StateWriter.from_fd(fds.pop() if store else None,
+                                                      self.store_channel), spec.store)
         self.state_dir = Path(spec.state_dir)
         self.tls_dir = Path(spec.tls_dir) if spec.tls_dir else None
         if self.state_dir_override is not None:  # reach the state directory only through the fd

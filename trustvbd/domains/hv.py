@@ -47,7 +47,8 @@ STOP_TIMEOUT = 60.0
 UNLOCK_TIMEOUT = 300.0  # scrypt per disk, then opening it (reading its leaf table)
 START_PER_TIB = 60.0  # opening reads and hashes each disk's leaf table (0.8 % of its size)
 STOP_ORDER = ["crypt", "driver", "store", "acm"]  # guests' servers first, policy last
-CRYPT_ASKS = (m.SpecQuery, m.ChannelQuery, m.AcmChannelQuery, m.Ready, m.DiskFailed, m.Integrity)
+CRYPT_ASKS = (m.SpecQuery, m.ChannelQuery, m.AcmChannelQuery, m.StoreChannelQuery, m.Ready,
+              m.DiskFailed, m.Integrity)
 
 
 def bootstrap_label(bootstrap: str | None, null: bool) -> str:
@@ -87,6 +88,7 @@ class Launcher:
         self.policy_path = str(config.policy) if config.policy else None
         self.had_passphrase = False
         self.store = StoreLink(config, self.types, bootstrap)
+        self.store.handler = typed(self.from_store, m.AcmChannelQuery)
         self.allowed: dict[tuple[str, str], bool] = {}  # check (b) at start, per guest and disk
 
     @property
@@ -134,6 +136,9 @@ class Launcher:
         if isinstance(msg, m.AcmChannelQuery):
             sock = await self.broker.acm_channel(self.broker.crypt)
             return m.ChannelGranted(""), [sock.detach()]
+        if isinstance(msg, m.StoreChannelQuery):  # after a restart of the store
+            fd = await self.store.connection_for("crypt", domain.name)
+            return m.StoreConnected(self.store.domid("crypt", domain.name)), [fd]
         if isinstance(msg, m.Ready):
             self.crypt_ready[domain.name].set()
         elif isinstance(msg, m.DiskFailed):
@@ -142,6 +147,25 @@ class Launcher:
             # (the encryption domain records it in the audit log itself)
             self.integrity_events = [*self.integrity_events[-99:], {**msg.event, "disk": msg.disk}]
         return None
+
+    async def from_store(self, msg: m.Message, fds: list[int]) -> tuple[m.Message, list[int]]:
+        """The store's channel to the access-control domain, as every domain's: made here once
+        that domain allows it (audited), handed over; asked for again after a loss."""
+        for fd in fds:
+            os.close(fd)
+        sock = await self.broker.acm_channel(Endpoint("store", self.broker.trusted_label,
+                                                      "the store"))
+        return m.ChannelGranted(""), [sock.detach()]
+
+    def store_started(self, domain: Domain) -> None:
+        if domain.restarts:
+            self.supervisor.spawn_task(self.store_restarted())
+
+    async def store_restarted(self) -> None:
+        try:
+            await self.store.restarted()
+        except (ConnectionError, OSError, TimeoutError) as exc:
+            log.error("the restarted store could not be brought up to date: %s", exc)
 
     def acm_started(self, domain: Domain) -> None:
         """After a restart of the access-control domain (it loaded the policy last loaded), the
@@ -305,7 +329,9 @@ class Launcher:
 
     async def start_store(self) -> None:
         """The store domain, domain 0's connection to it, and the replica directories."""
-        await self.supervisor.start(self.grants.store_domain(self.store))
+        store = self.grants.store_domain(self.store)
+        store.on_start = self.store_started
+        await self.supervisor.start(store)
         await self.store.connect()
         try:
             await self.store.attach_replicas()
@@ -399,7 +425,7 @@ class Launcher:
         self.grants.close()
 
     # -- what the CLI asks -----------------------------------------------------------------
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> m.HvStatus:
         return await gather_status(self)
 
     async def scrub(self, disk: str) -> m.Message:
@@ -487,5 +513,14 @@ class Launcher:
             if not channel.closed.is_set():
                 answer, _ = await channel.ask(m.PolicyChanged(), m.Rechecked)
                 closed += answer.closed if isinstance(answer, m.Rechecked) else 0
-        log.warning("policy %s loaded; %d connection(s) closed", path, closed)
-        return m.PolicyLoaded(str(summary.get("name") or Path(path).name), closed)
+        try:  # check (a) again for every pairing in the store
+            torn = await self.store.recheck()
+        except ConnectionError as exc:
+            log.error("%s", exc)
+            torn = []
+        for t in torn:
+            log.warning("the new policy forbids pairing %s with %s: torn down (%s)",
+                        t.frontend_dir, t.backend_dir, t.reason)
+        log.warning("policy %s loaded; %d connection(s) closed, %d pairing(s) torn down", path,
+                    closed, len(torn))
+        return m.PolicyLoaded(str(summary.get("name") or Path(path).name), closed, len(torn))

@@ -42,7 +42,7 @@ READ_TIMEOUT = 10.0
 class Answers(Protocol):
     """What the control socket asks of the hypervisor."""
 
-    async def status(self) -> dict[str, Any]: ...
+    async def status(self) -> HvStatus: ...
     async def policy_load(self, path: str) -> Message: ...
     async def scrub(self, disk: str) -> Message: ...
     async def unlock(self, disks: list[str], fds: list[int]) -> Message: ...
@@ -69,7 +69,7 @@ async def answer(line: bytes, fds: list[int], hv: Answers) -> dict[str, Any]:
             given, fds = fds, []
             reply = await hv.unlock(request.disks, given)  # it owns (and closes) them
         elif isinstance(request, StatusQuery):
-            reply = HvStatus(await hv.status())
+            reply = await hv.status()
         elif isinstance(request, ScrubQuery):
             reply = await hv.scrub(request.disk)
         else:

@@ -120,14 +120,16 @@ class DomainGrants:
 
     # -- the store ------------------------------------------------------------------------
     def store_domain(self, link: StoreLink) -> Domain:
-        """A user of its own, in the trusted group; it needs no file: its public socket (bound
-        here once, root's only) and channels are handed over. Its tree is in memory: if it
-        dies, everything stops."""
+        """A user of its own, in the trusted group; it opens no path: its public socket (bound
+        here once, root's only), its channels and the directory it saves its tree in
+        (STATE/store, its own) are handed over. Restarted like any domain, it goes on with
+        the tree it saved."""
         identity = sandbox.AS_LAUNCHER
         if self.privileged:
             uid = sandbox.dynamic_uid(str(self.config.state_dir), "store", "", self.uids)
             self.uids.add(uid)
             identity = sandbox.Identity(uid, uid, groups=(self.crypt_group(),), expose=self.expose)
+            link.tree_owner = uid
 
         def launch() -> Launch:
             if self.store_listener is None:
@@ -135,7 +137,7 @@ class DomainGrants:
             extra, fds = link.grant(self.store_listener.fileno())
             return Launch([*link.argv(), *extra], tuple(fds), lambda: _close(fds))
 
-        return Domain("store", "store", True, "", launch, identity=identity, fatal=True)
+        return Domain("store", "store", True, "", launch, identity=identity)
 
     # -- drivers ------------------------------------------------------------------------
     def driver_domain(self, name: str, handler: Handler,

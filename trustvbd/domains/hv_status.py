@@ -16,12 +16,12 @@ if TYPE_CHECKING:
     from trustvbd.domains.hv import Launcher
 
 CRYPT_STATUS_TIMEOUT = 10.0
+COUNTERS = ("memory", "memory_peak", "decisions_waited")  # summed over encryption domains
 
 
-async def gather_status(hv: Launcher) -> dict[str, Any]:
+async def gather_status(hv: Launcher) -> m.HvStatus:
     c = hv.config
-    me = {"name": "hv", "kind": "hv", "trusted": True, "pid": os.getpid(), "label": "",
-          "state": "running", "restarts": 0, "last_exit": None, "next_retry": None}
+    me = m.DomainStatus("hv", "hv", True, "", os.getpid(), "running", 0, None, None)
     disks: list[dict[str, Any]] = []
     workers: list[int] = []
     aead_restarts = 0
@@ -39,27 +39,26 @@ async def gather_status(hv: Launcher) -> dict[str, Any]:
             aead_restarts += crypt.aead_restarts
             for g in crypt.guests:  # a guest may reach several encryption domains
                 into = per_guest.setdefault(str(g.get("name")), {"connections": []})
-                for key, value in g.items():
-                    if key == "connections":
-                        into["connections"] += value
-                    elif isinstance(value, int) and key != "name":
-                        into[key] = into.get(key, 0) + value
+                into["connections"] += g.get("connections") or []
+                for key in COUNTERS:
+                    if type(g.get(key)) is int:
+                        into[key] = into.get(key, 0) + g[key]
     order = list(c.disks)
-    return {
-        "pid": os.getpid(),
-        "state_dir": str(c.state_dir),
-        "config": str(c.path),
-        "policy": hv.policy_path,
-        "uptime": round(time.time() - hv.started, 1),
-        "domains": [me, *hv.supervisor.status()],
-        "disks": sorted(disks, key=lambda d: order.index(d["name"]) if d["name"] in order else 0),
-        "aead_workers": workers,
-        "aead_restarts": aead_restarts,
-        "guests": [{"name": g.name, "label": g.label, "socket": str(c.guest_socket(g.name)),
-                    "connections": [], **per_guest.get(g.name, {}),
-                    "sockets": {gs.wtype: str(gs.path) for gs, s in hv.listeners
-                                if gs.guest == g.name and s.family == socket.AF_UNIX}}
-                   for g in c.guests.values()],
-        "integrity_events": hv.integrity_events[-20:],
-        "attachments": await hv.store.status(),  # XenBus states, read from the store
-    }
+    return m.HvStatus(
+        pid=os.getpid(),
+        state_dir=str(c.state_dir),
+        config=str(c.path),
+        policy=hv.policy_path,
+        uptime=round(time.time() - hv.started, 1),
+        domains=[me, *(m.DomainStatus(**d) for d in hv.supervisor.status())],
+        disks=sorted(disks, key=lambda d: order.index(d["name"]) if d["name"] in order else 0),
+        aead_workers=workers,
+        aead_restarts=aead_restarts,
+        guests=[m.GuestStatus(
+            name=g.name, label=g.label, socket=str(c.guest_socket(g.name)),
+            sockets={gs.wtype: str(gs.path) for gs, s in hv.listeners
+                     if gs.guest == g.name and s.family == socket.AF_UNIX},
+            **per_guest.get(g.name, {"connections": []})) for g in c.guests.values()],
+        integrity_events=hv.integrity_events[-20:],
+        attachments=await hv.store.status(),  # XenBus states, read from the store
+    )

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 from trustvbd.config import Config
-from trustvbd.domains.control import ControlChannel, socket_pair
+from trustvbd.domains import messages as m
+from trustvbd.domains.control import ControlChannel, ControlClosed, Handler, socket_pair
 from trustvbd.domains.placement import file_safe
 from trustvbd.xenstore.client import XsClient
 from trustvbd.xenstore.pairing import backend_dir, frontend_dir
@@ -78,7 +78,11 @@ class StoreLink:
             self.domains[("guest", guest.name)] = (len(self.domains) + 1, guest.label)
         self.attachments: list[Attachment] = []
         self.channel: ControlChannel | None = None
+        self.handler: Handler | None = None  # what the store may ask the launcher
         self.client: XsClient | None = None
+        self.launches = 0
+        self.tree_owner: int | None = None  # the store's uid, when it runs under its own
+        self.driver_states: dict[str, State] = {}  # backend dir -> what the launcher wrote
 
     def domid(self, kind: str, name: str) -> int:
         return self.domains[(kind, name)][0]
@@ -88,30 +92,49 @@ class StoreLink:
                 "--socket", str(self.config.store_socket)]
 
     def grant(self, listener_fd: int) -> tuple[list[str], list[int]]:
-        """At each start: the public socket the launcher bound, a new control channel, and a
-        connection to the access-control domain: the store reaches nothing by a path."""
+        """At each start: the public socket the launcher bound, a new control channel, and the
+        directory it keeps its tree in. It reaches nothing by a path: its channel to the
+        access-control domain it asks for on that control channel (AcmChannelQuery)."""
         if self.channel is not None:
             self.channel.close()
-        acm = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            acm.connect(str(self.config.acm_socket))
-        except OSError:
-            acm.close()
-            raise
+        tree_dir = self.config.state_dir / "store"
+        if self.launches == 0:  # every `up` starts with a new tree, as a Xen host boots
+            tree_dir.mkdir(mode=0o700, exist_ok=True)
+            for name in ("tree.json", "tree.json.new"):
+                (tree_dir / name).unlink(missing_ok=True)
+            if self.tree_owner is not None:
+                os.chown(tree_dir, self.tree_owner, self.tree_owner)
+        self.launches += 1
+        dir_fd = os.open(tree_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         ours, theirs = socket_pair()
-        self.channel = ControlChannel(ours, None, "store")
+        self.channel = ControlChannel(ours, self.handler, "store")
         self.channel.start()
-        fds = [os.dup(listener_fd), theirs.detach(), acm.detach()]
-        return ["--listen-fd", str(fds[0]), "--control-fd", str(fds[1]), "--acm-fd", str(fds[2])], fds
+        fds = [os.dup(listener_fd), theirs.detach(), dir_fd]
+        return ["--listen-fd", str(fds[0]), "--control-fd", str(fds[1]),
+                "--tree-dir-fd", str(fds[2])], fds
 
     async def connect(self) -> None:
         """Connect as domain 0 and introduce every domain (none of them gets a connection yet)."""
         self.client = await XsClient.connect(str(self.config.store_socket))
         for (kind, name), (domid, label) in self.domains.items():
-            await self._control({"op": "introduce", "domid": domid, "name": name, "label": label})
+            await self._ask(m.StoreIntroduce(domid, name, label))
             home = f"/local/domain/{domid}"
             await self.client.write(f"{home}/name", name)
             await self.client.write(f"{home}/kind", kind)
+
+    async def restarted(self) -> None:
+        """The store was restarted (its tree is the one it saved): connect again, introduce
+        every domain under its current label, and write again what this launcher keeps
+        (the drivers' states), which may have changed while it was down."""
+        if self.client is not None:
+            await self.client.close()
+        self.client = await XsClient.connect(str(self.config.store_socket))
+        for (_, name), (domid, label) in self.domains.items():
+            await self._ask(m.StoreIntroduce(domid, name, label))
+        for directory, state in list(self.driver_states.items()):
+            await self.client.write(f"{directory}/state", str(int(state)))
+        log.warning("store restarted: %d domains introduced again, %d driver states written",
+                    len(self.domains), len(self.driver_states))
 
     async def relabel_crypt(self, label: str) -> None:
         """A new policy's bootstrap label: later pairings check the encryption domains under it."""
@@ -119,22 +142,39 @@ class StoreLink:
             if kind == "crypt":
                 self.domains[(kind, name)] = (domid, label)
                 if self.channel is not None and not self.channel.closed.is_set():
-                    await self._control({"op": "introduce", "domid": domid, "name": name, "label": label})
+                    await self._ask(m.StoreIntroduce(domid, name, label))
 
-    async def _control(self, request: dict[str, Any]) -> list[int]:
-        assert self.channel is not None
-        reply, fds = await self.channel.request(request, timeout=10)
-        if not reply.get("ok"):
+    async def recheck(self) -> list[m.TornDown]:
+        """After a policy load: every pairing asked again; those now forbidden, torn down."""
+        if self.channel is None or self.channel.closed.is_set():
+            raise ConnectionError("the store is not running (restarting?): its pairings were"
+                                  " not checked against the new policy")
+        reply, _ = await self._ask(m.RecheckPairings(), m.PairingsRechecked, timeout=60)
+        assert isinstance(reply, m.PairingsRechecked)
+        return reply.torn_down
+
+    async def _ask(self, request: m.Message, *expected: type[m.Message],
+                   timeout: float = 10) -> tuple[m.Message, list[int]]:
+        if self.channel is None:
+            raise ConnectionError("store: not started")
+        try:
+            reply, fds = await self.channel.ask(request, *(expected or (m.Done,)),
+                                                timeout=timeout)
+        except ControlClosed as exc:
+            raise ConnectionError(f"store: {exc}") from None
+        if isinstance(reply, m.Failed):
             for fd in fds:
                 os.close(fd)
-            raise ConnectionError(f"store: {reply.get('error')}")
-        return fds
+            raise ConnectionError(f"store: {reply.message}")
+        return reply, fds
 
     async def connection_for(self, kind: str, name: str) -> int:
         """A new connection to the store as this domain: a file descriptor to hand over."""
         domid, label = self.domains[(kind, name)]
-        fds = await self._control({"op": "connect", "domid": domid, "name": name, "label": label})
+        _, fds = await self._ask(m.StoreConnect(domid, name, label), m.StoreConnected)
         if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
             raise ConnectionError("store: no connection came back")
         return fds[0]
 
@@ -201,6 +241,7 @@ class StoreLink:
             return
         for att in self._of("replica"):
             if att.backend == driver and (disk is None or att.disk == disk):
+                self.driver_states[att.backend_dir] = state
                 try:
                     await self.client.write(f"{att.backend_dir}/state", str(int(state)))
                 except (XsError, ConnectionError, TimeoutError) as exc:
@@ -218,19 +259,18 @@ class StoreLink:
         return {"domid": self.domid("crypt", crypt), "guests": guests, "replicas": replicas}
 
     # -- status ----------------------------------------------------------------------
-    async def status(self) -> list[dict[str, Any]]:
+    async def status(self) -> list[m.AttachmentStatus]:
         out = []
         for a in self.attachments:
-            entry: dict[str, Any] = {"kind": a.kind, "frontend": a.frontend, "backend": a.backend,
-                                     "disk": a.disk, "frontend_dir": a.frontend_dir,
-                                     "backend_dir": a.backend_dir}
-            for side, directory in (("frontend_state", a.frontend_dir), ("backend_state", a.backend_dir)):
+            states = []
+            for directory in (a.frontend_dir, a.backend_dir):
                 try:
                     assert self.client is not None
-                    entry[side] = int(parse_state(await self.client.read(f"{directory}/state")))
+                    states.append(int(parse_state(await self.client.read(f"{directory}/state"))))
                 except (XsError, ConnectionError, TimeoutError, AssertionError):
-                    entry[side] = int(State.UNKNOWN)
-            out.append(entry)
+                    states.append(int(State.UNKNOWN))
+            out.append(m.AttachmentStatus(a.kind, a.frontend, a.backend, a.disk, a.frontend_dir,
+                                          a.backend_dir, *states))
         return out
 
     async def close(self) -> None:

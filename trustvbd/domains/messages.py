@@ -271,6 +271,12 @@ class AcmChannelQuery(Message):
     """A (new) channel to the access-control domain; granted with its fd, or Failed."""
 
 
+@message("store-channel?")
+class StoreChannelQuery(Message):
+    """A (new) connection to the store, after a restart of it; granted as StoreConnected
+    with its fd, or Failed."""
+
+
 @message("domain-channel?")
 class DomainChannelQuery(Message):
     """Any domain's request for a channel to another domain (check: STE shares a type)."""
@@ -320,10 +326,115 @@ class Unlocked(Message):
     failed: dict[str, str]  # unlocked, but opening failed for another reason (the message)
 
 
+# -- hypervisor <-> store (domains/store.py, domains/hv_store.py) -------------------------
+@message("store-introduce")
+class StoreIntroduce(Message):
+    """A domain that speaks no XenStore itself (a guest, a peer's server): its home, and
+    the name and label pairings are checked under."""
+
+    domid: int
+    name: str
+    label: str
+
+
+@message("store-connect")
+class StoreConnect(Message):
+    """As StoreIntroduce, and a connection of its own: granted as StoreConnected + its fd."""
+
+    domid: int
+    name: str
+    label: str
+
+
+@message("store-connected")
+class StoreConnected(Message):
+    domid: int
+
+
+@message("store-release")
+class StoreRelease(Message):
+    domid: int
+
+
+@message("recheck-pairings")
+class RecheckPairings(Message):
+    """A new policy is loaded: ask again for every frontend/backend pairing in the tree."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TornDown:
+    frontend_dir: str
+    backend_dir: str
+    reason: str
+
+
+@message("pairings-rechecked")
+class PairingsRechecked(Message):
+    kept: int
+    torn_down: list[TornDown]
+
+
 # -- the CLI -> hypervisor --------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DomainStatus:
+    name: str
+    kind: str  # "hv" | "acm" | "store" | "crypt" | "driver"
+    trusted: bool
+    label: str
+    pid: int | None
+    state: str
+    restarts: int
+    last_exit: str | None
+    next_retry: float | None  # seconds to the next start, when restarting
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestStatus:
+    name: str
+    label: str
+    socket: str
+    sockets: dict[str, str]  # workload type -> the guest's socket for it
+    connections: list[dict[str, Any]]  # as its encryption domains report them
+    memory: int | None = None  # held for it in encryption domains (None: none reported)
+    memory_peak: int | None = None
+    decisions_waited: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AttachmentStatus:
+    kind: str  # "guest" | "replica"
+    frontend: str
+    backend: str
+    disk: str
+    frontend_dir: str
+    backend_dir: str
+    frontend_state: int  # XenBus state read from the store (0: unknown)
+    backend_state: int
+
+
 @message("hv-status")
 class HvStatus(Message):
-    status: dict[str, Any]
+    """`trustvbd status`. Disks and integrity events are as the encryption domains report
+    them (CryptStatus)."""
+
+    pid: int
+    state_dir: str
+    config: str
+    policy: str | None
+    uptime: float
+    domains: list[DomainStatus]
+    disks: list[dict[str, Any]]
+    aead_workers: list[int]
+    aead_restarts: int
+    guests: list[GuestStatus]
+    integrity_events: list[dict[str, Any]]
+    attachments: list[AttachmentStatus]
+
+    def plain(self) -> dict[str, Any]:
+        """As `status --json` prints it: the fields, without the message type."""
+        out = self.encode()
+        del out["type"]
+        return out
 
 
 @message("policy-load")
@@ -335,6 +446,7 @@ class PolicyLoad(Message):
 class PolicyLoaded(Message):
     name: str
     closed: int
+    torn_down: int = 0  # frontend/backend pairings in the store the new policy forbids
 
 
 def error_code(exc: BaseException) -> ErrorCode:

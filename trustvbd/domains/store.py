@@ -5,19 +5,26 @@ Two ways in, as with Xen's xenstored:
 - The public socket (`--socket PATH`, mode 0600), for the administrator and
   xenstore-utils (`XENSTORED_PATH=PATH xenstore-ls /`). A client whose SO_PEERCRED
   uid is 0, or the store's own uid, is domain 0 (privileged); anyone else is hung up on.
-- A connection per domain, handed over by the launcher: over the control channel
-  (`--control-fd`, one JSON packet per message, as every domain's) it sends
-  `{"op": "connect", "domid": N, "name": ..., "label": ...}`. The store gives domain N
-  its home /local/domain/N, fires @introduceDomain, makes a socket pair, serves one
-  end as domain N and returns the other end (SCM_RIGHTS) for the launcher to give to
-  that domain. `"op": "introduce"` does the same without a connection, for domains
-  that speak no XenStore (guests, NBD servers run by others); `{"op": "release",
-  "domid": N}` fires @releaseDomain.
+- A connection per domain, handed over by the launcher. Over the control channel
+  (`--control-fd`, typed messages of domains/messages.py) it sends StoreConnect
+  (domain id, name, label): the store gives domain N its home /local/domain/N, fires
+  @introduceDomain, makes a socket pair, serves one end as domain N and returns the
+  other (SCM_RIGHTS) for the launcher to give to that domain. StoreIntroduce does the
+  same without a connection, for domains that speak no XenStore (guests, NBD servers
+  run by others); StoreRelease fires @releaseDomain; RecheckPairings (after a policy
+  load) asks again for every pairing and tears down those now forbidden.
 
 Check (a): a write pairing a frontend with a backend directory waits for the
-access-control domain (`--acm-socket`): the two domains' labels must share an STE
-type; every decision, refusals included, lands in its audit log. Without
-`--acm-socket` (a store run alone for tests) pairings are allowed, with a warning.
+access-control domain: the two domains' labels must share an STE type; every
+decision, refusals included, lands in its audit log. Under the launcher the store
+reaches that domain by no path: it asks the launcher for a channel (AcmChannelQuery),
+which the launcher opens once the access-control domain allows it, and asks again
+after a loss. Run alone, `--acm-socket` names one; without it pairings are allowed,
+with a warning.
+
+With `--tree-dir-fd` the store keeps its state in that directory (`tree.json`, see
+xenstore/snapshot.py), written before any reply that depends on it goes out, and
+starts from it when it is there: a store the launcher restarts goes on with the tree.
 """
 
 from __future__ import annotations
@@ -31,25 +38,68 @@ import signal
 import socket
 import struct
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
 from trustvbd.acm.client import AcmClient
+from trustvbd.domains import messages as m
 from trustvbd.domains.common import die_with_parent, ready, setup_logging
-from trustvbd.domains.control import ControlChannel
+from trustvbd.domains.control import ControlChannel, ControlClosed, typed
+from trustvbd.xenstore import snapshot
 from trustvbd.xenstore.core import PairQuestion, Session, Store
+from trustvbd.xenstore.pairing import Pairing
 
 log = logging.getLogger("trustvbd.store")
 UNLABELED = "__UNLABELED__"
+TREE_FILE = "tree.json"
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
+CONTROL_ASKS = (m.StoreIntroduce, m.StoreConnect, m.StoreRelease, m.RecheckPairings)
+
+
+class TreeFile:
+    """The store's state in a directory (an open descriptor): replaced whole by a rename,
+    so a store killed at any instant leaves the last complete tree."""
+
+    def __init__(self, dir_fd: int) -> None:
+        self.dir_fd = dir_fd
+        self.failed = False
+
+    def read(self) -> bytes | None:
+        try:
+            fd = os.open(TREE_FILE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        except FileNotFoundError:
+            return None
+        with open(fd, "rb") as f:
+            return f.read()
+
+    def write(self, data: bytes) -> None:
+        tmp = TREE_FILE + ".new"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600,
+                         dir_fd=self.dir_fd)
+            with open(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, TREE_FILE, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+            if self.failed:
+                log.warning("the tree is saved again")
+            self.failed = False
+        except OSError as exc:  # keep serving; only a restart would lose the newest changes
+            if not self.failed:
+                log.error("cannot save the tree (a restarted store would miss the newest"
+                          " changes): %s", exc)
+            self.failed = True
 
 
 class StoreDomain:
-    def __init__(self, store: Store, acm: AcmClient | None) -> None:
-        self.store, self.acm = store, acm
+    def __init__(self, store: Store, acm: AcmClient | None, tree_file: TreeFile | None = None,
+                 domains: snapshot.Domains | None = None) -> None:
+        self.store, self.acm, self.tree_file = store, acm, tree_file
         store.ask_pairings = True
-        self.domains: dict[int, tuple[str, str]] = {}  # domid -> name, label
+        self.domains: snapshot.Domains = domains or {}  # domid -> name, label
         self.writers: dict[Session, asyncio.StreamWriter] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.saved = store.revision
+        self.channel: ControlChannel | None = None
 
     # -- connections -----------------------------------------------------------------
     async def public_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -81,7 +131,9 @@ class StoreDomain:
             writer.close()
 
     def pump(self) -> None:
-        """Send every session what the last request made for it; start asking questions."""
+        """Save what changed, then send every session what the last request made for it
+        (so no reply speaks of a change a restart would lose); start asking questions."""
+        self.save()
         for session, writer in list(self.writers.items()):
             out = session.data_to_send()
             if out and not writer.is_closing():
@@ -91,52 +143,97 @@ class StoreDomain:
             if session.closed:
                 writer.close()  # after what is buffered: the peer may still read why
         for question in self.store.take_questions():
-            task = asyncio.get_running_loop().create_task(self.ask(question))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self.spawn(self.ask(question))
+
+    def save(self) -> None:
+        if self.tree_file is not None and self.store.revision != self.saved:
+            self.tree_file.write(snapshot.dump(self.store, self.domains))
+            self.saved = self.store.revision
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- check (a) ---------------------------------------------------------------------
+    async def decide(self, p: Pairing) -> tuple[bool, str]:
+        """May these two domains be paired (STE)? Fails closed."""
+        if self.acm is None:
+            return True, "no access-control domain"
+        fe_name, fe_label = self.domains.get(p.frontend_domid, (f"domain {p.frontend_domid}", UNLABELED))
+        be_name, be_label = self.domains.get(p.backend_domid, (f"domain {p.backend_domid}", UNLABELED))
+        decision = await self.acm.channel(fe_name, fe_label, be_name, be_label)
+        return decision.allowed, decision.reason
 
     async def ask(self, question: PairQuestion) -> None:
         p = question.pairing
-        allowed = True
-        if self.acm is not None:
-            fe_name, fe_label = self.domains.get(p.frontend_domid, (f"domain {p.frontend_domid}", UNLABELED))
-            be_name, be_label = self.domains.get(p.backend_domid, (f"domain {p.backend_domid}", UNLABELED))
-            decision = await self.acm.channel(fe_name, fe_label, be_name, be_label)
-            allowed = decision.allowed
-            if not allowed:
-                log.warning("pairing %s with %s refused: %s", p.frontend_dir, p.backend_dir,
-                            decision.reason)
+        try:
+            allowed, reason = await self.decide(p)
+        except Exception as exc:  # never leave a writer parked
+            log.exception("pairing %s with %s: no decision", p.frontend_dir, p.backend_dir)
+            allowed, reason = False, str(exc)
+        if not allowed:
+            log.warning("pairing %s with %s refused: %s", p.frontend_dir, p.backend_dir, reason)
         self.store.answer(question, allowed)
         self.pump()
 
+    async def recheck(self) -> m.PairingsRechecked:
+        """Every pairing in the tree, asked again (after a policy load); those refused now are
+        torn down: both ends Closing then Closed, the directories no longer theirs to write."""
+        kept, torn = 0, []
+        for p in self.store.pairings():
+            allowed, reason = await self.decide(p)
+            if allowed:
+                kept += 1
+                continue
+            log.warning("pairing %s with %s is forbidden by the new policy; tearing it down: %s",
+                        p.frontend_dir, p.backend_dir, reason)
+            self.store.tear_down(p)
+            torn.append(m.TornDown(p.frontend_dir, p.backend_dir, reason))
+            self.pump()
+        return m.PairingsRechecked(kept, torn)
+
+    async def acm_channel(self) -> socket.socket:
+        """A (new) channel to the access-control domain, from the launcher."""
+        if self.channel is None:
+            raise ConnectionError("no launcher to ask for a channel to the access-control domain")
+        try:
+            reply, fds = await self.channel.ask(m.AcmChannelQuery(), m.ChannelGranted, timeout=10)
+        except (ControlClosed, TimeoutError, m.MessageError) as exc:
+            raise ConnectionError(f"the launcher gave no channel: {exc}") from None
+        if not isinstance(reply, m.ChannelGranted) or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ConnectionError(getattr(reply, "message", "no channel was handed over"))
+        return socket.socket(fileno=fds[0])
+
     # -- the launcher's requests -----------------------------------------------------
-    async def control(self, message: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    async def control(self, msg: m.Message, fds: list[int]) -> tuple[m.Message, list[int]]:
         for fd in fds:
             os.close(fd)
-        op, domid = message.get("op"), message.get("domid")
-        if not isinstance(domid, int) or not 0 < domid <= 0xFFFF:
-            return {"ok": False, "error": f"domid must be an integer 1..65535, not {domid!r}"}, []
-        if op in ("introduce", "connect"):
-            self.domains[domid] = (str(message.get("name") or f"domain {domid}"),
-                                   str(message.get("label") or UNLABELED))
-            if domid not in self.store.introduced:
-                self.store.add_domain(domid)
-            if op == "introduce":  # a domain that speaks no XenStore itself (a guest, a peer server)
-                self.pump()
-                return {"ok": True}, []
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            reader, writer = await asyncio.open_unix_connection(sock=ours)
-            session = self.store.connect(domid, False, self.domains[domid][0])
-            task = asyncio.get_running_loop().create_task(self.serve(reader, writer, session))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+        if isinstance(msg, m.RecheckPairings):
+            return await self.recheck(), []
+        assert isinstance(msg, m.StoreIntroduce | m.StoreConnect | m.StoreRelease)
+        if not 0 < msg.domid <= 0xFFFF:
+            raise ValueError(f"{msg.TYPE}: domid must be 1..65535, not {msg.domid}")
+        if isinstance(msg, m.StoreRelease):
+            self.store.release_domain(msg.domid)
             self.pump()
-            return {"ok": True}, [theirs.detach()]
-        if op == "release":
-            self.store.release_domain(domid)
+            return m.Done(), []
+        if self.domains.get(msg.domid) != (msg.name, msg.label):
+            self.domains[msg.domid] = (msg.name, msg.label)
+            self.store.revision += 1  # names and labels are saved too
+        if msg.domid not in self.store.introduced:
+            self.store.add_domain(msg.domid)
+        if isinstance(msg, m.StoreIntroduce):  # speaks no XenStore itself (a guest, a peer server)
             self.pump()
-            return {"ok": True}, []
-        return {"ok": False, "error": f"unknown op {op!r}"}, []
+            return m.Done(), []
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        session = self.store.connect(msg.domid, False, msg.name)
+        self.spawn(self.serve(reader, writer, session))
+        self.pump()
+        return m.StoreConnected(msg.domid), [theirs.detach()]
 
 
 def listen(path: str) -> socket.socket:
@@ -149,15 +246,34 @@ def listen(path: str) -> socket.socket:
     return sock
 
 
+def restored(tree_file: TreeFile | None) -> tuple[Store, snapshot.Domains]:
+    """The tree saved by a store before us (restarted by the launcher), else a new one."""
+    data = tree_file.read() if tree_file is not None else None
+    if data is None:
+        return Store(), {}
+    try:
+        store, domains = snapshot.load(data)
+    except snapshot.SnapshotError as exc:
+        raise SystemExit(f"trustvbd store: the saved tree ({TREE_FILE} in the store's"
+                         f" directory) is {exc}; `trustvbd up` starts a new one") from None
+    log.warning("restarted: %d nodes and %d domains restored from the saved tree",
+                len(store.tree.nodes), len(domains))
+    return store, domains
+
+
 async def serve(args: argparse.Namespace) -> int:
+    tree_file = TreeFile(args.tree_dir_fd) if args.tree_dir_fd is not None else None
+    store, domains = restored(tree_file)
     acm = None
-    if args.acm_fd is not None:  # a connection the launcher made (it survives no acm restart)
-        acm = AcmClient(sock=socket.socket(fileno=args.acm_fd))
+    domain = StoreDomain(store, None, tree_file, domains)
+    if args.control_fd is not None:
+        # Under the launcher: channels to the access-control domain come from it, on demand.
+        acm = AcmClient(reconnect=domain.acm_channel)
     elif args.acm_socket:
         acm = AcmClient(args.acm_socket)
-    if acm is None:
+    else:
         log.warning("no access-control domain: every frontend/backend pairing is allowed")
-    domain = StoreDomain(Store(), acm)
+    domain.acm = acm
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -169,7 +285,9 @@ async def serve(args: argparse.Namespace) -> int:
     server = await asyncio.start_unix_server(domain.public_client, sock=sock)
     channel = None
     if args.control_fd is not None:
-        channel = ControlChannel(socket.socket(fileno=args.control_fd), domain.control, "hv")
+        channel = ControlChannel(socket.socket(fileno=args.control_fd),
+                                 typed(domain.control, *CONTROL_ASKS), "hv")
+        domain.channel = channel
         channel.start()
     ready(args.ready_fd)
     if args.ready_fd is None:
@@ -194,15 +312,15 @@ async def serve(args: argparse.Namespace) -> int:
 def build_parser(prog: str = "python -m trustvbd.domains.store") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Serve the XenStore protocol.")
     parser.add_argument("--socket", required=True, help="public Unix socket (domain 0 clients)")
-    parser.add_argument("--acm-socket", help="access-control domain socket, for pairing checks")
-    parser.add_argument("--acm-fd", type=int, help="an open connection to the access-control domain")
+    parser.add_argument("--acm-socket", help="access-control domain socket, for pairing checks"
+                        " (a store run alone; under the launcher channels come from it)")
     parser.add_argument("--listen-fd", type=int, help="serve this listening socket (bound by the"
                         " launcher at --socket) instead of binding --socket")
     parser.add_argument("--control-fd", type=int, help="control channel from the launcher")
+    parser.add_argument("--tree-dir-fd", type=int, help="a directory to keep the tree in")
     parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--supervised", action="store_true", help="die with the launcher")
     return parser
-
 
 def run(args: argparse.Namespace) -> int:
     setup_logging("store")

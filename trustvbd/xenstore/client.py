@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import socket
+from collections.abc import Callable
 
 from trustvbd.xenstore.wire import Decoder, Message, Op, ProtocolViolation, XsError, encode
 
@@ -51,6 +52,10 @@ class XsClient:
                 if not future.done():
                     future.set_exception(XsClosed("the store closed the connection"))
             self._pending.clear()
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the connection is gone (at once if it is)."""
+        self._task.add_done_callback(lambda _: callback())
 
     async def request(self, op: Op, payload: bytes, tx: int = 0, timeout: float = 10.0) -> bytes:
         if self._task.done():

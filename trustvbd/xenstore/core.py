@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from trustvbd.xenstore import paths
-from trustvbd.xenstore.pairing import Pairing, pairing_of
+from trustvbd.xenstore.pairing import Pairing, pairing_of, pairings_in
 from trustvbd.xenstore.perms import Access, Acl, Caller
 from trustvbd.xenstore.quotas import Quotas
 from trustvbd.xenstore.transactions import Transaction
@@ -47,6 +47,9 @@ INPUT_BACKLOG = 64 * 1024  # unread request bytes kept while a session waits for
 _TREE_OPS = {Op.READ, Op.WRITE, Op.MKDIR, Op.RM, Op.DIRECTORY, Op.DIRECTORY_PART, Op.GET_PERMS,
              Op.SET_PERMS}
 _PRIVILEGED_OPS = {Op.INTRODUCE, Op.RELEASE, Op.RESUME, Op.SET_TARGET, Op.CONTROL}
+# Requests that may change what a snapshot (xenstore/snapshot.py) holds.
+_CHANGING_OPS = {Op.WRITE, Op.MKDIR, Op.RM, Op.SET_PERMS, Op.TRANSACTION_END, Op.INTRODUCE,
+                 Op.RELEASE, Op.SET_TARGET}
 
 
 @dataclass
@@ -123,6 +126,8 @@ class Store:
         self.sessions: list[Session] = []
         self.introduced: set[int] = {0}
         self.targets: dict[int, int] = {}
+        self.revoked: set[tuple[str, str]] = set()  # torn-down pairings: frontend, backend dir
+        self.revision = 0  # goes up with (possible) changes: the shell saves when it moved
         self.ask_pairings = ask_pairings
         self._questions: list[PairQuestion] = []
         self._tx_ids = itertools.count(1)
@@ -157,6 +162,7 @@ class Store:
         fire @introduceDomain: what Xen's toolstack and INTRODUCE do together."""
         home = paths.domain_path(domid)
         dom0 = Caller(0, True)
+        self.revision += 1
         self.tree.mkdir(dom0, home)
         self.tree.set_perms(dom0, home, Acl(((domid, Access.NONE),)))
         self.introduced.add(domid)
@@ -164,9 +170,39 @@ class Store:
         self.tree.events.clear()
 
     def release_domain(self, domid: int) -> None:
+        self.revision += 1
         self.introduced.discard(domid)
         self.targets.pop(domid, None)
         self._fire([Change("@releaseDomain", None)])
+
+    def pairings(self) -> list[Pairing]:
+        """Every frontend/backend pairing in the tree that is not torn down."""
+        found = pairings_in((path, node.value) for path, node in self.tree.nodes.items())
+        return [p for p in found if (p.frontend_dir, p.backend_dir) not in self.revoked]
+
+    def tear_down(self, pairing: Pairing) -> None:
+        """A pairing the policy no longer allows: both ends Closing, then Closed (watchers
+        see both), and both directories taken from their domains (domain 0's, readable by
+        both ends), so neither can write itself Connected again."""
+        dom0 = Caller(0, True)
+        self.revision += 1
+        self.revoked.add((pairing.frontend_dir, pairing.backend_dir))
+        dirs = [d for d in (pairing.frontend_dir, pairing.backend_dir) if d in self.tree.nodes]
+        for state in (b"5", b"6"):
+            for d in dirs:
+                self.tree.write(dom0, f"{d}/state", state)
+        locked = Acl(((0, Access.NONE), (pairing.frontend_domid, Access.READ),
+                      (pairing.backend_domid, Access.READ)))
+        for d in dirs:
+            stack = [d]
+            while stack:
+                path = stack.pop()
+                node = self.tree.nodes[path]
+                self.tree.set_perms(dom0, path, locked)
+                stack.extend(paths.join(path, c) for c in node.children)
+        self.tree.changed.clear()
+        events, self.tree.events = self.tree.events, []
+        self._fire(events)
 
     def take_questions(self) -> list[PairQuestion]:
         out, self._questions = self._questions, []
@@ -190,6 +226,8 @@ class Store:
     # -- dispatch --------------------------------------------------------------------
     def handle(self, session: Session, msg: Message) -> None:
         tree = self.tree
+        if msg.op in _CHANGING_OPS:
+            self.revision += 1
         try:
             handler = self._handlers.get(msg.op)
             if handler is None:

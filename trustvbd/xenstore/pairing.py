@@ -10,6 +10,7 @@ is the pairing, and the store lets the access-control domain decide it (check (a
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from trustvbd.xenstore.wire import XsError
@@ -49,3 +50,19 @@ def pairing_of(path: str, value: bytes) -> Pairing | None:
             raise XsError("EINVAL", f"{path} must name {frontend_dir(int(be[3]), be[2], int(be[4]))}")
         return Pairing(int(be[3]), int(be[1]), other[0], head)
     return None
+
+
+def pairings_in(keys: Iterable[tuple[str, bytes]]) -> list[Pairing]:
+    """Every pairing made by the `backend` and `frontend` keys among (path, value), once
+    each, in order; keys whose value pairs nothing (or wrongly) are skipped."""
+    found: dict[tuple[str, str], Pairing] = {}
+    for path, value in keys:
+        if not path.endswith(("/backend", "/frontend")):
+            continue
+        try:
+            pairing = pairing_of(path, value)
+        except XsError:
+            continue
+        if pairing is not None:
+            found.setdefault((pairing.frontend_dir, pairing.backend_dir), pairing)
+    return list(found.values())
