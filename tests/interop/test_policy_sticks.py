@@ -181,3 +181,36 @@ def test_a_restarted_acm_decides_no_attachment_before_every_crypt_domain_restore
         assert time.monotonic() < deadline, "the Payroll attachment was not released"
         time.sleep(0.2)
     s.stop()
+
+
+@pytest.mark.interop
+def test_after_the_wait_a_late_crypt_domain_closes_what_it_cannot_restore(short_tmp: Path) -> None:
+    """The wait is bounded: a hung Payroll domain does not block Bank for ever. When it comes
+    back, its Payroll attachment cannot be restored across the running Bank, so it closes
+    that connection rather than leave both sides of the conflict set running."""
+    s = start(short_tmp, env={"TRUSTVBD_ACM_RESTORE_WAIT": "1"})
+    nbd = clients.libnbd()
+    payroll = nbd.NBD()
+    payroll.connect_uri(uri(s, "vm1", "payroll"))
+    slow = crypt_pid(s, "Payroll")
+    os.kill(slow, signal.SIGSTOP)
+    try:
+        kill_acm_and_wait(s)
+        deadline = time.monotonic() + 30
+        while (result := qemu_io(uri(s, "vm2", "bank")))[0] != 0:  # in, once the wait is over
+            assert "acm-restoring" in result[1] and time.monotonic() < deadline, result[1]
+        bank = nbd.NBD()
+        bank.connect_uri(uri(s, "vm2", "bank"))  # Bank runs now
+    finally:
+        os.kill(slow, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while True:  # the Payroll domain restores, is refused, and closes its Payroll connection
+        try:
+            payroll.pread(4096, 0)
+        except nbd.Error:
+            break
+        assert time.monotonic() < deadline, "Payroll and Bank both run after the restore"
+        time.sleep(0.2)
+    assert bank.pread(4096, 0) == bytes(4096)
+    bank.shutdown()
+    s.stop()

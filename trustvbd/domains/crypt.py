@@ -23,6 +23,7 @@ from typing import Any
 
 from trustvbd.acm.audit import compact_fields
 from trustvbd.acm.client import AcmClient
+from trustvbd.acm.decisions import Decision
 from trustvbd.blockdev import Backend, BlockError, HasEpoch
 from trustvbd.blocks.aead_pool import AeadPool, default_workers
 from trustvbd.blocks.crypt_layer import CryptDisk, Kek, physical_size
@@ -270,7 +271,8 @@ class CryptDomain:
             unlock.forget()
 
     async def recheck_connections(self) -> int:
-        """After a policy change: close every connection the new policy forbids."""
+        """After a policy change or an access-control restart: close every connection the
+        policy forbids, or whose Chinese Wall attachment could not be restored."""
         kicked = 0
         for guest, servers in self.servers.items():
             label = self.spec.guests[guest].label
@@ -280,6 +282,10 @@ class CryptDomain:
                     if disk is None:
                         continue
                     decision = await self.gate.check(guest, label, disk.name, disk.label)
+                    if decision.allowed and self.gate.wall_lost(conn.peer, disk.name):
+                        decision = Decision(False, "chinese-wall", "its Chinese Wall attachment "
+                                            "could not be restored after the access-control "
+                                            "domain restarted (a conflicting type runs now)")
                     if not decision.allowed:
                         log.warning("closing %s's connection to %s: %s", guest, disk.name, decision.reason)
                         await conn.close()

@@ -74,7 +74,15 @@ class PolicyGate:
             elif generation == self.generation:
                 return decision
 
+    def wall_lost(self, peer: PeerInfo, disk: str) -> bool:
+        """Its Chinese Wall attachment could not be restored on a restarted access-control
+        domain (another type of its conflict set runs now): it must not go on."""
+        cid = self.attachments.get((id(peer), disk))
+        return cid is not None and cid in self.client.lost
+
     async def detach(self, peer: PeerInfo, guest: str, disk: str) -> None:
         cid = self.attachments.pop((id(peer), disk), None)
-        if cid is not None:
+        if cid in self.client.lost:  # never restored: nothing to detach
+            self.client.lost.remove(cid)
+        elif cid is not None:
             await self.client.chw_detach(cid)
