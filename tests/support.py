@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -26,6 +27,47 @@ def run(cmd: list[str], timeout: float = 120, check: bool = True, **kw: Any) -> 
             f"{' '.join(cmd)} exited {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
         )
     return result
+
+
+# ---------------------------------------------------------------- configs for `up`
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | str | list):
+        return json.dumps(value)  # for these values, JSON is a TOML basic string/integer/array
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def table(kind: str, **fields: object) -> str:
+    """One [[kind]] table of a trustvbd config, fields in the order given."""
+    return f"[[{kind}]]\n" + "".join(f"{key} = {_toml(v)}\n" for key, v in fields.items())
+
+
+def driver(name: str, label: str, **more: object) -> str:
+    return table("driver", name=name, label=label, **more)
+
+
+def disk(name: str, label: str, replicas: list[str], size: str = "4MiB", **more: object) -> str:
+    return table("disk", name=name, size=size, label=label, replicas=replicas, **more)
+
+
+def guest(name: str, label: str, **more: object) -> str:
+    return table("guest", name=name, label=label, **more)
+
+
+def config(*tables: str, policy: str | None = None, head: str = "") -> str:
+    """A config: state_dir "state", the policy file if named, `head` (more top-level keys,
+    single tables such as [tls]), then the [[driver]], [[disk]] and [[guest]] tables."""
+    top = 'state_dir = "state"\n' + (f'policy = "{policy}"\n' if policy else "")
+    return top + head + "".join(tables)
+
+
+def up_with_policy(root: Path, policy: str, config_text: str, **env: str) -> System:
+    """`trustvbd up` in `root`, with `policy` written as root/policy.toml."""
+    (root / "policy.toml").write_text(policy)
+    return System(root, config_text, env=dict(env)).start()
 
 
 def _line_queue(proc: subprocess.Popen[str]) -> queue.Queue[str | None]:

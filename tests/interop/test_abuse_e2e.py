@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.test_policy_e2e import CONFIG, start, uri
+from tests.interop.test_policy_e2e import BANK, DRIVER, GUESTS, PAYROLL, start, uri
 from tests.nbd.helpers import RawClient
-from tests.support import System, run
+from tests.support import System, config, disk, driver, guest, run
 from trustvbd.acm.audit import AuditLog, verify
 from trustvbd.nbd import protocol as p
 
@@ -38,9 +38,9 @@ def forbidden_go(path: str, stop: threading.Event, counts: list[int]) -> None:
 
 
 def test_a_flood_of_forbidden_gos_is_rate_limited_counted_and_harmless(short_tmp: Path) -> None:
-    config = CONFIG.replace('policy = "policy.toml"\n', 'policy = "policy.toml"\n[limits]\n'
-                            f"decisions_per_second = {RATE}\nhandshake_timeout = 20\n", 1)
-    s = start(short_tmp, config=config)
+    flood = config(DRIVER, PAYROLL, BANK, GUESTS, policy="policy.toml",
+                   head=f"[limits]\ndecisions_per_second = {RATE}\nhandshake_timeout = 20\n")
+    s = start(short_tmp, config=flood)
     stop, counts = threading.Event(), []  # type: ignore[var-annotated]
     vm2 = str(s.root / "state" / "guests" / "vm2.sock")
     threads = [threading.Thread(target=forbidden_go, args=(vm2, stop, counts)) for _ in range(6)]
@@ -75,26 +75,9 @@ def test_a_flood_of_forbidden_gos_is_rate_limited_counted_and_harmless(short_tmp
     assert verify(s.root / "state" / "audit.jsonl") == []
 
 
-STUCK_CONFIG = """
-state_dir = "state"
-[limits]
-memory = "64MiB"
-[[driver]]
-name = "drv-a"
-label = "A"
-dir = "backing/a"
-[[disk]]
-name = "d1"
-size = "64MiB"
-label = "A"
-replicas = ["drv-a"]
-[[guest]]
-name = "vm1"
-label = "A"
-[[guest]]
-name = "vm2"
-label = "A"
-"""
+STUCK_CONFIG = config(driver("drv-a", "A", dir="backing/a"),
+                      disk("d1", "A", ["drv-a"], size="64MiB"),
+                      guest("vm1", "A"), guest("vm2", "A"), head='[limits]\nmemory = "64MiB"\n')
 
 
 def peak_rss(pid: int) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.nbd.helpers import Activated, Peer
-from tests.support import TRUSTVBD, System, run
+from tests.support import TRUSTVBD, System, config, disk, driver, guest, run
 from trustvbd.acm.audit import AuditLog
 
 pytestmark = pytest.mark.interop
@@ -47,8 +47,8 @@ def tls_system() -> Iterator[System]:
     root = Path(tempfile.mkdtemp(prefix="tvi", dir="/tmp"))
     os.chmod(root, 0o711)  # the guest user `nobody` must reach its socket below
     run([*TRUSTVBD, "tls", "init", str(root / "pki")])
-    for guest in ("vm1", "vm2"):
-        run([*TRUSTVBD, "tls", "guest", str(root / "pki"), guest])
+    for name in ("vm1", "vm2"):
+        run([*TRUSTVBD, "tls", "guest", str(root / "pki"), name])
     image = root / "remote.img"
     image.write_bytes(bytes(8 * MIB))
     remote = Activated(["nbdkit", "-f", "--tls=require", f"--tls-certificates={root / 'pki'}",
@@ -57,56 +57,16 @@ def tls_system() -> Iterator[System]:
     qemu = Peer.qemu_nbd(root / "q.img", root, "--object",
                          f"tls-creds-x509,id=t0,dir={root / 'pki'},endpoint=server,verify-peer=on",
                          "--tls-creds", "t0")
-    text = f"""
-state_dir = "state"
-[tls]
-dir = "pki"
-[[driver]]
-name = "drv-a"
-label = "A"
-dir = "backing/a"
-[[driver]]
-name = "remote"
-label = "A"
-uri = "nbds://127.0.0.1:{remote.port}/"
-[[driver]]
-name = "qemu"
-label = "A"
-uri = "nbds+unix:///?socket={qemu.sock}"
-[[disk]]
-name = "d1"
-size = "4MiB"
-label = "A"
-replicas = ["drv-a"]
-[[disk]]
-name = "far"
-size = "4MiB"
-label = "A"
-replicas = ["remote"]
-[[disk]]
-name = "near"
-size = "4MiB"
-label = "A"
-replicas = ["qemu"]
-[[guest]]
-name = "vm1"
-label = "A"
-listen = "127.0.0.1:0"
-[[guest]]
-name = "vm2"
-label = "A"
-listen = "127.0.0.1:0"
-tls_name = "vm2"
-[[guest]]
-name = "vm3"
-label = "A"
-user = "nobody"
-[[guest]]
-name = "vm4"
-label = "A"
-listen = "127.0.0.1:0"
-tls = false
-"""
+    text = config(
+        driver("drv-a", "A", dir="backing/a"),
+        driver("remote", "A", uri=f"nbds://127.0.0.1:{remote.port}/"),
+        driver("qemu", "A", uri=f"nbds+unix:///?socket={qemu.sock}"),
+        disk("d1", "A", ["drv-a"]), disk("far", "A", ["remote"]), disk("near", "A", ["qemu"]),
+        guest("vm1", "A", listen="127.0.0.1:0"),
+        guest("vm2", "A", listen="127.0.0.1:0", tls_name="vm2"),
+        guest("vm3", "A", user="nobody"),
+        guest("vm4", "A", listen="127.0.0.1:0", tls=False),
+        head='[tls]\ndir = "pki"\n')
     system = System(root, text)
     try:
         system.start()
@@ -193,27 +153,14 @@ def test_the_tls_opt_out_serves_plaintext(tls_system: System) -> None:
     assert run(["nbdinfo", "--size", uri]).stdout.strip() == str(4 * MIB)
 
 
-SMALL = """
-state_dir = "state"
-[[driver]]
-name = "drv-a"
-label = "A"
-dir = "backing/a"
-[[disk]]
-name = "d1"
-size = "4MiB"
-label = "A"
-replicas = ["drv-a"]
-encrypt = false
-[[guest]]
-name = "vm1"
-label = "A"
-{guest}
-"""
+def small(**vm1: object) -> str:
+    """One unencrypted disk and guest vm1 (with `vm1`'s fields)."""
+    return config(driver("drv-a", "A", dir="backing/a"),
+                  disk("d1", "A", ["drv-a"], encrypt=False), guest("vm1", "A", **vm1))
 
 
 def test_the_tls_opt_out_warns_at_every_start(short_tmp: Path) -> None:
-    system = System(short_tmp, SMALL.format(guest='listen = "127.0.0.1:0"\ntls = false'))
+    system = System(short_tmp, small(listen="127.0.0.1:0", tls=False))
     for _ in range(2):
         system.start()
         err = system.stop()
@@ -226,9 +173,9 @@ def test_up_refuses_a_state_directory_others_can_write(short_tmp: Path, where: s
     (base / "state").mkdir(parents=True)
     unsafe = base / "state" if where == "state" else base
     os.chmod(unsafe, 0o777)
-    config = base / "trustvbd.toml"
-    config.write_text(SMALL.format(guest=""))
-    out = run([*TRUSTVBD, "up", "-c", str(config)], check=False, timeout=60)
+    path = base / "trustvbd.toml"
+    path.write_text(small())
+    out = run([*TRUSTVBD, "up", "-c", str(path)], check=False, timeout=60)
     assert out.returncode == 1
     assert f"{unsafe} is writable by others (mode 777)" in out.stderr, out.stderr
     assert ("chmod 700" if where == "state" else "chmod go-w") in out.stderr

@@ -12,7 +12,7 @@ import pytest
 
 from tests.acm.util import XM_TEST
 from tests.interop import clients
-from tests.support import TRUSTVBD, System, run
+from tests.support import TRUSTVBD, System, config, disk, driver, guest, run, up_with_policy
 
 pytestmark = pytest.mark.interop
 
@@ -36,42 +36,15 @@ PayrollData = "Payroll"
 BankData = "Bank"
 """
 
-CONFIG = """
-state_dir = "state"
-policy = "policy.toml"
-[[driver]]
-name = "drv-a"
-label = "StorageA"
-dir = "backing/a"
-[[disk]]
-name = "payroll"
-size = "4MiB"
-label = "PayrollData"
-replicas = ["drv-a"]
-encrypt = false
-[[disk]]
-name = "bank"
-size = "4MiB"
-label = "BankData"
-replicas = ["drv-a"]
-encrypt = false
-[[guest]]
-name = "vm1"
-label = "Payroll"
-[[guest]]
-name = "vm2"
-label = "Bank"
-[[guest]]
-name = "aud"
-label = "Auditor"
-"""
+DRIVER = driver("drv-a", "StorageA", dir="backing/a")
+PAYROLL, BANK = (disk("payroll", "PayrollData", ["drv-a"], encrypt=False),
+                 disk("bank", "BankData", ["drv-a"], encrypt=False))
+GUESTS = guest("vm1", "Payroll") + guest("vm2", "Bank") + guest("aud", "Auditor")
+CONFIG = config(DRIVER, PAYROLL, BANK, GUESTS, policy="policy.toml")
 
 
 def start(root: Path, policy: str = POLICY, config: str = CONFIG, env: dict[str, str] | None = None) -> System:
-    (root / "policy.toml").write_text(policy)
-    s = System(root, config)
-    s.env = env or {}
-    return s.start()
+    return up_with_policy(root, policy, config, **(env or {}))
 
 
 def uri(s: System, guest: str, disk: str) -> str:
@@ -210,10 +183,8 @@ def test_channel_to_driver_needs_a_type_shared_with_the_trusted_side(short_tmp: 
     policy = POLICY.replace('ste = ["SystemManagement", "Payroll", "Bank", "Storage"]',
                             'ste = ["SystemManagement", "Bank"]')
     policy = policy.replace('StorageA = { ste = ["Storage", "Payroll", "Bank"] }', 'StorageA = { ste = ["Payroll"] }')
-    config = CONFIG.replace(
-        '[[disk]]\nname = "bank"\nsize = "4MiB"\nlabel = "BankData"\nreplicas = ["drv-a"]\nencrypt = false\n', '')
     (short_tmp / "policy.toml").write_text(policy)
-    (short_tmp / "c.toml").write_text(config)
+    (short_tmp / "c.toml").write_text(config(DRIVER, PAYROLL, GUESTS, policy="policy.toml"))
     out = run([*TRUSTVBD, "up", "-c", str(short_tmp / "c.toml")], check=False, timeout=60)
     assert out.returncode == 1
     assert "channel between the encryption domain" in out.stderr and "SystemManagement" in out.stderr

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.interop import clients
-from tests.support import TRUSTVBD, System, read_lines_until, run
+from tests.support import TRUSTVBD, System, config, disk, driver, guest, read_lines_until, run, up_with_policy
 from trustvbd.domains import sandbox
 
 pytestmark = [
@@ -44,30 +44,10 @@ StorageA = { ste = ["Payroll", "Bank"] }
 PayrollData = "Payroll"
 BankData = "Bank"
 """
-CONFIG = """\
-state_dir = "state"
-policy = "policy.toml"
-[[driver]]
-name = "drv-a"
-label = "StorageA"
-dir = "backing/a"
-[[disk]]
-name = "payroll"
-size = "8MiB"
-label = "PayrollData"
-replicas = ["drv-a"]
-[[disk]]
-name = "bank"
-size = "8MiB"
-label = "BankData"
-replicas = ["drv-a"]
-[[guest]]
-name = "vm1"
-label = "Payroll"
-[[guest]]
-name = "vm2"
-label = "Bank"
-"""
+CONFIG = config(driver("drv-a", "StorageA", dir="backing/a"),
+                disk("payroll", "PayrollData", ["drv-a"], size="8MiB"),
+                disk("bank", "BankData", ["drv-a"], size="8MiB"),
+                guest("vm1", "Payroll"), guest("vm2", "Bank"), policy="policy.toml")
 
 PROBE = """
 import json, os, socket, sys
@@ -95,9 +75,8 @@ print(json.dumps(out))
 
 def start(root: Path, **env: str) -> System:
     root.chmod(0o755)  # the walls must be the state directory's, not a closed parent's
-    (root / "policy.toml").write_text(POLICY)
     (root / "backing" / "a").mkdir(parents=True, mode=0o700)  # closed to the driver's user
-    return System(root, CONFIG, env=dict(env)).start()
+    return up_with_policy(root, POLICY, CONFIG, **env)
 
 
 def domains(s: System) -> dict[str, int]:
@@ -295,10 +274,9 @@ def test_a_driver_runs_as_the_account_its_config_names(short_tmp: Path) -> None:
     import pwd
 
     nobody = pwd.getpwnam("nobody")
-    config = CONFIG.replace('dir = "backing/a"', 'dir = "backing/a"\nuser = "nobody"')
+    as_nobody = CONFIG.replace('dir = "backing/a"', 'dir = "backing/a"\nuser = "nobody"')
     short_tmp.chmod(0o755)
-    (short_tmp / "policy.toml").write_text(POLICY)
-    s = System(short_tmp, config).start()
+    s = up_with_policy(short_tmp, POLICY, as_nobody)
     uid, gid, groups, no_new_privs = credentials(domains(s)["drv-a"])
     assert (uid, gid, groups, no_new_privs) == (nobody.pw_uid, nobody.pw_gid, [], True)
     clients.qemu_io_patterns(s.uri("vm1", "payroll"))

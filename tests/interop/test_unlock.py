@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.interop import clients
-from tests.interop.test_privsep import CONFIG, POLICY, crypt_payroll, domains, wait_for
+from tests.interop.test_privsep import crypt_payroll, domains, start, wait_for
 from tests.support import TRUSTVBD, System, run
 from trustvbd.acm.audit import AuditLog
 from trustvbd.acm.commands import AUDIT_FILE
@@ -48,10 +48,7 @@ def unlock_records(state: Path) -> list[dict]:
 
 
 def test_a_restarted_encryption_domain_waits_locked_until_unlock(short_tmp: Path) -> None:
-    short_tmp.chmod(0o755)
-    (short_tmp / "policy.toml").write_text(POLICY)
-    (short_tmp / "backing" / "a").mkdir(parents=True, mode=0o700)
-    s = System(short_tmp, CONFIG, env={"TRUSTVBD_PASSPHRASE": RIGHT}).start()
+    s = start(short_tmp, TRUSTVBD_PASSPHRASE=RIGHT)
     state = short_tmp / "state"
     nbd = clients.libnbd()
     flushed = random.Random(7).randbytes(MIB)

@@ -10,36 +10,15 @@ import sys
 import time
 from pathlib import Path
 
-from tests.support import System, read_lines_until, run
+from tests.support import System, config, disk, driver, guest, read_lines_until, run, up_with_policy
 from trustvbd.acm.audit import AuditLog
 from trustvbd.acm.commands import AUDIT_FILE
 
 sys.path.append("/usr/lib/python3/dist-packages")
 
-CONFIG = """
-state_dir = "state"
-policy = "policy.toml"
-[[driver]]
-name = "drv-a"
-label = "StorageA"
-dir = "backing"
-[[disk]]
-name = "payroll"
-size = "4MiB"
-label = "PayrollData"
-replicas = ["drv-a"]
-[[disk]]
-name = "rogue-disk"
-size = "4MiB"
-label = "RogueData"
-replicas = ["drv-a"]
-[[guest]]
-name = "vm1"
-label = "Payroll"
-[[guest]]
-name = "rogue"
-label = "Rogue"
-"""
+CONFIG = config(driver("drv-a", "StorageA", dir="backing"),
+                disk("payroll", "PayrollData", ["drv-a"]), disk("rogue-disk", "RogueData", ["drv-a"]),
+                guest("vm1", "Payroll"), guest("rogue", "Rogue"), policy="policy.toml")
 
 # The launcher and encryption domain run under the bootstrap label, which shares no STE
 # type with "Rogue": the rogue guest may use its disk (check (b) allows it), but its
@@ -80,8 +59,7 @@ def test_attached_guest_shows_state_4_and_pairing_refusal_is_audited(short_tmp: 
     import nbd
 
     (short_tmp / "backing").mkdir()
-    (short_tmp / "policy.toml").write_text(POLICY)
-    system = System(short_tmp, CONFIG).start()
+    system = up_with_policy(short_tmp, POLICY, CONFIG)
     try:
         homes = {xs(system, "xenstore-read", f"/local/domain/{d}/name").strip(): d
                  for d in xs(system, "xenstore-list", "/local/domain").split()}
@@ -169,8 +147,7 @@ def test_the_store_reaches_the_acm_domain_only_by_a_brokered_channel(short_tmp: 
     from tests.interop.test_privsep import probe
 
     (short_tmp / "backing").mkdir()
-    (short_tmp / "policy.toml").write_text(POLICY)
-    system = System(short_tmp, CONFIG).start()
+    system = up_with_policy(short_tmp, POLICY, CONFIG)
     state = short_tmp / "state"
     try:
         pid, _ = store_pid(system)
