@@ -43,7 +43,7 @@ test: deps test-deps lint
 
 # Coverage-guided fuzzing (atheris), FUZZ_SECONDS per target; finds go to .fuzz/.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := superblock anchor intent_log pages keys audit_log xml_policy toml_policy nbd_server nbd_client
+FUZZ_TARGETS := superblock anchor intent_log tree keys audit_log xml_policy toml_policy nbd_server nbd_client
 fuzz: deps
 	$(BIN)/python -m pip install --quiet -e '.[test,fuzz]'
 	@for t in $(FUZZ_TARGETS); do \

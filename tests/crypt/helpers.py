@@ -22,6 +22,7 @@ from trustvbd.blocks.crypt_layer import (
 )
 from trustvbd.blocks.file import FileBackend, MemoryBackend
 from trustvbd.blocks.layer import Layer
+from trustvbd.blocks.leaf_pages import DEFAULT_CAPACITY
 
 T = TypeVar("T")
 BS = 4096
@@ -89,9 +90,11 @@ class Unclosing(Layer):
 
 
 async def open_disk(state_dir: Path, replica: Backend, kek: Kek, name: str = "vm1",
-                    events: list[dict[str, Any]] | None = None, aead: AeadPool | None = None) -> CryptDisk:
+                    events: list[dict[str, Any]] | None = None, aead: AeadPool | None = None,
+                    leaf_cache_pages: int = DEFAULT_CAPACITY) -> CryptDisk:
     return await CryptDisk.open(state_dir, name, Unclosing(replica), "r0", kek,
-                                on_integrity_event=events.append if events is not None else None, aead=aead)
+                                on_integrity_event=events.append if events is not None else None, aead=aead,
+                                leaf_cache_pages=leaf_cache_pages)
 
 
 def pattern(block: int, tag: int = 0) -> bytes:

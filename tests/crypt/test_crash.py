@@ -30,6 +30,7 @@ from trustvbd.blockdev import Capabilities
 from trustvbd.blocks import crypt_commit
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.disk_state import DiskState, IntentLog
+from trustvbd.blocks.tree_file import TreeFile
 from trustvbd.crypt.aead import BlockCipher
 
 NBLOCKS = 300  # 3 leaf pages: commits write several
@@ -158,7 +159,8 @@ def crashing_state(monkeypatch: pytest.MonkeyPatch) -> Clock:
     # Tiny counter reservations, so reserving (an anchor write) happens mid-stream.
     monkeypatch.setattr(crypt_commit, "RESERVE", 24)
     monkeypatch.setattr(DiskState, "write_anchor", crashing(DiskState.write_anchor))
-    monkeypatch.setattr(DiskState, "update_pages", crashing(DiskState.update_pages))
+    monkeypatch.setattr(TreeFile, "write_back", crashing(TreeFile.write_back))
+    monkeypatch.setattr(IntentLog, "append_tree", crashing(IntentLog.append_tree))
     monkeypatch.setattr(IntentLog, "reset", crashing(IntentLog.reset))
     monkeypatch.setattr(IntentLog, "append", crashing(IntentLog.append, tear_intent))
 

@@ -121,7 +121,7 @@ def test_an_independent_reader_follows_the_document(tmp_path: Path) -> None:
         sb = raw[slot * 4096:(slot + 1) * 4096]
         if sb.count(0) == 4096:
             continue
-        assert sb[:8] == b"TVBDSUPR" and struct.unpack_from(">II", sb, 8) == (1, 4096)
+        assert sb[:8] == b"TVBDSUPR" and struct.unpack_from(">II", sb, 8) == (2, 4096)
         assert sb[16:32] == disk_id
         size, loff, lpages, doff, epoch, counter = struct.unpack_from(">QQQQQQ", sb, 32)
         assert (size, loff, lpages, doff) == (SIZE, 8192, p, d) and epoch % 2 == slot
@@ -136,8 +136,10 @@ def test_an_independent_reader_follows_the_document(tmp_path: Path) -> None:
 
     # Section 1.3: the tree over leaf pages.
     pages = [raw[8192 + i * 4096:8192 + (i + 1) * 4096] for i in range(p)]
-    hashes = [hashlib.sha256(b"\x00" + i.to_bytes(8, "big") + pg).digest()
+    hashes = [bytes(32) if pg == bytes(4096) else  # a page of zeros is the empty leaf
+              hashlib.sha256(b"\x00" + i.to_bytes(8, "big") + pg).digest()
               for i, pg in enumerate(pages)]
+    assert hashes[1] == bytes(32)  # blocks 128-255: never written
     assert _tree_root(hashes) == root
     assert (top_depth, top_count) == (0, 3) and sb[152:152 + 96] == b"".join(hashes)
 
@@ -179,14 +181,31 @@ def test_an_independent_reader_follows_the_document(tmp_path: Path) -> None:
     assert struct.unpack_from(">I", anchor, 88)[0] == 1 and anchor[92] == 1
     assert anchor[93:109] == hashlib.sha256(b"trustvbd-replica\x00r0").digest()[:16]
 
-    # Section 2.4: after a commit, the intent log is a bare header for that epoch.
+    # Section 2.4: after an orderly close, the intent log is a bare header for that epoch.
     log = (state / "intent.log").read_bytes()
     assert len(log) == 32 and log[:8] == b"TVBDINTL" and _crc_ok(log, 28)
-    assert struct.unpack_from(">Q", log, 16)[0] == epoch
+    assert struct.unpack_from(">IIQ", log, 8) == (2, 0, epoch)
 
-    # Section 2.5: committed page hashes.
-    pg = (state / "pages").read_bytes()
-    assert pg[:16] == b"TVBDPAGE" + struct.pack(">II", 1, p) and pg[16:] == b"".join(hashes)
+    # Section 2.5: the tree file, every level, marked clean with the anchor's root.
+    tree = (state / "tree").read_bytes()
+    counts = [3, 2, 1]
+    assert len(tree) == 4096 + 32 * sum(counts)
+    assert tree[:8] == b"TVBDTREE" and struct.unpack_from(">IIQQ", tree, 8) == (1, 1, p, epoch)
+    assert tree[32:64] == root and _crc_ok(tree, 64) and tree[68:4096] == bytes(4028)
+    empty = [bytes(32)]
+    for _ in range(3):
+        empty.append(hashlib.sha256(b"\x01" + empty[-1] + empty[-1]).digest())
+    level, at = hashes, 4096
+    for k, count in enumerate(counts):
+        stored = [tree[at + 32 * i:at + 32 * (i + 1)] for i in range(count)]
+        assert [empty[k] if h == bytes(32) else h for h in stored] == level, k
+        at += 32 * count
+        if count == 1:
+            assert level == [root]  # the top level holds the root
+            break
+        padded = level + [empty[k]] * (len(level) % 2)
+        level = [hashlib.sha256(b"\x01" + padded[i] + padded[i + 1]).digest()
+                 for i in range(0, len(padded), 2)]
 
 
 def test_intent_records_follow_the_document(tmp_path: Path) -> None:
@@ -200,8 +219,16 @@ def test_intent_records_follow_the_document(tmp_path: Path) -> None:
         assert rec[:4] == b"IREC" and struct.unpack_from(">IQ", rec, 4) == (2, 10)
         assert rec[16:80] == bytes(64)  # old leaves: never written
         new = rec[80:144]
-        assert bytes(disk._leaves[320:384]) == new
+        assert bytes(disk._leaves.get(10, 12)) == new
         assert len(rec) == 148 and _crc_ok(rec, 144)
-        disk._state.close()
+        await disk.flush()  # the log is reset and carries page 0's hash (a TREC record)
+        log = (tmp_path / "disks" / "doc" / "intent.log").read_bytes()
+        epoch = struct.unpack_from(">Q", log, 16)[0]
+        rec = log[32:]
+        assert rec[:4] == b"TREC" and struct.unpack_from(">IQQ", rec, 4) == (1, epoch, 0)
+        page = bytes(disk._leaves.page(0))
+        assert rec[24:56] == hashlib.sha256(b"\x00" + bytes(8) + page).digest()
+        assert len(rec) == 60 and _crc_ok(rec, 56)
+        await disk.close()
 
     run(go())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tests.fuzz.targets import CORPUS, DISK_ID, KEY_FILE_KEK, SIGNER
 from trustvbd.acm.audit import AuditLog, head_path
-from trustvbd.blocks import anchor_file
+from trustvbd.blocks import anchor_file, tree_file
 from trustvbd.blocks.disk_state import Anchor
 from trustvbd.crypt import keys as keys_mod
 from trustvbd.crypt import superblock as sb
@@ -49,16 +49,28 @@ def _anchor() -> dict[str, bytes]:
 
 
 def _intent_log() -> dict[str, bytes]:
-    head = struct.pack(">8sIIQI", b"TVBDINTL", 1, 0, 5, 0)
+    head = struct.pack(">8sIIQI", b"TVBDINTL", 2, 0, 5, 0)
     out = head + struct.pack(">I", zlib.crc32(head))
     for first, n in ((3, 1), (10, 2)):
         rec = struct.pack(">4sIQ", b"IREC", n, first) + bytes(32 * n) + b"\x11" * 32 * n
         out += rec + struct.pack(">I", zlib.crc32(rec))
+    rec = struct.pack(">4sIQ", b"TREC", 2, 5) + bytes(8) + b"\x22" * 32 + bytes(7) + b"\x01" + b"\x33" * 32
+    out += rec + struct.pack(">I", zlib.crc32(rec))
     return {"two-records": b"\x00" + out}
 
 
-def _pages() -> dict[str, bytes]:
-    return {"two": b"\x02" + struct.pack(">8sII", b"TVBDPAGE", 1, 2) + bytes(64)}
+def _tree() -> dict[str, bytes]:
+    """Five leaf pages, page 1 written: a clean file whose root is the anchor's."""
+    pages = 5
+    path = Path(tempfile.mkdtemp()) / "tree"
+    tree_file.create(path, pages)
+    t = tree_file.TreeFile(path, "seed", pages, tree_file.EMPTY[3])
+    t.update({1: bytes(range(32))})
+    t.mark_clean(4)
+    t.close()
+    raw = path.read_bytes()
+    shutil.rmtree(path.parent)
+    return {"five-pages": bytes([0, pages]) + raw}
 
 
 def _keys() -> dict[str, bytes]:
@@ -154,7 +166,7 @@ def seeds() -> dict[str, dict[str, bytes]]:
     xml, toml = _policies()
     return {
         "superblock": _superblocks(), "anchor": _anchor(), "intent_log": _intent_log(),
-        "pages": _pages(), "keys": _keys(), "audit_log": _audit(),
+        "tree": _tree(), "keys": _keys(), "audit_log": _audit(),
         "xml_policy": xml, "toml_policy": toml,
         "nbd_server": {"structured": _client_transcript(True),
                        "simple": _client_transcript(False)},

@@ -29,7 +29,7 @@ from trustvbd.acm.model import PolicyError
 from trustvbd.acm.toml_loader import load_toml
 from trustvbd.acm.xml_loader import policy_from_xml
 from trustvbd.blockdev import BlockError
-from trustvbd.blocks import anchor_file
+from trustvbd.blocks import anchor_file, tree_file
 from trustvbd.blocks.disk_state import Anchor, DiskState, IntentLog, TrustedStateError
 from trustvbd.blocks.file import MemoryBackend
 from trustvbd.crypt import keys as keys_mod
@@ -131,7 +131,7 @@ def _fix_intent_log(raw: bytes) -> bytes:
     off = 32
     while off + 16 <= len(out):
         (count,) = struct.unpack_from(">I", out, off + 4)
-        end = off + 16 + 64 * count + 4
+        end = off + 16 + (40 if out[off:off + 4] == b"TREC" else 64) * count + 4
         if end > len(out):
             break
         struct.pack_into(">I", out, end - 4, zlib.crc32(out[off:end - 4]))
@@ -147,20 +147,39 @@ def fuzz_intent_log(data: bytes) -> None:
     path.write_bytes(raw)
     log = IntentLog(path)
     try:
-        _base, records = log.read()
+        got = log.read()
     finally:
         log.close()
-    for rec in records:
+    for rec in got.records:
         assert len(rec.old) == len(rec.new) and len(rec.old) % 32 == 0
+    for tree in got.trees:
+        assert all(len(h) == 32 for h in tree.hashes.values())
 
 
-def fuzz_pages(data: bytes) -> None:
-    count = data[0] if data else 0
-    state = DiskState(scratch(), "fuzz")
-    state.dir.mkdir(parents=True, exist_ok=True)
-    state.pages_path.write_bytes(data[1:])
-    hashes = state.read_pages(count)
-    assert hashes is None or len(hashes) == 32 * count
+def fuzz_tree(data: bytes) -> None:
+    """A tree file of byte 1 pages: only TreeFileError, whatever the nodes or header say."""
+    fix, raw = _fix(data)
+    pages = max(1, raw[0]) if raw else 1
+    body = raw[1:]
+    if fix:  # the right length and a header CRC: get to the nodes
+        size = tree_file.file_size(pages)
+        body = _with_crc((body + bytes(size))[:size], 64)
+    path = scratch() / "tree"
+    path.write_bytes(body)
+    root = body[32:64] if len(body) >= 64 else bytes(32)
+    try:
+        tree = tree_file.TreeFile(path, "fuzz", pages, root)
+    except tree_file.TreeFileError:
+        return
+    try:
+        for step in (tree.header, lambda: [tree.leaf(p) for p in range(pages)],
+                     lambda: tree.redo({pages - 1: bytes(range(32))}), tree.nonempty_pages):
+            try:
+                step()
+            except tree_file.TreeFileError:
+                pass
+    finally:
+        tree.close()
 
 
 def fuzz_keys(data: bytes) -> None:
@@ -363,7 +382,7 @@ TARGETS = {t.name: t for t in [
     Target("superblock", fuzz_superblock, (), 1 + sb.SLOT_SIZE),
     Target("anchor", fuzz_anchor, (TrustedStateError,), 1 + 2 * 512),
     Target("intent_log", fuzz_intent_log, (TrustedStateError,), 8192),
-    Target("pages", fuzz_pages, (), 1024),
+    Target("tree", fuzz_tree, (), 1 << 16),
     Target("keys", fuzz_keys, (keys_mod.KeyFileError, keys_mod.WrongKeyError), 512),
     Target("audit_log", fuzz_audit_log, (audit.AuditError,), 8192),
     Target("xml_policy", fuzz_xml_policy, (PolicyError,), 16384),

@@ -3,10 +3,16 @@
 A commit (FLUSH, FUA, and on our own every AUTO_COMMIT_BLOCKS) makes every write
 completed so far durable and authenticated, in this order:
 
-    intent log fdatasync -> dirty leaf pages (the whole table and the other
-    superblock slot to a replica that joins), signed superblock -> replica
-    flush -> dirty maps of replicas not current -> trusted anchor with the
-    membership (the commit point) -> intent log reset -> page hashes
+    new page hashes appended to the intent log -> intent log fdatasync -> dirty
+    leaf pages (the whole table and the other superblock slot to a replica that
+    joins), signed superblock -> replica flush -> dirty maps of replicas not
+    current -> trusted anchor with the membership (the commit point) -> changed
+    tree nodes to the tree file (no fsync) -> intent log reset, carrying the page
+    hashes the tree file has not synced yet
+
+The tree file is synced only every CARRY_MAX changed pages (and at close): until
+then the intent log carries those page hashes, so recovery after a power cut
+re-hashes at most that many paths (tree_file.TreeFile.redo).
 
 Every step goes to every replica in the write set (replica_set.py); a replica
 that fails a step is degraded and the anchor does not list it as current.
@@ -33,14 +39,16 @@ from collections.abc import Awaitable, Callable
 
 from trustvbd.blockdev import BlockError, Buffer
 from trustvbd.blocks.disk_state import Anchor, DiskState, Member, replica_id
+from trustvbd.blocks.leaf_pages import LeafPages
 from trustvbd.blocks.ranges import runs
 from trustvbd.blocks.replica_set import ReplicaSet, State
+from trustvbd.blocks.tree_file import TreeFile, TreeFileError
 from trustvbd.crypt import superblock as sbfmt
 from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE
 from trustvbd.crypt.keys import DiskSecrets
 from trustvbd.crypt.sign import fingerprint
 from trustvbd.crypt.superblock import LEAVES_PER_PAGE, SLOT_SIZE, Layout
-from trustvbd.crypt.tree import HashTree, page_hash
+from trustvbd.crypt.tree import TOP_MAX, page_hash
 
 BS = BLOCK_SIZE
 # Versions reserved per anchor write: one fsync per 4 GiB written; a restart
@@ -52,13 +60,18 @@ RESERVE = 1 << 20
 # not free: its replica FLUSH forces the writeback of everything written since, and
 # new writes wait meanwhile.
 AUTO_COMMIT_BLOCKS = 1 << 20
+# Page hashes the intent log carries before the tree file is synced (40 bytes each:
+# a reset writes at most 160 KiB; recovery re-hashes at most this many paths).
+CARRY_MAX = 4096
+# Leaf pages per write when a joining replica gets the whole table.
+JOIN_PAGES = 256
 
 
 class Commits:
     """Anchor, counter reservation, intent log, leaf table and tree of one open disk."""
 
     def __init__(self, state: DiskState, disk: str, anchor: Anchor, secrets: DiskSecrets,
-                 leaves: bytearray, tree: HashTree, dirty_pages: set[int], pages_stale: bool) -> None:
+                 leaves: LeafPages, tree: TreeFile, carry: dict[int, bytes]) -> None:
         self._state = state
         self.disk = disk
         self.anchor = anchor
@@ -67,8 +80,7 @@ class Commits:
         self._fingerprint = fingerprint(secrets.public_key)
         self.leaves = leaves          # the current leaf table (shared with the data path)
         self.tree = tree              # the committed tree
-        self.dirty = dirty_pages      # leaf pages changed since the last commit
-        self._pages_stale = pages_stale
+        self.carry = carry            # page hashes the tree file has not synced
         self.intent = state.open_intent()
         self.intent_blocks = 0
         # Versions below the anchor's bound may have been used before a crash.
@@ -106,15 +118,17 @@ class Commits:
         except OSError as exc:
             raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot append to "
                              f"{self.intent.path}: {exc}") from exc
-        n = len(new) // LEAF_SIZE
-        self.leaves[b0 * LEAF_SIZE:(b0 + n) * LEAF_SIZE] = new
-        self.intent_blocks += n
-        self.dirty.update(range(b0 // LEAVES_PER_PAGE, (b0 + n - 1) // LEAVES_PER_PAGE + 1))
+        self.leaves.set(b0, new)
+        self.intent_blocks += len(new) // LEAF_SIZE
 
     def set_leaf(self, b: int, leaf: bytes) -> None:
         """Go back to a leaf the intent log already holds (a failed write's older version)."""
-        self.leaves[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = leaf
-        self.dirty.add(b // LEAVES_PER_PAGE)
+        self.leaves.set(b, leaf)
+
+    @property
+    def dirty(self) -> bool:
+        """Leaf pages changed since the last commit."""
+        return self.leaves.dirty_count > 0
 
     async def enter_write(self) -> None:
         while not self._no_commit.is_set():
@@ -128,7 +142,7 @@ class Commits:
             self._writers_idle.set()
 
     def due(self, fua: bool) -> bool:
-        return fua or self.intent_blocks >= AUTO_COMMIT_BLOCKS
+        return fua or self.intent_blocks >= AUTO_COMMIT_BLOCKS or self.leaves.over_dirty_limit()
 
     # ------------------------------------------------------------ the commit
 
@@ -146,29 +160,34 @@ class Commits:
                 self._no_commit.set()
 
     async def _commit_now(self, replica: ReplicaSet) -> None:
-        g, tree = self.lay, self.tree
-        pages = sorted(self.dirty)
-        leaves = memoryview(self.leaves)
+        g, tree, leaves = self.lay, self.tree, self.leaves
+        pages = leaves.dirty_pages()
+        changes = {p: page_hash(p, leaves.page(p)) for p in pages}
+        epoch = self.anchor.epoch + 1
         # The intent records must outlive a power cut before the leaf pages they
         # undo reach the replica: otherwise a cut before the anchor moves leaves
-        # pages no trusted record explains, and every block on them is lost.
+        # pages no trusted record explains, and every block on them is lost. The
+        # new page hashes go with them: the tree file gets them only after the anchor.
         try:
+            if changes:
+                self.intent.append_tree(epoch, changes)
             self.intent.sync()
         except OSError as exc:
             raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot sync "
                              f"{self.intent.path}: {exc}") from exc
         joining = replica.joining()
-        for p0, p1 in runs(pages, 1 << 30):
-            await replica.pwrite(g.leaf_page_offset(p0), leaves[p0 * BS:p1 * BS])
+        for p0, p1 in runs(pages, JOIN_PAGES):
+            await replica.pwrite(g.leaf_page_offset(p0), b"".join(leaves.page(p) for p in range(p0, p1)))
         if joining:
-            await replica.write_to(joining, g.leaf_start, leaves[:g.leaf_table_size])
+            await self._send_table(replica, joining)
             # The other slot as on the current replicas (signed; keeps replicas identical).
             prev = (self.anchor.epoch % sbfmt.SLOTS) * SLOT_SIZE
             await replica.write_to(joining, prev, await replica.pread(prev, SLOT_SIZE))
-        changes = {p: page_hash(p, leaves[p * BS:(p + 1) * BS]) for p in pages}
-        tree.update(changes)
-        epoch = self.anchor.epoch + 1
-        depth, top = tree.top()
+        try:
+            tree.update(changes)
+            depth, top = tree.top(TOP_MAX)
+        except TreeFileError as exc:  # the trusted tree file is damaged: nothing is committed
+            raise BlockError(errno.EIO, str(exc)) from exc
         a = self.anchor
         sb = sbfmt.Superblock(a.disk_id, g.logical_size, epoch, self._counter_high, tree.root,
                               self._fingerprint, depth, top)
@@ -186,23 +205,48 @@ class Commits:
             self.failed = f"{exc.message}; reopen the disk"
             raise
         self.anchor = anchor
-        self.dirty.clear()
+        leaves.committed(pages)
         self.intent_blocks = 0
         replica.commit_done(joined, epoch)
         try:
             for r in joined:
                 self._state.drop_dirty_map(r.name)
-            self.intent.reset(epoch)
-            if self._pages_stale:
-                self._state.write_pages(tree.levels[0])
-                self._pages_stale = False
-            else:
-                self._state.update_pages(changes)
+            tree.write_back()
+            self.carry.update(changes)
+            if len(self.carry) > CARRY_MAX:
+                tree.sync()
+                self.carry.clear()
+            self.intent.reset(epoch, self.carry)
         except OSError as exc:
             # Later intents would land in a log recovery ignores: stop taking writes.
             self.failed = (f"disk {self.disk!r}: trusted state write failed after commit "
                            f"{epoch} ({exc}); reopen the disk")
             raise BlockError(errno.EIO, self.failed) from exc
+
+    async def _send_table(self, replica: ReplicaSet, joining: list) -> None:
+        """The whole leaf table to replicas that join, a few pages at a time (checked
+        against the tree as they are loaded), so memory stays bounded."""
+        g, leaves = self.lay, self.leaves
+        step = max(1, min(JOIN_PAGES, leaves.capacity // 2))
+        for q0 in range(0, g.leaf_pages, step):
+            q1 = min(q0 + step, g.leaf_pages)
+            held = await leaves.hold(q0 * LEAVES_PER_PAGE, min(q1 * LEAVES_PER_PAGE, g.blocks))
+            try:
+                chunk = b"".join(leaves.page(p) for p in range(q0, q1))
+            finally:
+                leaves.release(held)
+            await replica.write_to(joining, g.leaf_page_offset(q0), chunk)
+
+    def close(self) -> None:
+        """An orderly close after the last commit: the tree file is synced and marked clean,
+        so the next open trusts it as it is (every node is still checked when loaded)."""
+        try:
+            if self.failed is None and not self.dirty:
+                self.tree.mark_clean(self.anchor.epoch)
+                self.carry.clear()
+                self.intent.reset(self.anchor.epoch)
+        finally:
+            self.tree.close()
 
     @staticmethod
     def _members(replica: ReplicaSet, joined: list) -> tuple[tuple[bytes, Member], ...]:

@@ -45,8 +45,10 @@ from trustvbd.blocks.integrity import (
     StaleReplicaError,
 )
 from trustvbd.blocks.layer import ReadInto, reader_into
-from trustvbd.blocks.ranges import RangeLock, describe_blocks
+from trustvbd.blocks.leaf_pages import DEFAULT_CAPACITY, LeafLocks, LeafPages
+from trustvbd.blocks.ranges import describe_blocks
 from trustvbd.blocks.replica_set import BadBlocks, Replica, ReplicaSet
+from trustvbd.blocks.tree_file import TreeFile, TreeFileError
 from trustvbd.crypt.aead import (
     BLOCK_SIZE,
     LEAF_SIZE,
@@ -56,8 +58,7 @@ from trustvbd.crypt.aead import (
     new_key_id,
 )
 from trustvbd.crypt.keys import DiskSecrets, Kek, KeyFileError, WrongKeyError
-from trustvbd.crypt.superblock import Layout
-from trustvbd.crypt.tree import HashTree
+from trustvbd.crypt.superblock import LEAVES_PER_PAGE, Layout
 from trustvbd.fileops import OS_FILES, FileOps
 
 __all__ = [
@@ -120,7 +121,7 @@ class CryptDisk:
         self._closed = False
         # Set when the commit at open failed with ENOSPC: writes wait for a commit then.
         self._out_of_space: str | None = None
-        self._locks = RangeLock()
+        self._locks = LeafLocks(commits.leaves)  # holding blocks keeps their leaf pages in
         self._scratch = memoryview(bytearray(BS))
         replicas.verifier = self
         replicas.locks = self._locks
@@ -140,17 +141,23 @@ class CryptDisk:
     async def open(cls, state_dir: Path, disk_name: str, replica: Backend, replica_name: str,
                    kek: Kek,
                    on_integrity_event: Callable[[dict], None] | None = None,
-                   aead: AeadPool | None = None, files: FileOps = OS_FILES) -> CryptDisk:
+                   aead: AeadPool | None = None, files: FileOps = OS_FILES,
+                   leaf_cache_pages: int = DEFAULT_CAPACITY) -> CryptDisk:
         """Open a disk over one replica (see open_mirrored)."""
         return await cls.open_mirrored(state_dir, disk_name, [(replica_name, replica)], kek,
-                                       on_integrity_event, aead, files)
+                                       on_integrity_event, aead, files, leaf_cache_pages)
 
     @classmethod
     async def open_mirrored(cls, state_dir: Path, disk_name: str,
                             replicas: list[tuple[str, Backend]], kek: Kek,
                             on_integrity_event: Callable[[dict], None] | None = None,
-                            aead: AeadPool | None = None, files: FileOps = OS_FILES) -> CryptDisk:
+                            aead: AeadPool | None = None, files: FileOps = OS_FILES,
+                            leaf_cache_pages: int = DEFAULT_CAPACITY) -> CryptDisk:
         """Unlock the disk and bring its replicas to a verified, committed state.
+
+        Reads each replica's superblocks and the leaf pages the intent log names;
+        other leaf pages are read when first needed, at most `leaf_cache_pages` (4 KiB
+        each) kept, so memory and open time do not grow with the disk.
 
         Formats all-zero replicas on first use (trusted epoch 0 only). With one
         replica, raises WrongKeyError, TrustedStateError, StaleReplicaError,
@@ -162,7 +169,9 @@ class CryptDisk:
         state = DiskState(Path(state_dir), disk_name, files)  # files: tests cut the power there
         bulk: BulkCipher | None = None
         rs: ReplicaSet | None = None
+        tree: TreeFile | None = None
         try:
+            state.check_format()
             secrets = state.unlock(kek)
             anchor = state.read_anchor()
             if anchor.disk_id != secrets.disk_id:
@@ -180,22 +189,17 @@ class CryptDisk:
                         f"{who} is {replica.size} bytes, but disk {disk_name!r} ({lay.logical_size} "
                         f"bytes) needs {lay.physical_size}; grow the backing file")
             events = IntegrityEvents(disk_name, on_integrity_event)
-            stored = state.read_pages(lay.leaf_pages)
-            stored_tree = HashTree(stored) if stored is not None else None
-            stored_ok = stored_tree is not None and stored_tree.root == anchor.root
+            tree = _open_tree(state, disk_name, lay, anchor.root, files)
+            leaves = LeafPages(disk_name, lay, tree, leaf_cache_pages, events.report)
             cipher = BlockCipher(secrets.data_key, secrets.disk_id)
             opened = await recover(replicas, disk_name, state, anchor, secrets.public_key, cipher,
-                                   stored if stored_ok else None)
+                                   leaves)
             for replica_name, e in opened.events:
                 events.report(e.what, replica_name, e.blocks, e.message)
             rs = ReplicaSet(disk_name, lay, opened.replicas)
             rs.epoch = anchor.epoch
-            # The usual case, a clean replica: its page hashes are the stored ones, whose tree
-            # is built already (a tree costs ~1 s per 64 GiB of disk).
-            tree = (stored_tree if stored_ok and stored_tree is not None and opened.hashes == stored
-                    else HashTree(opened.hashes))
-            commits = Commits(state, disk_name, anchor, secrets, opened.leaves, tree,
-                              opened.dirty_pages, pages_stale=not stored_ok)
+            leaves.replicas = rs
+            commits = Commits(state, disk_name, anchor, secrets, leaves, tree, {})
             self = cls(state, disk_name, rs, secrets, commits, events, aead)
             bulk = self._bulk
             try:
@@ -212,6 +216,8 @@ class CryptDisk:
                 log.error("%s; reads are served", self._out_of_space)
         except BaseException:
             state.close()
+            if tree is not None:
+                tree.close()
             if bulk is not None:
                 bulk.forget()
             raise
@@ -279,10 +285,9 @@ class CryptDisk:
         the next replica and repair here. Only with `lend` may it return a Lent.
         """
         n = b1 - b0
-        lo, hi = b0 * LEAF_SIZE, b1 * LEAF_SIZE
-        if self._leaves.count(0, lo, hi) == hi - lo:
+        if self._leaves.all_zero(b0, b1):
             return bytearray(n * BS)  # never written or zeroed: no driver involved
-        leaves = memoryview(self._leaves)[lo:hi]
+        leaves = memoryview(self._leaves.get(b0, b1))  # the range lock holds their pages
 
         async def attempt(link: Backend) -> Buffer | Lent:
             return await self._read_from(link, b0, n, leaves, lend)
@@ -344,15 +349,14 @@ class CryptDisk:
         bad = []
         for i in range(len(ciphertext) // BS):
             b = first_block + i
-            leaf = memoryview(self._leaves)[b * LEAF_SIZE:(b + 1) * LEAF_SIZE]
-            if self._cipher.decrypt(b, ciphertext[i * BS:(i + 1) * BS], leaf, self._scratch):
+            if self._cipher.decrypt(b, ciphertext[i * BS:(i + 1) * BS], self._leaves.leaf(b),
+                                    self._scratch):
                 bad.append(i)
         return bad
 
     def written(self, block: int) -> bool:
         """Verifier: whether the block has ciphertext that a replica must hold."""
-        v = leaf_version(self._leaves, block)
-        return v != 0 and v != POISON_VERSION
+        return self._leaves.written(block)
 
     async def _admit(self, r: Replica) -> bool:
         """A replica came back: is it this disk's? True if it must be rebuilt whole."""
@@ -456,7 +460,7 @@ class CryptDisk:
     async def _write_out(self, b0: int, new: bytes | bytearray, ct: memoryview, sealed: Sealed | None) -> None:
         """Intent first, then the ciphertext to the replica."""
         n = len(new) // LEAF_SIZE
-        old = self._leaves[b0 * LEAF_SIZE:(b0 + n) * LEAF_SIZE]
+        old = self._leaves.get(b0, b0 + n)
         self._note_leaves(b0, old, new, settled=False)
         start = self._lay.data_offset(b0)
         try:
@@ -505,13 +509,17 @@ class CryptDisk:
                 await self.pwrite(offset, bytes(w0 * BS - offset))
             if w1 * BS < end:
                 await self.pwrite(w1 * BS, bytes(end - w1 * BS))
-            for c0 in range(w0, w1, _DISCARD_CHUNK):
-                c1 = min(c0 + _DISCARD_CHUNK, w1)
+            # A chunk's leaf pages are held at once: at most half the leaf cache.
+            chunk = min(_DISCARD_CHUNK, max(1, self._leaves.capacity // 2) * LEAVES_PER_PAGE)
+            for c0 in range(w0, w1, chunk):
+                c1 = min(c0 + chunk, w1)
+                if self._leaves.known_empty(c0, c1):
+                    continue  # zeros already, known from the tree: nothing to load or log
                 await self._commits.enter_write()
                 try:
                     hold = await self._locks.acquire(c0, c1, True)
                     try:
-                        old = self._leaves[c0 * LEAF_SIZE:c1 * LEAF_SIZE]
+                        old = self._leaves.get(c0, c1)
                         if old.count(0) != len(old):
                             self._note_leaves(c0, old, bytes(len(old)), settled=True)
                         if forward:  # space reclaim only; leaves already say "zeros"
@@ -546,7 +554,10 @@ class CryptDisk:
                 await self._commit()
         finally:
             self._closed = True
-            self._state.close()
+            try:
+                self._commits.close()
+            finally:
+                self._state.close()
             if self._bulk is not None:
                 self._bulk.forget()
             await self._replica.close()
@@ -582,8 +593,7 @@ class CryptDisk:
                 continue
             ct = memoryview(await self._read_exact(self._lay.data_offset(b), BS))
             out = memoryview(bytearray(BS))
-            lo = b * LEAF_SIZE
-            if self._cipher.decrypt(b, ct, memoryview(self._leaves)[lo:lo + LEAF_SIZE], out):
+            if self._cipher.decrypt(b, ct, self._leaves.leaf(b), out):
                 self._adopt_unsure(b, ct, out)
             self._unsure.pop(b, None)
 
@@ -593,6 +603,13 @@ class CryptDisk:
             raise BlockError(errno.EIO, f"disk {self.name!r}: a replica returned {len(data)} "
                              f"bytes for a {length}-byte read at {offset}")
         return bytes(data)
+
+
+def _open_tree(state: DiskState, disk: str, lay: Layout, root: bytes, files: FileOps) -> TreeFile:
+    try:
+        return TreeFile(state.tree_path, disk, lay.leaf_pages, root, files)
+    except TreeFileError as exc:
+        raise TrustedStateError(str(exc)) from exc
 
 
 def _release(result: Buffer | Lent) -> None:

@@ -1,11 +1,13 @@
 """Opening a disk: judging one replica against the trusted anchor and intent log.
 
-Nothing here writes to a replica or to trusted state; it reads one replica and
-says what the trusted leaf table is, which leaf pages must be rewritten, and
-what it found wrong (as events for the caller to report). So it can run on each
-replica of a mirrored disk in turn. Raises StaleReplicaError,
-ForeignReplicaError, TrustedStateError or IntegrityError when a replica cannot
-serve.
+Nothing here writes to a replica. It reads each replica's superblocks and only
+the leaf pages the intent log names (the rest are loaded on demand and checked
+against the trusted tree: leaf_pages.py), puts those pages in the leaf cache as
+recovered, and says what it found wrong (as events for the caller to report).
+Only a replica presenting an older epoch than the anchor has its whole leaf
+table compared with the tree: is it stale, or is just its superblock damaged?
+Raises StaleReplicaError, ForeignReplicaError, TrustedStateError or
+IntegrityError when a replica cannot serve.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from trustvbd.blockdev import Backend, BlockError, Breakable
@@ -25,12 +27,14 @@ from trustvbd.blocks.integrity import (
     StaleReplicaError,
 )
 from trustvbd.blocks.layer import reader_into
+from trustvbd.blocks.leaf_pages import LeafPages, read_page
 from trustvbd.blocks.ranges import describe_blocks, runs
 from trustvbd.blocks.replica_set import Replica, State
+from trustvbd.blocks.tree_file import TreeFile
 from trustvbd.crypt import superblock as sbfmt
 from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE, POISON_LEAF, POISON_VERSION, BlockCipher, leaf_version
 from trustvbd.crypt.superblock import LEAVES_PER_PAGE, SLOT_SIZE, Layout, SlotKind
-from trustvbd.crypt.tree import HASH_SIZE, page_hash, root_from_level
+from trustvbd.crypt.tree import page_hash
 
 log = logging.getLogger(__name__)
 
@@ -57,32 +61,31 @@ class Progress:
             log.info("%s: %d %% (%.0f s)", self.what, 100 * done // self.total, now - self._start)
 
 
-def page_hashes(table: bytes | bytearray | memoryview, pages: int, progress: Progress) -> bytes:
-    """Tree level 0 of a leaf table, saying how far it got on a big disk."""
-    def hashes() -> Iterator[bytes]:
-        for p in range(pages):
-            if p % 4096 == 0:
-                progress(p)
-            yield page_hash(p, table[p * BS:(p + 1) * BS])
-    return b"".join(hashes())
-
-
 @dataclass
 class Intents:
     """The intent log read back: each named block's committed leaf (the old leaf of its
-    first record) and its uncommitted candidate leaves, oldest first."""
+    first record) and its uncommitted candidate leaves, oldest first; and the page
+    hashes the tree file may lack (redo)."""
 
     committed: dict[int, bytes] = field(default_factory=dict)
     candidates: dict[int, list[bytes]] = field(default_factory=dict)
+    redo: dict[int, bytes] = field(default_factory=dict)
 
 
 def read_intents(log: IntentLog, anchor: Anchor, lay: Layout) -> Intents:
-    base, records = log.read()
+    got = log.read()
+    base, records = got.base_epoch, got.records
     if base is not None and base > anchor.epoch:
         raise TrustedStateError(f"{log.path} continues epoch {base}, beyond the anchor's {anchor.epoch}")
     if base != anchor.epoch:
         records = []  # already committed (a crash after the anchor) or empty
     out = Intents()
+    for t in got.trees:
+        if t.epoch <= anchor.epoch:  # a later one: its commit never reached the anchor
+            for p, h in t.hashes.items():
+                if p >= lay.leaf_pages:
+                    raise TrustedStateError(f"{log.path} names leaf page {p}, past the end")
+                out.redo[p] = h
     for r in records:
         for i in range(len(r.new) // LEAF_SIZE):
             b = r.first_block + i
@@ -94,22 +97,24 @@ def read_intents(log: IntentLog, anchor: Anchor, lay: Layout) -> Intents:
     return out
 
 
+def check_tree(state: DiskState, tree: TreeFile, anchor: Anchor, intents: Intents) -> None:
+    """The tree file as the anchor has it: marked clean with the anchor's root (an orderly
+    close), or made so by the page hashes the intent log carries (after a power cut)."""
+    clean, _, root = tree.header()
+    if clean and root == anchor.root:
+        return
+    if not tree.redo(intents.redo):
+        raise TrustedStateError(
+            f"disk {state.name!r}: the trusted tree file {state.tree_path} does not hash to the "
+            "anchor's root even after replaying the intent log (damaged, or restored from "
+            "another backup than the anchor); restore the trusted state directory")
+
+
 @dataclass
 class Event:
     what: str
     blocks: list[int]
     message: str
-
-
-@dataclass
-class Verdict:
-    """What one replica says, once checked: its leaf table as the trusted state allows it."""
-
-    fresh: bool            # all blank: format it (trusted epoch 0 only)
-    table: bytearray       # the committed leaf table (uncommitted changes undone)
-    hashes: bytes          # tree level 0 to start from (committed page hashes)
-    dirty_pages: set[int]  # leaf pages to rewrite at the next commit
-    events: list[Event] = field(default_factory=list)
 
 
 def describe(disk: str, replica: str) -> str:
@@ -126,87 +131,77 @@ async def read_exact(replica: Backend, who: str, offset: int, length: int) -> by
 
 @dataclass
 class Survey:
-    """A replica's superblock slots and leaf table as read, before the intent log is applied."""
+    """A replica's superblock slots as read."""
 
     who: str
     disk: str
     replica: str
     slots: list[sbfmt.Slot]
-    table: bytearray
     fresh: bool
     presented: int | None  # newest valid epoch shown, or None
 
 
 async def survey_replica(replica: Backend, disk: str, replica_name: str, anchor: Anchor,
                          public_key: bytes, allow_blank: bool = False) -> Survey:
-    """Read `replica`'s slots and leaf table; refuse it if it is foreign, ahead of the
-    anchor, or (unless `allow_blank`: a mirror can rebuild it) blank-but-stale."""
-    g = Layout(anchor.logical_size)
+    """Read `replica`'s slots; refuse it if it is foreign, ahead of the anchor, or
+    (unless `allow_blank`: a mirror can rebuild it) blank-but-stale."""
     who = describe(disk, replica_name)
     raw = await read_exact(replica, who, 0, 2 * SLOT_SIZE)
     slots = [sbfmt.parse(raw[i * SLOT_SIZE:(i + 1) * SLOT_SIZE], i, public_key, anchor.disk_id)
              for i in range(2)]
-    table = bytearray(g.leaf_table_size)
-    view, read_into = memoryview(table), reader_into(replica)
-    progress = Progress(f"disk {disk!r}: reading the leaf table from {replica_name!r}", len(table))
-    for at in range(0, len(table), TABLE_READ):
-        progress(at)
-        await read_into(g.leaf_start + at, view[at:at + TABLE_READ])
-    fresh, presented = await _judge_slots(replica, who, anchor, slots, table, allow_blank)
-    return Survey(who, disk, replica_name, slots, table, fresh, presented)
+    fresh, presented = await _judge_slots(replica, who, anchor, slots, allow_blank)
+    return Survey(who, disk, replica_name, slots, fresh, presented)
 
 
-def judge_table(survey: Survey, anchor: Anchor, intents: Intents,
-                stored_pages: bytes | None) -> Verdict:
-    """The trusted leaf table from a surveyed replica, or StaleReplicaError/IntegrityError.
+async def altered_pages(replica: Backend, survey: Survey, tree: TreeFile, g: Layout,
+                        intents: Intents) -> list[int]:
+    """Leaf pages of the replica that differ from the trusted tree (uncommitted changes
+    undone): the whole table, read in pieces, saying how far it got on a big disk."""
+    progress = Progress(f"disk {survey.disk!r}: checking the leaf table of {survey.replica!r}",
+                        g.leaf_pages)
+    step = TABLE_READ // BS
+    bad = []
+    read_into = reader_into(replica)
+    for q0 in range(0, g.leaf_pages, step):
+        progress(q0)
+        q1 = min(q0 + step, g.leaf_pages)
+        chunk = bytearray((q1 - q0) * BS)
+        await read_into(g.leaf_page_offset(q0), memoryview(chunk))
+        for b, leaf in intents.committed.items():
+            if q0 <= b // LEAVES_PER_PAGE < q1:
+                at = (b - q0 * LEAVES_PER_PAGE) * LEAF_SIZE
+                chunk[at:at + LEAF_SIZE] = leaf
+        for p in range(q0, q1):
+            if page_hash(p, memoryview(chunk)[(p - q0) * BS:(p - q0 + 1) * BS]) != tree.leaf(p):
+                bad.append(p)
+    return bad
 
-    `stored_pages`: the trusted committed page hashes if they match the anchor's
-    root, else None (then damage cannot be confined to some pages). The verdict
-    takes the survey's table over (no copy: a big disk's table is big).
-    """
-    g = Layout(anchor.logical_size)
+
+def judge(survey: Survey, anchor: Anchor, bad_pages: list[int] | None) -> list[Event]:
+    """Events for a replica that may serve; StaleReplicaError if it may not.
+
+    `bad_pages`: the leaf pages that differ from the tree when the whole table was
+    compared (a replica presenting an older epoch), else None."""
     who, slots, presented = survey.who, survey.slots, survey.presented
-    table = survey.table
-    for b, leaf in intents.committed.items():  # undo what was not committed
-        table[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = leaf
-
-    hashes = page_hashes(table, g.leaf_pages, Progress(f"disk {survey.disk!r}: checking the leaf "
-                                                       f"table of {survey.replica!r}", g.leaf_pages))
-    dirty = {b // LEAVES_PER_PAGE for b in intents.committed}
-    verdict = Verdict(survey.fresh, table, hashes, dirty)
-    # The stored hashes already match the anchor's root: equal hashes need no second tree.
-    if hashes == stored_pages or root_from_level(hashes, 0) == anchor.root:
-        damaged = [(i, s) for i, s in enumerate(slots) if s.kind not in (SlotKind.VALID, SlotKind.BLANK)]
-        if not survey.fresh and (damaged or presented is None or presented < anchor.epoch):
-            why = "; ".join(f"slot {i}: {s.reason}" for i, s in damaged)
-            verdict.events.append(Event(
-                "superblock", [], f"superblock damaged or outdated on {who} (presents epoch "
-                f"{presented}, trusted {anchor.epoch}; {why}); the leaf table is intact and the "
-                "superblock is rewritten"))
-    elif presented is None or presented < anchor.epoch:
+    if survey.fresh:
+        return []
+    damaged = [(i, s) for i, s in enumerate(slots) if s.kind not in (SlotKind.VALID, SlotKind.BLANK)]
+    behind = presented is None or presented < anchor.epoch
+    if behind and bad_pages:
         shown = "no valid superblock" if presented is None else f"epoch {presented}"
         raise StaleReplicaError(
             f"{who} is stale: it presents {shown} but the trusted epoch is {anchor.epoch}; it "
             "will not be served (resync it from a current replica)")
-    elif stored_pages is None:
-        raise IntegrityError(
-            f"the leaf table of {who} does not match the trusted root, and the trusted page "
-            "hashes needed to confine the damage are missing; refusing to serve this replica",
-            disk=survey.disk, replica=survey.replica)
-    else:
-        bad_pages, lost = _confine_damage(g, table, hashes, stored_pages, intents.committed)
-        verdict.dirty_pages.update(bad_pages)
-        verdict.hashes = stored_pages  # the tree holds the committed pages until the next commit
-        verdict.events.append(Event(
-            "leaf table", lost,
-            f"leaf pages {describe_blocks(bad_pages)} of {who} were altered; blocks "
-            f"{describe_blocks(lost)} can no longer be verified and will fail reads until "
-            "rewritten (resync from another replica to restore them)"))
-    return verdict
+    if damaged or behind:
+        why = "; ".join(f"slot {i}: {s.reason}" for i, s in damaged)
+        return [Event("superblock", [], f"superblock damaged or outdated on {who} (presents epoch "
+                      f"{presented}, trusted {anchor.epoch}; {why}); the leaf table is intact and "
+                      "the superblock is rewritten")]
+    return []
 
 
 async def _judge_slots(replica: Backend, who: str, a: Anchor, slots: list[sbfmt.Slot],
-                       table: bytearray, allow_blank: bool) -> tuple[bool, int | None]:
+                       allow_blank: bool) -> tuple[bool, int | None]:
     """Refuse replicas that are blank-but-stale, foreign, or ahead of the anchor.
 
     Returns (fresh: format it, newest valid epoch presented or None).
@@ -218,7 +213,7 @@ async def _judge_slots(replica: Backend, who: str, a: Anchor, slots: list[sbfmt.
             raise StaleReplicaError(
                 f"{who} is blank (presents epoch 0) but the trusted epoch is {a.epoch}: it was "
                 "wiped or replaced; resync it from a current replica")
-        if table.count(0) != len(table) or not await data_sample_blank(replica, who, Layout(a.logical_size)):
+        if not await sample_blank(replica, who, Layout(a.logical_size)):
             raise ForeignReplicaError(
                 f"{who} holds data but no trustvbd superblock; refusing to format over data that "
                 "is not ours (give the disk an empty backing file)")
@@ -239,27 +234,13 @@ async def _judge_slots(replica: Backend, who: str, a: Anchor, slots: list[sbfmt.
     return fresh, presented
 
 
-def _confine_damage(g: Layout, table: bytearray, hashes: bytes, stored: bytes,
-                    committed: dict[int, bytes]) -> tuple[list[int], list[int]]:
-    """Leaf pages the replica altered (per the trusted page hashes): their blocks are
-    marked lost, except those whose committed leaf the intent log still holds.
-    Returns (bad pages, lost blocks)."""
-    bad_pages = [p for p in range(g.leaf_pages)
-                 if hashes[p * HASH_SIZE:(p + 1) * HASH_SIZE] != stored[p * HASH_SIZE:(p + 1) * HASH_SIZE]]
-    lost = []
-    for p in bad_pages:
-        table[p * BS:(p + 1) * BS] = bytes(BS)
-        for b in g.leaf_page_blocks(p * LEAVES_PER_PAGE):
-            if b in committed:
-                table[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = committed[b]
-            else:
-                table[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = POISON_LEAF
-                lost.append(b)
-    return bad_pages, lost
-
-
-async def data_sample_blank(replica: Backend, who: str, g: Layout) -> bool:
-    """Spot-check that a blank-looking replica has no data where blocks go."""
+async def sample_blank(replica: Backend, who: str, g: Layout) -> bool:
+    """Spot-check that a blank-looking replica has no leaves or data where ours go (17
+    leaf pages and 17 blocks: reading all of a 16 TiB replica is not an option)."""
+    pages = sorted({0, g.leaf_pages - 1, *(i * g.leaf_pages // 16 for i in range(16))})
+    for p in pages:
+        if (await read_exact(replica, who, g.leaf_page_offset(p), BS)).count(0) != BS:
+            return False
     picks = sorted({0, g.blocks - 1, *(i * g.blocks // 16 for i in range(16))})
     for b in picks:
         data = await read_exact(replica, who, g.data_offset(b), BS)
@@ -298,12 +279,63 @@ async def choose_versions(replica: Backend, who: str, g: Layout, cipher: BlockCi
     return chosen
 
 
-def apply_versions(leaves: bytearray, intents: Intents, chosen: dict[int, int]) -> None:
+def apply_versions(leaves: LeafPages, intents: Intents, chosen: dict[int, int]) -> None:
     """Put each block's chosen leaf in the table (none verified: the committed one stays;
     reads will report it)."""
     for b, rank in chosen.items():
         if rank > 0:
-            leaves[b * LEAF_SIZE:(b + 1) * LEAF_SIZE] = intents.candidates[b][rank - 1]
+            leaves.set(b, intents.candidates[b][rank - 1])
+
+
+async def load_logged_pages(disk: str, g: Layout, leaves: LeafPages, sources: list[Replica],
+                            intents: Intents) -> list[tuple[str, Event]]:
+    """The leaf pages the intent log names, with its uncommitted leaves undone, checked
+    against the tree; kept as changed (the next commit rewrites them). A page no
+    source has right loses its blocks, except those whose committed leaf the log holds."""
+    events: list[tuple[str, Event]] = []
+    pages = sorted({b // LEAVES_PER_PAGE for b in intents.committed})
+    for p in pages:
+        want = leaves.tree.leaf(p)
+        got: bytearray | None = None
+        for r in sources:
+            page = await read_page(r.link, g, p)
+            for b in g.leaf_page_blocks(p * LEAVES_PER_PAGE):
+                leaf = intents.committed.get(b)
+                if leaf is not None:
+                    at = (b - p * LEAVES_PER_PAGE) * LEAF_SIZE
+                    page[at:at + LEAF_SIZE] = leaf
+            if page_hash(p, page) == want:
+                got = page
+                break
+            lost = [b for b in g.leaf_page_blocks(p * LEAVES_PER_PAGE) if b not in intents.committed]
+            events.append((r.name, Event(
+                "leaf table", lost,
+                f"leaf page {p} of {describe(disk, r.name)} was altered; blocks "
+                f"{describe_blocks(lost)} can no longer be verified and will fail reads until "
+                "rewritten (resync from another replica to restore them)")))
+        if got is None:
+            got = bytearray(POISON_LEAF * LEAVES_PER_PAGE)
+            for b in g.leaf_page_blocks(p * LEAVES_PER_PAGE):
+                leaf = intents.committed.get(b)
+                if leaf is not None:
+                    at = (b - p * LEAVES_PER_PAGE) * LEAF_SIZE
+                    got[at:at + LEAF_SIZE] = leaf
+        leaves.put(p, got, dirty=True)
+    return events
+
+
+async def written_blocks(leaves: LeafPages) -> list[int]:
+    """Every block with ciphertext: only pages the tree knows are not empty are read."""
+    g = leaves.lay
+    out = []
+    pages = sorted(set(leaves.tree.nonempty_pages()) | set(leaves.dirty_pages()))
+    for p in pages:
+        held = await leaves.hold(p * LEAVES_PER_PAGE, min((p + 1) * LEAVES_PER_PAGE, g.blocks))
+        try:
+            out += [b for b in g.leaf_page_blocks(p * LEAVES_PER_PAGE) if leaves.written(b)]
+        finally:
+            leaves.release(held)
+    return out
 
 
 # ---------------------------------------------------------------- a mirrored disk
@@ -311,18 +343,16 @@ def apply_versions(leaves: bytearray, intents: Intents, chosen: dict[int, int]) 
 
 @dataclass
 class Opened:
-    """The trusted leaf table recovered from the replicas, and what each replica is."""
+    """What each replica is, and what was found wrong; the leaf cache holds the
+    recovered pages."""
 
-    leaves: bytearray
-    hashes: bytes
-    dirty_pages: set[int]
     replicas: list[Replica]
     events: list[tuple[str, Event]]  # (replica name, event)
 
 
 async def recover(links: list[tuple[str, Backend]], disk: str, state: DiskState, anchor: Anchor,
-                  public_key: bytes, cipher: BlockCipher, stored_pages: bytes | None) -> Opened:
-    """Judge every replica; the table comes from one the anchor lists as current.
+                  public_key: bytes, cipher: BlockCipher, leaves: LeafPages) -> Opened:
+    """Judge every replica; leaf pages come from ones the anchor lists as current.
 
     Replicas the anchor does not list as current, blank ones, and ones that lack a
     recovered block version come back degraded (to be resynced, never served);
@@ -352,7 +382,8 @@ async def recover(links: list[tuple[str, Backend]], disk: str, state: DiskState,
             refusals.append(exc)
 
     intents = read_intents(state.open_intent(), anchor, g)
-    verdicts: dict[str, Verdict] = {}
+    check_tree(state, leaves.tree, anchor, intents)
+    serving: list[Replica] = []
     for r in replicas:
         sv = surveys.get(r.name)
         if sv is None:
@@ -365,29 +396,26 @@ async def recover(links: list[tuple[str, Backend]], disk: str, state: DiskState,
             r.state, r.last_error = State.DEGRADED, f"behind at epoch {sv.presented}"
             continue
         try:
-            verdicts[r.name] = judge_table(sv, anchor, intents, stored_pages)
+            behind = not sv.fresh and (sv.presented is None or sv.presented < anchor.epoch)
+            bad = await altered_pages(r.link, sv, leaves.tree, g, intents) if behind else None
+            events += [(r.name, e) for e in judge(sv, anchor, bad)]
+            serving.append(r)
         except (StaleReplicaError, IntegrityError) as exc:
             refusals.append(exc)
             r.state, r.last_error = State.DEGRADED, str(exc)
             rebuild.add(r.name)
             if recorded:  # the anchor says it took epoch E; it shows less
                 events.append((r.name, Event("rollback", [], str(exc))))
-    exact = [n for n, v in verdicts.items() if not any(e.what == "leaf table" for e in v.events)]
-    if not verdicts:
+        except BlockError as exc:
+            refusals.append(exc)
+            r.state, r.last_error = State.DEGRADED, str(exc)
+    if not serving:
         if refusals:
             raise refusals[0]
         listed = [n for n, _ in links if anchor.lists_current(n)]
         raise StaleReplicaError(f"disk {disk!r}: no replica the trusted anchor lists as current "
                                 f"({', '.join(listed) or 'none'}) is reachable")
-    source = verdicts[exact[0] if exact else next(iter(verdicts))]
-    for r in replicas:
-        v = verdicts.get(r.name)
-        if v is None:
-            continue
-        events += [(r.name, e) for e in v.events]
-        if exact and r.name not in exact:  # its leaf pages were altered: rewrite them all
-            r.state, r.last_error = State.DEGRADED, "leaf table altered"
-    leaves = bytearray(source.table)
+    events += await load_logged_pages(disk, g, leaves, serving, intents)
 
     # Blocks written since the last commit: the newest version any current replica holds.
     current = [r for r in replicas if r.state is State.CURRENT]
@@ -405,7 +433,7 @@ async def recover(links: list[tuple[str, Backend]], disk: str, state: DiskState,
     apply_versions(leaves, intents, best)
     await _even_out(disk, g, cipher, leaves, [r for r in current if r.name in chosen], chosen, best)
 
-    written = [b for b in range(g.blocks) if leaves[b * LEAF_SIZE:(b + 1) * LEAF_SIZE].count(0) != LEAF_SIZE]
+    written: list[int] | None = None
     for r in replicas:
         if r.state is State.CURRENT:
             r.behind_since = anchor.epoch
@@ -421,12 +449,29 @@ async def recover(links: list[tuple[str, Backend]], disk: str, state: DiskState,
         else:
             rebuild.add(r.name)
         if r.name in rebuild:
+            if written is None:
+                leaves.replicas = _Serving(serving)
+                written = await written_blocks(leaves)
             r.dirty.update(written)
         r.dirty.update(intents.candidates)  # uncommitted writes it may not have
-    return Opened(leaves, source.hashes, source.dirty_pages, replicas, events)
+    return Opened(replicas, events)
 
 
-async def _even_out(disk: str, g: Layout, cipher: BlockCipher, leaves: bytearray,
+class _Serving:
+    """Where leaf pages come from before the replica set exists."""
+
+    def __init__(self, current: list[Replica]) -> None:
+        self._current = current
+
+    @property
+    def current(self) -> list[Replica]:
+        return [r for r in self._current if r.state is State.CURRENT]
+
+    def degrade(self, r: Replica, blocks: Iterable[int], why: str) -> None:
+        r.state, r.last_error = State.DEGRADED, why
+
+
+async def _even_out(disk: str, g: Layout, cipher: BlockCipher, leaves: LeafPages,
                     current: list[Replica], chosen: dict[str, dict[int, int]],
                     best: dict[int, int]) -> None:
     """A crash in a write that reached only some replicas: copy each block's chosen
@@ -438,11 +483,9 @@ async def _even_out(disk: str, g: Layout, cipher: BlockCipher, leaves: bytearray
             for b in lacking:
                 source = next(s for s in current if chosen[s.name].get(b) == best[b])
                 ct = await read_exact(source.link, describe(disk, source.name), g.data_offset(b), BS)
-                leaf = memoryview(leaves)[b * LEAF_SIZE:(b + 1) * LEAF_SIZE]
-                if cipher.decrypt(b, memoryview(ct), leaf, scratch):
+                if cipher.decrypt(b, memoryview(ct), leaves.leaf(b), scratch):
                     raise BlockError(errno.EIO, f"block {b} changed on replica {source.name!r}")
                 await r.link.pwrite(g.data_offset(b), ct)
         except BlockError as exc:
             r.state, r.last_error = State.DEGRADED, f"lacks recent blocks: {exc}"
             r.dirty.update(lacking)
-

@@ -5,7 +5,7 @@
     STATE_DIR/disks/NAME/disk.pub  raw 32-byte Ed25519 public key (for offline verify)
     STATE_DIR/disks/NAME/anchor    last committed epoch, root, counter reservation
     STATE_DIR/disks/NAME/intent.log  leaf changes since the last commit
-    STATE_DIR/disks/NAME/pages     committed leaf-page hashes (localises damage)
+    STATE_DIR/disks/NAME/tree      the hash tree over the leaf pages (tree_file.py)
     STATE_DIR/disks/NAME/behind/R  blocks replica R missed while it was behind
 
 Nothing here is sent to a driver. Byte layouts are in docs/format.md. The keys
@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trustvbd.blocks import anchor_file
+from trustvbd.blocks import anchor_file, tree_file
 from trustvbd.crypt.keys import (
     KEK_FILE,
     DiskSecrets,
@@ -42,7 +42,7 @@ from trustvbd.crypt.keys import (
     seal_keys,
 )
 from trustvbd.crypt.superblock import Layout
-from trustvbd.crypt.tree import HASH_SIZE, HashTree, page_hash
+from trustvbd.crypt.tree import HASH_SIZE
 from trustvbd.fileops import OS_FILES, FileOps, make_dirs, write_file_atomic
 
 __all__ = ["write_file_atomic"]  # where callers have always found it
@@ -166,9 +166,11 @@ def decode_dirty_map(raw: bytes, blocks: int) -> tuple[int, set[int]] | None:
 
 _LOG_HEADER = struct.Struct(">8sIIQI")
 _LOG_MAGIC = b"TVBDINTL"
-_LOG_VERSION = 1
+_LOG_VERSION = 2
 _REC_HEAD = struct.Struct(">4sIQ")
 _REC_MAGIC = b"IREC"
+_TREE_MAGIC = b"TREC"
+_TREE_ENTRY = 8 + HASH_SIZE
 
 
 @dataclass(frozen=True)
@@ -180,8 +182,24 @@ class IntentRecord:
     new: bytes
 
 
+@dataclass(frozen=True)
+class TreeRecord:
+    """Page hashes as of the commit of `epoch`, which the tree file may not hold yet."""
+
+    epoch: int
+    hashes: dict[int, bytes]
+
+
+@dataclass
+class LogContents:
+    base_epoch: int | None
+    records: list[IntentRecord]
+    trees: list[TreeRecord]
+
+
 class IntentLog:
-    """Append-only record of leaf changes since the commit of `base_epoch`."""
+    """Append-only record of leaf changes since the commit of `base_epoch`, and of page
+    hashes the tree file may not hold yet (written after the anchor, without fsync)."""
 
     def __init__(self, path: Path, ops: FileOps = OS_FILES) -> None:
         self.path = path
@@ -193,14 +211,25 @@ class IntentLog:
             self._ops.close(self._fd)
             self._fd = -1
 
-    def reset(self, base_epoch: int) -> None:
+    def reset(self, base_epoch: int, carry: dict[int, bytes] | None = None) -> None:
         """Empty the log; what follows changes the state committed as `base_epoch`.
+        `carry`: page hashes the tree file may still lack (one tree record).
 
         Not synced: until the next sync() the old records stay durable, and those
-        are obsolete once the anchor of `base_epoch` is (it was synced first)."""
+        are obsolete once the anchor of `base_epoch` is (it was synced first); the
+        old log's tree records hold at least what `carry` holds."""
         self._ops.ftruncate(self._fd, 0)
         head = _LOG_HEADER.pack(_LOG_MAGIC, _LOG_VERSION, 0, base_epoch, 0)
-        self._ops.write(self._fd, head + struct.pack(">I", zlib.crc32(head)))
+        out = head + struct.pack(">I", zlib.crc32(head))
+        if carry:
+            out += encode_tree_record(base_epoch, carry)
+        self._ops.write(self._fd, out)
+
+    def append_tree(self, epoch: int, hashes: dict[int, bytes]) -> None:
+        """The page hashes the commit of `epoch` is about to make (before its anchor)."""
+        rec = encode_tree_record(epoch, hashes)
+        if self._ops.write(self._fd, rec) != len(rec):
+            raise OSError(f"short write to {self.path}")
 
     def sync(self) -> None:
         """Make every record appended so far survive a power cut (once per commit)."""
@@ -218,8 +247,8 @@ class IntentLog:
         if self._ops.write(self._fd, rec) != len(rec):
             raise OSError(f"short write to {self.path}")
 
-    def read(self) -> tuple[int | None, list[IntentRecord]]:
-        """(base epoch or None if the log is empty/unreadable, whole records in order).
+    def read(self) -> LogContents:
+        """The base epoch (None if the log is empty/unreadable) and the whole records.
 
         A torn tail (a crash inside the last append) is dropped: that request's
         ciphertext was never sent, since the record is written first.
@@ -227,30 +256,47 @@ class IntentLog:
         raw = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
         hsize = _LOG_HEADER.size + 4
         if len(raw) < hsize or zlib.crc32(raw[:_LOG_HEADER.size]) != _crc_at(raw, hsize - 4):
-            return None, []
+            return LogContents(None, [], [])
         magic, version, _, base_epoch, _ = _LOG_HEADER.unpack_from(raw)
         if magic != _LOG_MAGIC or version != _LOG_VERSION:
+            if magic == _LOG_MAGIC and version == 1:
+                raise TrustedStateError(
+                    f"{self.path} is a version-1 intent log (trustvbd format 1); this trustvbd "
+                    "reads format 2 only: copy the disk's data to a new disk with the trustvbd "
+                    "that made it")
             raise TrustedStateError(f"{self.path} is not a version-{_LOG_VERSION} intent log")
-        records = []
+        out = LogContents(base_epoch, [], [])
         off = hsize
         while off + _REC_HEAD.size <= len(raw):
             magic, count, first = _REC_HEAD.unpack_from(raw, off)
-            end = off + _REC_HEAD.size + 64 * count + 4
-            if magic != _REC_MAGIC or end > len(raw):
+            size = 64 * count if magic == _REC_MAGIC else _TREE_ENTRY * count
+            end = off + _REC_HEAD.size + size + 4
+            if magic not in (_REC_MAGIC, _TREE_MAGIC) or end > len(raw):
                 break
             if zlib.crc32(raw[off:end - 4]) != _crc_at(raw, end - 4):
                 break
             body = off + _REC_HEAD.size
-            records.append(IntentRecord(first, raw[body:body + 32 * count],
-                                        raw[body + 32 * count:end - 4]))
+            if magic == _REC_MAGIC:
+                out.records.append(IntentRecord(first, raw[body:body + 32 * count],
+                                                raw[body + 32 * count:end - 4]))
+            else:
+                hashes = {}
+                for i in range(count):
+                    at = body + i * _TREE_ENTRY
+                    hashes[int.from_bytes(raw[at:at + 8], "big")] = raw[at + 8:at + _TREE_ENTRY]
+                out.trees.append(TreeRecord(first, hashes))
             off = end
-        return base_epoch, records
+        return out
+
+
+def encode_tree_record(epoch: int, hashes: dict[int, bytes]) -> bytes:
+    rec = bytearray(_REC_HEAD.pack(_TREE_MAGIC, len(hashes), epoch))
+    for p in sorted(hashes):
+        rec += p.to_bytes(8, "big") + hashes[p]
+    return bytes(rec + struct.pack(">I", zlib.crc32(rec)))
 
 
 # ---------------------------------------------------------------- one disk's state
-
-_PAGES_HEADER = struct.Struct(">8sII")
-_PAGES_MAGIC = b"TVBDPAGE"
 
 
 class DiskState:
@@ -265,8 +311,8 @@ class DiskState:
         self.pub_path = self.dir / "disk.pub"
         self.anchor_path = self.dir / "anchor"
         self.intent_path = self.dir / "intent.log"
-        self.pages_path = self.dir / "pages"
-        self._pages_fd = -1
+        self.tree_path = self.dir / "tree"
+        self.old_pages_path = self.dir / "pages"  # format 1
         self._behind_durable = False
         self._anchor_slots: anchor_file.AnchorSlots | None = None
         self.intent: IntentLog | None = None
@@ -352,51 +398,21 @@ class DiskState:
             self.intent = IntentLog(self.intent_path, self.ops)
         return self.intent
 
-    def read_pages(self, count: int) -> bytes | None:
-        """The stored committed page hashes, or None if absent or the wrong shape."""
-        try:
-            raw = self.pages_path.read_bytes()
-        except FileNotFoundError:
-            return None
-        if len(raw) != _PAGES_HEADER.size + count * HASH_SIZE:
-            return None
-        if _PAGES_HEADER.unpack_from(raw) != (_PAGES_MAGIC, 1, count):
-            return None
-        return raw[_PAGES_HEADER.size:]
-
-    def write_pages(self, hashes: bytes | bytearray) -> None:
-        count = len(hashes) // HASH_SIZE
-        self._close_pages()
-        write_file_atomic(self.pages_path, _PAGES_HEADER.pack(_PAGES_MAGIC, 1, count) + hashes,
-                          self.ops)
-
-    def update_pages(self, changes: dict[int, bytes]) -> None:
-        """Overwrite some entries in place. No fsync: the file is checked against
-        the anchor's root at open and rebuilt if it lags, so it is only a hint."""
-        if self._pages_fd < 0:
-            self._pages_fd = self.ops.open(self.pages_path, os.O_WRONLY)
-        for index, h in changes.items():
-            self.ops.pwrite(self._pages_fd, h, _PAGES_HEADER.size + index * HASH_SIZE)
-
-    def _close_pages(self) -> None:
-        if self._pages_fd >= 0:
-            self.ops.close(self._pages_fd)
-            self._pages_fd = -1
+    def check_format(self) -> None:
+        """Refuse a disk made by format 1 (a `pages` file, no `tree`): no migration."""
+        if not self.tree_path.exists() and self.old_pages_path.exists():
+            raise TrustedStateError(
+                f"disk {self.name!r} is in trustvbd format 1 ({self.old_pages_path} and no "
+                f"{self.tree_path.name}); this trustvbd reads format 2 only and does not migrate: "
+                "copy the disk's data to a new disk with the trustvbd that made it")
 
     def close(self) -> None:
-        self._close_pages()
         if self._anchor_slots is not None:
             self._anchor_slots.close()
             self._anchor_slots = None
         if self.intent is not None:
             self.intent.close()
             self.intent = None
-
-
-def empty_page_hashes(layout: Layout) -> bytes:
-    """Page hashes of a never-written disk (all leaves zero)."""
-    zero = bytes(4096)
-    return b"".join(page_hash(i, zero) for i in range(layout.leaf_pages))
 
 
 def create_disk_state(state_dir: Path, disk_name: str, logical_size: int, kek: Kek,
@@ -412,10 +428,9 @@ def create_disk_state(state_dir: Path, disk_name: str, logical_size: int, kek: K
             f"disk {disk_name!r} already exists in {state.dir}; refusing to replace its keys")
     make_dirs(state.dir, ops)  # its entry (and disks/'s) must outlive a power cut, as its files
     secrets = DiskSecrets.generate()
-    hashes = empty_page_hashes(layout)
     write_file_atomic(state.pub_path, secrets.public_key, ops)
-    state.write_pages(hashes)
-    state.write_anchor(Anchor(secrets.disk_id, logical_size, 0, 1, HashTree(hashes).root))
+    root = tree_file.create(state.tree_path, layout.leaf_pages, ops)  # a hole: no O(disk) work
+    state.write_anchor(Anchor(secrets.disk_id, logical_size, 0, 1, root))
     state.open_intent().reset(0)
     state.close()
     # The keys file last: a crash before this leaves a directory `create` can retry.

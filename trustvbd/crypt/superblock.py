@@ -22,7 +22,7 @@ SLOT_SIZE = 4096
 SLOTS = 2
 LEAVES_PER_PAGE = BLOCK_SIZE // LEAF_SIZE  # 128
 MAGIC = b"TVBDSUPR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: an all-zero leaf page hashes as the empty leaf (docs/format.md)
 _CONTEXT = b"trustvbd-superblock-v1\x00"
 _FIXED = struct.Struct(">8sII16sQQQQQQ32s32sII")
 _TOP_OFFSET = _FIXED.size  # 152
@@ -156,6 +156,9 @@ def parse(raw: bytes | bytearray | memoryview, slot: int, public_key: bytes,
     def damaged(why: str) -> Slot:
         return Slot(SlotKind.DAMAGED, reason=why, disk_id=sid)
 
+    if magic == MAGIC and version == 1:
+        return damaged("format version 1 (this trustvbd reads format 2 only and does not "
+                       "migrate: copy the data to a new disk with the trustvbd that made it)")
     if magic != MAGIC or version != FORMAT_VERSION or bsize != BLOCK_SIZE:
         return damaged("bad magic, version or block size")
     if disk_id is not None and sid != disk_id:

@@ -4,8 +4,12 @@ Tree leaves are whole 4 KiB *leaf pages* (128 block leaves each), not single
 blocks: a 1 GiB disk has 2048 tree leaves, so building the tree at open and
 updating it at commit are cheap.
 
-    page hash  = SHA-256(0x00 || page_index u64 BE || page)
+    page hash  = SHA-256(0x00 || page_index u64 BE || page), or 32 zero bytes
+                 (empty[0]) for a page of zeros (never written)
     inner node = SHA-256(0x01 || left || right)
+
+Because a never-written page hashes as the empty leaf, the tree of a fresh disk is
+empty[depth] without hashing anything: a 16 TiB disk is made in constant time.
 
 Each level with an odd count pairs its last node with the empty-subtree hash of
 that level (empty[0] = 32 zero bytes, empty[k+1] = node(empty[k], empty[k])),
@@ -29,7 +33,13 @@ for _ in range(64):
     _EMPTY.append(_sha256(b"\x01" + _EMPTY[-1] + _EMPTY[-1]).digest())
 
 
+EMPTY: tuple[bytes, ...] = tuple(_EMPTY)
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
 def page_hash(index: int, page: bytes | bytearray | memoryview) -> bytes:
+    if page == _ZERO_PAGE:
+        return _EMPTY[0]
     h = _sha256(b"\x00" + index.to_bytes(8, "big"))
     h.update(page)
     return h.digest()
@@ -111,6 +121,18 @@ class HashTree:
             if len(level) // HASH_SIZE <= TOP_MAX:
                 return depth, bytes(level)
         raise AssertionError("the root level always has one node")
+
+
+def level_counts(leaves: int) -> list[int]:
+    """Node count of each level, leaves first, root (1) last."""
+    counts = [leaves]
+    while counts[-1] > 1:
+        counts.append((counts[-1] + 1) // 2)
+    return counts
+
+
+def node(left: bytes, right: bytes) -> bytes:
+    return _sha256(b"\x01" + left + right).digest()
 
 
 def group_size(depth: int) -> int:

@@ -11,39 +11,7 @@ from trustvbd.blocks.aead_pool import AeadPool
 from trustvbd.blocks.crypt_layer import CryptDisk, Kek, create_disk_state
 from trustvbd.blocks.disk_state import DiskState
 from trustvbd.crypt.keys import KEK_FILE, KEK_PASSPHRASE, KeyFileError, read_public
-from trustvbd.crypt.superblock import Layout
-from trustvbd.crypt.tree import HASH_SIZE
 from trustvbd.domains.unlock import Unlock
-
-
-def memory_available() -> int:
-    """MemAvailable from /proc/meminfo, in bytes (0 if unknown: then nothing is refused)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def check_memory(name: str, size: int) -> None:
-    """Refuse, in one clear line, a disk whose leaf table cannot fit in memory.
-
-    Opening holds the whole leaf table (0.8 % of the disk size) and its tree; on-demand
-    leaf pages are not implemented. Without this check such a disk would be opened
-    until the kernel's out-of-memory killer ends the domain, or another process.
-    """
-    lay = Layout(size)
-    need = lay.leaf_table_size + 3 * lay.leaf_pages * HASH_SIZE
-    available = memory_available()
-    if available and need > available * 3 // 4:
-        raise MemoryError(
-            f"disk {name!r} ({size} bytes) needs {need / 2**30:.1f} GiB of memory in the "
-            f"encryption domain for its leaf table (0.8 % of its size), but only "
-            f"{available / 2**30:.1f} GiB is available; use a smaller disk (on-demand leaf "
-            "pages are not implemented yet)")
 
 
 class PassphraseNeeded(Exception):
@@ -85,7 +53,6 @@ async def open_crypt_disk(state_dir: Path, name: str, size: int, replicas: list[
                           unlock: Unlock, on_event: Callable[[dict[str, Any]], None],
                           aead: AeadPool | None = None, kek: Kek | None = None) -> CryptDisk:
     """Open (or create) an encrypted disk; `kek`: one already checked (trustvbd unlock)."""
-    check_memory(name, size)
     kek = kek or kek_for(state_dir, name, unlock)
     if not DiskState(state_dir, name).keys_path.exists():
         create_disk_state(state_dir, name, size, kek)
