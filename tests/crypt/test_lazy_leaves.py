@@ -277,3 +277,25 @@ def test_a_format_1_disk_is_refused_with_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(TrustedStateError, match=r"format 1 .* reads format 2 only and does not migrate"):
         run(open_disk(tmp_path, make_replica("memory", tmp_path), load_kek(tmp_path)))
     assert os.path.exists(state.old_pages_path)  # nothing changed
+
+
+def test_a_page_changed_during_its_commit_stays_for_the_next(tmp_path: Path) -> None:
+    """A read may adopt an older leaf (after a failed replica write) while a commit is
+    writing that page: the page must stay changed, or its eviction would lose it."""
+    size = 4 * 128 * BS
+
+    async def go() -> None:
+        disk = await open_disk(tmp_path, make_replica("memory", tmp_path, size),
+                               new_state(tmp_path, size=size))
+        await disk.pwrite(0, pattern(0))
+        leaves = disk._leaves
+        snapshot = leaves.dirty_pages()  # what a commit takes
+        assert list(snapshot) == [0]
+        leaves.set(1, leaves.get(0, 1))  # changed meanwhile
+        leaves.committed(snapshot)
+        assert leaves.dirty_pages() == {0: snapshot[0] + 1}
+        await disk.flush()
+        assert leaves.dirty_count == 0
+        await disk.close()
+
+    run(go())

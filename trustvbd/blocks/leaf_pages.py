@@ -60,6 +60,7 @@ class LeafPages:
         self._clean: OrderedDict[int, bytearray] = OrderedDict()
         self._dirty: dict[int, bytearray] = {}
         self._pins: dict[int, int] = {}
+        self._changes: dict[int, int] = {}  # per changed page: how many times, since it was clean
         self._loading: dict[int, asyncio.Future[None]] = {}
         self._next_reader = 0
         self.loads = 0      # pages read from a replica
@@ -239,13 +240,10 @@ class LeafPages:
             page = self._dirty.get(p)
             if page is None:
                 page = self._dirty[p] = self._clean.pop(p)
+            self._changes[p] = self._changes.get(p, 0) + 1
             lo = (b - p * LEAVES_PER_PAGE) * LEAF_SIZE
             page[lo:lo + (end - b) * LEAF_SIZE] = leaves[(b - b0) * LEAF_SIZE:(end - b0) * LEAF_SIZE]
             b = end
-
-    def mark_dirty(self, p: int) -> None:
-        if p not in self._dirty:
-            self._dirty[p] = self._clean.pop(p)
 
     def all_zero(self, b0: int, b1: int) -> bool:
         b = b0
@@ -288,15 +286,21 @@ class LeafPages:
 
     # ------------------------------------------------------------ commits
 
-    def dirty_pages(self) -> list[int]:
-        return sorted(self._dirty)
+    def dirty_pages(self) -> dict[int, int]:
+        """The changed pages, each with its change count: pass it back to `committed`."""
+        return {p: self._changes.get(p, 0) for p in sorted(self._dirty)}
 
     def page(self, p: int) -> bytearray:
         return self._page(p)
 
-    def committed(self, pages: list[int]) -> None:
-        """These pages are on the replicas and in the tree now: they may be evicted."""
-        for p in pages:
+    def committed(self, pages: dict[int, int]) -> None:
+        """These pages, as `dirty_pages` gave them, are on the replicas and in the tree now:
+        they may be evicted, unless changed since (a read adopting an older leaf during
+        the commit): those stay for the next commit."""
+        for p, changes in pages.items():
+            if self._changes.get(p, 0) != changes:
+                continue
+            self._changes.pop(p, None)
             page = self._dirty.pop(p, None)
             if page is not None:
                 self._clean[p] = page
