@@ -50,6 +50,10 @@ def test_good_config_resolves_paths_relative_to_file(short_tmp: Path) -> None:
     assert config.guests["vm1"].tls and config.guests["vm1"].certificate_name == "vm1"
     assert config.tls_dir == short_tmp / "pki"
     assert config.limits.handshake_timeout == 30 and config.limits.idle_timeout == 3600
+    assert config.limits.leaf_cache == 16 << 20  # 4096 leaf pages per encrypted disk
+    config = load_config(write(short_tmp, GOOD.replace('state_dir = "state"\n',
+                                                       'state_dir = "state"\n[limits]\nleaf_cache = "1MiB"\n')))
+    assert config.limits.leaf_cache == 1 << 20
     assert config.guest_socket("vm1") == short_tmp / "state" / "guests" / "vm1.sock"
     assert config.policy is None
     assert config.drivers["drv-a"].user is None  # as root: a dynamic uid of its own
@@ -109,6 +113,8 @@ def test_format_size() -> None:
         (("dir = \"pki\"", "dir = \"pki\"\nfiles = 1"), "tls.files", "unknown key"),
         (("state_dir = \"state\"\n", "state_dir = \"state\"\n[limits]\nidle_timeout = -1\n"),
          "limits.idle_timeout", "seconds"),
+        (("state_dir = \"state\"\n", "state_dir = \"state\"\n[limits]\nleaf_cache = \"64KiB\"\n"),
+         "limits.leaf_cache", "too small; give at least 256KiB"),
         (("size = \"256MiB\"", "size = \"256MiB\"\nencrypt = \"yes\""), "disk[0].encrypt", "true or false"),
         (("dir = \"backing/a\"", "uri = \"nbd://127.0.0.1/x\"\nuser = \"nobody\""), "driver[0].user",
          "runs as whoever started it"),

@@ -85,6 +85,7 @@ class Limits:
     # A mirror's replica that leaves a request unanswered this long while another replica
     # answers is degraded instead of holding guests' writes until its request timeout.
     replica_lag: float = 5.0
+    leaf_cache: int = 16 * 1024 * 1024  # per encrypted disk: leaf pages kept in memory
 
 
 @dataclass(frozen=True)
@@ -260,7 +261,7 @@ def _seconds(table: _Table, key: str, default: float) -> float:
 
 def _parse_limits(file: Path, raw: Any) -> Limits:
     t = _Table(file, "limits", raw, {"handshake_timeout", "idle_timeout", "memory",
-                                     "decisions_per_second", "replica_lag"})
+                                     "decisions_per_second", "replica_lag", "leaf_cache"})
     base = Limits()
     try:
         memory = parse_size(t.data.get("memory", base.memory))
@@ -268,12 +269,18 @@ def _parse_limits(file: Path, raw: Any) -> Limits:
         raise t.error("memory", str(exc)) from None
     if memory < 64 * 1024 * 1024:
         raise t.error("memory", f"{format_size(memory)} is too small; give at least 64MiB")
+    try:
+        leaf_cache = parse_size(t.data.get("leaf_cache", base.leaf_cache))
+    except ValueError as exc:
+        raise t.error("leaf_cache", str(exc)) from None
+    if leaf_cache < 256 * 1024:
+        raise t.error("leaf_cache", f"{format_size(leaf_cache)} is too small; give at least 256KiB")
     rate = t.data.get("decisions_per_second", base.decisions_per_second)
     if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 10000:
         raise t.error("decisions_per_second", f"must be a number between 0 and 10000, not {rate!r}")
     return Limits(_seconds(t, "handshake_timeout", base.handshake_timeout),
                   _seconds(t, "idle_timeout", base.idle_timeout), memory, float(rate),
-                  _seconds(t, "replica_lag", base.replica_lag))
+                  _seconds(t, "replica_lag", base.replica_lag), leaf_cache)
 
 
 def _unique(file: Path, kind: str, items: list[Any]) -> dict[str, Any]:

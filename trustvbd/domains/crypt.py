@@ -35,7 +35,7 @@ from trustvbd.domains.bus import NoStore, StateWriter
 from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
 from trustvbd.domains.control import ControlChannel, ControlClosed, typed
 from trustvbd.domains.crypt_bus import CryptBus
-from trustvbd.domains.crypt_disks import PassphraseNeeded
+from trustvbd.domains.crypt_disks import DEFAULT_LEAF_CACHE, PassphraseNeeded
 from trustvbd.domains.policy_gate import PolicyGate
 from trustvbd.domains.unlock import Unlock, receive_unlock
 from trustvbd.nbd.budget import DecisionRate, MemoryBudget
@@ -395,7 +395,8 @@ class CryptDomain:
             log.info("AEAD workers: %d (pids %s)", workers, self.aead.worker_pids())
         opened = await open_crypt_disk(self.state_dir, disk.name, disk.size,
                                        [(watch.driver, watch) for watch in disk.space],
-                                       self.unlock, on_event, self.aead, kek)
+                                       self.unlock, on_event, self.aead, kek,
+                                       self.spec.limits.get("leaf_cache", DEFAULT_LEAF_CACHE))
         opened.replicas.lag = self.spec.limits["replica_lag"]
         return opened
 
