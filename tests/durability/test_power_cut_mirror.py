@@ -99,9 +99,18 @@ async def workload(state: Path, kek: object, files: PowerCutFiles, links: list[T
 Promised = list[tuple[bytes, list[bytes]]]  # per block: (must survive, may show instead)
 
 
+def leaf_pages_in_memory(disk: CryptDisk, raws: list[RawMemory]) -> None:
+    """Leaf pages are loaded on demand (awaited); these checks run without awaiting, so
+    put each page in the disk's cache from a replica whose copy the trusted tree accepts."""
+    for p in range(LAY.leaf_pages):
+        at = LAY.leaf_page_offset(p)
+        assert any(disk._leaves.preload(p, bytes(raw.raw[at:at + BS])) for raw in raws), p
+
+
 def holdings(disk: CryptDisk, raws: list[RawMemory]) -> list[set[int]]:
     """Per replica, the written blocks whose ciphertext on it verifies (each distinct
     ciphertext decrypted once)."""
+    leaf_pages_in_memory(disk, raws)
     out: list[set[int]] = [set() for _ in raws]
     for b in range(NBLOCKS):
         if not disk.written(b):
@@ -123,6 +132,7 @@ def knows_what_it_lacks(disk: CryptDisk, raws: list[RawMemory], promised: Promis
     A current replica may lack a block another holds only if that block was written
     after its last flush: the replica took the new ciphertext, the power cut took the
     unsynced intent record that named it, and reads repair it from the other."""
+    leaf_pages_in_memory(disk, raws)
     written = {b for b in range(NBLOCKS) if disk.written(b)}
     replicas = disk.replicas.replicas
     for r in replicas:

@@ -206,6 +206,17 @@ class LeafPages:
         else:
             self._clean[p] = page
 
+    def preload(self, p: int, page: bytes | bytearray) -> bool:
+        """Keep `page` as leaf page p if it is resident already or hashes to the tree's leaf
+        (for a caller that has the bytes at hand and cannot await a load)."""
+        if p in self._dirty or p in self._clean:
+            return True
+        if page_hash(p, page) != self._want(p):
+            return False
+        self._clean[p] = bytearray(page)
+        self._evict()
+        return True
+
     # ------------------------------------------------------------ leaves of resident pages
 
     def _page(self, p: int) -> bytearray:
