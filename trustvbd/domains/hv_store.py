@@ -100,7 +100,7 @@ class StoreLink:
         tree_dir = self.config.state_dir / "store"
         if self.launches == 0:  # every `up` starts with a new tree, as a Xen host boots
             tree_dir.mkdir(mode=0o700, exist_ok=True)
-            for name in ("tree.json", "tree.json.new"):
+            for name in ("tree.json", "tree.json.new", "tree.log"):
                 (tree_dir / name).unlink(missing_ok=True)
             if self.tree_owner is not None:
                 os.chown(tree_dir, self.tree_owner, self.tree_owner)

@@ -22,9 +22,10 @@ which the launcher opens once the access-control domain allows it, and asks agai
 after a loss. Run alone, `--acm-socket` names one; without it pairings are allowed,
 with a warning.
 
-With `--tree-dir-fd` the store keeps its state in that directory (`tree.json`, see
-xenstore/snapshot.py), written before any reply that depends on it goes out, and
-starts from it when it is there: a store the launcher restarts goes on with the tree.
+With `--tree-dir-fd` the store keeps its state in that directory (`tree.json`, a
+base, and `tree.log`, a journal of changes since; see xenstore/snapshot.py), written
+before any reply that depends on it goes out, and starts from it when it is there: a
+store the launcher restarts goes on with the tree.
 """
 
 from __future__ import annotations
@@ -51,43 +52,63 @@ from trustvbd.xenstore.pairing import Pairing
 
 log = logging.getLogger("trustvbd.store")
 UNLABELED = "__UNLABELED__"
-TREE_FILE = "tree.json"
+BASE_FILE, JOURNAL_FILE = "tree.json", "tree.log"
+JOURNAL_MIN = 256 * 1024  # bytes of journal before a new base (or the base's size, if larger)
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 CONTROL_ASKS = (m.StoreIntroduce, m.StoreConnect, m.StoreRelease, m.RecheckPairings)
 
 
 class TreeFile:
-    """The store's state in a directory (an open descriptor): replaced whole by a rename,
-    so a store killed at any instant leaves the last complete tree."""
+    """The store's state in a directory (an open descriptor): a base replaced whole by a
+    rename, and a journal appended to after each change (xenstore/snapshot.py), so a store
+    killed at any instant leaves every change it answered for."""
 
     def __init__(self, dir_fd: int) -> None:
         self.dir_fd = dir_fd
-        self.failed = False
+        self.journal_fd: int | None = None
+        self.base_size = self.journal_size = 0
 
-    def read(self) -> bytes | None:
-        try:
-            fd = os.open(TREE_FILE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dir_fd)
-        except FileNotFoundError:
-            return None
-        with open(fd, "rb") as f:
-            return f.read()
+    def read(self) -> tuple[bytes, bytes] | None:
+        """The base and the journal, None if there is no base."""
+        parts: list[bytes | None] = []
+        for name in (BASE_FILE, JOURNAL_FILE):
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dir_fd)
+            except FileNotFoundError:
+                parts.append(None)
+                continue
+            with open(fd, "rb") as f:
+                parts.append(f.read())
+        base, journal = parts
+        return None if base is None else (base, journal or b"")
 
-    def write(self, data: bytes) -> None:
-        tmp = TREE_FILE + ".new"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600,
-                         dir_fd=self.dir_fd)
-            with open(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, TREE_FILE, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
-            if self.failed:
-                log.warning("the tree is saved again")
-            self.failed = False
-        except OSError as exc:  # keep serving; only a restart would lose the newest changes
-            if not self.failed:
-                log.error("cannot save the tree (a restarted store would miss the newest"
-                          " changes): %s", exc)
-            self.failed = True
+    @property
+    def compact(self) -> bool:
+        """Time for a new base: the journal outgrew it (or there is none yet)."""
+        return self.journal_fd is None or self.journal_size > max(JOURNAL_MIN, self.base_size)
+
+    def rewrite(self, base: bytes) -> None:
+        """A new base, then an empty journal (a crash between the two replays a journal the
+        base already holds, which changes nothing)."""
+        tmp = BASE_FILE + ".new"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.dir_fd)
+        with open(fd, "wb") as f:
+            f.write(base)
+        os.replace(tmp, BASE_FILE, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        if self.journal_fd is not None:
+            os.close(self.journal_fd)
+            self.journal_fd = None
+        self.journal_fd = os.open(JOURNAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                                  | os.O_APPEND | os.O_CLOEXEC, 0o600, dir_fd=self.dir_fd)
+        self.base_size, self.journal_size = len(base), 0
+
+    def append(self, line: bytes) -> None:
+        assert self.journal_fd is not None
+        view = memoryview(line)
+        while view:
+            view = view[os.write(self.journal_fd, view):]
+        self.journal_size += len(line)
 
 
 class StoreDomain:
@@ -99,6 +120,8 @@ class StoreDomain:
         self.writers: dict[Session, asyncio.StreamWriter] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.saved = store.revision
+        self.journal: snapshot.Journal | None = None  # None: the next save writes a new base
+        self.save_failed = False
         self.channel: ControlChannel | None = None
 
     # -- connections -----------------------------------------------------------------
@@ -146,9 +169,24 @@ class StoreDomain:
             self.spawn(self.ask(question))
 
     def save(self) -> None:
-        if self.tree_file is not None and self.store.revision != self.saved:
-            self.tree_file.write(snapshot.dump(self.store, self.domains))
-            self.saved = self.store.revision
+        """Put every change since the last save on disk: a journal line, or a new base."""
+        if self.tree_file is None or self.store.revision == self.saved:
+            return
+        try:
+            if self.journal is None or self.tree_file.compact:
+                self.tree_file.rewrite(snapshot.dump(self.store, self.domains))
+                self.journal = snapshot.Journal(self.store, self.domains)
+            elif (line := self.journal.entry(self.store, self.domains)) is not None:
+                self.tree_file.append(line)
+            if self.save_failed:
+                log.warning("the tree is saved again")
+            self.save_failed = False
+        except OSError as exc:  # keep serving; a new base is tried at the next change
+            if not self.save_failed:
+                log.error("cannot save the tree (a restarted store would miss the newest"
+                          " changes): %s", exc)
+            self.save_failed, self.journal = True, None
+        self.saved = self.store.revision
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -223,6 +261,7 @@ class StoreDomain:
         if self.domains.get(msg.domid) != (msg.name, msg.label):
             self.domains[msg.domid] = (msg.name, msg.label)
             self.store.revision += 1  # names and labels are saved too
+            self.store.meta_revision += 1
         if msg.domid not in self.store.introduced:
             self.store.add_domain(msg.domid)
         if isinstance(msg, m.StoreIntroduce):  # speaks no XenStore itself (a guest, a peer server)
@@ -248,14 +287,15 @@ def listen(path: str) -> socket.socket:
 
 def restored(tree_file: TreeFile | None) -> tuple[Store, snapshot.Domains]:
     """The tree saved by a store before us (restarted by the launcher), else a new one."""
-    data = tree_file.read() if tree_file is not None else None
-    if data is None:
+    saved = tree_file.read() if tree_file is not None else None
+    if saved is None:
         return Store(), {}
     try:
-        store, domains = snapshot.load(data)
+        store, domains = snapshot.load(*saved)
     except snapshot.SnapshotError as exc:
-        raise SystemExit(f"trustvbd store: the saved tree ({TREE_FILE} in the store's"
-                         f" directory) is {exc}; `trustvbd up` starts a new one") from None
+        raise SystemExit(f"trustvbd store: the saved tree ({BASE_FILE} and {JOURNAL_FILE} in"
+                         f" the store's directory) is {exc}; `trustvbd up` starts a new one"
+                         ) from None
     log.warning("restarted: %d nodes and %d domains restored from the saved tree",
                 len(store.tree.nodes), len(domains))
     return store, domains

@@ -128,6 +128,7 @@ class Store:
         self.targets: dict[int, int] = {}
         self.revoked: set[tuple[str, str]] = set()  # torn-down pairings: frontend, backend dir
         self.revision = 0  # goes up with (possible) changes: the shell saves when it moved
+        self.meta_revision = 0  # goes up with changes to introduced, targets or revoked
         self.ask_pairings = ask_pairings
         self._questions: list[PairQuestion] = []
         self._tx_ids = itertools.count(1)
@@ -163,6 +164,7 @@ class Store:
         home = paths.domain_path(domid)
         dom0 = Caller(0, True)
         self.revision += 1
+        self.meta_revision += 1
         self.tree.mkdir(dom0, home)
         self.tree.set_perms(dom0, home, Acl(((domid, Access.NONE),)))
         self.introduced.add(domid)
@@ -171,6 +173,7 @@ class Store:
 
     def release_domain(self, domid: int) -> None:
         self.revision += 1
+        self.meta_revision += 1
         self.introduced.discard(domid)
         self.targets.pop(domid, None)
         self._fire([Change("@releaseDomain", None)])
@@ -186,6 +189,7 @@ class Store:
         both ends), so neither can write itself Connected again."""
         dom0 = Caller(0, True)
         self.revision += 1
+        self.meta_revision += 1
         self.revoked.add((pairing.frontend_dir, pairing.backend_dir))
         dirs = [d for d in (pairing.frontend_dir, pairing.backend_dir) if d in self.tree.nodes]
         for state in (b"5", b"6"):
@@ -390,6 +394,7 @@ class Store:
             raise XsError("EINVAL", "domain 0 cannot be introduced")
         if domid not in self.introduced:
             self.introduced.add(domid)
+            self.meta_revision += 1
             self._fire([Change("@introduceDomain", None)])
         return OK
 
@@ -408,6 +413,7 @@ class Store:
     def _set_target(self, s: Session, msg: Message, tree: Tree) -> bytes:
         domid, target = (self._domid(x) for x in self._args(msg, 2)[:2])
         self.targets[domid] = target
+        self.meta_revision += 1
         return OK
 
     def _control(self, s: Session, msg: Message, tree: Tree) -> bytes:

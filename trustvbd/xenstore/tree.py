@@ -46,6 +46,7 @@ class Tree:
         self.owned: Counter[int] = Counter({0: 1})
         self.accessed: dict[str, int | None] | None = None  # set in snapshots only
         self.changed: set[str] = set()
+        self.dirty: set[str] = set()  # live tree: paths changed since the last save
         self.events: list[Change] = []
 
     def copy(self) -> Tree:
@@ -68,6 +69,8 @@ class Tree:
         self.owned[node.acl.owner] += 1
         self.nodes[path] = replace(node, gen=next(self.gens))
         self.changed.add(path)
+        if self.accessed is None:
+            self.dirty.add(path)
 
     def _drop(self, path: str) -> Node:
         node = self._get(path)
@@ -75,6 +78,8 @@ class Tree:
         self.owned[node.acl.owner] -= 1
         del self.nodes[path]
         self.changed.add(path)
+        if self.accessed is None:
+            self.dirty.add(path)
         return node
 
     def gen(self, path: str) -> int | None:
@@ -188,6 +193,7 @@ class Tree:
         return any(self.gen(p) != g for p, g in snapshot.accessed.items())
 
     def apply(self, snapshot: Tree) -> None:
+        self.dirty.update(snapshot.changed)
         for path in snapshot.changed:
             old, new = self.nodes.pop(path, None), snapshot.nodes.get(path)
             if old is not None:
