@@ -285,9 +285,9 @@ class ReplicaSet:
             except Exception:
                 pass
 
-    async def _all(self, targets: list[Replica], op: Callable[[Replica], Coroutine[Any, Any, None]],
+    async def _all(self, targets: list[Replica], op: Callable[[Replica], Awaitable[None]],
                    blocks: Callable[[], Iterable[int]], what: str) -> None:
-        """Run `op` on every target at once; degrade those that fail unless all do (then raise)."""
+        """Run `op` on every target; degrade those that fail unless all do (then raise)."""
         if not targets:
             raise BlockError(errno.EIO, f"disk {self.disk!r}: no replica is current; the {what} "
                              "cannot be stored (see `trustvbd status`)")
@@ -296,32 +296,18 @@ class ReplicaSet:
             return
         if self._watch_timer is None:
             self._watch_soon()
-        # The first target in this task, the others in tasks of their own: one task fewer
-        # per fan-out than gather, and no gathering future (this runs once per guest write).
-        loop = asyncio.get_running_loop()
-        others = [loop.create_task(op(r)) for r in targets[1:]]
-        failed: list[tuple[Replica, Exception]] = []
-        try:
-            try:
-                await op(targets[0])
-            except Exception as exc:
-                failed.append((targets[0], exc))
-            for r, task in zip(targets[1:], others, strict=True):
-                try:
-                    await task
-                except Exception as exc:
-                    failed.append((r, exc))
-        except BaseException:  # cancelled: the requests still out go with us, as with gather
-            for task in others:
-                task.cancel()
-            raise
+        results = await asyncio.gather(*(op(r) for r in targets), return_exceptions=True)
+        failed = [(r, exc) for r, exc in zip(targets, results, strict=True) if exc is not None]
         if not failed:
             return
+        for _, exc in failed:
+            if not isinstance(exc, Exception):  # cancelled: pass it on
+                raise exc
         if len(failed) == len(targets):
             self._revive_broken(targets)
             raise failed[0][1]
-        for r, error in failed:
-            self.degrade(r, blocks(), f"{what} failed: {error}")
+        for r, exc in failed:
+            self.degrade(r, blocks(), f"{what} failed: {exc}")
 
     # ------------------------------------------------------------ lagging writers
 
