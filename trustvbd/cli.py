@@ -239,6 +239,8 @@ def cmd_policy_load(config_path: str, policy_file: str) -> int:
         return 1
     print(f"policy {reply.name} loaded; {reply.closed} connection(s) the new policy forbids"
           f" were closed; {reply.torn_down} pairing(s) in the store torn down")
+    for note in reply.notes:
+        print(f"note: {note}")
     return 0
 
 

@@ -9,6 +9,8 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
+
 from tests.interop.test_policy_e2e import POLICY
 from trustvbd.acm import load_policy
 from trustvbd.acm.audit import AuditLog
@@ -78,6 +80,85 @@ def test_a_driver_gets_no_channel_to_a_domain_it_shares_no_type_with(short_tmp: 
             assert len(channel_decisions(config.state_dir)) == 1
         finally:
             driver.close()
+            await hv.stop()
+            await hv.acm.close()
+
+    asyncio.run(scenario())
+
+
+STORE_POLICY = """
+name = "store-channels"
+bootstrap = "SystemManagement"
+[ste]
+types = ["SystemManagement", "Payroll", "Quarantine"]
+[labels.vm]
+SystemManagement = { ste = ["SystemManagement", "Payroll"] }
+Payroll = { ste = ["Payroll"] }
+Isolated = { ste = ["Quarantine"] }
+"""
+STORE_CONFIG = """
+state_dir = "state"
+policy = "policy.toml"
+[[driver]]
+name = "drv-p"
+label = "Payroll"
+dir = "backing/p"
+[[driver]]
+name = "drv-q"
+label = "Isolated"
+dir = "backing/q"
+"""
+
+
+def test_a_driver_gets_its_own_store_connection_only_when_policy_allows(short_tmp: Path) -> None:
+    """As blkback reaches xenstored: the hypervisor asks the access-control domain, then
+    hands the driver a connection under its own domain id. The refusal is audited too."""
+    from trustvbd.xenstore.client import XsClient
+    from trustvbd.xenstore.wire import XsError
+
+    (short_tmp / "policy.toml").write_text(STORE_POLICY)
+    (short_tmp / "c.toml").write_text(STORE_CONFIG)
+    for d in ("state/drivers", "backing/p", "backing/q"):
+        (short_tmp / d).mkdir(parents=True)
+    config = load_config(short_tmp / "c.toml")
+    policy = load_policy(short_tmp / "policy.toml")
+
+    async def scenario() -> None:
+        hv = Launcher(config, bootstrap_label(policy.bootstrap, null=False))
+        write_compiled(policy, hv.compiled_policy())
+        await hv.supervisor.start(hv.grants.acm_domain())
+        await hv.start_store()
+        asking = []
+        try:
+            for name in ("drv-p", "drv-q"):
+                launch = hv.driver_domain(name).launch()
+                fd = int(launch.argv[launch.argv.index("--control-fd") + 1])
+                channel = ControlChannel(socket.socket(fileno=os.dup(fd)), None, "hv")
+                launch.started()
+                channel.start()
+                asking.append(channel)
+            granted, refused = asking
+            reply, fds = await granted.ask(m.DomainChannelQuery("store"), m.ChannelGranted)
+            assert isinstance(reply, m.ChannelGranted) and len(fds) == 1, reply
+            xs = await XsClient.connect(sock=socket.socket(fileno=fds[0]))
+            try:  # its own home, by a relative path: it is drv-p's connection
+                assert await xs.read("name") == b"drv-p"
+                other = hv.store.domid("driver", "drv-q")
+                for attempt in (xs.write(f"/local/domain/{other}/name", "mine"),
+                                xs.directory("/local/domain")):
+                    with pytest.raises(XsError) as denied:  # and nobody else's
+                        await attempt
+                    assert denied.value.code == "EACCES"
+            finally:
+                await xs.close()
+            reply, fds = await refused.ask(m.DomainChannelQuery("store"), m.ChannelGranted)
+            assert fds == [] and isinstance(reply, m.Failed), reply
+            assert reply.code is m.ErrorCode.POLICY_DENIED and "share no STE type" in reply.message
+            decisions = [(d["a"], d["b"], d["allowed"]) for d in channel_decisions(config.state_dir)]
+            assert decisions == [("drv-p", "store", True), ("drv-q", "store", False)], decisions
+        finally:
+            for channel in asking:
+                channel.close()
             await hv.stop()
             await hv.acm.close()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -123,7 +124,7 @@ class CryptDomain:
                  state_dir: Path | None = None) -> None:
         self.control = ControlChannel(
             control, typed(self.handle, m.StatusQuery, m.Stop, m.PolicyChanged,
-                           m.ScrubQuery, m.AcmRestarted, m.UnlockQuery), "hv")
+                           m.ScrubQuery, m.AcmRestarted, m.UnlockQuery, m.GuestSockets), "hv")
         self.bus = CryptBus(StateWriter(None), None)  # XenBus states; the store's comes with the spec
         self.unlock = unlock or Unlock()  # zeroed once every disk is open
         self.state_dir_override = state_dir  # a directory fd's /proc path, when given one
@@ -154,6 +155,8 @@ class CryptDomain:
             return self.start_scrub(msg.disk), []
         if isinstance(msg, m.UnlockQuery):
             return await self.unlock_disks(msg.disks, fds), []
+        if isinstance(msg, m.GuestSockets):
+            return await self.follow_sockets(msg, fds), []
         if isinstance(msg, m.AcmRestarted):  # its Chinese Wall counts come from us
             await self.gate.client.restore()
         self.gate.policy_changed()
@@ -269,6 +272,35 @@ class CryptDomain:
             return m.Unlocked(unlocked, wrong, failed)
         finally:
             unlock.forget()
+
+    async def follow_sockets(self, msg: m.GuestSockets, fds: list[int]) -> m.Message:
+        """After a policy load: serve a guest's new socket, drop one it may no longer use."""
+        if len(fds) != len(msg.add) or any(a.guest not in self.spec.guests for a in msg.add):
+            for fd in fds:
+                os.close(fd)
+            raise ValueError("guest sockets: one listening socket per known guest, in order")
+        self.spec = dataclasses.replace(self.spec, elsewhere=msg.elsewhere)
+        for guest in msg.remove:  # (this domain serves no other socket of a further type's guest)
+            for server in self.servers.pop(guest, []):
+                await server.close()
+        for listener, fd in zip(msg.add, fds, strict=True):
+            self.serve_guest(listener, socket.socket(fileno=fd))
+        return m.Done()
+
+    def serve_guest(self, listener: m.ListenerSpec, sock: socket.socket) -> None:
+        """Serve one of a guest's listening sockets until its server closes."""
+        server = self.guest_server(listener.guest, listener.tls)
+        self.servers.setdefault(listener.guest, []).append(server)
+
+        async def serve() -> None:
+            try:
+                await server.serve_socket(sock)
+            finally:
+                sock.close()
+
+        task = asyncio.get_running_loop().create_task(serve())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def recheck_connections(self) -> int:
         """After a policy change or an access-control restart: close every connection the
@@ -434,12 +466,8 @@ class CryptDomain:
                 log.error("disk %s cannot be served: %s", disk.name, exc)
                 self.control.tell(m.DiskFailed(disk.name, m.error_code(exc), str(exc)))
         self.unlock.forget()  # the disks hold their keys; the key-encryption key goes
-        loop = asyncio.get_running_loop()
         for listener, fd in zip(spec.listeners, fds, strict=True):
-            sock = socket.socket(fileno=fd)
-            server = self.guest_server(listener.guest, listener.tls)
-            self.servers.setdefault(listener.guest, []).append(server)
-            self.tasks.add(loop.create_task(server.serve_socket(sock)))
+            self.serve_guest(listener, socket.socket(fileno=fd))
         self.bus.serving()
         self.control.tell(m.Ready())
         ready(ready_fd)

@@ -35,7 +35,7 @@ from trustvbd.domains.hv_domains import DomainGrants, physical_size
 from trustvbd.domains.hv_status import gather_status
 from trustvbd.domains.hv_store import PairingRefused, StoreLink, crypt_name
 from trustvbd.domains.listeners import close_listeners, listen_tcp, listen_unix
-from trustvbd.domains.placement import GuestSocket, guest_sockets, types_of
+from trustvbd.domains.placement import GuestSocket, further_socket, guest_sockets, types_of
 from trustvbd.domains.supervisor import START_TIMEOUT, Domain, StartError, Supervisor
 from trustvbd.domains.unlock import Unlock, receive_unlock, send_unlock
 from trustvbd.fileops import make_dirs
@@ -219,16 +219,23 @@ class Launcher:
 
     async def from_driver(self, me: Endpoint, msg: m.Message,
                           fds: list[int]) -> tuple[m.Message, list[int]]:
-        """A driver asks for a channel: allowed only with a shared STE type (audited either way)."""
+        """A driver asks for a channel: allowed only with a shared STE type (audited either way).
+
+        As a Xen driver domain's blkback reaches xenstored for its backend directories, a
+        driver may reach the store: it gets its own connection, under its own domain id (the
+        store's permissions then keep it to its own nodes). No other domain takes channels
+        from a driver: the encryption domains connect to drivers, never the other way round.
+        """
         assert isinstance(msg, m.DomainChannelQuery)
         target = self.supervisor.domains.get(msg.target)
         if target is None:
             raise KeyError(f"no domain named {msg.target!r}")
         await self.broker.allow(me, Endpoint(target.name, target.label or
                                              self.broker.trusted_label))
-        # Allowed by policy, but no domain takes channels from a driver yet.
+        if target.kind == "store":
+            return m.ChannelGranted(""), [await self.store.connection_for("driver", me.name)]
         return m.Failed(m.ErrorCode.UNKNOWN, f"domain {target.name!r} takes no channels from"
-                        " drivers"), []
+                        " drivers (a driver may ask for one to the store)"), []
 
     def crypt_spec(self, domain: Domain,
                    listeners: list[tuple[GuestSocket, socket.socket]]) -> m.Spec:
@@ -249,12 +256,15 @@ class Launcher:
             store=self.store.crypt_spec(domain.name),
             # What it may record: integrity events of its disks, refusals at its guests' sockets.
             acm_hello=self.grants.role_hello(self.crypt_role(wtype)),
-            # Other types' disks: names and labels only, so a guest asking for one on the wrong
-            # socket gets the policy's answer or the right socket, not "no such disk".
-            elsewhere={d.name: m.ElsewhereSpec(d.label, {
-                g.guest: str(g.path) for g, s in self.listeners
-                if d.name in self.types[g.wtype] and s.family == socket.AF_UNIX})
-                for d in c.disks.values() if d.name not in self.types[wtype]})
+            elsewhere=self.elsewhere(wtype))
+
+    def elsewhere(self, wtype: str) -> dict[str, m.ElsewhereSpec]:
+        """Other types' disks: names and labels only, so a guest asking for one on the wrong
+        socket gets the policy's answer or the right socket, not "no such disk"."""
+        return {d.name: m.ElsewhereSpec(d.label, {
+            g.guest: str(g.path) for g, s in self.listeners
+            if d.name in self.types[g.wtype] and s.family == socket.AF_UNIX})
+            for d in self.config.disks.values() if d.name not in self.types[wtype]}
 
     # -- start and stop -------------------------------------------------------------------
     async def start(self) -> list[str]:
@@ -490,8 +500,10 @@ class Launcher:
         """Compile, swap the policy in the access-control domain, then close what it now forbids."""
         nxt, current = self.compiled_policy(".next"), self.compiled_policy()
         try:
-            write_compiled(load_policy(path), nxt)  # fsynced
-        except (PolicyError, OSError) as exc:
+            policy = load_policy(path)
+            moved = self.moved_disks(policy)
+            write_compiled(policy, nxt)  # fsynced
+        except (PolicyError, OSError, ValueError) as exc:
             return m.Failed(m.ErrorCode.INVALID, str(exc))
         reply = await self.acm.load_policy(str(nxt))
         if not reply.get("ok"):
@@ -523,4 +535,74 @@ class Launcher:
                         t.frontend_dir, t.backend_dir, t.reason)
         log.warning("policy %s loaded; %d connection(s) closed, %d pairing(s) torn down", path,
                     closed, len(torn))
-        return m.PolicyLoaded(str(summary.get("name") or Path(path).name), closed, len(torn))
+        for note in moved:
+            log.warning("%s", note)
+        await self.follow_guest_sockets()
+        return m.PolicyLoaded(str(summary.get("name") or Path(path).name), closed, len(torn),
+                              moved)
+
+    def moved_disks(self, policy: Policy) -> list[str]:
+        """What a new policy moves to another workload type, said for the administrator.
+
+        Such a disk stays where its keys are: each encryption domain runs under a user
+        that owns only its own disks' keys, and a running system hands no keys from one
+        domain to another. Every decision follows the new policy at once (check (b) per
+        connection, the guests' sockets below); only the process holding the disk changes
+        at the next start of `up` with this policy.
+        """
+        new = types_of(self.config, policy)  # ValueError: two types with one file name
+        now = {d: t for t, disks in self.types.items() for d in disks}
+        return [f"disk {d!r} is now of workload type {t!r} (was {now[d]!r}): it stays in"
+                f" {crypt_name(now[d])}, which holds its keys, until `trustvbd up` starts again"
+                f" with this policy as the config's `policy`"
+                for t, disks in new.items() for d in disks if now.get(d) != t]
+
+    async def follow_guest_sockets(self) -> None:
+        """After a policy load: each guest gets a socket for every workload type it may now
+        reach, and loses the further sockets (GUEST@TYPE.sock) of types it no longer may.
+        Its own GUEST.sock stays whatever it may reach (check (b) refuses per connection)."""
+        c = self.config
+        add: dict[str, list[tuple[GuestSocket, socket.socket]]] = {}
+        remove: dict[str, list[str]] = {}
+        for guest in c.guests.values():
+            for d in c.disks:
+                self.allowed[guest.name, d] = await self.guest_may_see(guest.name, d)
+            reachable = {t for t in self.types
+                         if any(self.allowed[guest.name, d] for d in self.types[t])}
+            have = {g.wtype: (g, s) for g, s in self.listeners
+                    if g.guest == guest.name and s.family == socket.AF_UNIX}
+            for wtype in sorted(reachable - set(have)):
+                gs = further_socket(c, guest.name, wtype)
+                pair = (gs, listen_unix(gs.path, guest.uid))
+                self.listeners.append(pair)
+                add.setdefault(wtype, []).append(pair)
+            for wtype, (gs, sock) in have.items():
+                if not gs.primary and wtype not in reachable:
+                    self.listeners.remove((gs, sock))
+                    close_listeners([sock])
+                    remove.setdefault(wtype, []).append(guest.name)
+        if not (add or remove):
+            return
+        for wtype in self.types:
+            channel = self.crypt_channels.get(crypt_name(wtype))
+            if channel is None or channel.closed.is_set():
+                continue  # a restarted domain asks for its sockets anew (SpecQuery)
+            new = add.get(wtype, [])
+            fds = [os.dup(s.fileno()) for _, s in new]
+            try:
+                await channel.ask(m.GuestSockets([m.ListenerSpec(g.guest, False) for g, _ in new],
+                                                 remove.get(wtype, []), self.elsewhere(wtype)),
+                                  m.Done, fds=fds)
+            except (ControlClosed, TimeoutError, ValueError) as exc:
+                log.error("%s did not take its new guest sockets: %s", crypt_name(wtype), exc)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        for wtype, pairs in add.items():
+            for gs, _ in pairs:
+                log.warning("guest %s may now use disks of workload type %s: on %s", gs.guest,
+                            wtype, gs.path)
+        for wtype, names in remove.items():
+            for name in names:
+                log.warning("guest %s may no longer use disks of workload type %s: its socket"
+                            " for them is gone", name, wtype)

@@ -206,6 +206,16 @@ class Rechecked(Message):
     closed: int  # connections the new policy forbids, now closed
 
 
+@message("guest-sockets")
+class GuestSockets(Message):
+    """After a policy load: serve these new guest sockets too (their listening sockets come
+    as fds, in order), stop serving the named guests' sockets, and the new `elsewhere`."""
+
+    add: list[ListenerSpec]
+    remove: list[str]
+    elsewhere: dict[str, ElsewhereSpec]
+
+
 # -- encryption domain -> hypervisor ------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class DiskSpec:
@@ -447,6 +457,7 @@ class PolicyLoaded(Message):
     name: str
     closed: int
     torn_down: int = 0  # frontend/backend pairings in the store the new policy forbids
+    notes: list[str] = dataclasses.field(default_factory=list)  # what else the admin should know
 
 
 def error_code(exc: BaseException) -> ErrorCode:

@@ -59,10 +59,13 @@ def guest_sockets(config: Config, guest: str, reachable_types: list[str],
     """The sockets of one guest: its own for the first type it may use, one more per other type."""
     types = reachable_types or all_types[:1]  # a guest that may use nothing still gets its socket
     out = [GuestSocket(guest, types[0], config.guest_socket(guest), True)]
-    for t in types[1:]:
-        path = config.guest_socket(guest).with_name(f"{guest}@{file_safe(t)}.sock")
-        if len(str(path)) > MAX_SOCKET_PATH:
-            raise ValueError(f"guest {guest!r}'s socket for workload type {t!r}, {path}, is longer"
-                             f" than {MAX_SOCKET_PATH} bytes; choose a shorter state_dir")
-        out.append(GuestSocket(guest, t, path, False))
-    return out
+    return out + [further_socket(config, guest, t) for t in types[1:]]
+
+
+def further_socket(config: Config, guest: str, wtype: str) -> GuestSocket:
+    """A guest's socket for a workload type other than its first: `guests/GUEST@TYPE.sock`."""
+    path = config.guest_socket(guest).with_name(f"{guest}@{file_safe(wtype)}.sock")
+    if len(str(path)) > MAX_SOCKET_PATH:
+        raise ValueError(f"guest {guest!r}'s socket for workload type {wtype!r}, {path}, is longer"
+                         f" than {MAX_SOCKET_PATH} bytes; choose a shorter state_dir")
+    return GuestSocket(guest, wtype, path, False)
