@@ -283,7 +283,11 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     if not passphrase:
         print("trustvbd unlock: no passphrase given; nothing was changed", file=sys.stderr)
         return EXIT_USAGE
-    fd = send_unlock(Unlock(passphrase=passphrase))  # zeroes `passphrase`
+    secret = Unlock(passphrase=passphrase)
+    try:
+        fd = send_unlock(secret)
+    finally:
+        secret.forget()  # zeroes `passphrase` (send_unlock zeroes only its own encoding)
     try:
         reply = control_request(config, UnlockQuery(list(args.disks)), timeout=600, fds=[fd])
     finally:

@@ -472,7 +472,11 @@ class Launcher:
                 targets = [d for d in asked if d in mine]
                 if not targets or channel is None or channel.closed.is_set():
                     continue
-                fd = send_unlock(Unlock(passphrase=bytearray(unlock.passphrase)))
+                copy = Unlock(passphrase=bytearray(unlock.passphrase))
+                try:
+                    fd = send_unlock(copy)
+                finally:
+                    copy.forget()  # send_unlock zeroes only its own encoding
                 try:
                     reply, _ = await channel.ask(m.UnlockQuery(targets), m.Unlocked, fds=[fd],
                                                  timeout=UNLOCK_TIMEOUT)
