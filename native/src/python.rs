@@ -28,7 +28,9 @@ struct PyBlockCodec(block_codec::BlockCodec);
 impl PyBlockCodec {
     #[new]
     fn new(data_key: &[u8], disk_id: &[u8], key_id: u64) -> PyResult<Self> {
-        block_codec::BlockCodec::new(data_key, disk_id, key_id).map(Self).map_err(value_error)
+        block_codec::BlockCodec::new(data_key, disk_id, key_id)
+            .map(Self)
+            .map_err(value_error)
     }
 
     #[getter]
@@ -51,6 +53,7 @@ impl PyBlockCodec {
         let mut leaves = None;
         let ciphertext = PyBytes::new_with(py, len, |data| {
             plain.copy_to_slice(py, data)?;
+            drop(plain); // the caller may resize its buffer while we work
             leaves = Some(PyBytes::new_with(py, leaves_len, |leaves| {
                 py.detach(|| self.0.seal_in_place(first_block, first_version, data, leaves))
                     .map_err(value_error)
@@ -70,11 +73,15 @@ impl PyBlockCodec {
         ciphertext: PyBuffer<u8>,
         leaves: PyBuffer<u8>,
     ) -> PyResult<(Bound<'py, PyBytes>, Vec<u32>)> {
-        let leaves = leaves.to_vec(py)?;
+        let leaf_bytes = leaves.to_vec(py)?;
+        drop(leaves);
         let mut bad = Vec::new();
         let plain = PyBytes::new_with(py, ciphertext.item_count(), |data| {
             ciphertext.copy_to_slice(py, data)?;
-            bad = py.detach(|| self.0.open_in_place(first_block, data, &leaves)).map_err(value_error)?;
+            drop(ciphertext); // the caller may resize its buffer while we work
+            bad = py
+                .detach(|| self.0.open_in_place(first_block, data, &leaf_bytes))
+                .map_err(value_error)?;
             Ok(())
         })?;
         Ok((plain, bad))

@@ -81,8 +81,7 @@ pub struct BlockCodec {
 
 impl BlockCodec {
     pub fn new(data_key: &[u8], disk_id: &[u8], key_id: u64) -> Result<Self, CodecError> {
-        let (Ok(data_key), Ok(disk_id)) = (<[u8; 32]>::try_from(data_key), <[u8; 16]>::try_from(disk_id))
-        else {
+        let (Ok(data_key), Ok(disk_id)) = (<[u8; 32]>::try_from(data_key), <[u8; 16]>::try_from(disk_id)) else {
             return refuse(format!(
                 "data key must be 32 bytes and disk id 16 bytes, not {} and {}",
                 data_key.len(),
@@ -91,7 +90,13 @@ impl BlockCodec {
         };
         let sealing = Arc::new(aead_key(&block_key(&data_key, &disk_id, key_id)));
         let opening = Mutex::new(HashMap::from([(key_id, Arc::clone(&sealing))]));
-        Ok(Self { data_key, disk_id, key_id, sealing, opening })
+        Ok(Self {
+            data_key,
+            disk_id,
+            key_id,
+            sealing,
+            opening,
+        })
     }
 
     pub fn key_id(&self) -> u64 {
@@ -133,7 +138,11 @@ impl BlockCodec {
     ) -> Result<(), CodecError> {
         let n = whole_blocks(data.len())?;
         if leaves.len() != n * LEAF_SIZE {
-            return refuse(format!("{n} blocks need {} bytes of leaves, not {}", n * LEAF_SIZE, leaves.len()));
+            return refuse(format!(
+                "{n} blocks need {} bytes of leaves, not {}",
+                n * LEAF_SIZE,
+                leaves.len()
+            ));
         }
         check_run(first_block, n)?;
         let last_version = first_version.checked_add(n.saturating_sub(1) as u64);
@@ -144,7 +153,11 @@ impl BlockCodec {
             ));
         }
         let key_id = self.key_id.to_be_bytes();
-        for (i, (block, leaf)) in data.chunks_exact_mut(BLOCK_SIZE).zip(leaves.chunks_exact_mut(LEAF_SIZE)).enumerate() {
+        for (i, (block, leaf)) in data
+            .chunks_exact_mut(BLOCK_SIZE)
+            .zip(leaves.chunks_exact_mut(LEAF_SIZE))
+            .enumerate()
+        {
             let (b, v) = (first_block + i as u64, first_version + i as u64);
             let tag = self
                 .sealing
@@ -166,13 +179,21 @@ impl BlockCodec {
     pub fn open_in_place(&self, first_block: u64, data: &mut [u8], leaves: &[u8]) -> Result<Vec<u32>, CodecError> {
         let n = whole_blocks(data.len())?;
         if leaves.len() != n * LEAF_SIZE {
-            return refuse(format!("{n} blocks need {} bytes of leaves, not {}", n * LEAF_SIZE, leaves.len()));
+            return refuse(format!(
+                "{n} blocks need {} bytes of leaves, not {}",
+                n * LEAF_SIZE,
+                leaves.len()
+            ));
         }
         check_run(first_block, n)?;
         let mut bad = Vec::new();
         let mut key = Arc::clone(&self.sealing);
         let mut key_id = self.key_id;
-        for (i, (block, leaf)) in data.chunks_exact_mut(BLOCK_SIZE).zip(leaves.chunks_exact(LEAF_SIZE)).enumerate() {
+        for (i, (block, leaf)) in data
+            .chunks_exact_mut(BLOCK_SIZE)
+            .zip(leaves.chunks_exact(LEAF_SIZE))
+            .enumerate()
+        {
             let (v, kid) = leaf_fields(leaf);
             let ok = match v {
                 0 => true,

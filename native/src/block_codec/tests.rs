@@ -29,7 +29,8 @@ fn codec(key_id: u64) -> BlockCodec {
 fn sealed(c: &BlockCodec, first_block: u64, first_version: u64, n: usize) -> (Vec<u8>, Vec<u8>) {
     let mut data = plain(n);
     let mut leaves = vec![0u8; n * LEAF_SIZE];
-    c.seal_in_place(first_block, first_version, &mut data, &mut leaves).unwrap();
+    c.seal_in_place(first_block, first_version, &mut data, &mut leaves)
+        .unwrap();
     (data, leaves)
 }
 
@@ -45,8 +46,16 @@ fn block_key_matches_an_independent_hkdf() {
 #[test]
 fn sealed_block_matches_an_independent_aes_gcm() {
     for (key_id, ct_sha, tag) in [
-        (KEY_ID, "1e33963039f2b7d0222117e6176bc93fa448ba29fa4b952e7523dece1fe8c1a5", "beb7a8312b0a959ca4d5bb1907df5ea3"),
-        (0, "caeb2ca26fcdaed51a779b992be8c2a24f885997e23ba204cb555cf1a7577f59", "eff378670f53c37a0712ad5169a4de04"),
+        (
+            KEY_ID,
+            "1e33963039f2b7d0222117e6176bc93fa448ba29fa4b952e7523dece1fe8c1a5",
+            "beb7a8312b0a959ca4d5bb1907df5ea3",
+        ),
+        (
+            0,
+            "caeb2ca26fcdaed51a779b992be8c2a24f885997e23ba204cb555cf1a7577f59",
+            "eff378670f53c37a0712ad5169a4de04",
+        ),
     ] {
         let (ct, leaf) = sealed(&codec(key_id), 5, 7, 1);
         assert_eq!(hex(digest(&SHA256, &ct).as_ref()), ct_sha);
@@ -73,8 +82,14 @@ fn blocks_of_other_opens_are_read_with_their_own_key() {
     data.extend_from_slice(&data2);
     leaves.extend_from_slice(&leaves2);
     // blocks 3..7: two written under key id 0, two under 99, read by an open with key id 7
-    assert!(codec(7).open_in_place(3, &mut data[..2 * BLOCK_SIZE], &leaves[..2 * LEAF_SIZE]).unwrap().is_empty());
-    assert!(codec(7).open_in_place(5, &mut data[2 * BLOCK_SIZE..], &leaves[2 * LEAF_SIZE..]).unwrap().is_empty());
+    assert!(codec(7)
+        .open_in_place(3, &mut data[..2 * BLOCK_SIZE], &leaves[..2 * LEAF_SIZE])
+        .unwrap()
+        .is_empty());
+    assert!(codec(7)
+        .open_in_place(5, &mut data[2 * BLOCK_SIZE..], &leaves[2 * LEAF_SIZE..])
+        .unwrap()
+        .is_empty());
     assert_eq!(&data[..2 * BLOCK_SIZE], &plain(2)[..]);
     assert_eq!(&data[2 * BLOCK_SIZE..], &plain(2)[..]);
 }
@@ -132,18 +147,32 @@ fn bad_sizes_and_versions_are_refused_before_touching_anything() {
     let c = codec(KEY_ID);
     let mut leaves = [0u8; LEAF_SIZE];
     let mut part = vec![1u8; BLOCK_SIZE - 1];
-    assert!(c.seal_in_place(0, 1, &mut part, &mut leaves).unwrap_err().0.contains("whole number"));
+    assert!(c
+        .seal_in_place(0, 1, &mut part, &mut leaves)
+        .unwrap_err()
+        .0
+        .contains("whole number"));
     assert!(c.open_in_place(0, &mut part, &leaves).is_err());
     let mut one = vec![1u8; BLOCK_SIZE];
-    assert!(c.seal_in_place(0, 1, &mut one, &mut [0u8; 31]).unwrap_err().0.contains("leaves"));
+    assert!(c
+        .seal_in_place(0, 1, &mut one, &mut [0u8; 31])
+        .unwrap_err()
+        .0
+        .contains("leaves"));
     assert!(c.open_in_place(0, &mut one, &[0u8; 64]).is_err());
     for version in [0, POISON_VERSION, POISON_VERSION - 1] {
         let mut two = vec![1u8; 2 * BLOCK_SIZE];
-        let err = c.seal_in_place(0, version, &mut two, &mut [0u8; 2 * LEAF_SIZE]).unwrap_err();
+        let err = c
+            .seal_in_place(0, version, &mut two, &mut [0u8; 2 * LEAF_SIZE])
+            .unwrap_err();
         assert!(err.0.contains("outside"), "{err}");
         assert!(two.iter().all(|&b| b == 1), "refused seals leave the data as it was");
     }
-    assert!(c.seal_in_place(u64::MAX, 1, &mut one, &mut leaves).unwrap_err().0.contains("out of range"));
+    assert!(c
+        .seal_in_place(u64::MAX, 1, &mut one, &mut leaves)
+        .unwrap_err()
+        .0
+        .contains("out of range"));
     assert!(BlockCodec::new(&[0u8; 31], &disk_id(), 0).is_err());
     assert!(BlockCodec::new(&data_key(), &[0u8; 15], 0).is_err());
     // an empty run is no error and does nothing
