@@ -138,11 +138,9 @@ def print_status(status: dict[str, Any]) -> None:
             restarts += f", next try in {d['next_retry']} s"
         print(f"  {d['name']:<{width}} {d['kind']:<7} pid {d['pid']!s:<8} {trust:<9}{label}"
               f" {d['state']}{restarts}")
-    for pid in status.get("aead_workers", []):
-        print(f"  {'aead-worker':<{width}} {'crypt':<7} pid {pid!s:<8} {'trusted':<9} (part of an"
-              " encryption domain)")
-    if status.get("aead_restarts"):
-        print(f"  AEAD workers that died were restarted {status['aead_restarts']} time(s)")
+    if status.get("aead_threads"):
+        print(f"  AES-GCM of big requests: {status['aead_threads']} thread(s) inside the encryption"
+              " domains")
     print("disks:")
     for disk in status["disks"]:
         epoch = f" epoch {disk['epoch']}" if "epoch" in disk else ""

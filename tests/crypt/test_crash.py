@@ -165,14 +165,13 @@ def crashing_state(monkeypatch: pytest.MonkeyPatch) -> Clock:
     monkeypatch.setattr(IntentLog, "append", crashing(IntentLog.append, tear_intent))
 
     versions: list[int] = []
-    encrypt = BlockCipher.encrypt
+    seal = BlockCipher.seal
 
-    def recording(self: BlockCipher, first_block: int, first_version: int, plain: Any,
-                  out: Any, leaves: Any) -> None:
+    def recording(self: BlockCipher, first_block: int, first_version: int, plain: Any) -> tuple[bytes, bytes]:
         versions.extend(range(first_version, first_version + len(plain) // BS))
-        encrypt(self, first_block, first_version, plain, out, leaves)
+        return seal(self, first_block, first_version, plain)
 
-    monkeypatch.setattr(BlockCipher, "encrypt", recording)
+    monkeypatch.setattr(BlockCipher, "seal", recording)
     clock.versions = versions  # type: ignore[attr-defined]
     return clock
 

@@ -27,7 +27,7 @@ from trustvbd.blockdev import BlockError
 from trustvbd.blocks import crypt_commit
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.disk_state import DiskState
-from trustvbd.crypt.aead import BlockCipher, BlockViews
+from trustvbd.crypt.aead import BlockCipher
 from trustvbd.crypt.tree import HashTree, page_hash, root_from_level
 
 
@@ -177,50 +177,21 @@ def test_block_cipher_binds_block_version_and_disk() -> None:
     key, disk_id = os.urandom(32), os.urandom(16)
     c = BlockCipher(key, disk_id)
     plain = os.urandom(3 * BS)
-    out, leaves = bytearray(3 * BS + 16), bytearray(96)
-    c.encrypt(10, 500, memoryview(plain), memoryview(out), memoryview(leaves))
-    ct = memoryview(out)[:3 * BS]
-    dec = memoryview(bytearray(3 * BS))
-    assert c.decrypt(10, ct, memoryview(leaves), dec) == [] and bytes(dec) == plain
-    assert c.decrypt(11, ct, memoryview(leaves), dec) == [0, 1, 2]  # moved
-    assert BlockCipher(key, os.urandom(16)).decrypt(10, ct, memoryview(leaves), dec) == [0, 1, 2]
+    ct, leaves = c.seal(10, 500, memoryview(plain))
+    assert c.open(10, ct, leaves) == (plain, [])
+    assert c.open(11, ct, leaves)[1] == [0, 1, 2]  # moved
+    assert BlockCipher(key, os.urandom(16)).open(10, ct, leaves)[1] == [0, 1, 2]
     bumped = bytearray(leaves)
     bumped[7] ^= 1  # another version
-    assert c.decrypt(10, ct, memoryview(bumped), dec) == [0]
-    assert bytes(dec[:BS]) == bytes(BS)  # failed output is zeroed, not partial plaintext
+    dec, bad = c.open(10, ct, bumped)
+    assert bad == [0] and c.bad_blocks(10, ct, bumped) == [0]
+    assert dec[:BS] == bytes(BS) and dec[BS:] == plain[BS:]  # failed output is zeros, not partial plaintext
     zero = bytearray(leaves)
     zero[32:64] = bytes(32)
-    assert c.decrypt(10, ct, memoryview(zero), dec) == [] and bytes(dec[BS:2 * BS]) == bytes(BS)
-
-
-def test_reused_block_views_match_the_documented_construction() -> None:
-    """Views cut once for 8 blocks (as a worker's slot) serve runs of fewer blocks; each
-    block is AES-256-GCM under nonce = version || 0, AAD = disk id || block || version."""
-    key, disk_id = os.urandom(32), os.urandom(16)
-    c = BlockCipher(key, disk_id)
-    data, out, leaves = bytearray(8 * BS + 16), bytearray(8 * BS + 16), bytearray(8 * 32)
-    enc_views = BlockViews(memoryview(data), memoryview(leaves), memoryview(out), 8, encrypt=True)
-    for n, block, version in ((3, 40, 9000), (8, 7, 12), (1, 0, 1)):
-        plain = os.urandom(n * BS)
-        data[:n * BS] = plain
-        leaves[:] = b"\xaa" * len(leaves)
-        c.encrypt_views(block, version, enc_views, n)
-        assert leaves[n * 32:] == b"\xaa" * (len(leaves) - n * 32)  # blocks past n untouched
-        one_off, one_off_leaves = bytearray(n * BS + 16), bytearray(n * 32)
-        c.encrypt(block, version, memoryview(plain), memoryview(one_off), memoryview(one_off_leaves))
-        assert one_off[:n * BS] == out[:n * BS] and one_off_leaves == leaves[:n * 32]  # one construction
-        for i in range(n):
-            v = version + i
-            leaf = leaves[i * 32:(i + 1) * 32]
-            assert leaf[:8] == v.to_bytes(8, "big") and leaf[24:] == bytes(8)
-            aad = disk_id + (block + i).to_bytes(8, "big") + v.to_bytes(8, "big")
-            got = AESGCM(key).decrypt(v.to_bytes(8, "big") + bytes(4),
-                                      bytes(out[i * BS:(i + 1) * BS]) + leaf[8:24], aad)
-            assert got == plain[i * BS:(i + 1) * BS]
-        dec_views = BlockViews(memoryview(out), memoryview(leaves), memoryview(out), 8, encrypt=False)
-        assert c.decrypt_views(block, dec_views, n) == []  # in place, as a worker does
-        assert out[:n * BS] == plain
-    with pytest.raises(ValueError):
-        c.decrypt_views(0, dec_views, 9)  # never quietly fewer blocks than asked
-    with pytest.raises(ValueError):
-        c.encrypt_views(0, 1, enc_views, 9)
+    dec, bad = c.open(10, ct, zero)
+    assert bad == [] and dec[BS:2 * BS] == bytes(BS)
+    for version in (1, 12345):  # AES-256-GCM, nonce = version || 0, AAD = disk id || block || version
+        ct, leaf = c.seal(40, version, memoryview(plain)[:BS])
+        assert leaf[:8] == version.to_bytes(8, "big") and leaf[24:] == bytes(8)
+        aad = disk_id + (40).to_bytes(8, "big") + version.to_bytes(8, "big")
+        assert AESGCM(key).decrypt(version.to_bytes(8, "big") + bytes(4), ct + leaf[8:24], aad) == plain[:BS]

@@ -107,15 +107,16 @@ def test_leaves_written_before_key_ids_still_read(tmp_path: Path) -> None:
         # Rewrite block 5 as an old release did: key id 0, the data key, straight into the
         # leaf table through a fresh commit of the same disk (its leaf is in the table).
         disk = await open_disk(state, replica, kek)
-        old = BlockCipher(disk._cipher._data_key, disk._cipher._disk_id)  # key id 0
+        disk_id, data_key = _unwrap((state / "disks" / "vm1" / "keys").read_bytes(),
+                                    (state / "kek.key").read_bytes(), None)
+        old = BlockCipher(data_key, disk_id)  # key id 0
         assert old.key_id == 0
         version = disk._commits.take_versions(1)
-        out, leaf = bytearray(BS + 16), bytearray(32)
-        old.encrypt(5, version, memoryview(pattern(5)), memoryview(out), memoryview(leaf))
+        out, leaf = old.seal(5, version, pattern(5))
         assert leaf[24:] == bytes(8)
         await disk._leaves.hold(5, 6)  # its leaf page in memory (loaded on demand)
-        disk._commits.note_leaves(5, bytes(disk._leaves.get(5, 6)), bytes(leaf))
-        await replica.pwrite(LAY.data_offset(5), bytes(out[:BS]))
+        disk._commits.note_leaves(5, bytes(disk._leaves.get(5, 6)), leaf)
+        await replica.pwrite(LAY.data_offset(5), out)
         await disk.flush()
         await disk.close()
         disk = await open_disk(state, replica, kek)

@@ -187,8 +187,8 @@ def test_sigint_stops_cleanly(short_tmp: Path) -> None:
 
 
 def test_ctrl_c_to_the_whole_group_stops_quietly(short_tmp: Path) -> None:
-    """A terminal's Ctrl-C reaches every process of the job, AEAD workers included."""
-    s = System(short_tmp, config_text(size=4 * MIB), env={"TRUSTVBD_AEAD_WORKERS": "1"},
+    """A terminal's Ctrl-C reaches every process of the job, an encryption domain with AEAD threads too."""
+    s = System(short_tmp, config_text(size=4 * MIB), env={"TRUSTVBD_AEAD_THREADS": "1"},
                own_group=True).start()
     assert s.proc is not None
     os.killpg(s.proc.pid, signal.SIGINT)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import overload
 
 from trustvbd.blockdev import Backend, BlockError, Buffer, Capabilities, Lent, check_range
-from trustvbd.blocks.aead_pool import AeadPool, BulkCipher, Sealed
+from trustvbd.blocks.aead_pool import INLINE, AeadPool
 from trustvbd.blocks.crypt_commit import Commits
 from trustvbd.blocks.crypt_open import describe, recover, survey_replica
 from trustvbd.blocks.crypt_verify import VerifyReport, verify_replica
@@ -44,7 +44,6 @@ from trustvbd.blocks.integrity import (
     ReplicaRefusedError,
     StaleReplicaError,
 )
-from trustvbd.blocks.layer import ReadInto, reader_into
 from trustvbd.blocks.leaf_pages import DEFAULT_CAPACITY, LeafLocks, LeafPages
 from trustvbd.blocks.ranges import describe_blocks
 from trustvbd.blocks.replica_set import BadBlocks, Replica, ReplicaSet
@@ -102,7 +101,6 @@ class CryptDisk:
         self.name = name
         self._replica = replicas
         self.replicas = replicas
-        self._read_into: dict[int, ReadInto] = {}
         self._commits = commits
         self._leaves = commits.leaves
         self._lay = commits.lay
@@ -110,9 +108,8 @@ class CryptDisk:
         # from a backup (the version counter replayed), no (key, nonce) pair ever repeats.
         key_id = new_key_id()
         self._cipher = BlockCipher(secrets.data_key, secrets.disk_id, key_id)
-        # Whole requests go through _bulk: with a pool, big ones run in its workers.
-        self._bulk: BulkCipher | None = (aead.cipher(secrets.data_key, secrets.disk_id, key_id)
-                                         if aead else None)
+        # Whole requests go through the pool: big ones run on its threads.
+        self._aead = aead or INLINE
         self.public_key = secrets.public_key
         self._events = events
         # Blocks whose replica write failed: the replica may hold the ciphertext
@@ -122,7 +119,6 @@ class CryptDisk:
         # Set when the commit at open failed with ENOSPC: writes wait for a commit then.
         self._out_of_space: str | None = None
         self._locks = LeafLocks(commits.leaves)  # holding blocks keeps their leaf pages in
-        self._scratch = memoryview(bytearray(BS))
         replicas.verifier = self
         replicas.locks = self._locks
         replicas.admit = self._admit
@@ -167,7 +163,6 @@ class CryptDisk:
         disk opens while one replica the anchor lists as current can serve.
         """
         state = DiskState(Path(state_dir), disk_name, files)  # files: tests cut the power there
-        bulk: BulkCipher | None = None
         rs: ReplicaSet | None = None
         tree: TreeFile | None = None
         try:
@@ -201,7 +196,6 @@ class CryptDisk:
             leaves.replicas = rs
             commits = Commits(state, disk_name, anchor, secrets, leaves, tree, {})
             self = cls(state, disk_name, rs, secrets, commits, events, aead)
-            bulk = self._bulk
             try:
                 await self._commit(force=True)
             except BlockError as exc:
@@ -218,8 +212,6 @@ class CryptDisk:
             state.close()
             if tree is not None:
                 tree.close()
-            if bulk is not None:
-                bulk.forget()
             raise
         rs.start_recovery()
         return self
@@ -301,38 +293,20 @@ class CryptDisk:
     async def _read_from(self, link: Backend, b0: int, n: int, leaves: memoryview,
                          lend: bool) -> Buffer | Lent:
         """Blocks [b0, b0+n) from one replica, decrypted; raises BadBlocks if some fail."""
-        if self._bulk is not None and not self._unsure:
-            # The range lock keeps these blocks' leaves as they are while we wait.
-            start = self._lay.data_offset(b0)
-            read_into = self._read_into.get(id(link))
-            if read_into is None:
-                read_into = self._read_into[id(link)] = reader_into(link)
-            got = await self._bulk.read(b0, leaves, lambda into: read_into(start, into), lend)
-            if got is not None:
-                plain, bad = got
-                if bad:  # never lent then: nothing to give back
-                    raise BadBlocks(bad)
-                return plain
         ct = await link.pread(self._lay.data_offset(b0), n * BS)
         if len(ct) != n * BS:
             raise BlockError(errno.EIO, f"replica returned {len(ct)} bytes for a {n * BS}-byte read")
-        cv = memoryview(ct)
-        # Decrypt in place when the replica handed us a buffer of our own (the NBD
-        # client's receive buffer): zero-filling a fresh output buffer cost ~5 % of
-        # a sequential read. decrypt() reads each block before writing it. Not
-        # while blocks are unsure: _adopt_unsure needs the ciphertext of failures.
-        out = ct if type(ct) is bytearray and not self._unsure else bytearray(n * BS)
-        if self._bulk is None:
-            bad = self._cipher.decrypt(b0, cv, leaves, memoryview(out))
-        else:
-            bad = await self._bulk.decrypt(b0, cv, leaves, memoryview(out))
+        # The range lock keeps these blocks' leaves as they are while we wait.
+        plain, bad = await self._aead.open(self._cipher, b0, ct, leaves)
         if bad and self._unsure:
+            cv, out = memoryview(ct), bytearray(plain)
             bad = [i for i in bad
                    if not self._adopt_unsure(b0 + i, cv[i * BS:(i + 1) * BS],
                                              memoryview(out)[i * BS:(i + 1) * BS])]
+            plain = bytes(out)
         if bad:
             raise BadBlocks(bad)
-        return out
+        return plain
 
     def _refuse_read(self, b0: int, bad: list[int]) -> None:
         """Every current replica failed verification (each was reported): EIO."""
@@ -346,13 +320,9 @@ class CryptDisk:
 
     def bad_blocks(self, first_block: int, ciphertext: memoryview) -> list[int]:
         """Verifier: blocks of `ciphertext` that do not verify against their leaves now."""
-        bad = []
-        for i in range(len(ciphertext) // BS):
-            b = first_block + i
-            if self._cipher.decrypt(b, ciphertext[i * BS:(i + 1) * BS], self._leaves.leaf(b),
-                                    self._scratch):
-                bad.append(i)
-        return bad
+        n = len(ciphertext) // BS
+        leaves = b"".join(self._leaves.leaf(first_block + i) for i in range(n))
+        return self._cipher.bad_blocks(first_block, ciphertext[:n * BS], leaves)
 
     def written(self, block: int) -> bool:
         """Verifier: whether the block has ciphertext that a replica must hold."""
@@ -374,8 +344,11 @@ class CryptDisk:
     def _adopt_unsure(self, b: int, ct: memoryview, out: memoryview) -> bool:
         """After a failed replica write the block may still hold an older version."""
         for leaf in self._unsure.get(b, ()):
-            if leaf_version(leaf, 0) != POISON_VERSION and not self._cipher.decrypt(
-                    b, ct, memoryview(leaf), out):
+            if leaf_version(leaf, 0) == POISON_VERSION:
+                continue
+            plain, bad = self._cipher.open(b, ct, leaf)
+            if not bad:
+                out[:] = plain
                 self._commits.set_leaf(b, leaf)
                 del self._unsure[b]
                 return True
@@ -442,32 +415,17 @@ class CryptDisk:
     async def _write_blocks(self, b0: int, plain: memoryview) -> None:
         n = len(plain) // BS
         version = self._commits.take_versions(n)
-        sealed = await self._bulk.seal(b0, version, plain) if self._bulk is not None else None
-        if sealed is not None:  # sent from the worker's slot, no copy
-            try:
-                await self._write_out(b0, sealed.leaves, sealed.ciphertext, sealed)
-            finally:
-                sealed.close()
-            return
-        out = bytearray(n * BS + 16)
-        new = bytearray(n * LEAF_SIZE)
-        if self._bulk is None:
-            self._cipher.encrypt(b0, version, plain, memoryview(out), memoryview(new))
-        else:
-            await self._bulk.encrypt(b0, version, plain, memoryview(out), memoryview(new))
-        await self._write_out(b0, new, memoryview(out)[:n * BS], None)
+        ct, new = await self._aead.seal(self._cipher, b0, version, plain)
+        await self._write_out(b0, new, ct)
 
-    async def _write_out(self, b0: int, new: bytes | bytearray, ct: memoryview, sealed: Sealed | None) -> None:
+    async def _write_out(self, b0: int, new: bytes, ct: bytes) -> None:
         """Intent first, then the ciphertext to the replica."""
         n = len(new) // LEAF_SIZE
         old = self._leaves.get(b0, b0 + n)
         self._note_leaves(b0, old, new, settled=False)
         start = self._lay.data_offset(b0)
         try:
-            if sealed is None:
-                await self._replica.pwrite(start, ct)
-            else:
-                await sealed.send(lambda c: self._replica.pwrite(start, c))
+            await self._replica.pwrite(start, ct)
         except BaseException:
             # The replica may now hold old or new ciphertext for each block. Earlier
             # failed writes' candidates stay too: the replica may still hold any of them.
@@ -558,8 +516,6 @@ class CryptDisk:
                 self._commits.close()
             finally:
                 self._state.close()
-            if self._bulk is not None:
-                self._bulk.forget()
             await self._replica.close()
 
     # ------------------------------------------------------------ commit
@@ -592,9 +548,8 @@ class CryptDisk:
             if b not in self._unsure:
                 continue
             ct = memoryview(await self._read_exact(self._lay.data_offset(b), BS))
-            out = memoryview(bytearray(BS))
-            if self._cipher.decrypt(b, ct, self._leaves.leaf(b), out):
-                self._adopt_unsure(b, ct, out)
+            if self._cipher.bad_blocks(b, ct, self._leaves.leaf(b)):
+                self._adopt_unsure(b, ct, memoryview(bytearray(BS)))
             self._unsure.pop(b, None)
 
     async def _read_exact(self, offset: int, length: int) -> bytes:

@@ -255,7 +255,6 @@ async def choose_versions(replica: Backend, who: str, g: Layout, cipher: BlockCi
     recorded whose ciphertext on `replica` verifies: its rank, 0 for the committed
     leaf, i+1 for candidate i, -1 if none verifies. Only versions the trusted log
     recorded are ever accepted."""
-    scratch = memoryview(bytearray(BS))
     chosen: dict[int, int] = {}
     need_read = []
     for b, news in intents.candidates.items():
@@ -273,7 +272,7 @@ async def choose_versions(replica: Backend, who: str, g: Layout, cipher: BlockCi
                 v = leaf_version(leaves[rank], 0)
                 if v == POISON_VERSION:
                     continue
-                if v == 0 or not cipher.decrypt(b, ct, memoryview(leaves[rank]), scratch):
+                if v == 0 or not cipher.bad_blocks(b, ct, leaves[rank]):
                     chosen[b] = rank
                     break
     return chosen
@@ -476,14 +475,13 @@ async def _even_out(disk: str, g: Layout, cipher: BlockCipher, leaves: LeafPages
                     best: dict[int, int]) -> None:
     """A crash in a write that reached only some replicas: copy each block's chosen
     version to the current replicas that lack it (verified), or degrade them."""
-    scratch = memoryview(bytearray(BS))
     for r in current:
         lacking = sorted(b for b, rank in chosen[r.name].items() if rank < best[b])
         try:
             for b in lacking:
                 source = next(s for s in current if chosen[s.name].get(b) == best[b])
                 ct = await read_exact(source.link, describe(disk, source.name), g.data_offset(b), BS)
-                if cipher.decrypt(b, memoryview(ct), leaves.leaf(b), scratch):
+                if cipher.bad_blocks(b, ct, leaves.leaf(b)):
                     raise BlockError(errno.EIO, f"block {b} changed on replica {source.name!r}")
                 await r.link.pwrite(g.data_offset(b), ct)
         except BlockError as exc:

@@ -26,7 +26,7 @@ from trustvbd.acm.audit import compact_fields
 from trustvbd.acm.client import AcmClient
 from trustvbd.acm.decisions import Decision
 from trustvbd.blockdev import Backend, BlockError, HasEpoch
-from trustvbd.blocks.aead_pool import AeadPool, default_workers
+from trustvbd.blocks.aead_pool import AeadPool, default_threads
 from trustvbd.blocks.crypt_layer import CryptDisk, Kek, physical_size
 from trustvbd.blocks.limits import SizeLimit
 from trustvbd.blocks.reconnect import ReplicaLink, Unreachable
@@ -146,8 +146,7 @@ class CryptDomain:
     async def handle(self, msg: m.Message, fds: list[int]) -> tuple[m.Message, list[int]]:
         if isinstance(msg, m.StatusQuery):
             st = self.status()
-            return m.CryptStatus(st["disks"], st["guests"], st["aead_workers"],
-                                 st["aead_restarts"]), []
+            return m.CryptStatus(st["disks"], st["guests"], st["aead_threads"]), []
         if isinstance(msg, m.Stop):
             await self.stop()
             return m.Done(), []
@@ -194,9 +193,8 @@ class CryptDomain:
                            "memory": budget.used if budget else 0,
                            "memory_peak": budget.peak if budget else 0,
                            "decisions_waited": rate.waited if rate else 0})
-        workers = self.aead.worker_pids() if self.aead else []
-        restarts = self.aead.restarts if self.aead else 0
-        return {"disks": disks, "guests": guests, "aead_workers": workers, "aead_restarts": restarts}
+        threads = self.aead.threads if self.aead else 0
+        return {"disks": disks, "guests": guests, "aead_threads": threads}
 
     def start_scrub(self, name: str) -> m.Message:
         """Start scrubbing a disk in the background (progress and result in `status`)."""
@@ -422,9 +420,9 @@ class CryptDomain:
             self.records.add(task)
             task.add_done_callback(self.records.discard)
 
-        if self.aead is None and (workers := default_workers()):
-            self.aead = await AeadPool.start(workers)
-            log.info("AEAD workers: %d (pids %s)", workers, self.aead.worker_pids())
+        if self.aead is None and (threads := default_threads()):
+            self.aead = AeadPool(threads)
+            log.info("AEAD threads: %d", threads)
         opened = await open_crypt_disk(self.state_dir, disk.name, disk.size,
                                        [(watch.driver, watch) for watch in disk.space],
                                        self.unlock, on_event, self.aead, kek,

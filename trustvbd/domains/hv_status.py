@@ -23,8 +23,7 @@ async def gather_status(hv: Launcher) -> m.HvStatus:
     c = hv.config
     me = m.DomainStatus("hv", "hv", True, "", os.getpid(), "running", 0, None, None)
     disks: list[dict[str, Any]] = []
-    workers: list[int] = []
-    aead_restarts = 0
+    aead_threads = 0
     per_guest: dict[str, dict[str, Any]] = {}
     for name, channel in list(hv.crypt_channels.items()):
         if channel.closed.is_set():
@@ -35,8 +34,7 @@ async def gather_status(hv: Launcher) -> m.HvStatus:
             if not isinstance(crypt, m.CryptStatus):
                 continue
             disks += [{**d, "domain": name} for d in crypt.disks]
-            workers += crypt.aead_workers
-            aead_restarts += crypt.aead_restarts
+            aead_threads += crypt.aead_threads
             for g in crypt.guests:  # a guest may reach several encryption domains
                 into = per_guest.setdefault(str(g.get("name")), {"connections": []})
                 into["connections"] += g.get("connections") or []
@@ -52,8 +50,7 @@ async def gather_status(hv: Launcher) -> m.HvStatus:
         uptime=round(time.time() - hv.started, 1),
         domains=[me, *(m.DomainStatus(**d) for d in hv.supervisor.status())],
         disks=sorted(disks, key=lambda d: order.index(d["name"]) if d["name"] in order else 0),
-        aead_workers=workers,
-        aead_restarts=aead_restarts,
+        aead_threads=aead_threads,
         guests=[m.GuestStatus(
             name=g.name, label=g.label, socket=str(c.guest_socket(g.name)),
             sockets={gs.wtype: str(gs.path) for gs, s in hv.listeners

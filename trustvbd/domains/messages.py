@@ -169,8 +169,7 @@ class StatusQuery(Message):
 class CryptStatus(Message):
     disks: list[dict[str, Any]]
     guests: list[dict[str, Any]]
-    aead_workers: list[int]
-    aead_restarts: int
+    aead_threads: int
 
 
 @message("scrub?")
@@ -434,8 +433,7 @@ class HvStatus(Message):
     uptime: float
     domains: list[DomainStatus]
     disks: list[dict[str, Any]]
-    aead_workers: list[int]
-    aead_restarts: int
+    aead_threads: int
     guests: list[GuestStatus]
     integrity_events: list[dict[str, Any]]
     attachments: list[AttachmentStatus]

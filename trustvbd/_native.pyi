@@ -1,0 +1,13 @@
+"""Types of the native extension (native/src/python.rs); only trustvbd.crypt calls it."""
+
+Buffer = bytes | bytearray | memoryview
+
+BLOCK_SIZE: int
+LEAF_SIZE: int
+
+class BlockCodec:
+    def __init__(self, data_key: bytes, disk_id: bytes, key_id: int) -> None: ...
+    @property
+    def key_id(self) -> int: ...
+    def seal(self, first_block: int, first_version: int, plain: Buffer) -> tuple[bytes, bytes]: ...
+    def open(self, first_block: int, ciphertext: Buffer, leaves: Buffer) -> tuple[bytes, list[int]]: ...
