@@ -11,7 +11,7 @@ from trustvbd.domains import messages as m
 
 SAMPLES: list[m.Message] = [
     m.Done(), m.Failed(m.ErrorCode.WRONG_KEY, "wrong passphrase"), m.StatusQuery(),
-    m.CryptStatus([{"name": "d"}], [{"name": "g", "connections": []}], [12, 13], 1), m.Stop(),
+    m.CryptStatus([{"name": "d"}], [{"name": "g", "connections": []}], 2), m.Stop(),
     m.PolicyChanged(), m.Rechecked(2), m.SpecQuery(),
     m.Spec("/s", 30.0, [m.DiskSpec("d", "L", 4096, True, ["a", "b"])],
            {"g": m.GuestSpec("L", "g", 1000)}, [m.ListenerSpec("g", False)], "/pki",
