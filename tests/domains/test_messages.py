@@ -22,7 +22,7 @@ SAMPLES: list[m.Message] = [
     m.Integrity("d", {"block": 7, "message": "tag mismatch"}), m.HvStatus(
         1, "/s", "/c.toml", None, 2.5,
         [m.DomainStatus("store", "store", True, "", 12, "running", 1, "killed by SIGKILL", None)],
-        [{"name": "d"}], [13], 0,
+        [{"name": "d"}], 1,
         [m.GuestStatus("g", "L", "/g.sock", {"T": "/g.sock"}, [], 0, 0, 0)], [],
         [m.AttachmentStatus("guest", "g", "crypt-T", "d", "/fe", "/be", 4, 4)]),
     m.StoreIntroduce(3, "vm1", "Payroll"), m.StoreConnect(1, "crypt-T", "Sys"),
