@@ -79,6 +79,12 @@ def test_attached_guest_shows_state_4_and_pairing_refusal_is_audited(short_tmp: 
             assert xs(system, "xenstore-read", f"{be}/state") == "4\n"
             # The driver's directory does not name the disk (drivers see opaque exports).
             assert "disk" not in xs(system, "xenstore-list", be).split()
+            # The driver itself joined the store over its own brokered channel and advertised
+            # what it offers, as blkback does: the node is its own (first permission entry).
+            wait_for_value(system, f"{be}/feature-flush-cache", "1")
+            (line,) = [x for x in xs(system, "xenstore-ls", "-p", be).splitlines()
+                       if x.startswith("feature-flush-cache")]
+            assert f"(n{drv}" in line, line
 
         watcher = subprocess.Popen(["xenstore-watch", "-n", "3", frontend], env=xs_env(system),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -22,10 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trustvbd.blocks.file import FileBackend
+from trustvbd.domains import messages as m
 from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
+from trustvbd.domains.control import ControlChannel, ControlClosed
 from trustvbd.nbd.server import Export, ExportRefused, NbdServer, PeerInfo
+from trustvbd.xenstore.client import XsClient
+from trustvbd.xenstore.wire import XsError
 
 log = logging.getLogger("trustvbd.driver")
+STORE_TIMEOUT = 10.0
 
 
 @dataclass
@@ -89,9 +94,35 @@ def uri_for(sock: socket.socket, export: str) -> str:
     return f"nbd://{host}:{address[1]}/{export}"
 
 
+async def join_store(channel: ControlChannel) -> XsClient | None:
+    """As a Xen driver domain's blkback does: ask the hypervisor for a channel to the store
+    (policy decides, the decision is audited) and advertise, in each backend directory the
+    launcher made for this driver, what it offers: flushes reach the disk. None: no store."""
+    try:
+        reply, fds = await channel.ask(m.DomainChannelQuery("store"), m.ChannelGranted,
+                                       timeout=STORE_TIMEOUT)
+        if not isinstance(reply, m.ChannelGranted) or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            log.warning("no channel to the store: %s", getattr(reply, "message", reply))
+            return None
+        xs = await XsClient.connect(sock=socket.socket(fileno=fds[0]))
+        try:
+            for frontend in await xs.directory("backend/vbd"):  # relative: its own home
+                for device in await xs.directory(f"backend/vbd/{frontend}"):
+                    await xs.write(f"backend/vbd/{frontend}/{device}/feature-flush-cache", "1")
+        except BaseException:
+            await xs.close()
+            raise
+        return xs
+    except (ControlClosed, ConnectionError, TimeoutError, XsError, ValueError) as exc:
+        log.warning("cannot advertise in the store: %s", exc)
+        return None
+
+
 async def serve(specs: list[ExportSpec], sock: socket.socket, default: str | None,
                 ready_fd: int | None, announce: bool, primary: bool = True,
-                unlink: bool = True) -> int:
+                unlink: bool = True, control_fd: int | None = None) -> int:
     exports = FileExports(specs, default)
     server = NbdServer(exports, identity="driver")
     stop = asyncio.Event()
@@ -99,6 +130,11 @@ async def serve(specs: list[ExportSpec], sock: socket.socket, default: str | Non
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     serving = asyncio.create_task(server.serve_socket(sock))
+    control = store = None
+    if primary and control_fd is not None:
+        control = ControlChannel(socket.socket(fileno=control_fd), None, "hv")
+        control.start()
+        store = await join_store(control)
     if announce:
         for spec in specs:
             print(uri_for(sock, spec.name if default is None else ""), flush=True)
@@ -108,6 +144,10 @@ async def serve(specs: list[ExportSpec], sock: socket.socket, default: str | Non
         log.info("serving %d export(s) on %s", len(specs), sock.getsockname())
     await stop.wait()
     serving.cancel()
+    if store is not None:
+        await store.close()
+    if control is not None:
+        control.close()
     await server.close()
     await exports.close()
     if primary and unlink and sock.family == socket.AF_UNIX:  # not a handed-over socket
@@ -117,7 +157,8 @@ async def serve(specs: list[ExportSpec], sock: socket.socket, default: str | Non
 
 
 def serve_in_workers(workers: int, specs: list[ExportSpec], sock: socket.socket, default: str | None,
-                     ready_fd: int | None, announce: bool, unlink: bool = True) -> int:
+                     ready_fd: int | None, announce: bool, unlink: bool = True,
+                     control_fd: int | None = None) -> int:
     """Serve from `workers` processes sharing one listening socket (one event loop each).
 
     Python's event loop is one core; multi-connection clients (nbdcopy opens four)
@@ -137,7 +178,8 @@ def serve_in_workers(workers: int, specs: list[ExportSpec], sock: socket.socket,
                 os._exit(code)
         children.append(pid)
     try:
-        return run(serve(specs, sock, default, ready_fd, announce, unlink=unlink))
+        return run(serve(specs, sock, default, ready_fd, announce, unlink=unlink,
+                         control_fd=control_fd))
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
@@ -176,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supervised", action="store_true", help="die with the launcher")
     parser.add_argument("--workers", type=int, default=default_workers())
     # Its control channel to the hypervisor (domains/messages.py), the only way it may ask
-    # for a channel to another domain; kept open, unused by this driver.
+    # for a channel to another domain: it asks for one to the store.
     parser.add_argument("--control-fd", type=int)
     parser.add_argument("--confine", action="store_true",
                         help="once holding its descriptors, open no path again (Landlock, seccomp)")
@@ -194,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.confine:
         confine_self()
     return serve_in_workers(args.workers, specs, sock, None, args.ready_fd, announce=False,
-                            unlink=args.listen_fd is None)
+                            unlink=args.listen_fd is None, control_fd=args.control_fd)
 
 
 def confine_self() -> None:
