@@ -23,9 +23,8 @@ import errno
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import overload
 
-from trustvbd.blockdev import Backend, BlockError, Buffer, Capabilities, Lent, check_range
+from trustvbd.blockdev import Backend, BlockError, Buffer, Capabilities, check_range
 from trustvbd.blocks.aead_pool import INLINE, AeadPool
 from trustvbd.blocks.crypt_commit import Commits
 from trustvbd.blocks.crypt_open import describe, recover, survey_replica
@@ -242,12 +241,6 @@ class CryptDisk:
             raise BlockError(errno.EIO, f"disk {self.name!r} is closed")
 
     async def pread(self, offset: int, length: int) -> Buffer:
-        data = await self.pread_lent(offset, length)
-        return data.copy() if isinstance(data, Lent) else data
-
-    async def pread_lent(self, offset: int, length: int) -> Buffer | Lent:
-        """As pread, but the plaintext may be left in an AEAD slot and lent: the NBD
-        server sends it from there and then releases it (nbd/zero_copy.py)."""
         check_range(self.size, offset, length)
         self._check_usable()
         if length == 0:
@@ -255,43 +248,35 @@ class CryptDisk:
         b0, b1 = offset // BS, -(-(offset + length) // BS)
         hold = await self._locks.acquire(b0, b1, False)
         try:
-            out = await self._read_verified(b0, b1, lend=True)
+            out = await self._read_verified(b0, b1)
         finally:
             self._locks.release(hold)
         start = offset - b0 * BS
         if start == 0 and length == len(out):
             return out
-        if isinstance(out, Lent):
-            return Lent(out.view[start:start + length], out.release)
         return memoryview(out)[start:start + length]
 
-    @overload
-    async def _read_verified(self, b0: int, b1: int) -> Buffer: ...
-    @overload
-    async def _read_verified(self, b0: int, b1: int, lend: bool) -> Buffer | Lent: ...
-
-    async def _read_verified(self, b0: int, b1: int, lend: bool = False) -> Buffer | Lent:
+    async def _read_verified(self, b0: int, b1: int) -> Buffer:
         """Plaintext of blocks [b0, b1), every block checked against its leaf.
 
         The one place data is read from a replica, so mirroring can retry on
-        the next replica and repair here. Only with `lend` may it return a Lent.
+        the next replica and repair here.
         """
         n = b1 - b0
         if self._leaves.all_zero(b0, b1):
             return bytearray(n * BS)  # never written or zeroed: no driver involved
         leaves = memoryview(self._leaves.get(b0, b1))  # the range lock holds their pages
 
-        async def attempt(link: Backend) -> Buffer | Lent:
-            return await self._read_from(link, b0, n, leaves, lend)
+        async def attempt(link: Backend) -> Buffer:
+            return await self._read_from(link, b0, n, leaves)
 
         try:
-            return await self.replicas.read(b0, n, attempt, _release)
+            return await self.replicas.read(b0, n, attempt)
         except BadBlocks as exc:
             self._refuse_read(b0, exc.indices)
             raise  # not reached
 
-    async def _read_from(self, link: Backend, b0: int, n: int, leaves: memoryview,
-                         lend: bool) -> Buffer | Lent:
+    async def _read_from(self, link: Backend, b0: int, n: int, leaves: memoryview) -> Buffer:
         """Blocks [b0, b0+n) from one replica, decrypted; raises BadBlocks if some fail."""
         ct = await link.pread(self._lay.data_offset(b0), n * BS)
         if len(ct) != n * BS:
@@ -565,8 +550,3 @@ def _open_tree(state: DiskState, disk: str, lay: Layout, root: bytes, files: Fil
         return TreeFile(state.tree_path, disk, lay.leaf_pages, root, files)
     except TreeFileError as exc:
         raise TrustedStateError(str(exc)) from exc
-
-
-def _release(result: Buffer | Lent) -> None:
-    if isinstance(result, Lent):
-        result.release()

@@ -362,8 +362,7 @@ class ReplicaSet:
     def data_offset(self, block: int) -> int:
         return self._lay.data_offset(block)
 
-    async def read(self, b0: int, n: int, attempt: Callable[[Backend], Awaitable[T]],
-                   release: Callable[[T], None]) -> T:
+    async def read(self, b0: int, n: int, attempt: Callable[[Backend], Awaitable[T]]) -> T:
         """`attempt(link)` on current replicas in turn until one passes; repair the others.
 
         `attempt` returns the verified result or raises BadBlocks (indices within the
@@ -409,11 +408,7 @@ class ReplicaSet:
             finally:
                 r.reading -= 1
             if failures:
-                try:
-                    await self._repair(r, b0, n, failures)
-                except BaseException:
-                    release(result)
-                    raise
+                await self._repair(r, b0, n, failures)
             return result
         assert last is not None
         self._revive_broken(readers)
@@ -597,7 +592,7 @@ class ReplicaSet:
             return
         lo, hi = want[0], want[-1] + 1
         try:
-            ct = await self.read(lo, hi - lo, self._fetch(lo, hi - lo), lambda _: None)
+            ct = await self.read(lo, hi - lo, self._fetch(lo, hi - lo))
         except BadBlocks:
             await self._copy_each(r, want)
             return
@@ -614,7 +609,7 @@ class ReplicaSet:
         """
         for b in blocks:
             try:
-                ct = await self.read(b, 1, self._fetch(b, 1), lambda _: None)
+                ct = await self.read(b, 1, self._fetch(b, 1))
             except BadBlocks:
                 log.warning("disk %s: block %d verifies on no current replica; replica %s joins "
                             "without it", self.disk, b, r.name)
