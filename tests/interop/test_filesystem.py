@@ -52,8 +52,8 @@ def stop(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
     if proc.poll() is None:
         subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False, capture_output=True)
     try:
-        # Generous: under heavy load nbdfuse has taken 46 s to exit after unmount, with
-        # nbdkit file as the server too; a real hang still fails.
+        # Generous: on a heavily loaded machine nbdfuse can take tens of seconds to exit
+        # after unmount, whatever the server; a real hang still fails.
         proc.wait(180)
     except subprocess.TimeoutExpired:
         proc.kill()

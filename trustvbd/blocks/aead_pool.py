@@ -3,8 +3,8 @@
 The native codec (crypt/aead.py) releases the GIL while it seals or opens, so a
 thread can do a big request on another core while the event loop goes on
 serving other requests. Handing a request to a thread and back costs the event
-loop ~24 us (bench/README.md), as much as sealing ~32 blocks here, so smaller
-requests are done inline. The threads hold no state of their own: a request
+loop about as much as sealing a few dozen blocks inline (figures in bench/README.md),
+so smaller requests are done inline. The threads hold no state of their own: a request
 whose caller was cancelled finishes on its own copies and its result is
 dropped; nothing is shared with them but the (thread-safe) BlockCipher.
 """
