@@ -270,6 +270,42 @@ def test_wiped_replica_is_rebuilt_whole(tmp_path: Path, copies: int) -> None:
     run(go())
 
 
+class EveryOtherReadFails(Faulty):
+    """A flaky driver: one read in two answers EIO (nbdkit's error filter, made certain)."""
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(next)
+        self.reads = 0
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        self.reads += 1
+        if self.reads % 2:
+            raise BlockError(errno.EIO, "injected transient read error")
+        return await self.next.pread(offset, length)
+
+
+def test_flaky_replica_is_admitted_and_rebuilt(tmp_path: Path) -> None:
+    """Admitting a wiped replica reads ~40 small pieces of it: a driver that fails some
+    reads must still get back in (each metadata read is tried again), not stay degraded."""
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        disk = await open_set(tmp_path, kek, list(mems))
+        data = await fill(disk)
+        await disk.close()
+        mems[1].raw[:] = bytes(len(mems[1].raw))
+        flaky = EveryOtherReadFails(mems[1])
+        disk = await open_set(tmp_path, kek, [mems[0], flaky])
+        await settle(disk)
+        assert flaky.reads > 10, "the admission read the replica"
+        await disk.close()
+        assert bytes(mems[0].raw) == bytes(mems[1].raw)
+        disk = await open_set(tmp_path, kek, [Faulty(mems[1])])
+        assert bytes(await disk.pread(0, SIZE)) == data
+        await disk.close()
+    run(go())
+
+
 def test_foreign_replica_is_refused_and_untouched(tmp_path: Path) -> None:
     async def go() -> None:
         kek = new_state(tmp_path)

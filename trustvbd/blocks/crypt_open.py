@@ -45,6 +45,10 @@ RECOVERY_READ_BLOCKS = 256
 # opening a big disk says how far it got every PROGRESS_EVERY seconds.
 TABLE_READ = 32 * 1024 * 1024
 PROGRESS_EVERY = 5.0
+# A driver's EIO on a small metadata read is tried again this many times in all before
+# the replica is judged unreachable: admitting a replica takes ~40 such reads, and a
+# driver failing 1 read in 10 would otherwise almost never get back in.
+METADATA_READ_ATTEMPTS = 3
 
 
 class Progress:
@@ -122,7 +126,16 @@ def describe(disk: str, replica: str) -> str:
 
 
 async def read_exact(replica: Backend, who: str, offset: int, length: int) -> bytes:
-    data = await replica.pread(offset, length)
+    for attempt in range(1, METADATA_READ_ATTEMPTS + 1):
+        try:
+            data = await replica.pread(offset, length)
+            break
+        except BlockError as exc:
+            gone = isinstance(replica, Breakable) and replica.broken
+            if exc.errno != errno.EIO or gone or attempt == METADATA_READ_ATTEMPTS:
+                raise
+            log.info("%s: read of [%d, %d) failed (%s); trying again", who, offset,
+                     offset + length, exc)
     if len(data) != length:
         raise BlockError(errno.EIO, f"{who} returned {len(data)} bytes for a {length}-byte read "
                          f"at {offset}")
