@@ -37,7 +37,6 @@ import asyncio
 import errno
 import logging
 import ssl
-import sys
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
@@ -451,8 +450,7 @@ class Connection(asyncio.BufferedProtocol):
             state.error = state.error or (p.NbdErr.EIO, f"internal server error: {exc}")
         finally:
             state.running -= 1
-        if sys.getrefcount(payload) == 2:  # as in _serve: recycle unless the backend kept it
-            self.core.pool.put(payload)  # type: ignore[arg-type]
+        self.core.pool.give_back(payload)  # type: ignore[arg-type] # as in _serve
         self._finish_parted(req, state)
 
     def _finish_parted(self, req: m.Request, state: _PartedWrite) -> None:
@@ -549,10 +547,10 @@ class Connection(asyncio.BufferedProtocol):
                 payload, req.data = req.data, None
                 assert payload is not None  # a WRITE always carries its payload
                 await backend.pwrite(req.offset, payload, fua)
-                # Recycle a large payload buffer unless the backend kept a reference
-                # (2 = our `payload` + getrefcount's own argument).
-                if len(payload) > _POOL_MIN and sys.getrefcount(payload) == 2:
-                    self.core.pool.put(payload)  # type: ignore[arg-type]
+                # Recycle a large payload buffer, once the transport (served inline, from
+                # buffer_updated) and the backend (if it kept one) let go of it.
+                if len(payload) > _POOL_MIN:
+                    self.core.pool.give_back(payload)  # type: ignore[arg-type]
             elif typ == _FLUSH:
                 if self._write_tasks:
                     await asyncio.wait(list(self._write_tasks))

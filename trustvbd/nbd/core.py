@@ -22,6 +22,7 @@ cover it exactly once before it hands out one validated `Reply` per request.
 from __future__ import annotations
 
 import enum
+import sys
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -160,17 +161,42 @@ TRANSITIONS: dict[tuple[State, type], _Next] = {
 class BufferPool:
     """Reusable bytearrays for large payloads, so each one is not allocated and zeroed anew.
 
-    The user gives a buffer back with put() only when nothing else refers to it.
+    The user gives a buffer back with put() only when nothing else refers to it, or
+    with give_back() when something still may: the transport holds the buffer it
+    received a payload into until buffer_updated() returns, so a request served inline
+    from there cannot tell its payload free yet. A given-back buffer is reused from a
+    later get() on, once nothing but the pool refers to it (no memoryview, no buffer
+    export, no backend keeping it); one still referred to then is left to the garbage
+    collector, never handed out again.
     """
 
     MAX_PER_SIZE = 16
 
     def __init__(self) -> None:
         self._free: dict[int, list[bytearray]] = {}
+        self._returned: list[bytearray] = []
+        self.allocated = 0  # buffers made anew (the rest came from the pool)
 
     def get(self, size: int) -> bytearray:
+        if self._returned:
+            self._collect()
         free = self._free.get(size)
-        return free.pop() if free else bytearray(size)
+        if free:
+            return free.pop()
+        self.allocated += 1
+        return bytearray(size)
+
+    def give_back(self, buf: bytearray) -> None:
+        if len(self._returned) < self.MAX_PER_SIZE:
+            self._returned.append(buf)
+
+    def _collect(self) -> None:
+        returned, self._returned = self._returned, []
+        for buf in returned:
+            # 3 references: the list, `buf`, getrefcount's argument. Any memoryview of
+            # it, export of it or holder of it adds one.
+            if sys.getrefcount(buf) == 3:
+                self.put(buf)
 
     def put(self, buf: bytearray) -> None:
         free = self._free.setdefault(len(buf), [])
