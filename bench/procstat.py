@@ -25,6 +25,12 @@ def _stat(pid: int) -> tuple[int, float] | None:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK
 
 
+def parent(pid: int) -> int:
+    """The parent of `pid` (0 if it is gone)."""
+    st = _stat(pid)
+    return st[0] if st is not None else 0
+
+
 def _role(pid: int) -> str:
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

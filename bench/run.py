@@ -101,7 +101,8 @@ def fio(uri: str, rw: str, depth: int, runtime: int, size: int) -> dict[str, flo
             "p50 us": pct.get("50.000000", 0) / 1e3, "p99 us": pct.get("99.000000", 0) / 1e3}
 
 
-def measure(server: Server, size: int, source: Path, runtime: int) -> Rep:
+def measure(server: Server, size: int, source: Path, runtime: int,
+            only: tuple[str, ...] | None = None) -> Rep:
     rep: Rep = {}
     with workdir() as work:
         if server.luks_image:
@@ -124,13 +125,14 @@ def measure(server: Server, size: int, source: Path, runtime: int) -> Rep:
                     return result, result["requests"] / 100_000
                 return go
 
-            if "seq" in server.workloads:
+            workloads = [w for w in server.workloads if only is None or w in only]
+            if "seq" in workloads:
                 run("write", copy(["nbdcopy", str(source), uri]))
                 run("read", copy(["nbdcopy", uri, "null:"]))
-            if "random" in server.workloads:
+            if "random" in workloads:
                 run("randread", random("randread", 16))
                 run("randwrite", random("randwrite", 16))
-            if "qd1" in server.workloads:
+            if "qd1" in workloads:
                 run("qd1 randread", random("randread", 1))
                 run("qd1 randwrite", random("randwrite", 1))
         finally:
@@ -170,6 +172,8 @@ def main() -> int:
     parser.add_argument("--fio-runtime", type=int, default=5)
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="only the servers whose name contains one of these")
+    parser.add_argument("--workloads", nargs="+", choices=["seq", "random", "qd1"],
+                        help="only these kinds of measurement (default: each row's all)")
     parser.add_argument("--baseline", type=Path, metavar="DIR",
                         help="crypt suite: also the 1- and 2-replica rows with the trustvbd "
                              "package in DIR (e.g. `git archive main | tar -x -C DIR`), for A/B")
@@ -199,7 +203,8 @@ def main() -> int:
             for rep in range(args.reps):
                 for server in servers:  # interleaved, so drift hits every server alike
                     print(f"[{suite} rep {rep + 1}/{args.reps}] {server.name}", file=sys.stderr)
-                    runs[server.name].append(measure(server, size, source, args.fio_runtime))
+                    runs[server.name].append(measure(server, size, source, args.fio_runtime,
+                                                       args.workloads and tuple(args.workloads)))
             if not args.json:
                 report({"options": doc["options"], "suites": {suite: doc["suites"][suite]}})
     if args.json:
