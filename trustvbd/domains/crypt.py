@@ -33,7 +33,7 @@ from trustvbd.blocks.reconnect import ReplicaLink, Unreachable
 from trustvbd.blocks.space import SpaceWatch
 from trustvbd.domains import messages as m
 from trustvbd.domains.bus import NoStore, StateWriter
-from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
+from trustvbd.domains.common import die_with_parent, keep_freed_memory, ready, run, setup_logging
 from trustvbd.domains.control import ControlChannel, ControlClosed, typed
 from trustvbd.domains.crypt_bus import CryptBus
 from trustvbd.domains.crypt_disks import DEFAULT_LEAF_CACHE, PassphraseNeeded
@@ -579,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging("crypt")
     die_with_parent()
+    keep_freed_memory()
     unlock = receive_unlock(args.unlock_fd) if args.unlock_fd is not None else None
     state_dir = Path(f"/proc/self/fd/{args.state_dir_fd}") if args.state_dir_fd is not None else None
     return run(amain(args.control_fd, args.ready_fd, unlock, state_dir))
