@@ -4,7 +4,7 @@
 
 A ReplicaSet over N `trustvbd driver` processes (each its own sparse file, Unix socket),
 linked as the encryption domain links them (NbdClient, ReplicaLink, SpaceWatch), receives
-SIZE of 256 KiB writes, `depth` at a time, of one ciphertext-sized buffer: no guest, no
+SIZE of 256 KiB writes (--request), `depth` at a time, of one ciphertext-sized buffer: no guest, no
 encryption, no commit. Reported per GiB written: this process's CPU (user, system) and each
 driver's (all its worker processes), wall-clock MB/s, and the load average. What grows from
 1 to 2 replicas is the cost of one more replica, on both sides of the socket.
@@ -50,7 +50,8 @@ def start_driver(work: Path, i: int, size: int,
     return f"nbd+unix:///?socket={sock}", proc
 
 
-async def fan_out(uris: list[str], size: int, depth: int) -> tuple[float, float, float]:
+async def fan_out(uris: list[str], size: int, depth: int,
+                  request: int = REQUEST) -> tuple[float, float, float]:
     """(seconds, user CPU s, system CPU s) of writing `size` bytes through a ReplicaSet."""
     lay = Layout.for_size(size)
     replicas = []
@@ -62,8 +63,8 @@ async def fan_out(uris: list[str], size: int, depth: int) -> tuple[float, float,
         link = ReplicaLink(client, f"d{i}", never, retry_window=0 if len(uris) > 1 else 10.0)
         replicas.append(Replica(f"d{i}", SpaceWatch(link, "bench", f"d{i}")))
     rs = ReplicaSet("bench", lay, replicas)
-    data = memoryview(os.urandom(REQUEST))
-    offsets = iter(range(lay.data_start, lay.data_start + size, REQUEST))
+    data = memoryview(os.urandom(request))
+    offsets = iter(range(lay.data_start, lay.data_start + size, request))
 
     async def writer() -> None:
         for offset in offsets:
@@ -91,7 +92,8 @@ def by_driver(work: Path) -> dict[str, float]:
     return out
 
 
-def measure(replicas: int, size: int, depth: int, tree: Path | None = None) -> dict[str, float]:
+def measure(replicas: int, size: int, depth: int, tree: Path | None = None,
+            request: int = REQUEST) -> dict[str, float]:
     import uvloop
 
     with workdir() as work:
@@ -99,7 +101,7 @@ def measure(replicas: int, size: int, depth: int, tree: Path | None = None) -> d
                    for i in range(replicas)]
         try:
             before = by_driver(work)
-            elapsed, user, system = uvloop.run(fan_out([u for u, _ in started], size, depth))
+            elapsed, user, system = uvloop.run(fan_out([u for u, _ in started], size, depth, request))
             after = by_driver(work)
             drivers = {k: after[k] - before.get(k, 0.0) for k in after}
         finally:
@@ -120,6 +122,7 @@ def main() -> int:
     parser.add_argument("--size", default="512MiB")
     parser.add_argument("--depth", type=int, default=16)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--request", default="256KiB", help="bytes per write")
     parser.add_argument("--baseline", type=Path, metavar="DIR",
                         help="also rows whose drivers run the trustvbd package in DIR (A/B)")
     args = parser.parse_args()
@@ -130,11 +133,11 @@ def main() -> int:
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in rows}
     for rep in range(args.reps):
         for name, n, tree in rows:  # interleaved: drift hits every row alike
-            result = measure(n, size, args.depth, tree)
+            result = measure(n, size, args.depth, tree, parse_size(args.request))
             runs[name].append(result)
             print(f"rep {rep + 1} {name} replica(s): " + ", ".join(
                 f"{k} {v:.2f}" for k, v in result.items()), file=sys.stderr)
-    print(f"\n{args.size} of 256 KiB writes, depth {args.depth}, medians of {args.reps}; "
+    print(f"\n{args.size} of {args.request} writes, depth {args.depth}, medians of {args.reps}; "
           "CPU in s per GiB written\n")
     keys = sorted({k for rs in runs.values() for r in rs for k in r},
                   key=lambda k: (k != "MB/s", k == "load", k))
