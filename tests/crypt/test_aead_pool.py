@@ -154,4 +154,4 @@ def test_thread_count_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
         with pytest.raises(ValueError, match="TRUSTVBD_AEAD_THREADS"):
             aead_pool.default_threads()
     monkeypatch.delenv("TRUSTVBD_AEAD_THREADS")
-    assert aead_pool.default_threads() == max(0, min(4, (os.cpu_count() or 1) - 1))
+    assert aead_pool.default_threads() == max(0, min(4, (os.cpu_count() or 1) - 2))

@@ -21,7 +21,12 @@ BULK_MIN = 32  # blocks; below this the hand-over costs the event loop more than
 
 
 def default_threads() -> int:
-    """TRUSTVBD_AEAD_THREADS, else one per core beyond the first (at most 4)."""
+    """TRUSTVBD_AEAD_THREADS, else one per core beyond the second (at most 4).
+
+    The domain shares the machine with its drivers and its guests: with two cores there
+    is no idle core for a thread, and a thread coming back for the GIL waits behind the
+    busy event loop, so everything inline is faster there (bench/README.md).
+    """
     value = os.environ.get("TRUSTVBD_AEAD_THREADS")
     if value is not None:
         try:
@@ -32,7 +37,7 @@ def default_threads() -> int:
         if not 0 <= count <= 64:
             raise ValueError(f"TRUSTVBD_AEAD_THREADS={count} is out of range 0..64")
         return count
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    return max(0, min(4, (os.cpu_count() or 1) - 2))
 
 
 class AeadPool:
