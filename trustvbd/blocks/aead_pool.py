@@ -49,6 +49,11 @@ class AeadPool:
                           if threads else None)
         self.jobs_offloaded = 0
 
+    def inline(self, blocks: int) -> bool:
+        """Whether a request of `blocks` blocks is done on the caller's thread (then the
+        caller may call the cipher itself and skip a coroutine)."""
+        return self._executor is None or blocks < BULK_MIN
+
     def _offload(self, blocks: int) -> ThreadPoolExecutor | None:
         return self._executor if blocks >= BULK_MIN else None
 

@@ -23,8 +23,9 @@ import errno
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
-from trustvbd.blockdev import Backend, BlockError, Buffer, Capabilities, check_range
+from trustvbd.blockdev import Backend, BlockError, Buffer, Capabilities, ReadsInto, check_range
 from trustvbd.blocks.aead_pool import INLINE, AeadPool
 from trustvbd.blocks.crypt_commit import Commits
 from trustvbd.blocks.crypt_open import describe, recover, survey_replica
@@ -83,6 +84,41 @@ log = logging.getLogger(__name__)
 BS = BLOCK_SIZE
 # Largest run of blocks one discard intent record covers.
 _DISCARD_CHUNK = 1 << 16
+# Reads of this many bytes or more receive their ciphertext into reused buffers,
+# at most _REUSE_KEPT bytes of which are kept between reads.
+_REUSE_MIN = 64 * 1024
+_REUSE_KEPT = 8 * 1024 * 1024
+_READS_INTO: dict[type, bool] = {}
+
+
+class _Buffers:
+    """Reused bytearrays for big reads' ciphertext; at most `kept` bytes held while idle."""
+
+    def __init__(self, kept: int) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._kept, self._held = kept, 0
+
+    def get(self, size: int) -> bytearray:
+        free = self._free.get(size)
+        if not free:
+            return bytearray(size)
+        self._held -= size
+        return free.pop()
+
+    def put(self, buf: bytearray) -> None:
+        size = len(buf)
+        if self._held + size <= self._kept:
+            self._free.setdefault(size, []).append(buf)
+            self._held += size
+
+
+def _reads_into(link: Backend) -> bool:
+    """isinstance(link, ReadsInto), remembered per type: a Protocol check costs microseconds."""
+    kind = type(link)
+    known = _READS_INTO.get(kind)
+    if known is None:
+        known = _READS_INTO[kind] = isinstance(link, ReadsInto)
+    return known
 
 
 def physical_size(logical_size: int) -> int:
@@ -118,6 +154,7 @@ class CryptDisk:
         # Set when the commit at open failed with ENOSPC: writes wait for a commit then.
         self._out_of_space: str | None = None
         self._locks = LeafLocks(commits.leaves)  # holding blocks keeps their leaf pages in
+        self._ct_buffers = _Buffers(_REUSE_KEPT)  # big reads' ciphertext, received straight into them
         replicas.verifier = self
         replicas.locks = self._locks
         replicas.admit = self._admit
@@ -246,7 +283,7 @@ class CryptDisk:
         if length == 0:
             return b""
         b0, b1 = offset // BS, -(-(offset + length) // BS)
-        hold = await self._locks.acquire(b0, b1, False)
+        hold = self._locks.try_acquire(b0, b1, False) or await self._locks.acquire(b0, b1, False)
         try:
             out = await self._read_verified(b0, b1)
         finally:
@@ -278,17 +315,31 @@ class CryptDisk:
 
     async def _read_from(self, link: Backend, b0: int, n: int, leaves: memoryview) -> Buffer:
         """Blocks [b0, b0+n) from one replica, decrypted; raises BadBlocks if some fail."""
-        ct = await link.pread(self._lay.data_offset(b0), n * BS)
-        if len(ct) != n * BS:
-            raise BlockError(errno.EIO, f"replica returned {len(ct)} bytes for a {n * BS}-byte read")
+        size, reused = n * BS, None
+        ct: Buffer
+        if size >= _REUSE_MIN and _reads_into(link):
+            # A big read lands in a reused buffer (a fresh one would be zeroed first, a
+            # tenth of a sequential read's CPU). It is given back only once opened: after
+            # a failure or a cancellation the link might still write into it.
+            ct = reused = self._ct_buffers.get(size)
+            await cast(ReadsInto, link).pread_into(self._lay.data_offset(b0), memoryview(reused))
+        else:
+            ct = await link.pread(self._lay.data_offset(b0), size)
+            if len(ct) != size:
+                raise BlockError(errno.EIO, f"replica returned {len(ct)} bytes for a {size}-byte read")
         # The range lock keeps these blocks' leaves as they are while we wait.
-        plain, bad = await self._aead.open(self._cipher, b0, ct, leaves)
+        if self._aead.inline(n):
+            plain, bad = self._cipher.open(b0, ct, leaves)
+        else:
+            plain, bad = await self._aead.open(self._cipher, b0, ct, leaves)
         if bad and self._unsure:
             cv, out = memoryview(ct), bytearray(plain)
             bad = [i for i in bad
                    if not self._adopt_unsure(b0 + i, cv[i * BS:(i + 1) * BS],
                                              memoryview(out)[i * BS:(i + 1) * BS])]
             plain = bytes(out)
+        if reused is not None:
+            self._ct_buffers.put(reused)  # `ct` (and views of it) are not used below
         if bad:
             raise BadBlocks(bad)
         return plain

@@ -94,6 +94,20 @@ class LeafPages:
             raise
         return pinned
 
+    def hold_resident(self, b0: int, b1: int) -> list[int] | None:
+        """Like `hold` without waiting: None (nothing pinned) if a page is not in memory."""
+        pages = self.pages_of(b0, b1)
+        dirty, clean = self._dirty, self._clean
+        for p in pages:
+            if p not in dirty and p not in clean:
+                return None
+        pinned = list(pages)
+        for p in pinned:
+            if p in clean:
+                clean.move_to_end(p)
+            self._pins[p] = self._pins.get(p, 0) + 1
+        return pinned
+
     def release(self, pages: list[int]) -> None:
         for p in pages:
             n = self._pins[p] - 1
@@ -341,6 +355,19 @@ class LeafLocks(RangeLock):
         except BaseException:
             super().release(hold)
             raise
+        self._pinned[id(hold)] = pages
+        return hold
+
+    def try_acquire(self, start: int, end: int, exclusive: bool) -> _Hold | None:
+        """The hold at once if nothing conflicts and the pages are in memory, else None
+        (then `acquire`): most requests need no coroutine for their lock."""
+        hold = super().try_acquire(start, end, exclusive)
+        if hold is None:
+            return None
+        pages = self._leaves.hold_resident(start, end)
+        if pages is None:
+            super().release(hold)
+            return None
         self._pinned[id(hold)] = pages
         return hold
 

@@ -68,6 +68,15 @@ class RangeLock:
                 self._held.append(hold)
                 return hold
 
+    def try_acquire(self, start: int, end: int, exclusive: bool) -> _Hold | None:
+        """The hold at once if nothing conflicting is held, else None (then `acquire`)."""
+        for h in self._held:
+            if h.start < end and start < h.end and (exclusive or h.exclusive):
+                return None
+        hold = _Hold(start, end, exclusive)
+        self._held.append(hold)
+        return hold
+
     def release(self, hold: _Hold) -> None:
         self._held.remove(hold)
         if hold.done is not None:

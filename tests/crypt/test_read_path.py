@@ -1,0 +1,193 @@
+"""The encryption layer's read path: big reads into reused buffers, locks taken without waiting.
+
+Big reads (64 KiB or more) from a replica that reads into a caller's buffer (the
+NBD client to a driver) land in buffers the layer reuses; a buffer is reused only
+after its read was opened, never after a failed or cancelled one. A request whose
+blocks nobody holds and whose leaf pages are in memory takes its range lock at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.crypt.helpers import BS, RawMemory, flip, new_state, open_disk, run
+from trustvbd.blockdev import Backend, BlockError
+from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, Kek, Layout, physical_size
+from trustvbd.blocks.layer import Layer
+from trustvbd.blocks.leaf_pages import LeafLocks
+from trustvbd.blocks.ranges import RangeLock
+from trustvbd.crypt.superblock import LEAVES_PER_PAGE
+
+SIZE = 1024 * BS  # 4 MiB: 8 leaf pages
+
+
+class ReadsIntoMemory(Layer):
+    """A replica that reads into the caller's buffer, as the NBD client does; it notes
+    every buffer it was given and can fail a read after writing garbage into it."""
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(next)
+        self.buffers: list[object] = []  # the bytearray behind each pread_into, in order
+        self.fail_next = False
+
+    async def pread_into(self, offset: int, into: memoryview) -> None:
+        self.buffers.append(into.obj)
+        await asyncio.sleep(0)  # as over a socket: other requests run meanwhile
+        if self.fail_next:
+            self.fail_next = False
+            into[:] = bytes(len(into))  # a broken connection may leave anything behind
+            raise BlockError(errno.EIO, "the driver went away mid-read")
+        into[:] = await self.next.pread(offset, into.nbytes)
+
+    async def close(self) -> None:
+        pass  # the test reopens the same replica
+
+
+async def _open(state_dir: Path, link: Backend, kek: Kek, **kw: Any) -> CryptDisk:
+    return await CryptDisk.open(state_dir, "vm1", link, "r0", kek, **kw)
+
+
+def _disk_over(tmp_path: Path) -> tuple[RawMemory, ReadsIntoMemory]:
+    raw = RawMemory(physical_size(SIZE))
+    return raw, ReadsIntoMemory(raw)
+
+
+def test_big_reads_land_in_reused_buffers_and_return_what_was_written(tmp_path: Path) -> None:
+    kek = new_state(tmp_path, size=SIZE)
+    _, link = _disk_over(tmp_path)
+    rng = random.Random(13)
+    image = bytearray(rng.randbytes(SIZE))
+
+    async def go() -> None:
+        disk = await _open(tmp_path, link, kek)
+        await disk.pwrite(0, bytes(image))
+        link.buffers.clear()
+        for _ in range(3):
+            # Several big reads at once, of two sizes, at block-aligned and odd offsets.
+            spans = [(rng.randrange(0, SIZE - 300_000), rng.choice((64 * 1024, 256 * 1024 + 5)))
+                     for _ in range(6)]
+            got = await asyncio.gather(*(disk.pread(off, n) for off, n in spans))
+            for (off, n), data in zip(spans, got, strict=True):
+                assert bytes(data) == image[off:off + n]
+            # A write between rounds: the next reads see it, not an old buffer's bytes.
+            off = rng.randrange(0, SIZE // BS - 64) * BS
+            image[off:off + 64 * BS] = rng.randbytes(64 * BS)
+            await disk.pwrite(off, bytes(image[off:off + 64 * BS]))
+            assert bytes(await disk.pread(off, 64 * BS)) == image[off:off + 64 * BS]
+        await disk.close()
+
+    run(go())
+    assert len(link.buffers) >= 21
+    assert len({id(b) for b in link.buffers}) < len(link.buffers)  # reused, not fresh each time
+
+
+def test_small_reads_do_not_use_the_reused_buffers(tmp_path: Path) -> None:
+    kek = new_state(tmp_path, size=SIZE)
+    _, link = _disk_over(tmp_path)
+
+    async def go() -> None:
+        disk = await _open(tmp_path, link, kek)
+        await disk.pwrite(0, bytes([7]) * (16 * BS))
+        link.buffers.clear()
+        assert bytes(await disk.pread(0, 15 * BS)) == bytes([7]) * (15 * BS)
+        await disk.close()
+
+    run(go())
+    assert link.buffers == []
+
+
+def test_a_tampered_block_in_a_big_read_fails_and_later_reads_are_right(tmp_path: Path) -> None:
+    kek = new_state(tmp_path, size=SIZE)
+    raw, link = _disk_over(tmp_path)
+    image = random.Random(5).randbytes(SIZE)
+
+    async def go() -> None:
+        disk = await _open(tmp_path, link, kek)
+        await disk.pwrite(0, image)
+        await disk.flush()
+        flip(raw, Layout(SIZE).data_offset(70) + 100)
+        with pytest.raises(IntegrityError) as exc:
+            await disk.pread(64 * BS, 64 * BS)
+        assert exc.value.blocks == [70]
+        for off in (0, 128 * BS, 512 * BS):
+            assert bytes(await disk.pread(off, 64 * BS)) == image[off:off + 64 * BS]
+        await disk.close()
+
+    run(go())
+
+
+def test_a_failed_read_never_gives_its_buffer_to_a_later_read(tmp_path: Path) -> None:
+    kek = new_state(tmp_path, size=SIZE)
+    _, link = _disk_over(tmp_path)
+    image = random.Random(6).randbytes(SIZE)
+
+    async def go() -> None:
+        disk = await _open(tmp_path, link, kek)
+        await disk.pwrite(0, image)
+        assert bytes(await disk.pread(0, 64 * BS)) == image[:64 * BS]  # one buffer kept now
+        link.fail_next = True
+        with pytest.raises(BlockError, match="went away"):
+            await disk.pread(64 * BS, 64 * BS)
+        failed = link.buffers[-1]
+        for off in range(0, 8 * 64 * BS, 64 * BS):
+            assert bytes(await disk.pread(off, 64 * BS)) == image[off:off + 64 * BS]
+        assert all(b is not failed for b in link.buffers[2:])
+        await disk.close()
+
+    run(go())
+
+
+def test_range_lock_taken_at_once_only_without_a_conflict() -> None:
+    async def go() -> None:
+        lock = RangeLock()
+        r1 = lock.try_acquire(0, 10, False)
+        r2 = lock.try_acquire(5, 15, False)
+        assert r1 is not None and r2 is not None  # reads share
+        assert lock.try_acquire(9, 12, True) is None  # a write waits for them
+        assert lock.try_acquire(10, 12, True) is None  # still overlaps r2
+        w = lock.try_acquire(15, 20, True)
+        assert w is not None  # no overlap
+        assert lock.try_acquire(19, 30, False) is None  # a read waits for the write
+        lock.release(r1)
+        lock.release(r2)
+        lock.release(w)
+        assert lock.try_acquire(0, 30, True) is not None
+
+    run(go())
+
+
+def test_leaf_locks_taken_at_once_only_when_their_pages_are_in_memory(tmp_path: Path) -> None:
+    kek = new_state(tmp_path, size=SIZE)
+    raw = RawMemory(physical_size(SIZE))
+
+    async def go() -> None:
+        disk = await open_disk(tmp_path, raw, kek, leaf_cache_pages=2)
+        for p in range(8):  # a leaf page per 128 blocks, each written once
+            await disk.pwrite(p * LEAVES_PER_PAGE * BS, bytes([p + 1]) * BS)
+        await disk.flush()
+        await disk.close()
+        disk = await open_disk(tmp_path, raw, kek, leaf_cache_pages=2)
+        leaves = disk._leaves
+        locks = LeafLocks(leaves)
+        far = 7 * LEAVES_PER_PAGE
+        assert far // LEAVES_PER_PAGE not in leaves._clean
+        assert locks.try_acquire(far, far + 1, False) is None  # its page must be read first
+        hold = await locks.acquire(far, far + 1, False)
+        again = locks.try_acquire(far, far + 1, False)  # resident now: no waiting
+        assert again is not None
+        # Held pages stay in memory while other pages come and go.
+        for p in range(6):
+            assert bytes(await disk.pread(p * LEAVES_PER_PAGE * BS, BS)) == bytes([p + 1]) * BS
+        assert 7 in leaves._clean
+        locks.release(hold)
+        locks.release(again)
+        assert bytes(await disk.pread(far * BS, BS)) == bytes([8]) * BS
+        await disk.close()
+
+    run(go())
