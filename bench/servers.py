@@ -46,6 +46,21 @@ def note_pid(work: Path, pid: int, role: str) -> None:
         f.write(f"{pid} {role}\n")
 
 
+def read_pidfile(path: Path, timeout: float = 30) -> int:
+    """The pid in `path` once it is written whole (nbdkit creates the file, then writes it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            text = ""
+        if text.endswith("\n") and text.strip().isdigit():
+            return int(text)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} holds no pid")
+        time.sleep(0.05)
+
+
 def wait_socket(path: Path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -113,8 +128,7 @@ def _nbdkit(work: Path, name: str, image: Path, options: list[str], params: list
     subprocess.run(["nbdkit", "-U", str(sock), "-P", str(pid), *options, "file", str(image),
                     *params], check=True)
     wait_socket(sock)
-    wait_socket(pid)
-    note_pid(work, int(pid.read_text()), role)
+    note_pid(work, read_pidfile(pid), role)
     return f"nbd+unix:///?socket={sock}", stop_pidfile(pid)
 
 
@@ -129,8 +143,7 @@ def qemu_nbd(size: int, luks: bool = False) -> Server:
         subprocess.run(["qemu-nbd", "-k", str(sock), "-e", "8", "-t", "--fork", "--pid-file",
                         str(pid), *args], check=True)
         wait_socket(sock)
-        wait_socket(pid)
-        note_pid(work, int(pid.read_text()), "qemu-nbd")
+        note_pid(work, read_pidfile(pid), "qemu-nbd")
         return f"nbd+unix:///?socket={sock}", stop_pidfile(pid)
     return Server("qemu-nbd LUKS" if luks else "qemu-nbd raw", start, luks_image=luks)
 
