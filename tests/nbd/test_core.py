@@ -95,6 +95,38 @@ def test_state_table_rejects_messages_out_of_turn() -> None:
         s2.send(m.OffsetData(1, 0, b"x"))  # structured replies were not negotiated
 
 
+def test_reply_parts_are_the_bytes_of_the_messages_they_stand_for() -> None:
+    payload = bytes(range(256)) * 16
+    for structured in (False, True):
+        _, s = negotiated(structured)
+        _, ref = negotiated(structured)
+        assert s.reply_parts(7) == ref.send_parts(m.SimpleReply(7))
+        read = m.OffsetData(8, 4096, payload) if structured else m.SimpleReply(8, 0, payload)
+        assert s.reply_parts(8, 4096, payload) == ref.send_parts(read)
+        empty = m.NoneChunk(9) if structured else m.SimpleReply(9, 0, b"")
+        assert s.reply_parts(9, 0, b"") == ref.send_parts(empty)
+        # And a client reads them as the replies they are.
+        c, s = negotiated(structured)
+        deliver(c, s, m.Request(p.Cmd.READ, 2, 4096, 4096))
+        c.receive_data(b"".join(bytes(part) for part in s.reply_parts(2, 4096, payload)))
+        [reply] = drain(c)
+        assert reply.cookie == 2 and reply.error == 0 and bytes(reply.data) == payload
+
+
+def test_reply_parts_refused_where_a_reply_is_not_allowed() -> None:
+    c, _ = negotiated()
+    with pytest.raises(p.LocalProtocolError):
+        c.reply_parts(1)  # a client never replies
+    s = ProtocolCore(Role.SERVER)
+    with pytest.raises(p.LocalProtocolError):
+        s.reply_parts(1, 0, b"x")  # before the handshake
+    _, s = negotiated()
+    with pytest.raises(p.ProtocolError):
+        s.receive_data(b"x" * 3 + b"\xff" * 29)  # bad request magic: the core fails
+    with pytest.raises(p.LocalProtocolError):
+        s.reply_parts(1)
+
+
 def test_unknown_client_flags_are_a_protocol_error() -> None:
     s = ProtocolCore(Role.SERVER)
     s.send(m.Greeting(3))

@@ -573,17 +573,10 @@ class Connection(asyncio.BufferedProtocol):
                           self.export_name)
             self._reply_error(req, p.NbdErr.EIO, f"internal server error: {exc}")
             return
-        self._queue(self.core.send_parts(m.SimpleReply(req.cookie)))
+        self._queue(self.core.reply_parts(req.cookie))
 
     def _reply_read(self, req: m.Request, data: Buffer | FileRange | Lent) -> None:
-        if self.core.structured:
-            if req.length == 0:
-                msg: m.Event = m.NoneChunk(req.cookie)
-            else:
-                msg = m.OffsetData(req.cookie, req.offset, data)  # type: ignore[arg-type]
-        else:
-            msg = m.SimpleReply(req.cookie, 0, data)  # type: ignore[arg-type]
-        self._queue(self.core.send_parts(msg))
+        self._queue(self.core.reply_parts(req.cookie, req.offset, data))  # type: ignore[arg-type]
 
     def _reply_error(self, req: m.Request, error: int, message: str) -> None:
         if self.core.structured:

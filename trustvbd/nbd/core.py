@@ -59,6 +59,7 @@ _READ, _WRITE, _DISC = int(p.Cmd.READ), int(p.Cmd.WRITE), int(p.Cmd.DISC)
 _DONE = int(p.ReplyFlag.DONE)
 _OFFSET_DATA, _OFFSET_HOLE = int(p.ChunkType.OFFSET_DATA), int(p.ChunkType.OFFSET_HOLE)
 _NONE_CHUNK, _ERROR_OFFSET = int(p.ChunkType.NONE), int(p.ChunkType.ERROR_OFFSET)
+_SIMPLE_REPLY_PACK, _CHUNK_PACK, _U64_PACK = p.SIMPLE_REPLY.pack, p.CHUNK_HEADER.pack, p.U64.pack
 
 
 SERVER_MESSAGES = (
@@ -259,6 +260,24 @@ class ProtocolCore:
         if self.state is not _ERROR and self._end > self._start:
             self._parse()  # bytes that arrived early may be parseable now
         return parts
+
+    def reply_parts(self, cookie: int, offset: int = 0, data: Buffer | None = None) -> list[Buffer]:
+        """A server's success reply, as send_parts of the message it stands for, without
+        the generic dispatch (one per request): a simple reply, or for a READ (`data`
+        given) with structured replies one OFFSET_DATA chunk that ends the reply."""
+        if self.role is not Role.SERVER or (self.state is not _TRANSMISSION
+                                            and self.state is not _DISCONNECTING):
+            return self.send_parts(m.SimpleReply(cookie, 0, data) if data is None or
+                                   not self.structured else m.OffsetData(cookie, offset, data))
+        if data is None:
+            return [_SIMPLE_REPLY_PACK(p.SIMPLE_REPLY_MAGIC, 0, cookie)]
+        if not self.structured:
+            head = _SIMPLE_REPLY_PACK(p.SIMPLE_REPLY_MAGIC, 0, cookie)
+            return [head, data] if len(data) else [head]
+        if not len(data):
+            return self.send_parts(m.NoneChunk(cookie))
+        return [_CHUNK_PACK(p.STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, 8 + len(data))
+                + _U64_PACK(offset), data]
 
     def _check_request_to_send(self, msg: m.Request) -> None:
         if msg.type == _WRITE:
