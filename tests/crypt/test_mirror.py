@@ -199,6 +199,30 @@ def test_failed_writes_degrade_remember_and_resync(tmp_path: Path, copies: int) 
     run(go())
 
 
+def test_writes_not_yet_flushed_are_dirty_on_a_replica_that_fails_before_the_flush(
+        tmp_path: Path) -> None:
+    """The driver may lose what it acknowledged but was never asked to flush: a replica
+    degraded before the next flush must resync those blocks too, in runs or apart."""
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        faulty = [Faulty(m) for m in memories(2)]
+        disk = await open_set(tmp_path, kek, list(faulty))
+        await fill(disk)  # flushed: not dirty later
+        for b0, n in ((10, 4), (14, 6), (40, 2), (7, 1)):  # a growing run, a gap, one behind
+            await disk.pwrite(b0 * BS, b"".join(pattern(b, 5) for b in range(b0, b0 + n)))
+        faulty[1].fail_writes = True
+        await disk.pwrite(60 * BS, pattern(60, 5))  # the guest sees success
+        r1 = disk.replicas.replicas[1]
+        assert r1.state is State.DEGRADED
+        assert r1.dirty == {*range(10, 20), 40, 41, 7, 60}, sorted(r1.dirty)
+        await disk.flush()
+        faulty[1].fail_writes = False
+        await settle(disk)
+        await disk.close()
+        assert len({bytes(f.next.raw) for f in faulty}) == 1  # type: ignore[attr-defined]
+    run(go())
+
+
 def test_read_errors_fail_over_and_repair(tmp_path: Path) -> None:
     async def go() -> None:
         kek = new_state(tmp_path)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -150,7 +151,9 @@ class ReplicaSet:
         self._readers: list[Replica] = []
         self._writers: list[Replica] = []
         self._behind: list[Replica] = []
-        self._unflushed: set[int] = set()  # data blocks written since the last flush
+        # Data blocks written since the last flush, as runs: a set of every block cost a
+        # few microseconds and ~44 bytes per 4 KiB written between flushes.
+        self._unflushed: list[range] = []
         self.verifier: Verifier | None = None
         self.admit: Admit | None = None
         self.locks: RangeLock | None = None  # the encryption layer's block locks
@@ -182,7 +185,8 @@ class ReplicaSet:
     def degrade(self, r: Replica, blocks: Iterable[int], why: str) -> None:
         """`r` missed writes to `blocks` (and perhaps metadata): out of the read and write sets."""
         r.dirty.update(blocks)
-        r.dirty.update(self._unflushed)  # acknowledged but not flushed: may be lost with it
+        for written in self._unflushed:  # acknowledged but not flushed: may be lost with it
+            r.dirty.update(written)
         r.map_saved = False
         r.last_error = why
         r.errors += 1
@@ -222,20 +226,30 @@ class ReplicaSet:
 
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         writers = self._writers
-        if self._behind:
-            for r in self._behind:
-                r.dirty.update(self._blocks(offset, len(data)))
-                r.map_saved = False
         if len(writers) == 1 and len(self.replicas) == 1:
             await writers[0].link.pwrite(offset, data, fua)
             return
-        self._unflushed.update(self._blocks(offset, len(data)))
-        await self._all(writers, lambda r: r.link.pwrite(offset, data, fua),
-                        lambda: self._blocks(offset, len(data)), "write")
+        blocks = self._blocks(offset, len(data))
+        for r in self._behind:
+            r.dirty.update(blocks)
+            r.map_saved = False
+        self._note_unflushed(blocks)
+        await self._all(writers, lambda r: r.link.pwrite(offset, data, fua), lambda: blocks,
+                        "write")
+
+    def _note_unflushed(self, blocks: range) -> None:
+        if not blocks:
+            return
+        last = self._unflushed[-1] if self._unflushed else None
+        if last is not None and last.stop == blocks.start:  # sequential: one run grows
+            self._unflushed[-1] = range(last.start, blocks.stop)
+        else:
+            self._unflushed.append(blocks)
 
     async def flush(self) -> None:
-        unflushed, self._unflushed = self._unflushed, set()
-        await self._all(self._writers, lambda r: r.link.flush(), lambda: unflushed, "flush")
+        unflushed, self._unflushed = self._unflushed, []
+        await self._all(self._writers, lambda r: r.link.flush(),
+                        lambda: itertools.chain.from_iterable(unflushed), "flush")
         if self._lost_unflushed:
             self._lost_unflushed = False
             raise BlockError(errno.EIO, f"disk {self.disk!r}: every current replica lost its "
