@@ -74,6 +74,7 @@ RATIOS = [
 COLUMNS = [
     ("write MB/s", "write", "MB/s"),
     ("read MB/s", "read", "MB/s"),
+    ("rewrite MB/s", "rewrite", "MB/s"),
     ("randread IOPS", "randread", "IOPS"),
     ("randwrite IOPS", "randwrite", "IOPS"),
     ("QD1 read p50 µs", "qd1 randread", "p50 us"),
@@ -102,7 +103,7 @@ def fio(uri: str, rw: str, depth: int, runtime: int, size: int) -> dict[str, flo
 
 
 def measure(server: Server, size: int, source: Path, runtime: int,
-            only: tuple[str, ...] | None = None) -> Rep:
+            only: tuple[str, ...] | None = None, rewrite: bool = False) -> Rep:
     rep: Rep = {}
     with workdir() as work:
         if server.luks_image:
@@ -129,6 +130,8 @@ def measure(server: Server, size: int, source: Path, runtime: int,
             if "seq" in workloads:
                 run("write", copy(["nbdcopy", str(source), uri]))
                 run("read", copy(["nbdcopy", uri, "null:"]))
+                if rewrite:
+                    run("rewrite", copy(["nbdcopy", str(source), uri]))
             if "random" in workloads:
                 run("randread", random("randread", 16))
                 run("randwrite", random("randwrite", 16))
@@ -174,6 +177,9 @@ def main() -> int:
                         help="only the servers whose name contains one of these")
     parser.add_argument("--workloads", nargs="+", choices=["seq", "random", "qd1"],
                         help="only these kinds of measurement (default: each row's all)")
+    parser.add_argument("--rewrite", action="store_true",
+                        help="after the sequential read, write the same data again: backing "
+                             "files whose page cache exists (the first write allocates it)")
     parser.add_argument("--baseline", type=Path, metavar="DIR",
                         help="crypt suite: also the 1- and 2-replica rows with the trustvbd "
                              "package in DIR (e.g. `git archive main | tar -x -C DIR`), for A/B")
@@ -204,7 +210,8 @@ def main() -> int:
                 for server in servers:  # interleaved, so drift hits every server alike
                     print(f"[{suite} rep {rep + 1}/{args.reps}] {server.name}", file=sys.stderr)
                     runs[server.name].append(measure(server, size, source, args.fio_runtime,
-                                                       args.workloads and tuple(args.workloads)))
+                                                       args.workloads and tuple(args.workloads),
+                                                       args.rewrite))
             if not args.json:
                 report({"options": doc["options"], "suites": {suite: doc["suites"][suite]}})
     if args.json:
@@ -254,7 +261,7 @@ def report(doc: dict[str, Any]) -> None:
                     a, b = median(runs[num], workload, key), median(runs[den], workload, key)
                     if a is not None and b:
                         cells.append(f"{header} {a / b:.2f}x")
-                for workload in ("write", "read"):
+                for workload in ("write", "read", "rewrite"):
                     a, b = (sum(median_cpu(runs[x], workload).values()) for x in (num, den))
                     if a and b:
                         cells.append(f"CPU/GiB {workload} {a / b:.2f}x")
@@ -266,7 +273,7 @@ def report(doc: dict[str, Any]) -> None:
               "requests (medians)\n")
         print("| server | workload | CPU by role | total |\n|---|---|---|---|")
         for name, reps in runs.items():
-            for workload in ("write", "read", "randread", "randwrite", "qd1 randread",
+            for workload in ("write", "read", "rewrite", "randread", "randwrite", "qd1 randread",
                              "qd1 randwrite"):
                 cpu = median_cpu(reps, workload)
                 if cpu:
