@@ -41,7 +41,7 @@ def start_driver(work: Path, i: int, size: int,
     env = {**os.environ, "PYTHONPATH": str(tree)} if tree is not None else None
     proc = subprocess.Popen([*TRUSTVBD, "driver", "--file", str(sparse(work / f"d{i}.img", size)),
                              "--size", str(size), "--socket", str(sock)], stdout=subprocess.PIPE,
-                            env=env)
+                            env=env, cwd="/")  # `-m` would put the current directory's tree first
     assert proc.stdout is not None
     while proc.stdout.readline().strip() != b"ready":
         if proc.poll() is not None:
