@@ -9,7 +9,7 @@ checked that a request lies inside `size`; a backend may still check again.
 Errors are raised as `BlockError` carrying an errno value, which the NBD server
 maps to an NBD error code for that one request.
 
-Optional abilities are declared as Protocols below (`ReadsInto`, `LendsReads`,
+Optional abilities are declared as Protocols below (`ReadsInto`,
 `ServesFileRanges`, `HasEpoch`, `Breakable`, `Reconnectable`): a caller asks `isinstance(b, P)`
 once, when it composes the stack, and keeps the bound method.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -78,36 +77,6 @@ class FileRange:
         return data
 
 
-class Lent:
-    """A buffer lent by a backend: read it, then `release` it exactly once (later calls do nothing).
-
-    The encryption domain lends plaintext still in an AEAD slot; the NBD server
-    sends it from there and releases it (nbd/zero_copy.py).
-    """
-
-    __slots__ = ("_give_back", "view")
-
-    def __init__(self, view: memoryview, give_back: Callable[[], None]) -> None:
-        self.view = view
-        self._give_back: Callable[[], None] | None = give_back
-
-    def __len__(self) -> int:
-        return self.view.nbytes
-
-    def release(self) -> None:
-        give_back, self._give_back = self._give_back, None
-        self.view = memoryview(b"")  # a stale reference now reads nothing, not reused memory
-        if give_back is not None:
-            give_back()
-
-    def copy(self, start: int = 0) -> bytes:
-        """The bytes from `start` on, then give the buffer back."""
-        try:
-            return bytes(self.view[start:])
-        finally:
-            self.release()
-
-
 @runtime_checkable
 class Backend(Protocol):
     """An asynchronous block device."""
@@ -148,13 +117,6 @@ class ReadsInto(Protocol):
     async def pread_into(self, offset: int, into: memoryview) -> None:
         """Fill all of `into` with the bytes at `offset` (written until this returns)."""
         ...
-
-
-@runtime_checkable
-class LendsReads(Protocol):
-    """May answer a read with a `Lent` buffer the caller must release."""
-
-    async def pread_lent(self, offset: int, length: int) -> Buffer | Lent: ...
 
 
 @runtime_checkable

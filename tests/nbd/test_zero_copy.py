@@ -1,4 +1,4 @@
-"""Zero-copy read replies (sendfile, lent buffers): right bytes, right order, nothing kept or lost."""
+"""Zero-copy read replies (sendfile): right bytes, right order, nothing kept or lost."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.nbd.helpers import RawClient, ServerThread, wait_for
-from trustvbd.blockdev import FileRange, Lent
-from trustvbd.blocks.file import FileBackend, MemoryBackend
+from tests.nbd.helpers import RawClient, ServerThread
+from trustvbd.blockdev import FileRange
+from trustvbd.blocks.file import FileBackend
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.exports import Export, StaticExports
-from trustvbd.nbd.zero_copy import OutPart, materialize, release_all, send_now
+from trustvbd.nbd.zero_copy import OutPart, materialize, send_now
 
 MiB = 1 << 20
 
@@ -202,94 +202,3 @@ def test_a_read_error_after_the_reply_began_drops_the_connection(
         os.close(bad)
         asyncio.run(backend.close())
         asyncio.run(good.close())
-
-
-# --- lent buffers ------------------------------------------------------------------------------
-class Lender:
-    """Lends views of one bytearray and counts what comes back."""
-
-    def __init__(self, content: bytes) -> None:
-        self.memory = bytearray(content)
-        self.lent = self.returned = 0
-
-    def lend(self, offset: int, length: int) -> Lent:
-        self.lent += 1
-
-        def give_back() -> None:
-            self.returned += 1
-            self.memory[offset:offset + length] = b"\xee" * length  # reused at once
-
-        return Lent(memoryview(self.memory)[offset:offset + length], give_back)
-
-
-def test_lent_buffers_go_out_in_order_and_each_comes_back_once(data_file: tuple[int, bytes]) -> None:
-    fd, content = data_file
-    lender = Lender(os.urandom(4 * MiB))
-    src = bytes(lender.memory)
-    a, b = socket.socketpair()
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-    a.setblocking(False)
-    parts: list[OutPart] = [b"h1", lender.lend(0, MiB), b"h2", FileRange(fd, 0, MiB), b"h3",
-                            lender.lend(MiB, 2 * MiB), lender.lend(3 * MiB, 1000)]
-    expected = b"h1" + src[:MiB] + b"h2" + content[:MiB] + b"h3" + src[MiB:3 * MiB] + src[3 * MiB:3 * MiB + 1000]
-    unsent, later = send_now(a.fileno(), parts)
-    assert unsent and later
-    assert lender.returned == lender.lent == 3  # sent, or copied, and given back
-    assert not any(type(x) is Lent for x in later)
-    release_all(parts)  # a second release does nothing
-    assert lender.returned == 3
-    # Every lent buffer was overwritten when given back, yet the bytes are the right ones.
-    assert finish(a, b, [*unsent, *later]) == expected
-
-
-def test_materialize_copies_and_gives_back() -> None:
-    lender = Lender(b"abcdefgh")
-    lent = lender.lend(2, 4)
-    assert materialize([b"x", lent]) == [b"x", b"cdef"]
-    assert lender.returned == 1 and len(lent.view) == 0
-
-
-class LendingBackend(MemoryBackend):
-    """A memory disk whose reads lend views of a Lender, like the encryption domain's slots."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.lender = Lender(os.urandom(size))
-        self.gate: asyncio.Event | None = None
-
-    async def pread_lent(self, offset: int, length: int) -> Lent:
-        if self.gate is not None:
-            await self.gate.wait()
-        return self.lender.lend(offset, length)
-
-
-def test_the_server_gives_back_every_lent_buffer(short_tmp: Path, loop_kind: str) -> None:
-    backend = LendingBackend(8 * MiB)
-    want = bytes(backend.lender.memory)
-    with ServerThread(StaticExports([Export("", backend)]), short_tmp / "s.sock", loop_kind) as srv:
-        c = RawClient(srv.sock_path, timeout=20)
-        c.go()
-        c.sock.sendall(b"".join(read_request(i * 256 * 1024, 256 * 1024, i) for i in range(32)))
-        time.sleep(0.2)
-        for _ in range(32):
-            error, cookie = c.simple_reply()
-            assert error == 0
-            assert c.recv_exact(256 * 1024) == want[cookie * 256 * 1024:(cookie + 1) * 256 * 1024]
-        assert backend.lender.returned == backend.lender.lent == 32
-        # Reads in flight when the connection is dropped: their buffers still come back.
-        backend.gate = gate = asyncio.Event()
-        c.sock.sendall(b"".join(read_request(0, MiB, i) for i in range(8)))
-        wait_for(lambda: len(next(iter(srv.server.connections))._tasks) == 8, 10, "8 reads waiting")
-
-        async def kick_then_let_reads_finish() -> None:
-            assert srv.server is not None
-            (conn,) = srv.server.connections
-            closing = asyncio.ensure_future(conn.close(timeout=10))
-            await asyncio.sleep(0.05)
-            gate.set()
-            await closing
-
-        srv.call(kick_then_let_reads_finish())
-        assert backend.lender.lent == 40
-        assert backend.lender.returned == 40
-        c.close()

@@ -7,8 +7,7 @@ FileBackend never pays for a task, while a slow backend (the encryption layer
 waiting on drivers) gets full pipelining with replies out of order. Replies
 are batched and written with one writelines() per batch of requests. A backend
 with a `file_range` method (the driver's FileBackend) answers reads with a FileRange
-sent by sendfile, one with `pread_lent` (the encryption domain) with a Lent buffer
-sent without a copy and then given back (zero_copy.py).
+sent by sendfile (zero_copy.py).
 
 Ordering: a FLUSH waits for every write-type request received before it that is
 still running, which covers the spec's "all writes completed before the flush".
@@ -38,11 +37,11 @@ import errno
 import logging
 import ssl
 import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from trustvbd.blockdev import Backend, BlockError, Buffer, FileRange, LendsReads, Lent, ServesFileRanges
+from trustvbd.blockdev import Backend, BlockError, Buffer, FileRange, ServesFileRanges
 from trustvbd.crypt.tls import peer_common_name
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
@@ -56,14 +55,7 @@ from trustvbd.nbd.server_handshake import (
     TlsRequired,
     negotiate,
 )
-from trustvbd.nbd.zero_copy import (
-    SENDFILE_MIN,
-    OutPart,
-    materialize,
-    release_all,
-    send_now,
-    settle_lent,
-)
+from trustvbd.nbd.zero_copy import SENDFILE_MIN, OutPart, materialize, send_now
 
 if TYPE_CHECKING:
     from trustvbd.nbd.budget import MemoryBudget
@@ -149,9 +141,8 @@ class Connection(asyncio.BufferedProtocol):
         self._drained.set()
         self._out: list[OutPart] = []
         self._out_bytes = 0
-        self._out_special = False  # _out holds a FileRange or a Lent buffer
+        self._out_special = False  # _out holds a FileRange
         self._file_range: Callable[[int, int], FileRange] | None = None
-        self._pread_lent: Callable[[int, int], Awaitable[Buffer | Lent]] | None = None
         self._sock_fd = -1  # for sendfile; -1 when the transport is not a plain socket
         self._flush_scheduled = False
         self._transport_busy = False  # the transport holds unsent bytes (between pause/resume_writing)
@@ -167,9 +158,9 @@ class Connection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and transport.get_extra_info("sslcontext") is None:
             self._sock_fd = sock.fileno()
-        # Told whenever the transport starts and stops holding unsent bytes: replies sent
-        # without a copy (zero_copy.py) may only go straight to the socket when it holds
-        # none. Reading stops only at WRITE_BUFFER_HIGH bytes of output (_update_reading).
+        # Told whenever the transport starts and stops holding unsent bytes: file ranges
+        # (zero_copy.py) may only go straight to the socket when it holds none. Reading
+        # stops only at WRITE_BUFFER_HIGH bytes of output (_update_reading).
         transport.set_write_buffer_limits(high=0, low=0)  # type: ignore[attr-defined]
         transport.write(self.core.send(m.Greeting(GREETING_FLAGS)))  # type: ignore[attr-defined]
         if self._budget is not None:
@@ -353,7 +344,6 @@ class Connection(asyncio.BufferedProtocol):
         backend = self._backend
         self._file_range = (backend.file_range
                             if self._sock_fd >= 0 and isinstance(backend, ServesFileRanges) else None)
-        self._pread_lent = backend.pread_lent if isinstance(backend, LendsReads) else None
         self._check = RequestChecker(result.export.backend.size, result.flags, self.core.structured)
         self._transmitting = True
         self._update_reading()  # the guest may be over its budget already
@@ -531,13 +521,8 @@ class Connection(asyncio.BufferedProtocol):
                 if self._file_range is not None and req.length >= SENDFILE_MIN:
                     self._reply_read(req, self._file_range(req.offset, req.length))
                     return
-                if self._pread_lent is not None:
-                    data: Buffer | Lent = await self._pread_lent(req.offset, req.length)
-                else:
-                    data = await backend.pread(req.offset, req.length)
+                data = await backend.pread(req.offset, req.length)
                 if len(data) != req.length:
-                    if type(data) is Lent:
-                        data.release()
                     raise BlockError(
                         errno.EIO, f"backend returned {len(data)} of {req.length} bytes"
                     )
@@ -575,7 +560,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         self._queue(self.core.reply_parts(req.cookie))
 
-    def _reply_read(self, req: m.Request, data: Buffer | FileRange | Lent) -> None:
+    def _reply_read(self, req: m.Request, data: Buffer | FileRange) -> None:
         self._queue(self.core.reply_parts(req.cookie, req.offset, data))  # type: ignore[arg-type]
 
     def _reply_error(self, req: m.Request, error: int, message: str) -> None:
@@ -588,16 +573,13 @@ class Connection(asyncio.BufferedProtocol):
 
     def _queue(self, parts: Sequence[OutPart], stream: bool = False) -> None:
         if self._output_closed:
-            release_all(parts)
             return
         if self._held is not None and not stream:  # a simple-reply stream is being sent
-            self._held.extend(settle_lent(list(parts)))
+            self._held.extend(parts)
             return
         busy = self._transport_busy
         for part in parts:
-            if type(part) is Lent and busy:
-                part = part.copy()  # it would wait for the transport: give it back now
-            elif type(part) is FileRange or type(part) is Lent:
+            if type(part) is FileRange:
                 self._out_special = True
             self._out.append(part)
             self._out_bytes += len(part)
@@ -621,7 +603,6 @@ class Connection(asyncio.BufferedProtocol):
             return
         transport = self._transport
         if self._output_closed or transport is None:
-            release_all(self._out)
             self._out, self._out_bytes, self._out_special = [], 0, False
             return
         queued = self._out
@@ -632,10 +613,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         direct = self._sock_fd >= 0 and not self._transport_busy
         if not direct and not final and self._sock_fd >= 0:
-            # Behind bytes the transport still holds: wait for resume_writing, but never
-            # with a lent buffer (a slow client must not keep a backend's slots).
-            self._out = settle_lent(queued)
-            return
+            return  # behind bytes the transport still holds: wait for resume_writing
         try:
             if direct:
                 unsent, later = send_now(self._sock_fd, queued)
@@ -648,7 +626,6 @@ class Connection(asyncio.BufferedProtocol):
             # is to drop the connection (the client sees its requests fail).
             log.error("nbd: export %r: read error after a reply began: %s; closing the "
                       "connection from %s", self.export_name, exc.strerror, self.peer.identity)
-            release_all(queued)
             self._out, self._out_bytes, self._out_special = [], 0, False
             self._abort()
             return
@@ -706,7 +683,6 @@ class Connection(asyncio.BufferedProtocol):
         self._stopping = True
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        release_all(self._out)
         self._out.clear()
         self._output_closed = True
         if self._transport is not None:
