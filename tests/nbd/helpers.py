@@ -90,6 +90,11 @@ class ServerThread:
     def uri(self, export: str = "") -> str:
         return f"nbd+unix:///{export}?socket={self.sock_path}"
 
+    @property
+    def address(self) -> str | tuple[str, int]:
+        """Where a client connects: the Unix socket path, else the loopback TCP port."""
+        return self.sock_path if self.sock_path is not None else ("127.0.0.1", self.port)
+
     def connection_count(self) -> int:
         assert self.server is not None
         return len(self.server.connections)

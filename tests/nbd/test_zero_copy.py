@@ -65,7 +65,7 @@ def test_a_full_socket_leaves_the_rest_in_order_and_later_ranges_unread(
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
     a.setblocking(False)
     later_range = FileRange(fd, 3 * MiB, MiB)
-    parts = [b"head1", FileRange(fd, 0, 2 * MiB), bytearray(b"head2"),
+    parts: list[OutPart] = [b"head1", FileRange(fd, 0, 2 * MiB), bytearray(b"head2"),
              memoryview(b"head3"), later_range, b"tail"]
     expected = b"head1" + content[:2 * MiB] + b"head2head3" + content[3 * MiB:] + b"tail"
     unsent, later = send_now(a.fileno(), parts)  # nobody reads yet: the socket fills up
@@ -79,7 +79,7 @@ def test_small_replies_go_out_at_once(data_file: tuple[int, bytes]) -> None:
     a, b = socket.socketpair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     a.setblocking(False)
-    parts = [b"h" * 28, FileRange(fd, 4096, 8192)] * 4
+    parts: list[OutPart] = [b"h" * 28, FileRange(fd, 4096, 8192)] * 4
     assert send_now(a.fileno(), parts) == ([], [])  # 33 KiB fit in the socket's buffer
     assert finish(a, b, []) == (b"h" * 28 + content[4096:4096 + 8192]) * 4
 
@@ -141,7 +141,7 @@ def test_pipelined_reads_from_a_file_with_a_slow_reader(
     backend = FileBackend(str(short_tmp / "d.img"))
     with ServerThread(StaticExports([Export("", backend)]), short_tmp / "s.sock", loop_kind) as srv:
         for structured in (False, True):
-            c = RawClient(srv.sock_path, timeout=20)
+            c = RawClient(srv.address, timeout=20)
             c.go(structured=structured)
             offsets = [(i * 5 % 16) * MiB for i in range(64)]
             c.sock.sendall(b"".join(read_request(off, MiB, i) for i, off in enumerate(offsets)))
@@ -186,13 +186,13 @@ def test_a_read_error_after_the_reply_began_drops_the_connection(
     try:
         with caplog.at_level(logging.ERROR, "trustvbd.nbd.server"), \
                 ServerThread(exports, short_tmp / "s.sock", loop_kind) as srv:
-            c = RawClient(srv.sock_path)
+            c = RawClient(srv.address)
             c.go("bad")
             c.request(p.Cmd.READ, 0, 65536, cookie=1)
             with pytest.raises(EOFError):  # never a full reply with made-up bytes
                 c.recv_exact(16 + 65536)
             assert any("read error after a reply began" in r.getMessage() for r in caplog.records)
-            other = RawClient(srv.sock_path)
+            other = RawClient(srv.address)
             other.go("good")
             other.request(p.Cmd.READ, 4096, 4096, cookie=2)
             assert other.simple_reply() == (0, 2)
