@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import resource
 import statistics
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 import procstat
-from servers import TRUSTVBD, note_pid, parse_size, sparse, workdir
+from servers import TRUSTVBD, parse_size, sparse, start_ready, stop_proc, workdir
 
 from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.replica_set import Replica, ReplicaSet
@@ -39,14 +40,9 @@ def start_driver(work: Path, i: int, size: int,
                  tree: Path | None = None) -> tuple[str, subprocess.Popen[bytes]]:
     sock = work / f"d{i}.sock"
     env = {**os.environ, "PYTHONPATH": str(tree)} if tree is not None else None
-    proc = subprocess.Popen([*TRUSTVBD, "driver", "--file", str(sparse(work / f"d{i}.img", size)),
-                             "--size", str(size), "--socket", str(sock)], stdout=subprocess.PIPE,
-                            env=env, cwd="/")  # `-m` would put the current directory's tree first
-    assert proc.stdout is not None
-    while proc.stdout.readline().strip() != b"ready":
-        if proc.poll() is not None:
-            raise RuntimeError("trustvbd driver failed to start")
-    note_pid(work, proc.pid, f"driver{i}")
+    proc = start_ready([*TRUSTVBD, "driver", "--file", str(sparse(work / f"d{i}.img", size)),
+                        "--size", str(size), "--socket", str(sock)], work, f"driver{i}",
+                       env=env, cwd="/")  # `-m` would put the current directory's tree first
     return f"nbd+unix:///?socket={sock}", proc
 
 
@@ -96,18 +92,16 @@ def measure(replicas: int, size: int, depth: int, tree: Path | None = None,
             request: int = REQUEST) -> dict[str, float]:
     import uvloop
 
-    with workdir() as work:
-        started = [start_driver(work, i, Layout.for_size(size).physical_size, tree)
-                   for i in range(replicas)]
-        try:
-            before = by_driver(work)
-            elapsed, user, system = uvloop.run(fan_out([u for u, _ in started], size, depth, request))
-            after = by_driver(work)
-            drivers = {k: after[k] - before.get(k, 0.0) for k in after}
-        finally:
-            for _, proc in started:
-                proc.terminate()
-                proc.wait(30)
+    with workdir() as work, contextlib.ExitStack() as stops:  # a driver started is stopped
+        uris = []
+        for i in range(replicas):
+            uri, proc = start_driver(work, i, Layout.for_size(size).physical_size, tree)
+            stops.callback(stop_proc(proc))
+            uris.append(uri)
+        before = by_driver(work)
+        elapsed, user, system = uvloop.run(fan_out(uris, size, depth, request))
+        after = by_driver(work)
+        drivers = {k: after[k] - before.get(k, 0.0) for k in after}
     gib = size / GiB
     out = {"MB/s": size / elapsed / 1e6, "sender user": user / gib, "sender sys": system / gib,
            "load": os.getloadavg()[0]}

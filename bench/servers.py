@@ -1,8 +1,9 @@
 """The servers the benchmarks start: ours and the peers, each in its own work directory.
 
-A server's `start(work)` returns (uri, stop). Every process whose CPU time the
-benchmark should account is noted in `work/bench.pids` (pid and role); the
-processes it starts (the domains of `up`) are found as its descendants.
+A server's `start(work)` returns (uri, stop), or raises having stopped whatever it had
+started (an ExitStack of stops, handed over with `pop_all()` once all is up). Every
+process whose CPU time the benchmark should account is noted in `work/bench.pids` (pid
+and role); the processes it starts (the domains of `up`) are found as its descendants.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -70,23 +72,67 @@ def wait_socket(path: Path, timeout: float = 30) -> None:
 
 
 def stop_pidfile(pidfile: Path) -> Callable[[], None]:
+    """Stops the daemon whose pid is in `pidfile` (SIGTERM, SIGKILL after 10 s); nothing to
+    stop if no pid ever appeared there (it never got as far as running)."""
     def stop() -> None:
-        pid = int(pidfile.read_text().strip())
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(200):
+        try:
+            pid = read_pidfile(pidfile, timeout=5)
+        except RuntimeError:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
-                os.kill(pid, 0)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 return
-            time.sleep(0.05)
+            for _ in range(200):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.05)
     return stop
 
 
 def stop_proc(proc: subprocess.Popen[bytes]) -> Callable[[], None]:
     def stop() -> None:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
     return stop
+
+
+def start_daemon(argv: list[str], sock: Path, pidfile: Path, work: Path, role: str,
+                 quiet: bool = False) -> Callable[[], None]:
+    """Run a server that forks into the background writing `pidfile`, wait for its socket,
+    note its pid; returns its stop. If it does not come up, it is stopped before raising."""
+    out = subprocess.DEVNULL if quiet else None
+    subprocess.run(argv, check=True, stdout=out, stderr=out)
+    stop = stop_pidfile(pidfile)
+    with contextlib.ExitStack() as undo:
+        undo.callback(stop)
+        wait_socket(sock)
+        note_pid(work, read_pidfile(pidfile), role)
+        undo.pop_all()
+    return stop
+
+
+def start_ready(argv: list[str], work: Path, role: str, **popen: Any) -> subprocess.Popen[bytes]:
+    """Start a server that prints "ready" on stdout once it serves, note its pid; if it
+    exits first (or anything fails), it is stopped before raising."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, **popen)
+    with contextlib.ExitStack() as undo:
+        undo.callback(stop_proc(proc))
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip() == b"ready":
+                note_pid(work, proc.pid, role)
+                undo.pop_all()
+                return proc
+        raise RuntimeError(f"{role} ({argv[0]}) exited {proc.wait(30)} before it was ready")
+    raise AssertionError("unreachable")  # mypy: ExitStack may swallow exceptions
 
 
 def sparse(path: Path, size: int) -> Path:
@@ -125,11 +171,9 @@ def nbdkit_luks(delay_ms: int = 0) -> Server:
 def _nbdkit(work: Path, name: str, image: Path, options: list[str], params: list[str],
             role: str = "nbdkit") -> tuple[str, Callable[[], None]]:
     sock, pid = work / f"{name}.sock", work / f"{name}.pid"
-    subprocess.run(["nbdkit", "-U", str(sock), "-P", str(pid), *options, "file", str(image),
-                    *params], check=True)
-    wait_socket(sock)
-    note_pid(work, read_pidfile(pid), role)
-    return f"nbd+unix:///?socket={sock}", stop_pidfile(pid)
+    stop = start_daemon(["nbdkit", "-U", str(sock), "-P", str(pid), *options, "file", str(image),
+                         *params], sock, pid, work, role)
+    return f"nbd+unix:///?socket={sock}", stop
 
 
 def qemu_nbd(size: int, luks: bool = False) -> Server:
@@ -140,11 +184,9 @@ def qemu_nbd(size: int, luks: bool = False) -> Server:
                     f"driver=luks,key-secret=s0,file.filename={work / 'luks.img'}"]
         else:
             args = ["-f", "raw", str(sparse(work / "disk.img", size))]
-        subprocess.run(["qemu-nbd", "-k", str(sock), "-e", "8", "-t", "--fork", "--pid-file",
-                        str(pid), *args], check=True)
-        wait_socket(sock)
-        note_pid(work, read_pidfile(pid), "qemu-nbd")
-        return f"nbd+unix:///?socket={sock}", stop_pidfile(pid)
+        stop = start_daemon(["qemu-nbd", "-k", str(sock), "-e", "8", "-t", "--fork",
+                             "--pid-file", str(pid), *args], sock, pid, work, "qemu-nbd")
+        return f"nbd+unix:///?socket={sock}", stop
     return Server("qemu-nbd LUKS" if luks else "qemu-nbd raw", start, luks_image=luks)
 
 
@@ -167,13 +209,8 @@ def make_luks(work: Path, size: int) -> None:
 def trustvbd_driver(size: int) -> Server:
     def start(work: Path) -> tuple[str, Callable[[], None]]:
         sock = work / "drv.sock"
-        proc = subprocess.Popen([*TRUSTVBD, "driver", "--file", str(work / "disk.img"), "--size",
-                                 str(size), "--socket", str(sock)], stdout=subprocess.PIPE)
-        assert proc.stdout is not None
-        while proc.stdout.readline().strip() != b"ready":
-            if proc.poll() is not None:
-                raise RuntimeError("trustvbd driver failed to start")
-        note_pid(work, proc.pid, "driver")
+        proc = start_ready([*TRUSTVBD, "driver", "--file", str(work / "disk.img"), "--size",
+                            str(size), "--socket", str(sock)], work, "driver")
         return f"nbd+unix:///?socket={sock}", stop_proc(proc)
     return Server("trustvbd driver", start)
 
@@ -188,44 +225,39 @@ def trustvbd_up(size: int, encrypt: bool, replicas: int = 1, nbdkit_drivers: boo
     clean environment and run the installed one."""
     env = {**os.environ, "PYTHONPATH": str(tree)} if tree is not None else None
     def start(work: Path) -> tuple[str, Callable[[], None]]:
-        stops: list[Callable[[], None]] = []
-        drivers = ""
-        for i in range(replicas):
-            if nbdkit_drivers:
-                image = sparse(work / f"n{i}.img", physical_size(size))
-                options, params = delay_args(delay_ms)
-                uri, stop = _nbdkit(work, f"n{i}", image, options, params, "driver")
-                stops.append(stop)
-                drivers += f'[[driver]]\nname = "d{i}"\nlabel = "S"\nuri = "{uri}"\n'
+        with contextlib.ExitStack() as undo:  # stops, last started first
+            drivers = ""
+            for i in range(replicas):
+                if nbdkit_drivers:
+                    image = sparse(work / f"n{i}.img", physical_size(size))
+                    options, params = delay_args(delay_ms)
+                    uri, stop = _nbdkit(work, f"n{i}", image, options, params, "driver")
+                    undo.callback(stop)
+                    drivers += f'[[driver]]\nname = "d{i}"\nlabel = "S"\nuri = "{uri}"\n'
+                else:
+                    drivers += f'[[driver]]\nname = "d{i}"\nlabel = "S"\ndir = "b{i}"\n'
+            names = ", ".join(f'"d{i}"' for i in range(replicas))
+            config = work / "tv.toml"
+            config.write_text(
+                f'state_dir = "st"\n{drivers}'
+                f'[[disk]]\nname = "disk"\nsize = {size}\nlabel = "L"\nreplicas = [{names}]\n'
+                f'encrypt = {"true" if encrypt else "false"}\n[[guest]]\nname = "g"\nlabel = "G"\n')
+            proc = subprocess.Popen([*TRUSTVBD, "up", "-c", str(config)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, env=env)
+            undo.callback(stop_proc(proc))
+            assert proc.stdout is not None
+            uri = ""
+            for raw in proc.stdout:
+                line = raw.decode().strip()
+                if line.startswith("guest g disk disk "):
+                    uri = line.split()[-1]
+                if line == "ready":
+                    break
             else:
-                drivers += f'[[driver]]\nname = "d{i}"\nlabel = "S"\ndir = "b{i}"\n'
-        names = ", ".join(f'"d{i}"' for i in range(replicas))
-        config = work / "tv.toml"
-        config.write_text(
-            f'state_dir = "st"\n{drivers}'
-            f'[[disk]]\nname = "disk"\nsize = {size}\nlabel = "L"\nreplicas = [{names}]\n'
-            f'encrypt = {"true" if encrypt else "false"}\n[[guest]]\nname = "g"\nlabel = "G"\n')
-        proc = subprocess.Popen([*TRUSTVBD, "up", "-c", str(config)], stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, env=env)
-        stops.insert(0, stop_proc(proc))
-        assert proc.stdout is not None
-        uri = ""
-        while True:
-            line = proc.stdout.readline().decode().strip()
-            if line.startswith("guest g disk disk "):
-                uri = line.split()[-1]
-            if line == "ready":
-                break
-            if not line and proc.poll() is not None:
-                for stop in stops[1:]:
-                    stop()
-                raise RuntimeError("trustvbd up failed to start")
-        note_pid(work, proc.pid, "up")
-
-        def stop_all() -> None:
-            for stop in stops:
-                stop()
-        return uri, stop_all
+                raise RuntimeError(f"trustvbd up exited {proc.wait(30)} before it was ready")
+            note_pid(work, proc.pid, "up")
+            return uri, undo.pop_all().close
+        raise AssertionError("unreachable")  # mypy: ExitStack may swallow exceptions
 
     if not encrypt:
         name = "trustvbd up (pass-through)"

@@ -43,11 +43,9 @@ def nbd_server(size: int) -> common.Server:
         with open(image, "wb") as f:
             f.truncate(size)
         conf.write_text(f"[generic]\nunixsock = {sock}\n[disk]\nexportname = {image}\nflush = true\nfua = true\n")
-        subprocess.run(["nbd-server", "-C", str(conf), "-p", str(pid)], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        common.wait_socket(sock)
-        common.wait_socket(pid)
-        return f"nbd+unix:///disk?socket={sock}", common.stop_pidfile(pid)
+        stop = common.start_daemon(["nbd-server", "-C", str(conf), "-p", str(pid)], sock, pid,
+                                   work, "nbd-server", quiet=True)
+        return f"nbd+unix:///disk?socket={sock}", stop
     return common.Server("nbd-server", start)
 
 
