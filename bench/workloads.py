@@ -1,7 +1,8 @@
 """Real-workload benchmarks against peers, in one run (not part of the test suite).
 
-    .venv/bin/python bench/workloads.py [--suite fuse|flush|all] [--reps 1] [--files 300]
-                                        [--data 200MiB] [--flushes 200]
+    .venv/bin/python bench/workloads.py [--suite fuse|flush|qd1|all] [--reps 1] [--files 300]
+                                        [--data 200MiB] [--flushes 200] [--writes 5000]
+                                        [--baseline DIR]
 
 fuse:  a filesystem copy through FUSE. For each server: nbdfuse exposes the export as a
        file, mkfs.ext4 formats it, fuse2fs mounts it, and `cp -r` copies a tree of --files
@@ -10,8 +11,12 @@ fuse:  a filesystem copy through FUSE. For each server: nbdfuse exposes the expo
        e2fsck -fn must find the filesystem clean. `trustvbd up` (encrypted) vs nbdkit file.
 flush: FLUSH latency. One libnbd connection writes 4 KiB at a random offset, then FLUSHes,
        --flushes times; the FLUSH alone is timed (median and 90th percentile).
-       `trustvbd up` (encrypted) vs nbd-server (Debian `nbd-server`; nbdkit file if it is
-       not installed, and the table says so).
+       `trustvbd up` (encrypted) vs nbd-server (Debian `nbd-server`, left out if it is not
+       installed) and nbdkit file.
+qd1:   serial 4 KiB writes at random offsets (one libnbd connection, no FLUSH), --writes of
+       them: latency p50 and p99, and the CPU time per write of each process role.
+--baseline DIR adds `trustvbd up` running the trustvbd package in DIR (`git archive main |
+       tar -x -C DIR`) to every suite, so a before/after pair is measured in one run.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import procstat  # bench/procstat.py: CPU time per process role
 import servers as common  # bench/servers.py: the servers and helpers run.py uses
 
 sys.path.append("/usr/lib/python3/dist-packages")  # Debian's libnbd module
@@ -125,6 +131,31 @@ def flush_latency(uri: str, count: int) -> tuple[float, float]:
     return statistics.median(times), times[int(len(times) * 0.9)]
 
 
+def qd1_writes(uri: str, count: int, work: Path) -> tuple[float, float, dict[str, float]]:
+    """(p50, p99 seconds, CPU seconds per write by role) of `count` serial 4 KiB writes."""
+    import nbd
+
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    rng = random.Random(2)
+    block = os.urandom(4096)
+    times = []
+    for _ in range(count // 10):  # warm up: connections, leaf pages, caches
+        h.pwrite(block, rng.randrange(0, (64 << 20) // 4096) * 4096)
+    before = procstat.snapshot(work)
+    for _ in range(count):
+        offset = rng.randrange(0, (64 << 20) // 4096) * 4096
+        t0 = time.perf_counter()
+        h.pwrite(block, offset)
+        times.append(time.perf_counter() - t0)
+    cpu = procstat.used(before, procstat.snapshot(work))
+    h.flush()
+    h.shutdown()
+    times.sort()
+    return (statistics.median(times), times[int(len(times) * 0.99)],
+            {role: s / count for role, s in cpu.items()})
+
+
 def table(title: str, unit: str, results: dict[str, list[float]], reference: str) -> None:
     ref = statistics.median(results[reference])
     print(f"\n## {title}\n\n| server | {unit} | ratio to {reference} |\n|---|---|---|")
@@ -134,22 +165,32 @@ def table(title: str, unit: str, results: dict[str, list[float]], reference: str
     sys.stdout.flush()
 
 
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["fuse", "flush", "all"], default="all")
+    parser.add_argument("--suite", choices=["fuse", "flush", "qd1", "all"], default="all")
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--files", type=int, default=300)
     parser.add_argument("--data", default="200MiB")
     parser.add_argument("--flushes", type=int, default=200)
+    parser.add_argument("--writes", type=int, default=5000)
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="also `trustvbd up` with the trustvbd package in DIR, for A/B")
     args = parser.parse_args()
     data = common.parse_size(args.data)
-    up = common.trustvbd_up(DISK, True)
+    ups = [common.trustvbd_up(DISK, True)]
+    if args.baseline is not None:
+        ups.append(common.trustvbd_up(DISK, True, tree=args.baseline.resolve()))
+    print(f"start: {load()}", file=sys.stderr)
     if args.suite in ("fuse", "all"):
         with common.workdir() as src:
             make_tree(src / "tree", args.files, data)
             subprocess.run(["sh", "-c", f"cat {src}/tree/*/* > /dev/null"], check=True)
-            servers = [up, common.nbdkit_file(DISK)]
+            servers = [*ups, common.nbdkit_file(DISK)]
             results: dict[str, list[float]] = {s.name: [] for s in servers}
             for rep in range(args.reps):
                 for server in servers:
@@ -161,12 +202,15 @@ def main() -> int:
                         finally:
                             stop()
             table(f"FUSE copy: {args.files} files, {common.format_size(data)}, nbdfuse + fuse2fs"
-                  f" (ext4); medians of {args.reps}", "seconds", results, "nbdkit file")
+                  f" (ext4); medians of {args.reps}; {load()}", "seconds", results, "nbdkit file")
     if args.suite in ("flush", "all"):
-        peer = nbd_server(DISK) if shutil.which("nbd-server") else common.nbdkit_file(DISK)
-        if peer.name != "nbd-server":
-            print("nbd-server is not installed: measuring nbdkit file instead", file=sys.stderr)
-        servers = [up, peer]
+        peers = [common.nbdkit_file(DISK)]
+        if shutil.which("nbd-server"):
+            peers.insert(0, nbd_server(DISK))
+        else:
+            print("nbd-server is not installed: measuring nbdkit file only", file=sys.stderr)
+        peer = peers[0]
+        servers = [*ups, *peers]
         p50: dict[str, list[float]] = {s.name: [] for s in servers}
         p90: dict[str, list[float]] = {s.name: [] for s in servers}
         for rep in range(args.reps):
@@ -180,9 +224,31 @@ def main() -> int:
                         stop()
                 p50[server.name].append(median * 1e3)
                 p90[server.name].append(high * 1e3)
-        table(f"FLUSH after each 4 KiB write, {args.flushes} flushes: median", "ms", p50,
-              peer.name)
+        table(f"FLUSH after each 4 KiB write, {args.flushes} flushes: median; {load()}", "ms",
+              p50, peer.name)
         table("FLUSH: 90th percentile", "ms", p90, peer.name)
+    if args.suite in ("qd1", "all"):
+        servers = [*ups, common.nbdkit_file(DISK)]
+        lat: dict[str, list[tuple[float, float, dict[str, float]]]] = {s.name: [] for s in servers}
+        for rep in range(args.reps):
+            for server in servers:
+                print(f"[qd1 rep {rep + 1}/{args.reps}] {server.name}", file=sys.stderr)
+                with common.workdir() as work:
+                    uri, stop = server.start(work)
+                    try:
+                        lat[server.name].append(qd1_writes(uri, args.writes, work))
+                    finally:
+                        stop()
+        print(f"\n## QD1 4 KiB random writes, {args.writes} per rep, medians of {args.reps}; "
+              f"{load()}\n\n| server | p50 µs | p99 µs | CPU µs per write by role |\n"
+              "|---|---|---|---|")
+        for name, runs in lat.items():
+            roles = {r for _, _, cpu in runs for r in cpu}
+            cpu_cells = ", ".join(
+                f"{r} {statistics.median(c.get(r, 0.0) for _, _, c in runs) * 1e6:.0f}"
+                for r in sorted(roles))
+            print(f"| {name} | {statistics.median(a for a, _, _ in runs) * 1e6:.0f} | "
+                  f"{statistics.median(b for _, b, _ in runs) * 1e6:.0f} | {cpu_cells} |")
     return 0
 
 
