@@ -234,6 +234,7 @@ async def _session(tmp: Path, kek: Any, replicas: list[CachedReplica], model: Mo
                 await disk.pwrite(offset, data, fua)
             if fua:
                 model.commit()
+        await disk.settle()  # the domain lives on: writes answered early reach the replicas
     finally:
         disk._state.close()  # abandoned, never closed: close() would commit
 
@@ -273,9 +274,14 @@ def test_crash_anywhere_loses_nothing_acknowledged(tmp_path: Path, crashing_stat
         clock.crash_at = rng.randrange(1, 70 * copies)
         try:
             run(_session(tmp_path, kek, replicas, model, rng))
-            crashes["none"] += 1
         except Crash:
+            pass
+        # A write answered before its replicas (write_behind.py) meets the crash in the
+        # background, where it is not raised to the session: the clock knows.
+        if clock.dead:
             crashes["open" if clock.step <= 12 * copies else "session"] += 1
+        else:
+            crashes["none"] += 1
         for replica in replicas:
             replica.power_cut(rng)
 

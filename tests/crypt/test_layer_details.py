@@ -31,9 +31,13 @@ from trustvbd.crypt.aead import BlockCipher
 from trustvbd.crypt.tree import HashTree, page_hash, root_from_level
 
 
+@pytest.mark.parametrize("behind", [False, True], ids=["waited", "behind"])
 @pytest.mark.parametrize("lands", [False, True])
-def test_failed_replica_write_reads_old_or_new_never_tampered(tmp_path: Path, lands: bool) -> None:
-    """An honest driver that fails a write (having stored it or not) is no attacker."""
+def test_failed_replica_write_reads_old_or_new_never_tampered(tmp_path: Path, lands: bool,
+                                                              behind: bool) -> None:
+    """An honest driver that fails a write (having stored it or not) is no attacker. A FUA
+    write fails itself; one answered before the replica (write_behind.py) reads as EIO
+    until the next FLUSH fails naming its blocks."""
 
     async def go() -> None:
         kek = new_state(tmp_path)
@@ -48,8 +52,18 @@ def test_failed_replica_write_reads_old_or_new_never_tampered(tmp_path: Path, la
 
         failing.failing = fail
         failing.store_anyway = lands
-        with pytest.raises(BlockError):
+        if behind:
             await disk.pwrite(0, pattern(0, 2) + pattern(1, 2))
+            with pytest.raises(BlockError, match=r"block\(s\) 1 lost a write"):
+                await disk.pread(BS, BS)
+            failing.failing = lambda offset, length: False
+            with pytest.raises(BlockError, match=r"block\(s\) 0-1 were answered, then failed "
+                               r"on the replicas \(driver write failed\)") as exc:
+                await disk.flush()
+            assert exc.value.errno == 5
+        else:
+            with pytest.raises(BlockError):
+                await disk.pwrite(0, pattern(0, 2) + pattern(1, 2), fua=True)
         failing.failing = lambda offset, length: False
         got = bytes(await disk.pread(0, 2 * BS))
         assert got == (pattern(0, 2) + pattern(1, 2) if lands else pattern(0) + pattern(1))
@@ -79,7 +93,7 @@ def test_repeated_failed_writes_keep_every_candidate(tmp_path: Path, lands: list
         for attempt, store in enumerate(lands, start=1):
             failing.store_anyway = store
             with pytest.raises(BlockError):
-                await disk.pwrite(0, pattern(0, attempt))
+                await disk.pwrite(0, pattern(0, attempt), fua=True)
         failing.failing = lambda offset, length: False
         stored = max((i for i, store in enumerate(lands, start=1) if store), default=0)
         assert bytes(await disk.pread(0, BS)) == pattern(0, stored)

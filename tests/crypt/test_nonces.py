@@ -50,6 +50,7 @@ async def session(state: Path, replica: RawMemory, kek: object, tag: int, log: C
         for b in range(10):
             plain = pattern(b, tag * 10 + round_)
             await disk.pwrite(b * BS, plain)
+            await disk.settle()  # answered before the replica took it (write_behind.py)
             # The leaf as it will be committed, and the ciphertext as the replica holds it.
             leaf = bytes(disk._leaves.get(b, b + 1))
             raw = bytearray(replica.raw)

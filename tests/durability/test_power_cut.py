@@ -55,6 +55,7 @@ async def workload(state: Path, kek: object, files: PowerCutFiles, replica: Trac
     disk = await CryptDisk.open(state, "vm1", replica, "r0", kek, files=files)  # type: ignore[arg-type]
     for _ in range(STEPS):
         await guest.step(disk)
+    assert disk._behind.started > 5  # writes answered before the replica took them are cut too
     await abandon(disk)
     return guest.model
 

@@ -67,9 +67,25 @@ def write_fails_with_enospc(uri: str) -> None:
         h.shutdown()
 
 
+def answered_write_then_flush_fails_with_enospc(uri: str) -> None:
+    """A small write is answered before the driver takes it (write-behind): the driver's
+    ENOSPC comes with the next FLUSH instead, as a page cache reports it at fsync."""
+    nbd = clients.libnbd()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        h.pwrite(b"\x77" * 4096, 8192)
+        with pytest.raises(nbd.Error) as err:
+            h.flush()
+        assert err.value.errno == "ENOSPC"
+    finally:
+        h.shutdown()
+
+
 def test_a_full_driver_is_said_once_and_up_starts_on_it(root: Path) -> None:
-    """A driver out of space: the guest gets ENOSPC, the encryption domain says so once
-    naming driver and disk, status shows it, and `up` starts again on it serving reads."""
+    """A driver out of space: the guest gets ENOSPC (on the FLUSH after a write answered
+    early, then on every write), the encryption domain says so once naming driver and
+    disk, status shows it, and `up` starts again on it serving reads."""
     image, full = root / "disk.img", root / "full"
     image.write_bytes(bytes(16 * MIB))
     peer = Peer.nbdkit(image, root, "--filter=error", "error=ENOSPC", "error-pwrite-rate=100%",
@@ -80,6 +96,7 @@ def test_a_full_driver_is_said_once_and_up_starts_on_it(root: Path) -> None:
         uri = s.uri("vm", "disk")
         run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x5a 0 64k", "-c", "flush"])
         full.touch()  # from now on every write to the driver fails with ENOSPC
+        answered_write_then_flush_fails_with_enospc(uri)
         for _ in range(3):
             write_fails_with_enospc(uri)
         replica = status(s)["disks"][0]["replicas"][0]

@@ -13,7 +13,8 @@ bytes: docs/format.md. One module per concern:
 
 Write: versions from a reserved counter -> AES-GCM (one call per request) ->
 one intent record (old and new leaves) appended to trusted state -> in-memory
-leaf table -> ciphertext to the replica. No data journal.
+leaf table -> ciphertext to the replica. No data journal. A small write without
+FUA is answered before the replica takes it (write_behind.py).
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ from trustvbd.blocks.integrity import (
     StaleReplicaError,
 )
 from trustvbd.blocks.leaf_pages import DEFAULT_CAPACITY, LeafLocks, LeafPages
-from trustvbd.blocks.ranges import describe_blocks
+from trustvbd.blocks.ranges import _Hold, describe_blocks
 from trustvbd.blocks.replica_set import BadBlocks, Replica, ReplicaSet
 from trustvbd.blocks.tree_file import TreeFile, TreeFileError
+from trustvbd.blocks.write_behind import WriteBehind
 from trustvbd.crypt.aead import (
     BLOCK_SIZE,
     LEAF_SIZE,
@@ -155,6 +157,7 @@ class CryptDisk:
         self._out_of_space: str | None = None
         self._locks = LeafLocks(commits.leaves)  # holding blocks keeps their leaf pages in
         self._ct_buffers = _Buffers(_REUSE_KEPT)  # big reads' ciphertext, received straight into them
+        self._behind = WriteBehind(name)
         replicas.verifier = self
         replicas.locks = self._locks
         replicas.admit = self._admit
@@ -300,6 +303,8 @@ class CryptDisk:
         the next replica and repair here.
         """
         n = b1 - b0
+        if self._behind.lost:
+            self._behind.check_read(b0, b1)
         if self._leaves.all_zero(b0, b1):
             return bytearray(n * BS)  # never written or zeroed: no driver involved
         leaves = memoryview(self._leaves.get(b0, b1))  # the range lock holds their pages
@@ -411,6 +416,7 @@ class CryptDisk:
         if length:
             b0, b1 = offset // BS, -(-(offset + length) // BS)
             await self._commits.enter_write()
+            behind = False  # the lock and the writer count went on with the write behind
             try:
                 hold = await self._locks.acquire(b0, b1, True)
                 try:
@@ -418,12 +424,29 @@ class CryptDisk:
                         plain = memoryview(data).cast("B")
                     else:
                         plain = memoryview(await self._merge(b0, b1, offset, data))
-                    await self._write_blocks(b0, plain)
+                    n = b1 - b0
+                    version = self._commits.take_versions(n)
+                    ct, new = await self._aead.seal(self._cipher, b0, version, plain)
+                    old = self._note_write(b0, new)
+                    if not fua and self._behind.takes(n):
+                        # No await between recording the write and handing it over.
+                        self._behind.start(self._send(b0, old, ct), b0, n,
+                                           lambda: self._write_ended(hold))
+                        behind = True
+                    else:
+                        await self._send(b0, old, ct)
                 finally:
-                    self._locks.release(hold)
+                    if not behind:
+                        self._locks.release(hold)
             finally:
-                self._commits.leave_write()
+                if not behind:
+                    self._commits.leave_write()
         await self._maybe_commit(fua)
+
+    def _write_ended(self, hold: _Hold) -> None:
+        """A write behind got its replicas' answer (or failed): as after a waited write."""
+        self._locks.release(hold)
+        self._commits.leave_write()
 
     async def _merge(self, b0: int, b1: int, offset: int, data: Buffer) -> bytearray:
         """Read-modify-write for a request that covers blocks partially."""
@@ -444,21 +467,21 @@ class CryptDisk:
         the replica acknowledged it: until then every older candidate leaf stays.
         """
         self._commits.note_leaves(b0, old, new)
+        if settled and self._behind.lost:
+            self._behind.rewritten(b0, len(new) // LEAF_SIZE)
         if settled and self._unsure:
             for b in range(b0, b0 + len(new) // LEAF_SIZE):
                 self._unsure.pop(b, None)
 
-    async def _write_blocks(self, b0: int, plain: memoryview) -> None:
-        n = len(plain) // BS
-        version = self._commits.take_versions(n)
-        ct, new = await self._aead.seal(self._cipher, b0, version, plain)
-        await self._write_out(b0, new, ct)
-
-    async def _write_out(self, b0: int, new: bytes, ct: bytes) -> None:
-        """Intent first, then the ciphertext to the replica."""
-        n = len(new) // LEAF_SIZE
-        old = self._leaves.get(b0, b0 + n)
+    def _note_write(self, b0: int, new: bytes) -> bytearray:
+        """Record a write's new leaves (intent log first); return the old ones."""
+        old = self._leaves.get(b0, b0 + len(new) // LEAF_SIZE)
         self._note_leaves(b0, old, new, settled=False)
+        return old
+
+    async def _send(self, b0: int, old: bytearray, ct: bytes) -> None:
+        """The ciphertext of recorded blocks to the replicas; on failure keep what they may hold."""
+        n = len(old) // LEAF_SIZE
         start = self._lay.data_offset(b0)
         try:
             await self._replica.pwrite(start, ct)
@@ -472,11 +495,18 @@ class CryptDisk:
         if self._unsure:
             for b in range(b0, b0 + n):
                 self._unsure.pop(b, None)
+        if self._behind.lost:
+            self._behind.rewritten(b0, n)
+
+    async def settle(self) -> None:
+        """Wait until every write answered before its replicas has reached them (or failed)."""
+        await self._behind.drain()
 
     async def flush(self) -> None:
         self._check_usable()
         await self._wait_for_space()
         await self._commit()
+        self._behind.report()  # writes answered early that failed since the last FLUSH
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         await self._discard(offset, length, fua, self._forward_trim)
@@ -544,6 +574,10 @@ class CryptDisk:
         for task in list(self._background):
             task.cancel()
         try:
+            await self._behind.drain()
+            if (lost := self._behind.unreported()) is not None:
+                log.error("disk %r: closing with a write answered before its replicas that they "
+                          "failed, never reported by a FLUSH: %s", self.name, lost)
             if self._commits.failed is None and (self._commits.dirty or self._unsure):
                 await self._commit()
         finally:

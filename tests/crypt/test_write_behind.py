@@ -1,0 +1,242 @@
+"""Write-behind (blocks/write_behind.py): a small write is answered before its replica
+takes it, and every guarantee of a waited write still holds around it."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.crypt.helpers import BS, LAY, SIZE, RawMemory, new_state, open_disk, pattern, run
+from trustvbd.blockdev import Backend, BlockError
+from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
+from trustvbd.blocks.disk_state import DiskState
+from trustvbd.blocks.layer import Layer
+from trustvbd.blocks.replica_set import State
+from trustvbd.blocks.write_behind import WRITE_BEHIND_BLOCKS, WRITE_BEHIND_MAX
+
+
+class Gate(Layer):
+    """Holds the replica's data writes while closed; fails them with `error` if set."""
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(next)
+        self.opened = asyncio.Event()
+        self.opened.set()
+        self.held = 0
+        self.error: int | None = None
+
+    async def pwrite(self, offset: int, data: Any, fua: bool = False) -> None:
+        if offset >= LAY.data_start:
+            self.held += 1
+            try:
+                await self.opened.wait()
+            finally:
+                self.held -= 1
+            if self.error is not None:
+                raise BlockError(self.error, "driver says no")
+        await self.next.pwrite(offset, data, fua)
+
+
+async def turns(n: int = 50) -> None:
+    """Let the event loop run everything that is ready, a few times over."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def intent_leaves(state: Path, block: int) -> list[bytes]:
+    """New leaves the trusted intent log holds for `block`, read as a restart would."""
+    log = DiskState(state, "vm1").open_intent()
+    try:
+        records = log.read().records
+    finally:
+        log.close()
+    return [r.new[(block - r.first_block) * 32:(block - r.first_block + 1) * 32]
+            for r in records if r.first_block <= block < r.first_block + len(r.new) // 32]
+
+
+def test_an_answered_write_is_recorded_and_nothing_reads_around_it(tmp_path: Path) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        gate = Gate(mem)
+        disk = await open_disk(tmp_path, gate, kek)
+        await disk.pwrite(3 * BS, pattern(3))
+        await disk.flush()
+
+        gate.opened.clear()
+        await asyncio.wait_for(disk.pwrite(3 * BS, pattern(3, 1)), 10)  # answered
+        assert gate.held == 1
+        # Its intent record is in the trusted log before the ciphertext left.
+        assert intent_leaves(tmp_path, 3) == [bytes(disk._leaves.get(3, 4))]
+        read = asyncio.ensure_future(disk.pread(3 * BS, BS))
+        overwrite = asyncio.ensure_future(disk.pwrite(3 * BS, pattern(3, 2)))
+        await turns()
+        assert not read.done() and not overwrite.done()  # both wait for the replica
+        assert bytes(await disk.pread(4 * BS, BS)) == bytes(BS)  # other blocks do not
+        gate.opened.set()
+        assert bytes(await read) == pattern(3, 1)
+        await overwrite
+        assert bytes(await disk.pread(3 * BS, BS)) == pattern(3, 2)
+
+        gate.opened.clear()
+        await disk.pwrite(5 * BS, pattern(5, 1))
+        flush = asyncio.ensure_future(disk.flush())
+        await turns()
+        assert not flush.done()  # a FLUSH covers writes answered early: it waits for them
+        gate.opened.set()
+        await flush
+        await disk.close()
+
+        disk = await open_disk(tmp_path, mem, kek)
+        assert bytes(await disk.pread(3 * BS, 3 * BS)) == pattern(3, 2) + bytes(BS) + pattern(5, 1)
+        await disk.close()
+
+    run(go())
+
+
+def test_fua_big_and_too_many_writes_wait_for_the_replica(tmp_path: Path) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        gate = Gate(RawMemory(physical_size(SIZE)))
+        disk = await open_disk(tmp_path, gate, kek)
+        gate.opened.clear()
+        waited = [asyncio.ensure_future(disk.pwrite(0, pattern(0), fua=True)),
+                  asyncio.ensure_future(disk.pwrite(BS, b"\x01" * (WRITE_BEHIND_BLOCKS * BS)))]
+        for b in range(WRITE_BEHIND_MAX):
+            await asyncio.wait_for(disk.pwrite((100 + b) * BS, pattern(100 + b)), 10)
+        one_more = asyncio.ensure_future(disk.pwrite(99 * BS, pattern(99)))
+        await turns()
+        assert not any(w.done() for w in [*waited, one_more])
+        assert gate.held == WRITE_BEHIND_MAX + 3  # all at the replica, three waited for
+        gate.opened.set()
+        await asyncio.gather(*waited, one_more)
+        for b in range(99, 100 + WRITE_BEHIND_MAX):
+            assert bytes(await disk.pread(b * BS, BS)) == pattern(b)
+        await disk.close()
+
+    run(go())
+
+
+def test_a_failed_write_behind_is_said_by_reads_and_the_next_flush(tmp_path: Path) -> None:
+    """ENOSPC stays ENOSPC; until the FLUSH reports it, writes wait and fail themselves."""
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        gate = Gate(mem)
+        disk = await open_disk(tmp_path, gate, kek)
+        for b in (7, 8, 9):
+            await disk.pwrite(b * BS, pattern(b))
+        await disk.flush()
+
+        gate.error = errno.ENOSPC
+        await disk.pwrite(7 * BS, pattern(7, 1))  # answered, then failed by the replica
+        await disk.settle()
+        with pytest.raises(BlockError, match=r"block\(s\) 7 lost a write") as lost:
+            await disk.pread(6 * BS, 3 * BS)
+        assert lost.value.errno == errno.EIO
+        with pytest.raises(BlockError, match="driver says no") as own:
+            await disk.pwrite(8 * BS, pattern(8, 1))  # waited now: fails itself
+        assert own.value.errno == errno.ENOSPC
+        assert bytes(await disk.pread(8 * BS, BS)) == pattern(8)
+
+        gate.error = None
+        with pytest.raises(BlockError, match=r"block\(s\) 7 were answered, then failed on the "
+                           r"replicas \(driver says no\)") as flushed:
+            await disk.flush()
+        assert flushed.value.errno == errno.ENOSPC
+        await disk.flush()  # said once
+        assert bytes(await disk.pread(7 * BS, 3 * BS)) == pattern(7) + pattern(8) + pattern(9)
+        assert disk.integrity_events == 0
+
+        gate.opened.clear()  # answered early again once the failure was said
+        await asyncio.wait_for(disk.pwrite(9 * BS, pattern(9, 1)), 10)
+        gate.opened.set()
+        assert bytes(await disk.pread(9 * BS, BS)) == pattern(9, 1)
+        await disk.close()
+
+    run(go())
+
+
+def test_closing_waits_for_writes_behind(tmp_path: Path) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        gate = Gate(mem)
+        disk = await open_disk(tmp_path, gate, kek)
+        gate.opened.clear()
+        await disk.pwrite(11 * BS, pattern(11))
+        closing = asyncio.ensure_future(disk.close())
+        await turns()
+        assert not closing.done()
+        gate.opened.set()
+        await closing
+        disk = await open_disk(tmp_path, mem, kek)
+        assert bytes(await disk.pread(11 * BS, BS)) == pattern(11)
+        await disk.close()
+
+    run(go())
+
+
+async def open_pair(tmp: Path, kek: Any, gates: list[Gate]) -> CryptDisk:
+    return await CryptDisk.open_mirrored(tmp, "vm1", [(f"r{i}", g) for i, g in enumerate(gates)],
+                                         kek)
+
+
+def test_a_replica_dying_under_writes_behind_degrades_and_loses_nothing(tmp_path: Path) -> None:
+    """Mirrored: one driver fails the writes answered early; the other has them, the guest
+    sees no error, the anchor stops listing the failed one, and a reopen from the survivor
+    alone reads every flushed block."""
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = [RawMemory(physical_size(SIZE)) for _ in range(2)]
+        gates = [Gate(m) for m in mems]
+        disk = await open_pair(tmp_path, kek, gates)
+        gates[1].opened.clear()
+        for b in range(20, 30):
+            await asyncio.wait_for(disk.pwrite(b * BS, pattern(b, 1)), 10)  # all answered
+        assert gates[1].held == 10
+        gates[1].error = errno.EIO  # the second driver dies with 10 writes in flight
+        gates[1].opened.set()
+        await disk.flush()  # no error: every write reached a current replica
+        assert disk.replicas.replicas[1].state is not State.CURRENT
+        anchor = DiskState(tmp_path, "vm1").read_anchor()
+        assert not anchor.lists_current("r1")
+        await disk.close()
+        survivor = await open_disk(tmp_path, mems[0], kek)
+        for b in range(20, 30):
+            assert bytes(await survivor.pread(b * BS, BS)) == pattern(b, 1)
+        await survivor.close()
+
+    run(go())
+
+
+def test_every_replica_dying_under_writes_behind_fails_the_next_flush(tmp_path: Path) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = [RawMemory(physical_size(SIZE)) for _ in range(2)]
+        gates = [Gate(m) for m in mems]
+        disk = await open_pair(tmp_path, kek, gates)
+        await disk.pwrite(40 * BS, pattern(40))
+        await disk.flush()
+        for g in gates:
+            g.opened.clear()
+        await asyncio.wait_for(disk.pwrite(40 * BS, pattern(40, 1)), 10)  # answered
+        for g in gates:
+            g.error = errno.EIO
+            g.opened.set()
+        await disk.settle()
+        with pytest.raises(BlockError) as lost:
+            await disk.pread(40 * BS, BS)
+        assert lost.value.errno == errno.EIO
+        with pytest.raises(BlockError) as flushed:
+            await disk.flush()
+        assert flushed.value.errno == errno.EIO
+        await disk.close()
+
+    run(go())

@@ -1,0 +1,132 @@
+"""Write-behind: a small write is answered once it is sealed and its intent recorded.
+
+A guest that writes one 4 KiB block at a time (a filesystem through FUSE) waited
+for a round trip to the driver per write. The NBD contract does not ask for that:
+a write is durable only after a FLUSH (or with FUA), so the encryption domain may
+answer it as soon as everything *it* must do first is done: versions taken, the
+block sealed, the intent record appended, the leaf table changed. The ciphertext
+then goes to the replica set in the background, while the guest prepares its
+next request. Not for FUA writes, nor for writes of WRITE_BEHIND_BLOCKS or more.
+
+What stays as it was:
+- the range lock on the blocks is held until the replicas answered, so a read or
+  an overlapping write of those blocks waits for them, and sees the new data;
+- the disk's writer count is held too, so a commit (FLUSH) waits for every write
+  behind and makes it durable, or fails;
+- the NBD client's request ids, bounds and timeouts apply to the background write.
+
+What changes: a replica write that fails (every replica, with mirroring) after
+the guest was answered cannot fail that request any more. It is said instead:
+logged once; the blocks read as EIO until reported; the next FLUSH fails with
+its errno (ENOSPC stays ENOSPC) and a message naming the blocks, which is how a
+page cache reports a lost write-back too; and until that report, every write
+waits for its replicas again, so later ones fail themselves.
+
+Bounded: at most `limit` writes per disk are behind at once (then a write waits
+for its own replica write), each under WRITE_BEHIND_BLOCKS blocks of ciphertext.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from trustvbd.blockdev import BlockError
+from trustvbd.blocks.ranges import describe_blocks
+
+log = logging.getLogger("trustvbd.crypt.write_behind")
+
+WRITE_BEHIND_MAX = 64  # writes per disk whose replica write is still running
+WRITE_BEHIND_BLOCKS = 16  # writes of this many 4 KiB blocks or more wait for their replicas
+
+
+class WriteBehind:
+    """The writes of one disk still going to its replicas, and those that failed."""
+
+    def __init__(self, disk: str, limit: int = WRITE_BEHIND_MAX) -> None:
+        self.disk = disk
+        self.limit = limit
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.lost: set[int] = set()  # blocks of failed writes behind, until reported
+        self._failure: BlockError | None = None  # the first failure not yet reported
+        self.started = 0  # writes answered before their replicas, since open
+
+    def takes(self, blocks: int) -> bool:
+        """Whether a write of `blocks` blocks may be answered before its replicas."""
+        return (blocks < WRITE_BEHIND_BLOCKS and len(self._tasks) < self.limit
+                and self._failure is None)
+
+    @property
+    def running(self) -> int:
+        return len(self._tasks)
+
+    def start(self, send: Coroutine[Any, Any, None], first_block: int, blocks: int,
+              done: Callable[[], None]) -> None:
+        """Run `send` (the replica write) in the background; `done` runs after it, always."""
+        task = asyncio.get_running_loop().create_task(self._run(send, first_block, blocks, done))
+        self.started += 1
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, send: Coroutine[Any, Any, None], first_block: int, blocks: int,
+                   done: Callable[[], None]) -> None:
+        try:
+            await send
+        except BaseException as exc:
+            self._lose(first_block, blocks, exc)
+            if not isinstance(exc, Exception):
+                raise  # cancelled (the domain is stopping): recorded, and cancelled still
+        finally:
+            done()
+
+    def _lose(self, first_block: int, blocks: int, exc: BaseException) -> None:
+        block_range = range(first_block, first_block + blocks)
+        self.lost.update(block_range)
+        if isinstance(exc, BlockError):
+            why, code = exc.message, exc.errno
+        elif isinstance(exc, asyncio.CancelledError):
+            why, code = "the encryption domain stopped before the replicas answered", errno.EIO
+        else:
+            why, code = f"internal error: {exc!r}", errno.EIO
+        log.error("disk %r: a write to block(s) %s was answered before its replicas, and they "
+                  "failed it: %s; those blocks read as errors and the next FLUSH fails",
+                  self.disk, describe_blocks(block_range), why)
+        if self._failure is None:
+            self._failure = BlockError(code, why)
+
+    def check_read(self, first_block: int, end_block: int) -> None:
+        """EIO if a block in [first_block, end_block) lost an answered write not yet reported."""
+        hit = [b for b in range(first_block, end_block) if b in self.lost]
+        if hit:
+            raise BlockError(errno.EIO, (
+                f"disk {self.disk!r}: block(s) {describe_blocks(hit)} lost a write that was "
+                "answered before the replicas failed it; FLUSH reports the failure, and the "
+                "blocks read again after it (holding what the replicas kept)"))
+
+    def rewritten(self, first_block: int, blocks: int) -> None:
+        """These blocks now hold data the replicas took (a later write, or zeros)."""
+        self.lost.difference_update(range(first_block, first_block + blocks))
+
+    def report(self) -> None:
+        """After a commit: raise the failure of writes behind since the last report, once."""
+        failure, self._failure = self._failure, None
+        if failure is None:
+            return
+        lost, self.lost = self.lost, set()
+        where = f"block(s) {describe_blocks(lost)}" if lost else "blocks written again since"
+        raise BlockError(failure.errno, (
+            f"disk {self.disk!r}: writes to {where} were answered, then failed on the "
+            f"replicas ({failure.message}); they hold what the replicas kept (the data from "
+            "before or after those writes)"))
+
+    async def drain(self) -> None:
+        """Wait until every write behind has finished."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    def unreported(self) -> str | None:
+        """The failure no FLUSH has reported yet, if any."""
+        return self._failure.message if self._failure is not None else None
