@@ -221,7 +221,12 @@ def test_intent_records_follow_the_document(tmp_path: Path) -> None:
         new = rec[80:144]
         assert bytes(disk._leaves.get(10, 12)) == new
         assert len(rec) == 148 and _crc_ok(rec, 144)
-        await disk.flush()  # the log is reset and carries page 0's hash (a TREC record)
+        await disk.flush()  # the log stands for the commit: a flush mark follows the record
+        log = (tmp_path / "disks" / "doc" / "intent.log").read_bytes()
+        mark = log[32 + 148:]
+        assert mark[:4] == b"IREC" and struct.unpack_from(">IQ", mark, 4) == (0, 0)
+        assert len(mark) == 20 and _crc_ok(mark, 16)
+        await disk.commit()  # the log is reset and carries page 0's hash (a TREC record)
         log = (tmp_path / "disks" / "doc" / "intent.log").read_bytes()
         epoch = struct.unpack_from(">Q", log, 16)[0]
         rec = log[32:]

@@ -131,7 +131,7 @@ def test_death_mid_commit(tmp_path: Path, die_at: str, monkeypatch: pytest.Monke
         mem = RawMemory(physical_size(SIZE))
         disk = await open_disk(tmp_path, mem, kek)
         await disk.pwrite(0, pattern(0) * 200)
-        await disk.flush()
+        await disk.commit()
         await disk.pwrite(100 * BS, pattern(7) * 100)  # dirties leaf pages 0 and 1
         flushes = 0
         real_flush = mem.flush
@@ -158,7 +158,7 @@ def test_death_mid_commit(tmp_path: Path, die_at: str, monkeypatch: pytest.Monke
         monkeypatch.setattr(DiskState, "write_anchor", anchor)
         epoch = disk.epoch
         with pytest.raises(Died):
-            await disk.flush()
+            await disk.commit()
         disk._state.close()  # the domain is gone
         monkeypatch.undo()
         disk = await open_disk(tmp_path, mem, kek)

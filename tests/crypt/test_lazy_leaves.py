@@ -249,7 +249,7 @@ def test_after_a_crash_the_tree_file_is_repaired_from_the_intent_log(tmp_path: P
         before = state.tree_path.read_bytes()
         for b in blocks:
             await disk.pwrite(b * BS, pattern(b))
-        await disk.flush()
+        await disk.commit()
         await disk.pwrite(20 * 128 * BS, pattern(20))  # not flushed: the log names it
         # The power cut: the tree file's unsynced writes are lost, the process is gone.
         state.tree_path.write_bytes(before)
@@ -294,7 +294,7 @@ def test_a_page_changed_during_its_commit_stays_for_the_next(tmp_path: Path) -> 
         leaves.set(1, leaves.get(0, 1))  # changed meanwhile
         leaves.committed(snapshot)
         assert leaves.dirty_pages() == {0: snapshot[0] + 1}
-        await disk.flush()
+        await disk.commit()
         assert leaves.dirty_count == 0
         await disk.close()
 

@@ -49,7 +49,7 @@ def test_round_trip_survives_reopen(tmp_path: Path, kind: str) -> None:
         got = bytes(await disk.pread(BS * 2, 2 * BS))
         assert got[BS - 10:BS + 10] == b"x" * 20
         assert got[:BS - 10] == data[2][:BS - 10]
-        await disk.flush()
+        await disk.commit()
         epoch = disk.epoch
         snapshot = bytes(await disk.pread(0, SIZE))
         await disk.close()
@@ -125,6 +125,9 @@ def test_driver_sees_no_plaintext_name_or_keys(tmp_path: Path, kind: str) -> Non
 
 
 def test_flush_writes_only_dirty_leaf_pages_and_one_superblock(tmp_path: Path) -> None:
+    """A FLUSH lets the intent log stand for a commit: the replica flushes, no leaf page or
+    superblock is written; a commit writes only the dirty leaf pages and one superblock."""
+
     async def go() -> None:
         kek = new_state(tmp_path)
         lay = Layout(SIZE)
@@ -135,20 +138,26 @@ def test_flush_writes_only_dirty_leaf_pages_and_one_superblock(tmp_path: Path) -
         data = pattern(1) * 64  # 256 KiB: blocks 0-63, leaf page 0
         await disk.pwrite(0, data)
         await disk.pwrite(200 * BS, pattern(2) * 4)  # leaf page 1
+        flushes, epoch = rec.flushes, disk.epoch
         await disk.flush()
         assert rec.data_bytes == len(data) + 4 * BS  # data once: no journal, no copy
+        assert rec.meta_writes == [] and rec.flushes == flushes + 1 and disk.epoch == epoch
+        await disk.commit()
+        assert disk.epoch == epoch + 1
         meta = sorted(rec.meta_writes)
         pages = [(o, n) for o, n in meta if o >= lay.leaf_start]
         supers = [(o, n) for o, n in meta if o < lay.leaf_start]
         assert sum(n for _, n in pages) == 2 * BS and len(supers) == 1 and supers[0][1] == BS
         # A flush with nothing new writes nothing.
         rec.meta_writes.clear()
+        flushes = rec.flushes
         await disk.flush()
-        assert rec.meta_writes == []
-        # FUA commits too.
+        assert rec.meta_writes == [] and rec.flushes == flushes
+        # FUA: the log stands for a commit too.
         await disk.pwrite(400 * BS, pattern(3), fua=True)
+        assert rec.meta_writes == [] and rec.flushes == flushes + 1
+        await disk.close()  # a close commits
         assert sum(n for _, n in rec.meta_writes) == 2 * BS  # one leaf page + one superblock
-        await disk.close()
 
     run(go())
 

@@ -179,7 +179,7 @@ def test_rolled_back_replica_is_stale(tmp_path: Path, kind: str) -> None:
         kek = load_kek(tmp_path)
         disk = await open_disk(tmp_path, replica, kek)
         await disk.pwrite(5 * BS, pattern(5, 1))
-        await disk.flush()
+        await disk.commit()
         trusted = disk.epoch
         await disk.close()
         set_replica_bytes(replica, saved)

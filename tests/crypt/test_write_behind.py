@@ -65,7 +65,7 @@ def test_an_answered_write_is_recorded_and_nothing_reads_around_it(tmp_path: Pat
         gate = Gate(mem)
         disk = await open_disk(tmp_path, gate, kek)
         await disk.pwrite(3 * BS, pattern(3))
-        await disk.flush()
+        await disk.commit()  # the intent log starts afresh
 
         gate.opened.clear()
         await asyncio.wait_for(disk.pwrite(3 * BS, pattern(3, 1)), 10)  # answered

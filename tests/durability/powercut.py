@@ -18,6 +18,7 @@ import errno
 import os
 import random
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,14 @@ from trustvbd.fileops import OsFileOps
 class Events:
     count: int = 0
     names: list[str] = field(default_factory=list)
+    # A FLUSH fdatasyncs the intent log on a thread while the replicas flush.
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def tick(self, what: str) -> int:
-        self.count += 1
-        self.names.append(what)
-        return self.count
+        with self._lock:
+            self.count += 1
+            self.names.append(what)
+            return self.count
 
 
 DIR = -1  # a directory's entry, where a file's holds its inode

@@ -1,7 +1,21 @@
 """The commit protocol of an encrypted disk, and the trusted records it keeps.
 
-A commit (FLUSH, FUA, and on our own every AUTO_COMMIT_BLOCKS) makes every write
-completed so far durable and authenticated, in this order:
+A FLUSH (or FUA write) makes every write completed so far durable. Usually it
+does so with the intent log alone: the log is fdatasync'ed while the replicas
+flush, then a flush mark is appended and the log fdatasync'ed again. Recovery rolls the log forward
+(for each logged block, the newest recorded version whose ciphertext verifies
+on a current replica, and never one older than the last mark's:
+crypt_open.choose_versions), so a block whose record and ciphertext are both
+durable survives a power cut exactly as after a full commit, and a replica
+cannot roll it back. A FLUSH
+makes a full commit instead when the membership the anchor records would be
+wrong (a replica degraded or joining since: recovery must not trust a replica
+that missed writes), when a write failed since the last commit, or once
+CHECKPOINT_BLOCKS blocks were logged since it (that bounds the intent log and
+what recovery reads back).
+
+A full commit (those FLUSHes, a close, and on our own every AUTO_COMMIT_BLOCKS)
+makes every write completed so far durable and authenticated, in this order:
 
     new page hashes appended to the intent log -> intent log fdatasync -> dirty
     leaf pages (the whole table and the other superblock slot to a replica that
@@ -60,6 +74,9 @@ RESERVE = 1 << 20
 # not free: its replica FLUSH forces the writeback of everything written since, and
 # new writes wait meanwhile.
 AUTO_COMMIT_BLOCKS = 1 << 20
+# A FLUSH after this many logged blocks since the last full commit makes one (32 MiB of
+# writes: recovery after a power cut reads back at most that much per replica).
+CHECKPOINT_BLOCKS = 8192
 # Page hashes the intent log carries before the tree file is synced (40 bytes each:
 # a reset writes at most 160 KiB; recovery re-hashes at most this many paths).
 CARRY_MAX = 4096
@@ -93,6 +110,9 @@ class Commits:
         self._no_commit = asyncio.Event()
         self._no_commit.set()
         self._lock = asyncio.Lock()
+        # intent_blocks when the log and the replicas were last made durable without a
+        # full commit (None: not since the last full commit).
+        self._logged: int | None = None
 
     @property
     def epoch(self) -> int:
@@ -147,17 +167,59 @@ class Commits:
     # ------------------------------------------------------------ the commit
 
     async def commit(self, replica: ReplicaSet, before: Callable[[], Awaitable[None]],
-                     force: bool = False) -> None:
-        """Wait for writes in flight, run `before` (checks, settling doubts), then commit."""
+                     force: bool = False, may_log: Callable[[], bool] | None = None) -> None:
+        """Wait for writes in flight, run `before` (checks, settling doubts), then commit.
+
+        With `may_log` (a FLUSH or FUA write; it says whether no write failed since the
+        last commit), the intent log may make the writes durable instead (module doc)."""
         async with self._lock:
             self._no_commit.clear()  # new writes wait; writes in flight finish first
             try:
                 await self._writers_idle.wait()
+                log_ok = may_log is not None and may_log() and not force
                 await before()
+                if log_ok and self._log_suffices(replica):
+                    if self._logged != self.intent_blocks:  # else nothing new since
+                        await self._sync_log(replica)
+                    if self._members(replica, []) == self.anchor.members:
+                        self._logged = self.intent_blocks
+                        return
+                    # A replica failed the flush: the anchor must stop listing it.
                 if self.dirty or force or replica.joining():
                     await self._commit_now(replica)
             finally:
                 self._no_commit.set()
+
+    def _log_suffices(self, replica: ReplicaSet) -> bool:
+        """Whether the intent log may stand for a full commit now (module doc)."""
+        return (self.dirty and self.intent_blocks < CHECKPOINT_BLOCKS
+                and not self.leaves.over_dirty_limit() and not replica.joining()
+                and self._members(replica, []) == self.anchor.members)
+
+    async def _sync_log(self, replica: ReplicaSet) -> None:
+        """The intent log fdatasync'ed (on a thread) while the replicas flush, then a flush
+        mark appended and the log fdatasync'ed again.
+
+        The records are synced no later than the replicas' data, as a commit does, so a
+        power cut inside the FLUSH seldom finds ciphertext that no record explains. The
+        mark goes in only once the replicas hold every write before it: recovery takes
+        no version older than a marked one (crypt_open.choose_versions), so a mark that
+        outlived a FLUSH cut short would cost blocks their older content."""
+        synced = asyncio.get_running_loop().run_in_executor(None, self.intent.sync)
+        try:
+            await replica.flush()
+        finally:
+            try:
+                await asyncio.shield(synced)
+            except OSError as exc:
+                raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot sync "
+                                 f"{self.intent.path}: {exc}") from exc
+        try:
+            self.intent.mark_flushed()
+            self.intent.sync()
+        except OSError as exc:
+            raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot sync "
+                             f"{self.intent.path}: {exc}") from exc
 
     async def _commit_now(self, replica: ReplicaSet) -> None:
         g, tree, leaves = self.lay, self.tree, self.leaves
@@ -207,6 +269,7 @@ class Commits:
         self.anchor = anchor
         leaves.committed(pages)
         self.intent_blocks = 0
+        self._logged = None
         replica.commit_done(joined, epoch)
         try:
             for r in joined:

@@ -505,6 +505,14 @@ class CryptDisk:
     async def flush(self) -> None:
         self._check_usable()
         await self._wait_for_space()
+        await self._commit(durable=True)
+        self._behind.report()  # writes answered early that failed since the last FLUSH
+
+    async def commit(self) -> None:
+        """A full commit now (leaf pages, superblock, anchor), where a FLUSH may let the
+        intent log stand for one (crypt_commit.py): for tools and tests of the protocol."""
+        self._check_usable()
+        await self._wait_for_space()
         await self._commit()
         self._behind.report()  # writes answered early that failed since the last FLUSH
 
@@ -590,9 +598,12 @@ class CryptDisk:
 
     # ------------------------------------------------------------ commit
 
-    async def _commit(self, force: bool = False) -> None:
-        """Make every write completed so far durable and authenticated."""
-        await self._commits.commit(self._replica, self._before_commit, force)
+    async def _commit(self, force: bool = False, durable: bool = False) -> None:
+        """Make every write completed so far durable and authenticated; with `durable`
+        (a FLUSH or FUA), durable may be enough: the intent log can stand for the commit
+        unless a write failed since the last one (crypt_commit.py)."""
+        await self._commits.commit(self._replica, self._before_commit, force,
+                                   (lambda: not self._unsure) if durable else None)
 
     def _commit_soon(self) -> None:
         """A replica finished its resync: commit now so it joins without waiting for a flush."""
@@ -609,7 +620,7 @@ class CryptDisk:
 
     async def _maybe_commit(self, fua: bool) -> None:
         if self._commits.due(fua):
-            await self._commit()
+            await self._commit(durable=fua)
 
     async def _before_commit(self) -> None:
         """Before committing leaves, settle blocks whose replica write failed."""

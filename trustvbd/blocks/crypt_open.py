@@ -74,6 +74,9 @@ class Intents:
     committed: dict[int, bytes] = field(default_factory=dict)
     candidates: dict[int, list[bytes]] = field(default_factory=dict)
     redo: dict[int, bytes] = field(default_factory=dict)
+    # Per block, the rank (as in choose_versions) of its newest version written before
+    # the last flush mark: a FLUSH promised it, so nothing older may be recovered.
+    floor: dict[int, int] = field(default_factory=dict)
 
 
 def read_intents(log: IntentLog, anchor: Anchor, lay: Layout) -> Intents:
@@ -90,7 +93,14 @@ def read_intents(log: IntentLog, anchor: Anchor, lay: Layout) -> Intents:
                 if p >= lay.leaf_pages:
                     raise TrustedStateError(f"{log.path} names leaf page {p}, past the end")
                 out.redo[p] = h
+    since_mark: set[int] = set()
     for r in records:
+        if not r.new:  # a flush mark
+            for b in since_mark:
+                out.floor[b] = len(out.candidates[b])
+            since_mark.clear()
+            continue
+        since_mark.update(range(r.first_block, r.first_block + len(r.new) // LEAF_SIZE))
         for i in range(len(r.new) // LEAF_SIZE):
             b = r.first_block + i
             if b >= lay.blocks:
@@ -267,7 +277,8 @@ async def choose_versions(replica: Backend, who: str, g: Layout, cipher: BlockCi
     """For each block written since the last commit, the newest version the intent log
     recorded whose ciphertext on `replica` verifies: its rank, 0 for the committed
     leaf, i+1 for candidate i, -1 if none verifies. Only versions the trusted log
-    recorded are ever accepted."""
+    recorded are ever accepted, and none older than the block's floor (the version a
+    FLUSH promised: a replica showing an older one lost it, or replays it)."""
     chosen: dict[int, int] = {}
     need_read = []
     for b, news in intents.candidates.items():
@@ -281,7 +292,7 @@ async def choose_versions(replica: Backend, who: str, g: Layout, cipher: BlockCi
             ct = data[(b - b0) * BS:(b - b0 + 1) * BS]
             leaves = [intents.committed[b], *intents.candidates[b]]
             chosen[b] = -1
-            for rank in range(len(leaves) - 1, -1, -1):
+            for rank in range(len(leaves) - 1, intents.floor.get(b, 0) - 1, -1):
                 v = leaf_version(leaves[rank], 0)
                 if v == POISON_VERSION:
                     continue
@@ -292,9 +303,10 @@ async def choose_versions(replica: Backend, who: str, g: Layout, cipher: BlockCi
 
 
 def apply_versions(leaves: LeafPages, intents: Intents, chosen: dict[int, int]) -> None:
-    """Put each block's chosen leaf in the table (none verified: the committed one stays;
-    reads will report it)."""
+    """Put each block's chosen leaf in the table (none verified: the one its floor names,
+    else the committed one, stays; reads will report it)."""
     for b, rank in chosen.items():
+        rank = max(rank, intents.floor.get(b, 0))
         if rank > 0:
             leaves.set(b, intents.candidates[b][rank - 1])
 

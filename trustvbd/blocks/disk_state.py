@@ -175,7 +175,8 @@ _TREE_ENTRY = 8 + HASH_SIZE
 
 @dataclass(frozen=True)
 class IntentRecord:
-    """Leaves of blocks first_block.. before (old) and after (new) one request."""
+    """Leaves of blocks first_block.. before (old) and after (new) one request; with no
+    leaves, a flush mark (IntentLog.mark_flushed)."""
 
     first_block: int
     old: bytes
@@ -234,6 +235,12 @@ class IntentLog:
     def sync(self) -> None:
         """Make every record appended so far survive a power cut (once per commit)."""
         self._ops.fdatasync(self._fd)
+
+    def mark_flushed(self) -> None:
+        """A flush mark (a leaf record of no blocks), appended by a FLUSH that the log
+        stands for, before it syncs: the records before it are durable and no version
+        older than theirs may be recovered (docs/format.md 2.4)."""
+        self.append(0, b"", b"")
 
     def append(self, first_block: int, old: bytes | bytearray | memoryview,
                new: bytes | bytearray | memoryview) -> None:

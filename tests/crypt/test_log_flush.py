@@ -1,0 +1,107 @@
+"""A FLUSH that the intent log stands for (crypt_commit.py): durable without a commit,
+never letting a replica roll a flushed block back, and a commit when the log must not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.crypt.helpers import BS, LAY, SIZE, RawMemory, new_state, open_disk, pattern, run
+from trustvbd.blocks import crypt_commit
+from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, physical_size
+
+
+async def crash(disk: CryptDisk) -> None:
+    """The encryption domain dies: no closing commit."""
+    disk._commits.intent.close()
+    disk._state.close()
+
+
+def test_a_flushed_block_survives_a_crash_without_a_commit(tmp_path: Path) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        disk = await open_disk(tmp_path, mem, kek)
+        epoch = disk.epoch
+        for b in (1, 2, 300):
+            await disk.pwrite(b * BS, pattern(b, 1))
+        await disk.flush()
+        await disk.pwrite(2 * BS, pattern(2, 2), fua=True)  # FUA: the same, for one write
+        assert disk.epoch == epoch  # no commit
+        await crash(disk)
+        disk = await open_disk(tmp_path, mem, kek)
+        got = bytes(await disk.pread(BS, 2 * BS)) + bytes(await disk.pread(300 * BS, BS))
+        assert got == pattern(1, 1) + pattern(2, 2) + pattern(300, 1)
+        assert disk.integrity_events == 0
+        await disk.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize("older", ["committed", "written since"])
+def test_a_replica_cannot_roll_a_flushed_block_back_after_a_crash(tmp_path: Path,
+                                                                  older: str) -> None:
+    """Recovery accepts any version the log recorded since the last commit, but none older
+    than a flush mark's: the driver replaying the block's committed ciphertext, or one
+    written since but before the FLUSH, gets an integrity error, never the old data."""
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        disk = await open_disk(tmp_path, mem, kek)
+        at = LAY.data_offset(7)
+        await disk.pwrite(7 * BS, pattern(7, 1))
+        await disk.commit()
+        committed = bytes(mem.raw[at:at + BS])
+        await disk.pwrite(7 * BS, pattern(7, 2))
+        await disk.settle()
+        written_since = bytes(mem.raw[at:at + BS])
+        await disk.pwrite(7 * BS, pattern(7, 3))
+        await disk.flush()
+        await crash(disk)
+        mem.raw[at:at + BS] = committed if older == "committed" else written_since
+        disk = await open_disk(tmp_path, mem, kek)
+        with pytest.raises(IntegrityError):
+            await disk.pread(7 * BS, BS)
+        await disk.close()
+
+    run(go())
+
+
+def test_unflushed_writes_after_a_flush_may_show_but_nothing_older(tmp_path: Path) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        disk = await open_disk(tmp_path, mem, kek)
+        await disk.pwrite(9 * BS, pattern(9, 1))
+        await disk.flush()
+        await disk.pwrite(9 * BS, pattern(9, 2))  # not flushed; the replica took it
+        await disk.settle()
+        await crash(disk)
+        disk = await open_disk(tmp_path, mem, kek)
+        assert bytes(await disk.pread(9 * BS, BS)) == pattern(9, 2)
+        await disk.close()
+
+    run(go())
+
+
+def test_a_flush_commits_once_enough_was_logged(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(crypt_commit, "CHECKPOINT_BLOCKS", 4)
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        disk = await open_disk(tmp_path, RawMemory(physical_size(SIZE)), kek)
+        epoch = disk.epoch
+        await disk.pwrite(0, pattern(0) * 3)
+        await disk.flush()
+        assert disk.epoch == epoch  # 3 blocks logged: the log stands for a commit
+        await disk.pwrite(10 * BS, pattern(10))
+        await disk.flush()
+        assert disk.epoch == epoch + 1  # 4: a commit, and the log starts afresh
+        await disk.pwrite(20 * BS, pattern(20))
+        await disk.flush()
+        assert disk.epoch == epoch + 1
+        await disk.close()
+
+    run(go())
