@@ -465,6 +465,7 @@ def test_every_replica_gone_is_eio_audited_and_it_comes_back(tmp_path: Path) -> 
         disk = await open_set(tmp_path, kek, list(cables), events)
         data = await fill(disk)
         await disk.pwrite(0, pattern(0, 3))  # acknowledged, not flushed
+        await disk.settle()  # and on the drivers (write-behind) before they go
         for c in cables:
             c.cut()
         with pytest.raises(BlockError) as exc:

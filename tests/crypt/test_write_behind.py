@@ -200,6 +200,7 @@ def test_a_replica_dying_under_writes_behind_degrades_and_loses_nothing(tmp_path
         gates[1].opened.clear()
         for b in range(20, 30):
             await asyncio.wait_for(disk.pwrite(b * BS, pattern(b, 1)), 10)  # all answered
+        await turns()
         assert gates[1].held == 10
         gates[1].error = errno.EIO  # the second driver dies with 10 writes in flight
         gates[1].opened.set()

@@ -74,8 +74,13 @@ class WriteBehind:
     async def _run(self, send: Coroutine[Any, Any, None], first_block: int, blocks: int,
                    done: Callable[[], None]) -> None:
         try:
+            # One loop turn first: the guest's reply, queued once this write returned, then
+            # leaves before the replica write, and the guest prepares its next request
+            # while the driver works.
+            await asyncio.sleep(0)
             await send
         except BaseException as exc:
+            send.close()  # not started yet if cancelled in that turn
             self._lose(first_block, blocks, exc)
             if not isinstance(exc, Exception):
                 raise  # cancelled (the domain is stopping): recorded, and cancelled still
