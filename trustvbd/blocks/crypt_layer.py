@@ -418,7 +418,7 @@ class CryptDisk:
             await self._commits.enter_write()
             behind = False  # the lock and the writer count went on with the write behind
             try:
-                hold = await self._locks.acquire(b0, b1, True)
+                hold = self._locks.try_acquire(b0, b1, True) or await self._locks.acquire(b0, b1, True)
                 try:
                     if offset % BS == 0 and length % BS == 0:
                         plain = memoryview(data).cast("B")
