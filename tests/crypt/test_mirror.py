@@ -210,8 +210,10 @@ def test_writes_not_yet_flushed_are_dirty_on_a_replica_that_fails_before_the_flu
         await fill(disk)  # flushed: not dirty later
         for b0, n in ((10, 4), (14, 6), (40, 2), (7, 1)):  # a growing run, a gap, one behind
             await disk.pwrite(b0 * BS, b"".join(pattern(b, 5) for b in range(b0, b0 + n)))
+        await disk.settle()  # on both drivers (write-behind)
         faulty[1].fail_writes = True
         await disk.pwrite(60 * BS, pattern(60, 5))  # the guest sees success
+        await disk.settle()
         r1 = disk.replicas.replicas[1]
         assert r1.state is State.DEGRADED
         assert r1.dirty == {*range(10, 20), 40, 41, 7, 60}, sorted(r1.dirty)
