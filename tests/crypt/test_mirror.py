@@ -20,7 +20,7 @@ from trustvbd.blockdev import Backend, BlockError, Buffer
 from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, physical_size
 from trustvbd.blocks.disk_state import Anchor, DiskState, Member
 from trustvbd.blocks.layer import Layer
-from trustvbd.blocks.replica_set import State
+from trustvbd.blocks.replica_set import Replica, ReplicaSet, State
 
 NBLOCKS = SIZE // BS
 
@@ -222,6 +222,55 @@ def test_writes_not_yet_flushed_are_dirty_on_a_replica_that_fails_before_the_flu
         await settle(disk)
         await disk.close()
         assert len({bytes(f.next.raw) for f in faulty}) == 1  # type: ignore[attr-defined]
+    run(go())
+
+
+class Stalled(Layer):
+    """A replica whose writes wait until released; records how each one ended."""
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(next)
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        self.ended: list[str] = []
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        self.started.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.02)  # stopping takes a while (a request on the wire)
+            self.ended.append("cancelled")
+            raise
+        await self.next.pwrite(offset, data, fua)
+        self.ended.append("written")
+
+
+def test_a_cancelled_mirrored_write_stops_every_replica_write_before_it_returns() -> None:
+    """The caller of a write (a guest connection closing, the domain stopping) may be
+    cancelled at any await: the fan-out then cancels every replica's write and returns
+    only once each has stopped, so none runs on behind the range lock it held."""
+    async def go() -> None:
+        slow = [Stalled(RawMemory(physical_size(SIZE))) for _ in range(2)]
+        rs = ReplicaSet("vm1", LAY, [Replica(f"r{i}", s) for i, s in enumerate(slow)])
+        write = asyncio.ensure_future(rs.pwrite(LAY.data_offset(5), pattern(5, 1)))
+        await asyncio.gather(*(s.started.wait() for s in slow))
+        write.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        assert [s.ended for s in slow] == [["cancelled"], ["cancelled"]]
+        # One replica fails, the other writes: the write succeeds, the failed one degrades.
+        for s in slow:
+            s.release.set()
+
+        async def failing(offset: int, data: Buffer, fua: bool = False) -> None:
+            raise BlockError(errno.EIO, "injected")
+        slow[1].pwrite = failing  # type: ignore[method-assign]
+        await rs.pwrite(LAY.data_offset(6), pattern(6, 1))
+        assert slow[0].ended[-1] == "written"
+        assert [r.state for r in rs.replicas] == [State.CURRENT, State.DEGRADED]
+        assert 6 in rs.replicas[1].dirty
+        await rs.close()
     run(go())
 
 

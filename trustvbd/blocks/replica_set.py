@@ -299,7 +299,7 @@ class ReplicaSet:
             except Exception:
                 pass
 
-    async def _all(self, targets: list[Replica], op: Callable[[Replica], Awaitable[None]],
+    async def _all(self, targets: list[Replica], op: Callable[[Replica], Coroutine[Any, Any, None]],
                    blocks: Callable[[], Iterable[int]], what: str) -> None:
         """Run `op` on every target; degrade those that fail unless all do (then raise)."""
         if not targets:
@@ -310,7 +310,7 @@ class ReplicaSet:
             return
         if self._watch_timer is None:
             self._watch_soon()
-        results = await asyncio.gather(*(op(r) for r in targets), return_exceptions=True)
+        results = await _each(op, targets)
         failed = [(r, exc) for r, exc in zip(targets, results, strict=True) if exc is not None]
         if not failed:
             return
@@ -694,6 +694,37 @@ class ReplicaSet:
 
     def status(self) -> list[dict[str, Any]]:
         return [r.status() for r in self.replicas]
+
+
+async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]],
+                targets: list[Replica]) -> list[BaseException | None]:
+    """`op` on every target at once; what each raised, or None. As asyncio.gather with
+    return_exceptions, cancellation included (the tasks are cancelled and waited for),
+    without its per-child bookkeeping: one task per target, one future the last one
+    completes. It runs once per mirrored write."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    left = len(targets)
+
+    def finished(_: asyncio.Task[None]) -> None:
+        nonlocal left
+        left -= 1
+        if not left and not done.done():
+            done.set_result(None)
+
+    tasks = []
+    for r in targets:
+        task = loop.create_task(op(r))
+        task.add_done_callback(finished)
+        tasks.append(task)
+    try:
+        await done
+    except asyncio.CancelledError:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        raise
+    return [asyncio.CancelledError() if t.cancelled() else t.exception() for t in tasks]
 
 
 def _reading(r: Replica) -> int:
