@@ -10,7 +10,9 @@ fuse:  a filesystem copy through FUSE. For each server: nbdfuse exposes the expo
        fuse2fs has exited after the unmount (it writes everything back and flushes). Then
        e2fsck -fn must find the filesystem clean. `trustvbd up` (encrypted) vs nbdkit file.
 flush: FLUSH latency. One libnbd connection writes 4 KiB at a random offset, then FLUSHes,
-       --flushes times; the FLUSH alone is timed (median and 90th percentile).
+       --flushes times; the FLUSH alone is timed (median and 90th percentile), and the
+       write + FLUSH pair (a write answered before the driver took it moves that wait into
+       the FLUSH).
        `trustvbd up` (encrypted) vs nbd-server (Debian `nbd-server`, left out if it is not
        installed) and nbdkit file.
 qd1:   serial 4 KiB writes at random offsets (one libnbd connection, no FLUSH), --writes of
@@ -113,22 +115,28 @@ def fuse_copy(uri: str, work: Path, source: Path) -> float:
         wait_gone(nbdfuse, "nbdfuse")
 
 
-def flush_latency(uri: str, count: int) -> tuple[float, float]:
+def flush_latency(uri: str, count: int) -> tuple[float, float, float]:
+    """(FLUSH median, FLUSH 90th percentile, write + FLUSH median) in seconds: a write
+    answered before the driver took it makes the FLUSH after it wait for the driver."""
     import nbd  # type: ignore[import-not-found]
 
     h = nbd.NBD()
     h.connect_uri(uri)
     rng = random.Random(1)
     block = os.urandom(4096)
-    times = []
+    times, pairs = [], []
     for _ in range(count):
-        h.pwrite(block, rng.randrange(0, (64 << 20) // 4096) * 4096)
+        offset = rng.randrange(0, (64 << 20) // 4096) * 4096
         t0 = time.perf_counter()
+        h.pwrite(block, offset)
+        t1 = time.perf_counter()
         h.flush()
-        times.append(time.perf_counter() - t0)
+        t2 = time.perf_counter()
+        times.append(t2 - t1)
+        pairs.append(t2 - t0)
     h.shutdown()
     times.sort()
-    return statistics.median(times), times[int(len(times) * 0.9)]
+    return statistics.median(times), times[int(len(times) * 0.9)], statistics.median(pairs)
 
 
 def qd1_writes(uri: str, count: int, work: Path) -> tuple[float, float, dict[str, float]]:
@@ -213,20 +221,23 @@ def main() -> int:
         servers = [*ups, *peers]
         p50: dict[str, list[float]] = {s.name: [] for s in servers}
         p90: dict[str, list[float]] = {s.name: [] for s in servers}
+        pair: dict[str, list[float]] = {s.name: [] for s in servers}
         for rep in range(args.reps):
             for server in servers:
                 print(f"[flush rep {rep + 1}/{args.reps}] {server.name}", file=sys.stderr)
                 with common.workdir() as work:
                     uri, stop = server.start(work)
                     try:
-                        median, high = flush_latency(uri, args.flushes)
+                        median, high, both = flush_latency(uri, args.flushes)
                     finally:
                         stop()
                 p50[server.name].append(median * 1e3)
                 p90[server.name].append(high * 1e3)
+                pair[server.name].append(both * 1e3)
         table(f"FLUSH after each 4 KiB write, {args.flushes} flushes: median; {load()}", "ms",
               p50, peer.name)
         table("FLUSH: 90th percentile", "ms", p90, peer.name)
+        table("4 KiB write + FLUSH: median", "ms", pair, peer.name)
     if args.suite in ("qd1", "all"):
         servers = [*ups, common.nbdkit_file(DISK)]
         lat: dict[str, list[tuple[float, float, dict[str, float]]]] = {s.name: [] for s in servers}
