@@ -2,15 +2,15 @@
 
 A FLUSH (or FUA write) makes every write completed so far durable. Usually it
 does so with the intent log alone: the log is fdatasync'ed while the replicas
-flush, then a flush mark is appended and the log fdatasync'ed again. Recovery rolls the log forward
-(for each logged block, the newest recorded version whose ciphertext verifies
-on a current replica, and never one older than the last mark's:
-crypt_open.choose_versions), so a block whose record and ciphertext are both
-durable survives a power cut exactly as after a full commit, and a replica
-cannot roll it back. A FLUSH
-makes a full commit instead when the membership the anchor records would be
-wrong (a replica degraded or joining since: recovery must not trust a replica
-that missed writes), when a write failed since the last commit, or once
+flush, then a flush mark is appended and the log fdatasync'ed again. Recovery
+rolls the log forward (for each logged block, the newest recorded version whose
+ciphertext verifies on a current replica, and never one older than the last
+mark's: crypt_open.choose_versions), so a block whose record and ciphertext are
+both durable survives a power cut exactly as after a full commit, and a replica
+cannot roll it back. A FLUSH makes a full commit instead when the membership
+the anchor records would be wrong (a replica degraded or joining since:
+recovery must not trust a replica that missed writes), when a write failed
+since the last commit, when dirty leaf pages fill half the cache, or once
 CHECKPOINT_BLOCKS blocks were logged since it (that bounds the intent log and
 what recovery reads back).
 
