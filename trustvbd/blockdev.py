@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -108,6 +109,15 @@ class Backend(Protocol):
 
 
 # ---------------------------------------------------------------- optional abilities
+
+
+@runtime_checkable
+class FlushesPerConnection(Protocol):
+    """A backend whose FLUSH reports some failures once to each connection (a write
+    answered before the driver took it, that the driver then failed): `flusher()` is
+    one connection's FLUSH, taken when the connection attaches."""
+
+    def flusher(self) -> Callable[[], Awaitable[None]]: ...
 
 
 @runtime_checkable

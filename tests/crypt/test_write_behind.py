@@ -162,6 +162,37 @@ def test_a_failed_write_behind_is_said_by_reads_and_the_next_flush(tmp_path: Pat
     run(go())
 
 
+def test_a_failed_write_behind_is_said_to_every_connection_once(tmp_path: Path) -> None:
+    """Two guests (or one guest's several connections) share a disk: a write behind that
+    failed is said by the next FLUSH of every connection open when it failed, once each;
+    one connection's FLUSH does not take the error away from the other."""
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        gate = Gate(RawMemory(physical_size(SIZE)))
+        disk = await open_disk(tmp_path, gate, kek)
+        alice, bob = disk.flusher(), disk.flusher()
+        await disk.pwrite(3 * BS, pattern(3))
+        await alice()
+        gate.error = errno.ENOSPC
+        await disk.pwrite(3 * BS, pattern(3, 1))  # answered, then failed by the replica
+        await disk.settle()
+        carol = disk.flusher()  # attached after the failure: not hers to hear of
+        gate.error = None
+        for flush in (bob, alice):
+            with pytest.raises(BlockError, match=r"block\(s\) 3 were answered, then failed") as e:
+                await flush()
+            assert e.value.errno == errno.ENOSPC
+            await flush()  # said once to each
+        await carol()
+        with pytest.raises(BlockError, match="were answered, then failed"):
+            await disk.flush()  # the disk's own flush (tools) is one more such connection
+        assert bytes(await disk.pread(3 * BS, BS)) == pattern(3)
+        await disk.close()
+
+    run(go())
+
+
 def test_closing_waits_for_writes_behind(tmp_path: Path) -> None:
     async def go() -> None:
         kek = new_state(tmp_path)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import cast
 
@@ -49,7 +49,7 @@ from trustvbd.blocks.leaf_pages import DEFAULT_CAPACITY, LeafLocks, LeafPages
 from trustvbd.blocks.ranges import _Hold, describe_blocks
 from trustvbd.blocks.replica_set import BadBlocks, Replica, ReplicaSet
 from trustvbd.blocks.tree_file import TreeFile, TreeFileError
-from trustvbd.blocks.write_behind import WriteBehind
+from trustvbd.blocks.write_behind import Seen, WriteBehind
 from trustvbd.crypt.aead import (
     BLOCK_SIZE,
     LEAF_SIZE,
@@ -158,6 +158,7 @@ class CryptDisk:
         self._locks = LeafLocks(commits.leaves)  # holding blocks keeps their leaf pages in
         self._ct_buffers = _Buffers(_REUSE_KEPT)  # big reads' ciphertext, received straight into them
         self._behind = WriteBehind(name)
+        self._seen = self._behind.seen()  # flush() and commit() called without a connection
         replicas.verifier = self
         replicas.locks = self._locks
         replicas.admit = self._admit
@@ -503,10 +504,19 @@ class CryptDisk:
         await self._behind.drain()
 
     async def flush(self) -> None:
+        await self._flush(self._seen)
+
+    def flusher(self) -> Callable[[], Awaitable[None]]:
+        """One connection's FLUSH (FlushesPerConnection): a write answered before its
+        replicas that they then failed fails the next FLUSH of each connection open then."""
+        seen = self._behind.seen()
+        return lambda: self._flush(seen)
+
+    async def _flush(self, seen: Seen) -> None:
         self._check_usable()
         await self._wait_for_space()
         await self._commit(durable=True)
-        self._behind.report()  # writes answered early that failed since the last FLUSH
+        self._behind.report(seen)  # writes answered early that failed since its last FLUSH
 
     async def commit(self) -> None:
         """A full commit now (leaf pages, superblock, anchor), where a FLUSH may let the
@@ -514,7 +524,7 @@ class CryptDisk:
         self._check_usable()
         await self._wait_for_space()
         await self._commit()
-        self._behind.report()  # writes answered early that failed since the last FLUSH
+        self._behind.report(self._seen)  # writes answered early that failed since
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         await self._discard(offset, length, fua, self._forward_trim)

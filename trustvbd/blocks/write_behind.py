@@ -17,10 +17,12 @@ What stays as it was:
 
 What changes: a replica write that fails (every replica, with mirroring) after
 the guest was answered cannot fail that request any more. It is said instead:
-logged once; the blocks read as EIO until reported; the next FLUSH fails with
-its errno (ENOSPC stays ENOSPC) and a message naming the blocks, which is how a
-page cache reports a lost write-back too; and until that report, every write
-waits for its replicas again, so later ones fail themselves.
+logged once; the blocks read as EIO until a FLUSH settles them; the next FLUSH of
+*every* connection open when it failed fails once, with its errno (ENOSPC stays
+ENOSPC) and a message naming the blocks (as Linux reports a lost write-back to
+each open file: two guests sharing a disk cannot take each other's error); and
+until the first such FLUSH, every write waits for its replicas again, so later
+ones fail themselves.
 
 Bounded: at most `limit` writes per disk are behind at once (then a write waits
 for its own replica write), each under WRITE_BEHIND_BLOCKS blocks of ciphertext.
@@ -32,6 +34,7 @@ import asyncio
 import errno
 import logging
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from trustvbd.blockdev import BlockError
@@ -43,6 +46,13 @@ WRITE_BEHIND_MAX = 64  # writes per disk whose replica write is still running
 WRITE_BEHIND_BLOCKS = 16  # writes of this many 4 KiB blocks or more wait for their replicas
 
 
+@dataclass
+class Seen:
+    """How many failed writes behind one connection (or caller) has been told of."""
+
+    failures: int
+
+
 class WriteBehind:
     """The writes of one disk still going to its replicas, and those that failed."""
 
@@ -50,8 +60,10 @@ class WriteBehind:
         self.disk = disk
         self.limit = limit
         self._tasks: set[asyncio.Task[None]] = set()
-        self.lost: set[int] = set()  # blocks of failed writes behind, until reported
-        self._failure: BlockError | None = None  # the first failure not yet reported
+        self.lost: set[int] = set()  # blocks of failed writes behind, until a FLUSH settles them
+        self._failure: BlockError | None = None  # the first failure no FLUSH has settled yet
+        self.failures = 0  # failed writes behind since open
+        self._reported: BlockError | None = None  # what FLUSH says of the newest failures
         self.started = 0  # writes answered before their replicas, since open
 
     def takes(self, blocks: int) -> bool:
@@ -99,6 +111,7 @@ class WriteBehind:
         log.error("disk %r: a write to block(s) %s was answered before its replicas, and they "
                   "failed it: %s; those blocks read as errors and the next FLUSH fails",
                   self.disk, describe_blocks(block_range), why)
+        self.failures += 1
         if self._failure is None:
             self._failure = BlockError(code, why)
 
@@ -115,17 +128,26 @@ class WriteBehind:
         """These blocks now hold data the replicas took (a later write, or zeros)."""
         self.lost.difference_update(range(first_block, first_block + blocks))
 
-    def report(self) -> None:
-        """After a commit: raise the failure of writes behind since the last report, once."""
+    def seen(self) -> Seen:
+        """For a new connection: failures before it are not its to hear of."""
+        return Seen(self.failures)
+
+    def report(self, seen: Seen) -> None:
+        """After a commit (a FLUSH): the failures it settled are settled for every
+        connection; raise them to `seen`'s connection if it has not heard of them."""
         failure, self._failure = self._failure, None
-        if failure is None:
+        if failure is not None:
+            lost, self.lost = self.lost, set()
+            where = f"block(s) {describe_blocks(lost)}" if lost else "blocks written again since"
+            self._reported = BlockError(failure.errno, (
+                f"disk {self.disk!r}: writes to {where} were answered, then failed on the "
+                f"replicas ({failure.message}); they hold what the replicas kept (the data "
+                "from before or after those writes)"))
+        if seen.failures == self.failures:
             return
-        lost, self.lost = self.lost, set()
-        where = f"block(s) {describe_blocks(lost)}" if lost else "blocks written again since"
-        raise BlockError(failure.errno, (
-            f"disk {self.disk!r}: writes to {where} were answered, then failed on the "
-            f"replicas ({failure.message}); they hold what the replicas kept (the data from "
-            "before or after those writes)"))
+        seen.failures = self.failures
+        assert self._reported is not None
+        raise BlockError(self._reported.errno, self._reported.message)
 
     async def drain(self) -> None:
         """Wait until every write behind has finished."""

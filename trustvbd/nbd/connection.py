@@ -37,11 +37,18 @@ import errno
 import logging
 import ssl
 import types
-from collections.abc import Callable, Coroutine, Generator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from trustvbd.blockdev import Backend, BlockError, Buffer, FileRange, ServesFileRanges
+from trustvbd.blockdev import (
+    Backend,
+    BlockError,
+    Buffer,
+    FileRange,
+    FlushesPerConnection,
+    ServesFileRanges,
+)
 from trustvbd.crypt.tls import peer_common_name
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
@@ -127,6 +134,7 @@ class Connection(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._backend: Backend | None = None
+        self._flush_backend: Callable[[], Awaitable[None]] | None = None  # FLUSH, per connection
         self._check: RequestChecker | None = None
         self._transmitting = False
         self._wakeup: asyncio.Future[None] | None = None
@@ -344,6 +352,8 @@ class Connection(asyncio.BufferedProtocol):
         backend = self._backend
         self._file_range = (backend.file_range
                             if self._sock_fd >= 0 and isinstance(backend, ServesFileRanges) else None)
+        self._flush_backend = (backend.flusher() if isinstance(backend, FlushesPerConnection)
+                               else backend.flush)
         self._check = RequestChecker(result.export.backend.size, result.flags, self.core.structured)
         self._transmitting = True
         self._update_reading()  # the guest may be over its budget already
@@ -539,7 +549,8 @@ class Connection(asyncio.BufferedProtocol):
             elif typ == _FLUSH:
                 if self._write_tasks:
                     await asyncio.wait(list(self._write_tasks))
-                await backend.flush()
+                assert self._flush_backend is not None
+                await self._flush_backend()
             elif typ == _TRIM:
                 await backend.trim(req.offset, req.length, fua)
             elif typ == _WRITE_ZEROES:
