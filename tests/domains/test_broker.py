@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.interop.test_policy_e2e import POLICY
-from trustvbd.acm import load_policy
+from trustvbd.acm import Policy, load_policy
 from trustvbd.acm.audit import AuditLog
 from trustvbd.acm.commands import AUDIT_FILE, write_compiled
-from trustvbd.config import load_config
+from trustvbd.config import Config, load_config
 from trustvbd.domains import messages as m
 from trustvbd.domains.control import ControlChannel
 from trustvbd.domains.hv import Launcher, bootstrap_label
@@ -40,26 +40,43 @@ def channel_decisions(state: Path) -> list[dict]:
             if r["kind"] == "decision" and r["fields"]["op"] == "channel"]
 
 
+def prepare(root: Path, policy_text: str, config_text: str, backing: list[str]) -> tuple[Config, Policy]:
+    """The policy and config written into `root`, the drivers' directories made, both loaded."""
+    (root / "policy.toml").write_text(policy_text)
+    (root / "c.toml").write_text(config_text)
+    for d in ("state/drivers", *backing):
+        (root / d).mkdir(parents=True)
+    return load_config(root / "c.toml"), load_policy(root / "policy.toml")
+
+
+async def launcher(config: Config, policy: Policy) -> Launcher:
+    """The hypervisor with its access-control domain running, as `up` starts them."""
+    hv = Launcher(config, bootstrap_label(policy.bootstrap, null=False))
+    write_compiled(policy, hv.compiled_policy())
+    await hv.supervisor.start(hv.grants.acm_domain())
+    return hv
+
+
+def driver_channel(hv: Launcher, name: str) -> ControlChannel:
+    """The hypervisor's end of the control channel driver `name` would inherit, as the
+    driver itself holds it (the driver is not started: only its label matters here)."""
+    launch = hv.driver_domain(name).launch()
+    fd = int(launch.argv[launch.argv.index("--control-fd") + 1])
+    channel = ControlChannel(socket.socket(fileno=os.dup(fd)), None, "hv")
+    launch.started()
+    channel.start()
+    return channel
+
+
 def test_a_driver_gets_no_channel_to_a_domain_it_shares_no_type_with(short_tmp: Path) -> None:
-    (short_tmp / "policy.toml").write_text(POLICY)
-    (short_tmp / "c.toml").write_text(CONFIG)
-    for d in ("state/drivers", "backing/p", "backing/b"):
-        (short_tmp / d).mkdir(parents=True)
-    config = load_config(short_tmp / "c.toml")
-    policy = load_policy(short_tmp / "policy.toml")
+    config, policy = prepare(short_tmp, POLICY, CONFIG, ["backing/p", "backing/b"])
 
     async def scenario() -> None:
-        hv = Launcher(config, bootstrap_label(policy.bootstrap, null=False))
-        write_compiled(policy, hv.compiled_policy())
-        await hv.supervisor.start(hv.grants.acm_domain())
+        hv = await launcher(config, policy)
         # drv-b as the supervisor knows it (not started: only its label matters here)
         hv.supervisor.domains["drv-b"] = Domain("drv-b", "driver", False, "Bank",
                                                 lambda: Launch([]))
-        launch = hv.driver_domain("drv-p").launch()  # what drv-p would inherit
-        fd = int(launch.argv[launch.argv.index("--control-fd") + 1])  # its control channel
-        driver = ControlChannel(socket.socket(fileno=os.dup(fd)), None, "hv")
-        launch.started()
-        driver.start()
+        driver = driver_channel(hv, "drv-p")
         try:
             reply, fds = await driver.ask(m.DomainChannelQuery("drv-b"), m.ChannelGranted)
             assert fds == [] and isinstance(reply, m.Failed), reply
@@ -116,27 +133,15 @@ def test_a_driver_gets_its_own_store_connection_only_when_policy_allows(short_tm
     from trustvbd.xenstore.client import XsClient
     from trustvbd.xenstore.wire import XsError
 
-    (short_tmp / "policy.toml").write_text(STORE_POLICY)
-    (short_tmp / "c.toml").write_text(STORE_CONFIG)
-    for d in ("state/drivers", "backing/p", "backing/q"):
-        (short_tmp / d).mkdir(parents=True)
-    config = load_config(short_tmp / "c.toml")
-    policy = load_policy(short_tmp / "policy.toml")
+    config, policy = prepare(short_tmp, STORE_POLICY, STORE_CONFIG, ["backing/p", "backing/q"])
 
     async def scenario() -> None:
-        hv = Launcher(config, bootstrap_label(policy.bootstrap, null=False))
-        write_compiled(policy, hv.compiled_policy())
-        await hv.supervisor.start(hv.grants.acm_domain())
+        hv = await launcher(config, policy)
         await hv.start_store()
         asking = []
         try:
             for name in ("drv-p", "drv-q"):
-                launch = hv.driver_domain(name).launch()
-                fd = int(launch.argv[launch.argv.index("--control-fd") + 1])
-                channel = ControlChannel(socket.socket(fileno=os.dup(fd)), None, "hv")
-                launch.started()
-                channel.start()
-                asking.append(channel)
+                asking.append(driver_channel(hv, name))
             granted, refused = asking
             reply, fds = await granted.ask(m.DomainChannelQuery("store"), m.ChannelGranted)
             assert isinstance(reply, m.ChannelGranted) and len(fds) == 1, reply
