@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from trustvbd.blockdev import Backend, BlockError
+from trustvbd.blockdev import Backend, BlockError, Capabilities
 from trustvbd.blocks.aead_pool import AeadPool
 from trustvbd.blocks.crypt_layer import (
     CryptDisk,
@@ -40,6 +40,33 @@ class RawMemory(MemoryBackend):
     @property
     def raw(self) -> bytearray:
         return self._data
+
+
+class SimulatedReplica:
+    """What the simulated replicas of the crash and power-cut tests have alike: no optional
+    abilities; a trim or zero reaches the medium as a write of zeroes (so the simulation
+    sees it as any other write); nothing to cache or close. Subclasses give size, pread,
+    pwrite and flush."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    async def pwrite(self, offset: int, data: Any, fua: bool = False) -> None:
+        raise NotImplementedError
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self.pwrite(offset, bytes(length), fua)
+
+    async def zero(self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
+                   fast: bool = False) -> None:
+        await self.pwrite(offset, bytes(length), fua)
+
+    async def cache(self, offset: int, length: int) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
 
 def new_state(state_dir: Path, name: str = "vm1", size: int = SIZE) -> Kek:

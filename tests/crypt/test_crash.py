@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from tests.crypt.helpers import BS, new_state, run
-from trustvbd.blockdev import BlockError, Capabilities
+from tests.crypt.helpers import BS, SimulatedReplica, new_state, run
+from trustvbd.blockdev import BlockError
 from trustvbd.blocks import crypt_commit
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.disk_state import DiskState, IntentLog
@@ -62,7 +62,7 @@ class Clock:
         return False
 
 
-class CachedReplica:
+class CachedReplica(SimulatedReplica):
     """A replica whose writes sit in a volatile cache until FLUSH."""
 
     def __init__(self, durable: bytearray, clock: Clock) -> None:
@@ -73,10 +73,6 @@ class CachedReplica:
     @property
     def size(self) -> int:
         return len(self.durable)
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities()
 
     def _pieces(self, offset: int, data: bytes) -> list[tuple[int, bytes]]:
         assert offset % BS == 0 and len(data) % BS == 0, "CryptDisk writes whole 4 KiB units"
@@ -107,19 +103,6 @@ class CachedReplica:
                 self._persist_all()  # the flush happened; we died before hearing back
             raise Crash("flush")
         self._persist_all()
-
-    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        await self.pwrite(offset, bytes(length), fua)
-
-    async def zero(self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
-                   fast: bool = False) -> None:
-        await self.pwrite(offset, bytes(length), fua)
-
-    async def cache(self, offset: int, length: int) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
     def _persist_all(self) -> None:
         for o, piece in self.pending:

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trustvbd.blockdev import Backend, BlockError, Buffer, Capabilities
+from tests.crypt.helpers import SimulatedReplica
+from trustvbd.blockdev import Backend, BlockError, Buffer
 from trustvbd.blocks.crypt_layer import CryptDisk
 from trustvbd.fileops import OsFileOps
 
@@ -199,7 +200,7 @@ class NoSync(OsFileOps):
 NO_SYNC = NoSync()
 
 
-class TracedReplica:
+class TracedReplica(SimulatedReplica):
     """An in-memory replica that logs every write and flush as an event."""
 
     def __init__(self, size: int, events: Events) -> None:
@@ -213,10 +214,6 @@ class TracedReplica:
     @property
     def size(self) -> int:
         return len(self.data)
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities()
 
     def _check_up(self) -> None:
         if self.down:
@@ -237,19 +234,6 @@ class TracedReplica:
     async def flush(self) -> None:
         self._check_up()
         self.flushes.append(self.events.tick("replica flush"))
-
-    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        await self.pwrite(offset, bytes(length), fua)
-
-    async def zero(self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
-                   fast: bool = False) -> None:
-        await self.pwrite(offset, bytes(length), fua)
-
-    async def cache(self, offset: int, length: int) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
     def image_at(self, event: int, kept: bool) -> bytearray:
         """The replica after a power cut right after `event`: every write so far if the
@@ -287,7 +271,7 @@ class Model:
     def allowed(self, b: int, cut: int) -> tuple[bytes, list[bytes]]:
         """(the content that must survive, later contents that may show instead)."""
         flushed = max((f for f in self.flushes if f <= cut), default=0)
-        must, maybe = bytes(BS), []
+        must, maybe = bytes(BS), list[bytes]()
         for w in self.history.get(b, []):
             if w.issued > cut:
                 break
@@ -296,6 +280,32 @@ class Model:
             else:
                 maybe.append(w.value)
         return must, maybe
+
+
+Promised = list[tuple[bytes, list[bytes]]]  # per block: (must survive, may show instead)
+
+
+async def read_and_check(disk: Backend, promised: Promised, where: str) -> int:
+    """Every flushed block reads back exactly; others as a later content or an integrity
+    error, never wrong data. Returns how many unflushed blocks failed to read."""
+    try:  # one read for the whole disk; block by block only if some block fails
+        whole = bytes(await disk.pread(0, len(promised) * BS))
+    except BlockError:
+        whole = None
+    failed = 0
+    for b, (must, maybe) in enumerate(promised):
+        if whole is not None:
+            got = whole[b * BS:(b + 1) * BS]
+        else:
+            try:
+                got = bytes(await disk.pread(b * BS, BS))
+            except BlockError as exc:
+                assert maybe, f"{where}: block {b}, flushed, fails to read: {exc}"
+                failed += 1
+                continue
+        assert got == must or got in maybe, (
+            f"{where}: block {b} reads as neither its flushed content nor a later one")
+    return failed
 
 
 class Guest:

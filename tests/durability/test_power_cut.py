@@ -36,9 +36,9 @@ from tests.durability.powercut import (
     PowerCutFiles,
     TracedReplica,
     abandon,
+    read_and_check,
 )
 from trustvbd.acm.audit import AuditLog, verify
-from trustvbd.blockdev import BlockError
 from trustvbd.blocks import crypt_commit
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.disk_state import DiskState
@@ -70,21 +70,10 @@ async def reopen_and_check(state: Path, kek: object, image: bytearray, model: Mo
                                     files=NO_SYNC)
     except Exception as exc:
         raise AssertionError(f"{where}: the disk does not open: {exc}") from exc
-    failed = 0
     try:
-        for b in range(NBLOCKS):
-            must, maybe = model.allowed(b, cut)
-            try:
-                got = bytes(await disk.pread(b * BS, BS))
-            except BlockError as exc:
-                assert maybe, f"{where}: block {b}, flushed, fails to read: {exc}"
-                failed += 1
-                continue
-            assert got == must or got in maybe, (
-                f"{where}: block {b} reads as neither its flushed content nor a later one")
+        return await read_and_check(disk, [model.allowed(b, cut) for b in range(NBLOCKS)], where)
     finally:
         await disk.close()
-    return failed
 
 
 def test_power_cut_at_every_step_loses_nothing_flushed(tmp_path: Path, cut_dir: Path,

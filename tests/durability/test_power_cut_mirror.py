@@ -37,10 +37,11 @@ from tests.durability.powercut import (
     Guest,
     Model,
     PowerCutFiles,
+    Promised,
     TracedReplica,
     abandon,
+    read_and_check,
 )
-from trustvbd.blockdev import BlockError
 from trustvbd.blocks import crypt_commit, replica_set
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.disk_state import DiskState, Member, TrustedStateError, create_disk_state, load_kek
@@ -97,9 +98,6 @@ async def workload(state: Path, kek: object, files: PowerCutFiles, links: list[T
     return guest.model, created
 
 
-Promised = list[tuple[bytes, list[bytes]]]  # per block: (must survive, may show instead)
-
-
 def leaf_pages_in_memory(disk: CryptDisk, raws: list[RawMemory]) -> None:
     """Leaf pages are loaded on demand (awaited); these checks run without awaiting, so
     put each page in the disk's cache from a replica whose copy the trusted tree accepts."""
@@ -151,29 +149,6 @@ def knows_what_it_lacks(disk: CryptDisk, raws: list[RawMemory], promised: Promis
             unknown = written - good[i] - r.dirty
             assert not unknown, (f"{where}: replica {r.name} is {r.state.value} but does not know"
                                  f" it lacks blocks {sorted(unknown)}: a resync would not copy them")
-
-
-async def read_and_check(disk: CryptDisk, promised: Promised, where: str) -> int:
-    """Every flushed block reads back exactly; others as a later content or an integrity
-    error, never wrong data. Returns how many unflushed blocks failed to read."""
-    try:  # one read for the whole disk; block by block only if some block fails
-        whole = bytes(await disk.pread(0, SIZE))
-    except BlockError:
-        whole = None
-    failed = 0
-    for b, (must, maybe) in enumerate(promised):
-        if whole is not None:
-            got = whole[b * BS:(b + 1) * BS]
-        else:
-            try:
-                got = bytes(await disk.pread(b * BS, BS))
-            except BlockError as exc:
-                assert maybe, f"{where}: block {b}, flushed, fails to read: {exc}"
-                failed += 1
-                continue
-        assert got == must or got in maybe, (
-            f"{where}: block {b} reads as neither its flushed content nor a later one")
-    return failed
 
 
 async def reopen_and_check(state: Path, kek: object, images: list[bytearray], promised: Promised,
