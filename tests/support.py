@@ -64,6 +64,15 @@ def config(*tables: str, policy: str | None = None, head: str = "") -> str:
     return top + head + "".join(tables)
 
 
+def payroll_config(size: int | str, *more: str, **driver_at: str) -> str:
+    """The system most end-to-end tests start: driver drv-a (StorageA; `driver_at` says where
+    it keeps its data, dir= or uri=, by default dir backing/a) holding disk payroll
+    (PayrollData, `size`) for guest vm1 (Payroll), then the `more` tables."""
+    return config(driver("drv-a", "StorageA", **(driver_at or {"dir": "backing/a"})),
+                  disk("payroll", "PayrollData", ["drv-a"], size=size), guest("vm1", "Payroll"),
+                  *more)
+
+
 def up_with_policy(root: Path, policy: str, config_text: str, **env: str) -> System:
     """`trustvbd up` in `root`, with `policy` written as root/policy.toml."""
     (root / "policy.toml").write_text(policy)

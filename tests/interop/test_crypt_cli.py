@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import TRUSTVBD, System, read_lines_until, run, wait_for_path
+from tests.support import TRUSTVBD, System, disk, payroll_config, read_lines_until, run, wait_for_path
 from trustvbd.blocks.crypt_layer import Layout
 from trustvbd.crypt.keys import KEK_FILE, KEK_PASSPHRASE, read_public
 
@@ -42,25 +42,11 @@ def _no_passphrase_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRUSTVBD_NEW_PASSPHRASE", raising=False)
 
 
-def config(extra: str = "") -> str:
-    return f"""
-state_dir = "state"
-[[driver]]
-name = "drv-a"
-label = "StorageA"
-dir = "backing/a"
-[[disk]]
-name = "payroll"
-size = {SIZE}
-label = "PayrollData"
-replicas = ["drv-a"]
-[[guest]]
-name = "vm1"
-label = "Payroll"
-{extra}"""
+def config(*more: str) -> str:
+    return payroll_config(SIZE, *more)
 
 
-OTHER_DISK = f'[[disk]]\nname = "other"\nsize = {SIZE}\nlabel = "O"\nreplicas = ["drv-a"]\n'
+OTHER_DISK = disk("other", "O", ["drv-a"], size=SIZE)
 
 
 def backing(root: Path, disk: str = "payroll") -> Path:
@@ -230,9 +216,8 @@ def test_pubkey_round_trips_into_verify_and_works_while_up_runs(written: System)
     # Unknown disk (2), a configured disk never started (1), a plain disk (1): clear messages.
     out = tv("disk", "pubkey", "-c", str(written.config), "nope")
     assert out.returncode == 2 and "no disk 'nope'" in out.stderr and "payroll" in out.stderr
-    text = config(OTHER_DISK + '[[disk]]\nname = "fresh"\nsize = 4096\nlabel = "O"\nreplicas = ["drv-a"]\n'
-                  '[[disk]]\nname = "plain"\nsize = 4096\nlabel = "O"\nreplicas = ["drv-a"]\n'
-                  'encrypt = false\n')
+    text = config(OTHER_DISK, disk("fresh", "O", ["drv-a"], size=4096),
+                  disk("plain", "O", ["drv-a"], size=4096, encrypt=False))
     written.config.write_text(text)
     out = tv("disk", "pubkey", "-c", str(written.config), "fresh")
     assert out.returncode == 1 and "never started" in out.stderr and "trustvbd up -c" in out.stderr

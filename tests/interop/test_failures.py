@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import support
 from tests.interop import clients
 from tests.nbd.helpers import Peer
 from tests.support import TRUSTVBD, System, pids_of_children, process_alive, run
@@ -32,23 +33,11 @@ def root() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def config(driver: str, size: str = "8MiB", encrypt: bool = True) -> str:
-    return f"""
-state_dir = "state"
-[[driver]]
-name = "store1"
-label = "S"
-{driver}
-[[disk]]
-name = "disk"
-size = "{size}"
-label = "L"
-replicas = ["store1"]
-encrypt = {"true" if encrypt else "false"}
-[[guest]]
-name = "vm"
-label = "G"
-"""
+def config(size: str = "8MiB", encrypt: bool = True, **driver_at: str) -> str:
+    """Driver store1 (at `driver_at`: dir= or uri=) holding disk "disk" for guest vm."""
+    return support.config(support.driver("store1", "S", **driver_at),
+                          support.disk("disk", "L", ["store1"], size=size, encrypt=encrypt),
+                          support.guest("vm", "G"))
 
 
 def status(s: System) -> dict:  # type: ignore[type-arg]
@@ -90,7 +79,7 @@ def test_a_full_driver_is_said_once_and_up_starts_on_it(root: Path) -> None:
     image.write_bytes(bytes(16 * MIB))
     peer = Peer.nbdkit(image, root, "--filter=error", "error=ENOSPC", "error-pwrite-rate=100%",
                        f"error-pwrite-file={full}")
-    s = System(root, config(f'uri = "{peer.uri()}"'))
+    s = System(root, config(uri=peer.uri()))
     try:
         s.start()
         uri = s.uri("vm", "disk")
@@ -124,7 +113,7 @@ def test_new_sparse_backing_file_larger_than_free_space_is_warned_about(root: Pa
     st = os.statvfs(root)
     free = st.f_bavail * st.f_frsize
     size = (free // (1 << 30) + 2) << 30  # whole GiB, beyond the free space
-    s = System(root, config('dir = "backing"', size=str(size), encrypt=False)).start()
+    s = System(root, config(size=str(size), encrypt=False, dir="backing")).start()
     err = s.stop()
     assert f"disk disk: its new backing file {root / 'backing' / 'disk.img'} is {size} bytes" in err
     assert "writes fail with ENOSPC once the space runs out" in err
@@ -140,7 +129,7 @@ def test_a_signal_during_start_up_stops_everything_promptly(root: Path, sig: int
     mute.bind(str(root / "mute.sock"))
     mute.listen(8)
     try:
-        (root / "c.toml").write_text(config(f'uri = "nbd+unix:///?socket={root / "mute.sock"}"'))
+        (root / "c.toml").write_text(config(uri=f"nbd+unix:///?socket={root / 'mute.sock'}"))
         proc = subprocess.Popen([*TRUSTVBD, "up", "-c", str(root / "c.toml")],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -171,7 +160,7 @@ def test_a_signal_during_start_up_stops_everything_promptly(root: Path, sig: int
 
 def test_restarted_driver_shows_as_healthy_again(root: Path) -> None:
     """A restarted driver's old error is gone from status."""
-    s = System(root, config('dir = "backing"', size="4MiB"))
+    s = System(root, config(size="4MiB", dir="backing"))
     try:
         s.start()
         uri = s.uri("vm", "disk")
@@ -205,7 +194,7 @@ def test_a_16_tib_disk_starts_in_seconds_and_keeps_scattered_writes(root: Path) 
     pid = root / "mem.pid"
     subprocess.run(["nbdkit", "-U", str(root / "mem.sock"), "-P", str(pid), "memory", "17T"],
                    check=True)
-    s = System(root, config(f'uri = "nbd+unix:///?socket={root / "mem.sock"}"', size="16TiB"))
+    s = System(root, config(size="16TiB", uri=f"nbd+unix:///?socket={root / 'mem.sock'}"))
     size = 16 << 40
     rng = random.Random(12)
     spots = sorted({rng.randrange(size // 4096) * 4096 for _ in range(40)} | {0, size - 4096})

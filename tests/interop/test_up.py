@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import support
 from tests.interop import clients
 from tests.support import TRUSTVBD, System, pids_of_children, process_alive, run
 
@@ -21,32 +22,12 @@ SIZE = 64 * MIB
 pytestmark = pytest.mark.interop
 
 
-def config_text(encrypt: bool = True, size: int = SIZE, extra: str = "") -> str:
-    return f"""
-state_dir = "state"
-[[driver]]
-name = "drv-a"
-label = "StorageA"
-dir = "backing/a"
-[[disk]]
-name = "payroll"
-size = {size}
-label = "PayrollData"
-replicas = ["drv-a"]
-encrypt = {"true" if encrypt else "false"}
-[[disk]]
-name = "scratch"
-size = "4MiB"
-label = "Scratch"
-replicas = ["drv-a"]
-encrypt = {"true" if encrypt else "false"}
-[[guest]]
-name = "vm1"
-label = "Payroll"
-[[guest]]
-name = "vm2"
-label = "Other"
-{extra}"""
+def config_text(encrypt: bool = True, size: int = SIZE) -> str:
+    return support.config(
+        support.driver("drv-a", "StorageA", dir="backing/a"),
+        support.disk("payroll", "PayrollData", ["drv-a"], size=size, encrypt=encrypt),
+        support.disk("scratch", "Scratch", ["drv-a"], encrypt=encrypt),
+        support.guest("vm1", "Payroll"), support.guest("vm2", "Other"))
 
 
 MODES = ["plain", "encrypted"]
