@@ -184,8 +184,8 @@ class PowerCutFiles(OsFileOps):
 
 
 class NoSync(OsFileOps):
-    """Real files without syncs, for reopening what a cut left: that reopen's own
-    durability is not the question (and thousands of fsyncs would slow the suite)."""
+    """Real files without syncs, for reopening what a cut left and for the fuzz targets:
+    their own durability is not the question (and thousands of fsyncs would slow the suite)."""
 
     def fsync(self, fd: int) -> None:
         pass

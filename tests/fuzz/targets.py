@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.durability.powercut import NO_SYNC
 from trustvbd.acm import audit
 from trustvbd.acm.model import PolicyError
 from trustvbd.acm.toml_loader import load_toml
@@ -35,7 +36,6 @@ from trustvbd.blocks.file import MemoryBackend
 from trustvbd.crypt import keys as keys_mod
 from trustvbd.crypt import superblock as sb
 from trustvbd.crypt.sign import Signer
-from trustvbd.fileops import OsFileOps
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.checks import RequestChecker
@@ -52,22 +52,6 @@ PASSPHRASE_KEK = keys_mod.Kek.from_passphrase("fuzz")
 EXPORT_SIZE = 64 * 1024
 
 _scratch: Path | None = None
-
-
-class _NoSync(OsFileOps):
-    """Real files without fsync: what survives a power cut is not the question here."""
-
-    def fsync(self, fd: int) -> None:
-        pass
-
-    def fdatasync(self, fd: int) -> None:
-        pass
-
-    def fsync_dir(self, path: Path) -> None:
-        pass
-
-
-NO_SYNC = _NoSync()
 
 
 def scratch() -> Path:
