@@ -49,7 +49,7 @@ def driver(name: str, label: str, **more: object) -> str:
     return table("driver", name=name, label=label, **more)
 
 
-def disk(name: str, label: str, replicas: list[str], size: str = "4MiB", **more: object) -> str:
+def disk(name: str, label: str, replicas: list[str], size: int | str = "4MiB", **more: object) -> str:
     return table("disk", name=name, size=size, label=label, replicas=replicas, **more)
 
 
