@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,6 +45,16 @@ def kill_acm_and_wait(s: System) -> None:
         time.sleep(0.1)
 
 
+def payroll_running_acm_restarted(root: Path) -> tuple[System, Any]:
+    """`up` started, vm1 connected to the payroll disk (so Payroll runs), then the
+    access-control domain killed and restarted; the system and the open connection."""
+    s = start(root)
+    payroll = clients.libnbd().NBD()
+    payroll.connect_uri(uri(s, "vm1", "payroll"))
+    kill_acm_and_wait(s)
+    return s, payroll
+
+
 @pytest.mark.interop
 def test_a_restarted_acm_keeps_the_policy_last_loaded(short_tmp: Path) -> None:
     s = start(short_tmp)
@@ -62,11 +73,7 @@ def test_a_restarted_acm_keeps_the_policy_last_loaded(short_tmp: Path) -> None:
 
 @pytest.mark.interop
 def test_a_restarted_acm_rebuilds_the_chinese_wall_from_live_connections(short_tmp: Path) -> None:
-    s = start(short_tmp)
-    nbd = clients.libnbd()
-    payroll = nbd.NBD()
-    payroll.connect_uri(uri(s, "vm1", "payroll"))  # Payroll now runs
-    kill_acm_and_wait(s)
+    s, payroll = payroll_running_acm_restarted(short_tmp)
     code, text = qemu_io(uri(s, "vm2", "bank"))  # Bank conflicts with the running Payroll
     assert code != 0 and "RER" in text, text
     payroll.shutdown()
@@ -119,12 +126,8 @@ def test_the_encryption_domain_rebuilds_the_wall_at_once_after_an_acm_restart(sh
     """Told by the hypervisor, it re-attaches its live connections before any guest asks."""
     from trustvbd.acm.audit import AuditLog
 
-    s = start(short_tmp)
-    nbd = clients.libnbd()
-    payroll = nbd.NBD()
-    payroll.connect_uri(uri(s, "vm1", "payroll"))
+    s, payroll = payroll_running_acm_restarted(short_tmp)
     audit = short_tmp / "state" / "audit.jsonl"
-    kill_acm_and_wait(s)
     deadline = time.monotonic() + 10
     while True:
         records = AuditLog.read(audit)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from tests.support import System, read_lines_until
 from tests.xenstore.test_up_store import CONFIG, POLICY, wait_for_value, xs, xs_env
@@ -30,18 +31,33 @@ def homes(system: System) -> dict[str, str]:
             for d in xs(system, "xenstore-list", "/local/domain").split()}
 
 
+def start_system(root: Path) -> System:
+    """`up` with the store tests' config and policy."""
+    (root / "backing").mkdir()
+    (root / "policy.toml").write_text(POLICY)
+    return System(root, CONFIG).start()
+
+
+class Pairing(NamedTuple):
+    crypt: str  # the encryption domain's id
+    frontend: str  # vm1's device directory
+    backend: str  # the encryption domain's backend directory for it
+
+
+def vm1_pairing(system: System) -> Pairing:
+    ids = homes(system)
+    vm1, crypt = ids["vm1"], ids["crypt-Payroll"]
+    return Pairing(crypt, f"/local/domain/{vm1}/device/vbd/0",
+                   f"/local/domain/{crypt}/backend/vbd/{vm1}/0")
+
+
 def test_a_killed_store_comes_back_with_its_tree_and_guests_are_served_meanwhile(
         short_tmp: Path) -> None:
     import nbd
 
-    (short_tmp / "backing").mkdir()
-    (short_tmp / "policy.toml").write_text(POLICY)
-    system = System(short_tmp, CONFIG).start()
+    system = start_system(short_tmp)
     try:
-        ids = homes(system)
-        vm1, crypt = ids["vm1"], ids["crypt-Payroll"]
-        frontend = f"/local/domain/{vm1}/device/vbd/0"
-        backend = f"/local/domain/{crypt}/backend/vbd/{vm1}/0"
+        _, frontend, backend = vm1_pairing(system)
         xs(system, "xenstore-write", "/tool/note", "kept")  # the administrator's own node
         first = nbd.NBD()
         first.connect_uri(system.uri("vm1", "payroll"))
@@ -97,14 +113,9 @@ def test_a_killed_store_comes_back_with_its_tree_and_guests_are_served_meanwhile
 def test_policy_load_tears_down_pairings_the_new_policy_forbids(short_tmp: Path) -> None:
     import nbd
 
-    (short_tmp / "backing").mkdir()
-    (short_tmp / "policy.toml").write_text(POLICY)
-    system = System(short_tmp, CONFIG).start()
+    system = start_system(short_tmp)
     try:
-        ids = homes(system)
-        vm1, crypt = ids["vm1"], ids["crypt-Payroll"]
-        frontend = f"/local/domain/{vm1}/device/vbd/0"
-        backend = f"/local/domain/{crypt}/backend/vbd/{vm1}/0"
+        crypt, frontend, backend = vm1_pairing(system)
         held = nbd.NBD()
         held.connect_uri(system.uri("vm1", "payroll"))
         wait_for_value(system, f"{frontend}/state", "4")
