@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.interop.test_policy_e2e import POLICY
+from tests.support import config, driver
 from trustvbd.acm import Policy, load_policy
 from trustvbd.acm.audit import AuditLog
 from trustvbd.acm.commands import AUDIT_FILE, write_compiled
@@ -21,18 +22,8 @@ from trustvbd.domains.control import ControlChannel
 from trustvbd.domains.hv import Launcher, bootstrap_label
 from trustvbd.domains.supervisor import Domain, Launch
 
-CONFIG = """
-state_dir = "state"
-policy = "policy.toml"
-[[driver]]
-name = "drv-p"
-label = "Payroll"
-dir = "backing/p"
-[[driver]]
-name = "drv-b"
-label = "Bank"
-dir = "backing/b"
-"""
+CONFIG = config(driver("drv-p", "Payroll", dir="backing/p"), driver("drv-b", "Bank", dir="backing/b"),
+                policy="policy.toml")
 
 
 def channel_decisions(state: Path) -> list[dict]:
@@ -113,18 +104,8 @@ SystemManagement = { ste = ["SystemManagement", "Payroll"] }
 Payroll = { ste = ["Payroll"] }
 Isolated = { ste = ["Quarantine"] }
 """
-STORE_CONFIG = """
-state_dir = "state"
-policy = "policy.toml"
-[[driver]]
-name = "drv-p"
-label = "Payroll"
-dir = "backing/p"
-[[driver]]
-name = "drv-q"
-label = "Isolated"
-dir = "backing/q"
-"""
+STORE_CONFIG = config(driver("drv-p", "Payroll", dir="backing/p"),
+                      driver("drv-q", "Isolated", dir="backing/q"), policy="policy.toml")
 
 
 def test_a_driver_gets_its_own_store_connection_only_when_policy_allows(short_tmp: Path) -> None:
