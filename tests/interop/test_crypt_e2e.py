@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from tests import support
 from tests.interop import clients
 from tests.interop.proxy import RecordingProxy
-from tests.support import System, run
+from tests.support import System, disk, guest, payroll_config, run
 from trustvbd.blocks.crypt_layer import Layout
 
 pytestmark = pytest.mark.interop
@@ -26,22 +27,8 @@ SIZE = 8 * MIB
 SENTENCE = b"The payroll of Ms. Example is 123,456 a year; keep it secret. "
 
 
-def config(size: int = SIZE, driver: str = 'dir = "backing/a"', extra: str = "") -> str:
-    return f"""
-state_dir = "state"
-[[driver]]
-name = "drv-a"
-label = "StorageA"
-{driver}
-[[disk]]
-name = "payroll"
-size = {size}
-label = "PayrollData"
-replicas = ["drv-a"]
-[[guest]]
-name = "vm1"
-label = "Payroll"
-{extra}"""
+def config(size: int = SIZE, *more: str, **driver_at: str) -> str:
+    return payroll_config(size, *more, **driver_at)
 
 
 def backing(root: Path) -> Path:
@@ -83,7 +70,7 @@ def recorded_peer_driver(root: Path) -> Iterator[tuple[Path, RecordingProxy, str
     run(["nbdkit", "-U", str(root / "nk.sock"), "-P", str(root / "nk.pid"), "file", str(img)])
     proxy = RecordingProxy(root / "px.sock", root / "nk.sock")
     try:
-        yield img, proxy, f'uri = "nbd+unix:///?socket={root / "px.sock"}"'
+        yield img, proxy, f"nbd+unix:///?socket={root / 'px.sock'}"
     finally:
         proxy.close()
         os.kill(int((root / "nk.pid").read_text()), signal.SIGTERM)
@@ -91,7 +78,7 @@ def recorded_peer_driver(root: Path) -> Iterator[tuple[Path, RecordingProxy, str
 
 def test_driver_sees_no_plaintext_no_name_no_key(short_tmp: Path) -> None:
     with recorded_peer_driver(short_tmp) as (img, proxy, driver):
-        s = System(short_tmp, config(driver=driver)).start()
+        s = System(short_tmp, config(uri=driver)).start()
         src = short_tmp / "secret.txt"
         src.write_bytes((SENTENCE * (SIZE // len(SENTENCE) + 1))[:SIZE])
         run(["nbdcopy", str(src), s.uri("vm1", "payroll")])
@@ -187,7 +174,7 @@ def test_swapped_blocks_fail(written: System) -> None:
 
 
 def test_block_spliced_from_another_disk_fails(short_tmp: Path) -> None:
-    text = config() + '\n[[disk]]\nname = "other"\nsize = 8388608\nlabel = "O"\nreplicas = ["drv-a"]\n'
+    text = config(SIZE, disk("other", "O", ["drv-a"], size=8388608))
     s = System(short_tmp, text).start()
     write_pattern(s.uri("vm1", "payroll"), 0, MIB, 0x21)
     write_pattern(s.uri("vm1", "other"), 0, MIB, 0x22)
@@ -330,6 +317,40 @@ def check_model(uri: str, model: Model, nblocks: int) -> None:
         h.shutdown()
 
 
+def crash_mid_stream(s: System, kind: str, model: Model, rng: random.Random, nblocks: int,
+                     then: float = 0.0) -> None:
+    """Start `s`, stream writes to vm1's payroll, kill -9 the domain of `kind` mid-stream and,
+    up to `then` seconds later, the launcher (its domains die with it); start `s` again."""
+    s.start()
+    pid = next(d["pid"] for d in status(s)["domains"] if d["kind"] == kind)
+    stop = threading.Event()
+    writer = threading.Thread(target=stream, args=(s.uri("vm1", "payroll"), model, rng, nblocks, stop))
+    writer.start()
+    time.sleep(rng.uniform(0.05, 0.6))
+    os.kill(pid, signal.SIGKILL)
+    if then:
+        time.sleep(rng.uniform(0.0, then))
+    assert s.proc is not None
+    s.proc.kill()
+    s.proc.wait()
+    stop.set()
+    writer.join(30)
+    s.proc = None
+    time.sleep(0.1)
+    s.start()
+
+
+def now_durable(uri: str, model: Model, nblocks: int) -> None:
+    """What reads back after a recovery is the durable state now (the recovery committed it)."""
+    nbd = clients.libnbd()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    for b in range(nblocks):
+        model.durable[b] = h.pread(4096, b * 4096)
+    h.shutdown()
+    model.since.clear()
+
+
 def sys_exe() -> str:
     import sys
 
@@ -346,40 +367,17 @@ def test_kill_9_during_writes_many_rounds(short_tmp: Path, victim: str) -> None:
     model = Model()
     rng = random.Random(f"crash-{victim}")
     for _ in range(ROUNDS):
-        s.start()
-        st = status(s)
-        pid = next(d["pid"] for d in st["domains"] if d["kind"] == victim)
-        stop = threading.Event()
-        writer = threading.Thread(target=stream, args=(s.uri("vm1", "payroll"), model, rng, nblocks, stop))
-        writer.start()
-        time.sleep(rng.uniform(0.05, 0.6))
-        os.kill(pid, signal.SIGKILL)
-        if victim == "driver":
-            time.sleep(rng.uniform(0.0, 0.3))  # the driver restarts; writes go on; then all crash
-        assert s.proc is not None
-        s.proc.kill()  # the launcher dies too: its domains die with it
-        s.proc.wait()
-        stop.set()
-        writer.join(30)
-        s.proc = None
-        time.sleep(0.1)
-        s.start()
+        # A killed driver restarts and the writes go on a while; then all crash.
+        crash_mid_stream(s, victim, model, rng, nblocks, then=0.3 if victim == "driver" else 0.0)
         check_model(s.uri("vm1", "payroll"), model, nblocks)
-        # What was read is now the durable state (recovery committed it).
-        nbd = clients.libnbd()
-        h = nbd.NBD()
-        h.connect_uri(s.uri("vm1", "payroll"))
-        for b in range(nblocks):
-            model.durable[b] = h.pread(4096, b * 4096)
-        h.shutdown()
-        model.since.clear()
+        now_durable(s.uri("vm1", "payroll"), model, nblocks)
         s.stop()
 
 
 def test_no_data_journal_metadata_writes_are_small(short_tmp: Path) -> None:
     """Bytes sent to the driver for a 4 MiB write + flush: data once, plus small metadata."""
     with recorded_peer_driver(short_tmp) as (_, proxy, driver):
-        s = System(short_tmp, config(driver=driver)).start()
+        s = System(short_tmp, config(uri=driver)).start()
         before = len(proxy.to_driver)
         run(["qemu-io", "-f", "raw", s.uri("vm1", "payroll"), "-c", "write -P 0x61 0 4M", "-c", "flush"])
         sent = len(proxy.to_driver) - before
@@ -425,7 +423,7 @@ def test_replica_holding_foreign_data_is_refused_not_overwritten(short_tmp: Path
     before = img.read_bytes()
     run(["nbdkit", "-U", str(short_tmp / "nk.sock"), "-P", str(short_tmp / "nk.pid"), "file", str(img)])
     try:
-        (short_tmp / "c.toml").write_text(config(driver=f'uri = "nbd+unix:///?socket={short_tmp / "nk.sock"}"'))
+        (short_tmp / "c.toml").write_text(config(uri=f"nbd+unix:///?socket={short_tmp / 'nk.sock'}"))
         out = run([sys_exe(), "-m", "trustvbd.cli", "up", "-c", str(short_tmp / "c.toml")], check=False, timeout=60)
         assert out.returncode == 1
         assert "drv-a" in out.stderr and "not" in out.stderr.lower()
@@ -443,7 +441,7 @@ def test_driver_injecting_eio_never_yields_wrong_bytes(short_tmp: Path) -> None:
     run(["nbdkit", "-U", str(short_tmp / "nk.sock"), "-P", str(short_tmp / "nk.pid"), "file", str(img),
          "--filter=error", "error-rate=30%", "error=EIO", f"error-file={inject}"])
     try:
-        s = System(short_tmp, config(driver=f'uri = "nbd+unix:///?socket={short_tmp / "nk.sock"}"')).start()
+        s = System(short_tmp, config(uri=f"nbd+unix:///?socket={short_tmp / 'nk.sock'}")).start()
         nbd = clients.libnbd()
         h = nbd.NBD()
         h.connect_uri(s.uri("vm1", "payroll"))
@@ -504,11 +502,10 @@ def test_big_copies_are_sealed_and_opened_on_aead_threads(short_tmp: Path) -> No
 
 
 def mirrored_config(copies: int, size: int) -> str:
-    drivers = "".join(f'[[driver]]\nname = "drv-{i}"\nlabel = "StorageA"\ndir = "backing/{i}"\n'
-                      for i in range(copies))
-    names = ", ".join(f'"drv-{i}"' for i in range(copies))
-    return (f'state_dir = "state"\n{drivers}[[disk]]\nname = "payroll"\nsize = {size}\n'
-            f'label = "PayrollData"\nreplicas = [{names}]\n[[guest]]\nname = "vm1"\nlabel = "Payroll"\n')
+    names = [f"drv-{i}" for i in range(copies)]
+    return support.config(*(support.driver(name, "StorageA", dir=f"backing/{i}")
+                            for i, name in enumerate(names)),
+                          disk("payroll", "PayrollData", names, size=size), guest("vm1", "Payroll"))
 
 
 @pytest.mark.parametrize("copies", [2, 3])
@@ -520,29 +517,9 @@ def test_kill_9_of_the_encryption_domain_with_mirrors(short_tmp: Path, copies: i
     model = Model()
     rng = random.Random(f"mirror-crash-{copies}")
     for _ in range(max(2, ROUNDS // 2)):
-        s.start()
-        pid = next(d["pid"] for d in status(s)["domains"] if d["kind"] == "crypt")
-        stop = threading.Event()
-        writer = threading.Thread(target=stream, args=(s.uri("vm1", "payroll"), model, rng, nblocks, stop))
-        writer.start()
-        time.sleep(rng.uniform(0.05, 0.6))
-        os.kill(pid, signal.SIGKILL)
-        assert s.proc is not None
-        s.proc.kill()
-        s.proc.wait()
-        stop.set()
-        writer.join(30)
-        s.proc = None
-        time.sleep(0.1)
-        s.start()
+        crash_mid_stream(s, "crypt", model, rng, nblocks)
         for _ in range(copies):  # reads go to the replicas in turn: each is checked
             check_model(s.uri("vm1", "payroll"), model, nblocks)
-        nbd = clients.libnbd()
-        h = nbd.NBD()
-        h.connect_uri(s.uri("vm1", "payroll"))
-        for b in range(nblocks):
-            model.durable[b] = h.pread(4096, b * 4096)
-        h.shutdown()
-        model.since.clear()
+        now_durable(s.uri("vm1", "payroll"), model, nblocks)
         assert status(s)["integrity_events"] == [], "a replica was caught lying after a crash"
         s.stop()
