@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.interop.test_crypt_e2e import flip, read_ok, write_pattern
 from tests.support import TRUSTVBD, System, disk, payroll_config, read_lines_until, run, wait_for_path
 from trustvbd.blocks.crypt_layer import Layout
 from trustvbd.crypt.keys import KEK_FILE, KEK_PASSPHRASE, read_public
@@ -63,24 +64,6 @@ def kek_kind(root: Path) -> int:
 
 def tv(*args: str, env: dict[str, str] | None = None, **kw: object) -> subprocess.CompletedProcess[str]:
     return run([*TRUSTVBD, *args], check=False, env={**os.environ, **(env or {})}, **kw)  # type: ignore[arg-type]
-
-
-def write_pattern(uri: str, offset: int, length: int, pattern: int) -> None:
-    run(["qemu-io", "-f", "raw", uri, "-c", f"write -P {pattern} {offset} {length}", "-c", "flush"])
-
-
-def read_ok(uri: str, offset: int, length: int, pattern: int) -> bool:
-    out = run(["qemu-io", "-f", "raw", uri, "-c", f"read -P {pattern} {offset} {length}"], check=False)
-    return (out.returncode == 0 and "Pattern verification failed" not in out.stdout
-            and "error" not in out.stderr.lower())
-
-
-def flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
 
 
 def digest(path: Path) -> str:
