@@ -249,7 +249,7 @@ def test_a_driver_killed_with_writes_behind_loses_nothing_flushed(root: Path) ->
     fails with EIO, saying so; a write it did not vouch for reads as old or new data, never
     as anything else. Never a FLUSH that succeeds over a lost write."""
     nbd = clients.libnbd()
-    s = System(root, config('dir = "backing"', size="4MiB"))
+    s = System(root, config(size="4MiB", dir="backing"))
     try:
         s.start()
         uri = s.uri("vm", "disk")
