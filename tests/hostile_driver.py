@@ -14,6 +14,8 @@ on the control socket C, e.g. {"mode": "flip", "rate": 0.05}:
     fake_flush      keep writes in memory and acknowledge flushes without storing;
                     {"mode": "crash"} then loses what was never stored
     stall           read requests, answer nothing
+    stall_reads     answer every request but reads (those get nothing, ever)
+    slow_reads      answer reads `delay` seconds late (other requests at once)
     disconnect      close every connection on its next request
     garbage         answer requests with random bytes
     huge_length     answer reads with a structured chunk claiming 2 GiB
@@ -55,6 +57,7 @@ class Hostile:
         self.size = size
         self.mode = "honest"
         self.rate = 1.0
+        self.delay = 0.0
         self.rng = random.Random(7)
         self.lock = threading.Lock()
         self.previous: dict[int, bytes] = {}  # block -> contents before its last write
@@ -123,6 +126,7 @@ class Hostile:
             else:
                 self.mode = cmd.get("mode", "honest")
                 self.rate = float(cmd.get("rate", 1.0))
+                self.delay = float(cmd.get("delay", 0.0))
         if self.mode == "disconnect":
             for c in list(self.conns):
                 try:
@@ -147,30 +151,45 @@ class Hostile:
                 mode = self.mode
                 if typ == DISC or mode == "disconnect":
                     return
-                if mode == "stall":
+                if mode == "stall" or (mode == "stall_reads" and typ == READ):
                     continue
                 if mode == "garbage":
                     conn.sendall(os.urandom(64))
                     continue
                 if mode == "wrong_cookie":
                     cookie ^= 0x5A5A5A5A
-                reply = self._do(typ, offset, length, payload)
-                with send_lock:
-                    if typ == READ and mode == "huge_length" and structured:
-                        conn.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
-                                                 1 << 31) + struct.pack(">Q", offset))
-                    elif typ == READ and structured:
-                        conn.sendall(struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
-                                                 8 + len(reply), offset) + reply)
-                    elif structured:
-                        conn.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 0, cookie, 0))
-                    else:
-                        conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie) + reply)
+                if mode == "slow_reads" and typ == READ:
+                    late = threading.Timer(self.delay, self._answer,
+                                           (conn, send_lock, structured, mode, typ, cookie, offset,
+                                            length, payload))
+                    late.daemon = True
+                    late.start()
+                    continue
+                self._answer(conn, send_lock, structured, mode, typ, cookie, offset, length, payload)
         except (OSError, EOFError, struct.error):
             pass
         finally:
             self.conns.discard(conn)
             conn.close()
+
+    def _answer(self, conn: socket.socket, send_lock: threading.Lock, structured: bool, mode: str,
+                typ: int, cookie: int, offset: int, length: int, payload: bytes) -> None:
+        reply = self._do(typ, offset, length, payload)
+        with send_lock:
+            try:
+                if typ == READ and mode == "huge_length" and structured:
+                    conn.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
+                                             1 << 31) + struct.pack(">Q", offset))
+                elif typ == READ and structured:
+                    conn.sendall(struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
+                                             8 + len(reply), offset) + reply)
+                elif structured:
+                    conn.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 0, cookie, 0))
+                else:
+                    conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie) + reply)
+            except OSError:
+                if mode != "slow_reads":  # a late reply may find the connection dropped
+                    raise
 
     def _do(self, typ: int, offset: int, length: int, payload: bytes) -> bytes:
         if typ == READ:
