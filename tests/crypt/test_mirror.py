@@ -20,6 +20,7 @@ from trustvbd.blockdev import Backend, BlockError, Buffer
 from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, physical_size
 from trustvbd.blocks.disk_state import Anchor, DiskState, Member
 from trustvbd.blocks.layer import Layer
+from trustvbd.blocks.ranges import RangeLock
 from trustvbd.blocks.replica_set import Replica, ReplicaSet, State
 
 NBLOCKS = SIZE // BS
@@ -535,4 +536,92 @@ def test_every_replica_gone_is_eio_audited_and_it_comes_back(tmp_path: Path) -> 
             await disk.flush()
         await disk.flush()
         await disk.close()
+    run(go())
+
+
+class SilentReads(Layer):
+    """A replica whose reads get no reply until released or until the connection is
+    dropped (`abandon`, as NbdClient: every waiting request fails with ETIMEDOUT)."""
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(next)
+        self.answer = asyncio.Event()
+        self.dropped: str | None = None
+        self.answered_at = 0.0
+        self._since: float | None = None
+        self._gone = asyncio.Event()
+
+    def pending_since(self) -> float | None:
+        return self._since
+
+    def abandon(self, reason: str) -> None:
+        self.dropped = reason
+        self._gone.set()
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        self._since = asyncio.get_running_loop().time()
+        try:
+            waits = [asyncio.ensure_future(e.wait()) for e in (self.answer, self._gone)]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+        finally:
+            self._since = None
+        if self.dropped is not None:
+            raise BlockError(errno.ETIMEDOUT, f"{self.dropped}; connection closed")
+        return await self.next.pread(offset, length)
+
+
+class Verifies:
+    def bad_blocks(self, first_block: int, ciphertext: memoryview) -> list[int]:
+        return []
+
+    def written(self, block: int) -> bool:
+        return False
+
+
+def test_a_read_left_unanswered_for_the_lag_is_served_by_the_next_replica() -> None:
+    """A read from a replica that does not answer is sent to the next replica once it has
+    waited `lag` (+ a quarter, the watch period); when that one serves it, the silent
+    replica's connection is dropped and it is degraded: no later read goes to it. If the
+    next replica fails the read too, the first one decides: nobody is cut off."""
+    async def go() -> None:
+        mems = [RawMemory(physical_size(SIZE)) for _ in range(2)]
+        silent, honest = SilentReads(mems[0]), Faulty(mems[1])
+        for m in mems:
+            await m.pwrite(LAY.data_offset(3), pattern(3, 1))
+        rs = ReplicaSet("vm1", LAY, [Replica("r0", silent), Replica("r1", honest)])
+        rs.verifier, rs.locks, rs.lag = Verifies(), RangeLock(), 0.2
+
+        async def attempt(link: Backend) -> bytes:
+            return bytes(await link.pread(LAY.data_offset(3), BS))
+
+        loop = asyncio.get_running_loop()
+        # The next replica fails the hedge: the first read waits for its own reply.
+        honest.fail_reads = True
+        rs._next_reader = 0  # r0 first
+        started = loop.time()
+        read = asyncio.ensure_future(rs.read(3, 1, attempt))
+        await asyncio.sleep(0.5)
+        assert not read.done() and silent.dropped is None
+        silent.answer.set()
+        assert await read == pattern(3, 1)
+        assert [r.state for r in rs.replicas] == [State.CURRENT, State.CURRENT]
+        # Now the next replica serves it: the silent one is cut off after about `lag`.
+        silent.answer.clear()
+        honest.fail_reads = False
+        rs._next_reader = 0
+        started = loop.time()
+        assert await rs.read(3, 1, attempt) == pattern(3, 1)
+        waited = loop.time() - started
+        assert 0.2 <= waited < 0.2 * 1.25 + 0.2, waited
+        assert silent.dropped is not None and "replica_lag 0.2 s" in silent.dropped
+        assert rs.replicas[0].state is not State.CURRENT
+        assert "replica_lag" in (rs.replicas[0].last_error or "")
+        started = loop.time()
+        for _ in range(4):  # later reads go to the current replica only, at once
+            assert await rs.read(3, 1, attempt) == pattern(3, 1)
+        assert loop.time() - started < 0.1
+        assert not rs._hedges
+        await rs.close()
     run(go())

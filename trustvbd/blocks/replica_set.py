@@ -19,8 +19,9 @@ answers) is cut off, which fails its requests, so it is degraded the same way.
 Reads go to one current replica, the one with the fewest reads in flight (in
 turn among equals), and are verified by the caller's `attempt`;
 a replica that errs or fails verification is skipped, and the good ciphertext
-is written back to it (read-repair). Only when every current replica fails does
-the read fail.
+is written back to it (read-repair). A read left unanswered for `lag` is asked of
+the next replica too (_Hedge); if that one serves it, the silent one is cut off
+and degraded. Only when every current replica fails does the read fail.
 
 Only the data area is tracked block by block: a replica that missed leaf pages
 or superblocks is rewritten whole by its joining commit.
@@ -36,7 +37,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from trustvbd.blockdev import (
     Backend,
@@ -167,6 +168,7 @@ class ReplicaSet:
         self.epoch = 0  # the last committed epoch
         self.lag = REPLICA_LAG
         self._watch_timer: asyncio.TimerHandle | None = None
+        self._hedges: set[_Hedge[Any]] = set()  # reads that _watch hedges once they lag
         self._regroup()
 
     # ------------------------------------------------------------ membership
@@ -336,14 +338,18 @@ class ReplicaSet:
 
         Their requests then fail, so the fan-out degrades them (with the blocks, as for
         any failed write) and acknowledges the guest; they come back by resync. While every
-        writer is slow nobody is cut off: the request timeout decides then. Runs every
-        quarter of `lag` while requests wait; the next fan-out starts it again.
+        writer is slow nobody is cut off: the request timeout decides then. Reads waiting
+        `lag` are hedged (_Hedge). Runs every quarter of `lag` while requests wait; the
+        next fan-out or read starts it again.
         """
         self._watch_timer = None
         writers = self._writers
         if self._closed or len(writers) < 2:
             return
         now = asyncio.get_running_loop().time()
+        for hedge in self._hedges:
+            if now - hedge.sent >= self.lag:
+                hedge.start()
         since = {r: r.link.pending_since() if isinstance(r.link, Watched) else None
                  for r in writers}
         lagging = {r for r, t in since.items() if t is not None and now - t >= self.lag}
@@ -368,7 +374,7 @@ class ReplicaSet:
                             ahead.name)
                 r.link.abandon(f"no reply for {now - t:.1f} s while replica {ahead.name!r} "
                                f"answered (replica_lag {self.lag:g} s)")
-        if any(t is not None for t in since.values()):
+        if self._hedges or any(t is not None for t in since.values()):
             self._watch_soon()
 
     # ------------------------------------------------------------ verified reads
@@ -400,6 +406,12 @@ class ReplicaSet:
         last: BaseException | None = None
         for i, r in enumerate(order):
             r.reading += 1
+            # With another replica to turn to, a read left unanswered for `lag` is hedged.
+            hedge = None
+            if i + 1 < k and isinstance(r.link, Watched):
+                hedge = _Hedge(self, r, order[i + 1], attempt)
+                self._hedges.add(hedge)
+            served = r
             try:
                 result = await attempt(r.link)
             except BadBlocks as bad:
@@ -414,15 +426,25 @@ class ReplicaSet:
                     "driver)" + ("; served from another replica" if i + 1 < k else "")))
                 continue
             except BlockError as exc:
-                last = exc
-                r.last_error = f"read failed: {exc}"
-                r.errors += 1
-                failures.append((r, list(range(n))))
-                continue
+                if hedge is not None and hedge.won:
+                    # r left the read unanswered for `lag` while another replica served it:
+                    # the hedge dropped r's connection (no late reply can arrive on it); out
+                    # of the read and write sets until reconnected and resynced.
+                    self.degrade(r, (), f"read failed: {exc}")
+                    served, result = hedge.by, cast(T, hedge.result)
+                else:
+                    last = exc
+                    r.last_error = f"read failed: {exc}"
+                    r.errors += 1
+                    failures.append((r, list(range(n))))
+                    continue
             finally:
                 r.reading -= 1
+                if hedge is not None:
+                    self._hedges.discard(hedge)
+                    hedge.stop()
             if failures:
-                await self._repair(r, b0, n, failures)
+                await self._repair(served, b0, n, failures)
             return result
         assert last is not None
         self._revive_broken(readers)
@@ -694,6 +716,55 @@ class ReplicaSet:
 
     def status(self) -> list[dict[str, Any]]:
         return [r.status() for r in self.replicas]
+
+
+class _Hedge(Generic[T]):
+    """A read from `slow` that `by` may serve instead: once it has gone `lag` seconds
+    without a reply (seen by ReplicaSet._watch, every quarter of `lag`), the same read is
+    sent to `by`.
+
+    If that passes, `slow` lagged on a read another replica served: its connection is
+    dropped (`abandon`), which fails the first read at once (the guest waits about `lag`,
+    not the request timeout) and discards any late reply with the socket. If it fails,
+    the first read decides, as without a hedge. Until then a read costs this object and
+    a set entry, not a timer of its own.
+    """
+
+    __slots__ = ("_task", "attempt", "by", "result", "rs", "sent", "slow", "won")
+
+    def __init__(self, rs: ReplicaSet, slow: Replica, by: Replica,
+                 attempt: Callable[[Backend], Awaitable[T]]) -> None:
+        self.rs, self.slow, self.by, self.attempt = rs, slow, by, attempt
+        self.won = False
+        self.result: T | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.sent = asyncio.get_running_loop().time()
+
+    def start(self) -> None:
+        if self._task is None and not self.rs._closed and self.by.state is State.CURRENT:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        by, slow = self.by, self.slow
+        by.reading += 1
+        try:
+            result = await self.attempt(by.link)
+        except (BadBlocks, BlockError):
+            return
+        finally:
+            by.reading -= 1
+        self.result, self.won = result, True
+        waited = asyncio.get_running_loop().time() - self.sent
+        log.warning("disk %s: replica %s lags (%.1f s without answering a read that %s "
+                    "served): dropping it", self.rs.disk, slow.name, waited, by.name)
+        assert isinstance(slow.link, Watched)
+        slow.link.abandon(f"no reply to a read for {waited:.1f} s while replica {by.name!r} "
+                          f"served it (replica_lag {self.rs.lag:g} s)")
+
+    def stop(self) -> None:
+        """The first read is over: a hedge still running is not needed."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
 
 async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]],
