@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests.interop.clients import libnbd
 from tests.support import System, read_lines_until, run, wait_for_path
 from trustvbd.crypt.superblock import Layout
 
@@ -184,7 +185,8 @@ def test_a_lying_driver_is_outvoted_and_repaired(mirror: Mirror, mode: str) -> N
     _check_identical_after_scrub(m)
 
 
-@pytest.mark.parametrize("mode", ["stall", "disconnect", "garbage", "huge_length", "wrong_cookie"])
+@pytest.mark.parametrize("mode", ["stall", "stall_reads", "disconnect", "garbage", "huge_length",
+                                  "wrong_cookie"])
 def test_a_failing_driver_is_dropped_and_resynced(mirror: Mirror, mode: str) -> None:
     m, bad = mirror, mirror.drivers[-1]
     qemu_io(m.uri, f"write -P 0x11 0 {SIZE}", "flush")
@@ -224,6 +226,77 @@ def test_a_stalling_driver_is_dropped_after_replica_lag_not_its_timeout(short_tm
         bad.set("honest")
         m.wait_all_current(timeout=90)  # its stalled admission read times out first (15 s)
         _check_identical_after_scrub(m)
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("mode", ["stall_reads", "stall", "slow_reads"])
+def test_a_read_a_driver_leaves_unanswered_is_served_after_replica_lag(
+        short_tmp: Path, mode: str) -> None:
+    """A guest reading one block at a time (libnbd, queue depth 1): the first read that
+    goes to a driver which answers no reads (or answers them 4 s late) waits `replica_lag`
+    (1 s), not the request timeout (8 s), and is served by the other replica; that driver
+    is cut off (its late replies are dropped with its connection), so no later read waits
+    for it; it is resynced once it answers again."""
+    lag, timeout = 1.0, 8.0
+    m = Mirror(short_tmp, 2, limits=f"[limits]\nreplica_lag = {lag:g}\n", request_timeout=timeout)
+    bad = m.drivers[1]
+    nbd = libnbd()
+    try:
+        m.system.start()
+        qemu_io(m.uri, f"write -P 0x11 0 {SIZE}", "write -P 0x22 1M 4k", "flush")
+        bad.set(mode, delay=4)
+        guest = nbd.NBD()
+        guest.connect_uri(m.uri)
+        waits = []
+        for i in range(8):  # reads alternate between the replicas: one reaches `bad`
+            started = time.monotonic()
+            data = guest.pread(4096, i * 65536)
+            waits.append(time.monotonic() - started)
+            assert data == b"\x11" * 4096, f"read {i} returned wrong data"
+        slow = [w for w in waits if w >= lag * 0.9]
+        assert len(slow) == 1, f"waits {waits}: one read should have waited about {lag} s"
+        assert slow[0] < lag + 2.5 < timeout, f"waits {waits}: the stalled read was not hedged"
+        st = m.status()
+        assert st[bad.name]["state"] in ("degraded", "resyncing"), st
+        assert "replica_lag" in st[bad.name]["last_error"] and st["h0"]["state"] == "current", st
+        # The guest's connection is fine and reads the other block right.
+        assert guest.pread(4096, MIB) == b"\x22" * 4096
+        bad.set("honest")
+        m.wait_all_current(timeout=60)  # once its stalled admission read times out (8 s)
+        for i in range(4):  # `bad` serves again, promptly
+            started = time.monotonic()
+            assert guest.pread(4096, i * 65536 + 4096) == b"\x11" * 4096
+            assert time.monotonic() - started < lag * 0.9
+        guest.shutdown()
+        _check_identical_after_scrub(m)
+    finally:
+        m.close()
+
+
+def test_one_replica_that_answers_no_reads_fails_the_read_after_the_request_timeout(
+        short_tmp: Path) -> None:
+    """With nowhere else to read from, a driver that never answers a read costs the guest
+    the request timeout (2 s here) twice at most: once, a reconnect, once more; then EIO,
+    and the guest's connection stays usable. No hang; it serves again once it answers."""
+    m = Mirror(short_tmp, 1, request_timeout=2)
+    bad = m.drivers[0]
+    nbd = libnbd()
+    try:
+        m.system.start()
+        qemu_io(m.uri, "write -P 0x11 0 64k", "flush")
+        bad.set("stall_reads")
+        guest = nbd.NBD()
+        guest.connect_uri(m.uri)
+        for i in range(2):
+            started = time.monotonic()
+            with pytest.raises(nbd.Error, match="Input/output error"):
+                guest.pread(4096, i * 4096)
+            waited = time.monotonic() - started
+            assert 2 <= waited < 2 * 2 + 3, f"read {i} failed after {waited:.1f} s"
+        bad.set("honest")
+        assert guest.pread(4096, 8192) == b"\x11" * 4096
+        guest.shutdown()
     finally:
         m.close()
 
