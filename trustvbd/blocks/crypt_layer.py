@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import cast
 
-from trustvbd.blockdev import Backend, BlockError, Buffer, Capabilities, ReadsInto, check_range
+from trustvbd.blockdev import Backend, BlockError, Buffer, Capabilities, ReadsInto, check_range, provides
 from trustvbd.blocks.aead_pool import INLINE, AeadPool
 from trustvbd.blocks.crypt_commit import Commits
 from trustvbd.blocks.crypt_open import describe, recover, survey_replica
@@ -90,7 +90,6 @@ _DISCARD_CHUNK = 1 << 16
 # at most _REUSE_KEPT bytes of which are kept between reads.
 _REUSE_MIN = 64 * 1024
 _REUSE_KEPT = 8 * 1024 * 1024
-_READS_INTO: dict[type, bool] = {}
 
 
 class _Buffers:
@@ -113,14 +112,6 @@ class _Buffers:
             self._free.setdefault(size, []).append(buf)
             self._held += size
 
-
-def _reads_into(link: Backend) -> bool:
-    """isinstance(link, ReadsInto), remembered per type: a Protocol check costs microseconds."""
-    kind = type(link)
-    known = _READS_INTO.get(kind)
-    if known is None:
-        known = _READS_INTO[kind] = isinstance(link, ReadsInto)
-    return known
 
 
 def physical_size(logical_size: int) -> int:
@@ -323,7 +314,7 @@ class CryptDisk:
         """Blocks [b0, b0+n) from one replica, decrypted; raises BadBlocks if some fail."""
         size, reused = n * BS, None
         ct: Buffer
-        if size >= _REUSE_MIN and _reads_into(link):
+        if size >= _REUSE_MIN and provides(link, ReadsInto):
             # A big read lands in a reused buffer (a fresh one would be zeroed first, a
             # tenth of a sequential read's CPU). It is given back only once opened: after
             # a failure or a cancellation the link might still write into it.

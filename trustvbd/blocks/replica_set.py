@@ -47,6 +47,7 @@ from trustvbd.blockdev import (
     Capabilities,
     Reconnectable,
     Watched,
+    provides,
 )
 from trustvbd.blocks.integrity import ReplicaRefusedError
 from trustvbd.blocks.ranges import RangeLock, describe_blocks, runs
@@ -408,7 +409,7 @@ class ReplicaSet:
             r.reading += 1
             # With another replica to turn to, a read left unanswered for `lag` is hedged.
             hedge = None
-            if i + 1 < k and _watched(r.link):
+            if i + 1 < k and provides(r.link, Watched):
                 hedge = _Hedge(self, r, order[i + 1], attempt)
                 self._hedges.add(hedge)
             served = r
@@ -800,19 +801,6 @@ async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]],
 
 def _reading(r: Replica) -> int:
     return r.reading
-
-
-_WATCHED: dict[type, bool] = {}
-
-
-def _watched(link: Backend) -> bool:
-    """isinstance(link, Watched), remembered per type: a Protocol check costs ~10 us, and
-    every read asks it."""
-    kind = type(link)
-    known = _WATCHED.get(kind)
-    if known is None:
-        known = _WATCHED[kind] = isinstance(link, Watched)
-    return known
 
 
 def _broken(link: Backend) -> bool:
