@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import procstat  # bench/procstat.py: CPU time per process role
@@ -177,6 +178,26 @@ def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+T = TypeVar("T")
+
+
+def interleaved(suite: str, servers: list[Any], reps: int,
+                measure: Callable[[str, Path], T]) -> dict[str, list[T]]:
+    """`measure(uri, workdir)` on each server, started afresh each time, servers
+    interleaved within each repetition; the results by server name."""
+    results: dict[str, list[T]] = {s.name: [] for s in servers}
+    for rep in range(reps):
+        for server in servers:
+            print(f"[{suite} rep {rep + 1}/{reps}] {server.name}", file=sys.stderr)
+            with common.workdir() as work:
+                uri, stop = server.start(work)
+                try:
+                    results[server.name].append(measure(uri, work))
+                finally:
+                    stop()
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -199,16 +220,8 @@ def main() -> int:
             make_tree(src / "tree", args.files, data)
             subprocess.run(["sh", "-c", f"cat {src}/tree/*/* > /dev/null"], check=True)
             servers = [*ups, common.nbdkit_file(DISK)]
-            results: dict[str, list[float]] = {s.name: [] for s in servers}
-            for rep in range(args.reps):
-                for server in servers:
-                    print(f"[fuse rep {rep + 1}/{args.reps}] {server.name}", file=sys.stderr)
-                    with common.workdir() as work:
-                        uri, stop = server.start(work)
-                        try:
-                            results[server.name].append(fuse_copy(uri, work, src / "tree"))
-                        finally:
-                            stop()
+            results = interleaved("fuse", servers, args.reps,
+                                  lambda uri, work: fuse_copy(uri, work, src / "tree"))
             table(f"FUSE copy: {args.files} files, {common.format_size(data)}, nbdfuse + fuse2fs"
                   f" (ext4); medians of {args.reps}; {load()}", "seconds", results, "nbdkit file")
     if args.suite in ("flush", "all"):
@@ -219,37 +232,19 @@ def main() -> int:
             print("nbd-server is not installed: measuring nbdkit file only", file=sys.stderr)
         peer = peers[0]
         servers = [*ups, *peers]
-        p50: dict[str, list[float]] = {s.name: [] for s in servers}
-        p90: dict[str, list[float]] = {s.name: [] for s in servers}
-        pair: dict[str, list[float]] = {s.name: [] for s in servers}
-        for rep in range(args.reps):
-            for server in servers:
-                print(f"[flush rep {rep + 1}/{args.reps}] {server.name}", file=sys.stderr)
-                with common.workdir() as work:
-                    uri, stop = server.start(work)
-                    try:
-                        median, high, both = flush_latency(uri, args.flushes)
-                    finally:
-                        stop()
-                p50[server.name].append(median * 1e3)
-                p90[server.name].append(high * 1e3)
-                pair[server.name].append(both * 1e3)
+        timed = interleaved("flush", servers, args.reps,
+                            lambda uri, work: flush_latency(uri, args.flushes))
+        p50 = {name: [t[0] * 1e3 for t in runs] for name, runs in timed.items()}
+        p90 = {name: [t[1] * 1e3 for t in runs] for name, runs in timed.items()}
+        pair = {name: [t[2] * 1e3 for t in runs] for name, runs in timed.items()}
         table(f"FLUSH after each 4 KiB write, {args.flushes} flushes: median; {load()}", "ms",
               p50, peer.name)
         table("FLUSH: 90th percentile", "ms", p90, peer.name)
         table("4 KiB write + FLUSH: median", "ms", pair, peer.name)
     if args.suite in ("qd1", "all"):
         servers = [*ups, common.nbdkit_file(DISK)]
-        lat: dict[str, list[tuple[float, float, dict[str, float]]]] = {s.name: [] for s in servers}
-        for rep in range(args.reps):
-            for server in servers:
-                print(f"[qd1 rep {rep + 1}/{args.reps}] {server.name}", file=sys.stderr)
-                with common.workdir() as work:
-                    uri, stop = server.start(work)
-                    try:
-                        lat[server.name].append(qd1_writes(uri, args.writes, work))
-                    finally:
-                        stop()
+        lat = interleaved("qd1", servers, args.reps,
+                          lambda uri, work: qd1_writes(uri, args.writes, work))
         print(f"\n## QD1 4 KiB random writes, {args.writes} per rep, medians of {args.reps}; "
               f"{load()}\n\n| server | p50 µs | p99 µs | CPU µs per write by role |\n"
               "|---|---|---|---|")
