@@ -115,7 +115,8 @@ _PROVIDES: dict[tuple[type, type], bool] = {}
 
 def provides(backend: object, ability: type) -> bool:
     """isinstance(backend, ability) for a runtime_checkable Protocol, remembered per type:
-    the check itself costs ~10 us in Python 3.11, too much for a per-request path."""
+    the check itself walks the Protocol's members every time, too slow for a per-request
+    path (bench/README.md has its cost)."""
     key = (type(backend), ability)
     known = _PROVIDES.get(key)
     if known is None:

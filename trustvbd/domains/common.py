@@ -58,12 +58,11 @@ BIG_BUFFER = 4 << 20   # buffers up to this size come from the heap, not from mm
 def keep_freed_memory() -> None:
     """Keep freed request buffers for the next request instead of handing them back.
 
-    A big request's ciphertext (256 KiB to 4 MiB) is allocated on an AEAD thread and
-    freed on the event loop once every replica has it; glibc then trimmed the heap
-    and the next request faulted the same pages back in, zeroed (10-25 faults per
-    256 KiB request; on a VM that reports free pages to its host, each can be a host
-    fault). Now up to KEEP_FREED bytes stay in each heap, at the cost of that much
-    resident memory held after a burst.
+    A big request's ciphertext (256 KiB to 4 MiB) is freed once every replica has it;
+    if glibc trimmed the heap then, the next request would fault the same pages back
+    in, zeroed (on a VM that reports free pages to its host, each can be a host fault).
+    Up to KEEP_FREED bytes stay in each heap instead, at the cost of that much resident
+    memory held after a burst (docs/limits.md; the fault counts are in bench/README.md).
     """
     libc = ctypes.CDLL(None)
     libc.mallopt(_M_MMAP_THRESHOLD, BIG_BUFFER)
