@@ -34,7 +34,7 @@ test-deps:
 
 lint: deps
 	$(BIN)/ruff check trustvbd tests bench
-	$(BIN)/mypy trustvbd
+	$(BIN)/mypy trustvbd tests bench
 	$(CARGO) clippy $(CARGO_FLAGS) --all-features --all-targets -- -D warnings
 
 test: deps test-deps lint

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +62,12 @@ async def measure(threads: int, size: int) -> list[tuple[str, float, str, float]
         return len(jobs)
 
     def seq(write: bool) -> Awaitable[int]:
-        return bounded([(lambda o=o: disk.pwrite(o, chunk)) if write else (lambda o=o: disk.pread(o, len(chunk)))
+        return bounded([partial(disk.pwrite, o, chunk) if write else partial(disk.pread, o, len(chunk))
                         for o in range(0, size, len(chunk))], 8)
 
     def rand(write: bool) -> Awaitable[int]:
         offsets = [rng.randrange(size // 4096) * 4096 for _ in range(20_000)]
-        return bounded([(lambda o=o: disk.pwrite(o, block)) if write else (lambda o=o: disk.pread(o, 4096))
+        return bounded([partial(disk.pwrite, o, block) if write else partial(disk.pread, o, 4096)
                         for o in offsets], 16)
 
     rows = []

@@ -50,6 +50,7 @@ class Acm:
         with os.fdopen(read_end, "rb") as r:
             if r.read() != b"ready\n":
                 self.proc.wait(10)
+                assert self.proc.stderr is not None
                 raise AssertionError(f"acm domain did not start: {self.proc.stderr.read()}")
         self.conn = socket.socket(socket.AF_UNIX)
         self.conn.connect(str(self.sock))

@@ -10,6 +10,7 @@ import errno
 import random
 import struct
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ def memories(n: int) -> list[RawMemory]:
     return [RawMemory(physical_size(SIZE)) for _ in range(n)]
 
 
-async def open_set(tmp: Path, kek: Any, replicas: list[Backend],
+async def open_set(tmp: Path, kek: Any, replicas: Sequence[Backend],
                    events: list[dict[str, Any]] | None = None) -> CryptDisk:
     return await CryptDisk.open_mirrored(
         tmp, "vm1", [(f"r{i}", r) for i, r in enumerate(replicas)], kek,

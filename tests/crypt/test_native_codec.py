@@ -84,8 +84,8 @@ def test_every_kind_of_tampering_is_refused_block_by_block() -> None:
     key, disk_id, n = bytes(range(32)), bytes(range(16)), 8
     codec = BlockCodec(key, disk_id, 77)
     plain = random.Random(1).randbytes(n * BS)
-    ct, leaves = codec.seal(100, 5, plain)
-    ct, leaves = bytearray(ct), bytearray(leaves)
+    sealed, sealed_leaves = codec.seal(100, 5, plain)
+    ct, leaves = bytearray(sealed), bytearray(sealed_leaves)
     ct[1 * BS + 99] ^= 1  # ciphertext bit
     leaves[2 * LEAF + 8] ^= 1  # tag
     leaves[3 * LEAF + 7] ^= 1  # version: another nonce and AAD

@@ -19,7 +19,7 @@ import struct
 import tempfile
 import zlib
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,7 +214,7 @@ def fuzz_toml_policy(data: bytes) -> None:
 # ---------------------------------------------------------------- NBD cores
 
 class _Suspend:
-    def __await__(self) -> Iterator[None]:
+    def __await__(self) -> Generator[None, None, None]:
         yield None
 
 

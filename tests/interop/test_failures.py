@@ -214,6 +214,7 @@ def test_a_16_tib_disk_starts_in_seconds_and_keeps_scattered_writes(root: Path) 
         s.stop()
 
         s.start(timeout=60)  # restart: the tree file was closed clean, nothing is re-read
+        assert s.proc is not None
         crypt_rss = [_rss_kib(p) for p in pids_of_children(s.proc.pid) if "crypt" in _cmdline(p)]
         h = nbd.NBD()
         h.connect_uri(s.uri("vm", "disk"))

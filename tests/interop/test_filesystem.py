@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,9 +40,9 @@ label = "G"
 """
 
 
-def wait_until(cond: object, what: str, timeout: float = 20) -> None:
+def wait_until(cond: Callable[[], object], what: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
+    while not cond():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
@@ -58,7 +58,7 @@ def stop(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        raise AssertionError(f"{proc.args[0]} did not exit after unmounting {mountpoint}") from None
+        raise AssertionError(f"{proc.args!r} did not exit after unmounting {mountpoint}") from None
 
 
 @contextmanager

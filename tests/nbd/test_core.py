@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TypeVar
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +19,21 @@ def drain(core: ProtocolCore) -> list[m.Event]:
     while (ev := core.next_event()) is not None:
         out.append(ev)
     return out
+
+
+E = TypeVar("E")
+
+
+def only(events: Sequence[object], kind: type[E]) -> list[E]:
+    """`events`, checked to all be of `kind` (so the test may read their fields)."""
+    typed = [event for event in events if isinstance(event, kind)]
+    assert typed == events, f"expected only {kind.__name__} events, got {events}"
+    return typed
+
+
+def data_of(reply: m.Reply) -> bytes:
+    assert reply.data is not None, f"reply {reply.cookie} carries no data"
+    return bytes(reply.data)
 
 
 def deliver(sender: ProtocolCore, receiver: ProtocolCore, msg: m.Event) -> list[m.Event]:
@@ -66,8 +84,8 @@ def test_read_write_round_trip_simple_and_structured() -> None:
         assert deliver(s, c, m.SimpleReply(1)) == [m.Reply(1)]
         deliver(c, s, m.Request(p.Cmd.READ, 2, 4096, 4096))
         msg = m.OffsetData(2, 4096, payload) if structured else m.SimpleReply(2, 0, payload)
-        [reply] = deliver(s, c, msg)
-        assert reply.cookie == 2 and bytes(reply.data) == payload
+        [reply] = only(deliver(s, c, msg), m.Reply)
+        assert reply.cookie == 2 and data_of(reply) == payload
 
 
 def test_replies_out_of_order_and_errors_with_messages() -> None:
@@ -77,10 +95,10 @@ def test_replies_out_of_order_and_errors_with_messages() -> None:
     assert deliver(s, c, m.ErrorChunk(3, p.NbdErr.EIO, "disk on fire")) == [
         m.Reply(3, p.NbdErr.EIO, "disk on fire")
     ]
-    [r1] = deliver(s, c, m.OffsetHole(1, 0, 512))
-    assert bytes(r1.data) == bytes(512)
-    [r2] = deliver(s, c, m.OffsetData(2, 0, b"\x01" * 512))
-    assert bytes(r2.data) == b"\x01" * 512
+    [r1] = only(deliver(s, c, m.OffsetHole(1, 0, 512)), m.Reply)
+    assert data_of(r1) == bytes(512)
+    [r2] = only(deliver(s, c, m.OffsetData(2, 0, b"\x01" * 512)), m.Reply)
+    assert data_of(r2) == b"\x01" * 512
     assert len(c.in_flight) == 0
 
 
@@ -109,8 +127,8 @@ def test_reply_parts_are_the_bytes_of_the_messages_they_stand_for() -> None:
         c, s = negotiated(structured)
         deliver(c, s, m.Request(p.Cmd.READ, 2, 4096, 4096))
         c.receive_data(b"".join(bytes(part) for part in s.reply_parts(2, 4096, payload)))
-        [reply] = drain(c)
-        assert reply.cookie == 2 and reply.error == 0 and bytes(reply.data) == payload
+        [reply] = only(drain(c), m.Reply)
+        assert reply.cookie == 2 and reply.error == 0 and data_of(reply) == payload
 
 
 def test_reply_parts_refused_where_a_reply_is_not_allowed() -> None:
@@ -146,24 +164,23 @@ def test_oversized_option_is_refused_before_reading_it() -> None:
 def test_long_write_arrives_in_parts_and_long_read_parses() -> None:
     _c, s = negotiated()
     s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.READ, 1, 0, 1 << 30))
-    assert drain(s)[0].length == 1 << 30  # served in parts by the server
+    assert only(drain(s), m.Request)[0].length == 1 << 30  # served in parts by the server
     part = p.REQUEST_PART
     length = 2 * part + 3
     payload = bytes(range(256)) * (length // 256) + bytes(length % 256)
     s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, p.CmdFlag.FUA, p.Cmd.WRITE, 2, 5, length))
-    got: list[m.Event] = []
+    events: list[m.Event] = []
     for at in range(0, length, 1 << 20):  # in 1 MiB slices, as a socket would hand them over
         s.receive_data(payload[at:at + (1 << 20)])
-        got += drain(s)
-    assert [type(e) for e in got] == [m.WritePart] * 3
-    assert [(e.offset, len(e.data), e.last) for e in got] == [  # type: ignore[union-attr]
+        events += drain(s)
+    got = only(events, m.WritePart)
+    assert [(e.offset, len(e.data), e.last) for e in got] == [
         (5, part, False), (5 + part, part, False), (5 + 2 * part, 3, True)]
-    assert b"".join(e.data for e in got) == payload  # type: ignore[union-attr,misc]
-    assert all(e.request.cookie == 2 and e.request.flags == p.CmdFlag.FUA  # type: ignore[union-attr]
-               for e in got)
+    assert b"".join(bytes(e.data) for e in got) == payload
+    assert all(e.request.cookie == 2 and e.request.flags == p.CmdFlag.FUA for e in got)
     # The stream stays in sync: the next request parses.
     s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.FLUSH, 3, 0, 0))
-    assert [e.cookie for e in drain(s)] == [3]  # type: ignore[union-attr]
+    assert [e.cookie for e in only(drain(s), m.Request)] == [3]
 
 
 def test_disc_moves_to_disconnecting_and_later_bytes_are_ignored() -> None:
@@ -184,7 +201,7 @@ def test_eof_reports_truncated_bytes() -> None:
 
 
 # --- hostile server replies, judged by the client core ------------------------------
-HOSTILE_REPLIES = {
+HOSTILE_REPLIES: dict[str, m.Event] = {
     "unknown cookie": m.SimpleReply(99),
     "data chunk outside the request": m.OffsetData(1, 4096, b"x" * 512),
     "data chunk longer than the request": m.OffsetData(1, 0, b"x" * 1024),
@@ -307,8 +324,8 @@ def test_structured_read_reassembles_any_chunk_order(
         wire += s.send(chunk)
     for piece in split_at(wire, cuts):
         c.receive_data(piece)
-    [reply] = drain(c)
-    assert reply.error == 0 and bytes(reply.data) == bytes(expected)
+    [reply] = only(drain(c), m.Reply)
+    assert reply.error == 0 and data_of(reply) == bytes(expected)
 
 
 @settings(max_examples=40, deadline=None)

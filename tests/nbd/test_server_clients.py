@@ -7,8 +7,9 @@ import errno
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import nbd  # Debian's python3-libnbd, put on sys.path by tests/conftest.py; missing = failure, not skip
 import pytest
@@ -20,6 +21,14 @@ from trustvbd.blocks.layer import Layer
 from trustvbd.nbd.exports import Export, ExportRefused, PeerInfo, StaticExports
 
 MiB = 1 << 20
+
+
+def appends(done: list[Any], tag: Any) -> Callable[[object], int]:
+    """A libnbd completion callback that records `tag` in `done` and frees the command."""
+    def completion(err: object) -> int:
+        done.append(tag)
+        return 1
+    return completion
 
 
 def errno_of(exc: pytest.ExceptionInfo[Exception]) -> int:
@@ -245,7 +254,7 @@ def test_pipelined_reads_complete_out_of_order(server: ServerThread,
     done: list[int] = []
     bufs = [nbd.Buffer(4096) for _ in range(4)]
     for i in range(4):  # all four in flight at once; the first one is slow
-        h.aio_pread(bufs[i], i * 4096, completion=lambda err, i=i: done.append(i) or 1)
+        h.aio_pread(bufs[i], i * 4096, completion=appends(done, i))
     deadline = time.monotonic() + 5
     while len(done) < 4:
         assert time.monotonic() < deadline
@@ -262,8 +271,8 @@ def test_flush_waits_for_writes_received_before_it(server: ServerThread,
     done: list[str] = []
     for i in range(3):
         h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(4096)), i * 4096,
-                     completion=lambda err: done.append("write") or 1)
-    h.aio_flush(completion=lambda err: done.append("flush") or 1)
+                     completion=appends(done, "write"))
+    h.aio_flush(completion=appends(done, "flush"))
     while len(done) < 4:
         h.poll(100)
     assert done == ["write"] * 3 + ["flush"]

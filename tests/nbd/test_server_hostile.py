@@ -25,9 +25,14 @@ def server(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[ServerTh
         yield srv
 
 
+def raw_client(server: ServerThread) -> RawClient:
+    assert server.sock_path is not None, "these tests serve on a unix socket"
+    return RawClient(server.sock_path)
+
+
 def others_still_served(server: ServerThread) -> None:
     """A fresh, well-behaved client can still write and read."""
-    c = RawClient(server.sock_path)
+    c = raw_client(server)
     size, _ = c.go()
     assert size == SIZE
     c.request(p.Cmd.WRITE, 4096, 512, cookie=1, data=b"\x5a" * 512)
@@ -40,7 +45,7 @@ def others_still_served(server: ServerThread) -> None:
 
 
 def test_bad_request_magic_disconnects(server: ServerThread) -> None:
-    c = RawClient(server.sock_path)
+    c = raw_client(server)
     c.go()
     c.sock.sendall(b"\xba\xad\xf0\x0d" + bytes(24))
     assert c.closed_by_peer()
@@ -48,18 +53,18 @@ def test_bad_request_magic_disconnects(server: ServerThread) -> None:
 
 
 def test_bad_option_magic_and_bad_client_flags_disconnect(server: ServerThread) -> None:
-    c = RawClient(server.sock_path)
+    c = raw_client(server)
     c.start()
     c.sock.sendall(b"NOTMAGIC" + struct.pack(">II", p.Opt.GO, 0))
     assert c.closed_by_peer()
-    c = RawClient(server.sock_path)
+    c = raw_client(server)
     c.start(client_flags=0x80)  # a flag nobody defined
     assert c.closed_by_peer()
     others_still_served(server)
 
 
 def test_unknown_and_malformed_options_get_error_replies(server: ServerThread) -> None:
-    c = RawClient(server.sock_path)
+    c = raw_client(server)
     c.start()
     c.option(12345, b"whatever")
     opt, rep, text = c.option_reply()
@@ -77,7 +82,7 @@ def test_unknown_and_malformed_options_get_error_replies(server: ServerThread) -
 
 
 def test_giant_option_length_disconnects(server: ServerThread) -> None:
-    c = RawClient(server.sock_path)
+    c = raw_client(server)
     c.start()
     c.sock.sendall(struct.pack(">QII", p.IHAVEOPT, p.Opt.GO, 0xFFFFFFFF))
     assert c.closed_by_peer()
@@ -85,7 +90,7 @@ def test_giant_option_length_disconnects(server: ServerThread) -> None:
 
 
 def test_unknown_command_and_flags_get_einval(server: ServerThread) -> None:
-    c = RawClient(server.sock_path)
+    c = raw_client(server)
     c.go()
     c.request(99, 0, 512, cookie=11)
     assert c.simple_reply() == (p.NbdErr.EINVAL, 11)
@@ -97,7 +102,7 @@ def test_unknown_command_and_flags_get_einval(server: ServerThread) -> None:
 
 
 def test_out_of_range_requests(server: ServerThread) -> None:
-    c = RawClient(server.sock_path)
+    c = raw_client(server)
     c.go()
     c.request(p.Cmd.READ, SIZE - 512, 1024, cookie=1)
     assert c.simple_reply() == (p.NbdErr.EINVAL, 1)  # and no payload follows
@@ -114,7 +119,7 @@ def test_out_of_range_requests(server: ServerThread) -> None:
 
 def test_oversized_requests_past_the_end_are_refused_and_the_stream_stays_in_sync(
         server: ServerThread) -> None:
-    c = RawClient(server.sock_path)
+    c = raw_client(server)
     c.go(structured=True)
     c.request(p.Cmd.READ, 0, 64 * MiB, cookie=21)
     magic, _flags, typ, cookie, length = struct.unpack(">IHHQI", c.recv_exact(20))
@@ -133,12 +138,12 @@ def test_oversized_requests_past_the_end_are_refused_and_the_stream_stays_in_syn
 
 
 def test_truncated_messages_close_cleanly(server: ServerThread) -> None:
-    c = RawClient(server.sock_path)
+    c = raw_client(server)
     c.go()
     c.sock.sendall(struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 1, 0, 4096) + b"x" * 100)
     c.sock.shutdown(2)
     c.close()
-    c = RawClient(server.sock_path)
+    c = raw_client(server)
     c.start()
     c.sock.sendall(struct.pack(">QII", p.IHAVEOPT, p.Opt.GO, 100) + b"\0\0")  # half an option
     c.close()
@@ -147,14 +152,14 @@ def test_truncated_messages_close_cleanly(server: ServerThread) -> None:
 
 
 def test_silent_client_is_dropped_after_the_handshake_timeout(server: ServerThread) -> None:
-    c = RawClient(server.sock_path)
+    c = raw_client(server)
     c.greeting()  # and then nothing
     assert c.closed_by_peer(timeout=5)
     others_still_served(server)
 
 
 def test_client_that_never_reads_replies_cannot_grow_the_server(server: ServerThread) -> None:
-    c = RawClient(server.sock_path)
+    c = raw_client(server)
     c.go()
     c.sock.setblocking(False)
     request = struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.READ, 1, 0, 4 * MiB) * 64
@@ -177,6 +182,7 @@ def test_long_simple_read_reply_is_never_interleaved(short_tmp: Path, loop_kind:
     backend = MemoryBackend(size)
     pattern = bytes(range(256)) * (size // 256)
     with ServerThread(StaticExports([Export("", backend)]), short_tmp / "s.sock", loop_kind) as srv:
+        assert srv.sock_path is not None
         c = RawClient(srv.sock_path, timeout=30)
         c.go()
         c.request(p.Cmd.WRITE, 0, size, cookie=1, data=pattern)

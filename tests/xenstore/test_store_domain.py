@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,13 +23,13 @@ from trustvbd.xenstore.wire import HEADER, PAYLOAD_MAX, Decoder, Message, Op, Xs
 
 @dataclass
 class StoreProcess:
-    socket: Path
+    sock_path: Path
     control: socket.socket
     proc: subprocess.Popen[str]
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "XENSTORED_PATH": str(self.socket)}
+        return {**os.environ, "XENSTORED_PATH": str(self.sock_path)}
 
     def xs(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run([f"xenstore-{tool}", *args], check=check, env=self.env, timeout=20)
@@ -102,7 +103,7 @@ def test_xenstore_watch_fires_on_the_path_and_its_children(store: StoreProcess) 
 
 def test_transaction_with_a_conflicting_writer_gets_eagain(store: StoreProcess) -> None:
     async def scenario() -> None:
-        a, b = await XsClient.connect(str(store.socket)), await XsClient.connect(str(store.socket))
+        a, b = await XsClient.connect(str(store.sock_path)), await XsClient.connect(str(store.sock_path))
         try:
             await a.write("/acct/balance", "100")
             tx = await a.transaction_start()
@@ -169,12 +170,12 @@ def test_chmod_then_a_domains_own_connection_is_denied(store: StoreProcess) -> N
 def test_public_socket_refuses_other_users(store: StoreProcess) -> None:
     if os.getuid() != 0:
         pytest.skip("needs root to run a client under another uid")
-    os.chmod(store.socket.parent, 0o711)
-    os.chmod(store.socket, 0o666)  # past the file mode: SO_PEERCRED must still say no
+    os.chmod(store.sock_path.parent, 0o711)
+    os.chmod(store.sock_path, 0o666)  # past the file mode: SO_PEERCRED must still say no
     probe = "\n".join([
         "import socket, sys",
         "s = socket.socket(socket.AF_UNIX)",
-        f"s.connect({str(store.socket)!r})",
+        f"s.connect({str(store.sock_path)!r})",
         "s.settimeout(5)",
         "try:",
         "    s.sendall(bytes.fromhex('020000000100000000000000020000002f00'))",  # READ "/"
@@ -200,7 +201,7 @@ def test_bad_messages_get_errors_or_a_disconnect_and_others_are_served(store: St
 
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
-        s.connect(str(store.socket))
+        s.connect(str(store.sock_path))
         for op, payload, code in ((99, b"", b"ENOSYS\0"), (Op.READ, b"/a//b\0", b"EINVAL\0"),
                                   (Op.READ, b"/unterminated", b"EINVAL\0"),
                                   (Op.READ, b"/missing\0", b"ENOENT\0")):
@@ -228,7 +229,7 @@ def test_malformed_control_requests_are_refused_naming_message_and_field(
         store: StoreProcess) -> None:
     """The launcher's channel speaks typed messages only: anything else is refused with a
     code and where it is wrong, hands over nothing, and the store goes on."""
-    for request, code, says in [
+    cases: list[tuple[m.Message | dict[str, Any], m.ErrorCode, str]] = [
         ({"type": "store-connect", "domid": "3", "name": "d3", "label": "L"},
          m.ErrorCode.BAD_MESSAGE, "store-connect.domid: '3' is not int"),
         ({"type": "store-introduce", "domid": 3, "name": "d3"},
@@ -239,7 +240,8 @@ def test_malformed_control_requests_are_refused_naming_message_and_field(
         (m.StoreConnect(0, "dom0", "L"), m.ErrorCode.INVALID,
          "store-connect: domid must be 1..65535, not 0"),
         (m.StoreRelease(70000), m.ErrorCode.INVALID, "domid must be 1..65535, not 70000"),
-    ]:
+    ]
+    for request, code, says in cases:
         reply, fds = store.ask(request)
         assert fds == [] and isinstance(reply, m.Failed), (request, reply)
         assert reply.code is code and says in reply.message, (request, reply)

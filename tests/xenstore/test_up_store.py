@@ -162,7 +162,7 @@ def test_the_store_reaches_the_acm_domain_only_by_a_brokered_channel(short_tmp: 
         if os.getuid() == 0:  # under its own uid: the path is closed to it
             seen = probe(pid, [], [state / "acm.sock"])
             assert seen["connect"] == {str(state / "acm.sock"): "PermissionError"}, seen
-        homes = {xs(system, "xenstore-read", f"/local/domain/{d}/name").strip(): d
+        homes = {xs(system, "xenstore-read", f"/local/domain/{d}/name").strip(): int(d)
                  for d in xs(system, "xenstore-list", "/local/domain").split()}
         vm1, rogue = homes["vm1"], homes["rogue"]
         crypt_p, crypt_r = homes["crypt-Payroll"], homes["crypt-Rogue"]
