@@ -54,6 +54,7 @@ def test_good_config_resolves_paths_relative_to_file(short_tmp: Path) -> None:
     config = load_config(write(short_tmp, GOOD.replace('state_dir = "state"\n',
                                                        'state_dir = "state"\n[limits]\nleaf_cache = "1MiB"\n')))
     assert config.limits.leaf_cache == 1 << 20
+    assert config.limits.connections == 64
     assert config.guest_socket("vm1") == short_tmp / "state" / "guests" / "vm1.sock"
     assert config.policy is None
     assert config.drivers["drv-a"].user is None  # as root: a dynamic uid of its own
@@ -115,6 +116,10 @@ def test_format_size() -> None:
          "limits.idle_timeout", "seconds"),
         (("state_dir = \"state\"\n", "state_dir = \"state\"\n[limits]\nleaf_cache = \"64KiB\"\n"),
          "limits.leaf_cache", "too small; give at least 256KiB"),
+        (("state_dir = \"state\"\n", "state_dir = \"state\"\n[limits]\nconnections = 0\n"),
+         "limits.connections", "whole number between 1 and 1024, not 0"),
+        (("state_dir = \"state\"\n", "state_dir = \"state\"\n[limits]\nconnections = 2.5\n"),
+         "limits.connections", "whole number between 1 and 1024, not 2.5"),
         (("size = \"256MiB\"", "size = \"256MiB\"\nencrypt = \"yes\""), "disk[0].encrypt", "true or false"),
         (("dir = \"backing/a\"", "uri = \"nbd://127.0.0.1/x\"\nuser = \"nobody\""), "driver[0].user",
          "runs as whoever started it"),

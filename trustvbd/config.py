@@ -86,6 +86,7 @@ class Limits:
     # answers is degraded instead of holding guests' writes until its request timeout.
     replica_lag: float = 5.0
     leaf_cache: int = 16 * 1024 * 1024  # per encrypted disk: leaf pages kept in memory
+    connections: int = 64  # per guest socket and per TCP port: more are closed at once
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,8 @@ def _seconds(table: _Table, key: str, default: float) -> float:
 
 def _parse_limits(file: Path, raw: Any) -> Limits:
     t = _Table(file, "limits", raw, {"handshake_timeout", "idle_timeout", "memory",
-                                     "decisions_per_second", "replica_lag", "leaf_cache"})
+                                     "decisions_per_second", "replica_lag", "leaf_cache",
+                                     "connections"})
     base = Limits()
     try:
         memory = parse_size(t.data.get("memory", base.memory))
@@ -278,9 +280,12 @@ def _parse_limits(file: Path, raw: Any) -> Limits:
     rate = t.data.get("decisions_per_second", base.decisions_per_second)
     if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 10000:
         raise t.error("decisions_per_second", f"must be a number between 0 and 10000, not {rate!r}")
+    connections = t.data.get("connections", base.connections)
+    if isinstance(connections, bool) or not isinstance(connections, int) or not 1 <= connections <= 1024:
+        raise t.error("connections", f"must be a whole number between 1 and 1024, not {connections!r}")
     return Limits(_seconds(t, "handshake_timeout", base.handshake_timeout),
                   _seconds(t, "idle_timeout", base.idle_timeout), memory, float(rate),
-                  _seconds(t, "replica_lag", base.replica_lag), leaf_cache)
+                  _seconds(t, "replica_lag", base.replica_lag), leaf_cache, connections)
 
 
 def _unique(file: Path, kind: str, items: list[Any]) -> dict[str, Any]:

@@ -119,3 +119,36 @@ def test_the_encryption_domain_holds_a_stuck_guest_to_its_budget(short_tmp: Path
         for c in clients:
             c.close()
     s.stop()
+
+
+def test_connections_over_the_limit_are_closed_and_the_guest_is_served_within_it(
+        short_tmp: Path) -> None:
+    """`[limits] connections` caps one guest socket: the connection over it is closed at
+    once, the ones within it stay served, a freed place is taken again, another guest is
+    not affected."""
+    cap = config(driver("drv-a", "A", dir="backing/a"), disk("d1", "A", ["drv-a"], size="16MiB"),
+                 guest("vm1", "A"), guest("vm2", "A"), head="[limits]\nconnections = 3\n")
+    s = System(short_tmp, cap).start()
+    vm1 = str(s.root / "state" / "guests" / "vm1.sock")
+    held = [RawClient(vm1, timeout=10) for _ in range(3)]
+    try:
+        for c in held:
+            c.greeting()  # each of the three is served
+        over = RawClient(vm1, timeout=10)
+        assert over.closed_by_peer(), "a fourth connection was kept"
+        over.close()
+        out = run(["qemu-io", "-f", "raw", s.uri("vm2", "d1"), "-c", "write -P 7 0 64k"], timeout=30)
+        assert "wrote 65536/65536" in out.stdout  # vm2 has places of its own
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while True:  # the freed place is taken again (the server notices the close first)
+            out = run(["qemu-io", "-f", "raw", s.uri("vm1", "d1"), "-c", "read -P 7 0 64k"],
+                      timeout=30, check=False)
+            if out.returncode == 0 and "read 65536/65536" in out.stdout:
+                break
+            assert time.monotonic() < deadline, out.stdout + out.stderr
+            time.sleep(0.2)
+    finally:
+        for c in held:
+            c.close()
+        s.stop()

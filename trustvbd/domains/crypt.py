@@ -485,7 +485,8 @@ class CryptDomain:
         return NbdServer(GuestExports(self, guest, g.label, self.rates[guest]), identity=guest,
                          handshake_timeout=limits["handshake_timeout"], tls=context,
                          tls_name=g.tls_name, owner_uid=g.uid, on_refused=self.refused,
-                         budget=self.budgets[guest], idle_timeout=limits["idle_timeout"])
+                         budget=self.budgets[guest], idle_timeout=limits["idle_timeout"],
+                         max_connections=limits["connections"])
 
     def refused(self, peer: PeerInfo, reason: str) -> None:
         """Someone not the guest came to a guest's socket: into the audit log (counted)."""
