@@ -165,3 +165,17 @@ def test_an_encryption_domain_gets_channels_only_for_its_own_type(tmp_path):
 
     assert asyncio.run(ask()) == ("disk 'bank' is not of workload type 'Payroll': this encryption"
                                   " domain holds no keys for it")
+
+
+def test_a_secret_erased_from_the_environment_is_gone_from_proc_environ() -> None:
+    """/proc/PID/environ shows the environment a process started with; after the erase the
+    secret is in neither it nor os.environ, and the other variables are untouched."""
+    script = ("import os; from trustvbd.domains.unlock import erase_from_environment as e\n"
+              "e('TRUSTVBD_PASSPHRASE'); e('NOT_SET_AT_ALL')\n"
+              "raw = open('/proc/self/environ', 'rb').read()\n"
+              "print(b'correct horse' in raw, 'TRUSTVBD_PASSPHRASE' in os.environ,"
+              " b'KEEP_ME=yes' in raw, os.environ['KEEP_ME'])\n")
+    env = {**os.environ, "TRUSTVBD_PASSPHRASE": "correct horse battery staple", "KEEP_ME": "yes"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["False", "False", "True", "yes"], out.stderr

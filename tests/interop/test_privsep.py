@@ -162,6 +162,8 @@ def test_driver_and_encryption_domains_are_walled_off(short_tmp: Path) -> None:
         assert not any("PASSPHRASE" in k for k in with_env), (pid, sorted(with_env))
         assert "correct horse" not in Path(f"/proc/{pid}/cmdline").read_text()
     assert not [k for k in environment(driver) if k.startswith("TRUSTVBD_")]
+    # Nor in the launcher's own start-up environment (/proc/PID/environ), once it has started.
+    assert b"correct horse" not in Path(f"/proc/{s.proc.pid}/environ").read_bytes()
 
     # The driver and its workers confined themselves too (tests/test_confine.py shows what
     # that walls off): their seccomp filter is in place.

@@ -12,6 +12,7 @@ Wire format (the pipe carries nothing else; end of file ends it):
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 from dataclasses import dataclass, field
@@ -23,6 +24,24 @@ MAX_TOTAL = 8192
 
 class UnlockError(Exception):
     pass
+
+
+def erase_from_environment(name: str) -> None:
+    """Drop `name` from this process's environment and zero its value where it started.
+
+    os.environ.pop alone only unsets libc's pointer: the bytes stay in the block the kernel
+    shows as /proc/PID/environ (to root and the same user) for the life of the process. The
+    value is overwritten in place first, through the pointer libc still holds.
+    """
+    prefix = name.encode() + b"="
+    entries = ctypes.POINTER(ctypes.c_void_p).in_dll(ctypes.CDLL(None), "environ")
+    index = 0
+    while (address := entries[index]) is not None:
+        entry = ctypes.string_at(address)
+        if entry.startswith(prefix):
+            ctypes.memset(address + len(prefix), 0, len(entry) - len(prefix))
+        index += 1
+    os.environ.pop(name, None)  # and no child inherits it
 
 
 @dataclass

@@ -18,6 +18,7 @@ from trustvbd.crypt.tls import TlsSetupError, check_tls_dir
 from trustvbd.domains.hv import Launcher, bootstrap_label
 from trustvbd.domains.hv_control import serve_control
 from trustvbd.domains.supervisor import StartError
+from trustvbd.domains.unlock import erase_from_environment
 from trustvbd.nbd.uri import parse_uri
 from trustvbd.state_dir import UnsafePath, secure_state_dir
 from trustvbd.state_lock import StateLock, StateLocked
@@ -128,7 +129,7 @@ async def run_up(config: Config) -> int:
     if passphrase is not None:  # held as bytes that can be zeroed, and only until start-up ends
         launcher.grants.passphrase, launcher.had_passphrase = bytearray(passphrase.encode()), True
     del passphrase
-    os.environ.pop("TRUSTVBD_PASSPHRASE", None)  # no child inherits it
+    erase_from_environment("TRUSTVBD_PASSPHRASE")
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, launcher.done.set)
