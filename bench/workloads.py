@@ -82,7 +82,8 @@ def wait_gone(proc: subprocess.Popen[bytes], what: str, timeout: float = 300) ->
         raise RuntimeError(f"{what} did not exit in {timeout} s") from None
 
 
-def fuse_copy(uri: str, work: Path, source: Path) -> float:
+def fuse_copy(uri: str, work: Path, source: Path) -> tuple[float, dict[str, float]]:
+    """(seconds, CPU seconds by server role) of the copy, from its start until fuse2fs exited."""
     exposed, mnt = work / "fuse", work / "mnt"
     exposed.mkdir()
     mnt.mkdir()
@@ -98,16 +99,18 @@ def fuse_copy(uri: str, work: Path, source: Path) -> float:
             if time.monotonic() > deadline or fuse2fs.poll() is not None:
                 raise RuntimeError("fuse2fs did not mount")
             time.sleep(0.05)
+        before = procstat.snapshot(work)
         t0 = time.perf_counter()
         subprocess.run(["cp", "-r", str(source), str(mnt / "copy")], check=True)
         subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
         wait_gone(fuse2fs, "fuse2fs")
         elapsed = time.perf_counter() - t0
+        cpu = procstat.used(before, procstat.snapshot(work))
         fsck = subprocess.run(["e2fsck", "-fn", str(exposed / "nbd")], capture_output=True,
                               text=True)
         if fsck.returncode != 0:
             raise RuntimeError(f"e2fsck -fn after the copy failed:\n{fsck.stdout}{fsck.stderr}")
-        return elapsed
+        return elapsed, cpu
     finally:
         if fuse2fs is not None and fuse2fs.poll() is None:
             subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
@@ -220,10 +223,17 @@ def main() -> int:
             make_tree(src / "tree", args.files, data)
             subprocess.run(["sh", "-c", f"cat {src}/tree/*/* > /dev/null"], check=True)
             servers = [*ups, common.nbdkit_file(DISK)]
-            results = interleaved("fuse", servers, args.reps,
-                                  lambda uri, work: fuse_copy(uri, work, src / "tree"))
+            copies = interleaved("fuse", servers, args.reps,
+                                 lambda uri, work: fuse_copy(uri, work, src / "tree"))
+            results = {name: [t for t, _ in runs] for name, runs in copies.items()}
             table(f"FUSE copy: {args.files} files, {common.format_size(data)}, nbdfuse + fuse2fs"
                   f" (ext4); medians of {args.reps}; {load()}", "seconds", results, "nbdkit file")
+            print("\nCPU seconds per copy by server role (medians):")
+            for name, copy_runs in copies.items():
+                copy_roles = sorted({r for _, cpu in copy_runs for r in cpu})
+                print(f"- {name}: " + ", ".join(
+                    f"{r} {statistics.median(c.get(r, 0.0) for _, c in copy_runs):.2f}"
+                    for r in copy_roles))
     if args.suite in ("flush", "all"):
         peers = [common.nbdkit_file(DISK)]
         if shutil.which("nbd-server"):
