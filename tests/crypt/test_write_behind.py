@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,12 @@ import pytest
 
 from tests.crypt.helpers import BS, LAY, SIZE, RawMemory, new_state, open_disk, pattern, run
 from trustvbd.blockdev import Backend, BlockError
+from trustvbd.blocks import write_behind
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.disk_state import DiskState
 from trustvbd.blocks.layer import Layer
 from trustvbd.blocks.replica_set import State
-from trustvbd.blocks.write_behind import WRITE_BEHIND_BLOCKS, WRITE_BEHIND_MAX
+from trustvbd.blocks.write_behind import GATHER_BLOCKS, WRITE_BEHIND_BLOCKS, WRITE_BEHIND_MAX
 
 
 class Gate(Layer):
@@ -28,9 +30,11 @@ class Gate(Layer):
         self.opened.set()
         self.held = 0
         self.error: int | None = None
+        self.sent: list[tuple[int, int]] = []  # (first block, blocks) of each data write
 
     async def pwrite(self, offset: int, data: Any, fua: bool = False) -> None:
         if offset >= LAY.data_start:
+            self.sent.append(((offset - LAY.data_start) // BS, len(data) // BS))
             self.held += 1
             try:
                 await self.opened.wait()
@@ -45,6 +49,14 @@ async def turns(n: int = 50) -> None:
     """Let the event loop run everything that is ready, a few times over."""
     for _ in range(n):
         await asyncio.sleep(0)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait (in 1 ms steps) until `condition` holds; fail after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
 
 
 def intent_leaves(state: Path, block: int) -> list[bytes]:
@@ -69,7 +81,7 @@ def test_an_answered_write_is_recorded_and_nothing_reads_around_it(tmp_path: Pat
 
         gate.opened.clear()
         await asyncio.wait_for(disk.pwrite(3 * BS, pattern(3, 1)), 10)  # answered
-        assert gate.held == 1
+        await until(lambda: gate.held == 1)  # sent on its own, GATHER_S after it
         # Its intent record is in the trusted log before the ciphertext left.
         assert intent_leaves(tmp_path, 3) == [bytes(disk._leaves.get(3, 4))]
         read = asyncio.ensure_future(disk.pread(3 * BS, BS))
@@ -106,15 +118,16 @@ def test_fua_big_and_too_many_writes_wait_for_the_replica(tmp_path: Path) -> Non
         gate.opened.clear()
         waited = [asyncio.ensure_future(disk.pwrite(0, pattern(0), fua=True)),
                   asyncio.ensure_future(disk.pwrite(BS, b"\x01" * (WRITE_BEHIND_BLOCKS * BS)))]
-        for b in range(WRITE_BEHIND_MAX):
-            await asyncio.wait_for(disk.pwrite((100 + b) * BS, pattern(100 + b)), 10)
+        apart = [100 + 2 * i for i in range(WRITE_BEHIND_MAX)]  # not adjacent: none gathered
+        for b in apart:
+            await asyncio.wait_for(disk.pwrite(b * BS, pattern(b)), 10)
         one_more = asyncio.ensure_future(disk.pwrite(99 * BS, pattern(99)))
-        await turns()
+        # All at the replica (the last one behind once its GATHER_S passed), three waited for.
+        await until(lambda: gate.held == WRITE_BEHIND_MAX + 3)
         assert not any(w.done() for w in [*waited, one_more])
-        assert gate.held == WRITE_BEHIND_MAX + 3  # all at the replica, three waited for
         gate.opened.set()
         await asyncio.gather(*waited, one_more)
-        for b in range(99, 100 + WRITE_BEHIND_MAX):
+        for b in [99, *apart]:
             assert bytes(await disk.pread(b * BS, BS)) == pattern(b)
         await disk.close()
 
@@ -231,8 +244,7 @@ def test_a_replica_dying_under_writes_behind_degrades_and_loses_nothing(tmp_path
         gates[1].opened.clear()
         for b in range(20, 30):
             await asyncio.wait_for(disk.pwrite(b * BS, pattern(b, 1)), 10)  # all answered
-        await turns()
-        assert gates[1].held == 10
+        await until(lambda: gates[1].held == 1)  # adjacent: gathered into one replica write
         gates[1].error = errno.EIO  # the second driver dies with 10 writes in flight
         gates[1].opened.set()
         await disk.flush()  # no error: every write reached a current replica
@@ -269,6 +281,105 @@ def test_every_replica_dying_under_writes_behind_fails_the_next_flush(tmp_path: 
         with pytest.raises(BlockError) as flushed:
             await disk.flush()
         assert flushed.value.errno == errno.EIO
+        await disk.close()
+
+    run(go())
+
+
+@pytest.fixture
+def no_gather_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of writes behind leaves only when something sends it (the timer is a minute)."""
+    monkeypatch.setattr(write_behind, "GATHER_S", 60.0)
+
+
+def test_adjacent_writes_behind_go_to_the_replica_as_one_write(tmp_path: Path,
+                                                               no_gather_timer: None) -> None:
+    """A file written one block at a time costs one replica write per run, not per block; a
+    run goes out when a write elsewhere comes, or at GATHER_BLOCKS; every block reads back."""
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        gate = Gate(mem)
+        disk = await open_disk(tmp_path, gate, kek)
+        for b in range(10, 20):
+            await asyncio.wait_for(disk.pwrite(b * BS, pattern(b)), 10)  # each answered
+        await turns()
+        assert gate.sent == []  # gathered, not sent yet
+        await disk.pwrite(50 * BS, pattern(50))  # elsewhere: the run of ten goes as one write
+        await turns()
+        assert gate.sent == [(10, 10)]
+        for b in range(300, 300 + GATHER_BLOCKS + 2):  # within one leaf page
+            await disk.pwrite(b * BS, pattern(b))
+        await turns()
+        assert gate.sent == [(10, 10), (50, 1), (300, GATHER_BLOCKS)]  # full: sent at once
+        await disk.flush()
+        assert gate.sent[-1] == (300 + GATHER_BLOCKS, 2)
+        await disk.close()
+        disk = await open_disk(tmp_path, mem, kek)
+        for b in [*range(10, 20), 50, *range(300, 300 + GATHER_BLOCKS + 2)]:
+            assert bytes(await disk.pread(b * BS, BS)) == pattern(b), b
+        await disk.close()
+
+    run(go())
+
+
+def test_whatever_waits_for_gathered_blocks_sends_them_at_once(tmp_path: Path,
+                                                                no_gather_timer: None) -> None:
+    """A read, an overlapping write, a zero, a FLUSH and a close do not wait for the timer."""
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        gate = Gate(mem)
+        disk = await open_disk(tmp_path, gate, kek)
+        await disk.pwrite(5 * BS, pattern(5))
+        await disk.pwrite(6 * BS, pattern(6))
+        assert bytes(await asyncio.wait_for(disk.pread(6 * BS, BS), 5)) == pattern(6)
+        assert gate.sent == [(5, 2)]
+        await disk.pwrite(7 * BS, pattern(7))
+        await asyncio.wait_for(disk.pwrite(7 * BS + 100, b"\xee" * 10), 5)  # read-modify-write
+        await disk.pwrite(20 * BS, pattern(20))
+        await disk.pwrite(21 * BS, pattern(21))
+        await asyncio.wait_for(disk.zero(21 * BS, BS), 5)
+        await disk.pwrite(30 * BS, pattern(30))
+        await asyncio.wait_for(disk.flush(), 5)
+        await disk.pwrite(31 * BS, pattern(31))
+        await asyncio.wait_for(disk.close(), 5)
+        disk = await open_disk(tmp_path, mem, kek)
+        seven = bytearray(pattern(7))
+        seven[100:110] = b"\xee" * 10
+        expect = {5: pattern(5), 6: pattern(6), 7: bytes(seven), 20: pattern(20), 21: bytes(BS),
+                  30: pattern(30), 31: pattern(31)}
+        for b, data in expect.items():
+            assert bytes(await disk.pread(b * BS, BS)) == data, b
+        await disk.close()
+
+    run(go())
+
+
+def test_a_gathered_run_the_replica_fails_loses_each_of_its_writes(tmp_path: Path,
+                                                                   no_gather_timer: None) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        gate = Gate(RawMemory(physical_size(SIZE)))
+        disk = await open_disk(tmp_path, gate, kek)
+        for b in range(30, 34):
+            await disk.pwrite(b * BS, pattern(b))
+        await disk.flush()
+        gate.error = errno.EIO
+        for b in range(30, 34):
+            await disk.pwrite(b * BS, pattern(b, 1))  # answered; gathered
+        await disk.settle()
+        assert gate.sent[-1] == (30, 4)
+        for b in range(30, 34):
+            with pytest.raises(BlockError, match=rf"block\(s\) {b} lost a write"):
+                await disk.pread(b * BS, BS)
+        gate.error = None
+        with pytest.raises(BlockError, match=r"block\(s\) 30-33 were answered, then failed"):
+            await disk.flush()
+        for b in range(30, 34):
+            assert bytes(await disk.pread(b * BS, BS)) == pattern(b)  # what the replica kept
         await disk.close()
 
     run(go())

@@ -318,6 +318,7 @@ class Guest:
         self.nblocks = nblocks
         self.model = Model()
         self.cur = bytearray(nblocks * BS)
+        self.after = 0  # the block after the last write: a file written in order continues there
 
     async def flush(self, disk: Backend) -> None:
         await disk.flush()
@@ -330,8 +331,10 @@ class Guest:
             await self.flush(disk)
             return
         fua = rng.random() < 0.15
-        b = rng.choice([rng.randrange(self.nblocks), rng.randrange(8), 128 + rng.randrange(8)])
+        b = rng.choice([rng.randrange(self.nblocks), rng.randrange(8), 128 + rng.randrange(8),
+                        self.after % self.nblocks])  # gathered writes behind (write_behind.py)
         n = min(rng.choice([1, 1, 2, 5]), self.nblocks - b)
+        self.after = b + n
         issued = self.events.count
         if r < 0.3:
             cur[b * BS:(b + n) * BS] = bytes(n * BS)

@@ -156,6 +156,11 @@ class Commits:
         self._writers += 1
         self._writers_idle.clear()
 
+    @property
+    def committing(self) -> bool:
+        """A commit (or FLUSH) waits for the writes in flight."""
+        return not self._no_commit.is_set()
+
     def leave_write(self) -> None:
         self._writers -= 1
         if self._writers == 0:
@@ -167,14 +172,19 @@ class Commits:
     # ------------------------------------------------------------ the commit
 
     async def commit(self, replica: ReplicaSet, before: Callable[[], Awaitable[None]],
-                     force: bool = False, may_log: Callable[[], bool] | None = None) -> None:
+                     force: bool = False, may_log: Callable[[], bool] | None = None,
+                     send_now: Callable[[], None] | None = None) -> None:
         """Wait for writes in flight, run `before` (checks, settling doubts), then commit.
 
         With `may_log` (a FLUSH or FUA write; it says whether no write failed since the
-        last commit), the intent log may make the writes durable instead (module doc)."""
+        last commit), the intent log may make the writes durable instead (module doc).
+        `send_now` sends writes answered but held back (write_behind.py), so waiting for
+        the writers does not wait for a timer."""
         async with self._lock:
             self._no_commit.clear()  # new writes wait; writes in flight finish first
             try:
+                if send_now is not None:
+                    send_now()
                 await self._writers_idle.wait()
                 log_ok = may_log is not None and may_log() and not force
                 await before()

@@ -148,7 +148,7 @@ class CryptDisk:
         self._out_of_space: str | None = None
         self._locks = LeafLocks(commits.leaves)  # holding blocks keeps their leaf pages in
         self._ct_buffers = _Buffers(_REUSE_KEPT)  # big reads' ciphertext, received straight into them
-        self._behind = WriteBehind(name)
+        self._behind = WriteBehind(name, self._send)
         self._seen = self._behind.seen()  # flush() and commit() called without a connection
         replicas.verifier = self
         replicas.locks = self._locks
@@ -278,7 +278,7 @@ class CryptDisk:
         if length == 0:
             return b""
         b0, b1 = offset // BS, -(-(offset + length) // BS)
-        hold = self._locks.try_acquire(b0, b1, False) or await self._locks.acquire(b0, b1, False)
+        hold = self._locks.try_acquire(b0, b1, False) or await self._acquire(b0, b1, False)
         try:
             out = await self._read_verified(b0, b1)
         finally:
@@ -410,7 +410,7 @@ class CryptDisk:
             await self._commits.enter_write()
             behind = False  # the lock and the writer count went on with the write behind
             try:
-                hold = self._locks.try_acquire(b0, b1, True) or await self._locks.acquire(b0, b1, True)
+                hold = self._locks.try_acquire(b0, b1, True) or await self._acquire(b0, b1, True)
                 try:
                     if offset % BS == 0 and length % BS == 0:
                         plain = memoryview(data).cast("B")
@@ -421,9 +421,10 @@ class CryptDisk:
                     ct, new = await self._aead.seal(self._cipher, b0, version, plain)
                     old = self._note_write(b0, new)
                     if not fua and self._behind.takes(n):
-                        # No await between recording the write and handing it over.
-                        self._behind.start(self._send(b0, old, ct), b0, n,
-                                           lambda: self._write_ended(hold))
+                        # No await between recording the write and handing it over. While a
+                        # FLUSH waits for the writers, joining a run would only delay it.
+                        self._behind.add(b0, old, ct, lambda: self._write_ended(hold),
+                                         gather=not self._commits.committing)
                         behind = True
                     else:
                         await self._send(b0, old, ct)
@@ -434,6 +435,12 @@ class CryptDisk:
                 if not behind:
                     self._commits.leave_write()
         await self._maybe_commit(fua)
+
+    async def _acquire(self, b0: int, b1: int, exclusive: bool) -> _Hold:
+        """The range lock the slow way: if an unsent run of writes behind holds these
+        blocks (or the leaf pages they need), it goes to the replicas now."""
+        self._behind.send_now()
+        return await self._locks.acquire(b0, b1, exclusive)
 
     def _write_ended(self, hold: _Hold) -> None:
         """A write behind got its replicas' answer (or failed): as after a waited write."""
@@ -471,7 +478,7 @@ class CryptDisk:
         self._note_leaves(b0, old, new, settled=False)
         return old
 
-    async def _send(self, b0: int, old: bytearray, ct: bytes) -> None:
+    async def _send(self, b0: int, old: Buffer, ct: Buffer) -> None:
         """The ciphertext of recorded blocks to the replicas; on failure keep what they may hold."""
         n = len(old) // LEAF_SIZE
         start = self._lay.data_offset(b0)
@@ -550,7 +557,7 @@ class CryptDisk:
                     continue  # zeros already, known from the tree: nothing to load or log
                 await self._commits.enter_write()
                 try:
-                    hold = await self._locks.acquire(c0, c1, True)
+                    hold = await self._acquire(c0, c1, True)
                     try:
                         old = self._leaves.get(c0, c1)
                         if old.count(0) != len(old):
@@ -604,7 +611,8 @@ class CryptDisk:
         (a FLUSH or FUA), durable may be enough: the intent log can stand for the commit
         unless a write failed since the last one (crypt_commit.py)."""
         await self._commits.commit(self._replica, self._before_commit, force,
-                                   (lambda: not self._unsure) if durable else None)
+                                   (lambda: not self._unsure) if durable else None,
+                                   self._behind.send_now)
 
     def _commit_soon(self) -> None:
         """A replica finished its resync: commit now so it joins without waiting for a flush."""

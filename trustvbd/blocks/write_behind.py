@@ -26,6 +26,15 @@ ones fail themselves.
 
 Bounded: at most `limit` writes per disk are behind at once (then a write waits
 for its own replica write), each under WRITE_BEHIND_BLOCKS blocks of ciphertext.
+
+Gathered: a filesystem through FUSE writes a file's blocks one 4 KiB request at
+a time, in order. Each replica write costs a request and a reply in this domain
+and in every driver, more than the write's own work. So a write behind that starts where the unsent
+one before it ends joins it: the run goes to the replicas as one write once it
+is GATHER_BLOCKS long, once a write elsewhere comes, or GATHER_S after its last
+write, and at once when anything waits for those blocks (`send_now`: a FLUSH
+or commit, a read or write that meets their range lock, a close). A replica
+that fails the run loses all of its writes, each as it would alone.
 """
 
 from __future__ import annotations
@@ -37,13 +46,19 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from trustvbd.blockdev import BlockError
+from trustvbd.blockdev import BlockError, Buffer
 from trustvbd.blocks.ranges import describe_blocks
+from trustvbd.crypt.aead import LEAF_SIZE
 
 log = logging.getLogger("trustvbd.crypt.write_behind")
 
 WRITE_BEHIND_MAX = 64  # writes per disk whose replica write is still running
 WRITE_BEHIND_BLOCKS = 16  # writes of this many 4 KiB blocks or more wait for their replicas
+GATHER_BLOCKS = 32  # a run of adjacent writes behind goes out at this many blocks (128 KiB)
+GATHER_S = 0.001  # an unsent run waits this long for its next write (a few FUSE requests)
+
+# Sends the ciphertext of blocks [first, first + len(old) // 32) whose old leaves are `old`.
+Send = Callable[[int, Buffer, Buffer], Coroutine[Any, Any, None]]
 
 
 @dataclass
@@ -53,51 +68,114 @@ class Seen:
     failures: int
 
 
+class _Run:
+    """Adjacent writes behind, not sent yet: their leaves, ciphertext and what ends each."""
+
+    __slots__ = ("blocks", "ct", "done", "first", "last", "old")
+
+    def __init__(self, first: int, blocks: int, old: Buffer, ct: Buffer, done: Callable[[], None],
+                 now: float) -> None:
+        self.first, self.blocks, self.last = first, blocks, now
+        self.old, self.ct, self.done = [old], [ct], [done]
+
+
 class WriteBehind:
     """The writes of one disk still going to its replicas, and those that failed."""
 
-    def __init__(self, disk: str, limit: int = WRITE_BEHIND_MAX) -> None:
+    def __init__(self, disk: str, send: Send, limit: int = WRITE_BEHIND_MAX) -> None:
         self.disk = disk
         self.limit = limit
+        self._send = send
         self._tasks: set[asyncio.Task[None]] = set()
+        self._run: _Run | None = None  # the newest writes, not sent yet
+        self._timer: asyncio.TimerHandle | None = None
+        self._writes = 0  # writes behind: in the run or in a task
         self.lost: set[int] = set()  # blocks of failed writes behind, until a FLUSH settles them
         self._failure: BlockError | None = None  # the first failure no FLUSH has settled yet
         self.failures = 0  # failed writes behind since open
         self._reported: BlockError | None = None  # what FLUSH says of the newest failures
         self.started = 0  # writes answered before their replicas, since open
+        self.sends = 0  # replica writes those made (fewer when gathered)
 
     def takes(self, blocks: int) -> bool:
         """Whether a write of `blocks` blocks may be answered before its replicas."""
-        return (blocks < WRITE_BEHIND_BLOCKS and len(self._tasks) < self.limit
+        return (blocks < WRITE_BEHIND_BLOCKS and self._writes < self.limit
                 and self._failure is None)
 
     @property
     def running(self) -> int:
-        return len(self._tasks)
+        return self._writes
 
-    def start(self, send: Coroutine[Any, Any, None], first_block: int, blocks: int,
-              done: Callable[[], None]) -> None:
-        """Run `send` (the replica write) in the background; `done` runs after it, always."""
-        task = asyncio.get_running_loop().create_task(self._run(send, first_block, blocks, done))
+    def add(self, first_block: int, old: Buffer, ct: Buffer, done: Callable[[], None],
+            gather: bool = True) -> None:
+        """A write recorded and answered: send `ct` to the replicas behind it, joined to the
+        unsent run if it continues it (and `gather`); `done` runs once they answered, always."""
+        blocks = len(old) // LEAF_SIZE
         self.started += 1
+        self._writes += 1
+        run = self._run
+        now = asyncio.get_running_loop().time()
+        if (run is not None and gather and run.first + run.blocks == first_block
+                and run.blocks + blocks <= GATHER_BLOCKS):
+            run.old.append(old)
+            run.ct.append(ct)
+            run.done.append(done)
+            run.blocks += blocks
+            run.last = now
+        else:
+            if run is not None:
+                self._launch(after_reply=True)
+            run = self._run = _Run(first_block, blocks, old, ct, done, now)
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_at(now + GATHER_S, self._waited)
+        if run.blocks >= GATHER_BLOCKS or not gather:
+            self._launch(after_reply=True)
+
+    def send_now(self) -> None:
+        """Something waits for the writes behind (their blocks, or all of them): send the
+        unsent run."""
+        if self._run is not None:
+            self._launch(after_reply=False)
+
+    def _waited(self) -> None:
+        """The timer: send the run once GATHER_S passed since its last write."""
+        self._timer = None
+        run = self._run
+        if run is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - run.last >= GATHER_S:
+            self._launch(after_reply=False)
+        else:
+            self._timer = loop.call_at(run.last + GATHER_S, self._waited)
+
+    def _launch(self, after_reply: bool) -> None:
+        run, self._run = self._run, None
+        assert run is not None
+        old = run.old[0] if len(run.old) == 1 else b"".join(run.old)
+        ct = run.ct[0] if len(run.ct) == 1 else b"".join(run.ct)
+        run.old = run.ct = []  # the joined copies replace the pieces (memory bound)
+        task = asyncio.get_running_loop().create_task(self._run_send(run, old, ct, after_reply))
+        self.sends += 1
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, send: Coroutine[Any, Any, None], first_block: int, blocks: int,
-                   done: Callable[[], None]) -> None:
+    async def _run_send(self, run: _Run, old: Buffer, ct: Buffer, after_reply: bool) -> None:
         try:
-            # One loop turn first: the guest's reply, queued once this write returned, then
-            # leaves before the replica write, and the guest prepares its next request
-            # while the driver works.
-            await asyncio.sleep(0)
-            await send
+            if after_reply:
+                # One loop turn first: the guest's reply, queued once this write returned,
+                # then leaves before the replica write, and the guest prepares its next
+                # request while the driver works.
+                await asyncio.sleep(0)
+            await self._send(run.first, old, ct)
         except BaseException as exc:
-            send.close()  # not started yet if cancelled in that turn
-            self._lose(first_block, blocks, exc)
+            self._lose(run.first, run.blocks, exc)
             if not isinstance(exc, Exception):
                 raise  # cancelled (the domain is stopping): recorded, and cancelled still
         finally:
-            done()
+            self._writes -= len(run.done)
+            for done in run.done:
+                done()
 
     def _lose(self, first_block: int, blocks: int, exc: BaseException) -> None:
         block_range = range(first_block, first_block + blocks)
@@ -150,9 +228,11 @@ class WriteBehind:
         raise BlockError(self._reported.errno, self._reported.message)
 
     async def drain(self) -> None:
-        """Wait until every write behind has finished."""
+        """Send what is unsent, and wait until every write behind has finished."""
+        self.send_now()
         while self._tasks:
             await asyncio.wait(list(self._tasks))
+            self.send_now()
 
     def unreported(self) -> str | None:
         """The failure no FLUSH has reported yet, if any."""
