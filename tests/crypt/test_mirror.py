@@ -276,6 +276,35 @@ def test_a_cancelled_mirrored_write_stops_every_replica_write_before_it_returns(
     run(go())
 
 
+def test_a_mirrored_write_cancelled_after_its_first_replica_answered() -> None:
+    """The fan-out runs the first replica's write in the caller's task and the others in
+    tasks of their own: cancelled while it waits for the others (the first one done), it
+    still cancels each of them and returns only once they have stopped; a failure of the
+    first replica alone degrades that one, as of any other."""
+    async def go() -> None:
+        mems = [RawMemory(physical_size(SIZE)) for _ in range(3)]
+        slow = [Stalled(m) for m in mems[1:]]
+        links: list[Backend] = [Faulty(mems[0]), *slow]
+        rs = ReplicaSet("vm1", LAY, [Replica(f"r{i}", link) for i, link in enumerate(links)])
+        write = asyncio.ensure_future(rs.pwrite(LAY.data_offset(5), pattern(5, 1)))
+        await asyncio.gather(*(s.started.wait() for s in slow))
+        await asyncio.sleep(0)
+        assert links[0].writes == 1  # type: ignore[attr-defined]
+        write.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        assert [s.ended for s in slow] == [["cancelled"], ["cancelled"]]
+        for s in slow:
+            s.release.set()
+        links[0].fail_writes = True  # type: ignore[attr-defined]
+        await rs.pwrite(LAY.data_offset(6), pattern(6, 1))
+        assert [s.ended[-1] for s in slow] == ["written", "written"]
+        assert [r.state for r in rs.replicas] == [State.DEGRADED, State.CURRENT, State.CURRENT]
+        assert 6 in rs.replicas[0].dirty
+        await rs.close()
+    run(go())
+
+
 def test_read_errors_fail_over_and_repair(tmp_path: Path) -> None:
     async def go() -> None:
         kek = new_state(tmp_path)

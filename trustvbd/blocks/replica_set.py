@@ -145,6 +145,7 @@ class ReplicaSet:
         self.disk = disk
         self.replicas = replicas
         self._lay = layout
+        self._data_start = layout.data_start  # a computed property of Layout: read per write
         self._size = min(r.link.size for r in replicas)
         caps = [r.link.capabilities for r in replicas]
         self._caps = Capabilities(read_only=any(c.read_only for c in caps),
@@ -211,7 +212,7 @@ class ReplicaSet:
 
     def _blocks(self, offset: int, length: int) -> range:
         """The data blocks [offset, offset+length) touches (empty for metadata)."""
-        start = self._lay.data_start
+        start = self._data_start
         if offset + length <= start:
             return range(0)
         first = max(offset - start, 0) // BS
@@ -313,13 +314,9 @@ class ReplicaSet:
             return
         if self._watch_timer is None:
             self._watch_soon()
-        results = await _each(op, targets)
-        failed = [(r, exc) for r, exc in zip(targets, results, strict=True) if exc is not None]
+        failed = await _each(op, targets)
         if not failed:
             return
-        for _, exc in failed:
-            if not isinstance(exc, Exception):  # cancelled: pass it on
-                raise exc
         if len(failed) == len(targets):
             self._revive_broken(targets)
             raise failed[0][1]
@@ -381,7 +378,7 @@ class ReplicaSet:
     # ------------------------------------------------------------ verified reads
 
     def data_offset(self, block: int) -> int:
-        return self._lay.data_offset(block)
+        return self._data_start + block * BS
 
     async def read(self, b0: int, n: int, attempt: Callable[[Backend], Awaitable[T]]) -> T:
         """`attempt(link)` on current replicas in turn until one passes; repair the others.
@@ -396,7 +393,12 @@ class ReplicaSet:
         k = len(readers)
         start = self._next_reader % k
         self._next_reader += 1
-        if k > 1:
+        if k == 2:  # as below, without the sort (the usual mirror)
+            a, b = readers[start], readers[1 - start]
+            order = [a, b] if a.reading <= b.reading else [b, a]
+            if self._watch_timer is None:
+                self._watch_soon()
+        elif k > 1:
             # The least busy first (in turn among equals): a slow replica gets fewer reads.
             order = sorted(readers[start:] + readers[:start], key=_reading)
             if self._watch_timer is None:
@@ -769,34 +771,34 @@ class _Hedge(Generic[T]):
 
 
 async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]],
-                targets: list[Replica]) -> list[BaseException | None]:
-    """`op` on every target at once; what each raised, or None. As asyncio.gather with
-    return_exceptions, cancellation included (the tasks are cancelled and waited for),
-    without its per-child bookkeeping: one task per target, one future the last one
-    completes. It runs once per mirrored write."""
+                targets: list[Replica]) -> list[tuple[Replica, Exception]]:
+    """`op` on every target at once; the targets whose op failed, with what it raised.
+
+    As asyncio.gather with return_exceptions, for less: it runs once per mirrored write.
+    The first target's op runs in the caller's own task, each other one in a task; all
+    their requests are queued in this turn of the loop or the next, and each replica's
+    leave in one send per turn. A cancelled caller (or op) cancels every op, waits for
+    them and raises CancelledError."""
     loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    left = len(targets)
-
-    def finished(_: asyncio.Task[None]) -> None:
-        nonlocal left
-        left -= 1
-        if not left and not done.done():
-            done.set_result(None)
-
-    tasks = []
-    for r in targets:
-        task = loop.create_task(op(r))
-        task.add_done_callback(finished)
-        tasks.append(task)
+    rest = [loop.create_task(op(r)) for r in targets[1:]]
+    failed: list[tuple[Replica, Exception]] = []
     try:
-        await done
+        try:
+            await op(targets[0])
+        except Exception as exc:
+            failed.append((targets[0], exc))
+        for r, task in zip(targets[1:], rest, strict=True):
+            try:
+                await task
+            except Exception as exc:
+                failed.append((r, exc))
     except asyncio.CancelledError:
-        for task in tasks:
+        for task in rest:
             task.cancel()
-        await asyncio.wait(tasks)
+        if rest:
+            await asyncio.wait(rest)
         raise
-    return [asyncio.CancelledError() if t.cancelled() else t.exception() for t in tasks]
+    return failed
 
 
 def _reading(r: Replica) -> int:
