@@ -38,7 +38,7 @@ lint: deps
 	$(CARGO) clippy $(CARGO_FLAGS) --all-features --all-targets -- -D warnings
 
 test: deps test-deps lint
-	$(CARGO) test $(CARGO_FLAGS) --release
+	$(CARGO) test $(CARGO_FLAGS) --release --all-features
 	$(BIN)/python -m pytest -n 2 -q -rfEs -p no:cacheprovider
 
 # Coverage-guided fuzzing (atheris), FUZZ_SECONDS per target; finds go to .fuzz/.

@@ -85,6 +85,16 @@ class BlockCipher:
         """
         return self._codec.open(first_block, ciphertext, leaves)
 
+    def open_in_place(self, first_block: int, data: bytearray | memoryview, leaves: Buffer) -> list[int]:
+        """As open(), but the plaintext replaces the ciphertext in `data` (writable, contiguous).
+
+        Returns `bad`; those blocks are left as zeros, never partly decrypted. Saves open()'s
+        copy into a new object; it holds the GIL while it works, so nothing else in this
+        process may use `data` meanwhile (a thread doing I/O into it, say). ValueError for a
+        read-only or scattered buffer or a bad size, `data` then untouched.
+        """
+        return self._codec.open_in_place(first_block, data, leaves)
+
     def bad_blocks(self, first_block: int, ciphertext: Buffer, leaves: Buffer) -> list[int]:
         """The indices of blocks of `ciphertext` that do not verify against `leaves`."""
         return self._codec.open(first_block, ciphertext, leaves)[1]

@@ -1,10 +1,11 @@
 //! The extension module `trustvbd._native`: the block codec for Python.
 //!
-//! Results are new `bytes` objects filled while the GIL is released: nobody else
-//! can reach an object under construction, so no Python buffer is ever touched
-//! without the GIL, and no `unsafe` is needed. Inputs are copied once, with the
-//! GIL held, into that output (the codec works in place), which is the copy
-//! AES-GCM out of place would make anyway.
+//! `seal` and `open` return new `bytes` objects filled while the GIL is released:
+//! nobody else can reach an object under construction, so no Python buffer is
+//! touched without the GIL. Their inputs are copied once, with the GIL held, into
+//! that output (the codec works in place). `open_in_place` saves that copy: it
+//! decrypts the caller's own writable buffer, holding the GIL (`writable`, the one
+//! module with `unsafe`).
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
@@ -12,6 +13,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::block_codec::{self, CodecError};
+
+mod writable;
 
 fn value_error(err: CodecError) -> PyErr {
     PyValueError::new_err(err.0)
@@ -85,6 +88,27 @@ impl PyBlockCodec {
             Ok(())
         })?;
         Ok((plain, bad))
+    }
+
+    /// open_in_place(first_block, data, leaves) -> bad block indices
+    ///
+    /// As `open`, but decrypts `data` (a writable, contiguous buffer of n whole blocks
+    /// of ciphertext) where it is, holding the GIL. Failed blocks are left as zeros,
+    /// never partly decrypted; on a refused request (sizes) `data` is untouched.
+    fn open_in_place(
+        &self,
+        py: Python<'_>,
+        first_block: u64,
+        data: PyBuffer<u8>,
+        leaves: PyBuffer<u8>,
+    ) -> PyResult<Vec<u32>> {
+        // Copied first: `leaves` may even be a view of `data`, which is borrowed mutably below.
+        let leaf_bytes = leaves.to_vec(py)?;
+        drop(leaves);
+        writable::with_bytes_mut(py, &data, |bytes| {
+            self.0.open_in_place(first_block, bytes, &leaf_bytes)
+        })?
+        .map_err(value_error)
     }
 }
 

@@ -1,0 +1,128 @@
+//! The crate's one `unsafe` module: a writable Python buffer's bytes as `&mut [u8]`.
+//!
+//! Decrypting a read in place, in the buffer its ciphertext was received into, saves
+//! the copy into a new `bytes` object and that object's zero fill. Python hands us
+//! the memory through the buffer protocol, which promises nothing about exclusive
+//! access, so what makes the `&mut [u8]` sound is argued here, once, and the work on
+//! it must keep to what the argument allows (see `with_bytes_mut`).
+
+#![allow(unsafe_code)]
+
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+/// Runs `work` on the bytes of `buf` with the GIL held throughout, never released.
+///
+/// Refused (ValueError) unless `buf` is writable and C-contiguous. `work` is `Send`,
+/// so it cannot hold the GIL token (`Python<'_>` and `Bound` are not `Send`) and
+/// cannot run Python code or release the GIL; it must only compute on the slice.
+pub(crate) fn with_bytes_mut<R>(
+    py: Python<'_>,
+    buf: &PyBuffer<u8>,
+    work: impl FnOnce(&mut [u8]) -> R + Send,
+) -> PyResult<R> {
+    if buf.readonly() {
+        return Err(PyValueError::new_err(
+            "the buffer is read-only; opening in place needs a writable one (a bytearray)",
+        ));
+    }
+    if buf.len_bytes() == 0 {
+        return Ok(work(&mut []));
+    }
+    let Some(slice) = buf.as_slice_ptr() else {
+        return Err(PyValueError::new_err(
+            "the buffer is not contiguous; opening in place needs one run of bytes",
+        ));
+    };
+    let _gil_held = py; // the argument below depends on holding it for the whole call
+    // SAFETY: `slice` is `buf`'s memory, `len` items of `u8`:
+    // - valid and pinned: `buf` holds a buffer export of its object until it is dropped,
+    //   after this call; an exporter keeps the memory alive and in place while exported
+    //   (a bytearray refuses to resize);
+    // - `u8` and initialised: PyBuffer<u8> checked the item format and size; any byte
+    //   pattern is a valid `u8`, and exported memory is readable as bytes;
+    // - writable: checked above (`readonly` is false), and C-contiguous (`as_slice_ptr`
+    //   returns None otherwise), so it is one run of `len` bytes from `buf_ptr`;
+    // - not aliased while `work` runs: we hold the GIL and never release it, and `work`
+    //   (Send, no GIL token) runs no Python code, so no Python code can touch the memory.
+    //   What remains is native code that works on a buffer with the GIL released
+    //   (socket I/O, our own codec on its threads): trustvbd never hands a buffer it
+    //   opens in place to such code at the same time, which is the caller's contract,
+    //   as for any buffer-protocol consumer. No other `&`/`&mut` to this memory exists
+    //   in Rust either: callers copy every other argument out before calling this.
+    let bytes = unsafe { &mut *slice.as_ptr() };
+    Ok(work(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pyo3::types::{PyByteArray, PyBytes, PyDict};
+
+    /// The test binary embeds the interpreter (the extension itself never does).
+    fn attach(test: impl for<'py> FnOnce(Python<'py>)) {
+        Python::initialize();
+        Python::attach(test);
+    }
+
+    fn buffer<'py>(py: Python<'py>, expr: &str) -> PyResult<PyBuffer<u8>> {
+        let locals = PyDict::new(py);
+        let obj = py.eval(&std::ffi::CString::new(expr).unwrap(), None, Some(&locals))?;
+        PyBuffer::get(&obj)
+    }
+
+    #[test]
+    fn a_bytearray_is_changed_where_it_is() {
+        attach(|py| {
+            let array = PyByteArray::new(py, b"abcd");
+            let buf = PyBuffer::<u8>::get(array.as_any()).unwrap();
+            let seen = with_bytes_mut(py, &buf, |bytes| {
+                bytes.reverse();
+                bytes.len()
+            })
+            .unwrap();
+            drop(buf);
+            assert_eq!(seen, 4);
+            assert_eq!(array.to_vec(), b"dcba");
+        });
+    }
+
+    #[test]
+    fn read_only_and_scattered_buffers_are_refused_untouched() {
+        attach(|py| {
+            let bytes = PyBytes::new(py, b"abcd");
+            let buf = PyBuffer::<u8>::get(bytes.as_any()).unwrap();
+            let err = with_bytes_mut(py, &buf, |b| b.fill(0)).unwrap_err();
+            assert!(err.to_string().contains("read-only"), "{err}");
+            assert_eq!(bytes.as_bytes(), b"abcd");
+            let strided = buffer(py, "memoryview(bytearray(b'abcdef'))[::2]").unwrap();
+            let err = with_bytes_mut(py, &strided, |b| b.fill(0)).unwrap_err();
+            assert!(err.to_string().contains("not contiguous"), "{err}");
+        });
+    }
+
+    #[test]
+    fn an_empty_buffer_is_an_empty_slice() {
+        attach(|py| {
+            let empty = buffer(py, "bytearray()").unwrap();
+            assert_eq!(with_bytes_mut(py, &empty, |b| b.len()).unwrap(), 0);
+            let tail = buffer(py, "memoryview(bytearray(8))[8:]").unwrap();
+            assert_eq!(with_bytes_mut(py, &tail, |b| b.len()).unwrap(), 0);
+        });
+    }
+
+    #[test]
+    fn a_slice_of_a_view_is_exactly_that_slice() {
+        attach(|py| {
+            let locals = PyDict::new(py);
+            py.run(c"a = bytearray(8)\nv = memoryview(a)[2:5]", None, Some(&locals)).unwrap();
+            let view = locals.get_item("v").unwrap().unwrap();
+            let buf = PyBuffer::<u8>::get(&view).unwrap();
+            with_bytes_mut(py, &buf, |b| b.fill(7)).unwrap();
+            drop(buf);
+            let a = locals.get_item("a").unwrap().unwrap();
+            assert_eq!(a.extract::<Vec<u8>>().unwrap(), vec![0, 0, 7, 7, 7, 0, 0, 0]);
+        });
+    }
+}
