@@ -101,6 +101,51 @@ def test_every_kind_of_tampering_is_refused_block_by_block() -> None:
     assert codec.open(101, ct[:BS], leaves[:LEAF])[1] == [0]  # moved to another block
 
 
+def test_opening_in_place_agrees_with_open_and_leaves_failed_blocks_as_zeros() -> None:
+    key, disk_id, n = bytes(range(32)), bytes(range(16)), 6
+    codec = BlockCodec(key, disk_id, 9)
+    plain = random.Random(2).randbytes(n * BS)
+    ct, leaves = codec.seal(40, 3, plain)
+    tampered = bytearray(ct)
+    tampered[2 * BS + 5] ^= 0x40  # block 2's ciphertext
+    bad_leaves = bytearray(leaves)
+    bad_leaves[4 * LEAF + 20] ^= 1  # block 4's tag
+    bad_leaves[5 * LEAF:5 * LEAF + 8] = bytes(8)  # block 5 never written: zeros, not a failure
+    want, want_bad = codec.open(40, tampered, bad_leaves)
+    data = bytearray(tampered)
+    assert codec.open_in_place(40, data, bad_leaves) == want_bad == [2, 4]
+    assert data == want
+    assert data[:2 * BS] + data[3 * BS:4 * BS] == plain[:2 * BS] + plain[3 * BS:4 * BS]
+    # Failed blocks hold zeros, not their ciphertext nor a partial decryption.
+    assert data[2 * BS:3 * BS] + data[4 * BS:] == bytes(3 * BS)
+    # In a window of a bigger buffer: only the window changes.
+    big = bytearray(b"<" * BS) + bytearray(ct) + bytearray(b">" * BS)
+    assert codec.open_in_place(40, memoryview(big)[BS:-BS], leaves) == []
+    assert big == b"<" * BS + plain + b">" * BS
+    # The leaves may even be read from the buffer being opened (they are copied first).
+    both = bytearray(ct[:BS]) + bytearray(leaves[:LEAF])
+    assert codec.open_in_place(40, memoryview(both)[:BS], memoryview(both)[BS:]) == []
+    assert both[:BS] == plain[:BS]
+
+
+def test_opening_in_place_refuses_buffers_it_may_not_write_and_leaves_them_untouched() -> None:
+    codec = BlockCodec(bytes(32), bytes(16), 1)
+    ct, leaves = codec.seal(0, 1, bytes(2 * BS))
+    with pytest.raises(ValueError, match="read-only"):
+        codec.open_in_place(0, ct, leaves)  # type: ignore[arg-type] # bytes: what a caller might try
+    scattered = bytearray(4 * BS)
+    with pytest.raises(ValueError, match="not contiguous"):
+        codec.open_in_place(0, memoryview(scattered)[::2], leaves)
+    odd = bytearray(ct) + b"x"
+    with pytest.raises(ValueError, match="whole number"):
+        codec.open_in_place(0, odd, leaves)
+    assert odd == ct + b"x"
+    short = bytearray(ct)
+    with pytest.raises(ValueError, match="leaves"):
+        codec.open_in_place(0, short, leaves[:LEAF])
+    assert short == ct
+
+
 def test_bad_requests_get_a_clear_error() -> None:
     codec = BlockCodec(bytes(32), bytes(16), 1)
     with pytest.raises(ValueError, match="whole number of 4096-byte blocks"):

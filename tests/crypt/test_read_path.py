@@ -1,15 +1,20 @@
-"""The encryption layer's read path: big reads into reused buffers, locks taken without waiting.
+"""The encryption layer's read path: big reads opened in place in pooled buffers, locks
+taken without waiting.
 
 Big reads (64 KiB or more) from a replica that reads into a caller's buffer (the
-NBD client to a driver) land in buffers the layer reuses; a buffer is reused only
-after its read was opened, never after a failed or cancelled one. A request whose
-blocks nobody holds and whose leaf pages are in memory takes its range lock at once.
+NBD client to a driver) land in pooled buffers and are decrypted where they lie: the
+plaintext handed on is that buffer. A buffer is handed out again only once nothing
+else refers to it (the reply that carried it has left; a link still receiving into
+it holds it). A tampered block fails the read and is left as zeros in the buffer,
+which goes to nobody. A request whose blocks nobody holds and whose leaf pages are
+in memory takes its range lock at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import random
 from pathlib import Path
 from typing import Any
@@ -28,16 +33,24 @@ SIZE = 1024 * BS  # 4 MiB: 8 leaf pages
 
 
 class ReadsIntoMemory(Layer):
-    """A replica that reads into the caller's buffer, as the NBD client does; it notes
-    every buffer it was given and can fail a read after writing garbage into it."""
+    """A replica that reads into the caller's buffer, as the NBD client does. It notes the
+    id of every buffer it was given (not the buffer: holding it would keep it from reuse),
+    can fail a read after writing garbage into it, and can hold on to a read's buffer
+    after the read was given up, as a connection still receiving into it does."""
 
     def __init__(self, next: Backend) -> None:
         super().__init__(next)
-        self.buffers: list[object] = []  # the bytearray behind each pread_into, in order
+        self.buffers: list[int] = []  # id of the bytearray behind each pread_into, in order
         self.fail_next = False
+        self.stall_next = False
+        self.held: list[memoryview] = []  # buffers of stalled reads, still "receiving"
 
     async def pread_into(self, offset: int, into: memoryview) -> None:
-        self.buffers.append(into.obj)
+        self.buffers.append(id(into.obj))
+        if self.stall_next:
+            self.stall_next = False
+            self.held.append(into)
+            await asyncio.Event().wait()  # until cancelled
         await asyncio.sleep(0)  # as over a socket: other requests run meanwhile
         if self.fail_next:
             self.fail_next = False
@@ -58,7 +71,7 @@ def _disk_over(tmp_path: Path) -> tuple[RawMemory, ReadsIntoMemory]:
     return raw, ReadsIntoMemory(raw)
 
 
-def test_big_reads_land_in_reused_buffers_and_return_what_was_written(tmp_path: Path) -> None:
+def test_big_reads_are_opened_in_reused_buffers_and_return_what_was_written(tmp_path: Path) -> None:
     kek = new_state(tmp_path, size=SIZE)
     _, link = _disk_over(tmp_path)
     rng = random.Random(13)
@@ -75,16 +88,44 @@ def test_big_reads_land_in_reused_buffers_and_return_what_was_written(tmp_path: 
             got = await asyncio.gather(*(disk.pread(off, n) for off, n in spans))
             for (off, n), data in zip(spans, got, strict=True):
                 assert bytes(data) == image[off:off + n]
+            del got
             # A write between rounds: the next reads see it, not an old buffer's bytes.
             off = rng.randrange(0, SIZE // BS - 64) * BS
             image[off:off + 64 * BS] = rng.randbytes(64 * BS)
             await disk.pwrite(off, bytes(image[off:off + 64 * BS]))
-            assert bytes(await disk.pread(off, 64 * BS)) == image[off:off + 64 * BS]
+            plain = await disk.pread(off, 64 * BS)
+            assert bytes(plain) == image[off:off + 64 * BS]
+            assert id(plain) == link.buffers[-1]  # opened where it was received
+            del plain
         await disk.close()
 
     run(go())
     assert len(link.buffers) >= 21
-    assert len({id(b) for b in link.buffers}) < len(link.buffers)  # reused, not fresh each time
+    assert len(set(link.buffers)) < len(link.buffers)  # reused, not fresh each time
+
+
+def test_a_buffer_is_reused_only_once_nothing_holds_it(tmp_path: Path) -> None:
+    kek = new_state(tmp_path, size=SIZE)
+    _, link = _disk_over(tmp_path)
+    image = random.Random(4).randbytes(SIZE)
+
+    async def go() -> None:
+        disk = await _open(tmp_path, link, kek)
+        await disk.pwrite(0, image)
+        first = await disk.pread(0, 64 * BS)  # held, as a transport holds a reply not yet sent
+        view = memoryview(await disk.pread(64 * BS, 64 * BS))  # held through a view only
+        for off in range(128 * BS, 16 * 64 * BS, 64 * BS):
+            assert bytes(await disk.pread(off, 64 * BS)) == image[off:off + 64 * BS]
+        assert id(first) not in link.buffers[-14:] and id(view.obj) not in link.buffers[-14:]
+        assert bytes(first) == image[:64 * BS] and bytes(view) == image[64 * BS:128 * BS]
+        held = {id(first), id(view.obj)}
+        del first, view
+        for off in range(0, 4 * 64 * BS, 64 * BS):
+            assert bytes(await disk.pread(off, 64 * BS)) == image[off:off + 64 * BS]
+        assert held & set(link.buffers[-4:])  # free again: reused
+        await disk.close()
+
+    run(go())
 
 
 def test_small_reads_do_not_use_the_reused_buffers(tmp_path: Path) -> None:
@@ -102,19 +143,33 @@ def test_small_reads_do_not_use_the_reused_buffers(tmp_path: Path) -> None:
     assert link.buffers == []
 
 
-def test_a_tampered_block_in_a_big_read_fails_and_later_reads_are_right(tmp_path: Path) -> None:
+def test_a_tampered_block_in_a_big_read_fails_leaves_zeros_and_later_reads_are_right(
+        tmp_path: Path) -> None:
     kek = new_state(tmp_path, size=SIZE)
-    raw, link = _disk_over(tmp_path)
+    raw, _ = _disk_over(tmp_path)
     image = random.Random(5).randbytes(SIZE)
+    seen: list[bytearray] = []
+
+    class Keeps(ReadsIntoMemory):
+        async def pread_into(self, offset: int, into: memoryview) -> None:
+            seen.append(into.obj)  # type: ignore[arg-type] # kept: this test looks at it after
+            await super().pread_into(offset, into)
 
     async def go() -> None:
+        link = Keeps(raw)
         disk = await _open(tmp_path, link, kek)
         await disk.pwrite(0, image)
         await disk.flush()
+        seen.clear()
         flip(raw, Layout(SIZE).data_offset(70) + 100)
         with pytest.raises(IntegrityError) as exc:
             await disk.pread(64 * BS, 64 * BS)
         assert exc.value.blocks == [70]
+        # The refused read's buffer went to nobody; it holds no partial plaintext of the
+        # tampered block (zeros), while the good blocks' plaintext stays in this domain.
+        (buf,) = seen
+        assert buf[6 * BS:7 * BS] == bytes(BS)
+        assert buf[:6 * BS] == image[64 * BS:70 * BS]
         for off in (0, 128 * BS, 512 * BS):
             assert bytes(await disk.pread(off, 64 * BS)) == image[off:off + 64 * BS]
         await disk.close()
@@ -122,7 +177,7 @@ def test_a_tampered_block_in_a_big_read_fails_and_later_reads_are_right(tmp_path
     run(go())
 
 
-def test_a_failed_read_never_gives_its_buffer_to_a_later_read(tmp_path: Path) -> None:
+def test_a_failed_read_s_buffer_serves_later_reads_rightly(tmp_path: Path) -> None:
     kek = new_state(tmp_path, size=SIZE)
     _, link = _disk_over(tmp_path)
     image = random.Random(6).randbytes(SIZE)
@@ -130,14 +185,47 @@ def test_a_failed_read_never_gives_its_buffer_to_a_later_read(tmp_path: Path) ->
     async def go() -> None:
         disk = await _open(tmp_path, link, kek)
         await disk.pwrite(0, image)
-        assert bytes(await disk.pread(0, 64 * BS)) == image[:64 * BS]  # one buffer kept now
+        first = await disk.pread(0, 64 * BS)  # held: the failed read gets another buffer
         link.fail_next = True
-        with pytest.raises(BlockError, match="went away"):
+        try:
             await disk.pread(64 * BS, 64 * BS)
+        except BlockError as exc:
+            assert "went away" in str(exc)
+        else:
+            raise AssertionError("the failed read returned")
         failed = link.buffers[-1]
+        gc.collect()  # the error's traceback, in a reference cycle, still holds the read's frame
         for off in range(0, 8 * 64 * BS, 64 * BS):
             assert bytes(await disk.pread(off, 64 * BS)) == image[off:off + 64 * BS]
-        assert all(b is not failed for b in link.buffers[2:])
+        assert failed in link.buffers[2:]  # nothing held it: reused, and overwritten first
+        assert bytes(first) == image[:64 * BS]
+        await disk.close()
+
+    run(go())
+
+
+def test_a_given_up_read_s_buffer_is_not_reused_while_its_link_holds_it(tmp_path: Path) -> None:
+    kek = new_state(tmp_path, size=SIZE)
+    _, link = _disk_over(tmp_path)
+    image = random.Random(7).randbytes(SIZE)
+
+    async def go() -> None:
+        disk = await _open(tmp_path, link, kek)
+        await disk.pwrite(0, image)
+        assert bytes(await disk.pread(0, 64 * BS)) == image[:64 * BS]
+        link.stall_next = True
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(disk.pread(64 * BS, 64 * BS), 0.05)
+        stalled = link.buffers[-1]
+        (held,) = link.held
+        for off in range(0, 8 * 64 * BS, 64 * BS):
+            assert bytes(await disk.pread(off, 64 * BS)) == image[off:off + 64 * BS]
+            held[:16] = b"late driver data"  # the connection still writes into it
+        assert stalled not in link.buffers[-8:]
+        link.held.clear()
+        del held
+        assert bytes(await disk.pread(0, 64 * BS)) == image[:64 * BS]
+        assert link.buffers[-1] == stalled
         await disk.close()
 
     run(go())

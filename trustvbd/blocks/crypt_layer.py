@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import cast
@@ -86,32 +87,42 @@ log = logging.getLogger(__name__)
 BS = BLOCK_SIZE
 # Largest run of blocks one discard intent record covers.
 _DISCARD_CHUNK = 1 << 16
-# Reads of this many bytes or more receive their ciphertext into reused buffers,
-# at most _REUSE_KEPT bytes of which are kept between reads.
+# Reads of this many bytes or more receive their ciphertext into pooled buffers and
+# are opened there; at most _REUSE_KEPT bytes of them are pooled.
 _REUSE_MIN = 64 * 1024
 _REUSE_KEPT = 8 * 1024 * 1024
 
 
 class _Buffers:
-    """Reused bytearrays for big reads' ciphertext; at most `kept` bytes held while idle."""
+    """Reused bytearrays for big reads: the ciphertext is received into one and opened in
+    place, so the plaintext handed on is that same buffer.
+
+    A buffer is handed out again only once nothing but this pool refers to it: the reply
+    that carried it has left (a transport holding it, a memoryview or buffer export of
+    it, a caller keeping it: each adds a reference). At most `kept` bytes are pooled;
+    reads beyond that get a fresh buffer that is not kept.
+    """
 
     def __init__(self, kept: int) -> None:
-        self._free: dict[int, list[bytearray]] = {}
+        self._pooled: list[bytearray] = []
         self._kept, self._held = kept, 0
 
     def get(self, size: int) -> bytearray:
-        free = self._free.get(size)
-        if not free:
-            return bytearray(size)
-        self._held -= size
-        return free.pop()
-
-    def put(self, buf: bytearray) -> None:
-        size = len(buf)
+        spare = None  # a free buffer of another size, dropped if room is needed
+        for buf in self._pooled:
+            # 3 references: the list, `buf`, getrefcount's argument.
+            if sys.getrefcount(buf) == 3:
+                if len(buf) == size:
+                    return buf
+                spare = buf
+        buf = bytearray(size)
+        if self._held + size > self._kept and spare is not None:
+            self._pooled = [b for b in self._pooled if b is not spare]
+            self._held -= len(spare)
         if self._held + size <= self._kept:
-            self._free.setdefault(size, []).append(buf)
+            self._pooled.append(buf)
             self._held += size
-
+        return buf
 
 
 def physical_size(logical_size: int) -> int:
@@ -147,7 +158,7 @@ class CryptDisk:
         # Set when the commit at open failed with ENOSPC: writes wait for a commit then.
         self._out_of_space: str | None = None
         self._locks = LeafLocks(commits.leaves)  # holding blocks keeps their leaf pages in
-        self._ct_buffers = _Buffers(_REUSE_KEPT)  # big reads' ciphertext, received straight into them
+        self._ct_buffers = _Buffers(_REUSE_KEPT)  # big reads: received, opened and sent from them
         self._behind = WriteBehind(name, self._send)
         self._seen = self._behind.seen()  # flush() and commit() called without a connection
         replicas.verifier = self
@@ -312,19 +323,25 @@ class CryptDisk:
 
     async def _read_from(self, link: Backend, b0: int, n: int, leaves: memoryview) -> Buffer:
         """Blocks [b0, b0+n) from one replica, decrypted; raises BadBlocks if some fail."""
-        size, reused = n * BS, None
+        size = n * BS
         ct: Buffer
         if size >= _REUSE_MIN and provides(link, ReadsInto):
-            # A big read lands in a reused buffer (a fresh one would be zeroed first, a
-            # tenth of a sequential read's CPU). It is given back only once opened: after
-            # a failure or a cancellation the link might still write into it.
-            ct = reused = self._ct_buffers.get(size)
-            await cast(ReadsInto, link).pread_into(self._lay.data_offset(b0), memoryview(reused))
+            # A big read lands in a pooled buffer (a fresh one would be zeroed first) and,
+            # inline, is opened where it lies: the plaintext handed on is that buffer. Not
+            # when some blocks' replica writes failed: their ciphertext may be an older
+            # version's (_adopt_unsure), which opening in place would zero.
+            ct = self._ct_buffers.get(size)
+            await cast(ReadsInto, link).pread_into(self._lay.data_offset(b0), memoryview(ct))
+            if self._aead.inline(n) and not self._unsure:
+                # The range lock keeps these blocks' leaves as they are while we wait.
+                bad = self._cipher.open_in_place(b0, ct, leaves)
+                if bad:
+                    raise BadBlocks(bad)  # the buffer, good blocks' plaintext and zeros, stays here
+                return ct
         else:
             ct = await link.pread(self._lay.data_offset(b0), size)
             if len(ct) != size:
                 raise BlockError(errno.EIO, f"replica returned {len(ct)} bytes for a {size}-byte read")
-        # The range lock keeps these blocks' leaves as they are while we wait.
         if self._aead.inline(n):
             plain, bad = self._cipher.open(b0, ct, leaves)
         else:
@@ -335,8 +352,6 @@ class CryptDisk:
                    if not self._adopt_unsure(b0 + i, cv[i * BS:(i + 1) * BS],
                                              memoryview(out)[i * BS:(i + 1) * BS])]
             plain = bytes(out)
-        if reused is not None:
-            self._ct_buffers.put(reused)  # `ct` (and views of it) are not used below
         if bad:
             raise BadBlocks(bad)
         return plain
