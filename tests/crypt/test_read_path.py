@@ -23,7 +23,7 @@ import pytest
 
 from tests.crypt.helpers import BS, RawMemory, flip, new_state, open_disk, run
 from trustvbd.blockdev import Backend, BlockError
-from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, Kek, Layout, physical_size
+from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, Kek, Layout, _Buffers, physical_size
 from trustvbd.blocks.layer import Layer
 from trustvbd.blocks.leaf_pages import LeafLocks
 from trustvbd.blocks.ranges import RangeLock
@@ -126,6 +126,23 @@ def test_a_buffer_is_reused_only_once_nothing_holds_it(tmp_path: Path) -> None:
         await disk.close()
 
     run(go())
+
+
+def test_the_pool_holds_at_most_its_bytes_and_makes_room_for_another_size() -> None:
+    k = 64 * 1024
+    pool = _Buffers(4 * k)
+    lent = [pool.get(k) for _ in range(6)]  # 4 pooled, 2 fresh ones beyond the bound
+    assert len({id(b) for b in lent}) == 6
+    assert id(pool.get(k)) not in {id(b) for b in lent}  # none free: a fresh one
+    again = [id(b) for b in lent[:2]]
+    del lent
+    reused = pool.get(k)
+    assert id(reused) in again  # the least recently lent free one
+    big = pool.get(2 * k)  # room made by letting free 64 KiB buffers go
+    big_id = id(big)
+    del big
+    assert id(pool.get(2 * k)) == big_id  # it was pooled, within the bound
+    assert sum(len(b) for q in pool._pooled.values() for b in q) <= 4 * k
 
 
 def test_small_reads_do_not_use_the_reused_buffers(tmp_path: Path) -> None:

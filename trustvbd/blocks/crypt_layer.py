@@ -23,6 +23,7 @@ import asyncio
 import errno
 import logging
 import sys
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import cast
@@ -90,7 +91,7 @@ _DISCARD_CHUNK = 1 << 16
 # Reads of this many bytes or more receive their ciphertext into pooled buffers and
 # are opened there; at most _REUSE_KEPT bytes of them are pooled.
 _REUSE_MIN = 64 * 1024
-_REUSE_KEPT = 8 * 1024 * 1024
+_REUSE_KEPT = 32 * 1024 * 1024
 
 
 class _Buffers:
@@ -99,30 +100,43 @@ class _Buffers:
 
     A buffer is handed out again only once nothing but this pool refers to it: the reply
     that carried it has left (a transport holding it, a memoryview or buffer export of
-    it, a caller keeping it: each adds a reference). At most `kept` bytes are pooled;
-    reads beyond that get a fresh buffer that is not kept.
+    it, a caller keeping it: each adds a reference). Buffers come back in about the order
+    they went out, so the few least recently handed out are the ones looked at. At most
+    `kept` bytes are pooled; a read that finds none free gets a fresh buffer.
     """
 
+    LOOK_AT = 8
+
     def __init__(self, kept: int) -> None:
-        self._pooled: list[bytearray] = []
+        self._pooled: dict[int, deque[bytearray]] = {}
         self._kept, self._held = kept, 0
 
     def get(self, size: int) -> bytearray:
-        spare = None  # a free buffer of another size, dropped if room is needed
-        for buf in self._pooled:
-            # 3 references: the list, `buf`, getrefcount's argument.
+        pooled = self._pooled.get(size)
+        if pooled is None:
+            pooled = self._pooled[size] = deque()
+        for _ in range(min(len(pooled), self.LOOK_AT)):
+            buf = pooled.popleft()
+            pooled.append(buf)
+            # 3 references: the deque, `buf`, getrefcount's argument.
             if sys.getrefcount(buf) == 3:
-                if len(buf) == size:
-                    return buf
-                spare = buf
+                return buf
         buf = bytearray(size)
-        if self._held + size > self._kept and spare is not None:
-            self._pooled = [b for b in self._pooled if b is not spare]
-            self._held -= len(spare)
+        while self._held + size > self._kept and self._drop_one_free(size):
+            pass
         if self._held + size <= self._kept:
-            self._pooled.append(buf)
+            pooled.append(buf)
             self._held += size
         return buf
+
+    def _drop_one_free(self, size: int) -> bool:
+        """Room for a buffer of `size`: let go of a free one of another size, if any."""
+        for other, pooled in self._pooled.items():
+            if other != size and pooled and sys.getrefcount(pooled[0]) == 2:  # deque, argument
+                pooled.popleft()
+                self._held -= other
+                return True
+        return False
 
 
 def physical_size(logical_size: int) -> int:
