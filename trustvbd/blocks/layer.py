@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
-from trustvbd.blockdev import Backend, BlockError, Buffer, Capabilities, ReadsInto
+from trustvbd.blockdev import Backend, BlockError, Buffer, Capabilities, ReadsInto, provides
 
 ReadInto = Callable[[int, memoryview], Coroutine[Any, Any, None]]
 
@@ -57,9 +57,10 @@ class Layer:
 
 def reader_into(backend: Backend) -> ReadInto:
     """How to read into a caller's buffer from `backend`: straight off the wire where
-    it can (ReadsInto, the NBD client), else a read and a copy. Resolve once, call often."""
-    if isinstance(backend, ReadsInto):
-        return backend.pread_into
+    it can (ReadsInto, the NBD client), else a read and a copy. Resolve once, call often
+    (ReplicaLink resolves per read: its connection may have been replaced)."""
+    if provides(backend, ReadsInto):
+        return cast(ReadsInto, backend).pread_into
 
     async def copy_into(offset: int, into: memoryview) -> None:
         data = await backend.pread(offset, into.nbytes)
