@@ -267,6 +267,31 @@ def test_range_lock_taken_at_once_only_without_a_conflict() -> None:
     run(go())
 
 
+def test_range_lock_waits_for_exactly_the_overlapping_holds() -> None:
+    async def go() -> None:
+        lock = RangeLock()
+        reads = [lock.try_acquire(i * 10, i * 10 + 10, False) for i in range(300)]
+        assert all(r is not None for r in reads)
+        write = asyncio.ensure_future(lock.acquire(995, 1005, True))  # overlaps reads 99, 100
+        other = lock.try_acquire(2000, 2010, True)  # overlaps read 200 only
+        assert other is None
+        await asyncio.sleep(0)
+        assert not write.done()
+        lock.release(reads[99])  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        assert not write.done()
+        lock.release(reads[100])  # type: ignore[arg-type]
+        w = await asyncio.wait_for(write, 1)
+        late = asyncio.ensure_future(lock.acquire(1000, 1001, False))  # a read behind the write
+        await asyncio.sleep(0)
+        assert not late.done()
+        assert lock.try_acquire(3005, 3006, False) is not None  # no conflict elsewhere
+        lock.release(w)
+        lock.release(await asyncio.wait_for(late, 1))
+
+    run(go())
+
+
 def test_leaf_locks_taken_at_once_only_when_their_pages_are_in_memory(tmp_path: Path) -> None:
     kek = new_state(tmp_path, size=SIZE)
     raw = RawMemory(physical_size(SIZE))

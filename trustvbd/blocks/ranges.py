@@ -53,31 +53,40 @@ class RangeLock:
     """
 
     def __init__(self) -> None:
-        self._held: list[_Hold] = []
+        # Reads are kept apart from writes: a read only has to look at the writes held,
+        # and a sequential reader keeps hundreds of reads in flight.
+        self._reads: set[_Hold] = set()
+        self._writes: set[_Hold] = set()
+
+    def _conflict(self, start: int, end: int, exclusive: bool) -> _Hold | None:
+        for h in self._writes:
+            if h.start < end and start < h.end:
+                return h
+        if exclusive:
+            for h in self._reads:
+                if h.start < end and start < h.end:
+                    return h
+        return None
 
     async def acquire(self, start: int, end: int, exclusive: bool) -> _Hold:
-        while True:
-            for h in self._held:
-                if h.start < end and start < h.end and (exclusive or h.exclusive):
-                    if h.done is None:
-                        h.done = asyncio.Event()
-                    await h.done.wait()
-                    break
-            else:
-                hold = _Hold(start, end, exclusive)
-                self._held.append(hold)
-                return hold
+        while (h := self._conflict(start, end, exclusive)) is not None:
+            if h.done is None:
+                h.done = asyncio.Event()
+            await h.done.wait()
+        return self._hold(start, end, exclusive)
 
     def try_acquire(self, start: int, end: int, exclusive: bool) -> _Hold | None:
         """The hold at once if nothing conflicting is held, else None (then `acquire`)."""
-        for h in self._held:
-            if h.start < end and start < h.end and (exclusive or h.exclusive):
-                return None
+        if self._conflict(start, end, exclusive) is not None:
+            return None
+        return self._hold(start, end, exclusive)
+
+    def _hold(self, start: int, end: int, exclusive: bool) -> _Hold:
         hold = _Hold(start, end, exclusive)
-        self._held.append(hold)
+        (self._writes if exclusive else self._reads).add(hold)
         return hold
 
     def release(self, hold: _Hold) -> None:
-        self._held.remove(hold)
+        (self._writes if hold.exclusive else self._reads).remove(hold)
         if hold.done is not None:
             hold.done.set()
