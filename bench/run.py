@@ -231,6 +231,26 @@ def median_cpu(reps: list[Rep], workload: str) -> dict[str, float]:
             for role in sorted(roles)}
 
 
+def replica_costs(runs: dict[str, list[Rep]]) -> list[str]:
+    """Issue #11's CPU criterion: per role, the CPU per GiB each replica beyond the first
+    adds over the 1-replica row of the same run (and of the baseline's, if measured)."""
+    out = []
+    for suffix in ("", " [baseline]"):
+        one = runs.get(f"trustvbd up (encrypted){suffix}")
+        for n in (2, 3):
+            more = runs.get(f"trustvbd up (encrypted, {n} replicas){suffix}")
+            if not one or not more:
+                continue
+            cells = []
+            for workload in ("write", "read"):
+                a, b = median_cpu(more, workload), median_cpu(one, workload)
+                cells.append(", ".join(f"{role} {(a.get(role, 0.0) - b.get(role, 0.0)) / (n - 1):+.2f}"
+                                       for role in sorted(set(a) | set(b))
+                                       if role in ("crypt", "driver")))
+            out.append(f"| {n} replicas vs 1{suffix}, per extra replica | " + " | ".join(cells) + " |")
+    return out
+
+
 def report(doc: dict[str, Any]) -> None:
     opts = doc["options"]
     for suite, data in doc["suites"].items():
@@ -269,6 +289,11 @@ def report(doc: dict[str, Any]) -> None:
         if lines:
             print("\n| ratio | medians |\n|---|---|")
             print("\n".join(lines))
+        extra = replica_costs(runs)
+        if extra:
+            print("\n| what one more replica adds (s CPU per GiB, by role) | write | read |"
+                  "\n|---|---|---|")
+            print("\n".join(extra))
         print(f"\n### {suite}: CPU seconds per process role: sequential per GiB, random per 100k "
               "requests (medians)\n")
         print("| server | workload | CPU by role | total |\n|---|---|---|---|")
