@@ -215,21 +215,23 @@ def test_intent_records_follow_the_document(tmp_path: Path) -> None:
         disk = await open_disk(tmp_path, RawMemory(physical_size(SIZE)), kek, "doc")
         await disk.pwrite(10 * BS, pattern(10) + pattern(11))
         log = (tmp_path / "disks" / "doc" / "intent.log").read_bytes()
-        rec = log[32:]
+        rec = log[32:32 + 148]
         assert rec[:4] == b"IREC" and struct.unpack_from(">IQ", rec, 4) == (2, 10)
         assert rec[16:80] == bytes(64)  # old leaves: never written
         new = rec[80:144]
         assert bytes(disk._leaves.get(10, 12)) == new
-        assert len(rec) == 148 and _crc_ok(rec, 144)
+        assert _crc_ok(rec, 144)
+        assert len(log) % 4096 == 0 and log[32 + 148:] == bytes(len(log) - 180)  # zeroed room
         await disk.flush()  # the log stands for the commit: a flush mark follows the record
         log = (tmp_path / "disks" / "doc" / "intent.log").read_bytes()
-        mark = log[32 + 148:]
+        mark = log[32 + 148:32 + 148 + 20]
         assert mark[:4] == b"IREC" and struct.unpack_from(">IQ", mark, 4) == (0, 0)
-        assert len(mark) == 20 and _crc_ok(mark, 16)
+        assert _crc_ok(mark, 16) and log[200:] == bytes(len(log) - 200)
         await disk.commit()  # the log is reset and carries page 0's hash (a TREC record)
         log = (tmp_path / "disks" / "doc" / "intent.log").read_bytes()
         epoch = struct.unpack_from(">Q", log, 16)[0]
-        rec = log[32:]
+        rec = log[32:32 + 60]
+        assert log[92:] == bytes(len(log) - 92)
         assert rec[:4] == b"TREC" and struct.unpack_from(">IQQ", rec, 4) == (1, epoch, 0)
         page = bytes(disk._leaves.page(0))
         assert rec[24:56] == hashlib.sha256(b"\x00" + bytes(8) + page).digest()

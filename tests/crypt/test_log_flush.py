@@ -3,13 +3,15 @@ never letting a replica roll a flushed block back, and a commit when the log mus
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.crypt.helpers import BS, LAY, SIZE, RawMemory, new_state, open_disk, pattern, run
-from trustvbd.blocks import crypt_commit
+from trustvbd.blocks import crypt_commit, disk_state
 from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, physical_size
+from trustvbd.blocks.disk_state import DiskState, IntentLog
 
 
 async def crash(disk: CryptDisk) -> None:
@@ -105,3 +107,69 @@ def test_a_flush_commits_once_enough_was_logged(tmp_path: Path,
         await disk.close()
 
     run(go())
+
+
+def test_a_flush_syncs_the_log_in_its_room_without_growing_it(tmp_path: Path) -> None:
+    """A FLUSH's records and mark go into zeroed room written at the last commit, so its
+    fdatasyncs write data pages only: the file's size and allocation do not change."""
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        disk = await open_disk(tmp_path, RawMemory(physical_size(SIZE)), kek)
+        path = DiskState(tmp_path, "vm1").intent_path
+        await disk.pwrite(0, pattern(0))
+        await disk.flush()
+        first, epoch = os.stat(path), disk.epoch
+        for b in range(1, 40):
+            await disk.pwrite(b * BS, pattern(b))
+            await disk.flush()
+        assert disk.epoch == epoch  # flush marks, no commit (which resets the log)
+        now = os.stat(path)
+        assert (now.st_size, now.st_blocks) == (first.st_size, first.st_blocks)
+        assert first.st_size == disk_state.LOG_ROOM
+        await crash(disk)
+
+    run(go())
+
+
+def test_records_go_after_the_last_one_as_the_room_grows_and_after_a_reopen(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(disk_state, "LOG_ROOM", 256)
+    path = tmp_path / "intent.log"
+    log = IntentLog(path)
+    log.reset(7)
+    assert os.path.getsize(path) == 256
+    for b in range(40):  # 80 bytes each: the room grows several times
+        log.append(b, bytes(32), bytes([b + 1]) * 32)
+    log.close()
+    log = IntentLog(path)  # a reopen finds the end of the records, not the file's
+    log.append(99, bytes(32), b"\xff" * 32)
+    log.mark_flushed()
+    contents = log.read()
+    log.close()
+    assert contents.base_epoch == 7
+    assert [r.first_block for r in contents.records] == [*range(40), 99, 0]
+    assert contents.records[5].new == b"\x06" * 32 and contents.records[-1].new == b""
+    assert os.path.getsize(path) > 256 and os.path.getsize(path) % 256 == 0
+
+
+def test_a_reset_leaves_no_record_of_the_older_log_to_read(tmp_path: Path) -> None:
+    """The room after a reset is fresh zeros: records of the log before it, further along
+    the file, can never be read as the new log's."""
+    path = tmp_path / "intent.log"
+    log = IntentLog(path)
+    log.reset(1)
+    for b in range(300):
+        log.append(b, bytes(32), b"\x01" * 32)
+    log.sync()
+    log.reset(2)
+    log.append(5, bytes(32), b"\x02" * 32)
+    log.append(6, bytes(32), b"\x02" * 32)  # ends where a record of the older log began
+    log.sync()
+    log.close()
+    log = IntentLog(path)
+    contents = log.read()
+    log.close()
+    assert contents.base_epoch == 2
+    assert [(r.first_block, r.new) for r in contents.records] == [(5, b"\x02" * 32),
+                                                                   (6, b"\x02" * 32)]

@@ -317,7 +317,7 @@ class Commits:
             if self.failed is None and not self.dirty:
                 self.tree.mark_clean(self.anchor.epoch)
                 self.carry.clear()
-                self.intent.reset(self.anchor.epoch)
+                self.intent.reset(self.anchor.epoch, room=False)
         finally:
             self.tree.close()
 

@@ -171,6 +171,11 @@ _REC_HEAD = struct.Struct(">4sIQ")
 _REC_MAGIC = b"IREC"
 _TREE_MAGIC = b"TREC"
 _TREE_ENTRY = 8 + HASH_SIZE
+# Zeroed room the intent log keeps ahead of its records: a record written into it and
+# fdatasync'ed changes no file size and allocates nothing, so a FLUSH's syncs write data
+# only (no journal commit). When full it doubles, by at most LOG_ROOM_STEP_MAX at a time.
+LOG_ROOM = 64 * 1024
+LOG_ROOM_STEP_MAX = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -199,38 +204,72 @@ class LogContents:
 
 
 class IntentLog:
-    """Append-only record of leaf changes since the commit of `base_epoch`, and of page
-    hashes the tree file may not hold yet (written after the anchor, without fsync)."""
+    """Record of leaf changes since the commit of `base_epoch`, and of page hashes the tree
+    file may not hold yet (written after the anchor, without fsync). Records are written one
+    after another into zeroed room kept ahead of them (LOG_ROOM), not appended."""
 
     def __init__(self, path: Path, ops: FileOps = OS_FILES) -> None:
         self.path = path
         self._ops = ops
-        self._fd = ops.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        self._fd = ops.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._end: int | None = None  # where the next record goes (None: not read yet)
+        self._room = 0  # the file's size: records, then zeros
+
+    @property
+    def end(self) -> int:
+        """Where the next record goes: after the last whole record."""
+        if self._end is None:
+            self.read()
+        assert self._end is not None
+        return self._end
+
+    def _put(self, rec: bytes | bytearray) -> None:
+        """One record, one pwrite: a crash leaves it whole or detectably torn."""
+        end = self.end
+        if end + len(rec) > self._room:
+            # Zeros written (not a hole, not fallocate's unwritten extents): the records
+            # that go there later dirty data pages only. Synced with the next record.
+            need, page = end + len(rec), min(4096, LOG_ROOM)
+            room = -(-max(LOG_ROOM, need + min(need, LOG_ROOM_STEP_MAX)) // page) * page
+            zeros = bytes(room - self._room)
+            if self._ops.pwrite(self._fd, zeros, self._room) != len(zeros):
+                raise OSError(f"short write to {self.path}")
+            self._room = room
+        if self._ops.pwrite(self._fd, rec, end) != len(rec):
+            raise OSError(f"short write to {self.path}")
+        self._end = end + len(rec)
 
     def close(self) -> None:
         if self._fd >= 0:
             self._ops.close(self._fd)
             self._fd = -1
 
-    def reset(self, base_epoch: int, carry: dict[int, bytes] | None = None) -> None:
+    def reset(self, base_epoch: int, carry: dict[int, bytes] | None = None,
+              room: bool = True) -> None:
         """Empty the log; what follows changes the state committed as `base_epoch`.
-        `carry`: page hashes the tree file may still lack (one tree record).
+        `carry`: page hashes the tree file may still lack (one tree record). `room`:
+        zeroed room for the records to come (not at a close: the log is then a header).
 
         Not synced: until the next sync() the old records stay durable, and those
         are obsolete once the anchor of `base_epoch` is (it was synced first); the
-        old log's tree records hold at least what `carry` holds."""
+        old log's tree records hold at least what `carry` holds. Truncated first, so
+        no record of an older log can lie in the new room."""
         self._ops.ftruncate(self._fd, 0)
+        self._end = self._room = 0
         head = _LOG_HEADER.pack(_LOG_MAGIC, _LOG_VERSION, 0, base_epoch, 0)
         out = head + struct.pack(">I", zlib.crc32(head))
         if carry:
             out += encode_tree_record(base_epoch, carry)
-        self._ops.write(self._fd, out)
+        if room:
+            self._put(out)
+        else:
+            if self._ops.pwrite(self._fd, out, 0) != len(out):
+                raise OSError(f"short write to {self.path}")
+            self._end = self._room = len(out)
 
     def append_tree(self, epoch: int, hashes: dict[int, bytes]) -> None:
         """The page hashes the commit of `epoch` is about to make (before its anchor)."""
-        rec = encode_tree_record(epoch, hashes)
-        if self._ops.write(self._fd, rec) != len(rec):
-            raise OSError(f"short write to {self.path}")
+        self._put(encode_tree_record(epoch, hashes))
 
     def sync(self) -> None:
         """Make every record appended so far survive a power cut (once per commit)."""
@@ -244,25 +283,27 @@ class IntentLog:
 
     def append(self, first_block: int, old: bytes | bytearray | memoryview,
                new: bytes | bytearray | memoryview) -> None:
-        """One record, one os.write: a crash leaves it whole or detectably torn."""
+        """One leaf record (_put)."""
         n = len(new)
         rec = bytearray(_REC_HEAD.size + 2 * n + 4)
         _REC_HEAD.pack_into(rec, 0, _REC_MAGIC, n // 32, first_block)
         rec[_REC_HEAD.size:_REC_HEAD.size + n] = old
         rec[_REC_HEAD.size + n:_REC_HEAD.size + 2 * n] = new
         struct.pack_into(">I", rec, _REC_HEAD.size + 2 * n, zlib.crc32(memoryview(rec)[:-4]))
-        if self._ops.write(self._fd, rec) != len(rec):
-            raise OSError(f"short write to {self.path}")
+        self._put(rec)
 
     def read(self) -> LogContents:
         """The base epoch (None if the log is empty/unreadable) and the whole records.
 
         A torn tail (a crash inside the last append) is dropped: that request's
-        ciphertext was never sent, since the record is written first.
+        ciphertext was never sent, since the record is written first. Reading stops at
+        the zeroed room too (no magic).
         """
         raw = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
+        self._room = len(raw)
         hsize = _LOG_HEADER.size + 4
         if len(raw) < hsize or zlib.crc32(raw[:_LOG_HEADER.size]) != _crc_at(raw, hsize - 4):
+            self._end = len(raw)  # no log to add to: what comes goes after it (reset first)
             return LogContents(None, [], [])
         magic, version, _, base_epoch, _ = _LOG_HEADER.unpack_from(raw)
         if magic != _LOG_MAGIC or version != _LOG_VERSION:
@@ -293,6 +334,7 @@ class IntentLog:
                     hashes[int.from_bytes(raw[at:at + 8], "big")] = raw[at + 8:at + _TREE_ENTRY]
                 out.trees.append(TreeRecord(first, hashes))
             off = end
+        self._end = off
         return out
 
 
