@@ -3,15 +3,19 @@ never letting a replica roll a flushed block back, and a commit when the log mus
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 from pathlib import Path
 
 import pytest
 
 from tests.crypt.helpers import BS, LAY, SIZE, RawMemory, new_state, open_disk, pattern, run
+from trustvbd.blockdev import BlockError
 from trustvbd.blocks import crypt_commit, disk_state
 from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, physical_size
 from trustvbd.blocks.disk_state import DiskState, IntentLog
+from trustvbd.fileops import OsFileOps
 
 
 async def crash(disk: CryptDisk) -> None:
@@ -173,3 +177,42 @@ def test_a_reset_leaves_no_record_of_the_older_log_to_read(tmp_path: Path) -> No
     assert contents.base_epoch == 2
     assert [(r.first_block, r.new) for r in contents.records] == [(5, b"\x02" * 32),
                                                                    (6, b"\x02" * 32)]
+
+
+class FailingLogSync(OsFileOps):
+    """Real files; fdatasync of the intent log fails (EIO) once `failing` is set."""
+
+    failing = False
+
+    def fdatasync(self, fd: int) -> None:
+        if self.failing and os.readlink(f"/proc/self/fd/{fd}").endswith("intent.log"):
+            raise OSError(errno.EIO, "Input/output error")
+        super().fdatasync(fd)
+
+
+def test_a_flush_whose_log_sync_fails_says_eio_and_vouches_for_nothing(tmp_path: Path) -> None:
+    """The records' sync runs on a thread while the writes behind and the replica flush are in
+    flight: its failure still fails the FLUSH (no mark is vouched for) and nothing hangs."""
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        files = FailingLogSync()
+        disk = await CryptDisk.open(tmp_path, "vm1", RawMemory(physical_size(SIZE)), "r0", kek,
+                                    files=files)
+        await disk.pwrite(3 * BS, pattern(3))
+        await disk.flush()
+        await disk.pwrite(4 * BS, pattern(4))  # answered before the replica (write_behind.py)
+        files.failing = True
+        with pytest.raises(BlockError, match=r"cannot sync .*intent\.log") as failed:
+            await asyncio.wait_for(disk.flush(), 10)
+        assert failed.value.errno == errno.EIO
+        log = DiskState(tmp_path, "vm1").open_intent()
+        last = log.read().records[-1]
+        log.close()
+        assert (last.first_block, len(last.new)) == (4, 32)  # no flush mark after the write
+        files.failing = False
+        await asyncio.wait_for(disk.flush(), 10)  # the next FLUSH syncs it all
+        assert bytes(await disk.pread(3 * BS, 2 * BS)) == pattern(3) + pattern(4)
+        await crash(disk)
+
+    run(go())

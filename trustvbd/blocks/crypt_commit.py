@@ -182,15 +182,20 @@ class Commits:
         the writers does not wait for a timer."""
         async with self._lock:
             self._no_commit.clear()  # new writes wait; writes in flight finish first
+            synced: asyncio.Future[None] | None = None
             try:
                 if send_now is not None:
                     send_now()
+                if may_log is not None and self._logged != self.intent_blocks:
+                    synced = self._sync_soon()
                 await self._writers_idle.wait()
                 log_ok = may_log is not None and may_log() and not force
                 await before()
                 if log_ok and self._log_suffices(replica):
                     if self._logged != self.intent_blocks:  # else nothing new since
-                        await self._sync_log(replica)
+                        if synced is None:  # records from writes that were in flight
+                            synced = self._sync_soon()
+                        await self._sync_log(replica, synced)
                     if self._members(replica, []) == self.anchor.members:
                         self._logged = self.intent_blocks
                         return
@@ -199,6 +204,9 @@ class Commits:
                     await self._commit_now(replica)
             finally:
                 self._no_commit.set()
+                if synced is not None and not synced.done():
+                    # A commit syncs the log itself; the early sync only must not be lost.
+                    synced.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _log_suffices(self, replica: ReplicaSet) -> bool:
         """Whether the intent log may stand for a full commit now (module doc)."""
@@ -206,16 +214,37 @@ class Commits:
                 and not self.leaves.over_dirty_limit() and not replica.joining()
                 and self._members(replica, []) == self.anchor.members)
 
-    async def _sync_log(self, replica: ReplicaSet) -> None:
-        """The intent log fdatasync'ed (on a thread) while the replicas flush, then a flush
-        mark appended and the log fdatasync'ed again.
+    def _sync_soon(self) -> asyncio.Future[None]:
+        """The intent log fdatasync'ed on a thread, started two loop turns from now: after
+        the writes behind that a FLUSH sent on (write_behind.send_now) have left, since
+        handing work to a thread costs this loop tens of microseconds. It then runs
+        while those writes and the replica flush are in flight."""
+        loop = asyncio.get_running_loop()
+        synced: asyncio.Future[None] = loop.create_future()
+
+        def done(job: asyncio.Future[None]) -> None:
+            if job.cancelled():
+                synced.cancel()
+            elif (exc := job.exception()) is not None:
+                synced.set_exception(exc)
+            else:
+                synced.set_result(None)
+
+        def start() -> None:
+            loop.run_in_executor(None, self.intent.sync).add_done_callback(done)
+
+        loop.call_soon(loop.call_soon, start)
+        return synced
+
+    async def _sync_log(self, replica: ReplicaSet, synced: asyncio.Future[None]) -> None:
+        """The intent log fdatasync'ed (`synced`, on a thread) while the replicas flush,
+        then a flush mark appended and the log fdatasync'ed again.
 
         The records are synced no later than the replicas' data, as a commit does, so a
         power cut inside the FLUSH seldom finds ciphertext that no record explains. The
         mark goes in only once the replicas hold every write before it: recovery takes
         no version older than a marked one (crypt_open.choose_versions), so a mark that
         outlived a FLUSH cut short would cost blocks their older content."""
-        synced = asyncio.get_running_loop().run_in_executor(None, self.intent.sync)
         try:
             await replica.flush()
         finally:
