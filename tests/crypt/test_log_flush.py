@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,42 @@ def test_a_flush_whose_log_sync_fails_says_eio_and_vouches_for_nothing(tmp_path:
         await crash(disk)
 
     run(go())
+
+
+class HeldSync(OsFileOps):
+    """fdatasync waits until `release` is set, then takes what the file holds then."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.synced: bytes | None = None
+
+    def fdatasync(self, fd: int) -> None:
+        self.entered.set()
+        assert self.release.wait(10)
+        self.synced = os.pread(fd, 1 << 20, 0)
+        super().fdatasync(fd)
+
+
+def test_a_reset_waits_for_a_sync_running_on_a_thread(tmp_path: Path) -> None:
+    """A FLUSH syncs the records on a thread and may fall back to a commit, which resets the
+    log: inside that sync, a reset could make a truncated, not yet rewritten log durable."""
+    ops = HeldSync()
+    log = IntentLog(tmp_path / "intent.log", ops)
+    log.reset(1)
+    for b in range(3):
+        log.append(b, bytes(32), b"\x01" * 32)
+    before = os.pread(log._fd, 1 << 20, 0)
+    syncing = threading.Thread(target=log.sync)
+    syncing.start()
+    assert ops.entered.wait(10)
+    resetting = threading.Thread(target=log.reset, args=(2,))
+    resetting.start()
+    resetting.join(0.2)
+    assert resetting.is_alive()  # waits for the sync
+    ops.release.set()
+    syncing.join(10)
+    resetting.join(10)
+    assert ops.synced == before  # the sync saw the whole log, never a truncated one
+    assert log.read().base_epoch == 2
+    log.close()

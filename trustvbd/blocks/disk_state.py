@@ -25,6 +25,7 @@ import hashlib
 import os
 import re
 import struct
+import threading
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -214,6 +215,9 @@ class IntentLog:
         self._fd = ops.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self._end: int | None = None  # where the next record goes (None: not read yet)
         self._room = 0  # the file's size: records, then zeros
+        # A FLUSH syncs on a thread (crypt_commit.py): a reset must not run inside that
+        # sync, or the sync could make a log durable that is truncated and not rewritten.
+        self._syncing = threading.Lock()
 
     @property
     def end(self) -> int:
@@ -254,6 +258,10 @@ class IntentLog:
         are obsolete once the anchor of `base_epoch` is (it was synced first); the
         old log's tree records hold at least what `carry` holds. Truncated first, so
         no record of an older log can lie in the new room."""
+        with self._syncing:
+            self._reset(base_epoch, carry, room)
+
+    def _reset(self, base_epoch: int, carry: dict[int, bytes] | None, room: bool) -> None:
         self._ops.ftruncate(self._fd, 0)
         self._end = self._room = 0
         head = _LOG_HEADER.pack(_LOG_MAGIC, _LOG_VERSION, 0, base_epoch, 0)
@@ -273,7 +281,8 @@ class IntentLog:
 
     def sync(self) -> None:
         """Make every record appended so far survive a power cut (once per commit)."""
-        self._ops.fdatasync(self._fd)
+        with self._syncing:
+            self._ops.fdatasync(self._fd)
 
     def mark_flushed(self) -> None:
         """A flush mark (a leaf record of no blocks), appended by a FLUSH that the log
