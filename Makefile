@@ -8,6 +8,9 @@ NATIVE := $(VENV)/.native
 export PATH := $(PATH):$(HOME)/.cargo/bin:/root/.cargo/bin
 CARGO := cargo
 CARGO_FLAGS := --manifest-path native/Cargo.toml --locked
+# cargo's PyO3 builds (clippy; cargo test, whose test binary embeds Python) use the venv's
+# interpreter, as maturin does: no rebuild when switching, and no other python3 picked up.
+export PYO3_PYTHON := $(abspath $(BIN)/python)
 NATIVE_SRC := native/Cargo.toml native/Cargo.lock $(shell find native/src -name '*.rs')
 
 .PHONY: run test lint deps test-deps bench clean fuzz
