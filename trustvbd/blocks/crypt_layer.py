@@ -105,7 +105,7 @@ class _Buffers:
     `kept` bytes are pooled; a read that finds none free gets a fresh buffer.
     """
 
-    LOOK_AT = 8
+    LOOK_AT = 32
 
     def __init__(self, kept: int) -> None:
         self._pooled: dict[int, deque[bytearray]] = {}
