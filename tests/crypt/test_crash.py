@@ -93,9 +93,12 @@ class CachedReplica(SimulatedReplica):
             rng = self.clock.rng
             self.pending += [p for p in pieces if rng.random() < 0.5]  # torn at 4 KiB
             raise Crash("write")
-        self.pending += pieces
-        if fua:
-            self._persist_all()
+        if fua:  # this write is durable once answered, and only this one (NBD's FUA)
+            for o, piece in pieces:
+                self.durable[o:o + BS] = piece
+            self.pending = [(o, p) for o, p in self.pending if not offset <= o < offset + len(data)]
+        else:
+            self.pending += pieces
 
     async def flush(self) -> None:
         if self.clock.tick():

@@ -207,7 +207,7 @@ class TracedReplica(SimulatedReplica):
         self.data = bytearray(size)
         self.initial = bytes(size)
         self.events = events
-        self.writes: list[tuple[int, int, bytes]] = []  # (event, offset, data)
+        self.writes: list[tuple[int, int, bytes, bool]] = []  # (event, offset, data, fua)
         self.flushes: list[int] = []  # events of completed flushes
         self.down = False
 
@@ -227,9 +227,7 @@ class TracedReplica(SimulatedReplica):
         self._check_up()
         event = self.events.tick(f"replica write {offset}+{len(data)}")
         self.data[offset:offset + len(data)] = data
-        self.writes.append((event, offset, bytes(data)))
-        if fua:
-            self.flushes.append(event)
+        self.writes.append((event, offset, bytes(data), fua))
 
     async def flush(self) -> None:
         self._check_up()
@@ -237,13 +235,15 @@ class TracedReplica(SimulatedReplica):
 
     def image_at(self, event: int, kept: bool) -> bytearray:
         """The replica after a power cut right after `event`: every write so far if the
-        driver kept them (`kept`), else only those before its last completed flush."""
+        driver kept them (`kept`), else only those before its last completed flush and
+        the FUA writes (durable once answered, each on its own: NBD's FUA)."""
         upto = event if kept else max((f for f in self.flushes if f <= event), default=0)
         image = bytearray(self.initial)
-        for at, offset, data in self.writes:
-            if at > upto:
+        for at, offset, data, fua in self.writes:
+            if at > event:
                 break
-            image[offset:offset + len(data)] = data
+            if at <= upto or fua:
+                image[offset:offset + len(data)] = data
         return image
 
 
