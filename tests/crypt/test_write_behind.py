@@ -31,10 +31,13 @@ class Gate(Layer):
         self.held = 0
         self.error: int | None = None
         self.sent: list[tuple[int, int]] = []  # (first block, blocks) of each data write
+        self.fua: list[bool] = []  # ... and whether it came with FUA
+        self.flushes = 0
 
     async def pwrite(self, offset: int, data: Any, fua: bool = False) -> None:
         if offset >= LAY.data_start:
             self.sent.append(((offset - LAY.data_start) // BS, len(data) // BS))
+            self.fua.append(fua)
             self.held += 1
             try:
                 await self.opened.wait()
@@ -43,6 +46,10 @@ class Gate(Layer):
             if self.error is not None:
                 raise BlockError(self.error, "driver says no")
         await self.next.pwrite(offset, data, fua)
+
+    async def flush(self) -> None:
+        self.flushes += 1
+        await self.next.flush()
 
 
 async def turns(n: int = 50) -> None:
@@ -383,3 +390,68 @@ def test_a_gathered_run_the_replica_fails_loses_each_of_its_writes(tmp_path: Pat
         await disk.close()
 
     run(go())
+
+
+def test_a_flush_sends_the_unsent_run_with_fua_and_flushes_meanwhile(tmp_path: Path,
+                                                                     no_gather_timer: None) -> None:
+    """The run a FLUSH finds unsent goes with FUA (durable by itself), so the replica flush
+    for the writes answered before it need not wait for it; the FLUSH answers once both
+    are done, and only then is it vouched for (flush mark)."""
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        gate = Gate(mem)
+        disk = await open_disk(tmp_path, gate, kek)
+        await disk.pwrite(1 * BS, pattern(1))
+        await disk.flush()
+        flushes = gate.flushes
+        gate.opened.clear()
+        await disk.pwrite(8 * BS, pattern(8))
+        await disk.pwrite(9 * BS, pattern(9))  # one unsent run
+        flush = asyncio.ensure_future(disk.flush())
+        await until(lambda: gate.flushes > flushes)  # the replica flushes with the run held
+        assert gate.held == 1 and gate.sent[-1] == (8, 2) and gate.fua[-1]
+        await turns()
+        assert not flush.done()  # the FLUSH waits for the run too
+        assert not [r for r in intent_records(tmp_path) if not r.new][1:]  # one mark (earlier)
+        gate.opened.set()
+        await asyncio.wait_for(flush, 5)
+        assert len([r for r in intent_records(tmp_path) if not r.new]) == 2  # now vouched for
+        await disk.close()
+        disk = await open_disk(tmp_path, mem, kek)
+        assert bytes(await disk.pread(8 * BS, 2 * BS)) == pattern(8) + pattern(9)
+        await disk.close()
+
+    run(go())
+
+
+def test_a_flush_whose_fua_run_fails_says_so_and_writes_no_mark(tmp_path: Path,
+                                                                no_gather_timer: None) -> None:
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        gate = Gate(RawMemory(physical_size(SIZE)))
+        disk = await open_disk(tmp_path, gate, kek)
+        await disk.pwrite(12 * BS, pattern(12))
+        await disk.flush()
+        epoch = disk.epoch
+        await disk.pwrite(12 * BS, pattern(12, 1))  # unsent
+        gate.error = errno.ENOSPC
+        with pytest.raises(BlockError, match=r"block\(s\) 12 were answered, then failed") as e:
+            await asyncio.wait_for(disk.flush(), 5)
+        assert e.value.errno == errno.ENOSPC and gate.fua[-1]
+        # Not vouched for by a mark: the FLUSH committed instead, settling what block 12 holds.
+        assert disk.epoch > epoch
+        gate.error = None
+        assert bytes(await disk.pread(12 * BS, BS)) == pattern(12)
+        await disk.close()
+
+    run(go())
+
+
+def intent_records(state: Path) -> list[Any]:
+    log = DiskState(state, "vm1").open_intent()
+    try:
+        return log.read().records
+    finally:
+        log.close()

@@ -57,6 +57,7 @@ async def workload(state: Path, kek: object, files: PowerCutFiles, replica: Trac
         await guest.step(disk)
     assert disk._behind.started > 5  # writes answered before the replica took them are cut too
     assert disk._behind.sends < disk._behind.started  # some gathered into one replica write
+    assert any(fua for *_, fua in replica.writes)  # and some a FLUSH sent on with FUA
     await abandon(disk)
     return guest.model
 

@@ -2,7 +2,9 @@
 
 A FLUSH (or FUA write) makes every write completed so far durable. Usually it
 does so with the intent log alone: the log is fdatasync'ed while the replicas
-flush, then a flush mark is appended and the log fdatasync'ed again. Recovery
+flush, then a flush mark is appended and the log fdatasync'ed again. Writes behind
+that were not sent yet go with FUA (durable once answered), so the replica flush
+for the others need not wait for them; the mark waits for both. Recovery
 rolls the log forward (for each logged block, the newest recorded version whose
 ciphertext verifies on a current replica, and never one older than the last
 mark's: crypt_open.choose_versions), so a block whose record and ciphertext are
@@ -57,6 +59,7 @@ from trustvbd.blocks.leaf_pages import LeafPages
 from trustvbd.blocks.ranges import runs
 from trustvbd.blocks.replica_set import ReplicaSet, State
 from trustvbd.blocks.tree_file import TreeFile, TreeFileError
+from trustvbd.blocks.write_behind import Ahead
 from trustvbd.crypt import superblock as sbfmt
 from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE
 from trustvbd.crypt.keys import DiskSecrets
@@ -107,6 +110,7 @@ class Commits:
         self._writers = 0
         self._writers_idle = asyncio.Event()
         self._writers_idle.set()
+        self._wake_at = 0  # _writers_idle is also set when this many writers are left
         self._no_commit = asyncio.Event()
         self._no_commit.set()
         self._lock = asyncio.Lock()
@@ -163,8 +167,22 @@ class Commits:
 
     def leave_write(self) -> None:
         self._writers -= 1
-        if self._writers == 0:
+        if self._writers == 0 or self._writers == self._wake_at:
             self._writers_idle.set()
+
+    async def _writers_done(self, ahead: Ahead | None) -> None:
+        """Until no write is in flight, but for `ahead`'s: a run a FLUSH sent with FUA is
+        durable once answered, so the replica flush need not wait for it (the mark does)."""
+        self._wake_at = ahead.writes if ahead is not None else 0
+        try:
+            while self._writers and not (ahead is not None and not ahead.task.done()
+                                         and self._writers == ahead.writes):
+                self._writers_idle.clear()
+                await self._writers_idle.wait()
+        finally:
+            self._wake_at = 0
+            if self._writers:
+                self._writers_idle.clear()  # it says "no write in flight"
 
     def due(self, fua: bool) -> bool:
         return fua or self.intent_blocks >= AUTO_COMMIT_BLOCKS or self.leaves.over_dirty_limit()
@@ -173,33 +191,38 @@ class Commits:
 
     async def commit(self, replica: ReplicaSet, before: Callable[[], Awaitable[None]],
                      force: bool = False, may_log: Callable[[], bool] | None = None,
-                     send_now: Callable[[], None] | None = None) -> None:
+                     send_now: Callable[[bool], Ahead | None] | None = None) -> None:
         """Wait for writes in flight, run `before` (checks, settling doubts), then commit.
 
         With `may_log` (a FLUSH or FUA write; it says whether no write failed since the
         last commit), the intent log may make the writes durable instead (module doc).
         `send_now` sends writes answered but held back (write_behind.py), so waiting for
-        the writers does not wait for a timer."""
+        the writers does not wait for a timer; a FLUSH sends them with FUA and flushes
+        the replicas while they are in flight (every other write has been answered)."""
         async with self._lock:
             self._no_commit.clear()  # new writes wait; writes in flight finish first
             synced: asyncio.Future[None] | None = None
             try:
-                if send_now is not None:
-                    send_now()
+                ahead = send_now(may_log is not None) if send_now is not None else None
                 if may_log is not None and self._logged != self.intent_blocks:
                     synced = self._sync_soon()
-                await self._writers_idle.wait()
+                await self._writers_done(ahead)
                 log_ok = may_log is not None and may_log() and not force
-                await before()
                 if log_ok and self._log_suffices(replica):
+                    await before()
+                    marked = True
                     if self._logged != self.intent_blocks:  # else nothing new since
                         if synced is None:  # records from writes that were in flight
                             synced = self._sync_soon()
-                        await self._sync_log(replica, synced)
-                    if self._members(replica, []) == self.anchor.members:
+                        assert may_log is not None
+                        marked = await self._sync_log(replica, synced, ahead, may_log)
+                    if marked and self._members(replica, []) == self.anchor.members:
                         self._logged = self.intent_blocks
                         return
-                    # A replica failed the flush: the anchor must stop listing it.
+                    # A write sent with FUA failed (its blocks are in doubt), or a replica
+                    # failed the flush (the anchor must stop listing it): commit.
+                await self._writers_done(None)
+                await before()
                 if self.dirty or force or replica.joining():
                     await self._commit_now(replica)
             finally:
@@ -236,9 +259,11 @@ class Commits:
         loop.call_soon(loop.call_soon, start)
         return synced
 
-    async def _sync_log(self, replica: ReplicaSet, synced: asyncio.Future[None]) -> None:
-        """The intent log fdatasync'ed (`synced`, on a thread) while the replicas flush,
-        then a flush mark appended and the log fdatasync'ed again.
+    async def _sync_log(self, replica: ReplicaSet, synced: asyncio.Future[None],
+                        ahead: Ahead | None, may_log: Callable[[], bool]) -> bool:
+        """The intent log fdatasync'ed (`synced`, on a thread) while the replicas flush and
+        the writes `ahead` (sent with FUA) land, then a flush mark appended and the log
+        fdatasync'ed again. False, and no mark, if a write ahead failed (`may_log`).
 
         The records are synced no later than the replicas' data, as a commit does, so a
         power cut inside the FLUSH seldom finds ciphertext that no record explains. The
@@ -253,12 +278,17 @@ class Commits:
             except OSError as exc:
                 raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot sync "
                                  f"{self.intent.path}: {exc}") from exc
+        if ahead is not None:
+            await self._writers_done(None)
+            if not may_log():
+                return False
         try:
             self.intent.mark_flushed()
             self.intent.sync()
         except OSError as exc:
             raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot sync "
                              f"{self.intent.path}: {exc}") from exc
+        return True
 
     async def _commit_now(self, replica: ReplicaSet) -> None:
         g, tree, leaves = self.lay, self.tree, self.leaves

@@ -507,12 +507,12 @@ class CryptDisk:
         self._note_leaves(b0, old, new, settled=False)
         return old
 
-    async def _send(self, b0: int, old: Buffer, ct: Buffer) -> None:
+    async def _send(self, b0: int, old: Buffer, ct: Buffer, fua: bool = False) -> None:
         """The ciphertext of recorded blocks to the replicas; on failure keep what they may hold."""
         n = len(old) // LEAF_SIZE
         start = self._lay.data_offset(b0)
         try:
-            await self._replica.pwrite(start, ct)
+            await self._replica.pwrite(start, ct, fua)
         except BaseException:
             # The replica may now hold old or new ciphertext for each block. Earlier
             # failed writes' candidates stay too: the replica may still hold any of them.

@@ -33,8 +33,9 @@ and in every driver, more than the write's own work. So a write behind that star
 one before it ends joins it: the run goes to the replicas as one write once it
 is GATHER_BLOCKS long, once a write elsewhere comes, or GATHER_S after its last
 write, and at once when anything waits for those blocks (`send_now`: a FLUSH
-or commit, a read or write that meets their range lock, a close). A replica
-that fails the run loses all of its writes, each as it would alone.
+or commit, a read or write that meets their range lock, a close). A FLUSH sends
+it with FUA, so it can flush the replicas for the writes before it meanwhile.
+A replica that fails the run loses all of its writes, each as it would alone.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import errno
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from trustvbd.blockdev import BlockError, Buffer
 from trustvbd.blocks.ranges import describe_blocks
@@ -58,7 +59,15 @@ GATHER_BLOCKS = 32  # a run of adjacent writes behind goes out at this many bloc
 GATHER_S = 0.001  # an unsent run waits this long for its next write (a few FUSE requests)
 
 # Sends the ciphertext of blocks [first, first + len(old) // 32) whose old leaves are `old`.
-Send = Callable[[int, Buffer, Buffer], Coroutine[Any, Any, None]]
+# With FUA when the bool says so (durable once answered).
+Send = Callable[[int, Buffer, Buffer, bool], Coroutine[Any, Any, None]]
+
+
+class Ahead(NamedTuple):
+    """A run a FLUSH sent on with FUA: its task and how many writes it holds."""
+
+    task: asyncio.Task[None]
+    writes: int
 
 
 @dataclass
@@ -131,11 +140,14 @@ class WriteBehind:
         if run.blocks >= GATHER_BLOCKS or not gather:
             self._launch(after_reply=True)
 
-    def send_now(self) -> None:
+    def send_now(self, fua: bool = False) -> Ahead | None:
         """Something waits for the writes behind (their blocks, or all of them): send the
-        unsent run."""
-        if self._run is not None:
-            self._launch(after_reply=False)
+        unsent run, with `fua` durable by itself (a FLUSH need not wait for it before it
+        flushes the replicas: crypt_commit.Commits.commit)."""
+        if self._run is None:
+            return None
+        writes = len(self._run.done)
+        return Ahead(self._launch(after_reply=False, fua=fua), writes)
 
     def _waited(self) -> None:
         """The timer: send the run once GATHER_S passed since its last write."""
@@ -149,25 +161,28 @@ class WriteBehind:
         else:
             self._timer = loop.call_at(run.last + GATHER_S, self._waited)
 
-    def _launch(self, after_reply: bool) -> None:
+    def _launch(self, after_reply: bool, fua: bool = False) -> asyncio.Task[None]:
         run, self._run = self._run, None
         assert run is not None
         old = run.old[0] if len(run.old) == 1 else b"".join(run.old)
         ct = run.ct[0] if len(run.ct) == 1 else b"".join(run.ct)
         run.old = run.ct = []  # the joined copies replace the pieces (memory bound)
-        task = asyncio.get_running_loop().create_task(self._run_send(run, old, ct, after_reply))
+        task = asyncio.get_running_loop().create_task(
+            self._run_send(run, old, ct, after_reply, fua))
         self.sends += 1
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
-    async def _run_send(self, run: _Run, old: Buffer, ct: Buffer, after_reply: bool) -> None:
+    async def _run_send(self, run: _Run, old: Buffer, ct: Buffer, after_reply: bool,
+                        fua: bool) -> None:
         try:
             if after_reply:
                 # One loop turn first: the guest's reply, queued once this write returned,
                 # then leaves before the replica write, and the guest prepares its next
                 # request while the driver works.
                 await asyncio.sleep(0)
-            await self._send(run.first, old, ct)
+            await self._send(run.first, old, ct, fua)
         except BaseException as exc:
             self._lose(run.first, run.blocks, exc)
             if not isinstance(exc, Exception):
