@@ -16,6 +16,7 @@ once, when it composes the stack, and keeps the bound method.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from collections.abc import Awaitable, Callable
@@ -182,6 +183,27 @@ class Watched(Protocol):
 
     def abandon(self, reason: str) -> None:
         """Break the connection: every unanswered request fails with ETIMEDOUT, saying `reason`."""
+        ...
+
+
+@runtime_checkable
+class Submits(Protocol):
+    """Can queue a write without a coroutine of its own (NbdClient, and the layers a mirror
+    keeps above it): a mirrored write then costs each replica a future, not a task and a
+    chain of coroutines. Whoever awaits the future reports its outcome with `write_ended`,
+    so each layer records what its pwrite would have, without a callback of its own."""
+
+    def submit_write(self, offset: int, data: Buffer,
+                     fua: bool = False) -> asyncio.Future[None] | None:
+        """Queue the write now and return a future of its outcome (a BlockError if it
+        fails), or None when it must go through `pwrite` instead (no free request slot,
+        a write too large for one request, a check that fails, an ability it lacks).
+        `data` must stay unchanged until the future is done."""
+        ...
+
+    def write_ended(self, error: Exception | None) -> None:
+        """A submitted write's future is done: None if it succeeded, else what it raised.
+        Not called for a write given up on (cancelled), as pwrite records nothing then."""
         ...
 
 

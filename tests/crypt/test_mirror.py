@@ -6,6 +6,7 @@ Real NBD drivers (hostile ones, qemu-nbd, nbdkit) are in tests/interop/test_mirr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import random
 import struct
@@ -17,12 +18,18 @@ from typing import Any
 import pytest
 
 from tests.crypt.helpers import BS, LAY, SIZE, RawMemory, new_state, pattern, run
+from tests.nbd.helpers import ServerThread
+from tests.nbd.test_client import FullAt
 from trustvbd.blockdev import Backend, BlockError, Buffer
 from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, physical_size
 from trustvbd.blocks.disk_state import Anchor, DiskState, Member
 from trustvbd.blocks.layer import Layer
 from trustvbd.blocks.ranges import RangeLock
+from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.replica_set import Replica, ReplicaSet, State
+from trustvbd.blocks.space import SpaceWatch
+from trustvbd.nbd.client import NbdClient
+from trustvbd.nbd.exports import Export, StaticExports
 
 NBLOCKS = SIZE // BS
 
@@ -303,6 +310,56 @@ def test_a_mirrored_write_cancelled_after_its_first_replica_answered() -> None:
         assert 6 in rs.replicas[0].dirty
         await rs.close()
     run(go())
+
+
+def test_mirrored_writes_through_real_links_are_submitted_and_recorded(short_tmp: Path) -> None:
+    """The encryption domain's replica links (SpaceWatch over ReplicaLink over NbdClient)
+    take a mirrored write without a coroutine (Submits): each layer still records what its
+    pwrite would (a driver out of space is noted once, the replica degrades and keeps the
+    block dirty); a write cancelled while its replies wait returns at once and each
+    request slot comes back with its late reply."""
+    backends = [FullAt(physical_size(SIZE), full=LAY.data_offset(6)) for _ in range(2)]
+    backends[0].full = -1
+    with contextlib.ExitStack() as stack:
+        uris = [stack.enter_context(ServerThread(StaticExports([Export("", b)]),
+                                                 short_tmp / f"s{i}.sock")).uri()
+                for i, b in enumerate(backends)]
+
+        async def go() -> None:
+            clients = [await NbdClient.open_uri(uri, max_in_flight=4) for uri in uris]
+            submitted = [0, 0]
+            for i, client in enumerate(clients):
+                submit = client.submit_write
+
+                def counting(*args: Any, i: int = i, submit: Any = submit) -> Any:
+                    submitted[i] += 1
+                    return submit(*args)
+                client.submit_write = counting  # type: ignore[method-assign,assignment]
+
+            async def never() -> Backend:
+                raise ConnectionError("not in this test")
+            space = [SpaceWatch(ReplicaLink(c, f"r{i}", never, retry_window=0), "vm1", f"r{i}")
+                     for i, c in enumerate(clients)]
+            rs = ReplicaSet("vm1", LAY, [Replica(f"r{i}", w) for i, w in enumerate(space)])
+            await rs.pwrite(LAY.data_offset(5), pattern(5, 1))
+            assert submitted == [1, 1] and [r.state for r in rs.replicas] == [State.CURRENT] * 2
+            backends[0].write_delay = 0.2
+            write = asyncio.ensure_future(rs.pwrite(LAY.data_offset(7), pattern(7, 1)))
+            await asyncio.sleep(0.02)
+            write.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(write, 0.1)  # not the 0.2 s the reply takes
+            assert clients[0]._free_slots == 3 and submitted == [2, 2]
+            await asyncio.sleep(0.3)
+            assert clients[0]._free_slots == 4
+            backends[0].write_delay = 0.0
+            await rs.pwrite(LAY.data_offset(6), pattern(6, 1))  # r1's driver is full there
+            assert [r.state for r in rs.replicas] == [State.CURRENT, State.DEGRADED]
+            assert 6 in rs.replicas[1].dirty and "ENOSPC" in str(rs.replicas[1].last_error)
+            assert space[1].status()["space"] == "full" and space[0].status()["space"] == "ok"
+            assert bytes(await clients[0].pread(LAY.data_offset(6), BS)) == pattern(6, 1)
+            await rs.close()
+        run(go())
 
 
 def test_read_errors_fail_over_and_repair(tmp_path: Path) -> None:

@@ -164,3 +164,63 @@ def test_requests_of_one_turn_leave_together_and_a_cancelled_one_keeps_its_bytes
             await client.close()
 
         run_async(main(), loop)
+
+
+class FullAt(ScriptedBackend):
+    """Writes at `full` fail with ENOSPC; every write waits `write_delay` first."""
+
+    def __init__(self, size: int, full: int) -> None:
+        super().__init__(size)
+        self.full = full
+
+    async def pwrite(self, offset: int, data: object, fua: bool = False) -> None:
+        if self.write_delay:
+            await asyncio.sleep(self.write_delay)
+        if offset == self.full:
+            raise BlockError(errno.ENOSPC, "injected: no space left")
+        await self.next.pwrite(offset, data, fua)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_submitted_writes_hold_request_slots_and_fail_as_pwrite_does(
+        short_tmp: Path, loop: str) -> None:
+    """submit_write (a mirror's write without a coroutine) queues a WRITE at once while a
+    request slot is free and gives the slot back with the reply; an error reply fails its
+    future with the BlockError pwrite raises, a broken connection with the reason. It
+    declines (None) what pwrite must do: no free slot (a coroutine waits for one, in turn),
+    a request outside the device, a connection already broken."""
+    backend = FullAt(MiB, full=3 * 4096)
+    with ServerThread(StaticExports([Export("", backend)]), short_tmp / "s.sock", loop) as srv:
+        async def main() -> None:
+            client = await NbdClient.open_uri(srv.uri(), max_in_flight=2)
+            backend.write_delay = 0.05
+            first = client.submit_write(0, b"\x01" * 4096)
+            second = client.submit_write(4096, b"\x02" * 4096)
+            assert first is not None and second is not None
+            assert client.submit_write(8192, b"\x03" * 4096) is None  # both slots in flight
+            waiting = asyncio.ensure_future(client.pwrite(8192, b"\x03" * 4096))
+            await asyncio.sleep(0)
+            assert not waiting.done()
+            await asyncio.gather(first, second)  # each succeeded
+            await waiting  # got a slot from the replies
+            assert bytes(await client.pread(0, 3 * 4096)) == b"\x01" * 4096 + b"\x02" * 4096 \
+                + b"\x03" * 4096
+            full = client.submit_write(3 * 4096, b"\x04" * 4096)
+            assert full is not None
+            with pytest.raises(BlockError) as err:
+                await full
+            assert err.value.errno == errno.ENOSPC and "failed WRITE" in str(err.value)
+            assert client.submit_write(MiB - 512, b"\x05" * 4096) is None  # pwrite says EINVAL
+            backend.write_delay = 5.0
+            stuck = client.submit_write(0, b"\x06" * 4096)
+            assert stuck is not None
+            await asyncio.sleep(0.01)
+            client.abandon("test gives up")
+            with pytest.raises(BlockError) as err:
+                await stuck
+            assert err.value.errno == errno.ETIMEDOUT and "test gives up" in str(err.value)
+            assert client._free_slots == 2  # the failed request's slot came back
+            assert client.submit_write(0, b"\x07" * 4096) is None
+            await client.close()
+
+        run_async(main(), loop)

@@ -19,9 +19,18 @@ import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
-from trustvbd.blockdev import Backend, BlockError, Breakable, Buffer, Capabilities, Watched
+from trustvbd.blockdev import (
+    Backend,
+    BlockError,
+    Breakable,
+    Buffer,
+    Capabilities,
+    Submits,
+    Watched,
+    provides,
+)
 from trustvbd.blocks.layer import reader_into
 
 log = logging.getLogger(__name__)
@@ -177,6 +186,25 @@ class ReplicaLink:
         except BlockError as exc:
             await self._recover_from(backend, exc)
         await self.next.pwrite(offset, data, fua)
+
+    def submit_write(self, offset: int, data: Buffer, fua: bool = False) -> asyncio.Future[None] | None:
+        """As pwrite in a mirror (no retry), without a coroutine, when the connection can
+        (Submits). A single replica's writes take pwrite: they may wait for a reconnect."""
+        backend = self.next
+        if self._retry_window > 0 or not provides(backend, Submits):
+            return None
+        future = cast(Submits, backend).submit_write(offset, data, fua)
+        if future is not None:
+            self._dirty = True
+        return future
+
+    def write_ended(self, error: Exception | None) -> None:
+        """What _recover_from records when a mirror's write fails on a broken connection
+        (the connection now: a reconnect in between makes it the new one, which is fine)."""
+        nxt = self.next
+        if isinstance(error, BlockError) and isinstance(nxt, Breakable) and nxt.broken:
+            self.last_error = str(error)
+            self.state = "disconnected"
 
     async def flush(self) -> None:
         await self._call(lambda b: b.flush())

@@ -46,6 +46,7 @@ from trustvbd.blockdev import (
     Buffer,
     Capabilities,
     Reconnectable,
+    Submits,
     Watched,
     provides,
 )
@@ -87,6 +88,9 @@ class Verifier(Protocol):
         """Whether the block has ciphertext to copy (a zero leaf needs none)."""
         ...
 
+
+# Queues a replica's write without a coroutine (Submits); None: it takes the coroutine.
+_Submit = Callable[["Replica"], "asyncio.Future[None] | None"]
 
 # Judges a replica that comes back before it may take writes (CryptDisk.admit): returns
 # True if it must be rebuilt whole (blank, or older than when it left), False if its
@@ -238,8 +242,13 @@ class ReplicaSet:
             r.dirty.update(blocks)
             r.map_saved = False
         self._note_unflushed(blocks)
+
+        def submit(r: Replica) -> asyncio.Future[None] | None:
+            link = r.link
+            return (cast(Submits, link).submit_write(offset, data, fua) if provides(link, Submits)
+                    else None)
         await self._all(writers, lambda r: r.link.pwrite(offset, data, fua), lambda: blocks,
-                        "write")
+                        "write", submit)
 
     def _note_unflushed(self, blocks: range) -> None:
         if not blocks:
@@ -304,8 +313,10 @@ class ReplicaSet:
                 pass
 
     async def _all(self, targets: list[Replica], op: Callable[[Replica], Coroutine[Any, Any, None]],
-                   blocks: Callable[[], Iterable[int]], what: str) -> None:
-        """Run `op` on every target; degrade those that fail unless all do (then raise)."""
+                   blocks: Callable[[], Iterable[int]], what: str,
+                   submit: _Submit | None = None) -> None:
+        """Run `op` on every target (or `submit` a write, where a link queues it without a
+        coroutine); degrade those that fail unless all do (then raise)."""
         if not targets:
             raise BlockError(errno.EIO, f"disk {self.disk!r}: no replica is current; the {what} "
                              "cannot be stored (see `trustvbd status`)")
@@ -314,7 +325,7 @@ class ReplicaSet:
             return
         if self._watch_timer is None:
             self._watch_soon()
-        failed = await _each(op, targets)
+        failed = await _each(op, targets, submit)
         if not failed:
             return
         if len(failed) == len(targets):
@@ -770,33 +781,49 @@ class _Hedge(Generic[T]):
             self._task.cancel()
 
 
-async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]],
-                targets: list[Replica]) -> list[tuple[Replica, Exception]]:
+async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]], targets: list[Replica],
+                submit: _Submit | None = None) -> list[tuple[Replica, Exception]]:
     """`op` on every target at once; the targets whose op failed, with what it raised.
 
     As asyncio.gather with return_exceptions, for less: it runs once per mirrored write.
-    The first target's op runs in the caller's own task, each other one in a task; all
-    their requests are queued in this turn of the loop or the next, and each replica's
-    leave in one send per turn. A cancelled caller (or op) cancels every op, waits for
-    them and raises CancelledError."""
+    A write that a target's link queues at once (`submit`, Submits) costs a future, whose
+    outcome the link is then told (`write_ended`); otherwise the first target's op runs in
+    the caller's own task and each other one in a task. All their requests are queued in
+    this turn of the loop or the next, and each replica's leave in one send per turn. A
+    cancelled caller (or op) cancels every op, waits for those in tasks to stop and raises
+    CancelledError (a submitted request is on the wire already: its answer is dropped)."""
     loop = asyncio.get_running_loop()
-    rest = [loop.create_task(op(r)) for r in targets[1:]]
+    inline: Replica | None = None
+    started: list[tuple[Replica, asyncio.Future[None], bool]] = []  # (target, op, submitted)
+    for r in targets:
+        future = submit(r) if submit is not None else None
+        if future is not None:
+            started.append((r, future, True))
+        elif inline is None and not started:
+            inline = r
+        else:
+            started.append((r, loop.create_task(op(r)), False))
     failed: list[tuple[Replica, Exception]] = []
     try:
-        try:
-            await op(targets[0])
-        except Exception as exc:
-            failed.append((targets[0], exc))
-        for r, task in zip(targets[1:], rest, strict=True):
+        if inline is not None:
             try:
-                await task
+                await op(inline)
             except Exception as exc:
+                failed.append((inline, exc))
+        for r, future, submitted in started:
+            error: Exception | None = None
+            try:
+                await future
+            except Exception as exc:
+                error = exc
                 failed.append((r, exc))
+            if submitted:
+                cast(Submits, r.link).write_ended(error)
     except asyncio.CancelledError:
-        for task in rest:
-            task.cancel()
-        if rest:
-            await asyncio.wait(rest)
+        for _, future, _ in started:
+            future.cancel()
+        if started:
+            await asyncio.wait([future for _, future, _ in started])
         raise
     return failed
 

@@ -8,12 +8,22 @@ starts, one when writes go through again, and `status` shows which it is.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
-from trustvbd.blockdev import Backend, BlockError, Breakable, Buffer, Reconnectable, Watched
+from trustvbd.blockdev import (
+    Backend,
+    BlockError,
+    Breakable,
+    Buffer,
+    Reconnectable,
+    Submits,
+    Watched,
+    provides,
+)
 from trustvbd.blocks.layer import Layer, reader_into
 
 log = logging.getLogger("trustvbd.crypt.space")
@@ -78,6 +88,20 @@ class SpaceWatch(Layer):
             self._failed(exc)
             raise
         self._went_through()
+
+    def submit_write(self, offset: int, data: Buffer, fua: bool = False) -> asyncio.Future[None] | None:
+        """As pwrite, without a coroutine, when the link below can (Submits)."""
+        nxt = self.next
+        return cast(Submits, nxt).submit_write(offset, data, fua) if provides(nxt, Submits) else None
+
+    def write_ended(self, error: Exception | None) -> None:
+        if error is None:
+            if self.full_since is not None:
+                self._went_through()
+        elif isinstance(error, BlockError):
+            self._failed(error)
+        if provides(self.next, Submits):
+            cast(Submits, self.next).write_ended(error)
 
     async def zero(self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
                    fast: bool = False) -> None:

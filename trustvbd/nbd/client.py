@@ -12,6 +12,7 @@ fails with a BlockError that says what happened, and later calls fail fast.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import socket
@@ -42,12 +43,16 @@ def printable(text: str, limit: int = 300) -> str:
 
 
 class _Waiter:
-    __slots__ = ("deadline", "future", "length", "offset", "type")
+    """A request sent and not yet answered. `direct`: a submitted write (submit_write),
+    whose future gets the outcome (None, or the BlockError) and whose slot is given back
+    with the reply; otherwise the future gets the Reply and _request gives the slot back."""
 
-    def __init__(self, future: asyncio.Future[m.Reply], deadline: float, typ: int,
-                 offset: int, length: int) -> None:
-        self.future, self.deadline, self.type, self.offset, self.length = (
-            future, deadline, typ, offset, length
+    __slots__ = ("deadline", "direct", "future", "length", "offset", "type")
+
+    def __init__(self, future: asyncio.Future[Any], deadline: float, typ: int,
+                 offset: int, length: int, direct: bool = False) -> None:
+        self.future, self.deadline, self.type, self.offset, self.length, self.direct = (
+            future, deadline, typ, offset, length, direct
         )
 
 
@@ -99,7 +104,10 @@ class NbdClient:
         self._wire = _Wire(self)
         self._waiters: dict[int, _Waiter] = {}
         self._next_cookie = 1
-        self._slots = asyncio.Semaphore(max_in_flight)
+        # Request slots (at most max_in_flight requests in flight): a free slot is taken
+        # without a coroutine; a freed one goes straight to the longest waiter.
+        self._free_slots = max_in_flight
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
         # Cleared while the transport's buffer is over its high-water mark.
         self._writable = asyncio.Event()
@@ -396,47 +404,102 @@ class NbdClient:
             for at in range(offset, offset + length, limit)
         ))
 
+    def submit_write(self, offset: int, data: Buffer, fua: bool = False) -> asyncio.Future[None] | None:
+        """A WRITE queued now, without a coroutine (Submits); None when pwrite must do it."""
+        length = len(data)
+        if (self._free_slots <= 0 or not self._writable.is_set() or length > self.block_sizes[2]
+                or (fua and not self._caps.fua)):
+            return None
+        try:
+            self._check(offset, length, write=True)
+        except BlockError:
+            return None  # pwrite raises it
+        self._free_slots -= 1
+        try:
+            future = self._send_request(_WRITE, offset, length, int(p.CmdFlag.FUA) if fua else 0,
+                                        data, None, True)
+        except BaseException:
+            self._release_slot()
+            raise
+        return future
+
+    def write_ended(self, error: Exception | None) -> None:
+        pass  # the reply or the broken connection was handled when it came
+
+    def _take_slot(self) -> asyncio.Future[None] | None:
+        """Take a request slot: None if one was free, else a future that hands one over."""
+        if self._free_slots > 0:
+            self._free_slots -= 1
+            return None
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._slot_waiters.append(waiter)
+        return waiter
+
+    def _release_slot(self) -> None:
+        waiters = self._slot_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes to it
+                return
+        self._free_slots += 1
+
+    async def _wait_for_slot(self, waiter: asyncio.Future[None]) -> None:
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # handed a slot, then cancelled: pass it on
+            raise
+
     async def _request(
         self, typ: int, offset: int, length: int, flags: int = 0, data: Buffer | None = None,
         into: memoryview | None = None,
     ) -> Buffer | None:
-        # acquire/release rather than `async with`: two coroutines fewer per request.
-        await self._slots.acquire()
+        waiter = self._take_slot()
+        if waiter is not None:
+            await self._wait_for_slot(waiter)
         try:
             if not self._writable.is_set():
                 await self._writable.wait()
             self._check_usable()
-            cookie = self._next_cookie
-            self._next_cookie = cookie + 1
-            parts = self._core.send_parts(m.Request(typ, cookie, offset, length, flags, data, into))
-            future: asyncio.Future[m.Reply] = self._loop.create_future()
-            self._waiters[cookie] = _Waiter(future, self._loop.time() + self._timeout, typ,
-                                            offset, length)
-            # The batch is sent by a callback queued before any of its requests awaits, so
-            # it leaves before any of their callers can be woken (cancelled) and reuse a buffer.
-            if not self._outgoing:
-                self._loop.call_soon(self._send_outgoing)
-            self._outgoing += parts
-            if self._timer is None:
-                self._arm_timer()
-            reply = await future
+            reply: m.Reply = await self._send_request(typ, offset, length, flags, data, into, False)
         finally:
-            self._slots.release()
+            self._release_slot()
         if reply.error:
-            self._reply_error(reply, typ, offset, length)
+            raise self._reply_error(reply, typ, offset, length)
         return reply.data
+
+    def _send_request(self, typ: int, offset: int, length: int, flags: int, data: Buffer | None,
+                      into: memoryview | None, direct: bool) -> asyncio.Future[Any]:
+        """Queue one request (its slot taken); the future its reply completes."""
+        cookie = self._next_cookie
+        self._next_cookie = cookie + 1
+        parts = self._core.send_parts(m.Request(typ, cookie, offset, length, flags, data, into))
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._waiters[cookie] = _Waiter(future, self._loop.time() + self._timeout, typ,
+                                        offset, length, direct)
+        # The batch is sent by a callback queued before any of its requests awaits, so
+        # it leaves before any of their callers can be woken (cancelled) and reuse a buffer.
+        if not self._outgoing:
+            self._loop.call_soon(self._send_outgoing)
+        self._outgoing += parts
+        if self._timer is None:
+            self._arm_timer()
+        return future
 
     def _send_outgoing(self) -> None:
         parts, self._outgoing = self._outgoing, []
         if self.broken is None and self._transport is not None and parts:
             self._transport.writelines(parts)
 
-    def _reply_error(self, reply: m.Reply, typ: int, offset: int, length: int) -> None:
+    def _reply_error(self, reply: m.Reply, typ: int, offset: int, length: int) -> BlockError:
+        """The error an error reply stands for (to raise)."""
         err = p.nbd_to_errno(reply.error)
         text = f": {printable(reply.message)}" if reply.message else ""
         if reply.error == _ESHUTDOWN:
             self._start_shutdown()
-        raise BlockError(err, (
+        return BlockError(err, (
             f"NBD server {self.where} failed {p.name_of(p.Cmd, typ)} [{offset}, {offset + length}) "
             f"with {p.name_of(p.NbdErr, reply.error)}{text}"
         ))
@@ -493,10 +556,13 @@ class NbdClient:
         if self.broken is None or self._waiters:
             self.broken = self.broken or reason
             failure = BlockError(err, f"NBD server {self.where}: {reason}; connection closed")
-            for waiter in self._waiters.values():
+            waiters = list(self._waiters.values())
+            self._waiters.clear()
+            for waiter in waiters:
                 if not waiter.future.done():
                     waiter.future.set_exception(failure)
-            self._waiters.clear()
+                if waiter.direct:
+                    self._release_slot()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -530,7 +596,16 @@ class NbdClient:
             while (ev := core.next_event()) is not None:
                 if type(ev) is m.Reply:  # the core only emits replies for known cookies
                     waiter = waiters.pop(ev.cookie)
-                    if not waiter.future.done():
+                    if waiter.direct:
+                        self._release_slot()
+                        if waiter.future.done():
+                            continue
+                        if ev.error:
+                            waiter.future.set_exception(
+                                self._reply_error(ev, waiter.type, waiter.offset, waiter.length))
+                        else:
+                            waiter.future.set_result(None)
+                    elif not waiter.future.done():
                         waiter.future.set_result(ev)
         else:
             self._wake_handshake()
