@@ -362,6 +362,64 @@ def test_mirrored_writes_through_real_links_are_submitted_and_recorded(short_tmp
         run(go())
 
 
+class Submitting(Faulty):
+    """A replica that queues writes without a coroutine (Submits), answered a loop turn
+    later, unless told to decline (then the fan-out takes its pwrite)."""
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(next)
+        self.declines = False
+        self.ended: list[Exception | None] = []
+
+    def submit_write(self, offset: int, data: Buffer,
+                     fua: bool = False) -> asyncio.Future[None] | None:
+        if self.declines:
+            return None
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def answer() -> None:
+            if future.done():
+                return
+            if self.fail_writes:
+                future.set_exception(BlockError(errno.EIO, "injected submitted write error"))
+            else:
+                self.writes += 1
+                self.next.raw[offset:offset + len(data)] = data  # type: ignore[attr-defined]
+                future.set_result(None)
+        loop.call_soon(answer)
+        return future
+
+    def write_ended(self, error: Exception | None) -> None:
+        self.ended.append(error)
+
+
+@pytest.mark.parametrize("declining", [0, 1])
+def test_a_fan_out_of_submitted_and_coroutine_writes(declining: int) -> None:
+    """Replicas whose links submit and one whose link declines (its slots are full, say)
+    in one fan-out: every replica gets the write, each submitting link hears its outcome
+    once, and a failure on either kind degrades only that replica."""
+    async def go() -> None:
+        links = [Submitting(RawMemory(physical_size(SIZE))) for _ in range(3)]
+        links[declining].declines = True
+        rs = ReplicaSet("vm1", LAY, [Replica(f"r{i}", link) for i, link in enumerate(links)])
+        await rs.pwrite(LAY.data_offset(5), pattern(5, 1))
+        assert [link.writes for link in links] == [1, 1, 1]
+        assert [len(link.ended) for link in links] == [0 if i == declining else 1
+                                                        for i in range(3)]
+        links[declining].fail_writes = True
+        other = (declining + 1) % 3
+        links[other].fail_writes = True
+        await rs.pwrite(LAY.data_offset(6), pattern(6, 1))
+        states = [r.state for r in rs.replicas]
+        assert states[declining] is State.DEGRADED and states[other] is State.DEGRADED
+        assert states[3 - declining - other] is State.CURRENT
+        assert isinstance(links[other].ended[-1], BlockError)
+        assert all(6 in rs.replicas[i].dirty for i in (declining, other))
+        await rs.close()
+    run(go())
+
+
 def test_read_errors_fail_over_and_repair(tmp_path: Path) -> None:
     async def go() -> None:
         kek = new_state(tmp_path)
