@@ -276,10 +276,12 @@ class Model:
         return [self.durable.get(block, bytes(4096)), *self.since.get(block, [])]
 
 
-def stream(uri: str, model: Model, rng: random.Random, nblocks: int, stop: threading.Event) -> None:
+def stream(uri: str, model: Model, rng: random.Random, nblocks: int, stop: threading.Event,
+           connected: threading.Event) -> None:
     nbd = clients.libnbd()
     h = nbd.NBD()
     h.connect_uri(uri)
+    connected.set()
     try:
         while not stop.is_set():
             op = rng.random()
@@ -329,9 +331,12 @@ def crash_mid_stream(s: System, kind: str, model: Model, rng: random.Random, nbl
     up to `then` seconds later, the launcher (its domains die with it); start `s` again."""
     s.start()
     pid = next(d["pid"] for d in status(s)["domains"] if d["kind"] == kind)
-    stop = threading.Event()
-    writer = threading.Thread(target=stream, args=(s.uri("vm1", "payroll"), model, rng, nblocks, stop))
+    stop, connected = threading.Event(), threading.Event()
+    writer = threading.Thread(target=stream, args=(s.uri("vm1", "payroll"), model, rng, nblocks,
+                                                   stop, connected))
     writer.start()
+    # On a loaded machine the connect alone can outlast the sleep: kill mid-stream, not before.
+    assert connected.wait(30), "the writer never connected"
     time.sleep(rng.uniform(0.05, 0.6))
     os.kill(pid, signal.SIGKILL)
     if then:
