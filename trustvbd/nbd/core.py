@@ -61,7 +61,8 @@ _DONE = int(p.ReplyFlag.DONE)
 _OFFSET_DATA, _OFFSET_HOLE = int(p.ChunkType.OFFSET_DATA), int(p.ChunkType.OFFSET_HOLE)
 _NONE_CHUNK, _ERROR_OFFSET = int(p.ChunkType.NONE), int(p.ChunkType.ERROR_OFFSET)
 _SIMPLE_REPLY_PACK, _CHUNK_PACK, _U64_PACK = p.SIMPLE_REPLY.pack, p.CHUNK_HEADER.pack, p.U64.pack
-_REQUEST_PACK = p.REQUEST.pack
+_REQUEST_PACK, _REQUEST_UNPACK, _REQUEST_SIZE = p.REQUEST.pack, p.REQUEST.unpack_from, p.REQUEST.size
+_REQUEST_MAGIC = p.REQUEST_MAGIC
 
 
 SERVER_MESSAGES = (
@@ -142,7 +143,8 @@ def _after_client_flags(core: ProtocolCore, msg: m.ClientFlags) -> State:
 
 
 def _after_request(core: ProtocolCore, msg: m.Request) -> State:
-    return State.DISCONNECTING if msg.type == p.Cmd.DISC else State.TRANSMISSION
+    # The server core applies this inline for each request (_parse_from_client).
+    return _DISCONNECTING if msg.type == _DISC else _TRANSMISSION
 
 
 _Next = State | Callable[["ProtocolCore", Any], State]
@@ -357,7 +359,8 @@ class ProtocolCore:
 
     def buffer_updated(self, nbytes: int) -> None:
         """`nbytes` were written into the last buffer from get_buffer()."""
-        self._check_alive()
+        if self.state is _ERROR:
+            raise p.ProtocolError(self.error or "connection failed")
         if self._direct is not None:
             self._direct_filled += nbytes
             if self._direct_filled < len(self._direct):
@@ -432,21 +435,25 @@ class ProtocolCore:
 
     # --- server side: messages from the client -------------------------------
     def _parse_from_client(self) -> None:
-        buf = self._buf
+        buf, events = self._buf, self._events
         while True:
             state = self.state
             start, end = self._start, self._end
             avail = end - start
             if state is _TRANSMISSION:
-                if avail < p.REQUEST.size:
+                if avail < _REQUEST_SIZE:
                     return
-                magic, flags, typ, cookie, offset, length = p.REQUEST.unpack_from(buf, start)
-                if magic != p.REQUEST_MAGIC:
+                magic, flags, typ, cookie, offset, length = _REQUEST_UNPACK(buf, start)
+                if magic != _REQUEST_MAGIC:
                     raise p.ProtocolError(f"bad request magic {magic:#010x}")
-                body = start + p.REQUEST.size
+                body = start + _REQUEST_SIZE
+                # A request in TRANSMISSION: TRANSITIONS' _after_request, applied inline
+                # (once per request) rather than through _receive's table lookup.
                 if typ != _WRITE:
                     self._start = body
-                    self._receive(m.Request(typ, cookie, offset, length, flags))
+                    if typ == _DISC:
+                        self.state = _DISCONNECTING
+                    events.append(m.Request(typ, cookie, offset, length, flags))
                     continue
                 have = end - body
                 if length > p.REQUEST_PART:
@@ -457,7 +464,7 @@ class ProtocolCore:
                 if have >= length:
                     self._start = body + length
                     data = buf[body : body + length]  # a copy: the scratch buffer is reused
-                    self._receive(m.Request(typ, cookie, offset, length, flags, data))
+                    events.append(m.Request(typ, cookie, offset, length, flags, data))
                     continue
                 if length - have <= DIRECT_THRESHOLD and length <= SCRATCH_SIZE // 2:
                     return  # small: wait for the rest in the scratch buffer
