@@ -364,16 +364,16 @@ class Connection(asyncio.BufferedProtocol):
 
     # --- transmission --------------------------------------------------------------
     def _process(self) -> None:
-        core, budget = self.core, self._budget
+        next_event, budget, request = self.core.next_event, self._budget, m.Request
         while not self._stopping and not self._reading_paused:
             if self._stash is not None:
                 ev: m.Event | None = self._stash
                 self._stash = None
             else:
-                ev = core.next_event()
+                ev = next_event()
             if ev is None:
                 break
-            if type(ev) is m.Request:
+            if type(ev) is request:
                 if budget is not None and budget.over and ev.type != _WRITE:
                     # Over budget: a write's payload is here already (counted); anything
                     # else waits until the guest's connections hold less.
@@ -390,14 +390,15 @@ class Connection(asyncio.BufferedProtocol):
                 self._close_gracefully()
 
     def _dispatch(self, req: m.Request) -> None:
-        if req.type == _DISC:
+        typ = req.type
+        if typ == _DISC:
             self._close_gracefully()
             return
         bad = self._check(req)  # type: ignore[misc]
         if bad is not None:
             self._refuse(req, *bad)
             return
-        self._run(self._serve(req), req.type, req.length if req.type in (_READ, _WRITE) else 0)
+        self._run(self._serve(req), typ, req.length if typ == _READ or typ == _WRITE else 0)
 
     def _refuse(self, req: m.Request, error: int, message: str) -> None:
         log.warning("nbd: %s (%s) export %r: refused %s: %s", self.peer.identity,
@@ -416,13 +417,28 @@ class Connection(asyncio.BufferedProtocol):
             self._write_tasks.add(task)
         self._inflight_bytes += cost
         task.add_done_callback(lambda t: self._task_done(t, cost))
-        self._update_reading()
+        # Flow control only where one more request can change it (once per request in
+        # the encryption domain, where every request waits for drivers): a limit reached,
+        # the guest's budget over, or more held than charged by the slack _queue allows too.
+        budget = self._budget
+        if (len(self._tasks) >= MAX_TASKS or self._inflight_bytes >= MAX_INFLIGHT_BYTES
+                or (budget is not None and (budget.over or self._inflight_bytes + self._out_bytes
+                                            > self._charged + UNCHARGED_MAX))):
+            self._update_reading()
 
     def _task_done(self, task: asyncio.Task[None], cost: int) -> None:
-        self._tasks.discard(task)
+        tasks = self._tasks
+        tasks.discard(task)
         self._write_tasks.discard(task)
         self._inflight_bytes -= cost
-        self._update_reading()
+        # A request leaving can only let reading resume or lower the charge: look when
+        # reading is paused, when the budget is over, when the charge is stale by more than
+        # the slack, and when the last one leaves (so no stale charge outlives the work).
+        budget = self._budget
+        if (self._reading_paused or not tasks
+                or (budget is not None and (budget.over or self._charged - self._inflight_bytes
+                                            - self._out_bytes > UNCHARGED_MAX))):
+            self._update_reading()
 
     def _dispatch_part(self, part: m.WritePart) -> None:
         req = part.request
