@@ -78,3 +78,20 @@ def test_a_file_backend_served_inline_reuses_its_payload_buffers(
     assert path.read_bytes() == content
     allocated = sum(pool.allocated for pool in pools)
     assert 1 <= allocated <= 4, f"{allocated} payload buffers allocated for {size // chunk} writes"
+
+
+def test_a_view_given_back_recycles_its_buffer_only_once_every_view_is_gone() -> None:
+    """A received WRITE's payload is a view of a larger pool buffer (room for the next
+    header): given back as a view, its buffer is reused, but not while a view lives."""
+    pool = BufferPool()
+    buf = pool.get(256 * KiB + 32)
+    payload = memoryview(buf)[:256 * KiB]
+    transport_view = memoryview(buf)[1000:]  # the read that ended the payload, still held
+    ident = id(buf)
+    del buf
+    pool.give_back(payload)
+    del payload
+    other = pool.get(256 * KiB + 32)
+    assert id(other) != ident and pool.allocated == 2
+    transport_view.release()
+    assert id(pool.get(256 * KiB + 32)) == ident and pool.allocated == 2  # kept, then reused

@@ -339,3 +339,75 @@ def test_error_chunks_round_trip(cookie: int, error: int, text: str, with_offset
     for piece in split_at(s.send(chunk), cuts):
         c.receive_data(piece)
     assert drain(c) == [m.Reply(cookie, error, text)]
+
+
+# --- server: WRITE payloads received in place ------------------------------------------
+def test_requests_arriving_byte_by_byte_parse_exactly() -> None:
+    """A payload long enough to be received in place, and small requests around it, one
+    byte per read: the same requests come out, and DISC ends the stream."""
+    big = bytes(range(256)) * 300  # 76,800 bytes: past the in-place threshold
+    reqs = [m.Request(p.Cmd.WRITE, 1, 4096, len(big), p.CmdFlag.FUA, big),
+            m.Request(p.Cmd.FLUSH, 2),
+            m.Request(p.Cmd.WRITE, 3, 0, 4096, 0, b"\x5a" * 4096),
+            m.Request(p.Cmd.READ, 4, 512, 1024),
+            m.Request(p.Cmd.DISC, 5)]
+    wire = b"".join(b"".join(m.encode_parts(r)) for r in reqs)
+    _, s = negotiated()
+    for i in range(len(wire)):
+        s.receive_data(wire[i:i + 1])
+    assert drain(s) == reqs
+    assert s.state is State.DISCONNECTING and s.receiving == 0
+
+
+def test_a_payload_received_in_place_ends_exactly_where_its_length_says() -> None:
+    """The read that ends a payload may carry the next message's bytes: they are parsed as
+    the next message (here a bad one), never added to the payload."""
+    length = 100_000
+    _, s = negotiated()
+    s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 7, 0, length))
+    assert s.receiving >= length  # the payload goes straight to its own buffer
+    target = s.get_buffer()
+    tail = b"\xee" * 32  # no request magic
+    assert len(target) > length, "the payload's buffer has room for the next header"
+    target[:length + len(tail)] = b"\x11" * length + tail
+    with pytest.raises(p.ProtocolError, match="bad request magic"):
+        s.buffer_updated(length + len(tail))
+    (req,) = only(drain(s), m.Request)
+    assert req.cookie == 7 and req.data is not None and bytes(req.data) == b"\x11" * length
+
+
+def count_reads(core: ProtocolCore, wire: bytes) -> int:
+    """Feed `wire` as a socket with everything queued would: each read fills the buffer
+    get_buffer offers as far as the bytes go. Returns the number of reads."""
+    view, reads = memoryview(wire), 0
+    while view:
+        target = core.get_buffer()
+        n = min(len(target), len(view))
+        target[:n] = view[:n]
+        view = view[n:]
+        core.buffer_updated(n)
+        reads += 1
+    return reads
+
+
+def test_one_read_per_large_write_when_the_bytes_are_there() -> None:
+    """The read that ends a WRITE's payload also takes the next request's header, so a
+    stream of large writes costs one read each, not two (header, then payload)."""
+    count, length = 20, 256 * 1024
+    reqs = [m.Request(p.Cmd.WRITE, i, i * length, length, 0, bytes([i]) * length)
+            for i in range(count)]
+    _, s = negotiated()
+    reads = count_reads(s, b"".join(b"".join(m.encode_parts(r)) for r in reqs))
+    assert drain(s) == reqs
+    assert reads <= count + 2, f"{reads} reads for {count} writes"
+
+
+def test_a_hostile_write_length_holds_at_most_one_part() -> None:
+    """A WRITE claiming 4 GiB - 1: the core holds one part (32 MiB) at a time, never the
+    claimed length, and a peer that stops sending leaves a truncated message, not events."""
+    _, s = negotiated()
+    s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 9, 0, 2**32 - 1))
+    assert s.receiving == p.REQUEST_PART
+    s.receive_data(b"\x00" * 1000)
+    s.receive_eof()
+    assert drain(s) == [m.ConnectionClosed(truncated=1000)]

@@ -78,6 +78,10 @@ SCRATCH_SIZE = 256 * 1024
 DIRECT_THRESHOLD = 64 * 1024
 RECEIVE_WINDOW = 64 * 1024  # most bytes read into the scratch buffer at once
 SMALL_WINDOW = 32  # one request header, or a chunk header with its offset
+# A WRITE payload received in place gets this much room after it: the same socket read
+# that ends the payload also takes the next request's header (a second read per request
+# otherwise). What lands there is moved to the scratch buffer and parsed as usual.
+PAYLOAD_TAIL = SMALL_WINDOW
 OUT_OF_TURN_LIMIT = p.MAX_OPTION_LENGTH + 64  # bytes a peer may send before its turn
 
 
@@ -171,8 +175,9 @@ class BufferPool:
     received a payload into until buffer_updated() returns, so a request served inline
     from there cannot tell its payload free yet. A given-back buffer is reused from a
     later get() on, once nothing but the pool refers to it (no memoryview, no buffer
-    export, no backend keeping it); one still referred to then is left to the garbage
-    collector, never handed out again.
+    export, no backend keeping it); one still referred to then waits among the given
+    back (at most MAX_PER_SIZE of them; past that they are left to the garbage
+    collector), so a buffer is never handed out while anything else refers to it.
     """
 
     MAX_PER_SIZE = 16
@@ -191,9 +196,11 @@ class BufferPool:
         self.allocated += 1
         return bytearray(size)
 
-    def give_back(self, buf: bytearray) -> None:
-        if len(self._returned) < self.MAX_PER_SIZE:
-            self._returned.append(buf)
+    def give_back(self, buf: bytearray | memoryview) -> None:
+        """`buf`: a buffer from get(), or a view of one (a received WRITE's payload)."""
+        owner = buf.obj if type(buf) is memoryview else buf
+        if type(owner) is bytearray and len(self._returned) < self.MAX_PER_SIZE:
+            self._returned.append(owner)
 
     def _collect(self) -> None:
         returned, self._returned = self._returned, []
@@ -202,6 +209,8 @@ class BufferPool:
             # it, export of it or holder of it adds one.
             if sys.getrefcount(buf) == 3:
                 self.put(buf)
+            else:  # still in use (e.g. by the transport's view until its read returns)
+                self._returned.append(buf)
 
     def put(self, buf: bytearray) -> None:
         free = self._free.setdefault(len(buf), [])
@@ -231,6 +240,7 @@ class ProtocolCore:
         self._end = 0  # end of received bytes in _buf
         self._direct: memoryview | None = None  # payload being received in place
         self._direct_filled = 0
+        self._direct_need = 0  # bytes of _direct that complete it; any after are the next message's
         self._direct_done: Callable[[], None] | None = None
         self._eof = False
         # Right after a large payload, read just one header: if the next message
@@ -361,10 +371,16 @@ class ProtocolCore:
         """`nbytes` were written into the last buffer from get_buffer()."""
         if self.state is _ERROR:
             raise p.ProtocolError(self.error or "connection failed")
-        if self._direct is not None:
+        direct = self._direct
+        if direct is not None:
             self._direct_filled += nbytes
-            if self._direct_filled < len(self._direct):
+            need = self._direct_need
+            if self._direct_filled < need:
                 return
+            extra = self._direct_filled - need
+            if extra:  # the start of the next message, read together with the payload's end
+                self._buf[:extra] = direct[need : need + extra]
+                self._start, self._end = 0, extra
             done = self._direct_done
             self._direct = self._direct_done = None
             self._direct_filled = 0
@@ -430,8 +446,13 @@ class ProtocolCore:
         ):
             self._fail(f"peer sent {self._end - self._start} bytes out of turn")
 
-    def _start_direct(self, target: memoryview, filled: int, done: Callable[[], None]) -> None:
+    def _start_direct(self, target: memoryview, filled: int, done: Callable[[], None],
+                      need: int | None = None) -> None:
+        """Receive into `target` (`filled` bytes there already) until `need` bytes (default:
+        all of it) are in, then call `done`. Bytes past `need` belong to the next message."""
+        assert not self._end  # the scratch buffer is empty meanwhile (see buffer_updated)
         self._direct, self._direct_filled, self._direct_done = target, filled, done
+        self._direct_need = len(target) if need is None else need
 
     # --- server side: messages from the client -------------------------------
     def _parse_from_client(self) -> None:
@@ -468,11 +489,14 @@ class ProtocolCore:
                     continue
                 if length - have <= DIRECT_THRESHOLD and length <= SCRATCH_SIZE // 2:
                     return  # small: wait for the rest in the scratch buffer
-                payload = self.pool.get(length)
+                payload = self.pool.get(length + PAYLOAD_TAIL)
                 payload[:have] = memoryview(buf)[body:end]
                 self._start = self._end = 0
-                req = m.Request(typ, cookie, offset, length, flags, payload)
-                self._start_direct(memoryview(payload), have, partial(self._receive, req))
+                view = memoryview(payload)
+                # The request carries a view of exactly its payload; BufferPool.give_back
+                # takes the view back and recycles the buffer once nothing else refers to it.
+                req = m.Request(typ, cookie, offset, length, flags, view[:length])
+                self._start_direct(view, have, partial(self._receive, req), length)
                 return
             if state is State.OPTIONS:
                 if avail < p.OPTION_HEADER.size:
