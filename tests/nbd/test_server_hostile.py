@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests.nbd.helpers import RawClient, ServerThread, wait_for
+from trustvbd.blockdev import Buffer
 from trustvbd.blocks.file import MemoryBackend
 from trustvbd.nbd import protocol as p
+from trustvbd.nbd.connection import MAX_TASKS
 from trustvbd.nbd.exports import Export, StaticExports
 
 MiB = 1 << 20
@@ -193,3 +196,45 @@ def test_long_simple_read_reply_is_never_interleaved(short_tmp: Path, loop_kind:
         assert c.recv_exact(40 * MiB) == pattern[1:1 + 40 * MiB]
         assert c.simple_reply() == (0, 3)
         assert c.recv_exact(5) == pattern[7:12]
+
+
+class StalledBackend(MemoryBackend):
+    """Reads wait until the test opens the gate (a driver that stalls)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.gate = asyncio.Event()
+        self.started = 0
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        self.started += 1
+        await self.gate.wait()
+        return await super().pread(offset, length)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_requests_waiting_on_a_stalled_backend_stop_at_the_task_limit(
+        short_tmp: Path, loop_kind: str) -> None:
+    """More small READs than MAX_TASKS against a backend that stalls: the server runs
+    exactly MAX_TASKS of them and reads no further; when the backend moves, every
+    request is answered once, by its cookie."""
+    backend = StalledBackend(SIZE)
+    count = MAX_TASKS + 100
+    with ServerThread(StaticExports([Export("", backend)]), short_tmp / "t.sock",
+                      loop_kind) as srv:
+        assert srv.sock_path is not None
+        c = RawClient(srv.sock_path)
+        c.go()
+        c.sock.sendall(b"".join(struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.READ, cookie,
+                                            cookie * 512, 512) for cookie in range(count)))
+        wait_for(lambda: backend.started >= MAX_TASKS, 5, "the stalled reads to start")
+        assert srv.call(asyncio.sleep(0.2, backend.started)) == MAX_TASKS
+        srv.loop.call_soon_threadsafe(backend.gate.set)
+        cookies = []
+        for _ in range(count):
+            error, cookie = c.simple_reply()
+            assert error == 0
+            cookies.append(cookie)
+            c.recv_exact(512)
+        assert sorted(cookies) == list(range(count))
+        c.close()
