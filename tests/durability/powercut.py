@@ -331,8 +331,10 @@ class Guest:
             await self.flush(disk)
             return
         fua = rng.random() < 0.15
-        b = rng.choice([rng.randrange(self.nblocks), rng.randrange(8), 128 + rng.randrange(8),
-                        self.after % self.nblocks])  # gathered writes behind (write_behind.py)
+        if rng.random() < 0.4:  # a file written in order: gathered writes behind
+            b = self.after % self.nblocks
+        else:
+            b = rng.choice([rng.randrange(self.nblocks), rng.randrange(8), 128 + rng.randrange(8)])
         n = min(rng.choice([1, 1, 2, 5]), self.nblocks - b)
         self.after = b + n
         issued = self.events.count

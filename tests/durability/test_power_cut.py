@@ -89,7 +89,7 @@ def test_power_cut_at_every_step_loses_nothing_flushed(tmp_path: Path, cut_dir: 
     events = Events()
     files = PowerCutFiles(state, events)
     replica = TracedReplica(physical_size(SIZE), events)
-    seed = int(os.environ.get("TRUSTVBD_POWERCUT_SEED", "4"))
+    seed = int(os.environ.get("TRUSTVBD_POWERCUT_SEED", "3"))
     try:
         model = run(workload(state, kek, files, replica, events, seed))
     finally:

@@ -29,13 +29,15 @@ for its own replica write), each under WRITE_BEHIND_BLOCKS blocks of ciphertext.
 
 Gathered: a filesystem through FUSE writes a file's blocks one 4 KiB request at
 a time, in order. Each replica write costs a request and a reply in this domain
-and in every driver, more than the write's own work. So a write behind that starts where the unsent
-one before it ends joins it: the run goes to the replicas as one write once it
-is GATHER_BLOCKS long, once a write elsewhere comes, or GATHER_S after its last
-write, and at once when anything waits for those blocks (`send_now`: a FLUSH
-or commit, a read or write that meets their range lock, a close). A FLUSH sends
-it with FUA, so it can flush the replicas for the writes before it meanwhile.
-A replica that fails the run loses all of its writes, each as it would alone.
+and in every driver, more than the write's own work. So a write behind that
+continues the write before it waits to be joined, and the next one that starts
+where that unsent run ends joins it (random writes go at once, as alone). The run
+goes to the replicas as one write once it is GATHER_BLOCKS long, once a write
+elsewhere comes, or GATHER_S after its last write, and at once when anything
+waits for those blocks (`send_now`: a FLUSH or commit, a read or write that meets
+their range lock, a close). A FLUSH sends it with FUA, so it can flush the
+replicas for the writes before it meanwhile. A replica that fails the run loses
+all of its writes, each as it would alone.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class WriteBehind:
         self._send = send
         self._tasks: set[asyncio.Task[None]] = set()
         self._run: _Run | None = None  # the newest writes, not sent yet
+        self._after = -1  # the block after the last write behind: a sequential writer's next
         self._timer: asyncio.TimerHandle | None = None
         self._writes = 0  # writes behind: in the run or in a task
         self.lost: set[int] = set()  # blocks of failed writes behind, until a FLUSH settles them
@@ -135,8 +138,12 @@ class WriteBehind:
             if run is not None:
                 self._launch(after_reply=True)
             run = self._run = _Run(first_block, blocks, old, ct, done, now)
-            if self._timer is None:
+            # Only a write that continues the one before starts a run that waits: random
+            # writes go at once, as they would alone.
+            gather = gather and first_block == self._after
+            if gather and self._timer is None:
                 self._timer = asyncio.get_running_loop().call_at(now + GATHER_S, self._waited)
+        self._after = first_block + blocks
         if run.blocks >= GATHER_BLOCKS or not gather:
             self._launch(after_reply=True)
 
