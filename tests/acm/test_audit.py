@@ -350,3 +350,41 @@ def test_follow_goes_on_across_rotation(tmp_path):
     log.close()
     assert rotated_files(path)
     assert done.wait(5) and seen == list(range(1, 31))
+
+
+def test_follow_misses_nothing_rotated_while_it_catches_up(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rotation that lands while the follower catches up through the rotated files (after
+    it listed them): the records of the file rotated then are still yielded, once, in order."""
+    from trustvbd.acm import audit
+
+    path = make_log(tmp_path, 2)  # seq 1..3
+    log = AuditLog(path, rotate_bytes=1 << 20)
+    follower = audit.follow(path, poll=0.01)
+    assert [next(follower)["seq"] for _ in range(3)] == [1, 2, 3]
+    log.append("decision", n=0)
+    log.rotate()  # the follower will see the rename and catch up
+    log.append("decision", n=1)
+    real, calls = audit.rotated_files, []
+
+    def rotate_meanwhile(p: Path) -> list[Path]:
+        listed = real(p)
+        calls.append(len(listed))
+        if len(calls) == 1:  # the writer goes on between the listing and what comes next
+            log.append("decision", n=2)
+            log.rotate()
+            for i in range(3, 6):
+                log.append("decision", n=i)
+        return listed
+
+    monkeypatch.setattr(audit, "rotated_files", rotate_meanwhile)
+    seqs: list[int] = []
+    while True:  # up to the last decision written
+        rec = next(follower)
+        seqs.append(rec["seq"])
+        if rec["fields"].get("n") == 5:
+            break
+    log.close()
+    written = [r["seq"] for r in AuditLog.read(path)]
+    assert calls and seqs == written[3:written.index(seqs[-1]) + 1], (seqs, written)
+    assert len(seqs) >= 6  # every decision after the first three, and checkpoints

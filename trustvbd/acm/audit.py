@@ -40,7 +40,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from trustvbd.crypt.sign import PUBLIC_KEY_SIZE, Signer, fingerprint
 from trustvbd.crypt.sign import verify as verify_signature
@@ -510,6 +510,15 @@ def verify(path: str | Path, public_key: bytes | None = None) -> list[str]:
     return problems
 
 
+def _reopen(path: Path, poll: float) -> BinaryIO:
+    """PATH opened again after a rotation (which renames it, then creates it anew)."""
+    while True:
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            time.sleep(poll)
+
+
 def follow(path: str | Path, poll: float = 0.2) -> Iterator[dict[str, Any]]:
     """Yield every record of PATH, then each new one as it is appended (`audit --follow`),
     going on across rotations (records are yielded once each, in seq order)."""
@@ -528,13 +537,16 @@ def follow(path: str | Path, poll: float = 0.2) -> Iterator[dict[str, Any]]:
             if not chunk:
                 if rotated:  # read to its end: catch up through the files rotated since
                     f.close()
+                    # The new file is opened before the rotated ones are listed: a file
+                    # rotated in between is then in the list, not skipped, and whatever
+                    # rotates later is read through `f` itself.
+                    f, buf, rotated = _reopen(path, poll), b"", False
                     for older in rotated_files(path):
                         with open(older, "rb") as g:
                             for line in g:
                                 if (rec := fresh(line)) is not None:
                                     last = rec["seq"]
                                     yield rec
-                    f, buf, rotated = open(path, "rb"), b"", False
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     rotated = os.stat(path).st_ino != os.fstat(f.fileno()).st_ino
