@@ -529,7 +529,7 @@ def follow(path: str | Path, poll: float = 0.2) -> Iterator[dict[str, Any]]:
         rec = parse_record(line) if line.strip() else None
         return rec if rec is not None and rec["seq"] > last else None
 
-    f = open(path, "rb")
+    f: BinaryIO = open(path, "rb")
     try:
         buf, rotated = b"", False
         while True:
