@@ -48,7 +48,7 @@ from trustvbd.blocks.integrity import (
     StaleReplicaError,
 )
 from trustvbd.blocks.leaf_pages import DEFAULT_CAPACITY, LeafLocks, LeafPages
-from trustvbd.blocks.ranges import _Hold, describe_blocks
+from trustvbd.blocks.ranges import Hold, describe_blocks
 from trustvbd.blocks.replica_set import BadBlocks, Replica, ReplicaSet
 from trustvbd.blocks.tree_file import TreeFile, TreeFileError
 from trustvbd.blocks.write_behind import Seen, WriteBehind
@@ -465,13 +465,13 @@ class CryptDisk:
                     self._commits.leave_write()
         await self._maybe_commit(fua)
 
-    async def _acquire(self, b0: int, b1: int, exclusive: bool) -> _Hold:
+    async def _acquire(self, b0: int, b1: int, exclusive: bool) -> Hold:
         """The range lock the slow way: if an unsent run of writes behind holds these
         blocks (or the leaf pages they need), it goes to the replicas now."""
         self._behind.send_now()
         return await self._locks.acquire(b0, b1, exclusive)
 
-    def _write_ended(self, hold: _Hold) -> None:
+    def _write_ended(self, hold: Hold) -> None:
         """A write behind got its replicas' answer (or failed): as after a waited write."""
         self._locks.release(hold)
         self._commits.leave_write()

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from trustvbd.blockdev import Backend, BlockError
-from trustvbd.blocks.ranges import RangeLock, _Hold, describe_blocks
+from trustvbd.blocks.ranges import Hold, RangeLock, describe_blocks
 from trustvbd.blocks.replica_set import Replica
 from trustvbd.blocks.tree_file import TreeFile, TreeTamperedError
 from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE, POISON_LEAF, POISON_VERSION
@@ -348,7 +348,7 @@ class LeafLocks(RangeLock):
         self._leaves = leaves
         self._pinned: dict[int, list[int]] = {}
 
-    async def acquire(self, start: int, end: int, exclusive: bool) -> _Hold:
+    async def acquire(self, start: int, end: int, exclusive: bool) -> Hold:
         hold = await super().acquire(start, end, exclusive)
         try:
             pages = await self._leaves.hold(start, end)
@@ -358,7 +358,7 @@ class LeafLocks(RangeLock):
         self._pinned[id(hold)] = pages
         return hold
 
-    def try_acquire(self, start: int, end: int, exclusive: bool) -> _Hold | None:
+    def try_acquire(self, start: int, end: int, exclusive: bool) -> Hold | None:
         """The hold at once if nothing conflicts and the pages are in memory, else None
         (then `acquire`): most requests need no coroutine for their lock."""
         hold = super().try_acquire(start, end, exclusive)
@@ -371,6 +371,6 @@ class LeafLocks(RangeLock):
         self._pinned[id(hold)] = pages
         return hold
 
-    def release(self, hold: _Hold) -> None:
+    def release(self, hold: Hold) -> None:
         self._leaves.release(self._pinned.pop(id(hold), []))
         super().release(hold)

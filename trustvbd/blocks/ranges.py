@@ -33,7 +33,7 @@ def runs(items: Iterable[int], limit: int) -> list[tuple[int, int]]:
     return out
 
 
-class _Hold:
+class Hold:
     __slots__ = ("done", "end", "exclusive", "start")
 
     def __init__(self, start: int, end: int, exclusive: bool) -> None:
@@ -55,10 +55,10 @@ class RangeLock:
     def __init__(self) -> None:
         # Reads are kept apart from writes: a read only has to look at the writes held,
         # and a sequential reader keeps hundreds of reads in flight.
-        self._reads: set[_Hold] = set()
-        self._writes: set[_Hold] = set()
+        self._reads: set[Hold] = set()
+        self._writes: set[Hold] = set()
 
-    def _conflict(self, start: int, end: int, exclusive: bool) -> _Hold | None:
+    def _conflict(self, start: int, end: int, exclusive: bool) -> Hold | None:
         for h in self._writes:
             if h.start < end and start < h.end:
                 return h
@@ -68,25 +68,25 @@ class RangeLock:
                     return h
         return None
 
-    async def acquire(self, start: int, end: int, exclusive: bool) -> _Hold:
+    async def acquire(self, start: int, end: int, exclusive: bool) -> Hold:
         while (h := self._conflict(start, end, exclusive)) is not None:
             if h.done is None:
                 h.done = asyncio.Event()
             await h.done.wait()
         return self._hold(start, end, exclusive)
 
-    def try_acquire(self, start: int, end: int, exclusive: bool) -> _Hold | None:
+    def try_acquire(self, start: int, end: int, exclusive: bool) -> Hold | None:
         """The hold at once if nothing conflicting is held, else None (then `acquire`)."""
         if self._conflict(start, end, exclusive) is not None:
             return None
         return self._hold(start, end, exclusive)
 
-    def _hold(self, start: int, end: int, exclusive: bool) -> _Hold:
-        hold = _Hold(start, end, exclusive)
+    def _hold(self, start: int, end: int, exclusive: bool) -> Hold:
+        hold = Hold(start, end, exclusive)
         (self._writes if exclusive else self._reads).add(hold)
         return hold
 
-    def release(self, hold: _Hold) -> None:
+    def release(self, hold: Hold) -> None:
         (self._writes if hold.exclusive else self._reads).remove(hold)
         if hold.done is not None:
             hold.done.set()
