@@ -235,13 +235,14 @@ class IntentLog:
             # that go there later dirty data pages only. Synced with the next record.
             need, page = end + len(rec), min(4096, LOG_ROOM)
             room = -(-max(LOG_ROOM, need + min(need, LOG_ROOM_STEP_MAX)) // page) * page
-            zeros = bytes(room - self._room)
-            if self._ops.pwrite(self._fd, zeros, self._room) != len(zeros):
-                raise OSError(f"short write to {self.path}")
+            self._pwrite(bytes(room - self._room), self._room)
             self._room = room
-        if self._ops.pwrite(self._fd, rec, end) != len(rec):
-            raise OSError(f"short write to {self.path}")
+        self._pwrite(rec, end)
         self._end = end + len(rec)
+
+    def _pwrite(self, data: bytes | bytearray, at: int) -> None:
+        if self._ops.pwrite(self._fd, data, at) != len(data):
+            raise OSError(f"short write to {self.path}")
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -271,8 +272,7 @@ class IntentLog:
         if room:
             self._put(out)
         else:
-            if self._ops.pwrite(self._fd, out, 0) != len(out):
-                raise OSError(f"short write to {self.path}")
+            self._pwrite(out, 0)
             self._end = self._room = len(out)
 
     def append_tree(self, epoch: int, hashes: dict[int, bytes]) -> None:
