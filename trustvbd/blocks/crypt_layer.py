@@ -539,19 +539,16 @@ class CryptDisk:
         seen = self._behind.seen()
         return lambda: self._flush(seen)
 
-    async def _flush(self, seen: Seen) -> None:
+    async def _flush(self, seen: Seen, durable: bool = True) -> None:
         self._check_usable()
         await self._wait_for_space()
-        await self._commit(durable=True)
+        await self._commit(durable=durable)
         self._behind.report(seen)  # writes answered early that failed since its last FLUSH
 
     async def commit(self) -> None:
         """A full commit now (leaf pages, superblock, anchor), where a FLUSH may let the
         intent log stand for one (crypt_commit.py): for tools and tests of the protocol."""
-        self._check_usable()
-        await self._wait_for_space()
-        await self._commit()
-        self._behind.report(self._seen)  # writes answered early that failed since
+        await self._flush(self._seen, durable=False)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         await self._discard(offset, length, fua, self._forward_trim)
