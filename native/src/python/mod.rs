@@ -4,7 +4,7 @@
 //! nobody else can reach an object under construction, so no Python buffer is
 //! touched without the GIL. Their inputs are copied once, with the GIL held, into
 //! that output (the codec works in place). `open_in_place` saves that copy: it
-//! decrypts the caller's own writable buffer, holding the GIL (`writable`, the one
+//! decrypts the caller's own writable buffer, holding the GIL (`foreign`, the one
 //! module with `unsafe`).
 
 use pyo3::buffer::PyBuffer;
@@ -14,7 +14,7 @@ use pyo3::types::PyBytes;
 
 use crate::block_codec::{self, CodecError};
 
-mod writable;
+mod foreign;
 
 fn value_error(err: CodecError) -> PyErr {
     PyValueError::new_err(err.0)
@@ -105,7 +105,7 @@ impl PyBlockCodec {
         // Copied first: `leaves` may even be a view of `data`, which is borrowed mutably below.
         let leaf_bytes = leaves.to_vec(py)?;
         drop(leaves);
-        writable::with_bytes_mut(py, &data, |bytes| {
+        foreign::with_bytes_mut(py, &data, |bytes| {
             self.0.open_in_place(first_block, bytes, &leaf_bytes)
         })?
         .map_err(value_error)

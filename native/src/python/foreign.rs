@@ -1,10 +1,12 @@
-//! The crate's one `unsafe` module: a writable Python buffer's bytes as `&mut [u8]`.
+//! The crate's one `unsafe` module: what Python hands over (buffers, file descriptors)
+//! made into Rust references, each with the argument that makes it sound.
 //!
-//! Decrypting a read in place, in the buffer its ciphertext was received into, saves
-//! the copy into a new `bytes` object and that object's zero fill. Python hands us
+//! A writable Python buffer's bytes as `&mut [u8]` (`with_bytes_mut`): decrypting a
+//! read in place, in the buffer its ciphertext was received into, saves the copy into
+//! a new `bytes` object and that object's zero fill. Python hands us
 //! the memory through the buffer protocol, which promises nothing about exclusive
 //! access, so what makes the `&mut [u8]` sound is argued here, once, and the work on
-//! it must keep to what the argument allows (see `with_bytes_mut`).
+//! it must keep to what the argument allows.
 
 #![allow(unsafe_code)]
 
