@@ -52,6 +52,14 @@ class Gate(Layer):
         await self.next.flush()
 
 
+async def gated_disk(tmp_path: Path) -> tuple[Any, RawMemory, Gate, CryptDisk]:
+    """A new disk's state under tmp_path, its one replica in memory behind an open Gate."""
+    kek = new_state(tmp_path)
+    mem = RawMemory(physical_size(SIZE))
+    gate = Gate(mem)
+    return kek, mem, gate, await open_disk(tmp_path, gate, kek)
+
+
 async def turns(n: int = 50) -> None:
     """Let the event loop run everything that is ready, a few times over."""
     for _ in range(n):
@@ -79,10 +87,7 @@ def intent_leaves(state: Path, block: int) -> list[bytes]:
 
 def test_an_answered_write_is_recorded_and_nothing_reads_around_it(tmp_path: Path) -> None:
     async def go() -> None:
-        kek = new_state(tmp_path)
-        mem = RawMemory(physical_size(SIZE))
-        gate = Gate(mem)
-        disk = await open_disk(tmp_path, gate, kek)
+        kek, mem, gate, disk = await gated_disk(tmp_path)
         await disk.pwrite(3 * BS, pattern(3))
         await disk.commit()  # the intent log starts afresh
 
@@ -119,9 +124,7 @@ def test_an_answered_write_is_recorded_and_nothing_reads_around_it(tmp_path: Pat
 
 def test_fua_big_and_too_many_writes_wait_for_the_replica(tmp_path: Path) -> None:
     async def go() -> None:
-        kek = new_state(tmp_path)
-        gate = Gate(RawMemory(physical_size(SIZE)))
-        disk = await open_disk(tmp_path, gate, kek)
+        _, _, gate, disk = await gated_disk(tmp_path)
         gate.opened.clear()
         waited = [asyncio.ensure_future(disk.pwrite(0, pattern(0), fua=True)),
                   asyncio.ensure_future(disk.pwrite(BS, b"\x01" * (WRITE_BEHIND_BLOCKS * BS)))]
@@ -145,10 +148,7 @@ def test_a_failed_write_behind_is_said_by_reads_and_the_next_flush(tmp_path: Pat
     """ENOSPC stays ENOSPC; until the FLUSH reports it, writes wait and fail themselves."""
 
     async def go() -> None:
-        kek = new_state(tmp_path)
-        mem = RawMemory(physical_size(SIZE))
-        gate = Gate(mem)
-        disk = await open_disk(tmp_path, gate, kek)
+        _, _, gate, disk = await gated_disk(tmp_path)
         for b in (7, 8, 9):
             await disk.pwrite(b * BS, pattern(b))
         await disk.flush()
@@ -188,9 +188,7 @@ def test_a_failed_write_behind_is_said_to_every_connection_once(tmp_path: Path) 
     one connection's FLUSH does not take the error away from the other."""
 
     async def go() -> None:
-        kek = new_state(tmp_path)
-        gate = Gate(RawMemory(physical_size(SIZE)))
-        disk = await open_disk(tmp_path, gate, kek)
+        _, _, gate, disk = await gated_disk(tmp_path)
         alice, bob = disk.flusher(), disk.flusher()
         await disk.pwrite(3 * BS, pattern(3))
         await alice()
@@ -215,10 +213,7 @@ def test_a_failed_write_behind_is_said_to_every_connection_once(tmp_path: Path) 
 
 def test_closing_waits_for_writes_behind(tmp_path: Path) -> None:
     async def go() -> None:
-        kek = new_state(tmp_path)
-        mem = RawMemory(physical_size(SIZE))
-        gate = Gate(mem)
-        disk = await open_disk(tmp_path, gate, kek)
+        kek, mem, gate, disk = await gated_disk(tmp_path)
         gate.opened.clear()
         await disk.pwrite(11 * BS, pattern(11))
         closing = asyncio.ensure_future(disk.close())
@@ -305,10 +300,7 @@ def test_adjacent_writes_behind_go_to_the_replica_as_one_write(tmp_path: Path,
     run goes out when a write elsewhere comes, or at GATHER_BLOCKS; every block reads back."""
 
     async def go() -> None:
-        kek = new_state(tmp_path)
-        mem = RawMemory(physical_size(SIZE))
-        gate = Gate(mem)
-        disk = await open_disk(tmp_path, gate, kek)
+        kek, mem, gate, disk = await gated_disk(tmp_path)
         for b in range(10, 20):
             await asyncio.wait_for(disk.pwrite(b * BS, pattern(b)), 10)  # each answered
         await turns()
@@ -336,10 +328,7 @@ def test_whatever_waits_for_gathered_blocks_sends_them_at_once(tmp_path: Path,
     """A read, an overlapping write, a zero, a FLUSH and a close do not wait for the timer."""
 
     async def go() -> None:
-        kek = new_state(tmp_path)
-        mem = RawMemory(physical_size(SIZE))
-        gate = Gate(mem)
-        disk = await open_disk(tmp_path, gate, kek)
+        kek, mem, gate, disk = await gated_disk(tmp_path)
         await disk.pwrite(5 * BS, pattern(5))
         await disk.pwrite(6 * BS, pattern(6))
         await turns()
@@ -370,9 +359,7 @@ def test_whatever_waits_for_gathered_blocks_sends_them_at_once(tmp_path: Path,
 def test_a_gathered_run_the_replica_fails_loses_each_of_its_writes(tmp_path: Path,
                                                                    no_gather_timer: None) -> None:
     async def go() -> None:
-        kek = new_state(tmp_path)
-        gate = Gate(RawMemory(physical_size(SIZE)))
-        disk = await open_disk(tmp_path, gate, kek)
+        _, _, gate, disk = await gated_disk(tmp_path)
         for b in range(30, 34):
             await disk.pwrite(b * BS, pattern(b))
         await disk.flush()
@@ -401,10 +388,7 @@ def test_a_flush_sends_the_unsent_run_with_fua_and_flushes_meanwhile(tmp_path: P
     are done, and only then is it vouched for (flush mark)."""
 
     async def go() -> None:
-        kek = new_state(tmp_path)
-        mem = RawMemory(physical_size(SIZE))
-        gate = Gate(mem)
-        disk = await open_disk(tmp_path, gate, kek)
+        kek, mem, gate, disk = await gated_disk(tmp_path)
         await disk.pwrite(1 * BS, pattern(1))
         await disk.flush()
         await disk.pwrite(7 * BS, pattern(7))
@@ -433,9 +417,7 @@ def test_a_flush_sends_the_unsent_run_with_fua_and_flushes_meanwhile(tmp_path: P
 def test_a_flush_whose_fua_run_fails_says_so_and_writes_no_mark(tmp_path: Path,
                                                                 no_gather_timer: None) -> None:
     async def go() -> None:
-        kek = new_state(tmp_path)
-        gate = Gate(RawMemory(physical_size(SIZE)))
-        disk = await open_disk(tmp_path, gate, kek)
+        _, _, gate, disk = await gated_disk(tmp_path)
         await disk.pwrite(12 * BS, pattern(12))
         await disk.flush()
         epoch = disk.epoch
