@@ -394,6 +394,28 @@ class Submitting(Faulty):
         self.ended.append(error)
 
 
+def test_a_replica_link_passes_a_submitted_write_s_outcome_down() -> None:
+    """The reconnecting link between the fan-out and a connection hands each submitted
+    write's outcome on, so a layer below it (a space watch, say) is told too."""
+    async def go() -> None:
+        async def never() -> Backend:
+            raise ConnectionError("not in this test")
+        below = Submitting(RawMemory(physical_size(SIZE)))
+        link = ReplicaLink(below, "r0", never, retry_window=0)
+        future = link.submit_write(LAY.data_offset(5), pattern(5, 1))
+        assert future is not None
+        await future
+        link.write_ended(None)
+        below.fail_writes = True
+        future = link.submit_write(LAY.data_offset(6), pattern(6, 1))
+        assert future is not None
+        with pytest.raises(BlockError) as failed:
+            await future
+        link.write_ended(failed.value)
+        assert below.ended == [None, failed.value]
+    run(go())
+
+
 @pytest.mark.parametrize("declining", [0, 1])
 def test_a_fan_out_of_submitted_and_coroutine_writes(declining: int) -> None:
     """Replicas whose links submit and one whose link declines (its slots are full, say)

@@ -205,6 +205,8 @@ class ReplicaLink:
         if isinstance(error, BlockError) and isinstance(nxt, Breakable) and nxt.broken:
             self.last_error = str(error)
             self.state = "disconnected"
+        if provides(nxt, Submits):  # a layer below keeps its own books (SpaceWatch)
+            cast(Submits, nxt).write_ended(error)
 
     async def flush(self) -> None:
         await self._call(lambda b: b.flush())
