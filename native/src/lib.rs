@@ -8,5 +8,6 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod block_codec;
+pub mod nbd_wire;
 #[cfg(feature = "python")]
 mod python;
