@@ -8,6 +8,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod block_codec;
+pub mod nbd_client;
 pub mod nbd_wire;
 #[cfg(feature = "python")]
 mod python;
