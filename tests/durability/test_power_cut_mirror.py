@@ -42,9 +42,11 @@ from tests.durability.powercut import (
     abandon,
     read_and_check,
 )
+from trustvbd.blockdev import Backend
 from trustvbd.blocks import crypt_commit, replica_set
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.disk_state import DiskState, Member, TrustedStateError, create_disk_state, load_kek
+from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.replica_set import State
 from trustvbd.crypt.superblock import Layout
 
@@ -79,7 +81,10 @@ async def workload(state: Path, kek: object, files: PowerCutFiles, links: list[T
     create_disk_state(state, "vm1", SIZE, kek, files)  # type: ignore[arg-type]
     created = events.count
     guest = Guest(random.Random(seed), events, NBLOCKS)
-    disk = await CryptDisk.open_mirrored(state, "vm1", [(f"r{i}", r) for i, r in enumerate(links)],
+    # Each behind the link the encryption domain keeps to a driver: it sends no FLUSH when
+    # every write since the last one went with FUA (reconnect.py).
+    linked = [ReplicaLink(r, f"r{i}", never, retry_window=0) for i, r in enumerate(links)]
+    disk = await CryptDisk.open_mirrored(state, "vm1", [(f"r{i}", r) for i, r in enumerate(linked)],
                                          kek, files=files)  # type: ignore[arg-type]
     plan = schedule(len(links))
     for step in range(STEPS):
@@ -97,6 +102,10 @@ async def workload(state: Path, kek: object, files: PowerCutFiles, links: list[T
     assert disk._behind.sends < disk._behind.started  # some gathered into one replica write
     await abandon(disk)
     return guest.model, created
+
+
+async def never() -> Backend:
+    raise ConnectionError("a simulated replica does not reconnect")
 
 
 def leaf_pages_in_memory(disk: CryptDisk, raws: list[RawMemory]) -> None:

@@ -10,6 +10,14 @@ link fails at once, so the replica set drops it from the write set and calls
 A FLUSH is different: writes the old connection acknowledged but never flushed
 may be gone with the driver, so the first flush after such a reconnect fails
 with EIO instead of claiming durability it cannot prove.
+
+A FLUSH with nothing to flush is not sent: NBD's FUA makes a write durable
+before it is answered, so a FLUSH need only reach the driver if a write without
+FUA (or a trim or zero) ended since the last one was sent, or is still running.
+A FLUSH of the encryption domain often follows only the writes it sent on with
+FUA itself (write_behind.py); the driver then syncs once instead of twice. The
+first flush on a connection, a new one after a reconnect included, is always
+sent: the driver may hold writes no one flushed (an earlier process's).
 """
 
 from __future__ import annotations
@@ -49,8 +57,13 @@ class ReplicaLink:
         self._size = first.size
         self._caps = first.capabilities
         self._lock = asyncio.Lock()
-        self._dirty = False          # writes acknowledged since the last good flush
+        self._dirty = False          # writes without FUA acknowledged since the last good flush
         self._maybe_lost = False     # a reconnect happened while dirty
+        # What a flush must cover: writes without FUA still running, and whether one ended
+        # since the last flush was sent (or the connection is new: see the module doc).
+        self._plain_running = 0
+        self._plain_ended = True
+        self.flushes_skipped = 0
         self.reconnects = 0
         self.state = "connected"
         self.last_error: str | None = None
@@ -100,6 +113,7 @@ class ReplicaLink:
             pass
         self.next = fresh
         self.reconnects += 1
+        self._plain_ended = True
 
     @property
     def capabilities(self) -> Capabilities:
@@ -179,13 +193,26 @@ class ReplicaLink:
         await reader_into(self.next)(offset, into)
 
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
-        self._dirty = True
+        if not fua:
+            self._plain_began()
         backend = self.next
         try:
-            return await backend.pwrite(offset, data, fua)
-        except BlockError as exc:
-            await self._recover_from(backend, exc)
-        await self.next.pwrite(offset, data, fua)
+            try:
+                return await backend.pwrite(offset, data, fua)
+            except BlockError as exc:
+                await self._recover_from(backend, exc)
+            await self.next.pwrite(offset, data, fua)
+        finally:
+            if not fua:
+                self._plain_end()
+
+    def _plain_began(self) -> None:
+        self._dirty = True
+        self._plain_running += 1
+
+    def _plain_end(self, _: object = None) -> None:
+        self._plain_running -= 1
+        self._plain_ended = True
 
     def submit_write(self, offset: int, data: Buffer, fua: bool = False) -> asyncio.Future[None] | None:
         """As pwrite in a mirror (no retry), without a coroutine, when the connection can
@@ -194,8 +221,9 @@ class ReplicaLink:
         if self._retry_window > 0 or not provides(backend, Submits):
             return None
         future = cast(Submits, backend).submit_write(offset, data, fua)
-        if future is not None:
-            self._dirty = True
+        if future is not None and not fua:
+            self._plain_began()
+            future.add_done_callback(self._plain_end)
         return future
 
     def write_ended(self, error: Exception | None) -> None:
@@ -209,7 +237,15 @@ class ReplicaLink:
             cast(Submits, nxt).write_ended(error)
 
     async def flush(self) -> None:
-        await self._call(lambda b: b.flush())
+        if not (self._plain_running or self._plain_ended or self._maybe_lost):
+            self.flushes_skipped += 1  # every write since the last flush went with FUA
+            return
+        self._plain_ended = False  # writes ending from now on need the next flush
+        try:
+            await self._call(lambda b: b.flush())
+        except BaseException:
+            self._plain_ended = True
+            raise
         if self._maybe_lost:
             self._maybe_lost = False
             self._dirty = False
@@ -218,13 +254,21 @@ class ReplicaLink:
         self._dirty = False
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        self._dirty = True
-        await self._call(lambda b: b.trim(offset, length, fua))
+        await self._plain(lambda b: b.trim(offset, length, fua), fua)
 
     async def zero(self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
                    fast: bool = False) -> None:
-        self._dirty = True
-        await self._call(lambda b: b.zero(offset, length, fua, may_trim, fast))
+        await self._plain(lambda b: b.zero(offset, length, fua, may_trim, fast), fua)
+
+    async def _plain(self, op: Callable[[Backend], Awaitable[None]], fua: bool) -> None:
+        """A change the next flush must cover unless it went with FUA."""
+        if fua:
+            return await self._call(op)
+        self._plain_began()
+        try:
+            await self._call(op)
+        finally:
+            self._plain_end()
 
     async def cache(self, offset: int, length: int) -> None:
         await self._call(lambda b: b.cache(offset, length))
