@@ -17,6 +17,7 @@ from trustvbd.blocks import write_behind
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.disk_state import DiskState
 from trustvbd.blocks.layer import Layer
+from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.replica_set import State
 from trustvbd.blocks.write_behind import GATHER_BLOCKS, WRITE_BEHIND_BLOCKS, WRITE_BEHIND_MAX
 
@@ -246,7 +247,7 @@ def test_a_replica_dying_under_writes_behind_degrades_and_loses_nothing(tmp_path
         gates[1].opened.clear()
         for b in range(20, 30):
             await asyncio.wait_for(disk.pwrite(b * BS, pattern(b, 1)), 10)  # all answered
-        await until(lambda: gates[1].held == 2)  # the first alone, nine gathered into one
+        await until(lambda: gates[1].held == 1)  # gathered into one, sent once its timer ran
         gates[1].error = errno.EIO  # the second driver dies with 10 writes in flight
         gates[1].opened.set()
         await disk.flush()  # no error: every write reached a current replica
@@ -304,16 +305,16 @@ def test_adjacent_writes_behind_go_to_the_replica_as_one_write(tmp_path: Path,
         for b in range(10, 20):
             await asyncio.wait_for(disk.pwrite(b * BS, pattern(b)), 10)  # each answered
         await turns()
-        assert gate.sent == [(10, 1)]  # the first alone (it continues nothing); then gathered
-        await disk.pwrite(50 * BS, pattern(50))  # elsewhere: the run of nine goes as one write
+        assert gate.sent == []  # all wait to be joined
+        await disk.pwrite(50 * BS, pattern(50))  # elsewhere: the run of ten goes as one write
         await turns()
-        assert gate.sent == [(10, 1), (11, 9), (50, 1)]  # and a random write at once
+        assert gate.sent == [(10, 10)]  # and 50 waits in turn (for a FLUSH, say)
         for b in range(300, 300 + GATHER_BLOCKS + 3):  # within one leaf page
             await disk.pwrite(b * BS, pattern(b))
         await turns()
-        assert gate.sent[3:] == [(300, 1), (301, GATHER_BLOCKS)]  # full: sent at once
+        assert gate.sent[1:] == [(50, 1), (300, GATHER_BLOCKS)]  # full: sent at once
         await disk.flush()
-        assert gate.sent[-1] == (301 + GATHER_BLOCKS, 2)
+        assert gate.sent[-1] == (300 + GATHER_BLOCKS, 3)
         await disk.close()
         disk = await open_disk(tmp_path, mem, kek)
         for b in [*range(10, 20), 50, *range(300, 300 + GATHER_BLOCKS + 3)]:
@@ -332,9 +333,9 @@ def test_whatever_waits_for_gathered_blocks_sends_them_at_once(tmp_path: Path,
         await disk.pwrite(5 * BS, pattern(5))
         await disk.pwrite(6 * BS, pattern(6))
         await turns()
-        assert gate.sent == [(5, 1)]  # 6 waits to be joined
+        assert gate.sent == []  # 5 waits to be joined, and 6 joins it
         assert bytes(await asyncio.wait_for(disk.pread(6 * BS, BS), 5)) == pattern(6)
-        assert gate.sent == [(5, 1), (6, 1)]
+        assert gate.sent == [(5, 2)]
         await disk.pwrite(7 * BS, pattern(7))
         await asyncio.wait_for(disk.pwrite(7 * BS + 100, b"\xee" * 10), 5)  # read-modify-write
         await disk.pwrite(20 * BS, pattern(20))
@@ -367,7 +368,7 @@ def test_a_gathered_run_the_replica_fails_loses_each_of_its_writes(tmp_path: Pat
         for b in range(30, 34):
             await disk.pwrite(b * BS, pattern(b, 1))  # answered; gathered
         await disk.settle()
-        assert sorted(gate.sent[-2:]) == [(30, 1), (31, 3)]
+        assert gate.sent[-1] == (30, 4)
         for b in range(30, 34):
             with pytest.raises(BlockError, match=rf"block\(s\) {b} lost a write"):
                 await disk.pread(b * BS, BS)
@@ -409,6 +410,49 @@ def test_a_flush_sends_the_unsent_run_with_fua_and_flushes_meanwhile(tmp_path: P
         await disk.close()
         disk = await open_disk(tmp_path, mem, kek)
         assert bytes(await disk.pread(8 * BS, 2 * BS)) == pattern(8) + pattern(9)
+        await disk.close()
+
+    run(go())
+
+
+def test_a_write_then_flush_costs_the_replica_one_fua_write_and_no_flush(
+        tmp_path: Path, no_gather_timer: None) -> None:
+    """A guest's write then FLUSH: the FLUSH sends the write (waiting to be joined, or sent on
+    and still waiting for its loop turn) with FUA, and the replica link then has nothing to
+    flush (reconnect.py): the driver syncs once. So too after a FUA write. A write without
+    FUA since makes the FLUSH go. Every block reads back after a reopen."""
+
+    async def never() -> Backend:
+        raise ConnectionError("not in this test")
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        gate = Gate(mem)
+        disk = await open_disk(tmp_path, ReplicaLink(gate, "r0", never), kek)
+        await disk.pwrite(1 * BS, pattern(1))
+        await disk.flush()
+        flushes = gate.flushes
+        await disk.pwrite(40 * BS, pattern(40))
+        await disk.flush()
+        assert gate.sent[-1] == (40, 1) and gate.fua[-1] and gate.flushes == flushes
+        await disk.pwrite(60 * BS, pattern(60))
+        await disk.pwrite(80 * BS, pattern(80))  # 60 is sent on: its turn comes after this
+        await disk.flush()
+        assert sorted(gate.sent[-2:]) == [(60, 1), (80, 1)] and gate.fua[-2:] == [True, True]
+        assert gate.flushes == flushes
+        await disk.pwrite(90 * BS, pattern(90), fua=True)
+        await disk.flush()
+        assert gate.fua[-1] and gate.flushes == flushes
+        await disk.pwrite(100 * BS, pattern(100))
+        await disk.settle()  # sent without FUA (the timer's work)
+        await disk.pwrite(120 * BS, pattern(120))
+        await disk.flush()
+        assert gate.fua[-2:] == [False, True] and gate.flushes == flushes + 1
+        await disk.close()
+        disk = await open_disk(tmp_path, mem, kek)
+        for b in (1, 40, 60, 80, 90, 100, 120):
+            assert bytes(await disk.pread(b * BS, BS)) == pattern(b), b
         await disk.close()
 
     run(go())

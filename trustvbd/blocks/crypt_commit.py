@@ -4,7 +4,8 @@ A FLUSH (or FUA write) makes every write completed so far durable. Usually it
 does so with the intent log alone: the log is fdatasync'ed while the replicas
 flush, then a flush mark is appended and the log fdatasync'ed again. Writes behind
 that were not sent yet go with FUA (durable once answered), so the replica flush
-for the others need not wait for them; the mark waits for both. Recovery
+for the others need not wait for them (and is not sent at all if there are no
+others: reconnect.ReplicaLink.flush); the mark waits for both. Recovery
 rolls the log forward (for each logged block, the newest recorded version whose
 ciphertext verifies on a current replica, and never one older than the last
 mark's: crypt_open.choose_versions), so a block whose record and ciphertext are
@@ -171,12 +172,13 @@ class Commits:
             self._writers_idle.set()
 
     async def _writers_done(self, ahead: Ahead | None) -> None:
-        """Until no write is in flight, but for `ahead`'s: a run a FLUSH sent with FUA is
-        durable once answered, so the replica flush need not wait for it (the mark does)."""
+        """Until no write is in flight, but for `ahead`'s: runs a FLUSH sent with FUA are
+        durable once answered, so the replica flush need not wait for them (the mark does).
+        Once one of them ended, the count no longer tells them apart: wait for all."""
         self._wake_at = ahead.writes if ahead is not None else 0
         try:
-            while self._writers and not (ahead is not None and not ahead.task.done()
-                                         and self._writers == ahead.writes):
+            while self._writers and not (ahead is not None and self._writers == ahead.writes
+                                         and not any(t.done() for t in ahead.tasks)):
                 self._writers_idle.clear()
                 await self._writers_idle.wait()
         finally:

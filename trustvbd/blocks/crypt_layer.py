@@ -456,7 +456,9 @@ class CryptDisk:
                                          gather=not self._commits.committing)
                         behind = True
                     else:
-                        await self._send(b0, old, ct)
+                        # With FUA: durable by itself, so the FLUSH that follows (commit)
+                        # often has nothing left to send the replicas (reconnect.py).
+                        await self._send(b0, old, ct, fua)
                 finally:
                     if not behind:
                         self._locks.release(hold)

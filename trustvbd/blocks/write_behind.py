@@ -29,15 +29,18 @@ for its own replica write), each under WRITE_BEHIND_BLOCKS blocks of ciphertext.
 
 Gathered: a filesystem through FUSE writes a file's blocks one 4 KiB request at
 a time, in order. Each replica write costs a request and a reply in this domain
-and in every driver, more than the write's own work. So a write behind that
-continues the write before it waits to be joined, and the next one that starts
-where that unsent run ends joins it (random writes go at once, as alone). The run
-goes to the replicas as one write once it is GATHER_BLOCKS long, once a write
+and in every driver, more than the write's own work. So a write behind waits to
+be joined, and the next one that starts where that unsent run ends joins it. The
+run goes to the replicas as one write once it is GATHER_BLOCKS long, once a write
 elsewhere comes, or GATHER_S after its last write, and at once when anything
 waits for those blocks (`send_now`: a FLUSH or commit, a read or write that meets
 their range lock, a close). A FLUSH sends it with FUA, so it can flush the
-replicas for the writes before it meanwhile. A replica that fails the run loses
-all of its writes, each as it would alone.
+replicas for the writes before it meanwhile, and often need not flush them at
+all (reconnect.ReplicaLink.flush): a guest's write then FLUSH costs the driver
+one write and one sync. So too a run sent on but still waiting for its loop turn
+(`_run_send`). A random write waits as well, for that FLUSH: the write after it
+sends it on. A replica that fails the run loses all of its writes, each as it
+would alone.
 """
 
 from __future__ import annotations
@@ -66,9 +69,9 @@ Send = Callable[[int, Buffer, Buffer, bool], Coroutine[Any, Any, None]]
 
 
 class Ahead(NamedTuple):
-    """A run a FLUSH sent on with FUA: its task and how many writes it holds."""
+    """The runs a FLUSH sent on with FUA: their tasks and how many writes they hold."""
 
-    task: asyncio.Task[None]
+    tasks: tuple[asyncio.Task[None], ...]
     writes: int
 
 
@@ -82,12 +85,14 @@ class Seen:
 class _Run:
     """Adjacent writes behind, not sent yet: their leaves, ciphertext and what ends each."""
 
-    __slots__ = ("blocks", "ct", "done", "first", "last", "old")
+    __slots__ = ("blocks", "ct", "done", "first", "fua", "last", "old", "task")
 
     def __init__(self, first: int, blocks: int, old: Buffer, ct: Buffer, done: Callable[[], None],
                  now: float) -> None:
         self.first, self.blocks, self.last = first, blocks, now
         self.old, self.ct, self.done = [old], [ct], [done]
+        self.fua = False  # sent with FUA (a FLUSH asked for it before it left)
+        self.task: asyncio.Task[None] | None = None
 
 
 class WriteBehind:
@@ -99,7 +104,7 @@ class WriteBehind:
         self._send = send
         self._tasks: set[asyncio.Task[None]] = set()
         self._run: _Run | None = None  # the newest writes, not sent yet
-        self._after = -1  # the block after the last write behind: a sequential writer's next
+        self._starting: list[_Run] = []  # sent on, waiting for their loop turn (_run_send)
         self._timer: asyncio.TimerHandle | None = None
         self._writes = 0  # writes behind: in the run or in a task
         self.lost: set[int] = set()  # blocks of failed writes behind, until a FLUSH settles them
@@ -138,23 +143,30 @@ class WriteBehind:
             if run is not None:
                 self._launch(after_reply=True)
             run = self._run = _Run(first_block, blocks, old, ct, done, now)
-            # Only a write that continues the one before starts a run that waits: random
-            # writes go at once, as they would alone.
-            gather = gather and first_block == self._after
             if gather and self._timer is None:
                 self._timer = asyncio.get_running_loop().call_at(now + GATHER_S, self._waited)
-        self._after = first_block + blocks
         if run.blocks >= GATHER_BLOCKS or not gather:
             self._launch(after_reply=True)
 
     def send_now(self, fua: bool = False) -> Ahead | None:
         """Something waits for the writes behind (their blocks, or all of them): send the
-        unsent run, with `fua` durable by itself (a FLUSH need not wait for it before it
-        flushes the replicas: crypt_commit.Commits.commit)."""
-        if self._run is None:
+        unsent run. With `fua` (a FLUSH), it and the runs still waiting for their loop turn
+        go with FUA, durable by themselves: the FLUSH need not wait for them before it
+        flushes the replicas (crypt_commit.Commits.commit), and often need not flush at all
+        (reconnect.ReplicaLink.flush)."""
+        runs = []
+        if fua:
+            for run in self._starting:
+                run.fua = True
+                runs.append(run)
+        if self._run is not None:
+            run = self._run
+            self._launch(after_reply=False, fua=fua)
+            runs.append(run)
+        if not runs or not fua:
             return None
-        writes = len(self._run.done)
-        return Ahead(self._launch(after_reply=False, fua=fua), writes)
+        return Ahead(tuple(r.task for r in runs if r.task is not None),
+                     sum(len(r.done) for r in runs))
 
     def _waited(self) -> None:
         """The timer: send the run once GATHER_S passed since its last write."""
@@ -174,22 +186,27 @@ class WriteBehind:
         old = run.old[0] if len(run.old) == 1 else b"".join(run.old)
         ct = run.ct[0] if len(run.ct) == 1 else b"".join(run.ct)
         run.old = run.ct = []  # the joined copies replace the pieces (memory bound)
-        task = asyncio.get_running_loop().create_task(
-            self._run_send(run, old, ct, after_reply, fua))
+        run.fua = fua
+        task = run.task = asyncio.get_running_loop().create_task(
+            self._run_send(run, old, ct, after_reply))
+        if after_reply:
+            self._starting.append(run)
         self.sends += 1
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _run_send(self, run: _Run, old: Buffer, ct: Buffer, after_reply: bool,
-                        fua: bool) -> None:
+    async def _run_send(self, run: _Run, old: Buffer, ct: Buffer, after_reply: bool) -> None:
         try:
             if after_reply:
                 # One loop turn first: the guest's reply, queued once this write returned,
                 # then leaves before the replica write, and the guest prepares its next
                 # request while the driver works.
-                await asyncio.sleep(0)
-            await self._send(run.first, old, ct, fua)
+                try:
+                    await asyncio.sleep(0)
+                finally:
+                    self._starting.remove(run)
+            await self._send(run.first, old, ct, run.fua)
         except BaseException as exc:
             self._lose(run.first, run.blocks, exc)
             if not isinstance(exc, Exception):
