@@ -120,16 +120,12 @@ def _client_transcript(structured: bool) -> bytes:
 
 
 def _requests() -> list[bytes]:
-    c, s = ProtocolCore(Role.CLIENT), ProtocolCore(Role.SERVER)
-    c.receive_data(s.send(m.Greeting(3)))
-    s.receive_data(c.send(m.ClientFlags(3)))
-    s.receive_data(c.send(m.Option(p.Opt.EXPORT_NAME, b"disk")))
-    c.receive_data(s.send(m.ExportNameReply(65536, 0x1FF)))
-    return [c.send(m.Request(p.Cmd.WRITE, 1, 0, 4096, 0, b"\x5a" * 4096)),
-            c.send(m.Request(p.Cmd.READ, 2, 0, 4096)),
-            c.send(m.Request(p.Cmd.FLUSH, 3)),
-            c.send(m.Request(p.Cmd.TRIM, 4, 4096, 4096)),
-            c.send(m.Request(p.Cmd.DISC, 5))]
+    return [b"".join(m.encode_parts(req)) for req in (
+        m.Request(p.Cmd.WRITE, 1, 0, 4096, 0, b"\x5a" * 4096),
+        m.Request(p.Cmd.READ, 2, 0, 4096),
+        m.Request(p.Cmd.FLUSH, 3),
+        m.Request(p.Cmd.TRIM, 4, 4096, 4096),
+        m.Request(p.Cmd.DISC, 5))]
 
 
 def _server_transcript(structured: bool) -> bytes:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.durability.powercut import NO_SYNC
+from trustvbd._native import NbdClientEngine
 from trustvbd.acm import audit
 from trustvbd.acm.model import PolicyError
 from trustvbd.acm.toml_loader import load_toml
@@ -305,7 +306,8 @@ def _serve(core: ProtocolCore, checker: RequestChecker, backend: MemoryBackend,
 
 
 def fuzz_nbd_client(data: bytes) -> None:
-    """A hostile server against the client core and its handshake checks.
+    """A hostile server against the client: its handshake checks (ProtocolCore), then
+    the native transmission engine, fed the replies as a TLS stream feeds it.
 
     Input: flags (1 byte; bit 7 = no structured replies), the length of the
     handshake part (2 bytes), the handshake part, then the replies: a server
@@ -321,7 +323,6 @@ def fuzz_nbd_client(data: bytes) -> None:
 
     coro = handshake(core, inbox.next_event, send, "disk", structured_replies=structured)
     result: Handshake | None = None
-    reads: list[bytearray] = []
     try:
         for chunk in _chunks(data[:1] + data[3:split]):
             core.receive_data(chunk)
@@ -330,26 +331,33 @@ def fuzz_nbd_client(data: bytes) -> None:
                 _, result = _step(coro)
         if result is None:
             return
-        reads = _send_requests(core)
-        for chunk in _chunks(data[:1] + data[split:]):
-            core.receive_data(chunk)
-        core.receive_eof()
-        while (ev := core.next_event()) is not None:
-            assert isinstance(ev, m.Reply | m.ConnectionClosed)
     finally:
         coro.close()
+    engine = NbdClientEngine(None, result.structured)
+    reads = _send_requests(engine)
+    answered: set[int] = set()
+    for chunk in _chunks(data[:1] + data[split:]):
+        done, broken, _ = engine.feed(chunk)
+        for cookie, _error, message in done:
+            assert 1 <= cookie <= 5 and cookie not in answered and len(message) <= 4096
+            answered.add(cookie)
+        if broken is not None:
+            assert engine.pending == 5 - len(answered)
+            raise p.ProtocolError(broken)
+    assert engine.pending == 5 - len(answered)
     assert all(len(b) == 4096 for b in reads)
 
 
-def _send_requests(core: ProtocolCore) -> list[bytearray]:
+def _send_requests(engine: NbdClientEngine) -> list[bytearray]:
     """What a client does once connected: reads into its own buffers, a write, a flush."""
-    bufs = [bytearray(4096), bytearray(4096)]
-    core.send(m.Request(p.Cmd.READ, 1, 0, 4096, 0, None, memoryview(bufs[0])))
-    core.send(m.Request(p.Cmd.WRITE, 2, 4096, 4096, 0, bytes(4096)))
-    core.send(m.Request(p.Cmd.READ, 3, 8192, 4096, 0, None, memoryview(bufs[1])))
-    core.send(m.Request(p.Cmd.FLUSH, 4, 0, 0))
-    core.send(m.Request(p.Cmd.READ, 5, 512, 512))
-    return bufs
+    bufs = [bytearray(4096), bytearray(4096), bytearray(512)]
+    engine.request(p.Cmd.READ, 0, 0, 4096, None, bufs[0])
+    engine.request(p.Cmd.WRITE, 0, 4096, 4096, bytes(4096))
+    engine.request(p.Cmd.READ, 0, 8192, 4096, None, bufs[1])
+    engine.request(p.Cmd.FLUSH, 0, 0, 0)
+    engine.request(p.Cmd.READ, 0, 512, 512, None, bufs[2])
+    engine.take_output()
+    return bufs[:2]
 
 
 # ---------------------------------------------------------------- the table

@@ -151,7 +151,8 @@ def test_requests_of_one_turn_leave_together_and_a_cancelled_one_keeps_its_bytes
             buf = bytearray(b"\x61" * 4096)
             doomed = asyncio.ensure_future(client.pwrite(0, memoryview(buf)))
             await asyncio.sleep(0)  # every request is queued; the batch has not left
-            assert len(client._outgoing) == 18  # header + payload per request
+            assert client._engine is not None  # 9 requests (header + payload) wait, none sent
+            assert client._engine.queued == 9 * (28 + 4096)
             doomed.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await doomed

@@ -290,3 +290,45 @@ def test_hostile_handshakes(case: str) -> None:
     expected = errno.ETIMEDOUT if case == "silence" else errno.EIO
     assert err.errno == expected, err
     assert "NBD server" in str(err)
+
+
+# --- a full socket ------------------------------------------------------------------------
+def test_a_write_the_socket_cannot_take_yet_keeps_the_bytes_it_was_given() -> None:
+    """The server reads nothing for a while: what the socket does not take of a WRITE
+    waits in the client, as a copy, so a caller that reuses its buffer once its write is
+    cancelled (an AEAD slot, a receive buffer) changes nothing on the wire."""
+    size = 16 * MiB  # far more than a socket buffer holds
+    received: list[bytes] = []
+    go_on = threading.Event()
+
+    def script(srv: FakeServer) -> None:
+        srv.handshake()
+        go_on.wait(10)
+        typ, length = struct.unpack(">IHHQQI", srv.recv_exact(28))[2::3]
+        assert typ == p.Cmd.WRITE
+        received.append(srv.recv_exact(length))
+        srv.idle()
+
+    async def body(client: NbdClient) -> None:
+        buf = bytearray(b"\x61" * size)
+        write = asyncio.ensure_future(client.pwrite(0, memoryview(buf)))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if client._engine is not None and client._engine.queued:
+                break
+        assert client._engine is not None and 0 < client._engine.queued < size
+        write.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        buf[:] = b"\x7a" * size  # the caller reuses its buffer
+        go_on.set()
+        for _ in range(500):
+            if received:
+                break
+            await asyncio.sleep(0.01)
+        client.abandon("the test is done")
+        await client.pread(0, 512)  # raises: the connection was given up
+
+    err = with_fake_server(script, body)
+    assert "the test is done" in str(err)
+    assert received == [b"\x61" * size]

@@ -5,14 +5,11 @@ from __future__ import annotations
 import errno
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from trustvbd.blockdev import Capabilities
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.checks import check_request, export_flags
-from trustvbd.nbd.tracking import MAX_FRAGMENTS, InFlight
 from trustvbd.nbd.uri import NbdUri, parse_uri
 
 F = p.TransmissionFlag
@@ -69,37 +66,6 @@ def test_errno_mapping() -> None:
     assert p.errno_to_nbd(errno.ESHUTDOWN) == p.NbdErr.ESHUTDOWN
     assert p.nbd_to_errno(12345) == errno.EIO  # a hostile value cannot pick our errno
     assert p.nbd_to_errno(p.NbdErr.ENOSPC) == errno.ENOSPC
-
-
-def test_coverage_refuses_overlap_outside_and_fragmentation() -> None:
-    req = InFlight(1, p.Cmd.READ, 4096, 4096)
-    assert req.claim(4096 + 1024, 1024) == 1024
-    with pytest.raises(p.ProtocolError, match="overlaps"):
-        req.claim(4096 + 1536, 1024)
-    with pytest.raises(p.ProtocolError, match="outside"):
-        req.claim(4096 + 4000, 200)
-    with pytest.raises(p.ProtocolError, match="outside"):
-        req.claim(0, 100)
-    req.claim(4096, 1024)
-    req.claim(4096 + 2048, 2048)
-    assert req.covered_bytes == 4096 and req.starts == [0] and req.ends == [4096]
-    frag = InFlight(2, p.Cmd.READ, 0, 4 * MAX_FRAGMENTS + 8)
-    with pytest.raises(p.ProtocolError, match="fragmented"):
-        for k in range(MAX_FRAGMENTS + 1):
-            frag.claim(4 * k, 1)
-
-
-@given(st.lists(st.integers(1, 50), min_size=1, max_size=40), st.randoms())
-def test_coverage_accepts_any_partition_in_any_order(sizes: list[int], rnd: object) -> None:
-    pieces, at = [], 0
-    for size in sizes:
-        pieces.append((at, size))
-        at += size
-    rnd.shuffle(pieces)  # type: ignore[attr-defined]
-    req = InFlight(1, p.Cmd.READ, 100, at)
-    for start, size in pieces:
-        req.claim(100 + start, size)
-    assert req.covered_bytes == at and req.starts == [0] and req.ends == [at]
 
 
 def test_uris() -> None:

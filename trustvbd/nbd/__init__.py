@@ -2,11 +2,11 @@
 
 protocol.py   constants, struct layouts, limits, errno mapping
 messages.py   the messages (events) and their encoding; option payload helpers
-core.py       ProtocolCore: parsing, the shared state table, client-side reply checks
-tracking.py   client requests in flight and structured-read coverage
+core.py       ProtocolCore: parsing, the shared state table (a client's: the handshake)
 checks.py     server-side request validation and advertised flags
 exports.py    Export, ExportProvider, ExportRefused, PeerInfo
 server_handshake.py / connection.py / server.py   the asyncio server (NbdServer)
-client_handshake.py / client.py                   the asyncio client (NbdClient = NbdBackend)
+client_handshake.py / client.py                   the asyncio client (NbdClient = NbdBackend);
+              its transmission phase is native (native/src/nbd_client)
 uri.py        nbd:// and nbd+unix:// URIs
 """

@@ -1,12 +1,20 @@
 """The asyncio NBD client, usable as a Backend (`NbdBackend`) in the layer stack.
 
 The trusted encryption domain uses it to talk to untrusted driver domains, so
-the server is treated as hostile: every reply is checked by the protocol core
-(right cookie, right size, structured chunks inside their request and covering
-it exactly once) before any of it is believed; read data is received straight
-into a buffer of exactly the size asked for; every request has a deadline. Any
-violation or timeout declares the connection broken: every pending request
-fails with a BlockError that says what happened, and later calls fail fast.
+the server is treated as hostile: every reply is checked (right cookie, right
+size, structured chunks inside their request and covering it exactly once)
+before any of it is believed; read data is received straight into a buffer of
+exactly the size asked for; every request has a deadline. Any violation or
+timeout declares the connection broken: every pending request fails with a
+BlockError that says what happened, and later calls fail fast.
+
+The handshake (the control plane: options, STARTTLS) is Python, over the
+sans-I/O `ProtocolCore`. The transmission phase is the native engine
+(`trustvbd._native.NbdClientEngine`, native/src/nbd_client): it packs requests,
+parses and checks replies and pairs them by cookie. On a plain socket it owns the
+socket (non-blocking readv/writev, driven by add_reader/add_writer); on a TLS
+stream Python's SSL transport carries the bytes and feeds them in. This module
+keeps the policy: request slots, deadlines, errors, closing.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+from trustvbd._native import NbdClientEngine
 from trustvbd.blockdev import BlockError, Buffer, Capabilities, check_range
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
@@ -34,6 +43,13 @@ _READ, _WRITE, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES, _DISC = (
 )
 _ESHUTDOWN = int(p.NbdErr.ESHUTDOWN)
 SOCKET_BUFFER = 4 << 20  # as the server's: a whole 256 KiB request fits one send
+# Requests wait (pwrite) or are declined (submit_write) while more than this is queued
+# and not yet accepted by the socket.
+HIGH_WATER = 4 << 20
+HANDSHAKE_READ = 64 * 1024
+# What the engine returns: completions (cookie, NBD error, message), why the connection
+# is broken (None: it is not), and whether the server closed its end.
+Batch = tuple[list[tuple[int, int, str]], str | None, bool]
 
 
 def printable(text: str, limit: int = 300) -> str:
@@ -44,12 +60,12 @@ def printable(text: str, limit: int = 300) -> str:
 
 class _Waiter:
     """A request sent and not yet answered. `direct`: a submitted write (submit_write),
-    whose future gets the outcome (None, or the BlockError) and whose slot is given back
-    with the reply; otherwise the future gets the Reply and _request gives the slot back."""
+    whose slot is given back with the reply; otherwise _request gives the slot back.
+    The future gets None, or the BlockError the reply or a broken connection stands for."""
 
     __slots__ = ("deadline", "direct", "future", "length", "offset", "type")
 
-    def __init__(self, future: asyncio.Future[Any], deadline: float, typ: int,
+    def __init__(self, future: asyncio.Future[None], deadline: float, typ: int,
                  offset: int, length: int, direct: bool = False) -> None:
         self.future, self.deadline, self.type, self.offset, self.length, self.direct = (
             future, deadline, typ, offset, length, direct
@@ -57,20 +73,28 @@ class _Waiter:
 
 
 class _Wire(asyncio.BufferedProtocol):
-    """asyncio callbacks, forwarded to the client."""
+    """asyncio callbacks of a TLS connection, forwarded to the client: the handshake's
+    bytes go to the ProtocolCore, the transmission phase's to the engine (fed)."""
 
     def __init__(self, client: NbdClient) -> None:
         self.client = client
+        self._fed = memoryview(bytearray(HANDSHAKE_READ))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.client._transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=4 * 1024 * 1024)  # type: ignore[attr-defined]
+        transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[attr-defined]
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self.client._engine is not None:
+            return self._fed
         return self.client._get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.client._buffer_updated(nbytes)
+        client = self.client
+        if client._engine is not None:
+            client._resolve(client._engine.feed(self._fed[:nbytes]))
+        else:
+            client._buffer_updated(nbytes)
 
     def eof_received(self) -> bool:
         self.client._eof()
@@ -99,27 +123,31 @@ class NbdClient:
         self._flags = 0
         self._timeout = request_timeout
         self._loop = asyncio.get_running_loop()
-        self._core = ProtocolCore(Role.CLIENT)
-        self._transport: asyncio.Transport | None = None
+        self._core = ProtocolCore(Role.CLIENT)  # the handshake's
+        self._sock: socket.socket | None = None  # a plain connection's, until the engine has it
+        self._transport: asyncio.Transport | None = None  # a TLS connection's
         self._wire = _Wire(self)
+        self._engine: NbdClientEngine | None = None  # the transmission phase
+        self._fd = -1  # the engine's socket (plain), watched by the loop
         self._waiters: dict[int, _Waiter] = {}
-        self._next_cookie = 1
         # Request slots (at most max_in_flight requests in flight): a free slot is taken
         # without a coroutine; a freed one goes straight to the longest waiter.
         self._free_slots = max_in_flight
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
-        # Cleared while the transport's buffer is over its high-water mark.
+        # Cleared while more than HIGH_WATER bytes wait for the socket.
         self._writable = asyncio.Event()
         self._writable.set()
+        self._watching_writes = False
         self._handshake_wakeup: asyncio.Future[None] | None = None
+        self._handshake_out: list[Buffer] = []  # plain: sent before the handshake next reads
+        self._handshake_eof = False
         self._closing = False
-        self._attached = False  # handshake done: events are replies now
         self.answered_at = 0.0  # loop time of the last reply (Watched)
         # Requests made in one turn of the event loop leave in one writev: a mirror's
         # fan-out and a guest's queue of small writes cost one system call per turn and
         # replica, not one per request.
-        self._outgoing: list[Buffer] = []
+        self._send_queued = False
 
     # --- construction ------------------------------------------------------------
     @classmethod
@@ -147,11 +175,7 @@ class NbdClient:
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        try:
-            await self._loop.connect_accepted_socket(lambda: self._wire, sock)
-        except BaseException:
-            sock.close()
-            raise
+        self._sock = sock
         try:
             async with asyncio.timeout(handshake_timeout):
                 starttls = None
@@ -160,6 +184,7 @@ class NbdClient:
                         await self._start_tls(tls, server_hostname or "localhost")
                 result = await handshake(self._core, self._next_event, self._send,
                                          export, structured_replies, starttls)
+                self._attach(result)
         except TimeoutError:
             self._break(errno.ETIMEDOUT, f"handshake did not finish within {handshake_timeout} s")
             raise BlockError(errno.ETIMEDOUT, f"NBD server {self.where}: {self.broken}") from None
@@ -181,13 +206,32 @@ class NbdClient:
     async def _start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
         if self._core.unparsed():
             raise p.ProtocolError("server sent data after accepting STARTTLS, before TLS")
+        assert self._sock is not None and not self._handshake_out
+        sock, self._sock = self._sock, None
+        try:
+            await self._loop.connect_accepted_socket(lambda: self._wire, sock)
+        except BaseException:
+            sock.close()
+            raise
         assert self._transport is not None
         upgraded = await self._loop.start_tls(self._transport, self._wire, context,
                                               server_hostname=server_hostname)
         if upgraded is None:
             raise ConnectionError("the server closed the connection during the TLS handshake")
-        upgraded.set_write_buffer_limits(high=4 * 1024 * 1024)
+        upgraded.set_write_buffer_limits(high=HIGH_WATER)
         self._transport = upgraded  # type: ignore[assignment]
+
+    def _attach(self, result: Handshake) -> None:
+        """The handshake is done: the engine takes over the transmission phase."""
+        if self._core.unparsed():
+            raise p.ProtocolError("server sent data after the handshake, before any request")
+        if self._sock is not None:  # plain: the engine owns the socket from now on
+            sock, self._sock = self._sock, None
+            self._engine = NbdClientEngine(sock, result.structured)  # detaches it
+            self._fd = self._engine.fileno()
+            self._loop.add_reader(self._fd, self._readable)
+        else:  # TLS: the transport's bytes are fed to the engine (_Wire)
+            self._engine = NbdClientEngine(None, result.structured)
 
     @classmethod
     async def open_uri(cls, uri: str, tls_dir: Path | None = None, **kw: Any) -> NbdClient:
@@ -231,7 +275,6 @@ class NbdClient:
         return await cls.connect(sock, target.export, **kw)
 
     def _adopt(self, export: str, result: Handshake) -> None:
-        self._attached = True
         self.export_name = export
         self._size, self._flags = result.size, result.flags
         if result.block_sizes is not None:
@@ -259,11 +302,6 @@ class NbdClient:
         return self._caps
 
     async def pread(self, offset: int, length: int) -> Buffer:
-        self._check(offset, length)
-        limit = self.block_sizes[2]
-        if length <= limit:
-            reply = await self._request(_READ, offset, length)
-            return reply if reply is not None else b""
         buf = bytearray(length)
         await self.pread_into(offset, memoryview(buf))
         return buf
@@ -351,16 +389,9 @@ class NbdClient:
             pending = [w.future for w in self._waiters.values()]
             if pending:
                 await asyncio.wait(pending)
-        if self.broken is None and self._transport is not None:
-            self._send_outgoing()
-            try:
-                self._transport.writelines(self._core.send_parts(m.Request(_DISC, 0)))
-            except p.LocalProtocolError:
-                pass
-            self.broken = "connection closed by the client"
-            self._transport.close()
-        elif self._transport is not None:
-            self._transport.abort()
+        if self.broken is None:
+            await self._disconnect("connection closed by the client")
+        self._drop_connection()
 
     # --- requests -------------------------------------------------------------------
     def _check_usable(self) -> None:
@@ -455,7 +486,7 @@ class NbdClient:
     async def _request(
         self, typ: int, offset: int, length: int, flags: int = 0, data: Buffer | None = None,
         into: memoryview | None = None,
-    ) -> Buffer | None:
+    ) -> None:
         waiter = self._take_slot()
         if waiter is not None:
             await self._wait_for_slot(waiter)
@@ -463,45 +494,76 @@ class NbdClient:
             if not self._writable.is_set():
                 await self._writable.wait()
             self._check_usable()
-            reply: m.Reply = await self._send_request(typ, offset, length, flags, data, into, False)
+            await self._send_request(typ, offset, length, flags, data, into, False)
         finally:
             self._release_slot()
-        if reply.error:
-            raise self._reply_error(reply, typ, offset, length)
-        return reply.data
 
     def _send_request(self, typ: int, offset: int, length: int, flags: int, data: Buffer | None,
-                      into: memoryview | None, direct: bool) -> asyncio.Future[Any]:
+                      into: memoryview | None, direct: bool) -> asyncio.Future[None]:
         """Queue one request (its slot taken); the future its reply completes."""
-        cookie = self._next_cookie
-        self._next_cookie = cookie + 1
-        parts = self._core.send_parts(m.Request(typ, cookie, offset, length, flags, data, into))
-        future: asyncio.Future[Any] = self._loop.create_future()
+        assert self._engine is not None  # _check_usable: attached and not broken
+        try:
+            cookie = self._engine.request(typ, flags, offset, length, data, into)
+        except ValueError as exc:
+            raise p.LocalProtocolError(str(exc)) from None
+        future: asyncio.Future[None] = self._loop.create_future()
         self._waiters[cookie] = _Waiter(future, self._loop.time() + self._timeout, typ,
                                         offset, length, direct)
         # The batch is sent by a callback queued before any of its requests awaits, so
-        # it leaves before any of their callers can be woken (cancelled) and reuse a buffer.
-        if not self._outgoing:
+        # it leaves before any of their callers can be woken (cancelled) and reuse a
+        # buffer; what the socket does not take then, the engine copies.
+        if not self._send_queued:
+            self._send_queued = True
             self._loop.call_soon(self._send_outgoing)
-        self._outgoing += parts
         if self._timer is None:
             self._arm_timer()
         return future
 
     def _send_outgoing(self) -> None:
-        parts, self._outgoing = self._outgoing, []
-        if self.broken is None and self._transport is not None and parts:
-            self._transport.writelines(parts)
+        self._send_queued = False
+        engine = self._engine
+        if engine is None or (self._fd < 0 and self._transport is None):
+            return  # dropped: the engine let go of what was queued
+        if self._transport is not None:  # TLS
+            if engine.queued:
+                self._transport.writelines(engine.take_output())
+            return
+        if self._watching_writes:
+            return  # the socket is full; _on_writable goes on when it has room
+        self._write()
 
-    def _reply_error(self, reply: m.Reply, typ: int, offset: int, length: int) -> BlockError:
+    def _write(self) -> None:
+        """Write what the engine has queued; watch the socket while some is left."""
+        assert self._engine is not None
+        try:
+            done = self._engine.send()
+        except OSError as exc:
+            self._break(errno.EIO, f"connection lost ({exc})")
+            return
+        if done:
+            if self._watching_writes:
+                self._loop.remove_writer(self._fd)
+                self._watching_writes = False
+            self._writable.set()
+            return
+        if not self._watching_writes:
+            self._loop.add_writer(self._fd, self._write)
+            self._watching_writes = True
+        if self._engine.queued > HIGH_WATER:
+            self._writable.clear()
+        else:
+            self._writable.set()
+
+    def _reply_error(self, error: int, message: str, typ: int, offset: int,
+                     length: int) -> BlockError:
         """The error an error reply stands for (to raise)."""
-        err = p.nbd_to_errno(reply.error)
-        text = f": {printable(reply.message)}" if reply.message else ""
-        if reply.error == _ESHUTDOWN:
+        err = p.nbd_to_errno(error)
+        text = f": {printable(message)}" if message else ""
+        if error == _ESHUTDOWN:
             self._start_shutdown()
         return BlockError(err, (
             f"NBD server {self.where} failed {p.name_of(p.Cmd, typ)} [{offset}, {offset + length}) "
-            f"with {p.name_of(p.NbdErr, reply.error)}{text}"
+            f"with {p.name_of(p.NbdErr, error)}{text}"
         ))
 
     def _start_shutdown(self) -> None:
@@ -514,13 +576,48 @@ class NbdClient:
         pending = [w.future for w in self._waiters.values()]
         if pending:
             await asyncio.wait(pending)
-        if self._transport is not None and not self._transport.is_closing():
-            self._send_outgoing()
-            try:
-                self._transport.writelines(self._core.send_parts(m.Request(_DISC, 0)))
-            except p.LocalProtocolError:
-                pass
-            self._transport.close()
+        if not self._closing:
+            await self._disconnect(self.broken or "the server is shutting down")
+            self._drop_connection()
+
+    async def _disconnect(self, reason: str) -> None:
+        """Send NBD_CMD_DISC after what is queued (idle: no request pending), and wait
+        until it is out, for at most the request timeout."""
+        engine = self._engine
+        if engine is None or (self._fd < 0 and self._transport is None):
+            return
+        engine.disconnect()
+        self.broken = self.broken or reason
+        if self._transport is not None:
+            self._transport.writelines(engine.take_output())
+            return  # closing the transport flushes it
+        if not self._watching_writes:
+            self._write()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._timeout):
+                while self._watching_writes and self._fd >= 0:
+                    await self._writable.wait()
+                    if self._watching_writes:
+                        await asyncio.sleep(0.001)
+
+    def _drop_connection(self, abort: bool = False) -> None:
+        """Close the socket or transport (the engine lets go of every buffer)."""
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            if self._watching_writes:
+                self._loop.remove_writer(self._fd)
+                self._watching_writes = False
+            self._fd = -1
+        if self._engine is not None:
+            self._engine.close()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._transport is not None:
+            if abort:
+                self._transport.abort()
+            else:
+                self._transport.close()
 
     # --- timeouts and failure ---------------------------------------------------------
     def pending_since(self) -> float | None:
@@ -540,7 +637,7 @@ class NbdClient:
 
     def _on_timer(self) -> None:
         self._timer = None
-        if not self._waiters or (self.broken is not None and not self._waiters):
+        if not self._waiters:
             return
         oldest = next(iter(self._waiters.values()))
         if oldest.deadline <= self._loop.time():
@@ -568,10 +665,51 @@ class NbdClient:
             self._timer = None
         self._writable.set()  # writers wake up and find the connection broken
         self._wake_handshake()
-        if self._transport is not None:
-            self._transport.abort()
+        self._drop_connection(abort=True)
 
     # --- receiving ------------------------------------------------------------------
+    def _readable(self) -> None:
+        assert self._engine is not None
+        self._resolve(self._engine.readable())
+
+    def _resolve(self, batch: Batch) -> None:
+        """Complete the futures of the requests the engine saw answered; then act on a
+        broken connection or the server's end of it."""
+        done, broken, eof = batch
+        self.answered_at = self._loop.time()  # the server said something
+        if done:
+            waiters = self._waiters
+            for cookie, error, message in done:
+                waiter = waiters.pop(cookie)
+                if waiter.direct:
+                    self._release_slot()
+                if waiter.future.done():
+                    continue
+                if error:
+                    waiter.future.set_exception(self._reply_error(
+                        error, message, waiter.type, waiter.offset, waiter.length))
+                else:
+                    waiter.future.set_result(None)
+        if broken is not None:
+            self._break(errno.EIO, broken)
+        elif eof:
+            self._eof()
+
+    def _eof(self) -> None:
+        if self._engine is None:
+            self._core.receive_eof()
+            self._wake_handshake()  # the handshake reads the ConnectionClosed event
+        elif not (self._closing and not self._waiters):
+            self._break(errno.EIO, "the server closed the connection")
+        else:
+            self._drop_connection()
+
+    def _lost(self, exc: Exception | None) -> None:
+        if self.broken is None or self._waiters:
+            self._break(errno.EIO, f"connection lost ({exc})" if exc else "connection lost")
+        self._wake_handshake()
+
+    # --- handshake plumbing (ProtocolCore) ----------------------------------------------
     def _get_buffer(self, sizehint: int) -> memoryview:
         if self._core.state is not State.ERROR:
             try:
@@ -582,65 +720,55 @@ class NbdClient:
         return memoryview(bytearray(65536))  # discarded
 
     def _buffer_updated(self, nbytes: int) -> None:
-        core = self._core
-        if core.state is State.ERROR:
+        if self._core.state is State.ERROR:
             return
         try:
-            core.buffer_updated(nbytes)
+            self._core.buffer_updated(nbytes)
         except p.ProtocolError as exc:
             self._break(errno.EIO, f"broke the protocol: {exc}")
             return
-        if self._attached:
-            self.answered_at = self._loop.time()
-            waiters = self._waiters
-            while (ev := core.next_event()) is not None:
-                if type(ev) is m.Reply:  # the core only emits replies for known cookies
-                    waiter = waiters.pop(ev.cookie)
-                    if waiter.direct:
-                        self._release_slot()
-                        if waiter.future.done():
-                            continue
-                        if ev.error:
-                            waiter.future.set_exception(
-                                self._reply_error(ev, waiter.type, waiter.offset, waiter.length))
-                        else:
-                            waiter.future.set_result(None)
-                    elif not waiter.future.done():
-                        waiter.future.set_result(ev)
-        else:
-            self._wake_handshake()
-
-    def _eof(self) -> None:
-        self._core.receive_eof()
-        if not self._attached:
-            self._wake_handshake()  # the handshake reads the ConnectionClosed event
-        elif not (self._closing and not self._waiters):
-            self._break(errno.EIO, "the server closed the connection")
-
-    def _lost(self, exc: Exception | None) -> None:
-        if self.broken is None or self._waiters:
-            self._break(errno.EIO, f"connection lost ({exc})" if exc else "connection lost")
         self._wake_handshake()
 
-    # --- handshake plumbing ------------------------------------------------------------
     def _wake_handshake(self) -> None:
         if self._handshake_wakeup is not None and not self._handshake_wakeup.done():
             self._handshake_wakeup.set_result(None)
 
     async def _next_event(self) -> m.Event:
+        core = self._core
         while True:
-            if self._core.state is State.ERROR:
-                raise p.ProtocolError(self._core.error or "protocol error")
-            ev = self._core.next_event()
+            if core.state is State.ERROR:
+                raise p.ProtocolError(core.error or "protocol error")
+            ev = core.next_event()
             if ev is not None:
                 return ev
+            sock = self._sock
+            if sock is not None:  # plain: read the socket ourselves
+                if self._handshake_eof:
+                    return m.ConnectionClosed()
+                try:
+                    if self._handshake_out:
+                        out, self._handshake_out = b"".join(self._handshake_out), []
+                        await self._loop.sock_sendall(sock, out)
+                    n = await self._loop.sock_recv_into(sock, core.get_buffer(HANDSHAKE_READ))
+                except OSError:
+                    n = 0  # a reset: as the server hanging up
+                if n:
+                    core.buffer_updated(n)
+                else:
+                    self._handshake_eof = True
+                    core.receive_eof()
+                continue
             if self._transport is None or self._transport.is_closing():
                 return m.ConnectionClosed()
             self._handshake_wakeup = self._loop.create_future()
             await self._handshake_wakeup
 
     def _send(self, msg: m.Event) -> None:
-        self._transport.writelines(self._core.send_parts(msg))  # type: ignore[union-attr]
+        parts = self._core.send_parts(msg)
+        if self._transport is not None:
+            self._transport.writelines(parts)
+        else:
+            self._handshake_out += parts
 
 
 NbdBackend = NbdClient

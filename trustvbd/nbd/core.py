@@ -12,11 +12,9 @@ it along `TRANSITIONS` whoever sends it. A message the table does not allow is
 a `ProtocolError` when the peer sent it (drop the connection) and a
 `LocalProtocolError` when we tried to send it (our bug).
 
-The client core also tracks every request in flight, so that it can tell how
-long a simple READ reply is, route read data straight into the request's own
-buffer (no copy of large payloads, never more memory than was asked for), and
-check that a hostile server's structured chunks lie inside the request and
-cover it exactly once before it hands out one validated `Reply` per request.
+A client core ends with the handshake: the client's transmission phase (requests,
+replies, their checks) is the native engine (`trustvbd._native.NbdClientEngine`,
+native/src/nbd_client), which `trustvbd.nbd.client` attaches once GO is answered.
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ from typing import Any
 from trustvbd.blockdev import Buffer
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
-from trustvbd.nbd.tracking import InFlight, InFlightTable
 
 
 class Role(enum.Enum):
@@ -55,11 +52,9 @@ class State(enum.Enum):
 # enum member on its class costs ~60 ns on Python 3.11, and a request's trip
 # through the core did a few dozen of them.
 _ERROR, _TRANSMISSION, _DISCONNECTING = State.ERROR, State.TRANSMISSION, State.DISCONNECTING
-_CLIENT = Role.CLIENT
-_READ, _WRITE, _DISC = int(p.Cmd.READ), int(p.Cmd.WRITE), int(p.Cmd.DISC)
+_WRITE, _DISC = int(p.Cmd.WRITE), int(p.Cmd.DISC)
 _DONE = int(p.ReplyFlag.DONE)
-_OFFSET_DATA, _OFFSET_HOLE = int(p.ChunkType.OFFSET_DATA), int(p.ChunkType.OFFSET_HOLE)
-_NONE_CHUNK, _ERROR_OFFSET = int(p.ChunkType.NONE), int(p.ChunkType.ERROR_OFFSET)
+_OFFSET_DATA = int(p.ChunkType.OFFSET_DATA)
 _SIMPLE_REPLY_PACK, _CHUNK_PACK, _U64_PACK = p.SIMPLE_REPLY.pack, p.CHUNK_HEADER.pack, p.U64.pack
 _REQUEST_PACK, _REQUEST_UNPACK, _REQUEST_SIZE = p.REQUEST.pack, p.REQUEST.unpack_from, p.REQUEST.size
 _REQUEST_MAGIC = p.REQUEST_MAGIC
@@ -69,7 +64,7 @@ SERVER_MESSAGES = (
     m.Greeting, m.OptionReply, m.ExportNameReply, m.SimpleReply,
     m.OffsetData, m.OffsetHole, m.ErrorChunk, m.NoneChunk,
 )
-CLIENT_MESSAGES = (m.ClientFlags, m.Option, m.Request)
+CLIENT_MESSAGES = (m.ClientFlags, m.Option)  # requests: the native engine
 
 # Scratch receive buffer. Every message that is not routed straight into its
 # own payload buffer fits in half of it, so compaction always makes room.
@@ -233,7 +228,6 @@ class ProtocolCore:
         self.export_size = 0
         self.export_flags = 0
         self.error: str | None = None
-        self.in_flight = InFlightTable()  # client only: requests awaiting replies
         self._events: deque[m.Event] = deque()
         self._buf = bytearray(SCRATCH_SIZE)
         self._start = 0  # first unparsed byte in _buf
@@ -255,18 +249,6 @@ class ProtocolCore:
 
     def send_parts(self, msg: m.Event) -> list[Buffer]:
         """Like send(), but as a list of buffers so payloads are not copied."""
-        if (type(msg) is m.Request and self.state is _TRANSMISSION and self.role is _CLIENT
-                and msg.type != _DISC):
-            # A client's request in transmission, once per request: what the generic path
-            # below does for it (the transition keeps TRANSMISSION), without its dispatch.
-            self._check_request_to_send(msg)
-            head = _REQUEST_PACK(p.REQUEST_MAGIC, msg.flags, msg.type, msg.cookie, msg.offset,
-                                 msg.length)
-            parts: list[Buffer] = [head, msg.data] if msg.data is not None and len(msg.data) \
-                else [head]
-            if self._end > self._start:
-                self._parse()
-            return parts
         ours = SERVER_MESSAGES if self.role is Role.SERVER else CLIENT_MESSAGES
         if not isinstance(msg, ours):
             raise p.LocalProtocolError(f"a {self.role.value} cannot send {type(msg).__name__}")
@@ -276,8 +258,6 @@ class ProtocolCore:
             self.structured
         ):
             raise p.LocalProtocolError("structured replies were not negotiated")
-        if type(msg) is m.Request:
-            self._check_request_to_send(msg)
         try:
             self._transition(msg)
         except p.ProtocolError as exc:
@@ -304,24 +284,6 @@ class ProtocolCore:
             return self.send_parts(m.NoneChunk(cookie))
         return [_CHUNK_PACK(p.STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, 8 + len(data))
                 + _U64_PACK(offset), data]
-
-    def _check_request_to_send(self, msg: m.Request) -> None:
-        if msg.type == _WRITE:
-            if msg.data is None or len(msg.data) != msg.length:
-                raise p.LocalProtocolError("a WRITE needs exactly `length` bytes of data")
-            if msg.length > p.MAX_PAYLOAD:
-                raise p.LocalProtocolError(f"WRITE of {msg.length} bytes exceeds 32 MiB")
-        elif msg.data is not None:
-            raise p.LocalProtocolError("only WRITE requests carry data")
-        if msg.type == _READ and msg.length > p.MAX_PAYLOAD:
-            raise p.LocalProtocolError(f"READ of {msg.length} bytes exceeds 32 MiB")
-        if msg.into is not None and (msg.type != _READ or msg.into.readonly
-                                     or msg.into.nbytes != msg.length):
-            raise p.LocalProtocolError("`into` must be a writable buffer of exactly `length` bytes, for a READ")
-        if msg.type != _DISC and self.state is _TRANSMISSION:
-            if msg.cookie in self.in_flight:
-                raise p.LocalProtocolError(f"cookie {msg.cookie:#x} is already in flight")
-            self.in_flight.add(msg.cookie, msg.type, msg.offset, msg.length, msg.into)
 
     def _transition(self, msg: m.Event) -> None:
         nxt = TRANSITIONS.get((self.state, type(msg)))
@@ -555,25 +517,6 @@ class ProtocolCore:
             state = self.state
             start, end = self._start, self._end
             avail = end - start
-            if state is _TRANSMISSION or state is _DISCONNECTING:
-                if avail < 4 or self._direct is not None:
-                    return
-                (magic,) = p.U32.unpack_from(buf, start)
-                if magic == p.SIMPLE_REPLY_MAGIC:
-                    if avail < p.SIMPLE_REPLY.size:
-                        return
-                    if not self._simple_reply(start, end):
-                        return
-                elif magic == p.STRUCTURED_REPLY_MAGIC:
-                    if not self.structured:
-                        raise p.ProtocolError("structured reply chunk, but none were negotiated")
-                    if avail < p.CHUNK_HEADER.size:
-                        return
-                    if not self._chunk(start, end):
-                        return
-                else:
-                    raise p.ProtocolError(f"bad reply magic {magic:#010x}")
-                continue
             if state is State.OPTION_REPLY:
                 if avail < p.OPTION_REPLY_HEADER.size:
                     return
@@ -612,129 +555,3 @@ class ProtocolCore:
                 self._receive(m.ExportNameReply(export_size, flags))
                 continue
             return  # our turn to speak; the server's early bytes wait
-
-    def _lookup(self, cookie: int) -> InFlight:
-        req = self.in_flight.get(cookie)
-        if req is None:
-            raise p.ProtocolError(f"reply for unknown cookie {cookie:#x}")
-        return req
-
-    def _simple_reply(self, start: int, end: int) -> bool:
-        _, error, cookie = p.SIMPLE_REPLY.unpack_from(self._buf, start)
-        req = self._lookup(cookie)
-        body = start + p.SIMPLE_REPLY.size
-        if req.type != _READ:
-            self._start = body
-            self._complete(req, error, "")
-            return True
-        if self.structured:
-            raise p.ProtocolError("simple reply to a READ after structured replies were negotiated")
-        if error:
-            self._start = body
-            self._complete(req, error, "")
-            return True
-        return self._receive_into(req, 0, body, end, lambda: self._complete(req, 0, ""))
-
-    def _receive_into(
-        self, req: InFlight, at: int, body: int, end: int, done: Callable[[], None],
-        length: int | None = None,
-    ) -> bool:
-        """Route `length` payload bytes (default: the whole read) into req's buffer at `at`."""
-        if length is None:
-            length = req.length
-        have = end - body
-        assert req.view is not None  # reads get their buffer when sent
-        target = req.view[at : at + length]
-        if have >= length:
-            target[:] = self._buf[body : body + length]
-            self._start = body + length
-            done()
-            return True
-        target[:have] = memoryview(self._buf)[body:end]
-        self._start = self._end = 0
-        self._start_direct(target, have, done)
-        return False
-
-    def _complete(self, req: InFlight, error: int, message: str) -> None:
-        self.in_flight.remove(req.cookie)
-        data = req.buffer if req.type == _READ and not error else None
-        self._receive_reply(m.Reply(req.cookie, error, message, data))
-
-    def _receive_reply(self, reply: m.Reply) -> None:
-        self._events.append(reply)
-
-    def _chunk(self, start: int, end: int) -> bool:
-        _, flags, typ, cookie, length = p.CHUNK_HEADER.unpack_from(self._buf, start)
-        req = self._lookup(cookie)
-        done = bool(flags & _DONE)
-        body = start + p.CHUNK_HEADER.size
-        have = end - body
-        if typ == _OFFSET_DATA:
-            if req.type != _READ:
-                raise p.ProtocolError(f"OFFSET_DATA chunk in reply to {p.name_of(p.Cmd, req.type)}")
-            if length <= 8 or length - 8 > req.length:
-                raise p.ProtocolError(
-                    f"OFFSET_DATA chunk of {length} bytes for a read of {req.length} bytes"
-                )
-            if have < 8:
-                return False
-            (offset,) = p.U64.unpack_from(self._buf, body)
-            at = req.claim(offset, length - 8)
-            return self._receive_into(
-                req, at, body + 8, end, lambda: self._chunk_done(req, done), length - 8
-            )
-        if typ == _OFFSET_HOLE:
-            if req.type != _READ:
-                raise p.ProtocolError(f"OFFSET_HOLE chunk in reply to {p.name_of(p.Cmd, req.type)}")
-            if length != p.OFFSET_HOLE.size:
-                raise p.ProtocolError(f"OFFSET_HOLE chunk of {length} bytes, expected 12")
-            if have < length:
-                return False
-            offset, hole = p.OFFSET_HOLE.unpack_from(self._buf, body)
-            if hole == 0:
-                raise p.ProtocolError("OFFSET_HOLE chunk of zero bytes")
-            at = req.claim(offset, hole)
-            if not req.zeroed:  # a caller's buffer holds anything; ours start zeroed
-                req.view[at:at + hole] = bytes(hole)  # type: ignore[index]
-            self._start = body + length
-            self._chunk_done(req, done)
-            return True
-        if typ == _NONE_CHUNK:
-            if length != 0 or not done:
-                raise p.ProtocolError("NONE chunk must be empty and final")
-            self._start = body
-            self._chunk_done(req, done)
-            return True
-        if typ & p.CHUNK_ERROR_BIT:
-            if length < p.ERROR_CHUNK.size or length > p.ERROR_CHUNK.size + p.MAX_STRING + 8:
-                raise p.ProtocolError(f"error chunk of {length} bytes")
-            if have < length:
-                return False
-            error, msg_len = p.ERROR_CHUNK.unpack_from(self._buf, body)
-            if msg_len > length - p.ERROR_CHUNK.size:
-                raise p.ProtocolError("error chunk message overruns the chunk")
-            if typ == _ERROR_OFFSET:
-                if length - p.ERROR_CHUNK.size - msg_len != 8:
-                    raise p.ProtocolError("ERROR_OFFSET chunk has a bad length")
-                (offset,) = p.U64.unpack_from(self._buf, body + length - 8)
-                if not req.offset <= offset < req.offset + max(req.length, 1):
-                    raise p.ProtocolError(f"ERROR_OFFSET {offset} lies outside the request")
-            text_at = body + p.ERROR_CHUNK.size
-            message = bytes(self._buf[text_at : text_at + msg_len]).decode("utf-8", "replace")
-            req.fail(error or p.NbdErr.EIO, message)
-            self._start = body + length
-            self._chunk_done(req, done)
-            return True
-        raise p.ProtocolError(f"unexpected structured chunk type {typ}")
-
-    def _chunk_done(self, req: InFlight, done: bool) -> None:
-        if not done:
-            return
-        if req.error:
-            self._complete(req, req.error, req.message)
-            return
-        if req.type == _READ and req.covered_bytes != req.length:
-            raise p.ProtocolError(
-                f"structured read reply covers {req.covered_bytes} of {req.length} bytes"
-            )
-        self._complete(req, 0, "")

@@ -62,12 +62,8 @@ class ExportNameReply:
 # --- transmission ------------------------------------------------------------
 @dataclass(slots=True)
 class Request:
-    """C: one command; `data` is the payload of a WRITE.
-
-    `into`, for a READ only: receive the reply's data straight into this writable
-    buffer of exactly `length` bytes (a caller's own memory, e.g. shared with a
-    worker) instead of a new one. It is written until the request ends.
-    """
+    """C: one command; `data` is the payload of a WRITE. (The server core parses these;
+    our client packs its own natively, native/src/nbd_client.)"""
 
     type: int
     cookie: int
@@ -75,7 +71,6 @@ class Request:
     length: int = 0
     flags: int = 0
     data: Buffer | None = None
-    into: memoryview | None = None
 
 
 @dataclass(slots=True)
@@ -126,20 +121,6 @@ class NoneChunk:
 
 
 @dataclass(slots=True)
-class Reply:
-    """A complete, validated reply as the client core hands it to its user.
-
-    Not a wire message: the client core assembles it from a simple reply or
-    from all chunks of a structured reply. `error` is an NBD error (0 = ok).
-    """
-
-    cookie: int
-    error: int = 0
-    message: str = ""
-    data: Buffer | None = None
-
-
-@dataclass(slots=True)
 class WritePart:
     """One piece of a WRITE longer than `protocol.REQUEST_PART`, as the server core hands it out.
 
@@ -166,7 +147,7 @@ class ConnectionClosed:
 
 Event = (
     Greeting | ClientFlags | Option | OptionReply | ExportNameReply | Request | SimpleReply
-    | OffsetData | OffsetHole | ErrorChunk | NoneChunk | Reply | WritePart | ConnectionClosed
+    | OffsetData | OffsetHole | ErrorChunk | NoneChunk | WritePart | ConnectionClosed
 )
 Chunk = OffsetData | OffsetHole | ErrorChunk | NoneChunk
 

@@ -494,3 +494,31 @@ fn abandoning_gives_back_every_pending_cookie_oldest_first() {
     assert_eq!(core.pending(), 0);
     assert!(core.recv_space().0.is_empty());
 }
+
+#[test]
+fn coverage_accepts_any_partition_in_any_order_and_merges_it() {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..200 {
+        let mut pieces = Vec::new();
+        let mut at = 0u32;
+        for _ in 0..(1 + next() % 40) {
+            let size = 1 + (next() % 50) as u32;
+            pieces.push((at, size));
+            at += size;
+        }
+        for i in (1..pieces.len()).rev() {
+            pieces.swap(i, (next() % (i as u64 + 1)) as usize);
+        }
+        let mut coverage = Coverage::default();
+        for &(start, size) in &pieces {
+            assert_eq!(coverage.claim(100, at, 100 + start as u64, size), Ok(start));
+        }
+        assert_eq!((coverage.covered, coverage.ranges.clone()), (at as u64, vec![(0, at)]));
+    }
+}

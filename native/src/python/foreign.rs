@@ -1,6 +1,9 @@
 //! The crate's one `unsafe` module: what Python hands over (buffers, file descriptors)
 //! made into Rust references, each with the argument that makes it sound.
 //!
+//! A socket's descriptor taken over from Python (`detach_socket`), and buffers lent for
+//! the NBD client's requests (`LentBuffer`: a READ's target, a WRITE's payload).
+//!
 //! A writable Python buffer's bytes as `&mut [u8]` (`with_bytes_mut`): decrypting a
 //! read in place, in the buffer its ciphertext was received into, saves the copy into
 //! a new `bytes` object and that object's zero fill. Python hands us
@@ -10,9 +13,14 @@
 
 #![allow(unsafe_code)]
 
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+
+use crate::nbd_client::ReadTarget;
 
 /// Runs `work` on the bytes of `buf` with the GIL held throughout, never released.
 ///
@@ -55,6 +63,89 @@ pub(crate) fn with_bytes_mut<R>(
     //   in Rust either: callers copy every other argument out before calling this.
     let bytes = unsafe { &mut *slice.as_ptr() };
     Ok(work(bytes))
+}
+
+/// A socket's file descriptor, owned: taken from a Python `socket.socket` by calling its
+/// `detach()`, which hands the descriptor over and leaves the object closed.
+pub(crate) fn detach_socket(sock: &Bound<'_, PyAny>) -> PyResult<File> {
+    let fd: RawFd = sock.call_method0("detach")?.extract()?;
+    if fd < 0 {
+        return Err(PyValueError::new_err(
+            "the socket is closed: there is no descriptor to take over",
+        ));
+    }
+    // SAFETY: `socket.detach()` returned `fd`, an open descriptor the socket object owned,
+    // and gave up that ownership: the object now reads as closed (fileno() is -1) and will
+    // never close or use `fd` again, so nothing else in this process owns it. (A `detach`
+    // that is not `socket.socket`'s could lie; trustvbd only passes real sockets, and
+    // `NbdClientEngine`'s only caller is `trustvbd.nbd.client`.) The `File` we make is
+    // its one owner and closes it when dropped; reads and writes on it are the socket's.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// A Python buffer lent for a request: a READ's target (written in place, `writable`)
+/// or a WRITE's payload (read while it is sent). Holding it holds the buffer export,
+/// so the memory stays alive and in place (a bytearray refuses to resize meanwhile).
+///
+/// Only `NbdClientEngine` (python/nbd_client.rs) makes and holds these, and it uses
+/// them only inside its `#[pymethods]`, which run with the GIL held (they borrow the
+/// engine through Python) and never release it: every use below holds the GIL.
+pub(crate) struct LentBuffer(PyBuffer<u8>);
+
+impl LentBuffer {
+    /// Refused (ValueError) unless `obj` is C-contiguous, and writable if `writable`.
+    pub(crate) fn new(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Self> {
+        let buf = PyBuffer::<u8>::get(obj)?;
+        if writable && buf.readonly() {
+            return Err(PyValueError::new_err(
+                "a READ's buffer must be writable (a bytearray or a view of one)",
+            ));
+        }
+        if !buf.is_c_contiguous() {
+            return Err(PyValueError::new_err(
+                "the buffer is not contiguous; it must be one run of bytes",
+            ));
+        }
+        Ok(Self(buf))
+    }
+
+    /// The buffer's bytes, read with the GIL held (see above).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        let len = self.0.len_bytes();
+        if len == 0 {
+            return &[];
+        }
+        // SAFETY: `buf_ptr` is the start of `len` initialised bytes (PyBuffer<u8> checked
+        // the item format and size; C-contiguous checked in `new`), valid and pinned while
+        // `self.0` holds the export, which outlives the returned borrow of `self`. Python
+        // code can change them only while holding the GIL, which our caller holds for the
+        // borrow's whole life; native code that works on a buffer with the GIL released is
+        // never handed a buffer trustvbd has lent here (the caller's contract, as for any
+        // buffer-protocol consumer). The GIL is held for the borrow's life: `self` lives
+        // in the engine, which uses it only inside its Python methods, never releasing
+        // the GIL (no `py.detach` in python/nbd_client.rs).
+        unsafe { std::slice::from_raw_parts(self.0.buf_ptr() as *const u8, len) }
+    }
+}
+
+impl ReadTarget for LentBuffer {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        let len = self.0.len_bytes();
+        if len == 0 {
+            return &mut [];
+        }
+        // SAFETY: as `bytes` above, and: the export is writable (`readonly` is false,
+        // checked in `new` for every target), and not aliased while the borrow lives:
+        // `self` lives in the engine, which calls this only inside its own Python
+        // methods, holding the GIL, never releasing it and running no Python code meanwhile, so no Python code touches
+        // the memory; `&mut self` is the one Rust path to it, and the engine makes no
+        // other `&`/`&mut` from the same object's export at the same time (a READ's
+        // target is a different request's than any payload being sent, and a caller
+        // that passed one buffer for both gets what a socket would give it: no UB,
+        // since both borrows are never live at once: sends and receives are separate
+        // method calls).
+        unsafe { std::slice::from_raw_parts_mut(self.0.buf_ptr() as *mut u8, len) }
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use pyo3::types::PyBytes;
 use crate::block_codec::{self, CodecError};
 
 mod foreign;
+mod nbd_client;
 
 fn value_error(err: CodecError) -> PyErr {
     PyValueError::new_err(err.0)
@@ -117,5 +118,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBlockCodec>()?;
     m.add("BLOCK_SIZE", block_codec::BLOCK_SIZE)?;
     m.add("LEAF_SIZE", block_codec::LEAF_SIZE)?;
+    nbd_client::register(m)?;
     Ok(())
 }
