@@ -124,6 +124,18 @@ def test_format_size() -> None:
         (("dir = \"backing/a\"", "uri = \"nbd://127.0.0.1/x\"\nuser = \"nobody\""), "driver[0].user",
          "runs as whoever started it"),
         (("dir = \"backing/a\"", "dir = \"backing/a\"\nuser = \"\""), "driver[0].user", "is empty"),
+        # Found by trying: each of these used to pass the check and end in a traceback or
+        # a misleading line once domains had started.
+        (("dir = \"backing/a\"", "dir = \"backing/a\"\nuser = \"no-such-user-x\""),
+         "driver[0].user", "no user named 'no-such-user-x' on this system; create it, or remove"),
+        (("dir = \"backing/a\"", "dir = \"backing/a\"\nuser = \"root\""), "driver[0].user",
+         "needs an unprivileged user"),
+        (("size = \"256MiB\"", "size = \"9000000TiB\""), "disk[0].size",
+         "past the 9223372036854775807 a file or an NBD export can address"),
+        (("size = \"256MiB\"", "size = \"8388608TiB\"\nencrypt = false"), "disk[0].size",
+         "give a smaller size"),
+        (("state_dir = \"state\"\n[tls]\ndir = \"pki\"\n", "[tls]\ndir = \"pki\"\nstate_dir = \"state\"\n"),
+         "tls.state_dir", "is inside [tls]: in TOML every key after a [section] line belongs to it"),
     ],
 )
 def test_mistakes_name_file_key_and_fix(short_tmp: Path, mutation: tuple[str, str], key: str,

@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trustvbd.crypt.superblock import Layout
 from trustvbd.nbd.uri import parse_uri
 
 BLOCK_SIZE = 4096
 MAX_REPLICAS = 8
 # Unix socket paths are limited to 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
+# Offsets are signed 64-bit (off_t, and the NBD size every client stores in one).
+MAX_FILE_SIZE = (1 << 63) - 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1}
@@ -234,6 +237,19 @@ def _parse_user(table: _Table) -> int | None:
                           " a uid") from None
 
 
+def _check_driver_user(table: _Table, user: str) -> None:
+    """The account a driver runs as (as root) exists and is not root (sandbox.named_user
+    would refuse it only once the other domains had started)."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise table.error("user", f"no user named {user!r} on this system; create it, or remove"
+                          " `user` to get a dynamic uid") from None
+    if entry.pw_uid == 0 or entry.pw_gid == 0:
+        raise table.error("user", f"{user!r} is root or in group root; an untrusted driver needs"
+                          " an unprivileged user (or remove `user` to get a dynamic uid)")
+
+
 def _parse_guest(table: _Table, tls_dir: Path | None) -> GuestConfig:
     name, label = table.name(), table.get("label", str, required=True)
     listen = _parse_listen(table)
@@ -320,6 +336,13 @@ def load_config(path: str | Path) -> Config:
     base = file.parent
     top = _Table(file, "", raw, {"state_dir", "policy", "driver", "disk", "guest", "tls",
                                  "limits"})
+    for section in ("tls", "limits"):  # a top-level key written below a [section] is in it
+        table = raw.get(section)
+        for key in ("state_dir", "policy"):
+            if isinstance(table, dict) and key in table:
+                raise ConfigError(file, f"{section}.{key}", f"is inside [{section}]: in TOML every "
+                                  f"key after a [section] line belongs to it; move {key} above "
+                                  "the first [section] or [[table]] line")
     state_dir = top.path("state_dir", base)
     if state_dir is None:
         raise top.error("state_dir", "is missing; add e.g. state_dir = \"state\"")
@@ -346,6 +369,8 @@ def load_config(path: str | Path) -> Config:
         if user is not None and (uri is not None or not user):
             raise t.error("user", "names the account trustvbd's own driver (dir) runs as; an NBD"
                           " server at uri runs as whoever started it" if user else "is empty")
+        if user is not None:
+            _check_driver_user(t, user)
         if uri is not None:
             try:
                 parsed = parse_uri(uri)
@@ -370,6 +395,12 @@ def load_config(path: str | Path) -> Config:
             raise t.error("size", str(exc)) from None
         if size <= 0 or size % BLOCK_SIZE:
             raise t.error("size", f"{size} bytes is not a positive multiple of 4 KiB ({BLOCK_SIZE} bytes)")
+        encrypt = t.get("encrypt", bool, default=True)
+        replica_size = Layout(size).physical_size if encrypt else size
+        if replica_size > MAX_FILE_SIZE:
+            raise t.error("size", f"{format_size(size)} is too large: a replica of it would be "
+                          f"{replica_size} bytes, past the {MAX_FILE_SIZE} a file or an NBD "
+                          "export can address; give a smaller size")
         replicas = t.get("replicas", list, required=True)
         if not replicas:
             raise t.error("replicas", "is empty; name at least one [[driver]]")
@@ -379,7 +410,6 @@ def load_config(path: str | Path) -> Config:
                 raise t.error("replicas", f"unknown driver {r!r}; defined drivers: {known}")
         if len(set(replicas)) != len(replicas):
             raise t.error("replicas", "names a driver twice; each replica must be a different driver")
-        encrypt = t.get("encrypt", bool, default=True)
         if len(replicas) > MAX_REPLICAS:
             raise t.error("replicas", f"lists {len(replicas)} drivers; a disk has at most"
                           f" {MAX_REPLICAS} replicas")
