@@ -92,6 +92,31 @@ def test_verify_a_file_that_is_not_a_replica_says_so(short_tmp: Path) -> None:
     assert "not a trustvbd replica" in result.stdout and "None" not in result.stdout
 
 
+def test_state_dir_that_is_a_file_says_what_it_holds(short_tmp: Path) -> None:
+    (short_tmp / "state").write_text("")
+    config = short_tmp / "c.toml"
+    config.write_text(CONFIG.format(dir="backing"))
+    result = tvbd("up", "-c", str(config))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"trustvbd: config error: {config}: state_dir: {short_tmp / 'state'} is a file, not a"
+        " directory; name a directory (it holds the trusted state: keys, anchors, sockets)"]
+
+
+def test_missing_tls_dir_is_one_line_before_anything_starts(short_tmp: Path) -> None:
+    # Unused by any guest or driver, it used to reach the encryption domain, which died with
+    # a traceback ("the hypervisor sent no usable spec").
+    config = short_tmp / "c.toml"
+    config.write_text(CONFIG.format(dir="backing").replace(
+        'state_dir = "state"\n', 'state_dir = "state"\n[tls]\ndir = "pki"\n'))
+    result = tvbd("up", "-c", str(config))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"trustvbd: config error: {config}: tls.dir: {short_tmp / 'pki'} is not a directory; make"
+        f" it with `trustvbd tls init {short_tmp / 'pki'}`, or remove [tls]"]
+    assert not (short_tmp / "state").exists()
+
+
 def test_backing_dir_that_is_a_file_gets_one_clear_line(short_tmp: Path) -> None:
     (short_tmp / "backing").write_text("")
     config = short_tmp / "c.toml"

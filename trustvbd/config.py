@@ -461,12 +461,16 @@ def load_config(path: str | Path) -> Config:
 
 def check_paths(config: Config) -> None:
     """Check that the directories `up` writes to can be created and written (before starting)."""
-    targets = [("state_dir", config.state_dir)]
-    targets += [(f"driver {d.name!r}.dir", d.dir) for d in config.drivers.values() if d.dir]
-    for key, directory in targets:
+    if config.tls_dir is not None and not config.tls_dir.is_dir():
+        raise ConfigError(config.path, "tls.dir", f"{config.tls_dir} is not a directory; make it"
+                          f" with `trustvbd tls init {config.tls_dir}`, or remove [tls]")
+    targets = [("state_dir", config.state_dir, "the trusted state: keys, anchors, sockets")]
+    targets += [(f"driver {d.name!r}.dir", d.dir, "one sparse file per disk")
+                for d in config.drivers.values() if d.dir]
+    for key, directory, holds in targets:
         if directory.exists() and not directory.is_dir():
             raise ConfigError(config.path, key, f"{directory} is a file, not a directory; name a"
-                              " directory (it holds one sparse file per disk)")
+                              f" directory (it holds {holds})")
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
