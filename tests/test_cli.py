@@ -117,6 +117,25 @@ def test_missing_tls_dir_is_one_line_before_anything_starts(short_tmp: Path) -> 
     assert not (short_tmp / "state").exists()
 
 
+def test_backing_file_the_file_system_refuses_is_one_line(short_tmp: Path) -> None:
+    # A file larger than the file system allows (ext4: 16 TiB, so a 16 TiB disk) made the
+    # driver die with a traceback; here the file size limit (ulimit -f) refuses it the same way.
+    import resource
+
+    config = short_tmp / "c.toml"
+    config.write_text(CONFIG.format(dir="backing"))
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+
+    result = tvbd("up", "-c", str(config), preexec_fn=small_files)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    image = short_tmp / "backing" / "disk.img"
+    assert (f"trustvbd up: cannot prepare driver domain 'd': disk disk: cannot make its backing"
+            f" file {image} 16916480 bytes: File too large") in result.stderr.splitlines()[-1]
+
+
 def test_backing_dir_that_is_a_file_gets_one_clear_line(short_tmp: Path) -> None:
     (short_tmp / "backing").write_text("")
     config = short_tmp / "c.toml"

@@ -12,6 +12,7 @@ workload type (domains/placement.py), gets the passphrase or key file through a 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import secrets
@@ -42,6 +43,21 @@ def physical_size(disk_size: int, encrypt: bool) -> int:
     from trustvbd.blocks.crypt_layer import physical_size as crypt_physical
 
     return crypt_physical(disk_size)
+
+
+def _grow(fd: int, path: Path, size: int, disk: str) -> None:
+    """Extend a backing file to `size` here, where a refusal can be said in one line
+    (the driver would only die with a traceback)."""
+    if os.fstat(fd).st_size >= size:
+        return
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        hint = (" (larger than one file may be here: ext4 stops below 16 TiB, and `ulimit -f`"
+                " may set a limit; give the disk a smaller size, or put the driver's dir on XFS)"
+                if exc.errno == errno.EFBIG else "")
+        raise OSError(f"disk {disk}: cannot make its backing file {path} {size} bytes:"
+                      f" {exc.strerror}{hint}") from None
 
 
 def read_key_file(state_dir: Path) -> bytearray:
@@ -187,6 +203,7 @@ class DomainGrants:
                     path = drv.dir / (disk.name + ".img")
                     fds.append(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
                     size = physical_size(disk.size, disk.encrypt)
+                    _grow(fds[-1], path, size, disk.name)
                     argv += ["--export-fd", f"{self.export_token(disk.name)}={fds[-1]}:{size}"]
         except OSError:
             for fd in fds:
