@@ -224,7 +224,9 @@ def test_a_stalling_driver_is_dropped_after_replica_lag_not_its_timeout(short_tm
         assert st["h0"]["state"] == "current", st
         qemu_io(m.uri, f"read -P 0x22 0 {HALF}", f"read -P 0x11 {HALF} {HALF}")
         bad.set("honest")
-        m.wait_all_current(timeout=90)  # its stalled admission read times out first (15 s)
+        # Its admission read sent while it stalled is hedged: dropped after replica_lag
+        # (1 s), not the request timeout (15 s), then it is taken back at the next try.
+        m.wait_all_current(timeout=12)
         _check_identical_after_scrub(m)
     finally:
         m.close()
@@ -263,13 +265,47 @@ def test_a_read_a_driver_leaves_unanswered_is_served_after_replica_lag(
         # The guest's connection is fine and reads the other block right.
         assert guest.pread(4096, MIB) == b"\x22" * 4096
         bad.set("honest")
-        m.wait_all_current(timeout=60)  # once its stalled admission read times out (8 s)
+        m.wait_all_current(timeout=7)  # its admission read is hedged: sooner than the 8 s timeout
         for i in range(4):  # `bad` serves again, promptly
             started = time.monotonic()
             assert guest.pread(4096, i * 65536 + 4096) == b"\x11" * 4096
             assert time.monotonic() - started < lag * 0.9
         guest.shutdown()
         _check_identical_after_scrub(m)
+    finally:
+        m.close()
+
+
+def test_a_driver_that_answers_reads_late_stays_out_until_it_is_prompt(short_tmp: Path) -> None:
+    """A driver that answers every read 3 s late (replica_lag 1 s) is cut off at the first
+    read that reaches it, and then kept out: its admission reads are hedged too, so it is
+    not taken back only to cost the guest `lag` again at the next read it gets (it used
+    to cycle: cut off, resynced, current, cut off, every ~4 s). Prompt again, it is back."""
+    lag, timeout = 1.0, 8.0
+    m = Mirror(short_tmp, 2, limits=f"[limits]\nreplica_lag = {lag:g}\n", request_timeout=timeout)
+    slow_driver = m.drivers[1]
+    nbd = libnbd()
+    try:
+        m.system.start()
+        qemu_io(m.uri, "write -P 0x11 0 1M", "flush")
+        slow_driver.set("slow_reads", delay=3)
+        guest = nbd.NBD()
+        guest.connect_uri(m.uri)
+        waits: list[float] = []
+        started = time.monotonic()
+        while time.monotonic() - started < 10:  # room for two cycles of the old behaviour
+            t = time.monotonic()
+            assert guest.pread(4096, (len(waits) % 256) * 4096) == b"\x11" * 4096
+            waits.append(time.monotonic() - t)
+            time.sleep(0.002)
+        slow = [round(w, 2) for w in waits if w >= lag * 0.9]
+        assert len(slow) == 1, f"{len(slow)} of {len(waits)} reads waited replica_lag: {slow}"
+        st = m.status()[slow_driver.name]
+        assert st["state"] == "degraded", st
+        assert "admission read" in st["last_error"] and "replica_lag" in st["last_error"], st
+        slow_driver.set("honest")
+        m.wait_all_current(timeout=timeout)
+        guest.shutdown()
     finally:
         m.close()
 

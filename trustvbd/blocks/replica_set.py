@@ -30,6 +30,7 @@ or superblocks is rewritten whole by its joining commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import errno
 import itertools
@@ -594,7 +595,7 @@ class ReplicaSet:
             await link.reconnect_once()
         if self.admit is not None:
             try:
-                rebuild = await self.admit(r)
+                rebuild = await self._admit_hedged(r, self.admit)
             except ReplicaRefusedError as exc:
                 self.fail(r, str(exc))
                 return
@@ -603,6 +604,52 @@ class ReplicaSet:
                 r.dirty.update(b for b in range(self._lay.blocks) if self.verifier.written(b))
                 r.map_saved = False
         await self._resync(r)
+
+    async def _admit_hedged(self, r: Replica, admit: Admit) -> bool:
+        """`admit(r)`, its reads hedged as a guest's are: one that `r` leaves unanswered for
+        `lag` is asked of a current replica too, and if that one answers while `r` still has
+        not, `r` is still lagging: its connection is dropped, which fails the admission now
+        (it is tried again with back-off), not after the request timeout. So a replica
+        that answers reads late is not taken back only to be cut off again at the next
+        guest read that reaches it, every few seconds, each costing that guest `lag`."""
+        admitting = asyncio.ensure_future(admit(r))
+        probe: asyncio.Task[Buffer] | None = None
+        by: Replica | None = None    # the current replica the probe asked
+        probed: float | None = None  # send time of r's request the probe is about
+        loop = asyncio.get_running_loop()
+        try:
+            while not admitting.done():
+                await asyncio.wait([admitting] if probe is None else [admitting, probe],
+                                   timeout=self.lag / 4, return_when=asyncio.FIRST_COMPLETED)
+                link = r.link
+                if admitting.done() or not isinstance(link, Watched):
+                    continue
+                since = link.pending_since()
+                if probe is not None and by is not None:
+                    if not probe.done():
+                        continue
+                    answered = not probe.cancelled() and probe.exception() is None
+                    probe = None
+                    if answered and since is not None and since == probed:
+                        waited = loop.time() - since
+                        log.warning("disk %s: replica %s lags (%.1f s without answering an "
+                                    "admission read that %s answered): not taken back yet",
+                                    self.disk, r.name, waited, by.name)
+                        link.abandon(f"no reply to an admission read for {waited:.1f} s while "
+                                     f"replica {by.name!r} answered one (replica_lag "
+                                     f"{self.lag:g} s)")
+                elif since is not None and since != probed and loop.time() - since >= self.lag:
+                    by = min(self._readers, key=_reading, default=None)
+                    if by is not None:
+                        probed = since
+                        probe = asyncio.ensure_future(by.link.pread(0, BS))
+            return admitting.result()
+        finally:
+            for task in (probe, admitting):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
 
     async def _resync(self, r: Replica) -> None:
         """Copy r's dirty blocks from current replicas, verified, while r takes new writes."""
