@@ -16,6 +16,7 @@ on the control socket C, e.g. {"mode": "flip", "rate": 0.05}:
     stall           read requests, answer nothing
     stall_reads     answer every request but reads (those get nothing, ever)
     slow_reads      answer reads `delay` seconds late (other requests at once)
+    slow_writes     do writes, zeroes and flushes at once but answer them `delay` seconds late
     disconnect      close every connection on its next request
     garbage         answer requests with random bytes
     huge_length     answer reads with a structured chunk claiming 2 GiB
@@ -165,6 +166,14 @@ class Hostile:
                     late.daemon = True
                     late.start()
                     continue
+                if mode == "slow_writes" and typ != READ:
+                    self._do(typ, offset, length, payload)
+                    late = threading.Timer(self.delay, self._send,
+                                           (conn, send_lock, structured, mode, typ, cookie, offset,
+                                            b""))
+                    late.daemon = True
+                    late.start()
+                    continue
                 self._answer(conn, send_lock, structured, mode, typ, cookie, offset, length, payload)
         except (OSError, EOFError, struct.error):
             pass
@@ -174,7 +183,11 @@ class Hostile:
 
     def _answer(self, conn: socket.socket, send_lock: threading.Lock, structured: bool, mode: str,
                 typ: int, cookie: int, offset: int, length: int, payload: bytes) -> None:
-        reply = self._do(typ, offset, length, payload)
+        self._send(conn, send_lock, structured, mode, typ, cookie, offset,
+                   self._do(typ, offset, length, payload))
+
+    def _send(self, conn: socket.socket, send_lock: threading.Lock, structured: bool, mode: str,
+              typ: int, cookie: int, offset: int, reply: bytes) -> None:
         with send_lock:
             try:
                 if typ == READ and mode == "huge_length" and structured:
@@ -188,7 +201,7 @@ class Hostile:
                 else:
                     conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie) + reply)
             except OSError:
-                if mode != "slow_reads":  # a late reply may find the connection dropped
+                if not mode.startswith("slow"):  # a late reply may find the connection dropped
                     raise
 
     def _do(self, typ: int, offset: int, length: int, payload: bytes) -> bytes:

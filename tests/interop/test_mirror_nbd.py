@@ -310,6 +310,38 @@ def test_a_driver_that_answers_reads_late_stays_out_until_it_is_prompt(short_tmp
         m.close()
 
 
+def test_a_driver_that_answers_writes_late_is_taken_back_ever_more_rarely(short_tmp: Path) -> None:
+    """A driver that does every write at once but answers it 3 s late (replica_lag 1 s)
+    passes its admission (reads are prompt), so it is taken back and cut off again; each
+    trip back costs a guest write `lag` or more. Cut off again soon after it was taken
+    back, it waits longer each time (4 s, 8 s, ...): in 14 s the guest's writes wait
+    about 4 times, where they used to wait 8 times (cut off, resynced, cut off, every
+    ~3 s), and the guest's data is intact."""
+    m = Mirror(short_tmp, 2, limits="[limits]\nreplica_lag = 1\n", request_timeout=8)
+    slow_driver = m.drivers[1]
+    nbd = libnbd()
+    try:
+        m.system.start()
+        slow_driver.set("slow_writes", delay=3)
+        guest = nbd.NBD()
+        guest.connect_uri(m.uri)
+        waits, n = [], 0
+        started = time.monotonic()
+        while time.monotonic() - started < 14:
+            t = time.monotonic()
+            guest.pwrite(bytes([n % 251]) * 4096, (n % 256) * 4096)
+            waits.append(time.monotonic() - t)
+            n += 1
+        slow = [round(w, 2) for w in waits if w >= 0.9]
+        assert len(slow) <= 5, f"{len(slow)} of {n} writes waited for the slow driver: {slow}"
+        for i in range(min(n, 256)):
+            last = max(k for k in range(n) if k % 256 == i)
+            assert guest.pread(4096, i * 4096) == bytes([last % 251]) * 4096
+        guest.shutdown()
+    finally:
+        m.close()
+
+
 def test_one_replica_that_answers_no_reads_fails_the_read_after_the_request_timeout(
         short_tmp: Path) -> None:
     """With nowhere else to read from, a driver that never answers a read costs the guest

@@ -69,6 +69,11 @@ RECONNECT_MAX = 2.0
 # dropped from the write set (degraded, resynced later) rather than holding the guest's
 # writes until its request timeout ([limits] replica_lag).
 REPLICA_LAG = 5.0
+# A replica cut off for lagging again within LAG_FORGET s of being taken back waits
+# before its next try, doubling from 2 * RECONNECT_MAX up to LAG_HOLD_MAX: a driver that
+# is slow but works would otherwise cost guests `lag` on every trip back.
+LAG_FORGET = 300.0
+LAG_HOLD_MAX = 300.0
 
 
 class State(enum.Enum):
@@ -128,6 +133,9 @@ class Replica:
     bringing_back: bool = False
     reading: int = 0            # reads in flight (reads go to the least busy)
     lag_seen: float | None = None  # send time of a request seen lagging by the last watch
+    lagged: bool = False        # cut off for lagging; not yet counted in lag_strikes
+    lag_strikes: int = 0        # cut-offs for lagging, each soon after it was taken back
+    taken_back_at: float = -LAG_FORGET  # monotonic time it last joined the write set
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -379,6 +387,7 @@ class ReplicaSet:
             else:
                 assert t is not None and isinstance(r.link, Watched)
                 r.lag_seen = None
+                r.lagged = True
                 log.warning("disk %s: replica %s lags (%.1f s without a reply while %s answers):"
                             " dropping it from the write set", self.disk, r.name, now - t,
                             ahead.name)
@@ -572,6 +581,7 @@ class ReplicaSet:
         try:
             delay = RECONNECT_FIRST
             while not self._closed and r.state is State.DEGRADED:
+                await self._hold_if_lagging(r)
                 try:
                     await self._reconnect_and_resync(r)
                 except asyncio.CancelledError:
@@ -586,6 +596,24 @@ class ReplicaSet:
                     delay = min(delay * 2, RECONNECT_MAX)
         finally:
             r.bringing_back = False
+
+    async def _hold_if_lagging(self, r: Replica) -> None:
+        """A replica cut off for lagging soon after it was last taken back is slow, not
+        broken: wait before taking it back again, longer each time (its admission reads
+        can be prompt while its writes are not), so guests pay `lag` rarely, not every
+        few seconds. Forgotten once it kept up for LAG_FORGET s."""
+        if not r.lagged:
+            return
+        r.lagged = False
+        now = time.monotonic()
+        r.lag_strikes = r.lag_strikes + 1 if now - r.taken_back_at < LAG_FORGET else 1
+        if r.lag_strikes < 2:
+            return
+        hold = min(RECONNECT_MAX * 2 ** (r.lag_strikes - 1), LAG_HOLD_MAX)
+        log.warning("disk %s: replica %s lagged again %.0f s after it was taken back (%d times):"
+                    " next try in %.0f s", self.disk, r.name, now - r.taken_back_at,
+                    r.lag_strikes, hold)
+        await asyncio.sleep(hold)
 
     async def _reconnect_and_resync(self, r: Replica) -> None:
         link = r.link
@@ -655,6 +683,7 @@ class ReplicaSet:
         """Copy r's dirty blocks from current replicas, verified, while r takes new writes."""
         assert self.verifier is not None and self.locks is not None
         r.state, r.joining = State.RESYNCING, False
+        r.taken_back_at = time.monotonic()
         self._regroup()
         r.resync_total = len(r.dirty)
         r.resync_done = 0
@@ -815,6 +844,7 @@ class _Hedge(Generic[T]):
         finally:
             by.reading -= 1
         self.result, self.won = result, True
+        slow.lagged = True
         waited = asyncio.get_running_loop().time() - self.sent
         log.warning("disk %s: replica %s lags (%.1f s without answering a read that %s "
                     "served): dropping it", self.rs.disk, slow.name, waited, by.name)
