@@ -15,11 +15,37 @@ pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
+
+/// The protocol's name of a command (`None` for those it does not define here).
+pub fn cmd_name(cmd: u16) -> Option<&'static str> {
+    Some(match cmd {
+        CMD_READ => "READ",
+        CMD_WRITE => "WRITE",
+        CMD_DISC => "DISC",
+        CMD_FLUSH => "FLUSH",
+        CMD_TRIM => "TRIM",
+        CMD_CACHE => "CACHE",
+        CMD_WRITE_ZEROES => "WRITE_ZEROES",
+        CMD_BLOCK_STATUS => "BLOCK_STATUS",
+        _ => return None,
+    })
+}
 
 // Command flags (NBD_CMD_FLAG_*).
 pub const FLAG_FUA: u16 = 1 << 0;
 pub const FLAG_NO_HOLE: u16 = 1 << 1;
+pub const FLAG_DF: u16 = 1 << 2;
 pub const FLAG_FAST_ZERO: u16 = 1 << 4;
+
+// Transmission flags (NBD_FLAG_*): what the server advertised for the export.
+pub const TFLAG_READ_ONLY: u16 = 1 << 1;
+pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+pub const TFLAG_SEND_FUA: u16 = 1 << 3;
+pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
+pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const TFLAG_SEND_CACHE: u16 = 1 << 10;
+pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 // Structured replies: the reply flag and chunk types (NBD_REPLY_TYPE_*).
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -30,6 +56,10 @@ pub const CHUNK_ERROR_BIT: u16 = 1 << 15;
 pub const CHUNK_ERROR: u16 = CHUNK_ERROR_BIT + 1;
 pub const CHUNK_ERROR_OFFSET: u16 = CHUNK_ERROR_BIT + 2;
 
+// Errors (NBD_E*) the server refuses requests with.
+pub const ERR_EPERM: u32 = 1;
+pub const ERR_EINVAL: u32 = 22;
+pub const ERR_ENOSPC: u32 = 28;
 /// NBD_EIO: what an error chunk with error 0 (not allowed) stands for.
 pub const ERR_EIO: u32 = 5;
 /// The spec's limit for names and messages (an error chunk's text).

@@ -4,6 +4,9 @@
 //! A socket's descriptor taken over from Python (`detach_socket`), and buffers lent for
 //! the NBD client's requests (`LentBuffer`: a READ's target, a WRITE's payload).
 //!
+//! A Python buffer's bytes as `&[u8]` (`with_bytes`): the NBD server parses requests
+//! where the transport received them, in the connection's receive buffer.
+//!
 //! A writable Python buffer's bytes as `&mut [u8]` (`with_bytes_mut`): decrypting a
 //! read in place, in the buffer its ciphertext was received into, saves the copy into
 //! a new `bytes` object and that object's zero fill. Python hands us
@@ -148,6 +151,40 @@ impl ReadTarget for LentBuffer {
     }
 }
 
+/// Runs `work` on the bytes of `buf` (read only) with the GIL held throughout.
+///
+/// Refused (ValueError) unless `buf` is C-contiguous. As for `with_bytes_mut`, `work`
+/// is `Send`: it cannot run Python code or release the GIL, only compute on the slice.
+pub(crate) fn with_bytes<R>(
+    py: Python<'_>,
+    buf: &PyBuffer<u8>,
+    work: impl FnOnce(&[u8]) -> R + Send,
+) -> PyResult<R> {
+    if buf.len_bytes() == 0 {
+        return Ok(work(&[]));
+    }
+    let Some(slice) = buf.as_slice_ptr() else {
+        return Err(PyValueError::new_err(
+            "the buffer is not contiguous; parsing needs one run of bytes",
+        ));
+    };
+    let _gil_held = py; // the argument below depends on holding it for the whole call
+    // SAFETY: `slice` is `buf`'s memory, `len` items of `u8`:
+    // - valid and pinned: `buf` holds a buffer export of its object until it is dropped,
+    //   after this call; an exporter keeps the memory alive and in place while exported;
+    // - `u8` and initialised: PyBuffer<u8> checked the item format and size; any byte
+    //   pattern is a valid `u8`; C-contiguous (`as_slice_ptr` returns None otherwise), so
+    //   it is one run of `len` bytes;
+    // - not written while `work` runs: we hold the GIL and never release it, and `work`
+    //   (Send, no GIL token) runs no Python code, so no Python code writes the memory.
+    //   What remains is native code that writes a buffer with the GIL released: the
+    //   only writer of what trustvbd hands here (a connection's receive buffer) is the
+    //   event loop's socket read, which runs on this same thread between callbacks, never
+    //   during one. No `&mut` to this memory exists in Rust either.
+    let bytes = unsafe { &*slice.as_ptr() };
+    Ok(work(bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +239,19 @@ mod tests {
             assert_eq!(with_bytes_mut(py, &empty, |b| b.len()).unwrap(), 0);
             let tail = buffer(py, "memoryview(bytearray(8))[8:]").unwrap();
             assert_eq!(with_bytes_mut(py, &tail, |b| b.len()).unwrap(), 0);
+        });
+    }
+
+    #[test]
+    fn bytes_are_read_where_they_are() {
+        attach(|py| {
+            let view = buffer(py, "memoryview(bytearray(b'abcdef'))[1:4]").unwrap();
+            assert_eq!(with_bytes(py, &view, |b| b.to_vec()).unwrap(), b"bcd");
+            let empty = buffer(py, "b''").unwrap();
+            assert_eq!(with_bytes(py, &empty, |b| b.len()).unwrap(), 0);
+            let strided = buffer(py, "memoryview(b'abcdef')[::2]").unwrap();
+            let err = with_bytes(py, &strided, |b| b.len()).unwrap_err();
+            assert!(err.to_string().contains("not contiguous"), "{err}");
         });
     }
 

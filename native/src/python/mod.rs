@@ -16,6 +16,7 @@ use crate::block_codec::{self, CodecError};
 
 mod foreign;
 mod nbd_client;
+mod nbd_server;
 
 fn value_error(err: CodecError) -> PyErr {
     PyValueError::new_err(err.0)
@@ -119,5 +120,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("BLOCK_SIZE", block_codec::BLOCK_SIZE)?;
     m.add("LEAF_SIZE", block_codec::LEAF_SIZE)?;
     nbd_client::register(m)?;
+    nbd_server::register(m)?;
     Ok(())
 }

@@ -1,0 +1,174 @@
+//! `NbdServerSession`: the server's transmission phase (`crate::nbd_server`) for the
+//! asyncio shell `trustvbd.nbd.connection`, one per connection once the handshake is done.
+//!
+//! Crossings are per batch, not per request: `parse` turns every complete request in the
+//! receive buffer into a list of tuples, and `frame` turns a loop iteration's replies into
+//! the few buffers one writev sends.
+
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyTuple};
+
+use super::foreign;
+use crate::nbd_server::{self, Checker, Framer, Item, Payload, Refusal};
+
+/// Read data up to this size is copied in among the reply headers (one buffer for the
+/// batch); larger data goes as a buffer of its own, uncopied.
+const COPY_MAX: usize = 16 * 1024;
+
+/// NbdServerSession(export_size, transmission_flags, structured)
+///
+/// parse(buf, start, end) -> (new start, items, want): items are tuples
+/// (type, flags, cookie, offset, length, data, refusal, piece), refusal None or
+/// (nbd error, message), piece None or, for a piece of a WRITE over 32 MiB, whether it
+/// is the last. ValueError for what must drop the connection (bad magic).
+#[pyclass(module = "trustvbd._native", name = "NbdServerSession")]
+struct PyNbdServerSession {
+    framer: Framer,
+    structured: bool,
+}
+
+fn protocol_error(err: nbd_server::ProtocolError) -> PyErr {
+    PyValueError::new_err(err.0)
+}
+
+fn refusal_tuple<'py>(py: Python<'py>, refusal: &Option<Refusal>) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match refusal {
+        None => py.None().into_bound(py),
+        Some(r) => (r.error, r.message.as_str()).into_pyobject(py)?.into_any(),
+    })
+}
+
+fn item_tuple<'py>(py: Python<'py>, item: &Item, data: Bound<'py, PyAny>) -> PyResult<Bound<'py, PyTuple>> {
+    let h = &item.head;
+    let piece = match item.piece {
+        None => py.None().into_bound(py),
+        Some(last) => pyo3::types::PyBool::new(py, last).to_owned().into_any(),
+    };
+    PyTuple::new(
+        py,
+        [
+            h.typ.into_pyobject(py)?.into_any(),
+            h.flags.into_pyobject(py)?.into_any(),
+            h.cookie.into_pyobject(py)?.into_any(),
+            item.offset.into_pyobject(py)?.into_any(),
+            item.length.into_pyobject(py)?.into_any(),
+            data,
+            refusal_tuple(py, &item.refusal)?,
+            piece,
+        ],
+    )
+}
+
+#[pymethods]
+impl PyNbdServerSession {
+    #[new]
+    fn new(export_size: u64, transmission_flags: u16, structured: bool) -> Self {
+        let checker = Checker::new(export_size, transmission_flags, structured);
+        Self {
+            framer: Framer::new(checker),
+            structured,
+        }
+    }
+
+    /// True once NBD_CMD_DISC arrived: nothing after it is parsed.
+    #[getter]
+    fn disconnected(&self) -> bool {
+        self.framer.disconnected()
+    }
+
+    fn parse<'py>(
+        &mut self,
+        py: Python<'py>,
+        buf: PyBuffer<u8>,
+        start: usize,
+        end: usize,
+    ) -> PyResult<(usize, Bound<'py, PyList>, usize)> {
+        if start > end || end > buf.item_count() {
+            return Err(PyValueError::new_err(format!(
+                "bytes [{start}, {end}) lie outside the buffer of {}",
+                buf.item_count()
+            )));
+        }
+        let framer = &mut self.framer;
+        let mut items = Vec::new();
+        let parsed = foreign::with_bytes(py, &buf, |bytes| framer.parse(&bytes[start..end], &mut items))?
+            .map_err(protocol_error)?;
+        let list = PyList::empty(py);
+        for item in &items {
+            let data = match &item.payload {
+                Payload::None => py.None().into_bound(py),
+                Payload::Inline(range) => {
+                    let (from, to) = (start + range.start, start + range.end);
+                    PyBytes::new_with(py, to - from, |out| {
+                        foreign::with_bytes(py, &buf, |bytes| out.copy_from_slice(&bytes[from..to]))
+                    })?
+                    .into_any()
+                }
+                Payload::Received => unreachable!("parse hands out no received payload"),
+            };
+            list.append(item_tuple(py, item, data)?)?;
+        }
+        Ok((start + parsed.consumed, list, parsed.want))
+    }
+
+    /// payload_received(data) -> item: the buffer asked for by `want` is full; `data` is it.
+    fn payload_received<'py>(&mut self, py: Python<'py>, data: Bound<'py, PyAny>) -> PyResult<Bound<'py, PyTuple>> {
+        let item = self.framer.payload_received().map_err(protocol_error)?;
+        item_tuple(py, &item, data)
+    }
+
+    /// frame(replies) -> buffers: replies are (cookie, error, message, offset, data)
+    /// tuples, data None but for a successful READ's, or an int for the header of a READ
+    /// reply of that many bytes which the caller sends itself; returns the buffers to
+    /// write, in order.
+    fn frame<'py>(&self, py: Python<'py>, replies: &Bound<'py, PyList>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        let mut run: Vec<u8> = Vec::with_capacity(replies.len() * 32);
+        for reply in replies.iter() {
+            let (cookie, error, message, offset, data): (u64, u32, Bound<'py, PyAny>, u64, Bound<'py, PyAny>) =
+                reply.extract()?;
+            let message = if error != 0 && self.structured {
+                message.str()?.to_string_lossy().into_owned()
+            } else {
+                String::new()
+            };
+            if error != 0 || data.is_none() {
+                nbd_server::frame_reply(&mut run, self.structured, cookie, error, &message, None);
+                continue;
+            }
+            if let Ok(len) = data.extract::<u32>() {
+                // Data the caller sends itself (a file range): the header only.
+                nbd_server::frame_reply(&mut run, self.structured, cookie, 0, "", Some((offset, len)));
+                continue;
+            }
+            let payload = PyBuffer::<u8>::get(&data)?;
+            let len = payload.item_count();
+            let Ok(length) = u32::try_from(len) else {
+                return Err(PyValueError::new_err(format!(
+                    "read data of {len} bytes is too long for one reply"
+                )));
+            };
+            nbd_server::frame_reply(&mut run, self.structured, cookie, 0, "", Some((offset, length)));
+            if len <= COPY_MAX {
+                let at = run.len();
+                run.resize(at + len, 0);
+                payload.copy_to_slice(py, &mut run[at..])?;
+            } else if len > 0 {
+                out.append(PyBytes::new(py, &run))?;
+                run.clear();
+                out.append(data)?;
+            }
+        }
+        if !run.is_empty() {
+            out.append(PyBytes::new(py, &run))?;
+        }
+        Ok(out)
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyNbdServerSession>()?;
+    Ok(())
+}
