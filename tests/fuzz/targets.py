@@ -30,7 +30,7 @@ from trustvbd.acm import audit
 from trustvbd.acm.model import PolicyError
 from trustvbd.acm.toml_loader import load_toml
 from trustvbd.acm.xml_loader import policy_from_xml
-from trustvbd.blockdev import BlockError
+from trustvbd.blockdev import BlockError, Buffer
 from trustvbd.blocks import anchor_file, tree_file
 from trustvbd.blocks.disk_state import Anchor, DiskState, IntentLog, TrustedStateError
 from trustvbd.blocks.file import MemoryBackend
@@ -39,7 +39,6 @@ from trustvbd.crypt import superblock as sb
 from trustvbd.crypt.sign import Signer
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
-from trustvbd.nbd.checks import RequestChecker
 from trustvbd.nbd.client_handshake import Handshake, handshake
 from trustvbd.nbd.core import ProtocolCore, Role
 from trustvbd.nbd.exports import Export, PeerInfo, StaticExports
@@ -255,7 +254,8 @@ def _chunks(data: bytes) -> Iterator[bytes]:
 
 
 def fuzz_nbd_server(data: bytes) -> None:
-    """A hostile client against the server core and its option haggling."""
+    """A hostile client against the server core, its option haggling and its native
+    transmission phase (parse, checks, reply framing)."""
     core = ProtocolCore(Role.SERVER)
     core.send(m.Greeting(GREETING_FLAGS))
     backend = MemoryBackend(EXPORT_SIZE)
@@ -263,23 +263,23 @@ def fuzz_nbd_server(data: bytes) -> None:
     inbox = _Inbox()
     coro = negotiate(core, inbox.next_event, lambda _b: None, provider, PeerInfo("fuzz", "memory"))
     negotiated: Negotiated | None = None
-    checker: RequestChecker | None = None
     try:
         for chunk in _chunks(data):
             core.receive_data(chunk)
-            while (ev := core.next_event()) is not None:
-                if negotiated is None:
-                    inbox.events.append(ev)
-                    done, negotiated = _step(coro)
-                    if done:
-                        checker = RequestChecker(backend.size, negotiated.flags, core.structured)
-                    continue
-                assert checker is not None
-                if isinstance(ev, m.ConnectionClosed) or (
-                        isinstance(ev, m.Request) and ev.type == p.Cmd.DISC):
+            while negotiated is None and (ev := core.next_event()) is not None:
+                inbox.events.append(ev)
+                _, negotiated = _step(coro)
+            replies = []
+            while core.requests:
+                typ, _flags, cookie, offset, length, payload, refusal, piece = core.requests.popleft()
+                if typ == p.Cmd.DISC:
                     return
-                assert isinstance(ev, m.Request)
-                _serve(core, checker, backend, ev)
+                if piece is False:
+                    continue  # a piece of a long WRITE: one reply after the last
+                replies.append(_serve(backend, typ, cookie, offset, length, payload, refusal,
+                                      piece))
+            if replies:
+                b"".join(bytes(part) for part in core.server_session().frame(replies))
         core.receive_eof()
         while core.next_event() is not None:
             pass
@@ -287,22 +287,20 @@ def fuzz_nbd_server(data: bytes) -> None:
         coro.close()
 
 
-def _serve(core: ProtocolCore, checker: RequestChecker, backend: MemoryBackend,
-           req: m.Request) -> None:
-    refusal = checker(req)
+def _serve(backend: MemoryBackend, typ: int, cookie: int, offset: int, length: int,
+           payload: Buffer | None, refusal: tuple[int, str] | None,
+           piece: bool | None) -> tuple[int, int, str, int, Buffer | None]:
+    """One request against the memory backend, as the reply tuple the server frames."""
+    assert piece is None or typ == p.Cmd.WRITE  # only the last piece of a long WRITE here
     if refusal is not None:
-        err, text = refusal
-        core.send(m.ErrorChunk(req.cookie, err, text) if core.structured
-                  else m.SimpleReply(req.cookie, err))
-    elif req.type == p.Cmd.READ:
-        data = bytes(backend._data[req.offset:req.offset + req.length])
-        core.send(m.OffsetData(req.cookie, req.offset, data) if core.structured
-                  else m.SimpleReply(req.cookie, 0, data))
-    else:
-        if req.type == p.Cmd.WRITE:
-            assert req.data is not None
-            backend._data[req.offset:req.offset + req.length] = req.data
-        core.send(m.NoneChunk(req.cookie) if core.structured else m.SimpleReply(req.cookie))
+        return cookie, refusal[0], refusal[1], 0, None
+    assert offset + length <= EXPORT_SIZE, "a request past the export passed the checks"
+    if typ == p.Cmd.READ:
+        return cookie, 0, "", offset, bytes(backend._data[offset:offset + length])
+    if typ == p.Cmd.WRITE:
+        assert payload is not None and len(payload) == length
+        backend._data[offset:offset + length] = payload
+    return cookie, 0, "", 0, None
 
 
 def fuzz_nbd_client(data: bytes) -> None:

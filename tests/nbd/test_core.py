@@ -115,6 +115,16 @@ def only(events: Sequence[object], kind: type[E]) -> list[E]:
     return typed
 
 
+def requests_of(core: ProtocolCore) -> list[m.Request]:
+    """The requests the server core's native framer parsed, as the messages they were."""
+    out = []
+    while core.requests:
+        typ, flags, cookie, offset, length, data, _refusal, _piece = core.requests.popleft()
+        out.append(m.Request(typ, cookie, offset, length, flags,
+                             None if data is None else bytes(data)))
+    return out
+
+
 def data_of(reply: Reply) -> bytes:
     assert reply.data is not None, f"reply {reply.cookie} carries no data"
     return bytes(reply.data)
@@ -163,8 +173,8 @@ def test_read_write_round_trip_simple_and_structured() -> None:
     for structured in (False, True):
         c, s = negotiated(structured)
         payload = bytes(range(256)) * 16
-        [req] = deliver(c, s, m.Request(p.Cmd.WRITE, 1, 4096, 4096, 0, payload))
-        assert req == m.Request(p.Cmd.WRITE, 1, 4096, 4096, 0, payload)
+        s.receive_data(c.send(m.Request(p.Cmd.WRITE, 1, 4096, 4096, 0, payload)))
+        assert requests_of(s) == [m.Request(p.Cmd.WRITE, 1, 4096, 4096, 0, payload)]
         assert deliver(s, c, m.SimpleReply(1)) == [Reply(1)]
         deliver(c, s, m.Request(p.Cmd.READ, 2, 4096, 4096))
         msg = m.OffsetData(2, 4096, payload) if structured else m.SimpleReply(2, 0, payload)
@@ -197,36 +207,62 @@ def test_state_table_rejects_messages_out_of_turn() -> None:
         s2.send(m.OffsetData(1, 0, b"x"))  # structured replies were not negotiated
 
 
-def test_reply_parts_are_the_bytes_of_the_messages_they_stand_for() -> None:
-    payload = bytes(range(256)) * 16
+def framed(s: ProtocolCore, *replies: tuple[int, int, str, int, bytes | int | None]) -> bytes:
+    return b"".join(bytes(part) for part in s.server_session().frame(list(replies)))
+
+
+def reply_wire(ref: ProtocolCore, msg: m.Event) -> bytes:
+    return b"".join(bytes(part) for part in ref.send_parts(msg))
+
+
+def read_reply(structured: bool, cookie: int, offset: int, data: bytes) -> m.Event:
+    if not structured:
+        return m.SimpleReply(cookie, 0, data)
+    return m.OffsetData(cookie, offset, data) if data else m.NoneChunk(cookie)
+
+
+def test_native_replies_are_the_bytes_of_the_messages_they_stand_for() -> None:
+    """The native framer against the Python encoder of the same messages (messages.py)."""
+    small, big = bytes(range(256)) * 16, bytes(range(256)) * 256  # copied in, sent as is
     for structured in (False, True):
         _, s = negotiated(structured)
         _, ref = negotiated(structured)
-        assert s.reply_parts(7) == ref.send_parts(m.SimpleReply(7))
-        read = m.OffsetData(8, 4096, payload) if structured else m.SimpleReply(8, 0, payload)
-        assert s.reply_parts(8, 4096, payload) == ref.send_parts(read)
-        empty = m.NoneChunk(9) if structured else m.SimpleReply(9, 0, b"")
-        assert s.reply_parts(9, 0, b"") == ref.send_parts(empty)
+        assert framed(s, (7, 0, "", 0, None)) == reply_wire(ref, m.SimpleReply(7))
+        assert framed(s, (8, 0, "", 4096, small)) == reply_wire(
+            ref, read_reply(structured, 8, 4096, small))
+        assert framed(s, (9, 0, "", 0, b"")) == reply_wire(ref, read_reply(structured, 9, 0, b""))
+        error = m.ErrorChunk(5, p.NbdErr.ENOSPC, "full \u00e9") if structured \
+            else m.SimpleReply(5, p.NbdErr.ENOSPC)
+        assert framed(s, (5, p.NbdErr.ENOSPC, "full \u00e9", 0, None)) == reply_wire(ref, error)
+        # A batch, in order; big data is not copied, only a header for file ranges.
+        batch = s.server_session().frame([(1, 0, "", 0, None), (2, 0, "", 512, big),
+                                          (3, 0, "", 0, small), (4, 0, "", 8192, 70000)])
+        assert any(part is big for part in batch)
+        file_range = reply_wire(ref, read_reply(structured, 4, 8192, b"\0" * 70000))[:-70000]
+        assert b"".join(bytes(x) for x in batch) == b"".join([
+            reply_wire(ref, m.SimpleReply(1)), reply_wire(ref, read_reply(structured, 2, 512, big)),
+            reply_wire(ref, read_reply(structured, 3, 0, small)), file_range])
         # And a client reads them as the replies they are.
         c, s = negotiated(structured)
         deliver(c, s, m.Request(p.Cmd.READ, 1, 4096, 4096))
-        c.receive_data(b"".join(bytes(part) for part in s.reply_parts(1, 4096, payload)))
+        c.receive_data(framed(s, (1, 0, "", 4096, small)))
         [reply] = only(drain(c), Reply)
-        assert reply.cookie == 1 and reply.error == 0 and data_of(reply) == payload
+        assert reply.cookie == 1 and reply.error == 0 and data_of(reply) == small
 
 
-def test_reply_parts_refused_where_a_reply_is_not_allowed() -> None:
+def test_native_session_only_for_a_server_in_transmission() -> None:
     c, _ = negotiated()
     with pytest.raises(p.LocalProtocolError):
-        c.core.reply_parts(1)  # a client never replies
+        c.core.server_session()  # a client never replies
     s = ProtocolCore(Role.SERVER)
     with pytest.raises(p.LocalProtocolError):
-        s.reply_parts(1, 0, b"x")  # before the handshake
+        s.server_session()  # before the handshake
     _, s = negotiated()
-    with pytest.raises(p.ProtocolError):
+    with pytest.raises(p.ProtocolError, match="bad request magic 0x787878ff"):
         s.receive_data(b"x" * 3 + b"\xff" * 29)  # bad request magic: the core fails
-    with pytest.raises(p.LocalProtocolError):
-        s.reply_parts(1)
+    assert s.state is State.ERROR
+    with pytest.raises(p.ProtocolError):
+        s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.READ, 1, 0, 512))
 
 
 def test_unknown_client_flags_are_a_protocol_error() -> None:
@@ -248,23 +284,27 @@ def test_oversized_option_is_refused_before_reading_it() -> None:
 def test_long_write_arrives_in_parts_and_long_read_parses() -> None:
     _c, s = negotiated()
     s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.READ, 1, 0, 1 << 30))
-    assert only(drain(s), m.Request)[0].length == 1 << 30  # served in parts by the server
+    assert requests_of(s)[0].length == 1 << 30  # served in parts by the server
     part = p.REQUEST_PART
     length = 2 * part + 3
     payload = bytes(range(256)) * (length // 256) + bytes(length % 256)
     s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, p.CmdFlag.FUA, p.Cmd.WRITE, 2, 5, length))
-    events: list[m.Event | Reply] = []
+    got: list[m.RequestItem] = []
     for at in range(0, length, 1 << 20):  # in 1 MiB slices, as a socket would hand them over
         s.receive_data(payload[at:at + (1 << 20)])
-        events += drain(s)
-    got = only(events, m.WritePart)
-    assert [(e.offset, len(e.data), e.last) for e in got] == [
+        assert s.receiving <= part + 64, "one piece at a time"
+        got += s.requests
+        s.requests.clear()
+    assert [(offset, n, last) for _t, _f, _c, offset, n, _d, _r, last in got] == [
         (5, part, False), (5 + part, part, False), (5 + 2 * part, 3, True)]
-    assert b"".join(bytes(e.data) for e in got) == payload
-    assert all(e.request.cookie == 2 and e.request.flags == p.CmdFlag.FUA for e in got)
+    assert b"".join(bytes(data) for *_, data, _r, _l in got if data is not None) == payload
+    assert all((t, f, c) == (p.Cmd.WRITE, p.CmdFlag.FUA, 2) for t, f, c, *_ in got)
+    # Every piece carries the whole request's check (the export was offered read-only).
+    assert all(refusal == (p.NbdErr.EPERM, "WRITE on a read-only export")
+               for *_, refusal, _l in got)
     # The stream stays in sync: the next request parses.
     s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.FLUSH, 3, 0, 0))
-    assert [e.cookie for e in only(drain(s), m.Request)] == [3]
+    assert [r.cookie for r in requests_of(s)] == [3]
 
 
 def test_disc_moves_to_disconnecting_and_later_bytes_are_ignored() -> None:
@@ -272,7 +312,7 @@ def test_disc_moves_to_disconnecting_and_later_bytes_are_ignored() -> None:
     deliver(c, s, m.Request(p.Cmd.DISC, 0))
     assert s.state is State.DISCONNECTING
     s.receive_data(b"garbage that a broken client sends after DISC")
-    assert drain(s) == []
+    assert drain(s) == [] and requests_of(s) == [m.Request(p.Cmd.DISC, 0)]
     with pytest.raises(p.LocalProtocolError):
         c.send(m.Request(p.Cmd.READ, 5, 0, 512))
 
@@ -359,8 +399,8 @@ def test_requests_survive_any_chunking(reqs: list[m.Request], cuts: list[int]) -
     _, s = negotiated()
     for piece in split_at(wire, cuts):
         s.receive_data(piece)
-    got = drain(s)
-    assert got == reqs
+    assert drain(s) == []
+    assert requests_of(s) == reqs
 
 
 options = st.builds(m.Option, st.integers(0, 2**32 - 1).filter(lambda o: o != 1),
@@ -440,7 +480,7 @@ def test_requests_arriving_byte_by_byte_parse_exactly() -> None:
     _, s = negotiated()
     for i in range(len(wire)):
         s.receive_data(wire[i:i + 1])
-    assert drain(s) == reqs
+    assert requests_of(s) == reqs
     assert s.state is State.DISCONNECTING and s.receiving == 0
 
 
@@ -457,7 +497,7 @@ def test_a_payload_received_in_place_ends_exactly_where_its_length_says() -> Non
     target[:length + len(tail)] = b"\x11" * length + tail
     with pytest.raises(p.ProtocolError, match="bad request magic"):
         s.buffer_updated(length + len(tail))
-    (req,) = only(drain(s), m.Request)
+    (req,) = requests_of(s)
     assert req.cookie == 7 and req.data is not None and bytes(req.data) == b"\x11" * length
 
 
@@ -483,7 +523,7 @@ def test_one_read_per_large_write_when_the_bytes_are_there() -> None:
             for i in range(count)]
     _, s = negotiated()
     reads = count_reads(s, b"".join(b"".join(m.encode_parts(r)) for r in reqs))
-    assert drain(s) == reqs
+    assert requests_of(s) == reqs
     assert reads <= count + 2, f"{reads} reads for {count} writes"
 
 
@@ -492,7 +532,7 @@ def test_a_hostile_write_length_holds_at_most_one_part() -> None:
     claimed length, and a peer that stops sending leaves a truncated message, not events."""
     _, s = negotiated()
     s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 9, 0, 2**32 - 1))
-    assert s.receiving == p.REQUEST_PART
+    assert p.REQUEST_PART <= s.receiving <= p.REQUEST_PART + 64
     s.receive_data(b"\x00" * 1000)
     s.receive_eof()
     assert drain(s) == [m.ConnectionClosed(truncated=1000)]

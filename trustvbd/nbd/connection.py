@@ -1,11 +1,19 @@
 """One server-side NBD connection: the asyncio shell around the protocol core.
 
+Python does the handshake (server_handshake.py, TLS, policy, the export), the
+budgets, the idle timer and the backend calls. The per-request protocol work of
+transmission is native (trustvbd._native.NbdServerSession, native/src/nbd_server/):
+one call parses and checks every complete request received together, and one call
+frames a loop iteration's replies (simple or structured, as negotiated) into the
+few buffers one writev sends. TLS connections use the same calls; only the transport
+differs.
+
 Speed: bytes are received straight into the core's buffers (BufferedProtocol),
 and each request runs inline: its handler coroutine is stepped once by hand,
 and only if the backend really suspends does it become a task. So a page-cached
 FileBackend never pays for a task, while a slow backend (the encryption layer
 waiting on drivers) gets full pipelining with replies out of order. Replies
-are batched and written with one writelines() per batch of requests. A backend
+are batched, framed and written with one writelines() per loop iteration. A backend
 with a `file_range` method (the driver's FileBackend) answers reads with a FileRange
 sent by sendfile (zero_copy.py).
 
@@ -15,7 +23,7 @@ still running, which covers the spec's "all writes completed before the flush".
 Large requests: a READ or WRITE longer than REQUEST_PART (32 MiB) is served in
 parts of at most that size, so memory stays bounded whatever the client asks
 (up to the 32-bit length field, as nbd-server serves). A long WRITE arrives as
-WritePart pieces (core.py) and gets one reply after its last piece is written.
+pieces (the native framer's, core.py) and gets one reply after its last piece is written.
 A long READ's reply is sent part by part, each after the previous one left; with
 simple replies nothing else may interleave, so other replies wait meanwhile, and
 an error after the first part can only drop the connection (the spec's way).
@@ -52,7 +60,6 @@ from trustvbd.blockdev import (
 from trustvbd.crypt.tls import peer_common_name
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
-from trustvbd.nbd.checks import RequestChecker
 from trustvbd.nbd.core import ProtocolCore, Role
 from trustvbd.nbd.exports import Export, PeerInfo
 from trustvbd.nbd.server_handshake import (
@@ -83,6 +90,7 @@ _READ, _WRITE, _DISC, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES = (
 _FUA, _NO_HOLE, _FAST_ZERO = int(p.CmdFlag.FUA), int(p.CmdFlag.NO_HOLE), int(p.CmdFlag.FAST_ZERO)
 _WRITE_TYPES = (_WRITE, _TRIM, _WRITE_ZEROES)
 _POOL_MIN = 64 * 1024  # smaller payloads are sliced from the receive buffer, not pooled
+_REPLY_HEADER = 32  # bytes counted per queued reply besides its data (its header, at most)
 
 
 @dataclass(slots=True)
@@ -124,7 +132,7 @@ class Connection(asyncio.BufferedProtocol):
         self._budget = server.budget
         self._charged = 0  # bytes this connection has charged to the budget
         self._receiving = 0  # the payload buffer size last charged
-        self._stash: m.Request | None = None  # a request held back while over budget
+        self._stash: m.RequestItem | None = None  # a request held back while over budget
         self._activity = 0  # bumped by every receive and every drained reply
         self._quiet_checks = 0
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -135,7 +143,6 @@ class Connection(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._backend: Backend | None = None
         self._flush_backend: Callable[[], Awaitable[None]] | None = None  # FLUSH, per connection
-        self._check: RequestChecker | None = None
         self._transmitting = False
         self._wakeup: asyncio.Future[None] | None = None
         self._handshake_task: asyncio.Task[None] | None = None
@@ -148,6 +155,7 @@ class Connection(asyncio.BufferedProtocol):
         self._drained = asyncio.Event()  # the transport holds no unsent bytes
         self._drained.set()
         self._out: list[OutPart] = []
+        self._replies: list[tuple[int, int, str, int, Buffer | None]] = []  # not framed yet
         self._out_bytes = 0
         self._out_special = False  # _out holds a FileRange
         self._file_range: Callable[[int, int], FileRange] | None = None
@@ -223,7 +231,7 @@ class Connection(asyncio.BufferedProtocol):
         self._activity += 1
         self._transport_busy = False
         self._drained.set()
-        if self._out and not self._flush_scheduled:
+        if (self._out or self._replies) and not self._flush_scheduled:
             self._flush_scheduled = True  # replies waiting for the transport to drain
             self._loop.call_soon(self._flush)
         self._update_reading()
@@ -354,7 +362,6 @@ class Connection(asyncio.BufferedProtocol):
                             if self._sock_fd >= 0 and isinstance(backend, ServesFileRanges) else None)
         self._flush_backend = (backend.flusher() if isinstance(backend, FlushesPerConnection)
                                else backend.flush)
-        self._check = RequestChecker(result.export.backend.size, result.flags, self.core.structured)
         self._transmitting = True
         self._update_reading()  # the guest may be over its budget already
         self._start_idle_timer()
@@ -364,46 +371,44 @@ class Connection(asyncio.BufferedProtocol):
 
     # --- transmission --------------------------------------------------------------
     def _process(self) -> None:
-        next_event, budget, request = self.core.next_event, self._budget, m.Request
+        requests, budget = self.core.requests, self._budget
         while not self._stopping and not self._reading_paused:
             if self._stash is not None:
-                ev: m.Event | None = self._stash
+                item: m.RequestItem = self._stash
                 self._stash = None
+            elif requests:
+                item = requests.popleft()
             else:
-                ev = next_event()
-            if ev is None:
-                break
-            if type(ev) is request:
-                if budget is not None and budget.over and ev.type != _WRITE:
-                    # Over budget: a write's payload is here already (counted); anything
-                    # else waits until the guest's connections hold less.
-                    self._stash = ev
-                    self._update_reading()
+                ev = self.core.next_event()
+                if ev is None:
                     break
-                self._dispatch(ev)
-            elif type(ev) is m.WritePart:
-                self._dispatch_part(ev)
-            elif isinstance(ev, m.ConnectionClosed):
-                if ev.truncated:
-                    log.warning("nbd: %s sent a truncated message (%d bytes) before closing",
-                                self.peer.identity, ev.truncated)
+                if isinstance(ev, m.ConnectionClosed):
+                    if ev.truncated:
+                        log.warning("nbd: %s sent a truncated message (%d bytes) before closing",
+                                    self.peer.identity, ev.truncated)
+                    self._close_gracefully()
+                continue
+            typ, flags, cookie, offset, length, data, refusal, piece = item
+            if budget is not None and budget.over and typ != _WRITE:
+                # Over budget: a write's payload is here already (counted); anything
+                # else waits until the guest's connections hold less.
+                self._stash = item
+                self._update_reading()
+                break
+            if piece is not None:
+                self._dispatch_part(item)
+            elif refusal is not None:
+                self._refuse(typ, cookie, *refusal)
+            elif typ == _DISC:
                 self._close_gracefully()
+            else:
+                self._run(self._serve(typ, flags, cookie, offset, length, data), typ,
+                          length if typ == _READ or typ == _WRITE else 0)
 
-    def _dispatch(self, req: m.Request) -> None:
-        typ = req.type
-        if typ == _DISC:
-            self._close_gracefully()
-            return
-        bad = self._check(req)  # type: ignore[misc]
-        if bad is not None:
-            self._refuse(req, *bad)
-            return
-        self._run(self._serve(req), typ, req.length if typ == _READ or typ == _WRITE else 0)
-
-    def _refuse(self, req: m.Request, error: int, message: str) -> None:
+    def _refuse(self, typ: int, cookie: int, error: int, message: str) -> None:
         log.warning("nbd: %s (%s) export %r: refused %s: %s", self.peer.identity,
-                    self.peer.address, self.export_name, p.name_of(p.Cmd, req.type), message)
-        self._reply_error(req, error, message)
+                    self.peer.address, self.export_name, p.name_of(p.Cmd, typ), message)
+        self._reply_error(typ, cookie, error, message)
 
     def _run(self, coro: Coroutine[Any, Any, None], typ: int, cost: int) -> None:
         """Step a request's handler inline; only if it suspends does it become a task."""
@@ -440,25 +445,26 @@ class Connection(asyncio.BufferedProtocol):
                                             - self._out_bytes > UNCHARGED_MAX))):
             self._update_reading()
 
-    def _dispatch_part(self, part: m.WritePart) -> None:
-        req = part.request
-        state = self._parted.get(req.cookie)
-        if state is None:  # the first piece: check the whole request once
-            state = self._parted[req.cookie] = _PartedWrite(self._check(req))  # type: ignore[misc]
-        state.received_all = part.last
+    def _dispatch_part(self, item: m.RequestItem) -> None:
+        typ, flags, cookie, offset, _length, data, refusal, last = item
+        state = self._parted.get(cookie)
+        if state is None:  # the first piece: every piece carries the whole request's check
+            state = self._parted[cookie] = _PartedWrite(refusal)
+        state.received_all = bool(last)
         if state.refusal is None and state.error is None:
             state.running += 1
-            self._run(self._write_part(req, part, state), _WRITE, len(part.data))
+            assert data is not None  # a piece always carries its payload
+            self._run(self._write_part(cookie, flags, offset, data, state), _WRITE, len(data))
         else:
-            self.core.pool.put(part.data)  # type: ignore[arg-type]
-        self._finish_parted(req, state)
+            self.core.pool.give_back(data)  # type: ignore[arg-type]
+        self._finish_parted(typ, cookie, state)
 
-    async def _write_part(self, req: m.Request, part: m.WritePart, state: _PartedWrite) -> None:
+    async def _write_part(self, cookie: int, flags: int, offset: int, payload: Buffer,
+                          state: _PartedWrite) -> None:
         backend = self._backend
         assert backend is not None
-        payload, part.data = part.data, b""
         try:
-            await backend.pwrite(part.offset, payload, bool(req.flags & _FUA))
+            await backend.pwrite(offset, payload, bool(flags & _FUA))
         except BlockError as exc:
             state.error = state.error or (p.errno_to_nbd(exc.errno), exc.message)
         except Exception as exc:
@@ -467,38 +473,38 @@ class Connection(asyncio.BufferedProtocol):
         finally:
             state.running -= 1
         self.core.pool.give_back(payload)  # type: ignore[arg-type] # as in _serve
-        self._finish_parted(req, state)
+        self._finish_parted(_WRITE, cookie, state)
 
-    def _finish_parted(self, req: m.Request, state: _PartedWrite) -> None:
-        if not state.received_all or state.running or self._parted.get(req.cookie) is not state:
+    def _finish_parted(self, typ: int, cookie: int, state: _PartedWrite) -> None:
+        if not state.received_all or state.running or self._parted.get(cookie) is not state:
             return
-        del self._parted[req.cookie]
+        del self._parted[cookie]
         if state.refusal is not None:
-            self._refuse(req, *state.refusal)
+            self._refuse(typ, cookie, *state.refusal)
         elif state.error is not None:
-            self._reply_error(req, *state.error)
+            self._reply_error(typ, cookie, *state.error)
         else:
-            self._queue(self.core.send_parts(m.SimpleReply(req.cookie)))
+            self._queue_reply(cookie, 0, "", 0, None)
 
-    async def _serve_parted_read(self, req: m.Request) -> None:
+    async def _serve_parted_read(self, cookie: int, offset: int, length: int) -> None:
         """A READ longer than REQUEST_PART: read and send it part by part (bounded memory)."""
         if self.core.structured:
-            await self._stream_read(req)
+            await self._stream_read(cookie, offset, length)
             return
         async with self._stream_lock:  # one simple-reply stream at a time
             self._held = []
             try:
-                await self._stream_read(req)
+                await self._stream_read(cookie, offset, length)
             finally:
                 held, self._held = self._held, None
                 if held:
                     self._queue(held)
 
-    async def _stream_read(self, req: m.Request) -> None:
+    async def _stream_read(self, cookie: int, start: int, length: int) -> None:
         backend = self._backend
         assert backend is not None
-        structured, end = self.core.structured, req.offset + req.length
-        for offset in range(req.offset, end, p.REQUEST_PART):
+        structured, end = self.core.structured, start + length
+        for offset in range(start, end, p.REQUEST_PART):
             if self._output_closed:
                 return
             n = min(p.REQUEST_PART, end - offset)
@@ -514,18 +520,18 @@ class Connection(asyncio.BufferedProtocol):
                 error = p.errno_to_nbd(exc.errno)
                 if structured:
                     self._queue(self.core.send_parts(
-                        m.ErrorChunk(req.cookie, error, exc.message, offset)), stream=True)
-                elif offset == req.offset:
-                    self._queue(self.core.send_parts(m.SimpleReply(req.cookie, error)), stream=True)
+                        m.ErrorChunk(cookie, error, exc.message, offset)), stream=True)
+                elif offset == start:
+                    self._queue(self.core.send_parts(m.SimpleReply(cookie, error)), stream=True)
                 else:  # the reply's header and some data are out: only a hard disconnect is honest
                     log.error("nbd: export %r: READ failed after its reply began (%s); closing "
                               "the connection from %s", self.export_name, exc, self.peer.identity)
                     self._abort()
                 return
             if structured:
-                parts = self.core.send_parts(m.OffsetData(req.cookie, offset, data, offset + n == end))
-            elif offset == req.offset:
-                parts = self.core.send_parts(m.SimpleReply(req.cookie, 0, data))
+                parts = self.core.send_parts(m.OffsetData(cookie, offset, data, offset + n == end))
+            elif offset == start:
+                parts = self.core.send_parts(m.SimpleReply(cookie, 0, data))
             else:
                 parts = [data]  # the simple reply's payload continues
             self._queue(parts, stream=True)
@@ -534,30 +540,27 @@ class Connection(asyncio.BufferedProtocol):
             while self._transport_busy and not self._output_closed:
                 await self._drained.wait()  # one part at a time in memory
 
-    async def _serve(self, req: m.Request) -> None:
+    async def _serve(self, typ: int, flags: int, cookie: int, offset: int, length: int,
+                     payload: Buffer | None) -> None:
         backend = self._backend
         assert backend is not None
-        typ, flags = req.type, req.flags
         fua = bool(flags & _FUA)
         try:
             if typ == _READ:
-                if req.length > p.REQUEST_PART:
-                    await self._serve_parted_read(req)
+                if length > p.REQUEST_PART:
+                    await self._serve_parted_read(cookie, offset, length)
                     return
-                if self._file_range is not None and req.length >= SENDFILE_MIN:
-                    self._reply_read(req, self._file_range(req.offset, req.length))
+                if self._file_range is not None and length >= SENDFILE_MIN:
+                    self._reply_file_range(cookie, offset, self._file_range(offset, length))
                     return
-                data = await backend.pread(req.offset, req.length)
-                if len(data) != req.length:
-                    raise BlockError(
-                        errno.EIO, f"backend returned {len(data)} of {req.length} bytes"
-                    )
-                self._reply_read(req, data)
+                data = await backend.pread(offset, length)
+                if len(data) != length:
+                    raise BlockError(errno.EIO, f"backend returned {len(data)} of {length} bytes")
+                self._queue_reply(cookie, 0, "", offset, data)
                 return
             if typ == _WRITE:
-                payload, req.data = req.data, None
                 assert payload is not None  # a WRITE always carries its payload
-                await backend.pwrite(req.offset, payload, fua)
+                await backend.pwrite(offset, payload, fua)
                 # Recycle a large payload buffer, once the transport (served inline, from
                 # buffer_updated) and the backend (if it kept one) let go of it.
                 if len(payload) > _POOL_MIN:
@@ -568,35 +571,49 @@ class Connection(asyncio.BufferedProtocol):
                 assert self._flush_backend is not None
                 await self._flush_backend()
             elif typ == _TRIM:
-                await backend.trim(req.offset, req.length, fua)
+                await backend.trim(offset, length, fua)
             elif typ == _WRITE_ZEROES:
                 await backend.zero(
-                    req.offset, req.length, fua,
-                    may_trim=not flags & _NO_HOLE, fast=bool(flags & _FAST_ZERO),
+                    offset, length, fua, may_trim=not flags & _NO_HOLE, fast=bool(flags & _FAST_ZERO),
                 )
             elif typ == _CACHE:
-                await backend.cache(req.offset, req.length)
+                await backend.cache(offset, length)
         except BlockError as exc:
             fast = typ == _WRITE_ZEROES and bool(flags & _FAST_ZERO)
-            self._reply_error(req, p.errno_to_nbd(exc.errno, fast_zero=fast), exc.message)
+            self._reply_error(typ, cookie, p.errno_to_nbd(exc.errno, fast_zero=fast), exc.message)
             return
         except Exception as exc:
             log.exception("nbd: %s on export %r failed unexpectedly", p.name_of(p.Cmd, typ),
                           self.export_name)
-            self._reply_error(req, p.NbdErr.EIO, f"internal server error: {exc}")
+            self._reply_error(typ, cookie, p.NbdErr.EIO, f"internal server error: {exc}")
             return
-        self._queue(self.core.reply_parts(req.cookie))
+        self._queue_reply(cookie, 0, "", 0, None)
 
-    def _reply_read(self, req: m.Request, data: Buffer | FileRange) -> None:
-        self._queue(self.core.reply_parts(req.cookie, req.offset, data))  # type: ignore[arg-type]
+    def _reply_file_range(self, cookie: int, offset: int, data: FileRange) -> None:
+        head = self.core.server_session().frame([(cookie, 0, "", offset, data.length)])
+        self._queue([*head, data])
 
-    def _reply_error(self, req: m.Request, error: int, message: str) -> None:
-        if self.core.structured:
-            msg: m.Event = m.ErrorChunk(req.cookie, error, message)
-        else:
-            msg = m.SimpleReply(req.cookie, error)
-        log.debug("nbd: %s %s: %s", self.peer.identity, p.name_of(p.Cmd, req.type), message)
-        self._queue(self.core.send_parts(msg))
+    def _reply_error(self, typ: int, cookie: int, error: int, message: str) -> None:
+        log.debug("nbd: %s %s: %s", self.peer.identity, p.name_of(p.Cmd, typ), message)
+        self._queue_reply(cookie, error, message, 0, None)
+
+    def _queue_reply(self, cookie: int, error: int, message: str, offset: int,
+                     data: Buffer | None) -> None:
+        """Queue one reply: framed natively, with the others of this loop iteration, by
+        _frame_replies (a READ's `data` at `offset`, or an error with its message)."""
+        if self._output_closed:
+            return
+        reply = (cookie, error, message, offset, data)
+        if self._held is not None:  # a simple-reply stream is being sent
+            self._held.extend(self.core.server_session().frame([reply]))
+            return
+        self._replies.append(reply)
+        self._out_bytes += _REPLY_HEADER if data is None else _REPLY_HEADER + len(data)
+        self._queued()
+
+    def _frame_replies(self) -> None:
+        replies, self._replies = self._replies, []
+        self._out.extend(self.core.server_session().frame(replies))
 
     def _queue(self, parts: Sequence[OutPart], stream: bool = False) -> None:
         if self._output_closed:
@@ -604,20 +621,24 @@ class Connection(asyncio.BufferedProtocol):
         if self._held is not None and not stream:  # a simple-reply stream is being sent
             self._held.extend(parts)
             return
-        busy = self._transport_busy
+        if self._replies:
+            self._frame_replies()  # they go first
         for part in parts:
             if type(part) is FileRange:
                 self._out_special = True
             self._out.append(part)
             self._out_bytes += len(part)
-        if self._out_bytes >= FLUSH_OUTPUT_AT and not busy:
+        self._queued()
+
+    def _queued(self) -> None:
+        if self._out_bytes >= FLUSH_OUTPUT_AT and not self._transport_busy:
             self._flush()
         if self._out_bytes >= WRITE_BUFFER_HIGH and not self._reading_paused:
             self._update_reading()
         elif (self._budget is not None
               and self._out_bytes + self._inflight_bytes > self._charged + UNCHARGED_MAX):
             self._update_reading()  # replies of requests that finished inline: count them
-        if self._out and not self._flush_scheduled:
+        if (self._out or self._replies) and not self._flush_scheduled:
             # Write at the end of this loop iteration: replies of all requests
             # that arrive together leave in one system call.
             self._flush_scheduled = True
@@ -626,6 +647,8 @@ class Connection(asyncio.BufferedProtocol):
     def _flush(self, final: bool = False) -> None:
         """Write queued replies; with `final`, everything now (the connection is closing)."""
         self._flush_scheduled = False
+        if self._replies:
+            self._frame_replies()
         if not self._out:
             return
         transport = self._transport
@@ -711,6 +734,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         self._out.clear()
+        self._replies.clear()
         self._output_closed = True
         if self._transport is not None:
             self._transport.abort()

@@ -15,6 +15,9 @@ a `ProtocolError` when the peer sent it (drop the connection) and a
 A client core ends with the handshake: the client's transmission phase (requests,
 replies, their checks) is the native engine (`trustvbd._native.NbdClientEngine`,
 native/src/nbd_client), which `trustvbd.nbd.client` attaches once GO is answered.
+A server core receives the bytes of transmission too, but parsing and checking the
+requests and framing the replies is native (`trustvbd._native.NbdServerSession`,
+native/src/nbd_server): the core hands the parsed requests out as `requests`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from trustvbd._native import NbdServerSession
 from trustvbd.blockdev import Buffer
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
@@ -53,11 +57,6 @@ class State(enum.Enum):
 # through the core did a few dozen of them.
 _ERROR, _TRANSMISSION, _DISCONNECTING = State.ERROR, State.TRANSMISSION, State.DISCONNECTING
 _WRITE, _DISC = int(p.Cmd.WRITE), int(p.Cmd.DISC)
-_DONE = int(p.ReplyFlag.DONE)
-_OFFSET_DATA = int(p.ChunkType.OFFSET_DATA)
-_SIMPLE_REPLY_PACK, _CHUNK_PACK, _U64_PACK = p.SIMPLE_REPLY.pack, p.CHUNK_HEADER.pack, p.U64.pack
-_REQUEST_PACK, _REQUEST_UNPACK, _REQUEST_SIZE = p.REQUEST.pack, p.REQUEST.unpack_from, p.REQUEST.size
-_REQUEST_MAGIC = p.REQUEST_MAGIC
 
 
 SERVER_MESSAGES = (
@@ -67,10 +66,9 @@ SERVER_MESSAGES = (
 CLIENT_MESSAGES = (m.ClientFlags, m.Option)  # requests: the native engine
 
 # Scratch receive buffer. Every message that is not routed straight into its
-# own payload buffer fits in half of it, so compaction always makes room.
+# own payload buffer fits in half of it (the native framer's WAIT_MAX), so
+# compaction always makes room.
 SCRATCH_SIZE = 256 * 1024
-# Payload remainders above this are received directly into their final buffer.
-DIRECT_THRESHOLD = 64 * 1024
 RECEIVE_WINDOW = 64 * 1024  # most bytes read into the scratch buffer at once
 SMALL_WINDOW = 32  # one request header, or a chunk header with its offset
 # A WRITE payload received in place gets this much room after it: the same socket read
@@ -142,7 +140,8 @@ def _after_client_flags(core: ProtocolCore, msg: m.ClientFlags) -> State:
 
 
 def _after_request(core: ProtocolCore, msg: m.Request) -> State:
-    # The server core applies this inline for each request (_parse_from_client).
+    # Requests the server receives take the same step in the native framer
+    # (_parse_requests: DISC ends parsing).
     return _DISCONNECTING if msg.type == _DISC else _TRANSMISSION
 
 
@@ -228,6 +227,9 @@ class ProtocolCore:
         self.export_size = 0
         self.export_flags = 0
         self.error: str | None = None
+        # Server only, in transmission: the native framer, and the requests it parsed.
+        self.session: NbdServerSession | None = None
+        self.requests: deque[m.RequestItem] = deque()
         self._events: deque[m.Event] = deque()
         self._buf = bytearray(SCRATCH_SIZE)
         self._start = 0  # first unparsed byte in _buf
@@ -266,24 +268,6 @@ class ProtocolCore:
         if self.state is not _ERROR and self._end > self._start:
             self._parse()  # bytes that arrived early may be parseable now
         return parts
-
-    def reply_parts(self, cookie: int, offset: int = 0, data: Buffer | None = None) -> list[Buffer]:
-        """A server's success reply, as send_parts of the message it stands for, without
-        the generic dispatch (one per request): a simple reply, or for a READ (`data`
-        given) with structured replies one OFFSET_DATA chunk that ends the reply."""
-        if self.role is not Role.SERVER or (self.state is not _TRANSMISSION
-                                            and self.state is not _DISCONNECTING):
-            return self.send_parts(m.SimpleReply(cookie, 0, data) if data is None or
-                                   not self.structured else m.OffsetData(cookie, offset, data))
-        if data is None:
-            return [_SIMPLE_REPLY_PACK(p.SIMPLE_REPLY_MAGIC, 0, cookie)]
-        if not self.structured:
-            head = _SIMPLE_REPLY_PACK(p.SIMPLE_REPLY_MAGIC, 0, cookie)
-            return [head, data] if len(data) else [head]
-        if not len(data):
-            return self.send_parts(m.NoneChunk(cookie))
-        return [_CHUNK_PACK(p.STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, 8 + len(data))
-                + _U64_PACK(offset), data]
 
     def _transition(self, msg: m.Event) -> None:
         nxt = TRANSITIONS.get((self.state, type(msg)))
@@ -418,47 +402,13 @@ class ProtocolCore:
 
     # --- server side: messages from the client -------------------------------
     def _parse_from_client(self) -> None:
-        buf, events = self._buf, self._events
+        buf = self._buf
         while True:
             state = self.state
             start, end = self._start, self._end
             avail = end - start
             if state is _TRANSMISSION:
-                if avail < _REQUEST_SIZE:
-                    return
-                magic, flags, typ, cookie, offset, length = _REQUEST_UNPACK(buf, start)
-                if magic != _REQUEST_MAGIC:
-                    raise p.ProtocolError(f"bad request magic {magic:#010x}")
-                body = start + _REQUEST_SIZE
-                # A request in TRANSMISSION: TRANSITIONS' _after_request, applied inline
-                # (once per request) rather than through _receive's table lookup.
-                if typ != _WRITE:
-                    self._start = body
-                    if typ == _DISC:
-                        self.state = _DISCONNECTING
-                    events.append(m.Request(typ, cookie, offset, length, flags))
-                    continue
-                have = end - body
-                if length > p.REQUEST_PART:
-                    req = m.Request(typ, cookie, offset, length, flags)
-                    self._transition(req)  # state checks as for any request
-                    self._receive_part(req, 0, memoryview(buf)[body:end])
-                    return
-                if have >= length:
-                    self._start = body + length
-                    data = buf[body : body + length]  # a copy: the scratch buffer is reused
-                    events.append(m.Request(typ, cookie, offset, length, flags, data))
-                    continue
-                if length - have <= DIRECT_THRESHOLD and length <= SCRATCH_SIZE // 2:
-                    return  # small: wait for the rest in the scratch buffer
-                payload = self.pool.get(length + PAYLOAD_TAIL)
-                payload[:have] = memoryview(buf)[body:end]
-                self._start = self._end = 0
-                view = memoryview(payload)
-                # The request carries a view of exactly its payload; BufferPool.give_back
-                # takes the view back and recycles the buffer once nothing else refers to it.
-                req = m.Request(typ, cookie, offset, length, flags, view[:length])
-                self._start_direct(view, have, partial(self._receive, req), length)
+                self._parse_requests(start, end)
                 return
             if state is State.OPTIONS:
                 if avail < p.OPTION_HEADER.size:
@@ -488,27 +438,48 @@ class ProtocolCore:
                 self._start = self._end  # nothing may follow DISC/ABORT: ignore it
             return  # not the client's turn: keep the bytes until it is
 
-    def _receive_part(self, req: m.Request, done: int, early: memoryview) -> None:
-        """Receive the next piece of a WRITE longer than REQUEST_PART into its own buffer.
+    def _parse_requests(self, start: int, end: int) -> None:
+        """Requests in transmission: the native framer parses and checks every complete one.
 
-        `early`: payload bytes already in the scratch buffer (fewer than a piece).
-        Each piece becomes a WritePart event once complete; the next one is received
-        only when the peer sends it, which the server throttles by its in-flight bytes.
+        A WRITE payload it wants received in place (large ones; pieces of one longer than
+        REQUEST_PART) goes straight into a pooled buffer, with room after it for the next
+        header (PAYLOAD_TAIL), and is handed back to the framer once full.
         """
-        n = min(p.REQUEST_PART, req.length - done)
-        payload = self.pool.get(n)
-        have = len(early)
-        assert have < n  # the scratch buffer is far smaller than a piece
-        payload[:have] = early
-        self._start = self._end = 0
+        session = self.server_session()
+        try:
+            start, items, want = session.parse(self._buf, start, end)
+        except ValueError as exc:
+            raise p.ProtocolError(str(exc)) from None
+        self._start = start
+        if items:
+            self.requests.extend(items)
+            if session.disconnected:
+                self.state = _DISCONNECTING
+        if want:
+            have = end - start
+            payload = self.pool.get(want + PAYLOAD_TAIL)
+            if have:
+                payload[:have] = memoryview(self._buf)[start:end]
+            self._start = self._end = 0
+            view = memoryview(payload)
+            # The request carries a view of exactly its payload; BufferPool.give_back takes
+            # the view back and recycles the buffer once nothing else refers to it.
+            self._start_direct(view, have, partial(self._payload_received, view[:want]), want)
 
-        def complete() -> None:
-            last = done + n == req.length
-            self._events.append(m.WritePart(req, req.offset + done, payload, last))
-            if not last:
-                self._receive_part(req, done + n, memoryview(b""))
+    def server_session(self) -> NbdServerSession:
+        """The native transmission phase of a server, for the export negotiated."""
+        if self.session is None:
+            if self.role is not Role.SERVER or self.state not in (_TRANSMISSION, _DISCONNECTING):
+                raise p.LocalProtocolError("only a server in transmission has requests and replies")
+            self.session = NbdServerSession(self.export_size, self.export_flags, self.structured)
+        return self.session
 
-        self._start_direct(memoryview(payload), have, complete)
+    def _payload_received(self, payload: memoryview) -> None:
+        assert self.session is not None
+        try:
+            self.requests.append(self.session.payload_received(payload))
+        except ValueError as exc:
+            raise p.ProtocolError(str(exc)) from None
 
     # --- client side: messages from the server -------------------------------
     def _parse_from_server(self) -> None:

@@ -121,21 +121,6 @@ class NoneChunk:
 
 
 @dataclass(slots=True)
-class WritePart:
-    """One piece of a WRITE longer than `protocol.REQUEST_PART`, as the server core hands it out.
-
-    Not a wire message: the payload of such a write is received and handed out piece by
-    piece, so it is never held whole. `request` is the whole request (its `data` is None);
-    pieces come in order and `last` marks the final one.
-    """
-
-    request: Request
-    offset: int
-    data: Buffer
-    last: bool
-
-
-@dataclass(slots=True)
 class ConnectionClosed:
     """The peer closed its side of the connection (end of file).
 
@@ -147,9 +132,17 @@ class ConnectionClosed:
 
 Event = (
     Greeting | ClientFlags | Option | OptionReply | ExportNameReply | Request | SimpleReply
-    | OffsetData | OffsetHole | ErrorChunk | NoneChunk | WritePart | ConnectionClosed
+    | OffsetData | OffsetHole | ErrorChunk | NoneChunk | ConnectionClosed
 )
 Chunk = OffsetData | OffsetHole | ErrorChunk | NoneChunk
+
+# A request as the server's native framer hands it out (native/src/nbd_server/):
+# (type, flags, cookie, offset, length, data, refusal, piece). `data` is a WRITE's
+# payload; `refusal` the (NBD error, message) to answer with instead of serving it;
+# `piece`, for a WRITE longer than protocol.REQUEST_PART, which arrives piece by piece
+# (never held whole), whether this is the last piece: `offset` and `length` are then
+# the piece's, and every piece carries the whole request's refusal.
+RequestItem = tuple[int, int, int, int, int, Buffer | None, tuple[int, str] | None, bool | None]
 
 
 # --- encoding ----------------------------------------------------------------
