@@ -54,6 +54,7 @@ Rep = dict[str, Any]  # one repetition of one server: workload -> measurements
 
 # (label, numerator row, denominator row): the ratios the issues set targets on.
 RATIOS = [
+    ("driver / [baseline]", "trustvbd driver", "trustvbd driver [baseline]"),
     ("2 replicas / 1", "trustvbd up (encrypted, 2 replicas)", "trustvbd up (encrypted)"),
     ("2 replicas / 1 [baseline]", "trustvbd up (encrypted, 2 replicas) [baseline]",
      "trustvbd up (encrypted) [baseline]"),
@@ -146,8 +147,10 @@ def measure(server: Server, size: int, source: Path, runtime: int,
 def suites(args: argparse.Namespace, size: int) -> list[tuple[str, list[Server], str]]:
     out: list[tuple[str, list[Server], str]] = []
     if args.suite in ("plain", "all"):
-        out.append(("plain", [trustvbd_driver(size), trustvbd_up(size, False), nbdkit_file(size),
-                              qemu_nbd(size)], "qemu-nbd raw"))
+        plain = [trustvbd_driver(size), trustvbd_up(size, False), nbdkit_file(size), qemu_nbd(size)]
+        if args.baseline is not None:
+            plain.append(trustvbd_driver(size, tree=args.baseline))
+        out.append(("plain", plain, "qemu-nbd raw"))
     if args.suite in ("crypt", "all"):
         crypt = [trustvbd_up(size, True), trustvbd_up(size, True, 2), trustvbd_up(size, True, 3),
                  nbdkit_luks(), *([qemu_nbd(size, luks=True)] if have("qemu-nbd") else []),
@@ -181,8 +184,10 @@ def main() -> int:
                         help="after the sequential read, write the same data again: backing "
                              "files whose page cache exists (the first write allocates it)")
     parser.add_argument("--baseline", type=Path, metavar="DIR",
-                        help="crypt suite: also the 1- and 2-replica rows with the trustvbd "
-                             "package in DIR (e.g. `git archive main | tar -x -C DIR`), for A/B")
+                        help="also the rows of `trustvbd driver` (plain suite) and of 1 and 2 "
+                             "replicas (crypt suite) with the trustvbd package in DIR (e.g. "
+                             "`git archive main | tar -x -C DIR` and main's built "
+                             "trustvbd/_native.abi3.so), for A/B")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--from-json", type=Path, metavar="FILE",
                         help="print the tables of an earlier --json run and exit")

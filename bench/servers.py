@@ -206,13 +206,15 @@ def make_luks(work: Path, size: int) -> None:
     raise RuntimeError("qemu-img could not create the LUKS image")
 
 
-def trustvbd_driver(size: int) -> Server:
+def trustvbd_driver(size: int, tree: Path | None = None) -> Server:
+    """`trustvbd driver` alone; with `tree`, the trustvbd package found there (PYTHONPATH)."""
     def start(work: Path) -> tuple[str, Callable[[], None]]:
         sock = work / "drv.sock"
         proc = start_ready([*TRUSTVBD, "driver", "--file", str(work / "disk.img"), "--size",
-                            str(size), "--socket", str(sock)], work, "driver")
+                            str(size), "--socket", str(sock)], work, "driver",
+                           env=None if tree is None else {**os.environ, "PYTHONPATH": str(tree)})
         return f"nbd+unix:///?socket={sock}", stop_proc(proc)
-    return Server("trustvbd driver", start)
+    return Server("trustvbd driver" + (" [baseline]" if tree is not None else ""), start)
 
 
 def trustvbd_up(size: int, encrypt: bool, replicas: int = 1, nbdkit_drivers: bool = False,
