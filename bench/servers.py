@@ -244,8 +244,10 @@ def trustvbd_up(size: int, encrypt: bool, replicas: int = 1, nbdkit_drivers: boo
                 f'state_dir = "st"\n{drivers}'
                 f'[[disk]]\nname = "disk"\nsize = {size}\nlabel = "L"\nreplicas = [{names}]\n'
                 f'encrypt = {"true" if encrypt else "false"}\n[[guest]]\nname = "g"\nlabel = "G"\n')
+            # cwd: `-m` puts the current directory first on sys.path, before PYTHONPATH, so
+            # run from the checkout, the "baseline" would import the checkout's package.
             proc = subprocess.Popen([*TRUSTVBD, "up", "-c", str(config)], stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL, env=env)
+                                    stderr=subprocess.DEVNULL, env=env, cwd=work)
             undo.callback(stop_proc(proc))
             assert proc.stdout is not None
             uri = ""
