@@ -211,7 +211,7 @@ def trustvbd_driver(size: int, tree: Path | None = None) -> Server:
     def start(work: Path) -> tuple[str, Callable[[], None]]:
         sock = work / "drv.sock"
         proc = start_ready([*TRUSTVBD, "driver", "--file", str(work / "disk.img"), "--size",
-                            str(size), "--socket", str(sock)], work, "driver",
+                            str(size), "--socket", str(sock)], work, "driver", cwd=work,
                            env=None if tree is None else {**os.environ, "PYTHONPATH": str(tree)})
         return f"nbd+unix:///?socket={sock}", stop_proc(proc)
     return Server("trustvbd driver" + (" [baseline]" if tree is not None else ""), start)
