@@ -19,7 +19,7 @@ use pyo3::types::{PyBytes, PyList, PyTuple};
 
 use super::foreign::{detach_socket, LentBuffer};
 use crate::nbd_client::{ClientCore, Completion};
-use crate::nbd_wire::{self as wire, REQUEST_SIZE};
+use crate::nbd_wire::REQUEST_SIZE;
 
 /// Reads per `readable()` call at most: the loop serves other sockets in between.
 const READS_PER_CALL: usize = 16;
@@ -289,29 +289,18 @@ impl NbdClientEngine {
         Ok((self.completions(py)?, self.broken_reason(), false))
     }
 
-    /// True while part of a reply has arrived and the rest has not.
-    fn mid_reply(&self) -> bool {
-        self.core.mid_reply()
-    }
-
-    /// Gives up every pending request (their cookies, oldest first) and what is
-    /// queued; read targets and payloads are let go (no byte is written to them later).
-    fn abandon_all(&mut self) -> Vec<u64> {
+    /// Closes the socket (if any). Pending requests are given up and what is queued is
+    /// dropped: read targets and payloads are let go, no byte is written to them later.
+    fn close(&mut self) {
         self.out.clear();
         self.queued = 0;
         self.sent = 0;
-        self.core.abandon_all()
-    }
-
-    /// Closes the socket (if any); pending requests are abandoned.
-    fn close(&mut self) {
-        self.abandon_all();
+        self.core.abandon_all();
         self.sock = None;
     }
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<NbdClientEngine>()?;
-    m.add("NBD_MAX_PAYLOAD", wire::MAX_PAYLOAD)?;
-    Ok(())
+    m.add_class::<NbdClientEngine>()
+
 }
