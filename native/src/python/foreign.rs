@@ -268,4 +268,49 @@ mod tests {
             assert_eq!(a.extract::<Vec<u8>>().unwrap(), vec![0, 0, 7, 7, 7, 0, 0, 0]);
         });
     }
+
+    #[test]
+    fn a_detached_socket_is_ours_and_the_python_object_is_closed() {
+        use std::io::{Read, Write};
+        attach(|py| {
+            let locals = PyDict::new(py);
+            py.run(c"import socket\na, b = socket.socketpair()", None, Some(&locals)).unwrap();
+            let a = locals.get_item("a").unwrap().unwrap();
+            let mut file = detach_socket(&a).unwrap();
+            assert_eq!(a.call_method0("fileno").unwrap().extract::<i64>().unwrap(), -1);
+            file.write_all(b"ping").unwrap();
+            py.run(c"assert b.recv(4) == b'ping'\nb.sendall(b'pong')", None, Some(&locals)).unwrap();
+            let mut got = [0u8; 4];
+            file.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"pong");
+            drop(file); // closes the descriptor: the peer sees the end
+            py.run(c"assert b.recv(1) == b''\nb.close()", None, Some(&locals)).unwrap();
+            let err = detach_socket(&a).unwrap_err(); // already detached: -1
+            assert!(err.to_string().contains("closed"), "{err}");
+        });
+    }
+
+    #[test]
+    fn lent_buffers_are_the_objects_bytes_and_targets_must_be_writable_runs() {
+        attach(|py| {
+            let locals = PyDict::new(py);
+            py.run(c"a = bytearray(b'abcdef')\nv = memoryview(a)[1:4]", None, Some(&locals)).unwrap();
+            let view = locals.get_item("v").unwrap().unwrap();
+            let mut target = LentBuffer::new(&view, true).unwrap();
+            assert_eq!(target.bytes(), b"bcd");
+            target.bytes_mut().copy_from_slice(b"XYZ");
+            drop(target);
+            let a = locals.get_item("a").unwrap().unwrap();
+            assert_eq!(a.extract::<Vec<u8>>().unwrap(), b"aXYZef");
+            let bytes = PyBytes::new(py, b"abc");
+            assert_eq!(LentBuffer::new(bytes.as_any(), false).unwrap().bytes(), b"abc");
+            let err = LentBuffer::new(bytes.as_any(), true).err().unwrap();
+            assert!(err.to_string().contains("writable"), "{err}");
+            let strided = py.eval(c"memoryview(bytearray(b'abcdef'))[::2]", None, None).unwrap();
+            let err = LentBuffer::new(&strided, false).err().unwrap();
+            assert!(err.to_string().contains("not contiguous"), "{err}");
+            let empty = PyByteArray::new(py, b"");
+            assert!(LentBuffer::new(empty.as_any(), true).unwrap().bytes_mut().is_empty());
+        });
+    }
 }
