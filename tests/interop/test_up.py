@@ -178,6 +178,25 @@ def test_ctrl_c_to_the_whole_group_stops_quietly(short_tmp: Path) -> None:
     assert "ERROR" not in err and "Traceback" not in err, err
 
 
+def test_sigterm_to_the_whole_group_stops_in_order(short_tmp: Path) -> None:
+    """`timeout`, `kill -TERM -PGID` and shells signal every process of the job. Each domain
+    used to stop on its own, so the encryption domain's final commit found its driver gone
+    and the access-control domain that would let it reconnect gone too ("final flush
+    failed"); the launcher alone must get it, and stop them in order."""
+    s = System(short_tmp, config_text(size=4 * MIB), own_group=True).start()
+    assert s.proc is not None
+    uri = s.uri("vm1", "payroll")
+    run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x5a 0 1M"])  # acknowledged, not flushed
+    os.killpg(s.proc.pid, signal.SIGTERM)
+    _, err = s.proc.communicate(timeout=60)
+    assert s.proc.returncode == 0, err
+    assert "ERROR" not in err and "closed the connection" not in err, err
+    s.proc = None
+    s.start()
+    run(["qemu-io", "-f", "raw", uri, "-c", "read -P 0x5a 0 1M"])
+    s.stop()
+
+
 def test_killed_launcher_leaves_no_domain_behind(short_tmp: Path) -> None:
     s = System(short_tmp, config_text(encrypt=False, size=4 * MIB)).start()
     assert s.proc is not None

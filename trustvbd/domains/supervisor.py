@@ -101,6 +101,12 @@ class Supervisor:
             domain.process = await asyncio.create_subprocess_exec(
                 *launch.argv, "--ready-fd", str(write_end), pass_fds=(write_end, *launch.pass_fds),
                 stdin=asyncio.subprocess.DEVNULL, env=env, preexec_fn=sandbox.preexec(domain.identity),
+                # A session of its own: a signal to the launcher's process group (Ctrl-C,
+                # `timeout`, kill -TERM -PGID) reaches the launcher alone, which stops the
+                # domains in order: the encryption domains' final commit before the drivers,
+                # the store and the access-control domain it may need. (A domain still dies
+                # with the launcher: PR_SET_PDEATHSIG.)
+                start_new_session=True,
                 cwd="/" if domain.identity.uid is not None else None)  # ours may be closed to it
         except BaseException:
             os.close(read_end)
