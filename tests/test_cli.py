@@ -136,6 +136,20 @@ def test_backing_file_the_file_system_refuses_is_one_line(short_tmp: Path) -> No
             f" file {image} 16916480 bytes: File too large") in result.stderr.splitlines()[-1]
 
 
+def test_an_empty_passphrase_variable_is_said_to_be_empty(short_tmp: Path) -> None:
+    # It used to reach the encryption domain, which logged "an empty passphrase cannot
+    # protect a disk", and `up` then said "wrong passphrase for disk 'disk'".
+    config = short_tmp / "c.toml"
+    config.write_text(CONFIG.format(dir="backing"))
+    result = tvbd("up", "-c", str(config), env={**os.environ, "TRUSTVBD_PASSPHRASE": ""})
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        "trustvbd up: TRUSTVBD_PASSPHRASE is set but empty: set it to the disks' passphrase, or"
+        " unset it (new disks then get the key file, and a disk that needs a passphrase is"
+        " asked for on a terminal)")
+    assert "[acm]" not in result.stderr and "[crypt]" not in result.stderr  # none started
+
+
 def test_backing_dir_that_is_a_file_gets_one_clear_line(short_tmp: Path) -> None:
     (short_tmp / "backing").write_text("")
     config = short_tmp / "c.toml"

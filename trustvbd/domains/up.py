@@ -40,6 +40,10 @@ def passphrase_for_up(config: Config) -> str | None:
     Without a terminal, a disk that needs a passphrase stops `up` before anything starts.
     """
     env = os.environ.get("TRUSTVBD_PASSPHRASE")
+    if env == "":  # an empty one protects nothing, and was taken for a wrong one
+        raise StartError("TRUSTVBD_PASSPHRASE is set but empty: set it to the disks' passphrase,"
+                         " or unset it (new disks then get the key file, and a disk that needs a"
+                         " passphrase is asked for on a terminal)")
     if env is not None:
         return env
     from trustvbd.crypt.keys import KeyFileError
