@@ -410,8 +410,7 @@ class CryptDomain:
         from trustvbd.domains.crypt_disks import open_crypt_disk
 
         def on_event(event: dict[str, Any]) -> None:
-            disk.integrity_events += 1
-            log.error("integrity: disk %s: %s", disk.name, event.get("message", event))
+            disk.integrity_events += 1  # logged once, by IntegrityEvents
             # Any size fits: block lists become counts and ranges.
             fields = compact_fields({**event, "disk": disk.name})
             fields.pop("event", None)
