@@ -91,7 +91,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from trustvbd.domains.up import run_up
 
     config = _config(args.config)
-    setup_logging("hv")
+    setup_logging("hv", forks=True)
     try:
         return run(run_up(config))
     except ConfigError as exc:

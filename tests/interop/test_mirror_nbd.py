@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -338,6 +339,41 @@ def test_a_driver_that_answers_writes_late_is_taken_back_ever_more_rarely(short_
             last = max(k for k in range(n) if k % 256 == i)
             assert guest.pread(4096, i * 4096) == bytes([last % 251]) * 4096
         guest.shutdown()
+    finally:
+        m.close()
+
+
+def test_a_flood_of_lies_with_nobody_reading_the_log_does_not_stall_the_guest(
+        short_tmp: Path) -> None:
+    """A driver that lies on every read makes the encryption domain log an integrity event
+    per read. `up`'s stderr here is a pipe nobody reads (as a terminal paused with Ctrl-S,
+    or a stalled `| tee`): once it was full, the domain's event loop blocked in a log write
+    and every guest stalled. Log lines are written by a thread of their own now, and what
+    does not fit is dropped and counted, never waited for."""
+    m = Mirror(short_tmp, 2)
+    liar = m.drivers[0]
+    nbd = libnbd()
+    try:
+        m.system.start()  # its stderr is a pipe that nothing reads until it stops
+        qemu_io(m.uri, "write -P 0x11 0 1M", "flush")
+        liar.set("flip", rate=1.0)
+        guest = nbd.NBD()
+        guest.connect_uri(m.uri)
+        done: list[int] = []
+
+        def reads() -> None:
+            for i in range(3000):  # in turn: ~1500 reach the liar, each an event and a line
+                assert guest.pread(4096, (i % 256) * 4096) == b"\x11" * 4096
+                done.append(i)
+
+        reader = threading.Thread(target=reads, daemon=True)
+        reader.start()
+        reader.join(60)
+        assert len(done) == 3000, f"the guest stalled after {len(done)} reads"
+        guest.shutdown()
+        assert m.status()["h0"]["repaired_blocks"] > 500
+        err = m.system.stop()
+        assert "log line(s) dropped" in err, err[-2000:]
     finally:
         m.close()
 

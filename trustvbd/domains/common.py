@@ -7,20 +7,80 @@ import ctypes
 import gc
 import logging
 import os
+import queue
 import signal
 import sys
+import threading
+import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TextIO
 
 _PR_SET_PDEATHSIG = 1
 _domain = "domain"  # this process's domain name, for log lines and profiles
 
 
-def setup_logging(domain: str, level: int = logging.INFO) -> None:
-    """Log lines go to stderr, prefixed by the domain, so `up`'s terminal shows who said what."""
+# Log lines a domain keeps while its stderr is not taken; beyond, they are dropped (counted).
+LOG_BACKLOG = 1000
+# At exit, how long lines still queued may take to be written.
+LOG_DRAIN_SECONDS = 5.0
+
+
+class WrittenBehind(logging.Handler):
+    """Log lines written to a stream by a thread of their own, never by the caller.
+
+    A stderr that nobody reads (a terminal paused with Ctrl-S, a full pipe) would block the
+    event loop in a log write, and every guest with it; a driver that lies on every read
+    makes a line per read. So lines wait in a bounded queue: what does not fit is dropped,
+    and the next line written says how many. Not for a process that forks (the driver).
+    """
+
+    def __init__(self, stream: TextIO, domain: str, backlog: int = LOG_BACKLOG) -> None:
+        super().__init__()
+        self._stream, self._domain = stream, domain
+        self._lines: queue.Queue[str] = queue.Queue(backlog)
+        self._dropped = 0
+        threading.Thread(target=self._write, name="log", daemon=True).start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            self._lines.put_nowait(line)
+        except queue.Full:
+            self._dropped += 1
+
+    def _write(self) -> None:
+        while True:
+            line = self._lines.get()
+            dropped, self._dropped = self._dropped, 0
+            if dropped:
+                line = (f"[{self._domain}] WARNING {dropped} log line(s) dropped: stderr was not"
+                        " read fast enough\n") + line
+            try:
+                self._stream.write(line)
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass
+            finally:
+                self._lines.task_done()
+
+    def flush(self) -> None:
+        """Wait a little for queued lines (logging.shutdown calls this at exit)."""
+        deadline = time.monotonic() + LOG_DRAIN_SECONDS
+        while self._lines.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def setup_logging(domain: str, level: int = logging.INFO, forks: bool = False) -> None:
+    """Log lines go to stderr, prefixed by the domain, so `up`'s terminal shows who said what;
+    written behind (WrittenBehind) unless the process forks."""
     global _domain
     _domain = domain
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = (logging.StreamHandler(sys.stderr) if forks
+                                else WrittenBehind(sys.stderr, domain))
     handler.setFormatter(logging.Formatter(f"[{domain}] %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--confine", action="store_true",
                         help="once holding its descriptors, open no path again (Landlock, seccomp)")
     args = parser.parse_args(argv)
-    setup_logging("driver")
+    setup_logging("driver", forks=True)
     if args.supervised:
         die_with_parent()
     specs = args.export + args.export_fd
@@ -265,7 +265,7 @@ def default_workers() -> int:
 def run_standalone(file: str, size: int, socket_path: str | None, listen: str | None,
                    workers: int | None = None) -> int:
     """`trustvbd driver`: one file, one export, served under its own name and as the default."""
-    setup_logging("driver")
+    setup_logging("driver", forks=True)
     workers = workers or default_workers()
     name = Path(file).stem or "disk"
     try:
