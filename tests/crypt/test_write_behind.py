@@ -324,6 +324,38 @@ def test_adjacent_writes_behind_go_to_the_replica_as_one_write(tmp_path: Path,
     run(go())
 
 
+def test_the_gather_timer_fires_once_per_quiet_run_on_a_millisecond_clock() -> None:
+    """uvloop's clock counts milliseconds: the timer must not fire again and again until the
+    next millisecond when `now - last` misses GATHER_S by a rounding error (it did: a FUSE
+    copy's encryption domain woke several times per write)."""
+    import uvloop
+
+    async def go() -> int:
+        sent: list[int] = []
+
+        async def send(first: int, old: Any, ct: Any, fua: bool) -> None:
+            sent.append(first)
+
+        behind = write_behind.WriteBehind("vm1", send)
+        fired = 0
+        waited = behind._waited
+
+        def counting() -> None:
+            nonlocal fired
+            fired += 1
+            waited()
+        behind._waited = counting  # type: ignore[method-assign]
+        for b in range(0, 400, 20):  # twenty runs, each left alone for its timer
+            behind.add(b, bytes(32), bytes(BS), lambda: None)
+            behind.add(b + 1, bytes(32), bytes(BS), lambda: None)
+            await until(lambda: behind._run is None)
+        await behind.drain()
+        assert sent == list(range(0, 400, 20))
+        return fired
+
+    assert uvloop.run(go()) <= 40  # once per run, twice if a write came after arming
+
+
 def test_whatever_waits_for_gathered_blocks_sends_them_at_once(tmp_path: Path,
                                                                 no_gather_timer: None) -> None:
     """A read, an overlapping write, a zero, a FLUSH and a close do not wait for the timer."""

@@ -106,6 +106,7 @@ class WriteBehind:
         self._run: _Run | None = None  # the newest writes, not sent yet
         self._starting: list[_Run] = []  # sent on, waiting for their loop turn (_run_send)
         self._timer: asyncio.TimerHandle | None = None
+        self._armed = 0.0  # the newest write's time when the timer was last armed
         self._writes = 0  # writes behind: in the run or in a task
         self.lost: set[int] = set()  # blocks of failed writes behind, until a FLUSH settles them
         self._failure: BlockError | None = None  # the first failure no FLUSH has settled yet
@@ -144,6 +145,7 @@ class WriteBehind:
                 self._launch(after_reply=True)
             run = self._run = _Run(first_block, blocks, old, ct, done, now)
             if gather and self._timer is None:
+                self._armed = now
                 self._timer = asyncio.get_running_loop().call_at(now + GATHER_S, self._waited)
         if run.blocks >= GATHER_BLOCKS or not gather:
             self._launch(after_reply=True)
@@ -169,16 +171,19 @@ class WriteBehind:
                      sum(len(r.done) for r in runs))
 
     def _waited(self) -> None:
-        """The timer: send the run once GATHER_S passed since its last write."""
+        """The timer: send the run once GATHER_S passed since its last write. Re-armed only
+        if a write came since it was armed, never on the clock alone: the loop's clock
+        counts milliseconds, `now - last >= GATHER_S` can miss by a rounding error, and
+        the timer then fired again at once, turn after turn, until the next millisecond."""
         self._timer = None
         run = self._run
         if run is None:
             return
-        loop = asyncio.get_running_loop()
-        if loop.time() - run.last >= GATHER_S:
+        if run.last <= self._armed:
             self._launch(after_reply=False)
         else:
-            self._timer = loop.call_at(run.last + GATHER_S, self._waited)
+            self._armed = run.last
+            self._timer = asyncio.get_running_loop().call_at(run.last + GATHER_S, self._waited)
 
     def _launch(self, after_reply: bool, fua: bool = False) -> asyncio.Task[None]:
         run, self._run = self._run, None
