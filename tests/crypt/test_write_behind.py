@@ -490,6 +490,73 @@ def test_a_write_then_flush_costs_the_replica_one_fua_write_and_no_flush(
     run(go())
 
 
+class Reads(Layer):
+    """Counts the replica's reads of block 3."""
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(next)
+        self.reads = 0
+
+    async def pread(self, offset: int, length: int) -> Any:
+        if offset <= LAY.data_offset(3) < offset + length:
+            self.reads += 1
+        return await self.next.pread(offset, length)
+
+
+def test_a_block_rewritten_a_few_bytes_at_a_time_is_merged_without_replica_reads(
+        tmp_path: Path) -> None:
+    """e2fsprogs updates superblock fields 2 or 4 bytes at a time: the read-modify-write of
+    a block this domain just wrote uses the plaintext it wrote (its leaf still that write's),
+    not a replica read. A block it did not write last, a block zeroed since and a block whose
+    replica write failed are read (or refused) as before; every byte reads back."""
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        reads = Reads(mem)
+        gate = Gate(reads)
+        disk = await open_disk(tmp_path, gate, kek)
+        want = bytearray(pattern(3))
+        await disk.pwrite(3 * BS, pattern(3))
+        for i, at in enumerate(range(1024, 1100, 4)):
+            await disk.pwrite(3 * BS + at, bytes([i]) * 2)
+            want[at:at + 2] = bytes([i]) * 2
+        assert reads.reads == 0
+        await disk.pwrite(3 * BS + 4000, b"\xee" * 200)  # and a write across two blocks
+        want[4000:] = b"\xee" * 96
+        assert reads.reads == 0  # block 4 was never written: zeros, no read
+        assert bytes(await disk.pread(4 * BS, 104)) == b"\xee" * 104
+        await disk.pwrite(4 * BS, pattern(4))
+        await disk.flush()
+        await disk.close()
+        disk = await open_disk(tmp_path, gate, kek)  # a new domain remembers nothing
+        await disk.pwrite(3 * BS + 10, b"ab")
+        want[10:12] = b"ab"
+        assert reads.reads == 1
+        assert bytes(await disk.pread(3 * BS, BS)) == want
+        await disk.zero(3 * BS, BS)
+        await disk.pwrite(3 * BS + 10, b"cd")  # zeroed since it was remembered: zeros
+        assert bytes(await disk.pread(3 * BS, BS)) == bytes(10) + b"cd" + bytes(BS - 12)
+        await disk.pwrite(5 * BS, pattern(5))
+        await disk.settle()
+        gate.error = errno.EIO
+        await disk.pwrite(5 * BS, pattern(5, 1))  # answered, then failed by the replica
+        await disk.settle()
+        with pytest.raises(BlockError, match=r"lost a write"):
+            await disk.pwrite(5 * BS + 7, b"x")  # as a read of it would say
+        gate.error = None
+        with pytest.raises(BlockError, match="were answered, then failed"):
+            await disk.flush()
+        await disk.close()
+        disk = await open_disk(tmp_path, mem, kek)
+        assert bytes(await disk.pread(3 * BS, 2 * BS)) == (
+            bytes(10) + b"cd" + bytes(BS - 12) + pattern(4))
+        assert bytes(await disk.pread(5 * BS, BS)) == pattern(5)  # what the replica kept
+        await disk.close()
+
+    run(go())
+
+
 def test_a_flush_whose_fua_run_fails_says_so_and_writes_no_mark(tmp_path: Path,
                                                                 no_gather_timer: None) -> None:
     async def go() -> None:

@@ -92,6 +92,9 @@ _DISCARD_CHUNK = 1 << 16
 # are opened there; at most _REUSE_KEPT bytes of them are pooled.
 _REUSE_MIN = 64 * 1024
 _REUSE_KEPT = 32 * 1024 * 1024
+# Single blocks whose plaintext a write remembers (per disk), for the read-modify-write
+# of a block rewritten a few bytes at a time (e2fsprogs updates superblock fields so).
+_RECENT_BLOCKS = 8
 
 
 class _Buffers:
@@ -168,6 +171,8 @@ class CryptDisk:
         # Blocks whose replica write failed: the replica may hold the ciphertext
         # of any of these older leaves instead of the current one.
         self._unsure: dict[int, list[bytes]] = {}
+        # block -> (its leaf, its plaintext) as this domain last wrote it (_recent_plain)
+        self._recent: dict[int, tuple[bytes, bytes]] = {}
         self._closed = False
         # Set when the commit at open failed with ENOSPC: writes wait for a commit then.
         self._out_of_space: str | None = None
@@ -449,6 +454,8 @@ class CryptDisk:
                     version = self._commits.take_versions(n)
                     ct, new = await self._aead.seal(self._cipher, b0, version, plain)
                     old = self._note_write(b0, new)
+                    if n == 1:
+                        self._remember(b0, new, plain)
                     if not fua and self._behind.takes(n):
                         # No await between recording the write and handing it over. While a
                         # FLUSH waits for the writers, joining a run would only delay it.
@@ -483,11 +490,30 @@ class CryptDisk:
         buf = bytearray((b1 - b0) * BS)
         end = offset + len(data)
         if offset % BS:
-            buf[:BS] = await self._read_verified(b0, b0 + 1)
+            buf[:BS] = self._recent_plain(b0) or await self._read_verified(b0, b0 + 1)
         if end % BS and (b1 - 1 > b0 or offset % BS == 0):
-            buf[-BS:] = await self._read_verified(b1 - 1, b1)
+            buf[-BS:] = self._recent_plain(b1 - 1) or await self._read_verified(b1 - 1, b1)
         buf[offset - b0 * BS:end - b0 * BS] = data
         return buf
+
+    def _remember(self, b: int, leaf: bytes, plain: Buffer) -> None:
+        """Keep a one-block write's plaintext (a few blocks per disk, the newest)."""
+        recent = self._recent
+        recent.pop(b, None)
+        if len(recent) >= _RECENT_BLOCKS:
+            del recent[next(iter(recent))]
+        recent[b] = (bytes(leaf), bytes(plain))
+
+    def _recent_plain(self, b: int) -> bytes | None:
+        """Block b's plaintext as this domain last wrote it, if its leaf is still that
+        write's (the leaf names the version: any later write, zero or recovery changes
+        it), and no replica write of it failed (those blocks read as the replicas left
+        them): the read-modify-write of a small write then needs no replica read."""
+        got = self._recent.get(b)
+        if got is None or self._behind.lost or b in self._unsure:
+            return None
+        leaf, plain = got
+        return plain if self._leaves.get(b, b + 1) == leaf else None
 
     def _note_leaves(self, b0: int, old: Buffer, new: Buffer, settled: bool) -> None:
         """Record a leaf change (intent log first, then in memory).
