@@ -26,6 +26,7 @@ import pytest
 
 from tests.interop.clients import libnbd
 from tests.support import System, read_lines_until, run, wait_for_path
+from trustvbd.blocks.replica_set import FAILED_RECHECK
 from trustvbd.crypt.superblock import Layout
 
 pytestmark = pytest.mark.interop
@@ -374,6 +375,38 @@ def test_a_flood_of_lies_with_nobody_reading_the_log_does_not_stall_the_guest(
         assert m.status()["h0"]["repaired_blocks"] > 500
         err = m.system.stop()
         assert "log line(s) dropped" in err, err[-2000:]
+    finally:
+        m.close()
+
+
+def test_a_refused_replica_is_never_written_and_is_rebuilt_once_wiped(short_tmp: Path) -> None:
+    """A driver comes back holding bytes that are not ours: refused (failed), and looked at
+    again now and then by reading only, so its data stays as it was. Its operator then
+    wipes it: it used to stay refused until `up` restarted; now it is rebuilt whole."""
+    m = Mirror(short_tmp, 2, request_timeout=4)
+    bad = m.drivers[1]
+    try:
+        m.system.start()
+        qemu_io(m.uri, f"write -P 0x11 0 {SIZE}", "flush")
+        bad.kill()
+        bad.file.write_bytes(os.urandom(PHYS))
+        foreign = bad.file.read_bytes()
+        bad.start()
+        deadline = time.monotonic() + 30
+        while m.status()[bad.name]["state"] != "failed":  # reads in turn reach it, then admit
+            assert time.monotonic() < deadline, m.status()
+            qemu_io(m.uri, "read -P 0x11 0 64k", "read -P 0x11 64k 64k")
+        assert "not a trustvbd disk" in m.status()[bad.name]["last_error"]
+        time.sleep(FAILED_RECHECK * 1.5)  # looked at again at least once
+        assert bad.file.read_bytes() == foreign, "a refused replica was written"
+        qemu_io(m.uri, "write -P 0x22 0 1M", "flush")
+        bad.kill()
+        os.truncate(bad.file, 0)
+        os.truncate(bad.file, PHYS)
+        bad.start()
+        m.wait_all_current(timeout=FAILED_RECHECK * 6)
+        _check_identical_after_scrub(m)
+        qemu_io(m.uri, "read -P 0x22 0 1M", f"read -P 0x11 1M {SIZE - MIB}")
     finally:
         m.close()
 

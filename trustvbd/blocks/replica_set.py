@@ -10,7 +10,8 @@ a state (see docs/dev/crypt-design.md, "Mirroring"):
 - resyncing: receives every new write while its dirty blocks are copied to it
              from a current replica (verified first); at the next commit it
              gets the whole leaf table and the superblock and becomes current.
-- failed:    refused (it holds another disk or foreign data): never written.
+- failed:    refused (it holds another disk or foreign data): never written; looked
+             at again every FAILED_RECHECK s, and rebuilt whole once it is blank.
 
 Writes go to every current and resyncing replica before they are acknowledged;
 a write that fails on some but not all marks those degraded and succeeds. A
@@ -74,6 +75,9 @@ REPLICA_LAG = 5.0
 # is slow but works would otherwise cost guests `lag` on every trip back.
 LAG_FORGET = 300.0
 LAG_HOLD_MAX = 300.0
+# A refused replica is looked at again (its superblocks read, nothing written) this often:
+# once its driver holds a blank replica (wiped by its operator), it is rebuilt whole.
+FAILED_RECHECK = 5.0
 
 
 class State(enum.Enum):
@@ -222,6 +226,33 @@ class ReplicaSet:
         log.error("disk %s: replica %s refused: %s", self.disk, r.name, why)
         r.state, r.last_error, r.joining = State.FAILED, why, False
         self._regroup()
+        self._start(self._recheck(r))
+
+    async def _recheck(self, r: Replica) -> None:
+        """Look at a refused replica again now and then, reading only. It took no writes
+        while refused, so whatever it holds now is rebuilt whole: it is let back only as
+        blank (or as this disk's, rewritten anyway), never served before that."""
+        while not self._closed and r.state is State.FAILED and self.admit is not None:
+            await asyncio.sleep(FAILED_RECHECK)
+            try:
+                link = r.link
+                if isinstance(link, Breakable) and link.broken and isinstance(link, Reconnectable):
+                    await link.reconnect_once()
+                await self._admit_hedged(r, self.admit)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # still refused, or unreachable: stays as it is
+                r.last_error = str(exc)
+                continue
+            if r.state is not State.FAILED:
+                return
+            assert self.verifier is not None
+            log.warning("disk %s: replica %s, refused before, is acceptable now: rebuilding it"
+                        " whole", self.disk, r.name)
+            r.dirty.update(b for b in range(self._lay.blocks) if self.verifier.written(b))
+            r.state, r.behind_since, r.map_saved = State.DEGRADED, self.epoch, False
+            self._regroup()
+            self._start(self._bring_back(r))
 
     def _blocks(self, offset: int, length: int) -> range:
         """The data blocks [offset, offset+length) touches (empty for metadata)."""
@@ -572,6 +603,8 @@ class ReplicaSet:
         for r in self.replicas:
             if r.state is State.DEGRADED:
                 self._start(self._bring_back(r))
+            elif r.state is State.FAILED:
+                self._start(self._recheck(r))
 
     async def _bring_back(self, r: Replica) -> None:
         """Reconnect (back-off, forever), admit, resync. One at a time per replica."""
