@@ -48,7 +48,9 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     show = sys.stdout.isatty() and not args.json
     scrub = _follow(config, args.disk, show)
     if scrub is None:
-        print(f"trustvbd scrub: disk {args.disk!r} vanished from status", file=sys.stderr)
+        print(f"trustvbd scrub: the scrub of disk {args.disk!r} did not finish: the encryption"
+              " domain serving it stopped or was restarted meanwhile (see `trustvbd status`);"
+              " run the scrub again", file=sys.stderr)
         return 1
     if scrub.get("error"):
         print(f"trustvbd scrub: {scrub['error']}", file=sys.stderr)

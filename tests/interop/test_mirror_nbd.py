@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests.interop.clients import libnbd
-from tests.support import System, read_lines_until, run, wait_for_path
+from tests.support import TRUSTVBD, System, read_lines_until, run, wait_for_path
 from trustvbd.blocks.replica_set import FAILED_RECHECK
 from trustvbd.crypt.superblock import Layout
 
@@ -407,6 +407,41 @@ def test_a_refused_replica_is_never_written_and_is_rebuilt_once_wiped(short_tmp:
         m.wait_all_current(timeout=FAILED_RECHECK * 6)
         _check_identical_after_scrub(m)
         qemu_io(m.uri, "read -P 0x22 0 1M", f"read -P 0x11 1M {SIZE - MIB}")
+    finally:
+        m.close()
+
+
+def test_a_scrub_cut_short_by_a_killed_encryption_domain_says_so(short_tmp: Path) -> None:
+    """kill -9 of the encryption domain during a scrub: the scrub command ends with one line
+    saying what happened and what to do (it said "disk 'payroll' vanished from status"),
+    the domain is restarted, and a scrub then runs to its end."""
+    m = Mirror(short_tmp, 2)
+    try:
+        m.system.start()
+        qemu_io(m.uri, f"write -P 0x11 0 {SIZE}", "flush")
+        m.drivers[1].set("slow_reads", delay=0.3)  # 8 steps of 256 blocks: about 2.4 s
+        scrub = subprocess.Popen([*TRUSTVBD, "scrub", "-c", str(m.system.config), "payroll",
+                                  "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        time.sleep(0.8)
+        out = json.loads(m.system.cli("status", "-c", str(m.system.config), "--json").stdout)
+        os.kill(next(d["pid"] for d in out["domains"] if d["kind"] == "crypt"), signal.SIGKILL)
+        _, err = scrub.communicate(timeout=60)
+        assert scrub.returncode == 1
+        assert err.splitlines() == [
+            "trustvbd scrub: the scrub of disk 'payroll' did not finish: the encryption domain"
+            " serving it stopped or was restarted meanwhile (see `trustvbd status`); run the"
+            " scrub again"]
+        m.drivers[1].set("honest")
+        deadline = time.monotonic() + 30
+        while True:  # restarted: guests are served again
+            try:
+                qemu_io(m.uri, f"read -P 0x11 0 {SIZE}")
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        _check_identical_after_scrub(m)
     finally:
         m.close()
 
