@@ -796,3 +796,35 @@ def test_a_read_left_unanswered_for_the_lag_is_served_by_the_next_replica() -> N
         assert not rs._hedges
         await rs.close()
     run(go())
+
+
+def test_a_read_two_silent_replicas_leave_unanswered_is_served_by_the_third() -> None:
+    """#11's 'one hedge per read': of three replicas the first two answer no reads. The
+    read goes to r0, is hedged to r1 after `lag`, and to r2 after another `lag`, which
+    serves it: about 2 * lag, where it used to wait for r1 forever (the request timeout)."""
+    async def go() -> None:
+        mems = [RawMemory(physical_size(SIZE)) for _ in range(3)]
+        silent = [SilentReads(mems[0]), SilentReads(mems[1])]
+        honest = Faulty(mems[2])
+        for m in mems:
+            await m.pwrite(LAY.data_offset(3), pattern(3, 1))
+        rs = ReplicaSet("vm1", LAY, [Replica("r0", silent[0]), Replica("r1", silent[1]),
+                                     Replica("r2", honest)])
+        rs.verifier, rs.locks, rs.lag = Verifies(), RangeLock(), 0.2
+
+        async def attempt(link: Backend) -> bytes:
+            return bytes(await link.pread(LAY.data_offset(3), BS))
+
+        loop = asyncio.get_running_loop()
+        rs._next_reader = 0  # r0 first, then r1, then r2 (all equally idle)
+        started = loop.time()
+        assert await asyncio.wait_for(rs.read(3, 1, attempt), 5) == pattern(3, 1)
+        waited = loop.time() - started
+        assert 0.4 <= waited < 2.5, waited
+        assert silent[0].dropped is not None and "replica 'r2' served it" in silent[0].dropped
+        assert rs.replicas[0].state is not State.CURRENT
+        assert silent[1].reads == 1 and silent[1].dropped is None  # asked, not cut off by this
+        assert not rs._hedges
+        silent[1].answer.set()
+        await rs.close()
+    run(go())

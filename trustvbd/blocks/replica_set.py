@@ -21,8 +21,8 @@ Reads go to one current replica, the one with the fewest reads in flight (in
 turn among equals), and are verified by the caller's `attempt`;
 a replica that errs or fails verification is skipped, and the good ciphertext
 is written back to it (read-repair). A read left unanswered for `lag` is asked of
-the next replica too (_Hedge); if that one serves it, the silent one is cut off
-and degraded. Only when every current replica fails does the read fail.
+the next replica too, and each further `lag` to one more (_Hedge); if one serves it,
+the silent one is cut off and degraded. Only when every current replica fails does the read fail.
 
 Only the data area is tracked block by block: a replica that missed leaf pages
 or superblocks is rewritten whole by its joining commit.
@@ -397,8 +397,7 @@ class ReplicaSet:
             return
         now = asyncio.get_running_loop().time()
         for hedge in self._hedges:
-            if now - hedge.sent >= self.lag:
-                hedge.start()
+            hedge.start(now)
         since = {r: r.link.pending_since() if isinstance(r.link, Watched) else None
                  for r in writers}
         lagging = {r for r, t in since.items() if t is not None and now - t >= self.lag}
@@ -464,7 +463,7 @@ class ReplicaSet:
             # With another replica to turn to, a read left unanswered for `lag` is hedged.
             hedge = None
             if i + 1 < k and provides(r.link, Watched):
-                hedge = _Hedge(self, r, order[i + 1], attempt)
+                hedge = _Hedge(self, r, order[i + 1:], attempt)
                 self._hedges.add(hedge)
             served = r
             try:
@@ -486,6 +485,7 @@ class ReplicaSet:
                     # the hedge dropped r's connection (no late reply can arrive on it); out
                     # of the read and write sets until reconnected and resynced.
                     self.degrade(r, (), f"read failed: {exc}")
+                    assert hedge.by is not None
                     served, result = hedge.by, cast(T, hedge.result)
                 else:
                     last = exc
@@ -842,33 +842,43 @@ class ReplicaSet:
 
 
 class _Hedge(Generic[T]):
-    """A read from `slow` that `by` may serve instead: once it has gone `lag` seconds
-    without a reply (seen by ReplicaSet._watch, every quarter of `lag`), the same read is
-    sent to `by`.
+    """A read from `slow` that the `others` may serve instead: once it has gone `lag`
+    seconds without a reply (seen by ReplicaSet._watch, every quarter of `lag`), the same
+    read is sent to the first of them; each further `lag` without an answer, to the next
+    one as well, so two silent replicas out of three cost `2 * lag`, not the request timeout.
 
-    If that passes, `slow` lagged on a read another replica served: its connection is
-    dropped (`abandon`), which fails the first read at once (the guest waits about `lag`,
-    not the request timeout) and discards any late reply with the socket. If it fails,
-    the first read decides, as without a hedge. Until then a read costs this object and
-    a set entry, not a timer of its own.
+    If one of those passes, `slow` lagged on a read another replica served: its connection
+    is dropped (`abandon`), which fails the first read at once (the guest waits about `lag`
+    per silent replica, not the request timeout) and discards any late reply with the
+    socket. If they all fail, the first read decides, as without a hedge. Until then a read
+    costs this object and a set entry, not a timer of its own.
     """
 
-    __slots__ = ("_task", "attempt", "by", "result", "rs", "sent", "slow", "won")
+    __slots__ = ("asked", "attempt", "by", "others", "result", "rs", "sent", "slow", "tasks",
+                 "won")
 
-    def __init__(self, rs: ReplicaSet, slow: Replica, by: Replica,
+    def __init__(self, rs: ReplicaSet, slow: Replica, others: list[Replica],
                  attempt: Callable[[Backend], Awaitable[T]]) -> None:
-        self.rs, self.slow, self.by, self.attempt = rs, slow, by, attempt
+        self.rs, self.slow, self.others, self.attempt = rs, slow, others, attempt
         self.won = False
+        self.by: Replica | None = None  # the one that served it
         self.result: T | None = None
-        self._task: asyncio.Task[None] | None = None
+        self.asked = 0  # how many of `others` were asked (or passed over)
+        self.tasks: list[asyncio.Task[None]] = []
         self.sent = asyncio.get_running_loop().time()
 
-    def start(self) -> None:
-        if self._task is None and not self.rs._closed and self.by.state is State.CURRENT:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+    def start(self, now: float) -> None:
+        """Ask the next replica, if the read has waited another `lag` since the last one."""
+        while (not self.won and not self.rs._closed and self.asked < len(self.others)
+               and now - self.sent >= self.rs.lag * (self.asked + 1)):
+            by = self.others[self.asked]
+            self.asked += 1
+            if by.state is State.CURRENT:
+                self.tasks.append(asyncio.get_running_loop().create_task(self._run(by)))
+                return
 
-    async def _run(self) -> None:
-        by, slow = self.by, self.slow
+    async def _run(self, by: Replica) -> None:
+        slow = self.slow
         by.reading += 1
         try:
             result = await self.attempt(by.link)
@@ -876,7 +886,9 @@ class _Hedge(Generic[T]):
             return
         finally:
             by.reading -= 1
-        self.result, self.won = result, True
+        if self.won:
+            return
+        self.result, self.won, self.by = result, True, by
         slow.lagged = True
         waited = asyncio.get_running_loop().time() - self.sent
         log.warning("disk %s: replica %s lags (%.1f s without answering a read that %s "
@@ -886,9 +898,10 @@ class _Hedge(Generic[T]):
                           f"served it (replica_lag {self.rs.lag:g} s)")
 
     def stop(self) -> None:
-        """The first read is over: a hedge still running is not needed."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        """The first read is over: hedges still running are not needed."""
+        for task in self.tasks:
+            if not task.done():
+                task.cancel()
 
 
 async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]], targets: list[Replica],
