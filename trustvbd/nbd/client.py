@@ -139,6 +139,8 @@ class NbdClient:
         self._writable = asyncio.Event()
         self._writable.set()
         self._watching_writes = False
+        self._drained = asyncio.Event()  # nothing waits for the socket (set while so)
+        self._drained.set()
         self._handshake_wakeup: asyncio.Future[None] | None = None
         self._handshake_out: list[Buffer] = []  # plain: sent before the handshake next reads
         self._handshake_eof = False
@@ -545,7 +547,9 @@ class NbdClient:
                 self._loop.remove_writer(self._fd)
                 self._watching_writes = False
             self._writable.set()
+            self._drained.set()
             return
+        self._drained.clear()
         if not self._watching_writes:
             self._loop.add_writer(self._fd, self._write)
             self._watching_writes = True
@@ -595,13 +599,11 @@ class NbdClient:
             self._write()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._timeout):
-                while self._watching_writes and self._fd >= 0:
-                    await self._writable.wait()
-                    if self._watching_writes:
-                        await asyncio.sleep(0.001)
+                await self._drained.wait()
 
     def _drop_connection(self, abort: bool = False) -> None:
         """Close the socket or transport (the engine lets go of every buffer)."""
+        self._drained.set()  # a _disconnect waiting for the socket waits no more
         if self._fd >= 0:
             self._loop.remove_reader(self._fd)
             if self._watching_writes:
