@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
@@ -60,6 +61,22 @@ def test_a_user_guest_gets_a_traversable_state_dir(short_tmp: Path,
         os.umask(old)
     assert mode(short_tmp / "state") == 0o711 and mode(short_tmp / "state" / "guests") == 0o711
     assert f"fix: chmod o+x {short_tmp}" in caplog.text
+
+
+def test_what_up_opened_to_its_domains_is_closed_without_a_word(
+        short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`up` lets its encryption domains through STATE/disks (group x) while it runs; the
+    next start takes that away again without saying so every time, and still says so
+    for anything else."""
+    caplog.set_level(logging.INFO)
+    config = load_config(setup(short_tmp))
+    disks = short_tmp / "state" / "disks"
+    os.chmod(disks, 0o710)
+    secure_state_dir(config)
+    assert mode(disks) == 0o700 and "tightened" not in caplog.text
+    os.chmod(disks, 0o750)
+    secure_state_dir(config)
+    assert mode(disks) == 0o700 and f"tightened {disks} to mode 700" in caplog.text
 
 
 @pytest.mark.parametrize("case", ["state-writable", "parent-writable", "parent-owner",

@@ -37,13 +37,17 @@ def _check_ancestor(path: Path, state_dir: Path, me: int) -> None:
                          f" {path}")
 
 
-def _tighten(path: Path, mode: int) -> None:
+def _tighten(path: Path, mode: int, ours: int = 0) -> None:
+    """Take away what `mode` does not allow; say so unless only `ours` went: bits that
+    `up` itself adds while it runs."""
     st = os.lstat(path)
     if stat.S_ISSOCK(st.st_mode) or stat.S_ISLNK(st.st_mode):
         return  # sockets get their own owner and mode when `up` makes them; links are not followed
-    if stat.S_IMODE(st.st_mode) & ~mode & 0o777:
+    extra = stat.S_IMODE(st.st_mode) & ~mode & 0o777
+    if extra:
         os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
-        log.info("tightened %s to mode %o", path, stat.S_IMODE(st.st_mode) & mode)
+        if extra & ~ours:
+            log.info("tightened %s to mode %o", path, stat.S_IMODE(st.st_mode) & mode)
 
 
 def secure_state_dir(config: Config) -> None:
@@ -74,7 +78,10 @@ def secure_state_dir(config: Config) -> None:
     for root, dirs, files in os.walk(state_dir):
         for name in dirs:
             path = Path(root) / name
-            _tighten(path, reach if path == state_dir / "guests" else 0o700)
+            # STATE/disks: group x is how the last `up` let its encryption domains through
+            # (open_state_dir_to_trusted_domains); taken away until this one does the same.
+            _tighten(path, reach if path == state_dir / "guests" else 0o700,
+                     ours=0o010 if path == state_dir / "disks" else 0)
         for name in files:
             _tighten(Path(root) / name, 0o600)
     guests = state_dir / "guests"
