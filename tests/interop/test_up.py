@@ -76,7 +76,12 @@ def test_nbdinfo(system: System) -> None:
     # One encryption domain per workload type: each of the guest's sockets lists its own type's disks.
     for disk in ("payroll", "scratch"):
         listed = run(["nbdinfo", "--list", "--json", system.uri("vm1", disk)]).stdout
-        assert [e["export-name"] for e in json.loads(listed)["exports"]] == [disk]
+        exports = json.loads(listed)["exports"]
+        assert [e["export-name"] for e in exports] == [disk]
+        # The listing and the opened export describe the disk in the same words.
+        opened = json.loads(run(["nbdinfo", "--json", system.uri("vm1", disk)]).stdout)["exports"][0]
+        described = f"trustvbd disk {disk}, {opened['export-size']} bytes"
+        assert exports[0]["description"] == opened["description"] == described
     assert system.uri("vm1", "scratch").endswith("/vm1@Scratch.sock")
 
 

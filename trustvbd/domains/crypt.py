@@ -62,6 +62,11 @@ class Disk:
     locked: bool = False  # needs a passphrase this domain was not given: `trustvbd unlock`
     scrub: dict[str, Any] | None = None  # the running or last scrub
 
+    @property
+    def description(self) -> str:
+        """What a guest's listing (NBD_OPT_LIST) and its opened export both say."""
+        return f"trustvbd disk {self.name}, {self.size} bytes"
+
 
 class GuestExports:
     """What one guest may see and open; every decision goes through the policy gate."""
@@ -73,7 +78,7 @@ class GuestExports:
     def list_exports(self, peer: PeerInfo) -> list[tuple[str, str]]:
         gate = self.domain.gate
         return [
-            (d.name, f"{d.size} bytes")
+            (d.name, d.description)
             for d in self.domain.disks.values()
             if gate.may_list(self.guest, self.label, d.name, d.label)
         ]
@@ -100,7 +105,7 @@ class GuestExports:
             await self.domain.gate.detach(peer, self.guest, disk.name)
             raise ExportRefused("unavailable", f"disk {name!r} is not available: {disk.error}")
         self.domain.bus.attached(self.guest, disk.name)
-        return Export(disk.name, disk.backend, f"trustvbd disk {disk.name}")
+        return Export(disk.name, disk.backend, disk.description)
 
     async def elsewhere(self, name: str) -> None:
         """A disk of another workload type: refused by policy, or served on another socket."""
