@@ -202,6 +202,10 @@ async def _session(tmp: Path, kek: Any, replicas: list[CachedReplica], model: Mo
         raise Crash("a write behind died") from None
     finally:
         disk._state.close()  # abandoned, never closed: close() would commit
+        if disk._behind._timer is not None:
+            # A dead process's timers die with it; left armed, the gather timer fired
+            # while asyncio.run shut down and made a send task that never ran.
+            disk._behind._timer.cancel()
 
 
 async def _requests(disk: CryptDisk, model: Model, rng: random.Random) -> None:
