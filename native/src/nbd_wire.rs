@@ -36,6 +36,7 @@ pub fn cmd_name(cmd: u16) -> Option<&'static str> {
 pub const FLAG_FUA: u16 = 1 << 0;
 pub const FLAG_NO_HOLE: u16 = 1 << 1;
 pub const FLAG_DF: u16 = 1 << 2;
+pub const FLAG_REQ_ONE: u16 = 1 << 3;
 pub const FLAG_FAST_ZERO: u16 = 1 << 4;
 
 // Transmission flags (NBD_FLAG_*): what the server advertised for the export.
@@ -52,6 +53,7 @@ pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const CHUNK_NONE: u16 = 0;
 pub const CHUNK_OFFSET_DATA: u16 = 1;
 pub const CHUNK_OFFSET_HOLE: u16 = 2;
+pub const CHUNK_BLOCK_STATUS: u16 = 5;
 pub const CHUNK_ERROR_BIT: u16 = 1 << 15;
 pub const CHUNK_ERROR: u16 = CHUNK_ERROR_BIT + 1;
 pub const CHUNK_ERROR_OFFSET: u16 = CHUNK_ERROR_BIT + 2;

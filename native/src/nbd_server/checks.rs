@@ -6,13 +6,16 @@
 //! - past the end of the export: ENOSPC for WRITE and WRITE_ZEROES ("a write request
 //!   including sectors beyond the size of the device"), EINVAL otherwise.
 //!
+//! - BLOCK_STATUS only once a metadata context was negotiated (`with_block_status`),
+//!   with length non-zero, only the REQ_ONE flag, and inside the export -> else EINVAL.
+//!
 //! There is no alignment rule (the minimum block size is 1) and no length limit but
 //! the export's end: requests longer than the advertised maximum payload are served in
 //! parts, as nbd-server serves them.
 
 use super::allowed_flags;
 use crate::nbd_wire::{
-    cmd_name, RequestHeader, CMD_BLOCK_STATUS, CMD_CACHE, CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
+    cmd_name, RequestHeader, CMD_BLOCK_STATUS, FLAG_REQ_ONE, CMD_CACHE, CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
     CMD_WRITE_ZEROES, ERR_EINVAL, ERR_ENOSPC, ERR_EPERM, TFLAG_READ_ONLY, TFLAG_SEND_CACHE, TFLAG_SEND_FLUSH,
     TFLAG_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES,
 };
@@ -48,7 +51,7 @@ const SERVED: [u16; 6] = [CMD_READ, CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_CACHE, C
 
 impl Checker {
     pub fn new(size: u64, tflags: u16, structured: bool) -> Self {
-        let mut rules: Vec<Option<Rule>> = (0..=CMD_WRITE_ZEROES).map(|_| None).collect();
+        let mut rules: Vec<Option<Rule>> = (0..=CMD_BLOCK_STATUS).map(|_| None).collect();
         for command in SERVED {
             let name = cmd_name(command).expect("a served command has a name");
             let needs = match command {
@@ -73,6 +76,16 @@ impl Checker {
             rules[command as usize] = Some(Rule { name, allowed, refusal });
         }
         Self { size, rules }
+    }
+
+    /// Also serve BLOCK_STATUS: the client negotiated a metadata context (base:allocation).
+    pub fn with_block_status(mut self) -> Self {
+        self.rules[CMD_BLOCK_STATUS as usize] = Some(Rule {
+            name: "BLOCK_STATUS",
+            allowed: FLAG_REQ_ONE,
+            refusal: None,
+        });
+        self
     }
 
     /// The error reply for `head`, or None if it may go to the backend. DISC is never refused.
@@ -102,6 +115,12 @@ impl Checker {
                 return Some(Refusal::new(ERR_EINVAL, "FLUSH must have offset and length 0".into()));
             }
             return None;
+        }
+        if command == CMD_BLOCK_STATUS && head.length == 0 {
+            return Some(Refusal::new(
+                ERR_EINVAL,
+                "BLOCK_STATUS of length 0: ask for at least one byte".into(),
+            ));
         }
         // u128: a hostile offset near 2^64 plus a length must not wrap around.
         let end = u128::from(head.offset) + u128::from(head.length);

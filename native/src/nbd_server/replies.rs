@@ -1,9 +1,11 @@
 //! Reply framing: the header (and for errors, the whole body) of one reply, as
 //! negotiated: simple replies, or structured ones, where a READ's data goes in one
 //! OFFSET_DATA chunk that ends the reply and an error in one ERROR chunk with its message.
+//! A BLOCK_STATUS reply is one BLOCK_STATUS chunk for the one context we offer
+//! (base:allocation): its id, then (length, flags) descriptors.
 
 use crate::nbd_wire::{
-    ChunkHeader, SimpleReply, CHUNK_ERROR, CHUNK_NONE, CHUNK_OFFSET_DATA, MAX_STRING, REPLY_FLAG_DONE,
+    ChunkHeader, SimpleReply, CHUNK_BLOCK_STATUS, CHUNK_ERROR, CHUNK_NONE, CHUNK_OFFSET_DATA, MAX_STRING, REPLY_FLAG_DONE,
 };
 
 /// Appends to `out` the reply to request `cookie`, all but a READ's data, which the
@@ -41,6 +43,56 @@ pub fn frame_reply(
         }
         _ => out.extend_from_slice(&SimpleReply { error: 0, cookie }.encode()),
     }
+}
+
+/// The most descriptors one reply carries; the client asks again for the rest (the
+/// spec lets a server describe less than the range asked for).
+pub const MAX_DESCRIPTORS: usize = 16 * 1024;
+
+/// Appends to `out` the BLOCK_STATUS reply to request `cookie` (`length` bytes asked,
+/// `req_one` if the client set NBD_CMD_FLAG_REQ_ONE) from the backend's `extents`,
+/// (length, flags) in order from the request's offset. The descriptors are made as the
+/// spec wants them whatever the backend said: none of length 0, neighbours with equal
+/// flags merged, none past the range asked for, at most one with REQ_ONE.
+/// Err if no descriptor is left (the backend described nothing): send an error instead.
+pub fn frame_block_status(
+    out: &mut Vec<u8>,
+    cookie: u64,
+    context: u32,
+    length: u32,
+    req_one: bool,
+    extents: &[(u64, u32)],
+) -> Result<(), String> {
+    let limit = if req_one { 1 } else { MAX_DESCRIPTORS };
+    let mut descriptors: Vec<(u32, u32)> = Vec::new();
+    let mut left = u64::from(length);
+    for &(n, flags) in extents {
+        let n = n.min(left);
+        if n == 0 {
+            continue;
+        }
+        left -= n;
+        let count = descriptors.len();
+        match descriptors.last_mut() {
+            // n <= left before, so the sum stays within the u32 request length.
+            Some(last) if last.1 == flags => last.0 += n as u32,
+            _ if count == limit => break,
+            _ => descriptors.push((n as u32, flags)),
+        }
+        if left == 0 {
+            break;
+        }
+    }
+    if descriptors.is_empty() {
+        return Err("the backend described no part of the range".into());
+    }
+    chunk(out, CHUNK_BLOCK_STATUS, cookie, 4 + 8 * descriptors.len() as u32);
+    out.extend_from_slice(&context.to_be_bytes());
+    for (n, flags) in descriptors {
+        out.extend_from_slice(&n.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+    }
+    Ok(())
 }
 
 /// Appends the header of the chunk that ends a structured reply.

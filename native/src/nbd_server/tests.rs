@@ -356,3 +356,69 @@ fn replies_are_framed_as_negotiated() {
     );
     assert!(std::str::from_utf8(&out[26..]).is_ok());
 }
+
+#[test]
+fn block_status_is_served_only_once_negotiated() {
+    use crate::nbd_wire::{CMD_BLOCK_STATUS, FLAG_FUA, FLAG_REQ_ONE};
+    let none = Checker::new(SIZE, ALL, true);
+    assert_eq!(
+        refusal_of(&none, CMD_BLOCK_STATUS, 0, 0, 4096).unwrap().1,
+        "BLOCK_STATUS needs a metadata context; none was negotiated"
+    );
+    let on = Checker::new(SIZE, ALL, true).with_block_status();
+    assert_eq!(refusal_of(&on, CMD_BLOCK_STATUS, 0, 0, 4096), None);
+    assert_eq!(refusal_of(&on, CMD_BLOCK_STATUS, FLAG_REQ_ONE, SIZE - 1, 1), None);
+    let (error, message) = refusal_of(&on, CMD_BLOCK_STATUS, 0, SIZE - 4096, 8192).unwrap();
+    assert_eq!(error, ERR_EINVAL);
+    assert!(message.contains("beyond the export size"), "{message}");
+    let (error, message) = refusal_of(&on, CMD_BLOCK_STATUS, FLAG_FUA, 0, 4096).unwrap();
+    assert_eq!((error, message.contains("flags 0x1")), (ERR_EINVAL, true));
+    let (error, message) = refusal_of(&on, CMD_BLOCK_STATUS, 0, 0, 0).unwrap();
+    assert_eq!((error, message.contains("length 0")), (ERR_EINVAL, true));
+    // A hostile offset near 2^64 does not wrap around.
+    assert!(refusal_of(&on, CMD_BLOCK_STATUS, 0, u64::MAX - 10, 4096).is_some());
+}
+
+fn descriptors(bytes: &[u8]) -> (ChunkHeader, u32, Vec<(u32, u32)>) {
+    let head = ChunkHeader::decode(bytes);
+    let body = &bytes[crate::nbd_wire::CHUNK_HEADER_SIZE..];
+    assert_eq!(body.len(), head.length as usize);
+    let id = u32::from_be_bytes(body[..4].try_into().unwrap());
+    let pairs = body[4..]
+        .chunks(8)
+        .map(|d| {
+            (
+                u32::from_be_bytes(d[..4].try_into().unwrap()),
+                u32::from_be_bytes(d[4..].try_into().unwrap()),
+            )
+        })
+        .collect();
+    (head, id, pairs)
+}
+
+#[test]
+fn block_status_replies_are_framed_as_the_spec_wants() {
+    use crate::nbd_wire::CHUNK_BLOCK_STATUS;
+    let mut out = Vec::new();
+    // Zero lengths dropped, equal neighbours merged, the tail cut to the range asked.
+    let extents = [(4096, 0), (0, 3), (8192, 3), (4096, 3), (1 << 40, 0)];
+    frame_block_status(&mut out, 9, 1, 20000, false, &extents).unwrap();
+    let (head, id, pairs) = descriptors(&out);
+    assert_eq!((head.typ, head.flags, head.cookie, id), (CHUNK_BLOCK_STATUS, REPLY_FLAG_DONE, 9, 1));
+    assert_eq!(pairs, vec![(4096, 0), (12288, 3), (3616, 0)]);
+    // REQ_ONE: one descriptor (merged with equal neighbours).
+    out.clear();
+    frame_block_status(&mut out, 9, 1, 20000, true, &extents).unwrap();
+    assert_eq!(descriptors(&out).2, vec![(4096, 0)]);
+    out.clear();
+    frame_block_status(&mut out, 9, 1, 20000, true, &[(4096, 3), (4096, 3), (8, 0)]).unwrap();
+    assert_eq!(descriptors(&out).2, vec![(8192, 3)]);
+    // A backend that describes nothing gets no reply framed.
+    out.clear();
+    assert!(frame_block_status(&mut out, 9, 1, 4096, false, &[(0, 1)]).is_err());
+    assert!(out.is_empty());
+    // Many alternating extents: at most MAX_DESCRIPTORS, the client asks for the rest.
+    let many: Vec<(u64, u32)> = (0..MAX_DESCRIPTORS as u64 + 10).map(|i| (1, (i % 2) as u32)).collect();
+    frame_block_status(&mut out, 9, 1, u32::MAX, false, &many).unwrap();
+    assert_eq!(descriptors(&out).2.len(), MAX_DESCRIPTORS);
+}

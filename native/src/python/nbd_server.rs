@@ -17,7 +17,10 @@ use crate::nbd_server::{self, Checker, Framer, Item, Payload, Refusal};
 /// batch); larger data goes as a buffer of its own, uncopied.
 const COPY_MAX: usize = 16 * 1024;
 
-/// NbdServerSession(export_size, transmission_flags, structured)
+/// NbdServerSession(export_size, transmission_flags, structured, meta_context=0)
+///
+/// meta_context: the id of the negotiated base:allocation context (0: none, and
+/// BLOCK_STATUS is refused).
 ///
 /// parse(buf, start, end) -> (new start, items, want): items are tuples
 /// (type, flags, cookie, offset, length, data, refusal, piece), refusal None or
@@ -27,6 +30,7 @@ const COPY_MAX: usize = 16 * 1024;
 struct PyNbdServerSession {
     framer: Framer,
     structured: bool,
+    meta_context: u32,
 }
 
 fn protocol_error(err: nbd_server::ProtocolError) -> PyErr {
@@ -64,12 +68,37 @@ fn item_tuple<'py>(py: Python<'py>, item: &Item, data: Bound<'py, PyAny>) -> PyR
 #[pymethods]
 impl PyNbdServerSession {
     #[new]
-    fn new(export_size: u64, transmission_flags: u16, structured: bool) -> Self {
-        let checker = Checker::new(export_size, transmission_flags, structured);
+    #[pyo3(signature = (export_size, transmission_flags, structured, meta_context=0))]
+    fn new(export_size: u64, transmission_flags: u16, structured: bool, meta_context: u32) -> Self {
+        let mut checker = Checker::new(export_size, transmission_flags, structured);
+        if meta_context != 0 && structured {
+            checker = checker.with_block_status();
+        }
         Self {
             framer: Framer::new(checker),
             structured,
+            meta_context,
         }
+    }
+
+    /// frame_block_status(cookie, length, req_one, extents) -> bytes: the reply to a
+    /// BLOCK_STATUS of `length` bytes from the backend's [(length, flags), ...] extents.
+    /// ValueError if they describe nothing.
+    fn frame_block_status<'py>(
+        &self,
+        py: Python<'py>,
+        cookie: u64,
+        length: u32,
+        req_one: bool,
+        extents: Vec<(u64, u32)>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        if self.meta_context == 0 {
+            return Err(PyValueError::new_err("no metadata context was negotiated"));
+        }
+        let mut out = Vec::with_capacity(24 + 8 * extents.len().min(nbd_server::MAX_DESCRIPTORS));
+        nbd_server::frame_block_status(&mut out, cookie, self.meta_context, length, req_one, &extents)
+            .map_err(PyValueError::new_err)?;
+        Ok(PyBytes::new(py, &out))
     }
 
     /// True once NBD_CMD_DISC arrived: nothing after it is parsed.
