@@ -10,7 +10,7 @@ Errors are raised as `BlockError` carrying an errno value, which the NBD server
 maps to an NBD error code for that one request.
 
 Optional abilities are declared as Protocols below (`ReadsInto`,
-`ServesFileRanges`, `HasEpoch`, `Breakable`, `Reconnectable`): a caller asks `isinstance(b, P)`
+`ServesFileRanges`, `HasEpoch`, `Breakable`, `Reconnectable`, `ReportsAllocation`): a caller asks `isinstance(b, P)`
 once, when it composes the stack, and keeps the bound method.
 """
 
@@ -149,6 +149,23 @@ class ServesFileRanges(Protocol):
     """Its bytes sit in a file: a read may be answered by a `FileRange` (sendfile)."""
 
     def file_range(self, offset: int, length: int) -> FileRange: ...
+
+
+# Allocation flags of a `ReportsAllocation` extent: the NBD base:allocation values.
+HOLE = 1  # no storage is allocated here
+ZERO = 2  # reads as zeros
+
+
+@runtime_checkable
+class ReportsAllocation(Protocol):
+    """Can say which parts of a range are holes (NBD_CMD_BLOCK_STATUS, base:allocation).
+    A backend without it is all data."""
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(length, flags) extents in order from `offset`, flags HOLE|ZERO or 0 (data);
+        they may stop short of `length` (a bounded amount of work per call: the client asks
+        again from where they end), but describe at least one byte."""
+        ...
 
 
 @runtime_checkable

@@ -47,7 +47,7 @@ import ssl
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from trustvbd.blockdev import (
     Backend,
@@ -55,7 +55,9 @@ from trustvbd.blockdev import (
     Buffer,
     FileRange,
     FlushesPerConnection,
+    ReportsAllocation,
     ServesFileRanges,
+    provides,
 )
 from trustvbd.crypt.tls import peer_common_name
 from trustvbd.nbd import messages as m
@@ -83,11 +85,12 @@ FLUSH_OUTPUT_AT = 512 * 1024
 WRITE_BUFFER_HIGH = 4 * 1024 * 1024  # stop reading requests while this many reply bytes wait
 UNCHARGED_MAX = 256 * 1024  # reply bytes a connection may queue before telling its budget
 # Plain ints on the per-request path: enum attribute access costs microseconds.
-_READ, _WRITE, _DISC, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES = (
+_READ, _WRITE, _DISC, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES, _BLOCK_STATUS = (
     int(c) for c in (p.Cmd.READ, p.Cmd.WRITE, p.Cmd.DISC, p.Cmd.FLUSH, p.Cmd.TRIM, p.Cmd.CACHE,
-                     p.Cmd.WRITE_ZEROES)
+                     p.Cmd.WRITE_ZEROES, p.Cmd.BLOCK_STATUS)
 )
 _FUA, _NO_HOLE, _FAST_ZERO = int(p.CmdFlag.FUA), int(p.CmdFlag.NO_HOLE), int(p.CmdFlag.FAST_ZERO)
+_REQ_ONE = int(p.CmdFlag.REQ_ONE)
 _WRITE_TYPES = (_WRITE, _TRIM, _WRITE_ZEROES)
 _POOL_MIN = 64 * 1024  # smaller payloads are sliced from the receive buffer, not pooled
 _REPLY_HEADER = 32  # bytes counted per queued reply besides its data (its header, at most)
@@ -578,6 +581,17 @@ class Connection(asyncio.BufferedProtocol):
                 )
             elif typ == _CACHE:
                 await backend.cache(offset, length)
+            elif typ == _BLOCK_STATUS:  # the checks let it through only with base:allocation
+                extents = (await cast(ReportsAllocation, backend).block_status(offset, length)
+                           if provides(backend, ReportsAllocation) else [(length, 0)])
+                try:
+                    reply = self.core.server_session().frame_block_status(
+                        cookie, length, bool(flags & _REQ_ONE), extents)
+                except ValueError as exc:
+                    raise BlockError(errno.EIO, f"block status of [{offset}, {offset + length})"
+                                     f" failed: {exc}") from None
+                self._queue([reply])
+                return
         except BlockError as exc:
             fast = typ == _WRITE_ZEROES and bool(flags & _FAST_ZERO)
             self._reply_error(typ, cookie, p.errno_to_nbd(exc.errno, fast_zero=fast), exc.message)

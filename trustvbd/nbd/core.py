@@ -226,6 +226,7 @@ class ProtocolCore:
         self.block_sizes: tuple[int, int, int] | None = None
         self.export_size = 0
         self.export_flags = 0
+        self.meta_context = 0  # server: the id of the base:allocation context given (0: none)
         self.error: str | None = None
         # Server only, in transmission: the native framer, and the requests it parsed.
         self.session: NbdServerSession | None = None
@@ -471,7 +472,8 @@ class ProtocolCore:
         if self.session is None:
             if self.role is not Role.SERVER or self.state not in (_TRANSMISSION, _DISCONNECTING):
                 raise p.LocalProtocolError("only a server in transmission has requests and replies")
-            self.session = NbdServerSession(self.export_size, self.export_flags, self.structured)
+            self.session = NbdServerSession(self.export_size, self.export_flags, self.structured,
+                                           self.meta_context)
         return self.session
 
     def _payload_received(self, payload: memoryview) -> None:

@@ -309,3 +309,34 @@ def parse_server(data: bytes) -> tuple[str, str]:
     if name_len > len(data) - 4:
         raise ValueError(f"export name length {name_len} overruns the reply")
     return decode_name(data[4 : 4 + name_len]), decode_name(data[4 + name_len :])
+
+
+def parse_meta_context(data: bytes) -> tuple[str, list[str]]:
+    """Parse a LIST/SET_META_CONTEXT payload: (export name, queries); ValueError says
+    what is wrong (-> NBD_REP_ERR_INVALID)."""
+    if len(data) < 8:
+        raise ValueError(f"META_CONTEXT payload of {len(data)} bytes is shorter than 8")
+    (name_len,) = p.U32.unpack_from(data, 0)
+    if name_len > len(data) - 8:
+        raise ValueError(f"export name length {name_len} overruns the option payload")
+    name = decode_name(data[4 : 4 + name_len])
+    at = 4 + name_len
+    (count,) = p.U32.unpack_from(data, at)
+    at += 4
+    queries: list[str] = []
+    for i in range(count):
+        if len(data) - at < 4:
+            raise ValueError(f"query {i + 1} of {count} is missing from the option payload")
+        (n,) = p.U32.unpack_from(data, at)
+        if n > len(data) - at - 4:
+            raise ValueError(f"query {i + 1} length {n} overruns the option payload")
+        queries.append(decode_name(data[at + 4 : at + 4 + n]))
+        at += 4 + n
+    if at != len(data):
+        raise ValueError(f"{len(data) - at} bytes follow the last of {count} queries")
+    return name, queries
+
+
+def encode_meta_context(context_id: int, name: str) -> bytes:
+    """The payload of an NBD_REP_META_CONTEXT reply."""
+    return p.U32.pack(context_id) + name.encode()

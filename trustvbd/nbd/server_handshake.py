@@ -11,6 +11,12 @@ be the guest this port serves. A connection whose identity is refused (another
 guest's certificate, another uid on a Unix socket) gets NBD_REP_ERR_POLICY with
 the reason for every option, and the first one that would open or list an
 export ends it.
+
+Metadata contexts: the one offered is `base:allocation` (holes and zeros, for
+NBD_CMD_BLOCK_STATUS), only with structured replies. LIST_META_CONTEXT names it for
+no query, `base:` or itself; SET_META_CONTEXT selects it for the export named there,
+and the export then chosen by GO or EXPORT_NAME gets it only if it is that one (each
+SET replaces the last). Other queries are ignored, as the spec says.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ log = logging.getLogger("trustvbd.nbd.server")
 
 GREETING_FLAGS = p.HandshakeFlag.FIXED_NEWSTYLE | p.HandshakeFlag.NO_ZEROES
 Rep = p.Rep
+ALLOCATION = "base:allocation"
+ALLOCATION_ID = 1  # our id for base:allocation, the one context we offer
 
 
 @dataclass
@@ -37,6 +45,7 @@ class Negotiated:
 
     export: Export
     flags: int  # transmission flags sent to the client
+    name: str = ""  # the export name the client asked for (before defaults)
 
 
 class HandshakeEnded(Exception):
@@ -79,6 +88,11 @@ async def negotiate(
     tls_pending = who.tls is not None
     refusal = who.refusal
     options = 0
+    meta: str | None = None  # the export SET_META_CONTEXT selected base:allocation for
+
+    def chosen(result: Negotiated) -> Negotiated:
+        core.meta_context = ALLOCATION_ID if meta is not None and meta == result.name else 0
+        return result
 
     def reply(option: int, rep: int, data: bytes = b"") -> None:
         write(core.send(m.OptionReply(option, rep, data)))
@@ -137,11 +151,11 @@ async def negotiate(
                 raise HandshakeEnded(f"export refused: {exc}") from exc
             flags = export_flags(export.backend.capabilities, core.structured)
             write(core.send(m.ExportNameReply(export.backend.size, flags)))
-            return Negotiated(export, flags)
+            return chosen(Negotiated(export, flags, name))
         if opt in (p.Opt.GO, p.Opt.INFO):
             result = await _go_or_info(core, opt, data, reply, error, provider, peer)
             if result is not None:
-                return result
+                return chosen(result)
         elif opt == p.Opt.LIST:
             if data:
                 error(opt, Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
@@ -154,6 +168,12 @@ async def negotiate(
                 error(opt, Rep.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
             else:
                 reply(opt, Rep.ACK)
+        elif opt in (p.Opt.LIST_META_CONTEXT, p.Opt.SET_META_CONTEXT):
+            if opt == p.Opt.SET_META_CONTEXT:
+                meta = None
+            selected = _meta_context(core.structured, opt, data, reply, error)
+            if selected is not None:
+                meta = selected
         elif opt == p.Opt.STARTTLS:
             if who.tls is not None:
                 error(opt, Rep.ERR_INVALID, "TLS is already running on this connection")
@@ -162,6 +182,34 @@ async def negotiate(
                       " TCP port, when configured)")
         else:
             error(opt, Rep.ERR_UNSUP, f"option {p.name_of(p.Opt, opt)} is not supported")
+
+
+def _meta_context(
+    structured: bool,
+    opt: int,
+    data: bytes,
+    reply: Callable[..., None],
+    error: Callable[[int, int, str], None],
+) -> str | None:
+    """Answer LIST or SET_META_CONTEXT; for a SET that selects base:allocation, the
+    export name it was selected for."""
+    what = p.name_of(p.Opt, opt)
+    if not structured:
+        error(opt, Rep.ERR_INVALID, f"{what} needs structured replies: send"
+              " NBD_OPT_STRUCTURED_REPLY first")
+        return None
+    try:
+        name, queries = m.parse_meta_context(data)
+    except ValueError as exc:
+        error(opt, Rep.ERR_INVALID, f"malformed {what}: {exc}")
+        return None
+    listing = opt == p.Opt.LIST_META_CONTEXT
+    wanted = ALLOCATION in queries or (listing and (not queries or "base:" in queries))
+    if wanted:
+        reply(opt, Rep.META_CONTEXT, m.encode_meta_context(0 if listing else ALLOCATION_ID,
+                                                           ALLOCATION))
+    reply(opt, Rep.ACK)
+    return name if wanted and not listing else None
 
 
 async def _go_or_info(
@@ -205,4 +253,4 @@ async def _go_or_info(
     if opt == p.Opt.INFO:
         provider.release_export(peer, export)
         return None
-    return Negotiated(export, flags)
+    return Negotiated(export, flags, name)
