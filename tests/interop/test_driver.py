@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -148,3 +149,19 @@ def clients_workers() -> int:
     from trustvbd.domains.driver import default_workers
 
     return default_workers()
+
+
+def test_map_shows_the_files_holes(tmp_path: Path) -> None:
+    root = Path(tempfile.mkdtemp(prefix="tvm", dir="/tmp"))
+    d = Driver(root, "--socket", str(root / "d.sock"))
+    try:
+        run(["qemu-io", "-f", "raw", d.uri, "-c", f"write -P 0x5a {8 << 20} {1 << 20}"])
+        out = json.loads(run(["nbdinfo", "--map", "--json", d.uri]).stdout)
+        data = [(e["offset"], e["offset"] + e["length"]) for e in out if e["type"] == 0]
+        # File systems report data at their own granularity: it covers what was written.
+        assert len(data) == 1 and data[0][0] <= 8 << 20 and data[0][1] >= 9 << 20, out
+        assert data[0][1] - data[0][0] < 4 << 20, out
+        assert out[0]["type"] == 3 and out[-1]["type"] == 3  # holes (and zeros) around it
+    finally:
+        d.stop()
+        shutil.rmtree(root, ignore_errors=True)

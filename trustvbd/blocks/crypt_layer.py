@@ -28,7 +28,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import cast
 
-from trustvbd.blockdev import Backend, BlockError, Buffer, Capabilities, ReadsInto, check_range, provides
+from trustvbd.blockdev import (
+    HOLE,
+    ZERO,
+    Backend,
+    BlockError,
+    Buffer,
+    Capabilities,
+    ReadsInto,
+    check_range,
+    provides,
+)
 from trustvbd.blocks.aead_pool import INLINE, AeadPool
 from trustvbd.blocks.crypt_commit import Commits
 from trustvbd.blocks.crypt_open import describe, recover, survey_replica
@@ -88,6 +98,9 @@ log = logging.getLogger(__name__)
 BS = BLOCK_SIZE
 # Largest run of blocks one discard intent record covers.
 _DISCARD_CHUNK = 1 << 16
+# Leaf pages a BLOCK_STATUS may lock (and load) per call (32 MiB of disk): the client asks
+# again from where the reply ends. Pages the tree knows as empty cost no load.
+_STATUS_PAGES = 64
 # Reads of this many bytes or more receive their ciphertext into pooled buffers and
 # are opened there; at most _REUSE_KEPT bytes of them are pooled.
 _REUSE_MIN = 64 * 1024
@@ -628,6 +641,52 @@ class CryptDisk:
                     self._commits.leave_write()
                 await self._maybe_commit(False)
         await self._maybe_commit(fua)
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Holes: blocks whose leaf is all zeros (never written, trimmed or zeroed) read as
+        zeros with no driver involved (HOLE|ZERO); every other block is data. From the
+        leaves alone, never the replicas' ciphertext, so the drivers learn nothing new."""
+        check_range(self.size, offset, length)
+        self._check_usable()
+        if length == 0:
+            return []
+        b0, b1 = offset // BS, -(-(offset + length) // BS)
+        runs: list[list[int]] = []  # [blocks, flags]
+
+        def add(blocks: int, flags: int) -> None:
+            if runs and runs[-1][1] == flags:
+                runs[-1][0] += blocks
+            else:
+                runs.append([blocks, flags])
+
+        locked = 0
+        b = b0
+        while b < b1 and locked < _STATUS_PAGES:
+            p = b // LEAVES_PER_PAGE
+            end = min(b1, (p + 1) * LEAVES_PER_PAGE)
+            if self._leaves.known_empty(p * LEAVES_PER_PAGE,
+                                        min((p + 1) * LEAVES_PER_PAGE, self._lay.blocks)):
+                add(end - b, HOLE | ZERO)
+                b = end
+                continue
+            locked += 1
+            hold = self._locks.try_acquire(b, end, False) or await self._acquire(b, end, False)
+            try:
+                leaves = self._leaves.get(b, end)
+            finally:
+                self._locks.release(hold)
+            for i in range(end - b):
+                empty = leaves.count(0, i * LEAF_SIZE, (i + 1) * LEAF_SIZE) == LEAF_SIZE
+                add(1, HOLE | ZERO if empty else 0)
+            b = end
+        # In bytes, from `offset` (not its block's start) to at most offset + length.
+        extents, at, end = [], b0 * BS, offset + length
+        for n, flags in runs:
+            lo, hi = max(at, offset), min(at + n * BS, end)
+            if hi > lo:
+                extents.append((hi - lo, flags))
+            at += n * BS
+        return extents
 
     async def cache(self, offset: int, length: int) -> None:
         check_range(self.size, offset, length)

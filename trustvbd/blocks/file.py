@@ -13,8 +13,9 @@ import ctypes.util
 import errno
 import os
 
-from trustvbd.blockdev import BlockError, Buffer, Capabilities, FileRange, check_range
+from trustvbd.blockdev import HOLE, ZERO, BlockError, Buffer, Capabilities, FileRange, check_range
 
+_STATUS_EXTENTS = 1024  # per BLOCK_STATUS call: the client asks again for the rest
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -113,6 +114,31 @@ class FileBackend:
             await self.pwrite(offset, bytes(length))
         if fua:
             await self.flush()
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The file's holes (SEEK_DATA/SEEK_HOLE) as HOLE|ZERO, the rest data; all data
+        where the file system cannot tell."""
+        check_range(self._size, offset, length)
+        end, pos = offset + length, offset
+        out: list[tuple[int, int]] = []
+        try:
+            while pos < end and len(out) < _STATUS_EXTENTS:
+                try:
+                    data = os.lseek(self._fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO:
+                        raise
+                    data = end  # nothing but hole from here to the end of the file
+                if data > pos:
+                    n = min(data, end) - pos
+                    out.append((n, HOLE | ZERO))
+                else:
+                    n = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end) - pos
+                    out.append((n, 0))
+                pos += n
+        except OSError:
+            out.append((end - pos, 0))  # cannot tell: data is always a true answer
+        return out
 
     async def cache(self, offset: int, length: int) -> None:
         check_range(self._size, offset, length)
