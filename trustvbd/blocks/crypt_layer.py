@@ -661,8 +661,18 @@ class CryptDisk:
 
         locked = 0
         b = b0
+        # Pages between these are empty, known from the tree: one hole, nothing looked at.
+        maybe = self._leaves.maybe_written(b0 // LEAVES_PER_PAGE, (b1 - 1) // LEAVES_PER_PAGE + 1)
+        at = 0
         while b < b1 and locked < _STATUS_PAGES:
             p = b // LEAVES_PER_PAGE
+            while at < len(maybe) and maybe[at] < p:
+                at += 1
+            if at == len(maybe) or maybe[at] > p:
+                end = b1 if at == len(maybe) else min(b1, maybe[at] * LEAVES_PER_PAGE)
+                add(end - b, HOLE | ZERO)
+                b = end
+                continue
             end = min(b1, (p + 1) * LEAVES_PER_PAGE)
             if self._leaves.known_empty(p * LEAVES_PER_PAGE,
                                         min((p + 1) * LEAVES_PER_PAGE, self._lay.blocks)):

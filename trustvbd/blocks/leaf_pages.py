@@ -309,6 +309,13 @@ class LeafPages:
         resident = set(self._dirty) | set(self._clean)
         return all(p in resident for p in self.tree.nonempty_pages(pages.start, pages.stop))
 
+    def maybe_written(self, p0: int, p1: int) -> list[int]:
+        """The pages of [p0, p1), in order, that may hold a written leaf: resident ones
+        and those the tree does not know as empty. Every other page is all zeros."""
+        pages = set(self.tree.nonempty_pages(p0, p1))
+        pages.update(p for p in (*self._dirty, *self._clean) if p0 <= p < p1)
+        return sorted(pages)
+
     # ------------------------------------------------------------ commits
 
     def dirty_pages(self) -> dict[int, int]:
