@@ -234,6 +234,43 @@ def test_a_stalling_driver_is_dropped_after_replica_lag_not_its_timeout(short_tm
         m.close()
 
 
+def test_up_starts_without_waiting_for_a_stalled_driver(short_tmp: Path) -> None:
+    """`up` restarted while one driver answers no requests (its handshake is honest): the
+    open reads every replica's superblocks at once and, once the other has shown the
+    current copy, gives the silent one `replica_lag` (1 s), not the request timeout
+    (12 s). That one is left out (degraded), never served, and resynced once it answers."""
+    lag, timeout = 1.0, 12.0
+    m = Mirror(short_tmp, 2, limits=f"[limits]\nreplica_lag = {lag:g}\n", request_timeout=timeout)
+    bad = m.drivers[1]
+    try:
+        started = time.monotonic()
+        m.system.start()
+        healthy = time.monotonic() - started
+        qemu_io(m.uri, f"write -P 0x11 0 {SIZE}", "flush")
+        m.system.stop()
+        bad.set("stall")
+        started = time.monotonic()
+        m.system.start()
+        took = time.monotonic() - started
+        assert took - healthy < timeout / 2, (
+            f"ready after {took:.1f} s (healthy: {healthy:.1f} s): the open waited for the "
+            "stalled driver")
+        st = m.status()
+        assert st["h0"]["state"] == "current", st
+        assert st[bad.name]["state"] == "degraded" and "replica_lag" in st[bad.name]["last_error"], st
+        # Served by h0 alone, promptly; the writes make dirty blocks the resync must copy.
+        started = time.monotonic()
+        qemu_io(m.uri, f"read -P 0x11 0 {SIZE}", f"write -P 0x22 0 {HALF}", "flush",
+                f"read -P 0x22 0 {HALF}", f"read -P 0x11 {HALF} {HALF}")
+        assert time.monotonic() - started < timeout / 2, "the guest waited for the stalled driver"
+        assert m.status()[bad.name]["state"] == "degraded"
+        bad.set("honest")
+        m.wait_all_current(timeout=30)
+        _check_identical_after_scrub(m)
+    finally:
+        m.close()
+
+
 @pytest.mark.parametrize("mode", ["stall_reads", "stall", "slow_reads"])
 def test_a_read_a_driver_leaves_unanswered_is_served_after_replica_lag(
         short_tmp: Path, mode: str) -> None:

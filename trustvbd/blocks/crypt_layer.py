@@ -59,7 +59,7 @@ from trustvbd.blocks.integrity import (
 )
 from trustvbd.blocks.leaf_pages import DEFAULT_CAPACITY, LeafLocks, LeafPages
 from trustvbd.blocks.ranges import Hold, describe_blocks
-from trustvbd.blocks.replica_set import BadBlocks, Replica, ReplicaSet
+from trustvbd.blocks.replica_set import REPLICA_LAG, BadBlocks, Replica, ReplicaSet
 from trustvbd.blocks.tree_file import TreeFile, TreeFileError
 from trustvbd.blocks.write_behind import Seen, WriteBehind
 from trustvbd.crypt.aead import (
@@ -222,7 +222,8 @@ class CryptDisk:
                             replicas: list[tuple[str, Backend]], kek: Kek,
                             on_integrity_event: Callable[[dict], None] | None = None,
                             aead: AeadPool | None = None, files: FileOps = OS_FILES,
-                            leaf_cache_pages: int = DEFAULT_CAPACITY) -> CryptDisk:
+                            leaf_cache_pages: int = DEFAULT_CAPACITY,
+                            lag: float = REPLICA_LAG) -> CryptDisk:
         """Unlock the disk and bring its replicas to a verified, committed state.
 
         Reads each replica's superblocks and the leaf pages the intent log names;
@@ -234,7 +235,9 @@ class CryptDisk:
         ForeignReplicaError, ReplicaRefusedError, or IntegrityError (metadata damage
         that cannot be confined to some blocks). With several, a replica that cannot
         serve is degraded (resynced in the background) or failed (refused), and the
-        disk opens while one replica the anchor lists as current can serve.
+        disk opens while one replica the anchor lists as current can serve; one that
+        leaves a read unanswered for `lag` s ([limits] replica_lag) while another
+        answered is degraded too, not waited for.
         """
         state = DiskState(Path(state_dir), disk_name, files)  # files: tests cut the power there
         rs: ReplicaSet | None = None
@@ -262,11 +265,11 @@ class CryptDisk:
             leaves = LeafPages(disk_name, lay, tree, leaf_cache_pages, events.report)
             cipher = BlockCipher(secrets.data_key, secrets.disk_id)
             opened = await recover(replicas, disk_name, state, anchor, secrets.public_key, cipher,
-                                   leaves)
+                                   leaves, lag)
             for replica_name, e in opened.events:
                 events.report(e.what, replica_name, e.blocks, e.message)
             rs = ReplicaSet(disk_name, lay, opened.replicas)
-            rs.epoch = anchor.epoch
+            rs.epoch, rs.lag = anchor.epoch, lag
             leaves.replicas = rs
             commits = Commits(state, disk_name, anchor, secrets, leaves, tree, {})
             self = cls(state, disk_name, rs, secrets, commits, events, aead)

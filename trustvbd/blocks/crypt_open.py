@@ -12,13 +12,16 @@ IntegrityError when a replica cannot serve.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from trustvbd.blockdev import Backend, BlockError, Breakable
+from trustvbd.blockdev import Backend, BlockError, Breakable, Watched
 from trustvbd.blocks.disk_state import Anchor, DiskState, IntentLog, Member, TrustedStateError
 from trustvbd.blocks.integrity import (
     ForeignReplicaError,
@@ -29,7 +32,7 @@ from trustvbd.blocks.integrity import (
 from trustvbd.blocks.layer import reader_into
 from trustvbd.blocks.leaf_pages import LeafPages, read_page
 from trustvbd.blocks.ranges import describe_blocks, runs
-from trustvbd.blocks.replica_set import Replica, State
+from trustvbd.blocks.replica_set import REPLICA_LAG, Replica, State
 from trustvbd.blocks.tree_file import TreeFile
 from trustvbd.crypt import superblock as sbfmt
 from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE, POISON_LEAF, POISON_VERSION, BlockCipher, leaf_version
@@ -39,6 +42,7 @@ from trustvbd.crypt.tree import page_hash
 log = logging.getLogger(__name__)
 
 BS = BLOCK_SIZE
+T = TypeVar("T")
 # Largest replica read during recovery.
 RECOVERY_READ_BLOCKS = 256
 # The leaf table is read in pieces of this size, into one buffer (no copies), and
@@ -362,6 +366,65 @@ async def written_blocks(leaves: LeafPages) -> list[int]:
     return out
 
 
+async def each_replica(disk: str, replicas: list[Replica], job: Callable[[Replica], Awaitable[T]],
+                       lag: float, serves: Callable[[T], bool]
+                       ) -> dict[str, T | BaseException]:
+    """`job(r)` on every replica at once; each one's result or what it raised.
+
+    Once some replica's result `serves` (it may serve, as the anchor has it), a replica
+    whose oldest request has gone `lag` s unanswered is stalled, not slow to judge: its
+    connection is dropped (Watched.abandon), which fails its job now, as the request
+    timeout would later; it is then degraded like any replica unreachable at open. While
+    no replica serves, everyone is waited for (the request timeout decides, as before)."""
+    loop = asyncio.get_running_loop()
+    tasks = {r.name: asyncio.ensure_future(job(r)) for r in replicas}
+    by_task = {t: r for r, t in zip(replicas, tasks.values(), strict=True)}
+    out: dict[str, T | BaseException] = {}
+    pending = set(tasks.values())
+    server: str | None = None
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=None if server is None else lag / 4,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                r = by_task[t]
+                exc = t.exception()
+                out[r.name] = exc if exc is not None else t.result()
+                if server is None and exc is None and serves(t.result()):
+                    server = r.name
+            if server is None:
+                continue
+            now = loop.time()
+            for t in pending:
+                link = by_task[t].link
+                if not isinstance(link, Watched) or _broken_link(link):
+                    continue
+                since = link.pending_since()
+                if since is not None and now - since >= lag:
+                    log.warning("disk %s: replica %s lags at open (%.1f s without a reply while "
+                                "%s answered): opening without it", disk, by_task[t].name,
+                                now - since, server)
+                    link.abandon(f"no reply at open for {now - since:.1f} s while replica "
+                                 f"{server!r} answered (replica_lag {lag:g} s)")
+    finally:
+        for t in pending:
+            t.cancel()
+            with contextlib.suppress(BaseException):
+                await t
+    return out
+
+
+def _broken_link(link: object) -> bool:
+    return isinstance(link, Breakable) and bool(link.broken)
+
+
+def _raise_unless(result: T | BaseException, *expected: type[Exception]) -> T:
+    """A job's result; raise what it raised unless that is one of `expected` (returned)."""
+    if isinstance(result, BaseException) and not isinstance(result, expected):
+        raise result
+    return result  # type: ignore[return-value]
+
+
 # ---------------------------------------------------------------- a mirrored disk
 
 
@@ -375,13 +438,16 @@ class Opened:
 
 
 async def recover(links: list[tuple[str, Backend]], disk: str, state: DiskState, anchor: Anchor,
-                  public_key: bytes, cipher: BlockCipher, leaves: LeafPages) -> Opened:
-    """Judge every replica; leaf pages come from ones the anchor lists as current.
+                  public_key: bytes, cipher: BlockCipher, leaves: LeafPages,
+                  lag: float = REPLICA_LAG) -> Opened:
+    """Judge every replica, all at once; leaf pages come from ones the anchor lists as current.
 
     Replicas the anchor does not list as current, blank ones, and ones that lack a
     recovered block version come back degraded (to be resynced, never served);
-    foreign ones failed. Raises the reason the first replica was refused when no
-    replica may serve (a single-replica disk fails exactly as before mirroring).
+    foreign ones failed. A replica that leaves a read unanswered for `lag` s once
+    another has shown a current copy is cut off and degraded (each_replica). Raises
+    the reason the first replica was refused when no replica may serve (a
+    single-replica disk fails exactly as before mirroring).
     """
     g = Layout(anchor.logical_size)
     recorded = anchor.members is not None
@@ -391,19 +457,34 @@ async def recover(links: list[tuple[str, Backend]], disk: str, state: DiskState,
     replicas = [Replica(name, link) for name, link in links]
     rebuild: set[str] = set()
     surveys: dict[str, Survey] = {}
+    live = []
     for r in replicas:
         if isinstance(r.link, Breakable) and r.link.broken:  # not reachable at start
             r.state, r.last_error = State.DEGRADED, str(r.link.broken)
-            continue
-        try:
-            surveys[r.name] = await survey_replica(r.link, disk, r.name, anchor, public_key,
-                                                   allow_blank=mirrored)
-        except ReplicaRefusedError as exc:
-            r.state, r.last_error = State.FAILED, str(exc)
-            refusals.append(exc)
-        except BlockError as exc:
-            r.state, r.last_error = State.DEGRADED, str(exc)
-            refusals.append(exc)
+        else:
+            live.append(r)
+
+    def current_copy(sv: Survey) -> bool:
+        """Whether `sv` shows a copy the anchor accepts as current without more reads."""
+        if sv.fresh:
+            return anchor.epoch == 0
+        return bool(sv.presented is not None and sv.presented >= anchor.epoch
+                    and (not recorded or anchor.lists_current(sv.replica)))
+
+    surveyed = await each_replica(
+        disk, live, lambda r: survey_replica(r.link, disk, r.name, anchor, public_key,
+                                             allow_blank=mirrored), lag, current_copy)
+    answered = {name: i for i, name in enumerate(surveyed)}  # who answered first
+    for r in live:
+        got = _raise_unless(surveyed[r.name], ReplicaRefusedError, BlockError)
+        if isinstance(got, ReplicaRefusedError):
+            r.state, r.last_error = State.FAILED, str(got)
+            refusals.append(got)
+        elif isinstance(got, BlockError):
+            r.state, r.last_error = State.DEGRADED, str(got)
+            refusals.append(got)
+        else:
+            surveys[r.name] = got
 
     intents = read_intents(state.open_intent(), anchor, g)
     check_tree(state, leaves.tree, anchor, intents)
@@ -439,17 +520,22 @@ async def recover(links: list[tuple[str, Backend]], disk: str, state: DiskState,
         listed = [n for n, _ in links if anchor.lists_current(n)]
         raise StaleReplicaError(f"disk {disk!r}: no replica the trusted anchor lists as current "
                                 f"({', '.join(listed) or 'none'}) is reachable")
+    serving.sort(key=lambda r: answered[r.name])  # pages from the promptest first
     events += await load_logged_pages(disk, g, leaves, serving, intents)
 
     # Blocks written since the last commit: the newest version any current replica holds.
     current = [r for r in replicas if r.state is State.CURRENT]
     chosen: dict[str, dict[int, int]] = {}
+    versions = await each_replica(
+        disk, current, lambda r: choose_versions(r.link, describe(disk, r.name), g, cipher,
+                                                 intents), lag, lambda _: True)
     for r in current:
-        try:
-            chosen[r.name] = await choose_versions(r.link, describe(disk, r.name), g, cipher, intents)
-        except BlockError as exc:
-            r.state, r.last_error = State.DEGRADED, str(exc)
+        picks = _raise_unless(versions[r.name], BlockError)
+        if isinstance(picks, BlockError):
+            r.state, r.last_error = State.DEGRADED, str(picks)
             r.dirty.update(intents.candidates)
+        else:
+            chosen[r.name] = picks
     best: dict[int, int] = {}
     for picks in chosen.values():
         for b, rank in picks.items():

@@ -430,8 +430,8 @@ class CryptDomain:
         opened = await open_crypt_disk(self.state_dir, disk.name, disk.size,
                                        [(watch.driver, watch) for watch in disk.space],
                                        self.unlock, on_event, self.aead, kek,
-                                       self.spec.limits.get("leaf_cache", DEFAULT_LEAF_CACHE))
-        opened.replicas.lag = self.spec.limits["replica_lag"]
+                                       self.spec.limits.get("leaf_cache", DEFAULT_LEAF_CACHE),
+                                       self.spec.limits["replica_lag"])
         return opened
 
     async def start(self, ready_fd: int | None) -> None:
