@@ -185,6 +185,15 @@ class Breakable(Protocol):
 
 
 @runtime_checkable
+class TellsBreak(Protocol):
+    """A connection that says when it breaks with no request on it (NbdClient watches its
+    socket, so a driver that restarts or hangs up is seen at once): `callback` is called
+    soon after each break of the connection it is given for."""
+
+    def when_broken(self, callback: Callable[[], None]) -> None: ...
+
+
+@runtime_checkable
 class Watched(Protocol):
     """A connection whose unanswered requests can be timed and given up on (NbdClient):
     a mirror drops a replica that lags while the others answer (ReplicaSet)."""

@@ -271,6 +271,33 @@ def test_up_starts_without_waiting_for_a_stalled_driver(short_tmp: Path) -> None
         m.close()
 
 
+def test_status_shows_a_dead_driver_at_once_and_it_comes_back_without_guest_io(
+        short_tmp: Path) -> None:
+    """A driver killed while no guest does I/O: its connection's end is seen on the socket,
+    so `status` stops calling its replica current within moments (not at the next
+    request), and once the driver is back the replica is reconnected and resynced on its own."""
+    m = Mirror(short_tmp, 2)
+    victim = m.drivers[1]
+    try:
+        m.system.start()
+        qemu_io(m.uri, f"write -P 0x33 0 {SIZE}", "flush")
+        m.wait_all_current()
+        victim.kill()
+        deadline = time.monotonic() + 5
+        while (st := m.status())[victim.name]["state"] == "current":
+            assert time.monotonic() < deadline, f"still current 5 s after its driver died: {st}"
+            time.sleep(0.1)
+        assert st[victim.name]["state"] == "degraded" and st["h0"]["state"] == "current", st
+        assert st[victim.name]["last_error"], st  # lost, or the reconnect being refused
+        victim.start()
+        m.wait_all_current(timeout=30)
+        assert m.status()[victim.name]["reconnects"] >= 1
+        qemu_io(m.uri, f"read -P 0x33 0 {SIZE}")
+        _check_identical_after_scrub(m)
+    finally:
+        m.close()
+
+
 @pytest.mark.parametrize("mode", ["stall_reads", "stall", "slow_reads"])
 def test_a_read_a_driver_leaves_unanswered_is_served_after_replica_lag(
         short_tmp: Path, mode: str) -> None:

@@ -36,6 +36,7 @@ from trustvbd.blockdev import (
     Buffer,
     Capabilities,
     Submits,
+    TellsBreak,
     Watched,
     provides,
 )
@@ -67,6 +68,7 @@ class ReplicaLink:
         self.reconnects = 0
         self.state = "connected"
         self.last_error: str | None = None
+        self._on_broken: Callable[[], None] | None = None  # TellsBreak
 
     @property
     def size(self) -> int:
@@ -92,6 +94,22 @@ class ReplicaLink:
         if isinstance(nxt, Watched):
             nxt.abandon(reason)
 
+    def when_broken(self, callback: Callable[[], None]) -> None:
+        """Call `callback` when the connection in use breaks, even with no request on it."""
+        self._on_broken = callback
+        self._watch(self.next)
+
+    def _watch(self, connection: Backend) -> None:
+        if self._on_broken is not None and isinstance(connection, TellsBreak):
+            connection.when_broken(lambda: self._broke(connection))
+
+    def _broke(self, connection: Backend) -> None:
+        if connection is not self.next or self._on_broken is None:
+            return  # an old connection, replaced already
+        self.state = "disconnected"
+        self.last_error = connection.broken if isinstance(connection, Breakable) else None
+        self._on_broken()
+
     async def reconnect_once(self) -> None:
         """One attempt at a new connection (raises if it fails). What the old one
         acknowledged without a flush is the replica set's to doubt, not ours."""
@@ -113,6 +131,7 @@ class ReplicaLink:
             pass
         self.next = fresh
         self.reconnects += 1
+        self._watch(fresh)
         self._plain_ended = True
 
     @property

@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import enum
 import errno
+import functools
 import itertools
 import logging
 import time
@@ -49,6 +50,7 @@ from trustvbd.blockdev import (
     Capabilities,
     Reconnectable,
     Submits,
+    TellsBreak,
     Watched,
     provides,
 )
@@ -189,6 +191,10 @@ class ReplicaSet:
         self._watch_timer: asyncio.TimerHandle | None = None
         self._hedges: set[_Hedge[Any]] = set()  # reads that _watch hedges once they lag
         self._regroup()
+        if len(replicas) > 1:
+            for r in replicas:
+                if isinstance(r.link, TellsBreak):
+                    r.link.when_broken(functools.partial(self._link_broke, r))
 
     # ------------------------------------------------------------ membership
 
@@ -221,6 +227,20 @@ class ReplicaSet:
             r.joining = False
             self._regroup()
         self._start(self._bring_back(r))
+
+    def _link_broke(self, r: Replica) -> None:
+        """r's connection broke with no request needed to see it (its driver restarted or
+        hung up): out of the read and write sets now, so `status` says so and it is
+        reconnected, admitted and resynced at once, not at the next request. The last
+        replica serving is reconnected in place instead, as after a request failing on all."""
+        link = r.link
+        if self._closed or r.state is not State.CURRENT or not _broken(link):
+            return
+        if any(o is not r and o.state is State.CURRENT and not _broken(o.link)
+               for o in self.replicas):
+            self.degrade(r, (), f"connection lost: {cast(Breakable, link).broken}")
+        else:
+            self._start(self._revive(r))
 
     def fail(self, r: Replica, why: str) -> None:
         log.error("disk %s: replica %s refused: %s", self.disk, r.name, why)

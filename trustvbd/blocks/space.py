@@ -12,6 +12,7 @@ import asyncio
 import errno
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 from trustvbd.blockdev import (
@@ -21,6 +22,7 @@ from trustvbd.blockdev import (
     Buffer,
     Reconnectable,
     Submits,
+    TellsBreak,
     Watched,
     provides,
 )
@@ -72,6 +74,10 @@ class SpaceWatch(Layer):
     def abandon(self, reason: str) -> None:
         if isinstance(self.next, Watched):
             self.next.abandon(reason)
+
+    def when_broken(self, callback: Callable[[], None]) -> None:
+        if isinstance(self.next, TellsBreak):
+            self.next.when_broken(callback)
 
     async def reconnect_once(self) -> None:
         if not isinstance(self.next, Reconnectable):

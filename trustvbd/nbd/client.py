@@ -25,6 +25,7 @@ import contextlib
 import errno
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,7 @@ class NbdClient:
         self._handshake_eof = False
         self._closing = False
         self.answered_at = 0.0  # loop time of the last reply (Watched)
+        self._on_broken: Callable[[], None] | None = None  # TellsBreak
         # Requests made in one turn of the event loop leave in one writev: a mirror's
         # fan-out and a guest's queue of small writes cost one system call per turn and
         # replica, not one per request.
@@ -632,6 +634,12 @@ class NbdClient:
         """Give up on this connection (Watched): unanswered requests fail with `reason`."""
         self._break(errno.ETIMEDOUT, reason)
 
+    def when_broken(self, callback: Callable[[], None]) -> None:
+        """Call `callback` soon after this connection breaks (TellsBreak), if not closed by us."""
+        self._on_broken = callback
+        if self.broken is not None and not self._closing:
+            self._loop.call_soon(callback)
+
     def _arm_timer(self) -> None:
         if self._waiters:
             oldest = next(iter(self._waiters.values()))
@@ -652,6 +660,8 @@ class NbdClient:
 
     def _break(self, err: int, reason: str) -> None:
         """Declare the connection dead: fail everything pending, drop the socket."""
+        if self.broken is None and self._on_broken is not None and not self._closing:
+            self._loop.call_soon(self._on_broken)
         if self.broken is None or self._waiters:
             self.broken = self.broken or reason
             failure = BlockError(err, f"NBD server {self.where}: {reason}; connection closed")
