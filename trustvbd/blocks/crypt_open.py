@@ -32,7 +32,7 @@ from trustvbd.blocks.integrity import (
 from trustvbd.blocks.layer import reader_into
 from trustvbd.blocks.leaf_pages import LeafPages, read_page
 from trustvbd.blocks.ranges import describe_blocks, runs
-from trustvbd.blocks.replica_set import REPLICA_LAG, Replica, State
+from trustvbd.blocks.replica_set import REPLICA_LAG, Replica, State, broken_link
 from trustvbd.blocks.tree_file import TreeFile
 from trustvbd.crypt import superblock as sbfmt
 from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE, POISON_LEAF, POISON_VERSION, BlockCipher, leaf_version
@@ -397,7 +397,7 @@ async def each_replica(disk: str, replicas: list[Replica], job: Callable[[Replic
             now = loop.time()
             for t in pending:
                 link = by_task[t].link
-                if not isinstance(link, Watched) or _broken_link(link):
+                if not isinstance(link, Watched) or broken_link(link):
                     continue
                 since = link.pending_since()
                 if since is not None and now - since >= lag:
@@ -412,10 +412,6 @@ async def each_replica(disk: str, replicas: list[Replica], job: Callable[[Replic
             with contextlib.suppress(BaseException):
                 await t
     return out
-
-
-def _broken_link(link: object) -> bool:
-    return isinstance(link, Breakable) and bool(link.broken)
 
 
 def _raise_unless(result: T | BaseException, *expected: type[Exception]) -> T:

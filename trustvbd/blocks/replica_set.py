@@ -234,9 +234,9 @@ class ReplicaSet:
         reconnected, admitted and resynced at once, not at the next request. The last
         replica serving is reconnected in place instead, as after a request failing on all."""
         link = r.link
-        if self._closed or r.state is not State.CURRENT or not _broken(link):
+        if self._closed or r.state is not State.CURRENT or not broken_link(link):
             return
-        if any(o is not r and o.state is State.CURRENT and not _broken(o.link)
+        if any(o is not r and o.state is State.CURRENT and not broken_link(o.link)
                for o in self.replicas):
             self.degrade(r, (), f"connection lost: {cast(Breakable, link).broken}")
         else:
@@ -603,7 +603,7 @@ class ReplicaSet:
         r.bringing_back = True
         try:
             delay = RECONNECT_FIRST
-            while not self._closed and r.state is not State.DEGRADED and _broken(r.link):
+            while not self._closed and r.state is not State.DEGRADED and broken_link(r.link):
                 try:
                     await r.link.reconnect_once()
                 except Exception as exc:
@@ -975,6 +975,7 @@ def _reading(r: Replica) -> int:
     return r.reading
 
 
-def _broken(link: Backend) -> bool:
+def broken_link(link: Backend) -> bool:
+    """Whether `link` is a connection that says it broke."""
     return isinstance(link, Breakable) and bool(link.broken)
 
