@@ -27,7 +27,8 @@ import procstat
 from servers import TRUSTVBD, parse_size, sparse, start_ready, stop_proc, workdir
 
 from trustvbd.blocks.reconnect import ReplicaLink
-from trustvbd.blocks.replica_set import Replica, ReplicaSet
+from trustvbd.blocks.replica import Replica
+from trustvbd.blocks.replica_set import ReplicaSet
 from trustvbd.blocks.space import SpaceWatch
 from trustvbd.crypt.superblock import Layout
 from trustvbd.nbd.client import NbdClient

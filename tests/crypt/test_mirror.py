@@ -26,7 +26,8 @@ from trustvbd.blocks.disk_state import Anchor, DiskState, Member
 from trustvbd.blocks.layer import Layer
 from trustvbd.blocks.ranges import RangeLock
 from trustvbd.blocks.reconnect import ReplicaLink
-from trustvbd.blocks.replica_set import Replica, ReplicaSet, State
+from trustvbd.blocks.replica import Replica, State
+from trustvbd.blocks.replica_set import ReplicaSet
 from trustvbd.blocks.space import SpaceWatch
 from trustvbd.nbd.client import NbdClient
 from trustvbd.nbd.exports import Export, StaticExports

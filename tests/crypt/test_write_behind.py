@@ -18,7 +18,7 @@ from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.disk_state import DiskState
 from trustvbd.blocks.layer import Layer
 from trustvbd.blocks.reconnect import ReplicaLink
-from trustvbd.blocks.replica_set import State
+from trustvbd.blocks.replica import State
 from trustvbd.blocks.write_behind import GATHER_BLOCKS, WRITE_BEHIND_BLOCKS, WRITE_BEHIND_MAX
 
 

@@ -43,11 +43,11 @@ from tests.durability.powercut import (
     read_and_check,
 )
 from trustvbd.blockdev import Backend
-from trustvbd.blocks import crypt_commit, replica_set
+from trustvbd.blocks import crypt_commit, replica_recovery
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.disk_state import DiskState, Member, TrustedStateError, create_disk_state, load_kek
 from trustvbd.blocks.reconnect import ReplicaLink
-from trustvbd.blocks.replica_set import State
+from trustvbd.blocks.replica import State
 from trustvbd.crypt.superblock import Layout
 
 NBLOCKS = 260  # three leaf pages
@@ -210,7 +210,7 @@ def test_power_cut_at_every_step_of_a_degraded_mirror(tmp_path: Path, cut_dir: P
     monkeypatch.setattr(crypt_commit, "RESERVE", 16)  # counter reservations mid-stream too
     # Some FLUSHes commit, the others let the intent log stand for a commit.
     monkeypatch.setattr(crypt_commit, "CHECKPOINT_BLOCKS", 8)
-    monkeypatch.setattr(replica_set, "RECONNECT_FIRST", 0.0)  # retries at once: deterministic
+    monkeypatch.setattr(replica_recovery, "RECONNECT_FIRST", 0.0)  # retries at once: deterministic
     state = tmp_path / "state"
     kek = load_kek(state)
     events = Events()

@@ -26,7 +26,7 @@ import pytest
 
 from tests.interop.clients import libnbd
 from tests.support import TRUSTVBD, System, read_lines_until, run, wait_for_path
-from trustvbd.blocks.replica_set import FAILED_RECHECK
+from trustvbd.blocks.replica_recovery import FAILED_RECHECK
 from trustvbd.crypt.superblock import Layout
 
 pytestmark = pytest.mark.interop

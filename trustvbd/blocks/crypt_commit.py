@@ -58,7 +58,8 @@ from trustvbd.blockdev import BlockError, Buffer
 from trustvbd.blocks.disk_state import Anchor, DiskState, Member, replica_id
 from trustvbd.blocks.leaf_pages import LeafPages
 from trustvbd.blocks.ranges import runs
-from trustvbd.blocks.replica_set import ReplicaSet, State
+from trustvbd.blocks.replica import State
+from trustvbd.blocks.replica_set import ReplicaSet
 from trustvbd.blocks.tree_file import TreeFile, TreeFileError
 from trustvbd.blocks.write_behind import Ahead
 from trustvbd.crypt import superblock as sbfmt

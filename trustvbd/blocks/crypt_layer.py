@@ -59,7 +59,8 @@ from trustvbd.blocks.integrity import (
 )
 from trustvbd.blocks.leaf_pages import DEFAULT_CAPACITY, LeafLocks, LeafPages
 from trustvbd.blocks.ranges import Hold, describe_blocks
-from trustvbd.blocks.replica_set import REPLICA_LAG, BadBlocks, Replica, ReplicaSet
+from trustvbd.blocks.replica import BadBlocks, Replica
+from trustvbd.blocks.replica_set import REPLICA_LAG, ReplicaSet
 from trustvbd.blocks.tree_file import TreeFile, TreeFileError
 from trustvbd.blocks.write_behind import Seen, WriteBehind
 from trustvbd.crypt.aead import (
@@ -290,7 +291,7 @@ class CryptDisk:
             if tree is not None:
                 tree.close()
             raise
-        rs.start_recovery()
+        rs.recovery.start()
         return self
 
     @property

@@ -32,7 +32,8 @@ from trustvbd.blocks.integrity import (
 from trustvbd.blocks.layer import reader_into
 from trustvbd.blocks.leaf_pages import LeafPages, read_page
 from trustvbd.blocks.ranges import describe_blocks, runs
-from trustvbd.blocks.replica_set import REPLICA_LAG, Replica, State, broken_link
+from trustvbd.blocks.replica import Replica, State, broken_link
+from trustvbd.blocks.replica_set import REPLICA_LAG
 from trustvbd.blocks.tree_file import TreeFile
 from trustvbd.crypt import superblock as sbfmt
 from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE, POISON_LEAF, POISON_VERSION, BlockCipher, leaf_version

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from trustvbd.blockdev import Backend, BlockError
 from trustvbd.blocks.ranges import Hold, RangeLock, describe_blocks
-from trustvbd.blocks.replica_set import Replica
+from trustvbd.blocks.replica import Replica
 from trustvbd.blocks.tree_file import TreeFile, TreeTamperedError
 from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE, POISON_LEAF, POISON_VERSION
 from trustvbd.crypt.superblock import LEAVES_PER_PAGE, Layout

@@ -1,0 +1,110 @@
+"""One replica of a mirrored disk: its link, its state, and what the set knows of it.
+
+The vocabulary the replica set (replica_set.py), its recovery (replica_recovery.py),
+read hedging (read_hedge.py) and scrub (replica_scrub.py) share. The states:
+
+- current:   took every write and commit; may serve reads.
+- degraded:  missed writes (the blocks are in its dirty set) or is unreachable;
+             receives nothing, serves nothing; reconnected in the background.
+- resyncing: receives every new write while its dirty blocks are copied to it
+             from a current replica (verified first); at the next commit it
+             gets the whole leaf table and the superblock and becomes current.
+- failed:    refused (it holds another disk or foreign data): never written; looked
+             at again now and then, and rebuilt whole once it is blank.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from trustvbd.blockdev import Backend, Breakable
+
+# Blocks copied per step of a resync, scrub or read-repair (one range lock, one read,
+# one write).
+COPY_BLOCKS = 256
+# A replica cut off for lagging again within LAG_FORGET s of being taken back is slow,
+# not broken (replica_recovery.py holds it back longer each time).
+LAG_FORGET = 300.0
+
+
+class State(enum.Enum):
+    CURRENT = "current"
+    DEGRADED = "degraded"
+    RESYNCING = "resyncing"
+    FAILED = "failed"
+
+
+class Verifier(Protocol):
+    """What the encryption layer knows about blocks (it holds the leaves and the key)."""
+
+    def bad_blocks(self, first_block: int, ciphertext: memoryview) -> list[int]:
+        """Indices of blocks in `ciphertext` that do not verify against their current leaf."""
+        ...
+
+    def written(self, block: int) -> bool:
+        """Whether the block has ciphertext to copy (a zero leaf needs none)."""
+        ...
+
+
+# Judges a replica that comes back before it may take writes (CryptDisk.admit): returns
+# True if it must be rebuilt whole (blank, or older than when it left), False if its
+# dirty blocks suffice; raises ReplicaRefusedError if it holds something else.
+Admit = Callable[["Replica"], Awaitable[bool]]
+
+
+class BadBlocks(Exception):
+    """An attempt read the range but some blocks failed verification."""
+
+    def __init__(self, indices: list[int]) -> None:
+        super().__init__(f"{len(indices)} block(s) failed verification")
+        self.indices = indices
+
+
+@dataclass(eq=False)
+class Replica:
+    """One replica of the set: its link and what the set knows about it."""
+
+    name: str
+    link: Backend
+    state: State = State.CURRENT
+    dirty: set[int] = field(default_factory=set)  # data blocks it lacks
+    joining: bool = False       # copied up: needs the whole leaf table at the next commit
+    last_error: str | None = None
+    repaired: int = 0           # blocks rewritten by read-repair and scrub
+    errors: int = 0
+    resync_total: int = 0
+    resync_done: int = 0
+    resync_started: float = 0.0
+    resync_rate: float = 0.0    # blocks per second over the last resync
+    behind_since: int = 0       # the last epoch it took whole (while not current)
+    map_saved: bool = False     # its dirty set is in trusted state as it is now
+    bringing_back: bool = False
+    reading: int = 0            # reads in flight (reads go to the least busy)
+    lag_seen: float | None = None  # send time of a request seen lagging by the last watch
+    lagged: bool = False        # cut off for lagging; not yet counted in lag_strikes
+    lag_strikes: int = 0        # cut-offs for lagging, each soon after it was taken back
+    taken_back_at: float = -LAG_FORGET  # monotonic time it last joined the write set
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name, "state": self.state.value, "last_error": self.last_error,
+            "repaired_blocks": self.repaired, "errors": self.errors,
+            "dirty_blocks": len(self.dirty),
+        }
+        if self.state is State.RESYNCING or self.resync_total:
+            out["resync"] = {"done": self.resync_done, "total": self.resync_total,
+                             "blocks_per_s": round(self.resync_rate, 1)}
+        return out
+
+
+def reads_in_flight(r: Replica) -> int:
+    """Sort key: the least busy replica first."""
+    return r.reading
+
+
+def broken_link(link: Backend) -> bool:
+    """Whether `link` is a connection that says it broke."""
+    return isinstance(link, Breakable) and bool(link.broken)
