@@ -14,6 +14,8 @@ on the control socket C, e.g. {"mode": "flip", "rate": 0.05}:
     fake_flush      keep writes in memory and acknowledge flushes without storing;
                     {"mode": "crash"} then loses what was never stored
     stall           read requests, answer nothing
+    stall_handshake new connections get nothing, not even the greeting, while this holds
+                    (then they are closed)
     stall_reads     answer every request but reads (those get nothing, ever)
     slow_reads      answer reads `delay` seconds late (other requests at once)
     slow_writes     do writes, zeroes and flushes at once but answer them `delay` seconds late
@@ -22,7 +24,8 @@ on the control socket C, e.g. {"mode": "flip", "rate": 0.05}:
     huge_length     answer reads with a structured chunk claiming 2 GiB
     wrong_cookie    answer with a cookie that was never sent
 
-Only the data its modes concern are touched: the handshake stays honest, so the
+Only the data its modes concern are touched: the handshake stays honest (but for
+stall_handshake), so the
 trusted side's refusal is about the lie, not about talking to the driver at all.
 """
 
@@ -139,6 +142,10 @@ class Hostile:
     def serve(self, conn: socket.socket) -> None:
         self.conns.add(conn)
         try:
+            if self.mode == "stall_handshake":
+                while self.mode == "stall_handshake":
+                    time.sleep(0.05)
+                return  # closed: its client gives up on it, or has already
             structured = self._handshake(conn)
             if structured is None:
                 return

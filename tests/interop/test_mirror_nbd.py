@@ -271,6 +271,39 @@ def test_up_starts_without_waiting_for_a_stalled_driver(short_tmp: Path) -> None
         m.close()
 
 
+def test_up_starts_without_waiting_for_a_driver_stalled_in_its_handshake(short_tmp: Path) -> None:
+    """`up` restarted while one driver accepts connections but says nothing (no greeting):
+    every driver is connected at once, and once the other one's handshake is done, the
+    silent one gets `replica_lag` (1 s), not the handshake timeout (10 s). It starts
+    degraded and is brought back once it talks again."""
+    lag = 1.0
+    m = Mirror(short_tmp, 2, limits=f"[limits]\nreplica_lag = {lag:g}\n")
+    bad = m.drivers[1]
+    try:
+        started = time.monotonic()
+        m.system.start()
+        healthy = time.monotonic() - started
+        qemu_io(m.uri, f"write -P 0x11 0 {SIZE}", "flush")
+        m.system.stop()
+        bad.set("stall_handshake")
+        started = time.monotonic()
+        m.system.start()
+        took = time.monotonic() - started
+        assert took - healthy < 5, (
+            f"ready after {took:.1f} s (healthy: {healthy:.1f} s): the open waited for the "
+            "driver's handshake")
+        st = m.status()
+        assert st["h0"]["state"] == "current", st
+        assert st[bad.name]["state"] == "degraded" and "replica_lag" in st[bad.name]["last_error"], st
+        qemu_io(m.uri, f"read -P 0x11 0 {SIZE}", f"write -P 0x22 0 {HALF}", "flush")
+        bad.set("honest")
+        m.wait_all_current(timeout=30)
+        qemu_io(m.uri, f"read -P 0x22 0 {HALF}", f"read -P 0x11 {HALF} {HALF}")
+        _check_identical_after_scrub(m)
+    finally:
+        m.close()
+
+
 def test_status_shows_a_dead_driver_at_once_and_it_comes_back_without_guest_io(
         short_tmp: Path) -> None:
     """A driver killed while no guest does I/O: its connection's end is seen on the socket,

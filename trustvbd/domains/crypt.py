@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -391,25 +391,53 @@ class CryptDomain:
                 )
             disk.backend = SizeLimit(watch, disk.size)
             return
-        disk.links = [await self.open_link(disk, name) for name in disk.replica_names]
+        disk.links = await self.open_links(disk)
         disk.space = [SpaceWatch(link, disk.name, link.name) for link in disk.links]
         disk.backend = await self.open_encrypted(disk)
 
-    async def open_link(self, disk: Disk, replica: str) -> ReplicaLink:
-        """A link to one replica. With one replica a broken link is retried inline (there
-        is nowhere else to go); in a mirror it fails at once and the replica set brings
-        it back in the background, and a driver unreachable at start starts degraded."""
-        def connect() -> Awaitable[Backend]:
-            return self.open_channel(disk, replica)
+    async def open_links(self, disk: Disk) -> list[ReplicaLink]:
+        """A link to each replica. With one replica a broken link is retried inline (there
+        is nowhere else to go). In a mirror every driver is connected at once; a link
+        fails at once and the replica set brings it back in the background, so a driver
+        unreachable at start starts degraded, and so does one whose handshake is not done
+        `replica_lag` s after another driver's (rather than holding the disk for its
+        handshake timeout)."""
+        def connector(replica: str) -> Callable[[], Awaitable[Backend]]:
+            return lambda: self.open_channel(disk, replica)
 
-        if len(disk.replica_names) == 1:
-            return ReplicaLink(await connect(), replica, connect)
+        names = disk.replica_names
+        if len(names) == 1:
+            connect = connector(names[0])
+            return [ReplicaLink(await connect(), names[0], connect)]
+        tasks = [asyncio.ensure_future(connector(name)()) for name in names]
         try:
-            first: Backend = await connect()
-        except (ConnectionError, OSError, BlockError) as exc:
-            log.error("disk %s: replica %s unreachable at start: %s", disk.name, replica, exc)
-            first = Unreachable(physical_size(disk.size), f"unreachable at start: {exc}")
-        return ReplicaLink(first, replica, connect, retry_window=0)
+            pending: set[asyncio.Future[Backend]] = set(tasks)
+            while pending and not any(t.done() and not t.cancelled() and t.exception() is None
+                                      for t in tasks):
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if pending:  # one driver is ready: the others get replica_lag
+                _, pending = await asyncio.wait(pending, timeout=self.spec.limits["replica_lag"])
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+        links = []
+        for name, task in zip(names, tasks, strict=True):
+            first: Backend
+            if task.cancelled():
+                why = (f"no handshake within replica_lag ({self.spec.limits['replica_lag']:g} s)"
+                       " of the other drivers'")
+            elif isinstance(exc := task.exception(), (ConnectionError, OSError, BlockError)):
+                why = str(exc)
+            elif exc is not None:
+                raise exc
+            else:
+                links.append(ReplicaLink(task.result(), name, connector(name), retry_window=0))
+                continue
+            log.error("disk %s: replica %s unreachable at start: %s", disk.name, name, why)
+            first = Unreachable(physical_size(disk.size), f"unreachable at start: {why}")
+            links.append(ReplicaLink(first, name, connector(name), retry_window=0))
+        return links
 
     async def open_encrypted(self, disk: Disk, kek: Kek | None = None) -> Backend:
         from trustvbd.domains.crypt_disks import open_crypt_disk
