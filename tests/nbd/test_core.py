@@ -250,6 +250,37 @@ def test_native_replies_are_the_bytes_of_the_messages_they_stand_for() -> None:
         assert reply.cookie == 1 and reply.error == 0 and data_of(reply) == small
 
 
+def test_native_read_parts_are_the_bytes_of_the_messages_they_stand_for() -> None:
+    """A READ sent part by part (over 32 MiB), framed natively, against messages.py."""
+    one, two = bytes(range(256)) * 64, b"\x07" * 5000
+    for structured in (False, True):
+        _, s = negotiated(structured)
+        _, ref = negotiated(structured)
+        session = s.server_session()
+        first = session.frame_read_part(3, 1 << 36, one, True, False)
+        last = session.frame_read_part(3, (1 << 36) + len(one), two, False, True)
+        assert first[-1] is one and last[-1] is two  # the data goes out uncopied
+        if structured:
+            want = [m.OffsetData(3, 1 << 36, one, done=False),
+                    m.OffsetData(3, (1 << 36) + len(one), two, done=True)]
+            wire = b"".join(reply_wire(ref, msg) for msg in want)
+        else:  # one simple reply whose data the second part continues
+            wire = reply_wire(ref, m.SimpleReply(3, 0, one + two))
+            assert len(last) == 1
+        assert b"".join(bytes(x) for x in first + last) == wire
+        text = "part failed \u00e9" * 400  # cut at 4096 bytes, on a character boundary
+        if structured:
+            assert session.frame_read_error(3, p.NbdErr.EIO, text, 1 << 36, False) == reply_wire(
+                ref, m.ErrorChunk(3, p.NbdErr.EIO, text, 1 << 36))
+        else:
+            assert session.frame_read_error(3, p.NbdErr.EIO, text, 1 << 36, True) == reply_wire(
+                ref, m.SimpleReply(3, p.NbdErr.EIO))
+            with pytest.raises(ValueError, match="drop the connection"):
+                session.frame_read_error(3, p.NbdErr.EIO, text, 1 << 36, False)
+        with pytest.raises(ValueError, match="longer than"):
+            session.frame_read_part(3, 0, bytearray(p.REQUEST_PART + 1), True, True)
+
+
 def test_native_session_only_for_a_server_in_transmission() -> None:
     c, _ = negotiated()
     with pytest.raises(p.LocalProtocolError):

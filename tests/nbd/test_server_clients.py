@@ -18,6 +18,7 @@ from tests.nbd.helpers import ServerThread, wait_for
 from trustvbd.blockdev import BlockError, Capabilities
 from trustvbd.blocks.file import FileBackend, MemoryBackend
 from trustvbd.blocks.layer import Layer
+from trustvbd.nbd import messages as m
 from trustvbd.nbd.exports import Export, ExportRefused, PeerInfo, StaticExports
 
 MiB = 1 << 20
@@ -244,6 +245,76 @@ def test_libnbd_long_and_byte_sized_requests(short_tmp: Path, loop_kind: str, st
         assert h.pread(size, 0) == reference
         h.shutdown()
     assert max(lengths) == 32 * MiB
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_long_reads_are_framed_natively_and_fail_as_the_spec_says(
+        short_tmp: Path, structured: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """READs over 32 MiB go out part by part, framed by the native framer like every other
+    reply (messages.encode_parts frames none): small reads beside them come back right, a
+    part failing ends a structured reply with an ERROR_OFFSET chunk (the connection goes
+    on) and drops a simple one whose data began (the spec's only way out)."""
+    in_python: list[str] = []
+    encode_parts = m.encode_parts
+
+    def spy(msg: m.Event, **kw: Any) -> list[Any]:
+        if isinstance(msg, m.SimpleReply | m.OffsetData | m.OffsetHole | m.ErrorChunk | m.NoneChunk):
+            in_python.append(type(msg).__name__)
+        return encode_parts(msg, **kw)
+
+    monkeypatch.setattr(m, "encode_parts", spy)
+    size, part = 72 * MiB, 32 * MiB
+    reference = os.urandom(size)
+    backend = ScriptedBackend(size)
+
+    def connect(srv: ServerThread) -> Any:
+        h = nbd.NBD()
+        h.set_request_structured_replies(structured)
+        h.connect_uri(srv.uri())
+        assert h.get_structured_replies_negotiated() == structured
+        return h
+
+    with ServerThread(StaticExports([Export("", backend)]), short_tmp / "r.sock") as srv:
+        h = connect(srv)
+        for at in range(0, size, part):
+            h.pwrite(reference[at:at + part], at)
+        # 40 MiB + 1 at an odd offset (two parts), small reads in flight beside it.
+        big = nbd.Buffer(40 * MiB + 1)
+        cookies = [(h.aio_pread(big, 4097), big, 4097)]
+        for offset in (0, 50 * MiB + 3, size - 512):
+            small = nbd.Buffer(512)
+            cookies.append((h.aio_pread(small, offset), small, offset))
+        while h.aio_in_flight():
+            h.poll(-1)
+        for cookie, buf, offset in cookies:
+            assert h.aio_command_completed(cookie)
+            assert buf.to_bytearray() == reference[offset:offset + len(buf)], offset
+        assert h.pread(64 * MiB, 8 * MiB - 1) == reference[8 * MiB - 1:72 * MiB - 1]  # 32 + 32
+
+        # The first part fails: an error reply in both kinds, and the connection goes on.
+        backend.fail_read_at[4097] = errno.ENOSPC
+        with pytest.raises(nbd.Error) as err:
+            h.pread(40 * MiB, 4097)
+        assert errno_of(err) == errno.ENOSPC
+        assert h.pread(512, 0) == reference[:512]
+        del backend.fail_read_at[4097]
+
+        # The second part fails, after 32 MiB of data went out.
+        backend.fail_read_at[4097 + part] = errno.ENOSPC
+        with pytest.raises(nbd.Error) as err:
+            h.pread(40 * MiB, 4097)
+        if structured:  # ERROR_OFFSET ends the reply; the connection goes on
+            assert errno_of(err) == errno.ENOSPC
+            assert h.pread(512, 0) == reference[:512]
+            h.shutdown()
+        else:  # dropped: nothing more goes over this connection
+            with pytest.raises(nbd.Error):
+                h.pread(512, 0)
+        del backend.fail_read_at[4097 + part]
+        h = connect(srv)  # a new connection reads it all
+        assert h.pread(40 * MiB, 4097) == reference[4097:4097 + 40 * MiB]
+        h.shutdown()
+    assert in_python == [], "replies framed by messages.encode_parts instead of the native framer"
 
 
 def test_pipelined_reads_complete_out_of_order(server: ServerThread,

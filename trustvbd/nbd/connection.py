@@ -24,9 +24,9 @@ Large requests: a READ or WRITE longer than REQUEST_PART (32 MiB) is served in
 parts of at most that size, so memory stays bounded whatever the client asks
 (up to the 32-bit length field, as nbd-server serves). A long WRITE arrives as
 pieces (the native framer's, core.py) and gets one reply after its last piece is written.
-A long READ's reply is sent part by part, each after the previous one left; with
-simple replies nothing else may interleave, so other replies wait meanwhile, and
-an error after the first part can only drop the connection (the spec's way).
+A long READ's reply is sent part by part (framed natively too), each after the previous
+one left; with simple replies nothing else may interleave, so other replies wait
+meanwhile, and an error after the first part can only drop the connection (the spec's way).
 Every refusal is logged with its reason.
 
 Safety: at most MAX_TASKS requests and MAX_INFLIGHT_BYTES of payload run at
@@ -506,7 +506,7 @@ class Connection(asyncio.BufferedProtocol):
     async def _stream_read(self, cookie: int, start: int, length: int) -> None:
         backend = self._backend
         assert backend is not None
-        structured, end = self.core.structured, start + length
+        session, end = self.core.server_session(), start + length
         for offset in range(start, end, p.REQUEST_PART):
             if self._output_closed:
                 return
@@ -520,24 +520,19 @@ class Connection(asyncio.BufferedProtocol):
                     errno.EIO, f"internal server error: {failure}")
                 if exc is not failure:
                     log.exception("nbd: READ part on export %r failed unexpectedly", self.export_name)
-                error = p.errno_to_nbd(exc.errno)
-                if structured:
-                    self._queue(self.core.send_parts(
-                        m.ErrorChunk(cookie, error, exc.message, offset)), stream=True)
-                elif offset == start:
-                    self._queue(self.core.send_parts(m.SimpleReply(cookie, error)), stream=True)
-                else:  # the reply's header and some data are out: only a hard disconnect is honest
+                try:
+                    reply = session.frame_read_error(cookie, p.errno_to_nbd(exc.errno),
+                                                     exc.message, offset, offset == start)
+                except ValueError:  # a simple reply's header and data are out: only a hard
+                    # disconnect is honest
                     log.error("nbd: export %r: READ failed after its reply began (%s); closing "
                               "the connection from %s", self.export_name, exc, self.peer.identity)
                     self._abort()
+                    return
+                self._queue([reply], stream=True)
                 return
-            if structured:
-                parts = self.core.send_parts(m.OffsetData(cookie, offset, data, offset + n == end))
-            elif offset == start:
-                parts = self.core.send_parts(m.SimpleReply(cookie, 0, data))
-            else:
-                parts = [data]  # the simple reply's payload continues
-            self._queue(parts, stream=True)
+            self._queue(session.frame_read_part(cookie, offset, data, offset == start,
+                                                offset + n == end), stream=True)
             if not self._transport_busy:
                 self._flush()
             while self._transport_busy and not self._output_closed:

@@ -24,7 +24,7 @@ mod replies;
 mod tests;
 
 pub use checks::{Checker, Refusal};
-pub use replies::{frame_block_status, frame_reply, MAX_DESCRIPTORS};
+pub use replies::{frame_block_status, frame_read_error, frame_read_part, frame_reply, MAX_DESCRIPTORS};
 
 /// The most one backend call handles; longer WRITEs arrive in pieces of this size.
 pub const REQUEST_PART: u32 = crate::nbd_wire::MAX_PAYLOAD;

@@ -5,7 +5,8 @@
 //! (base:allocation): its id, then (length, flags) descriptors.
 
 use crate::nbd_wire::{
-    ChunkHeader, SimpleReply, CHUNK_BLOCK_STATUS, CHUNK_ERROR, CHUNK_NONE, CHUNK_OFFSET_DATA, MAX_STRING, REPLY_FLAG_DONE,
+    ChunkHeader, SimpleReply, CHUNK_BLOCK_STATUS, CHUNK_ERROR, CHUNK_ERROR_OFFSET, CHUNK_NONE, CHUNK_OFFSET_DATA,
+    MAX_STRING, REPLY_FLAG_DONE,
 };
 
 /// Appends to `out` the reply to request `cookie`, all but a READ's data, which the
@@ -24,12 +25,7 @@ pub fn frame_reply(
             out.extend_from_slice(&SimpleReply { error, cookie }.encode());
             return;
         }
-        let text = cut_text(message);
-        let body = 6 + text.len() as u32;
-        chunk(out, CHUNK_ERROR, cookie, body);
-        out.extend_from_slice(&error.to_be_bytes());
-        out.extend_from_slice(&(text.len() as u16).to_be_bytes());
-        out.extend_from_slice(text.as_bytes());
+        error_chunk(out, cookie, error, message, None);
         return;
     }
     match read {
@@ -42,6 +38,68 @@ pub fn frame_reply(
             }
         }
         _ => out.extend_from_slice(&SimpleReply { error: 0, cookie }.encode()),
+    }
+}
+
+/// Appends to `out` what goes before the data of one part of a READ reply sent part by
+/// part (a READ longer than the 32 MiB the server holds at once): `offset` and `length`
+/// are the part's. Structured: an OFFSET_DATA chunk, which ends the reply if `last`.
+/// Simple: the reply's header before the `first` part; later parts' data just continue it.
+pub fn frame_read_part(out: &mut Vec<u8>, structured: bool, cookie: u64, offset: u64, length: u32, first: bool, last: bool) {
+    if structured {
+        let flags = if last { REPLY_FLAG_DONE } else { 0 };
+        out.extend_from_slice(
+            &ChunkHeader {
+                flags,
+                typ: CHUNK_OFFSET_DATA,
+                cookie,
+                length: 8 + length,
+            }
+            .encode(),
+        );
+        out.extend_from_slice(&offset.to_be_bytes());
+    } else if first {
+        out.extend_from_slice(&SimpleReply { error: 0, cookie }.encode());
+    }
+}
+
+/// Appends to `out` the end of a READ reply sent part by part whose part at `offset`
+/// failed with `error`: structured, an ERROR_OFFSET chunk naming that offset; simple,
+/// an error reply, which only the `first` part can be (after data went out, the
+/// connection must be dropped instead): Err then.
+pub fn frame_read_error(
+    out: &mut Vec<u8>,
+    structured: bool,
+    cookie: u64,
+    error: u32,
+    message: &str,
+    offset: u64,
+    first: bool,
+) -> Result<(), &'static str> {
+    if !structured {
+        if !first {
+            return Err("a simple reply cannot carry an error once its data began: drop the connection");
+        }
+        out.extend_from_slice(&SimpleReply { error, cookie }.encode());
+        return Ok(());
+    }
+    error_chunk(out, cookie, error, message, Some(offset));
+    Ok(())
+}
+
+/// An ERROR chunk (ERROR_OFFSET with `offset`) that ends a structured reply.
+fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, message: &str, offset: Option<u64>) {
+    let text = cut_text(message);
+    let (typ, tail) = match offset {
+        Some(_) => (CHUNK_ERROR_OFFSET, 8),
+        None => (CHUNK_ERROR, 0),
+    };
+    chunk(out, typ, cookie, 6 + text.len() as u32 + tail);
+    out.extend_from_slice(&error.to_be_bytes());
+    out.extend_from_slice(&(text.len() as u16).to_be_bytes());
+    out.extend_from_slice(text.as_bytes());
+    if let Some(offset) = offset {
+        out.extend_from_slice(&offset.to_be_bytes());
     }
 }
 

@@ -1,7 +1,7 @@
 use super::*;
 use crate::nbd_wire::{
-    ChunkHeader, CHUNK_ERROR, CHUNK_NONE, CHUNK_OFFSET_DATA, CMD_FLUSH, CMD_TRIM, ERR_EINVAL, ERR_ENOSPC, ERR_EPERM,
-    REPLY_FLAG_DONE, SIMPLE_REPLY_SIZE, TFLAG_READ_ONLY, TFLAG_SEND_CACHE, TFLAG_SEND_FAST_ZERO, TFLAG_SEND_FLUSH,
+    ChunkHeader, SimpleReply, CHUNK_ERROR, CHUNK_ERROR_OFFSET, CHUNK_NONE, CHUNK_OFFSET_DATA, CMD_FLUSH, CMD_TRIM,
+    ERR_EINVAL, ERR_EIO, ERR_ENOSPC, ERR_EPERM, REPLY_FLAG_DONE, SIMPLE_REPLY_SIZE, TFLAG_READ_ONLY, TFLAG_SEND_CACHE, TFLAG_SEND_FAST_ZERO, TFLAG_SEND_FLUSH,
     TFLAG_SEND_FUA, TFLAG_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES,
 };
 
@@ -355,6 +355,53 @@ fn replies_are_framed_as_negotiated() {
         6 + text_len
     );
     assert!(std::str::from_utf8(&out[26..]).is_ok());
+}
+
+#[test]
+fn read_parts_are_framed_as_negotiated() {
+    let mut out = Vec::new();
+    // Simple: one header before the first part, nothing before the others.
+    frame_read_part(&mut out, false, 9, 0, REQUEST_PART, true, false);
+    assert_eq!(out, SimpleReply { error: 0, cookie: 9 }.encode());
+    out.clear();
+    frame_read_part(&mut out, false, 9, u64::from(REQUEST_PART), 512, false, true);
+    assert!(out.is_empty());
+    // Structured: an OFFSET_DATA chunk per part; only the last one ends the reply.
+    for (last, flags) in [(false, 0), (true, REPLY_FLAG_DONE)] {
+        out.clear();
+        frame_read_part(&mut out, true, 9, 1 << 40, 512, false, last);
+        let head = ChunkHeader {
+            flags,
+            typ: CHUNK_OFFSET_DATA,
+            cookie: 9,
+            length: 520,
+        };
+        assert_eq!(out, [&head.encode()[..], &(1u64 << 40).to_be_bytes()].concat());
+    }
+}
+
+#[test]
+fn a_failed_read_part_ends_the_reply_or_is_refused() {
+    let mut out = Vec::new();
+    assert_eq!(frame_read_error(&mut out, false, 9, ERR_EIO, "gone", 0, true), Ok(()));
+    assert_eq!(out, SimpleReply { error: ERR_EIO, cookie: 9 }.encode());
+    out.clear();
+    // Data went out in a simple reply: no error can follow it.
+    assert!(frame_read_error(&mut out, false, 9, ERR_EIO, "gone", 4096, false).is_err());
+    assert!(out.is_empty());
+    let long = "é".repeat(3000);
+    assert_eq!(frame_read_error(&mut out, true, 9, ERR_EIO, &long, 1 << 33, false), Ok(()));
+    let head = ChunkHeader {
+        flags: REPLY_FLAG_DONE,
+        typ: CHUNK_ERROR_OFFSET,
+        cookie: 9,
+        length: 6 + 4096 + 8,
+    };
+    assert_eq!(&out[..20], &head.encode()[..]);
+    assert_eq!(&out[20..24], &ERR_EIO.to_be_bytes());
+    assert_eq!(u16::from_be_bytes([out[24], out[25]]), 4096);
+    assert!(std::str::from_utf8(&out[26..26 + 4096]).is_ok());
+    assert_eq!(&out[26 + 4096..], &(1u64 << 33).to_be_bytes());
 }
 
 #[test]

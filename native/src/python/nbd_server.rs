@@ -101,6 +101,61 @@ impl PyNbdServerSession {
         Ok(PyBytes::new(py, &out))
     }
 
+    /// frame_read_part(cookie, offset, data, first, last) -> buffers: one part of a READ
+    /// reply sent part by part (a READ longer than 32 MiB), `data` read at `offset`;
+    /// `first` and `last` say which parts these are. Structured: an OFFSET_DATA chunk
+    /// (the last one ends the reply). Simple: the reply's header before the first
+    /// part's data; the data of later parts continues it. `data` goes out uncopied.
+    fn frame_read_part<'py>(
+        &self,
+        py: Python<'py>,
+        cookie: u64,
+        offset: u64,
+        data: Bound<'py, PyAny>,
+        first: bool,
+        last: bool,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let len = PyBuffer::<u8>::get(&data)?.item_count();
+        let length = u32::try_from(len)
+            .ok()
+            .filter(|&n| n <= nbd_server::REQUEST_PART)
+            .ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "a READ part of {len} bytes is longer than the {} bytes of one part",
+                    nbd_server::REQUEST_PART
+                ))
+            })?;
+        let mut head = Vec::with_capacity(32);
+        nbd_server::frame_read_part(&mut head, self.structured, cookie, offset, length, first, last);
+        let out = PyList::empty(py);
+        if !head.is_empty() {
+            out.append(PyBytes::new(py, &head))?;
+        }
+        if len > 0 {
+            out.append(data)?;
+        }
+        Ok(out)
+    }
+
+    /// frame_read_error(cookie, error, message, offset, first) -> bytes: the end of a
+    /// READ reply sent part by part whose part at `offset` failed. Structured: an
+    /// ERROR_OFFSET chunk with the message. Simple: an error reply, which only the first
+    /// part can be: ValueError after that (the caller must drop the connection).
+    fn frame_read_error<'py>(
+        &self,
+        py: Python<'py>,
+        cookie: u64,
+        error: u32,
+        message: &str,
+        offset: u64,
+        first: bool,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let mut out = Vec::with_capacity(32 + message.len().min(crate::nbd_wire::MAX_STRING));
+        nbd_server::frame_read_error(&mut out, self.structured, cookie, error, message, offset, first)
+            .map_err(PyValueError::new_err)?;
+        Ok(PyBytes::new(py, &out))
+    }
+
     /// True once NBD_CMD_DISC arrived: nothing after it is parsed.
     #[getter]
     fn disconnected(&self) -> bool {
