@@ -10,6 +10,8 @@
 
 pub mod block_codec;
 pub mod nbd_client;
+#[cfg(test)]
+mod nbd_cores_agree;
 pub mod nbd_server;
 pub mod nbd_wire;
 #[cfg(feature = "python")]
