@@ -157,10 +157,16 @@ class Commits:
         return self.leaves.dirty_count > 0
 
     async def enter_write(self) -> None:
-        while not self._no_commit.is_set():
+        while not self.try_enter_write():
             await self._no_commit.wait()
+
+    def try_enter_write(self) -> bool:
+        """enter_write at once if no commit holds writes back (most writes: no coroutine)."""
+        if not self._no_commit.is_set():
+            return False
         self._writers += 1
         self._writers_idle.clear()
+        return True
 
     @property
     def committing(self) -> bool:

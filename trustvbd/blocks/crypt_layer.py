@@ -25,6 +25,7 @@ import logging
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import cast
 
@@ -452,13 +453,18 @@ class CryptDisk:
         log.warning("disk %r: its replicas take writes again", self.name)
 
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
-        check_range(self.size, offset, len(data))
-        self._check_usable()
-        await self._wait_for_space()
+        # The common write (lock free, no commit running, sealed inline) awaits nothing:
+        # each step that may wait is tried without a coroutine first.
         length = len(data)
+        check_range(self._lay.logical_size, offset, length)
+        self._check_usable()
+        if self._out_of_space is not None:
+            await self._wait_for_space()
+        commits = self._commits
         if length:
             b0, b1 = offset // BS, -(-(offset + length) // BS)
-            await self._commits.enter_write()
+            if not commits.try_enter_write():
+                await commits.enter_write()
             behind = False  # the lock and the writer count went on with the write behind
             try:
                 hold = self._locks.try_acquire(b0, b1, True) or await self._acquire(b0, b1, True)
@@ -466,18 +472,22 @@ class CryptDisk:
                     if offset % BS == 0 and length % BS == 0:
                         plain = memoryview(data).cast("B")
                     else:
-                        plain = memoryview(await self._merge(b0, b1, offset, data))
+                        data = await self._merge(b0, b1, offset, data)
+                        plain = memoryview(data)
                     n = b1 - b0
-                    version = self._commits.take_versions(n)
-                    ct, new = await self._aead.seal(self._cipher, b0, version, plain)
+                    version = commits.take_versions(n)
+                    if self._aead.inline(n):
+                        ct, new = self._cipher.seal(b0, version, plain)
+                    else:
+                        ct, new = await self._aead.seal(self._cipher, b0, version, plain)
                     old = self._note_write(b0, new)
                     if n == 1:
-                        self._remember(b0, new, plain)
+                        self._remember(b0, new, data)
                     if not fua and self._behind.takes(n):
                         # No await between recording the write and handing it over. While a
                         # FLUSH waits for the writers, joining a run would only delay it.
-                        self._behind.add(b0, old, ct, lambda: self._write_ended(hold),
-                                         gather=not self._commits.committing)
+                        self._behind.add(b0, old, ct, partial(self._write_ended, hold),
+                                         gather=not commits.committing)
                         behind = True
                     else:
                         # With FUA: durable by itself, so the FLUSH that follows (commit)
@@ -488,8 +498,9 @@ class CryptDisk:
                         self._locks.release(hold)
             finally:
                 if not behind:
-                    self._commits.leave_write()
-        await self._maybe_commit(fua)
+                    commits.leave_write()
+        if commits.due(fua):
+            await self._commit(durable=fua)
 
     async def _acquire(self, b0: int, b1: int, exclusive: bool) -> Hold:
         """The range lock the slow way: if an unsent run of writes behind holds these
@@ -514,12 +525,14 @@ class CryptDisk:
         return buf
 
     def _remember(self, b: int, leaf: bytes, plain: Buffer) -> None:
-        """Keep a one-block write's plaintext (a few blocks per disk, the newest)."""
+        """Keep a one-block write's plaintext (a few blocks per disk, the newest); a
+        `bytes` one (the guest's payload, immutable) is kept as it is, not copied."""
         recent = self._recent
         recent.pop(b, None)
         if len(recent) >= _RECENT_BLOCKS:
             del recent[next(iter(recent))]
-        recent[b] = (bytes(leaf), bytes(plain))
+        recent[b] = (leaf if type(leaf) is bytes else bytes(leaf),
+                     plain if type(plain) is bytes else bytes(plain))
 
     def _recent_plain(self, b: int) -> bytes | None:
         """Block b's plaintext as this domain last wrote it, if its leaf is still that
@@ -547,9 +560,10 @@ class CryptDisk:
                 self._unsure.pop(b, None)
 
     def _note_write(self, b0: int, new: bytes) -> bytearray:
-        """Record a write's new leaves (intent log first); return the old ones."""
+        """Record a write's new leaves (intent log first); return the old ones. Not
+        settled (_note_leaves): the replicas have not taken it yet."""
         old = self._leaves.get(b0, b0 + len(new) // LEAF_SIZE)
-        self._note_leaves(b0, old, new, settled=False)
+        self._commits.note_leaves(b0, old, new)
         return old
 
     async def _send(self, b0: int, old: Buffer, ct: Buffer, fua: bool = False) -> None:
