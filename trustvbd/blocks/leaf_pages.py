@@ -353,16 +353,14 @@ class LeafLocks(RangeLock):
     def __init__(self, leaves: LeafPages) -> None:
         super().__init__()
         self._leaves = leaves
-        self._pinned: dict[int, list[int]] = {}
 
     async def acquire(self, start: int, end: int, exclusive: bool) -> Hold:
         hold = await super().acquire(start, end, exclusive)
         try:
-            pages = await self._leaves.hold(start, end)
+            hold.pages = await self._leaves.hold(start, end)
         except BaseException:
             super().release(hold)
             raise
-        self._pinned[id(hold)] = pages
         return hold
 
     def try_acquire(self, start: int, end: int, exclusive: bool) -> Hold | None:
@@ -375,9 +373,10 @@ class LeafLocks(RangeLock):
         if pages is None:
             super().release(hold)
             return None
-        self._pinned[id(hold)] = pages
+        hold.pages = pages
         return hold
 
     def release(self, hold: Hold) -> None:
-        self._leaves.release(self._pinned.pop(id(hold), []))
+        pages, hold.pages = hold.pages, []
+        self._leaves.release(pages)
         super().release(hold)

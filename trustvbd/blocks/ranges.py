@@ -33,14 +33,19 @@ def runs(items: Iterable[int], limit: int) -> list[tuple[int, int]]:
     return out
 
 
+# Exclusive holds of fewer blocks than this are found by block (RangeLock._by_block).
+_INDEXED = 16
+
+
 class Hold:
-    __slots__ = ("done", "end", "exclusive", "start")
+    __slots__ = ("done", "end", "exclusive", "pages", "start")
 
     def __init__(self, start: int, end: int, exclusive: bool) -> None:
         self.start, self.end, self.exclusive = start, end, exclusive
         # Made by the first request that has to wait: most holds never see one,
         # and an Event per request is a measurable share of a 4 KiB read.
         self.done: asyncio.Event | None = None
+        self.pages: list[int] = []  # leaf pages pinned with it (LeafLocks)
 
 
 class RangeLock:
@@ -56,9 +61,24 @@ class RangeLock:
         # Reads are kept apart from writes: a read only has to look at the writes held,
         # and a sequential reader keeps hundreds of reads in flight.
         self._reads: set[Hold] = set()
-        self._writes: set[Hold] = set()
+        self._writes: set[Hold] = set()  # exclusive holds of _INDEXED blocks or more
+        # Smaller exclusive holds (writes behind: dozens held at once while a file is
+        # written block by block) by block; they never overlap, so one hold per block.
+        self._small: set[Hold] = set()
+        self._by_block: dict[int, Hold] = {}
 
     def _conflict(self, start: int, end: int, exclusive: bool) -> Hold | None:
+        small = self._small
+        if small:
+            if end - start <= len(small):
+                get = self._by_block.get
+                for b in range(start, end):
+                    if (h := get(b)) is not None:
+                        return h
+            else:
+                for h in small:
+                    if h.start < end and start < h.end:
+                        return h
         for h in self._writes:
             if h.start < end and start < h.end:
                 return h
@@ -83,10 +103,26 @@ class RangeLock:
 
     def _hold(self, start: int, end: int, exclusive: bool) -> Hold:
         hold = Hold(start, end, exclusive)
-        (self._writes if exclusive else self._reads).add(hold)
+        if not exclusive:
+            self._reads.add(hold)
+        elif end - start < _INDEXED:
+            self._small.add(hold)
+            by_block = self._by_block
+            for b in range(start, end):
+                by_block[b] = hold
+        else:
+            self._writes.add(hold)
         return hold
 
     def release(self, hold: Hold) -> None:
-        (self._writes if hold.exclusive else self._reads).remove(hold)
+        if not hold.exclusive:
+            self._reads.remove(hold)
+        elif hold.end - hold.start < _INDEXED:
+            self._small.remove(hold)
+            by_block = self._by_block
+            for b in range(hold.start, hold.end):
+                del by_block[b]
+        else:
+            self._writes.remove(hold)
         if hold.done is not None:
             hold.done.set()
