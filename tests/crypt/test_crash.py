@@ -152,9 +152,9 @@ def crashing_state(monkeypatch: pytest.MonkeyPatch) -> Clock:
     monkeypatch.setattr(crypt_commit, "CHECKPOINT_BLOCKS", 12)
     monkeypatch.setattr(DiskState, "write_anchor", crashing(DiskState.write_anchor))
     monkeypatch.setattr(TreeFile, "write_back", crashing(TreeFile.write_back))
-    monkeypatch.setattr(IntentLog, "append_tree", crashing(IntentLog.append_tree))
     monkeypatch.setattr(IntentLog, "reset", crashing(IntentLog.reset))
-    monkeypatch.setattr(IntentLog, "append", crashing(IntentLog.append, tear_intent))
+    # Every write of records (leaf records, held back ones together, tree records, marks).
+    monkeypatch.setattr(IntentLog, "_put", crashing(IntentLog._put, tear_intent))
 
     versions: list[int] = []
     seal = BlockCipher.seal

@@ -214,6 +214,7 @@ def test_intent_records_follow_the_document(tmp_path: Path) -> None:
         create_disk_state(tmp_path, "doc", SIZE, kek)
         disk = await open_disk(tmp_path, RawMemory(physical_size(SIZE)), kek, "doc")
         await disk.pwrite(10 * BS, pattern(10) + pattern(11))
+        await disk.settle()  # its record is written before its ciphertext leaves
         log = (tmp_path / "disks" / "doc" / "intent.log").read_bytes()
         rec = log[32:32 + 148]
         assert rec[:4] == b"IREC" and struct.unpack_from(">IQ", rec, 4) == (2, 10)

@@ -251,6 +251,7 @@ def test_after_a_crash_the_tree_file_is_repaired_from_the_intent_log(tmp_path: P
             await disk.pwrite(b * BS, pattern(b))
         await disk.commit()
         await disk.pwrite(20 * 128 * BS, pattern(20))  # not flushed: the log names it
+        await disk.settle()  # sent to the replica, so its intent record was written first
         # The power cut: the tree file's unsynced writes are lost, the process is gone.
         state.tree_path.write_bytes(before)
         disk._commits.tree.close()

@@ -20,6 +20,7 @@ from trustvbd.blocks.layer import Layer
 from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.replica import State
 from trustvbd.blocks.write_behind import GATHER_BLOCKS, WRITE_BEHIND_BLOCKS, WRITE_BEHIND_MAX
+from trustvbd.fileops import OsFileOps
 
 
 class Gate(Layer):
@@ -318,6 +319,63 @@ def test_adjacent_writes_behind_go_to_the_replica_as_one_write(tmp_path: Path,
         await disk.close()
         disk = await open_disk(tmp_path, mem, kek)
         for b in [*range(10, 20), 50, *range(300, 300 + GATHER_BLOCKS + 3)]:
+            assert bytes(await disk.pread(b * BS, BS)) == pattern(b), b
+        await disk.close()
+
+    run(go())
+
+
+class LogWrites(OsFileOps):
+    """Real files; counts the writes of the intent log."""
+
+    def __init__(self) -> None:
+        self.log_fds: set[int] = set()
+        self.log_writes = 0
+
+    def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
+        fd = super().open(path, flags, mode)
+        if Path(path).name == "intent.log":
+            self.log_fds.add(fd)
+        return fd
+
+    def pwrite(self, fd: int, data: Any, offset: int) -> int:
+        self.log_writes += fd in self.log_fds
+        return super().pwrite(fd, data, offset)
+
+
+def test_a_runs_intent_records_go_in_one_write_before_its_ciphertext(
+        tmp_path: Path, no_gather_timer: None) -> None:
+    """Writes behind hold their intent records back: a run of them costs the trusted log one
+    pwrite, made before the run's ciphertext leaves, with every one of its records."""
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        seen: list[list[bytes]] = []
+
+        class Checking(Gate):
+            async def pwrite(self, offset: int, data: Any, fua: bool = False) -> None:
+                if offset >= LAY.data_start:  # what a restart would find in the log now
+                    first = (offset - LAY.data_start) // BS
+                    seen.append([b"".join(intent_leaves(tmp_path, b))
+                                 for b in range(first, first + len(data) // BS)])
+                await super().pwrite(offset, data, fua)
+
+        files = LogWrites()
+        disk = await CryptDisk.open(tmp_path, "vm1", Checking(mem), "r0", kek, files=files)
+        await disk.commit()  # the log starts afresh
+        before = files.log_writes
+        for b in range(10, 20):
+            await disk.pwrite(b * BS, pattern(b))
+        await turns()
+        assert files.log_writes == before  # answered, recorded, nothing written yet
+        await disk.pwrite(50 * BS, pattern(50))  # elsewhere: the run of ten leaves
+        await turns()
+        assert files.log_writes == before + 1  # its ten records, and 50's, in one pwrite
+        assert seen == [[bytes(disk._leaves.get(b, b + 1)) for b in range(10, 20)]]
+        await disk.close()
+        disk = await open_disk(tmp_path, mem, kek)
+        for b in [*range(10, 20), 50]:
             assert bytes(await disk.pread(b * BS, BS)) == pattern(b), b
         await disk.close()
 

@@ -258,6 +258,10 @@ class Write:
     issued: int  # the event count when the request started
     acked: int  # ... and when it was acknowledged
     fua: bool
+    # FLUSHes acknowledged before this write was: a write answered without an event of
+    # its own (its intent record held back, its ciphertext behind) may share its event
+    # count with the FLUSH before it, and is not covered by that FLUSH.
+    flushes_before: int = 0
 
 
 @dataclass
@@ -270,12 +274,12 @@ class Model:
 
     def allowed(self, b: int, cut: int) -> tuple[bytes, list[bytes]]:
         """(the content that must survive, later contents that may show instead)."""
-        flushed = max((f for f in self.flushes if f <= cut), default=0)
+        done = sum(1 for f in self.flushes if f <= cut)  # FLUSHes acknowledged by the cut
         must, maybe = bytes(BS), list[bytes]()
         for w in self.history.get(b, []):
             if w.issued > cut:
                 break
-            if w.acked <= flushed or (w.fua and w.acked <= cut):
+            if w.flushes_before < done or (w.fua and w.acked <= cut):
                 must, maybe = w.value, []
             else:
                 maybe.append(w.value)
@@ -348,7 +352,7 @@ class Guest:
             await disk.pwrite(offset, data, fua)
         for blk in range(b, b + n):
             self.model.wrote(blk, Write(bytes(cur[blk * BS:(blk + 1) * BS]), issued,
-                                        self.events.count, fua))
+                                        self.events.count, fua, len(self.model.flushes)))
 
 
 async def abandon(disk: CryptDisk) -> None:

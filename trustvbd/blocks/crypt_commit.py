@@ -137,15 +137,25 @@ class Commits:
         self._next_version = v + n
         return v
 
-    def note_leaves(self, b0: int, old: Buffer, new: Buffer) -> None:
-        """Record a leaf change durably first (intent log), then in memory."""
+    def note_leaves(self, b0: int, old: Buffer, new: Buffer, held: bool = False) -> None:
+        """Record a leaf change durably first (intent log), then in memory. With `held`,
+        the record is written by the next `write_held` (before the ciphertext leaves) or
+        any other write of the log."""
         try:
-            self.intent.append(b0, old, new)
+            self.intent.append(b0, old, new, held)
         except OSError as exc:
             raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot append to "
                              f"{self.intent.path}: {exc}") from exc
         self.leaves.set(b0, new)
         self.intent_blocks += len(new) // LEAF_SIZE
+
+    def write_held(self) -> None:
+        """Write the intent records held back (note_leaves) before their ciphertext leaves."""
+        try:
+            self.intent.write_held()
+        except OSError as exc:
+            raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot append to "
+                             f"{self.intent.path}: {exc}") from exc
 
     def set_leaf(self, b: int, leaf: bytes) -> None:
         """Go back to a leaf the intent log already holds (a failed write's older version)."""

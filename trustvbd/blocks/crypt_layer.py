@@ -560,10 +560,10 @@ class CryptDisk:
                 self._unsure.pop(b, None)
 
     def _note_write(self, b0: int, new: bytes) -> bytearray:
-        """Record a write's new leaves (intent log first); return the old ones. Not
-        settled (_note_leaves): the replicas have not taken it yet."""
+        """Record a write's new leaves (its intent record held back until _send); return
+        the old ones. Not settled (_note_leaves): the replicas have not taken it yet."""
         old = self._leaves.get(b0, b0 + len(new) // LEAF_SIZE)
-        self._commits.note_leaves(b0, old, new)
+        self._commits.note_leaves(b0, old, new, held=True)
         return old
 
     async def _send(self, b0: int, old: Buffer, ct: Buffer, fua: bool = False) -> None:
@@ -571,6 +571,9 @@ class CryptDisk:
         n = len(old) // LEAF_SIZE
         start = self._lay.data_offset(b0)
         try:
+            # The intent records of these blocks (and of every write before them) first:
+            # held back since their writes (_note_write), one pwrite for a whole run.
+            self._commits.write_held()
             await self._replica.pwrite(start, ct, fua)
         except BaseException:
             # The replica may now hold old or new ciphertext for each block. Earlier

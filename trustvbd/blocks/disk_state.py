@@ -169,6 +169,7 @@ _LOG_HEADER = struct.Struct(">8sIIQI")
 _LOG_MAGIC = b"TVBDINTL"
 _LOG_VERSION = 2
 _REC_HEAD = struct.Struct(">4sIQ")
+_CRC = struct.Struct(">I")
 _REC_MAGIC = b"IREC"
 _TREE_MAGIC = b"TREC"
 _TREE_ENTRY = 8 + HASH_SIZE
@@ -207,7 +208,12 @@ class LogContents:
 class IntentLog:
     """Record of leaf changes since the commit of `base_epoch`, and of page hashes the tree
     file may not hold yet (written after the anchor, without fsync). Records are written one
-    after another into zeroed room kept ahead of them (LOG_ROOM), not appended."""
+    after another into zeroed room kept ahead of them (LOG_ROOM), not appended.
+
+    A leaf record may be held back (`append(..., held=True)`) until the next `write_held`
+    or any other write of the log: a write answered before its replicas (write_behind.py)
+    then costs no system call of its own, and one pwrite carries the records of every
+    write of a run, before its ciphertext leaves (crypt_layer.CryptDisk._send)."""
 
     def __init__(self, path: Path, ops: FileOps = OS_FILES) -> None:
         self.path = path
@@ -218,6 +224,9 @@ class IntentLog:
         # A FLUSH syncs on a thread (crypt_commit.py): a reset must not run inside that
         # sync, or the sync could make a log durable that is truncated and not rewritten.
         self._syncing = threading.Lock()
+        self._held = bytearray()  # leaf records not written yet, in order
+        # The held records and the write position: a sync on a thread writes them too.
+        self._writing = threading.Lock()
 
     @property
     def end(self) -> int:
@@ -228,7 +237,16 @@ class IntentLog:
         return self._end
 
     def _put(self, rec: bytes | bytearray) -> None:
-        """One record, one pwrite: a crash leaves it whole or detectably torn."""
+        """The held records, then `rec`, in one pwrite: a crash leaves each whole or
+        detectably torn (and then none after it)."""
+        with self._writing:
+            held = self._held
+            if held:
+                rec = held + rec
+            self._write(rec)
+            held.clear()
+
+    def _write(self, rec: bytes | bytearray) -> None:
         end = self.end
         if end + len(rec) > self._room:
             # Zeros written (not a hole, not fallocate's unwritten extents): the records
@@ -243,6 +261,11 @@ class IntentLog:
     def _pwrite(self, data: bytes | bytearray, at: int) -> None:
         if self._ops.pwrite(self._fd, data, at) != len(data):
             raise OSError(f"short write to {self.path}")
+
+    def write_held(self) -> None:
+        """Write the records held back (before the ciphertext they describe leaves)."""
+        if self._held:
+            self._put(b"")
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -263,6 +286,14 @@ class IntentLog:
             self._reset(base_epoch, carry, room)
 
     def _reset(self, base_epoch: int, carry: dict[int, bytes] | None, room: bool) -> None:
+        with self._writing:
+            if self._held:  # none at a commit (its writes were sent); they belong to this log
+                self._write(self._held)
+                self._held.clear()
+            self._reset_unlocked(base_epoch, carry, room)
+
+    def _reset_unlocked(self, base_epoch: int, carry: dict[int, bytes] | None,
+                        room: bool) -> None:
         self._ops.ftruncate(self._fd, 0)
         self._end = self._room = 0
         head = _LOG_HEADER.pack(_LOG_MAGIC, _LOG_VERSION, 0, base_epoch, 0)
@@ -270,7 +301,7 @@ class IntentLog:
         if carry:
             out += encode_tree_record(base_epoch, carry)
         if room:
-            self._put(out)
+            self._write(out)
         else:
             self._pwrite(out, 0)
             self._end = self._room = len(out)
@@ -281,6 +312,7 @@ class IntentLog:
 
     def sync(self) -> None:
         """Make every record appended so far survive a power cut (once per commit)."""
+        self.write_held()
         with self._syncing:
             self._ops.fdatasync(self._fd)
 
@@ -291,15 +323,19 @@ class IntentLog:
         self.append(0, b"", b"")
 
     def append(self, first_block: int, old: bytes | bytearray | memoryview,
-               new: bytes | bytearray | memoryview) -> None:
-        """One leaf record (_put)."""
-        n = len(new)
-        rec = bytearray(_REC_HEAD.size + 2 * n + 4)
-        _REC_HEAD.pack_into(rec, 0, _REC_MAGIC, n // 32, first_block)
-        rec[_REC_HEAD.size:_REC_HEAD.size + n] = old
-        rec[_REC_HEAD.size + n:_REC_HEAD.size + 2 * n] = new
-        struct.pack_into(">I", rec, _REC_HEAD.size + 2 * n, zlib.crc32(memoryview(rec)[:-4]))
-        self._put(rec)
+               new: bytes | bytearray | memoryview, held: bool = False) -> None:
+        """One leaf record (_put); with `held`, kept back until `write_held` or the next
+        write of the log, which write it first."""
+        head = _REC_HEAD.pack(_REC_MAGIC, len(new) // 32, first_block)
+        crc = _CRC.pack(zlib.crc32(new, zlib.crc32(old, zlib.crc32(head))))
+        with self._writing:
+            rec = self._held
+            rec += head
+            rec += old
+            rec += new
+            rec += crc
+        if not held:
+            self._put(b"")
 
     def read(self) -> LogContents:
         """The base epoch (None if the log is empty/unreadable) and the whole records.
