@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -114,8 +115,11 @@ def measure(server: Server, size: int, source: Path, runtime: int,
             def run(name: str, what: Callable[[], tuple[dict[str, float], float]]) -> None:
                 """`what` returns (results, how much work it did in reporting units)."""
                 before = procstat.snapshot(work)
+                client = resource.getrusage(resource.RUSAGE_CHILDREN)
                 result, units = what()
                 cpu = procstat.used(before, procstat.snapshot(work))
+                done = resource.getrusage(resource.RUSAGE_CHILDREN)  # the client (nbdcopy, fio)
+                cpu["client"] = (done.ru_utime + done.ru_stime) - (client.ru_utime + client.ru_stime)
                 rep[name] = {**result, "cpu": {role: s / units for role, s in cpu.items()}}
 
             def copy(cmd: list[str]) -> Callable[[], tuple[dict[str, float], float]]:
@@ -236,6 +240,11 @@ def median_cpu(reps: list[Rep], workload: str) -> dict[str, float]:
             for role in sorted(roles)}
 
 
+def server_cpu(by_role: dict[str, float]) -> float:
+    """The server's CPU: every role but the client's (nbdcopy, fio)."""
+    return sum(s for role, s in by_role.items() if role != "client")
+
+
 def replica_costs(runs: dict[str, list[Rep]]) -> list[str]:
     """Issue #11's CPU criterion: per role, the CPU per GiB each replica beyond the first
     adds over the 1-replica row of the same run (and of the baseline's, if measured)."""
@@ -287,7 +296,7 @@ def report(doc: dict[str, Any]) -> None:
                     if a is not None and b:
                         cells.append(f"{header} {a / b:.2f}x")
                 for workload in ("write", "read", "rewrite"):
-                    a, b = (sum(median_cpu(runs[x], workload).values()) for x in (num, den))
+                    a, b = (server_cpu(median_cpu(runs[x], workload)) for x in (num, den))
                     if a and b:
                         cells.append(f"CPU/GiB {workload} {a / b:.2f}x")
                 lines.append(f"| {label} | " + ", ".join(cells) + " |")
@@ -301,14 +310,15 @@ def report(doc: dict[str, Any]) -> None:
             print("\n".join(extra))
         print(f"\n### {suite}: CPU seconds per process role: sequential per GiB, random per 100k "
               "requests (medians)\n")
-        print("| server | workload | CPU by role | total |\n|---|---|---|---|")
+        print("| server | workload | CPU by role (client: nbdcopy or fio) | total (server) |"
+              "\n|---|---|---|---|")
         for name, reps in runs.items():
             for workload in ("write", "read", "rewrite", "randread", "randwrite", "qd1 randread",
                              "qd1 randwrite"):
                 cpu = median_cpu(reps, workload)
                 if cpu:
                     parts = ", ".join(f"{role} {s:.2f}" for role, s in cpu.items())
-                    print(f"| {name} | {workload} | {parts} | {sum(cpu.values()):.2f} |")
+                    print(f"| {name} | {workload} | {parts} | {server_cpu(cpu):.2f} |")
     sys.stdout.flush()
 
 

@@ -27,6 +27,7 @@ from trustvbd.blocks.crypt_layer import physical_size  # noqa: E402
 from trustvbd.config import format_size, parse_size  # noqa: E402,F401  (used by workloads.py)
 
 TRUSTVBD = [sys.executable, "-m", "trustvbd.cli"]
+BASELINE_VENV = ".venv-bench"  # made inside a --baseline tree (tree_python)
 PASS = "bench-passphrase"
 PIDS = "bench.pids"
 # What each kind of row is measured with (see run.py).
@@ -206,11 +207,34 @@ def make_luks(work: Path, size: int) -> None:
     raise RuntimeError("qemu-img could not create the LUKS image")
 
 
+def tree_python(tree: Path) -> str:
+    """An interpreter that imports trustvbd from `tree` and everything else from ours.
+
+    A domain started with a clean environment (the driver domains) cannot be pointed at
+    `tree` by PYTHONPATH: started with this interpreter (`up` uses sys.executable), it
+    runs the tree's code too, so an A/B covers the driver domain. A venv without pip whose
+    one .pth puts `tree` ahead of our site-packages (whose own .pth files, among them the
+    editable install of the checkout, are then not read)."""
+    venv = tree / BASELINE_VENV
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        ours = [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
+        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        Path(site, "trustvbd_tree.pth").write_text("\n".join([str(tree.resolve()), *ours]) + "\n")
+    return str(python)
+
+
+def trustvbd_cli(tree: Path | None) -> list[str]:
+    return TRUSTVBD if tree is None else [tree_python(tree), "-m", "trustvbd.cli"]
+
+
 def trustvbd_driver(size: int, tree: Path | None = None) -> Server:
     """`trustvbd driver` alone; with `tree`, the trustvbd package found there (PYTHONPATH)."""
     def start(work: Path) -> tuple[str, Callable[[], None]]:
         sock = work / "drv.sock"
-        proc = start_ready([*TRUSTVBD, "driver", "--file", str(work / "disk.img"), "--size",
+        proc = start_ready([*trustvbd_cli(tree), "driver", "--file", str(work / "disk.img"), "--size",
                             str(size), "--socket", str(sock)], work, "driver", cwd=work,
                            env=None if tree is None else {**os.environ, "PYTHONPATH": str(tree)})
         return f"nbd+unix:///?socket={sock}", stop_proc(proc)
@@ -223,8 +247,8 @@ def trustvbd_up(size: int, encrypt: bool, replicas: int = 1, nbdkit_drivers: boo
     own driver domains, or nbdkit file servers given by uri (with `delay_ms` per reply).
 
     With `tree`, the launcher and the trusted domains run the trustvbd package found there
-    (PYTHONPATH; an A/B baseline such as `git archive main`); driver domains start with a
-    clean environment and run the installed one."""
+    (an A/B baseline such as `git archive main`), the driver domains too: they start with
+    a clean environment, with the interpreter `up` runs on (tree_python)."""
     env = {**os.environ, "PYTHONPATH": str(tree)} if tree is not None else None
     def start(work: Path) -> tuple[str, Callable[[], None]]:
         with contextlib.ExitStack() as undo:  # stops, last started first
@@ -246,7 +270,7 @@ def trustvbd_up(size: int, encrypt: bool, replicas: int = 1, nbdkit_drivers: boo
                 f'encrypt = {"true" if encrypt else "false"}\n[[guest]]\nname = "g"\nlabel = "G"\n')
             # cwd: `-m` puts the current directory first on sys.path, before PYTHONPATH, so
             # run from the checkout, the "baseline" would import the checkout's package.
-            proc = subprocess.Popen([*TRUSTVBD, "up", "-c", str(config)], stdout=subprocess.PIPE,
+            proc = subprocess.Popen([*trustvbd_cli(tree), "up", "-c", str(config)], stdout=subprocess.PIPE,
                                     stderr=subprocess.DEVNULL, env=env, cwd=work)
             undo.callback(stop_proc(proc))
             assert proc.stdout is not None
