@@ -510,7 +510,6 @@ async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]], targets: lis
     this turn of the loop or the next, and each replica's leave in one send per turn. A
     cancelled caller (or op) cancels every op, waits for those in tasks to stop and raises
     CancelledError (a submitted request is on the wire already: its answer is dropped)."""
-    loop = asyncio.get_running_loop()
     inline: Replica | None = None
     started: list[tuple[Replica, asyncio.Future[None], bool]] = []  # (target, op, submitted)
     for r in targets:
@@ -519,8 +518,8 @@ async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]], targets: lis
             started.append((r, future, True))
         elif inline is None and not started:
             inline = r
-        else:
-            started.append((r, loop.create_task(op(r)), False))
+        else:  # (asyncio.get_running_loop is a getpid system call in 3.11: not per write)
+            started.append((r, asyncio.get_running_loop().create_task(op(r)), False))
     failed: list[tuple[Replica, Exception]] = []
     try:
         if inline is not None:
