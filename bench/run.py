@@ -63,6 +63,8 @@ RATIOS = [
     ("2 replicas / [baseline]", "trustvbd up (encrypted, 2 replicas)",
      "trustvbd up (encrypted, 2 replicas) [baseline]"),
     ("3 replicas / 1", "trustvbd up (encrypted, 3 replicas)", "trustvbd up (encrypted)"),
+    ("3 replicas / 1 [baseline]", "trustvbd up (encrypted, 3 replicas) [baseline]",
+     "trustvbd up (encrypted) [baseline]"),
     ("1 replica / nbdkit file", "trustvbd up (encrypted)", "nbdkit file"),
     (f"+{DELAY_MS} ms / none, 1 replica", f"trustvbd up (encrypted, nbdkit drivers +{DELAY_MS} ms)",
      "trustvbd up (encrypted, nbdkit drivers)"),
@@ -164,8 +166,7 @@ def suites(args: argparse.Namespace, size: int) -> list[tuple[str, list[Server],
                       trustvbd_up(size, True, replicas, nbdkit_drivers=True, delay_ms=DELAY_MS)]
         crypt.append(nbdkit_luks(DELAY_MS))
         if args.baseline is not None:
-            crypt += [trustvbd_up(size, True, tree=args.baseline),
-                      trustvbd_up(size, True, 2, tree=args.baseline)]
+            crypt += [trustvbd_up(size, True, replicas, tree=args.baseline) for replicas in (1, 2, 3)]
         out.append(("crypt", crypt, "nbdkit + luks filter"))
     if args.only:
         out = [(name, [s for s in servers if any(o in s.name for o in args.only)], ref)
@@ -188,7 +189,7 @@ def main() -> int:
                         help="after the sequential read, write the same data again: backing "
                              "files whose page cache exists (the first write allocates it)")
     parser.add_argument("--baseline", type=Path, metavar="DIR",
-                        help="also the rows of `trustvbd driver` (plain suite) and of 1 and 2 "
+                        help="also the rows of `trustvbd driver` (plain suite) and of 1, 2 and 3 "
                              "replicas (crypt suite) with the trustvbd package in DIR (e.g. "
                              "`git archive main | tar -x -C DIR` and main's built "
                              "trustvbd/_native.abi3.so), for A/B")

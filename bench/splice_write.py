@@ -1,10 +1,12 @@
-"""Kernel CPU of taking write payloads from a socket into a file: copy vs splice (#13).
+"""Kernel CPU of taking write payloads from a socket into a file: copy, splice, mmap (#13, #11).
 
     .venv/bin/python bench/splice_write.py [--gib 2] [--rounds 3] [--chunk 262144]
 
 The driver domain receives each WRITE payload into a buffer (recv_into) and pwrites it.
-The alternative measured here splices the payload socket -> pipe (F_SETPIPE_SZ 1 MiB) ->
-file (os.splice), which skips the copy into user memory. A sender process writes NBD-sized
+The alternatives measured here: splice the payload socket -> pipe (F_SETPIPE_SZ 1 MiB) ->
+file (os.splice), which skips the copy into user memory; and receive it straight into a
+shared mapping of the file (`mmap`; `mmap+populate` first faults the range in with
+MADV_POPULATE_WRITE), which skips pwrite's copy. A sender process writes NBD-sized
 payloads into a Unix socket pair; the receiver's CPU (user + system) per GiB is measured
 for each way over a file whose page cache exists (`rewrite`) and over a freshly truncated
 one (`fresh`). Each way runs once unmeasured, then `--rounds` times: on this VM the first
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import mmap
 import os
 import resource
 import socket
@@ -23,6 +26,7 @@ import statistics
 import tempfile
 
 F_SETPIPE_SZ = 1031
+MADV_POPULATE_WRITE = 23  # Linux 5.14
 
 
 def _send(sock: socket.socket, total: int, chunk: int) -> None:
@@ -64,6 +68,31 @@ def _take_by_splice(sock: socket.socket, fd: int, total: int, chunk: int) -> Non
         os.close(w)
 
 
+def _take_by_mmap(sock: socket.socket, fd: int, total: int, chunk: int, populate: bool) -> None:
+    with mmap.mmap(fd, total) as mapped:
+        view = memoryview(mapped)
+        try:
+            for off in range(0, total, chunk):
+                if populate:
+                    mapped.madvise(MADV_POPULATE_WRITE, off, chunk)
+                got = 0
+                while got < chunk:
+                    n = sock.recv_into(view[off + got:off + chunk])
+                    if n == 0:
+                        raise EOFError("sender stopped early")
+                    got += n
+        finally:
+            view.release()
+
+
+WAYS = {
+    "copy": _take_by_copy,
+    "splice": _take_by_splice,
+    "mmap": lambda s, f, t, c: _take_by_mmap(s, f, t, c, False),
+    "mmap+populate": lambda s, f, t, c: _take_by_mmap(s, f, t, c, True),
+}
+
+
 def one(way: str, path: str, total: int, chunk: int, fresh: bool) -> float:
     """Receiver CPU seconds per GiB for one run."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | (os.O_TRUNC if fresh else 0), 0o600)
@@ -78,7 +107,7 @@ def one(way: str, path: str, total: int, chunk: int, fresh: bool) -> float:
             os._exit(0)
     b.close()
     before = resource.getrusage(resource.RUSAGE_SELF)
-    (_take_by_copy if way == "copy" else _take_by_splice)(a, fd, total, chunk)
+    WAYS[way](a, fd, total, chunk)
     after = resource.getrusage(resource.RUSAGE_SELF)
     os.waitpid(pid, 0)
     a.close()
@@ -97,7 +126,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         path = os.path.join(tmp, "target.img")
         for fresh in (False, True):
-            runs: dict[str, list[float]] = {"copy": [], "splice": []}
+            runs: dict[str, list[float]] = {way: [] for way in WAYS}
             for way, cpus in runs.items():
                 one(way, path, total, args.chunk, fresh=True)  # the file and its page cache exist
                 cpus += [one(way, path, total, args.chunk, fresh) for _ in range(args.rounds)]

@@ -1,0 +1,143 @@
+"""What one more replica's payload costs the kernel, apart from trustvbd (#11).
+
+    .venv/bin/python bench/send_copies.py [--gib 1] [--rounds 3]
+
+`send`: the sender's CPU (user + system) per GiB of 256 KiB payloads into a Unix socket
+(SO_SNDBUF 4 MiB, as the encryption domain's links), the copy each replica beyond the
+first costs the encryption domain, against vmsplice(2) of the same pages into a pipe and
+splice(2) from it into the socket, which hands the socket references to the pages instead
+of copying them (the pages must then stay unchanged until the receiver has read them). A
+receiver process reads and pwrites into a file, as a driver does.
+
+`pwrite`: a driver's pwrite of 256 KiB payloads into a fresh file (page cache allocated by
+the write) at offsets aligned to 256 KiB against offsets 8 KiB past that (where a
+replica's ciphertext lies: docs/format.md puts the data area after 8 KiB of superblock
+slots and the leaf pages).
+
+Medians of --rounds after one unmeasured run of each way; prints the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import mmap
+import os
+import resource
+import socket
+import statistics
+import tempfile
+
+CHUNK = 256 << 10
+F_SETPIPE_SZ = 1031
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_libc.vmsplice.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_uint]
+_libc.vmsplice.restype = ctypes.c_ssize_t
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _receive(sock: socket.socket, path: str) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    view = memoryview(bytearray(CHUNK))
+    offset = 0
+    while n := sock.recv_into(view):
+        os.pwrite(fd, view[:n], offset % (256 << 20))
+        offset += n
+    os.close(fd)
+
+
+def send_once(way: str, total: int, path: str) -> float:
+    """Sender CPU seconds per GiB: `copy` (sendall) or `vmsplice` (vmsplice + splice)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    pid = os.fork()
+    if pid == 0:
+        a.close()
+        try:
+            _receive(b, path)
+        finally:
+            os._exit(0)
+    b.close()
+    source = mmap.mmap(-1, 4 * CHUNK)  # four payloads, as ciphertext buffers taking turns
+    source.write(os.urandom(4 * CHUNK))
+    base = ctypes.addressof(ctypes.c_char.from_buffer(source))
+    r, w = os.pipe()
+    fcntl.fcntl(w, F_SETPIPE_SZ, 1 << 20)
+    start = _cpu()
+    for i in range(total // CHUNK):
+        at = (i % 4) * CHUNK
+        if way == "copy":
+            a.sendall(memoryview(source)[at:at + CHUNK])
+            continue
+        left = CHUNK
+        while left:
+            iov = _IoVec(base + at + CHUNK - left, left)
+            n = _libc.vmsplice(w, ctypes.byref(iov), 1, 0)
+            if n < 0:
+                raise OSError(ctypes.get_errno(), "vmsplice")
+            moved = 0
+            while moved < n:
+                moved += os.splice(r, a.fileno(), n - moved)
+            left -= n
+    used = _cpu() - start
+    a.shutdown(socket.SHUT_WR)
+    os.waitpid(pid, 0)
+    a.close()
+    os.close(r)
+    os.close(w)
+    return used / (total / (1 << 30))
+
+
+def pwrite_once(shift: int, total: int, path: str) -> float:
+    """CPU seconds per GiB of pwrites into a truncated file, `shift` bytes past alignment."""
+    payload = os.urandom(CHUNK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.ftruncate(fd, total + (1 << 20))
+    start = _cpu()
+    for offset in range(0, total, CHUNK):
+        os.pwrite(fd, payload, offset + shift)
+    used = _cpu() - start
+    os.close(fd)
+    return used / (total / (1 << 30))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gib", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    total = args.gib << 30
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        path = os.path.join(tmp, "target.img")
+        ways = {"send copy": lambda: send_once("copy", total, path),
+                "send vmsplice": lambda: send_once("vmsplice", total, path),
+                "pwrite aligned": lambda: pwrite_once(0, total, path),
+                "pwrite +8 KiB": lambda: pwrite_once(8192, total, path)}
+        runs: dict[str, list[float]] = {name: [] for name in ways}
+        for way in ways.values():
+            way()  # unmeasured
+        for _ in range(args.rounds):
+            for name, way in ways.items():  # interleaved
+                runs[name].append(way())
+        for name, cpus in runs.items():
+            print(f"{name:15} {statistics.median(cpus):.3f} s CPU per GiB "
+                  f"(runs: {', '.join(f'{c:.3f}' for c in cpus)})")
+    print(f"load average: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
