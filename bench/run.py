@@ -107,7 +107,8 @@ def fio(uri: str, rw: str, depth: int, runtime: int, size: int) -> dict[str, flo
 
 
 def measure(server: Server, size: int, source: Path, runtime: int,
-            only: tuple[str, ...] | None = None, rewrite: bool = False) -> Rep:
+            only: tuple[str, ...] | None = None, rewrite: bool = False,
+            request_size: int | None = None) -> Rep:
     rep: Rep = {}
     with workdir() as work:
         if server.luks_image:
@@ -135,10 +136,11 @@ def measure(server: Server, size: int, source: Path, runtime: int,
 
             workloads = [w for w in server.workloads if only is None or w in only]
             if "seq" in workloads:
-                run("write", copy(["nbdcopy", str(source), uri]))
-                run("read", copy(["nbdcopy", uri, "null:"]))
+                nbdcopy = ["nbdcopy", *([f"--request-size={request_size}"] if request_size else [])]
+                run("write", copy([*nbdcopy, str(source), uri]))
+                run("read", copy([*nbdcopy, uri, "null:"]))
                 if rewrite:
-                    run("rewrite", copy(["nbdcopy", str(source), uri]))
+                    run("rewrite", copy([*nbdcopy, str(source), uri]))
             if "random" in workloads:
                 run("randread", random("randread", 16))
                 run("randwrite", random("randwrite", 16))
@@ -188,6 +190,8 @@ def main() -> int:
     parser.add_argument("--rewrite", action="store_true",
                         help="after the sequential read, write the same data again: backing "
                              "files whose page cache exists (the first write allocates it)")
+    parser.add_argument("--request-size", metavar="SIZE",
+                        help="nbdcopy's request size (its default: 256 KiB)")
     parser.add_argument("--baseline", type=Path, metavar="DIR",
                         help="also the rows of `trustvbd driver` (plain suite) and of 1, 2 and 3 "
                              "replicas (crypt suite) with the trustvbd package in DIR (e.g. "
@@ -201,7 +205,9 @@ def main() -> int:
         report(json.loads(args.from_json.read_text()))
         return 0
     size = parse_size(args.size)
+    request_size = parse_size(args.request_size) if args.request_size else None
     doc: dict[str, Any] = {"options": {"size": size, "reps": args.reps,
+                                       "request_size": args.request_size,
                                        "fio_runtime": args.fio_runtime,
                                        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                        "cpus": os.cpu_count()},
@@ -221,7 +227,7 @@ def main() -> int:
                     print(f"[{suite} rep {rep + 1}/{args.reps}] {server.name}", file=sys.stderr)
                     runs[server.name].append(measure(server, size, source, args.fio_runtime,
                                                        args.workloads and tuple(args.workloads),
-                                                       args.rewrite))
+                                                       args.rewrite, request_size))
             if not args.json:
                 report({"options": doc["options"], "suites": {suite: doc["suites"][suite]}})
     if args.json:
@@ -272,7 +278,8 @@ def report(doc: dict[str, Any]) -> None:
         runs: dict[str, list[Rep]] = data["servers"]
         reference = data["reference"]
         ref = runs.get(reference, [])
-        print(f"\n## {suite}: nbdcopy {format_size(opts['size'])} sequential, fio nbd 4 KiB random "
+        requests = f" in {opts['request_size']} requests" if opts.get("request_size") else ""
+        print(f"\n## {suite}: nbdcopy {format_size(opts['size'])} sequential{requests}, fio nbd 4 KiB random "
               f"QD16 and QD1 ({opts['fio_runtime']} s); medians of {opts['reps']}; "
               f"(x) = ratio to {reference}\n")
         print("| server | " + " | ".join(c[0] for c in COLUMNS) + " |")
