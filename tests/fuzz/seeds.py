@@ -143,18 +143,18 @@ def _server_transcript(structured: bool) -> bytes:
     handshake = b"".join(out[1:])
     out[1:] = [len(handshake).to_bytes(2, "big"), handshake]
     if structured:
-        out.append(s.send(m.OffsetData(1, 0, b"\x01" * 2048, done=False)))
-        out.append(s.send(m.OffsetHole(1, 2048, 2048)))
-        out.append(s.send(m.ErrorChunk(2, p.NbdErr.ENOSPC, "full", None)))
-        out.append(s.send(m.OffsetData(3, 8192, b"\x03" * 4096)))
-        out.append(s.send(m.ErrorChunk(4, p.NbdErr.EIO, "flush failed", None)))
-        out.append(s.send(m.OffsetData(5, 512, b"\x05" * 512)))
+        out.append(b"".join(m.encode_parts(m.OffsetData(1, 0, b"\x01" * 2048, done=False))))
+        out.append(b"".join(m.encode_parts(m.OffsetHole(1, 2048, 2048))))
+        out.append(b"".join(m.encode_parts(m.ErrorChunk(2, p.NbdErr.ENOSPC, "full", None))))
+        out.append(b"".join(m.encode_parts(m.OffsetData(3, 8192, b"\x03" * 4096))))
+        out.append(b"".join(m.encode_parts(m.ErrorChunk(4, p.NbdErr.EIO, "flush failed", None))))
+        out.append(b"".join(m.encode_parts(m.OffsetData(5, 512, b"\x05" * 512))))
     else:
-        out.append(s.send(m.SimpleReply(1, 0, b"\x01" * 4096)))
-        out.append(s.send(m.SimpleReply(2)))
-        out.append(s.send(m.SimpleReply(3, 5)))
-        out.append(s.send(m.SimpleReply(4)))
-        out.append(s.send(m.SimpleReply(5, 0, b"\x05" * 512)))
+        out.append(b"".join(m.encode_parts(m.SimpleReply(1, 0, b"\x01" * 4096))))
+        out.append(b"".join(m.encode_parts(m.SimpleReply(2))))
+        out.append(b"".join(m.encode_parts(m.SimpleReply(3, 5))))
+        out.append(b"".join(m.encode_parts(m.SimpleReply(4))))
+        out.append(b"".join(m.encode_parts(m.SimpleReply(5, 0, b"\x05" * 512))))
     return b"".join(out)
 
 

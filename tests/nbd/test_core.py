@@ -135,6 +135,12 @@ def deliver(sender: Core, receiver: Core, msg: m.Event) -> list[m.Event | Reply]
     return drain(receiver)
 
 
+def reply(client: ClientEnd, msg: m.Reply) -> list[m.Event | Reply]:
+    """A server's reply, encoded by messages.py (the server frames its own natively)."""
+    client.receive_data(reply_wire(msg))
+    return drain(client)
+
+
 def negotiated(structured: bool = True, size: int = 1 << 20) -> tuple[ClientEnd, ProtocolCore]:
     c, s = ClientEnd(), ProtocolCore(Role.SERVER)
     deliver(s, c, m.Greeting(3))
@@ -175,23 +181,23 @@ def test_read_write_round_trip_simple_and_structured() -> None:
         payload = bytes(range(256)) * 16
         s.receive_data(c.send(m.Request(p.Cmd.WRITE, 1, 4096, 4096, 0, payload)))
         assert requests_of(s) == [m.Request(p.Cmd.WRITE, 1, 4096, 4096, 0, payload)]
-        assert deliver(s, c, m.SimpleReply(1)) == [Reply(1)]
+        assert reply(c, m.SimpleReply(1)) == [Reply(1)]
         deliver(c, s, m.Request(p.Cmd.READ, 2, 4096, 4096))
         msg = m.OffsetData(2, 4096, payload) if structured else m.SimpleReply(2, 0, payload)
-        [reply] = only(deliver(s, c, msg), Reply)
-        assert reply.cookie == 2 and data_of(reply) == payload
+        [answer] = only(reply(c, msg), Reply)
+        assert answer.cookie == 2 and data_of(answer) == payload
 
 
 def test_replies_out_of_order_and_errors_with_messages() -> None:
     c, s = negotiated()
     for cookie in (1, 2, 3):
         deliver(c, s, m.Request(p.Cmd.READ, cookie, 0, 512))
-    assert deliver(s, c, m.ErrorChunk(3, p.NbdErr.EIO, "disk on fire")) == [
+    assert reply(c, m.ErrorChunk(3, p.NbdErr.EIO, "disk on fire")) == [
         Reply(3, p.NbdErr.EIO, "disk on fire")
     ]
-    [r1] = only(deliver(s, c, m.OffsetHole(1, 0, 512)), Reply)
+    [r1] = only(reply(c, m.OffsetHole(1, 0, 512)), Reply)
     assert data_of(r1) == bytes(512)
-    [r2] = only(deliver(s, c, m.OffsetData(2, 0, b"\x01" * 512)), Reply)
+    [r2] = only(reply(c, m.OffsetData(2, 0, b"\x01" * 512)), Reply)
     assert data_of(r2) == b"\x01" * 512
     assert c.pending == 0
 
@@ -203,19 +209,19 @@ def test_state_table_rejects_messages_out_of_turn() -> None:
     with pytest.raises(p.LocalProtocolError):
         s.send(m.Request(p.Cmd.READ, 1))  # a server never sends requests
     _c2, s2 = negotiated(structured=False)
-    with pytest.raises(p.LocalProtocolError):
-        s2.send(m.OffsetData(1, 0, b"x"))  # structured replies were not negotiated
+    with pytest.raises(p.LocalProtocolError, match=r"framed by server_session\(\)"):
+        s2.send(m.SimpleReply(1))  # replies are framed natively only
 
 
 def framed(s: ProtocolCore, *replies: tuple[int, int, str, int, bytes | int | None]) -> bytes:
     return b"".join(bytes(part) for part in s.server_session().frame(list(replies)))
 
 
-def reply_wire(ref: ProtocolCore, msg: m.Event) -> bytes:
-    return b"".join(bytes(part) for part in ref.send_parts(msg))
+def reply_wire(msg: m.Reply) -> bytes:
+    return b"".join(bytes(part) for part in m.encode_parts(msg))
 
 
-def read_reply(structured: bool, cookie: int, offset: int, data: bytes) -> m.Event:
+def read_reply(structured: bool, cookie: int, offset: int, data: bytes) -> m.Reply:
     if not structured:
         return m.SimpleReply(cookie, 0, data)
     return m.OffsetData(cookie, offset, data) if data else m.NoneChunk(cookie)
@@ -226,22 +232,21 @@ def test_native_replies_are_the_bytes_of_the_messages_they_stand_for() -> None:
     small, big = bytes(range(256)) * 16, bytes(range(256)) * 256  # copied in, sent as is
     for structured in (False, True):
         _, s = negotiated(structured)
-        _, ref = negotiated(structured)
-        assert framed(s, (7, 0, "", 0, None)) == reply_wire(ref, m.SimpleReply(7))
+        assert framed(s, (7, 0, "", 0, None)) == reply_wire(m.SimpleReply(7))
         assert framed(s, (8, 0, "", 4096, small)) == reply_wire(
-            ref, read_reply(structured, 8, 4096, small))
-        assert framed(s, (9, 0, "", 0, b"")) == reply_wire(ref, read_reply(structured, 9, 0, b""))
+            read_reply(structured, 8, 4096, small))
+        assert framed(s, (9, 0, "", 0, b"")) == reply_wire(read_reply(structured, 9, 0, b""))
         error = m.ErrorChunk(5, p.NbdErr.ENOSPC, "full \u00e9") if structured \
             else m.SimpleReply(5, p.NbdErr.ENOSPC)
-        assert framed(s, (5, p.NbdErr.ENOSPC, "full \u00e9", 0, None)) == reply_wire(ref, error)
+        assert framed(s, (5, p.NbdErr.ENOSPC, "full \u00e9", 0, None)) == reply_wire(error)
         # A batch, in order; big data is not copied, only a header for file ranges.
         batch = s.server_session().frame([(1, 0, "", 0, None), (2, 0, "", 512, big),
                                           (3, 0, "", 0, small), (4, 0, "", 8192, 70000)])
         assert any(part is big for part in batch)
-        file_range = reply_wire(ref, read_reply(structured, 4, 8192, b"\0" * 70000))[:-70000]
+        file_range = reply_wire(read_reply(structured, 4, 8192, b"\0" * 70000))[:-70000]
         assert b"".join(bytes(x) for x in batch) == b"".join([
-            reply_wire(ref, m.SimpleReply(1)), reply_wire(ref, read_reply(structured, 2, 512, big)),
-            reply_wire(ref, read_reply(structured, 3, 0, small)), file_range])
+            reply_wire(m.SimpleReply(1)), reply_wire(read_reply(structured, 2, 512, big)),
+            reply_wire(read_reply(structured, 3, 0, small)), file_range])
         # And a client reads them as the replies they are.
         c, s = negotiated(structured)
         deliver(c, s, m.Request(p.Cmd.READ, 1, 4096, 4096))
@@ -255,7 +260,6 @@ def test_native_read_parts_are_the_bytes_of_the_messages_they_stand_for() -> Non
     one, two = bytes(range(256)) * 64, b"\x07" * 5000
     for structured in (False, True):
         _, s = negotiated(structured)
-        _, ref = negotiated(structured)
         session = s.server_session()
         first = session.frame_read_part(3, 1 << 36, one, True, False)
         last = session.frame_read_part(3, (1 << 36) + len(one), two, False, True)
@@ -263,18 +267,18 @@ def test_native_read_parts_are_the_bytes_of_the_messages_they_stand_for() -> Non
         if structured:
             want = [m.OffsetData(3, 1 << 36, one, done=False),
                     m.OffsetData(3, (1 << 36) + len(one), two, done=True)]
-            wire = b"".join(reply_wire(ref, msg) for msg in want)
+            wire = b"".join(reply_wire(msg) for msg in want)
         else:  # one simple reply whose data the second part continues
-            wire = reply_wire(ref, m.SimpleReply(3, 0, one + two))
+            wire = reply_wire(m.SimpleReply(3, 0, one + two))
             assert len(last) == 1
         assert b"".join(bytes(x) for x in first + last) == wire
         text = "part failed \u00e9" * 400  # cut at 4096 bytes, on a character boundary
         if structured:
             assert session.frame_read_error(3, p.NbdErr.EIO, text, 1 << 36, False) == reply_wire(
-                ref, m.ErrorChunk(3, p.NbdErr.EIO, text, 1 << 36))
+                m.ErrorChunk(3, p.NbdErr.EIO, text, 1 << 36))
         else:
             assert session.frame_read_error(3, p.NbdErr.EIO, text, 1 << 36, True) == reply_wire(
-                ref, m.SimpleReply(3, p.NbdErr.EIO))
+                m.SimpleReply(3, p.NbdErr.EIO))
             with pytest.raises(ValueError, match="drop the connection"):
                 session.frame_read_error(3, p.NbdErr.EIO, text, 1 << 36, False)
         with pytest.raises(ValueError, match="longer than"):
@@ -465,18 +469,18 @@ def test_structured_read_reassembles_any_chunk_order(
     n, order, holes = layout
     size = n * 512
     expected = bytearray(size)
-    c, s = negotiated(size=size)
+    c, _ = negotiated(size=size)
     c.send(m.Request(p.Cmd.READ, 1, 0, size))
     wire = b""
     for k, idx in enumerate(order):
         last = k == len(order) - 1
         if holes[idx]:
-            chunk: m.Event = m.OffsetHole(1, idx * 512, 512, done=last)
+            chunk: m.Reply = m.OffsetHole(1, idx * 512, 512, done=last)
         else:
             block = bytes([idx + 1]) * 512
             expected[idx * 512 : idx * 512 + 512] = block
             chunk = m.OffsetData(1, idx * 512, block, done=last)
-        wire += s.send(chunk)
+        wire += reply_wire(chunk)
     for piece in split_at(wire, cuts):
         c.receive_data(piece)
     [reply] = only(drain(c), Reply)
@@ -488,11 +492,11 @@ def test_structured_read_reassembles_any_chunk_order(
        st.lists(st.integers(0, 500), max_size=5))
 def test_error_chunks_round_trip(error: int, text: str, with_offset: bool,
                                  cuts: list[int]) -> None:
-    c, s = negotiated()
+    c, _ = negotiated()
     cookie = 1  # the engine's first
     c.send(m.Request(p.Cmd.WRITE, cookie, 0, 512, 0, bytes(512)))
     chunk = m.ErrorChunk(cookie, error, text, 256 if with_offset else None)
-    for piece in split_at(s.send(chunk), cuts):
+    for piece in split_at(reply_wire(chunk), cuts):
         c.receive_data(piece)
     assert drain(c) == [Reply(cookie, error, text)]
 

@@ -16,8 +16,9 @@ A client core ends with the handshake: the client's transmission phase (requests
 replies, their checks) is the native engine (`trustvbd._native.NbdClientEngine`,
 native/src/nbd_client), which `trustvbd.nbd.client` attaches once GO is answered.
 A server core receives the bytes of transmission too, but parsing and checking the
-requests and framing the replies is native (`trustvbd._native.NbdServerSession`,
-native/src/nbd_server): the core hands the parsed requests out as `requests`.
+requests and framing every reply is native (`trustvbd._native.NbdServerSession`,
+native/src/nbd_server): the core hands the parsed requests out as `requests`, and
+refuses to send a reply itself.
 """
 
 from __future__ import annotations
@@ -59,10 +60,9 @@ _ERROR, _TRANSMISSION, _DISCONNECTING = State.ERROR, State.TRANSMISSION, State.D
 _WRITE, _DISC = int(p.Cmd.WRITE), int(p.Cmd.DISC)
 
 
-SERVER_MESSAGES = (
-    m.Greeting, m.OptionReply, m.ExportNameReply, m.SimpleReply,
-    m.OffsetData, m.OffsetHole, m.ErrorChunk, m.NoneChunk,
-)
+# Only the handshake's: every transmission-phase reply is framed natively, by the
+# server_session() (NbdServerSession), so Python has no second framer for them.
+SERVER_MESSAGES = (m.Greeting, m.OptionReply, m.ExportNameReply)
 CLIENT_MESSAGES = (m.ClientFlags, m.Option)  # requests: the native engine
 
 # Scratch receive buffer. Every message that is not routed straight into its
@@ -156,8 +156,6 @@ TRANSITIONS: dict[tuple[State, type], _Next] = {
     (State.OPTION_REPLY, m.OptionReply): _after_option_reply,
     (State.EXPORT_NAME_REPLY, m.ExportNameReply): _after_export_name_reply,
     (State.TRANSMISSION, m.Request): _after_request,
-    **{(State.TRANSMISSION, t): State.TRANSMISSION for t in SERVER_MESSAGES[3:]},
-    **{(State.DISCONNECTING, t): State.DISCONNECTING for t in SERVER_MESSAGES[3:]},
 }
 
 
@@ -254,13 +252,11 @@ class ProtocolCore:
         """Like send(), but as a list of buffers so payloads are not copied."""
         ours = SERVER_MESSAGES if self.role is Role.SERVER else CLIENT_MESSAGES
         if not isinstance(msg, ours):
-            raise p.LocalProtocolError(f"a {self.role.value} cannot send {type(msg).__name__}")
+            native = " (transmission replies are framed by server_session())" if isinstance(
+                msg, m.Reply) else ""
+            raise p.LocalProtocolError(f"a {self.role.value} cannot send {type(msg).__name__}{native}")
         if self.state is _ERROR:
             raise p.LocalProtocolError(f"connection failed earlier: {self.error}")
-        if type(msg) in (m.OffsetData, m.OffsetHole, m.ErrorChunk, m.NoneChunk) and not (
-            self.structured
-        ):
-            raise p.LocalProtocolError("structured replies were not negotiated")
         try:
             self._transition(msg)
         except p.ProtocolError as exc:

@@ -1,10 +1,12 @@
 """NBD messages as plain objects (the events of the sans-I/O core) and their encoding.
 
 Each class is one message on the wire; `encode_parts(msg)` turns it into a list
-of buffers (the payload is never copied, so a 32 MiB read reply costs one
-small header). Decoding lives in `core.py`, because how many bytes a message
-has depends on the connection's state. The helpers at the end build and parse
-option payloads (GO/INFO requests, INFO and SERVER replies) for both sides.
+of buffers (the payload is never copied). The handshake sends its messages with
+it; the transmission replies are framed natively (NbdServerSession), and their
+classes here are the tests' independent reference for those bytes. Decoding
+lives in `core.py`, because how many bytes a message has depends on the
+connection's state. The helpers at the end build and parse option payloads
+(GO/INFO requests, INFO and SERVER replies) for both sides.
 """
 
 from __future__ import annotations
@@ -134,6 +136,10 @@ Event = (
     Greeting | ClientFlags | Option | OptionReply | ExportNameReply | Request | SimpleReply
     | OffsetData | OffsetHole | ErrorChunk | NoneChunk | ConnectionClosed
 )
+# The transmission-phase replies. trustvbd frames them natively (native/src/nbd_server);
+# these classes and their encoding are the tests' independent reference for those bytes
+# and what they feed the native client.
+Reply = SimpleReply | OffsetData | OffsetHole | ErrorChunk | NoneChunk
 Chunk = OffsetData | OffsetHole | ErrorChunk | NoneChunk
 
 # A request as the server's native framer hands it out (native/src/nbd_server/):
