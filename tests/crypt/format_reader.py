@@ -192,8 +192,12 @@ def recovered_leaves(log: IntentLog) -> dict[int, tuple[bytes, list[bytes]]]:
             continue
         first, olds, leaves = rec
         for i, (old, new) in enumerate(zip(olds, leaves, strict=True)):
-            committed.setdefault(first + i, old)
-            news.setdefault(first + i, []).append(new)
+            b = first + i
+            # A record's old leaf is the one the block had: the previous record's new one.
+            need(b not in news or news[b][-1] == old,
+                 f"intent log: block {b}'s old leaf is not the new leaf of its previous record")
+            committed.setdefault(b, old)
+            news.setdefault(b, []).append(new)
     out = {}
     for b, leaves in news.items():
         below = floor.get(b, 0)  # the floor is new leaf number below-1, or the committed leaf
