@@ -1,8 +1,9 @@
 """The data plane and the independent reader of docs/format.md, driven by one random workload.
 
 A real `trustvbd up` (1 and 2 replicas) takes a seeded random workload from libnbd: writes of
-1 byte to 2 MiB at any offset (unaligned ones read-modify-write their blocks), concurrent
-writes to disjoint bytes of the same blocks, FUA writes, zeroes, trims, flushes, overwrites.
+1 byte to 2 MiB at any offset (unaligned ones read-modify-write their blocks), batches of up
+to 16 concurrent writes, zeroes and trims on disjoint bytes (of the same few blocks, or spread
+over 1 MiB), FUA writes, zeroes, trims, flushes, overwrites.
 The test keeps the disk it expects byte by byte. Then each replica's backing file is read
 with tests/crypt/format_reader.py (keys, anchor, superblock, tree, leaves, tags, as the
 document says) and must hold exactly that disk; so must the disk read back through NBD after
@@ -133,21 +134,29 @@ class Workload:
             self.note("read")
 
     def disjoint_batch(self) -> None:
-        """Up to 8 writes in flight at once to disjoint bytes, often of the same few blocks
-        (each is a read-modify-write of a block another one is changing too)."""
+        """Up to 16 requests in flight at once on disjoint bytes, writes, zeroes and trims:
+        packed into 4 blocks (each a read-modify-write of a block others change too), or
+        spread over 1 MiB (runs the write-behind gathers and sends in any order)."""
         rng, h = self.rng, self.h
-        base = rng.randrange(0, SIZE - 4 * BS, BS)
-        cuts = sorted(rng.sample(range(1, 4 * BS), rng.randrange(2, 9)))
-        bounds = list(zip([0, *cuts], [*cuts, 4 * BS], strict=True))
-        cookies = []
+        span = 4 * BS if rng.random() < 0.5 else 1 << 20
+        base = rng.randrange(0, SIZE - span, BS)
+        cuts = sorted(rng.sample(range(1, span), rng.randrange(2, 32)))
+        bounds = list(zip([0, *cuts], [*cuts, span], strict=True))
+        cookies, buffers = [], []
         for start, end in bounds[::2]:  # every other piece: gaps keep their old bytes
-            data = bytearray(rng.randbytes(end - start))
-            buf = self.nbd.Buffer.from_bytearray(data)
-            cookies.append((h.aio_pwrite(buf, base + start), buf))
-            self.model[base + start:base + end] = data
+            at, n = base + start, end - start
+            kind = rng.random()
+            if kind < 0.7:
+                data = bytearray(rng.randbytes(n))
+                buffers.append(self.nbd.Buffer.from_bytearray(data))
+                cookies.append(h.aio_pwrite(buffers[-1], at))
+            else:
+                data = bytearray(n)
+                cookies.append(h.aio_zero(n, at) if kind < 0.85 else h.aio_trim(n, at))
+            self.model[at:at + n] = data
         while h.aio_in_flight() > 0:
             h.poll(-1)
-        for cookie, _ in cookies:
+        for cookie in cookies:
             assert h.aio_command_completed(cookie)
         self.note("batch")
 
