@@ -147,6 +147,7 @@ class IntentLog:
     base_epoch: int
     # (first_block, old leaves, new leaves) per leaf record, None for a flush mark
     records: list[tuple[int, list[bytes], list[bytes]] | None]
+    trees: list[tuple[int, dict[int, bytes]]]  # (epoch, page -> page hash) per tree record
     bare: bool  # a header and nothing after it (an orderly close)
 
 
@@ -155,6 +156,7 @@ def read_intent_log(raw: bytes) -> IntentLog:
     version, reserved, base_epoch, reserved2 = struct.unpack_from(">IIQI", raw, 8)
     need((version, reserved, reserved2) == (2, 0, 0), f"intent log: header fields {version, reserved, reserved2}")
     records: list[tuple[int, list[bytes], list[bytes]] | None] = []
+    trees: list[tuple[int, dict[int, bytes]]] = []
     at = 32
     while at + 20 <= len(raw):
         magic, n = raw[at:at + 4], struct.unpack_from(">I", raw, at + 4)[0]
@@ -175,10 +177,14 @@ def read_intent_log(raw: bytes) -> IntentLog:
             end = at + 16 + 40 * n
             if end + 4 > len(raw) or not _crc_ok(raw[at:end + 4], end - at):
                 break
+            (epoch,) = struct.unpack_from(">Q", raw, at + 8)
+            pages = [struct.unpack_from(">Q", raw, at + 16 + 40 * i)[0] for i in range(n)]
+            need(pages == sorted(set(pages)), f"intent log at {at}: tree record pages not ascending")
+            trees.append((epoch, {p: raw[at + 24 + 40 * i:at + 56 + 40 * i] for i, p in enumerate(pages)}))
             at = end + 4
         else:
             break
-    return IntentLog(base_epoch, records, bare=len(raw) == 32)
+    return IntentLog(base_epoch, records, trees, bare=len(raw) == 32)
 
 
 def recovered_leaves(log: IntentLog) -> dict[int, tuple[bytes, list[bytes]]]:
@@ -259,7 +265,7 @@ def read_replica(state: Path, disk: str, raw: bytes, kek: bytes, replica_name: s
     need(len(levels[sb.top_depth]) <= 64 and (sb.top_depth == 0 or len(levels[sb.top_depth - 1]) > 64),
          "superblock: top_depth is not the lowest level with at most 64 nodes")
     need(table[32 * n:] == bytes(len(table) - 32 * n), "leaf table: leaves past the last block")
-    tree_clean = _check_tree_file(d_state / "tree", anchor, levels)
+    tree_clean = _check_tree_file(d_state / "tree", anchor, levels, log)
 
     def leaf(b: int) -> tuple[int, bytes, int]:
         return struct.unpack_from(">Q16sQ", table, 32 * b)  # type: ignore[return-value]
@@ -302,21 +308,38 @@ def read_replica(state: Path, disk: str, raw: bytes, kek: bytes, replica_name: s
     return Replica(bytes(out), anchor.epoch, len(logged), log.bare and tree_clean)
 
 
-def _check_tree_file(path: Path, anchor: Anchor, levels: list[list[bytes]]) -> bool:
-    """Section 2.5: a tree file marked clean with the anchor's root holds every level.
-    True if it is so marked (and holds them)."""
+def _check_tree_file(path: Path, anchor: Anchor, levels: list[list[bytes]], log: IntentLog) -> bool:
+    """Section 2.5: the tree file holds every level of the tree over the committed leaf
+    table (`levels`): as it is if marked clean with the anchor's epoch and root, else once
+    the intent log's tree records are applied (their page hashes into level 0, their
+    paths re-hashed with the file's other nodes). True if it was marked clean."""
     tree = path.read_bytes()
     need(tree[:8] == b"TVBDTREE" and _crc_ok(tree, 64) and tree[68:4096] == bytes(4028), "tree: bad header")
     version, flags, pages, epoch = struct.unpack_from(">IIQQ", tree, 8)
     need(version == 1 and flags in (0, 1) and pages == len(levels[0]), f"tree: header {version, flags, pages}")
-    if not (flags == 1 and epoch == anchor.epoch and tree[32:64] == anchor.root):
-        return False  # not clean for this anchor: rebuilt from the intent log at the next open
     need(len(tree) == 4096 + 32 * sum(len(level) for level in levels),
          f"tree: {len(tree)} bytes for levels {[len(level) for level in levels]}")
-    at, empty = 4096, bytes(32)
-    for k, level in enumerate(levels):
-        stored = [tree[at + 32 * i:at + 32 * (i + 1)] for i in range(len(level))]
-        need([empty if h == bytes(32) else h for h in stored] == level, f"tree: level {k} differs")
+    empties, at, stored = [bytes(32)], 4096, []
+    for level in levels:  # a node of 32 zero bytes is its level's empty node
+        nodes = [tree[at + 32 * i:at + 32 * (i + 1)] for i in range(len(level))]
+        stored.append([empties[-1] if h == bytes(32) else h for h in nodes])
         at += 32 * len(level)
-        empty = hashlib.sha256(b"\x01" + empty + empty).digest()
-    return True
+        empties.append(hashlib.sha256(b"\x01" + empties[-1] + empties[-1]).digest())
+    clean = flags == 1 and epoch == anchor.epoch and tree[32:64] == anchor.root
+    if not clean:
+        records = [hashes for e, hashes in log.trees if e <= anchor.epoch]
+        changed = {p for hashes in records for p in hashes}
+        for hashes in records:  # later records over earlier ones
+            for p, h in hashes.items():
+                need(p < len(stored[0]), f"intent log: tree record for page {p} past the end")
+                stored[0][p] = h
+        for k in range(len(stored) - 1):
+            for i in sorted(changed):
+                pair = [stored[k][j] if j < len(stored[k]) else empties[k] for j in (i & ~1, i | 1)]
+                stored[k + 1][i // 2] = hashlib.sha256(b"\x01" + pair[0] + pair[1]).digest()
+            changed = {i // 2 for i in changed}
+        need(stored[-1] == [anchor.root], "tree: the file and the log's tree records do not give the anchor's root")
+    for k, level in enumerate(levels):
+        need(stored[k] == level, f"tree: level {k} differs from the tree over the leaf table"
+             + ("" if clean else " (after the log's tree records)"))
+    return clean
