@@ -8,8 +8,8 @@ The test keeps the disk it expects byte by byte. Then each replica's backing fil
 with tests/crypt/format_reader.py (keys, anchor, superblock, tree, leaves, tags, as the
 document says) and must hold exactly that disk; so must the disk read back through NBD after
 a restart. The second variant kills the encryption domain with -9 after a FLUSH and a few
-more writes: the reader then recovers each logged block from the intent log as section 2.4
-says, every flushed byte must match, and what the restarted system serves must be what the
+more writes, some of them still in flight: the reader then recovers each logged block from
+the intent log as section 2.4 says, every flushed byte must match, and what the restarted system serves must be what the
 reader recovered.
 
 TRUSTVBD_DIFF_SEED=N repeats a run; every failure names its seed.
@@ -185,11 +185,10 @@ def pids(s: System) -> dict[str, list[int]]:
     return out
 
 
-def crash(s: System) -> None:
+def crash(s: System, domains: dict[str, list[int]]) -> None:
     """kill -9 of the encryption domain, with the launcher held still so nothing restarts
-    it, then of the launcher (the other domains die with it); wait until all are gone."""
+    it, then of the launcher (the other `domains` die with it); wait until all are gone."""
     assert s.proc is not None
-    domains = pids(s)
     os.kill(s.proc.pid, signal.SIGSTOP)
     os.kill(domains["crypt"][0], signal.SIGKILL)
     s.proc.kill()
@@ -244,7 +243,24 @@ def test_flushed_bytes_survive_kill_9_as_the_format_says(short_tmp: Path, copies
             for b in range(offset // BS, -(-(offset + length) // BS)):
                 allowed.setdefault(b, [flushed[b * BS:(b + 1) * BS]]).append(
                     bytes(work.model[b * BS:(b + 1) * BS]))
-        crash(s)
+        # And writes still in flight when it dies (on distinct blocks): each of their blocks
+        # reads as before or as after. A record may be logged whose data never left.
+        domains = pids(s)
+        taken: set[int] = set()
+        in_flight = []
+        for _ in range(rng.randrange(0, 6)):
+            offset, length = work.span()
+            blocks = range(offset // BS, -(-(offset + length) // BS))
+            if taken.intersection(blocks):
+                continue
+            taken.update(blocks)
+            after = bytearray(work.model)
+            after[offset:offset + length] = rng.randbytes(length)
+            in_flight.append(work.nbd.Buffer.from_bytearray(after[offset:offset + length]))
+            work.h.aio_pwrite(in_flight[-1], offset)
+            for b in blocks:
+                allowed.setdefault(b, [flushed[b * BS:(b + 1) * BS]]).append(bytes(after[b * BS:(b + 1) * BS]))
+        crash(s, domains)
 
         recovered = {}
         for name, replica in read_all(s, copies).items():
