@@ -140,7 +140,6 @@ Event = (
 # these classes and their encoding are the tests' independent reference for those bytes
 # and what they feed the native client.
 Reply = SimpleReply | OffsetData | OffsetHole | ErrorChunk | NoneChunk
-Chunk = OffsetData | OffsetHole | ErrorChunk | NoneChunk
 
 # A request as the server's native framer hands it out (native/src/nbd_server/):
 # (type, flags, cookie, offset, length, data, refusal, piece). `data` is a WRITE's
