@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.crypt.helpers import BS, LAY, SIZE, RawMemory, new_state, open_disk, pattern, run
+from trustvbd import eager
 from trustvbd.blockdev import Backend, BlockError
 from trustvbd.blocks import write_behind
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
@@ -543,6 +544,30 @@ def test_a_write_then_flush_costs_the_replica_one_fua_write_and_no_flush(
         disk = await open_disk(tmp_path, mem, kek)
         for b in (1, 40, 60, 80, 90, 100, 120):
             assert bytes(await disk.pread(b * BS, BS)) == pattern(b), b
+        await disk.close()
+
+    run(go())
+
+
+def test_a_flush_sends_its_fua_run_before_it_first_waits(tmp_path: Path,
+                                                        no_gather_timer: None) -> None:
+    """The run a FLUSH sends on with FUA is handed to the replica in the FLUSH's own
+    step, not by a task one loop turn later: the driver starts its sync that much
+    sooner, and the FLUSH waits for nothing else first."""
+
+    async def go() -> None:
+        kek, mem, gate, disk = await gated_disk(tmp_path)
+        await disk.pwrite(1 * BS, pattern(1))
+        await disk.flush()
+        await disk.pwrite(40 * BS, pattern(40))
+        assert gate.sent[-1] != (40, 1)  # waiting to be joined
+        flush = eager.start(asyncio.get_running_loop(), disk.flush())
+        assert gate.sent[-1] == (40, 1) and gate.fua[-1]
+        assert flush is not None
+        await asyncio.wait_for(flush, 5)
+        await disk.close()
+        disk = await open_disk(tmp_path, mem, kek)
+        assert bytes(await disk.pread(40 * BS, BS)) == pattern(40)
         await disk.close()
 
     run(go())

@@ -11,6 +11,7 @@ import pytest
 
 from tests.nbd.helpers import Peer, ServerThread, new_loop
 from tests.nbd.test_server_clients import ScriptedBackend
+from trustvbd import eager
 from trustvbd.blockdev import Backend, BlockError, Capabilities
 from trustvbd.blocks.file import MemoryBackend
 from trustvbd.nbd.client import NbdBackend, NbdClient
@@ -162,6 +163,33 @@ def test_requests_of_one_turn_leave_together_and_a_cancelled_one_keeps_its_bytes
             assert bytes(await client.pread(0, 4096)) == b"\x61" * 4096
             for k in range(1, 9):
                 assert bytes(await client.pread(k * 4096, 4096)) == bytes([k]) * 4096
+            await client.close()
+
+        run_async(main(), loop)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_fua_write_or_a_flush_leaves_at_once_with_what_was_queued_before_it(
+        short_tmp: Path, loop: str) -> None:
+    """A FLUSH waits for its FUA write and for its own reply: they go to the socket when
+    made, not at the end of the loop turn, and take the requests queued before them."""
+    shared = MemoryBackend(MiB)
+    with ServerThread(StaticExports([Export("", shared)]), short_tmp / "s.sock", loop) as srv:
+        async def main() -> None:
+            client = await NbdClient.open_uri(srv.uri())
+            engine = client._engine
+            assert engine is not None
+            plain = [asyncio.ensure_future(client.pwrite(k * 4096, bytes([k]) * 4096))
+                     for k in (1, 2)]
+            await asyncio.sleep(0)
+            assert engine.queued == 2 * (28 + 4096)  # plain writes wait for the turn's end
+            fua = client.submit_write(3 * 4096, bytes([3]) * 4096, fua=True)
+            assert fua is not None and engine.queued == 0  # all three are on the socket
+            flush = eager.start(asyncio.get_running_loop(), client.flush())
+            assert flush is not None and engine.queued == 0
+            await asyncio.gather(*plain, fua, flush)
+            assert bytes(await client.pread(4096, 3 * 4096)) == b"".join(
+                bytes([k]) * 4096 for k in (1, 2, 3))
             await client.close()
 
         run_async(main(), loop)

@@ -257,26 +257,10 @@ class Commits:
                 and self._members(replica, []) == self.anchor.members)
 
     def _sync_soon(self) -> asyncio.Future[None]:
-        """The intent log fdatasync'ed on a thread, started two loop turns from now: after
-        the writes behind that a FLUSH sent on (write_behind.send_now) have left, since
-        handing work to a thread costs this loop tens of microseconds. It then runs
-        while those writes and the replica flush are in flight."""
-        loop = asyncio.get_running_loop()
-        synced: asyncio.Future[None] = loop.create_future()
-
-        def done(job: asyncio.Future[None]) -> None:
-            if job.cancelled():
-                synced.cancel()
-            elif (exc := job.exception()) is not None:
-                synced.set_exception(exc)
-            else:
-                synced.set_result(None)
-
-        def start() -> None:
-            loop.run_in_executor(None, self.intent.sync).add_done_callback(done)
-
-        loop.call_soon(loop.call_soon, start)
-        return synced
+        """The intent log fdatasync'ed on a thread, so it runs while the writes a FLUSH
+        sent on with FUA (they left in this loop turn: write_behind.send_now) and the
+        replica flush are in flight."""
+        return asyncio.get_running_loop().run_in_executor(None, self.intent.sync)
 
     async def _sync_log(self, replica: ReplicaSet, synced: asyncio.Future[None],
                         ahead: Ahead | None, may_log: Callable[[], bool]) -> bool:

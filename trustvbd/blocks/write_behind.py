@@ -52,6 +52,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from trustvbd import eager
 from trustvbd.blockdev import BlockError, Buffer
 from trustvbd.blocks.ranges import describe_blocks
 from trustvbd.crypt.aead import LEAF_SIZE
@@ -165,6 +166,7 @@ class WriteBehind:
             run = self._run
             self._launch(after_reply=False, fua=fua)
             runs.append(run)
+        runs = [r for r in runs if r.task is not None]  # not those that ended at once
         if not runs or not fua:
             return None
         return Ahead(tuple(r.task for r in runs if r.task is not None),
@@ -185,21 +187,26 @@ class WriteBehind:
             self._armed = run.last
             self._timer = asyncio.get_running_loop().call_at(run.last + GATHER_S, self._waited)
 
-    def _launch(self, after_reply: bool, fua: bool = False) -> asyncio.Task[None]:
+    def _launch(self, after_reply: bool, fua: bool = False) -> None:
         run, self._run = self._run, None
         assert run is not None
         old = run.old[0] if len(run.old) == 1 else b"".join(run.old)
         ct = run.ct[0] if len(run.ct) == 1 else b"".join(run.ct)
         run.old = run.ct = []  # the joined copies replace the pieces (memory bound)
         run.fua = fua
-        task = run.task = asyncio.get_running_loop().create_task(
-            self._run_send(run, old, ct, after_reply))
-        if after_reply:
-            self._starting.append(run)
         self.sends += 1
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        coro, loop = self._run_send(run, old, ct, after_reply), asyncio.get_running_loop()
+        if after_reply:
+            task: asyncio.Task[None] | None = loop.create_task(coro)
+            self._starting.append(run)
+        else:
+            # Something waits for these blocks (a FLUSH): the request leaves in this turn,
+            # not in the task's first step one turn later.
+            task = eager.start(loop, coro)
+        run.task = task
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _run_send(self, run: _Run, old: Buffer, ct: Buffer, after_reply: bool) -> None:
         try:

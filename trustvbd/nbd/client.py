@@ -43,6 +43,7 @@ _READ, _WRITE, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES, _DISC = (
                      p.Cmd.WRITE_ZEROES, p.Cmd.DISC)
 )
 _ESHUTDOWN = int(p.NbdErr.ESHUTDOWN)
+_FUA = int(p.CmdFlag.FUA)
 SOCKET_BUFFER = 4 << 20  # as the server's: a whole 256 KiB request fits one send
 # Requests wait (pwrite) or are declined (submit_write) while more than this is queued
 # and not yet accepted by the socket.
@@ -515,8 +516,12 @@ class NbdClient:
                                         offset, length, direct)
         # The batch is sent by a callback queued before any of its requests awaits, so
         # it leaves before any of their callers can be woken (cancelled) and reuse a
-        # buffer; what the socket does not take then, the engine copies.
-        if not self._send_queued:
+        # buffer; what the socket does not take then, the engine copies. A FUA write or a
+        # FLUSH leaves at once, with what is queued before it: a FLUSH waits for it, and
+        # nothing would gain from joining it in one system call at the end of this turn.
+        if flags & _FUA or typ == _FLUSH:
+            self._send_outgoing()
+        elif not self._send_queued:
             self._send_queued = True
             self._loop.call_soon(self._send_outgoing)
         if self._timer is None:

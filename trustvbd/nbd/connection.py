@@ -44,11 +44,11 @@ import asyncio
 import errno
 import logging
 import ssl
-import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from trustvbd import eager
 from trustvbd.blockdev import (
     Backend,
     BlockError,
@@ -104,24 +104,6 @@ class _PartedWrite:
     error: tuple[int, str] | None = None  # the first piece that failed
     running: int = 0
     received_all: bool = False
-
-
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> Generator[Any, Any, None]:
-    """Continue, inside a task, a coroutine that was stepped by hand until it suspended."""
-    while True:
-        try:
-            sent = yield yielded
-        except BaseException as exc:
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration:
-                return
-        else:
-            try:
-                yielded = coro.send(sent)
-            except StopIteration:
-                return
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -415,11 +397,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def _run(self, coro: Coroutine[Any, Any, None], typ: int, cost: int) -> None:
         """Step a request's handler inline; only if it suspends does it become a task."""
-        try:
-            yielded = coro.send(None)
-        except StopIteration:
+        task = eager.start(self._loop, coro)
+        if task is None:
             return  # finished inline, reply queued
-        task = self._loop.create_task(_resume(coro, yielded))
         self._tasks.add(task)
         if typ in _WRITE_TYPES:
             self._write_tasks.add(task)
@@ -597,6 +577,10 @@ class Connection(asyncio.BufferedProtocol):
             self._reply_error(typ, cookie, p.NbdErr.EIO, f"internal server error: {exc}")
             return
         self._queue_reply(cookie, 0, "", 0, None)
+        if (fua or typ == _FLUSH) and not self._transport_busy:
+            # A durability point took a sync: the guest waits for this reply alone, and
+            # nothing would join it by the end of this loop turn.
+            self._flush()
 
     def _reply_file_range(self, cookie: int, offset: int, data: FileRange) -> None:
         head = self.core.server_session().frame([(cookie, 0, "", offset, data.length)])
