@@ -9,8 +9,9 @@ checked that a request lies inside `size`; a backend may still check again.
 Errors are raised as `BlockError` carrying an errno value, which the NBD server
 maps to an NBD error code for that one request.
 
-Optional abilities are declared as Protocols below (`ReadsInto`,
-`ServesFileRanges`, `HasEpoch`, `Breakable`, `Reconnectable`, `ReportsAllocation`): a caller asks `isinstance(b, P)`
+Optional abilities are declared as Protocols below (`ReadsInto`, `SubmitsReads`,
+`StartsReads`, `ServesFileRanges`, `HasEpoch`, `Breakable`, `Reconnectable`,
+`ReportsAllocation`): a caller asks `isinstance(b, P)`
 once, when it composes the stack, and keeps the bound method.
 """
 
@@ -230,6 +231,49 @@ class Submits(Protocol):
     def write_ended(self, error: Exception | None) -> None:
         """A submitted write's future is done: None if it succeeded, else what it raised.
         Not called for a write given up on (cancelled), as pwrite records nothing then."""
+        ...
+
+
+# How a read submitted by callback ends: None (the buffer is filled) or why it failed.
+ReadReplied = Callable[["BlockError | None"], None]
+
+
+@runtime_checkable
+class SubmitsReads(Protocol):
+    """Can queue a read into a caller's buffer without a coroutine (NbdClient, and the
+    layers a mirror keeps above it): the replica set's read prologue then costs a request
+    and a callback, not a task, a chain of coroutines and a future (ReplicaSet.submit_read)."""
+
+    def submit_read(self, offset: int, into: memoryview, replied: ReadReplied) -> bool:
+        """Queue a read of len(into) bytes at `offset` into `into` now and return True:
+        `replied` is then called exactly once, never before this returns, with None when
+        `into` holds the bytes, else the BlockError the read failed with (an error reply,
+        a timeout, a broken connection). False when `pread_into` must do it instead (no
+        free slot, a read too large for one request, a check that fails, a broken
+        connection): nothing was queued. `into` must stay alive until `replied` is called."""
+        ...
+
+
+# How a read started by callback ends: the bytes, or the BlockError to answer with.
+ReadEnded = Callable[["Buffer | BlockError"], None]
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None:
+        """Give up on it: its callback is not called after this."""
+        ...
+
+
+@runtime_checkable
+class StartsReads(Protocol):
+    """Serves a read by callback where it can (CryptDisk): the NBD server then runs a
+    guest READ as one call down and one callback up, with no coroutine or task of its own."""
+
+    def start_read(self, offset: int, length: int, ended: ReadEnded) -> Cancellable | None:
+        """Start reading [offset, offset+length) (inside the device); `ended` is called
+        exactly once, never before this returns, unless the read is cancelled. None when
+        `pread` must serve it instead (a lock or leaf page not at hand, a read this path
+        does not take): nothing was started."""
         ...
 
 

@@ -24,10 +24,10 @@ import errno
 import logging
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from pathlib import Path
-from typing import cast
+from typing import Any, NoReturn, cast
 
 from trustvbd.blockdev import (
     HOLE,
@@ -35,7 +35,9 @@ from trustvbd.blockdev import (
     Backend,
     BlockError,
     Buffer,
+    Cancellable,
     Capabilities,
+    ReadEnded,
     ReadsInto,
     check_range,
     provides,
@@ -61,7 +63,7 @@ from trustvbd.blocks.integrity import (
 from trustvbd.blocks.leaf_pages import DEFAULT_CAPACITY, LeafLocks, LeafPages
 from trustvbd.blocks.ranges import Hold, describe_blocks
 from trustvbd.blocks.replica import BadBlocks, Replica
-from trustvbd.blocks.replica_set import REPLICA_LAG, ReplicaSet
+from trustvbd.blocks.replica_set import REPLICA_LAG, ReplicaSet, SubmittedRead
 from trustvbd.blocks.tree_file import TreeFile, TreeFileError
 from trustvbd.blocks.write_behind import Seen, WriteBehind
 from trustvbd.crypt.aead import (
@@ -155,6 +157,96 @@ class _Buffers:
                 self._held -= other
                 return True
         return False
+
+
+class _QuickRead:
+    """One guest read served by callbacks (CryptDisk.start_read; ReadCall of the replica set).
+
+    Holds the range lock until it ends; `ended` gets the plaintext (the received buffer,
+    opened in place) or the BlockError to answer with. After `cancel` it gets nothing.
+    """
+
+    __slots__ = ("_ended", "b0", "ct", "disk", "hold", "leaves", "length", "n", "start", "sub",
+                 "task")
+
+    def __init__(self, disk: CryptDisk, b0: int, n: int, start: int, length: int, hold: Hold,
+                 leaves: memoryview, ct: bytearray, ended: ReadEnded) -> None:
+        self.disk, self.b0, self.n, self.start, self.length = disk, b0, n, start, length
+        self.hold: Hold | None = hold
+        self.leaves, self.ct = leaves, ct
+        self._ended: ReadEnded | None = ended  # None once cancelled
+        self.sub: SubmittedRead[Buffer] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def into(self) -> memoryview:
+        return memoryview(self.ct)
+
+    def attempt(self, link: Backend) -> Awaitable[Buffer]:
+        return self.disk._read_from(link, self.b0, self.n, self.leaves)
+
+    def replied(self) -> Buffer:
+        # The range lock keeps these blocks' leaves as they are while we wait.
+        bad = self.disk._cipher.open_in_place(self.b0, self.ct, self.leaves)
+        if bad:
+            raise BadBlocks(bad)
+        return self.ct
+
+    def _release(self) -> None:
+        hold = self.hold
+        if hold is not None:
+            self.hold = None
+            self.disk._locks.release(hold)
+
+    def ended(self, result: Buffer | BaseException) -> None:
+        self._release()
+        ended = self._ended
+        if ended is None:
+            return  # cancelled
+        self._ended = None
+        if isinstance(result, BaseException):
+            if not isinstance(result, BlockError):
+                log.error("disk %r: a read failed unexpectedly", self.disk.name, exc_info=result)
+                result = BlockError(errno.EIO, f"internal error: {result}")
+            ended(result)
+        elif self.start == 0 and self.length == len(result):
+            ended(result)
+        else:
+            ended(memoryview(result)[self.start:self.start + self.length])
+
+    def go_on(self, rest: Coroutine[Any, Any, Buffer]) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._go_on(rest))
+
+    async def _go_on(self, rest: Coroutine[Any, Any, Buffer]) -> None:
+        result: Buffer | BaseException
+        try:
+            result = await rest
+        except BadBlocks as exc:  # every current replica failed verification (reported)
+            try:
+                self.disk._refuse_read(self.b0, exc.indices)
+            except IntegrityError as refused:
+                result = refused
+        except asyncio.CancelledError:
+            self._ended = None
+            self._release()
+            raise
+        except Exception as exc:
+            result = exc
+        self.ended(result)
+
+    def cancel(self) -> None:
+        """The guest went away: `ended` is not called. A read in the general path stops at
+        its next await (its task releases the lock); one waiting for its first replica's
+        reply lets go of the lock now (the reply is dropped when it comes)."""
+        if self._ended is None:
+            return
+        self._ended = None
+        if self.task is not None:
+            self.task.cancel()
+        else:
+            if self.sub is not None:
+                self.sub.cancel()
+            self._release()
 
 
 def physical_size(logical_size: int) -> int:
@@ -336,6 +428,40 @@ class CryptDisk:
             return out
         return memoryview(out)[start:start + length]
 
+    def start_read(self, offset: int, length: int, ended: ReadEnded) -> Cancellable | None:
+        """A read as one call down and one callback up (StartsReads): the range lock and the
+        leaves taken at once, the ciphertext submitted to the first replica (its reply opened
+        in place, in the buffer the guest's reply carries), with no coroutine. Anything
+        unusual goes on in the general path (_QuickRead.go_on); None when it must take it
+        from the start: a lock or leaf page not at hand, blocks never written (pread answers
+        them inline), a read too big to open inline, doubt about what a replica holds."""
+        b0, b1 = offset // BS, -(-(offset + length) // BS)
+        n = b1 - b0
+        if (length <= 0 or offset < 0 or offset + length > self._lay.logical_size
+                or not self._aead.inline(n) or self._closed or self._commits.failed is not None
+                or self._behind.lost):
+            return None
+        unsure = self._unsure
+        if unsure and any(b in unsure for b in range(b0, b1)):
+            return None  # the ciphertext may be an older leaf's (_adopt_unsure)
+        hold = self._locks.try_acquire(b0, b1, False)
+        if hold is None:
+            return None
+        leaves = self._leaves
+        if leaves.all_zero(b0, b1):
+            self._locks.release(hold)
+            return None
+        size = n * BS
+        ct = self._ct_buffers.get(size) if size >= _REUSE_MIN else bytearray(size)
+        read = _QuickRead(self, b0, n, offset - b0 * BS, length, hold,
+                          memoryview(leaves.get(b0, b1)), ct, ended)
+        sub = self.replicas.submit_read(b0, n, read)
+        if sub is None:
+            self._locks.release(hold)
+            return None
+        read.sub = sub
+        return read
+
     async def _read_verified(self, b0: int, b1: int) -> Buffer:
         """Plaintext of blocks [b0, b1), every block checked against its leaf.
 
@@ -393,7 +519,7 @@ class CryptDisk:
             raise BadBlocks(bad)
         return plain
 
-    def _refuse_read(self, b0: int, bad: list[int]) -> None:
+    def _refuse_read(self, b0: int, bad: list[int]) -> NoReturn:
         """Every current replica failed verification (each was reported): EIO."""
         blocks = [b0 + i for i in bad]
         names = ", ".join(repr(r.name) for r in self.replicas.current) or "none"

@@ -35,7 +35,9 @@ from trustvbd.blockdev import (
     Breakable,
     Buffer,
     Capabilities,
+    ReadReplied,
     Submits,
+    SubmitsReads,
     TellsBreak,
     Watched,
     provides,
@@ -244,6 +246,13 @@ class ReplicaLink:
             self._plain_began()
             future.add_done_callback(self._plain_end)
         return future
+
+    def submit_read(self, offset: int, into: memoryview, replied: ReadReplied) -> bool:
+        """As pread_into, by callback, when the connection can (SubmitsReads). A failure is
+        the caller's: its general path retries through pread_into, which reconnects."""
+        backend = self.next
+        return (provides(backend, SubmitsReads)
+                and cast(SubmitsReads, backend).submit_read(offset, into, replied))
 
     def write_ended(self, error: Exception | None) -> None:
         """What _recover_from records when a mirror's write fails on a broken connection

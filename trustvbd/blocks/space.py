@@ -20,8 +20,10 @@ from trustvbd.blockdev import (
     BlockError,
     Breakable,
     Buffer,
+    ReadReplied,
     Reconnectable,
     Submits,
+    SubmitsReads,
     TellsBreak,
     Watched,
     provides,
@@ -99,6 +101,12 @@ class SpaceWatch(Layer):
         """As pwrite, without a coroutine, when the link below can (Submits)."""
         nxt = self.next
         return cast(Submits, nxt).submit_write(offset, data, fua) if provides(nxt, Submits) else None
+
+    def submit_read(self, offset: int, into: memoryview, replied: ReadReplied) -> bool:
+        """As pread_into, by callback, when the link below can (SubmitsReads)."""
+        nxt = self.next
+        return (provides(nxt, SubmitsReads)
+                and cast(SubmitsReads, nxt).submit_read(offset, into, replied))
 
     def write_ended(self, error: Exception | None) -> None:
         if error is None:

@@ -23,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import logging
 import socket
 import ssl
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from trustvbd._native import NbdClientEngine
-from trustvbd.blockdev import BlockError, Buffer, Capabilities, check_range
+from trustvbd.blockdev import BlockError, Buffer, Capabilities, ReadReplied, check_range
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.client_handshake import Handshake, handshake
@@ -49,6 +50,7 @@ SOCKET_BUFFER = 4 << 20  # as the server's: a whole 256 KiB request fits one sen
 # and not yet accepted by the socket.
 HIGH_WATER = 4 << 20
 HANDSHAKE_READ = 64 * 1024
+log = logging.getLogger(__name__)
 # What the engine returns: completions (cookie, NBD error, message), why the connection
 # is broken (None: it is not), and whether the server closed its end.
 Batch = tuple[list[tuple[int, int, str]], str | None, bool]
@@ -61,17 +63,20 @@ def printable(text: str, limit: int = 300) -> str:
 
 
 class _Waiter:
-    """A request sent and not yet answered. `direct`: a submitted write (submit_write),
-    whose slot is given back with the reply; otherwise _request gives the slot back.
-    The future gets None, or the BlockError the reply or a broken connection stands for."""
+    """A request sent and not yet answered. `direct`: a submitted write or read
+    (submit_write, submit_read), whose slot is given back with the reply; otherwise
+    _request gives the slot back. The future (or a submitted read's `replied`) gets None,
+    or the BlockError the reply or a broken connection stands for."""
 
-    __slots__ = ("deadline", "direct", "future", "length", "offset", "type")
+    __slots__ = ("deadline", "direct", "future", "length", "offset", "replied", "type")
 
-    def __init__(self, future: asyncio.Future[None], deadline: float, typ: int,
-                 offset: int, length: int, direct: bool = False) -> None:
+    def __init__(self, future: asyncio.Future[None] | None, deadline: float, typ: int,
+                 offset: int, length: int, direct: bool = False,
+                 replied: ReadReplied | None = None) -> None:
         self.future, self.deadline, self.type, self.offset, self.length, self.direct = (
             future, deadline, typ, offset, length, direct
         )
+        self.replied = replied
 
 
 class _Wire(asyncio.BufferedProtocol):
@@ -153,6 +158,7 @@ class NbdClient:
         # fan-out and a guest's queue of small writes cost one system call per turn and
         # replica, not one per request.
         self._send_queued = False
+        self._idle: asyncio.Event | None = None  # set when no request waits (_wait_idle)
 
     # --- construction ------------------------------------------------------------
     @classmethod
@@ -391,9 +397,7 @@ class NbdClient:
             return
         self._closing = True
         if self.broken is None:
-            pending = [w.future for w in self._waiters.values()]
-            if pending:
-                await asyncio.wait(pending)
+            await self._wait_idle()
         if self.broken is None:
             await self._disconnect("connection closed by the client")
         self._drop_connection()
@@ -461,6 +465,32 @@ class NbdClient:
 
     def write_ended(self, error: Exception | None) -> None:
         pass  # the reply or the broken connection was handled when it came
+
+    def submit_read(self, offset: int, into: memoryview, replied: ReadReplied) -> bool:
+        """A READ into `into` queued now, with `replied` called on its reply instead of a
+        future completed (SubmitsReads); False when pread_into must do it."""
+        length = into.nbytes
+        if self._free_slots <= 0 or not self._writable.is_set() or length > self.block_sizes[2]:
+            return False
+        try:
+            self._check(offset, length)
+        except BlockError:
+            return False  # pread_into raises it
+        engine = self._engine
+        assert engine is not None  # _check: attached and not broken
+        try:
+            cookie = engine.request(_READ, 0, offset, length, None, into)
+        except ValueError:
+            return False  # pread_into says why
+        self._free_slots -= 1
+        self._waiters[cookie] = _Waiter(None, self._loop.time() + self._timeout, _READ,
+                                        offset, length, True, replied)
+        if not self._send_queued:  # as _send_request
+            self._send_queued = True
+            self._loop.call_soon(self._send_outgoing)
+        if self._timer is None:
+            self._arm_timer()
+        return True
 
     def _take_slot(self) -> asyncio.Future[None] | None:
         """Take a request slot: None if one was free, else a future that hands one over."""
@@ -583,10 +613,16 @@ class NbdClient:
             self.broken = "the server is shutting down"
             self._loop.create_task(self._disconnect_when_idle())
 
+    async def _wait_idle(self) -> None:
+        """Until no request waits for its reply (submitted reads have no future to await)."""
+        while self._waiters:
+            if self._idle is None:
+                self._idle = asyncio.Event()
+            self._idle.clear()
+            await self._idle.wait()
+
     async def _disconnect_when_idle(self) -> None:
-        pending = [w.future for w in self._waiters.values()]
-        if pending:
-            await asyncio.wait(pending)
+        await self._wait_idle()
         if not self._closing:
             await self._disconnect(self.broken or "the server is shutting down")
             self._drop_connection()
@@ -673,10 +709,15 @@ class NbdClient:
             waiters = list(self._waiters.values())
             self._waiters.clear()
             for waiter in waiters:
-                if not waiter.future.done():
+                if waiter.replied is not None:
+                    # Not from inside _break: its caller may be what is breaking us (a hedge).
+                    self._loop.call_soon(waiter.replied, failure)
+                elif waiter.future is not None and not waiter.future.done():
                     waiter.future.set_exception(failure)
                 if waiter.direct:
                     self._release_slot()
+            if self._idle is not None:
+                self._idle.set()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -700,13 +741,24 @@ class NbdClient:
                 waiter = waiters.pop(cookie)
                 if waiter.direct:
                     self._release_slot()
-                if waiter.future.done():
+                replied, future = waiter.replied, waiter.future
+                if replied is not None:  # a submitted read: its caller goes on from here
+                    try:
+                        replied(self._reply_error(error, message, waiter.type, waiter.offset,
+                                                  waiter.length) if error else None)
+                    except Exception:
+                        log.exception("NBD client %s: a read's completion failed", self.where)
+                    continue
+                assert future is not None
+                if future.done():
                     continue
                 if error:
-                    waiter.future.set_exception(self._reply_error(
+                    future.set_exception(self._reply_error(
                         error, message, waiter.type, waiter.offset, waiter.length))
                 else:
-                    waiter.future.set_result(None)
+                    future.set_result(None)
+            if self._idle is not None and not waiters:
+                self._idle.set()
         if broken is not None:
             self._break(errno.EIO, broken)
         elif eof:

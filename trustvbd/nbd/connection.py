@@ -53,10 +53,13 @@ from trustvbd.blockdev import (
     Backend,
     BlockError,
     Buffer,
+    Cancellable,
     FileRange,
     FlushesPerConnection,
+    ReadEnded,
     ReportsAllocation,
     ServesFileRanges,
+    StartsReads,
     provides,
 )
 from trustvbd.crypt.tls import peer_common_name
@@ -106,6 +109,19 @@ class _PartedWrite:
     received_all: bool = False
 
 
+class _QuickRead:
+    """A guest READ the backend serves by callback (StartsReads): no task of its own."""
+
+    __slots__ = ("conn", "cookie", "handle", "length", "offset")
+
+    def __init__(self, conn: Connection, cookie: int, offset: int, length: int) -> None:
+        self.conn, self.cookie, self.offset, self.length = conn, cookie, offset, length
+        self.handle: Cancellable | None = None
+
+    def __call__(self, result: Buffer | BlockError) -> None:
+        self.conn._read_ended(self, result)
+
+
 class Connection(asyncio.BufferedProtocol):
     """One client connection, from greeting to disconnect."""
 
@@ -133,6 +149,9 @@ class Connection(asyncio.BufferedProtocol):
         self._handshake_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._write_tasks: set[asyncio.Task[None]] = set()
+        self._start_read: Callable[[int, int, ReadEnded], Cancellable | None] | None = None
+        self._quick: set[_QuickRead] = set()  # READs the backend serves by callback
+        self._quick_idle: asyncio.Event | None = None  # set when the last of them ends
         self._inflight_bytes = 0
         self._parted: dict[int, _PartedWrite] = {}  # cookie -> WRITE arriving in pieces
         self._held: list[OutPart] | None = None  # replies waiting for a simple-reply stream
@@ -347,6 +366,8 @@ class Connection(asyncio.BufferedProtocol):
                             if self._sock_fd >= 0 and isinstance(backend, ServesFileRanges) else None)
         self._flush_backend = (backend.flusher() if isinstance(backend, FlushesPerConnection)
                                else backend.flush)
+        if self._file_range is None and isinstance(backend, StartsReads):
+            self._start_read = backend.start_read
         self._transmitting = True
         self._update_reading()  # the guest may be over its budget already
         self._start_idle_timer()
@@ -386,9 +407,63 @@ class Connection(asyncio.BufferedProtocol):
                 self._refuse(typ, cookie, *refusal)
             elif typ == _DISC:
                 self._close_gracefully()
+            elif typ == _READ and self._start_read is not None and length <= p.REQUEST_PART:
+                self._read(flags, cookie, offset, length)
             else:
                 self._run(self._serve(typ, flags, cookie, offset, length, data), typ,
                           length if typ == _READ or typ == _WRITE else 0)
+
+    def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        """A READ as one call down and one callback up (_read_ended), where the backend can."""
+        assert self._start_read is not None
+        read = _QuickRead(self, cookie, offset, length)
+        handle = self._start_read(offset, length, read)
+        if handle is None:
+            self._run(self._serve(_READ, flags, cookie, offset, length, None), _READ, length)
+            return
+        read.handle = handle
+        self._quick.add(read)
+        self._inflight_bytes += length
+        budget = self._budget
+        if (len(self._tasks) + len(self._quick) >= MAX_TASKS
+                or self._inflight_bytes >= MAX_INFLIGHT_BYTES
+                or (budget is not None and (budget.over or self._inflight_bytes + self._out_bytes
+                                            > self._charged + UNCHARGED_MAX))):
+            self._update_reading()  # as _run
+
+    def _read_ended(self, read: _QuickRead, result: Buffer | BlockError) -> None:
+        quick = self._quick
+        quick.discard(read)
+        self._inflight_bytes -= read.length
+        if isinstance(result, BlockError):
+            self._reply_error(_READ, read.cookie, p.errno_to_nbd(result.errno), result.message)
+        elif len(result) != read.length:
+            self._reply_error(_READ, read.cookie, p.NbdErr.EIO,
+                              f"backend returned {len(result)} of {read.length} bytes")
+        else:
+            self._queue_reply(read.cookie, 0, "", read.offset, result)
+        budget = self._budget
+        if (self._reading_paused or not (quick or self._tasks)
+                or (budget is not None and (budget.over or self._charged - self._inflight_bytes
+                                            - self._out_bytes > UNCHARGED_MAX))):
+            self._update_reading()  # as _task_done
+        if not quick and self._quick_idle is not None:
+            self._quick_idle.set()
+
+    async def _wait_quick(self, timeout: float | None = None) -> None:
+        """Until no READ served by callback is running; after `timeout` s, cancel them."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self._quick:
+                    if self._quick_idle is None:
+                        self._quick_idle = asyncio.Event()
+                    self._quick_idle.clear()
+                    await self._quick_idle.wait()
+        except TimeoutError:
+            late, self._quick = self._quick, set()
+            for read in late:
+                assert read.handle is not None
+                read.handle.cancel()
 
     def _refuse(self, typ: int, cookie: int, error: int, message: str) -> None:
         log.warning("nbd: %s (%s) export %r: refused %s: %s", self.peer.identity,
@@ -409,7 +484,8 @@ class Connection(asyncio.BufferedProtocol):
         # the encryption domain, where every request waits for drivers): a limit reached,
         # the guest's budget over, or more held than charged by the slack _queue allows too.
         budget = self._budget
-        if (len(self._tasks) >= MAX_TASKS or self._inflight_bytes >= MAX_INFLIGHT_BYTES
+        if (len(self._tasks) + len(self._quick) >= MAX_TASKS
+                or self._inflight_bytes >= MAX_INFLIGHT_BYTES
                 or (budget is not None and (budget.over or self._inflight_bytes + self._out_bytes
                                             > self._charged + UNCHARGED_MAX))):
             self._update_reading()
@@ -423,7 +499,7 @@ class Connection(asyncio.BufferedProtocol):
         # reading is paused, when the budget is over, when the charge is stale by more than
         # the slack, and when the last one leaves (so no stale charge outlives the work).
         budget = self._budget
-        if (self._reading_paused or not tasks
+        if (self._reading_paused or not (tasks or self._quick)
                 or (budget is not None and (budget.over or self._charged - self._inflight_bytes
                                             - self._out_bytes > UNCHARGED_MAX))):
             self._update_reading()
@@ -702,7 +778,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         busy = (
             self._out_bytes + self._transport.get_write_buffer_size() >= WRITE_BUFFER_HIGH
-            or len(self._tasks) >= MAX_TASKS
+            or len(self._tasks) + len(self._quick) >= MAX_TASKS
             or self._inflight_bytes >= MAX_INFLIGHT_BYTES
             # A handshake is bounded on its own (option sizes and count, its timeout); pausing
             # it here would hang a guest's new connection until that timeout.
@@ -742,6 +818,7 @@ class Connection(asyncio.BufferedProtocol):
     async def _drain_and_close(self) -> None:
         if self._tasks:
             await asyncio.wait(list(self._tasks))
+        await self._wait_quick()
         self._flush(final=True)
         if self._transport is not None:
             self._transport.close()
@@ -755,12 +832,15 @@ class Connection(asyncio.BufferedProtocol):
         try:
             if self._handshake_task is not None:
                 await asyncio.wait([self._handshake_task])
+            deadline = None if timeout is None else self._loop.time() + timeout
             if self._tasks:
                 _, late = await asyncio.wait(list(self._tasks), timeout=timeout)
                 for task in late:
                     task.cancel()
                 if late:
                     await asyncio.wait(late)
+            await self._wait_quick(None if deadline is None
+                                   else max(0.0, deadline - self._loop.time()))
         finally:
             if self.export is not None:
                 try:
