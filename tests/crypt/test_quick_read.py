@@ -165,6 +165,7 @@ def test_a_failing_replica_on_the_callback_path_fails_over_without_an_error(
                 assert bytes(await quick(disk, 0, 4 * BS)) == b"".join(
                     pattern(b) for b in range(4))
                 r0, r1 = disk.replicas.replicas
+                assert r0.errors == 0
                 assert r1.errors == 1 and "injected read error" in (r1.last_error or "")
                 assert r1.repaired == 4 and not events  # an error is not a lie
                 backends[1].fail = None
