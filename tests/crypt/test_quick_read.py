@@ -90,14 +90,21 @@ async def opened(tmp: Path, uris: list[str], lag: float = 5.0,
         await disk.close()
 
 
-async def quick(disk: CryptDisk, offset: int, length: int) -> Buffer | BlockError:
-    """A read by callback; fails the test if it took the general path from the start."""
+async def quick(disk: CryptDisk, offset: int, length: int) -> Buffer:
+    """A read by callback (raises what it ends with); fails the test if it took the
+    general path from the start."""
     loop = asyncio.get_running_loop()
     got: asyncio.Future[Buffer | BlockError] = loop.create_future()
     handle = disk.start_read(offset, length, got.set_result)
     assert handle is not None, "the read did not take the callback path"
     assert not got.done()  # never answered before start_read returns
-    return await asyncio.wait_for(got, 10)
+    return answer(await asyncio.wait_for(got, 10))
+
+
+def answer(result: Buffer | BlockError) -> Buffer:
+    if isinstance(result, BlockError):
+        raise result
+    return result
 
 
 async def write_blocks(disk: CryptDisk, blocks: range) -> None:
@@ -139,9 +146,10 @@ def test_a_lying_replica_on_the_callback_path_is_outvoted_reported_once_and_repa
                 events.clear()
                 for b in backends:
                     b.flip = True
-                refused = await quick(disk, 11 * BS, BS)
-                assert isinstance(refused, BlockError) and refused.errno == errno.EIO
-                assert "failed verification on every current replica" in refused.message
+                with pytest.raises(BlockError) as refused:
+                    await quick(disk, 11 * BS, BS)
+                assert refused.value.errno == errno.EIO
+                assert "failed verification on every current replica" in refused.value.message
                 assert sorted((e["what"], e["replica"]) for e in events) == [
                     ("data", "r0"), ("data", "r1")]
                 for b in backends:
@@ -214,7 +222,7 @@ def test_a_single_replica_whose_connection_breaks_under_a_read_is_reconnected(
                 assert isinstance(link, SpaceWatch) and isinstance(link.next, ReplicaLink)
                 link.next.next.abandon("cut by the test")  # type: ignore[attr-defined]
                 backends[0].delay = 0.0
-                assert bytes(await asyncio.wait_for(got, 10)) == pattern(5)
+                assert bytes(answer(await asyncio.wait_for(got, 10))) == pattern(5)
                 assert link.next.reconnects == 1
         run(go())
 
