@@ -15,6 +15,11 @@ Write: versions from a reserved counter -> AES-GCM (one call per request) ->
 one intent record (old and new leaves) appended to trusted state -> in-memory
 leaf table -> ciphertext to the replica. No data journal. A small write without
 FUA is answered before the replica takes it (write_behind.py).
+
+Read: range lock (shared) -> leaves -> ciphertext from a replica -> opened and
+verified against the leaves. A guest read usually runs as one call (start_read)
+and one callback on the driver's reply; what goes wrong continues in the general
+path (ReplicaSet.read_on), which fails over, repairs and reports.
 """
 
 from __future__ import annotations

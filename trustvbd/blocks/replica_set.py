@@ -14,7 +14,9 @@ a replica that errs or fails verification is skipped, and the good ciphertext
 is written back to it (read-repair). A read left unanswered for `lag` is asked of
 the next replica too, and each further `lag` to one more (read_hedge.py); if one
 serves it, the silent one is cut off and degraded. Only when every current replica
-fails does the read fail. Degraded and refused replicas are brought back in the
+fails does the read fail. A read may start by callback (submit_read: the first
+replica's request and its hedge, no coroutine); whatever goes wrong with it goes on
+in the same loop (read_on) from the next replica. Degraded and refused replicas are brought back in the
 background (replica_recovery.py); scrub is replica_scrub.py.
 
 Only the data area is tracked block by block: a replica that missed leaf pages

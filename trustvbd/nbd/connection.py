@@ -12,7 +12,9 @@ Speed: bytes are received straight into the core's buffers (BufferedProtocol),
 and each request runs inline: its handler coroutine is stepped once by hand,
 and only if the backend really suspends does it become a task. So a page-cached
 FileBackend never pays for a task, while a slow backend (the encryption layer
-waiting on drivers) gets full pipelining with replies out of order. Replies
+waiting on drivers) gets full pipelining with replies out of order. A backend
+that serves reads by callback (StartsReads: the encryption layer) gets a READ as
+one call, and queues its reply from its callback, with no coroutine at all. Replies
 are batched, framed and written with one writelines() per loop iteration. A backend
 with a `file_range` method (the driver's FileBackend) answers reads with a FileRange
 sent by sendfile (zero_copy.py).
