@@ -2,13 +2,13 @@
 client's batching held fixed.
 
     .venv/bin/python bench/nbd_server_cpu.py --baseline DIR [--requests 100000] [--reps 5]
-                                             [--servers driver crypt2]
+                                             [--servers driver crypt1 crypt2]
 
 Runs each server from this checkout and from DIR (PYTHONPATH: e.g. `git archive main`
 with main's built trustvbd/_native.abi3.so), interleaved: `driver` is `trustvbd driver`
-alone (the NBD server over a file); `crypt2` is `trustvbd up`, encrypted, over 2 replicas
-(its driver domains run this checkout's code in both rows, so only the crypt domain is
-an A/B there). libnbd sends a fixed number of 4 KiB random reads, then writes, in batches
+alone (the NBD server over a file); `crypt1` and `crypt2` are `trustvbd up`, encrypted,
+over 1 and 2 replicas (its driver domains run this checkout's code in both rows, so only
+the crypt domain is an A/B there). The reads go to the blocks written before them. libnbd sends a fixed number of 4 KiB random reads, then writes, in batches
 of --depth (all sent, then all awaited), so both trees see the same batching whatever the
 load of the machine: fio's CPU per request moves with its IOPS, since a loaded machine
 batches fewer requests per wake-up. Prints CPU seconds per 100k requests of each process
@@ -85,11 +85,12 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--depth", type=int, default=16)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--servers", nargs="+", choices=["driver", "crypt2"],
+    parser.add_argument("--servers", nargs="+", choices=["driver", "crypt1", "crypt2"],
                         default=["driver", "crypt2"])
     args = parser.parse_args()
     base = args.baseline.resolve()
     make = {"driver": (lambda tree: trustvbd_driver(SIZE, tree=tree), "driver"),
+            "crypt1": (lambda tree: trustvbd_up(SIZE, True, 1, tree=tree), "crypt"),
             "crypt2": (lambda tree: trustvbd_up(SIZE, True, 2, tree=tree), "crypt")}
     print(f"load average {os.getloadavg()[0]:.2f} at start")
     for name in args.servers:
