@@ -8,11 +8,12 @@ Runs each server from this checkout and from DIR (PYTHONPATH: e.g. `git archive 
 with main's built trustvbd/_native.abi3.so), interleaved: `driver` is `trustvbd driver`
 alone (the NBD server over a file); `crypt1` and `crypt2` are `trustvbd up`, encrypted,
 over 1 and 2 replicas (its driver domains run this checkout's code in both rows, so only
-the crypt domain is an A/B there). The reads go to the blocks written before them. libnbd sends a fixed number of 4 KiB random reads, then writes, in batches
-of --depth (all sent, then all awaited), so both trees see the same batching whatever the
-load of the machine: fio's CPU per request moves with its IOPS, since a loaded machine
-batches fewer requests per wake-up. Prints CPU seconds per 100k requests of each process
-role (bench/procstat.py), medians of --reps, and the ratios.
+the crypt domain is an A/B there). libnbd sends a fixed number of 4 KiB random writes,
+then reads of the same blocks, in batches of --depth (all sent, then all awaited), so
+both trees see the same batching whatever the load of the machine: fio's CPU per
+request moves with its IOPS, since a loaded machine batches fewer requests per wake-up.
+Prints CPU seconds per 100k requests of each process role (bench/procstat.py), medians
+of --reps, and the ratios.
 """
 
 from __future__ import annotations
