@@ -299,27 +299,33 @@ def no_gather_timer(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_adjacent_writes_behind_go_to_the_replica_as_one_write(tmp_path: Path,
                                                                no_gather_timer: None) -> None:
-    """A file written one block at a time costs one replica write per run, not per block; a
-    run goes out when a write elsewhere comes, or at GATHER_BLOCKS; every block reads back."""
+    """A file written one block at a time costs one replica write per run, not per block;
+    the runs held go together when one is GATHER_BLOCKS long or one more than HELD_RUNS
+    would be held (or on the timer, or when something waits); every block reads back."""
 
     async def go() -> None:
         kek, mem, gate, disk = await gated_disk(tmp_path)
         for b in range(10, 20):
             await asyncio.wait_for(disk.pwrite(b * BS, pattern(b)), 10)  # each answered
+        await disk.pwrite(50 * BS, pattern(50))  # elsewhere: a second run
+        await disk.pwrite(20 * BS, pattern(20))  # the first run goes on
         await turns()
         assert gate.sent == []  # all wait to be joined
-        await disk.pwrite(50 * BS, pattern(50))  # elsewhere: the run of ten goes as one write
-        await turns()
-        assert gate.sent == [(10, 10)]  # and 50 waits in turn (for a FLUSH, say)
         for b in range(300, 300 + GATHER_BLOCKS + 3):  # within one leaf page
             await disk.pwrite(b * BS, pattern(b))
         await turns()
-        assert gate.sent[1:] == [(50, 1), (300, GATHER_BLOCKS)]  # full: sent at once
+        # The third run full: every run goes, in one loop turn; 332-334 wait.
+        assert sorted(gate.sent) == [(10, 11), (50, 1), (300, GATHER_BLOCKS)]
+        sent = len(gate.sent)
+        singles = [340 + 3 * i for i in range(write_behind.HELD_RUNS)]  # same leaf page
+        for b in singles:  # with 332's run, one run more than HELD_RUNS: all go
+            await disk.pwrite(b * BS, pattern(b))
+        await turns()
+        assert sorted(gate.sent[sent:]) == [(300 + GATHER_BLOCKS, 3), *((b, 1) for b in singles)]
         await disk.flush()
-        assert gate.sent[-1] == (300 + GATHER_BLOCKS, 3)
         await disk.close()
         disk = await open_disk(tmp_path, mem, kek)
-        for b in [*range(10, 20), 50, *range(300, 300 + GATHER_BLOCKS + 3)]:
+        for b in [*range(10, 21), 50, *range(300, 300 + GATHER_BLOCKS + 3), *singles]:
             assert bytes(await disk.pread(b * BS, BS)) == pattern(b), b
         await disk.close()
 
@@ -370,10 +376,13 @@ def test_a_runs_intent_records_go_in_one_write_before_its_ciphertext(
             await disk.pwrite(b * BS, pattern(b))
         await turns()
         assert files.log_writes == before  # answered, recorded, nothing written yet
-        await disk.pwrite(50 * BS, pattern(50))  # elsewhere: the run of ten leaves
+        await disk.pwrite(50 * BS, pattern(50))  # elsewhere: a second run
         await turns()
-        assert files.log_writes == before + 1  # its ten records, and 50's, in one pwrite
-        assert seen == [[bytes(disk._leaves.get(b, b + 1)) for b in range(10, 20)]]
+        assert files.log_writes == before and seen == []
+        assert bytes(await disk.pread(12 * BS, BS)) == pattern(12)  # a read sends both
+        assert files.log_writes == before + 1  # the eleven records in one pwrite
+        assert seen == [[bytes(disk._leaves.get(b, b + 1)) for b in range(10, 20)],
+                        [bytes(disk._leaves.get(50, 51))]]
         await disk.close()
         disk = await open_disk(tmp_path, mem, kek)
         for b in [*range(10, 20), 50]:
@@ -407,7 +416,7 @@ def test_the_gather_timer_fires_once_per_quiet_run_on_a_millisecond_clock() -> N
         for b in range(0, 400, 20):  # twenty runs, each left alone for its timer
             behind.add(b, bytes(32), bytes(BS), lambda: None)
             behind.add(b + 1, bytes(32), bytes(BS), lambda: None)
-            await until(lambda: behind._run is None)
+            await until(lambda: not behind._runs)
         await behind.drain()
         assert sent == list(range(0, 400, 20))
         return fired
@@ -510,8 +519,9 @@ def test_a_write_then_flush_costs_the_replica_one_fua_write_and_no_flush(
         tmp_path: Path, no_gather_timer: None) -> None:
     """A guest's write then FLUSH: the FLUSH sends the write (waiting to be joined, or sent on
     and still waiting for its loop turn) with FUA, and the replica link then has nothing to
-    flush (reconnect.py): the driver syncs once. So too after a FUA write. A write without
-    FUA since makes the FLUSH go. Every block reads back after a reopen."""
+    flush (reconnect.py): the driver syncs once. So too after a FUA write. Several runs go
+    plain and one flush follows. A write without FUA since makes the FLUSH go. Every block
+    reads back after a reopen."""
 
     async def never() -> Backend:
         raise ConnectionError("not in this test")
@@ -527,14 +537,20 @@ def test_a_write_then_flush_costs_the_replica_one_fua_write_and_no_flush(
         await disk.pwrite(40 * BS, pattern(40))
         await disk.flush()
         assert gate.sent[-1] == (40, 1) and gate.fua[-1] and gate.flushes == flushes
-        await disk.pwrite(60 * BS, pattern(60))
-        await disk.pwrite(80 * BS, pattern(80))  # 60 is sent on: its turn comes after this
-        await disk.flush()
-        assert sorted(gate.sent[-2:]) == [(60, 1), (80, 1)] and gate.fua[-2:] == [True, True]
+        for b in range(60, 60 + GATHER_BLOCKS):  # a full run: sent on at once
+            await disk.pwrite(b * BS, pattern(b))
+        await disk.flush()  # it still waits for its loop turn: it goes with FUA
+        assert gate.sent[-1] == (60, GATHER_BLOCKS) and gate.fua[-1]
         assert gate.flushes == flushes
         await disk.pwrite(90 * BS, pattern(90), fua=True)
         await disk.flush()
         assert gate.fua[-1] and gate.flushes == flushes
+        await disk.pwrite(150 * BS, pattern(150))
+        await disk.pwrite(170 * BS, pattern(170))
+        await disk.flush()  # two runs: plain writes, then one flush (not a sync per run)
+        assert sorted(gate.sent[-2:]) == [(150, 1), (170, 1)] and gate.fua[-2:] == [False, False]
+        assert gate.flushes == flushes + 1
+        flushes = gate.flushes
         await disk.pwrite(100 * BS, pattern(100))
         await disk.settle()  # sent without FUA (the timer's work)
         await disk.pwrite(120 * BS, pattern(120))
@@ -542,7 +558,7 @@ def test_a_write_then_flush_costs_the_replica_one_fua_write_and_no_flush(
         assert gate.fua[-2:] == [False, True] and gate.flushes == flushes + 1
         await disk.close()
         disk = await open_disk(tmp_path, mem, kek)
-        for b in (1, 40, 60, 80, 90, 100, 120):
+        for b in (1, 40, *range(60, 60 + GATHER_BLOCKS), 90, 100, 120, 150, 170):
             assert bytes(await disk.pread(b * BS, BS)) == pattern(b), b
         await disk.close()
 

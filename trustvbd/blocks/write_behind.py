@@ -30,17 +30,19 @@ for its own replica write), each under WRITE_BEHIND_BLOCKS blocks of ciphertext.
 Gathered: a filesystem through FUSE writes a file's blocks one 4 KiB request at
 a time, in order. Each replica write costs a request and a reply in this domain
 and in every driver, more than the write's own work. So a write behind waits to
-be joined, and the next one that starts where that unsent run ends joins it. The
-run goes to the replicas as one write once it is GATHER_BLOCKS long, once a write
-elsewhere comes, or GATHER_S after its last write, and at once when anything
-waits for those blocks (`send_now`: a FLUSH or commit, a read or write that meets
-their range lock, a close). A FLUSH sends it with FUA, so it can flush the
-replicas for the writes before it meanwhile, and often need not flush them at
-all (reconnect.ReplicaLink.flush): a guest's write then FLUSH costs the driver
-one write and one sync. So too a run sent on but still waiting for its loop turn
-(`_run_send`). A random write waits as well, for that FLUSH: the write after it
-sends it on. A replica that fails the run loses all of its writes, each as it
-would alone.
+be joined, and the next one that starts where an unsent run ends joins it. Up to
+HELD_RUNS runs wait so (a file's data between its metadata writes; random
+writes): they all go to the replicas in one loop turn, so in one send and one
+driver wake-up per replica, once a run is GATHER_BLOCKS long, once one more run
+would be held, GATHER_S after the newest write, and at once when anything waits
+for blocks behind (`send_now`: a FLUSH or commit, a read or write that meets
+their range lock, a close). A FLUSH that finds a single run (unsent, or sent on
+but still waiting for its loop turn, `_run_send`) sends it with FUA, so it can
+flush the replicas for the writes before it meanwhile, and often need not flush
+them at all (reconnect.ReplicaLink.flush): a guest's write then FLUSH costs the
+driver one write and one sync. Several runs go as plain writes and the FLUSH
+flushes after them (one sync on the replica rather than one per run). A replica
+that fails a run loses all of its writes, each as it would alone.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ log = logging.getLogger("trustvbd.crypt.write_behind")
 WRITE_BEHIND_MAX = 64  # writes per disk whose replica write is still running
 WRITE_BEHIND_BLOCKS = 16  # writes of this many 4 KiB blocks or more wait for their replicas
 GATHER_BLOCKS = 32  # a run of adjacent writes behind goes out at this many blocks (128 KiB)
-GATHER_S = 0.001  # an unsent run waits this long for its next write (a few FUSE requests)
+GATHER_S = 0.001  # unsent runs wait this long for the next write (a few FUSE requests)
+HELD_RUNS = 8  # unsent runs held at most: one more sends them all together
 
 # Sends the ciphertext of blocks [first, first + len(old) // 32) whose old leaves are `old`.
 # With FUA when the bool says so (durable once answered).
@@ -104,11 +107,13 @@ class WriteBehind:
         self.limit = limit
         self._send = send
         self._tasks: set[asyncio.Task[None]] = set()
-        self._run: _Run | None = None  # the newest writes, not sent yet
+        self._runs: list[_Run] = []  # the newest writes, not sent yet (at most HELD_RUNS)
         self._starting: list[_Run] = []  # sent on, waiting for their loop turn (_run_send)
         self._timer: asyncio.TimerHandle | None = None
         self._armed = 0.0  # the newest write's time when the timer was last armed
-        self._writes = 0  # writes behind: in the run or in a task
+        self._last = 0.0  # the newest write's time
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writes = 0  # writes behind: in a run or in a task
         self.lost: set[int] = set()  # blocks of failed writes behind, until a FLUSH settles them
         self._failure: BlockError | None = None  # the first failure no FLUSH has settled yet
         self.failures = 0  # failed writes behind since open
@@ -125,77 +130,89 @@ class WriteBehind:
     def running(self) -> int:
         return self._writes
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        # Remembered: asyncio.get_running_loop costs a getpid() system call in Python 3.11.
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def add(self, first_block: int, old: Buffer, ct: Buffer, done: Callable[[], None],
             gather: bool = True) -> None:
-        """A write recorded and answered: send `ct` to the replicas behind it, joined to the
-        unsent run if it continues it (and `gather`); `done` runs once they answered, always."""
+        """A write recorded and answered: send `ct` to the replicas behind it, joined to an
+        unsent run it continues (if `gather`); `done` runs once they answered, always."""
         blocks = len(old) // LEAF_SIZE
         self.started += 1
         self._writes += 1
-        run = self._run
-        now = asyncio.get_running_loop().time()
-        if (run is not None and gather and run.first + run.blocks == first_block
-                and run.blocks + blocks <= GATHER_BLOCKS):
-            run.old.append(old)
-            run.ct.append(ct)
-            run.done.append(done)
-            run.blocks += blocks
-            run.last = now
-        else:
-            if run is not None:
-                self._launch(after_reply=True)
-            run = self._run = _Run(first_block, blocks, old, ct, done, now)
-            if gather and self._timer is None:
-                self._armed = now
-                self._timer = asyncio.get_running_loop().call_at(now + GATHER_S, self._waited)
-        if run.blocks >= GATHER_BLOCKS or not gather:
-            self._launch(after_reply=True)
+        loop = self._running_loop()
+        now = self._last = loop.time()
+        runs = self._runs
+        if gather:
+            for run in runs:
+                if run.first + run.blocks == first_block and run.blocks + blocks <= GATHER_BLOCKS:
+                    run.old.append(old)
+                    run.ct.append(ct)
+                    run.done.append(done)
+                    run.blocks += blocks
+                    run.last = now
+                    if run.blocks >= GATHER_BLOCKS:
+                        self._launch_all(after_reply=True)
+                    return
+        runs.append(_Run(first_block, blocks, old, ct, done, now))
+        if not gather or len(runs) > HELD_RUNS:
+            self._launch_all(after_reply=True)
+        elif self._timer is None:
+            self._armed = now
+            self._timer = loop.call_at(now + GATHER_S, self._waited)
 
     def send_now(self, fua: bool = False) -> Ahead | None:
         """Something waits for the writes behind (their blocks, or all of them): send the
-        unsent run. With `fua` (a FLUSH), it and the runs still waiting for their loop turn
-        go with FUA, durable by themselves: the FLUSH need not wait for them before it
-        flushes the replicas (crypt_commit.Commits.commit), and often need not flush at all
-        (reconnect.ReplicaLink.flush)."""
+        unsent runs. With `fua` (a FLUSH) and one run in all (unsent or still waiting for
+        its loop turn), it goes with FUA, durable by itself: the FLUSH need not wait for it
+        before it flushes the replicas (crypt_commit.Commits.commit), and often need not
+        flush at all (reconnect.ReplicaLink.flush). Several go as plain writes, which the
+        FLUSH waits for and then flushes: one sync on the replica, not one per run."""
+        fua = fua and len(self._runs) + len(self._starting) == 1
         runs = []
         if fua:
             for run in self._starting:
                 run.fua = True
                 runs.append(run)
-        if self._run is not None:
-            run = self._run
-            self._launch(after_reply=False, fua=fua)
-            runs.append(run)
+            runs.extend(self._runs)
+        self._launch_all(after_reply=False, fua=fua)
         runs = [r for r in runs if r.task is not None]  # not those that ended at once
-        if not runs or not fua:
+        if not runs:
             return None
         return Ahead(tuple(r.task for r in runs if r.task is not None),
                      sum(len(r.done) for r in runs))
 
     def _waited(self) -> None:
-        """The timer: send the run once GATHER_S passed since its last write. Re-armed only
-        if a write came since it was armed, never on the clock alone: the loop's clock
+        """The timer: send the runs once GATHER_S passed since the newest write. Re-armed
+        only if a write came since it was armed, never on the clock alone: the loop's clock
         counts milliseconds, `now - last >= GATHER_S` can miss by a rounding error, and
         the timer then fired again at once, turn after turn, until the next millisecond."""
         self._timer = None
-        run = self._run
-        if run is None:
+        if not self._runs:
             return
-        if run.last <= self._armed:
-            self._launch(after_reply=False)
+        if self._last <= self._armed:
+            self._launch_all(after_reply=False)
         else:
-            self._armed = run.last
-            self._timer = asyncio.get_running_loop().call_at(run.last + GATHER_S, self._waited)
+            self._armed = self._last
+            self._timer = self._running_loop().call_at(self._last + GATHER_S, self._waited)
 
-    def _launch(self, after_reply: bool, fua: bool = False) -> None:
-        run, self._run = self._run, None
-        assert run is not None
+    def _launch_all(self, after_reply: bool, fua: bool = False) -> None:
+        """Every unsent run to the replicas, in this loop turn (one send per driver)."""
+        runs, self._runs = self._runs, []
+        for run in runs:
+            self._launch(run, after_reply, fua)
+
+    def _launch(self, run: _Run, after_reply: bool, fua: bool = False) -> None:
         old = run.old[0] if len(run.old) == 1 else b"".join(run.old)
         ct = run.ct[0] if len(run.ct) == 1 else b"".join(run.ct)
         run.old = run.ct = []  # the joined copies replace the pieces (memory bound)
         run.fua = fua
         self.sends += 1
-        coro, loop = self._run_send(run, old, ct, after_reply), asyncio.get_running_loop()
+        coro, loop = self._run_send(run, old, ct, after_reply), self._running_loop()
         if after_reply:
             task: asyncio.Task[None] | None = loop.create_task(coro)
             self._starting.append(run)
