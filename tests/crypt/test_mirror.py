@@ -616,8 +616,10 @@ def test_a_replica_coming_back_is_judged_before_it_takes_writes(tmp_path: Path) 
         faulty = [Faulty(m) for m in mems]
         disk = await open_set(tmp_path, kek, list(faulty))
         data = bytearray(await fill(disk))
+        # Away (unreachable: no reads either, so no admission can judge them before the
+        # swap below; their driver is changed while away, as an operator would).
         for f in faulty[1:]:
-            f.fail_writes = True
+            f.fail_writes = f.fail_reads = True
         await disk.pwrite(0, pattern(0, 5))
         data[:BS] = pattern(0, 5)
         await disk.flush()
@@ -625,7 +627,7 @@ def test_a_replica_coming_back_is_judged_before_it_takes_writes(tmp_path: Path) 
         mems[2].raw[:] = other.raw                # now holds another disk
         before = bytes(mems[2].raw)
         for f in faulty[1:]:
-            f.fail_writes = False
+            f.fail_writes = f.fail_reads = False
         for _ in range(2000):
             states = [r.state for r in disk.replicas.replicas]
             if states[1] is State.CURRENT and states[2] is State.FAILED:
