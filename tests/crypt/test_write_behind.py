@@ -515,8 +515,14 @@ def test_a_flush_sends_the_unsent_run_with_fua_and_flushes_meanwhile(tmp_path: P
     run(go())
 
 
+@pytest.fixture
+def no_expected_flush(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No write is taken for one a FLUSH follows (each waits for its FLUSH to send it)."""
+    monkeypatch.setattr(write_behind, "FLUSH_STREAK", 1 << 30)
+
+
 def test_a_write_then_flush_costs_the_replica_one_fua_write_and_no_flush(
-        tmp_path: Path, no_gather_timer: None) -> None:
+        tmp_path: Path, no_gather_timer: None, no_expected_flush: None) -> None:
     """A guest's write then FLUSH: the FLUSH sends the write (waiting to be joined, or sent on
     and still waiting for its loop turn) with FUA, and the replica link then has nothing to
     flush (reconnect.py): the driver syncs once. So too after a FUA write. Several runs go
@@ -584,6 +590,78 @@ def test_a_flush_sends_its_fua_run_before_it_first_waits(tmp_path: Path,
         await disk.close()
         disk = await open_disk(tmp_path, mem, kek)
         assert bytes(await disk.pread(40 * BS, BS)) == pattern(40)
+        await disk.close()
+
+    run(go())
+
+
+def test_a_write_after_flushes_that_each_followed_one_write_goes_at_once_with_fua(
+        tmp_path: Path, no_gather_timer: None) -> None:
+    """A guest that FLUSHes after each write (fsync per write, a database's log): once
+    FLUSH_STREAK FLUSHes in a row came right after one write each, the next write goes to
+    the replica with FUA before it is answered (its FLUSH then only waits for it and
+    writes the mark, and the replica is not flushed); a second write before the FLUSH ends the streak, and
+    writes are gathered again. Everything reads back after a reopen."""
+
+    async def never() -> Backend:
+        raise ConnectionError("not in this test")
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mem = RawMemory(physical_size(SIZE))
+        gate = Gate(mem)
+        disk = await open_disk(tmp_path, ReplicaLink(gate, "r0", never), kek)
+        for b in range(write_behind.FLUSH_STREAK):
+            await disk.pwrite(b * BS, pattern(b))
+            await disk.flush()
+        flushes, sent = gate.flushes, len(gate.sent)
+        await disk.pwrite(40 * BS, pattern(40))
+        assert gate.sent[-1] == (40, 1) and gate.fua[-1]  # on its way as the write returns
+        await disk.flush()
+        assert gate.flushes == flushes and len(gate.sent) == sent + 1
+        assert len([r for r in intent_records(tmp_path) if not r.new]) == write_behind.FLUSH_STREAK + 1
+        await disk.pwrite(50 * BS, pattern(50))  # expected to be flushed: sent at once
+        await disk.pwrite(51 * BS, pattern(51))  # ... but another write came first
+        await disk.pwrite(52 * BS, pattern(52))
+        await turns()
+        assert gate.sent[-1] == (50, 1) and gate.fua[-1]  # 51 and 52 wait, gathered
+        await disk.flush()
+        assert gate.sent[-1] == (51, 2) and gate.fua[-1]
+        await disk.pwrite(60 * BS, pattern(60))  # the streak starts again: gathered
+        await turns()
+        assert gate.sent[-1] == (51, 2)
+        await disk.flush()
+        await disk.close()
+        disk = await open_disk(tmp_path, mem, kek)
+        for b in (*range(write_behind.FLUSH_STREAK), 40, 50, 51, 52, 60):
+            assert bytes(await disk.pread(b * BS, BS)) == pattern(b), b
+        await disk.close()
+
+    run(go())
+
+
+def test_a_write_sent_early_that_fails_fails_the_flush_and_writes_no_mark(
+        tmp_path: Path, no_gather_timer: None) -> None:
+    """The replica fails a write sent at once for the FLUSH expected after it: that FLUSH
+    says so (with the replica's errno), is not vouched for by a mark but commits instead
+    (settling what the block holds), and the block reads as before."""
+
+    async def go() -> None:
+        _, _, gate, disk = await gated_disk(tmp_path)
+        for b in range(write_behind.FLUSH_STREAK):
+            await disk.pwrite(b * BS, pattern(b))
+            await disk.flush()
+        await disk.pwrite(30 * BS, pattern(7))
+        await disk.flush()
+        epoch = disk.epoch
+        gate.error = errno.ENOSPC
+        await disk.pwrite(30 * BS, pattern(30))
+        await until(lambda: gate.sent[-1] == (30, 1) and gate.fua[-1])
+        with pytest.raises(BlockError, match=r"block\(s\) 30 were answered, then failed") as e:
+            await asyncio.wait_for(disk.flush(), 5)
+        assert e.value.errno == errno.ENOSPC and disk.epoch > epoch
+        gate.error = None
+        assert bytes(await disk.pread(30 * BS, BS)) == pattern(7)
         await disk.close()
 
     run(go())

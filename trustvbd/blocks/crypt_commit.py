@@ -5,9 +5,11 @@ does so with the intent log alone: the log is fdatasync'ed while the replicas
 flush, then a flush mark is appended and the log fdatasync'ed again. Writes behind
 that were not sent yet go with FUA (durable once answered), so the replica flush
 for the others need not wait for them (and is not sent at all if there are no
-others: reconnect.ReplicaLink.flush); the mark waits for both. Recovery
-rolls the log forward (for each logged block, the newest recorded version whose
-ciphertext verifies on a current replica, and never one older than the last
+others: reconnect.ReplicaLink.flush); the mark waits for both. A write that a
+FLUSH is expected to follow starts both early (write_behind.py: sent with FUA, the
+log's sync beside it), and the FLUSH then uses that sync if no record came since.
+Recovery rolls the log forward (for each logged block, the newest recorded version
+whose ciphertext verifies on a current replica, and never one older than the last
 mark's: crypt_open.choose_versions), so a block whose record and ciphertext are
 both durable survives a power cut exactly as after a full commit, and a replica
 cannot roll it back. A FLUSH makes a full commit instead when the membership
@@ -119,6 +121,8 @@ class Commits:
         # intent_blocks when the log and the replicas were last made durable without a
         # full commit (None: not since the last full commit).
         self._logged: int | None = None
+        # The records' sync a write expecting a FLUSH started, and intent_blocks then.
+        self._early: tuple[asyncio.Future[None], int] | None = None
 
     @property
     def epoch(self) -> int:
@@ -224,7 +228,7 @@ class Commits:
             try:
                 ahead = send_now(may_log is not None) if send_now is not None else None
                 if may_log is not None and self._logged != self.intent_blocks:
-                    synced = self._sync_soon()
+                    synced = self._early_sync() or self._sync_soon()
                 await self._writers_done(ahead)
                 log_ok = may_log is not None and may_log() and not force
                 if log_ok and self._log_suffices(replica):
@@ -262,6 +266,18 @@ class Commits:
         replica flush are in flight."""
         return asyncio.get_running_loop().run_in_executor(None, self.intent.sync)
 
+    def sync_early(self) -> None:
+        """A FLUSH is expected (write_behind.py): start syncing the records appended so far,
+        so the FLUSH finds it done or under way. A FLUSH uses it only if no record came
+        since (intent_blocks unchanged, no full commit in between)."""
+        synced = self._sync_soon()
+        synced.add_done_callback(lambda f: f.cancelled() or f.exception())  # may go unused
+        self._early = (synced, self.intent_blocks)
+
+    def _early_sync(self) -> asyncio.Future[None] | None:
+        early, self._early = self._early, None
+        return early[0] if early is not None and early[1] == self.intent_blocks else None
+
     async def _sync_log(self, replica: ReplicaSet, synced: asyncio.Future[None],
                         ahead: Ahead | None, may_log: Callable[[], bool]) -> bool:
         """The intent log fdatasync'ed (`synced`, on a thread) while the replicas flush and
@@ -298,6 +314,7 @@ class Commits:
         pages = leaves.dirty_pages()
         changes = {p: page_hash(p, leaves.page(p)) for p in pages}
         epoch = self.anchor.epoch + 1
+        self._early = None  # the log is reset below: an early sync covers none of what follows
         # The intent records must outlive a power cut before the leaf pages they
         # undo reach the replica: otherwise a cut before the anchor moves leaves
         # pages no trusted record explains, and every block on them is lost. The

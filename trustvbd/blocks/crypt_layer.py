@@ -290,7 +290,7 @@ class CryptDisk:
         self._out_of_space: str | None = None
         self._locks = LeafLocks(commits.leaves)  # holding blocks keeps their leaf pages in
         self._ct_buffers = _Buffers(_REUSE_KEPT)  # big reads: received, opened and sent from them
-        self._behind = WriteBehind(name, self._send)
+        self._behind = WriteBehind(name, self._send, expect_flush=self._commits.sync_early)
         self._seen = self._behind.seen()  # flush() and commit() called without a connection
         replicas.verifier = self
         replicas.locks = self._locks

@@ -43,6 +43,14 @@ them at all (reconnect.ReplicaLink.flush): a guest's write then FLUSH costs the
 driver one write and one sync. Several runs go as plain writes and the FLUSH
 flushes after them (one sync on the replica rather than one per run). A replica
 that fails a run loses all of its writes, each as it would alone.
+
+Expected FLUSHes: a guest that FLUSHes after every write (a database's log, fsync
+per write) would have each write wait for its FLUSH to send it. Once FLUSH_STREAK
+FLUSHes in a row each came right after one write behind, the next such write is
+sent at once with FUA, before it is answered, and the intent log's sync starts on
+its thread beside it (crypt_commit.Commits.sync_early): the driver syncs while the
+guest is answered and sends its FLUSH, which then waits for both and writes the
+mark. A second write before the FLUSH ends the streak; it cost one driver sync.
 """
 
 from __future__ import annotations
@@ -66,6 +74,9 @@ WRITE_BEHIND_BLOCKS = 16  # writes of this many 4 KiB blocks or more wait for th
 GATHER_BLOCKS = 32  # a run of adjacent writes behind goes out at this many blocks (128 KiB)
 GATHER_S = 0.001  # unsent runs wait this long for the next write (a few FUSE requests)
 HELD_RUNS = 8  # unsent runs held at most: one more sends them all together
+# FLUSHes in a row, each right after one write behind, before the next such write is taken
+# for one a FLUSH follows: sent at once with FUA, the records synced meanwhile.
+FLUSH_STREAK = 2
 
 # Sends the ciphertext of blocks [first, first + len(old) // 32) whose old leaves are `old`.
 # With FUA when the bool says so (durable once answered).
@@ -89,23 +100,31 @@ class Seen:
 class _Run:
     """Adjacent writes behind, not sent yet: their leaves, ciphertext and what ends each."""
 
-    __slots__ = ("blocks", "ct", "done", "first", "fua", "last", "old", "task")
+    __slots__ = ("blocks", "ct", "done", "early", "first", "fua", "last", "old", "task")
 
     def __init__(self, first: int, blocks: int, old: Buffer, ct: Buffer, done: Callable[[], None],
                  now: float) -> None:
         self.first, self.blocks, self.last = first, blocks, now
         self.old, self.ct, self.done = [old], [ct], [done]
         self.fua = False  # sent with FUA (a FLUSH asked for it before it left)
+        self.early = False  # sent at once with FUA: a FLUSH is expected next (WriteBehind.add)
         self.task: asyncio.Task[None] | None = None
 
 
 class WriteBehind:
     """The writes of one disk still going to its replicas, and those that failed."""
 
-    def __init__(self, disk: str, send: Send, limit: int = WRITE_BEHIND_MAX) -> None:
+    def __init__(self, disk: str, send: Send, limit: int = WRITE_BEHIND_MAX,
+                 expect_flush: Callable[[], None] | None = None) -> None:
+        """`expect_flush`: called as a write a FLUSH is expected to follow leaves (it
+        starts the records' sync); without it no write is sent early."""
         self.disk = disk
         self.limit = limit
         self._send = send
+        self._expect_flush = expect_flush
+        self._since_flush = 0  # writes behind added since the last FLUSH
+        self._streak = 0  # FLUSHes in a row that each came right after one write behind
+        self._fua_sending: list[_Run] = []  # runs with FUA past their loop turn, not answered
         self._tasks: set[asyncio.Task[None]] = set()
         self._runs: list[_Run] = []  # the newest writes, not sent yet (at most HELD_RUNS)
         self._starting: list[_Run] = []  # sent on, waiting for their loop turn (_run_send)
@@ -144,9 +163,20 @@ class WriteBehind:
         blocks = len(old) // LEAF_SIZE
         self.started += 1
         self._writes += 1
+        self._since_flush += 1
+        if self._since_flush > 1:
+            self._streak = 0  # writes come without a FLUSH after each
         loop = self._running_loop()
         now = self._last = loop.time()
         runs = self._runs
+        if (gather and self._since_flush == 1 and self._streak >= FLUSH_STREAK
+                and self._expect_flush is not None):
+            # A FLUSH is expected next: the driver syncs this write from now on, while the
+            # guest is answered and sends its FLUSH.
+            run = _Run(first_block, blocks, old, ct, done, now)
+            run.early = True
+            self._launch(run, after_reply=False, fua=True)
+            return
         if gather:
             for run in runs:
                 if run.first + run.blocks == first_block and run.blocks + blocks <= GATHER_BLOCKS:
@@ -171,9 +201,14 @@ class WriteBehind:
         its loop turn), it goes with FUA, durable by itself: the FLUSH need not wait for it
         before it flushes the replicas (crypt_commit.Commits.commit), and often need not
         flush at all (reconnect.ReplicaLink.flush). Several go as plain writes, which the
-        FLUSH waits for and then flushes: one sync on the replica, not one per run."""
-        fua = fua and len(self._runs) + len(self._starting) == 1
+        FLUSH waits for and then flushes: one sync on the replica, not one per run. Runs
+        in flight with FUA count as the FLUSH's too (an expected FLUSH's write: add)."""
         runs = []
+        if fua:
+            self._streak = self._streak + 1 if self._since_flush == 1 else 0
+            self._since_flush = 0
+            runs.extend(self._fua_sending)  # durable once answered, as those sent now
+        fua = fua and len(self._runs) + len(self._starting) == 1
         if fua:
             for run in self._starting:
                 run.fua = True
@@ -235,12 +270,21 @@ class WriteBehind:
                     await asyncio.sleep(0)
                 finally:
                     self._starting.remove(run)
+            if run.fua:
+                self._fua_sending.append(run)
+            if run.early:
+                # The records' sync on its thread, then the request: both run while the
+                # guest is answered and sends its FLUSH.
+                assert self._expect_flush is not None
+                self._expect_flush()
             await self._send(run.first, old, ct, run.fua)
         except BaseException as exc:
             self._lose(run.first, run.blocks, exc)
             if not isinstance(exc, Exception):
                 raise  # cancelled (the domain is stopping): recorded, and cancelled still
         finally:
+            if run in self._fua_sending:
+                self._fua_sending.remove(run)
             self._writes -= len(run.done)
             for done in run.done:
                 done()
