@@ -267,10 +267,28 @@ class Commits:
         return asyncio.get_running_loop().run_in_executor(None, self.intent.sync)
 
     def sync_early(self) -> None:
-        """A FLUSH is expected (write_behind.py): start syncing the records appended so far,
-        so the FLUSH finds it done or under way. A FLUSH uses it only if no record came
-        since (intent_blocks unchanged, no full commit in between)."""
-        synced = self._sync_soon()
+        """A FLUSH is expected (write_behind.py): sync the records appended so far, so the
+        FLUSH finds it done or under way. A FLUSH uses it only if no record came since
+        (intent_blocks unchanged, no full commit in between). Handed to its thread two
+        loop turns from now, once the write's reply has left: while the worker takes the
+        interpreter lock, the loop waits (measured: the reply ~100 us later)."""
+        loop = asyncio.get_running_loop()
+        synced: asyncio.Future[None] = loop.create_future()
+
+        def done(job: asyncio.Future[None]) -> None:
+            if synced.done():
+                return
+            if job.cancelled():
+                synced.cancel()
+            elif (exc := job.exception()) is not None:
+                synced.set_exception(exc)
+            else:
+                synced.set_result(None)
+
+        def start() -> None:
+            loop.run_in_executor(None, self.intent.sync).add_done_callback(done)
+
+        loop.call_soon(loop.call_soon, start)
         synced.add_done_callback(lambda f: f.cancelled() or f.exception())  # may go unused
         self._early = (synced, self.intent_blocks)
 
