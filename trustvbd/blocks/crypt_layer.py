@@ -452,14 +452,14 @@ class CryptDisk:
         hold = self._locks.try_acquire(b0, b1, False)
         if hold is None:
             return None
-        leaves = self._leaves
-        if leaves.all_zero(b0, b1):
+        leaves = self._leaves.get(b0, b1)
+        if leaves.count(0) == len(leaves):  # never written or zeroed (as all_zero)
             self._locks.release(hold)
             return None
         size = n * BS
         ct = self._ct_buffers.get(size) if size >= _REUSE_MIN else bytearray(size)
-        read = _QuickRead(self, b0, n, offset - b0 * BS, length, hold,
-                          memoryview(leaves.get(b0, b1)), ct, ended)
+        read = _QuickRead(self, b0, n, offset - b0 * BS, length, hold, memoryview(leaves), ct,
+                          ended)
         sub = self.replicas.submit_read(b0, n, read)
         if sub is None:
             self._locks.release(hold)

@@ -239,6 +239,10 @@ class LeafPages:
 
     def get(self, b0: int, b1: int) -> bytearray:
         """A copy of the leaves of blocks [b0, b1) (their pages resident)."""
+        p = b0 // LEAVES_PER_PAGE
+        if b1 <= (p + 1) * LEAVES_PER_PAGE:  # one page, as nearly every request: one copy
+            lo = (b0 - p * LEAVES_PER_PAGE) * LEAF_SIZE
+            return self._page(p)[lo:lo + (b1 - b0) * LEAF_SIZE]
         out = bytearray((b1 - b0) * LEAF_SIZE)
         b = b0
         while b < b1:

@@ -419,7 +419,12 @@ class Connection(asyncio.BufferedProtocol):
         """A READ as one call down and one callback up (_read_ended), where the backend can."""
         assert self._start_read is not None
         read = _QuickRead(self, cookie, offset, length)
-        handle = self._start_read(offset, length, read)
+        try:
+            handle = self._start_read(offset, length, read)
+        except Exception as exc:  # a bug: this request fails, the connection goes on
+            log.exception("nbd: READ on export %r failed unexpectedly", self.export_name)
+            self._reply_error(_READ, cookie, p.NbdErr.EIO, f"internal server error: {exc}")
+            return
         if handle is None:
             self._run(self._serve(_READ, flags, cookie, offset, length, None), _READ, length)
             return
