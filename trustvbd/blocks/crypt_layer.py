@@ -205,6 +205,9 @@ class _QuickRead:
 
     def ended(self, result: Buffer | BaseException) -> None:
         self._release()
+        # No cycles left (sub -> this -> sub): the buffer goes back to its pool at once,
+        # not at the next garbage collection.
+        self.sub = self.task = None
         ended = self._ended
         if ended is None:
             return  # cancelled
@@ -251,6 +254,7 @@ class _QuickRead:
         else:
             if self.sub is not None:
                 self.sub.cancel()
+                self.sub = None
             self._release()
 
 

@@ -634,6 +634,7 @@ class SubmittedRead(Generic[T]):
         if hedge is not None:
             self.rs._hedges.discard(hedge)
             hedge.stop()
+            self.hedge = None  # it holds the caller's attempt: no cycle left
 
     def cancel(self) -> None:
         """The caller gives up (its guest went away): the reply, when it comes, is dropped."""
@@ -644,6 +645,7 @@ class SubmittedRead(Generic[T]):
         """The first replica's reply (the link's callback)."""
         if not self.live:
             return
+        hedge = self.hedge
         self._settle()
         call = self.call
         exc: BadBlocks | BlockError
@@ -660,7 +662,7 @@ class SubmittedRead(Generic[T]):
                 return
         else:
             exc = error
-        rs, order, r, hedge = self.rs, self.order, self.order[0], self.hedge
+        rs, order, r = self.rs, self.order, self.order[0]
         if hedge is not None and hedge.won and not isinstance(exc, BadBlocks):
             _, result = rs._hedge_won(r, hedge, exc)
             call.ended(result)

@@ -439,6 +439,7 @@ class Connection(asyncio.BufferedProtocol):
             self._update_reading()  # as _run
 
     def _read_ended(self, read: _QuickRead, result: Buffer | BlockError) -> None:
+        read.handle = None  # no cycle with the backend's read: its buffer is free at once
         quick = self._quick
         quick.discard(read)
         self._inflight_bytes -= read.length
