@@ -13,7 +13,7 @@ import pytest
 
 from tests.crypt.helpers import BS, LAY, SIZE, RawMemory, new_state, open_disk, pattern, run
 from trustvbd.blockdev import BlockError
-from trustvbd.blocks import crypt_commit, disk_state
+from trustvbd.blocks import crypt_commit, disk_state, write_behind
 from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, physical_size
 from trustvbd.blocks.disk_state import DiskState, IntentLog
 from trustvbd.fileops import OsFileOps
@@ -214,6 +214,37 @@ def test_a_flush_whose_log_sync_fails_says_eio_and_vouches_for_nothing(tmp_path:
         files.failing = False
         await asyncio.wait_for(disk.flush(), 10)  # the next FLUSH syncs it all
         assert bytes(await disk.pread(3 * BS, 2 * BS)) == pattern(3) + pattern(4)
+        await crash(disk)
+
+    run(go())
+
+
+def test_an_expected_flush_whose_early_log_sync_failed_says_eio(tmp_path: Path) -> None:
+    """A write a FLUSH is expected to follow syncs the records before the FLUSH comes
+    (write_behind.py): if that sync fails, the FLUSH fails with EIO and writes no mark."""
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        files = FailingLogSync()
+        disk = await CryptDisk.open(tmp_path, "vm1", RawMemory(physical_size(SIZE)), "r0", kek,
+                                    files=files)
+        for b in range(write_behind.FLUSH_STREAK):
+            await disk.pwrite(b * BS, pattern(b))
+            await disk.flush()
+        files.failing = True
+        await disk.pwrite(9 * BS, pattern(9))  # sent at once; its records synced early
+        for _ in range(5):
+            await asyncio.sleep(0)  # the early sync ran (and failed)
+        files.failing = False
+        with pytest.raises(BlockError, match=r"cannot sync .*intent\.log") as failed:
+            await asyncio.wait_for(disk.flush(), 10)
+        assert failed.value.errno == errno.EIO
+        log = DiskState(tmp_path, "vm1").open_intent()
+        last = log.read().records[-1]
+        log.close()
+        assert (last.first_block, len(last.new)) == (9, 32)  # no flush mark after the write
+        await asyncio.wait_for(disk.flush(), 10)  # the next FLUSH syncs it all
+        assert bytes(await disk.pread(9 * BS, BS)) == pattern(9)
         await crash(disk)
 
     run(go())

@@ -7,7 +7,8 @@ that were not sent yet go with FUA (durable once answered), so the replica flush
 for the others need not wait for them (and is not sent at all if there are no
 others: reconnect.ReplicaLink.flush); the mark waits for both. A write that a
 FLUSH is expected to follow starts both early (write_behind.py: sent with FUA, the
-log's sync beside it), and the FLUSH then uses that sync if no record came since.
+log synced once its reply left), and the FLUSH then uses that sync if no record
+came since.
 Recovery rolls the log forward (for each logged block, the newest recorded version
 whose ciphertext verifies on a current replica, and never one older than the last
 mark's: crypt_open.choose_versions), so a block whose record and ciphertext are
@@ -269,26 +270,24 @@ class Commits:
     def sync_early(self) -> None:
         """A FLUSH is expected (write_behind.py): sync the records appended so far, so the
         FLUSH finds it done or under way. A FLUSH uses it only if no record came since
-        (intent_blocks unchanged, no full commit in between). Handed to its thread two
-        loop turns from now, once the write's reply has left: while the worker takes the
-        interpreter lock, the loop waits (measured: the reply ~100 us later)."""
+        (intent_blocks unchanged, no full commit in between). Run on this loop two turns
+        from now, once the write's reply has left, while the driver syncs the write: a
+        thread waited for the interpreter lock, started late and then took a loop turn
+        more to report (measured: FLUSH median 0.62 ms that way, 0.59 inline)."""
         loop = asyncio.get_running_loop()
         synced: asyncio.Future[None] = loop.create_future()
 
-        def done(job: asyncio.Future[None]) -> None:
+        def sync() -> None:
             if synced.done():
                 return
-            if job.cancelled():
-                synced.cancel()
-            elif (exc := job.exception()) is not None:
+            try:
+                self.intent.sync()
+            except OSError as exc:
                 synced.set_exception(exc)
             else:
                 synced.set_result(None)
 
-        def start() -> None:
-            loop.run_in_executor(None, self.intent.sync).add_done_callback(done)
-
-        loop.call_soon(loop.call_soon, start)
+        loop.call_soon(loop.call_soon, sync)
         synced.add_done_callback(lambda f: f.cancelled() or f.exception())  # may go unused
         self._early = (synced, self.intent_blocks)
 

@@ -47,10 +47,10 @@ that fails a run loses all of its writes, each as it would alone.
 Expected FLUSHes: a guest that FLUSHes after every write (a database's log, fsync
 per write) would have each write wait for its FLUSH to send it. Once FLUSH_STREAK
 FLUSHes in a row each came right after one write behind, the next such write is
-sent at once with FUA, before it is answered, and the intent log's sync starts
-on its thread once the reply left (crypt_commit.Commits.sync_early): the driver
-syncs while the guest is answered and sends its FLUSH, which then waits for both
-and writes the mark. A second write before the FLUSH ends the streak; it cost one
+sent at once with FUA, before it is answered, and the intent log is synced once
+the reply left (crypt_commit.Commits.sync_early): the driver syncs while the
+guest is answered and sends its FLUSH, which then waits for both and writes the
+mark. A second write before the FLUSH ends the streak; it cost one
 driver sync.
 """
 
@@ -274,8 +274,8 @@ class WriteBehind:
             if run.fua:
                 self._fua_sending.append(run)
             if run.early:
-                # The records' sync (on its thread once the reply left), and the request
-                # now: both run while the guest is answered and sends its FLUSH.
+                # The records' sync (once the reply left), and the request now: both
+                # run while the guest is answered and sends its FLUSH.
                 assert self._expect_flush is not None
                 self._expect_flush()
             await self._send(run.first, old, ct, run.fua)
