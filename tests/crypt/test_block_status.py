@@ -7,7 +7,8 @@ from pathlib import Path
 from tests.crypt.helpers import BS, RawMemory, new_state, open_disk, pattern, run
 from tests.crypt.test_lazy_leaves import SparseMemory
 from trustvbd.blockdev import HOLE, ZERO, BlockError
-from trustvbd.blocks.crypt_layer import _STATUS_PAGES, Layout
+from trustvbd.blocks.allocation import STATUS_PAGES
+from trustvbd.blocks.crypt_layer import Layout
 from trustvbd.blocks.disk_state import load_kek
 
 PAGE = 128  # blocks per leaf page
@@ -53,7 +54,7 @@ def test_a_16_tib_disk_answers_from_few_pages_and_after_a_restart(tmp_path: Path
 
 
 def test_work_per_call_is_bounded_and_the_rest_comes_on_the_next_call(tmp_path: Path) -> None:
-    pages = _STATUS_PAGES + 20
+    pages = STATUS_PAGES + 20
     size = pages * PAGE * BS
     lay = Layout(size)
     replica = RawMemory(lay.physical_size)
@@ -66,9 +67,9 @@ def test_work_per_call_is_bounded_and_the_rest_comes_on_the_next_call(tmp_path: 
         await disk.close()
         disk = await open_disk(tmp_path, replica, load_kek(tmp_path), leaf_cache_pages=8)
         first = await disk.block_status(0, size)
-        assert covered(first) == _STATUS_PAGES * PAGE * BS  # stopped short, at a page's end
+        assert covered(first) == STATUS_PAGES * PAGE * BS  # stopped short, at a page's end
         assert first[:3] == [(BS, 0), ((PAGE - 1) * BS, HZ), (BS, 0)]
-        assert disk._leaves.loads == _STATUS_PAGES
+        assert disk._leaves.loads == STATUS_PAGES
         assert disk._leaves.resident() <= 8  # loaded and let go, through the bounded cache
         rest = await disk.block_status(covered(first), size - covered(first))
         assert covered(rest) == size - covered(first)

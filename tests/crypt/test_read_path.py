@@ -23,10 +23,11 @@ import pytest
 
 from tests.crypt.helpers import BS, RawMemory, flip, new_state, open_disk, run
 from trustvbd.blockdev import Backend, BlockError
-from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, Kek, Layout, _Buffers, physical_size
+from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, Kek, Layout, physical_size
 from trustvbd.blocks.layer import Layer
 from trustvbd.blocks.leaf_pages import LeafLocks
 from trustvbd.blocks.ranges import RangeLock
+from trustvbd.blocks.read_buffers import ReadBuffers
 from trustvbd.crypt.superblock import LEAVES_PER_PAGE
 
 SIZE = 1024 * BS  # 4 MiB: 8 leaf pages
@@ -130,7 +131,7 @@ def test_a_buffer_is_reused_only_once_nothing_holds_it(tmp_path: Path) -> None:
 
 def test_the_pool_holds_at_most_its_bytes_and_makes_room_for_another_size() -> None:
     k = 64 * 1024
-    pool = _Buffers(4 * k)
+    pool = ReadBuffers(4 * k)
     lent = [pool.get(k) for _ in range(6)]  # 4 pooled, 2 fresh ones beyond the bound
     assert len({id(b) for b in lent}) == 6
     assert id(pool.get(k)) not in {id(b) for b in lent}  # none free: a fresh one

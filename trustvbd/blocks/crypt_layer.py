@@ -27,16 +27,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import sys
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
 from trustvbd.blockdev import (
-    HOLE,
-    ZERO,
     Backend,
     BlockError,
     Buffer,
@@ -48,6 +44,7 @@ from trustvbd.blockdev import (
     provides,
 )
 from trustvbd.blocks.aead_pool import INLINE, AeadPool
+from trustvbd.blocks.allocation import allocation
 from trustvbd.blocks.crypt_commit import Commits
 from trustvbd.blocks.crypt_open import describe, recover, survey_replica
 from trustvbd.blocks.crypt_verify import VerifyReport, verify_replica
@@ -67,6 +64,7 @@ from trustvbd.blocks.integrity import (
 )
 from trustvbd.blocks.leaf_pages import DEFAULT_CAPACITY, LeafLocks, LeafPages
 from trustvbd.blocks.ranges import Hold, describe_blocks
+from trustvbd.blocks.read_buffers import ReadBuffers
 from trustvbd.blocks.replica import BadBlocks, Replica
 from trustvbd.blocks.replica_set import REPLICA_LAG, ReplicaSet, SubmittedRead
 from trustvbd.blocks.tree_file import TreeFile, TreeFileError
@@ -107,9 +105,6 @@ log = logging.getLogger(__name__)
 BS = BLOCK_SIZE
 # Largest run of blocks one discard intent record covers.
 _DISCARD_CHUNK = 1 << 16
-# Leaf pages a BLOCK_STATUS may lock (and load) per call (32 MiB of disk): the client asks
-# again from where the reply ends. Pages the tree knows as empty cost no load.
-_STATUS_PAGES = 64
 # Reads of this many bytes or more receive their ciphertext into pooled buffers and
 # are opened there; at most _REUSE_KEPT bytes of them are pooled.
 _REUSE_MIN = 64 * 1024
@@ -117,51 +112,6 @@ _REUSE_KEPT = 32 * 1024 * 1024
 # Single blocks whose plaintext a write remembers (per disk), for the read-modify-write
 # of a block rewritten a few bytes at a time (e2fsprogs updates superblock fields so).
 _RECENT_BLOCKS = 8
-
-
-class _Buffers:
-    """Reused bytearrays for big reads: the ciphertext is received into one and opened in
-    place, so the plaintext handed on is that same buffer.
-
-    A buffer is handed out again only once nothing but this pool refers to it: the reply
-    that carried it has left (a transport holding it, a memoryview or buffer export of
-    it, a caller keeping it: each adds a reference). Buffers come back in about the order
-    they went out, so the few least recently handed out are the ones looked at. At most
-    `kept` bytes are pooled; a read that finds none free gets a fresh buffer.
-    """
-
-    LOOK_AT = 32
-
-    def __init__(self, kept: int) -> None:
-        self._pooled: dict[int, deque[bytearray]] = {}
-        self._kept, self._held = kept, 0
-
-    def get(self, size: int) -> bytearray:
-        pooled = self._pooled.get(size)
-        if pooled is None:
-            pooled = self._pooled[size] = deque()
-        for _ in range(min(len(pooled), self.LOOK_AT)):
-            buf = pooled.popleft()
-            pooled.append(buf)
-            # 3 references: the deque, `buf`, getrefcount's argument.
-            if sys.getrefcount(buf) == 3:
-                return buf
-        buf = bytearray(size)
-        while self._held + size > self._kept and self._drop_one_free(size):
-            pass
-        if self._held + size <= self._kept:
-            pooled.append(buf)
-            self._held += size
-        return buf
-
-    def _drop_one_free(self, size: int) -> bool:
-        """Room for a buffer of `size`: let go of a free one of another size, if any."""
-        for other, pooled in self._pooled.items():
-            if other != size and pooled and sys.getrefcount(pooled[0]) == 2:  # deque, argument
-                pooled.popleft()
-                self._held -= other
-                return True
-        return False
 
 
 class _QuickRead:
@@ -293,7 +243,7 @@ class CryptDisk:
         # Set when the commit at open failed with ENOSPC: writes wait for a commit then.
         self._out_of_space: str | None = None
         self._locks = LeafLocks(commits.leaves)  # holding blocks keeps their leaf pages in
-        self._ct_buffers = _Buffers(_REUSE_KEPT)  # big reads: received, opened and sent from them
+        self._ct_buffers = ReadBuffers(_REUSE_KEPT)  # big reads: received, opened and sent from them
         self._behind = WriteBehind(name, self._send, expect_flush=self._commits.sync_early)
         self._seen = self._behind.seen()  # flush() and commit() called without a connection
         replicas.verifier = self
@@ -799,60 +749,14 @@ class CryptDisk:
         await self._maybe_commit(fua)
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """Holes: blocks whose leaf is all zeros (never written, trimmed or zeroed) read as
-        zeros with no driver involved (HOLE|ZERO); every other block is data. From the
-        leaves alone, never the replicas' ciphertext, so the drivers learn nothing new."""
+        """Holes and data of [offset, offset+length), from the leaves (allocation.py)."""
         check_range(self.size, offset, length)
         self._check_usable()
-        if length == 0:
-            return []
-        b0, b1 = offset // BS, -(-(offset + length) // BS)
-        runs: list[list[int]] = []  # [blocks, flags]
+        return await allocation(self._leaves, self._lay, self._hold_for_status, self._locks.release,
+                                offset, length)
 
-        def add(blocks: int, flags: int) -> None:
-            if runs and runs[-1][1] == flags:
-                runs[-1][0] += blocks
-            else:
-                runs.append([blocks, flags])
-
-        locked = 0
-        b = b0
-        # Pages between these are empty, known from the tree: one hole, nothing looked at.
-        maybe = self._leaves.maybe_written(b0 // LEAVES_PER_PAGE, (b1 - 1) // LEAVES_PER_PAGE + 1)
-        at = 0
-        while b < b1 and locked < _STATUS_PAGES:
-            p = b // LEAVES_PER_PAGE
-            while at < len(maybe) and maybe[at] < p:
-                at += 1
-            if at == len(maybe) or maybe[at] > p:
-                end = b1 if at == len(maybe) else min(b1, maybe[at] * LEAVES_PER_PAGE)
-                add(end - b, HOLE | ZERO)
-                b = end
-                continue
-            end = min(b1, (p + 1) * LEAVES_PER_PAGE)
-            if self._leaves.known_empty(p * LEAVES_PER_PAGE,
-                                        min((p + 1) * LEAVES_PER_PAGE, self._lay.blocks)):
-                add(end - b, HOLE | ZERO)
-                b = end
-                continue
-            locked += 1
-            hold = self._locks.try_acquire(b, end, False) or await self._acquire(b, end, False)
-            try:
-                leaves = self._leaves.get(b, end)
-            finally:
-                self._locks.release(hold)
-            for i in range(end - b):
-                empty = leaves.count(0, i * LEAF_SIZE, (i + 1) * LEAF_SIZE) == LEAF_SIZE
-                add(1, HOLE | ZERO if empty else 0)
-            b = end
-        # In bytes, from `offset` (not its block's start) to at most offset + length.
-        extents, at, end = [], b0 * BS, offset + length
-        for n, flags in runs:
-            lo, hi = max(at, offset), min(at + n * BS, end)
-            if hi > lo:
-                extents.append((hi - lo, flags))
-            at += n * BS
-        return extents
+    async def _hold_for_status(self, b0: int, b1: int) -> Hold:
+        return self._locks.try_acquire(b0, b1, False) or await self._acquire(b0, b1, False)
 
     async def cache(self, offset: int, length: int) -> None:
         check_range(self.size, offset, length)
