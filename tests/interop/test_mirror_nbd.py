@@ -234,6 +234,20 @@ def test_a_stalling_driver_is_dropped_after_replica_lag_not_its_timeout(short_tm
         m.close()
 
 
+def _restart_with(m: Mirror, bad: Driver, mode: str) -> tuple[float, float]:
+    """Start `m`, fill the disk, stop; restart with `bad` misbehaving as `mode`. Returns
+    the seconds the healthy start and the restart took until ready."""
+    started = time.monotonic()
+    m.system.start()
+    healthy = time.monotonic() - started
+    qemu_io(m.uri, f"write -P 0x11 0 {SIZE}", "flush")
+    m.system.stop()
+    bad.set(mode)
+    started = time.monotonic()
+    m.system.start()
+    return healthy, time.monotonic() - started
+
+
 def test_up_starts_without_waiting_for_a_stalled_driver(short_tmp: Path) -> None:
     """`up` restarted while one driver answers no requests (its handshake is honest): the
     open reads every replica's superblocks at once and, once the other has shown the
@@ -243,15 +257,7 @@ def test_up_starts_without_waiting_for_a_stalled_driver(short_tmp: Path) -> None
     m = Mirror(short_tmp, 2, limits=f"[limits]\nreplica_lag = {lag:g}\n", request_timeout=timeout)
     bad = m.drivers[1]
     try:
-        started = time.monotonic()
-        m.system.start()
-        healthy = time.monotonic() - started
-        qemu_io(m.uri, f"write -P 0x11 0 {SIZE}", "flush")
-        m.system.stop()
-        bad.set("stall")
-        started = time.monotonic()
-        m.system.start()
-        took = time.monotonic() - started
+        healthy, took = _restart_with(m, bad, "stall")
         assert took - healthy < timeout / 2, (
             f"ready after {took:.1f} s (healthy: {healthy:.1f} s): the open waited for the "
             "stalled driver")
@@ -280,15 +286,7 @@ def test_up_starts_without_waiting_for_a_driver_stalled_in_its_handshake(short_t
     m = Mirror(short_tmp, 2, limits=f"[limits]\nreplica_lag = {lag:g}\n")
     bad = m.drivers[1]
     try:
-        started = time.monotonic()
-        m.system.start()
-        healthy = time.monotonic() - started
-        qemu_io(m.uri, f"write -P 0x11 0 {SIZE}", "flush")
-        m.system.stop()
-        bad.set("stall_handshake")
-        started = time.monotonic()
-        m.system.start()
-        took = time.monotonic() - started
+        healthy, took = _restart_with(m, bad, "stall_handshake")
         assert took - healthy < 5, (
             f"ready after {took:.1f} s (healthy: {healthy:.1f} s): the open waited for the "
             "driver's handshake")
