@@ -12,7 +12,8 @@
 //! The hand-written replies of each core's own tests cannot show that the two agree.
 
 use crate::nbd_client::ClientCore;
-use crate::nbd_server::{frame_read_error, frame_read_part, frame_reply, Checker, Framer, Item, Payload};
+use crate::nbd_server::tests::feed_items;
+use crate::nbd_server::{frame_read_error, frame_read_part, frame_reply, Checker, Framer, Item};
 use crate::nbd_wire::{
     CMD_CACHE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, ERR_EINVAL, ERR_EIO, ERR_ENOSPC, ERR_EPERM,
     FLAG_DF, FLAG_FAST_ZERO, FLAG_FUA, FLAG_NO_HOLE, MAX_STRING, TFLAG_SEND_CACHE, TFLAG_SEND_FAST_ZERO,
@@ -92,50 +93,10 @@ fn cut(text: &str) -> String {
     text[..end].to_string()
 }
 
-/// Feeds `stream` to `framer` in pieces the way the shell does (unconsumed bytes kept,
-/// large payloads received into buffers of their own): each item with its payload.
+/// `stream` cut at `cuts`, fed to the server's framer as the shell does.
 fn parse_all(framer: &mut Framer, stream: &[u8], cuts: &[usize]) -> Vec<(Item, Vec<u8>)> {
-    let mut kept: Vec<u8> = Vec::new();
-    let mut direct: Option<(Vec<u8>, usize)> = None;
-    let mut got = Vec::new();
-    for w in cuts.windows(2) {
-        let mut rest = &stream[w[0]..w[1]];
-        while !rest.is_empty() {
-            if let Some((buf, want)) = &mut direct {
-                let n = (*want - buf.len()).min(rest.len());
-                buf.extend_from_slice(&rest[..n]);
-                rest = &rest[n..];
-                if buf.len() == *want {
-                    let item = framer.payload_received().expect("a payload was wanted");
-                    got.push((item, std::mem::take(buf)));
-                    direct = None;
-                }
-                continue;
-            }
-            kept.extend_from_slice(rest);
-            rest = &[];
-            let mut items = Vec::new();
-            let parsed = framer.parse(&kept, &mut items).expect("the client sends valid headers");
-            for item in items {
-                let data = match &item.payload {
-                    Payload::Inline(range) => kept[range.clone()].to_vec(),
-                    Payload::None => Vec::new(),
-                    Payload::Received => unreachable!("parse hands out no received payload"),
-                };
-                got.push((item, data));
-            }
-            let early = kept.split_off(parsed.consumed);
-            kept.clear();
-            if parsed.want != 0 {
-                assert!(early.len() < parsed.want);
-                direct = Some((early, parsed.want));
-            } else {
-                kept = early;
-            }
-        }
-    }
-    assert!(direct.is_none() && kept.is_empty(), "request bytes left over");
-    got
+    let pieces: Vec<&[u8]> = cuts.windows(2).map(|w| &stream[w[0]..w[1]]).collect();
+    feed_items(framer, &pieces)
 }
 
 /// A random request the client core accepts: (typ, flags, offset, length).

@@ -21,7 +21,7 @@ use crate::nbd_wire::{
 mod checks;
 mod replies;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use checks::{Checker, Refusal};
 pub use replies::{frame_block_status, frame_read_error, frame_read_part, frame_reply, MAX_DESCRIPTORS};

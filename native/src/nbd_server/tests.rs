@@ -34,30 +34,13 @@ fn write(cookie: u64, offset: u64, data: &[u8]) -> Vec<u8> {
     bytes
 }
 
-/// Feeds `chunks` the way the shell does (unconsumed bytes kept, payloads received
-/// into buffers of their own); returns (cookie, offset, data) per item and the refusals.
-fn feed(framer: &mut Framer, chunks: &[&[u8]]) -> Vec<(u64, u64, Vec<u8>, Option<Refusal>)> {
+/// Feeds `chunks` to `framer` the way the shell does (unconsumed bytes kept, large
+/// payloads received into buffers of their own): each item with its payload. Also the
+/// cores' agreement test (nbd_cores_agree.rs) feeds the server this way.
+pub(crate) fn feed_items(framer: &mut Framer, chunks: &[&[u8]]) -> Vec<(Item, Vec<u8>)> {
     let mut kept: Vec<u8> = Vec::new();
     let mut direct: Option<(Vec<u8>, usize)> = None; // (buffer, bytes wanted)
     let mut got = Vec::new();
-    let mut collect = |items: Vec<Item>, buf: &[u8], received: Option<Vec<u8>>| {
-        for item in items {
-            let data = match &item.payload {
-                Payload::None => Vec::new(),
-                Payload::Inline(range) => buf[range.clone()].to_vec(),
-                Payload::Received => received.clone().expect("a received payload"),
-            };
-            assert_eq!(
-                data.len(),
-                if item.payload == Payload::None {
-                    0
-                } else {
-                    item.length as usize
-                }
-            );
-            got.push((item.head.cookie, item.offset, data, item.refusal));
-        }
-    };
     for chunk in chunks {
         let mut rest: &[u8] = chunk;
         while !rest.is_empty() {
@@ -66,18 +49,24 @@ fn feed(framer: &mut Framer, chunks: &[&[u8]]) -> Vec<(u64, u64, Vec<u8>, Option
                 buf.extend_from_slice(&rest[..n]);
                 rest = &rest[n..];
                 if buf.len() == *want {
-                    let item = framer.payload_received().unwrap();
-                    let full = std::mem::take(buf);
+                    let item = framer.payload_received().expect("a payload was wanted");
+                    got.push((item, std::mem::take(buf)));
                     direct = None;
-                    collect(vec![item], &[], Some(full));
                 }
                 continue;
             }
             kept.extend_from_slice(rest);
             rest = &[];
             let mut items = Vec::new();
-            let parsed = framer.parse(&kept, &mut items).unwrap();
-            collect(items, &kept, None);
+            let parsed = framer.parse(&kept, &mut items).expect("valid request headers");
+            for item in items {
+                let data = match &item.payload {
+                    Payload::None => Vec::new(),
+                    Payload::Inline(range) => kept[range.clone()].to_vec(),
+                    Payload::Received => unreachable!("parse hands out no received payload"),
+                };
+                got.push((item, data));
+            }
             let early = kept.split_off(parsed.consumed);
             kept.clear();
             if parsed.want != 0 {
@@ -90,6 +79,18 @@ fn feed(framer: &mut Framer, chunks: &[&[u8]]) -> Vec<(u64, u64, Vec<u8>, Option
     }
     assert!(direct.is_none() && kept.is_empty(), "bytes left over");
     got
+}
+
+/// `feed_items` as (cookie, offset, data, refusal) per item, each payload of its length.
+fn feed(framer: &mut Framer, chunks: &[&[u8]]) -> Vec<(u64, u64, Vec<u8>, Option<Refusal>)> {
+    feed_items(framer, chunks)
+        .into_iter()
+        .map(|(item, data)| {
+            let want = if item.payload == Payload::None { 0 } else { item.length as usize };
+            assert_eq!(data.len(), want);
+            (item.head.cookie, item.offset, data, item.refusal)
+        })
+        .collect()
 }
 
 #[test]
