@@ -15,7 +15,7 @@ from tests.crypt.helpers import BS, LAY, SIZE, RawMemory, new_state, open_disk, 
 from trustvbd.blockdev import BlockError
 from trustvbd.blocks import crypt_commit, disk_state, write_behind
 from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, physical_size
-from trustvbd.blocks.disk_state import DiskState, IntentLog
+from trustvbd.blocks.disk_state import DiskState, IntentLog, IntentRecord
 from trustvbd.fileops import OsFileOps
 
 
@@ -180,6 +180,15 @@ def test_a_reset_leaves_no_record_of_the_older_log_to_read(tmp_path: Path) -> No
                                                                    (6, b"\x02" * 32)]
 
 
+def last_record(tmp_path: Path) -> IntentRecord:
+    """The last record of disk vm1's intent log, as it is on disk now."""
+    log = DiskState(tmp_path, "vm1").open_intent()
+    try:
+        return log.read().records[-1]
+    finally:
+        log.close()
+
+
 class FailingLogSync(OsFileOps):
     """Real files; fdatasync of the intent log fails (EIO) once `failing` is set."""
 
@@ -207,9 +216,7 @@ def test_a_flush_whose_log_sync_fails_says_eio_and_vouches_for_nothing(tmp_path:
         with pytest.raises(BlockError, match=r"cannot sync .*intent\.log") as failed:
             await asyncio.wait_for(disk.flush(), 10)
         assert failed.value.errno == errno.EIO
-        log = DiskState(tmp_path, "vm1").open_intent()
-        last = log.read().records[-1]
-        log.close()
+        last = last_record(tmp_path)
         assert (last.first_block, len(last.new)) == (4, 32)  # no flush mark after the write
         files.failing = False
         await asyncio.wait_for(disk.flush(), 10)  # the next FLUSH syncs it all
@@ -239,9 +246,7 @@ def test_an_expected_flush_whose_early_log_sync_failed_says_eio(tmp_path: Path) 
         with pytest.raises(BlockError, match=r"cannot sync .*intent\.log") as failed:
             await asyncio.wait_for(disk.flush(), 10)
         assert failed.value.errno == errno.EIO
-        log = DiskState(tmp_path, "vm1").open_intent()
-        last = log.read().records[-1]
-        log.close()
+        last = last_record(tmp_path)
         assert (last.first_block, len(last.new)) == (9, 32)  # no flush mark after the write
         await asyncio.wait_for(disk.flush(), 10)  # the next FLUSH syncs it all
         assert bytes(await disk.pread(9 * BS, BS)) == pattern(9)

@@ -55,12 +55,18 @@ class Gate(Layer):
         await self.next.flush()
 
 
-async def gated_disk(tmp_path: Path) -> tuple[Any, RawMemory, Gate, CryptDisk]:
-    """A new disk's state under tmp_path, its one replica in memory behind an open Gate."""
+async def gated_disk(tmp_path: Path, linked: bool = False) -> tuple[Any, RawMemory, Gate, CryptDisk]:
+    """A new disk's state under tmp_path, its one replica in memory behind an open Gate
+    (with `linked`, behind a ReplicaLink too, which never reconnects: flushes it skips)."""
     kek = new_state(tmp_path)
     mem = RawMemory(physical_size(SIZE))
     gate = Gate(mem)
-    return kek, mem, gate, await open_disk(tmp_path, gate, kek)
+
+    async def never() -> Backend:
+        raise ConnectionError("not in this test")
+
+    below: Backend = ReplicaLink(gate, "r0", never) if linked else gate
+    return kek, mem, gate, await open_disk(tmp_path, below, kek)
 
 
 async def turns(n: int = 50) -> None:
@@ -529,14 +535,8 @@ def test_a_write_then_flush_costs_the_replica_one_fua_write_and_no_flush(
     plain and one flush follows. A write without FUA since makes the FLUSH go. Every block
     reads back after a reopen."""
 
-    async def never() -> Backend:
-        raise ConnectionError("not in this test")
-
     async def go() -> None:
-        kek = new_state(tmp_path)
-        mem = RawMemory(physical_size(SIZE))
-        gate = Gate(mem)
-        disk = await open_disk(tmp_path, ReplicaLink(gate, "r0", never), kek)
+        kek, mem, gate, disk = await gated_disk(tmp_path, linked=True)
         await disk.pwrite(1 * BS, pattern(1))
         await disk.flush()
         flushes = gate.flushes
@@ -603,14 +603,8 @@ def test_a_write_after_flushes_that_each_followed_one_write_goes_at_once_with_fu
     writes the mark, and the replica is not flushed); a second write before the FLUSH ends the streak, and
     writes are gathered again. Everything reads back after a reopen."""
 
-    async def never() -> Backend:
-        raise ConnectionError("not in this test")
-
     async def go() -> None:
-        kek = new_state(tmp_path)
-        mem = RawMemory(physical_size(SIZE))
-        gate = Gate(mem)
-        disk = await open_disk(tmp_path, ReplicaLink(gate, "r0", never), kek)
+        kek, mem, gate, disk = await gated_disk(tmp_path, linked=True)
         for b in range(write_behind.FLUSH_STREAK):
             await disk.pwrite(b * BS, pattern(b))
             await disk.flush()
