@@ -483,13 +483,8 @@ class NbdClient:
         except ValueError:
             return False  # pread_into says why
         self._free_slots -= 1
-        self._waiters[cookie] = _Waiter(None, self._loop.time() + self._timeout, _READ,
-                                        offset, length, True, replied)
-        if not self._send_queued:  # as _send_request
-            self._send_queued = True
-            self._loop.call_soon(self._send_outgoing)
-        if self._timer is None:
-            self._arm_timer()
+        self._await_reply(cookie, _Waiter(None, self._loop.time() + self._timeout, _READ,
+                                          offset, length, True, replied), now=False)
         return True
 
     def _take_slot(self) -> asyncio.Future[None] | None:
@@ -542,21 +537,28 @@ class NbdClient:
         except ValueError as exc:
             raise p.LocalProtocolError(str(exc)) from None
         future: asyncio.Future[None] = self._loop.create_future()
-        self._waiters[cookie] = _Waiter(future, self._loop.time() + self._timeout, typ,
-                                        offset, length, direct)
-        # The batch is sent by a callback queued before any of its requests awaits, so
-        # it leaves before any of their callers can be woken (cancelled) and reuse a
-        # buffer; what the socket does not take then, the engine copies. A FUA write or a
-        # FLUSH leaves at once, with what is queued before it: a FLUSH waits for it, and
-        # nothing would gain from joining it in one system call at the end of this turn.
-        if flags & _FUA or typ == _FLUSH:
+        # A FUA write or a FLUSH leaves at once, with what is queued before it: a FLUSH
+        # waits for it, and nothing would gain from joining it in one system call at the
+        # end of this turn.
+        self._await_reply(cookie, _Waiter(future, self._loop.time() + self._timeout, typ,
+                                          offset, length, direct),
+                          now=bool(flags & _FUA) or typ == _FLUSH)
+        return future
+
+    def _await_reply(self, cookie: int, waiter: _Waiter, now: bool) -> None:
+        """Pair `cookie`'s reply with `waiter` and send its request: `now`, or with the
+        others of this loop turn in one writev. The batch is sent by a callback queued
+        before any of its requests awaits, so it leaves before any of their callers can be
+        woken (cancelled) and reuse a buffer; what the socket does not take then, the
+        engine copies."""
+        self._waiters[cookie] = waiter
+        if now:
             self._send_outgoing()
         elif not self._send_queued:
             self._send_queued = True
             self._loop.call_soon(self._send_outgoing)
         if self._timer is None:
             self._arm_timer()
-        return future
 
     def _send_outgoing(self) -> None:
         self._send_queued = False
