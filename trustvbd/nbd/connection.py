@@ -431,12 +431,7 @@ class Connection(asyncio.BufferedProtocol):
         read.handle = handle
         self._quick.add(read)
         self._inflight_bytes += length
-        budget = self._budget
-        if (len(self._tasks) + len(self._quick) >= MAX_TASKS
-                or self._inflight_bytes >= MAX_INFLIGHT_BYTES
-                or (budget is not None and (budget.over or self._inflight_bytes + self._out_bytes
-                                            > self._charged + UNCHARGED_MAX))):
-            self._update_reading()  # as _run
+        self._request_started()
 
     def _read_ended(self, read: _QuickRead, result: Buffer | BlockError) -> None:
         read.handle = None  # no cycle with the backend's read: its buffer is free at once
@@ -450,11 +445,7 @@ class Connection(asyncio.BufferedProtocol):
                               f"backend returned {len(result)} of {read.length} bytes")
         else:
             self._queue_reply(read.cookie, 0, "", read.offset, result)
-        budget = self._budget
-        if (self._reading_paused or not (quick or self._tasks)
-                or (budget is not None and (budget.over or self._charged - self._inflight_bytes
-                                            - self._out_bytes > UNCHARGED_MAX))):
-            self._update_reading()  # as _task_done
+        self._request_ended()
         if not quick and self._quick_idle is not None:
             self._quick_idle.set()
 
@@ -488,9 +479,13 @@ class Connection(asyncio.BufferedProtocol):
             self._write_tasks.add(task)
         self._inflight_bytes += cost
         task.add_done_callback(lambda t: self._task_done(t, cost))
-        # Flow control only where one more request can change it (once per request in
-        # the encryption domain, where every request waits for drivers): a limit reached,
-        # the guest's budget over, or more held than charged by the slack _queue allows too.
+        self._request_started()
+
+    def _request_started(self) -> None:
+        """A request went on running (a task, or a READ served by callback). Flow control
+        only where one more request can change it (once per request in the encryption
+        domain, where every request waits for drivers): a limit reached, the guest's
+        budget over, or more held than charged by the slack _queue allows too."""
         budget = self._budget
         if (len(self._tasks) + len(self._quick) >= MAX_TASKS
                 or self._inflight_bytes >= MAX_INFLIGHT_BYTES
@@ -499,15 +494,18 @@ class Connection(asyncio.BufferedProtocol):
             self._update_reading()
 
     def _task_done(self, task: asyncio.Task[None], cost: int) -> None:
-        tasks = self._tasks
-        tasks.discard(task)
+        self._tasks.discard(task)
         self._write_tasks.discard(task)
         self._inflight_bytes -= cost
-        # A request leaving can only let reading resume or lower the charge: look when
-        # reading is paused, when the budget is over, when the charge is stale by more than
-        # the slack, and when the last one leaves (so no stale charge outlives the work).
+        self._request_ended()
+
+    def _request_ended(self) -> None:
+        """A running request ended. It can only let reading resume or lower the charge:
+        look when reading is paused, when the budget is over, when the charge is stale by
+        more than the slack, and when the last one leaves (so no stale charge outlives
+        the work)."""
         budget = self._budget
-        if (self._reading_paused or not (tasks or self._quick)
+        if (self._reading_paused or not (self._tasks or self._quick)
                 or (budget is not None and (budget.over or self._charged - self._inflight_bytes
                                             - self._out_bytes > UNCHARGED_MAX))):
             self._update_reading()
