@@ -630,23 +630,21 @@ class CryptDisk:
         leaf, plain = got
         return plain if self._leaves.get(b, b + 1) == leaf else None
 
-    def _note_leaves(self, b0: int, old: Buffer, new: Buffer, settled: bool) -> None:
-        """Record a leaf change (intent log first, then in memory).
-
-        `settled`: the new leaves alone define the blocks (zeroed), so earlier doubt
-        about what the replica holds no longer matters. A write is settled only once
-        the replica acknowledged it: until then every older candidate leaf stays.
-        """
+    def _note_settled(self, b0: int, old: Buffer, new: Buffer) -> None:
+        """Record a leaf change that alone defines its blocks (zeroed: intent log first,
+        then in memory), so earlier doubt about what the replica holds no longer matters.
+        A write is settled only once the replica acknowledged it (_send): until then
+        every older candidate leaf stays."""
         self._commits.note_leaves(b0, old, new)
-        if settled and self._behind.lost:
+        if self._behind.lost:
             self._behind.rewritten(b0, len(new) // LEAF_SIZE)
-        if settled and self._unsure:
+        if self._unsure:
             for b in range(b0, b0 + len(new) // LEAF_SIZE):
                 self._unsure.pop(b, None)
 
     def _note_write(self, b0: int, new: bytes) -> bytearray:
         """Record a write's new leaves (its intent record held back until _send); return
-        the old ones. Not settled (_note_leaves): the replicas have not taken it yet."""
+        the old ones. Not settled (_note_settled): the replicas have not taken it yet."""
         old = self._leaves.get(b0, b0 + len(new) // LEAF_SIZE)
         self._commits.note_leaves(b0, old, new, held=True)
         return old
@@ -734,7 +732,7 @@ class CryptDisk:
                     try:
                         old = self._leaves.get(c0, c1)
                         if old.count(0) != len(old):
-                            self._note_leaves(c0, old, bytes(len(old)), settled=True)
+                            self._note_settled(c0, old, bytes(len(old)))
                         if forward:  # space reclaim only; leaves already say "zeros"
                             try:
                                 await self._replica.trim(self._lay.data_offset(c0),
