@@ -11,6 +11,7 @@ connection's state. The helpers at the end build and parse option payloads
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from trustvbd.blockdev import Buffer
@@ -236,17 +237,25 @@ def encode_go(name: str, infos: list[int] | tuple[int, ...] = ()) -> bytes:
 
 def parse_go(data: bytes) -> tuple[str, list[int]]:
     """Parse a GO/INFO payload; ValueError says what is wrong (-> NBD_REP_ERR_INVALID)."""
-    if len(data) < 6:
-        raise ValueError(f"GO/INFO payload of {len(data)} bytes is shorter than 6")
-    (name_len,) = p.U32.unpack_from(data, 0)
-    if name_len > len(data) - 6:
-        raise ValueError(f"export name length {name_len} overruns the option payload")
-    name = decode_name(data[4 : 4 + name_len])
-    (count,) = p.U16.unpack_from(data, 4 + name_len)
-    rest = data[6 + name_len :]
+    name, count, at = _name_and_count(data, "GO/INFO", p.U16)
+    rest = data[at:]
     if len(rest) != 2 * count:
         raise ValueError(f"{count} information requests need {2 * count} bytes, got {len(rest)}")
     return name, [p.U16.unpack_from(rest, 2 * i)[0] for i in range(count)]
+
+
+def _name_and_count(data: bytes, what: str, count: struct.Struct) -> tuple[str, int, int]:
+    """An option payload that starts with an export name (32-bit length) and a count:
+    (name, count, where what follows begins); ValueError says what is wrong."""
+    head = 4 + count.size
+    if len(data) < head:
+        raise ValueError(f"{what} payload of {len(data)} bytes is shorter than {head}")
+    (name_len,) = p.U32.unpack_from(data, 0)
+    if name_len > len(data) - head:
+        raise ValueError(f"export name length {name_len} overruns the option payload")
+    name = decode_name(data[4 : 4 + name_len])
+    (n,) = count.unpack_from(data, 4 + name_len)
+    return name, n, head + name_len
 
 
 def decode_name(raw: bytes) -> str:
@@ -319,15 +328,7 @@ def parse_server(data: bytes) -> tuple[str, str]:
 def parse_meta_context(data: bytes) -> tuple[str, list[str]]:
     """Parse a LIST/SET_META_CONTEXT payload: (export name, queries); ValueError says
     what is wrong (-> NBD_REP_ERR_INVALID)."""
-    if len(data) < 8:
-        raise ValueError(f"META_CONTEXT payload of {len(data)} bytes is shorter than 8")
-    (name_len,) = p.U32.unpack_from(data, 0)
-    if name_len > len(data) - 8:
-        raise ValueError(f"export name length {name_len} overruns the option payload")
-    name = decode_name(data[4 : 4 + name_len])
-    at = 4 + name_len
-    (count,) = p.U32.unpack_from(data, at)
-    at += 4
+    name, count, at = _name_and_count(data, "META_CONTEXT", p.U32)
     queries: list[str] = []
     for i in range(count):
         if len(data) - at < 4:
