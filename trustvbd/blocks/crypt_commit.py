@@ -273,7 +273,7 @@ class Commits:
         (intent_blocks unchanged, no full commit in between). Run on this loop two turns
         from now, once the write's reply has left, while the driver syncs the write: a
         thread waited for the interpreter lock, started late and then took a loop turn
-        more to report (measured: FLUSH median 0.62 ms that way, 0.59 inline)."""
+        more to report (bench/README.md, "FLUSH latency: nothing waits for a loop turn")."""
         loop = asyncio.get_running_loop()
         synced: asyncio.Future[None] = loop.create_future()
 
