@@ -64,7 +64,6 @@ from trustvbd.crypt.superblock import Layout
 
 log = logging.getLogger(__name__)
 
-
 BS = BLOCK_SIZE
 T = TypeVar("T")
 # A writer that leaves a request unanswered this long while another writer answers is
@@ -523,16 +522,16 @@ class ReplicaSet:
         if changed:
             self.regroup()
 
-    # ------------------------------------------------------------ bringing replicas back
+    # ------------------------------------------------------------ background work
 
     def start_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` in the background (recovery), cancelled by close."""
         if self.closed:
             coro.close()
             return
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
 
     async def scrub(self, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """Read every written block of every current replica, verify, repair (replica_scrub.py)."""
