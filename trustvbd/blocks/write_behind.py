@@ -101,11 +101,11 @@ class Seen:
 class _Run:
     """Adjacent writes behind, not sent yet: their leaves, ciphertext and what ends each."""
 
-    __slots__ = ("blocks", "ct", "done", "early", "first", "fua", "last", "old", "task")
+    __slots__ = ("blocks", "ct", "done", "early", "first", "fua", "old", "task")
 
-    def __init__(self, first: int, blocks: int, old: Buffer, ct: Buffer, done: Callable[[], None],
-                 now: float) -> None:
-        self.first, self.blocks, self.last = first, blocks, now
+    def __init__(self, first: int, blocks: int, old: Buffer, ct: Buffer,
+                 done: Callable[[], None]) -> None:
+        self.first, self.blocks = first, blocks
         self.old, self.ct, self.done = [old], [ct], [done]
         self.fua = False  # sent with FUA (a FLUSH asked for it before it left)
         self.early = False  # sent at once with FUA: a FLUSH is expected next (WriteBehind.add)
@@ -174,7 +174,7 @@ class WriteBehind:
                 and self._expect_flush is not None):
             # A FLUSH is expected next: the driver syncs this write from now on, while the
             # guest is answered and sends its FLUSH.
-            run = _Run(first_block, blocks, old, ct, done, now)
+            run = _Run(first_block, blocks, old, ct, done)
             run.early = True
             self._launch(run, after_reply=False, fua=True)
             return
@@ -185,11 +185,10 @@ class WriteBehind:
                     run.ct.append(ct)
                     run.done.append(done)
                     run.blocks += blocks
-                    run.last = now
                     if run.blocks >= GATHER_BLOCKS:
                         self._launch_all(after_reply=True)
                     return
-        runs.append(_Run(first_block, blocks, old, ct, done, now))
+        runs.append(_Run(first_block, blocks, old, ct, done))
         if not gather or len(runs) > HELD_RUNS:
             self._launch_all(after_reply=True)
         elif self._timer is None:
