@@ -21,6 +21,7 @@ from trustvbd.domains.messages import (
     PolicyLoaded,
     StatusQuery,
     decode,
+    refusal,
 )
 
 EXIT_USAGE = 2
@@ -211,7 +212,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"trustvbd: {exc}", file=sys.stderr)
         return EXIT_NOT_RUNNING
     if not isinstance(reply, HvStatus):
-        print(f"trustvbd status: {getattr(reply, 'message', reply)}", file=sys.stderr)
+        print(f"trustvbd status: {refusal(reply, 'unexpected reply')}", file=sys.stderr)
         return 1
     status = {**reply.plain(), "running": True}
     if args.json:
@@ -233,7 +234,7 @@ def cmd_policy_load(config_path: str, policy_file: str) -> int:
         return 1
     reply = control_request(config, PolicyLoad(str(path)))
     if not isinstance(reply, PolicyLoaded):
-        print(f"trustvbd policy load: {getattr(reply, 'message', reply)}", file=sys.stderr)
+        print(f"trustvbd policy load: {refusal(reply, 'unexpected reply')}", file=sys.stderr)
         return 1
     print(f"policy {reply.name} loaded; {reply.closed} connection(s) the new policy forbids"
           f" were closed; {reply.torn_down} pairing(s) in the store torn down")
@@ -291,7 +292,7 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     finally:
         os.close(fd)
     if not isinstance(reply, Unlocked):
-        print(f"trustvbd unlock: {getattr(reply, 'message', reply)}", file=sys.stderr)
+        print(f"trustvbd unlock: {refusal(reply, 'unexpected reply')}", file=sys.stderr)
         return 1
     for disk in reply.unlocked:
         print(f"disk {disk!r} unlocked: serving; its guests may connect again")

@@ -38,12 +38,12 @@ def _summary(result: dict[str, dict[str, int]]) -> tuple[int, int, int]:
 
 def cmd_scrub(args: argparse.Namespace) -> int:
     from trustvbd.cli import _config, control_request
-    from trustvbd.domains.messages import ScrubQuery, ScrubStarted
+    from trustvbd.domains.messages import ScrubQuery, ScrubStarted, refusal
 
     config = _config(args.config)
     reply = control_request(config, ScrubQuery(args.disk))
     if not isinstance(reply, ScrubStarted):
-        print(f"trustvbd scrub: {getattr(reply, 'message', reply)}", file=sys.stderr)
+        print(f"trustvbd scrub: {refusal(reply, 'unexpected reply')}", file=sys.stderr)
         return 1
     show = sys.stdout.isatty() and not args.json
     scrub = _follow(config, args.disk, show)

@@ -8,7 +8,8 @@ import socket
 
 import pytest
 
-from trustvbd.domains.control import ControlChannel, ControlClosed, socket_pair
+from trustvbd.domains import messages as m
+from trustvbd.domains.control import ControlChannel, ControlClosed, handed_socket, socket_pair
 from trustvbd.replies import PendingReplies, ProtocolError
 
 
@@ -95,3 +96,40 @@ def test_pending_replies_table() -> None:
             table.resolve(three, "x")
 
     asyncio.run(scenario())
+
+
+def test_a_handed_socket_comes_alone_and_a_refusal_says_why() -> None:
+    """A peer that refuses, answers something else, or sends the wrong number of fds gets
+    ConnectionError with its reason, and none of the fds it sent stays open."""
+    def fds(n: int) -> list[int]:
+        out: list[int] = []
+        for _ in range(n):
+            a, b = socket.socketpair()
+            out.append(a.detach())
+            b.close()
+        return out
+
+    def closed(fd: int) -> bool:
+        try:
+            os.fstat(fd)
+        except OSError:
+            return True
+        return False
+
+    sent = fds(1)
+    sock = handed_socket(m.ChannelGranted(""), sent, m.ChannelGranted, "channel")
+    assert sock.fileno() == sent[0]
+    sock.close()
+    cases: list[tuple[m.Message, int, str]] = [
+        (m.Failed(m.ErrorCode.POLICY_DENIED, "policy forbids guest g on disk d"), 1,
+         "policy forbids guest g on disk d"),
+        (m.Done(), 2, "no channel was handed over (the reply was 'done')"),
+        (m.ChannelGranted(""), 2, "channel: the reply came with 2 file descriptors, not 1"),
+        (m.ChannelGranted(""), 0, "channel: the reply came with 0 file descriptors, not 1"),
+    ]
+    for reply, count, why in cases:
+        sent = fds(count)
+        with pytest.raises(ConnectionError) as err:
+            handed_socket(reply, sent, m.ChannelGranted, "channel")
+        assert str(err.value) == why
+        assert all(closed(fd) for fd in sent)

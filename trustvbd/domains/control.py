@@ -24,7 +24,16 @@ import typing
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from trustvbd.domains.messages import ErrorCode, Failed, M, Message, MessageError, decode, error_code
+from trustvbd.domains.messages import (
+    ErrorCode,
+    Failed,
+    M,
+    Message,
+    MessageError,
+    decode,
+    error_code,
+    refusal,
+)
 from trustvbd.replies import PendingReplies, ProtocolError
 
 MAX_MESSAGE = 256 * 1024
@@ -42,6 +51,18 @@ class ControlClosed(Exception):
 def _close_fds(reply: tuple[dict[str, Any], list[int]]) -> None:
     for fd in reply[1]:
         os.close(fd)
+
+
+def handed_socket(reply: Message, fds: list[int], expected: type[Message], what: str) -> socket.socket:
+    """The one socket a reply of type `expected` hands over; otherwise every fd that came is
+    closed and ConnectionError says why (the peer's refusal, or what was missing)."""
+    if isinstance(reply, expected) and len(fds) == 1:
+        return socket.socket(fileno=fds[0])
+    for fd in fds:
+        os.close(fd)
+    if isinstance(reply, expected):
+        raise ConnectionError(f"{what}: the reply came with {len(fds)} file descriptors, not 1")
+    raise ConnectionError(refusal(reply, f"no {what} was handed over"))
 
 
 def socket_pair() -> tuple[socket.socket, socket.socket]:

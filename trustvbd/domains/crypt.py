@@ -34,7 +34,7 @@ from trustvbd.blocks.space import SpaceWatch
 from trustvbd.domains import messages as m
 from trustvbd.domains.bus import NoStore, StateWriter
 from trustvbd.domains.common import die_with_parent, keep_freed_memory, ready, run, setup_logging
-from trustvbd.domains.control import ControlChannel, ControlClosed, typed
+from trustvbd.domains.control import ControlChannel, ControlClosed, handed_socket, typed
 from trustvbd.domains.crypt_bus import CryptBus
 from trustvbd.domains.crypt_disks import DEFAULT_LEAF_CACHE, PassphraseNeeded
 from trustvbd.domains.policy_gate import PolicyGate
@@ -352,11 +352,7 @@ class CryptDomain:
     @staticmethod
     def granted(reply: m.Message, fds: list[int]) -> socket.socket:
         """The one socket a granted channel comes with; ConnectionError for a refusal."""
-        if not isinstance(reply, m.ChannelGranted) or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise ConnectionError(getattr(reply, "message", "no channel was handed over"))
-        return socket.socket(fileno=fds[0])
+        return handed_socket(reply, fds, m.ChannelGranted, "channel")
 
     async def acm_channel(self) -> socket.socket:
         """A new channel to the access-control domain, from the hypervisor (after a loss)."""
@@ -371,11 +367,7 @@ class CryptDomain:
             raise NoStore(str(exc)) from None
         except m.MessageError as exc:
             raise ConnectionError(str(exc)) from None
-        if not isinstance(reply, m.StoreConnected) or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise ConnectionError(getattr(reply, "message", "no connection was handed over"))
-        return socket.socket(fileno=fds[0])
+        return handed_socket(reply, fds, m.StoreConnected, "connection to the store")
 
     async def open_disk(self, disk: Disk) -> None:
         if not disk.encrypt:

@@ -24,7 +24,7 @@ from pathlib import Path
 from trustvbd.blocks.file import FileBackend
 from trustvbd.domains import messages as m
 from trustvbd.domains.common import die_with_parent, ready, run, setup_logging
-from trustvbd.domains.control import ControlChannel, ControlClosed
+from trustvbd.domains.control import ControlChannel, ControlClosed, handed_socket
 from trustvbd.nbd.server import Export, ExportRefused, NbdServer, PeerInfo
 from trustvbd.xenstore.client import XsClient
 from trustvbd.xenstore.wire import XsError
@@ -101,12 +101,12 @@ async def join_store(channel: ControlChannel) -> XsClient | None:
     try:
         reply, fds = await channel.ask(m.DomainChannelQuery("store"), m.ChannelGranted,
                                        timeout=STORE_TIMEOUT)
-        if not isinstance(reply, m.ChannelGranted) or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            log.warning("no channel to the store: %s", getattr(reply, "message", reply))
+        try:
+            sock = handed_socket(reply, fds, m.ChannelGranted, "channel")
+        except ConnectionError as exc:
+            log.warning("no channel to the store: %s", exc)
             return None
-        xs = await XsClient.connect(sock=socket.socket(fileno=fds[0]))
+        xs = await XsClient.connect(sock=sock)
         try:
             for frontend in await xs.directory("backend/vbd"):  # relative: its own home
                 for device in await xs.directory(f"backend/vbd/{frontend}"):

@@ -159,6 +159,14 @@ class Failed(Message):
     message: str
 
 
+def refusal(reply: Message, fallback: str) -> str:
+    """What a reply other than the one asked for says: a Failed's message, else the fallback
+    and the reply's type (a peer that answered with something else entirely)."""
+    if isinstance(reply, Failed):
+        return reply.message
+    return f"{fallback} (the reply was {reply.TYPE!r})"
+
+
 # -- hypervisor -> encryption domain -----------------------------------------------------
 @message("status?")
 class StatusQuery(Message):

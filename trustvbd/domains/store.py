@@ -45,7 +45,7 @@ from typing import Any
 from trustvbd.acm.client import AcmClient
 from trustvbd.domains import messages as m
 from trustvbd.domains.common import die_with_parent, ready, setup_logging
-from trustvbd.domains.control import ControlChannel, ControlClosed, typed
+from trustvbd.domains.control import ControlChannel, ControlClosed, handed_socket, typed
 from trustvbd.xenstore import snapshot
 from trustvbd.xenstore.core import PairQuestion, Session, Store
 from trustvbd.xenstore.pairing import Pairing
@@ -239,11 +239,7 @@ class StoreDomain:
             reply, fds = await self.channel.ask(m.AcmChannelQuery(), m.ChannelGranted, timeout=10)
         except (ControlClosed, TimeoutError, m.MessageError) as exc:
             raise ConnectionError(f"the launcher gave no channel: {exc}") from None
-        if not isinstance(reply, m.ChannelGranted) or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise ConnectionError(getattr(reply, "message", "no channel was handed over"))
-        return socket.socket(fileno=fds[0])
+        return handed_socket(reply, fds, m.ChannelGranted, "channel")
 
     # -- the launcher's requests -----------------------------------------------------
     async def control(self, msg: m.Message, fds: list[int]) -> tuple[m.Message, list[int]]:
