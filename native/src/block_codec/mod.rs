@@ -136,15 +136,7 @@ impl BlockCodec {
         data: &mut [u8],
         leaves: &mut [u8],
     ) -> Result<(), CodecError> {
-        let n = whole_blocks(data.len())?;
-        if leaves.len() != n * LEAF_SIZE {
-            return refuse(format!(
-                "{n} blocks need {} bytes of leaves, not {}",
-                n * LEAF_SIZE,
-                leaves.len()
-            ));
-        }
-        check_run(first_block, n)?;
+        let n = check_run(first_block, data.len(), leaves.len())?;
         let last_version = first_version.checked_add(n.saturating_sub(1) as u64);
         if first_version == 0 || last_version.is_none_or(|v| v == POISON_VERSION) {
             return refuse(format!(
@@ -177,15 +169,7 @@ impl BlockCodec {
     /// partly decrypted data. A version-0 leaf yields zeros without looking at the
     /// ciphertext (the leaf is authenticated, so a driver can neither forge nor hide it).
     pub fn open_in_place(&self, first_block: u64, data: &mut [u8], leaves: &[u8]) -> Result<Vec<u32>, CodecError> {
-        let n = whole_blocks(data.len())?;
-        if leaves.len() != n * LEAF_SIZE {
-            return refuse(format!(
-                "{n} blocks need {} bytes of leaves, not {}",
-                n * LEAF_SIZE,
-                leaves.len()
-            ));
-        }
-        check_run(first_block, n)?;
+        check_run(first_block, data.len(), leaves.len())?;
         let mut bad = Vec::new();
         let mut key = Arc::clone(&self.sealing);
         let mut key_id = self.key_id;
@@ -226,11 +210,20 @@ fn whole_blocks(len: usize) -> Result<usize, CodecError> {
     Ok(len / BLOCK_SIZE)
 }
 
-fn check_run(first_block: u64, n: usize) -> Result<(), CodecError> {
+/// The number of blocks in a run of `data_len` bytes starting at `first_block`, with
+/// `leaves_len` bytes of leaves: whole blocks, one leaf each, block numbers in range.
+fn check_run(first_block: u64, data_len: usize, leaves_len: usize) -> Result<usize, CodecError> {
+    let n = whole_blocks(data_len)?;
+    if leaves_len != n * LEAF_SIZE {
+        return refuse(format!(
+            "{n} blocks need {} bytes of leaves, not {leaves_len}",
+            n * LEAF_SIZE
+        ));
+    }
     if u32::try_from(n).is_err() || first_block.checked_add(n as u64).is_none() {
         return refuse(format!("blocks {first_block}..+{n} are out of range"));
     }
-    Ok(())
+    Ok(n)
 }
 
 #[cfg(test)]
