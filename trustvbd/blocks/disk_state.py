@@ -213,7 +213,7 @@ class IntentLog:
     A leaf record may be held back (`append(..., held=True)`) until the next `write_held`
     or any other write of the log: a write answered before its replicas (write_behind.py)
     then costs no system call of its own, and one pwrite carries the records of every
-    write of a run, before its ciphertext leaves (crypt_layer.CryptDisk._send)."""
+    write of a run, before its ciphertext leaves (crypt_write.send)."""
 
     def __init__(self, path: Path, ops: FileOps = OS_FILES) -> None:
         self.path = path

@@ -1,0 +1,191 @@
+"""CryptDisk's write path: a guest write from plaintext to the replicas' ciphertext.
+
+Write: versions from a reserved counter -> AES-GCM (one call per request) ->
+one intent record (old and new leaves) appended to trusted state -> in-memory
+leaf table -> ciphertext to the replica. No data journal. A small write without
+FUA is answered before the replica takes it (write_behind.py). Partial blocks are
+read, modified and written (the plaintext of the last few one-block writes is kept
+for that). A replica write that fails leaves its blocks unsure: the replica may hold
+any of their older leaves' ciphertext until a write, zero or commit settles them.
+
+The functions taking the disk are CryptDisk's methods (bound in its class body,
+crypt_layer.py): no call layer between a guest's request and its work.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from functools import partial
+from typing import TYPE_CHECKING
+
+from trustvbd.blockdev import BlockError, Buffer, check_range
+from trustvbd.blocks.ranges import Hold
+from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE
+
+if TYPE_CHECKING:
+    from trustvbd.blocks.crypt_layer import CryptDisk
+
+log = logging.getLogger("trustvbd.blocks.crypt_layer")
+
+BS = BLOCK_SIZE
+# Single blocks whose plaintext a write remembers (per disk), for the read-modify-write
+# of a block rewritten a few bytes at a time (e2fsprogs updates superblock fields so).
+_RECENT_BLOCKS = 8
+
+
+async def wait_for_space(disk: CryptDisk) -> None:
+    """After an open on a full driver: commit first, or refuse the write with ENOSPC."""
+    if disk._out_of_space is None:
+        return
+    try:
+        await disk._commit(force=True)
+    except BlockError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise BlockError(errno.ENOSPC, disk._out_of_space) from None
+        raise
+    disk._out_of_space = None
+    log.warning("disk %r: its replicas take writes again", disk.name)
+
+
+async def pwrite(disk: CryptDisk, offset: int, data: Buffer, fua: bool = False) -> None:
+    # The common write (lock free, no commit running, sealed inline) awaits nothing:
+    # each step that may wait is tried without a coroutine first.
+    length = len(data)
+    check_range(disk._lay.logical_size, offset, length)
+    disk._check_usable()
+    if disk._out_of_space is not None:
+        await wait_for_space(disk)
+    commits = disk._commits
+    if length:
+        b0, b1 = offset // BS, -(-(offset + length) // BS)
+        if not commits.try_enter_write():
+            await commits.enter_write()
+        behind = False  # the lock and the writer count went on with the write behind
+        try:
+            hold = disk._locks.try_acquire(b0, b1, True) or await acquire(disk, b0, b1, True)
+            try:
+                if offset % BS == 0 and length % BS == 0:
+                    plain = memoryview(data).cast("B")
+                else:
+                    data = await _merge(disk, b0, b1, offset, data)
+                    plain = memoryview(data)
+                n = b1 - b0
+                version = commits.take_versions(n)
+                if disk._aead.inline(n):
+                    ct, new = disk._cipher.seal(b0, version, plain)
+                else:
+                    ct, new = await disk._aead.seal(disk._cipher, b0, version, plain)
+                old = _note_write(disk, b0, new)
+                if n == 1:
+                    _remember(disk, b0, new, data)
+                if not fua and disk._behind.takes(n):
+                    # No await between recording the write and handing it over. While a
+                    # FLUSH waits for the writers, joining a run would only delay it.
+                    disk._behind.add(b0, old, ct, partial(_write_ended, disk, hold),
+                                     gather=not commits.committing)
+                    behind = True
+                else:
+                    # With FUA: durable by itself, so the FLUSH that follows (commit)
+                    # often has nothing left to send the replicas (reconnect.py).
+                    await send(disk, b0, old, ct, fua)
+            finally:
+                if not behind:
+                    disk._locks.release(hold)
+        finally:
+            if not behind:
+                commits.leave_write()
+    if commits.due(fua):
+        await disk._commit(durable=fua)
+
+
+async def acquire(disk: CryptDisk, b0: int, b1: int, exclusive: bool) -> Hold:
+    """The range lock the slow way: if an unsent run of writes behind holds these
+    blocks (or the leaf pages they need), it goes to the replicas now."""
+    disk._behind.send_now()
+    return await disk._locks.acquire(b0, b1, exclusive)
+
+
+def _write_ended(disk: CryptDisk, hold: Hold) -> None:
+    """A write behind got its replicas' answer (or failed): as after a waited write."""
+    disk._locks.release(hold)
+    disk._commits.leave_write()
+
+
+async def _merge(disk: CryptDisk, b0: int, b1: int, offset: int, data: Buffer) -> bytearray:
+    """Read-modify-write for a request that covers blocks partially."""
+    buf = bytearray((b1 - b0) * BS)
+    end = offset + len(data)
+    if offset % BS:
+        buf[:BS] = _recent_plain(disk, b0) or await disk._read_verified(b0, b0 + 1)
+    if end % BS and (b1 - 1 > b0 or offset % BS == 0):
+        buf[-BS:] = _recent_plain(disk, b1 - 1) or await disk._read_verified(b1 - 1, b1)
+    buf[offset - b0 * BS:end - b0 * BS] = data
+    return buf
+
+
+def _remember(disk: CryptDisk, b: int, leaf: bytes, plain: Buffer) -> None:
+    """Keep a one-block write's plaintext (a few blocks per disk, the newest); a
+    `bytes` one (the guest's payload, immutable) is kept as it is, not copied."""
+    recent = disk._recent
+    recent.pop(b, None)
+    if len(recent) >= _RECENT_BLOCKS:
+        del recent[next(iter(recent))]
+    recent[b] = (leaf if type(leaf) is bytes else bytes(leaf),
+                 plain if type(plain) is bytes else bytes(plain))
+
+
+def _recent_plain(disk: CryptDisk, b: int) -> bytes | None:
+    """Block b's plaintext as this domain last wrote it, if its leaf is still that
+    write's (the leaf names the version: any later write, zero or recovery changes
+    it), and no replica write of it failed (those blocks read as the replicas left
+    them): the read-modify-write of a small write then needs no replica read."""
+    got = disk._recent.get(b)
+    if got is None or disk._behind.lost or b in disk._unsure:
+        return None
+    leaf, plain = got
+    return plain if disk._leaves.get(b, b + 1) == leaf else None
+
+
+def note_settled(disk: CryptDisk, b0: int, old: Buffer, new: Buffer) -> None:
+    """Record a leaf change that alone defines its blocks (zeroed: intent log first,
+    then in memory), so earlier doubt about what the replica holds no longer matters.
+    A write is settled only once the replica acknowledged it (_send): until then
+    every older candidate leaf stays."""
+    disk._commits.note_leaves(b0, old, new)
+    if disk._behind.lost:
+        disk._behind.rewritten(b0, len(new) // LEAF_SIZE)
+    if disk._unsure:
+        for b in range(b0, b0 + len(new) // LEAF_SIZE):
+            disk._unsure.pop(b, None)
+
+
+def _note_write(disk: CryptDisk, b0: int, new: bytes) -> bytearray:
+    """Record a write's new leaves (its intent record held back until _send); return
+    the old ones. Not settled (_note_settled): the replicas have not taken it yet."""
+    old = disk._leaves.get(b0, b0 + len(new) // LEAF_SIZE)
+    disk._commits.note_leaves(b0, old, new, held=True)
+    return old
+
+
+async def send(disk: CryptDisk, b0: int, old: Buffer, ct: Buffer, fua: bool = False) -> None:
+    """The ciphertext of recorded blocks to the replicas; on failure keep what they may hold."""
+    n = len(old) // LEAF_SIZE
+    start = disk._lay.data_offset(b0)
+    try:
+        # The intent records of these blocks (and of every write before them) first:
+        # held back since their writes (_note_write), one pwrite for a whole run.
+        disk._commits.write_held()
+        await disk._replica.pwrite(start, ct, fua)
+    except BaseException:
+        # The replica may now hold old or new ciphertext for each block. Earlier
+        # failed writes' candidates stay too: the replica may still hold any of them.
+        for i in range(n):
+            disk._unsure.setdefault(b0 + i, []).append(
+                bytes(old[i * LEAF_SIZE:(i + 1) * LEAF_SIZE]))
+        raise
+    if disk._unsure:
+        for b in range(b0, b0 + n):
+            disk._unsure.pop(b, None)
+    if disk._behind.lost:
+        disk._behind.rewritten(b0, n)
