@@ -13,7 +13,7 @@ from tests.nbd.helpers import RawClient, ServerThread, wait_for
 from trustvbd.blockdev import Buffer
 from trustvbd.blocks.file import MemoryBackend
 from trustvbd.nbd import protocol as p
-from trustvbd.nbd.connection import MAX_TASKS
+from trustvbd.nbd.connection_limits import MAX_TASKS
 from trustvbd.nbd.exports import Export, StaticExports
 
 MiB = 1 << 20

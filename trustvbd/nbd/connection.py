@@ -6,7 +6,13 @@ transmission is native (trustvbd._native.NbdServerSession, native/src/nbd_server
 one call parses and checks every complete request received together, and one call
 frames a loop iteration's replies (simple or structured, as negotiated) into the
 few buffers one writev sends. TLS connections use the same calls; only the transport
-differs.
+differs. One module per concern:
+
+- connection_handshake.py: the handshake's asyncio side, STARTTLS, the export attached;
+- connection_limits.py: what a connection may hold (tasks, bytes, budget), idling;
+- reply_output.py: replies queued, framed and written (sendfile for file ranges);
+- parted_requests.py: READs and WRITEs longer than REQUEST_PART (32 MiB);
+- this module: the asyncio callbacks, request dispatch and closing.
 
 Speed: bytes are received straight into the core's buffers (BufferedProtocol),
 and each request runs inline: its handler coroutine is stepped once by hand,
@@ -22,21 +28,7 @@ sent by sendfile (zero_copy.py).
 Ordering: a FLUSH waits for every write-type request received before it that is
 still running, which covers the spec's "all writes completed before the flush".
 
-Large requests: a READ or WRITE longer than REQUEST_PART (32 MiB) is served in
-parts of at most that size, so memory stays bounded whatever the client asks
-(up to the 32-bit length field, as nbd-server serves). A long WRITE arrives as
-pieces (the native framer's, core.py) and gets one reply after its last piece is written.
-A long READ's reply is sent part by part (framed natively too), each after the previous
-one left; with simple replies nothing else may interleave, so other replies wait
-meanwhile, and an error after the first part can only drop the connection (the spec's way).
-Every refusal is logged with its reason.
-
-Safety: at most MAX_TASKS requests and MAX_INFLIGHT_BYTES of payload run at
-once, and reading stops while the client is not reading its replies, so a
-hostile client cannot make the server allocate without bound. With a server's
-MemoryBudget, all of one guest's connections together hold at most its limit
-(budget.py). A connection with no request received and no reply drained for
-the server's idle_timeout is closed. Anything the core cannot answer with an
+Every refusal is logged with its reason. Anything the core cannot answer with an
 error reply closes this one connection only.
 """
 
@@ -45,9 +37,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import ssl
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from trustvbd import eager
@@ -57,38 +47,25 @@ from trustvbd.blockdev import (
     Buffer,
     Cancellable,
     FileRange,
-    FlushesPerConnection,
     ReadEnded,
     ReportsAllocation,
-    ServesFileRanges,
-    StartsReads,
     provides,
 )
-from trustvbd.crypt.tls import peer_common_name
+from trustvbd.nbd import connection_limits, reply_output
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
+from trustvbd.nbd.connection_handshake import handshake
 from trustvbd.nbd.core import ProtocolCore, Role
 from trustvbd.nbd.exports import Export, PeerInfo
-from trustvbd.nbd.server_handshake import (
-    GREETING_FLAGS,
-    HandshakeEnded,
-    Identity,
-    TlsRequired,
-    negotiate,
-)
-from trustvbd.nbd.zero_copy import SENDFILE_MIN, OutPart, materialize, send_now
+from trustvbd.nbd.parted_requests import PartedWrite, dispatch_part, serve_parted_read
+from trustvbd.nbd.server_handshake import GREETING_FLAGS
+from trustvbd.nbd.zero_copy import SENDFILE_MIN, OutPart
 
 if TYPE_CHECKING:
-    from trustvbd.nbd.budget import MemoryBudget
     from trustvbd.nbd.server import NbdServer
 
 log = logging.getLogger("trustvbd.nbd.server")
 
-MAX_TASKS = 256
-MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
-FLUSH_OUTPUT_AT = 512 * 1024
-WRITE_BUFFER_HIGH = 4 * 1024 * 1024  # stop reading requests while this many reply bytes wait
-UNCHARGED_MAX = 256 * 1024  # reply bytes a connection may queue before telling its budget
 # Plain ints on the per-request path: enum attribute access costs microseconds.
 _READ, _WRITE, _DISC, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES, _BLOCK_STATUS = (
     int(c) for c in (p.Cmd.READ, p.Cmd.WRITE, p.Cmd.DISC, p.Cmd.FLUSH, p.Cmd.TRIM, p.Cmd.CACHE,
@@ -98,17 +75,6 @@ _FUA, _NO_HOLE, _FAST_ZERO = int(p.CmdFlag.FUA), int(p.CmdFlag.NO_HOLE), int(p.C
 _REQ_ONE = int(p.CmdFlag.REQ_ONE)
 _WRITE_TYPES = (_WRITE, _TRIM, _WRITE_ZEROES)
 _POOL_MIN = 64 * 1024  # smaller payloads are sliced from the receive buffer, not pooled
-_REPLY_HEADER = 32  # bytes counted per queued reply besides its data (its header, at most)
-
-
-@dataclass(slots=True)
-class _PartedWrite:
-    """A WRITE served in pieces: its one reply waits for every piece."""
-
-    refusal: tuple[int, str] | None  # the whole request's check; pieces are then skipped
-    error: tuple[int, str] | None = None  # the first piece that failed
-    running: int = 0
-    received_all: bool = False
 
 
 class _QuickRead:
@@ -155,7 +121,7 @@ class Connection(asyncio.BufferedProtocol):
         self._quick: set[_QuickRead] = set()  # READs the backend serves by callback
         self._quick_idle: asyncio.Event | None = None  # set when the last of them ends
         self._inflight_bytes = 0
-        self._parted: dict[int, _PartedWrite] = {}  # cookie -> WRITE arriving in pieces
+        self._parted: dict[int, PartedWrite] = {}  # cookie -> WRITE arriving in pieces
         self._held: list[OutPart] | None = None  # replies waiting for a simple-reply stream
         self._stream_lock = asyncio.Lock()
         self._drained = asyncio.Event()  # the transport holds no unsent bytes
@@ -187,7 +153,7 @@ class Connection(asyncio.BufferedProtocol):
         transport.write(self.core.send(m.Greeting(GREETING_FLAGS)))  # type: ignore[attr-defined]
         if self._budget is not None:
             self._budget.join(self)
-        self._handshake_task = self._loop.create_task(self._handshake())
+        self._handshake_task = self._loop.create_task(handshake(self))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if not self._stopping:
@@ -259,29 +225,20 @@ class Connection(asyncio.BufferedProtocol):
     def budget_changed(self) -> None:
         self._update_reading()
 
-    # --- idle connections ----------------------------------------------------------
-    def _start_idle_timer(self) -> None:
-        timeout = self.server.idle_timeout
-        if timeout is not None and not self._stopping:
-            self._idle_timer = self._loop.call_later(timeout / 4, self._check_idle)
+    # --- each concern in its own module, bound here as methods: no call layer per request
+    # what the connection may hold, and idling (connection_limits.py)
+    _start_idle_timer = connection_limits.start_idle_timer
+    _update_reading = connection_limits.update_reading
+    _request_started = connection_limits.request_started
+    _request_ended = connection_limits.request_ended
+    # replies queued, framed and written (reply_output.py)
+    _queue_reply = reply_output.queue_reply
+    _reply_error = reply_output.reply_error
+    _reply_file_range = reply_output.reply_file_range
+    _queue = reply_output.queue
+    _flush = reply_output.flush
 
-    def _check_idle(self) -> None:
-        """Every quarter of idle_timeout: four quiet checks in a row close the connection."""
-        if self._stopping:
-            return
-        if self._activity or self._tasks:
-            self._activity, self._quiet_checks = 0, 0
-        else:
-            self._quiet_checks += 1
-            if self._quiet_checks >= 4:
-                log.warning("nbd: %s (%s): no request and no reply taken for %.0f s; closing"
-                            " the idle connection", self.peer.identity, self.peer.address,
-                            self.server.idle_timeout)
-                self._abort()
-                return
-        self._start_idle_timer()
-
-    # --- handshake ---------------------------------------------------------------
+    # --- received events: to transmission, or to the handshake (connection_handshake.py)
     def _events_arrived(self) -> None:
         if self._transmitting:
             self._process()
@@ -291,91 +248,6 @@ class Connection(asyncio.BufferedProtocol):
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
-
-    async def _next_event(self) -> m.Event:
-        while True:
-            ev = self.core.next_event()
-            if ev is not None:
-                return ev
-            if self._output_closed:
-                return m.ConnectionClosed()
-            self._wakeup = self._loop.create_future()
-            await self._wakeup
-
-    def _write(self, data: bytes) -> None:
-        if not self._output_closed and self._transport is not None:
-            self._transport.write(data)
-
-    def _refused(self, reason: str) -> None:
-        log.warning("nbd: %s (%s): refused: %s", self.peer.identity, self.peer.address, reason)
-        self.server.identity_refused(self.peer, reason)
-
-    async def _start_tls(self) -> str:
-        """STARTTLS was acknowledged: upgrade to TLS; return the client certificate's CN."""
-        if self.core.unparsed():
-            # Bytes sent before the TLS handshake would later pass as if they came under TLS.
-            raise HandshakeEnded("client sent data after NBD_OPT_STARTTLS before the TLS handshake")
-        context, transport = self.server.tls, self._transport
-        assert context is not None and transport is not None
-        self._tls_starting = True
-        try:
-            upgraded = await self._loop.start_tls(
-                transport, self, context, server_side=True,
-                ssl_handshake_timeout=self.server.handshake_timeout)
-        except (ssl.SSLError, OSError, EOFError) as exc:
-            why = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
-            reason = f"TLS handshake failed: {why}"
-            self._refused(reason)
-            raise HandshakeEnded(reason) from None
-        finally:
-            self._tls_starting = False
-        if upgraded is None or self._output_closed:
-            raise HandshakeEnded("client closed the connection during the TLS handshake")
-        self._transport = upgraded  # type: ignore[assignment]
-        self._sock_fd = -1  # replies now go through TLS: no sendfile, no direct writes
-        upgraded.set_write_buffer_limits(high=0, low=0)
-        return peer_common_name(upgraded.get_extra_info("ssl_object"))
-
-    async def _handshake(self) -> None:
-        identity = Identity(refusal=self.refusal, refused=self._refused)
-        if self.server.tls is not None:
-            identity.tls = TlsRequired(self._start_tls, self.server.tls_name or self.peer.identity)
-        if self.refusal is not None:
-            self._refused(self.refusal)
-        try:
-            async with asyncio.timeout(self.server.handshake_timeout):
-                result = await negotiate(
-                    self.core, self._next_event, self._write, self.server.provider, self.peer,
-                    identity,
-                )
-        except HandshakeEnded as exc:
-            log.info("nbd: %s (%s): %s", self.peer.identity, self.peer.address, exc)
-            self._close_gracefully()
-            return
-        except TimeoutError:
-            log.warning("nbd: %s (%s) did not finish the handshake within %.0f s; closing",
-                        self.peer.identity, self.peer.address, self.server.handshake_timeout)
-            self._abort()
-            return
-        except p.ProtocolError as exc:
-            self._protocol_error(str(exc))
-            return
-        self.export = result.export
-        self.export_name = result.export.name
-        self._backend = result.export.backend
-        backend = self._backend
-        self._file_range = (backend.file_range
-                            if self._sock_fd >= 0 and isinstance(backend, ServesFileRanges) else None)
-        self._flush_backend = (backend.flusher() if isinstance(backend, FlushesPerConnection)
-                               else backend.flush)
-        if self._file_range is None and isinstance(backend, StartsReads):
-            self._start_read = backend.start_read
-        self._transmitting = True
-        self._update_reading()  # the guest may be over its budget already
-        self._start_idle_timer()
-        log.info("nbd: %s (%s) attached export %r", self.peer.identity, self.peer.address,
-                 self.export_name)
-        self._process()  # requests may already be waiting
 
     # --- transmission --------------------------------------------------------------
     def _process(self) -> None:
@@ -404,7 +276,7 @@ class Connection(asyncio.BufferedProtocol):
                 self._update_reading()
                 break
             if piece is not None:
-                self._dispatch_part(item)
+                dispatch_part(self, item)
             elif refusal is not None:
                 self._refuse(typ, cookie, *refusal)
             elif typ == _DISC:
@@ -481,124 +353,11 @@ class Connection(asyncio.BufferedProtocol):
         task.add_done_callback(lambda t: self._task_done(t, cost))
         self._request_started()
 
-    def _request_started(self) -> None:
-        """A request went on running (a task, or a READ served by callback). Flow control
-        only where one more request can change it (once per request in the encryption
-        domain, where every request waits for drivers): a limit reached, the guest's
-        budget over, or more held than charged by the slack _queue allows too."""
-        budget = self._budget
-        if (len(self._tasks) + len(self._quick) >= MAX_TASKS
-                or self._inflight_bytes >= MAX_INFLIGHT_BYTES
-                or (budget is not None and (budget.over or self._inflight_bytes + self._out_bytes
-                                            > self._charged + UNCHARGED_MAX))):
-            self._update_reading()
-
     def _task_done(self, task: asyncio.Task[None], cost: int) -> None:
         self._tasks.discard(task)
         self._write_tasks.discard(task)
         self._inflight_bytes -= cost
         self._request_ended()
-
-    def _request_ended(self) -> None:
-        """A running request ended. It can only let reading resume or lower the charge:
-        look when reading is paused, when the budget is over, when the charge is stale by
-        more than the slack, and when the last one leaves (so no stale charge outlives
-        the work)."""
-        budget = self._budget
-        if (self._reading_paused or not (self._tasks or self._quick)
-                or (budget is not None and (budget.over or self._charged - self._inflight_bytes
-                                            - self._out_bytes > UNCHARGED_MAX))):
-            self._update_reading()
-
-    def _dispatch_part(self, item: m.RequestItem) -> None:
-        typ, flags, cookie, offset, _length, data, refusal, last = item
-        state = self._parted.get(cookie)
-        if state is None:  # the first piece: every piece carries the whole request's check
-            state = self._parted[cookie] = _PartedWrite(refusal)
-        state.received_all = bool(last)
-        if state.refusal is None and state.error is None:
-            state.running += 1
-            assert data is not None  # a piece always carries its payload
-            self._run(self._write_part(cookie, flags, offset, data, state), _WRITE, len(data))
-        else:
-            self.core.pool.give_back(data)  # type: ignore[arg-type]
-        self._finish_parted(typ, cookie, state)
-
-    async def _write_part(self, cookie: int, flags: int, offset: int, payload: Buffer,
-                          state: _PartedWrite) -> None:
-        backend = self._backend
-        assert backend is not None
-        try:
-            await backend.pwrite(offset, payload, bool(flags & _FUA))
-        except BlockError as exc:
-            state.error = state.error or (p.errno_to_nbd(exc.errno), exc.message)
-        except Exception as exc:
-            log.exception("nbd: WRITE part on export %r failed unexpectedly", self.export_name)
-            state.error = state.error or (p.NbdErr.EIO, f"internal server error: {exc}")
-        finally:
-            state.running -= 1
-        self.core.pool.give_back(payload)  # type: ignore[arg-type] # as in _serve
-        self._finish_parted(_WRITE, cookie, state)
-
-    def _finish_parted(self, typ: int, cookie: int, state: _PartedWrite) -> None:
-        if not state.received_all or state.running or self._parted.get(cookie) is not state:
-            return
-        del self._parted[cookie]
-        if state.refusal is not None:
-            self._refuse(typ, cookie, *state.refusal)
-        elif state.error is not None:
-            self._reply_error(typ, cookie, *state.error)
-        else:
-            self._queue_reply(cookie, 0, "", 0, None)
-
-    async def _serve_parted_read(self, cookie: int, offset: int, length: int) -> None:
-        """A READ longer than REQUEST_PART: read and send it part by part (bounded memory)."""
-        if self.core.structured:
-            await self._stream_read(cookie, offset, length)
-            return
-        async with self._stream_lock:  # one simple-reply stream at a time
-            self._held = []
-            try:
-                await self._stream_read(cookie, offset, length)
-            finally:
-                held, self._held = self._held, None
-                if held:
-                    self._queue(held)
-
-    async def _stream_read(self, cookie: int, start: int, length: int) -> None:
-        backend = self._backend
-        assert backend is not None
-        session, end = self.core.server_session(), start + length
-        for offset in range(start, end, p.REQUEST_PART):
-            if self._output_closed:
-                return
-            n = min(p.REQUEST_PART, end - offset)
-            try:
-                data = await backend.pread(offset, n)
-                if len(data) != n:
-                    raise BlockError(errno.EIO, f"backend returned {len(data)} of {n} bytes")
-            except Exception as failure:
-                exc = failure if isinstance(failure, BlockError) else BlockError(
-                    errno.EIO, f"internal server error: {failure}")
-                if exc is not failure:
-                    log.exception("nbd: READ part on export %r failed unexpectedly", self.export_name)
-                try:
-                    reply = session.frame_read_error(cookie, p.errno_to_nbd(exc.errno),
-                                                     exc.message, offset, offset == start)
-                except ValueError:  # a simple reply's header and data are out: only a hard
-                    # disconnect is honest
-                    log.error("nbd: export %r: READ failed after its reply began (%s); closing "
-                              "the connection from %s", self.export_name, exc, self.peer.identity)
-                    self._abort()
-                    return
-                self._queue([reply], stream=True)
-                return
-            self._queue(session.frame_read_part(cookie, offset, data, offset == start,
-                                                offset + n == end), stream=True)
-            if not self._transport_busy:
-                self._flush()
-            while self._transport_busy and not self._output_closed:
-                await self._drained.wait()  # one part at a time in memory
 
     async def _serve(self, typ: int, flags: int, cookie: int, offset: int, length: int,
                      payload: Buffer | None) -> None:
@@ -608,7 +367,7 @@ class Connection(asyncio.BufferedProtocol):
         try:
             if typ == _READ:
                 if length > p.REQUEST_PART:
-                    await self._serve_parted_read(cookie, offset, length)
+                    await serve_parted_read(self, cookie, offset, length)
                     return
                 if self._file_range is not None and length >= SENDFILE_MIN:
                     self._reply_file_range(cookie, offset, self._file_range(offset, length))
@@ -664,141 +423,7 @@ class Connection(asyncio.BufferedProtocol):
             # nothing would join it by the end of this loop turn.
             self._flush()
 
-    def _reply_file_range(self, cookie: int, offset: int, data: FileRange) -> None:
-        head = self.core.server_session().frame([(cookie, 0, "", offset, data.length)])
-        self._queue([*head, data])
-
-    def _reply_error(self, typ: int, cookie: int, error: int, message: str) -> None:
-        log.debug("nbd: %s %s: %s", self.peer.identity, p.name_of(p.Cmd, typ), message)
-        self._queue_reply(cookie, error, message, 0, None)
-
-    def _queue_reply(self, cookie: int, error: int, message: str, offset: int,
-                     data: Buffer | None) -> None:
-        """Queue one reply: framed natively, with the others of this loop iteration, by
-        _frame_replies (a READ's `data` at `offset`, or an error with its message)."""
-        if self._output_closed:
-            return
-        reply = (cookie, error, message, offset, data)
-        if self._held is not None:  # a simple-reply stream is being sent
-            self._held.extend(self.core.server_session().frame([reply]))
-            return
-        self._replies.append(reply)
-        self._out_bytes += _REPLY_HEADER if data is None else _REPLY_HEADER + len(data)
-        self._queued()
-
-    def _frame_replies(self) -> None:
-        replies, self._replies = self._replies, []
-        self._out.extend(self.core.server_session().frame(replies))
-
-    def _queue(self, parts: Sequence[OutPart], stream: bool = False) -> None:
-        if self._output_closed:
-            return
-        if self._held is not None and not stream:  # a simple-reply stream is being sent
-            self._held.extend(parts)
-            return
-        if self._replies:
-            self._frame_replies()  # they go first
-        for part in parts:
-            if type(part) is FileRange:
-                self._out_special = True
-            self._out.append(part)
-            self._out_bytes += len(part)
-        self._queued()
-
-    def _queued(self) -> None:
-        if self._out_bytes >= FLUSH_OUTPUT_AT and not self._transport_busy:
-            self._flush()
-        if self._out_bytes >= WRITE_BUFFER_HIGH and not self._reading_paused:
-            self._update_reading()
-        elif (self._budget is not None
-              and self._out_bytes + self._inflight_bytes > self._charged + UNCHARGED_MAX):
-            self._update_reading()  # replies of requests that finished inline: count them
-        if (self._out or self._replies) and not self._flush_scheduled:
-            # Write at the end of this loop iteration: replies of all requests
-            # that arrive together leave in one system call.
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self, final: bool = False) -> None:
-        """Write queued replies; with `final`, everything now (the connection is closing)."""
-        self._flush_scheduled = False
-        if self._replies:
-            self._frame_replies()
-        if not self._out:
-            return
-        transport = self._transport
-        if self._output_closed or transport is None:
-            self._out, self._out_bytes, self._out_special = [], 0, False
-            return
-        queued = self._out
-        if not self._out_special:
-            self._out, self._out_bytes = [], 0
-            transport.writelines(queued)  # type: ignore[arg-type] # plain buffers only
-            self._resume_if_drained()
-            return
-        direct = self._sock_fd >= 0 and not self._transport_busy
-        if not direct and not final and self._sock_fd >= 0:
-            return  # behind bytes the transport still holds: wait for resume_writing
-        try:
-            if direct:
-                unsent, later = send_now(self._sock_fd, queued)
-                if final:
-                    unsent, later = unsent + materialize(later), []
-            else:
-                unsent, later = materialize(queued), []
-        except OSError as exc:
-            # A reply header may already be on the wire: the only honest way out
-            # is to drop the connection (the client sees its requests fail).
-            log.error("nbd: export %r: read error after a reply began: %s; closing the "
-                      "connection from %s", self.export_name, exc.strerror, self.peer.identity)
-            self._out, self._out_bytes, self._out_special = [], 0, False
-            self._abort()
-            return
-        self._out = later
-        self._out_bytes = sum(len(part) for part in later)
-        self._out_special = any(type(part) is FileRange for part in later)
-        if unsent:
-            transport.writelines(unsent)
-        self._resume_if_drained()
-
-    def _resume_if_drained(self) -> None:
-        if self._reading_paused:
-            self._update_reading()
-
-    # --- flow control and shutdown ----------------------------------------------------
-    def _recharge(self, budget: MemoryBudget) -> None:
-        """Tell the budget what this connection holds now."""
-        held = self._inflight_bytes + self._out_bytes + self.core.receiving
-        if self._transport is not None and not self._output_closed:
-            held += self._transport.get_write_buffer_size()
-        self._receiving = self.core.receiving
-        if held != self._charged:
-            budget.adjust(held - self._charged)
-            self._charged = held
-
-    def _update_reading(self) -> None:
-        budget = self._budget
-        if budget is not None:
-            self._recharge(budget)
-        if self._transport is None or self._output_closed:
-            return
-        busy = (
-            self._out_bytes + self._transport.get_write_buffer_size() >= WRITE_BUFFER_HIGH
-            or len(self._tasks) + len(self._quick) >= MAX_TASKS
-            or self._inflight_bytes >= MAX_INFLIGHT_BYTES
-            # A handshake is bounded on its own (option sizes and count, its timeout); pausing
-            # it here would hang a guest's new connection until that timeout.
-            or (budget is not None and budget.over and self._transmitting and not self.core.receiving)
-        )
-        if busy and not self._reading_paused:
-            self._reading_paused = True
-            self._transport.pause_reading()
-        elif not busy and self._reading_paused:
-            self._reading_paused = False
-            self._transport.resume_reading()
-            if self._transmitting:
-                self._process()  # requests parsed before the pause
-
+    # --- shutdown ------------------------------------------------------------------
     def _protocol_error(self, reason: str) -> None:
         log.warning("nbd: closing connection from %s (%s): %s", self.peer.identity,
                     self.peer.address, reason)

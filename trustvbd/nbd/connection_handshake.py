@@ -1,0 +1,118 @@
+"""A server connection's handshake, from the greeting to the attached export.
+
+The negotiation itself is server_handshake.negotiate (options, policy, the export);
+this is its asyncio side: events read from the connection's ProtocolCore, replies
+written to its transport, STARTTLS upgrading the transport, a refusal reported to
+the server, and the export attached when the handshake ends (transmission begins:
+Connection._process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from functools import partial
+from typing import TYPE_CHECKING
+
+from trustvbd.blockdev import FlushesPerConnection, ServesFileRanges, StartsReads
+from trustvbd.crypt.tls import peer_common_name
+from trustvbd.nbd import messages as m
+from trustvbd.nbd import protocol as p
+from trustvbd.nbd.server_handshake import HandshakeEnded, Identity, TlsRequired, negotiate
+
+if TYPE_CHECKING:
+    from trustvbd.nbd.connection import Connection
+
+log = logging.getLogger("trustvbd.nbd.server")
+
+
+async def _next_event(conn: Connection) -> m.Event:
+    while True:
+        ev = conn.core.next_event()
+        if ev is not None:
+            return ev
+        if conn._output_closed:
+            return m.ConnectionClosed()
+        conn._wakeup = conn._loop.create_future()
+        await conn._wakeup
+
+
+def _write(conn: Connection, data: bytes) -> None:
+    if not conn._output_closed and conn._transport is not None:
+        conn._transport.write(data)
+
+
+def _refused(conn: Connection, reason: str) -> None:
+    log.warning("nbd: %s (%s): refused: %s", conn.peer.identity, conn.peer.address, reason)
+    conn.server.identity_refused(conn.peer, reason)
+
+
+async def _start_tls(conn: Connection) -> str:
+    """STARTTLS was acknowledged: upgrade to TLS; return the client certificate's CN."""
+    if conn.core.unparsed():
+        # Bytes sent before the TLS handshake would later pass as if they came under TLS.
+        raise HandshakeEnded("client sent data after NBD_OPT_STARTTLS before the TLS handshake")
+    context, transport = conn.server.tls, conn._transport
+    assert context is not None and transport is not None
+    conn._tls_starting = True
+    try:
+        upgraded = await conn._loop.start_tls(
+            transport, conn, context, server_side=True,
+            ssl_handshake_timeout=conn.server.handshake_timeout)
+    except (ssl.SSLError, OSError, EOFError) as exc:
+        why = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+        reason = f"TLS handshake failed: {why}"
+        _refused(conn, reason)
+        raise HandshakeEnded(reason) from None
+    finally:
+        conn._tls_starting = False
+    if upgraded is None or conn._output_closed:
+        raise HandshakeEnded("client closed the connection during the TLS handshake")
+    conn._transport = upgraded  # type: ignore[assignment]
+    conn._sock_fd = -1  # replies now go through TLS: no sendfile, no direct writes
+    upgraded.set_write_buffer_limits(high=0, low=0)
+    return peer_common_name(upgraded.get_extra_info("ssl_object"))
+
+
+async def handshake(conn: Connection) -> None:
+    """The handshake (bounded by the server's handshake_timeout); then the export is attached."""
+    identity = Identity(refusal=conn.refusal, refused=partial(_refused, conn))
+    if conn.server.tls is not None:
+        identity.tls = TlsRequired(partial(_start_tls, conn), conn.server.tls_name or conn.peer.identity)
+    if conn.refusal is not None:
+        _refused(conn, conn.refusal)
+    try:
+        async with asyncio.timeout(conn.server.handshake_timeout):
+            result = await negotiate(
+                conn.core, partial(_next_event, conn), partial(_write, conn), conn.server.provider, conn.peer,
+                identity,
+            )
+    except HandshakeEnded as exc:
+        log.info("nbd: %s (%s): %s", conn.peer.identity, conn.peer.address, exc)
+        conn._close_gracefully()
+        return
+    except TimeoutError:
+        log.warning("nbd: %s (%s) did not finish the handshake within %.0f s; closing",
+                    conn.peer.identity, conn.peer.address, conn.server.handshake_timeout)
+        conn._abort()
+        return
+    except p.ProtocolError as exc:
+        conn._protocol_error(str(exc))
+        return
+    conn.export = result.export
+    conn.export_name = result.export.name
+    conn._backend = result.export.backend
+    backend = conn._backend
+    conn._file_range = (backend.file_range
+                        if conn._sock_fd >= 0 and isinstance(backend, ServesFileRanges) else None)
+    conn._flush_backend = (backend.flusher() if isinstance(backend, FlushesPerConnection)
+                           else backend.flush)
+    if conn._file_range is None and isinstance(backend, StartsReads):
+        conn._start_read = backend.start_read
+    conn._transmitting = True
+    conn._update_reading()  # the guest may be over its budget already
+    conn._start_idle_timer()
+    log.info("nbd: %s (%s) attached export %r", conn.peer.identity, conn.peer.address,
+             conn.export_name)
+    conn._process()  # requests may already be waiting

@@ -1,0 +1,140 @@
+"""A server connection's reply output: replies queued, framed and written.
+
+Replies are batched: queued during a loop iteration, framed natively (simple or
+structured, as negotiated) with the others of that iteration, and written with one
+writelines() at its end, or at once past FLUSH_OUTPUT_AT bytes or at a durability
+point. A FileRange (zero_copy.py) goes straight to the socket by sendfile when the
+transport holds nothing unsent. While a long READ streams simple replies
+(parted_requests.py), other replies are held until it ends.
+
+The functions taking the connection are Connection's methods (bound in its class
+body, connection.py): no call layer between a request and its reply.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from trustvbd.blockdev import Buffer, FileRange
+from trustvbd.nbd import protocol as p
+from trustvbd.nbd.connection_limits import UNCHARGED_MAX, WRITE_BUFFER_HIGH
+from trustvbd.nbd.zero_copy import OutPart, materialize, send_now
+
+if TYPE_CHECKING:
+    from trustvbd.nbd.connection import Connection
+
+log = logging.getLogger("trustvbd.nbd.server")
+
+FLUSH_OUTPUT_AT = 512 * 1024
+_REPLY_HEADER = 32  # bytes counted per queued reply besides its data (its header, at most)
+
+
+def reply_file_range(conn: Connection, cookie: int, offset: int, data: FileRange) -> None:
+    head = conn.core.server_session().frame([(cookie, 0, "", offset, data.length)])
+    queue(conn, [*head, data])
+
+
+def reply_error(conn: Connection, typ: int, cookie: int, error: int, message: str) -> None:
+    log.debug("nbd: %s %s: %s", conn.peer.identity, p.name_of(p.Cmd, typ), message)
+    queue_reply(conn, cookie, error, message, 0, None)
+
+
+def queue_reply(conn: Connection, cookie: int, error: int, message: str, offset: int,
+                data: Buffer | None) -> None:
+    """Queue one reply: framed natively, with the others of this loop iteration, by
+    _frame_replies (a READ's `data` at `offset`, or an error with its message)."""
+    if conn._output_closed:
+        return
+    reply = (cookie, error, message, offset, data)
+    if conn._held is not None:  # a simple-reply stream is being sent
+        conn._held.extend(conn.core.server_session().frame([reply]))
+        return
+    conn._replies.append(reply)
+    conn._out_bytes += _REPLY_HEADER if data is None else _REPLY_HEADER + len(data)
+    _queued(conn)
+
+
+def _frame_replies(conn: Connection) -> None:
+    replies, conn._replies = conn._replies, []
+    conn._out.extend(conn.core.server_session().frame(replies))
+
+
+def queue(conn: Connection, parts: Sequence[OutPart], stream: bool = False) -> None:
+    if conn._output_closed:
+        return
+    if conn._held is not None and not stream:  # a simple-reply stream is being sent
+        conn._held.extend(parts)
+        return
+    if conn._replies:
+        _frame_replies(conn)  # they go first
+    for part in parts:
+        if type(part) is FileRange:
+            conn._out_special = True
+        conn._out.append(part)
+        conn._out_bytes += len(part)
+    _queued(conn)
+
+
+def _queued(conn: Connection) -> None:
+    if conn._out_bytes >= FLUSH_OUTPUT_AT and not conn._transport_busy:
+        flush(conn)
+    if conn._out_bytes >= WRITE_BUFFER_HIGH and not conn._reading_paused:
+        conn._update_reading()
+    elif (conn._budget is not None
+          and conn._out_bytes + conn._inflight_bytes > conn._charged + UNCHARGED_MAX):
+        conn._update_reading()  # replies of requests that finished inline: count them
+    if (conn._out or conn._replies) and not conn._flush_scheduled:
+        # Write at the end of this loop iteration: replies of all requests
+        # that arrive together leave in one system call.
+        conn._flush_scheduled = True
+        conn._loop.call_soon(conn._flush)
+
+
+def flush(conn: Connection, final: bool = False) -> None:
+    """Write queued replies; with `final`, everything now (the connection is closing)."""
+    conn._flush_scheduled = False
+    if conn._replies:
+        _frame_replies(conn)
+    if not conn._out:
+        return
+    transport = conn._transport
+    if conn._output_closed or transport is None:
+        conn._out, conn._out_bytes, conn._out_special = [], 0, False
+        return
+    queued = conn._out
+    if not conn._out_special:
+        conn._out, conn._out_bytes = [], 0
+        transport.writelines(queued)  # type: ignore[arg-type] # plain buffers only
+        _resume_if_drained(conn)
+        return
+    direct = conn._sock_fd >= 0 and not conn._transport_busy
+    if not direct and not final and conn._sock_fd >= 0:
+        return  # behind bytes the transport still holds: wait for resume_writing
+    try:
+        if direct:
+            unsent, later = send_now(conn._sock_fd, queued)
+            if final:
+                unsent, later = unsent + materialize(later), []
+        else:
+            unsent, later = materialize(queued), []
+    except OSError as exc:
+        # A reply header may already be on the wire: the only honest way out
+        # is to drop the connection (the client sees its requests fail).
+        log.error("nbd: export %r: read error after a reply began: %s; closing the "
+                  "connection from %s", conn.export_name, exc.strerror, conn.peer.identity)
+        conn._out, conn._out_bytes, conn._out_special = [], 0, False
+        conn._abort()
+        return
+    conn._out = later
+    conn._out_bytes = sum(len(part) for part in later)
+    conn._out_special = any(type(part) is FileRange for part in later)
+    if unsent:
+        transport.writelines(unsent)
+    _resume_if_drained(conn)
+
+
+def _resume_if_drained(conn: Connection) -> None:
+    if conn._reading_paused:
+        conn._update_reading()
