@@ -5,8 +5,9 @@ messages.py   the messages (events) and their encoding; option payload helpers
 core.py       ProtocolCore: parsing, the shared state table (a client's: the handshake)
 checks.py     server-side request validation and advertised flags
 exports.py    Export, ExportProvider, ExportRefused, PeerInfo
-server_handshake.py / connection.py / server.py   the asyncio server (NbdServer)
-client_handshake.py / client.py                   the asyncio client (NbdClient = NbdBackend);
-              its transmission phase is native (native/src/nbd_client)
+server_handshake.py / connection*.py / reply_output.py / parted_requests.py / server.py
+              the asyncio server (NbdServer; connection.py lists its modules)
+client_handshake.py / client*.py   the asyncio client (NbdClient = NbdBackend; client.py
+              lists its modules); its transmission phase is native (native/src/nbd_client)
 uri.py        nbd:// and nbd+unix:// URIs
 """

@@ -6,115 +6,38 @@ size, structured chunks inside their request and covering it exactly once)
 before any of it is believed; read data is received straight into a buffer of
 exactly the size asked for; every request has a deadline. Any violation or
 timeout declares the connection broken: every pending request fails with a
-BlockError that says what happened, and later calls fail fast.
+BlockError that says what happened, and later calls fail fast. One module per
+concern:
 
-The handshake (the control plane: options, STARTTLS) is Python, over the
-sans-I/O `ProtocolCore`. The transmission phase is the native engine
-(`trustvbd._native.NbdClientEngine`, native/src/nbd_client): it packs requests,
-parses and checks replies and pairs them by cookie. On a plain socket it owns the
-socket (non-blocking readv/writev, driven by add_reader/add_writer); on a TLS
-stream Python's SSL transport carries the bytes and feeds them in. This module
-keeps the policy: request slots, deadlines, errors, closing.
+- client_connect.py: the socket, the handshake (Python, over the sans-I/O
+  `ProtocolCore`), STARTTLS, and the hand-over to the native engine;
+- client_transmission.py: the transmission phase around the native engine
+  (`trustvbd._native.NbdClientEngine`, native/src/nbd_client): request slots,
+  sending, replies, deadlines, breaking and disconnecting;
+- this module: the Backend: its calls as NBD requests (split at the server's
+  maximum, FUA and zeroes emulated where the server lacks them), requests submitted
+  without a coroutine (Submits, SubmitsReads), and what a watcher asks (Watched).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import errno
-import logging
 import socket
-import ssl
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 from trustvbd._native import NbdClientEngine
 from trustvbd.blockdev import BlockError, Buffer, Capabilities, ReadReplied, check_range
-from trustvbd.nbd import messages as m
+from trustvbd.nbd import client_connect, client_transmission
 from trustvbd.nbd import protocol as p
-from trustvbd.nbd.client_handshake import Handshake, handshake
-from trustvbd.nbd.core import ProtocolCore, Role, State
-from trustvbd.nbd.uri import parse_uri
+from trustvbd.nbd.client_transmission import Waiter
+from trustvbd.nbd.core import ProtocolCore, Role
 
-F = p.TransmissionFlag
-_READ, _WRITE, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES, _DISC = (
+_READ, _WRITE, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES = (
     int(c) for c in (p.Cmd.READ, p.Cmd.WRITE, p.Cmd.FLUSH, p.Cmd.TRIM, p.Cmd.CACHE,
-                     p.Cmd.WRITE_ZEROES, p.Cmd.DISC)
+                     p.Cmd.WRITE_ZEROES)
 )
-_ESHUTDOWN = int(p.NbdErr.ESHUTDOWN)
-_FUA = int(p.CmdFlag.FUA)
-SOCKET_BUFFER = 4 << 20  # as the server's: a whole 256 KiB request fits one send
-# Requests wait (pwrite) or are declined (submit_write) while more than this is queued
-# and not yet accepted by the socket.
-HIGH_WATER = 4 << 20
-HANDSHAKE_READ = 64 * 1024
-log = logging.getLogger(__name__)
-# What the engine returns: completions (cookie, NBD error, message), why the connection
-# is broken (None: it is not), and whether the server closed its end.
-Batch = tuple[list[tuple[int, int, str]], str | None, bool]
-
-
-def printable(text: str, limit: int = 300) -> str:
-    """Server-supplied text made safe to log or show: no control characters, bounded."""
-    clean = "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
-    return clean + ("..." if len(text) > limit else "")
-
-
-class _Waiter:
-    """A request sent and not yet answered. `direct`: a submitted write or read
-    (submit_write, submit_read), whose slot is given back with the reply; otherwise
-    _request gives the slot back. The future (or a submitted read's `replied`) gets None,
-    or the BlockError the reply or a broken connection stands for."""
-
-    __slots__ = ("deadline", "direct", "future", "length", "offset", "replied", "type")
-
-    def __init__(self, future: asyncio.Future[None] | None, deadline: float, typ: int,
-                 offset: int, length: int, direct: bool = False,
-                 replied: ReadReplied | None = None) -> None:
-        self.future, self.deadline, self.type, self.offset, self.length, self.direct = (
-            future, deadline, typ, offset, length, direct
-        )
-        self.replied = replied
-
-
-class _Wire(asyncio.BufferedProtocol):
-    """asyncio callbacks of a TLS connection, forwarded to the client: the handshake's
-    bytes go to the ProtocolCore, the transmission phase's to the engine (fed)."""
-
-    def __init__(self, client: NbdClient) -> None:
-        self.client = client
-        self._fed = memoryview(bytearray(HANDSHAKE_READ))
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.client._transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[attr-defined]
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self.client._engine is not None:
-            return self._fed
-        return self.client._get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        client = self.client
-        if client._engine is not None:
-            client._resolve(client._engine.feed(self._fed[:nbytes]))
-        else:
-            client._buffer_updated(nbytes)
-
-    def eof_received(self) -> bool:
-        self.client._eof()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.client._lost(exc)
-
-    def pause_writing(self) -> None:
-        self.client._writable.clear()
-
-    def resume_writing(self) -> None:
-        self.client._writable.set()
 
 
 class NbdClient:
@@ -133,10 +56,10 @@ class NbdClient:
         self._core = ProtocolCore(Role.CLIENT)  # the handshake's
         self._sock: socket.socket | None = None  # a plain connection's, until the engine has it
         self._transport: asyncio.Transport | None = None  # a TLS connection's
-        self._wire = _Wire(self)
+        self._wire = client_connect.Wire(self)
         self._engine: NbdClientEngine | None = None  # the transmission phase
         self._fd = -1  # the engine's socket (plain), watched by the loop
-        self._waiters: dict[int, _Waiter] = {}
+        self._waiters: dict[int, Waiter] = {}
         # Request slots (at most max_in_flight requests in flight): a free slot is taken
         # without a coroutine; a freed one goes straight to the longest waiter.
         self._free_slots = max_in_flight
@@ -160,148 +83,9 @@ class NbdClient:
         self._send_queued = False
         self._idle: asyncio.Event | None = None  # set when no request waits (_wait_idle)
 
-    # --- construction ------------------------------------------------------------
-    @classmethod
-    async def connect(
-        cls,
-        sock: socket.socket,
-        export: str,
-        *,
-        request_timeout: float = 30.0,
-        handshake_timeout: float = 10.0,
-        structured_replies: bool = True,
-        max_in_flight: int = 128,
-        where: str | None = None,
-        tls: ssl.SSLContext | None = None,
-        server_hostname: str | None = None,
-    ) -> NbdClient:
-        """Negotiate `export` over an already connected socket (the client owns it now).
-
-        With `tls`, the connection is upgraded by STARTTLS before anything else is
-        said, and the server's certificate must carry `server_hostname`."""
-        self = cls(where or _describe(sock), request_timeout=request_timeout,
-                   max_in_flight=max_in_flight)
-        sock.setblocking(False)
-        # Room for whole 256 KiB write requests in one send (the default is ~200 KiB).
-        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        self._sock = sock
-        try:
-            async with asyncio.timeout(handshake_timeout):
-                starttls = None
-                if tls is not None:
-                    async def starttls() -> None:
-                        await self._start_tls(tls, server_hostname or "localhost")
-                result = await handshake(self._core, self._next_event, self._send,
-                                         export, structured_replies, starttls)
-                self._attach(result)
-        except TimeoutError:
-            self._break(errno.ETIMEDOUT, f"handshake did not finish within {handshake_timeout} s")
-            raise BlockError(errno.ETIMEDOUT, f"NBD server {self.where}: {self.broken}") from None
-        except BlockError:
-            self._break(errno.EIO, "handshake failed")
-            raise
-        except p.ProtocolError as exc:
-            self._break(errno.EIO, f"broke the protocol during the handshake: {exc}")
-            raise BlockError(errno.EIO, f"NBD server {self.where} {self.broken}") from None
-        except (ssl.SSLError, ConnectionError) as exc:
-            self._break(errno.EPROTO, f"TLS handshake failed: {exc}")
-            raise BlockError(errno.EPROTO, f"NBD server {self.where}: {self.broken}") from None
-        except BaseException:
-            self._break(errno.EIO, "handshake interrupted")
-            raise
-        self._adopt(export, result)
-        return self
-
-    async def _start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
-        if self._core.unparsed():
-            raise p.ProtocolError("server sent data after accepting STARTTLS, before TLS")
-        assert self._sock is not None and not self._handshake_out
-        sock, self._sock = self._sock, None
-        try:
-            await self._loop.connect_accepted_socket(lambda: self._wire, sock)
-        except BaseException:
-            sock.close()
-            raise
-        assert self._transport is not None
-        upgraded = await self._loop.start_tls(self._transport, self._wire, context,
-                                              server_hostname=server_hostname)
-        if upgraded is None:
-            raise ConnectionError("the server closed the connection during the TLS handshake")
-        upgraded.set_write_buffer_limits(high=HIGH_WATER)
-        self._transport = upgraded  # type: ignore[assignment]
-
-    def _attach(self, result: Handshake) -> None:
-        """The handshake is done: the engine takes over the transmission phase."""
-        if self._core.unparsed():
-            raise p.ProtocolError("server sent data after the handshake, before any request")
-        if self._sock is not None:  # plain: the engine owns the socket from now on
-            sock, self._sock = self._sock, None
-            self._engine = NbdClientEngine(sock, result.structured)  # detaches it
-            self._fd = self._engine.fileno()
-            self._loop.add_reader(self._fd, self._readable)
-        else:  # TLS: the transport's bytes are fed to the engine (_Wire)
-            self._engine = NbdClientEngine(None, result.structured)
-
-    @classmethod
-    async def open_uri(cls, uri: str, tls_dir: Path | None = None, **kw: Any) -> NbdClient:
-        """Connect to nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT, or their
-        TLS forms nbds+unix:// and nbds:// (client certificate from the URI's
-        tls-certificates=DIR, else from `tls_dir`)."""
-        target = parse_uri(uri)
-        if target.tls:
-            from trustvbd.crypt.tls import TlsSetupError, client_context
-
-            where = target.tls_certificates or tls_dir
-            if where is None:
-                raise BlockError(errno.EINVAL, f"{uri}: a TLS URI needs a certificate directory:"
-                                 " add ?tls-certificates=DIR")
-            try:
-                kw["tls"] = client_context(Path(where))
-            except TlsSetupError as exc:
-                raise BlockError(errno.EINVAL, str(exc)) from None
-            kw["server_hostname"] = target.server_name
-        loop = asyncio.get_running_loop()
-        timeout = kw.get("handshake_timeout", 10.0)
-        try:
-            async with asyncio.timeout(timeout):
-                if target.transport == "unix":
-                    assert target.socket_path is not None  # parse_uri guarantees it
-                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    sock.setblocking(False)
-                    try:
-                        await loop.sock_connect(sock, target.socket_path)
-                    except BaseException:
-                        sock.close()
-                        raise
-                else:
-                    assert target.host is not None and target.port is not None
-                    sock = await _connect_tcp(target.host, target.port)
-        except TimeoutError:
-            raise BlockError(errno.ETIMEDOUT, f"connecting to {uri} timed out") from None
-        except OSError as exc:
-            raise BlockError(exc.errno or errno.EIO, f"cannot connect to {uri}: {exc}") from exc
-        kw.setdefault("where", uri)
-        return await cls.connect(sock, target.export, **kw)
-
-    def _adopt(self, export: str, result: Handshake) -> None:
-        self.export_name = export
-        self._size, self._flags = result.size, result.flags
-        if result.block_sizes is not None:
-            minimum, preferred, maximum = result.block_sizes
-            self.block_sizes = (minimum, preferred, min(maximum, p.MAX_PAYLOAD))
-        f = result.flags
-        self._caps = Capabilities(
-            read_only=bool(f & F.READ_ONLY),
-            flush=bool(f & F.SEND_FLUSH),
-            fua=bool(f & F.SEND_FUA),
-            trim=bool(f & F.SEND_TRIM),
-            zero=bool(f & F.SEND_WRITE_ZEROES),
-            fast_zero=bool(f & F.SEND_FAST_ZERO),
-            cache=bool(f & F.SEND_CACHE),
-            multi_conn=bool(f & F.CAN_MULTI_CONN),
-        )
+    # --- construction (client_connect.py) ----------------------------------------
+    connect = classmethod(client_connect.connect)
+    open_uri = classmethod(client_connect.open_uri)
 
     # --- Backend --------------------------------------------------------------------
     @property
@@ -483,190 +267,11 @@ class NbdClient:
         except ValueError:
             return False  # pread_into says why
         self._free_slots -= 1
-        self._await_reply(cookie, _Waiter(None, self._loop.time() + self._timeout, _READ,
-                                          offset, length, True, replied), now=False)
+        self._await_reply(cookie, Waiter(None, self._loop.time() + self._timeout, _READ,
+                                         offset, length, True, replied), now=False)
         return True
 
-    def _take_slot(self) -> asyncio.Future[None] | None:
-        """Take a request slot: None if one was free, else a future that hands one over."""
-        if self._free_slots > 0:
-            self._free_slots -= 1
-            return None
-        waiter: asyncio.Future[None] = self._loop.create_future()
-        self._slot_waiters.append(waiter)
-        return waiter
-
-    def _release_slot(self) -> None:
-        waiters = self._slot_waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the slot passes to it
-                return
-        self._free_slots += 1
-
-    async def _wait_for_slot(self, waiter: asyncio.Future[None]) -> None:
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._release_slot()  # handed a slot, then cancelled: pass it on
-            raise
-
-    async def _request(
-        self, typ: int, offset: int, length: int, flags: int = 0, data: Buffer | None = None,
-        into: memoryview | None = None,
-    ) -> None:
-        waiter = self._take_slot()
-        if waiter is not None:
-            await self._wait_for_slot(waiter)
-        try:
-            if not self._writable.is_set():
-                await self._writable.wait()
-            self._check_usable()
-            await self._send_request(typ, offset, length, flags, data, into, False)
-        finally:
-            self._release_slot()
-
-    def _send_request(self, typ: int, offset: int, length: int, flags: int, data: Buffer | None,
-                      into: memoryview | None, direct: bool) -> asyncio.Future[None]:
-        """Queue one request (its slot taken); the future its reply completes."""
-        assert self._engine is not None  # _check_usable: attached and not broken
-        try:
-            cookie = self._engine.request(typ, flags, offset, length, data, into)
-        except ValueError as exc:
-            raise p.LocalProtocolError(str(exc)) from None
-        future: asyncio.Future[None] = self._loop.create_future()
-        # A FUA write or a FLUSH leaves at once, with what is queued before it: a FLUSH
-        # waits for it, and nothing would gain from joining it in one system call at the
-        # end of this turn.
-        self._await_reply(cookie, _Waiter(future, self._loop.time() + self._timeout, typ,
-                                          offset, length, direct),
-                          now=bool(flags & _FUA) or typ == _FLUSH)
-        return future
-
-    def _await_reply(self, cookie: int, waiter: _Waiter, now: bool) -> None:
-        """Pair `cookie`'s reply with `waiter` and send its request: `now`, or with the
-        others of this loop turn in one writev. The batch is sent by a callback queued
-        before any of its requests awaits, so it leaves before any of their callers can be
-        woken (cancelled) and reuse a buffer; what the socket does not take then, the
-        engine copies."""
-        self._waiters[cookie] = waiter
-        if now:
-            self._send_outgoing()
-        elif not self._send_queued:
-            self._send_queued = True
-            self._loop.call_soon(self._send_outgoing)
-        if self._timer is None:
-            self._arm_timer()
-
-    def _send_outgoing(self) -> None:
-        self._send_queued = False
-        engine = self._engine
-        if engine is None or (self._fd < 0 and self._transport is None):
-            return  # dropped: the engine let go of what was queued
-        if self._transport is not None:  # TLS
-            if engine.queued:
-                self._transport.writelines(engine.take_output())
-            return
-        if self._watching_writes:
-            return  # the socket is full; _on_writable goes on when it has room
-        self._write()
-
-    def _write(self) -> None:
-        """Write what the engine has queued; watch the socket while some is left."""
-        assert self._engine is not None
-        try:
-            done = self._engine.send()
-        except OSError as exc:
-            self._break(errno.EIO, f"connection lost ({exc})")
-            return
-        if done:
-            if self._watching_writes:
-                self._loop.remove_writer(self._fd)
-                self._watching_writes = False
-            self._writable.set()
-            self._drained.set()
-            return
-        self._drained.clear()
-        if not self._watching_writes:
-            self._loop.add_writer(self._fd, self._write)
-            self._watching_writes = True
-        if self._engine.queued > HIGH_WATER:
-            self._writable.clear()
-        else:
-            self._writable.set()
-
-    def _reply_error(self, error: int, message: str, typ: int, offset: int,
-                     length: int) -> BlockError:
-        """The error an error reply stands for (to raise)."""
-        err = p.nbd_to_errno(error)
-        text = f": {printable(message)}" if message else ""
-        if error == _ESHUTDOWN:
-            self._start_shutdown()
-        return BlockError(err, (
-            f"NBD server {self.where} failed {p.name_of(p.Cmd, typ)} [{offset}, {offset + length}) "
-            f"with {p.name_of(p.NbdErr, error)}{text}"
-        ))
-
-    def _start_shutdown(self) -> None:
-        # The server asked us to go (ESHUTDOWN): the spec wants a soft disconnect.
-        if self.broken is None:
-            self.broken = "the server is shutting down"
-            self._loop.create_task(self._disconnect_when_idle())
-
-    async def _wait_idle(self) -> None:
-        """Until no request waits for its reply (submitted reads have no future to await)."""
-        while self._waiters:
-            if self._idle is None:
-                self._idle = asyncio.Event()
-            self._idle.clear()
-            await self._idle.wait()
-
-    async def _disconnect_when_idle(self) -> None:
-        await self._wait_idle()
-        if not self._closing:
-            await self._disconnect(self.broken or "the server is shutting down")
-            self._drop_connection()
-
-    async def _disconnect(self, reason: str) -> None:
-        """Send NBD_CMD_DISC after what is queued (idle: no request pending), and wait
-        until it is out, for at most the request timeout."""
-        engine = self._engine
-        if engine is None or (self._fd < 0 and self._transport is None):
-            return
-        engine.disconnect()
-        self.broken = self.broken or reason
-        if self._transport is not None:
-            self._transport.writelines(engine.take_output())
-            return  # closing the transport flushes it
-        if not self._watching_writes:
-            self._write()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._timeout):
-                await self._drained.wait()
-
-    def _drop_connection(self, abort: bool = False) -> None:
-        """Close the socket or transport (the engine lets go of every buffer)."""
-        self._drained.set()  # a _disconnect waiting for the socket waits no more
-        if self._fd >= 0:
-            self._loop.remove_reader(self._fd)
-            if self._watching_writes:
-                self._loop.remove_writer(self._fd)
-                self._watching_writes = False
-            self._fd = -1
-        if self._engine is not None:
-            self._engine.close()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        if self._transport is not None:
-            if abort:
-                self._transport.abort()
-            else:
-                self._transport.close()
-
-    # --- timeouts and failure ---------------------------------------------------------
+    # --- watched (Watched, TellsBreak) ---------------------------------------------
     def pending_since(self) -> float | None:
         """Loop time the oldest unanswered request was sent (Watched); None if none waits."""
         for oldest in self._waiters.values():  # in the order sent
@@ -683,194 +288,21 @@ class NbdClient:
         if self.broken is not None and not self._closing:
             self._loop.call_soon(callback)
 
-    def _arm_timer(self) -> None:
-        if self._waiters:
-            oldest = next(iter(self._waiters.values()))
-            self._timer = self._loop.call_at(oldest.deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if not self._waiters:
-            return
-        oldest = next(iter(self._waiters.values()))
-        if oldest.deadline <= self._loop.time():
-            self._break(errno.ETIMEDOUT, (
-                f"no reply to {p.name_of(p.Cmd, oldest.type)} "
-                f"[{oldest.offset}, {oldest.offset + oldest.length}) within {self._timeout} s"
-            ))
-        else:
-            self._arm_timer()
-
-    def _break(self, err: int, reason: str) -> None:
-        """Declare the connection dead: fail everything pending, drop the socket."""
-        if self.broken is None and self._on_broken is not None and not self._closing:
-            self._loop.call_soon(self._on_broken)
-        if self.broken is None or self._waiters:
-            self.broken = self.broken or reason
-            failure = BlockError(err, f"NBD server {self.where}: {reason}; connection closed")
-            waiters = list(self._waiters.values())
-            self._waiters.clear()
-            for waiter in waiters:
-                if waiter.replied is not None:
-                    # Not from inside _break: its caller may be what is breaking us (a hedge).
-                    self._loop.call_soon(waiter.replied, failure)
-                elif waiter.future is not None and not waiter.future.done():
-                    waiter.future.set_exception(failure)
-                if waiter.direct:
-                    self._release_slot()
-            if self._idle is not None:
-                self._idle.set()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._writable.set()  # writers wake up and find the connection broken
-        self._wake_handshake()
-        self._drop_connection(abort=True)
-
-    # --- receiving ------------------------------------------------------------------
-    def _readable(self) -> None:
-        assert self._engine is not None
-        self._resolve(self._engine.readable())
-
-    def _resolve(self, batch: Batch) -> None:
-        """Complete the futures of the requests the engine saw answered; then act on a
-        broken connection or the server's end of it."""
-        done, broken, eof = batch
-        self.answered_at = self._loop.time()  # the server said something
-        if done:
-            waiters = self._waiters
-            for cookie, error, message in done:
-                waiter = waiters.pop(cookie)
-                if waiter.direct:
-                    self._release_slot()
-                replied, future = waiter.replied, waiter.future
-                if replied is not None:  # a submitted read: its caller goes on from here
-                    try:
-                        replied(self._reply_error(error, message, waiter.type, waiter.offset,
-                                                  waiter.length) if error else None)
-                    except Exception:
-                        log.exception("NBD client %s: a read's completion failed", self.where)
-                    continue
-                assert future is not None
-                if future.done():
-                    continue
-                if error:
-                    future.set_exception(self._reply_error(
-                        error, message, waiter.type, waiter.offset, waiter.length))
-                else:
-                    future.set_result(None)
-            if self._idle is not None and not waiters:
-                self._idle.set()
-        if broken is not None:
-            self._break(errno.EIO, broken)
-        elif eof:
-            self._eof()
-
-    def _eof(self) -> None:
-        if self._engine is None:
-            self._core.receive_eof()
-            self._wake_handshake()  # the handshake reads the ConnectionClosed event
-        elif not (self._closing and not self._waiters):
-            self._break(errno.EIO, "the server closed the connection")
-        else:
-            self._drop_connection()
-
-    def _lost(self, exc: Exception | None) -> None:
-        if self.broken is None or self._waiters:
-            self._break(errno.EIO, f"connection lost ({exc})" if exc else "connection lost")
-        self._wake_handshake()
-
-    # --- handshake plumbing (ProtocolCore) ----------------------------------------------
-    def _get_buffer(self, sizehint: int) -> memoryview:
-        if self._core.state is not State.ERROR:
-            try:
-                return self._core.get_buffer(sizehint)
-            except p.ProtocolError as exc:
-                # Aborting inside get_buffer crashes uvloop: defer it.
-                self._loop.call_soon(self._break, errno.EIO, f"broke the protocol: {exc}")
-        return memoryview(bytearray(65536))  # discarded
-
-    def _buffer_updated(self, nbytes: int) -> None:
-        if self._core.state is State.ERROR:
-            return
-        try:
-            self._core.buffer_updated(nbytes)
-        except p.ProtocolError as exc:
-            self._break(errno.EIO, f"broke the protocol: {exc}")
-            return
-        self._wake_handshake()
-
-    def _wake_handshake(self) -> None:
-        if self._handshake_wakeup is not None and not self._handshake_wakeup.done():
-            self._handshake_wakeup.set_result(None)
-
-    async def _next_event(self) -> m.Event:
-        core = self._core
-        while True:
-            if core.state is State.ERROR:
-                raise p.ProtocolError(core.error or "protocol error")
-            ev = core.next_event()
-            if ev is not None:
-                return ev
-            sock = self._sock
-            if sock is not None:  # plain: read the socket ourselves
-                if self._handshake_eof:
-                    return m.ConnectionClosed()
-                try:
-                    if self._handshake_out:
-                        out, self._handshake_out = b"".join(self._handshake_out), []
-                        await self._loop.sock_sendall(sock, out)
-                    n = await self._loop.sock_recv_into(sock, core.get_buffer(HANDSHAKE_READ))
-                except OSError:
-                    n = 0  # a reset: as the server hanging up
-                if n:
-                    core.buffer_updated(n)
-                else:
-                    self._handshake_eof = True
-                    core.receive_eof()
-                continue
-            if self._transport is None or self._transport.is_closing():
-                return m.ConnectionClosed()
-            self._handshake_wakeup = self._loop.create_future()
-            await self._handshake_wakeup
-
-    def _send(self, msg: m.Event) -> None:
-        parts = self._core.send_parts(msg)
-        if self._transport is not None:
-            self._transport.writelines(parts)
-        else:
-            self._handshake_out += parts
+    # --- the transmission phase (client_transmission.py), bound here as methods: no
+    # call layer between a request and the engine
+    _request = client_transmission.request
+    _send_request = client_transmission.send_request
+    _await_reply = client_transmission.await_reply
+    _release_slot = client_transmission.release_slot
+    _readable = client_transmission.readable
+    _resolve = client_transmission.resolve
+    _eof = client_transmission.eof_received
+    _lost = client_transmission.lost
+    _break = client_transmission.break_connection
+    _wait_idle = client_transmission.wait_idle
+    _disconnect = client_transmission.disconnect
+    _drop_connection = client_transmission.drop_connection
+    _wake_handshake = client_connect.wake_handshake
 
 
 NbdBackend = NbdClient
-
-
-def _describe(sock: socket.socket) -> str:
-    try:
-        peer = sock.getpeername()
-    except OSError:
-        return "(unknown address)"
-    if sock.family == socket.AF_UNIX:
-        return f"unix:{peer or '?'}"
-    return f"{peer[0]}:{peer[1]}"
-
-
-async def _connect_tcp(host: str, port: int) -> socket.socket:
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    last: OSError = OSError(errno.EHOSTUNREACH, f"no address for {host}")
-    for family, type_, proto, _, addr in infos:
-        sock = socket.socket(family, type_, proto)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, addr)
-        except OSError as exc:
-            sock.close()
-            last = exc
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-    raise last

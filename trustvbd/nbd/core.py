@@ -14,7 +14,7 @@ a `ProtocolError` when the peer sent it (drop the connection) and a
 
 A client core ends with the handshake: the client's transmission phase (requests,
 replies, their checks) is the native engine (`trustvbd._native.NbdClientEngine`,
-native/src/nbd_client), which `trustvbd.nbd.client` attaches once GO is answered.
+native/src/nbd_client), which `trustvbd.nbd.client_connect` attaches once GO is answered.
 A server core receives the bytes of transmission too, but parsing and checking the
 requests and framing every reply is native (`trustvbd._native.NbdServerSession`,
 native/src/nbd_server): the core hands the parsed requests out as `requests`, and

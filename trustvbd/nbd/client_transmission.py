@@ -1,0 +1,357 @@
+"""NbdClient's transmission phase around the native engine (trustvbd._native.NbdClientEngine,
+native/src/nbd_client): request slots, requests sent in one writev per loop turn,
+replies paired with their waiters, deadlines, a broken connection, disconnecting.
+
+The engine packs requests, parses and checks replies and pairs them by cookie. On a
+plain socket it owns the socket (non-blocking readv/writev, driven by add_reader and
+add_writer); on a TLS stream Python's SSL transport carries the bytes and feeds them
+in (client_connect.Wire). This module keeps the policy: slots, deadlines, errors,
+closing.
+
+The functions taking the client are NbdClient's methods (bound in its class body,
+client.py): no call layer between a request and the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+from typing import TYPE_CHECKING
+
+from trustvbd.blockdev import BlockError, Buffer, ReadReplied
+from trustvbd.nbd import protocol as p
+
+if TYPE_CHECKING:
+    from trustvbd.nbd.client import NbdClient
+
+_FLUSH = int(p.Cmd.FLUSH)
+_ESHUTDOWN = int(p.NbdErr.ESHUTDOWN)
+_FUA = int(p.CmdFlag.FUA)
+# Requests wait (pwrite) or are declined (submit_write) while more than this is queued
+# and not yet accepted by the socket.
+HIGH_WATER = 4 << 20
+log = logging.getLogger("trustvbd.nbd.client")
+# What the engine returns: completions (cookie, NBD error, message), why the connection
+# is broken (None: it is not), and whether the server closed its end.
+Batch = tuple[list[tuple[int, int, str]], str | None, bool]
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """Server-supplied text made safe to log or show: no control characters, bounded."""
+    clean = "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
+    return clean + ("..." if len(text) > limit else "")
+
+
+class Waiter:
+    """A request sent and not yet answered. `direct`: a submitted write or read
+    (submit_write, submit_read), whose slot is given back with the reply; otherwise
+    _request gives the slot back. The future (or a submitted read's `replied`) gets None,
+    or the BlockError the reply or a broken connection stands for."""
+
+    __slots__ = ("deadline", "direct", "future", "length", "offset", "replied", "type")
+
+    def __init__(self, future: asyncio.Future[None] | None, deadline: float, typ: int,
+                 offset: int, length: int, direct: bool = False,
+                 replied: ReadReplied | None = None) -> None:
+        self.future, self.deadline, self.type, self.offset, self.length, self.direct = (
+            future, deadline, typ, offset, length, direct
+        )
+        self.replied = replied
+
+
+def _take_slot(client: NbdClient) -> asyncio.Future[None] | None:
+    """Take a request slot: None if one was free, else a future that hands one over."""
+    if client._free_slots > 0:
+        client._free_slots -= 1
+        return None
+    waiter: asyncio.Future[None] = client._loop.create_future()
+    client._slot_waiters.append(waiter)
+    return waiter
+
+
+def release_slot(client: NbdClient) -> None:
+    waiters = client._slot_waiters
+    while waiters:
+        waiter = waiters.popleft()
+        if not waiter.done():
+            waiter.set_result(None)  # the slot passes to it
+            return
+    client._free_slots += 1
+
+
+async def _wait_for_slot(client: NbdClient, waiter: asyncio.Future[None]) -> None:
+    try:
+        await waiter
+    except asyncio.CancelledError:
+        if waiter.done() and not waiter.cancelled():
+            release_slot(client)  # handed a slot, then cancelled: pass it on
+        raise
+
+
+async def request(
+    client: NbdClient, typ: int, offset: int, length: int, flags: int = 0, data: Buffer | None = None,
+    into: memoryview | None = None,
+) -> None:
+    waiter = _take_slot(client)
+    if waiter is not None:
+        await _wait_for_slot(client, waiter)
+    try:
+        if not client._writable.is_set():
+            await client._writable.wait()
+        client._check_usable()
+        await send_request(client, typ, offset, length, flags, data, into, False)
+    finally:
+        release_slot(client)
+
+
+def send_request(client: NbdClient, typ: int, offset: int, length: int, flags: int, data: Buffer | None,
+                 into: memoryview | None, direct: bool) -> asyncio.Future[None]:
+    """Queue one request (its slot taken); the future its reply completes."""
+    assert client._engine is not None  # _check_usable: attached and not broken
+    try:
+        cookie = client._engine.request(typ, flags, offset, length, data, into)
+    except ValueError as exc:
+        raise p.LocalProtocolError(str(exc)) from None
+    future: asyncio.Future[None] = client._loop.create_future()
+    # A FUA write or a FLUSH leaves at once, with what is queued before it: a FLUSH
+    # waits for it, and nothing would gain from joining it in one system call at the
+    # end of this turn.
+    await_reply(client, cookie, Waiter(future, client._loop.time() + client._timeout, typ,
+                                       offset, length, direct),
+                now=bool(flags & _FUA) or typ == _FLUSH)
+    return future
+
+
+def await_reply(client: NbdClient, cookie: int, waiter: Waiter, now: bool) -> None:
+    """Pair `cookie`'s reply with `waiter` and send its request: `now`, or with the
+    others of this loop turn in one writev. The batch is sent by a callback queued
+    before any of its requests awaits, so it leaves before any of their callers can be
+    woken (cancelled) and reuse a buffer; what the socket does not take then, the
+    engine copies."""
+    client._waiters[cookie] = waiter
+    if now:
+        _send_outgoing(client)
+    elif not client._send_queued:
+        client._send_queued = True
+        client._loop.call_soon(_send_outgoing, client)
+    if client._timer is None:
+        _arm_timer(client)
+
+
+def _send_outgoing(client: NbdClient) -> None:
+    client._send_queued = False
+    engine = client._engine
+    if engine is None or (client._fd < 0 and client._transport is None):
+        return  # dropped: the engine let go of what was queued
+    if client._transport is not None:  # TLS
+        if engine.queued:
+            client._transport.writelines(engine.take_output())
+        return
+    if client._watching_writes:
+        return  # the socket is full; _on_writable goes on when it has room
+    _write(client)
+
+
+def _write(client: NbdClient) -> None:
+    """Write what the engine has queued; watch the socket while some is left."""
+    assert client._engine is not None
+    try:
+        done = client._engine.send()
+    except OSError as exc:
+        break_connection(client, errno.EIO, f"connection lost ({exc})")
+        return
+    if done:
+        if client._watching_writes:
+            client._loop.remove_writer(client._fd)
+            client._watching_writes = False
+        client._writable.set()
+        client._drained.set()
+        return
+    client._drained.clear()
+    if not client._watching_writes:
+        client._loop.add_writer(client._fd, _write, client)
+        client._watching_writes = True
+    if client._engine.queued > HIGH_WATER:
+        client._writable.clear()
+    else:
+        client._writable.set()
+
+
+def _reply_error(client: NbdClient, error: int, message: str, typ: int, offset: int,
+                 length: int) -> BlockError:
+    """The error an error reply stands for (to raise)."""
+    err = p.nbd_to_errno(error)
+    text = f": {printable(message)}" if message else ""
+    if error == _ESHUTDOWN:
+        _start_shutdown(client)
+    return BlockError(err, (
+        f"NBD server {client.where} failed {p.name_of(p.Cmd, typ)} [{offset}, {offset + length}) "
+        f"with {p.name_of(p.NbdErr, error)}{text}"
+    ))
+
+
+def _start_shutdown(client: NbdClient) -> None:
+    # The server asked us to go (ESHUTDOWN): the spec wants a soft disconnect.
+    if client.broken is None:
+        client.broken = "the server is shutting down"
+        client._loop.create_task(_disconnect_when_idle(client))
+
+
+async def wait_idle(client: NbdClient) -> None:
+    """Until no request waits for its reply (submitted reads have no future to await)."""
+    while client._waiters:
+        if client._idle is None:
+            client._idle = asyncio.Event()
+        client._idle.clear()
+        await client._idle.wait()
+
+
+async def _disconnect_when_idle(client: NbdClient) -> None:
+    await wait_idle(client)
+    if not client._closing:
+        await disconnect(client, client.broken or "the server is shutting down")
+        drop_connection(client)
+
+
+async def disconnect(client: NbdClient, reason: str) -> None:
+    """Send NBD_CMD_DISC after what is queued (idle: no request pending), and wait
+    until it is out, for at most the request timeout."""
+    engine = client._engine
+    if engine is None or (client._fd < 0 and client._transport is None):
+        return
+    engine.disconnect()
+    client.broken = client.broken or reason
+    if client._transport is not None:
+        client._transport.writelines(engine.take_output())
+        return  # closing the transport flushes it
+    if not client._watching_writes:
+        _write(client)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(client._timeout):
+            await client._drained.wait()
+
+
+def drop_connection(client: NbdClient, abort: bool = False) -> None:
+    """Close the socket or transport (the engine lets go of every buffer)."""
+    client._drained.set()  # a _disconnect waiting for the socket waits no more
+    if client._fd >= 0:
+        client._loop.remove_reader(client._fd)
+        if client._watching_writes:
+            client._loop.remove_writer(client._fd)
+            client._watching_writes = False
+        client._fd = -1
+    if client._engine is not None:
+        client._engine.close()
+    if client._sock is not None:
+        client._sock.close()
+        client._sock = None
+    if client._transport is not None:
+        if abort:
+            client._transport.abort()
+        else:
+            client._transport.close()
+
+
+def _arm_timer(client: NbdClient) -> None:
+    if client._waiters:
+        oldest = next(iter(client._waiters.values()))
+        client._timer = client._loop.call_at(oldest.deadline, _on_timer, client)
+
+
+def _on_timer(client: NbdClient) -> None:
+    client._timer = None
+    if not client._waiters:
+        return
+    oldest = next(iter(client._waiters.values()))
+    if oldest.deadline <= client._loop.time():
+        break_connection(client, errno.ETIMEDOUT, (
+            f"no reply to {p.name_of(p.Cmd, oldest.type)} "
+            f"[{oldest.offset}, {oldest.offset + oldest.length}) within {client._timeout} s"
+        ))
+    else:
+        _arm_timer(client)
+
+
+def break_connection(client: NbdClient, err: int, reason: str) -> None:
+    """Declare the connection dead: fail everything pending, drop the socket."""
+    if client.broken is None and client._on_broken is not None and not client._closing:
+        client._loop.call_soon(client._on_broken)
+    if client.broken is None or client._waiters:
+        client.broken = client.broken or reason
+        failure = BlockError(err, f"NBD server {client.where}: {reason}; connection closed")
+        waiters = list(client._waiters.values())
+        client._waiters.clear()
+        for waiter in waiters:
+            if waiter.replied is not None:
+                # Not from inside _break: its caller may be what is breaking us (a hedge).
+                client._loop.call_soon(waiter.replied, failure)
+            elif waiter.future is not None and not waiter.future.done():
+                waiter.future.set_exception(failure)
+            if waiter.direct:
+                release_slot(client)
+        if client._idle is not None:
+            client._idle.set()
+    if client._timer is not None:
+        client._timer.cancel()
+        client._timer = None
+    client._writable.set()  # writers wake up and find the connection broken
+    client._wake_handshake()
+    drop_connection(client, abort=True)
+
+
+def readable(client: NbdClient) -> None:
+    assert client._engine is not None
+    resolve(client, client._engine.readable())
+
+
+def resolve(client: NbdClient, batch: Batch) -> None:
+    """Complete the futures of the requests the engine saw answered; then act on a
+    broken connection or the server's end of it."""
+    done, broken, eof = batch
+    client.answered_at = client._loop.time()  # the server said something
+    if done:
+        waiters = client._waiters
+        for cookie, error, message in done:
+            waiter = waiters.pop(cookie)
+            if waiter.direct:
+                release_slot(client)
+            replied, future = waiter.replied, waiter.future
+            if replied is not None:  # a submitted read: its caller goes on from here
+                try:
+                    replied(_reply_error(client, error, message, waiter.type, waiter.offset,
+                                         waiter.length) if error else None)
+                except Exception:
+                    log.exception("NBD client %s: a read's completion failed", client.where)
+                continue
+            assert future is not None
+            if future.done():
+                continue
+            if error:
+                future.set_exception(_reply_error(
+                    client, error, message, waiter.type, waiter.offset, waiter.length))
+            else:
+                future.set_result(None)
+        if client._idle is not None and not waiters:
+            client._idle.set()
+    if broken is not None:
+        break_connection(client, errno.EIO, broken)
+    elif eof:
+        eof_received(client)
+
+
+def eof_received(client: NbdClient) -> None:
+    if client._engine is None:
+        client._core.receive_eof()
+        client._wake_handshake()  # the handshake reads the ConnectionClosed event
+    elif not (client._closing and not client._waiters):
+        break_connection(client, errno.EIO, "the server closed the connection")
+    else:
+        drop_connection(client)
+
+
+def lost(client: NbdClient, exc: Exception | None) -> None:
+    if client.broken is None or client._waiters:
+        break_connection(client, errno.EIO, f"connection lost ({exc})" if exc else "connection lost")
+    client._wake_handshake()
