@@ -9,6 +9,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod block_codec;
+pub mod leaf_table;
 pub mod nbd_client;
 #[cfg(test)]
 mod nbd_cores_agree;

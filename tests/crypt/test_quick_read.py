@@ -259,7 +259,7 @@ def test_a_guest_gone_with_reads_in_flight_leaves_nothing_held(short_tmp: Path) 
                     for b in backends:
                         b.delay = 0.0
                     await asyncio.wait_for(disk.pwrite(0, pattern(0, 1)), 5)
-                    assert not disk._locks._reads
+                    assert not disk._locks.reads_held
                     # A stalled driver and a server that closes: the reads are given up.
                     backends[0].delay = backends[1].delay = 3.0
                     guest = await NbdClient.open_uri(uri)
@@ -268,7 +268,7 @@ def test_a_guest_gone_with_reads_in_flight_leaves_nothing_held(short_tmp: Path) 
                     (conn,) = server.connections
                     assert len(conn._quick) == 1
                     await asyncio.wait_for(conn.close(timeout=0.2), 5)
-                    assert not conn._quick and not disk._locks._reads
+                    assert not conn._quick and not disk._locks.reads_held
                     await asyncio.wait_for(disk.pwrite(3 * BS, pattern(3, 1)), 5)
                     guest.abandon("done")
                     await asyncio.gather(stuck, return_exceptions=True)

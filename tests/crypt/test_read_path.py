@@ -307,7 +307,7 @@ def test_leaf_locks_taken_at_once_only_when_their_pages_are_in_memory(tmp_path: 
         leaves = disk._leaves
         locks = LeafLocks(leaves)
         far = 7 * LEAVES_PER_PAGE
-        assert far // LEAVES_PER_PAGE not in leaves._clean
+        assert not leaves.table.contains(far // LEAVES_PER_PAGE)
         assert locks.try_acquire(far, far + 1, False) is None  # its page must be read first
         hold = await locks.acquire(far, far + 1, False)
         again = locks.try_acquire(far, far + 1, False)  # resident now: no waiting
@@ -315,7 +315,7 @@ def test_leaf_locks_taken_at_once_only_when_their_pages_are_in_memory(tmp_path: 
         # Held pages stay in memory while other pages come and go.
         for p in range(6):
             assert bytes(await disk.pread(p * LEAVES_PER_PAGE * BS, BS)) == bytes([p + 1]) * BS
-        assert 7 in leaves._clean
+        assert leaves.table.contains(7)
         locks.release(hold)
         locks.release(again)
         assert bytes(await disk.pread(far * BS, BS)) == bytes([8]) * BS

@@ -21,15 +21,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from trustvbd.blockdev import Backend, BlockError
+from trustvbd._native import LeafTable
+from trustvbd.blockdev import Backend, BlockError, Buffer
 from trustvbd.blocks.ranges import Hold, RangeLock, describe_blocks
 from trustvbd.blocks.replica import Replica
 from trustvbd.blocks.tree_file import TreeFile, TreeTamperedError
-from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE, POISON_LEAF, POISON_VERSION
+from trustvbd.crypt.aead import BLOCK_SIZE, POISON_LEAF
 from trustvbd.crypt.superblock import LEAVES_PER_PAGE, Layout
 from trustvbd.crypt.tree import EMPTY, page_hash
 
@@ -49,34 +49,36 @@ class PageSource(Protocol):
 
 
 class LeafPages:
-    """Resident leaf pages: clean ones in LRU order, changed ones until committed."""
+    """Resident leaf pages: clean ones in LRU order, changed ones until committed. The
+    pages themselves live in the native table (`_native.LeafTable`, shared with the
+    range lock that pins them); loading and checking them is done here."""
 
     def __init__(self, disk: str, lay: Layout, tree: TreeFile,
                  capacity: int = DEFAULT_CAPACITY, report: Report | None = None) -> None:
         self.disk, self.lay, self.tree = disk, lay, tree
-        self.capacity = max(capacity, 2)
+        self.table = LeafTable(capacity)
+        self.capacity = self.table.capacity
         self.report = report
         self.replicas: PageSource | None = None
-        self._clean: OrderedDict[int, bytearray] = OrderedDict()
-        self._dirty: dict[int, bytearray] = {}
-        self._pins: dict[int, int] = {}
-        self._changes: dict[int, int] = {}  # per changed page: how many times, since it was clean
         self._loading: dict[int, asyncio.Future[None]] = {}
         self._next_reader = 0
         self.loads = 0      # pages read from a replica
-        self.evictions = 0
 
     # ------------------------------------------------------------ residency
 
     def resident(self) -> int:
-        return len(self._clean) + len(self._dirty)
+        return self.table.resident
+
+    @property
+    def evictions(self) -> int:
+        return self.table.evictions
 
     @property
     def dirty_count(self) -> int:
-        return len(self._dirty)
+        return self.table.dirty_count
 
     def over_dirty_limit(self) -> bool:
-        return len(self._dirty) >= self.capacity // 2
+        return self.table.dirty_count >= self.capacity // 2
 
     def pages_of(self, b0: int, b1: int) -> range:
         return range(b0 // LEAVES_PER_PAGE, (b1 - 1) // LEAVES_PER_PAGE + 1)
@@ -87,43 +89,18 @@ class LeafPages:
         try:
             for p in self.pages_of(b0, b1):
                 await self._ensure(p)
-                self._pins[p] = self._pins.get(p, 0) + 1
+                self.table.pin(p)
                 pinned.append(p)
         except BaseException:
             self.release(pinned)
             raise
         return pinned
 
-    def hold_resident(self, b0: int, b1: int) -> list[int] | None:
-        """Like `hold` without waiting: None (nothing pinned) if a page is not in memory."""
-        pages = self.pages_of(b0, b1)
-        dirty, clean = self._dirty, self._clean
-        for p in pages:
-            if p not in dirty and p not in clean:
-                return None
-        pinned = list(pages)
-        for p in pinned:
-            if p in clean:
-                clean.move_to_end(p)
-            self._pins[p] = self._pins.get(p, 0) + 1
-        return pinned
-
     def release(self, pages: list[int]) -> None:
-        for p in pages:
-            n = self._pins[p] - 1
-            if n:
-                self._pins[p] = n
-            else:
-                del self._pins[p]
-        self._evict()
+        self.table.unpin(pages)
 
     async def _ensure(self, p: int) -> None:
-        while True:
-            if p in self._dirty:
-                return
-            if p in self._clean:
-                self._clean.move_to_end(p)
-                return
+        while not self.table.contains(p):
             fut = self._loading.get(p)
             if fut is None:
                 fut = asyncio.ensure_future(self._load_into(p))
@@ -138,26 +115,7 @@ class LeafPages:
 
     async def _load_into(self, p: int) -> None:
         page, poisoned = await self._load(p)
-        if p in self._clean or p in self._dirty:
-            return
-        if poisoned:
-            self._dirty[p] = page
-        else:
-            self._clean[p] = page
-            self._evict()
-
-    def _evict(self) -> None:
-        over = len(self._clean) + len(self._dirty) - self.capacity
-        tries = len(self._clean)
-        while over > 0 and tries > 0:
-            p = next(iter(self._clean))
-            tries -= 1
-            if self._pins.get(p):
-                self._clean.move_to_end(p)
-                continue
-            del self._clean[p]
-            self.evictions += 1
-            over -= 1
+        self.table.insert(p, page, poisoned)  # poisoned pages stay until rewritten
 
     # ------------------------------------------------------------ loading
 
@@ -212,135 +170,74 @@ class LeafPages:
         if self.report is not None:
             self.report("leaf table", replica, blocks, msg)
 
-    def put(self, p: int, page: bytearray, dirty: bool) -> None:
+    def put(self, p: int, page: Buffer, dirty: bool) -> None:
         """A page recovered at open (checked by the caller)."""
-        self._clean.pop(p, None)
-        if dirty:
-            self._dirty[p] = page
-        else:
-            self._clean[p] = page
+        self.table.put(p, page, dirty)
 
-    def preload(self, p: int, page: bytes | bytearray) -> bool:
+    def preload(self, p: int, page: Buffer) -> bool:
         """Keep `page` as leaf page p if it is resident already or hashes to the tree's leaf
         (for a caller that has the bytes at hand and cannot await a load)."""
-        if p in self._dirty or p in self._clean:
+        if self.table.contains(p):
             return True
         if page_hash(p, page) != self._want(p):
             return False
-        self._clean[p] = bytearray(page)
-        self._evict()
+        self.table.insert(p, page, False)
         return True
 
     # ------------------------------------------------------------ leaves of resident pages
 
-    def _page(self, p: int) -> bytearray:
-        page = self._dirty.get(p)
-        return page if page is not None else self._clean[p]
-
     def get(self, b0: int, b1: int) -> bytearray:
         """A copy of the leaves of blocks [b0, b1) (their pages resident)."""
-        p = b0 // LEAVES_PER_PAGE
-        if b1 <= (p + 1) * LEAVES_PER_PAGE:  # one page, as nearly every request: one copy
-            lo = (b0 - p * LEAVES_PER_PAGE) * LEAF_SIZE
-            return self._page(p)[lo:lo + (b1 - b0) * LEAF_SIZE]
-        out = bytearray((b1 - b0) * LEAF_SIZE)
-        b = b0
-        while b < b1:
-            p = b // LEAVES_PER_PAGE
-            end = min(b1, (p + 1) * LEAVES_PER_PAGE)
-            lo = (b - p * LEAVES_PER_PAGE) * LEAF_SIZE
-            out[(b - b0) * LEAF_SIZE:(end - b0) * LEAF_SIZE] = \
-                self._page(p)[lo:lo + (end - b) * LEAF_SIZE]
-            b = end
-        return out
+        return bytearray(self.table.get(b0, b1))
 
-    def leaf(self, b: int) -> memoryview:
-        p = b // LEAVES_PER_PAGE
-        lo = (b - p * LEAVES_PER_PAGE) * LEAF_SIZE
-        return memoryview(self._page(p))[lo:lo + LEAF_SIZE]
+    def leaf(self, b: int) -> bytes:
+        return self.table.leaf(b)
 
-    def set(self, b0: int, leaves: bytes | bytearray | memoryview) -> None:
+    def set(self, b0: int, leaves: Buffer) -> None:
         """Change leaves of resident pages; their pages stay in memory until committed."""
-        b1 = b0 + len(leaves) // LEAF_SIZE
-        b = b0
-        while b < b1:
-            p = b // LEAVES_PER_PAGE
-            end = min(b1, (p + 1) * LEAVES_PER_PAGE)
-            page = self._dirty.get(p)
-            if page is None:
-                page = self._dirty[p] = self._clean.pop(p)
-            self._changes[p] = self._changes.get(p, 0) + 1
-            lo = (b - p * LEAVES_PER_PAGE) * LEAF_SIZE
-            page[lo:lo + (end - b) * LEAF_SIZE] = leaves[(b - b0) * LEAF_SIZE:(end - b0) * LEAF_SIZE]
-            b = end
+        self.table.set(b0, leaves)
 
     def all_zero(self, b0: int, b1: int) -> bool:
-        b = b0
-        while b < b1:
-            p = b // LEAVES_PER_PAGE
-            end = min(b1, (p + 1) * LEAVES_PER_PAGE)
-            lo = (b - p * LEAVES_PER_PAGE) * LEAF_SIZE
-            hi = lo + (end - b) * LEAF_SIZE
-            if self._page(p).count(0, lo, hi) != hi - lo:
-                return False
-            b = end
-        return True
+        return self.table.all_zero(b0, b1)
 
     def written(self, b: int) -> bool:
         """Whether block `b` has ciphertext; a page not resident counts as written unless
         the tree knows it is empty (callers that must know hold the page first)."""
-        p = b // LEAVES_PER_PAGE
-        page = self._dirty.get(p)
-        if page is None:
-            page = self._clean.get(p)
-        if page is None:
-            return self._want(p) != EMPTY[0]
-        v = int.from_bytes(page[(b % LEAVES_PER_PAGE) * LEAF_SIZE:][:8], "big")
-        return v != 0 and v != POISON_VERSION
+        written = self.table.written(b)
+        return self._want(b // LEAVES_PER_PAGE) != EMPTY[0] if written is None else written
 
     def known_empty(self, b0: int, b1: int) -> bool:
         """Every block of [b0, b1) reads as zeros, known without loading a page."""
         pages = self.pages_of(b0, b1)
-        for p in (pages if len(pages) <= self.resident() else
-                  [q for q in (*self._dirty, *self._clean) if q in pages]):
-            page = self._dirty.get(p)
-            if page is None:
-                page = self._clean.get(p)
-            if page is not None and page.count(0) != BS:
-                return False
+        if self.table.any_nonzero_in(pages.start, pages.stop):
+            return False
         if b0 % LEAVES_PER_PAGE or (b1 % LEAVES_PER_PAGE and b1 != self.lay.blocks):
             return False  # partial pages: let the caller look at the leaves
-        resident = set(self._dirty) | set(self._clean)
-        return all(p in resident for p in self.tree.nonempty_pages(pages.start, pages.stop))
+        contains = self.table.contains
+        return all(contains(p) for p in self.tree.nonempty_pages(pages.start, pages.stop))
 
     def maybe_written(self, p0: int, p1: int) -> list[int]:
         """The pages of [p0, p1), in order, that may hold a written leaf: resident ones
         and those the tree does not know as empty. Every other page is all zeros."""
         pages = set(self.tree.nonempty_pages(p0, p1))
-        pages.update(p for p in (*self._dirty, *self._clean) if p0 <= p < p1)
+        pages.update(self.table.resident_in(p0, p1))
         return sorted(pages)
 
     # ------------------------------------------------------------ commits
 
     def dirty_pages(self) -> dict[int, int]:
         """The changed pages, each with its change count: pass it back to `committed`."""
-        return {p: self._changes.get(p, 0) for p in sorted(self._dirty)}
+        return dict(self.table.dirty_pages())
 
-    def page(self, p: int) -> bytearray:
-        return self._page(p)
+    def page(self, p: int) -> bytes:
+        """A copy of resident page p."""
+        return self.table.page(p)
 
     def committed(self, pages: dict[int, int]) -> None:
         """These pages, as `dirty_pages` gave them, are on the replicas and in the tree now:
         they may be evicted, unless changed since (a read adopting an older leaf during
         the commit): those stay for the next commit."""
-        for p, changes in pages.items():
-            if self._changes.get(p, 0) != changes:
-                continue
-            self._changes.pop(p, None)
-            page = self._dirty.pop(p, None)
-            if page is not None:
-                self._clean[p] = page
-        self._evict()
+        self.table.committed(list(pages.items()))
 
 
 async def read_page(link: Backend, lay: Layout, p: int) -> bytearray:
@@ -352,35 +249,25 @@ async def read_page(link: Backend, lay: Layout, p: int) -> bytearray:
 
 class LeafLocks(RangeLock):
     """The encryption layer's range lock that also keeps the range's leaf pages in memory
-    while it is held: whoever holds blocks (requests, resync, scrub) can read their leaves."""
+    while it is held: whoever holds blocks (requests, resync, scrub) can read their leaves.
+    `try_acquire` takes a hold only if the pages are in memory already (most requests
+    need no coroutine for their lock); `acquire` loads them."""
 
     def __init__(self, leaves: LeafPages) -> None:
-        super().__init__()
+        super().__init__(leaves.table)
         self._leaves = leaves
 
     async def acquire(self, start: int, end: int, exclusive: bool) -> Hold:
         hold = await super().acquire(start, end, exclusive)
         try:
-            hold.pages = await self._leaves.hold(start, end)
+            await self._leaves.hold(start, end)
         except BaseException:
             super().release(hold)
             raise
+        self._leaves.table.mark_pinned(hold)  # released with the hold
         return hold
 
-    def try_acquire(self, start: int, end: int, exclusive: bool) -> Hold | None:
-        """The hold at once if nothing conflicts and the pages are in memory, else None
-        (then `acquire`): most requests need no coroutine for their lock."""
-        hold = super().try_acquire(start, end, exclusive)
-        if hold is None:
-            return None
-        pages = self._leaves.hold_resident(start, end)
-        if pages is None:
-            super().release(hold)
-            return None
-        hold.pages = pages
-        return hold
-
-    def release(self, hold: Hold) -> None:
-        pages, hold.pages = hold.pages, []
-        self._leaves.release(pages)
-        super().release(hold)
+    def try_read(self, b0: int, b1: int) -> tuple[Hold, bytes] | None:
+        """A shared hold of [b0, b1) with its leaves, in one native call; None if it
+        cannot be had at once or every leaf is zero (nothing held then)."""
+        return self._leaves.table.try_read(b0, b1)

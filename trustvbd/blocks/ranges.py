@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import Protocol
+
+from trustvbd._native import RangeTable
 
 
 def describe_blocks(blocks: Iterable[int], limit: int | None = 8) -> str:
@@ -33,19 +36,20 @@ def runs(items: Iterable[int], limit: int) -> list[tuple[int, int]]:
     return out
 
 
-# Exclusive holds of fewer blocks than this are found by block (RangeLock._by_block).
-_INDEXED = 16
+# A hold of the range lock (an id given by the native table).
+Hold = int
 
 
-class Hold:
-    __slots__ = ("done", "end", "exclusive", "pages", "start")
+class LockTable(Protocol):
+    """The native range lock (`_native.RangeTable`, or the `LeafTable` that also pins its
+    holds' leaf pages): what is held, and what a new hold must wait for."""
 
-    def __init__(self, start: int, end: int, exclusive: bool) -> None:
-        self.start, self.end, self.exclusive = start, end, exclusive
-        # Made by the first request that has to wait: most holds never see one,
-        # and an Event per request is a measurable share of a 4 KiB read.
-        self.done: asyncio.Event | None = None
-        self.pages: list[int] = []  # leaf pages pinned with it (LeafLocks)
+    def conflict(self, start: int, end: int, exclusive: bool) -> Hold | None: ...
+    def hold(self, start: int, end: int, exclusive: bool) -> Hold: ...
+    def try_hold(self, start: int, end: int, exclusive: bool) -> Hold | None: ...
+    def release(self, hold: Hold) -> None: ...
+    @property
+    def reads_held(self) -> int: ...
 
 
 class RangeLock:
@@ -54,75 +58,34 @@ class RangeLock:
     Without it a read could pair a block's new leaf with its old ciphertext (or
     the reverse) while a write is in flight, and report a false integrity error.
     Not fair: a stream of overlapping reads can delay a write (NBD clients do not
-    issue those in practice).
+    issue those in practice). The holds are kept natively (native/src/leaf_table);
+    waiting for one is done here.
     """
 
-    def __init__(self) -> None:
-        # Reads are kept apart from writes: a read only has to look at the writes held,
-        # and a sequential reader keeps hundreds of reads in flight.
-        self._reads: set[Hold] = set()
-        self._writes: set[Hold] = set()  # exclusive holds of _INDEXED blocks or more
-        # Smaller exclusive holds (writes behind: dozens held at once while a file is
-        # written block by block) by block; they never overlap, so one hold per block.
-        self._small: set[Hold] = set()
-        self._by_block: dict[int, Hold] = {}
-
-    def _conflict(self, start: int, end: int, exclusive: bool) -> Hold | None:
-        small = self._small
-        if small:
-            if end - start <= len(small):
-                get = self._by_block.get
-                for b in range(start, end):
-                    if (h := get(b)) is not None:
-                        return h
-            else:
-                for h in small:
-                    if h.start < end and start < h.end:
-                        return h
-        for h in self._writes:
-            if h.start < end and start < h.end:
-                return h
-        if exclusive:
-            for h in self._reads:
-                if h.start < end and start < h.end:
-                    return h
-        return None
+    def __init__(self, table: LockTable | None = None) -> None:
+        self._table: LockTable = table if table is not None else RangeTable()
+        # Made by the first request that has to wait for a hold: most holds never see one.
+        self._waiting: dict[Hold, asyncio.Event] = {}
 
     async def acquire(self, start: int, end: int, exclusive: bool) -> Hold:
-        while (h := self._conflict(start, end, exclusive)) is not None:
-            if h.done is None:
-                h.done = asyncio.Event()
-            await h.done.wait()
-        return self._hold(start, end, exclusive)
+        table, waiting = self._table, self._waiting
+        while (h := table.conflict(start, end, exclusive)) is not None:
+            done = waiting.get(h)
+            if done is None:
+                done = waiting[h] = asyncio.Event()
+            await done.wait()
+        return table.hold(start, end, exclusive)
+
+    @property
+    def reads_held(self) -> int:
+        """How many shared holds (reads) are held now."""
+        return self._table.reads_held
 
     def try_acquire(self, start: int, end: int, exclusive: bool) -> Hold | None:
         """The hold at once if nothing conflicting is held, else None (then `acquire`)."""
-        if self._conflict(start, end, exclusive) is not None:
-            return None
-        return self._hold(start, end, exclusive)
-
-    def _hold(self, start: int, end: int, exclusive: bool) -> Hold:
-        hold = Hold(start, end, exclusive)
-        if not exclusive:
-            self._reads.add(hold)
-        elif end - start < _INDEXED:
-            self._small.add(hold)
-            by_block = self._by_block
-            for b in range(start, end):
-                by_block[b] = hold
-        else:
-            self._writes.add(hold)
-        return hold
+        return self._table.try_hold(start, end, exclusive)
 
     def release(self, hold: Hold) -> None:
-        if not hold.exclusive:
-            self._reads.remove(hold)
-        elif hold.end - hold.start < _INDEXED:
-            self._small.remove(hold)
-            by_block = self._by_block
-            for b in range(hold.start, hold.end):
-                del by_block[b]
-        else:
-            self._writes.remove(hold)
-        if hold.done is not None:
-            hold.done.set()
+        self._table.release(hold)
+        if self._waiting and (done := self._waiting.pop(hold, None)) is not None:
+            done.set()

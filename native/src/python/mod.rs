@@ -15,6 +15,7 @@ use pyo3::types::PyBytes;
 use crate::block_codec::{self, CodecError};
 
 mod foreign;
+mod leaf_table;
 mod nbd_client;
 mod nbd_server;
 
@@ -119,6 +120,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBlockCodec>()?;
     m.add("BLOCK_SIZE", block_codec::BLOCK_SIZE)?;
     m.add("LEAF_SIZE", block_codec::LEAF_SIZE)?;
+    leaf_table::register(m)?;
     nbd_client::register(m)?;
     nbd_server::register(m)?;
     Ok(())
