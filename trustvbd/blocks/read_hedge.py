@@ -40,14 +40,14 @@ class ReadHedge(Generic[T]):
                  "won")
 
     def __init__(self, rs: ReplicaSet, slow: Replica, others: list[Replica],
-                 attempt: Callable[[Backend], Awaitable[T]]) -> None:
+                 attempt: Callable[[Backend], Awaitable[T]], sent: float) -> None:
         self.rs, self.slow, self.others, self.attempt = rs, slow, others, attempt
         self.won = False
         self.by: Replica | None = None  # the one that served it
         self.result: T | None = None
         self.asked = 0  # how many of `others` were asked (or passed over)
         self.tasks: list[asyncio.Task[None]] = []
-        self.sent = asyncio.get_running_loop().time()
+        self.sent = sent  # the loop's time
 
     def start(self, now: float) -> None:
         """Ask the next replica, if the read has waited another `lag` since the last one."""
