@@ -177,7 +177,7 @@ def print_status(status: dict[str, Any]) -> None:
 def describe_replica(r: dict[str, Any]) -> str:
     parts = [r["state"], f"reconnects {r['reconnects']}"]
     if r.get("space") == "full":
-        parts.append("OUT OF SPACE: writes fail with ENOSPC")
+        parts.append("OUT OF SPACE: its writes fail with ENOSPC")
     if r.get("repaired_blocks"):
         parts.append(f"repaired {r['repaired_blocks']} blocks")
     if r.get("dirty_blocks"):
@@ -186,7 +186,11 @@ def describe_replica(r: dict[str, Any]) -> str:
     if resync and r["state"] == "resyncing":
         parts.append(f"resync {resync['done']}/{resync['total']} at {resync['blocks_per_s']} blocks/s")
     text = ", ".join(parts)
-    return text + (f" ({r['last_error']})" if r.get("last_error") else "")
+    if not r.get("last_error"):
+        return text
+    # A current replica's error is history (it was brought back since): say so.
+    past = "last error: " if r["state"] == "current" else ""
+    return text + f" ({past}{r['last_error']})"
 
 
 def describe_scrub(scrub: dict[str, Any]) -> str:

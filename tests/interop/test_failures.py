@@ -109,6 +109,50 @@ def test_a_full_driver_is_said_once_and_up_starts_on_it(root: Path) -> None:
         peer.stop()
 
 
+def test_a_full_driver_of_a_mirror_is_said_as_it_is_and_resynced_once_it_has_space(
+        root: Path) -> None:
+    """One of two replicas runs out of space: the guest's writes and FLUSHes go on, the log
+    and `status` say that replica is degraded (not that guests' writes fail), its resync is
+    retried quietly while the driver stays full (one line, not one per back-off), and once
+    space is freed it is resynced and holds every block."""
+    image, full = root / "disk.img", root / "full"
+    image.write_bytes(bytes(16 * MIB))
+    peer = Peer.nbdkit(image, root, "--filter=error", "error=ENOSPC", "error-pwrite-rate=100%",
+                       f"error-pwrite-file={full}")
+    s = System(root, support.config(
+        support.driver("store1", "S", uri=peer.uri()), support.driver("store2", "S", dir="b"),
+        support.disk("disk", "L", ["store1", "store2"], size="8MiB"), support.guest("vm", "G")))
+    try:
+        s.start()
+        uri = s.uri("vm", "disk")
+        full.touch()
+        run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x5a 0 1M", "-c", "flush"])
+        replicas = {r["name"]: r for r in status(s)["disks"][0]["replicas"]}
+        assert replicas["store1"]["state"] == "degraded" and replicas["store1"]["space"] == "full"
+        message = replicas["store1"]["message"]
+        assert "driver 'store1' is out of space" in message and "fail with ENOSPC" not in message
+        assert "writes go on to the other replicas" in message
+        time.sleep(4)  # its resync is retried some 6 times meanwhile, with back-off
+        full.unlink()
+        deadline = time.monotonic() + 20
+        while status(s)["disks"][0]["replicas"][0]["state"] != "current":
+            assert time.monotonic() < deadline, status(s)
+            time.sleep(0.2)
+        # Its ENOSPC is history now, and `status` says so rather than showing it as news.
+        assert "replica store1: current, reconnects 0 (last error: " in s.cli(
+            "status", "-c", str(s.config)).stdout
+        scrub = json.loads(s.cli("scrub", "-c", str(s.config), "disk", "--json").stdout)
+        assert scrub["replicas"]["store1"]["bad"] == 0, scrub
+        assert scrub["replicas"]["store1"]["checked"] >= 256, scrub
+        run(["qemu-io", "-f", "raw", uri, "-c", "read -P 0x5a 0 1M"])
+        err = s.stop()
+        assert err.count("driver 'store1' is out of space") == 1, err
+        assert err.count("resyncing") == 1, err
+    finally:
+        s.kill()
+        peer.stop()
+
+
 def test_new_sparse_backing_file_larger_than_free_space_is_warned_about(root: Path) -> None:
     st = os.statvfs(root)
     free = st.f_bavail * st.f_frsize

@@ -112,10 +112,13 @@ class Recovery:
         r.bringing_back = True
         try:
             delay = RECONNECT_FIRST
+            tries = 0
             while not self.rs.closed and r.state is State.DEGRADED:
                 await self._hold_if_lagging(r)
                 try:
-                    await self._reconnect_and_resync(r)
+                    # Logged once per trip back, not at every retry (a full driver is
+                    # retried every RECONNECT_MAX s, perhaps for days).
+                    await self._reconnect_and_resync(r, loud=tries == 0)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -124,6 +127,7 @@ class Recovery:
                         r.state = State.DEGRADED
                         self.rs.regroup()
                 if r.state is State.DEGRADED:
+                    tries += 1
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RECONNECT_MAX)
         finally:
@@ -147,7 +151,7 @@ class Recovery:
                     r.lag_strikes, hold)
         await asyncio.sleep(hold)
 
-    async def _reconnect_and_resync(self, r: Replica) -> None:
+    async def _reconnect_and_resync(self, r: Replica, loud: bool = True) -> None:
         link = r.link
         if isinstance(link, Breakable) and link.broken:
             if not isinstance(link, Reconnectable):
@@ -163,7 +167,7 @@ class Recovery:
                 assert self.rs.verifier is not None
                 r.dirty.update(b for b in range(self.rs.layout.blocks) if self.rs.verifier.written(b))
                 r.map_saved = False
-        await self._resync(r)
+        await self._resync(r, loud)
 
     async def _admit_hedged(self, r: Replica, admit: Admit) -> bool:
         """`admit(r)`, its reads hedged as a guest's are: one that `r` leaves unanswered for
@@ -211,8 +215,9 @@ class Recovery:
                     with contextlib.suppress(BaseException):
                         await task
 
-    async def _resync(self, r: Replica) -> None:
-        """Copy r's dirty blocks from current replicas, verified, while r takes new writes."""
+    async def _resync(self, r: Replica, loud: bool = True) -> None:
+        """Copy r's dirty blocks from current replicas, verified, while r takes new writes
+        (said at WARNING if `loud`: the first try of a trip back)."""
         assert self.rs.verifier is not None and self.rs.locks is not None
         r.state, r.joining = State.RESYNCING, False
         r.taken_back_at = time.monotonic()
@@ -220,7 +225,8 @@ class Recovery:
         r.resync_total = len(r.dirty)
         r.resync_done = 0
         r.resync_started = time.monotonic()
-        log.warning("disk %s: resyncing %d block(s) of replica %s", self.rs.disk, r.resync_total, r.name)
+        log.log(logging.WARNING if loud else logging.DEBUG, "disk %s: resyncing %d block(s) of "
+                "replica %s", self.rs.disk, r.resync_total, r.name)
         while r.dirty:
             if r.state is not State.RESYNCING:
                 return

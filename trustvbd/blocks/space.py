@@ -1,9 +1,11 @@
 """SpaceWatch: say clearly, once, when a replica's driver runs out of space.
 
 A driver out of space answers writes with ENOSPC, which goes on to the guest
-unchanged. Without this layer the only trace was each failed request; with it
-the encryption domain logs one line naming the disk and the driver when it
-starts, one when writes go through again, and `status` shows which it is.
+unchanged (with a single replica; in a mirror the replica set degrades that replica
+and the guest's writes go on to the others). Without this layer the only trace was
+each failed request; with it the encryption domain logs one line naming the disk and
+the driver when it starts, one when writes go through again, and `status` shows which
+it is.
 """
 
 from __future__ import annotations
@@ -34,17 +36,21 @@ log = logging.getLogger("trustvbd.crypt.space")
 
 
 class SpaceWatch(Layer):
-    def __init__(self, next: Backend, disk: str, driver: str) -> None:
+    def __init__(self, next: Backend, disk: str, driver: str, mirrored: bool = False) -> None:
         super().__init__(next)
-        self.disk, self.driver = disk, driver
+        self.disk, self.driver, self.mirrored = disk, driver, mirrored
         self.full_since: float | None = None  # wall clock of the first ENOSPC of this episode
         self._read_into = reader_into(next)
 
     @property
     def message(self) -> str:
-        return (f"disk {self.disk!r}: driver {self.driver!r} is out of space: guests' writes to "
-                "this disk fail with ENOSPC (reads are served) until space is freed under the "
-                "driver's backing store")
+        head = f"disk {self.disk!r}: driver {self.driver!r} is out of space: "
+        if self.mirrored:
+            return head + ("its replica is degraded and takes no writes until space is freed "
+                           "under the driver's backing store, then it is resynced; guests' "
+                           "writes go on to the other replicas (ENOSPC only if none is left)")
+        return head + ("guests' writes to this disk fail with ENOSPC (reads are served) until "
+                       "space is freed under the driver's backing store")
 
     def status(self) -> dict[str, Any]:
         if self.full_since is None:

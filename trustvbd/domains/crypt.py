@@ -384,7 +384,8 @@ class CryptDomain:
             disk.backend = SizeLimit(watch, disk.size)
             return
         disk.links = await self.open_links(disk)
-        disk.space = [SpaceWatch(link, disk.name, link.name) for link in disk.links]
+        mirrored = len(disk.links) > 1  # a full driver degrades its replica; writes go on
+        disk.space = [SpaceWatch(link, disk.name, link.name, mirrored) for link in disk.links]
         disk.backend = await self.open_encrypted(disk)
 
     async def open_links(self, disk: Disk) -> list[ReplicaLink]:
