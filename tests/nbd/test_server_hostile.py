@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from trustvbd.blockdev import Buffer
 from trustvbd.blocks.file import MemoryBackend
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.connection_limits import MAX_TASKS
+from trustvbd.nbd.core import ProtocolCore, Role
 from trustvbd.nbd.exports import Export, StaticExports
 
 MiB = 1 << 20
@@ -152,6 +155,30 @@ def test_truncated_messages_close_cleanly(server: ServerThread) -> None:
     c.sock.sendall(struct.pack(">QII", p.IHAVEOPT, p.Opt.GO, 100) + b"\0\0")  # half an option
     c.close()
     wait_for(lambda: server.connection_count() == 0, what="truncated connections to go")
+    others_still_served(server)
+
+
+def test_a_client_that_hangs_up_mid_payload_leaves_no_garbage_holding_its_buffer(
+        server: ServerThread) -> None:
+    """The domains run Python's cycle collector rarely (common.quiet_garbage_collector), so
+    a big WRITE's payload buffer must be freed by reference counting alone when its sender
+    hangs up halfway. A cycle through the protocol core kept each one (up to 32 MiB) until a
+    full collection: a guest that connects, starts a big WRITE and hangs up, over and over,
+    grew the encryption domain by ~32 MiB a time (2 GB in seconds), past any budget."""
+    gc.collect()
+    gc.disable()
+    try:
+        c = raw_client(server)
+        c.go()
+        c.sock.sendall(struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 1, 0, 2 * MiB)
+                       + b"x" * (MiB + 7))
+        c.close()
+        wait_for(lambda: server.connection_count() == 0, what="the connection to end")
+        time.sleep(0.1)  # its last callbacks
+        left = [o for o in gc.get_objects() if isinstance(o, ProtocolCore) and o.role is Role.SERVER]
+        assert not left, "a server connection's protocol core outlived it (a reference cycle)"
+    finally:
+        gc.enable()
     others_still_served(server)
 
 
