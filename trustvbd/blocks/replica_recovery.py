@@ -112,22 +112,22 @@ class Recovery:
         r.bringing_back = True
         try:
             delay = RECONNECT_FIRST
-            tries = 0
+            resynced = False  # a resync was started (and failed) on this trip back
             while not self.rs.closed and r.state is State.DEGRADED:
                 await self._hold_if_lagging(r)
                 try:
-                    # Logged once per trip back, not at every retry (a full driver is
-                    # retried every RECONNECT_MAX s, perhaps for days).
-                    await self._reconnect_and_resync(r, loud=tries == 0)
+                    # Its start is logged once per trip back, not at every retry (a full
+                    # driver is retried every RECONNECT_MAX s, perhaps for days).
+                    await self._reconnect_and_resync(r, loud=not resynced)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     r.last_error = str(exc)
                     if r.state is State.RESYNCING:
+                        resynced = True
                         r.state = State.DEGRADED
                         self.rs.regroup()
                 if r.state is State.DEGRADED:
-                    tries += 1
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RECONNECT_MAX)
         finally:
