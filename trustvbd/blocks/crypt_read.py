@@ -172,13 +172,12 @@ def start_read(disk: CryptDisk, offset: int, length: int, ended: ReadEnded) -> C
     unsure = disk._unsure
     if unsure and any(b in unsure for b in range(b0, b1)):
         return None  # the ciphertext may be an older leaf's (adopt_unsure)
-    hold = disk._locks.try_acquire(b0, b1, False)
-    if hold is None:
+    # The shared hold and the leaves in one native call; None also when every leaf is
+    # zero (never written or zeroed: pread answers those without a replica).
+    got = disk._locks.try_read(b0, b1)
+    if got is None:
         return None
-    leaves = disk._leaves.get(b0, b1)
-    if leaves.count(0) == len(leaves):  # never written or zeroed (as all_zero)
-        disk._locks.release(hold)
-        return None
+    hold, leaves = got
     size = n * BS
     ct = disk._ct_buffers.get(size) if size >= _REUSE_MIN else bytearray(size)
     read = _QuickRead(disk, b0, n, offset - b0 * BS, length, hold, memoryview(leaves), ct,

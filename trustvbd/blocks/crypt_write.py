@@ -160,7 +160,7 @@ def note_settled(disk: CryptDisk, b0: int, old: Buffer, new: Buffer) -> None:
             disk._unsure.pop(b, None)
 
 
-def _note_write(disk: CryptDisk, b0: int, new: bytes) -> bytearray:
+def _note_write(disk: CryptDisk, b0: int, new: bytes) -> bytes:
     """Record a write's new leaves (its intent record held back until _send); return
     the old ones. Not settled (_note_settled): the replicas have not taken it yet."""
     old = disk._leaves.get(b0, b0 + len(new) // LEAF_SIZE)

@@ -186,9 +186,9 @@ class LeafPages:
 
     # ------------------------------------------------------------ leaves of resident pages
 
-    def get(self, b0: int, b1: int) -> bytearray:
+    def get(self, b0: int, b1: int) -> bytes:
         """A copy of the leaves of blocks [b0, b1) (their pages resident)."""
-        return bytearray(self.table.get(b0, b1))
+        return self.table.get(b0, b1)
 
     def leaf(self, b: int) -> bytes:
         return self.table.leaf(b)
