@@ -2,12 +2,13 @@
 client's batching held fixed.
 
     .venv/bin/python bench/nbd_server_cpu.py --baseline DIR [--requests 100000] [--reps 5]
-                                             [--servers driver crypt1 crypt2]
+                                             [--servers driver crypt1 crypt2] [--this DIR]
 
-Runs each server from this checkout and from DIR (PYTHONPATH: e.g. `git archive main`
-with main's built trustvbd/_native.abi3.so), interleaved: `driver` is `trustvbd driver`
-alone (the NBD server over a file); `crypt1` and `crypt2` are `trustvbd up`, encrypted,
-over 1 and 2 replicas (its driver domains run this checkout's code in both rows, so only
+Runs each server from this checkout (or from the tree --this names, so the checkout can
+change while it runs) and from DIR (PYTHONPATH: e.g. `git archive main` with main's built
+trustvbd/_native.abi3.so), interleaved: `driver` is `trustvbd driver` alone (the NBD
+server over a file); `crypt1` and `crypt2` are `trustvbd up`, encrypted, over 1 and 2
+replicas (its driver domains run this checkout's code in both rows, so only
 the crypt domain is an A/B there). libnbd sends a fixed number of 4 KiB random writes,
 then reads of the same blocks, in batches of --depth (all sent, then all awaited), so
 both trees see the same batching whatever the load of the machine: fio's CPU per
@@ -83,6 +84,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", type=Path, required=True)
+    parser.add_argument("--this", type=Path, default=None)
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--depth", type=int, default=16)
     parser.add_argument("--reps", type=int, default=5)
@@ -90,6 +92,7 @@ def main() -> int:
                         default=["driver", "crypt2"])
     args = parser.parse_args()
     base = args.baseline.resolve()
+    this = args.this.resolve() if args.this is not None else None
     make = {"driver": (lambda tree: trustvbd_driver(SIZE, tree=tree), "driver"),
             "crypt1": (lambda tree: trustvbd_up(SIZE, True, 1, tree=tree), "crypt"),
             "crypt2": (lambda tree: trustvbd_up(SIZE, True, 2, tree=tree), "crypt")}
@@ -98,7 +101,7 @@ def main() -> int:
         build, role = make[name]
         runs: dict[str, list[dict[str, dict[str, float]]]] = {"this tree": [], "baseline": []}
         for _ in range(args.reps):
-            runs["this tree"].append(one(build(None), args.requests, args.depth))
+            runs["this tree"].append(one(build(this), args.requests, args.depth))
             runs["baseline"].append(one(build(base), args.requests, args.depth))
         for kind in ("read", "write"):
             cells = {}
