@@ -9,6 +9,12 @@ splice(2) from it into the socket, which hands the socket references to the page
 of copying them (the pages must then stay unchanged until the receiver has read them). A
 receiver process reads and pwrites into a file, as a driver does.
 
+`hazard`: why vmsplice cannot simply be guarded. The sender waits until SIOCOUTQ says
+the socket holds none of its bytes (the receiver "consumed" them), then reuses its buffer;
+the receiver, instead of reading, splices the socket into a pipe of its own and reads that
+pipe afterwards. Printed: how many of the bytes it then reads are the sender's later ones.
+A driver is untrusted, so any of its bytes in a reused buffer (plaintext, keys) would leak.
+
 `pwrite`: a driver's pwrite of 256 KiB payloads into a fresh file (page cache allocated by
 the write) at offsets aligned to 256 KiB against offsets 8 KiB past that (where a
 replica's ciphertext lies: docs/format.md puts the data area after 8 KiB of superblock
@@ -28,6 +34,7 @@ import resource
 import socket
 import statistics
 import tempfile
+import termios
 
 CHUNK = 256 << 10
 F_SETPIPE_SZ = 1031
@@ -101,6 +108,41 @@ def send_once(way: str, total: int, path: str) -> float:
     return used / (total / (1 << 30))
 
 
+def splice_keeps_pages(size: int = 64 << 10) -> int:
+    """Bytes of the sender's buffer, rewritten after SIOCOUTQ fell to 0, that a receiver
+    which spliced the socket into its own pipe reads afterwards (0: vmsplice + an
+    SIOCOUTQ wait would be safe; `size`: every later byte leaks)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    source = mmap.mmap(-1, size)
+    source.write(b"C" * size)  # what the driver may see: "ciphertext"
+    r, w = os.pipe()
+    theirs_r, theirs_w = os.pipe()  # the receiver's own pipe
+    for fd in (w, theirs_w):
+        fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
+    try:
+        iov = _IoVec(ctypes.addressof(ctypes.c_char.from_buffer(source)), size)
+        if _libc.vmsplice(w, ctypes.byref(iov), 1, 0) != size:
+            raise OSError(ctypes.get_errno(), "vmsplice")
+        moved = 0
+        while moved < size:
+            moved += os.splice(r, a.fileno(), size - moved)
+        got = 0
+        while got < size:
+            got += os.splice(b.fileno(), theirs_w, size - got)
+        outq = int.from_bytes(fcntl.ioctl(a.fileno(), termios.TIOCOUTQ, bytes(4)), "little")
+        if outq:
+            raise RuntimeError(f"SIOCOUTQ is {outq} after the receiver took every byte")
+        source.seek(0)
+        source.write(b"P" * size)  # reused: "plaintext"
+        return os.read(theirs_r, size).count(b"P")
+    finally:
+        for fd in (r, w, theirs_r, theirs_w):
+            os.close(fd)
+        a.close()
+        b.close()
+        source.close()
+
+
 def pwrite_once(shift: int, total: int, path: str) -> float:
     """CPU seconds per GiB of pwrites into a truncated file, `shift` bytes past alignment."""
     payload = os.urandom(CHUNK)
@@ -135,6 +177,9 @@ def main() -> int:
         for name, cpus in runs.items():
             print(f"{name:15} {statistics.median(cpus):.3f} s CPU per GiB "
                   f"(runs: {', '.join(f'{c:.3f}' for c in cpus)})")
+    leaked = splice_keeps_pages()
+    print(f"hazard: after SIOCOUTQ fell to 0, a receiver that spliced into its own pipe read "
+          f"{leaked} of {64 << 10} bytes the sender wrote later")
     print(f"load average: {os.getloadavg()[0]:.2f}")
     return 0
 
