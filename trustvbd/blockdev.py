@@ -152,6 +152,16 @@ class ServesFileRanges(Protocol):
     def file_range(self, offset: int, length: int) -> FileRange: ...
 
 
+@runtime_checkable
+class WritesAtOnce(Protocol):
+    """Its writes never wait (a page-cached file): a server calls `write_now` inline, with
+    no coroutine per request."""
+
+    def write_now(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        """As `pwrite`, done when it returns; BlockError if it fails."""
+        ...
+
+
 # Allocation flags of a `ReportsAllocation` extent: the NBD base:allocation values.
 HOLE = 1  # no storage is allocated here
 ZERO = 2  # reads as zeros

@@ -77,20 +77,25 @@ class FileBackend:
         return FileRange(self._fd, offset, length)
 
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        self.write_now(offset, data, fua)
+
+    def write_now(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        """pwrite without a coroutine (WritesAtOnce): the NBD server calls it inline."""
         check_range(self._size, offset, len(data))
         try:
-            self._pwrite_all(data, offset, fua)
+            done = os.pwrite(self._fd, data, offset)
+            if done < len(data):  # short (a signal, a full disk): the rest, or its error
+                self._pwrite_rest(memoryview(data)[done:], offset + done)
+            if fua:
+                os.fdatasync(self._fd)
         except OSError as exc:
             raise self._io_error("write", exc) from exc
 
-    def _pwrite_all(self, data: Buffer, offset: int, fua: bool) -> None:
-        view = memoryview(data)
+    def _pwrite_rest(self, view: memoryview, offset: int) -> None:
         while view:
             done = os.pwrite(self._fd, view, offset)
             view = view[done:]
             offset += done
-        if fua:
-            os.fdatasync(self._fd)
 
     async def flush(self) -> None:
         try:

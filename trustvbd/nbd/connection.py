@@ -20,7 +20,9 @@ and only if the backend really suspends does it become a task. So a page-cached
 FileBackend never pays for a task, while a slow backend (the encryption layer
 waiting on drivers) gets full pipelining with replies out of order. A backend
 that serves reads by callback (StartsReads: the encryption layer) gets a READ as
-one call, and queues its reply from its callback, with no coroutine at all. Replies
+one call, and queues its reply from its callback, with no coroutine at all; a backend
+whose writes never wait (WritesAtOnce: the driver's FileBackend) gets a WRITE as one
+call, its reply queued at once. Replies
 are batched, framed and written with one writelines() per loop iteration. A backend
 with a `file_range` method (the driver's FileBackend) answers reads with a FileRange
 sent by sendfile (zero_copy.py).
@@ -131,6 +133,7 @@ class Connection(asyncio.BufferedProtocol):
         self._out_bytes = 0
         self._out_special = False  # _out holds a FileRange
         self._file_range: Callable[[int, int], FileRange] | None = None
+        self._write_now: Callable[[int, Buffer, bool], None] | None = None  # WritesAtOnce
         self._sock_fd = -1  # for sendfile; -1 when the transport is not a plain socket
         self._flush_scheduled = False
         self._transport_busy = False  # the transport holds unsent bytes (between pause/resume_writing)
@@ -283,9 +286,30 @@ class Connection(asyncio.BufferedProtocol):
                 self._close_gracefully()
             elif typ == _READ and self._start_read is not None and length <= p.REQUEST_PART:
                 self._read(flags, cookie, offset, length)
+            elif typ == _WRITE and self._write_now is not None:
+                self._write_at_once(flags, cookie, offset, data)  # type: ignore[arg-type]
             else:
                 self._run(self._serve(typ, flags, cookie, offset, length, data), typ,
                           length if typ == _READ or typ == _WRITE else 0)
+
+    def _write_at_once(self, flags: int, cookie: int, offset: int, payload: Buffer) -> None:
+        """A WRITE to a backend whose writes never wait (WritesAtOnce): no coroutine."""
+        assert self._write_now is not None
+        fua = bool(flags & _FUA)
+        try:
+            self._write_now(offset, payload, fua)
+        except BlockError as exc:
+            self._reply_error(_WRITE, cookie, p.errno_to_nbd(exc.errno), exc.message)
+            return
+        except Exception as exc:  # a bug: this request fails, the connection goes on
+            log.exception("nbd: WRITE on export %r failed unexpectedly", self.export_name)
+            self._reply_error(_WRITE, cookie, p.NbdErr.EIO, f"internal server error: {exc}")
+            return
+        if len(payload) > _POOL_MIN:
+            self.core.pool.give_back(payload)  # type: ignore[arg-type] # as in _serve
+        self._queue_reply(cookie, 0, "", 0, None)
+        if fua and not self._transport_busy:
+            self._flush()  # as in _serve: a durability point leaves at once
 
     def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
         """A READ as one call down and one callback up (_read_ended), where the backend can."""

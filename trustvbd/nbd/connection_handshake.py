@@ -15,7 +15,7 @@ import ssl
 from functools import partial
 from typing import TYPE_CHECKING
 
-from trustvbd.blockdev import FlushesPerConnection, ServesFileRanges, StartsReads
+from trustvbd.blockdev import FlushesPerConnection, ServesFileRanges, StartsReads, WritesAtOnce
 from trustvbd.crypt.tls import peer_common_name
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
@@ -110,6 +110,8 @@ async def handshake(conn: Connection) -> None:
                            else backend.flush)
     if conn._file_range is None and isinstance(backend, StartsReads):
         conn._start_read = backend.start_read
+    if isinstance(backend, WritesAtOnce):
+        conn._write_now = backend.write_now
     conn._transmitting = True
     conn._update_reading()  # the guest may be over its budget already
     conn._start_idle_timer()
