@@ -9,18 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from trustvbd.acm.audit import (
-    AuditError,
-    AuditLog,
-    follow,
-    head_path,
-    key_path,
-    public_key_path,
-    record_hash,
-    rotated_files,
-    summarise_blocks,
-    verify,
-)
+from trustvbd.acm.audit import AuditError, AuditLog
+from trustvbd.acm.audit_fields import summarise_blocks
+from trustvbd.acm.audit_format import head_path, key_path, public_key_path, record_hash, rotated_files
+from trustvbd.acm.audit_read import follow, verify
 
 
 def make_log(tmp_path: Path, n: int = 6) -> Path:
@@ -356,16 +348,16 @@ def test_follow_misses_nothing_rotated_while_it_catches_up(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A rotation that lands while the follower catches up through the rotated files (after
     it listed them): the records of the file rotated then are still yielded, once, in order."""
-    from trustvbd.acm import audit
+    from trustvbd.acm import audit_read
 
     path = make_log(tmp_path, 2)  # seq 1..3
     log = AuditLog(path, rotate_bytes=1 << 20)
-    follower = audit.follow(path, poll=0.01)
+    follower = audit_read.follow(path, poll=0.01)
     assert [next(follower)["seq"] for _ in range(3)] == [1, 2, 3]
     log.append("decision", n=0)
     log.rotate()  # the follower will see the rename and catch up
     log.append("decision", n=1)
-    real, calls = audit.rotated_files, []
+    real, calls = audit_read.rotated_files, []
 
     def rotate_meanwhile(p: Path) -> list[Path]:
         listed = real(p)
@@ -377,7 +369,7 @@ def test_follow_misses_nothing_rotated_while_it_catches_up(tmp_path: Path,
                 log.append("decision", n=i)
         return listed
 
-    monkeypatch.setattr(audit, "rotated_files", rotate_meanwhile)
+    monkeypatch.setattr(audit_read, "rotated_files", rotate_meanwhile)
     seqs: list[int] = []
     while True:  # up to the last decision written
         rec = next(follower)

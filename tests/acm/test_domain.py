@@ -19,7 +19,9 @@ import pytest
 
 from tests.acm.util import EXAMPLE_TOML, XM_TEST
 from trustvbd.acm import load_policy
-from trustvbd.acm.audit import HYPERVISOR, AuditLog, crypt_role, verify
+from trustvbd.acm.audit import AuditLog
+from trustvbd.acm.audit_fields import HYPERVISOR, crypt_role
+from trustvbd.acm.audit_read import verify
 from trustvbd.acm.client import AcmClient
 from trustvbd.acm.commands import write_compiled
 from trustvbd.acm.compiled import encode

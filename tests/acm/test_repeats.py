@@ -6,7 +6,9 @@ import signal
 
 from tests.acm.test_domain import Acm
 from tests.acm.util import XM_TEST
-from trustvbd.acm.audit import AuditLog, crypt_role, verify
+from trustvbd.acm.audit import AuditLog
+from trustvbd.acm.audit_fields import crypt_role
+from trustvbd.acm.audit_read import verify
 from trustvbd.acm.repeats import MAX_KEYS, RepeatCounter
 from trustvbd.crypt.tokens import role_token
 

@@ -38,7 +38,8 @@ from tests.durability.powercut import (
     abandon,
     read_and_check,
 )
-from trustvbd.acm.audit import AuditLog, verify
+from trustvbd.acm.audit import AuditLog
+from trustvbd.acm.audit_read import verify
 from trustvbd.blockdev import Backend
 from trustvbd.blocks import crypt_commit, disk_state
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size

@@ -16,7 +16,8 @@ import zlib
 from pathlib import Path
 
 from tests.fuzz.targets import CORPUS, DISK_ID, KEY_FILE_KEK, SIGNER
-from trustvbd.acm.audit import AuditLog, head_path
+from trustvbd.acm.audit import AuditLog
+from trustvbd.acm.audit_format import head_path
 from trustvbd.blocks import anchor_file, tree_file
 from trustvbd.blocks.disk_state import Anchor
 from trustvbd.crypt import keys as keys_mod

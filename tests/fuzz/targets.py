@@ -26,7 +26,7 @@ from typing import Any
 
 from tests.durability.powercut import NO_SYNC
 from trustvbd._native import NbdClientEngine
-from trustvbd.acm import audit
+from trustvbd.acm import audit, audit_format, audit_read
 from trustvbd.acm.model import PolicyError
 from trustvbd.acm.toml_loader import load_toml
 from trustvbd.acm.xml_loader import policy_from_xml
@@ -194,8 +194,8 @@ def fuzz_audit_log(data: bytes) -> None:
     path = d / "audit.log"
     path.write_bytes(log)
     if head:
-        audit.head_path(path).write_bytes(head)
-    problems = audit.verify(path)
+        audit_format.head_path(path).write_bytes(head)
+    problems = audit_read.verify(path)
     assert all(isinstance(x, str) for x in problems)
     writer = audit.AuditLog(path, ops=NO_SYNC)
     writer.close()

@@ -13,7 +13,8 @@ import pytest
 from tests.interop.test_policy_e2e import BANK, DRIVER, GUESTS, PAYROLL, start, uri
 from tests.nbd.helpers import RawClient
 from tests.support import System, config, disk, driver, guest, run
-from trustvbd.acm.audit import AuditLog, verify
+from trustvbd.acm.audit import AuditLog
+from trustvbd.acm.audit_read import verify
 from trustvbd.nbd import protocol as p
 
 pytestmark = pytest.mark.interop

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from trustvbd.acm import Policy, PolicyError, load_policy
-from trustvbd.acm.audit import follow, verify
+from trustvbd.acm.audit_read import follow, verify
 from trustvbd.acm.compiled import digest, encode
 from trustvbd.acm.decisions import domains_may_communicate, explain, guest_may_use_disk
 from trustvbd.acm.toml_loader import to_toml
@@ -187,7 +187,8 @@ def _read(path: str | Path) -> list[dict[str, Any]]:
 
 def verify_audit(path: str | Path, out: TextIO | None = None, key: str | None = None) -> int:
     """Check the chain, signatures and head; `key` pins the public key (hex or a .pub file)."""
-    from trustvbd.acm.audit import AuditLog, public_key_path, rotated_files, stored_public_key
+    from trustvbd.acm.audit import AuditLog
+    from trustvbd.acm.audit_format import public_key_path, rotated_files, stored_public_key
     from trustvbd.crypt.sign import fingerprint
 
     out = out or sys.stdout  # looked up per call, so redirection works

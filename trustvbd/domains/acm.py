@@ -49,7 +49,8 @@ from trustvbd.acm import (
     driver_may_serve_disk,
     guest_may_use_disk,
 )
-from trustvbd.acm.audit import AuditError, AuditLog, may_record
+from trustvbd.acm.audit import AuditError, AuditLog
+from trustvbd.acm.audit_fields import may_record
 from trustvbd.acm.compiled import read_compiled
 from trustvbd.acm.decisions import RESTORING, explain
 from trustvbd.acm.repeats import RepeatCounter

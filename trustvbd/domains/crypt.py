@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trustvbd.acm.audit import compact_fields
+from trustvbd.acm.audit_fields import compact_fields
 from trustvbd.acm.client import AcmClient
 from trustvbd.acm.decisions import Decision
 from trustvbd.blockdev import Backend, BlockError, HasEpoch

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trustvbd.acm import Policy, PolicyError, load_policy
-from trustvbd.acm.audit import HYPERVISOR, crypt_role
+from trustvbd.acm.audit_fields import HYPERVISOR, crypt_role
 from trustvbd.acm.client import AcmClient
 from trustvbd.acm.commands import write_compiled
 from trustvbd.config import Config

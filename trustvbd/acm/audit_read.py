@@ -1,0 +1,176 @@
+"""Reading an audit log without writing it: verify (every problem found in the log,
+its rotated files and its head) and follow (`audit --follow`, across rotations).
+
+Readers need no AuditLog instance and take no lock: they only read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from trustvbd.acm.audit_format import (
+    GENESIS,
+    head_path,
+    parse_record,
+    public_key_path,
+    read_head,
+    record_hash,
+    rotated_files,
+    signature_ok,
+    stored_public_key,
+)
+
+
+def read(path: str | Path) -> list[dict[str, Any]]:
+    """Every readable record, across rotated files, oldest first."""
+    path = Path(path)
+    out: list[dict[str, Any]] = []
+    for f in [*rotated_files(path), path]:
+        with open(f, "rb") as fh:
+            out.extend(r for line in fh if line.strip() and (r := parse_record(line)))
+    return out
+
+
+def verify(path: str | Path, public_key: bytes | None = None) -> list[str]:
+    """Every problem found in the log, its rotated files and its head: [] means intact.
+
+    Every record must chain to the one before it and be covered by a valid
+    signature: a checkpoint after it, or the signed head. `public_key` pins the
+    key; by default PATH.pub is used.
+    """
+    path = Path(path)
+    problems: list[str] = []
+    key = public_key if public_key is not None else stored_public_key(path)
+    prev, expect, last_hash, last_prev = GENESIS, 1, GENESIS, GENESIS
+    signed_upto = 0
+    files = [*rotated_files(path), path]
+    for index, f in enumerate(files):
+        try:
+            data = f.read_bytes()
+        except OSError as exc:
+            problems.append(f"{f}: cannot read: {exc.strerror}")
+            continue
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        elif lines:
+            problems.append(f"{f}:{len(lines)}: last line is incomplete (torn write or cut)")
+        last_kind = ""
+        for n, raw in enumerate(lines, start=1):
+            where = f"{f}:{n}"
+            rec = parse_record(raw)
+            if rec is None:
+                problems.append(f"{where}: not a valid audit record (edited or cut)")
+                expect += 1
+                last_kind = ""
+                continue
+            seq = rec["seq"]
+            if seq != expect:
+                what = "the log's first records are missing (rotated files removed?)" \
+                    if expect == 1 else "records removed, inserted or reordered"
+                problems.append(f"{where}: seq {seq} where {expect} was expected ({what})")
+            if rec["prev"] != prev and not (expect == 1 and seq != 1):
+                problems.append(f"{where}: seq {seq} does not chain to the record before it"
+                                " (records removed, inserted or reordered)")
+            if record_hash(rec) != rec["hash"]:
+                problems.append(f"{where}: seq {seq} hash does not match its content"
+                                " (record edited)")
+            if rec["kind"] == "checkpoint":
+                cp = rec["fields"]
+                if cp.get("seq") != seq - 1 or cp.get("hash") != rec["prev"] or not \
+                        signature_ok(key, seq - 1, rec["prev"], cp.get("signature")):
+                    problems.append(f"{where}: checkpoint at seq {seq} is not signed by the log's"
+                                    " key (records before it rewritten, or the key replaced)")
+                else:
+                    signed_upto = seq - 1
+            last_kind = rec["kind"]
+            last_prev, prev, last_hash = rec["prev"], rec["hash"], rec["hash"]
+            expect = seq + 1
+        if index < len(files) - 1 and last_kind != "checkpoint":
+            problems.append(f"{f}: a rotated file must end with a checkpoint; it was cut or"
+                            " edited")
+    last_seq = expect - 1
+    if key is None and last_seq:
+        problems.append(f"{public_key_path(path)}: missing or not a 32-byte key, so no"
+                        " signature can be checked")
+    head = read_head(path)
+    if head is None:
+        if last_seq > 1:  # with one record: a power cut before the first head was written
+            problems.append(f"{head_path(path)}: missing, so records cut off the end cannot be"
+                            " detected")
+    elif head[0] == -1:
+        problems.append(f"{head_path(path)}: unreadable (edited or damaged)")
+    else:
+        seq, digest, sig = head
+        if (seq, digest) == (last_seq - 1, last_prev) and last_seq:
+            pass  # crash between the log fsync and the head update: the last record is extra
+        elif (seq, digest) != (last_seq, last_hash):
+            problems.append(f"{head_path(path)}: says the log ends at seq {seq}, but it ends at"
+                            f" seq {last_seq} (records cut off the end, or the log edited)")
+        if not signature_ok(key, seq, digest, sig):
+            problems.append(f"{head_path(path)}: its signature does not verify under the log's"
+                            " key (the head was rewritten, or the key replaced)")
+        else:
+            signed_upto = max(signed_upto, seq)
+    if key is not None and signed_upto < last_seq - 1:
+        problems.append(f"{path}: records {signed_upto + 1}-{last_seq} are covered by no valid"
+                        " signature")
+    return problems
+
+
+def _reopen(path: Path, poll: float) -> BinaryIO:
+    """PATH opened again after a rotation (which renames it, then creates it anew)."""
+    while True:
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            time.sleep(poll)
+
+
+def follow(path: str | Path, poll: float = 0.2) -> Iterator[dict[str, Any]]:
+    """Yield every record of PATH, then each new one as it is appended (`audit --follow`),
+    going on across rotations (records are yielded once each, in seq order)."""
+    path = Path(path)
+    last = 0
+
+    def fresh(line: bytes) -> dict[str, Any] | None:
+        rec = parse_record(line) if line.strip() else None
+        return rec if rec is not None and rec["seq"] > last else None
+
+    f: BinaryIO = open(path, "rb")
+    try:
+        buf, rotated = b"", False
+        while True:
+            chunk = f.read(65536)
+            if not chunk:
+                if rotated:  # read to its end: catch up through the files rotated since
+                    f.close()
+                    # The new file is opened before the rotated ones are listed: a file
+                    # rotated in between is then in the list, not skipped, and whatever
+                    # rotates later is read through `f` itself.
+                    f, buf, rotated = _reopen(path, poll), b"", False
+                    for older in rotated_files(path):
+                        with open(older, "rb") as g:
+                            for line in g:
+                                if (rec := fresh(line)) is not None:
+                                    last = rec["seq"]
+                                    yield rec
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    rotated = os.stat(path).st_ino != os.fstat(f.fileno()).st_ino
+                if not rotated:
+                    time.sleep(poll)
+                continue
+            buf += chunk
+            *complete, buf = buf.split(b"\n")
+            for line in complete:
+                if (rec := fresh(line)) is not None:
+                    last = rec["seq"]
+                    yield rec
+    finally:
+        f.close()
