@@ -11,7 +11,7 @@ import pytest
 
 from tests.nbd.helpers import ServerThread
 from trustvbd.blocks.file import FileBackend
-from trustvbd.nbd.core import BufferPool
+from trustvbd.nbd.buffer_pool import BufferPool
 from trustvbd.nbd.exports import Export, StaticExports
 
 KiB = 1024
