@@ -6,8 +6,9 @@ only ever sees ciphertext, leaf pages and signed superblocks. The logical disk
 bytes: docs/format.md. One module per concern:
 
 - crypt_unlock.py: opening a disk (unlock, check, recover, first commit);
-- crypt_open.py: judging a replica at open (stale, foreign, tampered) and
-  recovery from the intent log;
+- crypt_survey.py: judging a replica (stale, foreign, tampered), at open or
+  when it comes back;
+- crypt_open.py: recovery of the replicas from the intent log at open;
 - crypt_read.py: the read path (a guest read as one call and one callback);
 - crypt_write.py: the write path (seal, intent record, write behind or wait);
 - crypt_discard.py: TRIM, WRITE_ZEROES and BLOCK_STATUS (blocks of version 0);
@@ -29,7 +30,7 @@ from trustvbd.blockdev import Backend, BlockError, Capabilities, check_range
 from trustvbd.blocks import crypt_discard, crypt_read, crypt_write
 from trustvbd.blocks.aead_pool import INLINE, AeadPool
 from trustvbd.blocks.crypt_commit import Commits
-from trustvbd.blocks.crypt_open import survey_replica
+from trustvbd.blocks.crypt_survey import survey_replica
 from trustvbd.blocks.crypt_unlock import open_disk
 from trustvbd.blocks.crypt_verify import VerifyReport, verify_replica
 from trustvbd.blocks.disk_state import (

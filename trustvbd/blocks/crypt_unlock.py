@@ -1,5 +1,5 @@
 """Opening a CryptDisk: unlock its trusted state, check that each replica fits, judge
-and recover the replicas (crypt_open.py), build the disk and commit once.
+and recover the replicas (crypt_survey.py, crypt_open.py), build the disk and commit once.
 
 A driver out of space at open does not stop it: reads are served and writes answered
 ENOSPC until a commit goes through (crypt_write.wait_for_space).
@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from trustvbd.blockdev import Backend, BlockError
 from trustvbd.blocks.aead_pool import AeadPool
 from trustvbd.blocks.crypt_commit import Commits
-from trustvbd.blocks.crypt_open import describe, recover
+from trustvbd.blocks.crypt_open import recover
+from trustvbd.blocks.crypt_survey import describe
 from trustvbd.blocks.disk_state import DiskState, TrustedStateError
 from trustvbd.blocks.integrity import IntegrityEvents, ReplicaRefusedError
 from trustvbd.blocks.leaf_pages import LeafPages
