@@ -19,7 +19,8 @@ from trustvbd.acm.commands import AUDIT_FILE, write_compiled
 from trustvbd.config import Config, load_config
 from trustvbd.domains import messages as m
 from trustvbd.domains.control import ControlChannel
-from trustvbd.domains.hv import Launcher, bootstrap_label
+from trustvbd.domains.hv import Launcher
+from trustvbd.domains.hv_policy import bootstrap_label
 from trustvbd.domains.supervisor import Domain, Launch
 
 CONFIG = config(driver("drv-p", "Payroll", dir="backing/p"), driver("drv-b", "Bank", dir="backing/b"),

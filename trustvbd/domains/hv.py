@@ -5,9 +5,10 @@ supervisor.py starts and restarts processes, hv_domains.py says what each domain
 is started with (user, granted descriptors, unlock), broker.py creates every
 channel between domains once the access-control domain allows it, messages.py
 types what the domains say to each other, hv_control.py answers the CLI,
-hv_status.py gathers `status`, up.py runs it all from the command line. This
-module wires them: which domains exist, in what order they start and stop, and
-what the hypervisor answers each of them.
+hv_status.py gathers `status`, hv_policy.py loads a policy into the running
+system, up.py runs it all from the command line. This module wires them: which
+domains exist, in what order they start and stop, and what the hypervisor answers
+each of them.
 """
 
 from __future__ import annotations
@@ -22,20 +23,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trustvbd.acm import Policy, PolicyError, load_policy
+from trustvbd.acm import Policy
 from trustvbd.acm.audit_fields import HYPERVISOR, crypt_role
 from trustvbd.acm.client import AcmClient
-from trustvbd.acm.commands import write_compiled
 from trustvbd.config import Config
+from trustvbd.domains import hv_policy, sandbox
 from trustvbd.domains import messages as m
-from trustvbd.domains import sandbox
 from trustvbd.domains.broker import ChannelBroker, Endpoint
 from trustvbd.domains.control import ControlChannel, ControlClosed, Handler, typed
 from trustvbd.domains.hv_domains import DomainGrants, physical_size
 from trustvbd.domains.hv_status import gather_status
 from trustvbd.domains.hv_store import PairingRefused, StoreLink, crypt_name
 from trustvbd.domains.listeners import close_listeners, listen_tcp, listen_unix
-from trustvbd.domains.placement import GuestSocket, further_socket, guest_sockets, types_of
+from trustvbd.domains.placement import GuestSocket, guest_sockets, types_of
 from trustvbd.domains.supervisor import START_TIMEOUT, Domain, StartError, Supervisor
 from trustvbd.domains.unlock import Unlock, receive_unlock, send_unlock
 from trustvbd.fileops import make_dirs
@@ -49,21 +49,6 @@ START_PER_TIB = 60.0  # opening reads and hashes each disk's leaf table (0.8 % o
 STOP_ORDER = ["crypt", "driver", "store", "acm"]  # guests' servers first, policy last
 CRYPT_ASKS = (m.SpecQuery, m.ChannelQuery, m.AcmChannelQuery, m.StoreChannelQuery, m.Ready,
               m.DiskFailed, m.Integrity)
-
-
-def bootstrap_label(bootstrap: str | None, null: bool) -> str:
-    """The label trusted domains run under: the policy's bootstrap label (none: NULL policy)."""
-    if null:
-        return "__BOOTSTRAP__"
-    return bootstrap or "__UNLABELED__"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Launcher:
@@ -501,112 +486,6 @@ class Launcher:
         return done
 
     async def policy_load(self, path: str) -> m.Message:
-        """Compile, swap the policy in the access-control domain, then close what it now forbids."""
-        nxt, current = self.compiled_policy(".next"), self.compiled_policy()
-        try:
-            policy = load_policy(path)
-            moved = self.moved_disks(policy)
-            write_compiled(policy, nxt)  # fsynced
-        except (PolicyError, OSError, ValueError) as exc:
-            return m.Failed(m.ErrorCode.INVALID, str(exc))
-        reply = await self.acm.load_policy(str(nxt))
-        if not reply.get("ok"):
-            nxt.unlink(missing_ok=True)
-            return m.Failed(m.ErrorCode.POLICY_DENIED,
-                            str(reply.get("error", "the access-control domain refused it")))
-        # A restarted access-control domain loads what the running one holds: no await between
-        # its yes and the rename, so no restart can come between them.
-        os.replace(nxt, current)
-        fsync_dir(current.parent)
-        self.policy_path = path
-        # What the access-control domain loaded, not a second read of a file that may change.
-        summary = reply.get("policy")
-        summary = summary if isinstance(summary, dict) else {}
-        self.broker.trusted_label = bootstrap_label(summary.get("bootstrap"), null=False)
-        await self.store.relabel_crypt(self.broker.trusted_label)  # for later pairings
-        closed = 0
-        for channel in list(self.crypt_channels.values()):
-            if not channel.closed.is_set():
-                answer, _ = await channel.ask(m.PolicyChanged(), m.Rechecked)
-                closed += answer.closed if isinstance(answer, m.Rechecked) else 0
-        try:  # check (a) again for every pairing in the store
-            torn = await self.store.recheck()
-        except ConnectionError as exc:
-            log.error("%s", exc)
-            torn = []
-        for t in torn:
-            log.warning("the new policy forbids pairing %s with %s: torn down (%s)",
-                        t.frontend_dir, t.backend_dir, t.reason)
-        log.warning("policy %s loaded; %d connection(s) closed, %d pairing(s) torn down", path,
-                    closed, len(torn))
-        for note in moved:
-            log.warning("%s", note)
-        await self.follow_guest_sockets()
-        return m.PolicyLoaded(str(summary.get("name") or Path(path).name), closed, len(torn),
-                              moved)
-
-    def moved_disks(self, policy: Policy) -> list[str]:
-        """What a new policy moves to another workload type, said for the administrator.
-
-        Such a disk stays where its keys are: each encryption domain runs under a user
-        that owns only its own disks' keys, and a running system hands no keys from one
-        domain to another. Every decision follows the new policy at once (check (b) per
-        connection, the guests' sockets below); only the process holding the disk changes
-        at the next start of `up` with this policy.
-        """
-        new = types_of(self.config, policy)  # ValueError: two types with one file name
-        now = {d: t for t, disks in self.types.items() for d in disks}
-        return [f"disk {d!r} is now of workload type {t!r} (was {now[d]!r}): it stays in"
-                f" {crypt_name(now[d])}, which holds its keys, until `trustvbd up` starts again"
-                f" with this policy as the config's `policy`"
-                for t, disks in new.items() for d in disks if now.get(d) != t]
-
-    async def follow_guest_sockets(self) -> None:
-        """After a policy load: each guest gets a socket for every workload type it may now
-        reach, and loses the further sockets (GUEST@TYPE.sock) of types it no longer may.
-        Its own GUEST.sock stays whatever it may reach (check (b) refuses per connection)."""
-        c = self.config
-        add: dict[str, list[tuple[GuestSocket, socket.socket]]] = {}
-        remove: dict[str, list[str]] = {}
-        for guest in c.guests.values():
-            for d in c.disks:
-                self.allowed[guest.name, d] = await self.guest_may_see(guest.name, d)
-            reachable = {t for t in self.types
-                         if any(self.allowed[guest.name, d] for d in self.types[t])}
-            have = {g.wtype: (g, s) for g, s in self.listeners
-                    if g.guest == guest.name and s.family == socket.AF_UNIX}
-            for wtype in sorted(reachable - set(have)):
-                gs = further_socket(c, guest.name, wtype)
-                pair = (gs, listen_unix(gs.path, guest.uid))
-                self.listeners.append(pair)
-                add.setdefault(wtype, []).append(pair)
-            for wtype, (gs, sock) in have.items():
-                if not gs.primary and wtype not in reachable:
-                    self.listeners.remove((gs, sock))
-                    close_listeners([sock])
-                    remove.setdefault(wtype, []).append(guest.name)
-        if not (add or remove):
-            return
-        for wtype in self.types:
-            channel = self.crypt_channels.get(crypt_name(wtype))
-            if channel is None or channel.closed.is_set():
-                continue  # a restarted domain asks for its sockets anew (SpecQuery)
-            new = add.get(wtype, [])
-            fds = [os.dup(s.fileno()) for _, s in new]
-            try:
-                await channel.ask(m.GuestSockets([m.ListenerSpec(g.guest, False) for g, _ in new],
-                                                 remove.get(wtype, []), self.elsewhere(wtype)),
-                                  m.Done, fds=fds)
-            except (ControlClosed, TimeoutError, ValueError) as exc:
-                log.error("%s did not take its new guest sockets: %s", crypt_name(wtype), exc)
-            finally:
-                for fd in fds:
-                    os.close(fd)
-        for wtype, pairs in add.items():
-            for gs, _ in pairs:
-                log.warning("guest %s may now use disks of workload type %s: on %s", gs.guest,
-                            wtype, gs.path)
-        for wtype, names in remove.items():
-            for name in names:
-                log.warning("guest %s may no longer use disks of workload type %s: its socket"
-                            " for them is gone", name, wtype)
+        """Compile, swap the policy in the access-control domain, then close what it now
+        forbids (hv_policy.py)."""
+        return await hv_policy.load(self, path)

@@ -15,8 +15,9 @@ from trustvbd.acm import PolicyError, load_policy
 from trustvbd.acm.commands import write_compiled
 from trustvbd.config import Config, check_paths
 from trustvbd.crypt.tls import TlsSetupError, check_tls_dir
-from trustvbd.domains.hv import Launcher, bootstrap_label
+from trustvbd.domains.hv import Launcher
 from trustvbd.domains.hv_control import serve_control
+from trustvbd.domains.hv_policy import bootstrap_label
 from trustvbd.domains.supervisor import StartError
 from trustvbd.domains.unlock import erase_from_environment
 from trustvbd.nbd.uri import parse_uri
