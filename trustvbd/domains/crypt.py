@@ -1,8 +1,8 @@
 """The encryption domain (trusted): the NBD server guests talk to.
 
-It owns each disk's layer stack (replica link -> CryptDisk) and serves one
-listening socket per guest; the socket a connection arrives on is the guest's
-identity. It never opens a channel to a driver itself: it asks the launcher,
+It owns each disk's layer stack (replica link -> CryptDisk, built by crypt_stack.py)
+and serves one listening socket per guest; the socket a connection arrives on is the
+guest's identity. It never opens a channel to a driver itself: it asks the launcher,
 which checks policy and hands over a connected socket.
 """
 
@@ -17,32 +17,28 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trustvbd.acm.audit_fields import compact_fields
 from trustvbd.acm.client import AcmClient
 from trustvbd.acm.decisions import Decision
-from trustvbd.blockdev import Backend, BlockError, HasEpoch
-from trustvbd.blocks.aead_pool import AeadPool, default_threads
-from trustvbd.blocks.crypt_layer import CryptDisk, Kek, physical_size
-from trustvbd.blocks.limits import SizeLimit
-from trustvbd.blocks.reconnect import ReplicaLink, Unreachable
+from trustvbd.blockdev import Backend, HasEpoch
+from trustvbd.blocks.aead_pool import AeadPool
+from trustvbd.blocks.crypt_layer import CryptDisk
+from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.space import SpaceWatch
+from trustvbd.domains import crypt_stack
 from trustvbd.domains import messages as m
 from trustvbd.domains.bus import NoStore, StateWriter
 from trustvbd.domains.common import die_with_parent, keep_freed_memory, ready, run, setup_logging
 from trustvbd.domains.control import ControlChannel, ControlClosed, handed_socket, typed
 from trustvbd.domains.crypt_bus import CryptBus
-from trustvbd.domains.crypt_disks import DEFAULT_LEAF_CACHE, PassphraseNeeded
+from trustvbd.domains.crypt_disks import PassphraseNeeded
 from trustvbd.domains.policy_gate import PolicyGate
 from trustvbd.domains.unlock import Unlock, receive_unlock
 from trustvbd.nbd.budget import DecisionRate, MemoryBudget
-from trustvbd.nbd.client import NbdClient
 from trustvbd.nbd.server import Export, ExportRefused, NbdServer, PeerInfo
-from trustvbd.xenstore.xenbus import State
 
 log = logging.getLogger("trustvbd.crypt")
 
@@ -265,7 +261,7 @@ class CryptDomain:
                     continue
                 disk.locked, disk.error = False, None
                 try:
-                    disk.backend = await self.open_encrypted(disk, kek)
+                    disk.backend = await crypt_stack.open_encrypted(self, disk, kek)
                 except Exception as exc:
                     disk.error = failed[name] = str(exc)
                     log.error("disk %s unlocked but cannot be served: %s", name, exc)
@@ -327,28 +323,7 @@ class CryptDomain:
                         kicked += 1
         return kicked
 
-    # -- start-up -------------------------------------------------------------------
-    async def open_channel(self, disk: Disk, replica: str) -> Backend:
-        """Ask the launcher for a connected socket to `replica`'s export of this disk."""
-        self.bus.replica(disk.name, replica, State.INITIALISED)
-        try:
-            reply, fds = await self.control.ask(m.ChannelQuery(disk.name, replica), m.ChannelGranted)
-            sock = self.granted(reply, fds)
-            assert isinstance(reply, m.ChannelGranted)
-            tls = None
-            if reply.tls_server_name is not None and self.tls_dir is not None:
-                from trustvbd.crypt.tls import client_context
-
-                tls = client_context(self.tls_dir)
-            client = await NbdClient.connect(sock, reply.export,
-                                             request_timeout=self.spec.request_timeout, tls=tls,
-                                             server_hostname=reply.tls_server_name)
-        except BaseException:
-            self.bus.replica(disk.name, replica, State.CLOSED)
-            raise
-        self.bus.replica(disk.name, replica, State.CONNECTED)
-        return client
-
+    # -- channels from the launcher --------------------------------------------------
     @staticmethod
     def granted(reply: m.Message, fds: list[int]) -> socket.socket:
         """The one socket a granted channel comes with; ConnectionError for a refusal."""
@@ -368,92 +343,6 @@ class CryptDomain:
         except m.MessageError as exc:
             raise ConnectionError(str(exc)) from None
         return handed_socket(reply, fds, m.StoreConnected, "connection to the store")
-
-    async def open_disk(self, disk: Disk) -> None:
-        if not disk.encrypt:
-            replica = disk.replica_names[0]
-            first = await self.open_channel(disk, replica)
-            link = ReplicaLink(first, replica, lambda: self.open_channel(disk, replica))
-            watch = SpaceWatch(link, disk.name, replica)  # logs and shows a driver out of space
-            disk.links, disk.space = [link], [watch]
-            if link.size < disk.size:
-                raise ValueError(
-                    f"replica {replica!r} offers {link.size} bytes, smaller than disk {disk.name!r}"
-                    f" ({disk.size} bytes); give the driver a larger export"
-                )
-            disk.backend = SizeLimit(watch, disk.size)
-            return
-        disk.links = await self.open_links(disk)
-        mirrored = len(disk.links) > 1  # a full driver degrades its replica; writes go on
-        disk.space = [SpaceWatch(link, disk.name, link.name, mirrored) for link in disk.links]
-        disk.backend = await self.open_encrypted(disk)
-
-    async def open_links(self, disk: Disk) -> list[ReplicaLink]:
-        """A link to each replica. With one replica a broken link is retried inline (there
-        is nowhere else to go). In a mirror every driver is connected at once; a link
-        fails at once and the replica set brings it back in the background, so a driver
-        unreachable at start starts degraded, and so does one whose handshake is not done
-        `replica_lag` s after another driver's (rather than holding the disk for its
-        handshake timeout)."""
-        def connector(replica: str) -> Callable[[], Awaitable[Backend]]:
-            return lambda: self.open_channel(disk, replica)
-
-        names = disk.replica_names
-        if len(names) == 1:
-            connect = connector(names[0])
-            return [ReplicaLink(await connect(), names[0], connect)]
-        tasks = [asyncio.ensure_future(connector(name)()) for name in names]
-        try:
-            pending: set[asyncio.Future[Backend]] = set(tasks)
-            while pending and not any(t.done() and not t.cancelled() and t.exception() is None
-                                      for t in tasks):
-                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if pending:  # one driver is ready: the others get replica_lag
-                _, pending = await asyncio.wait(pending, timeout=self.spec.limits["replica_lag"])
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks)
-        links = []
-        for name, task in zip(names, tasks, strict=True):
-            first: Backend
-            if task.cancelled():
-                why = (f"no handshake within replica_lag ({self.spec.limits['replica_lag']:g} s)"
-                       " of the other drivers'")
-            elif isinstance(exc := task.exception(), (ConnectionError, OSError, BlockError)):
-                why = str(exc)
-            elif exc is not None:
-                raise exc
-            else:
-                links.append(ReplicaLink(task.result(), name, connector(name), retry_window=0))
-                continue
-            log.error("disk %s: replica %s unreachable at start: %s", disk.name, name, why)
-            first = Unreachable(physical_size(disk.size), f"unreachable at start: {why}")
-            links.append(ReplicaLink(first, name, connector(name), retry_window=0))
-        return links
-
-    async def open_encrypted(self, disk: Disk, kek: Kek | None = None) -> Backend:
-        from trustvbd.domains.crypt_disks import open_crypt_disk
-
-        def on_event(event: dict[str, Any]) -> None:
-            disk.integrity_events += 1  # logged once, by IntegrityEvents
-            # Any size fits: block lists become counts and ranges.
-            fields = compact_fields({**event, "disk": disk.name})
-            fields.pop("event", None)
-            self.control.tell(m.Integrity(disk.name, fields))
-            task = asyncio.get_running_loop().create_task(self.gate.client.record("integrity", **fields))
-            self.records.add(task)
-            task.add_done_callback(self.records.discard)
-
-        if self.aead is None and (threads := default_threads()):
-            self.aead = AeadPool(threads)
-            log.info("AEAD threads: %d", threads)
-        opened = await open_crypt_disk(self.state_dir, disk.name, disk.size,
-                                       [(watch.driver, watch) for watch in disk.space],
-                                       self.unlock, on_event, self.aead, kek,
-                                       self.spec.limits.get("leaf_cache", DEFAULT_LEAF_CACHE),
-                                       self.spec.limits["replica_lag"])
-        return opened
 
     async def start(self, ready_fd: int | None) -> None:
         self.control.start()
@@ -482,7 +371,7 @@ class CryptDomain:
             self.disks[d.name] = Disk(d.name, d.label, d.size, d.encrypt, d.replicas)
         for disk in self.disks.values():
             try:
-                await self.open_disk(disk)
+                await crypt_stack.open_disk(self, disk)
             except Exception as exc:  # one bad disk must not take the others down
                 disk.error = str(exc)
                 disk.locked = isinstance(exc, PassphraseNeeded)
