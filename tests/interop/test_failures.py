@@ -156,7 +156,8 @@ def test_a_full_driver_of_a_mirror_is_said_as_it_is_and_resynced_once_it_has_spa
 def test_new_sparse_backing_file_larger_than_free_space_is_warned_about(root: Path) -> None:
     st = os.statvfs(root)
     free = st.f_bavail * st.f_frsize
-    size = (free // (1 << 30) + 2) << 30  # whole GiB, beyond the free space
+    # Whole GiB, far beyond the free space: other programs may free a few GiB meanwhile.
+    size = (2 * free // (1 << 30) + 64) << 30
     s = System(root, config(size=str(size), encrypt=False, dir="backing")).start()
     err = s.stop()
     assert f"disk disk: its new backing file {root / 'backing' / 'disk.img'} is {size} bytes" in err
