@@ -751,6 +751,12 @@ class Verifies:
     def written(self, block: int) -> bool:
         return False
 
+    async def written_blocks(self) -> list[int]:
+        return []
+
+    def written_since_commit(self) -> list[int]:
+        return []
+
 
 def test_a_read_left_unanswered_for_the_lag_is_served_by_the_next_replica() -> None:
     """A read from a replica that does not answer is sent to the next replica once it has

@@ -633,6 +633,36 @@ def test_kill_a_driver_during_writes_then_restart_everything(mirror: Mirror) -> 
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), m.uri])
 
 
+@pytest.mark.parametrize("copies", [2, 3])
+def test_a_driver_rolled_back_within_an_epoch_is_resynced_not_taken_as_it_is(
+        short_tmp: Path, copies: int) -> None:
+    """A driver restarted with its file as it was before the last FLUSH (an old copy put
+    back): FLUSHes between full commits sync only the trusted intent log, so that copy
+    shows the current epoch and passes for up to date. What was written since the last
+    commit must still be copied to it before it counts as current again, so that once
+    the other replicas are gone it serves every flushed write rather than EIO."""
+    m = Mirror(short_tmp, copies)
+    victim = m.drivers[-1]
+    try:
+        m.system.start()
+        qemu_io(m.uri, "write -P 0x11 0 256k", "flush")
+        m.wait_all_current()
+        old = victim.file.read_bytes()
+        qemu_io(m.uri, "write -P 0x22 0 256k", "write -P 0x23 1M 4k", "flush")
+        victim.kill()
+        victim.file.write_bytes(old)
+        victim.start()
+        deadline = time.monotonic() + 30
+        while (st := m.status())[victim.name]["state"] != "current" or st[victim.name]["reconnects"] < 1:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.1)
+        for d in m.drivers[:-1]:
+            d.kill()
+        qemu_io(m.uri, "read -P 0x22 0 256k", "read -P 0x23 1M 4k")
+    finally:
+        m.close()
+
+
 def test_third_party_drivers_with_fault_injection(short_tmp: Path) -> None:
     """qemu-nbd and nbdkit (error filter: 10 % of reads fail) as the two replicas."""
     a, b = short_tmp / "a.img", short_tmp / "b.img"

@@ -90,6 +90,8 @@ CHECKPOINT_BLOCKS = 8192
 CARRY_MAX = 4096
 # Leaf pages per write when a joining replica gets the whole table.
 JOIN_PAGES = 256
+# Empty leaf pages per WRITE_ZEROES to a joining replica (1 GiB; NBD lengths are 32 bits).
+JOIN_ZERO_PAGES = 1 << 18
 
 
 class Commits:
@@ -111,6 +113,9 @@ class Commits:
         # Versions below the anchor's bound may have been used before a crash.
         self._next_version = anchor.counter_high
         self._counter_high = anchor.counter_high + RESERVE
+        # The first version taken after the last full commit (0 until one since open: the
+        # log's blocks recovered at open may be older), for written_since_commit.
+        self._commit_floor = 0
         self.failed: str | None = None
         self._writers = 0
         self._writers_idle = asyncio.Event()
@@ -130,6 +135,12 @@ class Commits:
         return self.anchor.epoch
 
     # ------------------------------------------------------------ between commits
+
+    def written_since_commit(self) -> list[int]:
+        """Blocks written since the last full commit (a superset until the first one since
+        open): a replica that presents the current epoch may still lack them, because a
+        FLUSH between commits syncs only the trusted intent log."""
+        return self.leaves.written_since(self._commit_floor)
 
     def take_versions(self, n: int) -> int:
         """n fresh versions; reserve a new range in the anchor (fsync) before use."""
@@ -373,6 +384,7 @@ class Commits:
             self.failed = f"{exc.message}; reopen the disk"
             raise
         self.anchor = anchor
+        self._commit_floor = self._next_version
         leaves.committed(pages)
         self.intent_blocks = 0
         self._logged = None
@@ -393,18 +405,30 @@ class Commits:
             raise BlockError(errno.EIO, self.failed) from exc
 
     async def _send_table(self, replica: ReplicaSet, joining: list) -> None:
-        """The whole leaf table to replicas that join, a few pages at a time (checked
-        against the tree as they are loaded), so memory stays bounded."""
+        """The whole leaf table to replicas that join: the pages that may hold a written
+        leaf a few at a time (checked against the tree as they are loaded), so memory stays
+        bounded, and the runs of empty pages between them as zeroes. (Written out page by
+        page, the mostly empty table of a sparse 256 GiB disk, 2 GiB, held guests' writes
+        for 25 s in this commit; a 16 TiB one's, 128 GiB, for half an hour.)"""
         g, leaves = self.lay, self.leaves
         step = max(1, min(JOIN_PAGES, leaves.capacity // 2))
-        for q0 in range(0, g.leaf_pages, step):
-            q1 = min(q0 + step, g.leaf_pages)
-            held = await leaves.hold(q0 * LEAVES_PER_PAGE, min(q1 * LEAVES_PER_PAGE, g.blocks))
+        sent = 0  # pages before this are on the joining replicas
+        for p0, p1 in runs(leaves.maybe_written(0, g.leaf_pages), step):
+            await self._zero_table(replica, joining, sent, p0)
+            held = await leaves.hold(p0 * LEAVES_PER_PAGE, min(p1 * LEAVES_PER_PAGE, g.blocks))
             try:
-                chunk = b"".join(leaves.page(p) for p in range(q0, q1))
+                chunk = b"".join(leaves.page(p) for p in range(p0, p1))
             finally:
                 leaves.release(held)
-            await replica.write_to(joining, g.leaf_page_offset(q0), chunk)
+            await replica.write_to(joining, g.leaf_page_offset(p0), chunk)
+            sent = p1
+        await self._zero_table(replica, joining, sent, g.leaf_pages)
+
+    async def _zero_table(self, replica: ReplicaSet, joining: list, p0: int, p1: int) -> None:
+        """Leaf pages [p0, p1), all empty, to the joining replicas (WRITE_ZEROES)."""
+        for q0 in range(p0, p1, JOIN_ZERO_PAGES):
+            q1 = min(q0 + JOIN_ZERO_PAGES, p1)
+            await replica.zero_to(joining, self.lay.leaf_page_offset(q0), (q1 - q0) * BS)
 
     def close(self) -> None:
         """An orderly close after the last commit: the tree file is synced and marked clean,

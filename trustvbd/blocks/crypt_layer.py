@@ -30,6 +30,7 @@ from trustvbd.blockdev import Backend, BlockError, Capabilities, check_range
 from trustvbd.blocks import crypt_discard, crypt_read, crypt_write
 from trustvbd.blocks.aead_pool import INLINE, AeadPool
 from trustvbd.blocks.crypt_commit import Commits
+from trustvbd.blocks.crypt_open import written_blocks
 from trustvbd.blocks.crypt_survey import survey_replica
 from trustvbd.blocks.crypt_unlock import open_disk
 from trustvbd.blocks.crypt_verify import VerifyReport, verify_replica
@@ -225,6 +226,14 @@ class CryptDisk:
     def written(self, block: int) -> bool:
         """Verifier: whether the block has ciphertext that a replica must hold."""
         return self._leaves.written(block)
+
+    async def written_blocks(self) -> list[int]:
+        """Verifier: every block with ciphertext (what a replica rebuilt whole gets)."""
+        return await written_blocks(self._leaves)
+
+    def written_since_commit(self) -> list[int]:
+        """Verifier: blocks written since the last full commit."""
+        return self._commits.written_since_commit()
 
     async def _admit(self, r: Replica) -> bool:
         """A replica came back: is it this disk's? True if it must be rebuilt whole."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import struct
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -29,12 +30,13 @@ from trustvbd.blockdev import Backend, BlockError, Buffer
 from trustvbd.blocks.ranges import Hold, RangeLock, describe_blocks
 from trustvbd.blocks.replica import Replica
 from trustvbd.blocks.tree_file import TreeFile, TreeTamperedError
-from trustvbd.crypt.aead import BLOCK_SIZE, POISON_LEAF
+from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE, POISON_LEAF, POISON_VERSION
 from trustvbd.crypt.superblock import LEAVES_PER_PAGE, Layout
 from trustvbd.crypt.tree import EMPTY, page_hash
 
 BS = BLOCK_SIZE
 DEFAULT_CAPACITY = 4096  # pages: 16 MiB
+_VERSIONS = struct.Struct(f">Q{LEAF_SIZE - 8}x")  # a leaf's version (docs/format.md 1.1)
 # (what, replica, blocks, message), as IntegrityEvents.report
 Report = Callable[[str, str, list[int], str], None]
 
@@ -232,6 +234,18 @@ class LeafPages:
     def page(self, p: int) -> bytes:
         """A copy of resident page p."""
         return self.table.page(p)
+
+    def written_since(self, version: int) -> list[int]:
+        """Blocks whose leaf has a version from `version` on: all in changed pages, which
+        stay resident until committed (so: written since the commit that took versions
+        below `version`)."""
+        out = []
+        for p in sorted(p for p, _ in self.table.dirty_pages()):
+            base = p * LEAVES_PER_PAGE
+            for i, (v,) in enumerate(_VERSIONS.iter_unpack(self.table.page(p))):
+                if v >= version and v != 0 and v != POISON_VERSION:
+                    out.append(base + i)
+        return out
 
     def committed(self, pages: dict[int, int]) -> None:
         """These pages, as `dirty_pages` gave them, are on the replicas and in the tree now:

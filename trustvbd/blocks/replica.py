@@ -48,6 +48,16 @@ class Verifier(Protocol):
         """Whether the block has ciphertext to copy (a zero leaf needs none)."""
         ...
 
+    async def written_blocks(self) -> list[int]:
+        """Every block with ciphertext, found from the leaf pages the tree knows are not
+        empty: never a walk over every block (a 16 TiB disk has 4 billion)."""
+        ...
+
+    def written_since_commit(self) -> list[int]:
+        """Blocks written since the last full commit, which a replica that presents the
+        current epoch may still lack (FLUSHes between commits sync only trusted state)."""
+        ...
+
 
 # Judges a replica that comes back before it may take writes (CryptDisk.admit): returns
 # True if it must be rebuilt whole (blank, or older than when it left), False if its
@@ -71,6 +81,9 @@ class Replica:
     link: Backend
     state: State = State.CURRENT
     dirty: set[int] = field(default_factory=set)  # data blocks it lacks
+    # Blocks written since the last full commit when it was degraded: a new connection to
+    # its driver may have lost them (a copy put back), so a reconnect makes them dirty.
+    since_commit: set[int] = field(default_factory=set)
     joining: bool = False       # copied up: needs the whole leaf table at the next commit
     last_error: str | None = None
     repaired: int = 0           # blocks rewritten by read-repair and scrub

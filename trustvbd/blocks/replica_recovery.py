@@ -157,6 +157,11 @@ class Recovery:
             if not isinstance(link, Reconnectable):
                 raise BlockError(errno.EIO, f"replica {r.name!r} is disconnected")
             await link.reconnect_once()
+            # Perhaps another run of its driver, holding a copy from before the last FLUSH
+            # (FLUSHes between full commits sync only trusted state, so such a copy shows
+            # the epoch it left at): what was written since that commit goes to it again.
+            r.dirty |= r.since_commit
+            r.map_saved = False
         if self.rs.admit is not None:
             try:
                 rebuild = await self._admit_hedged(r, self.rs.admit)
@@ -165,7 +170,7 @@ class Recovery:
                 return
             if rebuild:
                 assert self.rs.verifier is not None
-                r.dirty.update(b for b in range(self.rs.layout.blocks) if self.rs.verifier.written(b))
+                r.dirty.update(await self.rs.verifier.written_blocks())
                 r.map_saved = False
         await self._resync(r, loud)
 
@@ -317,7 +322,7 @@ class Recovery:
             assert self.rs.verifier is not None
             log.warning("disk %s: replica %s, refused before, is acceptable now: rebuilding it"
                         " whole", self.rs.disk, r.name)
-            r.dirty.update(b for b in range(self.rs.layout.blocks) if self.rs.verifier.written(b))
+            r.dirty.update(await self.rs.verifier.written_blocks())
             r.state, r.behind_since, r.map_saved = State.DEGRADED, self.rs.epoch, False
             self.rs.regroup()
             self.bring_back(r)

@@ -152,6 +152,11 @@ class ReplicaSet:
             log.warning("disk %s: replica %s degraded: %s", self.disk, r.name, why)
             if r.state is State.CURRENT:
                 r.behind_since = self.epoch
+            if self.verifier is not None:
+                # If it comes back on a new connection, its driver may have put back a copy
+                # from before the last FLUSH, which still presents the epoch it left at
+                # (only a full commit moves it): these are copied to it again then.
+                r.since_commit = set(self.verifier.written_since_commit())
             r.state = State.DEGRADED
             r.joining = False
             self.regroup()
@@ -519,6 +524,9 @@ class ReplicaSet:
 
     async def write_to(self, targets: list[Replica], offset: int, data: Buffer) -> None:
         await self._all(targets, lambda r: r.link.pwrite(offset, data), lambda: (), "write")
+
+    async def zero_to(self, targets: list[Replica], offset: int, length: int) -> None:
+        await self._all(targets, lambda r: r.link.zero(offset, length), lambda: (), "write")
 
     def commit_done(self, joined: list[Replica], epoch: int) -> None:
         """The commit of `epoch` reached the write set: those that joined are current now."""
