@@ -754,6 +754,9 @@ class Verifies:
     async def written_blocks(self) -> list[int]:
         return []
 
+    def written_ranges(self) -> list[tuple[int, int]]:
+        return []
+
     def written_since_commit(self) -> list[int]:
         return []
 

@@ -285,7 +285,8 @@ def test_a_wiped_replica_of_a_terabyte_mirror_is_rebuilt_without_holding_up_gues
     blank and is rebuilt whole while the guest reads and writes with FUA. Finding what to
     copy walked every block of the disk on the event loop (268 million here: minutes with no
     guest served), and the commit it joins at wrote its whole leaf table, 8 GiB of mostly
-    zeros, while guests' writes waited. Now every guest request is answered promptly and
+    zeros, while guests' writes waited; and a scrub read the whole TiB from each replica.
+    Now every guest request is answered promptly, a scrub reads what may be written, and
     the rebuilt replica alone serves every written block."""
     def memory(i: int) -> int:
         pidfile = root / f"m{i}.pid"
@@ -338,6 +339,11 @@ def test_a_wiped_replica_of_a_terabyte_mirror_is_rebuilt_without_holding_up_gues
                 break
             assert time.monotonic() < deadline, state
             time.sleep(0.2)
+        # Scrub reads only the leaf pages' worth of blocks that may be written (3 pages of
+        # 128 blocks here), not the whole TiB from each replica (hours).
+        out = run([*TRUSTVBD, "scrub", "-c", str(s.config), "disk", "--json"], timeout=30)
+        scrubbed = json.loads(out.stdout)["replicas"]
+        assert scrubbed["d1"]["bad"] == 0 and 4 <= scrubbed["d1"]["checked"] <= 3 * 128, scrubbed
         os.kill(pids[0], signal.SIGKILL)  # d1 alone must serve every written block now
         for off in spots[1:]:
             assert h.pread(4096, off) == off.to_bytes(8, "big") * 512, off

@@ -53,6 +53,11 @@ class Verifier(Protocol):
         empty: never a walk over every block (a 16 TiB disk has 4 billion)."""
         ...
 
+    def written_ranges(self) -> list[tuple[int, int]]:
+        """Block ranges [b0, b1), in order, outside which no block is written (those of the
+        leaf pages the tree does not know as empty): what a scrub reads."""
+        ...
+
     def written_since_commit(self) -> list[int]:
         """Blocks written since the last full commit, which a replica that presents the
         current epoch may still lack (FLUSHes between commits sync only trusted state)."""

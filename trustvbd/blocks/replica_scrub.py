@@ -27,10 +27,13 @@ async def scrub(rs: ReplicaSet, progress: Callable[[int, int], None] | None = No
     """Read every written block of every current replica, verify, repair. Returns counts."""
     assert rs.verifier is not None and rs.locks is not None
     verifier = rs.verifier
-    blocks = rs.layout.blocks
+    # Only where a block may be written: a sparse 16 TiB disk is not read whole.
+    spans = [(b0, min(b0 + COPY_BLOCKS, end)) for start, end in verifier.written_ranges()
+             for b0 in range(start, end, COPY_BLOCKS)]
+    blocks = sum(b1 - b0 for b0, b1 in spans)
+    done = 0
     counts = {r.name: {"checked": 0, "bad": 0, "repaired": 0} for r in rs.replicas}
-    for b0 in range(0, blocks, COPY_BLOCKS):
-        b1 = min(b0 + COPY_BLOCKS, blocks)
+    for b0, b1 in spans:
         hold = await rs.locks.acquire(b0, b1, False)
         try:
             readers = rs.current
@@ -62,7 +65,8 @@ async def scrub(rs: ReplicaSet, progress: Callable[[int, int], None] | None = No
                 counts[r.name]["repaired"] += len(fixes)
         finally:
             rs.locks.release(hold)
+        done += b1 - b0
         if progress is not None:
-            progress(b1, blocks)
+            progress(done, blocks)
         await asyncio.sleep(0)
     return counts
