@@ -230,12 +230,14 @@ class Submits(Protocol):
     chain of coroutines. Whoever awaits the future reports its outcome with `write_ended`,
     so each layer records what its pwrite would have, without a callback of its own."""
 
-    def submit_write(self, offset: int, data: Buffer,
-                     fua: bool = False) -> asyncio.Future[None] | None:
+    def submit_write(self, offset: int, data: Buffer, fua: bool = False,
+                     retried: bool = False) -> asyncio.Future[None] | None:
         """Queue the write now and return a future of its outcome (a BlockError if it
         fails), or None when it must go through `pwrite` instead (no free request slot,
         a write too large for one request, a check that fails, an ability it lacks).
-        `data` must stay unchanged until the future is done."""
+        `data` must stay unchanged until the future is done. `retried`: the caller sends
+        a write that fails again through `pwrite` (which may reconnect, reconnect.py)
+        and reports only a success with `write_ended`."""
         ...
 
     def write_ended(self, error: Exception | None) -> None:

@@ -121,7 +121,8 @@ class CryptDisk:
         self._out_of_space: str | None = None
         self._locks = LeafLocks(commits.leaves)  # holding blocks keeps their leaf pages in
         self._ct_buffers = ReadBuffers(_REUSE_KEPT)  # big reads: received, opened and sent from them
-        self._behind = WriteBehind(name, self._send, expect_flush=self._commits.sync_early)
+        self._behind = WriteBehind(name, self._send, expect_flush=self._commits.sync_early,
+                                   submit=self._submit)
         self._seen = self._behind.seen()  # flush() and commit() called without a connection
         replicas.verifier = self
         replicas.locks = self._locks
@@ -211,6 +212,7 @@ class CryptDisk:
     _acquire = crypt_write.acquire
     _note_settled = crypt_write.note_settled
     _send = crypt_write.send
+    _submit = crypt_write.submit
 
     trim = crypt_discard.trim
     zero = crypt_discard.zero

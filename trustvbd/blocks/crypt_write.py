@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from asyncio import Future
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -166,6 +167,28 @@ def _note_write(disk: CryptDisk, b0: int, new: bytes) -> bytes:
     old = disk._leaves.get(b0, b0 + len(new) // LEAF_SIZE)
     disk._commits.note_leaves(b0, old, new, held=True)
     return old
+
+
+def submit(disk: CryptDisk, b0: int, old: Buffer, ct: Buffer, fua: bool = False) -> Future[None] | None:
+    """As `send` without a coroutine, where the replica set can (one replica): the future
+    of the replica write, or None. A write behind that fails goes through `send` again
+    (write_behind.py), which records what the replica may hold."""
+    disk._commits.write_held()  # the records first, as in send
+    future = disk._replica.submit_write(disk._lay.data_offset(b0), ct, fua)
+    if future is not None:
+        future.add_done_callback(partial(_submitted, disk, b0, len(old) // LEAF_SIZE))
+    return future
+
+
+def _submitted(disk: CryptDisk, b0: int, n: int, future: Future[None]) -> None:
+    """A submitted write's end: once the replica took it, its blocks are settled (as in send)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    if disk._unsure:
+        for b in range(b0, b0 + n):
+            disk._unsure.pop(b, None)
+    if disk._behind.lost:
+        disk._behind.rewritten(b0, n)
 
 
 async def send(disk: CryptDisk, b0: int, old: Buffer, ct: Buffer, fua: bool = False) -> None:

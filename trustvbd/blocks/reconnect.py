@@ -235,11 +235,14 @@ class ReplicaLink:
         self._plain_running -= 1
         self._plain_ended = True
 
-    def submit_write(self, offset: int, data: Buffer, fua: bool = False) -> asyncio.Future[None] | None:
+    def submit_write(self, offset: int, data: Buffer, fua: bool = False,
+                     retried: bool = False) -> asyncio.Future[None] | None:
         """As pwrite in a mirror (no retry), without a coroutine, when the connection can
-        (Submits). A single replica's writes take pwrite: they may wait for a reconnect."""
+        (Submits). A single replica's writes may wait for a reconnect: they take pwrite,
+        unless the caller sends one that fails again through pwrite itself (`retried`: a
+        write behind, as a read by callback does, submit_read), which reconnects."""
         backend = self.next
-        if self._retry_window > 0 or not provides(backend, Submits):
+        if (self._retry_window > 0 and not retried) or not provides(backend, Submits):
             return None
         future = cast(Submits, backend).submit_write(offset, data, fua)
         if future is not None and not fua:

@@ -218,6 +218,22 @@ class ReplicaSet:
         await self._all(writers, lambda r: r.link.pwrite(offset, data, fua), lambda: blocks,
                         "write", submit)
 
+    def submit_write(self, offset: int, data: Buffer, fua: bool = False) -> asyncio.Future[None] | None:
+        """A write behind's replica write without a coroutine (write_behind.py), where the one
+        replica's link can queue it (Submits): its future, or None (then pwrite). The caller
+        sends one that fails again through pwrite (which reconnects a broken connection);
+        a success is reported to the link here. Mirrors take pwrite (their fan-out)."""
+        writers = self._writers
+        if len(writers) != 1 or len(self.replicas) != 1:
+            return None
+        link = writers[0].link
+        if not provides(link, Submits):
+            return None
+        future = cast(Submits, link).submit_write(offset, data, fua, retried=True)
+        if future is not None:
+            future.add_done_callback(functools.partial(_report_success, cast(Submits, link)))
+        return future
+
     def _note_unflushed(self, blocks: range) -> None:
         if not blocks:
             return
@@ -557,6 +573,12 @@ class ReplicaSet:
 
     def status(self) -> list[dict[str, Any]]:
         return [r.status() for r in self.replicas]
+
+
+def _report_success(link: Submits, future: asyncio.Future[None]) -> None:
+    """A write submitted with `retried`: only its success is the link's to hear of."""
+    if not future.cancelled() and future.exception() is None:
+        link.write_ended(None)
 
 
 async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]], targets: list[Replica],

@@ -103,10 +103,12 @@ class SpaceWatch(Layer):
             raise
         self._went_through()
 
-    def submit_write(self, offset: int, data: Buffer, fua: bool = False) -> asyncio.Future[None] | None:
+    def submit_write(self, offset: int, data: Buffer, fua: bool = False,
+                     retried: bool = False) -> asyncio.Future[None] | None:
         """As pwrite, without a coroutine, when the link below can (Submits)."""
         nxt = self.next
-        return cast(Submits, nxt).submit_write(offset, data, fua) if provides(nxt, Submits) else None
+        return (cast(Submits, nxt).submit_write(offset, data, fua, retried)
+                if provides(nxt, Submits) else None)
 
     def submit_read(self, offset: int, into: memoryview, replied: ReadReplied) -> bool:
         """As pread_into, by callback, when the link below can (SubmitsReads)."""

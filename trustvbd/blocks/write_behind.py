@@ -44,6 +44,12 @@ driver one write and one sync. Several runs go as plain writes and the FLUSH
 flushes after them (one sync on the replica rather than one per run). A replica
 that fails a run loses all of its writes, each as it would alone.
 
+Sent without a task: a run goes on one loop turn after the reply that sent it on (so
+the reply leaves first). Where the replica set can queue it at once (one replica, a
+free request slot: ReplicaSet.submit_write) it costs a future, not a task and a chain
+of coroutines; a run that fails so goes again the general way (`send`), where a single
+replica's link reconnects a broken connection and a failure is recorded as always.
+
 Expected FLUSHes: a guest that FLUSHes after every write (a database's log, fsync
 per write) would have each write wait for its FLUSH to send it. Once FLUSH_STREAK
 FLUSHes in a row each came right after one write behind, the next such write is
@@ -61,6 +67,7 @@ import errno
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 from trustvbd import eager
@@ -82,6 +89,8 @@ FLUSH_STREAK = 2
 # Sends the ciphertext of blocks [first, first + len(old) // 32) whose old leaves are `old`.
 # With FUA when the bool says so (durable once answered).
 Send = Callable[[int, Buffer, Buffer, bool], Coroutine[Any, Any, None]]
+# The same without a coroutine, where the replicas can: the future of its end, or None.
+Submit = Callable[[int, Buffer, Buffer, bool], "asyncio.Future[None] | None"]
 
 
 class Ahead(NamedTuple):
@@ -101,7 +110,7 @@ class Seen:
 class _Run:
     """Adjacent writes behind, not sent yet: their leaves, ciphertext and what ends each."""
 
-    __slots__ = ("blocks", "ct", "done", "early", "first", "fua", "old", "task")
+    __slots__ = ("blocks", "ct", "done", "early", "first", "fua", "joined", "old", "task")
 
     def __init__(self, first: int, blocks: int, old: Buffer, ct: Buffer,
                  done: Callable[[], None]) -> None:
@@ -110,25 +119,30 @@ class _Run:
         self.fua = False  # sent with FUA (a FLUSH asked for it before it left)
         self.early = False  # sent at once with FUA: a FLUSH is expected next (WriteBehind.add)
         self.task: asyncio.Task[None] | None = None
+        self.joined: tuple[Buffer, Buffer] = (b"", b"")  # (old, ct) once sent on (_launch)
 
 
 class WriteBehind:
     """The writes of one disk still going to its replicas, and those that failed."""
 
     def __init__(self, disk: str, send: Send, limit: int = WRITE_BEHIND_MAX,
-                 expect_flush: Callable[[], None] | None = None) -> None:
+                 expect_flush: Callable[[], None] | None = None,
+                 submit: Submit | None = None) -> None:
         """`expect_flush`: called as a write a FLUSH is expected to follow leaves (it
-        starts the records' sync); without it no write is sent early."""
+        starts the records' sync); without it no write is sent early. `submit`: sends a
+        run without a task where the replicas can (a run that fails then goes by `send`)."""
         self.disk = disk
         self.limit = limit
         self._send = send
+        self._submit = submit
         self._expect_flush = expect_flush
         self._since_flush = 0  # writes behind added since the last FLUSH
         self._streak = 0  # FLUSHes in a row that each came right after one write behind
         self._fua_sending: list[_Run] = []  # runs with FUA past their loop turn, not answered
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()  # replica writes running
         self._runs: list[_Run] = []  # the newest writes, not sent yet (at most HELD_RUNS)
-        self._starting: list[_Run] = []  # sent on, waiting for their loop turn (_run_send)
+        self._starting: list[_Run] = []  # sent on, waiting for their loop turn (_send_started)
+        self._start_queued = False
         self._timer: asyncio.TimerHandle | None = None
         self._armed = 0.0  # the newest write's time when the timer was last armed
         self._last = 0.0  # the newest write's time
@@ -140,6 +154,7 @@ class WriteBehind:
         self._reported: BlockError | None = None  # what FLUSH says of the newest failures
         self.started = 0  # writes answered before their replicas, since open
         self.sends = 0  # replica writes those made (fewer when gathered)
+        self.submitted = 0  # of those, sent without a task (`submit`)
 
     def takes(self, blocks: int) -> bool:
         """Whether a write of `blocks` blocks may be answered before its replicas."""
@@ -209,11 +224,14 @@ class WriteBehind:
             self._since_flush = 0
             runs.extend(self._fua_sending)  # durable once answered, as those sent now
         fua = fua and len(self._runs) + len(self._starting) == 1
+        starting, self._starting = self._starting, []
         if fua:
-            for run in self._starting:
+            for run in starting:
                 run.fua = True
                 runs.append(run)
             runs.extend(self._runs)
+        for run in starting:  # something waits for them: they leave now, not a turn later
+            self._start(run)
         self._launch_all(after_reply=False, fua=fua)
         runs = [r for r in runs if r.task is not None]  # not those that ended at once
         if not runs:
@@ -245,31 +263,66 @@ class WriteBehind:
         old = run.old[0] if len(run.old) == 1 else b"".join(run.old)
         ct = run.ct[0] if len(run.ct) == 1 else b"".join(run.ct)
         run.old = run.ct = []  # the joined copies replace the pieces (memory bound)
+        run.joined = (old, ct)
         run.fua = fua
         self.sends += 1
-        coro, loop = self._run_send(run, old, ct, after_reply), self._running_loop()
-        if after_reply:
-            task: asyncio.Task[None] | None = loop.create_task(coro)
-            self._starting.append(run)
-        else:
-            # Something waits for these blocks (a FLUSH): the request leaves in this turn,
-            # not in the task's first step one turn later.
-            task = eager.start(loop, coro)
+        if not after_reply:
+            # Something waits for these blocks (a FLUSH): the request leaves in this turn.
+            self._start(run)
+            return
+        # Next loop turn: the guest's reply, queued once this write returned, leaves first,
+        # and the guest prepares its next request while the driver works. (A callback
+        # queued now would run before the reply's; the one it queues, after it.)
+        self._starting.append(run)
+        if not self._start_queued:
+            self._start_queued = True
+            loop = self._running_loop()
+            loop.call_soon(loop.call_soon, self._send_started)
+
+    def _send_started(self) -> None:
+        """The runs sent on after a reply: submitted where the replicas can take a run
+        without a task, else each in a task (`_start`)."""
+        self._start_queued = False
+        starting, self._starting = self._starting, []
+        submit = self._submit
+        for run in starting:
+            future = None
+            if submit is not None and not run.fua:
+                old, ct = run.joined
+                future = submit(run.first, old, ct, False)
+            if future is None:
+                self._start(run)
+                continue
+            self.submitted += 1
+            self._tasks.add(future)
+            future.add_done_callback(partial(self._submitted, run))
+
+    def _submitted(self, run: _Run, future: asyncio.Future[None]) -> None:
+        self._tasks.discard(future)
+        if future.cancelled() or future.exception() is not None:
+            # Again the general way: a single replica's link reconnects if its connection
+            # broke, and a failure is recorded and said as for any write behind.
+            self._start(run)
+            return
+        self._ended(run)
+
+    def _start(self, run: _Run) -> None:
+        """The run's replica write in a task, its request handed over in this turn."""
+        old, ct = run.joined
+        task = eager.start(self._running_loop(), self._run_send(run, old, ct))
         run.task = task
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run_send(self, run: _Run, old: Buffer, ct: Buffer, after_reply: bool) -> None:
+    def _ended(self, run: _Run) -> None:
+        run.joined = (b"", b"")
+        self._writes -= len(run.done)
+        for done in run.done:
+            done()
+
+    async def _run_send(self, run: _Run, old: Buffer, ct: Buffer) -> None:
         try:
-            if after_reply:
-                # One loop turn first: the guest's reply, queued once this write returned,
-                # then leaves before the replica write, and the guest prepares its next
-                # request while the driver works.
-                try:
-                    await asyncio.sleep(0)
-                finally:
-                    self._starting.remove(run)
             if run.fua:
                 self._fua_sending.append(run)
             if run.early:
@@ -285,9 +338,7 @@ class WriteBehind:
         finally:
             if run in self._fua_sending:
                 self._fua_sending.remove(run)
-            self._writes -= len(run.done)
-            for done in run.done:
-                done()
+            self._ended(run)
 
     def _lose(self, first_block: int, blocks: int, exc: BaseException) -> None:
         block_range = range(first_block, first_block + blocks)

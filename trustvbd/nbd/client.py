@@ -228,8 +228,10 @@ class NbdClient:
             for at in range(offset, offset + length, limit)
         ))
 
-    def submit_write(self, offset: int, data: Buffer, fua: bool = False) -> asyncio.Future[None] | None:
-        """A WRITE queued now, without a coroutine (Submits); None when pwrite must do it."""
+    def submit_write(self, offset: int, data: Buffer, fua: bool = False,
+                     retried: bool = False) -> asyncio.Future[None] | None:
+        """A WRITE queued now, without a coroutine (Submits); None when pwrite must do it.
+        The same whether the caller retries or not: a connection never retries."""
         length = len(data)
         if (self._free_slots <= 0 or not self._writable.is_set() or length > self.block_sizes[2]
                 or (fua and not self._caps.fua)):

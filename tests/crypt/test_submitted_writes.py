@@ -1,0 +1,149 @@
+"""Writes behind sent without a task (WriteBehind.submit, ReplicaSet.submit_write): their edges.
+
+The disk sits on a real replica link (SpaceWatch over ReplicaLink over NbdClient) to a real
+NBD server in a thread, whose storage fails or stalls writes on command. A single replica's
+link reconnects a broken connection: a write behind submitted on it that fails is sent again
+the general way, so the guest sees what a waited write would have made it see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.crypt.helpers import BS, SIZE, RawMemory, pattern, run
+from tests.crypt.test_quick_read import opened
+from tests.nbd.helpers import ServerThread
+from trustvbd.blockdev import BlockError, Buffer
+from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
+from trustvbd.blocks.layer import Layer
+from trustvbd.blocks.reconnect import ReplicaLink
+from trustvbd.blocks.space import SpaceWatch
+from trustvbd.nbd.exports import Export, StaticExports
+
+
+class Storage(Layer):
+    """A driver's storage that fails or stalls writes on command (knobs set from the test's
+    thread, read by the server's loop)."""
+
+    def __init__(self) -> None:
+        super().__init__(RawMemory(physical_size(SIZE)))
+        self.fail: int | None = None  # errno every write fails with
+        self.delay = 0.0  # seconds before a write is done
+        self.writes = 0
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        self.writes += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail is not None:
+            raise BlockError(self.fail, "injected write error")
+        await self.next.pwrite(offset, data, fua)
+
+
+@contextlib.contextmanager
+def driver(tmp: Path) -> Iterator[tuple[Storage, str]]:
+    storage = Storage()
+    with ServerThread(StaticExports([Export("", storage)]), tmp / "d0.sock") as server:
+        yield storage, server.uri()
+
+
+def link_of(disk: CryptDisk) -> ReplicaLink:
+    link = disk.replicas.replicas[0].link
+    assert isinstance(link, SpaceWatch) and isinstance(link.next, ReplicaLink)
+    return link.next
+
+
+APART = [7 * i + 3 for i in range(20)]  # not adjacent: one run each
+
+
+async def write_apart(disk: CryptDisk) -> None:
+    """Each write as a guest sends them: the next one a few loop turns later."""
+    for b in APART:
+        await disk.pwrite(b * BS, pattern(b))
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+
+def test_writes_behind_to_one_replica_go_without_a_task_and_read_back(short_tmp: Path) -> None:
+    with driver(short_tmp) as (_, uri):
+        async def go() -> None:
+            async with opened(short_tmp, [uri]) as disk:
+                await write_apart(disk)
+                await disk.settle()
+                # Two batches of HELD_RUNS + 1 runs went after a reply, each run without a
+                # task; the last two, held, went with the drain (a task each).
+                assert disk._behind.sends == 20 and disk._behind.submitted == 18
+                await disk.flush()
+                for b in APART:  # from the replica, verified
+                    assert bytes(await disk.pread(b * BS, BS)) == pattern(b), b
+        run(go())
+
+
+def test_a_submitted_write_whose_connection_breaks_goes_again_after_a_reconnect(
+        short_tmp: Path) -> None:
+    """The connection cut with writes behind in flight: each is sent again on the new
+    connection (the guest was answered; nothing fails), and the next FLUSH says the driver
+    restarted, as after any reconnect with writes not flushed; the data is all there."""
+    with driver(short_tmp) as (storage, uri):
+        async def go() -> None:
+            async with opened(short_tmp, [uri]) as disk:
+                await disk.flush()
+                storage.delay = 0.3
+                await write_apart(disk)  # answered at once
+                while storage.writes == 0:
+                    await asyncio.sleep(0.01)
+                link = link_of(disk)
+                link.next.abandon("cut by the test")  # type: ignore[attr-defined]
+                storage.delay = 0.0
+                await asyncio.wait_for(disk.settle(), 10)
+                assert link.reconnects == 1 and disk._behind.failures == 0
+                with pytest.raises(BlockError) as err:
+                    await disk.flush()
+                assert err.value.errno == errno.EIO and "restarted" in err.value.message
+                await disk.flush()
+                for b in APART:
+                    assert bytes(await disk.pread(b * BS, BS)) == pattern(b), b
+        run(go())
+
+
+def test_a_submitted_write_the_driver_fails_is_said_by_reads_and_the_next_flush(
+        short_tmp: Path) -> None:
+    """A driver out of space: each write behind, answered already, is tried once more the
+    general way and fails again; its block reads as EIO, and once the driver has room
+    again the next FLUSH fails with ENOSPC (once), as for a write behind sent in a task."""
+    nine = APART[:9]  # HELD_RUNS + 1 runs: they go after the ninth reply, submitted
+    with driver(short_tmp) as (storage, uri):
+        async def go() -> None:
+            async with opened(short_tmp, [uri]) as disk:
+                await disk.flush()
+                storage.fail = errno.ENOSPC
+                tries = storage.writes
+                for b in nine:
+                    await disk.pwrite(b * BS, pattern(b, 1))  # answered
+                    for _ in range(3):
+                        await asyncio.sleep(0)
+                await disk.settle()
+                assert disk._behind.submitted == 9 and disk._behind.failures == 9
+                assert storage.writes == tries + 18  # submitted, then once more by pwrite
+                for b in nine:
+                    with pytest.raises(BlockError) as read_err:
+                        await disk.pread(b * BS, BS)
+                    assert read_err.value.errno == errno.EIO
+                storage.fail = None
+                with pytest.raises(BlockError, match="were answered, then failed") as flush_err:
+                    await disk.flush()
+                assert flush_err.value.errno == errno.ENOSPC
+                await disk.flush()  # said once
+                for b in nine:
+                    assert bytes(await disk.pread(b * BS, BS)) == bytes(BS)  # never written
+                    await disk.pwrite(b * BS, pattern(b, 2))
+                await disk.flush()
+                for b in nine:
+                    assert bytes(await disk.pread(b * BS, BS)) == pattern(b, 2)
+        run(go())
