@@ -13,10 +13,11 @@ import contextlib
 import errno
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.crypt.helpers import BS, SIZE, RawMemory, pattern, run
+from tests.crypt.helpers import BS, SIZE, RawMemory, new_state, pattern, run
 from tests.crypt.test_quick_read import opened
 from tests.nbd.helpers import ServerThread
 from trustvbd.blockdev import BlockError, Buffer
@@ -24,6 +25,8 @@ from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.layer import Layer
 from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.space import SpaceWatch
+from trustvbd.fileops import OsFileOps
+from trustvbd.nbd.client import NbdClient
 from trustvbd.nbd.exports import Export, StaticExports
 
 
@@ -146,4 +149,64 @@ def test_a_submitted_write_the_driver_fails_is_said_by_reads_and_the_next_flush(
                 await disk.flush()
                 for b in nine:
                     assert bytes(await disk.pread(b * BS, BS)) == pattern(b, 2)
+        run(go())
+
+
+class FailingLog(OsFileOps):
+    """Real files; the intent log's writes fail on command."""
+
+    def __init__(self) -> None:
+        self.log_fds: set[int] = set()
+        self.fail = False
+
+    def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
+        fd = super().open(path, flags, mode)
+        if Path(path).name == "intent.log":
+            self.log_fds.add(fd)
+        return fd
+
+    def pwrite(self, fd: int, data: Any, offset: int) -> int:
+        if self.fail and fd in self.log_fds:
+            raise OSError(errno.EIO, "injected intent log write error")
+        return super().pwrite(fd, data, offset)
+
+
+def test_runs_whose_records_cannot_be_written_are_lost_not_sent_and_the_flush_says_so(
+        short_tmp: Path) -> None:
+    """The intent log refuses the records held for runs about to be submitted: no
+    ciphertext leaves without its record; each write is lost (read as EIO) and said by the
+    next FLUSH, and no writer is left counted (the FLUSH does not hang)."""
+    with driver(short_tmp) as (storage, uri):
+        async def go() -> None:
+            files = FailingLog()
+            kek = new_state(short_tmp / "state")
+            link = ReplicaLink(await NbdClient.open_uri(uri), "r0",
+                               lambda: NbdClient.open_uri(uri))
+            disk = await CryptDisk.open_mirrored(short_tmp / "state", "vm1",
+                                                 [("r0", SpaceWatch(link, "vm1", "r0"))], kek,
+                                                 files=files)
+            try:
+                await disk.flush()
+                before = storage.writes
+                files.fail = True
+                nine = APART[:9]  # HELD_RUNS + 1 runs: they go after the ninth reply
+                for b in nine:
+                    await disk.pwrite(b * BS, pattern(b))  # answered, records held
+                    for _ in range(3):
+                        await asyncio.sleep(0)
+                await asyncio.wait_for(disk.settle(), 10)
+                assert storage.writes == before  # no ciphertext without its record
+                assert disk._behind.failures == 9
+                with pytest.raises(BlockError) as read_err:
+                    await disk.pread(nine[0] * BS, BS)
+                assert read_err.value.errno == errno.EIO
+                with pytest.raises(BlockError, match="cannot append"):
+                    await disk.pwrite(APART[9] * BS, pattern(APART[9]))  # waits, fails itself
+                files.fail = False
+                with pytest.raises(BlockError, match="cannot append") as flush_err:
+                    await asyncio.wait_for(disk.flush(), 10)
+                assert flush_err.value.errno == errno.EIO
+            finally:
+                files.fail = False
+                await asyncio.wait_for(disk.close(), 10)  # a writer left counted would hang it
         run(go())

@@ -289,7 +289,10 @@ class WriteBehind:
             future = None
             if submit is not None and not run.fua:
                 old, ct = run.joined
-                future = submit(run.first, old, ct, False)
+                try:
+                    future = submit(run.first, old, ct, False)
+                except Exception:  # the general way fails it again, and records the loss
+                    future = None
             if future is None:
                 self._start(run)
                 continue
