@@ -21,6 +21,7 @@ from tests.crypt.helpers import BS, SIZE, RawMemory, new_state, pattern, run
 from tests.crypt.test_quick_read import opened
 from tests.nbd.helpers import ServerThread
 from trustvbd.blockdev import BlockError, Buffer
+from trustvbd.blocks import write_behind
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.layer import Layer
 from trustvbd.blocks.reconnect import ReplicaLink
@@ -63,6 +64,13 @@ def link_of(disk: CryptDisk) -> ReplicaLink:
 
 
 APART = [7 * i + 3 for i in range(20)]  # not adjacent: one run each
+
+
+@pytest.fixture(autouse=True)
+def no_gather_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs leave only after a reply or when something waits, never on the gather timer
+    (a loaded machine would let it fire between two writes and send them by a task)."""
+    monkeypatch.setattr(write_behind, "GATHER_S", 60.0)
 
 
 async def write_apart(disk: CryptDisk) -> None:
