@@ -9,6 +9,7 @@ and role); the processes it starts (the domains of `up`) are found as its descen
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -207,6 +208,7 @@ def make_luks(work: Path, size: int) -> None:
     raise RuntimeError("qemu-img could not create the LUKS image")
 
 
+@functools.cache
 def tree_python(tree: Path) -> str:
     """An interpreter that imports trustvbd from `tree` and everything else from ours.
 
@@ -219,10 +221,12 @@ def tree_python(tree: Path) -> str:
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-        ours = [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
-        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                              check=True, capture_output=True, text=True).stdout.strip()
-        Path(site, "trustvbd_tree.pth").write_text("\n".join([str(tree.resolve()), *ours]) + "\n")
+    # Written once per run: a tree made by another checkout points at that one's packages,
+    # which may be gone (the baseline then failed to start with no module `cryptography`).
+    ours = [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    Path(site, "trustvbd_tree.pth").write_text("\n".join([str(tree.resolve()), *ours]) + "\n")
     return str(python)
 
 
