@@ -23,6 +23,7 @@ from trustvbd.blocks.crypt_layer import (
 from trustvbd.blocks.file import FileBackend, MemoryBackend
 from trustvbd.blocks.layer import Layer
 from trustvbd.blocks.leaf_pages import DEFAULT_CAPACITY
+from trustvbd.fileops import OsFileOps
 
 T = TypeVar("T")
 BS = 4096
@@ -178,3 +179,17 @@ class FailingWrites(Layer):
                 await self.next.pwrite(offset, data, fua)
             raise BlockError(5, "driver write failed")
         await self.next.pwrite(offset, data, fua)
+
+
+class IntentLogFiles(OsFileOps):
+    """Real files that know which descriptors are the intent log's: for tests that count or
+    fail its writes."""
+
+    def __init__(self) -> None:
+        self.log_fds: set[int] = set()
+
+    def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
+        fd = super().open(path, flags, mode)
+        if Path(path).name == "intent.log":
+            self.log_fds.add(fd)
+        return fd

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.crypt.helpers import BS, SIZE, RawMemory, new_state, pattern, run
+from tests.crypt.helpers import BS, SIZE, IntentLogFiles, RawMemory, new_state, pattern, run
 from tests.crypt.test_quick_read import opened
 from tests.nbd.helpers import ServerThread
 from trustvbd.blockdev import BlockError, Buffer
@@ -26,7 +26,6 @@ from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.layer import Layer
 from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.space import SpaceWatch
-from trustvbd.fileops import OsFileOps
 from trustvbd.nbd.client import NbdClient
 from trustvbd.nbd.exports import Export, StaticExports
 
@@ -160,18 +159,10 @@ def test_a_submitted_write_the_driver_fails_is_said_by_reads_and_the_next_flush(
         run(go())
 
 
-class FailingLog(OsFileOps):
+class FailingLog(IntentLogFiles):
     """Real files; the intent log's writes fail on command."""
 
-    def __init__(self) -> None:
-        self.log_fds: set[int] = set()
-        self.fail = False
-
-    def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
-        fd = super().open(path, flags, mode)
-        if Path(path).name == "intent.log":
-            self.log_fds.add(fd)
-        return fd
+    fail = False
 
     def pwrite(self, fd: int, data: Any, offset: int) -> int:
         if self.fail and fd in self.log_fds:

@@ -11,7 +11,17 @@ from typing import Any
 
 import pytest
 
-from tests.crypt.helpers import BS, LAY, SIZE, RawMemory, new_state, open_disk, pattern, run
+from tests.crypt.helpers import (
+    BS,
+    LAY,
+    SIZE,
+    IntentLogFiles,
+    RawMemory,
+    new_state,
+    open_disk,
+    pattern,
+    run,
+)
 from trustvbd import eager
 from trustvbd.blockdev import Backend, BlockError
 from trustvbd.blocks import write_behind
@@ -21,7 +31,6 @@ from trustvbd.blocks.layer import Layer
 from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.replica import State
 from trustvbd.blocks.write_behind import GATHER_BLOCKS, WRITE_BEHIND_BLOCKS, WRITE_BEHIND_MAX
-from trustvbd.fileops import OsFileOps
 
 
 class Gate(Layer):
@@ -338,18 +347,10 @@ def test_adjacent_writes_behind_go_to_the_replica_as_one_write(tmp_path: Path,
     run(go())
 
 
-class LogWrites(OsFileOps):
+class LogWrites(IntentLogFiles):
     """Real files; counts the writes of the intent log."""
 
-    def __init__(self) -> None:
-        self.log_fds: set[int] = set()
-        self.log_writes = 0
-
-    def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
-        fd = super().open(path, flags, mode)
-        if Path(path).name == "intent.log":
-            self.log_fds.add(fd)
-        return fd
+    log_writes = 0
 
     def pwrite(self, fd: int, data: Any, offset: int) -> int:
         self.log_writes += fd in self.log_fds

@@ -182,13 +182,8 @@ def submit(disk: CryptDisk, b0: int, old: Buffer, ct: Buffer, fua: bool = False)
 
 def _submitted(disk: CryptDisk, b0: int, n: int, future: Future[None]) -> None:
     """A submitted write's end: once the replica took it, its blocks are settled (as in send)."""
-    if future.cancelled() or future.exception() is not None:
-        return
-    if disk._unsure:
-        for b in range(b0, b0 + n):
-            disk._unsure.pop(b, None)
-    if disk._behind.lost:
-        disk._behind.rewritten(b0, n)
+    if not future.cancelled() and future.exception() is None:
+        _replica_took(disk, b0, n)
 
 
 async def send(disk: CryptDisk, b0: int, old: Buffer, ct: Buffer, fua: bool = False) -> None:
@@ -207,6 +202,12 @@ async def send(disk: CryptDisk, b0: int, old: Buffer, ct: Buffer, fua: bool = Fa
             disk._unsure.setdefault(b0 + i, []).append(
                 bytes(old[i * LEAF_SIZE:(i + 1) * LEAF_SIZE]))
         raise
+    _replica_took(disk, b0, n)
+
+
+def _replica_took(disk: CryptDisk, b0: int, n: int) -> None:
+    """The replicas took blocks b0..b0+n: no doubt about what they hold stays, and a write
+    behind lost there earlier is rewritten."""
     if disk._unsure:
         for b in range(b0, b0 + n):
             disk._unsure.pop(b, None)
