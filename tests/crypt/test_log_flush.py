@@ -200,24 +200,35 @@ class FailingLogSync(OsFileOps):
         super().fdatasync(fd)
 
 
+async def open_failing_sync(tmp_path: Path) -> tuple[FailingLogSync, CryptDisk]:
+    kek = new_state(tmp_path)
+    files = FailingLogSync()
+    disk = await CryptDisk.open(tmp_path, "vm1", RawMemory(physical_size(SIZE)), "r0", kek,
+                                files=files)
+    return files, disk
+
+
+async def flush_fails_with_eio_and_no_mark(disk: CryptDisk, state: Path, block: int) -> None:
+    """The FLUSH fails with EIO for the log's sync, and the last record is still the write
+    of `block` (one block): no flush mark was written after it."""
+    with pytest.raises(BlockError, match=r"cannot sync .*intent\.log") as failed:
+        await asyncio.wait_for(disk.flush(), 10)
+    assert failed.value.errno == errno.EIO
+    last = last_record(state)
+    assert (last.first_block, len(last.new)) == (block, 32)
+
+
 def test_a_flush_whose_log_sync_fails_says_eio_and_vouches_for_nothing(tmp_path: Path) -> None:
     """The records' sync runs on a thread while the writes behind and the replica flush are in
     flight: its failure still fails the FLUSH (no mark is vouched for) and nothing hangs."""
 
     async def go() -> None:
-        kek = new_state(tmp_path)
-        files = FailingLogSync()
-        disk = await CryptDisk.open(tmp_path, "vm1", RawMemory(physical_size(SIZE)), "r0", kek,
-                                    files=files)
+        files, disk = await open_failing_sync(tmp_path)
         await disk.pwrite(3 * BS, pattern(3))
         await disk.flush()
         await disk.pwrite(4 * BS, pattern(4))  # answered before the replica (write_behind.py)
         files.failing = True
-        with pytest.raises(BlockError, match=r"cannot sync .*intent\.log") as failed:
-            await asyncio.wait_for(disk.flush(), 10)
-        assert failed.value.errno == errno.EIO
-        last = last_record(tmp_path)
-        assert (last.first_block, len(last.new)) == (4, 32)  # no flush mark after the write
+        await flush_fails_with_eio_and_no_mark(disk, tmp_path, 4)
         files.failing = False
         await asyncio.wait_for(disk.flush(), 10)  # the next FLUSH syncs it all
         assert bytes(await disk.pread(3 * BS, 2 * BS)) == pattern(3) + pattern(4)
@@ -231,10 +242,7 @@ def test_an_expected_flush_whose_early_log_sync_failed_says_eio(tmp_path: Path) 
     (write_behind.py): if that sync fails, the FLUSH fails with EIO and writes no mark."""
 
     async def go() -> None:
-        kek = new_state(tmp_path)
-        files = FailingLogSync()
-        disk = await CryptDisk.open(tmp_path, "vm1", RawMemory(physical_size(SIZE)), "r0", kek,
-                                    files=files)
+        files, disk = await open_failing_sync(tmp_path)
         for b in range(write_behind.FLUSH_STREAK):
             await disk.pwrite(b * BS, pattern(b))
             await disk.flush()
@@ -243,11 +251,7 @@ def test_an_expected_flush_whose_early_log_sync_failed_says_eio(tmp_path: Path) 
         for _ in range(5):
             await asyncio.sleep(0)  # the early sync ran (and failed)
         files.failing = False
-        with pytest.raises(BlockError, match=r"cannot sync .*intent\.log") as failed:
-            await asyncio.wait_for(disk.flush(), 10)
-        assert failed.value.errno == errno.EIO
-        last = last_record(tmp_path)
-        assert (last.first_block, len(last.new)) == (9, 32)  # no flush mark after the write
+        await flush_fails_with_eio_and_no_mark(disk, tmp_path, 9)
         await asyncio.wait_for(disk.flush(), 10)  # the next FLUSH syncs it all
         assert bytes(await disk.pread(9 * BS, BS)) == pattern(9)
         await crash(disk)
