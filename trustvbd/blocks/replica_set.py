@@ -61,6 +61,7 @@ from trustvbd.blocks.replica_recovery import Recovery
 from trustvbd.blocks.replica_scrub import scrub
 from trustvbd.crypt.aead import BLOCK_SIZE
 from trustvbd.crypt.superblock import Layout
+from trustvbd.running_loop import RunningLoop
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class ReplicaSet:
         # (what, replica, blocks, message): integrity events, for the audit log
         self.report: Callable[[str, str, list[int], str], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None  # _loop_time
+        self._running_loop = RunningLoop()
         self.closed = False
         self.lost_unflushed = False  # every current replica reconnected with unflushed writes
         self.epoch = 0  # the last committed epoch
@@ -415,7 +416,7 @@ class ReplicaSet:
             # With another replica to turn to, a read left unanswered for `lag` is hedged.
             hedge = None
             if i + 1 < k and provides(r.link, Watched):
-                hedge = ReadHedge(self, r, order[i + 1:], attempt, self._loop_time())
+                hedge = ReadHedge(self, r, order[i + 1:], attempt, self._running_loop().time())
                 self._hedges.add(hedge)
             served = r
             try:
@@ -468,15 +469,6 @@ class ReplicaSet:
         assert hedge.by is not None
         return hedge.by, cast(T, hedge.result)
 
-    def _loop_time(self) -> float:
-        """The running loop's time, its loop looked up once: asyncio.get_running_loop is a
-        getpid system call in Python 3.11: one per read, more than all its other system calls
-        together at QD16."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            loop = self._loop = asyncio.get_running_loop()
-        return loop.time()
-
     def submit_read(self, b0: int, n: int, call: ReadCall[T]) -> SubmittedRead[T] | None:
         """`read`'s prologue by callback, for a caller that waits for no coroutine: the
         first replica's read is submitted (SubmitsReads) into `call.into`, watched for lag
@@ -498,7 +490,7 @@ class ReplicaSet:
             return None
         r.reading += 1
         if len(order) > 1 and provides(link, Watched):
-            sub.hedge = hedge = ReadHedge(self, r, order[1:], call.attempt, self._loop_time())
+            sub.hedge = hedge = ReadHedge(self, r, order[1:], call.attempt, self._running_loop().time())
             self._hedges.add(hedge)
         return sub
 

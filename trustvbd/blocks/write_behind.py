@@ -74,6 +74,7 @@ from trustvbd import eager
 from trustvbd.blockdev import BlockError, Buffer
 from trustvbd.blocks.ranges import describe_blocks
 from trustvbd.crypt.aead import LEAF_SIZE
+from trustvbd.running_loop import RunningLoop
 
 log = logging.getLogger("trustvbd.crypt.write_behind")
 
@@ -146,7 +147,7 @@ class WriteBehind:
         self._timer: asyncio.TimerHandle | None = None
         self._armed = 0.0  # the newest write's time when the timer was last armed
         self._last = 0.0  # the newest write's time
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running_loop = RunningLoop()
         self._writes = 0  # writes behind: in a run or in a task
         self.lost: set[int] = set()  # blocks of failed writes behind, until a FLUSH settles them
         self._failure: BlockError | None = None  # the first failure no FLUSH has settled yet
@@ -164,13 +165,6 @@ class WriteBehind:
     @property
     def running(self) -> int:
         return self._writes
-
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        # Remembered: asyncio.get_running_loop costs a getpid() system call in Python 3.11.
-        loop = self._loop
-        if loop is None or not loop.is_running():
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
 
     def add(self, first_block: int, old: Buffer, ct: Buffer, done: Callable[[], None],
             gather: bool = True) -> None:
