@@ -29,7 +29,8 @@ from tests.crypt.helpers import BS, SimulatedReplica, new_state, run
 from trustvbd.blockdev import BlockError
 from trustvbd.blocks import crypt_commit
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
-from trustvbd.blocks.disk_state import DiskState, IntentLog
+from trustvbd.blocks.disk_state import DiskState
+from trustvbd.blocks.intent_log import IntentLog
 from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.tree_file import TreeFile
 from trustvbd.crypt.aead import BlockCipher

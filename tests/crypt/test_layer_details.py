@@ -24,7 +24,7 @@ from tests.crypt.helpers import (
     run,
 )
 from trustvbd.blockdev import BlockError
-from trustvbd.blocks import crypt_commit, disk_state
+from trustvbd.blocks import crypt_commit, intent_log
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.disk_state import DiskState
 from trustvbd.crypt.aead import BlockCipher
@@ -117,7 +117,7 @@ def test_auto_commit_bounds_the_intent_log(tmp_path: Path, monkeypatch: pytest.M
         log = DiskState(tmp_path, "vm1").open_intent()
         try:
             assert log.end < 64 * 64 + 4096  # the records; the zeroed room after them is fixed
-            assert os.path.getsize(log.path) == disk_state.LOG_ROOM
+            assert os.path.getsize(log.path) == intent_log.LOG_ROOM
         finally:
             log.close()
         await disk.close()

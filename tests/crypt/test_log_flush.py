@@ -13,9 +13,10 @@ import pytest
 
 from tests.crypt.helpers import BS, LAY, SIZE, RawMemory, new_state, open_disk, pattern, run
 from trustvbd.blockdev import BlockError
-from trustvbd.blocks import crypt_commit, disk_state, write_behind
+from trustvbd.blocks import crypt_commit, intent_log, write_behind
 from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, physical_size
-from trustvbd.blocks.disk_state import DiskState, IntentLog, IntentRecord
+from trustvbd.blocks.disk_state import DiskState
+from trustvbd.blocks.intent_log import IntentLog, IntentRecord
 from trustvbd.fileops import OsFileOps
 
 
@@ -131,7 +132,7 @@ def test_a_flush_syncs_the_log_in_its_room_without_growing_it(tmp_path: Path) ->
         assert disk.epoch == epoch  # flush marks, no commit (which resets the log)
         now = os.stat(path)
         assert (now.st_size, now.st_blocks) == (first.st_size, first.st_blocks)
-        assert first.st_size == disk_state.LOG_ROOM
+        assert first.st_size == intent_log.LOG_ROOM
         await crash(disk)
 
     run(go())
@@ -139,7 +140,7 @@ def test_a_flush_syncs_the_log_in_its_room_without_growing_it(tmp_path: Path) ->
 
 def test_records_go_after_the_last_one_as_the_room_grows_and_after_a_reopen(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(disk_state, "LOG_ROOM", 256)
+    monkeypatch.setattr(intent_log, "LOG_ROOM", 256)
     path = tmp_path / "intent.log"
     log = IntentLog(path)
     log.reset(7)

@@ -41,7 +41,7 @@ from tests.durability.powercut import (
 from trustvbd.acm.audit import AuditLog
 from trustvbd.acm.audit_read import verify
 from trustvbd.blockdev import Backend
-from trustvbd.blocks import crypt_commit, disk_state
+from trustvbd.blocks import crypt_commit, intent_log
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.disk_state import DiskState
 from trustvbd.blocks.reconnect import ReplicaLink
@@ -95,7 +95,7 @@ def test_power_cut_at_every_step_loses_nothing_flushed(tmp_path: Path, cut_dir: 
     monkeypatch.setattr(crypt_commit, "RESERVE", 16)  # counter reservations mid-stream too
     # Some FLUSHes commit, the others let the intent log stand for a commit.
     monkeypatch.setattr(crypt_commit, "CHECKPOINT_BLOCKS", 8)
-    monkeypatch.setattr(disk_state, "LOG_ROOM", 256)  # the intent log's room grows mid-stream
+    monkeypatch.setattr(intent_log, "LOG_ROOM", 256)  # the intent log's room grows mid-stream
     state = tmp_path / "state"
     kek = new_state(state, size=SIZE)
     events = Events()

@@ -32,8 +32,9 @@ from trustvbd.acm.toml_loader import load_toml
 from trustvbd.acm.xml_loader import policy_from_xml
 from trustvbd.blockdev import BlockError, Buffer
 from trustvbd.blocks import anchor_file, tree_file
-from trustvbd.blocks.disk_state import Anchor, DiskState, IntentLog, TrustedStateError
+from trustvbd.blocks.disk_state import Anchor, DiskState, TrustedStateError
 from trustvbd.blocks.file import MemoryBackend
+from trustvbd.blocks.intent_log import IntentLog
 from trustvbd.crypt import keys as keys_mod
 from trustvbd.crypt import superblock as sb
 from trustvbd.crypt.sign import Signer

@@ -30,12 +30,13 @@ from trustvbd.blocks.crypt_survey import (
     read_exact,
     survey_replica,
 )
-from trustvbd.blocks.disk_state import Anchor, DiskState, IntentLog, Member, TrustedStateError
+from trustvbd.blocks.disk_state import Anchor, DiskState, Member, TrustedStateError
 from trustvbd.blocks.integrity import (
     IntegrityError,
     ReplicaRefusedError,
     StaleReplicaError,
 )
+from trustvbd.blocks.intent_log import IntentLog
 from trustvbd.blocks.leaf_pages import LeafPages, read_page
 from trustvbd.blocks.ranges import describe_blocks, runs
 from trustvbd.blocks.replica import Replica, State, broken_link

@@ -12,7 +12,7 @@ the moment it is needed, naming the blocks it covers. Checked nodes stay in a
 bounded cache; nodes changed by a commit stay in memory until written back.
 
 Changes reach the file after the anchor, without fsync; the intent log carries
-each changed page hash until the file is synced (disk_state.IntentLog), so after a
+each changed page hash until the file is synced (intent_log.IntentLog), so after a
 power cut `redo` puts them back and the root is checked again. An orderly close
 syncs the file and marks it clean with the anchor's epoch and root.
 """
