@@ -31,7 +31,7 @@ from trustvbd.blockdev import (
 from trustvbd.blocks.integrity import IntegrityError
 from trustvbd.blocks.ranges import Hold, describe_blocks
 from trustvbd.blocks.replica import BadBlocks
-from trustvbd.blocks.replica_set import SubmittedRead
+from trustvbd.blocks.replica_reads import SubmittedRead
 from trustvbd.crypt.aead import BLOCK_SIZE, POISON_VERSION, leaf_version
 
 if TYPE_CHECKING:

@@ -8,16 +8,9 @@ Writes go to every current and resyncing replica before they are acknowledged;
 a write that fails on some but not all marks those degraded and succeeds. A
 writer that lags (a request unanswered for `lag` seconds while another writer
 answers) is cut off, which fails its requests, so it is degraded the same way.
-Reads go to one current replica, the one with the fewest reads in flight (in
-turn among equals), and are verified by the caller's `attempt`;
-a replica that errs or fails verification is skipped, and the good ciphertext
-is written back to it (read-repair). A read left unanswered for `lag` is asked of
-the next replica too, and each further `lag` to one more (read_hedge.py); if one
-serves it, the silent one is cut off and degraded. Only when every current replica
-fails does the read fail. A read may start by callback (submit_read: the first
-replica's request and its hedge, no coroutine); whatever goes wrong with it goes on
-in the same loop (read_on) from the next replica. Degraded and refused replicas are brought back in the
-background (replica_recovery.py); scrub is replica_scrub.py.
+Reads go to one current replica at a time, verified, failing over to the next and
+repairing those that failed (replica_reads.py). Degraded and refused replicas are
+brought back in the background (replica_recovery.py); scrub is replica_scrub.py.
 
 Only the data area is tracked block by block: a replica that missed leaf pages
 or superblocks is rewritten whole by its joining commit.
@@ -30,32 +23,28 @@ import errno
 import functools
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any, Generic, Protocol, TypeVar, cast
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, cast
 
 from trustvbd.blockdev import (
-    Backend,
     BlockError,
     Breakable,
     Buffer,
     Capabilities,
     Submits,
-    SubmitsReads,
     TellsBreak,
     Watched,
     provides,
 )
-from trustvbd.blocks.ranges import RangeLock, describe_blocks, runs
+from trustvbd.blocks import replica_reads
+from trustvbd.blocks.ranges import RangeLock
 from trustvbd.blocks.read_hedge import ReadHedge
 from trustvbd.blocks.replica import (
-    COPY_BLOCKS,
     Admit,
-    BadBlocks,
     Replica,
     State,
     Verifier,
     broken_link,
-    reads_in_flight,
 )
 from trustvbd.blocks.replica_recovery import Recovery
 from trustvbd.blocks.replica_scrub import scrub
@@ -66,7 +55,6 @@ from trustvbd.running_loop import RunningLoop
 log = logging.getLogger(__name__)
 
 BS = BLOCK_SIZE
-T = TypeVar("T")
 # A writer that leaves a request unanswered this long while another writer answers is
 # dropped from the write set (degraded, resynced later) rather than holding the guest's
 # writes until its request timeout ([limits] replica_lag).
@@ -373,156 +361,15 @@ class ReplicaSet:
 
     # ------------------------------------------------------------ verified reads
 
-    def data_offset(self, block: int) -> int:
-        return self._data_start + block * BS
-
-    async def read(self, b0: int, n: int, attempt: Callable[[Backend], Awaitable[T]]) -> T:
-        """`attempt(link)` on current replicas in turn until one passes; repair the others.
-
-        `attempt` returns the verified result or raises BadBlocks (indices within the
-        range) or BlockError. Raises the last failure when no current replica passes.
-        """
-        readers = self._readers
-        return await self.read_on(readers, self._order(readers, b0, n), 0, b0, n, attempt, [])
-
-    def _order(self, readers: list[Replica], b0: int, n: int) -> list[Replica]:
-        """The current replicas in the order a read asks them."""
-        k = len(readers)
-        if not k:
-            raise BlockError(errno.EIO, f"disk {self.disk!r}: no current replica to read blocks "
-                             f"{b0}-{b0 + n - 1} from")
-        start = self._next_reader % k
-        self._next_reader += 1
-        if k == 1:
-            return readers
-        if self._watch_timer is None:  # it hedges reads that lag
-            self._watch_soon()
-        if k == 2:  # as below, without the sort (the usual mirror)
-            a, b = readers[start], readers[1 - start]
-            return [a, b] if a.reading <= b.reading else [b, a]
-        # The least busy first (in turn among equals): a slow replica gets fewer reads.
-        return sorted(readers[start:] + readers[:start], key=reads_in_flight)
-
-    async def read_on(self, readers: list[Replica], order: list[Replica], at: int, b0: int,
-                      n: int, attempt: Callable[[Backend], Awaitable[T]],
-                      failures: list[tuple[Replica, list[int]]],
-                      last: BaseException | None = None) -> T:
-        """`read` from `order[at]` on, after the `failures` (replica, block indices) of
-        those before it (the last of them `last`): submit_read goes on here."""
-        k = len(order)
-        for i in range(at, k):
-            r = order[i]
-            r.reading += 1
-            # With another replica to turn to, a read left unanswered for `lag` is hedged.
-            hedge = None
-            if i + 1 < k and provides(r.link, Watched):
-                hedge = ReadHedge(self, r, order[i + 1:], attempt, self._running_loop().time())
-                self._hedges.add(hedge)
-            served = r
-            try:
-                result = await attempt(r.link)
-            except (BadBlocks, BlockError) as exc:
-                if hedge is not None and hedge.won and not isinstance(exc, BadBlocks):
-                    served, result = self._hedge_won(r, hedge, exc)
-                else:
-                    last = self._failed(r, exc, i + 1 < k, b0, n, failures)
-                    continue
-            finally:
-                r.reading -= 1
-                if hedge is not None:
-                    self._hedges.discard(hedge)
-                    hedge.stop()
-            if failures:
-                await self._repair(served, b0, n, failures)
-            return result
-        assert last is not None
-        self.recovery.revive_broken(readers)
-        if len(self.replicas) > 1 and not isinstance(last, BadBlocks):
-            self._report("unavailable", readers[0], [], (
-                f"disk {self.disk!r}: no current replica could serve blocks {b0}-{b0 + n - 1} "
-                f"({last}); the read fails"))
-        raise last
-
-    def _failed(self, r: Replica, exc: BadBlocks | BlockError, more: bool, b0: int, n: int,
-                failures: list[tuple[Replica, list[int]]]) -> BaseException:
-        """Record `r` failing a read of blocks [b0, b0+n) (reported if it lied); `more`:
-        another replica is asked next. Returns `exc`."""
-        r.errors += 1
-        if isinstance(exc, BadBlocks):
-            blocks = [b0 + i for i in exc.indices]
-            r.last_error = f"block(s) {describe_blocks(blocks)} failed verification"
-            failures.append((r, exc.indices))
-            self._report("data", r, blocks, (
-                f"disk {self.disk!r}: block(s) {describe_blocks(blocks)} read from replica "
-                f"{r.name!r} failed verification (altered, moved, replayed or lost by the "
-                "driver)" + ("; served from another replica" if more else "")))
-        else:
-            r.last_error = f"read failed: {exc}"
-            failures.append((r, list(range(n))))
-        return exc
-
-    def _hedge_won(self, r: Replica, hedge: ReadHedge[T], exc: BlockError) -> tuple[Replica, T]:
-        """r left the read unanswered for `lag` while another replica served it: the hedge
-        dropped r's connection (no late reply can arrive on it); out of the read and write
-        sets until reconnected and resynced. Who served it, and what."""
-        self.degrade(r, (), f"read failed: {exc}")
-        assert hedge.by is not None
-        return hedge.by, cast(T, hedge.result)
-
-    def submit_read(self, b0: int, n: int, call: ReadCall[T]) -> SubmittedRead[T] | None:
-        """`read`'s prologue by callback, for a caller that waits for no coroutine: the
-        first replica's read is submitted (SubmitsReads) into `call.into`, watched for lag
-        and hedged as `read` does. On its reply `call.replied()` verifies it; anything else
-        (an error, a bad block, a hedge that served it) goes on in `read_on`, the one
-        place failover, repair and reporting happen. None when the first replica's link
-        cannot take it now: nothing was done; `read` serves it."""
-        readers = self._readers
-        if not readers:
-            return None  # `read` says so
-        order = self._order(readers, b0, n)
-        r = order[0]
-        link = r.link
-        if not provides(link, SubmitsReads):
-            return None
-        sub = SubmittedRead(self, call, readers, order, b0, n)
-        if not cast(SubmitsReads, link).submit_read(self.data_offset(b0), call.into,
-                                                    sub.replied):
-            return None
-        r.reading += 1
-        if len(order) > 1 and provides(link, Watched):
-            sub.hedge = hedge = ReadHedge(self, r, order[1:], call.attempt, self._running_loop().time())
-            self._hedges.add(hedge)
-        return sub
-
-    def _report(self, what: str, r: Replica, blocks: list[int], message: str) -> None:
-        if self.report is not None:
-            self.report(what, r.name, blocks, message)
-
-    async def _repair(self, good: Replica, b0: int, n: int,
-                      failures: list[tuple[Replica, list[int]]]) -> None:
-        """Write `good`'s ciphertext of the failed blocks back to the replicas that failed."""
-        assert self.verifier is not None
-        try:
-            ct = memoryview(await good.link.pread(self.layout.data_offset(b0), n * BS))
-        except BlockError as exc:
-            for r, idx in failures:
-                self.degrade(r, (b0 + i for i in idx), f"read-repair source failed: {exc}")
-            return
-        ok = len(ct) == n * BS and not self.verifier.bad_blocks(b0, ct)
-        for r, idx in failures:
-            want = [i for i in idx if self.verifier.written(b0 + i)]
-            if not ok:  # the source changed its answer: resync later instead
-                self.degrade(r, (b0 + i for i in want), "read-repair source did not verify twice")
-                continue
-            try:
-                for i0, i1 in runs(want, COPY_BLOCKS):
-                    await r.link.pwrite(self.layout.data_offset(b0 + i0), ct[i0 * BS:i1 * BS])
-            except BlockError as exc:
-                self.degrade(r, (b0 + i for i in want), f"read-repair write failed: {exc}")
-                continue
-            r.repaired += len(want)
-            log.warning("disk %s: repaired %d block(s) of replica %s from %s", self.disk,
-                        len(want), r.name, good.name)
+    data_offset = replica_reads.data_offset
+    read = replica_reads.read
+    _order = replica_reads.read_order
+    read_on = replica_reads.read_on
+    _failed = replica_reads.read_failed
+    _hedge_won = replica_reads.hedge_won
+    submit_read = replica_reads.submit_read
+    _report = replica_reads.report
+    _repair = replica_reads.repair
 
     # ------------------------------------------------------------ commits
 
@@ -617,94 +464,3 @@ async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]], targets: lis
             await asyncio.wait([future for _, future, _ in started])
         raise
     return failed
-
-
-class ReadCall(Protocol[T]):
-    """The caller's side of a read served by callbacks (ReplicaSet.submit_read)."""
-
-    @property
-    def into(self) -> memoryview:
-        """Where the first replica's bytes are received."""
-        ...
-
-    def attempt(self, link: Backend) -> Awaitable[T]:
-        """As `read`'s attempt: a whole read from `link`, for hedges and the general path."""
-        ...
-
-    def replied(self) -> T:
-        """`into` holds the first replica's bytes: the verified result, or BadBlocks."""
-        ...
-
-    def ended(self, result: T | BaseException) -> None:
-        """The read's outcome, from whichever replica served it, or why none could."""
-        ...
-
-    def go_on(self, rest: Coroutine[Any, Any, T]) -> None:
-        """The read goes on in the general path: run `rest` and end with its outcome."""
-        ...
-
-
-class SubmittedRead(Generic[T]):
-    """A read submitted to its first replica (ReplicaSet.submit_read): its reply ends it,
-    or hands it to read_on at the next replica."""
-
-    __slots__ = ("b0", "call", "hedge", "live", "n", "order", "readers", "rs")
-
-    def __init__(self, rs: ReplicaSet, call: ReadCall[T], readers: list[Replica],
-                 order: list[Replica], b0: int, n: int) -> None:
-        self.rs, self.call, self.readers, self.order, self.b0, self.n = (
-            rs, call, readers, order, b0, n)
-        self.hedge: ReadHedge[T] | None = None
-        self.live = True
-
-    def _settle(self) -> None:
-        """As read_on's `finally` for the first replica."""
-        self.live = False
-        self.order[0].reading -= 1
-        hedge = self.hedge
-        if hedge is not None:
-            self.rs._hedges.discard(hedge)
-            hedge.stop()
-            self.hedge = None  # it holds the caller's attempt: no cycle left
-
-    def cancel(self) -> None:
-        """The caller gives up (its guest went away): the reply, when it comes, is dropped."""
-        if self.live:
-            self._settle()
-
-    def replied(self, error: BlockError | None) -> None:
-        """The first replica's reply (the link's callback)."""
-        if not self.live:
-            return
-        hedge = self.hedge
-        self._settle()
-        call = self.call
-        exc: BadBlocks | BlockError
-        if error is None:
-            try:
-                result = call.replied()
-            except BadBlocks as bad:
-                exc = bad
-            except Exception as failed:  # a bug, not the replica's: the read fails, nothing hangs
-                call.ended(failed)
-                return
-            else:
-                call.ended(result)
-                return
-        else:
-            exc = error
-        rs, order, r = self.rs, self.order, self.order[0]
-        if hedge is not None and hedge.won and not isinstance(exc, BadBlocks):
-            _, result = rs._hedge_won(r, hedge, exc)
-            call.ended(result)
-            return
-        failures: list[tuple[Replica, list[int]]] = []
-        if len(order) == 1 and not isinstance(exc, BadBlocks) and broken_link(r.link):
-            # The only replica's connection broke: `read` asks it again, as pread_into
-            # would have (a single replica's link reconnects).
-            call.go_on(rs.read_on(self.readers, order, 0, self.b0, self.n, call.attempt,
-                                  failures))
-            return
-        last = rs._failed(r, exc, len(order) > 1, self.b0, self.n, failures)
-        call.go_on(rs.read_on(self.readers, order, 1, self.b0, self.n, call.attempt,
-                              failures, last))
