@@ -185,6 +185,8 @@ def describe_replica(r: dict[str, Any]) -> str:
     resync = r.get("resync")
     if resync and r["state"] == "resyncing":
         parts.append(f"resync {resync['done']}/{resync['total']} at {resync['blocks_per_s']} blocks/s")
+        if resync.get("waiting_for_source"):
+            parts.append(f"resync waits for a replica to copy from: {resync['waiting_for_source']}")
     text = ", ".join(parts)
     if not r.get("last_error"):
         return text

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from tests.crypt.helpers import BS, RawMemory, open_disk, pattern, run
-from trustvbd.blocks.crypt_layer import create_disk_state, load_kek, physical_size
+from trustvbd.blocks.crypt_layer import CryptDisk, create_disk_state, load_kek, physical_size
 
 SIZE = 300 * BS  # N = 300, P = 3
 
@@ -238,5 +238,79 @@ def test_intent_records_follow_the_document(tmp_path: Path) -> None:
         assert rec[24:56] == hashlib.sha256(b"\x00" + bytes(8) + page).digest()
         assert len(rec) == 60 and _crc_ok(rec, 56)
         await disk.close()
+
+    run(go())
+
+
+def doc_dirty_map(raw: bytes, n: int) -> tuple[int, int, set[int]]:
+    """Section 2.7, either version: (version, since, blocks) of a map for N = n blocks."""
+    assert raw[:8] == b"TVBDBHND" and _crc_ok(raw, len(raw) - 4)
+    version, k, since, count = struct.unpack_from(">IIQQ", raw, 8)
+    assert count == n
+    blocks: set[int] = set()
+    if version == 1:
+        assert k == 0 and len(raw) == 32 + -(-n // 8) + 4
+        blocks = {b for b in range(n) if raw[32 + b // 8] >> (b % 8) & 1}
+    else:
+        assert version == 2 and len(raw) == 36 + 16 * k
+        end = -1  # the writer never lets two runs touch
+        for i in range(k):
+            first, length = struct.unpack_from(">QQ", raw, 32 + 16 * i)
+            assert length >= 1 and first > end and first + length <= n
+            blocks.update(range(first, first + length))
+            end = first + length
+    return version, since, blocks
+
+
+def doc_v1_map(since: int, n: int, blocks: set[int]) -> bytes:
+    """A version-1 map (a bitmap) written from section 2.7, as trustvbd wrote them before."""
+    bits = bytearray(-(-n // 8))
+    for b in blocks:
+        bits[b // 8] |= 1 << (b % 8)
+    body = b"TVBDBHND" + struct.pack(">IIQQ", 1, 0, since, n) + bytes(bits)
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
+def test_dirty_maps_follow_the_document_and_version_1_still_opens(tmp_path: Path) -> None:
+    """A replica that fails writes is behind: its map (version 2, runs) reads as the
+    document says. A version-1 map (a bitmap) in its place opens the disk and is what
+    the replica is resynced for."""
+    from tests.crypt.test_mirror import Faulty, settle
+
+    async def go() -> None:
+        kek = load_kek(tmp_path)
+        create_disk_state(tmp_path, "doc", SIZE, kek)
+        mems = [RawMemory(physical_size(SIZE)) for _ in range(2)]
+        links = [Faulty(m) for m in mems]
+
+        async def reopen() -> CryptDisk:
+            return await CryptDisk.open_mirrored(tmp_path, "doc", [("a", links[0]), ("b", links[1])],
+                                                 kek)
+        disk = await reopen()
+        await disk.pwrite(0, pattern(0))
+        await disk.close()  # a full commit: nothing written since it when b leaves
+        disk = await reopen()
+        since = disk._commits.epoch
+        links[1].fail_writes = True
+        for b0, n in ((5, 3), (100, 1), (299, 1)):
+            await disk.pwrite(b0 * BS, b"".join(pattern(b, 1) for b in range(b0, b0 + n)))
+        await disk.flush()  # a full commit: b's map, then the anchor listing it as behind
+        path = tmp_path / "disks" / "doc" / "behind" / "b"
+        raw = path.read_bytes()
+        assert doc_dirty_map(raw, 300) == (2, since, {5, 6, 7, 100, 299})
+        assert len(raw) == 36 + 3 * 16
+        await disk.close()
+
+        path.write_bytes(doc_v1_map(since, 300, {5, 6, 7, 42, 100, 299}))
+        links[1].fail_writes = False
+        writes = links[1].writes
+        disk = await reopen()
+        await settle(disk)
+        r = disk.replicas.replicas[1]
+        assert r.resync_total == 6 and r.resync_done == 6, r.status()
+        assert links[1].writes - writes < 12  # those blocks, and the joining commit
+        await disk.close()
+        assert not path.exists()  # current again: the map is gone
+        assert bytes(mems[0].raw) == bytes(mems[1].raw)
 
     run(go())

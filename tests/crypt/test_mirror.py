@@ -177,20 +177,24 @@ def test_failed_writes_degrade_remember_and_resync(tmp_path: Path, copies: int) 
         faulty = [Faulty(m) for m in mems]
         disk = await open_set(tmp_path, kek, list(faulty))
         data = bytearray(await fill(disk))
+        # A full commit (at close), so that the blocks written since the last one (which a
+        # driver rolled back within an epoch may lack: they are in the map too) are none.
+        await disk.close()
+        disk = await open_set(tmp_path, kek, list(faulty))
         faulty[1].fail_writes = True
         for b in (3, 4, 100):  # the guest sees success
             data[b * BS:(b + 1) * BS] = pattern(b, 7)
             await disk.pwrite(b * BS, pattern(b, 7))
         await disk.flush()
         r1 = disk.replicas.replicas[1]
-        assert r1.state is State.DEGRADED and {3, 4, 100} <= r1.dirty
+        assert r1.state is State.DEGRADED and {3, 4, 100} <= set(r1.dirty)
         await disk.close()
         # Trusted state remembers, across a restart of the domain.
         state = DiskState(tmp_path, "vm1")
         anchor = state.read_anchor()
         assert anchor.member("r1") is Member.BEHIND
         stored = state.read_dirty_map("r1", NBLOCKS)
-        assert stored is not None and {3, 4, 100} <= stored[1] and len(stored[1]) < 10
+        assert stored is not None and {3, 4, 100} <= set(stored[1]) and len(stored[1]) < 10
         # Reopen while r1 still fails: it stays behind, the disk serves from the rest.
         disk = await open_set(tmp_path, kek, list(faulty))
         assert disk.replicas.replicas[1].state is State.DEGRADED
@@ -226,7 +230,7 @@ def test_writes_not_yet_flushed_are_dirty_on_a_replica_that_fails_before_the_flu
         await disk.settle()
         r1 = disk.replicas.replicas[1]
         assert r1.state is State.DEGRADED
-        assert r1.dirty == {*range(10, 20), 40, 41, 7, 60}, sorted(r1.dirty)
+        assert set(r1.dirty) == {*range(10, 20), 40, 41, 7, 60}, r1.dirty
         await disk.flush()
         faulty[1].fail_writes = False
         await settle(disk)
@@ -750,9 +754,6 @@ class Verifies:
 
     def written(self, block: int) -> bool:
         return False
-
-    async def written_blocks(self) -> list[int]:
-        return []
 
     def written_ranges(self) -> list[tuple[int, int]]:
         return []

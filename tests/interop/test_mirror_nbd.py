@@ -663,6 +663,36 @@ def test_a_driver_rolled_back_within_an_epoch_is_resynced_not_taken_as_it_is(
         m.close()
 
 
+def test_a_driver_rolled_back_within_an_epoch_is_resynced_across_a_restart_of_up(
+        short_tmp: Path) -> None:
+    """As above, with `up` restarted while the driver is away: the blocks written since
+    the last full commit before it left (which its old copy lacks, at the same epoch) are
+    kept in trusted state with its dirty map, so the new `up` still resyncs them rather
+    than serving the old copy as current."""
+    m = Mirror(short_tmp, 2)
+    victim = m.drivers[-1]
+    try:
+        m.system.start()
+        qemu_io(m.uri, "write -P 0x11 0 256k", "flush")
+        m.wait_all_current()
+        m.system.stop()  # a full commit: the copy below shows its epoch
+        m.system.start()
+        m.wait_all_current()
+        old = victim.file.read_bytes()
+        qemu_io(m.uri, "write -P 0x22 0 256k", "flush")  # through the intent log: same epoch
+        victim.kill()
+        qemu_io(m.uri, "write -P 0x33 2M 4k", "flush")  # a full commit: the victim is behind
+        m.system.stop()
+        victim.file.write_bytes(old)  # its driver comes back with the old copy
+        m.system.start()
+        victim.start()
+        m.wait_all_current()
+        m.drivers[0].kill()  # the victim alone serves
+        qemu_io(m.uri, "read -P 0x22 0 256k", "read -P 0x33 2M 4k")
+    finally:
+        m.close()
+
+
 def test_third_party_drivers_with_fault_injection(short_tmp: Path) -> None:
     """qemu-nbd and nbdkit (error filter: 10 % of reads fail) as the two replicas."""
     a, b = short_tmp / "a.img", short_tmp / "b.img"

@@ -58,10 +58,11 @@ import errno
 from collections.abc import Awaitable, Callable
 
 from trustvbd.blockdev import BlockError, Buffer
+from trustvbd.blocks.block_runs import BlockRuns
 from trustvbd.blocks.disk_state import Anchor, DiskState, Member, replica_id
 from trustvbd.blocks.leaf_pages import LeafPages
 from trustvbd.blocks.ranges import runs
-from trustvbd.blocks.replica import State
+from trustvbd.blocks.replica import Replica, State
 from trustvbd.blocks.replica_set import ReplicaSet
 from trustvbd.blocks.tree_file import TreeFile, TreeFileError
 from trustvbd.blocks.write_behind import Ahead
@@ -389,6 +390,10 @@ class Commits:
         self.intent_blocks = 0
         self._logged = None
         replica.commit_done(joined, epoch)
+        for r in joined:
+            if r.state is State.CURRENT:  # it holds every leaf page now
+                r.leaves_behind.clear()
+                r.whole_table = False
         try:
             for r in joined:
                 self._state.drop_dirty_map(r.name)
@@ -404,16 +409,33 @@ class Commits:
                            f"{epoch} ({exc}); reopen the disk")
             raise BlockError(errno.EIO, self.failed) from exc
 
-    async def _send_table(self, replica: ReplicaSet, joining: list) -> None:
-        """The whole leaf table to replicas that join: the pages that may hold a written
+    async def _send_table(self, replica: ReplicaSet, joining: list[Replica]) -> None:
+        """The leaf pages replicas that join may hold old: those of the blocks each missed
+        (Replica.leaves_behind: O(its map), not O(disk)), or the whole table for one that
+        was rebuilt."""
+        g = self.lay
+        if any(r.whole_table for r in joining):
+            spans: list[tuple[int, int]] = [(0, g.leaf_pages)]
+        else:
+            pages = BlockRuns()
+            for r in joining:
+                for b0, b1 in r.leaves_behind.runs():
+                    pages.add(b0 // LEAVES_PER_PAGE, (b1 - 1) // LEAVES_PER_PAGE + 1)
+            spans = list(pages.runs())
+        for q0, q1 in spans:
+            await self._send_pages(replica, joining, q0, q1)
+
+    async def _send_pages(self, replica: ReplicaSet, joining: list[Replica], q0: int,
+                          q1: int) -> None:
+        """Leaf pages [q0, q1) to replicas that join: the pages that may hold a written
         leaf a few at a time (checked against the tree as they are loaded), so memory stays
         bounded, and the runs of empty pages between them as zeroes. (Written out page by
         page, the mostly empty table of a sparse 256 GiB disk, 2 GiB, held guests' writes
         for 25 s in this commit; a 16 TiB one's, 128 GiB, for half an hour.)"""
         g, leaves = self.lay, self.leaves
         step = max(1, min(JOIN_PAGES, leaves.capacity // 2))
-        sent = 0  # pages before this are on the joining replicas
-        for p0, p1 in runs(leaves.maybe_written(0, g.leaf_pages), step):
+        sent = q0  # pages of [q0, q1) before this are on the joining replicas
+        for p0, p1 in runs(leaves.maybe_written(q0, q1), step):
             await self._zero_table(replica, joining, sent, p0)
             held = await leaves.hold(p0 * LEAVES_PER_PAGE, min(p1 * LEAVES_PER_PAGE, g.blocks))
             try:
@@ -422,9 +444,10 @@ class Commits:
                 leaves.release(held)
             await replica.write_to(joining, g.leaf_page_offset(p0), chunk)
             sent = p1
-        await self._zero_table(replica, joining, sent, g.leaf_pages)
+        await self._zero_table(replica, joining, sent, q1)
 
-    async def _zero_table(self, replica: ReplicaSet, joining: list, p0: int, p1: int) -> None:
+    async def _zero_table(self, replica: ReplicaSet, joining: list[Replica], p0: int,
+                          p1: int) -> None:
         """Leaf pages [p0, p1), all empty, to the joining replicas (WRITE_ZEROES)."""
         for q0 in range(p0, p1, JOIN_ZERO_PAGES):
             q1 = min(q0 + JOIN_ZERO_PAGES, p1)
@@ -454,11 +477,20 @@ class Commits:
         return tuple(out)
 
     def _save_dirty_maps(self, replica: ReplicaSet) -> None:
-        """The blocks each replica that is not current lacks, before the anchor says so."""
+        """The blocks each replica that is not current lacks, before the anchor says so:
+        its dirty map (runs: O(the map), not O(disk)), the blocks written since the
+        full commit before it left, which a new connection to its driver may have lost
+        (Replica.since_commit: after a restart every connection is new), and those whose
+        leaf pages it has not been sent yet."""
         for r in replica.replicas:
             if r.state in (State.DEGRADED, State.RESYNCING) and not r.map_saved:
+                lacks = r.dirty
+                if r.since_commit or r.leaves_behind:
+                    lacks = lacks.copy()
+                    lacks.update(r.since_commit)
+                    lacks.update(r.leaves_behind)  # copied, but its leaf pages are not yet
                 try:
-                    self._state.write_dirty_map(r.name, r.behind_since, self.lay.blocks, r.dirty)
+                    self._state.write_dirty_map(r.name, r.behind_since, self.lay.blocks, lacks)
                 except OSError as exc:
                     raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot record what replica "
                                      f"{r.name!r} lacks: {exc}") from exc

@@ -67,6 +67,7 @@ async def _discard(disk: CryptDisk, offset: int, length: int, fua: bool, forward
                     old = disk._leaves.get(c0, c1)
                     if old.count(0) != len(old):
                         disk._note_settled(c0, old, bytes(len(old)))
+                        disk._replica.leaves_changed(range(c0, c1))
                     if forward:  # space reclaim only; leaves already say "zeros"
                         try:
                             await disk._replica.trim(disk._lay.data_offset(c0),

@@ -30,7 +30,7 @@ from trustvbd.blockdev import Backend, BlockError, Capabilities, check_range
 from trustvbd.blocks import crypt_discard, crypt_read, crypt_write
 from trustvbd.blocks.aead_pool import INLINE, AeadPool
 from trustvbd.blocks.crypt_commit import Commits
-from trustvbd.blocks.crypt_open import written_blocks
+from trustvbd.blocks.crypt_open import written_ranges
 from trustvbd.blocks.crypt_survey import survey_replica
 from trustvbd.blocks.crypt_unlock import open_disk
 from trustvbd.blocks.crypt_verify import VerifyReport, verify_replica
@@ -49,14 +49,13 @@ from trustvbd.blocks.integrity import (
     StaleReplicaError,
 )
 from trustvbd.blocks.leaf_pages import DEFAULT_CAPACITY, LeafLocks
-from trustvbd.blocks.ranges import runs
 from trustvbd.blocks.read_buffers import ReadBuffers
 from trustvbd.blocks.replica import Replica
 from trustvbd.blocks.replica_set import REPLICA_LAG, ReplicaSet
 from trustvbd.blocks.write_behind import Seen, WriteBehind
 from trustvbd.crypt.aead import BLOCK_SIZE, BlockCipher, new_key_id
 from trustvbd.crypt.keys import DiskSecrets, Kek, KeyFileError, WrongKeyError
-from trustvbd.crypt.superblock import LEAVES_PER_PAGE, Layout
+from trustvbd.crypt.superblock import Layout
 from trustvbd.fileops import OS_FILES, FileOps
 
 __all__ = [
@@ -230,16 +229,9 @@ class CryptDisk:
         """Verifier: whether the block has ciphertext that a replica must hold."""
         return self._leaves.written(block)
 
-    async def written_blocks(self) -> list[int]:
-        """Verifier: every block with ciphertext (what a replica rebuilt whole gets)."""
-        return await written_blocks(self._leaves)
-
     def written_ranges(self) -> list[tuple[int, int]]:
         """Verifier: the block ranges of the leaf pages that may hold a written leaf."""
-        g = self._lay
-        pages = self._leaves.maybe_written(0, g.leaf_pages)
-        return [(p0 * LEAVES_PER_PAGE, min(p1 * LEAVES_PER_PAGE, g.blocks))
-                for p0, p1 in runs(pages, g.leaf_pages)]
+        return written_ranges(self._leaves)
 
     def written_since_commit(self) -> list[int]:
         """Verifier: blocks written since the last full commit."""

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import errno
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -189,18 +189,12 @@ async def load_logged_pages(disk: str, g: Layout, leaves: LeafPages, sources: li
     return events
 
 
-async def written_blocks(leaves: LeafPages) -> list[int]:
-    """Every block with ciphertext: only pages the tree knows are not empty are read."""
+def written_ranges(leaves: LeafPages) -> list[tuple[int, int]]:
+    """Block ranges [b0, b1), in order, outside which no block is written: those of the
+    leaf pages that are resident or that the tree does not know as empty (no page is read)."""
     g = leaves.lay
-    out = []
-    pages = sorted(set(leaves.tree.nonempty_pages()) | set(leaves.dirty_pages()))
-    for p in pages:
-        held = await leaves.hold(p * LEAVES_PER_PAGE, min((p + 1) * LEAVES_PER_PAGE, g.blocks))
-        try:
-            out += [b for b in g.leaf_page_blocks(p * LEAVES_PER_PAGE) if leaves.written(b)]
-        finally:
-            leaves.release(held)
-    return out
+    return [(p0 * LEAVES_PER_PAGE, min(p1 * LEAVES_PER_PAGE, g.blocks))
+            for p0, p1 in runs(leaves.maybe_written(0, g.leaf_pages), g.leaf_pages)]
 
 
 async def each_replica(disk: str, replicas: list[Replica], job: Callable[[Replica], Awaitable[T]],
@@ -376,7 +370,7 @@ async def recover(links: list[tuple[str, Backend]], disk: str, state: DiskState,
     apply_versions(leaves, intents, best)
     await _even_out(disk, g, cipher, leaves, [r for r in current if r.name in chosen], chosen, best)
 
-    written: list[int] | None = None
+    written: list[tuple[int, int]] | None = None
     for r in replicas:
         if r.state is State.CURRENT:
             r.behind_since = anchor.epoch
@@ -391,27 +385,14 @@ async def recover(links: list[tuple[str, Backend]], disk: str, state: DiskState,
             r.dirty.update(stored_map[1])
         else:
             rebuild.add(r.name)
-        if r.name in rebuild:
+        if r.name in rebuild:  # it lacks every written block (the resync skips the rest)
             if written is None:
-                leaves.replicas = _Serving(serving)
-                written = await written_blocks(leaves)
-            r.dirty.update(written)
+                written = written_ranges(leaves)
+            for b0, b1 in written:
+                r.dirty.add(b0, b1)
+            r.whole_table = True
         r.dirty.update(intents.candidates)  # uncommitted writes it may not have
     return Opened(replicas, events)
-
-
-class _Serving:
-    """Where leaf pages come from before the replica set exists."""
-
-    def __init__(self, current: list[Replica]) -> None:
-        self._current = current
-
-    @property
-    def current(self) -> list[Replica]:
-        return [r for r in self._current if r.state is State.CURRENT]
-
-    def degrade(self, r: Replica, blocks: Iterable[int], why: str) -> None:
-        r.state, r.last_error = State.DEGRADED, why
 
 
 async def _even_out(disk: str, g: Layout, cipher: BlockCipher, leaves: LeafPages,

@@ -6,7 +6,7 @@
     STATE_DIR/disks/NAME/anchor    last committed epoch, root, counter reservation
     STATE_DIR/disks/NAME/intent.log  leaf changes since the last commit
     STATE_DIR/disks/NAME/tree      the hash tree over the leaf pages (tree_file.py)
-    STATE_DIR/disks/NAME/behind/R  blocks replica R missed while it was behind
+    STATE_DIR/disks/NAME/behind/R  blocks replica R missed while it was behind (dirty_map.py)
 
 Nothing here is sent to a driver. Byte layouts are in docs/format.md. The keys
 are replaced atomically (temp file, fsync, rename, fsync dir), the anchor is
@@ -27,7 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trustvbd.blocks import anchor_file, tree_file
+from trustvbd.blocks import anchor_file, dirty_map, tree_file
+from trustvbd.blocks.block_runs import BlockRuns
 from trustvbd.blocks.intent_log import IntentLog
 from trustvbd.blocks.state_checks import TrustedStateError, crc_at
 from trustvbd.crypt.keys import (
@@ -124,33 +125,6 @@ class Anchor:
         return dataclasses.replace(self, counter_high=counter_high)
 
 
-# ---------------------------------------------------------------- dirty maps
-
-_MAP_HEADER = struct.Struct(">8sIIQQ")
-_MAP_MAGIC = b"TVBDBHND"
-
-
-def encode_dirty_map(epoch: int, blocks: int, dirty: Iterable[int]) -> bytes:
-    bits = bytearray(-(-blocks // 8))
-    for b in dirty:
-        bits[b >> 3] |= 1 << (b & 7)
-    body = _MAP_HEADER.pack(_MAP_MAGIC, 1, 0, epoch, blocks) + bits
-    return body + struct.pack(">I", zlib.crc32(body))
-
-
-def decode_dirty_map(raw: bytes, blocks: int) -> tuple[int, set[int]] | None:
-    """(epoch written for, dirty blocks), or None if it is not a whole map for `blocks` blocks."""
-    size = _MAP_HEADER.size + -(-blocks // 8) + 4
-    if len(raw) != size or zlib.crc32(raw[:-4]) != crc_at(raw, size - 4):
-        return None
-    magic, version, _, epoch, count = _MAP_HEADER.unpack_from(raw)
-    if magic != _MAP_MAGIC or version != 1 or count != blocks:
-        return None
-    bits = raw[_MAP_HEADER.size:-4]
-    dirty = {i * 8 + j for i, byte in enumerate(bits) if byte for j in range(8) if byte >> j & 1}
-    return epoch, dirty
-
-
 # ---------------------------------------------------------------- one disk's state
 
 
@@ -222,15 +196,17 @@ class DiskState:
     def dirty_map_path(self, replica: str) -> Path:
         return self.dir / "behind" / replica
 
-    def read_dirty_map(self, replica: str, blocks: int) -> tuple[int, set[int]] | None:
+    def read_dirty_map(self, replica: str, blocks: int) -> tuple[int, BlockRuns] | None:
         """The stored dirty map of `replica` (epoch, blocks), or None if absent or unreadable."""
         try:
             raw = self.dirty_map_path(replica).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return decode_dirty_map(raw, blocks)
+        return dirty_map.decode(raw, blocks)
 
-    def write_dirty_map(self, replica: str, epoch: int, blocks: int, dirty: Iterable[int]) -> None:
+    def write_dirty_map(self, replica: str, epoch: int, blocks: int,
+                        dirty: BlockRuns | Iterable[int]) -> None:
+        """Stored atomically (version 2: its runs, so O(the map), not O(disk))."""
         path = self.dirty_map_path(replica)
         if not self._behind_durable:
             # behind/'s own entry must survive a power cut before a map in it counts. Synced
@@ -240,7 +216,8 @@ class DiskState:
                 self.ops.mkdir(path.parent, 0o700)
             self.ops.fsync_dir(self.dir)
             self._behind_durable = True
-        write_file_atomic(path, encode_dirty_map(epoch, blocks, dirty), self.ops)
+        runs = dirty if isinstance(dirty, BlockRuns) else BlockRuns(dirty)
+        write_file_atomic(path, dirty_map.encode(epoch, blocks, runs), self.ops)
 
     def drop_dirty_map(self, replica: str) -> None:
         try:

@@ -8,7 +8,8 @@ read hedging (read_hedge.py) and scrub (replica_scrub.py) share. The states:
              receives nothing, serves nothing; reconnected in the background.
 - resyncing: receives every new write while its dirty blocks are copied to it
              from a current replica (verified first); at the next commit it
-             gets the whole leaf table and the superblock and becomes current.
+             gets the leaf pages of the blocks it missed (the whole leaf table if
+             it was rebuilt) and the superblock, and becomes current.
 - failed:    refused (it holds another disk or foreign data): never written; looked
              at again now and then, and rebuilt whole once it is blank.
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from trustvbd.blockdev import Backend, Breakable
+from trustvbd.blocks.block_runs import BlockRuns
 
 # Blocks copied per step of a resync, scrub or read-repair (one range lock, one read,
 # one write).
@@ -48,14 +50,10 @@ class Verifier(Protocol):
         """Whether the block has ciphertext to copy (a zero leaf needs none)."""
         ...
 
-    async def written_blocks(self) -> list[int]:
-        """Every block with ciphertext, found from the leaf pages the tree knows are not
-        empty: never a walk over every block (a 16 TiB disk has 4 billion)."""
-        ...
-
     def written_ranges(self) -> list[tuple[int, int]]:
         """Block ranges [b0, b1), in order, outside which no block is written (those of the
-        leaf pages the tree does not know as empty): what a scrub reads."""
+        leaf pages the tree does not know as empty): what a scrub reads and a rebuild
+        copies (never a walk over every block: a 16 TiB disk has 4 billion)."""
         ...
 
     def written_since_commit(self) -> list[int]:
@@ -85,11 +83,17 @@ class Replica:
     name: str
     link: Backend
     state: State = State.CURRENT
-    dirty: set[int] = field(default_factory=set)  # data blocks it lacks
+    dirty: BlockRuns = field(default_factory=BlockRuns)  # data blocks it lacks
     # Blocks written since the last full commit when it was degraded: a new connection to
-    # its driver may have lost them (a copy put back), so a reconnect makes them dirty.
-    since_commit: set[int] = field(default_factory=set)
-    joining: bool = False       # copied up: needs the whole leaf table at the next commit
+    # its driver may have lost them (a copy put back), so a reconnect makes them dirty,
+    # and its stored map holds them too (after a restart every connection is new).
+    since_commit: BlockRuns = field(default_factory=BlockRuns)
+    joining: bool = False       # copied up: needs its leaf pages at the next commit
+    # Blocks whose leaves it may hold old (written, discarded or copied while it was not
+    # taking commits): their leaf pages go to it in its joining commit, and they stay in
+    # its stored map until then. With `whole_table` (rebuilt: stale anywhere) all go.
+    leaves_behind: BlockRuns = field(default_factory=BlockRuns)
+    whole_table: bool = False
     last_error: str | None = None
     repaired: int = 0           # blocks rewritten by read-repair and scrub
     errors: int = 0
@@ -97,6 +101,8 @@ class Replica:
     resync_done: int = 0
     resync_started: float = 0.0
     resync_rate: float = 0.0    # blocks per second over the last resync
+    # Why its resync waits (no current replica could be read to copy from), or None.
+    resync_waiting: str | None = None
     behind_since: int = 0       # the last epoch it took whole (while not current)
     map_saved: bool = False     # its dirty set is in trusted state as it is now
     bringing_back: bool = False
@@ -115,6 +121,8 @@ class Replica:
         if self.state is State.RESYNCING or self.resync_total:
             out["resync"] = {"done": self.resync_done, "total": self.resync_total,
                              "blocks_per_s": round(self.resync_rate, 1)}
+            if self.resync_waiting is not None:
+                out["resync"]["waiting_for_source"] = self.resync_waiting
         return out
 
 

@@ -51,6 +51,11 @@ LAG_HOLD_MAX = 300.0
 FAILED_RECHECK = 5.0
 
 
+class SourceFailed(BlockError):
+    """No current replica could be read to copy blocks from: the resyncing replica is not
+    at fault (those that failed say so in their own `last_error`)."""
+
+
 class Recovery:
     """The background work that brings one replica set's replicas back."""
 
@@ -169,10 +174,16 @@ class Recovery:
                 self.rs.fail(r, str(exc))
                 return
             if rebuild:
-                assert self.rs.verifier is not None
-                r.dirty.update(await self.rs.verifier.written_blocks())
-                r.map_saved = False
+                self._rebuild_whole(r)
         await self._resync(r, loud)
+
+    def _rebuild_whole(self, r: Replica) -> None:
+        """r lacks every written block: the ranges of the leaf pages that may hold one go
+        to its dirty map as runs (bounded; `_copy` skips the blocks not written)."""
+        assert self.rs.verifier is not None
+        for b0, b1 in self.rs.verifier.written_ranges():
+            r.dirty.add(b0, b1)
+        r.whole_table, r.map_saved = True, False
 
     async def _admit_hedged(self, r: Replica, admit: Admit) -> bool:
         """`admit(r)`, its reads hedged as a guest's are: one that `r` leaves unanswered for
@@ -228,30 +239,61 @@ class Recovery:
         r.taken_back_at = time.monotonic()
         self.rs.regroup()
         r.resync_total = len(r.dirty)
+        r.resync_waiting = None
+        # Its leaf pages of these blocks are old too (or may be): they go to it when it joins.
+        r.leaves_behind.update(r.dirty)
+        r.leaves_behind.update(r.since_commit)
         r.resync_done = 0
         r.resync_started = time.monotonic()
         log.log(logging.WARNING if loud else logging.DEBUG, "disk %s: resyncing %d block(s) of "
                 "replica %s", self.rs.disk, r.resync_total, r.name)
+        delay = RECONNECT_FIRST
         while r.dirty:
-            if r.state is not State.RESYNCING:
-                return
-            batch = runs(sorted(r.dirty)[:COPY_BLOCKS * 8], COPY_BLOCKS)
-            for b0, b1 in batch:
+            for b0, b1 in r.dirty.first(COPY_BLOCKS * 8, COPY_BLOCKS):
+                if r.state is not State.RESYNCING or self.rs.closed:
+                    return
                 hold = await self.rs.locks.acquire(b0, b1, True)
                 try:
                     await self._copy(r, b0, b1)
+                except SourceFailed as exc:
+                    # Not r's fault: the current replicas that failed the read say so in
+                    # their own last_error (ReplicaSet.read). r stays in the write set and
+                    # this batch is tried again, from whichever replica is current then.
+                    self._wait_for_source(r, exc, delay)
+                    break
                 finally:
                     self.rs.locks.release(hold)
-                r.dirty.difference_update(range(b0, b1))
+                r.resync_waiting = None
+                delay = RECONNECT_FIRST
+                r.dirty.discard(b0, b1)
                 r.resync_done += b1 - b0
                 elapsed = time.monotonic() - r.resync_started
                 r.resync_rate = r.resync_done / elapsed if elapsed > 0 else 0.0
                 await asyncio.sleep(0)  # guest requests first
+            if r.resync_waiting is not None:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
         await r.link.flush()
         r.joining = True  # the next commit writes its leaf table and superblock
         log.warning("disk %s: replica %s copied up; joins at the next commit", self.rs.disk, r.name)
         if self.rs.request_commit is not None:
             self.rs.request_commit()
+
+    def _wait_for_source(self, r: Replica, exc: SourceFailed, delay: float) -> None:
+        if r.resync_waiting is None:
+            log.warning("disk %s: the resync of replica %s waits for a current replica to "
+                        "read from (%s); tried again in %.2f s", self.rs.disk, r.name, exc, delay)
+        r.resync_waiting = str(exc)
+
+    async def _source_read(self, b0: int, n: int) -> memoryview:
+        """Blocks [b0, b0+n) from a current replica, verified (BadBlocks if none has them
+        right); SourceFailed if none could be read at all."""
+        try:
+            return await self.rs.read(b0, n, self._fetch(b0, n))
+        except BadBlocks:
+            raise
+        except BlockError as exc:
+            raise SourceFailed(exc.errno, exc.message) from exc
 
     async def _copy(self, r: Replica, b0: int, b1: int) -> None:
         assert self.rs.verifier is not None
@@ -261,7 +303,7 @@ class Recovery:
             return
         lo, hi = want[0], want[-1] + 1
         try:
-            ct = await self.rs.read(lo, hi - lo, self._fetch(lo, hi - lo))
+            ct = await self._source_read(lo, hi - lo)
         except BadBlocks:
             await self._copy_each(r, want)
             return
@@ -278,7 +320,7 @@ class Recovery:
         """
         for b in blocks:
             try:
-                ct = await self.rs.read(b, 1, self._fetch(b, 1))
+                ct = await self._source_read(b, 1)
             except BadBlocks:
                 log.warning("disk %s: block %d verifies on no current replica; replica %s joins "
                             "without it", self.rs.disk, b, r.name)
@@ -322,7 +364,7 @@ class Recovery:
             assert self.rs.verifier is not None
             log.warning("disk %s: replica %s, refused before, is acceptable now: rebuilding it"
                         " whole", self.rs.disk, r.name)
-            r.dirty.update(await self.rs.verifier.written_blocks())
-            r.state, r.behind_since, r.map_saved = State.DEGRADED, self.rs.epoch, False
+            self._rebuild_whole(r)
+            r.state, r.behind_since = State.DEGRADED, self.rs.epoch
             self.rs.regroup()
             self.bring_back(r)

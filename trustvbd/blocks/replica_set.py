@@ -37,6 +37,7 @@ from trustvbd.blockdev import (
     provides,
 )
 from trustvbd.blocks import replica_reads
+from trustvbd.blocks.block_runs import BlockRuns
 from trustvbd.blocks.ranges import RangeLock
 from trustvbd.blocks.read_hedge import ReadHedge
 from trustvbd.blocks.replica import (
@@ -145,7 +146,7 @@ class ReplicaSet:
                 # If it comes back on a new connection, its driver may have put back a copy
                 # from before the last FLUSH, which still presents the epoch it left at
                 # (only a full commit moves it): these are copied to it again then.
-                r.since_commit = set(self.verifier.written_since_commit())
+                r.since_commit = BlockRuns(self.verifier.written_since_commit())
             r.state = State.DEGRADED
             r.joining = False
             self.regroup()
@@ -164,6 +165,14 @@ class ReplicaSet:
             self.degrade(r, (), f"connection lost: {cast(Breakable, link).broken}")
         else:
             self.recovery.revive(r)
+
+    def leaves_changed(self, blocks: range) -> None:
+        """The leaves of `blocks` changed with no data sent (a discard): replicas that are
+        behind lack those leaf pages (their joining commit sends them; the stored map
+        names the blocks until then)."""
+        for r in self._behind:
+            r.leaves_behind.update(blocks)
+            r.map_saved = False
 
     def fail(self, r: Replica, why: str) -> None:
         log.error("disk %s: replica %s refused: %s", self.disk, r.name, why)

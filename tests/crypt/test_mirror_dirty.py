@@ -1,0 +1,207 @@
+"""What a replica that is behind lacks (its dirty map, blocks/block_runs.py): bounded by a
+cap past which it coarsens yet misses nothing, kept across a restart together with the
+blocks a driver rolled back within an epoch may lack, and resynced from whichever
+replica can serve, a failing source being charged for its own failure."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from tests.crypt.helpers import BS, LAY, new_state, pattern, run
+from tests.crypt.test_mirror import NBLOCKS, Faulty, data_areas, fill, memories, open_set, settle
+from trustvbd.blockdev import Backend, Buffer
+from trustvbd.blocks import block_runs
+from trustvbd.blocks.disk_state import DiskState, Member
+from trustvbd.blocks.replica import State
+
+
+async def until(cond: object, what: str, tries: int = 3000) -> None:
+    for _ in range(tries):
+        if cond():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"never: {what}")
+
+
+def test_scattered_writes_past_the_cap_coarsen_the_map_yet_the_resync_is_exact(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With room for 8 runs, 150 scattered single-block writes while a replica is away:
+    its map (in memory and stored) stays within 8 runs, takes in blocks never written,
+    and after a restart the resync copies every block written (and the extra ones,
+    verified), so both replicas end byte-identical and the one resynced serves alone."""
+    monkeypatch.setattr(block_runs, "MAX_RUNS", 8)
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        links = [Faulty(m) for m in mems]
+        disk = await open_set(tmp_path, kek, list(links))
+        data = bytearray(await fill(disk))
+        await disk.close()  # a full commit: nothing written since it when r1 leaves
+        disk = await open_set(tmp_path, kek, list(links))
+        links[1].fail_writes = True
+        scattered = sorted(range(3, NBLOCKS, NBLOCKS // 150))[:150]
+        for b in scattered:
+            data[b * BS:(b + 1) * BS] = pattern(b, 9)
+            await disk.pwrite(b * BS, pattern(b, 9))
+        await disk.flush()
+        r1 = disk.replicas.replicas[1]
+        assert r1.state is State.DEGRADED and r1.dirty.run_count <= 8
+        assert set(scattered) <= set(r1.dirty) and r1.dirty.coarsened > 0
+        assert len(r1.dirty) > len(scattered)  # coarsened: blocks it does not lack, too
+        await disk.close()
+        stored = DiskState(tmp_path, "vm1").read_dirty_map("r1", NBLOCKS)
+        assert stored is not None and set(scattered) <= set(stored[1])
+        assert stored[1].run_count <= 8
+        links[1].fail_writes = False
+        disk = await open_set(tmp_path, kek, list(links))  # a restart of the domain
+        await settle(disk)
+        assert disk.replicas.replicas[1].resync_total >= len(scattered)
+        await disk.close()
+        areas = data_areas(mems)
+        assert areas[0] == areas[1]
+        links[0].fail_reads = True  # r1 alone must serve every block
+        disk = await open_set(tmp_path, kek, list(links))
+        assert bytes(await disk.pread(0, NBLOCKS * BS)) == data
+        await disk.close()
+    run(go())
+
+
+def test_blocks_a_rolled_back_driver_may_lack_survive_a_restart(tmp_path: Path) -> None:
+    """Blocks written since the last full commit are on a replica only as far as its
+    driver kept them: one that comes back on a new connection with a copy from before
+    them (same epoch: FLUSHes between full commits sync only the intent log) gets them
+    again. That held within one run of the domain; now they are in the stored map, so a
+    restart in between still resyncs them and the replica never serves them stale."""
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        links = [Faulty(m) for m in mems]
+        disk = await open_set(tmp_path, kek, list(links))
+        data = bytearray(await fill(disk))
+        await disk.close()
+        disk = await open_set(tmp_path, kek, list(links))
+        before = bytes(mems[1].raw)  # the copy its driver will put back
+        for b in range(10, 20):
+            data[b * BS:(b + 1) * BS] = pattern(b, 2)
+        await disk.pwrite(10 * BS, bytes(data[10 * BS:20 * BS]))
+        await disk.flush()  # durable through the intent log: no full commit
+        links[1].fail_writes = True
+        data[50 * BS:51 * BS] = pattern(50, 3)
+        await disk.pwrite(50 * BS, pattern(50, 3))
+        await disk.flush()  # r1 left: a full commit, its map first
+        await disk.close()
+        state = DiskState(tmp_path, "vm1")
+        assert state.read_anchor().member("r1") is Member.BEHIND
+        stored = state.read_dirty_map("r1", NBLOCKS)
+        assert stored is not None and set(stored[1]) == {*range(10, 20), 50}, stored
+        mems[1].raw[:] = before  # its driver restarted on an old copy of the same epoch
+        links[1].fail_writes = False
+        disk = await open_set(tmp_path, kek, list(links))  # a restart of the domain
+        await settle(disk)
+        await disk.close()
+        areas = data_areas(mems)
+        assert areas[0] == areas[1], "the replica was taken back without the blocks it lacked"
+        links[0].fail_reads = True
+        disk = await open_set(tmp_path, kek, list(links))
+        assert bytes(await disk.pread(0, NBLOCKS * BS)) == data
+        await disk.close()
+    run(go())
+
+
+@pytest.mark.parametrize("copies", [2, 3])
+def test_a_resync_source_that_fails_is_charged_and_the_resync_goes_on(
+        tmp_path: Path, copies: int) -> None:
+    """The replica a resync reads from fails its reads: that replica's last_error says
+    so, not the resyncing one's. With another current replica the resync goes on from
+    it; with none it waits (said in status) and finishes once the source reads again."""
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(copies)
+        links = [Faulty(m) for m in mems]
+        disk = await open_set(tmp_path, kek, list(links))
+        data = bytearray(await fill(disk))
+        await disk.close()
+        disk = await open_set(tmp_path, kek, list(links))
+        links[1].fail_writes = True
+        for b in range(30, 60, 2):  # apart: one source read each, from current ones in turn
+            data[b * BS:(b + 1) * BS] = pattern(b, 4)
+            await disk.pwrite(b * BS, pattern(b, 4))
+        await disk.flush()
+        r0, r1 = disk.replicas.replicas[:2]
+        assert r1.state is State.DEGRADED
+        links[0].fail_reads = True  # the source (the only one, with 2 replicas)
+        links[1].fail_writes = False
+        if copies == 2:
+            await until(lambda: r1.resync_waiting is not None, "the resync waits for a source")
+            assert r1.state is State.RESYNCING and "injected read error" in r1.resync_waiting
+            status = r1.status()
+            assert "injected read error" in status["resync"]["waiting_for_source"]
+            links[0].fail_reads = False
+        await settle(disk)
+        assert r1.resync_waiting is None and r1.state is State.CURRENT
+        assert "injected read error" in str(r0.last_error), r0.status()
+        assert "read" not in str(r1.last_error), r1.status()  # its own error: the write
+        await disk.close()
+        areas = data_areas(mems)
+        assert all(a == areas[0] for a in areas)
+        links[0].fail_reads = False
+        disk = await open_set(tmp_path, kek, list(links))
+        assert bytes(await disk.pread(0, NBLOCKS * BS)) == data
+        await disk.close()
+    run(go())
+
+
+class Recording(Faulty):
+    """Faulty, and the offsets of the writes it took."""
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(next)
+        self.offsets: list[tuple[int, int]] = []
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        await super().pwrite(offset, data, fua)
+        self.offsets.append((offset, len(data)))
+
+    async def zero(self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
+                   fast: bool = False) -> None:
+        await self.next.zero(offset, length, fua, may_trim, fast)
+        self.offsets.append((offset, length))
+
+
+def test_a_replica_joins_with_the_leaf_pages_it_missed_not_the_whole_table(tmp_path: Path) -> None:
+    """Its joining commit sends the leaf pages of the blocks it missed, written or
+    discarded while it was away (O(its map), not the whole table: 128 GiB at 16 TiB),
+    and afterwards it alone serves every block, the discarded ones as zeros."""
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        recording = Recording(mems[1])
+        links = [Faulty(mems[0]), recording]
+        disk = await open_set(tmp_path, kek, list(links))
+        data = bytearray(await fill(disk))  # every leaf page holds written leaves
+        await disk.close()
+        disk = await open_set(tmp_path, kek, list(links))
+        links[1].fail_writes = True
+        data[5 * BS:6 * BS] = pattern(5, 6)
+        await disk.pwrite(5 * BS, pattern(5, 6))  # leaf page 0
+        data[300 * BS:311 * BS] = bytes(11 * BS)
+        await disk.zero(300 * BS, 11 * BS)  # leaf page 2: leaves only, no data sent
+        await disk.flush()
+        assert disk.replicas.replicas[1].state is State.DEGRADED
+        recording.offsets.clear()
+        links[1].fail_writes = False
+        await settle(disk)
+        table = range(LAY.leaf_page_offset(0), LAY.leaf_page_offset(LAY.leaf_pages))
+        sent = {(off - table.start) // BS + i for off, n in recording.offsets
+                if off in table for i in range(-(-n // BS))}
+        assert sent == {0, 2}, sent
+        await disk.close()
+        links[0].fail_reads = True
+        disk = await open_set(tmp_path, kek, list(links))
+        assert bytes(await disk.pread(0, NBLOCKS * BS)) == data
+        await disk.close()
+    run(go())
