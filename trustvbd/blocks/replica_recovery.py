@@ -251,6 +251,7 @@ class Recovery:
         while r.dirty:
             for b0, b1 in r.dirty.first(COPY_BLOCKS * 8, COPY_BLOCKS):
                 if r.state is not State.RESYNCING or self.rs.closed:
+                    r.resync_waiting = None
                     return
                 hold = await self.rs.locks.acquire(b0, b1, True)
                 try:
