@@ -151,7 +151,7 @@ class Recovery:
         if r.lag_strikes < 2:
             return
         hold = min(RECONNECT_MAX * 2 ** (r.lag_strikes - 1), LAG_HOLD_MAX)
-        log.warning("disk %s: replica %s lagged again %.0f s after it was taken back (%d times):"
+        log.warning("disk %s: replica %s was cut off again %.0f s after it was taken back (%d times):"
                     " next try in %.0f s", self.rs.disk, r.name, now - r.taken_back_at,
                     r.lag_strikes, hold)
         await asyncio.sleep(hold)

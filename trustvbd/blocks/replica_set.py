@@ -387,10 +387,24 @@ class ReplicaSet:
         return [r for r in self._writers if r.joining]
 
     async def write_to(self, targets: list[Replica], offset: int, data: Buffer) -> None:
-        await self._all(targets, lambda r: r.link.pwrite(offset, data), lambda: (), "write")
+        await self._to_joining(targets, lambda r: r.link.pwrite(offset, data))
 
     async def zero_to(self, targets: list[Replica], offset: int, length: int) -> None:
-        await self._all(targets, lambda r: r.link.zero(offset, length), lambda: (), "write")
+        """Zeroes that may be holes (no NO_HOLE): a joining replica's empty leaf pages are
+        most of a big disk's table (128 GiB at 16 TiB), which a driver must not allocate."""
+        await self._to_joining(targets, lambda r: r.link.zero(offset, length, may_trim=True))
+
+    async def _to_joining(self, targets: list[Replica],
+                          op: Callable[[Replica], Coroutine[Any, Any, None]]) -> None:
+        """A commit's writes to `targets`, the replicas that join in it (the commit's own
+        list): one that fails them is not in the write set, so the commit goes on without
+        it, never failing the guest's FLUSH. It leaves `targets` (it does not join in this
+        commit, even if it is copied up again before the commit ends) and is degraded,
+        taken back later, held back longer each time it fails soon after."""
+        for r, exc in await _each(op, targets):
+            targets.remove(r)
+            r.lagged = True  # cut off soon after it was taken back: back-off
+            self.degrade(r, (), f"joining failed: {exc}")
 
     def commit_done(self, joined: list[Replica], epoch: int) -> None:
         """The commit of `epoch` reached the write set: those that joined are current now."""
