@@ -541,6 +541,39 @@ def test_a_scrub_cut_short_by_a_killed_encryption_domain_says_so(short_tmp: Path
         m.close()
 
 
+def test_status_and_scrub_say_a_disk_is_opening_while_the_domain_restarts(
+        short_tmp: Path) -> None:
+    """A killed encryption domain is restarted and opens its disks again (here held up by a
+    driver stalled in its handshake, `replica_lag` 2 s): meanwhile `status` said the disk had
+    "failed: None" and `scrub` that it "is not encrypted: there is nothing to verify
+    against". Both say it is opening now, and the scrub works once it is open."""
+    m = Mirror(short_tmp, 2, limits="[limits]\nreplica_lag = 2\n")
+    try:
+        m.system.start()
+        qemu_io(m.uri, f"write -P 0x11 0 {HALF}", "flush")
+        m.drivers[1].set("stall_handshake")
+        out = json.loads(m.system.cli("status", "-c", str(m.system.config), "--json").stdout)
+        os.kill(next(d["pid"] for d in out["domains"] if d["kind"] == "crypt"), signal.SIGKILL)
+        seen: set[str] = set()
+        deadline = time.monotonic() + 30
+        while "serving" not in seen:
+            assert time.monotonic() < deadline, seen
+            out = json.loads(m.system.cli("status", "-c", str(m.system.config), "--json").stdout)
+            if out["disks"]:
+                seen.add(out["disks"][0]["state"])
+            if out["disks"] and out["disks"][0]["state"] != "serving":
+                scrub = m.system.cli("scrub", "-c", str(m.system.config), "payroll", check=False)
+                assert "not encrypted" not in scrub.stderr, scrub.stderr
+                # (or it opened meanwhile, and the scrub ran)
+                assert scrub.returncode == 0 or "is still opening" in scrub.stderr, scrub.stderr
+        assert seen == {"opening", "serving"}, seen
+        m.drivers[1].set("honest")
+        qemu_io(m.uri, f"read -P 0x11 0 {HALF}")
+        _check_identical_after_scrub(m)
+    finally:
+        m.close()
+
+
 def test_one_replica_that_answers_no_reads_fails_the_read_after_the_request_timeout(
         short_tmp: Path) -> None:
     """With nowhere else to read from, a driver that never answers a read costs the guest

@@ -169,7 +169,8 @@ class CryptDomain:
             entry: dict[str, Any] = {
                 "name": d.name, "size": d.size, "label": d.label, "encrypt": d.encrypt,
                 "state": "serving" if d.backend else
-                         "locked: run trustvbd unlock" if d.locked else f"failed: {d.error}",
+                         "locked: run trustvbd unlock" if d.locked else
+                         f"failed: {d.error}" if d.error else "opening",
                 "integrity_events": d.integrity_events,
                 "replicas": [{**link.status(), **watch.status()}
                              for link, watch in zip(d.links, d.space, strict=False)],
@@ -204,7 +205,9 @@ class CryptDomain:
             return m.Failed(m.ErrorCode.UNKNOWN, f"no disk named {name!r}")
         backend = disk.backend
         if not isinstance(backend, CryptDisk):
-            why = disk.error or "it is not encrypted: there is nothing to verify against"
+            why = ("it is not encrypted: there is nothing to verify against" if backend else
+                   "it is locked: run `trustvbd unlock` first" if disk.locked else
+                   disk.error or "it is still opening (see `trustvbd status`): try again soon")
             return m.Failed(m.ErrorCode.INVALID, f"disk {name!r} cannot be scrubbed: {why}")
         if disk.scrub is not None and disk.scrub.get("running"):
             return m.ScrubStarted(already_running=True)
