@@ -93,3 +93,23 @@ def test_a_copy_is_independent_and_a_bad_cap_or_block_is_refused() -> None:
         BlockRuns(max_runs=0)
     with pytest.raises(ValueError, match="negative"):
         s.add(-1, 3)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_big_set_added_to_another_merges_exactly(seed: int) -> None:
+    rng = random.Random(seed)
+    a, b = BlockRuns(), BlockRuns()
+    ref = set[int]()
+    for s in (a, b):
+        for _ in range(400):  # well past the 64 runs from which `update` merges in one pass
+            b0 = rng.randrange(20_000)
+            b1 = b0 + rng.choice((1, 2, 30))
+            s.add(b0, b1)
+            ref.update(range(b0, b1))
+    a.update(b)
+    check_shape(a)
+    assert set(a) == ref and len(a) == len(ref)
+    small = BlockRuns(max_runs=50)
+    small.update(b)  # merged, then coarsened to the cap
+    check_shape(small)
+    assert small.run_count <= 50 and set(b) <= set(small)

@@ -156,7 +156,7 @@ def test_a_16_tib_mirror_remembers_and_resyncs_only_what_its_dead_driver_missed(
         s.stop()  # the final commit reaches both
 
         spans = sorted(set(data_extents(drivers[0].file)) | set(data_extents(drivers[1].file)))
-        assert sum(b - a for a, b in spans) < 64 << 20, spans  # sparse: a few MiB written
+        assert sum(b - a for a, b in spans) < 1 << 20, spans  # sparse: ~150 KiB hold data
         with open(drivers[0].file, "rb") as f0, open(drivers[1].file, "rb") as f1:
             for a, b in spans:
                 f0.seek(a)

@@ -125,8 +125,11 @@ class BlockRuns:
     def update(self, blocks: Iterable[int] | BlockRuns) -> None:
         """Add blocks: a range or another BlockRuns run by run, anything else block by block."""
         if isinstance(blocks, BlockRuns):
-            for b0, b1 in blocks.runs():
-                self.add(b0, b1)
+            if blocks.run_count > 64:
+                self._merge(blocks)
+            else:
+                for b0, b1 in blocks.runs():
+                    self.add(b0, b1)
         elif isinstance(blocks, range) and blocks.step == 1:
             self.add(blocks.start, blocks.stop)
         else:
@@ -158,6 +161,32 @@ class BlockRuns:
         starts[i:j] = keep_s
         ends[i:j] = keep_e
         if len(starts) > self.max_runs:
+            self._coarsen()
+
+    def _merge(self, other: BlockRuns) -> None:
+        """Add every run of `other` in one pass over both (a run at a time would shift
+        this set's arrays once per run)."""
+        a_s, a_e, b_s, b_e = self._starts, self._ends, other._starts, other._ends
+        out_s, out_e = array("q"), array("q")
+        i = j = count = 0
+        n, m = len(a_s), len(b_s)
+        while i < n or j < m:
+            if j >= m or (i < n and a_s[i] <= b_s[j]):
+                b0, b1 = a_s[i], a_e[i]
+                i += 1
+            else:
+                b0, b1 = b_s[j], b_e[j]
+                j += 1
+            if out_e and b0 <= out_e[-1]:  # overlaps or touches the last run
+                if b1 > out_e[-1]:
+                    count += b1 - out_e[-1]
+                    out_e[-1] = b1
+            else:
+                out_s.append(b0)
+                out_e.append(b1)
+                count += b1 - b0
+        self._starts, self._ends, self._count = out_s, out_e, count
+        if len(out_s) > self.max_runs:
             self._coarsen()
 
     def clear(self) -> None:
