@@ -212,7 +212,7 @@ class Commits:
         self._wake_at = ahead.writes if ahead is not None else 0
         try:
             while self._writers and not (ahead is not None and self._writers == ahead.writes
-                                         and not any(t.done() for t in ahead.tasks)):
+                                         and not ahead.any_ended()):
                 self._writers_idle.clear()
                 await self._writers_idle.wait()
         finally:

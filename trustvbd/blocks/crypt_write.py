@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 from asyncio import Future
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -169,21 +170,26 @@ def _note_write(disk: CryptDisk, b0: int, new: bytes) -> bytes:
     return old
 
 
-def submit(disk: CryptDisk, b0: int, old: Buffer, ct: Buffer, fua: bool = False) -> Future[None] | None:
-    """As `send` without a coroutine, where the replica set can (one replica): the future
-    of the replica write, or None. A write behind that fails goes through `send` again
-    (write_behind.py), which records what the replica may hold."""
+def submit(disk: CryptDisk, b0: int, old: Buffer, ct: Buffer, fua: bool,
+           ended: Callable[[bool], None]) -> bool:
+    """As `send` without a coroutine, where the replica set can queue the write: True if
+    it did, and `ended` is then told whether the replicas took it. A write behind that
+    fails goes through `send` again (write_behind.py), which records what they may hold."""
     disk._commits.write_held()  # the records first, as in send
     future = disk._replica.submit_write(disk._lay.data_offset(b0), ct, fua)
-    if future is not None:
-        future.add_done_callback(partial(_submitted, disk, b0, len(old) // LEAF_SIZE))
-    return future
+    if future is None:
+        return False
+    future.add_done_callback(partial(_submitted, disk, b0, len(old) // LEAF_SIZE, ended))
+    return True
 
 
-def _submitted(disk: CryptDisk, b0: int, n: int, future: Future[None]) -> None:
-    """A submitted write's end: once the replica took it, its blocks are settled (as in send)."""
-    if not future.cancelled() and future.exception() is None:
+def _submitted(disk: CryptDisk, b0: int, n: int, ended: Callable[[bool], None],
+               future: Future[None]) -> None:
+    """A submitted write's end: once the replicas took it, its blocks are settled (as in send)."""
+    took = not future.cancelled() and future.exception() is None
+    if took:
         _replica_took(disk, b0, n)
+    ended(took)
 
 
 async def send(disk: CryptDisk, b0: int, old: Buffer, ct: Buffer, fua: bool = False) -> None:

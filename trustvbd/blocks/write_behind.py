@@ -44,11 +44,13 @@ driver one write and one sync. Several runs go as plain writes and the FLUSH
 flushes after them (one sync on the replica rather than one per run). A replica
 that fails a run loses all of its writes, each as it would alone.
 
-Sent without a task: a run goes on one loop turn after the reply that sent it on (so
-the reply leaves first). Where the replica set can queue it at once (one replica, a
-free request slot: ReplicaSet.submit_write) it costs a future, not a task and a chain
-of coroutines; a run that fails so goes again the general way (`send`), where a single
-replica's link reconnects a broken connection and a failure is recorded as always.
+Sent without a task: a run leaves, whatever sends it (the reply before it, the gather
+timer, a FLUSH or anything else that waits for it, an expected FLUSH), by `submit`
+where the replica set can queue it at once (ReplicaSet.submit_write): a callback ends
+it, not a task and a chain of coroutines. A run it cannot queue, or that fails so, goes
+the general way (`send`, in a task), where a single replica's link reconnects a broken
+connection and a failure is recorded as always. A run after a reply goes one loop turn
+later, so the reply leaves first.
 
 Expected FLUSHes: a guest that FLUSHes after every write (a database's log, fsync
 per write) would have each write wait for its FLUSH to send it. Once FLUSH_STREAK
@@ -90,15 +92,38 @@ FLUSH_STREAK = 2
 # Sends the ciphertext of blocks [first, first + len(old) // 32) whose old leaves are `old`.
 # With FUA when the bool says so (durable once answered).
 Send = Callable[[int, Buffer, Buffer, bool], Coroutine[Any, Any, None]]
-# The same without a coroutine, where the replicas can: the future of its end, or None.
-Submit = Callable[[int, Buffer, Buffer, bool], "asyncio.Future[None] | None"]
+# The same without a coroutine, where the replicas can queue it: True if queued, and then
+# the callable is called once, when it ended, with whether the replicas took it.
+Submit = Callable[[int, Buffer, Buffer, bool, Callable[[bool], None]], bool]
+
+
+class _Run:
+    """Adjacent writes behind: their leaves, ciphertext and what ends each; once sent on
+    (_join), one buffer of each."""
+
+    __slots__ = ("blocks", "ct", "done", "early", "ended", "first", "fua", "joined", "old",
+                 "task")
+
+    def __init__(self, first: int, blocks: int, old: Buffer, ct: Buffer,
+                 done: Callable[[], None]) -> None:
+        self.first, self.blocks = first, blocks
+        self.old, self.ct, self.done = [old], [ct], [done]
+        self.fua = False  # sent with FUA (a FLUSH asked for it before it left)
+        self.early = False  # sent at once with FUA: a FLUSH is expected next (WriteBehind.add)
+        self.ended = False  # its replicas answered, or it is lost
+        self.task: asyncio.Task[None] | None = None  # sent the general way (_start)
+        self.joined: tuple[Buffer, Buffer] = (b"", b"")  # (old, ct) once sent on (_join)
 
 
 class Ahead(NamedTuple):
-    """The runs a FLUSH sent on with FUA: their tasks and how many writes they hold."""
+    """The runs a FLUSH sent on with FUA, or found in flight with FUA, and how many writes
+    they hold."""
 
-    tasks: tuple[asyncio.Task[None], ...]
+    runs: tuple[_Run, ...]
     writes: int
+
+    def any_ended(self) -> bool:
+        return any(run.ended for run in self.runs)
 
 
 @dataclass
@@ -108,23 +133,11 @@ class Seen:
     failures: int
 
 
-class _Run:
-    """Adjacent writes behind, not sent yet: their leaves, ciphertext and what ends each."""
-
-    __slots__ = ("blocks", "ct", "done", "early", "first", "fua", "joined", "old", "task")
-
-    def __init__(self, first: int, blocks: int, old: Buffer, ct: Buffer,
-                 done: Callable[[], None]) -> None:
-        self.first, self.blocks = first, blocks
-        self.old, self.ct, self.done = [old], [ct], [done]
-        self.fua = False  # sent with FUA (a FLUSH asked for it before it left)
-        self.early = False  # sent at once with FUA: a FLUSH is expected next (WriteBehind.add)
-        self.task: asyncio.Task[None] | None = None
-        self.joined: tuple[Buffer, Buffer] = (b"", b"")  # (old, ct) once sent on (_launch)
-
-
 class WriteBehind:
-    """The writes of one disk still going to its replicas, and those that failed."""
+    """The writes of one disk still going to its replicas, and those that failed.
+
+    A run is held (`_runs`: it may still grow), then sent on to leave after the reply
+    (`_starting`), then in flight (`_sending`) until its replicas answered."""
 
     def __init__(self, disk: str, send: Send, limit: int = WRITE_BEHIND_MAX,
                  expect_flush: Callable[[], None] | None = None,
@@ -139,16 +152,16 @@ class WriteBehind:
         self._expect_flush = expect_flush
         self._since_flush = 0  # writes behind added since the last FLUSH
         self._streak = 0  # FLUSHes in a row that each came right after one write behind
-        self._fua_sending: list[_Run] = []  # runs with FUA past their loop turn, not answered
-        self._tasks: set[asyncio.Future[None]] = set()  # replica writes running
         self._runs: list[_Run] = []  # the newest writes, not sent yet (at most HELD_RUNS)
         self._starting: list[_Run] = []  # sent on, waiting for their loop turn (_send_started)
+        self._sending: set[_Run] = set()  # left, not answered yet
+        self._idle = asyncio.Event()  # set when nothing is in flight, for `drain`
         self._start_queued = False
         self._timer: asyncio.TimerHandle | None = None
         self._armed = 0.0  # the newest write's time when the timer was last armed
         self._last = 0.0  # the newest write's time
         self._running_loop = RunningLoop()
-        self._writes = 0  # writes behind: in a run or in a task
+        self._writes = 0  # writes behind: held, starting or in flight
         self.lost: set[int] = set()  # blocks of failed writes behind, until a FLUSH settles them
         self._failure: BlockError | None = None  # the first failure no FLUSH has settled yet
         self.failures = 0  # failed writes behind since open
@@ -185,7 +198,8 @@ class WriteBehind:
             # guest is answered and sends its FLUSH.
             run = _Run(first_block, blocks, old, ct, done)
             run.early = True
-            self._launch(run, after_reply=False, fua=True)
+            self._join(run)
+            self._go(run, fua=True)
             return
         if gather:
             for run in runs:
@@ -195,11 +209,11 @@ class WriteBehind:
                     run.done.append(done)
                     run.blocks += blocks
                     if run.blocks >= GATHER_BLOCKS:
-                        self._launch_all(after_reply=True)
+                        self._send_after_reply()
                     return
         runs.append(_Run(first_block, blocks, old, ct, done))
         if not gather or len(runs) > HELD_RUNS:
-            self._launch_all(after_reply=True)
+            self._send_after_reply()
         elif self._timer is None:
             self._armed = now
             self._timer = loop.call_at(now + GATHER_S, self._waited)
@@ -212,26 +226,24 @@ class WriteBehind:
         flush at all (reconnect.ReplicaLink.flush). Several go as plain writes, which the
         FLUSH waits for and then flushes: one sync on the replica, not one per run. Runs
         in flight with FUA count as the FLUSH's too (an expected FLUSH's write: add)."""
-        runs = []
+        ahead: list[_Run] = []
         if fua:
             self._streak = self._streak + 1 if self._since_flush == 1 else 0
             self._since_flush = 0
-            runs.extend(self._fua_sending)  # durable once answered, as those sent now
-        fua = fua and len(self._runs) + len(self._starting) == 1
+            ahead.extend(run for run in self._sending if run.fua)  # durable once answered
         starting, self._starting = self._starting, []
-        if fua:
-            for run in starting:
-                run.fua = True
-                runs.append(run)
-            runs.extend(self._runs)
-        for run in starting:  # something waits for them: they leave now, not a turn later
-            self._start(run)
-        self._launch_all(after_reply=False, fua=fua)
-        runs = [r for r in runs if r.task is not None]  # not those that ended at once
-        if not runs:
+        held, self._runs = self._runs, []
+        fua = fua and len(starting) + len(held) == 1
+        for run in held:
+            self._join(run)
+        for run in starting + held:  # something waits for them: they leave now
+            self._go(run, fua)
+            if fua:
+                ahead.append(run)
+        ahead = [run for run in ahead if not run.ended]  # not those that ended at once
+        if not ahead:
             return None
-        return Ahead(tuple(r.task for r in runs if r.task is not None),
-                     sum(len(r.done) for r in runs))
+        return Ahead(tuple(ahead), sum(len(run.done) for run in ahead))
 
     def _waited(self) -> None:
         """The timer: send the runs once GATHER_S passed since the newest write. Re-armed
@@ -242,101 +254,97 @@ class WriteBehind:
         if not self._runs:
             return
         if self._last <= self._armed:
-            self._launch_all(after_reply=False)
+            held, self._runs = self._runs, []
+            for run in held:
+                self._join(run)
+                self._go(run)
         else:
             self._armed = self._last
             self._timer = self._running_loop().call_at(self._last + GATHER_S, self._waited)
 
-    def _launch_all(self, after_reply: bool, fua: bool = False) -> None:
-        """Every unsent run to the replicas, in this loop turn (one send per driver)."""
-        runs, self._runs = self._runs, []
-        for run in runs:
-            self._launch(run, after_reply, fua)
-
-    def _launch(self, run: _Run, after_reply: bool, fua: bool = False) -> None:
+    def _join(self, run: _Run) -> None:
+        """The run's pieces joined: it grows no more."""
         old = run.old[0] if len(run.old) == 1 else b"".join(run.old)
         ct = run.ct[0] if len(run.ct) == 1 else b"".join(run.ct)
         run.old = run.ct = []  # the joined copies replace the pieces (memory bound)
         run.joined = (old, ct)
-        run.fua = fua
         self.sends += 1
-        if not after_reply:
-            # Something waits for these blocks (a FLUSH): the request leaves in this turn.
-            self._start(run)
-            return
-        # Next loop turn: the guest's reply, queued once this write returned, leaves first,
-        # and the guest prepares its next request while the driver works. (A callback
-        # queued now would run before the reply's; the one it queues, after it.)
-        self._starting.append(run)
+
+    def _send_after_reply(self) -> None:
+        """Every held run leaves on the next loop turn: the guest's reply, queued once this
+        write returned, leaves first, and the guest prepares its next request while the
+        driver works. (A callback queued now would run before the reply's; the one it
+        queues, after it.) All in one turn: one send per driver."""
+        held, self._runs = self._runs, []
+        for run in held:
+            self._join(run)
+        self._starting += held
         if not self._start_queued:
             self._start_queued = True
             loop = self._running_loop()
             loop.call_soon(loop.call_soon, self._send_started)
 
     def _send_started(self) -> None:
-        """The runs sent on after a reply: submitted where the replicas can take a run
-        without a task, else each in a task (`_start`)."""
         self._start_queued = False
         starting, self._starting = self._starting, []
-        submit = self._submit
         for run in starting:
-            future = None
-            if submit is not None and not run.fua:
-                old, ct = run.joined
-                try:
-                    future = submit(run.first, old, ct, False)
-                except Exception:  # the general way fails it again, and records the loss
-                    future = None
-            if future is None:
-                self._start(run)
-                continue
-            self.submitted += 1
-            self._tasks.add(future)
-            future.add_done_callback(partial(self._submitted, run))
+            self._go(run)
 
-    def _submitted(self, run: _Run, future: asyncio.Future[None]) -> None:
-        self._tasks.discard(future)
-        if future.cancelled() or future.exception() is not None:
+    def _go(self, run: _Run, fua: bool = False) -> None:
+        """The run's replica write leaves now: submitted where the replicas can queue it,
+        else in a task (`_start`)."""
+        run.fua = fua
+        self._sending.add(run)
+        if run.early:
+            # The records' sync (once the reply left), and the request now: both run
+            # while the guest is answered and sends its FLUSH.
+            assert self._expect_flush is not None
+            self._expect_flush()
+        submit = self._submit
+        if submit is not None:
+            old, ct = run.joined
+            try:
+                if submit(run.first, old, ct, fua, partial(self._submitted, run)):
+                    self.submitted += 1
+                    return
+            except Exception:  # the general way fails it again, and records the loss
+                pass
+        self._start(run)
+
+    def _submitted(self, run: _Run, took: bool) -> None:
+        if took:
+            self._ended(run)
+        else:
             # Again the general way: a single replica's link reconnects if its connection
             # broke, and a failure is recorded and said as for any write behind.
             self._start(run)
-            return
-        self._ended(run)
 
     def _start(self, run: _Run) -> None:
         """The run's replica write in a task, its request handed over in this turn."""
         old, ct = run.joined
-        task = eager.start(self._running_loop(), self._run_send(run, old, ct))
-        run.task = task
-        if task is not None:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        run.task = eager.start(self._running_loop(), self._run_send(run, old, ct))
 
     def _ended(self, run: _Run) -> None:
+        run.ended = True
         run.joined = (b"", b"")
+        run.task = None
+        sending = self._sending
+        sending.discard(run)
         self._writes -= len(run.done)
         for done in run.done:
             done()
+        if not sending:
+            self._idle.set()
 
     async def _run_send(self, run: _Run, old: Buffer, ct: Buffer) -> None:
         try:
-            if run.fua:
-                self._fua_sending.append(run)
-            if run.early:
-                # The records' sync (once the reply left), and the request now: both
-                # run while the guest is answered and sends its FLUSH.
-                assert self._expect_flush is not None
-                self._expect_flush()
             await self._send(run.first, old, ct, run.fua)
         except BaseException as exc:
             self._lose(run.first, run.blocks, exc)
             if not isinstance(exc, Exception):
                 raise  # cancelled (the domain is stopping): recorded, and cancelled still
         finally:
-            if run in self._fua_sending:
-                self._fua_sending.remove(run)
             self._ended(run)
-
     def _lose(self, first_block: int, blocks: int, exc: BaseException) -> None:
         block_range = range(first_block, first_block + blocks)
         self.lost.update(block_range)
@@ -390,8 +398,9 @@ class WriteBehind:
     async def drain(self) -> None:
         """Send what is unsent, and wait until every write behind has finished."""
         self.send_now()
-        while self._tasks:
-            await asyncio.wait(list(self._tasks))
+        while self._sending:
+            self._idle.clear()
+            await self._idle.wait()
             self.send_now()
 
     def unreported(self) -> str | None:
