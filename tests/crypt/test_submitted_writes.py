@@ -25,6 +25,7 @@ from trustvbd.blocks import write_behind
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.layer import Layer
 from trustvbd.blocks.reconnect import ReplicaLink
+from trustvbd.blocks.replica import State
 from trustvbd.blocks.space import SpaceWatch
 from trustvbd.nbd.client import NbdClient
 from trustvbd.nbd.exports import Export, StaticExports
@@ -208,4 +209,99 @@ def test_runs_whose_records_cannot_be_written_are_lost_not_sent_and_the_flush_sa
             finally:
                 files.fail = False
                 await asyncio.wait_for(disk.close(), 10)  # a writer left counted would hang it
+        run(go())
+
+
+@contextlib.contextmanager
+def mirror_drivers(tmp: Path) -> Iterator[tuple[list[Storage], list[str]]]:
+    storages = [Storage(), Storage()]
+    with contextlib.ExitStack() as stack:
+        uris = [stack.enter_context(ServerThread(StaticExports([Export("", s)]),
+                                                 tmp / f"m{i}.sock")).uri()
+                for i, s in enumerate(storages)]
+        yield storages, uris
+
+
+def data_area(disk: CryptDisk, storage: Storage, b: int) -> bytes:
+    offset = disk._lay.data_offset(b)
+    return bytes(storage.next.raw[offset:offset + BS])  # type: ignore[attr-defined]
+
+
+def test_writes_behind_to_a_mirror_go_without_a_task_to_every_replica(short_tmp: Path) -> None:
+    """Each run goes to both drivers by callbacks (ReplicaSet.submit_write), not by a task
+    and a fan-out coroutine; both hold the same ciphertext, which reads back verified."""
+    with mirror_drivers(short_tmp) as (storages, uris):
+        async def go() -> None:
+            async with opened(short_tmp, uris) as disk:
+                await disk.flush()
+                before = [s.writes for s in storages]
+                await write_apart(disk)
+                await disk.settle()
+                assert disk._behind.sends == 20 and disk._behind.submitted == 20
+                assert [s.writes - w for s, w in zip(storages, before, strict=True)] == [20, 20]
+                for b in APART:
+                    assert data_area(disk, storages[0], b) == data_area(disk, storages[1], b)
+                    assert data_area(disk, storages[0], b) != bytes(BS)
+                await disk.flush()
+                assert disk._behind.failures == 0
+                for b in APART:
+                    assert bytes(await disk.pread(b * BS, BS)) == pattern(b), b
+        run(go())
+
+
+def test_a_mirrored_write_behind_one_driver_fails_degrades_that_replica_only(
+        short_tmp: Path) -> None:
+    """One driver fails the submitted writes: its replica is degraded with those blocks
+    dirty, the writes stand on the other (nothing is lost, no FLUSH fails), as in pwrite's
+    fan-out."""
+    with mirror_drivers(short_tmp) as (storages, uris):
+        async def go() -> None:
+            async with opened(short_tmp, uris) as disk:
+                await disk.flush()
+                storages[1].fail = errno.EIO
+                nine = APART[:9]  # HELD_RUNS + 1 runs: they go after the ninth reply
+                for b in nine:
+                    await disk.pwrite(b * BS, pattern(b, 1))
+                    for _ in range(3):
+                        await asyncio.sleep(0)
+                await disk.settle()
+                assert disk._behind.submitted == 9 and disk._behind.failures == 0
+                r0, r1 = disk.replicas.replicas
+                assert r0.state is State.CURRENT and r1.state is not State.CURRENT
+                assert all(b in r1.dirty for b in nine)
+                await disk.flush()
+                for b in nine:
+                    assert bytes(await disk.pread(b * BS, BS)) == pattern(b, 1), b
+        run(go())
+
+
+def test_a_mirrored_write_behind_every_driver_fails_is_tried_again_then_said(
+        short_tmp: Path) -> None:
+    """Every driver fails the submitted writes: each is sent once more the general way
+    (pwrite's fan-out), fails there too, and is said as any lost write behind: its blocks
+    read EIO and the next FLUSH fails once; no replica is degraded for it."""
+    with mirror_drivers(short_tmp) as (storages, uris):
+        async def go() -> None:
+            async with opened(short_tmp, uris) as disk:
+                await disk.flush()
+                for s in storages:
+                    s.fail = errno.EIO
+                tries = [s.writes for s in storages]
+                nine = APART[:9]
+                for b in nine:
+                    await disk.pwrite(b * BS, pattern(b, 1))
+                    for _ in range(3):
+                        await asyncio.sleep(0)
+                await disk.settle()
+                assert disk._behind.submitted == 9 and disk._behind.failures == 9
+                assert [s.writes - t for s, t in zip(storages, tries, strict=True)] == [18, 18]
+                assert [r.state for r in disk.replicas.replicas] == [State.CURRENT] * 2
+                with pytest.raises(BlockError) as read_err:
+                    await disk.pread(nine[0] * BS, BS)
+                assert read_err.value.errno == errno.EIO
+                for s in storages:
+                    s.fail = None
+                with pytest.raises(BlockError, match="were answered, then failed"):
+                    await disk.flush()
+                await disk.flush()  # said once
         run(go())

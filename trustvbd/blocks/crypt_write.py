@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import logging
-from asyncio import Future
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
@@ -176,17 +175,13 @@ def submit(disk: CryptDisk, b0: int, old: Buffer, ct: Buffer, fua: bool,
     it did, and `ended` is then told whether the replicas took it. A write behind that
     fails goes through `send` again (write_behind.py), which records what they may hold."""
     disk._commits.write_held()  # the records first, as in send
-    future = disk._replica.submit_write(disk._lay.data_offset(b0), ct, fua)
-    if future is None:
-        return False
-    future.add_done_callback(partial(_submitted, disk, b0, len(old) // LEAF_SIZE, ended))
-    return True
+    return disk._replica.submit_write(disk._lay.data_offset(b0), ct, fua,
+                                      partial(_submitted, disk, b0, len(old) // LEAF_SIZE, ended))
 
 
 def _submitted(disk: CryptDisk, b0: int, n: int, ended: Callable[[bool], None],
-               future: Future[None]) -> None:
+               took: bool) -> None:
     """A submitted write's end: once the replicas took it, its blocks are settled (as in send)."""
-    took = not future.cancelled() and future.exception() is None
     if took:
         _replica_took(disk, b0, n)
     ended(took)

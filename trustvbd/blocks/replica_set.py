@@ -216,21 +216,52 @@ class ReplicaSet:
         await self._all(writers, lambda r: r.link.pwrite(offset, data, fua), lambda: blocks,
                         "write", submit)
 
-    def submit_write(self, offset: int, data: Buffer, fua: bool = False) -> asyncio.Future[None] | None:
-        """A write behind's replica write without a coroutine (write_behind.py), where the one
-        replica's link can queue it (Submits): its future, or None (then pwrite). The caller
-        sends one that fails again through pwrite (which reconnects a broken connection);
-        a success is reported to the link here. Mirrors take pwrite (their fan-out)."""
+    def submit_write(self, offset: int, data: Buffer, fua: bool,
+                     ended: Callable[[bool], None]) -> bool:
+        """A write behind's replica write without a coroutine (write_behind.py): queued now
+        on each writer's link (Submits), and `ended` told once, when all answered, whether
+        the write stands; False, with nothing queued, where pwrite must do it.
+
+        One replica: a write that fails is the caller's to send again through pwrite (which
+        reconnects a broken connection); its success is reported to the link here. A mirror
+        settles its writers' answers as pwrite's fan-out does (_all): those that failed
+        while another took it are degraded and the write stands; if all failed, broken
+        links are revived and the caller sends it again through pwrite."""
         writers = self._writers
-        if len(writers) != 1 or len(self.replicas) != 1:
-            return None
-        link = writers[0].link
-        if not provides(link, Submits):
-            return None
-        future = cast(Submits, link).submit_write(offset, data, fua, retried=True)
-        if future is not None:
-            future.add_done_callback(functools.partial(_report_success, cast(Submits, link)))
-        return future
+        if len(self.replicas) == 1:
+            if len(writers) != 1 or not provides(link := writers[0].link, Submits):
+                return False
+            future = cast(Submits, link).submit_write(offset, data, fua, retried=True)
+            if future is None:
+                return False
+            future.add_done_callback(functools.partial(_single_ended, cast(Submits, link), ended))
+            return True
+        if len(writers) < 2 or not provides(first := writers[0].link, Submits):
+            return False  # (one writer left: pwrite awaits it alone)
+        future = cast(Submits, first).submit_write(offset, data, fua)
+        if future is None:
+            return False
+        blocks = self._blocks(offset, len(data))
+        for r in self._behind:
+            r.dirty.update(blocks)
+            r.map_saved = False
+        self._note_unflushed(blocks)
+        if self._watch_timer is None:
+            self._watch_soon()
+        fan = _FanOut(self, writers, blocks, ended)
+        future.add_done_callback(functools.partial(fan.answered, writers[0], True))
+        for r in writers[1:]:
+            link = r.link
+            submitted = provides(link, Submits)
+            later = cast(Submits, link).submit_write(offset, data, fua) if submitted else None
+            if later is None:  # this one waits for a slot or a reconnect: in a task
+                submitted = False
+                task = self._running_loop().create_task(link.pwrite(offset, data, fua))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                later = task
+            later.add_done_callback(functools.partial(fan.answered, r, submitted))
+        return True
 
     def _note_unflushed(self, blocks: range) -> None:
         if not blocks:
@@ -437,10 +468,53 @@ class ReplicaSet:
         return [r.status() for r in self.replicas]
 
 
-def _report_success(link: Submits, future: asyncio.Future[None]) -> None:
-    """A write submitted with `retried`: only its success is the link's to hear of."""
-    if not future.cancelled() and future.exception() is None:
+def _single_ended(link: Submits, ended: Callable[[bool], None],
+                  future: asyncio.Future[None]) -> None:
+    """A single replica's write submitted with `retried`: only its success is the link's
+    to hear of (the caller sends a failed one again through pwrite)."""
+    took = not future.cancelled() and future.exception() is None
+    if took:
         link.write_ended(None)
+    ended(took)
+
+
+class _FanOut:
+    """A mirrored write submitted to every writer (ReplicaSet.submit_write): what _each and
+    _all do for pwrite, by callbacks, once the last writer answered."""
+
+    __slots__ = ("blocks", "cancelled", "ended", "failed", "left", "rs", "targets")
+
+    def __init__(self, rs: ReplicaSet, targets: list[Replica], blocks: range,
+                 ended: Callable[[bool], None]) -> None:
+        self.rs, self.targets, self.blocks, self.ended = rs, targets, blocks, ended
+        self.left = len(targets)
+        self.failed: list[tuple[Replica, Exception]] = []
+        self.cancelled = False
+
+    def answered(self, r: Replica, submitted: bool, future: asyncio.Future[None]) -> None:
+        error: Exception | None = None
+        if future.cancelled():  # the domain is stopping: nobody is degraded for it
+            self.cancelled = True
+        elif (exc := future.exception()) is not None:
+            error = exc if isinstance(exc, Exception) else BlockError(errno.EIO, repr(exc))
+            self.failed.append((r, error))
+        if submitted and not self.cancelled:
+            cast(Submits, r.link).write_ended(error)
+        self.left -= 1
+        if self.left:
+            return
+        failed, rs = self.failed, self.rs
+        if self.cancelled:
+            self.ended(False)
+        elif not failed:
+            self.ended(True)
+        elif len(failed) == len(self.targets):
+            rs.recovery.revive_broken(self.targets)
+            self.ended(False)
+        else:
+            for r, exc in failed:
+                rs.degrade(r, self.blocks, f"write failed: {exc}")
+            self.ended(True)
 
 
 async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]], targets: list[Replica],
