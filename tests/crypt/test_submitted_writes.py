@@ -40,9 +40,11 @@ class Storage(Layer):
         self.fail: int | None = None  # errno every write fails with
         self.delay = 0.0  # seconds before a write is done
         self.writes = 0
+        self.fua_writes = 0
 
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         self.writes += 1
+        self.fua_writes += fua
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.fail is not None:
@@ -92,6 +94,34 @@ def test_writes_behind_to_one_replica_go_without_a_task_and_read_back(short_tmp:
                 assert disk._behind.sends == 20 and disk._behind.submitted == 20
                 await disk.flush()
                 for b in APART:  # from the replica, verified
+                    assert bytes(await disk.pread(b * BS, BS)) == pattern(b), b
+        run(go())
+
+
+def test_runs_a_flush_or_the_gather_timer_sends_go_without_a_task(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FLUSH that finds one run sends it with FUA, submitted; so does the gather timer
+    (without FUA): no run costs a task, and the data reads back."""
+    with driver(short_tmp) as (storage, uri):
+        async def go() -> None:
+            async with opened(short_tmp, [uri]) as disk:
+                await disk.flush()
+                fua = storage.fua_writes
+                monkeypatch.setattr(write_behind, "GATHER_S", 0.001)
+                await disk.pwrite(5 * BS, pattern(5))
+                for _ in range(500):
+                    if not disk._behind.running:
+                        break
+                    await asyncio.sleep(0.01)
+                assert disk._behind.submitted == disk._behind.sends == 1
+                assert storage.fua_writes == fua
+                monkeypatch.setattr(write_behind, "GATHER_S", 60.0)
+                await disk.pwrite(3 * BS, pattern(3))
+                await disk.flush()
+                assert disk._behind.submitted == disk._behind.sends == 2
+                assert storage.fua_writes == fua + 1
+                await disk.flush()
+                for b in (3, 5):
                     assert bytes(await disk.pread(b * BS, BS)) == pattern(b), b
         run(go())
 

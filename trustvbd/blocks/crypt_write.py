@@ -175,7 +175,7 @@ def submit(disk: CryptDisk, b0: int, old: Buffer, ct: Buffer, fua: bool,
     it did, and `ended` is then told whether the replicas took it. A write behind that
     fails goes through `send` again (write_behind.py), which records what they may hold."""
     disk._commits.write_held()  # the records first, as in send
-    return disk._replica.submit_write(disk._lay.data_offset(b0), ct, fua,
+    return disk._replica.submit_write(disk._replica.data_offset(b0), ct, fua,
                                       partial(_submitted, disk, b0, len(old) // LEAF_SIZE, ended))
 
 
@@ -190,7 +190,7 @@ def _submitted(disk: CryptDisk, b0: int, n: int, ended: Callable[[bool], None],
 async def send(disk: CryptDisk, b0: int, old: Buffer, ct: Buffer, fua: bool = False) -> None:
     """The ciphertext of recorded blocks to the replicas; on failure keep what they may hold."""
     n = len(old) // LEAF_SIZE
-    start = disk._lay.data_offset(b0)
+    start = disk._replica.data_offset(b0)
     try:
         # The intent records of these blocks (and of every write before them) first:
         # held back since their writes (_note_write), one pwrite for a whole run.
