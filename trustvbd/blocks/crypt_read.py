@@ -28,6 +28,7 @@ from trustvbd.blockdev import (
     check_range,
     provides,
 )
+from trustvbd.blocks.aead_pool import BULK_MIN
 from trustvbd.blocks.integrity import IntegrityError
 from trustvbd.blocks.ranges import Hold, describe_blocks
 from trustvbd.blocks.replica import BadBlocks
@@ -56,7 +57,7 @@ class _QuickRead:
                  "task")
 
     def __init__(self, disk: CryptDisk, b0: int, n: int, start: int, length: int, hold: Hold,
-                 leaves: memoryview, ct: bytearray, ended: ReadEnded) -> None:
+                 leaves: bytes, ct: bytearray, ended: ReadEnded) -> None:
         self.disk, self.b0, self.n, self.start, self.length = disk, b0, n, start, length
         self.hold: Hold | None = hold
         self.leaves, self.ct = leaves, ct
@@ -85,7 +86,10 @@ class _QuickRead:
             self.disk._locks.release(hold)
 
     def ended(self, result: Buffer | BaseException) -> None:
-        self._release()
+        hold = self.hold  # as _release, inline: once per read
+        if hold is not None:
+            self.hold = None
+            self.disk._locks.release(hold)
         # No cycles left (sub -> this -> sub): the buffer goes back to its pool at once,
         # not at the next garbage collection.
         self.sub = self.task = None
@@ -166,8 +170,8 @@ def start_read(disk: CryptDisk, offset: int, length: int, ended: ReadEnded) -> C
     b0, b1 = offset // BS, -(-(offset + length) // BS)
     n = b1 - b0
     if (length <= 0 or offset < 0 or offset + length > disk._lay.logical_size
-            or not disk._aead.inline(n) or disk._closed or disk._commits.failed is not None
-            or disk._behind.lost):
+            or (n >= BULK_MIN and not disk._aead.inline(n)) or disk._closed
+            or disk._commits.failed is not None or disk._behind.lost):
         return None
     unsure = disk._unsure
     if unsure and any(b in unsure for b in range(b0, b1)):
@@ -180,8 +184,7 @@ def start_read(disk: CryptDisk, offset: int, length: int, ended: ReadEnded) -> C
     hold, leaves = got
     size = n * BS
     ct = disk._ct_buffers.get(size) if size >= _REUSE_MIN else bytearray(size)
-    read = _QuickRead(disk, b0, n, offset - b0 * BS, length, hold, memoryview(leaves), ct,
-                      ended)
+    read = _QuickRead(disk, b0, n, offset - b0 * BS, length, hold, leaves, ct, ended)
     sub = disk.replicas.submit_read(b0, n, read)
     if sub is None:
         disk._locks.release(hold)
@@ -213,7 +216,7 @@ async def read_verified(disk: CryptDisk, b0: int, b1: int) -> Buffer:
         raise  # not reached
 
 
-async def _read_from(disk: CryptDisk, link: Backend, b0: int, n: int, leaves: memoryview) -> Buffer:
+async def _read_from(disk: CryptDisk, link: Backend, b0: int, n: int, leaves: Buffer) -> Buffer:
     """Blocks [b0, b0+n) from one replica, decrypted; raises BadBlocks if some fail."""
     size = n * BS
     ct: Buffer

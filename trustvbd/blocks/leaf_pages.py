@@ -270,6 +270,10 @@ class LeafLocks(RangeLock):
     def __init__(self, leaves: LeafPages) -> None:
         super().__init__(leaves.table)
         self._leaves = leaves
+        # A shared hold of [b0, b1) with its leaves, in one native call; None if it cannot
+        # be had at once or every leaf is zero (nothing held then). The table's own method
+        # (once per guest read: no Python call around it).
+        self.try_read: Callable[[int, int], tuple[Hold, bytes] | None] = leaves.table.try_read
 
     async def acquire(self, start: int, end: int, exclusive: bool) -> Hold:
         hold = await super().acquire(start, end, exclusive)
@@ -280,8 +284,3 @@ class LeafLocks(RangeLock):
             raise
         self._leaves.table.mark_pinned(hold)  # released with the hold
         return hold
-
-    def try_read(self, b0: int, b1: int) -> tuple[Hold, bytes] | None:
-        """A shared hold of [b0, b1) with its leaves, in one native call; None if it
-        cannot be had at once or every leaf is zero (nothing held then)."""
-        return self._leaves.table.try_read(b0, b1)

@@ -80,7 +80,8 @@ _POOL_MIN = 64 * 1024  # smaller payloads are sliced from the receive buffer, no
 
 
 class _QuickRead:
-    """A guest READ the backend serves by callback (StartsReads): no task of its own."""
+    """A guest READ the backend serves by callback (StartsReads): no task of its own.
+    Called with the backend's result, it queues the READ's reply (Connection._read)."""
 
     __slots__ = ("conn", "cookie", "handle", "length", "offset")
 
@@ -89,7 +90,22 @@ class _QuickRead:
         self.handle: Cancellable | None = None
 
     def __call__(self, result: Buffer | BlockError) -> None:
-        self.conn._read_ended(self, result)
+        conn = self.conn
+        self.handle = None  # no cycle with the backend's read: its buffer is free at once
+        quick = conn._quick
+        quick.discard(self)
+        length = self.length
+        conn._inflight_bytes -= length
+        if isinstance(result, BlockError):
+            conn._reply_error(_READ, self.cookie, p.errno_to_nbd(result.errno), result.message)
+        elif len(result) != length:
+            conn._reply_error(_READ, self.cookie, p.NbdErr.EIO,
+                              f"backend returned {len(result)} of {length} bytes")
+        else:
+            conn._queue_reply(self.cookie, 0, "", self.offset, result)
+        conn._request_ended()
+        if not quick and conn._quick_idle is not None:
+            conn._quick_idle.set()
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -312,7 +328,7 @@ class Connection(asyncio.BufferedProtocol):
             self._flush()  # as in _serve: a durability point leaves at once
 
     def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
-        """A READ as one call down and one callback up (_read_ended), where the backend can."""
+        """A READ as one call down and one callback up (_QuickRead), where the backend can."""
         assert self._start_read is not None
         read = _QuickRead(self, cookie, offset, length)
         try:
@@ -328,22 +344,6 @@ class Connection(asyncio.BufferedProtocol):
         self._quick.add(read)
         self._inflight_bytes += length
         self._request_started()
-
-    def _read_ended(self, read: _QuickRead, result: Buffer | BlockError) -> None:
-        read.handle = None  # no cycle with the backend's read: its buffer is free at once
-        quick = self._quick
-        quick.discard(read)
-        self._inflight_bytes -= read.length
-        if isinstance(result, BlockError):
-            self._reply_error(_READ, read.cookie, p.errno_to_nbd(result.errno), result.message)
-        elif len(result) != read.length:
-            self._reply_error(_READ, read.cookie, p.NbdErr.EIO,
-                              f"backend returned {len(result)} of {read.length} bytes")
-        else:
-            self._queue_reply(read.cookie, 0, "", read.offset, result)
-        self._request_ended()
-        if not quick and self._quick_idle is not None:
-            self._quick_idle.set()
 
     async def _wait_quick(self, timeout: float | None = None) -> None:
         """Until no READ served by callback is running; after `timeout` s, cancel them."""
