@@ -102,7 +102,9 @@ class _QuickRead:
             conn._reply_error(_READ, self.cookie, p.NbdErr.EIO,
                               f"backend returned {len(result)} of {length} bytes")
         else:
-            conn._queue_reply(self.cookie, 0, "", self.offset, result)
+            # The last READ running (and no task): nothing can join its reply this turn.
+            conn._queue_reply(self.cookie, 0, "", self.offset, result,
+                              not quick and not conn._tasks)
         conn._request_ended()
         if not quick and conn._quick_idle is not None:
             conn._quick_idle.set()

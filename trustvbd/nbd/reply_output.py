@@ -42,9 +42,11 @@ def reply_error(conn: Connection, typ: int, cookie: int, error: int, message: st
 
 
 def queue_reply(conn: Connection, cookie: int, error: int, message: str, offset: int,
-                data: Buffer | None) -> None:
+                data: Buffer | None, last: bool = False) -> None:
     """Queue one reply: framed natively, with the others of this loop iteration, by
-    _frame_replies (a READ's `data` at `offset`, or an error with its message)."""
+    _frame_replies (a READ's `data` at `offset`, or an error with its message). `last`:
+    no other request of this connection is running, so no reply can join this one in
+    this loop iteration: it leaves now (a QD1 guest waits for it alone)."""
     if conn._output_closed:
         return
     reply = (cookie, error, message, offset, data)
@@ -53,7 +55,7 @@ def queue_reply(conn: Connection, cookie: int, error: int, message: str, offset:
         return
     conn._replies.append(reply)
     conn._out_bytes += _REPLY_HEADER if data is None else _REPLY_HEADER + len(data)
-    _queued(conn)
+    _queued(conn, last)
 
 
 def _frame_replies(conn: Connection) -> None:
@@ -77,8 +79,8 @@ def queue(conn: Connection, parts: Sequence[OutPart], stream: bool = False) -> N
     _queued(conn)
 
 
-def _queued(conn: Connection) -> None:
-    if conn._out_bytes >= FLUSH_OUTPUT_AT and not conn._transport_busy:
+def _queued(conn: Connection, now: bool = False) -> None:
+    if (now or conn._out_bytes >= FLUSH_OUTPUT_AT) and not conn._transport_busy:
         flush(conn)
     if conn._out_bytes >= WRITE_BUFFER_HIGH and not conn._reading_paused:
         conn._update_reading()
