@@ -195,7 +195,10 @@ class Connection(asyncio.BufferedProtocol):
             self._protocol_error(str(exc))
             return
         self._activity += 1
-        self._events_arrived()
+        if self._transmitting:  # as _events_arrived, inline: once per receive
+            self._process()
+        else:
+            self._wake()
         if self._budget is not None and self.core.receiving != self._receiving:
             self._update_reading()  # a payload buffer was allocated or handed on: charge it
 

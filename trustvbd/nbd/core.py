@@ -247,7 +247,8 @@ class ProtocolCore:
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """A writable buffer for the next received bytes (asyncio.BufferedProtocol)."""
-        self._check_alive()
+        if self.state is _ERROR:  # as _check_alive, inline: once per receive
+            raise p.ProtocolError(self.error or "connection failed")
         if self._direct is not None:
             return self._direct[self._direct_filled :]
         if self._start == self._end:
@@ -287,6 +288,14 @@ class ProtocolCore:
         else:
             self._end += nbytes
             self._window = RECEIVE_WINDOW
+            if self.state is _TRANSMISSION and self.session is not None:
+                # Requests, once transmission runs: straight to the native framer (what
+                # _parse comes to then, without its two calls per receive).
+                try:
+                    self._parse_requests(self._start, self._end)
+                except p.ProtocolError as exc:
+                    self._fail(str(exc))
+                return
         self._parse()
 
     def next_event(self) -> m.Event | None:
@@ -394,7 +403,7 @@ class ProtocolCore:
         REQUEST_PART) goes straight into a pooled buffer, with room after it for the next
         header (PAYLOAD_TAIL), and is handed back to the framer once full.
         """
-        session = self.server_session()
+        session = self.session if self.session is not None else self.server_session()
         try:
             start, items, want = session.parse(self._buf, start, end)
         except ValueError as exc:
