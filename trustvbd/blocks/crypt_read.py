@@ -46,23 +46,23 @@ BS = BLOCK_SIZE
 _REUSE_MIN = 64 * 1024
 
 
-class _QuickRead:
-    """One guest read served by callbacks (CryptDisk.start_read; ReadCall of the replica set).
+class _QuickRead(SubmittedRead[Buffer]):
+    """One guest read served by callbacks (CryptDisk.start_read): the replica set's
+    SubmittedRead, so one object per read.
 
     Holds the range lock until it ends; `ended` gets the plaintext (the received buffer,
     opened in place) or the BlockError to answer with. After `cancel` it gets nothing.
     """
 
-    __slots__ = ("_ended", "b0", "ct", "disk", "hold", "leaves", "length", "n", "start", "sub",
-                 "task")
+    __slots__ = ("_ended", "ct", "disk", "hold", "leaves", "length", "skip", "task")
 
-    def __init__(self, disk: CryptDisk, b0: int, n: int, start: int, length: int, hold: Hold,
+    def __init__(self, disk: CryptDisk, b0: int, n: int, skip: int, length: int, hold: Hold,
                  leaves: bytes, ct: bytearray, ended: ReadEnded) -> None:
-        self.disk, self.b0, self.n, self.start, self.length = disk, b0, n, start, length
+        # skip: the bytes of the first block before the guest's offset
+        self.disk, self.b0, self.n, self.skip, self.length = disk, b0, n, skip, length
         self.hold: Hold | None = hold
         self.leaves, self.ct = leaves, ct
         self._ended: ReadEnded | None = ended  # None once cancelled
-        self.sub: SubmittedRead[Buffer] | None = None
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -72,7 +72,7 @@ class _QuickRead:
     def attempt(self, link: Backend) -> Awaitable[Buffer]:
         return _read_from(self.disk, link, self.b0, self.n, self.leaves)
 
-    def replied(self) -> Buffer:
+    def verify(self) -> Buffer:
         # The range lock keeps these blocks' leaves as they are while we wait.
         bad = self.disk._cipher.open_in_place(self.b0, self.ct, self.leaves)
         if bad:
@@ -90,9 +90,9 @@ class _QuickRead:
         if hold is not None:
             self.hold = None
             self.disk._locks.release(hold)
-        # No cycles left (sub -> this -> sub): the buffer goes back to its pool at once,
+        # No cycle left (task -> this -> task): the buffer goes back to its pool at once,
         # not at the next garbage collection.
-        self.sub = self.task = None
+        self.task = None
         ended = self._ended
         if ended is None:
             return  # cancelled
@@ -102,10 +102,10 @@ class _QuickRead:
                 log.error("disk %r: a read failed unexpectedly", self.disk.name, exc_info=result)
                 result = BlockError(errno.EIO, f"internal error: {result}")
             ended(result)
-        elif self.start == 0 and self.length == len(result):
+        elif self.skip == 0 and self.length == len(result):
             ended(result)
         else:
-            ended(memoryview(result)[self.start:self.start + self.length])
+            ended(memoryview(result)[self.skip:self.skip + self.length])
 
     def go_on(self, rest: Coroutine[Any, Any, Buffer]) -> None:
         self.task = asyncio.get_running_loop().create_task(self._go_on(rest))
@@ -137,9 +137,7 @@ class _QuickRead:
         if self.task is not None:
             self.task.cancel()
         else:
-            if self.sub is not None:
-                self.sub.cancel()
-                self.sub = None
+            self.withdraw()
             self._release()
 
 
@@ -185,11 +183,9 @@ def start_read(disk: CryptDisk, offset: int, length: int, ended: ReadEnded) -> C
     size = n * BS
     ct = disk._ct_buffers.get(size) if size >= _REUSE_MIN else bytearray(size)
     read = _QuickRead(disk, b0, n, offset - b0 * BS, length, hold, leaves, ct, ended)
-    sub = disk.replicas.submit_read(b0, n, read)
-    if sub is None:
+    if not disk.replicas.submit_read(read):
         disk._locks.release(hold)
         return None
-    read.sub = sub
     return read
 
 

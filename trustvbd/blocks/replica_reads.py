@@ -6,9 +6,10 @@ or fails verification is skipped, and the good ciphertext is written back to it
 (read-repair). A read left unanswered for `lag` is asked of the next replica too,
 and each further `lag` to one more (read_hedge.py); if one serves it, the silent
 one is cut off and degraded. Only when every current replica fails does the read
-fail. A read may start by callback (submit_read: the first replica's request and
-its hedge, no coroutine); whatever goes wrong with it goes on in the same loop
-(read_on) from the next replica.
+fail. A read may start by callback (submit_read: the first replica's request, no
+coroutine; the caller's read object is the SubmittedRead, and its hedge is made only
+once it lags); whatever goes wrong with it goes on in the same loop (read_on) from
+the next replica.
 
 The functions taking the set are ReplicaSet's methods (bound in its class body,
 replica_set.py): no call layer between a guest's read and its work.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from trustvbd.blockdev import Backend, BlockError, SubmitsReads, Watched, provides
 from trustvbd.blocks.ranges import describe_blocks, runs
@@ -140,30 +141,32 @@ def hedge_won(rs: ReplicaSet, r: Replica, hedge: ReadHedge[T],
     return hedge.by, cast(T, hedge.result)
 
 
-def submit_read(rs: ReplicaSet, b0: int, n: int, call: ReadCall[T]) -> SubmittedRead[T] | None:
+def submit_read(rs: ReplicaSet, read: SubmittedRead[T]) -> bool:
     """`read`'s prologue by callback, for a caller that waits for no coroutine: the
-    first replica's read is submitted (SubmitsReads) into `call.into`, watched for lag
-    and hedged as `read` does. On its reply `call.replied()` verifies it; anything else
+    first replica's read is submitted (SubmitsReads) into `read.into`, watched for lag
+    and hedged as `read` does. On its reply `read.verify()` checks it; anything else
     (an error, a bad block, a hedge that served it) goes on in `read_on`, the one
-    place failover, repair and reporting happen. None when the first replica's link
+    place failover, repair and reporting happen. False when the first replica's link
     cannot take it now: nothing was done; `read` serves it."""
     readers = rs._readers
     if not readers:
-        return None  # `read` says so
-    order = rs._order(readers, b0, n)
+        return False  # `read` says so
+    b0 = read.b0
+    order = rs._order(readers, b0, read.n)
     r = order[0]
     link = r.link
     if not provides(link, SubmitsReads):
-        return None
-    sub = SubmittedRead(rs, call, readers, order, b0, n)
-    if not cast(SubmitsReads, link).submit_read(rs.data_offset(b0), call.into,
-                                                sub.replied):
-        return None
+        return False
+    read.rs, read.readers, read.order, read.live, read.hedge, read.sent = (
+        rs, readers, order, True, None, None)
+    if not cast(SubmitsReads, link).submit_read(rs._data_start + b0 * BS, read.into,
+                                                read.replied):
+        return False
     r.reading += 1
     if len(order) > 1 and provides(link, Watched):
-        sub.hedge = hedge = ReadHedge(rs, r, order[1:], call.attempt, rs._running_loop().time())
-        rs._hedges.add(hedge)
-    return sub
+        read.sent = rs._running_loop().time()  # the watch hedges it once it lags
+        rs._hedges.add(read)
+    return True
 
 
 def report(rs: ReplicaSet, what: str, r: Replica, blocks: list[int], message: str) -> None:
@@ -199,55 +202,73 @@ async def repair(rs: ReplicaSet, good: Replica, b0: int, n: int,
                     len(want), r.name, good.name)
 
 
-class ReadCall(Protocol[T]):
-    """The caller's side of a read served by callbacks (ReplicaSet.submit_read)."""
+class SubmittedRead(Generic[T]):
+    """A read served by callbacks (ReplicaSet.submit_read), as the caller's subclass: one
+    object per read (the encryption layer's guest read). The first replica's reply ends it
+    (`verify`, then `ended`) or hands it to read_on at the next replica. Watched for lag,
+    it is hedged (read_hedge.py) only once it has waited `lag`: a read answered in time
+    costs no hedge of its own.
 
+    The subclass sets `b0` and `n` and provides the caller's side (`into`, `attempt`,
+    `verify`, `ended`, `go_on`); submit_read sets the rest."""
+
+    __slots__ = ("b0", "hedge", "live", "n", "order", "readers", "rs", "sent")
+
+    b0: int
+    n: int
+    rs: ReplicaSet
+    readers: list[Replica]
+    order: list[Replica]
+    hedge: ReadHedge[T] | None
+    live: bool
+    sent: float | None  # the loop's time it was sent, if the watch hedges it
+
+    # --- the caller's side
     @property
     def into(self) -> memoryview:
         """Where the first replica's bytes are received."""
-        ...
+        raise NotImplementedError
 
     def attempt(self, link: Backend) -> Awaitable[T]:
         """As `read`'s attempt: a whole read from `link`, for hedges and the general path."""
-        ...
+        raise NotImplementedError
 
-    def replied(self) -> T:
+    def verify(self) -> T:
         """`into` holds the first replica's bytes: the verified result, or BadBlocks."""
-        ...
+        raise NotImplementedError
 
     def ended(self, result: T | BaseException) -> None:
         """The read's outcome, from whichever replica served it, or why none could."""
-        ...
+        raise NotImplementedError
 
     def go_on(self, rest: Coroutine[Any, Any, T]) -> None:
         """The read goes on in the general path: run `rest` and end with its outcome."""
-        ...
+        raise NotImplementedError
 
-
-class SubmittedRead(Generic[T]):
-    """A read submitted to its first replica (ReplicaSet.submit_read): its reply ends it,
-    or hands it to read_on at the next replica."""
-
-    __slots__ = ("b0", "call", "hedge", "live", "n", "order", "readers", "rs")
-
-    def __init__(self, rs: ReplicaSet, call: ReadCall[T], readers: list[Replica],
-                 order: list[Replica], b0: int, n: int) -> None:
-        self.rs, self.call, self.readers, self.order, self.b0, self.n = (
-            rs, call, readers, order, b0, n)
-        self.hedge: ReadHedge[T] | None = None
-        self.live = True
+    # --- the replica set's side
+    def start(self, now: float) -> None:
+        """The watch's look (ReplicaSet._watch): once the read has waited `lag`, hedge it."""
+        hedge = self.hedge
+        if hedge is None:
+            assert self.sent is not None  # only a watched read is looked at
+            if now - self.sent < self.rs.lag:
+                return
+            hedge = self.hedge = ReadHedge(self.rs, self.order[0], self.order[1:], self.attempt,
+                                           self.sent)
+        hedge.start(now)
 
     def _settle(self) -> None:
         """As read_on's `finally` for the first replica."""
         self.live = False
         self.order[0].reading -= 1
-        hedge = self.hedge
-        if hedge is not None:
-            self.rs._hedges.discard(hedge)
-            hedge.stop()
-            self.hedge = None  # it holds the caller's attempt: no cycle left
+        if self.sent is not None:
+            self.rs._hedges.discard(self)
+            hedge = self.hedge
+            if hedge is not None:
+                hedge.stop()
+                self.hedge = None  # it holds our attempt: no cycle left
 
-    def cancel(self) -> None:
+    def withdraw(self) -> None:
         """The caller gives up (its guest went away): the reply, when it comes, is dropped."""
         if self.live:
             self._settle()
@@ -258,33 +279,32 @@ class SubmittedRead(Generic[T]):
             return
         hedge = self.hedge
         self._settle()
-        call = self.call
         exc: BadBlocks | BlockError
         if error is None:
             try:
-                result = call.replied()
+                result = self.verify()
             except BadBlocks as bad:
                 exc = bad
             except Exception as failed:  # a bug, not the replica's: the read fails, nothing hangs
-                call.ended(failed)
+                self.ended(failed)
                 return
             else:
-                call.ended(result)
+                self.ended(result)
                 return
         else:
             exc = error
         rs, order, r = self.rs, self.order, self.order[0]
         if hedge is not None and hedge.won and not isinstance(exc, BadBlocks):
             _, result = rs._hedge_won(r, hedge, exc)
-            call.ended(result)
+            self.ended(result)
             return
         failures: list[tuple[Replica, list[int]]] = []
         if len(order) == 1 and not isinstance(exc, BadBlocks) and broken_link(r.link):
             # The only replica's connection broke: `read` asks it again, as pread_into
             # would have (a single replica's link reconnects).
-            call.go_on(rs.read_on(self.readers, order, 0, self.b0, self.n, call.attempt,
+            self.go_on(rs.read_on(self.readers, order, 0, self.b0, self.n, self.attempt,
                                   failures))
             return
         last = rs._failed(r, exc, len(order) > 1, self.b0, self.n, failures)
-        call.go_on(rs.read_on(self.readers, order, 1, self.b0, self.n, call.attempt,
+        self.go_on(rs.read_on(self.readers, order, 1, self.b0, self.n, self.attempt,
                               failures, last))

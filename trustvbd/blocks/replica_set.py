@@ -47,6 +47,7 @@ from trustvbd.blocks.replica import (
     Verifier,
     broken_link,
 )
+from trustvbd.blocks.replica_reads import SubmittedRead
 from trustvbd.blocks.replica_recovery import Recovery
 from trustvbd.blocks.replica_scrub import scrub
 from trustvbd.crypt.aead import BLOCK_SIZE
@@ -101,7 +102,8 @@ class ReplicaSet:
         self.epoch = 0  # the last committed epoch
         self.lag = REPLICA_LAG
         self._watch_timer: asyncio.TimerHandle | None = None
-        self._hedges: set[ReadHedge[Any]] = set()  # reads that _watch hedges once they lag
+        # reads that _watch hedges once they lag (each has start(now))
+        self._hedges: set[ReadHedge[Any] | SubmittedRead[Any]] = set()
         self.recovery = Recovery(self)
         self.regroup()
         if len(replicas) > 1:
