@@ -162,6 +162,16 @@ class WritesAtOnce(Protocol):
         ...
 
 
+@runtime_checkable
+class ReadsAtOnce(Protocol):
+    """Its reads never wait (a page-cached file): a server calls `read_now` inline, with
+    no coroutine per request."""
+
+    def read_now(self, offset: int, length: int) -> Buffer:
+        """As `pread`, done when it returns; BlockError if it fails."""
+        ...
+
+
 # Allocation flags of a `ReportsAllocation` extent: the NBD base:allocation values.
 HOLE = 1  # no storage is allocated here
 ZERO = 2  # reads as zeros

@@ -22,7 +22,8 @@ waiting on drivers) gets full pipelining with replies out of order. A backend
 that serves reads by callback (StartsReads: the encryption layer) gets a READ as
 one call, and queues its reply from its callback, with no coroutine at all; a backend
 whose writes never wait (WritesAtOnce: the driver's FileBackend) gets a WRITE as one
-call, its reply queued at once. Replies
+call, its reply queued at once, and one whose reads never wait (ReadsAtOnce) a READ so
+too. Replies
 are batched, framed and written with one writelines() per loop iteration. A backend
 with a `file_range` method (the driver's FileBackend) answers reads with a FileRange
 sent by sendfile (zero_copy.py).
@@ -152,6 +153,7 @@ class Connection(asyncio.BufferedProtocol):
         self._out_special = False  # _out holds a FileRange
         self._file_range: Callable[[int, int], FileRange] | None = None
         self._write_now: Callable[[int, Buffer, bool], None] | None = None  # WritesAtOnce
+        self._read_now: Callable[[int, int], Buffer] | None = None  # ReadsAtOnce
         self._sock_fd = -1  # for sendfile; -1 when the transport is not a plain socket
         self._flush_scheduled = False
         self._transport_busy = False  # the transport holds unsent bytes (between pause/resume_writing)
@@ -307,6 +309,8 @@ class Connection(asyncio.BufferedProtocol):
                 self._close_gracefully()
             elif typ == _READ and self._start_read is not None and length <= p.REQUEST_PART:
                 self._read(flags, cookie, offset, length)
+            elif typ == _READ and self._read_now is not None and length <= p.REQUEST_PART:
+                self._read_at_once(cookie, offset, length)
             elif typ == _WRITE and self._write_now is not None:
                 self._write_at_once(flags, cookie, offset, data)  # type: ignore[arg-type]
             else:
@@ -331,6 +335,26 @@ class Connection(asyncio.BufferedProtocol):
         self._queue_reply(cookie, 0, "", 0, None)
         if fua and not self._transport_busy:
             self._flush()  # as in _serve: a durability point leaves at once
+
+    def _read_at_once(self, cookie: int, offset: int, length: int) -> None:
+        """A READ from a backend whose reads never wait (ReadsAtOnce): no coroutine; a big
+        one from a file is answered by sendfile (FileRange), as in _serve."""
+        assert self._read_now is not None
+        try:
+            if self._file_range is not None and length >= SENDFILE_MIN:
+                self._reply_file_range(cookie, offset, self._file_range(offset, length))
+                return
+            data = self._read_now(offset, length)
+            if len(data) != length:
+                raise BlockError(errno.EIO, f"backend returned {len(data)} of {length} bytes")
+        except BlockError as exc:
+            self._reply_error(_READ, cookie, p.errno_to_nbd(exc.errno), exc.message)
+            return
+        except Exception as exc:  # a bug: this request fails, the connection goes on
+            log.exception("nbd: READ on export %r failed unexpectedly", self.export_name)
+            self._reply_error(_READ, cookie, p.NbdErr.EIO, f"internal server error: {exc}")
+            return
+        self._queue_reply(cookie, 0, "", offset, data)
 
     def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
         """A READ as one call down and one callback up (_QuickRead), where the backend can."""

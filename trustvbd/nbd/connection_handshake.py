@@ -15,7 +15,13 @@ import ssl
 from functools import partial
 from typing import TYPE_CHECKING
 
-from trustvbd.blockdev import FlushesPerConnection, ServesFileRanges, StartsReads, WritesAtOnce
+from trustvbd.blockdev import (
+    FlushesPerConnection,
+    ReadsAtOnce,
+    ServesFileRanges,
+    StartsReads,
+    WritesAtOnce,
+)
 from trustvbd.crypt.tls import peer_common_name
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
@@ -112,6 +118,8 @@ async def handshake(conn: Connection) -> None:
         conn._start_read = backend.start_read
     if isinstance(backend, WritesAtOnce):
         conn._write_now = backend.write_now
+    if isinstance(backend, ReadsAtOnce):
+        conn._read_now = backend.read_now
     conn._transmitting = True
     conn._update_reading()  # the guest may be over its budget already
     conn._start_idle_timer()

@@ -1,0 +1,95 @@
+"""READs of a file export, served inline (FileBackend.read_now, ReadsAtOnce; sendfile for big
+ones): what they answer, a failing read, a file shrunk under the export, driven by libnbd."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbd  # Debian's python3-libnbd, put on sys.path by tests/conftest.py
+import pytest
+
+from tests.nbd.helpers import ServerThread
+from trustvbd.blockdev import Buffer, FileRange, ReadsAtOnce, provides
+from trustvbd.blocks.file import FileBackend
+from trustvbd.nbd.exports import Export, StaticExports
+from trustvbd.nbd.protocol import REQUEST_PART
+
+MiB = 1 << 20
+
+
+class CountingFile(FileBackend):
+    """A FileBackend that records how the server asked for each read."""
+
+    def __init__(self, path: str, size: int, fd: int | None = None) -> None:
+        super().__init__(path, size, fd=fd)
+        self.calls: list[tuple[str, int, int]] = []
+
+    def read_now(self, offset: int, length: int) -> Buffer:
+        self.calls.append(("read_now", offset, length))
+        return super().read_now(offset, length)
+
+    def file_range(self, offset: int, length: int) -> FileRange:
+        self.calls.append(("file_range", offset, length))
+        return super().file_range(offset, length)
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        self.calls.append(("pread", offset, length))
+        return await super().pread(offset, length)
+
+
+def test_reads_are_answered_inline_small_by_read_now_big_by_sendfile(short_tmp: Path) -> None:
+    size = REQUEST_PART + 2 * MiB
+    disk = short_tmp / "disk.img"
+    data = os.urandom(size)
+    disk.write_bytes(data)
+    fb = CountingFile(str(disk), size)
+    assert provides(fb, ReadsAtOnce)
+    with ServerThread(StaticExports([Export("", fb)]), short_tmp / "s.sock", "uvloop") as srv:
+        h = nbd.NBD()
+        h.connect_uri(srv.uri())
+        assert h.pread(4096, 8192) == data[8192:12288]
+        assert h.pread(256 * 1024, MiB) == data[MiB:MiB + 256 * 1024]
+        # Longer than one part: the parted path (its own coroutine), still correct.
+        assert h.pread(REQUEST_PART + MiB, 4096) == data[4096:4096 + REQUEST_PART + MiB]
+        h.shutdown()
+    assert fb.calls[:2] == [("read_now", 8192, 4096), ("file_range", MiB, 256 * 1024)]
+    # The long one in parts of REQUEST_PART, each through the backend's coroutine.
+    assert ("pread", 4096, REQUEST_PART) in fb.calls[2:]
+    assert ("pread", 4096 + REQUEST_PART, MiB) in fb.calls[2:]
+    fb.close_now()
+
+
+def test_a_failing_read_answers_its_error_and_the_connection_goes_on(short_tmp: Path) -> None:
+    # A file the kernel refuses to read (opened write-only behind the export): a small READ
+    # fails with EBADF, which NBD carries as EIO; a write goes on on the same connection.
+    disk = short_tmp / "disk.img"
+    disk.write_bytes(bytes(MiB))
+    fb = CountingFile(str(disk), MiB, fd=os.open(disk, os.O_WRONLY))
+    with ServerThread(StaticExports([Export("", fb)]), short_tmp / "s.sock", "uvloop") as srv:
+        h = nbd.NBD()
+        h.connect_uri(srv.uri())
+        with pytest.raises(nbd.Error) as err:
+            h.pread(4096, 0)
+        assert err.value.errno == "EIO"
+        h.pwrite(b"\x07" * 4096, 4096)
+        h.shutdown()
+    assert fb.calls == [("read_now", 0, 4096)]
+    assert disk.read_bytes()[4096:8192] == b"\x07" * 4096
+    fb.close_now()
+
+
+def test_a_read_past_the_end_of_a_shrunk_file_answers_zeros(short_tmp: Path) -> None:
+    # Someone truncates the backing file under the export: what is gone reads as zeros
+    # (as a hole would), never as a short reply.
+    disk = short_tmp / "disk.img"
+    disk.write_bytes(b"\x5a" * MiB)
+    fb = CountingFile(str(disk), MiB)
+    with ServerThread(StaticExports([Export("", fb)]), short_tmp / "s.sock", "uvloop") as srv:
+        h = nbd.NBD()
+        h.connect_uri(srv.uri())
+        os.truncate(disk, 6144)
+        assert h.pread(4096, 4096) == b"\x5a" * 2048 + bytes(2048)
+        assert h.pread(4096, 65536) == bytes(4096)
+        h.shutdown()
+    fb.close_now()
