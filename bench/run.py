@@ -109,7 +109,7 @@ def fio(uri: str, rw: str, depth: int, runtime: int, size: int) -> dict[str, flo
 def measure(server: Server, size: int, source: Path, runtime: int,
             only: tuple[str, ...] | None = None, rewrite: bool = False,
             request_size: int | None = None) -> Rep:
-    rep: Rep = {}
+    rep: Rep = {"load": os.getloadavg()[0]}  # beside the figures: the machine is shared
     with workdir() as work:
         if server.luks_image:
             make_luks(work, size)
@@ -272,6 +272,28 @@ def replica_costs(runs: dict[str, list[Rep]]) -> list[str]:
     return out
 
 
+def per_rep_ratios(runs: dict[str, list[Rep]]) -> list[str]:
+    """Issue #11's MB/s ratios repetition by repetition: each repetition ran the rows one
+    after the other, so its ratio is less exposed to the machine's drift than a ratio of
+    medians; with the load average at each repetition's start."""
+    out = []
+    for label, num, den in RATIOS:
+        if not label.startswith(("2 replicas / 1", "3 replicas / 1")) or num not in runs \
+                or den not in runs:
+            continue
+        pairs = list(zip(runs[num], runs[den], strict=False))
+        cells = []
+        for workload in ("write", "read"):
+            ratios = [a[workload]["MB/s"] / b[workload]["MB/s"] for a, b in pairs
+                      if workload in a and workload in b]
+            cells.append(" ".join(f"{r:.2f}" for r in ratios) +
+                         (f" (median {statistics.median(ratios):.2f})" if ratios else ""))
+        loads = [r["load"] for pair in pairs for r in pair if "load" in r]
+        cells.append(f"{min(loads):.1f}-{max(loads):.1f}" if loads else "")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out
+
+
 def report(doc: dict[str, Any]) -> None:
     opts = doc["options"]
     for suite, data in doc["suites"].items():
@@ -311,6 +333,11 @@ def report(doc: dict[str, Any]) -> None:
         if lines:
             print("\n| ratio | medians |\n|---|---|")
             print("\n".join(lines))
+        each = per_rep_ratios(runs)
+        if each:
+            print("\n| ratio, each repetition (servers interleaved) | write | read | load average |"
+                  "\n|---|---|---|---|")
+            print("\n".join(each))
         extra = replica_costs(runs)
         if extra:
             print("\n| what one more replica adds (s CPU per GiB, by role) | write | read |"
