@@ -77,3 +77,32 @@ def test_work_per_call_is_bounded_and_the_rest_comes_on_the_next_call(tmp_path: 
         await disk.close()
 
     run(go())
+
+
+def test_written_pages_are_one_data_extent_and_a_hole_among_them_is_still_found(
+        tmp_path: Path) -> None:
+    """A page whose leaves are all written is one data extent (found without looking at each
+    leaf); one trimmed or zeroed block in a written page, or a block never written after
+    written ones, is still its own hole."""
+    pages = 3
+    size = pages * PAGE * BS
+    lay = Layout(size)
+    replica = RawMemory(lay.physical_size)
+
+    async def go() -> None:
+        kek = new_state(tmp_path, size=size)
+        disk = await open_disk(tmp_path, replica, kek)
+        for b in range(pages * PAGE - 1):  # all but the very last block
+            await disk.pwrite(b * BS, pattern(b))
+        assert await disk.block_status(0, size) == [((pages * PAGE - 1) * BS, 0), (BS, HZ)]
+        await disk.trim((PAGE + 5) * BS, BS)
+        await disk.zero((2 * PAGE + 127) * BS - BS, BS)  # the one before the never written
+        assert await disk.block_status(0, size) == [
+            ((PAGE + 5) * BS, 0), (BS, HZ), ((PAGE - 6) * BS + (PAGE - 2) * BS, 0), (2 * BS, HZ)]
+        await disk.close()
+        disk = await open_disk(tmp_path, replica, load_kek(tmp_path))  # leaves from the replica
+        assert await disk.block_status(PAGE * BS, PAGE * BS) == [
+            (5 * BS, 0), (BS, HZ), ((PAGE - 6) * BS, 0)]
+        await disk.close()
+
+    run(go())
