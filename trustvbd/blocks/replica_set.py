@@ -340,7 +340,7 @@ class ReplicaSet:
             return
         if self._watch_timer is None:
             self._watch_soon()
-        failed = await _each(op, targets, submit)
+        failed = await _each(op, targets, self._running_loop, submit)
         if not failed:
             return
         if len(failed) == len(targets):
@@ -434,7 +434,7 @@ class ReplicaSet:
         it, never failing the guest's FLUSH. It leaves `targets` (it does not join in this
         commit, even if it is copied up again before the commit ends) and is degraded,
         taken back later, held back longer each time it fails soon after."""
-        for r, exc in await _each(op, targets):
+        for r, exc in await _each(op, targets, self._running_loop):
             targets.remove(r)
             r.lagged = True  # cut off soon after it was taken back: back-off
             self.degrade(r, (), f"joining failed: {exc}")
@@ -520,7 +520,7 @@ class _FanOut:
 
 
 async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]], targets: list[Replica],
-                submit: _Submit | None = None) -> list[tuple[Replica, Exception]]:
+                loop: RunningLoop, submit: _Submit | None = None) -> list[tuple[Replica, Exception]]:
     """`op` on every target at once; the targets whose op failed, with what it raised.
 
     As asyncio.gather with return_exceptions, for less: it runs once per mirrored write.
@@ -538,8 +538,8 @@ async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]], targets: lis
             started.append((r, future, True))
         elif inline is None and not started:
             inline = r
-        else:  # (asyncio.get_running_loop is a getpid system call in 3.11: not per write)
-            started.append((r, asyncio.get_running_loop().create_task(op(r)), False))
+        else:  # (the loop looked up once: asyncio.get_running_loop is a getpid in 3.11)
+            started.append((r, loop().create_task(op(r)), False))
     failed: list[tuple[Replica, Exception]] = []
     try:
         if inline is not None:
