@@ -51,6 +51,12 @@ def _wait_state(s: System, name: str, want: str, timeout: float = 30) -> None:
         time.sleep(0.2)
 
 
+def _wipe(image: Path, size: int) -> None:
+    with open(image, "r+b") as f:
+        f.truncate(0)
+        f.truncate(size)
+
+
 def _kill(peer: Peer) -> None:
     os.kill(peer.pid, signal.SIGKILL)
     while support.process_alive(peer.pid):
@@ -104,8 +110,8 @@ def test_a_replica_taken_back_after_a_short_outage_stays_sparse(root: Path) -> N
 
 
 def test_a_replica_that_fails_its_join_is_degraded_not_the_guests_flush(root: Path) -> None:
-    """The driver coming back takes the resync's writes but fails WRITE_ZEROES (nbdkit's
-    error filter, ENOSPC): its join fails in the commit of a guest's FLUSH. That replica
+    """The driver coming back wiped takes the rebuild's writes but fails WRITE_ZEROES
+    (nbdkit's error filter, ENOSPC): its join fails in the commit of a guest's FLUSH. That replica
     was never in the write set, so the FLUSH must succeed on the current one and the
     joining replica stay out (degraded), not fail the guest."""
     images = [root / "a.img", root / "b.img"]
@@ -125,6 +131,10 @@ def test_a_replica_that_fails_its_join_is_degraded_not_the_guests_flush(root: Pa
         _kill(b)
         h.pwrite(b"\x22" * 4096, 4096)
         h.flush()
+        # b comes back wiped: it is rebuilt, and its join sends the whole leaf table, the
+        # empty pages as WRITE_ZEROES: the request b fails. (A join after an outage sends
+        # only the leaf pages of the blocks it missed: no WRITE_ZEROES to fail.)
+        _wipe(images[1], phys)
         failing = root / "zeroes-fail"
         failing.touch()
         b = _nbdkit(root, "b", images[1], "--filter=error", "error=ENOSPC",
@@ -135,9 +145,12 @@ def test_a_replica_that_fails_its_join_is_degraded_not_the_guests_flush(root: Pa
             h.pwrite(bytes([i % 256]) * 4096, 8192, nbd.CMD_FLAG_FUA)
             h.flush()
             i += 1
-        assert _states(s)["b"] in ("degraded", "resyncing"), _states(s)
+        # Out of the write set: degraded, or failed when its retake found the half-made
+        # rebuild (data, no superblock yet) and refused it as data that is not ours.
+        assert _states(s)["b"] in ("degraded", "resyncing", "failed"), _states(s)
         assert h.pread(4096, 4096) == b"\x22" * 4096
         failing.unlink()
+        _wipe(images[1], phys)  # what the refusal asks for
         deadline = time.monotonic() + 40
         while _states(s)["b"] != "current":  # taken back after its hold (4-8 s by now)
             assert time.monotonic() < deadline, _states(s)
