@@ -225,6 +225,10 @@ def test_a_single_replica_whose_connection_breaks_under_a_read_is_reconnected(
                 backends[0].delay = 0.0
                 assert bytes(answer(await asyncio.wait_for(got, 10))) == pattern(5)
                 assert link.next.reconnects == 1
+                # The next read goes by callback again, to the new connection.
+                again: asyncio.Future[Buffer | BlockError] = loop.create_future()
+                assert disk.start_read(5 * BS, BS, again.set_result) is not None
+                assert bytes(answer(await asyncio.wait_for(again, 10))) == pattern(5)
         run(go())
 
 

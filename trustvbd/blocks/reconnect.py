@@ -50,10 +50,16 @@ Connect = Callable[[], Awaitable[Backend]]
 RETRY_WINDOW = 10.0  # seconds spent trying to get a channel back before failing a request
 
 
+def _reads_of(backend: Backend) -> SubmitsReads | None:
+    """The connection as SubmitsReads, checked when it is adopted rather than per read."""
+    return cast(SubmitsReads, backend) if provides(backend, SubmitsReads) else None
+
+
 class ReplicaLink:
     def __init__(self, first: Backend, name: str, connect: Connect,
                  retry_window: float = RETRY_WINDOW) -> None:
         self.next = first
+        self._reads = _reads_of(first)
         self._retry_window = retry_window
         self.name = name
         self._connect = connect
@@ -132,6 +138,7 @@ class ReplicaLink:
         except Exception:
             pass
         self.next = fresh
+        self._reads = _reads_of(fresh)
         self.reconnects += 1
         self._watch(fresh)
         self._plain_ended = True
@@ -253,9 +260,8 @@ class ReplicaLink:
     def submit_read(self, offset: int, into: memoryview, replied: ReadReplied) -> bool:
         """As pread_into, by callback, when the connection can (SubmitsReads). A failure is
         the caller's: its general path retries through pread_into, which reconnects."""
-        backend = self.next
-        return (provides(backend, SubmitsReads)
-                and cast(SubmitsReads, backend).submit_read(offset, into, replied))
+        reads = self._reads
+        return reads is not None and reads.submit_read(offset, into, replied)
 
     def write_ended(self, error: Exception | None) -> None:
         """What _recover_from records when a mirror's write fails on a broken connection

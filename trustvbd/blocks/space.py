@@ -41,6 +41,8 @@ class SpaceWatch(Layer):
         self.disk, self.driver, self.mirrored = disk, driver, mirrored
         self.full_since: float | None = None  # wall clock of the first ENOSPC of this episode
         self._read_into = reader_into(next)
+        # Reads by callback go straight to the link below, once per guest read (no check).
+        self._reads = cast(SubmitsReads, next) if provides(next, SubmitsReads) else None
 
     @property
     def message(self) -> str:
@@ -112,9 +114,8 @@ class SpaceWatch(Layer):
 
     def submit_read(self, offset: int, into: memoryview, replied: ReadReplied) -> bool:
         """As pread_into, by callback, when the link below can (SubmitsReads)."""
-        nxt = self.next
-        return (provides(nxt, SubmitsReads)
-                and cast(SubmitsReads, nxt).submit_read(offset, into, replied))
+        reads = self._reads
+        return reads is not None and reads.submit_read(offset, into, replied)
 
     def write_ended(self, error: Exception | None) -> None:
         if error is None:
