@@ -8,6 +8,7 @@ and reads exactly what it wrote; afterwards scrub leaves the replicas identical.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -570,6 +571,58 @@ def test_status_and_scrub_say_a_disk_is_opening_while_the_domain_restarts(
         m.drivers[1].set("honest")
         qemu_io(m.uri, f"read -P 0x11 0 {HALF}")
         _check_identical_after_scrub(m)
+    finally:
+        m.close()
+
+
+def test_the_last_current_replica_lost_while_the_other_resyncs_comes_back_current(
+        short_tmp: Path) -> None:
+    """h1 resyncs (slowly: its writes are answered 1 s late) when h0, the only current
+    replica, is killed. A guest write meanwhile failed on h0 but went through on h1, so h0
+    was degraded in h1's favour: no replica was current any more, h1 (missing blocks) could
+    not finish its resync without a source, h0 waited for a source to resync from, and the
+    disk served nothing until `up` was restarted (found with fio and drivers killed in
+    turn). A write no current replica took fails; h0, restarted, is current again."""
+    m = Mirror(short_tmp, 2)
+    h0, h1 = m.drivers
+    nbd = libnbd()
+    try:
+        m.system.start()
+        qemu_io(m.uri, f"write -P 0x11 0 {SIZE}", "flush")
+        h1.set("disconnect")
+        qemu_io(m.uri, f"write -P 0x22 0 {HALF}", "flush")
+        h1.set("slow_writes", delay=1)  # its resync: 8 runs, 1 s each
+        deadline = time.monotonic() + 20
+        while m.status()["h1"]["state"] != "resyncing":
+            assert time.monotonic() < deadline, m.status()
+            time.sleep(0.1)
+        h0.kill()
+        guest = nbd.NBD()
+        guest.connect_uri(m.uri)
+        try:
+            guest.pwrite(b"\x33" * 4096, HALF, nbd.CMD_FLAG_FUA)
+            wrote = True
+        except nbd.Error:
+            wrote = False
+        h0.start()
+        h1.set("honest")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                got = guest.pread(HALF + 4096, 0)
+                break
+            except nbd.Error:
+                assert time.monotonic() < deadline, m.status()
+                time.sleep(0.2)
+        assert got[:HALF] == b"\x22" * HALF
+        assert got[HALF:] in ((b"\x33" if wrote else b"\x11") * 4096, b"\x11" * 4096)
+        deadline = time.monotonic() + 30
+        while not all(r["state"] == "current" for r in m.status().values()):
+            assert time.monotonic() < deadline, m.status()
+            with contextlib.suppress(nbd.Error):  # h1 joins at a commit
+                guest.flush()
+            time.sleep(0.2)
+        guest.shutdown()
     finally:
         m.close()
 

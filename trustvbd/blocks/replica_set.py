@@ -346,6 +346,22 @@ class ReplicaSet:
         if len(failed) == len(targets):
             self.recovery.revive_broken(targets)
             raise failed[0][1]
+        current = [r for r in targets if r.state is State.CURRENT]
+        lost = {r for r, _ in failed}
+        if all(r in lost for r in current):
+            # Only resyncing replicas took it: they cannot serve it, and degrading every
+            # current one in their favour would leave the disk with no source at all (it
+            # then served nothing until `up` restarted). It fails, as on a single replica;
+            # the current ones are reconnected in place, the resyncing ones copy it again.
+            written = list(blocks())
+            for r in targets:
+                if r.state is State.RESYNCING and r not in lost:
+                    r.dirty.update(written)
+            for r, exc in failed:
+                if r.state is State.RESYNCING:
+                    self.degrade(r, written, f"{what} failed: {exc}")
+            self.recovery.revive_broken(current)
+            raise next((exc for r, exc in failed if r in current), failed[0][1])
         for r, exc in failed:
             self.degrade(r, blocks(), f"{what} failed: {exc}")
 
