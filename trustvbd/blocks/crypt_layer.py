@@ -240,7 +240,8 @@ class CryptDisk:
     async def _admit(self, r: Replica) -> bool:
         """A replica came back: is it this disk's? True if it must be rebuilt whole."""
         a = self._commits.anchor
-        sv = await survey_replica(r.link, self.name, r.name, a, self.public_key, allow_blank=True)
+        sv = await survey_replica(r.link, self.name, r.name, a, self.public_key, allow_blank=True,
+                                  rebuilding=r.whole_table)
         if sv.fresh:
             return True
         return sv.presented is None or sv.presented < r.behind_since

@@ -97,14 +97,17 @@ class Survey:
 
 
 async def survey_replica(replica: Backend, disk: str, replica_name: str, anchor: Anchor,
-                         public_key: bytes, allow_blank: bool = False) -> Survey:
+                         public_key: bytes, allow_blank: bool = False,
+                         rebuilding: bool = False) -> Survey:
     """Read `replica`'s slots; refuse it if it is foreign, ahead of the anchor, or
-    (unless `allow_blank`: a mirror can rebuild it) blank-but-stale."""
+    (unless `allow_blank`: a mirror can rebuild it) blank-but-stale. With `rebuilding`
+    (we were rebuilding it whole: its superblocks come last, at its join), data under
+    blank superblocks is our unfinished rebuild, not someone else's: rebuilt again."""
     who = describe(disk, replica_name)
     raw = await read_exact(replica, who, 0, 2 * SLOT_SIZE)
     slots = [sbfmt.parse(raw[i * SLOT_SIZE:(i + 1) * SLOT_SIZE], i, public_key, anchor.disk_id)
              for i in range(2)]
-    fresh, presented = await _judge_slots(replica, who, anchor, slots, allow_blank)
+    fresh, presented = await _judge_slots(replica, who, anchor, slots, allow_blank, rebuilding)
     return Survey(who, disk, replica_name, slots, fresh, presented)
 
 
@@ -156,7 +159,7 @@ def judge(survey: Survey, anchor: Anchor, bad_pages: list[int] | None) -> list[E
 
 
 async def _judge_slots(replica: Backend, who: str, a: Anchor, slots: list[sbfmt.Slot],
-                       allow_blank: bool) -> tuple[bool, int | None]:
+                       allow_blank: bool, rebuilding: bool = False) -> tuple[bool, int | None]:
     """Refuse replicas that are blank-but-stale, foreign, or ahead of the anchor.
 
     Returns (fresh: format it, newest valid epoch presented or None).
@@ -168,7 +171,7 @@ async def _judge_slots(replica: Backend, who: str, a: Anchor, slots: list[sbfmt.
             raise StaleReplicaError(
                 f"{who} is blank (presents epoch 0) but the trusted epoch is {a.epoch}: it was "
                 "wiped or replaced; resync it from a current replica")
-        if not await sample_blank(replica, who, Layout(a.logical_size)):
+        if not rebuilding and not await sample_blank(replica, who, Layout(a.logical_size)):
             raise ForeignReplicaError(
                 f"{who} holds data but no trustvbd superblock; refusing to format over data that "
                 "is not ours (give the disk an empty backing file)")
