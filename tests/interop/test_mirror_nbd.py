@@ -575,14 +575,16 @@ def test_status_and_scrub_say_a_disk_is_opening_while_the_domain_restarts(
         m.close()
 
 
+@pytest.mark.parametrize("fua", [True, False], ids=["fua", "behind"])
 def test_the_last_current_replica_lost_while_the_other_resyncs_comes_back_current(
-        short_tmp: Path) -> None:
+        short_tmp: Path, fua: bool) -> None:
     """h1 resyncs (slowly: its writes are answered 1 s late) when h0, the only current
     replica, is killed. A guest write meanwhile failed on h0 but went through on h1, so h0
     was degraded in h1's favour: no replica was current any more, h1 (missing blocks) could
     not finish its resync without a source, h0 waited for a source to resync from, and the
     disk served nothing until `up` was restarted (found with fio and drivers killed in
-    turn). A write no current replica took fails; h0, restarted, is current again."""
+    turn). A write no current replica took fails (a small one without FUA, answered before
+    the drivers, at the next FLUSH); h0, restarted, is current again."""
     m = Mirror(short_tmp, 2)
     h0, h1 = m.drivers
     nbd = libnbd()
@@ -600,7 +602,8 @@ def test_the_last_current_replica_lost_while_the_other_resyncs_comes_back_curren
         guest = nbd.NBD()
         guest.connect_uri(m.uri)
         try:
-            guest.pwrite(b"\x33" * 4096, HALF, nbd.CMD_FLAG_FUA)
+            guest.pwrite(b"\x33" * 4096, HALF, nbd.CMD_FLAG_FUA if fua else 0)
+            guest.flush()
             wrote = True
         except nbd.Error:
             wrote = False
@@ -613,6 +616,8 @@ def test_the_last_current_replica_lost_while_the_other_resyncs_comes_back_curren
                 break
             except nbd.Error:
                 assert time.monotonic() < deadline, m.status()
+                with contextlib.suppress(nbd.Error):  # reports a write lost behind
+                    guest.flush()
                 time.sleep(0.2)
         assert got[:HALF] == b"\x22" * HALF
         assert got[HALF:] in ((b"\x33" if wrote else b"\x11") * 4096, b"\x11" * 4096)

@@ -331,7 +331,7 @@ class ReplicaSet:
                    blocks: Callable[[], Iterable[int]], what: str,
                    submit: _Submit | None = None) -> None:
         """Run `op` on every target (or `submit` a write, where a link queues it without a
-        coroutine); degrade those that fail unless all do (then raise)."""
+        coroutine); degrade those that fail, unless no current one took it (then raise)."""
         if not targets:
             raise BlockError(errno.EIO, f"disk {self.disk!r}: no replica is current; the {what} "
                              "cannot be stored (see `trustvbd status`)")
@@ -341,11 +341,16 @@ class ReplicaSet:
         if self._watch_timer is None:
             self._watch_soon()
         failed = await _each(op, targets, self._running_loop, submit)
-        if not failed:
-            return
+        if failed and (error := self._outcome(targets, failed, blocks, what)) is not None:
+            raise error
+
+    def _outcome(self, targets: list[Replica], failed: list[tuple[Replica, Exception]],
+                 blocks: Callable[[], Iterable[int]], what: str) -> Exception | None:
+        """A fan-out to `targets` that `failed` on some: None if it stands (those that failed
+        are degraded), else the error it fails with (_all, _FanOut)."""
         if len(failed) == len(targets):
             self.recovery.revive_broken(targets)
-            raise failed[0][1]
+            return failed[0][1]
         current = [r for r in targets if r.state is State.CURRENT]
         lost = {r for r, _ in failed}
         if all(r in lost for r in current):
@@ -361,9 +366,10 @@ class ReplicaSet:
                 if r.state is State.RESYNCING:
                     self.degrade(r, written, f"{what} failed: {exc}")
             self.recovery.revive_broken(current)
-            raise next((exc for r, exc in failed if r in current), failed[0][1])
+            return next((exc for r, exc in failed if r in current), failed[0][1])
         for r, exc in failed:
             self.degrade(r, blocks(), f"{what} failed: {exc}")
+        return None
 
     # ------------------------------------------------------------ lagging writers
 
@@ -521,18 +527,13 @@ class _FanOut:
         self.left -= 1
         if self.left:
             return
-        failed, rs = self.failed, self.rs
+        failed, blocks = self.failed, self.blocks
         if self.cancelled:
             self.ended(False)
         elif not failed:
             self.ended(True)
-        elif len(failed) == len(self.targets):
-            rs.recovery.revive_broken(self.targets)
-            self.ended(False)
-        else:
-            for r, exc in failed:
-                rs.degrade(r, self.blocks, f"write failed: {exc}")
-            self.ended(True)
+        else:  # (one that failed is sent once more the general way, _all)
+            self.ended(self.rs._outcome(self.targets, failed, lambda: blocks, "write") is None)
 
 
 async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]], targets: list[Replica],
