@@ -205,3 +205,31 @@ def test_a_replica_joins_with_the_leaf_pages_it_missed_not_the_whole_table(tmp_p
         assert bytes(await disk.pread(0, NBLOCKS * BS)) == data
         await disk.close()
     run(go())
+
+
+def test_a_leaf_page_found_altered_on_a_replica_is_rewritten_when_it_rejoins(
+        tmp_path: Path) -> None:
+    """A joining replica gets the leaf pages it missed, not the whole table: a leaf page
+    found altered on it (its driver lied) must be among them, or the replica would keep
+    the bad page once current and, alone, fail the reads of those blocks."""
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        links = [Faulty(m) for m in mems]
+        disk = await open_set(tmp_path, kek, list(links))
+        data = await fill(disk)
+        await disk.close()
+        at = LAY.leaf_page_offset(3)
+        mems[1].raw[at + 100] ^= 1  # r1's leaf page 3 (blocks 384-511)
+        disk = await open_set(tmp_path, kek, list(links))
+        assert bytes(await disk.pread(0, BS)) == data[:BS]  # page 0 from r0: the next from r1
+        assert bytes(await disk.pread(400 * BS, BS)) == data[400 * BS:401 * BS]
+        assert disk.replicas.replicas[1].state is not State.CURRENT, "r1's page was not read"
+        await settle(disk)
+        await disk.close()
+        assert mems[1].raw[at:at + BS] == mems[0].raw[at:at + BS]
+        links[0].fail_reads = True
+        disk = await open_set(tmp_path, kek, list(links))
+        assert bytes(await disk.pread(0, NBLOCKS * BS)) == data
+        await disk.close()
+    run(go())

@@ -435,15 +435,17 @@ class Commits:
         g, leaves = self.lay, self.leaves
         step = max(1, min(JOIN_PAGES, leaves.capacity // 2))
         sent = q0  # pages of [q0, q1) before this are on the joining replicas
-        for p0, p1 in runs(leaves.maybe_written(q0, q1), step):
-            await self._zero_table(replica, joining, sent, p0)
-            held = await leaves.hold(p0 * LEAVES_PER_PAGE, min(p1 * LEAVES_PER_PAGE, g.blocks))
-            try:
-                chunk = b"".join(leaves.page(p) for p in range(p0, p1))
-            finally:
-                leaves.release(held)
-            await replica.write_to(joining, g.leaf_page_offset(p0), chunk)
-            sent = p1
+        for r0, r1 in leaves.maybe_written_runs(q0, q1):
+            await self._zero_table(replica, joining, sent, r0)
+            for p0 in range(r0, r1, step):
+                p1 = min(p0 + step, r1)
+                held = await leaves.hold(p0 * LEAVES_PER_PAGE, min(p1 * LEAVES_PER_PAGE, g.blocks))
+                try:
+                    chunk = b"".join(leaves.page(p) for p in range(p0, p1))
+                finally:
+                    leaves.release(held)
+                await replica.write_to(joining, g.leaf_page_offset(p0), chunk)
+            sent = r1
         await self._zero_table(replica, joining, sent, q1)
 
     async def _zero_table(self, replica: ReplicaSet, joining: list[Replica], p0: int,

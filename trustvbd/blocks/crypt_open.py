@@ -194,7 +194,7 @@ def written_ranges(leaves: LeafPages) -> list[tuple[int, int]]:
     leaf pages that are resident or that the tree does not know as empty (no page is read)."""
     g = leaves.lay
     return [(p0 * LEAVES_PER_PAGE, min(p1 * LEAVES_PER_PAGE, g.blocks))
-            for p0, p1 in runs(leaves.maybe_written(0, g.leaf_pages), g.leaf_pages)]
+            for p0, p1 in leaves.maybe_written_runs(0, g.leaf_pages)]
 
 
 async def each_replica(disk: str, replicas: list[Replica], job: Callable[[Replica], Awaitable[T]],

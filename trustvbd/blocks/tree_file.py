@@ -23,7 +23,7 @@ import os
 import struct
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from trustvbd.crypt.tree import EMPTY, HASH_SIZE, level_counts, node
@@ -209,21 +209,23 @@ class TreeFile:
 
     def nonempty_pages(self, first: int = 0, end: int | None = None) -> list[int]:
         """Leaf pages in [first, end) whose hash is not the empty one, found from the top."""
-        end = self.pages if end is None else end
-        out: list[int] = []
+        return list(self.iter_nonempty_pages(first, end))
 
-        def walk(level: int, index: int) -> None:
+    def iter_nonempty_pages(self, first: int = 0, end: int | None = None) -> Iterator[int]:
+        """nonempty_pages in order, found as they are taken (no list of them all)."""
+        end = self.pages if end is None else end
+
+        def walk(level: int, index: int) -> Iterator[int]:
             lo, hi = index << level, (index + 1) << level
             if hi <= first or lo >= end or lo >= self.pages or self.is_empty(level, index):
                 return
             if level == 0:
-                out.append(index)
+                yield index
                 return
-            walk(level - 1, 2 * index)
-            walk(level - 1, 2 * index + 1)
+            yield from walk(level - 1, 2 * index)
+            yield from walk(level - 1, 2 * index + 1)
 
-        walk(self.top_level, 0)
-        return out
+        return walk(self.top_level, 0)
 
     def update(self, changes: dict[int, bytes]) -> None:
         """Set page hashes and re-hash their paths; kept in memory until write_back."""
