@@ -758,6 +758,9 @@ class Verifies:
     def written_ranges(self) -> list[tuple[int, int]]:
         return []
 
+    def first_written(self, b0: int, b1: int) -> tuple[int, int] | None:
+        return None
+
     def written_since_commit(self) -> list[int]:
         return []
 

@@ -30,7 +30,7 @@ from trustvbd.blockdev import Backend, BlockError, Capabilities, check_range
 from trustvbd.blocks import crypt_discard, crypt_read, crypt_write
 from trustvbd.blocks.aead_pool import INLINE, AeadPool
 from trustvbd.blocks.crypt_commit import Commits
-from trustvbd.blocks.crypt_open import written_ranges
+from trustvbd.blocks.crypt_open import first_written, written_ranges
 from trustvbd.blocks.crypt_survey import survey_replica
 from trustvbd.blocks.crypt_unlock import open_disk
 from trustvbd.blocks.crypt_verify import VerifyReport, verify_replica
@@ -232,6 +232,10 @@ class CryptDisk:
     def written_ranges(self) -> list[tuple[int, int]]:
         """Verifier: the block ranges of the leaf pages that may hold a written leaf."""
         return written_ranges(self._leaves)
+
+    def first_written(self, b0: int, b1: int) -> tuple[int, int] | None:
+        """Verifier: the first range in [b0, b1) that may hold a written block, or None."""
+        return first_written(self._leaves, b0, b1)
 
     def written_since_commit(self) -> list[int]:
         """Verifier: blocks written since the last full commit."""

@@ -197,6 +197,14 @@ def written_ranges(leaves: LeafPages) -> list[tuple[int, int]]:
             for p0, p1 in leaves.maybe_written_runs(0, g.leaf_pages)]
 
 
+def first_written(leaves: LeafPages, b0: int, b1: int) -> tuple[int, int] | None:
+    """The first range within [b0, b1) that may hold a written block (written_ranges),
+    or None: found from the tree, however far ahead, with no page read."""
+    lpp = LEAVES_PER_PAGE
+    got = next(leaves.maybe_written_runs(b0 // lpp, (b1 - 1) // lpp + 1), None)
+    return None if got is None else (max(b0, got[0] * lpp), min(b1, got[1] * lpp))
+
+
 async def each_replica(disk: str, replicas: list[Replica], job: Callable[[Replica], Awaitable[T]],
                        lag: float, serves: Callable[[T], bool]
                        ) -> dict[str, T | BaseException]:

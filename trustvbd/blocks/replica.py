@@ -56,6 +56,11 @@ class Verifier(Protocol):
         copies (never a walk over every block: a 16 TiB disk has 4 billion)."""
         ...
 
+    def first_written(self, b0: int, b1: int) -> tuple[int, int] | None:
+        """The first range within [b0, b1) that may hold a written block (of those of
+        written_ranges), or None: what a resync skips to over a coarsened run."""
+        ...
+
     def written_since_commit(self) -> list[int]:
         """Blocks written since the last full commit, which a replica that presents the
         current epoch may still lack (FLUSHes between commits sync only trusted state)."""
