@@ -124,6 +124,9 @@ class Recovery:
                     # Its start is logged once per trip back, not at every retry (a full
                     # driver is retried every RECONNECT_MAX s, perhaps for days).
                     await self._reconnect_and_resync(r, loud=not resynced)
+                    # Its resync stopped because it was degraded meanwhile (a guest write
+                    # failed on it): this trip back has tried one.
+                    resynced = resynced or r.state is State.DEGRADED
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
