@@ -290,6 +290,7 @@ def test_a_wiped_replica_of_a_terabyte_mirror_is_rebuilt_without_holding_up_gues
     the rebuilt replica alone serves every written block."""
     def memory(i: int) -> int:
         pidfile = root / f"m{i}.pid"
+        pidfile.unlink(missing_ok=True)  # a killed one's stale pid must not be read as this one's
         subprocess.run(["nbdkit", "-U", str(root / f"m{i}.sock"), "-P", str(pidfile),
                         "memory", "2T"], check=True)
         support.wait_for_path(pidfile)
