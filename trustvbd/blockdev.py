@@ -39,6 +39,11 @@ class BlockError(Exception):
         return f"{errno.errorcode.get(self.errno, self.errno)}: {self.message}"
 
 
+class WritesMayBeLost(BlockError):
+    """A FLUSH cannot vouch for writes acknowledged before a driver lost its connection
+    (they were not flushed). Raised once; a guest's FLUSH must be the one to see it."""
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a backend can do; the NBD server advertises exactly these flags."""

@@ -713,6 +713,42 @@ def test_every_replica_gone_is_eio_audited_and_it_comes_back(tmp_path: Path) -> 
     run(go())
 
 
+def test_lost_writes_met_by_a_background_commit_still_fail_the_guests_flush(
+        tmp_path: Path) -> None:
+    """Every replica reconnected with writes acknowledged but not flushed. A commit that
+    runs for a joining replica (no guest waits for it) meets that first: the guest's next
+    FLUSH must still say the writes may be lost, not succeed (red team)."""
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        cables = [Cable(m) for m in mems]
+        disk = await open_set(tmp_path, kek, list(cables))
+        await fill(disk)
+        await disk.pwrite(0, pattern(0, 3))  # acknowledged, not flushed
+        await disk.settle()
+        for c in cables:
+            c.cut()
+        with pytest.raises(BlockError):
+            await disk.pread(BS, BS)
+        for c in cables:
+            c.driver_up = True
+        for _ in range(500):
+            if all(c.broken is None for c in cables):
+                break
+            await asyncio.sleep(0.01)
+        disk._commit_soon()  # as when a replica finishes its resync
+        for _ in range(500):
+            if not disk._background:
+                break
+            await asyncio.sleep(0.01)
+        assert not disk._background
+        with pytest.raises(BlockError, match="not flushed may be lost"):
+            await disk.flush()
+        await disk.flush()
+        await disk.close()
+    run(go())
+
+
 class SilentReads(Layer):
     """A replica whose reads get no reply until released or until the connection is
     dropped (`abandon`, as NbdClient: every waiting request fails with ETIMEDOUT)."""

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from trustvbd.blockdev import Backend, BlockError, Capabilities, check_range
+from trustvbd.blockdev import Backend, BlockError, Capabilities, WritesMayBeLost, check_range
 from trustvbd.blocks import crypt_discard, crypt_read, crypt_write
 from trustvbd.blocks.aead_pool import INLINE, AeadPool
 from trustvbd.blocks.crypt_commit import Commits
@@ -129,6 +129,8 @@ class CryptDisk:
         replicas.report = self._events.report
         replicas.request_commit = self._commit_soon
         self._background: set[asyncio.Task[None]] = set()
+        # Met by a commit no guest waits for: kept for the next guest FLUSH to report.
+        self._lost_writes: WritesMayBeLost | None = None
         rc = replicas.capabilities
         self._caps = Capabilities(read_only=False, flush=True, fua=True, trim=True, zero=True,
                                   fast_zero=True, cache=True, multi_conn=True)
@@ -272,6 +274,9 @@ class CryptDisk:
         self._check_usable()
         await self._wait_for_space()
         await self._commit(durable=durable)
+        if (lost := self._lost_writes) is not None:
+            self._lost_writes = None
+            raise lost
         self._behind.report(seen)  # writes answered early that failed since its last FLUSH
 
     async def commit(self) -> None:
@@ -324,6 +329,9 @@ class CryptDisk:
             try:
                 if not self._closed:
                     await self._commit()
+            except WritesMayBeLost as exc:  # raised once: the guest's next FLUSH must see it
+                self._lost_writes = exc
+                log.warning("disk %s: commit for a joining replica: %s", self.name, exc)
             except Exception as exc:  # the guest's next flush will meet it again
                 log.warning("disk %s: commit for a joining replica failed: %s", self.name, exc)
 

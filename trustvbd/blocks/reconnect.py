@@ -40,6 +40,7 @@ from trustvbd.blockdev import (
     SubmitsReads,
     TellsBreak,
     Watched,
+    WritesMayBeLost,
     provides,
 )
 from trustvbd.blocks.layer import reader_into
@@ -286,7 +287,7 @@ class ReplicaLink:
         if self._maybe_lost:
             self._maybe_lost = False
             self._dirty = False
-            raise BlockError(errno.EIO, f"replica {self.name!r} restarted; writes acknowledged"
+            raise WritesMayBeLost(errno.EIO, f"replica {self.name!r} restarted; writes acknowledged"
                              " before the restart but not flushed may be lost")
         self._dirty = False
 

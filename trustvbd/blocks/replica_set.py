@@ -34,6 +34,7 @@ from trustvbd.blockdev import (
     Submits,
     TellsBreak,
     Watched,
+    WritesMayBeLost,
     provides,
 )
 from trustvbd.blocks import replica_reads
@@ -280,7 +281,7 @@ class ReplicaSet:
                         lambda: itertools.chain.from_iterable(unflushed), "flush")
         if self.lost_unflushed:
             self.lost_unflushed = False
-            raise BlockError(errno.EIO, f"disk {self.disk!r}: every current replica lost its "
+            raise WritesMayBeLost(errno.EIO, f"disk {self.disk!r}: every current replica lost its "
                              "connection; writes acknowledged before that but not flushed may be "
                              "lost with the drivers")
 
