@@ -71,19 +71,25 @@ def _mirror(root: Path, size: str, a: Peer, b: Peer) -> System:
         support.disk("disk", "L", ["a", "b"], size=size), support.guest("vm", "G")))
 
 
-def test_a_replica_taken_back_after_a_short_outage_stays_sparse(root: Path) -> None:
-    """A driver of a 64 GiB sparse mirror is gone while two blocks are written, then comes
-    back: it is resynced and joins. Its join wrote the empty part of the leaf table (512 MiB
-    here, 128 GiB for 16 TiB) as WRITE_ZEROES with NO_HOLE: nbdkit file allocated all of
-    it. Such a join sends only the leaf pages of the blocks it missed now (9d76ce4)."""
-    size = 64 << 30
+def _sparse_mirror(root: Path, size: int) -> tuple[list[Path], int, Peer, Peer, System]:
+    """A mirror of `size` bytes over two nbdkit file drivers on sparse files (not started):
+    (images, their size, driver a, driver b, system)."""
     phys = Layout(size).physical_size
     images = [root / "a.img", root / "b.img"]
     for image in images:
         with open(image, "wb") as f:
             f.truncate(phys)
     a, b = _nbdkit(root, "a", images[0]), _nbdkit(root, "b", images[1])
-    s = _mirror(root, "64GiB", a, b)
+    return images, phys, a, b, _mirror(root, f"{size >> 30}GiB", a, b)
+
+
+def test_a_replica_taken_back_after_a_short_outage_stays_sparse(root: Path) -> None:
+    """A driver of a 64 GiB sparse mirror is gone while two blocks are written, then comes
+    back: it is resynced and joins. Its join wrote the empty part of the leaf table (512 MiB
+    here, 128 GiB for 16 TiB) as WRITE_ZEROES with NO_HOLE: nbdkit file allocated all of
+    it. Such a join sends only the leaf pages of the blocks it missed now (9d76ce4)."""
+    size = 64 << 30
+    images, _, a, b, s = _sparse_mirror(root, size)
     nbd = clients.libnbd()
     try:
         s.start()
@@ -115,13 +121,7 @@ def test_a_wiped_replica_rebuilt_whole_stays_sparse(root: Path) -> None:
     file allocated all of it (on tmpfs, qemu-nbd wrote 23 GB of zeros into memory until
     the machine ran out). The zeroes may be holes now."""
     size = 64 << 30
-    phys = Layout(size).physical_size
-    images = [root / "a.img", root / "b.img"]
-    for image in images:
-        with open(image, "wb") as f:
-            f.truncate(phys)
-    a, b = _nbdkit(root, "a", images[0]), _nbdkit(root, "b", images[1])
-    s = _mirror(root, "64GiB", a, b)
+    images, phys, a, b, s = _sparse_mirror(root, size)
     nbd = clients.libnbd()
     try:
         s.start()
@@ -154,13 +154,7 @@ def test_a_replica_that_fails_its_join_is_degraded_not_the_guests_flush(root: Pa
     joining replica stay out (degraded), not fail the guest; taken back, its unfinished
     rebuild (data under blank superblocks) is rebuilt again, not refused as "data that is
     not ours" for good."""
-    images = [root / "a.img", root / "b.img"]
-    phys = Layout(4 << 30).physical_size
-    for image in images:
-        with open(image, "wb") as f:
-            f.truncate(phys)
-    a, b = _nbdkit(root, "a", images[0]), _nbdkit(root, "b", images[1])
-    s = _mirror(root, "4GiB", a, b)
+    images, phys, a, b, s = _sparse_mirror(root, 4 << 30)
     nbd = clients.libnbd()
     try:
         s.start()
