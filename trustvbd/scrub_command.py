@@ -43,18 +43,15 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     config = _config(args.config)
     reply = control_request(config, ScrubQuery(args.disk))
     if not isinstance(reply, ScrubStarted):
-        print(f"trustvbd scrub: {refusal(reply, 'unexpected reply')}", file=sys.stderr)
-        return 1
+        return _failed(args, refusal(reply, "unexpected reply"))
     show = sys.stdout.isatty() and not args.json
     scrub = _follow(config, args.disk, show)
     if scrub is None:
-        print(f"trustvbd scrub: the scrub of disk {args.disk!r} did not finish: the encryption"
-              " domain serving it stopped or was restarted meanwhile (see `trustvbd status`);"
-              " run the scrub again", file=sys.stderr)
-        return 1
+        return _failed(args, f"the scrub of disk {args.disk!r} did not finish: the encryption"
+                       " domain serving it stopped or was restarted meanwhile (see `trustvbd"
+                       " status`); run the scrub again")
     if scrub.get("error"):
-        print(f"trustvbd scrub: {scrub['error']}", file=sys.stderr)
-        return 1
+        return _failed(args, str(scrub["error"]))
     result = scrub.get("result", {})
     checked, bad, repaired = _summary(result)
     if args.json:
@@ -66,6 +63,15 @@ def cmd_scrub(args: argparse.Namespace) -> int:
             print(f"  replica {name}: {r['checked']} blocks checked, {r['bad']} bad,"
                   f" {r['repaired']} repaired")
     return EXIT_FOUND if bad > repaired else 0
+
+
+def _failed(args: argparse.Namespace, why: str) -> int:
+    """A scrub that could not run or finish: the reason on stderr, and with --json also as
+    JSON on stdout, so a script reading stdout learns why instead of reading nothing."""
+    print(f"trustvbd scrub: {why}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"disk": args.disk, "error": why}, indent=2))
+    return 1
 
 
 def _follow(config: Any, disk: str, show: bool) -> dict[str, Any] | None:

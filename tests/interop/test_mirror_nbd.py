@@ -568,6 +568,11 @@ def test_status_and_scrub_say_a_disk_is_opening_while_the_domain_restarts(
                 # (or it opened meanwhile, and the scrub ran)
                 assert scrub.returncode == 0 or "is still opening" in scrub.stderr, scrub.stderr
         assert seen == {"opening", "serving"}, seen
+        # A scrub that cannot run says why on stdout too with --json (scripts read stdout).
+        bad = m.system.cli("scrub", "-c", str(m.system.config), "nosuchdisk", "--json",
+                           check=False)
+        assert bad.returncode == 1, bad
+        assert "nosuchdisk" in json.loads(bad.stdout)["error"], bad.stdout
         m.drivers[1].set("honest")
         qemu_io(m.uri, f"read -P 0x11 0 {HALF}")
         _check_identical_after_scrub(m)
