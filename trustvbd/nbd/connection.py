@@ -323,18 +323,26 @@ class Connection(asyncio.BufferedProtocol):
         fua = bool(flags & _FUA)
         try:
             self._write_now(offset, payload, fua)
-        except BlockError as exc:
-            self._reply_error(_WRITE, cookie, p.errno_to_nbd(exc.errno), exc.message)
-            return
-        except Exception as exc:  # a bug: this request fails, the connection goes on
-            log.exception("nbd: WRITE on export %r failed unexpectedly", self.export_name)
-            self._reply_error(_WRITE, cookie, p.NbdErr.EIO, f"internal server error: {exc}")
+        except Exception as exc:
+            self._reply_failure(_WRITE, cookie, exc)
             return
         if len(payload) > _POOL_MIN:
             self.core.pool.give_back(payload)  # type: ignore[arg-type] # as in _serve
         self._queue_reply(cookie, 0, "", 0, None)
         if fua and not self._transport_busy:
             self._flush()  # as in _serve: a durability point leaves at once
+
+    def _reply_failure(self, typ: int, cookie: int, exc: Exception,
+                       fast_zero: bool = False) -> None:
+        """A request failed: a BlockError is answered with its errno; anything else is a
+        bug, logged and answered EIO. The connection goes on either way."""
+        if isinstance(exc, BlockError):
+            self._reply_error(typ, cookie, p.errno_to_nbd(exc.errno, fast_zero=fast_zero),
+                              exc.message)
+            return
+        log.error("nbd: %s on export %r failed unexpectedly", p.name_of(p.Cmd, typ),
+                  self.export_name, exc_info=exc)
+        self._reply_error(typ, cookie, p.NbdErr.EIO, f"internal server error: {exc}")
 
     def _read_at_once(self, cookie: int, offset: int, length: int) -> None:
         """A READ from a backend whose reads never wait (ReadsAtOnce): no coroutine; a big
@@ -347,12 +355,8 @@ class Connection(asyncio.BufferedProtocol):
             data = self._read_now(offset, length)
             if len(data) != length:
                 raise BlockError(errno.EIO, f"backend returned {len(data)} of {length} bytes")
-        except BlockError as exc:
-            self._reply_error(_READ, cookie, p.errno_to_nbd(exc.errno), exc.message)
-            return
-        except Exception as exc:  # a bug: this request fails, the connection goes on
-            log.exception("nbd: READ on export %r failed unexpectedly", self.export_name)
-            self._reply_error(_READ, cookie, p.NbdErr.EIO, f"internal server error: {exc}")
+        except Exception as exc:
+            self._reply_failure(_READ, cookie, exc)
             return
         self._queue_reply(cookie, 0, "", offset, data)
 
@@ -461,14 +465,8 @@ class Connection(asyncio.BufferedProtocol):
                                      f" failed: {exc}") from None
                 self._queue([reply])
                 return
-        except BlockError as exc:
-            fast = typ == _WRITE_ZEROES and bool(flags & _FAST_ZERO)
-            self._reply_error(typ, cookie, p.errno_to_nbd(exc.errno, fast_zero=fast), exc.message)
-            return
         except Exception as exc:
-            log.exception("nbd: %s on export %r failed unexpectedly", p.name_of(p.Cmd, typ),
-                          self.export_name)
-            self._reply_error(typ, cookie, p.NbdErr.EIO, f"internal server error: {exc}")
+            self._reply_failure(typ, cookie, exc, typ == _WRITE_ZEROES and bool(flags & _FAST_ZERO))
             return
         self._queue_reply(cookie, 0, "", 0, None)
         if (fua or typ == _FLUSH) and not self._transport_busy:
