@@ -207,10 +207,7 @@ class ReplicaSet:
             await writers[0].link.pwrite(offset, data, fua)
             return
         blocks = self._blocks(offset, len(data))
-        for r in self._behind:
-            r.dirty.update(blocks)
-            r.map_saved = False
-        self._note_unflushed(blocks)
+        self._note_written(blocks)
 
         def submit(r: Replica) -> asyncio.Future[None] | None:
             link = r.link
@@ -245,10 +242,7 @@ class ReplicaSet:
         if future is None:
             return False
         blocks = self._blocks(offset, len(data))
-        for r in self._behind:
-            r.dirty.update(blocks)
-            r.map_saved = False
-        self._note_unflushed(blocks)
+        self._note_written(blocks)
         if self._watch_timer is None:
             self._watch_soon()
         fan = _FanOut(self, writers, blocks, ended)
@@ -265,6 +259,14 @@ class ReplicaSet:
                 later = task
             later.add_done_callback(functools.partial(fan.answered, r, submitted))
         return True
+
+    def _note_written(self, blocks: range) -> None:
+        """A write to `blocks` goes to the writers: those behind lack it (their dirty sets),
+        and the next flush must cover it."""
+        for r in self._behind:
+            r.dirty.update(blocks)
+            r.map_saved = False
+        self._note_unflushed(blocks)
 
     def _note_unflushed(self, blocks: range) -> None:
         if not blocks:
