@@ -429,9 +429,9 @@ class Commits:
                           q1: int) -> None:
         """Leaf pages [q0, q1) to replicas that join: the pages that may hold a written
         leaf a few at a time (checked against the tree as they are loaded), so memory stays
-        bounded, and the runs of empty pages between them as zeroes. (Written out page by
-        page, the mostly empty table of a sparse 256 GiB disk, 2 GiB, held guests' writes
-        for 25 s in this commit; a 16 TiB one's, 128 GiB, for half an hour.)"""
+        bounded, and the runs of empty pages between them as zeroes: a sparse disk's
+        table is mostly empty, and writing it out page by page would hold guests' writes
+        in this commit for as long as the table is big."""
         g, leaves = self.lay, self.leaves
         step = max(1, min(JOIN_PAGES, leaves.capacity // 2))
         sent = q0  # pages of [q0, q1) before this are on the joining replicas
