@@ -147,13 +147,20 @@ async def _verify(replica: str, public_key: bytes) -> Any:
 def print_report(report: Any, replica: str) -> None:
     print(f"replica {replica}")
     print(report)
+    # The lists hold the first entries only (bounded for any disk size); the counts are whole.
     if report.bad_pages:
-        print(f"  bad leaf pages: {describe_blocks(report.bad_pages, limit=None)}")
+        print(f"  bad leaf pages: {_listed(report.bad_pages, report.bad_page_count)}")
     if report.bad_blocks:
-        print(f"  bad blocks ({len(report.bad_blocks)}): {describe_blocks(report.bad_blocks, limit=None)}")
+        print(f"  bad blocks ({report.bad_block_count}):"
+              f" {_listed(report.bad_blocks, report.bad_block_count)}")
     if report.poisoned_blocks:
-        print(f"  blocks marked lost ({len(report.poisoned_blocks)}):"
-              f" {describe_blocks(report.poisoned_blocks, limit=None)}")
+        print(f"  blocks marked lost ({report.poisoned_count}):"
+              f" {_listed(report.poisoned_blocks, report.poisoned_count)}")
+
+
+def _listed(items: list[int], count: int) -> str:
+    more = count - len(items)
+    return describe_blocks(items, limit=None) + (f" and {more} more" if more > 0 else "")
 
 
 def verify(public_key_file: str, replica: str, as_json: bool = False) -> int:

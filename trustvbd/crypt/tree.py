@@ -138,3 +138,80 @@ def node(left: bytes, right: bytes) -> bytes:
 def group_size(depth: int) -> int:
     """How many leaf pages one node at `depth` covers."""
     return 1 << depth
+
+
+class TreeBuilder:
+    """The root of the tree over `leaves` page hashes given in order, in memory that grows
+    with the tree's depth only (one pending node per level), and the nodes of level
+    `keep` (a superblock's top level: at most `keep_max` of them, else none are kept and
+    `kept` is None). For checking a leaf table of any size as it streams by."""
+
+    def __init__(self, leaves: int, keep: int, keep_max: int = TOP_MAX) -> None:
+        if leaves < 1:
+            raise ValueError("a tree needs at least one leaf")
+        self._leaves = leaves
+        self._height = len(level_counts(leaves)) - 1
+        self._keep, self._keep_max = keep, keep_max
+        self.kept: list[bytes] | None = []
+        self._pending: list[bytes | None] = [None] * (self._height + 1)
+        self._count = 0  # leaves given so far
+
+    def add(self, page_hash_: bytes) -> None:
+        """The next page's hash."""
+        self._push(page_hash_, 0)
+        self._count += 1
+
+    def add_empty(self, count: int) -> None:
+        """`count` never-written pages in a row: whole empty subtrees, without hashing."""
+        while count > 0:
+            pos = self._count
+            k = min((pos & -pos).bit_length() - 1 if pos else 63, count.bit_length() - 1)
+            self._push(_EMPTY[k], k)
+            self._count += 1 << k
+            count -= 1 << k
+
+    def _keep_node(self, node_hash: bytes, times: int = 1) -> None:
+        kept = self.kept
+        if kept is None:
+            return
+        if len(kept) + times > self._keep_max:
+            self.kept = None
+        else:
+            kept.extend([node_hash] * times)
+
+    def _push(self, h: bytes, level: int) -> None:
+        """A node at `level`; the pending nodes below it are all None (it is aligned)."""
+        if level > self._keep:
+            self._keep_node(_EMPTY[self._keep], 1 << (level - self._keep))  # only empties
+        pending = self._pending
+        while True:
+            if level == self._keep:
+                self._keep_node(h)
+            left = pending[level]
+            if left is None:
+                pending[level] = h
+                return
+            pending[level] = None
+            h = _sha256(b"\x01" + left + h).digest()
+            level += 1
+
+    def finish(self) -> bytes:
+        """The root, once every leaf was given; `kept` is then complete."""
+        if self._count != self._leaves:
+            raise ValueError(f"the tree has {self._leaves} leaves, {self._count} were given")
+        pending, carry = self._pending, None
+        for depth in range(self._height):
+            left = pending[depth]
+            if carry is None:
+                if left is None:
+                    continue
+                carry = _sha256(b"\x01" + left + _EMPTY[depth]).digest()  # an odd last node
+            elif left is None:
+                carry = _sha256(b"\x01" + carry + _EMPTY[depth]).digest()
+            else:
+                carry = _sha256(b"\x01" + left + carry).digest()
+            if depth + 1 == self._keep:
+                self._keep_node(carry)
+        root = carry if carry is not None else pending[self._height]
+        assert root is not None
+        return root
