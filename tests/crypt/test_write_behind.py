@@ -203,7 +203,9 @@ def test_a_failed_write_behind_is_said_by_reads_and_the_next_flush(tmp_path: Pat
 def test_a_failed_write_behind_is_said_to_every_connection_once(tmp_path: Path) -> None:
     """Two guests (or one guest's several connections) share a disk: a write behind that
     failed is said by the next FLUSH of every connection open when it failed, once each;
-    one connection's FLUSH does not take the error away from the other."""
+    one connection's FLUSH does not take the error away from the other. A connection
+    opened after it failed hears it too while no FLUSH has said it (multi-conn: its FLUSH
+    vouches for writes answered on any connection), not once one has."""
 
     async def go() -> None:
         _, _, gate, disk = await gated_disk(tmp_path)
@@ -213,14 +215,15 @@ def test_a_failed_write_behind_is_said_to_every_connection_once(tmp_path: Path) 
         gate.error = errno.ENOSPC
         await disk.pwrite(3 * BS, pattern(3, 1))  # answered, then failed by the replica
         await disk.settle()
-        carol = disk.flusher()  # attached after the failure: not hers to hear of
+        carol = disk.flusher()  # attached after the failure, before any FLUSH said it
         gate.error = None
-        for flush in (bob, alice):
+        for flush in (bob, alice, carol):
             with pytest.raises(BlockError, match=r"block\(s\) 3 were answered, then failed") as e:
                 await flush()
             assert e.value.errno == errno.ENOSPC
             await flush()  # said once to each
-        await carol()
+        dave = disk.flusher()  # attached after FLUSHes said it: not his to hear of
+        await dave()
         with pytest.raises(BlockError, match="were answered, then failed"):
             await disk.flush()  # the disk's own flush (tools) is one more such connection
         assert bytes(await disk.pread(3 * BS, BS)) == pattern(3)

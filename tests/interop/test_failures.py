@@ -111,6 +111,54 @@ def test_a_full_driver_is_said_once_and_up_starts_on_it(root: Path) -> None:
         peer.stop()
 
 
+def test_a_write_lost_after_its_connection_closed_fails_the_next_flush_of_another(
+        root: Path) -> None:
+    """The disk advertises multi-conn: a FLUSH on any connection vouches for every write
+    answered before it, on any connection. A small write answered early (write-behind),
+    failed by the driver once its connection had closed: the FLUSH of a connection opened
+    after that must fail, not succeed over a lost write (red team: it succeeded, and the
+    block read its old contents)."""
+    image, full = root / "disk.img", root / "full"
+    image.write_bytes(bytes(16 * MIB))
+    peer = Peer.nbdkit(image, root, "--filter=error", "error=ENOSPC", "error-pwrite-rate=100%",
+                       f"error-pwrite-file={full}")
+    s = System(root, config(uri=peer.uri()))
+    try:
+        s.start()
+        uri = s.uri("vm", "disk")
+        nbd = clients.libnbd()
+        first = nbd.NBD()
+        first.connect_uri(uri)
+        assert first.can_multi_conn()
+        first.pwrite(b"\x11" * 4096, 8192)
+        first.flush()
+        full.touch()
+        first.pwrite(b"\x22" * 4096, 8192)  # answered; the driver then fails it
+        deadline = time.monotonic() + 20
+        while status(s)["disks"][0]["replicas"][0]["space"] != "full":
+            assert time.monotonic() < deadline, "the driver never failed the write"
+            time.sleep(0.05)
+        first.shutdown()
+        full.unlink()
+        second = nbd.NBD()
+        second.connect_uri(uri)
+        try:
+            with pytest.raises(nbd.Error) as err:
+                second.flush()
+            assert err.value.errno == "ENOSPC"
+            second.flush()  # said once
+            assert second.pread(4096, 8192) == b"\x11" * 4096  # what the driver kept
+        finally:
+            second.shutdown()
+        third = nbd.NBD()  # opened after a FLUSH said it: not its to hear of
+        third.connect_uri(uri)
+        third.flush()
+        third.shutdown()
+    finally:
+        s.kill()
+        peer.stop()
+
+
 def test_a_full_driver_of_a_mirror_is_said_as_it_is_and_resynced_once_it_has_space(
         root: Path) -> None:
     """One of two replicas runs out of space: the guest's writes and FLUSHes go on, the log

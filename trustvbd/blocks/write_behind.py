@@ -18,9 +18,11 @@ What stays as it was:
 What changes: a replica write that fails (every replica, with mirroring) after
 the guest was answered cannot fail that request any more. It is said instead:
 logged once; the blocks read as EIO until a FLUSH settles them; the next FLUSH of
-*every* connection open when it failed fails once, with its errno (ENOSPC stays
-ENOSPC) and a message naming the blocks (as Linux reports a lost write-back to
-each open file: two guests sharing a disk cannot take each other's error); and
+*every* connection open when it failed, or opened before any FLUSH said it, fails
+once, with its errno (ENOSPC stays ENOSPC) and a message naming the blocks (as
+Linux reports a lost write-back to each open file, and to the next one opened if no
+one heard of it: two guests sharing a disk cannot take each other's error, and a
+FLUSH vouches for writes answered on any connection, as multi-conn promises); and
 until the first such FLUSH, every write waits for its replicas again, so later
 ones fail themselves.
 
@@ -165,6 +167,7 @@ class WriteBehind:
         self.lost: set[int] = set()  # blocks of failed writes behind, until a FLUSH settles them
         self._failure: BlockError | None = None  # the first failure no FLUSH has settled yet
         self.failures = 0  # failed writes behind since open
+        self._said = 0  # of those, how many a FLUSH has reported (on any connection)
         self._reported: BlockError | None = None  # what FLUSH says of the newest failures
         self.started = 0  # writes answered before their replicas, since open
         self.sends = 0  # replica writes those made (fewer when gathered)
@@ -375,8 +378,11 @@ class WriteBehind:
         self.lost.difference_update(range(first_block, first_block + blocks))
 
     def seen(self) -> Seen:
-        """For a new connection: failures before it are not its to hear of."""
-        return Seen(self.failures)
+        """For a new connection: failures a FLUSH already reported are not its to hear of;
+        one no FLUSH has reported yet is (the disk offers multi-conn: a FLUSH on any
+        connection vouches for writes answered on every one, closed ones included; as
+        Linux reports a write-back error no one has seen to the next file opened)."""
+        return Seen(self._said)
 
     def report(self, seen: Seen) -> None:
         """After a commit (a FLUSH): the failures it settled are settled for every
@@ -389,6 +395,7 @@ class WriteBehind:
                 f"disk {self.disk!r}: writes to {where} were answered, then failed on the "
                 f"replicas ({failure.message}); they hold what the replicas kept (the data "
                 "from before or after those writes)"))
+            self._said = self.failures
         if seen.failures == self.failures:
             return
         seen.failures = self.failures
