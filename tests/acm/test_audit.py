@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -13,6 +15,8 @@ from trustvbd.acm.audit import AuditError, AuditLog
 from trustvbd.acm.audit_fields import summarise_blocks
 from trustvbd.acm.audit_format import head_path, key_path, public_key_path, record_hash, rotated_files
 from trustvbd.acm.audit_read import follow, verify
+from trustvbd.blockdev import Buffer
+from trustvbd.fileops import OsFileOps
 
 
 def make_log(tmp_path: Path, n: int = 6) -> Path:
@@ -380,3 +384,38 @@ def test_follow_misses_nothing_rotated_while_it_catches_up(tmp_path: Path,
     written = [r["seq"] for r in AuditLog.read(path)]
     assert calls and seqs == written[3:written.index(seqs[-1]) + 1], (seqs, written)
     assert len(seqs) >= 6  # every decision after the first three, and checkpoints
+
+
+class FullForHead(OsFileOps):
+    """A file system that runs out of space for the head's new copy (the log's record
+    itself fitted): as a state directory filling up between the two writes."""
+
+    full = False
+
+    def write(self, fd: int, data: Buffer) -> int:
+        if self.full and os.readlink(f"/proc/self/fd/{fd}").endswith(".head.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(fd, data)
+
+
+def test_a_head_the_full_disk_refused_leaves_the_log_whole(tmp_path):
+    """The record is written, its head is not (ENOSPC): the append fails (a decision not
+    audited is not taken), and once space is back the log goes on and verifies (red team:
+    the next record reused the failed one's seq, and `audit --verify` said the log was
+    tampered with), also after a reopen."""
+    path = tmp_path / "audit.jsonl"
+    ops = FullForHead()
+    log = AuditLog(path, ops=ops)
+    log.append("decision", op="guest_may_use_disk", guest="vm1", allowed=True)
+    ops.full = True
+    with pytest.raises(OSError):
+        log.append("decision", op="guest_may_use_disk", guest="vm2", allowed=True)
+    ops.full = False
+    log.append("decision", op="guest_may_use_disk", guest="vm3", allowed=False)
+    log.close()
+    assert verify(path) == []
+    assert [r["fields"].get("guest") for r in AuditLog.read(path)] == ["vm1", "vm3", None]
+    log = AuditLog(path)
+    log.append("decision", op="guest_may_use_disk", guest="vm4", allowed=True)
+    log.close()
+    assert verify(path) == []

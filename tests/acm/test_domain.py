@@ -376,3 +376,33 @@ def test_any_request_gets_a_reply_in_process(tmp_path):
     check()
     domain.release(1)
     assert verify(tmp_path / "audit.jsonl") == []
+
+
+def test_a_full_audit_disk_refuses_decisions_in_one_line_and_the_log_stays_whole(tmp_path, caplog):
+    """The state directory fills up: a decision that cannot be audited is refused, with a
+    reply and one log line naming the log and what to do (red team: a traceback, and
+    "access-control domain error: [Errno 28] ..." to the guest); once space is back the
+    decisions go on and the log verifies."""
+    from tests.acm.test_audit import FullForHead
+    from trustvbd.domains.acm import AcmDomain
+
+    ops = FullForHead()
+    path = tmp_path / "audit.jsonl"
+    domain = AcmDomain(load_policy(XM_TEST), AuditLog(path, ops=ops))
+    ask = json.dumps({"op": "status", "rid": 1}).encode()
+    assert domain.respond(ask, owner=1)["ok"]
+    decide = json.dumps({"op": "guest_may_use_disk", "rid": 2, "guest": "vm1",
+                         "guest_label": "green", "disk": "d", "disk_label": "green"}).encode()
+    first = domain.respond(decide, owner=1)
+    assert first["ok"], first
+    ops.full = True
+    with caplog.at_level("ERROR", logger="trustvbd.acm"):
+        refused = domain.respond(decide, owner=1)
+    assert not refused["ok"] and "allowed" not in refused
+    assert refused["error"].startswith(f"cannot write the audit log {path} (No space left")
+    assert "free space there" in refused["error"]
+    assert [r.exc_info for r in caplog.records] == [None]  # one line, no traceback
+    ops.full = False
+    assert domain.respond(decide, owner=1) == first | {"rid": 2}
+    domain.audit.close()
+    assert verify(path) == []

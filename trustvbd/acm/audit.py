@@ -214,7 +214,20 @@ class AuditLog:
             raise
         sig = self._signer.sign(SIGNING_CONTEXT, signed_message(record["seq"], record["hash"])).hex()
         head = json.dumps({"seq": record["seq"], "hash": record["hash"], "signature": sig})
-        write_file_atomic(head_path(self.path), head.encode(), self.ops)
+        try:
+            write_file_atomic(head_path(self.path), head.encode(), self.ops)
+        except OSError:
+            # The record is in the log but the append fails (its decision is not taken):
+            # take it out again, or the next record would repeat its seq and the chain
+            # would read as tampered with. Truncating needs no space on a full disk; if
+            # even that fails, the log keeps it and the next record follows it (a head
+            # one behind is what a power cut leaves, and reopening accepts it).
+            try:
+                self.ops.ftruncate(self.fd, size)
+                self.ops.fsync(self.fd)
+            except OSError:
+                self.seq, self.last = record["seq"], record["hash"]
+            raise
         self.seq, self.last = record["seq"], record["hash"]
         return record
 

@@ -69,6 +69,10 @@ class BadRequest(Exception):
     pass
 
 
+class AuditUnwritable(Exception):
+    """The audit log cannot be written (its disk is full): the request fails closed."""
+
+
 def _field(req: dict[str, Any], key: str, required: bool = True) -> Any:
     value = req.get(key)
     if value is None and not required:
@@ -101,7 +105,16 @@ class AcmDomain:
 
     def _append(self, kind: str, refusal: bool, /, **fields: Any) -> None:
         if not (refusal and self.repeats.repeat(kind, fields)):
-            self.audit.append(kind, **fields)
+            self._audit(kind, **fields)
+
+    def _audit(self, kind: str, /, **fields: Any) -> dict[str, Any]:
+        try:
+            return self.audit.append(kind, **fields)
+        except OSError as exc:
+            raise AuditUnwritable(
+                f"cannot write the audit log {self.audit.path} ({exc.strerror or exc}): every"
+                " request that must be audited is refused until it can be; free space there"
+            ) from exc
 
     def write_repeats(self, everything: bool = False) -> None:
         """One "repeated" record per refusal whose counting window ended."""
@@ -194,7 +207,7 @@ class AcmDomain:
             if kind == "event" and fields.get("event") == "guest-refused":
                 self._append(kind, True, **fields)  # someone knocking in a loop: counted
                 return {"ok": True}
-            return {"ok": True, "seq": self.audit.append(kind, **fields)["seq"]}
+            return {"ok": True, "seq": self._audit(kind, **fields)["seq"]}
         raise BadRequest(f"unknown op {op!r}")
 
     def _still_restoring(self, owner: int) -> str:
@@ -258,6 +271,9 @@ class AcmDomain:
             return {**self.handle(req, owner), "rid": rid}
         except (ValueError, BadRequest) as exc:  # JSONDecodeError is a ValueError
             return {"ok": False, "error": f"bad request: {exc}", "rid": rid}
+        except AuditUnwritable as exc:  # said in one line: the cause is not a bug here
+            log.error("%s", exc)
+            return {"ok": False, "error": str(exc), "rid": rid}
         except Exception as exc:  # never die on a request; the client fails closed
             log.exception("request failed")
             return {"ok": False, "error": f"access-control domain error: {exc}", "rid": rid}
