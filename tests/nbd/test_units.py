@@ -94,6 +94,7 @@ def test_uris() -> None:
         ("nbd:///x", "needs a host"),
         ("nbd://h:99999/x", "port"),
         ("nbd+unix:///x?socket=/s&tls=1", "unsupported"),
+        ("nbd://[::1/x", r"'nbd://\[::1/x': cannot parse it \(Invalid IPv6 URL\); expected"),
     ]:
         with pytest.raises(ValueError, match=why):
             parse_uri(bad)

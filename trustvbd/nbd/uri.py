@@ -57,7 +57,12 @@ def _one(uri: str, query: dict[str, list[str]], key: str) -> str | None:
 
 def parse_uri(uri: str) -> NbdUri:
     """Parse an NBD URI; ValueError says what is wrong and what a valid one looks like."""
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError as exc:  # "Invalid IPv6 URL" alone named neither the URI nor the fix
+        raise ValueError(f"{uri!r}: cannot parse it ({exc}); expected nbd+unix:///EXPORT?"
+                         "socket=PATH or nbd://HOST:PORT/EXPORT (an IPv6 host in brackets: "
+                         "nbd://[::1]:10809/EXPORT)") from exc
     scheme = parts.scheme.lower()
     export = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
     query = parse_qs(parts.query, keep_blank_values=True)
