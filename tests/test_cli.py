@@ -68,6 +68,17 @@ def test_status_json_when_up_is_stopped_prints_json_saying_so(short_tmp: Path) -
     assert reply["running"] is False and "not running" in reply["error"]
 
 
+def test_scrub_json_when_up_is_stopped_prints_json_saying_so(short_tmp: Path) -> None:
+    """As status --json: a script reading stdout learns why (red team: stdout was empty)."""
+    config = short_tmp / "c.toml"
+    config.write_text(CONFIG.format(dir="backing"))
+    result = tvbd("scrub", "-c", str(config), "payroll", "--json")
+    assert result.returncode == 3
+    reply = json.loads(result.stdout)
+    assert reply["disk"] == "payroll" and "not running" in reply["error"]
+    assert result.stderr.startswith("trustvbd scrub: not running") and len(result.stderr.splitlines()) == 1
+
+
 def test_output_into_a_closed_pipe_ends_quietly(short_tmp: Path) -> None:
     log = AuditLog(short_tmp / "audit.jsonl")
     for i in range(50):

@@ -18,10 +18,10 @@ EXIT_FOUND = 2  # blocks that no replica holds correctly
 
 
 def _scrub_of(config: Any, disk: str) -> dict[str, Any] | None:
-    from trustvbd.cli import control_request
+    from trustvbd.cli import ask_running
     from trustvbd.domains.messages import HvStatus, StatusQuery
 
-    reply = control_request(config, StatusQuery())
+    reply = ask_running(config, StatusQuery())
     for d in reply.disks if isinstance(reply, HvStatus) else []:
         if d["name"] == disk:
             scrub: dict[str, Any] | None = d.get("scrub")
@@ -37,11 +37,21 @@ def _summary(result: dict[str, dict[str, int]]) -> tuple[int, int, int]:
 
 
 def cmd_scrub(args: argparse.Namespace) -> int:
-    from trustvbd.cli import _config, control_request
-    from trustvbd.domains.messages import ScrubQuery, ScrubStarted, refusal
+    from trustvbd.cli import EXIT_NOT_RUNNING, NotRunning, _config
 
     config = _config(args.config)
-    reply = control_request(config, ScrubQuery(args.disk))
+    try:
+        return _scrub(args, config)
+    except NotRunning as exc:  # before or during the scrub: --json still says why
+        _failed(args, str(exc))
+        return EXIT_NOT_RUNNING
+
+
+def _scrub(args: argparse.Namespace, config: Any) -> int:
+    from trustvbd.cli import ask_running
+    from trustvbd.domains.messages import ScrubQuery, ScrubStarted, refusal
+
+    reply = ask_running(config, ScrubQuery(args.disk))
     if not isinstance(reply, ScrubStarted):
         return _failed(args, refusal(reply, "unexpected reply"))
     show = sys.stdout.isatty() and not args.json
