@@ -221,3 +221,28 @@ def test_tls_driver_uri_needs_the_tls_dir(short_tmp: Path) -> None:
     err = error_of(short_tmp, text.replace("[tls]\ndir = \"pki\"\n", "").replace(
         "listen = \"127.0.0.1:0\"", ""))
     assert err.key == "driver[0].uri" and "[tls]" in err.message
+
+
+@pytest.mark.parametrize("first, second", [
+    ('dir = "backing/b"', 'dir = "backing/./b"'),  # one directory, written differently
+    ('uri = "nbd+unix:///e?socket=/tmp/x/y.sock"', 'uri = "nbd+unix:///e?socket=/tmp/x//y.sock"'),
+    ('uri = "nbd://localhost:10809/e"', 'uri = "nbds://LOCALHOST/e"'),  # TLS or not: one export
+    ('dir = "backing/b"', 'uri = "nbd+unix:///payroll?socket=TMP/state/drivers/m0.sock"'),
+])
+def test_two_drivers_on_one_backing_are_refused_in_one_line(short_tmp: Path, first: str,
+                                                            second: str) -> None:
+    """A mirror whose two replicas are one backing (one directory, one NBD export, or a
+    URI naming the socket `up` serves our own driver on) holds one copy, counting two."""
+    text = GOOD.replace('replicas = ["drv-a"]', 'replicas = ["m0", "m1"]')
+    for name, line in (("m0", first), ("m1", second)):
+        text += f'[[driver]]\nname = "{name}"\nlabel = "S"\n{line.replace("TMP", str(short_tmp))}\n'
+    err = error_of(short_tmp, text)
+    assert err.key == f"driver[2].{second.split()[0]}" and "\n" not in str(err)
+    assert "also the backing of driver 'm0'" in err.message and "give each its own" in err.message
+
+
+def test_drivers_on_different_backings_pass(short_tmp: Path) -> None:
+    text = GOOD.replace('replicas = ["drv-a"]', 'replicas = ["drv-a", "m0", "m1"]')
+    text += ('[[driver]]\nname = "m0"\nlabel = "S"\nuri = "nbd+unix:///e?socket=/tmp/x.sock"\n'
+             '[[driver]]\nname = "m1"\nlabel = "S"\nuri = "nbd+unix:///f?socket=/tmp/x.sock"\n')
+    assert len(load_config(write(short_tmp, text)).disks["payroll"].replicas) == 3

@@ -315,6 +315,38 @@ def _unique(file: Path, kind: str, items: list[Any]) -> dict[str, Any]:
     return seen
 
 
+def _backing(d: DriverConfig) -> tuple[str, ...]:
+    """What a driver stores on: its directory, or the export its URI names (the same
+    socket and export, or host, port and export, with or without TLS)."""
+    if d.dir is not None:
+        return ("dir", str(d.dir))
+    assert d.uri is not None
+    u = parse_uri(d.uri)
+    if u.transport == "unix":
+        assert u.socket_path is not None
+        return ("unix", os.path.normpath(u.socket_path), u.export)
+    assert u.host is not None
+    return ("tcp", u.host.lower(), str(u.port), u.export)
+
+
+def _distinct_backings(file: Path, drivers: list[DriverConfig], state_dir: Path) -> None:
+    """Two drivers on one backing would be one replica counted twice: a mirror that
+    believes it holds two copies holds one. A URI may also name the socket of one of
+    our own drivers (`up` serves them under state_dir), which is that driver's directory."""
+    seen: dict[tuple[str, ...], str] = {}
+    ours = {os.path.normpath(state_dir / "drivers" / f"{d.name}.sock"): d.name
+            for d in drivers if d.dir is not None}
+    for i, d in enumerate(drivers):
+        key = _backing(d)
+        other = seen.get(key) or (ours.get(key[1]) if key[0] == "unix" else None)
+        if other is not None:
+            what = f"directory {d.dir}" if d.dir is not None else f"NBD export {d.uri}"
+            raise ConfigError(file, f"driver[{i}].{'dir' if d.dir is not None else 'uri'}",
+                              f"{what} is also the backing of driver {other!r}: two drivers on one "
+                              "backing would be one replica counted twice; give each its own")
+        seen[key] = d.name
+
+
 def _array(file: Path, raw: dict[str, Any], kind: str) -> list[Any]:
     items = raw.get(kind, [])
     if not isinstance(items, list):
@@ -384,6 +416,7 @@ def load_config(path: str | Path) -> Config:
                               " uses the [tls] dir's client certificate; remove it")
         drivers.append(DriverConfig(name, label, ddir, uri, user))
     driver_map = _unique(file, "driver", drivers)
+    _distinct_backings(file, drivers, state_dir)
 
     disks = []
     for i, item in enumerate(_array(file, raw, "disk")):
