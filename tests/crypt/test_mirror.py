@@ -880,3 +880,47 @@ def test_a_read_two_silent_replicas_leave_unanswered_is_served_by_the_third() ->
         silent[1].answer.set()
         await rs.close()
     run(go())
+
+
+class FailsAfterServing(Faulty):
+    """Faulty, and armed: serves the next read, then fails the one after (a read-repair's
+    second read of the source it just read from)."""
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(next)
+        self.armed = 0
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        if self.armed:
+            self.armed -= 1
+            if not self.armed:
+                raise BlockError(errno.EIO, "injected read error after serving")
+        return await super().pread(offset, length)
+
+
+def test_a_read_repair_whose_source_fails_is_charged_to_the_source(tmp_path: Path) -> None:
+    """r1 holds a damaged block; r0 serves the read, then fails the read-repair's second
+    read. That is r0's failure: r0 is charged, r1 stays current (the bad block is never
+    served) and the next read repairs it. It used to degrade r1 ("read-repair source
+    failed"), leaving the flaky r0 to serve alone."""
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        source = FailsAfterServing(mems[0])
+        disk = await open_set(tmp_path, kek, [source, Faulty(mems[1])])
+        data = await fill(disk)
+        mems[1].raw[LAY.data_offset(5) + 100] ^= 4
+        r0, r1 = disk.replicas.replicas
+        source.armed = 2
+        disk.replicas._next_reader = 1  # r1 first: it fails verification, r0 serves
+        assert bytes(await disk.pread(5 * BS, BS)) == data[5 * BS:6 * BS]
+        assert source.armed == 0, "the repair did not read the source again"
+        assert r1.state is State.CURRENT and r1.repaired == 0, r1.status()
+        assert "read-repair" not in str(r1.last_error), r1.status()
+        assert r0.state is State.CURRENT and r0.errors == 1
+        assert "read-repair source read of blocks 5-5 failed" in str(r0.last_error), r0.status()
+        disk.replicas._next_reader = 1
+        assert bytes(await disk.pread(5 * BS, BS)) == data[5 * BS:6 * BS]
+        assert r1.repaired == 1 and len(set(data_areas(mems))) == 1
+        await disk.close()
+    run(go())

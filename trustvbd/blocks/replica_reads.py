@@ -177,20 +177,29 @@ def report(rs: ReplicaSet, what: str, r: Replica, blocks: list[int], message: st
 
 async def repair(rs: ReplicaSet, good: Replica, b0: int, n: int,
                  failures: list[tuple[Replica, list[int]]]) -> None:
-    """Write `good`'s ciphertext of the failed blocks back to the replicas that failed."""
+    """Write `good`'s ciphertext of the failed blocks back to the replicas that failed.
+
+    The ciphertext is read from `good` again (the guest's buffer is already decrypted).
+    If that read fails or no longer verifies, `good` is at fault, not the replicas to
+    repair: it is charged (its errors and last_error), and they stay as they are (the
+    blocks they failed are never served; the next read of them or a scrub repairs them).
+    Degrading them instead took healthy replicas out of the set for their source's
+    failure, and with two replicas left the flaky source serving alone."""
     assert rs.verifier is not None
     try:
         ct = memoryview(await good.link.pread(rs.layout.data_offset(b0), n * BS))
+        why = None if len(ct) == n * BS and not rs.verifier.bad_blocks(b0, ct) else (
+            "did not verify when read again (it changed its answer)")
     except BlockError as exc:
-        for r, idx in failures:
-            rs.degrade(r, (b0 + i for i in idx), f"read-repair source failed: {exc}")
+        why = f"failed: {exc}"
+    if why is not None:
+        good.errors += 1
+        good.last_error = f"read-repair source read of blocks {b0}-{b0 + n - 1} {why}"
+        log.warning("disk %s: cannot repair %s from replica %s: its %s", rs.disk,
+                    ", ".join(r.name for r, _ in failures), good.name, good.last_error)
         return
-    ok = len(ct) == n * BS and not rs.verifier.bad_blocks(b0, ct)
     for r, idx in failures:
         want = [i for i in idx if rs.verifier.written(b0 + i)]
-        if not ok:  # the source changed its answer: resync later instead
-            rs.degrade(r, (b0 + i for i in want), "read-repair source did not verify twice")
-            continue
         try:
             for i0, i1 in runs(want, COPY_BLOCKS):
                 await r.link.pwrite(rs.layout.data_offset(b0 + i0), ct[i0 * BS:i1 * BS])
