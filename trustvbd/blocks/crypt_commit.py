@@ -356,6 +356,7 @@ class Commits:
             raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot sync "
                              f"{self.intent.path}: {exc}") from exc
         joining = replica.joining()
+        rounds = {r: r.join_round for r in joining}  # (joining loses those that fail a step)
         for p0, p1 in runs(pages, JOIN_PAGES):
             await replica.pwrite(g.leaf_page_offset(p0), b"".join(leaves.page(p) for p in range(p0, p1)))
         if joining:
@@ -373,7 +374,11 @@ class Commits:
                               self._fingerprint, depth, top)
         await replica.pwrite((epoch % sbfmt.SLOTS) * SLOT_SIZE, sbfmt.encode(sb, self._signer))
         await replica.flush()  # data, leaf pages and superblock durable before the anchor
-        joined = [r for r in joining if r.state is State.RESYNCING and r.joining]
+        # Only those that took every step of this commit: one degraded meanwhile (a step
+        # failed on it) and copied up again before the end is joining still, in a new
+        # round; it joins at the next commit, which sends it what this one sent before.
+        joined = [r for r in joining
+                  if r.state is State.RESYNCING and r.joining and r.join_round == rounds[r]]
         members = self._members(replica, joined)
         anchor = Anchor(a.disk_id, g.logical_size, epoch, self._counter_high, tree.root, members)
         try:

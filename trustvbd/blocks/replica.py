@@ -94,6 +94,10 @@ class Replica:
     # and its stored map holds them too (after a restart every connection is new).
     since_commit: BlockRuns = field(default_factory=BlockRuns)
     joining: bool = False       # copied up: needs its leaf pages at the next commit
+    # How many times it was copied up: a commit lets join only the replicas whose round
+    # is the one they had when it began (one degraded and copied up again meanwhile
+    # missed some of its writes).
+    join_round: int = 0
     # Blocks whose leaves it may hold old (written, discarded or copied while it was not
     # taking commits): their leaf pages go to it in its joining commit, and they stay in
     # its stored map until then. With `whole_table` (rebuilt: stale anywhere) all go.

@@ -280,6 +280,7 @@ class Recovery:
                 delay = min(delay * 2, RECONNECT_MAX)
         await r.link.flush()
         r.joining = True  # the next commit writes its leaf table and superblock
+        r.join_round += 1
         log.warning("disk %s: replica %s copied up; joins at the next commit", self.rs.disk, r.name)
         if self.rs.request_commit is not None:
             self.rs.request_commit()
