@@ -12,6 +12,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
@@ -242,24 +243,39 @@ def test_intent_records_follow_the_document(tmp_path: Path) -> None:
     run(go())
 
 
-def doc_dirty_map(raw: bytes, n: int) -> tuple[int, int, set[int]]:
-    """Section 2.7, either version: (version, since, blocks) of a map for N = n blocks."""
+def doc_dirty_map(raw: bytes, n: int) -> tuple[int, int, set[int], int]:
+    """Section 2.7, any version: (version, since, blocks, flags) of a map for N = n blocks."""
     assert raw[:8] == b"TVBDBHND" and _crc_ok(raw, len(raw) - 4)
     version, k, since, count = struct.unpack_from(">IIQQ", raw, 8)
     assert count == n
     blocks: set[int] = set()
+    flags = 0
     if version == 1:
         assert k == 0 and len(raw) == 32 + -(-n // 8) + 4
         blocks = {b for b in range(n) if raw[32 + b // 8] >> (b % 8) & 1}
+        return version, since, blocks, flags
+    at = 32
+    if version == 3:
+        (flags,) = struct.unpack_from(">I", raw, 32)
+        assert flags & ~1 == 0
+        at = 36
     else:
-        assert version == 2 and len(raw) == 36 + 16 * k
-        end = -1  # the writer never lets two runs touch
-        for i in range(k):
-            first, length = struct.unpack_from(">QQ", raw, 32 + 16 * i)
-            assert length >= 1 and first > end and first + length <= n
-            blocks.update(range(first, first + length))
-            end = first + length
-    return version, since, blocks
+        assert version == 2
+    assert len(raw) == at + 16 * k + 4
+    end = -1  # the writer never lets two runs touch
+    for i in range(k):
+        first, length = struct.unpack_from(">QQ", raw, at + 16 * i)
+        assert length >= 1 and first > end and first + length <= n
+        blocks.update(range(first, first + length))
+        end = first + length
+    return version, since, blocks, flags
+
+
+def doc_v2_map(since: int, n: int, runs: list[tuple[int, int]]) -> bytes:
+    """A version-2 map (runs, no flags) written from section 2.7, as the sixth session did."""
+    body = b"TVBDBHND" + struct.pack(">IIQQ", 2, len(runs), since, n)
+    body += b"".join(struct.pack(">QQ", first, count) for first, count in runs)
+    return body + struct.pack(">I", zlib.crc32(body))
 
 
 def doc_v1_map(since: int, n: int, blocks: set[int]) -> bytes:
@@ -271,10 +287,12 @@ def doc_v1_map(since: int, n: int, blocks: set[int]) -> bytes:
     return body + struct.pack(">I", zlib.crc32(body))
 
 
-def test_dirty_maps_follow_the_document_and_version_1_still_opens(tmp_path: Path) -> None:
-    """A replica that fails writes is behind: its map (version 2, runs) reads as the
-    document says. A version-1 map (a bitmap) in its place opens the disk and is what
-    the replica is resynced for."""
+@pytest.mark.parametrize("old", [1, 2])
+def test_dirty_maps_follow_the_document_and_older_versions_still_open(tmp_path: Path,
+                                                                      old: int) -> None:
+    """A replica that fails writes is behind: its map (version 3: runs, flags) reads as the
+    document says. A version-1 map (a bitmap) or a version-2 map (runs, no flags) in its
+    place opens the disk and is what the replica is resynced for."""
     from tests.crypt.test_mirror import Faulty, settle
 
     async def go() -> None:
@@ -297,11 +315,12 @@ def test_dirty_maps_follow_the_document_and_version_1_still_opens(tmp_path: Path
         await disk.flush()  # a full commit: b's map, then the anchor listing it as behind
         path = tmp_path / "disks" / "doc" / "behind" / "b"
         raw = path.read_bytes()
-        assert doc_dirty_map(raw, 300) == (2, since, {5, 6, 7, 100, 299})
-        assert len(raw) == 36 + 3 * 16
+        assert doc_dirty_map(raw, 300) == (3, since, {5, 6, 7, 100, 299}, 0)
+        assert len(raw) == 40 + 3 * 16
         await disk.close()
 
-        path.write_bytes(doc_v1_map(since, 300, {5, 6, 7, 42, 100, 299}))
+        path.write_bytes(doc_v1_map(since, 300, {5, 6, 7, 42, 100, 299}) if old == 1 else
+                         doc_v2_map(since, 300, [(5, 3), (42, 1), (100, 1), (299, 1)]))
         links[1].fail_writes = False
         writes = links[1].writes
         disk = await reopen()

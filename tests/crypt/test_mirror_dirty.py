@@ -282,3 +282,64 @@ def test_a_coarsened_run_over_terabytes_never_written_is_skipped_not_walked(
             assert mems[1].pages.get(at) == mems[0].pages.get(at) is not None, b
 
     run(go(tmp_path))
+
+
+class StallsWrites(Faulty):
+    """Faulty, and once `allowed` is set, takes that many more writes, then stalls."""
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(next)
+        self.allowed: int | None = None
+        self.stalled = asyncio.Event()
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        if self.allowed is not None and not self.fail_writes:
+            if self.allowed == 0:
+                self.stalled.set()
+                await asyncio.Event().wait()  # never answered (the domain dies meanwhile)
+            self.allowed -= 1
+        await super().pwrite(offset, data, fua)
+
+
+def test_a_rebuild_cut_short_by_a_crash_is_taken_up_again_not_refused(tmp_path: Path) -> None:
+    """r1 comes back wiped and is rebuilt whole; the domain dies (no close, no commit)
+    after the rebuild copied its first blocks. r1 now shows blank superblocks over our
+    ciphertext (superblocks come last, at its join), which looks like data that is not
+    ours: the stored map says it is being rebuilt (written when the rebuild started), so
+    the next open rebuilds it again rather than refusing it for good as 'failed'."""
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        stalls = StallsWrites(mems[1])
+        links = [Faulty(mems[0]), stalls]
+        disk = await open_set(tmp_path, kek, list(links))
+        data = bytearray(await fill(disk))
+        await disk.close()
+        disk = await open_set(tmp_path, kek, list(links))
+        mems[1].raw[:] = bytes(len(mems[1].raw))  # its operator wiped it, and its driver
+        stalls.fail_writes = True                 # fails writes for a while
+        data[7 * BS:8 * BS] = pattern(7, 3)
+        await disk.pwrite(7 * BS, pattern(7, 3))
+        await disk.flush()  # r1 behind: its map, the anchor
+        r1 = disk.replicas.replicas[1]
+        assert r1.state is State.DEGRADED
+        stalls.allowed = 1  # the rebuild's first copy lands, the second never ends
+        stalls.fail_writes = False
+        await asyncio.wait_for(stalls.stalled.wait(), 10)
+        assert r1.whole_table and any(mems[1].raw[LAY.data_start:])
+        stored = DiskState(tmp_path, "vm1").read_dirty_map("r1", NBLOCKS)
+        assert stored is not None and stored.rebuilding, stored
+        # The domain dies here: a new one opens the disk over the same drivers.
+        links = [Faulty(mems[0]), Faulty(mems[1])]
+        disk = await open_set(tmp_path, kek, list(links))
+        r1 = disk.replicas.replicas[1]
+        assert r1.state is not State.FAILED, r1.status()
+        await settle(disk)
+        await disk.close()
+        assert DiskState(tmp_path, "vm1").read_dirty_map("r1", NBLOCKS) is None
+        assert bytes(mems[0].raw) == bytes(mems[1].raw)
+        links[0].fail_reads = True  # r1 alone serves every block
+        disk = await open_set(tmp_path, kek, list(links))
+        assert bytes(await disk.pread(0, NBLOCKS * BS)) == data
+        await disk.close()
+    run(go())

@@ -101,7 +101,7 @@ def test_a_16_tib_mirror_remembers_and_resyncs_only_what_its_dead_driver_missed(
         dirs: tuple[Path, Path]) -> None:
     """One driver killed; writes at the start and the end of the disk, FLUSH; `up`
     restarted while it is still gone; the driver back: exactly the blocks written are
-    resynced, the stored dirty map is a few runs (68 bytes, not 512 MiB), the encryption
+    resynced, the stored dirty map is a few runs (72 bytes, not 512 MiB), the encryption
     domain stays small, and the backing files end byte-identical wherever either holds data."""
     root, shm = dirs
     drivers = [Nbdkit(root, shm, f"d{i}") for i in range(2)]
@@ -130,7 +130,7 @@ def test_a_16_tib_mirror_remembers_and_resyncs_only_what_its_dead_driver_missed(
         st = replicas()
         assert st["d1"]["state"] == "degraded" and st["d1"]["dirty_blocks"] == 32, st
         behind = root / "state" / "disks" / "disk" / "behind" / "d1"
-        assert behind.stat().st_size == 36 + 2 * 16  # two runs (docs/format.md 2.7)
+        assert behind.stat().st_size == 40 + 2 * 16  # two runs (docs/format.md 2.7)
         s.stop()
 
         s.start(timeout=60)  # d1 still gone: what it lacks comes from trusted state

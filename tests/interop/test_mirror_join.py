@@ -19,6 +19,7 @@ from tests import support
 from tests.interop import clients
 from tests.nbd.helpers import Peer
 from tests.support import System
+from trustvbd.blocks.disk_state import DiskState
 from trustvbd.crypt.superblock import Layout
 
 pytestmark = pytest.mark.interop
@@ -191,6 +192,54 @@ def test_a_replica_that_fails_its_join_is_degraded_not_the_guests_flush(root: Pa
         # Held back longer each time its join failed soon after it was taken back, not
         # taken back (and a commit made for it) in a tight loop.
         assert 1 <= err.count("degraded: joining failed") <= 6, err
+    finally:
+        s.kill()
+        a.stop()
+        b.stop()
+
+
+def test_a_rebuild_cut_short_by_a_crash_of_up_is_taken_up_again(root: Path) -> None:
+    """Driver b comes back wiped and is rebuilt whole, slowly (nbdkit's delay filter on
+    its writes); `up` is killed (SIGKILL) once the rebuild's first copies landed, before
+    any commit. b then shows our ciphertext under blank superblocks (they come last, at
+    its join), which looked like data that is not ours: after the restart b was refused
+    for good ('failed') until wiped again. The stored map says it is being rebuilt now
+    (docs/format.md 2.7), so the restarted `up` rebuilds it, and b alone serves every
+    block afterwards."""
+    size = 1 << 30
+    images, phys, a, b, s = _sparse_mirror(root, size)
+    data = bytes(range(256)) * (8 * MIB // 256)  # 8 MiB: 8 copies of the rebuild
+    nbd = clients.libnbd()
+    try:
+        s.start()
+        h = nbd.NBD()
+        h.connect_uri(s.uri("vm", "disk"))
+        h.pwrite(data, 0)
+        h.flush()
+        h.shutdown()
+        _kill(b)
+        _wipe(images[1], phys)
+        b = _nbdkit(root, "b", images[1], "--filter=delay", "delay-write=300ms")
+        deadline = time.monotonic() + 30
+        while os.stat(images[1]).st_blocks * 512 < MIB:  # the first copy landed
+            assert time.monotonic() < deadline, _states(s)
+            time.sleep(0.05)
+        s.kill()
+        stored = DiskState(root / "state", "disk").read_dirty_map("b", size // 4096)
+        assert stored is not None and stored.rebuilding, stored
+        _kill(b)
+        b = _nbdkit(root, "b", images[1])
+        s.start()
+        deadline = time.monotonic() + 60
+        while (state := _states(s))["b"] != "current":
+            assert state["b"] != "failed" and time.monotonic() < deadline, s.cli(
+                "status", "-c", str(s.config)).stdout
+            time.sleep(0.2)
+        _kill(a)  # b alone serves every block
+        h = nbd.NBD()
+        h.connect_uri(s.uri("vm", "disk"))
+        assert h.pread(len(data), 0) == data
+        h.shutdown()
     finally:
         s.kill()
         a.stop()

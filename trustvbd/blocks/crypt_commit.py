@@ -484,24 +484,30 @@ class Commits:
         return tuple(out)
 
     def _save_dirty_maps(self, replica: ReplicaSet) -> None:
-        """The blocks each replica that is not current lacks, before the anchor says so:
-        its dirty map (runs: O(the map), not O(disk)), the blocks written since the
-        full commit before it left, which a new connection to its driver may have lost
-        (Replica.since_commit: after a restart every connection is new), and those whose
-        leaf pages it has not been sent yet."""
+        """The blocks each replica that is not current lacks, before the anchor says so."""
         for r in replica.replicas:
             if r.state in (State.DEGRADED, State.RESYNCING) and not r.map_saved:
-                lacks = r.dirty
-                if r.since_commit or r.leaves_behind:
-                    lacks = lacks.copy()
-                    lacks.update(r.since_commit)
-                    lacks.update(r.leaves_behind)  # copied, but its leaf pages are not yet
-                try:
-                    self._state.write_dirty_map(r.name, r.behind_since, self.lay.blocks, lacks)
-                except OSError as exc:
-                    raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot record what replica "
-                                     f"{r.name!r} lacks: {exc}") from exc
-                r.map_saved = True
+                self.save_dirty_map(r)
+
+    def save_dirty_map(self, r: Replica) -> None:
+        """What `r` lacks, to trusted state: its dirty map (runs: O(the map), not O(disk)),
+        the blocks written since the full commit before it left, which a new connection to
+        its driver may have lost (Replica.since_commit: after a restart every connection is
+        new), those whose leaf pages it has not been sent yet, and whether it is being
+        rebuilt whole (its superblocks stay blank until it joins: data under them is ours).
+        Before each anchor that lists it as behind, and when its rebuild starts."""
+        lacks = r.dirty
+        if r.since_commit or r.leaves_behind:
+            lacks = lacks.copy()
+            lacks.update(r.since_commit)
+            lacks.update(r.leaves_behind)  # copied, but its leaf pages are not yet
+        try:
+            self._state.write_dirty_map(r.name, r.behind_since, self.lay.blocks, lacks,
+                                        rebuilding=r.whole_table)
+        except OSError as exc:
+            raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot record what replica "
+                             f"{r.name!r} lacks: {exc}") from exc
+        r.map_saved = True
 
     def _write_anchor(self, anchor: Anchor, why: str) -> None:
         try:

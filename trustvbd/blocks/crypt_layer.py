@@ -128,6 +128,7 @@ class CryptDisk:
         replicas.admit = self._admit
         replicas.report = self._events.report
         replicas.request_commit = self._commit_soon
+        replicas.save_map = commits.save_dirty_map
         self._background: set[asyncio.Task[None]] = set()
         # Met by a commit no guest waits for: kept for the next guest FLUSH to report.
         self._lost_writes: WritesMayBeLost | None = None

@@ -306,9 +306,13 @@ async def recover(links: list[tuple[str, Backend]], disk: str, state: DiskState,
         return bool(sv.presented is not None and sv.presented >= anchor.epoch
                     and (not recorded or anchor.lists_current(sv.replica)))
 
+    # A replica whose rebuild a restart cut short holds our ciphertext under blank
+    # superblocks (they come last, at its join): its map says so, and it is rebuilt again.
+    stored = {r.name: state.read_dirty_map(r.name, g.blocks) for r in replicas}
     surveyed = await each_replica(
-        disk, live, lambda r: survey_replica(r.link, disk, r.name, anchor, public_key,
-                                             allow_blank=mirrored), lag, current_copy)
+        disk, live, lambda r: survey_replica(
+            r.link, disk, r.name, anchor, public_key, allow_blank=mirrored,
+            rebuilding=(m := stored[r.name]) is not None and m.rebuilding), lag, current_copy)
     answered = {name: i for i, name in enumerate(surveyed)}  # who answered first
     for r in live:
         got = _raise_unless(surveyed[r.name], ReplicaRefusedError, BlockError)
@@ -382,15 +386,19 @@ async def recover(links: list[tuple[str, Backend]], disk: str, state: DiskState,
     for r in replicas:
         if r.state is State.CURRENT:
             r.behind_since = anchor.epoch
+            if stored[r.name] is not None:  # left by a crash between its join and the drop
+                state.drop_dirty_map(r.name)
             continue
-        stored_map = state.read_dirty_map(r.name, g.blocks)
+        stored_map = stored[r.name]
         sv = surveys.get(r.name)
+        if stored_map is not None and stored_map.rebuilding:
+            rebuild.add(r.name)  # cut short: rebuilt again from the start (docs/format.md 2.7)
         if anchor.member(r.name) is Member.CURRENT and r.name not in rebuild:
             r.behind_since = anchor.epoch
         elif (anchor.member(r.name) is Member.BEHIND and stored_map is not None
-              and r.name not in rebuild and (sv is None or (sv.presented or 0) >= stored_map[0])):
-            r.behind_since = stored_map[0]
-            r.dirty.update(stored_map[1])
+              and r.name not in rebuild and (sv is None or (sv.presented or 0) >= stored_map.since)):
+            r.behind_since = stored_map.since
+            r.dirty.update(stored_map.blocks)
         else:
             rebuild.add(r.name)
         if r.name in rebuild:  # it lacks every written block (the resync skips the rest)

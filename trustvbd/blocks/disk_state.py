@@ -196,8 +196,9 @@ class DiskState:
     def dirty_map_path(self, replica: str) -> Path:
         return self.dir / "behind" / replica
 
-    def read_dirty_map(self, replica: str, blocks: int) -> tuple[int, BlockRuns] | None:
-        """The stored dirty map of `replica` (epoch, blocks), or None if absent or unreadable."""
+    def read_dirty_map(self, replica: str, blocks: int) -> dirty_map.StoredMap | None:
+        """The stored dirty map of `replica` (epoch, blocks, rebuilding), or None if absent or
+        unreadable."""
         try:
             raw = self.dirty_map_path(replica).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
@@ -205,8 +206,9 @@ class DiskState:
         return dirty_map.decode(raw, blocks)
 
     def write_dirty_map(self, replica: str, epoch: int, blocks: int,
-                        dirty: BlockRuns | Iterable[int]) -> None:
-        """Stored atomically (version 2: its runs, so O(the map), not O(disk))."""
+                        dirty: BlockRuns | Iterable[int], rebuilding: bool = False) -> None:
+        """Stored atomically (version 3: its runs, so O(the map), not O(disk), and whether
+        the replica is being rebuilt whole)."""
         path = self.dirty_map_path(replica)
         if not self._behind_durable:
             # behind/'s own entry must survive a power cut before a map in it counts. Synced
@@ -217,7 +219,7 @@ class DiskState:
             self.ops.fsync_dir(self.dir)
             self._behind_durable = True
         runs = dirty if isinstance(dirty, BlockRuns) else BlockRuns(dirty)
-        write_file_atomic(path, dirty_map.encode(epoch, blocks, runs), self.ops)
+        write_file_atomic(path, dirty_map.encode(epoch, blocks, runs, rebuilding), self.ops)
 
     def drop_dirty_map(self, replica: str) -> None:
         try:

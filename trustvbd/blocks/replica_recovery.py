@@ -238,6 +238,10 @@ class Recovery:
         """Copy r's dirty blocks from current replicas, verified, while r takes new writes
         (said at WARNING if `loud`: the first try of a trip back)."""
         assert self.rs.verifier is not None and self.rs.locks is not None
+        if r.whole_table and not r.map_saved and self.rs.save_map is not None:
+            # Before its rebuild writes anything: a restart must find it being rebuilt, or
+            # our ciphertext under its blank superblocks is refused as data not ours.
+            self.rs.save_map(r)
         r.state, r.joining = State.RESYNCING, False
         r.taken_back_at = time.monotonic()
         self.rs.regroup()

@@ -94,6 +94,8 @@ class ReplicaSet:
         self.locks: RangeLock | None = None  # the encryption layer's block locks
         self.on_change: Callable[[], None] | None = None
         self.request_commit: Callable[[], None] | None = None  # a replica is ready to join
+        # Stores what a replica lacks now (its dirty map), before its rebuild writes to it.
+        self.save_map: Callable[[Replica], None] | None = None
         # (what, replica, blocks, message): integrity events, for the audit log
         self.report: Callable[[str, str, list[int], str], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
