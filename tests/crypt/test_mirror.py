@@ -749,6 +749,42 @@ def test_lost_writes_met_by_a_background_commit_still_fail_the_guests_flush(
     run(go())
 
 
+def test_writes_every_replica_may_have_lost_fail_the_next_flush_of_every_connection(
+        tmp_path: Path) -> None:
+    """Two connections share the disk (two guests, or one guest's multi-conn): every
+    replica lost its connection with a write acknowledged, not flushed. Each connection's
+    next FLUSH says the writes may be lost, once; one's FLUSH does not take the error away
+    from the other (red team: bob's FLUSH did, and alice's, whose write it was, succeeded),
+    and one opened after a FLUSH said it does not hear it."""
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        cables = [Cable(m) for m in mems]
+        disk = await open_set(tmp_path, kek, list(cables))
+        await fill(disk)
+        alice, bob = disk.flusher(), disk.flusher()
+        await disk.pwrite(0, pattern(0, 3))  # alice's: acknowledged, not flushed
+        await disk.settle()
+        for c in cables:
+            c.cut()
+        with pytest.raises(BlockError):
+            await disk.pread(BS, BS)
+        for c in cables:
+            c.driver_up = True
+        for _ in range(500):
+            if all(c.broken is None for c in cables):
+                break
+            await asyncio.sleep(0.01)
+        for flush in (bob, alice):
+            with pytest.raises(BlockError, match="not flushed may be lost") as lost:
+                await flush()
+            assert lost.value.errno == errno.EIO
+            await flush()  # said once to each
+        await disk.flusher()()  # opened after it was said
+        await disk.close()
+    run(go())
+
+
 class SilentReads(Layer):
     """A replica whose reads get no reply until released or until the connection is
     dropped (`abandon`, as NbdClient: every waiting request fails with ETIMEDOUT)."""

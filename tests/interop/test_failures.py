@@ -464,3 +464,35 @@ def test_a_driver_killed_with_writes_behind_loses_nothing_flushed(root: Path) ->
         s.stop()
     finally:
         s.kill()
+
+
+def test_writes_a_killed_driver_may_have_lost_fail_the_flush_of_every_connection(
+        root: Path) -> None:
+    """Two connections (multi-conn): a 1 MiB write acknowledged by the driver on the first,
+    not flushed, then the driver SIGKILLed and restarted by the launcher. The FLUSH of
+    each connection fails once with EIO (the system cannot vouch for the write); the
+    second connection's FLUSH must not take the error away from the first (red team: it
+    did, and the first connection's FLUSH, whose write it was, succeeded)."""
+    nbd = clients.libnbd()
+    s = System(root, config(size="8MiB", dir="backing"))
+    try:
+        s.start()
+        uri = s.uri("vm", "disk")
+        driver = next(d for d in status(s)["domains"] if d["name"] == "store1")
+        first, second = nbd.NBD(), nbd.NBD()
+        first.connect_uri(uri)
+        second.connect_uri(uri)
+        first.pwrite(b"\x42" * MIB, 0)  # too big to go behind: the driver acknowledged it
+        os.kill(driver["pid"], signal.SIGKILL)
+        for h in (second, first):
+            with pytest.raises(nbd.Error) as err:
+                h.flush()
+            assert err.value.errno == "EIO", err.value
+        for h in (second, first):
+            h.flush()  # said once to each
+            h.shutdown()
+        log = s.stop()
+        assert "restarted; writes acknowledged before the restart but not flushed may be lost;" \
+            " the next FLUSH of each connection fails" in log, log
+    finally:
+        s.kill()

@@ -130,8 +130,6 @@ class CryptDisk:
         replicas.request_commit = self._commit_soon
         replicas.save_map = commits.save_dirty_map
         self._background: set[asyncio.Task[None]] = set()
-        # Met by a commit no guest waits for: kept for the next guest FLUSH to report.
-        self._lost_writes: WritesMayBeLost | None = None
         rc = replicas.capabilities
         self._caps = Capabilities(read_only=False, flush=True, fua=True, trim=True, zero=True,
                                   fast_zero=True, cache=True, multi_conn=True)
@@ -267,18 +265,19 @@ class CryptDisk:
 
     def flusher(self) -> Callable[[], Awaitable[None]]:
         """One connection's FLUSH (FlushesPerConnection): a write answered before its
-        replicas that they then failed fails the next FLUSH of each connection open then."""
+        replicas that they then failed, or writes a restarted driver may have lost
+        (WritesMayBeLost), fail the next FLUSH of each connection open then."""
         seen = self._behind.seen()
         return lambda: self._flush(seen)
 
     async def _flush(self, seen: Seen, durable: bool = True) -> None:
         self._check_usable()
         await self._wait_for_space()
-        await self._commit(durable=durable)
-        if (lost := self._lost_writes) is not None:
-            self._lost_writes = None
-            raise lost
-        self._behind.report(seen)  # writes answered early that failed since its last FLUSH
+        try:
+            await self._commit(durable=durable)
+        except WritesMayBeLost:
+            pass  # recorded by _commit: report() says it, here and to every other connection
+        self._behind.report(seen)  # writes answered that failed or may be lost since its last FLUSH
 
     async def commit(self) -> None:
         """A full commit now (leaf pages, superblock, anchor), where a FLUSH may let the
@@ -320,9 +319,16 @@ class CryptDisk:
         """Make every write completed so far durable and authenticated; with `durable`
         (a FLUSH or FUA), durable may be enough: the intent log can stand for the commit
         unless a write failed since the last one (crypt_commit.py)."""
-        await self._commits.commit(self._replica, self._before_commit, force,
-                                   (lambda: not self._unsure) if durable else None,
-                                   self._behind.send_now)
+        try:
+            await self._commits.commit(self._replica, self._before_commit, force,
+                                       (lambda: not self._unsure) if durable else None,
+                                       self._behind.send_now)
+        except WritesMayBeLost as exc:
+            # A driver restarted with writes no FLUSH covered: raised once by its link, but
+            # every connection (two guests may share the disk) must hear it at its next
+            # FLUSH, as a write behind that failed; not only the one whose commit met it.
+            self._behind.doubt(exc)
+            raise
 
     def _commit_soon(self) -> None:
         """A replica finished its resync: commit now so it joins without waiting for a flush."""
@@ -330,8 +336,7 @@ class CryptDisk:
             try:
                 if not self._closed:
                     await self._commit()
-            except WritesMayBeLost as exc:  # raised once: the guest's next FLUSH must see it
-                self._lost_writes = exc
+            except WritesMayBeLost as exc:  # recorded: each guest's next FLUSH says it
                 log.warning("disk %s: commit for a joining replica: %s", self.name, exc)
             except Exception as exc:  # the guest's next flush will meet it again
                 log.warning("disk %s: commit for a joining replica failed: %s", self.name, exc)

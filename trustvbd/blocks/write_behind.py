@@ -75,7 +75,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from trustvbd import eager
-from trustvbd.blockdev import BlockError, Buffer
+from trustvbd.blockdev import BlockError, Buffer, WritesMayBeLost
 from trustvbd.blocks.ranges import describe_blocks
 from trustvbd.crypt.aead import LEAF_SIZE
 from trustvbd.running_loop import RunningLoop
@@ -364,6 +364,16 @@ class WriteBehind:
         if self._failure is None:
             self._failure = BlockError(code, why)
 
+    def doubt(self, exc: BlockError) -> None:
+        """Writes the replicas acknowledged that a FLUSH can no longer vouch for (a driver
+        restarted before they were flushed: WritesMayBeLost): said as a failed write
+        behind is, once to each connection's next FLUSH. No block reads as an error: the
+        replica holds whatever its driver kept, verified as ever."""
+        log.error("disk %r: %s; the next FLUSH of each connection fails", self.disk, exc.message)
+        self.failures += 1
+        if self._failure is None:
+            self._failure = exc
+
     def check_read(self, first_block: int, end_block: int) -> None:
         """EIO if a block in [first_block, end_block) lost an answered write not yet reported."""
         hit = [b for b in range(first_block, end_block) if b in self.lost]
@@ -391,10 +401,11 @@ class WriteBehind:
         if failure is not None:
             lost, self.lost = self.lost, set()
             where = f"block(s) {describe_blocks(lost)}" if lost else "blocks written again since"
-            self._reported = BlockError(failure.errno, (
-                f"disk {self.disk!r}: writes to {where} were answered, then failed on the "
-                f"replicas ({failure.message}); they hold what the replicas kept (the data "
-                "from before or after those writes)"))
+            self._reported = BlockError(failure.errno, failure.message) if isinstance(
+                failure, WritesMayBeLost) else BlockError(failure.errno, (
+                    f"disk {self.disk!r}: writes to {where} were answered, then failed on the "
+                    f"replicas ({failure.message}); they hold what the replicas kept (the data "
+                    "from before or after those writes)"))
             self._said = self.failures
         if seen.failures == self.failures:
             return
