@@ -145,14 +145,6 @@ def test_workers_share_one_file_across_connections(driver: Driver) -> None:
         h.shutdown()
 
 
-def test_driver_and_its_workers_serve_as_batch_tasks(driver: Driver) -> None:
-    """A driver does not preempt the domains that feed it (domains/driver.py batch_scheduling)."""
-    from tests.support import pids_of_children
-
-    for pid in [driver.proc.pid, *pids_of_children(driver.proc.pid)]:
-        assert os.sched_getscheduler(pid) == os.SCHED_BATCH, pid
-
-
 def clients_workers() -> int:
     from trustvbd.domains.driver import default_workers
 

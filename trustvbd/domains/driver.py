@@ -166,7 +166,6 @@ def serve_in_workers(workers: int, specs: list[ExportSpec], sock: socket.socket,
     connection (fdatasync) still persists what every connection wrote: multi-conn holds.
     Forked before any event loop or thread exists.
     """
-    batch_scheduling()
     children = []
     for _ in range(workers - 1):
         pid = os.fork()
@@ -238,15 +237,6 @@ def main(argv: list[str] | None = None) -> int:
         confine_self()
     return serve_in_workers(args.workers, specs, sock, None, args.ready_fd, announce=False,
                             unlink=args.listen_fd is None, control_fd=args.control_fd)
-
-
-def batch_scheduling() -> None:
-    """Serve as a batch task (SCHED_BATCH; workers inherit it): woken by a request, a
-    driver then does not preempt what runs on that core (the encryption domain sealing the
-    next write, the guest), so it runs a little later, takes more requests per wake-up and
-    switches less. Where the policy cannot be set, the driver serves as it is."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
 def confine_self() -> None:
