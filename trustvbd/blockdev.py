@@ -168,6 +168,17 @@ class WritesAtOnce(Protocol):
 
 
 @runtime_checkable
+class WritesInline(Protocol):
+    """Does the common write inline where it can (CryptDisk: a small write answered before
+    its replicas): a server then runs that WRITE as one call, with no coroutine."""
+
+    def write_inline(self, offset: int, data: Buffer, fua: bool = False) -> bool:
+        """True: the write was done in this call, as `pwrite` would have done it. False:
+        nothing was done, and `pwrite` must serve it. BlockError if it fails."""
+        ...
+
+
+@runtime_checkable
 class ReadsAtOnce(Protocol):
     """Its reads never wait (a page-cached file): a server calls `read_now` inline, with
     no coroutine per request."""

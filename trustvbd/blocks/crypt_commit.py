@@ -124,6 +124,9 @@ class Commits:
         self._wake_at = 0  # _writers_idle is also set when this many writers are left
         self._no_commit = asyncio.Event()
         self._no_commit.set()
+        # A commit (or FLUSH) waits for the writes in flight: _no_commit is clear. Read once
+        # per write, so a plain attribute.
+        self.committing = False
         self._lock = asyncio.Lock()
         # intent_blocks when the log and the replicas were last made durable without a
         # full commit (None: not since the last full commit).
@@ -189,16 +192,11 @@ class Commits:
 
     def try_enter_write(self) -> bool:
         """enter_write at once if no commit holds writes back (most writes: no coroutine)."""
-        if not self._no_commit.is_set():
+        if self.committing:
             return False
         self._writers += 1
         self._writers_idle.clear()
         return True
-
-    @property
-    def committing(self) -> bool:
-        """A commit (or FLUSH) waits for the writes in flight."""
-        return not self._no_commit.is_set()
 
     def leave_write(self) -> None:
         self._writers -= 1
@@ -223,6 +221,12 @@ class Commits:
     def due(self, fua: bool) -> bool:
         return fua or self.intent_blocks >= AUTO_COMMIT_BLOCKS or self.leaves.over_dirty_limit()
 
+    def due_after(self, blocks: int) -> bool:
+        """Whether a write of `blocks` blocks may make a commit due (`due`): it then goes
+        the way that awaits the commit (its pages may add one dirty page each)."""
+        return (self.intent_blocks + blocks >= AUTO_COMMIT_BLOCKS
+                or self.leaves.near_dirty_limit(blocks // LEAVES_PER_PAGE + 2))
+
     # ------------------------------------------------------------ the commit
 
     async def commit(self, replica: ReplicaSet, before: Callable[[], Awaitable[None]],
@@ -237,6 +241,7 @@ class Commits:
         the replicas while they are in flight (every other write has been answered)."""
         async with self._lock:
             self._no_commit.clear()  # new writes wait; writes in flight finish first
+            self.committing = True
             synced: asyncio.Future[None] | None = None
             try:
                 ahead = send_now(may_log is not None) if send_now is not None else None
@@ -263,6 +268,7 @@ class Commits:
                     await self._commit_now(replica)
             finally:
                 self._no_commit.set()
+                self.committing = False
                 if synced is not None and not synced.done():
                     # A commit syncs the log itself; the early sync only must not be lost.
                     synced.add_done_callback(lambda f: f.cancelled() or f.exception())

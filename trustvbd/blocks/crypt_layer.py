@@ -115,6 +115,7 @@ class CryptDisk:
         self._unsure: dict[int, list[bytes]] = {}
         # block -> (its leaf, its plaintext) as this domain last wrote it (_recent_plain)
         self._recent: dict[int, tuple[bytes, bytes]] = {}
+        self._recent_wanted: dict[int, None] = {}  # blocks written partly (crypt_write)
         self._closed = False
         # Set when the commit at open failed with ENOSPC: writes wait for a commit then.
         self._out_of_space: str | None = None
@@ -208,6 +209,7 @@ class CryptDisk:
     _adopt_unsure = crypt_read.adopt_unsure
 
     pwrite = crypt_write.pwrite
+    write_inline = crypt_write.write_inline
     _wait_for_space = crypt_write.wait_for_space
     _acquire = crypt_write.acquire
     _note_settled = crypt_write.note_settled

@@ -33,6 +33,8 @@ BS = BLOCK_SIZE
 # Single blocks whose plaintext a write remembers (per disk), for the read-modify-write
 # of a block rewritten a few bytes at a time (e2fsprogs updates superblock fields so).
 _RECENT_BLOCKS = 8
+# Blocks written partly whose next one-block writes keep their plaintext (_want_recent).
+_WANTED_BLOCKS = 32
 
 
 async def wait_for_space(disk: CryptDisk) -> None:
@@ -78,7 +80,7 @@ async def pwrite(disk: CryptDisk, offset: int, data: Buffer, fua: bool = False) 
                 else:
                     ct, new = await disk._aead.seal(disk._cipher, b0, version, plain)
                 old = _note_write(disk, b0, new)
-                if n == 1:
+                if n == 1 and b0 in disk._recent_wanted:
                     _remember(disk, b0, new, data)
                 if not fua and disk._behind.takes(n):
                     # No await between recording the write and handing it over. While a
@@ -100,6 +102,44 @@ async def pwrite(disk: CryptDisk, offset: int, data: Buffer, fua: bool = False) 
         await disk._commit(durable=fua)
 
 
+def write_inline(disk: CryptDisk, offset: int, data: Buffer, fua: bool = False) -> bool:
+    """The common write without a coroutine (WritesInline): whole blocks, no FUA, fewer
+    than WRITE_BEHIND_BLOCKS, the range free, sealed inline, no commit running or due:
+    recorded and handed to the writes behind in this call, as `pwrite` does it. False,
+    with nothing done, for any other write (the NBD server then awaits `pwrite`)."""
+    length = len(data)
+    if fua or not length or offset % BS or length % BS:
+        return False
+    if offset + length > disk._lay.logical_size or offset < 0:
+        check_range(disk._lay.logical_size, offset, length)  # it says what is wrong
+    if disk._closed or disk._commits.failed is not None:
+        disk._check_usable()
+    n = length // BS
+    commits = disk._commits
+    if (disk._out_of_space is not None or not disk._behind.takes(n)
+            or not disk._aead.inline(n) or commits.due_after(n)
+            or not commits.try_enter_write()):
+        return False
+    b0 = offset // BS
+    hold = disk._locks.try_acquire(b0, b0 + n, True)
+    if hold is None:
+        commits.leave_write()
+        return False  # pwrite waits for it (and sends the writes behind that hold it)
+    try:
+        version = commits.take_versions(n)
+        ct, new = disk._cipher.seal(b0, version, memoryview(data).cast("B"))
+        old = _note_write(disk, b0, new)
+        if n == 1 and b0 in disk._recent_wanted:
+            _remember(disk, b0, new, data)
+        disk._behind.add(b0, old, ct, partial(_write_ended, disk, hold),
+                         gather=not commits.committing)
+    except BaseException:
+        disk._locks.release(hold)
+        commits.leave_write()
+        raise
+    return True
+
+
 async def acquire(disk: CryptDisk, b0: int, b1: int, exclusive: bool) -> Hold:
     """The range lock the slow way: if an unsent run of writes behind holds these
     blocks (or the leaf pages they need), it goes to the replicas now."""
@@ -117,12 +157,25 @@ async def _merge(disk: CryptDisk, b0: int, b1: int, offset: int, data: Buffer) -
     """Read-modify-write for a request that covers blocks partially."""
     buf = bytearray((b1 - b0) * BS)
     end = offset + len(data)
+    _want_recent(disk, b0)
+    _want_recent(disk, b1 - 1)
     if offset % BS:
         buf[:BS] = _recent_plain(disk, b0) or await disk._read_verified(b0, b0 + 1)
     if end % BS and (b1 - 1 > b0 or offset % BS == 0):
         buf[-BS:] = _recent_plain(disk, b1 - 1) or await disk._read_verified(b1 - 1, b1)
     buf[offset - b0 * BS:end - b0 * BS] = data
     return buf
+
+
+def _want_recent(disk: CryptDisk, b: int) -> None:
+    """Block b was written partly: keep its plaintext from its next one-block writes (the
+    newest _WANTED_BLOCKS such blocks; other writes keep nothing, which costs them a dict
+    update and often a copy each)."""
+    wanted = disk._recent_wanted
+    wanted.pop(b, None)
+    if len(wanted) >= _WANTED_BLOCKS:
+        del wanted[next(iter(wanted))]
+    wanted[b] = None
 
 
 def _remember(disk: CryptDisk, b: int, leaf: bytes, plain: Buffer) -> None:

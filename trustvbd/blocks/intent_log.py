@@ -181,14 +181,12 @@ class IntentLog:
                new: bytes | bytearray | memoryview, held: bool = False) -> None:
         """One leaf record (_put); with `held`, kept back until `write_held` or the next
         write of the log, which write it first."""
-        head = _REC_HEAD.pack(_REC_MAGIC, len(new) // 32, first_block)
-        crc = _CRC.pack(zlib.crc32(new, zlib.crc32(old, zlib.crc32(head))))
+        rec = b"".join((_REC_HEAD.pack(_REC_MAGIC, len(new) // 32, first_block), old, new))
+        crc = _CRC.pack(zlib.crc32(rec))
         with self._writing:
-            rec = self._held
-            rec += head
-            rec += old
-            rec += new
-            rec += crc
+            waiting = self._held
+            waiting += rec
+            waiting += crc
         if not held:
             self._put(b"")
 

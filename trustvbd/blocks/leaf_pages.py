@@ -61,6 +61,12 @@ class LeafPages:
         self.disk, self.lay, self.tree = disk, lay, tree
         self.table = LeafTable(capacity)
         self.capacity = self.table.capacity
+        # The table's own methods, no call layer (each is called once per request):
+        # get(b0, b1): a copy of the leaves of blocks [b0, b1) (their pages resident);
+        # set(b0, leaves): change leaves of resident pages, which then stay in memory
+        # until committed.
+        self.get: Callable[[int, int], bytes] = self.table.get
+        self.set: Callable[[int, Buffer], None] = self.table.set
         self.report = report
         self.replicas: PageSource | None = None
         self._loading: dict[int, asyncio.Future[None]] = {}
@@ -82,6 +88,10 @@ class LeafPages:
 
     def over_dirty_limit(self) -> bool:
         return self.table.dirty_count >= self.capacity // 2
+
+    def near_dirty_limit(self, more: int) -> bool:
+        """Whether `more` more dirty pages would put it over the limit."""
+        return self.table.dirty_count + more >= self.capacity // 2
 
     def pages_of(self, b0: int, b1: int) -> range:
         return range(b0 // LEAVES_PER_PAGE, (b1 - 1) // LEAVES_PER_PAGE + 1)
@@ -190,16 +200,8 @@ class LeafPages:
 
     # ------------------------------------------------------------ leaves of resident pages
 
-    def get(self, b0: int, b1: int) -> bytes:
-        """A copy of the leaves of blocks [b0, b1) (their pages resident)."""
-        return self.table.get(b0, b1)
-
     def leaf(self, b: int) -> bytes:
         return self.table.leaf(b)
-
-    def set(self, b0: int, leaves: Buffer) -> None:
-        """Change leaves of resident pages; their pages stay in memory until committed."""
-        self.table.set(b0, leaves)
 
     def all_zero(self, b0: int, b1: int) -> bool:
         return self.table.all_zero(b0, b1)

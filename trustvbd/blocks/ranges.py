@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from trustvbd._native import RangeTable
@@ -62,8 +62,13 @@ class RangeLock:
     waiting for one is done here.
     """
 
+    # The hold at once if nothing conflicting is held, else None (then `acquire`): the
+    # native table's own method, no call layer (one per request).
+    try_acquire: Callable[[int, int, bool], Hold | None]
+
     def __init__(self, table: LockTable | None = None) -> None:
         self._table: LockTable = table if table is not None else RangeTable()
+        self.try_acquire = self._table.try_hold
         # Made by the first request that has to wait for a hold: most holds never see one.
         self._waiting: dict[Hold, asyncio.Event] = {}
 
@@ -80,10 +85,6 @@ class RangeLock:
     def reads_held(self) -> int:
         """How many shared holds (reads) are held now."""
         return self._table.reads_held
-
-    def try_acquire(self, start: int, end: int, exclusive: bool) -> Hold | None:
-        """The hold at once if nothing conflicting is held, else None (then `acquire`)."""
-        return self._table.try_hold(start, end, exclusive)
 
     def release(self, hold: Hold) -> None:
         self._table.release(hold)

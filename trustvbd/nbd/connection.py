@@ -23,7 +23,8 @@ that serves reads by callback (StartsReads: the encryption layer) gets a READ as
 one call, and queues its reply from its callback, with no coroutine at all; a backend
 whose writes never wait (WritesAtOnce: the driver's FileBackend) gets a WRITE as one
 call, its reply queued at once, and one whose reads never wait (ReadsAtOnce) a READ so
-too. Replies
+too; one that does the common write inline (WritesInline: the encryption layer's
+small writes answered before their replicas) gets such a WRITE as one call too. Replies
 are batched, framed and written with one writelines() per loop iteration. A backend
 with a `file_range` method (the driver's FileBackend) answers reads with a FileRange
 sent by sendfile (zero_copy.py).
@@ -153,6 +154,7 @@ class Connection(asyncio.BufferedProtocol):
         self._out_special = False  # _out holds a FileRange
         self._file_range: Callable[[int, int], FileRange] | None = None
         self._write_now: Callable[[int, Buffer, bool], None] | None = None  # WritesAtOnce
+        self._write_inline: Callable[[int, Buffer, bool], bool] | None = None  # WritesInline
         self._read_now: Callable[[int, int], Buffer] | None = None  # ReadsAtOnce
         self._sock_fd = -1  # for sendfile; -1 when the transport is not a plain socket
         self._flush_scheduled = False
@@ -313,6 +315,8 @@ class Connection(asyncio.BufferedProtocol):
                 self._read_at_once(cookie, offset, length)
             elif typ == _WRITE and self._write_now is not None:
                 self._write_at_once(flags, cookie, offset, data)  # type: ignore[arg-type]
+            elif typ == _WRITE and self._write_inline is not None:
+                self._write_inline_or_run(flags, cookie, offset, data)  # type: ignore[arg-type]
             else:
                 self._run(self._serve(typ, flags, cookie, offset, length, data), typ,
                           length if typ == _READ or typ == _WRITE else 0)
@@ -330,6 +334,26 @@ class Connection(asyncio.BufferedProtocol):
             self.core.pool.give_back(payload)  # type: ignore[arg-type] # as in _serve
         self._queue_reply(cookie, 0, "", 0, None)
         if fua and not self._transport_busy:
+            self._flush()  # as in _serve: a durability point leaves at once
+
+    def _write_inline_or_run(self, flags: int, cookie: int, offset: int,
+                             payload: Buffer) -> None:
+        """A WRITE the backend does inline where it can (WritesInline): no coroutine; else
+        the general way (_serve)."""
+        assert self._write_inline is not None
+        try:
+            done = self._write_inline(offset, payload, bool(flags & _FUA))
+        except Exception as exc:
+            self._reply_failure(_WRITE, cookie, exc)
+            return
+        if not done:
+            self._run(self._serve(_WRITE, flags, cookie, offset, len(payload), payload), _WRITE,
+                      len(payload))
+            return
+        if len(payload) > _POOL_MIN:
+            self.core.pool.give_back(payload)  # type: ignore[arg-type] # as in _serve
+        self._queue_reply(cookie, 0, "", 0, None)
+        if flags & _FUA and not self._transport_busy:
             self._flush()  # as in _serve: a durability point leaves at once
 
     def _reply_failure(self, typ: int, cookie: int, exc: Exception,

@@ -21,6 +21,7 @@ from trustvbd.blockdev import (
     ServesFileRanges,
     StartsReads,
     WritesAtOnce,
+    WritesInline,
 )
 from trustvbd.crypt.tls import peer_common_name
 from trustvbd.nbd import messages as m
@@ -118,6 +119,8 @@ async def handshake(conn: Connection) -> None:
         conn._start_read = backend.start_read
     if isinstance(backend, WritesAtOnce):
         conn._write_now = backend.write_now
+    elif isinstance(backend, WritesInline):
+        conn._write_inline = backend.write_inline
     if isinstance(backend, ReadsAtOnce):
         conn._read_now = backend.read_now
     conn._transmitting = True
