@@ -222,7 +222,9 @@ async def _requests(disk: CryptDisk, model: Model, rng: random.Random) -> None:
             assert bytes(await disk.pread(b * BS, n * BS)) == model.cur[b * BS:(b + n) * BS]
             continue
         fua = rng.random() < 0.15
-        b = rng.randrange(NBLOCKS)
+        # A third of the requests on a few hot blocks, as a filesystem's metadata: rewrites
+        # of blocks whose write is still unsent (write_behind.replace_unsent).
+        b = rng.randrange(6) if rng.random() < 0.35 else rng.randrange(NBLOCKS)
         n = min(rng.choice([1, 1, 2, 3, 8, 40]), NBLOCKS - b)
         if r < 0.30:
             offset, length = b * BS + rng.randrange(BS), rng.randrange(1, n * BS)
@@ -239,7 +241,10 @@ async def _requests(disk: CryptDisk, model: Model, rng: random.Random) -> None:
             else:
                 offset, data = b * BS, rng.randbytes(n * BS)
             model.apply(offset, data)
-            await disk.pwrite(offset, data, fua)
+            # As the NBD server does: inline where the disk takes it (write_inline, a
+            # rewrite of a block still unsent replacing it in its run), else pwrite.
+            if not disk.write_inline(offset, data, fua):
+                await disk.pwrite(offset, data, fua)
         if fua:
             model.commit()
     await disk.settle()  # the domain lives on: writes answered early reach the replicas
