@@ -960,3 +960,88 @@ def test_a_read_repair_whose_source_fails_is_charged_to_the_source(tmp_path: Pat
         assert r1.repaired == 1 and len(set(data_areas(mems))) == 1
         await disk.close()
     run(go())
+
+
+class HeldWrites(Layer):
+    """A replica whose writes get no reply until `answer` is set or the connection is
+    dropped (`abandon`, as NbdClient: every waiting request fails with ETIMEDOUT)."""
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(next)
+        self.answer = asyncio.Event()
+        self.dropped: str | None = None
+        self.answered_at = 0.0
+        self._since: float | None = None
+        self._gone = asyncio.Event()
+
+    def pending_since(self) -> float | None:
+        return self._since
+
+    def abandon(self, reason: str) -> None:
+        self.dropped = reason
+        self._gone.set()
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self._since = loop.time()
+        try:
+            waits = [asyncio.ensure_future(e.wait()) for e in (self.answer, self._gone)]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+        finally:
+            self._since = None
+        if self.dropped is not None:
+            raise BlockError(errno.ETIMEDOUT, f"{self.dropped}; connection closed")
+        await self.next.pwrite(offset, data, fua)
+        self.answered_at = loop.time()
+
+
+class Prompt(Layer):
+    """A replica that answers at once, and says when (Watched)."""
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(next)
+        self.answered_at = 0.0
+
+    def pending_since(self) -> float | None:
+        return None
+
+    def abandon(self, reason: str) -> None:
+        raise AssertionError(f"a prompt replica was cut off: {reason}")
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        await self.next.pwrite(offset, data, fua)
+        self.answered_at = asyncio.get_running_loop().time()
+
+
+@pytest.mark.parametrize("other", [State.RESYNCING, State.CURRENT])
+def test_a_current_writer_is_cut_off_for_lagging_only_if_another_current_one_answers(
+        other: State) -> None:
+    """r0, current, leaves a write unanswered past `lag` while r1 answers at once. If r1
+    is current, r0 is cut off (degraded) and the write stands on r1. If r1 is resyncing it
+    cannot serve the block, so cutting r0 off failed the guest's write (a write no current
+    replica took fails): r0 is kept and the write waits for it, as when every writer is
+    slow (the request timeout decides)."""
+    async def go() -> None:
+        mems = [RawMemory(physical_size(SIZE)) for _ in range(2)]
+        held, prompt = HeldWrites(mems[0]), Prompt(mems[1])
+        rs = ReplicaSet("vm1", LAY, [Replica("r0", held), Replica("r1", prompt, state=other)])
+        rs.verifier, rs.locks, rs.lag = Verifies(), RangeLock(), 0.2
+        write = asyncio.ensure_future(rs.pwrite(LAY.data_offset(3), pattern(3, 1)))
+        for _ in range(200):  # two looks of the watch past `lag`, with room for a loaded machine
+            if write.done():
+                break
+            await asyncio.sleep(0.01)
+        if other is State.CURRENT:
+            await asyncio.wait_for(write, 5)
+            assert held.dropped is not None and "replica_lag 0.2 s" in held.dropped
+            assert rs.replicas[0].state is not State.CURRENT
+        else:
+            assert not write.done() and held.dropped is None
+            held.answer.set()
+            await asyncio.wait_for(write, 5)
+            assert rs.replicas[0].state is State.CURRENT and rs.replicas[0].errors == 0
+        assert mems[1].raw[LAY.data_offset(3):LAY.data_offset(4)] == pattern(3, 1)
+        await rs.close()
+    run(go())

@@ -389,7 +389,8 @@ class ReplicaSet:
 
         Their requests then fail, so the fan-out degrades them (with the blocks, as for
         any failed write) and acknowledges the guest; they come back by resync. While every
-        writer is slow nobody is cut off: the request timeout decides then. Reads waiting
+        writer is slow nobody is cut off, nor a current one while only resyncing ones
+        answer: the request timeout decides then. Reads waiting
         `lag` are hedged (read_hedge.py). Runs every quarter of `lag` while requests wait; the
         next fan-out or read starts it again.
         """
@@ -408,8 +409,12 @@ class ReplicaSet:
             ahead = None
             if r in lagging:
                 assert t is not None
+                # A current writer only for another current one: a resyncing one cannot
+                # serve in its place, and a write no current replica took fails.
                 ahead = next((o for o in writers if o not in lagging and isinstance(o.link, Watched)
-                              and o.link.answered_at > t), None)
+                              and o.link.answered_at > t
+                              and (o.state is State.CURRENT or r.state is not State.CURRENT)),
+                             None)
             if ahead is None:
                 r.lag_seen = None
             elif r.lag_seen != t:
