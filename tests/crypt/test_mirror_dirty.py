@@ -6,13 +6,14 @@ replica can serve, a failing source being charged for its own failure."""
 from __future__ import annotations
 
 import asyncio
+import errno
 from pathlib import Path
 
 import pytest
 
 from tests.crypt.helpers import BS, LAY, new_state, pattern, run
 from tests.crypt.test_mirror import NBLOCKS, Faulty, data_areas, fill, memories, open_set, settle
-from trustvbd.blockdev import Backend, Buffer
+from trustvbd.blockdev import Backend, BlockError, Buffer
 from trustvbd.blocks import block_runs
 from trustvbd.blocks.disk_state import DiskState, Member
 from trustvbd.blocks.replica import State
@@ -339,6 +340,70 @@ def test_a_rebuild_cut_short_by_a_crash_is_taken_up_again_not_refused(tmp_path: 
         assert DiskState(tmp_path, "vm1").read_dirty_map("r1", NBLOCKS) is None
         assert bytes(mems[0].raw) == bytes(mems[1].raw)
         links[0].fail_reads = True  # r1 alone serves every block
+        disk = await open_set(tmp_path, kek, list(links))
+        assert bytes(await disk.pread(0, NBLOCKS * BS)) == data
+        await disk.close()
+    run(go())
+
+
+class LosesUnflushed(Faulty):
+    """Faulty, and a driver whose writes are durable only once flushed: with `lose_at_flush`
+    its next flush fails and every write since the last one is undone (a power cut under
+    the driver's cache)."""
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(next)
+        self.undo: list[tuple[int, bytes]] = []
+        self.lose_at_flush = False
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        old = bytes(await self.next.pread(offset, len(data)))
+        await super().pwrite(offset, data, fua)
+        if not fua:
+            self.undo.append((offset, old))
+
+    async def flush(self) -> None:
+        if self.lose_at_flush and not self.fail_writes:
+            self.lose_at_flush = False
+            for offset, old in reversed(self.undo):
+                await self.next.pwrite(offset, old)
+            self.undo.clear()
+            raise BlockError(errno.EIO, "injected: the driver lost its cache")
+        await super().flush()
+        self.undo.clear()
+
+
+def test_copies_a_driver_lost_before_the_resync_flushed_them_are_copied_again(
+        tmp_path: Path) -> None:
+    """r1's resync copies the blocks it missed, then its flush fails and its driver loses
+    every write since its last flush (the copies too). r1 is degraded and taken back: the
+    blocks copied but never flushed are dirty again, so they are copied again, and r1
+    alone serves every block once current. Before, they were dropped from its dirty set
+    when copied, and r1 joined without them (its reads of them failed verification)."""
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        loses = LosesUnflushed(mems[1])
+        links = [Faulty(mems[0]), loses]
+        disk = await open_set(tmp_path, kek, list(links))
+        data = bytearray(await fill(disk))
+        await disk.close()
+        disk = await open_set(tmp_path, kek, list(links))
+        loses.fail_writes = True
+        for b in range(10, 20):
+            data[b * BS:(b + 1) * BS] = pattern(b, 8)
+        await disk.pwrite(10 * BS, bytes(data[10 * BS:20 * BS]))
+        await disk.flush()
+        r1 = disk.replicas.replicas[1]
+        assert r1.state is State.DEGRADED and set(range(10, 20)) <= set(r1.dirty)
+        loses.lose_at_flush = True
+        loses.fail_writes = False
+        await settle(disk)
+        assert not loses.lose_at_flush, "the resync never flushed"
+        await disk.close()
+        areas = data_areas(mems)
+        assert areas[0] == areas[1], "r1 joined without blocks its driver lost"
+        links[0].fail_reads = True
         disk = await open_set(tmp_path, kek, list(links))
         assert bytes(await disk.pread(0, NBLOCKS * BS)) == data
         await disk.close()

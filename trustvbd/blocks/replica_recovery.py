@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from trustvbd.blockdev import Backend, BlockError, Breakable, Buffer, Reconnectable, Watched
+from trustvbd.blocks.block_runs import BlockRuns
 from trustvbd.blocks.integrity import ReplicaRefusedError
 from trustvbd.blocks.ranges import runs
 from trustvbd.blocks.replica import (
@@ -254,13 +255,37 @@ class Recovery:
         r.resync_started = time.monotonic()
         log.log(logging.WARNING if loud else logging.DEBUG, "disk %s: resyncing %d block(s) of "
                 "replica %s", self.rs.disk, r.resync_total, r.name)
+        copied = BlockRuns()  # on r, not yet flushed: its driver may still lose them
+        flushed = False
+        try:
+            if await self._copy_dirty(r, copied):
+                await r.link.flush()
+                flushed = True
+        finally:
+            if not flushed and copied:
+                # Cut short (r degraded meanwhile, or its flush failed): what its driver
+                # took since its last flush may be lost with it, so it is copied again.
+                r.dirty.update(copied)
+                r.map_saved = False
+        if not flushed:
+            return
+        r.joining = True  # the next commit writes its leaf table and superblock
+        r.join_round += 1
+        log.warning("disk %s: replica %s copied up; joins at the next commit", self.rs.disk, r.name)
+        if self.rs.request_commit is not None:
+            self.rs.request_commit()
+
+    async def _copy_dirty(self, r: Replica, copied: BlockRuns) -> bool:
+        """Copy r's dirty blocks, noting each run in `copied`; False if stopped because r
+        is no longer resyncing (or the set closed)."""
+        assert self.rs.locks is not None
         delay = RECONNECT_FIRST
         while r.dirty:
             self._skip_unwritten(r)
             for b0, b1 in r.dirty.first(COPY_BLOCKS * 8, COPY_BLOCKS):
                 if r.state is not State.RESYNCING or self.rs.closed:
                     r.resync_waiting = None
-                    return
+                    return False
                 hold = await self.rs.locks.acquire(b0, b1, True)
                 try:
                     await self._copy(r, b0, b1)
@@ -275,6 +300,7 @@ class Recovery:
                 r.resync_waiting = None
                 delay = RECONNECT_FIRST
                 r.dirty.discard(b0, b1)
+                copied.add(b0, b1)
                 r.resync_done += b1 - b0
                 elapsed = time.monotonic() - r.resync_started
                 r.resync_rate = r.resync_done / elapsed if elapsed > 0 else 0.0
@@ -282,12 +308,7 @@ class Recovery:
             if r.resync_waiting is not None:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
-        await r.link.flush()
-        r.joining = True  # the next commit writes its leaf table and superblock
-        r.join_round += 1
-        log.warning("disk %s: replica %s copied up; joins at the next commit", self.rs.disk, r.name)
-        if self.rs.request_commit is not None:
-            self.rs.request_commit()
+        return True
 
     def _skip_unwritten(self, r: Replica) -> None:
         """Drop from the head of r.dirty the blocks before its next one that may be
