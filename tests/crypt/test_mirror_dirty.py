@@ -408,3 +408,36 @@ def test_copies_a_driver_lost_before_the_resync_flushed_them_are_copied_again(
         assert bytes(await disk.pread(0, NBLOCKS * BS)) == data
         await disk.close()
     run(go())
+
+
+def test_a_replica_that_left_before_a_discard_was_committed_gets_its_leaf_page(
+        tmp_path: Path) -> None:
+    """Blocks 300-310 are discarded (leaves only, nothing sent) while both replicas are
+    current; r1 fails the FLUSH that follows, so the commit writes that leaf page to r0
+    only. When r1 rejoins it must be sent that page: before, it got only the pages of the
+    blocks written since the last commit (a discarded block is not 'written'), and after
+    r0 was gone every block of that page was lost (the page on r1 no longer matched the
+    trusted tree)."""
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        links = [Faulty(mems[0]), Faulty(mems[1])]
+        disk = await open_set(tmp_path, kek, list(links))
+        data = bytearray(await fill(disk))
+        await disk.close()
+        disk = await open_set(tmp_path, kek, list(links))
+        await disk.zero(300 * BS, 11 * BS)
+        data[300 * BS:311 * BS] = bytes(11 * BS)
+        links[1].fail_writes = True
+        await disk.flush()  # r1 fails the flush: a full commit without it
+        r1 = disk.replicas.replicas[1]
+        assert r1.state is State.DEGRADED
+        links[1].fail_writes = False
+        await settle(disk)
+        await disk.close()
+        assert bytes(mems[0].raw) == bytes(mems[1].raw)
+        links[0].fail_reads = True  # r1 alone serves every block
+        disk = await open_set(tmp_path, kek, list(links))
+        assert bytes(await disk.pread(0, NBLOCKS * BS)) == data
+        await disk.close()
+    run(go())

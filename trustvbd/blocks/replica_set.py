@@ -89,6 +89,9 @@ class ReplicaSet:
         # Data blocks written since the last flush, as runs: a set of every block cost a
         # few microseconds and ~44 bytes per 4 KiB written between flushes.
         self._unflushed: list[range] = []
+        # Blocks discarded since the last full commit: their leaf pages changed with no data
+        # sent, so a replica degraded before that commit lacks them (Replica.since_commit).
+        self._discarded = BlockRuns()
         self.verifier: Verifier | None = None
         self.admit: Admit | None = None
         self.locks: RangeLock | None = None  # the encryption layer's block locks
@@ -152,6 +155,7 @@ class ReplicaSet:
                 # from before the last FLUSH, which still presents the epoch it left at
                 # (only a full commit moves it): these are copied to it again then.
                 r.since_commit = BlockRuns(self.verifier.written_since_commit())
+                r.since_commit |= self._discarded
             r.state = State.DEGRADED
             r.joining = False
             self.regroup()
@@ -178,6 +182,7 @@ class ReplicaSet:
         for r in self._behind:
             r.leaves_behind.update(blocks)
             r.map_saved = False
+        self._discarded.add(blocks.start, blocks.stop)
 
     def fail(self, r: Replica, why: str) -> None:
         log.error("disk %s: replica %s refused: %s", self.disk, r.name, why)
@@ -474,6 +479,7 @@ class ReplicaSet:
     def commit_done(self, joined: list[Replica], epoch: int) -> None:
         """The commit of `epoch` reached the write set: those that joined are current now."""
         self.epoch = epoch
+        self._discarded = BlockRuns()  # their leaf pages are on every writer now
         changed = False
         for r in joined:
             if r.state is State.RESYNCING and r.joining and not r.dirty:
