@@ -223,7 +223,7 @@ async def _requests(disk: CryptDisk, model: Model, rng: random.Random) -> None:
             continue
         fua = rng.random() < 0.15
         # A third of the requests on a few hot blocks, as a filesystem's metadata: rewrites
-        # of blocks whose write is still unsent (write_behind.replace_unsent).
+        # of blocks whose write behind is still held or in flight.
         b = rng.randrange(6) if rng.random() < 0.35 else rng.randrange(NBLOCKS)
         n = min(rng.choice([1, 1, 2, 3, 8, 40]), NBLOCKS - b)
         if r < 0.30:
@@ -241,8 +241,8 @@ async def _requests(disk: CryptDisk, model: Model, rng: random.Random) -> None:
             else:
                 offset, data = b * BS, rng.randbytes(n * BS)
             model.apply(offset, data)
-            # As the NBD server does: inline where the disk takes it (write_inline, a
-            # rewrite of a block still unsent replacing it in its run), else pwrite.
+            # As the NBD server does: inline where the disk takes it (write_inline), else
+            # pwrite.
             if not disk.write_inline(offset, data, fua):
                 await disk.pwrite(offset, data, fua)
         if fua:

@@ -34,11 +34,10 @@ def test_the_common_write_is_done_inline_and_every_other_is_declined_untouched(
         await disk.flush()
         assert disk.write_inline(3 * BS, pattern(3)) is True
         assert disk._behind.started == 2  # answered before its replica, as pwrite does
-        # Block 3's write is still held behind: its range is not free (a one-block write
-        # would replace it in its run; two blocks wait for it).
+        # Block 3's write is still held behind: its range is not free.
         assert disk._behind._runs, "the write should still wait to be joined"
         writers = disk._commits._writers
-        assert disk.write_inline(3 * BS, pattern(9) + pattern(10)) is False
+        assert disk.write_inline(3 * BS, pattern(9)) is False
         assert disk._commits._writers == writers and disk._behind.started == 2
         assert bytes(await disk.pread(3 * BS, BS)) == pattern(3)  # it sends it
 
@@ -116,50 +115,3 @@ def test_the_server_answers_inline_writes_and_serves_declined_ones_the_general_w
         h.shutdown()
     assert backend.ways == [("inline", 0), ("pwrite", 1), ("inline", 2), ("pwrite", 3),
                             ("inline", 4), ("pwrite", 5)]
-
-
-class Writes(Layer):
-    """Counts the replica writes below the disk, with the blocks each covers."""
-
-    def __init__(self, below: Backend) -> None:
-        super().__init__(below)
-        self.writes: list[tuple[int, int]] = []
-
-    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
-        self.writes.append((offset, len(data)))
-        await self.next.pwrite(offset, data, fua)
-
-
-def test_a_block_rewritten_while_its_write_waits_unsent_replaces_it_in_the_run(
-        tmp_path: Path) -> None:
-    """A filesystem rewrites a metadata block within a few writes: the new ciphertext takes
-    the unsent one's place (no wait for the replicas), the replica gets one write for the
-    run, and the newest contents read back, before and after a restart. A rewrite of a
-    block whose run left waits as before."""
-    async def go() -> None:
-        mem = RawMemory(physical_size(SIZE))
-        writes = Writes(mem)
-        kek = new_state(tmp_path)
-        disk = await open_disk(tmp_path, writes, kek)
-        await disk.pwrite(0, pattern(0))  # the leaf page in memory
-        await disk.flush()
-        writes.writes.clear()
-        assert disk.write_inline(4 * BS, pattern(4) + pattern(5)) is True  # one piece of 2
-        assert disk.write_inline(6 * BS, pattern(6)) is True  # joins the run
-        assert disk.write_inline(5 * BS, pattern(50)) is True  # inside the 2-block piece
-        assert disk.write_inline(6 * BS, pattern(60)) is True
-        assert disk.write_inline(6 * BS, pattern(61)) is True
-        assert disk._behind.replaced == 3 and writes.writes == []  # nothing sent yet
-        assert disk._commits._writers == 2  # the two writes that hold the run
-        assert bytes(await disk.pread(4 * BS, 3 * BS)) == pattern(4) + pattern(50) + pattern(61)
-        assert writes.writes == [(disk._replica.data_offset(4), 3 * BS)]  # the read sent it
-        # Its run left: a rewrite now waits for the lock, as before.
-        await disk.settle()
-        assert disk.write_inline(6 * BS, pattern(62)) is True and disk._behind.replaced == 3
-        await disk.flush()
-        await disk.close()
-        disk = await open_disk(tmp_path, mem, kek)
-        assert bytes(await disk.pread(4 * BS, 3 * BS)) == pattern(4) + pattern(50) + pattern(62)
-        await disk.close()
-
-    run(go())

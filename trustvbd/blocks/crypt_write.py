@@ -123,12 +123,7 @@ def write_inline(disk: CryptDisk, offset: int, data: Buffer, fua: bool = False) 
     b0 = offset // BS
     hold = disk._locks.try_acquire(b0, b0 + n, True)
     if hold is None:
-        try:
-            if n == 1 and disk._behind.holds_unsent(b0):
-                _replace_unsent(disk, b0, data)
-                return True
-        finally:
-            commits.leave_write()  # the held write's count covers this one
+        commits.leave_write()
         return False  # pwrite waits for it (and sends the writes behind that hold it)
     try:
         version = commits.take_versions(n)
@@ -143,22 +138,6 @@ def write_inline(disk: CryptDisk, offset: int, data: Buffer, fua: bool = False) 
         commits.leave_write()
         raise
     return True
-
-
-def _replace_unsent(disk: CryptDisk, b: int, data: Buffer) -> None:
-    """Block b rewritten while its earlier write waits unsent in a run (write_behind.py
-    replace_unsent): sealed and recorded as any write, its ciphertext replaces the earlier
-    one in the run. The earlier write's hold (nothing else can hold an unsent block: a
-    read or write of it would have sent the run) and writer count cover it. A power cut
-    before the run leaves finds the replica holding the block's older ciphertext, which
-    the intent records still name (the earlier write's old leaf)."""
-    version = disk._commits.take_versions(1)
-    ct, new = disk._cipher.seal(b, version, memoryview(data).cast("B"))
-    _note_write(disk, b, new)
-    if b in disk._recent_wanted:
-        _remember(disk, b, new, data)
-    replaced = disk._behind.replace_unsent(b, ct)
-    assert replaced
 
 
 async def acquire(disk: CryptDisk, b0: int, b1: int, exclusive: bool) -> Hold:

@@ -77,7 +77,7 @@ from typing import Any, NamedTuple
 from trustvbd import eager
 from trustvbd.blockdev import BlockError, Buffer, WritesMayBeLost
 from trustvbd.blocks.ranges import describe_blocks
-from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE
+from trustvbd.crypt.aead import LEAF_SIZE
 from trustvbd.running_loop import RunningLoop
 
 log = logging.getLogger("trustvbd.crypt.write_behind")
@@ -172,7 +172,6 @@ class WriteBehind:
         self.started = 0  # writes answered before their replicas, since open
         self.sends = 0  # replica writes those made (fewer when gathered)
         self.submitted = 0  # of those, sent without a task (`submit`)
-        self.replaced = 0  # writes whose ciphertext took an unsent one's place (replace_unsent)
 
     def takes(self, blocks: int) -> bool:
         """Whether a write of `blocks` blocks may be answered before its replicas."""
@@ -221,38 +220,6 @@ class WriteBehind:
         elif self._timer is None:
             self._armed = now
             self._timer = loop.call_at(now + GATHER_S, self._waited)
-
-    def holds_unsent(self, block: int) -> bool:
-        """Whether a run not sent yet holds `block` (replace_unsent would take it)."""
-        return any(0 <= block - run.first < run.blocks for run in self._runs)
-
-    def replace_unsent(self, block: int, ct: bytes) -> bool:
-        """A one-block write of `block` while an earlier write of it is held unsent: its
-        ciphertext takes the earlier one's place in the run, which thus never leaves (True;
-        False if no unsent run holds the block). The earlier write's hold and writer count
-        cover the block until the run is answered; the run's old leaves stay what the
-        replicas may hold if it fails. A filesystem rewrites a metadata block often within
-        a few writes; it waited for the replicas' answer to the run holding it."""
-        for run in self._runs:
-            at = block - run.first
-            if 0 <= at < run.blocks:
-                break
-        else:
-            return False
-        pieces = run.ct
-        for i, piece in enumerate(pieces):
-            blocks = len(piece) // BLOCK_SIZE
-            if at < blocks:
-                if blocks == 1:
-                    pieces[i] = ct
-                else:
-                    joined = bytearray(piece)
-                    joined[at * BLOCK_SIZE:(at + 1) * BLOCK_SIZE] = ct
-                    pieces[i] = joined
-                self.replaced += 1
-                return True
-            at -= blocks
-        raise AssertionError("a run's pieces cover its blocks")
 
     def send_now(self, fua: bool = False) -> Ahead | None:
         """Something waits for the writes behind (their blocks, or all of them): send the
