@@ -244,3 +244,56 @@ def test_a_rebuild_cut_short_by_a_crash_of_up_is_taken_up_again(root: Path) -> N
         s.kill()
         a.stop()
         b.stop()
+
+
+def _replicas(s: System) -> dict[str, dict]:  # type: ignore[type-arg]
+    out = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+    return {r["name"]: r for r in out["disks"][0]["replicas"]}
+
+
+def test_a_resync_whose_source_fails_its_reads_waits_and_charges_the_source(root: Path) -> None:
+    """b comes back after missing writes while a, the only current replica, fails every
+    read (nbdkit's error filter, EIO, while a file exists): b's resync waits, says so in
+    `status` (resync.waiting_for_source), stays resyncing and is not charged (a's
+    last_error holds the read failure). Once a reads again, b is copied up, joins, and
+    alone serves every block."""
+    images, _, a, b, s = _sparse_mirror(root, 1 << 30)
+    _kill(a)
+    failing = root / "reads-fail"
+    a = _nbdkit(root, "a", images[0], "--filter=error", "error=EIO", "error-pread-rate=100%",
+                f"error-pread-file={failing}")
+    data = bytes(range(256)) * (MIB // 256)
+    nbd = clients.libnbd()
+    try:
+        s.start()
+        h = nbd.NBD()
+        h.connect_uri(s.uri("vm", "disk"))
+        h.pwrite(data, 0)
+        h.flush()
+        _kill(b)
+        h.pwrite(data[::-1], 4 * MIB)  # b misses it
+        h.flush()
+        failing.touch()
+        b = _nbdkit(root, "b", images[1])
+        deadline = time.monotonic() + 30
+        while not (st := _replicas(s))["b"].get("resync", {}).get("waiting_for_source"):
+            assert time.monotonic() < deadline, st
+            time.sleep(0.2)
+        assert st["b"]["state"] == "resyncing", st
+        assert "read" not in str(st["b"]["last_error"]), st  # its own: the lost connection
+        assert st["a"]["state"] == "current", st
+        assert str(st["a"]["last_error"]).startswith("read failed: EIO"), st
+        assert st["b"]["resync"]["done"] == 0 and "failed READ" in st["b"]["resync"][
+            "waiting_for_source"], st
+        assert "resync waits for a replica to copy from" in s.cli(
+            "status", "-c", str(s.config)).stdout
+        failing.unlink()
+        _wait_state(s, "b", "current")
+        _kill(a)  # b alone serves every block
+        assert h.pread(len(data), 0) == data
+        assert h.pread(len(data), 4 * MIB) == data[::-1]
+        h.shutdown()
+    finally:
+        s.kill()
+        a.stop()
+        b.stop()
