@@ -836,6 +836,9 @@ class Verifies:
     def written_since_commit(self) -> list[int]:
         return []
 
+    async def altered_pages(self, link: Backend, p0: int, p1: int) -> list[int]:
+        return []
+
 
 def test_a_read_left_unanswered_for_the_lag_is_served_by_the_next_replica() -> None:
     """A read from a replica that does not answer is sent to the next replica once it has

@@ -441,3 +441,38 @@ def test_a_replica_that_left_before_a_discard_was_committed_gets_its_leaf_page(
         assert bytes(await disk.pread(0, NBLOCKS * BS)) == data
         await disk.close()
     run(go())
+
+
+def test_scrub_finds_an_altered_leaf_page_and_the_replica_gets_it_again(tmp_path: Path) -> None:
+    """A driver alters a leaf page of its current replica while the domain has that page
+    cached (so no read ever loads it). Scrub checks every leaf page that may be written
+    against the trusted tree: it reports the page, r1 is degraded and rejoins with the page
+    rewritten, and afterwards r1 alone serves every block. Before, scrub checked the data
+    blocks only: the page stayed altered, and with r0 gone its blocks were lost."""
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        links = [Faulty(mems[0]), Faulty(mems[1])]
+        events: list[dict[str, object]] = []
+        disk = await open_set(tmp_path, kek, list(links), events)
+        data = await fill(disk)
+        await disk.close()  # committed: no commit rewrites the page later
+        disk = await open_set(tmp_path, kek, list(links), events)
+        assert bytes(await disk.pread(0, NBLOCKS * BS)) == data  # every page cached
+        mems[1].raw[LAY.leaf_page_offset(1) + 40] ^= 0x10
+        result = await disk.scrub()
+        assert result["r1"]["leaf_pages_bad"] == 1 and result["r0"]["leaf_pages_bad"] == 0, result
+        assert result["r0"]["leaf_pages_checked"] == LAY.leaf_pages, result
+        assert any(e["replica"] == "r1" and "leaf page(s) 1 " in str(e["message"])
+                   for e in events), events
+        r1 = disk.replicas.replicas[1]
+        assert r1.state is not State.CURRENT
+        await settle(disk)
+        await disk.close()
+        assert bytes(mems[0].raw) == bytes(mems[1].raw)
+        links[0].fail_reads = True  # r1 alone serves every block
+        disk = await open_set(tmp_path, kek, list(links))
+        assert bytes(await disk.pread(0, NBLOCKS * BS)) == data
+        assert (await disk.scrub())["r1"]["leaf_pages_bad"] == 0
+        await disk.close()
+    run(go())

@@ -31,7 +31,7 @@ from trustvbd.blocks import crypt_discard, crypt_read, crypt_write
 from trustvbd.blocks.aead_pool import INLINE, AeadPool
 from trustvbd.blocks.crypt_commit import Commits
 from trustvbd.blocks.crypt_open import first_written, written_ranges
-from trustvbd.blocks.crypt_survey import survey_replica
+from trustvbd.blocks.crypt_survey import altered_in, survey_replica
 from trustvbd.blocks.crypt_unlock import open_disk
 from trustvbd.blocks.crypt_verify import VerifyReport, verify_replica
 from trustvbd.blocks.disk_state import (
@@ -243,6 +243,15 @@ class CryptDisk:
     def written_since_commit(self) -> list[int]:
         """Verifier: blocks written since the last full commit."""
         return self._commits.written_since_commit()
+
+    async def altered_pages(self, link: Backend, p0: int, p1: int) -> list[int]:
+        """Verifier: leaf pages in [p0, p1) on `link` that do not hash to the trusted tree.
+        No commit runs meanwhile (it writes leaf pages before the tree takes them)."""
+        await self._commits.enter_write()
+        try:
+            return await altered_in(link, self._lay, self._commits.tree, p0, p1)
+        finally:
+            self._commits.leave_write()
 
     async def _admit(self, r: Replica) -> bool:
         """A replica came back: is it this disk's? True if it must be rebuilt whole."""

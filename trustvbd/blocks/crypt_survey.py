@@ -135,6 +135,16 @@ async def altered_pages(replica: Backend, survey: Survey, tree: TreeFile, g: Lay
     return bad
 
 
+async def altered_in(replica: Backend, g: Layout, tree: TreeFile, p0: int, p1: int) -> list[int]:
+    """Leaf pages in [p0, p1) of the replica that do not hash to the tree's leaves (its
+    committed pages: the caller keeps commits out meanwhile), read in one request."""
+    data = memoryview(await replica.pread(g.leaf_page_offset(p0), (p1 - p0) * BS))
+    if len(data) != (p1 - p0) * BS:
+        raise BlockError(errno.EIO, f"returned {len(data)} bytes for leaf pages {p0}-{p1 - 1}")
+    return [p for p in range(p0, p1)
+            if page_hash(p, data[(p - p0) * BS:(p - p0 + 1) * BS]) != tree.leaf(p)]
+
+
 def judge(survey: Survey, anchor: Anchor, bad_pages: list[int] | None) -> list[Event]:
     """Events for a replica that may serve; StaleReplicaError if it may not.
 

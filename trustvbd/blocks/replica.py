@@ -66,6 +66,11 @@ class Verifier(Protocol):
         current epoch may still lack (FLUSHes between commits sync only trusted state)."""
         ...
 
+    async def altered_pages(self, link: Backend, p0: int, p1: int) -> list[int]:
+        """The leaf pages in [p0, p1) that `link` holds otherwise than the trusted tree
+        says (read while no commit runs, which could be writing them): what a scrub finds."""
+        ...
+
 
 # Judges a replica that comes back before it may take writes (CryptDisk.admit): returns
 # True if it must be rebuilt whole (blank, or older than when it left), False if its

@@ -1,9 +1,13 @@
-"""Scrub: read every written block of every current replica, verify, repair.
+"""Scrub: read every written block of every current replica, verify, repair; then
+every leaf page that may hold a written leaf, against the trusted tree.
 
 Run by `trustvbd scrub` through the encryption domain, a range of COPY_BLOCKS at a
 time under the range lock (guest requests go between ranges); a bad block is
 rewritten from a replica that has it right, and a replica whose repair fails is
-degraded (it is resynced later).
+degraded (it is resynced later). A replica holding an altered leaf page is degraded
+too, unless it is the last current one: its joining commit rewrites the page (a page
+is otherwise checked only when a request loads it, so one a driver altered on a
+replica whose pages were cached stayed altered, to be found only when needed).
 """
 
 from __future__ import annotations
@@ -13,13 +17,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from trustvbd.blockdev import BlockError
+from trustvbd.blocks.ranges import describe_blocks
 from trustvbd.blocks.replica import COPY_BLOCKS, Replica
 from trustvbd.crypt.aead import BLOCK_SIZE
+from trustvbd.crypt.superblock import LEAVES_PER_PAGE
 
 if TYPE_CHECKING:
     from trustvbd.blocks.replica_set import ReplicaSet
 
 BS = BLOCK_SIZE
+# Leaf pages read per request when a scrub checks a replica's leaf table (256 KiB).
+PAGES_PER_READ = 64
 
 
 
@@ -32,7 +40,8 @@ async def scrub(rs: ReplicaSet, progress: Callable[[int, int], None] | None = No
              for b0 in range(start, end, COPY_BLOCKS)]
     blocks = sum(b1 - b0 for b0, b1 in spans)
     done = 0
-    counts = {r.name: {"checked": 0, "bad": 0, "repaired": 0} for r in rs.replicas}
+    counts = {r.name: {"checked": 0, "bad": 0, "repaired": 0, "leaf_pages_checked": 0,
+                       "leaf_pages_bad": 0} for r in rs.replicas}
     for b0, b1 in spans:
         hold = await rs.locks.acquire(b0, b1, False)
         try:
@@ -69,4 +78,42 @@ async def scrub(rs: ReplicaSet, progress: Callable[[int, int], None] | None = No
         if progress is not None:
             progress(done, blocks)
         await asyncio.sleep(0)
+    await _scrub_leaf_pages(rs, counts)
     return counts
+
+
+async def _scrub_leaf_pages(rs: ReplicaSet, counts: dict[str, dict[str, int]]) -> None:
+    """Every leaf page that may hold a written leaf, on every current replica, against
+    the trusted tree (module doc)."""
+    assert rs.verifier is not None
+    verifier = rs.verifier
+    for start, end in verifier.written_ranges():
+        q0, q1 = start // LEAVES_PER_PAGE, -(-end // LEAVES_PER_PAGE)
+        for p0 in range(q0, q1, PAGES_PER_READ):
+            p1 = min(p0 + PAGES_PER_READ, q1)
+            for r in rs.current:
+                try:
+                    bad = await verifier.altered_pages(r.link, p0, p1)
+                except BlockError as exc:
+                    r.last_error = f"scrub read of leaf pages failed: {exc}"
+                    continue
+                counts[r.name]["leaf_pages_checked"] += p1 - p0
+                if bad:
+                    _altered(rs, r, bad)
+                    counts[r.name]["leaf_pages_bad"] += len(bad)
+            await asyncio.sleep(0)
+
+
+def _altered(rs: ReplicaSet, r: Replica, pages: list[int]) -> None:
+    """Leaf `pages` of current `r` are altered: reported; r gets them again at its join."""
+    blocks = [b for p in pages for b in rs.layout.leaf_page_blocks(p * LEAVES_PER_PAGE)]
+    last = len(rs.current) == 1
+    rs._report("leaf table", r, blocks, (
+        f"disk {rs.disk!r}: leaf page(s) {describe_blocks(pages)} of replica {r.name!r} were "
+        "altered (found by scrub); " + (
+            "it is the last current replica: their blocks fail reads until rewritten" if last
+            else "it is degraded and gets them again when it rejoins")))
+    for p in pages:
+        r.leaves_behind.update(rs.layout.leaf_page_blocks(p * LEAVES_PER_PAGE))
+    if not last:
+        rs.degrade(r, (), f"leaf page(s) {describe_blocks(pages)} altered (found by scrub)")
