@@ -6,6 +6,7 @@ dict), so only what is written costs memory; the trusted state is real files.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
@@ -297,6 +298,39 @@ def test_a_page_changed_during_its_commit_stays_for_the_next(tmp_path: Path) -> 
         assert leaves.dirty_pages() == {0: snapshot[0] + 1}
         await disk.commit()
         assert leaves.dirty_count == 0
+        await disk.close()
+
+    run(go())
+
+
+def test_a_request_over_more_pages_than_the_cache_holds_completes(tmp_path: Path) -> None:
+    """A request's leaf pages are pinned while it runs, so a request spanning more pages
+    than the cache holds (a 32 MiB part of an unaligned request spans 65; the smallest
+    leaf_cache allowed is 64 pages) grows the cache past its bound for its duration. It
+    used to loop forever: each page it loaded, inserted into a cache whose every other page
+    was pinned, was evicted again at once, before it could be pinned, and loaded again
+    (red team: a 32 MiB read with leaf_cache = "256KiB" spun the encryption domain at
+    full CPU, and `up` could not stop)."""
+    size = 64 * 128 * BS
+    lay = Layout(size)
+
+    async def go() -> None:
+        kek = new_state(tmp_path, size=size)
+        replica = make_replica("memory", tmp_path, size)
+        disk = await open_disk(tmp_path, replica, kek, leaf_cache_pages=4)
+        data = b"".join(pattern(b) for b in range(lay.blocks))
+        await disk.pwrite(0, data)
+        await disk.close()
+        disk = await open_disk(tmp_path, replica, kek, leaf_cache_pages=4)
+        leaves = disk._leaves
+        b0, n = 100, 6 * 128  # 7 leaf pages, the cache holds 4
+        got = await asyncio.wait_for(disk.pread(b0 * BS, n * BS), 10)
+        assert bytes(got) == data[b0 * BS:(b0 + n) * BS]
+        await asyncio.wait_for(disk.pwrite(b0 * BS, data[:n * BS]), 10)
+        assert leaves.resident() <= leaves.capacity + 8, leaves.resident()
+        await disk.close()
+        disk = await open_disk(tmp_path, replica, kek, leaf_cache_pages=4)
+        assert bytes(await disk.pread(b0 * BS, n * BS)) == data[:n * BS]
         await disk.close()
 
     run(go())

@@ -69,7 +69,7 @@ class LeafPages:
         self.set: Callable[[int, Buffer], None] = self.table.set
         self.report = report
         self.replicas: PageSource | None = None
-        self._loading: dict[int, asyncio.Future[None]] = {}
+        self._loading: dict[int, asyncio.Future[tuple[bytearray, bool]]] = {}
         self._next_reader = 0
         self.loads = 0      # pages read from a replica
 
@@ -101,8 +101,7 @@ class LeafPages:
         pinned: list[int] = []
         try:
             for p in self.pages_of(b0, b1):
-                await self._ensure(p)
-                self.table.pin(p)
+                await self._pin(p)
                 pinned.append(p)
         except BaseException:
             self.release(pinned)
@@ -112,23 +111,30 @@ class LeafPages:
     def release(self, pages: list[int]) -> None:
         self.table.unpin(pages)
 
-    async def _ensure(self, p: int) -> None:
+    async def _pin(self, p: int) -> None:
+        """Pin page p, loaded first if it is not resident. A page loaded is put in and
+        pinned in one step, and only then may the cache evict what is over its bound:
+        inserted into a cache whose other pages were all pinned (a request spanning more
+        pages than it holds), it was evicted at once and loaded again, forever."""
         while not self.table.contains(p):
             fut = self._loading.get(p)
             if fut is None:
-                fut = asyncio.ensure_future(self._load_into(p))
+                fut = asyncio.ensure_future(self._load(p))
                 self._loading[p] = fut
                 fut.add_done_callback(functools.partial(self._loaded, p))
-            await asyncio.shield(fut)  # a cancelled waiter leaves the load to the others
+            # A cancelled waiter leaves the load to the others.
+            page, poisoned = await asyncio.shield(fut)
+            if not self.table.contains(p):  # else put meanwhile (a write's newer copy)
+                self.table.put(p, page, poisoned)  # poisoned pages stay until rewritten
+                self.table.pin(p)
+                self.table.unpin([])  # evict what is over the bound now: never p
+                return
+        self.table.pin(p)
 
-    def _loaded(self, p: int, fut: asyncio.Future[None]) -> None:
+    def _loaded(self, p: int, fut: asyncio.Future[tuple[bytearray, bool]]) -> None:
         self._loading.pop(p, None)
         if not fut.cancelled():
             fut.exception()  # retrieved: the waiters raise it
-
-    async def _load_into(self, p: int) -> None:
-        page, poisoned = await self._load(p)
-        self.table.insert(p, page, poisoned)  # poisoned pages stay until rewritten
 
     # ------------------------------------------------------------ loading
 
