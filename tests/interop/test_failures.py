@@ -21,7 +21,7 @@ import pytest
 from tests import support
 from tests.interop import clients
 from tests.nbd.helpers import Peer
-from tests.support import TRUSTVBD, System, pids_of_children, process_alive, run
+from tests.support import TRUSTVBD, System, kill_driver, pids_of_children, process_alive, run
 
 pytestmark = pytest.mark.interop
 
@@ -433,7 +433,7 @@ def test_a_driver_killed_with_writes_behind_loses_nothing_flushed(root: Path) ->
         blocks = {b: bytes([b % 251 + 1]) * 4096 for b in range(0, 1000, 7)}
         for b, data in blocks.items():
             h.pwrite(data, b * 4096)
-        os.kill(driver["pid"], signal.SIGKILL)  # writes behind still on their way
+        kill_driver(driver["pid"])  # writes behind still on their way
         failed = 0
         deadline = time.monotonic() + 30
         while True:
@@ -483,7 +483,7 @@ def test_writes_a_killed_driver_may_have_lost_fail_the_flush_of_every_connection
         first.connect_uri(uri)
         second.connect_uri(uri)
         first.pwrite(b"\x42" * MIB, 0)  # too big to go behind: the driver acknowledged it
-        os.kill(driver["pid"], signal.SIGKILL)
+        kill_driver(driver["pid"])  # its workers too: none may flush before it is gone
         for h in (second, first):
             with pytest.raises(nbd.Error) as err:
                 h.flush()
