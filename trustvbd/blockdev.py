@@ -9,8 +9,8 @@ checked that a request lies inside `size`; a backend may still check again.
 Errors are raised as `BlockError` carrying an errno value, which the NBD server
 maps to an NBD error code for that one request.
 
-Optional abilities are declared as Protocols below (`ReadsInto`, `SubmitsReads`,
-`StartsReads`, `ServesFileRanges`, `HasEpoch`, `Breakable`, `Reconnectable`,
+Optional abilities are declared as Protocols below (`ReadsInto`, `ReadsNatively`,
+`ServesReadsNatively`, `ServesFileRanges`, `HasEpoch`, `Breakable`, `Reconnectable`,
 `ReportsAllocation`): a caller asks `isinstance(b, P)`
 once, when it composes the stack, and keeps the bound method.
 """
@@ -272,46 +272,49 @@ class Submits(Protocol):
         ...
 
 
-# How a read submitted by callback ends: None (the buffer is filled) or why it failed.
-ReadReplied = Callable[["BlockError | None"], None]
+class NativeClient(Protocol):
+    """An NbdClient as the native read plane sees it: its engine takes the plane's
+    requests while the connection is not broken."""
 
+    @property
+    def broken(self) -> str | None: ...
 
-@runtime_checkable
-class SubmitsReads(Protocol):
-    """Can queue a read into a caller's buffer without a coroutine (NbdClient, and the
-    layers a mirror keeps above it): the replica set's read prologue then costs a request
-    and a callback, not a task, a chain of coroutines and a future (ReplicaSet.submit_read)."""
+    def native_engine(self) -> object | None: ...
 
-    def submit_read(self, offset: int, into: memoryview, replied: ReadReplied) -> bool:
-        """Queue a read of len(into) bytes at `offset` into `into` now and return True:
-        `replied` is then called exactly once, never before this returns, with None when
-        `into` holds the bytes, else the BlockError the read failed with (an error reply,
-        a timeout, a broken connection). False when `pread_into` must do it instead (no
-        free slot, a read too large for one request, a check that fails, a broken
-        connection): nothing was queued. `into` must stay alive until `replied` is called."""
-        ...
-
-
-# How a read started by callback ends: the bytes, or the BlockError to answer with.
-ReadEnded = Callable[["Buffer | BlockError"], None]
-
-
-class Cancellable(Protocol):
-    def cancel(self) -> None:
-        """Give up on it: its callback is not called after this."""
+    def take_lagging(self, before: float) -> None:
+        """The plane's reads sent before loop time `before` go up to Python (hedged)."""
         ...
 
 
 @runtime_checkable
-class StartsReads(Protocol):
-    """Serves a read by callback where it can (CryptDisk): the NBD server then runs a
-    guest READ as one call down and one callback up, with no coroutine or task of its own."""
+class ReadsNatively(Protocol):
+    """A replica link whose reads the native read plane may queue itself (NbdClient, and
+    the layers a mirror keeps above it: SpaceWatch, ReplicaLink): `native_client` is the
+    NbdClient below, whose engine takes the plane's requests, or None when reads must go
+    through `pread_into` now (no native engine, a broken connection)."""
 
-    def start_read(self, offset: int, length: int, ended: ReadEnded) -> Cancellable | None:
-        """Start reading [offset, offset+length) (inside the device); `ended` is called
-        exactly once, never before this returns, unless the read is cancelled. None when
-        `pread` must serve it instead (a lock or leaf page not at hand, a read this path
-        does not take): nothing was started."""
+    def native_client(self) -> NativeClient | None: ...
+
+
+@runtime_checkable
+class ServesReadsNatively(Protocol):
+    """Serves guest READs in the native data plane where it can (CryptDisk): the NBD
+    server parses a batch of requests with `read_route()`'s plane, which starts the READs
+    it can take natively (their replies are framed natively too); the rest come to Python
+    as usual. A native READ that fails after it was sent goes on in `resume_read`."""
+
+    def read_route(self) -> tuple[object, list[NativeClient]] | None:
+        """(ReadPlane, the NbdClients it routes to, in the plane's order) for this batch
+        of requests, or None when no READ may go natively now."""
+        ...
+
+    def resume_read(self, client: NativeClient, offset: int, length: int,
+                    failure: BlockError | list[int] | float) -> Awaitable[Buffer]:
+        """A native READ of [offset, offset+length) that `client` failed, served the
+        general way (fail-over, repair, hedging, reports). `failure`: the BlockError its
+        connection gave (an error reply, a broken connection), the indices of the blocks
+        that failed verification, or, for a read left unanswered for the replica set's
+        `lag`, the loop time it was sent."""
         ...
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.crypt.helpers import BS, SIZE, IntentLogFiles, RawMemory, new_state, pattern, run
-from tests.crypt.test_quick_read import opened
+from tests.crypt.test_native_reads import opened
 from tests.nbd.helpers import ServerThread
 from trustvbd.blockdev import BlockError, Buffer
 from trustvbd.blocks import write_behind

@@ -26,9 +26,17 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from trustvbd.blockdev import Backend, BlockError, Capabilities, WritesMayBeLost, check_range
+from trustvbd._native import ReadPlane
+from trustvbd.blockdev import (
+    Backend,
+    BlockError,
+    Capabilities,
+    NativeClient,
+    WritesMayBeLost,
+    check_range,
+)
 from trustvbd.blocks import crypt_discard, crypt_read, crypt_write
-from trustvbd.blocks.aead_pool import INLINE, AeadPool
+from trustvbd.blocks.aead_pool import BULK_MIN, INLINE, AeadPool
 from trustvbd.blocks.crypt_commit import Commits
 from trustvbd.blocks.crypt_open import first_written, written_ranges
 from trustvbd.blocks.crypt_survey import altered_in, survey_replica
@@ -82,6 +90,11 @@ log = logging.getLogger(__name__)
 BS = BLOCK_SIZE
 # At most this many bytes of big reads' buffers are pooled (crypt_read.py).
 _REUSE_KEPT = 32 * 1024 * 1024
+# The longest guest READ the native plane serves (blocks): the most one NBD request holds.
+NATIVE_MAX_BLOCKS = 32 * 1024 * 1024 // BLOCK_SIZE
+# The plane queues no read on a replica connection with more than this waiting to be
+# sent (as NbdClient's HIGH_WATER for its own requests).
+HIGH_WATER = 4 << 20
 
 
 def physical_size(logical_size: int) -> int:
@@ -121,6 +134,13 @@ class CryptDisk:
         self._out_of_space: str | None = None
         self._locks = LeafLocks(commits.leaves)  # holding blocks keeps their leaf pages in
         self._ct_buffers = ReadBuffers(_REUSE_KEPT)  # big reads: received, opened and sent from them
+        # Guest READs served natively (crypt_read.read_route): big ones only where AES-GCM
+        # runs inline (a pool's threads take those in the general path).
+        self._plane = ReadPlane(commits.leaves.table, self._cipher.codec, self._locks.wake,
+                                replicas._data_start, self._lay.logical_size,
+                                NATIVE_MAX_BLOCKS if self._aead.inline(BULK_MIN) else BULK_MIN - 1,
+                                HIGH_WATER)
+        self._route: tuple[list[Replica], list[NativeClient]] | None = None
         self._behind = WriteBehind(name, self._send, expect_flush=self._commits.sync_early,
                                    submit=self._submit)
         self._seen = self._behind.seen()  # flush() and commit() called without a connection
@@ -204,7 +224,8 @@ class CryptDisk:
     # request reaches its work with no call layer in between.
 
     pread = crypt_read.pread
-    start_read = crypt_read.start_read
+    read_route = crypt_read.read_route
+    resume_read = crypt_read.resume_read
     _read_verified = crypt_read.read_verified
     _adopt_unsure = crypt_read.adopt_unsure
 

@@ -48,6 +48,7 @@ class LockTable(Protocol):
     def hold(self, start: int, end: int, exclusive: bool) -> Hold: ...
     def try_hold(self, start: int, end: int, exclusive: bool) -> Hold | None: ...
     def release(self, hold: Hold) -> None: ...
+    def watch(self, hold: Hold) -> None: ...
     @property
     def reads_held(self) -> int: ...
 
@@ -78,6 +79,8 @@ class RangeLock:
             done = waiting.get(h)
             if done is None:
                 done = waiting[h] = asyncio.Event()
+                # The native read plane releases holds itself: it calls `wake` for this one.
+                table.watch(h)
             await done.wait()
         return table.hold(start, end, exclusive)
 
@@ -88,5 +91,9 @@ class RangeLock:
 
     def release(self, hold: Hold) -> None:
         self._table.release(hold)
+        self.wake(hold)
+
+    def wake(self, hold: Hold) -> None:
+        """`hold` was released: whoever waits for it looks again."""
         if self._waiting and (done := self._waiting.pop(hold, None)) is not None:
             done.set()

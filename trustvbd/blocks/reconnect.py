@@ -35,9 +35,9 @@ from trustvbd.blockdev import (
     Breakable,
     Buffer,
     Capabilities,
-    ReadReplied,
+    NativeClient,
+    ReadsNatively,
     Submits,
-    SubmitsReads,
     TellsBreak,
     Watched,
     WritesMayBeLost,
@@ -51,9 +51,9 @@ Connect = Callable[[], Awaitable[Backend]]
 RETRY_WINDOW = 10.0  # seconds spent trying to get a channel back before failing a request
 
 
-def _reads_of(backend: Backend) -> SubmitsReads | None:
-    """The connection as SubmitsReads, checked when it is adopted rather than per read."""
-    return cast(SubmitsReads, backend) if provides(backend, SubmitsReads) else None
+def _reads_of(backend: Backend) -> ReadsNatively | None:
+    """The connection as ReadsNatively, checked when it is adopted rather than per batch."""
+    return cast(ReadsNatively, backend) if provides(backend, ReadsNatively) else None
 
 
 class ReplicaLink:
@@ -248,7 +248,7 @@ class ReplicaLink:
         """As pwrite in a mirror (no retry), without a coroutine, when the connection can
         (Submits). A single replica's writes may wait for a reconnect: they take pwrite,
         unless the caller sends one that fails again through pwrite itself (`retried`: a
-        write behind, as a read by callback does, submit_read), which reconnects."""
+        write behind, as a native read does), which reconnects."""
         backend = self.next
         if (self._retry_window > 0 and not retried) or not provides(backend, Submits):
             return None
@@ -258,11 +258,12 @@ class ReplicaLink:
             future.add_done_callback(self._plain_end)
         return future
 
-    def submit_read(self, offset: int, into: memoryview, replied: ReadReplied) -> bool:
-        """As pread_into, by callback, when the connection can (SubmitsReads). A failure is
-        the caller's: its general path retries through pread_into, which reconnects."""
+    def native_client(self) -> NativeClient | None:
+        """The connection whose engine the native read plane may use (ReadsNatively). A
+        failure is the plane's caller's: the general path retries through pread_into,
+        which reconnects."""
         reads = self._reads
-        return reads is not None and reads.submit_read(offset, into, replied)
+        return reads.native_client() if reads is not None else None
 
     def write_ended(self, error: Exception | None) -> None:
         """What _recover_from records when a mirror's write fails on a broken connection

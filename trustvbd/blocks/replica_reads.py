@@ -6,10 +6,9 @@ or fails verification is skipped, and the good ciphertext is written back to it
 (read-repair). A read left unanswered for `lag` is asked of the next replica too,
 and each further `lag` to one more (read_hedge.py); if one serves it, the silent
 one is cut off and degraded. Only when every current replica fails does the read
-fail. A read may start by callback (submit_read: the first replica's request, no
-coroutine; the caller's read object is the SubmittedRead, and its hedge is made only
-once it lags); whatever goes wrong with it goes on in the same loop (read_on) from
-the next replica.
+fail. Most guest reads start in the native read plane (crypt_read.read_route), which
+picks the replica the same way; whatever goes wrong with one goes on here (read_after),
+in the same loop (read_on) from the next replica, and one that lags is hedged alike.
 
 The functions taking the set are ReplicaSet's methods (bound in its class body,
 replica_set.py): no call layer between a guest's read and its work.
@@ -19,13 +18,20 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar, cast
 
-from trustvbd.blockdev import Backend, BlockError, SubmitsReads, Watched, provides
+from trustvbd.blockdev import Backend, BlockError, NativeClient, ReadsNatively, Watched, provides
 from trustvbd.blocks.ranges import describe_blocks, runs
 from trustvbd.blocks.read_hedge import ReadHedge
-from trustvbd.blocks.replica import COPY_BLOCKS, BadBlocks, Replica, broken_link, reads_in_flight
+from trustvbd.blocks.replica import (
+    COPY_BLOCKS,
+    BadBlocks,
+    Replica,
+    State,
+    broken_link,
+    reads_in_flight,
+)
 from trustvbd.crypt.aead import BLOCK_SIZE
 
 if TYPE_CHECKING:
@@ -76,7 +82,7 @@ async def read_on(rs: ReplicaSet, readers: list[Replica], order: list[Replica], 
                   failures: list[tuple[Replica, list[int]]],
                   last: BaseException | None = None) -> T:
     """`read` from `order[at]` on, after the `failures` (replica, block indices) of
-    those before it (the last of them `last`): submit_read goes on here."""
+    those before it (the last of them `last`): read_after goes on here."""
     k = len(order)
     for i in range(at, k):
         r = order[i]
@@ -141,32 +147,63 @@ def hedge_won(rs: ReplicaSet, r: Replica, hedge: ReadHedge[T],
     return hedge.by, cast(T, hedge.result)
 
 
-def submit_read(rs: ReplicaSet, read: SubmittedRead[T]) -> bool:
-    """`read`'s prologue by callback, for a caller that waits for no coroutine: the
-    first replica's read is submitted (SubmitsReads) into `read.into`, watched for lag
-    and hedged as `read` does. On its reply `read.verify()` checks it; anything else
-    (an error, a bad block, a hedge that served it) goes on in `read_on`, the one
-    place failover, repair and reporting happen. False when the first replica's link
-    cannot take it now: nothing was done; `read` serves it."""
+async def read_after(rs: ReplicaSet, client: NativeClient, b0: int, n: int,
+                     failure: BlockError | list[int] | float,
+                     attempt: Callable[[Backend], Awaitable[T]]) -> T:
+    """`read`, for a read the native plane sent to the replica whose connection is `client`
+    and that failed there (ServesReadsNatively.resume_read): the failure is that replica's
+    (reported, counted, repaired later from the replica that serves it) and the read goes
+    on at the next one, as read_on does for its own. A read the replica left unanswered
+    for `lag` (`failure` the loop time it was sent) is hedged: asked of the others, and if
+    one serves it, the silent replica is dropped and degraded."""
     readers = rs._readers
-    if not readers:
-        return False  # `read` says so
-    b0 = read.b0
-    order = rs._order(readers, b0, read.n)
-    r = order[0]
-    link = r.link
-    if not provides(link, SubmitsReads):
-        return False
-    read.rs, read.readers, read.order, read.live, read.hedge, read.sent = (
-        rs, readers, order, True, None, None)
-    if not cast(SubmitsReads, link).submit_read(rs._data_start + b0 * BS, read.into,
-                                                read.replied):
-        return False
-    r.reading += 1
-    if len(order) > 1 and provides(link, Watched):
-        read.sent = rs._running_loop().time()  # the watch hedges it once it lags
-        rs._hedges.add(read)
-    return True
+    r = next((x for x in readers
+              if isinstance(x.link, ReadsNatively) and x.link.native_client() is client), None)
+    if r is None:
+        # Out of the read set meanwhile (degraded, or its connection replaced): start over.
+        return await rs.read(b0, n, attempt)
+    order = [r, *(x for x in rs._order(readers, b0, n) if x is not r)]
+    if isinstance(failure, float):
+        return await _hedge_lagging(rs, readers, order, failure, b0, n, attempt)
+    exc: BadBlocks | BlockError = BadBlocks(failure) if isinstance(failure, list) else failure
+    failures: list[tuple[Replica, list[int]]] = []
+    if len(order) == 1 and not isinstance(exc, BadBlocks) and broken_link(r.link):
+        # The only replica's connection broke: ask it again, as pread_into would have (a
+        # single replica's link reconnects).
+        return await rs.read_on(readers, order, 0, b0, n, attempt, failures)
+    last = rs._failed(r, exc, len(order) > 1, b0, n, failures)
+    return await rs.read_on(readers, order, 1, b0, n, attempt, failures, last)
+
+
+async def _hedge_lagging(rs: ReplicaSet, readers: list[Replica], order: list[Replica], sent: float,
+                         b0: int, n: int, attempt: Callable[[Backend], Awaitable[T]]) -> T:
+    """order[0] left a native read unanswered for `lag`: the others are asked in turn, as a
+    ReadHedge asks them; one that serves it drops the silent replica's connection and
+    degrades it. If none can, the silent one is asked again and decides, as without a hedge
+    (its first request's late reply is dropped with it)."""
+    slow = order[0]
+    for by in order[1:]:
+        if by.state is not State.CURRENT or rs.closed:
+            continue
+        by.reading += 1
+        try:
+            result = await attempt(by.link)
+        except (BadBlocks, BlockError):
+            continue
+        finally:
+            by.reading -= 1
+        waited = rs._running_loop().time() - sent
+        why = (f"no reply to a read for {waited:.1f} s while replica {by.name!r} served it "
+               f"(replica_lag {rs.lag:g} s)")
+        if slow.state is State.CURRENT:
+            slow.lagged = True
+            log.warning("disk %s: replica %s lags (%.1f s without answering a read that %s "
+                        "served): dropping it", rs.disk, slow.name, waited, by.name)
+            if isinstance(slow.link, Watched):
+                slow.link.abandon(why)
+            rs.degrade(slow, (), f"read failed: {why}")
+        return result
+    return await rs.read_on(readers, [slow], 0, b0, n, attempt, [])
 
 
 def report(rs: ReplicaSet, what: str, r: Replica, blocks: list[int], message: str) -> None:
@@ -209,111 +246,3 @@ async def repair(rs: ReplicaSet, good: Replica, b0: int, n: int,
         r.repaired += len(want)
         log.warning("disk %s: repaired %d block(s) of replica %s from %s", rs.disk,
                     len(want), r.name, good.name)
-
-
-class SubmittedRead(Generic[T]):
-    """A read served by callbacks (ReplicaSet.submit_read), as the caller's subclass: one
-    object per read (the encryption layer's guest read). The first replica's reply ends it
-    (`verify`, then `ended`) or hands it to read_on at the next replica. Watched for lag,
-    it is hedged (read_hedge.py) only once it has waited `lag`: a read answered in time
-    costs no hedge of its own.
-
-    The subclass sets `b0` and `n` and provides the caller's side (`into`, `attempt`,
-    `verify`, `ended`, `go_on`); submit_read sets the rest."""
-
-    __slots__ = ("b0", "hedge", "live", "n", "order", "readers", "rs", "sent")
-
-    b0: int
-    n: int
-    rs: ReplicaSet
-    readers: list[Replica]
-    order: list[Replica]
-    hedge: ReadHedge[T] | None
-    live: bool
-    sent: float | None  # the loop's time it was sent, if the watch hedges it
-
-    # --- the caller's side
-    @property
-    def into(self) -> memoryview:
-        """Where the first replica's bytes are received."""
-        raise NotImplementedError
-
-    def attempt(self, link: Backend) -> Awaitable[T]:
-        """As `read`'s attempt: a whole read from `link`, for hedges and the general path."""
-        raise NotImplementedError
-
-    def verify(self) -> T:
-        """`into` holds the first replica's bytes: the verified result, or BadBlocks."""
-        raise NotImplementedError
-
-    def ended(self, result: T | BaseException) -> None:
-        """The read's outcome, from whichever replica served it, or why none could."""
-        raise NotImplementedError
-
-    def go_on(self, rest: Coroutine[Any, Any, T]) -> None:
-        """The read goes on in the general path: run `rest` and end with its outcome."""
-        raise NotImplementedError
-
-    # --- the replica set's side
-    def start(self, now: float) -> None:
-        """The watch's look (ReplicaSet._watch): once the read has waited `lag`, hedge it."""
-        hedge = self.hedge
-        if hedge is None:
-            assert self.sent is not None  # only a watched read is looked at
-            if now - self.sent < self.rs.lag:
-                return
-            hedge = self.hedge = ReadHedge(self.rs, self.order[0], self.order[1:], self.attempt,
-                                           self.sent)
-        hedge.start(now)
-
-    def _settle(self) -> None:
-        """As read_on's `finally` for the first replica."""
-        self.live = False
-        self.order[0].reading -= 1
-        if self.sent is not None:
-            self.rs._hedges.discard(self)
-            hedge = self.hedge
-            if hedge is not None:
-                hedge.stop()
-                self.hedge = None  # it holds our attempt: no cycle left
-
-    def withdraw(self) -> None:
-        """The caller gives up (its guest went away): the reply, when it comes, is dropped."""
-        if self.live:
-            self._settle()
-
-    def replied(self, error: BlockError | None) -> None:
-        """The first replica's reply (the link's callback)."""
-        if not self.live:
-            return
-        hedge = self.hedge
-        self._settle()
-        exc: BadBlocks | BlockError
-        if error is None:
-            try:
-                result = self.verify()
-            except BadBlocks as bad:
-                exc = bad
-            except Exception as failed:  # a bug, not the replica's: the read fails, nothing hangs
-                self.ended(failed)
-                return
-            else:
-                self.ended(result)
-                return
-        else:
-            exc = error
-        rs, order, r = self.rs, self.order, self.order[0]
-        if hedge is not None and hedge.won and not isinstance(exc, BadBlocks):
-            _, result = rs._hedge_won(r, hedge, exc)
-            self.ended(result)
-            return
-        failures: list[tuple[Replica, list[int]]] = []
-        if len(order) == 1 and not isinstance(exc, BadBlocks) and broken_link(r.link):
-            # The only replica's connection broke: `read` asks it again, as pread_into
-            # would have (a single replica's link reconnects).
-            self.go_on(rs.read_on(self.readers, order, 0, self.b0, self.n, self.attempt,
-                                  failures))
-            return
-        last = rs._failed(r, exc, len(order) > 1, self.b0, self.n, failures)
-        self.go_on(rs.read_on(self.readers, order, 1, self.b0, self.n, self.attempt,
-                              failures, last))

@@ -31,6 +31,7 @@ from trustvbd.blockdev import (
     Breakable,
     Buffer,
     Capabilities,
+    ReadsNatively,
     Submits,
     TellsBreak,
     Watched,
@@ -48,7 +49,6 @@ from trustvbd.blocks.replica import (
     Verifier,
     broken_link,
 )
-from trustvbd.blocks.replica_reads import SubmittedRead
 from trustvbd.blocks.replica_recovery import Recovery
 from trustvbd.blocks.replica_scrub import scrub
 from trustvbd.crypt.aead import BLOCK_SIZE
@@ -109,7 +109,7 @@ class ReplicaSet:
         self.lag = REPLICA_LAG
         self._watch_timer: asyncio.TimerHandle | None = None
         # reads that _watch hedges once they lag (each has start(now))
-        self._hedges: set[ReadHedge[Any] | SubmittedRead[Any]] = set()
+        self._hedges: set[ReadHedge[Any]] = set()
         self.recovery = Recovery(self)
         self.regroup()
         if len(replicas) > 1:
@@ -406,6 +406,12 @@ class ReplicaSet:
         now = asyncio.get_running_loop().time()
         for hedge in self._hedges:
             hedge.start(now)
+        if len(self._readers) > 1:
+            for r in self._readers:
+                # Native reads (crypt_read.read_route) that waited `lag`: hedged in Python.
+                client = r.link.native_client() if isinstance(r.link, ReadsNatively) else None
+                if client is not None:
+                    client.take_lagging(now - self.lag)
         since = {r: r.link.pending_since() if isinstance(r.link, Watched) else None
                  for r in writers}
         lagging = {r for r, t in since.items() if t is not None and now - t >= self.lag}
@@ -446,7 +452,7 @@ class ReplicaSet:
     read_on = replica_reads.read_on
     _failed = replica_reads.read_failed
     _hedge_won = replica_reads.hedge_won
-    submit_read = replica_reads.submit_read
+    read_after = replica_reads.read_after
     _report = replica_reads.report
     _repair = replica_reads.repair
 

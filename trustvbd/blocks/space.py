@@ -22,10 +22,10 @@ from trustvbd.blockdev import (
     BlockError,
     Breakable,
     Buffer,
-    ReadReplied,
+    NativeClient,
+    ReadsNatively,
     Reconnectable,
     Submits,
-    SubmitsReads,
     TellsBreak,
     Watched,
     provides,
@@ -41,8 +41,7 @@ class SpaceWatch(Layer):
         self.disk, self.driver, self.mirrored = disk, driver, mirrored
         self.full_since: float | None = None  # wall clock of the first ENOSPC of this episode
         self._read_into = reader_into(next)
-        # Reads by callback go straight to the link below, once per guest read (no check).
-        self._reads = cast(SubmitsReads, next) if provides(next, SubmitsReads) else None
+        self._native = cast(ReadsNatively, next) if provides(next, ReadsNatively) else None
 
     @property
     def message(self) -> str:
@@ -112,10 +111,9 @@ class SpaceWatch(Layer):
         return (cast(Submits, nxt).submit_write(offset, data, fua, retried)
                 if provides(nxt, Submits) else None)
 
-    def submit_read(self, offset: int, into: memoryview, replied: ReadReplied) -> bool:
-        """As pread_into, by callback, when the link below can (SubmitsReads)."""
-        reads = self._reads
-        return reads is not None and reads.submit_read(offset, into, replied)
+    def native_client(self) -> NativeClient | None:
+        """The connection below whose engine the native read plane may use (ReadsNatively)."""
+        return self._native.native_client() if self._native is not None else None
 
     def write_ended(self, error: Exception | None) -> None:
         if error is None:

@@ -68,6 +68,11 @@ class BlockCipher:
         self._codec = BlockCodec(bytes(data_key), bytes(disk_id), key_id)
         self.key_id = key_id
 
+    @property
+    def codec(self) -> BlockCodec:
+        """The native codec itself, for the native read plane (which opens blocks with it)."""
+        return self._codec
+
     def seal(self, first_block: int, first_version: int, plain: Buffer) -> tuple[bytes, bytes]:
         """(ciphertext, leaves) of n = len(plain)/4096 whole blocks, versions first_version.. in order.
 

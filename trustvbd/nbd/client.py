@@ -16,7 +16,8 @@ concern:
   sending, replies, deadlines, breaking and disconnecting;
 - this module: the Backend: its calls as NBD requests (split at the server's
   maximum, FUA and zeroes emulated where the server lacks them), requests submitted
-  without a coroutine (Submits, SubmitsReads), and what a watcher asks (Watched).
+  without a coroutine (Submits), reads the native read plane queues on the engine
+  (ReadsNatively), and what a watcher asks (Watched).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import socket
 from collections.abc import Callable
 
 from trustvbd._native import NbdClientEngine
-from trustvbd.blockdev import BlockError, Buffer, Capabilities, ReadReplied, check_range
+from trustvbd.blockdev import BlockError, Buffer, Capabilities, check_range
 from trustvbd.nbd import client_connect, client_transmission
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.client_transmission import Waiter
@@ -252,33 +253,35 @@ class NbdClient:
     def write_ended(self, error: Exception | None) -> None:
         pass  # the reply or the broken connection was handled when it came
 
-    def submit_read(self, offset: int, into: memoryview, replied: ReadReplied) -> bool:
-        """A READ into `into` queued now, with `replied` called on its reply instead of a
-        future completed (SubmitsReads); False when pread_into must do it."""
-        length = into.nbytes
-        if self._free_slots <= 0 or not self._writable.is_set() or length > self.block_sizes[2]:
-            return False
-        try:
-            self._check(offset, length)
-        except BlockError:
-            return False  # pread_into raises it
+    def native_client(self) -> NbdClient | None:
+        """This connection, while the native read plane may queue reads on its engine
+        (ReadsNatively); None once it broke or is closing."""
+        if self._engine is None or self.broken is not None or self._closing:
+            return None
+        return self
+
+    def native_engine(self) -> NbdClientEngine | None:
+        """The engine the native read plane queues reads on (NativeClient)."""
+        return self._engine
+
+    def take_lagging(self, before: float) -> None:
+        """The native read plane's reads sent before loop time `before` go up to Python,
+        which hedges them; their requests stay in flight, their late replies are dropped."""
         engine = self._engine
-        assert engine is not None  # _check: attached and not broken
-        try:
-            cookie = engine.request(_READ, 0, offset, length, None, into)
-        except ValueError:
-            return False  # pread_into says why
-        self._free_slots -= 1
-        self._await_reply(cookie, Waiter(None, self._loop.time() + self._timeout, _READ,
-                                         offset, length, True, replied), now=False)
-        return True
+        if engine is not None and engine.native_oldest is not None:
+            native = engine.take_lagging(before)
+            if native is not None:
+                self._native_done(native)
 
     # --- watched (Watched, TellsBreak) ---------------------------------------------
     def pending_since(self) -> float | None:
-        """Loop time the oldest unanswered request was sent (Watched); None if none waits."""
+        """Loop time the oldest unanswered request was sent (Watched); None if none waits.
+        The native read plane's reads count too."""
+        native = self._engine.native_oldest if self._engine is not None else None
         for oldest in self._waiters.values():  # in the order sent
-            return oldest.deadline - self._timeout
-        return None
+            sent = oldest.deadline - self._timeout
+            return sent if native is None else min(sent, native)
+        return native
 
     def abandon(self, reason: str) -> None:
         """Give up on this connection (Watched): unanswered requests fail with `reason`."""
@@ -296,6 +299,8 @@ class NbdClient:
     _send_request = client_transmission.send_request
     _await_reply = client_transmission.await_reply
     _release_slot = client_transmission.release_slot
+    _native_sent = client_transmission.native_sent
+    _native_done = client_transmission.native_done
     _readable = client_transmission.readable
     _resolve = client_transmission.resolve
     _eof = client_transmission.eof_received

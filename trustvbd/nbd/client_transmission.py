@@ -18,15 +18,16 @@ import asyncio
 import contextlib
 import errno
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from trustvbd.blockdev import BlockError, Buffer, ReadReplied
+from trustvbd.blockdev import BlockError, Buffer
 from trustvbd.nbd import protocol as p
 
 if TYPE_CHECKING:
     from trustvbd.nbd.client import NbdClient
 
 _FLUSH = int(p.Cmd.FLUSH)
+_READ = int(p.Cmd.READ)
 _ESHUTDOWN = int(p.NbdErr.ESHUTDOWN)
 _FUA = int(p.CmdFlag.FUA)
 # Requests wait (pwrite) or are declined (submit_write) while more than this is queued
@@ -34,8 +35,15 @@ _FUA = int(p.CmdFlag.FUA)
 HIGH_WATER = 4 << 20
 log = logging.getLogger("trustvbd.nbd.client")
 # What the engine returns: completions (cookie, NBD error, message), why the connection
-# is broken (None: it is not), and whether the server closed its end.
-Batch = tuple[list[tuple[int, int, str]], str | None, bool]
+# is broken (None: it is not), whether the server closed its end, and what the native
+# read plane's reads left for Python (NativeBatch), if anything.
+# NativeBatch: (request slots freed, guest connections with replies to write, failed
+# reads as (guest connection, cookie, offset, length, kind, detail, replica offset,
+# replica length)); kind 0: an error reply, detail (NBD error, text); 1: blocks that failed
+# verification, detail their indices; 2: the connection broke; 3: lagging, detail the
+# loop time it was sent.
+NativeBatch = tuple[int, list[Any], list[tuple[Any, int, int, int, int, Any, int, int]]]
+Batch = tuple[list[tuple[int, int, str]], str | None, bool, NativeBatch | None]
 
 
 def printable(text: str, limit: int = 300) -> str:
@@ -45,20 +53,17 @@ def printable(text: str, limit: int = 300) -> str:
 
 
 class Waiter:
-    """A request sent and not yet answered. `direct`: a submitted write or read
-    (submit_write, submit_read), whose slot is given back with the reply; otherwise
-    _request gives the slot back. The future (or a submitted read's `replied`) gets None,
-    or the BlockError the reply or a broken connection stands for."""
+    """A request sent and not yet answered. `direct`: a submitted write (submit_write),
+    whose slot is given back with the reply; otherwise _request gives the slot back. The
+    future gets None, or the BlockError the reply or a broken connection stands for."""
 
-    __slots__ = ("deadline", "direct", "future", "length", "offset", "replied", "type")
+    __slots__ = ("deadline", "direct", "future", "length", "offset", "type")
 
-    def __init__(self, future: asyncio.Future[None] | None, deadline: float, typ: int,
-                 offset: int, length: int, direct: bool = False,
-                 replied: ReadReplied | None = None) -> None:
+    def __init__(self, future: asyncio.Future[None], deadline: float, typ: int,
+                 offset: int, length: int, direct: bool = False) -> None:
         self.future, self.deadline, self.type, self.offset, self.length, self.direct = (
             future, deadline, typ, offset, length, direct
         )
-        self.replied = replied
 
 
 def _take_slot(client: NbdClient) -> asyncio.Future[None] | None:
@@ -79,6 +84,54 @@ def release_slot(client: NbdClient) -> None:
             waiter.set_result(None)  # the slot passes to it
             return
     client._free_slots += 1
+
+
+def _release_slots(client: NbdClient, count: int) -> None:
+    if client._slot_waiters:
+        for _ in range(count):
+            release_slot(client)
+    else:
+        client._free_slots += count
+
+
+def native_sent(client: NbdClient, count: int) -> None:
+    """The native read plane queued `count` reads on the engine (their slots taken from
+    the free count it was given): send them with this loop turn's other requests."""
+    client._free_slots -= count
+    if not client._send_queued:
+        client._send_queued = True
+        client._loop.call_soon(_send_outgoing, client)
+    if client._timer is None:
+        _arm_timer(client)
+
+
+def native_done(client: NbdClient, native: NativeBatch) -> None:
+    """What the engine's native reads left for Python: free their slots, have the guest
+    connections write their replies, and serve the failed reads the general way."""
+    slots, owners, failed = native
+    if slots:
+        _release_slots(client, slots)
+    for owner in owners:
+        owner._native_replied()
+    if failed:
+        _native_failed(client, failed)
+
+
+def _native_failed(client: NbdClient, failed: list[tuple[Any, int, int, int, int, Any, int, int]]
+                   ) -> None:
+    for owner, cookie, offset, length, kind, detail, roffset, rlength in failed:
+        failure: BlockError | list[int] | float
+        if kind == 0:
+            error, message = detail
+            failure = _reply_error(client, error, message, _READ, roffset, rlength)
+        elif kind == 1:
+            failure = detail
+        elif kind == 3:
+            failure = float(detail)
+        else:
+            failure = BlockError(errno.EIO, f"NBD server {client.where}: "
+                                 f"{client.broken or 'connection lost'}; connection closed")
+        owner._native_failed(client, cookie, offset, length, failure)
 
 
 async def _wait_for_slot(client: NbdClient, waiter: asyncio.Future[None]) -> None:
@@ -199,9 +252,13 @@ def _start_shutdown(client: NbdClient) -> None:
         client._loop.create_task(_disconnect_when_idle(client))
 
 
+def _native_pending(client: NbdClient) -> int:
+    return client._engine.native_pending if client._engine is not None else 0
+
+
 async def wait_idle(client: NbdClient) -> None:
-    """Until no request waits for its reply (submitted reads have no future to await)."""
-    while client._waiters:
+    """Until no request waits for its reply (the native read plane's have no future)."""
+    while client._waiters or _native_pending(client):
         if client._idle is None:
             client._idle = asyncio.Event()
         client._idle.clear()
@@ -243,7 +300,13 @@ def drop_connection(client: NbdClient, abort: bool = False) -> None:
             client._watching_writes = False
         client._fd = -1
     if client._engine is not None:
-        client._engine.close()
+        native = client._engine.close()
+        if native is not None:
+            slots, _, failed = native
+            _release_slots(client, slots)
+            if failed:
+                # Not from inside the break: its caller may be what is breaking us (a hedge).
+                client._loop.call_soon(_native_failed, client, failed)
     if client._sock is not None:
         client._sock.close()
         client._sock = None
@@ -254,22 +317,35 @@ def drop_connection(client: NbdClient, abort: bool = False) -> None:
             client._transport.close()
 
 
-def _arm_timer(client: NbdClient) -> None:
+def _deadline(client: NbdClient) -> float | None:
+    """When the oldest request waiting (the native read plane's too) times out."""
+    native = client._engine.native_oldest if client._engine is not None else None
+    deadline = None if native is None else native + client._timeout
     if client._waiters:
-        oldest = next(iter(client._waiters.values()))
-        client._timer = client._loop.call_at(oldest.deadline, _on_timer, client)
+        oldest = next(iter(client._waiters.values())).deadline
+        deadline = oldest if deadline is None else min(deadline, oldest)
+    return deadline
+
+
+def _arm_timer(client: NbdClient) -> None:
+    deadline = _deadline(client)
+    if deadline is not None:
+        client._timer = client._loop.call_at(deadline, _on_timer, client)
 
 
 def _on_timer(client: NbdClient) -> None:
     client._timer = None
-    if not client._waiters:
+    deadline = _deadline(client)
+    if deadline is None:
         return
-    oldest = next(iter(client._waiters.values()))
-    if oldest.deadline <= client._loop.time():
-        break_connection(client, errno.ETIMEDOUT, (
-            f"no reply to {p.name_of(p.Cmd, oldest.type)} "
-            f"[{oldest.offset}, {oldest.offset + oldest.length}) within {client._timeout} s"
-        ))
+    if deadline <= client._loop.time():
+        oldest = next(iter(client._waiters.values()), None)
+        if oldest is not None and oldest.deadline <= deadline:
+            what = (f"{p.name_of(p.Cmd, oldest.type)} "
+                    f"[{oldest.offset}, {oldest.offset + oldest.length})")
+        else:
+            what = "a READ of the native read plane"
+        break_connection(client, errno.ETIMEDOUT, f"no reply to {what} within {client._timeout} s")
     else:
         _arm_timer(client)
 
@@ -284,10 +360,7 @@ def break_connection(client: NbdClient, err: int, reason: str) -> None:
         waiters = list(client._waiters.values())
         client._waiters.clear()
         for waiter in waiters:
-            if waiter.replied is not None:
-                # Not from inside _break: its caller may be what is breaking us (a hedge).
-                client._loop.call_soon(waiter.replied, failure)
-            elif waiter.future is not None and not waiter.future.done():
+            if not waiter.future.done():
                 waiter.future.set_exception(failure)
             if waiter.direct:
                 release_slot(client)
@@ -307,25 +380,23 @@ def readable(client: NbdClient) -> None:
 
 
 def resolve(client: NbdClient, batch: Batch) -> None:
-    """Complete the futures of the requests the engine saw answered; then act on a
-    broken connection or the server's end of it."""
-    done, broken, eof = batch
+    """Complete the futures of the requests the engine saw answered, and hand on what its
+    native reads left (_native_done); then act on a broken connection or the server's
+    end of it."""
+    done, broken, eof, native = batch
     client.answered_at = client._loop.time()  # the server said something
+    if native is not None:
+        try:
+            native_done(client, native)
+        except Exception:
+            log.exception("NBD client %s: handing on native reads failed", client.where)
     if done:
         waiters = client._waiters
         for cookie, error, message in done:
             waiter = waiters.pop(cookie)
             if waiter.direct:
                 release_slot(client)
-            replied, future = waiter.replied, waiter.future
-            if replied is not None:  # a submitted read: its caller goes on from here
-                try:
-                    replied(_reply_error(client, error, message, waiter.type, waiter.offset,
-                                         waiter.length) if error else None)
-                except Exception:
-                    log.exception("NBD client %s: a read's completion failed", client.where)
-                continue
-            assert future is not None
+            future = waiter.future
             if future.done():
                 continue
             if error:
@@ -333,8 +404,8 @@ def resolve(client: NbdClient, batch: Batch) -> None:
                     client, error, message, waiter.type, waiter.offset, waiter.length))
             else:
                 future.set_result(None)
-        if client._idle is not None and not waiters:
-            client._idle.set()
+    if client._idle is not None and not client._waiters and not _native_pending(client):
+        client._idle.set()
     if broken is not None:
         break_connection(client, errno.EIO, broken)
     elif eof:

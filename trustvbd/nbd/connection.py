@@ -19,8 +19,10 @@ and each request runs inline: its handler coroutine is stepped once by hand,
 and only if the backend really suspends does it become a task. So a page-cached
 FileBackend never pays for a task, while a slow backend (the encryption layer
 waiting on drivers) gets full pipelining with replies out of order. A backend
-that serves reads by callback (StartsReads: the encryption layer) gets a READ as
-one call, and queues its reply from its callback, with no coroutine at all; a backend
+with a native read plane (ServesReadsNatively: the encryption layer) has the READs of
+each batch received started natively as they are parsed (parse_batch) and their
+replies framed natively (_native_replied, once per batch of replies): no Python per
+READ; one that fails there comes back to _native_failed and runs as a task. A backend
 whose writes never wait (WritesAtOnce: the driver's FileBackend) gets a WRITE as one
 call, its reply queued at once, and one whose reads never wait (ReadsAtOnce) a READ so
 too; one that does the common write inline (WritesInline: the encryption layer's
@@ -45,14 +47,14 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from trustvbd import eager
+from trustvbd._native import NbdServerSession, ReadPlane
 from trustvbd.blockdev import (
     Backend,
     BlockError,
     Buffer,
-    Cancellable,
     FileRange,
-    ReadEnded,
     ReportsAllocation,
+    ServesReadsNatively,
     provides,
 )
 from trustvbd.nbd import connection_limits, reply_output
@@ -66,6 +68,7 @@ from trustvbd.nbd.server_handshake import GREETING_FLAGS
 from trustvbd.nbd.zero_copy import SENDFILE_MIN, OutPart
 
 if TYPE_CHECKING:
+    from trustvbd.nbd.client import NbdClient
     from trustvbd.nbd.server import NbdServer
 
 log = logging.getLogger("trustvbd.nbd.server")
@@ -79,37 +82,6 @@ _FUA, _NO_HOLE, _FAST_ZERO = int(p.CmdFlag.FUA), int(p.CmdFlag.NO_HOLE), int(p.C
 _REQ_ONE = int(p.CmdFlag.REQ_ONE)
 _WRITE_TYPES = (_WRITE, _TRIM, _WRITE_ZEROES)
 _POOL_MIN = 64 * 1024  # smaller payloads are sliced from the receive buffer, not pooled
-
-
-class _QuickRead:
-    """A guest READ the backend serves by callback (StartsReads): no task of its own.
-    Called with the backend's result, it queues the READ's reply (Connection._read)."""
-
-    __slots__ = ("conn", "cookie", "handle", "length", "offset")
-
-    def __init__(self, conn: Connection, cookie: int, offset: int, length: int) -> None:
-        self.conn, self.cookie, self.offset, self.length = conn, cookie, offset, length
-        self.handle: Cancellable | None = None
-
-    def __call__(self, result: Buffer | BlockError) -> None:
-        conn = self.conn
-        self.handle = None  # no cycle with the backend's read: its buffer is free at once
-        quick = conn._quick
-        quick.discard(self)
-        length = self.length
-        conn._inflight_bytes -= length
-        if isinstance(result, BlockError):
-            conn._reply_error(_READ, self.cookie, p.errno_to_nbd(result.errno), result.message)
-        elif len(result) != length:
-            conn._reply_error(_READ, self.cookie, p.NbdErr.EIO,
-                              f"backend returned {len(result)} of {length} bytes")
-        else:
-            # The last READ running (and no task): nothing can join its reply this turn.
-            conn._queue_reply(self.cookie, 0, "", self.offset, result,
-                              not quick and not conn._tasks)
-        conn._request_ended()
-        if not quick and conn._quick_idle is not None:
-            conn._quick_idle.set()
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -139,9 +111,10 @@ class Connection(asyncio.BufferedProtocol):
         self._handshake_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._write_tasks: set[asyncio.Task[None]] = set()
-        self._start_read: Callable[[int, int, ReadEnded], Cancellable | None] | None = None
-        self._quick: set[_QuickRead] = set()  # READs the backend serves by callback
-        self._quick_idle: asyncio.Event | None = None  # set when the last of them ends
+        # READs served in the native read plane (ServesReadsNatively: the encryption layer)
+        self._reads: ServesReadsNatively | None = None
+        self._native_running = 0  # of them, running
+        self._native_idle: asyncio.Event | None = None  # set when the last of them ends
         self._inflight_bytes = 0
         self._parted: dict[int, PartedWrite] = {}  # cookie -> WRITE arriving in pieces
         self._held: list[OutPart] | None = None  # replies waiting for a simple-reply stream
@@ -309,8 +282,6 @@ class Connection(asyncio.BufferedProtocol):
                 self._refuse(typ, cookie, *refusal)
             elif typ == _DISC:
                 self._close_gracefully()
-            elif typ == _READ and self._start_read is not None and length <= p.REQUEST_PART:
-                self._read(flags, cookie, offset, length)
             elif typ == _READ and self._read_now is not None and length <= p.REQUEST_PART:
                 self._read_at_once(cookie, offset, length)
             elif typ == _WRITE and self._write_now is not None:
@@ -384,38 +355,87 @@ class Connection(asyncio.BufferedProtocol):
             return
         self._queue_reply(cookie, 0, "", offset, data)
 
-    def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
-        """A READ as one call down and one callback up (_QuickRead), where the backend can."""
-        assert self._start_read is not None
-        read = _QuickRead(self, cookie, offset, length)
-        try:
-            handle = self._start_read(offset, length, read)
-        except Exception as exc:  # a bug: this request fails, the connection goes on
-            log.exception("nbd: READ on export %r failed unexpectedly", self.export_name)
-            self._reply_error(_READ, cookie, p.NbdErr.EIO, f"internal server error: {exc}")
-            return
-        if handle is None:
-            self._run(self._serve(_READ, flags, cookie, offset, length, None), _READ, length)
-            return
-        read.handle = handle
-        self._quick.add(read)
-        self._inflight_bytes += length
-        self._request_started()
+    # --- READs in the native read plane (ServesReadsNatively) ------------------------
+    def _parse_batch(self, session: NbdServerSession, buf: bytearray, start: int, end: int
+                     ) -> tuple[int, list[m.RequestItem], int]:
+        """A batch of requests received (ProtocolCore.parse_batch): the READs the backend's
+        native read plane can take start there, in order, until the first request it does
+        not take; the rest come back as parsed requests. Within the connection's bounds
+        (MAX_TASKS requests, MAX_INFLIGHT_BYTES) and never while anything is held back."""
+        reads = self._reads
+        route = None
+        if (reads is not None and not self.core.requests and self._stash is None
+                and not self._stopping and not self._reading_paused
+                and (self._budget is None or not self._budget.over)):
+            route = reads.read_route()
+        if route is None:
+            return session.parse(buf, start, end)
+        plane, links = route
+        clients = cast("list[NbdClient]", links)
+        start, items, want, started, nbytes, used = session.parse_reads(
+            buf, start, end, cast(ReadPlane, plane), self, [c._free_slots for c in clients], self._loop.time(),
+            connection_limits.MAX_TASKS - len(self._tasks) - self._native_running,
+            connection_limits.MAX_INFLIGHT_BYTES - self._inflight_bytes)
+        if started:
+            self._native_running += started
+            self._inflight_bytes += nbytes
+            for client, count in zip(clients, used, strict=True):
+                if count:
+                    client._native_sent(count)
+            self._request_started()
+        return start, items, want
 
-    async def _wait_quick(self, timeout: float | None = None) -> None:
-        """Until no READ served by callback is running; after `timeout` s, cancel them."""
+    def _native_replied(self) -> None:
+        """Replies of native reads are framed in the session (told by a replica's client)."""
+        out, ended, nbytes = self.core.server_session().take_output()
+        self._native_running -= ended
+        self._inflight_bytes -= nbytes
+        if out:
+            self._queue(out, now=not self._native_running and not self._tasks)
+        self._native_ended()
+
+    def _native_failed(self, client: object, cookie: int, offset: int, length: int,
+                       failure: BlockError | list[int] | float) -> None:
+        """A native read failed after it was sent (its hold released): served the general
+        way (the backend's resume_read), as a task of this connection."""
+        self._native_running -= 1
+        self._inflight_bytes -= length
+        if not self._output_closed and self._reads is not None:
+            self._run(self._serve_resumed(cookie, offset, length, self._reads.resume_read(
+                cast("NbdClient", client), offset, length, failure)), _READ, length)
+        self._native_ended()
+
+    async def _serve_resumed(self, cookie: int, offset: int, length: int,
+                             read: Awaitable[Buffer]) -> None:
+        try:
+            data = await read
+            if len(data) != length:
+                raise BlockError(errno.EIO, f"backend returned {len(data)} of {length} bytes")
+        except Exception as exc:
+            self._reply_failure(_READ, cookie, exc)
+            return
+        self._queue_reply(cookie, 0, "", offset, data, not self._native_running and not self._tasks)
+
+    def _native_ended(self) -> None:
+        self._request_ended()
+        if not self._native_running and self._native_idle is not None:
+            self._native_idle.set()
+
+    async def _wait_native(self, timeout: float | None = None) -> None:
+        """Until no native read is running; after `timeout` s, give them up (their holds
+        are released now, their late replies dropped)."""
         try:
             async with asyncio.timeout(timeout):
-                while self._quick:
-                    if self._quick_idle is None:
-                        self._quick_idle = asyncio.Event()
-                    self._quick_idle.clear()
-                    await self._quick_idle.wait()
+                while self._native_running > 0:
+                    if self._native_idle is None:
+                        self._native_idle = asyncio.Event()
+                    self._native_idle.clear()
+                    await self._native_idle.wait()
         except TimeoutError:
-            late, self._quick = self._quick, set()
-            for read in late:
-                assert read.handle is not None
-                read.handle.cancel()
+            if self.core.session is not None:
+                count, nbytes = self.core.session.cancel_reads()
+                self._native_running -= count
+                self._inflight_bytes -= nbytes
 
     def _refuse(self, typ: int, cookie: int, error: int, message: str) -> None:
         log.warning("nbd: %s (%s) export %r: refused %s: %s", self.peer.identity,
@@ -524,7 +544,7 @@ class Connection(asyncio.BufferedProtocol):
     async def _drain_and_close(self) -> None:
         if self._tasks:
             await asyncio.wait(list(self._tasks))
-        await self._wait_quick()
+        await self._wait_native()
         self._flush(final=True)
         if self._transport is not None:
             self._transport.close()
@@ -545,9 +565,10 @@ class Connection(asyncio.BufferedProtocol):
                     task.cancel()
                 if late:
                     await asyncio.wait(late)
-            await self._wait_quick(None if deadline is None
-                                   else max(0.0, deadline - self._loop.time()))
+            await self._wait_native(None if deadline is None
+                                    else max(0.0, deadline - self._loop.time()))
         finally:
+            self.core.parse_batch = None  # no cycle left through the core
             if self.export is not None:
                 try:
                     self.server.provider.release_export(self.peer, self.export)

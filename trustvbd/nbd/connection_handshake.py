@@ -19,7 +19,7 @@ from trustvbd.blockdev import (
     FlushesPerConnection,
     ReadsAtOnce,
     ServesFileRanges,
-    StartsReads,
+    ServesReadsNatively,
     WritesAtOnce,
     WritesInline,
 )
@@ -115,8 +115,9 @@ async def handshake(conn: Connection) -> None:
                         if conn._sock_fd >= 0 and isinstance(backend, ServesFileRanges) else None)
     conn._flush_backend = (backend.flusher() if isinstance(backend, FlushesPerConnection)
                            else backend.flush)
-    if conn._file_range is None and isinstance(backend, StartsReads):
-        conn._start_read = backend.start_read
+    if conn._file_range is None and isinstance(backend, ServesReadsNatively):
+        conn._reads = backend
+        conn.core.parse_batch = conn._parse_batch
     if isinstance(backend, WritesAtOnce):
         conn._write_now = backend.write_now
     elif isinstance(backend, WritesInline):

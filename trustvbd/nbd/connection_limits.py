@@ -53,12 +53,12 @@ def _check_idle(conn: Connection) -> None:
 
 
 def request_started(conn: Connection) -> None:
-    """A request went on running (a task, or a READ served by callback). Flow control
+    """A request went on running (a task, or READs in the native read plane). Flow control
     only where one more request can change it (once per request in the encryption
     domain, where every request waits for drivers): a limit reached, the guest's
     budget over, or more held than charged by the slack _queue allows too."""
     budget = conn._budget
-    if (len(conn._tasks) + len(conn._quick) >= MAX_TASKS
+    if (len(conn._tasks) + conn._native_running >= MAX_TASKS
             or conn._inflight_bytes >= MAX_INFLIGHT_BYTES
             or (budget is not None and (budget.over or conn._inflight_bytes + conn._out_bytes
                                         > conn._charged + UNCHARGED_MAX))):
@@ -71,7 +71,7 @@ def request_ended(conn: Connection) -> None:
     more than the slack, and when the last one leaves (so no stale charge outlives
     the work)."""
     budget = conn._budget
-    if (conn._reading_paused or not (conn._tasks or conn._quick)
+    if (conn._reading_paused or not (conn._tasks or conn._native_running)
             or (budget is not None and (budget.over or conn._charged - conn._inflight_bytes
                                         - conn._out_bytes > UNCHARGED_MAX))):
         update_reading(conn)
@@ -96,7 +96,7 @@ def update_reading(conn: Connection) -> None:
         return
     busy = (
         conn._out_bytes + conn._transport.get_write_buffer_size() >= WRITE_BUFFER_HIGH
-        or len(conn._tasks) + len(conn._quick) >= MAX_TASKS
+        or len(conn._tasks) + conn._native_running >= MAX_TASKS
         or conn._inflight_bytes >= MAX_INFLIGHT_BYTES
         # A handshake is bounded on its own (option sizes and count, its timeout); pausing
         # it here would hang a guest's new connection until that timeout.

@@ -177,6 +177,10 @@ class ProtocolCore:
         # Server only, in transmission: the native framer, and the requests it parsed.
         self.session: NbdServerSession | None = None
         self.requests: deque[m.RequestItem] = deque()
+        # Server only: parses a batch of requests in place of session.parse (the
+        # connection's, which starts READs in the native read plane); cleared when it ends.
+        self.parse_batch: Callable[[NbdServerSession, bytearray, int, int],
+                                   tuple[int, list[m.RequestItem], int]] | None = None
         self._events: deque[m.Event] = deque()
         self._buf = bytearray(SCRATCH_SIZE)
         self._start = 0  # first unparsed byte in _buf
@@ -405,7 +409,10 @@ class ProtocolCore:
         """
         session = self.session if self.session is not None else self.server_session()
         try:
-            start, items, want = session.parse(self._buf, start, end)
+            if self.parse_batch is not None:
+                start, items, want = self.parse_batch(session, self._buf, start, end)
+            else:
+                start, items, want = session.parse(self._buf, start, end)
         except ValueError as exc:
             raise p.ProtocolError(str(exc)) from None
         self._start = start

@@ -63,7 +63,10 @@ def _frame_replies(conn: Connection) -> None:
     conn._out.extend(conn.core.server_session().frame(replies))
 
 
-def queue(conn: Connection, parts: Sequence[OutPart], stream: bool = False) -> None:
+def queue(conn: Connection, parts: Sequence[OutPart], stream: bool = False,
+          now: bool = False) -> None:
+    """Queue framed parts (`now`: nothing else runs, so they leave at once, as queue_reply's
+    `last`)."""
     if conn._output_closed:
         return
     if conn._held is not None and not stream:  # a simple-reply stream is being sent
@@ -76,7 +79,7 @@ def queue(conn: Connection, parts: Sequence[OutPart], stream: bool = False) -> N
             conn._out_special = True
         conn._out.append(part)
         conn._out_bytes += len(part)
-    _queued(conn)
+    _queued(conn, now)
 
 
 def _queued(conn: Connection, now: bool = False) -> None:

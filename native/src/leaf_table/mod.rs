@@ -387,12 +387,12 @@ impl LeafTable {
         Ok(())
     }
 
-    /// Lets go of hold `id` and of its pages' pins.
-    pub fn release(&mut self, id: u64) -> Result<(), TableError> {
+    /// Lets go of hold `id` and of its pages' pins; whether someone waits for it (`watch`).
+    pub fn release(&mut self, id: u64) -> Result<bool, TableError> {
         let hold = self.locks.release(id).ok_or(TableError::NoHold(id))?;
         if hold.pinned {
             self.unpin(pages_of(hold.start, hold.end));
         }
-        Ok(())
+        Ok(hold.watched)
     }
 }

@@ -18,6 +18,8 @@ pub struct Hold {
     pub exclusive: bool,
     /// The hold keeps its range's leaf pages in memory (`LeafTable`).
     pub pinned: bool,
+    /// Someone waits for its release (`watch`): whoever releases it must wake them.
+    pub watched: bool,
 }
 
 impl Hold {
@@ -97,6 +99,7 @@ impl Ranges {
                 end,
                 exclusive,
                 pinned: false,
+                watched: false,
             },
         );
         if !exclusive {
@@ -110,6 +113,12 @@ impl Ranges {
             self.writes.push(id);
         }
         id
+    }
+
+    /// Someone waits until hold `id` is released (a Python waiter, woken by whoever
+    /// releases it: the native read path hands such releases back). False if no such hold.
+    pub fn watch(&mut self, id: u64) -> bool {
+        self.holds.get_mut(&id).map(|h| h.watched = true).is_some()
     }
 
     /// Lets go of hold `id`; what it held, None if no such hold.

@@ -118,3 +118,16 @@ fn sizes_are_checked() {
     assert!(matches!(t.set(0, &[1; 33]), Err(TableError::Size(_))));
     assert!(t.all_zero(0, 128).unwrap(), "a refused set changes nothing");
 }
+
+#[test]
+fn a_release_says_whether_someone_waits_for_the_hold() {
+    let mut t = LeafTable::new(8);
+    t.insert(0, &page(0), false).unwrap();
+    t.set(0, &leaf(3)).unwrap();
+    let (quiet, _) = t.try_read(0, 1).unwrap();
+    let (waited, _) = t.try_read(0, 1).unwrap();
+    assert!(t.locks.watch(waited));
+    assert!(!t.locks.watch(999)); // no such hold
+    assert_eq!(t.release(quiet), Ok(false));
+    assert_eq!(t.release(waited), Ok(true));
+}

@@ -213,6 +213,12 @@ impl<T: ReadTarget> ClientCore<T> {
         self.direct.is_some() || self.end > self.start
     }
 
+    /// Whether a READ of `length` bytes with a target of that size would be accepted by
+    /// `request` (so a caller can keep its target when it would not).
+    pub fn takes_read(&self, length: u32) -> bool {
+        self.broken.is_none() && !self.disconnected && length <= wire::MAX_PAYLOAD
+    }
+
     /// Registers a request and returns its cookie and header. A WRITE is followed on
     /// the wire by its `payload_len` bytes (the shell sends them); a READ needs a
     /// `target` of exactly `length` bytes, which comes back with its completion.
@@ -364,10 +370,20 @@ impl<T: ReadTarget> ClientCore<T> {
 
     /// Gives up on every request still pending (the shell fails them): their cookies.
     pub fn abandon_all(&mut self) -> Vec<u64> {
+        self.abandon_targets().into_iter().map(|(c, _)| c).collect()
+    }
+
+    /// As `abandon_all`, with each request's read target (if it had one), in cookie order.
+    pub fn abandon_targets(&mut self) -> Vec<(u64, Option<T>)> {
         self.direct = None;
-        let mut cookies: Vec<u64> = self.in_flight.drain().map(|(c, _)| c).collect();
-        cookies.sort_unstable();
-        cookies
+        let mut out: Vec<(u64, Option<T>)> = self.in_flight.drain().map(|(c, r)| (c, r.target)).collect();
+        out.sort_unstable_by_key(|(c, _)| *c);
+        out
+    }
+
+    /// The read target of request `cookie`, while it is in flight.
+    pub fn target_mut(&mut self, cookie: u64) -> Option<&mut T> {
+        self.in_flight.get_mut(&cookie).and_then(|r| r.target.as_mut())
     }
 
     fn guard(&mut self, step: impl FnOnce(&mut Self) -> Result<(), Broken>) -> Result<(), Broken> {

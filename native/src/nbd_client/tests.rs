@@ -522,3 +522,20 @@ fn coverage_accepts_any_partition_in_any_order_and_merges_it() {
         assert_eq!((coverage.covered, coverage.ranges.clone()), (at as u64, vec![(0, at)]));
     }
 }
+
+#[test]
+fn abandoned_targets_come_back_with_their_cookies_and_a_target_can_be_reached_in_flight() {
+    let mut core = Core::new(false);
+    let a = read(&mut core, 0, 8);
+    let b = write(&mut core, 0, 512);
+    assert!(core.takes_read(8) && !core.takes_read(wire::MAX_PAYLOAD + 1));
+    core.target_mut(a).expect("a read in flight has its target")[0] = 1;
+    assert!(core.target_mut(b).is_none()); // a write has none
+    let back = core.abandon_targets();
+    assert_eq!(back.iter().map(|(c, _)| *c).collect::<Vec<_>>(), vec![a, b]);
+    assert_eq!(back[0].1.as_deref(), Some(&[1, 0xAA, 0xAA, 0xAA, 0xAA, 0xAA, 0xAA, 0xAA][..]));
+    assert!(back[1].1.is_none());
+    assert!(core.target_mut(a).is_none());
+    core.disconnect();
+    assert!(!core.takes_read(8)); // nothing may follow DISC
+}

@@ -68,6 +68,14 @@ pub(crate) fn with_bytes_mut<R>(
     Ok(work(bytes))
 }
 
+/// How many references `obj` has (the read plane's pool hands a buffer out again only
+/// when it holds the last one).
+pub(crate) fn refcount(obj: &Bound<'_, PyAny>) -> isize {
+    // SAFETY: `obj` is a `Bound`: a valid, live object (we hold a reference to it) with the
+    // GIL held for the borrow's life, which is all Py_REFCNT needs to read its count.
+    unsafe { pyo3::ffi::Py_REFCNT(obj.as_ptr()) }
+}
+
 /// A socket's file descriptor, owned: taken from a Python `socket.socket` by calling its
 /// `detach()`, which hands the descriptor over and leaves the object closed.
 pub(crate) fn detach_socket(sock: &Bound<'_, PyAny>) -> PyResult<File> {
@@ -90,9 +98,12 @@ pub(crate) fn detach_socket(sock: &Bound<'_, PyAny>) -> PyResult<File> {
 /// or a WRITE's payload (read while it is sent). Holding it holds the buffer export,
 /// so the memory stays alive and in place (a bytearray refuses to resize meanwhile).
 ///
-/// Only `NbdClientEngine` (python/nbd_client.rs) makes and holds these, and it uses
-/// them only inside its `#[pymethods]`, which run with the GIL held (they borrow the
-/// engine through Python) and never release it: every use below holds the GIL.
+/// Only `NbdClientEngine` (python/nbd_client.rs) holds these, as its requests' payloads
+/// and read targets (a native read's target holds one: python/read_plane.rs, which makes
+/// it and hands it to the engine at once), and it uses them only inside its own and the
+/// read plane's and server session's `#[pymethods]`, which run with the GIL held (they
+/// borrow their objects through Python) and never release it: every use below holds
+/// the GIL.
 pub(crate) struct LentBuffer(PyBuffer<u8>);
 
 impl LentBuffer {

@@ -78,6 +78,15 @@ impl PyRangeTable {
             .map(|_| ())
             .ok_or_else(|| table_error(TableError::NoHold(hold)))
     }
+
+    /// watch(hold): a waiter waits for its release (see LeafTable.watch).
+    fn watch(&mut self, hold: u64) -> PyResult<()> {
+        if self.0.watch(hold) {
+            Ok(())
+        } else {
+            Err(table_error(TableError::NoHold(hold)))
+        }
+    }
 }
 
 /// LeafTable(capacity): resident leaf pages (4096 bytes each) and the range lock whose
@@ -86,7 +95,7 @@ impl PyRangeTable {
 /// mark_pinned). try_read(b0, b1) -> (hold, leaves) or None: a shared try_hold and get
 /// in one call, None (nothing held) also when every leaf is zero.
 #[pyclass(module = "trustvbd._native", name = "LeafTable")]
-struct PyLeafTable(leaf_table::LeafTable);
+pub(crate) struct PyLeafTable(pub(crate) leaf_table::LeafTable);
 
 fn leaf_bytes<'py>(py: Python<'py>, t: &leaf_table::LeafTable, b0: u64, b1: u64) -> PyResult<Bound<'py, PyBytes>> {
     check_range(b0, b1)?;
@@ -227,7 +236,17 @@ impl PyLeafTable {
     }
 
     fn release(&mut self, hold: u64) -> PyResult<()> {
-        self.0.release(hold).map_err(table_error)
+        self.0.release(hold).map(|_| ()).map_err(table_error)
+    }
+
+    /// watch(hold): a waiter waits for its release. A release by the native read path
+    /// (ReadPlane) then calls the plane's `wake(hold)`, as RangeLock.release does itself.
+    fn watch(&mut self, hold: u64) -> PyResult<()> {
+        if self.0.locks.watch(hold) {
+            Ok(())
+        } else {
+            Err(table_error(TableError::NoHold(hold)))
+        }
     }
 }
 

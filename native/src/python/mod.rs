@@ -18,6 +18,7 @@ mod foreign;
 mod leaf_table;
 mod nbd_client;
 mod nbd_server;
+mod read_plane;
 
 fn value_error(err: CodecError) -> PyErr {
     PyValueError::new_err(err.0)
@@ -28,7 +29,7 @@ fn value_error(err: CodecError) -> PyErr {
 /// BlockCodec(data_key: 32 bytes, disk_id: 16 bytes, key_id: int) seals under key_id
 /// and opens blocks of any key id. Both calls release the GIL while they work.
 #[pyclass(frozen, module = "trustvbd._native", name = "BlockCodec")]
-struct PyBlockCodec(block_codec::BlockCodec);
+pub(crate) struct PyBlockCodec(pub(crate) block_codec::BlockCodec);
 
 #[pymethods]
 impl PyBlockCodec {
@@ -123,5 +124,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     leaf_table::register(m)?;
     nbd_client::register(m)?;
     nbd_server::register(m)?;
+    read_plane::register(m)?;
     Ok(())
 }

@@ -8,7 +8,7 @@
 //! `take_output` gives it: the same core either way. The GIL is held throughout;
 //! every call is short (a bounded number of system calls).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::io::{ErrorKind, IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::AsRawFd;
@@ -18,8 +18,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
 use super::foreign::{detach_socket, LentBuffer};
-use crate::nbd_client::{ClientCore, Completion};
-use crate::nbd_wire::REQUEST_SIZE;
+use super::read_plane::{Finished, NativeRead, Why};
+use crate::nbd_client::{ClientCore, Completion, ReadTarget};
+use crate::nbd_wire::{CMD_READ, REQUEST_SIZE};
 
 /// Reads per `readable()` call at most: the loop serves other sockets in between.
 const READS_PER_CALL: usize = 16;
@@ -43,6 +44,22 @@ impl Payload {
     }
 }
 
+/// A READ's target: a buffer Python lent (`request`), or a guest read the read plane
+/// serves natively (`read_plane`), finished here when its reply is in.
+pub(crate) enum Target {
+    Lent(LentBuffer),
+    Native(Box<NativeRead>),
+}
+
+impl ReadTarget for Target {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Target::Lent(buf) => buf.bytes_mut(),
+            Target::Native(read) => read.bytes_mut(),
+        }
+    }
+}
+
 struct Outgoing {
     head: [u8; REQUEST_SIZE],
     payload: Option<Payload>,
@@ -61,21 +78,82 @@ impl Outgoing {
 /// (TLS): then received bytes go in through `feed` and `take_output` says what to send.
 #[pyclass(module = "trustvbd._native", name = "NbdClientEngine")]
 pub(crate) struct NbdClientEngine {
-    core: ClientCore<LentBuffer>,
+    core: ClientCore<Target>,
     sock: Option<File>,
     fed: bool,
+    closed: bool,
+    /// Native reads in flight, not handed to Python: cookie -> (loop time sent, offset).
+    native: BTreeMap<u64, (f64, u64)>,
+    /// Native reads handed to Python while in flight (lagging, or their guest went away):
+    /// cookie -> (loop time sent, offset). Still timed: a driver that never answers them
+    /// is still a connection to drop.
+    taken: BTreeMap<u64, (f64, u64)>,
     out: VecDeque<Outgoing>,
     sent: usize, // bytes of out's front already sent
     queued: usize,
 }
 
-type Batch<'py> = (Bound<'py, PyList>, Option<String>, bool);
+type Batch<'py> = (Bound<'py, PyList>, Option<String>, bool, Option<Bound<'py, PyTuple>>);
 
 impl NbdClientEngine {
-    fn completions<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let done: Vec<Completion<LentBuffer>> = self.core.take_completions();
+    /// Requests sent and not yet answered (the read plane's measure of busy).
+    pub(crate) fn pending_requests(&self) -> usize {
+        self.core.pending()
+    }
+
+    /// Whether a native read of `length` bytes may be queued now: the connection is
+    /// open and sound, and at most `high_water` bytes wait to be sent.
+    pub(crate) fn takes_native(&self, high_water: usize, length: usize) -> bool {
+        !self.closed
+            && (self.sock.is_some() || self.fed)
+            && self.queued <= high_water
+            && u32::try_from(length).is_ok_and(|n| self.core.takes_read(n))
+    }
+
+    /// Queues a native read of its buffer's length at `offset`, sent at loop time `now`.
+    /// Err (the read given back) if the connection does not take it.
+    pub(crate) fn queue_native(&mut self, offset: u64, mut read: Box<NativeRead>, now: f64) -> Result<u64, Box<NativeRead>> {
+        let len = read.bytes_mut().len();
+        let Some(length) = u32::try_from(len).ok().filter(|&n| self.takes_native(usize::MAX, n as usize)) else {
+            return Err(read);
+        };
+        let (cookie, head) = self
+            .core
+            .request(CMD_READ, 0, offset, length, None, Some(Target::Native(read)))
+            .map_err(|_| ())
+            .expect("takes_read checked what request refuses");
+        self.native.insert(cookie, (now, offset));
+        self.queued += REQUEST_SIZE;
+        self.out.push_back(Outgoing { head, payload: None });
+        Ok(cookie)
+    }
+
+    /// Gives up native read `cookie` (its guest went away): its hold released into
+    /// `finished`, its reply dropped when it comes. The guest's length, if it was waiting.
+    pub(crate) fn abandon_native(&mut self, py: Python<'_>, cookie: u64, finished: &mut Finished) -> Option<u32> {
+        let sent = self.native.remove(&cookie)?;
+        let Some(Target::Native(read)) = self.core.target_mut(cookie) else {
+            return None;
+        };
+        read.taken = true;
+        finished.release(py, read);
+        self.taken.insert(cookie, sent);
+        Some(read.length())
+    }
+
+    /// The completions for Python, native reads finished into `finished`.
+    fn completions<'py>(&mut self, py: Python<'py>, finished: &mut Finished) -> PyResult<Bound<'py, PyList>> {
+        let done: Vec<Completion<Target>> = self.core.take_completions();
         let list = PyList::empty(py);
         for c in done {
+            if let Some(Target::Native(read)) = c.target {
+                let (_, offset) = match self.native.remove(&c.cookie) {
+                    Some(sent) => sent,
+                    None => self.taken.remove(&c.cookie).unwrap_or((0.0, 0)),
+                };
+                finished.reply(py, read, c.error, c.message, offset);
+                continue;
+            }
             let item: Bound<'py, PyTuple> = if c.message.is_empty() {
                 (c.cookie, c.error, "").into_pyobject(py)?
             } else {
@@ -98,6 +176,13 @@ impl NbdClientEngine {
     fn broken_reason(&self) -> Option<String> {
         self.core.broken().map(|b| format!("broke the protocol: {b}"))
     }
+
+    fn native_batch<'py>(py: Python<'py>, finished: Finished) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        if finished.is_empty() {
+            return Ok(None);
+        }
+        finished.into_py(py).map(Some)
+    }
 }
 
 #[pymethods]
@@ -113,6 +198,9 @@ impl NbdClientEngine {
             core: ClientCore::new(structured),
             sock,
             fed,
+            closed: false,
+            native: BTreeMap::new(),
+            taken: BTreeMap::new(),
             out: VecDeque::new(),
             sent: 0,
             queued: 0,
@@ -155,7 +243,7 @@ impl NbdClientEngine {
         let payload = data
             .map(|d| LentBuffer::new(d, false).map(|b| Payload::Lent(b, d.clone().unbind())))
             .transpose()?;
-        let target = into.map(|t| LentBuffer::new(t, true)).transpose()?;
+        let target = into.map(|t| LentBuffer::new(t, true).map(Target::Lent)).transpose()?;
         let payload_len = payload.as_ref().map(|p| p.bytes().len());
         let (cookie, head) = self
             .core
@@ -276,7 +364,9 @@ impl NbdClientEngine {
             }
         }
         let reason = self.broken_reason().or(lost);
-        Ok((self.completions(py)?, reason, eof))
+        let mut finished = Finished::default();
+        let done = self.completions(py, &mut finished)?;
+        Ok((done, reason, eof, Self::native_batch(py, finished)?))
     }
 
     /// feed(data) -> (completions, broken, eof=False): bytes a carried stream received.
@@ -286,17 +376,73 @@ impl NbdClientEngine {
         }
         let data = LentBuffer::new(data, false)?;
         let _ = self.core.feed(data.bytes()); // a violation is reported below
-        Ok((self.completions(py)?, self.broken_reason(), false))
+        drop(data);
+        let mut finished = Finished::default();
+        let done = self.completions(py, &mut finished)?;
+        Ok((done, self.broken_reason(), false, Self::native_batch(py, finished)?))
+    }
+
+    /// The loop time the oldest native read still waiting for its reply was sent (those
+    /// handed to Python included); None when none waits.
+    #[getter]
+    fn native_oldest(&self) -> Option<f64> {
+        let first = |m: &BTreeMap<u64, (f64, u64)>| m.values().next().map(|(sent, _)| *sent);
+        match (first(&self.native), first(&self.taken)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Native reads in flight (those handed to Python included).
+    #[getter]
+    fn native_pending(&self) -> usize {
+        self.native.len() + self.taken.len()
+    }
+
+    /// take_lagging(before) -> the native batch: the native reads sent before loop time
+    /// `before` go up to Python (their holds released); their requests stay in flight
+    /// and their replies, when they come, are dropped.
+    fn take_lagging<'py>(&mut self, py: Python<'py>, before: f64) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let late: Vec<(u64, f64, u64)> = self
+            .native
+            .iter()
+            .take_while(|(_, (sent, _))| *sent < before)
+            .map(|(c, (sent, offset))| (*c, *sent, *offset))
+            .collect();
+        let mut finished = Finished::default();
+        for (cookie, sent, offset) in late {
+            self.native.remove(&cookie);
+            if let Some(Target::Native(read)) = self.core.target_mut(cookie) {
+                read.taken = true;
+                finished.fail(py, read, Why::Lagging(sent), offset);
+                self.taken.insert(cookie, (sent, offset));
+            }
+        }
+        Self::native_batch(py, finished)
     }
 
     /// Closes the socket (if any). Pending requests are given up and what is queued is
     /// dropped: read targets and payloads are let go, no byte is written to them later.
-    fn close(&mut self) {
+    /// Returns the native batch of the native reads given up (None if there were none):
+    /// they go up to Python as failed on a broken connection.
+    fn close<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
         self.out.clear();
         self.queued = 0;
         self.sent = 0;
-        self.core.abandon_all();
+        self.closed = true;
+        let mut finished = Finished::default();
+        for (cookie, target) in self.core.abandon_targets() {
+            if let Some(Target::Native(read)) = target {
+                finished.slots += 1;
+                if let Some((_, offset)) = self.native.remove(&cookie) {
+                    finished.fail(py, &read, Why::Broken, offset);
+                }
+            }
+        }
+        self.native.clear();
+        self.taken.clear();
         self.sock = None;
+        Self::native_batch(py, finished)
     }
 }
 

@@ -10,8 +10,13 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
+use std::collections::HashMap;
+
 use super::foreign;
+use super::nbd_client::NbdClientEngine;
+use super::read_plane::{self, Finished, ReadPlane};
 use crate::nbd_server::{self, Checker, Framer, Item, Payload, Refusal};
+use crate::nbd_wire::CMD_READ;
 
 /// Read data up to this size is copied in among the reply headers (one buffer for the
 /// batch); larger data goes as a buffer of its own, uncopied.
@@ -26,11 +31,55 @@ const COPY_MAX: usize = 16 * 1024;
 /// (type, flags, cookie, offset, length, data, refusal, piece), refusal None or
 /// (nbd error, message), piece None or, for a piece of a WRITE over 32 MiB, whether it
 /// is the last. ValueError for what must drop the connection (bad magic).
+///
+/// parse_reads(buf, start, end, plane, owner, slots, now, max_reads, max_bytes)
+///     -> (new start, items, want, reads started, their bytes, [reads per link])
+/// As parse, but READs the ReadPlane can serve natively are started there instead of
+/// returned (see read_plane.rs), up to `max_reads` of at most `max_bytes` together, and
+/// only until the first request handed to Python: requests keep their order. `owner`
+/// is told of their replies (`_native_replied`, then take_output) and failures.
 #[pyclass(module = "trustvbd._native", name = "NbdServerSession")]
-struct PyNbdServerSession {
+pub(crate) struct PyNbdServerSession {
     framer: Framer,
     structured: bool,
     meta_context: u32,
+    /// Replies of native reads, framed, not yet taken (take_output): a run of bytes, and
+    /// before it the parts already cut off by a big read's data (sent as its own buffer).
+    out: Vec<u8>,
+    parts: Vec<Py<PyAny>>,
+    ended: usize,      // native reads whose replies are in `out`
+    ended_bytes: u64,  // their guest lengths
+    /// Native reads running: seq -> their connection's engine and its request's cookie.
+    running: HashMap<u64, (Py<NbdClientEngine>, u64)>,
+    next_seq: u64,
+}
+
+impl PyNbdServerSession {
+    /// A native read's successful reply, framed into the output.
+    pub(crate) fn push_read_reply(&mut self, cookie: u64, offset: u64, data: &[u8]) {
+        let length = u32::try_from(data.len()).expect("native reads are at most 32 MiB");
+        nbd_server::frame_reply(&mut self.out, self.structured, cookie, 0, "", Some((offset, length)));
+        self.out.extend_from_slice(data);
+        self.ended += 1;
+        self.ended_bytes += u64::from(length);
+    }
+
+    /// A native read's successful reply whose `length` bytes of data are `data` (a buffer
+    /// sent as it is, after the header).
+    pub(crate) fn push_read_object(&mut self, py: Python<'_>, cookie: u64, offset: u64, length: usize, data: Py<PyAny>) {
+        let length32 = u32::try_from(length).expect("native reads are at most 32 MiB");
+        nbd_server::frame_reply(&mut self.out, self.structured, cookie, 0, "", Some((offset, length32)));
+        self.parts.push(PyBytes::new(py, &self.out).into_any().unbind());
+        self.out.clear();
+        self.parts.push(data);
+        self.ended += 1;
+        self.ended_bytes += length as u64;
+    }
+
+    /// Native read `seq` ended (replied, failed or given up).
+    pub(crate) fn read_ended(&mut self, seq: u64) {
+        self.running.remove(&seq);
+    }
 }
 
 fn protocol_error(err: nbd_server::ProtocolError) -> PyErr {
@@ -78,6 +127,12 @@ impl PyNbdServerSession {
             framer: Framer::new(checker),
             structured,
             meta_context,
+            out: Vec::new(),
+            parts: Vec::new(),
+            ended: 0,
+            ended_bytes: 0,
+            running: HashMap::new(),
+            next_seq: 0,
         }
     }
 
@@ -195,6 +250,111 @@ impl PyNbdServerSession {
             list.append(item_tuple(py, item, data)?)?;
         }
         Ok((start + parsed.consumed, list, parsed.want))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::type_complexity)]
+    fn parse_reads<'py>(
+        slf: &Bound<'py, Self>,
+        buf: PyBuffer<u8>,
+        start: usize,
+        end: usize,
+        plane: &Bound<'py, ReadPlane>,
+        owner: Bound<'py, PyAny>,
+        mut slots: Vec<usize>,
+        now: f64,
+        max_reads: usize,
+        max_bytes: u64,
+    ) -> PyResult<(usize, Bound<'py, PyList>, usize, usize, u64, Vec<usize>)> {
+        let py = slf.py();
+        if start > end || end > buf.item_count() {
+            return Err(PyValueError::new_err(format!(
+                "bytes [{start}, {end}) lie outside the buffer of {}",
+                buf.item_count()
+            )));
+        }
+        let mut items = Vec::new();
+        let parsed = {
+            let mut me = slf.borrow_mut();
+            let framer = &mut me.framer;
+            foreign::with_bytes(py, &buf, |bytes| framer.parse(&bytes[start..end], &mut items))?
+                .map_err(protocol_error)?
+        };
+        let session = slf.clone().unbind();
+        let owner = owner.unbind();
+        let mut used = vec![0usize; slots.len()];
+        let (mut started, mut bytes) = (0usize, 0u64);
+        let mut in_order = true; // no request handed to Python yet
+        let list = PyList::empty(py);
+        for item in &items {
+            let h = &item.head;
+            if in_order
+                && h.typ == CMD_READ
+                && item.refusal.is_none()
+                && item.piece.is_none()
+                && started < max_reads
+                && bytes + u64::from(item.length) <= max_bytes
+            {
+                let seq = {
+                    let mut me = slf.borrow_mut();
+                    me.next_seq += 1;
+                    me.next_seq
+                };
+                let begun = read_plane::start(plane, &session, &owner, seq, h.cookie, item.offset, item.length, &mut slots, now);
+                if let Some((i, engine, engine_cookie)) = begun {
+                    slf.borrow_mut().running.insert(seq, (engine, engine_cookie));
+                    used[i] += 1;
+                    started += 1;
+                    bytes += u64::from(item.length);
+                    continue;
+                }
+            }
+            in_order = false;
+            let data = match &item.payload {
+                Payload::None => py.None().into_bound(py),
+                Payload::Inline(range) => {
+                    let (from, to) = (start + range.start, start + range.end);
+                    PyBytes::new_with(py, to - from, |out| {
+                        foreign::with_bytes(py, &buf, |bytes| out.copy_from_slice(&bytes[from..to]))
+                    })?
+                    .into_any()
+                }
+                Payload::Received => unreachable!("parse hands out no received payload"),
+            };
+            list.append(item_tuple(py, item, data)?)?;
+        }
+        Ok((start + parsed.consumed, list, parsed.want, started, bytes, used))
+    }
+
+    /// cancel_reads() -> (reads, their bytes): the native reads still running are given up
+    /// (the guest went away): their holds are released now, their replies dropped.
+    fn cancel_reads(&mut self, py: Python<'_>) -> PyResult<(usize, u64)> {
+        let mut finished = Finished::default();
+        let (mut count, mut bytes) = (0usize, 0u64);
+        for (_, (engine, cookie)) in std::mem::take(&mut self.running) {
+            if let Ok(mut engine) = engine.bind(py).try_borrow_mut() {
+                if let Some(length) = engine.abandon_native(py, cookie, &mut finished) {
+                    count += 1;
+                    bytes += u64::from(length);
+                }
+            }
+        }
+        finished.wake(py)?;
+        Ok((count, bytes))
+    }
+
+    /// take_output() -> (buffers to write, reads ended, their bytes): the framed replies
+    /// of native reads since the last call.
+    fn take_output<'py>(&mut self, py: Python<'py>) -> PyResult<(Bound<'py, PyList>, usize, u64)> {
+        let out = PyList::new(py, self.parts.drain(..))?;
+        if !self.out.is_empty() {
+            out.append(PyBytes::new(py, &self.out))?;
+            self.out.clear();
+        }
+        let ended = (self.ended, self.ended_bytes);
+        self.ended = 0;
+        self.ended_bytes = 0;
+        Ok((out, ended.0, ended.1))
     }
 
     /// payload_received(data) -> item: the buffer asked for by `want` is full; `data` is it.
