@@ -82,6 +82,7 @@ _FUA, _NO_HOLE, _FAST_ZERO = int(p.CmdFlag.FUA), int(p.CmdFlag.NO_HOLE), int(p.C
 _REQ_ONE = int(p.CmdFlag.REQ_ONE)
 _WRITE_TYPES = (_WRITE, _TRIM, _WRITE_ZEROES)
 _POOL_MIN = 64 * 1024  # smaller payloads are sliced from the receive buffer, not pooled
+_REQUEST_SIZE = 28  # an NBD request header
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -364,7 +365,10 @@ class Connection(asyncio.BufferedProtocol):
         (MAX_TASKS requests, MAX_INFLIGHT_BYTES) and never while anything is held back."""
         reads = self._reads
         route = None
-        if (reads is not None and not self.core.requests and self._stash is None
+        # Native READs start only before the batch's first other request: a batch that does
+        # not begin with a READ header (type 0 at bytes 6-7) skips the route.
+        if (reads is not None and end - start >= _REQUEST_SIZE and not buf[start + 6]
+                and not buf[start + 7] and not self.core.requests and self._stash is None
                 and not self._stopping and not self._reading_paused
                 and (self._budget is None or not self._budget.over)):
             route = reads.read_route()
