@@ -378,8 +378,8 @@ class Connection(asyncio.BufferedProtocol):
         clients = cast("list[NbdClient]", links)
         start, items, want, started, nbytes, used = session.parse_reads(
             buf, start, end, cast(ReadPlane, plane), self, [c._free_slots for c in clients], self._loop.time(),
-            connection_limits.MAX_TASKS - len(self._tasks) - self._native_running,
-            connection_limits.MAX_INFLIGHT_BYTES - self._inflight_bytes)
+            max(0, connection_limits.MAX_TASKS - len(self._tasks) - self._native_running),
+            max(0, connection_limits.MAX_INFLIGHT_BYTES - self._inflight_bytes))
         if started:
             self._native_running += started
             self._inflight_bytes += nbytes

@@ -8,7 +8,7 @@
 //! and when the driver's reply is in, the engine opens the ciphertext in place against
 //! the leaves, releases the hold and frames the guest's reply into the session's output:
 //! no Python in between. Anything else goes up to Python, which serves it the general
-//! way (`Failure`): a read the plane does not take is an ordinary parsed request; one
+//! way (`Why`): a read the plane does not take is an ordinary parsed request; one
 //! that fails after it was sent (an error reply, a block that fails verification, a
 //! broken or lagging connection) is handed back with why, its hold released.
 
@@ -40,7 +40,8 @@ pub(crate) struct NativeRead {
     hold: u64,
     leaves: Vec<u8>,
     buf: ReadBuf,
-    /// Handed to Python already (lagging): its hold is released, its reply dropped.
+    /// Handed to Python already (lagging, or its guest went away): its hold is released,
+    /// its reply dropped when it comes.
     pub(crate) taken: bool,
 }
 
