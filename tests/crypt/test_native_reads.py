@@ -30,6 +30,7 @@ from trustvbd.blocks.layer import Layer
 from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.replica import State
 from trustvbd.blocks.space import SpaceWatch
+from trustvbd.nbd import connection_limits
 from trustvbd.nbd.client import NbdClient
 from trustvbd.nbd.exports import Export, StaticExports
 from trustvbd.nbd.server import NbdServer
@@ -369,4 +370,28 @@ def test_native_and_general_reads_agree(short_tmp: Path, copies: int) -> None:
                 before = disk._plane.started
                 assert bytes(await guest.client.pread(300 * BS, BS)) == bytes(BS)  # never written
                 assert disk._plane.started == before
+        run(go())
+
+
+def test_native_reads_keep_the_connections_bounds(short_tmp: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest with more READs in flight than a connection may run: at most MAX_TASKS of
+    them run natively at once (the rest wait, reading paused), and every one is answered."""
+    monkeypatch.setattr(connection_limits, "MAX_TASKS", 4)
+    with drivers(short_tmp, 2) as (backends, uris):
+        async def go() -> None:
+            async with opened(short_tmp, uris) as disk, served(short_tmp, disk) as guest:
+                await write_blocks(disk, range(32))
+                for b in backends:
+                    b.delay = 0.05
+                before = disk._plane.started
+                reads = [asyncio.ensure_future(guest.client.pread(b * BS, BS)) for b in range(32)]
+                (conn,) = guest.server.connections
+                most = 0
+                while not all(r.done() for r in reads):
+                    most = max(most, conn._native_running + len(conn._tasks))
+                    await asyncio.sleep(0.005)
+                assert [bytes(r.result()) for r in reads] == [pattern(b) for b in range(32)]
+                assert 0 < most <= 4
+                assert disk._plane.started > before
         run(go())
