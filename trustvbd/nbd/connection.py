@@ -546,9 +546,10 @@ class Connection(asyncio.BufferedProtocol):
         self._loop.create_task(self._drain_and_close())
 
     async def _drain_and_close(self) -> None:
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
-        await self._wait_native()
+        while self._tasks or self._native_running:
+            if self._tasks:
+                await asyncio.wait(list(self._tasks))
+            await self._wait_native()  # one that fails goes on as a task: wait for it too
         self._flush(final=True)
         if self._transport is not None:
             self._transport.close()
