@@ -546,7 +546,7 @@ class Connection(asyncio.BufferedProtocol):
         self._loop.create_task(self._drain_and_close())
 
     async def _drain_and_close(self) -> None:
-        while self._tasks or self._native_running:
+        while self._tasks or self._native_running > 0:
             if self._tasks:
                 await asyncio.wait(list(self._tasks))
             await self._wait_native()  # one that fails goes on as a task: wait for it too
