@@ -130,7 +130,7 @@ def read_failed(rs: ReplicaSet, r: Replica, exc: BadBlocks | BlockError, more: b
         rs._report("data", r, blocks, (
             f"disk {rs.disk!r}: block(s) {describe_blocks(blocks)} read from replica "
             f"{r.name!r} failed verification (altered, moved, replayed or lost by the "
-            "driver)" + ("; served from another replica" if more else "")))
+            "driver)" + ("; another replica is asked" if more else "")))
     else:
         r.last_error = f"read failed: {exc}"
         failures.append((r, list(range(n))))
