@@ -269,8 +269,12 @@ class Commits:
             finally:
                 self._no_commit.set()
                 self.committing = False
-                if synced is not None and not synced.done():
-                    # A commit syncs the log itself; the early sync only must not be lost.
+                # A commit syncs the log itself: an early sync's failure is seen there, and
+                # this one's is only retrieved (else asyncio logs it as never retrieved).
+                if synced is not None and synced.done():
+                    if not synced.cancelled():
+                        synced.exception()
+                elif synced is not None:
                     synced.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _log_suffices(self, replica: ReplicaSet) -> bool:
