@@ -1048,3 +1048,68 @@ def test_a_current_writer_is_cut_off_for_lagging_only_if_another_current_one_ans
         assert mems[1].raw[LAY.data_offset(3):LAY.data_offset(4)] == pattern(3, 1)
         await rs.close()
     run(go())
+
+
+class FullDriver(Layer):
+    """A replica out of space: writes fail with ENOSPC at once ("fail"), or once told to
+    (each held until its event in `held` is set: "hold"), or go through ("ok")."""
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(next)
+        self.mode = "ok"
+        self.held: list[asyncio.Event] = []
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        if self.mode == "hold":
+            go = asyncio.Event()
+            self.held.append(go)
+            await go.wait()
+            raise BlockError(errno.ENOSPC, "no space left (held)")
+        if self.mode == "fail":
+            raise BlockError(errno.ENOSPC, "no space left")
+        await self.next.pwrite(offset, data, fua)
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_replica_degraded_again_during_its_resync_is_said_resyncing_once_per_trip_back(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A write sent to a full replica before it was degraded fails while its resync runs
+    (degrading it again), then the resync's own write fails: the next try is quiet, as
+    every retry of that trip back (it was said twice: the resync's failure met a replica
+    no longer resyncing, so the trip never noted that it had tried one)."""
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        mems = memories(2)
+        full = FullDriver(mems[1])
+        disk = await open_set(tmp_path, kek, [mems[0], full])
+        await fill(disk)
+        r1 = disk.replicas.replicas[1]
+        full.mode = "hold"  # a write to the last 16 blocks in flight on r1
+        in_flight = asyncio.ensure_future(disk.pwrite((NBLOCKS - 16) * BS, bytes(16 * BS)))
+        while not full.held:
+            await asyncio.sleep(0.001)
+        full.mode = "fail"
+        await disk.pwrite(0, bytes(16 * BS))  # r1 degraded; its trip back begins
+        full.mode = "hold"
+        for _ in range(2000):  # its resync's first copy (blocks 0-15, free) is held
+            if r1.state is State.RESYNCING and len(full.held) == 2:
+                break
+            await asyncio.sleep(0.001)
+        assert r1.state is State.RESYNCING and len(full.held) == 2, disk.replicas.status()
+        full.held[0].set()  # the write in flight fails: r1 degraded again
+        await in_flight
+        assert r1.state is State.DEGRADED
+        full.held[1].set()  # then the resync's copy fails too
+        full.mode = "ok"
+        await settle(disk)
+        await disk.close()
+        assert mems[0].raw[LAY.data_start:] == mems[1].raw[LAY.data_start:]
+
+    with caplog.at_level("DEBUG", logger="trustvbd"):
+        run(go())
+    said = [r for r in caplog.records if "resyncing" in r.getMessage()
+            and r.pathname.endswith("replica_recovery.py")]
+    assert [r.levelname for r in said][:1] == ["WARNING"], said
+    assert [r.levelname for r in said].count("WARNING") == 1, [r.getMessage() for r in said]

@@ -121,6 +121,7 @@ class Recovery:
             resynced = False  # a resync was started (and failed) on this trip back
             while not self.rs.closed and r.state is State.DEGRADED:
                 await self._hold_if_lagging(r)
+                began = r.resync_started
                 try:
                     # Its start is logged once per trip back, not at every retry (a full
                     # driver is retried every RECONNECT_MAX s, perhaps for days).
@@ -132,8 +133,10 @@ class Recovery:
                     raise
                 except Exception as exc:
                     r.last_error = str(exc)
+                    # A resync was tried, even if r was degraded again before it failed (a
+                    # write sent before it came back failing meanwhile): the next is quiet.
+                    resynced = resynced or r.state is State.RESYNCING or r.resync_started > began
                     if r.state is State.RESYNCING:
-                        resynced = True
                         r.state = State.DEGRADED
                         self.rs.regroup()
                 if r.state is State.DEGRADED:
