@@ -93,6 +93,22 @@ fn refusal_tuple<'py>(py: Python<'py>, refusal: &Option<Refusal>) -> PyResult<Bo
     })
 }
 
+/// A parsed request's payload for Python: None, or its bytes copied out of the received
+/// buffer (`start`: where the parsed bytes begin in it).
+fn payload<'py>(py: Python<'py>, buf: &PyBuffer<u8>, start: usize, item: &Item) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match &item.payload {
+        Payload::None => py.None().into_bound(py),
+        Payload::Inline(range) => {
+            let (from, to) = (start + range.start, start + range.end);
+            PyBytes::new_with(py, to - from, |out| {
+                foreign::with_bytes(py, buf, |bytes| out.copy_from_slice(&bytes[from..to]))
+            })?
+            .into_any()
+        }
+        Payload::Received => unreachable!("parse hands out no received payload"),
+    })
+}
+
 fn item_tuple<'py>(py: Python<'py>, item: &Item, data: Bound<'py, PyAny>) -> PyResult<Bound<'py, PyTuple>> {
     let h = &item.head;
     let piece = match item.piece {
@@ -236,18 +252,7 @@ impl PyNbdServerSession {
             .map_err(protocol_error)?;
         let list = PyList::empty(py);
         for item in &items {
-            let data = match &item.payload {
-                Payload::None => py.None().into_bound(py),
-                Payload::Inline(range) => {
-                    let (from, to) = (start + range.start, start + range.end);
-                    PyBytes::new_with(py, to - from, |out| {
-                        foreign::with_bytes(py, &buf, |bytes| out.copy_from_slice(&bytes[from..to]))
-                    })?
-                    .into_any()
-                }
-                Payload::Received => unreachable!("parse hands out no received payload"),
-            };
-            list.append(item_tuple(py, item, data)?)?;
+            list.append(item_tuple(py, item, payload(py, &buf, start, item)?)?)?;
         }
         Ok((start + parsed.consumed, list, parsed.want))
     }
@@ -310,18 +315,7 @@ impl PyNbdServerSession {
                 }
             }
             in_order = false;
-            let data = match &item.payload {
-                Payload::None => py.None().into_bound(py),
-                Payload::Inline(range) => {
-                    let (from, to) = (start + range.start, start + range.end);
-                    PyBytes::new_with(py, to - from, |out| {
-                        foreign::with_bytes(py, &buf, |bytes| out.copy_from_slice(&bytes[from..to]))
-                    })?
-                    .into_any()
-                }
-                Payload::Received => unreachable!("parse hands out no received payload"),
-            };
-            list.append(item_tuple(py, item, data)?)?;
+            list.append(item_tuple(py, item, payload(py, &buf, start, item)?)?)?;
         }
         Ok((start + parsed.consumed, list, parsed.want, started, bytes, used))
     }
