@@ -8,6 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -170,3 +171,22 @@ def test_backing_dir_that_is_a_file_gets_one_clear_line(short_tmp: Path) -> None
     assert result.stderr.splitlines() == [
         f"trustvbd: config error: {config}: driver 'd'.dir: {short_tmp / 'backing'} is a file, not a"
         " directory; name a directory (it holds one sparse file per disk)"]
+
+
+def test_unlock_reads_the_passphrase_from_the_environment_as_up_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`up` and `rekey` take TRUSTVBD_PASSPHRASE; `unlock` said "no passphrase given" with
+    it set (red team). A --passphrase-file still comes first; an empty variable is none."""
+    from trustvbd.cli import MAX_PASSPHRASE, read_passphrase
+
+    monkeypatch.setenv("TRUSTVBD_PASSPHRASE", "from the environment")
+    assert read_passphrase(None) == b"from the environment"
+    (tmp_path / "p").write_bytes(b"from the file\nsecond line\n")
+    assert read_passphrase(str(tmp_path / "p")) == b"from the file"
+    monkeypatch.setenv("TRUSTVBD_PASSPHRASE", "x" * (MAX_PASSPHRASE + 1))
+    with pytest.raises(ValueError, match="TRUSTVBD_PASSPHRASE is longer than"):
+        read_passphrase(None)
+    monkeypatch.setenv("TRUSTVBD_PASSPHRASE", "")
+    with open(tmp_path / "p") as stdin:
+        monkeypatch.setattr("sys.stdin", stdin)
+        assert read_passphrase(None) == b"from the file"

@@ -251,9 +251,15 @@ def cmd_policy_load(config_path: str, policy_file: str) -> int:
 
 def read_passphrase(source: str | None) -> bytearray:
     """The passphrase, as bytes that can be zeroed: from a file (`-`: standard input; its
-    first line), else asked without echo on a terminal, else standard input's first line."""
+    first line), else TRUSTVBD_PASSPHRASE (as `up` and `rekey` read it), else asked
+    without echo on a terminal, else standard input's first line."""
     import getpass
 
+    env = os.environ.get("TRUSTVBD_PASSPHRASE")
+    if source is None and env:
+        if len(env.encode()) > MAX_PASSPHRASE:
+            raise ValueError(f"TRUSTVBD_PASSPHRASE is longer than {MAX_PASSPHRASE} bytes")
+        return bytearray(env.encode())
     if source is None and sys.stdin is not None and sys.stdin.isatty():
         return bytearray(getpass.getpass("Passphrase: ").encode())
     if source is None or source == "-":
@@ -286,7 +292,10 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     if not passphrase:
-        print("trustvbd unlock: no passphrase given; nothing was changed", file=sys.stderr)
+        where = "the file" if args.passphrase_file not in (None, "-") else "standard input"
+        print(f"trustvbd unlock: no passphrase given ({where} had an empty first line); give it"
+              " with --passphrase-file FILE, TRUSTVBD_PASSPHRASE or on a terminal; nothing was"
+              " changed", file=sys.stderr)
         return EXIT_USAGE
     secret = Unlock(passphrase=passphrase)
     try:
@@ -335,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     unlock = sub.add_parser(
         "unlock", help="unlock passphrase-protected disks of a restarted encryption domain",
         description="A restarted encryption domain starts with its passphrase-protected disks"
-        " locked (the launcher keeps no secret): give the passphrase here. It is asked without"
-        " echo on a terminal, else read from standard input's first line or --passphrase-file,"
+        " locked (the launcher keeps no secret): give the passphrase here. It is read from"
+        " --passphrase-file, else TRUSTVBD_PASSPHRASE, else asked without echo on a terminal,"
+        " else read from standard input's first line,"
         " and reaches only the encryption domains holding those disks. A wrong passphrase"
         " changes nothing; every attempt is audited.")
     unlock.add_argument("-c", "--config", required=True, help="config file (TOML)")
