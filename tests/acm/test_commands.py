@@ -94,6 +94,14 @@ def test_audit_show_and_verify(capsys, tmp_path):
     path.write_text(path.read_text().replace("xm-test", "evil"))
     assert main(["audit", "--verify", "-c", str(cfg)]) == 1
     assert "seq 2 hash does not match its content (record edited)" in capsys.readouterr().out
+    # A path with no log at all is said as such, not as tampering; a log removed beside
+    # its head still is tampering.
+    assert main(["audit", "--verify", "--log", str(tmp_path / "nowhere.jsonl")]) == 1
+    said = capsys.readouterr().out
+    assert "no audit log here" in said and "tampered" not in said, said
+    path.unlink()
+    assert main(["audit", "--verify", "--log", str(path)]) == 1
+    assert "tampered with or damaged" in capsys.readouterr().out
 
 
 def test_load_policy_file():

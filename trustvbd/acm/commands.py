@@ -188,11 +188,17 @@ def _read(path: str | Path) -> list[dict[str, Any]]:
 def verify_audit(path: str | Path, out: TextIO | None = None, key: str | None = None) -> int:
     """Check the chain, signatures and head; `key` pins the public key (hex or a .pub file)."""
     from trustvbd.acm.audit import AuditLog
-    from trustvbd.acm.audit_format import public_key_path, rotated_files, stored_public_key
+    from trustvbd.acm.audit_format import head_path, public_key_path, rotated_files, stored_public_key
     from trustvbd.crypt.sign import fingerprint
 
     out = out or sys.stdout  # looked up per call, so redirection works
     path = Path(path)
+    if not (path.exists() or head_path(path).exists() or rotated_files(path)):
+        # Nothing at all: most likely a wrong path, not an attack (a log removed while its
+        # head or rotated files stay is still reported as tampered with below).
+        print(f"{path}: no audit log here (no log, no head, no rotated files): check the path"
+              " (-c CONFIG or --log FILE); if a log was kept here, it was removed", file=out)
+        return 1
     pinned = None
     if key is not None:
         try:
