@@ -302,11 +302,7 @@ class Connection(asyncio.BufferedProtocol):
         except Exception as exc:
             self._reply_failure(_WRITE, cookie, exc)
             return
-        if len(payload) > _POOL_MIN:
-            self.core.pool.give_back(payload)  # type: ignore[arg-type] # as in _serve
-        self._queue_reply(cookie, 0, "", 0, None)
-        if fua and not self._transport_busy:
-            self._flush()  # as in _serve: a durability point leaves at once
+        self._write_done(cookie, payload, fua)
 
     def _write_inline_or_run(self, flags: int, cookie: int, offset: int,
                              payload: Buffer) -> None:
@@ -322,11 +318,16 @@ class Connection(asyncio.BufferedProtocol):
             self._run(self._serve(_WRITE, flags, cookie, offset, len(payload), payload), _WRITE,
                       len(payload))
             return
+        self._write_done(cookie, payload, bool(flags & _FUA))
+
+    def _write_done(self, cookie: int, payload: Buffer, fua: bool) -> None:
+        """A WRITE done in the server's call (_write_at_once, _write_inline_or_run): its
+        pooled payload back, its reply queued; with FUA it leaves at once, as in _serve."""
         if len(payload) > _POOL_MIN:
             self.core.pool.give_back(payload)  # type: ignore[arg-type] # as in _serve
         self._queue_reply(cookie, 0, "", 0, None)
-        if flags & _FUA and not self._transport_busy:
-            self._flush()  # as in _serve: a durability point leaves at once
+        if fua and not self._transport_busy:
+            self._flush()
 
     def _reply_failure(self, typ: int, cookie: int, exc: Exception,
                        fast_zero: bool = False) -> None:
