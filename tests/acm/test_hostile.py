@@ -181,6 +181,17 @@ def test_toml_errors_name_key_and_line():
                     r' STE type "Cash", which is not declared', str(err))
     err = toml_refused(EXAMPLE_TOML.replace('BankData = "Bank"', 'BankData = ["Bank", "Payroll"]'))
     assert "holds 2 STE types; a resource label holds exactly one" in err.message
+    bad = EXAMPLE_TOML.replace('BankData = "Bank"', "BankData = 3")
+    err = toml_refused(bad)  # what was found, and the two forms expected
+    assert str(err) == (f"p.toml:{_line_of(bad, 'BankData = 3')}: labels.resource.BankData: found"
+                        ' the integer 3; expected the label\'s STE type: BankData = "TYPE" (or'
+                        ' BankData = { ste = "TYPE", from = "OLD-NAME" })')
+    err = toml_refused(EXAMPLE_TOML.replace('Payroll = { ste = ["Payroll"], chwall = ["Payroll"] }',
+                                            'Payroll = "Payroll"'))
+    assert err.message == ('found the string "Payroll"; expected the label\'s types:'
+                           ' Payroll = { ste = ["TYPE", ...], chwall = ["TYPE", ...] }')
+    err = toml_refused("name = 'x'\nste = true\n")
+    assert str(err) == "p.toml:2: ste: found the boolean true; expected a table: [ste] or ste = { ... }"
     err = toml_refused(EXAMPLE_TOML.replace("[ste]", "[ste]\ncolour = 1"))
     assert err.where.key == "ste" and 'unknown key "colour"' in err.message
     err = toml_refused(EXAMPLE_TOML.replace('["SystemManagement", "Payroll", "Bank", "StorageA"]\n',

@@ -73,9 +73,12 @@ class _Reader:
     def error(self, section: str, key: str, message: str, sub: str = "") -> PolicyError:
         return PolicyError(self.file, self.where(section, key, sub), message)
 
-    def table(self, data: Any, section: str, key: str, allowed: set[str]) -> dict[str, Any]:
+    def table(self, data: Any, section: str, key: str, allowed: set[str],
+              expected: str | None = None) -> dict[str, Any]:
         if not isinstance(data, dict):
-            raise self.error(section, key, f"must be a table, not {type(data).__name__}")
+            path = f"{section}.{key}" if section else key
+            raise self.error(section, key, f"found {found(data)}; expected "
+                             + (expected or f"a table: [{path}] or {key} = {{ ... }}"))
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise self.error(section, key, f'unknown key "{unknown[0]}"; allowed here:'
@@ -91,6 +94,15 @@ class _Reader:
         if not isinstance(data, list) or not all(isinstance(s, str) and s for s in data):
             raise self.error(section, key, f"must be a list of non-empty strings, not {data!r}")
         return tuple(data)
+
+
+def found(value: Any) -> str:
+    """A TOML value as an error message names it: its kind and its text (shortened)."""
+    kinds = ((bool, "the boolean"), (int, "the integer"), (float, "the number"),
+             (str, "the string"), (list, "the array"), (dict, "the table"))
+    kind = next((name for t, name in kinds if isinstance(value, t)), f"a {type(value).__name__}")
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return f"{kind} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 def policy_from_toml(text: str, file: str = "policy.toml") -> Policy:
@@ -127,14 +139,16 @@ def policy_from_toml(text: str, file: str = "policy.toml") -> Policy:
     chw_types = r.strings(chw.get("types", []), "chinese_wall", "types")
     sets = chw.get("conflict_sets", {})
     if not isinstance(sets, dict):
-        raise r.error("chinese_wall", "conflict_sets", "must be a table: NAME = [types]")
+        raise r.error("chinese_wall", "conflict_sets", f"found {found(sets)}; expected a table:"
+                      ' conflict_sets = { NAME = ["TYPE", ...], ... }')
     conflicts = tuple(ConflictSet(n, r.strings(t, "chinese_wall", n)) for n, t in sets.items())
 
     labels = r.table(top.get("labels", {}), "", "labels", {"vm", "resource"})
     vm_raw = r.table(labels.get("vm", {}), "labels", "vm", set(labels.get("vm", {})))
     vms = []
     for name, spec in vm_raw.items():
-        spec = r.table(spec, "labels.vm", name, {"ste", "chwall", "from"})
+        spec = r.table(spec, "labels.vm", name, {"ste", "chwall", "from"},
+                       f'the label\'s types: {name} = {{ ste = ["TYPE", ...], chwall = ["TYPE", ...] }}')
         vms.append(VmLabel(name, r.strings(spec.get("ste", []), "labels.vm", name),
                            r.strings(spec.get("chwall", []), "labels.vm", name),
                            r.string(spec["from"], "labels.vm", name) if "from" in spec else None))
@@ -149,7 +163,9 @@ def policy_from_toml(text: str, file: str = "policy.toml") -> Policy:
         if isinstance(many, list):
             raise r.error("labels.resource", name, f'resource label "{name}" holds {len(many)}'
                           ' STE types; a resource label holds exactly one: write NAME = "TYPE"')
-        spec = r.table(spec, "labels.resource", name, {"ste", "from"})
+        spec = r.table(spec, "labels.resource", name, {"ste", "from"},
+                       f'the label\'s STE type: {name} = "TYPE" (or {name} = {{ ste = "TYPE",'
+                       ' from = "OLD-NAME" })')
         if "ste" not in spec:
             raise r.error("labels.resource", name, "needs its STE type: NAME = \"TYPE\"")
         resources.append(ResourceLabel(
