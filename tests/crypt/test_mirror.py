@@ -21,6 +21,7 @@ from tests.crypt.helpers import BS, LAY, SIZE, RawMemory, new_state, pattern, ru
 from tests.nbd.helpers import ServerThread
 from tests.nbd.test_client import FullAt
 from trustvbd.blockdev import Backend, BlockError, Buffer
+from trustvbd.blocks.block_runs import BlockRuns
 from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, physical_size
 from trustvbd.blocks.disk_state import Anchor, DiskState, Member
 from trustvbd.blocks.layer import Layer
@@ -1113,3 +1114,55 @@ def test_a_replica_degraded_again_during_its_resync_is_said_resyncing_once_per_t
             and r.pathname.endswith("replica_recovery.py")]
     assert [r.levelname for r in said][:1] == ["WARNING"], said
     assert [r.levelname for r in said].count("WARNING") == 1, [r.getMessage() for r in said]
+
+
+def test_a_replica_failing_many_writes_at_once_takes_the_unflushed_blocks_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver stalled under a guest writing without FLUSH: when it is cut off, every write
+    in flight to it fails, and each failure degrades it again. Each added every block written
+    since the last flush to its dirty set once more (thousands of runs x 64 writes in flight),
+    which held the event loop, and so every guest of the domain, for 5-10 s after the lag
+    had already cut the driver off (red team: SIGSTOP of a driver under random writes). The
+    unflushed runs are taken once, as it leaves the write set; the dirty set is the same."""
+    unflushed, in_flight = 1500, 40
+    size = 2 * (unflushed + in_flight) * BS
+    lay = type(LAY)(size)
+    adds = 0
+    real_add = BlockRuns.add
+
+    def counted(self: BlockRuns, b0: int, b1: int) -> None:
+        nonlocal adds
+        adds += 1
+        real_add(self, b0, b1)
+
+    async def go() -> None:
+        mems = [RawMemory(physical_size(size)) for _ in range(2)]
+        full = FullDriver(mems[0])
+        rs = ReplicaSet("vm1", lay, [Replica("r0", full), Replica("r1", mems[1])])
+        rs.verifier, rs.locks = Verifies(), RangeLock()  # type: ignore[assignment]
+        r0 = rs.replicas[0]
+        taken_back: list[set[int]] = []  # its dirty set as its resync began
+
+        def change() -> None:
+            if r0.state is State.RESYNCING and not taken_back:
+                taken_back.append(set(r0.dirty))
+                monkeypatch.undo()
+        rs.on_change = change
+        for i in range(unflushed):  # every other block: one run each, none flushed
+            await rs.pwrite(lay.data_offset(2 * i), pattern(2 * i))
+        full.mode = "hold"
+        first = 2 * unflushed
+        writes = [asyncio.ensure_future(rs.pwrite(lay.data_offset(first + 2 * i), pattern(i)))
+                  for i in range(in_flight)]
+        while len(full.held) < in_flight:
+            await asyncio.sleep(0.001)
+        monkeypatch.setattr(BlockRuns, "add", counted)
+        for go_on in full.held:
+            go_on.set()
+        await asyncio.gather(*writes)  # r1 took them: the guest sees success
+        while not taken_back:
+            await asyncio.sleep(0.001)
+        assert taken_back[0] == set(range(0, 2 * (unflushed + in_flight), 2))
+        assert adds < 2 * (unflushed + in_flight), adds  # it was unflushed x in_flight
+        await rs.close()
+    run(go())

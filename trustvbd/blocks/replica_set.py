@@ -139,8 +139,12 @@ class ReplicaSet:
     def degrade(self, r: Replica, blocks: Iterable[int], why: str) -> None:
         """`r` missed writes to `blocks` (and perhaps metadata): out of the read and write sets."""
         r.dirty.update(blocks)
-        for written in self._unflushed:  # acknowledged but not flushed: may be lost with it
-            r.dirty.update(written)
+        if r.state is not State.DEGRADED:
+            # Acknowledged but not flushed: may be lost with it. Once, as it leaves the
+            # write set (later writes reach its dirty set by _note_written): each of the
+            # many writes in flight that fail with it degrades it again, and adding every
+            # unflushed run each time held the event loop for seconds (red team).
+            r.dirty.update(self._unflushed_runs())
         r.map_saved = False
         r.last_error = why
         r.errors += 1
@@ -283,6 +287,11 @@ class ReplicaSet:
             self._unflushed[-1] = range(last.start, blocks.stop)
         else:
             self._unflushed.append(blocks)
+
+    def _unflushed_runs(self) -> BlockRuns:
+        """The blocks written since the last flush, added in order (each run appended,
+        no array shifted)."""
+        return BlockRuns.of_runs(sorted((b.start, b.stop) for b in self._unflushed))
 
     async def flush(self) -> None:
         unflushed, self._unflushed = self._unflushed, []
