@@ -4,13 +4,17 @@ A real `trustvbd up` (1 and 2 replicas) takes a seeded random workload from libn
 1 byte to 2 MiB at any offset (unaligned ones read-modify-write their blocks), batches of up
 to 16 concurrent writes, zeroes and trims on disjoint bytes (of the same few blocks, or spread
 over 1 MiB), FUA writes, zeroes, trims, flushes, overwrites.
-The test keeps the disk it expects byte by byte. Then each replica's backing file is read
-with tests/crypt/format_reader.py (keys, anchor, superblock, tree, leaves, tags, as the
-document says) and must hold exactly that disk; so must the disk read back through NBD after
-a restart. The second variant kills the encryption domain with -9 after a FLUSH and a few
-more writes, some of them still in flight: the reader then recovers each logged block from
-the intent log as section 2.4 says, every flushed byte must match, and what the restarted system serves must be what the
-reader recovered.
+The test keeps the disk it expects byte by byte. After every FLUSH, with the system still
+running, three views must agree: that model, every block written since the last FLUSH read
+back through NBD, and each replica's backing file read with tests/crypt/format_reader.py
+(keys, anchor, superblock, tree, leaves, tags and the intent log's records up to the flush
+mark, as the document says). At the end, after a clean stop, each replica must hold exactly
+that disk; so must the disk read back through NBD after a restart.
+
+The second variant kills the encryption domain with -9 after a FLUSH and a few more writes,
+some of them still in flight: the reader then recovers each logged block from the intent
+log as section 2.4 says, every flushed byte must match, and what the restarted system
+serves must be what the reader recovered.
 
 TRUSTVBD_DIFF_SEED=N repeats a run; every failure names its seed.
 """
@@ -22,7 +26,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,9 +61,10 @@ def read_all(s: System, copies: int) -> dict[str, Replica]:
             for name, raw in replicas(s, copies)}
 
 
-def first_difference(a: bytes | bytearray, b: bytes | bytearray) -> str:
-    at = next(i for i in range(len(a)) if a[i] != b[i])
-    return f"first differing byte at {at} (block {at // BS}): {a[at]:#04x} != {b[at]:#04x}"
+def first_difference(a: bytes | bytearray, b: bytes | bytearray, base: int = 0) -> str:
+    """Where `a` and `b` (the disk's bytes from `base` on) first differ."""
+    i = next(i for i in range(len(a)) if a[i] != b[i])
+    return f"first differing byte at {base + i} (block {(base + i) // BS}): {a[i]:#04x} != {b[i]:#04x}"
 
 
 def read_through_nbd(uri: str) -> bytes:
@@ -72,6 +77,36 @@ def read_through_nbd(uri: str) -> bytes:
         h.shutdown()
 
 
+def runs(blocks: set[int]) -> Iterator[tuple[int, int]]:
+    """[first, end) of each run of consecutive blocks in `blocks`."""
+    ordered = sorted(blocks)
+    start = 0
+    for i in range(1, len(ordered) + 1):
+        if i == len(ordered) or ordered[i] != ordered[i - 1] + 1:
+            yield ordered[start], ordered[i - 1] + 1
+            start = i
+
+
+def agree_after_flush(s: System, copies: int, work: Workload) -> None:
+    """The model, the blocks touched since the last FLUSH read through NBD, and every
+    replica as the independent reader decodes it while `up` runs, after a FLUSH: the
+    reader takes each logged block's newest leaf up to the flush mark, so a replica whose
+    bytes, leaves, log or tree do not say what the guest was told fail here."""
+    expected = bytes(work.model)
+    flushes = work.counts.get("flush", 0)
+    for b0, b1 in runs(work.touched):
+        got = work.h.pread((b1 - b0) * BS, b0 * BS)
+        want = expected[b0 * BS:b1 * BS]
+        assert got == want, (f"FLUSH {flushes}: blocks [{b0}, {b1}) read through NBD: "
+                             + first_difference(got, want, b0 * BS))
+    for name, replica in read_all(s, copies).items():
+        assert replica.plaintext == expected, (
+            f"FLUSH {flushes}: replica {name} as docs/format.md reads it while up runs, after "
+            f"{work.counts}: " + first_difference(replica.plaintext, expected))
+    work.touched.clear()
+    work.note("checked")
+
+
 class Workload:
     """Random requests through one libnbd handle, applied to `model` as they are acknowledged."""
 
@@ -82,6 +117,8 @@ class Workload:
         self.rng = rng
         self.model = bytearray(SIZE)
         self.counts: dict[str, int] = {}
+        self.touched: set[int] = set()  # blocks written, zeroed or trimmed since the last check
+        self.after_flush: Callable[[Workload], None] | None = None
 
     def span(self) -> tuple[int, int]:
         rng = self.rng
@@ -102,6 +139,10 @@ class Workload:
             offset -= offset % BS  # aligned starts, unaligned ends too
         return offset, length
 
+    def changed(self, offset: int, data: bytes | bytearray) -> None:
+        self.model[offset:offset + len(data)] = data
+        self.touched.update(range(offset // BS, -(-(offset + len(data)) // BS)))
+
     def step(self) -> None:
         rng, h, nbd = self.rng, self.h, self.nbd
         op = rng.random()
@@ -110,27 +151,29 @@ class Workload:
             data = rng.randbytes(length)
             fua = rng.random() < 0.1
             h.pwrite(data, offset, nbd.CMD_FLAG_FUA if fua else 0)
-            self.model[offset:offset + length] = data
+            self.changed(offset, data)
             self.note("write-fua" if fua else "write")
         elif op < 0.65:
             self.disjoint_batch()
         elif op < 0.75:
             no_hole = rng.random() < 0.5
             h.zero(length, offset, nbd.CMD_FLAG_NO_HOLE if no_hole else 0)
-            self.model[offset:offset + length] = bytes(length)
+            self.changed(offset, bytes(length))
             self.note("zero")
         elif op < 0.83:
             h.trim(length, offset)  # this system's trim reads back as zeros, like a zero
-            self.model[offset:offset + length] = bytes(length)
+            self.changed(offset, bytes(length))
             self.note("trim")
         elif op < 0.9:
             h.flush()
             self.note("flush")
+            if self.after_flush is not None:
+                self.after_flush(self)
         else:
             got = h.pread(length, offset)
             assert got == self.model[offset:offset + length], (
                 f"read [{offset}, +{length}) during the workload: "
-                + first_difference(got, self.model[offset:offset + length]))
+                + first_difference(got, self.model[offset:offset + length], offset))
             self.note("read")
 
     def disjoint_batch(self) -> None:
@@ -153,7 +196,7 @@ class Workload:
             else:
                 data = bytearray(n)
                 cookies.append(h.aio_zero(n, at) if kind < 0.85 else h.aio_trim(n, at))
-            self.model[at:at + n] = data
+            self.changed(at, data)
         while h.aio_in_flight() > 0:
             h.poll(-1)
         for cookie in cookies:
@@ -205,8 +248,10 @@ def test_replicas_hold_what_the_format_says_after_a_clean_stop(short_tmp: Path, 
     with seeded() as rng:
         s = system(short_tmp, copies).start()
         work = Workload(s.uri("vm1", "payroll"), rng)
+        work.after_flush = lambda w: agree_after_flush(s, copies, w)
         for _ in range(600):
             work.step()
+        assert work.counts.get("checked", 0) >= 10, f"too few FLUSHes checked: {work.counts}"
         work.close()
         s.stop()
         expected = bytes(work.model)
