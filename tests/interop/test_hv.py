@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.interop.test_policy_e2e import qemu_io, start, uri
-from tests.support import System
+from tests.support import System, kill_driver, pids_of_children
 
 pytestmark = pytest.mark.interop
 
@@ -47,7 +47,7 @@ def test_killed_acm_domain_is_restarted_and_decisions_resume(short_tmp: Path) ->
 def test_driver_restart_back_off_is_shown_in_status(short_tmp: Path) -> None:
     s = start(short_tmp)
     first = domains(s)["drv-a"]
-    os.kill(first["pid"], signal.SIGKILL)
+    kill_driver(first["pid"])
     deadline = time.monotonic() + 20
     seen_waiting = False
     while True:
@@ -61,5 +61,30 @@ def test_driver_restart_back_off_is_shown_in_status(short_tmp: Path) -> None:
     assert seen_waiting or drv["restarts"] == 1  # the wait is short; it may pass unseen
     text = s.cli("status", "-c", str(s.config)).stdout
     assert "restarts 1" in text and "killed by SIGKILL" in text
+    assert qemu_io(uri(s, "vm1", "payroll"))[0] == 0
+    s.stop()
+
+
+def test_status_shows_every_process_of_a_driver(short_tmp: Path) -> None:
+    """A driver serves from several worker processes (driver.serve_in_workers): status
+    lists them all, so that one can watch or kill the whole domain, not its first pid
+    (killed alone, its workers live on until the kernel has run its exit)."""
+    s = start(short_tmp)
+    drv = domains(s)["drv-a"]
+    workers = pids_of_children(drv["pid"])
+    assert workers or (os.cpu_count() or 1) == 1, "no worker processes to list"
+    assert drv["pids"] == [drv["pid"], *sorted(workers)]
+    assert domains(s)["hv"]["pids"] == [domains(s)["hv"]["pid"]]
+    line = next(line for line in s.cli("status", "-c", str(s.config)).stdout.splitlines()
+                if line.split()[:1] == ["drv-a"])
+    if workers:
+        assert line.endswith(f"running, child pids {' '.join(map(str, sorted(workers)))}"), line
+    for pid in drv["pids"]:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while (now := domains(s)["drv-a"])["state"] != "running" or now["restarts"] != 1:
+        assert time.monotonic() < deadline, now
+        time.sleep(0.05)
+    assert not set(now["pids"]) & set(drv["pids"]), (now, drv)
     assert qemu_io(uri(s, "vm1", "payroll"))[0] == 0
     s.stop()

@@ -21,7 +21,7 @@ COUNTERS = ("memory", "memory_peak", "decisions_waited")  # summed over encrypti
 
 async def gather_status(hv: Launcher) -> m.HvStatus:
     c = hv.config
-    me = m.DomainStatus("hv", "hv", True, "", os.getpid(), "running", 0, None, None)
+    me = m.DomainStatus("hv", "hv", True, "", os.getpid(), "running", 0, None, None, [os.getpid()])
     disks: list[dict[str, Any]] = []
     aead_threads = 0
     per_guest: dict[str, dict[str, Any]] = {}

@@ -403,6 +403,7 @@ class DomainStatus:
     restarts: int
     last_exit: str | None
     next_retry: float | None  # seconds to the next start, when restarting
+    pids: list[int] = dataclasses.field(default_factory=list)  # its pid and its children's
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,24 @@ BACKOFF_MAX = 30.0
 STABLE = 60.0  # seconds up after which a domain's back-off starts over
 
 
+def child_processes() -> dict[int, list[int]]:
+    """Each process's children, from /proc now: a domain may fork (a driver serves from
+    several worker processes, driver.serve_in_workers), and one killed or watched by its
+    pid alone is only part of it."""
+    out: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])  # after the name: state, ppid
+        out.setdefault(ppid, []).append(int(entry.name))
+    return {ppid: sorted(pids) for ppid, pids in out.items()}
+
+
 class StartError(Exception):
     """A domain (or `up`) cannot start; the message says why and what to do."""
 
@@ -187,9 +205,12 @@ class Supervisor:
 
     def status(self) -> list[dict[str, Any]]:
         now = time.monotonic()
+        children = child_processes()
         return [{
             "name": d.name, "kind": d.kind, "trusted": d.trusted, "label": d.label,
-            "pid": d.process.pid if d.process else None, "state": d.state,
+            "pid": d.process.pid if d.process else None,
+            "pids": [d.process.pid, *children.get(d.process.pid, [])] if d.process else [],
+            "state": d.state,
             "restarts": d.restarts, "last_exit": d.last_exit,
             "next_retry": None if d.next_retry is None else round(max(0.0, d.next_retry - now), 1),
         } for d in self.domains.values()]
