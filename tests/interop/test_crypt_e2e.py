@@ -18,7 +18,7 @@ import pytest
 from tests import support
 from tests.interop import clients
 from tests.interop.proxy import RecordingProxy
-from tests.support import System, disk, guest, payroll_config, run
+from tests.support import System, disk, guest, kill_driver, payroll_config, run
 from trustvbd.blocks.crypt_layer import Layout
 
 pytestmark = pytest.mark.interop
@@ -338,7 +338,10 @@ def crash_mid_stream(s: System, kind: str, model: Model, rng: random.Random, nbl
     # On a loaded machine the connect alone can outlast the sleep: kill mid-stream, not before.
     assert connected.wait(30), "the writer never connected"
     time.sleep(rng.uniform(0.05, 0.6))
-    os.kill(pid, signal.SIGKILL)
+    if kind == "driver":
+        kill_driver(pid)  # and its worker processes
+    else:
+        os.kill(pid, signal.SIGKILL)
     if then:
         time.sleep(rng.uniform(0.0, then))
     assert s.proc is not None

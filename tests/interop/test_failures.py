@@ -262,7 +262,7 @@ def test_restarted_driver_shows_as_healthy_again(root: Path) -> None:
         run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x33 0 64k", "-c", "flush"])
         before = status(s)
         driver = next(d for d in before["domains"] if d["name"] == "store1")
-        os.kill(driver["pid"], signal.SIGKILL)
+        kill_driver(driver["pid"])
         deadline = time.monotonic() + 20
         while True:  # the driver comes back; the next request reconnects to it
             result = run(["qemu-io", "-f", "raw", uri, "-c", "read -P 0x33 0 64k"], check=False)

@@ -14,7 +14,7 @@ import pytest
 
 from tests import support
 from tests.interop import clients
-from tests.support import TRUSTVBD, System, pids_of_children, process_alive, run
+from tests.support import TRUSTVBD, System, kill_driver, pids_of_children, process_alive, run
 
 MIB = 1 << 20
 SIZE = 64 * MIB
@@ -225,7 +225,7 @@ def test_driver_crash_is_survived(short_tmp: Path) -> None:
     run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x33 0 64k", "-c", "flush"])
     status = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
     driver_pid = next(d["pid"] for d in status["domains"] if d["name"] == "drv-a")
-    os.kill(driver_pid, signal.SIGKILL)
+    kill_driver(driver_pid)
     time.sleep(0.5)
     run(["qemu-io", "-f", "raw", uri, "-c", "read -P 0x33 0 64k", "-c", "write -P 0x34 64k 4k"])
     status = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.support import System, config, disk, driver, guest, read_lines_until, run, up_with_policy
+from tests.support import System, config, disk, driver, guest, kill_driver, read_lines_until, run, up_with_policy
 from trustvbd.acm.audit import AuditLog
 from trustvbd.acm.commands import AUDIT_FILE
 
@@ -112,7 +112,7 @@ def test_attached_guest_shows_state_4_and_pairing_refusal_is_audited(short_tmp: 
         status = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
         (driver_pid,) = [d["pid"] for d in status["domains"] if d["name"] == "drv-a"]
         channel = xs(system, "xenstore-read", f"/local/domain/{crypt}/device/vbd/0/backend").strip()
-        os.kill(driver_pid, signal.SIGKILL)
+        kill_driver(driver_pid)
         wait_for_value(system, f"{channel}/state", "2", timeout=20)
         handle = nbd.NBD()
         handle.connect_uri(system.uri("vm1", "payroll"))
