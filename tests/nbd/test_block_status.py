@@ -145,6 +145,30 @@ def test_meta_context_options_follow_the_spec(server: ServerThread) -> None:
     c.close()
 
 
+def test_meta_contexts_of_an_export_that_does_not_exist_are_refused(server: ServerThread) -> None:
+    """NBD_REP_ERR_UNKNOWN, "the requested export is not available" (qemu-nbd answers so):
+    it was an ACK, for SET with base:allocation selected, for an export no GO can open."""
+    assert server.sock_path is not None
+    c = RawClient(server.sock_path)
+    c.start()
+    c.option(p.Opt.STRUCTURED_REPLY)
+    assert c.option_reply()[1] == p.Rep.ACK
+    for opt in (p.Opt.LIST_META_CONTEXT, p.Opt.SET_META_CONTEXT):
+        for queries in ((), ("base:allocation",)):
+            c.option(opt, meta_option("nope", *queries))
+            [(rep, text)] = replies_until_ack(c)
+            assert rep == p.Rep.ERR_UNKNOWN and b"no export named 'nope' here" in text, (opt, text)
+    c.option(p.Opt.SET_META_CONTEXT, meta_option("file", "base:allocation"))
+    assert replies_until_ack(c) == [(p.Rep.META_CONTEXT, struct.pack(">I", 1) + b"base:allocation")]
+    c.option(p.Opt.SET_META_CONTEXT, meta_option("nope", "base:allocation"))  # replaces it
+    assert replies_until_ack(c)[0][0] == p.Rep.ERR_UNKNOWN
+    c.go("file", fresh=False)
+    c.request(p.Cmd.BLOCK_STATUS, 0, 4096, cookie=5)
+    _, typ, cookie, body = structured_reply(c)
+    assert (typ, cookie) == (p.ChunkType.ERROR, 5) and b"none was negotiated" in body
+    c.close()
+
+
 def test_block_status_on_the_wire(server: ServerThread) -> None:
     assert server.sock_path is not None
     c = RawClient(server.sock_path)

@@ -103,6 +103,10 @@ class GuestExports:
         self.domain.bus.attached(self.guest, disk.name)
         return Export(disk.name, disk.backend, disk.description)
 
+    def knows(self, peer: PeerInfo, name: str) -> bool:
+        visible = [n for n, _ in self.list_exports(peer)]
+        return name in visible or (name == "" and len(visible) == 1)  # open_export's default
+
     async def elsewhere(self, name: str) -> None:
         """A disk of another workload type: refused by policy, or served on another socket."""
         other = self.domain.spec.elsewhere.get(name)

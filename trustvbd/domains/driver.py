@@ -60,6 +60,9 @@ class FileExports:
             raise ExportRefused("unknown", f"no export named {name!r}; this driver serves: {known}")
         return Export(name, backend, f"{backend.size} bytes")
 
+    def knows(self, peer: PeerInfo, name: str) -> bool:
+        return (name or self.default) in self.backends
+
     def release_export(self, peer: PeerInfo, export: Export) -> None:
         pass
 

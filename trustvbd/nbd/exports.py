@@ -67,6 +67,11 @@ class ExportProvider(Protocol):
         """Open `name` for `peer` (GO, EXPORT_NAME, INFO) or raise ExportRefused."""
         ...
 
+    def knows(self, peer: PeerInfo, name: str) -> bool:
+        """Whether `name` ("": the default) names an export `peer` may see: the ones
+        LIST and SET_META_CONTEXT may speak of. Decides nothing; opening still may refuse."""
+        ...
+
     def release_export(self, peer: PeerInfo, export: Export) -> None:
         """The connection is done with an export it opened (disconnect, or after INFO)."""
         ...
@@ -90,6 +95,9 @@ class StaticExports:
             raise ExportRefused("unknown", f"no export named {name!r} on this server")
         self.open_count[name] = self.open_count.get(name, 0) + 1
         return export
+
+    def knows(self, peer: PeerInfo, name: str) -> bool:
+        return name in self.exports
 
     def release_export(self, peer: PeerInfo, export: Export) -> None:
         self.open_count[export.name] -= 1

@@ -16,7 +16,8 @@ Metadata contexts: the one offered is `base:allocation` (holes and zeros, for
 NBD_CMD_BLOCK_STATUS), only with structured replies. LIST_META_CONTEXT names it for
 no query, `base:` or itself; SET_META_CONTEXT selects it for the export named there,
 and the export then chosen by GO or EXPORT_NAME gets it only if it is that one (each
-SET replaces the last). Other queries are ignored, as the spec says.
+SET replaces the last). Other queries are ignored, as the spec says; an export name the
+client could not open is NBD_REP_ERR_UNKNOWN.
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ async def negotiate(
         elif opt in (p.Opt.LIST_META_CONTEXT, p.Opt.SET_META_CONTEXT):
             if opt == p.Opt.SET_META_CONTEXT:
                 meta = None
-            selected = _meta_context(core.structured, opt, data, reply, error)
+            selected = _meta_context(core.structured, opt, data, reply, error,
+                                     lambda name: provider.knows(peer, name))
             if selected is not None:
                 meta = selected
         elif opt == p.Opt.STARTTLS:
@@ -190,9 +192,11 @@ def _meta_context(
     data: bytes,
     reply: Callable[..., None],
     error: Callable[[int, int, str], None],
+    known: Callable[[str], bool],
 ) -> str | None:
     """Answer LIST or SET_META_CONTEXT; for a SET that selects base:allocation, the
-    export name it was selected for."""
+    export name it was selected for. An export this client cannot open or see is
+    NBD_REP_ERR_UNKNOWN ("the requested export is not available"), as qemu-nbd answers."""
     what = p.name_of(p.Opt, opt)
     if not structured:
         error(opt, Rep.ERR_INVALID, f"{what} needs structured replies: send"
@@ -202,6 +206,10 @@ def _meta_context(
         name, queries = m.parse_meta_context(data)
     except ValueError as exc:
         error(opt, Rep.ERR_INVALID, f"malformed {what}: {exc}")
+        return None
+    if not known(name):
+        error(opt, Rep.ERR_UNKNOWN, f"{what}: no export named {name!r} here (NBD_OPT_LIST names"
+              " those this client may use)")
         return None
     listing = opt == p.Opt.LIST_META_CONTEXT
     wanted = ALLOCATION in queries or (listing and (not queries or "base:" in queries))
