@@ -169,6 +169,25 @@ def test_meta_contexts_of_an_export_that_does_not_exist_are_refused(server: Serv
     c.close()
 
 
+def test_a_second_structured_reply_option_is_refused_and_they_stay_on(server: ServerThread) -> None:
+    """NBD_REP_ERR_INVALID, as qemu-nbd answers (libnbd's nbd_opt_structured_reply then
+    returns false), structured replies still negotiated. It was a second ACK."""
+    assert server.sock_path is not None
+    c = RawClient(server.sock_path)
+    c.start()
+    c.option(p.Opt.STRUCTURED_REPLY)
+    assert c.option_reply()[1] == p.Rep.ACK
+    c.option(p.Opt.STRUCTURED_REPLY)
+    [(rep, text)] = replies_until_ack(c)
+    assert rep == p.Rep.ERR_INVALID and b"already negotiated" in text
+    c.option(p.Opt.SET_META_CONTEXT, meta_option("mem", "base:allocation"))
+    assert len(replies_until_ack(c)) == 1
+    c.go("mem", fresh=False)
+    c.request(p.Cmd.BLOCK_STATUS, 0, 4096, cookie=6, flags=p.CmdFlag.REQ_ONE)
+    assert structured_reply(c)[1:3] == (p.ChunkType.BLOCK_STATUS, 6)
+    c.close()
+
+
 def test_block_status_on_the_wire(server: ServerThread) -> None:
     assert server.sock_path is not None
     c = RawClient(server.sock_path)

@@ -167,6 +167,9 @@ async def negotiate(
         elif opt == p.Opt.STRUCTURED_REPLY:
             if data:
                 error(opt, Rep.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+            elif core.structured:  # as qemu-nbd and nbdkit answer; they stay negotiated
+                error(opt, Rep.ERR_INVALID, "structured replies are already negotiated on this"
+                      " connection")
             else:
                 reply(opt, Rep.ACK)
         elif opt in (p.Opt.LIST_META_CONTEXT, p.Opt.SET_META_CONTEXT):
