@@ -23,7 +23,7 @@ from tests.nbd.test_client import FullAt
 from trustvbd.blockdev import Backend, BlockError, Buffer
 from trustvbd.blocks.block_runs import BlockRuns
 from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, physical_size
-from trustvbd.blocks.disk_state import Anchor, DiskState, Member
+from trustvbd.blocks.disk_state import Anchor, DiskState, Member, replica_id
 from trustvbd.blocks.layer import Layer
 from trustvbd.blocks.ranges import RangeLock
 from trustvbd.blocks.reconnect import ReplicaLink
@@ -121,6 +121,24 @@ def test_writes_reach_every_replica_and_reads_are_spread(tmp_path: Path, copies:
         anchor = DiskState(tmp_path, "vm1").read_anchor()
         assert anchor.members is not None and len(anchor.members) == copies
         assert all(anchor.member(f"r{i}") is Member.CURRENT for i in range(copies))
+    run(go())
+
+
+def test_a_flush_hashes_no_replica_name(tmp_path: Path) -> None:
+    """A FLUSH the intent log stands for compares the membership with the anchor's before
+    and after its log sync: each time a SHA-256 of every replica's name, now each name's
+    anchor id is made once."""
+    async def go() -> None:
+        disk = await open_set(tmp_path, new_state(tmp_path), memories(2))
+        await fill(disk)
+        before = replica_id.cache_info()
+        for b in range(5):
+            await disk.pwrite(b * BS, pattern(b, 1))
+            await disk.flush()
+        after = replica_id.cache_info()
+        assert after.misses == before.misses, (before, after)
+        assert after.hits >= before.hits + 5 * 2 * 2, (before, after)  # compared, twice a FLUSH
+        await disk.close()
     run(go())
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import hashlib
 import re
 import struct
@@ -72,8 +73,10 @@ class Member(enum.IntEnum):
     REBUILD = 3   # refused or untracked: every written block must be copied to it
 
 
+@functools.lru_cache(maxsize=64)
 def replica_id(name: str) -> bytes:
-    """How the anchor names a replica: 16 bytes of SHA-256 of its config name."""
+    """How the anchor names a replica: 16 bytes of SHA-256 of its config name (remembered:
+    every FLUSH compares the membership with the anchor's, twice)."""
     return hashlib.sha256(b"trustvbd-replica\x00" + name.encode()).digest()[:16]
 
 
