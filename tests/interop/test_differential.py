@@ -270,9 +270,11 @@ def test_flushed_bytes_survive_kill_9_as_the_format_says(short_tmp: Path, copies
     with seeded() as rng:
         s = system(short_tmp, copies).start()
         work = Workload(s.uri("vm1", "payroll"), rng)
+        work.after_flush = lambda w: agree_after_flush(s, copies, w)
         for _ in range(400):
             work.step()
         work.h.flush()
+        agree_after_flush(s, copies, work)
         flushed = bytes(work.model)
         # Acknowledged but not flushed: each block may read as any state it went through.
         allowed: dict[int, list[bytes]] = {}
