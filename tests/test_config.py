@@ -105,6 +105,8 @@ def test_format_size() -> None:
         (("listen = \"127.0.0.1:0\"", "listen = \"localhost\""), "guest[0].listen", "HOST:PORT"),
         (("name = \"vm1\"", "name = \"payroll\""), "guest 'payroll'", "also used by a disk"),
         (("[[guest]]", "[guest]"), "guest", "array of tables"),
+        (("state_dir = \"state\"\n[tls]\ndir = \"pki\"\n", "state_dir = \"state\"\ntls = 3\n"), "tls",
+         "found 3, where a table is expected: write a [tls] section with its keys"),
         (("[tls]\ndir = \"pki\"\n", ""), "guest[0].listen", "needs TLS"),
         (("listen = \"127.0.0.1:0\"", "tls = false"), "guest[0].tls", "TCP port only"),
         (("label = \"Payroll\"\n", "label = \"Payroll\"\nuser = \"no-such-user-x\"\n"),
@@ -246,3 +248,9 @@ def test_drivers_on_different_backings_pass(short_tmp: Path) -> None:
     text += ('[[driver]]\nname = "m0"\nlabel = "S"\nuri = "nbd+unix:///e?socket=/tmp/x.sock"\n'
              '[[driver]]\nname = "m1"\nlabel = "S"\nuri = "nbd+unix:///f?socket=/tmp/x.sock"\n')
     assert len(load_config(write(short_tmp, text)).disks["payroll"].replicas) == 3
+
+
+def test_an_entry_of_a_table_array_that_is_no_table_says_what_to_write(short_tmp: Path) -> None:
+    err = error_of(short_tmp, 'state_dir = "state"\ndriver = [3]\n')
+    assert (err.key, err.message) == (
+        "driver[0]", "found 3, where a table is expected: write a [[driver]] section with its keys")

@@ -6,6 +6,7 @@ and what to do. Relative paths are relative to the config file.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -161,7 +162,9 @@ class _Table:
     def __init__(self, file: Path, where: str, data: Any, allowed: set[str]) -> None:
         self.file, self.where = file, where
         if not isinstance(data, dict):
-            raise ConfigError(file, where, f"must be a table, not {type(data).__name__}")
+            section = f"[[{where.partition('[')[0]}]]" if where.endswith("]") else f"[{where}]"
+            raise ConfigError(file, where, f"found {json.dumps(data, default=str)}, where a table is"
+                              f" expected: write a {section} section with its keys")
         self.data = data
         unknown = sorted(set(data) - allowed)
         if unknown:
