@@ -10,7 +10,7 @@ Errors are raised as `BlockError` carrying an errno value, which the NBD server
 maps to an NBD error code for that one request.
 
 Optional abilities are declared as Protocols below (`ReadsInto`, `ReadsNatively`,
-`ServesReadsNatively`, `ServesFileRanges`, `HasEpoch`, `Breakable`, `Reconnectable`,
+`ServesReadsNatively`, `WritesNatively`, `ServesFileRanges`, `HasEpoch`, `Breakable`, `Reconnectable`,
 `ReportsAllocation`): a caller asks `isinstance(b, P)`
 once, when it composes the stack, and keeps the bound method.
 """
@@ -315,6 +315,23 @@ class ServesReadsNatively(Protocol):
         connection gave (an error reply, a broken connection), the indices of the blocks
         that failed verification, or, for a read left unanswered for the replica set's
         `lag`, the loop time it was sent."""
+        ...
+
+
+@runtime_checkable
+class WritesNatively(Protocol):
+    """Does the common guest WRITE in the native data plane (CryptDisk): the NBD server
+    parses a batch of requests with `write_route()`'s plane, which takes the WRITEs it can
+    (their replies are framed natively too), then hands them back in one call
+    (`writes_taken`) before the replies leave; the rest come to Python as usual."""
+
+    def write_route(self) -> object | None:
+        """The WritePlane, armed for this batch of requests, or None when no WRITE may be
+        taken natively now."""
+        ...
+
+    def writes_taken(self) -> None:
+        """Collect what the plane took (intent records, versions, writes behind)."""
         ...
 
 

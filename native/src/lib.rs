@@ -9,6 +9,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod block_codec;
+pub mod intent_record;
 pub mod leaf_table;
 pub mod nbd_client;
 #[cfg(test)]

@@ -169,6 +169,23 @@ class Commits:
         self.leaves.set(b0, new)
         self.intent_blocks += len(new) // LEAF_SIZE
 
+    def write_window(self) -> tuple[int, int, int]:
+        """(the next version, the reserved bound, blocks): the native write plane may take
+        versions below the bound without a new reservation (take_versions), and writes of
+        fewer blocks than `blocks` together before a commit is due (due_after)."""
+        return self._next_version, self._counter_high, AUTO_COMMIT_BLOCKS - self.intent_blocks
+
+    def writes_recorded(self, records: bytes, blocks: int, writes: int,
+                        next_version: int) -> None:
+        """Writes the native write plane did (crypt_write.writes_taken): versions taken up to
+        `next_version`, leaves set in the table, intent records encoded (held, as
+        note_leaves(held=True)); each is a writer now, until its write behind ended."""
+        self._next_version = next_version
+        self.intent.append_encoded(records, held=True)
+        self.intent_blocks += blocks
+        self._writers += writes
+        self._writers_idle.clear()
+
     def write_held(self) -> None:
         """Write the intent records held back (note_leaves) before their ciphertext leaves."""
         try:

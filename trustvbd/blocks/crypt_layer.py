@@ -26,7 +26,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from trustvbd._native import ReadPlane
+from trustvbd._native import ReadPlane, WritePlane
 from trustvbd.blockdev import (
     Backend,
     BlockError,
@@ -60,7 +60,7 @@ from trustvbd.blocks.leaf_pages import DEFAULT_CAPACITY, LeafLocks
 from trustvbd.blocks.read_buffers import ReadBuffers
 from trustvbd.blocks.replica import Replica
 from trustvbd.blocks.replica_set import REPLICA_LAG, ReplicaSet
-from trustvbd.blocks.write_behind import Seen, WriteBehind
+from trustvbd.blocks.write_behind import WRITE_BEHIND_BLOCKS, Seen, WriteBehind
 from trustvbd.crypt.aead import BLOCK_SIZE, BlockCipher, new_key_id
 from trustvbd.crypt.keys import DiskSecrets, Kek, KeyFileError, WrongKeyError
 from trustvbd.crypt.superblock import Layout
@@ -141,6 +141,10 @@ class CryptDisk:
                                 NATIVE_MAX_BLOCKS if self._aead.inline(BULK_MIN) else BULK_MIN - 1,
                                 HIGH_WATER)
         self._route: tuple[list[Replica], list[NativeClient]] | None = None
+        # The common guest WRITE, done natively (crypt_write.write_route): answered before
+        # its replicas, so below WRITE_BEHIND_BLOCKS; a commit is near at half the cache dirty.
+        self._wplane = WritePlane(commits.leaves.table, self._cipher.codec, self._lay.logical_size,
+                                  WRITE_BEHIND_BLOCKS, commits.leaves.capacity // 2)
         self._behind = WriteBehind(name, self._send, expect_flush=self._commits.sync_early,
                                    submit=self._submit)
         self._seen = self._behind.seen()  # flush() and commit() called without a connection
@@ -231,6 +235,8 @@ class CryptDisk:
 
     pwrite = crypt_write.pwrite
     write_inline = crypt_write.write_inline
+    write_route = crypt_write.write_route
+    writes_taken = crypt_write.writes_taken
     _wait_for_space = crypt_write.wait_for_space
     _acquire = crypt_write.acquire
     _note_settled = crypt_write.note_settled

@@ -25,6 +25,7 @@ from trustvbd.blocks.ranges import Hold
 from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE
 
 if TYPE_CHECKING:
+    from trustvbd._native import WritePlane
     from trustvbd.blocks.crypt_layer import CryptDisk
 
 log = logging.getLogger("trustvbd.blocks.crypt_layer")
@@ -103,41 +104,54 @@ async def pwrite(disk: CryptDisk, offset: int, data: Buffer, fua: bool = False) 
 
 
 def write_inline(disk: CryptDisk, offset: int, data: Buffer, fua: bool = False) -> bool:
-    """The common write without a coroutine (WritesInline): whole blocks, no FUA, fewer
-    than WRITE_BEHIND_BLOCKS, the range free, sealed inline, no commit running or due:
-    recorded and handed to the writes behind in this call, as `pwrite` does it. False,
-    with nothing done, for any other write (the NBD server then awaits `pwrite`)."""
-    length = len(data)
-    if fua or not length or offset % BS or length % BS:
+    """The common write without a coroutine (WritesInline), for one the NBD server did not
+    hand to the native write plane with its batch (its payload came later): the plane
+    takes it, as `write_route` says (whole blocks, no FUA, fewer than
+    WRITE_BEHIND_BLOCKS, the range free, no commit running or due), recorded and handed
+    to the writes behind in this call, as `pwrite` does it. False, with nothing done, for
+    any other write (the NBD server then awaits `pwrite`)."""
+    if fua:
         return False
+    length = len(data)
     if offset + length > disk._lay.logical_size or offset < 0:
         check_range(disk._lay.logical_size, offset, length)  # it says what is wrong
     if disk._closed or disk._commits.failed is not None:
         disk._check_usable()
-    n = length // BS
-    commits = disk._commits
-    if (disk._out_of_space is not None or not disk._behind.takes(n)
-            or not disk._aead.inline(n) or commits.due_after(n)
-            or not commits.try_enter_write()):
+    plane = write_route(disk)
+    if plane is None or not plane.write(offset, data):
         return False
-    b0 = offset // BS
-    hold = disk._locks.try_acquire(b0, b0 + n, True)
-    if hold is None:
-        commits.leave_write()
-        return False  # pwrite waits for it (and sends the writes behind that hold it)
-    try:
-        version = commits.take_versions(n)
-        ct, new = disk._cipher.seal(b0, version, memoryview(data).cast("B"))
-        old = _note_write(disk, b0, new)
-        if n == 1 and b0 in disk._recent_wanted:
-            _remember(disk, b0, new, data)
-        disk._behind.add(b0, old, ct, partial(_write_ended, disk, hold),
-                         gather=not commits.committing)
-    except BaseException:
-        disk._locks.release(hold)
-        commits.leave_write()
-        raise
+    writes_taken(disk)
     return True
+
+
+def write_route(disk: CryptDisk) -> WritePlane | None:
+    """The disk's WritePlane armed for a batch of guest requests (WritesNatively), or None
+    when no write may go natively now: the disk closed, failed or full, a commit running,
+    no room behind (WRITE_BEHIND_MAX, or a write behind lost that no FLUSH reported yet:
+    later writes wait for their replicas until then). What each write needs on its own
+    (versions left in the reservation, fewer blocks than a commit becomes due at, dirty
+    leaf pages under the limit, the range free and resident) the plane checks."""
+    commits, behind = disk._commits, disk._behind
+    room = behind.limit - behind.running
+    if (room <= 0 or commits.committing or disk._closed or commits.failed is not None
+            or disk._out_of_space is not None or behind.unreported() is not None):
+        return None
+    plane = disk._wplane
+    plane.arm(room, *commits.write_window())
+    return plane
+
+
+def writes_taken(disk: CryptDisk) -> None:
+    """What the plane took since it was armed, before the guest's replies leave: the
+    intent records (held until the ciphertext leaves), versions and writers to the
+    commits, and each write to the writes behind, its hold released when it ended."""
+    records, writes, blocks, next_version = disk._wplane.take()
+    if not writes:
+        return
+    disk._commits.writes_recorded(records, blocks, len(writes), next_version)
+    add = disk._behind.add
+    for b0, old, ct, hold in writes:
+        add(b0, old, ct, partial(_write_ended, disk, hold))
 
 
 async def acquire(disk: CryptDisk, b0: int, b1: int, exclusive: bool) -> Hold:
@@ -176,6 +190,7 @@ def _want_recent(disk: CryptDisk, b: int) -> None:
     if len(wanted) >= _WANTED_BLOCKS:
         del wanted[next(iter(wanted))]
     wanted[b] = None
+    disk._wplane.set_wanted(list(wanted))
 
 
 def _remember(disk: CryptDisk, b: int, leaf: bytes, plain: Buffer) -> None:

@@ -190,6 +190,14 @@ class IntentLog:
         if not held:
             self._put(b"")
 
+    def append_encoded(self, records: bytes | bytearray, held: bool = False) -> None:
+        """Leaf records encoded by the native write plane (native/src/intent_record.rs:
+        the bytes `append` makes), as `append`."""
+        with self._writing:
+            self._held += records
+        if not held:
+            self._put(b"")
+
     def read(self) -> LogContents:
         """The base epoch (None if the log is empty/unreadable) and the whole records.
 

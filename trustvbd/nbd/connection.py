@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from trustvbd import eager
-from trustvbd._native import NbdServerSession, ReadPlane
+from trustvbd._native import NbdServerSession
 from trustvbd.blockdev import (
     Backend,
     BlockError,
@@ -55,6 +55,7 @@ from trustvbd.blockdev import (
     FileRange,
     ReportsAllocation,
     ServesReadsNatively,
+    WritesNatively,
     provides,
 )
 from trustvbd.nbd import connection_limits, reply_output
@@ -114,6 +115,8 @@ class Connection(asyncio.BufferedProtocol):
         self._write_tasks: set[asyncio.Task[None]] = set()
         # READs served in the native read plane (ServesReadsNatively: the encryption layer)
         self._reads: ServesReadsNatively | None = None
+        # WRITEs done in the native write plane (WritesNatively: the encryption layer)
+        self._writes: WritesNatively | None = None
         self._native_running = 0  # of them, running
         self._native_idle: asyncio.Event | None = None  # set when the last of them ends
         self._inflight_bytes = 0
@@ -360,38 +363,61 @@ class Connection(asyncio.BufferedProtocol):
     # --- READs in the native read plane (ServesReadsNatively) ------------------------
     def _parse_batch(self, session: NbdServerSession, buf: bytearray, start: int, end: int
                      ) -> tuple[int, list[m.RequestItem], int]:
-        """A batch of requests received (ProtocolCore.parse_batch): the READs the backend's
-        native read plane can take start there, in order, until the first request it does
-        not take; the rest come back as parsed requests. Within the connection's bounds
-        (MAX_TASKS requests, MAX_INFLIGHT_BYTES) and never while anything is held back."""
-        reads = self._reads
-        route = None
-        # Native READs start only before the batch's first other request: a batch that does
-        # not begin with a READ header (type 0 at bytes 6-7) skips the route.
-        if (reads is not None and end - start >= _REQUEST_SIZE and not buf[start + 6]
-                and not buf[start + 7] and not self.core.requests and self._stash is None
+        """A batch of requests received (ProtocolCore.parse_batch): a batch that begins with
+        READs has those the backend's native read plane can take started there, one that
+        begins with WRITEs has those its native write plane takes done there (collected
+        by `writes_taken` before their replies leave), in order, until the first request
+        the plane does not take; the rest come back as parsed requests. Within the
+        connection's bounds (MAX_TASKS requests, MAX_INFLIGHT_BYTES for reads; the
+        backend's for writes) and never while anything is held back."""
+        reads, writes = self._reads, self._writes
+        route = plane = None
+        # Only before the batch's first other request: a READ header has type 0 at bytes
+        # 6-7, a WRITE type 1 (a batch that begins with anything else skips the planes).
+        if (end - start >= _REQUEST_SIZE and not buf[start + 6] and buf[start + 7] <= _WRITE
+                and not self.core.requests and self._stash is None
                 and not self._stopping and not self._reading_paused
                 and (self._budget is None or not self._budget.over)):
-            route = reads.read_route()
-        if route is None:
+            if buf[start + 7] == _READ:
+                route = reads.read_route() if reads is not None else None
+            elif writes is not None:
+                plane = writes.write_route()
+        if route is None and plane is None:
             return session.parse(buf, start, end)
-        plane, links = route
-        clients = cast("list[NbdClient]", links)
-        start, items, want, started, nbytes, used = session.parse_reads(
-            buf, start, end, cast(ReadPlane, plane), self, [c._free_slots for c in clients], self._loop.time(),
+        links: list[NbdClient] = []
+        read_plane = None
+        if route is not None:
+            read_plane, links = route  # type: ignore[assignment] # (ReadPlane, NbdClients)
+        start, items, want, started, nbytes, used, written = session.parse_native(
+            buf, start, end, self, read_plane,  # type: ignore[arg-type]
+            [c._free_slots for c in links], self._loop.time(),
             max(0, connection_limits.MAX_TASKS - len(self._tasks) - self._native_running),
-            max(0, connection_limits.MAX_INFLIGHT_BYTES - self._inflight_bytes))
+            max(0, connection_limits.MAX_INFLIGHT_BYTES - self._inflight_bytes),
+            plane)  # type: ignore[arg-type] # a WritePlane
         if started:
             self._native_running += started
             self._inflight_bytes += nbytes
-            for client, count in zip(clients, used, strict=True):
+            for client, count in zip(links, used, strict=True):
                 if count:
                     client._native_sent(count)
             self._request_started()
+        if written:
+            assert writes is not None
+            try:
+                writes.writes_taken()  # before their replies leave
+            except Exception:
+                # A bug: the writes may not reach the replicas, so their replies never leave.
+                log.exception("nbd: %s on export %r: native writes could not be handed on; "
+                              "closing the connection", self.peer.identity, self.export_name)
+                session.take_output()
+                self._abort()
+                return start, [], want
+            self._native_replied()  # their replies (framed by the session) queued
         return start, items, want
 
     def _native_replied(self) -> None:
-        """Replies of native reads are framed in the session (told by a replica's client)."""
+        """Replies of native reads (told by a replica's client) and writes (_parse_batch),
+        framed in the session."""
         out, ended, nbytes = self.core.server_session().take_output()
         self._native_running -= ended
         self._inflight_bytes -= nbytes

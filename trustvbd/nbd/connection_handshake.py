@@ -22,6 +22,7 @@ from trustvbd.blockdev import (
     ServesReadsNatively,
     WritesAtOnce,
     WritesInline,
+    WritesNatively,
 )
 from trustvbd.crypt.tls import peer_common_name
 from trustvbd.nbd import messages as m
@@ -117,6 +118,9 @@ async def handshake(conn: Connection) -> None:
                            else backend.flush)
     if conn._file_range is None and isinstance(backend, ServesReadsNatively):
         conn._reads = backend
+        conn.core.parse_batch = conn._parse_batch
+    if isinstance(backend, WritesNatively):
+        conn._writes = backend
         conn.core.parse_batch = conn._parse_batch
     if isinstance(backend, WritesAtOnce):
         conn._write_now = backend.write_now

@@ -19,6 +19,7 @@ mod leaf_table;
 mod nbd_client;
 mod nbd_server;
 mod read_plane;
+mod write_plane;
 
 fn value_error(err: CodecError) -> PyErr {
     PyValueError::new_err(err.0)
@@ -125,5 +126,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     nbd_client::register(m)?;
     nbd_server::register(m)?;
     read_plane::register(m)?;
+    write_plane::register(m)?;
     Ok(())
 }

@@ -15,8 +15,9 @@ use std::collections::HashMap;
 use super::foreign;
 use super::nbd_client::NbdClientEngine;
 use super::read_plane::{self, Finished, ReadPlane};
+use super::write_plane::WritePlane;
 use crate::nbd_server::{self, Checker, Framer, Item, Payload, Refusal};
-use crate::nbd_wire::CMD_READ;
+use crate::nbd_wire::{CMD_READ, CMD_WRITE, FLAG_FUA};
 
 /// Read data up to this size is copied in among the reply headers (one buffer for the
 /// batch); larger data goes as a buffer of its own, uncopied.
@@ -32,12 +33,15 @@ const COPY_MAX: usize = 16 * 1024;
 /// (nbd error, message), piece None or, for a piece of a WRITE over 32 MiB, whether it
 /// is the last. ValueError for what must drop the connection (bad magic).
 ///
-/// parse_reads(buf, start, end, plane, owner, slots, now, max_reads, max_bytes)
-///     -> (new start, items, want, reads started, their bytes, [reads per link])
-/// As parse, but READs the ReadPlane can serve natively are started there instead of
-/// returned (see read_plane.rs), up to `max_reads` of at most `max_bytes` together, and
-/// only until the first request handed to Python: requests keep their order. `owner`
-/// is told of their replies (`_native_replied`, then take_output) and failures.
+/// parse_native(buf, start, end, owner, plane, slots, now, max_reads, max_bytes, writes)
+///     -> (new start, items, want, reads started, their bytes, [reads per link], writes taken)
+/// As parse, but READs the ReadPlane `plane` (or None) can serve natively are started
+/// there instead of returned (see read_plane.rs), up to `max_reads` of at most
+/// `max_bytes` together, and WRITEs the WritePlane `writes` (or None) takes are done
+/// there (see write_plane.rs), their replies framed into the output; only until the
+/// first request handed to Python: requests keep their order. `owner` is told of the
+/// reads' replies (`_native_replied`, then take_output) and failures; the caller
+/// collects the writes (WritePlane.take) before it sends the output.
 #[pyclass(module = "trustvbd._native", name = "NbdServerSession")]
 pub(crate) struct PyNbdServerSession {
     framer: Framer,
@@ -259,18 +263,19 @@ impl PyNbdServerSession {
 
     #[allow(clippy::too_many_arguments)]
     #[allow(clippy::type_complexity)]
-    fn parse_reads<'py>(
+    fn parse_native<'py>(
         slf: &Bound<'py, Self>,
         buf: PyBuffer<u8>,
         start: usize,
         end: usize,
-        plane: &Bound<'py, ReadPlane>,
         owner: Bound<'py, PyAny>,
+        plane: Option<&Bound<'py, ReadPlane>>,
         mut slots: Vec<usize>,
         now: f64,
         max_reads: usize,
         max_bytes: u64,
-    ) -> PyResult<(usize, Bound<'py, PyList>, usize, usize, u64, Vec<usize>)> {
+        writes: Option<&Bound<'py, WritePlane>>,
+    ) -> PyResult<(usize, Bound<'py, PyList>, usize, usize, u64, Vec<usize>, usize)> {
         let py = slf.py();
         if start > end || end > buf.item_count() {
             return Err(PyValueError::new_err(format!(
@@ -288,36 +293,45 @@ impl PyNbdServerSession {
         let session = slf.clone().unbind();
         let owner = owner.unbind();
         let mut used = vec![0usize; slots.len()];
-        let (mut started, mut bytes) = (0usize, 0u64);
+        let (mut started, mut bytes, mut written) = (0usize, 0u64, 0usize);
         let mut in_order = true; // no request handed to Python yet
         let list = PyList::empty(py);
         for item in &items {
             let h = &item.head;
-            if in_order
-                && h.typ == CMD_READ
-                && item.refusal.is_none()
-                && item.piece.is_none()
-                && started < max_reads
-                && bytes + u64::from(item.length) <= max_bytes
-            {
-                let seq = {
+            let plain = in_order && item.refusal.is_none() && item.piece.is_none();
+            if let (true, Some(plane)) = (plain && h.typ == CMD_READ, plane) {
+                if started < max_reads && bytes + u64::from(item.length) <= max_bytes {
+                    let seq = {
+                        let mut me = slf.borrow_mut();
+                        me.next_seq += 1;
+                        me.next_seq
+                    };
+                    let begun = read_plane::start(plane, &session, &owner, seq, h.cookie, item.offset, item.length, &mut slots, now);
+                    if let Some((i, engine, engine_cookie)) = begun {
+                        slf.borrow_mut().running.insert(seq, (engine, engine_cookie));
+                        used[i] += 1;
+                        started += 1;
+                        bytes += u64::from(item.length);
+                        continue;
+                    }
+                }
+            }
+            if let (true, Some(writes), Payload::Inline(range)) = (plain && h.typ == CMD_WRITE && h.flags & FLAG_FUA == 0, writes, &item.payload) {
+                let (from, to) = (start + range.start, start + range.end);
+                let fill = |out: &mut [u8]| foreign::with_bytes(py, &buf, |bytes| out.copy_from_slice(&bytes[from..to]));
+                // An error leaves nothing done: the request goes to Python, which meets it again.
+                if let Ok(true) = writes.borrow_mut().try_take(py, item.offset, to - from, fill) {
                     let mut me = slf.borrow_mut();
-                    me.next_seq += 1;
-                    me.next_seq
-                };
-                let begun = read_plane::start(plane, &session, &owner, seq, h.cookie, item.offset, item.length, &mut slots, now);
-                if let Some((i, engine, engine_cookie)) = begun {
-                    slf.borrow_mut().running.insert(seq, (engine, engine_cookie));
-                    used[i] += 1;
-                    started += 1;
-                    bytes += u64::from(item.length);
+                    let structured = me.structured;
+                    nbd_server::frame_reply(&mut me.out, structured, h.cookie, 0, "", None);
+                    written += 1;
                     continue;
                 }
             }
             in_order = false;
             list.append(item_tuple(py, item, payload(py, &buf, start, item)?)?)?;
         }
-        Ok((start + parsed.consumed, list, parsed.want, started, bytes, used))
+        Ok((start + parsed.consumed, list, parsed.want, started, bytes, used, written))
     }
 
     /// cancel_reads() -> (reads, their bytes): the native reads still running are given up

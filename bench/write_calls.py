@@ -1,0 +1,155 @@
+"""Python calls and CPU per small guest WRITE on the encryption domain's loop thread.
+
+    cd /tmp && PYTHONPATH=TREE TREE/.venv/bin/python TREE/bench/write_calls.py [--qd 16]
+        [--writes 8000] [--replicas 2] [--reps 3]
+
+The disk over in-memory NBD drivers in threads (as tests/crypt/test_native_reads.py opens
+it), served by our NbdServer on a Unix socket on uvloop (as the domain runs it); a libnbd
+guest in a subprocess writes 4 KiB blocks at random offsets with `--qd` requests in flight
+(no FUA, no FLUSH until the end).
+Counted on the event loop's thread only (the drivers and the guest are elsewhere): Python
+calls (`sys.setprofile` "call" events) and C calls per write, and that thread's CPU
+(time.thread_time) per write, profiled and unprofiled. With PYTHONPATH set to another
+tree (`git archive COMMIT | tar -x -C DIR`, with an extension built from that commit) it
+measures that tree: a same-run A/B that the machine's load barely disturbs (counts are
+exact; CPU is per request, not throughput).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from tests.crypt.helpers import SIZE, RawMemory, new_state
+from tests.nbd.helpers import ServerThread
+from trustvbd.blockdev import Backend
+from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
+from trustvbd.nbd.client import NbdClient
+from trustvbd.nbd.exports import Export, StaticExports
+from trustvbd.nbd.server import NbdServer
+
+TOP = int(os.environ.get("WRITE_CALLS_TOP", "0"))  # print the busiest functions
+GUEST = r"""
+import random, sys
+sys.path.append("/usr/lib/python3/dist-packages")
+import nbd
+uri, qd, count, blocks, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+rnd = random.Random(seed)
+h = nbd.NBD()
+h.connect_uri(uri)
+buf = nbd.Buffer.from_bytearray(bytearray(rnd.randbytes(4096)))
+sys.stdout.write("ready\n"); sys.stdout.flush()
+sys.stdin.readline()
+sent = 0
+while sent < count or h.aio_in_flight() > 0:
+    while sent < count and h.aio_in_flight() < qd:
+        h.aio_pwrite(buf, rnd.randrange(blocks) * 4096)
+        sent += 1
+    h.poll(-1)
+h.flush()
+h.shutdown()
+"""
+
+
+@contextlib.contextmanager
+def drivers(tmp: Path, n: int) -> Iterator[list[str]]:
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(ServerThread(StaticExports([Export("", RawMemory(
+            physical_size(SIZE)))]), tmp / f"d{i}.sock")).uri() for i in range(n)]
+
+
+@contextlib.asynccontextmanager
+async def opened(tmp: Path, uris: list[str]) -> AsyncIterator[CryptDisk]:
+    kek = new_state(tmp / "state")
+    links: list[tuple[str, Backend]] = []
+    for i, uri in enumerate(uris):
+        links.append((f"r{i}", await NbdClient.open_uri(uri, request_timeout=30.0)))
+    disk = await CryptDisk.open_mirrored(tmp / "state", "vm1", links, kek)
+    try:
+        yield disk
+    finally:
+        await disk.close()
+
+
+async def measure(tmp: Path, disk: CryptDisk, qd: int, writes: int, profile: bool,
+                  seed: int) -> tuple[float, float, float]:
+    sock = tmp / f"g{seed}.sock"
+    server = NbdServer(StaticExports([Export("", disk)]), identity="bench-guest")
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(sock))
+    listening.listen(4)
+    serving = asyncio.ensure_future(server.serve_socket(listening))
+    blocks = min(SIZE // 4096, 8192)
+    guest = await asyncio.create_subprocess_exec(
+        "/usr/bin/python3", "-c", GUEST, f"nbd+unix:///?socket={sock}", str(qd), str(writes),
+        str(blocks), str(seed), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert guest.stdin is not None and guest.stdout is not None
+    await guest.stdout.readline()  # connected
+    counts = {"call": 0, "c_call": 0}
+    where: dict[str, int] = {}
+
+    def count(frame: FrameType, event: str, arg: Any) -> None:
+        if event in counts:
+            counts[event] += 1
+            if TOP:
+                code = frame.f_code
+                key = (f"{Path(code.co_filename).name}:{code.co_name}" if event == "call"
+                       else f"C {getattr(arg, '__qualname__', arg)}")
+                where[key] = where.get(key, 0) + 1
+
+    cpu0 = time.thread_time()
+    if profile:
+        sys.setprofile(count)
+    try:
+        guest.stdin.write(b"go\n")
+        await guest.stdin.drain()
+        await guest.wait()
+    finally:
+        sys.setprofile(None)
+    cpu = time.thread_time() - cpu0
+    for key, n in sorted(where.items(), key=lambda kv: -kv[1])[:TOP]:
+        print(f"  {n / writes:6.2f} {key}")
+    await server.close()
+    serving.cancel()
+    await asyncio.gather(serving, return_exceptions=True)
+    listening.close()
+    return counts["call"] / writes, counts["c_call"] / writes, cpu / writes * 1e6
+
+
+async def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="wc", dir="/tmp") as d:
+        tmp = Path(d)
+        with drivers(tmp, args.replicas) as uris:
+            async with opened(tmp, uris) as disk:
+                for rep in range(args.reps):
+                    calls, ccalls, _ = await measure(tmp, disk, args.qd, args.writes, True, 2 * rep)
+                    _, _, cpu = await measure(tmp, disk, args.qd, args.writes, False, 2 * rep + 1)
+                    print(f"qd {args.qd} replicas {args.replicas}: {calls:.1f} Python calls, "
+                          f"{ccalls:.1f} C calls per write; loop thread CPU {cpu:.1f} us per "
+                          "write (unprofiled)", flush=True)
+                started = getattr(getattr(disk, "_wplane", None), "started", None)
+                if started is not None:
+                    print(f"writes taken natively: {started}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--qd", type=int, default=16)
+    parser.add_argument("--writes", type=int, default=8000)
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
+    import uvloop  # the encryption domain's loop (domains/common.py)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main(parser.parse_args()))
