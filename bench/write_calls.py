@@ -6,7 +6,8 @@
 The disk over in-memory NBD drivers in threads (as tests/crypt/test_native_reads.py opens
 it), served by our NbdServer on a Unix socket on uvloop (as the domain runs it); a libnbd
 guest in a subprocess writes 4 KiB blocks at random offsets with `--qd` requests in flight
-(no FUA, no FLUSH until the end).
+(no FUA, no FLUSH until the end), or with --seq one after another from block 0 (as
+fuse2fs writes a file's data, one 4 KiB request at a time).
 Counted on the event loop's thread only (the drivers and the guest are elsewhere): Python
 calls (`sys.setprofile` "call" events) and C calls per write, and that thread's CPU
 (time.thread_time) per write, profiled and unprofiled. With PYTHONPATH set to another
@@ -45,6 +46,7 @@ import random, sys
 sys.path.append("/usr/lib/python3/dist-packages")
 import nbd
 uri, qd, count, blocks, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+seq = sys.argv[6] == "seq"
 rnd = random.Random(seed)
 h = nbd.NBD()
 h.connect_uri(uri)
@@ -54,7 +56,7 @@ sys.stdin.readline()
 sent = 0
 while sent < count or h.aio_in_flight() > 0:
     while sent < count and h.aio_in_flight() < qd:
-        h.aio_pwrite(buf, rnd.randrange(blocks) * 4096)
+        h.aio_pwrite(buf, (sent % blocks if seq else rnd.randrange(blocks)) * 4096)
         sent += 1
     h.poll(-1)
 h.flush()
@@ -83,7 +85,7 @@ async def opened(tmp: Path, uris: list[str]) -> AsyncIterator[CryptDisk]:
 
 
 async def measure(tmp: Path, disk: CryptDisk, qd: int, writes: int, profile: bool,
-                  seed: int) -> tuple[float, float, float]:
+                  seed: int, seq: bool) -> tuple[float, float, float]:
     sock = tmp / f"g{seed}.sock"
     server = NbdServer(StaticExports([Export("", disk)]), identity="bench-guest")
     listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -93,7 +95,7 @@ async def measure(tmp: Path, disk: CryptDisk, qd: int, writes: int, profile: boo
     blocks = min(SIZE // 4096, 8192)
     guest = await asyncio.create_subprocess_exec(
         "/usr/bin/python3", "-c", GUEST, f"nbd+unix:///?socket={sock}", str(qd), str(writes),
-        str(blocks), str(seed), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        str(blocks), str(seed), "seq" if seq else "random", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert guest.stdin is not None and guest.stdout is not None
     await guest.stdout.readline()  # connected
     counts = {"call": 0, "c_call": 0}
@@ -133,9 +135,12 @@ async def main(args: argparse.Namespace) -> None:
         with drivers(tmp, args.replicas) as uris:
             async with opened(tmp, uris) as disk:
                 for rep in range(args.reps):
-                    calls, ccalls, _ = await measure(tmp, disk, args.qd, args.writes, True, 2 * rep)
-                    _, _, cpu = await measure(tmp, disk, args.qd, args.writes, False, 2 * rep + 1)
-                    print(f"qd {args.qd} replicas {args.replicas}: {calls:.1f} Python calls, "
+                    calls, ccalls, _ = await measure(tmp, disk, args.qd, args.writes, True, 2 * rep,
+                                                     args.seq)
+                    _, _, cpu = await measure(tmp, disk, args.qd, args.writes, False, 2 * rep + 1,
+                                              args.seq)
+                    print(f"{'sequential' if args.seq else 'random'} qd {args.qd} replicas "
+                          f"{args.replicas}: {calls:.1f} Python calls, "
                           f"{ccalls:.1f} C calls per write; loop thread CPU {cpu:.1f} us per "
                           "write (unprofiled)", flush=True)
                 started = getattr(getattr(disk, "_wplane", None), "started", None)
@@ -149,6 +154,8 @@ if __name__ == "__main__":
     parser.add_argument("--writes", type=int, default=8000)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--seq", action="store_true",
+                        help="sequential 4 KiB writes (as a file copy through FUSE), not random")
     import uvloop  # the encryption domain's loop (domains/common.py)
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -132,9 +132,10 @@ def write_route(disk: CryptDisk) -> WritePlane | None:
     (versions left in the reservation, fewer blocks than a commit becomes due at, dirty
     leaf pages under the limit, the range free and resident) the plane checks."""
     commits, behind = disk._commits, disk._behind
-    room = behind.limit - behind.running
+    # Once per batch (per write at QD1): the write-behind's own fields, no call layer.
+    room = behind.limit - behind._writes
     if (room <= 0 or commits.committing or disk._closed or commits.failed is not None
-            or disk._out_of_space is not None or behind.unreported() is not None):
+            or disk._out_of_space is not None or behind._failure is not None):
         return None
     plane = disk._wplane
     plane.arm(room, *commits.write_window())

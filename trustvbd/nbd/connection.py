@@ -388,12 +388,17 @@ class Connection(asyncio.BufferedProtocol):
         read_plane = None
         if route is not None:
             read_plane, links = route  # type: ignore[assignment] # (ReadPlane, NbdClients)
-        start, items, want, started, nbytes, used, written = session.parse_native(
-            buf, start, end, self, read_plane,  # type: ignore[arg-type]
-            [c._free_slots for c in links], self._loop.time(),
-            max(0, connection_limits.MAX_TASKS - len(self._tasks) - self._native_running),
-            max(0, connection_limits.MAX_INFLIGHT_BYTES - self._inflight_bytes),
-            plane)  # type: ignore[arg-type] # a WritePlane
+        try:
+            start, items, want, started, nbytes, used, written = session.parse_native(
+                buf, start, end, self, read_plane,  # type: ignore[arg-type]
+                [c._free_slots for c in links] if links else [], self._loop.time(),
+                max(0, connection_limits.MAX_TASKS - len(self._tasks) - self._native_running),
+                max(0, connection_limits.MAX_INFLIGHT_BYTES - self._inflight_bytes),
+                plane)  # type: ignore[arg-type] # a WritePlane
+        except BaseException:
+            if writes is not None and plane is not None:
+                writes.writes_taken()  # writes done before it failed go on (unanswered)
+            raise
         if started:
             self._native_running += started
             self._inflight_bytes += nbytes
@@ -412,12 +417,18 @@ class Connection(asyncio.BufferedProtocol):
                 session.take_output()
                 self._abort()
                 return start, [], want
-            self._native_replied()  # their replies (framed by the session) queued
+            # Their replies, framed by the session. (Replies of native reads are taken as
+            # they come, by _native_replied: none ends here, but count any that did.)
+            out, ended, nbytes = session.take_output()
+            if ended:
+                self._native_running -= ended
+                self._inflight_bytes -= nbytes
+                self._native_ended()
+            self._queue(out, now=not self._native_running and not self._tasks)
         return start, items, want
 
     def _native_replied(self) -> None:
-        """Replies of native reads (told by a replica's client) and writes (_parse_batch),
-        framed in the session."""
+        """Replies of native reads are framed in the session (told by a replica's client)."""
         out, ended, nbytes = self.core.server_session().take_output()
         self._native_running -= ended
         self._inflight_bytes -= nbytes
