@@ -149,8 +149,10 @@ def print_status(status: dict[str, Any]) -> None:
         epoch = f" epoch {disk['epoch']}" if "epoch" in disk else ""
         mode = "encrypted" if disk["encrypt"] else "PLAIN (not encrypted)"
         held_by = f" in {disk['domain']}" if disk.get("domain") else ""
+        events = disk.get("integrity_events")
+        events_text = f" integrity-events {events}" if events is not None else ""
         print(f"  {disk['name']:<12} {format_size(disk['size']):<8} label {disk['label']} {mode}"
-              f" {disk['state']}{epoch} integrity-events {disk['integrity_events']}{held_by}")
+              f" {disk['state']}{epoch}{events_text}{held_by}")
         for r in disk["replicas"]:
             print(f"    replica {r['name']}: {describe_replica(r)}")
         if disk.get("scrub"):

@@ -368,7 +368,7 @@ def test_a_wiped_replica_of_a_terabyte_mirror_is_rebuilt_without_holding_up_gues
 
         def replicas() -> dict[str, str]:
             out = run([*TRUSTVBD, "status", "-c", str(s.config), "--json"], timeout=15)
-            disks = json.loads(out.stdout)["disks"]  # none while the domain does not answer
+            disks = json.loads(out.stdout)["disks"]  # no replicas while the domain does not answer
             return {r["name"]: r["state"] for r in disks[0]["replicas"]} if disks else {}
 
         worst, deadline = 0.0, time.monotonic() + 60

@@ -126,6 +126,35 @@ def test_status_text_and_json(system: System) -> None:
         h.shutdown()
 
 
+def test_status_of_a_stopped_encryption_domain_lists_its_disks_and_says_why(
+        system: System) -> None:
+    """An encryption domain that does not answer (SIGSTOPped here; hung or overloaded in
+    life): its disks were left out of `status` as if the config had none, after 10 s per
+    such domain. They are listed, saying which domain did not answer; the other domain's
+    disks as ever; and once it runs again, its disks are back."""
+    data = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
+    if not next(d for d in data["disks"] if d["name"] == "payroll")["encrypt"]:
+        pytest.skip("one mode is enough: the domain is the same")
+    pid = next(d["pid"] for d in data["domains"] if d["name"] == "crypt-PayrollData")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        data = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
+        text = system.cli("status", "-c", str(system.config)).stdout
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    disks = {d["name"]: d for d in data["disks"]}
+    assert set(disks) == {"payroll", "scratch"}, data["disks"]
+    assert disks["payroll"]["state"].startswith(
+        "unknown: its encryption domain crypt-PayrollData did not answer within"), disks
+    assert disks["payroll"]["domain"] == "crypt-PayrollData" and disks["payroll"]["size"] == SIZE
+    assert disks["scratch"]["state"] == "serving", disks
+    line = next(x for x in text.splitlines() if x.strip().startswith("payroll"))
+    assert "unknown: its encryption domain crypt-PayrollData did not answer" in line, text
+    data = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
+    assert {d["name"]: d["state"] for d in data["disks"]} == {
+        "payroll": "serving", "scratch": "serving"}, data["disks"]
+
+
 def test_second_up_on_same_state_dir_is_refused(system: System) -> None:
     out = run([*TRUSTVBD, "up", "-c", str(system.config)], check=False, timeout=30)
     assert out.returncode == 1

@@ -3,14 +3,15 @@ guests as the encryption domain reports them."""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any
 
 from trustvbd.domains import messages as m
-from trustvbd.domains.control import ControlClosed
+from trustvbd.domains.control import ControlChannel, ControlClosed
+from trustvbd.domains.placement import file_safe
 
 if TYPE_CHECKING:
     from trustvbd.domains.hv import Launcher
@@ -19,28 +20,49 @@ CRYPT_STATUS_TIMEOUT = 10.0
 COUNTERS = ("memory", "memory_peak", "decisions_waited")  # summed over encryption domains
 
 
+async def _ask_crypt(channel: ControlChannel | None) -> m.CryptStatus | str:
+    """An encryption domain's status, or why there is none (said in place of its disks)."""
+    if channel is None or channel.closed.is_set():
+        return "is not running (see domains)"
+    try:
+        crypt, _ = await channel.ask(m.StatusQuery(), m.CryptStatus, timeout=CRYPT_STATUS_TIMEOUT)
+    except TimeoutError:
+        return f"did not answer within {CRYPT_STATUS_TIMEOUT:g} s (stopped or overloaded?)"
+    except (ControlClosed, ValueError):
+        return "is not running (see domains)"
+    return crypt if isinstance(crypt, m.CryptStatus) else "gave no status"
+
+
 async def gather_status(hv: Launcher) -> m.HvStatus:
     c = hv.config
     me = m.DomainStatus("hv", "hv", True, "", os.getpid(), "running", 0, None, None, [os.getpid()])
     disks: list[dict[str, Any]] = []
     aead_threads = 0
     per_guest: dict[str, dict[str, Any]] = {}
-    for name, channel in list(hv.crypt_channels.items()):
-        if channel.closed.is_set():
+    # Every encryption domain at once: one that does not answer costs the timeout once.
+    names = {wtype: f"crypt-{file_safe(wtype)}" for wtype in hv.types}
+    answers = await asyncio.gather(*(_ask_crypt(hv.crypt_channels.get(name))
+                                     for name in names.values()))
+    for (wtype, name), crypt in zip(names.items(), answers, strict=True):
+        told = [] if isinstance(crypt, str) else crypt.disks
+        disks += [{**d, "domain": name} for d in told]
+        # Its disks are listed even when it does not say, with why: a hung or restarting
+        # domain left them out, as if the config had none.
+        why = crypt if isinstance(crypt, str) else "is starting"
+        disks += [{"name": d.name, "size": d.size, "label": d.label, "encrypt": d.encrypt,
+                   "state": f"unknown: its encryption domain {name} {why}",
+                   "integrity_events": None, "replicas": [], "domain": name}
+                  for d in (c.disks[n] for n in hv.types[wtype])
+                  if all(t.get("name") != d.name for t in told)]
+        if isinstance(crypt, str):
             continue
-        with contextlib.suppress(ControlClosed, TimeoutError, ValueError):
-            crypt, _ = await channel.ask(m.StatusQuery(), m.CryptStatus,
-                                         timeout=CRYPT_STATUS_TIMEOUT)
-            if not isinstance(crypt, m.CryptStatus):
-                continue
-            disks += [{**d, "domain": name} for d in crypt.disks]
-            aead_threads += crypt.aead_threads
-            for g in crypt.guests:  # a guest may reach several encryption domains
-                into = per_guest.setdefault(str(g.get("name")), {"connections": []})
-                into["connections"] += g.get("connections") or []
-                for key in COUNTERS:
-                    if type(g.get(key)) is int:
-                        into[key] = into.get(key, 0) + g[key]
+        aead_threads += crypt.aead_threads
+        for g in crypt.guests:  # a guest may reach several encryption domains
+            into = per_guest.setdefault(str(g.get("name")), {"connections": []})
+            into["connections"] += g.get("connections") or []
+            for key in COUNTERS:
+                if type(g.get(key)) is int:
+                    into[key] = into.get(key, 0) + g[key]
     order = list(c.disks)
     return m.HvStatus(
         pid=os.getpid(),
