@@ -182,17 +182,12 @@ class IntentLog:
         """One leaf record (_put); with `held`, kept back until `write_held` or the next
         write of the log, which write it first."""
         rec = b"".join((_REC_HEAD.pack(_REC_MAGIC, len(new) // 32, first_block), old, new))
-        crc = _CRC.pack(zlib.crc32(rec))
-        with self._writing:
-            waiting = self._held
-            waiting += rec
-            waiting += crc
-        if not held:
-            self._put(b"")
+        self.append_encoded(rec + _CRC.pack(zlib.crc32(rec)), held)
 
     def append_encoded(self, records: bytes | bytearray, held: bool = False) -> None:
-        """Leaf records encoded by the native write plane (native/src/intent_record.rs:
-        the bytes `append` makes), as `append`."""
+        """Whole leaf records, in order, as `append` (which encodes one and calls this; the
+        native write plane encodes a batch's itself: native/src/intent_record.rs, the same
+        bytes). Every leaf record goes through here."""
         with self._writing:
             self._held += records
         if not held:
