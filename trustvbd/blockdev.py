@@ -168,6 +168,17 @@ class WritesAtOnce(Protocol):
 
 
 @runtime_checkable
+class WritesToFile(Protocol):
+    """Its writes are plain pwrites into one file (FileBackend): a server may do a WRITE's
+    pwrite natively as it parses the request, with no Python per WRITE. One that fails
+    there comes to `write_now` (WritesAtOnce), which does it again and answers the error."""
+
+    def write_fd(self) -> int:
+        """The file's open descriptor (the server writes through a duplicate of it)."""
+        ...
+
+
+@runtime_checkable
 class WritesInline(Protocol):
     """Does the common write inline where it can (CryptDisk: a small write answered before
     its replicas): a server then runs that WRITE as one call, with no coroutine."""

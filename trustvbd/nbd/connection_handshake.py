@@ -23,6 +23,7 @@ from trustvbd.blockdev import (
     WritesAtOnce,
     WritesInline,
     WritesNatively,
+    WritesToFile,
 )
 from trustvbd.crypt.tls import peer_common_name
 from trustvbd.nbd import messages as m
@@ -124,6 +125,10 @@ async def handshake(conn: Connection) -> None:
         conn.core.parse_batch = conn._parse_batch
     if isinstance(backend, WritesAtOnce):
         conn._write_now = backend.write_now
+        if isinstance(backend, WritesToFile) and conn._budget is None:
+            # Its WRITEs are pwritten natively as they are parsed (NbdServerSession.write_to).
+            conn.core.server_session().write_to(backend.write_fd())
+            conn._writes_here = True
     elif isinstance(backend, WritesInline):
         conn._write_inline = backend.write_inline
     if isinstance(backend, ReadsAtOnce):

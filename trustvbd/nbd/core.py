@@ -412,7 +412,7 @@ class ProtocolCore:
             if self.parse_batch is not None:
                 start, items, want = self.parse_batch(session, self._buf, start, end)
             else:
-                start, items, want = session.parse(self._buf, start, end)
+                start, items, want = session.parse(self._buf, start, end, not self.requests)
         except ValueError as exc:
             raise p.ProtocolError(str(exc)) from None
         self._start = start
@@ -443,9 +443,13 @@ class ProtocolCore:
     def _payload_received(self, payload: memoryview) -> None:
         assert self.session is not None
         try:
-            self.requests.append(self.session.payload_received(payload))
+            item = self.session.payload_received(payload, not self.requests)
         except ValueError as exc:
             raise p.ProtocolError(str(exc)) from None
+        if item is None:  # a WRITE the session pwrote itself (write_to): its buffer back
+            self.pool.give_back(payload)
+        else:
+            self.requests.append(item)
 
     # --- client side: messages from the server -------------------------------
     def _parse_from_server(self) -> None:

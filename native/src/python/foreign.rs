@@ -1,8 +1,9 @@
 //! The crate's one `unsafe` module: what Python hands over (buffers, file descriptors)
 //! made into Rust references, each with the argument that makes it sound.
 //!
-//! A socket's descriptor taken over from Python (`detach_socket`), and buffers lent for
-//! the NBD client's requests (`LentBuffer`: a READ's target, a WRITE's payload).
+//! A socket's descriptor taken over from Python (`detach_socket`), a file's duplicated
+//! (`dup_file`), and buffers lent for the NBD client's requests (`LentBuffer`: a READ's
+//! target, a WRITE's payload).
 //!
 //! A Python buffer's bytes as `&[u8]` (`with_bytes`): the NBD server parses requests
 //! where the transport received them, in the connection's receive buffer.
@@ -17,7 +18,7 @@
 #![allow(unsafe_code)]
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
@@ -92,6 +93,26 @@ pub(crate) fn detach_socket(sock: &Bound<'_, PyAny>) -> PyResult<File> {
     // `NbdClientEngine`'s only caller is `trustvbd.nbd.client`.) The `File` we make is
     // its one owner and closes it when dropped; reads and writes on it are the socket's.
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// A descriptor of our own for the open file behind `fd` (a duplicate, closed when the
+/// `File` is dropped): the driver's NBD session pwrites into it (python/nbd_server.rs).
+pub(crate) fn dup_file(py: Python<'_>, fd: RawFd) -> PyResult<File> {
+    if fd < 0 {
+        return Err(PyValueError::new_err(format!(
+            "file descriptor {fd} is not a descriptor: the file is closed"
+        )));
+    }
+    let _gil_held = py; // the argument below depends on holding it for the whole call
+    // SAFETY: `borrow_raw` needs `fd` open for the borrow's life, which ends with this
+    // statement (it is used once, to duplicate it). The caller passes a descriptor the
+    // object it holds owns and keeps open (`FileBackend.write_fd()`); we hold the GIL
+    // throughout, so no Python code can close it meanwhile, and no native code of
+    // trustvbd closes another object's descriptor. A closed number fails the duplicate
+    // with EBADF; nothing here reads or writes memory through it.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let owned = borrowed.try_clone_to_owned()?;
+    Ok(File::from(owned))
 }
 
 /// A Python buffer lent for a request: a READ's target (written in place, `writable`)

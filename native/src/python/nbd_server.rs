@@ -11,6 +11,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 
 use super::foreign;
 use super::nbd_client::NbdClientEngine;
@@ -42,6 +44,13 @@ const COPY_MAX: usize = 16 * 1024;
 /// first request handed to Python: requests keep their order. `owner` is told of the
 /// reads' replies (`_native_replied`, then take_output) and failures; the caller
 /// collects the writes (WritePlane.take) before it sends the output.
+///
+/// write_to(fd): the export is this file (a driver's FileBackend): from now on `parse`
+/// and `payload_received`, given `in_order` true (no earlier request is waiting in
+/// Python), pwrite each WRITE themselves (not a FUA one, not a piece of one over 32 MiB,
+/// not a refused one) and frame its reply (take_written), until the first request of a
+/// batch handed to Python: requests keep their order. A pwrite that fails hands its
+/// WRITE to Python as parsed, which does it again and answers with the error.
 #[pyclass(module = "trustvbd._native", name = "NbdServerSession")]
 pub(crate) struct PyNbdServerSession {
     framer: Framer,
@@ -56,6 +65,11 @@ pub(crate) struct PyNbdServerSession {
     /// Native reads running: seq -> their connection's engine and its request's cookie.
     running: HashMap<u64, (Py<NbdClientEngine>, u64)>,
     next_seq: u64,
+    /// The export's file, when WRITEs are pwritten here (write_to).
+    file: Option<File>,
+    /// Replies of WRITEs done here, framed, not yet taken (take_written).
+    written: Vec<u8>,
+    writes: u64, // WRITEs done here, ever
 }
 
 impl PyNbdServerSession {
@@ -83,6 +97,25 @@ impl PyNbdServerSession {
     /// Native read `seq` ended (replied, failed or given up).
     pub(crate) fn read_ended(&mut self, seq: u64) {
         self.running.remove(&seq);
+    }
+
+    /// Does `item`'s WRITE here if it may (see write_to), with `data` its payload; true if
+    /// done and its reply framed. False leaves it to Python, the file maybe written in part.
+    fn write_here(&mut self, item: &Item, data: &[u8]) -> bool {
+        let h = &item.head;
+        let Some(file) = &self.file else { return false };
+        if h.typ != CMD_WRITE
+            || h.flags & FLAG_FUA != 0
+            || item.refusal.is_some()
+            || item.piece.is_some()
+            || data.len() != item.length as usize
+            || file.write_all_at(data, item.offset).is_err()
+        {
+            return false;
+        }
+        nbd_server::frame_reply(&mut self.written, self.structured, h.cookie, 0, "", None);
+        self.writes += 1;
+        true
     }
 }
 
@@ -153,7 +186,32 @@ impl PyNbdServerSession {
             ended_bytes: 0,
             running: HashMap::new(),
             next_seq: 0,
+            file: None,
+            written: Vec::new(),
+            writes: 0,
         }
+    }
+
+    fn write_to(&mut self, py: Python<'_>, fd: i32) -> PyResult<()> {
+        self.file = Some(foreign::dup_file(py, fd)?);
+        Ok(())
+    }
+
+    /// take_written() -> bytes or None: the framed replies of the WRITEs done here since
+    /// the last call.
+    fn take_written<'py>(&mut self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        if self.written.is_empty() {
+            return None;
+        }
+        let out = PyBytes::new(py, &self.written);
+        self.written.clear();
+        Some(out)
+    }
+
+    /// WRITEs done here (write_to) since the session began.
+    #[getter]
+    fn writes(&self) -> u64 {
+        self.writes
     }
 
     /// frame_block_status(cookie, length, req_one, extents) -> bytes: the reply to a
@@ -237,12 +295,14 @@ impl PyNbdServerSession {
         self.framer.disconnected()
     }
 
+    #[pyo3(signature = (buf, start, end, in_order=false))]
     fn parse<'py>(
         &mut self,
         py: Python<'py>,
         buf: PyBuffer<u8>,
         start: usize,
         end: usize,
+        in_order: bool,
     ) -> PyResult<(usize, Bound<'py, PyList>, usize)> {
         if start > end || end > buf.item_count() {
             return Err(PyValueError::new_err(format!(
@@ -255,7 +315,18 @@ impl PyNbdServerSession {
         let parsed = foreign::with_bytes(py, &buf, |bytes| framer.parse(&bytes[start..end], &mut items))?
             .map_err(protocol_error)?;
         let list = PyList::empty(py);
+        let mut here = in_order && self.file.is_some();
         for item in &items {
+            if here {
+                if let Payload::Inline(range) = &item.payload {
+                    let range = start + range.start..start + range.end;
+                    let me = &mut *self;
+                    if foreign::with_bytes(py, &buf, |bytes| me.write_here(item, &bytes[range]))? {
+                        continue;
+                    }
+                }
+                here = false;
+            }
             list.append(item_tuple(py, item, payload(py, &buf, start, item)?)?)?;
         }
         Ok((start + parsed.consumed, list, parsed.want))
@@ -365,10 +436,23 @@ impl PyNbdServerSession {
         Ok((out, ended.0, ended.1))
     }
 
-    /// payload_received(data) -> item: the buffer asked for by `want` is full; `data` is it.
-    fn payload_received<'py>(&mut self, py: Python<'py>, data: Bound<'py, PyAny>) -> PyResult<Bound<'py, PyTuple>> {
+    /// payload_received(data, in_order=False) -> item, or None for a WRITE done here
+    /// (write_to): the buffer asked for by `want` is full; `data` is it.
+    #[pyo3(signature = (data, in_order=false))]
+    fn payload_received<'py>(
+        &mut self,
+        py: Python<'py>,
+        data: Bound<'py, PyAny>,
+        in_order: bool,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let item = self.framer.payload_received().map_err(protocol_error)?;
-        item_tuple(py, &item, data)
+        if in_order && self.file.is_some() {
+            let buf = PyBuffer::<u8>::get(&data)?;
+            if foreign::with_bytes(py, &buf, |bytes| self.write_here(&item, bytes))? {
+                return Ok(None);
+            }
+        }
+        item_tuple(py, &item, data).map(Some)
     }
 
     /// frame(replies) -> buffers: replies are (cookie, error, message, offset, data)
