@@ -138,6 +138,18 @@ def test_format_size() -> None:
          "give a smaller size"),
         (("state_dir = \"state\"\n[tls]\ndir = \"pki\"\n", "[tls]\ndir = \"pki\"\nstate_dir = \"state\"\n"),
          "tls.state_dir", "is inside [tls]: in TOML every key after a [section] line belongs to it"),
+        # Found by the red team (h5): a NUL in a path ended in a ValueError traceback; an
+        # empty label started every domain, then stopped on "policy forbids driver ...".
+        (("state_dir = \"state\"", "state_dir = \"st\\u0000ate\""), "state_dir", "NUL character"),
+        (("dir = \"backing/a\"", "dir = \"backing\\u0000/a\""), "driver[0].dir", "NUL character"),
+        (("dir = \"pki\"", "dir = \"p\\u0000ki\""), "tls.dir", "NUL character"),
+        (("label = \"StorageA\"", "label = \"\""), "driver[0].label", "is empty: give a label"),
+        (("label = \"PayrollData\"", "label = \"\""), "disk[0].label", "is empty: give a label"),
+        (("label = \"Payroll\"\n", "label = \"\"\n"), "guest[0].label", "is empty: give a label"),
+        (("label = \"Payroll\"\n", "label = \"Pay\\nroll\"\n"), "guest[0].label",
+         "holds a control character"),
+        (("label = \"PayrollData\"", f"label = \"{'P' * 257}\""), "disk[0].label",
+         "too long: give a label of 1 to 256 characters"),
     ],
 )
 def test_mistakes_name_file_key_and_fix(short_tmp: Path, mutation: tuple[str, str], key: str,

@@ -208,7 +208,22 @@ class _Table:
             return None
         if not value:
             raise self.error(key, "is empty; give a path")
+        if "\0" in value:  # the OS cannot take it: resolve() raised ValueError, a traceback
+            raise self.error(key, f"{value!r} holds a NUL character (\\u0000), which no path "
+                             "may hold; remove it")
         return (base / os.path.expanduser(value)).resolve()
+
+    def label(self) -> str:
+        """A policy label: what the access-control domain takes (refused there, it stopped
+        `up` after the domains had started, with a message about the policy)."""
+        value: str = self.get("label", str, required=True)
+        if not value or len(value) > 256:
+            raise self.error("label", f"{value!r} is {'empty' if not value else 'too long'}: give"
+                             " a label of 1 to 256 characters, as the policy names it")
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise self.error("label", f"{value!r} holds a control character; a label is a name "
+                             "the policy gives (printed in logs and status): remove it")
+        return value
 
 
 def _parse_listen(table: _Table) -> tuple[str, int] | None:
@@ -254,7 +269,7 @@ def _check_driver_user(table: _Table, user: str) -> None:
 
 
 def _parse_guest(table: _Table, tls_dir: Path | None) -> GuestConfig:
-    name, label = table.name(), table.get("label", str, required=True)
+    name, label = table.name(), table.label()
     listen = _parse_listen(table)
     tls = table.get("tls", bool, default=True)
     tls_name = table.get("tls_name", str)
@@ -397,7 +412,7 @@ def load_config(path: str | Path) -> Config:
     drivers = []
     for i, item in enumerate(_array(file, raw, "driver")):
         t = _Table(file, f"driver[{i}]", item, {"name", "label", "dir", "uri", "user"})
-        name, label = t.name(), t.get("label", str, required=True)
+        name, label = t.name(), t.label()
         ddir, uri, user = t.path("dir", base), t.get("uri", str), t.get("user", str)
         if (ddir is None) == (uri is None):
             raise t.error("dir", "give exactly one of dir (trustvbd's own driver) or uri (any NBD server)")
@@ -424,7 +439,7 @@ def load_config(path: str | Path) -> Config:
     disks = []
     for i, item in enumerate(_array(file, raw, "disk")):
         t = _Table(file, f"disk[{i}]", item, {"name", "size", "label", "replicas", "encrypt"})
-        name, label = t.name(), t.get("label", str, required=True)
+        name, label = t.name(), t.label()
         try:
             size = parse_size(t.get("size", object, required=True))
         except ValueError as exc:
