@@ -1184,3 +1184,52 @@ def test_a_replica_failing_many_writes_at_once_takes_the_unflushed_blocks_once(
         assert adds < 2 * (unflushed + in_flight), adds  # it was unflushed x in_flight
         await rs.close()
     run(go())
+
+
+class FullFileSystem(Layer):
+    """A driver on a full file system: writes over blocks it holds go through, a write to
+    any other block fails with ENOSPC, until `free` is set."""
+
+    def __init__(self, next: Backend, held: int) -> None:
+        super().__init__(next)
+        self.held, self.free = held, False
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        if not self.free and offset + len(data) > self.held:
+            raise BlockError(errno.ENOSPC, "No space left on device")
+        await self.next.pwrite(offset, data, fua)
+
+
+def test_a_full_driver_taking_writes_over_blocks_it_holds_is_said_full_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A full file system still takes writes over the blocks it holds: a degraded replica's
+    resync, retried every 2 s, wrote those, then met ENOSPC. Each try logged 'takes writes
+    again' and then 'is out of space' (two lines every 2 s for as long as the driver stayed
+    full: red team, a driver's directory on a full tmpfs). Writes going through end the
+    episode only once a flush (or a FUA write) went through after them with no ENOSPC."""
+    async def go() -> None:
+        fs = FullFileSystem(RawMemory(physical_size(SIZE)), held=16 * BS)
+        watch = SpaceWatch(fs, "vm1", "drv-b", mirrored=True)
+        for _ in range(5):  # a resync's try: blocks it holds, then one it must allocate
+            await watch.pwrite(0, bytes(16 * BS))
+            with pytest.raises(BlockError):
+                await watch.pwrite(16 * BS, bytes(BS))
+            assert watch.status()["space"] == "full"
+        await watch.flush()  # nothing went through since the last ENOSPC: still full
+        assert watch.status()["space"] == "full"
+        fs.free = True
+        await watch.pwrite(16 * BS, bytes(BS))
+        assert watch.status()["space"] == "full"  # until it is flushed
+        await watch.flush()
+        assert watch.status() == {"space": "ok"}
+        fs.free = False
+        with pytest.raises(BlockError):
+            await watch.pwrite(32 * BS, bytes(BS))
+        fs.free = True
+        await watch.pwrite(32 * BS, bytes(BS), fua=True)  # durable by itself
+        assert watch.status() == {"space": "ok"}
+    caplog.set_level("WARNING", logger="trustvbd.crypt.space")
+    run(go())
+    said = [r.getMessage() for r in caplog.records]
+    assert [("out of space" in m, "takes writes again" in m) for m in said] == [
+        (True, False), (False, True), (True, False), (False, True)], said

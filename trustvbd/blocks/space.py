@@ -4,8 +4,8 @@ A driver out of space answers writes with ENOSPC, which goes on to the guest
 unchanged (with a single replica; in a mirror the replica set degrades that replica
 and the guest's writes go on to the others). Without this layer the only trace was
 each failed request; with it the encryption domain logs one line naming the disk and
-the driver when it starts, one when writes go through again, and `status` shows which
-it is.
+the driver when it starts, one when writes go through again (a write, then a flush,
+with no ENOSPC since), and `status` shows which it is.
 """
 
 from __future__ import annotations
@@ -40,6 +40,12 @@ class SpaceWatch(Layer):
         super().__init__(next)
         self.disk, self.driver, self.mirrored = disk, driver, mirrored
         self.full_since: float | None = None  # wall clock of the first ENOSPC of this episode
+        # A write went through since the last ENOSPC: the episode ends at the next flush that
+        # succeeds. Not at that write: a full file system still takes writes over blocks it
+        # has, so a resync retried every 2 s (or a guest rewriting in place) said "takes
+        # writes again" and "out of space" at each try, two lines every 2 s for as long as
+        # the driver stayed full (red team).
+        self._wrote = False
         self._read_into = reader_into(next)
         self._native = cast(ReadsNatively, next) if provides(next, ReadsNatively) else None
 
@@ -59,12 +65,18 @@ class SpaceWatch(Layer):
         return {"space": "full", "full_since": self.full_since, "message": self.message}
 
     def _failed(self, exc: BlockError) -> None:
-        if exc.errno == errno.ENOSPC and self.full_since is None:
+        if exc.errno != errno.ENOSPC:
+            return
+        self._wrote = False
+        if self.full_since is None:
             self.full_since = time.time()
             log.error("%s", self.message)
 
     def _went_through(self) -> None:
-        if self.full_since is not None:
+        self._wrote = True
+
+    def _flushed(self) -> None:
+        if self.full_since is not None and self._wrote:
             self.full_since = None
             log.warning("disk %r: driver %r takes writes again", self.disk, self.driver)
 
@@ -103,6 +115,8 @@ class SpaceWatch(Layer):
             self._failed(exc)
             raise
         self._went_through()
+        if fua:  # durable by itself, as after a flush
+            self._flushed()
 
     def submit_write(self, offset: int, data: Buffer, fua: bool = False,
                      retried: bool = False) -> asyncio.Future[None] | None:
@@ -117,8 +131,7 @@ class SpaceWatch(Layer):
 
     def write_ended(self, error: Exception | None) -> None:
         if error is None:
-            if self.full_since is not None:
-                self._went_through()
+            self._went_through()
         elif isinstance(error, BlockError):
             self._failed(error)
         if provides(self.next, Submits):
@@ -138,3 +151,4 @@ class SpaceWatch(Layer):
         except BlockError as exc:
             self._failed(exc)
             raise
+        self._flushed()
