@@ -1,17 +1,21 @@
-"""READs of a file export, served inline (FileBackend.read_now, ReadsAtOnce; sendfile for big
-ones): what they answer, a failing read, a file shrunk under the export, driven by libnbd."""
+"""READs of a file export: small ones preaded by the native session as they are parsed
+(FileBackend, WritesToFile), what it hands back inline (read_now, ReadsAtOnce), big ones by
+sendfile: what they answer, a failing read, a file shrunk under the export, a batch of
+reads larger than the session gathers, driven by libnbd and a raw client."""
 
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import nbd  # Debian's python3-libnbd, put on sys.path by tests/conftest.py
 import pytest
 
-from tests.nbd.helpers import ServerThread
+from tests.nbd.helpers import RawClient, ServerThread
 from trustvbd.blockdev import Buffer, FileRange, ReadsAtOnce, provides
 from trustvbd.blocks.file import FileBackend
+from trustvbd.nbd import protocol as p
 from trustvbd.nbd.exports import Export, StaticExports
 from trustvbd.nbd.protocol import REQUEST_PART
 
@@ -38,7 +42,7 @@ class CountingFile(FileBackend):
         return await super().pread(offset, length)
 
 
-def test_reads_are_answered_inline_small_by_read_now_big_by_sendfile(short_tmp: Path) -> None:
+def test_small_reads_are_preaded_natively_big_ones_sent_by_sendfile(short_tmp: Path) -> None:
     size = REQUEST_PART + 2 * MiB
     disk = short_tmp / "disk.img"
     data = os.urandom(size)
@@ -53,16 +57,17 @@ def test_reads_are_answered_inline_small_by_read_now_big_by_sendfile(short_tmp: 
         # Longer than one part: the parted path (its own coroutine), still correct.
         assert h.pread(REQUEST_PART + MiB, 4096) == data[4096:4096 + REQUEST_PART + MiB]
         h.shutdown()
-    assert fb.calls[:2] == [("read_now", 8192, 4096), ("file_range", MiB, 256 * 1024)]
+    assert fb.calls[:1] == [("file_range", MiB, 256 * 1024)]  # the small one: natively
     # The long one in parts of REQUEST_PART, each through the backend's coroutine.
-    assert ("pread", 4096, REQUEST_PART) in fb.calls[2:]
-    assert ("pread", 4096 + REQUEST_PART, MiB) in fb.calls[2:]
+    assert ("pread", 4096, REQUEST_PART) in fb.calls[1:]
+    assert ("pread", 4096 + REQUEST_PART, MiB) in fb.calls[1:]
     fb.close_now()
 
 
 def test_a_failing_read_answers_its_error_and_the_connection_goes_on(short_tmp: Path) -> None:
     # A file the kernel refuses to read (opened write-only behind the export): a small READ
     # fails with EBADF, which NBD carries as EIO; a write goes on on the same connection.
+    # The native pread fails first and hands the READ to read_now, which answers it.
     disk = short_tmp / "disk.img"
     disk.write_bytes(bytes(MiB))
     fb = CountingFile(str(disk), MiB, fd=os.open(disk, os.O_WRONLY))
@@ -92,4 +97,37 @@ def test_a_read_past_the_end_of_a_shrunk_file_answers_zeros(short_tmp: Path) -> 
         assert h.pread(4096, 4096) == b"\x5a" * 2048 + bytes(2048)
         assert h.pread(4096, 65536) == bytes(4096)
         h.shutdown()
+    # The native pread read short and handed them on: read_now pads with zeros.
+    assert fb.calls == [("read_now", 4096, 4096), ("read_now", 65536, 4096)]
+    fb.close_now()
+
+
+def test_a_batch_of_reads_beyond_what_the_session_gathers_goes_on_in_python(
+        short_tmp: Path) -> None:
+    # 40 READs of 60 KiB in one send: the session preads them until 1 MiB of replies wait
+    # (READ_OUT_MAX), and leaves the rest to Python, which sends what is queued before
+    # reading more (connection_limits.py). Every one is answered, each with its own data.
+    size = 4 * MiB
+    disk = short_tmp / "disk.img"
+    data = os.urandom(size)
+    disk.write_bytes(data)
+    fb = CountingFile(str(disk), size)
+    length, count = 60 * 1024, 40
+    with ServerThread(StaticExports([Export("", fb)]), short_tmp / "s.sock", "uvloop"):
+        c = RawClient(str(short_tmp / "s.sock"))
+        c.go()
+        c.sock.sendall(b"".join(
+            struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.READ, cookie, cookie * 65536, length)
+            for cookie in range(count)))
+        got = {}
+        for _ in range(count):
+            error, cookie = c.simple_reply()
+            assert error == 0
+            got[cookie] = c.recv_exact(length)
+        c.request(p.Cmd.DISC)
+        assert c.closed_by_peer()
+        c.close()
+    assert got == {cookie: data[cookie * 65536:cookie * 65536 + length] for cookie in range(count)}
+    in_python = [call for call in fb.calls if call[0] == "read_now"]
+    assert 0 < len(in_python) <= count - 1024 * 1024 // (length + 16)
     fb.close_now()

@@ -96,7 +96,8 @@ class FileBackend:
             raise self._io_error("write", exc) from exc
 
     def write_fd(self) -> int:
-        """WritesToFile: the NBD server pwrites WRITEs natively through a duplicate of it."""
+        """WritesToFile: the NBD server pwrites WRITEs (and preads small READs) natively
+        through a duplicate of it."""
         return self._fd
 
     def _pwrite_rest(self, view: memoryview, offset: int) -> None:

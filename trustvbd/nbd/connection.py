@@ -25,9 +25,9 @@ replies framed natively (_native_replied, once per batch of replies): no Python 
 READ; one that fails there comes back to _native_failed and runs as a task. A backend
 whose writes never wait (WritesAtOnce: the driver's FileBackend) gets a WRITE as one
 call, its reply queued at once, or none at all when they are pwrites into a file
-(WritesToFile: the native session does them as it parses them; _written queues their
-replies); one whose reads never wait (ReadsAtOnce) a READ as one call
-too; one that does the common write inline (WritesInline: the encryption layer's
+(WritesToFile: the native session does them, and READs too small for sendfile, as it
+parses them; _written queues their replies); one whose reads never wait (ReadsAtOnce) a
+READ as one call too; one that does the common write inline (WritesInline: the encryption layer's
 small writes answered before their replicas) gets such a WRITE as one call too. Replies
 are batched, framed and written with one writelines() per loop iteration. A backend
 with a `file_range` method (the driver's FileBackend) answers reads with a FileRange
@@ -133,7 +133,7 @@ class Connection(asyncio.BufferedProtocol):
         self._out_special = False  # _out holds a FileRange
         self._file_range: Callable[[int, int], FileRange] | None = None
         self._write_now: Callable[[int, Buffer, bool], None] | None = None  # WritesAtOnce
-        self._writes_here = False  # WRITEs are pwritten by the session (WritesToFile)
+        self._writes_here = False  # WRITEs (small READs) are done by the session (WritesToFile)
         self._write_inline: Callable[[int, Buffer, bool], bool] | None = None  # WritesInline
         self._read_now: Callable[[int, int], Buffer] | None = None  # ReadsAtOnce
         self._sock_fd = -1  # for sendfile; -1 when the transport is not a plain socket
@@ -302,7 +302,7 @@ class Connection(asyncio.BufferedProtocol):
                           length if typ == _READ or typ == _WRITE else 0)
 
     def _written(self) -> None:
-        """Replies of the WRITEs the session pwrote as it parsed them (WritesToFile)."""
+        """Replies of the WRITEs and READs the session did as it parsed them (WritesToFile)."""
         out = self.core.server_session().take_written()
         if out is not None:
             self._queue([out])

@@ -29,6 +29,7 @@ from trustvbd.crypt.tls import peer_common_name
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.server_handshake import HandshakeEnded, Identity, TlsRequired, negotiate
+from trustvbd.nbd.zero_copy import SENDFILE_MIN
 
 if TYPE_CHECKING:
     from trustvbd.nbd.connection import Connection
@@ -126,8 +127,9 @@ async def handshake(conn: Connection) -> None:
     if isinstance(backend, WritesAtOnce):
         conn._write_now = backend.write_now
         if isinstance(backend, WritesToFile) and conn._budget is None:
-            # Its WRITEs are pwritten natively as they are parsed (NbdServerSession.write_to).
-            conn.core.server_session().write_to(backend.write_fd())
+            # Its WRITEs, and READs too small for sendfile, are done natively as they are
+            # parsed (NbdServerSession.write_to).
+            conn.core.server_session().write_to(backend.write_fd(), SENDFILE_MIN - 1)
             conn._writes_here = True
     elif isinstance(backend, WritesInline):
         conn._write_inline = backend.write_inline

@@ -21,6 +21,10 @@ use super::write_plane::WritePlane;
 use crate::nbd_server::{self, Checker, Framer, Item, Payload, Refusal};
 use crate::nbd_wire::{CMD_READ, CMD_WRITE, FLAG_FUA};
 
+/// Replies of requests done here (write_to) a batch may gather before the rest of it goes
+/// to Python, which bounds what waits to be sent (connection_limits.py).
+const READ_OUT_MAX: usize = 1 << 20;
+
 /// Read data up to this size is copied in among the reply headers (one buffer for the
 /// batch); larger data goes as a buffer of its own, uncopied.
 const COPY_MAX: usize = 16 * 1024;
@@ -45,12 +49,14 @@ const COPY_MAX: usize = 16 * 1024;
 /// reads' replies (`_native_replied`, then take_output) and failures; the caller
 /// collects the writes (WritePlane.take) before it sends the output.
 ///
-/// write_to(fd): the export is this file (a driver's FileBackend): from now on `parse`
-/// and `payload_received`, given `in_order` true (no earlier request is waiting in
-/// Python), pwrite each WRITE themselves (not a FUA one, not a piece of one over 32 MiB,
-/// not a refused one) and frame its reply (take_written), until the first request of a
-/// batch handed to Python: requests keep their order. A pwrite that fails hands its
-/// WRITE to Python as parsed, which does it again and answers with the error.
+/// write_to(fd, read_max=0): the export is this file (a driver's FileBackend): from now
+/// on `parse` and `payload_received`, given `in_order` true (no earlier request is
+/// waiting in Python), pwrite each WRITE themselves (not a FUA one, not a piece of one
+/// over 32 MiB, not a refused one) and `parse` preads each READ of at most `read_max`
+/// bytes, and frame their replies (take_written), until the first request of a batch
+/// handed to Python (requests keep their order) or READ_OUT_MAX bytes of replies wait.
+/// A pwrite or pread that fails (or reads short) hands its request to Python as parsed,
+/// which does it again and answers with the error.
 #[pyclass(module = "trustvbd._native", name = "NbdServerSession")]
 pub(crate) struct PyNbdServerSession {
     framer: Framer,
@@ -70,6 +76,8 @@ pub(crate) struct PyNbdServerSession {
     /// Replies of WRITEs done here, framed, not yet taken (take_written).
     written: Vec<u8>,
     writes: u64, // WRITEs done here, ever
+    read_max: usize,
+    reads: u64, // READs done here, ever
 }
 
 impl PyNbdServerSession {
@@ -115,6 +123,31 @@ impl PyNbdServerSession {
         }
         nbd_server::frame_reply(&mut self.written, self.structured, h.cookie, 0, "", None);
         self.writes += 1;
+        true
+    }
+
+    /// Does `item`'s READ here if it may (see write_to): true if done and its reply
+    /// (header and data) framed. False leaves it to Python, nothing framed.
+    fn read_here(&mut self, item: &Item) -> bool {
+        let h = &item.head;
+        let Some(file) = &self.file else { return false };
+        let length = item.length as usize;
+        if h.typ != CMD_READ
+            || item.refusal.is_some()
+            || length > self.read_max
+            || self.written.len() + length > READ_OUT_MAX
+        {
+            return false;
+        }
+        let start = self.written.len();
+        nbd_server::frame_reply(&mut self.written, self.structured, h.cookie, 0, "", Some((item.offset, item.length)));
+        let at = self.written.len();
+        self.written.resize(at + length, 0);
+        if file.read_exact_at(&mut self.written[at..], item.offset).is_err() {
+            self.written.truncate(start); // short (a file someone shrank) or failed: Python's
+            return false;
+        }
+        self.reads += 1;
         true
     }
 }
@@ -189,15 +222,25 @@ impl PyNbdServerSession {
             file: None,
             written: Vec::new(),
             writes: 0,
+            read_max: 0,
+            reads: 0,
         }
     }
 
-    fn write_to(&mut self, py: Python<'_>, fd: i32) -> PyResult<()> {
+    #[pyo3(signature = (fd, read_max=0))]
+    fn write_to(&mut self, py: Python<'_>, fd: i32, read_max: usize) -> PyResult<()> {
         self.file = Some(foreign::dup_file(py, fd)?);
+        self.read_max = read_max;
         Ok(())
     }
 
-    /// take_written() -> bytes or None: the framed replies of the WRITEs done here since
+    /// READs done here (write_to) since the session began.
+    #[getter]
+    fn reads(&self) -> u64 {
+        self.reads
+    }
+
+    /// take_written() -> bytes or None: the framed replies of the requests done here since
     /// the last call.
     fn take_written<'py>(&mut self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
         if self.written.is_empty() {
@@ -318,12 +361,17 @@ impl PyNbdServerSession {
         let mut here = in_order && self.file.is_some();
         for item in &items {
             if here {
-                if let Payload::Inline(range) = &item.payload {
-                    let range = start + range.start..start + range.end;
-                    let me = &mut *self;
-                    if foreign::with_bytes(py, &buf, |bytes| me.write_here(item, &bytes[range]))? {
-                        continue;
+                let done = match &item.payload {
+                    Payload::Inline(range) => {
+                        let range = start + range.start..start + range.end;
+                        let me = &mut *self;
+                        foreign::with_bytes(py, &buf, |bytes| me.write_here(item, &bytes[range]))?
                     }
+                    Payload::None => self.read_here(item),
+                    Payload::Received => false,
+                };
+                if done {
+                    continue;
                 }
                 here = false;
             }
