@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from trustvbd.blockdev import Backend, BlockError
 from trustvbd.blocks import write_behind
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.disk_state import DiskState
+from trustvbd.blocks.intent_log import IntentLog
 from trustvbd.blocks.layer import Layer
 from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.replica import State
@@ -331,6 +333,7 @@ def test_adjacent_writes_behind_go_to_the_replica_as_one_write(tmp_path: Path,
         assert gate.sent == []  # all wait to be joined
         for b in range(300, 300 + GATHER_BLOCKS + 3):  # within one leaf page
             await disk.pwrite(b * BS, pattern(b))
+        await disk._commits.durable()  # runs leave once their records are (crypt_commit.py)
         await turns()
         # The third run full: every run goes, in one loop turn; 332-334 wait.
         assert sorted(gate.sent) == [(10, 11), (50, 1), (300, GATHER_BLOCKS)]
@@ -338,6 +341,7 @@ def test_adjacent_writes_behind_go_to_the_replica_as_one_write(tmp_path: Path,
         singles = [340 + 3 * i for i in range(write_behind.HELD_RUNS)]  # same leaf page
         for b in singles:  # with 332's run, one run more than HELD_RUNS: all go
             await disk.pwrite(b * BS, pattern(b))
+        await disk._commits.durable()
         await turns()
         assert sorted(gate.sent[sent:]) == [(300 + GATHER_BLOCKS, 3), *((b, 1) for b in singles)]
         await disk.flush()
@@ -350,47 +354,54 @@ def test_adjacent_writes_behind_go_to_the_replica_as_one_write(tmp_path: Path,
     run(go())
 
 
-class LogWrites(IntentLogFiles):
-    """Real files; counts the writes of the intent log."""
+class SyncedLog(IntentLogFiles):
+    """Real files; keeps the intent log as of its last fdatasync (what a power cut leaves)."""
 
-    log_writes = 0
+    synced = b""
 
-    def pwrite(self, fd: int, data: Any, offset: int) -> int:
-        self.log_writes += fd in self.log_fds
-        return super().pwrite(fd, data, offset)
+    def fdatasync(self, fd: int) -> None:
+        if fd in self.log_fds:
+            self.synced = os.pread(fd, os.fstat(fd).st_size, 0)
+        super().fdatasync(fd)
 
 
-def test_a_runs_intent_records_go_in_one_write_before_its_ciphertext(
+def test_a_runs_intent_records_are_durable_before_its_ciphertext_leaves(
         tmp_path: Path, no_gather_timer: None) -> None:
-    """Writes behind hold their intent records back: a run of them costs the trusted log one
-    pwrite, made before the run's ciphertext leaves, with every one of its records."""
+    """Writes behind are answered once recorded; a run's ciphertext leaves only once the
+    intent log holding every one of its records is fdatasync'ed (a driver may persist it at
+    once; a power cut must not leave ciphertext that no durable record explains)."""
 
     async def go() -> None:
         kek = new_state(tmp_path)
         mem = RawMemory(physical_size(SIZE))
         seen: list[list[bytes]] = []
+        files = SyncedLog()
 
         class Checking(Gate):
             async def pwrite(self, offset: int, data: Any, fua: bool = False) -> None:
-                if offset >= LAY.data_start:  # what a restart would find in the log now
+                if offset >= LAY.data_start:  # what a power cut would find in the log now
                     first = (offset - LAY.data_start) // BS
-                    seen.append([b"".join(intent_leaves(tmp_path, b))
+                    durable = tmp_path / "durable.log"
+                    durable.write_bytes(files.synced)
+                    log = IntentLog(durable)
+                    try:
+                        records = log.read().records
+                    finally:
+                        log.close()
+                    seen.append([b"".join(r.new[(b - r.first_block) * 32:(b - r.first_block + 1) * 32]
+                                          for r in records
+                                          if r.first_block <= b < r.first_block + len(r.new) // 32)
                                  for b in range(first, first + len(data) // BS)])
                 await super().pwrite(offset, data, fua)
 
-        files = LogWrites()
         disk = await CryptDisk.open(tmp_path, "vm1", Checking(mem), "r0", kek, files=files)
         await disk.commit()  # the log starts afresh
-        before = files.log_writes
         for b in range(10, 20):
             await disk.pwrite(b * BS, pattern(b))
-        await turns()
-        assert files.log_writes == before  # answered, recorded, nothing written yet
         await disk.pwrite(50 * BS, pattern(50))  # elsewhere: a second run
         await turns()
-        assert files.log_writes == before and seen == []
+        assert seen == []  # answered and recorded; nothing sent yet
         assert bytes(await disk.pread(12 * BS, BS)) == pattern(12)  # a read sends both
-        assert files.log_writes == before + 1  # the eleven records in one pwrite
         assert seen == [[bytes(disk._leaves.get(b, b + 1)) for b in range(10, 20)],
                         [bytes(disk._leaves.get(50, 51))]]
         await disk.close()
@@ -509,7 +520,8 @@ def test_a_flush_sends_the_unsent_run_with_fua_and_flushes_meanwhile(tmp_path: P
         await disk.pwrite(8 * BS, pattern(8))
         await disk.pwrite(9 * BS, pattern(9))  # one unsent run
         flush = asyncio.ensure_future(disk.flush())
-        await until(lambda: gate.flushes > flushes)  # the replica flushes with the run held
+        # The replica flushes with the run held (the run leaves once its records are durable).
+        await until(lambda: gate.flushes > flushes and gate.held == 1)
         assert gate.held == 1 and gate.sent[-1] == (8, 2) and gate.fua[-1]
         await turns()
         assert not flush.done()  # the FLUSH waits for the run too
@@ -586,6 +598,7 @@ def test_a_flush_sends_its_fua_run_before_it_first_waits(tmp_path: Path,
         await disk.pwrite(1 * BS, pattern(1))
         await disk.flush()
         await disk.pwrite(40 * BS, pattern(40))
+        await disk._commits.durable()  # its record synced meanwhile (it started with it)
         assert gate.sent[-1] != (40, 1)  # waiting to be joined
         flush = eager.start(asyncio.get_running_loop(), disk.flush())
         assert gate.sent[-1] == (40, 1) and gate.fua[-1]
@@ -614,18 +627,21 @@ def test_a_write_after_flushes_that_each_followed_one_write_goes_at_once_with_fu
             await disk.flush()
         flushes, sent = gate.flushes, len(gate.sent)
         await disk.pwrite(40 * BS, pattern(40))
-        assert gate.sent[-1] == (40, 1) and gate.fua[-1]  # on its way as the write returns
+        await disk._commits.durable()
+        assert gate.sent[-1] == (40, 1) and gate.fua[-1]  # on its way once its record is durable
         await disk.flush()
         assert gate.flushes == flushes and len(gate.sent) == sent + 1
         assert len([r for r in intent_records(tmp_path) if not r.new]) == write_behind.FLUSH_STREAK + 1
         await disk.pwrite(50 * BS, pattern(50))  # expected to be flushed: sent at once
         await disk.pwrite(51 * BS, pattern(51))  # ... but another write came first
         await disk.pwrite(52 * BS, pattern(52))
+        await disk._commits.durable()
         await turns()
         assert gate.sent[-1] == (50, 1) and gate.fua[-1]  # 51 and 52 wait, gathered
         await disk.flush()
         assert gate.sent[-1] == (51, 2) and gate.fua[-1]
         await disk.pwrite(60 * BS, pattern(60))  # the streak starts again: gathered
+        await disk._commits.durable()
         await turns()
         assert gate.sent[-1] == (51, 2)
         await disk.flush()

@@ -1,14 +1,19 @@
 """The commit protocol of an encrypted disk, and the trusted records it keeps.
 
+Every intent record is durable before the ciphertext it explains leaves this domain
+(`when_durable`, the gate of write_behind.py and crypt_write.send): a group commit,
+one fdatasync on a thread for every record appended meanwhile, started as soon as a
+record is pending, so it overlaps the gathering of writes behind, the guest's round
+trip and the replicas' work, and the event loop never waits for it.
+
 A FLUSH (or FUA write) makes every write completed so far durable. Usually it
-does so with the intent log alone: the log is fdatasync'ed while the replicas
-flush, then a flush mark is appended and the log fdatasync'ed again. Writes behind
-that were not sent yet go with FUA (durable once answered), so the replica flush
-for the others need not wait for them (and is not sent at all if there are no
-others: reconnect.ReplicaLink.flush); the mark waits for both. A write that a
-FLUSH is expected to follow starts both early (write_behind.py: sent with FUA, the
-log synced once its reply left), and the FLUSH then uses that sync if no record
-came since.
+does so with the intent log alone: the records are durable (or become so) while the
+replicas flush, then a flush mark is appended and made durable the same way. Writes
+behind that were not sent yet go with FUA (durable once answered), so the replica
+flush for the others need not wait for them (and is not sent at all if there are no
+others: reconnect.ReplicaLink.flush); the mark waits for both. A write that a FLUSH
+is expected to follow goes with FUA as soon as its record is durable
+(write_behind.py).
 Recovery rolls the log forward (for each logged block, the newest recorded version
 whose ciphertext verifies on a current replica, and never one older than the last
 mark's: crypt_open.choose_versions), so a block whose record and ciphertext are
@@ -45,9 +50,10 @@ the intent log names, so a superblock that landed before its leaf pages only
 presents an epoch one ahead, which open accepts and overwrites. (Two flushes, one
 before the superblock, cost a driver round trip and an fdatasync per FLUSH.)
 
-Between commits, every leaf change is appended to the intent log before the
-ciphertext it describes leaves this process (`note_leaves`), and versions are
-taken only below the anchor's reserved bound (`take_versions`). New writes wait
+Between commits, every leaf change is appended to the intent log (`note_leaves`)
+and durable before the ciphertext it describes leaves this process
+(`when_durable`), and versions are taken only below the anchor's reserved bound
+(`take_versions`). New writes wait
 while a commit runs; writes in flight finish first.
 """
 
@@ -131,8 +137,14 @@ class Commits:
         # intent_blocks when the log and the replicas were last made durable without a
         # full commit (None: not since the last full commit).
         self._logged: int | None = None
-        # The records' sync a write expecting a FLUSH started, and intent_blocks then.
-        self._early: tuple[asyncio.Future[None], int] | None = None
+        # The group commit of the intent log (`durable`): the sync running on a thread,
+        # and what waits for records up to a count (IntentLog.appended) to be durable.
+        self._syncing: asyncio.Future[None] | None = None
+        self._waiting: list[tuple[int, Callable[[OSError | None], None]]] = []
+        # A sync that failed, until a FLUSH or commit reported it: no ciphertext leaves
+        # meanwhile. Not retried into a promise: after a failed fdatasync the kernel may
+        # have dropped the pages it could not write, and a later one succeeds regardless.
+        self._sync_failed: OSError | None = None
 
     @property
     def epoch(self) -> int:
@@ -158,9 +170,9 @@ class Commits:
         return v
 
     def note_leaves(self, b0: int, old: Buffer, new: Buffer, held: bool = False) -> None:
-        """Record a leaf change durably first (intent log), then in memory. With `held`,
-        the record is written by the next `write_held` (before the ciphertext leaves) or
-        any other write of the log."""
+        """Record a leaf change in the intent log, then in memory, and start making the
+        record durable (`durable`: its ciphertext waits for that). With `held`, the record
+        is written by that sync, or by the next `write_held` or other write of the log."""
         try:
             self.intent.append(b0, old, new, held)
         except OSError as exc:
@@ -168,6 +180,8 @@ class Commits:
                              f"{self.intent.path}: {exc}") from exc
         self.leaves.set(b0, new)
         self.intent_blocks += len(new) // LEAF_SIZE
+        if self._syncing is None:
+            self._sync_next()
 
     def write_window(self) -> tuple[int, int, int]:
         """(the next version, the reserved bound, blocks): the native write plane may take
@@ -185,6 +199,8 @@ class Commits:
         self.intent_blocks += blocks
         self._writers += writes
         self._writers_idle.clear()
+        if self._syncing is None:  # their sync starts now (when_durable)
+            self._sync_next()
 
     def write_held(self) -> None:
         """Write the intent records held back (note_leaves) before their ciphertext leaves."""
@@ -193,6 +209,75 @@ class Commits:
         except OSError as exc:
             raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot append to "
                              f"{self.intent.path}: {exc}") from exc
+
+    # ------------------------------------------------------------ the group commit
+
+    def when_durable(self, then: Callable[[OSError | None], None]) -> bool:
+        """True if every intent record appended so far is durable. Else False, and `then`
+        is called once they are (with None), or with the error if the sync failed.
+
+        The gate before any ciphertext leaves this domain: a driver may persist what it
+        receives at once (O_DIRECT, a remote server, page-cache writeback), and a power
+        cut of this host must not leave ciphertext that no durable record explains (the
+        block would read as an integrity error, its flushed content lost with it)."""
+        intent = self.intent
+        if self._sync_failed is not None:
+            then(self._sync_failed)
+            return False
+        if intent.durable >= intent.appended:
+            return True
+        self._waiting.append((intent.appended, then))
+        if self._syncing is None:
+            self._sync_next()
+        return False
+
+    async def durable(self, report: bool = False) -> None:
+        """Until every intent record appended so far is durable (`when_durable`). With
+        `report` (a FLUSH or commit), a failed sync is said here, and syncs start anew."""
+        if self._sync_failed is None and self.intent.all_durable:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def then(exc: OSError | None) -> None:
+            if not done.done():
+                done.set_exception(exc) if exc is not None else done.set_result(None)
+
+        self.when_durable(then)
+        try:
+            await done
+        except OSError as exc:
+            if report:
+                self._sync_failed = None
+            raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot sync "
+                             f"{self.intent.path}: {exc}") from exc
+
+    def _sync_next(self) -> None:
+        """One fdatasync on a thread for every record appended until it starts (a group
+        commit: records appended while it runs wait for the next). Started as soon as a
+        record is pending, so it overlaps the gathering of writes behind, the guest's
+        round trip and the replicas' work; the event loop never waits for it."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a test's direct call): the next gate starts it
+            return
+        self._syncing = syncing = loop.run_in_executor(None, self.intent.sync)
+        syncing.add_done_callback(self._synced)
+
+    def _synced(self, syncing: asyncio.Future[None]) -> None:
+        self._syncing = None
+        exc = (OSError(errno.EIO, "the intent log's sync was cancelled") if syncing.cancelled()
+               else syncing.exception())
+        if exc is not None and not isinstance(exc, OSError):
+            exc = OSError(errno.EIO, repr(exc))
+        if exc is not None:
+            self._sync_failed = exc
+        durable, waiting = self.intent.durable, self._waiting
+        ready = [then for upto, then in waiting if exc is not None or upto <= durable]
+        self._waiting = [] if exc is not None else [w for w in waiting if w[0] > durable]
+        if exc is None and not self.intent.all_durable:
+            self._sync_next()
+        for then in ready:
+            then(exc)  # type: ignore[arg-type]
 
     def set_leaf(self, b: int, leaf: bytes) -> None:
         """Go back to a leaf the intent log already holds (a failed write's older version)."""
@@ -263,7 +348,7 @@ class Commits:
             try:
                 ahead = send_now(may_log is not None) if send_now is not None else None
                 if may_log is not None and self._logged != self.intent_blocks:
-                    synced = self._early_sync() or self._sync_soon()
+                    synced = self._sync_soon()
                 await self._writers_done(ahead)
                 log_ok = may_log is not None and may_log() and not force
                 if log_ok and self._log_suffices(replica):
@@ -286,7 +371,7 @@ class Commits:
             finally:
                 self._no_commit.set()
                 self.committing = False
-                # A commit syncs the log itself: an early sync's failure is seen there, and
+                # A commit syncs the log itself: a sync's failure is seen there, and
                 # this one's is only retrieved (else asyncio logs it as never retrieved).
                 if synced is not None and synced.done():
                     if not synced.cancelled():
@@ -301,38 +386,10 @@ class Commits:
                 and self._members(replica, []) == self.anchor.members)
 
     def _sync_soon(self) -> asyncio.Future[None]:
-        """The intent log fdatasync'ed on a thread, so it runs while the writes a FLUSH
-        sent on with FUA (they left in this loop turn: write_behind.send_now) and the
-        replica flush are in flight."""
-        return asyncio.get_running_loop().run_in_executor(None, self.intent.sync)
-
-    def sync_early(self) -> None:
-        """A FLUSH is expected (write_behind.py): sync the records appended so far, so the
-        FLUSH finds it done or under way. A FLUSH uses it only if no record came since
-        (intent_blocks unchanged, no full commit in between). Run on this loop two turns
-        from now, once the write's reply has left, while the driver syncs the write: a
-        thread waited for the interpreter lock, started late and then took a loop turn
-        more to report (bench/README.md, "FLUSH latency: nothing waits for a loop turn")."""
-        loop = asyncio.get_running_loop()
-        synced: asyncio.Future[None] = loop.create_future()
-
-        def sync() -> None:
-            if synced.done():
-                return
-            try:
-                self.intent.sync()
-            except OSError as exc:
-                synced.set_exception(exc)
-            else:
-                synced.set_result(None)
-
-        loop.call_soon(loop.call_soon, sync)
-        synced.add_done_callback(lambda f: f.cancelled() or f.exception())  # may go unused
-        self._early = (synced, self.intent_blocks)
-
-    def _early_sync(self) -> asyncio.Future[None] | None:
-        early, self._early = self._early, None
-        return early[0] if early is not None and early[1] == self.intent_blocks else None
+        """Every record appended so far durable (`durable`), as a task: it runs (usually
+        it has run already, started with the records) while the writes a FLUSH sent on
+        with FUA and the replica flush are in flight."""
+        return asyncio.ensure_future(self.durable(report=True))
 
     async def _sync_log(self, replica: ReplicaSet, synced: asyncio.Future[None],
                         ahead: Ahead | None, may_log: Callable[[], bool]) -> bool:
@@ -348,21 +405,17 @@ class Commits:
         try:
             await replica.flush()
         finally:
-            try:
-                await asyncio.shield(synced)
-            except OSError as exc:
-                raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot sync "
-                                 f"{self.intent.path}: {exc}") from exc
+            await asyncio.shield(synced)
         if ahead is not None:
             await self._writers_done(None)
             if not may_log():
                 return False
         try:
             self.intent.mark_flushed()
-            self.intent.sync()
         except OSError as exc:
-            raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot sync "
+            raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot append to "
                              f"{self.intent.path}: {exc}") from exc
+        await self.durable(report=True)
         return True
 
     async def _commit_now(self, replica: ReplicaSet) -> None:
@@ -370,18 +423,17 @@ class Commits:
         pages = leaves.dirty_pages()
         changes = {p: page_hash(p, leaves.page(p)) for p in pages}
         epoch = self.anchor.epoch + 1
-        self._early = None  # the log is reset below: an early sync covers none of what follows
         # The intent records must outlive a power cut before the leaf pages they
         # undo reach the replica: otherwise a cut before the anchor moves leaves
         # pages no trusted record explains, and every block on them is lost. The
         # new page hashes go with them: the tree file gets them only after the anchor.
-        try:
-            if changes:
+        if changes:
+            try:
                 self.intent.append_tree(epoch, changes)
-            self.intent.sync()
-        except OSError as exc:
-            raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot sync "
-                             f"{self.intent.path}: {exc}") from exc
+            except OSError as exc:
+                raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot append to "
+                                 f"{self.intent.path}: {exc}") from exc
+        await self.durable(report=True)
         joining = replica.joining()
         rounds = {r: r.join_round for r in joining}  # (joining loses those that fail a step)
         for p0, p1 in runs(pages, JOIN_PAGES):

@@ -70,6 +70,9 @@ async def _discard(disk: CryptDisk, offset: int, length: int, fua: bool, forward
                         disk._replica.leaves_changed(range(c0, c1))
                     if forward:  # space reclaim only; leaves already say "zeros"
                         try:
+                            # The record first: a cut must not find trimmed ciphertext
+                            # under a durable old leaf.
+                            await disk._commits.durable()
                             await disk._replica.trim(disk._lay.data_offset(c0),
                                                      (c1 - c0) * BS)
                         except BlockError:

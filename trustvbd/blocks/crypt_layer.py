@@ -145,8 +145,8 @@ class CryptDisk:
         # its replicas, so below WRITE_BEHIND_BLOCKS; a commit is near at half the cache dirty.
         self._wplane = WritePlane(commits.leaves.table, self._cipher.codec, self._lay.logical_size,
                                   WRITE_BEHIND_BLOCKS, commits.leaves.capacity // 2)
-        self._behind = WriteBehind(name, self._send, expect_flush=self._commits.sync_early,
-                                   submit=self._submit)
+        self._behind = WriteBehind(name, self._send, early=True, submit=self._submit,
+                                   gate=self._commits.when_durable)
         self._seen = self._behind.seen()  # flush() and commit() called without a connection
         replicas.verifier = self
         replicas.locks = self._locks

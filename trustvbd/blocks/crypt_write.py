@@ -243,7 +243,7 @@ def submit(disk: CryptDisk, b0: int, old: Buffer, ct: Buffer, fua: bool,
     """As `send` without a coroutine, where the replica set can queue the write: True if
     it did, and `ended` is then told whether the replicas took it. A write behind that
     fails goes through `send` again (write_behind.py), which records what they may hold."""
-    disk._commits.write_held()  # the records first, as in send
+    disk._commits.write_held()  # the records first (durable already: WriteBehind's gate)
     return disk._replica.submit_write(disk._replica.data_offset(b0), ct, fua,
                                       partial(_submitted, disk, b0, len(old) // LEAF_SIZE, ended))
 
@@ -261,9 +261,10 @@ async def send(disk: CryptDisk, b0: int, old: Buffer, ct: Buffer, fua: bool = Fa
     n = len(old) // LEAF_SIZE
     start = disk._replica.data_offset(b0)
     try:
-        # The intent records of these blocks (and of every write before them) first:
-        # held back since their writes (_note_write), one pwrite for a whole run.
-        disk._commits.write_held()
+        # The intent records of these blocks (and of every write before them) durable
+        # first (held back since their writes, _note_write; one group sync for all).
+        if not disk._commits.intent.all_durable:
+            await disk._commits.durable()
         await disk._replica.pwrite(start, ct, fua)
     except BaseException:
         # The replica may now hold old or new ciphertext for each block. Earlier

@@ -1,9 +1,9 @@
 """The intent log of one disk (STATE_DIR/disks/NAME/intent.log): leaf changes since the
 last commit, and page hashes the tree file may not hold yet.
 
-Appended with one os.write per request, before the request's ciphertext leaves this
-process, and fdatasync'ed before a commit writes leaf pages (docs/dev/crypt-design.md,
-"Power loss"). Byte layout: docs/format.md. Every write and sync goes through a FileOps
+Appended per request, and fdatasync'ed (a group commit on a thread: crypt_commit.py)
+before the request's ciphertext leaves this process, and before a commit writes leaf
+pages (docs/dev/crypt-design.md, "Power loss"). Byte layout: docs/format.md. Every write and sync goes through a FileOps
 (trustvbd/fileops.py), so tests can cut the power.
 """
 
@@ -65,10 +65,10 @@ class IntentLog:
     file may not hold yet (written after the anchor, without fsync). Records are written one
     after another into zeroed room kept ahead of them (LOG_ROOM), not appended.
 
-    A leaf record may be held back (`append(..., held=True)`) until the next `write_held`
-    or any other write of the log: a write answered before its replicas (write_behind.py)
-    then costs no system call of its own, and one pwrite carries the records of every
-    write of a run, before its ciphertext leaves (crypt_write.send)."""
+    A leaf record may be held back (`append(..., held=True)`) until the next `sync`,
+    `write_held` or any other write of the log: a write answered before its replicas
+    (write_behind.py) then costs no system call of its own; the group commit's sync
+    (crypt_commit.py) writes every record held meanwhile in one pwrite."""
 
     def __init__(self, path: Path, ops: FileOps = OS_FILES) -> None:
         self.path = path
@@ -82,6 +82,10 @@ class IntentLog:
         self._held = bytearray()  # leaf records not written yet, in order
         # The held records and the write position: a sync on a thread writes them too.
         self._writing = threading.Lock()
+        # Records appended since open (never reset), and how many of them a completed
+        # sync made durable: ciphertext leaves only once its records are (crypt_commit.py).
+        self.appended = 0
+        self.durable = 0
 
     @property
     def end(self) -> int:
@@ -163,13 +167,27 @@ class IntentLog:
 
     def append_tree(self, epoch: int, hashes: dict[int, bytes]) -> None:
         """The page hashes the commit of `epoch` is about to make (before its anchor)."""
+        with self._writing:
+            self.appended += 1
         self._put(encode_tree_record(epoch, hashes))
 
+    @property
+    def all_durable(self) -> bool:
+        """Every record appended so far survives a power cut."""
+        return self.durable >= self.appended
+
     def sync(self) -> None:
-        """Make every record appended so far survive a power cut (once per commit)."""
-        self.write_held()
+        """Make every record appended so far survive a power cut (the held ones written
+        first). Thread-safe: records appended meanwhile wait for the next sync."""
         with self._syncing:
+            with self._writing:
+                upto = self.appended
+                if self._held:
+                    self._write(self._held)
+                    self._held.clear()
             self._ops.fdatasync(self._fd)
+            if upto > self.durable:
+                self.durable = upto
 
     def mark_flushed(self) -> None:
         """A flush mark (a leaf record of no blocks), appended by a FLUSH that the log
@@ -189,6 +207,7 @@ class IntentLog:
         native write plane encodes a batch's itself: native/src/intent_record.rs, the same
         bytes). Every leaf record goes through here."""
         with self._writing:
+            self.appended += 1
             self._held += records
         if not held:
             self._put(b"")

@@ -54,13 +54,18 @@ the general way (`send`, in a task), where a single replica's link reconnects a 
 connection and a failure is recorded as always. A run after a reply goes one loop turn
 later, so the reply leaves first.
 
+Records first: a run leaves only once the intent records of its writes (and of every
+write before them) are durable (`gate`, crypt_commit.Commits.when_durable): a driver may
+persist ciphertext at once, and a power cut of this host must not leave ciphertext no
+durable record explains. Their sync starts as the records are made, so by the time a
+run leaves (after the reply, the gather timer or a FLUSH) it is usually done.
+
 Expected FLUSHes: a guest that FLUSHes after every write (a database's log, fsync
 per write) would have each write wait for its FLUSH to send it. Once FLUSH_STREAK
 FLUSHes in a row each came right after one write behind, the next such write is
-sent at once with FUA, before it is answered, and the intent log is synced once
-the reply left (crypt_commit.Commits.sync_early): the driver syncs while the
-guest is answered and sends its FLUSH, which then waits for both and writes the
-mark. A second write before the FLUSH ends the streak; it cost one
+sent with FUA as soon as its record is durable, without waiting for the FLUSH: the
+driver syncs while the guest is answered and sends its FLUSH, which then waits for
+it and writes the mark. A second write before the FLUSH ends the streak; it cost one
 driver sync.
 """
 
@@ -97,6 +102,9 @@ Send = Callable[[int, Buffer, Buffer, bool], Coroutine[Any, Any, None]]
 # The same without a coroutine, where the replicas can queue it: True if queued, and then
 # the callable is called once, when it ended, with whether the replicas took it.
 Submit = Callable[[int, Buffer, Buffer, bool, Callable[[bool], None]], bool]
+# True if every intent record appended so far is durable; else False, and the callable is
+# called once they are (None) or their sync failed (the error): crypt_commit.when_durable.
+Gate = Callable[[Callable[[OSError | None], None]], bool]
 
 
 class _Run:
@@ -142,16 +150,18 @@ class WriteBehind:
     (`_starting`), then in flight (`_sending`) until its replicas answered."""
 
     def __init__(self, disk: str, send: Send, limit: int = WRITE_BEHIND_MAX,
-                 expect_flush: Callable[[], None] | None = None,
-                 submit: Submit | None = None) -> None:
-        """`expect_flush`: called as a write a FLUSH is expected to follow leaves (it
-        starts the records' sync); without it no write is sent early. `submit`: sends a
-        run without a task where the replicas can (a run that fails then goes by `send`)."""
+                 early: bool = False, submit: Submit | None = None,
+                 gate: Gate | None = None) -> None:
+        """`early`: a write a FLUSH is expected to follow leaves at once, with FUA.
+        `submit`: sends a run without a task where the replicas can (a run that fails then
+        goes by `send`). `gate`: a run leaves only once the intent records that explain
+        it are durable (`send` waits for them itself)."""
         self.disk = disk
         self.limit = limit
         self._send = send
         self._submit = submit
-        self._expect_flush = expect_flush
+        self._early = early
+        self._gate = gate
         self._since_flush = 0  # writes behind added since the last FLUSH
         self._streak = 0  # FLUSHes in a row that each came right after one write behind
         self._runs: list[_Run] = []  # the newest writes, not sent yet (at most HELD_RUNS)
@@ -195,8 +205,7 @@ class WriteBehind:
         loop = self._running_loop()
         now = self._last = loop.time()
         runs = self._runs
-        if (gather and self._since_flush == 1 and self._streak >= FLUSH_STREAK
-                and self._expect_flush is not None):
+        if gather and self._since_flush == 1 and self._streak >= FLUSH_STREAK and self._early:
             # A FLUSH is expected next: the driver syncs this write from now on, while the
             # guest is answered and sends its FLUSH.
             run = _Run(first_block, blocks, old, ct, done)
@@ -294,20 +303,26 @@ class WriteBehind:
             self._go(run)
 
     def _go(self, run: _Run, fua: bool = False) -> None:
-        """The run's replica write leaves now: submitted where the replicas can queue it,
-        else in a task (`_start`)."""
+        """The run's replica write leaves as soon as the intent records are durable (the
+        gate: their sync started with them, so it is often done): submitted where the
+        replicas can queue it, else in a task (`_start`)."""
         run.fua = fua
         self._sending.add(run)
-        if run.early:
-            # The records' sync (once the reply left), and the request now: both run
-            # while the guest is answered and sends its FLUSH.
-            assert self._expect_flush is not None
-            self._expect_flush()
+        gate = self._gate
+        if gate is None or gate(partial(self._leave, run)):
+            self._leave(run)
+
+    def _leave(self, run: _Run, failed: OSError | None = None) -> None:
+        if failed is not None:
+            # The records did not sync: the general way tries again, and a failure there
+            # loses the run's writes as any replica failure does, ciphertext unsent.
+            self._start(run)
+            return
         submit = self._submit
         if submit is not None:
             old, ct = run.joined
             try:
-                if submit(run.first, old, ct, fua, partial(self._submitted, run)):
+                if submit(run.first, old, ct, run.fua, partial(self._submitted, run)):
                     self.submitted += 1
                     return
             except Exception:  # the general way fails it again, and records the loss
