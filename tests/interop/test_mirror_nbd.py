@@ -545,10 +545,12 @@ def test_a_scrub_cut_short_by_a_killed_encryption_domain_says_so(short_tmp: Path
 def test_status_and_scrub_say_a_disk_is_opening_while_the_domain_restarts(
         short_tmp: Path) -> None:
     """A killed encryption domain is restarted and opens its disks again (here held up by a
-    driver stalled in its handshake, `replica_lag` 2 s): meanwhile `status` said the disk had
+    driver stalled in its handshake, `replica_lag` 6 s): meanwhile `status` said the disk had
     "failed: None" and `scrub` that it "is not encrypted: there is nothing to verify
-    against". Both say it is opening now, and the scrub works once it is open."""
-    m = Mirror(short_tmp, 2, limits="[limits]\nreplica_lag = 2\n")
+    against". Both say it is opening now, and the scrub works once it is open. (The lag is
+    long enough for a `status` call to land in the window on a loaded machine: with 2 s it
+    was missed there.)"""
+    m = Mirror(short_tmp, 2, limits="[limits]\nreplica_lag = 6\n")
     try:
         m.system.start()
         qemu_io(m.uri, f"write -P 0x11 0 {HALF}", "flush")
