@@ -61,6 +61,44 @@ def test_closed_on_the_way(tmp_path):
     assert str(closed) not in dict(sandbox.closed_on_the_way([str(closed / "inner" / "deep")]))
 
 
+def _mounted_at(pid: int | str, path: Path) -> bool:
+    return any(line.split()[1] == str(path) for line in Path(f"/proc/{pid}/mounts").read_text().splitlines())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces and mounts need root")
+def test_a_domain_namespace_lets_the_host_unmount_its_filesystems(tmp_path):
+    """A domain with its own mount namespace (_expose) took a copy of every mount of the
+    host. Private, that copy held each filesystem for as long as the domain ran: a FUSE
+    daemon (fuse2fs, nbdfuse over a trustvbd disk) never exited after `fusermount -u`.
+    Now the host's unmount reaches the domain's copy; the domain's own mounts still stay
+    out of the host's view."""
+    closed = tmp_path / "closed"
+    (closed / "inner").mkdir(parents=True)
+    closed.chmod(0o700)
+    # A shared mount, as systemd makes every mount of a host (this test's machine may not).
+    shared = tmp_path / "shared"
+    held = shared / "held"
+    held.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(shared), str(shared)], check=True)
+    subprocess.run(["mount", "--make-shared", str(shared)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(held)], check=True)
+    identity = sandbox.Identity(None, None, expose=((str(closed), ("inner",)),))
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE, preexec_fn=sandbox.preexec(identity))
+    try:
+        assert os.readlink(f"/proc/{child.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        assert _mounted_at(child.pid, held) and _mounted_at(child.pid, closed)
+        assert not _mounted_at("self", closed)  # the domain's tmpfs stays its own
+        subprocess.run(["umount", str(held)], check=True)
+        # Propagated within umount itself: nothing to wait for.
+        assert not _mounted_at(child.pid, held), "the domain still holds the host's unmounted filesystem"
+        assert _mounted_at(child.pid, closed)
+    finally:
+        child.communicate(b"")
+        for path in (held, shared):
+            subprocess.run(["umount", str(path)], check=False, capture_output=True)
+
+
 def test_no_new_privs_in_a_child():
     code = ("from trustvbd.domains import sandbox; sandbox.no_new_privs();"
             "print(open('/proc/self/status').read().split('NoNewPrivs:')[1].split()[0])")

@@ -44,8 +44,8 @@ CLEAN_PATH = "/usr/local/bin:/usr/bin:/bin"
 _PR_SET_NO_NEW_PRIVS = 38
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWNS = 0x00020000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = (
-    1, 2, 4, 32, 4096, 16384, 1 << 18)
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_SLAVE = (
+    1, 2, 4, 32, 4096, 16384, 1 << 19)
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 WEAK_ISOLATION_WARNING = (
@@ -182,7 +182,11 @@ def _expose(closed: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
     """In a mount namespace of our own: each closed directory becomes an empty tmpfs holding
     read-only bind mounts of just the entries on the way."""
     _check(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    _mount(None, "/", None, _MS_REC | _MS_PRIVATE, None)  # nothing leaks back to the host
+    # Slave, not private: nothing mounted here leaks back to the host, and the host's unmounts
+    # reach the copies of its mounts this namespace took. A private copy kept every mount that
+    # existed when the domain started (a guest's FUSE filesystem: its daemon then never exits
+    # after `fusermount -u`) alive for as long as the domain ran.
+    _mount(None, "/", None, _MS_REC | _MS_SLAVE, None)
     for directory, entries in closed:
         held = {e: os.open(os.path.join(directory, e), os.O_PATH | os.O_CLOEXEC) for e in entries}
         try:
