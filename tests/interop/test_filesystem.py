@@ -89,6 +89,25 @@ def mounted(image: Path, work: Path, *options: str) -> Iterator[Path]:
         stop(proc, mnt)  # fuse2fs writes everything back and flushes before it exits
 
 
+@contextmanager
+def shared_mounts(root: Path) -> Iterator[None]:
+    """Mounts under `root` made shared. A domain with its own mount namespace (sandbox._expose:
+    every encryption domain and driver started meanwhile on this machine, other tests' too)
+    copies the FUSE mounts here; with shared ones the copies are slaves, so `fusermount -u`
+    unmounts them too. Else the copy held the filesystem and its daemon (fuse2fs, nbdfuse)
+    did not exit until that domain did. systemd makes a host's mounts shared; this machine's
+    / is private, hence the bind mount."""
+    if os.geteuid() != 0:
+        yield
+        return
+    subprocess.run(["mount", "--bind", str(root), str(root)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(root)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False, capture_output=True)
+
+
 def checksums(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
@@ -97,31 +116,36 @@ def checksums(root: Path) -> dict[str, str]:
 def test_ext4_through_fuse_survives_a_restart_clean() -> None:
     root = Path(tempfile.mkdtemp(prefix="tvf", dir="/tmp"))
     system = System(root, CONFIG)
-    try:
-        system.start()
-        uri = system.uri("vm", "fs")
-        rng = random.Random(12)
-        with exposed(uri, root) as image:
-            run(["mkfs.ext4", "-q", "-F", str(image)])
-            with mounted(image, root) as mnt:
-                for i in range(300):
-                    d = mnt / f"d{i % 12}"
-                    d.mkdir(exist_ok=True)
-                    (d / f"f{i}").write_bytes(rng.randbytes(rng.randrange(1, 40_000)))
-                written = checksums(mnt)
-        system.stop()
-        system.start()
-        with exposed(system.uri("vm", "fs"), root) as image:
-            fsck = run(["e2fsck", "-fn", str(image)], check=False)
-            assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-            passes = [line for line in fsck.stdout.splitlines() if line.startswith("Pass ")]
-            other = [line for line in fsck.stdout.splitlines()
-                     if line not in passes and not line.startswith(f"{image}: ")]
-            assert len(passes) == 5 and not other, fsck.stdout  # clean, with no message
-            with mounted(image, root, "ro") as mnt:
-                assert checksums(mnt) == written
-                assert len(written) == 300
-        system.stop()
-    finally:
-        system.kill()
-        shutil.rmtree(root, ignore_errors=True)
+    with shared_mounts(root):
+        try:
+            _write_restart_and_check(system, root)
+        finally:
+            system.kill()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _write_restart_and_check(system: System, root: Path) -> None:
+    system.start()
+    uri = system.uri("vm", "fs")
+    rng = random.Random(12)
+    with exposed(uri, root) as image:
+        run(["mkfs.ext4", "-q", "-F", str(image)])
+        with mounted(image, root) as mnt:
+            for i in range(300):
+                d = mnt / f"d{i % 12}"
+                d.mkdir(exist_ok=True)
+                (d / f"f{i}").write_bytes(rng.randbytes(rng.randrange(1, 40_000)))
+            written = checksums(mnt)
+    system.stop()
+    system.start()
+    with exposed(system.uri("vm", "fs"), root) as image:
+        fsck = run(["e2fsck", "-fn", str(image)], check=False)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        passes = [line for line in fsck.stdout.splitlines() if line.startswith("Pass ")]
+        other = [line for line in fsck.stdout.splitlines()
+                 if line not in passes and not line.startswith(f"{image}: ")]
+        assert len(passes) == 5 and not other, fsck.stdout  # clean, with no message
+        with mounted(image, root, "ro") as mnt:
+            assert checksums(mnt) == written
+            assert len(written) == 300
+    system.stop()
