@@ -8,6 +8,7 @@ import errno
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -313,4 +314,42 @@ def test_a_reset_waits_for_a_sync_running_on_a_thread(tmp_path: Path) -> None:
     resetting.join(10)
     assert ops.synced == before  # the sync saw the whole log, never a truncated one
     assert log.read().base_epoch == 2
+    log.close()
+
+
+class CountedWrites(OsFileOps):
+    """Counts pwrites since the last fdatasync."""
+
+    def __init__(self) -> None:
+        self.unsynced = 0
+
+    def pwrite(self, fd: int, data: Any, offset: int) -> int:
+        self.unsynced += 1
+        return super().pwrite(fd, data, offset)
+
+    def fdatasync(self, fd: int) -> None:
+        super().fdatasync(fd)
+        self.unsynced = 0
+
+
+def test_a_tree_record_counted_by_a_sync_is_written_by_it(tmp_path: Path) -> None:
+    """The group commit's sync (on a thread) takes the count of records appended, writes
+    the held ones and fdatasyncs. A commit's tree record was counted first and written
+    after, outside the lock: a sync landing between the two called it durable unwritten,
+    and the commit's own `durable()` then skipped the sync its leaf pages wait for. Here
+    the sync lands exactly there."""
+    ops = CountedWrites()
+    log = IntentLog(tmp_path / "intent.log", ops)
+    log.reset(1)
+    log.sync()
+    put = log._put
+
+    def sync_first(rec: bytes | bytearray) -> None:
+        log.sync()  # the thread's sync, between the count and the write
+        put(rec)
+
+    log._put = sync_first  # type: ignore[method-assign]
+    log.append_tree(1, {0: b"\x07" * 32})
+    assert log.all_durable
+    assert ops.unsynced == 0, "a record counted durable was written after the sync"
     log.close()

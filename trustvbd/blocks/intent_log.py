@@ -102,7 +102,8 @@ class IntentLog:
             held = self._held
             if held:
                 rec = held + rec
-            self._write(rec)
+            if rec:  # a sync on a thread may have written the held records already
+                self._write(rec)
             held.clear()
 
     def _write(self, rec: bytes | bytearray) -> None:
@@ -167,9 +168,13 @@ class IntentLog:
 
     def append_tree(self, epoch: int, hashes: dict[int, bytes]) -> None:
         """The page hashes the commit of `epoch` is about to make (before its anchor)."""
+        rec = encode_tree_record(epoch, hashes)
+        # Counted and held in one lock hold, as append_encoded does: a sync on a thread
+        # that counts it also writes it (else it could call an unwritten record durable).
         with self._writing:
             self.appended += 1
-        self._put(encode_tree_record(epoch, hashes))
+            self._held += rec
+        self._put(b"")
 
     @property
     def all_durable(self) -> bool:
