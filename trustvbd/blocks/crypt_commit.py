@@ -2,9 +2,9 @@
 
 Every intent record is durable before the ciphertext it explains leaves this domain
 (`when_durable`, the gate of write_behind.py and crypt_write.send): a group commit,
-one fdatasync on a thread for every record appended meanwhile, started as soon as a
-record is pending, so it overlaps the gathering of writes behind, the guest's round
-trip and the replicas' work, and the event loop never waits for it.
+one fdatasync on a thread for every record appended meanwhile, started when ciphertext
+waits for it (so a gathered run of writes behind costs one), and the event loop never
+waits for it.
 
 A FLUSH (or FUA write) makes every write completed so far durable. Usually it
 does so with the intent log alone: the records are durable (or become so) while the
@@ -170,9 +170,9 @@ class Commits:
         return v
 
     def note_leaves(self, b0: int, old: Buffer, new: Buffer, held: bool = False) -> None:
-        """Record a leaf change in the intent log, then in memory, and start making the
-        record durable (`durable`: its ciphertext waits for that). With `held`, the record
-        is written by that sync, or by the next `write_held` or other write of the log."""
+        """Record a leaf change in the intent log, then in memory; it is made durable
+        when its ciphertext is about to leave (`when_durable`). With `held`, the record is
+        written by that sync, or by the next `write_held` or other write of the log."""
         try:
             self.intent.append(b0, old, new, held)
         except OSError as exc:
@@ -180,8 +180,6 @@ class Commits:
                              f"{self.intent.path}: {exc}") from exc
         self.leaves.set(b0, new)
         self.intent_blocks += len(new) // LEAF_SIZE
-        if self._syncing is None:
-            self._sync_next()
 
     def write_window(self) -> tuple[int, int, int]:
         """(the next version, the reserved bound, blocks): the native write plane may take
@@ -199,8 +197,6 @@ class Commits:
         self.intent_blocks += blocks
         self._writers += writes
         self._writers_idle.clear()
-        if self._syncing is None:  # their sync starts now (when_durable)
-            self._sync_next()
 
     def write_held(self) -> None:
         """Write the intent records held back (note_leaves) before their ciphertext leaves."""
@@ -253,9 +249,10 @@ class Commits:
 
     def _sync_next(self) -> None:
         """One fdatasync on a thread for every record appended until it starts (a group
-        commit: records appended while it runs wait for the next). Started as soon as a
-        record is pending, so it overlaps the gathering of writes behind, the guest's
-        round trip and the replicas' work; the event loop never waits for it."""
+        commit: records appended while it runs wait for the next). Started when something
+        waits for it (a run of writes behind leaving, a large or FUA write, a FLUSH or
+        commit), not per record: a run of writes gathered meanwhile then costs one sync,
+        not one each. The event loop never waits for it."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (a test's direct call): the next gate starts it
@@ -274,7 +271,7 @@ class Commits:
         durable, waiting = self.intent.durable, self._waiting
         ready = [then for upto, then in waiting if exc is not None or upto <= durable]
         self._waiting = [] if exc is not None else [w for w in waiting if w[0] > durable]
-        if exc is None and not self.intent.all_durable:
+        if exc is None and self._waiting:
             self._sync_next()
         for then in ready:
             then(exc)  # type: ignore[arg-type]
