@@ -291,7 +291,7 @@ def test_crash_anywhere_loses_nothing_acknowledged(tmp_path: Path, crashing_stat
     for _ in range(rounds):
         replicas = [CachedReplica(d, clock) for d in durables]
         clock.step, clock.dead = 0, False
-        clock.crash_at = rng.randrange(1, 50 * copies)
+        clock.crash_at = rng.randrange(1, 40 * copies)
         try:
             run(_session(tmp_path, kek, replicas, model, rng))
         except Crash:
