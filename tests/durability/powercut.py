@@ -3,7 +3,10 @@
 `PowerCutFiles` is a FileOps over real files that also keeps what a power cut
 would leave: a file's data only as of its last fsync/fdatasync, and a directory's
 entries (creations, renames, removals, new subdirectories) only as of its last
-fsync, reachable only through durable entries from the root. `Events` numbers
+fsync, reachable only through durable entries from the root. A file's sync can be made
+to fail (`failing`) as Linux's do after a writeback error: the pages written since the
+last sync are dropped (marked clean, never written), and a later sync that succeeds
+leaves them as they were until they are written again. `Events` numbers
 every write, sync, rename, removal and mkdir, trusted or replica; `state_at(i)`
 rebuilds the trusted directory as a power cut right after event i would leave
 it, and `TracedReplica.image_at(i, kept)` a replica: with `kept` the driver's
@@ -15,6 +18,7 @@ fails, as a dead driver's), which makes a mirror degrade it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import random
 import shutil
@@ -44,6 +48,7 @@ class Events:
 
 
 DIR = -1  # a directory's entry, where a file's holds its inode
+PAGE = 4096  # what the kernel writes back, or drops after a failed sync
 
 
 class PowerCutFiles(OsFileOps):
@@ -62,6 +67,9 @@ class PowerCutFiles(OsFileOps):
         self._data: dict[int, bytes] = {}  # inode -> contents as of its last sync
         self._dirs: dict[Path, dict[str, int]] = {}  # directory -> entries as of its last sync
         self.snapshots: list[tuple[int, dict[str, bytes | None]]] = []  # (event, durable tree)
+        self.failing: set[str] = set()  # names of files whose fsync/fdatasync fails (EIO)
+        self._dirty: dict[int, set[int]] = {}  # inode -> pages written since its last sync
+        self._dropped: dict[int, set[int]] = {}  # inode -> pages a failed sync dropped
         for d, _, files in os.walk(root):  # what exists now counts as durable
             for name in files:
                 self._remember(Path(d) / name)
@@ -115,15 +123,29 @@ class PowerCutFiles(OsFileOps):
 
     def write(self, fd: int, data: Buffer) -> int:
         self.events.tick(f"write {self._name(fd)}")
-        return super().write(fd, data)
+        append = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND
+        at = os.fstat(fd).st_size if append else os.lseek(fd, 0, os.SEEK_CUR)
+        n = super().write(fd, data)
+        self._written(fd, at, at + n)
+        return n
 
     def pwrite(self, fd: int, data: Buffer, offset: int) -> int:
         self.events.tick(f"pwrite {self._name(fd)}")
-        return super().pwrite(fd, data, offset)
+        n = super().pwrite(fd, data, offset)
+        self._written(fd, offset, offset + n)
+        return n
 
     def ftruncate(self, fd: int, size: int) -> None:
         self.events.tick(f"ftruncate {self._name(fd)}")
+        old = os.fstat(fd).st_size
         super().ftruncate(fd, size)
+        self._written(fd, min(old, size), max(old, size))
+
+    def _written(self, fd: int, start: int, end: int) -> None:
+        ino = os.fstat(fd).st_ino
+        pages = range(start // PAGE, -(-end // PAGE))
+        self._dirty.setdefault(ino, set()).update(pages)
+        self._dropped.get(ino, set()).difference_update(pages)
 
     def fsync(self, fd: int) -> None:
         self._sync(fd, "fsync")
@@ -132,10 +154,24 @@ class PowerCutFiles(OsFileOps):
         self._sync(fd, "fdatasync")
 
     def _sync(self, fd: int, how: str) -> None:
-        event = self.events.tick(f"{how} {self._name(fd)}")
         st = os.fstat(fd)
+        dirty = self._dirty.pop(st.st_ino, set())
+        if self._name(fd) in self.failing:
+            self.events.tick(f"{how} {self._name(fd)} fails")
+            self._dropped.setdefault(st.st_ino, set()).update(dirty)
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        event = self.events.tick(f"{how} {self._name(fd)}")
         reader = self._keep[st.st_ino]  # the fd itself may be write-only
-        self._data[st.st_ino] = os.pread(reader, st.st_size, 0)
+        data = os.pread(reader, st.st_size, 0)
+        dropped = self._dropped.get(st.st_ino)
+        if dropped:  # as of the sync before the failed one (zeros past its end)
+            old, new = self._data.get(st.st_ino, b""), bytearray(data)
+            for p in dropped:
+                at = p * PAGE
+                page = new[at:at + PAGE]
+                new[at:at + len(page)] = old[at:at + len(page)].ljust(len(page), b"\0")
+            data = bytes(new)
+        self._data[st.st_ino] = data
         self._snapshot(event)
 
     def replace(self, src: Path, dst: Path) -> None:

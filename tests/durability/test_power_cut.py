@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.crypt.helpers import RawMemory, new_state, run
+from tests.crypt.helpers import RawMemory, new_state, pattern, run
 from tests.durability.powercut import (
     BS,
     NO_SYNC,
@@ -44,7 +44,7 @@ from tests.durability.powercut import (
 )
 from trustvbd.acm.audit import AuditLog
 from trustvbd.acm.audit_read import verify
-from trustvbd.blockdev import Backend
+from trustvbd.blockdev import Backend, BlockError
 from trustvbd.blocks import crypt_commit, intent_log
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.disk_state import DiskState
@@ -217,3 +217,60 @@ def test_a_forwarded_trim_waits_for_its_intent_record(tmp_path: Path, cut_dir: P
         where = f"power cut after event {cut} ({events.names[cut - 1]})"
         run(reopen_and_check(files.state_at(cut, cut_dir), kek, replica.image_at(cut, True),
                              model, cut, where))
+
+
+@pytest.mark.parametrize("blocks", [40])
+def test_a_failed_log_sync_then_a_flush_loses_nothing_flushed(tmp_path: Path, cut_dir: Path,
+                                                              blocks: int) -> None:
+    """A write whose intent records fail to sync (EIO) is not sent, and the FLUSH after it
+    stands on the intent log. Linux drops the pages a failed fdatasync could not write
+    (marked clean) and a later one succeeds without them, unless they are written again:
+
+    - 40 blocks: the failed records share a page with the later ones, so the kernel
+      writes them after all. The failed write's blocks went back to their older leaf in
+      memory (the replica holds it), but the log's last record of them named the failed
+      leaf, and the flush mark after it had recovery take nothing older: after a cut,
+      blocks that read fine before it were integrity errors."""
+    state = tmp_path / "state"
+    kek = new_state(state, size=SIZE)
+    events = Events()
+    files = PowerCutFiles(state, events)
+    replica = TracedReplica(physical_size(SIZE), events)
+    first, failed, last = pattern(1), random.Random(7).randbytes(blocks * BS), pattern(250)
+
+    async def workload() -> int:
+        link = ReplicaLink(replica, "r0", never)
+        disk = await CryptDisk.open(state, "vm1", link, "r0", kek, files=files)  # type: ignore[arg-type]
+        await disk.pwrite(1 * BS, first)
+        await disk.flush()
+        epoch = disk.epoch
+        files.failing.add("intent.log")
+        failed_from = events.count
+        with pytest.raises(BlockError, match=r"cannot sync .*intent\.log"):
+            await disk.pwrite(10 * BS, failed)
+        with pytest.raises(BlockError, match=r"cannot sync .*intent\.log"):
+            await disk.flush()
+        assert "fdatasync intent.log fails" in events.names[failed_from:]
+        files.failing.clear()
+        assert bytes(await disk.pread(10 * BS, BS)) == bytes(BS)  # not sent
+        await disk.pwrite(250 * BS, last)
+        await disk.flush()
+        assert disk.epoch == epoch, "the FLUSH stands on the intent log, no commit"
+        flushed = events.count
+        await abandon(disk)
+        return flushed
+
+    try:
+        flushed = run(workload())
+    finally:
+        files.close_all()
+    model = Model()
+    for b, value in ((1, first), (250, last)):
+        model.wrote(b, Write(value, 0, 0, False))
+    model.flushes.append(0)
+    for cut in range(flushed, events.count + 1):
+        for kept in (True, False):
+            where = (f"power cut after event {cut} ({events.names[cut - 1]}), replica "
+                     f"{'kept its writes' if kept else 'lost unflushed writes'}")
+            run(reopen_and_check(files.state_at(cut, cut_dir), kek, replica.image_at(cut, kept),
+                                 model, cut, where))

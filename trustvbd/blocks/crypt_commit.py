@@ -277,8 +277,11 @@ class Commits:
             then(exc)  # type: ignore[arg-type]
 
     def set_leaf(self, b: int, leaf: bytes) -> None:
-        """Go back to a leaf the intent log already holds (a failed write's older version)."""
-        self.leaves.set(b, leaf)
+        """Go back to an older leaf of block b (the replicas kept the version from before a
+        failed write), recorded as any change: else the log's last record of b names the
+        failed write's leaf, and a flush mark after it has recovery take nothing older
+        (crypt_open.choose_versions), so b would fail to read after a power cut."""
+        self.note_leaves(b, self.leaves.get(b, b + 1), leaf, held=True)
 
     @property
     def dirty(self) -> bool:
