@@ -219,7 +219,7 @@ def test_a_forwarded_trim_waits_for_its_intent_record(tmp_path: Path, cut_dir: P
                              model, cut, where))
 
 
-@pytest.mark.parametrize("blocks", [40])
+@pytest.mark.parametrize("blocks", [40, 190])
 def test_a_failed_log_sync_then_a_flush_loses_nothing_flushed(tmp_path: Path, cut_dir: Path,
                                                               blocks: int) -> None:
     """A write whose intent records fail to sync (EIO) is not sent, and the FLUSH after it
@@ -230,7 +230,10 @@ def test_a_failed_log_sync_then_a_flush_loses_nothing_flushed(tmp_path: Path, cu
       writes them after all. The failed write's blocks went back to their older leaf in
       memory (the replica holds it), but the log's last record of them named the failed
       leaf, and the flush mark after it had recovery take nothing older: after a cut,
-      blocks that read fine before it were integrity errors."""
+      blocks that read fine before it were integrity errors.
+    - 190 blocks: the failed records span pages no later write touches. The log then
+      ended at that hole after a cut, and a flushed block written after the failure, its
+      ciphertext on the replica but its record past the hole, was an integrity error."""
     state = tmp_path / "state"
     kek = new_state(state, size=SIZE)
     events = Events()

@@ -68,7 +68,13 @@ class IntentLog:
     A leaf record may be held back (`append(..., held=True)`) until the next `sync`,
     `write_held` or any other write of the log: a write answered before its replicas
     (write_behind.py) then costs no system call of its own; the group commit's sync
-    (crypt_commit.py) writes every record held meanwhile in one pwrite."""
+    (crypt_commit.py) writes every record held meanwhile in one pwrite.
+
+    What was written since the last sync that succeeded is kept in memory too: after a
+    failed fdatasync the kernel may have dropped those pages (marked clean, never written)
+    and a later fdatasync succeeds without them, leaving zeros or older bytes where the log
+    reader stops, so records after them would count as durable yet be unreadable. The next
+    sync therefore writes that window again, with the zeroed room after it, first."""
 
     def __init__(self, path: Path, ops: FileOps = OS_FILES) -> None:
         self.path = path
@@ -82,6 +88,11 @@ class IntentLog:
         self._held = bytearray()  # leaf records not written yet, in order
         # The held records and the write position: a sync on a thread writes them too.
         self._writing = threading.Lock()
+        # Written since the last sync that succeeded: the records from offset _unsynced_at
+        # (up to _end), and whether a sync failed since (the next one writes them again).
+        self._unsynced_at = 0
+        self._unsynced = bytearray()
+        self._sync_failed = False
         # Records appended since open (never reset), and how many of them a completed
         # sync made durable: ciphertext leaves only once its records are (crypt_commit.py).
         self.appended = 0
@@ -116,6 +127,7 @@ class IntentLog:
             self._pwrite(bytes(room - self._room), self._room)
             self._room = room
         self._pwrite(rec, end)
+        self._unsynced += rec
         self._end = end + len(rec)
 
     def _pwrite(self, data: bytes | bytearray, at: int) -> None:
@@ -155,7 +167,8 @@ class IntentLog:
     def _reset_unlocked(self, base_epoch: int, carry: dict[int, bytes] | None,
                         room: bool) -> None:
         self._ops.ftruncate(self._fd, 0)
-        self._end = self._room = 0
+        self._end = self._room = self._unsynced_at = 0
+        self._unsynced.clear()
         head = _LOG_HEADER.pack(_LOG_MAGIC, _LOG_VERSION, 0, base_epoch, 0)
         out = head + struct.pack(">I", zlib.crc32(head))
         if carry:
@@ -164,6 +177,7 @@ class IntentLog:
             self._write(out)
         else:
             self._pwrite(out, 0)
+            self._unsynced += out
             self._end = self._room = len(out)
 
     def append_tree(self, epoch: int, hashes: dict[int, bytes]) -> None:
@@ -190,7 +204,19 @@ class IntentLog:
                 if self._held:
                     self._write(self._held)
                     self._held.clear()
-            self._ops.fdatasync(self._fd)
+                if self._sync_failed:  # the window again, and the room's zeros (class doc)
+                    end = self.end
+                    self._pwrite(self._unsynced + bytes(self._room - end), self._unsynced_at)
+                synced = len(self._unsynced)
+            try:
+                self._ops.fdatasync(self._fd)
+            except BaseException:
+                self._sync_failed = True
+                raise
+            with self._writing:  # records written meanwhile wait for the next sync
+                self._sync_failed = False
+                del self._unsynced[:synced]
+                self._unsynced_at += synced
             if upto > self.durable:
                 self.durable = upto
 
@@ -229,6 +255,8 @@ class IntentLog:
         hsize = _LOG_HEADER.size + 4
         if len(raw) < hsize or zlib.crc32(raw[:_LOG_HEADER.size]) != crc_at(raw, hsize - 4):
             self._end = len(raw)  # no log to add to: what comes goes after it (reset first)
+            if not self._unsynced:
+                self._unsynced_at = len(raw)
             return LogContents(None, [], [])
         magic, version, _, base_epoch, _ = _LOG_HEADER.unpack_from(raw)
         if magic != _LOG_MAGIC or version != _LOG_VERSION:
@@ -260,6 +288,8 @@ class IntentLog:
                 out.trees.append(TreeRecord(first, hashes))
             off = end
         self._end = off
+        if not self._unsynced:  # what was there before counts as synced
+            self._unsynced_at = off
         return out
 
 
