@@ -10,7 +10,7 @@ on the control socket C, e.g. {"mode": "flip", "rate": 0.05}:
     flip            flip one bit of a read reply's data, for a `rate` share of 4 KiB blocks
     stale           reads return the block's contents from before its last write
     swap            reads of a block return its neighbour's contents (b xor 1)
-    drop_writes     acknowledge writes without storing them
+    drop_writes     acknowledge writes without storing them (a `rate` share of them)
     fake_flush      keep writes in memory and acknowledge flushes without storing;
                     {"mode": "crash"} then loses what was never stored
     stall           read requests, answer nothing
@@ -101,7 +101,7 @@ class Hostile:
 
     def write(self, offset: int, data: bytes) -> None:
         with self.lock:
-            if self.mode == "drop_writes":
+            if self.mode == "drop_writes" and self.rng.random() < self.rate:
                 return
             for b in range(offset // BS, -(-(offset + len(data)) // BS)):
                 self.previous[b] = bytes(self._pread(b * BS, BS))

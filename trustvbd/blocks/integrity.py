@@ -1,14 +1,19 @@
 """What the encryption layer reports when a replica fails verification.
 
 `IntegrityError` is the error a request gets; `IntegrityEvents` counts each
-detection, logs it and hands it to the domain (which audits it).
+detection, logs it and hands it to the domain, which audits them coalesced per
+replica and window (`EventWindows`).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 from trustvbd.blockdev import BlockError
 
@@ -59,3 +64,93 @@ class IntegrityEvents:
             self._sink(event)
         except Exception:  # a broken observer must not break the data path
             log.exception("integrity event callback failed")
+
+
+WINDOW = 10.0  # seconds an integrity event stream of one replica is counted before it is said
+MAX_BLOCKS = 1 << 16  # distinct blocks kept per summary; more are counted, not listed
+
+
+def _now_text() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass
+class _Window:
+    opened: float  # monotonic time the window began
+    events: int = 0  # held since, not yet said
+    blocks: set[int] = field(default_factory=set)
+    blocks_not_listed: int = 0
+    first: str = ""
+    last: str = ""
+    message: str = ""
+
+
+class EventWindows:
+    """A replica's integrity events coalesced per window, so that a lying driver cannot make
+    the domain send (and the access-control domain fsync and sign) one record per lie.
+
+    Sans-I/O: `add` says whether an event goes out at once, `due` hands out the summaries
+    of windows that ended and `next_due` says when the next one ends (the caller's timer).
+    Per (replica, what): the first event goes out at once and opens a window; the ones
+    within it are counted, and when it ends one summary says how many there were
+    (`events`), which blocks (`blocks`), the first and the last time and the last message;
+    a window that held any opens the next one at once, so a sustained flood is one record
+    per window. Nothing is dropped: the events of the records add up to the events seen
+    (an event without `events` counts one). Keys are bounded by the replicas and the kinds
+    of event, both fixed by the trusted side.
+    """
+
+    def __init__(self, window: float = WINDOW, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.window, self.clock = window, clock
+        self._open: dict[tuple[str, str], _Window] = {}
+
+    def add(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        """`event` (as IntegrityEvents hands it out) to send now, or None: it is counted."""
+        key = (str(event.get("replica")), str(event.get("what")))
+        now = self.clock()
+        w = self._open.get(key)
+        if w is None or (now - w.opened >= self.window and not w.events):
+            self._open[key] = _Window(now)
+            return event
+        if not w.events:
+            w.first = _now_text()
+        w.events += 1
+        w.last = _now_text()
+        w.message = str(event.get("message", ""))
+        for b in event.get("blocks") or ():
+            if len(w.blocks) < MAX_BLOCKS or b in w.blocks:
+                w.blocks.add(b)
+            else:
+                w.blocks_not_listed += 1
+        return None
+
+    def due(self, disk: str, everything: bool = False) -> list[dict[str, Any]]:
+        """Summaries of the windows that ended (all held ones with `everything`, at stop)."""
+        now, out = self.clock(), []
+        for (replica, what), w in list(self._open.items()):
+            if not (everything or now - w.opened >= self.window):
+                continue
+            if not w.events:
+                del self._open[(replica, what)]
+                continue
+            summary: dict[str, Any] = {
+                "event": "integrity", "what": what, "disk": disk, "replica": replica,
+                "events": w.events, "blocks": sorted(w.blocks), "first": w.first,
+                "last": w.last,
+                "message": (f"{w.events} more integrity event(s) ({what}) from replica "
+                            f"{replica!r} of disk {disk!r} from {w.first} to {w.last}; the "
+                            f"last: {w.message}")}
+            if w.blocks_not_listed:
+                summary["blocks_not_listed"] = w.blocks_not_listed
+            out.append(summary)
+            if everything:
+                del self._open[(replica, what)]
+            else:  # the flood goes on: its next events are counted too
+                self._open[(replica, what)] = _Window(now)
+        return out
+
+    def next_due(self) -> float | None:
+        """When (on the clock) the next window with held events ends; None if none holds any."""
+        ends = [w.opened + self.window for w in self._open.values() if w.events]
+        return min(ends) if ends else None

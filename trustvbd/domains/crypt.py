@@ -26,6 +26,7 @@ from trustvbd.acm.decisions import Decision
 from trustvbd.blockdev import Backend, HasEpoch
 from trustvbd.blocks.aead_pool import AeadPool
 from trustvbd.blocks.crypt_layer import CryptDisk
+from trustvbd.blocks.integrity import EventWindows
 from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.space import SpaceWatch
 from trustvbd.domains import crypt_stack
@@ -54,6 +55,10 @@ class Disk:
     links: list[ReplicaLink] = field(default_factory=list)
     space: list[SpaceWatch] = field(default_factory=list)  # one per link, same order
     integrity_events: int = 0
+    # Integrity events to the audit log: the first per replica at once, then one summary
+    # per window (a lying driver must not flood the access-control domain).
+    event_windows: EventWindows = field(default_factory=EventWindows)
+    summary_timer: asyncio.TimerHandle | None = None
     error: str | None = None
     locked: bool = False  # needs a passphrase this domain was not given: `trustvbd unlock`
     scrub: dict[str, Any] | None = None  # the running or last scrub
@@ -422,6 +427,17 @@ class CryptDomain:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    async def last_records(self) -> None:
+        """The integrity events still counted in a window go to the audit log as summaries,
+        and the records on their way there are waited for (a stop loses none of them)."""
+        for disk in self.disks.values():
+            if disk.summary_timer is not None:
+                disk.summary_timer.cancel()
+                disk.summary_timer = None
+            crypt_stack.send_summaries(self, disk, everything=True)
+        if self.records:
+            await asyncio.wait(list(self.records), timeout=self.gate.client.timeout)
+
     async def stop(self) -> None:
         """Close guests, commit and close every disk; once (a stop request and SIGTERM may both come)."""
         if self.stopping:
@@ -439,6 +455,7 @@ class CryptDomain:
                 await disk.backend.close()
             except Exception as exc:
                 log.error("disk %s: final flush failed: %s", disk.name, exc)
+        await self.last_records()
         if self.aead is not None:
             await self.aead.close()
         await self.bus.close()

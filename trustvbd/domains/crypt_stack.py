@@ -123,13 +123,10 @@ async def open_encrypted(domain: CryptDomain, disk: Disk, kek: Kek | None = None
 
     def on_event(event: dict[str, Any]) -> None:
         disk.integrity_events += 1  # logged once, by IntegrityEvents
-        # Any size fits: block lists become counts and ranges.
-        fields = compact_fields({**event, "disk": disk.name})
-        fields.pop("event", None)
-        domain.control.tell(m.Integrity(disk.name, fields))
-        task = asyncio.get_running_loop().create_task(domain.gate.client.record("integrity", **fields))
-        domain.records.add(task)
-        task.add_done_callback(domain.records.discard)
+        out = disk.event_windows.add(event)
+        if out is not None:
+            send_event(domain, disk, out)
+        schedule_summaries(domain, disk)
 
     if domain.aead is None and (threads := default_threads()):
         domain.aead = AeadPool(threads)
@@ -140,3 +137,36 @@ async def open_encrypted(domain: CryptDomain, disk: Disk, kek: Kek | None = None
                                    domain.spec.limits.get("leaf_cache", DEFAULT_LEAF_CACHE),
                                    domain.spec.limits["replica_lag"])
     return opened
+
+
+def send_event(domain: CryptDomain, disk: Disk, event: dict[str, Any]) -> None:
+    """An integrity event (or a window's summary) to the launcher's status and the audit log."""
+    # Any size fits: block lists become counts and ranges.
+    fields = compact_fields({**event, "disk": disk.name})
+    fields.pop("event", None)
+    domain.control.tell(m.Integrity(disk.name, fields))
+    task = asyncio.get_running_loop().create_task(domain.gate.client.record("integrity", **fields))
+    domain.records.add(task)
+    task.add_done_callback(domain.records.discard)
+
+
+def schedule_summaries(domain: CryptDomain, disk: Disk) -> None:
+    """A timer for the next window with held events (one per disk at a time)."""
+    when = disk.event_windows.next_due()
+    if when is None or disk.summary_timer is not None:
+        return
+    loop = asyncio.get_running_loop()
+
+    def fire() -> None:
+        disk.summary_timer = None
+        send_summaries(domain, disk)
+        schedule_summaries(domain, disk)
+
+    disk.summary_timer = loop.call_later(max(0.0, when - disk.event_windows.clock()), fire)
+
+
+def send_summaries(domain: CryptDomain, disk: Disk, everything: bool = False) -> None:
+    """The summaries of the windows that ended (all of them with `everything`, at stop)."""
+    for summary in disk.event_windows.due(disk.name, everything):
+        log.error("integrity: %s", summary["message"])
+        send_event(domain, disk, summary)

@@ -1,0 +1,77 @@
+"""A lying driver must not deny service to connect decisions.
+
+Found with fio: one of 3 replicas dropping 30 % of its writes made the encryption domain
+send an integrity event per failed read (hundreds a second) to the access-control domain,
+which wrote each with two fsyncs and a signature; guests' connect decisions queued behind
+them past the client's timeout (refused "acm-unreachable: timed out") and the audit log grew
+by megabytes a minute. Now a replica's events go out coalesced (blocks/integrity.py,
+EventWindows): the first at once, then one summary per window whose counts add up.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.interop.test_mirror_nbd import SIZE, Mirror
+from tests.support import run
+from trustvbd.blocks.integrity import WINDOW
+
+pytestmark = pytest.mark.interop
+
+FLOOD = 15  # seconds of fio
+
+
+def test_a_flood_of_integrity_events_is_coalesced_and_guests_still_connect(
+        short_tmp: Path) -> None:
+    m = Mirror(short_tmp, 3)
+    try:
+        m.system.start()
+        m.drivers[2].set("drop_writes", rate=0.3)
+        part = SIZE // 4
+        fio = subprocess.Popen(
+            ["fio", "--name=t", "--ioengine=nbd", f"--uri={m.uri}", "--rw=randrw", "--bs=4k",
+             "--iodepth=16", "--numjobs=3", f"--size={part}", f"--offset_increment={part}",
+             "--serialize_overlap=1", f"--runtime={FLOOD}", "--time_based", "--verify=crc32c",
+             "--verify_state_save=0", "--output-format=json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        connects: list[subprocess.CompletedProcess[str]] = []
+        stop = threading.Event()
+
+        def connect_now_and_then() -> None:  # guests arriving during the flood
+            while not stop.wait(1.0):
+                connects.append(run(["nbdinfo", "--size", m.uri], check=False, timeout=60))
+
+        guests = threading.Thread(target=connect_now_and_then, daemon=True)
+        guests.start()
+        out, err = fio.communicate(timeout=FLOOD + 120)
+        stop.set()
+        guests.join(70)
+        assert fio.returncode == 0, err[-3000:]
+        job = json.loads(out[out.index("{"):])["jobs"]
+        assert all(j["error"] == 0 for j in job)
+        assert connects and all(c.returncode == 0 for c in connects), [
+            c.stderr for c in connects if c.returncode]
+        status = json.loads(m.system.cli("status", "-c", str(m.system.config), "--json").stdout)
+        seen = next(d for d in status["disks"] if d["name"] == "payroll")["integrity_events"]
+        assert seen > 100, f"only {seen} integrity events: the driver did not lie enough"
+        m.system.stop()  # the windows still counting are written as summaries
+        out = m.system.cli("audit", "-c", str(m.system.config), "--json").stdout
+        records = [json.loads(line)["fields"] for line in out.splitlines()
+                   if json.loads(line)["kind"] == "integrity"]
+        # Every event is in the trail, counted: the first of each stream alone, the rest in
+        # summaries with their blocks.
+        assert sum(r.get("events", 1) for r in records) == seen
+        streams = {(r["replica"], r["what"]) for r in records}
+        assert all(r["replica"] == "h2" for r in records), streams
+        windows = FLOOD // WINDOW + 3  # the first, one per window, the last at stop
+        assert len(records) <= windows * len(streams), (len(records), streams)
+        summaries = [r for r in records if "events" in r]
+        assert summaries and all(r["blocks"] for r in summaries)
+        assert m.system.cli("audit", "-c", str(m.system.config), "--verify").returncode == 0
+    finally:
+        m.close()
