@@ -165,6 +165,7 @@ def test_death_mid_commit(tmp_path: Path, die_at: str, monkeypatch: pytest.Monke
         with pytest.raises(Died):
             await disk.commit()
         disk._state.close()  # the domain is gone
+        disk._commits.tree.close()
         monkeypatch.undo()
         disk = await open_disk(tmp_path, mem, kek)
         assert disk.integrity_events == 0

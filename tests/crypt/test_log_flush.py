@@ -24,6 +24,7 @@ from trustvbd.fileops import OsFileOps
 async def crash(disk: CryptDisk) -> None:
     """The encryption domain dies: no closing commit."""
     disk._commits.intent.close()
+    disk._commits.tree.close()
     disk._state.close()
 
 

@@ -249,6 +249,7 @@ def test_replay_inside_the_commit_window_is_detected(tmp_path: Path) -> None:
         # accept versions the trusted intent log recorded, and this one it did: it is
         # "old or new content" for an unflushed block, never an error.
         disk._state.close()
+        disk._commits.tree.close()
         disk = await open_disk(tmp_path, replica, kek)
         assert bytes(await disk.pread(3 * BS, BS)) == pattern(3, 1)
         await disk.close()

@@ -401,4 +401,5 @@ async def abandon(disk: CryptDisk) -> None:
         task.cancel()
     await disk.replicas.close()  # cancels its reconnects and resyncs; the links stay as they are
     disk._commits.intent.close()
+    disk._commits.tree.close()
     disk._state.close()
