@@ -268,18 +268,20 @@ class Submits(Protocol):
     chain of coroutines. Whoever awaits the future reports its outcome with `write_ended`,
     so each layer records what its pwrite would have, without a callback of its own."""
 
-    def submit_write(self, offset: int, data: Buffer, fua: bool = False,
-                     retried: bool = False) -> asyncio.Future[None] | None:
-        """Queue the write now and return a future of its outcome (a BlockError if it
-        fails), or None when it must go through `pwrite` instead (no free request slot,
-        a write too large for one request, a check that fails, an ability it lacks).
-        `data` must stay unchanged until the future is done. `retried`: the caller sends
-        a write that fails again through `pwrite` (which may reconnect, reconnect.py)
-        and reports only a success with `write_ended`."""
+    def submit_writes(self, writes: list[tuple[int, Buffer]], fua: bool = False,
+                      retried: bool = False) -> asyncio.Future[list[BlockError | None]] | None:
+        """Queue the writes, (offset, data) each, now and return one future of their
+        outcomes in order (None for each that went through, else the BlockError it failed
+        with), done once all are answered; or None, with nothing queued, when they must go
+        through `pwrite` instead (too few free request slots, a write too large for one
+        request, a check that fails, an ability it lacks). The data must stay unchanged
+        until the future is done. `retried`: the caller sends a write that fails again
+        through `pwrite` (which may reconnect, reconnect.py) and reports only successes
+        with `write_ended`."""
         ...
 
     def write_ended(self, error: Exception | None) -> None:
-        """A submitted write's future is done: None if it succeeded, else what it raised.
+        """A submitted write is answered: None if it succeeded, else what it failed with.
         Not called for a write given up on (cancelled), as pwrite records nothing then."""
         ...
 

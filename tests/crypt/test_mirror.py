@@ -353,12 +353,12 @@ def test_mirrored_writes_through_real_links_are_submitted_and_recorded(short_tmp
             clients = [await NbdClient.open_uri(uri, max_in_flight=4) for uri in uris]
             submitted = [0, 0]
             for i, client in enumerate(clients):
-                submit = client.submit_write
+                submit = client.submit_writes
 
                 def counting(*args: Any, i: int = i, submit: Any = submit) -> Any:
                     submitted[i] += 1
                     return submit(*args)
-                client.submit_write = counting  # type: ignore[method-assign,assignment]
+                client.submit_writes = counting  # type: ignore[method-assign,assignment]
 
             async def never() -> Backend:
                 raise ConnectionError("not in this test")
@@ -395,22 +395,25 @@ class Submitting(Faulty):
         self.declines = False
         self.ended: list[Exception | None] = []
 
-    def submit_write(self, offset: int, data: Buffer,
-                     fua: bool = False) -> asyncio.Future[None] | None:
+    def submit_writes(self, writes: list[tuple[int, Buffer]], fua: bool = False,
+                      retried: bool = False) -> asyncio.Future[list[BlockError | None]] | None:
         if self.declines:
             return None
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        future: asyncio.Future[list[BlockError | None]] = loop.create_future()
 
         def answer() -> None:
             if future.done():
                 return
-            if self.fail_writes:
-                future.set_exception(BlockError(errno.EIO, "injected submitted write error"))
-            else:
-                self.writes += 1
-                self.next.raw[offset:offset + len(data)] = data  # type: ignore[attr-defined]
-                future.set_result(None)
+            outcomes: list[BlockError | None] = []
+            for offset, data in writes:
+                if self.fail_writes:
+                    outcomes.append(BlockError(errno.EIO, "injected submitted write error"))
+                else:
+                    self.writes += 1
+                    self.next.raw[offset:offset + len(data)] = data  # type: ignore[attr-defined]
+                    outcomes.append(None)
+            future.set_result(outcomes)
         loop.call_soon(answer)
         return future
 
@@ -426,17 +429,17 @@ def test_a_replica_link_passes_a_submitted_write_s_outcome_down() -> None:
             raise ConnectionError("not in this test")
         below = Submitting(RawMemory(physical_size(SIZE)))
         link = ReplicaLink(below, "r0", never, retry_window=0)
-        future = link.submit_write(LAY.data_offset(5), pattern(5, 1))
+        future = link.submit_writes([(LAY.data_offset(5), pattern(5, 1))])
         assert future is not None
-        await future
+        assert await future == [None]
         link.write_ended(None)
         below.fail_writes = True
-        future = link.submit_write(LAY.data_offset(6), pattern(6, 1))
+        future = link.submit_writes([(LAY.data_offset(6), pattern(6, 1))])
         assert future is not None
-        with pytest.raises(BlockError) as failed:
-            await future
-        link.write_ended(failed.value)
-        assert below.ended == [None, failed.value]
+        [failed] = await future
+        assert isinstance(failed, BlockError)
+        link.write_ended(failed)
+        assert below.ended == [None, failed]
     run(go())
 
 

@@ -1,4 +1,4 @@
-"""Writes behind sent without a task (WriteBehind.submit, ReplicaSet.submit_write): their edges.
+"""Writes behind sent without a task (WriteBehind.submit, ReplicaSet.submit_writes): their edges.
 
 The disk sits on a real replica link (SpaceWatch over ReplicaLink over NbdClient) to a real
 NBD server in a thread, whose storage fails or stalls writes on command. A single replica's
@@ -38,6 +38,7 @@ class Storage(Layer):
     def __init__(self) -> None:
         super().__init__(RawMemory(physical_size(SIZE)))
         self.fail: int | None = None  # errno every write fails with
+        self.fail_at: set[int] = set()  # offsets whose writes fail with EIO
         self.delay = 0.0  # seconds before a write is done
         self.writes = 0
         self.fua_writes = 0
@@ -49,6 +50,8 @@ class Storage(Layer):
             await asyncio.sleep(self.delay)
         if self.fail is not None:
             raise BlockError(self.fail, "injected write error")
+        if offset in self.fail_at:
+            raise BlockError(errno.EIO, "injected write error at this offset")
         await self.next.pwrite(offset, data, fua)
 
 
@@ -258,7 +261,7 @@ def data_area(disk: CryptDisk, storage: Storage, b: int) -> bytes:
 
 
 def test_writes_behind_to_a_mirror_go_without_a_task_to_every_replica(short_tmp: Path) -> None:
-    """Each run goes to both drivers by callbacks (ReplicaSet.submit_write), not by a task
+    """Each run goes to both drivers by callbacks (ReplicaSet.submit_writes), not by a task
     and a fan-out coroutine; both hold the same ciphertext, which reads back verified."""
     with mirror_drivers(short_tmp) as (storages, uris):
         async def go() -> None:
@@ -332,6 +335,115 @@ def test_a_mirrored_write_behind_every_driver_fails_is_tried_again_then_said(
                 for s in storages:
                     s.fail = None
                 with pytest.raises(BlockError, match="were answered, then failed"):
+                    await disk.flush()
+                await disk.flush()  # said once
+        run(go())
+
+
+def client_of(disk: CryptDisk, i: int) -> NbdClient:
+    link = disk.replicas.replicas[i].link
+    assert isinstance(link, SpaceWatch) and isinstance(link.next, ReplicaLink)
+    client = link.next.next
+    assert isinstance(client, NbdClient)
+    return client
+
+
+def count_batches(client: NbdClient) -> list[int]:
+    """The sizes of the batches submitted on `client`, as they come."""
+    sizes: list[int] = []
+    submit = client.submit_writes
+
+    def counting(writes: list[tuple[int, Buffer]], *args: Any) -> Any:
+        sizes.append(len(writes))
+        return submit(writes, *args)
+    client.submit_writes = counting  # type: ignore[method-assign,assignment]
+    return sizes
+
+
+def test_runs_leaving_in_one_loop_turn_go_to_each_replica_as_one_batch(short_tmp: Path) -> None:
+    """The runs a loop turn sends (HELD_RUNS + 1 after a reply, the rest with the drain)
+    cost each replica one submit and one future for all of them, not one each; every
+    write reaches both drivers and reads back."""
+    with mirror_drivers(short_tmp) as (storages, uris):
+        async def go() -> None:
+            async with opened(short_tmp, uris) as disk:
+                await disk.flush()
+                batches = [count_batches(client_of(disk, i)) for i in range(2)]
+                before = [s.writes for s in storages]
+                await write_apart(disk)
+                await disk.settle()
+                assert batches == [[9, 9, 2]] * 2
+                assert disk._behind.submitted == 20
+                assert [s.writes - w for s, w in zip(storages, before, strict=True)] == [20, 20]
+                await disk.flush()
+                for b in APART:
+                    assert bytes(await disk.pread(b * BS, BS)) == pattern(b), b
+        run(go())
+
+
+def test_one_run_of_a_batch_failing_on_one_driver_degrades_that_replica_for_its_blocks(
+        short_tmp: Path) -> None:
+    """A batch's outcomes are each run's own: one driver failing one run of nine degrades
+    its replica with that run's block dirty, and the other eight stand there; nothing is
+    lost, no FLUSH fails."""
+    with mirror_drivers(short_tmp) as (storages, uris):
+        async def go() -> None:
+            async with opened(short_tmp, uris) as disk:
+                await disk.flush()
+                nine = APART[:9]
+                storages[1].fail_at = {disk._lay.data_offset(nine[4])}
+                batches = [count_batches(client_of(disk, i)) for i in range(2)]
+                for b in nine:
+                    await disk.pwrite(b * BS, pattern(b, 1))
+                    for _ in range(3):
+                        await asyncio.sleep(0)
+                await disk.settle()
+                assert batches == [[9]] * 2  # one batch, whose fourth run failed on r1
+                assert disk._behind.submitted == 9 and disk._behind.failures == 0
+                r0, r1 = disk.replicas.replicas
+                assert r0.state is State.CURRENT and r1.state is not State.CURRENT
+                assert nine[4] in r1.dirty
+                for b in nine[:4] + nine[5:]:
+                    assert data_area(disk, storages[0], b) == data_area(disk, storages[1], b)
+                assert data_area(disk, storages[1], nine[4]) == bytes(BS)
+                await disk.flush()
+                for b in nine:
+                    assert bytes(await disk.pread(b * BS, BS)) == pattern(b, 1), b
+        run(go())
+
+
+def test_one_run_of_a_batch_every_driver_fails_is_lost_alone(short_tmp: Path) -> None:
+    """Every driver fails one run of a batch of nine: that run alone is sent again the
+    general way, fails there too and is said (its block reads EIO, the next FLUSH fails
+    naming it); the other eight stand on both replicas, none of which is degraded."""
+    with mirror_drivers(short_tmp) as (storages, uris):
+        async def go() -> None:
+            async with opened(short_tmp, uris) as disk:
+                await disk.flush()
+                nine = APART[:9]
+                lost = nine[6]
+                for s in storages:
+                    s.fail_at = {disk._lay.data_offset(lost)}
+                tries = [s.writes for s in storages]
+                batches = [count_batches(client_of(disk, i)) for i in range(2)]
+                for b in nine:
+                    await disk.pwrite(b * BS, pattern(b, 1))
+                    for _ in range(3):
+                        await asyncio.sleep(0)
+                await disk.settle()
+                assert batches == [[9, 1]] * 2  # one batch; the lost run again by pwrite
+                assert disk._behind.submitted == 9 and disk._behind.failures == 1
+                assert [s.writes - t for s, t in zip(storages, tries, strict=True)] == [10, 10]
+                assert [r.state for r in disk.replicas.replicas] == [State.CURRENT] * 2
+                with pytest.raises(BlockError) as read_err:
+                    await disk.pread(lost * BS, BS)
+                assert read_err.value.errno == errno.EIO
+                for b in nine:
+                    if b != lost:
+                        assert bytes(await disk.pread(b * BS, BS)) == pattern(b, 1), b
+                for s in storages:
+                    s.fail_at = set()
+                with pytest.raises(BlockError, match=f"block\\(s\\) {lost}\\b"):
                     await disk.flush()
                 await disk.flush()  # said once
         run(go())

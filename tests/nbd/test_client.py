@@ -183,7 +183,7 @@ def test_a_fua_write_or_a_flush_leaves_at_once_with_what_was_queued_before_it(
                      for k in (1, 2)]
             await asyncio.sleep(0)
             assert engine.queued == 2 * (28 + 4096)  # plain writes wait for the turn's end
-            fua = client.submit_write(3 * 4096, bytes([3]) * 4096, fua=True)
+            fua = client.submit_writes([(3 * 4096, bytes([3]) * 4096)], fua=True)
             assert fua is not None and engine.queued == 0  # all three are on the socket
             flush = eager.start(asyncio.get_running_loop(), client.flush())
             assert flush is not None and engine.queued == 0
@@ -213,43 +213,51 @@ class FullAt(ScriptedBackend):
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_submitted_writes_hold_request_slots_and_fail_as_pwrite_does(
         short_tmp: Path, loop: str) -> None:
-    """submit_write (a mirror's write without a coroutine) queues a WRITE at once while a
-    request slot is free and gives the slot back with the reply; an error reply fails its
-    future with the BlockError pwrite raises, a broken connection with the reason. It
-    declines (None) what pwrite must do: no free slot (a coroutine waits for one, in turn),
-    a request outside the device, a connection already broken."""
+    """submit_writes (a mirror's writes without a coroutine) queues WRITEs at once while a
+    request slot is free for each and gives each slot back with its reply; one future for
+    them all gets each one's outcome in order: None, or for an error reply the BlockError
+    pwrite raises, for a broken connection the reason. It declines (None, nothing queued)
+    what pwrite must do: too few free slots (a coroutine waits for one, in turn), a request
+    outside the device, a connection already broken."""
     backend = FullAt(MiB, full=3 * 4096)
     with ServerThread(StaticExports([Export("", backend)]), short_tmp / "s.sock", loop) as srv:
         async def main() -> None:
             client = await NbdClient.open_uri(srv.uri(), max_in_flight=2)
             backend.write_delay = 0.05
-            first = client.submit_write(0, b"\x01" * 4096)
-            second = client.submit_write(4096, b"\x02" * 4096)
+            assert client.submit_writes([(0, b"\x01" * 4096), (4096, b"\x02" * 4096),
+                                         (8192, b"\x03" * 4096)]) is None  # 2 slots, not 3
+            assert client._free_slots == 2 and not client._waiters
+            first = client.submit_writes([(0, b"\x01" * 4096)])
+            second = client.submit_writes([(4096, b"\x02" * 4096)])
             assert first is not None and second is not None
-            assert client.submit_write(8192, b"\x03" * 4096) is None  # both slots in flight
+            assert client.submit_writes([(8192, b"\x03" * 4096)]) is None  # both slots taken
             waiting = asyncio.ensure_future(client.pwrite(8192, b"\x03" * 4096))
             await asyncio.sleep(0)
             assert not waiting.done()
-            await asyncio.gather(first, second)  # each succeeded
+            assert await asyncio.gather(first, second) == [[None], [None]]  # each succeeded
             await waiting  # got a slot from the replies
             assert bytes(await client.pread(0, 3 * 4096)) == b"\x01" * 4096 + b"\x02" * 4096 \
                 + b"\x03" * 4096
-            full = client.submit_write(3 * 4096, b"\x04" * 4096)
+            full = client.submit_writes([(3 * 4096, b"\x04" * 4096), (4 * 4096, b"\x08" * 4096)])
             assert full is not None
-            with pytest.raises(BlockError) as err:
-                await full
-            assert err.value.errno == errno.ENOSPC and "failed WRITE" in str(err.value)
-            assert client.submit_write(MiB - 512, b"\x05" * 4096) is None  # pwrite says EINVAL
+            no_space, went = await full  # one failed, the other went through
+            assert no_space is not None and went is None
+            assert no_space.errno == errno.ENOSPC and "failed WRITE" in str(no_space)
+            assert bytes(await client.pread(4 * 4096, 4096)) == b"\x08" * 4096
+            assert client.submit_writes(
+                [(0, b"\x05" * 4096), (MiB - 512, b"\x05" * 4096)]) is None  # pwrite: EINVAL
+            assert client._free_slots == 2 and not client._waiters  # nothing of it queued
             backend.write_delay = 5.0
-            stuck = client.submit_write(0, b"\x06" * 4096)
+            stuck = client.submit_writes([(0, b"\x06" * 4096), (4096, b"\x06" * 4096)])
             assert stuck is not None
             await asyncio.sleep(0.01)
             client.abandon("test gives up")
-            with pytest.raises(BlockError) as err:
-                await stuck
-            assert err.value.errno == errno.ETIMEDOUT and "test gives up" in str(err.value)
-            assert client._free_slots == 2  # the failed request's slot came back
-            assert client.submit_write(0, b"\x07" * 4096) is None
+            outcomes = await stuck
+            assert len(outcomes) == 2 and all(
+                e is not None and e.errno == errno.ETIMEDOUT and "test gives up" in str(e)
+                for e in outcomes)
+            assert client._free_slots == 2  # the failed requests' slots came back
+            assert client.submit_writes([(0, b"\x07" * 4096)]) is None
             await client.close()
 
         run_async(main(), loop)

@@ -238,14 +238,19 @@ def _note_write(disk: CryptDisk, b0: int, new: bytes) -> bytes:
     return old
 
 
-def submit(disk: CryptDisk, b0: int, old: Buffer, ct: Buffer, fua: bool,
-           ended: Callable[[bool], None]) -> bool:
-    """As `send` without a coroutine, where the replica set can queue the write: True if
-    it did, and `ended` is then told whether the replicas took it. A write behind that
-    fails goes through `send` again (write_behind.py), which records what they may hold."""
+def submit(disk: CryptDisk, runs: list[tuple[int, Buffer, Buffer]], fua: bool,
+           ended: list[Callable[[bool], None]]) -> bool:
+    """As `send` without a coroutine for runs of writes behind, (first block, old leaves,
+    ciphertext) each, where the replica set can queue them all: True if it did, and each
+    run's `ended` is then told whether the replicas took it. A run that fails goes through
+    `send` again (write_behind.py), which records what they may hold."""
     disk._commits.write_held()  # the records first (durable already: WriteBehind's gate)
-    return disk._replica.submit_write(disk._replica.data_offset(b0), ct, fua,
-                                      partial(_submitted, disk, b0, len(old) // LEAF_SIZE, ended))
+    replica = disk._replica
+    at = replica.data_offset
+    return replica.submit_writes(
+        [(at(b0), ct) for b0, _, ct in runs], fua,
+        [partial(_submitted, disk, b0, len(old) // LEAF_SIZE, end)
+         for (b0, old, _), end in zip(runs, ended, strict=True)])
 
 
 def _submitted(disk: CryptDisk, b0: int, n: int, ended: Callable[[bool], None],

@@ -27,6 +27,7 @@ import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, cast
 
 from trustvbd.blockdev import (
@@ -239,12 +240,12 @@ class ReplicaLink:
         self._dirty = True
         self._plain_running += 1
 
-    def _plain_end(self, _: object = None) -> None:
+    def _plain_end(self) -> None:
         self._plain_running -= 1
         self._plain_ended = True
 
-    def submit_write(self, offset: int, data: Buffer, fua: bool = False,
-                     retried: bool = False) -> asyncio.Future[None] | None:
+    def submit_writes(self, writes: list[tuple[int, Buffer]], fua: bool = False,
+                      retried: bool = False) -> asyncio.Future[list[BlockError | None]] | None:
         """As pwrite in a mirror (no retry), without a coroutine, when the connection can
         (Submits). A single replica's writes may wait for a reconnect: they take pwrite,
         unless the caller sends one that fails again through pwrite itself (`retried`: a
@@ -252,11 +253,17 @@ class ReplicaLink:
         backend = self.next
         if (self._retry_window > 0 and not retried) or not provides(backend, Submits):
             return None
-        future = cast(Submits, backend).submit_write(offset, data, fua)
+        future = cast(Submits, backend).submit_writes(writes, fua)
         if future is not None and not fua:
-            self._plain_began()
-            future.add_done_callback(self._plain_end)
+            count = len(writes)
+            self._dirty = True
+            self._plain_running += count
+            future.add_done_callback(partial(self._plain_ended_all, count))
         return future
+
+    def _plain_ended_all(self, count: int, _: object = None) -> None:
+        self._plain_running -= count
+        self._plain_ended = True
 
     def native_client(self) -> NativeClient | None:
         """The connection whose engine the native read plane may use (ReadsNatively). A

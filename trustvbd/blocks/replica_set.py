@@ -27,6 +27,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, cast
 
 from trustvbd.blockdev import (
+    Backend,
     BlockError,
     Breakable,
     Buffer,
@@ -65,7 +66,7 @@ REPLICA_LAG = 5.0
 
 
 # Queues a replica's write without a coroutine (Submits); None: it takes the coroutine.
-_Submit = Callable[["Replica"], "asyncio.Future[None] | None"]
+_Submit = Callable[["Replica"], "asyncio.Future[list[BlockError | None]] | None"]
 
 
 class ReplicaSet:
@@ -220,40 +221,42 @@ class ReplicaSet:
         blocks = self._blocks(offset, len(data))
         self._note_written(blocks)
 
-        def submit(r: Replica) -> asyncio.Future[None] | None:
+        def submit(r: Replica) -> asyncio.Future[list[BlockError | None]] | None:
             link = r.link
-            return (cast(Submits, link).submit_write(offset, data, fua) if provides(link, Submits)
-                    else None)
+            return (cast(Submits, link).submit_writes([(offset, data)], fua)
+                    if provides(link, Submits) else None)
         await self._all(writers, lambda r: r.link.pwrite(offset, data, fua), lambda: blocks,
                         "write", submit)
 
-    def submit_write(self, offset: int, data: Buffer, fua: bool,
-                     ended: Callable[[bool], None]) -> bool:
-        """A write behind's replica write without a coroutine (write_behind.py): queued now
-        on each writer's link (Submits), and `ended` told once, when all answered, whether
-        the write stands; False, with nothing queued, where pwrite must do it.
+    def submit_writes(self, writes: list[tuple[int, Buffer]], fua: bool,
+                      ended: list[Callable[[bool], None]]) -> bool:
+        """Writes behind's replica writes without a coroutine (write_behind.py), (offset,
+        data) each: queued now on each writer's link (Submits), one future per writer for
+        all of them, and each one's `ended` told once, when all writers answered, whether
+        it stands; False, with nothing queued, where pwrite must do them.
 
         One replica: a write that fails is the caller's to send again through pwrite (which
-        reconnects a broken connection); its success is reported to the link here. A mirror
-        settles its writers' answers as pwrite's fan-out does (_all): those that failed
-        while another took it are degraded and the write stands; if all failed, broken
-        links are revived and the caller sends it again through pwrite."""
+        reconnects a broken connection); a success is reported to the link here. A mirror
+        settles its writers' answers for each write as pwrite's fan-out does (_all): those
+        that failed while another took it are degraded and the write stands; if all
+        failed, broken links are revived and the caller sends it again through pwrite."""
         writers = self._writers
         if len(self.replicas) == 1:
             if len(writers) != 1 or not provides(link := writers[0].link, Submits):
                 return False
-            future = cast(Submits, link).submit_write(offset, data, fua, retried=True)
+            future = cast(Submits, link).submit_writes(writes, fua, retried=True)
             if future is None:
                 return False
             future.add_done_callback(functools.partial(_single_ended, cast(Submits, link), ended))
             return True
         if len(writers) < 2 or not provides(first := writers[0].link, Submits):
             return False  # (one writer left: pwrite awaits it alone)
-        future = cast(Submits, first).submit_write(offset, data, fua)
+        future = cast(Submits, first).submit_writes(writes, fua)
         if future is None:
             return False
-        blocks = self._blocks(offset, len(data))
-        self._note_written(blocks)
+        blocks = [self._blocks(offset, len(data)) for offset, data in writes]
+        for written in blocks:
+            self._note_written(written)
         if self._watch_timer is None:
             self._watch_soon()
         fan = _FanOut(self, writers, blocks, ended)
@@ -261,11 +264,12 @@ class ReplicaSet:
         for r in writers[1:]:
             link = r.link
             submitted = provides(link, Submits)
-            later = cast(Submits, link).submit_write(offset, data, fua) if submitted else None
+            later: asyncio.Future[Any] | None = (
+                cast(Submits, link).submit_writes(writes, fua) if submitted else None)
             if later is None:  # this one waits for a slot or a reconnect: in a task
                 submitted = False
-                task = self._running_loop().create_task(link.pwrite(offset, data, fua))
-                self._tasks.add(task)
+                task = self._running_loop().create_task(_pwrites(link, writes, fua))
+                self._tasks.add(cast("asyncio.Task[None]", task))
                 task.add_done_callback(self._tasks.discard)
                 later = task
             later.add_done_callback(functools.partial(fan.answered, r, submitted))
@@ -523,48 +527,100 @@ class ReplicaSet:
         return [r.status() for r in self.replicas]
 
 
-def _single_ended(link: Submits, ended: Callable[[bool], None],
-                  future: asyncio.Future[None]) -> None:
-    """A single replica's write submitted with `retried`: only its success is the link's
-    to hear of (the caller sends a failed one again through pwrite)."""
-    took = not future.cancelled() and future.exception() is None
-    if took:
+async def _pwrites(link: Backend, writes: list[tuple[int, Buffer]], fua: bool
+                   ) -> list[Exception | None]:
+    """A writer's part of submitted writes that its link could not queue: each by pwrite,
+    all at once, their outcomes in order."""
+    got = await asyncio.gather(*(link.pwrite(offset, data, fua) for offset, data in writes),
+                               return_exceptions=True)
+    for outcome in got:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+            raise outcome  # cancelled: the domain is stopping
+    return [outcome if isinstance(outcome, Exception) else None for outcome in got]
+
+
+def _outcomes(future: asyncio.Future[Any], count: int) -> list[Exception | None] | None:
+    """Each submitted write's outcome (None: it went through), or None if cancelled."""
+    if future.cancelled():
+        return None
+    exc = future.exception()
+    if exc is None:
+        return list(future.result())
+    error = exc if isinstance(exc, Exception) else BlockError(errno.EIO, repr(exc))
+    return [error] * count
+
+
+def _tell_link(link: Submits, outcomes: list[Exception | None]) -> None:
+    """What the link would have recorded of each pwrite, once per batch: a success if any
+    went through, then the first failure (so a full driver stays said full)."""
+    failed = next((error for error in outcomes if error is not None), None)
+    if failed is None or any(error is None for error in outcomes):
         link.write_ended(None)
-    ended(took)
+    if failed is not None:
+        link.write_ended(failed)
+
+
+def _single_ended(link: Submits, ended: list[Callable[[bool], None]],
+                  future: asyncio.Future[list[BlockError | None]]) -> None:
+    """A single replica's writes submitted with `retried`: only a success is the link's
+    to hear of (the caller sends a failed one again through pwrite)."""
+    outcomes = _outcomes(future, len(ended))
+    if outcomes is None:
+        for end in ended:
+            end(False)
+        return
+    if any(error is None for error in outcomes):
+        link.write_ended(None)
+    for end, error in zip(ended, outcomes, strict=True):
+        end(error is None)
 
 
 class _FanOut:
-    """A mirrored write submitted to every writer (ReplicaSet.submit_write): what _each and
-    _all do for pwrite, by callbacks, once the last writer answered."""
+    """Mirrored writes submitted to every writer (ReplicaSet.submit_writes): what _each and
+    _all do for pwrite, by callbacks, once the last writer answered, for each write."""
 
     __slots__ = ("blocks", "cancelled", "ended", "failed", "left", "rs", "targets")
 
-    def __init__(self, rs: ReplicaSet, targets: list[Replica], blocks: range,
-                 ended: Callable[[bool], None]) -> None:
+    def __init__(self, rs: ReplicaSet, targets: list[Replica], blocks: list[range],
+                 ended: list[Callable[[bool], None]]) -> None:
         self.rs, self.targets, self.blocks, self.ended = rs, targets, blocks, ended
         self.left = len(targets)
-        self.failed: list[tuple[Replica, Exception]] = []
+        self.failed: list[list[tuple[Replica, Exception]]] | None = None
         self.cancelled = False
 
-    def answered(self, r: Replica, submitted: bool, future: asyncio.Future[None]) -> None:
-        error: Exception | None = None
-        if future.cancelled():  # the domain is stopping: nobody is degraded for it
+    def answered(self, r: Replica, submitted: bool, future: asyncio.Future[Any]) -> None:
+        outcomes = _outcomes(future, len(self.ended))
+        if outcomes is None:  # the domain is stopping: nobody is degraded for it
             self.cancelled = True
-        elif (exc := future.exception()) is not None:
-            error = exc if isinstance(exc, Exception) else BlockError(errno.EIO, repr(exc))
-            self.failed.append((r, error))
-        if submitted and not self.cancelled:
-            cast(Submits, r.link).write_ended(error)
+        elif any(error is not None for error in outcomes):
+            failed = self.failed
+            if failed is None:
+                failed = self.failed = [[] for _ in self.ended]
+            for i, error in enumerate(outcomes):
+                if error is not None:
+                    failed[i].append((r, error))
+        if submitted and outcomes is not None and not self.cancelled:
+            _tell_link(cast(Submits, r.link), outcomes)
         self.left -= 1
         if self.left:
             return
-        failed, blocks = self.failed, self.blocks
         if self.cancelled:
-            self.ended(False)
-        elif not failed:
-            self.ended(True)
+            for end in self.ended:
+                end(False)
+        elif self.failed is None:
+            for end in self.ended:
+                end(True)
         else:  # (one that failed is sent once more the general way, _all)
-            self.ended(self.rs._outcome(self.targets, failed, lambda: blocks, "write") is None)
+            for end, lost, blocks in zip(self.ended, self.failed, self.blocks, strict=True):
+                if not lost:
+                    end(True)
+                else:
+                    end(self.rs._outcome(self.targets, lost,
+                                         functools.partial(_listed, blocks), "write") is None)
+
+
+def _listed(blocks: range) -> range:
+    return blocks
 
 
 async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]], targets: list[Replica],
@@ -579,7 +635,7 @@ async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]], targets: lis
     cancelled caller (or op) cancels every op, waits for those in tasks to stop and raises
     CancelledError (a submitted request is on the wire already: its answer is dropped)."""
     inline: Replica | None = None
-    started: list[tuple[Replica, asyncio.Future[None], bool]] = []  # (target, op, submitted)
+    started: list[tuple[Replica, asyncio.Future[Any], bool]] = []  # (target, op, submitted)
     for r in targets:
         future = submit(r) if submit is not None else None
         if future is not None:
@@ -598,10 +654,14 @@ async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]], targets: lis
         for r, future, submitted in started:
             error: Exception | None = None
             try:
-                await future
+                got = await future
             except Exception as exc:
                 error = exc
-                failed.append((r, exc))
+            else:
+                if submitted:  # a one-write submit_writes: its outcome
+                    error = got[0]
+            if error is not None:
+                failed.append((r, error))
             if submitted:
                 cast(Submits, r.link).write_ended(error)
     except asyncio.CancelledError:

@@ -118,11 +118,11 @@ class SpaceWatch(Layer):
         if fua:  # durable by itself, as after a flush
             self._flushed()
 
-    def submit_write(self, offset: int, data: Buffer, fua: bool = False,
-                     retried: bool = False) -> asyncio.Future[None] | None:
+    def submit_writes(self, writes: list[tuple[int, Buffer]], fua: bool = False,
+                      retried: bool = False) -> asyncio.Future[list[BlockError | None]] | None:
         """As pwrite, without a coroutine, when the link below can (Submits)."""
         nxt = self.next
-        return (cast(Submits, nxt).submit_write(offset, data, fua, retried)
+        return (cast(Submits, nxt).submit_writes(writes, fua, retried)
                 if provides(nxt, Submits) else None)
 
     def native_client(self) -> NativeClient | None:

@@ -48,8 +48,9 @@ that fails a run loses all of its writes, each as it would alone.
 
 Sent without a task: a run leaves, whatever sends it (the reply before it, the gather
 timer, a FLUSH or anything else that waits for it, an expected FLUSH), by `submit`
-where the replica set can queue it at once (ReplicaSet.submit_write): a callback ends
-it, not a task and a chain of coroutines. A run it cannot queue, or that fails so, goes
+where the replica set can queue it at once (ReplicaSet.submit_writes): a callback ends
+it, not a task and a chain of coroutines; the runs leaving in one loop turn go together,
+one future per replica for all of them. A run it cannot queue, or that fails so, goes
 the general way (`send`, in a task), where a single replica's link reconnects a broken
 connection and a failure is recorded as always. A run after a reply goes one loop turn
 later, so the reply leaves first.
@@ -99,9 +100,10 @@ FLUSH_STREAK = 2
 # Sends the ciphertext of blocks [first, first + len(old) // 32) whose old leaves are `old`.
 # With FUA when the bool says so (durable once answered).
 Send = Callable[[int, Buffer, Buffer, bool], Coroutine[Any, Any, None]]
-# The same without a coroutine, where the replicas can queue it: True if queued, and then
-# the callable is called once, when it ended, with whether the replicas took it.
-Submit = Callable[[int, Buffer, Buffer, bool, Callable[[bool], None]], bool]
+# The same without a coroutine for runs leaving together, (first block, old leaves,
+# ciphertext) each, where the replicas can queue them: True if queued, and then each run's
+# callable is called once, when it ended, with whether the replicas took it.
+Submit = Callable[[list[tuple[int, Buffer, Buffer]], bool, list[Callable[[bool], None]]], bool]
 # True if every intent record appended so far is durable; else False, and the callable is
 # called once they are (None) or their sync failed (the error): crypt_commit.when_durable.
 Gate = Callable[[Callable[[OSError | None], None]], bool]
@@ -211,7 +213,7 @@ class WriteBehind:
             run = _Run(first_block, blocks, old, ct, done)
             run.early = True
             self._join(run)
-            self._go(run, fua=True)
+            self._go([run], fua=True)
             return
         if gather:
             for run in runs:
@@ -248,10 +250,11 @@ class WriteBehind:
         fua = fua and len(starting) + len(held) == 1
         for run in held:
             self._join(run)
-        for run in starting + held:  # something waits for them: they leave now
-            self._go(run, fua)
+        leaving = starting + held
+        if leaving:  # something waits for them: they leave now
+            self._go(leaving, fua)
             if fua:
-                ahead.append(run)
+                ahead += leaving
         ahead = [run for run in ahead if not run.ended]  # not those that ended at once
         if not ahead:
             return None
@@ -269,7 +272,7 @@ class WriteBehind:
             held, self._runs = self._runs, []
             for run in held:
                 self._join(run)
-                self._go(run)
+            self._go(held)
         else:
             self._armed = self._last
             self._timer = self._running_loop().call_at(self._last + GATHER_S, self._waited)
@@ -299,35 +302,36 @@ class WriteBehind:
     def _send_started(self) -> None:
         self._start_queued = False
         starting, self._starting = self._starting, []
-        for run in starting:
-            self._go(run)
+        if starting:
+            self._go(starting)
 
-    def _go(self, run: _Run, fua: bool = False) -> None:
-        """The run's replica write leaves as soon as the intent records are durable (the
-        gate: their sync started with them, so it is often done): submitted where the
-        replicas can queue it, else in a task (`_start`)."""
-        run.fua = fua
-        self._sending.add(run)
+    def _go(self, runs: list[_Run], fua: bool = False) -> None:
+        """The runs' replica writes leave together as soon as the intent records are
+        durable (the gate: their sync started with them, so it is often done): submitted
+        in one batch where the replicas can queue them (one future per replica, not one
+        per run), else each in a task (`_start`)."""
+        sending = self._sending
+        for run in runs:
+            run.fua = fua
+            sending.add(run)
         gate = self._gate
-        if gate is None or gate(partial(self._leave, run)):
-            self._leave(run)
+        if gate is None or gate(partial(self._leave, runs)):
+            self._leave(runs)
 
-    def _leave(self, run: _Run, failed: OSError | None = None) -> None:
-        if failed is not None:
-            # The records did not sync: the general way tries again, and a failure there
-            # loses the run's writes as any replica failure does, ciphertext unsent.
-            self._start(run)
-            return
-        submit = self._submit
-        if submit is not None:
-            old, ct = run.joined
+    def _leave(self, runs: list[_Run], failed: OSError | None = None) -> None:
+        if failed is None and (submit := self._submit) is not None:
             try:
-                if submit(run.first, old, ct, run.fua, partial(self._submitted, run)):
-                    self.submitted += 1
+                if submit([(run.first, *run.joined) for run in runs], runs[0].fua,
+                          [partial(self._submitted, run) for run in runs]):
+                    self.submitted += len(runs)
                     return
-            except Exception:  # the general way fails it again, and records the loss
+            except Exception:  # the general way fails them again, and records the loss
                 pass
-        self._start(run)
+        # The records did not sync (the general way tries again, and a failure there loses
+        # the runs' writes as any replica failure does, ciphertext unsent), or the replicas
+        # cannot queue them now.
+        for run in runs:
+            self._start(run)
 
     def _submitted(self, run: _Run, took: bool) -> None:
         if took:

@@ -229,26 +229,32 @@ class NbdClient:
             for at in range(offset, offset + length, limit)
         ))
 
-    def submit_write(self, offset: int, data: Buffer, fua: bool = False,
-                     retried: bool = False) -> asyncio.Future[None] | None:
-        """A WRITE queued now, without a coroutine (Submits); None when pwrite must do it.
-        The same whether the caller retries or not: a connection never retries."""
-        length = len(data)
-        if (self._free_slots <= 0 or not self._writable.is_set() or length > self.block_sizes[2]
-                or (fua and not self._caps.fua)):
+    def submit_writes(self, writes: list[tuple[int, Buffer]], fua: bool = False,
+                      retried: bool = False) -> asyncio.Future[list[BlockError | None]] | None:
+        """WRITEs queued now, without a coroutine (Submits); None, with nothing queued,
+        when pwrite must do them (too few free slots, the socket backed up, a write too
+        large for one request or failing a check). The same whether the caller retries or
+        not: a connection never retries."""
+        count = len(writes)
+        if (self._free_slots < count or not self._writable.is_set()
+                or (fua and not self._caps.fua) or self.broken is not None):
             return None
+        limit = self.block_sizes[2]
         try:
-            self._check(offset, length, write=True)
+            for offset, data in writes:
+                length = len(data)
+                if length > limit:
+                    return None
+                self._check(offset, length, write=True)
         except BlockError:
             return None  # pwrite raises it
-        self._free_slots -= 1
+        self._free_slots -= count
         try:
-            future = self._send_request(_WRITE, offset, length, int(p.CmdFlag.FUA) if fua else 0,
-                                        data, None, True)
+            return self._send_writes(writes, int(p.CmdFlag.FUA) if fua else 0)
         except BaseException:
-            self._release_slot()
+            for _ in range(count):
+                self._release_slot()
             raise
-        return future
 
     def write_ended(self, error: Exception | None) -> None:
         pass  # the reply or the broken connection was handled when it came
@@ -297,6 +303,7 @@ class NbdClient:
     # call layer between a request and the engine
     _request = client_transmission.request
     _send_request = client_transmission.send_request
+    _send_writes = client_transmission.send_writes
     _await_reply = client_transmission.await_reply
     _release_slot = client_transmission.release_slot
     _native_sent = client_transmission.native_sent

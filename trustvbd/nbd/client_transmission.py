@@ -28,9 +28,10 @@ if TYPE_CHECKING:
 
 _FLUSH = int(p.Cmd.FLUSH)
 _READ = int(p.Cmd.READ)
+_WRITE = int(p.Cmd.WRITE)
 _ESHUTDOWN = int(p.NbdErr.ESHUTDOWN)
 _FUA = int(p.CmdFlag.FUA)
-# Requests wait (pwrite) or are declined (submit_write) while more than this is queued
+# Requests wait (pwrite) or are declined (submit_writes) while more than this is queued
 # and not yet accepted by the socket.
 HIGH_WATER = 4 << 20
 log = logging.getLogger("trustvbd.nbd.client")
@@ -53,17 +54,39 @@ def printable(text: str, limit: int = 300) -> str:
 
 
 class Waiter:
-    """A request sent and not yet answered. `direct`: a submitted write (submit_write),
+    """A request sent and not yet answered. `direct`: a submitted write (submit_writes),
     whose slot is given back with the reply; otherwise _request gives the slot back. The
-    future gets None, or the BlockError the reply or a broken connection stands for."""
+    future gets None, or the BlockError the reply or a broken connection stands for; a
+    submitted write's outcome goes to its `group` instead, at `index`."""
 
-    __slots__ = ("deadline", "direct", "future", "length", "offset", "type")
+    __slots__ = ("deadline", "direct", "future", "group", "index", "length", "offset", "type")
 
-    def __init__(self, future: asyncio.Future[None], deadline: float, typ: int,
-                 offset: int, length: int, direct: bool = False) -> None:
+    def __init__(self, future: asyncio.Future[None] | None, deadline: float, typ: int,
+                 offset: int, length: int, direct: bool = False,
+                 group: Group | None = None, index: int = 0) -> None:
         self.future, self.deadline, self.type, self.offset, self.length, self.direct = (
             future, deadline, typ, offset, length, direct
         )
+        self.group, self.index = group, index
+
+
+class Group:
+    """The writes of one submit_writes: one future for all of them (a loop turn's runs of
+    writes behind cost each replica one future, not one each), done once the last is
+    answered, with each one's outcome in order (None, or the BlockError it failed with)."""
+
+    __slots__ = ("future", "left", "outcomes")
+
+    def __init__(self, future: asyncio.Future[list[BlockError | None]], count: int) -> None:
+        self.future, self.left = future, count
+        self.outcomes: list[BlockError | None] = [None] * count
+
+    def answer(self, index: int, error: BlockError | None) -> None:
+        if error is not None:
+            self.outcomes[index] = error
+        self.left -= 1
+        if not self.left and not self.future.done():
+            self.future.set_result(self.outcomes)
 
 
 def _take_slot(client: NbdClient) -> asyncio.Future[None] | None:
@@ -174,6 +197,34 @@ def send_request(client: NbdClient, typ: int, offset: int, length: int, flags: i
     await_reply(client, cookie, Waiter(future, client._loop.time() + client._timeout, typ,
                                        offset, length, direct),
                 now=bool(flags & _FUA) or typ == _FLUSH)
+    return future
+
+
+def send_writes(client: NbdClient, writes: list[tuple[int, Buffer]], flags: int
+                ) -> asyncio.Future[list[BlockError | None]]:
+    """Queue WRITEs (their slots taken), paired each with its own cookie and deadline; the
+    future of their outcomes (Group)."""
+    engine = client._engine
+    assert engine is not None  # _check_usable: attached and not broken
+    loop = client._loop
+    future: asyncio.Future[list[BlockError | None]] = loop.create_future()
+    group = Group(future, len(writes))
+    deadline = loop.time() + client._timeout
+    waiters = client._waiters
+    for index, (offset, data) in enumerate(writes):
+        length = len(data)
+        try:
+            cookie = engine.request(_WRITE, flags, offset, length, data, None)
+        except ValueError as exc:  # checked before: nothing of this group was queued
+            raise p.LocalProtocolError(str(exc)) from None
+        waiters[cookie] = Waiter(None, deadline, _WRITE, offset, length, True, group, index)
+    if flags & _FUA:
+        _send_outgoing(client)  # as send_request: a FLUSH waits for it
+    elif not client._send_queued:
+        client._send_queued = True
+        loop.call_soon(_send_outgoing, client)
+    if client._timer is None:
+        _arm_timer(client)
     return future
 
 
@@ -360,7 +411,9 @@ def break_connection(client: NbdClient, err: int, reason: str) -> None:
         waiters = list(client._waiters.values())
         client._waiters.clear()
         for waiter in waiters:
-            if not waiter.future.done():
+            if waiter.group is not None:
+                waiter.group.answer(waiter.index, failure)
+            elif waiter.future is not None and not waiter.future.done():
                 waiter.future.set_exception(failure)
             if waiter.direct:
                 release_slot(client)
@@ -396,7 +449,14 @@ def resolve(client: NbdClient, batch: Batch) -> None:
             waiter = waiters.pop(cookie)
             if waiter.direct:
                 release_slot(client)
+            group = waiter.group
+            if group is not None:
+                group.answer(waiter.index, _reply_error(
+                    client, error, message, waiter.type, waiter.offset, waiter.length)
+                    if error else None)
+                continue
             future = waiter.future
+            assert future is not None
             if future.done():
                 continue
             if error:
