@@ -186,6 +186,8 @@ def describe_replica(r: dict[str, Any]) -> str:
         parts.append(f"repaired {r['repaired_blocks']} blocks")
     if r.get("dirty_blocks"):
         parts.append(f"{r['dirty_blocks']} blocks behind")
+    if r.get("lag_cutoffs"):
+        parts.append(f"cut off {r['lag_cutoffs']} time(s) for lagging")
     resync = r.get("resync")
     if resync and r["state"] == "resyncing":
         parts.append(f"resync {resync['done']}/{resync['total']} at {resync['blocks_per_s']} blocks/s")

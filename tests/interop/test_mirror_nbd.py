@@ -389,16 +389,17 @@ def test_a_driver_that_answers_reads_late_stays_out_until_it_is_prompt(short_tmp
         slow_driver.set("slow_reads", delay=3)
         guest = nbd.NBD()
         guest.connect_uri(m.uri)
-        waits: list[float] = []
+        reads = 0
         started = time.monotonic()
         while time.monotonic() - started < 10:  # room for two cycles of the old behaviour
-            t = time.monotonic()
-            assert guest.pread(4096, (len(waits) % 256) * 4096) == b"\x11" * 4096
-            waits.append(time.monotonic() - t)
+            assert guest.pread(4096, (reads % 256) * 4096) == b"\x11" * 4096
+            reads += 1
             time.sleep(0.002)
-        slow = [round(w, 2) for w in waits if w >= lag * 0.9]
-        assert len(slow) == 1, f"{len(slow)} of {len(waits)} reads waited replica_lag: {slow}"
+        # Counted by the domain, not timed here: under load any read may take `lag`.
         st = m.status()[slow_driver.name]
+        assert st["lag_cutoffs"] == 1, f"cut off {st['lag_cutoffs']} times in {reads} reads: {st}"
+        text = m.system.cli("status", "-c", str(m.system.config)).stdout
+        assert f"replica {slow_driver.name}: degraded" in text and "cut off 1 time(s) for lagging" in text, text
         assert st["state"] == "degraded", st
         assert "admission read" in st["last_error"] and "replica_lag" in st["last_error"], st
         slow_driver.set("honest")

@@ -71,7 +71,7 @@ class ReadHedge(Generic[T]):
         if self.won:
             return
         self.result, self.won, self.by = result, True, by
-        slow.lagged = True
+        slow.cut_off_for_lag()
         waited = asyncio.get_running_loop().time() - self.sent
         log.warning("disk %s: replica %s lags (%.1f s without answering a read that %s "
                     "served): dropping it", self.rs.disk, slow.name, waited, by.name)

@@ -124,13 +124,20 @@ class Replica:
     lag_seen: float | None = None  # send time of a request seen lagging by the last watch
     lagged: bool = False        # cut off for lagging; not yet counted in lag_strikes
     lag_strikes: int = 0        # cut-offs for lagging, each soon after it was taken back
+    lag_cutoffs: int = 0        # times it was cut off for lagging behind its peers, in all
     taken_back_at: float = -LAG_FORGET  # monotonic time it last joined the write set
+
+    def cut_off_for_lag(self) -> None:
+        """Its connection is dropped for lagging behind a peer (a guest request paid
+        replica_lag for it); taken back later, held back if it happens again soon."""
+        self.lagged = True
+        self.lag_cutoffs += 1
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "name": self.name, "state": self.state.value, "last_error": self.last_error,
             "repaired_blocks": self.repaired, "errors": self.errors,
-            "dirty_blocks": len(self.dirty),
+            "dirty_blocks": len(self.dirty), "lag_cutoffs": self.lag_cutoffs,
         }
         if self.state is State.RESYNCING or self.resync_total:
             out["resync"] = {"done": self.resync_done, "total": self.resync_total,

@@ -196,7 +196,7 @@ async def _hedge_lagging(rs: ReplicaSet, readers: list[Replica], order: list[Rep
         why = (f"no reply to a read for {waited:.1f} s while replica {by.name!r} served it "
                f"(replica_lag {rs.lag:g} s)")
         if slow.state is State.CURRENT:
-            slow.lagged = True
+            slow.cut_off_for_lag()
             log.warning("disk %s: replica %s lags (%.1f s without answering a read that %s "
                         "served): dropping it", rs.disk, slow.name, waited, by.name)
             if isinstance(slow.link, Watched):

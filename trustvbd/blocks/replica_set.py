@@ -448,7 +448,7 @@ class ReplicaSet:
             else:
                 assert t is not None and isinstance(r.link, Watched)
                 r.lag_seen = None
-                r.lagged = True
+                r.cut_off_for_lag()
                 log.warning("disk %s: replica %s lags (%.1f s without a reply while %s answers):"
                             " dropping it from the write set", self.disk, r.name, now - t,
                             ahead.name)
