@@ -1,4 +1,4 @@
-"""Writes behind sent without a task (WriteBehind.submit, ReplicaSet.submit_writes): their edges.
+"""Writes behind sent without a task (WriteBehind.submit, ReplicaSet.submit_runs): their edges.
 
 The disk sits on a real replica link (SpaceWatch over ReplicaLink over NbdClient) to a real
 NBD server in a thread, whose storage fails or stalls writes on command. A single replica's
@@ -261,7 +261,7 @@ def data_area(disk: CryptDisk, storage: Storage, b: int) -> bytes:
 
 
 def test_writes_behind_to_a_mirror_go_without_a_task_to_every_replica(short_tmp: Path) -> None:
-    """Each run goes to both drivers by callbacks (ReplicaSet.submit_writes), not by a task
+    """Each run goes to both drivers by callbacks (ReplicaSet.submit_runs), not by a task
     and a fan-out coroutine; both hold the same ciphertext, which reads back verified."""
     with mirror_drivers(short_tmp) as (storages, uris):
         async def go() -> None:

@@ -239,25 +239,23 @@ def _note_write(disk: CryptDisk, b0: int, new: bytes) -> bytes:
 
 
 def submit(disk: CryptDisk, runs: list[tuple[int, Buffer, Buffer]], fua: bool,
-           ended: list[Callable[[bool], None]]) -> bool:
+           ended: Callable[[list[bool]], None]) -> bool:
     """As `send` without a coroutine for runs of writes behind, (first block, old leaves,
-    ciphertext) each, where the replica set can queue them all: True if it did, and each
-    run's `ended` is then told whether the replicas took it. A run that fails goes through
+    ciphertext) each, where the replica set can queue them all: True if it did, and
+    `ended` is then told whether the replicas took each. A run that failed goes through
     `send` again (write_behind.py), which records what they may hold."""
     disk._commits.write_held()  # the records first (durable already: WriteBehind's gate)
-    replica = disk._replica
-    at = replica.data_offset
-    return replica.submit_writes(
-        [(at(b0), ct) for b0, _, ct in runs], fua,
-        [partial(_submitted, disk, b0, len(old) // LEAF_SIZE, end)
-         for (b0, old, _), end in zip(runs, ended, strict=True)])
+    return disk._replica.submit_runs([(b0, ct) for b0, _, ct in runs], fua,
+                                     partial(_submitted, disk, runs, ended))
 
 
-def _submitted(disk: CryptDisk, b0: int, n: int, ended: Callable[[bool], None],
-               took: bool) -> None:
-    """A submitted write's end: once the replicas took it, its blocks are settled (as in send)."""
-    if took:
-        _replica_took(disk, b0, n)
+def _submitted(disk: CryptDisk, runs: list[tuple[int, Buffer, Buffer]],
+               ended: Callable[[list[bool]], None], took: list[bool]) -> None:
+    """Submitted runs' end: those the replicas took are settled (as in send)."""
+    if disk._unsure or disk._behind.lost:
+        for (b0, old, _), stands in zip(runs, took, strict=True):
+            if stands:
+                _replica_took(disk, b0, len(old) // LEAF_SIZE)
     ended(took)
 
 

@@ -91,7 +91,8 @@ class RangeLock:
 
     def release(self, hold: Hold) -> None:
         self._table.release(hold)
-        self.wake(hold)
+        if self._waiting:  # (most holds: nobody waits, no call)
+            self.wake(hold)
 
     def wake(self, hold: Hold) -> None:
         """`hold` was released: whoever waits for it looks again."""

@@ -228,12 +228,12 @@ class ReplicaSet:
         await self._all(writers, lambda r: r.link.pwrite(offset, data, fua), lambda: blocks,
                         "write", submit)
 
-    def submit_writes(self, writes: list[tuple[int, Buffer]], fua: bool,
-                      ended: list[Callable[[bool], None]]) -> bool:
-        """Writes behind's replica writes without a coroutine (write_behind.py), (offset,
-        data) each: queued now on each writer's link (Submits), one future per writer for
-        all of them, and each one's `ended` told once, when all writers answered, whether
-        it stands; False, with nothing queued, where pwrite must do them.
+    def submit_runs(self, runs: list[tuple[int, Buffer]], fua: bool,
+                    ended: Callable[[list[bool]], None]) -> bool:
+        """Writes behind's replica writes without a coroutine (write_behind.py), (first data
+        block, ciphertext) each: queued now on each writer's link (Submits), one future per
+        writer for all of them, and `ended` told once, when all writers answered, whether
+        each one stands; False, with nothing queued, where pwrite must do them.
 
         One replica: a write that fails is the caller's to send again through pwrite (which
         reconnects a broken connection); a success is reported to the link here. A mirror
@@ -241,22 +241,24 @@ class ReplicaSet:
         that failed while another took it are degraded and the write stands; if all
         failed, broken links are revived and the caller sends it again through pwrite."""
         writers = self._writers
+        start = self._data_start
+        writes = [(start + b0 * BS, ct) for b0, ct in runs]
         if len(self.replicas) == 1:
             if len(writers) != 1 or not provides(link := writers[0].link, Submits):
                 return False
             future = cast(Submits, link).submit_writes(writes, fua, retried=True)
             if future is None:
                 return False
-            future.add_done_callback(functools.partial(_single_ended, cast(Submits, link), ended))
+            future.add_done_callback(
+                functools.partial(_single_ended, cast(Submits, link), ended, len(writes)))
             return True
         if len(writers) < 2 or not provides(first := writers[0].link, Submits):
             return False  # (one writer left: pwrite awaits it alone)
         future = cast(Submits, first).submit_writes(writes, fua)
         if future is None:
             return False
-        blocks = [self._blocks(offset, len(data)) for offset, data in writes]
-        for written in blocks:
-            self._note_written(written)
+        blocks = [range(b0, b0 + len(ct) // BS) for b0, ct in runs]
+        self._note_written(*blocks)
         if self._watch_timer is None:
             self._watch_soon()
         fan = _FanOut(self, writers, blocks, ended)
@@ -275,22 +277,20 @@ class ReplicaSet:
             later.add_done_callback(functools.partial(fan.answered, r, submitted))
         return True
 
-    def _note_written(self, blocks: range) -> None:
-        """A write to `blocks` goes to the writers: those behind lack it (their dirty sets),
-        and the next flush must cover it."""
-        for r in self._behind:
-            r.dirty.update(blocks)
-            r.map_saved = False
-        self._note_unflushed(blocks)
-
-    def _note_unflushed(self, blocks: range) -> None:
-        if not blocks:
-            return
-        last = self._unflushed[-1] if self._unflushed else None
-        if last is not None and last.stop == blocks.start:  # sequential: one run grows
-            self._unflushed[-1] = range(last.start, blocks.stop)
-        else:
-            self._unflushed.append(blocks)
+    def _note_written(self, *written: range) -> None:
+        """Writes to these blocks go to the writers: those behind lack them (their dirty
+        sets), and the next flush must cover them."""
+        behind, unflushed = self._behind, self._unflushed
+        for blocks in written:
+            for r in behind:
+                r.dirty.update(blocks)
+                r.map_saved = False
+            if not blocks:
+                continue
+            if unflushed and unflushed[-1].stop == blocks.start:  # sequential: one run grows
+                unflushed[-1] = range(unflushed[-1].start, blocks.stop)
+            else:
+                unflushed.append(blocks)
 
     def _unflushed_runs(self) -> BlockRuns:
         """The blocks written since the last flush, added in order (each run appended,
@@ -554,25 +554,23 @@ def _tell_link(link: Submits, outcomes: list[Exception | None]) -> None:
     """What the link would have recorded of each pwrite, once per batch: a success if any
     went through, then the first failure (so a full driver stays said full)."""
     failed = next((error for error in outcomes if error is not None), None)
-    if failed is None or any(error is None for error in outcomes):
+    if failed is None or None in outcomes:
         link.write_ended(None)
     if failed is not None:
         link.write_ended(failed)
 
 
-def _single_ended(link: Submits, ended: list[Callable[[bool], None]],
+def _single_ended(link: Submits, ended: Callable[[list[bool]], None], count: int,
                   future: asyncio.Future[list[BlockError | None]]) -> None:
     """A single replica's writes submitted with `retried`: only a success is the link's
     to hear of (the caller sends a failed one again through pwrite)."""
-    outcomes = _outcomes(future, len(ended))
+    outcomes = _outcomes(future, count)
     if outcomes is None:
-        for end in ended:
-            end(False)
+        ended([False] * count)
         return
-    if any(error is None for error in outcomes):
+    if None in outcomes:
         link.write_ended(None)
-    for end, error in zip(ended, outcomes, strict=True):
-        end(error is None)
+    ended([error is None for error in outcomes])
 
 
 class _FanOut:
@@ -582,20 +580,21 @@ class _FanOut:
     __slots__ = ("blocks", "cancelled", "ended", "failed", "left", "rs", "targets")
 
     def __init__(self, rs: ReplicaSet, targets: list[Replica], blocks: list[range],
-                 ended: list[Callable[[bool], None]]) -> None:
+                 ended: Callable[[list[bool]], None]) -> None:
         self.rs, self.targets, self.blocks, self.ended = rs, targets, blocks, ended
         self.left = len(targets)
         self.failed: list[list[tuple[Replica, Exception]]] | None = None
         self.cancelled = False
 
     def answered(self, r: Replica, submitted: bool, future: asyncio.Future[Any]) -> None:
-        outcomes = _outcomes(future, len(self.ended))
+        count = len(self.blocks)
+        outcomes = _outcomes(future, count)
         if outcomes is None:  # the domain is stopping: nobody is degraded for it
             self.cancelled = True
-        elif any(error is not None for error in outcomes):
+        elif outcomes.count(None) != count:
             failed = self.failed
             if failed is None:
-                failed = self.failed = [[] for _ in self.ended]
+                failed = self.failed = [[] for _ in range(count)]
             for i, error in enumerate(outcomes):
                 if error is not None:
                     failed[i].append((r, error))
@@ -605,18 +604,13 @@ class _FanOut:
         if self.left:
             return
         if self.cancelled:
-            for end in self.ended:
-                end(False)
+            self.ended([False] * count)
         elif self.failed is None:
-            for end in self.ended:
-                end(True)
+            self.ended([True] * count)
         else:  # (one that failed is sent once more the general way, _all)
-            for end, lost, blocks in zip(self.ended, self.failed, self.blocks, strict=True):
-                if not lost:
-                    end(True)
-                else:
-                    end(self.rs._outcome(self.targets, lost,
-                                         functools.partial(_listed, blocks), "write") is None)
+            self.ended([not lost or self.rs._outcome(
+                self.targets, lost, functools.partial(_listed, blocks), "write") is None
+                for lost, blocks in zip(self.failed, self.blocks, strict=True)])
 
 
 def _listed(blocks: range) -> range:

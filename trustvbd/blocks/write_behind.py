@@ -48,7 +48,7 @@ that fails a run loses all of its writes, each as it would alone.
 
 Sent without a task: a run leaves, whatever sends it (the reply before it, the gather
 timer, a FLUSH or anything else that waits for it, an expected FLUSH), by `submit`
-where the replica set can queue it at once (ReplicaSet.submit_writes): a callback ends
+where the replica set can queue it at once (ReplicaSet.submit_runs): a callback ends
 it, not a task and a chain of coroutines; the runs leaving in one loop turn go together,
 one future per replica for all of them. A run it cannot queue, or that fails so, goes
 the general way (`send`, in a task), where a single replica's link reconnects a broken
@@ -101,9 +101,9 @@ FLUSH_STREAK = 2
 # With FUA when the bool says so (durable once answered).
 Send = Callable[[int, Buffer, Buffer, bool], Coroutine[Any, Any, None]]
 # The same without a coroutine for runs leaving together, (first block, old leaves,
-# ciphertext) each, where the replicas can queue them: True if queued, and then each run's
-# callable is called once, when it ended, with whether the replicas took it.
-Submit = Callable[[list[tuple[int, Buffer, Buffer]], bool, list[Callable[[bool], None]]], bool]
+# ciphertext) each, where the replicas can queue them: True if queued, and then the
+# callable is called once, when all ended, with whether the replicas took each.
+Submit = Callable[[list[tuple[int, Buffer, Buffer]], bool, Callable[[list[bool]], None]], bool]
 # True if every intent record appended so far is durable; else False, and the callable is
 # called once they are (None) or their sync failed (the error): crypt_commit.when_durable.
 Gate = Callable[[Callable[[OSError | None], None]], bool]
@@ -322,7 +322,7 @@ class WriteBehind:
         if failed is None and (submit := self._submit) is not None:
             try:
                 if submit([(run.first, *run.joined) for run in runs], runs[0].fua,
-                          [partial(self._submitted, run) for run in runs]):
+                          partial(self._submitted, runs)):
                     self.submitted += len(runs)
                     return
             except Exception:  # the general way fails them again, and records the loss
@@ -333,13 +333,15 @@ class WriteBehind:
         for run in runs:
             self._start(run)
 
-    def _submitted(self, run: _Run, took: bool) -> None:
-        if took:
-            self._ended(run)
-        else:
-            # Again the general way: a single replica's link reconnects if its connection
-            # broke, and a failure is recorded and said as for any write behind.
-            self._start(run)
+    def _submitted(self, runs: list[_Run], took: list[bool]) -> None:
+        for run, stands in zip(runs, took, strict=True):
+            if stands:
+                self._ended(run)
+            else:
+                # Again the general way: a single replica's link reconnects if its
+                # connection broke, and a failure is recorded and said as for any write
+                # behind.
+                self._start(run)
 
     def _start(self, run: _Run) -> None:
         """The run's replica write in a task, its request handed over in this turn."""

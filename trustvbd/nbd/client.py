@@ -236,18 +236,18 @@ class NbdClient:
         large for one request or failing a check). The same whether the caller retries or
         not: a connection never retries."""
         count = len(writes)
-        if (self._free_slots < count or not self._writable.is_set()
-                or (fua and not self._caps.fua) or self.broken is not None):
+        caps = self._caps
+        if (self._free_slots < count or not self._writable.is_set() or (fua and not caps.fua)
+                or self.broken is not None or caps.read_only):
             return None
-        limit = self.block_sizes[2]
-        try:
-            for offset, data in writes:
-                length = len(data)
-                if length > limit:
-                    return None
-                self._check(offset, length, write=True)
-        except BlockError:
-            return None  # pwrite raises it
+        align, _, limit = self.block_sizes
+        size = self._size
+        for offset, data in writes:  # what _check refuses, inline: pwrite says what is wrong
+            length = len(data)
+            end = offset + length
+            if (length > limit or offset < 0 or end > size
+                    or (align > 1 and (offset % align or (length % align and end != size)))):
+                return None
         self._free_slots -= count
         try:
             return self._send_writes(writes, int(p.CmdFlag.FUA) if fua else 0)

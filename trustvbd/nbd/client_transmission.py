@@ -445,16 +445,21 @@ def resolve(client: NbdClient, batch: Batch) -> None:
             log.exception("NBD client %s: handing on native reads failed", client.where)
     if done:
         waiters = client._waiters
+        freed = 0  # slots of submitted writes, given back together
         for cookie, error, message in done:
             waiter = waiters.pop(cookie)
+            group = waiter.group
+            if group is not None:  # a submitted write (direct): Group.answer, inline
+                freed += 1
+                if error:
+                    group.outcomes[waiter.index] = _reply_error(
+                        client, error, message, waiter.type, waiter.offset, waiter.length)
+                group.left -= 1
+                if not group.left and not group.future.done():
+                    group.future.set_result(group.outcomes)
+                continue
             if waiter.direct:
                 release_slot(client)
-            group = waiter.group
-            if group is not None:
-                group.answer(waiter.index, _reply_error(
-                    client, error, message, waiter.type, waiter.offset, waiter.length)
-                    if error else None)
-                continue
             future = waiter.future
             assert future is not None
             if future.done():
@@ -464,6 +469,8 @@ def resolve(client: NbdClient, batch: Batch) -> None:
                     client, error, message, waiter.type, waiter.offset, waiter.length))
             else:
                 future.set_result(None)
+        if freed:
+            _release_slots(client, freed)
     if client._idle is not None and not client._waiters and not _native_pending(client):
         client._idle.set()
     if broken is not None:
