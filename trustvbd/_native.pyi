@@ -98,6 +98,11 @@ class NbdClientEngine:
 
 _Item = tuple[int, int, int, int, int, Buffer | None, tuple[int, str] | None, bool | None]
 
+def serve_file(sock_fd: int, file_fd: int, received: bytes, export_size: int,
+               transmission_flags: int, structured: bool, meta_context: int, handler: object,
+               path: str) -> tuple[str, int, str]: ...
+
+
 class NbdServerSession:
     def __init__(self, export_size: int, transmission_flags: int, structured: bool,
                  meta_context: int = 0) -> None: ...

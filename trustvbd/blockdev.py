@@ -180,6 +180,31 @@ class WritesToFile(Protocol):
 
 
 @runtime_checkable
+class ServedFromFile(Protocol):
+    """One file, nothing between it and the peer (FileBackend): a server may serve a
+    connection's transmission natively, on a thread of its own (nbd/file_serve.py), with
+    its READs, WRITEs and FLUSHes done on `file_fd()`; the rare requests come to the sync
+    methods below, called from that thread."""
+
+    path: str
+
+    def file_fd(self) -> int:
+        """The file's open descriptor (the server works on a duplicate of it)."""
+        ...
+
+    def zero_now(self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
+                 fast: bool = False) -> None:
+        """As `zero`, done when it returns; BlockError if it fails."""
+        ...
+
+    def cache_now(self, offset: int, length: int) -> None: ...
+
+    def block_status_now(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """As `block_status` (ReportsAllocation)."""
+        ...
+
+
+@runtime_checkable
 class WritesInline(Protocol):
     """Does the common write inline where it can (CryptDisk: a small write answered before
     its replicas): a server then runs that WRITE as one call, with no coroutine."""

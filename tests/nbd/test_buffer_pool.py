@@ -52,8 +52,10 @@ def test_a_buffer_someone_keeps_is_never_handed_out_again() -> None:
 def test_a_file_backend_served_inline_reuses_its_payload_buffers(
     short_tmp: Path, loop_kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A driver serves a write inline, from inside buffer_updated, while the transport still
-    holds the payload buffer: it used to allocate and zero a new one for every write."""
+    """Python serves a file's write inline, from inside buffer_updated, while the transport
+    still holds the payload buffer: it used to allocate and zero a new one for every write.
+    (An idle timeout keeps the connection from the native loop, nbd/file_serve.py, which
+    has no payload buffers.)"""
     pools: list[BufferPool] = []
     real_init = BufferPool.__init__
 
@@ -66,7 +68,8 @@ def test_a_file_backend_served_inline_reuses_its_payload_buffers(
     path = short_tmp / "d.img"
     backend = FileBackend(str(path), size)
     content = os.urandom(size)
-    with ServerThread(StaticExports([Export("", backend)]), short_tmp / "s.sock", loop_kind) as srv:
+    with ServerThread(StaticExports([Export("", backend)]), short_tmp / "s.sock", loop_kind,
+                      idle_timeout=3600.0) as srv:
         h = nbd.NBD()
         h.connect_uri(srv.uri())
         for offset in range(0, size, chunk):  # one at a time: each is served inline

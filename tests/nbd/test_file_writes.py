@@ -1,7 +1,6 @@
-"""WRITEs to a file export: pwritten by the native session as they are parsed (FileBackend,
-WritesToFile), or inline (write_now, WritesAtOnce) for FUA ones and whatever the session
-hands back; what lands, in what order, what a failing write answers, and a short write,
-driven by libnbd and a raw client."""
+"""WRITEs to a file export, served by the native loop (FileBackend, ServedFromFile;
+nbd/file_serve.py): what lands, in what order, FUA, what a failing write answers, and a
+short write, driven by libnbd and a raw client. No WRITE comes to Python at all."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ import nbd  # Debian's python3-libnbd, put on sys.path by tests/conftest.py
 import pytest
 
 from tests.nbd.helpers import RawClient, ServerThread
-from trustvbd.blockdev import Buffer, WritesAtOnce, WritesToFile, provides
+from trustvbd.blockdev import Buffer, ServedFromFile, provides
 from trustvbd.blocks.file import FileBackend
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.exports import Export, StaticExports
@@ -25,43 +24,54 @@ MiB = 1 << 20
 
 
 class CountingFile(FileBackend):
-    """A FileBackend that records what the server asked of write_now (offset, length, fua)."""
+    """A FileBackend that records what the server asked of Python: writes (offset, length,
+    fua) and zeroes ("zero", offset, length)."""
 
     def __init__(self, path: str, size: int, fd: int | None = None) -> None:
         super().__init__(path, size, fd=fd)
-        self.calls: list[tuple[int, int, bool]] = []
+        self.calls: list[tuple[object, ...]] = []
 
     def write_now(self, offset: int, data: Buffer, fua: bool = False) -> None:
         self.calls.append((offset, len(data), fua))
         super().write_now(offset, data, fua)
 
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        self.calls.append((offset, len(data), fua))
+        await super().pwrite(offset, data, fua)
 
-def test_writes_are_pwritten_natively_and_fua_ones_inline(short_tmp: Path) -> None:
-    # Only the FUA write reaches write_now (it needs its fdatasync); the others the native
-    # session pwrites as it parses them, the pooled payload too, reused with new contents.
+    def zero_now(self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
+                 fast: bool = False) -> None:
+        self.calls.append(("zero", offset, length))
+        super().zero_now(offset, length, fua, may_trim, fast)
+
+
+def test_writes_fua_ones_too_are_pwritten_natively(short_tmp: Path) -> None:
+    # Plain and FUA WRITEs, small and large, and a FLUSH: none reaches Python.
     disk = short_tmp / "disk.img"
     fb = CountingFile(str(disk), 4 * MiB)
-    assert provides(fb, WritesAtOnce) and provides(fb, WritesToFile)
-    small, large = os.urandom(4096), os.urandom(256 * 1024)  # sliced, and a pooled payload
+    assert provides(fb, ServedFromFile)
+    small, large = os.urandom(4096), os.urandom(256 * 1024)
     with ServerThread(StaticExports([Export("", fb)]), short_tmp / "s.sock", "uvloop") as srv:
         h = nbd.NBD()
         h.connect_uri(srv.uri())
         h.pwrite(large, MiB)
         h.pwrite(small, 8192, nbd.CMD_FLAG_FUA)
-        h.pwrite(large, 2 * MiB)  # the pooled buffer again, with new contents
+        h.pwrite(large[::-1], 2 * MiB, nbd.CMD_FLAG_FUA)
+        h.flush()
         assert h.pread(len(large), MiB) == large
         h.shutdown()
-    assert fb.calls == [(8192, 4096, True)]
+    assert fb.calls == []
     data = disk.read_bytes()
     assert data[8192:12288] == small
-    assert data[MiB:MiB + len(large)] == data[2 * MiB:2 * MiB + len(large)] == large
+    assert data[MiB:MiB + len(large)] == large
+    assert data[2 * MiB:2 * MiB + len(large)] == large[::-1]
     fb.close_now()
 
 
 def test_writes_keep_their_order_with_requests_python_serves(short_tmp: Path) -> None:
     # One send: a WRITE, a TRIM of a range and a WRITE into that range, then a large WRITE.
-    # The first is pwritten natively; once the TRIM goes to Python, no later WRITE of that
-    # batch may overtake it, or the second WRITE's data would read back as zeros.
+    # The TRIM goes to Python (zero_now); no later WRITE may overtake it, or the second
+    # WRITE's data would read back as zeros.
     disk = short_tmp / "disk.img"
     disk.write_bytes(b"\x5a" * (2 * MiB))
     fb = CountingFile(str(disk), 2 * MiB)
@@ -77,11 +87,11 @@ def test_writes_keep_their_order_with_requests_python_serves(short_tmp: Path) ->
                        + request(p.Cmd.TRIM, 2, 65536, 65536)
                        + request(p.Cmd.WRITE, 3, 65536, 4096, second)
                        + request(p.Cmd.WRITE, 4, MiB, len(large), large))
-        assert sorted(c.simple_reply() for _ in range(4)) == [(0, 1), (0, 2), (0, 3), (0, 4)]
+        assert [c.simple_reply() for _ in range(4)] == [(0, 1), (0, 2), (0, 3), (0, 4)]
         c.request(p.Cmd.DISC)
         assert c.closed_by_peer()
         c.close()
-    assert (0, 4096, False) not in fb.calls  # the first one was done natively
+    assert fb.calls == [("zero", 65536, 65536)]  # the TRIM alone came to Python
     data = disk.read_bytes()
     assert data[:4096] == first
     assert data[65536:65536 + 4096] == second
@@ -92,21 +102,21 @@ def test_writes_keep_their_order_with_requests_python_serves(short_tmp: Path) ->
 
 def test_a_failing_write_answers_its_error_and_the_connection_goes_on(short_tmp: Path) -> None:
     # A file the kernel refuses to write (opened read-only behind a writable export): every
-    # WRITE fails with EBADF, which NBD carries as EIO; reads go on on the same connection.
-    # The native pwrite fails first and hands the WRITE to write_now, which answers it.
+    # WRITE fails with EBADF, which NBD carries as EIO, its payload read all the same (the
+    # next request follows it); reads go on on the same connection. All natively.
     disk = short_tmp / "disk.img"
     disk.write_bytes(b"\x5a" * MiB)
     fb = CountingFile(str(disk), MiB, fd=os.open(disk, os.O_RDONLY))
     with ServerThread(StaticExports([Export("", fb)]), short_tmp / "s.sock", "uvloop") as srv:
         h = nbd.NBD()
         h.connect_uri(srv.uri())
-        for payload in (b"\x01" * 4096, b"\x02" * (256 * 1024)):
+        for payload in (b"\x01" * 4096, b"\x02" * (3 * MiB // 4)):
             with pytest.raises(nbd.Error) as err:
                 h.pwrite(payload, 0)
             assert err.value.errno == "EIO"
         assert h.pread(4096, 0) == b"\x5a" * 4096
         h.shutdown()
-    assert fb.calls == [(0, 4096, False), (0, 256 * 1024, False)]
+    assert fb.calls == []
     assert disk.read_bytes() == b"\x5a" * MiB
     fb.close_now()
 

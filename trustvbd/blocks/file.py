@@ -107,10 +107,7 @@ class FileBackend:
             offset += done
 
     async def flush(self) -> None:
-        try:
-            os.fdatasync(self._fd)
-        except OSError as exc:
-            raise self._io_error("flush", exc) from exc
+        self._sync("flush")
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         await self.zero(offset, length, fua, may_trim=True)
@@ -119,17 +116,33 @@ class FileBackend:
         self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
         fast: bool = False,
     ) -> None:
+        self.zero_now(offset, length, fua, may_trim, fast)
+
+    def zero_now(
+        self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
+        fast: bool = False,
+    ) -> None:
+        """ServedFromFile: `zero` without a coroutine."""
         check_range(self._size, offset, length)
         try:
             punch_hole(self._fd, offset, length)
         except OSError as exc:
             if fast:
                 raise BlockError(errno.ENOTSUP, "this file system cannot punch holes") from exc
-            await self.pwrite(offset, bytes(length))
+            self.write_now(offset, bytes(length))
         if fua:
-            await self.flush()
+            self._sync("flush")
+
+    def _sync(self, what: str) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise self._io_error(what, exc) from exc
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return self.block_status_now(offset, length)
+
+    def block_status_now(self, offset: int, length: int) -> list[tuple[int, int]]:
         """The file's holes (SEEK_DATA/SEEK_HOLE) as HOLE|ZERO, the rest data; all data
         where the file system cannot tell."""
         check_range(self._size, offset, length)
@@ -155,8 +168,15 @@ class FileBackend:
         return out
 
     async def cache(self, offset: int, length: int) -> None:
+        self.cache_now(offset, length)
+
+    def cache_now(self, offset: int, length: int) -> None:
         check_range(self._size, offset, length)
         os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def file_fd(self) -> int:
+        """ServedFromFile: the server serves a connection natively on a duplicate of it."""
+        return self._fd
 
     async def close(self) -> None:
         self.close_now()

@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
@@ -60,7 +61,7 @@ from trustvbd.blockdev import (
     WritesNatively,
     provides,
 )
-from trustvbd.nbd import connection_limits, reply_output
+from trustvbd.nbd import connection_limits, file_serve, reply_output
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.connection_handshake import handshake
@@ -144,6 +145,10 @@ class Connection(asyncio.BufferedProtocol):
         self._output_closed = False
         self._finishing = False
         self._done: asyncio.Future[None] = self._loop.create_future()
+        # Served natively on a thread of its own once between requests (file_serve.py).
+        self._file_serve = False  # it may be
+        self._native_serving: asyncio.Future[None] | None = None  # it is: done when it ends
+        self._native_sock: socket.socket | None = None  # that thread's socket, to shut down
 
     # --- asyncio protocol callbacks -------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -183,6 +188,8 @@ class Connection(asyncio.BufferedProtocol):
             if self._writes_here:
                 self._written()
             self._process()
+            if self._file_serve and self._native_serving is None:
+                file_serve.take_over(self)
         else:
             self._wake()
         if self._budget is not None and self.core.receiving != self._receiving:
@@ -579,6 +586,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _abort(self) -> None:
         self._stopping = True
+        file_serve.stop(self)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         self._out.clear()
@@ -612,6 +620,8 @@ class Connection(asyncio.BufferedProtocol):
         try:
             if self._handshake_task is not None:
                 await asyncio.wait([self._handshake_task])
+            if self._native_serving is not None:
+                await self._native_serving
             deadline = None if timeout is None else self._loop.time() + timeout
             if self._tasks:
                 _, late = await asyncio.wait(list(self._tasks), timeout=timeout)

@@ -26,6 +26,7 @@ from trustvbd.blockdev import (
     WritesToFile,
 )
 from trustvbd.crypt.tls import peer_common_name
+from trustvbd.nbd import file_serve
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.server_handshake import HandshakeEnded, Identity, TlsRequired, negotiate
@@ -141,3 +142,6 @@ async def handshake(conn: Connection) -> None:
     log.info("nbd: %s (%s) attached export %r", conn.peer.identity, conn.peer.address,
              conn.export_name)
     conn._process()  # requests may already be waiting
+    conn._file_serve = file_serve.may_take_over(conn)
+    if conn._file_serve:
+        file_serve.take_over(conn)

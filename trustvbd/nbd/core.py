@@ -316,6 +316,16 @@ class ProtocolCore:
         direct = self._direct_filled if self._direct is not None else 0
         return self._end - self._start + direct + len(self._events)
 
+    def take_unparsed(self) -> bytes | None:
+        """The bytes received and not parsed yet, taken out (the connection is handed to
+        another server loop, nbd/file_serve.py); None while a payload is being received
+        into a buffer of its own, and then nothing is taken."""
+        if self._direct is not None or self.requests or self._events:
+            return None
+        data = bytes(self._buf[self._start:self._end])
+        self._start = self._end = 0
+        return data
+
     @property
     def receiving(self) -> int:
         """Size of the payload buffer being filled now (0 if none): memory a peer holds."""

@@ -2,8 +2,8 @@
 //! made into Rust references, each with the argument that makes it sound.
 //!
 //! A socket's descriptor taken over from Python (`detach_socket`), a file's duplicated
-//! (`dup_file`), and buffers lent for the NBD client's requests (`LentBuffer`: a READ's
-//! target, a WRITE's payload).
+//! (`dup_file`), sendfile(2) from a file to a socket (`sendfile`), and buffers lent for
+//! the NBD client's requests (`LentBuffer`: a READ's target, a WRITE's payload).
 //!
 //! A Python buffer's bytes as `&[u8]` (`with_bytes`): the NBD server parses requests
 //! where the transport received them, in the connection's receive buffer.
@@ -18,7 +18,7 @@
 #![allow(unsafe_code)]
 
 use std::fs::File;
-use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
@@ -113,6 +113,23 @@ pub(crate) fn dup_file(py: Python<'_>, fd: RawFd) -> PyResult<File> {
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     let owned = borrowed.try_clone_to_owned()?;
     Ok(File::from(owned))
+}
+
+/// sendfile(2): up to `count` bytes of `file` from `offset` to `sock`, the file's own
+/// offset untouched; the count sent (0 at the file's end). The driver's big READ replies
+/// (python/file_serve.rs) go from the page cache to the socket without a copy in between.
+pub(crate) fn sendfile(sock: &File, file: &File, offset: u64, count: usize) -> std::io::Result<usize> {
+    let mut at = libc::off_t::try_from(offset)
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    // SAFETY: both descriptors are open for the call (borrowed from `File`s the caller
+    // holds); `&mut at` is a valid, aligned off_t that lives across the call, which the
+    // kernel reads and advances and keeps no pointer to afterwards. sendfile touches no
+    // other memory of this process.
+    let sent = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut at, count) };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(sent as usize)
 }
 
 /// A Python buffer lent for a request: a READ's target (written in place, `writable`)

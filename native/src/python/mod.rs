@@ -17,6 +17,7 @@ use crate::block_codec::{self, CodecError};
 mod foreign;
 mod leaf_table;
 mod nbd_client;
+mod file_serve;
 mod nbd_server;
 mod read_plane;
 mod write_plane;
@@ -125,6 +126,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     leaf_table::register(m)?;
     nbd_client::register(m)?;
     nbd_server::register(m)?;
+    m.add_function(pyo3::wrap_pyfunction!(file_serve::serve_file, m)?)?;
     read_plane::register(m)?;
     write_plane::register(m)?;
     Ok(())

@@ -1,0 +1,72 @@
+"""A file export's connection served by the native loop on a thread of its own
+(nbd/file_serve.py): it needs nothing of the event loop once the handshake is done."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import nbd  # Debian's python3-libnbd, put on sys.path by tests/conftest.py
+
+from tests.nbd.helpers import ServerThread
+from trustvbd.blocks.file import FileBackend
+from trustvbd.nbd.exports import Export, StaticExports
+
+MiB = 1 << 20
+
+
+def test_a_file_export_is_served_while_the_event_loop_is_blocked(short_tmp: Path) -> None:
+    # Once attached, WRITEs, FUA, FLUSH, READs, and the rare requests Python does (TRIM,
+    # BLOCK_STATUS, called from the connection's own thread) all go on while the event loop
+    # is stuck in a callback: no request waits for a loop turn.
+    disk = short_tmp / "disk.img"
+    fb = FileBackend(str(disk), 8 * MiB)
+    data = os.urandom(MiB)
+    with ServerThread(StaticExports([Export("", fb)]), short_tmp / "s.sock", "uvloop") as srv:
+        h = nbd.NBD()
+        h.add_meta_context("base:allocation")
+        h.connect_uri(srv.uri())
+        h.pwrite(b"\x01" * 4096, 0)
+        blocked, release = threading.Event(), threading.Event()
+
+        def stuck() -> None:
+            blocked.set()
+            release.wait(60)
+
+        srv.loop.call_soon_threadsafe(stuck)
+        assert blocked.wait(10)
+        done = threading.Event()
+        seen: dict[str, object] = {}
+
+        def client() -> None:
+            h.pwrite(data, MiB)
+            h.pwrite(data[:4096], 4 * MiB, nbd.CMD_FLAG_FUA)
+            h.flush()
+            seen["read"] = h.pread(MiB, MiB) == data
+            h.trim(3 * MiB, MiB + MiB // 2)
+            extents: list[int] = []
+
+            def extent(_context: str, _offset: int, entries: list[int], _err: object) -> int:
+                extents.extend(entries)
+                return 0
+
+            h.block_status(4 * MiB, 0, extent)
+            seen["status"] = extents
+            done.set()
+
+        worker = threading.Thread(target=client, daemon=True)
+        worker.start()
+        try:
+            assert done.wait(30), "the connection waited for the blocked event loop"
+        finally:
+            release.set()
+            worker.join(60)
+        assert seen["read"] is True
+        # 4 KiB of data, a hole, 512 KiB of data, then the trimmed hole.
+        assert seen["status"] == [4096, 0, MiB - 4096, 3, MiB // 2, 0, 2 * MiB + MiB // 2, 3]
+        h.shutdown()
+    fb.close_now()
+    content = disk.read_bytes()
+    assert content[MiB:MiB + MiB // 2] == data[:MiB // 2]
+    assert content[MiB + MiB // 2:4 * MiB] == bytes(3 * MiB - MiB // 2)
