@@ -131,8 +131,10 @@ def test_status_of_a_stopped_encryption_domain_lists_its_disks_and_says_why(
         system: System) -> None:
     """An encryption domain that does not answer (SIGSTOPped here; hung or overloaded in
     life): its disks were left out of `status` as if the config had none, after 10 s per
-    such domain. They are listed, saying which domain did not answer; the other domain's
-    disks as ever; and once it runs again, its disks are back."""
+    such domain. They are listed, saying which domain does not answer; the other domain's
+    disks as ever; and once it runs again, its disks are back. The domains list called it
+    "running": it says it is paused and how to resume it, and it is not asked (so
+    `status` does not wait 10 s for it)."""
     data = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
     assert next(d for d in data["disks"] if d["name"] == "payroll")["encrypt"]
     pid = next(d["pid"] for d in data["domains"] if d["name"] == "crypt-PayrollData")
@@ -142,14 +144,21 @@ def test_status_of_a_stopped_encryption_domain_lists_its_disks_and_says_why(
         text = system.cli("status", "-c", str(system.config)).stdout
     finally:
         os.kill(pid, signal.SIGCONT)
+    paused = f"paused by a signal (SIGSTOP): answers nothing until `kill -CONT {pid}`"
     disks = {d["name"]: d for d in data["disks"]}
     assert set(disks) == {"payroll", "scratch"}, data["disks"]
-    assert disks["payroll"]["state"].startswith(
-        "unknown: its encryption domain crypt-PayrollData did not answer within"), disks
+    assert disks["payroll"]["state"] == (
+        f"unknown: its encryption domain crypt-PayrollData is {paused}"), disks
     assert disks["payroll"]["domain"] == "crypt-PayrollData" and disks["payroll"]["size"] == SIZE
     assert disks["scratch"]["state"] == "serving", disks
+    domains = {d["name"]: d["state"] for d in data["domains"]}
+    assert domains["crypt-PayrollData"] == paused, domains
+    assert all(state == "running" for name, state in domains.items()
+               if name != "crypt-PayrollData"), domains
     line = next(x for x in text.splitlines() if x.strip().startswith("payroll"))
-    assert "unknown: its encryption domain crypt-PayrollData did not answer" in line, text
+    assert f"unknown: its encryption domain crypt-PayrollData is {paused}" in line, text
+    line = next(x for x in text.splitlines() if x.strip().startswith("crypt-PayrollData"))
+    assert line.endswith(paused), text
     data = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
     assert {d["name"]: d["state"] for d in data["disks"]} == {
         "payroll": "serving", "scratch": "serving"}, data["disks"]

@@ -20,10 +20,14 @@ CRYPT_STATUS_TIMEOUT = 10.0
 COUNTERS = ("memory", "memory_peak", "decisions_waited")  # summed over encryption domains
 
 
-async def _ask_crypt(channel: ControlChannel | None) -> m.CryptStatus | str:
-    """An encryption domain's status, or why there is none (said in place of its disks)."""
+async def _ask_crypt(channel: ControlChannel | None, state: str) -> m.CryptStatus | str:
+    """An encryption domain's status, or why there is none (said in place of its disks).
+    `state`: the domain's in the supervisor's list; one paused by a signal is not asked
+    (it cannot answer: the whole `status` would wait the timeout)."""
     if channel is None or channel.closed.is_set():
         return "is not running (see domains)"
+    if state.startswith("paused"):
+        return f"is {state}"
     try:
         crypt, _ = await channel.ask(m.StatusQuery(), m.CryptStatus, timeout=CRYPT_STATUS_TIMEOUT)
     except TimeoutError:
@@ -41,8 +45,11 @@ async def gather_status(hv: Launcher) -> m.HvStatus:
     per_guest: dict[str, dict[str, Any]] = {}
     # Every encryption domain at once: one that does not answer costs the timeout once.
     names = {wtype: f"crypt-{file_safe(wtype)}" for wtype in hv.types}
-    answers = await asyncio.gather(*(_ask_crypt(hv.crypt_channels.get(name))
-                                     for name in names.values()))
+    domains = hv.supervisor.status()
+    states = {d["name"]: d for d in domains}
+    answers = await asyncio.gather(*(
+        _ask_crypt(hv.crypt_channels.get(name), states[name]["state"] if name in states else "")
+        for name in names.values()))
     for (wtype, name), crypt in zip(names.items(), answers, strict=True):
         told = [] if isinstance(crypt, str) else crypt.disks
         disks += [{**d, "domain": name} for d in told]
@@ -55,6 +62,8 @@ async def gather_status(hv: Launcher) -> m.HvStatus:
                   for d in (c.disks[n] for n in hv.types[wtype])
                   if all(t.get("name") != d.name for t in told)]
         if isinstance(crypt, str):
+            if crypt.startswith("did not answer") and name in states:
+                states[name]["state"] += f", but {crypt}"  # not only in its disks' lines
             continue
         aead_threads += crypt.aead_threads
         for g in crypt.guests:  # a guest may reach several encryption domains
@@ -70,7 +79,7 @@ async def gather_status(hv: Launcher) -> m.HvStatus:
         config=str(c.path),
         policy=hv.policy_path,
         uptime=round(time.time() - hv.started, 1),
-        domains=[me, *(m.DomainStatus(**d) for d in hv.supervisor.status())],
+        domains=[me, *(m.DomainStatus(**d) for d in domains)],
         disks=sorted(disks, key=lambda d: order.index(d["name"]) if d["name"] in order else 0),
         aead_threads=aead_threads,
         guests=[m.GuestStatus(

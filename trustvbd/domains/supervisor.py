@@ -50,6 +50,22 @@ def child_processes() -> dict[int, list[int]]:
     return {ppid: sorted(pids) for ppid, pids in out.items()}
 
 
+def signal_stopped(pid: int) -> bool:
+    """Whether the process is stopped by a signal (SIGSTOP, SIGTSTP; state T in /proc): alive
+    but answering nothing. A debugger's tracing stop (t) is not: py-spy takes it briefly."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:  # gone
+        return False
+    return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"T"
+
+
+def paused(pid: int) -> str:
+    """What status says of a domain stopped by a signal."""
+    return f"paused by a signal (SIGSTOP): answers nothing until `kill -CONT {pid}`"
+
+
 class StartError(Exception):
     """A domain (or `up`) cannot start; the message says why and what to do."""
 
@@ -210,7 +226,8 @@ class Supervisor:
             "name": d.name, "kind": d.kind, "trusted": d.trusted, "label": d.label,
             "pid": d.process.pid if d.process else None,
             "pids": [d.process.pid, *children.get(d.process.pid, [])] if d.process else [],
-            "state": d.state,
+            "state": (paused(d.process.pid) if d.process and d.state == "running"
+                      and signal_stopped(d.process.pid) else d.state),
             "restarts": d.restarts, "last_exit": d.last_exit,
             "next_retry": None if d.next_retry is None else round(max(0.0, d.next_retry - now), 1),
         } for d in self.domains.values()]
