@@ -168,18 +168,6 @@ class WritesAtOnce(Protocol):
 
 
 @runtime_checkable
-class WritesToFile(Protocol):
-    """Its writes and reads are plain pwrites and preads of one file (FileBackend): a server
-    may do a WRITE's pwrite, and a small READ's pread, natively as it parses the request,
-    with no Python per request. One that fails there comes to `write_now` (WritesAtOnce)
-    or `read_now` (ReadsAtOnce), which does it again and answers the error."""
-
-    def write_fd(self) -> int:
-        """The file's open descriptor (the server writes through a duplicate of it)."""
-        ...
-
-
-@runtime_checkable
 class ServedFromFile(Protocol):
     """One file, nothing between it and the peer (FileBackend): a server may serve a
     connection's transmission natively, on a thread of its own (nbd/file_serve.py), with

@@ -95,11 +95,6 @@ class FileBackend:
         except OSError as exc:
             raise self._io_error("write", exc) from exc
 
-    def write_fd(self) -> int:
-        """WritesToFile: the NBD server pwrites WRITEs (and preads small READs) natively
-        through a duplicate of it."""
-        return self._fd
-
     def _pwrite_rest(self, view: memoryview, offset: int) -> None:
         while view:
             done = os.pwrite(self._fd, view, offset)

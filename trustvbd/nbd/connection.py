@@ -22,16 +22,17 @@ waiting on drivers) gets full pipelining with replies out of order. A backend
 with a native read plane (ServesReadsNatively: the encryption layer) has the READs of
 each batch received started natively as they are parsed (parse_batch) and their
 replies framed natively (_native_replied, once per batch of replies): no Python per
-READ; one that fails there comes back to _native_failed and runs as a task. A backend
-whose writes never wait (WritesAtOnce: the driver's FileBackend) gets a WRITE as one
-call, its reply queued at once, or none at all when they are pwrites into a file
-(WritesToFile: the native session does them, and READs too small for sendfile, as it
-parses them; _written queues their replies); one whose reads never wait (ReadsAtOnce) a
-READ as one call too; one that does the common write inline (WritesInline: the encryption layer's
-small writes answered before their replicas) gets such a WRITE as one call too. Replies
-are batched, framed and written with one writelines() per loop iteration. A backend
-with a `file_range` method (the driver's FileBackend) answers reads with a FileRange
-sent by sendfile (zero_copy.py).
+READ; one that fails there comes back to _native_failed and runs as a task. A file
+export (ServedFromFile: the driver's FileBackend) on a plain socket is handed, once
+attached and between requests, to a native loop on a thread of its own (file_serve.py):
+no Python per request at all. Otherwise (TLS, a memory budget, an idle timeout) a backend
+whose writes never wait (WritesAtOnce: the FileBackend) gets a WRITE as one call, its
+reply queued at once; one whose reads never wait (ReadsAtOnce) a READ as one call too;
+one that does the common write inline (WritesInline: the encryption layer's small writes
+answered before their replicas) gets such a WRITE as one call too. Replies are batched,
+framed and written with one writelines() per loop iteration. A backend with a
+`file_range` method (the FileBackend) answers reads with a FileRange sent by sendfile
+(zero_copy.py).
 
 Ordering: a FLUSH waits for every write-type request received before it that is
 still running, which covers the spec's "all writes completed before the flush".
@@ -134,7 +135,6 @@ class Connection(asyncio.BufferedProtocol):
         self._out_special = False  # _out holds a FileRange
         self._file_range: Callable[[int, int], FileRange] | None = None
         self._write_now: Callable[[int, Buffer, bool], None] | None = None  # WritesAtOnce
-        self._writes_here = False  # WRITEs (small READs) are done by the session (WritesToFile)
         self._write_inline: Callable[[int, Buffer, bool], bool] | None = None  # WritesInline
         self._read_now: Callable[[int, int], Buffer] | None = None  # ReadsAtOnce
         self._sock_fd = -1  # for sendfile; -1 when the transport is not a plain socket
@@ -185,8 +185,6 @@ class Connection(asyncio.BufferedProtocol):
             return
         self._activity += 1
         if self._transmitting:  # as _events_arrived, inline: once per receive
-            if self._writes_here:
-                self._written()
             self._process()
             if self._file_serve and self._native_serving is None:
                 file_serve.take_over(self)
@@ -307,12 +305,6 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 self._run(self._serve(typ, flags, cookie, offset, length, data), typ,
                           length if typ == _READ or typ == _WRITE else 0)
-
-    def _written(self) -> None:
-        """Replies of the WRITEs and READs the session did as it parsed them (WritesToFile)."""
-        out = self.core.server_session().take_written()
-        if out is not None:
-            self._queue([out])
 
     def _write_at_once(self, flags: int, cookie: int, offset: int, payload: Buffer) -> None:
         """A WRITE to a backend whose writes never wait (WritesAtOnce): no coroutine."""

@@ -23,14 +23,12 @@ from trustvbd.blockdev import (
     WritesAtOnce,
     WritesInline,
     WritesNatively,
-    WritesToFile,
 )
 from trustvbd.crypt.tls import peer_common_name
 from trustvbd.nbd import file_serve
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.server_handshake import HandshakeEnded, Identity, TlsRequired, negotiate
-from trustvbd.nbd.zero_copy import SENDFILE_MIN
 
 if TYPE_CHECKING:
     from trustvbd.nbd.connection import Connection
@@ -127,11 +125,6 @@ async def handshake(conn: Connection) -> None:
         conn.core.parse_batch = conn._parse_batch
     if isinstance(backend, WritesAtOnce):
         conn._write_now = backend.write_now
-        if isinstance(backend, WritesToFile) and conn._budget is None:
-            # Its WRITEs, and READs too small for sendfile, are done natively as they are
-            # parsed (NbdServerSession.write_to).
-            conn.core.server_session().write_to(backend.write_fd(), SENDFILE_MIN - 1)
-            conn._writes_here = True
     elif isinstance(backend, WritesInline):
         conn._write_inline = backend.write_inline
     if isinstance(backend, ReadsAtOnce):

@@ -422,7 +422,7 @@ class ProtocolCore:
             if self.parse_batch is not None:
                 start, items, want = self.parse_batch(session, self._buf, start, end)
             else:
-                start, items, want = session.parse(self._buf, start, end, not self.requests)
+                start, items, want = session.parse(self._buf, start, end)
         except ValueError as exc:
             raise p.ProtocolError(str(exc)) from None
         self._start = start
@@ -453,13 +453,9 @@ class ProtocolCore:
     def _payload_received(self, payload: memoryview) -> None:
         assert self.session is not None
         try:
-            item = self.session.payload_received(payload, not self.requests)
+            self.requests.append(self.session.payload_received(payload))
         except ValueError as exc:
             raise p.ProtocolError(str(exc)) from None
-        if item is None:  # a WRITE the session pwrote itself (write_to): its buffer back
-            self.pool.give_back(payload)
-        else:
-            self.requests.append(item)
 
     # --- client side: messages from the server -------------------------------
     def _parse_from_server(self) -> None:

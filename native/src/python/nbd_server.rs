@@ -11,8 +11,6 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 
 use super::foreign;
 use super::nbd_client::NbdClientEngine;
@@ -20,10 +18,6 @@ use super::read_plane::{self, Finished, ReadPlane};
 use super::write_plane::WritePlane;
 use crate::nbd_server::{self, Checker, Framer, Item, Payload, Refusal};
 use crate::nbd_wire::{CMD_READ, CMD_WRITE, FLAG_FUA};
-
-/// Replies of requests done here (write_to) a batch may gather before the rest of it goes
-/// to Python, which bounds what waits to be sent (connection_limits.py).
-const READ_OUT_MAX: usize = 1 << 20;
 
 /// Read data up to this size is copied in among the reply headers (one buffer for the
 /// batch); larger data goes as a buffer of its own, uncopied.
@@ -48,15 +42,6 @@ const COPY_MAX: usize = 16 * 1024;
 /// first request handed to Python: requests keep their order. `owner` is told of the
 /// reads' replies (`_native_replied`, then take_output) and failures; the caller
 /// collects the writes (WritePlane.take) before it sends the output.
-///
-/// write_to(fd, read_max=0): the export is this file (a driver's FileBackend): from now
-/// on `parse` and `payload_received`, given `in_order` true (no earlier request is
-/// waiting in Python), pwrite each WRITE themselves (not a FUA one, not a piece of one
-/// over 32 MiB, not a refused one) and `parse` preads each READ of at most `read_max`
-/// bytes, and frame their replies (take_written), until the first request of a batch
-/// handed to Python (requests keep their order) or READ_OUT_MAX bytes of replies wait.
-/// A pwrite or pread that fails (or reads short) hands its request to Python as parsed,
-/// which does it again and answers with the error.
 #[pyclass(module = "trustvbd._native", name = "NbdServerSession")]
 pub(crate) struct PyNbdServerSession {
     framer: Framer,
@@ -71,13 +56,6 @@ pub(crate) struct PyNbdServerSession {
     /// Native reads running: seq -> their connection's engine and its request's cookie.
     running: HashMap<u64, (Py<NbdClientEngine>, u64)>,
     next_seq: u64,
-    /// The export's file, when WRITEs are pwritten here (write_to).
-    file: Option<File>,
-    /// Replies of WRITEs done here, framed, not yet taken (take_written).
-    written: Vec<u8>,
-    writes: u64, // WRITEs done here, ever
-    read_max: usize,
-    reads: u64, // READs done here, ever
 }
 
 impl PyNbdServerSession {
@@ -107,49 +85,6 @@ impl PyNbdServerSession {
         self.running.remove(&seq);
     }
 
-    /// Does `item`'s WRITE here if it may (see write_to), with `data` its payload; true if
-    /// done and its reply framed. False leaves it to Python, the file maybe written in part.
-    fn write_here(&mut self, item: &Item, data: &[u8]) -> bool {
-        let h = &item.head;
-        let Some(file) = &self.file else { return false };
-        if h.typ != CMD_WRITE
-            || h.flags & FLAG_FUA != 0
-            || item.refusal.is_some()
-            || item.piece.is_some()
-            || data.len() != item.length as usize
-            || file.write_all_at(data, item.offset).is_err()
-        {
-            return false;
-        }
-        nbd_server::frame_reply(&mut self.written, self.structured, h.cookie, 0, "", None);
-        self.writes += 1;
-        true
-    }
-
-    /// Does `item`'s READ here if it may (see write_to): true if done and its reply
-    /// (header and data) framed. False leaves it to Python, nothing framed.
-    fn read_here(&mut self, item: &Item) -> bool {
-        let h = &item.head;
-        let Some(file) = &self.file else { return false };
-        let length = item.length as usize;
-        if h.typ != CMD_READ
-            || item.refusal.is_some()
-            || length > self.read_max
-            || self.written.len() + length > READ_OUT_MAX
-        {
-            return false;
-        }
-        let start = self.written.len();
-        nbd_server::frame_reply(&mut self.written, self.structured, h.cookie, 0, "", Some((item.offset, item.length)));
-        let at = self.written.len();
-        self.written.resize(at + length, 0);
-        if file.read_exact_at(&mut self.written[at..], item.offset).is_err() {
-            self.written.truncate(start); // short (a file someone shrank) or failed: Python's
-            return false;
-        }
-        self.reads += 1;
-        true
-    }
 }
 
 fn protocol_error(err: nbd_server::ProtocolError) -> PyErr {
@@ -219,42 +154,7 @@ impl PyNbdServerSession {
             ended_bytes: 0,
             running: HashMap::new(),
             next_seq: 0,
-            file: None,
-            written: Vec::new(),
-            writes: 0,
-            read_max: 0,
-            reads: 0,
         }
-    }
-
-    #[pyo3(signature = (fd, read_max=0))]
-    fn write_to(&mut self, py: Python<'_>, fd: i32, read_max: usize) -> PyResult<()> {
-        self.file = Some(foreign::dup_file(py, fd)?);
-        self.read_max = read_max;
-        Ok(())
-    }
-
-    /// READs done here (write_to) since the session began.
-    #[getter]
-    fn reads(&self) -> u64 {
-        self.reads
-    }
-
-    /// take_written() -> bytes or None: the framed replies of the requests done here since
-    /// the last call.
-    fn take_written<'py>(&mut self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
-        if self.written.is_empty() {
-            return None;
-        }
-        let out = PyBytes::new(py, &self.written);
-        self.written.clear();
-        Some(out)
-    }
-
-    /// WRITEs done here (write_to) since the session began.
-    #[getter]
-    fn writes(&self) -> u64 {
-        self.writes
     }
 
     /// frame_block_status(cookie, length, req_one, extents) -> bytes: the reply to a
@@ -338,14 +238,12 @@ impl PyNbdServerSession {
         self.framer.disconnected()
     }
 
-    #[pyo3(signature = (buf, start, end, in_order=false))]
     fn parse<'py>(
         &mut self,
         py: Python<'py>,
         buf: PyBuffer<u8>,
         start: usize,
         end: usize,
-        in_order: bool,
     ) -> PyResult<(usize, Bound<'py, PyList>, usize)> {
         if start > end || end > buf.item_count() {
             return Err(PyValueError::new_err(format!(
@@ -358,23 +256,7 @@ impl PyNbdServerSession {
         let parsed = foreign::with_bytes(py, &buf, |bytes| framer.parse(&bytes[start..end], &mut items))?
             .map_err(protocol_error)?;
         let list = PyList::empty(py);
-        let mut here = in_order && self.file.is_some();
         for item in &items {
-            if here {
-                let done = match &item.payload {
-                    Payload::Inline(range) => {
-                        let range = start + range.start..start + range.end;
-                        let me = &mut *self;
-                        foreign::with_bytes(py, &buf, |bytes| me.write_here(item, &bytes[range]))?
-                    }
-                    Payload::None => self.read_here(item),
-                    Payload::Received => false,
-                };
-                if done {
-                    continue;
-                }
-                here = false;
-            }
             list.append(item_tuple(py, item, payload(py, &buf, start, item)?)?)?;
         }
         Ok((start + parsed.consumed, list, parsed.want))
@@ -484,23 +366,10 @@ impl PyNbdServerSession {
         Ok((out, ended.0, ended.1))
     }
 
-    /// payload_received(data, in_order=False) -> item, or None for a WRITE done here
-    /// (write_to): the buffer asked for by `want` is full; `data` is it.
-    #[pyo3(signature = (data, in_order=false))]
-    fn payload_received<'py>(
-        &mut self,
-        py: Python<'py>,
-        data: Bound<'py, PyAny>,
-        in_order: bool,
-    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    /// payload_received(data) -> item: the buffer asked for by `want` is full; `data` is it.
+    fn payload_received<'py>(&mut self, py: Python<'py>, data: Bound<'py, PyAny>) -> PyResult<Bound<'py, PyTuple>> {
         let item = self.framer.payload_received().map_err(protocol_error)?;
-        if in_order && self.file.is_some() {
-            let buf = PyBuffer::<u8>::get(&data)?;
-            if foreign::with_bytes(py, &buf, |bytes| self.write_here(&item, bytes))? {
-                return Ok(None);
-            }
-        }
-        item_tuple(py, &item, data).map(Some)
+        item_tuple(py, &item, data)
     }
 
     /// frame(replies) -> buffers: replies are (cookie, error, message, offset, data)
