@@ -18,8 +18,12 @@ A chain alone can be rebuilt by anyone who can write the files, so the writer
 
 When PATH grows past rotate_bytes it is renamed PATH.1, PATH.2, ... (oldest
 first) and the chain goes on in a new PATH: seq and prev continue across files.
-Both files are fsync'ed on every append, so a record acknowledged to a caller
-survives a power cut. Files, formats and guarantees: docs/policy.md.
+Group commit: `add` writes a record, `commit` makes every record added since the
+last one durable with one fsync of the log and one signed head (`append` is both);
+a caller answers for a record only after its commit, so a record acknowledged to a
+caller survives a power cut. At most MAX_BATCH records wait for a commit, so a
+power cut leaves the head at most that many records behind the log. Files,
+formats and guarantees: docs/policy.md.
 
 What this does not stop: someone who can write the files can cut the log back
 to an earlier signed state (keep copies of PATH.head elsewhere to catch that),
@@ -63,6 +67,7 @@ from trustvbd.fileops import OS_FILES, FileOps, write_all, write_file_atomic
 
 CHECKPOINT_EVERY = 64
 ROTATE_BYTES = 64 << 20
+MAX_BATCH = audit_read.MAX_BATCH  # records written and not yet committed, at most
 
 
 class AuditError(Exception):
@@ -87,6 +92,7 @@ class AuditLog:
             raise AuditError(f"{self.path}: another process is writing this audit log") from None
         self.fd = -1
         self.torn = False
+        self.pending = 0  # records added since the last commit
         try:
             self.fd = ops.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
             self.seq, self.last, last_kind = self._resume()
@@ -95,6 +101,13 @@ class AuditLog:
             self.close(checkpoint=False)
             raise
         self._last_is_checkpoint = last_kind == "checkpoint"
+        # Group commit: what the last commit made durable, and the records added since.
+        self._synced_size = os.fstat(self.fd).st_size
+        self._durable = (self.seq, self.last, self._last_is_checkpoint)
+        # Every record added gets the next number (never reused): a caller asks
+        # `durable(before, after)` whether the records it added were committed.
+        self.puts = self.committed_puts = 0
+        self._dropped: list[tuple[int, int]] = []  # (lo, hi]: added, then lost with a commit
         if self.torn:
             self.append("audit", event="torn-record-removed",
                         note="an append interrupted by a crash left a partial line; it was cut")
@@ -129,10 +142,12 @@ class AuditLog:
             write_file_atomic(pub, signer.public_key, self.ops)
         return signer
 
-    def _last_record(self) -> tuple[dict[str, Any] | None, Path]:
-        """The last record, looking into rotated files if PATH is empty (crash at rotation)."""
+    def _last_records(self) -> tuple[list[dict[str, Any]], Path]:
+        """The last records (up to a batch and one), looking into rotated files if PATH is
+        empty (crash at rotation); the last one is the log's end."""
         size = os.fstat(self.fd).st_size
-        tail = os.pread(self.fd, min(size, 2 * MAX_RECORD), max(0, size - 2 * MAX_RECORD))
+        want = (MAX_BATCH + 2) * MAX_RECORD
+        tail = os.pread(self.fd, min(size, want), max(0, size - want))
         if tail and not tail.endswith(b"\n"):
             # A crash in the middle of an append: the torn line was never acknowledged
             # (the head was not moved to it), so cut it off.
@@ -144,31 +159,32 @@ class AuditLog:
         if not tail:
             older = rotated_files(self.path)
             if not older:
-                return None, where
+                return [], where
             where = older[-1]
             with open(where, "rb") as f:
                 f.seek(max(0, f.seek(0, os.SEEK_END) - 2 * MAX_RECORD))
                 tail = f.read()
         lines = tail.splitlines()
         if not lines:
-            return None, where
+            return [], where
         rec = parse_record(lines[-1])
         if rec is None:
             raise AuditError(f"{where}: the last record is unreadable; run `trustvbd audit"
                              " --verify`, then move the log aside to start a new one")
-        return rec, where
+        earlier = [r for line in lines[-MAX_BATCH - 1:-1] if (r := parse_record(line))]
+        return [*earlier, rec], where
 
     def _resume(self) -> tuple[int, str, str]:
         """Where the chain ends, checked against the head; refuse to extend a cut log."""
-        rec, where = self._last_record()
-        last_seq, last_hash, last_prev, kind = 0, GENESIS, GENESIS, ""
-        if rec is not None:
-            last_seq, last_hash, last_prev, kind = rec["seq"], rec["hash"], rec["prev"], rec["kind"]
+        recs, where = self._last_records()
+        last_seq, last_hash, kind = 0, GENESIS, ""
+        if recs:
+            last_seq, last_hash, kind = recs[-1]["seq"], recs[-1]["hash"], recs[-1]["kind"]
         head = read_head(self.path)
-        # The second pair: a power cut between the log's fsync and the head's update.
-        # No head at all is seq 0: a power cut before the first head was written.
-        at = (0, GENESIS) if head is None else head[:2]
-        ok = at in ((last_seq, last_hash), (last_seq - 1, last_prev))
+        if head is None:  # a power cut before the first head (the first record commits alone)
+            ok = last_seq <= 1
+        else:  # the head may be a batch behind: a power cut between the log's fsync and it
+            ok = audit_read.head_within_batch(head[:2], last_seq, last_hash, recs)
         if not ok:
             said = f"seq {head[0]}" if head else "no head file"
             raise AuditError(f"{where}: the log ends at seq {last_seq} but its head says"
@@ -178,22 +194,32 @@ class AuditLog:
         return last_seq, last_hash, kind
 
     def append(self, kind: str, /, **fields: Any) -> dict[str, Any]:
-        """Write one record durably (log fsync, then signed head) and return it.
+        """Write one record durably (with every record added before it) and return it.
 
         A record is never refused for its size: block lists become counts and
         ranges, long strings are cut, and as a last resort the fields are
         replaced by a note of what was too large.
         """
-        record = self._write(kind, fields)
+        record = self.add(kind, **fields)
+        self.commit()
+        return record
+
+    def add(self, kind: str, /, **fields: Any) -> dict[str, Any]:
+        """Write one record, durable only once `commit` returns (OSError: not written)."""
+        if self.pending >= MAX_BATCH - 1:  # room for this record and a checkpoint
+            self.commit()
+        record = self._put(kind, fields)
         if kind != "checkpoint":
             self._last_is_checkpoint = False
             if record["seq"] % self.checkpoint_every == 0:
                 self.checkpoint()
+            if self._durable[0] == 0:  # the first record has its head at once
+                self.commit()
             if os.fstat(self.fd).st_size >= self.rotate_bytes:
-                self.rotate()
+                self.rotate()  # commits first
         return record
 
-    def _write(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+    def _put(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
         record: dict[str, Any] = {"seq": self.seq + 1,
                                   "time": datetime.now(UTC).isoformat(timespec="microseconds"),
                                   "kind": kind, "fields": fields, "prev": self.last}
@@ -208,28 +234,53 @@ class AuditLog:
         size = os.fstat(self.fd).st_size
         try:
             write_all(self.ops, self.fd, line)
-            self.ops.fsync(self.fd)
         except OSError:
             self.ops.ftruncate(self.fd, size)  # never leave a torn record for the next one
             raise
-        sig = self._signer.sign(SIGNING_CONTEXT, signed_message(record["seq"], record["hash"])).hex()
-        head = json.dumps({"seq": record["seq"], "hash": record["hash"], "signature": sig})
+        self.seq, self.last = record["seq"], record["hash"]
+        self.pending += 1
+        self.puts += 1
+        return record
+
+    def commit(self) -> None:
+        """Make every record added since the last commit durable: one fsync of the log, then
+        the signed head naming the last of them. On OSError none of them is (they are cut
+        from the log again) and `durable` says so for each."""
+        if not self.pending:
+            return
         try:
+            self.ops.fsync(self.fd)
+            sig = self._signer.sign(SIGNING_CONTEXT, signed_message(self.seq, self.last)).hex()
+            head = json.dumps({"seq": self.seq, "hash": self.last, "signature": sig})
             write_file_atomic(head_path(self.path), head.encode(), self.ops)
         except OSError:
-            # The record is in the log but the append fails (its decision is not taken):
-            # take it out again, or the next record would repeat its seq and the chain
-            # would read as tampered with. Truncating needs no space on a full disk; if
-            # even that fails, the log keeps it and the next record follows it (a head
-            # one behind is what a power cut leaves, and reopening accepts it).
-            try:
-                self.ops.ftruncate(self.fd, size)
-                self.ops.fsync(self.fd)
-            except OSError:
-                self.seq, self.last = record["seq"], record["hash"]
+            self._drop_pending()
             raise
-        self.seq, self.last = record["seq"], record["hash"]
-        return record
+        self._synced_size = os.fstat(self.fd).st_size
+        self._durable = (self.seq, self.last, self._last_is_checkpoint)
+        self.pending, self.committed_puts = 0, self.puts
+
+    def _drop_pending(self) -> None:
+        """A commit failed: its records are not taken (their callers get errors). Take them
+        out of the log again, or the next record would repeat a seq and the chain would read
+        as tampered with. Truncating needs no space on a full disk; if even that fails, the
+        log keeps them and the next record follows them (a head a batch behind is what a
+        power cut leaves, and reopening accepts it)."""
+        self._dropped = [*self._dropped[-15:], (self.committed_puts, self.puts)]
+        self.pending, self.committed_puts = 0, self.puts
+        try:
+            self.ops.ftruncate(self.fd, self._synced_size)
+            self.ops.fsync(self.fd)
+        except OSError:
+            self._synced_size = os.fstat(self.fd).st_size
+            return
+        self.seq, self.last, self._last_is_checkpoint = self._durable
+
+    def durable(self, before: int, after: int) -> bool:
+        """Whether the records added while `puts` went from `before` to `after` are durable
+        (committed, and not lost with a failed commit)."""
+        return after <= self.committed_puts and not any(
+            lo < after and before < hi for lo, hi in self._dropped)
 
     @staticmethod
     def _line(record: dict[str, Any]) -> bytes:
@@ -241,25 +292,29 @@ class AuditLog:
         if self._last_is_checkpoint or not self.seq:
             return
         sig = self._signer.sign(SIGNING_CONTEXT, signed_message(self.seq, self.last)).hex()
-        self._write("checkpoint", {"seq": self.seq, "hash": self.last, "signature": sig,
-                                   "key": fingerprint(self.public_key).hex()[:16]})
+        self._put("checkpoint", {"seq": self.seq, "hash": self.last, "signature": sig,
+                                 "key": fingerprint(self.public_key).hex()[:16]})
         self._last_is_checkpoint = True
 
     def rotate(self) -> None:
         """Close this file with a checkpoint and go on in a new one; the chain continues."""
         self.checkpoint()
+        self.commit()
         older = rotated_files(self.path)
         number = int(older[-1].name.rsplit(".", 1)[1]) + 1 if older else 1
         self.ops.replace(self.path, self.path.with_name(f"{self.path.name}.{number}"))
         self.ops.close(self.fd)
         self.fd = self.ops.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         self.ops.fsync_dir(self.path.parent)
+        self._synced_size = 0
 
     def close(self, checkpoint: bool = True) -> None:
         if self.fd >= 0:
             if checkpoint:
                 with contextlib.suppress(OSError):
                     self.checkpoint()
+            with contextlib.suppress(OSError):
+                self.commit()
             with contextlib.suppress(OSError):
                 self.ops.close(self.fd)
             self.fd = -1

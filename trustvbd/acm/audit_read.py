@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,6 +25,21 @@ from trustvbd.acm.audit_format import (
     signature_ok,
     stored_public_key,
 )
+
+# The writer commits records in groups of at most this many (one fsync and one signed head
+# per group): a power cut between the log's fsync and the head's update leaves the head that
+# many records behind at most, never acknowledged to anyone.
+MAX_BATCH = 64
+
+
+def head_within_batch(at: tuple[int, str], last_seq: int, last_hash: str,
+                      recs: list[dict[str, Any]]) -> bool:
+    """Whether a head naming `at` (seq, hash) fits a log ending at (last_seq, last_hash) whose
+    last records are `recs`: it names the last one, or one at most a batch before it."""
+    known = {(last_seq, last_hash)}
+    for r in recs:
+        known.update({(r["seq"], r["hash"]), (r["seq"] - 1, r["prev"])})
+    return at in known and 0 <= last_seq - at[0] <= MAX_BATCH
 
 
 def read(path: str | Path) -> list[dict[str, Any]]:
@@ -46,7 +62,8 @@ def verify(path: str | Path, public_key: bytes | None = None) -> list[str]:
     path = Path(path)
     problems: list[str] = []
     key = public_key if public_key is not None else stored_public_key(path)
-    prev, expect, last_hash, last_prev = GENESIS, 1, GENESIS, GENESIS
+    prev, expect, last_hash = GENESIS, 1, GENESIS
+    recent: deque[dict[str, Any]] = deque(maxlen=MAX_BATCH + 1)  # a head may name one of these
     signed_upto = 0
     files = [*rotated_files(path), path]
     for index, f in enumerate(files):
@@ -89,7 +106,8 @@ def verify(path: str | Path, public_key: bytes | None = None) -> list[str]:
                 else:
                     signed_upto = seq - 1
             last_kind = rec["kind"]
-            last_prev, prev, last_hash = rec["prev"], rec["hash"], rec["hash"]
+            prev, last_hash = rec["hash"], rec["hash"]
+            recent.append(rec)
             expect = seq + 1
         if index < len(files) - 1 and last_kind != "checkpoint":
             problems.append(f"{f}: a rotated file must end with a checkpoint; it was cut or"
@@ -107,16 +125,17 @@ def verify(path: str | Path, public_key: bytes | None = None) -> list[str]:
         problems.append(f"{head_path(path)}: unreadable (edited or damaged)")
     else:
         seq, digest, sig = head
-        if (seq, digest) == (last_seq - 1, last_prev) and last_seq:
-            pass  # crash between the log fsync and the head update: the last record is extra
-        elif (seq, digest) != (last_seq, last_hash):
+        # A power cut between a group commit's fsync and its head leaves the head behind by
+        # at most a batch of records never acknowledged.
+        within = head_within_batch((seq, digest), last_seq, last_hash, list(recent))
+        if not within:
             problems.append(f"{head_path(path)}: says the log ends at seq {seq}, but it ends at"
                             f" seq {last_seq} (records cut off the end, or the log edited)")
         if not signature_ok(key, seq, digest, sig):
             problems.append(f"{head_path(path)}: its signature does not verify under the log's"
                             " key (the head was rewritten, or the key replaced)")
-        else:
-            signed_upto = max(signed_upto, seq)
+        else:  # and the records of a group commit after it were never acknowledged
+            signed_upto = max(signed_upto, last_seq if within else seq)
     if key is not None and signed_upto < last_seq - 1:
         problems.append(f"{path}: records {signed_upto + 1}-{last_seq} are covered by no valid"
                         " signature")

@@ -15,6 +15,13 @@ refusal. A bad request gets an error reply and the domain keeps
 serving. Requests are handled synchronously (no await between checking and
 counting), so Chinese Wall decisions cannot race.
 
+Group commit: the requests that arrived together on a connection are answered
+together after one commit of the audit log (one fsync, one signed head), and
+records other domains add ("record": integrity events, refused guests) wait
+behind decisions, in groups of at most MAX_BATCH, with the event loop free between
+groups: a flood of records holds up another connection's decision by one group
+commit at most, never by one fsync per record.
+
 A restarted domain starts with no Chinese Wall counts: the encryption domains
 hold them (their live connections) and re-attach them when they reconnect, each
 ending with "restored". The launcher names the encryption domains running at the
@@ -49,7 +56,7 @@ from trustvbd.acm import (
     driver_may_serve_disk,
     guest_may_use_disk,
 )
-from trustvbd.acm.audit import AuditError, AuditLog
+from trustvbd.acm.audit import MAX_BATCH, AuditError, AuditLog
 from trustvbd.acm.audit_fields import may_record
 from trustvbd.acm.compiled import read_compiled
 from trustvbd.acm.decisions import RESTORING, explain
@@ -61,6 +68,7 @@ from trustvbd.domains.common import die_with_parent, ready, setup_logging
 log = logging.getLogger("trustvbd.acm")
 MAX_LINE = 64 * 1024
 RECORD_KINDS = ("integrity", "event")  # what other trusted domains may add to the log
+YIELD_TURNS = 4  # event loop turns between groups of records (_let_others_in)
 # How long a restarted domain waits for the encryption domains to restore their counts.
 RESTORE_WAIT = 10.0
 
@@ -102,19 +110,31 @@ class AcmDomain:
         self.attached: dict[str, tuple[str, str | None, int]] = {}  # id -> label, name, owner
         self.connections = 0  # numbers the client connections that own attachments
         self.repeats = RepeatCounter()  # identical refusals: written once per window, counted
+        self.unwritable = ""  # why the audit log could not be written, the last time it failed
 
     def _append(self, kind: str, refusal: bool, /, **fields: Any) -> None:
         if not (refusal and self.repeats.repeat(kind, fields)):
             self._audit(kind, **fields)
 
     def _audit(self, kind: str, /, **fields: Any) -> dict[str, Any]:
+        """Add a record; it is durable once the batch it is answered with is committed."""
         try:
-            return self.audit.append(kind, **fields)
+            return self.audit.add(kind, **fields)
         except OSError as exc:
-            raise AuditUnwritable(
-                f"cannot write the audit log {self.audit.path} ({exc.strerror or exc}): every"
-                " request that must be audited is refused until it can be; free space there"
-            ) from exc
+            raise self._unwritable(exc) from exc
+
+    def _commit(self) -> None:
+        """Everything added so far durable now (before a state change that follows it)."""
+        try:
+            self.audit.commit()
+        except OSError as exc:
+            raise self._unwritable(exc) from exc
+
+    def _unwritable(self, exc: OSError) -> AuditUnwritable:
+        self.unwritable = (
+            f"cannot write the audit log {self.audit.path} ({exc.strerror or exc}): every"
+            " request that must be audited is refused until it can be; free space there")
+        return AuditUnwritable(self.unwritable)
 
     def write_repeats(self, everything: bool = False) -> None:
         """One "repeated" record per refusal whose counting window ended."""
@@ -154,6 +174,7 @@ class AcmDomain:
             d = self.wall.may_start(label, name) if d.allowed else d
             reply = self._decided(op, d, id=cid, label=label, name=name)
             if d.allowed:  # counted only once the decision is in the log
+                self._commit()
                 self.wall.started(label)
                 self.attached[cid] = (label, name, owner)
             return reply
@@ -258,6 +279,28 @@ class AcmDomain:
 
     def respond(self, line: bytes, owner: int) -> dict[str, Any]:
         """The reply to one request line, carrying the request's id ("rid") back."""
+        return self.answer([line], owner)[0]
+
+    def answer(self, lines: list[bytes], owner: int) -> list[dict[str, Any]]:
+        """The replies to request lines that arrived together, in their order, once one
+        commit made their records durable; a request whose records the commit lost is
+        answered with the error instead (fail closed)."""
+        done = []
+        for line in lines:
+            before = self.audit.puts
+            done.append((self._respond(line, owner), before, self.audit.puts))
+        try:
+            self.audit.commit()
+        except OSError as exc:
+            log.error("%s", self._unwritable(exc))
+        replies = []
+        for reply, before, after in done:
+            if after > before and reply.get("ok") and not self.audit.durable(before, after):
+                reply = {"ok": False, "error": self.unwritable, "rid": reply.get("rid")}
+            replies.append(reply)
+        return replies
+
+    def _respond(self, line: bytes, owner: int) -> dict[str, Any]:
         rid = None
         try:
             req = json.loads(line)
@@ -282,6 +325,8 @@ class AcmDomain:
                                writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         owner, buf, skipping = self.connections, b"", False
+        decisions: list[bytes] = []
+        records: list[bytes] = []
         try:
             while chunk := await reader.read(65536):
                 buf += chunk
@@ -295,13 +340,40 @@ class AcmDomain:
                         skipping = nl < 0
                         continue
                     if line.strip():
-                        writer.write(json.dumps(self.respond(line, owner)).encode() + b"\n")
+                        (records if _is_record(line) else decisions).append(line)
+                # Decisions first, in their order; then records in groups, letting other
+                # connections' decisions in between (the module's doc).
+                for reply in self.answer(decisions, owner):
+                    writer.write(json.dumps(reply).encode() + b"\n")
+                decisions.clear()
+                while records:
+                    group, records[:] = records[:MAX_BATCH], records[MAX_BATCH:]
+                    for reply in self.answer(group, owner):
+                        writer.write(json.dumps(reply).encode() + b"\n")
+                    await _let_others_in()
                 await writer.drain()
         except (ConnectionError, OSError, asyncio.CancelledError):
             pass  # a client went away, or the domain is stopping: end this connection quietly
         finally:
             self.release(owner)
             writer.close()
+
+
+async def _let_others_in() -> None:
+    """A few turns of the event loop: a request that arrived on another connection while a
+    group of records was committed is read (one turn), its handler woken (the next) and
+    answered before this connection's next group, rather than after several."""
+    for _ in range(YIELD_TURNS):
+        await asyncio.sleep(0)
+
+
+def _is_record(line: bytes) -> bool:
+    """A "record" request (another domain's event), which may wait behind decisions."""
+    try:
+        req = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(req, dict) and req.get("op") == "record"
 
 
 async def serve(domain: AcmDomain, sock: socket.socket, ready_fd: int | None) -> int:
