@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import struct
 import time
 from collections.abc import Iterator
@@ -144,7 +145,12 @@ def test_oversized_requests_past_the_end_are_refused_and_the_stream_stays_in_syn
     others_still_served(server)
 
 
-def test_truncated_messages_close_cleanly(server: ServerThread) -> None:
+def test_truncated_messages_close_cleanly(server: ServerThread,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """And the log says what happened without calling it an attack: a driver's log showed
+    a WARNING "sent a truncated message (N bytes)" each time the encryption domain gave up
+    on a write (its timeout, a lag cut-off), which reads like one."""
+    caplog.set_level(logging.INFO, logger="trustvbd.nbd.server")
     c = raw_client(server)
     c.go()
     c.sock.sendall(struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 1, 0, 4096) + b"x" * 100)
@@ -156,6 +162,12 @@ def test_truncated_messages_close_cleanly(server: ServerThread) -> None:
     c.close()
     wait_for(lambda: server.connection_count() == 0, what="truncated connections to go")
     others_still_served(server)
+    said = [r for r in caplog.records if "bytes into a message" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO, caplog.text
+    assert "closed the connection 128 bytes into a message" in said[0].getMessage()
+    assert "gives up on a request (its timeout, or a mirror cutting a lagging replica" in (
+        said[0].getMessage())
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_a_client_that_hangs_up_mid_payload_leaves_no_garbage_holding_its_buffer(

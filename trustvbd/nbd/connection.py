@@ -279,8 +279,7 @@ class Connection(asyncio.BufferedProtocol):
                     break
                 if isinstance(ev, m.ConnectionClosed):
                     if ev.truncated:
-                        log.warning("nbd: %s sent a truncated message (%d bytes) before closing",
-                                    self.peer.identity, ev.truncated)
+                        log.info("nbd: %s %s", self.peer.identity, m.cut_short(ev.truncated))
                     self._close_gracefully()
                 continue
             typ, flags, cookie, offset, length, data, refusal, piece = item

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, cast
 
 from trustvbd import _native
 from trustvbd.blockdev import BlockError, ServedFromFile, provides
+from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
 
 if TYPE_CHECKING:
@@ -139,8 +140,7 @@ def _ended(conn: Connection, result: tuple[str, int, str]) -> None:
         conn._abort()
     else:
         if truncated:
-            log.warning("nbd: %s sent a truncated message (%d bytes) before closing",
-                        conn.peer.identity, truncated)
+            log.info("nbd: %s %s", conn.peer.identity, m.cut_short(truncated))
         conn._stopping = True
         if conn._transport is not None:
             conn._transport.close()

@@ -133,6 +133,17 @@ class ConnectionClosed:
     truncated: int = 0
 
 
+def cut_short(truncated: int) -> str:
+    """What a server logs of a peer that closed with a message unfinished: not an attack
+    or a fault of ours. Clients do it when they give up on a request (the encryption
+    domain's request timeout, or a mirror cutting a lagging driver off: its connection is
+    dropped whatever it was sending), or when they die."""
+    return (f"closed the connection {truncated} bytes into a message (a request, or a "
+            "write's payload) it never finished; that request is not served. A client does "
+            "this when it gives up on a request (its timeout, or a mirror cutting a lagging "
+            "replica off) or when it dies")
+
+
 Event = (
     Greeting | ClientFlags | Option | OptionReply | ExportNameReply | Request | SimpleReply
     | OffsetData | OffsetHole | ErrorChunk | NoneChunk | ConnectionClosed
