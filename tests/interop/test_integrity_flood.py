@@ -11,13 +11,17 @@ EventWindows): the first at once, then one summary per window whose counts add u
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.interop.test_mirror_nbd import SIZE, Mirror
+from tests.interop.clients import libnbd
+from tests.interop.test_mirror_nbd import SIZE, Mirror, qemu_io
 from tests.support import run
 from trustvbd.blocks.integrity import WINDOW
 
@@ -73,5 +77,36 @@ def test_a_flood_of_integrity_events_is_coalesced_and_guests_still_connect(
         summaries = [r for r in records if "events" in r]
         assert summaries and all(r["blocks"] for r in summaries)
         assert m.system.cli("audit", "-c", str(m.system.config), "--verify").returncode == 0
+    finally:
+        m.close()
+
+
+def test_an_integrity_record_the_access_control_domain_does_not_take_is_said_in_the_log(
+        short_tmp: Path) -> None:
+    """The access-control domain does not answer (stopped) while a driver lies: the guest is
+    served from the other replica, and the record that timed out is not dropped silently
+    (before: no word anywhere that the audit log may lack it)."""
+    m = Mirror(short_tmp, 2)
+    m.system.env["TRUSTVBD_ACM_TIMEOUT"] = "1"
+    nbd = libnbd()
+    try:
+        m.system.start()
+        qemu_io(m.uri, "write -P 0x5a 0 1M", "flush")
+        guest = nbd.NBD()
+        guest.connect_uri(m.uri)  # decided now, while the access-control domain answers
+        status = json.loads(m.system.cli("status", "-c", str(m.system.config), "--json").stdout)
+        acm = next(d["pid"] for d in status["domains"] if d["kind"] == "acm")
+        m.drivers[0].set("flip", rate=1.0)
+        os.kill(acm, signal.SIGSTOP)
+        try:
+            for i in range(64):
+                assert guest.pread(4096, i * 4096) == b"\x5a" * 4096
+            time.sleep(2)  # the record's request times out (1 s)
+        finally:
+            os.kill(acm, signal.SIGCONT)
+        guest.shutdown()
+        err = m.system.stop()
+        assert "may be missing from the audit log: access-control domain unreachable" in err, \
+            err[-3000:]
     finally:
         m.close()

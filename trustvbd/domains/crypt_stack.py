@@ -145,7 +145,15 @@ def send_event(domain: CryptDomain, disk: Disk, event: dict[str, Any]) -> None:
     fields = compact_fields({**event, "disk": disk.name})
     fields.pop("event", None)
     domain.control.tell(m.Integrity(disk.name, fields))
-    task = asyncio.get_running_loop().create_task(domain.gate.client.record("integrity", **fields))
+
+    async def record() -> None:
+        reply = await domain.gate.client.record("integrity", **fields)
+        if reply.get("ok") is not True:  # said here at least (a timed-out one may come late)
+            log.error("disk %s: %d integrity event(s) (%s) of replica %s may be missing from "
+                      "the audit log: %s", disk.name, fields.get("events", 1), fields.get("what"),
+                      fields.get("replica"), reply.get("error"))
+
+    task = asyncio.get_running_loop().create_task(record())
     domain.records.add(task)
     task.add_done_callback(domain.records.discard)
 
