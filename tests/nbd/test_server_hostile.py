@@ -14,7 +14,7 @@ import pytest
 
 from tests.nbd.helpers import RawClient, ServerThread, wait_for
 from trustvbd.blockdev import Buffer
-from trustvbd.blocks.file import MemoryBackend
+from trustvbd.blocks.file import FileBackend, MemoryBackend
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.connection_limits import MAX_TASKS
 from trustvbd.nbd.core import ProtocolCore, Role
@@ -24,12 +24,19 @@ MiB = 1 << 20
 SIZE = 4 * MiB
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
+@pytest.fixture(params=["asyncio", "uvloop", "file"])
 def server(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[ServerThread]:
-    provider = StaticExports([Export("", MemoryBackend(SIZE))])
-    with ServerThread(provider, short_tmp / "h.sock", request.param,
-                      handshake_timeout=1.0) as srv:
+    """Python's transmission with both event loops, and ("file") a file export's, which
+    the native loop serves once attached (nbd/file_serve.py)."""
+    if request.param == "file":
+        backend: MemoryBackend | FileBackend = FileBackend(str(short_tmp / "h.img"), SIZE)
+    else:
+        backend = MemoryBackend(SIZE)
+    provider = StaticExports([Export("", backend)])
+    loop = "uvloop" if request.param == "file" else request.param
+    with ServerThread(provider, short_tmp / "h.sock", loop, handshake_timeout=1.0) as srv:
         yield srv
+    asyncio.run(backend.close())
 
 
 def raw_client(server: ServerThread) -> RawClient:
