@@ -354,6 +354,41 @@ def test_adjacent_writes_behind_go_to_the_replica_as_one_write(tmp_path: Path,
     run(go())
 
 
+def test_writes_held_unsent_stay_below_the_writes_behind_limit(tmp_path: Path,
+                                                               no_gather_timer: None) -> None:
+    """Files written side by side a block at a time (runs that grow slowly, each under
+    GATHER_BLOCKS) leave once HELD_WRITES writes wait, not only on the timer: held writes
+    never fill the writes-behind limit, which would make every later write wait for its
+    own replica write while they still waited for the timer."""
+
+    async def go() -> None:
+        kek, mem, gate, disk = await gated_disk(tmp_path)
+        await disk.commit()
+        streams = (10, 150, 300)  # three files, each on its own leaf page
+        rounds = WRITE_BEHIND_MAX // 2
+        for i in range(rounds):
+            for s in streams:
+                b = s + i
+                await asyncio.wait_for(disk.pwrite(b * BS, pattern(b)), 10)
+                # The guest's round trip: what left meanwhile was synced and answered.
+                await until(lambda: not disk._behind._sending)
+        behind = disk._behind
+        # Every write answered before its replica: none met the limit.
+        assert behind.started == rounds * len(streams)
+        # Each departure took HELD_WRITES writes (a run of each file), not a run per write
+        # (the first two went alone: loading the next file's leaf page sent what was held).
+        assert len(gate.sent) <= 2 + len(streams) * (rounds * len(streams) // write_behind.HELD_WRITES)
+        await disk.flush()
+        await disk.close()
+        disk = await open_disk(tmp_path, mem, kek)
+        for s in streams:
+            for b in range(s, s + rounds):
+                assert bytes(await disk.pread(b * BS, BS)) == pattern(b), b
+        await disk.close()
+
+    run(go())
+
+
 class SyncedLog(IntentLogFiles):
     """Real files; keeps the intent log as of its last fdatasync (what a power cut leaves)."""
 

@@ -36,8 +36,8 @@ be joined, and the next one that starts where an unsent run ends joins it. Up to
 HELD_RUNS runs wait so (a file's data between its metadata writes; random
 writes): they all go to the replicas in one loop turn, so in one send and one
 driver wake-up per replica, once a run is GATHER_BLOCKS long, once one more run
-would be held, GATHER_S after the newest write, and at once when anything waits
-for blocks behind (`send_now`: a FLUSH or commit, a read or write that meets
+would be held or HELD_WRITES writes are, GATHER_S after the newest write, and at
+once when anything waits for blocks behind (`send_now`: a FLUSH or commit, a read or write that meets
 their range lock, a close). A FLUSH that finds a single run (unsent, or sent on
 but still waiting for its loop turn, `_run_send`) sends it with FUA, so it can
 flush the replicas for the writes before it meanwhile, and often need not flush
@@ -91,8 +91,14 @@ log = logging.getLogger("trustvbd.crypt.write_behind")
 WRITE_BEHIND_MAX = 64  # writes per disk whose replica write is still running
 WRITE_BEHIND_BLOCKS = 16  # writes of this many 4 KiB blocks or more wait for their replicas
 GATHER_BLOCKS = 32  # a run of adjacent writes behind goes out at this many blocks (128 KiB)
-GATHER_S = 0.001  # unsent runs wait this long for the next write (a few FUSE requests)
+# Unsent runs wait this long for the next write: FUSE's pauses between writes (cp reading
+# the next file, fuse2fs allocating) often pass a millisecond, and each departure costs an
+# intent-log sync, a replica write and its reply; the counts below bound what waits.
+GATHER_S = 0.02
 HELD_RUNS = 8  # unsent runs held at most: one more sends them all together
+# Writes held unsent at most: one more sends them all together. Below WRITE_BEHIND_MAX,
+# so the next writes are answered behind while these are in flight.
+HELD_WRITES = WRITE_BEHIND_MAX // 2
 # FLUSHes in a row, each right after one write behind, before the next such write is taken
 # for one a FLUSH follows: sent at once with FUA, the records synced meanwhile.
 FLUSH_STREAK = 2
@@ -167,6 +173,7 @@ class WriteBehind:
         self._since_flush = 0  # writes behind added since the last FLUSH
         self._streak = 0  # FLUSHes in a row that each came right after one write behind
         self._runs: list[_Run] = []  # the newest writes, not sent yet (at most HELD_RUNS)
+        self._held = 0  # writes in _runs (at most HELD_WRITES)
         self._starting: list[_Run] = []  # sent on, waiting for their loop turn (_send_started)
         self._sending: set[_Run] = set()  # left, not answered yet
         self._idle = asyncio.Event()  # set when nothing is in flight, for `drain`
@@ -222,11 +229,13 @@ class WriteBehind:
                     run.ct.append(ct)
                     run.done.append(done)
                     run.blocks += blocks
-                    if run.blocks >= GATHER_BLOCKS:
+                    self._held += 1
+                    if run.blocks >= GATHER_BLOCKS or self._held >= HELD_WRITES:
                         self._send_after_reply()
                     return
         runs.append(_Run(first_block, blocks, old, ct, done))
-        if not gather or len(runs) > HELD_RUNS:
+        self._held += 1
+        if not gather or len(runs) > HELD_RUNS or self._held >= HELD_WRITES:
             self._send_after_reply()
         elif self._timer is None:
             self._armed = now
@@ -247,6 +256,7 @@ class WriteBehind:
             ahead.extend(run for run in self._sending if run.fua)  # durable once answered
         starting, self._starting = self._starting, []
         held, self._runs = self._runs, []
+        self._held = 0
         fua = fua and len(starting) + len(held) == 1
         for run in held:
             self._join(run)
@@ -270,6 +280,7 @@ class WriteBehind:
             return
         if self._last <= self._armed:
             held, self._runs = self._runs, []
+            self._held = 0
             for run in held:
                 self._join(run)
             self._go(held)
@@ -291,6 +302,7 @@ class WriteBehind:
         driver works. (A callback queued now would run before the reply's; the one it
         queues, after it.) All in one turn: one send per driver."""
         held, self._runs = self._runs, []
+        self._held = 0
         for run in held:
             self._join(run)
         self._starting += held
