@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.acm.util import EXAMPLE_TOML
 from trustvbd.acm import load_policy
 from trustvbd.acm.audit import AuditLog
@@ -36,6 +38,12 @@ class Syncs(OsFileOps):
     def __init__(self) -> None:
         self.fsyncs = 0
         self.full = False
+        self.stuck = False  # ftruncate fails too
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        if self.stuck:
+            raise OSError(errno.EIO, "Input/output error")
+        super().ftruncate(fd, size)
 
     def fsync(self, fd: int) -> None:
         self.fsyncs += 1
@@ -174,3 +182,26 @@ def test_a_group_whose_commit_fails_is_refused_whole_and_counts_nothing(tmp_path
     # Only the second group's: the refused group left nothing behind.
     assert [(r["fields"]["op"], r["seq"]) for r in AuditLog.read(path)
             if r["kind"] == "decision"] == [("guest_may_use_disk", 1), ("chw_attach", 2)]
+
+
+def test_records_a_failed_commit_could_not_cut_stay_in_the_chain(tmp_path: Path) -> None:
+    """A group's head cannot be written and its records cannot be cut either: they stay in
+    the log (unacknowledged), and a later failed group is cut behind them, not before, so
+    the chain never repeats a seq."""
+    ops = Syncs()
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, ops=ops)
+    log.append("decision", n=0)
+    ops.full = ops.stuck = True
+    log.add("decision", n=1)
+    with pytest.raises(OSError):
+        log.commit()
+    ops.stuck = False
+    log.add("decision", n=2)
+    with pytest.raises(OSError):
+        log.commit()
+    ops.full = False
+    log.append("decision", n=3)
+    log.close()
+    assert verify(path) == []
+    assert [r["fields"]["n"] for r in AuditLog.read(path) if r["kind"] == "decision"] == [0, 1, 3]

@@ -268,11 +268,13 @@ class AuditLog:
         power cut leaves, and reopening accepts it)."""
         self._dropped = [*self._dropped[-15:], (self.committed_puts, self.puts)]
         self.pending, self.committed_puts = 0, self.puts
-        try:
+        with contextlib.suppress(OSError):
             self.ops.ftruncate(self.fd, self._synced_size)
             self.ops.fsync(self.fd)
-        except OSError:
+        if os.fstat(self.fd).st_size != self._synced_size:
+            # Still there: they stay in the chain, and a later failure must not cut them.
             self._synced_size = os.fstat(self.fd).st_size
+            self._durable = (self.seq, self.last, self._last_is_checkpoint)
             return
         self.seq, self.last, self._last_is_checkpoint = self._durable
 
