@@ -60,6 +60,27 @@ def test_driver_size_not_a_multiple_of_512_is_refused_at_once(short_tmp: Path) -
     assert not (short_tmp / "x.img").exists()
 
 
+@pytest.mark.parametrize(("listen", "says"), [
+    ("nonsense", "no :PORT"), ("127.0.0.1", "no :PORT"),
+    ("127.0.0.1:99999", "above 65535"), ("127.0.0.1:http", "not a number"),
+])
+def test_driver_listen_address_that_cannot_be_bound_is_one_line(short_tmp: Path, listen: str,
+                                                               says: str) -> None:
+    result = tvbd("driver", "--file", str(short_tmp / "x.img"), "--size", "1MiB",
+                  "--listen", listen)
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr and "HOST:PORT" in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr  # no traceback
+    assert not (short_tmp / "x.img").exists()
+
+
+def test_audit_with_a_broken_config_is_one_line(short_tmp: Path) -> None:
+    (short_tmp / "bad.toml").write_text("[tls]\n")
+    result = tvbd("audit", "-c", str(short_tmp / "bad.toml"))
+    assert result.returncode == 2
+    assert "state_dir" in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+
+
 def test_status_json_when_up_is_stopped_prints_json_saying_so(short_tmp: Path) -> None:
     config = short_tmp / "c.toml"
     config.write_text(CONFIG.format(dir="backing"))

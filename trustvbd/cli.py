@@ -112,7 +112,23 @@ def cmd_driver(args: argparse.Namespace) -> int:
         print(f"trustvbd driver: --size {args.size} is {size} bytes: give a positive multiple of"
               " 512 bytes (a block device's sector), e.g. 1GiB", file=sys.stderr)
         return EXIT_USAGE
+    if args.listen is not None and (problem := listen_problem(args.listen)):
+        print(f"trustvbd driver: --listen {args.listen!r}: {problem}; write HOST:PORT,"
+              " e.g. 127.0.0.1:10809 or [::1]:0 (port 0: any free port)", file=sys.stderr)
+        return EXIT_USAGE
     return run_standalone(args.file, size, args.socket, args.listen)
+
+
+def listen_problem(address: str) -> str | None:
+    """What is wrong with a HOST:PORT to listen on, or None."""
+    _, colon, port = address.rpartition(":")
+    if not colon:
+        return "no :PORT"
+    if not port.isascii() or not port.isdigit():
+        return f"the port {port!r} is not a number"
+    if int(port) > 65535:
+        return f"the port {port} is above 65535"
+    return None
 
 
 def cmd_store(args: argparse.Namespace) -> int:

@@ -227,9 +227,13 @@ def verify_audit(path: str | Path, out: TextIO | None = None, key: str | None = 
 def _audit_path(args: argparse.Namespace) -> Path:
     if args.log:
         return Path(args.log)
-    from trustvbd.config import load_config
+    from trustvbd.config import ConfigError, load_config
 
-    return load_config(args.config).state_dir / AUDIT_FILE
+    try:
+        return load_config(args.config).state_dir / AUDIT_FILE
+    except ConfigError as exc:
+        print(f"trustvbd audit: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def register(sub: Any, load_policy_into_running: Any = None) -> None:
