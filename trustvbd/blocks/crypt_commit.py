@@ -139,7 +139,7 @@ class Commits:
         self._logged: int | None = None
         # The group commit of the intent log (`durable`): the sync running on a thread,
         # and what waits for records up to a count (IntentLog.appended) to be durable.
-        self._syncing: asyncio.Future[None] | None = None
+        self._syncing = False
         self._waiting: list[tuple[int, Callable[[OSError | None], None]]] = []
         # A sync that failed, until a FLUSH or commit reported it: no ciphertext leaves
         # meanwhile. Not retried into a promise: after a failed fdatasync the kernel may
@@ -223,7 +223,7 @@ class Commits:
         if intent.durable >= intent.appended:
             return True
         self._waiting.append((intent.appended, then))
-        if self._syncing is None:
+        if not self._syncing:
             self._sync_next()
         return False
 
@@ -248,22 +248,20 @@ class Commits:
                              f"{self.intent.path}: {exc}") from exc
 
     def _sync_next(self) -> None:
-        """One fdatasync on a thread for every record appended until it starts (a group
-        commit: records appended while it runs wait for the next). Started when something
-        waits for it (a run of writes behind leaving, a large or FUA write, a FLUSH or
-        commit), not per record: a run of writes gathered meanwhile then costs one sync,
-        not one each. The event loop never waits for it."""
+        """One fdatasync on the log's thread for every record appended until it starts (a
+        group commit: records appended while it runs wait for the next). Started when
+        something waits for it (a run of writes behind leaving, a large or FUA write, a
+        FLUSH or commit), not per record: a run of writes gathered meanwhile then costs one
+        sync, not one each. The event loop never waits for it."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (a test's direct call): the next gate starts it
             return
-        self._syncing = syncing = loop.run_in_executor(None, self.intent.sync)
-        syncing.add_done_callback(self._synced)
+        self._syncing = True
+        self.intent.sync_soon(loop, self._synced)
 
-    def _synced(self, syncing: asyncio.Future[None]) -> None:
-        self._syncing = None
-        exc = (OSError(errno.EIO, "the intent log's sync was cancelled") if syncing.cancelled()
-               else syncing.exception())
+    def _synced(self, exc: BaseException | None) -> None:
+        self._syncing = False
         if exc is not None and not isinstance(exc, OSError):
             exc = OSError(errno.EIO, repr(exc))
         if exc is not None:

@@ -1,7 +1,8 @@
 """The intent log of one disk (STATE_DIR/disks/NAME/intent.log): leaf changes since the
 last commit, and page hashes the tree file may not hold yet.
 
-Appended per request, and fdatasync'ed (a group commit on a thread: crypt_commit.py)
+Appended per request, and fdatasync'ed (a group commit on the log's own thread,
+`sync_soon`: crypt_commit.py)
 before the request's ciphertext leaves this process, and before a commit writes leaf
 pages (docs/dev/crypt-design.md, "Power loss"). Byte layout: docs/format.md. Every write and sync goes through a FileOps
 (trustvbd/fileops.py), so tests can cut the power.
@@ -9,10 +10,14 @@ pages (docs/dev/crypt-design.md, "Power loss"). Byte layout: docs/format.md. Eve
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 import struct
 import threading
+import weakref
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +102,13 @@ class IntentLog:
         # sync made durable: ciphertext leaves only once its records are (crypt_commit.py).
         self.appended = 0
         self.durable = 0
+        # The log's own sync thread (sync_soon), started by the first; what its next sync
+        # tells when done, and the lock it waits on (released: a sync is asked for).
+        self._sync_thread: threading.Thread | None = None
+        self._asked = threading.Lock()
+        self._asked.acquire()
+        self._then: tuple[asyncio.AbstractEventLoop, Callable[[BaseException | None], None]] | None = None
+        self._closed = False
 
     @property
     def end(self) -> int:
@@ -140,9 +152,34 @@ class IntentLog:
             self._put(b"")
 
     def close(self) -> None:
+        thread, self._sync_thread = self._sync_thread, None
+        self._closed = True
+        if thread is not None:
+            if self._asked.locked():  # (else a sync was asked for: the thread says closed)
+                self._asked.release()
+            thread.join()  # a sync under way ends before the file is closed under it
         if self._fd >= 0:
             self._ops.close(self._fd)
             self._fd = -1
+
+    def sync_soon(self, loop: asyncio.AbstractEventLoop,
+                  done: Callable[[BaseException | None], None]) -> None:
+        """`sync` on the log's own thread; `done` is then called on `loop` with what it
+        raised (None: durable). One at a time: ask again only after `done` was called.
+
+        Not the loop's default executor: a sync is asked for per run of writes leaving (per
+        write at queue depth 1), and handing it to a dedicated thread waiting on a lock
+        costs a fraction of run_in_executor's futures and work queue (bench/README.md)."""
+        self._then = (loop, done)
+        if self._sync_thread is None:
+            if self._closed:
+                loop.call_soon(done, OSError(errno.EBADF, f"{self.path} is closed"))
+                return
+            self._sync_thread = threading.Thread(
+                target=_syncs, args=(weakref.ref(self), self._asked),
+                name=f"sync {self.path.parent.name}", daemon=True)
+            self._sync_thread.start()
+        self._asked.release()
 
     def reset(self, base_epoch: int, carry: dict[int, bytes] | None = None,
               room: bool = True) -> None:
@@ -291,6 +328,42 @@ class IntentLog:
         if not self._unsynced:  # what was there before counts as synced
             self._unsynced_at = off
         return out
+
+
+def _syncs(ref: weakref.ReferenceType[IntentLog], asked: threading.Lock) -> None:
+    """An intent log's sync thread (IntentLog.sync_soon): a sync each time one is asked
+    for, until the log is closed. It holds the log only while it syncs: a log dropped
+    without close lets it end within IDLE_S."""
+    while True:
+        if not asked.acquire(timeout=_IDLE_S):
+            if ref() is None:
+                return
+            continue
+        log = ref()
+        if log is None:
+            return
+        then, log._then = log._then, None
+        error: BaseException | None = None
+        if log._closed:
+            error = OSError(errno.EBADF, f"{log.path} is closed")
+        else:
+            try:
+                log.sync()
+            except BaseException as exc:  # (handed to the loop, whatever it is)
+                error = exc
+        closed = log._closed
+        del log
+        if then is not None:
+            loop, done = then
+            try:
+                loop.call_soon_threadsafe(done, error)
+            except RuntimeError:
+                pass  # the loop is closed: nothing waits for this sync any more
+        if closed:
+            return
+
+
+_IDLE_S = 5.0
 
 
 def encode_tree_record(epoch: int, hashes: dict[int, bytes]) -> bytes:
