@@ -4,6 +4,7 @@ audit log, not written one by one."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -153,3 +154,27 @@ def test_connections_over_the_limit_are_closed_and_the_guest_is_served_within_it
         for c in held:
             c.close()
         s.stop()
+
+
+def test_a_guest_opening_connections_in_a_loop_cannot_flood_the_log(short_tmp: Path) -> None:
+    """Connections over `[limits] connections` are refused one by one, but logged once per
+    window with their count: a guest reconnecting in a loop adds two lines, not one each."""
+    cap = config(driver("drv-a", "A", dir="backing/a"), disk("d1", "A", ["drv-a"], size="16MiB"),
+                 guest("vm1", "A"), head="[limits]\nconnections = 2\n")
+    s = System(short_tmp, cap).start()
+    vm1 = str(s.root / "state" / "guests" / "vm1.sock")
+    held = [RawClient(vm1, timeout=10) for _ in range(2)]
+    try:
+        for c in held:
+            c.greeting()
+        for _ in range(150):
+            over = RawClient(vm1, timeout=10)
+            assert over.closed_by_peer(), "a connection over the limit was kept"
+            over.close()
+    finally:
+        for c in held:
+            c.close()
+    err = s.stop()
+    assert err.count("refusing a connection") == 1, err
+    counted = [int(m) for m in re.findall(r"refused (\d+) more connection", err)]
+    assert sum(counted) == 149, err  # none left out of the log's count

@@ -32,6 +32,11 @@ SOCKET_BUFFER = 4 << 20
 
 log = logging.getLogger("trustvbd.nbd.server")
 
+# Connections refused over the limit: the first is logged at once, the rest of each such
+# window in one line with their count, so a guest opening connections in a loop cannot
+# fill the trusted domain's log.
+REFUSED_LOG_WINDOW = 10.0
+
 
 def peer_uid(sock: socket.socket) -> int | None:
     """The uid of the process at the other end of a Unix socket (None for TCP)."""
@@ -93,6 +98,8 @@ class NbdServer:
         self._accepting: set[asyncio.Task[tuple[socket.socket, object]]] = set()
         self._handlers: set[asyncio.Task[None]] = set()  # keeps handler tasks referenced
         self._closed = False
+        self._refused = 0  # refused over the limit since the last line that said so
+        self._refused_window: asyncio.TimerHandle | None = None
 
     async def serve_socket(self, listening: socket.socket) -> None:
         """Accept connections on a bound, listening socket (Unix or TCP).
@@ -114,13 +121,35 @@ class NbdServer:
             finally:
                 self._accepting.discard(accept)
             if len(self.connections) >= self.max_connections:
-                log.warning("nbd: %s: refusing a connection from %s, already %d connections",
-                            self.identity, describe_peer(sock), len(self.connections))
-                sock.close()
+                self._refuse(sock)
                 continue
             task = loop.create_task(self.handle_connection(sock))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
+
+    def _refuse(self, sock: socket.socket) -> None:
+        """Close a connection over the limit; log it, or count it into the window's line."""
+        if self._refused_window is None:
+            log.warning("nbd: %s: refusing a connection from %s, already %d connections"
+                        " (the limit: [limits] connections)", self.identity,
+                        describe_peer(sock), len(self.connections))
+            self._refused_window = asyncio.get_running_loop().call_later(
+                REFUSED_LOG_WINDOW, self._log_refused)
+        else:
+            self._refused += 1
+        sock.close()
+
+    def _log_refused(self) -> None:
+        """The end of a window: how many more were refused in it (a new window if any)."""
+        self._refused_window = None
+        if self._refused:
+            log.warning("nbd: %s: refused %d more connection(s) over the limit of %d in the"
+                        " last %.0f s", self.identity, self._refused, self.max_connections,
+                        REFUSED_LOG_WINDOW)
+            self._refused = 0
+            if not self._closed:
+                self._refused_window = asyncio.get_running_loop().call_later(
+                    REFUSED_LOG_WINDOW, self._log_refused)
 
     async def handle_connection(self, sock: socket.socket) -> None:
         """Serve one accepted connection until it ends. Takes ownership of `sock`."""
@@ -170,6 +199,9 @@ class NbdServer:
         self._closed = True
         for task in list(self._accepting):
             task.cancel()
+        if self._refused_window is not None:
+            self._refused_window.cancel()
+            self._log_refused()  # the count of the window cut short
         conns = list(self.connections)
         if conns:
             await asyncio.gather(*(c.close(timeout) for c in conns), return_exceptions=True)
