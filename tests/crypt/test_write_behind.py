@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -384,6 +385,49 @@ def test_writes_held_unsent_stay_below_the_writes_behind_limit(tmp_path: Path,
         for s in streams:
             for b in range(s, s + rounds):
                 assert bytes(await disk.pread(b * BS, BS)) == pattern(b), b
+        await disk.close()
+
+    run(go())
+
+
+def test_a_held_block_rewritten_a_few_bytes_at_a_time_waits_for_no_replica(
+        tmp_path: Path, no_gather_timer: None) -> None:
+    """e2fsprogs writes superblock fields a few bytes at a time, one request after another.
+    Each rewrite of a block whose write is still held unsent replaces that write (sealed,
+    recorded, answered) instead of sending it and waiting for the replica: the replica gets
+    one write, of the last content. A power cut before it left finds the flushed content."""
+
+    async def go() -> None:
+        kek, mem, gate, disk = await gated_disk(tmp_path / "s")
+        await disk.pwrite(0, pattern(0))
+        await disk.flush()
+        sent = len(gate.sent)
+        gate.opened.clear()  # the replica takes nothing from now on
+        expect = bytearray(pattern(0))
+        for i in range(12):
+            at = 1024 + 6 * i
+            piece = bytes([i + 1]) * (2 if i % 2 else 4)
+            write = asyncio.ensure_future(disk.pwrite(at, piece))
+            await turns()
+            assert write.done(), i  # answered, with the replica holding nothing new
+            await write
+            expect[at:at + len(piece)] = piece
+        assert gate.sent[sent:] == []
+        await disk._commits.durable()
+        # A power cut now: the records are durable, the ciphertext never reached the replica.
+        shutil.copytree(tmp_path / "s", tmp_path / "cut")
+        cut = RawMemory(len(mem.raw))
+        cut.raw[:] = mem.raw
+        after = await open_disk(tmp_path / "cut", cut, kek)
+        assert bytes(await after.pread(0, BS)) == pattern(0)
+        await after.close()
+        gate.opened.set()
+        assert bytes(await disk.pread(0, BS)) == expect  # (the read sends the run)
+        await disk.flush()
+        assert [s for s in gate.sent[sent:] if s[0] == 0] == [(0, 1)]  # one write, the last
+        await disk.close()
+        disk = await open_disk(tmp_path / "s", mem, kek)
+        assert bytes(await disk.pread(0, BS)) == expect
         await disk.close()
 
     run(go())

@@ -67,7 +67,13 @@ async def pwrite(disk: CryptDisk, offset: int, data: Buffer, fua: bool = False) 
             await commits.enter_write()
         behind = False  # the lock and the writer count went on with the write behind
         try:
-            hold = disk._locks.try_acquire(b0, b1, True) or await acquire(disk, b0, b1, True)
+            hold = disk._locks.try_acquire(b0, b1, True)
+            if hold is None and not fua and _rewrite_held(disk, b0, b1, offset, data):
+                behind = True  # its writer count ends with the held write it replaced
+                if commits.due(False):
+                    await disk._commit()
+                return
+            hold = hold or await acquire(disk, b0, b1, True)
             try:
                 if offset % BS == 0 and length % BS == 0:
                     plain = memoryview(data).cast("B")
@@ -153,6 +159,44 @@ def writes_taken(disk: CryptDisk) -> None:
     add = disk._behind.add
     for b0, old, ct, hold in writes:
         add(b0, old, ct, partial(_write_ended, disk, hold))
+
+
+def _rewrite_held(disk: CryptDisk, b0: int, b1: int, offset: int, data: Buffer) -> bool:
+    """A write of exactly the blocks of a run of writes behind that has not left yet
+    (e2fsprogs rewrites its superblock a few bytes at a time, one request after another):
+    sealed and recorded now, its ciphertext replaces the run's, under the run's range lock,
+    and it ends with the run. Without this it sent the run and waited for an intent-log
+    sync and the replicas' answer before it could even start. The replicas never get the
+    older ciphertext, so the run's old leaves stay what they may hold (as if that write
+    had been lost in a crash: it came after the last FLUSH, which would have sent it).
+    False, with nothing done, where that does not apply or anything would have to wait
+    (a partial block whose plaintext is not at hand, a commit running, no room behind)."""
+    behind = disk._behind
+    run = behind.held_run(b0, b1)
+    n = b1 - b0
+    if (run is None or not behind.takes(n) or not disk._aead.inline(n)
+            or disk._commits.committing):
+        return False
+    if offset % BS or len(data) % BS:
+        if n != 1:
+            return False
+        _want_recent(disk, b0)
+        base = _recent_plain(disk, b0)
+        if base is None:
+            return False
+        merged = bytearray(base)
+        merged[offset - b0 * BS:offset - b0 * BS + len(data)] = data
+        data, plain = merged, memoryview(merged)
+    else:
+        plain = memoryview(data).cast("B")
+    # The caller is a writer already (its count ends with the run).
+    commits = disk._commits
+    ct, new = disk._cipher.seal(b0, commits.take_versions(n), plain)
+    _note_write(disk, b0, new)
+    if n == 1 and b0 in disk._recent_wanted:
+        _remember(disk, b0, new, data)
+    behind.rewrite(run, ct, commits.leave_write)
+    return True
 
 
 async def acquire(disk: CryptDisk, b0: int, b1: int, exclusive: bool) -> Hold:

@@ -241,6 +241,28 @@ class WriteBehind:
             self._armed = now
             self._timer = loop.call_at(now + GATHER_S, self._waited)
 
+    def held_run(self, first_block: int, end_block: int) -> _Run | None:
+        """The unsent run of exactly blocks [first_block, end_block), if one is held."""
+        for run in self._runs:
+            if run.first == first_block and run.first + run.blocks == end_block:
+                return run
+        return None
+
+    def rewrite(self, run: _Run, ct: Buffer, done: Callable[[], None]) -> None:
+        """A later write of all of `run`'s blocks (held_run), recorded: its ciphertext
+        replaces the run's, which never leaves; `done` runs when the run ended. The run's
+        old leaves stay (the replicas hold those, or this, when it failed)."""
+        run.ct = [ct]
+        run.done.append(done)
+        self.started += 1
+        self._writes += 1
+        self._since_flush += 1
+        self._streak = 0
+        self._last = self._running_loop().time()
+        self._held += 1
+        if self._held >= HELD_WRITES:
+            self._send_after_reply()
+
     def send_now(self, fua: bool = False) -> Ahead | None:
         """Something waits for the writes behind (their blocks, or all of them): send the
         unsent runs. With `fua` (a FLUSH) and one run in all (unsent or still waiting for
