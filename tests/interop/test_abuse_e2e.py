@@ -5,6 +5,7 @@ audit log, not written one by one."""
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -178,3 +179,34 @@ def test_a_guest_opening_connections_in_a_loop_cannot_flood_the_log(short_tmp: P
     assert err.count("refusing a connection") == 1, err
     counted = [int(m) for m in re.findall(r"refused (\d+) more connection", err)]
     assert sum(counted) == 149, err  # none left out of the log's count
+
+
+def test_a_4_gib_read_is_charged_one_part_and_leaves_the_guests_other_connections_served(
+        short_tmp: Path) -> None:
+    """A READ of 4 GiB - 1 (served in 32 MiB parts) whose reply the guest takes slowly
+    holds one part, and is charged so: the guest's budget (256 MiB) stays under its limit,
+    so its other connections are still served meanwhile."""
+    import json
+
+    s = System(short_tmp, config(driver("drv-a", "A", dir="backing/a"),
+                                 disk("d1", "A", ["drv-a"], size="8GiB"), guest("vm1", "A"))).start()
+    big = RawClient(str(s.root / "state" / "guests" / "vm1.sock"), timeout=10)
+    big.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        big.go("d1")
+        big.request(p.Cmd.READ, 0, 0xFFFFFFFF)
+        deadline = time.monotonic() + 30
+        while True:  # the read is running (its first part out, the guest not taking it)
+            vm1 = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)["guests"][0]
+            if vm1["memory"] >= 32 << 20:
+                break
+            assert time.monotonic() < deadline, f"the read never started: {vm1}"
+            time.sleep(0.2)
+        out = run(["qemu-io", "-f", "raw", s.uri("vm1", "d1"), "-c", "read -P 0 4G 1M"],
+                  timeout=60, check=False)
+        assert "read 1048576/1048576" in out.stdout, out.stdout + out.stderr
+        vm1 = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)["guests"][0]
+        assert vm1["memory_peak"] < 256 << 20, vm1
+    finally:
+        big.close()
+    s.stop()
