@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import os
 import shutil
 import struct
@@ -272,3 +273,19 @@ def test_a_read_longer_than_one_part_streams_over_tls(short_tmp: Path, pki: Path
         h.shutdown()
     assert data == disk.read_bytes()[4096:4096 + 40 * MiB]
     asyncio.run(backend.close())
+
+
+def test_a_tls_client_hanging_up_logs_no_asyncio_warning(
+        tls_server: tuple[ServerThread, Refusals, Path], pki: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The server keeps a plain connection's side open after the client's EOF to write
+    in-flight replies; a TLS transport cannot, and asyncio warned about it in the trusted
+    domain's log at every TLS client's hang-up."""
+    srv, _, _ = tls_server
+    caplog.set_level(logging.WARNING)
+    for _ in range(3):
+        size = run(["nbdinfo", "--size", nbds(srv, pki / "pki" / "guests" / GUEST)])
+        assert size.returncode == 0, size.stderr
+    wait_for(lambda: srv.server is not None and not srv.server.connections, 10,
+             "the server to see the last hang-up")
+    assert not [r for r in caplog.records if "eof_received" in r.getMessage()], caplog.text

@@ -97,6 +97,7 @@ class Connection(asyncio.BufferedProtocol):
         self.server = server
         self.peer = peer
         self.refusal = refusal  # the peer is not who this socket serves (e.g. another uid)
+        self._over_tls = False  # STARTTLS began: the transport is (becoming) TLS
         self._tls_starting = False
         self._budget = server.budget
         self._charged = 0  # bytes this connection has charged to the budget
@@ -196,7 +197,9 @@ class Connection(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         self.core.receive_eof()
         self._events_arrived()
-        return True  # keep our side open until in-flight replies are written
+        # Keep our side open until in-flight replies are written; a TLS transport cannot
+        # (asyncio closes it and warns at a True): say False there.
+        return not self._over_tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._output_closed = True

@@ -64,7 +64,7 @@ async def _start_tls(conn: Connection) -> str:
         raise HandshakeEnded("client sent data after NBD_OPT_STARTTLS before the TLS handshake")
     context, transport = conn.server.tls, conn._transport
     assert context is not None and transport is not None
-    conn._tls_starting = True
+    conn._tls_starting = conn._over_tls = True
     try:
         upgraded = await conn._loop.start_tls(
             transport, conn, context, server_side=True,
