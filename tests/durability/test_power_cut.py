@@ -331,3 +331,78 @@ def test_a_failed_log_sync_then_a_flush_loses_nothing_flushed(tmp_path: Path, cu
                      f"{'kept its writes' if kept else 'lost unflushed writes'}")
             run(reopen_and_check(files.state_at(cut, cut_dir), kek, replica.image_at(cut, kept),
                                  model, cut, where))
+
+
+class FailingSyncs(Guest):
+    """A Guest whose intent-log syncs fail (EIO) now and then, as after a writeback error:
+    a request or FLUSH that fails promises nothing, nor does any write since the last
+    FLUSH that succeeded (the FLUSH that fails says they may be lost); a FLUSH is retried
+    until one succeeds, then the disk is read back, so later partial writes merge with what
+    it really holds."""
+
+    def __init__(self, rng: random.Random, events: Events, nblocks: int,
+                 files: PowerCutFiles) -> None:
+        super().__init__(rng, events, nblocks)
+        self.files = files
+        self.failed = 0
+
+    async def step(self, disk: Backend) -> None:
+        failing = self.rng.random() < 0.3
+        if failing:
+            self.files.failing.add("intent.log")
+        try:
+            await super().step(disk)
+            return
+        except BlockError:
+            self.failed += 1
+        finally:
+            self.files.failing.clear()
+        for w in (w for ws in self.model.history.values() for w in ws):
+            if w.flushes_before >= len(self.model.flushes):
+                w.flushes_before = 1 << 62  # never promised
+        for _ in range(3):
+            try:
+                await self.flush(disk)
+                break
+            except BlockError:  # the one that says the loss
+                pass
+        else:
+            raise AssertionError("no FLUSH succeeds once the log syncs again")
+        self.cur[:] = await disk.pread(0, self.nblocks * BS)
+
+
+def test_power_cut_at_every_step_with_failing_log_syncs_loses_nothing_flushed(
+        tmp_path: Path, cut_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seeded workload with the intent log's syncs failing now and then, and the pages
+    they could not write dropped (PowerCutFiles): every FLUSH that succeeded still holds
+    after a cut at any step, whatever failed before it."""
+    monkeypatch.setattr(crypt_commit, "RESERVE", 16)
+    monkeypatch.setattr(crypt_commit, "CHECKPOINT_BLOCKS", 8)
+    monkeypatch.setattr(intent_log, "LOG_ROOM", 256)
+    state = tmp_path / "state"
+    kek = new_state(state, size=SIZE)
+    events = Events()
+    files = PowerCutFiles(state, events)
+    replica = TracedReplica(physical_size(SIZE), events, trims=True)
+    seed = int(os.environ.get("TRUSTVBD_POWERCUT_SEED", "3"))
+    guest = FailingSyncs(random.Random(seed), events, NBLOCKS, files)
+
+    async def workload() -> None:
+        link = ReplicaLink(replica, "r0", never)
+        disk = await CryptDisk.open(state, "vm1", link, "r0", kek, files=files)  # type: ignore[arg-type]
+        for _ in range(STEPS * 3):
+            await guest.step(disk)
+        await abandon(disk)
+
+    try:
+        run(workload())
+    finally:
+        files.close_all()
+    assert guest.failed >= 3 and len(guest.model.flushes) >= 4, (guest.failed, events.names)
+    for cut in range(events.count + 1):
+        for kept in (True, False):
+            cut_state = files.state_at(cut, cut_dir)
+            where = (f"power cut after event {cut} ({events.names[cut - 1] if cut else 'start'}),"
+                     f" replica {'kept its writes' if kept else 'lost unflushed writes'}")
+            run(reopen_and_check(cut_state, kek, replica.image_at(cut, kept), guest.model, cut,
+                                 where))
