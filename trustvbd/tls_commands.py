@@ -14,12 +14,30 @@ from typing import Any
 from trustvbd.crypt.x509 import DEFAULT_SERVER_NAMES, LEAF_DAYS, CertificateError
 
 _CN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A DNS name the server certificate may carry (letters, digits, '-' between dots).
+_HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                   r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def _not_a_host(name: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+        return False
+    except ValueError:
+        return not _HOST.match(name)
 
 
 def init(directory: str, names: list[str]) -> int:
     from trustvbd.crypt.x509 import init_ca
 
     target = Path(directory)
+    for name in names:
+        if _not_a_host(name):
+            print(f"trustvbd tls init: --name {name!r} is neither a host name (letters, digits"
+                  " and '-' between dots) nor an IP address; nothing written", file=sys.stderr)
+            return 2
     try:
         files = init_ca(target, names)
     except (CertificateError, OSError) as exc:
