@@ -213,7 +213,7 @@ def test_unlock_reads_the_passphrase_from_the_environment_as_up_does(
         assert read_passphrase(None) == b"from the file"
 
 
-@pytest.mark.parametrize("name", ["", "a b", "a/b", "host\nname"])
+@pytest.mark.parametrize("name", ["", "a b", "a/b", "host\nname", "host\n"])
 def test_tls_init_refuses_a_server_name_that_is_no_host_name(short_tmp: Path, name: str) -> None:
     """An empty or malformed --name went into the server certificate's subjectAltName."""
     result = tvbd("tls", "init", str(short_tmp / "pki"), "--name", name)

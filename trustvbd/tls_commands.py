@@ -6,6 +6,7 @@ done, 1 refused (files exist, CA missing), 2 usage.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import sys
 from pathlib import Path
@@ -20,13 +21,11 @@ _HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 
 
 def _not_a_host(name: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(name)
         return False
     except ValueError:
-        return not _HOST.match(name)
+        return not _HOST.fullmatch(name)
 
 
 def init(directory: str, names: list[str]) -> int:
