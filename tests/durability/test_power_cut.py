@@ -124,6 +124,29 @@ def test_power_cut_at_every_step_loses_nothing_flushed(tmp_path: Path, cut_dir: 
     print(f"{events.count} events, {2 * (events.count + 1)} power cuts")
 
 
+def assert_every_cut_keeps_the_log(files: PowerCutFiles, events: Events,
+                                   acked: list[tuple[int, int]], cut_dir: Path,
+                                   promised: str) -> None:
+    """A power cut after any event of an audit log that rotated keeps every record promised
+    by then ((event count, seq) in `acked`), verifies, and reopens and goes on."""
+    assert "rename audit.jsonl audit.jsonl.1" in events.names  # it rotated, too
+    for cut in range(events.count + 1):
+        left = files.state_at(cut, cut_dir)
+        path = left / "audit.jsonl"
+        if not path.exists() and not list(left.glob("audit.jsonl.*")):
+            assert not [s for at, s in acked if at <= cut], f"cut {cut}: the whole log was lost"
+            continue
+        where = f"power cut after event {cut} ({events.names[cut - 1] if cut else 'start'})"
+        assert verify(path) == [], where
+        seqs = [r["seq"] for r in AuditLog.read(path) if r["kind"] == "decision"]
+        must = [s for at, s in acked if at <= cut]
+        assert set(must) <= set(seqs), f"{where}: {promised} records lost"
+        reopened = AuditLog(path)  # and the log goes on from there
+        reopened.append("decision", after="cut")
+        reopened.close()
+        assert verify(path) == [], where
+
+
 def test_power_cut_at_every_step_keeps_every_acknowledged_audit_record(tmp_path: Path,
                                                                       cut_dir: Path) -> None:
     logdir = tmp_path / "audit"
@@ -139,22 +162,7 @@ def test_power_cut_at_every_step_keeps_every_acknowledged_audit_record(tmp_path:
         log.close()
     finally:
         files.close_all()
-    assert "rename audit.jsonl audit.jsonl.1" in events.names  # it rotated, too
-    for cut in range(events.count + 1):
-        left = files.state_at(cut, cut_dir)
-        path = left / "audit.jsonl"
-        if not path.exists() and not list(left.glob("audit.jsonl.*")):
-            assert not [s for at, s in acked if at <= cut], f"cut {cut}: the whole log was lost"
-            continue
-        where = f"power cut after event {cut} ({events.names[cut - 1] if cut else 'start'})"
-        assert verify(path) == [], where
-        seqs = [r["seq"] for r in AuditLog.read(path) if r["kind"] == "decision"]
-        must = [s for at, s in acked if at <= cut]
-        assert set(must) <= set(seqs), f"{where}: acknowledged records lost"
-        reopened = AuditLog(path)  # and the log goes on from there
-        reopened.append("decision", after="cut")
-        reopened.close()
-        assert verify(path) == [], where
+    assert_every_cut_keeps_the_log(files, events, acked, cut_dir, "acknowledged")
 
 
 
@@ -179,22 +187,7 @@ def test_power_cut_at_every_step_of_group_commits_keeps_every_acknowledged_audit
         log.close()
     finally:
         files.close_all()
-    assert "rename audit.jsonl audit.jsonl.1" in events.names  # it rotated, too
-    for cut in range(events.count + 1):
-        left = files.state_at(cut, cut_dir)
-        path = left / "audit.jsonl"
-        if not path.exists() and not list(left.glob("audit.jsonl.*")):
-            assert not [s for at, s in acked if at <= cut], f"cut {cut}: the whole log was lost"
-            continue
-        where = f"power cut after event {cut} ({events.names[cut - 1] if cut else 'start'})"
-        assert verify(path) == [], where
-        seqs = [r["seq"] for r in AuditLog.read(path) if r["kind"] == "decision"]
-        must = [s for at, s in acked if at <= cut]
-        assert set(must) <= set(seqs), f"{where}: committed records lost"
-        reopened = AuditLog(path)  # and the log goes on from there
-        reopened.append("decision", after="cut")
-        reopened.close()
-        assert verify(path) == [], where
+    assert_every_cut_keeps_the_log(files, events, acked, cut_dir, "committed")
     # No power cut leaves the head further behind than a group: further is a cut (or records
     # added by someone else), and verify and a reopen both say so.
     path = cut_dir / "behind" / "audit.jsonl"
