@@ -160,8 +160,10 @@ def test_bytes_sent_after_starttls_before_tls_are_refused(
     ("expired", "", "TLS handshake failed"),
 ])
 def test_wrong_certificates_are_refused(tls_server: tuple[ServerThread, Refusals, Path], pki: Path,
-                                        which: str, libnbd_says: str, reason: str) -> None:
+                                        which: str, libnbd_says: str, reason: str,
+                                        caplog: pytest.LogCaptureFixture) -> None:
     srv, refusals, _ = tls_server
+    caplog.set_level(logging.INFO, logger="trustvbd.nbd.server")
     certs = {"vm2": pki / "pki" / "guests" / "vm2", "foreign": pki / "foreign-client",
              "expired": pki / "expired"}[which]
     out = run(["nbdinfo", "--size", nbds(srv, certs)], env={**os.environ, "LIBNBD_DEBUG": "1"})
@@ -173,6 +175,10 @@ def test_wrong_certificates_are_refused(tls_server: tuple[ServerThread, Refusals
         assert "expired" in refusals[0][1]
     if which == "foreign":
         assert "unable to get local issuer certificate" in refusals[0][1]
+    wait_for(lambda: not srv.server or not srv.server.connections, what="the connection to end")
+    # Logged once, as a warning: not again at INFO when the handshake ends.
+    said = [r for r in caplog.records if reason in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING"], [r.getMessage() for r in said]
 
 
 def test_a_plain_port_does_not_offer_tls(short_tmp: Path) -> None:

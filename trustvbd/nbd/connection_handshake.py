@@ -73,7 +73,7 @@ async def _start_tls(conn: Connection) -> str:
         why = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
         reason = f"TLS handshake failed: {why}"
         _refused(conn, reason)
-        raise HandshakeEnded(reason) from None
+        raise HandshakeEnded(reason, reported=True) from None
     finally:
         conn._tls_starting = False
     if upgraded is None or conn._output_closed:
@@ -98,7 +98,8 @@ async def handshake(conn: Connection) -> None:
                 identity,
             )
     except HandshakeEnded as exc:
-        log.info("nbd: %s (%s): %s", conn.peer.identity, conn.peer.address, exc)
+        if not exc.reported:  # a refusal was logged once already, as a warning
+            log.info("nbd: %s (%s): %s", conn.peer.identity, conn.peer.address, exc)
         conn._close_gracefully()
         return
     except TimeoutError:

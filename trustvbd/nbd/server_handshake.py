@@ -50,7 +50,14 @@ class Negotiated:
 
 
 class HandshakeEnded(Exception):
-    """The handshake ended without an export (client left, aborted, or was refused)."""
+    """The handshake ended without an export (client left, aborted, or was refused).
+
+    `reported`: the reason was already logged and audited as a refusal (Identity.refused),
+    so the caller does not log it a second time."""
+
+    def __init__(self, reason: str, *, reported: bool = False) -> None:
+        super().__init__(reason)
+        self.reported = reported
 
 
 @dataclass
@@ -138,10 +145,10 @@ async def negotiate(
             continue
         if refusal is not None:
             if opt == p.Opt.EXPORT_NAME:
-                raise HandshakeEnded(f"refused: {refusal}")
+                raise HandshakeEnded(f"refused: {refusal}", reported=True)
             error(opt, Rep.ERR_POLICY, refusal)
             if opt in _DECISIVE:
-                raise HandshakeEnded(f"refused: {refusal}")
+                raise HandshakeEnded(f"refused: {refusal}", reported=True)
             continue
         if opt == p.Opt.EXPORT_NAME:
             try:
