@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ import pytest
 from tests.nbd.helpers import Peer, ServerThread, new_loop
 from tests.nbd.test_server_clients import ScriptedBackend
 from trustvbd import eager
-from trustvbd.blockdev import Backend, BlockError, Capabilities
+from trustvbd._native import NbdClientEngine
+from trustvbd.blockdev import Backend, BlockError, Buffer, Capabilities
 from trustvbd.blocks.file import MemoryBackend
 from trustvbd.nbd.client import NbdBackend, NbdClient
 from trustvbd.nbd.exports import Export, StaticExports
@@ -242,7 +244,7 @@ def test_submitted_writes_hold_request_slots_and_fail_as_pwrite_does(
             assert full is not None
             no_space, went = await full  # one failed, the other went through
             assert no_space is not None and went is None
-            assert no_space.errno == errno.ENOSPC and "failed WRITE" in str(no_space)
+            assert no_space.errno == errno.ENOSPC and "failed WRITE [12288, 16384)" in str(no_space)
             assert bytes(await client.pread(4 * 4096, 4096)) == b"\x08" * 4096
             assert client.submit_writes(
                 [(0, b"\x05" * 4096), (MiB - 512, b"\x05" * 4096)]) is None  # pwrite: EINVAL
@@ -259,5 +261,44 @@ def test_submitted_writes_hold_request_slots_and_fail_as_pwrite_does(
             assert client._free_slots == 2  # the failed requests' slots came back
             assert client.submit_writes([(0, b"\x07" * 4096)]) is None
             await client.close()
+            # A timeout names the oldest unanswered write's own range (the batch shares
+            # one deadline and one waiter) and fails every write of the batch.
+            client = await NbdClient.open_uri(srv.uri(), request_timeout=0.3)
+            stuck = client.submit_writes([(3 * 4096, b"\x06" * 4096), (4096, b"\x06" * 512)])
+            assert stuck is not None
+            outcomes = await stuck
+            assert len(outcomes) == 2 and all(
+                e is not None and e.errno == errno.ETIMEDOUT
+                and "no reply to WRITE [12288, 16384) within 0.3 s" in str(e) for e in outcomes)
+            await client.close()
 
         run_async(main(), loop)
+
+
+def test_a_batch_of_writes_is_queued_whole_with_consecutive_cookies_or_not_at_all() -> None:
+    """NbdClientEngine.request_writes (submit_writes' one call per batch): each write gets
+    the next cookie, in order, and goes out as a WRITE with its own payload; a batch with
+    a write that must not be sent (over 32 MiB) queues none of them and uses no cookie;
+    replies pair by cookie in any order."""
+    engine = NbdClientEngine(None, False)
+    data: list[Buffer] = [b"\x01" * 4096, bytearray(b"\x02" * 512), memoryview(b"\x03" * 8192)[4096:]]
+    writes = [(4096, data[0]), (0, data[1]), (1 << 40, data[2])]
+    with pytest.raises(ValueError, match="32 MiB"):
+        engine.request_writes(0, [(0, b"x"), (0, bytes((32 << 20) + 1))])
+    assert engine.queued == 0 and engine.pending == 0
+    assert engine.request_writes(1, writes) == 1  # FUA on each
+    assert engine.request_writes(0, [(8192, b"\x04")]) == 4
+    out = b"".join(bytes(part) for part in engine.take_output())
+    at = 0
+    for cookie, (offset, payload) in enumerate([*writes, (8192, b"\x04")], start=1):
+        head = struct.unpack_from(">IHHQQI", out, at)
+        assert head == (0x25609513, 1 if cookie < 4 else 0, 1, cookie, offset, len(payload))
+        assert out[at + 28:at + 28 + len(payload)] == bytes(payload)
+        at += 28 + len(payload)
+    assert at == len(out)
+    reply = b"".join(struct.pack(">IIQ", 0x67446698, err, cookie)
+                     for cookie, err in ((3, 28), (1, 0), (4, 0), (2, 5)))
+    done, broken, _, _ = engine.feed(reply)
+    assert broken is None and [c[:2] for c in done] == [(3, 28), (1, 0), (4, 0), (2, 5)]
+    assert engine.pending == 0
+

@@ -57,33 +57,45 @@ class Waiter:
     """A request sent and not yet answered. `direct`: a submitted write (submit_writes),
     whose slot is given back with the reply; otherwise _request gives the slot back. The
     future gets None, or the BlockError the reply or a broken connection stands for; a
-    submitted write's outcome goes to its `group` instead, at `index`."""
+    submitted write's outcome goes to its `group` instead (one Waiter for all of them,
+    `what`)."""
 
-    __slots__ = ("deadline", "direct", "future", "group", "index", "length", "offset", "type")
+    __slots__ = ("deadline", "direct", "future", "group", "length", "offset", "type")
 
     def __init__(self, future: asyncio.Future[None] | None, deadline: float, typ: int,
                  offset: int, length: int, direct: bool = False,
-                 group: Group | None = None, index: int = 0) -> None:
+                 group: Group | None = None) -> None:
         self.future, self.deadline, self.type, self.offset, self.length, self.direct = (
             future, deadline, typ, offset, length, direct
         )
-        self.group, self.index = group, index
+        self.group = group
+
+    def what(self, cookie: int) -> tuple[int, int]:
+        """(offset, length) of request `cookie`."""
+        group = self.group
+        if group is None:
+            return self.offset, self.length
+        offset, data = group.writes[cookie - group.first]
+        return offset, len(data)
 
 
 class Group:
     """The writes of one submit_writes: one future for all of them (a loop turn's runs of
     writes behind cost each replica one future, not one each), done once the last is
-    answered, with each one's outcome in order (None, or the BlockError it failed with)."""
+    answered, with each one's outcome in order (None, or the BlockError it failed with).
+    Their cookies are consecutive from `first` (NbdClientEngine.request_writes): one
+    Waiter stands for all of them, each one's index is its cookie - first."""
 
-    __slots__ = ("future", "left", "outcomes")
+    __slots__ = ("first", "future", "left", "outcomes", "writes")
 
-    def __init__(self, future: asyncio.Future[list[BlockError | None]], count: int) -> None:
-        self.future, self.left = future, count
-        self.outcomes: list[BlockError | None] = [None] * count
+    def __init__(self, future: asyncio.Future[list[BlockError | None]],
+                 writes: list[tuple[int, Buffer]], first: int) -> None:
+        self.future, self.left, self.writes, self.first = future, len(writes), writes, first
+        self.outcomes: list[BlockError | None] = [None] * len(writes)
 
-    def answer(self, index: int, error: BlockError | None) -> None:
+    def answer(self, cookie: int, error: BlockError | None) -> None:
         if error is not None:
-            self.outcomes[index] = error
+            self.outcomes[cookie - self.first] = error
         self.left -= 1
         if not self.left and not self.future.done():
             self.future.set_result(self.outcomes)
@@ -202,22 +214,19 @@ def send_request(client: NbdClient, typ: int, offset: int, length: int, flags: i
 
 def send_writes(client: NbdClient, writes: list[tuple[int, Buffer]], flags: int
                 ) -> asyncio.Future[list[BlockError | None]]:
-    """Queue WRITEs (their slots taken), paired each with its own cookie and deadline; the
-    future of their outcomes (Group)."""
+    """Queue WRITEs (their slots taken), each with its own cookie, all with one deadline;
+    the future of their outcomes (Group). One engine call and one Waiter for them all."""
     engine = client._engine
     assert engine is not None  # _check_usable: attached and not broken
     loop = client._loop
+    try:
+        first = engine.request_writes(flags, writes)
+    except ValueError as exc:  # checked before; nothing of them was queued
+        raise p.LocalProtocolError(str(exc)) from None
     future: asyncio.Future[list[BlockError | None]] = loop.create_future()
-    group = Group(future, len(writes))
-    deadline = loop.time() + client._timeout
-    waiters = client._waiters
-    for index, (offset, data) in enumerate(writes):
-        length = len(data)
-        try:
-            cookie = engine.request(_WRITE, flags, offset, length, data, None)
-        except ValueError as exc:  # checked before: nothing of this group was queued
-            raise p.LocalProtocolError(str(exc)) from None
-        waiters[cookie] = Waiter(None, deadline, _WRITE, offset, length, True, group, index)
+    group = Group(future, writes, first)
+    waiter = Waiter(None, loop.time() + client._timeout, _WRITE, 0, 0, True, group)
+    client._waiters.update(dict.fromkeys(range(first, first + len(writes)), waiter))
     if flags & _FUA:
         _send_outgoing(client)  # as send_request: a FLUSH waits for it
     elif not client._send_queued:
@@ -390,10 +399,10 @@ def _on_timer(client: NbdClient) -> None:
     if deadline is None:
         return
     if deadline <= client._loop.time():
-        oldest = next(iter(client._waiters.values()), None)
+        cookie, oldest = next(iter(client._waiters.items()), (0, None))
         if oldest is not None and oldest.deadline <= deadline:
-            what = (f"{p.name_of(p.Cmd, oldest.type)} "
-                    f"[{oldest.offset}, {oldest.offset + oldest.length})")
+            offset, length = oldest.what(cookie)
+            what = f"{p.name_of(p.Cmd, oldest.type)} [{offset}, {offset + length})"
         else:
             what = "a READ of the native read plane"
         break_connection(client, errno.ETIMEDOUT, f"no reply to {what} within {client._timeout} s")
@@ -408,11 +417,11 @@ def break_connection(client: NbdClient, err: int, reason: str) -> None:
     if client.broken is None or client._waiters:
         client.broken = client.broken or reason
         failure = BlockError(err, f"NBD server {client.where}: {reason}; connection closed")
-        waiters = list(client._waiters.values())
+        waiters = list(client._waiters.items())
         client._waiters.clear()
-        for waiter in waiters:
+        for cookie, waiter in waiters:
             if waiter.group is not None:
-                waiter.group.answer(waiter.index, failure)
+                waiter.group.answer(cookie, failure)
             elif waiter.future is not None and not waiter.future.done():
                 waiter.future.set_exception(failure)
             if waiter.direct:
@@ -452,8 +461,8 @@ def resolve(client: NbdClient, batch: Batch) -> None:
             if group is not None:  # a submitted write (direct): Group.answer, inline
                 freed += 1
                 if error:
-                    group.outcomes[waiter.index] = _reply_error(
-                        client, error, message, waiter.type, waiter.offset, waiter.length)
+                    group.outcomes[cookie - group.first] = _reply_error(
+                        client, error, message, waiter.type, *waiter.what(cookie))
                 group.left -= 1
                 if not group.left and not group.future.done():
                     group.future.set_result(group.outcomes)

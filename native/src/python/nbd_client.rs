@@ -20,7 +20,7 @@ use pyo3::types::{PyBytes, PyList, PyTuple};
 use super::foreign::{detach_socket, LentBuffer};
 use super::read_plane::{Finished, NativeRead, Why};
 use crate::nbd_client::{ClientCore, Completion, ReadTarget};
-use crate::nbd_wire::{CMD_READ, REQUEST_SIZE};
+use crate::nbd_wire::{CMD_READ, CMD_WRITE, REQUEST_SIZE};
 
 /// Reads per `readable()` call at most: the loop serves other sockets in between.
 const READS_PER_CALL: usize = 16;
@@ -253,6 +253,40 @@ impl NbdClientEngine {
         self.queued += item.len();
         self.out.push_back(item);
         Ok(cookie)
+    }
+
+    /// request_writes(flags, writes) -> first cookie
+    ///
+    /// Queues a WRITE for each (offset, data) of `writes`, in order, with consecutive
+    /// cookies from the one returned: a batch of writes behind costs one call, not one
+    /// per request, and Python pairs the replies by cookie - first. ValueError, with
+    /// nothing queued, if any of them must not be sent.
+    fn request_writes(&mut self, flags: u16, writes: &Bound<'_, PyList>) -> PyResult<u64> {
+        let mut items = Vec::with_capacity(writes.len());
+        for item in writes.iter() {
+            let (offset, data): (u64, Bound<'_, PyAny>) = item.extract()?;
+            let buf = LentBuffer::new(&data, false)?;
+            let length = u32::try_from(buf.bytes().len())
+                .ok()
+                .filter(|&n| self.core.takes_read(n)) // a READ's bounds are a WRITE's
+                .ok_or_else(|| match self.core.broken() {
+                    Some(b) => PyValueError::new_err(format!("the connection failed earlier: {b}")),
+                    None => PyValueError::new_err("a WRITE over 32 MiB, or after NBD_CMD_DISC"),
+                })?;
+            items.push((offset, length, Payload::Lent(buf, data.unbind())));
+        }
+        let mut first = None;
+        for (offset, length, payload) in items {
+            let (cookie, head) = self
+                .core
+                .request(CMD_WRITE, flags, offset, length, Some(length as usize), None)
+                .map_err(|refused| PyValueError::new_err(refused.0))?; // checked above: never
+            first.get_or_insert(cookie);
+            let item = Outgoing { head, payload: Some(payload) };
+            self.queued += item.len();
+            self.out.push_back(item);
+        }
+        first.ok_or_else(|| PyValueError::new_err("no writes to queue"))
     }
 
     /// Queues NBD_CMD_DISC: no request may follow it.
