@@ -141,7 +141,8 @@ def reply(client: ClientEnd, msg: m.Reply) -> list[m.Event | Reply]:
     return drain(client)
 
 
-def negotiated(structured: bool = True, size: int = 1 << 20) -> tuple[ClientEnd, ProtocolCore]:
+def negotiated(structured: bool = True, size: int = 1 << 20, tflags: int = 0x1ff
+               ) -> tuple[ClientEnd, ProtocolCore]:
     c, s = ClientEnd(), ProtocolCore(Role.SERVER)
     deliver(s, c, m.Greeting(3))
     deliver(c, s, m.ClientFlags(3))
@@ -150,7 +151,7 @@ def negotiated(structured: bool = True, size: int = 1 << 20) -> tuple[ClientEnd,
         deliver(s, c, m.OptionReply(p.Opt.STRUCTURED_REPLY, p.Rep.ACK))
     deliver(c, s, m.Option(p.Opt.GO, m.encode_go("disk", [p.Info.BLOCK_SIZE])))
     deliver(s, c, m.OptionReply(p.Opt.GO, p.Rep.INFO, m.info_block_size(512, 4096, 1 << 25)))
-    deliver(s, c, m.OptionReply(p.Opt.GO, p.Rep.INFO, m.info_export(size, 0x1ff)))
+    deliver(s, c, m.OptionReply(p.Opt.GO, p.Rep.INFO, m.info_export(size, tflags)))
     deliver(s, c, m.OptionReply(p.Opt.GO, p.Rep.ACK))
     assert c.state is s.state is State.TRANSMISSION
     return c, s
@@ -317,7 +318,8 @@ def test_oversized_option_is_refused_before_reading_it() -> None:
 
 
 def test_long_write_arrives_in_parts_and_long_read_parses() -> None:
-    _c, s = negotiated()
+    # Writable and large enough: a refused WRITE this long is not read (the next test).
+    _c, s = negotiated(size=1 << 30, tflags=0x1ff & ~p.TransmissionFlag.READ_ONLY)
     s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.READ, 1, 0, 1 << 30))
     assert requests_of(s)[0].length == 1 << 30  # served in parts by the server
     part = p.REQUEST_PART
@@ -334,9 +336,7 @@ def test_long_write_arrives_in_parts_and_long_read_parses() -> None:
         (5, part, False), (5 + part, part, False), (5 + 2 * part, 3, True)]
     assert b"".join(bytes(data) for *_, data, _r, _l in got if data is not None) == payload
     assert all((t, f, c) == (p.Cmd.WRITE, p.CmdFlag.FUA, 2) for t, f, c, *_ in got)
-    # Every piece carries the whole request's check (the export was offered read-only).
-    assert all(refusal == (p.NbdErr.EPERM, "WRITE on a read-only export")
-               for *_, refusal, _l in got)
+    assert all(refusal is None for *_, refusal, _l in got)
     # The stream stays in sync: the next request parses.
     s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.FLUSH, 3, 0, 0))
     assert [r.cookie for r in requests_of(s)] == [3]
@@ -565,9 +565,28 @@ def test_one_read_per_large_write_when_the_bytes_are_there() -> None:
 def test_a_hostile_write_length_holds_at_most_one_part() -> None:
     """A WRITE claiming 4 GiB - 1: the core holds one part (32 MiB) at a time, never the
     claimed length, and a peer that stops sending leaves a truncated message, not events."""
-    _, s = negotiated()
+    _, s = negotiated(size=8 << 30, tflags=0x1ff & ~p.TransmissionFlag.READ_ONLY)
     s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 9, 0, 2**32 - 1))
     assert p.REQUEST_PART <= s.receiving <= p.REQUEST_PART + 64
     s.receive_data(b"\x00" * 1000)
     s.receive_eof()
     assert drain(s) == [m.ConnectionClosed(truncated=1000)]
+
+
+def test_a_refused_write_is_drained_up_to_the_maximum_payload_then_ends_the_stream() -> None:
+    """Refused (read-only export): a WRITE of up to 64 MiB comes in pieces that each carry
+    the whole request's check, and the stream stays in sync; a longer one comes out at
+    once, without payload, and nothing after it is parsed (the server answers and closes)."""
+    _, s = negotiated()
+    part, read_only = p.REQUEST_PART, (p.NbdErr.EPERM, "WRITE on a read-only export")
+    s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 2, 5, part + 3))
+    s.receive_data(bytes(part + 3))
+    got = list(s.requests)
+    s.requests.clear()
+    assert [(c, off, n, r) for _t, _f, c, off, n, _d, r, _l in got] == [
+        (2, 5, part, read_only), (2, 5 + part, 3, read_only)]
+    s.receive_data(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 3, 0, 2**32 - 1)
+                   + bytes(4096) + p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.FLUSH, 4, 0, 0))
+    assert [(c, d, r, piece) for _t, _f, c, _o, _n, d, r, piece in s.requests] == [
+        (3, None, read_only, None)]
+    assert s.state is State.DISCONNECTING and s.receiving < 1 << 20

@@ -152,6 +152,21 @@ def test_oversized_requests_past_the_end_are_refused_and_the_stream_stays_in_syn
     others_still_served(server)
 
 
+def test_a_refused_write_too_long_to_drain_is_answered_and_closed_at_once(
+        server: ServerThread) -> None:
+    """A WRITE claiming 4 GiB - 1 bytes past the end: the refusal comes at once and the
+    connection closes, instead of the server reading (and the connection being held by)
+    up to 4 GiB of a payload it refuses anyway. Up to the advertised maximum payload a
+    refused WRITE's payload is still drained (the test above), the stream kept in sync."""
+    c = raw_client(server)
+    c.go()
+    c.sock.settimeout(10)
+    c.request(p.Cmd.WRITE, SIZE - 4096, 2**32 - 1, cookie=31, data=bytes(4096))
+    assert c.simple_reply() == (p.NbdErr.ENOSPC, 31)
+    assert c.closed_by_peer()
+    others_still_served(server)
+
+
 def test_truncated_messages_close_cleanly(server: ServerThread,
                                           caplog: pytest.LogCaptureFixture) -> None:
     """And the log says what happened without calling it an attack: a driver's log showed

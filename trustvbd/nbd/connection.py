@@ -296,6 +296,10 @@ class Connection(asyncio.BufferedProtocol):
                 dispatch_part(self, item)
             elif refusal is not None:
                 self._refuse(typ, cookie, *refusal)
+                if typ == _WRITE and data is None:
+                    # Refused, and too long to drain (REFUSED_DRAIN_MAX): the framer read
+                    # no further; answer and close rather than read up to 4 GiB of it.
+                    self._close_gracefully()
             elif typ == _DISC:
                 self._close_gracefully()
             elif typ == _READ and self._read_now is not None and length <= p.REQUEST_PART:

@@ -7,7 +7,9 @@
 //! received by the shell straight into a buffer of its own: `parse` then says how big
 //! (`Parsed::want`) and the shell calls `payload_received` when it is full. A WRITE
 //! longer than `REQUEST_PART` comes out as pieces of at most that size, so a hostile
-//! 4 GiB length holds one piece of memory at a time. Anything that cannot be answered
+//! 4 GiB length holds one piece of memory at a time; a refused one longer than
+//! `REFUSED_DRAIN_MAX` ends the parse like NBD_CMD_DISC (its refusal is the last item,
+//! without payload: the shell answers it and closes). Anything that cannot be answered
 //! with an error reply (a bad magic) is a `ProtocolError`: the connection is dropped.
 //! Nothing may follow NBD_CMD_DISC; bytes after it are dropped unread.
 
@@ -33,6 +35,10 @@ pub const DIRECT_THRESHOLD: usize = 64 * 1024;
 /// A WRITE payload up to this size that is not all here waits for the rest among the
 /// received bytes (half the shell's receive buffer, so it always fits).
 pub const WAIT_MAX: usize = 128 * 1024;
+/// A refused WRITE longer than this (the maximum payload advertised) is answered at once
+/// and ends the connection: draining up to 4 GiB of a payload that is refused anyway
+/// held the connection (and its reads) for as long as the peer cared to send.
+pub const REFUSED_DRAIN_MAX: u32 = 2 * REQUEST_PART;
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct ProtocolError(pub String);
@@ -147,6 +153,20 @@ impl Framer {
                         if head.typ == CMD_DISC {
                             self.state = State::Disconnected;
                         }
+                        out.push(Item {
+                            head,
+                            refusal,
+                            offset: head.offset,
+                            length: head.length,
+                            payload: Payload::None,
+                            piece: None,
+                        });
+                        at = body;
+                        continue;
+                    }
+                    if refusal.is_some() && head.length > REFUSED_DRAIN_MAX {
+                        // No payload item: the refusal, then nothing more is read.
+                        self.state = State::Disconnected;
                         out.push(Item {
                             head,
                             refusal,

@@ -160,8 +160,8 @@ fn a_small_write_waits_among_the_received_bytes() {
 }
 
 #[test]
-fn a_hostile_4_gib_write_holds_one_piece_at_a_time() {
-    let mut f = framer();
+fn a_4_gib_write_holds_one_piece_at_a_time() {
+    let mut f = Framer::new(Checker::new(8 << 30, ALL | 1, true));
     let mut items = Vec::new();
     let head = request(CMD_WRITE, 9, 0, u32::MAX);
     let parsed = f.parse(&head, &mut items).unwrap();
@@ -173,22 +173,13 @@ fn a_hostile_4_gib_write_holds_one_piece_at_a_time() {
         }
     );
     let first = f.payload_received().unwrap();
-    assert_eq!(first.piece, Some(false));
-    let refusal = first.refusal.clone().expect("beyond the export");
-    assert_eq!(refusal.error, ERR_ENOSPC);
-    assert_eq!(
-        refusal.message,
-        format!("WRITE [0, {}) is beyond the export size {SIZE}", u32::MAX)
-    );
+    assert_eq!((first.piece, first.refusal.clone()), (Some(false), None));
     let mut offsets = vec![first.offset];
     loop {
         let parsed = f.parse(&[], &mut items).unwrap();
         assert!(parsed.want <= REQUEST_PART as usize && parsed.want > 0);
         let item = f.payload_received().unwrap();
-        assert_eq!(
-            item.refusal, first.refusal,
-            "every piece carries the whole request's check"
-        );
+        assert_eq!(item.refusal, None);
         offsets.push(item.offset);
         if item.piece == Some(true) {
             assert_eq!(u64::from(item.length), u64::from(u32::MAX) % u64::from(REQUEST_PART));
@@ -202,6 +193,43 @@ fn a_hostile_4_gib_write_holds_one_piece_at_a_time() {
         f.parse(&request(CMD_FLUSH, 1, 0, 0), &mut items).unwrap().consumed,
         REQUEST_SIZE
     );
+}
+
+#[test]
+fn a_refused_write_longer_than_the_drain_bound_ends_the_parse() {
+    // Up to REFUSED_DRAIN_MAX, a refused WRITE's payload is read (in pieces) and the
+    // stream stays in sync; beyond it, the refusal comes out at once, without payload,
+    // and nothing more is parsed (the shell answers and closes).
+    let mut f = framer();
+    let mut items = Vec::new();
+    let parsed = f.parse(&request(CMD_WRITE, 3, 0, REFUSED_DRAIN_MAX), &mut items).unwrap();
+    assert_eq!(parsed.want, REQUEST_PART as usize);
+    let first = f.payload_received().unwrap();
+    assert_eq!(first.refusal.map(|r| r.error), Some(ERR_ENOSPC));
+    assert!(!f.disconnected());
+
+    let mut f = framer();
+    let mut bytes = request(CMD_WRITE, 9, 0, u32::MAX);
+    bytes.extend([0xAB; 4096]);
+    bytes.extend(request(CMD_READ, 10, 0, 512));
+    let parsed = f.parse(&bytes, &mut items).unwrap();
+    assert_eq!(
+        parsed,
+        Parsed {
+            consumed: bytes.len(),
+            want: 0
+        }
+    );
+    let item = items.pop().unwrap();
+    assert!(items.is_empty(), "nothing after the refused WRITE is parsed");
+    assert_eq!((item.head.cookie, item.payload, item.piece), (9, Payload::None, None));
+    let refusal = item.refusal.expect("beyond the export");
+    assert_eq!(refusal.error, ERR_ENOSPC);
+    assert_eq!(
+        refusal.message,
+        format!("WRITE [0, {}) is beyond the export size {SIZE}", u32::MAX)
+    );
+    assert!(f.disconnected());
 }
 
 #[test]

@@ -21,7 +21,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use super::foreign;
-use crate::nbd_server::{frame_block_status, frame_read_part, frame_reply, Checker, REQUEST_PART};
+use crate::nbd_server::{frame_block_status, frame_read_part, frame_reply, Checker, REFUSED_DRAIN_MAX, REQUEST_PART};
 use crate::nbd_wire::{
     RequestHeader, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLUSH, CMD_READ, CMD_WRITE, ERR_EIO, FLAG_FUA, FLAG_REQ_ONE,
     REQUEST_SIZE,
@@ -184,6 +184,14 @@ impl Served {
     /// A WRITE's payload, pwritten as it arrives (all of it read even when refused or
     /// failed: the next request follows it).
     fn write(&mut self, head: &RequestHeader, allowed: bool) -> Result<(), End> {
+        if !allowed && head.length > REFUSED_DRAIN_MAX {
+            // Too long to drain (up to 4 GiB, refused anyway): answer and close.
+            let refusal = self.checker.check(head).expect("refused");
+            self.tell("refused", head.typ, &refusal.message);
+            self.reply(head.cookie, refusal.error, &refusal.message);
+            self.write_out()?;
+            return Err(End::Disconnect);
+        }
         let length = head.length as usize;
         let mut done = 0usize;
         let mut failed: Option<io::Error> = None;
