@@ -186,7 +186,10 @@ class Connection(asyncio.BufferedProtocol):
             return
         self._activity += 1
         if self._transmitting:  # as _events_arrived, inline: once per receive
-            self._process()
+            core = self.core
+            # Most receives leave nothing for Python: the native planes took every request.
+            if core.requests or core.events or self._stash is not None:
+                self._process()
             if self._file_serve and self._native_serving is None:
                 file_serve.take_over(self)
         else:

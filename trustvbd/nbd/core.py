@@ -181,7 +181,7 @@ class ProtocolCore:
         # connection's, which starts READs in the native read plane); cleared when it ends.
         self.parse_batch: Callable[[NbdServerSession, bytearray, int, int],
                                    tuple[int, list[m.RequestItem], int]] | None = None
-        self._events: deque[m.Event] = deque()
+        self.events: deque[m.Event] = deque()  # received, not taken yet (next_event)
         self._buf = bytearray(SCRATCH_SIZE)
         self._start = 0  # first unparsed byte in _buf
         self._end = 0  # end of received bytes in _buf
@@ -247,7 +247,7 @@ class ProtocolCore:
             return
         self._eof = True
         partial = (self._end - self._start) + (self._direct_filled if self._direct else 0)
-        self._events.append(m.ConnectionClosed(truncated=partial))
+        self.events.append(m.ConnectionClosed(truncated=partial))
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """A writable buffer for the next received bytes (asyncio.BufferedProtocol)."""
@@ -304,23 +304,23 @@ class ProtocolCore:
 
     def next_event(self) -> m.Event | None:
         """The next complete message from the peer, or None if more bytes are needed."""
-        if self._events:
-            return self._events.popleft()
+        if self.events:
+            return self.events.popleft()
         return None
 
     def pending_events(self) -> int:
-        return len(self._events)
+        return len(self.events)
 
     def unparsed(self) -> int:
         """Bytes and events received but not yet taken (STARTTLS: none may be waiting)."""
         direct = self._direct_filled if self._direct is not None else 0
-        return self._end - self._start + direct + len(self._events)
+        return self._end - self._start + direct + len(self.events)
 
     def take_unparsed(self) -> bytes | None:
         """The bytes received and not parsed yet, taken out (the connection is handed to
         another server loop, nbd/file_serve.py); None while a payload is being received
         into a buffer of its own, and then nothing is taken."""
-        if self._direct is not None or self.requests or self._events:
+        if self._direct is not None or self.requests or self.events:
             return None
         data = bytes(self._buf[self._start:self._end])
         self._start = self._end = 0
@@ -345,7 +345,7 @@ class ProtocolCore:
             self._transition(msg)
         except p.ProtocolError as exc:
             self._fail(str(exc))
-        self._events.append(msg)
+        self.events.append(msg)
 
     def _parse(self) -> None:
         try:

@@ -69,6 +69,13 @@ def queue(conn: Connection, parts: Sequence[OutPart], stream: bool = False,
     `last`)."""
     if conn._output_closed:
         return
+    if (now and not conn._out and not conn._replies and not conn._transport_busy
+            and conn._held is None and not conn._reading_paused
+            and FileRange not in map(type, parts)):
+        # Nothing queued before them and nothing left to account (a QD1 guest's reply):
+        # straight to the transport, as flush would.
+        conn._transport.writelines(parts)  # type: ignore[union-attr,arg-type] # plain buffers
+        return
     if conn._held is not None and not stream:  # a simple-reply stream is being sent
         conn._held.extend(parts)
         return
