@@ -48,14 +48,21 @@ def cmd_scrub(args: argparse.Namespace) -> int:
 
 
 def _scrub(args: argparse.Namespace, config: Any) -> int:
-    from trustvbd.cli import ask_running
+    from trustvbd.cli import EXIT_NOT_RUNNING, NotRunning, ask_running
     from trustvbd.domains.messages import ScrubQuery, ScrubStarted, refusal
 
     reply = ask_running(config, ScrubQuery(args.disk))
     if not isinstance(reply, ScrubStarted):
         return _failed(args, refusal(reply, "unexpected reply"))
     show = sys.stdout.isatty() and not args.json
-    scrub = _follow(config, args.disk, show)
+    try:
+        scrub = _follow(config, args.disk, show)
+    except NotRunning:
+        # `up` went away while the scrub ran (killed, or stopped): not "not running".
+        _failed(args, f"the scrub of disk {args.disk!r} was cut short: `trustvbd up` stopped"
+                f" while it ran; start it again (trustvbd up -c {config.path}) and run the"
+                " scrub again")
+        return EXIT_NOT_RUNNING
     if scrub is None:
         return _failed(args, f"the scrub of disk {args.disk!r} did not finish: the encryption"
                        " domain serving it stopped or was restarted meanwhile (see `trustvbd"

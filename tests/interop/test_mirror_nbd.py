@@ -543,6 +543,34 @@ def test_a_scrub_cut_short_by_a_killed_encryption_domain_says_so(short_tmp: Path
         m.close()
 
 
+def test_a_scrub_cut_short_by_a_killed_up_says_so(short_tmp: Path) -> None:
+    """kill -9 of `up` during a scrub: the scrub command says the scrub was cut short and
+    what to do, not that `up` is "not running" as if the scrub had never started."""
+    m = Mirror(short_tmp, 2)
+    try:
+        m.system.start()
+        qemu_io(m.uri, f"write -P 0x11 0 {SIZE}", "flush")
+        m.drivers[1].set("slow_reads", delay=0.3)  # 8 steps of 256 blocks: about 2.4 s
+        scrub = subprocess.Popen([*TRUSTVBD, "scrub", "-c", str(m.system.config), "payroll",
+                                  "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        out = json.loads(m.system.cli("status", "-c", str(m.system.config), "--json").stdout)
+        deadline = time.monotonic() + 30
+        while not (out["disks"][0].get("scrub") or {}).get("running"):
+            assert time.monotonic() < deadline, out["disks"][0]
+            time.sleep(0.05)
+            out = json.loads(m.system.cli("status", "-c", str(m.system.config), "--json").stdout)
+        m.system.kill()  # SIGKILL
+        got, err = scrub.communicate(timeout=60)
+        assert scrub.returncode == 3
+        why = ("the scrub of disk 'payroll' was cut short: `trustvbd up` stopped while it ran;"
+               f" start it again (trustvbd up -c {m.system.config}) and run the scrub again")
+        assert err.splitlines() == [f"trustvbd scrub: {why}"]
+        assert json.loads(got) == {"disk": "payroll", "error": why}
+    finally:
+        m.close()
+
+
 def test_status_and_scrub_say_a_disk_is_opening_while_the_domain_restarts(
         short_tmp: Path) -> None:
     """A killed encryption domain is restarted and opens its disks again (here held up by a
