@@ -1,13 +1,15 @@
 """Python calls and CPU per small guest WRITE on the encryption domain's loop thread.
 
     cd /tmp && PYTHONPATH=TREE TREE/.venv/bin/python TREE/bench/write_calls.py [--qd 16]
-        [--writes 8000] [--replicas 2] [--reps 3]
+        [--writes 8000] [--replicas 2] [--reps 3] [--budget]
 
 The disk over in-memory NBD drivers in threads (as tests/crypt/test_native_reads.py opens
 it), served by our NbdServer on a Unix socket on uvloop (as the domain runs it); a libnbd
 guest in a subprocess writes 4 KiB blocks at random offsets with `--qd` requests in flight
 (no FUA, no FLUSH until the end), or with --seq one after another from block 0 (as
-fuse2fs writes a file's data, one 4 KiB request at a time).
+fuse2fs writes a file's data, one 4 KiB request at a time). --budget serves the guest as
+the encryption domain does, with a memory budget ([limits] memory, 256 MiB) and an idle
+timeout; without it, neither.
 Counted on the event loop's thread only (the drivers and the guest are elsewhere): Python
 calls (`sys.setprofile` "call" events) and C calls per write, and that thread's CPU
 (time.thread_time) per write, profiled and unprofiled. With PYTHONPATH set to another
@@ -36,6 +38,8 @@ from tests.crypt.helpers import SIZE, RawMemory, new_state
 from tests.nbd.helpers import ServerThread
 from trustvbd.blockdev import Backend
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
+from trustvbd.config import Limits
+from trustvbd.nbd.budget import MemoryBudget
 from trustvbd.nbd.client import NbdClient
 from trustvbd.nbd.exports import Export, StaticExports
 from trustvbd.nbd.server import NbdServer
@@ -85,9 +89,11 @@ async def opened(tmp: Path, uris: list[str]) -> AsyncIterator[CryptDisk]:
 
 
 async def measure(tmp: Path, disk: CryptDisk, qd: int, writes: int, profile: bool,
-                  seed: int, seq: bool) -> tuple[float, float, float]:
+                  seed: int, seq: bool, budget: bool) -> tuple[float, float, float]:
     sock = tmp / f"g{seed}.sock"
-    server = NbdServer(StaticExports([Export("", disk)]), identity="bench-guest")
+    server = NbdServer(StaticExports([Export("", disk)]), identity="bench-guest",
+                       **({"budget": MemoryBudget(Limits().memory), "idle_timeout": Limits().idle_timeout}
+                          if budget else {}))
     listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listening.bind(str(sock))
     listening.listen(4)
@@ -136,9 +142,9 @@ async def main(args: argparse.Namespace) -> None:
             async with opened(tmp, uris) as disk:
                 for rep in range(args.reps):
                     calls, ccalls, _ = await measure(tmp, disk, args.qd, args.writes, True, 2 * rep,
-                                                     args.seq)
+                                                     args.seq, args.budget)
                     _, _, cpu = await measure(tmp, disk, args.qd, args.writes, False, 2 * rep + 1,
-                                              args.seq)
+                                              args.seq, args.budget)
                     print(f"{'sequential' if args.seq else 'random'} qd {args.qd} replicas "
                           f"{args.replicas}: {calls:.1f} Python calls, "
                           f"{ccalls:.1f} C calls per write; loop thread CPU {cpu:.1f} us per "
@@ -156,6 +162,8 @@ if __name__ == "__main__":
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seq", action="store_true",
                         help="sequential 4 KiB writes (as a file copy through FUSE), not random")
+    parser.add_argument("--budget", action="store_true",
+                        help="a memory budget and an idle timeout, as the encryption domain has")
     import uvloop  # the encryption domain's loop (domains/common.py)
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -186,6 +186,9 @@ class ProtocolCore:
         self._start = 0  # first unparsed byte in _buf
         self._end = 0  # end of received bytes in _buf
         self._direct: memoryview | None = None  # payload being received in place
+        # Its size (0 if none): memory a peer holds. An attribute, not a property: a
+        # connection with a memory budget reads it after every receive.
+        self.receiving = 0
         self._direct_filled = 0
         self._direct_need = 0  # bytes of _direct that complete it; any after are the next message's
         # The request's view of that payload, handed to the framer once it is all in. Held
@@ -283,7 +286,7 @@ class ProtocolCore:
                 self._start, self._end = 0, extra
             payload = self._direct_payload
             self._direct = self._direct_payload = None
-            self._direct_filled = 0
+            self._direct_filled = self.receiving = 0
             self._window = SMALL_WINDOW
             try:
                 self._payload_received(payload)  # type: ignore[arg-type]
@@ -326,11 +329,6 @@ class ProtocolCore:
         self._start = self._end = 0
         return data
 
-    @property
-    def receiving(self) -> int:
-        """Size of the payload buffer being filled now (0 if none): memory a peer holds."""
-        return len(self._direct) if self._direct is not None else 0
-
     def _check_alive(self) -> None:
         if self.state is _ERROR:
             raise p.ProtocolError(self.error or "connection failed")
@@ -370,6 +368,7 @@ class ProtocolCore:
         then hand `payload` on. Bytes past `need` belong to the next message."""
         assert not self._end  # the scratch buffer is empty meanwhile (see buffer_updated)
         self._direct, self._direct_filled, self._direct_payload = target, filled, payload
+        self.receiving = len(target)
         self._direct_need = need
 
     # --- server side: messages from the client -------------------------------
