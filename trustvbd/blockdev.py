@@ -39,6 +39,11 @@ class BlockError(Exception):
         return f"{errno.errorcode.get(self.errno, self.errno)}: {self.message}"
 
 
+class StateWriteFailed(BlockError):
+    """A write or sync of the trusted state directory failed (ENOSPC when it is full):
+    nothing a replica did. A write behind that fails so never left for the replicas."""
+
+
 class WritesMayBeLost(BlockError):
     """A FLUSH cannot vouch for writes acknowledged before a driver lost its connection
     (they were not flushed). Raised once; a guest's FLUSH must be the one to see it."""

@@ -73,6 +73,56 @@ def answered_write_then_flush_fails_with_enospc(uri: str) -> None:
         h.shutdown()
 
 
+def test_a_full_state_directory_is_said_as_that_with_enospc_and_in_status(root: Path) -> None:
+    """The trusted state directory on a full filesystem (an 8 MiB tmpfs): guests got EIO,
+    the message blamed the replicas, and status said "serving", replicas current. Now a
+    guest's write or FLUSH fails with ENOSPC naming the state directory, status says it
+    is full and what to do, and once there is room again writes are served as before."""
+    state = root / "state"
+    state.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(state)],
+                   check=True)
+    s = System(root, config(size="64MiB", dir="backing"))
+    try:
+        s.start()
+        uri = s.uri("vm", "disk")
+        nbd = clients.libnbd()
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        h.pwrite(b"\x11" * 4096, 0)
+        h.flush()
+        filler = state / "filler"
+        with open(filler, "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(bytes(MIB))
+        failed = []
+        for i in range(60 * 16):  # 60 MiB of new blocks: the intent log must grow
+            try:
+                h.pwrite(os.urandom(65536), i * 65536)
+            except nbd.Error as exc:
+                failed.append(exc)
+                break
+        try:
+            h.flush()
+        except nbd.Error as exc:
+            failed.append(exc)
+        assert failed, "every write and the FLUSH succeeded on a full state directory"
+        assert {exc.errno for exc in failed} == {"ENOSPC"}, failed
+        disk = status(s)["disks"][0]
+        assert "the trusted state directory is full" in disk["state"], disk
+        assert all(r["state"] == "current" for r in disk["replicas"]), disk
+        filler.unlink()
+        h.pwrite(b"\x22" * 65536, 0)
+        h.flush()
+        assert h.pread(65536, 0) == b"\x22" * 65536
+        assert status(s)["disks"][0]["state"] == "serving"
+        h.shutdown()
+        s.stop()
+    finally:
+        s.kill()
+        subprocess.run(["umount", str(state)], check=False, capture_output=True)
+
+
 def test_a_full_driver_is_said_once_and_up_starts_on_it(root: Path) -> None:
     """A driver out of space: the guest gets ENOSPC (on the FLUSH after a write answered
     early, then on every write), the encryption domain says so once naming driver and

@@ -62,8 +62,9 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
-from trustvbd.blockdev import BlockError, Buffer
+from trustvbd.blockdev import BlockError, Buffer, StateWriteFailed
 from trustvbd.blocks.block_runs import BlockRuns
 from trustvbd.blocks.disk_state import Anchor, DiskState, Member, replica_id
 from trustvbd.blocks.leaf_pages import LeafPages
@@ -124,6 +125,7 @@ class Commits:
         # log's blocks recovered at open may be older), for written_since_commit.
         self._commit_floor = 0
         self.failed: str | None = None
+        self.state_full: str | None = None  # the last state write failed: no space (status)
         self._writers = 0
         self._writers_idle = asyncio.Event()
         self._writers_idle.set()
@@ -176,8 +178,7 @@ class Commits:
         try:
             self.intent.append(b0, old, new, held)
         except OSError as exc:
-            raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot append to "
-                             f"{self.intent.path}: {exc}") from exc
+            raise self._state_failed("append to", self.intent.path, exc) from exc
         self.leaves.set(b0, new)
         self.intent_blocks += len(new) // LEAF_SIZE
 
@@ -203,8 +204,7 @@ class Commits:
         try:
             self.intent.write_held()
         except OSError as exc:
-            raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot append to "
-                             f"{self.intent.path}: {exc}") from exc
+            raise self._state_failed("append to", self.intent.path, exc) from exc
 
     # ------------------------------------------------------------ the group commit
 
@@ -244,8 +244,7 @@ class Commits:
         except OSError as exc:
             if report:
                 self._sync_failed = None
-            raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot sync "
-                             f"{self.intent.path}: {exc}") from exc
+            raise self._state_failed("sync", self.intent.path, exc) from exc
 
     def _sync_next(self) -> None:
         """One fdatasync on the log's thread for every record appended until it starts (a
@@ -266,6 +265,8 @@ class Commits:
             exc = OSError(errno.EIO, repr(exc))
         if exc is not None:
             self._sync_failed = exc
+        else:
+            self.state_full = None  # what was held was written and synced: room again
         durable, waiting = self.intent.durable, self._waiting
         ready = [then for upto, then in waiting if exc is not None or upto <= durable]
         self._waiting = [] if exc is not None else [w for w in waiting if w[0] > durable]
@@ -411,8 +412,7 @@ class Commits:
         try:
             self.intent.mark_flushed()
         except OSError as exc:
-            raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot append to "
-                             f"{self.intent.path}: {exc}") from exc
+            raise self._state_failed("append to", self.intent.path, exc) from exc
         await self.durable(report=True)
         return True
 
@@ -429,8 +429,7 @@ class Commits:
             try:
                 self.intent.append_tree(epoch, changes)
             except OSError as exc:
-                raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot append to "
-                                 f"{self.intent.path}: {exc}") from exc
+                raise self._state_failed("append to", self.intent.path, exc) from exc
         await self.durable(report=True)
         joining = replica.joining()
         rounds = {r: r.join_round for r in joining}  # (joining loses those that fail a step)
@@ -590,5 +589,20 @@ class Commits:
         try:
             self._state.write_anchor(anchor)
         except OSError as exc:  # nothing changed: the old anchor still stands
-            raise BlockError(errno.EIO, f"disk {self.disk!r}: cannot {why}: writing "
-                             f"{self._state.anchor_path} failed: {exc}") from exc
+            raise self._state_failed(f"{why}: cannot write", self._state.anchor_path,
+                                     exc) from exc
+
+    def _state_failed(self, what: str, path: Path, exc: OSError) -> StateWriteFailed:
+        """A trusted state file could not be written: said as that (not as a replica's
+        failure), ENOSPC kept when the state directory is full, and what to do. While it
+        is full, `state_full` says so (status)."""
+        state_dir = self._state.dir.parent.parent
+        where = path.relative_to(state_dir) if path.is_relative_to(state_dir) else path
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.state_full = (f"the trusted state directory is full ({exc.strerror}): free "
+                               "space there (its path: `trustvbd status`); writes fail with "
+                               "ENOSPC until then")
+            return StateWriteFailed(errno.ENOSPC, f"disk {self.disk!r}: cannot {what} {where} "
+                                    f"in the trusted state directory: {self.state_full}")
+        return StateWriteFailed(errno.EIO, f"disk {self.disk!r}: cannot {what} {where} in the "
+                                f"trusted state directory: {exc}")

@@ -81,7 +81,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from trustvbd import eager
-from trustvbd.blockdev import BlockError, Buffer, WritesMayBeLost
+from trustvbd.blockdev import BlockError, Buffer, StateWriteFailed, WritesMayBeLost
 from trustvbd.blocks.ranges import describe_blocks
 from trustvbd.crypt.aead import LEAF_SIZE
 from trustvbd.running_loop import RunningLoop
@@ -412,12 +412,18 @@ class WriteBehind:
             why, code = "the encryption domain stopped before the replicas answered", errno.EIO
         else:
             why, code = f"internal error: {exc!r}", errno.EIO
-        log.error("disk %r: a write to block(s) %s was answered before its replicas, and they "
-                  "failed it: %s; those blocks read as errors and the next FLUSH fails",
-                  self.disk, describe_blocks(block_range), why)
+        if isinstance(exc, StateWriteFailed):  # not the replicas': it never reached them
+            log.error("disk %r: a write to block(s) %s was answered before its intent record "
+                      "was durable, and it never left for the replicas: %s; those blocks read "
+                      "as errors and the next FLUSH fails", self.disk,
+                      describe_blocks(block_range), why)
+        else:
+            log.error("disk %r: a write to block(s) %s was answered before its replicas, and "
+                      "they failed it: %s; those blocks read as errors and the next FLUSH "
+                      "fails", self.disk, describe_blocks(block_range), why)
         self.failures += 1
         if self._failure is None:
-            self._failure = BlockError(code, why)
+            self._failure = exc if isinstance(exc, StateWriteFailed) else BlockError(code, why)
 
     def doubt(self, exc: BlockError) -> None:
         """Writes the replicas acknowledged that a FLUSH can no longer vouch for (a driver
@@ -458,6 +464,10 @@ class WriteBehind:
             where = f"block(s) {describe_blocks(lost)}" if lost else "blocks written again since"
             self._reported = BlockError(failure.errno, failure.message) if isinstance(
                 failure, WritesMayBeLost) else BlockError(failure.errno, (
+                    f"disk {self.disk!r}: writes to {where} were answered, then failed before "
+                    f"they left for the replicas ({failure.message}); they hold the data from "
+                    "before those writes")) if isinstance(
+                failure, StateWriteFailed) else BlockError(failure.errno, (
                     f"disk {self.disk!r}: writes to {where} were answered, then failed on the "
                     f"replicas ({failure.message}); they hold what the replicas kept (the data "
                     "from before or after those writes)"))

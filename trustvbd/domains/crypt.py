@@ -185,6 +185,8 @@ class CryptDomain:
                              for link, watch in zip(d.links, d.space, strict=False)],
             }
             if isinstance(d.backend, CryptDisk):
+                if d.backend._commits.state_full is not None:
+                    entry["state"] = f"serving, but {d.backend._commits.state_full}"
                 entry["replicas"] = [{**link.status(), **r, **watch.status()} for link, r, watch in
                                      zip(d.links, d.backend.replicas.status(), d.space, strict=False)]
                 if d.scrub is not None:
