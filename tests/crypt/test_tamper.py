@@ -293,7 +293,7 @@ def test_foreign_replicas_are_refused_and_left_untouched(tmp_path: Path) -> None
         other = RawMemory(LAY.physical_size)
         await _written_disk(tmp_path, other, "other")
         before = bytes(other.raw)
-        with pytest.raises(ForeignReplicaError, match="another trustvbd disk"):
+        with pytest.raises(ForeignReplicaError, match=r"another trustvbd disk.*give this disk its own backing file"):
             await open_disk(tmp_path, other, load_kek(tmp_path), "mine")
         assert bytes(other.raw) == before
         # Zero superblocks but data where blocks go: not blank, not ours.

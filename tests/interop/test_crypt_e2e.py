@@ -446,6 +446,37 @@ def test_replica_holding_foreign_data_is_refused_not_overwritten(short_tmp: Path
         os.kill(int((short_tmp / "nk.pid").read_text()), signal.SIGTERM)
 
 
+def test_a_replica_holding_another_disk_leaves_that_disk_unserved_and_the_others_served(
+        short_tmp: Path) -> None:
+    """Disk hr's only replica holds disk payroll (its backing file copied over): `up` used to
+    refuse to start at all, saying only "holds another trustvbd disk (disk id ...)". Now it
+    starts, serves payroll, lists hr as not served, and says which disk hr's driver holds
+    and what to do, in its log, in status and to a guest asking for hr; hr's file is not
+    written."""
+    text = config(SIZE, support.driver("drv-b", "StorageB", dir="backing/b"),
+                  disk("hr", "PayrollData", ["drv-b"], size=SIZE))
+    s = System(short_tmp, text).start()
+    write_pattern(s.uri("vm1", "payroll"), 0, MIB, 0x5a)
+    s.stop()
+    hr_file = short_tmp / "backing" / "b" / "hr.img"
+    shutil.copyfile(backing(short_tmp), hr_file)
+    before = hr_file.read_bytes()
+    s.start()
+    assert "guest vm1 disk hr NOT SERVED (`trustvbd status` says why)" in s.lines, s.lines
+    assert read_ok(s.uri("vm1", "payroll"), 0, MIB, 0x5a)
+    hr = next(d for d in status(s)["disks"] if d["name"] == "hr")
+    why = ("replica 'drv-b' of disk 'hr' holds another trustvbd disk (disk id ")
+    assert hr["state"].startswith(f"failed: {why}"), hr
+    assert "give this disk its own backing file" in hr["state"]
+    assert hr["state"].endswith("; the disk it holds is 'payroll' of this system"), hr
+    out = run(["qemu-io", "-f", "raw", s.uri("vm1", "payroll").replace("///payroll", "///hr"),
+               "-c", "read 0 4k"], check=False)
+    assert out.returncode != 0 and "the disk it holds is 'payroll'" in out.stdout + out.stderr
+    err = s.stop()
+    assert "disk 'hr' is not served (the other disks are): " + why in err, err
+    assert hr_file.read_bytes() == before
+
+
 def test_driver_injecting_eio_never_yields_wrong_bytes(short_tmp: Path) -> None:
     """nbdkit's error filter as a faulty driver: requests fail, but nothing reads wrong, and
     once the faults stop every block reads as one of the values written to it."""

@@ -190,7 +190,10 @@ async def _judge_slots(replica: Backend, who: str, a: Anchor, slots: list[sbfmt.
         if other is not None:
             raise ForeignReplicaError(
                 f"{who} holds another trustvbd disk (disk id {other.disk_id.hex()}, this disk is "
-                f"{a.disk_id.hex()}); refusing to use or overwrite it")
+                f"{a.disk_id.hex()}); refusing to use or overwrite it: give this disk its own "
+                "backing file (check the driver's dir or uri in the config), or, if what that "
+                "file holds is not wanted, empty it (truncate -s 0) to have it formatted, or in "
+                "a mirror rebuilt, as this disk", other.disk_id)
         raise ForeignReplicaError(
             f"{who} holds data that is not a trustvbd disk; refusing to use or overwrite it")
     presented = max((s.superblock.epoch for s in slots if s.superblock is not None), default=None)

@@ -309,3 +309,16 @@ def rekey(state_dir: Path, disk_name: str, old_kek: Kek, new_kek: Kek) -> None:
     state = DiskState(Path(state_dir), disk_name)
     secrets = state.unlock(old_kek)
     write_file_atomic(state.keys_path, seal_keys(secrets, new_kek))
+
+
+def disk_with_id(state_dir: Path, names: Iterable[str], disk_id: bytes) -> str | None:
+    """Which of these disks of this state directory has this id (its anchor says), if any
+    (an encryption domain asks among its own disks: it may read no other's anchor, nor
+    list the directory)."""
+    for name in names:
+        try:
+            if DiskState(state_dir, name).read_anchor().disk_id == disk_id:
+                return name
+        except (OSError, ValueError, TrustedStateError):
+            continue
+    return None

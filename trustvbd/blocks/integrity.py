@@ -42,7 +42,12 @@ class StaleReplicaError(ReplicaRefusedError):
 
 
 class ForeignReplicaError(ReplicaRefusedError):
-    """The replica holds data that is not this disk's (another disk's, or not ours)."""
+    """The replica holds data that is not this disk's (another disk's, or not ours).
+    `other_disk_id`: the id of the trustvbd disk it holds, if it holds one."""
+
+    def __init__(self, message: str, other_disk_id: bytes | None = None) -> None:
+        super().__init__(message)
+        self.other_disk_id = other_disk_id
 
 
 class IntegrityEvents:

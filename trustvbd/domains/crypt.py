@@ -26,7 +26,8 @@ from trustvbd.acm.decisions import Decision
 from trustvbd.blockdev import Backend, HasEpoch
 from trustvbd.blocks.aead_pool import AeadPool
 from trustvbd.blocks.crypt_layer import CryptDisk
-from trustvbd.blocks.integrity import EventWindows
+from trustvbd.blocks.disk_state import disk_with_id
+from trustvbd.blocks.integrity import EventWindows, ForeignReplicaError
 from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.space import SpaceWatch
 from trustvbd.domains import crypt_stack
@@ -388,9 +389,13 @@ class CryptDomain:
                 await crypt_stack.open_disk(self, disk)
             except Exception as exc:  # one bad disk must not take the others down
                 disk.error = str(exc)
+                if isinstance(exc, ForeignReplicaError) and exc.other_disk_id is not None:
+                    other = disk_with_id(self.state_dir, self.disks, exc.other_disk_id)
+                    if other is not None:
+                        disk.error += f"; the disk it holds is {other!r} of this system"
                 disk.locked = isinstance(exc, PassphraseNeeded)
-                log.error("disk %s cannot be served: %s", disk.name, exc)
-                self.control.tell(m.DiskFailed(disk.name, m.error_code(exc), str(exc)))
+                log.error("disk %s cannot be served: %s", disk.name, disk.error)
+                self.control.tell(m.DiskFailed(disk.name, m.error_code(exc), disk.error))
         self.unlock.forget()  # the disks hold their keys; the key-encryption key goes
         for listener, fd in zip(spec.listeners, fds, strict=True):
             self.serve_guest(listener, socket.socket(fileno=fd))

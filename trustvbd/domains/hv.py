@@ -42,6 +42,7 @@ from trustvbd.fileops import make_dirs
 from trustvbd.xenstore.xenbus import State
 
 log = logging.getLogger("trustvbd.hv")
+_REFUSED_REPLICA = (m.ErrorCode.FOREIGN_REPLICA, m.ErrorCode.STALE_REPLICA)  # nothing written to it
 
 STOP_TIMEOUT = 60.0
 UNLOCK_TIMEOUT = 300.0  # scrypt per disk, then opening it (reading its leaf table)
@@ -294,8 +295,16 @@ class Launcher:
             if wrong and self.had_passphrase:
                 raise StartError(f"wrong passphrase for disk {', '.join(map(repr, wrong))}:"
                                  " nothing was changed; start again with the right one")
-            problems = "; ".join(f"disk {d!r}: {f.message}" for d, f in self.failed_disks.items())
-            raise StartError(f"cannot serve every disk: {problems}")
+            refused = [d for d, f in self.failed_disks.items() if f.code in _REFUSED_REPLICA]
+            if len(refused) < len(self.failed_disks) or len(refused) == len(c.disks):
+                problems = "; ".join(f"disk {d!r}: {f.message}"
+                                     for d, f in self.failed_disks.items())
+                raise StartError(f"cannot serve every disk: {problems}")
+            # Only replicas refused (nothing written to them), and other disks to serve:
+            # serve those, and say which disk is not served and why.
+            for d in refused:
+                log.warning("disk %r is not served (the other disks are): %s; restart `trustvbd"
+                            " up` once that is fixed", d, self.failed_disks[d].message)
         return await self.listing()
 
     async def open_guest_sockets(self) -> None:
@@ -351,6 +360,10 @@ class Launcher:
         for guest in c.guests.values():
             for disk in c.disks.values():
                 if not self.allowed.get((guest.name, disk.name)):
+                    continue
+                if disk.name in self.failed_disks:
+                    lines.append(f"guest {guest.name} disk {disk.name} NOT SERVED (`trustvbd"
+                                 " status` says why)")
                     continue
                 routed = [(g, s) for g, s in self.listeners if g.guest == guest.name
                           and disk.name in self.types[g.wtype]]
