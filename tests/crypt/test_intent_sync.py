@@ -59,7 +59,8 @@ def test_closing_the_disk_ends_its_intent_log_s_sync_thread(tmp_path: Path) -> N
         kek = new_state(tmp_path / "state", size=SIZE)
         disk = await open_disk(tmp_path / "state", make_replica("memory", tmp_path), kek)
         await disk.pwrite(7 * BS, pattern(7, 1))
-        await disk.flush()
+        await disk.settle()  # the write behind leaves: its record synced on the thread
+        await disk.flush()  # (a FLUSH syncs on the loop: crypt_commit.Commits._sync_next)
         started = [t for t in sync_threads() if t not in before]
         assert len(started) == 1  # one per disk, started by its first sync
         await disk.close()

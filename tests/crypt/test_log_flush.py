@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 
 from tests.crypt.helpers import BS, LAY, SIZE, RawMemory, new_state, open_disk, pattern, run
-from trustvbd.blockdev import BlockError
+from trustvbd.blockdev import Backend, BlockError
 from trustvbd.blocks import crypt_commit, intent_log, write_behind
 from trustvbd.blocks.crypt_layer import CryptDisk, IntegrityError, physical_size
 from trustvbd.blocks.disk_state import DiskState
 from trustvbd.blocks.intent_log import IntentLog, IntentRecord
+from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.fileops import OsFileOps
 
 
@@ -354,3 +355,69 @@ def test_a_tree_record_counted_by_a_sync_is_written_by_it(tmp_path: Path) -> Non
     assert log.all_durable
     assert ops.unsynced == 0, "a record counted durable was written after the sync"
     log.close()
+
+
+class StepLog(OsFileOps):
+    """Real files; each intent-log record written and each sync of it, in `steps` (shared
+    with the replica below), with the thread the sync ran on."""
+
+    def __init__(self, steps: list[str]) -> None:
+        self.steps = steps
+
+    def pwrite(self, fd: int, data: Any, offset: int) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("intent.log") and data[:4] == b"IREC":
+            # A flush mark is a leaf record of no blocks (intent_log.mark_flushed).
+            self.steps.append("mark" if data[4:8] == bytes(4) and len(data) == 20 else "record")
+        return super().pwrite(fd, data, offset)
+
+    def fdatasync(self, fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("intent.log"):
+            on = "loop" if threading.current_thread() is threading.main_thread() else "thread"
+            self.steps.append(f"log sync on the {on}")
+        super().fdatasync(fd)
+
+
+class StepReplica(RawMemory):
+    def __init__(self, size: int, steps: list[str]) -> None:
+        super().__init__(size)
+        self.steps = steps
+
+    async def pwrite(self, offset: int, data: Any, fua: bool = False) -> None:
+        await super().pwrite(offset, data, fua)
+        self.steps.append("replica write, FUA" if fua else "replica write")
+
+    async def flush(self) -> None:
+        await super().flush()
+        self.steps.append("replica flush")
+
+
+def test_a_flush_after_each_write_syncs_the_log_on_the_loop_in_order(tmp_path: Path) -> None:
+    """A guest that FLUSHes after each write (fsync per write): the write a FLUSH is expected
+    to follow has its record synced, then goes to the replica with FUA, then the FLUSH's mark
+    is written and synced; both syncs on the event loop's own thread (crypt_commit.py
+    _sync_next: a hand-over to the log's thread and back cost two wake-ups the FLUSH waited
+    for), and nothing else between."""
+
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        steps: list[str] = []
+        # Behind the link a driver has: no FLUSH when every write since the last went with FUA.
+        link = ReplicaLink(StepReplica(physical_size(SIZE), steps), "r0", never)
+        disk = await CryptDisk.open(tmp_path, "vm1", link, "r0", kek,  # type: ignore[arg-type]
+                                    files=StepLog(steps))
+        for b in range(write_behind.FLUSH_STREAK):
+            await disk.pwrite(b * BS, pattern(b))
+            await disk.flush()
+        for b in (9, 30, 200):
+            del steps[:]
+            await disk.pwrite(b * BS, pattern(b))  # taken for one a FLUSH follows
+            await disk.flush()
+            assert steps == ["record", "log sync on the loop", "replica write, FUA", "mark",
+                             "log sync on the loop"], (b, steps)
+        await crash(disk)
+
+    run(go())
+
+
+async def never() -> Backend:
+    raise ConnectionError("a simulated replica does not reconnect")

@@ -4,7 +4,8 @@ Every intent record is durable before the ciphertext it explains leaves this dom
 (`when_durable`, the gate of write_behind.py and crypt_write.send): a group commit,
 one fdatasync on a thread for every record appended meanwhile, started when ciphertext
 waits for it (so a gathered run of writes behind costs one), and the event loop never
-waits for it.
+waits for it, but where a FLUSH waits for that sync and nothing else: then the loop
+syncs itself (`_sync_next`).
 
 A FLUSH (or FUA write) makes every write completed so far durable. Usually it
 does so with the intent log alone: the records are durable (or become so) while the
@@ -208,9 +209,11 @@ class Commits:
 
     # ------------------------------------------------------------ the group commit
 
-    def when_durable(self, then: Callable[[OSError | None], None]) -> bool:
+    def when_durable(self, then: Callable[[OSError | None], None], here: bool = False) -> bool:
         """True if every intent record appended so far is durable. Else False, and `then`
-        is called once they are (with None), or with the error if the sync failed.
+        is called once they are (with None), or with the error if the sync failed. With
+        `here` (ciphertext a FLUSH waits for), a sync started now runs on the event loop
+        once the reply being written has left (`_sync_next`).
 
         The gate before any ciphertext leaves this domain: a driver may persist what it
         receives at once (O_DIRECT, a remote server, page-cache writeback), and a power
@@ -224,7 +227,7 @@ class Commits:
             return True
         self._waiting.append((intent.appended, then))
         if not self._syncing:
-            self._sync_next()
+            self._sync_next(here)
         return False
 
     async def durable(self, report: bool = False) -> None:
@@ -246,18 +249,35 @@ class Commits:
                 self._sync_failed = None
             raise self._state_failed("sync", self.intent.path, exc) from exc
 
-    def _sync_next(self) -> None:
+    def _sync_next(self, here: bool = False) -> None:
         """One fdatasync on the log's thread for every record appended until it starts (a
         group commit: records appended while it runs wait for the next). Started when
         something waits for it (a run of writes behind leaving, a large or FUA write, a
         FLUSH or commit), not per record: a run of writes gathered meanwhile then costs one
-        sync, not one each. The event loop never waits for it."""
+        sync, not one each. The event loop never waits for it, but `here`: ciphertext a
+        FLUSH waits for (write_behind.py), where the loop has nothing else of this disk's
+        to do before the sync ends, and handing it to the thread cost a wake-up there and
+        one back here, each also waiting for the interpreter lock. Two loop turns later,
+        as the writes behind leave (write_behind._send_after_reply): the reply queued now
+        (an expected FLUSH's write) leaves first."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (a test's direct call): the next gate starts it
             return
         self._syncing = True
-        self.intent.sync_soon(loop, self._synced)
+        if here:
+            loop.call_soon(loop.call_soon, self._sync_now)
+        else:
+            self.intent.sync_soon(loop, self._synced)
+
+    def _sync_now(self) -> None:
+        """The group commit's sync on the event loop (`_sync_next`)."""
+        try:
+            self.intent.sync()
+        except Exception as exc:
+            self._synced(exc)
+        else:
+            self._synced(None)
 
     def _synced(self, exc: BaseException | None) -> None:
         self._syncing = False
@@ -413,6 +433,10 @@ class Commits:
             self.intent.mark_flushed()
         except OSError as exc:
             raise self._state_failed("append to", self.intent.path, exc) from exc
+        if not self._syncing and self._sync_failed is None:
+            # On the loop, at once: the FLUSH's answer waits for this sync alone (_sync_next).
+            self._syncing = True
+            self._sync_now()
         await self.durable(report=True)
         return True
 

@@ -112,7 +112,7 @@ Send = Callable[[int, Buffer, Buffer, bool], Coroutine[Any, Any, None]]
 Submit = Callable[[list[tuple[int, Buffer, Buffer]], bool, Callable[[list[bool]], None]], bool]
 # True if every intent record appended so far is durable; else False, and the callable is
 # called once they are (None) or their sync failed (the error): crypt_commit.when_durable.
-Gate = Callable[[Callable[[OSError | None], None]], bool]
+Gate = Callable[[Callable[[OSError | None], None], bool], bool]
 
 
 class _Run:
@@ -220,7 +220,7 @@ class WriteBehind:
             run = _Run(first_block, blocks, old, ct, done)
             run.early = True
             self._join(run)
-            self._go([run], fua=True)
+            self._go([run], fua=True, here=True)
             return
         if gather:
             for run in runs:
@@ -272,6 +272,7 @@ class WriteBehind:
         FLUSH waits for and then flushes: one sync on the replica, not one per run. Runs
         in flight with FUA count as the FLUSH's too (an expected FLUSH's write: add)."""
         ahead: list[_Run] = []
+        flush = fua
         if fua:
             self._streak = self._streak + 1 if self._since_flush == 1 else 0
             self._since_flush = 0
@@ -284,7 +285,7 @@ class WriteBehind:
             self._join(run)
         leaving = starting + held
         if leaving:  # something waits for them: they leave now
-            self._go(leaving, fua)
+            self._go(leaving, fua, here=flush)
             if fua:
                 ahead += leaving
         ahead = [run for run in ahead if not run.ended]  # not those that ended at once
@@ -339,17 +340,18 @@ class WriteBehind:
         if starting:
             self._go(starting)
 
-    def _go(self, runs: list[_Run], fua: bool = False) -> None:
+    def _go(self, runs: list[_Run], fua: bool = False, here: bool = False) -> None:
         """The runs' replica writes leave together as soon as the intent records are
-        durable (the gate: their sync started with them, so it is often done): submitted
-        in one batch where the replicas can queue them (one future per replica, not one
-        per run), else each in a task (`_start`)."""
+        durable (the gate: their sync started with them, so it is often done; `here`, a
+        FLUSH waits for them: synced on the loop, crypt_commit.Commits._sync_next):
+        submitted in one batch where the replicas can queue them (one future per replica,
+        not one per run), else each in a task (`_start`)."""
         sending = self._sending
         for run in runs:
             run.fua = fua
             sending.add(run)
         gate = self._gate
-        if gate is None or gate(partial(self._leave, runs)):
+        if gate is None or gate(partial(self._leave, runs), here):
             self._leave(runs)
 
     def _leave(self, runs: list[_Run], failed: OSError | None = None) -> None:
