@@ -10,9 +10,10 @@ fuse:  a filesystem copy through FUSE. For each server: nbdfuse exposes the expo
        fuse2fs has exited after the unmount (it writes everything back and flushes). Then
        e2fsck -fn must find the filesystem clean. `trustvbd up` (encrypted) vs nbdkit file.
 flush: FLUSH latency. One libnbd connection writes 4 KiB at a random offset, then FLUSHes,
-       --flushes times; the FLUSH alone is timed (median and 90th percentile), and the
-       write + FLUSH pair (a write answered before the driver took it moves that wait into
-       the FLUSH).
+       --flushes times after 20 such pairs to warm up; the FLUSH alone is timed (median,
+       90th and 99th percentile), and the write + FLUSH pair (a write answered before the
+       driver took it moves that wait into the FLUSH), with the CPU time per pair of each
+       process role (the measure when other processes share the disk's syncs).
        `trustvbd up` (encrypted) vs nbd-server (Debian `nbd-server`, left out if it is not
        installed) and nbdkit file.
 qd1:   serial 4 KiB writes at random offsets (one libnbd connection, no FLUSH), --writes of
@@ -119,16 +120,23 @@ def fuse_copy(uri: str, work: Path, source: Path) -> tuple[float, dict[str, floa
         wait_gone(nbdfuse, "nbdfuse")
 
 
-def flush_latency(uri: str, count: int) -> tuple[float, float, float]:
-    """(FLUSH median, FLUSH 90th percentile, write + FLUSH median) in seconds: a write
-    answered before the driver took it makes the FLUSH after it wait for the driver."""
+def flush_latency(uri: str, count: int,
+                  work: Path) -> tuple[float, float, float, float, dict[str, float]]:
+    """(FLUSH median, 90th and 99th percentile, write + FLUSH median) in seconds, and CPU
+    seconds per write + FLUSH pair by role: a write answered before the driver took it makes
+    the FLUSH after it wait for the driver. CPU is the measure under load: the FLUSH waits
+    for syncs, which other processes' syncs on the same disk delay."""
     import nbd  # type: ignore[import-not-found]
 
     h = nbd.NBD()
     h.connect_uri(uri)
     rng = random.Random(1)
     block = os.urandom(4096)
+    for _ in range(20):  # warm up: the connection, leaf pages, an expected FLUSH's streak
+        h.pwrite(block, rng.randrange(0, (64 << 20) // 4096) * 4096)
+        h.flush()
     times, pairs = [], []
+    before = procstat.snapshot(work)
     for _ in range(count):
         offset = rng.randrange(0, (64 << 20) // 4096) * 4096
         t0 = time.perf_counter()
@@ -138,9 +146,12 @@ def flush_latency(uri: str, count: int) -> tuple[float, float, float]:
         t2 = time.perf_counter()
         times.append(t2 - t1)
         pairs.append(t2 - t0)
+    cpu = procstat.used(before, procstat.snapshot(work))
     h.shutdown()
     times.sort()
-    return statistics.median(times), times[int(len(times) * 0.9)], statistics.median(pairs)
+    return (statistics.median(times), times[int(len(times) * 0.9)],
+            times[int(len(times) * 0.99)], statistics.median(pairs),
+            {role: s / count for role, s in cpu.items()})
 
 
 def qd1_writes(uri: str, count: int, work: Path) -> tuple[float, float, dict[str, float]]:
@@ -243,14 +254,22 @@ def main() -> int:
         peer = peers[0]
         servers = [*ups, *peers]
         timed = interleaved("flush", servers, args.reps,
-                            lambda uri, work: flush_latency(uri, args.flushes))
+                            lambda uri, work: flush_latency(uri, args.flushes, work))
         p50 = {name: [t[0] * 1e3 for t in runs] for name, runs in timed.items()}
         p90 = {name: [t[1] * 1e3 for t in runs] for name, runs in timed.items()}
-        pair = {name: [t[2] * 1e3 for t in runs] for name, runs in timed.items()}
+        p99 = {name: [t[2] * 1e3 for t in runs] for name, runs in timed.items()}
+        pair = {name: [t[3] * 1e3 for t in runs] for name, runs in timed.items()}
         table(f"FLUSH after each 4 KiB write, {args.flushes} flushes: median; {load()}", "ms",
               p50, peer.name)
         table("FLUSH: 90th percentile", "ms", p90, peer.name)
+        table("FLUSH: 99th percentile", "ms", p99, peer.name)
         table("4 KiB write + FLUSH: median", "ms", pair, peer.name)
+        print("\nCPU µs per 4 KiB write + FLUSH pair by server role (medians):")
+        for name, flush_runs in timed.items():
+            flush_roles = sorted({r for *_, cpu in flush_runs for r in cpu})
+            print(f"- {name}: " + ", ".join(
+                f"{r} {statistics.median(c.get(r, 0.0) for *_, c in flush_runs) * 1e6:.0f}"
+                for r in flush_roles))
     if args.suite in ("qd1", "all"):
         servers = [*ups, common.nbdkit_file(DISK)]
         lat = interleaved("qd1", servers, args.reps,
