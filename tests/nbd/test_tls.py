@@ -24,7 +24,7 @@ from tests.nbd.helpers import Activated, Peer, RawClient, ServerThread, wait_for
 from trustvbd.blockdev import BlockError
 from trustvbd.blocks.file import FileBackend
 from trustvbd.crypt import x509
-from trustvbd.crypt.tls import server_context
+from trustvbd.crypt.tls import client_context, server_context
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.client import NbdClient
 from trustvbd.nbd.server import Export, PeerInfo, StaticExports
@@ -278,6 +278,51 @@ def test_a_read_longer_than_one_part_streams_over_tls(short_tmp: Path, pki: Path
         data = h.pread(40 * MiB, 4096)
         h.shutdown()
     assert data == disk.read_bytes()[4096:4096 + 40 * MiB]
+    asyncio.run(backend.close())
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_tls_connection_is_not_left_waiting_for_room_after_its_replies_left(
+        short_tmp: Path, pki: Path, loop_kind: str) -> None:
+    """CI hung once in a READ streamed in parts over TLS: the server waited for its
+    transport to drain, the client for data. With write buffer limits high=0, the TLS layer
+    paused the connection after every write it had passed on whole (it pauses at size >=
+    high), and only a later write, read or a full socket buffer resumed it: a stream that
+    waits for the resume before its next part (or its end) could wait forever. Now no reply
+    that left leaves the connection paused, and a READ of three parts (32 MiB, 32 MiB,
+    4 KiB) over TLS arrives whole."""
+    disk = short_tmp / "big.img"
+    size = 72 * MiB
+    disk.write_bytes(os.urandom(size))
+    backend = FileBackend(str(disk), size)
+    with ServerThread(StaticExports([Export("big", backend)]), None, loop_kind,
+                      tls=server_context(pki / "pki")) as srv:
+        c = RawClient(("127.0.0.1", srv.port), timeout=30)
+        c.start()
+        c.option(p.Opt.STARTTLS)
+        assert c.option_reply()[1] == p.Rep.ACK
+        c.sock = client_context(pki / "pki" / "guests" / GUEST).wrap_socket(
+            c.sock, server_hostname="127.0.0.1")
+        c.go("big", fresh=False)
+        assert srv.server is not None
+        (conn,) = srv.server.connections
+        wait_for(lambda: not conn._transport_busy, 2,
+                 "the connection to see its transport drained after the handshake")
+        expected = disk.read_bytes()
+        for cookie, (offset, length) in enumerate([(4096, 4096), (0, 1), (8192, 4096),
+                                                  (4096, 64 * MiB + 4096)]):
+            c.request(p.Cmd.READ, offset, length, cookie=cookie)
+            assert c.simple_reply() == (0, cookie)
+            got = bytearray(length)
+            view, n = memoryview(got), 0
+            while n < length:
+                k = c.sock.recv_into(view[n:], min(length - n, MiB))
+                assert k, f"closed after {n} of {length} bytes"
+                n += k
+            assert got == expected[offset:offset + length]
+            wait_for(lambda: not conn._transport_busy, 2,
+                     f"the connection to see its transport drained after reply {cookie}")
+        c.close()
     asyncio.run(backend.close())
 
 

@@ -80,7 +80,12 @@ async def _start_tls(conn: Connection) -> str:
         raise HandshakeEnded("client closed the connection during the TLS handshake")
     conn._transport = upgraded  # type: ignore[assignment]
     conn._sock_fd = -1  # replies now go through TLS: no sendfile, no direct writes
-    upgraded.set_write_buffer_limits(high=0, low=0)
+    # Paused while the TLS layer holds any unsent byte, resumed once it holds none. Not
+    # high=0 as on a plain transport: asyncio's and uvloop's TLS layers pause at size >= high,
+    # so high=0 paused the connection after every write that left nothing behind, with no
+    # resume to follow unless the socket's own buffer filled or the client sent more; a
+    # long READ streamed in parts then waited for a resume that never came.
+    upgraded.set_write_buffer_limits(high=1, low=0)
     return peer_common_name(upgraded.get_extra_info("ssl_object"))
 
 
