@@ -406,3 +406,34 @@ def test_a_full_audit_disk_refuses_decisions_in_one_line_and_the_log_stays_whole
     assert domain.respond(decide, owner=1) == first | {"rid": 2}
     domain.audit.close()
     assert verify(path) == []
+
+
+def test_a_detach_on_a_full_audit_disk_is_done_and_said_in_one_line(tmp_path, caplog):
+    """Red team: with the state directory full, every guest connection that closed logged
+    "request failed" and a traceback (the detach's record could not be written). The
+    attachment ends all the same (its Chinese Wall count goes), said in one line; a
+    connection that goes away with attachments does not raise either."""
+    from tests.acm.test_audit import FullForHead
+    from trustvbd.domains.acm import AcmDomain
+
+    ops = FullForHead()
+    path = tmp_path / "audit.jsonl"
+    domain = AcmDomain(load_policy(XM_TEST), AuditLog(path, ops=ops))
+
+    def ask(owner: int, **req: object) -> dict:
+        return domain.respond(json.dumps({"rid": 1, **req}).encode(), owner=owner)
+
+    assert ask(1, op="chw_attach", id="c1", label="red", name="vm1")["allowed"] is True
+    assert ask(2, op="chw_attach", id="c2", label="red", name="vm2")["allowed"] is True
+    ops.full = True
+    with caplog.at_level("ERROR", logger="trustvbd.acm"):
+        ask(1, op="chw_detach", id="c1")
+        domain.release(2)
+    assert [r.exc_info for r in caplog.records] == [None, None], caplog.text
+    assert all("cannot write the audit log" in r.getMessage() and "was not recorded"
+               in r.getMessage() for r in caplog.records), caplog.text
+    ops.full = False
+    assert "red" not in ask(1, op="status")["running_types"]
+    assert ask(3, op="chw_attach", id="c3", label="blue", name="vm3")["allowed"] is True
+    domain.audit.close()
+    assert verify(path) == []

@@ -250,7 +250,13 @@ class AcmDomain:
     def _detach(self, cid: str, event: str) -> None:
         label, name, _ = self.attached.pop(cid)
         self.wall.stopped(label)
-        self.audit.append("chinese-wall", event=event, id=cid, label=label, name=name)
+        try:
+            self.audit.append("chinese-wall", event=event, id=cid, label=label, name=name)
+        except OSError as exc:
+            # The attachment ended all the same (its guest connection is gone): refusing
+            # the detach would only keep a stale count. Said in one line, not a traceback.
+            log.error("%s (the end of attachment %s, %s, was not recorded)",
+                      self._unwritable(exc), cid, label)
 
     def release(self, owner: int) -> None:
         """A client went away: its attachments end with it (Xen: its domains were destroyed)."""
