@@ -1,6 +1,6 @@
 """What one more replica's payload costs the kernel, apart from trustvbd (#11).
 
-    .venv/bin/python bench/send_copies.py [--gib 1] [--rounds 3]
+    .venv/bin/python bench/send_copies.py [--gib 1] [--rounds 3] [--fanout]
 
 `send`: the sender's CPU (user + system) per GiB of 256 KiB payloads into a Unix socket
 (SO_SNDBUF 4 MiB, as the encryption domain's links), the copy each replica beyond the
@@ -19,6 +19,15 @@ A driver is untrusted, so any of its bytes in a reused buffer (plaintext, keys) 
 the write) at offsets aligned to 256 KiB against offsets 8 KiB past that (where a
 replica's ciphertext lies: docs/format.md puts the data area after 8 KiB of superblock
 slots and the leaf pages).
+
+`--fanout` (instead of the above): the same payloads to two receivers (two replicas),
+the sender pinned to CPU 0 and the receivers to CPU 1 (as `up`'s domains often run):
+`two sends` copies each payload into each socket, as the encryption domain does; `pipe
+tee` writes it once into a pipe, tee(2)s that into a second pipe and splices each pipe
+into its socket, so the kernel copies it once and both sockets hold references to the
+same kernel pages (pages only ever holding what both receivers get: no vmsplice hazard).
+Every round is printed, not only the median: on this VM a round is now and then several
+times slower, all of the extra in the copy into the socket's fresh pages (bench/README).
 
 Medians of --rounds after one unmeasured run of each way; prints the load average.
 """
@@ -47,6 +56,8 @@ class _IoVec(ctypes.Structure):
 
 _libc.vmsplice.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_uint]
 _libc.vmsplice.restype = ctypes.c_ssize_t
+_libc.tee.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
+_libc.tee.restype = ctypes.c_ssize_t
 
 
 def _cpu() -> float:
@@ -108,6 +119,59 @@ def send_once(way: str, total: int, path: str) -> float:
     return used / (total / (1 << 30))
 
 
+def fanout_once(way: str, total: int, tmp: str) -> float:
+    """Sender CPU seconds per GiB of guest data sent to two receivers: `two sends` or
+    `pipe tee` (one copy into a pipe, tee to a second, splice each into its socket)."""
+    os.sched_setaffinity(0, {0})
+    socks, pids = [], []
+    for i in range(2):
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for s in (a, b):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        pid = os.fork()
+        if pid == 0:
+            a.close()
+            try:
+                os.sched_setaffinity(0, {1 % (os.cpu_count() or 1)})
+                _receive(b, os.path.join(tmp, f"replica{i}.img"))
+            finally:
+                os._exit(0)
+        b.close()
+        socks.append(a)
+        pids.append(pid)
+    payload = os.urandom(CHUNK)
+    pipes = [os.pipe(), os.pipe()]
+    for _, w in pipes:
+        fcntl.fcntl(w, F_SETPIPE_SZ, CHUNK)
+    start = _cpu()
+    for _ in range(total // CHUNK):
+        if way == "two sends":
+            for sock in socks:
+                sock.sendall(payload)
+            continue
+        if os.write(pipes[0][1], payload) != CHUNK:
+            raise OSError("short write into an empty pipe of the payload's size")
+        if _libc.tee(pipes[0][0], pipes[1][1], CHUNK, 0) != CHUNK:
+            raise OSError(ctypes.get_errno(), "tee")
+        for (r, _), sock in zip(pipes, socks, strict=True):
+            left = CHUNK
+            while left:
+                left -= os.splice(r, sock.fileno(), left)
+    used = _cpu() - start
+    for sock in socks:
+        sock.shutdown(socket.SHUT_WR)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    for sock in socks:
+        sock.close()
+    for fds in pipes:
+        for fd in fds:
+            os.close(fd)
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    return used / (total / (1 << 30))
+
+
 def splice_keeps_pages(size: int = 64 << 10) -> int:
     """Bytes of the sender's buffer, rewritten after SIOCOUTQ fell to 0, that a receiver
     which spliced the socket into its own pipe reads afterwards (0: vmsplice + an
@@ -160,14 +224,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gib", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fanout", action="store_true", help="two receivers: two sends against pipe + tee")
     args = parser.parse_args()
     total = args.gib << 30
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         path = os.path.join(tmp, "target.img")
-        ways = {"send copy": lambda: send_once("copy", total, path),
-                "send vmsplice": lambda: send_once("vmsplice", total, path),
-                "pwrite aligned": lambda: pwrite_once(0, total, path),
-                "pwrite +8 KiB": lambda: pwrite_once(8192, total, path)}
+        if args.fanout:
+            ways = {"two sends": lambda: fanout_once("two sends", total, tmp),
+                    "pipe tee": lambda: fanout_once("pipe tee", total, tmp)}
+        else:
+            ways = {"send copy": lambda: send_once("copy", total, path),
+                    "send vmsplice": lambda: send_once("vmsplice", total, path),
+                    "pwrite aligned": lambda: pwrite_once(0, total, path),
+                    "pwrite +8 KiB": lambda: pwrite_once(8192, total, path)}
         runs: dict[str, list[float]] = {name: [] for name in ways}
         for way in ways.values():
             way()  # unmeasured
@@ -177,6 +246,9 @@ def main() -> int:
         for name, cpus in runs.items():
             print(f"{name:15} {statistics.median(cpus):.3f} s CPU per GiB "
                   f"(runs: {', '.join(f'{c:.3f}' for c in cpus)})")
+    if args.fanout:
+        print(f"load average: {os.getloadavg()[0]:.2f}")
+        return 0
     leaked = splice_keeps_pages()
     print(f"hazard: after SIOCOUTQ fell to 0, a receiver that spliced into its own pipe read "
           f"{leaked} of {64 << 10} bytes the sender wrote later")
