@@ -241,7 +241,8 @@ class Commits:
             if not done.done():
                 done.set_exception(exc) if exc is not None else done.set_result(None)
 
-        self.when_durable(then)
+        if self.when_durable(then):  # the log's thread ended a sync since the check above
+            return
         try:
             await done
         except OSError as exc:
