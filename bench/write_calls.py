@@ -92,8 +92,8 @@ async def measure(tmp: Path, disk: CryptDisk, qd: int, writes: int, profile: boo
                   seed: int, seq: bool, budget: bool) -> tuple[float, float, float]:
     sock = tmp / f"g{seed}.sock"
     server = NbdServer(StaticExports([Export("", disk)]), identity="bench-guest",
-                       **({"budget": MemoryBudget(Limits().memory), "idle_timeout": Limits().idle_timeout}
-                          if budget else {}))
+                       budget=MemoryBudget(Limits().memory) if budget else None,
+                       idle_timeout=Limits().idle_timeout if budget else None)
     listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listening.bind(str(sock))
     listening.listen(4)
