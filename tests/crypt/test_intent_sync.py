@@ -8,22 +8,29 @@ thread ends with the log, and a log dropped without close does not keep it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-
 from tests.crypt.helpers import BS, SIZE, make_replica, new_state, open_disk, pattern, run
-from trustvbd.blocks import intent_log
 from trustvbd.blocks.intent_log import IntentLog
+from trustvbd.fileops import OsFileOps
 
 
-def sync_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("sync ") and t.is_alive()]
+def sync_threads(name: str) -> list[str]:
+    """The threads of this process named "sync NAME" (the intent log's native thread is
+    not in `threading.enumerate`): their ids."""
+    found = []
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(FileNotFoundError):  # (a thread that just ended)
+            if Path(f"/proc/self/task/{tid}/comm").read_text().strip() == f"sync {name}"[:15]:
+                found.append(tid)
+    return found
 
 
 def test_a_write_s_record_is_synced_while_the_loop_s_default_executor_is_busy(
@@ -55,47 +62,104 @@ def test_a_write_s_record_is_synced_while_the_loop_s_default_executor_is_busy(
 
 def test_closing_the_disk_ends_its_intent_log_s_sync_thread(tmp_path: Path) -> None:
     async def go() -> None:
-        before = set(sync_threads())
         kek = new_state(tmp_path / "state", size=SIZE)
         disk = await open_disk(tmp_path / "state", make_replica("memory", tmp_path), kek)
+        name = disk._commits.intent.path.parent.name
+        before = sync_threads(name)
         await disk.pwrite(7 * BS, pattern(7, 1))
         await disk.settle()  # the write behind leaves: its record synced on the thread
         await disk.flush()  # (a FLUSH syncs on the loop: crypt_commit.Commits._sync_next)
-        started = [t for t in sync_threads() if t not in before]
+        started = [t for t in sync_threads(name) if t not in before]
         assert len(started) == 1  # one per disk, started by its first sync
+        thread = disk._commits.intent._sync_thread
+        assert thread is not None and thread.alive
         await disk.close()
-        assert not started[0].is_alive()
+        assert not thread.alive and not set(sync_threads(name)) & set(started)
     run(go())
 
 
-def test_a_log_dropped_without_close_lets_its_sync_thread_end(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_log_dropped_without_close_lets_its_sync_thread_end(tmp_path: Path) -> None:
     """A log closed is refused a sync (EBADF, said to the caller, no thread started); one
-    dropped unclosed (a test's abandoned disk, a crash path) does not keep its thread."""
-    monkeypatch.setattr(intent_log, "_IDLE_S", 0.05)
-
+    dropped unclosed (a test's abandoned disk, a crash path) does not keep its thread, nor
+    does one dropped while a sync is under way."""
     async def go() -> None:
         loop = asyncio.get_running_loop()
-        before = set(sync_threads())
-        log = IntentLog(tmp_path / "intent.log")
-        log.reset(1)
-        log.append(3, bytes(32), bytes(32))
-        done: asyncio.Future[BaseException | None] = loop.create_future()
-        log.sync_soon(loop, done.set_result)
-        assert await asyncio.wait_for(done, 10) is None and log.all_durable
-        [thread] = [t for t in sync_threads() if t not in before]
-        del log
-        gc.collect()
-        deadline = time.monotonic() + 10
-        while thread.is_alive() and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert not thread.is_alive()
+        for name in ("dropped", "dropped-busy"):
+            (tmp_path / name).mkdir()
+            log = IntentLog(tmp_path / name / "intent.log")
+            log.reset(1)
+            log.append(3, bytes(32), bytes(32))
+            done: asyncio.Future[BaseException | None] = loop.create_future()
+            log.sync_soon(loop, done.set_result)
+            if name == "dropped":
+                assert await asyncio.wait_for(done, 10) is None and log.all_durable
+            deadline = time.monotonic() + 10  # (a new thread names itself once it runs)
+            while not sync_threads(name) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert len(sync_threads(name)) == 1
+            del log
+            gc.collect()
+            deadline = time.monotonic() + 10
+            while sync_threads(name) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert not sync_threads(name)
 
-        closed = IntentLog(tmp_path / "intent2.log")
+        (tmp_path / "closed").mkdir()
+        closed = IntentLog(tmp_path / "closed" / "intent.log")
         closed.close()
         refused: asyncio.Future[BaseException | None] = loop.create_future()
         closed.sync_soon(loop, refused.set_result)
         error = await asyncio.wait_for(refused, 10)
         assert isinstance(error, OSError) and error.errno == errno.EBADF
-        assert not [t for t in sync_threads() if t not in before]
+        assert not sync_threads("closed")
+    run(go())
+
+
+class GatedSync(OsFileOps):
+    """Real files; each fdatasync waits for `gate` first (a sync under way, held there)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.syncs = 0
+
+    def fdatasync(self, fd: int) -> None:
+        assert self.gate.wait(10)
+        super().fdatasync(fd)
+        self.syncs += 1
+
+
+def test_a_reset_or_a_close_waits_for_the_sync_under_way_and_its_caller_hears_later(
+        tmp_path: Path) -> None:
+    """The sync runs on the log's native thread (sync_soon): a reset does not truncate the
+    log under it (the sync's fdatasync ends first, and its window is not taken for the new
+    log's), a close does not close the file under it, and its caller is told on a later
+    loop turn, not inside the reset or close."""
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        ops = GatedSync()
+        log = IntentLog(tmp_path / "intent.log", ops)
+        log.reset(1)
+        log.append(3, bytes(32), b"\x03" * 32)
+        done: asyncio.Future[BaseException | None] = loop.create_future()
+        log.sync_soon(loop, done.set_result)
+        threading.Timer(0.05, ops.gate.set).start()
+        log.reset(2, {5: b"\x05" * 32})  # waits for the sync's fdatasync
+        assert ops.syncs == 1 and not done.done()
+        assert await asyncio.wait_for(done, 10) is None and log.all_durable
+        log.append(4, bytes(32), b"\x04" * 32)
+        again: asyncio.Future[BaseException | None] = loop.create_future()
+        log.sync_soon(loop, again.set_result)
+        assert await asyncio.wait_for(again, 10) is None and log.all_durable
+        contents = log.read()
+        assert contents.base_epoch == 2 and [r.first_block for r in contents.records] == [4]
+        assert [t.hashes for t in contents.trees] == [{5: b"\x05" * 32}]
+
+        ops.gate.clear()
+        log.append(6, bytes(32), b"\x06" * 32)
+        last: asyncio.Future[BaseException | None] = loop.create_future()
+        log.sync_soon(loop, last.set_result)
+        threading.Timer(0.05, ops.gate.set).start()
+        log.close()  # waits for the sync's fdatasync
+        assert ops.syncs == 3 and not last.done()
+        assert await asyncio.wait_for(last, 10) is None and log.all_durable
     run(go())

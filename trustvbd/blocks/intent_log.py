@@ -1,11 +1,12 @@
 """The intent log of one disk (STATE_DIR/disks/NAME/intent.log): leaf changes since the
 last commit, and page hashes the tree file may not hold yet.
 
-Appended per request, and fdatasync'ed (a group commit on the log's own thread,
+Appended per request, and fdatasync'ed (a group commit on the log's own native thread,
 `sync_soon`: crypt_commit.py)
 before the request's ciphertext leaves this process, and before a commit writes leaf
 pages (docs/dev/crypt-design.md, "Power loss"). Byte layout: docs/format.md. Every write and sync goes through a FileOps
-(trustvbd/fileops.py), so tests can cut the power.
+(trustvbd/fileops.py), so tests can cut the power: a FileOps' own fdatasync is called by
+that thread in place of the native one.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import errno
 import os
 import struct
 import threading
-import weakref
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+from trustvbd._native import LogSync
 from trustvbd.blocks.state_checks import TrustedStateError, crc_at
 from trustvbd.crypt.tree import HASH_SIZE
-from trustvbd.fileops import OS_FILES, FileOps
+from trustvbd.fileops import OS_FILES, FileOps, OsFileOps
 
 _LOG_HEADER = struct.Struct(">8sIIQI")
 _LOG_MAGIC = b"TVBDINTL"
@@ -88,7 +90,8 @@ class IntentLog:
         self._end: int | None = None  # where the next record goes (None: not read yet)
         self._room = 0  # the file's size: records, then zeros
         # A FLUSH syncs on a thread (crypt_commit.py): a reset must not run inside that
-        # sync, or the sync could make a log durable that is truncated and not rewritten.
+        # sync, or the sync could make a log durable that is truncated and not rewritten;
+        # nor may two syncs (one could call records durable that a failed one dropped).
         self._syncing = threading.Lock()
         self._held = bytearray()  # leaf records not written yet, in order
         # The held records and the write position: a sync on a thread writes them too.
@@ -98,15 +101,15 @@ class IntentLog:
         self._unsynced_at = 0
         self._unsynced = bytearray()
         self._sync_failed = False
+        self._resets = 0  # a sync's window is that of the log it began on
         # Records appended since open (never reset), and how many of them a completed
         # sync made durable: ciphertext leaves only once its records are (crypt_commit.py).
         self.appended = 0
         self.durable = 0
-        # The log's own sync thread (sync_soon), started by the first; what its next sync
-        # tells when done, and the lock it waits on (released: a sync is asked for).
-        self._sync_thread: threading.Thread | None = None
-        self._asked = threading.Lock()
-        self._asked.acquire()
+        # The log's own native sync thread (sync_soon), started by the first; the sync
+        # under way: what it began (_begin_sync), and what to tell on which loop when done.
+        self._sync_thread: LogSync | None = None
+        self._began: tuple[int, int, int] = (0, 0, 0)
         self._then: tuple[asyncio.AbstractEventLoop, Callable[[BaseException | None], None]] | None = None
         self._closed = False
 
@@ -155,31 +158,66 @@ class IntentLog:
         thread, self._sync_thread = self._sync_thread, None
         self._closed = True
         if thread is not None:
-            if self._asked.locked():  # (else a sync was asked for: the thread says closed)
-                self._asked.release()
-            thread.join()  # a sync under way ends before the file is closed under it
+            thread.close()  # a sync under way ends before the file is closed under it
+            if self._then is not None:  # told as ever, on its loop
+                self._synced(thread, later=True)
         if self._fd >= 0:
             self._ops.close(self._fd)
             self._fd = -1
 
     def sync_soon(self, loop: asyncio.AbstractEventLoop,
                   done: Callable[[BaseException | None], None]) -> None:
-        """`sync` on the log's own thread; `done` is then called on `loop` with what it
-        raised (None: durable). One at a time: ask again only after `done` was called.
+        """`sync` with its fdatasync on the log's own native thread; `done` is then called
+        on `loop` with what it raised (None: durable). One at a time: ask again only after
+        `done` was called.
 
-        Not the loop's default executor: a sync is asked for per run of writes leaving (per
-        write at queue depth 1), and handing it to a dedicated thread waiting on a lock
-        costs a fraction of run_in_executor's futures and work queue (bench/README.md)."""
+        The held records are written here, on the loop (one pwrite); the thread only
+        fdatasyncs, never taking the GIL, and wakes the loop by a pipe the loop watches
+        while the sync is under way. Not the loop's default executor nor a Python thread:
+        a sync is asked for per run of writes leaving (per write at queue depth 1), and
+        each GIL hand-over to a thread costs both threads (bench/README.md)."""
+        if self._closed:
+            loop.call_soon(done, OSError(errno.EBADF, f"{self.path} is closed"))
+            return
+        thread = self._sync_thread
+        if thread is None:
+            ops = self._ops
+            sync = None if type(ops).fdatasync is OsFileOps.fdatasync else partial(
+                ops.fdatasync, self._fd)
+            thread = self._sync_thread = LogSync(self._fd, self.path.parent.name, sync)
+        if not self._syncing.acquire(blocking=False):  # a sync of the log's own (tests)
+            loop.call_soon(self.sync_soon, loop, done)
+            return
+        try:
+            self._began = self._begin_sync()
+        except BaseException as exc:
+            self._syncing.release()
+            self._sync_failed = True
+            loop.call_soon(done, exc)
+            return
         self._then = (loop, done)
-        if self._sync_thread is None:
-            if self._closed:
-                loop.call_soon(done, OSError(errno.EBADF, f"{self.path} is closed"))
-                return
-            self._sync_thread = threading.Thread(
-                target=_syncs, args=(weakref.ref(self), self._asked),
-                name=f"sync {self.path.parent.name}", daemon=True)
-            self._sync_thread.start()
-        self._asked.release()
+        thread.ask()
+        loop.add_reader(thread.fileno(), self._synced, thread)
+
+    def _synced(self, thread: LogSync, later: bool = False) -> None:
+        """The native thread's sync ended (its pipe readable): the watermark advances.
+        `later`: its caller is told on the next loop turn, not inside whoever ended it."""
+        then, self._then = self._then, None
+        assert then is not None
+        loop, done = then
+        try:
+            loop.remove_reader(thread.fileno())
+        except (RuntimeError, ValueError):
+            pass  # the loop is closed: nothing watches the pipe any more
+        error = thread.take()
+        self._end_sync(*self._began, error)
+        self._syncing.release()
+        if loop.is_closed():
+            return  # nothing waits for this sync any more
+        if later:
+            loop.call_soon(done, error)
+        else:
+            done(error)
 
     def reset(self, base_epoch: int, carry: dict[int, bytes] | None = None,
               room: bool = True) -> None:
@@ -190,16 +228,20 @@ class IntentLog:
         Not synced: until the next sync() the old records stay durable, and those
         are obsolete once the anchor of `base_epoch` is (it was synced first); the
         old log's tree records hold at least what `carry` holds. Truncated first, so
-        no record of an older log can lie in the new room."""
-        with self._syncing:
+        no record of an older log can lie in the new room. Not inside a sync: one under
+        way on the log's thread ends first (its caller told on the next loop turn)."""
+        if (thread := self._sync_thread) is not None and self._then is not None:
+            thread.wait()
+            self._synced(thread, later=True)
+        with self._syncing, self._writing:
+            self._resets += 1
             self._reset(base_epoch, carry, room)
 
     def _reset(self, base_epoch: int, carry: dict[int, bytes] | None, room: bool) -> None:
-        with self._writing:
-            if self._held:  # none at a commit (its writes were sent); they belong to this log
-                self._write(self._held)
-                self._held.clear()
-            self._reset_unlocked(base_epoch, carry, room)
+        if self._held:  # none at a commit (its writes were sent); they belong to this log
+            self._write(self._held)
+            self._held.clear()
+        self._reset_unlocked(base_epoch, carry, room)
 
     def _reset_unlocked(self, base_epoch: int, carry: dict[int, bytes] | None,
                         room: bool) -> None:
@@ -234,28 +276,44 @@ class IntentLog:
 
     def sync(self) -> None:
         """Make every record appended so far survive a power cut (the held ones written
-        first). Thread-safe: records appended meanwhile wait for the next sync."""
+        first), on this thread. Thread-safe: records appended meanwhile wait for the next
+        sync; one under way on the log's own thread (sync_soon) ends first."""
         with self._syncing:
-            with self._writing:
-                upto = self.appended
-                if self._held:
-                    self._write(self._held)
-                    self._held.clear()
-                if self._sync_failed:  # the window again, and the room's zeros (class doc)
-                    end = self.end
-                    self._pwrite(self._unsynced + bytes(self._room - end), self._unsynced_at)
-                synced = len(self._unsynced)
+            began = self._begin_sync()
             try:
                 self._ops.fdatasync(self._fd)
-            except BaseException:
-                self._sync_failed = True
+            except BaseException as exc:
+                self._end_sync(*began, exc)
                 raise
-            with self._writing:  # records written meanwhile wait for the next sync
+            self._end_sync(*began, None)
+
+    def _begin_sync(self) -> tuple[int, int, int]:
+        """A sync's first half (`_syncing` held): the held records written, and after a
+        failed sync the window again (class doc). What the fdatasync will make durable:
+        (records appended, the log's end, which log: resets so far)."""
+        with self._writing:
+            upto = self.appended
+            if self._held:
+                self._write(self._held)
+                self._held.clear()
+            if self._sync_failed:  # the window again, and the room's zeros (class doc)
+                end = self.end
+                self._pwrite(self._unsynced + bytes(self._room - end), self._unsynced_at)
+            return upto, self._unsynced_at + len(self._unsynced), self._resets
+
+    def _end_sync(self, upto: int, synced_to: int, resets: int,
+                  error: BaseException | None) -> None:
+        """A sync's second half, once its fdatasync returned (`_syncing` held)."""
+        if error is not None:
+            self._sync_failed = True
+            return
+        with self._writing:  # records written meanwhile wait for the next sync
+            if resets == self._resets:  # (else a reset replaced the window since)
                 self._sync_failed = False
-                del self._unsynced[:synced]
-                self._unsynced_at += synced
-            if upto > self.durable:
-                self.durable = upto
+                del self._unsynced[:synced_to - self._unsynced_at]
+                self._unsynced_at = synced_to
+        if upto > self.durable:
+            self.durable = upto
 
     def mark_flushed(self) -> None:
         """A flush mark (a leaf record of no blocks), appended by a FLUSH that the log
@@ -329,41 +387,6 @@ class IntentLog:
             self._unsynced_at = off
         return out
 
-
-def _syncs(ref: weakref.ReferenceType[IntentLog], asked: threading.Lock) -> None:
-    """An intent log's sync thread (IntentLog.sync_soon): a sync each time one is asked
-    for, until the log is closed. It holds the log only while it syncs: a log dropped
-    without close lets it end within IDLE_S."""
-    while True:
-        if not asked.acquire(timeout=_IDLE_S):
-            if ref() is None:
-                return
-            continue
-        log = ref()
-        if log is None:
-            return
-        then, log._then = log._then, None
-        error: BaseException | None = None
-        if log._closed:
-            error = OSError(errno.EBADF, f"{log.path} is closed")
-        else:
-            try:
-                log.sync()
-            except BaseException as exc:  # (handed to the loop, whatever it is)
-                error = exc
-        closed = log._closed
-        del log
-        if then is not None:
-            loop, done = then
-            try:
-                loop.call_soon_threadsafe(done, error)
-            except RuntimeError:
-                pass  # the loop is closed: nothing waits for this sync any more
-        if closed:
-            return
-
-
-_IDLE_S = 5.0
 
 
 def encode_tree_record(epoch: int, hashes: dict[int, bytes]) -> bytes:

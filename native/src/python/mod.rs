@@ -16,6 +16,7 @@ use crate::block_codec::{self, CodecError};
 
 mod foreign;
 mod leaf_table;
+mod log_sync;
 mod nbd_client;
 mod file_serve;
 mod nbd_server;
@@ -124,6 +125,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("BLOCK_SIZE", block_codec::BLOCK_SIZE)?;
     m.add("LEAF_SIZE", block_codec::LEAF_SIZE)?;
     leaf_table::register(m)?;
+    log_sync::register(m)?;
     nbd_client::register(m)?;
     nbd_server::register(m)?;
     m.add_function(pyo3::wrap_pyfunction!(file_serve::serve_file, m)?)?;
