@@ -366,6 +366,12 @@ class WritesNatively(Protocol):
         """Collect what the plane took (intent records, versions, writes behind)."""
         ...
 
+    def write_room(self, offset: int, length: int) -> Awaitable[None] | None:
+        """For a WRITE without FUA the backend's `write_inline` declined: an awaitable
+        ending when waiting for it lets the backend take the write inline (None: serve it
+        the general way now)."""
+        ...
+
 
 @runtime_checkable
 class Reconnectable(Protocol):

@@ -196,6 +196,71 @@ def test_a_lost_write_behind_stops_the_plane_until_a_flush_reports_it(
         run(go())
 
 
+class StallingWrites(Driver):
+    """A driver whose writes wait while `stalled` (set from the test's thread), counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stalled = False
+        self.writes = 0
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        self.writes += 1
+        while self.stalled:
+            await asyncio.sleep(0.005)
+        await self.next.pwrite(offset, data, fua)
+
+
+def test_writes_past_a_full_write_behind_wait_for_room_and_go_natively(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest pipelining more writes than the writes behind may hold while the replica
+    stalls: the writes past the limit are held (the connection stops reading) until a run
+    ends, then taken by the plane; none goes to the replica alone (the general way, which
+    did it before), the limit holds all along, and every write reads back."""
+    import tests.crypt.test_native_reads as reads
+    monkeypatch.setattr(reads, "Driver", StallingWrites)
+    blocks = [300 + 2 * i for i in range(12)]  # apart: none gathered with another
+    with drivers(short_tmp, 1) as (backends, uris):
+        replica = backends[0]
+        assert isinstance(replica, StallingWrites)
+
+        async def go() -> None:
+            async with opened(short_tmp, uris) as disk, served(short_tmp, disk) as guest:
+                await warm(disk, 300)
+                behind = disk._behind
+                behind.limit = 4
+                before, sent = disk._wplane.started, replica.writes
+                replica.stalled = True
+                writing = asyncio.ensure_future(write_as_guest(
+                    guest.uri, [(b * BS, pattern(b + 1), False) for b in blocks]))
+                # Until the writes past the limit either wait for room behind, or one went
+                # to the replica alone (a fifth replica write: each write behind is a run).
+                try:
+                    await until(lambda: getattr(behind, "_room_waits", 0) > 0
+                                or replica.writes > sent + 4)
+                    held, alone = behind.running, replica.writes - sent
+                finally:
+                    replica.stalled = False
+                await writing
+                assert held == 4
+                assert alone <= 4
+                assert disk._wplane.started - before == len(blocks)
+                for b in blocks:
+                    assert bytes(await disk.pread(b * BS, BS)) == pattern(b + 1)
+                await behind.drain()
+                settled(disk)
+        run(go())
+
+
+async def until(condition: Any, tries: int = 10000) -> None:
+    """Wait (in 1 ms steps) until `condition()` holds."""
+    for _ in range(tries):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the condition never held")
+
+
 def test_a_block_written_partly_keeps_its_plaintext_past_the_plane(short_tmp: Path) -> None:
     """A block written a few bytes at a time (e2fsprogs' superblock): the one-block write
     between two such updates is declined by the plane (the general way keeps its

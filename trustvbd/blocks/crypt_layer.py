@@ -236,6 +236,7 @@ class CryptDisk:
     pwrite = crypt_write.pwrite
     write_inline = crypt_write.write_inline
     write_route = crypt_write.write_route
+    write_room = crypt_write.write_room
     writes_taken = crypt_write.writes_taken
     _wait_for_space = crypt_write.wait_for_space
     _acquire = crypt_write.acquire

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from trustvbd.blockdev import BlockError, Buffer, check_range
 from trustvbd.blocks.ranges import Hold
+from trustvbd.blocks.write_behind import WRITE_BEHIND_BLOCKS
 from trustvbd.crypt.aead import BLOCK_SIZE, LEAF_SIZE
 
 if TYPE_CHECKING:
@@ -146,6 +147,20 @@ def write_route(disk: CryptDisk) -> WritePlane | None:
     plane = disk._wplane
     plane.arm(room, *commits.write_window())
     return plane
+
+
+def write_room(disk: CryptDisk, offset: int, length: int) -> Coroutine[Any, Any, None] | None:
+    """For a write without FUA that `write_inline` declined: when the writes behind being
+    full was what stopped it (and the plane would take its size), an awaitable that ends
+    once they have room, so the NBD server holds the write until then and it goes behind
+    natively, instead of to the replicas alone (the general way, several times the work
+    of the plane's). None otherwise."""
+    commits = disk._commits
+    if (offset % BS or length % BS or not 0 < length < WRITE_BEHIND_BLOCKS * BS
+            or not disk._behind.full() or commits.committing or disk._closed
+            or commits.failed is not None or disk._out_of_space is not None):
+        return None
+    return disk._behind.room()
 
 
 def writes_taken(disk: CryptDisk) -> None:

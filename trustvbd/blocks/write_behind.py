@@ -177,6 +177,8 @@ class WriteBehind:
         self._starting: list[_Run] = []  # sent on, waiting for their loop turn (_send_started)
         self._sending: set[_Run] = set()  # left, not answered yet
         self._idle = asyncio.Event()  # set when nothing is in flight, for `drain`
+        self._freed = asyncio.Event()  # set when a run ends while `room` waits
+        self._room_waits = 0
         self._start_queued = False
         self._timer: asyncio.TimerHandle | None = None
         self._armed = 0.0  # the newest write's time when the timer was last armed
@@ -196,6 +198,22 @@ class WriteBehind:
         """Whether a write of `blocks` blocks may be answered before its replicas."""
         return (blocks < WRITE_BEHIND_BLOCKS and self._writes < self.limit
                 and self._failure is None)
+
+    def full(self) -> bool:
+        """At the limit with writes still running (their end makes room), none failed."""
+        return 0 < self._writes >= self.limit and self._failure is None
+
+    async def room(self) -> None:
+        """Until the writes behind are not `full`. The runs held are sent now: their end
+        makes the room."""
+        while self.full():
+            self.send_now()
+            self._freed.clear()
+            self._room_waits += 1
+            try:
+                await self._freed.wait()
+            finally:
+                self._room_waits -= 1
 
     @property
     def running(self) -> int:
@@ -388,6 +406,8 @@ class WriteBehind:
                 self._start(run)
         if not sending:
             self._idle.set()
+        if self._room_waits:
+            self._freed.set()
 
     def _start(self, run: _Run) -> None:
         """The run's replica write in a task, its request handed over in this turn."""
@@ -405,6 +425,8 @@ class WriteBehind:
             done()
         if not sending:
             self._idle.set()
+        if self._room_waits:
+            self._freed.set()
 
     async def _run_send(self, run: _Run, old: Buffer, ct: Buffer) -> None:
         try:

@@ -123,6 +123,8 @@ class Connection(asyncio.BufferedProtocol):
         # WRITEs done in the native write plane (WritesNatively: the encryption layer)
         self._writes: WritesNatively | None = None
         self._native_running = 0  # of them, running
+        # A WRITE held back (_stash) until the writes behind have room (write_room).
+        self._room_wait: asyncio.Task[None] | None = None
         self._native_idle: asyncio.Event | None = None  # set when the last of them ends
         self._inflight_bytes = 0
         self._parted: dict[int, PartedWrite] = {}  # cookie -> WRITE arriving in pieces
@@ -310,7 +312,9 @@ class Connection(asyncio.BufferedProtocol):
             elif typ == _WRITE and self._write_now is not None:
                 self._write_at_once(flags, cookie, offset, data)  # type: ignore[arg-type]
             elif typ == _WRITE and self._write_inline is not None:
-                self._write_inline_or_run(flags, cookie, offset, data)  # type: ignore[arg-type]
+                if not self._write_inline_or_run(flags, cookie, offset, data):  # type: ignore[arg-type]
+                    self._stash = item  # it waits for room behind (_room_made), reading paused
+                    break
             else:
                 # A READ longer than REQUEST_PART holds one part at a time (parted_requests):
                 # charging its whole length put a guest's budget over for a 4 GiB read it
@@ -331,20 +335,39 @@ class Connection(asyncio.BufferedProtocol):
         self._write_done(cookie, payload, fua)
 
     def _write_inline_or_run(self, flags: int, cookie: int, offset: int,
-                             payload: Buffer) -> None:
+                             payload: Buffer) -> bool:
         """A WRITE the backend does inline where it can (WritesInline): no coroutine; else
-        the general way (_serve)."""
+        the general way (_serve). False, with nothing done, when the backend asks for it to
+        wait (write_room: its writes behind are full): reading pauses until they have room,
+        and the caller keeps the write to serve it again then."""
         assert self._write_inline is not None
+        fua = bool(flags & _FUA)
         try:
-            done = self._write_inline(offset, payload, bool(flags & _FUA))
+            done = self._write_inline(offset, payload, fua)
         except Exception as exc:
             self._reply_failure(_WRITE, cookie, exc)
-            return
+            return True
         if not done:
+            room = (self._writes.write_room(offset, len(payload))
+                    if self._writes is not None and not fua else None)
+            if room is not None:
+                self._room_wait = self._loop.create_task(self._room_made(room))
+                self._update_reading()
+                return False
             self._run(self._serve(_WRITE, flags, cookie, offset, len(payload), payload), _WRITE,
                       len(payload))
-            return
-        self._write_done(cookie, payload, bool(flags & _FUA))
+            return True
+        self._write_done(cookie, payload, fua)
+        return True
+
+    async def _room_made(self, room: Awaitable[None]) -> None:
+        """The backend has room for the WRITE held back (_stash): reading resumes, and
+        the requests received meanwhile are served (update_reading), that WRITE first."""
+        try:
+            await room
+        finally:
+            self._room_wait = None
+        self._update_reading()
 
     def _write_done(self, cookie: int, payload: Buffer, fua: bool) -> None:
         """A WRITE done in the server's call (_write_at_once, _write_inline_or_run): its
@@ -637,6 +660,8 @@ class Connection(asyncio.BufferedProtocol):
             await self._wait_native(None if deadline is None
                                     else max(0.0, deadline - self._loop.time()))
         finally:
+            if self._room_wait is not None:
+                self._room_wait.cancel()  # the WRITE it held is not answered: the guest left
             self.core.parse_batch = None  # no cycle left through the core
             if self.export is not None:
                 try:

@@ -98,6 +98,7 @@ def update_reading(conn: Connection) -> None:
         conn._out_bytes + conn._transport.get_write_buffer_size() >= WRITE_BUFFER_HIGH
         or len(conn._tasks) + conn._native_running >= MAX_TASKS
         or conn._inflight_bytes >= MAX_INFLIGHT_BYTES
+        or conn._room_wait is not None  # a WRITE waits for room behind (connection.py)
         # A handshake is bounded on its own (option sizes and count, its timeout); pausing
         # it here would hang a guest's new connection until that timeout.
         or (budget is not None and budget.over and conn._transmitting and not conn.core.receiving)
