@@ -75,7 +75,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -388,41 +388,31 @@ class WriteBehind:
             self._start(run)
 
     def _submitted(self, runs: list[_Run], took: list[bool]) -> None:
-        """The submitted runs' end, all in one call (_ended's work for each that stands)."""
-        sending = self._sending
+        """The submitted runs' end, all in one call: those that stand end (`_end`), the
+        others go again the general way (a single replica's link reconnects if its
+        connection broke, and a failure is recorded and said as for any write behind)."""
+        self._end([run for run, stands in zip(runs, took, strict=True) if stands])
         for run, stands in zip(runs, took, strict=True):
-            if stands:
-                run.ended = True
-                run.joined = (b"", b"")
-                sending.discard(run)
-                done = run.done
-                self._writes -= len(done)
-                for end in done:
-                    end()
-            else:
-                # Again the general way: a single replica's link reconnects if its
-                # connection broke, and a failure is recorded and said as for any write
-                # behind.
+            if not stands:
                 self._start(run)
-        if not sending:
-            self._idle.set()
-        if self._room_waits:
-            self._freed.set()
 
     def _start(self, run: _Run) -> None:
         """The run's replica write in a task, its request handed over in this turn."""
         old, ct = run.joined
         run.task = eager.start(self._running_loop(), self._run_send(run, old, ct))
 
-    def _ended(self, run: _Run) -> None:
-        run.ended = True
-        run.joined = (b"", b"")
-        run.task = None
+    def _end(self, runs: Iterable[_Run]) -> None:
+        """These runs are answered (or lost, and said): their writes end, in one call for a
+        batch (_submitted) as for one run (_run_send)."""
         sending = self._sending
-        sending.discard(run)
-        self._writes -= len(run.done)
-        for done in run.done:
-            done()
+        for run in runs:
+            run.ended = True
+            run.joined = (b"", b"")
+            run.task = None
+            sending.discard(run)
+            self._writes -= len(run.done)
+            for done in run.done:
+                done()
         if not sending:
             self._idle.set()
         if self._room_waits:
@@ -436,7 +426,8 @@ class WriteBehind:
             if not isinstance(exc, Exception):
                 raise  # cancelled (the domain is stopping): recorded, and cancelled still
         finally:
-            self._ended(run)
+            self._end((run,))
+
     def _lose(self, first_block: int, blocks: int, exc: BaseException) -> None:
         block_range = range(first_block, first_block + blocks)
         self.lost.update(block_range)
@@ -496,12 +487,15 @@ class WriteBehind:
         if failure is not None:
             lost, self.lost = self.lost, set()
             where = f"block(s) {describe_blocks(lost)}" if lost else "blocks written again since"
-            self._reported = BlockError(failure.errno, failure.message) if isinstance(
-                failure, WritesMayBeLost) else BlockError(failure.errno, (
+            if isinstance(failure, WritesMayBeLost):
+                self._reported = BlockError(failure.errno, failure.message)
+            elif isinstance(failure, StateWriteFailed):
+                self._reported = BlockError(failure.errno, (
                     f"disk {self.disk!r}: writes to {where} were answered, then failed before "
                     f"they left for the replicas ({failure.message}); they hold the data from "
-                    "before those writes")) if isinstance(
-                failure, StateWriteFailed) else BlockError(failure.errno, (
+                    "before those writes"))
+            else:
+                self._reported = BlockError(failure.errno, (
                     f"disk {self.disk!r}: writes to {where} were answered, then failed on the "
                     f"replicas ({failure.message}); they hold what the replicas kept (the data "
                     "from before or after those writes)"))
