@@ -508,6 +508,15 @@ def test_a_refused_replica_is_never_written_and_is_rebuilt_once_wiped(short_tmp:
         m.close()
 
 
+def _start_slow_scrub(m: Mirror) -> subprocess.Popen[str]:
+    """The disk written whole, one replica's reads slowed (8 steps of 256 blocks: about
+    2.4 s), and `trustvbd scrub --json` started on it: a scrub to cut short."""
+    qemu_io(m.uri, f"write -P 0x11 0 {SIZE}", "flush")
+    m.drivers[1].set("slow_reads", delay=0.3)
+    return subprocess.Popen([*TRUSTVBD, "scrub", "-c", str(m.system.config), "payroll",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_a_scrub_cut_short_by_a_killed_encryption_domain_says_so(short_tmp: Path) -> None:
     """kill -9 of the encryption domain during a scrub: the scrub command ends with one line
     saying what happened and what to do (it said "disk 'payroll' vanished from status"),
@@ -515,11 +524,7 @@ def test_a_scrub_cut_short_by_a_killed_encryption_domain_says_so(short_tmp: Path
     m = Mirror(short_tmp, 2)
     try:
         m.system.start()
-        qemu_io(m.uri, f"write -P 0x11 0 {SIZE}", "flush")
-        m.drivers[1].set("slow_reads", delay=0.3)  # 8 steps of 256 blocks: about 2.4 s
-        scrub = subprocess.Popen([*TRUSTVBD, "scrub", "-c", str(m.system.config), "payroll",
-                                  "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True)
+        scrub = _start_slow_scrub(m)
         time.sleep(0.8)
         out = json.loads(m.system.cli("status", "-c", str(m.system.config), "--json").stdout)
         os.kill(next(d["pid"] for d in out["domains"] if d["kind"] == "crypt"), signal.SIGKILL)
@@ -549,11 +554,7 @@ def test_a_scrub_cut_short_by_a_killed_up_says_so(short_tmp: Path) -> None:
     m = Mirror(short_tmp, 2)
     try:
         m.system.start()
-        qemu_io(m.uri, f"write -P 0x11 0 {SIZE}", "flush")
-        m.drivers[1].set("slow_reads", delay=0.3)  # 8 steps of 256 blocks: about 2.4 s
-        scrub = subprocess.Popen([*TRUSTVBD, "scrub", "-c", str(m.system.config), "payroll",
-                                  "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True)
+        scrub = _start_slow_scrub(m)
         out = json.loads(m.system.cli("status", "-c", str(m.system.config), "--json").stdout)
         deadline = time.monotonic() + 30
         while not (out["disks"][0].get("scrub") or {}).get("running"):
