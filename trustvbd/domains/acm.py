@@ -63,6 +63,7 @@ from trustvbd.acm.decisions import RESTORING, explain
 from trustvbd.acm.repeats import RepeatCounter
 from trustvbd.crypt.sign import fingerprint
 from trustvbd.crypt.tokens import SECRET_SIZE, token_ok
+from trustvbd.domains import stack_dump
 from trustvbd.domains.common import die_with_parent, ready, setup_logging
 
 log = logging.getLogger("trustvbd.acm")
@@ -387,6 +388,7 @@ async def serve(domain: AcmDomain, sock: socket.socket, ready_fd: int | None) ->
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    stack_dump.install("acm")
     server = await asyncio.start_unix_server(domain.serve_connection, sock=sock, limit=MAX_LINE)
     ready(ready_fd)
 

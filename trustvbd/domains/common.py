@@ -15,6 +15,8 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TextIO
 
+from trustvbd.domains import stack_dump
+
 _PR_SET_PDEATHSIG = 1
 _domain = "domain"  # this process's domain name, for log lines and profiles
 
@@ -129,15 +131,22 @@ def keep_freed_memory() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED)
 
 
+async def _dumping_stacks(main: Coroutine[Any, Any, int]) -> int:
+    stack_dump.install(_domain)
+    return await main
+
+
 def run(main: Coroutine[Any, Any, int]) -> int:
     """Run a domain's main coroutine on uvloop (much faster than asyncio's own loop).
 
+    SIGUSR1 writes every task's and thread's stack to stderr (stack_dump.py).
     TRUSTVBD_PROFILE_DIR=DIR writes a cProfile of each domain to DIR/NAME-PID.prof
     (for benchmarks; see bench/README.md).
     """
     import uvloop
 
     quiet_garbage_collector()
+    main = _dumping_stacks(main)
     profile_dir = os.environ.get("TRUSTVBD_PROFILE_DIR")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if not profile_dir:

@@ -44,6 +44,7 @@ from typing import Any
 
 from trustvbd.acm.client import AcmClient
 from trustvbd.domains import messages as m
+from trustvbd.domains import stack_dump
 from trustvbd.domains.common import die_with_parent, ready, setup_logging
 from trustvbd.domains.control import ControlChannel, ControlClosed, handed_socket, typed
 from trustvbd.xenstore import snapshot
@@ -317,6 +318,7 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGINT, lambda: None)
     else:
         loop.add_signal_handler(signal.SIGINT, stop.set)
+    stack_dump.install("store")
     sock = socket.socket(fileno=args.listen_fd) if args.listen_fd is not None else listen(args.socket)
     server = await asyncio.start_unix_server(domain.public_client, sock=sock)
     channel = None
