@@ -221,3 +221,24 @@ def test_tls_init_refuses_a_server_name_that_is_no_host_name(short_tmp: Path, na
     assert "neither a host name" in result.stderr and len(result.stderr.splitlines()) == 1
     assert not (short_tmp / "pki").exists()
 
+
+
+@pytest.mark.parametrize("where", ["/proc/x", "/proc/self/status/pki", "/dev/null/pki"])
+def test_tls_init_into_a_path_it_cannot_make_is_one_clear_line(where: str) -> None:
+    """`tls init /proc/x` printed Python's raw "[Errno 2] No such file or directory:
+    '/proc/x'": now one line naming the path, the reason and what to do."""
+    result = tvbd("tls", "init", where)
+    assert result.returncode == 1, result.stdout
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    line = result.stderr
+    assert line.startswith(f"trustvbd tls init: cannot write certificates to {where}: ")
+    assert "[Errno" not in line and "give a directory you may create or write" in line
+
+
+def test_tls_guest_into_a_path_it_cannot_make_is_one_clear_line(short_tmp: Path) -> None:
+    assert tvbd("tls", "init", str(short_tmp / "pki")).returncode == 0
+    result = tvbd("tls", "guest", str(short_tmp / "pki"), "vm1", "--out", "/proc/x")
+    assert result.returncode == 1, result.stdout
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("trustvbd tls guest: cannot write certificates to /proc/x")
+    assert "[Errno" not in result.stderr

@@ -28,6 +28,13 @@ def _not_a_host(name: str) -> bool:
         return not _HOST.fullmatch(name)
 
 
+def _cannot_write(exc: OSError, target: Path) -> str:
+    """One line for an OSError while making certificates: which path, why, what to do."""
+    where = "" if exc.filename in (None, str(target)) else f"{exc.filename}: "
+    return (f"cannot write certificates to {target}: {where}{exc.strerror or exc}; give a"
+            " directory you may create or write (made mode 0700 if missing)")
+
+
 def init(directory: str, names: list[str]) -> int:
     from trustvbd.crypt.x509 import init_ca
 
@@ -39,8 +46,11 @@ def init(directory: str, names: list[str]) -> int:
             return 2
     try:
         files = init_ca(target, names)
-    except (CertificateError, OSError) as exc:
+    except CertificateError as exc:
         print(f"trustvbd tls init: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"trustvbd tls init: {_cannot_write(exc, target)}", file=sys.stderr)
         return 1
     for path in files:
         print(f"wrote {path}")
@@ -63,8 +73,12 @@ def guest(directory: str, name: str, out: str | None, days: int) -> int:
         return 2
     try:
         issued = issue_guest(Path(directory), name, Path(out) if out else None, days)
-    except (CertificateError, OSError) as exc:
+    except CertificateError as exc:
         print(f"trustvbd tls guest: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        target = Path(out) if out else Path(directory) / "guests" / name
+        print(f"trustvbd tls guest: {_cannot_write(exc, target)}", file=sys.stderr)
         return 1
     where = issued.cert.parent
     print(f"wrote {issued.cert}\nwrote {issued.key}")
