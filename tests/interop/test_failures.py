@@ -109,7 +109,8 @@ def test_a_full_state_directory_is_said_as_that_with_enospc_and_in_status(root: 
         assert failed, "every write and the FLUSH succeeded on a full state directory"
         assert {exc.errno for exc in failed} == {"ENOSPC"}, failed
         disk = status(s)["disks"][0]
-        assert "the trusted state directory is full" in disk["state"], disk
+        # ... and where it is, so the one reading status knows where to free space
+        assert f"the trusted state directory {state} is full" in disk["state"], disk
         assert all(r["state"] == "current" for r in disk["replicas"]), disk
         filler.unlink()
         h.pwrite(b"\x22" * 65536, 0)

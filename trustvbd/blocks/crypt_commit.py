@@ -106,9 +106,13 @@ JOIN_ZERO_PAGES = 1 << 18
 class Commits:
     """Anchor, counter reservation, intent log, leaf table and tree of one open disk."""
 
-    def __init__(self, state: DiskState, disk: str, anchor: Anchor, secrets: DiskSecrets,
-                 leaves: LeafPages, tree: TreeFile, carry: dict[int, bytes]) -> None:
+    def __init__(self, state: DiskState, state_dir: Path, disk: str, anchor: Anchor,
+                 secrets: DiskSecrets, leaves: LeafPages, tree: TreeFile,
+                 carry: dict[int, bytes]) -> None:
         self._state = state
+        # The state directory as its user knows it (the domain may reach it by a /proc/self/fd
+        # path): named in errors and in status when it is full.
+        self.state_dir = state_dir
         self.disk = disk
         self.anchor = anchor
         self.lay = Layout(anchor.logical_size)
@@ -621,13 +625,13 @@ class Commits:
         """A trusted state file could not be written: said as that (not as a replica's
         failure), ENOSPC kept when the state directory is full, and what to do. While it
         is full, `state_full` says so (status)."""
-        state_dir = self._state.dir.parent.parent
-        where = path.relative_to(state_dir) if path.is_relative_to(state_dir) else path
+        opened = self._state.state_dir
+        where = path.relative_to(opened) if path.is_relative_to(opened) else path
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            self.state_full = (f"the trusted state directory is full ({exc.strerror}): free "
-                               "space there (its path: `trustvbd status`); writes fail with "
-                               "ENOSPC until then")
+            self.state_full = (f"the trusted state directory {self.state_dir} is full "
+                               f"({exc.strerror}): free space there; writes fail with ENOSPC "
+                               "until then")
             return StateWriteFailed(errno.ENOSPC, f"disk {self.disk!r}: cannot {what} {where} "
                                     f"in the trusted state directory: {self.state_full}")
         return StateWriteFailed(errno.EIO, f"disk {self.disk!r}: cannot {what} {where} in the "
-                                f"trusted state directory: {exc}")
+                                f"trusted state directory {self.state_dir}: {exc}")

@@ -179,7 +179,8 @@ class CryptDisk:
                             on_integrity_event: Callable[[dict], None] | None = None,
                             aead: AeadPool | None = None, files: FileOps = OS_FILES,
                             leaf_cache_pages: int = DEFAULT_CAPACITY,
-                            lag: float = REPLICA_LAG) -> CryptDisk:
+                            lag: float = REPLICA_LAG, shown_dir: Path | None = None
+                            ) -> CryptDisk:
         """Unlock the disk and bring its replicas to a verified, committed state.
 
         Reads each replica's superblocks and the leaf pages the intent log names;
@@ -193,10 +194,11 @@ class CryptDisk:
         serve is degraded (resynced in the background) or failed (refused), and the
         disk opens while one replica the anchor lists as current can serve; one that
         leaves a read unanswered for `lag` s ([limits] replica_lag) while another
-        answered is degraded too, not waited for.
+        answered is degraded too, not waited for. `shown_dir`: the state directory as
+        messages name it, when `state_dir` is another way to it (a directory fd's /proc path).
         """
         return await open_disk(cls, state_dir, disk_name, replicas, kek, on_integrity_event, aead,
-                               files, leaf_cache_pages, lag)
+                               files, leaf_cache_pages, lag, shown_dir)
 
     @property
     def integrity_events(self) -> int:

@@ -37,7 +37,8 @@ log = logging.getLogger("trustvbd.blocks.crypt_layer")
 async def open_disk(cls: type[CryptDisk], state_dir: Path, disk_name: str,
                     replicas: list[tuple[str, Backend]], kek: Kek,
                     on_integrity_event: Callable[[dict], None] | None, aead: AeadPool | None,
-                    files: FileOps, leaf_cache_pages: int, lag: float) -> CryptDisk:
+                    files: FileOps, leaf_cache_pages: int, lag: float,
+                    shown_dir: Path | None = None) -> CryptDisk:
     """CryptDisk.open_mirrored (which says what it does and raises)."""
     state = DiskState(Path(state_dir), disk_name, files)  # files: tests cut the power there
     rs: ReplicaSet | None = None
@@ -71,7 +72,7 @@ async def open_disk(cls: type[CryptDisk], state_dir: Path, disk_name: str,
         rs = ReplicaSet(disk_name, lay, opened.replicas)
         rs.epoch, rs.lag = anchor.epoch, lag
         leaves.replicas = rs
-        commits = Commits(state, disk_name, anchor, secrets, leaves, tree, {})
+        commits = Commits(state, shown_dir or Path(state_dir), disk_name, anchor, secrets, leaves, tree, {})
         disk = cls(state, disk_name, rs, secrets, commits, events, aead)
         try:
             await disk._commit(force=True)

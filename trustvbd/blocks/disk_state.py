@@ -138,7 +138,8 @@ class DiskState:
         _check_name(disk_name)
         self.name = disk_name
         self.ops = ops
-        self.dir = Path(state_dir) / "disks" / disk_name
+        self.state_dir = Path(state_dir)
+        self.dir = self.state_dir / "disks" / disk_name
         self.keys_path = self.dir / "keys"
         self.pub_path = self.dir / "disk.pub"
         self.anchor_path = self.dir / "anchor"
@@ -152,7 +153,7 @@ class DiskState:
     def _require(self) -> None:
         if not self.keys_path.exists():
             raise TrustedStateError(
-                f"no disk {self.name!r} in trusted state {self.dir.parent.parent}; "
+                f"no disk {self.name!r} in trusted state {self.state_dir}; "
                 "create it first")
 
     def unlock(self, kek: Kek) -> DiskSecrets:

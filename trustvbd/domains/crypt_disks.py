@@ -57,15 +57,16 @@ async def open_crypt_disk(state_dir: Path, name: str, size: int, replicas: list[
                           unlock: Unlock, on_event: Callable[[dict[str, Any]], None],
                           aead: AeadPool | None = None, kek: Kek | None = None,
                           leaf_cache: int = DEFAULT_LEAF_CACHE,
-                          lag: float = REPLICA_LAG) -> CryptDisk:
+                          lag: float = REPLICA_LAG, shown_dir: Path | None = None) -> CryptDisk:
     """Open (or create) an encrypted disk; `kek`: one already checked (trustvbd unlock);
     `leaf_cache`: bytes of leaf pages it keeps in memory ([limits] leaf_cache); `lag`:
-    [limits] replica_lag."""
+    [limits] replica_lag; `shown_dir`: the state directory as messages name it."""
     kek = kek or kek_for(state_dir, name, unlock)
     if not DiskState(state_dir, name).keys_path.exists():
         create_disk_state(state_dir, name, size, kek)
     disk = await CryptDisk.open_mirrored(state_dir, name, replicas, kek, on_integrity_event=on_event,
-                                         aead=aead, leaf_cache_pages=leaf_cache // 4096, lag=lag)
+                                         aead=aead, leaf_cache_pages=leaf_cache // 4096, lag=lag,
+                                         shown_dir=shown_dir)
     if disk.size != size:
         await disk.close()
         raise ValueError(

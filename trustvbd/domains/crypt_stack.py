@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trustvbd.acm.audit_fields import compact_fields
@@ -135,7 +136,7 @@ async def open_encrypted(domain: CryptDomain, disk: Disk, kek: Kek | None = None
                                    [(watch.driver, watch) for watch in disk.space],
                                    domain.unlock, on_event, domain.aead, kek,
                                    domain.spec.limits.get("leaf_cache", DEFAULT_LEAF_CACHE),
-                                   domain.spec.limits["replica_lag"])
+                                   domain.spec.limits["replica_lag"], Path(domain.spec.state_dir))
     return opened
 
 
