@@ -477,6 +477,37 @@ def test_a_replica_holding_another_disk_leaves_that_disk_unserved_and_the_others
     assert hr_file.read_bytes() == before
 
 
+def test_a_refused_replica_in_a_mirror_names_the_disk_it_holds_in_status_and_log(
+        short_tmp: Path) -> None:
+    """Disk hr mirrored on drv-a and drv-b, drv-b's file replaced by payroll's: hr is served
+    from drv-a and drv-b is refused. The refusal said only "holds another trustvbd disk (disk
+    id ...)" and `up` logged nothing at all; a disk with one replica said which disk of this
+    system it holds. Now the mirror's refusal says so too, in status and in the log, and
+    the file is not written."""
+    text = config(SIZE, support.driver("drv-b", "StorageA", dir="backing/b"),
+                  disk("hr", "PayrollData", ["drv-a", "drv-b"], size=SIZE))
+    s = System(short_tmp, text).start()
+    write_pattern(s.uri("vm1", "payroll"), 0, MIB, 0x5a)
+    write_pattern(s.uri("vm1", "hr"), 0, MIB, 0x6b)
+    s.stop()
+    hr_file = short_tmp / "backing" / "b" / "hr.img"
+    shutil.copyfile(backing(short_tmp), hr_file)
+    before = hr_file.read_bytes()
+    s.start()
+    assert read_ok(s.uri("vm1", "hr"), 0, MIB, 0x6b)
+    hr = next(d for d in status(s)["disks"] if d["name"] == "hr")
+    refused = next(r for r in hr["replicas"] if r["name"] == "drv-b")
+    assert refused["state"] == "failed", hr
+    assert refused["last_error"].startswith(
+        "replica 'drv-b' of disk 'hr' holds another trustvbd disk (disk id "), refused
+    assert refused["last_error"].endswith("; the disk it holds is 'payroll' of this system")
+    err = s.stop()
+    assert ("disk hr: replica drv-b refused: replica 'drv-b' of disk 'hr' holds another"
+            " trustvbd disk") in err, err
+    assert "the disk it holds is 'payroll' of this system" in err, err
+    assert hr_file.read_bytes() == before
+
+
 def test_driver_injecting_eio_never_yields_wrong_bytes(short_tmp: Path) -> None:
     """nbdkit's error filter as a faulty driver: requests fail, but nothing reads wrong, and
     once the faults stop every block reads as one of the values written to it."""

@@ -53,6 +53,7 @@ from trustvbd.blocks.integrity import (
     ForeignReplicaError,
     IntegrityError,
     IntegrityEvents,
+    NameDisk,
     ReplicaRefusedError,
     StaleReplicaError,
 )
@@ -179,8 +180,8 @@ class CryptDisk:
                             on_integrity_event: Callable[[dict], None] | None = None,
                             aead: AeadPool | None = None, files: FileOps = OS_FILES,
                             leaf_cache_pages: int = DEFAULT_CAPACITY,
-                            lag: float = REPLICA_LAG, shown_dir: Path | None = None
-                            ) -> CryptDisk:
+                            lag: float = REPLICA_LAG, shown_dir: Path | None = None,
+                            name_disk: NameDisk | None = None) -> CryptDisk:
         """Unlock the disk and bring its replicas to a verified, committed state.
 
         Reads each replica's superblocks and the leaf pages the intent log names;
@@ -195,10 +196,12 @@ class CryptDisk:
         disk opens while one replica the anchor lists as current can serve; one that
         leaves a read unanswered for `lag` s ([limits] replica_lag) while another
         answered is degraded too, not waited for. `shown_dir`: the state directory as
-        messages name it, when `state_dir` is another way to it (a directory fd's /proc path).
+        messages name it, when `state_dir` is another way to it (a directory fd's /proc path);
+        `name_disk`: which disk of this system a disk id is, to name the disk a refused
+        replica holds.
         """
         return await open_disk(cls, state_dir, disk_name, replicas, kek, on_integrity_event, aead,
-                               files, leaf_cache_pages, lag, shown_dir)
+                               files, leaf_cache_pages, lag, shown_dir, name_disk)
 
     @property
     def integrity_events(self) -> int:

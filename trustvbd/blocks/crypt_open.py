@@ -33,8 +33,10 @@ from trustvbd.blocks.crypt_survey import (
 from trustvbd.blocks.disk_state import Anchor, DiskState, Member, TrustedStateError
 from trustvbd.blocks.integrity import (
     IntegrityError,
+    NameDisk,
     ReplicaRefusedError,
     StaleReplicaError,
+    refusal_text,
 )
 from trustvbd.blocks.intent_log import IntentLog
 from trustvbd.blocks.leaf_pages import LeafPages, read_page
@@ -274,7 +276,7 @@ class Opened:
 
 async def recover(links: list[tuple[str, Backend]], disk: str, state: DiskState, anchor: Anchor,
                   public_key: bytes, cipher: BlockCipher, leaves: LeafPages,
-                  lag: float = REPLICA_LAG) -> Opened:
+                  lag: float = REPLICA_LAG, name_disk: NameDisk | None = None) -> Opened:
     """Judge every replica, all at once; leaf pages come from ones the anchor lists as current.
 
     Replicas the anchor does not list as current, blank ones, and ones that lack a
@@ -317,7 +319,7 @@ async def recover(links: list[tuple[str, Backend]], disk: str, state: DiskState,
     for r in live:
         got = _raise_unless(surveyed[r.name], ReplicaRefusedError, BlockError)
         if isinstance(got, ReplicaRefusedError):
-            r.state, r.last_error = State.FAILED, str(got)
+            r.state, r.last_error = State.FAILED, refusal_text(got, name_disk)
             refusals.append(got)
         elif isinstance(got, BlockError):
             r.state, r.last_error = State.DEGRADED, str(got)

@@ -19,8 +19,9 @@ from trustvbd.blocks.crypt_commit import Commits
 from trustvbd.blocks.crypt_open import recover
 from trustvbd.blocks.crypt_survey import describe
 from trustvbd.blocks.disk_state import DiskState, TrustedStateError
-from trustvbd.blocks.integrity import IntegrityEvents, ReplicaRefusedError
+from trustvbd.blocks.integrity import IntegrityEvents, NameDisk, ReplicaRefusedError
 from trustvbd.blocks.leaf_pages import LeafPages
+from trustvbd.blocks.replica import State
 from trustvbd.blocks.replica_set import ReplicaSet
 from trustvbd.blocks.tree_file import TreeFile, TreeFileError
 from trustvbd.crypt.aead import BlockCipher
@@ -38,7 +39,8 @@ async def open_disk(cls: type[CryptDisk], state_dir: Path, disk_name: str,
                     replicas: list[tuple[str, Backend]], kek: Kek,
                     on_integrity_event: Callable[[dict], None] | None, aead: AeadPool | None,
                     files: FileOps, leaf_cache_pages: int, lag: float,
-                    shown_dir: Path | None = None) -> CryptDisk:
+                    shown_dir: Path | None = None, name_disk: NameDisk | None = None
+                    ) -> CryptDisk:
     """CryptDisk.open_mirrored (which says what it does and raises)."""
     state = DiskState(Path(state_dir), disk_name, files)  # files: tests cut the power there
     rs: ReplicaSet | None = None
@@ -66,11 +68,14 @@ async def open_disk(cls: type[CryptDisk], state_dir: Path, disk_name: str,
         leaves = LeafPages(disk_name, lay, tree, leaf_cache_pages, events.report)
         cipher = BlockCipher(secrets.data_key, secrets.disk_id)
         opened = await recover(replicas, disk_name, state, anchor, secrets.public_key, cipher,
-                               leaves, lag)
+                               leaves, lag, name_disk)
         for replica_name, e in opened.events:
             events.report(e.what, replica_name, e.blocks, e.message)
         rs = ReplicaSet(disk_name, lay, opened.replicas)
-        rs.epoch, rs.lag = anchor.epoch, lag
+        rs.epoch, rs.lag, rs.name_disk = anchor.epoch, lag, name_disk
+        for r in rs.replicas:  # said once here; rechecked in the background, quietly
+            if r.state is State.FAILED:
+                log.error("disk %s: replica %s refused: %s", disk_name, r.name, r.last_error)
         leaves.replicas = rs
         commits = Commits(state, shown_dir or Path(state_dir), disk_name, anchor, secrets, leaves, tree, {})
         disk = cls(state, disk_name, rs, secrets, commits, events, aead)

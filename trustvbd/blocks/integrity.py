@@ -50,6 +50,21 @@ class ForeignReplicaError(ReplicaRefusedError):
         self.other_disk_id = other_disk_id
 
 
+# Which disk of this system has this disk id, if the asker can tell (the encryption domain
+# can, among its own disks): a refused replica's message names the disk it holds.
+NameDisk = Callable[[bytes], "str | None"]
+
+
+def refusal_text(exc: Exception, name_disk: NameDisk | None) -> str:
+    """Why a replica was refused; for one holding another disk of this system, which."""
+    text = str(exc)
+    if isinstance(exc, ForeignReplicaError) and exc.other_disk_id is not None and name_disk:
+        other = name_disk(exc.other_disk_id)
+        if other is not None:
+            text += f"; the disk it holds is {other!r} of this system"
+    return text
+
+
 class IntegrityEvents:
     """Counts, logs and forwards integrity events of one disk."""
 

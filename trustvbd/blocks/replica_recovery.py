@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from trustvbd.blockdev import Backend, BlockError, Breakable, Buffer, Reconnectable, Watched
 from trustvbd.blocks.block_runs import BlockRuns
-from trustvbd.blocks.integrity import ReplicaRefusedError
+from trustvbd.blocks.integrity import ReplicaRefusedError, refusal_text
 from trustvbd.blocks.ranges import runs
 from trustvbd.blocks.replica import (
     COPY_BLOCKS,
@@ -178,7 +178,7 @@ class Recovery:
             try:
                 rebuild = await self._admit_hedged(r, self.rs.admit)
             except ReplicaRefusedError as exc:
-                self.rs.fail(r, str(exc))
+                self.rs.fail(r, refusal_text(exc, self.rs.name_disk))
                 return
             if rebuild:
                 self._rebuild_whole(r)
@@ -407,7 +407,7 @@ class Recovery:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # still refused, or unreachable: stays as it is
-                r.last_error = str(exc)
+                r.last_error = refusal_text(exc, self.rs.name_disk)
                 continue
             if r.state is not State.FAILED:
                 return

@@ -41,6 +41,7 @@ from trustvbd.blockdev import (
 )
 from trustvbd.blocks import replica_reads
 from trustvbd.blocks.block_runs import BlockRuns
+from trustvbd.blocks.integrity import NameDisk
 from trustvbd.blocks.ranges import RangeLock
 from trustvbd.blocks.read_hedge import ReadHedge
 from trustvbd.blocks.replica import (
@@ -108,6 +109,7 @@ class ReplicaSet:
         self.lost_unflushed = False  # every current replica reconnected with unflushed writes
         self.epoch = 0  # the last committed epoch
         self.lag = REPLICA_LAG
+        self.name_disk: NameDisk | None = None  # names the disk a refused replica holds
         self._watch_timer: asyncio.TimerHandle | None = None
         # reads that _watch hedges once they lag (each has start(now))
         self._hedges: set[ReadHedge[Any]] = set()

@@ -27,7 +27,7 @@ from trustvbd.blockdev import Backend, HasEpoch
 from trustvbd.blocks.aead_pool import AeadPool
 from trustvbd.blocks.crypt_layer import CryptDisk
 from trustvbd.blocks.disk_state import disk_with_id
-from trustvbd.blocks.integrity import EventWindows, ForeignReplicaError
+from trustvbd.blocks.integrity import EventWindows, refusal_text
 from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.space import SpaceWatch
 from trustvbd.domains import crypt_stack
@@ -172,6 +172,10 @@ class CryptDomain:
         self.gate.policy_changed()
         await self.gate.refresh()
         return m.Rechecked(await self.recheck_connections()), []
+
+    def name_disk(self, disk_id: bytes) -> str | None:
+        """Which of this domain's disks has this id: a refused replica's message names it."""
+        return disk_with_id(self.state_dir, self.disks, disk_id)
 
     def status(self) -> dict[str, Any]:
         disks = []
@@ -388,11 +392,7 @@ class CryptDomain:
             try:
                 await crypt_stack.open_disk(self, disk)
             except Exception as exc:  # one bad disk must not take the others down
-                disk.error = str(exc)
-                if isinstance(exc, ForeignReplicaError) and exc.other_disk_id is not None:
-                    other = disk_with_id(self.state_dir, self.disks, exc.other_disk_id)
-                    if other is not None:
-                        disk.error += f"; the disk it holds is {other!r} of this system"
+                disk.error = refusal_text(exc, self.name_disk)
                 disk.locked = isinstance(exc, PassphraseNeeded)
                 log.error("disk %s cannot be served: %s", disk.name, disk.error)
                 self.control.tell(m.DiskFailed(disk.name, m.error_code(exc), disk.error))

@@ -10,6 +10,7 @@ from trustvbd.blockdev import Backend
 from trustvbd.blocks.aead_pool import AeadPool
 from trustvbd.blocks.crypt_layer import CryptDisk, Kek, create_disk_state
 from trustvbd.blocks.disk_state import DiskState
+from trustvbd.blocks.integrity import NameDisk
 from trustvbd.blocks.leaf_pages import DEFAULT_CAPACITY
 from trustvbd.blocks.replica_set import REPLICA_LAG
 from trustvbd.crypt.keys import KEK_FILE, KEK_PASSPHRASE, KeyFileError, read_public
@@ -57,16 +58,18 @@ async def open_crypt_disk(state_dir: Path, name: str, size: int, replicas: list[
                           unlock: Unlock, on_event: Callable[[dict[str, Any]], None],
                           aead: AeadPool | None = None, kek: Kek | None = None,
                           leaf_cache: int = DEFAULT_LEAF_CACHE,
-                          lag: float = REPLICA_LAG, shown_dir: Path | None = None) -> CryptDisk:
+                          lag: float = REPLICA_LAG, shown_dir: Path | None = None,
+                          name_disk: NameDisk | None = None) -> CryptDisk:
     """Open (or create) an encrypted disk; `kek`: one already checked (trustvbd unlock);
     `leaf_cache`: bytes of leaf pages it keeps in memory ([limits] leaf_cache); `lag`:
-    [limits] replica_lag; `shown_dir`: the state directory as messages name it."""
+    [limits] replica_lag; `shown_dir`: the state directory as messages name it; `name_disk`:
+    which of this system's disks a disk id is."""
     kek = kek or kek_for(state_dir, name, unlock)
     if not DiskState(state_dir, name).keys_path.exists():
         create_disk_state(state_dir, name, size, kek)
     disk = await CryptDisk.open_mirrored(state_dir, name, replicas, kek, on_integrity_event=on_event,
                                          aead=aead, leaf_cache_pages=leaf_cache // 4096, lag=lag,
-                                         shown_dir=shown_dir)
+                                         shown_dir=shown_dir, name_disk=name_disk)
     if disk.size != size:
         await disk.close()
         raise ValueError(

@@ -136,7 +136,8 @@ async def open_encrypted(domain: CryptDomain, disk: Disk, kek: Kek | None = None
                                    [(watch.driver, watch) for watch in disk.space],
                                    domain.unlock, on_event, domain.aead, kek,
                                    domain.spec.limits.get("leaf_cache", DEFAULT_LEAF_CACHE),
-                                   domain.spec.limits["replica_lag"], Path(domain.spec.state_dir))
+                                   domain.spec.limits["replica_lag"], Path(domain.spec.state_dir),
+                                   domain.name_disk)
     return opened
 
 
