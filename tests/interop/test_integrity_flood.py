@@ -110,3 +110,34 @@ def test_an_integrity_record_the_access_control_domain_does_not_take_is_said_in_
             err[-3000:]
     finally:
         m.close()
+
+
+def test_integrity_log_lines_are_coalesced_as_the_audit_records_are(short_tmp: Path) -> None:
+    """A liar's integrity events went to the audit log coalesced (one record at once, then one
+    summary per window) but to the domain's log one line each, and again in the summary:
+    64 lies made 65 lines. Now the log says what the audit log says, line for record."""
+    m = Mirror(short_tmp, 2)
+    nbd = libnbd()
+    try:
+        m.system.start()
+        qemu_io(m.uri, "write -P 0x5a 0 1M", "flush")
+        m.drivers[0].set("flip", rate=1.0)
+        guest = nbd.NBD()
+        guest.connect_uri(m.uri)
+        for i in range(64):  # reads in turn: about half reach the liar, each an event
+            assert guest.pread(4096, i * 4096) == b"\x5a" * 4096
+        guest.shutdown()
+        status = json.loads(m.system.cli("status", "-c", str(m.system.config), "--json").stdout)
+        seen = status["disks"][0]["integrity_events"]
+        assert seen >= 16, f"only {seen} integrity events: the driver did not lie enough"
+        err = m.system.stop()  # the window still counting is said at stop
+        lines = [line for line in err.splitlines() if line.startswith("[crypt] ERROR integrity: ")]
+        out = m.system.cli("audit", "-c", str(m.system.config), "--json").stdout
+        records = [json.loads(line)["fields"] for line in out.splitlines()
+                   if json.loads(line)["kind"] == "integrity"]
+        assert sum(r.get("events", 1) for r in records) == seen
+        assert len(lines) == len(records) < seen, (len(lines), len(records), seen)
+        assert [r["message"] for r in records] == [
+            line.removeprefix("[crypt] ERROR integrity: ") for line in lines]
+    finally:
+        m.close()

@@ -443,11 +443,13 @@ def test_a_driver_that_answers_writes_late_is_taken_back_ever_more_rarely(short_
 
 def test_a_flood_of_lies_with_nobody_reading_the_log_does_not_stall_the_guest(
         short_tmp: Path) -> None:
-    """A driver that lies on every read makes the encryption domain log an integrity event
-    per read. `up`'s stderr here is a pipe nobody reads (as a terminal paused with Ctrl-S,
-    or a stalled `| tee`): once it was full, the domain's event loop blocked in a log write
-    and every guest stalled. Log lines are written by a thread of their own now, and what
-    does not fit is dropped and counted, never waited for."""
+    """A driver that lies on every read made the encryption domain log two lines per read
+    (its integrity event, its repair). `up`'s stderr here is a pipe nobody reads (as a
+    terminal paused with Ctrl-S, or a stalled `| tee`): once it was full, the domain's event
+    loop blocked in a log write and every guest stalled. Log lines are written by a thread
+    of their own now (what does not fit is dropped and counted, never waited for:
+    tests/domains/test_common.py), and a liar's events and repairs are said once per window,
+    as the audit log records them, so it cannot fill the log either."""
     m = Mirror(short_tmp, 2)
     liar = m.drivers[0]
     nbd = libnbd()
@@ -471,7 +473,9 @@ def test_a_flood_of_lies_with_nobody_reading_the_log_does_not_stall_the_guest(
         guest.shutdown()
         assert m.status()["h0"]["repaired_blocks"] > 500
         err = m.system.stop()
-        assert "log line(s) dropped" in err, err[-2000:]
+        said = [line for line in err.splitlines()
+                if "integrity: " in line or "block(s) of replica h0" in line]
+        assert 2 <= len(said) <= 12, said  # the first of each, a line per 10 s, at stop
     finally:
         m.close()
 

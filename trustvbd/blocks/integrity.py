@@ -1,8 +1,9 @@
 """What the encryption layer reports when a replica fails verification.
 
 `IntegrityError` is the error a request gets; `IntegrityEvents` counts each
-detection, logs it and hands it to the domain, which audits them coalesced per
-replica and window (`EventWindows`).
+detection and hands it to the domain, which audits and logs them coalesced per
+replica and window (`EventWindows`): its log says what its audit log says, and a
+liar cannot fill either. With no one to hand them to, each is logged.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def refusal_text(exc: Exception, name_disk: NameDisk | None) -> str:
 
 
 class IntegrityEvents:
-    """Counts, logs and forwards integrity events of one disk."""
+    """Counts and forwards integrity events of one disk (logs each if there is no sink)."""
 
     def __init__(self, disk: str, sink: EventSink | None) -> None:
         self.disk = disk
@@ -75,8 +76,8 @@ class IntegrityEvents:
 
     def report(self, what: str, replica: str, blocks: list[int], message: str) -> None:
         self.count += 1
-        log.error("integrity: %s", message)
         if self._sink is None:
+            log.error("integrity: %s", message)
             return
         event = {"event": "integrity", "what": what, "disk": self.disk, "replica": replica,
                  "blocks": blocks, "message": message}

@@ -110,6 +110,8 @@ class Replica:
     whole_table: bool = False
     last_error: str | None = None
     repaired: int = 0           # blocks rewritten by read-repair and scrub
+    repairs_unsaid: int = 0     # read-repairs not yet in the log (said once per window)
+    repairs_said_at: float | None = None  # monotonic time of the last line saying them
     errors: int = 0
     resync_total: int = 0
     resync_done: int = 0

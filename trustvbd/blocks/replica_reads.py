@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar, cast
 
 from trustvbd.blockdev import Backend, BlockError, NativeClient, ReadsNatively, Watched, provides
+from trustvbd.blocks.integrity import WINDOW
 from trustvbd.blocks.ranges import describe_blocks, runs
 from trustvbd.blocks.read_hedge import ReadHedge
 from trustvbd.blocks.replica import (
@@ -244,5 +246,17 @@ async def repair(rs: ReplicaSet, good: Replica, b0: int, n: int,
             rs.degrade(r, (b0 + i for i in want), f"read-repair write failed: {exc}")
             continue
         r.repaired += len(want)
-        log.warning("disk %s: repaired %d block(s) of replica %s from %s", rs.disk,
-                    len(want), r.name, good.name)
+        say_repaired(rs.disk, r, len(want), good.name)
+
+
+def say_repaired(disk: str, r: Replica, blocks: int, source: str) -> None:
+    """Read-repairs of `r` in the log as its integrity events are (a liar makes one per read):
+    the first at once, then at most one line per window with the count since."""
+    r.repairs_unsaid += blocks
+    now = time.monotonic()
+    if r.repairs_said_at is not None and now - r.repairs_said_at < WINDOW:
+        return
+    since = "" if r.repairs_said_at is None else f" in the last {now - r.repairs_said_at:.0f} s"
+    log.warning("disk %s: repaired %d block(s) of replica %s%s (the last from %s)", disk,
+                r.repairs_unsaid, r.name, since, source)
+    r.repairs_unsaid, r.repairs_said_at = 0, now

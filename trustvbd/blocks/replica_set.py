@@ -336,6 +336,11 @@ class ReplicaSet:
 
     async def close(self) -> None:
         self.closed = True
+        for r in self.replicas:  # read-repairs of a window still counting
+            if r.repairs_unsaid:
+                log.warning("disk %s: repaired %d block(s) of replica %s since the last such "
+                            "line", self.disk, r.repairs_unsaid, r.name)
+                r.repairs_unsaid = 0
         if self._watch_timer is not None:
             self._watch_timer.cancel()
             self._watch_timer = None

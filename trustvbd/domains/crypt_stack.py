@@ -123,9 +123,10 @@ async def open_encrypted(domain: CryptDomain, disk: Disk, kek: Kek | None = None
     from trustvbd.domains.crypt_disks import open_crypt_disk
 
     def on_event(event: dict[str, Any]) -> None:
-        disk.integrity_events += 1  # logged once, by IntegrityEvents
+        disk.integrity_events += 1
         out = disk.event_windows.add(event)
-        if out is not None:
+        if out is not None:  # logged as audited: the first at once, then a window's summary
+            log.error("integrity: %s", out["message"])
             send_event(domain, disk, out)
         schedule_summaries(domain, disk)
 
