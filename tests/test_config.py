@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -185,6 +186,21 @@ def test_not_toml(short_tmp: Path) -> None:
 def test_missing_file(short_tmp: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_config(short_tmp / "nope.toml")
+
+
+@pytest.mark.parametrize(("make", "said"), [
+    (lambda p: p.mkdir(), "is a directory; pass the config file with -c PATH"),
+    (lambda p: p.write_bytes(b"\xff\xfe state_dir"), "not UTF-8 text (invalid start byte at"
+                                                      " byte 0); a config is a TOML file"),
+])
+def test_a_config_that_is_no_file_or_no_text_is_said_without_errno(
+        short_tmp: Path, make: Any, said: str) -> None:
+    """Was "cannot read: [Errno 21] Is a directory: '/path'" (Python's raw text)."""
+    make(short_tmp / "c.toml")
+    with pytest.raises(ConfigError) as err:
+        load_config(short_tmp / "c.toml")
+    assert err.value.message == said
+    assert "Errno" not in str(err.value)
 
 
 def test_unreadable_policy(short_tmp: Path) -> None:

@@ -379,8 +379,14 @@ def load_config(path: str | Path) -> Config:
         raw = tomllib.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(file, "", "no such file; pass the config with -c PATH") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(file, "", f"cannot read: {exc}") from None
+    except IsADirectoryError:
+        raise ConfigError(file, "", "is a directory; pass the config file with -c PATH") from None
+    except OSError as exc:
+        raise ConfigError(file, "", f"cannot read: {exc.strerror or exc}; check the path and"
+                          " its permissions") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(file, "", f"not UTF-8 text ({exc.reason} at byte {exc.start}); a"
+                          " config is a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(file, "", f"not valid TOML: {exc}") from None
     base = file.parent
