@@ -15,10 +15,11 @@ No I/O here: a channel's reader calls `resolve`, its callers `issue` and `wait`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("trustvbd.replies")
 
@@ -28,6 +29,16 @@ REMEMBER_ABANDONED = 4096  # ids whose late reply is still expected; the oldest 
 
 class ProtocolError(Exception):
     """The peer answered a request that was never made, or answered one twice."""
+
+
+def peer_json(data: bytes | str) -> Any:
+    """A peer's JSON message. Python's parser raises RecursionError, not ValueError, for
+    arrays or objects nested a few thousand deep: said as the ValueError it is, so every
+    channel's "bad message" path takes it (descriptors closed, one line, no traceback)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 class PendingReplies(Generic[T]):

@@ -133,3 +133,14 @@ def test_a_handed_socket_comes_alone_and_a_refusal_says_why() -> None:
             handed_socket(reply, sent, m.ChannelGranted, "channel")
         assert str(err.value) == why
         assert all(closed(fd) for fd in sent)
+
+
+def test_json_nested_too_deeply_is_a_bad_message_not_a_recursion_error() -> None:
+    """Python's parser raises RecursionError for a few thousand nested arrays: it escaped
+    every channel's "bad message" path (a ValueError), with a traceback."""
+    from trustvbd.replies import peer_json
+
+    for deep in (b"[" * 50_000, b'{"a":' * 50_000):
+        with pytest.raises(ValueError, match="JSON nested too deeply"):
+            peer_json(deep)
+    assert peer_json(b'{"a": [[1]]}') == {"a": [[1]]}

@@ -4,6 +4,8 @@ audit log, not written one by one."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import socket
 import threading
@@ -210,3 +212,66 @@ def test_a_4_gib_read_is_charged_one_part_and_leaves_the_guests_other_connection
     finally:
         big.close()
     s.stop()
+
+
+def _steal_fd(pid: int, fd: int) -> int:
+    """A copy of process `pid`'s descriptor `fd` (pidfd_getfd, as root): the test speaks on
+    a driver's control channel as a hostile driver's own code would."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(434, pid, 0)  # pidfd_open
+    assert pidfd >= 0, os.strerror(ctypes.get_errno())
+    try:
+        got = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
+        assert got >= 0, os.strerror(ctypes.get_errno())
+        return int(got)
+    finally:
+        os.close(pidfd)
+
+
+def test_a_driver_cannot_leak_descriptors_into_the_launcher_over_its_control_channel(
+        short_tmp: Path) -> None:
+    """The driver domain is untrusted, and its control channel to the launcher carries file
+    descriptors. Two messages made the launcher keep every descriptor sent with them: JSON
+    nested too deeply for Python's parser (a RecursionError escaped the channel's reader,
+    with a traceback, before the descriptors were closed) and a channel request (whose
+    handler never took them); and a request without an id kept the store connection granted
+    to it, which no reply carried away. A driver could run the trusted launcher out of
+    descriptors. Now all are closed, and each bad message is one line in the log."""
+    if os.geteuid() != 0:
+        pytest.skip("pidfd_getfd of another process needs root")
+    s = System(short_tmp, config(driver("drv-a", "S", dir="backing/a"),
+                                 disk("d", "L", ["drv-a"]), guest("g", "L"))).start()
+    try:
+        st = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+        pids = {d["name"]: d["pid"] for d in st["domains"]}
+        argv = Path(f"/proc/{pids['drv-a']}/cmdline").read_bytes().split(b"\0")
+        control = _steal_fd(pids["drv-a"], int(argv[argv.index(b"--control-fd") + 1]))
+        launcher_fds = Path(f"/proc/{pids['hv']}/fd")
+        before = len(list(launcher_fds.iterdir()))
+        sock = socket.socket(fileno=control)
+        spare = [os.open("/dev/null", os.O_RDONLY) for _ in range(16)]
+        messages = [b"[" * 50_000,  # no "id": no reply comes back to the driver
+                    json.dumps({"type": "domain-channel?", "target": "nosuch"}).encode(),
+                    json.dumps({"type": "domain-channel?", "target": "store"}).encode()]
+        for _ in range(10):
+            for data in messages:
+                while True:  # the socket is the driver's: non-blocking, and it stays so
+                    try:
+                        socket.send_fds(sock, [data], spare)
+                        break
+                    except BlockingIOError:
+                        time.sleep(0.01)
+        time.sleep(2)
+        after = len(list(launcher_fds.iterdir()))
+        assert after - before <= 2, f"the launcher kept {after - before} descriptors"
+        assert s.proc is not None and s.proc.poll() is None
+        for fd in spare:
+            os.close(fd)
+        sock.detach()
+        os.close(control)
+        err = s.stop()
+        assert "Traceback" not in err, err[-3000:]
+        assert "nested too deeply" in err, err[-3000:]
+    finally:
+        s.kill()

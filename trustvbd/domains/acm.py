@@ -65,6 +65,7 @@ from trustvbd.crypt.sign import fingerprint
 from trustvbd.crypt.tokens import SECRET_SIZE, token_ok
 from trustvbd.domains import stack_dump
 from trustvbd.domains.common import die_with_parent, ready, setup_logging
+from trustvbd.replies import peer_json
 
 log = logging.getLogger("trustvbd.acm")
 MAX_LINE = 64 * 1024
@@ -310,7 +311,7 @@ class AcmDomain:
     def _respond(self, line: bytes, owner: int) -> dict[str, Any]:
         rid = None
         try:
-            req = json.loads(line)
+            req = peer_json(line)
             if not isinstance(req, dict):
                 raise BadRequest("a request is a JSON object")
             rid = req.get("rid")
@@ -377,7 +378,7 @@ async def _let_others_in() -> None:
 def _is_record(line: bytes) -> bool:
     """A "record" request (another domain's event), which may wait behind decisions."""
     try:
-        req = json.loads(line)
+        req = peer_json(line)
     except ValueError:
         return False
     return isinstance(req, dict) and req.get("op") == "record"

@@ -34,7 +34,7 @@ from trustvbd.domains.messages import (
     error_code,
     refusal,
 )
-from trustvbd.replies import PendingReplies, ProtocolError
+from trustvbd.replies import PendingReplies, ProtocolError, peer_json
 
 MAX_MESSAGE = 256 * 1024
 MAX_FDS = 16
@@ -98,7 +98,7 @@ class ControlChannel:
             log.error("control message from %s too large; dropped", self.name)
             return
         try:
-            message = json.loads(data)
+            message = peer_json(data)
             if not isinstance(message, dict):
                 raise ValueError("not an object")
         except ValueError as exc:
@@ -128,15 +128,15 @@ class ControlChannel:
         except Exception as exc:  # a bad request must not kill a trusted domain
             log.exception("control request %r from %s failed", message.get("op"), self.name)
             reply = ({"ok": False, "error": str(exc)}, [])
-        if "id" in message:
-            body, out_fds = reply or ({"ok": True}, [])
-            try:
+        body, out_fds = reply or ({"ok": True}, [])
+        try:
+            if "id" in message:  # else nobody waits for it: what it would carry is closed
                 self.send({**body, "reply_to": message["id"]}, out_fds)
-            except ControlClosed:
-                pass
-            finally:
-                for fd in out_fds:
-                    os.close(fd)
+        except ControlClosed:
+            pass
+        finally:
+            for fd in out_fds:
+                os.close(fd)
 
     def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
         data = json.dumps(message, separators=(",", ":")).encode()

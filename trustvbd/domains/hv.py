@@ -213,6 +213,8 @@ class Launcher:
         from a driver: the encryption domains connect to drivers, never the other way round.
         """
         assert isinstance(msg, m.DomainChannelQuery)
+        for fd in fds:  # a channel request carries none: a driver's are closed, never kept
+            os.close(fd)
         target = self.supervisor.domains.get(msg.target)
         if target is None:
             raise KeyError(f"no domain named {msg.target!r}")

@@ -32,6 +32,7 @@ from trustvbd.domains.messages import (
     decode,
     error_code,
 )
+from trustvbd.replies import peer_json
 
 log = logging.getLogger("trustvbd.hv")
 MAX_REQUEST = 64 * 1024
@@ -58,7 +59,7 @@ async def answer(line: bytes, fds: list[int], hv: Answers) -> dict[str, Any]:
     """The reply to one request line (never raises); every descriptor in `fds` is consumed."""
     rid = None
     try:
-        raw = json.loads(line)
+        raw = peer_json(line)
         rid = raw.get("id") if isinstance(raw, dict) else None
         if type(rid) is not int:
             rid = None
