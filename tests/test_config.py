@@ -203,6 +203,12 @@ def test_a_config_that_is_no_file_or_no_text_is_said_without_errno(
     assert "Errno" not in str(err.value)
 
 
+def test_a_config_nested_too_deeply_is_one_line_not_a_recursion_error(short_tmp: Path) -> None:
+    (short_tmp / "c.toml").write_text('state_dir = "s"\nx = ' + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="not valid TOML: arrays or tables nested too deeply"):
+        load_config(short_tmp / "c.toml")
+
+
 def test_unreadable_policy(short_tmp: Path) -> None:
     err = error_of(short_tmp, 'policy = "missing.xml"\n' + GOOD)
     assert err.key == "policy"

@@ -389,6 +389,9 @@ def load_config(path: str | Path) -> Config:
                           " config is a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(file, "", f"not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise ConfigError(file, "", "not valid TOML: arrays or tables nested too deeply"
+                          ) from None
     base = file.parent
     top = _Table(file, "", raw, {"state_dir", "policy", "driver", "disk", "guest", "tls",
                                  "limits"})

@@ -216,3 +216,13 @@ def test_toml_files_are_bounded_too(tmp_path):
         load_policy(bad)
     with pytest.raises(PolicyError, match="cannot read"):
         load_policy(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("deep", ["[" * 5000 + "]" * 5000, "{a = " * 5000 + "1" + "}" * 5000])
+def test_toml_nested_too_deeply_is_refused_in_one_line(tmp_path, deep):
+    """The XML loader bounds nesting (MAX_DEPTH); tomllib recursed into a RecursionError and
+    `policy check` printed a traceback."""
+    path = tmp_path / "deep.toml"
+    path.write_text(f'name = "x"\nx = {deep}\n')
+    with pytest.raises(PolicyError, match="not valid TOML: arrays or tables nested too deeply"):
+        load_policy(path)

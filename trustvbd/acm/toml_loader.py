@@ -112,6 +112,9 @@ def policy_from_toml(text: str, file: str = "policy.toml") -> Policy:
         m = re.search(r"line (\d+)", str(exc))
         raise PolicyError(file, Where(int(m.group(1)) if m else None),
                           f"not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise PolicyError(file, None, "not valid TOML: arrays or tables nested too deeply"
+                          ) from None
     r = _Reader(file, text)
     top = r.table(raw, "", "", _TOP)
     opt = {k: r.string(top[k], "", k) if k in top else None
