@@ -325,8 +325,13 @@ class Commits:
         return True
 
     def leave_write(self) -> None:
-        self._writers -= 1
-        if self._writers == 0 or self._writers == self._wake_at:
+        self.leave_writes(1)
+
+    def leave_writes(self, writes: int) -> None:
+        """`leave_write` for `writes` writers at once (writes behind that ended together):
+        wakes whoever waits if the count reached 0 or passed the mark on its way down."""
+        left = self._writers = self._writers - writes
+        if left == 0 or left <= self._wake_at < left + writes:
             self._writers_idle.set()
 
     async def _writers_done(self, ahead: Ahead | None) -> None:

@@ -147,7 +147,7 @@ class CryptDisk:
         self._wplane = WritePlane(commits.leaves.table, self._cipher.codec, self._lay.logical_size,
                                   WRITE_BEHIND_BLOCKS, commits.leaves.capacity // 2)
         self._behind = WriteBehind(name, self._send, early=True, submit=self._submit,
-                                   gate=self._commits.when_durable)
+                                   gate=self._commits.when_durable, ended=self._writes_ended)
         self._seen = self._behind.seen()  # flush() and commit() called without a connection
         replicas.verifier = self
         replicas.locks = self._locks
@@ -248,6 +248,7 @@ class CryptDisk:
     _note_settled = crypt_write.note_settled
     _send = crypt_write.send
     _submit = crypt_write.submit
+    _writes_ended = crypt_write.writes_ended
 
     trim = crypt_discard.trim
     zero = crypt_discard.zero

@@ -93,8 +93,7 @@ async def pwrite(disk: CryptDisk, offset: int, data: Buffer, fua: bool = False) 
                 if not fua and disk._behind.takes(n):
                     # No await between recording the write and handing it over. While a
                     # FLUSH waits for the writers, joining a run would only delay it.
-                    disk._behind.add(b0, old, ct, partial(_write_ended, disk, hold),
-                                     gather=not commits.committing)
+                    disk._behind.add_all(((b0, old, ct, hold),), gather=not commits.committing)
                     behind = True
                 else:
                     # With FUA: durable by itself, so the FLUSH that follows (commit)
@@ -171,9 +170,7 @@ def writes_taken(disk: CryptDisk) -> None:
     if not writes:
         return
     disk._commits.writes_recorded(records, blocks, len(writes), next_version)
-    add = disk._behind.add
-    for b0, old, ct, hold in writes:
-        add(b0, old, ct, partial(_write_ended, disk, hold))
+    disk._behind.add_all(writes)
 
 
 def _rewrite_held(disk: CryptDisk, b0: int, b1: int, offset: int, data: Buffer) -> bool:
@@ -210,7 +207,7 @@ def _rewrite_held(disk: CryptDisk, b0: int, b1: int, offset: int, data: Buffer) 
     _note_write(disk, b0, new)
     if n == 1 and b0 in disk._recent_wanted:
         _remember(disk, b0, new, data)
-    behind.rewrite(run, ct, commits.leave_write)
+    behind.rewrite(run, ct)
     return True
 
 
@@ -221,10 +218,11 @@ async def acquire(disk: CryptDisk, b0: int, b1: int, exclusive: bool) -> Hold:
     return await disk._locks.acquire(b0, b1, exclusive)
 
 
-def _write_ended(disk: CryptDisk, hold: Hold) -> None:
-    """A write behind got its replicas' answer (or failed): as after a waited write."""
-    disk._locks.release(hold)
-    disk._commits.leave_write()
+def writes_ended(disk: CryptDisk, holds: list[Hold], writes: int) -> None:
+    """Writes behind got their replicas' answer (or failed): as after waited writes, in one
+    call for all that ended together (write_behind.Ended)."""
+    disk._locks.release_all(holds)
+    disk._commits.leave_writes(writes)
 
 
 async def _merge(disk: CryptDisk, b0: int, b1: int, offset: int, data: Buffer) -> bytearray:

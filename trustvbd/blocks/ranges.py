@@ -94,6 +94,15 @@ class RangeLock:
         if self._waiting:  # (most holds: nobody waits, no call)
             self.wake(hold)
 
+    def release_all(self, holds: list[Hold]) -> None:
+        """`release` for each of `holds` (writes behind that ended together)."""
+        release = self._table.release
+        for hold in holds:
+            release(hold)
+        if self._waiting:
+            for hold in holds:
+                self.wake(hold)
+
     def wake(self, hold: Hold) -> None:
         """`hold` was released: whoever waits for it looks again."""
         if self._waiting and (done := self._waiting.pop(hold, None)) is not None:

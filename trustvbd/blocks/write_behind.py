@@ -113,19 +113,27 @@ Submit = Callable[[list[tuple[int, Buffer, Buffer]], bool, Callable[[list[bool]]
 # True if every intent record appended so far is durable; else False, and the callable is
 # called once they are (None) or their sync failed (the error): crypt_commit.when_durable.
 Gate = Callable[[Callable[[OSError | None], None], bool], bool]
+# Writes behind ended (their replicas answered, or they are lost): the range-lock holds
+# they kept, and how many writes they were (a rewrite of a held run keeps no hold of its
+# own). Called once for all the runs that end together, not once per write.
+Ended = Callable[[list[int], int], None]
+
+
+def _no_holds(holds: list[int], writes: int) -> None:
+    pass
 
 
 class _Run:
-    """Adjacent writes behind: their leaves, ciphertext and what ends each; once sent on
-    (_join), one buffer of each."""
+    """Adjacent writes behind: their leaves, ciphertext, range-lock holds and count; once
+    sent on (_join), one buffer of each."""
 
-    __slots__ = ("blocks", "ct", "done", "early", "ended", "first", "fua", "joined", "old",
-                 "task")
+    __slots__ = ("blocks", "ct", "early", "ended", "first", "fua", "holds", "joined", "old",
+                 "task", "writes")
 
-    def __init__(self, first: int, blocks: int, old: Buffer, ct: Buffer,
-                 done: Callable[[], None]) -> None:
+    def __init__(self, first: int, blocks: int, old: Buffer, ct: Buffer, hold: int) -> None:
         self.first, self.blocks = first, blocks
-        self.old, self.ct, self.done = [old], [ct], [done]
+        self.old, self.ct, self.holds = [old], [ct], [hold]
+        self.writes = 1
         self.fua = False  # sent with FUA (a FLUSH asked for it before it left)
         self.early = False  # sent at once with FUA: a FLUSH is expected next (WriteBehind.add)
         self.ended = False  # its replicas answered, or it is lost
@@ -159,14 +167,16 @@ class WriteBehind:
 
     def __init__(self, disk: str, send: Send, limit: int = WRITE_BEHIND_MAX,
                  early: bool = False, submit: Submit | None = None,
-                 gate: Gate | None = None) -> None:
+                 gate: Gate | None = None, ended: Ended = _no_holds) -> None:
         """`early`: a write a FLUSH is expected to follow leaves at once, with FUA.
         `submit`: sends a run without a task where the replicas can (a run that fails then
         goes by `send`). `gate`: a run leaves only once the intent records that explain
-        it are durable (`send` waits for them itself)."""
+        it are durable (`send` waits for them itself). `ended`: the writes' holds and
+        count once they ended, always (a batch's in one call)."""
         self.disk = disk
         self.limit = limit
         self._send = send
+        self._ended = ended
         self._submit = submit
         self._early = early
         self._gate = gate
@@ -219,45 +229,55 @@ class WriteBehind:
     def running(self) -> int:
         return self._writes
 
-    def add(self, first_block: int, old: Buffer, ct: Buffer, done: Callable[[], None],
-            gather: bool = True) -> None:
-        """A write recorded and answered: send `ct` to the replicas behind it, joined to an
-        unsent run it continues (if `gather`); `done` runs once they answered, always."""
-        blocks = len(old) // LEAF_SIZE
-        self.started += 1
-        self._writes += 1
-        self._since_flush += 1
-        if self._since_flush > 1:
-            self._streak = 0  # writes come without a FLUSH after each
+    def add_all(self, writes: Iterable[tuple[int, Buffer, Buffer, int]],
+                gather: bool = True) -> None:
+        """Writes recorded and answered, (first block, old leaves, ciphertext, range-lock
+        hold) each, in order (the native write plane's batch, or one write): send each
+        ciphertext to the replicas behind it, joined to an unsent run it continues (if
+        `gather`); each hold goes to `ended` once they answered, always. One call for a
+        batch: the loop's clock read once, no call per write but a new run's."""
         loop = self._running_loop()
         now = self._last = loop.time()
-        runs = self._runs
-        if gather and self._since_flush == 1 and self._streak >= FLUSH_STREAK and self._early:
-            # A FLUSH is expected next: the driver syncs this write from now on, while the
-            # guest is answered and sends its FLUSH.
-            run = _Run(first_block, blocks, old, ct, done)
-            run.early = True
-            self._join(run)
-            self._go([run], fua=True, here=True)
-            return
-        if gather:
-            for run in runs:
-                if run.first + run.blocks == first_block and run.blocks + blocks <= GATHER_BLOCKS:
-                    run.old.append(old)
-                    run.ct.append(ct)
-                    run.done.append(done)
-                    run.blocks += blocks
-                    self._held += 1
-                    if run.blocks >= GATHER_BLOCKS or self._held >= HELD_WRITES:
-                        self._send_after_reply()
-                    return
-        runs.append(_Run(first_block, blocks, old, ct, done))
-        self._held += 1
-        if not gather or len(runs) > HELD_RUNS or self._held >= HELD_WRITES:
-            self._send_after_reply()
-        elif self._timer is None:
-            self._armed = now
-            self._timer = loop.call_at(now + GATHER_S, self._waited)
+        for first_block, old, ct, hold in writes:
+            blocks = len(old) // LEAF_SIZE
+            self.started += 1
+            self._writes += 1
+            self._since_flush += 1
+            if self._since_flush > 1:
+                self._streak = 0  # writes come without a FLUSH after each
+            elif gather and self._streak >= FLUSH_STREAK and self._early:
+                # A FLUSH is expected next: the driver syncs this write from now on, while
+                # the guest is answered and sends its FLUSH.
+                run = _Run(first_block, blocks, old, ct, hold)
+                run.early = True
+                self._join(run)
+                self._go([run], fua=True, here=True)
+                continue
+            runs = self._runs  # (a new list once _send_after_reply took the held ones)
+            joined = False
+            if gather:
+                for run in runs:
+                    if (run.first + run.blocks == first_block
+                            and run.blocks + blocks <= GATHER_BLOCKS):
+                        run.old.append(old)
+                        run.ct.append(ct)
+                        run.holds.append(hold)
+                        run.writes += 1
+                        run.blocks += blocks
+                        self._held += 1
+                        if run.blocks >= GATHER_BLOCKS or self._held >= HELD_WRITES:
+                            self._send_after_reply()
+                        joined = True
+                        break
+            if joined:
+                continue
+            runs.append(_Run(first_block, blocks, old, ct, hold))
+            self._held += 1
+            if not gather or len(runs) > HELD_RUNS or self._held >= HELD_WRITES:
+                self._send_after_reply()
+            elif self._timer is None:
+                self._armed = now
+                self._timer = loop.call_at(now + GATHER_S, self._waited)
 
     def held_run(self, first_block: int, end_block: int) -> _Run | None:
         """The unsent run of exactly blocks [first_block, end_block), if one is held."""
@@ -266,12 +286,12 @@ class WriteBehind:
                 return run
         return None
 
-    def rewrite(self, run: _Run, ct: Buffer, done: Callable[[], None]) -> None:
-        """A later write of all of `run`'s blocks (held_run), recorded: its ciphertext
-        replaces the run's, which never leaves; `done` runs when the run ended. The run's
-        old leaves stay (the replicas hold those, or this, when it failed)."""
+    def rewrite(self, run: _Run, ct: Buffer) -> None:
+        """A later write of all of `run`'s blocks (held_run), recorded under the run's
+        holds: its ciphertext replaces the run's, which never leaves; it ends with the run.
+        The run's old leaves stay (the replicas hold those, or this, when it failed)."""
         run.ct = [ct]
-        run.done.append(done)
+        run.writes += 1
         self.started += 1
         self._writes += 1
         self._since_flush += 1
@@ -309,7 +329,7 @@ class WriteBehind:
         ahead = [run for run in ahead if not run.ended]  # not those that ended at once
         if not ahead:
             return None
-        return Ahead(tuple(ahead), sum(len(run.done) for run in ahead))
+        return Ahead(tuple(ahead), sum(run.writes for run in ahead))
 
     def _waited(self) -> None:
         """The timer: send the runs once GATHER_S passed since the newest write. Re-armed
@@ -405,14 +425,18 @@ class WriteBehind:
         """These runs are answered (or lost, and said): their writes end, in one call for a
         batch (_submitted) as for one run (_run_send)."""
         sending = self._sending
+        holds: list[int] = []
+        writes = 0
         for run in runs:
             run.ended = True
             run.joined = (b"", b"")
             run.task = None
             sending.discard(run)
-            self._writes -= len(run.done)
-            for done in run.done:
-                done()
+            writes += run.writes
+            holds += run.holds
+        if writes:
+            self._writes -= writes
+            self._ended(holds, writes)
         if not sending:
             self._idle.set()
         if self._room_waits:
