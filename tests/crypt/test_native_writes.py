@@ -252,6 +252,70 @@ def test_writes_past_a_full_write_behind_wait_for_room_and_go_natively(
         run(go())
 
 
+def test_writes_queued_past_a_full_write_behind_go_natively_together(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writes that queued while the writes behind were full go through the plane
+    together once room is made (armed and collected once for as many as there is room for:
+    Connection._write_queued), not one `write_inline` call each, as they did; a partial
+    write among them and a FUA write after them (the plane declines both) are served the
+    usual way in their place in the order; the limit holds at every collection, and all
+    read back."""
+    import tests.crypt.test_native_reads as reads
+    monkeypatch.setattr(reads, "Driver", StallingWrites)
+    blocks = [400 + 2 * i for i in range(16)]  # apart: none gathered with another
+    writes = [(b * BS, pattern(b + 1), False) for b in blocks]
+    writes.insert(9, (500 * BS + 100, b"\xab" * 10, False))  # partial: declined
+    writes.append((502 * BS, pattern(7), True))  # FUA: declined (and a commit follows)
+    with drivers(short_tmp, 1) as (backends, uris):
+        replica = backends[0]
+        assert isinstance(replica, StallingWrites)
+
+        async def go() -> None:
+            async with opened(short_tmp, uris) as disk:
+                await warm(disk, 400, 500)
+                behind = disk._behind
+                behind.limit = 4
+                collected: list[int] = []  # writes per collection by the connection
+                singles = 0  # writes the plane took alone (write_inline)
+                taken, inline = disk.writes_taken, disk.write_inline
+
+                def counting_taken() -> None:
+                    started = behind.started
+                    taken()
+                    collected.append(behind.started - started)
+                    assert behind.running <= 4
+
+                def counting_inline(offset: int, data: Buffer, fua: bool = False) -> bool:
+                    nonlocal singles
+                    took = inline(offset, data, fua)
+                    singles += took
+                    return took
+                disk.writes_taken = counting_taken  # type: ignore[method-assign]
+                disk.write_inline = counting_inline  # type: ignore[method-assign]
+                async with served(short_tmp, disk) as guest:
+                    before = disk._wplane.started
+                    replica.stalled = True
+                    writing = asyncio.ensure_future(write_as_guest(guest.uri, writes))
+                    try:
+                        await until(lambda: behind._room_waits > 0)
+                    finally:
+                        replica.stalled = False
+                    await writing
+                    assert disk._wplane.started - before == len(blocks)
+                    assert sum(collected) + singles == len(blocks)
+                    assert max(collected[1:], default=0) > 1, collected  # after the stall
+                    assert singles <= 4, (singles, collected)
+                    for b in blocks:
+                        assert bytes(await disk.pread(b * BS, BS)) == pattern(b + 1)
+                    want = bytearray(pattern(500))  # (warm wrote it)
+                    want[100:110] = b"\xab" * 10
+                    assert bytes(await disk.pread(500 * BS, BS)) == bytes(want)
+                    assert bytes(await disk.pread(502 * BS, BS)) == pattern(7)
+                    await behind.drain()
+                    settled(disk)
+        run(go())
+
+
 async def until(condition: Any, tries: int = 10000) -> None:
     """Wait (in 1 ms steps) until `condition()` holds."""
     for _ in range(tries):

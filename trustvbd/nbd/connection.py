@@ -312,6 +312,8 @@ class Connection(asyncio.BufferedProtocol):
             elif typ == _WRITE and self._write_now is not None:
                 self._write_at_once(flags, cookie, offset, data)  # type: ignore[arg-type]
             elif typ == _WRITE and self._write_inline is not None:
+                if requests and self._writes is not None and self._write_queued(item):
+                    continue
                 if not self._write_inline_or_run(flags, cookie, offset, data):  # type: ignore[arg-type]
                     self._stash = item  # it waits for room behind (_room_made), reading paused
                     break
@@ -333,6 +335,38 @@ class Connection(asyncio.BufferedProtocol):
             self._reply_failure(_WRITE, cookie, exc)
             return
         self._write_done(cookie, payload, fua)
+
+    def _write_queued(self, item: m.RequestItem) -> bool:
+        """`item`, a WRITE, and the WRITEs queued right after it (parsed while the writes
+        behind were full, or past the plane's room: they came back as requests) through the
+        native write plane as one batch, as `_parse_batch` does a received one: armed once
+        and collected once (`writes_taken`, before their replies leave), not once each. The
+        first one the plane declines (or the first other request) goes back to the queue,
+        for the usual way. False, with nothing done, if the plane takes not even `item`."""
+        writes = self._writes
+        assert writes is not None
+        plane = writes.write_route()
+        if plane is None:
+            return False
+        requests = self.core.requests
+        cookies: list[int] = []
+        try:
+            while True:
+                typ, flags, cookie, offset, _, data, refusal, piece = item
+                if (typ != _WRITE or flags & _FUA or refusal is not None or piece is not None
+                        or data is None or not plane.write(offset, data)):  # type: ignore[attr-defined]
+                    if cookies:
+                        requests.appendleft(item)
+                    break
+                cookies.append(cookie)
+                if not requests:
+                    break
+                item = requests.popleft()
+        finally:
+            writes.writes_taken()  # (disarms the plane when it took none)
+        for cookie in cookies:
+            self._queue_reply(cookie, 0, "", 0, None)
+        return bool(cookies)
 
     def _write_inline_or_run(self, flags: int, cookie: int, offset: int,
                              payload: Buffer) -> bool:
