@@ -125,7 +125,7 @@ def _no_holds(holds: list[int], writes: int) -> None:
 
 class _Run:
     """Adjacent writes behind: their leaves, ciphertext, range-lock holds and count; once
-    sent on (_join), one buffer of each."""
+    sent on (_join_all), one buffer of each."""
 
     __slots__ = ("blocks", "ct", "early", "ended", "first", "fua", "holds", "joined", "old",
                  "task", "writes")
@@ -138,7 +138,7 @@ class _Run:
         self.early = False  # sent at once with FUA: a FLUSH is expected next (WriteBehind.add)
         self.ended = False  # its replicas answered, or it is lost
         self.task: asyncio.Task[None] | None = None  # sent the general way (_start)
-        self.joined: tuple[Buffer, Buffer] = (b"", b"")  # (old, ct) once sent on (_join)
+        self.joined: tuple[Buffer, Buffer] = (b"", b"")  # (old, ct) once sent on (_join_all)
 
 
 class Ahead(NamedTuple):
@@ -250,7 +250,7 @@ class WriteBehind:
                 # the guest is answered and sends its FLUSH.
                 run = _Run(first_block, blocks, old, ct, hold)
                 run.early = True
-                self._join(run)
+                self._join_all([run])
                 self._go([run], fua=True, here=True)
                 continue
             runs = self._runs  # (a new list once _send_after_reply took the held ones)
@@ -319,8 +319,7 @@ class WriteBehind:
         held, self._runs = self._runs, []
         self._held = 0
         fua = fua and len(starting) + len(held) == 1
-        for run in held:
-            self._join(run)
+        self._join_all(held)
         leaving = starting + held
         if leaving:  # something waits for them: they leave now
             self._go(leaving, fua, here=flush)
@@ -342,20 +341,21 @@ class WriteBehind:
         if self._last <= self._armed:
             held, self._runs = self._runs, []
             self._held = 0
-            for run in held:
-                self._join(run)
+            self._join_all(held)
             self._go(held)
         else:
             self._armed = self._last
             self._timer = self._running_loop().call_at(self._last + GATHER_S, self._waited)
 
-    def _join(self, run: _Run) -> None:
-        """The run's pieces joined: it grows no more."""
-        old = run.old[0] if len(run.old) == 1 else b"".join(run.old)
-        ct = run.ct[0] if len(run.ct) == 1 else b"".join(run.ct)
-        run.old = run.ct = []  # the joined copies replace the pieces (memory bound)
-        run.joined = (old, ct)
-        self.sends += 1
+    def _join_all(self, runs: list[_Run]) -> None:
+        """Each run's pieces joined: they grow no more (one call for the runs that leave
+        together, not one per run)."""
+        for run in runs:
+            old, ct = run.old, run.ct
+            run.joined = (old[0] if len(old) == 1 else b"".join(old),
+                          ct[0] if len(ct) == 1 else b"".join(ct))
+            run.old = run.ct = []  # the joined copies replace the pieces (memory bound)
+        self.sends += len(runs)
 
     def _send_after_reply(self) -> None:
         """Every held run leaves on the next loop turn: the guest's reply, queued once this
@@ -364,8 +364,7 @@ class WriteBehind:
         queues, after it.) All in one turn: one send per driver."""
         held, self._runs = self._runs, []
         self._held = 0
-        for run in held:
-            self._join(run)
+        self._join_all(held)
         self._starting += held
         if not self._start_queued:
             self._start_queued = True

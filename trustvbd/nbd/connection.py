@@ -256,6 +256,7 @@ class Connection(asyncio.BufferedProtocol):
     _request_ended = connection_limits.request_ended
     # replies queued, framed and written (reply_output.py)
     _queue_reply = reply_output.queue_reply
+    _queue_write_replies = reply_output.queue_write_replies
     _reply_error = reply_output.reply_error
     _reply_file_range = reply_output.reply_file_range
     _queue = reply_output.queue
@@ -364,8 +365,7 @@ class Connection(asyncio.BufferedProtocol):
                 item = requests.popleft()
         finally:
             writes.writes_taken()  # (disarms the plane when it took none)
-        for cookie in cookies:
-            self._queue_reply(cookie, 0, "", 0, None)
+        self._queue_write_replies(cookies)
         return bool(cookies)
 
     def _write_inline_or_run(self, flags: int, cookie: int, offset: int,

@@ -58,6 +58,20 @@ def queue_reply(conn: Connection, cookie: int, error: int, message: str, offset:
     _queued(conn, last)
 
 
+def queue_write_replies(conn: Connection, cookies: list[int]) -> None:
+    """`queue_reply` for WRITEs done together (Connection._write_queued): one call for all."""
+    if conn._output_closed or not cookies:
+        return
+    replies: list[tuple[int, int, str, int, Buffer | None]] = [
+        (cookie, 0, "", 0, None) for cookie in cookies]
+    if conn._held is not None:  # a simple-reply stream is being sent
+        conn._held.extend(conn.core.server_session().frame(replies))
+        return
+    conn._replies += replies
+    conn._out_bytes += _REPLY_HEADER * len(replies)
+    _queued(conn)
+
+
 def _frame_replies(conn: Connection) -> None:
     replies, conn._replies = conn._replies, []
     conn._out.extend(conn.core.server_session().frame(replies))
