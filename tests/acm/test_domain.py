@@ -437,3 +437,25 @@ def test_a_detach_on_a_full_audit_disk_is_done_and_said_in_one_line(tmp_path, ca
     assert ask(3, op="chw_attach", id="c3", label="blue", name="vm3")["allowed"] is True
     domain.audit.close()
     assert verify(path) == []
+
+
+def test_attachments_of_connections_open_at_stop_are_released_before_the_log_closes():
+    """At SIGTERM the log was closed while connections were still open; each then released
+    its attachments into a closed log: "cannot write the audit log (Bad file descriptor):
+    ... free space there" once per attachment, and no record of the release. Now the
+    connections end first: their releases are audited, then the stop."""
+    acm = Acm(XM_TEST)
+    try:
+        assert acm.ask(op="chw_attach", id="c1", label="red", name="vm1")["allowed"] is True
+        acm.proc.send_signal(signal.SIGTERM)
+        _, err = acm.proc.communicate(timeout=30)
+        assert acm.proc.returncode == 0, err
+        assert "cannot write the audit log" not in err, err
+        records = list(AuditLog.read(acm.audit))
+        walls = [r["fields"]["event"] for r in records if r["kind"] == "chinese-wall"]
+        assert walls == ["released: the connection that attached it closed"], walls
+        last = [r for r in records if r["kind"] != "checkpoint"][-1]
+        assert last["kind"] == "domain" and last["fields"]["event"] == "stop", last
+        assert verify(acm.audit) == []
+    finally:
+        acm.stop()

@@ -111,6 +111,7 @@ class AcmDomain:
         self.wall = ChineseWall(policy)
         self.attached: dict[str, tuple[str, str | None, int]] = {}  # id -> label, name, owner
         self.connections = 0  # numbers the client connections that own attachments
+        self.serving: set[asyncio.Task[None]] = set()  # one per client connection
         self.repeats = RepeatCounter()  # identical refusals: written once per window, counted
         self.unwritable = ""  # why the audit log could not be written, the last time it failed
 
@@ -333,6 +334,9 @@ class AcmDomain:
                                writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         owner, buf, skipping = self.connections, b"", False
+        me = asyncio.current_task()
+        if me is not None:
+            self.serving.add(me)
         decisions: list[bytes] = []
         records: list[bytes] = []
         try:
@@ -363,6 +367,8 @@ class AcmDomain:
         except (ConnectionError, OSError, asyncio.CancelledError):
             pass  # a client went away, or the domain is stopping: end this connection quietly
         finally:
+            if me is not None:
+                self.serving.discard(me)
             self.release(owner)
             writer.close()
 
@@ -405,6 +411,11 @@ async def serve(domain: AcmDomain, sock: socket.socket, ready_fd: int | None) ->
     await stop.wait()
     counting.cancel()
     server.close()
+    # Connections still open end before the log closes: a request read after it would be
+    # refused as "cannot write the audit log (Bad file descriptor) ... free space there".
+    for task in list(domain.serving):
+        task.cancel()
+    await asyncio.gather(*domain.serving, return_exceptions=True)
     domain.write_repeats(everything=True)
     domain.audit.append("domain", event="stop", policy=domain.policy.name)
     domain.audit.close()
