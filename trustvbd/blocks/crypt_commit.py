@@ -415,10 +415,24 @@ class Commits:
                 and self._members(replica, []) == self.anchor.members)
 
     def _sync_soon(self) -> asyncio.Future[None]:
-        """Every record appended so far durable (`durable`), as a task: it runs (usually
-        it has run already, started with the records) while the writes a FLUSH sent on
-        with FUA and the replica flush are in flight."""
-        return asyncio.ensure_future(self.durable(report=True))
+        """Every record appended so far durable (`durable`, said as there), as a future
+        the log's sync completes (usually it has, started with the records) while the
+        writes a FLUSH sent on with FUA and the replica flush are in flight. A plain
+        future, not a task running `durable`: one per FLUSH, and it only waits."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def then(exc: OSError | None) -> None:
+            if done.done():  # cancelled: the FLUSH waiting for it was
+                return
+            if exc is None:
+                done.set_result(None)
+                return
+            self._sync_failed = None  # said by this FLUSH (durable(report=True))
+            done.set_exception(self._state_failed("sync", self.intent.path, exc))
+
+        if (self._sync_failed is None and self.intent.all_durable) or self.when_durable(then):
+            done.set_result(None)
+        return done
 
     async def _sync_log(self, replica: ReplicaSet, synced: asyncio.Future[None],
                         ahead: Ahead | None, may_log: Callable[[], bool]) -> bool:
@@ -434,7 +448,7 @@ class Commits:
         try:
             await replica.flush()
         finally:
-            await asyncio.shield(synced)
+            await synced
         if ahead is not None:
             await self._writers_done(None)
             if not may_log():
