@@ -1,13 +1,15 @@
 """Python calls and CPU per small guest WRITE on the encryption domain's loop thread.
 
     cd /tmp && PYTHONPATH=TREE TREE/.venv/bin/python TREE/bench/write_calls.py [--qd 16]
-        [--writes 8000] [--replicas 2] [--reps 3] [--budget]
+        [--writes 8000] [--replicas 2] [--reps 3] [--budget] [--flush]
 
 The disk over in-memory NBD drivers in threads (as tests/crypt/test_native_reads.py opens
 it), served by our NbdServer on a Unix socket on uvloop (as the domain runs it); a libnbd
 guest in a subprocess writes 4 KiB blocks at random offsets with `--qd` requests in flight
 (no FUA, no FLUSH until the end), or with --seq one after another from block 0 (as
-fuse2fs writes a file's data, one 4 KiB request at a time). --budget serves the guest as
+fuse2fs writes a file's data, one 4 KiB request at a time), or with --flush one at a time
+each followed by a FLUSH (fsync per write; counts are then per write + FLUSH pair, and the
+loop thread's CPU holds the syncs made on it). --budget serves the guest as
 the encryption domain does, with a memory budget ([limits] memory, 256 MiB) and an idle
 timeout; without it, neither.
 Counted on the event loop's thread only (the drivers and the guest are elsewhere): Python
@@ -50,14 +52,19 @@ import random, sys
 sys.path.append("/usr/lib/python3/dist-packages")
 import nbd
 uri, qd, count, blocks, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-seq = sys.argv[6] == "seq"
+seq, flush = sys.argv[6] == "seq", sys.argv[6] == "flush"
 rnd = random.Random(seed)
 h = nbd.NBD()
 h.connect_uri(uri)
-buf = nbd.Buffer.from_bytearray(bytearray(rnd.randbytes(4096)))
+raw = rnd.randbytes(4096)
+buf = nbd.Buffer.from_bytearray(bytearray(raw))
 sys.stdout.write("ready\n"); sys.stdout.flush()
 sys.stdin.readline()
 sent = 0
+while flush and sent < count:
+    h.pwrite(raw, rnd.randrange(blocks) * 4096)
+    h.flush()
+    sent += 1
 while sent < count or h.aio_in_flight() > 0:
     while sent < count and h.aio_in_flight() < qd:
         h.aio_pwrite(buf, (sent % blocks if seq else rnd.randrange(blocks)) * 4096)
@@ -89,7 +96,7 @@ async def opened(tmp: Path, uris: list[str]) -> AsyncIterator[CryptDisk]:
 
 
 async def measure(tmp: Path, disk: CryptDisk, qd: int, writes: int, profile: bool,
-                  seed: int, seq: bool, budget: bool) -> tuple[float, float, float]:
+                  seed: int, mode: str, budget: bool) -> tuple[float, float, float]:
     sock = tmp / f"g{seed}.sock"
     server = NbdServer(StaticExports([Export("", disk)]), identity="bench-guest",
                        budget=MemoryBudget(Limits().memory) if budget else None,
@@ -101,7 +108,7 @@ async def measure(tmp: Path, disk: CryptDisk, qd: int, writes: int, profile: boo
     blocks = min(SIZE // 4096, 8192)
     guest = await asyncio.create_subprocess_exec(
         "/usr/bin/python3", "-c", GUEST, f"nbd+unix:///?socket={sock}", str(qd), str(writes),
-        str(blocks), str(seed), "seq" if seq else "random", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        str(blocks), str(seed), mode, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert guest.stdin is not None and guest.stdout is not None
     await guest.stdout.readline()  # connected
     counts = {"call": 0, "c_call": 0}
@@ -140,15 +147,17 @@ async def main(args: argparse.Namespace) -> None:
         tmp = Path(d)
         with drivers(tmp, args.replicas) as uris:
             async with opened(tmp, uris) as disk:
+                mode = "flush" if args.flush else "seq" if args.seq else "random"
+                what = "write + FLUSH pair" if args.flush else "write"
                 for rep in range(args.reps):
                     calls, ccalls, _ = await measure(tmp, disk, args.qd, args.writes, True, 2 * rep,
-                                                     args.seq, args.budget)
+                                                     mode, args.budget)
                     _, _, cpu = await measure(tmp, disk, args.qd, args.writes, False, 2 * rep + 1,
-                                              args.seq, args.budget)
-                    print(f"{'sequential' if args.seq else 'random'} qd {args.qd} replicas "
+                                              mode, args.budget)
+                    print(f"{mode} qd {1 if args.flush else args.qd} replicas "
                           f"{args.replicas}: {calls:.1f} Python calls, "
-                          f"{ccalls:.1f} C calls per write; loop thread CPU {cpu:.1f} us per "
-                          "write (unprofiled)", flush=True)
+                          f"{ccalls:.1f} C calls per {what}; loop thread CPU {cpu:.1f} us per "
+                          f"{what} (unprofiled)", flush=True)
                 started = getattr(getattr(disk, "_wplane", None), "started", None)
                 if started is not None:
                     print(f"writes taken natively: {started}")
@@ -162,6 +171,8 @@ if __name__ == "__main__":
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seq", action="store_true",
                         help="sequential 4 KiB writes (as a file copy through FUSE), not random")
+    parser.add_argument("--flush", action="store_true",
+                        help="one write at a time, each followed by a FLUSH (fsync per write)")
     parser.add_argument("--budget", action="store_true",
                         help="a memory budget and an idle timeout, as the encryption domain has")
     import uvloop  # the encryption domain's loop (domains/common.py)
