@@ -237,7 +237,9 @@ def test_a_driver_cannot_leak_descriptors_into_the_launcher_over_its_control_cha
     with a traceback, before the descriptors were closed) and a channel request (whose
     handler never took them); and a request without an id kept the store connection granted
     to it, which no reply carried away. A driver could run the trusted launcher out of
-    descriptors. Now all are closed, and each bad message is one line in the log."""
+    descriptors. Now all are closed, and each bad message is one line in the log. And a
+    driver asking for channels in a loop got each one, audited: the audit log and the
+    store's connections grew at its will. A driver gets one channel per start now."""
     if os.geteuid() != 0:
         pytest.skip("pidfd_getfd of another process needs root")
     s = System(short_tmp, config(driver("drv-a", "S", dir="backing/a"),
@@ -273,5 +275,11 @@ def test_a_driver_cannot_leak_descriptors_into_the_launcher_over_its_control_cha
         err = s.stop()
         assert "Traceback" not in err, err[-3000:]
         assert "nested too deeply" in err, err[-3000:]
+        assert err.count("asked for a channel again") == 1, err[-3000:]
+        out = s.cli("audit", "-c", str(s.config), "--json").stdout
+        channels = [r["fields"] for r in map(json.loads, out.splitlines())
+                    if r["kind"] == "decision" and r["fields"].get("op") == "channel"
+                    and r["fields"].get("a") == "drv-a"]
+        assert len(channels) == 1, channels  # its own, at start: none of the 20 after
     finally:
         s.kill()

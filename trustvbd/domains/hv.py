@@ -65,6 +65,10 @@ class Launcher:
         self.crypt_channels: dict[str, ControlChannel] = {}  # encryption domain -> its channel
         self.crypt_ready: dict[str, asyncio.Event] = {}
         self.driver_channels: dict[str, ControlChannel] = {}
+        # Drivers granted their channel since they started (one each: from_driver), and
+        # those told so since, having asked again.
+        self.driver_granted: set[str] = set()
+        self.driver_told: set[str] = set()
         self.listeners: list[tuple[GuestSocket, socket.socket]] = []
         self.fatal: str | None = None
         self.done = asyncio.Event()
@@ -215,13 +219,31 @@ class Launcher:
         assert isinstance(msg, m.DomainChannelQuery)
         for fd in fds:  # a channel request carries none: a driver's are closed, never kept
             os.close(fd)
+        # A driver asks once per start (join_store). More grants would each cost an audited
+        # decision and a store connection: a driver asking in a loop could grow the audit
+        # log and the store's descriptors at will. Refused at once, said once per start.
+        # (Refusals need no such bound: the access-control domain counts repeated ones.)
+        if me.name in self.driver_granted:
+            if me.name not in self.driver_told:
+                self.driver_told.add(me.name)
+                log.warning("driver %s asked for a channel again (to %r): a driver gets one per"
+                            " start; this and later requests are refused until it restarts",
+                            me.name, msg.target)
+            return m.Failed(m.ErrorCode.POLICY_DENIED, "a driver gets one channel per start;"
+                            " it has had it"), []
         target = self.supervisor.domains.get(msg.target)
         if target is None:
             raise KeyError(f"no domain named {msg.target!r}")
-        await self.broker.allow(me, Endpoint(target.name, target.label or
-                                             self.broker.trusted_label))
         if target.kind == "store":
-            return m.ChannelGranted(""), [await self.store.connection_for("driver", me.name)]
+            self.driver_granted.add(me.name)  # before any await: a request meanwhile sees it
+        try:
+            await self.broker.allow(me, Endpoint(target.name, target.label or
+                                                 self.broker.trusted_label))
+            if target.kind == "store":
+                return m.ChannelGranted(""), [await self.store.connection_for("driver", me.name)]
+        except BaseException:
+            self.driver_granted.discard(me.name)
+            raise
         return m.Failed(m.ErrorCode.UNKNOWN, f"domain {target.name!r} takes no channels from"
                         " drivers (a driver may ask for one to the store)"), []
 
@@ -345,6 +367,10 @@ class Launcher:
             raise StartError(str(exc)) from None
 
     def driver_exited(self, domain: Domain) -> None:
+        # Its next process may have its channel (cleared here, not at start: a driver asks
+        # for it before it says it is ready).
+        self.driver_granted.discard(domain.name)
+        self.driver_told.discard(domain.name)
         self.supervisor.spawn_task(self.store.set_driver_state(domain.name, State.CLOSED))
 
     def driver_started(self, domain: Domain) -> None:
