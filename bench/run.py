@@ -135,6 +135,10 @@ def measure(server: Server, size: int, source: Path, runtime: int,
                 return go
 
             workloads = [w for w in server.workloads if only is None or w in only]
+            if workloads and "seq" not in workloads:
+                # Random reads of blocks never written measure no read at all (the
+                # encryption domain answers zeroes from its leaves): write them first.
+                subprocess.run(["nbdcopy", str(source), uri], check=True)
             if "seq" in workloads:
                 nbdcopy = ["nbdcopy", *([f"--request-size={request_size}"] if request_size else [])]
                 run("write", copy([*nbdcopy, str(source), uri]))
