@@ -22,6 +22,8 @@ on the control socket C, e.g. {"mode": "flip", "rate": 0.05}:
     disconnect      close every connection on its next request
     garbage         answer requests with random bytes
     huge_length     answer reads with a structured chunk claiming 2 GiB
+    stall_mid_reply answer a read with its header and half its data, then nothing more on
+                    that connection (what was asked is read and dropped)
     wrong_cookie    answer with a cookie that was never sent
 
 Only the data its modes concern are touched: the handshake stays honest (but for
@@ -150,6 +152,7 @@ class Hostile:
             if structured is None:
                 return
             send_lock = threading.Lock()
+            stalled = False  # stall_mid_reply: a reply was cut short; nothing more is sent
             while True:
                 head = _recv(conn, 28)
                 magic, _flags, typ, cookie, offset, length = struct.unpack(">IHHQQI", head)
@@ -160,6 +163,16 @@ class Hostile:
                 if typ == DISC or mode == "disconnect":
                     return
                 if mode == "stall" or (mode == "stall_reads" and typ == READ):
+                    continue
+                if mode == "stall_mid_reply" and typ == READ and not stalled:
+                    data = self.read(offset, length)
+                    head = (struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
+                                        8 + length, offset) if structured else
+                            struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie))
+                    with send_lock:
+                        conn.sendall(head + data[:length // 2])
+                    stalled = True
+                if stalled:
                     continue
                 if mode == "garbage":
                     conn.sendall(os.urandom(64))

@@ -189,7 +189,7 @@ def test_a_lying_driver_is_outvoted_and_repaired(mirror: Mirror, mode: str) -> N
 
 
 @pytest.mark.parametrize("mode", ["stall", "stall_reads", "disconnect", "garbage", "huge_length",
-                                  "wrong_cookie"])
+                                  "wrong_cookie", "stall_mid_reply"])
 def test_a_failing_driver_is_dropped_and_resynced(mirror: Mirror, mode: str) -> None:
     m, bad = mirror, mirror.drivers[-1]
     qemu_io(m.uri, f"write -P 0x11 0 {SIZE}", "flush")
