@@ -225,7 +225,9 @@ def describe_scrub(scrub: dict[str, Any]) -> str:
     result = scrub.get("result", {})
     bad = sum(r["bad"] for r in result.values())
     repaired = sum(r["repaired"] for r in result.values())
-    return f"{bad} bad, {repaired} repaired, {scrub.get('seconds')} s"
+    skipped = [name for name, r in result.items() if r.get("not_scrubbed")]
+    return (f"{bad} bad, {repaired} repaired, {scrub.get('seconds')} s"
+            + (f"; not scrubbed (not current): {', '.join(skipped)}" if skipped else ""))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ def _scrub_of(config: Any, disk: str) -> dict[str, Any] | None:
     return None
 
 
-def _summary(result: dict[str, dict[str, int]]) -> tuple[int, int, int]:
+def _summary(result: dict[str, dict[str, Any]]) -> tuple[int, int, int]:
     checked = sum(r["checked"] for r in result.values())
     bad = sum(r["bad"] for r in result.values())
     repaired = sum(r["repaired"] for r in result.values())
@@ -78,7 +78,8 @@ def _scrub(args: argparse.Namespace, config: Any) -> int:
         print(f"disk {args.disk}: scrubbed in {scrub.get('seconds')} s")
         for name, r in result.items():
             print(f"  replica {name}: {r['checked']} blocks checked, {r['bad']} bad,"
-                  f" {r['repaired']} repaired")
+                  f" {r['repaired']} repaired"
+                  + (f"; NOT SCRUBBED: {r['not_scrubbed']}" if r.get("not_scrubbed") else ""))
     return EXIT_FOUND if bad > repaired else 0
 
 

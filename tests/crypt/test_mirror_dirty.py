@@ -476,3 +476,24 @@ def test_scrub_finds_an_altered_leaf_page_and_the_replica_gets_it_again(tmp_path
         assert (await disk.scrub())["r1"]["leaf_pages_bad"] == 0
         await disk.close()
     run(go())
+
+
+def test_a_replica_scrub_did_not_read_is_said_not_scrubbed(tmp_path: Path) -> None:
+    """A degraded replica is not read by scrub: its line said "0 blocks checked, 0 bad, 0
+    repaired", which reads as clean. Its result now says it was not scrubbed, and why."""
+    async def go() -> None:
+        kek = new_state(tmp_path)
+        links = [Faulty(m) for m in memories(2)]
+        disk = await open_set(tmp_path, kek, list(links))
+        await fill(disk)
+        links[1].fail_writes = links[1].fail_reads = True
+        await disk.pwrite(0, pattern(0, 7))
+        await disk.flush()
+        assert disk.replicas.replicas[1].state is not State.CURRENT
+        result = await disk.scrub()
+        assert "not_scrubbed" not in result["r0"] and result["r0"]["checked"] > 0, result
+        assert result["r1"]["checked"] == 0, result
+        assert result["r1"]["not_scrubbed"].startswith("it is degraded: not read here"), result
+        links[1].fail_writes = links[1].fail_reads = False
+        await disk.close()
+    run(go())

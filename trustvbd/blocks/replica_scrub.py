@@ -79,7 +79,13 @@ async def scrub(rs: ReplicaSet, progress: Callable[[int, int], None] | None = No
             progress(done, blocks)
         await asyncio.sleep(0)
     await _scrub_leaf_pages(rs, counts)
-    return counts
+    result: dict[str, Any] = counts
+    for r in rs.replicas:  # said, so that "0 blocks checked, 0 bad" is not taken for clean
+        if r not in rs.current:
+            result[r.name]["not_scrubbed"] = (f"it is {r.state.value}: not read here; a current"
+                                              " replica's blocks are copied to it (`trustvbd"
+                                              " status` says why)")
+    return result
 
 
 async def _scrub_leaf_pages(rs: ReplicaSet, counts: dict[str, dict[str, int]]) -> None:
