@@ -94,11 +94,24 @@ def test_scrub_json_when_up_is_stopped_prints_json_saying_so(short_tmp: Path) ->
     """As status --json: a script reading stdout learns why (red team: stdout was empty)."""
     config = short_tmp / "c.toml"
     config.write_text(CONFIG.format(dir="backing"))
-    result = tvbd("scrub", "-c", str(config), "payroll", "--json")
+    result = tvbd("scrub", "-c", str(config), "disk", "--json")
     assert result.returncode == 3
     reply = json.loads(result.stdout)
-    assert reply["disk"] == "payroll" and "not running" in reply["error"]
+    assert reply["disk"] == "disk" and "not running" in reply["error"]
     assert result.stderr.startswith("trustvbd scrub: not running") and len(result.stderr.splitlines()) == 1
+
+
+def test_scrub_of_a_disk_the_config_does_not_have_says_so(short_tmp: Path) -> None:
+    """Was "not running" with `up` stopped, and "no running encryption domain serves disk
+    'nosuch'" with it running: now which disks the config has, at once, either way."""
+    config = short_tmp / "c.toml"
+    config.write_text(CONFIG.format(dir="backing"))
+    for json_flag in ([], ["--json"]):
+        result = tvbd("scrub", "-c", str(config), "nosuch", *json_flag)
+        assert result.returncode == 1, result.stderr  # (2 says bad blocks were found)
+        assert result.stderr == f"trustvbd scrub: no disk 'nosuch' in {config} (its disks: disk)\n"
+        if json_flag:
+            assert json.loads(result.stdout)["error"].startswith("no disk 'nosuch' in ")
 
 
 def test_output_into_a_closed_pipe_ends_quietly(short_tmp: Path) -> None:

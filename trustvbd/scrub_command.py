@@ -40,6 +40,9 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     from trustvbd.cli import EXIT_NOT_RUNNING, NotRunning, _config
 
     config = _config(args.config)
+    if args.disk not in config.disks:  # said before asking `up` (which may not run)
+        return _failed(args, f"no disk {args.disk!r} in {config.path} (its disks:"
+                       f" {', '.join(config.disks) or 'none'})")  # exit 1: 2 is bad blocks
     try:
         return _scrub(args, config)
     except NotRunning as exc:  # before or during the scrub: --json still says why
