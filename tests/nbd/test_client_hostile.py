@@ -21,6 +21,7 @@ from tests.nbd.helpers import new_loop
 from trustvbd.blockdev import BlockError
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.client import NbdClient
+from trustvbd.nbd.client_connect import SOCKET_BUFFER
 
 MiB = 1 << 20
 Script = Callable[["FakeServer"], None]
@@ -332,3 +333,81 @@ def test_a_write_the_socket_cannot_take_yet_keeps_the_bytes_it_was_given() -> No
     err = with_fake_server(script, body)
     assert "the test is done" in str(err)
     assert received == [b"\x61" * size]
+
+
+def _full_socket_then(payloads: list[bytes | bytearray], cancel: bool
+                      ) -> tuple[list[bytes], list[int]]:
+    """WRITEs of `payloads` (one after another, at offset 0) to a server that reads
+    nothing until they are all queued and the first has filled the socket; with `cancel`,
+    every write but the first is cancelled and its buffer overwritten with 0x7a before
+    the server reads. What the server received, and the engine's `copied` once all were
+    queued."""
+    received: list[bytes] = []
+    go_on = threading.Event()
+    copied: list[int] = []
+
+    def script(srv: FakeServer) -> None:
+        srv.handshake()
+        go_on.wait(10)
+        for _ in payloads:
+            typ, length = struct.unpack(">IHHQQI", srv.recv_exact(28))[2::3]
+            assert typ == p.Cmd.WRITE
+            received.append(srv.recv_exact(length))
+        srv.idle()
+
+    async def body(client: NbdClient) -> None:
+        writes = []
+        for data in payloads:
+            view = data if isinstance(data, bytes) else memoryview(data)
+            writes.append(asyncio.ensure_future(client.pwrite(0, view)))
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if client._engine is not None and client._engine.queued:
+                    break
+        engine = client._engine
+        assert engine is not None and 0 < engine.queued < sum(map(len, payloads))
+        copied.append(engine.copied)
+        if cancel:
+            for write, data in zip(writes[1:], payloads[1:], strict=True):
+                write.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await write
+                data[:] = b"\x7a" * len(data)  # type: ignore[index]  # the caller reuses it
+        go_on.set()
+        for _ in range(500):
+            if len(received) == len(payloads):
+                break
+            await asyncio.sleep(0.01)
+        client.abandon("the test is done")
+        await asyncio.gather(*writes, return_exceptions=True)
+        await client.pread(0, 512)  # raises: the connection was given up
+
+    err = with_fake_server(script, body)
+    assert "the test is done" in str(err)
+    return received, copied
+
+
+def test_a_bytes_payload_the_socket_cannot_take_yet_is_held_not_copied() -> None:
+    """A WRITE of a `bytes` object (ciphertext is one) waits behind a full socket as it
+    is: nothing can change it, so the client copies none of it (each replica link of a
+    mirror would otherwise copy every payload its driver had not taken yet); a
+    bytearray's remainder is copied, as the caller may reuse it."""
+    size = 16 * MiB  # far more than a socket buffer holds
+    frozen = bytes([0x61]) * size
+    received, copied = _full_socket_then([frozen], cancel=False)
+    assert copied == [0]
+    assert received == [frozen]
+    received, copied = _full_socket_then([bytearray(frozen)], cancel=False)
+    assert copied == [size]
+    assert received == [frozen]
+
+
+def test_a_write_queued_behind_a_full_socket_keeps_the_bytes_it_was_given() -> None:
+    """A WRITE queued while the socket is already full (the client waiting for it to
+    drain) and then cancelled: its caller's later change to the buffer is not what the
+    server receives."""
+    # Fills the socket (the kernel doubles SO_SNDBUF), leaving less than HIGH_WATER queued.
+    first = bytes([0x62]) * (2 * SOCKET_BUFFER + 2 * MiB)
+    later = bytearray(b"\x61" * 4096)
+    received, _ = _full_socket_then([first, later], cancel=True)
+    assert received == [first, b"\x61" * 4096]

@@ -30,15 +30,25 @@ const IOVECS_PER_WRITE: usize = 256;
 /// A WRITE's payload: the caller's buffer until the socket first refuses bytes, then
 /// a copy. A caller may reuse its buffer as soon as its request is cancelled (after
 /// the turn it was queued in, when `send` has run): what waits past that is ours.
+/// A `bytes` object is never copied (`Frozen`): no one can change it, and holding it
+/// keeps it. Ciphertext is `bytes` (seal, the write plane), so a mirror's replica
+/// links, each backed up behind its driver, do not each copy every payload they hold.
 enum Payload {
     Lent(LentBuffer, Py<PyAny>),
+    Frozen(LentBuffer, Py<PyAny>),
     Owned(Vec<u8>),
 }
 
 impl Payload {
+    fn new(data: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let buf = LentBuffer::new(data, false)?;
+        let obj = data.clone().unbind();
+        Ok(if data.is_exact_instance_of::<PyBytes>() { Payload::Frozen(buf, obj) } else { Payload::Lent(buf, obj) })
+    }
+
     fn bytes(&self) -> &[u8] {
         match self {
-            Payload::Lent(buf, _) => buf.bytes(),
+            Payload::Lent(buf, _) | Payload::Frozen(buf, _) => buf.bytes(),
             Payload::Owned(bytes) => bytes,
         }
     }
@@ -91,6 +101,10 @@ pub(crate) struct NbdClientEngine {
     out: VecDeque<Outgoing>,
     sent: usize, // bytes of out's front already sent
     queued: usize,
+    /// Payload bytes copied so far because the socket refused them (keep_payloads).
+    copied: usize,
+    /// The last send left bytes queued: the socket refused them.
+    backed_up: bool,
 }
 
 type Batch<'py> = (Bound<'py, PyList>, Option<String>, bool, Option<Bound<'py, PyTuple>>);
@@ -166,11 +180,36 @@ impl NbdClientEngine {
 
     /// Copies every payload still queued: its caller may reuse its buffer from now on.
     fn keep_payloads(&mut self) {
+        self.backed_up = true;
         for item in &mut self.out {
-            if let Some(Payload::Lent(buf, _)) = &item.payload {
-                item.payload = Some(Payload::Owned(buf.bytes().to_vec()));
+            if let Some(payload) = item.payload.take() {
+                item.payload = Some(Self::kept(&mut self.copied, payload));
             }
         }
+    }
+
+    /// `payload` as it may wait: a lent buffer copied (its caller may reuse it once
+    /// its request is cancelled), anything else as it is.
+    fn kept(copied: &mut usize, payload: Payload) -> Payload {
+        match payload {
+            Payload::Lent(buf, _) => {
+                let copy = buf.bytes().to_vec();
+                *copied += copy.len();
+                Payload::Owned(copy)
+            }
+            other => other,
+        }
+    }
+
+    /// Queues a request. While the socket is backed up no send may come before its
+    /// caller can be cancelled (the loop only waits for the socket to drain): its
+    /// payload is kept now, not at the next refusal.
+    fn push(&mut self, mut item: Outgoing) {
+        if self.backed_up {
+            item.payload = item.payload.map(|p| Self::kept(&mut self.copied, p));
+        }
+        self.queued += item.len();
+        self.out.push_back(item);
     }
 
     fn broken_reason(&self) -> Option<String> {
@@ -204,6 +243,8 @@ impl NbdClientEngine {
             out: VecDeque::new(),
             sent: 0,
             queued: 0,
+            copied: 0,
+            backed_up: false,
         })
     }
 
@@ -224,6 +265,13 @@ impl NbdClientEngine {
         self.queued
     }
 
+    /// Payload bytes copied so far, held while the socket would not take them: a
+    /// caller's buffer it may reuse (never a `bytes` object).
+    #[getter]
+    fn copied(&self) -> usize {
+        self.copied
+    }
+
     /// request(type, flags, offset, length, data=None, into=None) -> cookie
     ///
     /// Queues one request (send() or take_output() puts it on the wire). A WRITE
@@ -240,18 +288,14 @@ impl NbdClientEngine {
         data: Option<&Bound<'_, PyAny>>,
         into: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
-        let payload = data
-            .map(|d| LentBuffer::new(d, false).map(|b| Payload::Lent(b, d.clone().unbind())))
-            .transpose()?;
+        let payload = data.map(Payload::new).transpose()?;
         let target = into.map(|t| LentBuffer::new(t, true).map(Target::Lent)).transpose()?;
         let payload_len = payload.as_ref().map(|p| p.bytes().len());
         let (cookie, head) = self
             .core
             .request(typ, flags, offset, length, payload_len, target)
             .map_err(|refused| PyValueError::new_err(refused.0))?;
-        let item = Outgoing { head, payload };
-        self.queued += item.len();
-        self.out.push_back(item);
+        self.push(Outgoing { head, payload });
         Ok(cookie)
     }
 
@@ -265,15 +309,15 @@ impl NbdClientEngine {
         let mut items = Vec::with_capacity(writes.len());
         for item in writes.iter() {
             let (offset, data): (u64, Bound<'_, PyAny>) = item.extract()?;
-            let buf = LentBuffer::new(&data, false)?;
-            let length = u32::try_from(buf.bytes().len())
+            let payload = Payload::new(&data)?;
+            let length = u32::try_from(payload.bytes().len())
                 .ok()
                 .filter(|&n| self.core.takes_read(n)) // a READ's bounds are a WRITE's
                 .ok_or_else(|| match self.core.broken() {
                     Some(b) => PyValueError::new_err(format!("the connection failed earlier: {b}")),
                     None => PyValueError::new_err("a WRITE over 32 MiB, or after NBD_CMD_DISC"),
                 })?;
-            items.push((offset, length, Payload::Lent(buf, data.unbind())));
+            items.push((offset, length, payload));
         }
         let mut first = None;
         for (offset, length, payload) in items {
@@ -282,9 +326,7 @@ impl NbdClientEngine {
                 .request(CMD_WRITE, flags, offset, length, Some(length as usize), None)
                 .map_err(|refused| PyValueError::new_err(refused.0))?; // checked above: never
             first.get_or_insert(cookie);
-            let item = Outgoing { head, payload: Some(payload) };
-            self.queued += item.len();
-            self.out.push_back(item);
+            self.push(Outgoing { head, payload: Some(payload) });
         }
         first.ok_or_else(|| PyValueError::new_err("no writes to queue"))
     }
@@ -341,6 +383,7 @@ impl NbdClientEngine {
             }
             self.sent = left;
         }
+        self.backed_up = false;
         Ok(true)
     }
 
@@ -350,7 +393,7 @@ impl NbdClientEngine {
         for item in self.out.drain(..) {
             list.append(PyBytes::new(py, &item.head))?;
             match item.payload {
-                Some(Payload::Lent(_, obj)) => list.append(obj)?,
+                Some(Payload::Lent(_, obj) | Payload::Frozen(_, obj)) => list.append(obj)?,
                 Some(Payload::Owned(bytes)) => list.append(PyBytes::new(py, &bytes))?,
                 None => {}
             }
