@@ -335,7 +335,7 @@ def test_a_write_the_socket_cannot_take_yet_keeps_the_bytes_it_was_given() -> No
     assert received == [b"\x61" * size]
 
 
-def _full_socket_then(payloads: list[bytes | bytearray], cancel: bool
+def _full_socket_then(payloads: list[bytes | bytearray | memoryview], cancel: bool
                       ) -> tuple[list[bytes], list[int]]:
     """WRITEs of `payloads` (one after another, at offset 0) to a server that reads
     nothing until they are all queued and the first has filled the socket; with `cancel`,
@@ -358,7 +358,7 @@ def _full_socket_then(payloads: list[bytes | bytearray], cancel: bool
     async def body(client: NbdClient) -> None:
         writes = []
         for data in payloads:
-            view = data if isinstance(data, bytes) else memoryview(data)
+            view = data if isinstance(data, bytes) else memoryview(data)[:]
             writes.append(asyncio.ensure_future(client.pwrite(0, view)))
             for _ in range(100):
                 await asyncio.sleep(0.01)
@@ -390,11 +390,14 @@ def _full_socket_then(payloads: list[bytes | bytearray], cancel: bool
 def test_a_bytes_payload_the_socket_cannot_take_yet_is_held_not_copied() -> None:
     """A WRITE of a `bytes` object (ciphertext is one) waits behind a full socket as it
     is: nothing can change it, so the client copies none of it (each replica link of a
-    mirror would otherwise copy every payload its driver had not taken yet); a
-    bytearray's remainder is copied, as the caller may reuse it."""
+    mirror would otherwise copy every payload its driver had not taken yet), nor does a
+    view of one; a bytearray's is copied, as the caller may reuse it."""
     size = 16 * MiB  # far more than a socket buffer holds
     frozen = bytes([0x61]) * size
     received, copied = _full_socket_then([frozen], cancel=False)
+    assert copied == [0]
+    assert received == [frozen]
+    received, copied = _full_socket_then([memoryview(frozen)], cancel=False)  # a view of bytes
     assert copied == [0]
     assert received == [frozen]
     received, copied = _full_socket_then([bytearray(frozen)], cancel=False)

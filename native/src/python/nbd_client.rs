@@ -15,7 +15,8 @@ use std::os::fd::AsRawFd;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::intern;
+use pyo3::types::{PyBytes, PyList, PyMemoryView, PyTuple};
 
 use super::foreign::{detach_socket, LentBuffer};
 use super::read_plane::{Finished, NativeRead, Why};
@@ -30,8 +31,8 @@ const IOVECS_PER_WRITE: usize = 256;
 /// A WRITE's payload: the caller's buffer until the socket first refuses bytes, then
 /// a copy. A caller may reuse its buffer as soon as its request is cancelled (after
 /// the turn it was queued in, when `send` has run): what waits past that is ours.
-/// A `bytes` object is never copied (`Frozen`): no one can change it, and holding it
-/// keeps it. Ciphertext is `bytes` (seal, the write plane), so a mirror's replica
+/// A `bytes` object (or a view of one) is never copied (`Frozen`): no one can change
+/// it, and holding it keeps it. Ciphertext is `bytes` (seal, the write plane), so a mirror's replica
 /// links, each backed up behind its driver, do not each copy every payload they hold.
 enum Payload {
     Lent(LentBuffer, Py<PyAny>),
@@ -43,7 +44,19 @@ impl Payload {
     fn new(data: &Bound<'_, PyAny>) -> PyResult<Self> {
         let buf = LentBuffer::new(data, false)?;
         let obj = data.clone().unbind();
-        Ok(if data.is_exact_instance_of::<PyBytes>() { Payload::Frozen(buf, obj) } else { Payload::Lent(buf, obj) })
+        Ok(if Self::immutable(data)? { Payload::Frozen(buf, obj) } else { Payload::Lent(buf, obj) })
+    }
+
+    /// A `bytes` object, or a memoryview of one (which keeps it, and cannot be released
+    /// while we hold its buffer).
+    fn immutable(data: &Bound<'_, PyAny>) -> PyResult<bool> {
+        if data.is_exact_instance_of::<PyBytes>() {
+            return Ok(true);
+        }
+        if !data.is_exact_instance_of::<PyMemoryView>() {
+            return Ok(false);
+        }
+        Ok(data.getattr(intern!(data.py(), "obj"))?.is_exact_instance_of::<PyBytes>())
     }
 
     fn bytes(&self) -> &[u8] {
