@@ -32,8 +32,8 @@ const IOVECS_PER_WRITE: usize = 256;
 /// a copy. A caller may reuse its buffer as soon as its request is cancelled (after
 /// the turn it was queued in, when `send` has run): what waits past that is ours.
 /// A `bytes` object (or a view of one) is never copied (`Frozen`): no one can change
-/// it, and holding it keeps it. Ciphertext is `bytes` (seal, the write plane), so a mirror's replica
-/// links, each backed up behind its driver, do not each copy every payload they hold.
+/// it, and holding it keeps it. Ciphertext is `bytes` (seal, the write plane), so the
+/// replica links of a mirror, each backed up behind its driver, do not each copy it.
 enum Payload {
     Lent(LentBuffer, Py<PyAny>),
     Frozen(LentBuffer, Py<PyAny>),
