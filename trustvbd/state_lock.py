@@ -30,8 +30,12 @@ class StateLock:
             pid = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
             raise StateLocked(state_dir, pid) from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:  # a full state directory: the lock is not taken after all
+            os.close(self.fd)
+            raise
 
     def release(self) -> None:
         os.ftruncate(self.fd, 0)

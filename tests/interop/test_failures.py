@@ -124,6 +124,49 @@ def test_a_full_state_directory_is_said_as_that_with_enospc_and_in_status(root: 
         subprocess.run(["umount", str(state)], check=False, capture_output=True)
 
 
+def test_up_on_a_full_state_directory_says_so_in_one_line(root: Path) -> None:
+    """`up` started again on a full state directory: the access-control domain died with a
+    Python traceback (ENOSPC writing its start record) and `up` said only that it "failed
+    to start". Now one line says which file, why and what to do."""
+    state = root / "state"
+    state.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(state)],
+                   check=True)
+    s = System(root, config(size="64MiB", dir="backing"))
+    try:
+        s.start()
+        s.stop()
+        with open(state / "filler", "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(bytes(MIB))
+        out = run([*TRUSTVBD, "up", "-c", str(s.config)], check=False, timeout=60)
+        assert out.returncode != 0
+        assert "Traceback" not in out.stderr, out.stderr
+        # Which file fails first depends on how full it is: the lock (an empty file, a pid
+        # written) or the audit log's start record; each says where, why and what to do.
+        assert (f"trustvbd acm: cannot write the audit log {state / 'audit.jsonl'}: No space"
+                " left on device; every decision is recorded there" in out.stderr
+                or "trustvbd up: cannot write the lock file up.lock in the state directory"
+                f" {state}: No space left on device; free space there" in out.stderr), out.stderr
+        # Nearly full: the lock's pid fits, the audit log's start record does not.
+        (state / "filler").unlink()
+        with open(state / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(bytes(4096))
+        os.truncate(state / "filler", os.path.getsize(state / "filler") - 4096)
+        out = run([*TRUSTVBD, "up", "-c", str(s.config)], check=False, timeout=60)
+        assert out.returncode != 0
+        assert "Traceback" not in out.stderr, out.stderr
+        assert (f"trustvbd acm: cannot write the audit log {state / 'audit.jsonl'}: No space"
+                " left on device; every decision is recorded there") in out.stderr, out.stderr
+        (state / "filler").unlink()
+        s.start()  # room again: it starts as before
+        s.stop()
+    finally:
+        s.kill()
+        subprocess.run(["umount", str(state)], check=False, capture_output=True)
+
+
 def test_a_full_driver_is_said_once_and_up_starts_on_it(root: Path) -> None:
     """A driver out of space: the guest gets ENOSPC (on the FLUSH after a write answered
     early, then on every write), the encryption domain says so once naming driver and

@@ -458,12 +458,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         policy = Policy.null() if args.null else read_compiled(args.policy)
         audit = AuditLog(args.audit)
+        audit.append("domain", event="start", pid=os.getpid(), **policy.summary())
     except (PolicyError, AuditError) as exc:
         print(f"trustvbd acm: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full or read-only state directory: said, not a traceback
+        print(f"trustvbd acm: cannot write the audit log {args.audit}: {exc.strerror or exc};"
+              " every decision is recorded there, so nothing is served without it: free space"
+              " there (or make it writable) and start again", file=sys.stderr)
+        return 1
     if policy.is_null:
         log.warning("NO POLICY (Xen's NULL policy): every decision is ALLOW")
-    audit.append("domain", event="start", pid=os.getpid(), **policy.summary())
     if args.listen_fd is not None:
         sock = socket.socket(fileno=args.listen_fd)
     else:

@@ -116,6 +116,11 @@ async def run_up(config: Config) -> int:
         print(f"trustvbd up: trustvbd up is already running on state directory {exc.state_dir}"
               f" (pid {exc.pid}); stop it first, or use another state_dir", file=sys.stderr)
         return 1
+    except OSError as exc:  # full or read-only: said in one line, not a traceback
+        print(f"trustvbd up: cannot write the lock file up.lock in the state directory"
+              f" {config.state_dir}: {exc.strerror or exc}; free space there (or make it"
+              " writable) and start again", file=sys.stderr)
+        return 1
     try:
         passphrase = passphrase_for_up(config)
     except StartError as exc:
