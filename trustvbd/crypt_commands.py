@@ -291,6 +291,11 @@ def rekey_disk(config_path: str, disk: str, to_passphrase: bool) -> int:
             raise CommandError(
                 f"trustvbd up is running on state directory {exc.state_dir} (pid {exc.pid}) and holds"
                 " the disk's keys; stop it first, then rekey") from None
+        except OSError as exc:  # full or read-only
+            raise CommandError(f"cannot write the lock file up.lock in the state directory"
+                               f" {config.state_dir}: {exc.strerror or exc}; free space there"
+                               " (or make it writable) and try again; nothing was changed"
+                               ) from None
         try:
             _, kind = _read_keys(keys, disk)
             default_key = config.state_dir / "kek.key"
@@ -311,8 +316,12 @@ def rekey_disk(config_path: str, disk: str, to_passphrase: bool) -> int:
                     raise CommandError(f"wrong passphrase for disk {disk!r}; nothing was changed"
                                        ) from None
                 raise CommandError(f"{exc}; nothing was changed") from None
-            except (KeyFileError, PassphraseNeeded, OSError) as exc:
+            except (KeyFileError, PassphraseNeeded) as exc:
                 raise CommandError(f"{exc}; nothing was changed") from None
+            except OSError as exc:  # the keys are replaced atomically: the old ones stand
+                where = exc.filename or config.state_dir
+                raise CommandError(f"cannot write {where}: {exc.strerror or exc}; nothing was"
+                                   " changed") from None
         finally:
             lock.release()
     except CommandError as exc:

@@ -149,6 +149,13 @@ def test_up_on_a_full_state_directory_says_so_in_one_line(root: Path) -> None:
                 or "trustvbd up: cannot write the lock file up.lock in the state directory"
                 f" {state}: No space left on device; free space there" in out.stderr), out.stderr
         # Nearly full: the lock's pid fits, the audit log's start record does not.
+        out = run([*TRUSTVBD, "disk", "rekey", "-c", str(s.config), "disk", "--to-passphrase"],
+                  check=False, timeout=60, env={**os.environ, "TRUSTVBD_NEW_PASSPHRASE": "pw"})
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr == ("trustvbd disk rekey: cannot write the lock file up.lock in the"
+                              f" state directory {state}: No space left on device; free space"
+                              " there (or make it writable) and try again; nothing was"
+                              " changed\n"), out.stderr
         (state / "filler").unlink()
         with open(state / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
             while True:
