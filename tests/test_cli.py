@@ -138,6 +138,16 @@ def test_verify_a_file_that_is_not_a_replica_says_so(short_tmp: Path) -> None:
     assert "not a trustvbd replica" in result.stdout and "None" not in result.stdout
 
 
+def test_verify_a_directory_says_it_is_one(short_tmp: Path) -> None:
+    """Was "is not a regular file; for a block device, serve it read-only (qemu-nbd ...)"."""
+    key = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    (short_tmp / "disk.pub").write_bytes(key)
+    result = tvbd("verify", "--public-key", str(short_tmp / "disk.pub"), "--replica", str(short_tmp))
+    assert result.returncode == 2
+    assert result.stderr == (f"trustvbd verify: replica {short_tmp} is a directory; give the"
+                             " backing file in it (a driver's dir holds one DISK.img per disk)\n")
+
+
 def test_state_dir_that_is_a_file_says_what_it_holds(short_tmp: Path) -> None:
     (short_tmp / "state").write_text("")
     config = short_tmp / "c.toml"

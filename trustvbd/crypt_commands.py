@@ -119,6 +119,9 @@ async def _open_replica(replica: str) -> Any:
         st = os.stat(replica)
     except OSError as exc:
         raise CommandError(f"cannot open replica {replica}: {exc.strerror}", EXIT_USAGE) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CommandError(f"replica {replica} is a directory; give the backing file in it"
+                           " (a driver's dir holds one DISK.img per disk)", EXIT_USAGE)
     if not stat.S_ISREG(st.st_mode):
         raise CommandError(
             f"replica {replica} is not a regular file; for a block device, serve it read-only"
