@@ -1,0 +1,192 @@
+"""Hostile guests and drivers against an encrypted export served by the native planes.
+
+tests/nbd/test_server_hostile.py attacks the request bounds on memory and file exports,
+where no native plane runs; here the same lies reach a real `trustvbd up` with 2
+replicas, in batches that begin with READs and WRITEs the native read and write planes
+take (python/nbd_server.rs, parse_native: the refused requests after them come back to
+Python). Each refused request must get its exact error, the stream must stay in sync (a
+refused WRITE's payload is consumed, a refused READ sends none), requests longer than
+the 64 MiB maximum payload inside the disk are served in parts, and afterwards both
+replicas, as the independent reader of docs/format.md decodes them, must hold exactly
+what was acknowledged. Then a driver breaks the protocol under the read plane's READs:
+the native client engine (native/src/nbd_client/) must refuse its replies, and the
+guest be served by the other replica.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import support
+from tests.crypt.format_reader import read_replica
+from tests.nbd.helpers import RawClient
+from tests.support import System
+from trustvbd.nbd import protocol as p
+
+pytestmark = pytest.mark.interop
+MiB = 1 << 20
+BS = 4096
+SIZE = 96 * MiB  # room for a WRITE longer than the 64 MiB maximum payload
+BIG = 80 * MiB
+
+
+def system(root: Path) -> System:
+    return System(root, support.config(
+        support.driver("drv-0", "A", dir="backing/0"), support.driver("drv-1", "A", dir="backing/1"),
+        support.disk("d1", "A", ["drv-0", "drv-1"], size=SIZE), support.guest("vm1", "A")))
+
+
+def recv_into(c: RawClient, n: int) -> bytearray:
+    """`n` bytes (RawClient.recv_exact is quadratic for tens of MiB)."""
+    out = bytearray(n)
+    view, got = memoryview(out), 0
+    while got < n:
+        k = c.sock.recv_into(view[got:])
+        if not k:
+            raise EOFError(f"connection closed after {got} of {n} bytes")
+        got += k
+    return out
+
+
+def header(cmd: int, cookie: int, offset: int, length: int, flags: int = 0) -> bytes:
+    return struct.pack(">IHHQQI", p.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+
+
+def replies(c: RawClient, reads: dict[int, int], count: int) -> dict[int, tuple[int, bytes]]:
+    """`count` simple replies, in whatever order they come: cookie -> (error, data); a
+    READ's data follows its reply only if it succeeded (`reads`: cookie -> length)."""
+    out: dict[int, tuple[int, bytes]] = {}
+    for _ in range(count):
+        error, cookie = c.simple_reply()
+        assert cookie not in out, f"cookie {cookie} answered twice"
+        data = bytes(recv_into(c, reads[cookie])) if cookie in reads and not error else b""
+        out[cookie] = (error, data)
+    return out
+
+
+def test_hostile_requests_to_an_encrypted_export_are_refused_in_sync_and_leave_the_replicas_right(
+        short_tmp: Path) -> None:
+    s = system(short_tmp).start()
+    model = bytearray(SIZE)
+    c = RawClient(str(s.root / "state" / "guests" / "vm1.sock"), timeout=60)
+    size, _ = c.go("d1")
+    assert size == SIZE
+    first = os.urandom(2 * BS)
+    c.request(p.Cmd.WRITE, 0, 2 * BS, cookie=1, data=first)
+    assert c.simple_reply() == (0, 1)
+    model[:2 * BS] = first
+    # Once the FLUSH has the write behind on both replicas, no hold is left on its blocks:
+    # the batch's READs of them can go to the read plane.
+    c.request(p.Cmd.FLUSH, cookie=2)
+    assert c.simple_reply() == (0, 2)
+
+    # Two batches, each sent at once: one begins with READs the read plane takes, the other
+    # with a WRITE the write plane takes; the refused requests come right after them, in the
+    # same parse. Every request is answered once, by its cookie, and the stream stays in sync.
+    reads = [
+        header(p.Cmd.READ, 10, 0, BS),  # native
+        header(p.Cmd.READ, 11, BS, BS),  # native
+        header(p.Cmd.READ, 12, SIZE - BS, 2 * BS),  # past the end
+        header(p.Cmd.READ, 13, 2**64 - 512, 1024),  # offset + length wraps around 2^64
+        header(p.Cmd.READ, 14, 0, 2 * BS),
+    ]
+    c.sock.sendall(b"".join(reads))
+    got = replies(c, {10: BS, 11: BS, 12: 2 * BS, 13: 1024, 14: 2 * BS}, len(reads))
+    assert got[10] == (0, first[:BS]) and got[11] == (0, first[BS:]) and got[14] == (0, first)
+    assert got[12][0] == got[13][0] == p.NbdErr.EINVAL
+
+    fresh = os.urandom(BS)
+    writes = [
+        header(p.Cmd.WRITE, 15, 8 * BS, BS) + fresh,  # native
+        header(p.Cmd.WRITE, 16, SIZE - 512, BS) + bytes(range(256)) * 16,  # past the end
+        header(p.Cmd.WRITE_ZEROES, 17, SIZE, 1),  # past the end
+        header(p.Cmd.WRITE, 18, 2**64 - BS, BS) + b"\xee" * BS,  # wraps around 2^64
+        header(p.Cmd.READ, 19, 0, 2 * BS),  # in sync: the refused payloads were consumed
+    ]
+    c.sock.sendall(b"".join(writes))
+    got = replies(c, {19: 2 * BS}, len(writes))
+    model[8 * BS:9 * BS] = fresh
+    assert got[15] == (0, b"") and got[19] == (0, first)
+    assert got[16][0] == got[17][0] == got[18][0] == p.NbdErr.ENOSPC
+
+    # Longer than the maximum payload, inside the disk, at an odd offset: served in parts.
+    big = os.urandom(BIG)
+    c.sock.sendall(header(p.Cmd.WRITE, 20, 4097, BIG) + big)
+    assert c.simple_reply() == (0, 20)
+    model[4097:4097 + BIG] = big
+    c.request(p.Cmd.READ, 4095, BIG + 5, cookie=21)
+    assert c.simple_reply() == (0, 21)
+    assert recv_into(c, BIG + 5) == model[4095:4095 + BIG + 5]
+    c.request(p.Cmd.READ, SIZE - BIG, BIG + 1, cookie=22)  # long and past the end
+    assert c.simple_reply() == (p.NbdErr.EINVAL, 22)
+    c.request(p.Cmd.FLUSH, cookie=23)
+    assert c.simple_reply() == (0, 23)
+
+    # Both replicas, as docs/format.md reads them while `up` runs, hold what was acknowledged.
+    kek = (s.root / "state" / "kek.key").read_bytes()
+    for i in range(2):
+        raw = (s.root / "backing" / str(i) / "d1.img").read_bytes()
+        replica = read_replica(s.root / "state", "d1", raw, kek, f"drv-{i}")
+        assert replica.plaintext == model, f"replica drv-{i} differs from what was acknowledged"
+
+    # A WRITE claiming 4 GiB - 1 past the end is refused at once and its connection closed;
+    # another connection is served.
+    c.request(p.Cmd.WRITE, SIZE - BS, 2**32 - 1, cookie=24, data=bytes(BS))
+    assert c.simple_reply() == (p.NbdErr.ENOSPC, 24)
+    assert c.closed_by_peer()
+    c.close()
+    other = RawClient(str(s.root / "state" / "guests" / "vm1.sock"), timeout=60)
+    other.go("d1")
+    other.request(p.Cmd.READ, 0, SIZE, cookie=30)
+    assert other.simple_reply() == (0, 30)
+    assert recv_into(other, SIZE) == model
+    other.close()
+    s.stop()
+
+
+@pytest.mark.parametrize(("mode", "said"), [
+    ("garbage", "bad reply magic"), ("huge_length", "for a read of"),
+    ("wrong_cookie", "unknown cookie"), ("stall_mid_reply", "no reply to a READ")])
+def test_a_driver_breaking_the_protocol_under_native_reads_is_dropped_and_the_guest_served(
+        short_tmp: Path, mode: str, said: str) -> None:
+    """Pipelined 4 KiB READs (the read plane's, taking the replicas in turn) while one of 2
+    drivers answers with random bytes, a chunk claiming 2 GiB, a cookie never sent, or half
+    a reply and then silence: the native client engine refuses the reply from its header,
+    the guest gets every block right and soon, and the driver is dropped saying why."""
+    from tests.interop import clients
+    from tests.interop.test_mirror_nbd import Mirror
+
+    m = Mirror(short_tmp, 2, request_timeout=2)
+    try:
+        m.system.start()
+        nbd = clients.libnbd()
+        h = nbd.NBD()
+        h.connect_uri(m.uri)
+        blocks = [os.urandom(BS) for _ in range(64)]
+        h.pwrite(b"".join(blocks), 0)
+        h.flush()
+        bad = m.drivers[1]
+        bad.set(mode)
+        started = time.monotonic()
+        for _ in range(4):
+            bufs = [nbd.Buffer(BS) for _ in blocks]
+            cookies = [h.aio_pread(buf, b * BS) for b, buf in enumerate(bufs)]
+            while h.aio_in_flight() > 0:
+                h.poll(-1)
+            for b, (cookie, buf) in enumerate(zip(cookies, bufs, strict=True)):
+                assert h.aio_command_completed(cookie)
+                assert buf.to_bytearray() == blocks[b], f"block {b} read wrong under {mode}"
+        assert time.monotonic() - started < 30, f"the guest's reads were held up by {mode}"
+        st = m.status()
+        assert st[bad.name]["state"] in ("degraded", "resyncing"), st
+        assert said in (st[bad.name]["last_error"] or ""), (said, st)
+        bad.set("honest")
+        m.wait_all_current()
+        h.shutdown()
+    finally:
+        m.close()
