@@ -73,6 +73,33 @@ def replies(c: RawClient, reads: dict[int, int], count: int) -> dict[int, tuple[
     return out
 
 
+def structured_replies(c: RawClient, count: int) -> dict[int, tuple[int, bytes, bytes]]:
+    """`count` structured replies, chunk by chunk until each one's DONE, in whatever order
+    they come: cookie -> (error, the READ's bytes by offset order, the error's message)."""
+    out: dict[int, tuple[int, bytes, bytes]] = {}
+    parts: dict[int, list[tuple[int, bytes]]] = {}
+    errors: dict[int, tuple[int, bytes]] = {}
+    while len(out) < count:
+        magic, flags, typ, cookie, length = struct.unpack(">IHHQI", c.recv_exact(20))
+        assert magic == p.STRUCTURED_REPLY_MAGIC and cookie not in out, (hex(magic), cookie)
+        body = bytes(recv_into(c, length))
+        if typ == p.ChunkType.OFFSET_DATA:
+            parts.setdefault(cookie, []).append((struct.unpack_from(">Q", body)[0], body[8:]))
+        elif typ == p.ChunkType.OFFSET_HOLE:
+            at, n = struct.unpack(">QI", body)
+            parts.setdefault(cookie, []).append((at, bytes(n)))
+        elif typ & p.CHUNK_ERROR_BIT:
+            error, n = struct.unpack_from(">IH", body)
+            errors[cookie] = (error, body[6:6 + n])
+        else:
+            assert typ == p.ChunkType.NONE and not length, typ
+        if flags & p.ReplyFlag.DONE:
+            error, message = errors.get(cookie, (0, b""))
+            data = b"".join(d for _, d in sorted(parts.get(cookie, [])))
+            out[cookie] = (error, data, message)
+    return out
+
+
 def test_hostile_requests_to_an_encrypted_export_are_refused_in_sync_and_leave_the_replicas_right(
         short_tmp: Path) -> None:
     s = system(short_tmp).start()
@@ -137,6 +164,28 @@ def test_hostile_requests_to_an_encrypted_export_are_refused_in_sync_and_leave_t
         raw = (s.root / "backing" / str(i) / "d1.img").read_bytes()
         replica = read_replica(s.root / "state", "d1", raw, kek, f"drv-{i}")
         assert replica.plaintext == model, f"replica drv-{i} differs from what was acknowledged"
+
+    # With structured replies: a batch the read plane begins, a READ of no bytes, and the
+    # refusals as error chunks that say why.
+    st = RawClient(str(s.root / "state" / "guests" / "vm1.sock"), timeout=60)
+    st.go("d1", structured=True)
+    reads = [
+        header(p.Cmd.READ, 40, 0, BS),  # native
+        header(p.Cmd.READ, 41, 9 * BS, 3 * BS),  # native
+        header(p.Cmd.READ, 42, BS, 0),  # no bytes
+        header(p.Cmd.READ, 43, SIZE, 1),  # past the end
+        header(p.Cmd.READ, 44, 2**63, 2**32 - 1),  # far past the end, longest length
+        header(p.Cmd.READ, 45, SIZE - 3, 3),  # the last bytes
+    ]
+    st.sock.sendall(b"".join(reads))
+    sgot = structured_replies(st, len(reads))
+    assert sgot[40] == (0, bytes(model[:BS]), b"")
+    assert sgot[41] == (0, bytes(model[9 * BS:12 * BS]), b"")
+    assert sgot[42][:2] == (0, b"")
+    assert sgot[45] == (0, bytes(model[SIZE - 3:]), b"")
+    for k in (43, 44):
+        assert sgot[k][0] == p.NbdErr.EINVAL and b"beyond the export size" in sgot[k][2], sgot[k]
+    st.close()
 
     # A WRITE claiming 4 GiB - 1 past the end is refused at once and its connection closed;
     # another connection is served.
