@@ -14,10 +14,13 @@ import gc
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from tests.crypt.helpers import BS, SIZE, make_replica, new_state, open_disk, pattern, run
+from trustvbd.blocks import intent_log
 from trustvbd.blocks.intent_log import IntentLog
 from trustvbd.fileops import OsFileOps
 
@@ -162,4 +165,50 @@ def test_a_reset_or_a_close_waits_for_the_sync_under_way_and_its_caller_hears_la
         log.close()  # waits for the sync's fdatasync
         assert ops.syncs == 3 and not last.done()
         assert await asyncio.wait_for(last, 10) is None and log.all_durable
+    run(go())
+
+
+def test_the_pipe_is_watched_once_and_a_stale_readiness_ends_no_sync(tmp_path: Path) -> None:
+    """The loop watches the sync thread's pipe from the first sync until the close (a reader
+    added and removed per sync cost the loop a poll handle and several system calls per
+    departure of writes behind): ten syncs, one reader, none left after the close. A
+    readiness left over from a sync a reset took earlier in the same loop iteration does
+    not end the sync under way since (nor fail it): that one ends when its fdatasync does."""
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        added: list[int] = []
+        removed: list[int] = []
+        add_reader, remove_reader = loop.add_reader, loop.remove_reader
+
+        def adding(fd: int, callback: Any, *args: Any) -> None:
+            added.append(fd)
+            add_reader(fd, callback, *args)
+
+        def removing(fd: int) -> bool:
+            removed.append(fd)
+            return remove_reader(fd)
+        loop.add_reader = adding  # type: ignore[method-assign,assignment]
+        loop.remove_reader = removing  # type: ignore[method-assign,assignment]
+        ops = GatedSync()
+        ops.gate.set()
+        log = IntentLog(tmp_path / "intent.log", ops)
+        log.reset(1)
+        for b in range(10):
+            log.append(b, bytes(32), b"\x03" * 32)
+            done: asyncio.Future[BaseException | None] = loop.create_future()
+            log.sync_soon(loop, done.set_result)
+            assert await asyncio.wait_for(done, 10) is None and log.all_durable
+        assert len(added) == 1 and removed == []
+
+        ops.gate.clear()
+        log.append(11, bytes(32), b"\x04" * 32)
+        pending: asyncio.Future[BaseException | None] = loop.create_future()
+        log.sync_soon(loop, pending.set_result)
+        intent_log._readable(weakref.ref(log))  # stale: no sync has ended
+        await asyncio.sleep(0.05)
+        assert not pending.done() and not log.all_durable
+        ops.gate.set()
+        assert await asyncio.wait_for(pending, 10) is None and log.all_durable
+        log.close()
+        assert added == removed
     run(go())

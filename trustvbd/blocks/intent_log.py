@@ -16,6 +16,7 @@ import errno
 import os
 import struct
 import threading
+import weakref
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,6 +112,13 @@ class IntentLog:
         self._sync_thread: LogSync | None = None
         self._began: tuple[int, int, int] = (0, 0, 0)
         self._then: tuple[asyncio.AbstractEventLoop, Callable[[BaseException | None], None]] | None = None
+        # The loop watching the thread's pipe, from the first sync on it until the log
+        # closes: not added and removed per sync (each pair cost the loop a poll handle,
+        # an ioctl and several epoll_ctl calls, and a sync goes per departure of writes
+        # behind, per write at QD1). The reader holds the log weakly; a log dropped unclosed
+        # stops it on its loop (_unwatch_dropped), which holds the thread, and so its pipe,
+        # until then.
+        self._watching: tuple[asyncio.AbstractEventLoop, weakref.finalize] | None = None
         self._closed = False
 
     @property
@@ -161,6 +169,7 @@ class IntentLog:
             thread.close()  # a sync under way ends before the file is closed under it
             if self._then is not None:  # told as ever, on its loop
                 self._synced(thread, later=True)
+            self._unwatch(thread)
         if self._fd >= 0:
             self._ops.close(self._fd)
             self._fd = -1
@@ -173,9 +182,9 @@ class IntentLog:
 
         The held records are written here, on the loop (one pwrite); the thread only
         fdatasyncs, never taking the GIL, and wakes the loop by a pipe the loop watches
-        while the sync is under way. Not the loop's default executor nor a Python thread:
-        a sync is asked for per run of writes leaving (per write at queue depth 1), and
-        each GIL hand-over to a thread costs both threads (bench/README.md)."""
+        from the first sync until the log closes. Not the loop's default executor nor a
+        Python thread: a sync is asked for per run of writes leaving (per write at queue
+        depth 1), and each GIL hand-over to a thread costs both threads (bench/README.md)."""
         if self._closed:
             loop.call_soon(done, OSError(errno.EBADF, f"{self.path} is closed"))
             return
@@ -197,19 +206,26 @@ class IntentLog:
             return
         self._then = (loop, done)
         thread.ask()
-        loop.add_reader(thread.fileno(), self._synced, thread)
+        if self._watching is None or self._watching[0] is not loop:
+            self._unwatch(thread)
+            loop.add_reader(thread.fileno(), _readable, weakref.ref(self))
+            self._watching = (loop, weakref.finalize(self, _unwatch_dropped, loop, thread))
+
+    def _unwatch(self, thread: LogSync) -> None:
+        watching, self._watching = self._watching, None
+        if watching is not None:
+            watching[1].detach()
+            _remove_reader(watching[0], thread)
 
     def _synced(self, thread: LogSync, later: bool = False) -> None:
-        """The native thread's sync ended (its pipe readable): the watermark advances.
+        """The native thread's sync ended (after `wait`): the watermark advances.
         `later`: its caller is told on the next loop turn, not inside whoever ended it."""
+        self._ended(thread.take(), later)
+
+    def _ended(self, error: BaseException | None, later: bool = False) -> None:
         then, self._then = self._then, None
         assert then is not None
         loop, done = then
-        try:
-            loop.remove_reader(thread.fileno())
-        except (RuntimeError, ValueError):
-            pass  # the loop is closed: nothing watches the pipe any more
-        error = thread.take()
         self._end_sync(*self._began, error)
         self._syncing.release()
         if loop.is_closed():
@@ -394,3 +410,33 @@ def encode_tree_record(epoch: int, hashes: dict[int, bytes]) -> bytes:
     for p in sorted(hashes):
         rec += p.to_bytes(8, "big") + hashes[p]
     return bytes(rec + struct.pack(">I", zlib.crc32(rec)))
+
+
+def _readable(ref: weakref.ref[IntentLog]) -> None:
+    """The sync thread's pipe is readable: the log's sync under way ended. Nothing to do if
+    none did (the one that made it readable was taken meanwhile, by a reset or a close
+    earlier in the same loop iteration, and another may be under way), or the log is gone."""
+    log = ref()
+    if log is None or log._then is None or (thread := log._sync_thread) is None:
+        return
+    try:
+        error = thread.take()
+    except ValueError:  # no sync has ended: the readiness was the earlier one's
+        return
+    log._ended(error)
+
+
+def _remove_reader(loop: asyncio.AbstractEventLoop, thread: LogSync) -> None:
+    try:
+        loop.remove_reader(thread.fileno())
+    except (RuntimeError, ValueError):
+        pass  # the loop is closed: nothing watches the pipe any more
+
+
+def _unwatch_dropped(loop: asyncio.AbstractEventLoop, thread: LogSync) -> None:
+    """A log dropped unclosed (from whatever thread collects it): its pipe's reader is
+    removed on its loop, and the thread (holding the pipe open until then) dropped after."""
+    try:
+        loop.call_soon_threadsafe(_remove_reader, loop, thread)
+    except RuntimeError:
+        pass  # the loop is closed: nothing watches the pipe any more
