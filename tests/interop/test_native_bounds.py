@@ -393,3 +393,39 @@ def test_a_driver_failing_under_native_writes_is_dropped_and_resynced_to_the_for
             assert not any(plain[len(model):MIRROR_SIZE]), f"replica {d.name}: bytes never written"
     finally:
         m.close()
+
+
+def test_a_single_silent_driver_under_native_writes_fails_the_flush_soon_saying_why(
+        short_tmp: Path) -> None:
+    """One replica whose driver stops answering while the write plane answers 4 KiB WRITEs
+    before it: the FLUSH fails with EIO within a few request timeouts (never claims the
+    writes are durable, never hangs), and the link's reconnect, made inside the guest's
+    request (stepped by hand, with no task), logs the driver's real failure, not asyncio's
+    "Timeout should be used inside a task" from its first attempt (fixed in
+    blocks/reconnect.py: the connector runs in a task of its own)."""
+    from tests.interop import clients
+    from tests.interop.test_mirror_nbd import Mirror
+
+    m = Mirror(short_tmp, 1, request_timeout=2)
+    try:
+        m.system.start()
+        nbd = clients.libnbd()
+        h = nbd.NBD()
+        h.connect_uri(m.uri)
+        h.pwrite(os.urandom(64 * BS), 0)
+        h.flush()
+        m.drivers[0].set("stall")
+        for b in range(16):
+            h.pwrite(os.urandom(BS), b * BS)  # answered before the replica takes it
+        started = time.monotonic()
+        with pytest.raises(nbd.Error) as failed:
+            h.flush()
+        assert failed.value.errno == "EIO", failed.value
+        assert time.monotonic() - started < 20, "the FLUSH waited far past the request timeout"
+        m.drivers[0].set("honest")
+        h.shutdown()
+        err = m.system.stop()
+        assert "inside a task" not in err, err
+        assert "reconnected (1) after: EIO" in err and "no reply to WRITE" in err, err
+    finally:
+        m.close()

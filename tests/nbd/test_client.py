@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import socket
 import struct
 from pathlib import Path
 
@@ -302,3 +303,48 @@ def test_a_batch_of_writes_is_queued_whole_with_consecutive_cookies_or_not_at_al
     assert broken is None and [c[:2] for c in done] == [(3, 28), (1, 0), (4, 0), (2, 5)]
     assert engine.pending == 0
 
+
+
+def test_a_connection_opened_from_a_coroutine_stepped_by_hand_has_its_timeouts(
+        short_tmp: Path) -> None:
+    """A guest request's handler is stepped by hand until it suspends (trustvbd.eager), and
+    what it calls may connect (a single replica's link reconnects inside it): open_uri
+    then runs with no current task, where asyncio.timeout raised RuntimeError ("Timeout
+    should be used inside a task"). It must connect, and its handshake timeout still hold.
+    (`up`'s own connector, blocks/reconnect.py's, is covered in
+    tests/interop/test_native_bounds.py.)"""
+    image = short_tmp / "peer.img"
+    with open(image, "wb") as f:
+        f.truncate(MiB)
+    server = Peer.nbdkit(image, short_tmp)
+    silent = short_tmp / "silent.sock"
+    try:
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            opened: asyncio.Future[object] = loop.create_future()
+
+            async def reconnect(uri: str) -> None:
+                try:
+                    client = await NbdClient.open_uri(uri, handshake_timeout=0.3)
+                    opened.set_result(client.size)
+                    await client.close()
+                except BaseException as exc:  # what the link would log and retry after
+                    opened.set_result(exc)
+
+            loop.call_soon(eager.start, loop, reconnect(server.uri()))  # no task is running
+            assert await opened == MiB
+            # A server that accepts and never says a word: the handshake timeout holds.
+            listener = socket.socket(socket.AF_UNIX)
+            listener.bind(str(silent))
+            listener.listen()
+            try:
+                opened = loop.create_future()
+                loop.call_soon(eager.start, loop, reconnect(f"nbd+unix:///?socket={silent}"))
+                failed = await asyncio.wait_for(opened, 10)
+                assert isinstance(failed, BlockError) and failed.errno == errno.ETIMEDOUT, failed
+            finally:
+                listener.close()
+
+        run_async(main(), "uvloop")
+    finally:
+        server.stop()

@@ -162,7 +162,10 @@ class ReplicaLink:
             delay = 0.05
             while True:
                 try:
-                    fresh = await self._connect()
+                    # In a task of its own: a guest request is stepped by hand until it
+                    # suspends (trustvbd.eager), so this may run with no current task, where
+                    # the connector's asyncio.timeout raises RuntimeError.
+                    fresh = await asyncio.ensure_future(self._connect())
                     break
                 except Exception as exc:
                     self.last_error = str(exc)

@@ -129,7 +129,15 @@ async def connect(
 async def open_uri(cls: type[NbdClient], uri: str, tls_dir: Path | None = None, **kw: Any) -> NbdClient:
     """Connect to nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT, or their
     TLS forms nbds+unix:// and nbds:// (client certificate from the URI's
-    tls-certificates=DIR, else from `tls_dir`)."""
+    tls-certificates=DIR, else from `tls_dir`).
+
+    Run as a task of its own, awaited (and cancelled with its caller): asyncio.timeout
+    needs the current task to be the one awaiting it, and a coroutine stepped by hand
+    (trustvbd.eager: a guest request's first step) has no task, or another one's."""
+    return await asyncio.ensure_future(_open_uri(cls, uri, tls_dir, **kw))
+
+
+async def _open_uri(cls: type[NbdClient], uri: str, tls_dir: Path | None, **kw: Any) -> NbdClient:
     target = parse_uri(uri)
     if target.tls:
         from trustvbd.crypt.tls import TlsSetupError, client_context
