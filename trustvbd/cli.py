@@ -41,6 +41,10 @@ class NotRunning(Exception):
     """No `trustvbd up` runs for this config's state directory."""
 
 
+class ConnectionLost(NotRunning):
+    """`trustvbd up` closed the connection before it answered: it died while asked."""
+
+
 def control_request(config: Config, request: Message, timeout: float = 30,
                     fds: list[int] | None = None) -> Message:
     """Ask the running `trustvbd up` (its launcher) something; exit 3 if none runs."""
@@ -74,8 +78,14 @@ def ask_running(config: Config, request: Message, timeout: float = 30,
     except (FileNotFoundError, ConnectionRefusedError):
         raise NotRunning(f"not running for state directory {config.state_dir}"
                          f" (start it with: trustvbd up -c {config.path})") from None
+    except (ConnectionResetError, BrokenPipeError):
+        data = b""  # it died (or closed the socket) with our request unanswered
     finally:
         sock.close()
+    if not data:
+        raise ConnectionLost(f"`trustvbd up` (state directory {config.state_dir}) closed the"
+                             " connection without answering: it stopped or was killed meanwhile"
+                             f" (start it with: trustvbd up -c {config.path})")
     try:
         reply = json.loads(data)
         if not isinstance(reply, dict) or reply.get("reply_to") != rid:

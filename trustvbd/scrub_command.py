@@ -51,25 +51,20 @@ def cmd_scrub(args: argparse.Namespace) -> int:
 
 
 def _scrub(args: argparse.Namespace, config: Any) -> int:
-    from trustvbd.cli import EXIT_NOT_RUNNING, NotRunning, ask_running
+    from trustvbd.cli import NotRunning, ask_running
     from trustvbd.domains.messages import ScrubQuery, ScrubStarted, refusal
 
     reply = ask_running(config, ScrubQuery(args.disk))
     if not isinstance(reply, ScrubStarted):
         return _failed(args, refusal(reply, "unexpected reply"))
     show = sys.stdout.isatty() and not args.json
+    lost = None
     try:
         scrub = _follow(config, args.disk, show)
-    except NotRunning:
-        # `up` went away while the scrub ran (killed, or stopped): not "not running".
-        _failed(args, f"the scrub of disk {args.disk!r} was cut short: `trustvbd up` stopped"
-                f" while it ran; start it again (trustvbd up -c {config.path}) and run the"
-                " scrub again")
-        return EXIT_NOT_RUNNING
+    except NotRunning as exc:  # refused, or the connection broke while `up` was asked
+        scrub, lost = None, exc
     if scrub is None:
-        return _failed(args, f"the scrub of disk {args.disk!r} did not finish: the encryption"
-                       " domain serving it stopped or was restarted meanwhile (see `trustvbd"
-                       " status`); run the scrub again")
+        return _cut_short(args, config, lost)
     if scrub.get("error"):
         return _failed(args, str(scrub["error"]))
     result = scrub.get("result", {})
@@ -84,6 +79,33 @@ def _scrub(args: argparse.Namespace, config: Any) -> int:
                   f" {r['repaired']} repaired"
                   + (f"; NOT SCRUBBED: {r['not_scrubbed']}" if r.get("not_scrubbed") else ""))
     return EXIT_FOUND if bad > repaired else 0
+
+
+def _cut_short(args: argparse.Namespace, config: Any, lost: Exception | None) -> int:
+    """The scrub vanished: its encryption domain stopped, or `up` did (taking its domains with
+    it: PDEATHSIG). Which of the two the polls noticed first is a race under load (`up`'s
+    answer without the domain, or a broken connection), so the words come from whether `up`
+    still holds the state directory's lock, not from which symptom came first."""
+    from trustvbd.cli import EXIT_NOT_RUNNING
+    from trustvbd.state_lock import holder
+
+    pid = holder(config.state_dir)
+    deadline = time.monotonic() + 2
+    while lost is not None and pid is not None and time.monotonic() < deadline:
+        time.sleep(0.05)  # a killed `up` may not have closed all its files yet
+        pid = holder(config.state_dir)
+    if pid is None:
+        _failed(args, f"the scrub of disk {args.disk!r} was cut short: `trustvbd up` stopped"
+                f" while it ran; start it again (trustvbd up -c {config.path}) and run the"
+                " scrub again")
+        return EXIT_NOT_RUNNING
+    if lost is not None:  # alive, but it would not answer
+        return _failed(args, f"the scrub of disk {args.disk!r} was not followed to its end:"
+                       f" {lost}; `trustvbd up` (pid {pid}) still runs: see `trustvbd status`")
+    return _failed(args, f"the scrub of disk {args.disk!r} did not finish: the encryption"
+                   f" domain serving it stopped or was restarted meanwhile (`trustvbd up`, pid"
+                   f" {pid}, is still running and restarts it: see `trustvbd status`); run the"
+                   " scrub again")
 
 
 def _failed(args: argparse.Namespace, why: str) -> int:

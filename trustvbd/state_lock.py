@@ -40,3 +40,24 @@ class StateLock:
     def release(self) -> None:
         os.ftruncate(self.fd, 0)
         os.close(self.fd)
+
+
+def holder(state_dir: Path) -> int | None:
+    """The pid holding STATE_DIR/up.lock (a running `up`), or None if no process holds it.
+
+    Read from /proc/locks, so asking takes no lock: a probe's brief flock would make an `up`
+    starting at that instant refuse to start. The lock goes with `up`'s last open file, so
+    once a killed `up`'s sockets are closed this says None.
+    """
+    try:
+        st = os.stat(state_dir / "up.lock")
+        with open("/proc/locks") as f:
+            table = f.read()
+    except OSError:
+        return None
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode:
+            return int(fields[4]) if fields[4].lstrip("-").isdigit() else -1
+    return None

@@ -536,10 +536,11 @@ def test_a_scrub_cut_short_by_a_killed_encryption_domain_says_so(short_tmp: Path
         os.kill(next(d["pid"] for d in out["domains"] if d["kind"] == "crypt"), signal.SIGKILL)
         _, err = scrub.communicate(timeout=60)
         assert scrub.returncode == 1
-        assert err.splitlines() == [
+        assert m.system.proc is not None
+        assert err.splitlines() == [  # and not that `up` stopped: it runs (its pid) and restarts it
             "trustvbd scrub: the scrub of disk 'payroll' did not finish: the encryption domain"
-            " serving it stopped or was restarted meanwhile (see `trustvbd status`); run the"
-            " scrub again"]
+            f" serving it stopped or was restarted meanwhile (`trustvbd up`, pid {m.system.proc.pid},"
+            " is still running and restarts it: see `trustvbd status`); run the scrub again"]
         m.drivers[1].set("honest")
         deadline = time.monotonic() + 30
         while True:  # restarted: guests are served again
@@ -573,6 +574,52 @@ def test_a_scrub_cut_short_by_a_killed_up_says_so(short_tmp: Path) -> None:
         why = ("the scrub of disk 'payroll' was cut short: `trustvbd up` stopped while it ran;"
                f" start it again (trustvbd up -c {m.system.config}) and run the scrub again")
         assert err.splitlines() == [f"trustvbd scrub: {why}"]
+        assert json.loads(got) == {"disk": "payroll", "error": why}
+    finally:
+        m.close()
+
+
+def _status_json(m: Mirror) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(
+        m.system.cli("status", "-c", str(m.system.config), "--json").stdout)
+    return out
+
+
+def _pending_connections(path: Path) -> int:
+    """Connections queued on a listening Unix socket that its server has not accepted."""
+    out = subprocess.run(["ss", "-xlnH"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) > 4 and fields[4] == str(path):
+            return int(fields[2])
+    return 0
+
+
+def test_a_scrub_whose_poll_is_in_flight_when_up_is_killed_says_up_stopped(
+        short_tmp: Path) -> None:
+    """The other order of a killed `up`: the scrub command's `status` poll is already queued
+    on `up`'s control socket when `up` dies (here: `up` frozen by SIGSTOP, then SIGKILL), so it
+    sees a reset connection, not a refused one. It printed a ConnectionResetError traceback;
+    under load its words depended on which death it noticed first. Now: `up` stopped."""
+    m = Mirror(short_tmp, 2)
+    try:
+        m.system.start()
+        assert m.system.proc is not None
+        scrub = _start_slow_scrub(m)
+        deadline = time.monotonic() + 30
+        while not (_status_json(m)["disks"][0].get("scrub") or {}).get("running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(m.system.proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        while _pending_connections(short_tmp / "state" / "control.sock") < 1:
+            assert time.monotonic() < deadline, "the scrub command polled no more"
+            time.sleep(0.05)  # its next `status` poll is queued, unanswered
+        m.system.kill()  # SIGKILL ends a stopped process too
+        got, err = scrub.communicate(timeout=60)
+        why = ("the scrub of disk 'payroll' was cut short: `trustvbd up` stopped while it ran;"
+               f" start it again (trustvbd up -c {m.system.config}) and run the scrub again")
+        assert (scrub.returncode, err.splitlines()) == (3, [f"trustvbd scrub: {why}"])
         assert json.loads(got) == {"disk": "payroll", "error": why}
     finally:
         m.close()
