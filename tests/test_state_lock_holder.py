@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from trustvbd import state_lock
 from trustvbd.state_lock import StateLock, StateLocked, holder
 
 
@@ -34,3 +37,18 @@ def test_holder_names_the_live_holder_and_none_once_it_is_killed(tmp_path: Path)
     assert holder(tmp_path) == os.getpid()
     mine.release()
     assert holder(tmp_path) is None
+
+
+def test_holder_found_by_its_pid_where_stat_and_proc_locks_disagree_on_the_device(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On btrfs stat() gives a subvolume's device number, /proc/locks the filesystem's: the
+    lock is then known by its inode and the pid written in the file (else a running `up` was
+    taken for a stopped one)."""
+    mine = StateLock(tmp_path)
+    try:
+        monkeypatch.setattr(state_lock.os, "major", lambda dev: 0xEE)
+        assert holder(tmp_path) == os.getpid()
+        (tmp_path / "up.lock").write_text("1\n")  # another pid: same inode, not this lock
+        assert holder(tmp_path) is None
+    finally:
+        mine.release()

@@ -47,17 +47,24 @@ def holder(state_dir: Path) -> int | None:
 
     Read from /proc/locks, so asking takes no lock: a probe's brief flock would make an `up`
     starting at that instant refuse to start. The lock goes with `up`'s last open file, so
-    once a killed `up`'s sockets are closed this says None.
+    once a killed `up`'s sockets are closed this says None. A lock is ours by inode number
+    and device, or inode number and the pid written in the file: btrfs subvolumes (and
+    overlays) give stat() another device number than /proc/locks shows.
     """
     try:
-        st = os.stat(state_dir / "up.lock")
-        with open("/proc/locks") as f:
-            table = f.read()
+        with open(state_dir / "up.lock", "rb") as f:
+            st = os.fstat(f.fileno())
+            written = f.read(32).decode(errors="replace").strip()
+        with open("/proc/locks") as f_locks:
+            table = f_locks.read()
     except OSError:
         return None
-    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
     for line in table.splitlines():
         fields = line.split()
-        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode:
-            return int(fields[4]) if fields[4].lstrip("-").isdigit() else -1
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue  # also a waiter's line ("N: -> FLOCK ...")
+        dev, _, ino = fields[5].rpartition(":")
+        if ino == str(st.st_ino) and (dev == device or fields[4] == written):
+            return int(fields[4]) if fields[4].isdigit() else -1
     return None
