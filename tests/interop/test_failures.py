@@ -73,15 +73,21 @@ def answered_write_then_flush_fails_with_enospc(uri: str) -> None:
         h.shutdown()
 
 
+def _state_on_small_tmpfs(root: Path) -> Path:
+    """root/state on a tmpfs of its own, 8 MiB: filled in a moment (unmount it after)."""
+    state = root / "state"
+    state.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(state)],
+                   check=True)
+    return state
+
+
 def test_a_full_state_directory_is_said_as_that_with_enospc_and_in_status(root: Path) -> None:
     """The trusted state directory on a full filesystem (an 8 MiB tmpfs): guests got EIO,
     the message blamed the replicas, and status said "serving", replicas current. Now a
     guest's write or FLUSH fails with ENOSPC naming the state directory, status says it
     is full and what to do, and once there is room again writes are served as before."""
-    state = root / "state"
-    state.mkdir(mode=0o700)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(state)],
-                   check=True)
+    state = _state_on_small_tmpfs(root)
     s = System(root, config(size="64MiB", dir="backing"))
     try:
         s.start()
@@ -128,10 +134,7 @@ def test_up_on_a_full_state_directory_says_so_in_one_line(root: Path) -> None:
     """`up` started again on a full state directory: the access-control domain died with a
     Python traceback (ENOSPC writing its start record) and `up` said only that it "failed
     to start". Now one line says which file, why and what to do."""
-    state = root / "state"
-    state.mkdir(mode=0o700)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(state)],
-                   check=True)
+    state = _state_on_small_tmpfs(root)
     s = System(root, config(size="64MiB", dir="backing"))
     try:
         s.start()
