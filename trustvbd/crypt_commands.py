@@ -22,7 +22,7 @@ from typing import Any
 
 from trustvbd.blocks.ranges import describe_blocks
 from trustvbd.config import Config, ConfigError, load_config
-from trustvbd.state_lock import StateLock, StateLocked
+from trustvbd.state_lock import StateLock, StateLocked, StateLockUnwritable
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
@@ -294,11 +294,8 @@ def rekey_disk(config_path: str, disk: str, to_passphrase: bool) -> int:
             raise CommandError(
                 f"trustvbd up is running on state directory {exc.state_dir} (pid {exc.pid}) and holds"
                 " the disk's keys; stop it first, then rekey") from None
-        except OSError as exc:  # full or read-only
-            raise CommandError(f"cannot write the lock file up.lock in the state directory"
-                               f" {config.state_dir}: {exc.strerror or exc}; free space there"
-                               " (or make it writable) and try again; nothing was changed"
-                               ) from None
+        except StateLockUnwritable as exc:  # full or read-only
+            raise CommandError(f"{exc} and try again; nothing was changed") from None
         try:
             _, kind = _read_keys(keys, disk)
             default_key = config.state_dir / "kek.key"

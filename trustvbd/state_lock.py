@@ -15,6 +15,16 @@ class StateLocked(Exception):
         self.state_dir, self.pid = state_dir, pid
 
 
+class StateLockUnwritable(Exception):
+    """The lock file could not be made or written (a full or read-only state directory):
+    one line saying where, why and what to do; callers add what follows."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        super().__init__(f"cannot write the lock file {path.name} in the state directory"
+                         f" {path.parent}: {exc.strerror or exc}; free space there (or make it"
+                         " writable)")
+
+
 class StateLock:
     """An flock on STATE_DIR/up.lock, holding the owner's pid, for the holder's lifetime.
 
@@ -23,7 +33,10 @@ class StateLock:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "up.lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StateLockUnwritable(self.path, exc) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -33,9 +46,9 @@ class StateLock:
         try:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError:  # a full state directory: the lock is not taken after all
+        except OSError as exc:  # a full state directory: the lock is not taken after all
             os.close(self.fd)
-            raise
+            raise StateLockUnwritable(self.path, exc) from None
 
     def release(self) -> None:
         os.ftruncate(self.fd, 0)

@@ -22,7 +22,7 @@ from trustvbd.domains.supervisor import StartError
 from trustvbd.domains.unlock import erase_from_environment
 from trustvbd.nbd.uri import parse_uri
 from trustvbd.state_dir import UnsafePath, secure_state_dir
-from trustvbd.state_lock import StateLock, StateLocked
+from trustvbd.state_lock import StateLock, StateLocked, StateLockUnwritable
 
 log = logging.getLogger("trustvbd.hv")
 
@@ -116,10 +116,8 @@ async def run_up(config: Config) -> int:
         print(f"trustvbd up: trustvbd up is already running on state directory {exc.state_dir}"
               f" (pid {exc.pid}); stop it first, or use another state_dir", file=sys.stderr)
         return 1
-    except OSError as exc:  # full or read-only: said in one line, not a traceback
-        print(f"trustvbd up: cannot write the lock file up.lock in the state directory"
-              f" {config.state_dir}: {exc.strerror or exc}; free space there (or make it"
-              " writable) and start again", file=sys.stderr)
+    except StateLockUnwritable as exc:  # full or read-only: one line, not a traceback
+        print(f"trustvbd up: {exc} and start again", file=sys.stderr)
         return 1
     try:
         passphrase = passphrase_for_up(config)
