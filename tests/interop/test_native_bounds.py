@@ -15,14 +15,16 @@ guest be served by the other replica.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -31,6 +33,9 @@ from tests.crypt.format_reader import read_replica
 from tests.nbd.helpers import RawClient
 from tests.support import System
 from trustvbd.nbd import protocol as p
+
+if TYPE_CHECKING:
+    from tests.interop.test_mirror_nbd import Mirror
 
 pytestmark = pytest.mark.interop
 MiB = 1 << 20
@@ -202,6 +207,24 @@ def test_hostile_requests_to_an_encrypted_export_are_refused_in_sync_and_leave_t
     s.stop()
 
 
+@contextlib.contextmanager
+def mirror_guest(root: Path, replicas: int) -> Iterator[tuple[Mirror, Any, Any]]:
+    """`up` over `replicas` hostile drivers (tests/interop/test_mirror_nbd.py's Mirror, each
+    request timed out after 2 s) with a libnbd guest connected: (mirror, nbd module, handle)."""
+    from tests.interop import clients
+    from tests.interop.test_mirror_nbd import Mirror
+
+    m = Mirror(root, replicas, request_timeout=2)
+    try:
+        m.system.start()
+        nbd = clients.libnbd()
+        h = nbd.NBD()
+        h.connect_uri(m.uri)
+        yield m, nbd, h
+    finally:
+        m.close()
+
+
 @pytest.mark.parametrize(("mode", "said"), [
     ("garbage", "bad reply magic"), ("huge_length", "for a read of"),
     ("wrong_cookie", "unknown cookie"), ("stall_mid_reply", "no reply to a READ")])
@@ -211,15 +234,7 @@ def test_a_driver_breaking_the_protocol_under_native_reads_is_dropped_and_the_gu
     drivers answers with random bytes, a chunk claiming 2 GiB, a cookie never sent, or half
     a reply and then silence: the native client engine refuses the reply from its header,
     the guest gets every block right and soon, and the driver is dropped saying why."""
-    from tests.interop import clients
-    from tests.interop.test_mirror_nbd import Mirror
-
-    m = Mirror(short_tmp, 2, request_timeout=2)
-    try:
-        m.system.start()
-        nbd = clients.libnbd()
-        h = nbd.NBD()
-        h.connect_uri(m.uri)
+    with mirror_guest(short_tmp, 2) as (m, nbd, h):
         blocks = [os.urandom(BS) for _ in range(64)]
         h.pwrite(b"".join(blocks), 0)
         h.flush()
@@ -241,8 +256,6 @@ def test_a_driver_breaking_the_protocol_under_native_reads_is_dropped_and_the_gu
         bad.set("honest")
         m.wait_all_current()
         h.shutdown()
-    finally:
-        m.close()
 
 
 def wait(h: Any, pending: list[tuple[int, int, Any, bytes | None]], model: bytearray,
@@ -351,18 +364,11 @@ def test_a_driver_failing_under_native_writes_is_dropped_and_resynced_to_the_for
     sent, or hangs up: the FLUSH still succeeds soon, every block reads back right, the
     driver is dropped saying why, and once honest again it is resynced: both replicas then
     decode by docs/format.md to exactly what was acknowledged."""
-    from tests.interop import clients
     from tests.interop.test_mirror_nbd import SIZE as MIRROR_SIZE
-    from tests.interop.test_mirror_nbd import Mirror
 
     seed = random.randrange(1 << 32)
     rng = random.Random(seed)
-    m = Mirror(short_tmp, 2, request_timeout=2)
-    try:
-        m.system.start()
-        nbd = clients.libnbd()
-        h = nbd.NBD()
-        h.connect_uri(m.uri)
+    with mirror_guest(short_tmp, 2) as (m, nbd, h):
         model = bytearray(os.urandom(256 * BS))
         h.pwrite(model, 0)
         h.flush()
@@ -391,8 +397,6 @@ def test_a_driver_failing_under_native_writes_is_dropped_and_resynced_to_the_for
             plain = read_replica(state, "payroll", d.file.read_bytes(), kek, d.name).plaintext
             assert plain[:len(model)] == model, f"replica {d.name} after {mode}"
             assert not any(plain[len(model):MIRROR_SIZE]), f"replica {d.name}: bytes never written"
-    finally:
-        m.close()
 
 
 def test_a_single_silent_driver_under_native_writes_fails_the_flush_soon_saying_why(
@@ -403,15 +407,7 @@ def test_a_single_silent_driver_under_native_writes_fails_the_flush_soon_saying_
     request (stepped by hand, with no task), logs the driver's real failure, not asyncio's
     "Timeout should be used inside a task" from its first attempt (fixed in
     blocks/reconnect.py: the connector runs in a task of its own)."""
-    from tests.interop import clients
-    from tests.interop.test_mirror_nbd import Mirror
-
-    m = Mirror(short_tmp, 1, request_timeout=2)
-    try:
-        m.system.start()
-        nbd = clients.libnbd()
-        h = nbd.NBD()
-        h.connect_uri(m.uri)
+    with mirror_guest(short_tmp, 1) as (m, nbd, h):
         h.pwrite(os.urandom(64 * BS), 0)
         h.flush()
         m.drivers[0].set("stall")
@@ -427,5 +423,3 @@ def test_a_single_silent_driver_under_native_writes_fails_the_flush_soon_saying_
         err = m.system.stop()
         assert "inside a task" not in err, err
         assert "reconnected (1) after: EIO" in err and "no reply to WRITE" in err, err
-    finally:
-        m.close()
