@@ -35,6 +35,17 @@ def backing(root: Path) -> Path:
     return root / "backing" / "a" / "payroll.img"
 
 
+def restart_with_hr_holding_payroll(s: System) -> tuple[Path, bytes]:
+    """Stop `s`, copy disk payroll's backing file (drv-a) over disk hr's on drv-b, start
+    again: (hr's file, its bytes as copied), to check that nothing writes over them."""
+    s.stop()
+    hr_file = s.root / "backing" / "b" / "hr.img"
+    shutil.copyfile(backing(s.root), hr_file)
+    before = hr_file.read_bytes()
+    s.start()
+    return hr_file, before
+
+
 def layout(size: int = SIZE) -> Layout:
     return Layout.for_size(size)
 
@@ -457,11 +468,7 @@ def test_a_replica_holding_another_disk_leaves_that_disk_unserved_and_the_others
                   disk("hr", "PayrollData", ["drv-b"], size=SIZE))
     s = System(short_tmp, text).start()
     write_pattern(s.uri("vm1", "payroll"), 0, MIB, 0x5a)
-    s.stop()
-    hr_file = short_tmp / "backing" / "b" / "hr.img"
-    shutil.copyfile(backing(short_tmp), hr_file)
-    before = hr_file.read_bytes()
-    s.start()
+    hr_file, before = restart_with_hr_holding_payroll(s)
     assert "guest vm1 disk hr NOT SERVED (`trustvbd status` says why)" in s.lines, s.lines
     assert read_ok(s.uri("vm1", "payroll"), 0, MIB, 0x5a)
     hr = next(d for d in status(s)["disks"] if d["name"] == "hr")
@@ -489,11 +496,7 @@ def test_a_refused_replica_in_a_mirror_names_the_disk_it_holds_in_status_and_log
     s = System(short_tmp, text).start()
     write_pattern(s.uri("vm1", "payroll"), 0, MIB, 0x5a)
     write_pattern(s.uri("vm1", "hr"), 0, MIB, 0x6b)
-    s.stop()
-    hr_file = short_tmp / "backing" / "b" / "hr.img"
-    shutil.copyfile(backing(short_tmp), hr_file)
-    before = hr_file.read_bytes()
-    s.start()
+    hr_file, before = restart_with_hr_holding_payroll(s)
     assert read_ok(s.uri("vm1", "hr"), 0, MIB, 0x6b)
     hr = next(d for d in status(s)["disks"] if d["name"] == "hr")
     refused = next(r for r in hr["replicas"] if r["name"] == "drv-b")
