@@ -239,20 +239,7 @@ class Commits:
         `report` (a FLUSH or commit), a failed sync is said here, and syncs start anew."""
         if self._sync_failed is None and self.intent.all_durable:
             return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def then(exc: OSError | None) -> None:
-            if not done.done():
-                done.set_exception(exc) if exc is not None else done.set_result(None)
-
-        if self.when_durable(then):  # the log's thread ended a sync since the check above
-            return
-        try:
-            await done
-        except OSError as exc:
-            if report:
-                self._sync_failed = None
-            raise self._state_failed("sync", self.intent.path, exc) from exc
+        await self._durable_future(report)
 
     def _sync_next(self, here: bool = False) -> None:
         """One fdatasync on the log's thread for every record appended until it starts (a
@@ -377,7 +364,7 @@ class Commits:
             try:
                 ahead = send_now(may_log is not None) if send_now is not None else None
                 if may_log is not None and self._logged != self.intent_blocks:
-                    synced = self._sync_soon()
+                    synced = self._durable_future(report=True)
                 await self._writers_done(ahead)
                 log_ok = may_log is not None and may_log() and not force
                 if log_ok and self._log_suffices(replica):
@@ -385,7 +372,7 @@ class Commits:
                     marked = True
                     if self._logged != self.intent_blocks:  # else nothing new since
                         if synced is None:  # records from writes that were in flight
-                            synced = self._sync_soon()
+                            synced = self._durable_future(report=True)
                         assert may_log is not None
                         marked = await self._sync_log(replica, synced, ahead, may_log)
                     if marked and self._members(replica, []) == self.anchor.members:
@@ -414,22 +401,25 @@ class Commits:
                 and not self.leaves.over_dirty_limit() and not replica.joining()
                 and self._members(replica, []) == self.anchor.members)
 
-    def _sync_soon(self) -> asyncio.Future[None]:
-        """Every record appended so far durable (`durable`, said as there), as a future
-        the log's sync completes (usually it has, started with the records) while the
-        writes a FLUSH sent on with FUA and the replica flush are in flight. A plain
-        future, not a task running `durable`: one per FLUSH, and it only waits."""
+    def _durable_future(self, report: bool) -> asyncio.Future[None]:
+        """`durable` as a future the log's sync completes: a FLUSH holds it (`report`) while
+        the writes it sent on with FUA and the replica flush are in flight (usually the sync
+        ended already, started with the records); a plain future, not a task: it only waits."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def then(exc: OSError | None) -> None:
-            if done.done():  # cancelled: the FLUSH waiting for it was
+            if done.done():  # cancelled: whoever waited for it was
                 return
             if exc is None:
                 done.set_result(None)
                 return
-            self._sync_failed = None  # said by this FLUSH (durable(report=True))
-            done.set_exception(self._state_failed("sync", self.intent.path, exc))
+            if report:
+                self._sync_failed = None  # said by the waiter; syncs start anew
+            failed = self._state_failed("sync", self.intent.path, exc)
+            failed.__cause__ = exc
+            done.set_exception(failed)
 
+        # (The log's thread may have ended a sync since the caller looked.)
         if (self._sync_failed is None and self.intent.all_durable) or self.when_durable(then):
             done.set_result(None)
         return done
