@@ -225,6 +225,16 @@ def mirror_guest(root: Path, replicas: int) -> Iterator[tuple[Mirror, Any, Any]]
         m.close()
 
 
+def dropped_then_taken_back(m: Mirror, bad: Any, said: str) -> None:
+    """Driver `bad` was dropped from the mirror (degraded or resyncing) with `said` in its
+    last error; honest again, it is taken back: every replica current."""
+    st = m.status()
+    assert st[bad.name]["state"] in ("degraded", "resyncing"), st
+    assert said in (st[bad.name]["last_error"] or ""), (said, st)
+    bad.set("honest")
+    m.wait_all_current()
+
+
 @pytest.mark.parametrize(("mode", "said"), [
     ("garbage", "bad reply magic"), ("huge_length", "for a read of"),
     ("wrong_cookie", "unknown cookie"), ("stall_mid_reply", "no reply to a READ")])
@@ -250,11 +260,7 @@ def test_a_driver_breaking_the_protocol_under_native_reads_is_dropped_and_the_gu
                 assert h.aio_command_completed(cookie)
                 assert buf.to_bytearray() == blocks[b], f"block {b} read wrong under {mode}"
         assert time.monotonic() - started < 30, f"the guest's reads were held up by {mode}"
-        st = m.status()
-        assert st[bad.name]["state"] in ("degraded", "resyncing"), st
-        assert said in (st[bad.name]["last_error"] or ""), (said, st)
-        bad.set("honest")
-        m.wait_all_current()
+        dropped_then_taken_back(m, bad, said)
         h.shutdown()
 
 
@@ -385,11 +391,7 @@ def test_a_driver_failing_under_native_writes_is_dropped_and_resynced_to_the_for
         h.flush()
         assert time.monotonic() - started < 30, f"the guest's writes were held up by {mode}"
         assert h.pread(len(model), 0) == model
-        st = m.status()
-        assert st[bad.name]["state"] in ("degraded", "resyncing"), st
-        assert said in (st[bad.name]["last_error"] or ""), (said, st)
-        bad.set("honest")
-        m.wait_all_current()
+        dropped_then_taken_back(m, bad, said)
         h.shutdown()
         state = m.system.root / "state"
         kek = (state / "kek.key").read_bytes()
