@@ -1,6 +1,7 @@
-//! A leaf record of the intent log (docs/format.md 2.4), as `trustvbd.blocks.intent_log`
-//! encodes it: the native write plane builds the records of a batch of writes, and the
-//! intent log writes them (`IntentLog.append_encoded`).
+//! A leaf record of the intent log (docs/format.md 2.4): its only encoder. The native write
+//! plane builds the records of a batch of writes with it, `IntentLog.append` one record
+//! (through `trustvbd._native.intent_record`), and the intent log writes them
+//! (`IntentLog.append_encoded`); `IntentLog.read` decodes them at open.
 //!
 //! `"IREC"`, the block count (u32), the first block (u64), the old leaves, the new
 //! leaves, then a CRC-32 (zlib's) of all of that, big-endian throughout.
@@ -8,8 +9,10 @@
 pub const MAGIC: &[u8; 4] = b"IREC";
 pub const LEAF_SIZE: usize = 32;
 
-const fn crc_table() -> [u32; 256] {
-    let mut table = [0u32; 256];
+/// Sixteen tables for a CRC sixteen bytes at a time ("slicing-by-16"): a big write's
+/// record (64 bytes per block) costs a fraction of the byte-at-a-time loop.
+const fn crc_tables() -> [[u32; 256]; 16] {
+    let mut t = [[0u32; 256]; 16];
     let mut i = 0;
     while i < 256 {
         let mut c = i as u32;
@@ -18,19 +21,42 @@ const fn crc_table() -> [u32; 256] {
             c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
             k += 1;
         }
-        table[i] = c;
+        t[0][i] = c;
         i += 1;
     }
-    table
+    let mut j = 1;
+    while j < 16 {
+        let mut i = 0;
+        while i < 256 {
+            let prev = t[j - 1][i];
+            t[j][i] = (prev >> 8) ^ t[0][(prev & 0xFF) as usize];
+            i += 1;
+        }
+        j += 1;
+    }
+    t
 }
 
-static CRC_TABLE: [u32; 256] = crc_table();
+static CRC_TABLES: [[u32; 256]; 16] = crc_tables();
 
 /// zlib's CRC-32 (IEEE 802.3, reflected) of `data`.
 pub fn crc32(data: &[u8]) -> u32 {
+    let t = &CRC_TABLES;
     let mut c = !0u32;
-    for &b in data {
-        c = CRC_TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
+    let mut chunks = data.chunks_exact(16);
+    for w in &mut chunks {
+        let lo = c ^ u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        let mut x = t[15][(lo & 0xFF) as usize]
+            ^ t[14][((lo >> 8) & 0xFF) as usize]
+            ^ t[13][((lo >> 16) & 0xFF) as usize]
+            ^ t[12][(lo >> 24) as usize];
+        for (k, &b) in w[4..].iter().enumerate() {
+            x ^= t[11 - k][b as usize];
+        }
+        c = x;
+    }
+    for &b in chunks.remainder() {
+        c = t[0][((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
     }
     !c
 }
@@ -59,6 +85,19 @@ mod tests {
         assert_eq!(crc32(b""), 0);
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
         assert_eq!(crc32(b"The quick brown fox jumps over the lazy dog"), 0x414F_A339);
+    }
+
+    #[test]
+    fn crc32_sixteen_at_a_time_is_the_bytewise_one() {
+        // Every length 0..=70 (each tail length and alignment) of a varied input. (each tail length and alignment) of a varied input.
+        let data: Vec<u8> = (0..70u32).map(|i| (i * 151 + 7) as u8).collect();
+        for n in 0..=data.len() {
+            let mut c = !0u32;
+            for &b in &data[..n] {
+                c = CRC_TABLES[0][((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
+            }
+            assert_eq!(crc32(&data[..n]), !c, "length {n}");
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from trustvbd._native import LogSync
+from trustvbd._native import LogSync, intent_record
 from trustvbd.blocks.state_checks import TrustedStateError, crc_at
 from trustvbd.crypt.tree import HASH_SIZE
 from trustvbd.fileops import OS_FILES, FileOps, OsFileOps
@@ -32,7 +32,6 @@ _LOG_HEADER = struct.Struct(">8sIIQI")
 _LOG_MAGIC = b"TVBDINTL"
 _LOG_VERSION = 2
 _REC_HEAD = struct.Struct(">4sIQ")
-_CRC = struct.Struct(">I")
 _REC_MAGIC = b"IREC"
 _TREE_MAGIC = b"TREC"
 _TREE_ENTRY = 8 + HASH_SIZE
@@ -340,14 +339,14 @@ class IntentLog:
     def append(self, first_block: int, old: bytes | bytearray | memoryview,
                new: bytes | bytearray | memoryview, held: bool = False) -> None:
         """One leaf record (_put); with `held`, kept back until `write_held` or the next
-        write of the log, which write it first."""
-        rec = b"".join((_REC_HEAD.pack(_REC_MAGIC, len(new) // 32, first_block), old, new))
-        self.append_encoded(rec + _CRC.pack(zlib.crc32(rec)), held)
+        write of the log, which write it first. Encoded natively (`intent_record`, the
+        encoder the native write plane uses for its batches: one encoder, `read` decodes)."""
+        self.append_encoded(intent_record(first_block, old, new), held)
 
     def append_encoded(self, records: bytes | bytearray, held: bool = False) -> None:
         """Whole leaf records, in order, as `append` (which encodes one and calls this; the
-        native write plane encodes a batch's itself: native/src/intent_record.rs, the same
-        bytes). Every leaf record goes through here."""
+        native write plane encodes a batch's with the same encoder,
+        native/src/intent_record.rs). Every leaf record goes through here."""
         with self._writing:
             self.appended += 1
             self._held += records

@@ -193,6 +193,25 @@ impl WritePlane {
     }
 }
 
+/// intent_record(first_block, old, new) -> bytes: the intent log's leaf record of one
+/// change of blocks first_block.. from `old` to `new` leaves (as many whole 32-byte leaves
+/// each; none for a flush mark), encoded as the write plane encodes its batches
+/// (`crate::intent_record`, the one encoder): for `IntentLog.append`.
+#[pyfunction(name = "intent_record")]
+fn encode_intent_record<'py>(py: Python<'py>, first_block: u64, old: PyBuffer<u8>, new: PyBuffer<u8>) -> PyResult<Bound<'py, PyBytes>> {
+    let (o, n) = (old.item_count(), new.item_count());
+    if o != n || !n.is_multiple_of(LEAF_SIZE) || n / LEAF_SIZE > u32::MAX as usize {
+        return Err(PyValueError::new_err(format!(
+            "an intent record needs as many whole {LEAF_SIZE}-byte leaves before as after; got {o} and {n} bytes"
+        )));
+    }
+    let mut out = Vec::with_capacity(16 + 2 * n + 4);
+    let old = old.to_vec(py)?; // one buffer borrowed at a time (foreign::with_bytes)
+    foreign::with_bytes(py, &new, |n| intent_record::encode(&mut out, first_block, &old, n))?;
+    Ok(PyBytes::new(py, &out))
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(pyo3::wrap_pyfunction!(encode_intent_record, m)?)?;
     m.add_class::<WritePlane>()
 }
