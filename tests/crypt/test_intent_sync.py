@@ -212,3 +212,42 @@ def test_the_pipe_is_watched_once_and_a_stale_readiness_ends_no_sync(tmp_path: P
         log.close()
         assert added == removed
     run(go())
+
+
+def test_a_sync_whose_wake_up_pipe_breaks_is_told_as_failed_and_the_next_gets_a_new_thread(
+        tmp_path: Path) -> None:
+    """The sync thread wakes the loop by a byte on a pipe, and `take` reads it after taking
+    the outcome. A pipe that cannot be read then (here its read end replaced by a
+    directory, so the thread's write fails and the read says EISDIR) used to raise out of
+    `take` with the outcome gone: the reset raised, and whoever waited for the sync (a
+    FLUSH) never heard. Now the sync is told as failed (its records are synced again), the
+    thread that can wake no one says it is not alive and takes no more asks, and the next
+    sync runs on a new thread."""
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        ops = GatedSync()
+        log = IntentLog(tmp_path / "intent.log", ops)
+        log.reset(1)
+        log.append(3, bytes(32), b"\x03" * 32)
+        done: asyncio.Future[BaseException | None] = loop.create_future()
+        log.sync_soon(loop, done.set_result)
+        thread = log._sync_thread
+        assert thread is not None
+        directory = os.open(tmp_path, os.O_RDONLY)
+        try:
+            os.dup2(directory, thread.fileno())  # the pipe's read end: gone
+        finally:
+            os.close(directory)
+        ops.gate.set()
+        log.reset(2)  # waits for the sync, takes its outcome
+        error = await asyncio.wait_for(done, 10)
+        assert isinstance(error, OSError) and "pipe" in str(error), error
+        assert not log.all_durable and not thread.alive
+
+        log.append(4, bytes(32), b"\x04" * 32)
+        again: asyncio.Future[BaseException | None] = loop.create_future()
+        log.sync_soon(loop, again.set_result)
+        assert await asyncio.wait_for(again, 10) is None and log.all_durable
+        assert log._sync_thread is not thread
+        log.close()
+    run(go())

@@ -188,6 +188,12 @@ class IntentLog:
             loop.call_soon(done, OSError(errno.EBADF, f"{self.path} is closed"))
             return
         thread = self._sync_thread
+        if thread is not None and not thread.alive:
+            # Its pipe broke (the outcome of its last sync was taken, as a failure): an
+            # ask would wait for a thread that ended. A new thread, a new pipe.
+            self._unwatch(thread)
+            thread.close()
+            thread = self._sync_thread = None
         if thread is None:
             ops = self._ops
             sync = None if type(ops).fdatasync is OsFileOps.fdatasync else partial(

@@ -27,6 +27,7 @@ struct State {
     asked: bool,
     busy: bool,
     closed: bool,
+    ended: bool, // the thread returned: nothing serves an ask any more
     outcome: Option<PyResult<()>>,
 }
 
@@ -54,7 +55,13 @@ pub(crate) struct LogSync {
     thread: Option<JoinHandle<()>>,
 }
 
-fn run(shared: &Shared, file: &File, sync: Option<&Py<PyAny>>, mut wake: PipeWriter) {
+fn run(shared: &Shared, file: &File, sync: Option<&Py<PyAny>>, wake: PipeWriter) {
+    serve(shared, file, sync, wake);
+    shared.lock().ended = true;
+    shared.changed.notify_all();
+}
+
+fn serve(shared: &Shared, file: &File, sync: Option<&Py<PyAny>>, mut wake: PipeWriter) {
     loop {
         let mut state = shared.lock();
         while !state.asked && !state.closed {
@@ -109,7 +116,7 @@ impl LogSync {
     /// Start a sync. ValueError if one is under way or not taken yet, or once closed.
     fn ask(&self) -> PyResult<()> {
         let mut state = self.shared.lock();
-        if state.closed {
+        if state.closed || state.ended {
             return Err(PyValueError::new_err("the log's sync thread is closed"));
         }
         if state.asked || state.busy || state.outcome.is_some() {
@@ -123,13 +130,24 @@ impl LogSync {
 
     /// take() -> None, or the exception the sync failed with; ValueError if no sync
     /// ended. Call once `fileno()` is readable (or after `wait`).
+    ///
+    /// Once an outcome is taken it is returned, never an exception instead: whoever
+    /// waits for the sync hears only through it. A pipe that cannot be read (its byte is
+    /// written before the outcome could be taken, so that is a broken pipe) makes a sync
+    /// that succeeded a failed one: its records are written and synced again next time.
     fn take(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         let outcome = self.shared.lock().outcome.take();
         let Some(outcome) = outcome else {
             return Err(PyValueError::new_err("no sync has ended"));
         };
         let mut byte = [0u8; 1];
-        self.wake.read_exact(&mut byte)?; // written before the outcome could be taken
+        let outcome = match self.wake.read_exact(&mut byte) {
+            Ok(()) => outcome,
+            Err(e) => outcome.and(Err(PyOSError::new_err((
+                e.raw_os_error().unwrap_or(0),
+                format!("the log's sync thread's pipe: {e}"),
+            )))),
+        };
         Ok(outcome.err().map(|e| e.into_value(py).into_any()))
     }
 
@@ -154,10 +172,11 @@ impl LogSync {
         }
     }
 
-    /// Whether the thread is running.
+    /// Whether the thread is running and serves an `ask` (it ends when closed, or when
+    /// it cannot wake the loop: its pipe broken).
     #[getter]
     fn alive(&self) -> bool {
-        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+        self.thread.as_ref().is_some_and(|t| !t.is_finished()) && !self.shared.lock().ended
     }
 }
 
