@@ -304,8 +304,10 @@ def trustvbd_up(size: int, encrypt: bool, replicas: int = 1, nbdkit_drivers: boo
 
 
 @contextlib.contextmanager
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="tvb", dir="/tmp"))
+def workdir(root: Path | None = None) -> Iterator[Path]:
+    """A scratch directory under `root` (/tmp: the disk), removed after: /dev/shm puts a
+    server's files and syncs on tmpfs, where what is left is the path's own cost."""
+    path = Path(tempfile.mkdtemp(prefix="tvb", dir=root or "/tmp"))
     try:
         yield path
     finally:

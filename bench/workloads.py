@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/workloads.py [--suite fuse|flush|qd1|all] [--reps 1] [--files 300]
                                         [--data 200MiB] [--flushes 200] [--writes 5000]
-                                        [--baseline DIR]
+                                        [--baseline DIR] [--workdir DIR]
 
 fuse:  a filesystem copy through FUSE. For each server: nbdfuse exposes the export as a
        file, mkfs.ext4 formats it, fuse2fs mounts it, and `cp -r` copies a tree of --files
@@ -18,6 +18,8 @@ flush: FLUSH latency. One libnbd connection writes 4 KiB at a random offset, the
        installed) and nbdkit file.
 qd1:   serial 4 KiB writes at random offsets (one libnbd connection, no FLUSH), --writes of
        them: latency p50 and p99, and the CPU time per write of each process role.
+--workdir DIR puts each server's files (trusted state, backing files) under DIR, not /tmp:
+       /dev/shm (tmpfs) takes the disk's syncs out, so what is left is the path's cost.
 --baseline DIR adds `trustvbd up` running the trustvbd package in DIR (`git archive main |
        tar -x -C DIR`) to every suite, so a before/after pair is measured in one run.
 """
@@ -180,11 +182,15 @@ def qd1_writes(uri: str, count: int, work: Path) -> tuple[float, float, dict[str
 
 
 def table(title: str, unit: str, results: dict[str, list[float]], reference: str) -> None:
+    """Medians of the repetitions, their ratio to `reference`'s, and each repetition's
+    value in the order run (the spread, and which repetitions a slow machine hit)."""
     ref = statistics.median(results[reference])
-    print(f"\n## {title}\n\n| server | {unit} | ratio to {reference} |\n|---|---|---|")
+    print(f"\n## {title}\n\n| server | {unit} | ratio to {reference} | each repetition |\n"
+          "|---|---|---|---|")
     for name, values in results.items():
         med = statistics.median(values)
-        print(f"| {name} | {med:.2f} | {med / ref:.2f}x |")
+        each = " ".join(f"{v:.2f}" for v in values)
+        print(f"| {name} | {med:.2f} | {med / ref:.2f}x | {each} |")
     sys.stdout.flush()
 
 
@@ -196,14 +202,16 @@ T = TypeVar("T")
 
 
 def interleaved(suite: str, servers: list[Any], reps: int,
-                measure: Callable[[str, Path], T]) -> dict[str, list[T]]:
+                measure: Callable[[str, Path], T], root: Path | None = None) -> dict[str, list[T]]:
     """`measure(uri, workdir)` on each server, started afresh each time, servers
-    interleaved within each repetition; the results by server name."""
+    interleaved within each repetition (in reverse order every other one, so none is always
+    first after another's syncs); the results by server name. Work directories under
+    `root` (the default: /tmp)."""
     results: dict[str, list[T]] = {s.name: [] for s in servers}
     for rep in range(reps):
-        for server in servers:
+        for server in (servers if rep % 2 == 0 else servers[::-1]):
             print(f"[{suite} rep {rep + 1}/{reps}] {server.name}", file=sys.stderr)
-            with common.workdir() as work:
+            with common.workdir(root) as work:
                 uri, stop = server.start(work)
                 try:
                     results[server.name].append(measure(uri, work))
@@ -223,6 +231,9 @@ def main() -> int:
     parser.add_argument("--writes", type=int, default=5000)
     parser.add_argument("--baseline", type=Path, metavar="DIR",
                         help="also `trustvbd up` with the trustvbd package in DIR, for A/B")
+    parser.add_argument("--workdir", type=Path, metavar="DIR",
+                        help="each server's files (state, backing files) under DIR, not /tmp: "
+                        "/dev/shm takes the disk's syncs out (what is left is the path)")
     args = parser.parse_args()
     data = common.parse_size(args.data)
     ups = [common.trustvbd_up(DISK, True)]
@@ -235,7 +246,7 @@ def main() -> int:
             subprocess.run(["sh", "-c", f"cat {src}/tree/*/* > /dev/null"], check=True)
             servers = [*ups, common.nbdkit_file(DISK)]
             copies = interleaved("fuse", servers, args.reps,
-                                 lambda uri, work: fuse_copy(uri, work, src / "tree"))
+                                 lambda uri, work: fuse_copy(uri, work, src / "tree"), args.workdir)
             results = {name: [t for t, _ in runs] for name, runs in copies.items()}
             table(f"FUSE copy: {args.files} files, {common.format_size(data)}, nbdfuse + fuse2fs"
                   f" (ext4); medians of {args.reps}; {load()}", "seconds", results, "nbdkit file")
@@ -254,7 +265,7 @@ def main() -> int:
         peer = peers[0]
         servers = [*ups, *peers]
         timed = interleaved("flush", servers, args.reps,
-                            lambda uri, work: flush_latency(uri, args.flushes, work))
+                            lambda uri, work: flush_latency(uri, args.flushes, work), args.workdir)
         p50 = {name: [t[0] * 1e3 for t in runs] for name, runs in timed.items()}
         p90 = {name: [t[1] * 1e3 for t in runs] for name, runs in timed.items()}
         p99 = {name: [t[2] * 1e3 for t in runs] for name, runs in timed.items()}
@@ -273,7 +284,7 @@ def main() -> int:
     if args.suite in ("qd1", "all"):
         servers = [*ups, common.nbdkit_file(DISK)]
         lat = interleaved("qd1", servers, args.reps,
-                          lambda uri, work: qd1_writes(uri, args.writes, work))
+                          lambda uri, work: qd1_writes(uri, args.writes, work), args.workdir)
         print(f"\n## QD1 4 KiB random writes, {args.writes} per rep, medians of {args.reps}; "
               f"{load()}\n\n| server | p50 µs | p99 µs | CPU µs per write by role |\n"
               "|---|---|---|---|")
