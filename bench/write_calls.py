@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -40,6 +41,7 @@ from tests.crypt.helpers import SIZE, RawMemory, new_state
 from tests.nbd.helpers import ServerThread
 from trustvbd.blockdev import Backend
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
+from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.config import Limits
 from trustvbd.nbd.budget import MemoryBudget
 from trustvbd.nbd.client import NbdClient
@@ -87,7 +89,10 @@ async def opened(tmp: Path, uris: list[str]) -> AsyncIterator[CryptDisk]:
     kek = new_state(tmp / "state")
     links: list[tuple[str, Backend]] = []
     for i, uri in enumerate(uris):
-        links.append((f"r{i}", await NbdClient.open_uri(uri, request_timeout=30.0)))
+        # Each behind a ReplicaLink, as the domain has them (crypt_stack.py): it skips a
+        # FLUSH when every write since the last went with FUA.
+        connect = partial(NbdClient.open_uri, uri, request_timeout=30.0)
+        links.append((f"r{i}", ReplicaLink(await connect(), f"r{i}", connect)))
     disk = await CryptDisk.open_mirrored(tmp / "state", "vm1", links, kek)
     try:
         yield disk

@@ -237,7 +237,8 @@ class Commits:
     async def durable(self, report: bool = False) -> None:
         """Until every intent record appended so far is durable (`when_durable`). With
         `report` (a FLUSH or commit), a failed sync is said here, and syncs start anew."""
-        if self._sync_failed is None and self.intent.all_durable:
+        intent = self.intent
+        if self._sync_failed is None and intent.durable >= intent.appended:  # (all_durable)
             return
         await self._durable_future(report)
 
@@ -280,12 +281,18 @@ class Commits:
         else:
             self.state_full = None  # what was held was written and synced: room again
         durable, waiting = self.intent.durable, self._waiting
-        ready = [then for upto, then in waiting if exc is not None or upto <= durable]
-        self._waiting = [] if exc is not None else [w for w in waiting if w[0] > durable]
-        if exc is None and self._waiting:
-            self._sync_next()
+        if exc is not None or not waiting or waiting[-1][0] <= durable:
+            # Everyone waiting is told (the usual case: nothing was appended meanwhile);
+            # the counts only grow along the list, so the last one's says it.
+            self._waiting = []  # (those told below may wait again: a new list)
+            for _, then in waiting:
+                then(exc)  # type: ignore[arg-type]
+            return
+        ready = [then for upto, then in waiting if upto <= durable]
+        self._waiting = [w for w in waiting if w[0] > durable]
+        self._sync_next()
         for then in ready:
-            then(exc)  # type: ignore[arg-type]
+            then(None)
 
     def set_leaf(self, b: int, leaf: bytes) -> None:
         """Go back to an older leaf of block b (the replicas kept the version from before a
@@ -420,7 +427,8 @@ class Commits:
             done.set_exception(failed)
 
         # (The log's thread may have ended a sync since the caller looked.)
-        if (self._sync_failed is None and self.intent.all_durable) or self.when_durable(then):
+        intent = self.intent
+        if (self._sync_failed is None and intent.durable >= intent.appended) or self.when_durable(then):
             done.set_result(None)
         return done
 

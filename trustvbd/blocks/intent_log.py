@@ -140,7 +140,9 @@ class IntentLog:
             held.clear()
 
     def _write(self, rec: bytes | bytearray) -> None:
-        end = self.end
+        end = self._end
+        if end is None:
+            end = self.end
         if end + len(rec) > self._room:
             # Zeros written (not a hole, not fallocate's unwritten extents): the records
             # that go there later dirty data pages only. Synced with the next record.
@@ -148,7 +150,8 @@ class IntentLog:
             room = -(-max(LOG_ROOM, need + min(need, LOG_ROOM_STEP_MAX)) // page) * page
             self._pwrite(bytes(room - self._room), self._room)
             self._room = room
-        self._pwrite(rec, end)
+        if self._ops.pwrite(self._fd, rec, end) != len(rec):  # (_pwrite, a call less per record)
+            raise OSError(f"short write to {self.path}")
         self._unsynced += rec
         self._end = end + len(rec)
 

@@ -256,7 +256,8 @@ class ReplicaLink:
         backend = self.next
         if (self._retry_window > 0 and not retried) or not provides(backend, Submits):
             return None
-        future = cast(Submits, backend).submit_writes(writes, fua)
+        submits: Submits = backend  # type: ignore[assignment]  # (not cast(): a call per write)
+        future = submits.submit_writes(writes, fua)
         if future is not None and not fua:
             count = len(writes)
             self._dirty = True
@@ -283,7 +284,8 @@ class ReplicaLink:
             self.last_error = str(error)
             self.state = "disconnected"
         if provides(nxt, Submits):  # a layer below keeps its own books (SpaceWatch)
-            cast(Submits, nxt).write_ended(error)
+            submits: Submits = nxt  # type: ignore[assignment]  # (not cast(): a call per write)
+            submits.write_ended(error)
 
     async def flush(self) -> None:
         if not (self._plain_running or self._plain_ended or self._maybe_lost):

@@ -248,11 +248,12 @@ class ReplicaSet:
         if len(self.replicas) == 1:
             if len(writers) != 1 or not provides(link := writers[0].link, Submits):
                 return False
-            future = cast(Submits, link).submit_writes(writes, fua, retried=True)
+            # (Said so, not cast(): typing.cast is a Python call, per write here.)
+            submits: Submits = link  # type: ignore[assignment]
+            future = submits.submit_writes(writes, fua, retried=True)
             if future is None:
                 return False
-            future.add_done_callback(
-                functools.partial(_single_ended, cast(Submits, link), ended, len(writes)))
+            future.add_done_callback(functools.partial(_single_ended, submits, ended, len(writes)))
             return True
         if len(writers) < 2 or not provides(first := writers[0].link, Submits):
             return False  # (one writer left: pwrite awaits it alone)
@@ -575,9 +576,10 @@ def _single_ended(link: Submits, ended: Callable[[list[bool]], None], count: int
     if outcomes is None:
         ended([False] * count)
         return
-    if None in outcomes:
+    took = outcomes.count(None)
+    if took:
         link.write_ended(None)
-    ended([error is None for error in outcomes])
+    ended([True] * count if took == count else [error is None for error in outcomes])
 
 
 class _FanOut:

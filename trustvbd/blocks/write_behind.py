@@ -149,7 +149,10 @@ class Ahead(NamedTuple):
     writes: int
 
     def any_ended(self) -> bool:
-        return any(run.ended for run in self.runs)
+        for run in self.runs:  # (a loop, not any() over a generator: one call, not three)
+            if run.ended:
+                return True
+        return False
 
 
 @dataclass
@@ -186,7 +189,8 @@ class WriteBehind:
         self._held = 0  # writes in _runs (at most HELD_WRITES)
         self._starting: list[_Run] = []  # sent on, waiting for their loop turn (_send_started)
         self._sending: set[_Run] = set()  # left, not answered yet
-        self._idle = asyncio.Event()  # set when nothing is in flight, for `drain`
+        self._idle = asyncio.Event()  # set when nothing is in flight, while `drain` waits
+        self._drains = 0  # `drain`s waiting for _idle
         self._freed = asyncio.Event()  # set when a run ends while `room` waits
         self._room_waits = 0
         self._start_queued = False
@@ -309,26 +313,32 @@ class WriteBehind:
         flush at all (reconnect.ReplicaLink.flush). Several go as plain writes, which the
         FLUSH waits for and then flushes: one sync on the replica, not one per run. Runs
         in flight with FUA count as the FLUSH's too (an expected FLUSH's write: add)."""
-        ahead: list[_Run] = []
         flush = fua
+        # Runs in flight with FUA: durable once answered (plain loops, not generators: a
+        # FLUSH after each write comes here each time).
+        sent = [run for run in self._sending if run.fua] if fua and self._sending else []
         if fua:
             self._streak = self._streak + 1 if self._since_flush == 1 else 0
             self._since_flush = 0
-            ahead.extend(run for run in self._sending if run.fua)  # durable once answered
         starting, self._starting = self._starting, []
         held, self._runs = self._runs, []
         self._held = 0
         fua = fua and len(starting) + len(held) == 1
-        self._join_all(held)
         leaving = starting + held
         if leaving:  # something waits for them: they leave now
+            self._join_all(held)
             self._go(leaving, fua, here=flush)
             if fua:
-                ahead += leaving
-        ahead = [run for run in ahead if not run.ended]  # not those that ended at once
+                sent += leaving
+        ahead: list[_Run] = []
+        writes = 0
+        for run in sent:
+            if not run.ended:  # not those that ended at once
+                ahead.append(run)
+                writes += run.writes
         if not ahead:
             return None
-        return Ahead(tuple(ahead), sum(run.writes for run in ahead))
+        return Ahead(tuple(ahead), writes)
 
     def _waited(self) -> None:
         """The timer: send the runs once GATHER_S passed since the newest write. Re-armed
@@ -410,6 +420,9 @@ class WriteBehind:
         """The submitted runs' end, all in one call: those that stand end (`_end`), the
         others go again the general way (a single replica's link reconnects if its
         connection broke, and a failure is recorded and said as for any write behind)."""
+        if False not in took:  # the usual case: all stand
+            self._end(runs)
+            return
         self._end([run for run, stands in zip(runs, took, strict=True) if stands])
         for run, stands in zip(runs, took, strict=True):
             if not stands:
@@ -436,7 +449,7 @@ class WriteBehind:
         if writes:
             self._writes -= writes
             self._ended(holds, writes)
-        if not sending:
+        if not sending and self._drains:
             self._idle.set()
         if self._room_waits:
             self._freed.set()
@@ -534,7 +547,11 @@ class WriteBehind:
         self.send_now()
         while self._sending:
             self._idle.clear()
-            await self._idle.wait()
+            self._drains += 1
+            try:
+                await self._idle.wait()
+            finally:
+                self._drains -= 1
             self.send_now()
 
     def unreported(self) -> str | None:
