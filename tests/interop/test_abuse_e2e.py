@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -281,5 +282,52 @@ def test_a_driver_cannot_leak_descriptors_into_the_launcher_over_its_control_cha
                     if r["kind"] == "decision" and r["fields"].get("op") == "channel"
                     and r["fields"].get("a") == "drv-a"]
         assert len(channels) == 1, channels  # its own, at start: none of the 20 after
+    finally:
+        s.kill()
+
+
+def test_a_driver_that_never_reads_its_control_channel_cannot_stall_the_launcher(
+        short_tmp: Path) -> None:
+    """The launcher answered a driver's requests with a blocking send (10 s timeout) on its
+    event loop. A driver that asks and never reads the answers filled its socket, and from
+    then on each answer held the launcher for 10 s: with a few hundred requests queued the
+    trusted launcher stopped answering `status` (the CLI timed out after 30 s) and brokering
+    anything, for many minutes. Now a driver whose socket is full is hung up on at once."""
+    if os.geteuid() != 0:
+        pytest.skip("pidfd_getfd of another process needs root")
+    s = System(short_tmp, config(driver("drv-a", "S", dir="backing/a"),
+                                 disk("d", "L", ["drv-a"]), guest("g", "L"))).start()
+    try:
+        st = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+        pids = {d["name"]: d["pid"] for d in st["domains"]}
+        argv = Path(f"/proc/{pids['drv-a']}/cmdline").read_bytes().split(b"\0")
+        control = _steal_fd(pids["drv-a"], int(argv[argv.index(b"--control-fd") + 1]))
+        sock = socket.socket(fileno=control)
+        os.kill(pids["drv-a"], signal.SIGSTOP)  # the driver reads nothing from now on
+        try:
+            sent, deadline = 0, time.monotonic() + 20
+            while sent < 2000 and time.monotonic() < deadline:
+                data = json.dumps({"type": "domain-channel?", "target": "nosuch",
+                                   "id": 1_000_000 + sent}).encode()
+                try:
+                    sock.send(data)  # the driver's socket: non-blocking
+                    sent += 1
+                except BlockingIOError:
+                    time.sleep(0.01)
+                except OSError:  # hung up on
+                    break
+            started = time.monotonic()
+            out = s.cli("status", "-c", str(s.config), "--json", check=False)
+            assert out.returncode == 0, out.stderr[-2000:]
+            assert time.monotonic() - started < 10, "the launcher was held up"
+            assert json.loads(out.stdout)["domains"]
+        finally:
+            os.kill(pids["drv-a"], signal.SIGCONT)
+        sock.detach()
+        os.close(control)
+        assert s.proc is not None and s.proc.poll() is None
+        err = s.stop()
+        assert "does not read its control channel" in err, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
     finally:
         s.kill()

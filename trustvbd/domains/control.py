@@ -70,10 +70,15 @@ def socket_pair() -> tuple[socket.socket, socket.socket]:
 
 
 class ControlChannel:
-    def __init__(self, sock: socket.socket, handler: Handler | None = None, name: str = "peer") -> None:
+    """`untrusted`: the peer is a driver domain. A send to it never waits: one that does
+    not read what it is sent (its socket full) is hung up on, never waited for."""
+
+    def __init__(self, sock: socket.socket, handler: Handler | None = None, name: str = "peer",
+                 untrusted: bool = False) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.name = name
+        self.untrusted = untrusted
         self._handler = handler
         self._replies: PendingReplies[tuple[dict[str, Any], list[int]]] = PendingReplies(name)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -142,8 +147,13 @@ class ControlChannel:
         data = json.dumps(message, separators=(",", ":")).encode()
         if len(data) > MAX_MESSAGE:
             raise ValueError(f"control message of {len(data)} bytes is too large")
+        if self.untrusted:
+            self._send_untrusted(data, fds or [])
+            return
         try:
-            # Packets are small and the peer reads promptly; a blocking send is simplest.
+            # Packets are small and a trusted peer reads promptly; a blocking send is
+            # simplest. (Never towards an untrusted one: a peer that reads nothing would
+            # hold this event loop 10 s per message.)
             self.sock.setblocking(True)
             self.sock.settimeout(10)
             socket.send_fds(self.sock, [data], fds or [])
@@ -152,6 +162,18 @@ class ControlChannel:
         finally:
             with contextlib.suppress(OSError):
                 self.sock.setblocking(False)
+
+    def _send_untrusted(self, data: bytes, fds: list[int]) -> None:
+        try:
+            socket.send_fds(self.sock, [data], fds)  # the socket stays non-blocking
+        except BlockingIOError:
+            log.error("%s does not read its control channel (its socket is full):"
+                      " closing the channel", self.name)
+            self.close()
+            raise ControlClosed(f"control channel to {self.name} closed: it reads nothing"
+                                ) from None
+        except OSError as exc:
+            raise ControlClosed(f"control channel to {self.name} closed: {exc}") from exc
 
     async def request(
         self, message: dict[str, Any], fds: list[int] | None = None, timeout: float = 60.0

@@ -167,7 +167,7 @@ class DomainGrants:
             ours, theirs = socket_pair()
             if (old := channels.pop(name, None)) is not None:
                 old.close()
-            channels[name] = channel = ControlChannel(ours, handler, name)
+            channels[name] = channel = ControlChannel(ours, handler, name, untrusted=True)
             channel.start()
             fds.append(theirs.detach())
             return Launch([*argv, *extra, "--control-fd", str(fds[-1])], tuple(fds),
