@@ -45,6 +45,10 @@ class ConnectionLost(NotRunning):
     """`trustvbd up` closed the connection before it answered: it died while asked."""
 
 
+class NoAnswer(Exception):
+    """`trustvbd up` runs (its control socket took the request) but did not answer in time."""
+
+
 def control_request(config: Config, request: Message, timeout: float = 30,
                     fds: list[int] | None = None) -> Message:
     """Ask the running `trustvbd up` (its launcher) something; exit 3 if none runs."""
@@ -53,11 +57,14 @@ def control_request(config: Config, request: Message, timeout: float = 30,
     except NotRunning as exc:
         print(f"trustvbd: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_NOT_RUNNING) from None
+    except NoAnswer as exc:
+        raise SystemExit(f"trustvbd: {exc}") from None
 
 
 def ask_running(config: Config, request: Message, timeout: float = 30,
                 fds: list[int] | None = None) -> Message:
-    """Ask the running `trustvbd up` something; raise NotRunning if none runs.
+    """Ask the running `trustvbd up` something; raise NotRunning if none runs, NoAnswer
+    if it did not answer within `timeout` seconds.
 
     One request per connection; its id comes back with the reply all the same, as on
     every request/reply channel (trustvbd/replies.py). `fds` go with the request.
@@ -80,6 +87,10 @@ def ask_running(config: Config, request: Message, timeout: float = 30,
                          f" (start it with: trustvbd up -c {config.path})") from None
     except (ConnectionResetError, BrokenPipeError):
         data = b""  # it died (or closed the socket) with our request unanswered
+    except TimeoutError:
+        raise NoAnswer(f"`trustvbd up` (state directory {config.state_dir}) did not answer"
+                       f" within {timeout:g} s: it runs but is stuck or overloaded (its log"
+                       " says why; stopping it and starting it again is safe)") from None
     finally:
         sock.close()
     if not data:
@@ -251,6 +262,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             print(f"trustvbd: {exc}", file=sys.stderr)
         return EXIT_NOT_RUNNING
+    except NoAnswer as exc:
+        if args.json:
+            print(json.dumps({"running": True, "answering": False,
+                              "state_dir": str(config.state_dir), "error": str(exc)}, indent=2))
+        print(f"trustvbd: {exc}", file=sys.stderr)
+        return 1
     if not isinstance(reply, HvStatus):
         print(f"trustvbd status: {refusal(reply, 'unexpected reply')}", file=sys.stderr)
         return 1

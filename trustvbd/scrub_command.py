@@ -37,7 +37,7 @@ def _summary(result: dict[str, dict[str, Any]]) -> tuple[int, int, int]:
 
 
 def cmd_scrub(args: argparse.Namespace) -> int:
-    from trustvbd.cli import EXIT_NOT_RUNNING, NotRunning, _config
+    from trustvbd.cli import EXIT_NOT_RUNNING, NoAnswer, NotRunning, _config
 
     config = _config(args.config)
     if args.disk not in config.disks:  # said before asking `up` (which may not run)
@@ -48,6 +48,8 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     except NotRunning as exc:  # before or during the scrub: --json still says why
         _failed(args, str(exc))
         return EXIT_NOT_RUNNING
+    except NoAnswer as exc:
+        return _failed(args, str(exc))
 
 
 def _scrub(args: argparse.Namespace, config: Any) -> int:

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -351,6 +352,35 @@ def test_status_when_not_running(short_tmp: Path) -> None:
     out = run([*TRUSTVBD, "status", "-c", str(short_tmp / "c.toml")], check=False)
     assert out.returncode == 3
     assert "not running" in out.stderr
+
+
+def test_status_and_scrub_of_a_launcher_that_does_not_answer_say_so_in_one_line(
+        short_tmp: Path) -> None:
+    """A launcher that runs but does not answer (stopped here; stuck or overloaded in life):
+    `status` and `scrub` printed a Python traceback (TimeoutError) after 30 s, and
+    `status --json` no JSON. Now one line says `up` did not answer and what to do, and
+    --json says so as JSON."""
+    s = System(short_tmp, config_text()).start()
+    assert s.proc is not None
+    os.kill(s.proc.pid, signal.SIGSTOP)
+    try:
+        asks = {"status": ["status"], "json": ["status", "--json"],
+                "scrub": ["scrub", "payroll", "--json"]}
+        procs = {k: subprocess.Popen([*TRUSTVBD, *argv, "-c", str(s.config)], text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for k, argv in asks.items()}
+        outs = {k: p.communicate(timeout=120) for k, p in procs.items()}
+    finally:
+        os.kill(s.proc.pid, signal.SIGCONT)
+    for k, (out, err) in outs.items():
+        assert procs[k].returncode == 1, (k, out, err)
+        assert "Traceback" not in err and len(err.splitlines()) == 1, (k, err)
+        assert "did not answer within 30 s" in err, (k, err)
+    status = json.loads(outs["json"][0])
+    assert status["running"] is True and status["answering"] is False, status
+    assert "did not answer" in json.loads(outs["scrub"][0])["error"]
+    assert json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)["running"]
+    s.stop()
 
 
 def test_a_stalled_driver_times_out_without_stalling_other_disks(short_tmp: Path) -> None:
