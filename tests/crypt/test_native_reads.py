@@ -395,3 +395,26 @@ def test_native_reads_keep_the_connections_bounds(short_tmp: Path,
                 assert 0 < most <= 4
                 assert disk._plane.started > before
         run(go())
+
+
+def test_reads_after_one_the_plane_declines_still_go_natively(short_tmp: Path) -> None:
+    """A batch whose first READ the plane declines (a block never written: pread answers
+    zeros) has its later READs started natively all the same, since reads commute; but a
+    READ after a WRITE served the general way is served after it, and sees it."""
+    with drivers(short_tmp, 2) as (_, uris):
+        async def go() -> None:
+            async with opened(short_tmp, uris) as disk, served(short_tmp, disk) as guest:
+                await write_blocks(disk, range(8))
+                await guest.read(0, BS)  # the route and the leaf page are ready
+                before = disk._plane.started
+                got = await asyncio.gather(guest.client.pread(300 * BS, BS),
+                                           *(guest.client.pread(b * BS, BS) for b in range(1, 5)))
+                assert [bytes(g) for g in got] == [bytes(BS)] + [pattern(b) for b in range(1, 5)]
+                assert disk._plane.started == before + 4
+                # Sent together: a declined READ, a WRITE (the batch began with a READ, so the
+                # write plane is not armed: the general way) and a READ of what it wrote.
+                _, _, after = await asyncio.gather(guest.client.pread(300 * BS, BS),
+                                                   guest.client.pwrite(6 * BS, pattern(6, 1)),
+                                                   guest.client.pread(6 * BS, BS))
+                assert bytes(after) == pattern(6, 1)
+        run(go())

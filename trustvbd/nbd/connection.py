@@ -446,8 +446,9 @@ class Connection(asyncio.BufferedProtocol):
         """A batch of requests received (ProtocolCore.parse_batch): a batch that begins with
         READs has those the backend's native read plane can take started there, one that
         begins with WRITEs has those its native write plane takes done there (collected
-        by `writes_taken` before their replies leave), in order, until the first request
-        the plane does not take; the rest come back as parsed requests. Within the
+        by `writes_taken` before their replies leave), in order: WRITEs until the first
+        request the plane does not take, READs until the first one it does not take that
+        is not a READ (reads commute); the rest come back as parsed requests. Within the
         connection's bounds (MAX_TASKS requests, MAX_INFLIGHT_BYTES for reads; the
         backend's for writes) and never while anything is held back."""
         reads, writes = self._reads, self._writes

@@ -38,8 +38,9 @@ const COPY_MAX: usize = 16 * 1024;
 /// As parse, but READs the ReadPlane `plane` (or None) can serve natively are started
 /// there instead of returned (see read_plane.rs), up to `max_reads` of at most
 /// `max_bytes` together, and WRITEs the WritePlane `writes` (or None) takes are done
-/// there (see write_plane.rs), their replies framed into the output; only until the
-/// first request handed to Python: requests keep their order. `owner` is told of the
+/// there (see write_plane.rs), their replies framed into the output. WRITEs only until
+/// the first request handed to Python, READs until the first one handed to Python that
+/// is not a READ: what may overlap keeps its order (reads commute). `owner` is told of the
 /// reads' replies (`_native_replied`, then take_output) and failures; the caller
 /// collects the writes (WritePlane.take) before it sends the output.
 #[pyclass(module = "trustvbd._native", name = "NbdServerSession")]
@@ -296,11 +297,15 @@ impl PyNbdServerSession {
         let mut used = vec![0usize; slots.len()];
         let (mut started, mut bytes, mut written) = (0usize, 0u64, 0usize);
         let mut in_order = true; // no request handed to Python yet
+        let mut reads_only = true; // none but plain READs handed to Python yet
         let list = PyList::empty(py);
         for item in &items {
             let h = &item.head;
-            let plain = in_order && item.refusal.is_none() && item.piece.is_none();
-            if let (true, Some(plane)) = (plain && h.typ == CMD_READ, plane) {
+            let plain = item.refusal.is_none() && item.piece.is_none();
+            // A READ after READs Python serves may still start here: reads commute. Not
+            // after anything else (a WRITE Python serves takes its range later: a READ of
+            // it started here first would not see it, where the guest sent it before).
+            if let (true, Some(plane)) = (plain && reads_only && h.typ == CMD_READ, plane) {
                 if started < max_reads && bytes + u64::from(item.length) <= max_bytes {
                     let seq = {
                         let mut me = slf.borrow_mut();
@@ -317,7 +322,7 @@ impl PyNbdServerSession {
                     }
                 }
             }
-            if let (true, Some(writes), Payload::Inline(range)) = (plain && h.typ == CMD_WRITE && h.flags & FLAG_FUA == 0, writes, &item.payload) {
+            if let (true, Some(writes), Payload::Inline(range)) = (plain && in_order && h.typ == CMD_WRITE && h.flags & FLAG_FUA == 0, writes, &item.payload) {
                 let (from, to) = (start + range.start, start + range.end);
                 let fill = |out: &mut [u8]| foreign::with_bytes(py, &buf, |bytes| out.copy_from_slice(&bytes[from..to]));
                 // An error leaves nothing done: the request goes to Python, which meets it again.
@@ -330,6 +335,7 @@ impl PyNbdServerSession {
                 }
             }
             in_order = false;
+            reads_only &= plain && h.typ == CMD_READ;
             list.append(item_tuple(py, item, payload(py, &buf, start, item)?)?)?;
         }
         Ok((start + parsed.consumed, list, parsed.want, started, bytes, used, written))
