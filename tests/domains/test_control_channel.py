@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 
@@ -144,3 +145,58 @@ def test_json_nested_too_deeply_is_a_bad_message_not_a_recursion_error() -> None
         with pytest.raises(ValueError, match="JSON nested too deeply"):
             peer_json(deep)
     assert peer_json(b'{"a": [[1]]}') == {"a": [[1]]}
+
+
+def test_sends_never_wait_and_keep_their_order_and_descriptors() -> None:
+    """A peer that reads nothing: what its socket does not take is queued (descriptors with
+    their message, in order) and sent as it reads; past MAX_QUEUED a trusted peer's channel
+    stays open and the send fails with ControlFull, an untrusted one is hung up on; what was
+    queued and never sent has its descriptor copies closed."""
+    from trustvbd.domains.control import MAX_QUEUED, ControlFull
+
+    async def scenario() -> None:
+        for untrusted in (False, True):
+            ours, theirs = socket_pair()
+            a = ControlChannel(ours, None, "stopped", untrusted=untrusted)
+            a.start()
+            before = open_fds()
+            sent = 0
+            with pytest.raises(ControlClosed) as full:
+                while True:
+                    r, w = os.pipe()
+                    os.write(w, str(sent).encode())
+                    os.close(w)
+                    try:
+                        a.send({"n": sent}, [r])  # the caller keeps owning r
+                    finally:
+                        os.close(r)
+                    sent += 1
+            assert len(a._queue) == (0 if untrusted else MAX_QUEUED)
+            if untrusted:
+                assert a.closed.is_set() and not isinstance(full.value, ControlFull)
+                assert open_fds() <= before  # the queued copies were closed with it
+                theirs.close()
+                continue
+            assert isinstance(full.value, ControlFull) and "reads nothing" in str(full.value)
+            assert not a.closed.is_set()
+            theirs.setblocking(False)
+            got = 0
+            while got < sent:  # the peer reads again: everything comes, in order, each fd with its message
+                await asyncio.sleep(0)
+                try:
+                    data, fds, _, _ = socket.recv_fds(theirs, 1024, 4)
+                except BlockingIOError:
+                    continue
+                assert json.loads(data) == {"n": got} and len(fds) == 1
+                assert os.read(fds[0], 16) == str(got).encode()
+                os.close(fds[0])
+                got += 1
+            for _ in range(10):
+                await asyncio.sleep(0)
+            assert not a._queue and open_fds() <= before
+            a.send({"n": "after"})  # and the channel works on
+            assert json.loads(theirs.recv(1024)) == {"n": "after"}
+            a.close()
+            theirs.close()
+
+    asyncio.run(scenario())

@@ -331,3 +331,67 @@ def test_a_driver_that_never_reads_its_control_channel_cannot_stall_the_launcher
         assert "Traceback" not in err, err[-3000:]
     finally:
         s.kill()
+
+
+def test_a_stopped_encryption_domain_cannot_stall_the_launcher(short_tmp: Path) -> None:
+    """The launcher sent to its trusted domains with a blocking send (10 s timeout) on its one
+    event loop. An encryption domain that stops reading (SIGSTOP here; a loop stalled under
+    guest load is the same) filled its socket after ~280 small messages (`scrub` of its disk,
+    asked often), and from then on each message to it held the whole launcher 10 s: `status`
+    timed out and the other workload type's guests got no decision. Now every send is
+    queued when the socket is full; the stopped domain's requests fail, one line each."""
+    s = start(short_tmp)
+    try:
+        st = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+        pids = {d["name"]: d["pid"] for d in st["domains"]}
+        control = str(s.root / "state" / "control.sock")
+
+        def ask_scrub(n: int) -> socket.socket:
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.settimeout(60)
+            for _ in range(500):
+                try:
+                    c.connect(control)
+                    break
+                except BlockingIOError:  # its listen backlog is full for a moment
+                    time.sleep(0.01)
+            else:
+                raise AssertionError(f"the launcher took no connection for 5 s (after {n - 1})")
+            c.sendall(json.dumps({"type": "scrub?", "disk": "bank", "id": n}).encode() + b"\n")
+            return c
+
+        os.kill(pids["crypt-Bank"], signal.SIGSTOP)
+        try:
+            asked = [ask_scrub(n) for n in range(1, 401)]  # its socket holds ~280
+            time.sleep(1)
+            started = time.monotonic()
+            out = s.cli("status", "-c", str(s.config), "--json", check=False)
+            assert out.returncode == 0, out.stderr[-2000:]
+            assert time.monotonic() - started < 8, "the launcher was held up"
+            # The other workload type's guest is decided for and served meanwhile.
+            code, text = run_qemu_io(uri(s, "vm1", "payroll"))
+            assert code == 0, text
+            assert time.monotonic() - started < 15, "the launcher was held up"
+            replies = []
+            for c in asked:
+                replies.append(json.loads(c.makefile("rb").readline()))
+                c.close()
+        finally:
+            os.kill(pids["crypt-Bank"], signal.SIGCONT)
+        errors = [r.get("message", "") for r in replies]
+        assert all(r["type"] == "failed" for r in replies), replies[:3]
+        assert any("reads nothing from its control channel" in e for e in errors), errors[:12]
+        assert all("crypt-Bank" in e for e in errors), errors
+        # Its channel stayed open: once it runs again it answers and its guest is served.
+        code, text = run_qemu_io(uri(s, "vm2", "bank"))
+        assert code == 0, text
+        assert s.proc is not None and s.proc.poll() is None
+        err = s.stop()
+        assert "Traceback" not in err, err[-3000:]
+    finally:
+        s.kill()
+
+
+def run_qemu_io(u: str) -> tuple[int, str]:
+    out = run(["qemu-io", "-f", "raw", u, "-c", "read 0 4k"], check=False, timeout=30)
+    return out.returncode, out.stdout + out.stderr

@@ -15,6 +15,7 @@ never issued is a protocol error, and the channel is closed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -38,6 +39,7 @@ from trustvbd.replies import PendingReplies, ProtocolError, peer_json
 
 MAX_MESSAGE = 256 * 1024
 MAX_FDS = 16
+MAX_QUEUED = 64  # messages a peer may leave unread (beyond what its socket holds)
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +71,15 @@ def socket_pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
+class ControlFull(ControlClosed):
+    """A trusted peer has not read the last MAX_QUEUED messages sent to it; its channel stays
+    open (it may be stopped for a while), this message was not sent."""
+
+
 class ControlChannel:
-    """`untrusted`: the peer is a driver domain. A send to it never waits: one that does
-    not read what it is sent (its socket full) is hung up on, never waited for."""
+    """No send waits, whoever the peer: one event loop serves every domain, so a peer that
+    stops reading must not stop it. `untrusted` (a driver domain): a peer that lets its
+    messages pile up is hung up on."""
 
     def __init__(self, sock: socket.socket, handler: Handler | None = None, name: str = "peer",
                  untrusted: bool = False) -> None:
@@ -83,6 +91,8 @@ class ControlChannel:
         self._replies: PendingReplies[tuple[dict[str, Any], list[int]]] = PendingReplies(name)
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
+        self._queue: collections.deque[tuple[bytes, list[int]]] = collections.deque()
+        self._full_said = False
 
     def start(self) -> None:
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
@@ -144,36 +154,67 @@ class ControlChannel:
                 os.close(fd)
 
     def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        """Send without ever waiting: what the socket does not take now is queued, with a copy
+        of its descriptors (the caller still owns `fds`), and sent in order as the peer reads.
+        A peer that lets MAX_QUEUED messages pile up reads nothing: an untrusted one is hung
+        up on; a trusted one (stopped or overloaded, maybe for a while) keeps its channel and
+        this message fails with ControlFull."""
         data = json.dumps(message, separators=(",", ":")).encode()
         if len(data) > MAX_MESSAGE:
             raise ValueError(f"control message of {len(data)} bytes is too large")
-        if self.untrusted:
-            self._send_untrusted(data, fds or [])
-            return
+        if self.closed.is_set():
+            raise ControlClosed(f"control channel to {self.name} is closed")
+        fds = fds or []
+        if not self._queue:
+            try:
+                socket.send_fds(self.sock, [data], fds)
+                return
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise ControlClosed(f"control channel to {self.name} closed: {exc}") from exc
+        if len(self._queue) >= MAX_QUEUED:
+            if self.untrusted:
+                log.error("%s does not read its control channel (%d messages unsent):"
+                          " closing the channel", self.name, len(self._queue))
+                self.close()
+                raise ControlClosed(f"control channel to {self.name} closed: it reads nothing")
+            if not self._full_said:
+                self._full_said = True
+                log.error("%s reads nothing from its control channel (%d messages unsent):"
+                          " stopped or overloaded? messages to it fail until it reads",
+                          self.name, len(self._queue))
+            raise ControlFull(f"{self.name} reads nothing from its control channel"
+                              f" ({len(self._queue)} messages unsent): is it stopped or overloaded?")
+        copies: list[int] = []
         try:
-            # Packets are small and a trusted peer reads promptly; a blocking send is
-            # simplest. (Never towards an untrusted one: a peer that reads nothing would
-            # hold this event loop 10 s per message.)
-            self.sock.setblocking(True)
-            self.sock.settimeout(10)
-            socket.send_fds(self.sock, [data], fds or [])
+            for fd in fds:
+                copies.append(os.dup(fd))
         except OSError as exc:
-            raise ControlClosed(f"control channel to {self.name} closed: {exc}") from exc
-        finally:
-            with contextlib.suppress(OSError):
-                self.sock.setblocking(False)
+            for fd in copies:
+                os.close(fd)
+            raise ControlClosed(f"control channel to {self.name}: cannot keep a descriptor"
+                                f" to send later: {exc}") from exc
+        self._queue.append((data, copies))
+        if len(self._queue) == 1:
+            asyncio.get_running_loop().add_writer(self.sock.fileno(), self._writable)
 
-    def _send_untrusted(self, data: bytes, fds: list[int]) -> None:
-        try:
-            socket.send_fds(self.sock, [data], fds)  # the socket stays non-blocking
-        except BlockingIOError:
-            log.error("%s does not read its control channel (its socket is full):"
-                      " closing the channel", self.name)
-            self.close()
-            raise ControlClosed(f"control channel to {self.name} closed: it reads nothing"
-                                ) from None
-        except OSError as exc:
-            raise ControlClosed(f"control channel to {self.name} closed: {exc}") from exc
+    def _writable(self) -> None:
+        while self._queue:
+            data, fds = self._queue[0]
+            try:
+                socket.send_fds(self.sock, [data], fds)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.error("control channel to %s: %s; closing it", self.name, exc)
+                self.close()
+                return
+            self._queue.popleft()
+            for fd in fds:
+                os.close(fd)
+        self._full_said = False
+        asyncio.get_running_loop().remove_writer(self.sock.fileno())
 
     async def request(
         self, message: dict[str, Any], fds: list[int] | None = None, timeout: float = 60.0
@@ -194,6 +235,11 @@ class ControlChannel:
             return
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_writer(self.sock.fileno())
+        while self._queue:  # never to be sent: their descriptor copies are ours to close
+            for fd in self._queue.popleft()[1]:
+                os.close(fd)
         self._replies.fail_all(ControlClosed(f"control channel to {self.name} closed"))
         self.closed.set()
 

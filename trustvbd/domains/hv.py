@@ -47,6 +47,7 @@ _REFUSED_REPLICA = (m.ErrorCode.FOREIGN_REPLICA, m.ErrorCode.STALE_REPLICA)  # n
 STOP_TIMEOUT = 60.0
 UNLOCK_TIMEOUT = 300.0  # scrypt per disk, then opening it (reading its leaf table)
 START_PER_TIB = 60.0  # opening reads and hashes each disk's leaf table (0.8 % of its size)
+SCRUB_TIMEOUT = 10.0
 STOP_ORDER = ["crypt", "driver", "store", "acm"]  # guests' servers first, policy last
 CRYPT_ASKS = (m.SpecQuery, m.ChannelQuery, m.AcmChannelQuery, m.StoreChannelQuery, m.Ready,
               m.DiskFailed, m.Integrity)
@@ -465,13 +466,24 @@ class Launcher:
         return await gather_status(self)
 
     async def scrub(self, disk: str) -> m.Message:
-        """Mirroring: the encryption domain that serves the disk runs its scrub."""
-        for channel in list(self.crypt_channels.values()):
-            if not channel.closed.is_set():
-                reply, _ = await channel.ask(m.ScrubQuery(disk), m.ScrubStarted, timeout=10)
-                if not (isinstance(reply, m.Failed) and reply.code is m.ErrorCode.UNKNOWN):
-                    return reply
-        return m.Failed(m.ErrorCode.UNKNOWN, f"no running encryption domain serves disk {disk!r}")
+        """Mirroring: the encryption domain that serves the disk runs its scrub (only that one
+        is asked: another, stopped or overloaded, must not hold up this disk's scrub)."""
+        wtype = next((t for t, mine in self.types.items() if disk in mine), None)
+        if wtype is None:
+            return m.Failed(m.ErrorCode.UNKNOWN, f"no running encryption domain serves disk {disk!r}")
+        name = crypt_name(wtype)
+        channel = self.crypt_channels.get(name)
+        if channel is None or channel.closed.is_set():
+            return m.Failed(m.ErrorCode.UNREACHABLE,
+                            f"disk {disk!r}: its encryption domain {name} is not running")
+        try:
+            reply, _ = await channel.ask(m.ScrubQuery(disk), m.ScrubStarted, timeout=SCRUB_TIMEOUT)
+        except TimeoutError:
+            return m.Failed(m.ErrorCode.UNREACHABLE, f"disk {disk!r}: its encryption domain {name}"
+                            f" did not answer within {SCRUB_TIMEOUT:g} s (stopped or overloaded?)")
+        except ControlClosed as exc:  # ControlFull too: it reads nothing sent to it
+            return m.Failed(m.ErrorCode.UNREACHABLE, f"disk {disk!r}: {exc}")
+        return reply
 
     async def unlock(self, disks: list[str], fds: list[int]) -> m.Message:
         """`trustvbd unlock`: the passphrase (a pipe from the CLI) goes, in a new pipe each, to
