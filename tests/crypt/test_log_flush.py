@@ -393,10 +393,10 @@ class StepReplica(RawMemory):
 
 def test_a_flush_after_each_write_syncs_the_log_on_the_loop_in_order(tmp_path: Path) -> None:
     """A guest that FLUSHes after each write (fsync per write): the write a FLUSH is expected
-    to follow has its record synced, then goes to the replica with FUA, then the FLUSH's mark
-    is written and synced; both syncs on the event loop's own thread (crypt_commit.py
-    _sync_next: a hand-over to the log's thread and back cost two wake-ups the FLUSH waited
-    for), and nothing else between."""
+    to follow has its record synced, then goes to the replica with FUA, both before the write
+    is answered; then the FLUSH's mark is written and synced; both syncs on the event loop's
+    own thread (crypt_commit.py _sync_next: a hand-over to the log's thread and back cost two
+    wake-ups the FLUSH waited for), and nothing else between."""
 
     async def go() -> None:
         kek = new_state(tmp_path)
@@ -411,6 +411,9 @@ def test_a_flush_after_each_write_syncs_the_log_on_the_loop_in_order(tmp_path: P
         for b in (9, 30, 200):
             del steps[:]
             await disk.pwrite(b * BS, pattern(b))  # taken for one a FLUSH follows
+            # Its record synced and its FUA write sent before it was answered (the FLUSH
+            # then waits for the driver's sync and the mark's): never the write first.
+            assert steps == ["record", "log sync on the loop", "replica write, FUA"], (b, steps)
             await disk.flush()
             assert steps == ["record", "log sync on the loop", "replica write, FUA", "mark",
                              "log sync on the loop"], (b, steps)

@@ -216,8 +216,8 @@ class Commits:
     def when_durable(self, then: Callable[[OSError | None], None], here: bool = False) -> bool:
         """True if every intent record appended so far is durable. Else False, and `then`
         is called once they are (with None), or with the error if the sync failed. With
-        `here` (ciphertext a FLUSH waits for), a sync started now runs on the event loop
-        once the reply being written has left (`_sync_next`).
+        `here` (ciphertext a FLUSH waits for), a sync started now runs on the event loop,
+        at once (`_sync_next`): `then` may be called before this returns.
 
         The gate before any ciphertext leaves this domain: a driver may persist what it
         receives at once (O_DIRECT, a remote server, page-cache writeback), and a power
@@ -250,16 +250,17 @@ class Commits:
         sync, not one each. The event loop never waits for it, but `here`: ciphertext a
         FLUSH waits for (write_behind.py), where the loop has nothing else of this disk's
         to do before the sync ends, and handing it to the thread cost a wake-up there and
-        one back here, each also waiting for the interpreter lock. Two loop turns later,
-        as the writes behind leave (write_behind._send_after_reply): the reply queued now
-        (an expected FLUSH's write) leaves first."""
+        one back here. Then at once, in the caller's step: for the write a FLUSH is
+        expected to follow, before its reply, so its FUA write is on its way to the driver
+        while the guest is answered and sends the FLUSH, and the FLUSH waits for the
+        driver's sync and the mark's, not for this one too (bench/README.md, session 17)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (a test's direct call): the next gate starts it
             return
         self._syncing = True
         if here:
-            loop.call_soon(loop.call_soon, self._sync_now)
+            self._sync_now()
         else:
             self.intent.sync_soon(loop, self._synced)
 

@@ -63,10 +63,11 @@ run leaves (after the reply, the gather timer or a FLUSH) it is usually done.
 
 Expected FLUSHes: a guest that FLUSHes after every write (a database's log, fsync
 per write) would have each write wait for its FLUSH to send it. Once FLUSH_STREAK
-FLUSHes in a row each came right after one write behind, the next such write is
-sent with FUA as soon as its record is durable, without waiting for the FLUSH: the
-driver syncs while the guest is answered and sends its FLUSH, which then waits for
-it and writes the mark. A second write before the FLUSH ends the streak; it cost one
+FLUSHes in a row each came right after one write behind, the next such write has its
+record synced in its own step and is sent with FUA before it is answered, without
+waiting for the FLUSH: the driver syncs while the guest is answered and sends its
+FLUSH, which then waits for the driver's sync and writes the mark, not for the
+record's sync too. A second write before the FLUSH ends the streak; it cost one
 driver sync.
 """
 
@@ -250,8 +251,9 @@ class WriteBehind:
             if self._since_flush > 1:
                 self._streak = 0  # writes come without a FLUSH after each
             elif gather and self._streak >= FLUSH_STREAK and self._early:
-                # A FLUSH is expected next: the driver syncs this write from now on, while
-                # the guest is answered and sends its FLUSH.
+                # A FLUSH is expected next: its record synced now and the write sent with
+                # FUA before the reply, so the driver syncs while the guest is answered
+                # and sends its FLUSH.
                 run = _Run(first_block, blocks, old, ct, hold)
                 run.early = True
                 self._join_all([run])
