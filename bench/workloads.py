@@ -281,6 +281,10 @@ def main() -> int:
             print(f"- {name}: " + ", ".join(
                 f"{r} {statistics.median(c.get(r, 0.0) for *_, c in flush_runs) * 1e6:.0f}"
                 for r in flush_roles))
+            for r in ("crypt", "driver"):  # each repetition's, in the order run: the spread
+                if r in flush_roles:
+                    print(f"  {r} per repetition: " + " ".join(
+                        f"{c.get(r, 0.0) * 1e6:.0f}" for *_, c in flush_runs))
     if args.suite in ("qd1", "all"):
         servers = [*ups, common.nbdkit_file(DISK)]
         lat = interleaved("qd1", servers, args.reps,
