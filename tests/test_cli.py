@@ -265,3 +265,40 @@ def test_tls_guest_into_a_path_it_cannot_make_is_one_clear_line(short_tmp: Path)
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith("trustvbd tls guest: cannot write certificates to /proc/x")
     assert "[Errno" not in result.stderr
+
+
+def test_audit_of_a_device_or_pipe_is_refused_at_once(short_tmp: Path) -> None:
+    """`audit --log /dev/zero` read one endless line into memory until killed (with --verify
+    too, all of it at once; --follow as well): a log is a regular file, anything else is
+    refused in one line."""
+    fifo = short_tmp / "fifo"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", str(fifo)):
+        for extra in ([], ["--verify"], ["--follow"], ["--json"]):
+            result = tvbd("audit", "--log", path, *extra)
+            assert result.returncode == 2, (path, extra, result.stderr)
+            assert result.stdout == ""
+            assert result.stderr.startswith(f"trustvbd audit: {path}: not a regular file")
+            assert len(result.stderr.splitlines()) == 1
+
+
+def test_audit_says_when_lines_are_not_records(short_tmp: Path) -> None:
+    """Records were printed and the exit status was 0 whatever followed them: a damaged
+    line, or megabytes of garbage with no newline (which was read whole into memory)."""
+    path = short_tmp / "audit.jsonl"
+    log = AuditLog(path)
+    for i in range(3):
+        log.append("decision", n=i)
+    log.close()
+    clean = tvbd("audit", "--log", str(path), "--json")
+    assert clean.returncode == 0 and clean.stderr == ""
+    shown = clean.stdout.splitlines()
+    assert [json.loads(r)["kind"] for r in shown] == ["decision"] * 3 + ["checkpoint"]
+    with open(path, "ab") as f:
+        f.write(b'{"seq": 5, "edited\n' + b"\0" * (8 << 20))  # a torn record, then no newline
+    result = tvbd("audit", "--log", str(path), "--json")
+    assert result.stdout.splitlines() == shown
+    assert result.returncode == 1
+    assert result.stderr == (f"trustvbd audit: {path}: 2 line(s) are not audit records (damaged,"
+                             " cut or edited) and were not shown: `trustvbd audit --verify` says"
+                             " where\n")

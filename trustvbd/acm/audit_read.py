@@ -7,7 +7,9 @@ Readers need no AuditLog instance and take no lock: they only read.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from typing import Any, BinaryIO
 
 from trustvbd.acm.audit_format import (
     GENESIS,
+    MAX_RECORD,
     head_path,
     parse_record,
     public_key_path,
@@ -44,12 +47,48 @@ def head_within_batch(at: tuple[int, str], last_seq: int, last_hash: str,
 
 def read(path: str | Path) -> list[dict[str, Any]]:
     """Every readable record, across rotated files, oldest first."""
+    return scan(path)[0]
+
+
+def open_log(f: Path) -> BinaryIO:
+    """A log file opened for reading; OSError (EINVAL) for anything but a regular file: a
+    device or a pipe (`--log /dev/zero`) would be read forever."""
+    fd = os.open(f, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open must not wait for a writer
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file (an audit log is one)", str(f))
+    return open(fd, "rb")  # (O_NONBLOCK changes nothing for a regular file)
+
+
+def _lines(fh: BinaryIO) -> Iterator[bytes | None]:
+    """Each line of `fh`; one longer than any record is read past in bounded pieces and
+    yields None (a file of garbage never sits in memory whole)."""
+    while line := fh.readline(MAX_RECORD + 2):
+        if len(line) <= MAX_RECORD + 1 or line.endswith(b"\n"):
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = fh.readline(1 << 20)
+        yield None
+
+
+def scan(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """(every readable record across rotated files, oldest first; how many non-blank lines
+    are no record: damaged, cut or edited, `verify` says where)."""
     path = Path(path)
     out: list[dict[str, Any]] = []
+    bad = 0
     for f in [*rotated_files(path), path]:
-        with open(f, "rb") as fh:
-            out.extend(r for line in fh if line.strip() and (r := parse_record(line)))
-    return out
+        with open_log(f) as fh:
+            for line in _lines(fh):
+                if line is not None and not line.strip():
+                    continue
+                rec = None if line is None else parse_record(line)
+                if rec is None:
+                    bad += 1
+                else:
+                    out.append(rec)
+    return out, bad
 
 
 def verify(path: str | Path, public_key: bytes | None = None) -> list[str]:
@@ -68,7 +107,8 @@ def verify(path: str | Path, public_key: bytes | None = None) -> list[str]:
     files = [*rotated_files(path), path]
     for index, f in enumerate(files):
         try:
-            data = f.read_bytes()
+            with open_log(f) as fh:
+                data = fh.read()
         except OSError as exc:
             problems.append(f"{f}: cannot read: {exc.strerror}")
             continue
@@ -161,7 +201,7 @@ def follow(path: str | Path, poll: float = 0.2) -> Iterator[dict[str, Any]]:
         rec = parse_record(line) if line.strip() else None
         return rec if rec is not None and rec["seq"] > last else None
 
-    f: BinaryIO = open(path, "rb")
+    f: BinaryIO = open_log(path)
     try:
         buf, rotated = b"", False
         while True:
@@ -187,6 +227,8 @@ def follow(path: str | Path, poll: float = 0.2) -> Iterator[dict[str, Any]]:
                 continue
             buf += chunk
             *complete, buf = buf.split(b"\n")
+            if len(buf) > MAX_RECORD:  # no record is this long: garbage, not kept
+                buf = b""
             for line in complete:
                 if (rec := fresh(line)) is not None:
                     last = rec["seq"]

@@ -10,11 +10,12 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
 from trustvbd.acm import Policy, PolicyError, load_policy
-from trustvbd.acm.audit_read import follow, verify
+from trustvbd.acm.audit_read import follow, scan, verify
 from trustvbd.acm.compiled import digest, encode
 from trustvbd.acm.decisions import domains_may_communicate, explain, guest_may_use_disk
 from trustvbd.acm.toml_loader import to_toml
@@ -162,27 +163,30 @@ def _line(rec: dict[str, Any]) -> str:
 
 def show_audit(path: str | Path, follow_log: bool = False, as_json: bool = False,
                out: TextIO | None = None) -> int:
+    """Exit 0, or 1 when some lines are no record (after printing the others), 2 when the
+    log cannot be read."""
     out = out or sys.stdout  # looked up per call, so redirection works
-    out = out or sys.stdout  # looked up per call, so redirection works
+    bad = 0
     try:
-        records = follow(path) if follow_log else iter(_read(path))
+        if follow_log:
+            records: Iterable[dict[str, Any]] = follow(path)
+        else:
+            records, bad = scan(path)
         for rec in records:
             print(json.dumps(rec, ensure_ascii=False) if as_json else _line(rec), file=out,
                   flush=follow_log)
     except BrokenPipeError:
         raise  # the reader left (`| head`): the command line ends quietly
     except OSError as exc:
-        print(f"trustvbd audit: {path}: {exc.strerror}", file=sys.stderr)
+        print(f"trustvbd audit: {exc.filename or path}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0
+    if bad:
+        print(f"trustvbd audit: {path}: {bad} line(s) are not audit records (damaged, cut or"
+              " edited) and were not shown: `trustvbd audit --verify` says where", file=sys.stderr)
+        return 1
     return 0
-
-
-def _read(path: str | Path) -> list[dict[str, Any]]:
-    from trustvbd.acm.audit import AuditLog
-
-    return AuditLog.read(path)
 
 
 def verify_audit(path: str | Path, out: TextIO | None = None, key: str | None = None) -> int:
@@ -199,6 +203,10 @@ def verify_audit(path: str | Path, out: TextIO | None = None, key: str | None = 
         print(f"{path}: no audit log here (no log, no head, no rotated files): check the path"
               " (-c CONFIG or --log FILE); if a log was kept here, it was removed", file=out)
         return 1
+    if path.exists() and not path.is_file():  # a device or a pipe would be read forever
+        print(f"trustvbd audit: {path}: not a regular file (an audit log is one): check the path"
+              " (-c CONFIG or --log FILE)", file=sys.stderr)
+        return 2
     pinned = None
     if key is not None:
         try:
