@@ -20,13 +20,14 @@ qd1:   serial 4 KiB writes at random offsets (one libnbd connection, no FLUSH), 
        them: latency p50 and p99, and the CPU time per write of each process role.
 --workdir DIR puts each server's files (trusted state, backing files) under DIR, not /tmp:
        /dev/shm (tmpfs) takes the disk's syncs out, so what is left is the path's cost.
---baseline DIR adds `trustvbd up` running the trustvbd package in DIR (`git archive main |
+--baseline DIR (repeatable) adds `trustvbd up` running the trustvbd package in DIR (`git archive main |
        tar -x -C DIR`) to every suite, so a before/after pair is measured in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import shutil
@@ -229,16 +230,20 @@ def main() -> int:
     parser.add_argument("--data", default="200MiB")
     parser.add_argument("--flushes", type=int, default=200)
     parser.add_argument("--writes", type=int, default=5000)
-    parser.add_argument("--baseline", type=Path, metavar="DIR",
-                        help="also `trustvbd up` with the trustvbd package in DIR, for A/B")
+    parser.add_argument("--baseline", type=Path, metavar="DIR", action="append", default=[],
+                        help="also `trustvbd up` with the trustvbd package in DIR, for A/B "
+                        "(repeatable: A/B/C, each named by its directory)")
     parser.add_argument("--workdir", type=Path, metavar="DIR",
                         help="each server's files (state, backing files) under DIR, not /tmp: "
                         "/dev/shm takes the disk's syncs out (what is left is the path)")
     args = parser.parse_args()
     data = common.parse_size(args.data)
     ups = [common.trustvbd_up(DISK, True)]
-    if args.baseline is not None:
-        ups.append(common.trustvbd_up(DISK, True, tree=args.baseline.resolve()))
+    for tree in args.baseline:
+        up = common.trustvbd_up(DISK, True, tree=tree.resolve())
+        if len(args.baseline) > 1:  # told apart by their directories
+            up = dataclasses.replace(up, name=up.name.replace("[baseline]", f"[{tree.name}]"))
+        ups.append(up)
     print(f"start: {load()}", file=sys.stderr)
     if args.suite in ("fuse", "all"):
         with common.workdir() as src:
