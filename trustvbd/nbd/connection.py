@@ -470,7 +470,7 @@ class Connection(asyncio.BufferedProtocol):
         if route is not None:
             read_plane, links = route  # type: ignore[assignment] # (ReadPlane, NbdClients)
         try:
-            start, items, want, started, nbytes, used, written = session.parse_native(
+            start, items, want, started, nbytes, used, answered = session.parse_native(
                 buf, start, end, self, read_plane,  # type: ignore[arg-type]
                 [c._free_slots for c in links] if links else [], self._loop.time(),
                 max(0, connection_limits.MAX_TASKS - len(self._tasks) - self._native_running),
@@ -487,19 +487,21 @@ class Connection(asyncio.BufferedProtocol):
                 if count:
                     client._native_sent(count)
             self._request_started()
-        if written:
-            assert writes is not None
-            try:
-                writes.writes_taken()  # before their replies leave
-            except Exception:
-                # A bug: the writes may not reach the replicas, so their replies never leave.
-                log.exception("nbd: %s on export %r: native writes could not be handed on; "
-                              "closing the connection", self.peer.identity, self.export_name)
-                session.take_output()
-                self._abort()
-                return start, [], want
-            # Their replies, framed by the session. (Replies of native reads are taken as
-            # they come, by _native_replied: none ends here, but count any that did.)
+        if answered:  # the WRITEs taken, or READs of blocks never written (zeros)
+            if plane is not None:
+                assert writes is not None
+                try:
+                    writes.writes_taken()  # before their replies leave
+                except Exception:
+                    # A bug: the writes may not reach the replicas, so their replies never leave.
+                    log.exception("nbd: %s on export %r: native writes could not be handed on; "
+                                  "closing the connection", self.peer.identity, self.export_name)
+                    session.take_output()
+                    self._abort()
+                    return start, [], want
+            # Their replies, framed by the session. (Replies of native reads sent to a
+            # replica are taken as they come, by _native_replied; those answered at once,
+            # with zeros, end here.)
             out, ended, nbytes = session.take_output()
             if ended:
                 self._native_running -= ended

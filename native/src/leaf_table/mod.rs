@@ -44,6 +44,17 @@ pub fn pages_of(b0: u64, b1: u64) -> std::ops::Range<u64> {
     b0 / LEAVES_PER_PAGE..(b1 - 1) / LEAVES_PER_PAGE + 1
 }
 
+/// What a read of a range can do now (`LeafTable::read_start`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadStart {
+    /// A shared hold of the range (its pages pinned) and its leaves: read it from a replica.
+    Read(u64, Vec<u8>),
+    /// Every leaf is zero (never written, or zeroed): the read is zeros. Nothing is held.
+    Zero,
+    /// Held exclusively, or a page not resident: not now. Nothing is held.
+    Busy,
+}
+
 /// Resident leaf pages, their pins, and the range lock over the blocks they describe.
 pub struct LeafTable {
     capacity: usize,
@@ -371,14 +382,24 @@ impl LeafTable {
     /// A read's hold and leaves in one step: None if `try_hold` fails or every leaf is
     /// zero (nothing to read from a replica; nothing stays held then).
     pub fn try_read(&mut self, b0: u64, b1: u64) -> Option<(u64, Vec<u8>)> {
-        let id = self.try_hold(b0, b1, false)?;
-        match self.get(b0, b1) {
-            Ok(leaves) if leaves.iter().any(|x| *x != 0) => Some((id, leaves)),
-            _ => {
-                let _ = self.release(id);
-                None
-            }
+        match self.read_start(b0, b1) {
+            ReadStart::Read(id, leaves) => Some((id, leaves)),
+            ReadStart::Zero | ReadStart::Busy => None,
         }
+    }
+
+    /// What a read of blocks [b0, b1) can do now (`ReadStart`), in one step.
+    pub fn read_start(&mut self, b0: u64, b1: u64) -> ReadStart {
+        let Some(id) = self.try_hold(b0, b1, false) else {
+            return ReadStart::Busy;
+        };
+        let start = match self.get(b0, b1) {
+            Ok(leaves) if leaves.iter().any(|x| *x != 0) => return ReadStart::Read(id, leaves),
+            Ok(_) => ReadStart::Zero,
+            Err(_) => ReadStart::Busy,
+        };
+        let _ = self.release(id); // taken just now: nobody waits for it
+        start
     }
 
     /// The hold `id` keeps its pages now (pinned one by one by the caller).

@@ -68,6 +68,25 @@ fn a_write_conflicts_with_a_read_and_a_read_of_zeros_is_not_held() {
 }
 
 #[test]
+fn a_read_start_says_zeros_busy_or_read_and_holds_only_a_read() {
+    let mut t = LeafTable::new(8);
+    t.insert(0, &page(0), false).unwrap();
+    assert_eq!(t.read_start(0, 2), ReadStart::Zero); // never written: zeros, nothing held
+    assert!(t.locks.is_empty());
+    assert_eq!(t.read_start(127, 129), ReadStart::Busy); // page 1 not resident
+    assert!(t.locks.is_empty());
+    let w = t.try_hold(0, 1, true).unwrap();
+    assert_eq!(t.read_start(0, 2), ReadStart::Busy); // a write holds block 0: not even zeros
+    t.release(w).unwrap();
+    t.set(1, &leaf(7)).unwrap();
+    let ReadStart::Read(id, leaves) = t.read_start(0, 2) else { panic!("a read of written blocks") };
+    assert_eq!(&leaves[LEAF_SIZE..], &leaf(7)[..]);
+    assert_eq!(t.try_hold(1, 2, true), None);
+    t.release(id).unwrap();
+    assert!(t.locks.is_empty());
+}
+
+#[test]
 fn dirty_pages_stay_until_committed_unless_changed_since() {
     let mut t = LeafTable::new(2);
     t.insert(0, &page(0), false).unwrap();

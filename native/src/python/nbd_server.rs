@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use super::foreign;
 use super::nbd_client::NbdClientEngine;
-use super::read_plane::{self, Finished, ReadPlane};
+use super::read_plane::{self, Begun, Finished, ReadPlane};
 use super::write_plane::WritePlane;
 use crate::nbd_server::{self, Checker, Framer, Item, Payload, Refusal};
 use crate::nbd_wire::{CMD_READ, CMD_WRITE, FLAG_FUA};
@@ -34,11 +34,13 @@ const COPY_MAX: usize = 16 * 1024;
 /// is the last. ValueError for what must drop the connection (bad magic).
 ///
 /// parse_native(buf, start, end, owner, plane, slots, now, max_reads, max_bytes, writes)
-///     -> (new start, items, want, reads started, their bytes, [reads per link], writes taken)
+///     -> (new start, items, want, reads started, their bytes, [reads per link], answered)
 /// As parse, but READs the ReadPlane `plane` (or None) can serve natively are started
 /// there instead of returned (see read_plane.rs), up to `max_reads` of at most
-/// `max_bytes` together, and WRITEs the WritePlane `writes` (or None) takes are done
-/// there (see write_plane.rs), their replies framed into the output. WRITEs only until
+/// `max_bytes` together (a READ of blocks never written is answered at once, zeros: it
+/// counts as started, and its reply is in the output), and WRITEs the WritePlane `writes`
+/// (or None) takes are done there (see write_plane.rs), their replies framed into the
+/// output; `answered`: the requests whose replies are in the output. WRITEs only until
 /// the first request handed to Python, READs until the first one handed to Python that
 /// is not a READ: what may overlap keeps its order (reads commute). `owner` is told of the
 /// reads' replies (`_native_replied`, then take_output) and failures; the caller
@@ -295,7 +297,7 @@ impl PyNbdServerSession {
         let session = slf.clone().unbind();
         let owner = owner.unbind();
         let mut used = vec![0usize; slots.len()];
-        let (mut started, mut bytes, mut written) = (0usize, 0u64, 0usize);
+        let (mut started, mut bytes, mut answered) = (0usize, 0u64, 0usize);
         let mut in_order = true; // no request handed to Python yet
         let mut reads_only = true; // none but plain READs handed to Python yet
         let list = PyList::empty(py);
@@ -313,9 +315,19 @@ impl PyNbdServerSession {
                         me.next_seq
                     };
                     let begun = read_plane::start(plane, &session, &owner, seq, h.cookie, item.offset, item.length, &mut slots, now);
-                    if let Some((i, engine, engine_cookie)) = begun {
-                        slf.borrow_mut().running.insert(seq, (engine, engine_cookie));
-                        used[i] += 1;
+                    let took = match begun {
+                        Some(Begun::Sent(i, engine, engine_cookie)) => {
+                            slf.borrow_mut().running.insert(seq, (engine, engine_cookie));
+                            used[i] += 1;
+                            true
+                        }
+                        Some(Begun::Answered) => {
+                            answered += 1; // its reply is in the output
+                            true
+                        }
+                        None => false,
+                    };
+                    if took {
                         started += 1;
                         bytes += u64::from(item.length);
                         continue;
@@ -330,7 +342,7 @@ impl PyNbdServerSession {
                     let mut me = slf.borrow_mut();
                     let structured = me.structured;
                     nbd_server::frame_reply(&mut me.out, structured, h.cookie, 0, "", None);
-                    written += 1;
+                    answered += 1;
                     continue;
                 }
             }
@@ -338,7 +350,7 @@ impl PyNbdServerSession {
             reads_only &= plain && h.typ == CMD_READ;
             list.append(item_tuple(py, item, payload(py, &buf, start, item)?)?)?;
         }
-        Ok((start + parsed.consumed, list, parsed.want, started, bytes, used, written))
+        Ok((start + parsed.consumed, list, parsed.want, started, bytes, used, answered))
     }
 
     /// cancel_reads() -> (reads, their bytes): the native reads still running are given up

@@ -24,6 +24,7 @@ use super::nbd_client::NbdClientEngine;
 use super::nbd_server::PyNbdServerSession;
 use super::PyBlockCodec;
 use crate::block_codec::BLOCK_SIZE;
+use crate::leaf_table::ReadStart;
 use crate::read_route::{self, Span};
 
 /// A guest READ in flight on a replica's connection: the engine's read target.
@@ -255,6 +256,7 @@ pub(crate) struct ReadPlane {
     links: Vec<Py<NbdClientEngine>>,
     turn: usize,
     started: u64,
+    zeros: u64,
     pool: VecDeque<Py<PyByteArray>>,
     pooled: usize, // bytes in `pool`
 }
@@ -305,6 +307,7 @@ impl ReadPlane {
             links: Vec::new(),
             turn: 0,
             started: 0,
+            zeros: 0,
             pool: VecDeque::new(),
             pooled: 0,
         }
@@ -326,14 +329,29 @@ impl ReadPlane {
         self.started
     }
 
+    /// Guest READs answered natively with zeros (every leaf zero: no replica asked).
+    #[getter]
+    fn zeros(&self) -> u64 {
+        self.zeros
+    }
+
     /// The connection the next read goes to first, among equally busy ones (tests).
     fn set_turn(&mut self, turn: usize) {
         self.turn = turn;
     }
 }
 
-/// A native read started: the connection's index, the engine and its request's cookie.
-pub(crate) type Started = (usize, Py<NbdClientEngine>, u64);
+/// A guest READ the plane took (`start`).
+pub(crate) enum Begun {
+    /// Sent: the connection's index, the engine and its request's cookie.
+    Sent(usize, Py<NbdClientEngine>, u64),
+    /// Answered already: every leaf of its blocks is zero (never written, or zeroed), so
+    /// its reply (zeros) is in the session's output, and no replica was asked.
+    Answered,
+}
+
+/// Zeros for the reply of a small READ of blocks never written.
+static ZEROS: [u8; COPY_MAX] = [0; COPY_MAX];
 
 /// Starts a guest READ natively if it can, or None (nothing held or queued: Python
 /// serves it). `seq`: the session's name for it. `slots[i]`: requests connection i may
@@ -349,7 +367,7 @@ pub(crate) fn start(
     length: u32,
     slots: &mut [usize],
     now: f64,
-) -> Option<Started> {
+) -> Option<Begun> {
     let py = plane.py();
     let mut me = plane.borrow_mut();
     if length == 0 || offset.checked_add(u64::from(length)).is_none_or(|end| end > me.size) {
@@ -359,6 +377,23 @@ pub(crate) fn start(
     if n > me.max_blocks || me.links.len() != slots.len() {
         return None;
     }
+    let (hold, leaves) = match me.table.bind(py).borrow_mut().0.read_start(b0, b0 + n) {
+        ReadStart::Read(hold, leaves) => (hold, leaves),
+        ReadStart::Busy => return None,
+        ReadStart::Zero => {
+            // As the general path answers it (crypt_read.read_verified): zeros, no driver.
+            let mut s = session.bind(py).try_borrow_mut().ok()?; // (not borrowed here)
+            let len = length as usize;
+            if len <= COPY_MAX {
+                s.push_read_reply(cookie, offset, &ZEROS[..len]);
+            } else {
+                let zeros = PyByteArray::new_with(py, len, |_| Ok(())).ok()?; // zeroed
+                s.push_read_object(py, cookie, offset, len, zeros.into_any().unbind());
+            }
+            me.zeros += 1;
+            return Some(Begun::Answered);
+        }
+    };
     let mut pending = Vec::with_capacity(slots.len());
     let mut free = Vec::with_capacity(slots.len());
     for (link, &slot) in me.links.iter().zip(slots.iter()) {
@@ -373,8 +408,10 @@ pub(crate) fn start(
             }
         }
     }
-    let i = read_route::choose(&pending, &free, me.turn)?;
-    let (hold, leaves) = me.table.bind(py).borrow_mut().0.try_read(b0, b0 + n)?;
+    let Some(i) = read_route::choose(&pending, &free, me.turn) else {
+        let _ = me.table.bind(py).borrow_mut().0.release(hold); // taken just now: nobody waits
+        return None;
+    };
     let size = (n as usize) * BLOCK_SIZE;
     let buf = if size > COPY_MAX {
         let array = me.buffer(py, size);
@@ -413,7 +450,7 @@ pub(crate) fn start(
         return None;
     };
     slots[i] -= 1;
-    Some((i, link, engine_cookie))
+    Some(Begun::Sent(i, link, engine_cookie))
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
