@@ -264,3 +264,29 @@ def test_status_names_the_certificate_of_a_tls_connection(tls_system: System) ->
         h.shutdown()
     vm1 = next(g for g in status["guests"] if g["name"] == "vm1")
     assert [c["certificate"] for c in vm1["connections"]] == ["vm1"], vm1
+
+
+def test_strangers_stalled_in_the_handshake_cannot_lock_a_guest_out(tls_system: System) -> None:
+    """A guest's TCP port can be reached by anyone on the network, certificate or not. Each
+    connection that says nothing held one of the guest's `connections` (64) for the whole
+    `handshake_timeout` (30 s): 64 idle sockets, opened again every 30 s, kept the guest out
+    for good. A connection that has not finished its handshake now gives way to a newer one
+    when the limit is reached: the guest with its certificate gets in."""
+    import socket as sock_mod
+
+    uri = tcp_uri(tls_system, "vm1", "d1")
+    port = int(uri.split(":")[2].split("/")[0])
+    stalled = []
+    try:
+        for _ in range(80):
+            s = sock_mod.create_connection(("127.0.0.1", port), timeout=10)
+            stalled.append(s)
+        time.sleep(0.5)
+        certs = tls_system.root / "pki" / "guests" / "vm1"
+        out = subprocess.run(["nbdinfo", "--size", uri + f"?tls-certificates={certs}"],
+                             capture_output=True, text=True, timeout=60, env=nbd_env())
+        assert out.returncode == 0, out.stderr[-1500:]
+        assert out.stdout.strip() == str(4 * MIB)
+    finally:
+        for s in stalled:
+            s.close()

@@ -47,6 +47,7 @@ import asyncio
 import errno
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
@@ -97,6 +98,11 @@ class Connection(asyncio.BufferedProtocol):
         self.server = server
         self.peer = peer
         self.refusal = refusal  # the peer is not who this socket serves (e.g. another uid)
+        # Who it is, the server knows: a Unix socket's owner (or a port without TLS) at once,
+        # a TLS port's client once its certificate passed. Until then it may be anyone on the
+        # network: the server closes it, oldest first, for a newer one over its limit.
+        self.proven = server.tls is None
+        self.accepted = time.monotonic()
         self._over_tls = False  # STARTTLS began: the transport is (becoming) TLS
         self._tls_starting = False
         self._budget = server.budget

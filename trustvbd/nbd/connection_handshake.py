@@ -79,6 +79,7 @@ async def _start_tls(conn: Connection) -> str:
     if upgraded is None or conn._output_closed:
         raise HandshakeEnded("client closed the connection during the TLS handshake")
     conn._transport = upgraded  # type: ignore[assignment]
+    conn.proven = True  # a certificate of our CA (which guest's, negotiate checks)
     conn._sock_fd = -1  # replies now go through TLS: no sendfile, no direct writes
     # Paused while the TLS layer holds any unsent byte, resumed once it holds none. Not
     # high=0 as on a plain transport: asyncio's and uvloop's TLS layers pause at size >= high,

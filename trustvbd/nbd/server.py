@@ -120,12 +120,32 @@ class NbdServer:
                 raise
             finally:
                 self._accepting.discard(accept)
-            if len(self.connections) >= self.max_connections:
+            if len(self.connections) >= self.max_connections and not self._make_room():
                 self._refuse(sock)
                 continue
             task = loop.create_task(self.handle_connection(sock))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
+
+    def _make_room(self) -> bool:
+        """Over the limit: close the oldest connection whose client has not proven who it is
+        (a TLS port's, before its certificate), if any. Anyone who can reach a guest's port
+        could otherwise hold every slot with sockets that say nothing, the guest locked out."""
+        strangers = [c for c in self.connections if not c.proven]
+        if not strangers:
+            return False
+        oldest = min(strangers, key=lambda c: c.accepted)
+        self.connections.discard(oldest)
+        if self._refused_window is None:
+            log.warning("nbd: %s: %d connections (the limit: [limits] connections): closing the"
+                        " oldest still in its TLS handshake, from %s, for a new one",
+                        self.identity, self.max_connections, oldest.peer.address)
+            self._refused_window = asyncio.get_running_loop().call_later(
+                REFUSED_LOG_WINDOW, self._log_refused)
+        else:
+            self._refused += 1
+        oldest._abort()
+        return True
 
     def _refuse(self, sock: socket.socket) -> None:
         """Close a connection over the limit; log it, or count it into the window's line."""
@@ -143,9 +163,9 @@ class NbdServer:
         """The end of a window: how many more were refused in it (a new window if any)."""
         self._refused_window = None
         if self._refused:
-            log.warning("nbd: %s: refused %d more connection(s) over the limit of %d in the"
-                        " last %.0f s", self.identity, self._refused, self.max_connections,
-                        REFUSED_LOG_WINDOW)
+            log.warning("nbd: %s: refused %d more connection(s) over the limit of %d (or"
+                        " closed them still in their TLS handshake) in the last %.0f s",
+                        self.identity, self._refused, self.max_connections, REFUSED_LOG_WINDOW)
             self._refused = 0
             if not self._closed:
                 self._refused_window = asyncio.get_running_loop().call_later(
