@@ -414,3 +414,39 @@ def test_a_stalled_driver_times_out_without_stalling_other_disks(short_tmp: Path
     # Once it answers again the trusted side reconnects, and the data is intact.
     run(["qemu-io", "-f", "raw", s.uri("vm1", "payroll"), "-c", "read -P 0x71 0 64k"], timeout=60)
     s.stop()
+
+
+def test_status_with_the_store_stopped_answers_and_says_so(short_tmp: Path) -> None:
+    """The store stopped (SIGSTOP; a stalled loop alike): `status` read each attachment's
+    XenBus states from it, each read waiting 10 s, one after another, and the CLI gave up
+    after 30 s with "did not answer" about the whole launcher. Now the store is not asked
+    when it is paused, and never for more than 5 s in all: `status` answers, the store's
+    line says why, the attachments are listed with unknown states."""
+    s = System(short_tmp, config_text()).start()
+    try:
+        pids = {d["name"]: d["pid"]
+                for d in json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)["domains"]}
+        run(["qemu-io", "-f", "raw", s.uri("vm1", "payroll"), "-c", "read 0 4k"])
+        os.kill(pids["store"], signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            out = s.cli("status", "-c", str(s.config), "--json", check=False)
+            took = time.monotonic() - started
+            text = s.cli("status", "-c", str(s.config), check=False)
+        finally:
+            os.kill(pids["store"], signal.SIGCONT)
+        assert out.returncode == 0, out.stderr
+        assert took < 15, took
+        st = json.loads(out.stdout)
+        store = next(d for d in st["domains"] if d["name"] == "store")
+        assert store["state"].startswith("paused"), store
+        assert st["attachments"] and all(
+            a["frontend_state"] == 0 and a["backend_state"] == 0 for a in st["attachments"])
+        assert text.returncode == 0 and "0 Unknown" in text.stdout, text.stdout
+        # Running again, it is asked again.
+        st = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+        assert any(a["backend_state"] != 0 for a in st["attachments"]), st["attachments"]
+        err = s.stop()
+        assert "Traceback" not in err, err[-3000:]
+    finally:
+        s.kill()

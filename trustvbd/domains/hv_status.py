@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from trustvbd.domains.hv import Launcher
 
 CRYPT_STATUS_TIMEOUT = 10.0
+STORE_STATUS_TIMEOUT = 5.0
 COUNTERS = ("memory", "memory_peak", "decisions_waited")  # summed over encryption domains
 
 
@@ -72,6 +73,14 @@ async def gather_status(hv: Launcher) -> m.HvStatus:
             for key in COUNTERS:
                 if type(g.get(key)) is int:
                     into[key] = into.get(key, 0) + g[key]
+    # The store's view, bounded as an encryption domain's: one stopped answers nothing.
+    store_state = states["store"]["state"] if "store" in states else ""
+    attachments, answered = await hv.store.status(
+        None if store_state.startswith("paused") else STORE_STATUS_TIMEOUT)
+    if not answered and hv.store.attachments and "store" in states \
+            and not store_state.startswith("paused"):
+        states["store"]["state"] += (f", but did not answer within {STORE_STATUS_TIMEOUT:g} s"
+                                     " (stopped or overloaded?)")
     order = list(c.disks)
     return m.HvStatus(
         pid=os.getpid(),
@@ -88,5 +97,5 @@ async def gather_status(hv: Launcher) -> m.HvStatus:
                      if gs.guest == g.name and s.family == socket.AF_UNIX},
             **per_guest.get(g.name, {"connections": []})) for g in c.guests.values()],
         integrity_events=hv.integrity_events[-20:],
-        attachments=await hv.store.status(),  # XenBus states, read from the store
+        attachments=attachments,  # XenBus states, read from the store
     )

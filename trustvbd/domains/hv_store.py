@@ -19,6 +19,7 @@ Every `state` starts at 1 (Initialising); `status` reads them all back from the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -259,19 +260,31 @@ class StoreLink:
         return {"domid": self.domid("crypt", crypt), "guests": guests, "replicas": replicas}
 
     # -- status ----------------------------------------------------------------------
-    async def status(self) -> list[m.AttachmentStatus]:
-        out = []
-        for a in self.attachments:
-            states = []
-            for directory in (a.frontend_dir, a.backend_dir):
-                try:
-                    assert self.client is not None
-                    states.append(int(parse_state(await self.client.read(f"{directory}/state"))))
-                except (XsError, ConnectionError, TimeoutError, AssertionError):
-                    states.append(int(State.UNKNOWN))
-            out.append(m.AttachmentStatus(a.kind, a.frontend, a.backend, a.disk, a.frontend_dir,
-                                          a.backend_dir, *states))
-        return out
+    async def status(self, timeout: float | None = None) -> tuple[list[m.AttachmentStatus], bool]:
+        """Each attachment's XenBus states as the store has them, and whether the store
+        answered: within `timeout` s in all (None: not asked, e.g. it is stopped), else the
+        states not read are UNKNOWN (each read alone may wait 10 s: a stopped store held
+        `status` past the CLI's patience)."""
+        states: dict[str, int] = {}
+        answered = timeout is not None
+        if answered:
+            try:
+                async with asyncio.timeout(timeout):
+                    for a in self.attachments:
+                        for directory in (a.frontend_dir, a.backend_dir):
+                            try:
+                                assert self.client is not None
+                                raw = await self.client.read(f"{directory}/state")
+                                states[directory] = int(parse_state(raw))
+                            except (XsError, ConnectionError, AssertionError):
+                                pass
+            except TimeoutError:
+                answered = False
+        unknown = int(State.UNKNOWN)
+        return [m.AttachmentStatus(a.kind, a.frontend, a.backend, a.disk, a.frontend_dir,
+                                   a.backend_dir, states.get(a.frontend_dir, unknown),
+                                   states.get(a.backend_dir, unknown))
+                for a in self.attachments], answered
 
     async def close(self) -> None:
         if self.client is not None:
