@@ -336,7 +336,7 @@ def fuzz_nbd_client(data: bytes) -> None:
     reads = _send_requests(engine)
     answered: set[int] = set()
     for chunk in _chunks(data[:1] + data[split:]):
-        done, broken, _, _ = engine.feed(chunk)
+        done, broken, *_ = engine.feed(chunk)
         for cookie, _error, message in done:
             assert 1 <= cookie <= 5 and cookie not in answered and len(message) <= 4096
             answered.add(cookie)

@@ -280,15 +280,17 @@ def test_a_batch_of_writes_is_queued_whole_with_consecutive_cookies_or_not_at_al
     """NbdClientEngine.request_writes (submit_writes' one call per batch): each write gets
     the next cookie, in order, and goes out as a WRITE with its own payload; a batch with
     a write that must not be sent (over 32 MiB) queues none of them and uses no cookie;
-    replies pair by cookie in any order."""
+    replies pair by cookie in any order, and each batch is handed over once, when its last
+    write is answered, with the error replies by index."""
     engine = NbdClientEngine(None, False)
     data: list[Buffer] = [b"\x01" * 4096, bytearray(b"\x02" * 512), memoryview(b"\x03" * 8192)[4096:]]
     writes = [(4096, data[0]), (0, data[1]), (1 << 40, data[2])]
     with pytest.raises(ValueError, match="32 MiB"):
-        engine.request_writes(0, [(0, b"x"), (0, bytes((32 << 20) + 1))])
-    assert engine.queued == 0 and engine.pending == 0
-    assert engine.request_writes(1, writes) == 1  # FUA on each
-    assert engine.request_writes(0, [(8192, b"\x04")]) == 4
+        engine.request_writes(0, [(0, b"x"), (0, bytes((32 << 20) + 1))], 1.0)
+    assert engine.queued == 0 and engine.pending == 0 and engine.writes_oldest is None
+    assert engine.request_writes(1, writes, 2.0) == 1  # FUA on each
+    assert engine.request_writes(0, [(8192, b"\x04")], 3.0) == 4
+    assert engine.writes_oldest == (2.0, 4096, 4096)
     out = b"".join(bytes(part) for part in engine.take_output())
     at = 0
     for cookie, (offset, payload) in enumerate([*writes, (8192, b"\x04")], start=1):
@@ -297,11 +299,22 @@ def test_a_batch_of_writes_is_queued_whole_with_consecutive_cookies_or_not_at_al
         assert out[at + 28:at + 28 + len(payload)] == bytes(payload)
         at += 28 + len(payload)
     assert at == len(out)
-    reply = b"".join(struct.pack(">IIQ", 0x67446698, err, cookie)
-                     for cookie, err in ((3, 28), (1, 0), (4, 0), (2, 5)))
-    done, broken, _, _ = engine.feed(reply)
-    assert broken is None and [c[:2] for c in done] == [(3, 28), (1, 0), (4, 0), (2, 5)]
-    assert engine.pending == 0
+    def replies(*answers: tuple[int, int]) -> bytes:
+        return b"".join(struct.pack(">IIQ", 0x67446698, err, cookie) for cookie, err in answers)
+
+    done, broken, _, _, answered = engine.feed(replies((3, 28), (1, 0)))
+    assert broken is None and done == [] and answered == (2, [])  # the batch is not whole
+    assert engine.writes_oldest == (2.0, 0, 512)  # its oldest write still unanswered
+    done, broken, _, _, answered = engine.feed(replies((4, 0), (2, 5)))
+    assert broken is None and done == []
+    assert answered == (2, [(4, None), (1, [(2, 28, ""), (1, 5, "")])])
+    assert engine.pending == 0 and engine.writes_oldest is None
+    # A connection that breaks: each batch says which of its writes had no reply.
+    assert engine.request_writes(0, writes, 4.0) == 5
+    done, broken, _, _, answered = engine.feed(replies((6, 5)))
+    assert answered == (1, [])
+    assert engine.abandon_writes() == [(5, [(1, 5, "")], [0, 2])]
+    assert engine.abandon_writes() == [] and engine.writes_oldest is None
 
 
 

@@ -76,7 +76,7 @@ class ClientEnd:
         if engine is None:
             self.core.receive_data(data)
             return
-        done, broken, _, _ = engine.feed(data)
+        done, broken, *_ = engine.feed(data)
         for cookie, error, message in done:
             target = self._targets.pop(cookie, None)
             self._replies.append(Reply(cookie, error, message,  # type: ignore[arg-type]

@@ -32,7 +32,7 @@ from trustvbd._native import NbdClientEngine
 from trustvbd.blockdev import BlockError, Buffer, Capabilities, check_range
 from trustvbd.nbd import client_connect, client_transmission
 from trustvbd.nbd import protocol as p
-from trustvbd.nbd.client_transmission import Waiter
+from trustvbd.nbd.client_transmission import Group, Waiter
 from trustvbd.nbd.core import ProtocolCore, Role
 
 _READ, _WRITE, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES = (
@@ -61,6 +61,7 @@ class NbdClient:
         self._engine: NbdClientEngine | None = None  # the transmission phase
         self._fd = -1  # the engine's socket (plain), watched by the loop
         self._waiters: dict[int, Waiter] = {}
+        self._groups: dict[int, Group] = {}  # submit_writes' batches, by first cookie
         # Request slots (at most max_in_flight requests in flight): a free slot is taken
         # without a coroutine; a freed one goes straight to the longest waiter.
         self._free_slots = max_in_flight
@@ -282,8 +283,8 @@ class NbdClient:
     # --- watched (Watched, TellsBreak) ---------------------------------------------
     def pending_since(self) -> float | None:
         """Loop time the oldest unanswered request was sent (Watched); None if none waits.
-        The native read plane's reads count too."""
-        native = self._engine.native_oldest if self._engine is not None else None
+        The native read plane's reads and submit_writes' batches count too."""
+        native = client_transmission.oldest_sent(self)
         for oldest in self._waiters.values():  # in the order sent
             sent = oldest.deadline - self._timeout
             return sent if native is None else min(sent, native)

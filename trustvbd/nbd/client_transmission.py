@@ -44,7 +44,14 @@ log = logging.getLogger("trustvbd.nbd.client")
 # verification, detail their indices; 2: the connection broke; 3: lagging, detail the
 # loop time it was sent.
 NativeBatch = tuple[int, list[Any], list[tuple[Any, int, int, int, int, Any, int, int]]]
-Batch = tuple[list[tuple[int, int, str]], str | None, bool, NativeBatch | None]
+# WriteBatch: the WRITEs of submit_writes the engine paired and counted (request_writes):
+# request slots freed, and the batches whose last WRITE was answered, (first cookie, None
+# or the error replies as (index, NBD error, message)).
+WriteBatch = tuple[int, list[tuple[int, list[tuple[int, int, str]] | None]]]
+Batch = tuple[list[tuple[int, int, str]], str | None, bool, NativeBatch | None,
+              WriteBatch | None]
+# A submit_writes batch waiting for its replies: the future of their outcomes, the writes.
+Group = tuple["asyncio.Future[list[BlockError | None]]", list[tuple[int, Buffer]]]
 
 
 def printable(text: str, limit: int = 300) -> str:
@@ -54,51 +61,17 @@ def printable(text: str, limit: int = 300) -> str:
 
 
 class Waiter:
-    """A request sent and not yet answered. `direct`: a submitted write (submit_writes),
-    whose slot is given back with the reply; otherwise _request gives the slot back. The
-    future gets None, or the BlockError the reply or a broken connection stands for; a
-    submitted write's outcome goes to its `group` instead (one Waiter for all of them,
-    `what`)."""
+    """A request sent and not yet answered (its slot given back by `request`): the future
+    gets None, or the BlockError the reply or a broken connection stands for. (The writes
+    of submit_writes have none: the engine pairs and counts their replies, Group.)"""
 
-    __slots__ = ("deadline", "direct", "future", "group", "length", "offset", "type")
+    __slots__ = ("deadline", "future", "length", "offset", "type")
 
-    def __init__(self, future: asyncio.Future[None] | None, deadline: float, typ: int,
-                 offset: int, length: int, direct: bool = False,
-                 group: Group | None = None) -> None:
-        self.future, self.deadline, self.type, self.offset, self.length, self.direct = (
-            future, deadline, typ, offset, length, direct
+    def __init__(self, future: asyncio.Future[None], deadline: float, typ: int,
+                 offset: int, length: int) -> None:
+        self.future, self.deadline, self.type, self.offset, self.length = (
+            future, deadline, typ, offset, length
         )
-        self.group = group
-
-    def what(self, cookie: int) -> tuple[int, int]:
-        """(offset, length) of request `cookie`."""
-        group = self.group
-        if group is None:
-            return self.offset, self.length
-        offset, data = group.writes[cookie - group.first]
-        return offset, len(data)
-
-
-class Group:
-    """The writes of one submit_writes: one future for all of them (a loop turn's runs of
-    writes behind cost each replica one future, not one each), done once the last is
-    answered, with each one's outcome in order (None, or the BlockError it failed with).
-    Their cookies are consecutive from `first` (NbdClientEngine.request_writes): one
-    Waiter stands for all of them, each one's index is its cookie - first."""
-
-    __slots__ = ("first", "future", "left", "outcomes", "writes")
-
-    def __init__(self, future: asyncio.Future[list[BlockError | None]],
-                 writes: list[tuple[int, Buffer]], first: int) -> None:
-        self.future, self.left, self.writes, self.first = future, len(writes), writes, first
-        self.outcomes: list[BlockError | None] = [None] * len(writes)
-
-    def answer(self, cookie: int, error: BlockError | None) -> None:
-        if error is not None:
-            self.outcomes[cookie - self.first] = error
-        self.left -= 1
-        if not self.left and not self.future.done():
-            self.future.set_result(self.outcomes)
 
 
 def _take_slot(client: NbdClient) -> asyncio.Future[None] | None:
@@ -189,13 +162,13 @@ async def request(
         if not client._writable.is_set():
             await client._writable.wait()
         client._check_usable()
-        await send_request(client, typ, offset, length, flags, data, into, False)
+        await send_request(client, typ, offset, length, flags, data, into)
     finally:
         release_slot(client)
 
 
 def send_request(client: NbdClient, typ: int, offset: int, length: int, flags: int, data: Buffer | None,
-                 into: memoryview | None, direct: bool) -> asyncio.Future[None]:
+                 into: memoryview | None) -> asyncio.Future[None]:
     """Queue one request (its slot taken); the future its reply completes."""
     assert client._engine is not None  # _check_usable: attached and not broken
     try:
@@ -207,7 +180,7 @@ def send_request(client: NbdClient, typ: int, offset: int, length: int, flags: i
     # waits for it, and nothing would gain from joining it in one system call at the
     # end of this turn.
     await_reply(client, cookie, Waiter(future, client._loop.time() + client._timeout, typ,
-                                       offset, length, direct),
+                                       offset, length),
                 now=bool(flags & _FUA) or typ == _FLUSH)
     return future
 
@@ -215,18 +188,18 @@ def send_request(client: NbdClient, typ: int, offset: int, length: int, flags: i
 def send_writes(client: NbdClient, writes: list[tuple[int, Buffer]], flags: int
                 ) -> asyncio.Future[list[BlockError | None]]:
     """Queue WRITEs (their slots taken), each with its own cookie, all with one deadline;
-    the future of their outcomes (Group). One engine call and one Waiter for them all."""
+    the future of their outcomes, in order (None, or the BlockError each failed with). One
+    engine call for them all, which pairs and counts their replies: Python hears of the
+    batch once, when its last write is answered (_writes_answered), not once per write."""
     engine = client._engine
     assert engine is not None  # _check_usable: attached and not broken
     loop = client._loop
     try:
-        first = engine.request_writes(flags, writes)
+        first = engine.request_writes(flags, writes, loop.time())
     except ValueError as exc:  # checked before; nothing of them was queued
         raise p.LocalProtocolError(str(exc)) from None
     future: asyncio.Future[list[BlockError | None]] = loop.create_future()
-    group = Group(future, writes, first)
-    waiter = Waiter(None, loop.time() + client._timeout, _WRITE, 0, 0, True, group)
-    client._waiters.update(dict.fromkeys(range(first, first + len(writes)), waiter))
+    client._groups[first] = (future, writes)
     if flags & _FUA:
         _send_outgoing(client)  # as send_request: a FLUSH waits for it
     elif not client._send_queued:
@@ -318,7 +291,7 @@ def _native_pending(client: NbdClient) -> int:
 
 async def wait_idle(client: NbdClient) -> None:
     """Until no request waits for its reply (the native read plane's have no future)."""
-    while client._waiters or _native_pending(client):
+    while client._waiters or client._groups or _native_pending(client):
         if client._idle is None:
             client._idle = asyncio.Event()
         client._idle.clear()
@@ -377,10 +350,25 @@ def drop_connection(client: NbdClient, abort: bool = False) -> None:
             client._transport.close()
 
 
+def oldest_sent(client: NbdClient) -> float | None:
+    """The loop time the oldest request the engine pairs itself (a native read, a write of
+    submit_writes) was sent; None if none waits."""
+    engine = client._engine
+    if engine is None:
+        return None
+    sent = engine.native_oldest
+    if client._groups:
+        writes = engine.writes_oldest
+        if writes is not None and (sent is None or writes[0] < sent):
+            sent = writes[0]
+    return sent
+
+
 def _deadline(client: NbdClient) -> float | None:
-    """When the oldest request waiting (the native read plane's too) times out."""
-    native = client._engine.native_oldest if client._engine is not None else None
-    deadline = None if native is None else native + client._timeout
+    """When the oldest request waiting (the native read plane's and the engine's writes
+    too) times out."""
+    sent = oldest_sent(client)
+    deadline = None if sent is None else sent + client._timeout
     if client._waiters:
         oldest = next(iter(client._waiters.values())).deadline
         deadline = oldest if deadline is None else min(deadline, oldest)
@@ -399,10 +387,14 @@ def _on_timer(client: NbdClient) -> None:
     if deadline is None:
         return
     if deadline <= client._loop.time():
-        cookie, oldest = next(iter(client._waiters.items()), (0, None))
+        oldest = next(iter(client._waiters.values()), None)
+        writes = client._engine.writes_oldest if client._engine is not None else None
         if oldest is not None and oldest.deadline <= deadline:
-            offset, length = oldest.what(cookie)
+            offset, length = oldest.offset, oldest.length
             what = f"{p.name_of(p.Cmd, oldest.type)} [{offset}, {offset + length})"
+        elif writes is not None and writes[0] + client._timeout <= deadline:
+            _, offset, length = writes
+            what = f"WRITE [{offset}, {offset + length})"
         else:
             what = "a READ of the native read plane"
         break_connection(client, errno.ETIMEDOUT, f"no reply to {what} within {client._timeout} s")
@@ -414,18 +406,16 @@ def break_connection(client: NbdClient, err: int, reason: str) -> None:
     """Declare the connection dead: fail everything pending, drop the socket."""
     if client.broken is None and client._on_broken is not None and not client._closing:
         client._loop.call_soon(client._on_broken)
-    if client.broken is None or client._waiters:
+    if client.broken is None or client._waiters or client._groups:
         client.broken = client.broken or reason
         failure = BlockError(err, f"NBD server {client.where}: {reason}; connection closed")
-        waiters = list(client._waiters.items())
+        waiters = list(client._waiters.values())
         client._waiters.clear()
-        for cookie, waiter in waiters:
-            if waiter.group is not None:
-                waiter.group.answer(cookie, failure)
-            elif waiter.future is not None and not waiter.future.done():
+        for waiter in waiters:
+            if not waiter.future.done():
                 waiter.future.set_exception(failure)
-            if waiter.direct:
-                release_slot(client)
+        if client._groups:
+            _writes_abandoned(client, failure)
         if client._idle is not None:
             client._idle.set()
     if client._timer is not None:
@@ -441,36 +431,66 @@ def readable(client: NbdClient) -> None:
     resolve(client, client._engine.readable())
 
 
+def _writes_abandoned(client: NbdClient, failure: BlockError) -> None:
+    """The connection broke: each submit_writes batch not fully answered ends, its writes
+    that had no reply failed with `failure` (their slots given back)."""
+    groups = client._groups
+    client._groups = {}
+    engine = client._engine
+    left = {first: (errors, unanswered) for first, errors, unanswered in
+            (engine.abandon_writes() if engine is not None else [])}
+    freed = 0
+    for first, (future, writes) in groups.items():
+        errors, unanswered = left.get(first, ([], range(len(writes))))
+        outcomes = _outcomes(client, writes, errors)
+        for i in unanswered:
+            outcomes[i] = failure
+        freed += len(unanswered)
+        if not future.done():
+            future.set_result(outcomes)
+    _release_slots(client, freed)
+
+
+def _outcomes(client: NbdClient, writes: list[tuple[int, Buffer]],
+              errors: list[tuple[int, int, str]] | None) -> list[BlockError | None]:
+    """A batch's outcomes, in order: None, or the BlockError of its error reply."""
+    outcomes: list[BlockError | None] = [None] * len(writes)
+    for i, error, message in errors or ():
+        offset, data = writes[i]
+        outcomes[i] = _reply_error(client, error, message, _WRITE, offset, len(data))
+    return outcomes
+
+
+def _writes_answered(client: NbdClient, answered: WriteBatch) -> None:
+    """The submit_writes batches whose last write was answered end (their futures), and
+    the answered writes' slots are given back together."""
+    freed, ended = answered
+    groups = client._groups
+    for first, errors in ended:
+        future, writes = groups.pop(first)
+        if not future.done():
+            future.set_result(_outcomes(client, writes, errors))
+    _release_slots(client, freed)
+
+
 def resolve(client: NbdClient, batch: Batch) -> None:
-    """Complete the futures of the requests the engine saw answered, and hand on what its
-    native reads left (_native_done); then act on a broken connection or the server's
-    end of it."""
-    done, broken, eof, native = batch
+    """Complete the futures of the requests the engine saw answered (the batches of
+    submit_writes it counted itself: _writes_answered), and hand on what its native reads
+    left (_native_done); then act on a broken connection or the server's end of it."""
+    done, broken, eof, native, writes = batch
     client.answered_at = client._loop.time()  # the server said something
     if native is not None:
         try:
             native_done(client, native)
         except Exception:
             log.exception("NBD client %s: handing on native reads failed", client.where)
+    if writes is not None:
+        _writes_answered(client, writes)
     if done:
         waiters = client._waiters
-        freed = 0  # slots of submitted writes, given back together
         for cookie, error, message in done:
             waiter = waiters.pop(cookie)
-            group = waiter.group
-            if group is not None:  # a submitted write (direct): Group.answer, inline
-                freed += 1
-                if error:
-                    group.outcomes[cookie - group.first] = _reply_error(
-                        client, error, message, waiter.type, *waiter.what(cookie))
-                group.left -= 1
-                if not group.left and not group.future.done():
-                    group.future.set_result(group.outcomes)
-                continue
-            if waiter.direct:
-                release_slot(client)
             future = waiter.future
-            assert future is not None
             if future.done():
                 continue
             if error:
@@ -478,9 +498,8 @@ def resolve(client: NbdClient, batch: Batch) -> None:
                     client, error, message, waiter.type, waiter.offset, waiter.length))
             else:
                 future.set_result(None)
-        if freed:
-            _release_slots(client, freed)
-    if client._idle is not None and not client._waiters and not _native_pending(client):
+    if (client._idle is not None and not client._waiters and not client._groups
+            and not _native_pending(client)):
         client._idle.set()
     if broken is not None:
         break_connection(client, errno.EIO, broken)
@@ -492,13 +511,13 @@ def eof_received(client: NbdClient) -> None:
     if client._engine is None:
         client._core.receive_eof()
         client._wake_handshake()  # the handshake reads the ConnectionClosed event
-    elif not (client._closing and not client._waiters):
+    elif not (client._closing and not client._waiters and not client._groups):
         break_connection(client, errno.EIO, "the server closed the connection")
     else:
         drop_connection(client)
 
 
 def lost(client: NbdClient, exc: Exception | None) -> None:
-    if client.broken is None or client._waiters:
+    if client.broken is None or client._waiters or client._groups:
         break_connection(client, errno.EIO, f"connection lost ({exc})" if exc else "connection lost")
     client._wake_handshake()

@@ -83,6 +83,29 @@ impl ReadTarget for Target {
     }
 }
 
+/// A batch of WRITEs queued together (`request_writes`): their replies paired and counted
+/// here, and the batch handed to Python once, when its last WRITE is answered, not one
+/// completion per WRITE.
+struct WriteGroup {
+    sent: f64,
+    /// (offset, length) of each WRITE, in cookie order.
+    writes: Vec<(u64, u32)>,
+    answered: Vec<bool>,
+    left: usize,
+    errors: Vec<ErrorReply>,
+}
+
+/// A WRITE's error reply: (index in its group, NBD error, message).
+type ErrorReply = (usize, u32, String);
+
+/// What `completions` found of the write groups: slots freed (WRITEs answered) and the
+/// groups ended, (first cookie, error replies or None).
+#[derive(Default)]
+struct WritesAnswered {
+    freed: usize,
+    ended: Vec<(u64, Option<Vec<ErrorReply>>)>,
+}
+
 struct Outgoing {
     head: [u8; REQUEST_SIZE],
     payload: Option<Payload>,
@@ -111,6 +134,8 @@ pub(crate) struct NbdClientEngine {
     /// cookie -> (loop time sent, offset). Still timed: a driver that never answers them
     /// is still a connection to drop.
     taken: BTreeMap<u64, (f64, u64)>,
+    /// Write groups not fully answered, by first cookie (in the order sent).
+    groups: BTreeMap<u64, WriteGroup>,
     out: VecDeque<Outgoing>,
     sent: usize, // bytes of out's front already sent
     queued: usize,
@@ -120,7 +145,7 @@ pub(crate) struct NbdClientEngine {
     backed_up: bool,
 }
 
-type Batch<'py> = (Bound<'py, PyList>, Option<String>, bool, Option<Bound<'py, PyTuple>>);
+type Batch<'py> = (Bound<'py, PyList>, Option<String>, bool, Option<Bound<'py, PyTuple>>, Option<Bound<'py, PyTuple>>);
 
 impl NbdClientEngine {
     /// Requests sent and not yet answered (the read plane's measure of busy).
@@ -168,11 +193,38 @@ impl NbdClientEngine {
         Some(read.length())
     }
 
-    /// The completions for Python, native reads finished into `finished`.
-    fn completions<'py>(&mut self, py: Python<'py>, finished: &mut Finished) -> PyResult<Bound<'py, PyList>> {
+    /// Pairs a WRITE's reply with its group, counted into `writes` (a group whose last
+    /// WRITE this is goes there whole); false if it is not a group's.
+    fn group_answered(&mut self, c: &Completion<Target>, writes: &mut WritesAnswered) -> bool {
+        let Some((&first, group)) = self.groups.range_mut(..=c.cookie).next_back() else {
+            return false;
+        };
+        let i = (c.cookie - first) as usize;
+        if i >= group.writes.len() || group.answered[i] {
+            return false;
+        }
+        group.answered[i] = true;
+        group.left -= 1;
+        writes.freed += 1;
+        if c.error != 0 {
+            group.errors.push((i, c.error, c.message.clone()));
+        }
+        if group.left == 0 {
+            let errors = self.groups.remove(&first).map(|g| g.errors).filter(|e| !e.is_empty());
+            writes.ended.push((first, errors));
+        }
+        true
+    }
+
+    /// The completions for Python, native reads finished into `finished`, write groups
+    /// counted into `writes`.
+    fn completions<'py>(&mut self, py: Python<'py>, finished: &mut Finished, writes: &mut WritesAnswered) -> PyResult<Bound<'py, PyList>> {
         let done: Vec<Completion<Target>> = self.core.take_completions();
         let list = PyList::empty(py);
         for c in done {
+            if c.target.is_none() && !self.groups.is_empty() && self.group_answered(&c, writes) {
+                continue;
+            }
             if let Some(Target::Native(read)) = c.target {
                 let (_, offset) = match self.native.remove(&c.cookie) {
                     Some(sent) => sent,
@@ -229,6 +281,13 @@ impl NbdClientEngine {
         self.core.broken().map(|b| format!("broke the protocol: {b}"))
     }
 
+    fn writes_batch<'py>(py: Python<'py>, writes: WritesAnswered) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        if writes.freed == 0 {
+            return Ok(None);
+        }
+        Ok(Some((writes.freed, writes.ended).into_pyobject(py)?))
+    }
+
     fn native_batch<'py>(py: Python<'py>, finished: Finished) -> PyResult<Option<Bound<'py, PyTuple>>> {
         if finished.is_empty() {
             return Ok(None);
@@ -253,6 +312,7 @@ impl NbdClientEngine {
             closed: false,
             native: BTreeMap::new(),
             taken: BTreeMap::new(),
+            groups: BTreeMap::new(),
             out: VecDeque::new(),
             sent: 0,
             queued: 0,
@@ -312,13 +372,16 @@ impl NbdClientEngine {
         Ok(cookie)
     }
 
-    /// request_writes(flags, writes) -> first cookie
+    /// request_writes(flags, writes, sent) -> first cookie
     ///
     /// Queues a WRITE for each (offset, data) of `writes`, in order, with consecutive
-    /// cookies from the one returned: a batch of writes behind costs one call, not one
-    /// per request, and Python pairs the replies by cookie - first. ValueError, with
-    /// nothing queued, if any of them must not be sent.
-    fn request_writes(&mut self, flags: u16, writes: &Bound<'_, PyList>) -> PyResult<u64> {
+    /// cookies from the one returned, sent at loop time `sent`: a batch of writes behind
+    /// costs one call, not one per request. Their replies are paired and counted here:
+    /// `readable` (or `feed`) hands the batch over once, when its last WRITE is answered
+    /// (the write batch: slots freed, [(first cookie, None or [(index, NBD error,
+    /// message)])]); `abandon_writes` says what a broken connection left unanswered.
+    /// ValueError, with nothing queued, if any of them must not be sent.
+    fn request_writes(&mut self, flags: u16, writes: &Bound<'_, PyList>, sent: f64) -> PyResult<u64> {
         let mut items = Vec::with_capacity(writes.len());
         for item in writes.iter() {
             let (offset, data): (u64, Bound<'_, PyAny>) = item.extract()?;
@@ -332,16 +395,47 @@ impl NbdClientEngine {
                 })?;
             items.push((offset, length, payload));
         }
+        if items.is_empty() {
+            return Err(PyValueError::new_err("no writes to queue"));
+        }
         let mut first = None;
+        let mut group = Vec::with_capacity(items.len());
         for (offset, length, payload) in items {
             let (cookie, head) = self
                 .core
                 .request(CMD_WRITE, flags, offset, length, Some(length as usize), None)
                 .map_err(|refused| PyValueError::new_err(refused.0))?; // checked above: never
             first.get_or_insert(cookie);
+            group.push((offset, length));
             self.push(Outgoing { head, payload: Some(payload) });
         }
-        first.ok_or_else(|| PyValueError::new_err("no writes to queue"))
+        let first = first.unwrap_or_default(); // (items is not empty)
+        let count = group.len();
+        self.groups.insert(first, WriteGroup { sent, writes: group, answered: vec![false; count], left: count, errors: Vec::new() });
+        Ok(first)
+    }
+
+    /// The oldest WRITE of a group still waiting for its reply: (loop time sent, offset,
+    /// length); None when none waits.
+    #[getter]
+    fn writes_oldest(&self) -> Option<(f64, u64, u32)> {
+        let group = self.groups.values().next()?;
+        let i = group.answered.iter().position(|a| !a)?;
+        let (offset, length) = group.writes[i];
+        Some((group.sent, offset, length))
+    }
+
+    /// abandon_writes() -> [(first cookie, [(index, NBD error, message)], [index])]: each
+    /// write group not fully answered (the connection broke), with the error replies it
+    /// had and the WRITEs that had none; forgotten from now on.
+    fn abandon_writes(&mut self) -> Vec<(u64, Vec<ErrorReply>, Vec<usize>)> {
+        std::mem::take(&mut self.groups)
+            .into_iter()
+            .map(|(first, g)| {
+                let left = g.answered.iter().enumerate().filter(|(_, a)| !**a).map(|(i, _)| i).collect();
+                (first, g.errors, left)
+            })
+            .collect()
     }
 
     /// Queues NBD_CMD_DISC: no request may follow it.
@@ -416,11 +510,12 @@ impl NbdClientEngine {
         Ok(list)
     }
 
-    /// readable() -> (completions, broken, eof)
+    /// readable() -> (completions, broken, eof, native batch, write batch)
     ///
     /// Receives what the socket has (a bounded number of reads) and returns the
-    /// requests answered, as (cookie, nbd error, message) tuples; `broken` says why
-    /// the connection is unusable (a protocol violation or a failed read), `eof`
+    /// requests answered, as (cookie, nbd error, message) tuples, but for the WRITEs
+    /// of `request_writes` (the write batch: None if none was answered); `broken` says
+    /// why the connection is unusable (a protocol violation or a failed read), `eof`
     /// that the server closed its end.
     fn readable<'py>(&mut self, py: Python<'py>) -> PyResult<Batch<'py>> {
         let Some(sock) = self.sock.as_mut() else {
@@ -455,11 +550,12 @@ impl NbdClientEngine {
         }
         let reason = self.broken_reason().or(lost);
         let mut finished = Finished::default();
-        let done = self.completions(py, &mut finished)?;
-        Ok((done, reason, eof, Self::native_batch(py, finished)?))
+        let mut writes = WritesAnswered::default();
+        let done = self.completions(py, &mut finished, &mut writes)?;
+        Ok((done, reason, eof, Self::native_batch(py, finished)?, Self::writes_batch(py, writes)?))
     }
 
-    /// feed(data) -> (completions, broken, eof=False): bytes a carried stream received.
+    /// feed(data) -> as readable (eof False): bytes a carried stream received.
     fn feed<'py>(&mut self, py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Batch<'py>> {
         if !self.fed {
             return Err(PyValueError::new_err("this engine reads its own socket (readable)"));
@@ -468,8 +564,9 @@ impl NbdClientEngine {
         let _ = self.core.feed(data.bytes()); // a violation is reported below
         drop(data);
         let mut finished = Finished::default();
-        let done = self.completions(py, &mut finished)?;
-        Ok((done, self.broken_reason(), false, Self::native_batch(py, finished)?))
+        let mut writes = WritesAnswered::default();
+        let done = self.completions(py, &mut finished, &mut writes)?;
+        Ok((done, self.broken_reason(), false, Self::native_batch(py, finished)?, Self::writes_batch(py, writes)?))
     }
 
     /// The loop time the oldest native read still waiting for its reply was sent (those
@@ -514,7 +611,8 @@ impl NbdClientEngine {
     /// Closes the socket (if any). Pending requests are given up and what is queued is
     /// dropped: read targets and payloads are let go, no byte is written to them later.
     /// Returns the native batch of the native reads given up (None if there were none):
-    /// they go up to Python as failed on a broken connection.
+    /// they go up to Python as failed on a broken connection. Write groups not answered
+    /// stay until `abandon_writes` takes them.
     fn close<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
         self.out.clear();
         self.queued = 0;
