@@ -315,6 +315,18 @@ def test_a_batch_of_writes_is_queued_whole_with_consecutive_cookies_or_not_at_al
     assert answered == (1, [])
     assert engine.abandon_writes() == [(5, [(1, 5, "")], [0, 2])]
     assert engine.abandon_writes() == [] and engine.writes_oldest is None
+    # With the export's bounds (size, minimum block, maximum payload), a batch with a write
+    # outside them queues nothing and uses no cookie (None: the caller goes through pwrite).
+    queued = engine.queued
+    batches: list[tuple[list[tuple[int, Buffer]], tuple[int, int, int]]] = [
+        ([(0, b"x" * 512), (1024, b"y" * 512)], (1024, 512, 4096)),  # past the end
+        ([(-512, b"x" * 512)], (1024, 512, 4096)),
+        ([(256, b"x" * 512)], (1024, 512, 4096)),  # unaligned
+        ([(0, b"x" * 1024)], (4096, 512, 512))]  # over the maximum
+    for batch, bounds in batches:
+        assert engine.request_writes(0, batch, 5.0, bounds) is None
+    assert engine.queued == queued and engine.writes_oldest is None
+    assert engine.request_writes(0, [(512, b"z" * 100)], 5.0, (612, 512, 4096)) == 8  # short last
 
 
 

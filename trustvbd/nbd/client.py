@@ -242,20 +242,19 @@ class NbdClient:
                 or self.broken is not None or caps.read_only):
             return None
         align, _, limit = self.block_sizes
-        size = self._size
-        for offset, data in writes:  # what _check refuses, inline: pwrite says what is wrong
-            length = len(data)
-            end = offset + length
-            if (length > limit or offset < 0 or end > size
-                    or (align > 1 and (offset % align or (length % align and end != size)))):
-                return None
         self._free_slots -= count
         try:
-            return self._send_writes(writes, int(p.CmdFlag.FUA) if fua else 0)
+            # What _check refuses, the engine checks: none queued then (pwrite says why).
+            future = self._send_writes(writes, int(p.CmdFlag.FUA) if fua else 0,
+                                       (self._size, align, limit))
         except BaseException:
             for _ in range(count):
                 self._release_slot()
             raise
+        if future is None:
+            for _ in range(count):
+                self._release_slot()
+        return future
 
     def write_ended(self, error: Exception | None) -> None:
         pass  # the reply or the broken connection was handled when it came

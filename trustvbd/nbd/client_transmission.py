@@ -185,19 +185,23 @@ def send_request(client: NbdClient, typ: int, offset: int, length: int, flags: i
     return future
 
 
-def send_writes(client: NbdClient, writes: list[tuple[int, Buffer]], flags: int
-                ) -> asyncio.Future[list[BlockError | None]]:
+def send_writes(client: NbdClient, writes: list[tuple[int, Buffer]], flags: int,
+                bounds: tuple[int, int, int]) -> asyncio.Future[list[BlockError | None]] | None:
     """Queue WRITEs (their slots taken), each with its own cookie, all with one deadline;
     the future of their outcomes, in order (None, or the BlockError each failed with). One
     engine call for them all, which pairs and counts their replies: Python hears of the
-    batch once, when its last write is answered (_writes_answered), not once per write."""
+    batch once, when its last write is answered (_writes_answered), not once per write.
+    None, with nothing queued, if a write is outside `bounds` (the export's size, minimum
+    block and maximum payload: NbdClientEngine.request_writes)."""
     engine = client._engine
     assert engine is not None  # _check_usable: attached and not broken
     loop = client._loop
     try:
-        first = engine.request_writes(flags, writes, loop.time())
+        first = engine.request_writes(flags, writes, loop.time(), bounds)
     except ValueError as exc:  # checked before; nothing of them was queued
         raise p.LocalProtocolError(str(exc)) from None
+    if first is None:
+        return None
     future: asyncio.Future[list[BlockError | None]] = loop.create_future()
     client._groups[first] = (future, writes)
     if flags & _FUA:

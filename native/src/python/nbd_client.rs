@@ -372,7 +372,7 @@ impl NbdClientEngine {
         Ok(cookie)
     }
 
-    /// request_writes(flags, writes, sent) -> first cookie
+    /// request_writes(flags, writes, sent, bounds=None) -> first cookie, or None
     ///
     /// Queues a WRITE for each (offset, data) of `writes`, in order, with consecutive
     /// cookies from the one returned, sent at loop time `sent`: a batch of writes behind
@@ -380,12 +380,32 @@ impl NbdClientEngine {
     /// `readable` (or `feed`) hands the batch over once, when its last WRITE is answered
     /// (the write batch: slots freed, [(first cookie, None or [(index, NBD error,
     /// message)])]); `abandon_writes` says what a broken connection left unanswered.
-    /// ValueError, with nothing queued, if any of them must not be sent.
-    fn request_writes(&mut self, flags: u16, writes: &Bound<'_, PyList>, sent: f64) -> PyResult<u64> {
+    /// With `bounds` (the export's size, minimum block and maximum payload): None, with
+    /// nothing queued, if any write is outside the export, over the maximum, or
+    /// unaligned (but for a short last block), so the caller can send them the general
+    /// way, which says what is wrong. ValueError, with nothing queued, if any of them
+    /// must not be sent.
+    #[pyo3(signature = (flags, writes, sent, bounds=None))]
+    fn request_writes(&mut self, flags: u16, writes: &Bound<'_, PyList>, sent: f64, bounds: Option<(u64, u64, u64)>) -> PyResult<Option<u64>> {
         let mut items = Vec::with_capacity(writes.len());
         for item in writes.iter() {
-            let (offset, data): (u64, Bound<'_, PyAny>) = item.extract()?;
+            let (offset, data): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item.extract()?;
+            let offset: u64 = match offset.extract() {
+                Ok(offset) => offset,
+                Err(_) if bounds.is_some() => return Ok(None), // negative
+                Err(err) => return Err(err),
+            };
             let payload = Payload::new(&data)?;
+            if let Some((size, align, limit)) = bounds {
+                let length = payload.bytes().len() as u64;
+                let end = offset.checked_add(length);
+                if length > limit
+                    || end.is_none_or(|end| end > size)
+                    || (align > 1 && (!offset.is_multiple_of(align) || (!length.is_multiple_of(align) && end != Some(size))))
+                {
+                    return Ok(None);
+                }
+            }
             let length = u32::try_from(payload.bytes().len())
                 .ok()
                 .filter(|&n| self.core.takes_read(n)) // a READ's bounds are a WRITE's
@@ -412,7 +432,7 @@ impl NbdClientEngine {
         let first = first.unwrap_or_default(); // (items is not empty)
         let count = group.len();
         self.groups.insert(first, WriteGroup { sent, writes: group, answered: vec![false; count], left: count, errors: Vec::new() });
-        Ok(first)
+        Ok(Some(first))
     }
 
     /// The oldest WRITE of a group still waiting for its reply: (loop time sent, offset,
