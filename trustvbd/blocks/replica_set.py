@@ -601,10 +601,12 @@ class _FanOut:
 
     def answered(self, r: Replica, submitted: bool, future: asyncio.Future[Any]) -> None:
         count = len(self.blocks)
-        outcomes = _outcomes(future, count)
+        outcomes = (future.result() if not future.cancelled() and future.exception() is None
+                    else _outcomes(future, count))  # (each write's, read only: not copied)
+        went = False  # every write went through
         if outcomes is None:  # the domain is stopping: nobody is degraded for it
             self.cancelled = True
-        elif outcomes.count(None) != count:
+        elif not (went := outcomes.count(None) == count):
             failed = self.failed
             if failed is None:
                 failed = self.failed = [[] for _ in range(count)]
@@ -612,7 +614,10 @@ class _FanOut:
                 if error is not None:
                     failed[i].append((r, error))
         if submitted and outcomes is not None and not self.cancelled:
-            _tell_link(cast(Submits, r.link), outcomes)
+            if went:  # (what _tell_link says of it)
+                cast(Submits, r.link).write_ended(None)
+            else:
+                _tell_link(cast(Submits, r.link), outcomes)
         self.left -= 1
         if self.left:
             return

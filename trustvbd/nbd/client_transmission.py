@@ -190,7 +190,7 @@ def send_writes(client: NbdClient, writes: list[tuple[int, Buffer]], flags: int,
     """Queue WRITEs (their slots taken), each with its own cookie, all with one deadline;
     the future of their outcomes, in order (None, or the BlockError each failed with). One
     engine call for them all, which pairs and counts their replies: Python hears of the
-    batch once, when its last write is answered (_writes_answered), not once per write.
+    batch once, when its last write is answered (resolve), not once per write.
     None, with nothing queued, if a write is outside `bounds` (the export's size, minimum
     block and maximum payload: NbdClientEngine.request_writes)."""
     engine = client._engine
@@ -465,22 +465,11 @@ def _outcomes(client: NbdClient, writes: list[tuple[int, Buffer]],
     return outcomes
 
 
-def _writes_answered(client: NbdClient, answered: WriteBatch) -> None:
-    """The submit_writes batches whose last write was answered end (their futures), and
-    the answered writes' slots are given back together."""
-    freed, ended = answered
-    groups = client._groups
-    for first, errors in ended:
-        future, writes = groups.pop(first)
-        if not future.done():
-            future.set_result(_outcomes(client, writes, errors))
-    _release_slots(client, freed)
-
-
 def resolve(client: NbdClient, batch: Batch) -> None:
     """Complete the futures of the requests the engine saw answered (the batches of
-    submit_writes it counted itself: _writes_answered), and hand on what its native reads
-    left (_native_done); then act on a broken connection or the server's end of it."""
+    submit_writes it counted itself, once each, their slots given back together), and hand
+    on what its native reads left (_native_done); then act on a broken connection or the
+    server's end of it."""
     done, broken, eof, native, writes = batch
     client.answered_at = client._loop.time()  # the server said something
     if native is not None:
@@ -489,7 +478,17 @@ def resolve(client: NbdClient, batch: Batch) -> None:
         except Exception:
             log.exception("NBD client %s: handing on native reads failed", client.where)
     if writes is not None:
-        _writes_answered(client, writes)
+        freed, ended = writes
+        groups = client._groups
+        for first, errors in ended:
+            outcomes, batch_writes = groups.pop(first)
+            if not outcomes.done():
+                outcomes.set_result([None] * len(batch_writes) if errors is None
+                                    else _outcomes(client, batch_writes, errors))
+        if client._slot_waiters:
+            _release_slots(client, freed)
+        else:
+            client._free_slots += freed
     if done:
         waiters = client._waiters
         for cookie, error, message in done:
