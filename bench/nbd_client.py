@@ -2,8 +2,10 @@
 
     cd /tmp && PYTHONPATH=TREE TREE/.venv/bin/python TREE/bench/nbd_client.py [--requests N]
 
-4 KiB reads (pread_into, a buffer per worker) and then 4 KiB writes (pwrite) at random-ish
-offsets of a 64 MiB export, 16 at a time: the encryption domain's link to one replica, with
+4 KiB reads (pread_into, a buffer per worker), then 4 KiB writes (pwrite) at random-ish
+offsets of a 64 MiB export, 16 at a time, then batches of SUBMIT_BATCH 4 KiB writes by
+submit_writes, SUBMIT_DEPTH batches at a time (a departure of writes behind: what each
+replica link of a mirror does at QD16): the encryption domain's link to one replica, with
 no guest, no AEAD and no mirror around it. Prints CPU seconds (user + system) per 100k
 requests, IOPS and the load average. With PYTHONPATH set to another tree (`git archive main
 | tar -x -C DIR`, plus its built `trustvbd/_native.abi3.so`) and run from outside any
@@ -24,10 +26,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import trustvbd
+from trustvbd.blockdev import Buffer
 from trustvbd.nbd.client import NbdClient
 
 EXPORT = 64 << 20
 DEPTH = 16
+SUBMIT_BATCH = 10  # writes per departure of writes behind at QD16, about
+SUBMIT_DEPTH = 2
 
 
 async def worker(client: NbdClient, kind: str, todo: Iterator[int], data: bytes) -> None:
@@ -40,13 +45,28 @@ async def worker(client: NbdClient, kind: str, todo: Iterator[int], data: bytes)
             await client.pwrite(offset, data)
 
 
+async def submitter(client: NbdClient, todo: Iterator[int], data: bytes) -> None:
+    blocks = EXPORT // 4096
+    for i in todo:
+        if i % SUBMIT_BATCH:
+            continue
+        writes: list[tuple[int, Buffer]] = [((i + k) * 7919 % blocks * 4096, data)
+                                            for k in range(SUBMIT_BATCH)]
+        outcomes = client.submit_writes(writes)
+        assert outcomes is not None, "submit_writes declined a batch"
+        assert (await outcomes).count(None) == SUBMIT_BATCH
+
+
 async def measure(uri: str, requests: int) -> dict[str, tuple[float, float]]:
     client = await NbdClient.open_uri(uri)
     out = {}
-    for kind in ("read", "write"):
+    for kind in ("read", "write", "submit"):
         data, todo = os.urandom(4096), iter(range(requests))
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        await asyncio.gather(*(worker(client, kind, todo, data) for _ in range(DEPTH)))
+        if kind == "submit":
+            await asyncio.gather(*(submitter(client, todo, data) for _ in range(SUBMIT_DEPTH)))
+        else:
+            await asyncio.gather(*(worker(client, kind, todo, data) for _ in range(DEPTH)))
         r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
         out[kind] = (cpu / requests * 1e5, requests / (t1 - t0))
