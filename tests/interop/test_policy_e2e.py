@@ -188,3 +188,37 @@ def test_channel_to_driver_needs_a_type_shared_with_the_trusted_side(short_tmp: 
     out = run([*TRUSTVBD, "up", "-c", str(short_tmp / "c.toml")], check=False, timeout=60)
     assert out.returncode == 1
     assert "channel between the encryption domain" in out.stderr and "SystemManagement" in out.stderr
+
+
+def test_a_policy_load_of_a_fifo_or_device_is_refused_and_the_launcher_goes_on(
+        short_tmp: Path) -> None:
+    """The launcher loads a policy on its event loop: asked (on its control socket) to load
+    a FIFO, it waited in open() for a writer for good, and `status`, brokering and every
+    guest's start waited with it; /dev/zero was read (up to the limit) and called bad XML.
+    Only a regular file is a policy now; anything else is refused in one line."""
+    import json
+    import socket
+
+    s = start(short_tmp)
+    fifo = short_tmp / "policy.fifo"
+    os.mkfifo(fifo)
+    try:
+        for path in (str(fifo), "/dev/zero"):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.settimeout(20)
+            c.connect(str(s.root / "state" / "control.sock"))
+            c.sendall(json.dumps({"type": "policy-load", "path": path, "id": 7}).encode() + b"\n")
+            reply = json.loads(c.makefile("rb").readline())
+            c.close()
+            assert reply["type"] == "failed", reply
+            assert reply["message"] == f"{path}: not a regular file (a policy is one); refused"
+        out = run([*TRUSTVBD, "policy", "load", "-c", str(s.config), str(fifo)], check=False,
+                  timeout=20)
+        assert out.returncode == 1
+        assert out.stderr == (f"trustvbd policy load: {fifo}: not a regular file (a policy is"
+                              " one); refused\n")
+        code, _ = qemu_io(uri(s, "vm1", "payroll"))
+        assert code == 0
+        s.stop()
+    finally:
+        s.kill()

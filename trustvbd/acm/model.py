@@ -8,6 +8,8 @@ edits one in place.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +37,20 @@ class PolicyError(ValueError):
         if w.key:
             prefix += f"{w.key}: "
         super().__init__(prefix + message)
+
+
+def read_policy_file(path: str, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of a policy file. Only a regular file: the launcher loads
+    a policy on its event loop (`policy load`), and a FIFO, a terminal or a device would hold
+    it in open() or read() for good. OSError for what cannot be read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)  # a FIFO's open waits not
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PolicyError(path, None, "not a regular file (a policy is one); refused")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

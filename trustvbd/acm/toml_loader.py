@@ -33,6 +33,7 @@ from trustvbd.acm.model import (
     ResourceLabel,
     VmLabel,
     Where,
+    read_policy_file,
     validate,
 )
 
@@ -199,8 +200,7 @@ def policy_from_toml(text: str, file: str = "policy.toml") -> Policy:
 
 def load_toml(path: str | Path) -> Policy:
     path = Path(path)
-    with open(path, "rb") as f:
-        data = f.read(MAX_BYTES + 1)
+    data = read_policy_file(str(path), MAX_BYTES)  # never more than the limit, however big
     if len(data) > MAX_BYTES:
         raise PolicyError(str(path), None, f"file is over the {MAX_BYTES}-byte limit for a"
                           " policy; refused")

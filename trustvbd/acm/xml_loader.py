@@ -31,6 +31,7 @@ from trustvbd.acm.model import (
     ResourceLabel,
     VmLabel,
     Where,
+    read_policy_file,
     validate,
 )
 
@@ -328,8 +329,7 @@ def policy_from_xml(data: bytes, file: str = "policy.xml") -> Policy:
 
 def load_xml(path: str | Path) -> Policy:
     path = Path(path)
-    with open(path, "rb") as f:
-        data = f.read(MAX_BYTES + 1)  # never read more than the limit, however big the file
+    data = read_policy_file(str(path), MAX_BYTES)  # never more than the limit, however big
     return policy_from_xml(data, str(path))
 
 
