@@ -41,7 +41,7 @@ from tests.crypt.helpers import SIZE, RawMemory, new_state
 from tests.nbd.helpers import ServerThread
 from trustvbd.blockdev import Backend
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
-from trustvbd.blocks.reconnect import ReplicaLink
+from trustvbd.blocks.reconnect import RETRY_WINDOW, ReplicaLink
 from trustvbd.config import Limits
 from trustvbd.nbd.budget import MemoryBudget
 from trustvbd.nbd.client import NbdClient
@@ -90,9 +90,11 @@ async def opened(tmp: Path, uris: list[str]) -> AsyncIterator[CryptDisk]:
     links: list[tuple[str, Backend]] = []
     for i, uri in enumerate(uris):
         # Each behind a ReplicaLink, as the domain has them (crypt_stack.py): it skips a
-        # FLUSH when every write since the last went with FUA.
+        # FLUSH when every write since the last went with FUA. A mirror's links do not
+        # retry (retry_window 0): with one, its writes behind went one by one by pwrite.
         connect = partial(NbdClient.open_uri, uri, request_timeout=30.0)
-        links.append((f"r{i}", ReplicaLink(await connect(), f"r{i}", connect)))
+        links.append((f"r{i}", ReplicaLink(await connect(), f"r{i}", connect,
+                                           retry_window=0 if len(uris) > 1 else RETRY_WINDOW)))
     disk = await CryptDisk.open_mirrored(tmp / "state", "vm1", links, kek)
     try:
         yield disk
