@@ -257,7 +257,7 @@ class ReplicaSet:
             return True
         if len(writers) < 2 or not provides(first := writers[0].link, Submits):
             return False  # (one writer left: pwrite awaits it alone)
-        future = cast(Submits, first).submit_writes(writes, fua)
+        future = first.submit_writes(writes, fua)  # type: ignore[attr-defined]  # (Submits)
         if future is None:
             return False
         blocks = [range(b0, b0 + len(ct) // BS) for b0, ct in runs]
@@ -269,8 +269,8 @@ class ReplicaSet:
         for r in writers[1:]:
             link = r.link
             submitted = provides(link, Submits)
-            later: asyncio.Future[Any] | None = (
-                cast(Submits, link).submit_writes(writes, fua) if submitted else None)
+            later: asyncio.Future[Any] | None = (  # (Submits; not cast(): a Python call)
+                link.submit_writes(writes, fua) if submitted else None)  # type: ignore[attr-defined]
             if later is None:  # this one waits for a slot or a reconnect: in a task
                 submitted = False
                 task = self._running_loop().create_task(_pwrites(link, writes, fua))
@@ -614,10 +614,11 @@ class _FanOut:
                 if error is not None:
                     failed[i].append((r, error))
         if submitted and outcomes is not None and not self.cancelled:
+            link: Submits = r.link  # type: ignore[assignment]  # (not cast(): a Python call)
             if went:  # (what _tell_link says of it)
-                cast(Submits, r.link).write_ended(None)
+                link.write_ended(None)
             else:
-                _tell_link(cast(Submits, r.link), outcomes)
+                _tell_link(link, outcomes)
         self.left -= 1
         if self.left:
             return

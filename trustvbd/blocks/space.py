@@ -121,9 +121,8 @@ class SpaceWatch(Layer):
     def submit_writes(self, writes: list[tuple[int, Buffer]], fua: bool = False,
                       retried: bool = False) -> asyncio.Future[list[BlockError | None]] | None:
         """As pwrite, without a coroutine, when the link below can (Submits)."""
-        nxt = self.next
-        return (cast(Submits, nxt).submit_writes(writes, fua, retried)
-                if provides(nxt, Submits) else None)
+        nxt: Submits = self.next  # type: ignore[assignment]  # (not cast(): a call per batch)
+        return nxt.submit_writes(writes, fua, retried) if provides(nxt, Submits) else None
 
     def native_client(self) -> NativeClient | None:
         """The connection below whose engine the native read plane may use (ReadsNatively)."""
@@ -134,8 +133,9 @@ class SpaceWatch(Layer):
             self._went_through()
         elif isinstance(error, BlockError):
             self._failed(error)
-        if provides(self.next, Submits):
-            cast(Submits, self.next).write_ended(error)
+        nxt: Submits = self.next  # type: ignore[assignment]  # (not cast(): a call per batch)
+        if provides(nxt, Submits):
+            nxt.write_ended(error)
 
     async def zero(self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
                    fast: bool = False) -> None:
