@@ -225,25 +225,37 @@ def mirror_guest(root: Path, replicas: int) -> Iterator[tuple[Mirror, Any, Any]]
         m.close()
 
 
-def dropped_then_taken_back(m: Mirror, bad: Any, said: str) -> None:
-    """Driver `bad` was dropped from the mirror (degraded or resyncing) with `said` in its
-    last error; honest again, it is taken back: every replica current."""
+def dropped_then_taken_back(m: Mirror, bad: Any) -> None:
+    """Driver `bad` was dropped from the mirror (degraded or resyncing: `status` says why,
+    in words checked by `dropped_saying`); honest again, it is taken back: every replica
+    current."""
     st = m.status()
-    assert st[bad.name]["state"] in ("degraded", "resyncing"), st
-    assert said in (st[bad.name]["last_error"] or ""), (said, st)
+    assert st[bad.name]["state"] in ("degraded", "resyncing") and st[bad.name]["last_error"], st
     bad.set("honest")
     m.wait_all_current()
 
 
+def dropped_saying(log: str, bad: Any, said: str) -> None:
+    """`up`'s `log` says `bad` was dropped (degraded, once, as it left the write set) for
+    the reason `said`. Not `status`'s last_error: that is the latest failure, and from a
+    request timeout after the drop it is the background reconnect's, whose superblock
+    read the still-hostile driver breaks too, in the Python client's words (under load,
+    "no reply to READ [0, 8192)" replaced the read plane's timeout before `status` ran)."""
+    drops = [line for line in log.splitlines() if f"replica {bad.name} degraded: " in line]
+    assert drops, f"no drop of {bad.name} logged:\n{log[-4000:]}"
+    assert said in drops[0], (said, drops)
+
+
 @pytest.mark.parametrize(("mode", "said"), [
     ("garbage", "bad reply magic"), ("huge_length", "for a read of"),
-    ("wrong_cookie", "unknown cookie"), ("stall_mid_reply", "no reply to a READ")])
+    ("wrong_cookie", "unknown cookie"), ("stall_mid_reply", "no reply to")])
 def test_a_driver_breaking_the_protocol_under_native_reads_is_dropped_and_the_guest_served(
         short_tmp: Path, mode: str, said: str) -> None:
     """Pipelined 4 KiB READs (the read plane's, taking the replicas in turn) while one of 2
     drivers answers with random bytes, a chunk claiming 2 GiB, a cookie never sent, or half
     a reply and then silence: the native client engine refuses the reply from its header,
-    the guest gets every block right and soon, and the driver is dropped saying why."""
+    the guest gets every block right and soon, and the driver is dropped saying why (half
+    a reply: that no reply came, whichever of its reads timed out first)."""
     with mirror_guest(short_tmp, 2) as (m, nbd, h):
         blocks = [os.urandom(BS) for _ in range(64)]
         h.pwrite(b"".join(blocks), 0)
@@ -260,8 +272,9 @@ def test_a_driver_breaking_the_protocol_under_native_reads_is_dropped_and_the_gu
                 assert h.aio_command_completed(cookie)
                 assert buf.to_bytearray() == blocks[b], f"block {b} read wrong under {mode}"
         assert time.monotonic() - started < 30, f"the guest's reads were held up by {mode}"
-        dropped_then_taken_back(m, bad, said)
+        dropped_then_taken_back(m, bad)
         h.shutdown()
+        dropped_saying(m.system.stop(), bad, said)
 
 
 def wait(h: Any, pending: list[tuple[int, int, Any, bytes | None]], model: bytearray,
@@ -391,8 +404,9 @@ def test_a_driver_failing_under_native_writes_is_dropped_and_resynced_to_the_for
         h.flush()
         assert time.monotonic() - started < 30, f"the guest's writes were held up by {mode}"
         assert h.pread(len(model), 0) == model
-        dropped_then_taken_back(m, bad, said)
+        dropped_then_taken_back(m, bad)
         h.shutdown()
+        dropped_saying(m.system.stop(), bad, said)
         state = m.system.root / "state"
         kek = (state / "kek.key").read_bytes()
         for d in m.drivers:
