@@ -21,6 +21,7 @@ mod nbd_client;
 mod file_serve;
 mod nbd_server;
 mod read_plane;
+mod spin;
 mod write_plane;
 
 fn value_error(err: CodecError) -> PyErr {
@@ -131,5 +132,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(pyo3::wrap_pyfunction!(file_serve::serve_file, m)?)?;
     read_plane::register(m)?;
     write_plane::register(m)?;
+    spin::register(m)?;
     Ok(())
 }
