@@ -516,11 +516,11 @@ def test_a_refused_replica_is_never_written_and_is_rebuilt_once_wiped(short_tmp:
         m.close()
 
 
-def _start_slow_scrub(m: Mirror) -> subprocess.Popen[str]:
+def _start_slow_scrub(m: Mirror, delay: float = 0.3) -> subprocess.Popen[str]:
     """The disk written whole, one replica's reads slowed (8 steps of 256 blocks: about
-    2.4 s), and `trustvbd scrub --json` started on it: a scrub to cut short."""
+    8 x `delay` s), and `trustvbd scrub --json` started on it: a scrub to cut short."""
     qemu_io(m.uri, f"write -P 0x11 0 {SIZE}", "flush")
-    m.drivers[1].set("slow_reads", delay=0.3)
+    m.drivers[1].set("slow_reads", delay=delay)
     return subprocess.Popen([*TRUSTVBD, "scrub", "-c", str(m.system.config), "payroll",
                              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -607,7 +607,10 @@ def test_a_scrub_whose_poll_is_in_flight_when_up_is_killed_says_up_stopped(
     try:
         m.system.start()
         assert m.system.proc is not None
-        scrub = _start_slow_scrub(m)
+        # About 16 s of scrub (it is cut short): a `status` call between seeing it run and
+        # the SIGSTOP can take seconds on a loaded machine, and a 2.4 s scrub then ended
+        # before `up` was stopped, so it polled no more.
+        scrub = _start_slow_scrub(m, delay=2.0)
         deadline = time.monotonic() + 30
         while not (_status_json(m)["disks"][0].get("scrub") or {}).get("running"):
             assert time.monotonic() < deadline
