@@ -603,13 +603,14 @@ def test_a_scrub_whose_poll_is_in_flight_when_up_is_killed_says_up_stopped(
     on `up`'s control socket when `up` dies (here: `up` frozen by SIGSTOP, then SIGKILL), so it
     sees a reset connection, not a refused one. It printed a ConnectionResetError traceback;
     under load its words depended on which death it noticed first. Now: `up` stopped."""
-    m = Mirror(short_tmp, 2)
+    # About 16 s of scrub (it is cut short): a `status` call between seeing it run and the
+    # SIGSTOP can take seconds on a loaded machine, and a 2.4 s scrub then ended before `up`
+    # was stopped, so it polled no more. Requests may take 30 s: a read 2 s late is slow,
+    # not a dropped replica (the default 2 s timeout dropped it and the scrub ended at once).
+    m = Mirror(short_tmp, 2, request_timeout=30)
     try:
         m.system.start()
         assert m.system.proc is not None
-        # About 16 s of scrub (it is cut short): a `status` call between seeing it run and
-        # the SIGSTOP can take seconds on a loaded machine, and a 2.4 s scrub then ended
-        # before `up` was stopped, so it polled no more.
         scrub = _start_slow_scrub(m, delay=2.0)
         deadline = time.monotonic() + 30
         while not (_status_json(m)["disks"][0].get("scrub") or {}).get("running"):
