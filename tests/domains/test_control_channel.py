@@ -200,3 +200,43 @@ def test_sends_never_wait_and_keep_their_order_and_descriptors() -> None:
             theirs.close()
 
     asyncio.run(scenario())
+
+
+def test_an_integrity_event_to_a_launcher_that_reads_nothing_never_fails_the_request() -> None:
+    """`send_event` runs inside a guest's read or write (the integrity callback): a launcher
+    that reads nothing (stopped, its channel full: ControlFull) or is gone (ControlClosed)
+    must cost the launcher's copy of the event, never the request; the audit record is still
+    asked for."""
+    from types import SimpleNamespace
+
+    from trustvbd.domains.control import MAX_QUEUED
+    from trustvbd.domains.crypt_stack import send_event
+
+    async def scenario() -> None:
+        ours, theirs = socket_pair()
+        control = ControlChannel(ours, None, "launcher")
+        control.start()
+        recorded: list[str] = []
+
+        async def record(kind: str, **fields: object) -> dict[str, object]:
+            recorded.append(kind)
+            return {"ok": True}
+
+        domain = SimpleNamespace(control=control, records=set(),
+                                 gate=SimpleNamespace(client=SimpleNamespace(record=record)))
+        disk = SimpleNamespace(name="payroll")
+        event = {"event": "integrity", "what": "bad block", "replica": "drv-a", "blocks": [7]}
+        sent = 0
+        while len(control._queue) < MAX_QUEUED:  # the socket's buffer full, then the queue
+            send_event(domain, disk, event)  # type: ignore[arg-type]
+            sent += 1
+            assert sent < 100_000
+        for _ in range(10):  # each would raise ControlFull into the request
+            send_event(domain, disk, event)  # type: ignore[arg-type]
+        control.close()
+        send_event(domain, disk, event)  # type: ignore[arg-type]  # closed: said, not raised
+        await asyncio.gather(*domain.records)
+        assert recorded == ["integrity"] * (sent + 11)
+        theirs.close()
+
+    asyncio.run(scenario())

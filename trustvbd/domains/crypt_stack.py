@@ -22,6 +22,7 @@ from trustvbd.blocks.limits import SizeLimit
 from trustvbd.blocks.reconnect import ReplicaLink, Unreachable
 from trustvbd.blocks.space import SpaceWatch
 from trustvbd.domains import messages as m
+from trustvbd.domains.control import ControlClosed
 from trustvbd.domains.crypt_disks import DEFAULT_LEAF_CACHE
 from trustvbd.nbd.client import NbdClient
 from trustvbd.xenstore.xenbus import State
@@ -147,7 +148,11 @@ def send_event(domain: CryptDomain, disk: Disk, event: dict[str, Any]) -> None:
     # Any size fits: block lists become counts and ranges.
     fields = compact_fields({**event, "disk": disk.name})
     fields.pop("event", None)
-    domain.control.tell(m.Integrity(disk.name, fields))
+    try:
+        domain.control.tell(m.Integrity(disk.name, fields))
+    except ControlClosed as exc:  # (ControlFull too) never into the read or write it came from
+        log.error("disk %s: an integrity event not told to the launcher (status misses it;"
+                  " the audit log below does not): %s", disk.name, exc)
 
     async def record() -> None:
         reply = await domain.gate.client.record("integrity", **fields)
