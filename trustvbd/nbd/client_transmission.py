@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 from trustvbd.blockdev import BlockError, Buffer
 from trustvbd.nbd import protocol as p
-from trustvbd.nbd import spin
 
 if TYPE_CHECKING:
     from trustvbd.nbd.client import NbdClient
@@ -243,8 +242,6 @@ def _send_outgoing(client: NbdClient) -> None:
     if client._watching_writes:
         return  # the socket is full; _on_writable goes on when it has room
     _write(client)
-    if engine.native_pending and not client._watching_writes:
-        spin.wait_soon(client._loop, client._fd)  # a native read's reply comes next
 
 
 def _write(client: NbdClient) -> None:

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 from trustvbd.blockdev import Buffer, FileRange
 from trustvbd.nbd import protocol as p
-from trustvbd.nbd import spin
 from trustvbd.nbd.connection_limits import UNCHARGED_MAX, WRITE_BUFFER_HIGH
 from trustvbd.nbd.zero_copy import OutPart, materialize, send_now
 
@@ -90,8 +89,6 @@ def queue(conn: Connection, parts: Sequence[OutPart], stream: bool = False,
         # Nothing queued before them and nothing left to account (a QD1 guest's reply):
         # straight to the transport, as flush would.
         conn._transport.writelines(parts)  # type: ignore[union-attr,arg-type] # plain buffers
-        if not conn._transport.get_write_buffer_size():  # type: ignore[union-attr]
-            spin.wait_soon(conn._loop, conn._sock_fd)  # the reply left; the next request
         return
     if conn._held is not None and not stream:  # a simple-reply stream is being sent
         conn._held.extend(parts)

@@ -21,7 +21,6 @@ mod nbd_client;
 mod file_serve;
 mod nbd_server;
 mod read_plane;
-mod spin;
 mod write_plane;
 
 fn value_error(err: CodecError) -> PyErr {
@@ -132,6 +131,5 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(pyo3::wrap_pyfunction!(file_serve::serve_file, m)?)?;
     read_plane::register(m)?;
     write_plane::register(m)?;
-    spin::register(m)?;
     Ok(())
 }
