@@ -131,6 +131,20 @@ class GatedSync(OsFileOps):
         self.syncs += 1
 
 
+def _a_sync_under_way(tmp_path: Path) -> tuple[GatedSync, IntentLog,
+                                                asyncio.Future[BaseException | None]]:
+    """An intent log with one record and its sync asked of the log's thread (`sync_soon`),
+    held at the gate; the future hears the outcome. Call inside the running loop."""
+    loop = asyncio.get_running_loop()
+    ops = GatedSync()
+    log = IntentLog(tmp_path / "intent.log", ops)
+    log.reset(1)
+    log.append(3, bytes(32), b"\x03" * 32)
+    done: asyncio.Future[BaseException | None] = loop.create_future()
+    log.sync_soon(loop, done.set_result)
+    return ops, log, done
+
+
 def test_a_reset_or_a_close_waits_for_the_sync_under_way_and_its_caller_hears_later(
         tmp_path: Path) -> None:
     """The sync runs on the log's native thread (sync_soon): a reset does not truncate the
@@ -139,12 +153,7 @@ def test_a_reset_or_a_close_waits_for_the_sync_under_way_and_its_caller_hears_la
     loop turn, not inside the reset or close."""
     async def go() -> None:
         loop = asyncio.get_running_loop()
-        ops = GatedSync()
-        log = IntentLog(tmp_path / "intent.log", ops)
-        log.reset(1)
-        log.append(3, bytes(32), b"\x03" * 32)
-        done: asyncio.Future[BaseException | None] = loop.create_future()
-        log.sync_soon(loop, done.set_result)
+        ops, log, done = _a_sync_under_way(tmp_path)
         threading.Timer(0.05, ops.gate.set).start()
         log.reset(2, {5: b"\x05" * 32})  # waits for the sync's fdatasync
         assert ops.syncs == 1 and not done.done()
@@ -225,12 +234,7 @@ def test_a_sync_whose_wake_up_pipe_breaks_is_told_as_failed_and_the_next_gets_a_
     sync runs on a new thread."""
     async def go() -> None:
         loop = asyncio.get_running_loop()
-        ops = GatedSync()
-        log = IntentLog(tmp_path / "intent.log", ops)
-        log.reset(1)
-        log.append(3, bytes(32), b"\x03" * 32)
-        done: asyncio.Future[BaseException | None] = loop.create_future()
-        log.sync_soon(loop, done.set_result)
+        ops, log, done = _a_sync_under_way(tmp_path)
         thread = log._sync_thread
         assert thread is not None
         directory = os.open(tmp_path, os.O_RDONLY)

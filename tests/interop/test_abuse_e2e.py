@@ -230,6 +230,15 @@ def _steal_fd(pid: int, fd: int) -> int:
         os.close(pidfd)
 
 
+def _driver_control(s: System, name: str) -> tuple[dict[str, int], int]:
+    """The running domains' pids, and a copy of driver `name`'s control channel (what a
+    compromised driver holds)."""
+    st = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+    pids = {d["name"]: d["pid"] for d in st["domains"]}
+    argv = Path(f"/proc/{pids[name]}/cmdline").read_bytes().split(b"\0")
+    return pids, _steal_fd(pids[name], int(argv[argv.index(b"--control-fd") + 1]))
+
+
 def test_a_driver_cannot_leak_descriptors_into_the_launcher_over_its_control_channel(
         short_tmp: Path) -> None:
     """The driver domain is untrusted, and its control channel to the launcher carries file
@@ -246,10 +255,7 @@ def test_a_driver_cannot_leak_descriptors_into_the_launcher_over_its_control_cha
     s = System(short_tmp, config(driver("drv-a", "S", dir="backing/a"),
                                  disk("d", "L", ["drv-a"]), guest("g", "L"))).start()
     try:
-        st = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
-        pids = {d["name"]: d["pid"] for d in st["domains"]}
-        argv = Path(f"/proc/{pids['drv-a']}/cmdline").read_bytes().split(b"\0")
-        control = _steal_fd(pids["drv-a"], int(argv[argv.index(b"--control-fd") + 1]))
+        pids, control = _driver_control(s, "drv-a")
         launcher_fds = Path(f"/proc/{pids['hv']}/fd")
         before = len(list(launcher_fds.iterdir()))
         sock = socket.socket(fileno=control)
@@ -298,10 +304,7 @@ def test_a_driver_that_never_reads_its_control_channel_cannot_stall_the_launcher
     s = System(short_tmp, config(driver("drv-a", "S", dir="backing/a"),
                                  disk("d", "L", ["drv-a"]), guest("g", "L"))).start()
     try:
-        st = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
-        pids = {d["name"]: d["pid"] for d in st["domains"]}
-        argv = Path(f"/proc/{pids['drv-a']}/cmdline").read_bytes().split(b"\0")
-        control = _steal_fd(pids["drv-a"], int(argv[argv.index(b"--control-fd") + 1]))
+        pids, control = _driver_control(s, "drv-a")
         sock = socket.socket(fileno=control)
         os.kill(pids["drv-a"], signal.SIGSTOP)  # the driver reads nothing from now on
         try:
