@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from trustvbd.blockdev import Buffer
 
@@ -23,7 +23,7 @@ class FileOps(Protocol):
 
     def write(self, fd: int, data: Buffer) -> int: ...
 
-    def pwrite(self, fd: int, data: Buffer, offset: int) -> int: ...
+    def pwrite(self, fd: int, data: Buffer, offset: int, /) -> int: ...
 
     def ftruncate(self, fd: int, size: int) -> None: ...
 
@@ -51,8 +51,12 @@ class OsFileOps:
     def write(self, fd: int, data: Buffer) -> int:
         return os.write(fd, data)
 
-    def pwrite(self, fd: int, data: Buffer, offset: int) -> int:
-        return os.pwrite(fd, data, offset)
+    if TYPE_CHECKING:
+        def pwrite(self, fd: int, data: Buffer, offset: int, /) -> int: ...
+    else:
+        # os.pwrite itself, not a method around it: the intent log writes a record per
+        # group commit through it (one Python call less each).
+        pwrite = staticmethod(os.pwrite)
 
     def ftruncate(self, fd: int, size: int) -> None:
         os.ftruncate(fd, size)

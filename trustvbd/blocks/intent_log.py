@@ -150,8 +150,7 @@ class IntentLog:
             room = -(-max(LOG_ROOM, need + min(need, LOG_ROOM_STEP_MAX)) // page) * page
             self._pwrite(bytes(room - self._room), self._room)
             self._room = room
-        if self._ops.pwrite(self._fd, rec, end) != len(rec):  # (_pwrite, a call less per record)
-            raise OSError(f"short write to {self.path}")
+        self._pwrite(rec, end)
         self._unsynced += rec
         self._end = end + len(rec)
 
