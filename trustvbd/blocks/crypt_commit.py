@@ -227,7 +227,7 @@ class Commits:
         if self._sync_failed is not None:
             then(self._sync_failed)
             return False
-        if intent.durable >= intent.appended:
+        if intent.durable >= intent.appended:  # (all_durable, spelled out: per departure)
             return True
         self._waiting.append((intent.appended, then))
         if not self._syncing:
@@ -237,8 +237,7 @@ class Commits:
     async def durable(self, report: bool = False) -> None:
         """Until every intent record appended so far is durable (`when_durable`). With
         `report` (a FLUSH or commit), a failed sync is said here, and syncs start anew."""
-        intent = self.intent
-        if self._sync_failed is None and intent.durable >= intent.appended:  # (all_durable)
+        if self._sync_failed is None and self.intent.all_durable:
             return
         await self._durable_future(report)
 
@@ -427,9 +426,7 @@ class Commits:
             failed.__cause__ = exc
             done.set_exception(failed)
 
-        # (The log's thread may have ended a sync since the caller looked.)
-        intent = self.intent
-        if (self._sync_failed is None and intent.durable >= intent.appended) or self.when_durable(then):
+        if self.when_durable(then):  # (the log's thread may have ended a sync meanwhile)
             done.set_result(None)
         return done
 
