@@ -57,11 +57,17 @@ def _reads_of(backend: Backend) -> ReadsNatively | None:
     return cast(ReadsNatively, backend) if provides(backend, ReadsNatively) else None
 
 
+def _submits_of(backend: Backend) -> Submits | None:
+    """The connection as Submits, checked when it is adopted rather than per write."""
+    return backend if isinstance(backend, Submits) else None
+
+
 class ReplicaLink:
     def __init__(self, first: Backend, name: str, connect: Connect,
                  retry_window: float = RETRY_WINDOW) -> None:
         self.next = first
         self._reads = _reads_of(first)
+        self._submits = _submits_of(first)
         self._retry_window = retry_window
         self.name = name
         self._connect = connect
@@ -141,6 +147,7 @@ class ReplicaLink:
             pass
         self.next = fresh
         self._reads = _reads_of(fresh)
+        self._submits = _submits_of(fresh)
         self.reconnects += 1
         self._watch(fresh)
         self._plain_ended = True
@@ -253,10 +260,9 @@ class ReplicaLink:
         (Submits). A single replica's writes may wait for a reconnect: they take pwrite,
         unless the caller sends one that fails again through pwrite itself (`retried`: a
         write behind, as a native read does), which reconnects."""
-        backend = self.next
-        if (self._retry_window > 0 and not retried) or not provides(backend, Submits):
+        submits = self._submits
+        if (self._retry_window > 0 and not retried) or submits is None:
             return None
-        submits: Submits = backend  # type: ignore[assignment]  # (not cast(): a call per write)
         future = submits.submit_writes(writes, fua)
         if future is not None and not fua:
             count = len(writes)
@@ -283,8 +289,8 @@ class ReplicaLink:
         if isinstance(error, BlockError) and isinstance(nxt, Breakable) and nxt.broken:
             self.last_error = str(error)
             self.state = "disconnected"
-        if provides(nxt, Submits):  # a layer below keeps its own books (SpaceWatch)
-            submits: Submits = nxt  # type: ignore[assignment]  # (not cast(): a call per write)
+        submits = self._submits
+        if submits is not None:  # a layer below keeps its own books (SpaceWatch)
             submits.write_ended(error)
 
     async def flush(self) -> None:

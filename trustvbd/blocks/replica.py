@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from trustvbd.blockdev import Backend, Breakable
+from trustvbd.blockdev import Backend, Breakable, Submits
 from trustvbd.blocks.block_runs import BlockRuns
 
 # Blocks copied per step of a resync, scrub or read-repair (one range lock, one read,
@@ -128,6 +128,12 @@ class Replica:
     lag_strikes: int = 0        # cut-offs for lagging, each soon after it was taken back
     lag_cutoffs: int = 0        # times it was cut off for lagging behind its peers, in all
     taken_back_at: float = -LAG_FORGET  # monotonic time it last joined the write set
+    # Its link as Submits (None: it cannot queue a write without a coroutine), checked once
+    # here rather than per batch of writes.
+    submits: Submits | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.submits = self.link if isinstance(self.link, Submits) else None
 
     def cut_off_for_lag(self) -> None:
         """Its connection is dropped for lagging behind a peer (a guest request paid

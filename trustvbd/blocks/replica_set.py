@@ -37,7 +37,6 @@ from trustvbd.blockdev import (
     TellsBreak,
     Watched,
     WritesMayBeLost,
-    provides,
 )
 from trustvbd.blocks import replica_reads
 from trustvbd.blocks.block_runs import BlockRuns
@@ -224,9 +223,8 @@ class ReplicaSet:
         self._note_written(blocks)
 
         def submit(r: Replica) -> asyncio.Future[list[BlockError | None]] | None:
-            link = r.link
-            return (cast(Submits, link).submit_writes([(offset, data)], fua)
-                    if provides(link, Submits) else None)
+            submits = r.submits
+            return submits.submit_writes([(offset, data)], fua) if submits is not None else None
         await self._all(writers, lambda r: r.link.pwrite(offset, data, fua), lambda: blocks,
                         "write", submit)
 
@@ -246,18 +244,16 @@ class ReplicaSet:
         start = self._data_start
         writes = [(start + b0 * BS, ct) for b0, ct in runs]
         if len(self.replicas) == 1:
-            if len(writers) != 1 or not provides(link := writers[0].link, Submits):
+            if len(writers) != 1 or (submits := writers[0].submits) is None:
                 return False
-            # (Said so, not cast(): typing.cast is a Python call, per write here.)
-            submits: Submits = link  # type: ignore[assignment]
             future = submits.submit_writes(writes, fua, retried=True)
             if future is None:
                 return False
             future.add_done_callback(functools.partial(_single_ended, submits, ended, len(writes)))
             return True
-        if len(writers) < 2 or not provides(first := writers[0].link, Submits):
+        if len(writers) < 2 or (first := writers[0].submits) is None:
             return False  # (one writer left: pwrite awaits it alone)
-        future = first.submit_writes(writes, fua)  # type: ignore[attr-defined]  # (Submits)
+        future = first.submit_writes(writes, fua)
         if future is None:
             return False
         blocks = [range(b0, b0 + len(ct) // BS) for b0, ct in runs]
@@ -267,13 +263,12 @@ class ReplicaSet:
         fan = _FanOut(self, writers, blocks, ended)
         future.add_done_callback(functools.partial(fan.answered, writers[0], True))
         for r in writers[1:]:
-            link = r.link
-            submitted = provides(link, Submits)
-            later: asyncio.Future[Any] | None = (  # (Submits; not cast(): a Python call)
-                link.submit_writes(writes, fua) if submitted else None)  # type: ignore[attr-defined]
+            submits = r.submits
+            later: asyncio.Future[Any] | None = (
+                submits.submit_writes(writes, fua) if submits is not None else None)
+            submitted = later is not None
             if later is None:  # this one waits for a slot or a reconnect: in a task
-                submitted = False
-                task = self._running_loop().create_task(_pwrites(link, writes, fua))
+                task = self._running_loop().create_task(_pwrites(r.link, writes, fua))
                 self._tasks.add(cast("asyncio.Task[None]", task))
                 task.add_done_callback(self._tasks.discard)
                 later = task
@@ -613,8 +608,8 @@ class _FanOut:
             for i, error in enumerate(outcomes):
                 if error is not None:
                     failed[i].append((r, error))
-        if submitted and outcomes is not None and not self.cancelled:
-            link: Submits = r.link  # type: ignore[assignment]  # (not cast(): a Python call)
+        link = r.submits
+        if submitted and link is not None and outcomes is not None and not self.cancelled:
             if went:  # (what _tell_link says of it)
                 link.write_ended(None)
             else:
@@ -675,8 +670,8 @@ async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]], targets: lis
                     error = got[0]
             if error is not None:
                 failed.append((r, error))
-            if submitted:
-                cast(Submits, r.link).write_ended(error)
+            if submitted and (submits := r.submits) is not None:  # (submitted: it is)
+                submits.write_ended(error)
     except asyncio.CancelledError:
         for _, future, _ in started:
             future.cancel()

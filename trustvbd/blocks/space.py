@@ -48,6 +48,7 @@ class SpaceWatch(Layer):
         self._wrote = False
         self._read_into = reader_into(next)
         self._native = cast(ReadsNatively, next) if provides(next, ReadsNatively) else None
+        self._submits = next if isinstance(next, Submits) else None  # (checked once)
 
     @property
     def message(self) -> str:
@@ -121,8 +122,8 @@ class SpaceWatch(Layer):
     def submit_writes(self, writes: list[tuple[int, Buffer]], fua: bool = False,
                       retried: bool = False) -> asyncio.Future[list[BlockError | None]] | None:
         """As pwrite, without a coroutine, when the link below can (Submits)."""
-        nxt: Submits = self.next  # type: ignore[assignment]  # (not cast(): a call per batch)
-        return nxt.submit_writes(writes, fua, retried) if provides(nxt, Submits) else None
+        nxt = self._submits
+        return nxt.submit_writes(writes, fua, retried) if nxt is not None else None
 
     def native_client(self) -> NativeClient | None:
         """The connection below whose engine the native read plane may use (ReadsNatively)."""
@@ -133,8 +134,8 @@ class SpaceWatch(Layer):
             self._went_through()
         elif isinstance(error, BlockError):
             self._failed(error)
-        nxt: Submits = self.next  # type: ignore[assignment]  # (not cast(): a call per batch)
-        if provides(nxt, Submits):
+        nxt = self._submits
+        if nxt is not None:
             nxt.write_ended(error)
 
     async def zero(self, offset: int, length: int, fua: bool = False, may_trim: bool = False,
