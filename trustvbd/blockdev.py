@@ -10,8 +10,8 @@ Errors are raised as `BlockError` carrying an errno value, which the NBD server
 maps to an NBD error code for that one request.
 
 Optional abilities are declared as Protocols below (`ReadsInto`, `ReadsNatively`,
-`ServesReadsNatively`, `WritesNatively`, `ServesFileRanges`, `HasEpoch`, `Breakable`, `Reconnectable`,
-`ReportsAllocation`): a caller asks `isinstance(b, P)`
+`ServesReadsNatively`, `WritesNatively`, `ServedFromFile`, `HasEpoch`, `Breakable`,
+`Reconnectable`, `ReportsAllocation`): a caller asks `isinstance(b, P)`
 once, when it composes the stack, and keeps the bound method.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -63,31 +62,6 @@ class Capabilities:
     # True only if a FLUSH on any connection persists writes completed on all
     # connections to the same backend object (true when they share one object).
     multi_conn: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class FileRange:
-    """`length` bytes at `offset` of the open file `fd` (zeros past its end).
-
-    A read reply the NBD server sends with os.sendfile (nbd/zero_copy.py). Valid
-    only while the backend that made it keeps `fd` open; the server sends or reads
-    it before the end of the event-loop iteration that queued it.
-    """
-
-    fd: int
-    offset: int
-    length: int
-
-    def __len__(self) -> int:
-        return self.length
-
-    def read(self, start: int = 0) -> bytes:
-        """The range from `start` on, as bytes. Raises OSError if the file cannot be read."""
-        want = self.length - start
-        data = os.pread(self.fd, want, self.offset + start)
-        if len(data) < want:  # the file was shrunk under us: the rest reads as zeros
-            data += bytes(want - len(data))
-        return data
 
 
 @runtime_checkable
@@ -156,23 +130,6 @@ class ReadsInto(Protocol):
 
 
 @runtime_checkable
-class ServesFileRanges(Protocol):
-    """Its bytes sit in a file: a read may be answered by a `FileRange` (sendfile)."""
-
-    def file_range(self, offset: int, length: int) -> FileRange: ...
-
-
-@runtime_checkable
-class WritesAtOnce(Protocol):
-    """Its writes never wait (a page-cached file): a server calls `write_now` inline, with
-    no coroutine per request."""
-
-    def write_now(self, offset: int, data: Buffer, fua: bool = False) -> None:
-        """As `pwrite`, done when it returns; BlockError if it fails."""
-        ...
-
-
-@runtime_checkable
 class ServedFromFile(Protocol):
     """One file, nothing between it and the peer (FileBackend): a server may serve a
     connection's transmission natively, on a thread of its own (nbd/file_serve.py), with
@@ -205,16 +162,6 @@ class WritesInline(Protocol):
     def write_inline(self, offset: int, data: Buffer, fua: bool = False) -> bool:
         """True: the write was done in this call, as `pwrite` would have done it. False:
         nothing was done, and `pwrite` must serve it. BlockError if it fails."""
-        ...
-
-
-@runtime_checkable
-class ReadsAtOnce(Protocol):
-    """Its reads never wait (a page-cached file): a server calls `read_now` inline, with
-    no coroutine per request."""
-
-    def read_now(self, offset: int, length: int) -> Buffer:
-        """As `pread`, done when it returns; BlockError if it fails."""
         ...
 
 

@@ -1,7 +1,8 @@
 """READs of a file export, served by the native loop (FileBackend, ServedFromFile;
 nbd/file_serve.py): small ones preaded among the replies, big ones by sendfile, longer
 than one part in parts; a failing read, a file shrunk under the export, a batch of reads
-larger than the loop gathers, driven by libnbd and a raw client. No READ comes to Python."""
+larger than the loop gathers, driven by libnbd and a raw client. No READ comes to Python
+(neither pread nor the read_now behind it)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import nbd  # Debian's python3-libnbd, put on sys.path by tests/conftest.py
 import pytest
 
 from tests.nbd.helpers import RawClient, ServerThread
-from trustvbd.blockdev import Buffer, FileRange, ServedFromFile, provides
+from trustvbd.blockdev import Buffer, ServedFromFile, provides
 from trustvbd.blocks.file import FileBackend
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.exports import Export, StaticExports
@@ -32,10 +33,6 @@ class CountingFile(FileBackend):
     def read_now(self, offset: int, length: int) -> Buffer:
         self.calls.append(("read_now", offset, length))
         return super().read_now(offset, length)
-
-    def file_range(self, offset: int, length: int) -> FileRange:
-        self.calls.append(("file_range", offset, length))
-        return super().file_range(offset, length)
 
     async def pread(self, offset: int, length: int) -> Buffer:
         self.calls.append(("pread", offset, length))

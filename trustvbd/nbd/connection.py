@@ -10,7 +10,7 @@ differs. One module per concern:
 
 - connection_handshake.py: the handshake's asyncio side, STARTTLS, the export attached;
 - connection_limits.py: what a connection may hold (tasks, bytes, budget), idling;
-- reply_output.py: replies queued, framed and written (sendfile for file ranges);
+- reply_output.py: replies queued, framed and written;
 - parted_requests.py: READs and WRITEs longer than REQUEST_PART (32 MiB);
 - this module: the asyncio callbacks, request dispatch and closing.
 
@@ -25,14 +25,13 @@ replies framed natively (_native_replied, once per batch of replies): no Python 
 READ; one that fails there comes back to _native_failed and runs as a task. A file
 export (ServedFromFile: the driver's FileBackend) on a plain socket is handed, once
 attached and between requests, to a native loop on a thread of its own (file_serve.py):
-no Python per request at all. Otherwise (TLS, a memory budget, an idle timeout) a backend
-whose writes never wait (WritesAtOnce: the FileBackend) gets a WRITE as one call, its
-reply queued at once; one whose reads never wait (ReadsAtOnce) a READ as one call too;
-one that does the common write inline (WritesInline: the encryption layer's small writes
-answered before their replicas) gets such a WRITE as one call too. Replies are batched,
-framed and written with one writelines() per loop iteration. A backend with a
-`file_range` method (the FileBackend) answers reads with a FileRange sent by sendfile
-(zero_copy.py).
+no Python per request at all. That loop is the one data path for a file: a FileBackend
+served otherwise (TLS, a memory budget or an idle timeout, which the driver domain never
+has; or requests the client sent before the handshake's reply) goes the general way,
+its coroutines stepped inline. A backend that does the common write inline (WritesInline:
+the encryption layer's small writes answered before their replicas) gets such a WRITE as
+one call. Replies are batched, framed and written with one writelines() per loop
+iteration.
 
 Ordering: a FLUSH waits for every write-type request received before it that is
 still running, which covers the spec's "all writes completed before the flush".
@@ -57,7 +56,6 @@ from trustvbd.blockdev import (
     Backend,
     BlockError,
     Buffer,
-    FileRange,
     ReportsAllocation,
     ServesReadsNatively,
     WritesNatively,
@@ -71,7 +69,6 @@ from trustvbd.nbd.core import ProtocolCore, Role
 from trustvbd.nbd.exports import Export, PeerInfo
 from trustvbd.nbd.parted_requests import PartedWrite, dispatch_part, serve_parted_read
 from trustvbd.nbd.server_handshake import GREETING_FLAGS
-from trustvbd.nbd.zero_copy import SENDFILE_MIN, OutPart
 
 if TYPE_CHECKING:
     from trustvbd.nbd.client import NbdClient
@@ -134,19 +131,15 @@ class Connection(asyncio.BufferedProtocol):
         self._native_idle: asyncio.Event | None = None  # set when the last of them ends
         self._inflight_bytes = 0
         self._parted: dict[int, PartedWrite] = {}  # cookie -> WRITE arriving in pieces
-        self._held: list[OutPart] | None = None  # replies waiting for a simple-reply stream
+        self._held: list[Buffer] | None = None  # replies waiting for a simple-reply stream
         self._stream_lock = asyncio.Lock()
         self._drained = asyncio.Event()  # the transport holds no unsent bytes
         self._drained.set()
-        self._out: list[OutPart] = []
+        self._out: list[Buffer] = []
         self._replies: list[tuple[int, int, str, int, Buffer | None]] = []  # not framed yet
         self._out_bytes = 0
-        self._out_special = False  # _out holds a FileRange
-        self._file_range: Callable[[int, int], FileRange] | None = None
-        self._write_now: Callable[[int, Buffer, bool], None] | None = None  # WritesAtOnce
         self._write_inline: Callable[[int, Buffer, bool], bool] | None = None  # WritesInline
-        self._read_now: Callable[[int, int], Buffer] | None = None  # ReadsAtOnce
-        self._sock_fd = -1  # for sendfile; -1 when the transport is not a plain socket
+        self._sock_fd = -1  # for file_serve.py; -1 when the transport is not a plain socket
         self._flush_scheduled = False
         self._transport_busy = False  # the transport holds unsent bytes (between pause/resume_writing)
         self._reading_paused = False
@@ -165,9 +158,10 @@ class Connection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and transport.get_extra_info("sslcontext") is None:
             self._sock_fd = sock.fileno()
-        # Told whenever the transport starts and stops holding unsent bytes: file ranges
-        # (zero_copy.py) may only go straight to the socket when it holds none. Reading
-        # stops only at WRITE_BUFFER_HIGH bytes of output (_update_reading).
+        # Told whenever the transport starts and stops holding unsent bytes: replies wait
+        # here meanwhile, and a file's native loop takes over only when it holds none
+        # (file_serve.py). Reading stops only at WRITE_BUFFER_HIGH bytes of output
+        # (_update_reading).
         transport.set_write_buffer_limits(high=0, low=0)  # type: ignore[attr-defined]
         transport.write(self.core.send(m.Greeting(GREETING_FLAGS)))  # type: ignore[attr-defined]
         if self._budget is not None:
@@ -264,7 +258,6 @@ class Connection(asyncio.BufferedProtocol):
     _queue_reply = reply_output.queue_reply
     _queue_write_replies = reply_output.queue_write_replies
     _reply_error = reply_output.reply_error
-    _reply_file_range = reply_output.reply_file_range
     _queue = reply_output.queue
     _flush = reply_output.flush
 
@@ -314,10 +307,6 @@ class Connection(asyncio.BufferedProtocol):
                     self._close_gracefully()
             elif typ == _DISC:
                 self._close_gracefully()
-            elif typ == _READ and self._read_now is not None and length <= p.REQUEST_PART:
-                self._read_at_once(cookie, offset, length)
-            elif typ == _WRITE and self._write_now is not None:
-                self._write_at_once(flags, cookie, offset, data)  # type: ignore[arg-type]
             elif typ == _WRITE and self._write_inline is not None:
                 if requests and self._writes is not None and self._write_queued(item):
                     continue
@@ -331,17 +320,6 @@ class Connection(asyncio.BufferedProtocol):
                 self._run(self._serve(typ, flags, cookie, offset, length, data), typ,
                           min(length, p.REQUEST_PART) if typ == _READ
                           else length if typ == _WRITE else 0)
-
-    def _write_at_once(self, flags: int, cookie: int, offset: int, payload: Buffer) -> None:
-        """A WRITE to a backend whose writes never wait (WritesAtOnce): no coroutine."""
-        assert self._write_now is not None
-        fua = bool(flags & _FUA)
-        try:
-            self._write_now(offset, payload, fua)
-        except Exception as exc:
-            self._reply_failure(_WRITE, cookie, exc)
-            return
-        self._write_done(cookie, payload, fua)
 
     def _write_queued(self, item: m.RequestItem) -> bool:
         """`item`, a WRITE, and the WRITEs queued right after it (parsed while the writes
@@ -410,7 +388,7 @@ class Connection(asyncio.BufferedProtocol):
         self._update_reading()
 
     def _write_done(self, cookie: int, payload: Buffer, fua: bool) -> None:
-        """A WRITE done in the server's call (_write_at_once, _write_inline_or_run): its
+        """A WRITE done in the server's call (_write_inline_or_run): its
         pooled payload back, its reply queued; with FUA it leaves at once, as in _serve."""
         if len(payload) > _POOL_MIN:
             self.core.pool.give_back(payload)  # type: ignore[arg-type] # as in _serve
@@ -429,22 +407,6 @@ class Connection(asyncio.BufferedProtocol):
         log.error("nbd: %s on export %r failed unexpectedly", p.name_of(p.Cmd, typ),
                   self.export_name, exc_info=exc)
         self._reply_error(typ, cookie, p.NbdErr.EIO, f"internal server error: {exc}")
-
-    def _read_at_once(self, cookie: int, offset: int, length: int) -> None:
-        """A READ from a backend whose reads never wait (ReadsAtOnce): no coroutine; a big
-        one from a file is answered by sendfile (FileRange), as in _serve."""
-        assert self._read_now is not None
-        try:
-            if self._file_range is not None and length >= SENDFILE_MIN:
-                self._reply_file_range(cookie, offset, self._file_range(offset, length))
-                return
-            data = self._read_now(offset, length)
-            if len(data) != length:
-                raise BlockError(errno.EIO, f"backend returned {len(data)} of {length} bytes")
-        except Exception as exc:
-            self._reply_failure(_READ, cookie, exc)
-            return
-        self._queue_reply(cookie, 0, "", offset, data)
 
     # --- READs in the native read plane (ServesReadsNatively) ------------------------
     def _parse_batch(self, session: NbdServerSession, buf: bytearray, start: int, end: int
@@ -601,9 +563,6 @@ class Connection(asyncio.BufferedProtocol):
                 if length > p.REQUEST_PART:
                     await serve_parted_read(self, cookie, offset, length)
                     return
-                if self._file_range is not None and length >= SENDFILE_MIN:
-                    self._reply_file_range(cookie, offset, self._file_range(offset, length))
-                    return
                 data = await backend.pread(offset, length)
                 if len(data) != length:
                     raise BlockError(errno.EIO, f"backend returned {len(data)} of {length} bytes")
@@ -678,7 +637,7 @@ class Connection(asyncio.BufferedProtocol):
             if self._tasks:
                 await asyncio.wait(list(self._tasks))
             await self._wait_native()  # one that fails goes on as a task: wait for it too
-        self._flush(final=True)
+        self._flush()
         if self._transport is not None:
             self._transport.close()
 

@@ -17,10 +17,7 @@ from typing import TYPE_CHECKING
 
 from trustvbd.blockdev import (
     FlushesPerConnection,
-    ReadsAtOnce,
-    ServesFileRanges,
     ServesReadsNatively,
-    WritesAtOnce,
     WritesInline,
     WritesNatively,
 )
@@ -80,7 +77,7 @@ async def _start_tls(conn: Connection) -> str:
         raise HandshakeEnded("client closed the connection during the TLS handshake")
     conn._transport = upgraded  # type: ignore[assignment]
     conn.proven = True  # a certificate of our CA (which guest's, negotiate checks)
-    conn._sock_fd = -1  # replies now go through TLS: no sendfile, no direct writes
+    conn._sock_fd = -1  # replies now go through TLS: no native file loop (file_serve.py)
     # Paused while the TLS layer holds any unsent byte, resumed once it holds none. Not
     # high=0 as on a plain transport: asyncio's and uvloop's TLS layers pause at size >= high,
     # so high=0 paused the connection after every write that left nothing behind, with no
@@ -120,22 +117,16 @@ async def handshake(conn: Connection) -> None:
     conn.export_name = result.export.name
     conn._backend = result.export.backend
     backend = conn._backend
-    conn._file_range = (backend.file_range
-                        if conn._sock_fd >= 0 and isinstance(backend, ServesFileRanges) else None)
     conn._flush_backend = (backend.flusher() if isinstance(backend, FlushesPerConnection)
                            else backend.flush)
-    if conn._file_range is None and isinstance(backend, ServesReadsNatively):
+    if isinstance(backend, ServesReadsNatively):
         conn._reads = backend
         conn.core.parse_batch = conn._parse_batch
     if isinstance(backend, WritesNatively):
         conn._writes = backend
         conn.core.parse_batch = conn._parse_batch
-    if isinstance(backend, WritesAtOnce):
-        conn._write_now = backend.write_now
-    elif isinstance(backend, WritesInline):
+    if isinstance(backend, WritesInline):
         conn._write_inline = backend.write_inline
-    if isinstance(backend, ReadsAtOnce):
-        conn._read_now = backend.read_now
     conn._transmitting = True
     conn._update_reading()  # the guest may be over its budget already
     conn._start_idle_timer()

@@ -3,8 +3,7 @@
 Replies are batched: queued during a loop iteration, framed natively (simple or
 structured, as negotiated) with the others of that iteration, and written with one
 writelines() at its end, or at once past FLUSH_OUTPUT_AT bytes or at a durability
-point. A FileRange (zero_copy.py) goes straight to the socket by sendfile when the
-transport holds nothing unsent. While a long READ streams simple replies
+point. While a long READ streams simple replies
 (parted_requests.py), other replies are held until it ends.
 
 The functions taking the connection are Connection's methods (bound in its class
@@ -17,10 +16,9 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from trustvbd.blockdev import Buffer, FileRange
+from trustvbd.blockdev import Buffer
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.connection_limits import UNCHARGED_MAX, WRITE_BUFFER_HIGH
-from trustvbd.nbd.zero_copy import OutPart, materialize, send_now
 
 if TYPE_CHECKING:
     from trustvbd.nbd.connection import Connection
@@ -29,11 +27,6 @@ log = logging.getLogger("trustvbd.nbd.server")
 
 FLUSH_OUTPUT_AT = 512 * 1024
 _REPLY_HEADER = 32  # bytes counted per queued reply besides its data (its header, at most)
-
-
-def reply_file_range(conn: Connection, cookie: int, offset: int, data: FileRange) -> None:
-    head = conn.core.server_session().frame([(cookie, 0, "", offset, data.length)])
-    queue(conn, [*head, data])
 
 
 def reply_error(conn: Connection, typ: int, cookie: int, error: int, message: str) -> None:
@@ -77,18 +70,17 @@ def _frame_replies(conn: Connection) -> None:
     conn._out.extend(conn.core.server_session().frame(replies))
 
 
-def queue(conn: Connection, parts: Sequence[OutPart], stream: bool = False,
+def queue(conn: Connection, parts: Sequence[Buffer], stream: bool = False,
           now: bool = False) -> None:
     """Queue framed parts (`now`: nothing else runs, so they leave at once, as queue_reply's
     `last`)."""
     if conn._output_closed:
         return
     if (now and not conn._out and not conn._replies and not conn._transport_busy
-            and conn._held is None and not conn._reading_paused
-            and FileRange not in map(type, parts)):
+            and conn._held is None and not conn._reading_paused):
         # Nothing queued before them and nothing left to account (a QD1 guest's reply):
         # straight to the transport, as flush would.
-        conn._transport.writelines(parts)  # type: ignore[union-attr,arg-type] # plain buffers
+        conn._transport.writelines(parts)  # type: ignore[union-attr]
         return
     if conn._held is not None and not stream:  # a simple-reply stream is being sent
         conn._held.extend(parts)
@@ -96,8 +88,6 @@ def queue(conn: Connection, parts: Sequence[OutPart], stream: bool = False,
     if conn._replies:
         _frame_replies(conn)  # they go first
     for part in parts:
-        if type(part) is FileRange:
-            conn._out_special = True
         conn._out.append(part)
         conn._out_bytes += len(part)
     _queued(conn, now)
@@ -118,46 +108,18 @@ def _queued(conn: Connection, now: bool = False) -> None:
         conn._loop.call_soon(conn._flush)
 
 
-def flush(conn: Connection, final: bool = False) -> None:
-    """Write queued replies; with `final`, everything now (the connection is closing)."""
+def flush(conn: Connection) -> None:
+    """Write queued replies (the transport holds what the socket does not take)."""
     conn._flush_scheduled = False
     if conn._replies:
         _frame_replies(conn)
     if not conn._out:
         return
     transport = conn._transport
+    queued, conn._out, conn._out_bytes = conn._out, [], 0
     if conn._output_closed or transport is None:
-        conn._out, conn._out_bytes, conn._out_special = [], 0, False
         return
-    queued = conn._out
-    if not conn._out_special:
-        conn._out, conn._out_bytes = [], 0
-        transport.writelines(queued)  # type: ignore[arg-type] # plain buffers only
-        _resume_if_drained(conn)
-        return
-    direct = conn._sock_fd >= 0 and not conn._transport_busy
-    if not direct and not final and conn._sock_fd >= 0:
-        return  # behind bytes the transport still holds: wait for resume_writing
-    try:
-        if direct:
-            unsent, later = send_now(conn._sock_fd, queued)
-            if final:
-                unsent, later = unsent + materialize(later), []
-        else:
-            unsent, later = materialize(queued), []
-    except OSError as exc:
-        # A reply header may already be on the wire: the only honest way out
-        # is to drop the connection (the client sees its requests fail).
-        log.error("nbd: export %r: read error after a reply began: %s; closing the "
-                  "connection from %s", conn.export_name, exc.strerror, conn.peer.identity)
-        conn._out, conn._out_bytes, conn._out_special = [], 0, False
-        conn._abort()
-        return
-    conn._out = later
-    conn._out_bytes = sum(len(part) for part in later)
-    conn._out_special = any(type(part) is FileRange for part in later)
-    if unsent:
-        transport.writelines(unsent)
+    transport.writelines(queued)
     _resume_if_drained(conn)
 
 

@@ -32,7 +32,7 @@ const RECEIVE: usize = 512 * 1024;
 /// Replies gathered before they are written even if more requests wait.
 const OUT_MAX: usize = 1 << 20;
 /// READs of at least this many bytes are sent by sendfile; smaller ones are copied in
-/// among the other replies (as trustvbd/nbd/zero_copy.py does: a system call costs more).
+/// among the other replies (for them the system call costs more than the copy).
 const SENDFILE_MIN: usize = 64 * 1024;
 
 /// How a connection ended.
