@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.interop.hostile_net import LatencyLink, flooding
 from tests.nbd.helpers import Activated, Peer
 from tests.support import TRUSTVBD, System, config, disk, driver, guest, run
 from trustvbd.acm.audit import AuditLog
@@ -290,3 +291,31 @@ def test_strangers_stalled_in_the_handshake_cannot_lock_a_guest_out(tls_system: 
     finally:
         for s in stalled:
             s.close()
+
+
+
+@pytest.mark.parametrize(("mode", "source", "delay"),
+                         [("silent", "127.0.0.1", 0.05), ("starttls", "127.0.0.2", 0.1)])
+def test_a_far_guest_gets_in_through_a_flood_of_new_connections(
+        tls_system: System, mode: str, source: str, delay: float) -> None:
+    """Strangers giving way to newer connections (above) let a flood of new connections push
+    a guest out in the middle of its TLS handshake, once enough of them came in during it: a
+    guest 100 ms away (its handshake ~1 s) was cut off at ~130 new connections a second
+    ("The TLS connection was non-properly terminated"). It gets in now, through a flood of
+    silent connections from its own address (only one round trip, before it began TLS, is
+    open to that), or of connections that began TLS (and stall) from another address."""
+    uri = tcp_uri(tls_system, "vm1", "d1")
+    port = int(uri.split(":")[2].split("/")[0])
+    certs = tls_system.root / "pki" / "guests" / "vm1"
+    link = LatencyLink(port, delay)
+    far = uri.replace(f":{port}/", f":{link.port}/") + f"?tls-certificates={certs}"
+    try:
+        with flooding(port, mode, source):
+            time.sleep(0.5)
+            for _ in range(4):
+                out = subprocess.run(["nbdinfo", "--size", far], capture_output=True, text=True,
+                                     timeout=60, env=nbd_env())
+                assert out.returncode == 0, out.stderr[-1500:]
+                assert out.stdout.strip() == str(4 * MIB)
+    finally:
+        link.close()

@@ -97,9 +97,12 @@ class Connection(asyncio.BufferedProtocol):
         self.refusal = refusal  # the peer is not who this socket serves (e.g. another uid)
         # Who it is, the server knows: a Unix socket's owner (or a port without TLS) at once,
         # a TLS port's client once its certificate passed. Until then it may be anyone on the
-        # network: the server closes it, oldest first, for a newer one over its limit.
+        # network: the server closes it for a newer one over its limit (NbdServer._make_room):
+        # from the source holding the most such, one that has not begun TLS first, oldest first.
         self.proven = server.tls is None
-        self.accepted = time.monotonic()
+        self.source = peer.address  # the server sets where it comes from (its address)
+        self.tls_begun = False
+        self.since = time.monotonic()  # accepted, or (once tls_begun) TLS begun
         self._over_tls = False  # STARTTLS began: the transport is (becoming) TLS
         self._tls_starting = False
         self._budget = server.budget

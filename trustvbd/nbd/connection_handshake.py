@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -62,6 +63,7 @@ async def _start_tls(conn: Connection) -> str:
     context, transport = conn.server.tls, conn._transport
     assert context is not None and transport is not None
     conn._tls_starting = conn._over_tls = True
+    conn.tls_begun, conn.since = True, time.monotonic()  # ahead of silent strangers (_make_room)
     try:
         upgraded = await conn._loop.start_tls(
             transport, conn, context, server_side=True,

@@ -12,7 +12,9 @@ independent: a client that misbehaves loses its own connection only.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -61,6 +63,22 @@ def describe_peer(sock: socket.socket) -> str:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     except OSError:
         return "unknown"
+
+
+def source_of(sock: socket.socket) -> str:
+    """Where a connection comes from, for fairness between sources: its IPv4 address, its
+    IPv6 /64 (one host holds a whole /64), or a Unix socket peer's uid."""
+    try:
+        if sock.family == socket.AF_UNIX:
+            return f"uid {peer_uid(sock)}"
+        ip = ipaddress.ip_address(sock.getpeername()[0])
+    except (OSError, ValueError):
+        return "unknown"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class NbdServer:
@@ -128,23 +146,30 @@ class NbdServer:
             task.add_done_callback(self._handlers.discard)
 
     def _make_room(self) -> bool:
-        """Over the limit: close the oldest connection whose client has not proven who it is
-        (a TLS port's, before its certificate), if any. Anyone who can reach a guest's port
-        could otherwise hold every slot with sockets that say nothing, the guest locked out."""
+        """Over the limit: close a connection whose client has not proven who it is (a TLS
+        port's, before its certificate), if any. Anyone who can reach a guest's port could
+        otherwise hold every slot with sockets that say nothing, the guest locked out.
+
+        Which one: from the source (address) holding the most such, so a flood from
+        elsewhere cannot push a guest out mid-handshake; of those, one that has not begun
+        TLS, so a flood of silent sockets cannot either; the oldest (since accepted, or since
+        it began TLS). A flood from the guest's own address that begins TLS still can."""
         strangers = [c for c in self.connections if not c.proven]
         if not strangers:
             return False
-        oldest = min(strangers, key=lambda c: c.accepted)
-        self.connections.discard(oldest)
+        held = collections.Counter(c.source for c in strangers)
+        victim = min(strangers, key=lambda c: (-held[c.source], c.tls_begun, c.since))
+        self.connections.discard(victim)
         if self._refused_window is None:
-            log.warning("nbd: %s: %d connections (the limit: [limits] connections): closing the"
-                        " oldest still in its TLS handshake, from %s, for a new one",
-                        self.identity, self.max_connections, oldest.peer.address)
+            log.warning("nbd: %s: %d connections (the limit: [limits] connections): closing"
+                        " one still in its TLS handshake, from %s (%d such from there), for a"
+                        " new one", self.identity, self.max_connections, victim.peer.address,
+                        held[victim.source])
             self._refused_window = asyncio.get_running_loop().call_later(
                 REFUSED_LOG_WINDOW, self._log_refused)
         else:
             self._refused += 1
-        oldest._abort()
+        victim._abort()
         return True
 
     def _refuse(self, sock: socket.socket) -> None:
@@ -185,6 +210,7 @@ class NbdServer:
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
         peer = PeerInfo(identity=self.identity, address=describe_peer(sock))
         conn = Connection(self, peer, self._check_owner(sock))
+        conn.source = source_of(sock)
         self.connections.add(conn)
         try:
             await loop.connect_accepted_socket(lambda: conn, sock)
