@@ -240,3 +240,42 @@ def test_an_integrity_event_to_a_launcher_that_reads_nothing_never_fails_the_req
         theirs.close()
 
     asyncio.run(scenario())
+
+
+def test_an_encryption_domain_that_reads_nothing_is_told_of_a_new_policy_once_it_reads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`policy load` tells each encryption domain until it confirms: one stopped so long that
+    its channel is full (ControlFull: the message was not even sent) is told again once it
+    reads, and its answer, however late, is what the launcher gets."""
+    from trustvbd.domains import hv_policy
+    from trustvbd.domains.control import MAX_QUEUED
+
+    monkeypatch.setattr(hv_policy, "RETELL_INTERVAL", 0.01)
+
+    async def scenario() -> None:
+        ours, theirs = socket_pair()
+        launcher = ControlChannel(ours, None, "crypt-Payroll")
+        launcher.start()
+        filler = 0
+        while len(launcher._queue) < MAX_QUEUED:  # stopped: it reads nothing
+            launcher.send({"n": filler})
+            filler += 1
+        told = asyncio.create_task(hv_policy.enforce("crypt-Payroll", launcher))
+        await asyncio.sleep(0.2)
+        assert not told.done()  # no confirmation: it was not told, it keeps being told
+        checked: list[str] = []
+
+        async def domain(message: dict, fds: list[int]) -> tuple[dict, list[int]] | None:
+            if "id" not in message:
+                return None  # what filled the channel
+            checked.append(message["type"])
+            return m.Rechecked(2).encode(), []
+
+        crypt = ControlChannel(theirs, domain, "hv")  # it runs again: reads everything
+        crypt.start()
+        assert await asyncio.wait_for(told, 10) == 2
+        assert checked == [m.PolicyChanged.TYPE]  # told once it read, once only
+        launcher.close()
+        crypt.close()
+
+    asyncio.run(scenario())

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.acm.util import XM_TEST
 from tests.interop import clients
 from tests.support import TRUSTVBD, System, config, disk, driver, guest, run, up_with_policy
+from trustvbd.domains.supervisor import signal_stopped
 
 pytestmark = pytest.mark.interop
 
@@ -220,5 +223,112 @@ def test_a_policy_load_of_a_fifo_or_device_is_refused_and_the_launcher_goes_on(
         code, _ = qemu_io(uri(s, "vm1", "payroll"))
         assert code == 0
         s.stop()
+    finally:
+        s.kill()
+
+
+def closed_within(h: Any, seconds: float) -> bool:
+    """Whether the server closes this idle libnbd connection within `seconds`. Nothing is
+    sent: a request to a stopped server would wait in libnbd for good."""
+    nbd = clients.libnbd()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            h.poll(100)
+        except nbd.Error:
+            return True
+        if h.aio_is_dead() or h.aio_is_closed():
+            return True
+    return False
+
+
+def test_a_stopped_encryption_domain_does_not_hold_up_a_policy_load_elsewhere(
+        short_tmp: Path) -> None:
+    """`policy load` told the encryption domains one after another, each with 60 s to answer:
+    one stopped (SIGSTOP; a stalled loop alike) held the load past the CLI's 30 s, and the
+    domains after it never closed the connections the new policy forbids: vm2 kept the bank
+    disk it may no longer use. Now all are told at once; the CLI's answer names the one that
+    did not confirm and what to do; resumed, it closes its forbidden connection too."""
+    s = start(short_tmp)
+    try:
+        st = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+        stopped = next(d["pid"] for d in st["domains"] if d["name"] == "crypt-Payroll")
+        nbd = clients.libnbd()
+        bank, payroll = nbd.NBD(), nbd.NBD()
+        bank.connect_uri(uri(s, "vm2", "bank"))  # crypt-Bank
+        payroll.connect_uri(uri(s, "aud", "payroll"))  # crypt-Payroll
+        assert bank.pread(4096, 0) == payroll.pread(4096, 0) == bytes(4096)
+        stricter = (POLICY.replace('Bank = { ste = ["Bank"], chwall = ["Bank"] }',
+                                   'Bank = { ste = ["Storage"], chwall = ["Bank"] }')
+                    .replace('Auditor = { ste = ["Payroll"] }', 'Auditor = { ste = ["Storage"] }'))
+        (short_tmp / "stricter.toml").write_text(stricter)
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            cli = subprocess.Popen([*TRUSTVBD, "policy", "load", "-c", str(s.config),
+                                    str(short_tmp / "stricter.toml")],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                # The running domain closes its forbidden connection while the other is stopped.
+                assert closed_within(bank, 20)
+                assert signal_stopped(stopped)
+                out, err = cli.communicate(timeout=60)
+            finally:
+                if cli.poll() is None:
+                    cli.kill()
+                    cli.communicate()
+            assert signal_stopped(stopped)
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        # Within the CLI's own 30 s (else it says "did not answer" and exits 1).
+        assert cli.returncode == 0, err
+        assert "policy payroll-example loaded; 1 connection(s)" in out, out
+        assert (f"encryption domain crypt-Payroll did not confirm the new policy within 10 s"
+                f" (paused by a signal (SIGSTOP): answers nothing until `kill -CONT {stopped}`):"
+                " the connections to its disks (payroll) that the policy now forbids stay open"
+                " until it runs again") in out, out
+        # Resumed, it reads what it was told and closes its forbidden connection as well.
+        assert closed_within(payroll, 20)
+        assert qemu_io(uri(s, "aud", "payroll"))[0] != 0
+        assert qemu_io(uri(s, "vm1", "payroll"))[0] == 0  # it runs again, untouched
+        err = s.stop()
+        assert ("encryption domain crypt-Payroll confirmed the new policy late: 1 connection(s)"
+                " it forbids closed") in err, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+    finally:
+        s.kill()
+
+
+def test_a_stopped_store_does_not_hold_up_the_encryption_domains_on_a_policy_load(
+        short_tmp: Path) -> None:
+    """The store was relabelled before any encryption domain was told: a stopped store made
+    that time out, the load ended there with an empty error (the access-control domain had
+    the new policy already), and no forbidden connection was closed. Now the encryption
+    domains are told beside it, and the answer says the store did not recheck its pairings."""
+    s = start(short_tmp)
+    try:
+        st = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+        store = next(d["pid"] for d in st["domains"] if d["kind"] == "store")
+        nbd = clients.libnbd()
+        bank = nbd.NBD()
+        bank.connect_uri(uri(s, "vm2", "bank"))
+        assert bank.pread(4096, 0) == bytes(4096)
+        stricter = POLICY.replace('Bank = { ste = ["Bank"], chwall = ["Bank"] }',
+                                  'Bank = { ste = ["Storage"], chwall = ["Bank"] }')
+        (short_tmp / "stricter.toml").write_text(stricter)
+        os.kill(store, signal.SIGSTOP)
+        try:
+            out = s.cli("policy", "load", "-c", str(s.config), str(short_tmp / "stricter.toml"),
+                        check=False)
+            assert closed_within(bank, 1)  # closed before the answer came
+        finally:
+            os.kill(store, signal.SIGCONT)
+        assert out.returncode == 0, out.stderr
+        assert "policy payroll-example loaded; 1 connection(s)" in out.stdout, out.stdout
+        assert ("note: the store did not recheck its pairings against the new policy: it did not"
+                " answer within 10 s") in out.stdout, out.stdout
+        assert qemu_io(uri(s, "vm2", "bank"))[0] != 0
+        assert qemu_io(uri(s, "vm1", "payroll"))[0] == 0
+        err = s.stop()
+        assert "Traceback" not in err, err[-3000:]
     finally:
         s.kill()

@@ -217,8 +217,9 @@ class ControlChannel:
         asyncio.get_running_loop().remove_writer(self.sock.fileno())
 
     async def request(
-        self, message: dict[str, Any], fds: list[int] | None = None, timeout: float = 60.0
-    ) -> tuple[dict[str, Any], list[int]]:
+        self, message: dict[str, Any], fds: list[int] | None = None,
+        timeout: float | None = 60.0) -> tuple[dict[str, Any], list[int]]:
+        """Send a request, wait for its reply (`timeout` s; None: as long as the channel lives)."""
         if self.closed.is_set():
             raise ControlClosed(f"control channel to {self.name} is closed")
         ident, future = self._replies.issue(on_late=_close_fds)
@@ -249,7 +250,7 @@ class ControlChannel:
 
     # -- typed messages (domains/messages.py) ------------------------------------------
     async def ask(self, request: Message, *expected: type[M], fds: list[int] | None = None,
-                  timeout: float = 60.0) -> tuple[M | Failed, list[int]]:
+                  timeout: float | None = 60.0) -> tuple[M | Failed, list[int]]:
         """Send a typed request; its reply is one of `expected` or Failed (else MessageError)."""
         reply, got = await self.request(request.encode(), fds, timeout)
         try:

@@ -323,7 +323,7 @@ class CryptDomain:
     async def recheck_connections(self) -> int:
         """After a policy change or an access-control restart: close every connection the
         policy forbids, or whose Chinese Wall attachment could not be restored."""
-        kicked = 0
+        closing: list[asyncio.Task[None]] = []
         for guest, servers in self.servers.items():
             label = self.spec.guests[guest].label
             for server in servers:
@@ -338,9 +338,11 @@ class CryptDomain:
                                             "domain restarted (a conflicting type runs now)")
                     if not decision.allowed:
                         log.warning("closing %s's connection to %s: %s", guest, disk.name, decision.reason)
-                        await conn.close()
-                        kicked += 1
-        return kicked
+                        # Cut off now; its requests under way get their time meanwhile, not
+                        # before the next connection is cut off.
+                        closing.append(asyncio.get_running_loop().create_task(conn.close()))
+        await asyncio.gather(*closing)
+        return len(closing)
 
     # -- channels from the launcher --------------------------------------------------
     @staticmethod

@@ -65,6 +65,8 @@ class Launcher:
         self.broker = ChannelBroker(config, self.acm, bootstrap, self.grants.export_token)
         self.crypt_channels: dict[str, ControlChannel] = {}  # encryption domain -> its channel
         self.crypt_ready: dict[str, asyncio.Event] = {}
+        # Encryption domain -> its confirmation of the last policy loaded (hv_policy.py).
+        self.enforcing: dict[str, asyncio.Task[int | str | None]] = {}
         self.driver_channels: dict[str, ControlChannel] = {}
         # Drivers granted their channel since they started (one each: from_driver), and
         # those told so since, having asked again.

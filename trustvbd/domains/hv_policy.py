@@ -9,24 +9,32 @@ start of `up`. The functions take the hypervisor (hv.Launcher), whose state they
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 import socket
+from collections.abc import Collection
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from trustvbd.acm import Policy, PolicyError, load_policy
 from trustvbd.acm.commands import write_compiled
 from trustvbd.domains import messages as m
-from trustvbd.domains.control import ControlClosed
+from trustvbd.domains.control import ControlChannel, ControlClosed, ControlFull
 from trustvbd.domains.hv_store import crypt_name
 from trustvbd.domains.listeners import close_listeners, listen_unix
 from trustvbd.domains.placement import GuestSocket, further_socket, types_of
+from trustvbd.domains.supervisor import paused, signal_stopped
 
 if TYPE_CHECKING:
     from trustvbd.domains.hv import Launcher
 
 log = logging.getLogger("trustvbd.hv")
+RECHECK_TIMEOUT = 10.0  # the encryption domains closing what a new policy forbids, at once
+STORE_TIMEOUT = 10.0  # the store relabelling the encryption domains and rechecking pairings
+SOCKETS_TIMEOUT = 5.0  # the encryption domains taking their guests' new sockets, at once
+RETELL_INTERVAL = 2.0  # a domain whose channel is full (it reads nothing) is told again
 
 
 def bootstrap_label(bootstrap: str | None, null: bool) -> str:
@@ -67,27 +75,120 @@ async def load(hv: Launcher, path: str) -> m.Message:
     summary = reply.get("policy")
     summary = summary if isinstance(summary, dict) else {}
     hv.broker.trusted_label = bootstrap_label(summary.get("bootstrap"), null=False)
-    await hv.store.relabel_crypt(hv.broker.trusted_label)  # for later pairings
-    closed = 0
-    for channel in list(hv.crypt_channels.values()):
-        if not channel.closed.is_set():
-            answer, _ = await channel.ask(m.PolicyChanged(), m.Rechecked)
-            closed += answer.closed if isinstance(answer, m.Rechecked) else 0
-    try:  # check (a) again for every pairing in the store
-        torn = await hv.store.recheck()
-    except ConnectionError as exc:
-        log.error("%s", exc)
-        torn = []
+    # Every encryption domain is told at once and may take RECHECK_TIMEOUT to confirm,
+    # while the store rechecks its pairings: told one after another (60 s each), one
+    # stopped held the others' revocations past the CLI's 30 s, and they never came.
+    enforcing = {name: tell_crypt(hv, name, channel)
+                 for name, channel in list(hv.crypt_channels.items())
+                 if not channel.closed.is_set()}
+    (torn, store_note), _ = await asyncio.gather(store_recheck(hv),
+                                                 settle(enforcing.values(), RECHECK_TIMEOUT))
+    closed, notes = 0, []
+    for name, task in enforcing.items():
+        if task.cancelled():  # a later load (at the same time) told it again
+            notes.append(f"encryption domain {name}: a later policy load told it again")
+            continue
+        if not task.done():
+            notes.append(unconfirmed(hv, name))
+            task.add_done_callback(functools.partial(confirmed_late, name))
+            continue
+        outcome = task.result()
+        if isinstance(outcome, int):
+            closed += outcome
+        elif outcome is not None:
+            notes.append(outcome)
+    if store_note:
+        notes.append(store_note)
     for t in torn:
         log.warning("the new policy forbids pairing %s with %s: torn down (%s)",
                     t.frontend_dir, t.backend_dir, t.reason)
     log.warning("policy %s loaded; %d connection(s) closed, %d pairing(s) torn down", path,
                 closed, len(torn))
-    for note in moved:
+    for note in [*moved, *notes]:
         log.warning("%s", note)
-    await follow_guest_sockets(hv)
+    notes += await follow_guest_sockets(hv)
     return m.PolicyLoaded(str(summary.get("name") or Path(path).name), closed, len(torn),
-                          moved)
+                          [*moved, *notes])
+
+
+def tell_crypt(hv: Launcher, name: str, channel: ControlChannel) -> asyncio.Task[int | str | None]:
+    """Tell an encryption domain of the new policy until it confirms, in the background (a
+    later load supersedes it): the connections it closed, or what the administrator must
+    know (None: it is gone; its next process checks every connection under the new policy)."""
+    if (old := hv.enforcing.get(name)) is not None:
+        old.cancel()  # its message was sent (or not): this one comes after it
+    hv.enforcing[name] = task = hv.supervisor.spawn_task(enforce(name, channel))
+    return task
+
+
+async def settle(tasks: Collection[asyncio.Task[Any]], timeout: float) -> None:
+    """Until every task is done, `timeout` s at most (none is cancelled)."""
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
+
+
+async def enforce(name: str, channel: ControlChannel) -> int | str | None:
+    while True:
+        try:
+            # No timeout: a stopped domain reads the message once it runs again, then closes
+            # what the policy forbids; the launcher waits for its word as long as it lives.
+            answer, _ = await channel.ask(m.PolicyChanged(), m.Rechecked, timeout=None)
+        except ControlFull:  # not sent: it reads nothing now (stopped?); told once it does
+            await asyncio.sleep(RETELL_INTERVAL)
+            continue
+        except ControlClosed:
+            return None
+        except m.MessageError as exc:
+            answer = m.Failed(m.ErrorCode.BAD_MESSAGE, str(exc))
+        if isinstance(answer, m.Rechecked):
+            return answer.closed
+        assert isinstance(answer, m.Failed)
+        return (f"encryption domain {name} could not check its connections against the new"
+                f" policy: {answer.message}; the connections it forbids may stay open: load the"
+                " policy again once that is fixed")
+
+
+def unconfirmed(hv: Launcher, name: str) -> str:
+    """What the administrator must know of an encryption domain that did not confirm in time."""
+    domain = hv.supervisor.domains.get(name)
+    pid = domain.process.pid if domain is not None and domain.process is not None else None
+    disks = ", ".join(hv.types.get(domain.wtype or "", []) if domain is not None else [])
+    if pid is not None and signal_stopped(pid):
+        why, fix = paused(pid), f"`kill -CONT {pid}`"
+    else:
+        why = f"stopped or overloaded? pid {pid}; `kill -USR1 {pid}` shows where it waits"
+        fix = "give it time"
+    return (f"encryption domain {name} did not confirm the new policy within"
+            f" {RECHECK_TIMEOUT:g} s ({why}): the connections to its disks ({disks}) that the"
+            f" policy now forbids stay open until it runs again; it has been told and closes"
+            f" them then (the launcher logs when). {fix}, or kill it: restarted, it serves"
+            f" under the new policy")
+
+
+def confirmed_late(name: str, task: asyncio.Task[int | str | None]) -> None:
+    if task.cancelled():
+        return  # a later policy load told it again, or `up` is stopping
+    outcome = task.result()
+    if isinstance(outcome, int):
+        log.warning("encryption domain %s confirmed the new policy late: %d connection(s) it"
+                    " forbids closed", name, outcome)
+    elif outcome is not None:
+        log.error("%s", outcome)
+
+
+async def store_recheck(hv: Launcher) -> tuple[list[m.TornDown], str | None]:
+    """The store relabels the encryption domains (for later pairings) and checks (a) again
+    for every pairing in it, in STORE_TIMEOUT at most; else what the administrator must know."""
+    try:
+        async with asyncio.timeout(STORE_TIMEOUT):
+            await hv.store.relabel_crypt(hv.broker.trusted_label)
+            return await hv.store.recheck(), None
+    except (ConnectionError, TimeoutError) as exc:
+        why = str(exc) or f"it did not answer within {STORE_TIMEOUT:g} s (stopped or overloaded?)"
+    log.error("the store did not recheck its pairings against the new policy: %s", why)
+    return [], (f"the store did not recheck its pairings against the new policy: {why};"
+                " pairings it now forbids stay until the policy is loaded again once the store"
+                " answers (`trustvbd status` shows it)")
 
 
 def moved_disks(hv: Launcher, policy: Policy) -> list[str]:
@@ -107,7 +208,7 @@ def moved_disks(hv: Launcher, policy: Policy) -> list[str]:
             for t, disks in new.items() for d in disks if now.get(d) != t]
 
 
-async def follow_guest_sockets(hv: Launcher) -> None:
+async def follow_guest_sockets(hv: Launcher) -> list[str]:
     """After a policy load: each guest gets a socket for every workload type it may now
     reach, and loses the further sockets (GUEST@TYPE.sock) of types it no longer may.
     Its own GUEST.sock stays whatever it may reach (check (b) refuses per connection)."""
@@ -132,22 +233,12 @@ async def follow_guest_sockets(hv: Launcher) -> None:
                 close_listeners([sock])
                 remove.setdefault(wtype, []).append(guest.name)
     if not (add or remove):
-        return
-    for wtype in hv.types:
-        channel = hv.crypt_channels.get(crypt_name(wtype))
-        if channel is None or channel.closed.is_set():
-            continue  # a restarted domain asks for its sockets anew (SpecQuery)
-        new = add.get(wtype, [])
-        fds = [os.dup(s.fileno()) for _, s in new]
-        try:
-            await channel.ask(m.GuestSockets([m.ListenerSpec(g.guest, False) for g, _ in new],
-                                             remove.get(wtype, []), hv.elsewhere(wtype)),
-                              m.Done, fds=fds)
-        except (ControlClosed, TimeoutError, ValueError) as exc:
-            log.error("%s did not take its new guest sockets: %s", crypt_name(wtype), exc)
-        finally:
-            for fd in fds:
-                os.close(fd)
+        return []
+    told = [give_sockets(hv, wtype, channel, add.get(wtype, []), remove.get(wtype, []))
+            for wtype in hv.types
+            if (channel := hv.crypt_channels.get(crypt_name(wtype))) is not None
+            and not channel.closed.is_set()]  # a restarted domain asks anew (SpecQuery)
+    notes = [note for note in await asyncio.gather(*told) if note]
     for wtype, pairs in add.items():
         for gs, _ in pairs:
             log.warning("guest %s may now use disks of workload type %s: on %s", gs.guest,
@@ -156,3 +247,33 @@ async def follow_guest_sockets(hv: Launcher) -> None:
         for name in names:
             log.warning("guest %s may no longer use disks of workload type %s: its socket"
                         " for them is gone", name, wtype)
+    return notes
+
+
+async def give_sockets(hv: Launcher, wtype: str, channel: ControlChannel,
+                       new: list[tuple[GuestSocket, socket.socket]], gone: list[str]) -> str | None:
+    """An encryption domain's new guest sockets (and those it loses), in SOCKETS_TIMEOUT at
+    most (told all at once: one stopped holds up no other); else what the administrator must
+    know."""
+    name = crypt_name(wtype)
+    fds = [os.dup(s.fileno()) for _, s in new]
+    try:
+        reply, _ = await channel.ask(m.GuestSockets([m.ListenerSpec(g.guest, False) for g, _ in new],
+                                                    gone, hv.elsewhere(wtype)),
+                                     m.Done, fds=fds, timeout=SOCKETS_TIMEOUT)
+    except TimeoutError:  # sent: it takes them once it reads again
+        reply = m.Failed(m.ErrorCode.UNREACHABLE, f"no answer within {SOCKETS_TIMEOUT:g} s"
+                         " (stopped or overloaded?); it takes them once it reads its messages")
+    except ControlFull as exc:
+        reply = m.Failed(m.ErrorCode.UNREACHABLE, f"{exc}; restart it (kill it: the launcher"
+                         " starts it again with them)")
+    except (ControlClosed, ValueError) as exc:  # gone: its next process asks anew
+        log.error("%s did not take its new guest sockets: %s", name, exc)
+        return None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if not isinstance(reply, m.Failed):
+        return None
+    log.error("%s did not take its guests' new sockets: %s", name, reply.message)
+    return f"encryption domain {name} did not take its guests' new sockets: {reply.message}"

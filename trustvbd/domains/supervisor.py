@@ -17,13 +17,14 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from trustvbd.domains import sandbox
 
 log = logging.getLogger("trustvbd.hv")
+T = TypeVar("T")
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -119,7 +120,7 @@ class Supervisor:
     start_timeout: float = START_TIMEOUT  # seconds a domain may take to say "ready"
     domains: dict[str, Domain] = field(default_factory=dict)
     stopping: bool = False
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     async def start(self, domain: Domain) -> None:
         """Start `domain` and wait until it is ready; StartError if it is not."""
@@ -183,11 +184,12 @@ class Supervisor:
         finally:
             loop.remove_reader(fd)
 
-    def spawn_task(self, coro: Any) -> None:
+    def spawn_task(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run `coro` in the background; cancelled when the supervisor stops."""
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     async def _watch(self, domain: Domain, process: asyncio.subprocess.Process) -> None:
         code = await process.wait()
