@@ -302,3 +302,38 @@ def test_audit_says_when_lines_are_not_records(short_tmp: Path) -> None:
     assert result.stderr == (f"trustvbd audit: {path}: 2 line(s) are not audit records (damaged,"
                              " cut or edited) and were not shown: `trustvbd audit --verify` says"
                              " where\n")
+
+
+def test_audit_verify_reads_a_huge_log_in_bounded_memory(short_tmp: Path) -> None:
+    """`audit --verify` read each log file whole into memory: a log grown to gigabytes (here
+    3 GiB of zeros after a torn record, as a damaged disk or a filler leaves it) ended in a
+    MemoryError traceback under a 1 GiB address-space limit. It reads a line at a time now,
+    and says exactly what it says of the same damage in a small file."""
+    import resource
+
+    from trustvbd.acm.audit_read import verify
+
+    path = short_tmp / "audit.jsonl"
+    log = AuditLog(path)
+    for i in range(3):
+        log.append("decision", n=i)
+    log.close()
+    with open(path, "ab") as f:
+        f.write(b'{"seq": 5, "edited\n' + bytes(1 << 20))  # a torn record, then zeros
+    small = verify(path)
+    assert small[0] == f"{path}:6: last line is incomplete (torn write or cut)"
+    assert f"{path}:5: not a valid audit record (edited or cut)" in small
+    shown = tvbd("audit", "--log", str(path)).stdout
+    os.truncate(path, path.stat().st_size + (3 << 30))  # sparse: no disk space taken
+
+    def one_gib() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    result = tvbd("audit", "--verify", "--log", str(path), preexec_fn=one_gib)
+    assert result.stderr == ""
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        *small, f"{path}: {len(small)} problem(s): the audit log was tampered with or damaged"]
+    result = tvbd("audit", "--log", str(path), preexec_fn=one_gib)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == shown

@@ -60,35 +60,97 @@ def open_log(f: Path) -> BinaryIO:
     return open(fd, "rb")  # (O_NONBLOCK changes nothing for a regular file)
 
 
-def _lines(fh: BinaryIO) -> Iterator[bytes | None]:
-    """Each line of `fh`; one longer than any record is read past in bounded pieces and
-    yields None (a file of garbage never sits in memory whole)."""
+def _lines(fh: BinaryIO) -> Iterator[tuple[bytes | None, bool]]:
+    """Each line of `fh` without its newline, and whether it had one (only the file's last
+    can lack it); a line longer than any record is read past in bounded pieces and comes as
+    None: a file is never in memory whole, however large or full of garbage."""
     while line := fh.readline(MAX_RECORD + 2):
-        if len(line) <= MAX_RECORD + 1 or line.endswith(b"\n"):
-            yield line
-            continue
-        while line and not line.endswith(b"\n"):
-            line = fh.readline(1 << 20)
-        yield None
+        if line.endswith(b"\n"):
+            yield line[:-1], True
+        elif len(line) <= MAX_RECORD + 1:  # the end of the file
+            yield line, False
+        else:
+            while line and not line.endswith(b"\n"):
+                line = fh.readline(1 << 20)
+            yield None, line.endswith(b"\n")
+
+
+def each_record(path: str | Path) -> Iterator[dict[str, Any] | None]:
+    """Every non-blank line across rotated files, oldest first, as a record, or None for one
+    that is none (damaged, cut or edited: `verify` says where)."""
+    path = Path(path)
+    for f in [*rotated_files(path), path]:
+        with open_log(f) as fh:
+            for line, _ in _lines(fh):
+                if line is not None and not line.strip():
+                    continue
+                yield None if line is None else parse_record(line)
 
 
 def scan(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     """(every readable record across rotated files, oldest first; how many non-blank lines
     are no record: damaged, cut or edited, `verify` says where)."""
-    path = Path(path)
     out: list[dict[str, Any]] = []
     bad = 0
-    for f in [*rotated_files(path), path]:
-        with open_log(f) as fh:
-            for line in _lines(fh):
-                if line is not None and not line.strip():
-                    continue
-                rec = None if line is None else parse_record(line)
-                if rec is None:
-                    bad += 1
-                else:
-                    out.append(rec)
+    for rec in each_record(path):
+        if rec is None:
+            bad += 1
+        else:
+            out.append(rec)
     return out, bad
+
+
+class _Chain:
+    """What verify knows after each record: the chain so far, and every problem found."""
+
+    def __init__(self, key: bytes | None) -> None:
+        self.key = key
+        self.problems: list[str] = []
+        self.prev, self.expect, self.last_hash = GENESIS, 1, GENESIS
+        self.recent: deque[dict[str, Any]] = deque(maxlen=MAX_BATCH + 1)  # a head may name one
+        self.signed_upto = 0
+        self.last_kind = ""
+
+    def file(self, f: Path, fh: BinaryIO) -> None:
+        """Check each line of one file, read a line at a time."""
+        first = len(self.problems)  # a torn last line is said first, though found last
+        self.last_kind = ""
+        for n, (raw, whole) in enumerate(_lines(fh), start=1):
+            if not whole:
+                self.problems.insert(first, f"{f}:{n}: last line is incomplete (torn write or"
+                                     " cut)")
+            self.record(f"{f}:{n}", None if raw is None else parse_record(raw))
+
+    def record(self, where: str, rec: dict[str, Any] | None) -> None:
+        problems = self.problems
+        if rec is None:
+            problems.append(f"{where}: not a valid audit record (edited or cut)")
+            self.expect += 1
+            self.last_kind = ""
+            return
+        seq, expect = rec["seq"], self.expect
+        if seq != expect:
+            what = "the log's first records are missing (rotated files removed?)" \
+                if expect == 1 else "records removed, inserted or reordered"
+            problems.append(f"{where}: seq {seq} where {expect} was expected ({what})")
+        if rec["prev"] != self.prev and not (expect == 1 and seq != 1):
+            problems.append(f"{where}: seq {seq} does not chain to the record before it"
+                            " (records removed, inserted or reordered)")
+        if record_hash(rec) != rec["hash"]:
+            problems.append(f"{where}: seq {seq} hash does not match its content"
+                            " (record edited)")
+        if rec["kind"] == "checkpoint":
+            cp = rec["fields"]
+            if cp.get("seq") != seq - 1 or cp.get("hash") != rec["prev"] or not \
+                    signature_ok(self.key, seq - 1, rec["prev"], cp.get("signature")):
+                problems.append(f"{where}: checkpoint at seq {seq} is not signed by the log's"
+                                " key (records before it rewritten, or the key replaced)")
+            else:
+                self.signed_upto = seq - 1
+        self.last_kind = rec["kind"]
+        self.prev = self.last_hash = rec["hash"]
+        self.recent.append(rec)
+        self.expect = seq + 1
 
 
 def verify(path: str | Path, public_key: bytes | None = None) -> list[str]:
@@ -96,62 +158,26 @@ def verify(path: str | Path, public_key: bytes | None = None) -> list[str]:
 
     Every record must chain to the one before it and be covered by a valid
     signature: a checkpoint after it, or the signed head. `public_key` pins the
-    key; by default PATH.pub is used.
+    key; by default PATH.pub is used. Files are read a line at a time: memory stays
+    bounded whatever their size.
     """
     path = Path(path)
-    problems: list[str] = []
     key = public_key if public_key is not None else stored_public_key(path)
-    prev, expect, last_hash = GENESIS, 1, GENESIS
-    recent: deque[dict[str, Any]] = deque(maxlen=MAX_BATCH + 1)  # a head may name one of these
-    signed_upto = 0
+    chain = _Chain(key)
+    problems = chain.problems
     files = [*rotated_files(path), path]
     for index, f in enumerate(files):
         try:
             with open_log(f) as fh:
-                data = fh.read()
+                chain.file(f, fh)
         except OSError as exc:
             problems.append(f"{f}: cannot read: {exc.strerror}")
             continue
-        lines = data.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        elif lines:
-            problems.append(f"{f}:{len(lines)}: last line is incomplete (torn write or cut)")
-        last_kind = ""
-        for n, raw in enumerate(lines, start=1):
-            where = f"{f}:{n}"
-            rec = parse_record(raw)
-            if rec is None:
-                problems.append(f"{where}: not a valid audit record (edited or cut)")
-                expect += 1
-                last_kind = ""
-                continue
-            seq = rec["seq"]
-            if seq != expect:
-                what = "the log's first records are missing (rotated files removed?)" \
-                    if expect == 1 else "records removed, inserted or reordered"
-                problems.append(f"{where}: seq {seq} where {expect} was expected ({what})")
-            if rec["prev"] != prev and not (expect == 1 and seq != 1):
-                problems.append(f"{where}: seq {seq} does not chain to the record before it"
-                                " (records removed, inserted or reordered)")
-            if record_hash(rec) != rec["hash"]:
-                problems.append(f"{where}: seq {seq} hash does not match its content"
-                                " (record edited)")
-            if rec["kind"] == "checkpoint":
-                cp = rec["fields"]
-                if cp.get("seq") != seq - 1 or cp.get("hash") != rec["prev"] or not \
-                        signature_ok(key, seq - 1, rec["prev"], cp.get("signature")):
-                    problems.append(f"{where}: checkpoint at seq {seq} is not signed by the log's"
-                                    " key (records before it rewritten, or the key replaced)")
-                else:
-                    signed_upto = seq - 1
-            last_kind = rec["kind"]
-            prev, last_hash = rec["hash"], rec["hash"]
-            recent.append(rec)
-            expect = seq + 1
-        if index < len(files) - 1 and last_kind != "checkpoint":
+        if index < len(files) - 1 and chain.last_kind != "checkpoint":
             problems.append(f"{f}: a rotated file must end with a checkpoint; it was cut or"
                             " edited")
+    expect, last_hash, recent, signed_upto = (chain.expect, chain.last_hash, chain.recent,
+                                              chain.signed_upto)
     last_seq = expect - 1
     if key is None and last_seq:
         problems.append(f"{public_key_path(path)}: missing or not a 32-byte key, so no"
@@ -214,9 +240,9 @@ def follow(path: str | Path, poll: float = 0.2) -> Iterator[dict[str, Any]]:
                     # rotates later is read through `f` itself.
                     f, buf, rotated = _reopen(path, poll), b"", False
                     for older in rotated_files(path):
-                        with open(older, "rb") as g:
-                            for line in g:
-                                if (rec := fresh(line)) is not None:
+                        with open_log(older) as g:
+                            for line, _ in _lines(g):
+                                if line is not None and (rec := fresh(line)) is not None:
                                     last = rec["seq"]
                                     yield rec
                     continue

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from trustvbd.acm import Policy, PolicyError, load_policy
-from trustvbd.acm.audit_read import follow, scan, verify
+from trustvbd.acm.audit_read import each_record, follow, verify
 from trustvbd.acm.compiled import digest, encode
 from trustvbd.acm.decisions import domains_may_communicate, explain, guest_may_use_disk
 from trustvbd.acm.toml_loader import to_toml
@@ -168,11 +168,11 @@ def show_audit(path: str | Path, follow_log: bool = False, as_json: bool = False
     out = out or sys.stdout  # looked up per call, so redirection works
     bad = 0
     try:
-        if follow_log:
-            records: Iterable[dict[str, Any]] = follow(path)
-        else:
-            records, bad = scan(path)
-        for rec in records:
+        records: Iterable[dict[str, Any] | None] = follow(path) if follow_log else each_record(path)
+        for rec in records:  # one at a time: a log of any size is shown in bounded memory
+            if rec is None:
+                bad += 1
+                continue
             print(json.dumps(rec, ensure_ascii=False) if as_json else _line(rec), file=out,
                   flush=follow_log)
     except BrokenPipeError:
@@ -191,7 +191,6 @@ def show_audit(path: str | Path, follow_log: bool = False, as_json: bool = False
 
 def verify_audit(path: str | Path, out: TextIO | None = None, key: str | None = None) -> int:
     """Check the chain, signatures and head; `key` pins the public key (hex or a .pub file)."""
-    from trustvbd.acm.audit import AuditLog
     from trustvbd.acm.audit_format import head_path, public_key_path, rotated_files, stored_public_key
     from trustvbd.crypt.sign import fingerprint
 
@@ -226,7 +225,8 @@ def verify_audit(path: str | Path, out: TextIO | None = None, key: str | None = 
         return 1
     used = pinned or stored_public_key(path) or b""
     files = len(rotated_files(path)) + 1
-    print(f"{path}: {len(AuditLog.read(path))} records in {files} file(s), chain, signatures and"
+    count = sum(rec is not None for rec in each_record(path))
+    print(f"{path}: {count} records in {files} file(s), chain, signatures and"
           f" head intact; key {fingerprint(used).hex()[:16]}"
           f" ({'pinned' if pinned else public_key_path(path)})", file=out)
     return 0
