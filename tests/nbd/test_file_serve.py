@@ -70,3 +70,31 @@ def test_a_file_export_is_served_while_the_event_loop_is_blocked(short_tmp: Path
     content = disk.read_bytes()
     assert content[MiB:MiB + MiB // 2] == data[:MiB // 2]
     assert content[MiB + MiB // 2:4 * MiB] == bytes(3 * MiB - MiB // 2)
+
+
+def _voluntary_switches(tid: int) -> int:
+    for line in Path(f"/proc/self/task/{tid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no voluntary_ctxt_switches for thread {tid}")
+
+
+def test_a_qd1_read_wakes_the_serving_thread_once(short_tmp: Path) -> None:
+    # The native loop sleeps in poll, not in read: a thread asleep in a Unix socket's read
+    # is woken also when the client takes the reply (write space wakes every sleeper) and
+    # sleeps again, a second wake-up per request. Counted: its voluntary context switches.
+    fb = FileBackend(str(short_tmp / "disk.img"), 8 * MiB)
+    with ServerThread(StaticExports([Export("", fb)]), short_tmp / "s.sock", "uvloop") as srv:
+        h = nbd.NBD()
+        h.connect_uri(srv.uri())
+        h.pwrite(os.urandom(MiB), 0)
+        serving = [t for t in threading.enumerate() if t.name.startswith("nbd ")]
+        assert len(serving) == 1 and serving[0].native_id is not None, "not served natively"
+        tid = serving[0].native_id
+        reads = 400
+        before = _voluntary_switches(tid)
+        for i in range(reads):
+            h.pread(4096, (i * 37 % 256) * 4096)
+        slept = _voluntary_switches(tid) - before
+        h.shutdown()
+    assert reads * 0.25 <= slept <= reads * 1.25, f"{slept} sleeps for {reads} reads: woken twice per request?"

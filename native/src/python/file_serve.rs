@@ -15,6 +15,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use pyo3::prelude::*;
@@ -110,6 +111,11 @@ impl Served {
             self.end -= self.start;
             self.start = 0;
         }
+        // Sleep in poll, not in read: a thread asleep in a Unix socket's read is woken
+        // also when the peer takes our last reply (unix_write_space wakes every sleeper on
+        // the socket) and sleeps again, a second wake-up per request paid by the peer as
+        // it receives the reply. poll's wake-ups are filtered by the events it waits for.
+        foreign::wait_readable(self.sock.as_raw_fd())?;
         loop {
             match self.sock.read(&mut self.buf[self.end..]) {
                 Ok(n) => {

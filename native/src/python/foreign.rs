@@ -132,6 +132,25 @@ pub(crate) fn sendfile(sock: &File, file: &File, offset: u64, count: usize) -> s
     Ok(sent as usize)
 }
 
+/// Waits until `fd` has bytes to read (or an end, an error): poll(2) for POLLIN, no
+/// timeout; an interrupted wait returns too (the caller's read then sees what there is).
+/// The driver's serve loop (python/file_serve.rs) sleeps here rather than in its read.
+pub(crate) fn wait_readable(fd: RawFd) -> std::io::Result<()> {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: `pfd` is one valid, aligned pollfd that lives across the call (nfds 1); the
+    // kernel writes only its `revents` and keeps no pointer to it. poll touches nothing
+    // through the descriptor (a closed number is answered POLLNVAL, and the read after
+    // it fails with EBADF).
+    let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+    if n < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
 /// A Python buffer lent for a request: a READ's target (written in place, `writable`)
 /// or a WRITE's payload (read while it is sent). Holding it holds the buffer export,
 /// so the memory stays alive and in place (a bytearray refuses to resize meanwhile).
