@@ -368,7 +368,9 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     for disk in reply.wrong:
         print(f"trustvbd unlock: wrong passphrase for disk {disk!r}: it stays locked, nothing"
               " was changed (the attempt is in the audit log)", file=sys.stderr)
-    return 0 if not (reply.wrong or reply.failed) else 1
+    for disk, why in reply.unanswered.items():
+        print(f"trustvbd unlock: disk {disk!r}: {why}", file=sys.stderr)
+    return 0 if not (reply.wrong or reply.failed or reply.unanswered) else 1
 
 
 # -- parser --------------------------------------------------------------------------

@@ -279,3 +279,35 @@ def test_an_encryption_domain_that_reads_nothing_is_told_of_a_new_policy_once_it
         crypt.close()
 
     asyncio.run(scenario())
+
+
+def test_a_request_to_a_stalled_domain_fails_naming_it_and_what_to_do() -> None:
+    """A launcher request (here a scrub) whose domain does not answer: the control socket's
+    answer was `failed` with an empty message (a bare TimeoutError). Now the channel says
+    which domain did not answer what, and the launcher's answer what to do."""
+    from trustvbd.domains.hv_control import answer
+
+    async def scenario() -> None:
+        ours, theirs = socket_pair()  # the domain's end is never read: it is stopped
+        channel = ControlChannel(ours, None, "crypt-Payroll")
+        channel.start()
+
+        class Stalled:
+            async def scrub(self, disk: str) -> m.Message:
+                reply, _ = await channel.ask(m.ScrubQuery(disk), m.ScrubStarted, timeout=0.1)
+                return reply
+
+        line = json.dumps({**m.ScrubQuery("payroll").encode(), "id": 5}).encode() + b"\n"
+        reply = await answer(line, [], Stalled())  # type: ignore[arg-type]
+        assert reply["reply_to"] == 5
+        failed = m.decode(reply, m.Failed)
+        assert isinstance(failed, m.Failed) and failed.code is m.ErrorCode.UNREACHABLE
+        assert failed.message.startswith(
+            "crypt-Payroll did not answer a 'scrub?' request within 0.1 s (stopped or"
+            " overloaded?);"
+            " `trustvbd status` shows each domain's state (one paused by a signal:"
+            " `kill -CONT PID`"), failed.message
+        channel.close()
+        theirs.close()
+
+    asyncio.run(scenario())

@@ -113,3 +113,41 @@ def test_a_restarted_encryption_domain_waits_locked_until_unlock(short_tmp: Path
     finally:
         os.close(fd)
     s.stop()
+
+
+def test_a_stopped_encryption_domain_holds_up_no_other_unlock_and_is_named(
+        short_tmp: Path) -> None:
+    """`unlock` asked the encryption domains one after another, 300 s each: one stopped
+    (SIGSTOP) held the others' disks locked for 5 minutes, then the command failed with an
+    empty message and said nothing of the disks it did unlock. Now each is asked at once;
+    the stopped one's disks are named with what to do, the others' are unlocked."""
+    s = start(short_tmp, TRUSTVBD_PASSPHRASE=RIGHT)
+    try:
+        for name in ("crypt-Payroll", "crypt-Bank"):
+            old = domains(s)[name]
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda name=name, old=old: domains(s)[name] not in (None, old),
+                     f"{name}'s restart")
+        wait_for(lambda: disk_state(s, "payroll") == disk_state(s, "bank")
+                 == "locked: run trustvbd unlock", "both disks locked")
+        stopped = domains(s)["crypt-Bank"]
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            out = run([*TRUSTVBD, "unlock", "-c", str(s.config)], check=False,
+                      input=RIGHT + "\n", timeout=60)
+            assert disk_state(s, "payroll") == "serving"
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        assert out.returncode == 1, (out.stdout, out.stderr)
+        assert "disk 'payroll' unlocked" in out.stdout, (out.stdout, out.stderr)
+        assert (f"trustvbd unlock: disk 'bank': its encryption domain crypt-Bank is paused by a"
+                f" signal (SIGSTOP): answers nothing until `kill -CONT {stopped}`; then unlock"
+                " again\n") in out.stderr, out.stderr
+        assert disk_state(s, "bank") == "locked: run trustvbd unlock"  # never sent the passphrase
+        assert unlock_records(short_tmp / "state")[-1]["unlocked"] == ["payroll"]
+        code, out2, err = unlock(s, RIGHT + "\n")  # resumed: unlocked as asked
+        assert code == 0 and "disk 'bank' unlocked" in out2, (out2, err)
+        err = s.stop()
+        assert "Traceback" not in err, err[-3000:]
+    finally:
+        s.kill()

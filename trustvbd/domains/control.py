@@ -228,8 +228,13 @@ class ControlChannel:
         except BaseException:
             self._replies.abandon(ident, quiet=True)
             raise
-        async with asyncio.timeout(timeout):
-            return await self._replies.wait(ident, future)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._replies.wait(ident, future)
+        except TimeoutError:  # said for whoever reports it: which peer, what, how long
+            what = message.get("type") or message.get("op")
+            raise TimeoutError(f"{self.name} did not answer a {what!r} request within"
+                               f" {timeout:g} s (stopped or overloaded?)") from None
 
     def _shutdown(self) -> None:
         if self.closed.is_set():

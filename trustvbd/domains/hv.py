@@ -36,7 +36,14 @@ from trustvbd.domains.hv_status import gather_status
 from trustvbd.domains.hv_store import PairingRefused, StoreLink, crypt_name
 from trustvbd.domains.listeners import close_listeners, listen_tcp, listen_unix
 from trustvbd.domains.placement import GuestSocket, guest_sockets, types_of
-from trustvbd.domains.supervisor import START_TIMEOUT, Domain, StartError, Supervisor
+from trustvbd.domains.supervisor import (
+    START_TIMEOUT,
+    Domain,
+    StartError,
+    Supervisor,
+    paused,
+    signal_stopped,
+)
 from trustvbd.domains.unlock import Unlock, receive_unlock, send_unlock
 from trustvbd.fileops import make_dirs
 from trustvbd.xenstore.xenbus import State
@@ -499,46 +506,68 @@ class Launcher:
             for fd in fds:
                 os.close(fd)
         try:
-            if not unlock.passphrase:
+            passphrase = unlock.passphrase
+            if not passphrase:
                 return m.Failed(m.ErrorCode.INVALID, "no passphrase was given")
             unknown = [d for d in disks if d not in self.config.disks]
             if unknown:
                 return m.Failed(m.ErrorCode.UNKNOWN, f"no disk named {', '.join(map(repr, unknown))}"
                                 f" in {self.config.path}")
             asked = disks or list(self.config.disks)
+            # Every encryption domain at once: one stopped or hung (or scrypt-bound) holds
+            # up no other's disks, and its own are named with what to do.
+            shares = [self.unlock_in(crypt_name(wtype), channel, targets, passphrase)
+                      for wtype, mine in self.types.items()
+                      if (targets := [d for d in asked if d in mine])
+                      and (channel := self.crypt_channels.get(crypt_name(wtype))) is not None
+                      and not channel.closed.is_set()]
             done = m.Unlocked([], [], {})
-            for wtype, mine in self.types.items():
-                channel = self.crypt_channels.get(crypt_name(wtype))
-                targets = [d for d in asked if d in mine]
-                if not targets or channel is None or channel.closed.is_set():
-                    continue
-                copy = Unlock(passphrase=bytearray(unlock.passphrase))
-                try:
-                    fd = send_unlock(copy)
-                finally:
-                    copy.forget()  # send_unlock zeroes only its own encoding
-                try:
-                    reply, _ = await channel.ask(m.UnlockQuery(targets), m.Unlocked, fds=[fd],
-                                                 timeout=UNLOCK_TIMEOUT)
-                finally:
-                    os.close(fd)
-                if isinstance(reply, m.Failed):
-                    return reply
-                assert isinstance(reply, m.Unlocked)
+            for reply in await asyncio.gather(*shares):
                 done = m.Unlocked([*done.unlocked, *reply.unlocked], [*done.wrong, *reply.wrong],
-                                  {**done.failed, **reply.failed})
+                                  {**done.failed, **reply.failed},
+                                  {**done.unanswered, **reply.unanswered})
         finally:
             unlock.forget()
         for disk in done.unlocked:
             self.failed_disks.pop(disk, None)
-        if not (done.unlocked or done.wrong or done.failed):
+        if not (done.unlocked or done.wrong or done.failed or done.unanswered):
             what = (f"disk {', '.join(map(repr, disks))} is not locked" if disks
                     else "no disk is locked")
             return m.Failed(m.ErrorCode.INVALID, f"{what}: nothing to unlock (`trustvbd status -c"
                             f" {self.config.path}` shows each disk's state)")
         await self.acm.record("event", event="unlock", unlocked=done.unlocked,
-                              wrong_passphrase=done.wrong, failed=sorted(done.failed))
+                              wrong_passphrase=done.wrong,
+                              failed=sorted([*done.failed, *done.unanswered]))
         return done
+
+    async def unlock_in(self, name: str, channel: ControlChannel, disks: list[str],
+                        passphrase: bytearray) -> m.Unlocked:
+        """One encryption domain's share of `trustvbd unlock`, in a pipe of its own; when it
+        does not answer, each of its disks says why and what to do."""
+        domain = self.supervisor.domains.get(name)
+        pid = domain.process.pid if domain is not None and domain.process is not None else None
+        if pid is not None and signal_stopped(pid):  # it would hold the command 300 s
+            why = f"its encryption domain {name} is {paused(pid)}; then unlock again"
+            return m.Unlocked([], [], {}, {d: why for d in disks})
+        copy = Unlock(passphrase=bytearray(passphrase))
+        try:
+            fd = send_unlock(copy)
+        finally:
+            copy.forget()  # send_unlock zeroes only its own encoding
+        try:
+            reply, _ = await channel.ask(m.UnlockQuery(disks), m.Unlocked, fds=[fd],
+                                         timeout=UNLOCK_TIMEOUT)
+        except (ControlClosed, TimeoutError, ValueError) as exc:
+            reply = m.Failed(m.ErrorCode.UNREACHABLE, str(exc))
+        finally:
+            os.close(fd)
+        if isinstance(reply, m.Unlocked):
+            return reply
+        assert isinstance(reply, m.Failed)
+        log.error("unlock: encryption domain %s: %s", name, reply.message)
+        why = (f"its encryption domain {name}: {reply.message}; `trustvbd status` shows whether"
+               " the disk is still locked (then unlock again)")
+        return m.Unlocked([], [], {}, {d: why for d in disks})
 
     async def policy_load(self, path: str) -> m.Message:
         """Compile, swap the policy in the access-control domain, then close what it now

@@ -78,9 +78,15 @@ async def answer(line: bytes, fds: list[int], hv: Answers) -> dict[str, Any]:
             reply = await hv.policy_load(request.path)
     except ValueError as exc:  # MessageError and JSONDecodeError are ValueErrors
         reply = Failed(ErrorCode.BAD_MESSAGE, str(exc))
+    except TimeoutError as exc:  # a domain asked on the way did not answer: no traceback
+        why = str(exc) or "a domain it asked did not answer in time (stopped or overloaded?)"
+        log.error("control request: %s", why)
+        reply = Failed(ErrorCode.UNREACHABLE, f"{why}; `trustvbd status` shows each domain's"
+                       " state (one paused by a signal: `kill -CONT PID`; one that seems stuck:"
+                       " `kill -USR1 PID` shows where it waits)")
     except Exception as exc:
         log.exception("control request failed")
-        reply = Failed(error_code(exc), str(exc))
+        reply = Failed(error_code(exc), str(exc) or type(exc).__name__)
     finally:
         _close(fds)
     return {**reply.encode(), "reply_to": rid}

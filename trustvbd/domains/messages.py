@@ -227,6 +227,8 @@ class Unlocked(Message):
     unlocked: list[str]  # now serving
     wrong: list[str]  # the passphrase does not unlock them: still locked, nothing changed
     failed: dict[str, str]  # unlocked, but opening failed for another reason (the message)
+    # its encryption domain did not answer (stopped, hung, gone): why, and what to do
+    unanswered: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 # -- hypervisor <-> store (domains/store.py, domains/hv_store.py) -------------------------
