@@ -9,7 +9,8 @@ a write that fails on some but not all marks those degraded and succeeds. A
 writer that lags (a request unanswered for `lag` seconds while another writer
 answers) is cut off, which fails its requests, so it is degraded the same way.
 Reads go to one current replica at a time, verified, failing over to the next and
-repairing those that failed (replica_reads.py). Degraded and refused replicas are
+repairing those that failed (replica_reads.py). A write reaches every writer at once
+by replica_fanout.py. Degraded and refused replicas are
 brought back in the background (replica_recovery.py); scrub is replica_scrub.py.
 
 Only the data area is tracked block by block: a replica that missed leaf pages
@@ -27,13 +28,11 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, cast
 
 from trustvbd.blockdev import (
-    Backend,
     BlockError,
     Breakable,
     Buffer,
     Capabilities,
     ReadsNatively,
-    Submits,
     TellsBreak,
     Watched,
     WritesMayBeLost,
@@ -50,6 +49,7 @@ from trustvbd.blocks.replica import (
     Verifier,
     broken_link,
 )
+from trustvbd.blocks.replica_fanout import FanOut, Submit, each, pwrites, single_ended
 from trustvbd.blocks.replica_recovery import Recovery
 from trustvbd.blocks.replica_scrub import scrub
 from trustvbd.crypt.aead import BLOCK_SIZE
@@ -65,8 +65,6 @@ BS = BLOCK_SIZE
 REPLICA_LAG = 5.0
 
 
-# Queues a replica's write without a coroutine (Submits); None: it takes the coroutine.
-_Submit = Callable[["Replica"], "asyncio.Future[list[BlockError | None]] | None"]
 
 
 class ReplicaSet:
@@ -249,7 +247,7 @@ class ReplicaSet:
             future = submits.submit_writes(writes, fua, retried=True)
             if future is None:
                 return False
-            future.add_done_callback(functools.partial(_single_ended, submits, ended, len(writes)))
+            future.add_done_callback(functools.partial(single_ended, submits, ended, len(writes)))
             return True
         if len(writers) < 2 or (first := writers[0].submits) is None:
             return False  # (one writer left: pwrite awaits it alone)
@@ -260,7 +258,7 @@ class ReplicaSet:
         self._note_written(*blocks)
         if self._watch_timer is None:
             self._watch_soon()
-        fan = _FanOut(self, writers, blocks, ended)
+        fan = FanOut(self._outcome, writers, blocks, ended)
         future.add_done_callback(functools.partial(fan.answered, writers[0], True))
         for r in writers[1:]:
             submits = r.submits
@@ -268,7 +266,7 @@ class ReplicaSet:
                 submits.submit_writes(writes, fua) if submits is not None else None)
             submitted = later is not None
             if later is None:  # this one waits for a slot or a reconnect: in a task
-                task = self._running_loop().create_task(_pwrites(r.link, writes, fua))
+                task = self._running_loop().create_task(pwrites(r.link, writes, fua))
                 self._tasks.add(cast("asyncio.Task[None]", task))
                 task.add_done_callback(self._tasks.discard)
                 later = task
@@ -359,7 +357,7 @@ class ReplicaSet:
 
     async def _all(self, targets: list[Replica], op: Callable[[Replica], Coroutine[Any, Any, None]],
                    blocks: Callable[[], Iterable[int]], what: str,
-                   submit: _Submit | None = None) -> None:
+                   submit: Submit | None = None) -> None:
         """Run `op` on every target (or `submit` a write, where a link queues it without a
         coroutine); degrade those that fail, unless no current one took it (then raise)."""
         if not targets:
@@ -370,14 +368,14 @@ class ReplicaSet:
             return
         if self._watch_timer is None:
             self._watch_soon()
-        failed = await _each(op, targets, self._running_loop, submit)
+        failed = await each(op, targets, self._running_loop, submit)
         if failed and (error := self._outcome(targets, failed, blocks, what)) is not None:
             raise error
 
     def _outcome(self, targets: list[Replica], failed: list[tuple[Replica, Exception]],
                  blocks: Callable[[], Iterable[int]], what: str) -> Exception | None:
         """A fan-out to `targets` that `failed` on some: None if it stands (those that failed
-        are degraded), else the error it fails with (_all, _FanOut)."""
+        are degraded), else the error it fails with (_all, replica_fanout.FanOut)."""
         if len(failed) == len(targets):
             self.recovery.revive_broken(targets)
             return failed[0][1]
@@ -497,7 +495,7 @@ class ReplicaSet:
         it, never failing the guest's FLUSH. It leaves `targets` (it does not join in this
         commit, even if it is copied up again before the commit ends) and is degraded,
         taken back later, held back longer each time it fails soon after."""
-        for r, exc in await _each(op, targets, self._running_loop):
+        for r, exc in await each(op, targets, self._running_loop):
             targets.remove(r)
             r.lagged = True  # cut off soon after it was taken back: back-off
             self.degrade(r, (), f"joining failed: {exc}")
@@ -532,150 +530,3 @@ class ReplicaSet:
 
     def status(self) -> list[dict[str, Any]]:
         return [r.status() for r in self.replicas]
-
-
-async def _pwrites(link: Backend, writes: list[tuple[int, Buffer]], fua: bool
-                   ) -> list[Exception | None]:
-    """A writer's part of submitted writes that its link could not queue: each by pwrite,
-    all at once, their outcomes in order."""
-    got = await asyncio.gather(*(link.pwrite(offset, data, fua) for offset, data in writes),
-                               return_exceptions=True)
-    for outcome in got:
-        if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
-            raise outcome  # cancelled: the domain is stopping
-    return [outcome if isinstance(outcome, Exception) else None for outcome in got]
-
-
-def _outcomes(future: asyncio.Future[Any], count: int) -> list[Exception | None] | None:
-    """Each submitted write's outcome (None: it went through), or None if cancelled."""
-    if future.cancelled():
-        return None
-    exc = future.exception()
-    if exc is None:
-        return list(future.result())
-    error = exc if isinstance(exc, Exception) else BlockError(errno.EIO, repr(exc))
-    return [error] * count
-
-
-def _tell_link(link: Submits, outcomes: list[Exception | None]) -> None:
-    """What the link would have recorded of each pwrite, once per batch: a success if any
-    went through, then the first failure (so a full driver stays said full)."""
-    failed = next((error for error in outcomes if error is not None), None)
-    if failed is None or None in outcomes:
-        link.write_ended(None)
-    if failed is not None:
-        link.write_ended(failed)
-
-
-def _single_ended(link: Submits, ended: Callable[[list[bool]], None], count: int,
-                  future: asyncio.Future[list[BlockError | None]]) -> None:
-    """A single replica's writes submitted with `retried`: only a success is the link's
-    to hear of (the caller sends a failed one again through pwrite)."""
-    outcomes = _outcomes(future, count)
-    if outcomes is None:
-        ended([False] * count)
-        return
-    took = outcomes.count(None)
-    if took:
-        link.write_ended(None)
-    ended([True] * count if took == count else [error is None for error in outcomes])
-
-
-class _FanOut:
-    """Mirrored writes submitted to every writer (ReplicaSet.submit_writes): what _each and
-    _all do for pwrite, by callbacks, once the last writer answered, for each write."""
-
-    __slots__ = ("blocks", "cancelled", "ended", "failed", "left", "rs", "targets")
-
-    def __init__(self, rs: ReplicaSet, targets: list[Replica], blocks: list[range],
-                 ended: Callable[[list[bool]], None]) -> None:
-        self.rs, self.targets, self.blocks, self.ended = rs, targets, blocks, ended
-        self.left = len(targets)
-        self.failed: list[list[tuple[Replica, Exception]]] | None = None
-        self.cancelled = False
-
-    def answered(self, r: Replica, submitted: bool, future: asyncio.Future[Any]) -> None:
-        count = len(self.blocks)
-        outcomes = (future.result() if not future.cancelled() and future.exception() is None
-                    else _outcomes(future, count))  # (each write's, read only: not copied)
-        went = False  # every write went through
-        if outcomes is None:  # the domain is stopping: nobody is degraded for it
-            self.cancelled = True
-        elif not (went := outcomes.count(None) == count):
-            failed = self.failed
-            if failed is None:
-                failed = self.failed = [[] for _ in range(count)]
-            for i, error in enumerate(outcomes):
-                if error is not None:
-                    failed[i].append((r, error))
-        link = r.submits
-        if submitted and link is not None and outcomes is not None and not self.cancelled:
-            if went:  # (what _tell_link says of it)
-                link.write_ended(None)
-            else:
-                _tell_link(link, outcomes)
-        self.left -= 1
-        if self.left:
-            return
-        if self.cancelled:
-            self.ended([False] * count)
-        elif self.failed is None:
-            self.ended([True] * count)
-        else:  # (one that failed is sent once more the general way, _all)
-            self.ended([not lost or self.rs._outcome(
-                self.targets, lost, functools.partial(_listed, blocks), "write") is None
-                for lost, blocks in zip(self.failed, self.blocks, strict=True)])
-
-
-def _listed(blocks: range) -> range:
-    return blocks
-
-
-async def _each(op: Callable[[Replica], Coroutine[Any, Any, None]], targets: list[Replica],
-                loop: RunningLoop, submit: _Submit | None = None) -> list[tuple[Replica, Exception]]:
-    """`op` on every target at once; the targets whose op failed, with what it raised.
-
-    As asyncio.gather with return_exceptions, for less: it runs once per mirrored write.
-    A write that a target's link queues at once (`submit`, Submits) costs a future, whose
-    outcome the link is then told (`write_ended`); otherwise the first target's op runs in
-    the caller's own task and each other one in a task. All their requests are queued in
-    this turn of the loop or the next, and each replica's leave in one send per turn. A
-    cancelled caller (or op) cancels every op, waits for those in tasks to stop and raises
-    CancelledError (a submitted request is on the wire already: its answer is dropped)."""
-    inline: Replica | None = None
-    started: list[tuple[Replica, asyncio.Future[Any], bool]] = []  # (target, op, submitted)
-    for r in targets:
-        future = submit(r) if submit is not None else None
-        if future is not None:
-            started.append((r, future, True))
-        elif inline is None and not started:
-            inline = r
-        else:  # (the loop looked up once: asyncio.get_running_loop is a getpid in 3.11)
-            started.append((r, loop().create_task(op(r)), False))
-    failed: list[tuple[Replica, Exception]] = []
-    try:
-        if inline is not None:
-            try:
-                await op(inline)
-            except Exception as exc:
-                failed.append((inline, exc))
-        for r, future, submitted in started:
-            error: Exception | None = None
-            try:
-                got = await future
-            except Exception as exc:
-                error = exc
-            else:
-                if submitted:  # a one-write submit_writes: its outcome
-                    error = got[0]
-            if error is not None:
-                failed.append((r, error))
-            if submitted and (submits := r.submits) is not None:  # (submitted: it is)
-                submits.write_ended(error)
-    except asyncio.CancelledError:
-        for _, future, _ in started:
-            future.cancel()
-        if started:
-            await asyncio.wait([future for _, future, _ in started])
-        raise
-    return failed
