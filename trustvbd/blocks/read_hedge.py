@@ -1,6 +1,6 @@
 """Read hedging: a read one replica leaves unanswered is asked of the next ones.
 
-The replica set's watch (ReplicaSet.watch, every quarter of `lag`) starts each hedge
+The replica set's watch (replica_lag.watch, every quarter of `lag`) starts each hedge
 once its read has waited `lag`; the hedge that wins drops the silent replica's
 connection, and the replica set degrades it.
 """
@@ -25,7 +25,7 @@ T = TypeVar("T")
 
 class ReadHedge(Generic[T]):
     """A read from `slow` that the `others` may serve instead: once it has gone `lag`
-    seconds without a reply (seen by ReplicaSet.watch, every quarter of `lag`), the same
+    seconds without a reply (seen by replica_lag.watch, every quarter of `lag`), the same
     read is sent to the first of them; each further `lag` without an answer, to the next
     one as well, so two silent replicas out of three cost `2 * lag`, not the request timeout.
 

@@ -32,12 +32,10 @@ from trustvbd.blockdev import (
     Breakable,
     Buffer,
     Capabilities,
-    ReadsNatively,
     TellsBreak,
-    Watched,
     WritesMayBeLost,
 )
-from trustvbd.blocks import replica_reads
+from trustvbd.blocks import replica_lag, replica_reads
 from trustvbd.blocks.block_runs import BlockRuns
 from trustvbd.blocks.integrity import NameDisk
 from trustvbd.blocks.ranges import RangeLock
@@ -401,66 +399,8 @@ class ReplicaSet:
 
     # ------------------------------------------------------------ lagging writers
 
-    def _watch_soon(self) -> None:
-        if not self.closed:
-            loop = asyncio.get_running_loop()
-            self._watch_timer = loop.call_later(self.lag / 4, self._watch)
-
-    def _watch(self) -> None:
-        """Cut off writers that lag: a request unanswered for `lag` s while another writer
-        answered since it was sent, at two looks in a row (`lag`/4 apart).
-
-        Their requests then fail, so the fan-out degrades them (with the blocks, as for
-        any failed write) and acknowledges the guest; they come back by resync. While every
-        writer is slow nobody is cut off, nor a current one while only resyncing ones
-        answer: the request timeout decides then. Reads waiting
-        `lag` are hedged (read_hedge.py). Runs every quarter of `lag` while requests wait; the
-        next fan-out or read starts it again.
-        """
-        self._watch_timer = None
-        writers = self._writers
-        if self.closed or len(writers) < 2:
-            return
-        now = asyncio.get_running_loop().time()
-        for hedge in self._hedges:
-            hedge.start(now)
-        if len(self._readers) > 1:
-            for r in self._readers:
-                # Native reads (crypt_read.read_route) that waited `lag`: hedged in Python.
-                client = r.link.native_client() if isinstance(r.link, ReadsNatively) else None
-                if client is not None:
-                    client.take_lagging(now - self.lag)
-        since = {r: r.link.pending_since() if isinstance(r.link, Watched) else None
-                 for r in writers}
-        lagging = {r for r, t in since.items() if t is not None and now - t >= self.lag}
-        for r in writers:
-            t = since[r]
-            ahead = None
-            if r in lagging:
-                assert t is not None
-                # A current writer only for another current one: a resyncing one cannot
-                # serve in its place, and a write no current replica took fails.
-                ahead = next((o for o in writers if o not in lagging and isinstance(o.link, Watched)
-                              and o.link.answered_at > t
-                              and (o.state is State.CURRENT or r.state is not State.CURRENT)),
-                             None)
-            if ahead is None:
-                r.lag_seen = None
-            elif r.lag_seen != t:
-                # Seen once: cut off only if it is still behind at the next look, so a
-                # replica merely a moment slower than its peers is never dropped.
-                r.lag_seen = t
-            else:
-                assert t is not None and isinstance(r.link, Watched)
-                r.lag_seen = None
-                r.cut_off_for_lag()
-                log.warning("disk %s: replica %s lags (%.1f s without a reply while %s answers):"
-                            " dropping it from the write set", self.disk, r.name, now - t,
-                            ahead.name)
-                r.link.abandon(f"no reply for {now - t:.1f} s while replica {ahead.name!r} "
-                               f"answered (replica_lag {self.lag:g} s)")
-        if self._hedges or any(t is not None for t in since.values()):
-            self._watch_soon()
+    _watch_soon = replica_lag.watch_soon
+    _watch = replica_lag.watch
 
     # ------------------------------------------------------------ verified reads
 
