@@ -158,3 +158,47 @@ def test_policy_load_tears_down_pairings_the_new_policy_forbids(short_tmp: Path)
                 if r["kind"] == "decision" and r["fields"]["op"] == "channel"
                 and r["fields"]["allowed"] is False and r["fields"]["a"] == "vm1"]
     assert [(d["a"], d["b"]) for d in refusals] == [("vm1", "crypt-Payroll")]
+
+
+def test_a_store_stopped_then_killed_during_a_policy_load_tears_down_at_its_restart(
+        short_tmp: Path) -> None:
+    """A policy load while the store is stopped: the encryption domain closes the connection
+    at once, the answer says the store did not confirm. The store, killed before it ever
+    read the load, comes back with its saved tree, pairings decided under the old policy:
+    they were kept for good. Now its restart rechecks them against the policy loaded."""
+    import nbd
+
+    system = start_system(short_tmp)
+    try:
+        _, frontend, backend = vm1_pairing(system)
+        held = nbd.NBD()
+        held.connect_uri(system.uri("vm1", "payroll"))
+        wait_for_value(system, f"{frontend}/state", "4")
+        store = domain(system, "store")
+        new = POLICY.replace('Payroll = { ste = ["Payroll"] }', 'Payroll = { ste = ["Rogue"] }')
+        (short_tmp / "new.toml").write_text(new)
+        os.kill(store["pid"], signal.SIGSTOP)
+        try:
+            out = system.cli("policy", "load", "-c", str(system.config), str(short_tmp / "new.toml"))
+        finally:
+            os.kill(store["pid"], signal.SIGKILL)
+        assert "1 connection(s)" in out.stdout and "0 pairing(s)" in out.stdout, out.stdout
+        assert ("note: the store did not confirm within 10 s that it rechecked its pairings"
+                " against the new policy") in out.stdout, out.stdout
+        deadline = time.monotonic() + 30
+        while (now := domain(system, "store"))["state"] != "running" or now["restarts"] != 1:
+            assert time.monotonic() < deadline, now
+            time.sleep(0.1)
+        # Torn down at its restart: both ends Closed, the directories domain 0's.
+        wait_for_value(system, f"{backend}/state", "6", timeout=20)
+        wait_for_value(system, f"{frontend}/state", "6")
+        assert xs(system, "xenstore-ls", "-p", frontend).count("(n0,r") >= 1
+        try:
+            held.pread(4096, 0)
+            raise AssertionError("the connection the new policy forbids was not closed")
+        except nbd.Error:
+            pass
+    finally:
+        err = system.stop()
+    assert f"the policy loaded forbids pairing {frontend} with {backend}: torn down" in err, err
+    assert "Traceback" not in err, err[-3000:]

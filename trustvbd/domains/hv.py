@@ -74,6 +74,7 @@ class Launcher:
         self.crypt_ready: dict[str, asyncio.Event] = {}
         # Encryption domain -> its confirmation of the last policy loaded (hv_policy.py).
         self.enforcing: dict[str, asyncio.Task[int | str | None]] = {}
+        self.store_following: asyncio.Task[list[m.TornDown] | str] | None = None
         self.driver_channels: dict[str, ControlChannel] = {}
         # Drivers granted their channel since they started (one each: from_driver), and
         # those told so since, having asked again.

@@ -22,7 +22,7 @@ from trustvbd.acm import Policy, PolicyError, load_policy
 from trustvbd.acm.commands import write_compiled
 from trustvbd.domains import messages as m
 from trustvbd.domains.control import ControlChannel, ControlClosed, ControlFull
-from trustvbd.domains.hv_store import crypt_name
+from trustvbd.domains.hv_store import StoreFull, crypt_name
 from trustvbd.domains.listeners import close_listeners, listen_unix
 from trustvbd.domains.placement import GuestSocket, further_socket, types_of
 from trustvbd.domains.supervisor import paused, signal_stopped
@@ -31,8 +31,7 @@ if TYPE_CHECKING:
     from trustvbd.domains.hv import Launcher
 
 log = logging.getLogger("trustvbd.hv")
-RECHECK_TIMEOUT = 10.0  # the encryption domains closing what a new policy forbids, at once
-STORE_TIMEOUT = 10.0  # the store relabelling the encryption domains and rechecking pairings
+RECHECK_TIMEOUT = 10.0  # the encryption domains (and the store) following a new policy
 SOCKETS_TIMEOUT = 5.0  # the encryption domains taking their guests' new sockets, at once
 RETELL_INTERVAL = 2.0  # a domain whose channel is full (it reads nothing) is told again
 
@@ -81,9 +80,9 @@ async def load(hv: Launcher, path: str) -> m.Message:
     enforcing = {name: tell_crypt(hv, name, channel)
                  for name, channel in list(hv.crypt_channels.items())
                  if not channel.closed.is_set()}
-    (torn, store_note), _ = await asyncio.gather(store_recheck(hv),
-                                                 settle(enforcing.values(), RECHECK_TIMEOUT))
-    closed, notes = 0, []
+    store = tell_store(hv)
+    await settle([*enforcing.values(), store], RECHECK_TIMEOUT)
+    closed, notes, torn = 0, [], []
     for name, task in enforcing.items():
         if task.cancelled():  # a later load (at the same time) told it again
             notes.append(f"encryption domain {name}: a later policy load told it again")
@@ -97,8 +96,18 @@ async def load(hv: Launcher, path: str) -> m.Message:
             closed += outcome
         elif outcome is not None:
             notes.append(outcome)
-    if store_note:
-        notes.append(store_note)
+    if not store.done():
+        notes.append(f"the store did not confirm within {RECHECK_TIMEOUT:g} s that it rechecked"
+                     " its pairings against the new policy (stopped or overloaded? `trustvbd"
+                     " status` shows it): those it now forbids stay until it runs again; it has"
+                     " been told and tears them down then (the launcher logs when)")
+        store.add_done_callback(store_late)
+    elif not store.cancelled():
+        followed = store.result()
+        if isinstance(followed, str):
+            notes.append(followed)
+        else:
+            torn = followed
     for t in torn:
         log.warning("the new policy forbids pairing %s with %s: torn down (%s)",
                     t.frontend_dir, t.backend_dir, t.reason)
@@ -176,19 +185,45 @@ def confirmed_late(name: str, task: asyncio.Task[int | str | None]) -> None:
         log.error("%s", outcome)
 
 
-async def store_recheck(hv: Launcher) -> tuple[list[m.TornDown], str | None]:
-    """The store relabels the encryption domains (for later pairings) and checks (a) again
-    for every pairing in it, in STORE_TIMEOUT at most; else what the administrator must know."""
-    try:
-        async with asyncio.timeout(STORE_TIMEOUT):
-            await hv.store.relabel_crypt(hv.broker.trusted_label)
-            return await hv.store.recheck(), None
-    except (ConnectionError, TimeoutError) as exc:
-        why = str(exc) or f"it did not answer within {STORE_TIMEOUT:g} s (stopped or overloaded?)"
-    log.error("the store did not recheck its pairings against the new policy: %s", why)
-    return [], (f"the store did not recheck its pairings against the new policy: {why};"
-                " pairings it now forbids stay until the policy is loaded again once the store"
-                " answers (`trustvbd status` shows it)")
+def tell_store(hv: Launcher) -> asyncio.Task[list[m.TornDown] | str]:
+    """The store follows the new policy (StoreLink.follow_policy), in the background until it
+    does (a later load supersedes it): the pairings torn down, or what the administrator
+    must know."""
+    if hv.store_following is not None:
+        hv.store_following.cancel()
+    hv.store_following = task = hv.supervisor.spawn_task(store_follow(hv))
+    return task
+
+
+async def store_follow(hv: Launcher) -> list[m.TornDown] | str:
+    while True:
+        channel = hv.store.channel
+        try:
+            return await hv.store.follow_policy(hv.broker.trusted_label)
+        except StoreFull:  # not sent: it reads nothing now (stopped?); told once it does
+            await asyncio.sleep(RETELL_INTERVAL)
+        except ConnectionError as exc:
+            log.error("the store did not recheck its pairings against the new policy: %s", exc)
+            now = hv.store.channel
+            if now is None or now is not channel or now.closed.is_set():
+                return ("the store is restarting: it rechecks its pairings against the new"
+                        " policy when it starts")
+            return (f"the store did not recheck its pairings against the new policy: {exc};"
+                    " pairings it now forbids stay until the policy is loaded again")
+
+
+def store_late(task: asyncio.Task[list[m.TornDown] | str]) -> None:
+    if task.cancelled():
+        return
+    outcome = task.result()
+    if isinstance(outcome, str):
+        log.error("%s", outcome)
+        return
+    log.warning("the store rechecked its pairings against the new policy late: %d torn down",
+                len(outcome))
+    for t in outcome:
+        log.warning("the new policy forbids pairing %s with %s: torn down (%s)",
+                    t.frontend_dir, t.backend_dir, t.reason)
 
 
 def moved_disks(hv: Launcher, policy: Policy) -> list[str]:

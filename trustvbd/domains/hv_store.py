@@ -28,7 +28,13 @@ from typing import Any
 
 from trustvbd.config import Config
 from trustvbd.domains import messages as m
-from trustvbd.domains.control import ControlChannel, ControlClosed, Handler, socket_pair
+from trustvbd.domains.control import (
+    ControlChannel,
+    ControlClosed,
+    ControlFull,
+    Handler,
+    socket_pair,
+)
 from trustvbd.domains.placement import file_safe
 from trustvbd.xenstore.client import XsClient
 from trustvbd.xenstore.pairing import backend_dir, frontend_dir
@@ -40,6 +46,10 @@ log = logging.getLogger("trustvbd.hv")
 
 class PairingRefused(Exception):
     """The store (the access-control domain behind it) refused to pair two directories."""
+
+
+class StoreFull(ConnectionError):
+    """The store reads nothing from its control channel (stopped?): this request was not sent."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,7 @@ class StoreLink:
         self.launches = 0
         self.tree_owner: int | None = None  # the store's uid, when it runs under its own
         self.driver_states: dict[str, State] = {}  # backend dir -> what the launcher wrote
+        self.recheck_due = False  # a policy was loaded; the store has not rechecked its pairings
 
     def domid(self, kind: str, name: str) -> int:
         return self.domains[(kind, name)][0]
@@ -136,31 +147,42 @@ class StoreLink:
             await self.client.write(f"{directory}/state", str(int(state)))
         log.warning("store restarted: %d domains introduced again, %d driver states written",
                     len(self.domains), len(self.driver_states))
+        if self.recheck_due:  # a policy loaded since it last checked its pairings
+            reply, _ = await self._ask(m.RecheckPairings(), m.PairingsRechecked, timeout=60)
+            assert isinstance(reply, m.PairingsRechecked)
+            self.recheck_due = False
+            for t in reply.torn_down:
+                log.warning("the policy loaded forbids pairing %s with %s: torn down (%s)",
+                            t.frontend_dir, t.backend_dir, t.reason)
 
-    async def relabel_crypt(self, label: str) -> None:
-        """A new policy's bootstrap label: later pairings check the encryption domains under it."""
-        for (kind, name), (domid, _) in list(self.domains.items()):
-            if kind == "crypt":
-                self.domains[(kind, name)] = (domid, label)
-                if self.channel is not None and not self.channel.closed.is_set():
-                    await self._ask(m.StoreIntroduce(domid, name, label))
-
-    async def recheck(self) -> list[m.TornDown]:
-        """After a policy load: every pairing asked again; those now forbidden, torn down."""
+    async def follow_policy(self, crypt_label: str) -> list[m.TornDown]:
+        """After a policy load: later pairings check the encryption domains under the new
+        bootstrap label, and every pairing is asked again; those now forbidden are torn
+        down. No timeout: a stopped store does it once it runs again; one restarted
+        meanwhile does it at its start (restarted)."""
+        self.recheck_due = True
+        crypts = [(k, domid) for k, (domid, _) in self.domains.items() if k[0] == "crypt"]
+        for key, domid in crypts:  # all first: a restart introduces them under it
+            self.domains[key] = (domid, crypt_label)
         if self.channel is None or self.channel.closed.is_set():
-            raise ConnectionError("the store is not running (restarting?): its pairings were"
-                                  " not checked against the new policy")
-        reply, _ = await self._ask(m.RecheckPairings(), m.PairingsRechecked, timeout=60)
+            raise ConnectionError("the store is not running (restarting?): it checks its"
+                                  " pairings against the new policy when it starts")
+        for (_, name), domid in crypts:
+            await self._ask(m.StoreIntroduce(domid, name, crypt_label), timeout=None)
+        reply, _ = await self._ask(m.RecheckPairings(), m.PairingsRechecked, timeout=None)
         assert isinstance(reply, m.PairingsRechecked)
+        self.recheck_due = False
         return reply.torn_down
 
     async def _ask(self, request: m.Message, *expected: type[m.Message],
-                   timeout: float = 10) -> tuple[m.Message, list[int]]:
+                   timeout: float | None = 10) -> tuple[m.Message, list[int]]:
         if self.channel is None:
             raise ConnectionError("store: not started")
         try:
             reply, fds = await self.channel.ask(request, *(expected or (m.Done,)),
                                                 timeout=timeout)
+        except ControlFull as exc:
+            raise StoreFull(f"store: {exc}") from None
         except ControlClosed as exc:
             raise ConnectionError(f"store: {exc}") from None
         if isinstance(reply, m.Failed):
