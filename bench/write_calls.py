@@ -14,7 +14,8 @@ the encryption domain does, with a memory budget ([limits] memory, 256 MiB) and 
 timeout; without it, neither.
 Counted on the event loop's thread only (the drivers and the guest are elsewhere): Python
 calls (`sys.setprofile` "call" events) and C calls per write, and that thread's CPU
-(time.thread_time) per write, profiled and unprofiled. With PYTHONPATH set to another
+(time.thread_time) per write, profiled and unprofiled, and its sleeps per write (voluntary
+context switches: each one a wake-up this VM pays for in the kernel), unprofiled. With PYTHONPATH set to another
 tree (`git archive COMMIT | tar -x -C DIR`, with an extension built from that commit) it
 measures that tree: a same-run A/B that the machine's load barely disturbs (counts are
 exact; CPU is per request, not throughput).
@@ -30,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
@@ -102,8 +104,14 @@ async def opened(tmp: Path, uris: list[str]) -> AsyncIterator[CryptDisk]:
         await disk.close()
 
 
+def sleeps() -> int:
+    """This thread's voluntary context switches so far: how often it slept."""
+    status = Path(f"/proc/self/task/{threading.get_native_id()}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
 async def measure(tmp: Path, disk: CryptDisk, qd: int, writes: int, profile: bool,
-                  seed: int, mode: str, budget: bool) -> tuple[float, float, float]:
+                  seed: int, mode: str, budget: bool) -> tuple[float, float, float, float]:
     sock = tmp / f"g{seed}.sock"
     server = NbdServer(StaticExports([Export("", disk)]), identity="bench-guest",
                        budget=MemoryBudget(Limits().memory) if budget else None,
@@ -130,7 +138,7 @@ async def measure(tmp: Path, disk: CryptDisk, qd: int, writes: int, profile: boo
                        else f"C {getattr(arg, '__qualname__', arg)}")
                 where[key] = where.get(key, 0) + 1
 
-    cpu0 = time.thread_time()
+    cpu0, slept0 = time.thread_time(), sleeps()
     if profile:
         sys.setprofile(count)
     try:
@@ -139,14 +147,14 @@ async def measure(tmp: Path, disk: CryptDisk, qd: int, writes: int, profile: boo
         await guest.wait()
     finally:
         sys.setprofile(None)
-    cpu = time.thread_time() - cpu0
+    cpu, slept = time.thread_time() - cpu0, sleeps() - slept0
     for key, n in sorted(where.items(), key=lambda kv: -kv[1])[:TOP]:
         print(f"  {n / writes:6.2f} {key}")
     await server.close()
     serving.cancel()
     await asyncio.gather(serving, return_exceptions=True)
     listening.close()
-    return counts["call"] / writes, counts["c_call"] / writes, cpu / writes * 1e6
+    return counts["call"] / writes, counts["c_call"] / writes, cpu / writes * 1e6, slept / writes
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -157,17 +165,20 @@ async def main(args: argparse.Namespace) -> None:
                 mode = "flush" if args.flush else "seq" if args.seq else "random"
                 what = "write + FLUSH pair" if args.flush else "write"
                 for rep in range(args.reps):
-                    calls, ccalls, _ = await measure(tmp, disk, args.qd, args.writes, True, 2 * rep,
+                    calls, ccalls, _, _ = await measure(tmp, disk, args.qd, args.writes, True, 2 * rep,
                                                      mode, args.budget)
-                    _, _, cpu = await measure(tmp, disk, args.qd, args.writes, False, 2 * rep + 1,
+                    _, _, cpu, slept = await measure(tmp, disk, args.qd, args.writes, False, 2 * rep + 1,
                                               mode, args.budget)
                     print(f"{mode} qd {1 if args.flush else args.qd} replicas "
                           f"{args.replicas}: {calls:.1f} Python calls, "
                           f"{ccalls:.1f} C calls per {what}; loop thread CPU {cpu:.1f} us per "
-                          f"{what} (unprofiled)", flush=True)
+                          f"{what}, {slept:.2f} sleeps per {what} (unprofiled)", flush=True)
                 started = getattr(getattr(disk, "_wplane", None), "started", None)
                 if started is not None:
                     print(f"writes taken natively: {started}")
+                behind = getattr(disk, "_behind", None)
+                if behind is not None:
+                    print(f"writes behind: {behind.started}, replica writes (runs) {behind.sends}")
 
 
 if __name__ == "__main__":
