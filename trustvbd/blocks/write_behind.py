@@ -89,7 +89,12 @@ from trustvbd.running_loop import RunningLoop
 
 log = logging.getLogger("trustvbd.crypt.write_behind")
 
-WRITE_BEHIND_MAX = 64  # writes per disk whose replica write is still running
+# Writes per disk whose replica write is still running. A guest that writes faster than its
+# replicas take it keeps this many behind, and each sync of the intent log covers the
+# writes made while the one before it ran: the limit sets how many writes share a sync, a
+# driver send and its reply. Below the NBD client's 128 request slots per connection, so
+# reads keep at least 32.
+WRITE_BEHIND_MAX = 96
 WRITE_BEHIND_BLOCKS = 16  # writes of this many 4 KiB blocks or more wait for their replicas
 GATHER_BLOCKS = 32  # a run of adjacent writes behind goes out at this many blocks (128 KiB)
 # Unsent runs wait this long for the next write: FUSE's pauses between writes (cp reading
