@@ -1,7 +1,7 @@
 """QD1 4 KiB latency A/B on held servers, with what each process does per request.
 
     bench/qd1_switches.py [--trees this,/tmp/base,this@pin] [--luks] [--replicas 2]
-        [--rounds 8] [--runtime 2] [--rw randread,randwrite] [--size 256MiB]
+        [--rounds 8] [--runtime 2] [--rw randread,randwrite] [--size 256MiB] [--depth 1]
 
 Starts `trustvbd up` (encrypted, `--replicas` trustvbd drivers) once per tree (`this`: this
 checkout; a directory: a tree made as bench/run.py's --baseline, its own extension in it;
@@ -35,9 +35,9 @@ ROLES = ("crypt", "driver", "nbdkit")
 SWITCHES = ("crypt", "driver")  # threads that outlive a guest connection
 
 
-def fio(uri: str, rw: str, runtime: int, size: int) -> dict[str, float]:
+def fio(uri: str, rw: str, runtime: int, size: int, depth: int) -> dict[str, float]:
     cmd = ["fio", "--name=t", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
-           "--iodepth=1", f"--size={size}", f"--runtime={runtime}", "--time_based",
+           f"--iodepth={depth}", f"--size={size}", f"--runtime={runtime}", "--time_based",
            "--output-format=json"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]["read" if "read" in rw else "write"]
@@ -94,6 +94,7 @@ def main() -> int:
     ap.add_argument("--runtime", type=int, default=2)
     ap.add_argument("--rw", default="randread,randwrite")
     ap.add_argument("--size", default="256MiB")
+    ap.add_argument("--depth", type=int, default=1, help="fio's iodepth (QD1 by default)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # the servers are stopped
     size = servers.parse_size(args.size)
@@ -126,7 +127,7 @@ def main() -> int:
             for name, work, uri in held if r % 2 == 0 else held[::-1]:
                 for rw in args.rw.split(","):
                     cpu0, th0 = procstat.snapshot(work), threads(work)
-                    res = fio(uri, rw, args.runtime, size)
+                    res = fio(uri, rw, args.runtime, size, args.depth)
                     cpu = procstat.used(cpu0, procstat.snapshot(work))
                     th1 = threads(work)
                     n = max(res["n"], 1)
