@@ -337,3 +337,35 @@ def test_audit_verify_reads_a_huge_log_in_bounded_memory(short_tmp: Path) -> Non
     result = tvbd("audit", "--log", str(path), preexec_fn=one_gib)
     assert result.returncode == 1, result.stderr
     assert result.stdout == shown
+
+
+def test_status_says_when_the_control_socket_takes_no_more_connections(short_tmp: Path) -> None:
+    """A launcher whose control socket's backlog is full (stuck, or flooded by another local
+    process) made `status` end in a BlockingIOError traceback; it says so in one line now."""
+    import socket
+
+    config = short_tmp / "c.toml"
+    config.write_text(CONFIG.format(dir="backing"))
+    (short_tmp / "state").mkdir()
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(short_tmp / "state" / "control.sock"))
+    listening.listen(0)
+    queued = []
+    try:
+        while True:  # fill its backlog: nobody accepts
+            c = socket.socket(socket.AF_UNIX)
+            c.setblocking(False)
+            queued.append(c)
+            c.connect(str(short_tmp / "state" / "control.sock"))
+    except BlockingIOError:
+        pass
+    try:
+        result = tvbd("status", "-c", str(config))
+    finally:
+        for c in queued:
+            c.close()
+        listening.close()
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "takes no more connections on" in result.stderr

@@ -87,6 +87,11 @@ def ask_running(config: Config, request: Message, timeout: float = 30,
                          f" (start it with: trustvbd up -c {config.path})") from None
     except (ConnectionResetError, BrokenPipeError):
         data = b""  # it died (or closed the socket) with our request unanswered
+    except BlockingIOError:  # connect: the socket's backlog is full, nobody takes from it
+        raise NoAnswer(f"`trustvbd up` (state directory {config.state_dir}) takes no more"
+                       f" connections on {config.control_socket} (its backlog is full): it is"
+                       " stuck, or something else opens connections to it in a loop (its log"
+                       " says which); try again") from None
     except TimeoutError:
         raise NoAnswer(f"`trustvbd up` (state directory {config.state_dir}) did not answer"
                        f" within {timeout:g} s: it runs but is stuck or overloaded (its log"

@@ -398,3 +398,57 @@ def test_a_stopped_encryption_domain_cannot_stall_the_launcher(short_tmp: Path) 
 def run_qemu_io(u: str) -> tuple[int, str]:
     out = run(["qemu-io", "-f", "raw", u, "-c", "read 0 4k"], check=False, timeout=30)
     return out.returncode, out.stdout + out.stderr
+
+
+def test_a_flood_of_control_connections_cannot_take_the_launchers_descriptors_or_socket(
+        short_tmp: Path) -> None:
+    """The launcher's control socket accepted with loop.sock_accept and no limit: a local
+    process opening connections that say nothing held one descriptor each for 10 s (the
+    launcher needs descriptors for every channel it brokers), and when they ran out, EMFILE
+    ended the accept loop: `status`, `policy load`, `scrub` and `unlock` got no answer ever
+    after. Now at most 32 clients wait to send their request (the oldest gives way), and
+    running out of descriptors is waited out."""
+    s = start(short_tmp)
+    try:
+        hv = s.proc.pid if s.proc is not None else 0
+        control = str(s.root / "state" / "control.sock")
+
+        def descriptors() -> int:
+            return len(os.listdir(f"/proc/{hv}/fd"))
+
+        def connect() -> socket.socket:
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.settimeout(10)
+            for _ in range(1000):
+                try:
+                    c.connect(control)
+                    return c
+                except BlockingIOError:  # its listen backlog is full for a moment
+                    time.sleep(0.01)
+            raise AssertionError("the launcher took no connection for 10 s")
+
+        before = descriptors()
+        run(["prlimit", f"--pid={hv}", f"--nofile={before + 4}:"])
+        try:
+            held = [connect() for _ in range(12)]
+            time.sleep(1.5)
+            for c in held:
+                c.close()
+        finally:
+            run(["prlimit", f"--pid={hv}", "--nofile=20000:"])
+        out = s.cli("status", "-c", str(s.config), "--json", check=False)
+        assert out.returncode == 0, out.stderr[-2000:]
+        held = [connect() for _ in range(300)]
+        try:
+            time.sleep(0.5)
+            assert descriptors() <= before + 32 + 4, descriptors()
+            out = s.cli("status", "-c", str(s.config), "--json", check=False)
+            assert out.returncode == 0, out.stderr[-2000:]
+        finally:
+            for c in held:
+                c.close()
+        err = s.stop()
+        assert "control socket: cannot accept connections: Too many open files" in err, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+    finally:
+        s.kill()

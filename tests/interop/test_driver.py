@@ -165,3 +165,40 @@ def test_map_shows_the_files_holes(tmp_path: Path) -> None:
     finally:
         d.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_server_out_of_descriptors_serves_again_once_some_close(short_tmp: Path) -> None:
+    """The NBD server's accept loop let accept(2)'s EMFILE through: out of descriptors for a
+    moment (many clients at once), its listening socket was closed for good and every later
+    client of that socket was refused. It waits now until some close, and serves them."""
+    import resource
+    import socket
+    import time
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+
+    sock = short_tmp / "d.sock"
+    proc = subprocess.Popen([*TRUSTVBD, "driver", "--file", str(short_tmp / "d.img"), "--size",
+                             "1MiB", "--socket", str(sock)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=few_files)
+    try:
+        lines = read_lines_until(proc, "ready", 30)
+        uri = next(line for line in lines if line.startswith("nbd"))
+        held = []
+        for _ in range(60):  # more than the server has descriptors for
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(sock))
+            held.append(c)
+        time.sleep(1.5)
+        for c in held:
+            c.close()
+        out = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == str(1 << 20)
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+    assert "cannot accept connections: Too many open files" in err, err[-3000:]

@@ -18,6 +18,7 @@ import socket
 from pathlib import Path
 from typing import Any, Protocol
 
+from trustvbd.accepting import accept
 from trustvbd.domains.listeners import listen_unix
 from trustvbd.domains.messages import (
     ErrorCode,
@@ -38,6 +39,7 @@ log = logging.getLogger("trustvbd.hv")
 MAX_REQUEST = 64 * 1024
 MAX_FDS = 4
 READ_TIMEOUT = 10.0
+MAX_READING = 32
 
 
 class Answers(Protocol):
@@ -132,28 +134,46 @@ async def read_request(sock: socket.socket) -> tuple[bytes, list[int]]:
 
 
 class ControlServer:
-    """Accepts the CLI's connections on the control socket; `close()` stops and unlinks it."""
+    """Accepts the CLI's connections on the control socket; `close()` stops and unlinks it.
+
+    At most MAX_READING clients still to send their request at once, so a local process
+    opening connections in a loop cannot take the launcher's descriptors (every channel it
+    brokers needs some): over it, the oldest of them is hung up on for the new one (the CLI
+    sends its request as it connects)."""
 
     def __init__(self, path: Path, hv: Answers) -> None:
         self.path, self.hv = path, hv
         self.sock = listen_unix(path)  # 0600: the user running `up` (and root) only
         self.sock.setblocking(False)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.reading: dict[asyncio.Task[None], None] = {}  # still reading a request, oldest first
         self.accepting = asyncio.get_running_loop().create_task(self._accept())
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(self.sock)
+            conn = await accept(self.sock, "control socket")
+            if len(self.reading) >= MAX_READING:
+                oldest = next(iter(self.reading))
+                del self.reading[oldest]
+                oldest.cancel()
             task = loop.create_task(self._client(conn))
             self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self.reading[task] = None
+            task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.reading.pop(task, None)
 
     async def _client(self, conn: socket.socket) -> None:
         conn.setblocking(False)
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 line, fds = await read_request(conn)
+            me = asyncio.current_task()
+            if me is not None:
+                self.reading.pop(me, None)  # being answered: no newcomer closes it now
             reply = await answer(line, fds, self.hv)
             await asyncio.get_running_loop().sock_sendall(conn, json.dumps(reply).encode() + b"\n")
         except (TimeoutError, OSError, ValueError):

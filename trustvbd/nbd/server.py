@@ -21,6 +21,7 @@ import ssl
 import struct
 from collections.abc import Callable
 
+from trustvbd.accepting import accept as accept_connection
 from trustvbd.nbd.budget import MemoryBudget
 from trustvbd.nbd.connection import Connection
 from trustvbd.nbd.exports import Export, ExportProvider, ExportRefused, PeerInfo, StaticExports
@@ -113,7 +114,7 @@ class NbdServer:
         self.budget = budget
         self.idle_timeout = idle_timeout
         self.connections: set[Connection] = set()
-        self._accepting: set[asyncio.Task[tuple[socket.socket, object]]] = set()
+        self._accepting: set[asyncio.Task[socket.socket]] = set()
         self._handlers: set[asyncio.Task[None]] = set()  # keeps handler tasks referenced
         self._closed = False
         self._refused = 0  # refused over the limit since the last line that said so
@@ -128,10 +129,10 @@ class NbdServer:
         listening.setblocking(False)
         me = asyncio.current_task()
         while not self._closed:
-            accept = loop.create_task(loop.sock_accept(listening))
+            accept = loop.create_task(accept_connection(listening, f"nbd: {self.identity}"))
             self._accepting.add(accept)
             try:
-                sock, _ = await accept
+                sock = await accept
             except asyncio.CancelledError:
                 if self._closed and me is not None and not me.cancelling():
                     return  # close() stopped the accept, not our caller
