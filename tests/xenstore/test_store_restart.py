@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from tests.support import System, read_lines_until
 from tests.xenstore.test_up_store import CONFIG, POLICY, wait_for_value, xs, xs_env
@@ -51,6 +51,45 @@ def vm1_pairing(system: System) -> Pairing:
                    f"/local/domain/{crypt}/backend/vbd/{vm1}/0")
 
 
+def store_restarted_once(system: System) -> dict:
+    """The store's status once it runs again after its first restart (within 30 s)."""
+    deadline = time.monotonic() + 30
+    while (now := domain(system, "store"))["state"] != "running" or now["restarts"] != 1:
+        assert time.monotonic() < deadline, now
+        time.sleep(0.1)
+    return now
+
+
+def vm1_connected(system: System, frontend: str) -> Any:
+    """vm1's connection to its Payroll disk (an nbd.NBD), its device Connected in the store."""
+    import nbd
+
+    held = nbd.NBD()
+    held.connect_uri(system.uri("vm1", "payroll"))
+    wait_for_value(system, f"{frontend}/state", "4")
+    return held
+
+
+def payroll_made_rogue(root: Path) -> Path:
+    """The tests' policy with label Payroll moved to type Rogue, written as root/new.toml."""
+    new = POLICY.replace('Payroll = { ste = ["Payroll"] }', 'Payroll = { ste = ["Rogue"] }')
+    assert new != POLICY
+    path = root / "new.toml"
+    path.write_text(new)
+    return path
+
+
+def assert_closed(held: Any) -> None:
+    """The connection `vm1_connected` made was closed: a read on it fails."""
+    import nbd
+
+    try:
+        held.pread(4096, 0)
+    except nbd.Error:
+        return
+    raise AssertionError("the connection the new policy forbids was not closed")
+
+
 def test_a_killed_store_comes_back_with_its_tree_and_guests_are_served_meanwhile(
         short_tmp: Path) -> None:
     import nbd
@@ -78,10 +117,7 @@ def test_a_killed_store_comes_back_with_its_tree_and_guests_are_served_meanwhile
         time.sleep(0.5)  # the encryption domain sees it go, and writes Closed to a stopped store
         os.kill(store["pid"], signal.SIGKILL)
 
-        deadline = time.monotonic() + 30
-        while (now := domain(system, "store"))["state"] != "running" or now["restarts"] != 1:
-            assert time.monotonic() < deadline, now
-            time.sleep(0.1)
+        now = store_restarted_once(system)
         assert now["last_exit"] == "killed by SIGKILL" and now["pid"] != store["pid"]
         assert xs(system, "xenstore-read", "/tool/note") == "kept\n"  # the tree came back
         assert xs(system, "xenstore-read", f"{frontend}/backend").strip() == backend
@@ -111,23 +147,17 @@ def test_a_killed_store_comes_back_with_its_tree_and_guests_are_served_meanwhile
 # whose bootstrap label keeps SystemManagement and Payroll (check (a): torn down). The
 # encryption domain's channels to the driver (StorageA has Payroll) stay paired.
 def test_policy_load_tears_down_pairings_the_new_policy_forbids(short_tmp: Path) -> None:
-    import nbd
-
     system = start_system(short_tmp)
     try:
         crypt, frontend, backend = vm1_pairing(system)
-        held = nbd.NBD()
-        held.connect_uri(system.uri("vm1", "payroll"))
-        wait_for_value(system, f"{frontend}/state", "4")
+        held = vm1_connected(system, frontend)
         watcher = subprocess.Popen(["xenstore-watch", "-n", "3", f"{frontend}/state"],
                                    env=xs_env(system), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
         read_lines_until(watcher, f"{frontend}/state", 10)  # registered
 
-        new = POLICY.replace('Payroll = { ste = ["Payroll"] }', 'Payroll = { ste = ["Rogue"] }')
-        assert new != POLICY
-        (short_tmp / "new.toml").write_text(new)
-        out = system.cli("policy", "load", "-c", str(system.config), str(short_tmp / "new.toml"))
+        new = payroll_made_rogue(short_tmp)
+        out = system.cli("policy", "load", "-c", str(system.config), str(new))
         assert "1 pairing(s) in the store torn down" in out.stdout, out.stdout
         # Closing, then Closed: the watch fires for both.
         assert read_lines_until(watcher, f"{frontend}/state", 10) == [f"{frontend}/state"]
@@ -143,13 +173,9 @@ def test_policy_load_tears_down_pairings_the_new_policy_forbids(short_tmp: Path)
         for devid in xs(system, "xenstore-list", f"/local/domain/{crypt}/device/vbd").split():
             assert xs(system, "xenstore-read",
                       f"/local/domain/{crypt}/device/vbd/{devid}/state") == "4\n"
-        try:
-            held.pread(4096, 0)
-            raise AssertionError("the connection the new policy forbids was not closed")
-        except nbd.Error:
-            pass
+        assert_closed(held)
         # A second load changes nothing more.
-        again = system.cli("policy", "load", "-c", str(system.config), str(short_tmp / "new.toml"))
+        again = system.cli("policy", "load", "-c", str(system.config), str(new))
         assert "0 pairing(s) in the store torn down" in again.stdout
     finally:
         err = system.stop()
@@ -166,38 +192,26 @@ def test_a_store_stopped_then_killed_during_a_policy_load_tears_down_at_its_rest
     at once, the answer says the store did not confirm. The store, killed before it ever
     read the load, comes back with its saved tree, pairings decided under the old policy:
     they were kept for good. Now its restart rechecks them against the policy loaded."""
-    import nbd
-
     system = start_system(short_tmp)
     try:
         _, frontend, backend = vm1_pairing(system)
-        held = nbd.NBD()
-        held.connect_uri(system.uri("vm1", "payroll"))
-        wait_for_value(system, f"{frontend}/state", "4")
+        held = vm1_connected(system, frontend)
         store = domain(system, "store")
-        new = POLICY.replace('Payroll = { ste = ["Payroll"] }', 'Payroll = { ste = ["Rogue"] }')
-        (short_tmp / "new.toml").write_text(new)
+        new = payroll_made_rogue(short_tmp)
         os.kill(store["pid"], signal.SIGSTOP)
         try:
-            out = system.cli("policy", "load", "-c", str(system.config), str(short_tmp / "new.toml"))
+            out = system.cli("policy", "load", "-c", str(system.config), str(new))
         finally:
             os.kill(store["pid"], signal.SIGKILL)
         assert "1 connection(s)" in out.stdout and "0 pairing(s)" in out.stdout, out.stdout
         assert ("note: the store did not confirm within 10 s that it rechecked its pairings"
                 " against the new policy") in out.stdout, out.stdout
-        deadline = time.monotonic() + 30
-        while (now := domain(system, "store"))["state"] != "running" or now["restarts"] != 1:
-            assert time.monotonic() < deadline, now
-            time.sleep(0.1)
+        store_restarted_once(system)
         # Torn down at its restart: both ends Closed, the directories domain 0's.
         wait_for_value(system, f"{backend}/state", "6", timeout=20)
         wait_for_value(system, f"{frontend}/state", "6")
         assert xs(system, "xenstore-ls", "-p", frontend).count("(n0,r") >= 1
-        try:
-            held.pread(4096, 0)
-            raise AssertionError("the connection the new policy forbids was not closed")
-        except nbd.Error:
-            pass
+        assert_closed(held)
     finally:
         err = system.stop()
     assert f"the policy loaded forbids pairing {frontend} with {backend}: torn down" in err, err
