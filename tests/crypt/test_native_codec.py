@@ -146,6 +146,24 @@ def test_opening_in_place_refuses_buffers_it_may_not_write_and_leaves_them_untou
     assert short == ct
 
 
+def test_a_seal_copies_its_plaintext_into_a_new_object_of_its_own() -> None:
+    """The plaintext is copied into a new bytes object and sealed there (no zero fill
+    first; a scattered buffer is gathered): the same ciphertext from any kind of buffer,
+    the caller's buffer unchanged, a new object each time."""
+    codec = BlockCodec(bytes(range(32)), bytes(16), 1)
+    plain = bytearray(random.Random(7).randbytes(3 * BS))
+    kept = bytes(plain)
+    want = codec.seal(9, 4, kept)
+    scattered = bytearray(6 * BS)
+    scattered[::2] = plain
+    for kind in (plain, memoryview(plain), memoryview(scattered)[::2]):
+        ct, leaves = codec.seal(9, 4, kind)
+        assert (ct, leaves) == want and ct is not want[0]
+        assert codec.open(9, ct, leaves) == (kept, [])
+    assert plain == kept
+    assert codec.seal(0, 1, b"") == (b"", b"")
+
+
 def test_bad_requests_get_a_clear_error() -> None:
     codec = BlockCodec(bytes(32), bytes(16), 1)
     with pytest.raises(ValueError, match="whole number of 4096-byte blocks"):

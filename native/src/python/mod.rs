@@ -60,17 +60,15 @@ impl PyBlockCodec {
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
         let len = plain.item_count();
         let leaves_len = len / block_codec::BLOCK_SIZE * block_codec::LEAF_SIZE;
-        let mut leaves = None;
-        let ciphertext = PyBytes::new_with(py, len, |data| {
-            plain.copy_to_slice(py, data)?;
-            drop(plain); // the caller may resize its buffer while we work
-            leaves = Some(PyBytes::new_with(py, leaves_len, |leaves| {
+        // The plaintext copied into the new object (no zero fill first), sealed there.
+        // (`plain` is released once copied: the caller may resize its buffer while we work.)
+        let (ciphertext, leaves) = foreign::bytes_copied_then(py, plain, |data| {
+            PyBytes::new_with(py, leaves_len, |leaves| {
                 py.detach(|| self.0.seal_in_place(first_block, first_version, data, leaves))
                     .map_err(value_error)
-            })?);
-            Ok(())
+            })
         })?;
-        Ok((ciphertext, leaves.expect("set when sealing succeeded")))
+        Ok((ciphertext, leaves?))
     }
 
     /// open(first_block, ciphertext, leaves) -> (plaintext, bad block indices)
