@@ -26,8 +26,16 @@ the sender pinned to CPU 0 and the receivers to CPU 1 (as `up`'s domains often r
 tee` writes it once into a pipe, tee(2)s that into a second pipe and splices each pipe
 into its socket, so the kernel copies it once and both sockets hold references to the
 same kernel pages (pages only ever holding what both receivers get: no vmsplice hazard).
+`sendfile ring` writes it once into a slot of a 16 MiB memfd ring (where the encryption
+domain would seal it) and sendfile(2)s the slot into each socket: the sockets take
+references to the ring's pages, which are used again and again (no fresh kernel page per
+payload at all; a slot is rewritten 16 MiB later, after both receivers read it).
 Every round is printed, not only the median: on this VM a round is now and then several
 times slower, all of the extra in the copy into the socket's fresh pages (bench/README).
+
+`--feed` (with --fanout) is `up`'s page flow: a feeder on CPU 1 sends the sender each
+payload first (nbdcopy's writes; the sender's receive frees those pages on CPU 0), and
+the receivers write into files that grow (new page cache per payload, not rewritten).
 
 Medians of --rounds after one unmeasured run of each way; prints the load average.
 """
@@ -37,6 +45,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import fcntl
+import functools
 import mmap
 import os
 import resource
@@ -44,6 +53,7 @@ import socket
 import statistics
 import tempfile
 import termios
+from collections.abc import Callable
 
 CHUNK = 256 << 10
 F_SETPIPE_SZ = 1031
@@ -65,14 +75,24 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _receive(sock: socket.socket, path: str) -> None:
+RING = 64  # payload slots of the `sendfile ring` way's memfd
+
+
+def _receive(sock: socket.socket, path: str, wrap: int = 256 << 20) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     view = memoryview(bytearray(CHUNK))
     offset = 0
     while n := sock.recv_into(view):
-        os.pwrite(fd, view[:n], offset % (256 << 20))
+        os.pwrite(fd, view[:n], offset % wrap)
         offset += n
     os.close(fd)
+
+
+def _feed(sock: socket.socket, total: int) -> None:
+    payload = os.urandom(CHUNK)
+    for _ in range(total // CHUNK):
+        sock.sendall(payload)
+    sock.shutdown(socket.SHUT_WR)
 
 
 def send_once(way: str, total: int, path: str) -> float:
@@ -119,33 +139,70 @@ def send_once(way: str, total: int, path: str) -> float:
     return used / (total / (1 << 30))
 
 
-def fanout_once(way: str, total: int, tmp: str) -> float:
-    """Sender CPU seconds per GiB of guest data sent to two receivers: `two sends` or
-    `pipe tee` (one copy into a pipe, tee to a second, splice each into its socket)."""
+def _pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    return a, b
+
+
+def _child(other: socket.socket, work: Callable[[], None]) -> int:
+    """Forks a process on CPU 1 that runs `work`; the parent's `other` end is closed there."""
+    pid = os.fork()
+    if pid == 0:
+        other.close()
+        try:
+            os.sched_setaffinity(0, {1 % (os.cpu_count() or 1)})
+            work()
+        finally:
+            os._exit(0)
+    return pid
+
+
+def fanout_once(way: str, total: int, tmp: str, feed: bool = False) -> float:
+    """Sender CPU seconds per GiB of guest data sent to two receivers: `two sends`,
+    `pipe tee` (one copy into a pipe, tee to a second, splice each into its socket) or
+    `sendfile ring` (one copy into a memfd ring slot, sendfile from it to each socket)."""
     os.sched_setaffinity(0, {0})
     socks, pids = [], []
+    wrap = total if feed else 256 << 20
     for i in range(2):
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for s in (a, b):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        pid = os.fork()
-        if pid == 0:
-            a.close()
-            try:
-                os.sched_setaffinity(0, {1 % (os.cpu_count() or 1)})
-                _receive(b, os.path.join(tmp, f"replica{i}.img"))
-            finally:
-                os._exit(0)
+        a, b = _pair()
+        target = os.path.join(tmp, f"replica{i}.img")
+        pids.append(_child(a, functools.partial(_receive, b, target, wrap)))
         b.close()
         socks.append(a)
-        pids.append(pid)
-    payload = os.urandom(CHUNK)
+    source = None
+    if feed:
+        source, theirs = _pair()
+        pids.append(_child(source, lambda: _feed(theirs, total)))
+        theirs.close()
+    payload = bytearray(os.urandom(CHUNK))
+    view = memoryview(payload)
     pipes = [os.pipe(), os.pipe()]
     for _, w in pipes:
         fcntl.fcntl(w, F_SETPIPE_SZ, CHUNK)
+    ring = os.memfd_create("ciphertext")
+    os.ftruncate(ring, RING * CHUNK)
+    slots = mmap.mmap(ring, RING * CHUNK)
     start = _cpu()
-    for _ in range(total // CHUNK):
+    for i in range(total // CHUNK):
+        if source is not None:
+            got = 0
+            while got < CHUNK:
+                n = source.recv_into(view[got:])
+                if not n:
+                    raise OSError("the feeder stopped early")
+                got += n
+        if way == "sendfile ring":
+            at = (i % RING) * CHUNK
+            slots[at:at + CHUNK] = payload
+            for sock in socks:
+                done = 0
+                while done < CHUNK:
+                    done += os.sendfile(sock.fileno(), ring, at + done, CHUNK - done)
+            continue
         if way == "two sends":
             for sock in socks:
                 sock.sendall(payload)
@@ -168,6 +225,10 @@ def fanout_once(way: str, total: int, tmp: str) -> float:
     for fds in pipes:
         for fd in fds:
             os.close(fd)
+    if source is not None:
+        source.close()
+    slots.close()
+    os.close(ring)
     os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     return used / (total / (1 << 30))
 
@@ -224,14 +285,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gib", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--fanout", action="store_true", help="two receivers: two sends against pipe + tee")
+    parser.add_argument("--fanout", action="store_true",
+                        help="two receivers: two sends against pipe + tee and a sendfile ring")
+    parser.add_argument("--feed", action="store_true",
+                        help="with --fanout: a feeder sends the sender each payload first, and "
+                             "the receivers' files grow (up's page flow)")
     args = parser.parse_args()
     total = args.gib << 30
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         path = os.path.join(tmp, "target.img")
+        ways: dict[str, Callable[[], float]]
         if args.fanout:
-            ways = {"two sends": lambda: fanout_once("two sends", total, tmp),
-                    "pipe tee": lambda: fanout_once("pipe tee", total, tmp)}
+            ways = {name: functools.partial(fanout_once, name, total, tmp, args.feed)
+                    for name in ("two sends", "pipe tee", "sendfile ring")}
         else:
             ways = {"send copy": lambda: send_once("copy", total, path),
                     "send vmsplice": lambda: send_once("vmsplice", total, path),
