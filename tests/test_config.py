@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -288,3 +291,58 @@ def test_an_entry_of_a_table_array_that_is_no_table_says_what_to_write(short_tmp
     err = error_of(short_tmp, 'state_dir = "state"\ndriver = [3]\n')
     assert (err.key, err.message) == (
         "driver[0]", "found 3, where a table is expected: write a [[driver]] section with its keys")
+
+
+PLACED = GOOD.replace('state_dir = "state"\n', 'state_dir = "state"\n[placement]\ncpus = [0]\n')
+
+
+def test_placement_cpus_go_to_each_disk_without_its_own(short_tmp: Path) -> None:
+    """[placement] cpus is every disk's; a disk's own `cpus` wins; a domain or driver serving
+    several disks may run on all their CPUs, and on any once one of them is not placed."""
+    config = load_config(write(short_tmp, GOOD))
+    assert config.cpus is None and config.disk_cpus(["payroll"]) is None
+    config = load_config(write(short_tmp, PLACED))
+    assert config.cpus == {0} and config.disks["payroll"].cpus is None
+    assert config.disk_cpus(["payroll"]) == {0} and config.disk_cpus([]) == {0}
+    two = GOOD.replace('replicas = ["drv-a"]\n', 'replicas = ["drv-a"]\ncpus = [1]\n[[disk]]\n'
+                       'name = "bank"\nsize = "4MiB"\nlabel = "BankData"\nreplicas = ["drv-a"]\n')
+    config = load_config(write(short_tmp, two))
+    assert config.disk_cpus(["payroll"]) == {1} and config.disk_cpus(["payroll", "bank"]) is None
+    config = load_config(write(short_tmp, two.replace('state_dir = "state"\n',
+                                                      'state_dir = "state"\n[placement]\ncpus = [0]\n')))
+    assert config.disk_cpus(["bank"]) == {0} and config.disk_cpus(["payroll", "bank"]) == {0, 1}
+
+
+@pytest.mark.parametrize(("cpus", "words"), [
+    ("[]", "must be a non-empty list of CPU numbers like [0] or [0, 1], not []"),
+    ("[\"0\"]", "not ['0']"),
+    ("[-1]", "not [-1]"),
+    ("[true]", "not [True]"),
+    ("0", "must be a list, not 0"),
+    ("[0, 0]", "names a CPU twice"),
+    ("[4096]", "CPU 4096 does not exist on this machine (it has"),
+])
+def test_placement_mistakes_name_the_key_and_what_to_do(short_tmp: Path, cpus: str,
+                                                         words: str) -> None:
+    err = error_of(short_tmp, PLACED.replace("cpus = [0]", f"cpus = {cpus}"))
+    assert err.key == "placement.cpus" and words in err.message, err
+    err = error_of(short_tmp, GOOD.replace('replicas = ["drv-a"]\n',
+                                           f'replicas = ["drv-a"]\ncpus = {cpus}\n'))
+    assert err.key == "disk[0].cpus" and words in err.message, err
+    assert "unknown key" in error_of(short_tmp, PLACED.replace("cpus", "cpu")).message
+
+
+def test_a_cpu_present_but_not_allowed_to_trustvbd_is_refused(short_tmp: Path) -> None:
+    """A CPU outside what trustvbd may use (taskset, a cpuset) is refused at load, with the
+    CPUs it may use: the domain would otherwise fail in its fork, after others started."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs")
+    first, other = sorted(os.sched_getaffinity(0))[:2]
+    path = write(short_tmp, PLACED.replace("cpus = [0]", f"cpus = [{other}]"))
+    out = subprocess.run(["taskset", "-c", str(first), sys.executable, "-c",
+                          "import sys\nfrom trustvbd.config import load_config, ConfigError\n"
+                          "try:\n    load_config(sys.argv[1])\nexcept ConfigError as e:\n"
+                          "    print(e)\n", str(path)], capture_output=True, text=True, check=True)
+    assert (f"placement.cpus: CPU {other} is not one trustvbd may run on here (allowed: {first},"
+            in out.stdout), out
+    assert load_config(path).cpus == {other}  # without taskset: allowed

@@ -179,6 +179,8 @@ def print_status(status: dict[str, Any]) -> None:
             restarts += f" (last: {d['last_exit']})"
         if d.get("next_retry") is not None:
             restarts += f", next try in {d['next_retry']} s"
+        if d.get("cpus"):
+            restarts += f", on CPUs {','.join(map(str, d['cpus']))}"
         if len(d.get("pids") or []) > 1:  # a driver's worker processes
             restarts += f", child pids {' '.join(str(p) for p in d['pids'][1:])}"
         print(f"  {d['name']:<{width}} {d['kind']:<7} pid {d['pid']!s:<8} {trust:<9}{label}"

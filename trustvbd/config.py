@@ -62,6 +62,7 @@ class DiskConfig:
     label: str
     replicas: tuple[str, ...]
     encrypt: bool = True
+    cpus: frozenset[int] | None = None  # `cpus` (else [placement]'s): its domain and drivers run there
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,20 @@ class Config:
     guests: dict[str, GuestConfig] = field(default_factory=dict)
     tls_dir: Path | None = None
     limits: Limits = field(default_factory=Limits)
+    cpus: frozenset[int] | None = None  # [placement] cpus: every disk's without its own
+
+    def disk_cpus(self, disks: list[str]) -> frozenset[int] | None:
+        """The CPUs that the domain serving `disks` (an encryption domain, a driver) may run on:
+        every CPU any of them is placed on; None (the scheduler decides) if one is not placed."""
+        if not disks:
+            return self.cpus
+        out: set[int] = set()
+        for disk in disks:
+            cpus = self.disks[disk].cpus or self.cpus
+            if cpus is None:
+                return None
+            out |= cpus
+        return frozenset(out)
 
     def guest_socket(self, guest: str) -> Path:
         return self.state_dir / "guests" / f"{guest}.sock"
@@ -322,6 +337,42 @@ def _parse_limits(file: Path, raw: Any) -> Limits:
                   _seconds(t, "replica_lag", base.replica_lag), leaf_cache, connections)
 
 
+def _cpu_ranges(cpus: set[int] | frozenset[int]) -> str:
+    """{0, 1, 2, 5} -> "0-2,5" (as /proc's Cpus_allowed_list and taskset -c write them)."""
+    out: list[str] = []
+    for cpu in sorted(cpus):
+        if out and out[-1].rpartition("-")[2] == str(cpu - 1):
+            out[-1] = f"{out[-1].partition('-')[0]}-{cpu}"
+        else:
+            out.append(str(cpu))
+    return ",".join(out)
+
+
+def _parse_cpus(table: _Table) -> frozenset[int] | None:
+    """`cpus = [0, 1]`: CPUs this process may run on now (os.sched_getaffinity), each once."""
+    value = table.get("cpus", list)
+    if value is None:
+        return None
+    if not value or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in value):
+        raise table.error("cpus", f"must be a non-empty list of CPU numbers like [0] or [0, 1],"
+                          f" not {value!r}")
+    if len(set(value)) != len(value):
+        raise table.error("cpus", f"{value!r} names a CPU twice; list each once")
+    allowed = os.sched_getaffinity(0)
+    present = os.cpu_count() or len(allowed)
+    for cpu in value:
+        if cpu >= present:
+            raise table.error("cpus", f"CPU {cpu} does not exist on this machine (it has {present}:"
+                              f" 0-{present - 1}); pick from {_cpu_ranges(allowed)}, or remove"
+                              " `cpus` to let the scheduler place the domains")
+        if cpu not in allowed:
+            raise table.error("cpus", f"CPU {cpu} is not one trustvbd may run on here (allowed:"
+                              f" {_cpu_ranges(allowed)}, as taskset, a cgroup cpuset or systemd's"
+                              " CPUAffinity= set it); pick from those, or widen what trustvbd"
+                              " may use")
+    return frozenset(value)
+
+
 def _unique(file: Path, kind: str, items: list[Any]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for index, item in enumerate(items):
@@ -394,8 +445,8 @@ def load_config(path: str | Path) -> Config:
                           ) from None
     base = file.parent
     top = _Table(file, "", raw, {"state_dir", "policy", "driver", "disk", "guest", "tls",
-                                 "limits"})
-    for section in ("tls", "limits"):  # a top-level key written below a [section] is in it
+                                 "limits", "placement"})
+    for section in ("tls", "limits", "placement"):  # a top-level key written below a [section] is in it
         table = raw.get(section)
         for key in ("state_dir", "policy"):
             if isinstance(table, dict) and key in table:
@@ -417,6 +468,7 @@ def load_config(path: str | Path) -> Config:
             raise tls.error("dir", "is missing; add dir = \"pki\" (make it with `trustvbd tls"
                             " init pki`)")
     limits = _parse_limits(file, raw.get("limits", {}))
+    cpus = _parse_cpus(_Table(file, "placement", raw.get("placement", {}), {"cpus"}))
 
     drivers = []
     for i, item in enumerate(_array(file, raw, "driver")):
@@ -447,7 +499,8 @@ def load_config(path: str | Path) -> Config:
 
     disks = []
     for i, item in enumerate(_array(file, raw, "disk")):
-        t = _Table(file, f"disk[{i}]", item, {"name", "size", "label", "replicas", "encrypt"})
+        t = _Table(file, f"disk[{i}]", item, {"name", "size", "label", "replicas", "encrypt",
+                                              "cpus"})
         name, label = t.name(), t.label()
         try:
             size = parse_size(t.get("size", object, required=True))
@@ -479,7 +532,7 @@ def load_config(path: str | Path) -> Config:
                 " cannot be verified, so a lying driver could not be told from an honest one;"
                 " list one driver or encrypt the disk",
             )
-        disks.append(DiskConfig(name, size, label, tuple(replicas), encrypt))
+        disks.append(DiskConfig(name, size, label, tuple(replicas), encrypt, _parse_cpus(t)))
     disk_map = _unique(file, "disk", disks)
 
     # A driver given by URI is one export someone else serves: it can hold one disk only.
@@ -508,7 +561,8 @@ def load_config(path: str | Path) -> Config:
                 raise ConfigError(file, f"{kind} {n!r}", f"name is also used by a {names[n]}; pick another")
             names[n] = kind
 
-    config = Config(file, state_dir, policy, driver_map, disk_map, guest_map, tls_dir, limits)
+    config = Config(file, state_dir, policy, driver_map, disk_map, guest_map, tls_dir, limits,
+                    cpus)
     for sock in config.sockets():
         if len(str(sock).encode()) > MAX_SOCKET_PATH:
             raise ConfigError(

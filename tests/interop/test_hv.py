@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.interop.test_policy_e2e import qemu_io, start, uri
-from tests.support import System, kill_driver, pids_of_children
+from tests.support import TRUSTVBD, System, config, disk, driver, guest, kill_driver, pids_of_children, run
 
 pytestmark = pytest.mark.interop
 
@@ -88,3 +88,74 @@ def test_status_shows_every_process_of_a_driver(short_tmp: Path) -> None:
     assert not set(now["pids"]) & set(drv["pids"]), (now, drv)
     assert qemu_io(uri(s, "vm1", "payroll"))[0] == 0
     s.stop()
+
+
+def ranges(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5", as /proc writes Cpus_allowed_list."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and runs[-1][-1] == cpu - 1:
+            runs[-1].append(cpu)
+        else:
+            runs.append([cpu])
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def cpus_allowed(pid: int) -> dict[int, str]:
+    """Each thread of `pid`: the CPUs it may run on, as the kernel says (Cpus_allowed_list)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        out[int(tid)] = next(line.split()[1] for line in status.splitlines()
+                             if line.startswith("Cpus_allowed_list:"))
+    return out
+
+
+def test_placement_puts_each_encryption_domain_and_its_drivers_on_their_cpus(short_tmp: Path) -> None:
+    """[placement] cpus and a disk's own `cpus` are applied when each domain starts (and at a
+    restart): every thread and worker of an encryption domain and of its drivers runs only
+    there; the access-control domain and the store stay free; status says where each runs."""
+    mine = sorted(os.sched_getaffinity(0))
+    if len(mine) < 2:
+        pytest.skip("needs two CPUs")
+    a, b = mine[:2]
+    s = System(short_tmp, config(
+        driver("drv-a", "StorageA", dir="backing/a"), driver("drv-b", "StorageB", dir="backing/b"),
+        disk("payroll", "PayrollData", ["drv-a"], cpus=[b]),
+        disk("bank", "BankData", ["drv-a", "drv-b"]), guest("vm1", "Payroll"),
+        head=f"[placement]\ncpus = [{a}]\n")).start()
+    want = {"crypt-PayrollData": [b], "crypt-BankData": [a], "drv-a": [a, b], "drv-b": [a],
+            "acm": None, "store": None}
+    ds = domains(s)
+    for name, cpus in want.items():
+        for pid in ds[name]["pids"]:
+            for tid, allowed in cpus_allowed(pid).items():
+                assert allowed == ranges(cpus or mine), (name, pid, tid, allowed)
+        assert ds[name]["cpus"] == cpus, ds[name]
+    assert len(cpus_allowed(ds["crypt-BankData"]["pid"])) > 1  # threads made after the start too
+    text = s.cli("status", "-c", str(s.config)).stdout
+    assert f"running, on CPUs {b}" in next(li for li in text.splitlines() if "crypt-Payroll" in li)
+    for name in ("payroll", "bank"):
+        code, out = qemu_io(s.uri("vm1", name))
+        assert code == 0, out
+    kill_driver(ds["drv-b"]["pid"])
+    deadline = time.monotonic() + 20
+    while (now := domains(s)["drv-b"])["state"] != "running" or now["restarts"] != 1:
+        assert time.monotonic() < deadline, now
+        time.sleep(0.05)
+    for pid in now["pids"]:
+        assert set(cpus_allowed(pid).values()) == {str(a)}, (pid, cpus_allowed(pid))
+    s.stop()
+
+
+def test_up_refuses_a_cpu_this_machine_does_not_have_before_starting_anything(
+        short_tmp: Path) -> None:
+    (short_tmp / "trustvbd.toml").write_text(config(
+        driver("drv-a", "StorageA", dir="backing/a"), disk("payroll", "PayrollData", ["drv-a"]),
+        head="[placement]\ncpus = [4096]\n"))
+    out = run([*TRUSTVBD, "up", "-c", str(short_tmp / "trustvbd.toml")], check=False)
+    assert out.returncode != 0 and "ready" not in out.stdout
+    assert (f"{short_tmp / 'trustvbd.toml'}: placement.cpus: CPU 4096 does not exist on this"
+            " machine") in out.stderr, out.stderr
+    assert "remove `cpus` to let the scheduler place the domains" in out.stderr
+    assert not (short_tmp / "state").exists()

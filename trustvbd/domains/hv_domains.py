@@ -174,8 +174,11 @@ class DomainGrants:
                           lambda: _close(fds))
 
         # No TRUSTVBD_* settings and no passphrase: a clean environment.
+        cpus = self.config.disk_cpus([d.name for d in self.config.disks.values()
+                                      if name in d.replicas])
         return Domain(name, "driver", False, drv.label, launch,
-                      identity=self.driver_identity(name), env=sandbox.clean_environment())
+                      identity=self.driver_identity(name), env=sandbox.clean_environment(),
+                      cpus=cpus)
 
     def driver_identity(self, name: str) -> sandbox.Identity:
         if not self.privileged:
@@ -252,7 +255,8 @@ class DomainGrants:
             fds.append(theirs.detach())
             return Launch(argv, tuple(fds), lambda: _close(fds))
 
-        domain = Domain(name, "crypt", True, "", launch, identity=identity, wtype=wtype)
+        domain = Domain(name, "crypt", True, "", launch, identity=identity, wtype=wtype,
+                        cpus=self.config.disk_cpus(self.types[wtype]))
         return domain
 
     def crypt_group(self) -> int:

@@ -292,6 +292,7 @@ class DomainStatus:
     last_exit: str | None
     next_retry: float | None  # seconds to the next start, when restarting
     pids: list[int] = dataclasses.field(default_factory=list)  # its pid and its children's
+    cpus: list[int] | None = None  # the CPUs it is placed on (config `cpus`); None: any
 
 
 @dataclasses.dataclass(frozen=True)

@@ -221,8 +221,14 @@ def enter(identity: Identity) -> None:
     no_new_privs()
 
 
-def preexec(identity: Identity) -> Callable[[], None]:
-    return lambda: enter(identity)
+def preexec(identity: Identity, cpus: frozenset[int] | None = None) -> Callable[[], None]:
+    """In the child before exec: its CPUs (inherited by every thread and worker it makes),
+    then its identity."""
+    def run() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        enter(identity)
+    return run
 
 
 def own_tree(path: str, uid: int, gid: int) -> None:

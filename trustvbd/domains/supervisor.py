@@ -90,6 +90,7 @@ class Domain:
     identity: sandbox.Identity = sandbox.AS_LAUNCHER  # its user, namespaces (as root)
     env: dict[str, str] | None = None  # None: the launcher's environment minus secrets
     wtype: str | None = None  # an encryption domain's workload type
+    cpus: frozenset[int] | None = None  # the CPUs it runs on (config `cpus`); None: any
     fatal: bool = False  # an exit stops everything instead of a restart
     on_start: Callable[[Domain], None] = lambda d: None  # after every (re)start
     on_exit: Callable[[Domain], None] = lambda d: None  # when it exits on its own
@@ -125,6 +126,12 @@ class Supervisor:
     async def start(self, domain: Domain) -> None:
         """Start `domain` and wait until it is ready; StartError if it is not."""
         self.domains[domain.name] = domain
+        if domain.cpus and not domain.cpus <= (allowed := os.sched_getaffinity(0)):
+            domain.state = "failed"
+            raise StartError(f"{domain.kind} domain {domain.name!r} is placed on CPUs"
+                             f" {sorted(domain.cpus)} (config `cpus`), but trustvbd may now run"
+                             f" only on {sorted(allowed)}: bring the CPUs back online, or change"
+                             " `cpus` and restart trustvbd")
         try:
             launch = domain.launch()
         except (OSError, ValueError, sandbox.SandboxError) as exc:
@@ -135,7 +142,7 @@ class Supervisor:
         try:
             domain.process = await asyncio.create_subprocess_exec(
                 *launch.argv, "--ready-fd", str(write_end), pass_fds=(write_end, *launch.pass_fds),
-                stdin=asyncio.subprocess.DEVNULL, env=env, preexec_fn=sandbox.preexec(domain.identity),
+                stdin=asyncio.subprocess.DEVNULL, env=env, preexec_fn=sandbox.preexec(domain.identity, domain.cpus),
                 # A session of its own: a signal to the launcher's process group (Ctrl-C,
                 # `timeout`, kill -TERM -PGID) reaches the launcher alone, which stops the
                 # domains in order: the encryption domains' final commit before the drivers,
@@ -231,6 +238,7 @@ class Supervisor:
             "state": (paused(d.process.pid) if d.process and d.state == "running"
                       and signal_stopped(d.process.pid) else d.state),
             "restarts": d.restarts, "last_exit": d.last_exit,
+            "cpus": sorted(d.cpus) if d.cpus else None,
             "next_retry": None if d.next_retry is None else round(max(0.0, d.next_retry - now), 1),
         } for d in self.domains.values()]
 
