@@ -380,6 +380,31 @@ def test_native_and_general_reads_agree(short_tmp: Path, copies: int) -> None:
         run(go())
 
 
+@pytest.mark.parametrize("copies", [1, 2])
+def test_small_and_big_native_replies_of_one_batch_leave_in_order(short_tmp: Path,
+                                                                  copies: int) -> None:
+    """Many READs at once, small (copied in among the reply headers when the output is
+    cut, their buffers reused by the next ones) and big (a buffer of their own) mixed,
+    aligned and not: every reply carries its own bytes, batch after batch, and none
+    carries what an earlier read left in a reused buffer."""
+    with drivers(short_tmp, copies) as (_, uris):
+        async def go() -> None:
+            async with opened(short_tmp, uris) as disk, served(short_tmp, disk) as guest:
+                await write_blocks(disk, range(64))
+                everything = b"".join(pattern(b) for b in range(64))
+                shapes = [(0, BS), (3 * BS + 17, 2 * BS - 40), (8 * BS, 5 * BS),
+                          (20 * BS + 1, 100), (30 * BS, 4 * BS), (40 * BS + 4095, 2),
+                          (41 * BS, 6 * BS + 9)]
+                for round_ in range(6):
+                    before = disk._plane.started
+                    reads = [(o + (round_ % 3) * BS, n) for o, n in shapes] * 4
+                    got = await asyncio.gather(*(guest.client.pread(o, n) for o, n in reads))
+                    for (offset, length), data in zip(reads, got, strict=True):
+                        assert bytes(data) == everything[offset:offset + length]
+                    assert disk._plane.started == before + len(reads)
+        run(go())
+
+
 def test_native_reads_keep_the_connections_bounds(short_tmp: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A guest with more READs in flight than a connection may run: at most MAX_TASKS of

@@ -54,6 +54,13 @@ pub(crate) struct PyNbdServerSession {
     /// before it the parts already cut off by a big read's data (sent as its own buffer).
     out: Vec<u8>,
     parts: Vec<Py<PyAny>>,
+    /// Small native reads' data, not copied into `out` yet: each goes in at its position
+    /// in `out` (after its header) when the output is cut (`cut`), so it is copied once,
+    /// straight into the bytes sent.
+    spliced: Vec<Spliced>,
+    /// Small reads' buffers given back once their data was cut into the output, for the
+    /// next reads of this connection (`spare_buffer`): no allocation per read.
+    spare: Vec<Vec<u8>>,
     ended: usize,      // native reads whose replies are in `out`
     ended_bytes: u64,  // their guest lengths
     /// Native reads running: seq -> their connection's engine and its request's cookie.
@@ -61,7 +68,71 @@ pub(crate) struct PyNbdServerSession {
     next_seq: u64,
 }
 
+/// A small native read's data: `buf[skip..skip + length]` goes at `at` in the output.
+struct Spliced {
+    at: usize,
+    buf: Vec<u8>,
+    skip: usize,
+    length: usize,
+}
+
+/// Spare small-read buffers a session keeps (one batch's worth of 4 KiB reads).
+const SPARE_KEPT: usize = 64;
+
 impl PyNbdServerSession {
+    /// A buffer of `size` bytes for a small native read (a spare one of that size, else
+    /// a new one). Its bytes are whatever the last read left: a read's reply is sent only
+    /// once the driver's reply filled all of it.
+    pub(crate) fn spare_buffer(&mut self, size: usize) -> Vec<u8> {
+        match self.spare.iter().rposition(|b| b.len() == size) {
+            Some(i) => self.spare.swap_remove(i),
+            None => vec![0u8; size],
+        }
+    }
+
+    /// A small native read's successful reply: its header framed into the output, its
+    /// data (`buf[skip..skip + length]`) copied in when the output is cut.
+    pub(crate) fn push_read_owned(&mut self, cookie: u64, offset: u64, buf: Vec<u8>, skip: usize, length: usize) {
+        let length32 = u32::try_from(length).expect("native reads are at most 32 MiB");
+        nbd_server::frame_reply(&mut self.out, self.structured, cookie, 0, "", Some((offset, length32)));
+        self.spliced.push(Spliced { at: self.out.len(), buf, skip, length });
+        self.ended += 1;
+        self.ended_bytes += length as u64;
+    }
+
+    /// The output framed so far as one bytes object (`out` with the spliced data in
+    /// place), `out` emptied and the spliced reads' buffers kept as spares.
+    fn cut<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        if self.spliced.is_empty() {
+            let bytes = PyBytes::new(py, &self.out);
+            self.out.clear();
+            return bytes;
+        }
+        let total = self.out.len() + self.spliced.iter().map(|s| s.length).sum::<usize>();
+        let (out, spliced) = (&self.out, &self.spliced);
+        let bytes = PyBytes::new_with(py, total, |dst| {
+            let (mut from, mut to) = (0usize, 0usize);
+            for s in spliced {
+                let run = s.at - from;
+                dst[to..to + run].copy_from_slice(&out[from..s.at]);
+                to += run;
+                dst[to..to + s.length].copy_from_slice(&s.buf[s.skip..s.skip + s.length]);
+                to += s.length;
+                from = s.at;
+            }
+            dst[to..].copy_from_slice(&out[from..]);
+            Ok(())
+        })
+        .expect("a bytes object of the output's size");
+        self.out.clear();
+        for s in self.spliced.drain(..) {
+            if self.spare.len() < SPARE_KEPT {
+                self.spare.push(s.buf);
+            }
+        }
+        bytes
+    }
+
     /// A native read's successful reply, framed into the output.
     pub(crate) fn push_read_reply(&mut self, cookie: u64, offset: u64, data: &[u8]) {
         let length = u32::try_from(data.len()).expect("native reads are at most 32 MiB");
@@ -76,8 +147,8 @@ impl PyNbdServerSession {
     pub(crate) fn push_read_object(&mut self, py: Python<'_>, cookie: u64, offset: u64, length: usize, data: Py<PyAny>) {
         let length32 = u32::try_from(length).expect("native reads are at most 32 MiB");
         nbd_server::frame_reply(&mut self.out, self.structured, cookie, 0, "", Some((offset, length32)));
-        self.parts.push(PyBytes::new(py, &self.out).into_any().unbind());
-        self.out.clear();
+        let head = self.cut(py);
+        self.parts.push(head.into_any().unbind());
         self.parts.push(data);
         self.ended += 1;
         self.ended_bytes += length as u64;
@@ -153,6 +224,8 @@ impl PyNbdServerSession {
             meta_context,
             out: Vec::new(),
             parts: Vec::new(),
+            spliced: Vec::new(),
+            spare: Vec::new(),
             ended: 0,
             ended_bytes: 0,
             running: HashMap::new(),
@@ -375,8 +448,7 @@ impl PyNbdServerSession {
     fn take_output<'py>(&mut self, py: Python<'py>) -> PyResult<(Bound<'py, PyList>, usize, u64)> {
         let out = PyList::new(py, self.parts.drain(..))?;
         if !self.out.is_empty() {
-            out.append(PyBytes::new(py, &self.out))?;
-            self.out.clear();
+            out.append(self.cut(py))?;
         }
         let ended = (self.ended, self.ended_bytes);
         self.ended = 0;

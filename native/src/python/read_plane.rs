@@ -182,12 +182,12 @@ impl Finished {
         let (skip, length) = (read.skip, read.length as usize);
         let session = read.session.bind(py);
         match session.try_borrow_mut() {
-            Ok(mut s) => match &read.buf {
+            Ok(mut s) => match &mut read.buf {
                 ReadBuf::Shared(lent, whole) if skip == 0 && length == lent.bytes().len() => {
                     s.push_read_object(py, read.cookie, read.offset, length, whole.clone_ref(py).into_any())
                 }
                 ReadBuf::Shared(lent, _) => s.push_read_reply(read.cookie, read.offset, &lent.bytes()[skip..skip + length]),
-                ReadBuf::Owned(bytes) => s.push_read_reply(read.cookie, read.offset, &bytes[skip..skip + length]),
+                ReadBuf::Owned(bytes) => s.push_read_owned(read.cookie, read.offset, std::mem::take(bytes), skip, length),
             },
             Err(_) => {
                 // Not reachable (sessions are not borrowed while engines finish reads):
@@ -420,7 +420,10 @@ pub(crate) fn start(
             Err(_) => ReadBuf::Owned(vec![0u8; size]), // not reached: a bytearray is writable
         }
     } else {
-        ReadBuf::Owned(vec![0u8; size])
+        match session.bind(py).try_borrow_mut() {
+            Ok(mut s) => ReadBuf::Owned(s.spare_buffer(size)),
+            Err(_) => ReadBuf::Owned(vec![0u8; size]), // not reached: parse_native lets go of it
+        }
     };
     me.turn = me.turn.wrapping_add(1);
     me.started += 1;
