@@ -75,8 +75,14 @@ def read_route(disk: CryptDisk) -> tuple[ReadPlane, list[NativeClient]] | None:
     rs = disk.replicas
     readers = rs._readers
     route = disk._route
-    if (route is None or route[0] is not readers
-            or any(c.broken is not None for c in route[1])):
+    if route is not None and route[0] is readers:
+        for c in route[1]:  # (a loop, not any() of a generator: once per batch received)
+            if c.broken is not None:
+                route = None
+                break
+    else:
+        route = None
+    if route is None:
         route = disk._route = _new_route(disk, readers)
         if route is None:
             return None

@@ -117,8 +117,10 @@ def native_done(client: NbdClient, native: NativeBatch) -> None:
     """What the engine's native reads left for Python: free their slots, have the guest
     connections write their replies, and serve the failed reads the general way."""
     slots, owners, failed = native
-    if slots:
+    if client._slot_waiters:
         _release_slots(client, slots)
+    else:
+        client._free_slots += slots
     for owner in owners:
         owner._native_replied()
     if failed:

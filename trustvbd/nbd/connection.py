@@ -482,13 +482,18 @@ class Connection(asyncio.BufferedProtocol):
         return start, items, want
 
     def _native_replied(self) -> None:
-        """Replies of native reads are framed in the session (told by a replica's client)."""
-        out, ended, nbytes = self.core.server_session().take_output()
+        """Replies of native reads are framed in the session (told by a replica's client).
+        Once per batch of replies a replica's connection received: _native_ended inline."""
+        session = self.core.session
+        assert session is not None  # native reads ran: the session started them
+        out, ended, nbytes = session.take_output()
         self._native_running -= ended
         self._inflight_bytes -= nbytes
         if out:
             self._queue(out, now=not self._native_running and not self._tasks)
-        self._native_ended()
+        self._request_ended()
+        if not self._native_running and self._native_idle is not None:
+            self._native_idle.set()
 
     def _native_failed(self, client: object, cookie: int, offset: int, length: int,
                        failure: BlockError | list[int] | float) -> None:
