@@ -25,6 +25,12 @@ on the control socket C, e.g. {"mode": "flip", "rate": 0.05}:
     stall_mid_reply answer a read with its header and half its data, then nothing more on
                     that connection (what was asked is read and dropped)
     wrong_cookie    answer with a cookie that was never sent
+    double_reply    answer every request twice (the second for a cookie answered already)
+    half_then_close answer a read with its header and half its data, then close
+    drip            send each read reply a byte every `delay` seconds (default 1)
+    simple_reads    answer reads with simple replies though structured ones were negotiated
+    no_structured   (new connections) refuse structured replies, then answer reads with
+                    structured chunks anyway; setting it closes the current connections
 
 Only the data its modes concern are touched: the handshake stays honest (but for
 stall_handshake), so the
@@ -133,7 +139,7 @@ class Hostile:
                 self.mode = cmd.get("mode", "honest")
                 self.rate = float(cmd.get("rate", 1.0))
                 self.delay = float(cmd.get("delay", 0.0))
-        if self.mode == "disconnect":
+        if self.mode in ("disconnect", "no_structured"):
             for c in list(self.conns):
                 try:
                     c.shutdown(socket.SHUT_RDWR)
@@ -177,6 +183,19 @@ class Hostile:
                 if mode == "garbage":
                     conn.sendall(os.urandom(64))
                     continue
+                if mode == "half_then_close" and typ == READ:
+                    data = self.read(offset, length)
+                    head = (struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
+                                        8 + length, offset) if structured else
+                            struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie))
+                    with send_lock:
+                        conn.sendall(head + data[:length // 2])
+                    return
+                if mode == "drip" and typ == READ:
+                    threading.Thread(target=self._drip, daemon=True,
+                                     args=(conn, send_lock, structured, cookie, offset,
+                                           self.read(offset, length))).start()
+                    continue
                 if mode == "wrong_cookie":
                     cookie ^= 0x5A5A5A5A
                 if mode == "slow_reads" and typ == READ:
@@ -206,23 +225,49 @@ class Hostile:
         self._send(conn, send_lock, structured, mode, typ, cookie, offset,
                    self._do(typ, offset, length, payload))
 
+    def _drip(self, conn: socket.socket, send_lock: threading.Lock, structured: bool,
+              cookie: int, offset: int, data: bytes) -> None:
+        """A whole read reply, one byte at a time (holding the connection's sending)."""
+        reply = (struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, 1, 1, cookie, 8 + len(data),
+                             offset) if structured else
+                 struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie)) + data
+        with send_lock:
+            for i in range(len(reply)):
+                try:
+                    conn.send(reply[i:i + 1])
+                except OSError:
+                    return
+                time.sleep(self.delay or 1.0)
+
     def _send(self, conn: socket.socket, send_lock: threading.Lock, structured: bool, mode: str,
               typ: int, cookie: int, offset: int, reply: bytes) -> None:
         with send_lock:
             try:
-                if typ == READ and mode == "huge_length" and structured:
-                    conn.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
-                                             1 << 31) + struct.pack(">Q", offset))
-                elif typ == READ and structured:
-                    conn.sendall(struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
-                                             8 + len(reply), offset) + reply)
-                elif structured:
-                    conn.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 0, cookie, 0))
-                else:
-                    conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie) + reply)
+                if mode == "double_reply":
+                    self._send_one(conn, structured, mode, typ, cookie, offset, reply)
+                self._send_one(conn, structured, mode, typ, cookie, offset, reply)
             except OSError:
                 if not mode.startswith("slow"):  # a late reply may find the connection dropped
                     raise
+
+    @staticmethod
+    def _send_one(conn: socket.socket, structured: bool, mode: str, typ: int, cookie: int,
+                  offset: int, reply: bytes) -> None:
+        if typ == READ and mode == "no_structured":
+            conn.sendall(struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
+                                     8 + len(reply), offset) + reply)
+        elif typ == READ and mode == "simple_reads":
+            conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie) + reply)
+        elif typ == READ and mode == "huge_length" and structured:
+            conn.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
+                                     1 << 31) + struct.pack(">Q", offset))
+        elif typ == READ and structured:
+            conn.sendall(struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
+                                     8 + len(reply), offset) + reply)
+        elif structured:
+            conn.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 0, cookie, 0))
+        else:
+            conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie) + reply)
 
     def _do(self, typ: int, offset: int, length: int, payload: bytes) -> bytes:
         if typ == READ:
@@ -247,7 +292,9 @@ class Hostile:
             if opt == OPT_EXPORT_NAME:
                 conn.sendall(struct.pack(">QH", self.size, FLAGS) + bytes(124))
                 return False
-            if opt == OPT_STRUCTURED_REPLY:
+            if opt == OPT_STRUCTURED_REPLY and self.mode == "no_structured":
+                self._reply(conn, opt, REP_ERR_UNSUP)
+            elif opt == OPT_STRUCTURED_REPLY:
                 structured = True
                 self._reply(conn, opt, REP_ACK)
             elif opt == OPT_GO:

@@ -439,3 +439,53 @@ def test_a_single_silent_driver_under_native_writes_fails_the_flush_soon_saying_
         err = m.system.stop()
         assert "inside a task" not in err, err
         assert "reconnected (1) after: EIO" in err and "no reply to WRITE" in err, err
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+@pytest.mark.parametrize(("mode", "said"), [
+    ("double_reply", "unknown cookie"), ("half_then_close", "connection lost"),
+    ("drip", "no reply to"), ("simple_reads", "simple reply to a READ"),
+    ("no_structured", "structured reply chunk, but none were negotiated")])
+def test_more_drivers_breaking_the_protocol_lose_no_data_and_stall_nothing(
+        short_tmp: Path, mode: str, said: str, replicas: int) -> None:
+    """Of 2 replicas one, of 3 two, answer every request twice (a reply for a cookie answered
+    already), half a read reply and then close, drip read replies a byte a second, answer a
+    READ with a simple reply after structured replies were negotiated, or (reconnected)
+    refuse structured replies and send structured chunks anyway. Pipelined READs and WRITEs
+    with FLUSHes meanwhile: each is right and soon, each acknowledged write is read back, the
+    liars are dropped saying why and, honest again, taken back current."""
+    with mirror_guest(short_tmp, replicas) as (m, nbd, h):
+        model = bytearray(os.urandom(64 * BS))
+        h.pwrite(bytes(model), 0)
+        h.flush()
+        bad = m.drivers[1:]
+        for d in bad:
+            d.set(mode)
+        started = time.monotonic()
+        for round_ in range(4):
+            pending: list[tuple[int, int, Any, bytes | None]] = []
+            for b in range(64):
+                if (b + round_) % 3 == 0:
+                    data = os.urandom(BS)
+                    pending.append((h.aio_pwrite(data, b * BS), b, None, data))
+                else:
+                    buf = nbd.Buffer(BS)
+                    pending.append((h.aio_pread(buf, b * BS), b, buf, None))
+            wait(h, pending, model, round_)
+            h.flush()
+        assert time.monotonic() - started < 30, f"the guest was held up by {mode}"
+        got = h.pread(64 * BS, 0)
+        assert got == bytes(model), f"the disk read back wrong under {mode}"
+        st = m.status()
+        for d in bad:
+            assert st[d.name]["state"] in ("degraded", "resyncing") and st[d.name]["last_error"], st
+        for d in bad:
+            d.set("honest")
+        m.wait_all_current()
+        assert h.pread(64 * BS, 0) == bytes(model)
+        h.shutdown()
+        log = m.system.stop()
+        for d in bad:  # why: as it was dropped, or (reconnected to the liar) since
+            drops = [line for line in log.splitlines() if f"replica {d.name} degraded: " in line]
+            assert drops, f"no drop of {d.name} logged:\n{log[-4000:]}"
+            assert said in drops[0] + str(st[d.name]["last_error"]), (said, drops, st)
