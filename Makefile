@@ -42,8 +42,9 @@ lint: deps
 
 test: deps test-deps lint
 	$(CARGO) test $(CARGO_FLAGS) --release --all-features
-	# --tb=native: pytest 9.2 crashes (INTERNALERROR, the whole run stops) formatting a
-	# failure whose traceback has a frame with no line number; Python's own format does not.
+	# pytest 9.2 crashes (INTERNALERROR, the whole run stops) formatting a failure whose
+	# traceback has a frame with no line number, whatever --tb: tests/conftest.py reports
+	# such a failure plainly (tests/test_conftest_guard.py).
 	$(BIN)/python -m pytest -n 2 -q -rfEs --tb=native -p no:cacheprovider
 
 # Coverage-guided fuzzing (atheris), FUZZ_SECONDS per target; finds go to .fuzz/.
