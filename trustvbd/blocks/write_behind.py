@@ -59,7 +59,9 @@ Records first: a run leaves only once the intent records of its writes (and of e
 write before them) are durable (`gate`, crypt_commit.Commits.when_durable): a driver may
 persist ciphertext at once, and a power cut of this host must not leave ciphertext no
 durable record explains. Their sync starts as the records are made, so by the time a
-run leaves (after the reply, the gather timer or a FLUSH) it is usually done.
+run leaves (after the reply, the gather timer or a FLUSH) it is usually done. When it is
+not, the runs sent on meanwhile wait for the next sync, and all that one sync lets go
+leave together, as one departure (`_gated`).
 
 Expected FLUSHes: a guest that FLUSHes after every write (a database's log, fsync
 per write) would have each write wait for its FLUSH to send it. Once FLUSH_STREAK
@@ -200,6 +202,8 @@ class WriteBehind:
         self._freed = asyncio.Event()  # set when a run ends while `room` waits
         self._room_waits = 0
         self._start_queued = False
+        self._opened: list[_Run] = []  # plain runs the gate let go in this loop turn
+        self._open_queued = False
         self._timer: asyncio.TimerHandle | None = None
         self._armed = 0.0  # the newest write's time when the timer was last armed
         self._last = 0.0  # the newest write's time
@@ -405,7 +409,32 @@ class WriteBehind:
             run.fua = fua
             sending.add(run)
         gate = self._gate
-        if gate is None or gate(partial(self._leave, runs), here):
+        if gate is None:
+            self._leave(runs)
+        elif fua or here:
+            if gate(partial(self._leave, runs), here):
+                self._leave(runs)
+        elif gate(partial(self._gated, runs), False):
+            self._leave(runs)
+
+    def _gated(self, runs: list[_Run], failed: OSError | None = None) -> None:
+        """Plain runs whose records a sync made durable: they leave with every other run
+        that sync let go, in one departure on the next loop turn (a sync covers the
+        records of the departures made while the one before it ran: one submit, one
+        request batch and one reply chain per replica for them all, not one each). Runs
+        whose sync failed go the general way at once."""
+        if failed is not None:
+            self._leave(runs, failed)
+            return
+        self._opened += runs
+        if not self._open_queued:
+            self._open_queued = True
+            self._running_loop().call_soon(self._leave_opened)
+
+    def _leave_opened(self) -> None:
+        self._open_queued = False
+        runs, self._opened = self._opened, []
+        if runs:
             self._leave(runs)
 
     def _leave(self, runs: list[_Run], failed: OSError | None = None) -> None:
