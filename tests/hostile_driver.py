@@ -171,12 +171,7 @@ class Hostile:
                 if mode == "stall" or (mode == "stall_reads" and typ == READ):
                     continue
                 if mode == "stall_mid_reply" and typ == READ and not stalled:
-                    data = self.read(offset, length)
-                    head = (struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
-                                        8 + length, offset) if structured else
-                            struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie))
-                    with send_lock:
-                        conn.sendall(head + data[:length // 2])
+                    self._half_reply(conn, send_lock, structured, cookie, offset, length)
                     stalled = True
                 if stalled:
                     continue
@@ -184,12 +179,7 @@ class Hostile:
                     conn.sendall(os.urandom(64))
                     continue
                 if mode == "half_then_close" and typ == READ:
-                    data = self.read(offset, length)
-                    head = (struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
-                                        8 + length, offset) if structured else
-                            struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie))
-                    with send_lock:
-                        conn.sendall(head + data[:length // 2])
+                    self._half_reply(conn, send_lock, structured, cookie, offset, length)
                     return
                 if mode == "drip" and typ == READ:
                     threading.Thread(target=self._drip, daemon=True,
@@ -225,12 +215,17 @@ class Hostile:
         self._send(conn, send_lock, structured, mode, typ, cookie, offset,
                    self._do(typ, offset, length, payload))
 
+    def _half_reply(self, conn: socket.socket, send_lock: threading.Lock, structured: bool,
+                    cookie: int, offset: int, length: int) -> None:
+        """A read reply's header and the first half of its data, then nothing more."""
+        data = self.read(offset, length)
+        with send_lock:
+            conn.sendall(_read_reply_head(structured, cookie, offset, length) + data[:length // 2])
+
     def _drip(self, conn: socket.socket, send_lock: threading.Lock, structured: bool,
               cookie: int, offset: int, data: bytes) -> None:
         """A whole read reply, one byte at a time (holding the connection's sending)."""
-        reply = (struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, 1, 1, cookie, 8 + len(data),
-                             offset) if structured else
-                 struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie)) + data
+        reply = _read_reply_head(structured, cookie, offset, len(data)) + data
         with send_lock:
             for i in range(len(reply)):
                 try:
@@ -254,16 +249,14 @@ class Hostile:
     def _send_one(conn: socket.socket, structured: bool, mode: str, typ: int, cookie: int,
                   offset: int, reply: bytes) -> None:
         if typ == READ and mode == "no_structured":
-            conn.sendall(struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
-                                     8 + len(reply), offset) + reply)
+            conn.sendall(_read_reply_head(True, cookie, offset, len(reply)) + reply)
         elif typ == READ and mode == "simple_reads":
-            conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie) + reply)
+            conn.sendall(_read_reply_head(False, cookie, offset, len(reply)) + reply)
         elif typ == READ and mode == "huge_length" and structured:
             conn.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
                                      1 << 31) + struct.pack(">Q", offset))
         elif typ == READ and structured:
-            conn.sendall(struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
-                                     8 + len(reply), offset) + reply)
+            conn.sendall(_read_reply_head(True, cookie, offset, len(reply)) + reply)
         elif structured:
             conn.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 0, cookie, 0))
         else:
@@ -309,6 +302,14 @@ class Hostile:
     @staticmethod
     def _reply(conn: socket.socket, opt: int, rep: int, data: bytes = b"") -> None:
         conn.sendall(struct.pack(">QIII", OPT_REPLY_MAGIC, opt, rep, len(data)) + data)
+
+
+def _read_reply_head(structured: bool, cookie: int, offset: int, length: int) -> bytes:
+    """A READ reply's header for `length` bytes of data: one OFFSET_DATA chunk flagged DONE,
+    or a simple reply."""
+    if structured:
+        return struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, 1, 1, cookie, 8 + length, offset)
+    return struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie)
 
 
 def _recv(conn: socket.socket, n: int) -> bytes:
