@@ -63,8 +63,8 @@ def _raise_plainly_if_lineless(exc: Exception) -> None:
         raise AssertionError(f"(a frame without a line number)\n{_plain_format(exc)}") from None
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+def _reraised_plainly_if_lineless(item: pytest.Item) -> Generator[None, None, None]:
+    """Around a test's setup, call and teardown alike (the three hooks below)."""
     try:
         return (yield)
     except Exception as exc:
@@ -72,22 +72,8 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
         raise
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
-    try:
-        return (yield)
-    except Exception as exc:
-        _raise_plainly_if_lineless(exc)
-        raise
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
-    try:
-        return (yield)
-    except Exception as exc:
-        _raise_plainly_if_lineless(exc)
-        raise
+pytest_runtest_setup = pytest_runtest_call = pytest_runtest_teardown = pytest.hookimpl(
+    wrapper=True)(_reraised_plainly_if_lineless)
 
 
 @pytest.fixture
