@@ -61,14 +61,27 @@ def control_request(config: Config, request: Message, timeout: float = 30,
         raise SystemExit(f"trustvbd: {exc}") from None
 
 
+def _not_paused(config: Config) -> None:
+    """NoAnswer at once if the running `up` is stopped by a signal: it would answer nothing."""
+    from trustvbd.domains.supervisor import paused, signal_stopped
+    from trustvbd.state_lock import holder
+
+    pid = holder(config.state_dir)
+    if pid is not None and signal_stopped(pid):
+        raise NoAnswer(f"`trustvbd up` (pid {pid}, state directory {config.state_dir}) is"
+                       f" {paused(pid)}")
+
+
 def ask_running(config: Config, request: Message, timeout: float = 30,
-                fds: list[int] | None = None) -> Message:
+                fds: list[int] | None = None, *, paused_fails: bool = True) -> Message:
     """Ask the running `trustvbd up` something; raise NotRunning if none runs, NoAnswer
     if it did not answer within `timeout` seconds.
 
     One request per connection; its id comes back with the reply all the same, as on
     every request/reply channel (trustvbd/replies.py). `fds` go with the request.
     """
+    if paused_fails:  # (a poll in a loop waits through a pause, as long as `timeout`)
+        _not_paused(config)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     rid = secrets.randbelow(1 << 62) + 1
@@ -93,6 +106,7 @@ def ask_running(config: Config, request: Message, timeout: float = 30,
                        " stuck, or something else opens connections to it in a loop (its log"
                        " says which); try again") from None
     except TimeoutError:
+        _not_paused(config)  # paused meanwhile
         raise NoAnswer(f"`trustvbd up` (state directory {config.state_dir}) did not answer"
                        f" within {timeout:g} s: it runs but is stuck or overloaded (its log"
                        " says why; stopping it and starting it again is safe)") from None

@@ -21,7 +21,7 @@ def _scrub_of(config: Any, disk: str) -> dict[str, Any] | None:
     from trustvbd.cli import ask_running
     from trustvbd.domains.messages import HvStatus, StatusQuery
 
-    reply = ask_running(config, StatusQuery())
+    reply = ask_running(config, StatusQuery(), paused_fails=False)
     for d in reply.disks if isinstance(reply, HvStatus) else []:
         if d["name"] == disk:
             scrub: dict[str, Any] | None = d.get("scrub")

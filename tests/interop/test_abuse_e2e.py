@@ -452,3 +452,31 @@ def test_a_flood_of_control_connections_cannot_take_the_launchers_descriptors_or
         assert "Traceback" not in err, err[-3000:]
     finally:
         s.kill()
+
+
+def test_commands_say_at_once_that_the_launcher_is_paused(short_tmp: Path) -> None:
+    """`status` (and every command that asks the launcher) against a launcher stopped by a
+    signal waited its whole 30 s and then said it "runs but is stuck or overloaded"; it says
+    at once that it is paused, and how to resume it. Its guests are served meanwhile."""
+    s = start(short_tmp)
+    try:
+        assert s.proc is not None
+        hv = s.proc.pid
+        os.kill(hv, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            out = s.cli("status", "-c", str(s.config), check=False)
+            assert time.monotonic() - started < 10
+            assert out.returncode == 1
+            assert out.stderr.strip() == (
+                f"trustvbd: `trustvbd up` (pid {hv}, state directory {s.root / 'state'}) is"
+                f" paused by a signal (SIGSTOP): answers nothing until `kill -CONT {hv}`")
+            code, text = run_qemu_io(uri(s, "vm1", "payroll"))
+            assert code == 0, text
+        finally:
+            os.kill(hv, signal.SIGCONT)
+        assert s.cli("status", "-c", str(s.config), check=False).returncode == 0
+        err = s.stop()
+        assert "Traceback" not in err, err[-3000:]
+    finally:
+        s.kill()
