@@ -255,11 +255,11 @@ def _write(client: NbdClient) -> None:
         break_connection(client, errno.EIO, f"connection lost ({exc})")
         return
     if done:
-        if client._watching_writes:
+        if client._watching_writes:  # (the events are cleared only while it watches)
             client._loop.remove_writer(client._fd)
             client._watching_writes = False
-        client._writable.set()
-        client._drained.set()
+            client._writable.set()
+            client._drained.set()
         return
     client._drained.clear()
     if not client._watching_writes:

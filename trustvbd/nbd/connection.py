@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import operator
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -86,6 +87,7 @@ _REQ_ONE = int(p.CmdFlag.REQ_ONE)
 _WRITE_TYPES = (_WRITE, _TRIM, _WRITE_ZEROES)
 _POOL_MIN = 64 * 1024  # smaller payloads are sliced from the receive buffer, not pooled
 _REQUEST_SIZE = 28  # an NBD request header
+_FREE_SLOTS = operator.attrgetter("_free_slots")  # an NbdClient's request slots free
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -440,12 +442,15 @@ class Connection(asyncio.BufferedProtocol):
         read_plane = None
         if route is not None:
             read_plane, links = route  # type: ignore[assignment] # (ReadPlane, NbdClients)
+        # (No comprehension and no max(): once per batch received, each a call.)
+        slots = list(map(_FREE_SLOTS, links))
+        max_reads = connection_limits.MAX_TASKS - len(self._tasks) - self._native_running
+        max_bytes = connection_limits.MAX_INFLIGHT_BYTES - self._inflight_bytes
         try:
             start, items, want, started, nbytes, used, answered = session.parse_native(
                 buf, start, end, self, read_plane,  # type: ignore[arg-type]
-                [c._free_slots for c in links] if links else [], self._loop.time(),
-                max(0, connection_limits.MAX_TASKS - len(self._tasks) - self._native_running),
-                max(0, connection_limits.MAX_INFLIGHT_BYTES - self._inflight_bytes),
+                slots, self._loop.time(), max_reads if max_reads > 0 else 0,
+                max_bytes if max_bytes > 0 else 0,
                 plane)  # type: ignore[arg-type] # a WritePlane
         except BaseException:
             if writes is not None and plane is not None:

@@ -120,9 +120,5 @@ def flush(conn: Connection) -> None:
     if conn._output_closed or transport is None:
         return
     transport.writelines(queued)
-    _resume_if_drained(conn)
-
-
-def _resume_if_drained(conn: Connection) -> None:
-    if conn._reading_paused:
+    if conn._reading_paused:  # output drained into the transport: reading may resume
         conn._update_reading()
