@@ -216,3 +216,15 @@ def kill_started_since(count: int) -> None:
     """After each test: a System a failed test never stopped must not outlive it."""
     while len(STARTED) > count:
         STARTED.pop().kill()
+
+
+def pause(pid: int, timeout: float = 10) -> None:
+    """SIGSTOP a process and wait until it is stopped (state T): the signal takes effect when
+    the process is next scheduled, and the launcher tells a paused domain by its state."""
+    from trustvbd.domains.supervisor import signal_stopped
+
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while not signal_stopped(pid):
+        assert time.monotonic() < deadline, f"pid {pid} did not stop within {timeout}s"
+        time.sleep(0.01)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,7 +13,18 @@ from pathlib import Path
 import pytest
 
 from tests.interop.test_policy_e2e import qemu_io, start, uri
-from tests.support import TRUSTVBD, System, config, disk, driver, guest, kill_driver, pids_of_children, run
+from tests.support import (
+    TRUSTVBD,
+    System,
+    config,
+    disk,
+    driver,
+    guest,
+    kill_driver,
+    pause,
+    pids_of_children,
+    run,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -159,3 +171,25 @@ def test_up_refuses_a_cpu_this_machine_does_not_have_before_starting_anything(
             " machine") in out.stderr, out.stderr
     assert "remove `cpus` to let the scheduler place the domains" in out.stderr
     assert not (short_tmp / "state").exists()
+
+
+def test_a_paused_encryption_domain_is_continued_to_stop_and_holds_up_no_other(
+        short_tmp: Path) -> None:
+    """Stopping `up` with an encryption domain paused by a signal: it read no Stop (60 s),
+    then heeded no SIGTERM (10 s, then SIGKILL: no clean stop of its disks), and the
+    drivers, the store and the access-control domain waited for it. Now a paused domain is
+    continued (as a shell's `kill` does a stopped job) and stops cleanly."""
+    s = start(short_tmp)
+    paused = 0
+    try:
+        assert qemu_io(uri(s, "vm1", "payroll"))[0] == 0
+        paused = domains(s)["crypt-Payroll"]["pid"]
+        pause(paused)
+        err = s.stop(timeout=40)  # exit 0, within the old code's 60 s wait alone
+        assert "crypt-Payroll is paused by a signal (SIGSTOP): continued (SIGCONT)" in err, err
+        assert "did not stop in" not in err and "Traceback" not in err, err[-3000:]
+    finally:
+        s.kill()
+        if paused:  # never left paused by a failed test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(paused, signal.SIGCONT)

@@ -14,7 +14,17 @@ import pytest
 
 from tests.acm.util import XM_TEST
 from tests.interop import clients
-from tests.support import TRUSTVBD, System, config, disk, driver, guest, run, up_with_policy
+from tests.support import (
+    TRUSTVBD,
+    System,
+    config,
+    disk,
+    driver,
+    guest,
+    pause,
+    run,
+    up_with_policy,
+)
 from trustvbd.domains.supervisor import signal_stopped
 
 pytestmark = pytest.mark.interop
@@ -262,7 +272,7 @@ def test_a_stopped_encryption_domain_does_not_hold_up_a_policy_load_elsewhere(
                                    'Bank = { ste = ["Storage"], chwall = ["Bank"] }')
                     .replace('Auditor = { ste = ["Payroll"] }', 'Auditor = { ste = ["Storage"] }'))
         (short_tmp / "stricter.toml").write_text(stricter)
-        os.kill(stopped, signal.SIGSTOP)
+        pause(stopped)
         try:
             cli = subprocess.Popen([*TRUSTVBD, "policy", "load", "-c", str(s.config),
                                     str(short_tmp / "stricter.toml")],
@@ -316,7 +326,7 @@ def test_a_stopped_store_does_not_hold_up_the_encryption_domains_on_a_policy_loa
         stricter = POLICY.replace('Bank = { ste = ["Bank"], chwall = ["Bank"] }',
                                   'Bank = { ste = ["Storage"], chwall = ["Bank"] }')
         (short_tmp / "stricter.toml").write_text(stricter)
-        os.kill(store, signal.SIGSTOP)
+        pause(store)
         try:
             out = s.cli("policy", "load", "-c", str(s.config), str(short_tmp / "stricter.toml"),
                         check=False)

@@ -17,7 +17,7 @@ import pytest
 
 from tests.interop import clients
 from tests.interop.test_privsep import crypt_payroll, domains, start, wait_for
-from tests.support import TRUSTVBD, System, run
+from tests.support import TRUSTVBD, System, pause, run
 from trustvbd.acm.audit import AuditLog
 from trustvbd.acm.commands import AUDIT_FILE
 from trustvbd.cli import ask_running
@@ -131,7 +131,7 @@ def test_a_stopped_encryption_domain_holds_up_no_other_unlock_and_is_named(
         wait_for(lambda: disk_state(s, "payroll") == disk_state(s, "bank")
                  == "locked: run trustvbd unlock", "both disks locked")
         stopped = domains(s)["crypt-Bank"]
-        os.kill(stopped, signal.SIGSTOP)
+        pause(stopped)
         try:
             out = run([*TRUSTVBD, "unlock", "-c", str(s.config)], check=False,
                       input=RIGHT + "\n", timeout=60)

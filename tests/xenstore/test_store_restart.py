@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tests.support import System, read_lines_until
+from tests.support import System, pause, read_lines_until
 from tests.xenstore.test_up_store import CONFIG, POLICY, wait_for_value, xs, xs_env
 from trustvbd.acm.audit import AuditLog
 from trustvbd.acm.commands import AUDIT_FILE
@@ -198,7 +198,7 @@ def test_a_store_stopped_then_killed_during_a_policy_load_tears_down_at_its_rest
         held = vm1_connected(system, frontend)
         store = domain(system, "store")
         new = payroll_made_rogue(short_tmp)
-        os.kill(store["pid"], signal.SIGSTOP)
+        pause(store["pid"])
         try:
             out = system.cli("policy", "load", "-c", str(system.config), str(new))
         finally:

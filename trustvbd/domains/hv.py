@@ -458,12 +458,13 @@ class Launcher:
         self.supervisor.stopping = True
         self.grants.forget_passphrase()
 
-        async def stop_crypt(channel: ControlChannel) -> None:
+        async def stop_crypt(name: str, channel: ControlChannel) -> None:
             if not channel.closed.is_set():
+                self.supervisor.continue_paused(name)  # else it holds up every stop 60 s
                 with contextlib.suppress(ControlClosed, TimeoutError, OSError, ValueError):
                     await channel.ask(m.Stop(), m.Done, timeout=STOP_TIMEOUT)
 
-        await asyncio.gather(*(stop_crypt(ch) for ch in self.crypt_channels.values()))
+        await asyncio.gather(*(stop_crypt(name, ch) for name, ch in self.crypt_channels.items()))
         await self.supervisor.stop(STOP_ORDER)
         await self.store.close()
         for channel in [*self.crypt_channels.values(), *self.driver_channels.values()]:

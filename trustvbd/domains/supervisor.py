@@ -251,11 +251,24 @@ class Supervisor:
         for domain in sorted(self.domains.values(), key=lambda d: rank.get(d.kind, len(rank))):
             await self.terminate(domain)
 
+    def continue_paused(self, name: str) -> None:
+        """A domain paused by a signal (SIGSTOP), continued so that it can stop as asked, as
+        a shell's `kill` continues a stopped job: paused, it heeds no SIGTERM and no Stop,
+        and held up the stop of every domain after it (up to 70 s, then SIGKILL)."""
+        domain = self.domains.get(name)
+        proc = domain.process if domain is not None else None
+        if proc is not None and proc.returncode is None and signal_stopped(proc.pid):
+            log.warning("%s is paused by a signal (SIGSTOP): continued (SIGCONT) so that it"
+                        " can stop", name)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
+
     async def terminate(self, domain: Domain) -> None:
         proc = domain.process
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
+            self.continue_paused(domain.name)
             try:
                 await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
             except TimeoutError:
