@@ -206,6 +206,31 @@ def test_a_config_that_is_no_file_or_no_text_is_said_without_errno(
     assert "Errno" not in str(err.value)
 
 
+def test_a_config_that_is_a_fifo_or_a_device_is_refused_at_once(short_tmp: Path) -> None:
+    """`-c FIFO` held `up` and every command in open() for good; `-c /dev/zero` read on until
+    memory ran out. Only a regular file is read, at most 4 MiB of it."""
+    import subprocess
+
+    from tests.support import TRUSTVBD
+
+    fifo = short_tmp / "fifo"
+    os.mkfifo(fifo)
+    big = short_tmp / "big.toml"
+    big.write_bytes(b"#" * ((4 << 20) + 1))
+    for path, said in ((fifo, "not a regular file (a config is one); pass the config file with"
+                        " -c PATH"), (Path("/dev/zero"), "not a regular file (a config is one);"
+                                      " pass the config file with -c PATH"),
+                       (big, "larger than 4 MiB, so no config; pass the config file with -c"
+                        " PATH")):
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        assert err.value.message == said
+        out = subprocess.run([*TRUSTVBD, "status", "-c", str(path)], capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode != 0
+        assert out.stderr == f"trustvbd: config error: {path}: {said}\n"
+
+
 def test_a_config_nested_too_deeply_is_one_line_not_a_recursion_error(short_tmp: Path) -> None:
     (short_tmp / "c.toml").write_text('state_dir = "s"\nx = ' + "[" * 5000 + "]" * 5000 + "\n")
     with pytest.raises(ConfigError, match="not valid TOML: arrays or tables nested too deeply"):

@@ -10,6 +10,7 @@ import json
 import os
 import pwd
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from trustvbd.nbd.uri import parse_uri
 
 BLOCK_SIZE = 4096
 MAX_REPLICAS = 8
+MAX_CONFIG = 4 << 20  # bytes of a config file: thousands of guests and disks fit
 # Unix socket paths are limited to 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 # Offsets are signed 64-bit (off_t, and the NBD size every client stores in one).
@@ -423,15 +425,34 @@ def _array(file: Path, raw: dict[str, Any], kind: str) -> list[Any]:
     return items
 
 
+def _read_config(file: Path) -> bytes:
+    """A config file's bytes. Only a regular file of at most MAX_CONFIG bytes: a FIFO held
+    `up` and every command in open() for good, /dev/zero read on until memory ran out."""
+    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)  # a FIFO's open waits not
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(file, "", "is a directory; pass the config file with -c PATH")
+        if not stat.S_ISREG(mode):
+            raise ConfigError(file, "", "not a regular file (a config is one); pass the config"
+                              " file with -c PATH")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_CONFIG + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG:
+        raise ConfigError(file, "", f"larger than {MAX_CONFIG >> 20} MiB, so no config; pass"
+                          " the config file with -c PATH")
+    return data
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file; raise ConfigError naming the file and key."""
     file = Path(path).resolve()
     try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        raw = tomllib.loads(_read_config(file).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(file, "", "no such file; pass the config with -c PATH") from None
-    except IsADirectoryError:
-        raise ConfigError(file, "", "is a directory; pass the config file with -c PATH") from None
     except OSError as exc:
         raise ConfigError(file, "", f"cannot read: {exc.strerror or exc}; check the path and"
                           " its permissions") from None
