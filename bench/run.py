@@ -5,6 +5,8 @@
 
 plain: `trustvbd driver`, `trustvbd up` (pass-through), nbdkit file, qemu-nbd raw.
 crypt: `trustvbd up` (encrypted: one replica, mirrored over 2 and over 3 drivers),
+       with --pinned CPUS also 1 and 2 replicas with [placement] cpus and nbdkit + luks
+       under taskset (docs/placement.md),
        nbdkit + luks filter, qemu-nbd LUKS (if installed), plain nbdkit file; and
        sequential rows of `up` over nbdkit file drivers (1 and 2 replicas) with and
        without 10 ms added to every driver reply (nbdkit's delay filter), beside
@@ -74,6 +76,18 @@ RATIOS = [
     (f"+{DELAY_MS} ms / none, nbdkit + luks", f"nbdkit + luks filter +{DELAY_MS} ms",
      "nbdkit + luks filter"),
 ]
+# --pinned: each pinned row against its free row, and pinned `up` against pinned nbdkit + luks.
+PINNED = [
+    ("1 replica, pinned / free", "trustvbd up (encrypted, pinned)", "trustvbd up (encrypted)"),
+    ("2 replicas, pinned / free", "trustvbd up (encrypted, 2 replicas, pinned)",
+     "trustvbd up (encrypted, 2 replicas)"),
+    ("nbdkit + luks, pinned / free", "nbdkit + luks filter, pinned", "nbdkit + luks filter"),
+    ("2 replicas / nbdkit + luks, both pinned", "trustvbd up (encrypted, 2 replicas, pinned)",
+     "nbdkit + luks filter, pinned"),
+    ("2 replicas / nbdkit + luks, both free", "trustvbd up (encrypted, 2 replicas)",
+     "nbdkit + luks filter"),
+]
+RATIOS += PINNED
 # Table columns: (header, workload, key)
 COLUMNS = [
     ("write MB/s", "write", "MB/s"),
@@ -173,6 +187,9 @@ def suites(args: argparse.Namespace, size: int) -> list[tuple[str, list[Server],
         crypt.append(nbdkit_luks(DELAY_MS))
         if args.baseline is not None:
             crypt += [trustvbd_up(size, True, replicas, tree=args.baseline) for replicas in (1, 2, 3)]
+        if args.pinned:
+            crypt += [trustvbd_up(size, True, replicas, cpus=args.pinned) for replicas in (1, 2)]
+            crypt.append(nbdkit_luks(cpus=args.pinned))
         out.append(("crypt", crypt, "nbdkit + luks filter"))
     if args.only:
         out = [(name, [s for s in servers if any(o in s.name for o in args.only)], ref)
@@ -201,6 +218,10 @@ def main() -> int:
                              "replicas (crypt suite) with the trustvbd package in DIR (e.g. "
                              "`git archive main | tar -x -C DIR` and main's built "
                              "trustvbd/_native.abi3.so), for A/B")
+    parser.add_argument("--pinned", type=lambda text: [int(c) for c in text.split(",")],
+                        metavar="CPUS", help="also `up` rows (1 and 2 replicas) with [placement] "
+                        "cpus = [CPUS] (the encryption domain and its drivers on them, "
+                        "docs/placement.md) and nbdkit + luks under `taskset -c CPUS`; e.g. 0")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--from-json", type=Path, metavar="FILE",
                         help="print the tables of an earlier --json run and exit")
@@ -298,6 +319,29 @@ def per_rep_ratios(runs: dict[str, list[Rep]]) -> list[str]:
     return out
 
 
+def pinned_rounds(runs: dict[str, list[Rep]]) -> list[str]:
+    """--pinned: each repetition's ratio, pinned row / its free row (or up / nbdkit + luks),
+    of each random workload's figure and of the server's CPU per request."""
+    out = []
+    for label, num, den in PINNED:
+        if num not in runs or den not in runs:
+            continue
+        cells = []
+        for workload, key in (("randread", "IOPS"), ("randwrite", "IOPS"),
+                              ("qd1 randread", "p50 us"), ("qd1 randwrite", "p50 us")):
+            pairs = [(a[workload], b[workload]) for a, b in zip(runs[num], runs[den], strict=False)
+                     if workload in a and workload in b]
+            if not pairs:
+                continue
+            fig = [a[key] / b[key] for a, b in pairs if b[key]]
+            cpu = [server_cpu(a["cpu"]) / server_cpu(b["cpu"]) for a, b in pairs
+                   if server_cpu(b["cpu"])]
+            cells.append(f"{workload} {key} " + " ".join(f"{r:.2f}" for r in fig)
+                         + "; CPU/request " + " ".join(f"{r:.2f}" for r in cpu))
+        out.append(f"| {label} | " + " / ".join(cells) + " |")
+    return out
+
+
 def report(doc: dict[str, Any]) -> None:
     opts = doc["options"]
     for suite, data in doc["suites"].items():
@@ -342,6 +386,11 @@ def report(doc: dict[str, Any]) -> None:
             print("\n| ratio, each repetition (servers interleaved) | write | read | load average |"
                   "\n|---|---|---|---|")
             print("\n".join(each))
+        pinned = pinned_rounds(runs)
+        if pinned:
+            print("\n| pinned (--pinned), each repetition | figure and server CPU per request,"
+                  " ratios |\n|---|---|")
+            print("\n".join(pinned))
         extra = replica_costs(runs)
         if extra:
             print("\n| what one more replica adds (s CPU per GiB, by role) | write | read |"

@@ -159,21 +159,24 @@ def nbdkit_file(size: int, delay_ms: int = 0) -> Server:
                   SEQ if delay_ms else ALL)
 
 
-def nbdkit_luks(delay_ms: int = 0) -> Server:
+def nbdkit_luks(delay_ms: int = 0, cpus: list[int] | None = None) -> Server:
+    """nbdkit's file plugin with the luks filter; with `cpus`, it and its threads pinned
+    there (taskset), as `up`'s [placement] pins a disk's domains: like against like."""
     def start(work: Path) -> tuple[str, Callable[[], None]]:
         # The delay filter outermost: 10 ms per guest request (below luks it would be
         # paid per sector, as luks calls the plugin sector by sector).
         options, params = delay_args(delay_ms)
         return _nbdkit(work, "nbdkit", work / "luks.img", [*options, "--filter=luks"],
-                       [f"passphrase={PASS}", *params])
-    return Server("nbdkit + luks filter" + (f" +{delay_ms} ms" if delay_ms else ""), start,
-                  SEQ if delay_ms else ALL, luks_image=True)
+                       [f"passphrase={PASS}", *params], taskset=cpus)
+    return Server("nbdkit + luks filter" + (f" +{delay_ms} ms" if delay_ms else "")
+                  + (", pinned" if cpus else ""), start, SEQ if delay_ms else ALL, luks_image=True)
 
 
 def _nbdkit(work: Path, name: str, image: Path, options: list[str], params: list[str],
-            role: str = "nbdkit") -> tuple[str, Callable[[], None]]:
+            role: str = "nbdkit", taskset: list[int] | None = None) -> tuple[str, Callable[[], None]]:
     sock, pid = work / f"{name}.sock", work / f"{name}.pid"
-    stop = start_daemon(["nbdkit", "-U", str(sock), "-P", str(pid), *options, "file", str(image),
+    pin = ["taskset", "-c", ",".join(map(str, taskset))] if taskset else []
+    stop = start_daemon([*pin, "nbdkit", "-U", str(sock), "-P", str(pid), *options, "file", str(image),
                          *params], sock, pid, work, role)
     return f"nbd+unix:///?socket={sock}", stop
 
@@ -246,13 +249,15 @@ def trustvbd_driver(size: int, tree: Path | None = None) -> Server:
 
 
 def trustvbd_up(size: int, encrypt: bool, replicas: int = 1, nbdkit_drivers: bool = False,
-                delay_ms: int = 0, tree: Path | None = None) -> Server:
+                delay_ms: int = 0, tree: Path | None = None, cpus: list[int] | None = None) -> Server:
     """`up` with one disk over `replicas` drivers, each its own process and file: trustvbd's
     own driver domains, or nbdkit file servers given by uri (with `delay_ms` per reply).
 
     With `tree`, the launcher and the trusted domains run the trustvbd package found there
     (an A/B baseline such as `git archive main`), the driver domains too: they start with
-    a clean environment, with the interpreter `up` runs on (tree_python)."""
+    a clean environment, with the interpreter `up` runs on (tree_python).
+    With `cpus`, `[placement] cpus` pins the encryption domain and its drivers there
+    (docs/placement.md); the launcher, the access-control domain, the store stay free."""
     env = {**os.environ, "PYTHONPATH": str(tree)} if tree is not None else None
     def start(work: Path) -> tuple[str, Callable[[], None]]:
         with contextlib.ExitStack() as undo:  # stops, last started first
@@ -267,9 +272,10 @@ def trustvbd_up(size: int, encrypt: bool, replicas: int = 1, nbdkit_drivers: boo
                 else:
                     drivers += f'[[driver]]\nname = "d{i}"\nlabel = "S"\ndir = "b{i}"\n'
             names = ", ".join(f'"d{i}"' for i in range(replicas))
+            placement = f"[placement]\ncpus = {cpus}\n" if cpus else ""
             config = work / "tv.toml"
             config.write_text(
-                f'state_dir = "st"\n{drivers}'
+                f'state_dir = "st"\n{placement}{drivers}'
                 f'[[disk]]\nname = "disk"\nsize = {size}\nlabel = "L"\nreplicas = [{names}]\n'
                 f'encrypt = {"true" if encrypt else "false"}\n[[guest]]\nname = "g"\nlabel = "G"\n')
             # cwd: `-m` puts the current directory first on sys.path, before PYTHONPATH, so
@@ -297,7 +303,7 @@ def trustvbd_up(size: int, encrypt: bool, replicas: int = 1, nbdkit_drivers: boo
         name = "trustvbd up (encrypted" + (f", {replicas} replicas" if replicas > 1 else "")
         if nbdkit_drivers:
             name += ", nbdkit drivers" + (f" +{delay_ms} ms" if delay_ms else "")
-        name += ")"
+        name += ", pinned)" if cpus else ")"
     if tree is not None:
         name += " [baseline]"
     return Server(name, start, SEQ if nbdkit_drivers else ALL)
