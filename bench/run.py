@@ -192,7 +192,8 @@ def suites(args: argparse.Namespace, size: int) -> list[tuple[str, list[Server],
             crypt.append(nbdkit_luks(cpus=args.pinned))
         out.append(("crypt", crypt, "nbdkit + luks filter"))
     if args.only:
-        out = [(name, [s for s in servers if any(o in s.name for o in args.only)], ref)
+        out = [(name, [s for s in servers if any(s.name == o[:-1] if o.endswith("$") else o in s.name
+                                                  for o in args.only)], ref)
                for name, servers, ref in out]
     return out
 
@@ -205,7 +206,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--fio-runtime", type=int, default=5)
     parser.add_argument("--only", nargs="+", metavar="NAME",
-                        help="only the servers whose name contains one of these")
+                        help="only the servers whose name contains one of these (NAME$: is)")
     parser.add_argument("--workloads", nargs="+", choices=["seq", "random", "qd1"],
                         help="only these kinds of measurement (default: each row's all)")
     parser.add_argument("--rewrite", action="store_true",

@@ -368,6 +368,6 @@ def test_a_cpu_present_but_not_allowed_to_trustvbd_is_refused(short_tmp: Path) -
                           "import sys\nfrom trustvbd.config import load_config, ConfigError\n"
                           "try:\n    load_config(sys.argv[1])\nexcept ConfigError as e:\n"
                           "    print(e)\n", str(path)], capture_output=True, text=True, check=True)
-    assert (f"placement.cpus: CPU {other} is not one trustvbd may run on here (allowed: {first},"
+    assert (f"placement.cpus: CPU {other} is not one trustvbd may run on here (allowed: {first};"
             in out.stdout), out
     assert load_config(path).cpus == {other}  # without taskset: allowed

@@ -369,9 +369,9 @@ def _parse_cpus(table: _Table) -> frozenset[int] | None:
                               " `cpus` to let the scheduler place the domains")
         if cpu not in allowed:
             raise table.error("cpus", f"CPU {cpu} is not one trustvbd may run on here (allowed:"
-                              f" {_cpu_ranges(allowed)}, as taskset, a cgroup cpuset or systemd's"
-                              " CPUAffinity= set it); pick from those, or widen what trustvbd"
-                              " may use")
+                              f" {_cpu_ranges(allowed)}; the others are offline or outside what"
+                              " taskset, a cgroup cpuset or systemd's CPUAffinity= allow); pick"
+                              " from those, or widen what trustvbd may use")
     return frozenset(value)
 
 
