@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -69,5 +71,45 @@ def test_a_domain_that_never_gets_ready_fails_to_start() -> None:
         with pytest.raises(sv.StartError, match=r"driver domain 'x' failed to start \(exit status"):
             await supervisor.start(broken)
         assert supervisor.status()[0]["state"] == "failed"
+
+    asyncio.run(scenario())
+
+
+# A domain that writes the CPUs it may run on to argv[1], says it is ready and waits.
+AFFINE = ("import os, sys, time; open(sys.argv[1], 'w').write(repr(sorted(os.sched_getaffinity(0))));"
+          " os.write(int(sys.argv[-1]), b'ready\\n'); time.sleep(60)")
+
+
+def test_a_domain_runs_on_its_cpus_and_is_not_started_on_cpus_taken_away(tmp_path: Path) -> None:
+    """A domain's `cpus` are its own before it runs; once the launcher may no longer use one
+    (a cpuset narrowed, a CPU offlined), the domain is refused with what to do, not run
+    elsewhere."""
+    mine = os.sched_getaffinity(0)
+    if len(mine) < 2:
+        pytest.skip("needs two CPUs")
+    a, b = sorted(mine)[:2]
+    out = tmp_path / "cpus"
+
+    def domain(cpus: set[int]) -> sv.Domain:
+        return sv.Domain("drv", "driver", False, "L", lambda: sv.Launch(
+            [sys.executable, "-c", AFFINE, str(out)]), cpus=frozenset(cpus))
+
+    async def scenario() -> None:
+        supervisor = sv.Supervisor(on_fatal=lambda why: pytest.fail(why))
+        await supervisor.start(domain({b}))
+        assert out.read_text() == f"[{b}]"
+        assert supervisor.status()[0]["cpus"] == [b]
+        await supervisor.stop([])
+        out.unlink()
+        os.sched_setaffinity(0, {a})  # the launcher's own CPUs narrowed
+        try:
+            with pytest.raises(sv.StartError) as info:
+                await supervisor.start(domain({b}))
+        finally:
+            os.sched_setaffinity(0, mine)
+        assert str(info.value) == (f"driver domain 'drv' is placed on CPUs [{b}] (config `cpus`),"
+                                   f" but trustvbd may now run only on [{a}]: bring the CPUs back"
+                                   " online, or change `cpus` and restart trustvbd")
+        assert not out.exists() and supervisor.domains["drv"].state == "failed"
 
     asyncio.run(scenario())
