@@ -369,3 +369,22 @@ def test_status_says_when_the_control_socket_takes_no_more_connections(short_tmp
     assert "Traceback" not in result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert "takes no more connections on" in result.stderr
+
+
+def test_verify_refuses_a_public_key_that_is_a_fifo_or_a_device_at_once(short_tmp: Path) -> None:
+    """`verify --public-key FIFO` waited in open() for good, `--public-key /dev/zero` read on
+    until memory ran out: only a regular file is read, at most 64 KiB of it."""
+    fifo = short_tmp / "fifo"
+    os.mkfifo(fifo)
+    big = short_tmp / "big.pub"
+    big.write_bytes(b"x" * (64 * 1024 + 1))
+    replica = short_tmp / "r.img"
+    replica.write_bytes(bytes(4096))
+    for path, said in ((fifo, f"public key {fifo} is not a regular file; give the file `trustvbd"
+                        " disk pubkey` wrote"),
+                       ("/dev/zero", "public key /dev/zero is not a regular file; give the file"
+                        " `trustvbd disk pubkey` wrote"),
+                       (big, f"public key {big} is longer than 65536 bytes: no key file")):
+        result = tvbd("verify", "--public-key", str(path), "--replica", str(replica))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == f"trustvbd verify: {said}\n"

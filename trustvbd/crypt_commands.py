@@ -91,12 +91,33 @@ def parse_public_key(data: bytes, where: str) -> bytes:
     return key
 
 
+MAX_PUBLIC_KEY_FILE = 64 * 1024  # a key's text form is a line; more is no key file
+
+
 def read_public_key_file(path: str) -> bytes:
+    """A public key file's bytes (`-`: standard input). Only a regular file, and at most
+    MAX_PUBLIC_KEY_FILE bytes: a FIFO held the command in open(), /dev/zero read on until
+    memory ran out."""
     try:
-        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        if path == "-":
+            data = sys.stdin.buffer.read(MAX_PUBLIC_KEY_FILE + 1)
+        else:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise CommandError(f"public key {path} is not a regular file; give the file"
+                                       " `trustvbd disk pubkey` wrote", EXIT_USAGE)
+                with os.fdopen(fd, "rb", closefd=False) as f:
+                    data = f.read(MAX_PUBLIC_KEY_FILE + 1)
+            finally:
+                os.close(fd)
     except OSError as exc:
         raise CommandError(f"cannot read public key {path}: {exc.strerror or exc}", EXIT_USAGE) from None
-    return parse_public_key(data, "standard input" if path == "-" else path)
+    where = "standard input" if path == "-" else path
+    if len(data) > MAX_PUBLIC_KEY_FILE:
+        raise CommandError(f"public key {where} is longer than {MAX_PUBLIC_KEY_FILE} bytes: no"
+                           " key file", EXIT_USAGE)
+    return parse_public_key(data, where)
 
 
 # -- verify --------------------------------------------------------------------------
