@@ -306,7 +306,7 @@ def test_audit_says_when_lines_are_not_records(short_tmp: Path) -> None:
 
 def test_audit_verify_reads_a_huge_log_in_bounded_memory(short_tmp: Path) -> None:
     """`audit --verify` read each log file whole into memory: a log grown to gigabytes (here
-    3 GiB of zeros after a torn record, as a damaged disk or a filler leaves it) ended in a
+    1.25 GiB of zeros after a torn record, as a damaged disk or a filler leaves it) ended in a
     MemoryError traceback under a 1 GiB address-space limit. It reads a line at a time now,
     and says exactly what it says of the same damage in a small file."""
     import resource
@@ -324,7 +324,7 @@ def test_audit_verify_reads_a_huge_log_in_bounded_memory(short_tmp: Path) -> Non
     assert small[0] == f"{path}:6: last line is incomplete (torn write or cut)"
     assert f"{path}:5: not a valid audit record (edited or cut)" in small
     shown = tvbd("audit", "--log", str(path)).stdout
-    os.truncate(path, path.stat().st_size + (3 << 30))  # sparse: no disk space taken
+    os.truncate(path, path.stat().st_size + (5 << 28))  # 1.25 GiB, sparse: more than the limit
 
     def one_gib() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
