@@ -39,6 +39,9 @@ lint: deps
 	$(BIN)/ruff check trustvbd tests bench
 	$(BIN)/mypy trustvbd tests bench
 	$(CARGO) clippy $(CARGO_FLAGS) --all-features --all-targets -- -D warnings
+	# rustfmt (native/rustfmt.toml) where the toolchain has it: a minimal one may not.
+	if $(CARGO) fmt --version >/dev/null 2>&1; then \
+	  $(CARGO) fmt --manifest-path native/Cargo.toml --check; fi
 
 test: deps test-deps lint
 	$(CARGO) test $(CARGO_FLAGS) --release --all-features

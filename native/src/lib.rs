@@ -16,6 +16,6 @@ pub mod nbd_client;
 mod nbd_cores_agree;
 pub mod nbd_server;
 pub mod nbd_wire;
-pub mod read_route;
 #[cfg(feature = "python")]
 mod python;
+pub mod read_route;

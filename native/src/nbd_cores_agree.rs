@@ -101,8 +101,16 @@ fn parse_all(framer: &mut Framer, stream: &[u8], cuts: &[usize]) -> Vec<(Item, V
 
 /// A random request the client core accepts: (typ, flags, offset, length).
 fn random_request(rng: &mut Rng) -> (u16, u16, u64, u32) {
-    let typ = [CMD_READ, CMD_READ, CMD_WRITE, CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES, CMD_CACHE]
-        [rng.below(8) as usize];
+    let typ = [
+        CMD_READ,
+        CMD_READ,
+        CMD_WRITE,
+        CMD_WRITE,
+        CMD_FLUSH,
+        CMD_TRIM,
+        CMD_WRITE_ZEROES,
+        CMD_CACHE,
+    ][rng.below(8) as usize];
     let mut length = match rng.below(4) {
         0 => rng.below(16) as u32,
         1 => rng.below(9000) as u32,
@@ -176,7 +184,11 @@ fn serve(rng: &mut Rng, structured: bool, disk: &mut [u8], item: &Item, payload:
     cuts.dedup();
     let parts: Vec<(usize, usize)> = cuts.windows(2).map(|w| (w[0], w[1])).collect();
     let fails = if rng.chance(25) {
-        Some(if structured { rng.below(parts.len() as u64) as usize } else { 0 })
+        Some(if structured {
+            rng.below(parts.len() as u64) as usize
+        } else {
+            0
+        })
     } else {
         None
     };
@@ -215,10 +227,21 @@ fn round(rng: &mut Rng) {
     let mut sent = Vec::new();
     for _ in 0..1 + rng.below(12) {
         let (typ, flags, offset, length) = random_request(rng);
-        let payload = if typ == CMD_WRITE { rng.bytes(length as usize) } else { Vec::new() };
+        let payload = if typ == CMD_WRITE {
+            rng.bytes(length as usize)
+        } else {
+            Vec::new()
+        };
         let target = (typ == CMD_READ).then(|| vec![0xEE; length as usize]);
         let (cookie, head) = client
-            .request(typ, flags, offset, length, (typ == CMD_WRITE).then_some(payload.len()), target)
+            .request(
+                typ,
+                flags,
+                offset,
+                length,
+                (typ == CMD_WRITE).then_some(payload.len()),
+                target,
+            )
             .expect("the client core takes it");
         stream.extend_from_slice(&head);
         stream.extend_from_slice(&payload);
@@ -239,7 +262,10 @@ fn round(rng: &mut Rng) {
     let mut expected = Vec::new();
     for ((item, payload), s) in items.iter().zip(&sent) {
         let h = &item.head;
-        assert_eq!((h.typ, h.flags, h.cookie, h.offset, h.length), (s.typ, s.flags, s.cookie, s.offset, s.length));
+        assert_eq!(
+            (h.typ, h.flags, h.cookie, h.offset, h.length),
+            (s.typ, s.flags, s.cookie, s.offset, s.length)
+        );
         assert_eq!((item.offset, item.length, item.piece), (s.offset, s.length, None));
         assert_eq!(payload, &s.payload, "a WRITE's payload arrives as sent");
         assert_eq!(item.refusal, reference.check(h), "refused as the checks say");
@@ -256,7 +282,11 @@ fn round(rng: &mut Rng) {
         queues.push(chunks.into());
     }
     while !queues.is_empty() {
-        let i = if structured { rng.below(queues.len() as u64) as usize } else { 0 };
+        let i = if structured {
+            rng.below(queues.len() as u64) as usize
+        } else {
+            0
+        };
         wire.extend(queues[i].pop_front().expect("not empty"));
         if queues[i].is_empty() {
             queues.remove(i);
@@ -300,6 +330,9 @@ fn random_request_streams_through_both_cores_arrive_and_complete_as_sent() {
         let mut round_rng = Rng(rng.next() | 1);
         let at = round_rng.0;
         let outcome = std::panic::catch_unwind(move || round(&mut round_rng));
-        assert!(outcome.is_ok(), "round {n} (state {at:#x}, NBD_CORES_SEED={seed}) failed");
+        assert!(
+            outcome.is_ok(),
+            "round {n} (state {at:#x}, NBD_CORES_SEED={seed}) failed"
+        );
     }
 }

@@ -48,7 +48,14 @@ mod tests {
     fn a_span_covers_exactly_the_blocks_touched() {
         assert_eq!(span(0, 4096, 4096), Span { b0: 0, n: 1, skip: 0 });
         assert_eq!(span(4096, 8192, 4096), Span { b0: 1, n: 2, skip: 0 });
-        assert_eq!(span(4095, 2, 4096), Span { b0: 0, n: 2, skip: 4095 });
+        assert_eq!(
+            span(4095, 2, 4096),
+            Span {
+                b0: 0,
+                n: 2,
+                skip: 4095
+            }
+        );
         assert_eq!(span(10, 1, 4096), Span { b0: 0, n: 1, skip: 10 });
         assert_eq!(span(8192 + 512, 4096, 4096), Span { b0: 2, n: 2, skip: 512 });
     }

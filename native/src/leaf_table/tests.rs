@@ -79,7 +79,9 @@ fn a_read_start_says_zeros_busy_or_read_and_holds_only_a_read() {
     assert_eq!(t.read_start(0, 2), ReadStart::Busy); // a write holds block 0: not even zeros
     t.release(w).unwrap();
     t.set(1, &leaf(7)).unwrap();
-    let ReadStart::Read(id, leaves) = t.read_start(0, 2) else { panic!("a read of written blocks") };
+    let ReadStart::Read(id, leaves) = t.read_start(0, 2) else {
+        panic!("a read of written blocks")
+    };
     assert_eq!(&leaves[LEAF_SIZE..], &leaf(7)[..]);
     assert_eq!(t.try_hold(1, 2, true), None);
     t.release(id).unwrap();

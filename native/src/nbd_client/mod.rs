@@ -257,7 +257,9 @@ impl<T: ReadTarget> ClientCore<T> {
         match (typ, target_len) {
             (wire::CMD_READ, Some(n)) if n == length as usize => {}
             (wire::CMD_READ, _) => {
-                return Err(Refused("a READ needs a writable target of exactly `length` bytes".into()));
+                return Err(Refused(
+                    "a READ needs a writable target of exactly `length` bytes".into(),
+                ));
             }
             (_, Some(_)) => return Err(Refused("only READ requests take a target".into())),
             _ => {}

@@ -533,7 +533,10 @@ fn abandoned_targets_come_back_with_their_cookies_and_a_target_can_be_reached_in
     assert!(core.target_mut(b).is_none()); // a write has none
     let back = core.abandon_targets();
     assert_eq!(back.iter().map(|(c, _)| *c).collect::<Vec<_>>(), vec![a, b]);
-    assert_eq!(back[0].1.as_deref(), Some(&[1, 0xAA, 0xAA, 0xAA, 0xAA, 0xAA, 0xAA, 0xAA][..]));
+    assert_eq!(
+        back[0].1.as_deref(),
+        Some(&[1, 0xAA, 0xAA, 0xAA, 0xAA, 0xAA, 0xAA, 0xAA][..])
+    );
     assert!(back[1].1.is_none());
     assert!(core.target_mut(a).is_none());
     core.disconnect();

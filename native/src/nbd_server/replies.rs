@@ -45,7 +45,15 @@ pub fn frame_reply(
 /// part (a READ longer than the 32 MiB the server holds at once): `offset` and `length`
 /// are the part's. Structured: an OFFSET_DATA chunk, which ends the reply if `last`.
 /// Simple: the reply's header before the `first` part; later parts' data just continue it.
-pub fn frame_read_part(out: &mut Vec<u8>, structured: bool, cookie: u64, offset: u64, length: u32, first: bool, last: bool) {
+pub fn frame_read_part(
+    out: &mut Vec<u8>,
+    structured: bool,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+    first: bool,
+    last: bool,
+) {
     if structured {
         let flags = if last { REPLY_FLAG_DONE } else { 0 };
         out.extend_from_slice(

@@ -1,8 +1,8 @@
 use super::*;
 use crate::nbd_wire::{
     ChunkHeader, SimpleReply, CHUNK_ERROR, CHUNK_ERROR_OFFSET, CHUNK_NONE, CHUNK_OFFSET_DATA, CMD_FLUSH, CMD_TRIM,
-    ERR_EINVAL, ERR_EIO, ERR_ENOSPC, ERR_EPERM, REPLY_FLAG_DONE, SIMPLE_REPLY_SIZE, TFLAG_READ_ONLY, TFLAG_SEND_CACHE, TFLAG_SEND_FAST_ZERO, TFLAG_SEND_FLUSH,
-    TFLAG_SEND_FUA, TFLAG_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES,
+    ERR_EINVAL, ERR_EIO, ERR_ENOSPC, ERR_EPERM, REPLY_FLAG_DONE, SIMPLE_REPLY_SIZE, TFLAG_READ_ONLY, TFLAG_SEND_CACHE,
+    TFLAG_SEND_FAST_ZERO, TFLAG_SEND_FLUSH, TFLAG_SEND_FUA, TFLAG_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES,
 };
 
 const SIZE: u64 = 1 << 20;
@@ -86,7 +86,11 @@ fn feed(framer: &mut Framer, chunks: &[&[u8]]) -> Vec<(u64, u64, Vec<u8>, Option
     feed_items(framer, chunks)
         .into_iter()
         .map(|(item, data)| {
-            let want = if item.payload == Payload::None { 0 } else { item.length as usize };
+            let want = if item.payload == Payload::None {
+                0
+            } else {
+                item.length as usize
+            };
             assert_eq!(data.len(), want);
             (item.head.cookie, item.offset, data, item.refusal)
         })
@@ -202,7 +206,9 @@ fn a_refused_write_longer_than_the_drain_bound_ends_the_parse() {
     // and nothing more is parsed (the shell answers and closes).
     let mut f = framer();
     let mut items = Vec::new();
-    let parsed = f.parse(&request(CMD_WRITE, 3, 0, REFUSED_DRAIN_MAX), &mut items).unwrap();
+    let parsed = f
+        .parse(&request(CMD_WRITE, 3, 0, REFUSED_DRAIN_MAX), &mut items)
+        .unwrap();
     assert_eq!(parsed.want, REQUEST_PART as usize);
     let first = f.payload_received().unwrap();
     assert_eq!(first.refusal.map(|r| r.error), Some(ERR_ENOSPC));
@@ -413,13 +419,23 @@ fn read_parts_are_framed_as_negotiated() {
 fn a_failed_read_part_ends_the_reply_or_is_refused() {
     let mut out = Vec::new();
     assert_eq!(frame_read_error(&mut out, false, 9, ERR_EIO, "gone", 0, true), Ok(()));
-    assert_eq!(out, SimpleReply { error: ERR_EIO, cookie: 9 }.encode());
+    assert_eq!(
+        out,
+        SimpleReply {
+            error: ERR_EIO,
+            cookie: 9
+        }
+        .encode()
+    );
     out.clear();
     // Data went out in a simple reply: no error can follow it.
     assert!(frame_read_error(&mut out, false, 9, ERR_EIO, "gone", 4096, false).is_err());
     assert!(out.is_empty());
     let long = "é".repeat(3000);
-    assert_eq!(frame_read_error(&mut out, true, 9, ERR_EIO, &long, 1 << 33, false), Ok(()));
+    assert_eq!(
+        frame_read_error(&mut out, true, 9, ERR_EIO, &long, 1 << 33, false),
+        Ok(())
+    );
     let head = ChunkHeader {
         flags: REPLY_FLAG_DONE,
         typ: CHUNK_ERROR_OFFSET,
@@ -480,7 +496,10 @@ fn block_status_replies_are_framed_as_the_spec_wants() {
     let extents = [(4096, 0), (0, 3), (8192, 3), (4096, 3), (1 << 40, 0)];
     frame_block_status(&mut out, 9, 1, 20000, false, &extents).unwrap();
     let (head, id, pairs) = descriptors(&out);
-    assert_eq!((head.typ, head.flags, head.cookie, id), (CHUNK_BLOCK_STATUS, REPLY_FLAG_DONE, 9, 1));
+    assert_eq!(
+        (head.typ, head.flags, head.cookie, id),
+        (CHUNK_BLOCK_STATUS, REPLY_FLAG_DONE, 9, 1)
+    );
     assert_eq!(pairs, vec![(4096, 0), (12288, 3), (3616, 0)]);
     // REQ_ONE: one descriptor (merged with equal neighbours).
     out.clear();

@@ -51,21 +51,21 @@ pub(crate) fn with_bytes_mut<R>(
         ));
     };
     let _gil_held = py; // the argument below depends on holding it for the whole call
-    // SAFETY: `slice` is `buf`'s memory, `len` items of `u8`:
-    // - valid and pinned: `buf` holds a buffer export of its object until it is dropped,
-    //   after this call; an exporter keeps the memory alive and in place while exported
-    //   (a bytearray refuses to resize);
-    // - `u8` and initialised: PyBuffer<u8> checked the item format and size; any byte
-    //   pattern is a valid `u8`, and exported memory is readable as bytes;
-    // - writable: checked above (`readonly` is false), and C-contiguous (`as_slice_ptr`
-    //   returns None otherwise), so it is one run of `len` bytes from `buf_ptr`;
-    // - not aliased while `work` runs: we hold the GIL and never release it, and `work`
-    //   (Send, no GIL token) runs no Python code, so no Python code can touch the memory.
-    //   What remains is native code that works on a buffer with the GIL released
-    //   (socket I/O, our own codec on its threads): trustvbd never hands a buffer it
-    //   opens in place to such code at the same time, which is the caller's contract,
-    //   as for any buffer-protocol consumer. No other `&`/`&mut` to this memory exists
-    //   in Rust either: callers copy every other argument out before calling this.
+                        // SAFETY: `slice` is `buf`'s memory, `len` items of `u8`:
+                        // - valid and pinned: `buf` holds a buffer export of its object until it is dropped,
+                        //   after this call; an exporter keeps the memory alive and in place while exported
+                        //   (a bytearray refuses to resize);
+                        // - `u8` and initialised: PyBuffer<u8> checked the item format and size; any byte
+                        //   pattern is a valid `u8`, and exported memory is readable as bytes;
+                        // - writable: checked above (`readonly` is false), and C-contiguous (`as_slice_ptr`
+                        //   returns None otherwise), so it is one run of `len` bytes from `buf_ptr`;
+                        // - not aliased while `work` runs: we hold the GIL and never release it, and `work`
+                        //   (Send, no GIL token) runs no Python code, so no Python code can touch the memory.
+                        //   What remains is native code that works on a buffer with the GIL released
+                        //   (socket I/O, our own codec on its threads): trustvbd never hands a buffer it
+                        //   opens in place to such code at the same time, which is the caller's contract,
+                        //   as for any buffer-protocol consumer. No other `&`/`&mut` to this memory exists
+                        //   in Rust either: callers copy every other argument out before calling this.
     let bytes = unsafe { &mut *slice.as_ptr() };
     Ok(work(bytes))
 }
@@ -105,12 +105,12 @@ pub(crate) fn dup_file(py: Python<'_>, fd: RawFd) -> PyResult<File> {
         )));
     }
     let _gil_held = py; // the argument below depends on holding it for the whole call
-    // SAFETY: `borrow_raw` needs `fd` open for the borrow's life, which ends with this
-    // statement (it is used once, to duplicate it). The caller passes a descriptor the
-    // object it holds owns and keeps open (`FileBackend.write_fd()`); we hold the GIL
-    // throughout, so no Python code can close it meanwhile, and no native code of
-    // trustvbd closes another object's descriptor. A closed number fails the duplicate
-    // with EBADF; nothing here reads or writes memory through it.
+                        // SAFETY: `borrow_raw` needs `fd` open for the borrow's life, which ends with this
+                        // statement (it is used once, to duplicate it). The caller passes a descriptor the
+                        // object it holds owns and keeps open (`FileBackend.write_fd()`); we hold the GIL
+                        // throughout, so no Python code can close it meanwhile, and no native code of
+                        // trustvbd closes another object's descriptor. A closed number fails the duplicate
+                        // with EBADF; nothing here reads or writes memory through it.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     let owned = borrowed.try_clone_to_owned()?;
     Ok(File::from(owned))
@@ -120,8 +120,7 @@ pub(crate) fn dup_file(py: Python<'_>, fd: RawFd) -> PyResult<File> {
 /// offset untouched; the count sent (0 at the file's end). The driver's big READ replies
 /// (python/file_serve.rs) go from the page cache to the socket without a copy in between.
 pub(crate) fn sendfile(sock: &File, file: &File, offset: u64, count: usize) -> std::io::Result<usize> {
-    let mut at = libc::off_t::try_from(offset)
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    let mut at = libc::off_t::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
     // SAFETY: both descriptors are open for the call (borrowed from `File`s the caller
     // holds); `&mut at` is a valid, aligned off_t that lives across the call, which the
     // kernel reads and advances and keeps no pointer to afterwards. sendfile touches no
@@ -137,7 +136,11 @@ pub(crate) fn sendfile(sock: &File, file: &File, offset: u64, count: usize) -> s
 /// timeout; an interrupted wait returns too (the caller's read then sees what there is).
 /// The driver's serve loop (python/file_serve.rs) sleeps here rather than in its read.
 pub(crate) fn wait_readable(fd: RawFd) -> std::io::Result<()> {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: `pfd` is one valid, aligned pollfd that lives across the call (nfds 1); the
     // kernel writes only its `revents` and keeps no pointer to it. poll touches nothing
     // through the descriptor (a closed number is answered POLLNVAL, and the read after
@@ -251,7 +254,8 @@ pub(crate) fn bytes_copied_then<'py, R>(
     // objects, which exist only for sizes 0, taken above, and 1 with a string); it
     // returns a new reference, or null with an exception set, which `from_owned_ptr_or_err`
     // turns into the PyErr.
-    let obj = unsafe { Bound::from_owned_ptr_or_err(py, pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), size))? };
+    let obj =
+        unsafe { Bound::from_owned_ptr_or_err(py, pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), size))? };
     let bytes = obj.cast_into::<PyBytes>()?;
     // SAFETY: the object's storage (PyBytes_AsString: its inline buffer of `len` bytes)
     // as `&mut [u8]`, initialised by the copy before any read, for this function only.
@@ -278,11 +282,7 @@ pub(crate) fn bytes_copied_then<'py, R>(
 ///
 /// Refused (ValueError) unless `buf` is C-contiguous. As for `with_bytes_mut`, `work`
 /// is `Send`: it cannot run Python code or release the GIL, only compute on the slice.
-pub(crate) fn with_bytes<R>(
-    py: Python<'_>,
-    buf: &PyBuffer<u8>,
-    work: impl FnOnce(&[u8]) -> R + Send,
-) -> PyResult<R> {
+pub(crate) fn with_bytes<R>(py: Python<'_>, buf: &PyBuffer<u8>, work: impl FnOnce(&[u8]) -> R + Send) -> PyResult<R> {
     if buf.len_bytes() == 0 {
         return Ok(work(&[]));
     }
@@ -292,18 +292,18 @@ pub(crate) fn with_bytes<R>(
         ));
     };
     let _gil_held = py; // the argument below depends on holding it for the whole call
-    // SAFETY: `slice` is `buf`'s memory, `len` items of `u8`:
-    // - valid and pinned: `buf` holds a buffer export of its object until it is dropped,
-    //   after this call; an exporter keeps the memory alive and in place while exported;
-    // - `u8` and initialised: PyBuffer<u8> checked the item format and size; any byte
-    //   pattern is a valid `u8`; C-contiguous (`as_slice_ptr` returns None otherwise), so
-    //   it is one run of `len` bytes;
-    // - not written while `work` runs: we hold the GIL and never release it, and `work`
-    //   (Send, no GIL token) runs no Python code, so no Python code writes the memory.
-    //   What remains is native code that writes a buffer with the GIL released: the
-    //   only writer of what trustvbd hands here (a connection's receive buffer) is the
-    //   event loop's socket read, which runs on this same thread between callbacks, never
-    //   during one. No `&mut` to this memory exists in Rust either.
+                        // SAFETY: `slice` is `buf`'s memory, `len` items of `u8`:
+                        // - valid and pinned: `buf` holds a buffer export of its object until it is dropped,
+                        //   after this call; an exporter keeps the memory alive and in place while exported;
+                        // - `u8` and initialised: PyBuffer<u8> checked the item format and size; any byte
+                        //   pattern is a valid `u8`; C-contiguous (`as_slice_ptr` returns None otherwise), so
+                        //   it is one run of `len` bytes;
+                        // - not written while `work` runs: we hold the GIL and never release it, and `work`
+                        //   (Send, no GIL token) runs no Python code, so no Python code writes the memory.
+                        //   What remains is native code that writes a buffer with the GIL released: the
+                        //   only writer of what trustvbd hands here (a connection's receive buffer) is the
+                        //   event loop's socket read, which runs on this same thread between callbacks, never
+                        //   during one. No `&mut` to this memory exists in Rust either.
     let bytes = unsafe { &*slice.as_ptr() };
     Ok(work(bytes))
 }
@@ -382,7 +382,8 @@ mod tests {
     fn a_slice_of_a_view_is_exactly_that_slice() {
         attach(|py| {
             let locals = PyDict::new(py);
-            py.run(c"a = bytearray(8)\nv = memoryview(a)[2:5]", None, Some(&locals)).unwrap();
+            py.run(c"a = bytearray(8)\nv = memoryview(a)[2:5]", None, Some(&locals))
+                .unwrap();
             let view = locals.get_item("v").unwrap().unwrap();
             let buf = PyBuffer::<u8>::get(&view).unwrap();
             with_bytes_mut(py, &buf, |b| b.fill(7)).unwrap();
@@ -397,17 +398,20 @@ mod tests {
         use std::io::{Read, Write};
         attach(|py| {
             let locals = PyDict::new(py);
-            py.run(c"import socket\na, b = socket.socketpair()", None, Some(&locals)).unwrap();
+            py.run(c"import socket\na, b = socket.socketpair()", None, Some(&locals))
+                .unwrap();
             let a = locals.get_item("a").unwrap().unwrap();
             let mut file = detach_socket(&a).unwrap();
             assert_eq!(a.call_method0("fileno").unwrap().extract::<i64>().unwrap(), -1);
             file.write_all(b"ping").unwrap();
-            py.run(c"assert b.recv(4) == b'ping'\nb.sendall(b'pong')", None, Some(&locals)).unwrap();
+            py.run(c"assert b.recv(4) == b'ping'\nb.sendall(b'pong')", None, Some(&locals))
+                .unwrap();
             let mut got = [0u8; 4];
             file.read_exact(&mut got).unwrap();
             assert_eq!(&got, b"pong");
             drop(file); // closes the descriptor: the peer sees the end
-            py.run(c"assert b.recv(1) == b''\nb.close()", None, Some(&locals)).unwrap();
+            py.run(c"assert b.recv(1) == b''\nb.close()", None, Some(&locals))
+                .unwrap();
             let err = detach_socket(&a).unwrap_err(); // already detached: -1
             assert!(err.to_string().contains("closed"), "{err}");
         });
@@ -417,7 +421,8 @@ mod tests {
     fn lent_buffers_are_the_objects_bytes_and_targets_must_be_writable_runs() {
         attach(|py| {
             let locals = PyDict::new(py);
-            py.run(c"a = bytearray(b'abcdef')\nv = memoryview(a)[1:4]", None, Some(&locals)).unwrap();
+            py.run(c"a = bytearray(b'abcdef')\nv = memoryview(a)[1:4]", None, Some(&locals))
+                .unwrap();
             let view = locals.get_item("v").unwrap().unwrap();
             let mut target = LentBuffer::new(&view, true).unwrap();
             assert_eq!(target.bytes(), b"bcd");

@@ -75,9 +75,9 @@ fn serve(shared: &Shared, file: &File, sync: Option<&Py<PyAny>>, mut wake: PipeW
         drop(state);
         let outcome = match sync {
             Some(sync) => Python::attach(|py| sync.call0(py).map(drop)),
-            None => file.sync_data().map_err(|e| {
-                PyOSError::new_err((e.raw_os_error().unwrap_or(0), format!("fdatasync: {e}")))
-            }),
+            None => file
+                .sync_data()
+                .map_err(|e| PyOSError::new_err((e.raw_os_error().unwrap_or(0), format!("fdatasync: {e}")))),
         };
         let mut state = shared.lock();
         state.outcome = Some(outcome);
@@ -100,12 +100,19 @@ impl LogSync {
     fn new(py: Python<'_>, fd: i32, name: &str, sync: Option<Py<PyAny>>) -> PyResult<Self> {
         let file = dup_file(py, fd)?;
         let (wake, writer) = std::io::pipe()?;
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), changed: Condvar::new() });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        });
         let theirs = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name(format!("sync {name}"))
             .spawn(move || run(&theirs, &file, sync.as_ref(), writer))?;
-        Ok(Self { shared, wake, thread: Some(thread) })
+        Ok(Self {
+            shared,
+            wake,
+            thread: Some(thread),
+        })
     }
 
     /// The pipe's read end: readable once a sync asked for has ended (`take`).

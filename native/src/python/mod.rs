@@ -14,11 +14,11 @@ use pyo3::types::PyBytes;
 
 use crate::block_codec::{self, CodecError};
 
+mod file_serve;
 mod foreign;
 mod leaf_table;
 mod log_sync;
 mod nbd_client;
-mod file_serve;
 mod nbd_server;
 mod read_plane;
 mod write_plane;
@@ -110,10 +110,8 @@ impl PyBlockCodec {
         // Copied first: `leaves` may even be a view of `data`, which is borrowed mutably below.
         let leaf_bytes = leaves.to_vec(py)?;
         drop(leaves);
-        foreign::with_bytes_mut(py, &data, |bytes| {
-            self.0.open_in_place(first_block, bytes, &leaf_bytes)
-        })?
-        .map_err(value_error)
+        foreign::with_bytes_mut(py, &data, |bytes| self.0.open_in_place(first_block, bytes, &leaf_bytes))?
+            .map_err(value_error)
     }
 }
 

@@ -14,8 +14,8 @@ use std::io::{ErrorKind, IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::AsRawFd;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
-use pyo3::prelude::*;
 use pyo3::intern;
+use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyMemoryView, PyTuple};
 
 use super::foreign::{detach_socket, LentBuffer};
@@ -44,7 +44,11 @@ impl Payload {
     fn new(data: &Bound<'_, PyAny>) -> PyResult<Self> {
         let buf = LentBuffer::new(data, false)?;
         let obj = data.clone().unbind();
-        Ok(if Self::immutable(data)? { Payload::Frozen(buf, obj) } else { Payload::Lent(buf, obj) })
+        Ok(if Self::immutable(data)? {
+            Payload::Frozen(buf, obj)
+        } else {
+            Payload::Lent(buf, obj)
+        })
     }
 
     /// A `bytes` object, or a memoryview of one (which keeps it, and cannot be released
@@ -56,7 +60,9 @@ impl Payload {
         if !data.is_exact_instance_of::<PyMemoryView>() {
             return Ok(false);
         }
-        Ok(data.getattr(intern!(data.py(), "obj"))?.is_exact_instance_of::<PyBytes>())
+        Ok(data
+            .getattr(intern!(data.py(), "obj"))?
+            .is_exact_instance_of::<PyBytes>())
     }
 
     fn bytes(&self) -> &[u8] {
@@ -145,7 +151,13 @@ pub(crate) struct NbdClientEngine {
     backed_up: bool,
 }
 
-type Batch<'py> = (Bound<'py, PyList>, Option<String>, bool, Option<Bound<'py, PyTuple>>, Option<Bound<'py, PyTuple>>);
+type Batch<'py> = (
+    Bound<'py, PyList>,
+    Option<String>,
+    bool,
+    Option<Bound<'py, PyTuple>>,
+    Option<Bound<'py, PyTuple>>,
+);
 
 impl NbdClientEngine {
     /// Requests sent and not yet answered (the read plane's measure of busy).
@@ -164,9 +176,17 @@ impl NbdClientEngine {
 
     /// Queues a native read of its buffer's length at `offset`, sent at loop time `now`.
     /// Err (the read given back) if the connection does not take it.
-    pub(crate) fn queue_native(&mut self, offset: u64, mut read: Box<NativeRead>, now: f64) -> Result<u64, Box<NativeRead>> {
+    pub(crate) fn queue_native(
+        &mut self,
+        offset: u64,
+        mut read: Box<NativeRead>,
+        now: f64,
+    ) -> Result<u64, Box<NativeRead>> {
         let len = read.bytes_mut().len();
-        let Some(length) = u32::try_from(len).ok().filter(|&n| self.takes_native(usize::MAX, n as usize)) else {
+        let Some(length) = u32::try_from(len)
+            .ok()
+            .filter(|&n| self.takes_native(usize::MAX, n as usize))
+        else {
             return Err(read);
         };
         let (cookie, head) = self
@@ -218,7 +238,12 @@ impl NbdClientEngine {
 
     /// The completions for Python, native reads finished into `finished`, write groups
     /// counted into `writes`.
-    fn completions<'py>(&mut self, py: Python<'py>, finished: &mut Finished, writes: &mut WritesAnswered) -> PyResult<Bound<'py, PyList>> {
+    fn completions<'py>(
+        &mut self,
+        py: Python<'py>,
+        finished: &mut Finished,
+        writes: &mut WritesAnswered,
+    ) -> PyResult<Bound<'py, PyList>> {
         let done: Vec<Completion<Target>> = self.core.take_completions();
         let list = PyList::empty(py);
         for c in done {
@@ -386,7 +411,13 @@ impl NbdClientEngine {
     /// way, which says what is wrong. ValueError, with nothing queued, if any of them
     /// must not be sent.
     #[pyo3(signature = (flags, writes, sent, bounds=None))]
-    fn request_writes(&mut self, flags: u16, writes: &Bound<'_, PyList>, sent: f64, bounds: Option<(u64, u64, u64)>) -> PyResult<Option<u64>> {
+    fn request_writes(
+        &mut self,
+        flags: u16,
+        writes: &Bound<'_, PyList>,
+        sent: f64,
+        bounds: Option<(u64, u64, u64)>,
+    ) -> PyResult<Option<u64>> {
         let mut items = Vec::with_capacity(writes.len());
         for item in writes.iter() {
             let (offset, data): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item.extract()?;
@@ -401,7 +432,8 @@ impl NbdClientEngine {
                 let end = offset.checked_add(length);
                 if length > limit
                     || end.is_none_or(|end| end > size)
-                    || (align > 1 && (!offset.is_multiple_of(align) || (!length.is_multiple_of(align) && end != Some(size))))
+                    || (align > 1
+                        && (!offset.is_multiple_of(align) || (!length.is_multiple_of(align) && end != Some(size))))
                 {
                     return Ok(None);
                 }
@@ -427,11 +459,23 @@ impl NbdClientEngine {
                 .map_err(|refused| PyValueError::new_err(refused.0))?; // checked above: never
             first.get_or_insert(cookie);
             group.push((offset, length));
-            self.push(Outgoing { head, payload: Some(payload) });
+            self.push(Outgoing {
+                head,
+                payload: Some(payload),
+            });
         }
         let first = first.unwrap_or_default(); // (items is not empty)
         let count = group.len();
-        self.groups.insert(first, WriteGroup { sent, writes: group, answered: vec![false; count], left: count, errors: Vec::new() });
+        self.groups.insert(
+            first,
+            WriteGroup {
+                sent,
+                writes: group,
+                answered: vec![false; count],
+                left: count,
+                errors: Vec::new(),
+            },
+        );
         Ok(Some(first))
     }
 
@@ -452,7 +496,13 @@ impl NbdClientEngine {
         std::mem::take(&mut self.groups)
             .into_iter()
             .map(|(first, g)| {
-                let left = g.answered.iter().enumerate().filter(|(_, a)| !**a).map(|(i, _)| i).collect();
+                let left = g
+                    .answered
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, a)| !**a)
+                    .map(|(i, _)| i)
+                    .collect();
                 (first, g.errors, left)
             })
             .collect()
@@ -572,7 +622,13 @@ impl NbdClientEngine {
         let mut finished = Finished::default();
         let mut writes = WritesAnswered::default();
         let done = self.completions(py, &mut finished, &mut writes)?;
-        Ok((done, reason, eof, Self::native_batch(py, finished)?, Self::writes_batch(py, writes)?))
+        Ok((
+            done,
+            reason,
+            eof,
+            Self::native_batch(py, finished)?,
+            Self::writes_batch(py, writes)?,
+        ))
     }
 
     /// feed(data) -> as readable (eof False): bytes a carried stream received.
@@ -586,7 +642,13 @@ impl NbdClientEngine {
         let mut finished = Finished::default();
         let mut writes = WritesAnswered::default();
         let done = self.completions(py, &mut finished, &mut writes)?;
-        Ok((done, self.broken_reason(), false, Self::native_batch(py, finished)?, Self::writes_batch(py, writes)?))
+        Ok((
+            done,
+            self.broken_reason(),
+            false,
+            Self::native_batch(py, finished)?,
+            Self::writes_batch(py, writes)?,
+        ))
     }
 
     /// The loop time the oldest native read still waiting for its reply was sent (those
@@ -656,5 +718,4 @@ impl NbdClientEngine {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NbdClientEngine>()
-
 }

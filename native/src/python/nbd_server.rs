@@ -61,8 +61,8 @@ pub(crate) struct PyNbdServerSession {
     /// Small reads' buffers given back once their data was cut into the output, for the
     /// next reads of this connection (`spare_buffer`): no allocation per read.
     spare: Vec<Vec<u8>>,
-    ended: usize,      // native reads whose replies are in `out`
-    ended_bytes: u64,  // their guest lengths
+    ended: usize,     // native reads whose replies are in `out`
+    ended_bytes: u64, // their guest lengths
     /// Native reads running: seq -> their connection's engine and its request's cookie.
     running: HashMap<u64, (Py<NbdClientEngine>, u64)>,
     next_seq: u64,
@@ -95,7 +95,12 @@ impl PyNbdServerSession {
     pub(crate) fn push_read_owned(&mut self, cookie: u64, offset: u64, buf: Vec<u8>, skip: usize, length: usize) {
         let length32 = u32::try_from(length).expect("native reads are at most 32 MiB");
         nbd_server::frame_reply(&mut self.out, self.structured, cookie, 0, "", Some((offset, length32)));
-        self.spliced.push(Spliced { at: self.out.len(), buf, skip, length });
+        self.spliced.push(Spliced {
+            at: self.out.len(),
+            buf,
+            skip,
+            length,
+        });
         self.ended += 1;
         self.ended_bytes += length as u64;
     }
@@ -144,7 +149,14 @@ impl PyNbdServerSession {
 
     /// A native read's successful reply whose `length` bytes of data are `data` (a buffer
     /// sent as it is, after the header).
-    pub(crate) fn push_read_object(&mut self, py: Python<'_>, cookie: u64, offset: u64, length: usize, data: Py<PyAny>) {
+    pub(crate) fn push_read_object(
+        &mut self,
+        py: Python<'_>,
+        cookie: u64,
+        offset: u64,
+        length: usize,
+        data: Py<PyAny>,
+    ) {
         let length32 = u32::try_from(length).expect("native reads are at most 32 MiB");
         nbd_server::frame_reply(&mut self.out, self.structured, cookie, 0, "", Some((offset, length32)));
         let head = self.cut(py);
@@ -158,7 +170,6 @@ impl PyNbdServerSession {
     pub(crate) fn read_ended(&mut self, seq: u64) {
         self.running.remove(&seq);
     }
-
 }
 
 fn protocol_error(err: nbd_server::ProtocolError) -> PyErr {
@@ -387,7 +398,17 @@ impl PyNbdServerSession {
                         me.next_seq += 1;
                         me.next_seq
                     };
-                    let begun = read_plane::start(plane, &session, &owner, seq, h.cookie, item.offset, item.length, &mut slots, now);
+                    let begun = read_plane::start(
+                        plane,
+                        &session,
+                        &owner,
+                        seq,
+                        h.cookie,
+                        item.offset,
+                        item.length,
+                        &mut slots,
+                        now,
+                    );
                     let took = match begun {
                         Some(Begun::Sent(i, engine, engine_cookie)) => {
                             slf.borrow_mut().running.insert(seq, (engine, engine_cookie));
@@ -407,9 +428,14 @@ impl PyNbdServerSession {
                     }
                 }
             }
-            if let (true, Some(writes), Payload::Inline(range)) = (plain && in_order && h.typ == CMD_WRITE && h.flags & FLAG_FUA == 0, writes, &item.payload) {
+            if let (true, Some(writes), Payload::Inline(range)) = (
+                plain && in_order && h.typ == CMD_WRITE && h.flags & FLAG_FUA == 0,
+                writes,
+                &item.payload,
+            ) {
                 let (from, to) = (start + range.start, start + range.end);
-                let fill = |out: &mut [u8]| foreign::with_bytes(py, &buf, |bytes| out.copy_from_slice(&bytes[from..to]));
+                let fill =
+                    |out: &mut [u8]| foreign::with_bytes(py, &buf, |bytes| out.copy_from_slice(&bytes[from..to]));
                 // An error leaves nothing done: the request goes to Python, which meets it again.
                 if let Ok(true) = writes.borrow_mut().try_take(py, item.offset, to - from, fill) {
                     let mut me = slf.borrow_mut();
@@ -423,7 +449,15 @@ impl PyNbdServerSession {
             reads_only &= plain && h.typ == CMD_READ;
             list.append(item_tuple(py, item, payload(py, &buf, start, item)?)?)?;
         }
-        Ok((start + parsed.consumed, list, parsed.want, started, bytes, used, answered))
+        Ok((
+            start + parsed.consumed,
+            list,
+            parsed.want,
+            started,
+            bytes,
+            used,
+            answered,
+        ))
     }
 
     /// cancel_reads() -> (reads, their bytes): the native reads still running are given up

@@ -18,13 +18,13 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyByteArrayMethods, PyList, PyTuple};
 
 use super::foreign::{self, LentBuffer};
-use crate::nbd_client::ReadTarget;
 use super::leaf_table::PyLeafTable;
 use super::nbd_client::NbdClientEngine;
 use super::nbd_server::PyNbdServerSession;
 use super::PyBlockCodec;
 use crate::block_codec::BLOCK_SIZE;
 use crate::leaf_table::ReadStart;
+use crate::nbd_client::ReadTarget;
 use crate::read_route::{self, Span};
 
 /// A guest READ in flight on a replica's connection: the engine's read target.
@@ -32,7 +32,7 @@ pub(crate) struct NativeRead {
     plane: Py<ReadPlane>,
     session: Py<PyNbdServerSession>,
     owner: Py<PyAny>, // the guest's connection (Python): told of replies and failures
-    seq: u64, // the session's name for it (cancel_reads)
+    seq: u64,         // the session's name for it (cancel_reads)
     cookie: u64,
     offset: u64,
     length: u32,
@@ -149,7 +149,14 @@ impl Finished {
     }
 
     /// The driver's reply to `read` is in (`error` 0: its ciphertext fills the buffer).
-    pub(crate) fn reply(&mut self, py: Python<'_>, mut read: Box<NativeRead>, error: u32, message: String, replica_offset: u64) {
+    pub(crate) fn reply(
+        &mut self,
+        py: Python<'_>,
+        mut read: Box<NativeRead>,
+        error: u32,
+        message: String,
+        replica_offset: u64,
+    ) {
         self.slots += 1;
         if read.taken {
             return; // handed to Python when it lagged; the hold went with it
@@ -186,8 +193,12 @@ impl Finished {
                 ReadBuf::Shared(lent, whole) if skip == 0 && length == lent.bytes().len() => {
                     s.push_read_object(py, read.cookie, read.offset, length, whole.clone_ref(py).into_any())
                 }
-                ReadBuf::Shared(lent, _) => s.push_read_reply(read.cookie, read.offset, &lent.bytes()[skip..skip + length]),
-                ReadBuf::Owned(bytes) => s.push_read_owned(read.cookie, read.offset, std::mem::take(bytes), skip, length),
+                ReadBuf::Shared(lent, _) => {
+                    s.push_read_reply(read.cookie, read.offset, &lent.bytes()[skip..skip + length])
+                }
+                ReadBuf::Owned(bytes) => {
+                    s.push_read_owned(read.cookie, read.offset, std::mem::take(bytes), skip, length)
+                }
             },
             Err(_) => {
                 // Not reachable (sessions are not borrowed while engines finish reads):
@@ -230,7 +241,16 @@ impl Finished {
                 Why::Broken => (2, py.None().into_bound(py)),
                 Why::Lagging(sent) => (3, sent.into_pyobject(py)?.into_any()),
             };
-            let item = (f.owner, f.cookie, f.offset, f.length, kind, detail, f.replica_offset, f.replica_length);
+            let item = (
+                f.owner,
+                f.cookie,
+                f.offset,
+                f.length,
+                kind,
+                detail,
+                f.replica_offset,
+                f.replica_length,
+            );
             failed.append(item.into_pyobject(py)?)?;
         }
         (self.slots, owners, failed).into_pyobject(py)

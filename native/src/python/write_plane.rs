@@ -93,14 +93,21 @@ impl WritePlane {
         let version = self.next_version;
         let codec = self.codec.get();
         let mut new = vec![0u8; n as usize * LEAF_SIZE];
-        let done = t.0.get(b0, b0 + n).map_err(|_| PyValueError::new_err("leaf pages not resident")).and_then(|old| {
-            let ct = PyBytes::new_with(py, length, |data| {
-                fill(data)?;
-                codec.0.seal_in_place(b0, version, data, &mut new).map_err(|e| PyValueError::new_err(e.0))
-            })?;
-            t.0.set(b0, &new).map_err(|_| PyValueError::new_err("leaf pages not resident"))?;
-            Ok((old, ct))
-        });
+        let done =
+            t.0.get(b0, b0 + n)
+                .map_err(|_| PyValueError::new_err("leaf pages not resident"))
+                .and_then(|old| {
+                    let ct = PyBytes::new_with(py, length, |data| {
+                        fill(data)?;
+                        codec
+                            .0
+                            .seal_in_place(b0, version, data, &mut new)
+                            .map_err(|e| PyValueError::new_err(e.0))
+                    })?;
+                    t.0.set(b0, &new)
+                        .map_err(|_| PyValueError::new_err("leaf pages not resident"))?;
+                    Ok((old, ct))
+                });
         let (old, ct) = match done {
             Ok(done) => done,
             Err(err) => {
@@ -115,7 +122,8 @@ impl WritePlane {
         self.blocks += n;
         self.started += 1;
         intent_record::encode(&mut self.records, b0, &old, &new);
-        self.taken.push((b0, PyBytes::new(py, &old).unbind(), ct.unbind(), hold));
+        self.taken
+            .push((b0, PyBytes::new(py, &old).unbind(), ct.unbind(), hold));
         Ok(true)
     }
 }
@@ -147,7 +155,9 @@ impl WritePlane {
     /// than `blocks` blocks together. ValueError while writes taken are not collected.
     fn arm(&mut self, writes: usize, next_version: u64, version_high: u64, blocks: u64) -> PyResult<()> {
         if !self.taken.is_empty() {
-            return Err(PyValueError::new_err("the writes taken before were not collected (take)"));
+            return Err(PyValueError::new_err(
+                "the writes taken before were not collected (take)",
+            ));
         }
         self.writes_left = writes;
         self.next_version = next_version;
@@ -198,7 +208,12 @@ impl WritePlane {
 /// each; none for a flush mark), encoded as the write plane encodes its batches
 /// (`crate::intent_record`, the one encoder): for `IntentLog.append`.
 #[pyfunction(name = "intent_record")]
-fn encode_intent_record<'py>(py: Python<'py>, first_block: u64, old: PyBuffer<u8>, new: PyBuffer<u8>) -> PyResult<Bound<'py, PyBytes>> {
+fn encode_intent_record<'py>(
+    py: Python<'py>,
+    first_block: u64,
+    old: PyBuffer<u8>,
+    new: PyBuffer<u8>,
+) -> PyResult<Bound<'py, PyBytes>> {
     let (o, n) = (old.item_count(), new.item_count());
     if o != n || !n.is_multiple_of(LEAF_SIZE) || n / LEAF_SIZE > u32::MAX as usize {
         return Err(PyValueError::new_err(format!(
