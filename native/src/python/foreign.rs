@@ -249,13 +249,13 @@ pub(crate) fn bytes_copied_then<'py, R>(
         return Ok((bytes, result.expect("set by new_with")));
     };
     let size = isize::try_from(len).map_err(|_| PyValueError::new_err("the buffer is too large"))?;
+    let fresh = pyo3::ffi::PyBytes_FromStringAndSize;
     // SAFETY: PyBytes_FromStringAndSize(NULL, size) makes a new object with `size` bytes
     // of storage not yet written (a null string is never one of CPython's shared cached
     // objects, which exist only for sizes 0, taken above, and 1 with a string); it
     // returns a new reference, or null with an exception set, which `from_owned_ptr_or_err`
     // turns into the PyErr.
-    let obj =
-        unsafe { Bound::from_owned_ptr_or_err(py, pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), size))? };
+    let obj = unsafe { Bound::from_owned_ptr_or_err(py, fresh(std::ptr::null(), size))? };
     let bytes = obj.cast_into::<PyBytes>()?;
     // SAFETY: the object's storage (PyBytes_AsString: its inline buffer of `len` bytes)
     // as `&mut [u8]`, initialised by the copy before any read, for this function only.
