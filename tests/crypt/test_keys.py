@@ -186,3 +186,26 @@ def test_key_file_kind_with_scrypt_fields_or_reserved_bytes_is_corrupt() -> None
         struct.pack_into(">I", blob, 216, zlib.crc32(blob[:216]))
         with pytest.raises(keys.KeyFileError, match="disk y: keys file"):
             keys.open_keys(bytes(blob), kek, "disk y")
+
+
+def test_a_key_file_that_is_a_fifo_or_a_device_is_refused_at_once(tmp_path: Path) -> None:
+    """`kek.key` replaced by a FIFO held the caller in open() for good, and /dev/zero in its
+    place was read until memory ran out: only a regular file of 32 bytes is a key file."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "kek.key"
+    os.mkfifo(path, 0o600)
+    probe = (f"from pathlib import Path; from trustvbd.blocks.crypt_layer import load_kek\n"
+             f"try: load_kek(Path({str(tmp_path)!r}))\nexcept Exception as e: print(e)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+    assert "is not a regular file" in out.stdout, out
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    with pytest.raises(KeyFileError, match="is not a regular file"):
+        load_kek(tmp_path)
+    path.unlink()
+    path.write_bytes(os.urandom(40))
+    path.chmod(0o600)
+    with pytest.raises(KeyFileError, match="must hold exactly 32 bytes, it holds 40"):
+        load_kek(tmp_path)

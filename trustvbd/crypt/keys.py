@@ -78,17 +78,25 @@ class Kek:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        try:
-            st = path.stat()
-            data = path.read_bytes()
+        try:  # O_NONBLOCK: a FIFO put in its place must not hold the caller in open()
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise KeyFileError(f"key file {path} does not exist") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise KeyFileError(f"key file {path} is not a regular file (a key file is one of"
+                                   " 32 bytes): check the path, or restore the file")
+            data = os.read(fd, 33)  # one more than a key: a longer file is refused below
+        finally:
+            os.close(fd)
         if st.st_mode & 0o077:
             raise KeyFileError(
                 f"key file {path} is accessible by group or others "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}")
         if len(data) != 32:
-            raise KeyFileError(f"key file {path} must hold exactly 32 bytes, it holds {len(data)}")
+            raise KeyFileError(f"key file {path} must hold exactly 32 bytes, it holds"
+                               f" {st.st_size}")
         return cls(KEK_FILE, data, f"key file {path}")
 
     def _key_for(self, salt: bytes, log_n: int, r: int, p: int) -> bytes:
