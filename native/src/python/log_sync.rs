@@ -150,10 +150,16 @@ impl LogSync {
         let mut byte = [0u8; 1];
         let outcome = match self.wake.read_exact(&mut byte) {
             Ok(()) => outcome,
-            Err(e) => outcome.and(Err(PyOSError::new_err((
-                e.raw_os_error().unwrap_or(0),
-                format!("the log's sync thread's pipe: {e}"),
-            )))),
+            Err(e) => {
+                // Ended for the caller at once (`alive` false, no more asks): the thread
+                // may not have met the broken pipe yet, and an ask taken now would never
+                // be answered.
+                self.shared.lock().ended = true;
+                outcome.and(Err(PyOSError::new_err((
+                    e.raw_os_error().unwrap_or(0),
+                    format!("the log's sync thread's pipe: {e}"),
+                ))))
+            }
         };
         Ok(outcome.err().map(|e| e.into_value(py).into_any()))
     }
