@@ -18,6 +18,7 @@ from typing import Any
 
 from trustvbd.crypt.superblock import Layout
 from trustvbd.nbd.uri import parse_uri
+from trustvbd.regular_file import NotRegularFile, read_regular
 
 BLOCK_SIZE = 4096
 MAX_REPLICAS = 8
@@ -428,18 +429,12 @@ def _array(file: Path, raw: dict[str, Any], kind: str) -> list[Any]:
 def _read_config(file: Path) -> bytes:
     """A config file's bytes. Only a regular file of at most MAX_CONFIG bytes: a FIFO held
     `up` and every command in open() for good, /dev/zero read on until memory ran out."""
-    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)  # a FIFO's open waits not
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise ConfigError(file, "", "is a directory; pass the config file with -c PATH")
-        if not stat.S_ISREG(mode):
-            raise ConfigError(file, "", "not a regular file (a config is one); pass the config"
-                              " file with -c PATH")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_CONFIG + 1)
-    finally:
-        os.close(fd)
+        data = read_regular(file, "a config", MAX_CONFIG)
+    except NotRegularFile as exc:
+        if stat.S_ISDIR(exc.mode):
+            raise ConfigError(file, "", "is a directory; pass the config file with -c PATH") from None
+        raise ConfigError(file, "", f"{exc.strerror}; pass the config file with -c PATH") from None
     if len(data) > MAX_CONFIG:
         raise ConfigError(file, "", f"larger than {MAX_CONFIG >> 20} MiB, so no config; pass"
                           " the config file with -c PATH")

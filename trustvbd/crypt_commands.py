@@ -22,6 +22,7 @@ from typing import Any
 
 from trustvbd.blocks.ranges import describe_blocks
 from trustvbd.config import Config, ConfigError, load_config
+from trustvbd.regular_file import NotRegularFile, read_regular
 from trustvbd.state_lock import StateLock, StateLocked, StateLockUnwritable
 
 EXIT_PROBLEMS = 1
@@ -102,15 +103,10 @@ def read_public_key_file(path: str) -> bytes:
         if path == "-":
             data = sys.stdin.buffer.read(MAX_PUBLIC_KEY_FILE + 1)
         else:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise CommandError(f"public key {path} is not a regular file; give the file"
-                                       " `trustvbd disk pubkey` wrote", EXIT_USAGE)
-                with os.fdopen(fd, "rb", closefd=False) as f:
-                    data = f.read(MAX_PUBLIC_KEY_FILE + 1)
-            finally:
-                os.close(fd)
+            data = read_regular(path, "a public key", MAX_PUBLIC_KEY_FILE)
+    except NotRegularFile:
+        raise CommandError(f"public key {path} is not a regular file; give the file"
+                           " `trustvbd disk pubkey` wrote", EXIT_USAGE) from None
     except OSError as exc:
         raise CommandError(f"cannot read public key {path}: {exc.strerror or exc}", EXIT_USAGE) from None
     where = "standard input" if path == "-" else path

@@ -7,9 +7,7 @@ Readers need no AuditLog instance and take no lock: they only read.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import stat
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -28,6 +26,7 @@ from trustvbd.acm.audit_format import (
     signature_ok,
     stored_public_key,
 )
+from trustvbd.regular_file import open_regular
 
 # The writer commits records in groups of at most this many (one fsync and one signed head
 # per group): a power cut between the log's fsync and the head's update leaves the head that
@@ -53,11 +52,7 @@ def read(path: str | Path) -> list[dict[str, Any]]:
 def open_log(f: Path) -> BinaryIO:
     """A log file opened for reading; OSError (EINVAL) for anything but a regular file: a
     device or a pipe (`--log /dev/zero`) would be read forever."""
-    fd = os.open(f, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open must not wait for a writer
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file (an audit log is one)", str(f))
-    return open(fd, "rb")  # (O_NONBLOCK changes nothing for a regular file)
+    return open(open_regular(f, "an audit log"), "rb")
 
 
 def _lines(fh: BinaryIO) -> Iterator[tuple[bytes | None, bool]]:

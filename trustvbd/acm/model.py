@@ -8,11 +8,11 @@ edits one in place.
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from trustvbd.regular_file import NotRegularFile, read_regular
 
 UNLABELED = "__UNLABELED__"  # Xen's label for anything without a label
 INACCESSIBLE = "__INACCESSIBLE__"  # Xen's label for resources nobody may use
@@ -43,14 +43,10 @@ def read_policy_file(path: str, limit: int) -> bytes:
     """At most `limit` + 1 bytes of a policy file. Only a regular file: the launcher loads
     a policy on its event loop (`policy load`), and a FIFO, a terminal or a device would hold
     it in open() or read() for good. OSError for what cannot be read."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)  # a FIFO's open waits not
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise PolicyError(path, None, "not a regular file (a policy is one); refused")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(limit + 1)
-    finally:
-        os.close(fd)
+        return read_regular(path, "a policy", limit)
+    except NotRegularFile as exc:
+        raise PolicyError(path, None, f"{exc.strerror}; refused") from None
 
 
 @dataclass(frozen=True)

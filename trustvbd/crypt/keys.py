@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from trustvbd.crypt.sign import Signer
+from trustvbd.regular_file import NotRegularFile, open_regular
 
 KEK_FILE = 1
 KEK_PASSPHRASE = 2
@@ -78,15 +79,15 @@ class Kek:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        try:  # O_NONBLOCK: a FIFO put in its place must not hold the caller in open()
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            fd = open_regular(path, "a key file")
         except FileNotFoundError:
             raise KeyFileError(f"key file {path} does not exist") from None
+        except NotRegularFile:
+            raise KeyFileError(f"key file {path} is not a regular file (a key file is one of"
+                               " 32 bytes): check the path, or restore the file") from None
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise KeyFileError(f"key file {path} is not a regular file (a key file is one of"
-                                   " 32 bytes): check the path, or restore the file")
             data = os.read(fd, 33)  # one more than a key: a longer file is refused below
         finally:
             os.close(fd)
