@@ -546,8 +546,7 @@ class Launcher:
                         passphrase: bytearray) -> m.Unlocked:
         """One encryption domain's share of `trustvbd unlock`, in a pipe of its own; when it
         does not answer, each of its disks says why and what to do."""
-        domain = self.supervisor.domains.get(name)
-        pid = domain.process.pid if domain is not None and domain.process is not None else None
+        pid = self.supervisor.pid(name)
         if pid is not None and signal_stopped(pid):  # it would hold the command 300 s
             why = f"its encryption domain {name} is {paused(pid)}; then unlock again"
             return m.Unlocked([], [], {}, {d: why for d in disks})

@@ -251,6 +251,11 @@ class Supervisor:
         for domain in sorted(self.domains.values(), key=lambda d: rank.get(d.kind, len(rank))):
             await self.terminate(domain)
 
+    def pid(self, name: str) -> int | None:
+        """The pid of the domain's process (of its last start), if it has one."""
+        domain = self.domains.get(name)
+        return domain.process.pid if domain is not None and domain.process is not None else None
+
     def continue_paused(self, name: str) -> None:
         """A domain paused by a signal (SIGSTOP), continued so that it can stop as asked, as
         a shell's `kill` continues a stopped job: paused, it heeds no SIGTERM and no Stop,
