@@ -22,7 +22,7 @@ from trustvbd.acm import Policy, PolicyError, load_policy
 from trustvbd.acm.commands import write_compiled
 from trustvbd.domains import messages as m
 from trustvbd.domains.control import ControlChannel, ControlClosed, ControlFull
-from trustvbd.domains.hv_store import StoreFull, crypt_name
+from trustvbd.domains.hv_store import StoreFull, crypt_name, log_torn_down
 from trustvbd.domains.listeners import close_listeners, listen_unix
 from trustvbd.domains.placement import GuestSocket, further_socket, types_of
 from trustvbd.domains.supervisor import paused, signal_stopped
@@ -108,9 +108,7 @@ async def load(hv: Launcher, path: str) -> m.Message:
             notes.append(followed)
         else:
             torn = followed
-    for t in torn:
-        log.warning("the new policy forbids pairing %s with %s: torn down (%s)",
-                    t.frontend_dir, t.backend_dir, t.reason)
+    log_torn_down(torn)
     log.warning("policy %s loaded; %d connection(s) closed, %d pairing(s) torn down", path,
                 closed, len(torn))
     for note in [*moved, *notes]:
@@ -160,7 +158,7 @@ async def enforce(name: str, channel: ControlChannel) -> int | str | None:
 def unconfirmed(hv: Launcher, name: str) -> str:
     """What the administrator must know of an encryption domain that did not confirm in time."""
     domain = hv.supervisor.domains.get(name)
-    pid = domain.process.pid if domain is not None and domain.process is not None else None
+    pid = hv.supervisor.pid(name)
     disks = ", ".join(hv.types.get(domain.wtype or "", []) if domain is not None else [])
     if pid is not None and signal_stopped(pid):
         why, fix = paused(pid), f"`kill -CONT {pid}`"
@@ -221,9 +219,7 @@ def store_late(task: asyncio.Task[list[m.TornDown] | str]) -> None:
         return
     log.warning("the store rechecked its pairings against the new policy late: %d torn down",
                 len(outcome))
-    for t in outcome:
-        log.warning("the new policy forbids pairing %s with %s: torn down (%s)",
-                    t.frontend_dir, t.backend_dir, t.reason)
+    log_torn_down(outcome)
 
 
 def moved_disks(hv: Launcher, policy: Policy) -> list[str]:

@@ -52,6 +52,13 @@ class StoreFull(ConnectionError):
     """The store reads nothing from its control channel (stopped?): this request was not sent."""
 
 
+def log_torn_down(torn: list[m.TornDown], policy: str = "the new policy") -> None:
+    """One line for each pairing the store tore down because `policy` forbids it."""
+    for t in torn:
+        log.warning("%s forbids pairing %s with %s: torn down (%s)", policy, t.frontend_dir,
+                    t.backend_dir, t.reason)
+
+
 @dataclass(frozen=True)
 class Attachment:
     kind: str  # "guest" (guest -> encryption domain) | "replica" (encryption domain -> driver)
@@ -151,9 +158,7 @@ class StoreLink:
             reply, _ = await self._ask(m.RecheckPairings(), m.PairingsRechecked, timeout=60)
             assert isinstance(reply, m.PairingsRechecked)
             self.recheck_due = False
-            for t in reply.torn_down:
-                log.warning("the policy loaded forbids pairing %s with %s: torn down (%s)",
-                            t.frontend_dir, t.backend_dir, t.reason)
+            log_torn_down(reply.torn_down, "the policy loaded")
 
     async def follow_policy(self, crypt_label: str) -> list[m.TornDown]:
         """After a policy load: later pairings check the encryption domains under the new
