@@ -487,8 +487,8 @@ class Connection(asyncio.BufferedProtocol):
         return start, items, want
 
     def _native_replied(self) -> None:
-        """Replies of native reads are framed in the session (told by a replica's client).
-        Once per batch of replies a replica's connection received: _native_ended inline."""
+        """Replies of native reads are framed in the session (told by a replica's client),
+        once per batch of replies a replica's connection received."""
         session = self.core.session
         assert session is not None  # native reads ran: the session started them
         out, ended, nbytes = session.take_output()
@@ -496,9 +496,7 @@ class Connection(asyncio.BufferedProtocol):
         self._inflight_bytes -= nbytes
         if out:
             self._queue(out, now=not self._native_running and not self._tasks)
-        self._request_ended()
-        if not self._native_running and self._native_idle is not None:
-            self._native_idle.set()
+        self._native_ended()
 
     def _native_failed(self, client: object, cookie: int, offset: int, length: int,
                        failure: BlockError | list[int] | float) -> None:
