@@ -226,8 +226,8 @@ impl ReadTarget for LentBuffer {
 /// A new `bytes` object holding a copy of `src`'s bytes, which `work` then changes in
 /// place before the object is handed to anyone: the seal of a write (copy the plaintext,
 /// encrypt it where it lies) without `PyBytes::new_with`'s zero fill of the whole payload
-/// first (a 256 KiB memset per sealed write, 4-5 % of the encryption domain's CPU on a
-/// sequential write). `src` is released once copied; `work` may release the GIL.
+/// first (a memset of every sealed write's size; bench/README.md has its cost). `src` is
+/// released once copied; `work` may release the GIL.
 pub(crate) fn bytes_copied_then<'py, R>(
     py: Python<'py>,
     src: PyBuffer<u8>,
