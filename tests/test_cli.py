@@ -267,6 +267,41 @@ def test_tls_guest_into_a_path_it_cannot_make_is_one_clear_line(short_tmp: Path)
     assert "[Errno" not in result.stderr
 
 
+def test_tls_guest_with_a_fifo_for_the_ca_key_is_refused_at_once(short_tmp: Path) -> None:
+    """`tls guest` read ca-key.pem with read_bytes(): a FIFO there held it in open() for good."""
+    pki = short_tmp / "pki"
+    assert tvbd("tls", "init", str(pki)).returncode == 0
+    (pki / "ca-key.pem").unlink()
+    os.mkfifo(pki / "ca-key.pem", 0o600)
+    result = tvbd("tls", "guest", str(pki), "vm1")
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.splitlines() == [
+        f"trustvbd tls guest: {pki / 'ca-key.pem'} is not a regular file, so not the CA's PEM"
+        " file; put it back (or make a new CA with `trustvbd tls init`)"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_up_with_a_fifo_or_directory_for_a_certificate_is_one_line(short_tmp: Path,
+                                                                   kind: str) -> None:
+    """OpenSSL opened a FIFO given as server-cert.pem and waited for a writer for good (`up`
+    never started nor said why); a directory gave "[Errno 21] Is a directory"."""
+    pki = short_tmp / "pki"
+    assert tvbd("tls", "init", str(pki)).returncode == 0
+    cert = pki / "server-cert.pem"
+    cert.unlink()
+    os.mkfifo(cert, 0o600) if kind == "fifo" else cert.mkdir()
+    config = short_tmp / "c.toml"
+    config.write_text(CONFIG.format(dir="backing").replace(
+        'state_dir = "state"\n', 'state_dir = "state"\n[tls]\ndir = "pki"\n')
+        + 'listen = "127.0.0.1:0"\n')
+    result = tvbd("up", "-c", str(config))
+    assert result.returncode == 1, result.stdout
+    what = "not a regular file" if kind == "fifo" else "a directory"
+    assert result.stderr.splitlines() == [
+        f"trustvbd up: {cert} is {what}, not a PEM certificate or key; put the file there"
+        " (`trustvbd tls init DIR` makes them)"]
+
+
 def test_audit_of_a_device_or_pipe_is_refused_at_once(short_tmp: Path) -> None:
     """`audit --log /dev/zero` read one endless line into memory until killed (with --verify
     too, all of it at once; --follow as well): a log is a regular file, anything else is

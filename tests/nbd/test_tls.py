@@ -96,6 +96,30 @@ def test_tls_init_layout_and_modes(pki: Path) -> None:
         x509.init_ca(ours)
 
 
+@pytest.mark.parametrize(("name", "kind"), [("ca-cert.pem", "fifo"), ("client-key.pem", "device"),
+                                          ("client-cert.pem", "directory")])
+def test_a_certificate_or_key_that_is_no_regular_file_is_refused_at_once(
+        tmp_path: Path, name: str, kind: str) -> None:
+    """OpenSSL opened a FIFO in a certificate's place and waited for a writer for good (in
+    `up`, or in an encryption domain's event loop), and read /dev/zero without end; a
+    directory gave "[Errno 21] Is a directory". In a child with a timeout: the old hang."""
+    import sys
+
+    x509.init_ca(tmp_path / "pki")
+    path = tmp_path / "pki" / name
+    path.unlink()
+    {"fifo": lambda: os.mkfifo(path, 0o600), "device": lambda: path.symlink_to("/dev/zero"),
+     "directory": path.mkdir}[kind]()
+    probe = ("import sys; from pathlib import Path\n"
+             "from trustvbd.crypt.tls import TlsSetupError, client_context\n"
+             f"try: client_context(Path({str(tmp_path / 'pki')!r}))\n"
+             "except TlsSetupError as e: print(e)")
+    out = run([sys.executable, "-c", probe])
+    what = "a directory" if kind == "directory" else "not a regular file"
+    assert out.stdout.splitlines() == [f"{path} is {what}, not a PEM certificate or key; put"
+                                       " the file there (`trustvbd tls init DIR` makes them)"], out
+
+
 def test_nbdinfo_nbdcopy_and_libnbd_over_tls(tls_server: tuple[ServerThread, Refusals, Path],
                                              pki: Path, short_tmp: Path) -> None:
     srv, refusals, disk = tls_server

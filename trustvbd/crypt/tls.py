@@ -8,10 +8,12 @@ verified by name. Who a verified client is, is its certificate's Common Name.
 from __future__ import annotations
 
 import ssl
+import stat
 from pathlib import Path
 from typing import Any
 
-from trustvbd.crypt.x509 import CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY
+from trustvbd.crypt.x509 import CA_CERT, CLIENT_CERT, CLIENT_KEY, MAX_PEM_FILE, SERVER_CERT, SERVER_KEY
+from trustvbd.regular_file import NotRegularFile, read_regular
 
 # All an encryption domain reads from a TLS directory (never the CA's private key).
 TLS_DOMAIN_FILES = frozenset({CA_CERT, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY})
@@ -21,17 +23,39 @@ class TlsSetupError(Exception):
     """A certificate directory cannot be used; the message names the file and the fix."""
 
 
+def read_tls_file(path: Path) -> bytes:
+    """A certificate's or key's bytes, only from a regular file of at most MAX_PEM_FILE
+    bytes: OpenSSL opened a FIFO in its place and waited for a writer for good (in `up`,
+    or in an encryption domain's event loop), and read a device (/dev/zero) without end.
+    FileNotFoundError as open(2); TlsSetupError for anything else that is no such file."""
+    try:
+        data = read_regular(path, "a certificate or key", MAX_PEM_FILE)
+    except NotRegularFile as exc:
+        kind = "a directory" if stat.S_ISDIR(exc.mode) else "not a regular file"
+        raise TlsSetupError(f"{path} is {kind}, not a PEM certificate or key; put the file"
+                            " there (`trustvbd tls init DIR` makes them)") from None
+    if len(data) > MAX_PEM_FILE:
+        raise TlsSetupError(f"{path} is larger than {MAX_PEM_FILE >> 20} MiB, so no PEM"
+                            " certificate or key; put the right file there")
+    return data
+
+
 def _context(purpose: ssl._SSLMethod, directory: Path, cert: str, key: str) -> ssl.SSLContext:
     ctx = ssl.SSLContext(purpose)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
     try:
-        ctx.load_verify_locations(cafile=str(directory / CA_CERT))
+        # The CA from the bytes read_tls_file checked; the certificate and key (OpenSSL
+        # takes them only by path) checked the same way first.
+        ca = read_tls_file(directory / CA_CERT)
+        for name in (cert, key):
+            read_tls_file(directory / name)
+        ctx.load_verify_locations(cadata=ca.decode("ascii", "ignore"))
         ctx.load_cert_chain(str(directory / cert), str(directory / key))
     except FileNotFoundError as exc:
         raise TlsSetupError(f"{exc.filename or directory}: missing; make the directory with"
                             f" `trustvbd tls init {directory}`") from None
-    except (ssl.SSLError, OSError) as exc:
+    except (ssl.SSLError, ValueError, OSError) as exc:  # ValueError: an empty CA file
         raise TlsSetupError(f"{directory}: cannot use its certificates ({cert}, {key},"
                             f" {CA_CERT}): {exc}") from None
     return ctx

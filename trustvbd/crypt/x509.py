@@ -25,12 +25,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from trustvbd.regular_file import NotRegularFile, read_regular
+
 CA_DAYS = 3650
 LEAF_DAYS = 730
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
 CA_CERT, CA_KEY = "ca-cert.pem", "ca-key.pem"
 SERVER_CERT, SERVER_KEY = "server-cert.pem", "server-key.pem"
 CLIENT_CERT, CLIENT_KEY = "client-cert.pem", "client-key.pem"
+# A certificate, a key or a CA bundle (the system's is ~200 KiB) is smaller than this.
+MAX_PEM_FILE = 1 << 20
 
 
 class CertificateError(Exception):
@@ -83,10 +87,20 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
     _write_new(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
+def _read_pem(path: Path) -> bytes:
+    """A PEM file's bytes, only from a regular file (a FIFO in its place held `tls guest` in
+    open() for good, /dev/zero was read until memory ran out)."""
+    try:
+        return read_regular(path, "a PEM file", MAX_PEM_FILE)
+    except NotRegularFile:
+        raise CertificateError(f"{path} is not a regular file, so not the CA's PEM file; put"
+                               " it back (or make a new CA with `trustvbd tls init`)") from None
+
+
 def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     try:
-        cert = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
-        key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), None)
+        cert = x509.load_pem_x509_certificate(_read_pem(directory / CA_CERT))
+        key = serialization.load_pem_private_key(_read_pem(directory / CA_KEY), None)
     except FileNotFoundError as exc:
         raise CertificateError(f"{exc.filename} is missing; run `trustvbd tls init {directory}`"
                                " first") from None

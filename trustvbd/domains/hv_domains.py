@@ -25,7 +25,7 @@ from pathlib import Path
 from trustvbd.acm.commands import AUDIT_FILE
 from trustvbd.acm.compiled import SUFFIX as COMPILED_SUFFIX
 from trustvbd.config import Config
-from trustvbd.crypt.tls import TLS_DOMAIN_FILES
+from trustvbd.crypt.tls import TLS_DOMAIN_FILES, TlsSetupError, read_tls_file
 from trustvbd.crypt.tokens import new_secret, role_token
 from trustvbd.domains import sandbox
 from trustvbd.domains.control import ControlChannel, Handler, socket_pair
@@ -315,13 +315,14 @@ class DomainGrants:
         assert domain.wtype is not None
         copy = self.config.state_dir / "tls" / file_safe(domain.wtype)
         copy.mkdir(parents=True, mode=0o700, exist_ok=True)
-        for entry in os.scandir(self.config.tls_dir):
-            # Never ca-key.pem: whoever holds it can make any guest's certificate.
-            if entry.is_file() and entry.name in TLS_DOMAIN_FILES:
-                fd = os.open(copy / entry.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                             0o600)
-                with open(fd, "wb") as out, open(entry.path, "rb") as src:
-                    out.write(src.read())
+        for name in sorted(TLS_DOMAIN_FILES):  # never ca-key.pem: it makes any guest's certificate
+            try:  # a FIFO in a file's place must not hold the hypervisor in open()
+                data = read_tls_file(self.config.tls_dir / name)
+            except (FileNotFoundError, TlsSetupError):
+                continue  # as before: `up` refused a needed one at start (check_tls_dir)
+            fd = os.open(copy / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with open(fd, "wb") as out:
+                out.write(data)
         sandbox.own_tree(str(copy), domain.identity.uid, domain.identity.uid)
         os.chmod(copy.parent, 0o710)
         os.chown(copy.parent, -1, self.crypt_group())
