@@ -1,7 +1,7 @@
 """Python calls and CPU per small guest WRITE on the encryption domain's loop thread.
 
     cd /tmp && PYTHONPATH=TREE TREE/.venv/bin/python TREE/bench/write_calls.py [--qd 16]
-        [--writes 8000] [--replicas 2] [--reps 3] [--budget] [--flush]
+        [--writes 8000] [--replicas 2] [--reps 3] [--budget] [--flush] [--mib 64]
 
 The disk over in-memory NBD drivers in threads (as tests/crypt/test_native_reads.py opens
 it), served by our NbdServer on a Unix socket on uvloop (as the domain runs it); a libnbd
@@ -39,7 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tests.crypt.helpers import SIZE, RawMemory, new_state
+from tests.crypt.helpers import RawMemory, new_state
 from tests.nbd.helpers import ServerThread
 from trustvbd.blockdev import Backend
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
@@ -80,15 +80,15 @@ h.shutdown()
 
 
 @contextlib.contextmanager
-def drivers(tmp: Path, n: int) -> Iterator[list[str]]:
+def drivers(tmp: Path, n: int, size: int) -> Iterator[list[str]]:
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(ServerThread(StaticExports([Export("", RawMemory(
-            physical_size(SIZE)))]), tmp / f"d{i}.sock")).uri() for i in range(n)]
+            physical_size(size)))]), tmp / f"d{i}.sock")).uri() for i in range(n)]
 
 
 @contextlib.asynccontextmanager
-async def opened(tmp: Path, uris: list[str]) -> AsyncIterator[CryptDisk]:
-    kek = new_state(tmp / "state")
+async def opened(tmp: Path, uris: list[str], size: int) -> AsyncIterator[CryptDisk]:
+    kek = new_state(tmp / "state", size=size)
     links: list[tuple[str, Backend]] = []
     for i, uri in enumerate(uris):
         # Each behind a ReplicaLink, as the domain has them (crypt_stack.py): it skips a
@@ -120,7 +120,7 @@ async def measure(tmp: Path, disk: CryptDisk, qd: int, writes: int, profile: boo
     listening.bind(str(sock))
     listening.listen(4)
     serving = asyncio.ensure_future(server.serve_socket(listening))
-    blocks = min(SIZE // 4096, 8192)
+    blocks = disk.size // 4096
     guest = await asyncio.create_subprocess_exec(
         "/usr/bin/python3", "-c", GUEST, f"nbd+unix:///?socket={sock}", str(qd), str(writes),
         str(blocks), str(seed), mode, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -160,8 +160,9 @@ async def measure(tmp: Path, disk: CryptDisk, qd: int, writes: int, profile: boo
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="wc", dir="/tmp") as d:
         tmp = Path(d)
-        with drivers(tmp, args.replicas) as uris:
-            async with opened(tmp, uris) as disk:
+        size = args.mib << 20
+        with drivers(tmp, args.replicas, size) as uris:
+            async with opened(tmp, uris, size) as disk:
                 mode = "flush" if args.flush else "seq" if args.seq else "random"
                 what = "write + FLUSH pair" if args.flush else "write"
                 for rep in range(args.reps):
@@ -186,6 +187,7 @@ if __name__ == "__main__":
     parser.add_argument("--qd", type=int, default=16)
     parser.add_argument("--writes", type=int, default=8000)
     parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--mib", type=int, default=64, help="the disk's size in MiB")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seq", action="store_true",
                         help="sequential 4 KiB writes (as a file copy through FUSE), not random")
