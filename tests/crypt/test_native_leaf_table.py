@@ -177,3 +177,30 @@ def test_refusals_name_what_is_wrong() -> None:
     read = locks.hold(0, 8, False)
     assert locks.conflict(4, 5, True) == read and locks.conflict(4, 5, False) is None
     assert locks.reads_held == 1 and len(locks) == 1
+
+
+@pytest.mark.parametrize("kind", ["leaf table", "range table"])
+def test_release_all_releases_every_hold_held_then_names_one_that_is_not(kind: str) -> None:
+    """The holds of writes behind that ended together go in one call (RangeLock.release_all):
+    each held is released, even past one that is not held, which
+    is then the error."""
+    table: LeafTable | RangeTable
+    if kind == "leaf table":
+        table = LeafTable(4)
+        table.insert(0, bytes(PAGE), False)
+        holds = [table.try_hold(b, b + 1, True) for b in (0, 5, 9)]
+    else:
+        table = RangeTable()
+        holds = [table.try_hold(b, b + 1, True) for b in (0, 5, 9)]
+    assert None not in holds
+    a, b, c = (h for h in holds if h is not None)
+    table.release_all([a])
+    assert table.conflict(0, 1, True) is None and table.conflict(5, 6, True) == b
+    with pytest.raises(KeyError, match=f"no range lock hold {a} is held"):
+        table.release_all([b, a, c])
+    assert table.conflict(0, 16, True) is None  # b and c released all the same
+    table.release_all([])
+    if isinstance(table, LeafTable):
+        assert table.holds == 0
+    else:
+        assert len(table) == 0

@@ -514,8 +514,8 @@ def test_the_gather_timer_fires_once_per_quiet_run_on_a_millisecond_clock() -> N
             waited()
         behind._waited = counting  # type: ignore[method-assign]
         for b in range(0, 400, 20):  # twenty runs, each left alone for its timer
-            behind.add_all([(b, bytes(32), bytes(BS), 0)])
-            behind.add_all([(b + 1, bytes(32), bytes(BS), 0)])
+            behind.add_all([(b, 1, bytes(32), bytes(BS), 0)])
+            behind.add_all([(b + 1, 1, bytes(32), bytes(BS), 0)])
             await until(lambda: not behind._runs)
         await behind.drain()
         assert sent == list(range(0, 400, 20))

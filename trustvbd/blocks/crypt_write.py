@@ -93,7 +93,7 @@ async def pwrite(disk: CryptDisk, offset: int, data: Buffer, fua: bool = False) 
                 if not fua and disk._behind.takes(n):
                     # No await between recording the write and handing it over. While a
                     # FLUSH waits for the writers, joining a run would only delay it.
-                    disk._behind.add_all(((b0, old, ct, hold),), gather=not commits.committing)
+                    disk._behind.add_all(((b0, n, old, ct, hold),), gather=not commits.committing)
                     behind = True
                 else:
                     # With FUA: durable by itself, so the FLUSH that follows (commit)
@@ -295,24 +295,24 @@ def _note_write(disk: CryptDisk, b0: int, new: bytes) -> bytes:
     return old
 
 
-def submit(disk: CryptDisk, runs: list[tuple[int, Buffer, Buffer]], fua: bool,
+def submit(disk: CryptDisk, runs: list[tuple[int, int, Buffer, Buffer]], fua: bool,
            ended: Callable[[list[bool]], None]) -> bool:
-    """As `send` without a coroutine for runs of writes behind, (first block, old leaves,
-    ciphertext) each, where the replica set can queue them all: True if it did, and
+    """As `send` without a coroutine for runs of writes behind, (first block, blocks, old
+    leaves, ciphertext) each, where the replica set can queue them all: True if it did, and
     `ended` is then told whether the replicas took each. A run that failed goes through
     `send` again (write_behind.py), which records what they may hold."""
     disk._commits.write_held()  # the records first (durable already: WriteBehind's gate)
-    return disk._replica.submit_runs([(b0, ct) for b0, _, ct in runs], fua,
+    return disk._replica.submit_runs([(b0, n, ct) for b0, n, _, ct in runs], fua,
                                      partial(_submitted, disk, runs, ended))
 
 
-def _submitted(disk: CryptDisk, runs: list[tuple[int, Buffer, Buffer]],
+def _submitted(disk: CryptDisk, runs: list[tuple[int, int, Buffer, Buffer]],
                ended: Callable[[list[bool]], None], took: list[bool]) -> None:
     """Submitted runs' end: those the replicas took are settled (as in send)."""
     if disk._unsure or disk._behind.lost:
-        for (b0, old, _), stands in zip(runs, took, strict=True):
+        for (b0, n, _, _), stands in zip(runs, took, strict=True):
             if stands:
-                _replica_took(disk, b0, len(old) // LEAF_SIZE)
+                _replica_took(disk, b0, n)
     ended(took)
 
 

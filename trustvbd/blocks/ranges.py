@@ -48,6 +48,7 @@ class LockTable(Protocol):
     def hold(self, start: int, end: int, exclusive: bool) -> Hold: ...
     def try_hold(self, start: int, end: int, exclusive: bool) -> Hold | None: ...
     def release(self, hold: Hold) -> None: ...
+    def release_all(self, holds: list[Hold]) -> None: ...
     def watch(self, hold: Hold) -> None: ...
     @property
     def reads_held(self) -> int: ...
@@ -95,10 +96,9 @@ class RangeLock:
             self.wake(hold)
 
     def release_all(self, holds: list[Hold]) -> None:
-        """`release` for each of `holds` (writes behind that ended together)."""
-        release = self._table.release
-        for hold in holds:
-            release(hold)
+        """`release` for each of `holds` (writes behind that ended together): one call of
+        the native table for them all."""
+        self._table.release_all(holds)
         if waiting := self._waiting:  # (as `wake`, inline: one call for them all)
             for hold in holds:
                 if (done := waiting.pop(hold, None)) is not None:

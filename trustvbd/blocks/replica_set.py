@@ -224,10 +224,10 @@ class ReplicaSet:
         await self._all(writers, lambda r: r.link.pwrite(offset, data, fua), lambda: blocks,
                         "write", submit)
 
-    def submit_runs(self, runs: list[tuple[int, Buffer]], fua: bool,
+    def submit_runs(self, runs: list[tuple[int, int, Buffer]], fua: bool,
                     ended: Callable[[list[bool]], None]) -> bool:
         """Writes behind's replica writes without a coroutine (write_behind.py), (first data
-        block, ciphertext) each: queued now on each writer's link (Submits), one future per
+        block, blocks, ciphertext) each: queued now on each writer's link (Submits), one future per
         writer for all of them, and `ended` told once, when all writers answered, whether
         each one stands; False, with nothing queued, where pwrite must do them.
 
@@ -238,7 +238,7 @@ class ReplicaSet:
         failed, broken links are revived and the caller sends it again through pwrite."""
         writers = self._writers
         start = self._data_start
-        writes = [(start + b0 * BS, ct) for b0, ct in runs]
+        writes = [(start + b0 * BS, ct) for b0, _, ct in runs]
         if len(self.replicas) == 1:
             if len(writers) != 1 or (submits := writers[0].submits) is None:
                 return False
@@ -252,7 +252,7 @@ class ReplicaSet:
         future = first.submit_writes(writes, fua)
         if future is None:
             return False
-        blocks = [range(b0, b0 + len(ct) // BS) for b0, ct in runs]
+        blocks = [range(b0, b0 + n) for b0, n, _ in runs]
         self._note_written(*blocks)
         if self._watch_timer is None:
             self._watch_soon()

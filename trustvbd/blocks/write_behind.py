@@ -86,7 +86,6 @@ from typing import Any, NamedTuple
 from trustvbd import eager
 from trustvbd.blockdev import BlockError, Buffer, StateWriteFailed, WritesMayBeLost
 from trustvbd.blocks.ranges import describe_blocks
-from trustvbd.crypt.aead import LEAF_SIZE
 from trustvbd.running_loop import RunningLoop
 
 log = logging.getLogger("trustvbd.crypt.write_behind")
@@ -114,10 +113,11 @@ FLUSH_STREAK = 2
 # Sends the ciphertext of blocks [first, first + len(old) // 32) whose old leaves are `old`.
 # With FUA when the bool says so (durable once answered).
 Send = Callable[[int, Buffer, Buffer, bool], Coroutine[Any, Any, None]]
-# The same without a coroutine for runs leaving together, (first block, old leaves,
-# ciphertext) each, where the replicas can queue them: True if queued, and then the
+# The same without a coroutine for runs leaving together, (first block, blocks, old
+# leaves, ciphertext) each, where the replicas can queue them: True if queued, and then the
 # callable is called once, when all ended, with whether the replicas took each.
-Submit = Callable[[list[tuple[int, Buffer, Buffer]], bool, Callable[[list[bool]], None]], bool]
+Submit = Callable[[list[tuple[int, int, Buffer, Buffer]], bool, Callable[[list[bool]], None]],
+                  bool]
 # True if every intent record appended so far is durable; else False, and the callable is
 # called once they are (None) or their sync failed (the error): crypt_commit.when_durable.
 Gate = Callable[[Callable[[OSError | None], None], bool], bool]
@@ -132,21 +132,37 @@ def _no_holds(holds: list[int], writes: int) -> None:
 
 
 class _Run:
-    """Adjacent writes behind: their leaves, ciphertext, range-lock holds and count; once
-    sent on (_join_all), one buffer of each."""
+    """Adjacent writes behind: their leaves, ciphertext, range-lock holds and count. `old`
+    and `ct` are one buffer each: the first write's until the run grows (`olds`, `cts`: the
+    pieces, None while there is one; a random write never grows), joined once sent on
+    (_join_all)."""
 
-    __slots__ = ("blocks", "ct", "early", "ended", "first", "fua", "holds", "joined", "old",
-                 "task", "writes")
+    __slots__ = ("blocks", "ct", "cts", "early", "ended", "first", "fua", "holds", "old",
+                 "olds", "task", "writes")
 
     def __init__(self, first: int, blocks: int, old: Buffer, ct: Buffer, hold: int) -> None:
         self.first, self.blocks = first, blocks
-        self.old, self.ct, self.holds = [old], [ct], [hold]
+        self.old, self.ct, self.holds = old, ct, [hold]
+        self.olds: list[Buffer] | None = None
+        self.cts: list[Buffer] | None = None
         self.writes = 1
         self.fua = False  # sent with FUA (a FLUSH asked for it before it left)
         self.early = False  # sent at once with FUA: a FLUSH is expected next (WriteBehind.add)
         self.ended = False  # its replicas answered, or it is lost
         self.task: asyncio.Task[None] | None = None  # sent the general way (_start)
-        self.joined: tuple[Buffer, Buffer] = (b"", b"")  # (old, ct) once sent on (_join_all)
+
+    def grow(self, blocks: int, old: Buffer, ct: Buffer, hold: int) -> None:
+        """The next write joins the run (it starts where the run ends)."""
+        olds, cts = self.olds, self.cts
+        if olds is None:
+            olds = self.olds = [self.old]
+        if cts is None:
+            cts = self.cts = [self.ct]
+        olds.append(old)
+        cts.append(ct)
+        self.holds.append(hold)
+        self.writes += 1
+        self.blocks += blocks
 
 
 class Ahead(NamedTuple):
@@ -243,17 +259,16 @@ class WriteBehind:
     def running(self) -> int:
         return self._writes
 
-    def add_all(self, writes: Iterable[tuple[int, Buffer, Buffer, int]],
+    def add_all(self, writes: Iterable[tuple[int, int, Buffer, Buffer, int]],
                 gather: bool = True) -> None:
-        """Writes recorded and answered, (first block, old leaves, ciphertext, range-lock
-        hold) each, in order (the native write plane's batch, or one write): send each
+        """Writes recorded and answered, (first block, blocks, old leaves, ciphertext,
+        range-lock hold) each, in order (the native write plane's batch, or one write): send each
         ciphertext to the replicas behind it, joined to an unsent run it continues (if
         `gather`); each hold goes to `ended` once they answered, always. One call for a
         batch: the loop's clock read once, no call per write but a new run's."""
         loop = self._running_loop()
         now = self._last = loop.time()
-        for first_block, old, ct, hold in writes:
-            blocks = len(old) // LEAF_SIZE
+        for first_block, blocks, old, ct, hold in writes:
             self.started += 1
             self._writes += 1
             self._since_flush += 1
@@ -274,11 +289,7 @@ class WriteBehind:
                 for run in runs:
                     if (run.first + run.blocks == first_block
                             and run.blocks + blocks <= GATHER_BLOCKS):
-                        run.old.append(old)
-                        run.ct.append(ct)
-                        run.holds.append(hold)
-                        run.writes += 1
-                        run.blocks += blocks
+                        run.grow(blocks, old, ct, hold)
                         self._held += 1
                         if run.blocks >= GATHER_BLOCKS or self._held >= HELD_WRITES:
                             self._send_after_reply()
@@ -305,7 +316,7 @@ class WriteBehind:
         """A later write of all of `run`'s blocks (held_run), recorded under the run's
         holds: its ciphertext replaces the run's, which never leaves; it ends with the run.
         The run's old leaves stay (the replicas hold those, or this, when it failed)."""
-        run.ct = [ct]
+        run.ct, run.cts = ct, None
         run.writes += 1
         self.started += 1
         self._writes += 1
@@ -371,11 +382,11 @@ class WriteBehind:
     def _join_all(self, runs: list[_Run]) -> None:
         """Each run's pieces joined: they grow no more (one call for the runs that leave
         together, not one per run)."""
-        for run in runs:
-            old, ct = run.old, run.ct
-            run.joined = (old[0] if len(old) == 1 else b"".join(old),
-                          ct[0] if len(ct) == 1 else b"".join(ct))
-            run.old = run.ct = []  # the joined copies replace the pieces (memory bound)
+        for run in runs:  # (a random write's run has one piece: nothing to do)
+            if run.olds is not None:  # the joined copies replace the pieces (memory bound)
+                run.old, run.olds = b"".join(run.olds), None
+            if run.cts is not None:
+                run.ct, run.cts = b"".join(run.cts), None
         self.sends += len(runs)
 
     def _send_after_reply(self) -> None:
@@ -404,10 +415,9 @@ class WriteBehind:
         FLUSH waits for them: synced on the loop, crypt_commit.Commits._sync_next):
         submitted in one batch where the replicas can queue them (one future per replica,
         not one per run), else each in a task (`_start`)."""
-        sending = self._sending
         for run in runs:
             run.fua = fua
-            sending.add(run)
+        self._sending.update(runs)
         gate = self._gate
         if gate is None:
             self._leave(runs)
@@ -440,7 +450,7 @@ class WriteBehind:
     def _leave(self, runs: list[_Run], failed: OSError | None = None) -> None:
         if failed is None and (submit := self._submit) is not None:
             try:
-                if submit([(run.first, *run.joined) for run in runs], runs[0].fua,
+                if submit([(run.first, run.blocks, run.old, run.ct) for run in runs], runs[0].fua,
                           partial(self._submitted, runs)):
                     self.submitted += len(runs)
                     return
@@ -466,10 +476,9 @@ class WriteBehind:
 
     def _start(self, run: _Run) -> None:
         """The run's replica write in a task, its request handed over in this turn."""
-        old, ct = run.joined
-        run.task = eager.start(self._running_loop(), self._run_send(run, old, ct))
+        run.task = eager.start(self._running_loop(), self._run_send(run, run.old, run.ct))
 
-    def _end(self, runs: Iterable[_Run]) -> None:
+    def _end(self, runs: list[_Run] | tuple[_Run, ...]) -> None:
         """These runs are answered (or lost, and said): their writes end, in one call for a
         batch (_submitted) as for one run (_run_send)."""
         sending = self._sending
@@ -477,11 +486,11 @@ class WriteBehind:
         writes = 0
         for run in runs:
             run.ended = True
-            run.joined = (b"", b"")
+            run.old = run.ct = b""  # (memory bound)
             run.task = None
-            sending.discard(run)
             writes += run.writes
             holds += run.holds
+        sending.difference_update(runs)
         if writes:
             self._writes -= writes
             self._ended(holds, writes)

@@ -79,6 +79,18 @@ impl PyRangeTable {
             .ok_or_else(|| table_error(TableError::NoHold(hold)))
     }
 
+    /// release_all(holds): `release` of each (writes behind that ended together); every
+    /// hold held is released, then the first not held is the error.
+    fn release_all(&mut self, holds: Vec<u64>) -> PyResult<()> {
+        let mut missing = None;
+        for hold in holds {
+            if self.0.release(hold).is_none() {
+                missing = missing.or(Some(hold));
+            }
+        }
+        missing.map_or(Ok(()), |hold| Err(table_error(TableError::NoHold(hold))))
+    }
+
     /// watch(hold): a waiter waits for its release (see LeafTable.watch).
     fn watch(&mut self, hold: u64) -> PyResult<()> {
         if self.0.watch(hold) {
@@ -237,6 +249,18 @@ impl PyLeafTable {
 
     fn release(&mut self, hold: u64) -> PyResult<()> {
         self.0.release(hold).map(|_| ()).map_err(table_error)
+    }
+
+    /// release_all(holds): `release` of each (writes behind that ended together); every
+    /// hold held is released, then the first that failed is the error.
+    fn release_all(&mut self, holds: Vec<u64>) -> PyResult<()> {
+        let mut first = Ok(());
+        for hold in holds {
+            if let Err(e) = self.0.release(hold) {
+                first = first.and(Err(e));
+            }
+        }
+        first.map_err(table_error)
     }
 
     /// watch(hold): a waiter waits for its release. A release by the native read path

@@ -30,6 +30,9 @@ use super::PyBlockCodec;
 use crate::block_codec::{BLOCK_SIZE, LEAF_SIZE};
 use crate::intent_record;
 
+/// A write taken: (first block, blocks, old leaves, ciphertext, range-lock hold).
+type Taken = (u64, u64, Py<PyBytes>, Py<PyBytes>, u64);
+
 /// WritePlane(table, codec, size, max_blocks, dirty_limit)
 ///
 /// One per open disk: its `LeafTable` and `BlockCodec`, the disk's size, the block count
@@ -50,7 +53,7 @@ pub(crate) struct WritePlane {
     blocks_left: u64,
     // Taken since the last `take`.
     records: Vec<u8>,
-    taken: Vec<(u64, Py<PyBytes>, Py<PyBytes>, u64)>,
+    taken: Vec<Taken>,
     blocks: u64,
     started: u64,
 }
@@ -123,7 +126,7 @@ impl WritePlane {
         self.started += 1;
         intent_record::encode(&mut self.records, b0, &old, &new);
         self.taken
-            .push((b0, PyBytes::new(py, &old).unbind(), ct.unbind(), hold));
+            .push((b0, n, PyBytes::new(py, &old).unbind(), ct.unbind(), hold));
         Ok(true)
     }
 }
@@ -181,15 +184,15 @@ impl WritePlane {
     }
 
     /// take() -> (records, writes, blocks, next_version): what was taken since the last
-    /// call (writes: [(first block, old leaves, ciphertext, hold)], in order), and the
+    /// call (writes: [(first block, blocks, old leaves, ciphertext, hold)], in order), and the
     /// next version free. Disarms the plane until the next `arm`.
     #[allow(clippy::type_complexity)]
     fn take<'py>(&mut self, py: Python<'py>) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyList>, u64, u64)> {
         let records = PyBytes::new(py, &self.records);
         self.records.clear();
         let writes = PyList::empty(py);
-        for (b0, old, ct, hold) in self.taken.drain(..) {
-            writes.append((b0, old, ct, hold))?;
+        for (b0, n, old, ct, hold) in self.taken.drain(..) {
+            writes.append((b0, n, old, ct, hold))?;
         }
         let blocks = std::mem::take(&mut self.blocks);
         self.writes_left = 0;
