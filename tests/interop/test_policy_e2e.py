@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -343,5 +344,62 @@ def test_a_stopped_store_does_not_hold_up_the_encryption_domains_on_a_policy_loa
         err = s.stop()
         assert "the store rechecked its pairings against the new policy late" in err, err[-3000:]
         assert "Traceback" not in err, err[-3000:]
+    finally:
+        s.kill()
+
+
+def test_a_second_policy_load_while_one_is_in_progress_is_refused(short_tmp: Path) -> None:
+    """Two loads at once shared policy.next: with the first's request at the (here paused)
+    access-control domain, the second overwrote the file, so the first swapped in the
+    second's policy while `status` named the first's file, and the second failed on the file
+    the first had renamed: the enforced policy was neither one asked for. Now the second is
+    refused at once, and the first loads what it was given."""
+    s = start(short_tmp, env={"TRUSTVBD_ACM_TIMEOUT": "60"})  # paused below: no timeout
+    try:
+        def status() -> dict[str, Any]:
+            return json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)  # type: ignore[no-any-return]
+
+        acm_pid = next(d["pid"] for d in status()["domains"] if d["kind"] == "acm")
+        first, second = short_tmp / "a.toml", short_tmp / "b.toml"
+        # a: the auditor loses the payroll disk; b: vm1 (Payroll) loses it instead.
+        first.write_text(POLICY.replace('"payroll-example"', '"policy-a"').replace(
+            'Auditor = { ste = ["Payroll"] }', 'Auditor = { ste = ["Bank"] }'))
+        second.write_text(POLICY.replace('"payroll-example"', '"policy-b"').replace(
+            'Payroll = { ste = ["Payroll"]', 'Payroll = { ste = ["Storage"]'))
+        staged = short_tmp / "state" / "policy.next.tvbdpol"
+
+        def load(path: Path) -> subprocess.Popen[str]:
+            return subprocess.Popen([*TRUSTVBD, "policy", "load", "-c", str(s.config), str(path)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        pause(acm_pid)
+        try:
+            a = load(first)
+            deadline = time.monotonic() + 30
+            while not staged.exists():  # a's request is in the launcher, waiting on the acm
+                assert time.monotonic() < deadline and a.poll() is None, a.communicate()
+                time.sleep(0.05)
+            b = load(second)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                b.wait(timeout=20)  # refused at once (the old code waited on the acm too)
+        finally:
+            os.kill(acm_pid, signal.SIGCONT)
+        out_a, err_a = a.communicate(timeout=60)
+        out_b, err_b = b.communicate(timeout=60)
+        assert b.returncode == 1, (out_b, err_b)
+        assert err_b.startswith(f"trustvbd policy load: a policy load is already in progress"
+                                f" ({first}, asked "), err_b
+        assert err_b.rstrip().endswith(f"wait for its answer, then load {second} again if it is"
+                                       " still wanted"), err_b
+        assert a.returncode == 0, err_a
+        assert "policy policy-a loaded" in out_a, out_a
+        assert status()["policy"] == str(first)
+        assert qemu_io(uri(s, "aud", "payroll"))[0] != 0  # a's policy, not b's
+        assert qemu_io(uri(s, "vm1", "payroll"))[0] == 0
+        # Once the first is answered, the second may load.
+        again = s.cli("policy", "load", "-c", str(s.config), str(second))
+        assert "policy policy-b loaded" in again.stdout, again.stdout
+        assert qemu_io(uri(s, "vm1", "payroll"))[0] != 0
+        s.stop()
     finally:
         s.kill()

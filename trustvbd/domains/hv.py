@@ -75,6 +75,8 @@ class Launcher:
         # Encryption domain -> its confirmation of the last policy loaded (hv_policy.py).
         self.enforcing: dict[str, asyncio.Task[int | str | None]] = {}
         self.store_following: asyncio.Task[list[m.TornDown] | str] | None = None
+        # The policy load in progress (its file, when asked): one at a time (hv_policy.load).
+        self.policy_loading: tuple[str, float] | None = None
         self.driver_channels: dict[str, ControlChannel] = {}
         # Drivers granted their channel since they started (one each: from_driver), and
         # those told so since, having asked again.

@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import socket
+import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,23 @@ def fsync_dir(path: Path) -> None:
 
 
 async def load(hv: Launcher, path: str) -> m.Message:
+    """One load at a time; a second asked meanwhile is refused. Two at once shared
+    policy.next: the access-control domain could swap in the second's policy for the first's
+    request while `status` named the first's file, the second failing on a vanished file,
+    and their rechecks and guests' sockets interleaved."""
+    if hv.policy_loading is not None:
+        loading, since = hv.policy_loading
+        return m.Failed(m.ErrorCode.BUSY, f"a policy load is already in progress ({loading},"
+                        f" asked {time.monotonic() - since:.0f} s ago); wait for its answer,"
+                        f" then load {path} again if it is still wanted")
+    hv.policy_loading = (path, time.monotonic())
+    try:
+        return await _load(hv, path)
+    finally:
+        hv.policy_loading = None
+
+
+async def _load(hv: Launcher, path: str) -> m.Message:
     """Compile, swap the policy in the access-control domain, then close what it now forbids."""
     nxt, current = hv.compiled_policy(".next"), hv.compiled_policy()
     try:
@@ -84,8 +102,7 @@ async def load(hv: Launcher, path: str) -> m.Message:
     await settle([*enforcing.values(), store], RECHECK_TIMEOUT)
     closed, notes, torn = 0, [], []
     for name, task in enforcing.items():
-        if task.cancelled():  # a later load (at the same time) told it again
-            notes.append(f"encryption domain {name}: a later policy load told it again")
+        if task.cancelled():  # `up` is stopping: no other load runs meanwhile
             continue
         if not task.done():
             notes.append(unconfirmed(hv, name))

@@ -30,6 +30,7 @@ class ErrorCode(enum.Enum):
     FOREIGN_REPLICA = "foreign-replica"  # another disk's replica
     TRUSTED_STATE = "trusted-state"  # the trusted state directory is damaged
     INVALID = "invalid"  # a size, config value or argument is wrong
+    BUSY = "busy"  # another such request is in progress: ask again once it is answered
     INTERNAL = "internal"  # anything else: a bug; the message says what
 
 
