@@ -1,4 +1,4 @@
-"""Commits.durable against the intent log's sync thread (crypt_commit.py): the thread
+"""Commits.durable against the intent log's sync thread (group_commit.py): the thread
 advances `durable` whenever its fdatasync ends, so a sync may end between any two
 statements of the event loop's code that reads it."""
 
@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.crypt.helpers import BS, SIZE, RawMemory, new_state, open_disk, pattern, run
-from trustvbd.blocks.crypt_commit import Commits
 from trustvbd.blocks.crypt_layer import physical_size
+from trustvbd.blocks.group_commit import GroupCommit
 
 
 def test_a_sync_ending_between_durables_checks_does_not_leave_it_waiting(tmp_path: Path) -> None:
@@ -24,17 +24,17 @@ def test_a_sync_ending_between_durables_checks_does_not_leave_it_waiting(tmp_pat
     async def go() -> None:
         kek = new_state(tmp_path)
         disk = await open_disk(tmp_path, RawMemory(physical_size(SIZE)), kek)
-        commits = disk._commits
+        commits, group = disk._commits, disk._commits.group
         await disk.pwrite(3 * BS, pattern(3))  # a write behind: its record not yet synced
         assert not commits.intent.all_durable
 
         def sync_then_check(then: Callable[[OSError | None], None], here: bool = False) -> bool:
             commits.intent.sync()  # the thread's sync ending now
-            return Commits.when_durable(commits, then, here)
+            return GroupCommit.when_durable(group, then, here)
 
-        commits.when_durable = sync_then_check  # type: ignore[method-assign]
+        group.when_durable = sync_then_check  # type: ignore[method-assign]
         await asyncio.wait_for(commits.durable(), 5)
-        del commits.when_durable
+        del group.when_durable
         await disk.flush()
         assert bytes(await disk.pread(3 * BS, BS)) == pattern(3)
         await disk.close()

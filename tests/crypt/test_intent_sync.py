@@ -71,7 +71,7 @@ def test_closing_the_disk_ends_its_intent_log_s_sync_thread(tmp_path: Path) -> N
         before = sync_threads(name)
         await disk.pwrite(7 * BS, pattern(7, 1))
         await disk.settle()  # the write behind leaves: its record synced on the thread
-        await disk.flush()  # (a FLUSH syncs on the loop: crypt_commit.Commits._sync_next)
+        await disk.flush()  # (a FLUSH syncs on the loop: group_commit.GroupCommit._sync_next)
         started = [t for t in sync_threads(name) if t not in before]
         assert len(started) == 1  # one per disk, started by its first sync
         thread = disk._commits.intent._sync_thread

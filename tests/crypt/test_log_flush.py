@@ -395,7 +395,7 @@ def test_a_flush_after_each_write_syncs_the_log_on_the_loop_in_order(tmp_path: P
     """A guest that FLUSHes after each write (fsync per write): the write a FLUSH is expected
     to follow has its record synced, then goes to the replica with FUA, both before the write
     is answered; then the FLUSH's mark is written and synced; both syncs on the event loop's
-    own thread (crypt_commit.py _sync_next: a hand-over to the log's thread and back cost two
+    own thread (group_commit.py _sync_next: a hand-over to the log's thread and back cost two
     wake-ups the FLUSH waited for), and nothing else between."""
 
     async def go() -> None:

@@ -1,11 +1,7 @@
 """The commit protocol of an encrypted disk, and the trusted records it keeps.
 
 Every intent record is durable before the ciphertext it explains leaves this domain
-(`when_durable`, the gate of write_behind.py and crypt_write.send): a group commit,
-one fdatasync on a thread for every record appended meanwhile, started when ciphertext
-waits for it (so a gathered run of writes behind costs one), and the event loop never
-waits for it, but where a FLUSH waits for that sync and nothing else: then the loop
-syncs itself (`_sync_next`).
+(`when_durable`: the intent log's group commit, group_commit.py).
 
 A FLUSH (or FUA write) makes every write completed so far durable. Usually it
 does so with the intent log alone: the records are durable (or become so) while the
@@ -68,6 +64,7 @@ from pathlib import Path
 from trustvbd.blockdev import BlockError, Buffer, StateWriteFailed
 from trustvbd.blocks.block_runs import BlockRuns
 from trustvbd.blocks.disk_state import Anchor, DiskState, Member, replica_id
+from trustvbd.blocks.group_commit import GroupCommit
 from trustvbd.blocks.leaf_pages import LeafPages
 from trustvbd.blocks.ranges import runs
 from trustvbd.blocks.replica import Replica, State
@@ -144,14 +141,11 @@ class Commits:
         # intent_blocks when the log and the replicas were last made durable without a
         # full commit (None: not since the last full commit).
         self._logged: int | None = None
-        # The group commit of the intent log (`durable`): the sync running on a thread,
-        # and what waits for records up to a count (IntentLog.appended) to be durable.
-        self._syncing = False
-        self._waiting: list[tuple[int, Callable[[OSError | None], None]]] = []
-        # A sync that failed, until a FLUSH or commit reported it: no ciphertext leaves
-        # meanwhile. Not retried into a promise: after a failed fdatasync the kernel may
-        # have dropped the pages it could not write, and a later one succeeds regardless.
-        self._sync_failed: OSError | None = None
+        # The intent log's group commit (group_commit.py), and its two entries bound once
+        # here (when_durable: asked as ciphertext leaves, per run of writes).
+        self.group = GroupCommit(self.intent, self._state_failed, self._room_again)
+        self.when_durable = self.group.when_durable
+        self.durable = self.group.durable
 
     @property
     def epoch(self) -> int:
@@ -210,89 +204,6 @@ class Commits:
             self.intent.write_held()
         except OSError as exc:
             raise self._state_failed("append to", self.intent.path, exc) from exc
-
-    # ------------------------------------------------------------ the group commit
-
-    def when_durable(self, then: Callable[[OSError | None], None], here: bool = False) -> bool:
-        """True if every intent record appended so far is durable. Else False, and `then`
-        is called once they are (with None), or with the error if the sync failed. With
-        `here` (ciphertext a FLUSH waits for), a sync started now runs on the event loop,
-        at once (`_sync_next`): `then` may be called before this returns.
-
-        The gate before any ciphertext leaves this domain: a driver may persist what it
-        receives at once (O_DIRECT, a remote server, page-cache writeback), and a power
-        cut of this host must not leave ciphertext that no durable record explains (the
-        block would read as an integrity error, its flushed content lost with it)."""
-        intent = self.intent
-        if self._sync_failed is not None:
-            then(self._sync_failed)
-            return False
-        if intent.durable >= intent.appended:  # (all_durable, spelled out: per departure)
-            return True
-        self._waiting.append((intent.appended, then))
-        if not self._syncing:
-            self._sync_next(here)
-        return False
-
-    async def durable(self, report: bool = False) -> None:
-        """Until every intent record appended so far is durable (`when_durable`). With
-        `report` (a FLUSH or commit), a failed sync is said here, and syncs start anew."""
-        if self._sync_failed is None and self.intent.all_durable:
-            return
-        await self._durable_future(report)
-
-    def _sync_next(self, here: bool = False) -> None:
-        """One fdatasync on the log's thread for every record appended until it starts (a
-        group commit: records appended while it runs wait for the next). Started when
-        something waits for it (a run of writes behind leaving, a large or FUA write, a
-        FLUSH or commit), not per record: a run of writes gathered meanwhile then costs one
-        sync, not one each. The event loop never waits for it, but `here`: ciphertext a
-        FLUSH waits for (write_behind.py), where the loop has nothing else of this disk's
-        to do before the sync ends, and handing it to the thread cost a wake-up there and
-        one back here. Then at once, in the caller's step: for the write a FLUSH is
-        expected to follow, before its reply, so its FUA write is on its way to the driver
-        while the guest is answered and sends the FLUSH, and the FLUSH waits for the
-        driver's sync and the mark's, not for this one too (bench/README.md, session 17)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop (a test's direct call): the next gate starts it
-            return
-        self._syncing = True
-        if here:
-            self._sync_now()
-        else:
-            self.intent.sync_soon(loop, self._synced)
-
-    def _sync_now(self) -> None:
-        """The group commit's sync on the event loop (`_sync_next`)."""
-        try:
-            self.intent.sync()
-        except Exception as exc:
-            self._synced(exc)
-        else:
-            self._synced(None)
-
-    def _synced(self, exc: BaseException | None) -> None:
-        self._syncing = False
-        if exc is not None and not isinstance(exc, OSError):
-            exc = OSError(errno.EIO, repr(exc))
-        if exc is not None:
-            self._sync_failed = exc
-        else:
-            self.state_full = None  # what was held was written and synced: room again
-        durable, waiting = self.intent.durable, self._waiting
-        if exc is not None or not waiting or waiting[-1][0] <= durable:
-            # Everyone waiting is told (the usual case: nothing was appended meanwhile);
-            # the counts only grow along the list, so the last one's says it.
-            self._waiting = []  # (those told below may wait again: a new list)
-            for _, then in waiting:
-                then(exc)  # type: ignore[arg-type]
-            return
-        ready = [then for upto, then in waiting if upto <= durable]
-        self._waiting = [w for w in waiting if w[0] > durable]
-        self._sync_next()
-        for then in ready:
-            then(None)
 
     def set_leaf(self, b: int, leaf: bytes) -> None:
         """Go back to an older leaf of block b (the replicas kept the version from before a
@@ -371,7 +282,7 @@ class Commits:
             try:
                 ahead = send_now(may_log is not None) if send_now is not None else None
                 if may_log is not None and self._logged != self.intent_blocks:
-                    synced = self._durable_future(report=True)
+                    synced = self.group.durable_future(report=True)
                 await self._writers_done(ahead)
                 log_ok = may_log is not None and may_log() and not force
                 if log_ok and self._log_suffices(replica):
@@ -379,7 +290,7 @@ class Commits:
                     marked = True
                     if self._logged != self.intent_blocks:  # else nothing new since
                         if synced is None:  # records from writes that were in flight
-                            synced = self._durable_future(report=True)
+                            synced = self.group.durable_future(report=True)
                         assert may_log is not None
                         marked = await self._sync_log(replica, synced, ahead, may_log)
                     if marked and self._members(replica, []) == self.anchor.members:
@@ -408,28 +319,6 @@ class Commits:
                 and not self.leaves.over_dirty_limit() and not replica.joining()
                 and self._members(replica, []) == self.anchor.members)
 
-    def _durable_future(self, report: bool) -> asyncio.Future[None]:
-        """`durable` as a future the log's sync completes: a FLUSH holds it (`report`) while
-        the writes it sent on with FUA and the replica flush are in flight (usually the sync
-        ended already, started with the records); a plain future, not a task: it only waits."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def then(exc: OSError | None) -> None:
-            if done.done():  # cancelled: whoever waited for it was
-                return
-            if exc is None:
-                done.set_result(None)
-                return
-            if report:
-                self._sync_failed = None  # said by the waiter; syncs start anew
-            failed = self._state_failed("sync", self.intent.path, exc)
-            failed.__cause__ = exc
-            done.set_exception(failed)
-
-        if self.when_durable(then):  # (the log's thread may have ended a sync meanwhile)
-            done.set_result(None)
-        return done
-
     async def _sync_log(self, replica: ReplicaSet, synced: asyncio.Future[None],
                         ahead: Ahead | None, may_log: Callable[[], bool]) -> bool:
         """The intent log fdatasync'ed (`synced`, on a thread) while the replicas flush and
@@ -453,10 +342,7 @@ class Commits:
             self.intent.mark_flushed()
         except OSError as exc:
             raise self._state_failed("append to", self.intent.path, exc) from exc
-        if not self._syncing and self._sync_failed is None:
-            # On the loop, at once: the FLUSH's answer waits for this sync alone (_sync_next).
-            self._syncing = True
-            self._sync_now()
+        self.group.sync_here()  # the FLUSH's answer waits for this sync alone
         await self.durable(report=True)
         return True
 
@@ -635,6 +521,9 @@ class Commits:
         except OSError as exc:  # nothing changed: the old anchor still stands
             raise self._state_failed(f"{why}: cannot write", self._state.anchor_path,
                                      exc) from exc
+
+    def _room_again(self) -> None:
+        self.state_full = None
 
     def _state_failed(self, what: str, path: Path, exc: OSError) -> StateWriteFailed:
         """A trusted state file could not be written: said as that (not as a replica's

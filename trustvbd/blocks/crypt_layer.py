@@ -14,6 +14,7 @@ bytes: docs/format.md. One module per concern:
 - crypt_discard.py: TRIM, WRITE_ZEROES and BLOCK_STATUS (blocks of version 0);
 - crypt_commit.py: the commit protocol (leaf pages, superblock, anchor) and the
   trusted records kept between commits (intent log, version counter);
+- group_commit.py: the intent log's group commit, the gate ciphertext leaves by;
 - this module: the disk's state and how the rest is composed: FLUSH and commit,
   what the replica set asks of the disk, closing.
 """

@@ -2,7 +2,7 @@
 last commit, and page hashes the tree file may not hold yet.
 
 Appended per request, and fdatasync'ed (a group commit on the log's own native thread,
-`sync_soon`: crypt_commit.py)
+`sync_soon`: group_commit.py)
 before the request's ciphertext leaves this process, and before a commit writes leaf
 pages (docs/dev/crypt-design.md, "Power loss"). Byte layout: docs/format.md. Every write and sync goes through a FileOps
 (trustvbd/fileops.py), so tests can cut the power: a FileOps' own fdatasync is called by
@@ -75,7 +75,7 @@ class IntentLog:
     A leaf record may be held back (`append(..., held=True)`) until the next `sync`,
     `write_held` or any other write of the log: a write answered before its replicas
     (write_behind.py) then costs no system call of its own; the group commit's sync
-    (crypt_commit.py) writes every record held meanwhile in one pwrite.
+    (group_commit.py) writes every record held meanwhile in one pwrite.
 
     What was written since the last sync that succeeded is kept in memory too: after a
     failed fdatasync the kernel may have dropped those pages (marked clean, never written)
@@ -103,7 +103,7 @@ class IntentLog:
         self._sync_failed = False
         self._resets = 0  # a sync's window is that of the log it began on
         # Records appended since open (never reset), and how many of them a completed
-        # sync made durable: ciphertext leaves only once its records are (crypt_commit.py).
+        # sync made durable: ciphertext leaves only once its records are (group_commit.py).
         self.appended = 0
         self.durable = 0
         # The log's own native sync thread (sync_soon), started by the first; the sync
