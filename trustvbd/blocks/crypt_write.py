@@ -87,9 +87,7 @@ async def pwrite(disk: CryptDisk, offset: int, data: Buffer, fua: bool = False) 
                     ct, new = disk._cipher.seal(b0, version, plain)
                 else:
                     ct, new = await disk._aead.seal(disk._cipher, b0, version, plain)
-                old = _note_write(disk, b0, new)
-                if n == 1 and b0 in disk._recent_wanted:
-                    _remember(disk, b0, new, data)
+                old = _note_write(disk, b0, new, data)
                 if not fua and disk._behind.takes(n):
                     # No await between recording the write and handing it over. While a
                     # FLUSH waits for the writers, joining a run would only delay it.
@@ -204,9 +202,7 @@ def _rewrite_held(disk: CryptDisk, b0: int, b1: int, offset: int, data: Buffer) 
     # The caller is a writer already (its count ends with the run).
     commits = disk._commits
     ct, new = disk._cipher.seal(b0, commits.take_versions(n), plain)
-    _note_write(disk, b0, new)
-    if n == 1 and b0 in disk._recent_wanted:
-        _remember(disk, b0, new, data)
+    _note_write(disk, b0, new, data)
     behind.rewrite(run, ct)
     return True
 
@@ -287,11 +283,15 @@ def note_settled(disk: CryptDisk, b0: int, old: Buffer, new: Buffer) -> None:
             disk._unsure.pop(b, None)
 
 
-def _note_write(disk: CryptDisk, b0: int, new: bytes) -> bytes:
-    """Record a write's new leaves (its intent record held back until _send); return
-    the old ones. Not settled (_note_settled): the replicas have not taken it yet."""
-    old = disk._leaves.get(b0, b0 + len(new) // LEAF_SIZE)
+def _note_write(disk: CryptDisk, b0: int, new: bytes, plain: Buffer) -> bytes:
+    """Record a write's new leaves (its intent record held back until _send), and keep a
+    one-block write's plaintext if its block is wanted (_want_recent); return the old
+    leaves. Not settled (_note_settled): the replicas have not taken it yet."""
+    n = len(new) // LEAF_SIZE
+    old = disk._leaves.get(b0, b0 + n)
     disk._commits.note_leaves(b0, old, new, held=True)
+    if n == 1 and b0 in disk._recent_wanted:
+        _remember(disk, b0, new, plain)
     return old
 
 
