@@ -30,6 +30,13 @@ same kernel pages (pages only ever holding what both receivers get: no vmsplice 
 domain would seal it) and sendfile(2)s the slot into each socket: the sockets take
 references to the ring's pages, which are used again and again (no fresh kernel page per
 payload at all; a slot is rewritten 16 MiB later, after both receivers read it).
+`shared ring` is a driver protocol that does not exist yet: the payload copied once into
+a slot of a memfd each receiver has mapped read-only, and only a 16-byte descriptor
+(offset, length) sent to each; the receiver pwrites straight from its mapping and answers
+one byte, and a slot is rewritten only once both answered its last payload (no payload
+byte crosses a socket). `ring each` is the same with one ring per receiver, the payload
+copied into each (what a ring that no other driver can see costs).
+Besides the sender, the receivers' CPU (with --feed, the feeder's too) is printed.
 Every round is printed, not only the median: on this VM a round is now and then several
 times slower, all of the extra in the copy into the socket's fresh pages (bench/README).
 
@@ -70,12 +77,14 @@ _libc.tee.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint
 _libc.tee.restype = ctypes.c_ssize_t
 
 
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
+def _cpu(who: int = resource.RUSAGE_SELF) -> float:
+    r = resource.getrusage(who)
     return r.ru_utime + r.ru_stime
 
 
-RING = 64  # payload slots of the `sendfile ring` way's memfd
+RING = 64  # payload slots of the `sendfile ring` and `shared ring` ways' memfd
+DESCRIPTOR = 16  # `shared ring`, `ring each`: a slot's offset and length, 8 bytes each
+RINGS = ("shared ring", "ring each")  # the ways whose receivers read the sender's memfd
 
 
 def _receive(sock: socket.socket, path: str, wrap: int = 256 << 20) -> None:
@@ -85,6 +94,26 @@ def _receive(sock: socket.socket, path: str, wrap: int = 256 << 20) -> None:
     while n := sock.recv_into(view):
         os.pwrite(fd, view[:n], offset % wrap)
         offset += n
+    os.close(fd)
+
+
+def _receive_shared(sock: socket.socket, ring: int, path: str, wrap: int) -> None:
+    """A driver of the `shared ring` way: each message names a slot (offset, length) of
+    the sender's memfd, mapped here read-only, which it pwrites from; then an ack."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    slots = mmap.mmap(ring, RING * CHUNK, prot=mmap.PROT_READ)
+    view = memoryview(slots)
+    offset = 0
+    while True:
+        head = sock.recv(DESCRIPTOR, socket.MSG_WAITALL)
+        if len(head) < DESCRIPTOR:
+            break
+        at, length = int.from_bytes(head[:8], "little"), int.from_bytes(head[8:], "little")
+        os.pwrite(fd, view[at:at + length], offset % wrap)
+        offset += length
+        sock.sendall(b"a")
+    view.release()
+    slots.close()
     os.close(fd)
 
 
@@ -160,17 +189,29 @@ def _child(other: socket.socket, work: Callable[[], None]) -> int:
     return pid
 
 
+FANOUT_CHILDREN: list[float] = []  # each fanout_once's receivers' (and feeder's) CPU per GiB
+
+
 def fanout_once(way: str, total: int, tmp: str, feed: bool = False) -> float:
     """Sender CPU seconds per GiB of guest data sent to two receivers: `two sends`,
-    `pipe tee` (one copy into a pipe, tee to a second, splice each into its socket) or
-    `sendfile ring` (one copy into a memfd ring slot, sendfile from it to each socket)."""
+    `pipe tee` (one copy into a pipe, tee to a second, splice each into its socket),
+    `sendfile ring` (one copy into a memfd ring slot, sendfile from it to each socket),
+    `shared ring` or `ring each` (the receivers pwrite from their mapping of the ring: a
+    descriptor sent, an ack received). The receivers' CPU goes to FANOUT_CHILDREN."""
     os.sched_setaffinity(0, {0})
     socks, pids = [], []
     wrap = total if feed else 256 << 20
+    rings = [os.memfd_create("ciphertext") for _ in range(2 if way == "ring each" else 1)]
+    for fd in rings:
+        os.ftruncate(fd, RING * CHUNK)
+    ring = rings[0]
+    children = _cpu(resource.RUSAGE_CHILDREN)
     for i in range(2):
         a, b = _pair()
         target = os.path.join(tmp, f"replica{i}.img")
-        pids.append(_child(a, functools.partial(_receive, b, target, wrap)))
+        receive = (functools.partial(_receive_shared, b, rings[i % len(rings)], target, wrap)
+                   if way in RINGS else functools.partial(_receive, b, target, wrap))
+        pids.append(_child(a, receive))
         b.close()
         socks.append(a)
     source = None
@@ -183,9 +224,9 @@ def fanout_once(way: str, total: int, tmp: str, feed: bool = False) -> float:
     pipes = [os.pipe(), os.pipe()]
     for _, w in pipes:
         fcntl.fcntl(w, F_SETPIPE_SZ, CHUNK)
-    ring = os.memfd_create("ciphertext")
-    os.ftruncate(ring, RING * CHUNK)
-    slots = mmap.mmap(ring, RING * CHUNK)
+    maps = [mmap.mmap(fd, RING * CHUNK) for fd in rings]
+    slots = maps[0]
+    unacked = 0  # `shared ring`: payloads sent whose acks (one per receiver) are not read
     start = _cpu()
     for i in range(total // CHUNK):
         if source is not None:
@@ -195,6 +236,20 @@ def fanout_once(way: str, total: int, tmp: str, feed: bool = False) -> float:
                 if not n:
                     raise OSError("the feeder stopped early")
                 got += n
+        if way in RINGS:
+            if unacked == RING:  # the slot about to be rewritten: both receivers done with it
+                for sock in socks:
+                    if sock.recv(1, socket.MSG_WAITALL) != b"a":
+                        raise OSError("a receiver stopped early")
+                unacked -= 1
+            at = (i % RING) * CHUNK
+            for slots in maps:
+                slots[at:at + CHUNK] = payload
+            head = at.to_bytes(8, "little") + CHUNK.to_bytes(8, "little")
+            for sock in socks:
+                sock.sendall(head)
+            unacked += 1
+            continue
         if way == "sendfile ring":
             at = (i % RING) * CHUNK
             slots[at:at + CHUNK] = payload
@@ -215,11 +270,16 @@ def fanout_once(way: str, total: int, tmp: str, feed: bool = False) -> float:
             left = CHUNK
             while left:
                 left -= os.splice(r, sock.fileno(), left)
+    if way in RINGS:  # the last acks: the sender's part of their wake-ups
+        for sock in socks:
+            if len(sock.recv(unacked, socket.MSG_WAITALL)) != unacked:
+                raise OSError("a receiver stopped early")
     used = _cpu() - start
     for sock in socks:
         sock.shutdown(socket.SHUT_WR)
     for pid in pids:
         os.waitpid(pid, 0)
+    FANOUT_CHILDREN.append((_cpu(resource.RUSAGE_CHILDREN) - children) / (total / (1 << 30)))
     for sock in socks:
         sock.close()
     for fds in pipes:
@@ -227,8 +287,9 @@ def fanout_once(way: str, total: int, tmp: str, feed: bool = False) -> float:
             os.close(fd)
     if source is not None:
         source.close()
-    slots.close()
-    os.close(ring)
+    for slots, fd in zip(maps, rings, strict=True):
+        slots.close()
+        os.close(fd)
     os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     return used / (total / (1 << 30))
 
@@ -286,7 +347,8 @@ def main() -> int:
     parser.add_argument("--gib", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fanout", action="store_true",
-                        help="two receivers: two sends against pipe + tee and a sendfile ring")
+                        help="two receivers: two sends against pipe + tee, a sendfile ring and "
+                             "rings the receivers map")
     parser.add_argument("--feed", action="store_true",
                         help="with --fanout: a feeder sends the sender each payload first, and "
                              "the receivers' files grow (up's page flow)")
@@ -297,21 +359,27 @@ def main() -> int:
         ways: dict[str, Callable[[], float]]
         if args.fanout:
             ways = {name: functools.partial(fanout_once, name, total, tmp, args.feed)
-                    for name in ("two sends", "pipe tee", "sendfile ring")}
+                    for name in ("two sends", "pipe tee", "sendfile ring", "shared ring",
+                                 "ring each")}
         else:
             ways = {"send copy": lambda: send_once("copy", total, path),
                     "send vmsplice": lambda: send_once("vmsplice", total, path),
                     "pwrite aligned": lambda: pwrite_once(0, total, path),
                     "pwrite +8 KiB": lambda: pwrite_once(8192, total, path)}
         runs: dict[str, list[float]] = {name: [] for name in ways}
+        others: dict[str, list[float]] = {name: [] for name in ways}
         for way in ways.values():
             way()  # unmeasured
         for _ in range(args.rounds):
             for name, way in ways.items():  # interleaved
+                FANOUT_CHILDREN.clear()
                 runs[name].append(way())
+                others[name].extend(FANOUT_CHILDREN)
         for name, cpus in runs.items():
             print(f"{name:15} {statistics.median(cpus):.3f} s CPU per GiB "
-                  f"(runs: {', '.join(f'{c:.3f}' for c in cpus)})")
+                  f"(runs: {', '.join(f'{c:.3f}' for c in cpus)})"
+                  + (f"; receivers{' + feeder' if args.feed else ''} "
+                     f"{statistics.median(others[name]):.3f}" if others[name] else ""))
     if args.fanout:
         print(f"load average: {os.getloadavg()[0]:.2f}")
         return 0

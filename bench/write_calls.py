@@ -1,7 +1,7 @@
 """Python calls and CPU per small guest WRITE on the encryption domain's loop thread.
 
     cd /tmp && PYTHONPATH=TREE TREE/.venv/bin/python TREE/bench/write_calls.py [--qd 16]
-        [--writes 8000] [--replicas 2] [--reps 3] [--budget] [--flush] [--mib 64]
+        [--writes 8000] [--replicas 2] [--reps 3] [--budget] [--flush] [--mib 64] [--kib 4]
 
 The disk over in-memory NBD drivers in threads (as tests/crypt/test_native_reads.py opens
 it), served by our NbdServer on a Unix socket on uvloop (as the domain runs it); a libnbd
@@ -11,7 +11,8 @@ fuse2fs writes a file's data, one 4 KiB request at a time), or with --flush one 
 each followed by a FLUSH (fsync per write; counts are then per write + FLUSH pair, and the
 loop thread's CPU holds the syncs made on it). --budget serves the guest as
 the encryption domain does, with a memory budget ([limits] memory, 256 MiB) and an idle
-timeout; without it, neither.
+timeout; without it, neither. --kib 256 writes 256 KiB instead (nbdcopy's requests, which
+are not answered behind but wait for their replicas: the fan-out's Python per write).
 Counted on the event loop's thread only (the drivers and the guest are elsewhere): Python
 calls (`sys.setprofile` "call" events) and C calls per write, and that thread's CPU
 (time.thread_time) per write, profiled and unprofiled, and its sleeps per write (voluntary
@@ -56,22 +57,23 @@ import random, sys
 sys.path.append("/usr/lib/python3/dist-packages")
 import nbd
 uri, qd, count, blocks, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+unit = int(sys.argv[7])
 seq, flush = sys.argv[6] == "seq", sys.argv[6] == "flush"
 rnd = random.Random(seed)
 h = nbd.NBD()
 h.connect_uri(uri)
-raw = rnd.randbytes(4096)
+raw = rnd.randbytes(unit)
 buf = nbd.Buffer.from_bytearray(bytearray(raw))
 sys.stdout.write("ready\n"); sys.stdout.flush()
 sys.stdin.readline()
 sent = 0
 while flush and sent < count:
-    h.pwrite(raw, rnd.randrange(blocks) * 4096)
+    h.pwrite(raw, rnd.randrange(blocks) * unit)
     h.flush()
     sent += 1
 while sent < count or h.aio_in_flight() > 0:
     while sent < count and h.aio_in_flight() < qd:
-        h.aio_pwrite(buf, (sent % blocks if seq else rnd.randrange(blocks)) * 4096)
+        h.aio_pwrite(buf, (sent % blocks if seq else rnd.randrange(blocks)) * unit)
         sent += 1
     h.poll(-1)
 h.flush()
@@ -111,7 +113,8 @@ def sleeps() -> int:
 
 
 async def measure(tmp: Path, disk: CryptDisk, qd: int, writes: int, profile: bool,
-                  seed: int, mode: str, budget: bool) -> tuple[float, float, float, float]:
+                  seed: int, mode: str, budget: bool, unit: int = 4096
+                  ) -> tuple[float, float, float, float]:
     sock = tmp / f"g{seed}.sock"
     server = NbdServer(StaticExports([Export("", disk)]), identity="bench-guest",
                        budget=MemoryBudget(Limits().memory) if budget else None,
@@ -120,10 +123,10 @@ async def measure(tmp: Path, disk: CryptDisk, qd: int, writes: int, profile: boo
     listening.bind(str(sock))
     listening.listen(4)
     serving = asyncio.ensure_future(server.serve_socket(listening))
-    blocks = disk.size // 4096
+    blocks = disk.size // unit
     guest = await asyncio.create_subprocess_exec(
         "/usr/bin/python3", "-c", GUEST, f"nbd+unix:///?socket={sock}", str(qd), str(writes),
-        str(blocks), str(seed), mode, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        str(blocks), str(seed), mode, str(unit), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert guest.stdin is not None and guest.stdout is not None
     await guest.stdout.readline()  # connected
     counts = {"call": 0, "c_call": 0}
@@ -167,9 +170,9 @@ async def main(args: argparse.Namespace) -> None:
                 what = "write + FLUSH pair" if args.flush else "write"
                 for rep in range(args.reps):
                     calls, ccalls, _, _ = await measure(tmp, disk, args.qd, args.writes, True, 2 * rep,
-                                                     mode, args.budget)
+                                                        mode, args.budget, args.kib * 1024)
                     _, _, cpu, slept = await measure(tmp, disk, args.qd, args.writes, False, 2 * rep + 1,
-                                              mode, args.budget)
+                                                     mode, args.budget, args.kib * 1024)
                     print(f"{mode} qd {1 if args.flush else args.qd} replicas "
                           f"{args.replicas}: {calls:.1f} Python calls, "
                           f"{ccalls:.1f} C calls per {what}; loop thread CPU {cpu:.1f} us per "
@@ -193,6 +196,9 @@ if __name__ == "__main__":
                         help="sequential 4 KiB writes (as a file copy through FUSE), not random")
     parser.add_argument("--flush", action="store_true",
                         help="one write at a time, each followed by a FLUSH (fsync per write)")
+    parser.add_argument("--kib", type=int, default=4,
+                        help="KiB per write (256: nbdcopy's sequential writes, which wait for "
+                        "their replicas)")
     parser.add_argument("--budget", action="store_true",
                         help="a memory budget and an idle timeout, as the encryption domain has")
     import uvloop  # the encryption domain's loop (domains/common.py)
