@@ -193,3 +193,46 @@ def test_the_store_reaches_the_acm_domain_only_by_a_brokered_channel(short_tmp: 
     late = [(d["a"], d["b"], d["allowed"]) for d in decisions
             if d["a"] in ("vm1", "rogue") and d["b"].startswith("crypt-")]
     assert late[-2:] == [("vm1", "crypt-Payroll", True), ("rogue", "crypt-Rogue", False)]
+
+
+def test_a_stopped_store_does_not_hold_up_a_replica_channel(short_tmp: Path) -> None:
+    """The launcher answered an encryption domain's channel request only once the store had
+    taken the driver end's new state: a stopped store (SIGSTOP; a stalled loop alike) held
+    the channel, and with it the guest's I/O after a driver restart, until the store's
+    request timed out 10 s later. Now the state goes to the store in the background."""
+    import nbd
+
+    from tests.support import pause
+
+    (short_tmp / "backing").mkdir()
+    system = up_with_policy(short_tmp, POLICY, CONFIG)
+    try:
+        homes = {xs(system, "xenstore-read", f"/local/domain/{d}/name").strip(): d
+                 for d in xs(system, "xenstore-list", "/local/domain").split()}
+        channel = xs(system, "xenstore-read",
+                     f"/local/domain/{homes['crypt-Payroll']}/device/vbd/0/backend").strip()
+        status = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
+        (driver_pid,) = [d["pid"] for d in status["domains"] if d["name"] == "drv-a"]
+        spid, _ = store_pid(system)
+        handle = nbd.NBD()
+        handle.connect_uri(system.uri("vm1", "payroll"))
+        try:
+            handle.pwrite(b"a" * 4096, 0)
+            handle.flush()
+            pause(spid)
+            try:
+                start = time.monotonic()
+                kill_driver(driver_pid)
+                handle.pwrite(b"b" * 4096, 0)  # a new channel to the restarted driver
+                handle.flush()
+                took = time.monotonic() - start
+            finally:
+                os.kill(spid, signal.SIGCONT)
+            assert took < 8, f"{took:.1f} s: the channel waited for the stopped store"
+            assert handle.pread(4096, 0) == b"b" * 4096
+        finally:
+            handle.shutdown()
+        # The driver end's states reached the resumed store in order: Connected (4) last.
+        wait_for_value(system, f"{channel}/state", "4", timeout=30)
+    finally:
+        system.stop()

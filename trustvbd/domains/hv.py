@@ -132,9 +132,11 @@ class Launcher:
                 sock, export, tls_name = await self.open_channel(msg.disk, msg.replica,
                                                                  domain.wtype)
             except (PermissionError, ConnectionError):
-                await self.store.set_driver_state(msg.replica, State.CLOSED, msg.disk)
+                self.driver_state(msg.replica, State.CLOSED, msg.disk)
                 raise
-            await self.store.set_driver_state(msg.replica, State.CONNECTED, msg.disk)
+            # Not waited for: a stopped store held the channel (the guests' I/O on a
+            # reconnect) until its request timed out, 10 s later.
+            self.driver_state(msg.replica, State.CONNECTED, msg.disk)
             return m.ChannelGranted(export, tls_name), [sock.detach()]
         if isinstance(msg, m.AcmChannelQuery):
             sock = await self.broker.acm_channel(self.broker.crypt)
@@ -384,11 +386,18 @@ class Launcher:
         # for it before it says it is ready).
         self.driver_granted.discard(domain.name)
         self.driver_told.discard(domain.name)
-        self.supervisor.spawn_task(self.store.set_driver_state(domain.name, State.CLOSED))
+        self.driver_state(domain.name, State.CLOSED)
 
     def driver_started(self, domain: Domain) -> None:
         if domain.restarts:
-            self.supervisor.spawn_task(self.store.set_driver_state(domain.name, State.INIT_WAIT))
+            # Not over a channel connected to it already: it serves before it says it is
+            # ready, which a stopped store delays (its join_store waits 10 s).
+            self.driver_state(domain.name, State.INIT_WAIT, unless=State.CONNECTED)
+
+    def driver_state(self, driver: str, state: State, disk: str | None = None,
+                     unless: State | None = None) -> None:
+        """A driver's XenBus state to the store, in the background (StoreLink.set_driver_state)."""
+        self.supervisor.spawn_task(self.store.set_driver_state(driver, state, disk, unless))
 
     async def guest_may_see(self, guest: str, disk: str) -> bool:
         """Check (b) for the start-up listing (the encryption domain enforces it per connection)."""

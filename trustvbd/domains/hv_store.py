@@ -101,6 +101,7 @@ class StoreLink:
         self.launches = 0
         self.tree_owner: int | None = None  # the store's uid, when it runs under its own
         self.driver_states: dict[str, State] = {}  # backend dir -> what the launcher wrote
+        self._state_writes = asyncio.Lock()  # set_driver_state's writes, one at a time
         self.recheck_due = False  # a policy was loaded; the store has not rechecked its pairings
 
     def domid(self, kind: str, name: str) -> int:
@@ -263,17 +264,31 @@ class StoreLink:
                 f" {be} (see the audit log)") from None
         self.attachments.append(att)
 
-    async def set_driver_state(self, driver: str, state: State, disk: str | None = None) -> None:
-        """The driver side of the encryption domain's channels (this launcher opens them)."""
+    async def set_driver_state(self, driver: str, state: State, disk: str | None = None,
+                               unless: State | None = None) -> None:
+        """The driver side of the encryption domain's channels (this launcher opens them),
+        but where the state kept is `unless`.
+
+        Callers do not wait for it (a stopped store answers in 10 s, when its request
+        times out): the states are kept at once, and written one at a time, each
+        directory's newest, so one set later never lands before one set earlier."""
         if self.client is None:
             return
-        for att in self._of("replica"):
-            if att.backend == driver and (disk is None or att.disk == disk):
-                self.driver_states[att.backend_dir] = state
+        dirs = [att.backend_dir for att in self._of("replica")
+                if att.backend == driver and (disk is None or att.disk == disk)
+                and (unless is None or self.driver_states.get(att.backend_dir) is not unless)]
+        for directory in dirs:
+            self.driver_states[directory] = state
+        async with self._state_writes:
+            for directory in dirs:
+                newest = self.driver_states[directory]
                 try:
-                    await self.client.write(f"{att.backend_dir}/state", str(int(state)))
+                    if self.client is None:
+                        return
+                    await self.client.write(f"{directory}/state", str(int(newest)))
                 except (XsError, ConnectionError, TimeoutError) as exc:
-                    log.warning("store: cannot set %s state: %s", att.backend_dir, exc)
+                    log.warning("store: cannot set %s state to %d (%s): %s", directory,
+                                int(newest), newest.name, exc)
 
     def crypt_spec(self, crypt: str) -> dict[str, Any]:
         """What one encryption domain needs to walk its states: directories by guest/disk."""
