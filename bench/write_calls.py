@@ -1,7 +1,7 @@
-"""Python calls and CPU per small guest WRITE on the encryption domain's loop thread.
+"""Python calls and CPU per small guest WRITE (or READ) on the encryption domain's loop thread.
 
     cd /tmp && PYTHONPATH=TREE TREE/.venv/bin/python TREE/bench/write_calls.py [--qd 16]
-        [--writes 8000] [--replicas 2] [--reps 3] [--budget] [--flush] [--mib 64] [--kib 4]
+        [--writes 8000] [--replicas 2] [--reps 3] [--budget] [--flush | --read] [--mib 64] [--kib 4]
 
 The disk over in-memory NBD drivers in threads (as tests/crypt/test_native_reads.py opens
 it), served by our NbdServer on a Unix socket on uvloop (as the domain runs it); a libnbd
@@ -9,7 +9,8 @@ guest in a subprocess writes 4 KiB blocks at random offsets with `--qd` requests
 (no FUA, no FLUSH until the end), or with --seq one after another from block 0 (as
 fuse2fs writes a file's data, one 4 KiB request at a time), or with --flush one at a time
 each followed by a FLUSH (fsync per write; counts are then per write + FLUSH pair, and the
-loop thread's CPU holds the syncs made on it). --budget serves the guest as
+loop thread's CPU holds the syncs made on it), or with --read READs at random offsets of a
+disk all written before (the native read plane's path). --budget serves the guest as
 the encryption domain does, with a memory budget ([limits] memory, 256 MiB) and an idle
 timeout; without it, neither. --kib 256 writes 256 KiB instead (nbdcopy's requests, which
 are not answered behind but wait for their replicas: the fan-out's Python per write).
@@ -58,7 +59,7 @@ sys.path.append("/usr/lib/python3/dist-packages")
 import nbd
 uri, qd, count, blocks, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 unit = int(sys.argv[7])
-seq, flush = sys.argv[6] == "seq", sys.argv[6] == "flush"
+seq, flush, read = sys.argv[6] == "seq", sys.argv[6] == "flush", sys.argv[6] == "read"
 rnd = random.Random(seed)
 h = nbd.NBD()
 h.connect_uri(uri)
@@ -73,7 +74,10 @@ while flush and sent < count:
     sent += 1
 while sent < count or h.aio_in_flight() > 0:
     while sent < count and h.aio_in_flight() < qd:
-        h.aio_pwrite(buf, (sent % blocks if seq else rnd.randrange(blocks)) * unit)
+        if read:
+            h.aio_pread(buf, rnd.randrange(blocks) * unit)
+        else:
+            h.aio_pwrite(buf, (sent % blocks if seq else rnd.randrange(blocks)) * unit)
         sent += 1
     h.poll(-1)
 h.flush()
@@ -166,8 +170,13 @@ async def main(args: argparse.Namespace) -> None:
         size = args.mib << 20
         with drivers(tmp, args.replicas, size) as uris:
             async with opened(tmp, uris, size) as disk:
-                mode = "flush" if args.flush else "seq" if args.seq else "random"
-                what = "write + FLUSH pair" if args.flush else "write"
+                mode = ("flush" if args.flush else "seq" if args.seq else "read" if args.read
+                        else "random")
+                what = "write + FLUSH pair" if args.flush else "read" if args.read else "write"
+                if args.read:  # all of it written: each READ goes to a replica
+                    for at in range(0, size, 1 << 20):
+                        await disk.pwrite(at, b"\x5a" * (1 << 20))
+                    await disk.flush()
                 for rep in range(args.reps):
                     calls, ccalls, _, _ = await measure(tmp, disk, args.qd, args.writes, True, 2 * rep,
                                                         mode, args.budget, args.kib * 1024)
@@ -177,6 +186,8 @@ async def main(args: argparse.Namespace) -> None:
                           f"{args.replicas}: {calls:.1f} Python calls, "
                           f"{ccalls:.1f} C calls per {what}; loop thread CPU {cpu:.1f} us per "
                           f"{what}, {slept:.2f} sleeps per {what} (unprofiled)", flush=True)
+                if args.read:
+                    print(f"reads started natively: {disk._plane.started}")
                 started = getattr(getattr(disk, "_wplane", None), "started", None)
                 if started is not None:
                     print(f"writes taken natively: {started}")
@@ -196,6 +207,8 @@ if __name__ == "__main__":
                         help="sequential 4 KiB writes (as a file copy through FUSE), not random")
     parser.add_argument("--flush", action="store_true",
                         help="one write at a time, each followed by a FLUSH (fsync per write)")
+    parser.add_argument("--read", action="store_true",
+                        help="reads at random offsets of a disk all written, not writes")
     parser.add_argument("--kib", type=int, default=4,
                         help="KiB per write (256: nbdcopy's sequential writes, which wait for "
                         "their replicas)")

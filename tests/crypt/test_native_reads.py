@@ -30,8 +30,9 @@ from trustvbd.blocks.layer import Layer
 from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.replica import State
 from trustvbd.blocks.space import SpaceWatch
-from trustvbd.nbd import connection_limits
+from trustvbd.nbd import client_transmission, connection_limits
 from trustvbd.nbd.client import NbdClient
+from trustvbd.nbd.connection import Connection
 from trustvbd.nbd.exports import Export, StaticExports
 from trustvbd.nbd.server import NbdServer
 
@@ -73,7 +74,7 @@ def drivers(tmp: Path, n: int) -> Iterator[tuple[list[Driver], list[str]]]:
 @contextlib.asynccontextmanager
 async def opened(tmp: Path, uris: list[str], lag: float = 5.0,
                  events: list[dict[str, Any]] | None = None,
-                 timeout: float = 30.0) -> AsyncIterator[CryptDisk]:
+                 timeout: float = 30.0, max_in_flight: int = 128) -> AsyncIterator[CryptDisk]:
     """The disk over the drivers, as the encryption domain links them (a single replica's
     link reconnects; a mirror's does not)."""
     kek = new_state(tmp / "state")
@@ -81,7 +82,8 @@ async def opened(tmp: Path, uris: list[str], lag: float = 5.0,
     links: list[tuple[str, Backend]] = []
     for i, uri in enumerate(uris):
         async def connect(uri: str = uri) -> Backend:
-            return await NbdClient.open_uri(uri, request_timeout=timeout)
+            return await NbdClient.open_uri(uri, request_timeout=timeout,
+                                            max_in_flight=max_in_flight)
         link = ReplicaLink(await connect(), f"r{i}", connect, retry_window=window)
         links.append((f"r{i}", SpaceWatch(link, "vm1", f"r{i}")))
     disk = await CryptDisk.open_mirrored(
@@ -449,4 +451,71 @@ def test_reads_after_one_the_plane_declines_still_go_natively(short_tmp: Path) -
                                                    guest.client.pwrite(6 * BS, pattern(6, 1)),
                                                    guest.client.pread(6 * BS, BS))
                 assert bytes(after) == pattern(6, 1)
+        run(go())
+
+
+def test_a_replicas_batch_of_native_replies_calls_no_python(short_tmp: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many READs at once over 2 replicas: a replica connection's batch that did nothing but
+    answer native reads is finished by its engine (NbdClientEngine.ready: slots back, no
+    resolve), and the guest connection's replies settle once per loop turn
+    (_native_settled), not once per replica batch (_native_replied). Every reply is right."""
+    batches: list[Any] = []
+    resolve = client_transmission.resolve
+
+    def counted(client: NbdClient, batch: Any) -> None:
+        batches.append((client, batch))
+        resolve(client, batch)
+
+    monkeypatch.setattr(client_transmission, "resolve", counted)
+    monkeypatch.setattr(NbdClient, "_resolve", counted)
+    calls = {"replied": 0, "settled": 0}
+    for name in ("replied", "settled"):
+        method = getattr(Connection, f"_native_{name}")
+
+        def wrapper(conn: Connection, method: Any = method, name: str = name) -> None:
+            calls[name] += 1
+            method(conn)
+
+        monkeypatch.setattr(Connection, f"_native_{name}", wrapper)
+    with drivers(short_tmp, 2) as (_, uris):
+        async def go() -> None:
+            async with opened(short_tmp, uris) as disk, served(short_tmp, disk) as guest:
+                await write_blocks(disk, range(64))
+                await guest.read(0, BS)  # the route and the leaf pages are ready
+                batches.clear()
+                calls.update(replied=0, settled=0)
+                before = disk._plane.started
+                for _ in range(4):
+                    got = await asyncio.gather(*(guest.client.pread(b * BS, BS) for b in range(64)))
+                    assert [bytes(g) for g in got] == [pattern(b) for b in range(64)]
+                assert disk._plane.started == before + 4 * 64
+                links = [(c, batch) for c, batch in batches if c is not guest.client]
+                only_reads = [batch for _, batch in links
+                              if not batch[0] and batch[4] is None and batch[3] is not None
+                              and not batch[3][2]]
+                assert only_reads == []
+                assert calls["replied"] == 0
+                assert 0 < calls["settled"] < 4 * 64
+        run(go())
+
+
+def test_reads_past_a_replicas_request_slots_wait_for_those_native_replies_free(
+        short_tmp: Path) -> None:
+    """Replica connections with 2 request slots each and 32 READs at once: the plane takes
+    what the slots allow, the rest wait for a slot (the general way); the native replies
+    hand theirs on to them (the engine leaves that to resolve: none is free), and every
+    read is answered right."""
+    with drivers(short_tmp, 2) as (_, uris):
+        async def go() -> None:
+            async with opened(short_tmp, uris, max_in_flight=2) as disk, \
+                    served(short_tmp, disk) as guest:
+                await write_blocks(disk, range(32))
+                await guest.read(0, BS)
+                before = disk._plane.started
+                for _ in range(3):
+                    got = await asyncio.wait_for(asyncio.gather(
+                        *(guest.client.pread(b * BS, BS) for b in range(32))), 20)
+                    assert [bytes(g) for g in got] == [pattern(b) for b in range(32)]
+                assert disk._plane.started > before
         run(go())

@@ -308,7 +308,6 @@ class NbdClient:
     _release_slot = client_transmission.release_slot
     _native_sent = client_transmission.native_sent
     _native_done = client_transmission.native_done
-    _readable = client_transmission.readable
     _resolve = client_transmission.resolve
     _eof = client_transmission.eof_received
     _lost = client_transmission.lost

@@ -202,7 +202,7 @@ def _attach(client: NbdClient, result: Handshake) -> None:
         sock, client._sock = client._sock, None
         client._engine = NbdClientEngine(sock, result.structured)  # detaches it
         client._fd = client._engine.fileno()
-        client._loop.add_reader(client._fd, client._readable)
+        client._loop.add_reader(client._fd, client._engine.ready, client)  # (_resolve)
     else:  # TLS: the transport's bytes are fed to the engine (Wire)
         client._engine = NbdClientEngine(None, result.structured)
 

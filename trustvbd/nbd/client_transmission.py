@@ -432,11 +432,6 @@ def break_connection(client: NbdClient, err: int, reason: str) -> None:
     drop_connection(client, abort=True)
 
 
-def readable(client: NbdClient) -> None:
-    assert client._engine is not None
-    resolve(client, client._engine.readable())
-
-
 def _writes_abandoned(client: NbdClient, failure: BlockError) -> None:
     """The connection broke: each submit_writes batch not fully answered ends, its writes
     that had no reply failed with `failure` (their slots given back)."""
@@ -471,7 +466,9 @@ def resolve(client: NbdClient, batch: Batch) -> None:
     """Complete the futures of the requests the engine saw answered (the batches of
     submit_writes it counted itself, once each, their slots given back together), and hand
     on what its native reads left (_native_done); then act on a broken connection or the
-    server's end of it."""
+    server's end of it. The engine's reader callback (NbdClientEngine.ready, on a plain
+    socket) calls this only for a batch with more in it than native reads answered without
+    fault: those it finishes itself (their slots back, answered_at), no Python per batch."""
     done, broken, eof, native, writes = batch
     client.answered_at = client._loop.time()  # the server said something
     if native is not None:

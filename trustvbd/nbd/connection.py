@@ -487,8 +487,9 @@ class Connection(asyncio.BufferedProtocol):
         return start, items, want
 
     def _native_replied(self) -> None:
-        """Replies of native reads are framed in the session (told by a replica's client),
-        once per batch of replies a replica's connection received."""
+        """Replies of native reads are framed in the session (told by a replica's client,
+        once per batch of replies a replica's connection received, where the session does
+        not settle them itself: _native_settled)."""
         session = self.core.session
         assert session is not None  # native reads ran: the session started them
         out, ended, nbytes = session.take_output()
@@ -497,6 +498,20 @@ class Connection(asyncio.BufferedProtocol):
         if out:
             self._queue(out, now=not self._native_running and not self._tasks)
         self._native_ended()
+
+    def _native_settled(self) -> None:
+        """Replies of native reads framed in the session during a loop turn (the session has
+        the loop call this once, after the turn's ready sockets): they leave now, with what
+        else is queued, and their reads are accounted as ended."""
+        session = self.core.session
+        assert session is not None  # native reads ran: the session started them
+        out, ended, nbytes = session.take_output()
+        self._native_running -= ended
+        self._inflight_bytes -= nbytes
+        if out:
+            self._queue(out, now=True)
+        if ended:
+            self._native_ended()
 
     def _native_failed(self, client: object, cookie: int, offset: int, length: int,
                        failure: BlockError | list[int] | float) -> None:
@@ -676,6 +691,8 @@ class Connection(asyncio.BufferedProtocol):
             if self._room_wait is not None:
                 self._room_wait.cancel()  # the WRITE it held is not answered: the guest left
             self.core.parse_batch = None  # no cycle left through the core
+            if self.core.session is not None:
+                self.core.session.set_settle()  # nor through the session
             if self.export is not None:
                 try:
                     self.server.provider.release_export(self.peer, self.export)

@@ -124,6 +124,9 @@ async def handshake(conn: Connection) -> None:
     if isinstance(backend, ServesReadsNatively):
         conn._reads = backend
         conn.core.parse_batch = conn._parse_batch
+        # Native reads' replies settle once per loop turn (_native_settled), not per batch
+        # of replies a replica's connection received.
+        conn.core.server_session().set_settle(conn._loop.call_soon, conn._native_settled)
     if isinstance(backend, WritesNatively):
         conn._writes = backend
         conn.core.parse_batch = conn._parse_batch

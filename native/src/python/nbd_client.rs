@@ -313,6 +313,43 @@ impl NbdClientEngine {
         Ok(Some((writes.freed, writes.ended).into_pyobject(py)?))
     }
 
+    /// Receives what the socket has (a bounded number of reads): why the connection is
+    /// unusable (a protocol violation or a failed read; None: it is not), and whether the
+    /// server closed its end.
+    fn receive(&mut self) -> PyResult<(Option<String>, bool)> {
+        let Some(sock) = self.sock.as_mut() else {
+            return Err(PyValueError::new_err("no socket: this engine is fed (feed)"));
+        };
+        let mut eof = false;
+        let mut lost = None;
+        for _ in 0..READS_PER_CALL {
+            if self.core.broken().is_some() {
+                break;
+            }
+            let (direct, scratch) = self.core.recv_space();
+            let room = direct.len() + scratch.len();
+            let result = sock.read_vectored(&mut [IoSliceMut::new(direct), IoSliceMut::new(scratch)]);
+            match result {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    if self.core.received(n).is_err() || n < room {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    lost = Some(format!("connection lost ({e})"));
+                    break;
+                }
+            }
+        }
+        Ok((self.broken_reason().or(lost), eof))
+    }
+
     fn native_batch<'py>(py: Python<'py>, finished: Finished) -> PyResult<Option<Bound<'py, PyTuple>>> {
         if finished.is_empty() {
             return Ok(None);
@@ -588,37 +625,7 @@ impl NbdClientEngine {
     /// why the connection is unusable (a protocol violation or a failed read), `eof`
     /// that the server closed its end.
     fn readable<'py>(&mut self, py: Python<'py>) -> PyResult<Batch<'py>> {
-        let Some(sock) = self.sock.as_mut() else {
-            return Err(PyValueError::new_err("no socket: this engine is fed (feed)"));
-        };
-        let mut eof = false;
-        let mut lost = None;
-        for _ in 0..READS_PER_CALL {
-            if self.core.broken().is_some() {
-                break;
-            }
-            let (direct, scratch) = self.core.recv_space();
-            let room = direct.len() + scratch.len();
-            let result = sock.read_vectored(&mut [IoSliceMut::new(direct), IoSliceMut::new(scratch)]);
-            match result {
-                Ok(0) => {
-                    eof = true;
-                    break;
-                }
-                Ok(n) => {
-                    if self.core.received(n).is_err() || n < room {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    lost = Some(format!("connection lost ({e})"));
-                    break;
-                }
-            }
-        }
-        let reason = self.broken_reason().or(lost);
+        let (reason, eof) = self.receive()?;
         let mut finished = Finished::default();
         let mut writes = WritesAnswered::default();
         let done = self.completions(py, &mut finished, &mut writes)?;
@@ -629,6 +636,48 @@ impl NbdClientEngine {
             Self::native_batch(py, finished)?,
             Self::writes_batch(py, writes)?,
         ))
+    }
+
+    /// ready(client): the loop's reader callback (add_reader(fd, engine.ready, client)): as
+    /// `readable`, but a batch that did nothing but answer native reads without fault (their
+    /// replies in their sessions' output, which settle once per loop turn) is finished here:
+    /// `client._free_slots` gets their slots back and `client.answered_at` is the loop's
+    /// time, no Python call. Anything else goes to `client._resolve(batch)`, as from
+    /// `readable`: other completions, failed reads, write batches, a broken or closed
+    /// connection, slots a waiter may be owed (none free: `release_slot` hands them on) and
+    /// a `client._idle` someone waits on.
+    fn ready(slf: &Bound<'_, Self>, client: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        let batch = {
+            let mut me = slf.borrow_mut(); // (let go before Python runs: it may close us)
+            let (reason, eof) = me.receive()?;
+            let mut finished = Finished::default();
+            let mut writes = WritesAnswered::default();
+            let done = me.completions(py, &mut finished, &mut writes)?;
+            let quiet = done.is_empty() && reason.is_none() && !eof && writes.freed == 0 && finished.only_slots();
+            if quiet {
+                let free: i64 = client.getattr(intern!(py, "_free_slots"))?.extract()?;
+                // No slot waits while one is free (release_slot hands one over, _take_slot
+                // waits only when none is): nobody is owed these. Nor may anyone wait for idle.
+                if (free > 0 || finished.slots == 0) && client.getattr(intern!(py, "_idle"))?.is_none() {
+                    let now = client
+                        .getattr(intern!(py, "_loop"))?
+                        .call_method0(intern!(py, "time"))?;
+                    client.setattr(intern!(py, "answered_at"), now)?;
+                    client.setattr(intern!(py, "_free_slots"), free + finished.slots as i64)?;
+                    return Ok(());
+                }
+            }
+            (
+                done,
+                reason,
+                eof,
+                Self::native_batch(py, finished)?,
+                Self::writes_batch(py, writes)?,
+            )
+        };
+        client.call_method1(intern!(py, "_resolve"), (batch,))?;
+        Ok(())
     }
 
     /// feed(data) -> as readable (eof False): bytes a carried stream received.

@@ -66,6 +66,11 @@ pub(crate) struct PyNbdServerSession {
     /// Native reads running: seq -> their connection's engine and its request's cookie.
     running: HashMap<u64, (Py<NbdClientEngine>, u64)>,
     next_seq: u64,
+    /// `(call_soon, settle)` (`set_settle`): a native read's reply in the output has the
+    /// loop call `settle` once, after this turn's ready sockets, for all the replies of the
+    /// turn: no Python per batch of replies a replica's connection received.
+    settle: Option<(Py<PyAny>, Py<PyAny>)>,
+    settle_queued: bool, // settle is in the loop's queue, or the output was taken since
 }
 
 /// A small native read's data: `buf[skip..skip + length]` goes at `at` in the output.
@@ -170,6 +175,22 @@ impl PyNbdServerSession {
     pub(crate) fn read_ended(&mut self, seq: u64) {
         self.running.remove(&seq);
     }
+
+    /// A native read's reply is in the output: the loop is to call `settle` (once per turn).
+    /// False if there is no `settle` (or the loop refused it): the caller has its owner
+    /// told (`_native_replied`).
+    pub(crate) fn replied(&mut self, py: Python<'_>) -> bool {
+        let Some((call_soon, settle)) = &self.settle else {
+            return false;
+        };
+        if !self.settle_queued {
+            if call_soon.bind(py).call1((settle.bind(py),)).is_err() {
+                return false; // a closed loop: the owner is told now, as without settle
+            }
+            self.settle_queued = true;
+        }
+        true
+    }
 }
 
 fn protocol_error(err: nbd_server::ProtocolError) -> PyErr {
@@ -241,7 +262,18 @@ impl PyNbdServerSession {
             ended_bytes: 0,
             running: HashMap::new(),
             next_seq: 0,
+            settle: None,
+            settle_queued: false,
         }
+    }
+
+    /// set_settle(call_soon=None, settle=None): once a native read's reply is in the output,
+    /// `call_soon(settle)` (once until take_output), rather than the reply's owner being told
+    /// per batch of replies (`_native_replied`). None, None: told again (no cycle left).
+    #[pyo3(signature = (call_soon=None, settle=None))]
+    fn set_settle(&mut self, call_soon: Option<Py<PyAny>>, settle: Option<Py<PyAny>>) {
+        self.settle = call_soon.zip(settle);
+        self.settle_queued = false;
     }
 
     /// frame_block_status(cookie, length, req_one, extents) -> bytes: the reply to a
@@ -480,6 +512,7 @@ impl PyNbdServerSession {
     /// take_output() -> (buffers to write, reads ended, their bytes): the framed replies
     /// of native reads since the last call.
     fn take_output<'py>(&mut self, py: Python<'py>) -> PyResult<(Bound<'py, PyList>, usize, u64)> {
+        self.settle_queued = false; // a reply from now on needs a settle of its own
         let out = PyList::new(py, self.parts.drain(..))?;
         if !self.out.is_empty() {
             out.append(self.cut(py))?;

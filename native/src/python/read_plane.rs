@@ -121,6 +121,12 @@ impl Finished {
         self.slots == 0 && self.owners.is_empty() && self.failed.is_empty() && self.wake.is_empty()
     }
 
+    /// Nothing but request slots freed: every reply is in its session's output, which
+    /// settles itself (`PyNbdServerSession::replied`), and nothing failed or waits.
+    pub(crate) fn only_slots(&self) -> bool {
+        self.owners.is_empty() && self.failed.is_empty() && self.wake.is_empty()
+    }
+
     /// Releases `read`'s hold (noting a waiter to wake); the read is no longer its
     /// session's to cancel.
     pub(crate) fn release(&mut self, py: Python<'_>, read: &NativeRead) {
@@ -188,18 +194,21 @@ impl Finished {
         self.release(py, &read);
         let (skip, length) = (read.skip, read.length as usize);
         let session = read.session.bind(py);
-        match session.try_borrow_mut() {
-            Ok(mut s) => match &mut read.buf {
-                ReadBuf::Shared(lent, whole) if skip == 0 && length == lent.bytes().len() => {
-                    s.push_read_object(py, read.cookie, read.offset, length, whole.clone_ref(py).into_any())
+        let settled = match session.try_borrow_mut() {
+            Ok(mut s) => {
+                match &mut read.buf {
+                    ReadBuf::Shared(lent, whole) if skip == 0 && length == lent.bytes().len() => {
+                        s.push_read_object(py, read.cookie, read.offset, length, whole.clone_ref(py).into_any())
+                    }
+                    ReadBuf::Shared(lent, _) => {
+                        s.push_read_reply(read.cookie, read.offset, &lent.bytes()[skip..skip + length])
+                    }
+                    ReadBuf::Owned(bytes) => {
+                        s.push_read_owned(read.cookie, read.offset, std::mem::take(bytes), skip, length)
+                    }
                 }
-                ReadBuf::Shared(lent, _) => {
-                    s.push_read_reply(read.cookie, read.offset, &lent.bytes()[skip..skip + length])
-                }
-                ReadBuf::Owned(bytes) => {
-                    s.push_read_owned(read.cookie, read.offset, std::mem::take(bytes), skip, length)
-                }
-            },
+                s.replied(py)
+            }
             Err(_) => {
                 // Not reachable (sessions are not borrowed while engines finish reads):
                 // the general path serves it rather than losing the reply.
@@ -214,8 +223,8 @@ impl Finished {
                 });
                 return;
             }
-        }
-        if !self.owners.iter().any(|o| o.is(&read.owner)) {
+        };
+        if !settled && !self.owners.iter().any(|o| o.is(&read.owner)) {
             self.owners.push(read.owner.clone_ref(py));
         }
     }
