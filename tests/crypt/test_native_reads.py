@@ -456,19 +456,26 @@ def test_reads_after_one_the_plane_declines_still_go_natively(short_tmp: Path) -
 
 def test_a_replicas_batch_of_native_replies_calls_no_python(short_tmp: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """Many READs at once over 2 replicas: a replica connection's batch that did nothing but
-    answer native reads is finished by its engine (NbdClientEngine.ready: slots back, no
-    resolve), and the guest connection's replies settle once per loop turn
+    """Many READs at once over 2 replicas: a guest batch's READs leave for the replicas from
+    the guest's parse (no Python send per link), a replica connection's batch that did
+    nothing but answer native reads is finished by its engine (NbdClientEngine.ready: slots
+    back, no resolve), and the guest connection's replies settle once per loop turn
     (_native_settled), not once per replica batch (_native_replied). Every reply is right."""
     batches: list[Any] = []
-    resolve = client_transmission.resolve
+    sends: list[NbdClient] = []
+    resolve, send_outgoing = client_transmission.resolve, client_transmission._send_outgoing
 
     def counted(client: NbdClient, batch: Any) -> None:
         batches.append((client, batch))
         resolve(client, batch)
 
+    def counted_send(client: NbdClient) -> None:
+        sends.append(client)
+        send_outgoing(client)
+
     monkeypatch.setattr(client_transmission, "resolve", counted)
     monkeypatch.setattr(NbdClient, "_resolve", counted)
+    monkeypatch.setattr(client_transmission, "_send_outgoing", counted_send)
     calls = {"replied": 0, "settled": 0}
     for name in ("replied", "settled"):
         method = getattr(Connection, f"_native_{name}")
@@ -484,6 +491,7 @@ def test_a_replicas_batch_of_native_replies_calls_no_python(short_tmp: Path,
                 await write_blocks(disk, range(64))
                 await guest.read(0, BS)  # the route and the leaf pages are ready
                 batches.clear()
+                sends.clear()
                 calls.update(replied=0, settled=0)
                 before = disk._plane.started
                 for _ in range(4):
@@ -495,6 +503,7 @@ def test_a_replicas_batch_of_native_replies_calls_no_python(short_tmp: Path,
                               if not batch[0] and batch[4] is None and batch[3] is not None
                               and not batch[3][2]]
                 assert only_reads == []
+                assert [c for c in sends if c is not guest.client] == []
                 assert calls["replied"] == 0
                 assert 0 < calls["settled"] < 4 * 64
         run(go())

@@ -102,11 +102,13 @@ def _release_slots(client: NbdClient, count: int) -> None:
         client._free_slots += count
 
 
-def native_sent(client: NbdClient, count: int) -> None:
+def native_sent(client: NbdClient, count: int, sent: bool = False) -> None:
     """The native read plane queued `count` reads on the engine (their slots taken from
-    the free count it was given): send them with this loop turn's other requests."""
+    the free count it was given): send them with this loop turn's other requests, unless
+    they are `sent` already (NbdServerSession.parse_native sends a batch's reads itself
+    where the socket takes them)."""
     client._free_slots -= count
-    if not client._send_queued:
+    if not sent and not client._send_queued:
         client._send_queued = True
         client._loop.call_soon(_send_outgoing, client)
     if client._timer is None:

@@ -447,7 +447,7 @@ class Connection(asyncio.BufferedProtocol):
         max_reads = connection_limits.MAX_TASKS - len(self._tasks) - self._native_running
         max_bytes = connection_limits.MAX_INFLIGHT_BYTES - self._inflight_bytes
         try:
-            start, items, want, started, nbytes, used, answered = session.parse_native(
+            start, items, want, started, nbytes, used, answered, sent = session.parse_native(
                 buf, start, end, self, read_plane,  # type: ignore[arg-type]
                 slots, self._loop.time(), max_reads if max_reads > 0 else 0,
                 max_bytes if max_bytes > 0 else 0,
@@ -459,9 +459,9 @@ class Connection(asyncio.BufferedProtocol):
         if started:
             self._native_running += started
             self._inflight_bytes += nbytes
-            for client, count in zip(links, used, strict=True):
+            for client, count, gone in zip(links, used, sent, strict=True):
                 if count:
-                    client._native_sent(count)
+                    client._native_sent(count, gone)
             self._request_started()
         if answered:  # the WRITEs taken, or READs of blocks never written (zeros)
             if plane is not None:
@@ -476,8 +476,8 @@ class Connection(asyncio.BufferedProtocol):
                     self._abort()
                     return start, [], want
             # Their replies, framed by the session. (Replies of native reads sent to a
-            # replica are taken as they come, by _native_replied; those answered at once,
-            # with zeros, end here.)
+            # replica are taken once per loop turn, by _native_settled; those answered at
+            # once, with zeros, end here.)
             out, ended, nbytes = session.take_output()
             if ended:
                 self._native_running -= ended

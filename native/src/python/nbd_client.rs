@@ -174,6 +174,17 @@ impl NbdClientEngine {
             && u32::try_from(length).is_ok_and(|n| self.core.takes_read(n))
     }
 
+    /// Sends what is queued now, if that leaves nothing for Python to do: true if it is all
+    /// out, or if the socket is backed up (Python watches it for room already: `send` runs
+    /// again then). False for a fed engine, a socket that refused some of it now (Python
+    /// watches it from now on) or a failed send (Python's send meets the error again).
+    pub(crate) fn send_now(&mut self) -> bool {
+        if self.sock.is_none() || self.closed {
+            return false;
+        }
+        self.backed_up || matches!(self.send(), Ok(true))
+    }
+
     /// Queues a native read of its buffer's length at `offset`, sent at loop time `now`.
     /// Err (the read given back) if the connection does not take it.
     pub(crate) fn queue_native(

@@ -34,7 +34,8 @@ const COPY_MAX: usize = 16 * 1024;
 /// is the last. ValueError for what must drop the connection (bad magic).
 ///
 /// parse_native(buf, start, end, owner, plane, slots, now, max_reads, max_bytes, writes)
-///     -> (new start, items, want, reads started, their bytes, [reads per link], answered)
+///     -> (new start, items, want, reads started, their bytes, [reads per link], answered,
+///         [sent per link])
 /// As parse, but READs the ReadPlane `plane` (or None) can serve natively are started
 /// there instead of returned (see read_plane.rs), up to `max_reads` of at most
 /// `max_bytes` together (a READ of blocks never written is answered at once, zeros: it
@@ -44,7 +45,9 @@ const COPY_MAX: usize = 16 * 1024;
 /// the first request handed to Python, READs until the first one handed to Python that
 /// is not a READ: what may overlap keeps its order (reads commute). `owner` is told of the
 /// reads' replies (`_native_replied`, then take_output) and failures; the caller
-/// collects the writes (WritePlane.take) before it sends the output.
+/// collects the writes (WritePlane.take) before it sends the output. The reads started on a
+/// link are sent before it returns, where the link's socket takes them (`sent`: nothing more
+/// to do; else the caller has them sent, as any request).
 #[pyclass(module = "trustvbd._native", name = "NbdServerSession")]
 pub(crate) struct PyNbdServerSession {
     framer: Framer,
@@ -395,7 +398,16 @@ impl PyNbdServerSession {
         max_reads: usize,
         max_bytes: u64,
         writes: Option<&Bound<'py, WritePlane>>,
-    ) -> PyResult<(usize, Bound<'py, PyList>, usize, usize, u64, Vec<usize>, usize)> {
+    ) -> PyResult<(
+        usize,
+        Bound<'py, PyList>,
+        usize,
+        usize,
+        u64,
+        Vec<usize>,
+        usize,
+        Vec<bool>,
+    )> {
         let py = slf.py();
         if start > end || end > buf.item_count() {
             return Err(PyValueError::new_err(format!(
@@ -413,6 +425,7 @@ impl PyNbdServerSession {
         let session = slf.clone().unbind();
         let owner = owner.unbind();
         let mut used = vec![0usize; slots.len()];
+        let mut engines: Vec<Option<Py<NbdClientEngine>>> = (0..slots.len()).map(|_| None).collect();
         let (mut started, mut bytes, mut answered) = (0usize, 0u64, 0usize);
         let mut in_order = true; // no request handed to Python yet
         let mut reads_only = true; // none but plain READs handed to Python yet
@@ -443,6 +456,9 @@ impl PyNbdServerSession {
                     );
                     let took = match begun {
                         Some(Begun::Sent(i, engine, engine_cookie)) => {
+                            if engines[i].is_none() {
+                                engines[i] = Some(engine.clone_ref(py));
+                            }
                             slf.borrow_mut().running.insert(seq, (engine, engine_cookie));
                             used[i] += 1;
                             true
@@ -481,6 +497,16 @@ impl PyNbdServerSession {
             reads_only &= plain && h.typ == CMD_READ;
             list.append(item_tuple(py, item, payload(py, &buf, start, item)?)?)?;
         }
+        // The batch's READs on each connection leave now, in one writev: a batch received is
+        // all there is to send for it (no Python call to send it at the end of the turn).
+        let sent = engines
+            .iter()
+            .map(|engine| {
+                engine
+                    .as_ref()
+                    .is_some_and(|e| e.bind(py).try_borrow_mut().is_ok_and(|mut e| e.send_now()))
+            })
+            .collect();
         Ok((
             start + parsed.consumed,
             list,
@@ -489,6 +515,7 @@ impl PyNbdServerSession {
             bytes,
             used,
             answered,
+            sent,
         ))
     }
 
