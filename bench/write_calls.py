@@ -2,9 +2,12 @@
 
     cd /tmp && PYTHONPATH=TREE TREE/.venv/bin/python TREE/bench/write_calls.py [--qd 16]
         [--writes 8000] [--replicas 2] [--reps 3] [--budget] [--flush | --read] [--mib 64] [--kib 4]
+        [--nbdkit]
 
 The disk over in-memory NBD drivers in threads (as tests/crypt/test_native_reads.py opens
-it), served by our NbdServer on a Unix socket on uvloop (as the domain runs it); a libnbd
+it; their Python takes the GIL from the loop thread: with --nbdkit they are nbdkit memory
+processes instead, as `up`'s drivers are processes), served by our NbdServer on a Unix
+socket on uvloop (as the domain runs it); a libnbd
 guest in a subprocess writes 4 KiB blocks at random offsets with `--qd` requests in flight
 (no FUA, no FLUSH until the end), or with --seq one after another from block 0 (as
 fuse2fs writes a file's data, one 4 KiB request at a time), or with --flush one at a time
@@ -88,7 +91,21 @@ h.shutdown()
 
 
 @contextlib.contextmanager
-def drivers(tmp: Path, n: int, size: int) -> Iterator[list[str]]:
+def drivers(tmp: Path, n: int, size: int, nbdkit: bool) -> Iterator[list[str]]:
+    if nbdkit:  # drivers in processes of their own, as `up` has them
+        socks = [tmp / f"d{i}.sock" for i in range(n)]
+        procs = [subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "memory",
+                                   str(physical_size(size))]) for sock in socks]
+        try:
+            deadline = time.monotonic() + 30
+            while not all(sock.exists() for sock in socks) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            yield [f"nbd+unix:///?socket={sock}" for sock in socks]
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait()
+        return
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(ServerThread(StaticExports([Export("", RawMemory(
             physical_size(size)))]), tmp / f"d{i}.sock")).uri() for i in range(n)]
@@ -170,7 +187,7 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="wc", dir="/tmp") as d:
         tmp = Path(d)
         size = args.mib << 20
-        with drivers(tmp, args.replicas, size) as uris:
+        with drivers(tmp, args.replicas, size, args.nbdkit) as uris:
             async with opened(tmp, uris, size) as disk:
                 mode = ("flush" if args.flush else "seq" if args.seq else "read" if args.read
                         else "random")
@@ -204,6 +221,8 @@ if __name__ == "__main__":
     parser.add_argument("--writes", type=int, default=8000)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--mib", type=int, default=64, help="the disk's size in MiB")
+    parser.add_argument("--nbdkit", action="store_true",
+                        help="drivers: nbdkit memory processes, not threads of this process")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seq", action="store_true",
                         help="sequential 4 KiB writes (as a file copy through FUSE), not random")
