@@ -339,17 +339,56 @@ def test_adjacent_writes_behind_go_to_the_replica_as_one_write(tmp_path: Path,
         # The third run full: every run goes, in one loop turn; 332-334 wait.
         assert sorted(gate.sent) == [(10, 11), (50, 1), (300, GATHER_BLOCKS)]
         sent = len(gate.sent)
-        singles = [340 + 3 * i for i in range(write_behind.HELD_RUNS)]  # same leaf page
+        # Apart, and on the same leaf page (blocks 256-383; a write to another page waits
+        # for it, which sends what is held).
+        singles = [*range(256, 300, 2), *range(336, 384, 2)][:write_behind.HELD_RUNS]
+        assert len(singles) == write_behind.HELD_RUNS
         for b in singles:  # with 332's run, one run more than HELD_RUNS: all go
             await disk.pwrite(b * BS, pattern(b))
         await disk._commits.durable()
         await turns()
-        assert sorted(gate.sent[sent:]) == [(300 + GATHER_BLOCKS, 3), *((b, 1) for b in singles)]
+        assert sorted(gate.sent[sent:]) == sorted([(300 + GATHER_BLOCKS, 3),
+                                                   *((b, 1) for b in singles)])
         await disk.flush()
         await disk.close()
         disk = await open_disk(tmp_path, mem, kek)
         for b in [*range(10, 21), 50, *range(300, 300 + GATHER_BLOCKS + 3), *singles]:
             assert bytes(await disk.pread(b * BS, BS)) == pattern(b), b
+        await disk.close()
+
+    run(go())
+
+
+def test_random_writes_behind_leave_held_runs_plus_one_at_a_time(tmp_path: Path,
+                                                                 no_gather_timer: None) -> None:
+    """Random writes are a run each: HELD_RUNS of them wait unsent (each departure asks for
+    an intent-log sync; with 8 a sync and a departure went per ~9 writes at QD16), one
+    more sends them all in one departure. A rewrite of any held run, not only the first,
+    is found by its blocks and replaces its ciphertext, sent once."""
+
+    async def go() -> None:
+        kek, mem, gate, disk = await gated_disk(tmp_path)
+        assert write_behind.HELD_RUNS >= 32
+        apart = [2 * i for i in range(write_behind.HELD_RUNS + 1)]  # one leaf page
+        for b in apart[:-1]:
+            await disk.pwrite(b * BS, pattern(b))
+        await disk._commits.durable()
+        await turns()
+        assert gate.sent == []  # all held
+        middle = apart[len(apart) // 2]
+        assert disk._behind.held_run(middle, middle + 1) is not None
+        await disk.pwrite(middle * BS, pattern(middle, 1))  # rewritten while held
+        assert gate.sent == []
+        await disk.pwrite(apart[-1] * BS, pattern(apart[-1]))  # one run more: all go
+        await disk._commits.durable()
+        await turns()
+        assert sorted(gate.sent) == [(b, 1) for b in apart]
+        await disk.flush()
+        await disk.close()
+        disk = await open_disk(tmp_path, mem, kek)
+        for b in apart:
+            want = pattern(b, 1) if b == middle else pattern(b)
+            assert bytes(await disk.pread(b * BS, BS)) == want, b
         await disk.close()
 
     run(go())

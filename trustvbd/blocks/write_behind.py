@@ -102,7 +102,11 @@ GATHER_BLOCKS = 32  # a run of adjacent writes behind goes out at this many bloc
 # the next file, fuse2fs allocating) often pass a millisecond, and each departure costs an
 # intent-log sync, a replica write and its reply; the counts below bound what waits.
 GATHER_S = 0.02
-HELD_RUNS = 8  # unsent runs held at most: one more sends them all together
+# Unsent runs held at most: one more sends them all together. Each such departure asks
+# for an intent-log sync if none runs, and random writes are a run each: with 8, a sync and
+# a departure per ~9 writes at QD16 in `up` (bench/README.md, session 19); held runs are
+# found by their end block, so holding more costs no scan per write.
+HELD_RUNS = 32
 # Writes held unsent at most: one more sends them all together. Below WRITE_BEHIND_MAX,
 # so the next writes are answered behind while these are in flight.
 HELD_WRITES = WRITE_BEHIND_MAX // 2
@@ -210,6 +214,7 @@ class WriteBehind:
         self._since_flush = 0  # writes behind added since the last FLUSH
         self._streak = 0  # FLUSHes in a row that each came right after one write behind
         self._runs: list[_Run] = []  # the newest writes, not sent yet (at most HELD_RUNS)
+        self._ends: dict[int, _Run] = {}  # each of _runs by its end block (runs don't overlap)
         self._held = 0  # writes in _runs (at most HELD_WRITES)
         self._starting: list[_Run] = []  # sent on, waiting for their loop turn (_send_started)
         self._sending: set[_Run] = set()  # left, not answered yet
@@ -283,21 +288,21 @@ class WriteBehind:
                 self._join_all([run])
                 self._go([run], fua=True, here=True)
                 continue
-            runs = self._runs  # (a new list once _send_after_reply took the held ones)
-            joined = False
-            if gather:
-                for run in runs:
-                    if (run.first + run.blocks == first_block
-                            and run.blocks + blocks <= GATHER_BLOCKS):
-                        run.grow(blocks, old, ct, hold)
-                        self._held += 1
-                        if run.blocks >= GATHER_BLOCKS or self._held >= HELD_WRITES:
-                            self._send_after_reply()
-                        joined = True
-                        break
-            if joined:
-                continue
-            runs.append(_Run(first_block, blocks, old, ct, hold))
+            # (new ones once _send_after_reply took the held runs)
+            runs, ends = self._runs, self._ends
+            if gather and first_block in ends:  # it continues a held run
+                run = ends[first_block]
+                if run.blocks + blocks <= GATHER_BLOCKS:
+                    run.grow(blocks, old, ct, hold)
+                    del ends[first_block]
+                    ends[first_block + blocks] = run
+                    self._held += 1
+                    if run.blocks >= GATHER_BLOCKS or self._held >= HELD_WRITES:
+                        self._send_after_reply()
+                    continue
+            run = _Run(first_block, blocks, old, ct, hold)
+            runs.append(run)
+            ends[first_block + blocks] = run
             self._held += 1
             if not gather or len(runs) > HELD_RUNS or self._held >= HELD_WRITES:
                 self._send_after_reply()
@@ -307,10 +312,8 @@ class WriteBehind:
 
     def held_run(self, first_block: int, end_block: int) -> _Run | None:
         """The unsent run of exactly blocks [first_block, end_block), if one is held."""
-        for run in self._runs:
-            if run.first == first_block and run.first + run.blocks == end_block:
-                return run
-        return None
+        run = self._ends.get(end_block)
+        return run if run is not None and run.first == first_block else None
 
     def rewrite(self, run: _Run, ct: Buffer) -> None:
         """A later write of all of `run`'s blocks (held_run), recorded under the run's
@@ -344,6 +347,7 @@ class WriteBehind:
             self._since_flush = 0
         starting, self._starting = self._starting, []
         held, self._runs = self._runs, []
+        self._ends = {}
         self._held = 0
         fua = fua and len(starting) + len(held) == 1
         leaving = starting + held
@@ -372,6 +376,7 @@ class WriteBehind:
             return
         if self._last <= self._armed:
             held, self._runs = self._runs, []
+            self._ends = {}
             self._held = 0
             self._join_all(held)
             self._go(held)
@@ -395,6 +400,7 @@ class WriteBehind:
         driver works. (A callback queued now would run before the reply's; the one it
         queues, after it.) All in one turn: one send per driver."""
         held, self._runs = self._runs, []
+        self._ends = {}
         self._held = 0
         self._join_all(held)
         self._starting += held
