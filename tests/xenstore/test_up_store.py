@@ -236,3 +236,54 @@ def test_a_stopped_store_does_not_hold_up_a_replica_channel(short_tmp: Path) -> 
         wait_for_value(system, f"{channel}/state", "4", timeout=30)
     finally:
         system.stop()
+
+
+def test_an_encryption_domain_restarts_and_serves_while_the_store_is_stopped(
+        short_tmp: Path) -> None:
+    """The launcher sent a restarted encryption domain its spec only with a connection to
+    the store: a stopped store (SIGSTOP) failed that after 10 s, the domain died for want
+    of a spec and was restarted, again and again, its guests served by nobody until the
+    store ran again. Now it starts without one and asks for it until the store answers;
+    the states it walked meanwhile reach the store then."""
+    import nbd
+
+    from tests.support import pause
+    from trustvbd.domains.supervisor import signal_stopped
+
+    (short_tmp / "backing").mkdir()
+    system = up_with_policy(short_tmp, POLICY, CONFIG)
+
+    def crypt() -> dict:
+        status = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
+        (domain,) = [d for d in status["domains"] if d["name"] == "crypt-Payroll"]
+        return domain  # type: ignore[no-any-return]
+
+    try:
+        homes = {xs(system, "xenstore-read", f"/local/domain/{d}/name").strip(): d
+                 for d in xs(system, "xenstore-list", "/local/domain").split()}
+        backend = f"/local/domain/{homes['crypt-Payroll']}/backend/vbd/{homes['vm1']}/0"
+        wait_for_value(system, f"{backend}/state", "2")  # served, no guest yet
+        spid, _ = store_pid(system)
+        before = crypt()
+        pause(spid)
+        try:
+            os.kill(before["pid"], signal.SIGKILL)
+            deadline = time.monotonic() + 45
+            while not ((now := crypt())["state"] == "running"
+                       and now["restarts"] == before["restarts"] + 1):
+                assert time.monotonic() < deadline, now
+                time.sleep(0.2)
+            handle = nbd.NBD()
+            handle.connect_uri(system.uri("vm1", "payroll"))
+            handle.pwrite(b"c" * 4096, 0)
+            assert handle.pread(4096, 0) == b"c" * 4096
+            assert signal_stopped(spid)  # all of it while the store was stopped
+        finally:
+            os.kill(spid, signal.SIGCONT)
+        try:
+            # Connected (4) for vm1's connection, written once the store answered.
+            wait_for_value(system, f"{backend}/state", "4", timeout=30)
+        finally:
+            handle.shutdown()
+    finally:
+        system.stop()

@@ -31,7 +31,8 @@ class NoStore(Exception):
 
 class StateWriter:
     def __init__(self, client: XsClient | None,
-                 reconnect: Callable[[], Awaitable[socket.socket]] | None = None) -> None:
+                 reconnect: Callable[[], Awaitable[socket.socket]] | None = None,
+                 later: bool = False) -> None:
         self.client = client
         self.reconnect = reconnect
         self.latest: dict[str, str] = {}  # every key written, its newest value
@@ -44,14 +45,18 @@ class StateWriter:
             loop = asyncio.get_running_loop()
             self.tasks = [loop.create_task(self._drain())]
             self._keep(client)
+        elif later and reconnect is not None:  # no connection yet: asked for at once
+            loop = asyncio.get_running_loop()
+            self.tasks = [loop.create_task(self._drain()), loop.create_task(self._reconnect())]
 
     @classmethod
     async def from_fd(cls, fd: int | None,
-                      reconnect: Callable[[], Awaitable[socket.socket]] | None = None
-                      ) -> StateWriter:
-        """Over the connection the launcher handed over; a writer that drops everything without one."""
+                      reconnect: Callable[[], Awaitable[socket.socket]] | None = None,
+                      later: bool = False) -> StateWriter:
+        """Over the connection the launcher handed over; without one, a writer that asks for
+        one (`later`: the store did not answer in time) or drops everything."""
         client = await XsClient.connect(sock=socket.socket(fileno=fd)) if fd is not None else None
-        return cls(client, reconnect)
+        return cls(client, reconnect, later)
 
     def set_state(self, directory: str, state: State) -> None:
         self.write(f"{directory}/state", str(int(state)))

@@ -368,7 +368,7 @@ class CryptDomain:
     async def start(self, ready_fd: int | None) -> None:
         self.control.start()
         reply, fds = await self.control.ask(m.SpecQuery(), m.Spec)
-        store = isinstance(reply, m.Spec) and reply.store is not None
+        store = isinstance(reply, m.Spec) and reply.store is not None and not reply.store_later
         if not isinstance(reply, m.Spec) or len(fds) != len(reply.listeners) + 1 + store:
             raise ConnectionError(f"the hypervisor sent no usable spec: {reply}")
         self.spec = spec = reply
@@ -376,7 +376,8 @@ class CryptDomain:
         # the access-control domain.
         acm_fd = fds.pop()
         self.bus = CryptBus(await StateWriter.from_fd(fds.pop() if store else None,
-                                                      self.store_channel), spec.store)
+                                                      self.store_channel, spec.store_later),
+                            spec.store)
         self.state_dir = Path(spec.state_dir)
         self.tls_dir = Path(spec.tls_dir) if spec.tls_dir else None
         if self.state_dir_override is not None:  # reach the state directory only through the fd

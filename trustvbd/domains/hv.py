@@ -123,10 +123,17 @@ class Launcher:
             # After the listeners: its own connection to the store, its channel to the
             # access-control domain. The channel closes what it sends; the launcher keeps its
             # own listeners.
-            store = await self.store.connection_for("crypt", domain.name)
+            try:
+                store = [await self.store.connection_for("crypt", domain.name)]
+            except (ConnectionError, TimeoutError) as exc:
+                # A stopped store held the domain (and its guests' I/O) out until it ran
+                # again; the store is never in the way of the data (domains/bus.py).
+                log.warning("%s starts without its connection to the store (%s): it asks"
+                            " for one until the store answers", domain.name, exc)
+                store = []
             acm = await self.broker.acm_channel(self.broker.crypt)
-            return self.crypt_spec(domain, mine), [*(os.dup(s.fileno()) for _, s in mine),
-                                                   store, acm.detach()]
+            spec = dataclasses.replace(self.crypt_spec(domain, mine), store_later=not store)
+            return spec, [*(os.dup(s.fileno()) for _, s in mine), *store, acm.detach()]
         if isinstance(msg, m.ChannelQuery):
             try:
                 sock, export, tls_name = await self.open_channel(msg.disk, msg.replica,

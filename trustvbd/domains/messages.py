@@ -159,6 +159,9 @@ class Spec(Message):
     limits: dict[str, Any]  # config.Limits as a dict
     elsewhere: dict[str, ElsewhereSpec]  # other types' disks (names and labels only)
     store: dict[str, Any] | None = None  # its XenStore directories (domains/hv_store.py)
+    # Its connection to the store did not come with the spec (the store did not answer in
+    # time): it asks for one (StoreChannelQuery) until it gets it, and writes its states then.
+    store_later: bool = False
     acm_hello: dict[str, str] | None = None  # its role and token for the access-control domain
 
 
