@@ -1,12 +1,14 @@
 """QD1 4 KiB latency A/B on held servers, with what each process does per request.
 
-    bench/qd1_switches.py [--trees this,/tmp/base,this@pin] [--luks] [--replicas 2]
+    bench/qd1_switches.py [--trees this,/tmp/base,this@pin,this+TRUSTVBD_SPIN_US=100] [--luks]
+        [--replicas 2]
         [--rounds 8] [--runtime 2] [--rw randread,randwrite] [--size 256MiB] [--depth 1]
 
 Starts `trustvbd up` (encrypted, `--replicas` trustvbd drivers) once per tree (`this`: this
 checkout; a directory: a tree made as bench/run.py's --baseline, its own extension in it;
 `TREE@pin`: that tree with every thread of its encryption domain and drivers on CPU 0, fio
-left free, to see what their hand-offs cost when they are not cross-CPU wake-ups) and, with
+left free, to see what their hand-offs cost when they are not cross-CPU wake-ups; `TREE+K=V`:
+that tree with K=V in its launcher's environment, several `+K=V` allowed) and, with
 --luks, nbdkit + luks; writes the disk once (the reads then reach a driver), then runs fio
 QD1 for `--runtime` seconds per server and workload, the servers' order reversed every
 other round. Per run and role (crypt, driver, nbdkit): CPU µs per request (/proc/PID/stat),
@@ -87,7 +89,8 @@ def pin(work: Path, cpu: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trees", default="this", help="comma-separated: this, or tree directories")
+    ap.add_argument("--trees", default="this",
+                    help="comma-separated: this, or tree directories; @pin, +K=V (see above)")
     ap.add_argument("--luks", action="store_true", help="nbdkit + luks too")
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=8)
@@ -102,13 +105,16 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         pinned = []
         for name in args.trees.split(","):
-            where = name.removesuffix("@pin")
+            where, *assignments = name.split("+")
+            env = dict(a.split("=", 1) for a in assignments)
+            where = where.removesuffix("@pin")
             tree = None if where == "this" else Path(where)
             work = Path(stack.enter_context(servers.workdir()))
-            uri, stop = servers.trustvbd_up(size, True, args.replicas, tree=tree).start(work)
+            uri, stop = servers.trustvbd_up(size, True, args.replicas, tree=tree,
+                                            extra_env=env).start(work)
             stack.callback(stop)
             held.append((name, work, uri))
-            if name.endswith("@pin"):
+            if name.split("+")[0].endswith("@pin"):
                 pinned.append(work)
         if args.luks:
             work = Path(stack.enter_context(servers.workdir()))

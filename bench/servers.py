@@ -249,7 +249,8 @@ def trustvbd_driver(size: int, tree: Path | None = None) -> Server:
 
 
 def trustvbd_up(size: int, encrypt: bool, replicas: int = 1, nbdkit_drivers: bool = False,
-                delay_ms: int = 0, tree: Path | None = None, cpus: list[int] | None = None) -> Server:
+                delay_ms: int = 0, tree: Path | None = None, cpus: list[int] | None = None,
+                extra_env: dict[str, str] | None = None) -> Server:
     """`up` with one disk over `replicas` drivers, each its own process and file: trustvbd's
     own driver domains, or nbdkit file servers given by uri (with `delay_ms` per reply).
 
@@ -257,8 +258,11 @@ def trustvbd_up(size: int, encrypt: bool, replicas: int = 1, nbdkit_drivers: boo
     (an A/B baseline such as `git archive main`), the driver domains too: they start with
     a clean environment, with the interpreter `up` runs on (tree_python).
     With `cpus`, `[placement] cpus` pins the encryption domain and its drivers there
-    (docs/placement.md); the launcher, the access-control domain, the store stay free."""
+    (docs/placement.md); the launcher, the access-control domain, the store stay free.
+    `extra_env`: set for the launcher, so for its trusted domains (TRUSTVBD_SPIN_US)."""
     env = {**os.environ, "PYTHONPATH": str(tree)} if tree is not None else None
+    if extra_env:
+        env = {**(env or os.environ), **extra_env}
     def start(work: Path) -> tuple[str, Callable[[], None]]:
         with contextlib.ExitStack() as undo:  # stops, last started first
             drivers = ""

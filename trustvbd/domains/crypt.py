@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trustvbd._native import SPIN_BUDGET_MAX_US, SPIN_PSI_MAX
 from trustvbd.acm.client import AcmClient
 from trustvbd.acm.decisions import Decision
 from trustvbd.blockdev import Backend, HasEpoch
@@ -39,6 +40,7 @@ from trustvbd.domains.crypt_bus import CryptBus
 from trustvbd.domains.crypt_disks import PassphraseNeeded
 from trustvbd.domains.policy_gate import PolicyGate
 from trustvbd.domains.unlock import Unlock, receive_unlock
+from trustvbd.nbd import spin
 from trustvbd.nbd.budget import DecisionRate, MemoryBudget
 from trustvbd.nbd.server import Export, ExportRefused, NbdServer, PeerInfo
 
@@ -518,6 +520,39 @@ async def amain(control_fd: int, ready_fd: int | None, unlock: Unlock | None = N
     return 0
 
 
+def spin_budget(text: str | None) -> int:
+    """The busy-wait's budget in µs (nbd/spin.py) from TRUSTVBD_SPIN_US (0 or unset: off;
+    `spin.BUDGET_US` is the one measured). Off by default until a quiet machine shows it
+    pays: session 17's wait, without yielding, made QD1 slower there (bench/README.md,
+    session 19)."""
+    if text is None:
+        return 0
+    try:
+        budget = int(text)
+    except ValueError:
+        budget = -1
+    if not 0 <= budget <= SPIN_BUDGET_MAX_US:
+        raise SystemExit(f"crypt: TRUSTVBD_SPIN_US={text!r} is not a busy-wait budget: give "
+                         f"0 (off) to {SPIN_BUDGET_MAX_US} µs ({spin.BUDGET_US} is the one "
+                         "measured), or unset it (off)")
+    return budget
+
+
+def spin_pressure(text: str | None) -> float:
+    """The CPU pressure (%) above which the busy-wait is off, from TRUSTVBD_SPIN_PSI_MAX
+    (100: never off for pressure, for measuring on a shared machine); unset: the Spinner's."""
+    if text is None:
+        return SPIN_PSI_MAX
+    try:
+        share = float(text)
+    except ValueError:
+        share = -1.0
+    if not 0.0 <= share <= 100.0:
+        raise SystemExit(f"crypt: TRUSTVBD_SPIN_PSI_MAX={text!r} is not a share of time: give "
+                         f"0 to 100 (%), or unset it for {SPIN_PSI_MAX}")
+    return share
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trustvbd.domains.crypt")
     parser.add_argument("--control-fd", type=int, required=True)
@@ -529,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("crypt")
     die_with_parent()
     keep_freed_memory()
+    spin.enable(spin_budget(os.environ.get("TRUSTVBD_SPIN_US")),
+                spin_pressure(os.environ.get("TRUSTVBD_SPIN_PSI_MAX")))
     unlock = receive_unlock(args.unlock_fd) if args.unlock_fd is not None else None
     state_dir = Path(f"/proc/self/fd/{args.state_dir_fd}") if args.state_dir_fd is not None else None
     return run(amain(args.control_fd, args.ready_fd, unlock, state_dir))

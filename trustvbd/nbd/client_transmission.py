@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from trustvbd.blockdev import BlockError, Buffer
 from trustvbd.nbd import protocol as p
+from trustvbd.nbd import spin
 
 if TYPE_CHECKING:
     from trustvbd.nbd.client import NbdClient
@@ -108,7 +109,9 @@ def native_sent(client: NbdClient, count: int, sent: bool = False) -> None:
     they are `sent` already (NbdServerSession.parse_native sends a batch's reads itself
     where the socket takes them)."""
     client._free_slots -= count
-    if not sent and not client._send_queued:
+    if sent:
+        spin.wait_soon(client._loop, client._fd)  # their replies come next
+    elif not client._send_queued:
         client._send_queued = True
         client._loop.call_soon(_send_outgoing, client)
     if client._timer is None:
@@ -246,6 +249,8 @@ def _send_outgoing(client: NbdClient) -> None:
     if client._watching_writes:
         return  # the socket is full; _on_writable goes on when it has room
     _write(client)
+    if engine.native_pending and not client._watching_writes:
+        spin.wait_soon(client._loop, client._fd)  # a native read's reply comes next
 
 
 def _write(client: NbdClient) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from trustvbd.blockdev import Buffer
 from trustvbd.nbd import protocol as p
+from trustvbd.nbd import spin
 from trustvbd.nbd.connection_limits import UNCHARGED_MAX, WRITE_BUFFER_HIGH
 
 if TYPE_CHECKING:
@@ -81,6 +82,8 @@ def queue(conn: Connection, parts: Sequence[Buffer], stream: bool = False,
         # Nothing queued before them and nothing left to account (a QD1 guest's reply):
         # straight to the transport, as flush would.
         conn._transport.writelines(parts)  # type: ignore[union-attr]
+        if not conn._transport.get_write_buffer_size():  # type: ignore[union-attr]
+            spin.wait_soon(conn._loop, conn._sock_fd)  # the reply left; the next request
         return
     if conn._held is not None and not stream:  # a simple-reply stream is being sent
         conn._held.extend(parts)

@@ -155,6 +155,41 @@ pub(crate) fn wait_readable(fd: RawFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether `fd` has bytes to read (or an end, an error) now: poll(2) that does not wait.
+/// The bounded busy-wait (python/spin.rs) asks it in a loop. A number that is no open
+/// descriptor reads as ready (POLLNVAL): the caller then goes on to its real read.
+pub(crate) fn poll_ready(fd: RawFd) -> std::io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid, aligned pollfd that lives across the call (nfds 1); the
+    // kernel writes only its `revents` and keeps no pointer to it. poll touches nothing
+    // through the descriptor (a closed number is answered POLLNVAL), and a timeout of 0
+    // never blocks.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n > 0)
+}
+
+/// The calling thread's involuntary context switches so far (getrusage RUSAGE_THREAD):
+/// a count that grows when the scheduler took the CPU from it for another task.
+pub(crate) fn involuntary_switches() -> u64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `usage` is a zeroed (so initialised) rusage the call fills in; it lives
+    // across the call and the kernel keeps no pointer to it. RUSAGE_THREAD is Linux's.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return 0; // cannot fail with these arguments; a 0 only hides a preemption
+    }
+    // SAFETY: zeroed, then filled in by the kernel: every field is an integer.
+    let usage = unsafe { usage.assume_init() };
+    u64::try_from(usage.ru_nivcsw).unwrap_or(0)
+}
+
 /// A Python buffer lent for a request: a READ's target (written in place, `writable`)
 /// or a WRITE's payload (read while it is sent). Holding it holds the buffer export,
 /// so the memory stays alive and in place (a bytearray refuses to resize meanwhile).

@@ -21,6 +21,7 @@ mod log_sync;
 mod nbd_client;
 mod nbd_server;
 mod read_plane;
+mod spin;
 mod write_plane;
 
 fn value_error(err: CodecError) -> PyErr {
@@ -127,5 +128,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(pyo3::wrap_pyfunction!(file_serve::serve_file, m)?)?;
     read_plane::register(m)?;
     write_plane::register(m)?;
+    spin::register(m)?;
     Ok(())
 }
