@@ -102,10 +102,10 @@ GATHER_BLOCKS = 32  # a run of adjacent writes behind goes out at this many bloc
 # the next file, fuse2fs allocating) often pass a millisecond, and each departure costs an
 # intent-log sync, a replica write and its reply; the counts below bound what waits.
 GATHER_S = 0.02
-# Unsent runs held at most: one more sends them all together. Each such departure asks
-# for an intent-log sync if none runs, and random writes are a run each: with 8, a sync and
-# a departure per ~9 writes at QD16 in `up` (bench/README.md, session 19); held runs are
-# found by their end block, so holding more costs no scan per write.
+# Unsent runs held at most: one more sends them all together. Random writes are a run
+# each, and each such departure asks for an intent-log sync if none runs: in `up` at QD16,
+# one fdatasync per 28-29 writes with 8, per 37 with 32 (bench/README.md, session 19).
+# Held runs are found by their end block: holding more costs no scan per write.
 HELD_RUNS = 32
 # Writes held unsent at most: one more sends them all together. Below WRITE_BEHIND_MAX,
 # so the next writes are answered behind while these are in flight.
