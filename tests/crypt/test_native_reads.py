@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import socket
+import struct
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.crypt.helpers import BS, SIZE, RawMemory, new_state, pattern, run
-from tests.nbd.helpers import ServerThread
+from tests.nbd.helpers import RawClient, ServerThread
 from trustvbd.blockdev import Backend, BlockError, Buffer
 from trustvbd.blocks.crypt_layer import CryptDisk, physical_size
 from trustvbd.blocks.layer import Layer
@@ -31,10 +32,11 @@ from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.replica import State
 from trustvbd.blocks.space import SpaceWatch
 from trustvbd.nbd import client_transmission, connection_limits
+from trustvbd.nbd import protocol as p
 from trustvbd.nbd.client import NbdClient
 from trustvbd.nbd.connection import Connection
 from trustvbd.nbd.exports import Export, StaticExports
-from trustvbd.nbd.server import NbdServer
+from trustvbd.nbd.server import SOCKET_BUFFER, NbdServer
 
 
 class Driver(Layer):
@@ -527,4 +529,63 @@ def test_reads_past_a_replicas_request_slots_wait_for_those_native_replies_free(
                         *(guest.client.pread(b * BS, BS) for b in range(32))), 20)
                     assert [bytes(g) for g in got] == [pattern(b) for b in range(32)]
                 assert disk._plane.started > before
+        run(go())
+
+
+def test_a_guest_that_reads_no_reply_stops_native_reads_at_the_output_bound(
+        short_tmp: Path) -> None:
+    """A guest sends READs and reads none of their replies: the native replies wait in the
+    connection's output once the socket is full, reading stops once WRITE_BUFFER_HIGH bytes
+    wait there, and READs sent meanwhile are not started. When the guest reads, every reply
+    comes whole, each with its own bytes, and the READs held back are served too."""
+    big = 64 * 1024
+    # Replies of more than the socket holds (its buffer, doubled by the kernel) and twice
+    # the connection's output bound besides.
+    count = 2 * (SOCKET_BUFFER + connection_limits.WRITE_BUFFER_HIGH) // big
+    with drivers(short_tmp, 2) as (_, uris):
+        async def go() -> None:
+            async with opened(short_tmp, uris) as disk, served(short_tmp, disk) as guest:
+                await write_blocks(disk, range(SIZE // BS))
+                everything = b"".join(pattern(b) for b in range(SIZE // BS))
+                loop = asyncio.get_running_loop()
+                (theirs,) = guest.server.connections  # the guest's NbdClient
+                raw = RawClient(str(short_tmp / "guest.sock"), timeout=20)
+                await loop.run_in_executor(None, raw.go)
+                (conn,) = guest.server.connections - {theirs}
+                offsets = [(i * big) % (SIZE - big) for i in range(2 * count)]
+                before = disk._plane.started
+
+
+                def send(cookies: range) -> None:
+                    raw.sock.sendall(b"".join(struct.pack(
+                        ">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.READ, i, offsets[i], big)
+                        for i in cookies))
+
+                await loop.run_in_executor(None, send, range(count))
+                async with asyncio.timeout(20):
+                    while not conn._reading_paused or conn._native_running or conn._tasks:
+                        await asyncio.sleep(0.01)
+                assert conn._transport is not None
+                held = conn._out_bytes + conn._transport.get_write_buffer_size()
+                assert connection_limits.WRITE_BUFFER_HIGH <= held <= 2 * big * count
+                started = disk._plane.started
+                assert before < started <= before + count
+                await loop.run_in_executor(None, send, range(count, 2 * count))  # paused
+                await asyncio.sleep(0.2)
+                assert disk._plane.started == started  # none of them started
+
+                def read_all() -> dict[int, bytes]:
+                    got = {}
+                    for _ in range(2 * count):
+                        error, cookie = raw.simple_reply()
+                        assert error == 0
+                        got[cookie] = raw.recv_exact(big)
+                    return got
+
+                got = await loop.run_in_executor(None, read_all)
+                raw.close()
+                assert sorted(got) == list(range(2 * count))
+                for cookie, data in got.items():
+                    offset = offsets[cookie]
+                    assert data == everything[offset:offset + big], cookie
         run(go())
