@@ -13,6 +13,7 @@ import datetime
 import logging
 import os
 import shutil
+import stat
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -119,6 +120,59 @@ def test_a_certificate_or_key_that_is_no_regular_file_is_refused_at_once(
     assert out.stdout.splitlines() == [f"{path} is {what}, not a PEM certificate or key; put"
                                        " the file there (`trustvbd tls init DIR` makes them)"], out
 
+
+
+_SWAP_AFTER_CHECK = """\
+import os, ssl, sys
+from pathlib import Path
+from trustvbd.crypt import tls
+
+pki = Path(sys.argv[1])
+read = tls.read_regular
+
+def read_then_swap(path, what, limit):  # the file checked, then a FIFO in its place
+    data = read(path, what, limit)
+    if Path(path).name in ("server-cert.pem", "server-key.pem"):
+        os.unlink(path)
+        os.mkfifo(path, 0o600)
+    return data
+
+tls.read_regular = read_then_swap
+server = tls.server_context(pki)
+tls.read_regular = read
+client = tls.client_context(pki / "guests" / sys.argv[2])
+a, b = ssl.MemoryBIO(), ssl.MemoryBIO()
+c, d = ssl.MemoryBIO(), ssl.MemoryBIO()
+s_side = server.wrap_bio(a, b, server_side=True)
+c_side = client.wrap_bio(c, d, server_hostname="localhost")
+for _ in range(10):
+    for side in (c_side, s_side):
+        try:
+            side.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+    a.write(d.read())
+    c.write(b.read())
+fds = os.listdir("/proc/self/fd")  # (one of them was listdir's own, closed since)
+left = [fd for fd in fds if os.path.exists(f"/proc/self/fd/{fd}")
+        and "memfd:" in os.readlink(f"/proc/self/fd/{fd}")]
+print(tls.peer_common_name(s_side), len(left))  # nothing left open holding the key
+"""
+
+
+def test_the_certificate_and_key_loaded_are_the_bytes_checked(tmp_path: Path) -> None:
+    """OpenSSL took the certificate and key by path after read_tls_file had checked them:
+    a FIFO swapped in between held its open() (a trusted domain's event loop) for good. Now
+    the bytes checked go to OpenSSL, and the context they make serves a handshake."""
+    import sys
+
+    x509.init_ca(tmp_path / "pki")
+    x509.issue_guest(tmp_path / "pki", GUEST)
+    out = subprocess.run([sys.executable, "-c", _SWAP_AFTER_CHECK, str(tmp_path / "pki"), GUEST],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [GUEST, "0"], out
+    assert stat.S_ISFIFO((tmp_path / "pki" / "server-key.pem").stat().st_mode)  # swapped indeed
 
 def test_nbdinfo_nbdcopy_and_libnbd_over_tls(tls_server: tuple[ServerThread, Refusals, Path],
                                              pki: Path, short_tmp: Path) -> None:

@@ -7,6 +7,7 @@ verified by name. Who a verified client is, is its certificate's Common Name.
 
 from __future__ import annotations
 
+import os
 import ssl
 import stat
 from pathlib import Path
@@ -40,18 +41,45 @@ def read_tls_file(path: Path) -> bytes:
     return data
 
 
+def _memfd(name: str, data: bytes) -> int:
+    """An anonymous in-memory file holding `data` (no name on any filesystem)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _load_cert_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    """load_cert_chain from bytes: it takes only paths, so each goes to OpenSSL as an
+    anonymous memfd named by /proc/self/fd/N (a magic link to that very file, open to
+    this process whatever its user; nothing is written to a disk), closed right after."""
+    cert_fd = _memfd("tls-cert", cert_pem)
+    try:
+        key_fd = _memfd("tls-key", key_pem)
+        try:
+            ctx.load_cert_chain(f"/proc/self/fd/{cert_fd}", f"/proc/self/fd/{key_fd}")
+        finally:
+            os.close(key_fd)
+    finally:
+        os.close(cert_fd)
+
+
 def _context(purpose: ssl._SSLMethod, directory: Path, cert: str, key: str) -> ssl.SSLContext:
     ctx = ssl.SSLContext(purpose)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
     try:
-        # The CA from the bytes read_tls_file checked; the certificate and key (OpenSSL
-        # takes them only by path) checked the same way first.
+        # Each file's bytes as read_tls_file checked them, never its path again: a FIFO
+        # swapped in after the check would hold OpenSSL's open() for good.
         ca = read_tls_file(directory / CA_CERT)
-        for name in (cert, key):
-            read_tls_file(directory / name)
+        cert_pem, key_pem = read_tls_file(directory / cert), read_tls_file(directory / key)
         ctx.load_verify_locations(cadata=ca.decode("ascii", "ignore"))
-        ctx.load_cert_chain(str(directory / cert), str(directory / key))
+        _load_cert_chain(ctx, cert_pem, key_pem)
     except FileNotFoundError as exc:
         raise TlsSetupError(f"{exc.filename or directory}: missing; make the directory with"
                             f" `trustvbd tls init {directory}`") from None
