@@ -194,3 +194,28 @@ def test_a_wait_ends_at_anything_the_loop_watches(spinning: None, kind: str) -> 
             s.close()
     paid, vain, _yielded, _off = spinner.counts
     assert (paid, vain) == (1, 0), f"paid {paid}, in vain {vain}"
+
+
+def test_a_wait_left_queued_on_a_stopped_loop_does_not_stop_later_ones(spinning: None) -> None:
+    """A loop that stopped before its queued wait ran (a test's, a closed connection's)
+    leaves the next loop free to wait once the busy-wait is enabled again."""
+    assert spin.enable(spin.BUDGET_US, psi_max=100.0) is not None
+    a, b = socket.socketpair()
+    try:
+        loop = asyncio.new_event_loop()
+        spin.wait_soon(loop, a.fileno())
+        loop.close()  # the wait never ran
+        assert spin._queued
+        spinner = spin.enable(spin.BUDGET_US, psi_max=100.0)
+        assert spinner is not None
+
+        async def go() -> None:
+            spin.wait_soon(asyncio.get_running_loop(), a.fileno())
+            await asyncio.sleep(0.001)
+
+        asyncio.run(go())
+        paid, vain, _yielded, _off = spinner.counts
+        assert paid + vain == 1, "no wait ran"
+    finally:
+        a.close()
+        b.close()

@@ -37,7 +37,8 @@ def enable(budget_us: int = BUDGET_US, psi_max: float = _native.SPIN_PSI_MAX,
     """Turn the busy-wait on for this process (0: off). Without the CPU pressure file
     (a kernel without PSI) it stays off: the back-offs alone do not see a busy machine
     soon enough."""
-    global _spinner
+    global _spinner, _queued
+    _queued = False  # a wait queued on a loop that stopped before it ran is gone with it
     if budget_us <= 0:
         _spinner = None
         return None
@@ -55,8 +56,9 @@ def enable(budget_us: int = BUDGET_US, psi_max: float = _native.SPIN_PSI_MAX,
 
 
 def disable() -> None:
-    global _spinner
+    global _spinner, _queued
     _spinner = None
+    _queued = False
 
 
 def enabled() -> bool:
