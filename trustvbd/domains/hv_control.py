@@ -2,7 +2,10 @@
 
 One typed request per connection, one JSON line each way (domains/messages.py);
 the reply carries the request's id back ("reply_to"). Mode 0600: only the user
-that runs `up` (and root) may ask. A request may come with file descriptors
+that runs `up` (and root) may ask. Every client costs the launcher a descriptor and a
+task, so each stage is bounded: at most MAX_READING clients still sending their request
+(READ_TIMEOUT each), at most MAX_ANSWERING requests being answered (one more is refused
+with ErrorCode.BUSY, saying so), WRITE_TIMEOUT to take a reply. A request may come with file descriptors
 (SCM_RIGHTS): `unlock` sends its passphrase as the read end of a pipe, so the
 secret is never in a message; any other request's descriptors are closed unread.
 """
@@ -40,6 +43,17 @@ MAX_REQUEST = 64 * 1024
 MAX_FDS = 4
 READ_TIMEOUT = 10.0
 MAX_READING = 32
+# Requests being answered at once: each waits for domains (a stopped one costs a status its
+# timeout, an unlock much longer), so a script asking in a loop could otherwise hold every
+# descriptor the launcher has (and the channels it brokers need some).
+MAX_ANSWERING = 16
+WRITE_TIMEOUT = 10.0  # for a client to take its reply (one that reads nothing is hung up on)
+
+BUSY_MESSAGE = (
+    f"the launcher is answering {MAX_ANSWERING} control requests already (the most it takes"
+    " at once; something asks in a loop, or a stopped domain holds them: `trustvbd status`"
+    " shows one as paused, `kill -CONT PID` resumes it); nothing was done: ask again once"
+    " they are answered")
 
 
 class Answers(Protocol):
@@ -92,6 +106,17 @@ async def answer(line: bytes, fds: list[int], hv: Answers) -> dict[str, Any]:
     finally:
         _close(fds)
     return {**reply.encode(), "reply_to": rid}
+
+
+def busy(line: bytes, fds: list[int]) -> dict[str, Any]:
+    """The refusal of a request over MAX_ANSWERING (its descriptors closed unread)."""
+    _close(fds)
+    rid = None
+    with contextlib.suppress(ValueError):
+        raw = peer_json(line)
+        rid = raw.get("id") if isinstance(raw, dict) else None
+    return {**Failed(ErrorCode.BUSY, BUSY_MESSAGE).encode(),
+            "reply_to": rid if type(rid) is int else None}
 
 
 async def _readable(sock: socket.socket) -> None:
@@ -147,6 +172,8 @@ class ControlServer:
         self.sock.setblocking(False)
         self.tasks: set[asyncio.Task[None]] = set()
         self.reading: dict[asyncio.Task[None], None] = {}  # still reading a request, oldest first
+        self.answering = 0  # requests being answered (at most MAX_ANSWERING)
+        self.refusing = False
         self.accepting = asyncio.get_running_loop().create_task(self._accept())
 
     async def _accept(self) -> None:
@@ -174,8 +201,22 @@ class ControlServer:
             me = asyncio.current_task()
             if me is not None:
                 self.reading.pop(me, None)  # being answered: no newcomer closes it now
-            reply = await answer(line, fds, self.hv)
-            await asyncio.get_running_loop().sock_sendall(conn, json.dumps(reply).encode() + b"\n")
+            if self.answering >= MAX_ANSWERING:
+                if not self.refusing:  # once while it lasts: a loop would flood the log
+                    log.warning("control socket: %d requests are being answered, the most it"
+                                " takes at once: refusing more until some are", MAX_ANSWERING)
+                    self.refusing = True
+                reply = busy(line, fds)
+            else:
+                self.answering += 1
+                self.refusing = False
+                try:
+                    reply = await answer(line, fds, self.hv)
+                finally:
+                    self.answering -= 1
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await asyncio.get_running_loop().sock_sendall(
+                    conn, json.dumps(reply).encode() + b"\n")
         except (TimeoutError, OSError, ValueError):
             pass  # a client that says nothing in time, or too much, is hung up on
         finally:
