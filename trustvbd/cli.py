@@ -46,7 +46,12 @@ class ConnectionLost(NotRunning):
 
 
 class NoAnswer(Exception):
-    """`trustvbd up` runs (its control socket took the request) but did not answer in time."""
+    """`trustvbd up` runs but did not answer in time. `asked`: the request was sent (so it
+    may still be carried out), not refused before it (paused, backlog full)."""
+
+    def __init__(self, message: str, asked: bool = False) -> None:
+        super().__init__(message)
+        self.asked = asked
 
 
 def control_request(config: Config, request: Message, timeout: float = 30,
@@ -85,10 +90,12 @@ def ask_running(config: Config, request: Message, timeout: float = 30,
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     rid = secrets.randbelow(1 << 62) + 1
+    asked = False
     try:
         sock.connect(str(config.control_socket))
         socket.send_fds(sock, [json.dumps({**request.encode(), "id": rid}).encode() + b"\n"],
                         fds or [])
+        asked = True
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(1 << 20)
@@ -106,10 +113,14 @@ def ask_running(config: Config, request: Message, timeout: float = 30,
                        " stuck, or something else opens connections to it in a loop (its log"
                        " says which); try again") from None
     except TimeoutError:
-        _not_paused(config)  # paused meanwhile
+        try:
+            _not_paused(config)  # paused meanwhile
+        except NoAnswer as exc:
+            exc.asked = asked
+            raise
         raise NoAnswer(f"`trustvbd up` (state directory {config.state_dir}) did not answer"
                        f" within {timeout:g} s: it runs but is stuck or overloaded (its log"
-                       " says why; stopping it and starting it again is safe)") from None
+                       " says why; stopping it and starting it again is safe)", asked) from None
     finally:
         sock.close()
     if not data:
@@ -183,6 +194,10 @@ def cmd_store(args: argparse.Namespace) -> int:
 def print_status(status: dict[str, Any]) -> None:
     policy = status.get("policy") or "none (NULL policy: everything allowed)"
     print(f"trustvbd running: pid {status['pid']}, state {status['state_dir']}, policy {policy}")
+    if status.get("policy_loading"):
+        load = status["policy_loading"]
+        print(f"policy load in progress: {load['path']} (asked {load['since']}, {load['seconds']:.0f}"
+              " s ago; a new load is refused until it ends)")
     print("domains:")
     width = max([12, *(len(d["name"]) for d in status["domains"])])  # crypt-TYPE names run long
     for d in status["domains"]:
@@ -300,7 +315,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_policy_load(config_path: str, policy_file: str) -> int:
+def cmd_policy_load(config_path: str, policy_file: str, timeout: float = 30) -> int:
     from trustvbd.acm import PolicyError, load_policy
 
     config = _config(config_path)
@@ -310,7 +325,21 @@ def cmd_policy_load(config_path: str, policy_file: str) -> int:
     except (PolicyError, OSError) as exc:
         print(f"trustvbd policy load: {exc}", file=sys.stderr)
         return 1
-    reply = control_request(config, PolicyLoad(str(path)))
+    try:
+        reply = ask_running(config, PolicyLoad(str(path)), timeout)
+    except NotRunning as exc:
+        print(f"trustvbd: {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except NoAnswer as exc:
+        if not exc.asked:
+            print(f"trustvbd: {exc}", file=sys.stderr)
+            return 1
+        # Asked, so it goes on in the launcher (hv_policy.load) and holds off any other load.
+        print(f"trustvbd policy load: no answer within {timeout:g} s, but the load of {path}"
+              " goes on in the launcher (it, or a domain it asks, is paused or overloaded);"
+              f" `trustvbd status -c {config.path}` shows the policy in force, and this load"
+              " while it is in progress; a new load is refused until it ends", file=sys.stderr)
+        return 1
     if not isinstance(reply, PolicyLoaded):
         print(f"trustvbd policy load: {refusal(reply, 'unexpected reply')}", file=sys.stderr)
         return 1

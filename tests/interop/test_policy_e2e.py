@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import signal
@@ -400,6 +401,58 @@ def test_a_second_policy_load_while_one_is_in_progress_is_refused(short_tmp: Pat
         again = s.cli("policy", "load", "-c", str(s.config), str(second))
         assert "policy policy-b loaded" in again.stdout, again.stdout
         assert qemu_io(uri(s, "vm1", "payroll"))[0] != 0
+        s.stop()
+    finally:
+        s.kill()
+
+
+def test_a_load_past_the_clis_timeout_goes_on_and_status_shows_it(short_tmp: Path) -> None:
+    """A load that outlived the CLI's wait went on in the launcher, a new one refused as busy
+    until it ended, yet the CLI said only that `up` was "stuck or overloaded" and that
+    restarting it was safe, and `status` showed no load at all. Now the CLI says the load goes
+    on, where to see it and that a new one is refused meanwhile; `status` shows it (which
+    file, since when) until it ends, then the policy it put in force."""
+    s = start(short_tmp, env={"TRUSTVBD_ACM_TIMEOUT": "60"})  # paused below: no timeout
+    try:
+        def status() -> dict[str, Any]:
+            return json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)  # type: ignore[no-any-return]
+
+        acm_pid = next(d["pid"] for d in status()["domains"] if d["kind"] == "acm")
+        assert status()["policy_loading"] is None
+        new = short_tmp / "new.toml"
+        new.write_text(POLICY.replace('"payroll-example"', '"policy-new"').replace(
+            'Auditor = { ste = ["Payroll"] }', 'Auditor = { ste = ["Bank"] }'))
+        pause(acm_pid)
+        try:
+            asked = time.time()
+            out = run([*TRUSTVBD, "policy", "load", "-c", str(s.config), "--timeout", "2",
+                       str(new)], check=False, timeout=60)
+            assert out.returncode == 1, out
+            assert out.stderr.splitlines() == [
+                f"trustvbd policy load: no answer within 2 s, but the load of {new} goes on in"
+                " the launcher (it, or a domain it asks, is paused or overloaded); `trustvbd"
+                f" status -c {s.config}` shows the policy in force, and this load while it is in"
+                " progress; a new load is refused until it ends"], out.stderr
+            now = status()
+            loading = now["policy_loading"]
+            assert loading["path"] == str(new) and loading["seconds"] >= 2, loading
+            since = datetime.datetime.fromisoformat(loading["since"].replace("Z", "+00:00"))
+            assert abs(since.timestamp() - asked) < 5, (loading, asked)
+            assert now["policy"] != str(new)  # not yet in force
+            text = s.cli("status", "-c", str(s.config)).stdout
+            assert f"policy load in progress: {new} (asked {loading['since']}," in text, text
+            busy = run([*TRUSTVBD, "policy", "load", "-c", str(s.config), str(new)],
+                       check=False, timeout=60)
+            assert "a policy load is already in progress" in busy.stderr, busy
+        finally:
+            os.kill(acm_pid, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while (now := status())["policy_loading"] is not None:  # it ends in the launcher
+            assert time.monotonic() < deadline, now["policy_loading"]
+            time.sleep(0.2)
+        assert now["policy"] == str(new)
+        assert "policy load in progress" not in s.cli("status", "-c", str(s.config)).stdout
+        assert qemu_io(uri(s, "aud", "payroll"))[0] != 0  # the new policy, in force
         s.stop()
     finally:
         s.kill()

@@ -277,7 +277,10 @@ def register(sub: Any, load_policy_into_running: Any = None) -> None:
                           " new connections follow it at once, existing ones it forbids are closed.")
         p.add_argument("-c", "--config", required=True, help="config file (TOML) of the running system")
         p.add_argument("file", help="the new policy: Xen XML or .toml")
-        p.set_defaults(func=lambda a: load_policy_into_running(a.config, a.file))
+        p.add_argument("--timeout", type=float, default=30, metavar="SECONDS",
+                       help="wait this long for the launcher's answer (default 30); the load"
+                            " goes on in the launcher after it")
+        p.set_defaults(func=lambda a: load_policy_into_running(a.config, a.file, a.timeout))
 
     aud = sub.add_parser("audit", help="show or verify the tamper-evident audit log",
                          description="Print the audit log (every policy decision and integrity"

@@ -4,6 +4,7 @@ guests as the encryption domain reports them."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import socket
 import time
@@ -98,4 +99,16 @@ async def gather_status(hv: Launcher) -> m.HvStatus:
             **per_guest.get(g.name, {"connections": []})) for g in c.guests.values()],
         integrity_events=hv.integrity_events[-20:],
         attachments=attachments,  # XenBus states, read from the store
+        policy_loading=loading(hv.policy_loading),
     )
+
+
+def loading(policy_loading: tuple[str, float] | None) -> dict[str, Any] | None:
+    """The policy load in progress (its file, asked when: monotonic time), as status says it."""
+    if policy_loading is None:
+        return None
+    path, since = policy_loading
+    seconds = time.monotonic() - since
+    asked = datetime.datetime.fromtimestamp(time.time() - seconds, datetime.UTC)
+    return {"path": path, "since": asked.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "seconds": round(seconds, 1)}

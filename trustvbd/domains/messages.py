@@ -339,6 +339,8 @@ class HvStatus(Message):
     guests: list[GuestStatus]
     integrity_events: list[dict[str, Any]]
     attachments: list[AttachmentStatus]
+    # The policy load in progress: {"path", "since" (UTC, ISO 8601), "seconds"}; None: none.
+    policy_loading: dict[str, Any] | None = None
 
     def plain(self) -> dict[str, Any]:
         """As `status --json` prints it: the fields, without the message type."""
