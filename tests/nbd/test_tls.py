@@ -174,6 +174,48 @@ def test_the_certificate_and_key_loaded_are_the_bytes_checked(tmp_path: Path) ->
     assert out.stdout.split() == [GUEST, "0"], out
     assert stat.S_ISFIFO((tmp_path / "pki" / "server-key.pem").stat().st_mode)  # swapped indeed
 
+
+def test_an_encrypted_key_is_refused_not_asked_for_on_the_terminal(tmp_path: Path) -> None:
+    """OpenSSL, given no password callback, asked for an encrypted key's passphrase on the
+    terminal and waited (`up`'s check before start, the CLI's TLS client). Now it is refused
+    with one line naming the file and the fix. On a terminal (a pty), with a deadline."""
+    import pty
+    import select
+    import signal
+    import time
+
+    from cryptography.hazmat.primitives import serialization
+
+    x509.init_ca(tmp_path / "pki")
+    key_path = tmp_path / "pki" / "server-key.pem"
+    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.BestAvailableEncryption(b"secret")))
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: on the pty as its controlling terminal
+        try:
+            server_context(tmp_path / "pki")
+        except Exception as exc:  # the child says what came, and exits
+            os.write(1, f"{type(exc).__name__}: {exc}\n".encode())
+        os._exit(0)
+    out, deadline = b"", time.monotonic() + 20
+    try:
+        while time.monotonic() < deadline and b"\n" not in out:
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:  # the child exited
+                    break
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(fd)
+    assert out.decode().strip().replace("\r\n", " ").replace("\n", " ") == (
+        f"TlsSetupError: {key_path} is an encrypted private key, and trustvbd asks no passphrase"
+        " for one: decrypt it (`openssl pkey -in FILE -out FILE`, then chmod 600 FILE) or make"
+        " new files (`trustvbd tls init DIR`)"), out  # old code: "Enter PEM pass phrase:"
+
 def test_nbdinfo_nbdcopy_and_libnbd_over_tls(tls_server: tuple[ServerThread, Refusals, Path],
                                              pki: Path, short_tmp: Path) -> None:
     srv, refusals, disk = tls_server

@@ -54,15 +54,24 @@ def _memfd(name: str, data: bytes) -> int:
     return fd
 
 
-def _load_cert_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+def _load_cert_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes, key_path: Path
+                     ) -> None:
     """load_cert_chain from bytes: it takes only paths, so each goes to OpenSSL as an
     anonymous memfd named by /proc/self/fd/N (a magic link to that very file, open to
-    this process whatever its user; nothing is written to a disk), closed right after."""
+    this process whatever its user; nothing is written to a disk), closed right after.
+    An encrypted key is refused: without a password callback OpenSSL asked for its
+    passphrase on the terminal and waited (`up`'s check before start, the CLI)."""
+    def no_passphrase() -> bytes:
+        raise TlsSetupError(f"{key_path} is an encrypted private key, and trustvbd asks"
+                            " no passphrase for one: decrypt it (`openssl pkey -in FILE -out FILE`,"
+                            " then chmod 600 FILE) or make new files (`trustvbd tls init DIR`)")
+
     cert_fd = _memfd("tls-cert", cert_pem)
     try:
         key_fd = _memfd("tls-key", key_pem)
         try:
-            ctx.load_cert_chain(f"/proc/self/fd/{cert_fd}", f"/proc/self/fd/{key_fd}")
+            ctx.load_cert_chain(f"/proc/self/fd/{cert_fd}", f"/proc/self/fd/{key_fd}",
+                                password=no_passphrase)
         finally:
             os.close(key_fd)
     finally:
@@ -79,7 +88,7 @@ def _context(purpose: ssl._SSLMethod, directory: Path, cert: str, key: str) -> s
         ca = read_tls_file(directory / CA_CERT)
         cert_pem, key_pem = read_tls_file(directory / cert), read_tls_file(directory / key)
         ctx.load_verify_locations(cadata=ca.decode("ascii", "ignore"))
-        _load_cert_chain(ctx, cert_pem, key_pem)
+        _load_cert_chain(ctx, cert_pem, key_pem, directory / key)
     except FileNotFoundError as exc:
         raise TlsSetupError(f"{exc.filename or directory}: missing; make the directory with"
                             f" `trustvbd tls init {directory}`") from None
