@@ -98,3 +98,36 @@ def test_a_qd1_read_wakes_the_serving_thread_once(short_tmp: Path) -> None:
         slept = _voluntary_switches(tid) - before
         h.shutdown()
     assert reads * 0.25 <= slept <= reads * 1.25, f"{slept} sleeps for {reads} reads: woken twice per request?"
+
+
+def _write_calls(tid: int) -> int:
+    for line in Path(f"/proc/self/task/{tid}/io").read_text().splitlines():
+        if line.startswith("syscw:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no syscw for thread {tid}")
+
+
+def test_a_big_write_is_pwritten_in_pieces_that_keep_page_cache_folios_small(
+        short_tmp: Path) -> None:
+    # The kernel sizes a page-cache folio by the write that makes it; a later 4 KiB write
+    # into a large folio costs ext4 a walk over all its buffer heads (4-12 µs against 2-3
+    # for a 32 KiB one: bench/README.md, session 19). So a WRITE's payload is pwritten in
+    # pieces within 32 KiB-aligned spans of the file, not as it was received (~100 KiB and
+    # more per receive). Counted: the serving thread's write system calls.
+    disk = short_tmp / "disk.img"
+    fb = FileBackend(str(disk), 8 * MiB)
+    data = os.urandom(2 * MiB)
+    with ServerThread(StaticExports([Export("", fb)]), short_tmp / "s.sock", "uvloop") as srv:
+        h = nbd.NBD()
+        h.connect_uri(srv.uri())
+        h.pwrite(b"\x02" * 4096, 0)  # the connection is handed to the native loop
+        serving = [t for t in threading.enumerate() if t.name.startswith("nbd ")]
+        assert len(serving) == 1 and serving[0].native_id is not None, "not served natively"
+        tid = serving[0].native_id
+        before = _write_calls(tid)
+        h.pwrite(data, 16 * 1024)  # starts mid-piece: 1 + 63 + 1 pieces
+        calls = _write_calls(tid) - before
+        h.shutdown()
+    fb.close_now()
+    assert calls >= 65 + 1, f"{calls} write calls for 2 MiB: pwritten in pieces of > 32 KiB?"
+    assert disk.read_bytes()[16 * 1024:16 * 1024 + 2 * MiB] == data
