@@ -56,7 +56,7 @@ connection and a failure is recorded as always. A run after a reply goes one loo
 later, so the reply leaves first.
 
 Records first: a run leaves only once the intent records of its writes (and of every
-write before them) are durable (`gate`, crypt_commit.Commits.when_durable): a driver may
+write before them) are durable (`gate`, group_commit.GroupCommit.when_durable): a driver may
 persist ciphertext at once, and a power cut of this host must not leave ciphertext no
 durable record explains. Their sync starts as the records are made, so by the time a
 run leaves (after the reply, the gather timer or a FLUSH) it is usually done. When it is
@@ -123,7 +123,7 @@ Send = Callable[[int, Buffer, Buffer, bool], Coroutine[Any, Any, None]]
 Submit = Callable[[list[tuple[int, int, Buffer, Buffer]], bool, Callable[[list[bool]], None]],
                   bool]
 # True if every intent record appended so far is durable; else False, and the callable is
-# called once they are (None) or their sync failed (the error): crypt_commit.when_durable.
+# called once they are (None) or their sync failed (the error): group_commit.GroupCommit.when_durable.
 Gate = Callable[[Callable[[OSError | None], None], bool], bool]
 # Writes behind ended (their replicas answered, or they are lost): the range-lock holds
 # they kept, and how many writes they were (a rewrite of a held run keeps no hold of its
@@ -418,7 +418,7 @@ class WriteBehind:
     def _go(self, runs: list[_Run], fua: bool = False, here: bool = False) -> None:
         """The runs' replica writes leave together as soon as the intent records are
         durable (the gate: their sync started with them, so it is often done; `here`, a
-        FLUSH waits for them: synced on the loop, crypt_commit.Commits._sync_next):
+        FLUSH waits for them: synced on the loop, group_commit.GroupCommit._sync_next):
         submitted in one batch where the replicas can queue them (one future per replica,
         not one per run), else each in a task (`_start`)."""
         for run in runs:
