@@ -486,15 +486,21 @@ class Connection(asyncio.BufferedProtocol):
             self._queue(out, now=not self._native_running and not self._tasks)
         return start, items, want
 
-    def _native_replied(self) -> None:
-        """Replies of native reads are framed in the session (told by a replica's client,
-        once per batch of replies a replica's connection received, where the session does
-        not settle them itself: _native_settled)."""
+    def _native_output(self) -> tuple[list[bytes | bytearray], int]:
+        """The session's framed replies of native reads (and how many reads they end),
+        taken and accounted: the reads no longer run, their bytes are no longer in flight."""
         session = self.core.session
         assert session is not None  # native reads ran: the session started them
         out, ended, nbytes = session.take_output()
         self._native_running -= ended
         self._inflight_bytes -= nbytes
+        return out, ended
+
+    def _native_replied(self) -> None:
+        """Replies of native reads are framed in the session (told by a replica's client,
+        once per batch of replies a replica's connection received, where the session does
+        not settle them itself: _native_settled)."""
+        out, _ = self._native_output()
         if out:
             self._queue(out, now=not self._native_running and not self._tasks)
         self._native_ended()
@@ -503,11 +509,7 @@ class Connection(asyncio.BufferedProtocol):
         """Replies of native reads framed in the session during a loop turn (the session has
         the loop call this once, after the turn's ready sockets): they leave now, with what
         else is queued, and their reads are accounted as ended."""
-        session = self.core.session
-        assert session is not None  # native reads ran: the session started them
-        out, ended, nbytes = session.take_output()
-        self._native_running -= ended
-        self._inflight_bytes -= nbytes
+        out, ended = self._native_output()
         if out:
             self._queue(out, now=True)
         if ended:
