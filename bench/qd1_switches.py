@@ -45,7 +45,8 @@ def fio(uri: str, rw: str, runtime: int, size: int, depth: int) -> dict[str, flo
     job = json.loads(out[out.index("{"):])["jobs"][0]["read" if "read" in rw else "write"]
     pct = job["clat_ns"].get("percentile", {})
     return {"iops": float(job["iops"]), "n": int(job["total_ios"]),
-            "p50": pct.get("50.000000", 0) / 1e3, "p99": pct.get("99.000000", 0) / 1e3}
+            "p50": pct.get("50.000000", 0) / 1e3, "p90": pct.get("90.000000", 0) / 1e3,
+            "p99": pct.get("99.000000", 0) / 1e3, "p999": pct.get("99.900000", 0) / 1e3}
 
 
 def _field(text: str, name: str) -> int:
@@ -147,7 +148,8 @@ def main() -> int:
                             per += (f" sleeps {d[0] / n:.2f} preempted {d[1] / n:.2f}"
                                     f" rq-wait {d[2] / n * 1e6:.1f}")
                         per += ";"
-                    print(f"r{r} {name:16} {rw:9} p50 {res['p50']:7.1f} p99 {res['p99']:8.1f} "
+                    print(f"r{r} {name:16} {rw:9} p50 {res['p50']:7.1f} p90 {res['p90']:7.1f} "
+                          f"p99 {res['p99']:8.1f} p99.9 {res['p999']:8.1f} "
                           f"iops {res['iops']:7.0f} load {os.getloadavg()[0]:4.1f} | per request:{per}", flush=True)
     return 0
 

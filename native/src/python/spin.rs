@@ -13,7 +13,12 @@
 //!   from (the driver or the guest woken by this thread, placed beside it); a spin that
 //!   kept the CPU made it wait for the budget to run out (session 17's busy-wait, worse
 //!   on the quiet machine). Being switched out so is counted (`yielded`), not a back-off;
-//! - does not spin at all for OFF_VAIN after a wait the bytes did not come in;
+//! - does not spin at all for a while after a wait the bytes did not come in: OFF_VAIN_FIRST
+//!   after a lone one, doubled for each further one until PAID_TO_FORGIVE waits in a row
+//!   have paid, up to OFF_VAIN. A QD1 chain on a quiet VM has a late reply now and then
+//!   (a host hiccup): a flat 20 ms off made each one ~115 requests at the sleeping latency,
+//!   runs that were the spinning rows' p97-p99 (bench/README.md, session 19, h9); a guest
+//!   whose requests mostly come after the budget still turns it off for OFF_VAIN soon;
 //! - does not spin while the machine's CPU pressure (`/proc/pressure/cpu`, `some avg10`:
 //!   the share of time some task waited for a CPU) is above PSI_MAX, read at most every
 //!   PSI_EVERY from a descriptor opened before the domain was confined. Unreadable
@@ -36,8 +41,12 @@ use super::foreign;
 
 /// The longest budget a Spinner takes.
 pub(crate) const BUDGET_MAX: Duration = Duration::from_micros(500);
-/// No spinning for this long after a wait the bytes did not come in.
+/// No spinning for at most this long after a wait the bytes did not come in.
 pub(crate) const OFF_VAIN: Duration = Duration::from_millis(20);
+/// No spinning for this long after a lone wait in vain (doubled per further one).
+pub(crate) const OFF_VAIN_FIRST: Duration = Duration::from_millis(1);
+/// Waits in a row that must pay before a wait in vain counts as lone again.
+pub(crate) const PAID_TO_FORGIVE: u32 = 64;
 /// How often the CPU pressure is read.
 pub(crate) const PSI_EVERY: Duration = Duration::from_millis(250);
 /// No spinning while some task waited for a CPU more than this share of the last 10 s
@@ -57,6 +66,10 @@ pub(crate) struct Counts {
 pub(crate) struct SpinGate {
     budget: Duration,
     off_until: Option<Instant>,
+    /// Waits in vain since PAID_TO_FORGIVE waits in a row last paid, and those paid since
+    /// the last in vain.
+    vain_streak: u32,
+    paid_run: u32,
     psi: Option<File>,
     psi_max: f64,
     psi_read_at: Option<Instant>,
@@ -84,6 +97,8 @@ impl SpinGate {
         Ok(Self {
             budget,
             off_until: None,
+            vain_streak: 0,
+            paid_run: 0,
             psi,
             psi_max,
             psi_read_at: None,
@@ -133,9 +148,15 @@ impl SpinGate {
         }
         if ready {
             self.counts.paid += 1;
+            self.paid_run = self.paid_run.saturating_add(1);
+            if self.paid_run >= PAID_TO_FORGIVE {
+                self.vain_streak = 0;
+            }
         } else {
             self.counts.vain += 1;
-            self.off_until = Some(Instant::now() + OFF_VAIN);
+            self.paid_run = 0;
+            self.off_until = Some(Instant::now() + off_after_vain(self.vain_streak));
+            self.vain_streak = self.vain_streak.saturating_add(1);
         }
         ready
     }
@@ -154,6 +175,11 @@ impl SpinGate {
         };
         self.pressured
     }
+}
+
+/// How long no wait spins after one in vain that follows `streak` others (see SpinGate).
+pub(crate) fn off_after_vain(streak: u32) -> Duration {
+    OFF_VAIN_FIRST.saturating_mul(1 << streak.min(16)).min(OFF_VAIN)
 }
 
 /// `some avg10` of a /proc/pressure file's text ("some avg10=1.23 avg60=..."), in %.
@@ -254,6 +280,51 @@ mod tests {
         c.write_all(b"x").unwrap();
         assert!(!gate.wait(d.as_raw_fd()));
         assert_eq!(gate.counts.off, 1);
+    }
+
+    #[test]
+    fn a_lone_wait_in_vain_turns_spinning_off_briefly_not_for_the_whole_back_off() {
+        let (_a, b) = UnixStream::pair().unwrap();
+        let mut gate = SpinGate::new(Duration::from_micros(50), None, PSI_MAX).unwrap();
+        assert!(!gate.wait(b.as_raw_fd()));
+        // Off just after it...
+        let (mut c, d) = UnixStream::pair().unwrap();
+        c.write_all(b"x").unwrap();
+        assert!(!gate.wait(d.as_raw_fd()));
+        assert_eq!(gate.counts.off, 1);
+        // ...and spinning again well before OFF_VAIN (a flat 20 ms made each late reply of
+        // a quiet VM ~115 QD1 requests at the sleeping latency).
+        std::thread::sleep(OFF_VAIN_FIRST * 3);
+        assert!(
+            gate.wait(d.as_raw_fd()),
+            "still off {:?} after a lone wait in vain",
+            OFF_VAIN_FIRST * 3
+        );
+        assert_eq!(gate.counts.paid, 1);
+    }
+
+    #[test]
+    fn waits_in_vain_in_a_row_back_off_longer_until_enough_have_paid() {
+        assert_eq!(off_after_vain(0), OFF_VAIN_FIRST);
+        assert_eq!(off_after_vain(1), OFF_VAIN_FIRST * 2);
+        assert_eq!(off_after_vain(40), OFF_VAIN);
+        let (_a, b) = UnixStream::pair().unwrap();
+        let (mut c, d) = UnixStream::pair().unwrap();
+        c.write_all(b"x").unwrap();
+        let mut gate = SpinGate::new(Duration::from_micros(20), None, PSI_MAX).unwrap();
+        // A guest whose next request mostly comes after the budget: vain, a few paid, vain...
+        for streak in 0..3 {
+            gate.off_until = None;
+            assert!(!gate.wait(b.as_raw_fd()));
+            assert_eq!(gate.vain_streak, streak + 1);
+            gate.off_until = None;
+            assert!(gate.wait(d.as_raw_fd()));
+        }
+        // ...until PAID_TO_FORGIVE waits in a row pay: then a wait in vain is lone again.
+        for _ in 0..PAID_TO_FORGIVE {
+            assert!(gate.wait(d.as_raw_fd()));
+        }
+        assert_eq!(gate.vain_streak, 0);
     }
 
     #[test]
