@@ -20,6 +20,7 @@ from tests.nbd.helpers import RawClient
 from tests.support import System, config, disk, driver, guest, run
 from trustvbd.acm.audit import AuditLog
 from trustvbd.acm.audit_read import verify
+from trustvbd.domains.hv_control import BUSY_MESSAGE, MAX_ANSWERING
 from trustvbd.nbd import protocol as p
 
 pytestmark = pytest.mark.interop
@@ -342,7 +343,10 @@ def test_a_stopped_encryption_domain_cannot_stall_the_launcher(short_tmp: Path) 
     guest load is the same) filled its socket after ~280 small messages (`scrub` of its disk,
     asked often), and from then on each message to it held the whole launcher 10 s: `status`
     timed out and the other workload type's guests got no decision. Now every send is
-    queued when the socket is full; the stopped domain's requests fail, one line each."""
+    queued when the socket is full; the stopped domain's requests fail, one line each. Since
+    the control socket answers at most MAX_ANSWERING requests at once (the rest refused as
+    busy at once) and `status` has places of its own, the flood no longer reaches the
+    domain's socket from here; what must hold is the same: status and the other guests go on."""
     s = start(short_tmp)
     try:
         st = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
@@ -383,8 +387,10 @@ def test_a_stopped_encryption_domain_cannot_stall_the_launcher(short_tmp: Path) 
             os.kill(pids["crypt-Bank"], signal.SIGCONT)
         errors = [r.get("message", "") for r in replies]
         assert all(r["type"] == "failed" for r in replies), replies[:3]
-        assert any("reads nothing from its control channel" in e for e in errors), errors[:12]
-        assert all("crypt-Bank" in e for e in errors), errors
+        refused = [e for e in errors if e == BUSY_MESSAGE]
+        held = [e for e in errors if e != BUSY_MESSAGE]
+        assert len(held) >= MAX_ANSWERING and refused, errors[:3]
+        assert all("crypt-Bank" in e for e in held), held
         # Its channel stayed open: once it runs again it answers and its guest is served.
         code, text = run_qemu_io(uri(s, "vm2", "bank"))
         assert code == 0, text

@@ -48,12 +48,28 @@ MAX_READING = 32
 # descriptor the launcher has (and the channels it brokers need some).
 MAX_ANSWERING = 16
 WRITE_TIMEOUT = 10.0  # for a client to take its reply (one that reads nothing is hung up on)
+# `status` has places of its own: a flood of other requests (held by a stopped domain) must
+# never hide what `trustvbd status` would show about it.
+MAX_STATUS = 4
 
 BUSY_MESSAGE = (
     f"the launcher is answering {MAX_ANSWERING} control requests already (the most it takes"
     " at once; something asks in a loop, or a stopped domain holds them: `trustvbd status`"
     " shows one as paused, `kill -CONT PID` resumes it); nothing was done: ask again once"
     " they are answered")
+STATUS_BUSY_MESSAGE = (
+    f"the launcher is answering {MAX_STATUS} status requests already (the most it takes at"
+    " once); ask again once they are answered")
+
+
+def _is_status(line: bytes) -> bool:
+    """Whether a request line asks for `status` (anything unreadable is not: answer() says
+    what is wrong with it)."""
+    try:
+        raw = peer_json(line)
+    except ValueError:
+        return False
+    return isinstance(raw, dict) and raw.get("type") == StatusQuery.TYPE
 
 
 class Answers(Protocol):
@@ -108,14 +124,14 @@ async def answer(line: bytes, fds: list[int], hv: Answers) -> dict[str, Any]:
     return {**reply.encode(), "reply_to": rid}
 
 
-def busy(line: bytes, fds: list[int]) -> dict[str, Any]:
+def busy(line: bytes, fds: list[int], message: str = BUSY_MESSAGE) -> dict[str, Any]:
     """The refusal of a request over MAX_ANSWERING (its descriptors closed unread)."""
     _close(fds)
     rid = None
     with contextlib.suppress(ValueError):
         raw = peer_json(line)
         rid = raw.get("id") if isinstance(raw, dict) else None
-    return {**Failed(ErrorCode.BUSY, BUSY_MESSAGE).encode(),
+    return {**Failed(ErrorCode.BUSY, message).encode(),
             "reply_to": rid if type(rid) is int else None}
 
 
@@ -173,6 +189,7 @@ class ControlServer:
         self.tasks: set[asyncio.Task[None]] = set()
         self.reading: dict[asyncio.Task[None], None] = {}  # still reading a request, oldest first
         self.answering = 0  # requests being answered (at most MAX_ANSWERING)
+        self.answering_status = 0  # and status requests, beside them (at most MAX_STATUS)
         self.refusing = False
         self.accepting = asyncio.get_running_loop().create_task(self._accept())
 
@@ -201,7 +218,9 @@ class ControlServer:
             me = asyncio.current_task()
             if me is not None:
                 self.reading.pop(me, None)  # being answered: no newcomer closes it now
-            if self.answering >= MAX_ANSWERING:
+            if _is_status(line):
+                reply = await self._status(line, fds)
+            elif self.answering >= MAX_ANSWERING:
                 if not self.refusing:  # once while it lasts: a loop would flood the log
                     log.warning("control socket: %d requests are being answered, the most it"
                                 " takes at once: refusing more until some are", MAX_ANSWERING)
@@ -221,6 +240,15 @@ class ControlServer:
             pass  # a client that says nothing in time, or too much, is hung up on
         finally:
             conn.close()
+
+    async def _status(self, line: bytes, fds: list[int]) -> dict[str, Any]:
+        if self.answering_status >= MAX_STATUS:
+            return busy(line, fds, STATUS_BUSY_MESSAGE)
+        self.answering_status += 1
+        try:
+            return await answer(line, fds, self.hv)
+        finally:
+            self.answering_status -= 1
 
     def close(self) -> None:
         self.accepting.cancel()
