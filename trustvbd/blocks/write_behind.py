@@ -103,9 +103,9 @@ GATHER_BLOCKS = 32  # a run of adjacent writes behind goes out at this many bloc
 # intent-log sync, a replica write and its reply; the counts below bound what waits.
 GATHER_S = 0.02
 # Unsent runs held at most: one more sends them all together. Random writes are a run
-# each, and each such departure asks for an intent-log sync if none runs: in `up` at QD16,
-# one fdatasync per 28-29 writes with 8, per 37 with 32 (bench/README.md, session 19).
-# Held runs are found by their end block: holding more costs no scan per write.
+# each, and each such departure asks for an intent-log sync if none runs, so more held
+# runs mean fewer syncs per write (measured: bench/README.md). Held runs are found by
+# their end block: holding more costs no scan per write.
 HELD_RUNS = 32
 # Writes held unsent at most: one more sends them all together. Below WRITE_BEHIND_MAX,
 # so the next writes are answered behind while these are in flight.
@@ -346,9 +346,7 @@ class WriteBehind:
             self._streak = self._streak + 1 if self._since_flush == 1 else 0
             self._since_flush = 0
         starting, self._starting = self._starting, []
-        held, self._runs = self._runs, []
-        self._ends = {}
-        self._held = 0
+        held = self._take_held()
         fua = fua and len(starting) + len(held) == 1
         leaving = starting + held
         if leaving:  # something waits for them: they leave now
@@ -375,14 +373,17 @@ class WriteBehind:
         if not self._runs:
             return
         if self._last <= self._armed:
-            held, self._runs = self._runs, []
-            self._ends = {}
-            self._held = 0
+            held = self._take_held()
             self._join_all(held)
             self._go(held)
         else:
             self._armed = self._last
             self._timer = self._running_loop().call_at(self._last + GATHER_S, self._waited)
+
+    def _take_held(self) -> list[_Run]:
+        """The unsent runs, taken: none is held (nor found by its end block) from now on."""
+        held, self._runs, self._ends, self._held = self._runs, [], {}, 0
+        return held
 
     def _join_all(self, runs: list[_Run]) -> None:
         """Each run's pieces joined: they grow no more (one call for the runs that leave
@@ -399,9 +400,7 @@ class WriteBehind:
         write returned, leaves first, and the guest prepares its next request while the
         driver works. (A callback queued now would run before the reply's; the one it
         queues, after it.) All in one turn: one send per driver."""
-        held, self._runs = self._runs, []
-        self._ends = {}
-        self._held = 0
+        held = self._take_held()
         self._join_all(held)
         self._starting += held
         if not self._start_queued:
