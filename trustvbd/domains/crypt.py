@@ -522,9 +522,8 @@ async def amain(control_fd: int, ready_fd: int | None, unlock: Unlock | None = N
 
 def spin_budget(text: str | None) -> int:
     """The busy-wait's budget in µs (nbd/spin.py) from TRUSTVBD_SPIN_US (0 or unset: off;
-    `spin.BUDGET_US` is the one measured). Off by default until a quiet machine shows it
-    pays: session 17's wait, without yielding, made QD1 slower there (bench/README.md,
-    session 19)."""
+    `spin.BUDGET_US` is the one measured). Off by default: on a quiet machine it lowers
+    QD1 medians but raises the write tail (bench/README.md, docs/placement.md)."""
     if text is None:
         return 0
     try:

@@ -25,7 +25,7 @@ from trustvbd import _native
 
 log = logging.getLogger("trustvbd.nbd.spin")
 
-BUDGET_US = 100  # what TRUSTVBD_SPIN_US was measured with (bench/README.md, sessions 17, 19)
+BUDGET_US = 100  # what TRUSTVBD_SPIN_US was measured with (bench/README.md)
 PSI_PATH = "/proc/pressure/cpu"
 
 _spinner: _native.Spinner | None = None

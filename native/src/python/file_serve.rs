@@ -363,8 +363,8 @@ impl Served {
 /// `data` pwritten at `at` in pieces that each stay within one PIECE-aligned span of the
 /// file, so the page cache's folios it makes stay small: the kernel sizes a folio by the
 /// write that makes it, and a later 4 KiB write into a large one costs a walk over all its
-/// buffer heads (ext4): 6-14 µs into a 512 KiB folio against 2-3 µs into a 32 KiB one
-/// (bench/README.md, session 19). Reads from small folios cost ~0.4 µs more per 4 KiB.
+/// buffer heads (ext4), several times what a write into a small one costs; reads from
+/// small folios cost a little more (measured: bench/README.md).
 fn write_in_pieces(file: &File, data: &[u8], at: u64) -> io::Result<()> {
     let mut done = 0usize;
     while done < data.len() {

@@ -3,7 +3,7 @@
 //!
 //! A QD1 read wakes the encryption domain twice (the guest's request, the driver's
 //! reply); on a VM whose idle vCPUs halt at once each wake-up of a sleeping process costs
-//! tens of µs (bench/README.md, session 19: bench/wake_cost.py). Polling the socket for a
+//! tens of µs (bench/wake_cost.py measures it). Polling the socket for a
 //! short budget instead of sleeping saves that when the bytes come within it. So a wait:
 //!
 //! - spins at most `budget` (never more than BUDGET_MAX), then gives up: the caller goes
@@ -11,14 +11,14 @@
 //! - yields the CPU (sched_yield) between two looks at the socket: a task the scheduler
 //!   put on this CPU meanwhile runs at once. That task is often the one the bytes come
 //!   from (the driver or the guest woken by this thread, placed beside it); a spin that
-//!   kept the CPU made it wait for the budget to run out (session 17's busy-wait, worse
-//!   on the quiet machine). Being switched out so is counted (`yielded`), not a back-off;
+//!   kept the CPU made it wait for the budget to run out. Being switched out so is
+//!   counted (`yielded`), not a back-off;
 //! - does not spin at all for a while after a wait the bytes did not come in: OFF_VAIN_FIRST
 //!   after a lone one, doubled for each further one until PAID_TO_FORGIVE waits in a row
 //!   have paid, up to OFF_VAIN. A QD1 chain on a quiet VM has a late reply now and then
-//!   (a host hiccup): a flat 20 ms off made each one ~115 requests at the sleeping latency,
-//!   runs that were the spinning rows' p97-p99 (bench/README.md, session 19, h9); a guest
-//!   whose requests mostly come after the budget still turns it off for OFF_VAIN soon;
+//!   (a host hiccup): a flat OFF_VAIN after each made a long run of requests at the
+//!   sleeping latency, the tail of the latency (bench/README.md); a guest whose requests
+//!   mostly come after the budget still turns it off for OFF_VAIN soon;
 //! - does not spin while the machine's CPU pressure (`/proc/pressure/cpu`, `some avg10`:
 //!   the share of time some task waited for a CPU) is above PSI_MAX, read at most every
 //!   PSI_EVERY from a descriptor opened before the domain was confined. Unreadable
