@@ -23,7 +23,7 @@ use super::read_plane::{Finished, NativeRead, Why};
 use crate::nbd_client::{ClientCore, Completion, ReadTarget};
 use crate::nbd_wire::{CMD_READ, CMD_WRITE, REQUEST_SIZE};
 
-/// Reads per `readable()` call at most: the loop serves other sockets in between.
+/// Reads per `ready()` call at most: the loop serves other sockets in between.
 const READS_PER_CALL: usize = 16;
 /// Buffers per writev (Linux's IOV_MAX is 1024).
 const IOVECS_PER_WRITE: usize = 256;
@@ -450,7 +450,7 @@ impl NbdClientEngine {
     /// Queues a WRITE for each (offset, data) of `writes`, in order, with consecutive
     /// cookies from the one returned, sent at loop time `sent`: a batch of writes behind
     /// costs one call, not one per request. Their replies are paired and counted here:
-    /// `readable` (or `feed`) hands the batch over once, when its last WRITE is answered
+    /// `ready` (or `feed`) hands the batch over once, when its last WRITE is answered
     /// (the write batch: slots freed, [(first cookie, None or [(index, NBD error,
     /// message)])]); `abandon_writes` says what a broken connection left unanswered.
     /// With `bounds` (the export's size, minimum block and maximum payload): None, with
@@ -628,35 +628,19 @@ impl NbdClientEngine {
         Ok(list)
     }
 
-    /// readable() -> (completions, broken, eof, native batch, write batch)
-    ///
-    /// Receives what the socket has (a bounded number of reads) and returns the
-    /// requests answered, as (cookie, nbd error, message) tuples, but for the WRITEs
-    /// of `request_writes` (the write batch: None if none was answered); `broken` says
-    /// why the connection is unusable (a protocol violation or a failed read), `eof`
-    /// that the server closed its end.
-    fn readable<'py>(&mut self, py: Python<'py>) -> PyResult<Batch<'py>> {
-        let (reason, eof) = self.receive()?;
-        let mut finished = Finished::default();
-        let mut writes = WritesAnswered::default();
-        let done = self.completions(py, &mut finished, &mut writes)?;
-        Ok((
-            done,
-            reason,
-            eof,
-            Self::native_batch(py, finished)?,
-            Self::writes_batch(py, writes)?,
-        ))
-    }
-
-    /// ready(client): the loop's reader callback (add_reader(fd, engine.ready, client)): as
-    /// `readable`, but a batch that did nothing but answer native reads without fault (their
-    /// replies in their sessions' output, which settle once per loop turn) is finished here:
-    /// `client._free_slots` gets their slots back and `client.answered_at` is the loop's
-    /// time, no Python call. Anything else goes to `client._resolve(batch)`, as from
-    /// `readable`: other completions, failed reads, write batches, a broken or closed
-    /// connection, slots a waiter may be owed (none free: `release_slot` hands them on) and
-    /// a `client._idle` someone waits on.
+    /// ready(client): the loop's reader callback (add_reader(fd, engine.ready, client)).
+    /// Receives what the socket has (a bounded number of reads) and hands
+    /// `client._resolve` the batch (completions, broken, eof, native batch, write batch):
+    /// the requests answered, as (cookie, nbd error, message) tuples, but for the WRITEs of
+    /// `request_writes` (the write batch: None if none was answered); `broken` says why the
+    /// connection is unusable (a protocol violation or a failed read), `eof` that the
+    /// server closed its end. But a batch that did nothing but answer native reads without
+    /// fault (their replies in their sessions' output, which settle once per loop turn) is
+    /// finished here: `client._free_slots` gets their slots back and `client.answered_at`
+    /// is the loop's time, no Python call. Anything else goes to `client._resolve(batch)`:
+    /// other completions, failed reads, write batches, a broken or closed connection, slots
+    /// a waiter may be owed (none free: `release_slot` hands them on) and a `client._idle`
+    /// someone waits on.
     fn ready(slf: &Bound<'_, Self>, client: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = slf.py();
         let batch = {
@@ -691,10 +675,11 @@ impl NbdClientEngine {
         Ok(())
     }
 
-    /// feed(data) -> as readable (eof False): bytes a carried stream received.
+    /// feed(data) -> a batch as `ready` hands over (eof False): bytes a carried stream
+    /// received.
     fn feed<'py>(&mut self, py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Batch<'py>> {
         if !self.fed {
-            return Err(PyValueError::new_err("this engine reads its own socket (readable)"));
+            return Err(PyValueError::new_err("this engine reads its own socket (ready)"));
         }
         let data = LentBuffer::new(data, false)?;
         let _ = self.core.feed(data.bytes()); // a violation is reported below
