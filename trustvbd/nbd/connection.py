@@ -11,8 +11,11 @@ differs. One module per concern:
 - connection_handshake.py: the handshake's asyncio side, STARTTLS, the export attached;
 - connection_limits.py: what a connection may hold (tasks, bytes, budget), idling;
 - reply_output.py: replies queued, framed and written;
+- request_serving.py: requests served in Python, the backend called;
+- native_planes.py: requests in the backend's native read and write planes;
 - parted_requests.py: READs and WRITEs longer than REQUEST_PART (32 MiB);
-- this module: the asyncio callbacks, request dispatch and closing.
+- connection_closing.py: aborting, closing gracefully, finishing;
+- this module: the asyncio callbacks and request dispatch.
 
 Speed: bytes are received straight into the core's buffers (BufferedProtocol),
 and each request runs inline: its handler coroutine is stepped once by hand,
@@ -43,51 +46,36 @@ error reply closes this one connection only.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import operator
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from trustvbd import eager
-from trustvbd._native import NbdServerSession
-from trustvbd.blockdev import (
-    Backend,
-    BlockError,
-    Buffer,
-    ReportsAllocation,
-    ServesReadsNatively,
-    WritesNatively,
-    provides,
+from trustvbd.blockdev import Backend, Buffer, ServesReadsNatively, WritesNatively
+from trustvbd.nbd import (
+    connection_closing,
+    connection_limits,
+    file_serve,
+    native_planes,
+    reply_output,
+    request_serving,
 )
-from trustvbd.nbd import connection_limits, file_serve, reply_output
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.connection_handshake import handshake
 from trustvbd.nbd.core import ProtocolCore, Role
 from trustvbd.nbd.exports import Export, PeerInfo
-from trustvbd.nbd.parted_requests import PartedWrite, dispatch_part, serve_parted_read
+from trustvbd.nbd.parted_requests import PartedWrite, dispatch_part
 from trustvbd.nbd.server_handshake import GREETING_FLAGS
 
 if TYPE_CHECKING:
-    from trustvbd.nbd.client import NbdClient
     from trustvbd.nbd.server import NbdServer
 
 log = logging.getLogger("trustvbd.nbd.server")
 
 # Plain ints on the per-request path: enum attribute access costs microseconds.
-_READ, _WRITE, _DISC, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES, _BLOCK_STATUS = (
-    int(c) for c in (p.Cmd.READ, p.Cmd.WRITE, p.Cmd.DISC, p.Cmd.FLUSH, p.Cmd.TRIM, p.Cmd.CACHE,
-                     p.Cmd.WRITE_ZEROES, p.Cmd.BLOCK_STATUS)
-)
-_FUA, _NO_HOLE, _FAST_ZERO = int(p.CmdFlag.FUA), int(p.CmdFlag.NO_HOLE), int(p.CmdFlag.FAST_ZERO)
-_REQ_ONE = int(p.CmdFlag.REQ_ONE)
-_WRITE_TYPES = (_WRITE, _TRIM, _WRITE_ZEROES)
-_POOL_MIN = 64 * 1024  # smaller payloads are sliced from the receive buffer, not pooled
-_REQUEST_SIZE = 28  # an NBD request header
-_FREE_SLOTS = operator.attrgetter("_free_slots")  # an NbdClient's request slots free
+_READ, _WRITE, _DISC = int(p.Cmd.READ), int(p.Cmd.WRITE), int(p.Cmd.DISC)
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -265,6 +253,23 @@ class Connection(asyncio.BufferedProtocol):
     _reply_error = reply_output.reply_error
     _queue = reply_output.queue
     _flush = reply_output.flush
+    # requests served in Python (request_serving.py)
+    _run = request_serving.run
+    _serve = request_serving.serve
+    _refuse = request_serving.refuse
+    _write_inline_or_run = request_serving.write_inline_or_run
+    # requests in the backend's native planes (native_planes.py); the session calls
+    # _parse_batch, _native_replied, _native_settled and _native_failed by these names
+    _parse_batch = native_planes.parse_batch
+    _write_queued = native_planes.write_queued
+    _native_replied = native_planes.native_replied
+    _native_settled = native_planes.native_settled
+    _native_failed = native_planes.native_failed
+    # the end (connection_closing.py)
+    _protocol_error = connection_closing.protocol_error
+    _abort = connection_closing.abort
+    _close_gracefully = connection_closing.close_gracefully
+    _start_finish = connection_closing.start_finish
 
     # --- received events: to transmission, or to the handshake (connection_handshake.py)
     def _events_arrived(self) -> None:
@@ -325,387 +330,3 @@ class Connection(asyncio.BufferedProtocol):
                 self._run(self._serve(typ, flags, cookie, offset, length, data), typ,
                           min(length, p.REQUEST_PART) if typ == _READ
                           else length if typ == _WRITE else 0)
-
-    def _write_queued(self, item: m.RequestItem) -> bool:
-        """`item`, a WRITE, and the WRITEs queued right after it (parsed while the writes
-        behind were full, or past the plane's room: they came back as requests) through the
-        native write plane as one batch, as `_parse_batch` does a received one: armed once
-        and collected once (`writes_taken`, before their replies leave), not once each. The
-        first one the plane declines (or the first other request) goes back to the queue,
-        for the usual way. False, with nothing done, if the plane takes not even `item`."""
-        writes = self._writes
-        assert writes is not None
-        plane = writes.write_route()
-        if plane is None:
-            return False
-        requests = self.core.requests
-        cookies: list[int] = []
-        try:
-            while True:
-                typ, flags, cookie, offset, _, data, refusal, piece = item
-                if (typ != _WRITE or flags & _FUA or refusal is not None or piece is not None
-                        or data is None or not plane.write(offset, data)):  # type: ignore[attr-defined]
-                    if cookies:
-                        requests.appendleft(item)
-                    break
-                cookies.append(cookie)
-                if not requests:
-                    break
-                item = requests.popleft()
-        finally:
-            writes.writes_taken()  # (disarms the plane when it took none)
-        self._queue_write_replies(cookies)
-        return bool(cookies)
-
-    def _write_inline_or_run(self, flags: int, cookie: int, offset: int,
-                             payload: Buffer) -> bool:
-        """A WRITE the backend does inline where it can (WritesInline): no coroutine; else
-        the general way (_serve). False, with nothing done, when the backend asks for it to
-        wait (write_room: its writes behind are full): reading pauses until they have room,
-        and the caller keeps the write to serve it again then."""
-        assert self._write_inline is not None
-        fua = bool(flags & _FUA)
-        try:
-            done = self._write_inline(offset, payload, fua)
-        except Exception as exc:
-            self._reply_failure(_WRITE, cookie, exc)
-            return True
-        if not done:
-            room = (self._writes.write_room(offset, len(payload))
-                    if self._writes is not None and not fua else None)
-            if room is not None:
-                self._room_wait = self._loop.create_task(self._room_made(room))
-                self._update_reading()
-                return False
-            self._run(self._serve(_WRITE, flags, cookie, offset, len(payload), payload), _WRITE,
-                      len(payload))
-            return True
-        self._write_done(cookie, payload, fua)
-        return True
-
-    async def _room_made(self, room: Awaitable[None]) -> None:
-        """The backend has room for the WRITE held back (_stash): reading resumes, and
-        the requests received meanwhile are served (update_reading), that WRITE first."""
-        try:
-            await room
-        finally:
-            self._room_wait = None
-        self._update_reading()
-
-    def _write_done(self, cookie: int, payload: Buffer, fua: bool) -> None:
-        """A WRITE done in the server's call (_write_inline_or_run): its
-        pooled payload back, its reply queued; with FUA it leaves at once, as in _serve."""
-        if len(payload) > _POOL_MIN:
-            self.core.pool.give_back(payload)  # type: ignore[arg-type] # as in _serve
-        self._queue_reply(cookie, 0, "", 0, None)
-        if fua and not self._transport_busy:
-            self._flush()
-
-    def _reply_failure(self, typ: int, cookie: int, exc: Exception,
-                       fast_zero: bool = False) -> None:
-        """A request failed: a BlockError is answered with its errno; anything else is a
-        bug, logged and answered EIO. The connection goes on either way."""
-        if isinstance(exc, BlockError):
-            self._reply_error(typ, cookie, p.errno_to_nbd(exc.errno, fast_zero=fast_zero),
-                              exc.message)
-            return
-        log.error("nbd: %s on export %r failed unexpectedly", p.name_of(p.Cmd, typ),
-                  self.export_name, exc_info=exc)
-        self._reply_error(typ, cookie, p.NbdErr.EIO, f"internal server error: {exc}")
-
-    # --- READs in the native read plane (ServesReadsNatively) ------------------------
-    def _parse_batch(self, session: NbdServerSession, buf: bytearray, start: int, end: int
-                     ) -> tuple[int, list[m.RequestItem], int]:
-        """A batch of requests received (ProtocolCore.parse_batch): a batch that begins with
-        READs has those the backend's native read plane can take started there, one that
-        begins with WRITEs has those its native write plane takes done there (collected
-        by `writes_taken` before their replies leave), in order: WRITEs until the first
-        request the plane does not take, READs until the first one it does not take that
-        is not a READ (reads commute); the rest come back as parsed requests. Within the
-        connection's bounds (MAX_TASKS requests, MAX_INFLIGHT_BYTES for reads; the
-        backend's for writes) and never while anything is held back."""
-        reads, writes = self._reads, self._writes
-        route = plane = None
-        # Only before the batch's first other request: a READ header has type 0 at bytes
-        # 6-7, a WRITE type 1 (a batch that begins with anything else skips the planes).
-        if (end - start >= _REQUEST_SIZE and not buf[start + 6] and buf[start + 7] <= _WRITE
-                and not self.core.requests and self._stash is None
-                and not self._stopping and not self._reading_paused
-                and (self._budget is None or not self._budget.over)):
-            if buf[start + 7] == _READ:
-                route = reads.read_route() if reads is not None else None
-            elif writes is not None:
-                plane = writes.write_route()
-        if route is None and plane is None:
-            return session.parse(buf, start, end)
-        links: list[NbdClient] = []
-        read_plane = None
-        if route is not None:
-            read_plane, links = route  # type: ignore[assignment] # (ReadPlane, NbdClients)
-        # (No comprehension and no max(): once per batch received, each a call.)
-        slots = list(map(_FREE_SLOTS, links))
-        max_reads = connection_limits.MAX_TASKS - len(self._tasks) - self._native_running
-        max_bytes = connection_limits.MAX_INFLIGHT_BYTES - self._inflight_bytes
-        try:
-            start, items, want, started, nbytes, used, answered, sent = session.parse_native(
-                buf, start, end, self, read_plane,  # type: ignore[arg-type]
-                slots, self._loop.time(), max_reads if max_reads > 0 else 0,
-                max_bytes if max_bytes > 0 else 0,
-                plane)  # type: ignore[arg-type] # a WritePlane
-        except BaseException:
-            if writes is not None and plane is not None:
-                writes.writes_taken()  # writes done before it failed go on (unanswered)
-            raise
-        if started:
-            self._native_running += started
-            self._inflight_bytes += nbytes
-            for client, count, gone in zip(links, used, sent, strict=True):
-                if count:
-                    client._native_sent(count, gone)
-            self._request_started()
-        if answered:  # the WRITEs taken, or READs of blocks never written (zeros)
-            if plane is not None:
-                assert writes is not None
-                try:
-                    writes.writes_taken()  # before their replies leave
-                except Exception:
-                    # A bug: the writes may not reach the replicas, so their replies never leave.
-                    log.exception("nbd: %s on export %r: native writes could not be handed on; "
-                                  "closing the connection", self.peer.identity, self.export_name)
-                    session.take_output()
-                    self._abort()
-                    return start, [], want
-            # Their replies, framed by the session. (Replies of native reads sent to a
-            # replica are taken once per loop turn, by _native_settled; those answered at
-            # once, with zeros, end here.)
-            out, ended, nbytes = session.take_output()
-            if ended:
-                self._native_running -= ended
-                self._inflight_bytes -= nbytes
-                self._native_ended()
-            self._queue(out, now=not self._native_running and not self._tasks)
-        return start, items, want
-
-    def _native_output(self) -> tuple[list[bytes | bytearray], int]:
-        """The session's framed replies of native reads (and how many reads they end),
-        taken and accounted: the reads no longer run, their bytes are no longer in flight."""
-        session = self.core.session
-        assert session is not None  # native reads ran: the session started them
-        out, ended, nbytes = session.take_output()
-        self._native_running -= ended
-        self._inflight_bytes -= nbytes
-        return out, ended
-
-    def _native_replied(self) -> None:
-        """Replies of native reads are framed in the session (told by a replica's client,
-        once per batch of replies a replica's connection received, where the session does
-        not settle them itself: _native_settled)."""
-        out, _ = self._native_output()
-        if out:
-            self._queue(out, now=not self._native_running and not self._tasks)
-        self._native_ended()
-
-    def _native_settled(self) -> None:
-        """Replies of native reads framed in the session during a loop turn (the session has
-        the loop call this once, after the turn's ready sockets): they leave now, with what
-        else is queued, and their reads are accounted as ended."""
-        out, ended = self._native_output()
-        if out:
-            self._queue(out, now=True)
-        if ended:
-            self._native_ended()
-
-    def _native_failed(self, client: object, cookie: int, offset: int, length: int,
-                       failure: BlockError | list[int] | float) -> None:
-        """A native read failed after it was sent (its hold released): served the general
-        way (the backend's resume_read), as a task of this connection."""
-        self._native_running -= 1
-        self._inflight_bytes -= length
-        if not self._output_closed and self._reads is not None:
-            self._run(self._serve_resumed(cookie, offset, length, self._reads.resume_read(
-                cast("NbdClient", client), offset, length, failure)), _READ, length)
-        self._native_ended()
-
-    async def _serve_resumed(self, cookie: int, offset: int, length: int,
-                             read: Awaitable[Buffer]) -> None:
-        try:
-            data = await read
-            if len(data) != length:
-                raise BlockError(errno.EIO, f"backend returned {len(data)} of {length} bytes")
-        except Exception as exc:
-            self._reply_failure(_READ, cookie, exc)
-            return
-        self._queue_reply(cookie, 0, "", offset, data, not self._native_running and not self._tasks)
-
-    def _native_ended(self) -> None:
-        self._request_ended()
-        if not self._native_running and self._native_idle is not None:
-            self._native_idle.set()
-
-    async def _wait_native(self, timeout: float | None = None) -> None:
-        """Until no native read is running; after `timeout` s, give them up (their holds
-        are released now, their late replies dropped)."""
-        try:
-            async with asyncio.timeout(timeout):
-                while self._native_running > 0:
-                    if self._native_idle is None:
-                        self._native_idle = asyncio.Event()
-                    self._native_idle.clear()
-                    await self._native_idle.wait()
-        except TimeoutError:
-            if self.core.session is not None:
-                count, nbytes = self.core.session.cancel_reads()
-                self._native_running -= count
-                self._inflight_bytes -= nbytes
-
-    def _refuse(self, typ: int, cookie: int, error: int, message: str) -> None:
-        log.warning("nbd: %s (%s) export %r: refused %s: %s", self.peer.identity,
-                    self.peer.address, self.export_name, p.name_of(p.Cmd, typ), message)
-        self._reply_error(typ, cookie, error, message)
-
-    def _run(self, coro: Coroutine[Any, Any, None], typ: int, cost: int) -> None:
-        """Step a request's handler inline; only if it suspends does it become a task."""
-        task = eager.start(self._loop, coro)
-        if task is None:
-            return  # finished inline, reply queued
-        self._tasks.add(task)
-        if typ in _WRITE_TYPES:
-            self._write_tasks.add(task)
-        self._inflight_bytes += cost
-        task.add_done_callback(lambda t: self._task_done(t, cost))
-        self._request_started()
-
-    def _task_done(self, task: asyncio.Task[None], cost: int) -> None:
-        self._tasks.discard(task)
-        self._write_tasks.discard(task)
-        self._inflight_bytes -= cost
-        self._request_ended()
-
-    async def _serve(self, typ: int, flags: int, cookie: int, offset: int, length: int,
-                     payload: Buffer | None) -> None:
-        backend = self._backend
-        assert backend is not None
-        fua = bool(flags & _FUA)
-        try:
-            if typ == _READ:
-                if length > p.REQUEST_PART:
-                    await serve_parted_read(self, cookie, offset, length)
-                    return
-                data = await backend.pread(offset, length)
-                if len(data) != length:
-                    raise BlockError(errno.EIO, f"backend returned {len(data)} of {length} bytes")
-                self._queue_reply(cookie, 0, "", offset, data)
-                return
-            if typ == _WRITE:
-                assert payload is not None  # a WRITE always carries its payload
-                await backend.pwrite(offset, payload, fua)
-                # Recycle a large payload buffer, once the transport (served inline, from
-                # buffer_updated) and the backend (if it kept one) let go of it.
-                if len(payload) > _POOL_MIN:
-                    self.core.pool.give_back(payload)  # type: ignore[arg-type]
-            elif typ == _FLUSH:
-                if self._write_tasks:
-                    await asyncio.wait(list(self._write_tasks))
-                assert self._flush_backend is not None
-                await self._flush_backend()
-            elif typ == _TRIM:
-                await backend.trim(offset, length, fua)
-            elif typ == _WRITE_ZEROES:
-                await backend.zero(
-                    offset, length, fua, may_trim=not flags & _NO_HOLE, fast=bool(flags & _FAST_ZERO),
-                )
-            elif typ == _CACHE:
-                await backend.cache(offset, length)
-            elif typ == _BLOCK_STATUS:  # the checks let it through only with base:allocation
-                extents = (await cast(ReportsAllocation, backend).block_status(offset, length)
-                           if provides(backend, ReportsAllocation) else [(length, 0)])
-                try:
-                    reply = self.core.server_session().frame_block_status(
-                        cookie, length, bool(flags & _REQ_ONE), extents)
-                except ValueError as exc:
-                    raise BlockError(errno.EIO, f"block status of [{offset}, {offset + length})"
-                                     f" failed: {exc}") from None
-                self._queue([reply])
-                return
-        except Exception as exc:
-            self._reply_failure(typ, cookie, exc, typ == _WRITE_ZEROES and bool(flags & _FAST_ZERO))
-            return
-        self._queue_reply(cookie, 0, "", 0, None)
-        if (fua or typ == _FLUSH) and not self._transport_busy:
-            # A durability point took a sync: the guest waits for this reply alone, and
-            # nothing would join it by the end of this loop turn.
-            self._flush()
-
-    # --- shutdown ------------------------------------------------------------------
-    def _protocol_error(self, reason: str) -> None:
-        log.warning("nbd: closing connection from %s (%s): %s", self.peer.identity,
-                    self.peer.address, reason)
-        self._abort()
-
-    def _abort(self) -> None:
-        self._stopping = True
-        file_serve.stop(self)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-        self._out.clear()
-        self._replies.clear()
-        self._output_closed = True
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _close_gracefully(self) -> None:
-        """Stop taking requests, let running ones reply, then close (DISC, EOF, ABORT)."""
-        if self._stopping:
-            return
-        self._stopping = True
-        self._loop.create_task(self._drain_and_close())
-
-    async def _drain_and_close(self) -> None:
-        while self._tasks or self._native_running > 0:
-            if self._tasks:
-                await asyncio.wait(list(self._tasks))
-            await self._wait_native()  # one that fails goes on as a task: wait for it too
-        self._flush()
-        if self._transport is not None:
-            self._transport.close()
-
-    def _start_finish(self, timeout: float | None = None) -> None:
-        if not self._finishing:
-            self._finishing = True
-            self._loop.create_task(self._finish(timeout))
-
-    async def _finish(self, timeout: float | None) -> None:
-        try:
-            if self._handshake_task is not None:
-                await asyncio.wait([self._handshake_task])
-            if self._native_serving is not None:
-                await self._native_serving
-            deadline = None if timeout is None else self._loop.time() + timeout
-            if self._tasks:
-                _, late = await asyncio.wait(list(self._tasks), timeout=timeout)
-                for task in late:
-                    task.cancel()
-                if late:
-                    await asyncio.wait(late)
-            await self._wait_native(None if deadline is None
-                                    else max(0.0, deadline - self._loop.time()))
-        finally:
-            if self._room_wait is not None:
-                self._room_wait.cancel()  # the WRITE it held is not answered: the guest left
-            self.core.parse_batch = None  # no cycle left through the core
-            if self.core.session is not None:
-                self.core.session.set_settle()  # nor through the session
-            if self.export is not None:
-                try:
-                    self.server.provider.release_export(self.peer, self.export)
-                except Exception:
-                    log.exception("nbd: releasing export %r failed", self.export_name)
-            self.server.connections.discard(self)
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-            if self._budget is not None:
-                self._budget.leave(self)
-                self._budget.adjust(-self._charged)
-                self._charged = 0
-            if not self._done.done():
-                self._done.set_result(None)

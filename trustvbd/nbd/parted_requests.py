@@ -67,7 +67,7 @@ async def _write_part(conn: Connection, cookie: int, flags: int, offset: int, pa
         state.error = state.error or (p.NbdErr.EIO, f"internal server error: {exc}")
     finally:
         state.running -= 1
-    conn.core.pool.give_back(payload)  # type: ignore[arg-type] # as in Connection._serve
+    conn.core.pool.give_back(payload)  # type: ignore[arg-type] # as in request_serving.serve
     _finish_parted(conn, _WRITE, cookie, state)
 
 
