@@ -287,3 +287,54 @@ def test_an_encryption_domain_restarts_and_serves_while_the_store_is_stopped(
             handle.shutdown()
     finally:
         system.stop()
+
+
+def test_restarted_domains_are_ready_at_once_while_the_store_is_stopped(short_tmp: Path) -> None:
+    """A stopped store (SIGSTOP) held a restarted encryption domain's spec, and a restarted
+    driver's ready, until the launcher's request to it timed out 10 s later (the driver
+    advertised itself in the store before it said it was ready). Now neither waits for a
+    stopped store: both are running within a few seconds (restart back-off included), and
+    what they write to the store lands once it runs again."""
+    from tests.support import pause
+
+    (short_tmp / "backing").mkdir()
+    system = up_with_policy(short_tmp, POLICY, CONFIG)
+
+    def domains() -> dict[str, dict]:
+        status = json.loads(system.cli("status", "-c", str(system.config), "--json").stdout)
+        return {d["name"]: d for d in status["domains"]}
+
+    try:
+        homes = {xs(system, "xenstore-read", f"/local/domain/{d}/name").strip(): d
+                 for d in xs(system, "xenstore-list", "/local/domain").split()}
+        backend = f"/local/domain/{homes['crypt-Payroll']}/backend/vbd/{homes['vm1']}/0"
+        wait_for_value(system, f"{backend}/state", "2")
+        flush = (f"/local/domain/{homes['drv-a']}/backend/vbd/{homes['crypt-Payroll']}/0"
+                 "/feature-flush-cache")
+        xs(system, "xenstore-rm", flush)  # the restarted driver writes it again
+        spid, _ = store_pid(system)
+        before = domains()
+        pause(spid)
+        took = {}
+        try:
+            for name in ("crypt-Payroll", "drv-a"):
+                start = time.monotonic()
+                if name == "drv-a":
+                    kill_driver(before[name]["pid"])
+                else:
+                    os.kill(before[name]["pid"], signal.SIGKILL)
+                while not ((now := domains()[name])["state"] == "running"
+                           and now["restarts"] == before[name]["restarts"] + 1):
+                    assert time.monotonic() - start < 45, now
+                    time.sleep(0.1)
+                took[name] = time.monotonic() - start
+        finally:
+            os.kill(spid, signal.SIGCONT)
+        assert all(t < 6 for t in took.values()), took
+        deadline = time.monotonic() + 30  # the driver's advertisement, written later
+        while xs(system, "xenstore-read", flush, check=False).strip() != "1":
+            assert time.monotonic() < deadline, f"{flush} was not written again"
+            time.sleep(0.1)
+        wait_for_value(system, f"{backend}/state", "2", timeout=30)
+    finally:
+        system.stop()

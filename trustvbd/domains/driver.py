@@ -30,7 +30,10 @@ from trustvbd.xenstore.client import XsClient
 from trustvbd.xenstore.wire import XsError
 
 log = logging.getLogger("trustvbd.driver")
-STORE_TIMEOUT = 10.0
+# The launcher answers a store request within its own 10 s (the store's request timeout)
+# plus an audited decision: more than that is a launcher that is gone or stuck.
+STORE_TIMEOUT = 30.0
+STORE_RETRY = (0.5, 10.0)  # a store that does not answer: asked again after 0.5 s, doubling
 
 
 @dataclass
@@ -100,10 +103,25 @@ def uri_for(sock: socket.socket, export: str) -> str:
 async def join_store(channel: ControlChannel) -> XsClient | None:
     """As a Xen driver domain's blkback does: ask the hypervisor for a channel to the store
     (policy decides, the decision is audited) and advertise, in each backend directory the
-    launcher made for this driver, what it offers: flushes reach the disk. None: no store."""
+    launcher made for this driver, what it offers: flushes reach the disk. None: no store.
+
+    Run after the driver says it is ready (a stopped store held that up 10 s): a store that
+    does not answer (UNREACHABLE) is asked again with back-off until it does."""
+    delay = STORE_RETRY[0]
+    while True:
+        try:
+            reply, fds = await channel.ask(m.DomainChannelQuery("store"), m.ChannelGranted,
+                                           timeout=STORE_TIMEOUT)
+            if not (isinstance(reply, m.Failed) and reply.code is m.ErrorCode.UNREACHABLE):
+                break
+            log.info("no channel to the store yet (%s); asking again in %.1f s", reply.message,
+                     delay)
+        except (ControlClosed, TimeoutError, ValueError) as exc:
+            log.warning("cannot advertise in the store: %s", exc)
+            return None
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, STORE_RETRY[1])
     try:
-        reply, fds = await channel.ask(m.DomainChannelQuery("store"), m.ChannelGranted,
-                                       timeout=STORE_TIMEOUT)
         try:
             sock = handed_socket(reply, fds, m.ChannelGranted, "channel")
         except ConnectionError as exc:
@@ -118,7 +136,7 @@ async def join_store(channel: ControlChannel) -> XsClient | None:
             await xs.close()
             raise
         return xs
-    except (ControlClosed, ConnectionError, TimeoutError, XsError, ValueError) as exc:
+    except (ConnectionError, TimeoutError, XsError, ValueError) as exc:
         log.warning("cannot advertise in the store: %s", exc)
         return None
 
@@ -133,11 +151,12 @@ async def serve(specs: list[ExportSpec], sock: socket.socket, default: str | Non
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     serving = asyncio.create_task(server.serve_socket(sock))
-    control = store = None
+    control = None
+    joining: asyncio.Task[XsClient | None] | None = None
     if primary and control_fd is not None:
         control = ControlChannel(socket.socket(fileno=control_fd), None, "hv")
         control.start()
-        store = await join_store(control)
+        joining = asyncio.create_task(join_store(control))  # not waited for: see join_store
     if announce:
         for spec in specs:
             print(uri_for(sock, spec.name if default is None else ""), flush=True)
@@ -147,8 +166,11 @@ async def serve(specs: list[ExportSpec], sock: socket.socket, default: str | Non
         log.info("serving %d export(s) on %s", len(specs), sock.getsockname())
     await stop.wait()
     serving.cancel()
-    if store is not None:
-        await store.close()
+    if joining is not None:
+        joining.cancel()
+        store = await asyncio.gather(joining, return_exceptions=True)
+        if isinstance(store[0], XsClient):
+            await store[0].close()
     if control is not None:
         control.close()
     await server.close()

@@ -124,6 +124,8 @@ class Launcher:
             # access-control domain. The channel closes what it sends; the launcher keeps its
             # own listeners.
             try:
+                if (why := self.store_paused()) is not None:  # not waited for 10 s
+                    raise ConnectionError(why)
                 store = [await self.store.connection_for("crypt", domain.name)]
             except (ConnectionError, TimeoutError) as exc:
                 # A stopped store held the domain (and its guests' I/O) out until it ran
@@ -257,6 +259,8 @@ class Launcher:
         if target is None:
             raise KeyError(f"no domain named {msg.target!r}")
         if target.kind == "store":
+            if (why := self.store_paused()) is not None:  # it asks again (driver.join_store)
+                return m.Failed(m.ErrorCode.UNREACHABLE, why), []
             self.driver_granted.add(me.name)  # before any await: a request meanwhile sees it
         try:
             await self.broker.allow(me, Endpoint(target.name, target.label or
@@ -400,6 +404,12 @@ class Launcher:
             # Not over a channel connected to it already: it serves before it says it is
             # ready, which a stopped store delays (its join_store waits 10 s).
             self.driver_state(domain.name, State.INIT_WAIT, unless=State.CONNECTED)
+
+    def store_paused(self) -> str | None:
+        """Why not to ask the store now: it is paused by a signal, and a request to it would
+        wait out its 10 s timeout (a restarted domain's start with it). None: ask."""
+        pid = self.supervisor.pid("store")
+        return f"the store is {paused(pid)}" if pid is not None and signal_stopped(pid) else None
 
     def driver_state(self, driver: str, state: State, disk: str | None = None,
                      unless: State | None = None) -> None:
