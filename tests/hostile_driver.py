@@ -31,6 +31,14 @@ on the control socket C, e.g. {"mode": "flip", "rate": 0.05}:
     simple_reads    answer reads with simple replies though structured ones were negotiated
     no_structured   (new connections) refuse structured replies, then answer reads with
                     structured chunks anyway; setting it closes the current connections
+    cross_cookie    answer requests in pairs, each with the other's cookie (a READ's data
+                    for a WRITE, or for another READ of another block)
+    overlap_chunks  answer reads with two data chunks that overlap (structured)
+    outside_chunk   answer reads with a data chunk just past the range asked (structured)
+    hole_lie        answer reads with one hole chunk: all zeros (structured)
+    errno_zero      answer reads with an error chunk whose error is 0 (structured)
+    odd_errno       answer reads with the error 0xFFFFFFFF, no NBD errno at all
+    write_data      answer writes with a data chunk, as if they were reads (structured)
 
 Only the data its modes concern are touched: the handshake stays honest (but for
 stall_handshake), so the
@@ -159,6 +167,7 @@ class Hostile:
                 return
             send_lock = threading.Lock()
             stalled = False  # stall_mid_reply: a reply was cut short; nothing more is sent
+            held: tuple[int, int, int, int, bytes] | None = None  # cross_cookie: its first
             while True:
                 head = _recv(conn, 28)
                 magic, _flags, typ, cookie, offset, length = struct.unpack(">IHHQQI", head)
@@ -188,6 +197,15 @@ class Hostile:
                     continue
                 if mode == "wrong_cookie":
                     cookie ^= 0x5A5A5A5A
+                if mode == "cross_cookie":
+                    if held is None:
+                        held = (typ, cookie, offset, length, payload)
+                        continue
+                    htyp, hcookie, hoffset, hlength, hpayload = held
+                    held = None
+                    self._answer(conn, send_lock, structured, mode, htyp, cookie, hoffset,
+                                 hlength, hpayload)
+                    cookie = hcookie
                 if mode == "slow_reads" and typ == READ:
                     late = threading.Timer(self.delay, self._answer,
                                            (conn, send_lock, structured, mode, typ, cookie, offset,
@@ -255,6 +273,26 @@ class Hostile:
         elif typ == READ and mode == "huge_length" and structured:
             conn.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 1, cookie,
                                      1 << 31) + struct.pack(">Q", offset))
+        elif typ == READ and mode == "odd_errno":
+            if structured:
+                conn.sendall(_error_chunk(cookie, 0xFFFFFFFF, b"odd"))
+            else:
+                conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0xFFFFFFFF, cookie))
+        elif typ == READ and structured and mode == "errno_zero":
+            conn.sendall(_error_chunk(cookie, 0, b"no error at all"))
+        elif typ == READ and structured and mode == "hole_lie":
+            conn.sendall(struct.pack(">IHHQIQI", STRUCTURED_REPLY_MAGIC, 1, 2, cookie, 12, offset,
+                                     len(reply)))
+        elif typ == READ and structured and mode == "outside_chunk":
+            conn.sendall(_read_reply_head(True, cookie, offset + len(reply), len(reply)) + reply)
+        elif typ == READ and structured and mode == "overlap_chunks" and len(reply) >= 1024:
+            half = len(reply) // 2
+            conn.sendall(struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, 0, 1, cookie, 8 + half + 512,
+                                     offset) + reply[:half + 512])
+            conn.sendall(_read_reply_head(True, cookie, offset + half, len(reply) - half)
+                         + reply[half:])
+        elif typ == WRITE and structured and mode == "write_data":
+            conn.sendall(_read_reply_head(True, cookie, offset, 512) + bytes(512))
         elif typ == READ and structured:
             conn.sendall(_read_reply_head(True, cookie, offset, len(reply)) + reply)
         elif structured:
@@ -310,6 +348,12 @@ def _read_reply_head(structured: bool, cookie: int, offset: int, length: int) ->
     if structured:
         return struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, 1, 1, cookie, 8 + length, offset)
     return struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie)
+
+
+def _error_chunk(cookie: int, error: int, text: bytes) -> bytes:
+    """A structured NBD_REPLY_TYPE_ERROR chunk flagged DONE."""
+    return struct.pack(">IHHQIIH", STRUCTURED_REPLY_MAGIC, 1, (1 << 15) + 1, cookie,
+                       6 + len(text), error, len(text)) + text
 
 
 def _recv(conn: socket.socket, n: int) -> bytes:

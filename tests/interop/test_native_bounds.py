@@ -445,7 +445,10 @@ def test_a_single_silent_driver_under_native_writes_fails_the_flush_soon_saying_
 @pytest.mark.parametrize(("mode", "said"), [
     ("double_reply", "unknown cookie"), ("half_then_close", "connection lost"),
     ("drip", "no reply to"), ("simple_reads", "simple reply to a READ"),
-    ("no_structured", "structured reply chunk, but none were negotiated")])
+    ("no_structured", "structured reply chunk, but none were negotiated"),
+    ("cross_cookie", "lies outside the request"), ("overlap_chunks", "overlaps an earlier chunk"),
+    ("outside_chunk", "lies outside the request"),
+    ("write_data", "OFFSET_DATA chunk in reply to WRITE")])
 def test_more_drivers_breaking_the_protocol_lose_no_data_and_stall_nothing(
         short_tmp: Path, mode: str, said: str, replicas: int) -> None:
     """Of 2 replicas one, of 3 two, answer every request twice (a reply for a cookie answered
@@ -489,3 +492,48 @@ def test_more_drivers_breaking_the_protocol_lose_no_data_and_stall_nothing(
             drops = [line for line in log.splitlines() if f"replica {d.name} degraded: " in line]
             assert drops, f"no drop of {d.name} logged:\n{log[-4000:]}"
             assert said in drops[0] + str(st[d.name]["last_error"]), (said, drops, st)
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+@pytest.mark.parametrize(("mode", "said"), [
+    ("hole_lie", "failed verification"), ("errno_zero", "no error at all"),
+    ("odd_errno", "NBDERR_0xffffffff")])
+def test_drivers_answering_reads_with_holes_or_odd_errors_are_outvoted_and_counted(
+        short_tmp: Path, mode: str, said: str, replicas: int) -> None:
+    """Of 2 replicas one, of 3 two, answer every READ within the protocol but wrongly: one
+    hole chunk (all zeros) for written blocks, an error chunk whose error is 0 (no error,
+    which the spec forbids), or the error 0xFFFFFFFF (no NBD errno). Pipelined READs and
+    WRITEs through the native planes: each read is exact and soon; the liars stay in the
+    mirror (a read error or a failed verification is not a broken connection) but `status`
+    counts them (errors, or repaired blocks) and says the last one in its words."""
+    with mirror_guest(short_tmp, replicas) as (m, nbd, h):
+        model = bytearray(os.urandom(64 * BS))
+        h.pwrite(bytes(model), 0)
+        h.flush()
+        bad = m.drivers[1:]
+        for d in bad:
+            d.set(mode)
+        started = time.monotonic()
+        for round_ in range(4):
+            pending: list[tuple[int, int, Any, bytes | None]] = []
+            for b in range(64):
+                if (b + round_) % 3 == 0:
+                    data = os.urandom(BS)
+                    pending.append((h.aio_pwrite(data, b * BS), b, None, data))
+                else:
+                    buf = nbd.Buffer(BS)
+                    pending.append((h.aio_pread(buf, b * BS), b, buf, None))
+            wait(h, pending, model, round_)
+            h.flush()
+        assert h.pread(64 * BS, 0) == bytes(model), f"the disk read back wrong under {mode}"
+        assert time.monotonic() - started < 30, f"the guest was held up by {mode}"
+        st = m.status()
+        assert st[m.drivers[0].name]["errors"] == 0, st
+        assert any(st[d.name]["errors"] + st[d.name]["repaired_blocks"] > 0
+                   and said in str(st[d.name]["last_error"]) for d in bad), st
+        for d in bad:
+            d.set("honest")
+        m.wait_all_current()
+        assert h.pread(64 * BS, 0) == bytes(model)
+        h.shutdown()
+        m.system.stop()
