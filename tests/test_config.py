@@ -154,6 +154,12 @@ def test_format_size() -> None:
          "holds a control character"),
         (("label = \"PayrollData\"", f"label = \"{'P' * 257}\""), "disk[0].label",
          "too long: give a label of 1 to 256 characters"),
+        # Found by the attack campaign (h4): a replica that is no string (a list, a table)
+        # ended in a TypeError traceback ("unhashable type") from `up` and every command.
+        (("replicas = [\"drv-a\"]", "replicas = [[\"drv-a\"]]"), "disk[0].replicas",
+         "must name drivers as strings, not ['drv-a']"),
+        (("replicas = [\"drv-a\"]", "replicas = [\"drv-a\", {a = 1}]"), "disk[0].replicas",
+         "must name drivers as strings, not {'a': 1}"),
     ],
 )
 def test_mistakes_name_file_key_and_fix(short_tmp: Path, mutation: tuple[str, str], key: str,

@@ -534,6 +534,9 @@ def load_config(path: str | Path) -> Config:
         if not replicas:
             raise t.error("replicas", "is empty; name at least one [[driver]]")
         for r in replicas:
+            if not isinstance(r, str):  # a list or a table cannot even be looked up
+                raise t.error("replicas", f"must name drivers as strings, not {r!r}; write"
+                              " replicas = [\"drv-a\", ...]")
             if r not in driver_map:
                 known = ", ".join(sorted(driver_map)) or "none defined"
                 raise t.error("replicas", f"unknown driver {r!r}; defined drivers: {known}")
