@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -149,5 +150,47 @@ def test_a_stopped_encryption_domain_holds_up_no_other_unlock_and_is_named(
         assert code == 0 and "disk 'bank' unlocked" in out2, (out2, err)
         err = s.stop()
         assert "Traceback" not in err, err[-3000:]
+    finally:
+        s.kill()
+
+
+def test_an_unlock_request_whose_descriptor_is_no_closed_pipe_is_refused_saying_so(
+        short_tmp: Path) -> None:
+    """Found by the attack campaign (h4): the control socket takes an unlock request from
+    any process of the user running `up`. Its one descriptor must be the read end of a
+    pipe whose write end is closed; a directory, a socket, /dev/zero or a pipe still open
+    for writing was answered "internal" or "unreachable" with a bare errno text ("[Errno
+    21] Is a directory"), and each logged a traceback in the launcher. Each is refused as
+    invalid, saying what the descriptor is and what to send; the launcher logs no
+    traceback and keeps answering."""
+    from tests import support
+
+    s = System(short_tmp, support.config(
+        support.driver("drv-a", "A", dir="backing/a"), support.disk("d1", "A", ["drv-a"]),
+        support.guest("vm1", "A"))).start()
+    try:
+        control = str(load_config(s.config).control_socket)
+        r, w = os.pipe()
+        os.write(w, b"\x01\x00\x03abc")  # a passphrase record; the write end stays open
+        listening = socket.socket(socket.AF_UNIX)
+        cases = {
+            "a directory": (os.open("/", os.O_RDONLY), "is a directory, not a pipe"),
+            "a socket": (listening.detach(), "is a socket, not a pipe"),
+            "/dev/zero": (os.open("/dev/zero", os.O_RDONLY), "is a character device, not a pipe"),
+            "an open pipe": (r, "still open for writing"),
+        }
+        for what, (fd, said) in cases.items():
+            with socket.socket(socket.AF_UNIX) as c:
+                c.settimeout(30)
+                c.connect(control)
+                socket.send_fds(c, [b'{"id": 1, "type": "unlock?", "disks": []}\n'], [fd])
+                os.close(fd)
+                reply = json.loads(c.makefile("rb").readline())
+            assert reply["code"] == "invalid" and said in reply["message"], (what, reply)
+            assert "trustvbd unlock" in reply["message"], (what, reply)
+        os.close(w)
+        assert disk_state(s, "d1") == "serving"
+        log = s.stop()
+        assert "Traceback" not in log, log[-3000:]
     finally:
         s.kill()

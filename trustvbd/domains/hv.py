@@ -44,7 +44,7 @@ from trustvbd.domains.supervisor import (
     paused,
     signal_stopped,
 )
-from trustvbd.domains.unlock import Unlock, receive_unlock, send_unlock
+from trustvbd.domains.unlock import Unlock, UnlockError, receive_unlock, send_unlock
 from trustvbd.fileops import make_dirs
 from trustvbd.xenstore.xenbus import State
 
@@ -532,6 +532,9 @@ class Launcher:
             if len(fds) != 1:
                 raise ValueError("an unlock request carries the passphrase as one pipe descriptor")
             unlock = receive_unlock(fds.pop(), "the unlock command")
+        except (UnlockError, OSError) as exc:  # any local process of this user may ask
+            why = str(exc) if isinstance(exc, UnlockError) else f"unreadable: {exc.strerror}"
+            return m.Failed(m.ErrorCode.INVALID, f"{why}; `trustvbd unlock` sends it so")
         finally:
             for fd in fds:
                 os.close(fd)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 
@@ -106,6 +107,16 @@ def send_unlock(unlock: Unlock) -> int:
     return read_end
 
 
+def _not_a_pipe(mode: int) -> str | None:
+    """What a descriptor that is no pipe is, in words (None for a pipe)."""
+    if stat.S_ISFIFO(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISREG, "a regular file"))
+    return next((words for test, words in kinds if test(mode)), "no pipe")
+
+
 def receive_unlock(fd: int, sent_by: str = "the launcher") -> Unlock:
     """Read everything from the pipe, close it, decode; the buffer is zeroed after.
 
@@ -115,6 +126,10 @@ def receive_unlock(fd: int, sent_by: str = "the launcher") -> Unlock:
     """
     buf = bytearray()
     try:
+        kind = _not_a_pipe(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise UnlockError(f"{sent_by}'s unlock descriptor is {kind}, not a pipe: send the"
+                              " read end of a pipe holding the passphrase")
         os.set_blocking(fd, False)
         while chunk := os.read(fd, 4096):
             buf += chunk
