@@ -537,3 +537,71 @@ def test_drivers_answering_reads_with_holes_or_odd_errors_are_outvoted_and_count
         assert h.pread(64 * BS, 0) == bytes(model)
         h.shutdown()
         m.system.stop()
+
+
+def test_a_driver_advertising_a_small_maximum_payload_gets_no_longer_request(
+        short_tmp: Path) -> None:
+    """Found by the attack campaign (h4): nbdkit's blocksize-policy filter advertises a
+    16 KiB maximum payload and fails longer requests with EINVAL, as the spec lets a
+    server do. The Python client kept to the maximum, but the native read plane sent a
+    guest's 64 KiB READ to that driver as one request: every such read failed there (and
+    was served by the other replica, then "repaired" onto it), counted as errors. Now a
+    driver gets no request longer than it takes: READs of every size and WRITEs, TRIMs
+    and WRITE_ZEROES longer than the maximum leave both replicas without an error, and
+    the disk reads back exact."""
+    from tests.interop import clients
+    from tests.interop.test_mirror_nbd import PHYS
+    from tests.interop.test_mirror_nbd import SIZE as MIRROR_SIZE
+    from tests.support import run, wait_for_path
+
+    images = {n: short_tmp / f"{n}.img" for n in ("q", "k")}
+    for img in images.values():
+        with open(img, "wb") as f:
+            f.truncate(PHYS)
+    socks = {n: short_tmp / f"{n}.sock" for n in images}
+    pids = {n: short_tmp / f"{n}.pid" for n in images}
+    run(["qemu-nbd", "-f", "raw", "-k", str(socks["q"]), "-e", "8", "-t", "--fork",
+         "--pid-file", str(pids["q"]), str(images["q"])])
+    run(["nbdkit", "-U", str(socks["k"]), "-P", str(pids["k"]), "--filter=blocksize-policy",
+         "file", str(images["k"]), "blocksize-minimum=512", "blocksize-preferred=4096",
+         "blocksize-maximum=16384", "blocksize-error-policy=error"])
+    for pid in pids.values():
+        wait_for_path(pid)
+    drivers = "".join(f'[[driver]]\nname = "{n}"\nlabel = "S"\nuri = "nbd+unix:///?socket={s}"\n'
+                      for n, s in socks.items())
+    s = System(short_tmp, f'state_dir = "state"\n{drivers}[[disk]]\nname = "payroll"\n'
+               f'size = {MIRROR_SIZE}\nlabel = "P"\nreplicas = ["q", "k"]\n[[guest]]\n'
+               'name = "vm1"\nlabel = "P"\n')
+    try:
+        s.start()
+        nbd = clients.libnbd()
+        h = nbd.NBD()
+        h.connect_uri(s.uri("vm1", "payroll"))
+        model = bytearray(os.urandom(MIRROR_SIZE))
+        h.pwrite(bytes(model), 0)
+        h.flush()
+        h.trim(64 * 1024, 256 * 1024)  # libnbd: (count, offset)
+        h.zero(512 * 1024, 256 * 1024)
+        model[256 * 1024:768 * 1024] = bytes(512 * 1024)
+        h.flush()
+        for length in (8 * 1024, 64 * 1024, 120 * 1024, 1024 * 1024):
+            for _ in range(3):  # the replicas take reads in turn
+                for at in range(0, 2 * 1024 * 1024, length):
+                    assert h.pread(length, at) == model[at:at + length], (length, at)
+        h.shutdown()
+        out = json.loads(s.cli("status", "-c", str(s.config), "--json").stdout)
+        replicas = out["disks"][0]["replicas"]
+        assert all(r["state"] == "current" and r["errors"] == 0 and r["last_error"] is None
+                   for r in replicas), replicas
+        s.stop()
+        kek = (s.root / "state" / "kek.key").read_bytes()
+        for name, img in images.items():
+            replica = read_replica(s.root / "state", "payroll", img.read_bytes(), kek, name)
+            assert replica.plaintext[:len(model)] == model, f"replica {name}"
+    finally:
+        s.kill()
+        for pidfile in pids.values():
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                pass

@@ -198,13 +198,16 @@ def _attach(client: NbdClient, result: Handshake) -> None:
     """The handshake is done: the engine takes over the transmission phase."""
     if client._core.unparsed():
         raise p.ProtocolError("server sent data after the handshake, before any request")
+    # The native read plane's reads are no longer than the driver takes (a server may fail
+    # longer ones: nbdkit's blocksize-policy filter does).
+    most = min(result.block_sizes[2], p.MAX_PAYLOAD) if result.block_sizes else p.MAX_PAYLOAD
     if client._sock is not None:  # plain: the engine owns the socket from now on
         sock, client._sock = client._sock, None
-        client._engine = NbdClientEngine(sock, result.structured)  # detaches it
+        client._engine = NbdClientEngine(sock, result.structured, most)  # detaches it
         client._fd = client._engine.fileno()
         client._loop.add_reader(client._fd, client._engine.ready, client)  # (_resolve)
     else:  # TLS: the transport's bytes are fed to the engine (Wire)
-        client._engine = NbdClientEngine(None, result.structured)
+        client._engine = NbdClientEngine(None, result.structured, most)
 
 
 def _adopt(client: NbdClient, export: str, result: Handshake) -> None:

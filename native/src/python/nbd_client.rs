@@ -125,9 +125,10 @@ impl Outgoing {
 
 /// The transmission phase of one NBD client connection (after the handshake).
 ///
-/// NbdClientEngine(sock, structured): `sock` a connected, non-blocking socket.socket
-/// (taken over: detached, closed by `close()`), or None for a stream Python carries
-/// (TLS): then received bytes go in through `feed` and `take_output` says what to send.
+/// NbdClientEngine(sock, structured, max_payload): `sock` a connected, non-blocking
+/// socket.socket (taken over: detached, closed by `close()`), or None for a stream Python
+/// carries (TLS): then received bytes go in through `feed` and `take_output` says what to
+/// send. `max_payload`: the driver's advertised maximum; no native read is longer.
 #[pyclass(module = "trustvbd._native", name = "NbdClientEngine")]
 pub(crate) struct NbdClientEngine {
     core: ClientCore<Target>,
@@ -149,6 +150,9 @@ pub(crate) struct NbdClientEngine {
     copied: usize,
     /// The last send left bytes queued: the socket refused them.
     backed_up: bool,
+    /// The longest native read this driver takes: the maximum payload it advertised (a
+    /// server may fail longer requests, as nbdkit's blocksize-policy filter does).
+    max_read: usize,
 }
 
 type Batch<'py> = (
@@ -166,11 +170,13 @@ impl NbdClientEngine {
     }
 
     /// Whether a native read of `length` bytes may be queued now: the connection is
-    /// open and sound, and at most `high_water` bytes wait to be sent.
+    /// open and sound, at most `high_water` bytes wait to be sent, and the driver takes
+    /// a read that long.
     pub(crate) fn takes_native(&self, high_water: usize, length: usize) -> bool {
         !self.closed
             && (self.sock.is_some() || self.fed)
             && self.queued <= high_water
+            && length <= self.max_read
             && u32::try_from(length).is_ok_and(|n| self.core.takes_read(n))
     }
 
@@ -372,8 +378,8 @@ impl NbdClientEngine {
 #[pymethods]
 impl NbdClientEngine {
     #[new]
-    #[pyo3(signature = (sock, structured))]
-    fn new(sock: Option<&Bound<'_, PyAny>>, structured: bool) -> PyResult<Self> {
+    #[pyo3(signature = (sock, structured, max_payload=crate::nbd_wire::MAX_PAYLOAD))]
+    fn new(sock: Option<&Bound<'_, PyAny>>, structured: bool, max_payload: u32) -> PyResult<Self> {
         let (sock, fed) = match sock {
             Some(s) => (Some(detach_socket(s)?), false),
             None => (None, true),
@@ -391,6 +397,7 @@ impl NbdClientEngine {
             queued: 0,
             copied: 0,
             backed_up: false,
+            max_read: max_payload as usize,
         })
     }
 
