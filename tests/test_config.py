@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from trustvbd.config import ConfigError, format_size, load_config, parse_size
+from trustvbd.config import ConfigError, format_size, parse_size
+from trustvbd.config_file import load_config
 
 GOOD = """
 state_dir = "state"
@@ -371,7 +372,8 @@ def test_a_cpu_present_but_not_allowed_to_trustvbd_is_refused(short_tmp: Path) -
     first, other = sorted(os.sched_getaffinity(0))[:2]
     path = write(short_tmp, PLACED.replace("cpus = [0]", f"cpus = [{other}]"))
     out = subprocess.run(["taskset", "-c", str(first), sys.executable, "-c",
-                          "import sys\nfrom trustvbd.config import load_config, ConfigError\n"
+                          "import sys\nfrom trustvbd.config import ConfigError\n"
+                          "from trustvbd.config_file import load_config\n"
                           "try:\n    load_config(sys.argv[1])\nexcept ConfigError as e:\n"
                           "    print(e)\n", str(path)], capture_output=True, text=True, check=True)
     assert (f"placement.cpus: CPU {other} is not one trustvbd may run on here (allowed: {first};"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.acm.util import example
-from trustvbd.config import load_config
+from trustvbd.config_file import load_config
 from trustvbd.domains import sandbox
 from trustvbd.domains.placement import guest_sockets, types_of, workload_type
 from trustvbd.domains.unlock import Unlock, UnlockError, decode, receive_unlock, send_unlock

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trustvbd.config import load_config
+from trustvbd.config_file import load_config
 from trustvbd.crypt import x509
 from trustvbd.crypt.tls import TlsSetupError, check_tls_dir
 from trustvbd.state_dir import UnsafePath, secure_state_dir

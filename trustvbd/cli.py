@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from trustvbd import __version__
-from trustvbd.config import Config, ConfigError, format_size, load_config, parse_size
+from trustvbd.config import Config, ConfigError, format_size, parse_size
+from trustvbd.config_file import load_config
 from trustvbd.domains.messages import (
     HvStatus,
     Message,

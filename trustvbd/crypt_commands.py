@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from trustvbd.blocks.ranges import describe_blocks
-from trustvbd.config import Config, ConfigError, load_config
+from trustvbd.config import Config, ConfigError
+from trustvbd.config_file import load_config
 from trustvbd.regular_file import NotRegularFile, read_regular
 from trustvbd.state_lock import StateLock, StateLocked, StateLockUnwritable
 

@@ -16,7 +16,8 @@ from tests.support import config, driver
 from trustvbd.acm import Policy, load_policy
 from trustvbd.acm.audit import AuditLog
 from trustvbd.acm.commands import AUDIT_FILE, write_compiled
-from trustvbd.config import Config, load_config
+from trustvbd.config import Config
+from trustvbd.config_file import load_config
 from trustvbd.domains import messages as m
 from trustvbd.domains.control import ControlChannel
 from trustvbd.domains.hv import Launcher

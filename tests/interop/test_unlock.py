@@ -22,7 +22,7 @@ from tests.support import TRUSTVBD, System, pause, run
 from trustvbd.acm.audit import AuditLog
 from trustvbd.acm.commands import AUDIT_FILE
 from trustvbd.cli import ask_running
-from trustvbd.config import load_config
+from trustvbd.config_file import load_config
 from trustvbd.domains import messages as m
 from trustvbd.domains.unlock import Unlock, send_unlock
 

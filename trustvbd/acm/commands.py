@@ -134,7 +134,8 @@ def compile_file(path: str, output: str) -> int:
 
 def explain_config(config: str, guest: str, disk: str, out: TextIO | None = None) -> int:
     out = out or sys.stdout  # looked up per call, so redirection works
-    from trustvbd.config import ConfigError, load_config
+    from trustvbd.config import ConfigError
+    from trustvbd.config_file import load_config
 
     try:
         cfg = load_config(config)
@@ -235,7 +236,8 @@ def verify_audit(path: str | Path, out: TextIO | None = None, key: str | None = 
 def _audit_path(args: argparse.Namespace) -> Path:
     if args.log:
         return Path(args.log)
-    from trustvbd.config import ConfigError, load_config
+    from trustvbd.config import ConfigError
+    from trustvbd.config_file import load_config
 
     try:
         return load_config(args.config).state_dir / AUDIT_FILE

@@ -13,7 +13,8 @@ import sys
 
 from trustvbd.acm import PolicyError, load_policy
 from trustvbd.acm.commands import write_compiled
-from trustvbd.config import Config, check_paths
+from trustvbd.config import Config
+from trustvbd.config_file import check_paths
 from trustvbd.crypt.tls import TlsSetupError, check_tls_dir
 from trustvbd.domains.hv import Launcher
 from trustvbd.domains.hv_control import serve_control
