@@ -39,6 +39,8 @@ on the control socket C, e.g. {"mode": "flip", "rate": 0.05}:
     errno_zero      answer reads with an error chunk whose error is 0 (structured)
     odd_errno       answer reads with the error 0xFFFFFFFF, no NBD errno at all
     write_data      answer writes with a data chunk, as if they were reads (structured)
+    write_errno_zero  store writes, but answer them with an error chunk whose error is 0
+    write_odd_errno   store writes, but answer them with the error 0xFFFFFFFF
 
 Only the data its modes concern are touched: the handshake stays honest (but for
 stall_handshake), so the
@@ -291,6 +293,13 @@ class Hostile:
                                      offset) + reply[:half + 512])
             conn.sendall(_read_reply_head(True, cookie, offset + half, len(reply) - half)
                          + reply[half:])
+        elif typ == WRITE and mode == "write_odd_errno":
+            if structured:
+                conn.sendall(_error_chunk(cookie, 0xFFFFFFFF, b"odd"))
+            else:
+                conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0xFFFFFFFF, cookie))
+        elif typ == WRITE and structured and mode == "write_errno_zero":
+            conn.sendall(_error_chunk(cookie, 0, b"no error at all"))
         elif typ == WRITE and structured and mode == "write_data":
             conn.sendall(_read_reply_head(True, cookie, offset, 512) + bytes(512))
         elif typ == READ and structured:

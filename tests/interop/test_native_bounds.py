@@ -448,7 +448,8 @@ def test_a_single_silent_driver_under_native_writes_fails_the_flush_soon_saying_
     ("no_structured", "structured reply chunk, but none were negotiated"),
     ("cross_cookie", "lies outside the request"), ("overlap_chunks", "overlaps an earlier chunk"),
     ("outside_chunk", "lies outside the request"),
-    ("write_data", "OFFSET_DATA chunk in reply to WRITE")])
+    ("write_data", "OFFSET_DATA chunk in reply to WRITE"), ("write_errno_zero", "with EIO: no error at all"),
+    ("write_odd_errno", "with NBDERR_0xffffffff")])
 def test_more_drivers_breaking_the_protocol_lose_no_data_and_stall_nothing(
         short_tmp: Path, mode: str, said: str, replicas: int) -> None:
     """Of 2 replicas one, of 3 two, answer every request twice (a reply for a cookie answered
