@@ -20,7 +20,7 @@ import pytest
 from tests.crypt.helpers import BS, pattern, run
 from tests.crypt.test_native_reads import drivers, opened, served, write_blocks
 from trustvbd import _native
-from trustvbd.domains.crypt import spin_budget, spin_pressure
+from trustvbd.domains.crypt import spin_setting
 from trustvbd.nbd import spin
 from trustvbd.nbd.client import NbdClient
 
@@ -136,23 +136,23 @@ def test_bytes_there_end_a_wait_at_once() -> None:
 
 @pytest.mark.parametrize("text", ["-1", "abc", str(_native.SPIN_BUDGET_MAX_US + 1), "1.5"])
 def test_the_crypt_domain_refuses_a_budget_it_cannot_keep(text: str) -> None:
-    with pytest.raises(SystemExit, match="not a busy-wait budget"):
-        spin_budget(text)
+    with pytest.raises(SystemExit, match=f"TRUSTVBD_SPIN_US='{text}' is not a busy-wait budget"):
+        spin_setting("TRUSTVBD_SPIN_US", text)
 
 
 def test_the_crypt_domain_budget_is_off_unless_set() -> None:
-    assert spin_budget(None) == 0
-    assert spin_budget(str(spin.BUDGET_US)) == spin.BUDGET_US
-    assert spin_budget("0") == 0
-    assert spin_budget(str(_native.SPIN_BUDGET_MAX_US)) == _native.SPIN_BUDGET_MAX_US
+    assert spin_setting("TRUSTVBD_SPIN_US", None) == 0
+    assert spin_setting("TRUSTVBD_SPIN_US", str(spin.BUDGET_US)) == spin.BUDGET_US
+    assert spin_setting("TRUSTVBD_SPIN_US", "0") == 0
+    assert spin_setting("TRUSTVBD_SPIN_US", str(_native.SPIN_BUDGET_MAX_US)) == _native.SPIN_BUDGET_MAX_US
 
 
 @pytest.mark.parametrize("text", ["-0.5", "x", "100.1", "nan"])
 def test_the_crypt_domain_refuses_a_pressure_limit_that_is_no_share(text: str) -> None:
-    with pytest.raises(SystemExit, match="not a share of time"):
-        spin_pressure(text)
-    assert spin_pressure(None) == _native.SPIN_PSI_MAX
-    assert spin_pressure("100") == 100.0
+    with pytest.raises(SystemExit, match=f"TRUSTVBD_SPIN_PSI_MAX='{text}' is not a share of time"):
+        spin_setting("TRUSTVBD_SPIN_PSI_MAX", text)
+    assert spin_setting("TRUSTVBD_SPIN_PSI_MAX", None) == _native.SPIN_PSI_MAX
+    assert spin_setting("TRUSTVBD_SPIN_PSI_MAX", "100") == 100.0
 
 
 @pytest.mark.parametrize("kind", ["asyncio", "uvloop"])

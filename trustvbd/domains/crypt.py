@@ -520,36 +520,33 @@ async def amain(control_fd: int, ready_fd: int | None, unlock: Unlock | None = N
     return 0
 
 
-def spin_budget(text: str | None) -> int:
-    """The busy-wait's budget in µs (nbd/spin.py) from TRUSTVBD_SPIN_US (0 or unset: off;
-    `spin.BUDGET_US` is the one measured). Off by default: on a quiet machine it lowers
-    QD1 medians but raises the write tail (bench/README.md, docs/placement.md)."""
-    if text is None:
-        return 0
-    try:
-        budget = int(text)
-    except ValueError:
-        budget = -1
-    if not 0 <= budget <= SPIN_BUDGET_MAX_US:
-        raise SystemExit(f"crypt: TRUSTVBD_SPIN_US={text!r} is not a busy-wait budget: give "
+# The busy-wait's settings (nbd/spin.py), from the environment: name -> (type, unset, top,
+# what a value must be, what to give). TRUSTVBD_SPIN_US: its budget in µs, 0 or unset off
+# (off by default: on a quiet machine it lowers QD1 medians but raises the write tail,
+# bench/README.md, docs/placement.md). TRUSTVBD_SPIN_PSI_MAX: the CPU pressure (%) above
+# which it is off (100: never off for pressure, for measuring on a shared machine).
+SPIN_SETTINGS: dict[str, tuple[type[int] | type[float], float, float, str, str]] = {
+    "TRUSTVBD_SPIN_US": (int, 0, SPIN_BUDGET_MAX_US, "a busy-wait budget",
                          f"0 (off) to {SPIN_BUDGET_MAX_US} µs ({spin.BUDGET_US} is the one "
-                         "measured), or unset it (off)")
-    return budget
+                         "measured), or unset it (off)"),
+    "TRUSTVBD_SPIN_PSI_MAX": (float, SPIN_PSI_MAX, 100.0, "a share of time",
+                              f"0 to 100 (%), or unset it for {SPIN_PSI_MAX}"),
+}
 
 
-def spin_pressure(text: str | None) -> float:
-    """The CPU pressure (%) above which the busy-wait is off, from TRUSTVBD_SPIN_PSI_MAX
-    (100: never off for pressure, for measuring on a shared machine); unset: the Spinner's."""
+def spin_setting(name: str, text: str | None) -> float:
+    """The busy-wait setting `name` (SPIN_SETTINGS) from its environment variable's `text`
+    (None: unset), or exit saying which variable, what value and what to give."""
+    kind, unset, top, what, give = SPIN_SETTINGS[name]
     if text is None:
-        return SPIN_PSI_MAX
+        return unset
     try:
-        share = float(text)
+        value: float = kind(text)
     except ValueError:
-        share = -1.0
-    if not 0.0 <= share <= 100.0:
-        raise SystemExit(f"crypt: TRUSTVBD_SPIN_PSI_MAX={text!r} is not a share of time: give "
-                         f"0 to 100 (%), or unset it for {SPIN_PSI_MAX}")
-    return share
+        value = -1
+    if not 0 <= value <= top:  # (NaN too)
+        raise SystemExit(f"crypt: {name}={text!r} is not {what}: give {give}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -563,8 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("crypt")
     die_with_parent()
     keep_freed_memory()
-    spin.enable(spin_budget(os.environ.get("TRUSTVBD_SPIN_US")),
-                spin_pressure(os.environ.get("TRUSTVBD_SPIN_PSI_MAX")))
+    spin.enable(int(spin_setting("TRUSTVBD_SPIN_US", os.environ.get("TRUSTVBD_SPIN_US"))),
+                spin_setting("TRUSTVBD_SPIN_PSI_MAX", os.environ.get("TRUSTVBD_SPIN_PSI_MAX")))
     unlock = receive_unlock(args.unlock_fd) if args.unlock_fd is not None else None
     state_dir = Path(f"/proc/self/fd/{args.state_dir_fd}") if args.state_dir_fd is not None else None
     return run(amain(args.control_fd, args.ready_fd, unlock, state_dir))
