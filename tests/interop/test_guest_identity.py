@@ -294,6 +294,33 @@ def test_strangers_stalled_in_the_handshake_cannot_lock_a_guest_out(tls_system: 
 
 
 
+def test_strangers_stalled_on_a_plaintext_port_cannot_lock_its_guest_out(
+        tls_system: System) -> None:
+    """The same on a port without TLS (the guest's own `tls = false`): its connections counted
+    as proven from the start, so 64 silent ones from anywhere held every slot until their
+    `handshake_timeout` (30 s) and the guest was refused ("already 64 connections"). Now one
+    still in its NBD handshake gives way, from the address holding the most such."""
+    import socket as sock_mod
+
+    uri = tcp_uri(tls_system, "vm4", "d1")
+    port = int(uri.split(":")[2].split("/")[0])
+    stalled = []
+    try:
+        for _ in range(80):
+            s = sock_mod.socket()
+            s.bind(("127.0.0.2", 0))
+            s.connect(("127.0.0.1", port))
+            stalled.append(s)
+        time.sleep(0.5)
+        out = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True,
+                             timeout=60, env=nbd_env())
+        assert out.returncode == 0, out.stderr[-1500:]
+        assert out.stdout.strip() == str(4 * MIB)
+    finally:
+        for s in stalled:
+            s.close()
+
+
 @pytest.mark.parametrize(("mode", "source", "delay"),
                          [("silent", "127.0.0.1", 0.005), ("starttls", "127.0.0.2", 0.1)])
 def test_a_far_guest_gets_in_through_a_flood_of_new_connections(

@@ -85,10 +85,11 @@ class Connection(asyncio.BufferedProtocol):
         self.server = server
         self.peer = peer
         self.refusal = refusal  # the peer is not who this socket serves (e.g. another uid)
-        # Who it is, the server knows: a Unix socket's owner (or a port without TLS) at once,
-        # a TLS port's client once its certificate passed. Until then it may be anyone on the
-        # network: the server closes it for a newer one over its limit (NbdServer._make_room):
-        # from the source holding the most such, one that has not begun TLS first, oldest first.
+        # Who it is, the server knows: a Unix socket's owner at once, a TLS port's client once
+        # its certificate passed, a plaintext port's once its handshake ended (NbdServer sets
+        # it false for TCP). Until then it may be anyone on the network: the server closes it
+        # for a newer one over its limit (NbdServer._make_room): from the source holding the
+        # most such, one that has not begun TLS first, oldest first.
         self.proven = server.tls is None
         self.source = peer.address  # the server sets where it comes from (its address)
         self.tls_begun = False

@@ -115,6 +115,7 @@ async def handshake(conn: Connection) -> None:
     except p.ProtocolError as exc:
         conn._protocol_error(str(exc))
         return
+    conn.proven = True  # (a plaintext port's client: it asks for no slot of a newcomer now)
     conn.export = result.export
     conn.export_name = result.export.name
     conn._backend = result.export.backend

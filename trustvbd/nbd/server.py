@@ -148,8 +148,9 @@ class NbdServer:
 
     def _make_room(self) -> bool:
         """Over the limit: close a connection whose client has not proven who it is (a TLS
-        port's, before its certificate), if any. Anyone who can reach a guest's port could
-        otherwise hold every slot with sockets that say nothing, the guest locked out.
+        port's before its certificate, a plaintext port's before its handshake ended), if
+        any. Anyone who can reach a guest's port could otherwise hold every slot with sockets
+        that say nothing, the guest locked out.
 
         Which one: from the source (address) holding the most such, so a flood from
         elsewhere cannot push a guest out mid-handshake; of those, one that has not begun
@@ -163,7 +164,7 @@ class NbdServer:
         self.connections.discard(victim)
         if self._refused_window is None:
             log.warning("nbd: %s: %d connections (the limit: [limits] connections): closing"
-                        " one still in its TLS handshake, from %s (%d such from there), for a"
+                        " one still in its handshake, from %s (%d such from there), for a"
                         " new one", self.identity, self.max_connections, victim.peer.address,
                         held[victim.source])
             self._refused_window = asyncio.get_running_loop().call_later(
@@ -190,7 +191,7 @@ class NbdServer:
         self._refused_window = None
         if self._refused:
             log.warning("nbd: %s: refused %d more connection(s) over the limit of %d (or"
-                        " closed them still in their TLS handshake) in the last %.0f s",
+                        " closed them still in their handshake) in the last %.0f s",
                         self.identity, self._refused, self.max_connections, REFUSED_LOG_WINDOW)
             self._refused = 0
             if not self._closed:
@@ -212,6 +213,8 @@ class NbdServer:
         peer = PeerInfo(identity=self.identity, address=describe_peer(sock))
         conn = Connection(self, peer, self._check_owner(sock))
         conn.source = source_of(sock)
+        if sock.family != socket.AF_UNIX:  # a plaintext port: anyone until its handshake ends
+            conn.proven = False
         self.connections.add(conn)
         try:
             await loop.connect_accepted_socket(lambda: conn, sock)
