@@ -50,8 +50,13 @@ def _write(conn: Connection, data: bytes) -> None:
         conn._transport.write(data)
 
 
+def _said(conn: Connection, level: int, what: str) -> None:
+    """Once per kind and window (NbdServer.said): a flood of connections cannot flood the log."""
+    conn.server.said.say(level, what, f"nbd: {conn.peer.identity} ({conn.peer.address}): {what}")
+
+
 def _refused(conn: Connection, reason: str) -> None:
-    log.warning("nbd: %s (%s): refused: %s", conn.peer.identity, conn.peer.address, reason)
+    _said(conn, logging.WARNING, f"refused: {reason}")
     conn.server.identity_refused(conn.peer, reason)
 
 
@@ -60,6 +65,9 @@ async def _start_tls(conn: Connection) -> str:
     if conn.core.unparsed():
         # Bytes sent before the TLS handshake would later pass as if they came under TLS.
         raise HandshakeEnded("client sent data after NBD_OPT_STARTTLS before the TLS handshake")
+    if (too_many := conn.server.tls_refusal(conn.source)) is not None:
+        _said(conn, logging.WARNING, f"refused: {too_many}")  # not audited: no identity asked
+        raise HandshakeEnded(too_many, reported=True)
     context, transport = conn.server.tls, conn._transport
     assert context is not None and transport is not None
     conn._tls_starting = conn._over_tls = True
@@ -104,16 +112,17 @@ async def handshake(conn: Connection) -> None:
             )
     except HandshakeEnded as exc:
         if not exc.reported:  # a refusal was logged once already, as a warning
-            log.info("nbd: %s (%s): %s", conn.peer.identity, conn.peer.address, exc)
+            _said(conn, logging.INFO, str(exc))
         conn._close_gracefully()
         return
     except TimeoutError:
-        log.warning("nbd: %s (%s) did not finish the handshake within %.0f s; closing",
-                    conn.peer.identity, conn.peer.address, conn.server.handshake_timeout)
+        _said(conn, logging.WARNING, "did not finish the handshake within"
+              f" {conn.server.handshake_timeout:.0f} s; closed")
         conn._abort()
         return
     except p.ProtocolError as exc:
-        conn._protocol_error(str(exc))
+        _said(conn, logging.WARNING, f"closed in its handshake: {exc}")
+        conn._abort()
         return
     conn.proven = True  # (a plaintext port's client: it asks for no slot of a newcomer now)
     conn.export = result.export

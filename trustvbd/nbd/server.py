@@ -19,12 +19,14 @@ import logging
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Callable
 
 from trustvbd.accepting import accept as accept_connection
 from trustvbd.nbd.budget import MemoryBudget
 from trustvbd.nbd.connection import Connection
 from trustvbd.nbd.exports import Export, ExportProvider, ExportRefused, PeerInfo, StaticExports
+from trustvbd.nbd.log_window import LogWindow
 
 __all__ = [
     "Connection", "Export", "ExportProvider", "ExportRefused", "NbdServer", "PeerInfo",
@@ -39,6 +41,14 @@ log = logging.getLogger("trustvbd.nbd.server")
 # window in one line with their count, so a guest opening connections in a loop cannot
 # fill the trusted domain's log.
 REFUSED_LOG_WINDOW = 10.0
+
+
+# TLS handshakes a source (address) may begin on a port: each costs the server ~2 ms of CPU
+# (key exchange, signature), so one address in a loop took half a core from every guest its
+# encryption domain serves. Over it, a STARTTLS is answered by closing the connection.
+TLS_PER_SECOND = 10.0
+TLS_BURST = 20.0
+TLS_SOURCES = 1024  # sources whose handshakes are counted at once (the idle ones forgotten)
 
 
 def peer_uid(sock: socket.socket) -> int | None:
@@ -119,6 +129,8 @@ class NbdServer:
         self._closed = False
         self._refused = 0  # refused over the limit since the last line that said so
         self._refused_window: asyncio.TimerHandle | None = None
+        self._tls_tokens: dict[str, tuple[float, float]] = {}  # source -> (tokens, when)
+        self.said = LogWindow(log, f"nbd: {identity}")  # handshakes' ends, once per window
 
     async def serve_socket(self, listening: socket.socket) -> None:
         """Accept connections on a bound, listening socket (Unix or TCP).
@@ -139,12 +151,37 @@ class NbdServer:
                 raise
             finally:
                 self._accepting.discard(accept)
+            # A TLS port's client must begin TLS: one whose address may not now is closed
+            # at once, before it costs a connection's set-up (a loop of them took a core).
+            if self.tls is not None and (why := self.tls_refusal(source_of(sock), False)):
+                self.said.say(logging.WARNING, f"refused: {why}", f"nbd: {self.identity}:"
+                              f" refusing a connection from {describe_peer(sock)}: {why}")
+                sock.close()
+                continue
             if len(self.connections) >= self.max_connections and not self._make_room():
                 self._refuse(sock)
                 continue
             task = loop.create_task(self.handle_connection(sock))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
+
+    def tls_refusal(self, source: str, take: bool = True) -> str | None:
+        """Why `source` may not begin one more TLS handshake now (TLS_PER_SECOND, TLS_BURST);
+        None: it may (and `take`: it does)."""
+        now = time.monotonic()
+        tokens, when = self._tls_tokens.get(source, (TLS_BURST, now))
+        tokens = min(TLS_BURST, tokens + (now - when) * TLS_PER_SECOND)
+        if tokens < 1:
+            return f"more than {TLS_PER_SECOND:g} TLS handshakes a second from {source}"
+        if take:
+            self._tls_tokens.pop(source, None)
+            if len(self._tls_tokens) >= TLS_SOURCES:  # forget those back to a full burst
+                self._tls_tokens = {s: (t, w) for s, (t, w) in self._tls_tokens.items()
+                                    if t + (now - w) * TLS_PER_SECOND < TLS_BURST}
+                if len(self._tls_tokens) >= TLS_SOURCES // 2:
+                    self._tls_tokens.clear()
+            self._tls_tokens[source] = (tokens - 1, now)
+        return None
 
     def _make_room(self) -> bool:
         """Over the limit: close a connection whose client has not proven who it is (a TLS
@@ -252,6 +289,7 @@ class NbdServer:
         if self._refused_window is not None:
             self._refused_window.cancel()
             self._log_refused()  # the count of the window cut short
+        self.said.close()
         conns = list(self.connections)
         if conns:
             await asyncio.gather(*(c.close(timeout) for c in conns), return_exceptions=True)
