@@ -476,7 +476,7 @@ def test_a_replicas_batch_of_native_replies_calls_no_python(short_tmp: Path,
         send_outgoing(client)
 
     monkeypatch.setattr(client_transmission, "resolve", counted)
-    monkeypatch.setattr(NbdClient, "_resolve", counted)
+    monkeypatch.setattr(NbdClient, "resolve", counted)
     monkeypatch.setattr(client_transmission, "_send_outgoing", counted_send)
     calls = {"replied": 0, "settled": 0}
     for name in ("replied", "settled"):

@@ -308,7 +308,9 @@ class NbdClient:
     _release_slot = client_transmission.release_slot
     _native_sent = client_transmission.native_sent
     _native_done = client_transmission.native_done
-    _resolve = client_transmission.resolve
+    # what the engine's reader (NbdClientEngine.ready) calls: _native.EngineOwner
+    native_answered = client_transmission.native_answered
+    resolve = client_transmission.resolve
     _eof = client_transmission.eof_received
     _lost = client_transmission.lost
     _break = client_transmission.break_connection

@@ -55,7 +55,7 @@ class Wire(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         client = self.client
         if client._engine is not None:
-            client._resolve(client._engine.feed(self._fed[:nbytes]))
+            client.resolve(client._engine.feed(self._fed[:nbytes]))
         else:
             _buffer_updated(client, nbytes)
 
@@ -205,7 +205,7 @@ def _attach(client: NbdClient, result: Handshake) -> None:
         sock, client._sock = client._sock, None
         client._engine = NbdClientEngine(sock, result.structured, most)  # detaches it
         client._fd = client._engine.fileno()
-        client._loop.add_reader(client._fd, client._engine.ready, client)  # (_resolve)
+        client._loop.add_reader(client._fd, client._engine.ready, client)  # (EngineOwner)
     else:  # TLS: the transport's bytes are fed to the engine (Wire)
         client._engine = NbdClientEngine(None, result.structured, most)
 

@@ -469,13 +469,25 @@ def _outcomes(client: NbdClient, writes: list[tuple[int, Buffer]],
     return outcomes
 
 
+def native_answered(client: NbdClient, slots: int) -> bool:
+    """The engine's reader (NbdClientEngine.ready) received a batch that did nothing but
+    answer native reads without fault: their `slots` come back and the server is heard
+    from now. False, with nothing done, when someone may be owed those slots (none is
+    free: release_slot hands them on) or waits for idle: the batch goes to resolve."""
+    if (client._free_slots > 0 or not slots) and client._idle is None:
+        client.answered_at = client._loop.time()
+        client._free_slots += slots
+        return True
+    return False
+
+
 def resolve(client: NbdClient, batch: Batch) -> None:
     """Complete the futures of the requests the engine saw answered (the batches of
     submit_writes it counted itself, once each, their slots given back together), and hand
     on what its native reads left (_native_done); then act on a broken connection or the
     server's end of it. The engine's reader callback (NbdClientEngine.ready, on a plain
     socket) calls this only for a batch with more in it than native reads answered without
-    fault: those it finishes itself (their slots back, answered_at), no Python per batch."""
+    fault, or one native_answered would not finish."""
     done, broken, eof, native, writes = batch
     client.answered_at = client._loop.time()  # the server said something
     if native is not None:

@@ -635,50 +635,46 @@ impl NbdClientEngine {
         Ok(list)
     }
 
-    /// ready(client): the loop's reader callback (add_reader(fd, engine.ready, client)).
-    /// Receives what the socket has (a bounded number of reads) and hands
-    /// `client._resolve` the batch (completions, broken, eof, native batch, write batch):
-    /// the requests answered, as (cookie, nbd error, message) tuples, but for the WRITEs of
-    /// `request_writes` (the write batch: None if none was answered); `broken` says why the
-    /// connection is unusable (a protocol violation or a failed read), `eof` that the
-    /// server closed its end. But a batch that did nothing but answer native reads without
-    /// fault (their replies in their sessions' output, which settle once per loop turn) is
-    /// finished here: `client._free_slots` gets their slots back and `client.answered_at`
-    /// is the loop's time, no Python call. Anything else goes to `client._resolve(batch)`:
-    /// other completions, failed reads, write batches, a broken or closed connection, slots
-    /// a waiter may be owed (none free: `release_slot` hands them on) and a `client._idle`
-    /// someone waits on.
+    /// ready(client): the loop's reader callback (add_reader(fd, engine.ready, client)),
+    /// `client` an EngineOwner (trustvbd/_native.pyi: NbdClient). Receives what the socket
+    /// has (a bounded number of reads) and hands `client.resolve` the batch (completions,
+    /// broken, eof, native batch, write batch): the requests answered, as (cookie, nbd
+    /// error, message) tuples, but for the WRITEs of `request_writes` (the write batch:
+    /// None if none was answered); `broken` says why the connection is unusable (a protocol
+    /// violation or a failed read), `eof` that the server closed its end. But a batch that
+    /// did nothing but answer native reads without fault (their replies in their sessions'
+    /// output, which settle once per loop turn) goes to `client.native_answered(slots)`
+    /// first, which gives their slots back unless someone may be owed them; only if it
+    /// declines does the batch go to `resolve`.
     fn ready(slf: &Bound<'_, Self>, client: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = slf.py();
-        let batch = {
+        let (done, reason, eof, finished, writes) = {
             let mut me = slf.borrow_mut(); // (let go before Python runs: it may close us)
             let (reason, eof) = me.receive()?;
             let mut finished = Finished::default();
             let mut writes = WritesAnswered::default();
             let done = me.completions(py, &mut finished, &mut writes)?;
-            let quiet = done.is_empty() && reason.is_none() && !eof && writes.freed == 0 && finished.only_slots();
-            if quiet {
-                let free: i64 = client.getattr(intern!(py, "_free_slots"))?.extract()?;
-                // No slot waits while one is free (release_slot hands one over, _take_slot
-                // waits only when none is): nobody is owed these. Nor may anyone wait for idle.
-                if (free > 0 || finished.slots == 0) && client.getattr(intern!(py, "_idle"))?.is_none() {
-                    let now = client
-                        .getattr(intern!(py, "_loop"))?
-                        .call_method0(intern!(py, "time"))?;
-                    client.setattr(intern!(py, "answered_at"), now)?;
-                    client.setattr(intern!(py, "_free_slots"), free + finished.slots as i64)?;
-                    return Ok(());
-                }
-            }
-            (
-                done,
-                reason,
-                eof,
-                Self::native_batch(py, finished)?,
-                Self::writes_batch(py, writes)?,
-            )
+            (done, reason, eof, finished, writes)
         };
-        client.call_method1(intern!(py, "_resolve"), (batch,))?;
+        if done.is_empty()
+            && reason.is_none()
+            && !eof
+            && writes.freed == 0
+            && finished.only_slots()
+            && client
+                .call_method1(intern!(py, "native_answered"), (finished.slots,))?
+                .extract::<bool>()?
+        {
+            return Ok(());
+        }
+        let batch = (
+            done,
+            reason,
+            eof,
+            Self::native_batch(py, finished)?,
+            Self::writes_batch(py, writes)?,
+        );
+        client.call_method1(intern!(py, "resolve"), (batch,))?;
         Ok(())
     }
 
