@@ -16,6 +16,12 @@ pub const CMD_TRIM: u16 = 4;
 pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
+/// trustvbd's own (docs/driver-ring.md): a WRITE whose payload is a 16-byte descriptor
+/// (ring offset, length) of ciphertext in the ring the client passed in the handshake.
+/// Sent only on a connection that agreed NBD_OPT_TRUSTVBD_RING.
+pub const CMD_RING_WRITE: u16 = 0x7476;
+/// The bytes of a ring WRITE's payload: ring offset and length, u64 big-endian each.
+pub const RING_DESCRIPTOR: usize = 16;
 
 /// The protocol's name of a command (`None` for those it does not define here).
 pub fn cmd_name(cmd: u16) -> Option<&'static str> {

@@ -145,7 +145,7 @@ async def serve(specs: list[ExportSpec], sock: socket.socket, default: str | Non
                 ready_fd: int | None, announce: bool, primary: bool = True,
                 unlink: bool = True, control_fd: int | None = None) -> int:
     exports = FileExports(specs, default)
-    server = NbdServer(exports, identity="driver")
+    server = NbdServer(exports, identity="driver", rings=True)  # docs/driver-ring.md
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -50,6 +50,7 @@ class NbdClient:
         self.broken: str | None = None
         self.block_sizes: tuple[int, int, int] = (1, 4096, p.MAX_PAYLOAD)
         self._size = 0
+        self.ring = False  # the driver took our ring (docs/driver-ring.md): RING_WRITEs allowed
         self._caps = Capabilities()
         self._flags = 0
         self._timeout = request_timeout

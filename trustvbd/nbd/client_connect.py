@@ -22,6 +22,7 @@ from trustvbd._native import NbdClientEngine
 from trustvbd.blockdev import BlockError, Capabilities
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
+from trustvbd.nbd import ring
 from trustvbd.nbd.client_handshake import Handshake, handshake
 from trustvbd.nbd.client_transmission import HIGH_WATER
 from trustvbd.nbd.core import State
@@ -85,8 +86,12 @@ async def connect(
     where: str | None = None,
     tls: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
+    ring: tuple[int, int] | None = None,
 ) -> NbdClient:
     """Negotiate `export` over an already connected socket (the client owns it now).
+
+    With `ring` (a read-only descriptor of a sealed memfd, its size), on a plain Unix
+    socket the ring is offered (docs/driver-ring.md); `client.ring` says if it was taken.
 
     With `tls`, the connection is upgraded by STARTTLS before anything else is
     said, and the server's certificate must carry `server_hostname`."""
@@ -104,8 +109,11 @@ async def connect(
             if tls is not None:
                 async def starttls() -> None:
                     await _start_tls(client, tls, server_hostname or "localhost")
+            offer = None
+            if ring is not None and tls is None and sock.family == socket.AF_UNIX:
+                offer = (ring[1], partial(_send_fd, client, ring[0]))
             result = await handshake(client._core, partial(_next_event, client), partial(_send, client),
-                                     export, structured_replies, starttls)
+                                     export, structured_replies, starttls, offer)
             _attach(client, result)
     except TimeoutError:
         client._break(errno.ETIMEDOUT, f"handshake did not finish within {handshake_timeout} s")
@@ -123,6 +131,7 @@ async def connect(
         client._break(errno.EIO, "handshake interrupted")
         raise
     _adopt(client, export, result)
+    client.ring = result.ring
     return client
 
 
@@ -284,6 +293,30 @@ async def _next_event(client: NbdClient) -> m.Event:
             return m.ConnectionClosed()
         client._handshake_wakeup = client._loop.create_future()
         await client._handshake_wakeup
+
+
+async def _send_fd(client: NbdClient, fd: int) -> None:
+    """The ring's descriptor, on the byte that follows what the handshake queued."""
+    sock = client._sock
+    assert sock is not None
+    if client._handshake_out:
+        out, client._handshake_out = b"".join(client._handshake_out), []
+        await client._loop.sock_sendall(sock, out)
+    while True:
+        try:
+            ring.send_fd(sock, fd)
+            return
+        except BlockingIOError:
+            await _writable(client._loop, sock.fileno())
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_writer(fd, ring.wake, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
 
 
 def _send(client: NbdClient, msg: m.Event) -> None:

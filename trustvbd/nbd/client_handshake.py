@@ -35,6 +35,7 @@ class Handshake:
     flags: int
     block_sizes: tuple[int, int, int] | None  # (minimum, preferred, maximum payload)
     structured: bool
+    ring: bool = False  # NBD_OPT_TRUSTVBD_RING agreed: RING_WRITEs may be sent
 
 
 def _printable(text: str) -> str:
@@ -48,12 +49,16 @@ async def handshake(
     export: str,
     structured_replies: bool = True,
     starttls: Callable[[], Awaitable[None]] | None = None,
+    ring: tuple[int, Callable[[], Awaitable[None]]] | None = None,
 ) -> Handshake:
     """Negotiate `export`; raise BlockError (refused, hung up) or ProtocolError.
 
     With `starttls`, TLS comes first (as the spec advises a client that insists on
     it): NBD_OPT_STARTTLS, and on its ACK `starttls()` upgrades the connection;
     any other answer ends the handshake, so nothing is ever said in plaintext.
+
+    With `ring` (its size, and a coroutine that sends its descriptor), NBD_OPT_TRUSTVBD_RING
+    is offered (docs/driver-ring.md); a server that does not take it is used without it.
     """
 
     tls_on = False
@@ -98,6 +103,18 @@ async def handshake(
         send(m.Option(p.Opt.STRUCTURED_REPLY))
         await final_reply(p.Opt.STRUCTURED_REPLY)  # an error just means simple replies
 
+    agreed = False
+    if ring is not None:
+        size, send_fd = ring
+        send(m.Option(p.Opt.TRUSTVBD_RING, size.to_bytes(8, "big")))
+        first = await expect(m.OptionReply)
+        assert isinstance(first, m.OptionReply)
+        if first.reply == p.Rep.TRUSTVBD_RING_SEND:
+            await send_fd()
+            agreed = (await final_reply(p.Opt.TRUSTVBD_RING)).reply == p.Rep.ACK
+        elif not first.final:
+            raise p.ProtocolError(f"NBD_OPT_TRUSTVBD_RING answered {p.name_of(p.Rep, first.reply)}")
+
     send(m.Option(p.Opt.GO, m.encode_go(export, [p.Info.BLOCK_SIZE])))
     reply = await final_reply(p.Opt.GO)
     if reply.reply == p.Rep.ACK:
@@ -120,7 +137,7 @@ async def handshake(
         )
     block_sizes = core.block_sizes if reply.reply == p.Rep.ACK else None
     check_export(size, tflags, block_sizes)
-    return Handshake(size, tflags, block_sizes, core.structured)
+    return Handshake(size, tflags, block_sizes, core.structured, agreed)
 
 
 def _power_of_two(n: int) -> bool:

@@ -193,18 +193,20 @@ def send_request(client: NbdClient, typ: int, offset: int, length: int, flags: i
 
 
 def send_writes(client: NbdClient, writes: list[tuple[int, Buffer]], flags: int,
-                bounds: tuple[int, int, int]) -> asyncio.Future[list[BlockError | None]] | None:
+                bounds: tuple[int, int, int], ring: bool = False
+                ) -> asyncio.Future[list[BlockError | None]] | None:
     """Queue WRITEs (their slots taken), each with its own cookie, all with one deadline;
     the future of their outcomes, in order (None, or the BlockError each failed with). One
     engine call for them all, which pairs and counts their replies: Python hears of the
     batch once, when its last write is answered (resolve), not once per write.
     None, with nothing queued, if a write is outside `bounds` (the export's size, minimum
-    block and maximum payload: NbdClientEngine.request_writes)."""
+    block and maximum payload: NbdClientEngine.request_writes). With `ring`, each data is
+    a 16-byte ring descriptor, sent as a RING_WRITE (the handshake agreed the ring)."""
     engine = client._engine
     assert engine is not None  # _check_usable: attached and not broken
     loop = client._loop
     try:
-        first = engine.request_writes(flags, writes, loop.time(), bounds)
+        first = engine.request_writes(flags, writes, loop.time(), bounds, ring)
     except ValueError as exc:  # checked before; nothing of them was queued
         raise p.LocalProtocolError(str(exc)) from None
     if first is None:

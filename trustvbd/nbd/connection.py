@@ -134,6 +134,8 @@ class Connection(asyncio.BufferedProtocol):
         self._out_bytes = 0
         self._write_inline: Callable[[int, Buffer, bool], bool] | None = None  # WritesInline
         self._sock_fd = -1  # for file_serve.py; -1 when the transport is not a plain socket
+        # The ring agreed in the handshake (docs/driver-ring.md): (read-only descriptor, size)
+        self.ring: tuple[int, int] | None = None
         self._flush_scheduled = False
         self._transport_busy = False  # the transport holds unsent bytes (between pause/resume_writing)
         self._reading_paused = False

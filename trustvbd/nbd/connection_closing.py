@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from trustvbd.nbd import file_serve
@@ -79,6 +80,9 @@ async def finish(conn: Connection, timeout: float | None) -> None:
         await wait_native(conn, None if deadline is None
                           else max(0.0, deadline - conn._loop.time()))
     finally:
+        if conn.ring is not None:
+            os.close(conn.ring[0])  # the native loop's mapping was its own
+            conn.ring = None
         if conn._room_wait is not None:
             conn._room_wait.cancel()  # the WRITE it held is not answered: the guest left
         conn.core.parse_batch = None  # no cycle left through the core

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import ssl
 import time
 from functools import partial
@@ -23,7 +25,7 @@ from trustvbd.blockdev import (
     WritesNatively,
 )
 from trustvbd.crypt.tls import peer_common_name
-from trustvbd.nbd import file_serve
+from trustvbd.nbd import file_serve, ring
 from trustvbd.nbd import messages as m
 from trustvbd.nbd import protocol as p
 from trustvbd.nbd.server_handshake import HandshakeEnded, Identity, TlsRequired, negotiate
@@ -97,9 +99,49 @@ async def _start_tls(conn: Connection) -> str:
     return peer_common_name(upgraded.get_extra_info("ssl_object"))
 
 
+async def _receive_ring(conn: Connection, size: int) -> str | None:
+    """NBD_OPT_TRUSTVBD_RING: our RING_SEND reply is written; the client's next byte
+    carries the ring's descriptor (SCM_RIGHTS), read here, not by the transport (which
+    would drop the descriptor). None once it is checked and kept, else why not."""
+    transport = conn._transport
+    assert transport is not None
+    transport.pause_reading()  # before the loop runs again: the byte comes after our reply
+    try:
+        if conn.core.unparsed():
+            raise p.ProtocolError("client sent data after NBD_OPT_TRUSTVBD_RING before its"
+                                  " reply")
+        fd, why = await ring.receive_fd(conn._sock_fd)
+    finally:
+        if not conn._output_closed:
+            transport.resume_reading()
+    if fd is None:
+        return why
+    why = ring.check_ring(fd, size)
+    if why is not None or conn.ring is not None:
+        os.close(fd)
+        return why or "a ring was agreed on this connection already"
+    conn.ring = (fd, size)
+    return None
+
+
+def _rings(conn: Connection) -> bool:
+    """Whether this connection may agree a ring: only where the native file loop will
+    serve it (a plain Unix socket, no budget or idle timeout), the server offering them."""
+    return (conn.server.rings and conn._sock_fd >= 0 and conn._budget is None
+            and conn.server.idle_timeout is None and conn.server.tls is None and _is_unix(conn))
+
+
+def _is_unix(conn: Connection) -> bool:
+    assert conn._transport is not None
+    sock = conn._transport.get_extra_info("socket")
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
 async def handshake(conn: Connection) -> None:
     """The handshake (bounded by the server's handshake_timeout); then the export is attached."""
     identity = Identity(refusal=conn.refusal, refused=partial(_refused, conn))
+    if _rings(conn):
+        identity.ring = partial(_receive_ring, conn)
     if conn.server.tls is not None:
         identity.tls = TlsRequired(partial(_start_tls, conn), conn.server.tls_name or conn.peer.identity)
     if conn.refusal is not None:

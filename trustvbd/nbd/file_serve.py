@@ -107,7 +107,8 @@ def take_over(conn: Connection) -> bool:
     done: asyncio.Future[None] = loop.create_future()
     conn._native_serving, conn._native_sock = done, sock
     args = (sock.fileno(), backend.file_fd(), received, core.export_size, core.export_flags,
-            core.structured, core.meta_context, _Handler(conn, backend), backend.path)
+            core.structured, core.meta_context, _Handler(conn, backend), backend.path,
+            *(conn.ring or (-1, 0)))
 
     def serve() -> None:
         try:

@@ -92,6 +92,7 @@ class Opt(IntEnum):
     LIST_META_CONTEXT = 9
     SET_META_CONTEXT = 10
     EXTENDED_HEADERS = 11
+    TRUSTVBD_RING = 0x74760001  # trustvbd's own: docs/driver-ring.md
 
 
 REP_ERROR_BIT = 1 << 31
@@ -102,6 +103,7 @@ class Rep(IntEnum):
     SERVER = 2
     INFO = 3
     META_CONTEXT = 4
+    TRUSTVBD_RING_SEND = 0x74760001  # trustvbd's own: "send the ring's descriptor now"
     ERR_UNSUP = REP_ERROR_BIT + 1
     ERR_POLICY = REP_ERROR_BIT + 2
     ERR_INVALID = REP_ERROR_BIT + 3
@@ -130,6 +132,7 @@ class Cmd(IntEnum):
     WRITE_ZEROES = 6
     BLOCK_STATUS = 7
     RESIZE = 8
+    TRUSTVBD_RING_WRITE = 0x7476  # trustvbd's own: a WRITE from the agreed ring
 
 
 class CmdFlag(IntFlag):

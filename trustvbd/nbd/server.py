@@ -106,13 +106,15 @@ class NbdServer:
         on_refused: Callable[[PeerInfo, str], None] | None = None,
         budget: MemoryBudget | None = None,
         idle_timeout: float | None = None,
+        rings: bool = False,
     ) -> None:
         """`tls`: clients must STARTTLS and present a certificate whose Common Name is
         `tls_name` (default: `identity`). `owner_uid`: on a Unix socket, only this uid
         (and root) may connect. `on_refused` hears every refused identity (to audit it).
         `budget`: the memory all connections sharing it may hold (budget.py).
         `idle_timeout`: seconds without a request or a drained reply before a connection
-        is closed (None: never)."""
+        is closed (None: never). `rings`: agree NBD_OPT_TRUSTVBD_RING on plain Unix
+        connections (docs/driver-ring.md; a driver's file exports, served natively)."""
         self.provider = provider
         self.identity = identity
         self.max_connections = max_connections
@@ -123,6 +125,7 @@ class NbdServer:
         self.on_refused = on_refused
         self.budget = budget
         self.idle_timeout = idle_timeout
+        self.rings = rings
         self.connections: set[Connection] = set()
         self._accepting: set[asyncio.Task[socket.socket]] = set()
         self._handlers: set[asyncio.Task[None]] = set()  # keeps handler tasks referenced

@@ -77,6 +77,9 @@ class Identity:
     tls: TlsRequired | None = None
     refusal: str | None = None  # set: this peer is not who the port serves; say why
     refused: Callable[[str], None] = field(default=lambda reason: None)  # audit hook, once
+    # NBD_OPT_TRUSTVBD_RING offered (docs/driver-ring.md): after our RING_SEND reply,
+    # receive the ring of this many bytes; None if agreed, else why not
+    ring: Callable[[int], Awaitable[str | None]] | None = None
 
 
 _DECISIVE = (p.Opt.GO, p.Opt.INFO, p.Opt.LIST)
@@ -186,6 +189,16 @@ async def negotiate(
                                      lambda name: provider.knows(peer, name))
             if selected is not None:
                 meta = selected
+        elif opt == p.Opt.TRUSTVBD_RING and who.ring is not None:
+            if len(data) != 8:
+                error(opt, Rep.ERR_INVALID, "NBD_OPT_TRUSTVBD_RING takes the ring's size, 8 bytes")
+                continue
+            reply(opt, Rep.TRUSTVBD_RING_SEND)
+            why = await who.ring(int.from_bytes(data, "big"))
+            if why is None:
+                reply(opt, Rep.ACK)
+            else:
+                error(opt, Rep.ERR_INVALID, f"ring refused: {why}")
         elif opt == p.Opt.STARTTLS:
             if who.tls is not None:
                 error(opt, Rep.ERR_INVALID, "TLS is already running on this connection")

@@ -172,6 +172,7 @@ pub fn command_name(typ: u16) -> String {
     match typ {
         wire::CMD_READ => "READ".into(),
         wire::CMD_WRITE => "WRITE".into(),
+        wire::CMD_RING_WRITE => "RING_WRITE".into(),
         wire::CMD_DISC => "DISC".into(),
         wire::CMD_FLUSH => "FLUSH".into(),
         wire::CMD_TRIM => "TRIM".into(),
@@ -243,10 +244,12 @@ impl<T: ReadTarget> ClientCore<T> {
         match (typ, payload_len) {
             (wire::CMD_WRITE, Some(n)) if n == length as usize => {}
             (wire::CMD_WRITE, _) => return Err(Refused("a WRITE needs exactly `length` bytes of data".into())),
+            (wire::CMD_RING_WRITE, Some(wire::RING_DESCRIPTOR)) => {}
+            (wire::CMD_RING_WRITE, _) => return Err(Refused("a ring WRITE carries a 16-byte descriptor".into())),
             (_, Some(_)) => return Err(Refused("only WRITE requests carry data".into())),
             _ => {}
         }
-        if (typ == wire::CMD_READ || typ == wire::CMD_WRITE) && length > wire::MAX_PAYLOAD {
+        if matches!(typ, wire::CMD_READ | wire::CMD_WRITE | wire::CMD_RING_WRITE) && length > wire::MAX_PAYLOAD {
             return Err(Refused(format!(
                 "{} of {length} bytes exceeds 32 MiB",
                 command_name(typ)

@@ -25,8 +25,8 @@ use pyo3::types::PyList;
 use super::foreign;
 use crate::nbd_server::{frame_block_status, frame_read_part, frame_reply, Checker, REFUSED_DRAIN_MAX, REQUEST_PART};
 use crate::nbd_wire::{
-    RequestHeader, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLUSH, CMD_READ, CMD_WRITE, ERR_EIO, FLAG_FUA, FLAG_REQ_ONE,
-    REQUEST_SIZE,
+    be_u64, RequestHeader, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLUSH, CMD_READ, CMD_RING_WRITE, CMD_WRITE, ERR_EINVAL,
+    ERR_EIO, FLAG_FUA, FLAG_REQ_ONE, REQUEST_SIZE, RING_DESCRIPTOR,
 };
 
 /// Bytes one receive may take: many requests, or a good part of one big WRITE.
@@ -87,6 +87,8 @@ struct Served {
     meta_context: u32,
     handler: Py<PyAny>,
     path: String,
+    /// The ring agreed in the handshake (docs/driver-ring.md), mapped read-only.
+    ring: Option<foreign::RingMap>,
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -161,6 +163,9 @@ impl Served {
     }
 
     fn serve(&mut self, head: &RequestHeader) -> Result<(), End> {
+        if head.typ == CMD_RING_WRITE {
+            return self.write_ring(head);
+        }
         let refusal = self.checker.check(head);
         if head.typ == CMD_WRITE {
             return self.write(head, refusal.is_none());
@@ -224,6 +229,59 @@ impl Served {
             self.reply(head.cookie, refusal.error, &refusal.message);
             return Ok(());
         }
+        if failed.is_none() && head.flags & FLAG_FUA != 0 {
+            failed = self.file.sync_data().err();
+        }
+        match failed {
+            None => self.reply(head.cookie, 0, ""),
+            Some(err) => self.reply(head.cookie, nbd_error(&err), &format!("write on {}: {err}", self.path)),
+        }
+        Ok(())
+    }
+
+    /// A ring WRITE (docs/driver-ring.md): its 16-byte descriptor read, checked as a
+    /// WRITE of the header's length, against the ring (inside it, the same length), and
+    /// pwritten from the mapping. Refused where no ring was agreed; its descriptor is
+    /// read all the same, so the next request follows.
+    fn write_ring(&mut self, head: &RequestHeader) -> Result<(), End> {
+        while self.end - self.start < RING_DESCRIPTOR {
+            if self.fill()? == 0 {
+                return Err(End::Eof(REQUEST_SIZE + self.end - self.start));
+            }
+        }
+        let at = be_u64(&self.buf[self.start..], 0);
+        let len = be_u64(&self.buf[self.start..], 8);
+        self.start += RING_DESCRIPTOR;
+        let as_write = RequestHeader {
+            typ: CMD_WRITE,
+            ..*head
+        };
+        let refusal = match (&self.ring, self.checker.check(&as_write)) {
+            (None, _) => Some((ERR_EINVAL, "RING_WRITE on a connection that agreed no ring".to_string())),
+            (Some(_), Some(refusal)) => Some((refusal.error, refusal.message)),
+            (Some(_), None) if len != u64::from(head.length) => Some((
+                ERR_EINVAL,
+                format!("RING_WRITE descriptor of {len} bytes for a request of {}", head.length),
+            )),
+            (Some(ring), None) if at.checked_add(len).is_none_or(|end| end > ring.len() as u64) => Some((
+                ERR_EINVAL,
+                format!(
+                    "RING_WRITE descriptor [{at}, +{len}) is outside the ring of {} bytes",
+                    ring.len()
+                ),
+            )),
+            _ => None,
+        };
+        if let Some((error, message)) = refusal {
+            self.tell("refused", head.typ, &message);
+            self.reply(head.cookie, error, &message);
+            return Ok(());
+        }
+        let ring = self.ring.as_ref().expect("checked above");
+        let (file, offset) = (&self.file, head.offset);
+        let mut failed = ring
+            .with_slot(at as usize, len as usize, |bytes| write_in_pieces(file, bytes, offset))
+            .err();
         if failed.is_none() && head.flags & FLAG_FUA != 0 {
             failed = self.file.sync_data().err();
         }
@@ -400,16 +458,18 @@ fn read_padded(file: &File, out: &mut [u8], offset: u64) -> io::Result<()> {
 }
 
 /// serve_file(sock_fd, file_fd, received, export_size, transmission_flags, structured,
-///            meta_context, handler, path) -> (how, truncated, message)
+///            meta_context, handler, path, ring_fd=-1, ring_size=0) -> (how, truncated, message)
 ///
 /// Serves the connection on `sock_fd` (a blocking socket: this thread waits in it) until
 /// it ends, `received` the bytes already received after the handshake. Both descriptors
 /// are duplicated: the caller's stay its own (shut the socket down to stop this). `how`
 /// is "disconnect" (NBD_CMD_DISC), "eof" (`truncated` bytes of a message were left),
 /// "broken", "protocol" or "read-failed" (a file read failed after its reply began:
-/// `message` says why).
+/// `message` says why). `ring_fd` (not -1): the ring this connection agreed, `ring_size`
+/// bytes, mapped read-only for this connection alone (ValueError if it is not open
+/// read-only, sealed against resizing and that long); the caller keeps its descriptor.
 #[pyfunction]
-#[pyo3(signature = (sock_fd, file_fd, received, export_size, transmission_flags, structured, meta_context, handler, path))]
+#[pyo3(signature = (sock_fd, file_fd, received, export_size, transmission_flags, structured, meta_context, handler, path, ring_fd=-1, ring_size=0))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn serve_file(
     py: Python<'_>,
@@ -422,7 +482,14 @@ pub(crate) fn serve_file(
     meta_context: u32,
     handler: Py<PyAny>,
     path: String,
+    ring_fd: i32,
+    ring_size: usize,
 ) -> PyResult<(&'static str, usize, String)> {
+    let ring = if ring_fd >= 0 {
+        Some(foreign::RingMap::new(py, ring_fd, ring_size)?)
+    } else {
+        None
+    };
     let mut checker = Checker::new(export_size, transmission_flags, structured);
     if meta_context != 0 && structured {
         checker = checker.with_block_status();
@@ -437,6 +504,7 @@ pub(crate) fn serve_file(
         meta_context,
         handler,
         path,
+        ring,
         buf,
         start: 0,
         end: received.len(),

@@ -343,6 +343,78 @@ pub(crate) fn with_bytes<R>(py: Python<'_>, buf: &PyBuffer<u8>, work: impl FnOnc
     Ok(work(bytes))
 }
 
+/// A ring of ciphertext the encryption domain shares with this driver (docs/driver-ring.md):
+/// a memfd mapped read-only and shared, for one connection, unmapped when dropped.
+pub(crate) struct RingMap {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: (Send) the mapping is owned by this value alone; nothing else unmaps it.
+unsafe impl Send for RingMap {}
+
+impl RingMap {
+    /// Maps `fd` (`len` bytes) read-only. Refused unless it is open read-only, is `len`
+    /// bytes long and sealed against shrinking and growing: a shrunk file would fault
+    /// (SIGBUS) on a read of the mapping past its new end.
+    pub(crate) fn new(py: Python<'_>, fd: RawFd, len: usize) -> PyResult<Self> {
+        let file = dup_file(py, fd)?;
+        let raw = file.as_raw_fd();
+        let refuse = |why: String| PyValueError::new_err(format!("the ring (descriptor {fd}) {why}"));
+        // SAFETY: fcntl on a descriptor we own (`file`), no memory passed.
+        let mode = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+        if mode < 0 || mode & libc::O_ACCMODE != libc::O_RDONLY {
+            return Err(refuse("is not open read-only".into()));
+        }
+        // SAFETY: as above.
+        let seals = unsafe { libc::fcntl(raw, libc::F_GET_SEALS) };
+        let needed = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        if seals < 0 || seals & needed != needed {
+            return Err(refuse(
+                "is not sealed against resizing (F_SEAL_SHRINK, F_SEAL_GROW)".into(),
+            ));
+        }
+        let size = file.metadata()?.len();
+        if len == 0 || size != len as u64 {
+            return Err(refuse(format!("is {size} bytes, not the {len} agreed")));
+        }
+        // SAFETY: a new mapping (no address asked for) of a descriptor we own; the result
+        // is checked below and owned by the value returned, which unmaps it once.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, raw, 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(Self { ptr, len })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Runs `work` on `len` bytes of the ring at `at` (inside it: checked by the caller,
+    /// asserted here). `work` must only hand the bytes to the kernel (pwrite): the
+    /// encryption domain rewrites the ring's slots, so what Rust read of them could
+    /// change under it; the kernel copies what is there when it copies.
+    pub(crate) fn with_slot<R>(&self, at: usize, len: usize, work: impl FnOnce(&[u8]) -> R) -> R {
+        assert!(
+            at.checked_add(len).is_some_and(|end| end <= self.len),
+            "a slot inside the ring"
+        );
+        // SAFETY: `at..at + len` is inside the mapping (asserted), which stays mapped for
+        // `self`'s life, longer than the borrow; it is mapped readable. Another process
+        // may write these bytes meanwhile: `work` only passes them to pwrite (see above).
+        let bytes = unsafe { std::slice::from_raw_parts((self.ptr as *const u8).add(at), len) };
+        work(bytes)
+    }
+}
+
+impl Drop for RingMap {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping of `len` bytes, unmapped once, here; no borrow outlives it.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,7 @@ use pyo3::types::{PyBytes, PyList, PyMemoryView, PyTuple};
 use super::foreign::{detach_socket, LentBuffer};
 use super::read_plane::{Finished, NativeRead, Why};
 use crate::nbd_client::{ClientCore, Completion, ReadTarget};
-use crate::nbd_wire::{CMD_READ, CMD_WRITE, REQUEST_SIZE};
+use crate::nbd_wire::{CMD_READ, CMD_RING_WRITE, CMD_WRITE, REQUEST_SIZE, RING_DESCRIPTOR};
 
 /// Reads per `ready()` call at most: the loop serves other sockets in between.
 const READS_PER_CALL: usize = 16;
@@ -464,14 +464,17 @@ impl NbdClientEngine {
     /// nothing queued, if any write is outside the export, over the maximum, or
     /// unaligned (but for a short last block), so the caller can send them the general
     /// way, which says what is wrong. ValueError, with nothing queued, if any of them
-    /// must not be sent.
-    #[pyo3(signature = (flags, writes, sent, bounds=None))]
+    /// must not be sent. With `ring`, each data is a 16-byte ring descriptor (ring
+    /// offset, length: u64 big-endian) and each is sent as NBD_CMD_TRUSTVBD_RING_WRITE
+    /// of that length (docs/driver-ring.md; only where the handshake agreed the ring).
+    #[pyo3(signature = (flags, writes, sent, bounds=None, ring=false))]
     fn request_writes(
         &mut self,
         flags: u16,
         writes: &Bound<'_, PyList>,
         sent: f64,
         bounds: Option<(u64, u64, u64)>,
+        ring: bool,
     ) -> PyResult<Option<u64>> {
         let mut items = Vec::with_capacity(writes.len());
         for item in writes.iter() {
@@ -482,8 +485,18 @@ impl NbdClientEngine {
                 Err(err) => return Err(err),
             };
             let payload = Payload::new(&data)?;
+            let data_len = if ring {
+                let d = payload.bytes();
+                if d.len() != RING_DESCRIPTOR {
+                    return Err(PyValueError::new_err("a ring descriptor is 16 bytes"));
+                }
+                usize::try_from(u64::from_be_bytes(d[8..16].try_into().expect("8 bytes")))
+                    .map_err(|_| PyValueError::new_err("a ring descriptor's length is over 32 MiB"))?
+            } else {
+                payload.bytes().len()
+            };
             if let Some((size, align, limit)) = bounds {
-                let length = payload.bytes().len() as u64;
+                let length = data_len as u64;
                 let end = offset.checked_add(length);
                 if length > limit
                     || end.is_none_or(|end| end > size)
@@ -493,7 +506,7 @@ impl NbdClientEngine {
                     return Ok(None);
                 }
             }
-            let length = u32::try_from(payload.bytes().len())
+            let length = u32::try_from(data_len)
                 .ok()
                 .filter(|&n| self.core.takes_read(n)) // a READ's bounds are a WRITE's
                 .ok_or_else(|| match self.core.broken() {
@@ -507,10 +520,12 @@ impl NbdClientEngine {
         }
         let mut first = None;
         let mut group = Vec::with_capacity(items.len());
+        let command = if ring { CMD_RING_WRITE } else { CMD_WRITE };
         for (offset, length, payload) in items {
+            let sent_len = payload.bytes().len();
             let (cookie, head) = self
                 .core
-                .request(CMD_WRITE, flags, offset, length, Some(length as usize), None)
+                .request(command, flags, offset, length, Some(sent_len), None)
                 .map_err(|refused| PyValueError::new_err(refused.0))?; // checked above: never
             first.get_or_insert(cookie);
             group.push((offset, length));
