@@ -5,7 +5,7 @@ nbd/file_serve.py): their READs, WRITEs and FLUSHes go to `file_fd()` on a threa
 their own, the rare requests to the `*_now` methods from that thread. The coroutines
 below serve a FileBackend any other way (TLS, a memory budget, an idle timeout; the
 driver domain has none), inline on the event loop: on a page-cached file a thread hop
-costs more than the system call (measured: I/O threads made 1 GiB copies 30 % slower).
+costs more than the system call (bench/README.md).
 The driver uses several processes instead (domains/driver.py). A slow disk stalls
 only this driver, and the trusted side times its requests out.
 """

@@ -79,7 +79,7 @@ class GroupCommit:
         one back here. Then at once, in the caller's step: for the write a FLUSH is
         expected to follow, before its reply, so its FUA write is on its way to the driver
         while the guest is answered and sends the FLUSH, and the FLUSH waits for the
-        driver's sync and the mark's, not for this one too (bench/README.md, session 17)."""
+        driver's sync and the mark's, not for this one too (bench/README.md)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (a test's direct call): the next gate starts it

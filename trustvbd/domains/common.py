@@ -104,9 +104,9 @@ def quiet_garbage_collector() -> None:
 
     Per request the data path makes a few dozen short-lived objects (tasks, futures,
     views); with the default threshold of 700 the collector ran every ~20 requests
-    and its full passes walked every module and class loaded at startup: 6 % of the
-    encryption domain's time on sequential reads (native profile). Startup objects
-    are frozen out of its view and young objects collected 14x less often.
+    and its full passes walked every module and class loaded at startup, a visible share
+    of the encryption domain's time (bench/README.md). Startup objects are frozen out of
+    its view and young objects collected less often.
     """
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)

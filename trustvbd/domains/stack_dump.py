@@ -1,9 +1,9 @@
 """`kill -USR1 PID` of a domain writes where each of its tasks and threads is waiting.
 
 A trusted domain that stops answering leaves nothing in its log: its event loop is idle
-in epoll while some task waits on a future no one will complete (session 15's durability
-hang was found with gdb). The asyncio tasks' stacks say which await it is; the threads'
-stacks cover native waits. Written to stderr in one write, beside the domain's log lines.
+in epoll while some task waits on a future no one will complete, which gdb does not
+show. The asyncio tasks' stacks say which await it is; the threads' stacks cover
+native waits. Written to stderr in one write, beside the domain's log lines.
 """
 
 from __future__ import annotations

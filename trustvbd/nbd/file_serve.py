@@ -2,12 +2,12 @@
 the driver's FileBackend), once the handshake is done: no Python and no event loop per
 request or per receive (`trustvbd._native.serve_file`, native/src/python/file_serve.rs).
 
-A driver's CPU per GiB counts once per replica (#11), and Python was about a quarter of
-it, paid on every receive. The connection stops reading on the event loop, hands the
-bytes it already received and a duplicate of its socket (made blocking) to the native
-loop, and hears back on the loop how the connection ended. Python still does the rare
-requests (TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS), called from that thread, and logs
-refusals. Closing the connection shuts the socket down, which ends the native loop.
+A driver's CPU per GiB counts once per replica, and Python per receive was a large part
+of it. The connection stops reading on the event loop, hands the bytes it already
+received and a duplicate of its socket (made blocking) to the native loop, and hears
+back on the loop how the connection ended. Python still does the rare requests (TRIM,
+WRITE_ZEROES, CACHE, BLOCK_STATUS), called from that thread, and logs refusals. Closing
+the connection shuts the socket down, which ends the native loop.
 
 Taken over only from a plain socket with no memory budget and no idle timeout, and only
 between requests (nothing of Python's running, queued or half received): until then the
