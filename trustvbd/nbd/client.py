@@ -307,8 +307,9 @@ class NbdClient:
     _send_writes = client_transmission.send_writes
     _await_reply = client_transmission.await_reply
     _release_slot = client_transmission.release_slot
-    _native_sent = client_transmission.native_sent
     _native_done = client_transmission.native_done
+    # what a server connection's native read plane calls (native_planes.parse_batch)
+    native_sent = client_transmission.native_sent
     # what the engine's reader (NbdClientEngine.ready) calls: _native.EngineOwner
     native_answered = client_transmission.native_answered
     resolve = client_transmission.resolve

@@ -112,7 +112,7 @@ def parse_batch(conn: Connection, session: NbdServerSession, buf: bytearray, sta
         conn._inflight_bytes += nbytes
         for client, count, gone in zip(links, used, sent, strict=True):
             if count:
-                client._native_sent(count, gone)
+                client.native_sent(count, gone)
         conn._request_started()
     if answered:  # the WRITEs taken, or READs of blocks never written (zeros)
         if plane is not None:
