@@ -144,3 +144,29 @@ def test_a_short_write_is_finished_or_fails_with_its_cause(short_tmp: Path) -> N
     data = disk.read_bytes()
     assert data[MiB - 8192:MiB] == b"a" * 4096 + b"b" * 4096  # the part that fit, kept
     assert data[MiB:] == bytes(MiB)
+
+
+def test_zeros_where_no_hole_can_be_punched_are_written_in_bounded_pieces(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A WRITE_ZEROES (zero_now) on a file system that cannot punch holes writes zeros:
+    in pieces within 32 KiB-aligned spans of the file, as the native loop writes WRITEs,
+    never one buffer of the whole length (which a 4 GiB request would have allocated)."""
+    disk = short_tmp / "disk.img"
+    fb = CountingFile(str(disk), 4 * MiB)
+    fb.write_now(0, b"\xff" * (4 * MiB))
+    fb.calls.clear()
+
+    def cannot_punch(fd: int, offset: int, length: int) -> None:
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr("trustvbd.blocks.file.punch_hole", cannot_punch)
+    offset, length = 5000, MiB + 3000
+    fb.zero_now(offset, length)
+    writes = fb.calls[1:]  # after zero_now's own record
+    assert sum(n for _, n, _ in writes) == length
+    assert all(off // 32768 == (off + n - 1) // 32768 and n <= 32768 for off, n, _ in writes)
+    assert len(writes) == 33  # to the first 32 KiB boundary, 31 whole pieces, the rest
+    data = disk.read_bytes()
+    assert data[offset:offset + length] == bytes(length)
+    assert data[offset - 1] == data[offset + length] == 0xff
+    fb.close_now()

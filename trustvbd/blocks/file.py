@@ -20,6 +20,11 @@ import os
 from trustvbd.blockdev import HOLE, ZERO, BlockError, Buffer, Capabilities, check_range
 
 _STATUS_EXTENTS = 1024  # per BLOCK_STATUS call: the client asks again for the rest
+# Zeros where no hole can be punched are written in pieces within PIECE-aligned spans, as
+# the native loop writes WRITEs (file_serve.rs PIECE): small page-cache folios, and one
+# PIECE of memory for a WRITE_ZEROES of any length.
+PIECE = 32 * 1024
+_ZEROS = memoryview(bytes(PIECE))
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -123,9 +128,16 @@ class FileBackend:
         except OSError as exc:
             if fast:
                 raise BlockError(errno.ENOTSUP, "this file system cannot punch holes") from exc
-            self.write_now(offset, bytes(length))
+            self._write_zeros(offset, length)
         if fua:
             self._sync("flush")
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            n = min(PIECE - offset % PIECE, end - offset)
+            self.write_now(offset, _ZEROS[:n])
+            offset += n
 
     def _sync(self, what: str) -> None:
         try:
