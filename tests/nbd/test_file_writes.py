@@ -162,9 +162,12 @@ def test_zeros_where_no_hole_can_be_punched_are_written_in_bounded_pieces(
     monkeypatch.setattr("trustvbd.blocks.file.punch_hole", cannot_punch)
     offset, length = 5000, MiB + 3000
     fb.zero_now(offset, length)
-    writes = fb.calls[1:]  # after zero_now's own record
-    assert sum(n for _, n, _ in writes) == length
-    assert all(off // 32768 == (off + n - 1) // 32768 and n <= 32768 for off, n, _ in writes)
+    writes: list[tuple[int, int]] = []
+    for off, n, _ in fb.calls[1:]:  # (after zero_now's own record)
+        assert isinstance(off, int) and isinstance(n, int)
+        writes.append((off, n))
+    assert sum(n for _, n in writes) == length
+    assert all(off // 32768 == (off + n - 1) // 32768 and n <= 32768 for off, n in writes)
     assert len(writes) == 33  # to the first 32 KiB boundary, 31 whole pieces, the rest
     data = disk.read_bytes()
     assert data[offset:offset + length] == bytes(length)
