@@ -11,7 +11,9 @@ encryption domain's CPU (/proc/PID/stat), the drivers' together, and each of the
 threads (its event loop, the intent log's sync thread, ...) with its sleeps per write
 (voluntary context switches: each one a wake-up this VM pays for). The thread split says
 what the per-process figure of bench/run.py cannot: the loop's share, and how often the
-log syncs (one sleep of its thread per sync). With --counts (needs `perf` and root), the
+log syncs (one sleep of its thread per sync). A TREE ending in "+tmpfs" is measured with
+its state directory, so the intent log, on tmpfs (/dev/shm), the drivers' files on the disk
+as ever: what the log's syncs cost the row (`. .+tmpfs`). With --counts (needs `perf` and root), the
 domain's system calls per write too, counted over the fio run by `perf stat` of the syscall
 tracepoints (exact, unlike strace, which slows the domain several times): fdatasync per
 write is the log's syncs, writev the sends to the drivers, read/write the guest's requests
@@ -21,6 +23,7 @@ and replies and the drivers' replies, futex the sync thread's hand-offs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -81,8 +84,11 @@ def counted(perf: subprocess.Popen[str], writes: int) -> str:
 
 
 def measure(tree: str, replicas: int, seconds: int, qd: int, counts: bool = False) -> str:
-    server = trustvbd_up(SIZE, True, replicas, tree=None if tree == "." else Path(tree))
-    with workdir() as work:
+    path, tmpfs = tree.removesuffix("+tmpfs"), tree.endswith("+tmpfs")
+    server = trustvbd_up(SIZE, True, replicas, tree=None if path == "." else Path(path))
+    with workdir() as work, (workdir(Path("/dev/shm")) if tmpfs else contextlib.nullcontext()) as state:
+        if state is not None:  # the state directory (the intent log) on tmpfs: syncs cost nothing
+            (work / "st").symlink_to(state)
         uri, stop = server.start(work)
         try:
             subprocess.run(["fio", "--name=w", "--ioengine=nbd", f"--uri={uri}", "--rw=write",
