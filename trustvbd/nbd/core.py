@@ -68,6 +68,11 @@ CLIENT_MESSAGES = (m.ClientFlags, m.Option)  # requests: the native engine
 # own payload buffer fits in half of it (the native framer's WAIT_MAX), so
 # compaction always makes room.
 SCRATCH_SIZE = 256 * 1024
+# What a connection starts with, grown to SCRATCH_SIZE the first time compaction is needed:
+# a connection that never sends more than a handshake (a flood of them) holds 32 KiB, not
+# 256 KiB; glibc took every 256 KiB one from its heap (its mmap threshold rises once such a
+# buffer is freed), which fragmented: churn left the encryption domain at 5x its size.
+FIRST_SIZE = 32 * 1024
 RECEIVE_WINDOW = 64 * 1024  # most bytes read into the scratch buffer at once
 SMALL_WINDOW = 32  # one request header, or a chunk header with its offset
 # A WRITE payload received in place gets this much room after it: the same socket read
@@ -182,7 +187,7 @@ class ProtocolCore:
         self.parse_batch: Callable[[NbdServerSession, bytearray, int, int],
                                    tuple[int, list[m.RequestItem], int]] | None = None
         self.events: deque[m.Event] = deque()  # received, not taken yet (next_event)
-        self._buf = bytearray(SCRATCH_SIZE)
+        self._buf = bytearray(FIRST_SIZE)
         self._start = 0  # first unparsed byte in _buf
         self._end = 0  # end of received bytes in _buf
         self._direct: memoryview | None = None  # payload being received in place
@@ -262,7 +267,12 @@ class ProtocolCore:
             self._start = self._end = 0
         elif len(self._buf) - self._end < 16 * 1024:
             pending = self._end - self._start
-            self._buf[0:pending] = self._buf[self._start : self._end]
+            if len(self._buf) < SCRATCH_SIZE:  # a new one: a view of the old may be held
+                grown = bytearray(SCRATCH_SIZE)
+                grown[0:pending] = self._buf[self._start : self._end]
+                self._buf = grown
+            else:
+                self._buf[0:pending] = self._buf[self._start : self._end]
             self._start, self._end = 0, pending
         if self._end == len(self._buf):
             self._fail("peer sent more unparsed data than the receive buffer holds")
