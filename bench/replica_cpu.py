@@ -3,6 +3,11 @@ A/B against another tree (issue #11: 2 replicas at least 0.8x of 1 on sequential
 
     .venv/bin/python bench/replica_cpu.py --baseline DIR [--this DIR] [--replicas 1 2 3]
                                           [--size 512MiB] [--copies 4] [--reps 3]
+                                          [--baseline-env KEY=VALUE ...]
+
+`--baseline-env`: set for the baseline's runs (its launcher and trusted domains); with no
+--baseline, the baseline is this tree too: `--baseline-env TRUSTVBD_RING=0` measures the
+drivers' ciphertext ring (docs/driver-ring.md) against plain WRITEs, in one tree.
 
 For each tree and replica count, interleaved: `up` (encrypted) over that many trustvbd
 drivers, one nbdcopy of SIZE from a page-cached file first (fresh backing files: this VM
@@ -44,11 +49,11 @@ def user_system(pids: list[int]) -> tuple[float, float]:
     return user, system
 
 
-def one(tree: Path | None, replicas: int, size: int, copies: int, source: Path
-        ) -> dict[str, tuple[float, float]]:
+def one(tree: Path | None, replicas: int, size: int, copies: int, source: Path,
+        env: dict[str, str] | None = None) -> dict[str, tuple[float, float]]:
     """role -> (user, system) CPU seconds per GiB over `copies` rewrites."""
     with workdir() as work:
-        uri, stop = trustvbd_up(size, True, replicas, tree=tree).start(work)
+        uri, stop = trustvbd_up(size, True, replicas, tree=tree, extra_env=env).start(work)
         try:
             subprocess.run(["nbdcopy", str(source), uri], check=True)
             roles: dict[str, list[int]] = {}
@@ -73,7 +78,8 @@ def one(tree: Path | None, replicas: int, size: int, copies: int, source: Path
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline", type=Path, required=True)
+    parser.add_argument("--baseline", type=Path, default=None)
+    parser.add_argument("--baseline-env", nargs="+", default=[], metavar="KEY=VALUE")
     parser.add_argument("--this", type=Path, default=None)
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--size", default="512MiB")
@@ -81,8 +87,10 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     size = parse_size(args.size)
-    trees = {"this tree": args.this.resolve() if args.this is not None else None,
-             "baseline": args.baseline.resolve()}
+    this = args.this.resolve() if args.this is not None else None
+    trees = {"this tree": this,
+             "baseline": args.baseline.resolve() if args.baseline is not None else this}
+    envs = {"this tree": None, "baseline": dict(kv.split("=", 1) for kv in args.baseline_env)}
     with workdir() as scratch:
         source = scratch / "source.img"
         source.write_bytes(os.urandom(size))
@@ -93,7 +101,7 @@ def main() -> int:
             for replicas in args.replicas:
                 for name, tree in trees.items():
                     runs.setdefault((name, replicas), []).append(
-                        one(tree, replicas, size, args.copies, source))
+                        one(tree, replicas, size, args.copies, source, envs[name] or None))
         print(f"load average {os.getloadavg()[0]:.2f} at end\n")
     print("| replicas | tree | " + " | ".join(f"{r} user / sys" for r in ROLES)
           + " | crypt + drivers | each repetition (crypt + drivers) |")

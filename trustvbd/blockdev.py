@@ -234,7 +234,8 @@ class Submits(Protocol):
     so each layer records what its pwrite would have, without a callback of its own."""
 
     def submit_writes(self, writes: list[tuple[int, Buffer]], fua: bool = False,
-                      retried: bool = False) -> asyncio.Future[list[BlockError | None]] | None:
+                      retried: bool = False, ring: int | None = None
+                      ) -> asyncio.Future[list[BlockError | None]] | None:
         """Queue the writes, (offset, data) each, now and return one future of their
         outcomes in order (None for each that went through, else the BlockError it failed
         with), done once all are answered; or None, with nothing queued, when they must go
@@ -242,7 +243,9 @@ class Submits(Protocol):
         request, a check that fails, an ability it lacks). The data must stay unchanged
         until the future is done. `retried`: the caller sends a write that fails again
         through `pwrite` (which may reconnect, reconnect.py) and reports only successes
-        with `write_ended`."""
+        with `write_ended`. `ring`: each data is a 16-byte descriptor into the ring of this
+        id (docs/driver-ring.md), sent only where the connection agreed that ring (else
+        None: the caller sends the data itself through `pwrite`)."""
         ...
 
     def write_ended(self, error: Exception | None) -> None:

@@ -255,7 +255,8 @@ class ReplicaLink:
         self._plain_ended = True
 
     def submit_writes(self, writes: list[tuple[int, Buffer]], fua: bool = False,
-                      retried: bool = False) -> asyncio.Future[list[BlockError | None]] | None:
+                      retried: bool = False, ring: int | None = None
+                      ) -> asyncio.Future[list[BlockError | None]] | None:
         """As pwrite in a mirror (no retry), without a coroutine, when the connection can
         (Submits). A single replica's writes may wait for a reconnect: they take pwrite,
         unless the caller sends one that fails again through pwrite itself (`retried`: a
@@ -263,7 +264,8 @@ class ReplicaLink:
         submits = self._submits
         if (self._retry_window > 0 and not retried) or submits is None:
             return None
-        future = submits.submit_writes(writes, fua)
+        future = (submits.submit_writes(writes, fua) if ring is None  # (as before the ring)
+                  else submits.submit_writes(writes, fua, ring=ring))
         if future is not None and not fua:
             count = len(writes)
             self._dirty = True

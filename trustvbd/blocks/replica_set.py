@@ -50,6 +50,7 @@ from trustvbd.blocks.replica import (
 from trustvbd.blocks.replica_fanout import FanOut, Submit, each, pwrites, single_ended
 from trustvbd.blocks.replica_recovery import Recovery
 from trustvbd.blocks.replica_scrub import scrub
+from trustvbd.blocks.write_ring import WriteRing
 from trustvbd.crypt.aead import BLOCK_SIZE
 from trustvbd.crypt.superblock import Layout
 from trustvbd.running_loop import RunningLoop
@@ -82,6 +83,7 @@ class ReplicaSet:
         self._next_reader = 0
         self._readers: list[Replica] = []
         self._writers: list[Replica] = []
+        self.ring: WriteRing | None = None  # the drivers' ciphertext ring (write_ring.py)
         self._behind: list[Replica] = []
         # Data blocks written since the last flush, as runs: a set of every block cost a
         # few microseconds and ~44 bytes per 4 KiB written between flushes.
@@ -121,6 +123,8 @@ class ReplicaSet:
         self._readers = [r for r in self.replicas if r.state is State.CURRENT]
         self._writers = [r for r in self.replicas if r.state in (State.CURRENT, State.RESYNCING)]
         self._behind = [r for r in self.replicas if r.state is State.DEGRADED]
+        if self.ring is not None:
+            self.ring.writers_changed(frozenset(id(r) for r in self._writers))
         if self.on_change is not None:
             self.on_change()
 
@@ -217,12 +221,40 @@ class ReplicaSet:
             return
         blocks = self._blocks(offset, len(data))
         self._note_written(blocks)
+        ring = self.ring
+        slot = ring.take(data) if ring is not None and len(writers) > 1 else None
+        if slot is not None:
+            try:
+                await self._ring_write(writers, offset, data, fua, blocks, slot)
+            finally:
+                WriteRing.give_back(*slot)
+            return
 
         def submit(r: Replica) -> asyncio.Future[list[BlockError | None]] | None:
             submits = r.submits
             return submits.submit_writes([(offset, data)], fua) if submits is not None else None
         await self._all(writers, lambda r: r.link.pwrite(offset, data, fua), lambda: blocks,
                         "write", submit)
+
+    async def _ring_write(self, writers: list[Replica], offset: int, data: Buffer, fua: bool,
+                          blocks: range, slot: tuple[Any, int]) -> None:
+        """pwrite's fan-out with the ciphertext in a ring slot (write_ring.py): each
+        writer whose connection agreed this ring is sent its descriptor; the others, the
+        data. Returns once every writer answered or was cut off: the slot is free then."""
+        gen, at = slot
+        descriptor = [(offset, at.to_bytes(8, "big") + len(data).to_bytes(8, "big"))]  # type: ignore[arg-type]
+
+        def submit(r: Replica) -> asyncio.Future[list[BlockError | None]] | None:
+            submits = r.submits
+            return (submits.submit_writes(descriptor, fua, ring=gen.id)  # type: ignore[arg-type]
+                    if submits is not None else None)
+        await self._all(writers, lambda r: r.link.pwrite(offset, data, fua), lambda: blocks,
+                        "write", submit)
+
+    def set_ring(self, ring: WriteRing) -> None:
+        """Large writes go through `ring` from now on (its links were offered it)."""
+        self.ring = ring
+        ring.writers_changed(frozenset(id(r) for r in self._writers))
 
     def submit_runs(self, runs: list[tuple[int, int, Buffer]], fua: bool,
                     ended: Callable[[list[bool]], None]) -> bool:
@@ -332,6 +364,8 @@ class ReplicaSet:
 
     async def close(self) -> None:
         self.closed = True
+        if self.ring is not None:
+            self.ring.close()
         for r in self.replicas:  # read-repairs of a window still counting
             if r.repairs_unsaid:
                 log.warning("disk %s: repaired %d block(s) of replica %s since the last such "

@@ -120,10 +120,14 @@ class SpaceWatch(Layer):
             self._flushed()
 
     def submit_writes(self, writes: list[tuple[int, Buffer]], fua: bool = False,
-                      retried: bool = False) -> asyncio.Future[list[BlockError | None]] | None:
+                      retried: bool = False, ring: int | None = None
+                      ) -> asyncio.Future[list[BlockError | None]] | None:
         """As pwrite, without a coroutine, when the link below can (Submits)."""
         nxt = self._submits
-        return nxt.submit_writes(writes, fua, retried) if nxt is not None else None
+        if nxt is None:
+            return None
+        return (nxt.submit_writes(writes, fua, retried) if ring is None
+                else nxt.submit_writes(writes, fua, retried, ring))
 
     def native_client(self) -> NativeClient | None:
         """The connection below whose engine the native read plane may use (ReadsNatively)."""

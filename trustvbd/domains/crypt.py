@@ -31,6 +31,7 @@ from trustvbd.blocks.disk_state import disk_with_id
 from trustvbd.blocks.integrity import EventWindows, refusal_text
 from trustvbd.blocks.reconnect import ReplicaLink
 from trustvbd.blocks.space import SpaceWatch
+from trustvbd.blocks.write_ring import WriteRing
 from trustvbd.domains import crypt_stack
 from trustvbd.domains import messages as m
 from trustvbd.domains.bus import NoStore, StateWriter
@@ -65,6 +66,7 @@ class Disk:
     error: str | None = None
     locked: bool = False  # needs a passphrase this domain was not given: `trustvbd unlock`
     scrub: dict[str, Any] | None = None  # the running or last scrub
+    ring: WriteRing | None = None  # a mirror's ciphertext ring (blocks/write_ring.py)
 
     @property
     def description(self) -> str:

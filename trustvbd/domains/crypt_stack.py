@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trustvbd.acm.audit_fields import compact_fields
 from trustvbd.blockdev import Backend, BlockError
+from trustvbd.blocks import write_ring
 from trustvbd.blocks.aead_pool import AeadPool, default_threads
 from trustvbd.blocks.crypt_layer import Kek, physical_size
 from trustvbd.blocks.limits import SizeLimit
 from trustvbd.blocks.reconnect import ReplicaLink, Unreachable
+from trustvbd.blocks.replica_set import ReplicaSet
 from trustvbd.blocks.space import SpaceWatch
+from trustvbd.blocks.write_ring import WriteRing
 from trustvbd.domains import messages as m
 from trustvbd.domains.control import ControlClosed
 from trustvbd.domains.crypt_disks import DEFAULT_LEAF_CACHE
@@ -45,9 +49,14 @@ async def open_channel(domain: CryptDomain, disk: Disk, replica: str) -> Backend
             from trustvbd.crypt.tls import client_context
 
             tls = client_context(domain.tls_dir)
-        client = await NbdClient.connect(sock, reply.export,
-                                         request_timeout=domain.spec.request_timeout, tls=tls,
-                                         server_hostname=reply.tls_server_name)
+        offer = disk.ring.offer() if disk.ring is not None else None
+        try:
+            client = await NbdClient.connect(sock, reply.export,
+                                             request_timeout=domain.spec.request_timeout, tls=tls,
+                                             server_hostname=reply.tls_server_name, ring=offer)
+        finally:
+            if offer is not None:
+                os.close(offer[0])
     except BaseException:
         domain.bus.replica(disk.name, replica, State.CLOSED)
         raise
@@ -69,10 +78,15 @@ async def open_disk(domain: CryptDomain, disk: Disk) -> None:
             )
         disk.backend = SizeLimit(watch, disk.size)
         return
+    if len(disk.replica_names) > 1 and write_ring.enabled():
+        disk.ring = WriteRing()
     disk.links = await open_links(domain, disk)
     mirrored = len(disk.links) > 1  # a full driver degrades its replica; writes go on
     disk.space = [SpaceWatch(link, disk.name, link.name, mirrored) for link in disk.links]
     disk.backend = await open_encrypted(domain, disk)
+    replicas = getattr(disk.backend, "replicas", None)
+    if disk.ring is not None and isinstance(replicas, ReplicaSet):
+        replicas.set_ring(disk.ring)
 
 
 async def open_links(domain: CryptDomain, disk: Disk) -> list[ReplicaLink]:

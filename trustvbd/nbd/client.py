@@ -50,7 +50,8 @@ class NbdClient:
         self.broken: str | None = None
         self.block_sizes: tuple[int, int, int] = (1, 4096, p.MAX_PAYLOAD)
         self._size = 0
-        self.ring = False  # the driver took our ring (docs/driver-ring.md): RING_WRITEs allowed
+        # The ring the driver took (docs/driver-ring.md), by its inode: RING_WRITEs from it
+        self.ring: int | None = None
         self._caps = Capabilities()
         self._flags = 0
         self._timeout = request_timeout
@@ -232,13 +233,16 @@ class NbdClient:
         ))
 
     def submit_writes(self, writes: list[tuple[int, Buffer]], fua: bool = False,
-                      retried: bool = False) -> asyncio.Future[list[BlockError | None]] | None:
+                      retried: bool = False, ring: int | None = None
+                      ) -> asyncio.Future[list[BlockError | None]] | None:
         """WRITEs queued now, without a coroutine (Submits); None, with nothing queued,
         when pwrite must do them (too few free slots, the socket backed up, a write too
         large for one request or failing a check). The same whether the caller retries or
         not: a connection never retries."""
         count = len(writes)
         caps = self._caps
+        if ring is not None and ring != self.ring:
+            return None  # this connection agreed another ring, or none
         if (self._free_slots < count or not self._writable.is_set() or (fua and not caps.fua)
                 or self.broken is not None or caps.read_only):
             return None
@@ -247,7 +251,7 @@ class NbdClient:
         try:
             # What _check refuses, the engine checks: none queued then (pwrite says why).
             future = self._send_writes(writes, int(p.CmdFlag.FUA) if fua else 0,
-                                       (self._size, align, limit))
+                                       (self._size, align, limit), ring is not None)
         except BaseException:
             for _ in range(count):
                 self._release_slot()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import socket
 import ssl
 from functools import partial
@@ -131,7 +132,7 @@ async def connect(
         client._break(errno.EIO, "handshake interrupted")
         raise
     _adopt(client, export, result)
-    client.ring = result.ring
+    client.ring = os.fstat(ring[0]).st_ino if ring is not None and result.ring else None
     return client
 
 
