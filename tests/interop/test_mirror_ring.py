@@ -7,6 +7,7 @@ must read back what it wrote, and a driver that comes back is given a new ring."
 from __future__ import annotations
 
 import json
+import signal
 import os
 import shutil
 import subprocess
@@ -90,7 +91,8 @@ class Qemu:
 
 
 class Mirror:
-    def __init__(self, root: Path, kinds: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, kinds: list[str], env: dict[str, str] | None = None,
+                 limits: str = "") -> None:
         self.drivers: list[Ours | Qemu] = []
         for i, kind in enumerate(kinds):
             if kind == "ours":
@@ -103,7 +105,7 @@ class Mirror:
             f'[[driver]]\nname = "{d.name}"\nlabel = "S"\nuri = "nbd+unix:///?socket={d.sock}"\n'
             for d in self.drivers)
         names = ", ".join(f'"{d.name}"' for d in self.drivers)
-        text = (f'state_dir = "state"\n{drivers}[[disk]]\nname = "payroll"\n'
+        text = (f'state_dir = "state"\n{limits}{drivers}[[disk]]\nname = "payroll"\n'
                 f'size = {SIZE}\nlabel = "P"\nreplicas = [{names}]\n[[guest]]\nname = "vm1"\n'
                 'label = "P"\n')
         self.system = System(root, text, env=env or {})
@@ -203,6 +205,38 @@ def test_a_driver_that_comes_back_is_given_a_new_ring_and_is_resynced_exactly(ro
         new = second.rings()
         assert new and not new & old, (old, new)  # another memfd: nothing written after
         m.wait_all_current()
+        areas = m.data_areas()
+        assert areas[0] == areas[1], "replicas' data areas differ after the resync"
+    finally:
+        m.close()
+
+
+def test_a_driver_that_never_answers_is_cut_off_and_the_others_go_on(root: Path) -> None:
+    """Our driver stopped (SIGSTOP) holds the RING_WRITEs it received unanswered: the
+    write waits replica_lag, the driver is cut off (only then is its slot reused), the
+    other goes on alone; woken, it is resynced and the replicas agree."""
+    m = Mirror(root, ["ours", "ours"], limits="[limits]\nreplica_lag = 1\n")
+    try:
+        nbdcopy_both_ways(m.uri, root, 4 * MIB)
+        stalled = m.drivers[1]
+        assert isinstance(stalled, Ours) and stalled.proc is not None
+        for pid in stalled.pids():
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            src = root / "while-stalled.img"
+            src.write_bytes(os.urandom(8 * MIB))
+            started = time.monotonic()
+            run(["nbdcopy", str(src), m.uri])
+            assert time.monotonic() - started < 30
+        finally:
+            for pid in stalled.pids():
+                os.kill(pid, signal.SIGCONT)
+        back = root / "back-stalled.img"
+        run(["nbdcopy", m.uri, str(back)])
+        assert back.read_bytes()[:8 * MIB] == src.read_bytes()
+        m.wait_all_current()
+        run(["nbdcopy", m.uri, str(back)])  # now also from the resynced one, in turn
+        assert back.read_bytes()[:8 * MIB] == src.read_bytes()
         areas = m.data_areas()
         assert areas[0] == areas[1], "replicas' data areas differ after the resync"
     finally:
