@@ -7,9 +7,9 @@ must read back what it wrote, and a driver that comes back is given a new ring."
 from __future__ import annotations
 
 import json
-import signal
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
